@@ -1,0 +1,1 @@
+//! rayvisor API types.

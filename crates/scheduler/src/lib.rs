@@ -1,0 +1,1 @@
+//! rayvisor placement engine.
