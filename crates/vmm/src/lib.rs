@@ -1,1 +1,3 @@
-//! rayvisor VMM.
+//! rayvisor VMM: one process per VM on KVM.
+pub mod boot;
+pub mod memory;

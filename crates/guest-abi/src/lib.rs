@@ -1,0 +1,126 @@
+//! The contract between the rayvisor VMM and rayvisor's own guest kernel.
+//!
+//! The guest is an ordinary Linux 64-bit-boot-protocol ELF: any VMM that boots a Linux
+//! `vmlinux` boots it. What a rayvisor VMM knows on top of that is written here, in one
+//! place, so both sides are compiled against the same numbers:
+//!
+//! * The guest image is linked at [`IMAGE_BASE`]; its first page is the **heartbeat page**
+//!   ([`Heartbeat`]), so the VMM finds it at a fixed guest-physical address without a
+//!   single exit or hypercall.
+//! * The guest keeps the heartbeat page current from a busy loop (no exits): a counter,
+//!   its kvmclock time, per-vCPU counters and workload statistics. Pause, snapshot and
+//!   migration downtime are measured from the gap in `time_ns`.
+//! * Serial input is announced by the VMM through [`Heartbeat::input_doorbell`], so the
+//!   guest polls the UART (a costly exit on PVM) only when there is something to read.
+//!
+//! This crate is `no_std` and has no dependencies: the guest links it too.
+#![no_std]
+
+/// Guest-physical (and guest-virtual: the guest maps memory 1:1) address the guest ELF is
+/// linked at. The heartbeat page is the first page of the image.
+pub const IMAGE_BASE: u64 = 0x10_0000;
+
+/// Guest-physical address of the heartbeat page.
+pub const HEARTBEAT_GPA: u64 = IMAGE_BASE;
+
+/// `Heartbeat::magic` once the guest has initialised the page ("RAYHBT01", little-endian).
+pub const HEARTBEAT_MAGIC: u64 = u64::from_le_bytes(*b"RAYHBT01");
+
+/// Layout version of [`Heartbeat`].
+pub const HEARTBEAT_VERSION: u32 = 1;
+
+/// Most vCPUs the guest kernel supports (one per-CPU slot each in the heartbeat page).
+pub const MAX_CPUS: usize = 64;
+
+/// Kernel command-line key: `ray.poll_ms=N` makes the guest poll the UART every N ms even
+/// without a doorbell (for VMMs that do not ring it). `0` = doorbell only. Default 10.
+pub const CMDLINE_POLL_MS: &str = "ray.poll_ms=";
+
+/// The heartbeat page. Every field is a naturally aligned `u64` (or pair of `u32`) so each
+/// side can read and write it with single volatile accesses.
+///
+/// Writers: the guest writes everything except `input_doorbell`, which the VMM sets to 1
+/// after it queued serial input and the guest clears before draining the UART.
+///
+/// `seq` is a sequence lock around the (`counter`, `time_ns`) pair: the guest makes it odd,
+/// updates both, then makes it even. A reader that sees the same even `seq` before and after
+/// reading has a consistent pair.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Heartbeat {
+    /// [`HEARTBEAT_MAGIC`] once initialised.
+    pub magic: u64,
+    /// [`HEARTBEAT_VERSION`].
+    pub version: u32,
+    /// Number of vCPUs that came online.
+    pub cpus_online: u32,
+    /// Sequence lock for `counter`/`time_ns` (see the type's documentation).
+    pub seq: u64,
+    /// Main-loop iterations of the boot CPU.
+    pub counter: u64,
+    /// kvmclock time (ns since the guest clock's origin) at the last `counter` update.
+    pub time_ns: u64,
+    /// 1 once the shell printed `ready`.
+    pub ready: u64,
+    /// Native loop rate measured at boot, in iterations per second (PVM's emulator manages
+    /// ~1e5/s, native execution ~1e9/s).
+    pub loop_rate: u64,
+    /// 1 if the guest found itself on PVM and registered its VIF area.
+    pub pvm: u64,
+    /// Bytes the `dirty` workload wrote since boot.
+    pub dirty_bytes: u64,
+    /// Current `dirty` target rate in bytes/s (0 = stopped).
+    pub dirty_rate: u64,
+    /// Lines handled by the shell.
+    pub commands: u64,
+    /// Set to 1 by the VMM when serial input is waiting; cleared by the guest.
+    pub input_doorbell: u64,
+    /// Ticks printed by the `tick` command since boot.
+    pub ticks: u64,
+    /// Reserved; zero.
+    pub reserved: [u64; 18],
+    /// Per-vCPU loop counters (index = CPU number, 0 = boot CPU).
+    pub cpu_counter: [u64; MAX_CPUS],
+    /// Per-vCPU kvmclock time of the last `cpu_counter` update.
+    pub cpu_time_ns: [u64; MAX_CPUS],
+}
+
+/// Byte offsets of the heartbeat fields, for the VMM's volatile reads.
+pub mod offset {
+    use super::Heartbeat;
+    use core::mem::offset_of;
+    pub const MAGIC: u64 = offset_of!(Heartbeat, magic) as u64;
+    pub const CPUS_ONLINE: u64 = offset_of!(Heartbeat, cpus_online) as u64;
+    pub const SEQ: u64 = offset_of!(Heartbeat, seq) as u64;
+    pub const COUNTER: u64 = offset_of!(Heartbeat, counter) as u64;
+    pub const TIME_NS: u64 = offset_of!(Heartbeat, time_ns) as u64;
+    pub const READY: u64 = offset_of!(Heartbeat, ready) as u64;
+    pub const LOOP_RATE: u64 = offset_of!(Heartbeat, loop_rate) as u64;
+    pub const PVM: u64 = offset_of!(Heartbeat, pvm) as u64;
+    pub const DIRTY_BYTES: u64 = offset_of!(Heartbeat, dirty_bytes) as u64;
+    pub const DIRTY_RATE: u64 = offset_of!(Heartbeat, dirty_rate) as u64;
+    pub const COMMANDS: u64 = offset_of!(Heartbeat, commands) as u64;
+    pub const INPUT_DOORBELL: u64 = offset_of!(Heartbeat, input_doorbell) as u64;
+    pub const TICKS: u64 = offset_of!(Heartbeat, ticks) as u64;
+    pub const CPU_COUNTER: u64 = offset_of!(Heartbeat, cpu_counter) as u64;
+    pub const CPU_TIME_NS: u64 = offset_of!(Heartbeat, cpu_time_ns) as u64;
+}
+
+const _: () = assert!(core::mem::size_of::<Heartbeat>() <= 4096);
+
+/// I/O port the guest writes [`POWEROFF_VALUE`] to (16-bit) for a clean power-off: the
+/// PM1a control block the VMM's ACPI FADT also names (SLP_TYP=5 | SLP_EN).
+pub const POWEROFF_PORT: u16 = 0x604;
+/// Value written to [`POWEROFF_PORT`].
+pub const POWEROFF_VALUE: u16 = 0x3400;
+
+/// Checksum used by the guest's `sum` command, computed the same way by host-side tests:
+/// FNV-1a over little-endian 64-bit words (a trailing partial word is zero-padded).
+pub fn sum_words(words: impl Iterator<Item = u64>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for w in words {
+        h ^= w;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}

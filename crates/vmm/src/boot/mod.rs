@@ -1,0 +1,1 @@
+//! Guest boot: memory layout, kernel loading, boot parameters and firmware tables.
