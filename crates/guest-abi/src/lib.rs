@@ -39,8 +39,9 @@ pub const CMDLINE_POLL_MS: &str = "ray.poll_ms=";
 /// The heartbeat page. Every field is a naturally aligned `u64` (or pair of `u32`) so each
 /// side can read and write it with single volatile accesses.
 ///
-/// Writers: the guest writes everything except `input_doorbell`, which the VMM sets to 1
-/// after it queued serial input and the guest clears before draining the UART.
+/// Writers: the guest writes everything except `input_doorbell` and `shutdown_request`.
+/// The VMM sets `input_doorbell` to 1 after it queued serial input; the guest clears it
+/// before draining the UART. The VMM sets `shutdown_request` to 1 for a graceful stop.
 ///
 /// `seq` is a sequence lock around the (`counter`, `time_ns`) pair: the guest makes it odd,
 /// updates both, then makes it even. A reader that sees the same even `seq` before and after
@@ -77,8 +78,11 @@ pub struct Heartbeat {
     pub input_doorbell: u64,
     /// Ticks printed by the `tick` command since boot.
     pub ticks: u64,
+    /// Set to 1 by the VMM to ask for a clean power-off (graceful stop); the guest then
+    /// prints `poweroff` and powers off exactly as the `poweroff` command does.
+    pub shutdown_request: u64,
     /// Reserved; zero.
-    pub reserved: [u64; 18],
+    pub reserved: [u64; 17],
     /// Per-vCPU loop counters (index = CPU number, 0 = boot CPU).
     pub cpu_counter: [u64; MAX_CPUS],
     /// Per-vCPU kvmclock time of the last `cpu_counter` update.
@@ -102,6 +106,7 @@ pub mod offset {
     pub const COMMANDS: u64 = offset_of!(Heartbeat, commands) as u64;
     pub const INPUT_DOORBELL: u64 = offset_of!(Heartbeat, input_doorbell) as u64;
     pub const TICKS: u64 = offset_of!(Heartbeat, ticks) as u64;
+    pub const SHUTDOWN_REQUEST: u64 = offset_of!(Heartbeat, shutdown_request) as u64;
     pub const CPU_COUNTER: u64 = offset_of!(Heartbeat, cpu_counter) as u64;
     pub const CPU_TIME_NS: u64 = offset_of!(Heartbeat, cpu_time_ns) as u64;
 }
