@@ -1,3 +1,161 @@
 //! rayvisor VMM: one process per VM on KVM.
+//!
+//! Threads: the VMM thread (the caller of [`run`]) owns all VM state and reacts to
+//! messages; the API thread parses HTTP requests into typed requests; one thread per vCPU
+//! runs KVM_RUN; a signal thread turns SIGINT/SIGTERM into a stop.
+pub mod api_server;
 pub mod boot;
+pub mod config;
+pub mod controller;
+pub mod devices;
+pub mod heartbeat;
+pub mod lifecycle;
+pub mod machine;
 pub mod memory;
+pub mod vstate;
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use ray_api::vmm::VmConfig;
+
+use controller::{Controller, Message, Request, VmPaths};
+use lifecycle::{AuditTrail, VmState};
+
+/// How `ray vmm` was asked to run.
+pub struct VmmOptions {
+    pub id: String,
+    /// The VM's directory in the runtime directory (socket, logs, events).
+    pub dir: PathBuf,
+    /// Console on stdin/stdout.
+    pub attach: bool,
+    /// Configure at once (as `PUT /vm/config` would).
+    pub config: Option<VmConfig>,
+    /// Start at once (needs `config`).
+    pub start: bool,
+}
+
+/// The record a VMM leaves behind when it ends.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
+pub struct ExitRecord {
+    pub id: String,
+    pub state: ray_api::vmm::VmStateName,
+    pub reason: Option<String>,
+    pub pid: u32,
+}
+
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it fully, and
+    // pthread_sigmask only changes this thread's mask (threads spawned later inherit it,
+    // which is the point: only the signal thread takes SIGINT/SIGTERM).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn spawn_signal_thread(set: libc::sigset_t, inbox: mpsc::Sender<Message>) {
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .stack_size(64 << 10)
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is an initialised signal set and `sig` a valid out pointer;
+            // the signals are blocked in every thread, so sigwait is the only taker.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0
+                && inbox.send(Message::Signal(sig)).is_err()
+            {
+                break;
+            }
+        });
+}
+
+fn spawn_stdin_thread(inbox: mpsc::Sender<Message>) {
+    let _ = std::thread::Builder::new()
+        .name("stdin".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let stdin = std::io::stdin();
+            let mut line = Vec::new();
+            while stdin.lock().read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                let reply = Box::new(|r: Result<_, controller::RequestError>| {
+                    if let Err(e) = r {
+                        eprintln!("ray vmm: console input dropped: {}", e.message);
+                    }
+                });
+                let data = std::mem::take(&mut line);
+                if inbox
+                    .send(Message::Api(Request::ConsoleInput(data), reply))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+}
+
+/// Runs one VMM until its VM ends. Returns the final state.
+pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
+    let signals = block_stop_signals();
+    std::fs::create_dir_all(&opts.dir)?;
+    let paths = VmPaths {
+        dir: opts.dir.clone(),
+    };
+    let _ = std::fs::remove_file(paths.exit_record());
+    std::fs::write(paths.pid_file(), std::process::id().to_string())?;
+    let audit = AuditTrail::open(&paths.events())?;
+    let (tx, rx) = mpsc::channel::<Message>();
+    let mut ctl = Controller::new(opts.id.clone(), paths, opts.attach, audit, tx.clone());
+    spawn_signal_thread(signals, tx.clone());
+
+    if let Some(cfg) = opts.config {
+        ctl.handle(Request::Configure(cfg), &rx)
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    }
+    let mut server =
+        api_server::ApiServer::start(&ctl.paths.socket(), tx.clone(), ctl.ring.clone())?;
+    if opts.start {
+        if let Err(e) = ctl.handle(Request::Start, &rx) {
+            server.stop();
+            let _ = std::fs::remove_file(ctl.paths.socket());
+            anyhow::bail!("{}", e.message);
+        }
+    }
+    if opts.attach {
+        spawn_stdin_thread(tx.clone());
+    }
+    drop(tx);
+
+    while !matches!(ctl.state(), VmState::Terminated) {
+        let Ok(msg) = rx.recv() else { break };
+        match msg {
+            Message::Api(request, reply) => reply(ctl.handle(request, &rx)),
+            Message::Vcpu(event) => ctl.on_vcpu_event(event),
+            Message::Signal(sig) => ctl.on_signal(sig, &rx),
+        }
+    }
+    // Answer whatever is still queued so no client hangs, then let in-flight responses
+    // flush before the socket goes away.
+    while let Ok(msg) = rx.recv_timeout(Duration::from_millis(5)) {
+        if let Message::Api(request, reply) = msg {
+            reply(ctl.handle(request, &rx));
+        }
+    }
+    server.stop();
+    let info = ctl.info();
+    let record = ExitRecord {
+        id: opts.id,
+        state: info.state,
+        reason: info.exit_reason,
+        pid: std::process::id(),
+    };
+    let _ = std::fs::write(ctl.paths.exit_record(), serde_json::to_vec_pretty(&record)?);
+    let _ = std::fs::remove_file(ctl.paths.socket());
+    Ok(ctl.state())
+}

@@ -1,0 +1,248 @@
+//! The per-VM API: served by each `ray vmm` process on its Unix socket.
+use serde::{Deserialize, Serialize};
+use utoipa::{OpenApi, ToSchema};
+
+/// Lifecycle state of a VM, as the API reports it (lower-case).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmStateName {
+    Created,
+    Running,
+    Paused,
+    Suspended,
+    MigrationSource,
+    MigrationTarget,
+    Terminated,
+    Error,
+}
+
+/// Machine configuration, given before `start`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Path of the kernel on the VMM's host: an ELF (vmlinux, rayvisor's guest) or a bzImage.
+    pub kernel: String,
+    /// Optional initial ramdisk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Number of vCPUs, 1..=64.
+    pub vcpus: u8,
+    /// Guest RAM in bytes: a multiple of 4 KiB, at least 32 MiB, at most what the host has.
+    pub memory_bytes: u64,
+}
+
+/// `PUT /vm/config` answer and `GET /vm` body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmInfo {
+    pub id: String,
+    pub state: VmStateName,
+    /// Milliseconds since the guest first started running (0 before `start`).
+    pub uptime_ms: u64,
+    pub pid: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<VmConfig>,
+    /// Hypervisor flavour the VMM runs on: `pvm` or `vmx_svm`.
+    pub hypervisor: String,
+    /// The guest's heartbeat page, if it keeps one (rayvisor's own guest does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<HeartbeatInfo>,
+    /// Why the VM is in `error` or `terminated`, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_reason: Option<String>,
+}
+
+/// What the guest reports in its heartbeat page, read by the VMM without any exit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatInfo {
+    pub counter: u64,
+    /// Guest kvmclock time of the last counter update, in ns.
+    pub time_ns: u64,
+    pub cpus_online: u32,
+    pub ready: bool,
+    /// Guest loop iterations per second measured at boot (native ~1e9, emulated ~1e5).
+    pub loop_rate: u64,
+    /// The guest runs on PVM with its VIF area registered.
+    pub pvm: bool,
+    pub dirty_bytes: u64,
+    pub ticks: u64,
+    pub per_cpu_counter: Vec<u64>,
+}
+
+/// `PUT /vm/stop` body.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// How long to wait for the guest to power off after asking it to, before the VM is
+    /// stopped by force. 0 stops at once.
+    #[serde(default = "default_stop_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_stop_timeout() -> u64 {
+    5000
+}
+
+/// `POST /vm/console` body: bytes for the guest's serial console.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleInput {
+    pub data: String,
+}
+
+/// `GET /vm/console` answer: the tail of the serial output.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ConsoleTail {
+    /// Total bytes the guest has written since boot; `data` ends at this offset.
+    pub total_bytes: u64,
+    pub data: String,
+}
+
+/// One lifecycle event of the audit trail.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LifecycleEvent {
+    /// Wall-clock time, ms since the Unix epoch.
+    pub time_ms: u64,
+    pub from: VmStateName,
+    pub to: VmStateName,
+    /// What caused it: an API action (`api:pause`), a guest action (`guest:poweroff`), ...
+    pub cause: String,
+}
+
+/// Body of every 4xx/5xx answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// A sentence saying what was wrong and with which value.
+    pub error: String,
+}
+
+// The paths below exist only to carry the OpenAPI description; the server is in `ray-vmm`.
+#[allow(dead_code)]
+mod paths {
+    use super::*;
+
+    #[utoipa::path(get, path = "/vm", responses((status = 200, body = VmInfo)))]
+    fn get_vm() {}
+
+    #[utoipa::path(put, path = "/vm/config", request_body = VmConfig, responses(
+        (status = 200, body = VmInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn put_config() {}
+
+    #[utoipa::path(put, path = "/vm/start", responses((status = 200, body = VmInfo), (status = 409, body = ErrorBody)))]
+    fn start() {}
+
+    #[utoipa::path(put, path = "/vm/pause", responses((status = 200, body = VmInfo), (status = 409, body = ErrorBody)))]
+    fn pause() {}
+
+    #[utoipa::path(put, path = "/vm/resume", responses((status = 200, body = VmInfo), (status = 409, body = ErrorBody)))]
+    fn resume() {}
+
+    #[utoipa::path(put, path = "/vm/suspend", responses((status = 409, body = ErrorBody)))]
+    fn suspend() {}
+
+    #[utoipa::path(put, path = "/vm/stop", request_body = StopRequest, responses(
+        (status = 200, body = VmInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn stop() {}
+
+    #[utoipa::path(get, path = "/vm/events", responses((status = 200, body = Vec<LifecycleEvent>)))]
+    fn events() {}
+
+    #[utoipa::path(get, path = "/vm/console", params(("bytes" = Option<u64>, Query, description = "how many trailing bytes (default 4096)")),
+        responses((status = 200, body = ConsoleTail)))]
+    fn console_tail() {}
+
+    #[utoipa::path(post, path = "/vm/console", request_body = ConsoleInput, responses(
+        (status = 204), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn console_input() {}
+
+    #[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "this document")))]
+    fn openapi() {}
+}
+
+/// The OpenAPI document of the per-VM API.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "rayvisor per-VM API",
+        description = "Served by `ray vmm` on its Unix socket."
+    ),
+    paths(
+        paths::get_vm,
+        paths::put_config,
+        paths::start,
+        paths::pause,
+        paths::resume,
+        paths::suspend,
+        paths::stop,
+        paths::events,
+        paths::console_tail,
+        paths::console_input,
+        paths::openapi
+    ),
+    components(schemas(
+        VmConfig,
+        VmInfo,
+        VmStateName,
+        HeartbeatInfo,
+        StopRequest,
+        ConsoleInput,
+        ConsoleTail,
+        LifecycleEvent,
+        ErrorBody
+    ))
+)]
+pub struct VmmApiDoc;
+
+/// The per-VM OpenAPI document as pretty JSON.
+pub fn openapi_json() -> String {
+    VmmApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document is plain data and always serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_openapi_document_is_current() {
+        let committed = include_str!("../../../docs/openapi/vmm.json");
+        assert_eq!(
+            committed.trim(),
+            openapi_json().trim(),
+            "docs/openapi/vmm.json is stale: regenerate it with `ray openapi vmm > docs/openapi/vmm.json`"
+        );
+    }
+
+    #[test]
+    fn config_rejects_unknown_fields_naming_them() {
+        let err = serde_json::from_str::<VmConfig>(
+            r#"{"kernel":"k","vcpus":1,"memory_bytes":67108864,"cpus":2}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `cpus`"), "{err}");
+    }
+
+    #[test]
+    fn config_requires_kernel_vcpus_and_memory() {
+        let err =
+            serde_json::from_str::<VmConfig>(r#"{"vcpus":1,"memory_bytes":67108864}"#).unwrap_err();
+        assert!(err.to_string().contains("missing field `kernel`"), "{err}");
+    }
+
+    #[test]
+    fn state_names_are_lower_case() {
+        assert_eq!(
+            serde_json::to_string(&VmStateName::MigrationSource).unwrap(),
+            "\"migration_source\""
+        );
+    }
+
+    #[test]
+    fn stop_timeout_defaults_to_five_seconds() {
+        let s: StopRequest = serde_json::from_str("{}").unwrap();
+        assert_eq!(s.timeout_ms, 5000);
+    }
+}

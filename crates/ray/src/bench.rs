@@ -1,0 +1,248 @@
+//! `ray bench ...`: benchmarks reported as min/median/max over repeated runs.
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use crate::vm::{default_guest, DEFAULT_GUEST_CMDLINE};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Process start -> `ready` on the serial console, and the VMM's memory overhead.
+    Boot(BootArgs),
+}
+
+#[derive(Args)]
+pub struct BootArgs {
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    #[arg(long, default_value = "128M", value_parser = ray::sizes::parse_size)]
+    pub memory: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// min / median / max of a sample.
+#[derive(Serialize, Debug, Clone, Copy)]
+pub struct Stats {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(values: &[f64]) -> Stats {
+        let mut v = values.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let median = if n == 0 {
+            f64::NAN
+        } else if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Stats {
+            min: v.first().copied().unwrap_or(f64::NAN),
+            median,
+            max: v.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct BootReport {
+    runs: usize,
+    vcpus: u8,
+    memory_bytes: u64,
+    build: &'static str,
+    boot_ms: Stats,
+    overhead_mib: Stats,
+    guest_resident_mib: Stats,
+}
+
+pub fn run(cmd: BenchCommand, runtime: &Path) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Boot(a) => boot(&a, runtime),
+    }
+}
+
+/// (total RSS, RSS of guest RAM) of a process in bytes, from /proc/<pid>/smaps.
+pub fn rss_split(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .with_context(|| format!("cannot read /proc/{pid}/smaps"))?;
+    let (mut total, mut guest, mut in_guest, mut named) = (0u64, 0u64, false, false);
+    for line in smaps.lines() {
+        if let Some(rest) = line.strip_prefix("Rss:") {
+            let kib: u64 = rest
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            total += kib * 1024;
+            if in_guest {
+                guest += kib * 1024;
+            }
+        } else if is_vma_header(line) {
+            in_guest = line.ends_with("[anon:ray-guest-ram]");
+            named |= in_guest;
+        }
+    }
+    if !named {
+        bail!("the VMM's guest RAM is not labelled in /proc/{pid}/smaps (kernel without CONFIG_ANON_VMA_NAME?)");
+    }
+    Ok((total, guest))
+}
+
+/// A VMA header line of smaps starts with `start-end` in hex.
+fn is_vma_header(line: &str) -> bool {
+    line.split_whitespace().next().is_some_and(|range| {
+        range.split_once('-').is_some_and(|(a, b)| {
+            !a.is_empty() && a.chars().chain(b.chars()).all(|c| c.is_ascii_hexdigit())
+        })
+    })
+}
+
+fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let guest = default_guest()?;
+    let cfg = ray_api::vmm::VmConfig {
+        kernel: guest.display().to_string(),
+        initrd: None,
+        cmdline: DEFAULT_GUEST_CMDLINE.into(),
+        vcpus: a.vcpus,
+        memory_bytes: a.memory,
+    };
+    let cfg_json = serde_json::to_string(&cfg)?;
+    let exe = std::env::current_exe()?;
+    let bar = (!a.json).then(|| {
+        let b = indicatif::ProgressBar::new(a.runs as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("boot {bar:30} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let (mut boot_ms, mut overhead, mut guest_res) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..a.runs {
+        let id = format!("bench-boot-{}-{i}", std::process::id());
+        let dir = ray::runtime::vm_dir(runtime, &id);
+        std::fs::create_dir_all(&dir)?;
+        let t0 = Instant::now();
+        let mut child = Command::new(&exe)
+            .args([
+                "vmm",
+                "--id",
+                &id,
+                "--start",
+                "--attach",
+                "--config-json",
+                &cfg_json,
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().context("no stdout pipe")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = loop {
+            match lines.next() {
+                Some(Ok(l)) if l.trim_end() == "ready" => break Some(t0.elapsed()),
+                Some(Ok(_)) => continue,
+                _ => break None,
+            }
+        };
+        let Some(ready) = ready else {
+            let _ = child.kill();
+            bail!(
+                "run {i}: the guest never printed `ready` (see {})",
+                dir.join("serial.log").display()
+            );
+        };
+        // Let the VMM settle (API thread up, vCPU loops steady) before sampling memory.
+        std::thread::sleep(Duration::from_millis(50));
+        let (total, guest_rss) = rss_split(child.id())?;
+        // SAFETY: plain kill(2) of our own child process.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        // Drain the rest of the output so the VMM never blocks on a full pipe.
+        for _ in lines {}
+        child.wait()?;
+        let _ = std::fs::remove_dir_all(&dir);
+        boot_ms.push(ready.as_secs_f64() * 1e3);
+        overhead.push((total - guest_rss) as f64 / (1 << 20) as f64);
+        guest_res.push(guest_rss as f64 / (1 << 20) as f64);
+        if let Some(b) = &bar {
+            b.set_message(format!("{:.1} ms", ready.as_secs_f64() * 1e3));
+            b.inc(1);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let report = BootReport {
+        runs: a.runs,
+        vcpus: a.vcpus,
+        memory_bytes: a.memory,
+        build: if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        boot_ms: Stats::of(&boot_ms),
+        overhead_mib: Stats::of(&overhead),
+        guest_resident_mib: Stats::of(&guest_res),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "boot ({} runs, {} vCPU, {} MiB, {} build)",
+            report.runs,
+            report.vcpus,
+            report.memory_bytes >> 20,
+            report.build
+        );
+        let row = |name: &str, s: Stats, unit: &str| {
+            println!(
+                "  {name:<22} min {:>7.2}  median {:>7.2}  max {:>7.2} {unit}",
+                s.min, s.median, s.max
+            )
+        };
+        row("start -> ready", report.boot_ms, "ms");
+        row("VMM overhead (RSS)", report.overhead_mib, "MiB");
+        row("guest resident", report.guest_resident_mib, "MiB");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_of_odd_and_even_samples() {
+        let s = Stats::of(&[3.0, 1.0, 2.0]);
+        assert_eq!((s.min, s.median, s.max), (1.0, 2.0, 3.0));
+        let s = Stats::of(&[4.0, 1.0, 2.0, 3.0]);
+        assert_eq!(s.median, 2.5);
+    }
+
+    #[test]
+    fn own_smaps_without_guest_ram_is_an_error() {
+        let err = rss_split(std::process::id()).unwrap_err();
+        assert!(err.to_string().contains("not labelled"), "{err}");
+    }
+}

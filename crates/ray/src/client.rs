@@ -1,0 +1,123 @@
+//! A small HTTP/1.1 client for the per-VM API on its Unix socket.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use ray_api::vmm::ErrorBody;
+use serde::de::DeserializeOwned;
+
+/// Why a call to a VMM did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the VMM at {path}: {reason}")]
+    Unreachable { path: PathBuf, reason: String },
+    #[error("{message}")]
+    Api { status: u16, message: String },
+    #[error("the VMM at {path} answered with something that is not the expected JSON: {reason}")]
+    BadAnswer { path: PathBuf, reason: String },
+}
+
+/// An answer: status and body.
+pub struct Answer {
+    pub status: u16,
+    pub body: Bytes,
+}
+
+pub struct VmmClient {
+    socket: PathBuf,
+    rt: tokio::runtime::Runtime,
+}
+
+impl VmmClient {
+    pub fn new(socket: &Path) -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .expect("a current-thread runtime needs no resources that can be missing");
+        Self {
+            socket: socket.to_path_buf(),
+            rt,
+        }
+    }
+
+    fn unreachable(&self, reason: impl ToString) -> ClientError {
+        ClientError::Unreachable {
+            path: self.socket.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Sends one request and returns the raw answer.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Answer, ClientError> {
+        self.rt.block_on(async {
+            let stream = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::net::UnixStream::connect(&self.socket),
+            )
+            .await
+            .map_err(|_| self.unreachable("connect timed out"))?
+            .map_err(|e| self.unreachable(e))?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| self.unreachable(e))?;
+            tokio::spawn(conn);
+            let request = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "localhost")
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                .map_err(|e| self.unreachable(e))?;
+            let response =
+                tokio::time::timeout(Duration::from_secs(120), sender.send_request(request))
+                    .await
+                    .map_err(|_| self.unreachable("no answer within 120 s"))?
+                    .map_err(|e| self.unreachable(e))?;
+            let status = response.status().as_u16();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.unreachable(e))?
+                .to_bytes();
+            Ok(Answer { status, body })
+        })
+    }
+
+    /// Sends a request and decodes a 2xx JSON answer; a 4xx/5xx becomes `ClientError::Api`.
+    pub fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let answer = self.raw(method, path, body)?;
+        if answer.status >= 400 {
+            let message = serde_json::from_slice::<ErrorBody>(&answer.body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&answer.body).into_owned());
+            return Err(ClientError::Api {
+                status: answer.status,
+                message,
+            });
+        }
+        let body: &[u8] = if answer.body.is_empty() {
+            b"null"
+        } else {
+            &answer.body
+        };
+        serde_json::from_slice(body).map_err(|e| ClientError::BadAnswer {
+            path: self.socket.clone(),
+            reason: e.to_string(),
+        })
+    }
+}

@@ -1,0 +1,6 @@
+//! The library half of the `ray` binary: what the CLI and the end-to-end test harness
+//! share (the per-VM API client, the runtime directory, exit codes, size parsing).
+pub mod client;
+pub mod exit;
+pub mod runtime;
+pub mod sizes;

@@ -1,0 +1,246 @@
+//! The per-VM HTTP/JSON API on a Unix socket. Each handler parses its request into a
+//! typed [`Request`] and hands it to the VMM thread; it never touches VM state itself.
+use std::path::Path;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use ray_api::vmm::{ConsoleInput, ErrorBody, StopRequest, VmConfig};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tokio::sync::oneshot;
+
+use crate::controller::{Message, Request, RequestError, Response};
+use crate::devices::ConsoleRing;
+
+#[derive(Clone)]
+struct Api {
+    inbox: Sender<Message>,
+    ring: Arc<ConsoleRing>,
+}
+
+fn error(status: u16, message: impl Into<String>) -> HttpResponse {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        Json(ErrorBody {
+            error: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+/// Parses a JSON body, naming the endpoint and serde's account of what was wrong.
+pub fn parse_body<T: DeserializeOwned>(endpoint: &str, body: &[u8]) -> Result<T, RequestError> {
+    if body.is_empty() {
+        return Err(RequestError::bad_request(format!(
+            "{endpoint} needs a JSON body, and the request had none"
+        )));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| RequestError::bad_request(format!("invalid JSON body for {endpoint}: {e}")))
+}
+
+impl Api {
+    async fn call(&self, request: Request) -> HttpResponse {
+        let (tx, rx) = oneshot::channel();
+        let reply = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        if self.inbox.send(Message::Api(request, reply)).is_err() {
+            return error(503, "the VMM is shutting down");
+        }
+        match rx.await {
+            Ok(Ok(Response::Info(info))) => Json(*info).into_response(),
+            Ok(Ok(Response::Events(events))) => Json(events).into_response(),
+            Ok(Ok(Response::Done)) => StatusCode::NO_CONTENT.into_response(),
+            Ok(Err(e)) => error(e.status, e.message),
+            Err(_) => error(503, "the VMM is shutting down"),
+        }
+    }
+
+    async fn call_parsed<T: DeserializeOwned>(
+        &self,
+        endpoint: &str,
+        body: &[u8],
+        make: impl FnOnce(T) -> Request,
+    ) -> HttpResponse {
+        match parse_body::<T>(endpoint, body) {
+            Ok(v) => self.call(make(v)).await,
+            Err(e) => error(e.status, e.message),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TailQuery {
+    bytes: Option<usize>,
+}
+
+fn router(api: Api) -> Router {
+    Router::new()
+        .route("/vm", get(|State(a): State<Api>| async move { a.call(Request::Info).await }))
+        .route(
+            "/vm/config",
+            put(|State(a): State<Api>, body: Bytes| async move {
+                a.call_parsed::<VmConfig>("PUT /vm/config", &body, Request::Configure)
+                    .await
+            }),
+        )
+        .route("/vm/start", put(|State(a): State<Api>| async move { a.call(Request::Start).await }))
+        .route("/vm/pause", put(|State(a): State<Api>| async move { a.call(Request::Pause).await }))
+        .route("/vm/resume", put(|State(a): State<Api>| async move { a.call(Request::Resume).await }))
+        .route("/vm/suspend", put(|State(a): State<Api>| async move { a.call(Request::Suspend).await }))
+        .route(
+            "/vm/stop",
+            put(|State(a): State<Api>, body: Bytes| async move {
+                let body: &[u8] = if body.is_empty() { b"{}" } else { &body };
+                a.call_parsed::<StopRequest>("PUT /vm/stop", body, |s| Request::Stop {
+                    timeout: Duration::from_millis(s.timeout_ms),
+                })
+                .await
+            }),
+        )
+        .route("/vm/events", get(|State(a): State<Api>| async move { a.call(Request::Events).await }))
+        .route(
+            "/vm/console",
+            get(|State(a): State<Api>, q: Result<Query<TailQuery>, axum::extract::rejection::QueryRejection>| async move {
+                match q {
+                    Ok(Query(q)) => {
+                        let (total_bytes, data) = a.ring.tail(q.bytes.unwrap_or(4096));
+                        Json(ray_api::vmm::ConsoleTail {
+                            total_bytes,
+                            data: String::from_utf8_lossy(&data).into_owned(),
+                        })
+                        .into_response()
+                    }
+                    Err(e) => error(400, format!("invalid query for GET /vm/console: {}", e.body_text())),
+                }
+            })
+            .post(|State(a): State<Api>, body: Bytes| async move {
+                a.call_parsed::<ConsoleInput>("POST /vm/console", &body, |c| {
+                    Request::ConsoleInput(c.data.into_bytes())
+                })
+                .await
+            }),
+        )
+        .route(
+            "/openapi.json",
+            get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    ray_api::vmm::openapi_json(),
+                )
+            }),
+        )
+        .fallback(|method: Method, uri: Uri| async move {
+            error(404, format!("no such endpoint: {method} {uri} (see GET /openapi.json)"))
+        })
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            error(405, format!("{method} is not allowed on {uri} (see GET /openapi.json)"))
+        })
+        .with_state(api)
+}
+
+/// The API server thread's handle: dropping `shutdown` ends it gracefully.
+pub struct ApiServer {
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Binds `socket` and serves on a thread of its own.
+    pub fn start(
+        socket: &Path,
+        inbox: Sender<Message>,
+        ring: Arc<ConsoleRing>,
+    ) -> std::io::Result<Self> {
+        let _ = std::fs::remove_file(socket);
+        let std_listener = std::os::unix::net::UnixListener::bind(socket)?;
+        std_listener.set_nonblocking(true)?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let app = router(Api { inbox, ring });
+        let thread = std::thread::Builder::new()
+            .name("api".into())
+            .stack_size(512 << 10)
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .enable_time()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        eprintln!("ray vmm: cannot start the API runtime: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = match tokio::net::UnixListener::from_std(std_listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            eprintln!("ray vmm: cannot serve the API socket: {e}");
+                            return;
+                        }
+                    };
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = rx.await;
+                        })
+                        .await;
+                });
+            })?;
+        Ok(Self {
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops accepting, lets answers in flight finish, and joins the thread.
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_errors_name_the_endpoint_and_the_problem() {
+        let e = parse_body::<VmConfig>("PUT /vm/config", b"{\"kernel\": 3").unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(
+            e.message
+                .starts_with("invalid JSON body for PUT /vm/config: "),
+            "{}",
+            e.message
+        );
+        let e = parse_body::<VmConfig>("PUT /vm/config", b"").unwrap_err();
+        assert!(e.message.contains("needs a JSON body"), "{}", e.message);
+        let e = parse_body::<StopRequest>("PUT /vm/stop", b"{\"timeout\": 5}").unwrap_err();
+        assert!(
+            e.message.contains("unknown field `timeout`"),
+            "{}",
+            e.message
+        );
+        let e = parse_body::<StopRequest>("PUT /vm/stop", b"{\"timeout_ms\": -1}").unwrap_err();
+        assert!(
+            e.message.contains("invalid value: integer `-1`"),
+            "{}",
+            e.message
+        );
+    }
+}

@@ -1,0 +1,205 @@
+//! COM1: a 16550 (vm-superio) whose output goes to the VM's log file, to the VMM's stdout
+//! when attached, and to an in-memory ring the API serves; input comes from the API or
+//! stdin and is fed to the UART as its FIFO drains.
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::{Arc, Condvar, Mutex};
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// How much console output the API can return.
+pub const RING_BYTES: usize = 1 << 20;
+/// Input waiting for the UART's FIFO; more is refused rather than buffered without bound.
+pub const MAX_PENDING_INPUT: usize = 1 << 16;
+
+/// The interrupt line of the UART, as an eventfd registered with KVM as an irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// The tail of everything the guest wrote, with a condition variable for waiters.
+#[derive(Default)]
+pub struct ConsoleRing {
+    inner: Mutex<RingInner>,
+    grew: Condvar,
+}
+
+#[derive(Default)]
+struct RingInner {
+    bytes: VecDeque<u8>,
+    total: u64,
+}
+
+impl ConsoleRing {
+    fn push(&self, data: &[u8]) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.total += data.len() as u64;
+        inner.bytes.extend(data);
+        let excess = inner.bytes.len().saturating_sub(RING_BYTES);
+        inner.bytes.drain(..excess);
+        self.grew.notify_all();
+    }
+
+    /// The last `max` bytes and the total written so far.
+    pub fn tail(&self, max: usize) -> (u64, Vec<u8>) {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let skip = inner.bytes.len().saturating_sub(max);
+        (
+            inner.total,
+            inner.bytes.iter().skip(skip).copied().collect(),
+        )
+    }
+}
+
+/// Where the UART's output goes.
+pub struct ConsoleOut {
+    log: Option<File>,
+    stdout: bool,
+    ring: Arc<ConsoleRing>,
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.ring.push(buf);
+        if let Some(log) = self.log.as_mut() {
+            // The log is best effort: a full disk must not stop the guest.
+            let _ = log.write_all(buf);
+        }
+        if self.stdout {
+            let mut out = io::stdout().lock();
+            let _ = out.write_all(buf);
+            let _ = out.flush();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// COM1 and the input waiting for it.
+pub struct Console {
+    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleOut>,
+    pending: VecDeque<u8>,
+    ring: Arc<ConsoleRing>,
+}
+
+/// Input refused because too much is already waiting.
+#[derive(Debug, thiserror::Error)]
+#[error("console input of {len} bytes refused: {pending} bytes are already waiting for the guest (limit {MAX_PENDING_INPUT})")]
+pub struct InputFull {
+    pub len: usize,
+    pub pending: usize,
+}
+
+impl Console {
+    pub fn new(irq: EventFd, log: Option<File>, stdout: bool, ring: Arc<ConsoleRing>) -> Self {
+        let out = ConsoleOut {
+            log,
+            stdout,
+            ring: ring.clone(),
+        };
+        Self {
+            uart: Serial::new(IrqTrigger(irq), out),
+            pending: VecDeque::new(),
+            ring,
+        }
+    }
+
+    pub fn ring(&self) -> Arc<ConsoleRing> {
+        self.ring.clone()
+    }
+
+    pub fn read(&mut self, offset: u8) -> u8 {
+        let value = self.uart.read(offset);
+        self.refill();
+        value
+    }
+
+    pub fn write(&mut self, offset: u8, value: u8) {
+        // The only error is a failing interrupt eventfd, which the guest cannot cause and
+        // cannot be told about; the byte itself has been handled.
+        let _ = self.uart.write(offset, value);
+    }
+
+    /// Queues input for the guest.
+    pub fn queue_input(&mut self, data: &[u8]) -> Result<(), InputFull> {
+        if self.pending.len() + data.len() > MAX_PENDING_INPUT {
+            return Err(InputFull {
+                len: data.len(),
+                pending: self.pending.len(),
+            });
+        }
+        self.pending.extend(data);
+        self.refill();
+        Ok(())
+    }
+
+    pub fn has_pending_input(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    fn refill(&mut self) {
+        let room = self.uart.fifo_capacity().min(self.pending.len());
+        if room == 0 {
+            return;
+        }
+        let chunk: Vec<u8> = self.pending.drain(..room).collect();
+        let _ = self.uart.enqueue_raw_bytes(&chunk);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn console() -> Console {
+        Console::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            None,
+            false,
+            Arc::default(),
+        )
+    }
+
+    #[test]
+    fn output_reaches_the_ring() {
+        let mut c = console();
+        for b in b"hello\n" {
+            c.write(0, *b);
+        }
+        let (total, data) = c.ring().tail(3);
+        assert_eq!(total, 6);
+        assert_eq!(data, b"lo\n");
+    }
+
+    #[test]
+    fn input_longer_than_the_fifo_is_delivered_in_order() {
+        let mut c = console();
+        let input: Vec<u8> = (0..200u32).map(|i| b'a' + (i % 26) as u8).collect();
+        c.queue_input(&input).unwrap();
+        let mut got = Vec::new();
+        // LSR bit 0: data ready.
+        while c.read(5) & 1 == 1 {
+            got.push(c.read(0));
+        }
+        assert_eq!(got, input);
+        assert!(!c.has_pending_input());
+    }
+
+    #[test]
+    fn too_much_input_is_refused_with_sizes() {
+        let mut c = console();
+        c.queue_input(&vec![b'x'; MAX_PENDING_INPUT]).unwrap();
+        let err = c.queue_input(&[b'y'; 100]).unwrap_err();
+        assert!(err.to_string().contains("100 bytes refused"), "{err}");
+    }
+}

@@ -1,0 +1,59 @@
+//! Device models on the port-I/O bus, and the bus that routes vCPU exits to them.
+pub mod console;
+pub mod legacy;
+
+use std::sync::Mutex;
+
+pub use console::{Console, ConsoleRing};
+pub use legacy::PowerEvent;
+
+/// COM1's first port and its register count.
+pub const COM1_BASE: u16 = 0x3f8;
+const COM1_END: u16 = COM1_BASE + 8;
+
+/// What a port access asks of the VMM beyond the device's own reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusEvent {
+    None,
+    Power(PowerEvent),
+}
+
+/// The port-I/O bus: every port the VMM emulates in user space. The in-kernel irqchip
+/// and PIT handle 0x20/0xa0/0x40.. themselves; unknown ports read as all-ones and ignore
+/// writes, as on a PC.
+pub struct IoBus {
+    pub console: Mutex<Console>,
+}
+
+impl IoBus {
+    pub fn new(console: Console) -> Self {
+        Self {
+            console: Mutex::new(console),
+        }
+    }
+
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        match port {
+            COM1_BASE..COM1_END if data.len() == 1 => {
+                data[0] = self.lock_console().read((port - COM1_BASE) as u8);
+            }
+            _ => legacy::read(port, data),
+        }
+    }
+
+    pub fn write(&self, port: u16, data: &[u8]) -> BusEvent {
+        match port {
+            COM1_BASE..COM1_END if data.len() == 1 => {
+                self.lock_console().write((port - COM1_BASE) as u8, data[0]);
+                BusEvent::None
+            }
+            _ => legacy::write(port, data).map_or(BusEvent::None, BusEvent::Power),
+        }
+    }
+
+    pub fn lock_console(&self) -> std::sync::MutexGuard<'_, Console> {
+        // A panic while holding the console lock aborts the process (panic=abort), so the
+        // lock can never be observed poisoned in practice; recover the data regardless.
+        self.console.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

@@ -1,0 +1,64 @@
+//! Reading the guest's heartbeat page (see `ray-guest-abi`): no exits, no guest help.
+use std::sync::atomic::Ordering;
+
+use ray_api::vmm::HeartbeatInfo;
+use ray_guest_abi::{offset, HEARTBEAT_GPA, HEARTBEAT_MAGIC, MAX_CPUS};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMem;
+
+fn load(mem: &GuestMem, off: u64) -> Option<u64> {
+    mem.load::<u64>(GuestAddress(HEARTBEAT_GPA + off), Ordering::Acquire)
+        .ok()
+}
+
+/// A consistent (counter, time) pair, read under the guest's sequence lock.
+pub fn sample(mem: &GuestMem) -> Option<(u64, u64)> {
+    if load(mem, offset::MAGIC)? != HEARTBEAT_MAGIC {
+        return None;
+    }
+    for _ in 0..1000 {
+        let seq = load(mem, offset::SEQ)?;
+        if seq & 1 == 1 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let counter = load(mem, offset::COUNTER)?;
+        let time = load(mem, offset::TIME_NS)?;
+        if load(mem, offset::SEQ)? == seq {
+            return Some((counter, time));
+        }
+    }
+    None
+}
+
+/// Everything the heartbeat page says, or None if the guest keeps none.
+pub fn read(mem: &GuestMem) -> Option<HeartbeatInfo> {
+    let (counter, time_ns) = sample(mem)?;
+    let word = |off| load(mem, off).unwrap_or(0);
+    let cpus_online = (word(offset::CPUS_ONLINE & !7) >> ((offset::CPUS_ONLINE & 7) * 8)) as u32;
+    let n = (cpus_online as usize).clamp(1, MAX_CPUS);
+    Some(HeartbeatInfo {
+        counter,
+        time_ns,
+        cpus_online,
+        ready: word(offset::READY) == 1,
+        loop_rate: word(offset::LOOP_RATE),
+        pvm: word(offset::PVM) == 1,
+        dirty_bytes: word(offset::DIRTY_BYTES),
+        ticks: word(offset::TICKS),
+        per_cpu_counter: (0..n as u64)
+            .map(|i| word(offset::CPU_COUNTER + 8 * i))
+            .collect(),
+    })
+}
+
+/// Sets a VMM-written flag in the heartbeat page (doorbell, shutdown request). Returns
+/// false when the guest keeps no heartbeat page.
+pub fn raise(mem: &GuestMem, off: u64) -> bool {
+    if load(mem, offset::MAGIC) != Some(HEARTBEAT_MAGIC) {
+        return false;
+    }
+    mem.store(1u64, GuestAddress(HEARTBEAT_GPA + off), Ordering::Release)
+        .is_ok()
+}

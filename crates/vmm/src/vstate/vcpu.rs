@@ -1,0 +1,361 @@
+//! vCPUs: boot-state set-up, one thread each, and the pause/resume/exit control that the
+//! VMM thread drives.
+//!
+//! ```text
+//!   Run ──pause──▶ Pause (parked on a condvar, counted) ──resume──▶ Run
+//!    └───────────────────────exit──────────────────────────▶ Exit (thread ends)
+//! ```
+//! A vCPU inside KVM_RUN is brought out by a signal (`SIGRTMIN`, whose handler does nothing:
+//! its only job is to make KVM_RUN return EINTR). The controller repeats the signal until
+//! every vCPU has parked, which closes the window where a signal lands just before a vCPU
+//! enters KVM_RUN.
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_RUNNABLE,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use super::vm::Vm;
+use crate::boot::BootImage;
+use crate::devices::{BusEvent, IoBus, PowerEvent};
+
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+/// Local APIC register offsets and delivery modes for LINT0/LINT1 (PC wiring: the PIC on
+/// LINT0 as ExtINT, NMI on LINT1).
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_EXTINT: u32 = 0x7;
+const APIC_MODE_NMI: u32 = 0x4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {index}: {source}")]
+    Create {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot set up vCPU {index} ({what}): {source}")]
+    Setup {
+        index: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot start the thread of vCPU {index}: {source}")]
+    Spawn { index: u8, source: std::io::Error },
+}
+
+/// Where vCPU threads report their events.
+pub type EventSink = Arc<dyn Fn(VcpuEvent) + Send + Sync>;
+
+/// What a vCPU thread tells the VMM thread.
+#[derive(Debug)]
+pub enum VcpuEvent {
+    /// The guest asked to power off or reset.
+    Power(PowerEvent),
+    /// The vCPU cannot go on (triple fault, KVM error); the VM is in trouble.
+    Failed { index: u8, reason: String },
+}
+
+/// Creates vCPU `index` and puts it in the 64-bit boot state of `boot`.
+pub fn create(vm: &Vm, index: u8, count: u8, boot: &BootImage) -> Result<VcpuFd, VcpuError> {
+    let vcpu = vm
+        .fd
+        .create_vcpu(u64::from(index))
+        .map_err(|source| VcpuError::Create { index, source })?;
+    let setup = |what: &'static str| {
+        move |source| VcpuError::Setup {
+            index,
+            what,
+            source,
+        }
+    };
+
+    let mut cpuid = vm
+        .kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(setup("KVM_GET_SUPPORTED_CPUID"))?;
+    patch_cpuid(&mut cpuid, index, count);
+    vcpu.set_cpuid2(&cpuid).map_err(setup("KVM_SET_CPUID2"))?;
+
+    let msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_MISC_ENABLE,
+        data: MISC_ENABLE_FAST_STRING,
+        ..Default::default()
+    }])
+    .expect("one MSR entry fits the MSR list");
+    vcpu.set_msrs(&msrs).map_err(setup("KVM_SET_MSRS"))?;
+
+    let mut sregs = vcpu.get_sregs().map_err(setup("KVM_GET_SREGS"))?;
+    crate::boot::long_mode_sregs(&mut sregs, boot);
+    vcpu.set_sregs(&sregs).map_err(setup("KVM_SET_SREGS"))?;
+
+    let regs = kvm_regs {
+        rip: boot.entry.0,
+        rsp: boot.stack.0,
+        rbp: boot.stack.0,
+        rsi: boot.boot_params.0,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(setup("KVM_SET_REGS"))?;
+
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(setup("KVM_SET_FPU"))?;
+
+    let mut lapic = vcpu.get_lapic().map_err(setup("KVM_GET_LAPIC"))?;
+    set_lvt_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
+    set_lvt_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
+    vcpu.set_lapic(&lapic).map_err(setup("KVM_SET_LAPIC"))?;
+
+    // Every vCPU starts at the entry point: rayvisor boots APs directly in long mode
+    // (the guest tells them apart by APIC ID) instead of through INIT/SIPI and real mode,
+    // which PVM cannot run.
+    vcpu.set_mp_state(kvm_mp_state {
+        mp_state: KVM_MP_STATE_RUNNABLE,
+    })
+    .map_err(setup("KVM_SET_MP_STATE"))?;
+    Ok(vcpu)
+}
+
+/// Gives vCPU `index` of `count` its APIC ID and topology in CPUID.
+fn patch_cpuid(cpuid: &mut CpuId, index: u8, count: u8) {
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => {
+                entry.ebx =
+                    (entry.ebx & 0x0000_ffff) | (u32::from(count) << 16) | (u32::from(index) << 24);
+                // Hypervisor present; HTT so the logical count above is honoured.
+                entry.ecx |= 1 << 31;
+                entry.edx |= 1 << 28;
+            }
+            0xb | 0x1f => entry.edx = u32::from(index),
+            _ => {}
+        }
+    }
+}
+
+fn set_lvt_mode(regs: &mut [std::os::raw::c_char], offset: usize, mode: u32) {
+    let bytes: [u8; 4] = std::array::from_fn(|i| regs[offset + i] as u8);
+    let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+    for (i, b) in value.to_le_bytes().iter().enumerate() {
+        regs[offset + i] = *b as std::os::raw::c_char;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause,
+    Exit,
+}
+
+struct Ctl {
+    want: Want,
+    /// vCPUs currently parked (paused) or gone.
+    parked: usize,
+}
+
+/// Shared between the VMM thread and the vCPU threads.
+pub struct VcpuControl {
+    ctl: Mutex<Ctl>,
+    changed: Condvar,
+}
+
+impl VcpuControl {
+    fn lock(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The running vCPU threads of one VM.
+pub struct Vcpus {
+    control: Arc<VcpuControl>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn kick_handler_installed() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        // Failure here means a libc that cannot install signal handlers at all; pausing
+        // would then hang, so fail loudly at start-up instead.
+        register_signal_handler(SIGRTMIN(), noop).expect("cannot install the vCPU kick handler");
+    });
+}
+
+impl Vcpus {
+    /// Starts one thread per vCPU. They run until paused or told to exit.
+    pub fn start(fds: Vec<VcpuFd>, bus: Arc<IoBus>, events: EventSink) -> Result<Self, VcpuError> {
+        kick_handler_installed();
+        let control = Arc::new(VcpuControl {
+            ctl: Mutex::new(Ctl {
+                want: Want::Run,
+                parked: 0,
+            }),
+            changed: Condvar::new(),
+        });
+        let mut threads = Vec::with_capacity(fds.len());
+        for (i, fd) in fds.into_iter().enumerate() {
+            let index = i as u8;
+            let (control, bus, events) = (control.clone(), bus.clone(), events.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .stack_size(256 << 10)
+                .spawn(move || run(index, fd, &control, &bus, &events))
+                .map_err(|source| VcpuError::Spawn { index, source })?;
+            threads.push(thread);
+        }
+        Ok(Self { control, threads })
+    }
+
+    /// Stops every vCPU at its next instruction boundary and waits until all are parked.
+    pub fn pause(&self) {
+        self.set_and_wait(Want::Pause);
+    }
+
+    pub fn resume(&self) {
+        let mut ctl = self.control.lock();
+        ctl.want = Want::Run;
+        self.control.changed.notify_all();
+    }
+
+    /// Ends every vCPU thread.
+    pub fn exit(mut self) {
+        self.set_and_wait(Want::Exit);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    fn set_and_wait(&self, want: Want) {
+        let n = self.threads.len();
+        let mut ctl = self.control.lock();
+        ctl.want = want;
+        self.control.changed.notify_all();
+        while ctl.parked < n {
+            drop(ctl);
+            self.kick();
+            ctl = self.control.lock();
+            if ctl.parked < n {
+                ctl = self
+                    .control
+                    .changed
+                    .wait_timeout(ctl, Duration::from_millis(1))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+    }
+
+    fn kick(&self) {
+        for t in &self.threads {
+            // SAFETY: the pthread handle belongs to a thread we spawned and have not joined
+            // (joining consumes `threads`), and SIGRTMIN has a handler installed, so the
+            // signal cannot terminate the process.
+            unsafe {
+                libc::pthread_kill(t.as_pthread_t(), SIGRTMIN());
+            }
+        }
+    }
+}
+
+/// Waits while paused; returns false when the thread should end.
+fn checkpoint(control: &VcpuControl) -> bool {
+    let mut ctl = control.lock();
+    if ctl.want == Want::Run {
+        return true;
+    }
+    ctl.parked += 1;
+    control.changed.notify_all();
+    loop {
+        match ctl.want {
+            Want::Run => {
+                ctl.parked -= 1;
+                return true;
+            }
+            // Stay counted as parked: the thread is gone.
+            Want::Exit => return false,
+            Want::Pause => {
+                ctl = control.changed.wait(ctl).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
+}
+
+fn run(index: u8, mut fd: VcpuFd, control: &VcpuControl, bus: &IoBus, events: &EventSink) {
+    let fail = |reason: String| {
+        events(VcpuEvent::Failed { index, reason });
+    };
+    while checkpoint(control) {
+        match fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if let BusEvent::Power(p) = bus.write(port, data) {
+                    events(VcpuEvent::Power(p));
+                    park_until_told(control);
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => {}
+            Ok(VcpuExit::Shutdown) => {
+                fail("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".into());
+                park_until_told(control);
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                let event = if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
+                    PowerEvent::Reset
+                } else {
+                    PowerEvent::PowerOff
+                };
+                events(VcpuEvent::Power(event));
+                park_until_told(control);
+            }
+            Ok(other) => {
+                fail(format!("unexpected KVM exit {other:?}"));
+                park_until_told(control);
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                fd.set_kvm_immediate_exit(0);
+            }
+            Err(e) => {
+                fail(format!("KVM_RUN failed: {e}"));
+                park_until_told(control);
+            }
+        }
+    }
+}
+
+/// After a terminal guest event the vCPU must not run on; it waits for the VMM's verdict.
+fn park_until_told(control: &VcpuControl) {
+    let mut ctl = control.lock();
+    if ctl.want == Want::Run {
+        ctl.want = Want::Pause;
+    }
+    control.changed.notify_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lvt_mode_bits_are_replaced_and_the_rest_kept() {
+        let mut regs = [0 as std::os::raw::c_char; 1024];
+        regs[APIC_LVT0] = 0x10u8 as std::os::raw::c_char; // vector bits
+        regs[APIC_LVT0 + 1] = 0x07u8 as std::os::raw::c_char; // old mode bits
+        set_lvt_mode(&mut regs, APIC_LVT0, APIC_MODE_NMI);
+        assert_eq!(regs[APIC_LVT0] as u8, 0x10);
+        assert_eq!(regs[APIC_LVT0 + 1] as u8 & 0x7, 0x4);
+    }
+}

@@ -1,0 +1,58 @@
+//! The Linux boot path: a Debian kernel, booted by our loader. On PVM it runs under the
+//! instruction emulator (a stock kernel registers no VIF area), so only its early log is
+//! checked: it must show our exact command line, our memory map and our ACPI tables.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ray_e2e::Env;
+
+/// The kernel `scripts/fetch-linux` extracts from Debian's cloud kernel package.
+fn debian_vmlinux() -> PathBuf {
+    if let Some(p) = std::env::var_os("RAY_LINUX_VMLINUX") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/linux/vmlinux");
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-linux (scripts/test does) to download Debian's cloud kernel",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn debian_kernel_early_log_shows_our_cmdline_memory_map_and_tables() {
+    let env = Env::new("linux");
+    let kernel = debian_vmlinux();
+    let cmdline = "earlyprintk=serial,ttyS0,115200 console=ttyS0 noxsave nokaslr rayvisor.e2e=linux-early-boot";
+    let kernel_arg = kernel.display().to_string();
+    let mut vm = env.boot(&[
+        "--kernel",
+        &kernel_arg,
+        "--cmdline",
+        cmdline,
+        "--memory",
+        "128M",
+        "--vcpus",
+        "2",
+    ]);
+    let slow = Duration::from_secs(600);
+    let line = vm.expect_line("Command line: ", slow);
+    assert_eq!(line, format!("Command line: {cmdline}"));
+    let expected_e820 = [
+        "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
+        "BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved",
+        "BIOS-e820: [mem 0x0000000000100000-0x0000000007ffffff] usable",
+    ];
+    for want in expected_e820 {
+        let got = vm.expect_line("BIOS-e820: ", slow);
+        assert_eq!(got, want);
+    }
+    let rsdp = vm.expect_line("ACPI: RSDP 0x00000000000E0000", slow);
+    eprintln!("{rsdp}");
+    vm.expect_line("ACPI: XSDT ", slow);
+    vm.expect_line("ACPI: FACP ", slow);
+    vm.expect_line("ACPI: DSDT ", slow);
+    let madt = vm.expect_line("ACPI: APIC ", slow);
+    eprintln!("{madt}");
+}

@@ -1,0 +1,102 @@
+//! The guest's shell: the commands every later end-to-end test relies on.
+use std::time::Duration;
+
+use ray_e2e::Env;
+
+const READY: Duration = Duration::from_secs(20);
+
+fn hex_field(line: &str, index: usize) -> u64 {
+    let f = line
+        .split_whitespace()
+        .nth(index)
+        .unwrap_or_else(|| panic!("field {index} of {line}"));
+    u64::from_str_radix(f.trim_start_matches("0x"), 16).unwrap_or_else(|_| panic!("{f} in {line}"))
+}
+
+#[test]
+fn shell_commands_answer() {
+    let env = Env::new("shell");
+    let mut vm = env.boot(&["--memory", "256M"]);
+    vm.expect_line("ready", READY);
+    assert_eq!(vm.command("echo hello rayvisor", "hello"), "hello rayvisor");
+
+    vm.send("mem");
+    vm.expect_line("e820 0x", Duration::from_secs(5));
+    let total = vm.expect_line("mem total=", Duration::from_secs(5));
+    assert!(total.contains("total=268435456"), "{total}");
+
+    let unknown = vm.command("frobnicate", "err");
+    assert!(
+        unknown.contains("unknown command 'frobnicate'"),
+        "{unknown}"
+    );
+    let bad = vm.command("sum 0x0 zzz", "err");
+    assert!(bad.contains("zzz"), "{bad}");
+    let outside = vm.command("sum 0x40000000 4096", "err");
+    assert!(outside.contains("0x40000000"), "{outside}");
+}
+
+#[test]
+fn sum_is_stable_and_follows_memory_changes() {
+    let env = Env::new("sum");
+    let mut vm = env.boot(&["--memory", "256M"]);
+    vm.expect_line("ready", READY);
+    let on = vm.command("dirty 8 64", "dirty on");
+    let region = on
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("region="))
+        .map(|r| u64::from_str_radix(r.trim_start_matches("0x"), 16).unwrap())
+        .unwrap_or_else(|| panic!("{on}"));
+    std::thread::sleep(Duration::from_millis(300));
+    let off = vm.command("dirty stop", "dirty off");
+    let written: u64 = off
+        .trim_start_matches("dirty off bytes=")
+        .parse()
+        .unwrap_or_else(|_| panic!("{off}"));
+    assert!(
+        written >= 4 << 20,
+        "dirty wrote only {written} bytes in 300 ms at 64 MiB/s: {off}"
+    );
+    let cmd = format!("sum {region:#x} {}", 8 << 20);
+    let a = hex_field(&vm.command(&cmd, "sum "), 3);
+    let b = hex_field(&vm.command(&cmd, "sum "), 3);
+    assert_eq!(a, b, "memory changed while no workload ran");
+    vm.command("dirty 8 64", "dirty on");
+    std::thread::sleep(Duration::from_millis(100));
+    vm.command("dirty stop", "dirty off");
+    let c = hex_field(&vm.command(&cmd, "sum "), 3);
+    assert_ne!(a, c, "the workload did not change the region");
+    assert!(vm.info().heartbeat.unwrap().dirty_bytes >= written);
+}
+
+#[test]
+fn tick_stream_is_monotonic_and_stoppable() {
+    let env = Env::new("tick");
+    let mut vm = env.boot(&[]);
+    vm.expect_line("ready", READY);
+    vm.command("tick 10", "tick on");
+    let mut last = (0u64, 0u64);
+    for _ in 0..10 {
+        let line = vm.expect_line("tick ", Duration::from_secs(5));
+        let mut f = line.split_whitespace().skip(1);
+        let seq: u64 = f.next().unwrap().parse().unwrap();
+        let ns: u64 = f.next().unwrap().parse().unwrap();
+        assert!(seq > last.0 && ns > last.1, "{line} after {last:?}");
+        if last.0 > 0 {
+            let gap_ms = (ns - last.1) as f64 / 1e6;
+            assert!(
+                (5.0..1000.0).contains(&gap_ms),
+                "tick gap {gap_ms} ms: {line}"
+            );
+        }
+        last = (seq, ns);
+    }
+    vm.command("tick 0", "tick off");
+    let ticks = vm.info().heartbeat.unwrap().ticks;
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        vm.info().heartbeat.unwrap().ticks,
+        ticks,
+        "ticks continued after tick 0"
+    );
+}

@@ -1,0 +1,226 @@
+//! The end-to-end test harness: boots VMs with the real `ray` binary on real KVM and
+//! drives rayvisor's own guest through its serial shell.
+//!
+//! Every test gets its own runtime directory. VMs are stopped (and their VMM processes
+//! killed) when the [`Vm`] handle is dropped, so a failing test leaves nothing running.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ray::client::VmmClient;
+use ray_api::vmm::{ConsoleInput, ConsoleTail, VmInfo, VmStateName};
+
+/// The `ray` binary next to the test executable (target/<profile>/ray).
+pub fn ray_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let bin = dir.join("ray");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --workspace` first",
+        bin.display()
+    );
+    bin
+}
+
+/// rayvisor's guest kernel next to it.
+pub fn guest_bin() -> PathBuf {
+    let bin = ray_bin().with_file_name("rayvisor-guest");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --workspace` first",
+        bin.display()
+    );
+    bin
+}
+
+/// VMs spin a host CPU each; tests that boot them run one at a time on small machines.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A per-test runtime directory, removed at the end.
+pub struct Env {
+    pub runtime: PathBuf,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Env {
+    pub fn new(name: &str) -> Env {
+        let guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let runtime = std::env::temp_dir().join(format!("ray-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&runtime);
+        std::fs::create_dir_all(&runtime).unwrap();
+        Env {
+            runtime,
+            _serial: guard,
+        }
+    }
+
+    /// Runs `ray <args>` with this runtime directory.
+    pub fn ray(&self, args: &[&str]) -> Output {
+        Command::new(ray_bin())
+            .args(args)
+            .env("RAY_RUNTIME_DIR", &self.runtime)
+            .env("RAY_GUEST", guest_bin())
+            .output()
+            .expect("cannot run ray")
+    }
+
+    /// Runs `ray <args>`, asserts success and returns stdout.
+    pub fn ray_ok(&self, args: &[&str]) -> String {
+        let out = self.ray(args);
+        assert!(
+            out.status.success(),
+            "ray {args:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Boots rayvisor's guest detached with extra `ray vm run` arguments.
+    pub fn boot(&self, extra: &[&str]) -> Vm {
+        let mut args = vec!["vm", "run", "--detach", "--json"];
+        args.extend_from_slice(extra);
+        let out = self.ray_ok(&args);
+        let info: VmInfo = serde_json::from_str(&out).expect("vm run --json prints VmInfo");
+        let dir = self.runtime.join("vms").join(&info.id);
+        Vm {
+            id: info.id.clone(),
+            pid: info.pid,
+            client: VmmClient::new(&dir.join("api.sock")),
+            dir,
+            seen: 0,
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.runtime);
+    }
+}
+
+/// One booted VM.
+pub struct Vm {
+    pub id: String,
+    pub pid: u32,
+    pub dir: PathBuf,
+    pub client: VmmClient,
+    /// Console offset up to which output has been consumed by `expect`.
+    seen: u64,
+}
+
+impl Vm {
+    pub fn info(&self) -> VmInfo {
+        self.client.call("GET", "/vm", None).expect("GET /vm")
+    }
+
+    pub fn state(&self) -> VmStateName {
+        self.info().state
+    }
+
+    pub fn console(&self) -> ConsoleTail {
+        self.client
+            .call("GET", "/vm/console?bytes=1048576", None)
+            .expect("GET /vm/console")
+    }
+
+    /// Sends one shell line to the guest.
+    pub fn send(&self, line: &str) {
+        let body = serde_json::to_vec(&ConsoleInput {
+            data: format!("{line}\n"),
+        })
+        .unwrap();
+        let _: serde_json::Value = self
+            .client
+            .call("POST", "/vm/console", Some(body))
+            .expect("POST /vm/console");
+    }
+
+    /// Waits for a console line (after what earlier calls consumed) that starts with
+    /// `prefix`, and returns it.
+    pub fn expect_line(&mut self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let tail = self.console();
+            let start = tail.total_bytes - tail.data.len() as u64;
+            let skip = self.seen.saturating_sub(start) as usize;
+            let fresh = tail.data.get(skip..).unwrap_or("");
+            let mut offset = 0;
+            for line in fresh.split_inclusive('\n') {
+                offset += line.len();
+                if !line.ends_with('\n') {
+                    break;
+                }
+                if line.trim_end().starts_with(prefix) {
+                    self.seen = start + (skip + offset) as u64;
+                    return line.trim_end().to_string();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no console line starting with {prefix:?} within {timeout:?}; console:\n{}",
+                tail.data
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sends a command and returns the first reply line starting with `prefix`.
+    pub fn command(&mut self, line: &str, prefix: &str) -> String {
+        self.send(line);
+        self.expect_line(prefix, Duration::from_secs(10))
+    }
+
+    /// Waits until `f(info)` holds.
+    pub fn wait_for(&self, what: &str, timeout: Duration, f: impl Fn(&VmInfo) -> bool) -> VmInfo {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(info) = self.client.call::<VmInfo>("GET", "/vm", None) {
+                if f(&info) {
+                    return info;
+                }
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Whether the VMM process is still alive.
+    pub fn process_alive(&self) -> bool {
+        // SAFETY: signal 0 only probes for the process; nothing is sent.
+        unsafe { libc::kill(self.pid as libc::pid_t, 0) == 0 }
+        &&std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+    }
+
+    /// Waits for the VMM process to exit.
+    pub fn wait_exit(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.process_alive() {
+            assert!(
+                Instant::now() < deadline,
+                "VMM {} still alive after {timeout:?}",
+                self.pid
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.process_alive() {
+            // SAFETY: kill(2) of a VMM process this test started.
+            unsafe {
+                libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+    }
+}
