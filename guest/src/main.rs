@@ -1,1 +1,153 @@
-fn main() {}
+//! rayvisor-guest: rayvisor's own guest kernel.
+//!
+//! A freestanding x86-64 ELF booted through the Linux 64-bit boot protocol (long mode,
+//! identity map set up by the VMM, RSI = zero page). It runs natively on PVM (ring 3,
+//! shadow paging) as well as on VMX/SVM KVM and Firecracker, and offers:
+//!
+//! * the heartbeat page of [`ray_guest_abi`] at 0x100000, kept current without exits;
+//! * a line-oriented shell on COM1 (`echo`, `mem`, `cpus`, `tick`, `dirty`, `sum`,
+//!   `poweroff`), see [`shell`];
+//! * SMP: every vCPU enters at the ELF entry, APs spin updating their heartbeat slots.
+//!
+//! Boot order: entry.rs (assembly, mostly emulated on PVM until the VIF area is
+//! registered) -> [`rust_start`] -> [`bsp_main`] / [`smp::ap_main`].
+#![no_std]
+#![no_main]
+
+#[macro_use]
+mod serial;
+mod bootparams;
+mod clock;
+mod cpu;
+mod entry;
+mod heartbeat;
+mod idt;
+mod mem;
+mod paging;
+mod shell;
+mod smp;
+mod workload;
+
+use core::sync::atomic::Ordering::*;
+
+use ray_guest_abi::{CMDLINE_POLL_MS, POWEROFF_PORT, POWEROFF_VALUE};
+
+use crate::shell::Shell;
+use crate::workload::Workloads;
+
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION_MAJOR"),
+    ".",
+    env!("CARGO_PKG_VERSION_MINOR")
+);
+const DEFAULT_POLL_MS: u64 = 10;
+
+/// Called by entry.rs on every CPU, on its own stack, with SSE on and (on PVM) the VIF
+/// area registered.
+extern "C" fn rust_start(zero_page: u64, cpu: u64, pvm: u64) -> ! {
+    if cpu == 0 {
+        bsp_main(zero_page, pvm != 0)
+    } else {
+        smp::ap_main(cpu as usize)
+    }
+}
+
+fn bsp_main(zero_page: u64, pvm: bool) -> ! {
+    clock::init_cpu(0);
+    idt::init();
+    let info = bootparams::parse(zero_page);
+    let cr3 = paging::build(info);
+    // SAFETY: the new tables identity-map all RAM, a superset of the boot map.
+    unsafe { cpu::write_cr3(cr3) };
+    smp::release_aps(cr3);
+    smp::mark_online(0);
+
+    heartbeat::pvm().store(u64::from(pvm), Relaxed);
+    let loop_rate = measure_loop_rate();
+    heartbeat::loop_rate().store(loop_rate, Relaxed);
+    heartbeat::publish();
+
+    let usable: u64 = info.usable().map(|e| e.size).sum();
+    println!(
+        "rayvisor-guest {VERSION}: cpus={} mem={}MiB pvm={} loop={}M/s cmdline=\"{}\"",
+        heartbeat::cpus_online().load(Relaxed),
+        (usable + (1 << 19)) >> 20,
+        u8::from(pvm),
+        loop_rate / 1_000_000,
+        info.cmdline()
+    );
+    if !clock::is_kvmclock() {
+        println!("warning: no kvmclock, time is a TSC estimate");
+    }
+    println!("ready");
+    heartbeat::ready().store(1, Release);
+
+    let poll_ns = info
+        .cmdline_u64(CMDLINE_POLL_MS)
+        .unwrap_or(DEFAULT_POLL_MS)
+        .saturating_mul(1_000_000);
+    main_loop(poll_ns)
+}
+
+/// The boot CPU's loop: heartbeat, serial input, workloads. No exits unless there is
+/// input to read, output to write, or a UART poll is due.
+fn main_loop(poll_ns: u64) -> ! {
+    let mut shell = Shell::new();
+    let mut work = Workloads::default();
+    let mut next_poll = clock::now().saturating_add(poll_ns);
+    let mut count: u64 = 0;
+    loop {
+        count += 1;
+        let now = clock::now();
+        heartbeat::beat(count, now);
+
+        let mut read_uart = heartbeat::input_doorbell().load(Relaxed) != 0
+            && heartbeat::input_doorbell().swap(0, SeqCst) != 0;
+        if poll_ns != 0 && now >= next_poll {
+            next_poll = now.saturating_add(poll_ns);
+            read_uart = true;
+        }
+        if read_uart {
+            serial::drain(|b| shell.input(b, &mut work));
+        }
+        work.poll(now);
+        if heartbeat::shutdown_request().load(Relaxed) != 0 {
+            poweroff();
+        }
+    }
+}
+
+/// Iterations per second of a counted add/dec/jnz loop, timed over >= 1 ms of kvmclock.
+/// ~1e9/s native, ~1e5/s under PVM's instruction emulator.
+fn measure_loop_rate() -> u64 {
+    let mut n: u64 = 1000;
+    loop {
+        let t0 = clock::now();
+        cpu::spin_loop_count(n);
+        let dt = clock::now().saturating_sub(t0);
+        if dt >= 1_000_000 || n >= 1 << 36 {
+            return (u128::from(n) * 1_000_000_000 / u128::from(dt.max(1))) as u64;
+        }
+        n *= 4;
+    }
+}
+
+/// Print `poweroff`, ask the VMM to power off (ACPI PM1a port), then try the i8042 reset
+/// (what Firecracker treats as shutdown), then halt.
+pub fn poweroff() -> ! {
+    println!("poweroff");
+    cpu::outw(POWEROFF_PORT, POWEROFF_VALUE);
+    cpu::outb(0x64, 0xfe);
+    cpu::halt_forever()
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("panic: {info}");
+    cpu::halt_forever()
+}
+
+/// The precompiled `core` references the unwinding personality routine; with
+/// panic=abort nothing ever calls it.
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}

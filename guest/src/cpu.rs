@@ -1,0 +1,114 @@
+//! Thin wrappers around privileged and special instructions.
+//!
+//! On PVM every port access, MSR access, CR write and CPUID is an exit (tens of µs);
+//! `rdtsc`, `pause` and ordinary memory accesses are native.
+
+use core::arch::asm;
+
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O has no memory-safety effect on this guest.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: port I/O has no memory-safety effect on this guest.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: port I/O has no memory-safety effect on this guest.
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
+/// `wrmsr` that survives a missing MSR: returns false if it raised `#GP` (the boot IDT's
+/// fix-up skips the instruction and zeroes ECX). No `nostack`: the exception frame is pushed
+/// below RSP, so the compiler must not keep red-zone data there.
+///
+/// # Safety
+/// The MSR write must not break memory safety (e.g. it may name guest memory the
+/// hypervisor will write to: that memory must be reserved for it).
+pub unsafe fn wrmsr_safe(msr: u32, value: u64) -> bool {
+    let ecx: u32;
+    // SAFETY: the caller vouches for the MSR's effect; a #GP is fixed up by the IDT.
+    unsafe {
+        asm!("wrmsr", inout("ecx") msr => ecx, inout("eax") value as u32 => _,
+             inout("edx") (value >> 32) as u32 => _)
+    }
+    ecx != 0
+}
+
+pub fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: rdtsc only reads the time-stamp counter.
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    u64::from(hi) << 32 | u64::from(lo)
+}
+
+pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    // SAFETY: cpuid only reads identification registers; RBX is saved around it because
+    // LLVM reserves it.
+    unsafe {
+        asm!("mov {tmp:r}, rbx", "cpuid", "xchg {tmp:r}, rbx", tmp = out(reg) b,
+             inout("eax") leaf => a, inout("ecx") subleaf => c, out("edx") d,
+             options(nomem, nostack, preserves_flags))
+    }
+    [a, b, c, d]
+}
+
+pub fn pause() {
+    core::hint::spin_loop();
+}
+
+/// Load CR3.
+///
+/// # Safety
+/// `pml4` must be a valid page-table root that maps all memory in use (code, stacks,
+/// data) the way it is mapped now.
+pub unsafe fn write_cr3(pml4: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags)) }
+}
+
+pub fn read_cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 has no side effects.
+    unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+pub fn code_selector() -> u16 {
+    let cs: u16;
+    // SAFETY: reading CS has no side effects.
+    unsafe { asm!("mov {:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) }
+    cs
+}
+
+/// Stop this CPU for good.
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: cli; hlt only stops this CPU (on PVM the first hlt after the VIF
+        // registration returns at once, hence the loop).
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) }
+    }
+}
+
+/// The counted loop used to measure native speed: `add $1,(mem); dec; jnz` x `n`.
+pub fn spin_loop_count(n: u64) {
+    let mut sink: u64 = 0;
+    let p = &raw mut sink;
+    // SAFETY: the loop only writes `sink`, a local.
+    unsafe {
+        asm!("2:", "add qword ptr [{p}], 1", "dec {n}", "jnz 2b",
+             p = in(reg) p, n = inout(reg) n.max(1) => _, options(nostack))
+    }
+    core::hint::black_box(sink);
+}

@@ -1,0 +1,185 @@
+//! The boot path: the 64-bit entry point every vCPU starts at, static boot page tables,
+//! the boot IDT with its `#GP` fix-up, and PVM detection.
+//!
+//! Until a vCPU has registered its VIF area on PVM, every instruction it runs is emulated
+//! (~10 µs each), so this path is a few dozen instructions of assembly:
+//!
+//! 1. read the initial APIC ID (CPUID leaf 1, EBX[31:24]) = our CPU index, claim it;
+//! 2. load CR3 with the static page tables below (U/S=1 at every level, PML4 8 KiB aligned);
+//! 3. enable SSE (Rust code uses it);
+//! 4. switch to this CPU's stack, load the boot IDT (only `#GP` is populated);
+//! 5. detect PVM and register this CPU's VIF area;
+//! 6. call [`crate::rust_start`].
+//!
+//! **PVM detection, measured on this host (kvm_pvm on a 6.18 host, 2026-11-28):**
+//! * CPUID cannot tell PVM apart: without `KVM_SET_CPUID2` every leaf reads 0, with the
+//!   supported CPUID leaf 0x4000_0000 is the ordinary "KVMKVMKVM" and 0x4000_0001 has no
+//!   PVM-specific bit. Worse, once the VIF area is registered CPUID is no longer virtualized
+//!   by KVM: it runs natively (ring 3, AMD without CPUID faulting) and returns the *outer*
+//!   host's values. So CPUID (our APIC ID included) must be read before step 5.
+//! * `rdmsr 0x4b564d11` returns 0x4d5650 ("PVM") on PVM (before VIF registration, emulated);
+//!   an unknown MSR raises `#GP` through the guest IDT. On VMX/SVM KVM (and Firecracker)
+//!   0x4b564d11 does not exist and raises `#GP`.
+//!
+//! So the entry installs a boot IDT whose `#GP` handler skips a faulting `rdmsr`/`wrmsr`
+//! and zeroes ECX/EAX/EDX, then reads 0x4b564d11 and only writes the VIF MSR 0x4b564d10
+//! if the value is exactly "PVM". This needs nothing from the VMM's CPUID set-up and is
+//! also safe on hosts with `ignore_msrs` (those read 0). The same fix-up makes
+//! [`crate::cpu::wrmsr_safe`] work later.
+
+use core::arch::global_asm;
+
+use crate::idt::IDT;
+use ray_guest_abi::MAX_CPUS;
+
+/// Bytes of stack per CPU.
+pub const STACK_SIZE: usize = 16 * 1024;
+
+const MSR_PVM_VIF: u32 = 0x4b56_4d10;
+const MSR_PVM_SIGNATURE: u32 = 0x4b56_4d11;
+const PVM_SIGNATURE: u32 = 0x4d_5650;
+
+global_asm!(
+    r#"
+    .section .text.boot, "ax"
+    .code64
+    .global _start
+_start:
+    cli
+    mov %rsi, %r15                    /* boot_params (Linux 64-bit boot protocol) */
+
+    /* 1. CPU index = initial APIC ID; a second CPU with the same ID (or one beyond
+     *    MAX_CPUS) parks instead of sharing a stack. */
+    mov $1, %eax
+    cpuid
+    shr $24, %ebx
+    cmp ${max_cpus}, %ebx
+    jae park
+    lock bts %rbx, boot_cpus_claimed(%rip)
+    jc park
+    mov %rbx, %r14
+
+    /* 2. static boot page tables: first 1 GiB identity-mapped, U/S=1 everywhere */
+    lea boot_pml4(%rip), %rax
+    mov %rax, %cr3
+
+    /* 3. SSE: CR0.EM=0, CR0.TS=0, CR0.MP=1; CR4.OSFXSR|OSXMMEXCPT */
+    mov %cr0, %rax
+    and $~0xc, %rax
+    or $0x2, %rax
+    mov %rax, %cr0
+    mov %cr4, %rax
+    or $0x600, %rax
+    mov %rax, %cr4
+
+    /* 4. stack of this CPU, boot IDT with the #GP fix-up gate (vector 13) */
+    lea (%r14), %rax
+    inc %rax
+    imul ${stack_size}, %rax
+    lea boot_stacks(%rip), %rsp
+    add %rax, %rsp
+    lea {idt}(%rip), %rdi
+    lea gp_entry(%rip), %rax
+    mov %ax, 13*16(%rdi)
+    mov %cs, 13*16+2(%rdi)
+    movw $0x8e00, 13*16+4(%rdi)
+    shr $16, %rax
+    mov %ax, 13*16+6(%rdi)
+    shr $16, %rax
+    mov %eax, 13*16+8(%rdi)
+    lidt boot_idtr(%rip)
+
+    /* 5. PVM? (see the module documentation) then register the VIF area */
+    xor %r13d, %r13d
+    mov ${msr_sig}, %ecx
+    rdmsr
+    cmp ${pvm_sig}, %eax
+    jne 1f
+    test %edx, %edx
+    jne 1f
+    mov %r14, %rax
+    shl $12, %rax
+    lea boot_vif_pages(%rip), %rdx
+    lea 1(%rax,%rdx), %rax
+    mov %rax, %rdx
+    shr $32, %rdx
+    mov ${msr_vif}, %ecx
+    wrmsr
+    test %ecx, %ecx                   /* the #GP fix-up zeroes ECX */
+    setnz %r13b
+1:
+    /* 6. rust_start(boot_params, cpu, pvm) */
+    mov %r15, %rdi
+    mov %r14, %rsi
+    mov %r13, %rdx
+    xor %ebp, %ebp
+    call {rust_start}
+park:
+    cli
+    hlt
+    jmp park
+
+/* #GP: a faulting rdmsr/wrmsr is skipped with ECX=EAX=EDX=0; anything else is fatal. */
+    .global gp_entry
+gp_entry:
+    push %rax
+    mov 16(%rsp), %rax                /* faulting RIP (above the error code) */
+    cmpw $0x320f, (%rax)              /* rdmsr */
+    je 2f
+    cmpw $0x300f, (%rax)              /* wrmsr */
+    je 2f
+    pop %rax
+    push $13
+    jmp exception_common
+2:
+    addq $2, 16(%rsp)
+    pop %rax
+    add $8, %rsp                      /* error code */
+    xor %eax, %eax
+    xor %edx, %edx
+    xor %ecx, %ecx
+    iretq
+
+    .section .data.boot, "aw"
+    .balign 16
+boot_idtr:
+    .word 256*16-1
+    .quad {idt}
+    .balign 8
+boot_cpus_claimed:
+    .quad 0
+
+/* PML4 (8 KiB aligned: CR3 bit 12 must be 0 on PVM) -> PDPT -> PD of 512 x 2 MiB pages.
+ * Flags 0x7 = P|W|U, 0x87 = P|W|U|PS. */
+    .section .data.boot_page_tables, "aw"
+    .balign 8192
+boot_pml4:
+    .quad boot_pdpt + 0x7
+    .fill 511, 8, 0
+boot_pdpt:
+    .quad boot_pd + 0x7
+    .fill 511, 8, 0
+boot_pd:
+    .set i, 0
+    .rept 512
+    .quad (i << 21) | 0x87
+    .set i, i + 1
+    .endr
+
+    .section .bss.boot, "aw", @nobits
+    .balign 4096
+boot_vif_pages:                       /* one page per CPU: PVM wants a page-aligned GPA */
+    .skip 4096 * {max_cpus}
+boot_stacks:
+    .skip {stack_size} * {max_cpus}
+    .text
+"#,
+    max_cpus = const MAX_CPUS,
+    stack_size = const STACK_SIZE,
+    msr_sig = const MSR_PVM_SIGNATURE,
+    pvm_sig = const PVM_SIGNATURE,
+    msr_vif = const MSR_PVM_VIF,
+    idt = sym IDT,
+    rust_start = sym crate::rust_start,
+    options(att_syntax)
+);

@@ -1,0 +1,105 @@
+//! The heartbeat page at [`ray_guest_abi::HEARTBEAT_GPA`], shared with the VMM without
+//! exits. Every access is an atomic (plain `mov` on x86) so the VMM, the APs and the BSP
+//! can all touch it.
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering::*};
+
+use ray_guest_abi::{Heartbeat, HEARTBEAT_MAGIC, HEARTBEAT_VERSION, MAX_CPUS};
+
+#[repr(C, align(4096))]
+pub struct HeartbeatPage(UnsafeCell<Heartbeat>);
+
+// SAFETY: all accesses go through the atomics handed out below.
+unsafe impl Sync for HeartbeatPage {}
+
+/// Placed by linker.ld at exactly 0x100000. Zero in the image; the guest never clears
+/// it at run time (the VMM may already have rung the doorbell).
+#[link_section = ".heartbeat"]
+#[used]
+pub static HEARTBEAT: HeartbeatPage = HeartbeatPage(UnsafeCell::new(Heartbeat {
+    magic: 0,
+    version: 0,
+    cpus_online: 0,
+    seq: 0,
+    counter: 0,
+    time_ns: 0,
+    ready: 0,
+    loop_rate: 0,
+    pvm: 0,
+    dirty_bytes: 0,
+    dirty_rate: 0,
+    commands: 0,
+    input_doorbell: 0,
+    ticks: 0,
+    shutdown_request: 0,
+    reserved: [0; 17],
+    cpu_counter: [0; MAX_CPUS],
+    cpu_time_ns: [0; MAX_CPUS],
+}));
+
+macro_rules! fields64 {
+    ($($name:ident),*) => {$(
+        pub fn $name() -> &'static AtomicU64 {
+            let page = HEARTBEAT.0.get();
+            // SAFETY: the page is a static; the field is a naturally aligned u64 only ever
+            // accessed atomically.
+            unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*page).$name)) }
+        }
+    )*};
+}
+
+fields64!(
+    magic,
+    seq,
+    counter,
+    time_ns,
+    ready,
+    loop_rate,
+    pvm,
+    dirty_bytes,
+    dirty_rate
+);
+fields64!(commands, input_doorbell, ticks, shutdown_request);
+
+pub fn cpus_online() -> &'static AtomicU32 {
+    let page = HEARTBEAT.0.get();
+    // SAFETY: as for the u64 fields.
+    unsafe { AtomicU32::from_ptr(core::ptr::addr_of_mut!((*page).cpus_online)) }
+}
+
+fn version() -> &'static AtomicU32 {
+    let page = HEARTBEAT.0.get();
+    // SAFETY: as for the u64 fields.
+    unsafe { AtomicU32::from_ptr(core::ptr::addr_of_mut!((*page).version)) }
+}
+
+pub fn cpu_counter(cpu: usize) -> &'static AtomicU64 {
+    let page = HEARTBEAT.0.get();
+    // SAFETY: as for the u64 fields; the index is bounds-checked.
+    unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*page).cpu_counter[cpu])) }
+}
+
+pub fn cpu_time_ns(cpu: usize) -> &'static AtomicU64 {
+    let page = HEARTBEAT.0.get();
+    // SAFETY: as for the u64 fields; the index is bounds-checked.
+    unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*page).cpu_time_ns[cpu])) }
+}
+
+/// Publish the layout version and magic (after the other boot fields are set).
+pub fn publish() {
+    version().store(HEARTBEAT_VERSION, Relaxed);
+    magic().store(HEARTBEAT_MAGIC, Release);
+}
+
+/// One beat of the boot CPU: `counter`/`time_ns` under the sequence lock.
+pub fn beat(count: u64, now_ns: u64) {
+    let s = seq().load(Relaxed);
+    seq().store(s.wrapping_add(1), Relaxed);
+    fence(Release);
+    counter().store(count, Relaxed);
+    time_ns().store(now_ns, Relaxed);
+    seq().store(s.wrapping_add(2), Release);
+    cpu_counter(0).store(count, Relaxed);
+    cpu_time_ns(0).store(now_ns, Relaxed);
+}

@@ -1,0 +1,217 @@
+//! The line-oriented serial shell. Lines end with `\r` or `\n`, empty lines are ignored,
+//! nothing is echoed. Every reply is one or more whole lines; errors are one line
+//! `err <what was wrong>`.
+
+use core::sync::atomic::Ordering::*;
+
+use ray_guest_abi::sum_words;
+
+use crate::workload::{mib, Dirty, Workloads};
+use crate::{bootparams, clock, heartbeat, smp};
+
+const LINE_MAX: usize = 256;
+
+pub struct Shell {
+    line: [u8; LINE_MAX],
+    len: usize,
+    overflow: bool,
+}
+
+impl Shell {
+    pub const fn new() -> Self {
+        Shell {
+            line: [0; LINE_MAX],
+            len: 0,
+            overflow: false,
+        }
+    }
+
+    /// Feed one input byte; runs the command when a line is complete.
+    pub fn input(&mut self, byte: u8, work: &mut Workloads) {
+        if byte != b'\r' && byte != b'\n' {
+            if self.len < LINE_MAX {
+                self.line[self.len] = byte;
+                self.len += 1;
+            } else {
+                self.overflow = true;
+            }
+            return;
+        }
+        let (len, overflow) = (self.len, self.overflow);
+        self.len = 0;
+        self.overflow = false;
+        if overflow {
+            heartbeat::commands().fetch_add(1, Relaxed);
+            println!("err line too long (more than {LINE_MAX} bytes)");
+            return;
+        }
+        match core::str::from_utf8(&self.line[..len]) {
+            Ok(line) if line.trim().is_empty() => {}
+            Ok(line) => {
+                heartbeat::commands().fetch_add(1, Relaxed);
+                execute(line.trim(), work);
+            }
+            Err(_) => {
+                heartbeat::commands().fetch_add(1, Relaxed);
+                println!("err line is not UTF-8");
+            }
+        }
+    }
+}
+
+/// `0x`-prefixed hex or decimal.
+pub fn parse_number(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// Parse the next argument as a number, or print an error naming it.
+fn number(arg: Option<&str>, what: &str) -> Option<u64> {
+    match arg {
+        None => {
+            println!("err missing {what}");
+            None
+        }
+        Some(s) => {
+            let n = parse_number(s);
+            if n.is_none() {
+                println!("err bad {what} '{s}'");
+            }
+            n
+        }
+    }
+}
+
+fn no_more(mut args: core::str::SplitAsciiWhitespace, cmd: &str) -> bool {
+    match args.next() {
+        Some(extra) => {
+            println!("err {cmd}: unexpected argument '{extra}'");
+            false
+        }
+        None => true,
+    }
+}
+
+fn execute(line: &str, work: &mut Workloads) {
+    let mut args = line.split_ascii_whitespace();
+    let cmd = args.next().unwrap_or_default();
+    match cmd {
+        "echo" => println!("{}", line[4..].strip_prefix(' ').unwrap_or(&line[4..])),
+        "mem" if no_more(args.clone(), cmd) => mem(),
+        "cpus" if no_more(args.clone(), cmd) => cpus(),
+        "tick" => {
+            let Some(ms) = number(args.next(), "tick period (ms)") else {
+                return;
+            };
+            if !no_more(args, cmd) {
+                return;
+            }
+            work.ticker.set(ms, clock::now());
+            if ms == 0 {
+                println!("tick off");
+            } else {
+                println!("tick on {ms}");
+            }
+        }
+        "dirty" => dirty(args, work),
+        "sum" => sum(args),
+        "poweroff" if no_more(args.clone(), cmd) => crate::poweroff(),
+        "mem" | "cpus" | "poweroff" => {}
+        _ => println!("err unknown command '{cmd}'"),
+    }
+}
+
+/// `e820 0x<start>-0x<end> <type>` per entry (end exclusive), then the totals.
+fn mem() {
+    let info = bootparams::get();
+    let (mut total, mut usable) = (0u64, 0u64);
+    for e in info.e820() {
+        println!("e820 {:#x}-{:#x} {}", e.addr, e.end(), e.kind);
+        total += e.size;
+        if e.kind == bootparams::E820_USABLE {
+            usable += e.size;
+        }
+    }
+    println!("mem total={total} usable={usable}");
+}
+
+/// `cpus online=<n> counters=<c0>,<c1>,...` (counters of CPUs 0..=highest online).
+fn cpus() {
+    let mask = smp::online_mask();
+    let n = heartbeat::cpus_online().load(Relaxed);
+    crate::serial::print_fmt(format_args!("cpus online={n} counters="));
+    let count = 64 - mask.leading_zeros() as usize;
+    for cpu in 0..count {
+        let c = heartbeat::cpu_counter(cpu).load(Relaxed);
+        if cpu == 0 {
+            crate::serial::print_fmt(format_args!("{c}"));
+        } else {
+            crate::serial::print_fmt(format_args!(",{c}"));
+        }
+    }
+    crate::serial::write_str("\n");
+}
+
+fn dirty(mut args: core::str::SplitAsciiWhitespace, work: &mut Workloads) {
+    let first = args.next();
+    if first == Some("stop") {
+        if no_more(args, "dirty") {
+            println!("dirty off bytes={}", work.dirty.stop());
+        }
+        return;
+    }
+    let Some(size_mib) = number(first, "dirty size (MiB)") else {
+        return;
+    };
+    let Some(rate_mib) = number(args.next(), "dirty rate (MiB/s)") else {
+        return;
+    };
+    if !no_more(args, "dirty") {
+        return;
+    }
+    if size_mib == 0 || rate_mib == 0 {
+        println!("dirty off bytes={}", work.dirty.stop());
+        return;
+    }
+    let (Some(size), Some(rate)) = (mib(size_mib), mib(rate_mib)) else {
+        println!("err dirty: {size_mib} MiB at {rate_mib} MiB/s is too large");
+        return;
+    };
+    let Some(base) = Dirty::find_region(bootparams::get(), size) else {
+        println!(
+            "err dirty: {size_mib} MiB does not fit in usable RAM above {:#x}",
+            crate::paging::kernel_end()
+        );
+        return;
+    };
+    work.dirty.start(base, size, rate, clock::now());
+    println!("dirty on region={base:#x} size={size} rate={rate}");
+}
+
+/// `sum <addr> <len>`: FNV-1a over the little-endian u64 words of [addr, addr+len).
+fn sum(mut args: core::str::SplitAsciiWhitespace) {
+    let Some(addr) = number(args.next(), "sum address") else {
+        return;
+    };
+    let Some(len) = number(args.next(), "sum length") else {
+        return;
+    };
+    if !no_more(args, "sum") {
+        return;
+    }
+    if !bootparams::get().is_usable(addr, len) || addr + len > crate::paging::mapped_end() {
+        println!("err sum: {addr:#x} +{len} is not inside usable RAM");
+        return;
+    }
+    let words = (0..len.div_ceil(8)).map(|i| {
+        let at = addr + i * 8;
+        let n = (len - i * 8).min(8) as usize;
+        let mut bytes = [0u8; 8];
+        // SAFETY: [at, at+n) lies inside usable, identity-mapped RAM (checked above).
+        unsafe { core::ptr::copy_nonoverlapping(at as *const u8, bytes.as_mut_ptr(), n) };
+        u64::from_le_bytes(bytes)
+    });
+    println!("sum {addr:#x} {len} {:#018x}", sum_words(words));
+}
