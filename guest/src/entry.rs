@@ -4,7 +4,8 @@
 //! Until a vCPU has registered its VIF area on PVM, every instruction it runs is emulated
 //! (~10 µs each), so this path is a few dozen instructions of assembly:
 //!
-//! 1. read the initial APIC ID (CPUID leaf 1, EBX[31:24]) = our CPU index, claim it;
+//! 1. read the initial APIC ID (CPUID leaf 1, EBX[31:24]) = our CPU index, claim it
+//!    (leaf 1 is also handed to Rust: EBX[23:16] is the vCPU count the rayvisor VMM sets);
 //! 2. load CR3 with the static page tables below (U/S=1 at every level, PML4 8 KiB aligned);
 //! 3. enable SSE (Rust code uses it);
 //! 4. switch to this CPU's stack, load the boot IDT (only `#GP` is populated);
@@ -52,6 +53,8 @@ _start:
      *    MAX_CPUS) parks instead of sharing a stack. */
     mov $1, %eax
     cpuid
+    mov %ebx, %r12d                   /* kept for rust_start: EBX[23:16] = vCPU count */
+    mov %edx, %r10d                   /* EDX bit 28 (HTT): that count is meaningful */
     shr $24, %ebx
     cmp ${max_cpus}, %ebx
     jae park
@@ -108,10 +111,12 @@ _start:
     test %ecx, %ecx                   /* the #GP fix-up zeroes ECX */
     setnz %r13b
 1:
-    /* 6. rust_start(boot_params, cpu, pvm) */
+    /* 6. rust_start(boot_params, cpu, pvm, cpuid1_ebx, cpuid1_edx) */
     mov %r15, %rdi
     mov %r14, %rsi
     mov %r13, %rdx
+    mov %r12, %rcx
+    mov %r10, %r8
     xor %ebp, %ebp
     call {rust_start}
 park:

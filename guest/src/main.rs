@@ -41,18 +41,34 @@ const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION_MINOR")
 );
 const DEFAULT_POLL_MS: u64 = 10;
+/// How long the BSP waits for the vCPUs CPUID announces before printing the banner. A VMM
+/// that starts only the BSP (Firecracker) costs this once; normally APs take microseconds.
+const AP_WAIT_NS: u64 = 200_000_000;
 
 /// Called by entry.rs on every CPU, on its own stack, with SSE on and (on PVM) the VIF
 /// area registered.
-extern "C" fn rust_start(zero_page: u64, cpu: u64, pvm: u64) -> ! {
+/// `cpuid1_ebx`/`cpuid1_edx` are CPUID leaf 1 as the VMM set it up (read before the VIF
+/// registration, after which CPUID on PVM returns the outer host's values).
+extern "C" fn rust_start(
+    zero_page: u64,
+    cpu: u64,
+    pvm: u64,
+    cpuid1_ebx: u32,
+    cpuid1_edx: u32,
+) -> ! {
     if cpu == 0 {
-        bsp_main(zero_page, pvm != 0)
+        let expected_cpus = if cpuid1_edx & (1 << 28) != 0 {
+            (cpuid1_ebx >> 16) & 0xff
+        } else {
+            1
+        };
+        bsp_main(zero_page, pvm != 0, expected_cpus.max(1))
     } else {
         smp::ap_main(cpu as usize)
     }
 }
 
-fn bsp_main(zero_page: u64, pvm: bool) -> ! {
+fn bsp_main(zero_page: u64, pvm: bool, expected_cpus: u32) -> ! {
     clock::init_cpu(0);
     idt::init();
     let info = bootparams::parse(zero_page);
@@ -66,6 +82,7 @@ fn bsp_main(zero_page: u64, pvm: bool) -> ! {
     let loop_rate = measure_loop_rate();
     heartbeat::loop_rate().store(loop_rate, Relaxed);
     heartbeat::publish();
+    smp::wait_for_aps(expected_cpus, AP_WAIT_NS);
 
     let usable: u64 = info.usable().map(|e| e.size).sum();
     println!(

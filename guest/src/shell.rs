@@ -49,7 +49,7 @@ impl Shell {
             Ok(line) if line.trim().is_empty() => {}
             Ok(line) => {
                 heartbeat::commands().fetch_add(1, Relaxed);
-                execute(line.trim(), work);
+                execute(line.trim_start(), work);
             }
             Err(_) => {
                 heartbeat::commands().fetch_add(1, Relaxed);
@@ -94,6 +94,7 @@ fn no_more(mut args: core::str::SplitAsciiWhitespace, cmd: &str) -> bool {
     }
 }
 
+/// Run one line (leading blanks removed; trailing ones kept for `echo`).
 fn execute(line: &str, work: &mut Workloads) {
     let mut args = line.split_ascii_whitespace();
     let cmd = args.next().unwrap_or_default();

@@ -23,6 +23,14 @@ pub fn mark_online(cpu: usize) {
     heartbeat::cpus_online().fetch_add(1, AcqRel);
 }
 
+/// BSP: wait until `expected` CPUs are online, or `timeout_ns` passed.
+pub fn wait_for_aps(expected: u32, timeout_ns: u64) {
+    let deadline = clock::now().saturating_add(timeout_ns);
+    while heartbeat::cpus_online().load(Acquire) < expected && clock::now() < deadline {
+        cpu::pause();
+    }
+}
+
 pub fn online_mask() -> u64 {
     ONLINE.load(Acquire)
 }

@@ -51,7 +51,7 @@ pub struct Dirty {
     size: u64,
     rate: u64,
     cursor: u64,
-    tokens: u64,
+    tokens: u128,
     last_ns: u64,
     run_bytes: u64,
     value: u64,
@@ -101,11 +101,12 @@ impl Dirty {
         }
         let dt = now.saturating_sub(self.last_ns);
         self.last_ns = now;
-        let earned = (u128::from(self.rate) * u128::from(dt) / u128::from(NS_PER_S)) as u64;
+        // Tokens are in units of 1e-9 bytes, so no fraction is lost per (short) iteration.
         // At most 100 ms of backlog: after a pause the writer resumes its rate, no burst.
-        let cap = (self.rate / 10).max(MAX_PAGES_PER_POLL * PAGE);
-        self.tokens = self.tokens.saturating_add(earned).min(cap);
-        let pages = (self.tokens / PAGE).min(MAX_PAGES_PER_POLL);
+        let scale = u128::from(NS_PER_S);
+        let cap = u128::from((self.rate / 10).max(MAX_PAGES_PER_POLL * PAGE)) * scale;
+        self.tokens = (self.tokens + u128::from(self.rate) * u128::from(dt)).min(cap);
+        let pages = ((self.tokens / (u128::from(PAGE) * scale)) as u64).min(MAX_PAGES_PER_POLL);
         for _ in 0..pages {
             self.value = self.value.wrapping_add(1);
             // SAFETY: [base, base+size) is usable RAM above the kernel, inside the identity
@@ -117,7 +118,7 @@ impl Dirty {
             }
         }
         let bytes = pages * PAGE;
-        self.tokens -= bytes;
+        self.tokens -= u128::from(bytes) * scale;
         self.run_bytes += bytes;
         if bytes != 0 {
             heartbeat::dirty_bytes().fetch_add(bytes, Relaxed);
