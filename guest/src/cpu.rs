@@ -85,13 +85,6 @@ pub fn read_cr2() -> u64 {
     v
 }
 
-pub fn code_selector() -> u16 {
-    let cs: u16;
-    // SAFETY: reading CS has no side effects.
-    unsafe { asm!("mov {:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) }
-    cs
-}
-
 /// Stop this CPU for good.
 pub fn halt_forever() -> ! {
     loop {

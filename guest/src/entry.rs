@@ -8,7 +8,8 @@
 //!    (leaf 1 is also handed to Rust: EBX[23:16] is the vCPU count the rayvisor VMM sets);
 //! 2. load CR3 with the static page tables below (U/S=1 at every level, PML4 8 KiB aligned);
 //! 3. enable SSE (Rust code uses it);
-//! 4. switch to this CPU's stack, load the boot IDT (only `#GP` is populated);
+//! 4. switch to this CPU's stack, load our own GDT and segments, load the boot IDT (only
+//!    `#GP` is populated);
 //! 5. detect PVM and register this CPU's VIF area;
 //! 6. call [`crate::rust_start`].
 //!
@@ -21,6 +22,12 @@
 //! * `rdmsr 0x4b564d11` returns 0x4d5650 ("PVM") on PVM (before VIF registration, emulated);
 //!   an unknown MSR raises `#GP` through the guest IDT. On VMX/SVM KVM (and Firecracker)
 //!   0x4b564d11 does not exist and raises `#GP`.
+//!
+//! **Event delivery on PVM (measured):** PVM delivers exceptions and interrupts through the
+//! guest IDT onto the current stack, but loads the gate's code segment descriptor from the
+//! guest's GDT *in memory*. With the VMM's GDTR pointing at nothing useful (e.g. base 0 and
+//! no descriptors there), the handler's first instruction raises `#GP` again, forever, until
+//! the stack runs into something vital and the vCPU triple-faults. Hence our own GDT.
 //!
 //! So the entry installs a boot IDT whose `#GP` handler skips a faulting `rdmsr`/`wrmsr`
 //! and zeroes ECX/EAX/EDX, then reads 0x4b564d11 and only writes the VIF MSR 0x4b564d10
@@ -35,6 +42,10 @@ use ray_guest_abi::MAX_CPUS;
 
 /// Bytes of stack per CPU.
 pub const STACK_SIZE: usize = 16 * 1024;
+
+/// Code and data selectors of the guest's own GDT (the layout GUEST.md's recipe uses).
+pub const KERNEL_CS: u16 = 0x10;
+const KERNEL_DS: u16 = 0x18;
 
 const MSR_PVM_VIF: u32 = 0x4b56_4d10;
 const MSR_PVM_SIGNATURE: u32 = 0x4b56_4d11;
@@ -75,16 +86,28 @@ _start:
     or $0x600, %rax
     mov %rax, %cr4
 
-    /* 4. stack of this CPU, boot IDT with the #GP fix-up gate (vector 13) */
+    /* 4. stack of this CPU; our own GDT (PVM reads the gate's CS descriptor from the
+     *    in-memory GDT when it delivers an event, so the VMM's may not do), reload the
+     *    segment registers; boot IDT with the #GP fix-up gate (vector 13) */
     lea (%r14), %rax
     inc %rax
     imul ${stack_size}, %rax
     lea boot_stacks(%rip), %rsp
     add %rax, %rsp
+    lgdt boot_gdtr(%rip)
+    lea 3f(%rip), %rax
+    push ${kernel_cs}
+    push %rax
+    lretq
+3:
+    mov ${kernel_ds}, %eax
+    mov %eax, %ss
+    mov %eax, %ds
+    mov %eax, %es
     lea {idt}(%rip), %rdi
     lea gp_entry(%rip), %rax
     mov %ax, 13*16(%rdi)
-    mov %cs, 13*16+2(%rdi)
+    movw ${kernel_cs}, 13*16+2(%rdi)
     movw $0x8e00, 13*16+4(%rdi)
     shr $16, %rax
     mov %ax, 13*16+6(%rdi)
@@ -147,6 +170,17 @@ gp_entry:
 
     .section .data.boot, "aw"
     .balign 16
+boot_gdt:
+    .quad 0                           /* null */
+    .quad 0x00af9b000000ffff          /* 0x08: 64-bit code (unused; Firecracker's CS) */
+    .quad 0x00af9b000000ffff          /* 0x10: 64-bit code, KERNEL_CS */
+    .quad 0x00cf93000000ffff          /* 0x18: data, KERNEL_DS */
+boot_gdt_end:
+    .balign 16
+boot_gdtr:
+    .word boot_gdt_end - boot_gdt - 1
+    .quad boot_gdt
+    .balign 16
 boot_idtr:
     .word 256*16-1
     .quad {idt}
@@ -184,6 +218,8 @@ boot_stacks:
     msr_sig = const MSR_PVM_SIGNATURE,
     pvm_sig = const PVM_SIGNATURE,
     msr_vif = const MSR_PVM_VIF,
+    kernel_cs = const KERNEL_CS,
+    kernel_ds = const KERNEL_DS,
     idt = sym IDT,
     rust_start = sym crate::rust_start,
     options(att_syntax)

@@ -96,7 +96,7 @@ extern "C" {
 
 /// Fill gates 0-31 (vector 13 keeps the boot code's `#GP` fix-up gate).
 pub fn init() {
-    let cs = cpu::code_selector();
+    let cs = crate::entry::KERNEL_CS;
     let gates = IDT.0.get().cast::<u64>();
     // SAFETY: `exception_stubs` is a constant table emitted by the assembly above.
     let stubs = unsafe { exception_stubs };
