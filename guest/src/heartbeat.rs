@@ -92,9 +92,13 @@ pub fn publish() {
     magic().store(HEARTBEAT_MAGIC, Release);
 }
 
-/// One beat of the boot CPU: `counter`/`time_ns` under the sequence lock.
-pub fn beat(count: u64, now_ns: u64) {
+/// One beat of the boot CPU (only the boot CPU may call this): `counter` + 1 and `time_ns`
+/// under the sequence lock. Called every main-loop iteration, and also from inside long
+/// operations (serial output, `sum`, `dirty`) so that gaps in `time_ns` mean the vCPU really
+/// did not run (pause, snapshot, migration), not that the guest was busy.
+pub fn beat(now_ns: u64) {
     let s = seq().load(Relaxed);
+    let count = counter().load(Relaxed).wrapping_add(1);
     seq().store(s.wrapping_add(1), Relaxed);
     fence(Release);
     counter().store(count, Relaxed);

@@ -121,7 +121,7 @@ pub fn init() {
 extern "C" fn exception(frame: *const u64) {
     // SAFETY: `exception_common` passes a pointer to the 7 words it and the CPU pushed.
     let f = unsafe { core::slice::from_raw_parts(frame, 7) };
-    serial::print_fmt(format_args!(
+    serial::print_fmt_raw(format_args!(
         "exception {} err={:#x} rip={:#x} cs={:#x} rflags={:#x} rsp={:#x} cr2={:#x}\n",
         f[0],
         f[1],

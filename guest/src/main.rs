@@ -112,11 +112,9 @@ fn main_loop(poll_ns: u64) -> ! {
     let mut shell = Shell::new();
     let mut work = Workloads::default();
     let mut next_poll = clock::now().saturating_add(poll_ns);
-    let mut count: u64 = 0;
     loop {
-        count += 1;
         let now = clock::now();
-        heartbeat::beat(count, now);
+        heartbeat::beat(now);
 
         let mut read_uart = heartbeat::input_doorbell().load(Relaxed) != 0
             && heartbeat::input_doorbell().swap(0, SeqCst) != 0;
@@ -169,7 +167,7 @@ pub fn poweroff() -> ! {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
-    println!("panic: {info}");
+    serial::print_fmt_raw(format_args!("panic: {info}\n"));
     cpu::halt_forever()
 }
 

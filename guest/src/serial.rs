@@ -4,7 +4,7 @@
 
 use core::fmt::{self, Write};
 
-use crate::cpu;
+use crate::{clock, cpu, heartbeat};
 
 const COM1: u16 = 0x3f8;
 const THR: u16 = COM1;
@@ -12,9 +12,12 @@ const RBR: u16 = COM1;
 const LSR: u16 = COM1 + 5;
 const LSR_DATA_READY: u8 = 1;
 
+/// Write `bytes` to COM1 from the boot CPU, keeping the heartbeat going: every byte is an
+/// exit of up to ~90 µs on PVM, a line several ms.
 pub fn write_bytes(bytes: &[u8]) {
     for &b in bytes {
         cpu::outb(THR, b);
+        heartbeat::beat(clock::now());
     }
 }
 
@@ -22,17 +25,32 @@ pub fn write_str(s: &str) {
     write_bytes(s.as_bytes());
 }
 
-struct Com1;
+/// COM1 as a `fmt::Write`; `beat` = boot CPU, keep the heartbeat going.
+struct Com1 {
+    beat: bool,
+}
 
 impl Write for Com1 {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        write_bytes(s.as_bytes());
+        if self.beat {
+            write_bytes(s.as_bytes());
+        } else {
+            for &b in s.as_bytes() {
+                cpu::outb(THR, b);
+            }
+        }
         Ok(())
     }
 }
 
+/// Formatted output from the boot CPU.
 pub fn print_fmt(args: fmt::Arguments) {
-    let _ = Com1.write_fmt(args);
+    let _ = Com1 { beat: true }.write_fmt(args);
+}
+
+/// Formatted output from any CPU (panics, exceptions): no heartbeat updates.
+pub fn print_fmt_raw(args: fmt::Arguments) {
+    let _ = Com1 { beat: false }.write_fmt(args);
 }
 
 /// Print one formatted line (a `\n` is appended).

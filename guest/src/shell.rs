@@ -10,6 +10,9 @@ use crate::workload::{mib, Dirty, Workloads};
 use crate::{bootparams, clock, heartbeat, smp};
 
 const LINE_MAX: usize = 256;
+/// `sum` beats the heartbeat every this many words (64 KiB: first reads of untouched
+/// pages cost tens of µs each on PVM).
+const BEAT_WORDS: u64 = 8 * 1024;
 
 pub struct Shell {
     line: [u8; LINE_MAX],
@@ -207,6 +210,9 @@ fn sum(mut args: core::str::SplitAsciiWhitespace) {
         return;
     }
     let words = (0..len.div_ceil(8)).map(|i| {
+        if i % BEAT_WORDS == 0 {
+            heartbeat::beat(clock::now());
+        }
         let at = addr + i * 8;
         let n = (len - i * 8).min(8) as usize;
         let mut bytes = [0u8; 8];
