@@ -193,11 +193,7 @@ impl Vm {
 
     /// Whether the VMM process is still alive.
     pub fn process_alive(&self) -> bool {
-        // SAFETY: signal 0 only probes for the process; nothing is sent.
-        unsafe { libc::kill(self.pid as libc::pid_t, 0) == 0 }
-        &&std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false)
+        ray::runtime::pid_alive(self.pid)
     }
 
     /// Waits for the VMM process to exit.

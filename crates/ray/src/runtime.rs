@@ -39,9 +39,16 @@ pub enum Presence {
     Dead { pid: Option<u32> },
 }
 
-fn pid_alive(pid: u32) -> bool {
-    // SAFETY: kill with signal 0 only checks that the process exists; no signal is sent.
-    pid > 0 && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
+/// Whether `pid` is a running process (a zombie has ended: it only awaits its parent).
+pub fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The state follows the parenthesised command name, which may contain spaces.
+            let after = stat.rsplit_once(')')?.1;
+            after.split_whitespace().next().map(|state| state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
 }
 
 pub fn presence(dir: &Path) -> Presence {
@@ -110,6 +117,12 @@ mod tests {
         assert!(check_id("../etc").unwrap_err().contains("'../etc'"));
         assert!(check_id("").is_err());
         assert!(check_id(".hidden").is_err());
+    }
+
+    #[test]
+    fn own_process_is_alive_and_pid_zero_is_not() {
+        assert!(pid_alive(std::process::id()));
+        assert!(!pid_alive(0));
     }
 
     #[test]

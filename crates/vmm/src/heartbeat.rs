@@ -1,5 +1,6 @@
 //! Reading the guest's heartbeat page (see `ray-guest-abi`): no exits, no guest help.
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use ray_api::vmm::HeartbeatInfo;
 use ray_guest_abi::{offset, HEARTBEAT_GPA, HEARTBEAT_MAGIC, MAX_CPUS};
@@ -13,23 +14,26 @@ fn load(mem: &GuestMem, off: u64) -> Option<u64> {
 }
 
 /// A consistent (counter, time) pair, read under the guest's sequence lock.
+///
+/// A writer that stays inside its critical section (odd `seq`) is not running: its vCPU is
+/// paused, or descheduled by the host. After a short wait the pair is taken as it stands;
+/// it is then at most one update apart, which no caller can tell from a stopped heartbeat.
 pub fn sample(mem: &GuestMem) -> Option<(u64, u64)> {
     if load(mem, offset::MAGIC)? != HEARTBEAT_MAGIC {
         return None;
     }
-    for _ in 0..1000 {
+    let deadline = Instant::now() + Duration::from_millis(2);
+    loop {
         let seq = load(mem, offset::SEQ)?;
-        if seq & 1 == 1 {
-            std::hint::spin_loop();
-            continue;
-        }
         let counter = load(mem, offset::COUNTER)?;
         let time = load(mem, offset::TIME_NS)?;
-        if load(mem, offset::SEQ)? == seq {
+        let again = load(mem, offset::SEQ)?;
+        let stable = again == seq;
+        if stable && (seq & 1 == 0 || Instant::now() >= deadline) {
             return Some((counter, time));
         }
+        std::thread::yield_now();
     }
-    None
 }
 
 /// Everything the heartbeat page says, or None if the guest keeps none.
