@@ -91,12 +91,12 @@ pub fn rss_split(pid: u32) -> anyhow::Result<(u64, u64)> {
                 guest += kib * 1024;
             }
         } else if is_vma_header(line) {
-            in_guest = line.ends_with("[anon:ray-guest-ram]");
+            in_guest = line.contains("/memfd:ray-guest-ram");
             named |= in_guest;
         }
     }
     if !named {
-        bail!("the VMM's guest RAM is not labelled in /proc/{pid}/smaps (kernel without CONFIG_ANON_VMA_NAME?)");
+        bail!("no guest RAM (/memfd:ray-guest-ram) in /proc/{pid}/smaps: is {pid} a running VMM?");
     }
     Ok((total, guest))
 }
@@ -243,6 +243,6 @@ mod tests {
     #[test]
     fn own_smaps_without_guest_ram_is_an_error() {
         let err = rss_split(std::process::id()).unwrap_err();
-        assert!(err.to_string().contains("not labelled"), "{err}");
+        assert!(err.to_string().contains("no guest RAM"), "{err}");
     }
 }

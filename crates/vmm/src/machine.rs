@@ -4,12 +4,10 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootSpec};
 use crate::devices::{Console, ConsoleRing, IoBus};
-use crate::memory::GuestMem;
 use crate::vstate::vcpu::{self, EventSink, Vcpus};
 use crate::vstate::vm::Vm;
 use crate::vstate::Flavour;
@@ -19,8 +17,8 @@ const COM1_IRQ: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("cannot allocate {bytes} bytes of guest memory: {reason}")]
-    Memory { bytes: u64, reason: String },
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
     #[error(transparent)]
     Vm(#[from] crate::vstate::vm::VmError),
     #[error(transparent)]
@@ -54,31 +52,6 @@ pub struct ConsoleSinks {
     pub ring: Arc<ConsoleRing>,
 }
 
-/// Names guest RAM in /proc/<pid>/smaps (`[anon:ray-guest-ram]`) so the VMM's own
-/// footprint can be told apart from guest pages.
-fn name_guest_ram(mem: &GuestMem) {
-    const PR_SET_VMA: libc::c_int = 0x53564d41;
-    const PR_SET_VMA_ANON_NAME: libc::c_ulong = 0;
-    static NAME: &[u8] = b"ray-guest-ram\0";
-    for region in mem.iter() {
-        let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
-            continue;
-        };
-        // SAFETY: prctl(PR_SET_VMA) only labels the given range of our own address space;
-        // the range is exactly a live guest-memory mapping and NAME is NUL-terminated and
-        // 'static. Failure (kernel without CONFIG_ANON_VMA_NAME) is harmless.
-        unsafe {
-            libc::prctl(
-                PR_SET_VMA,
-                PR_SET_VMA_ANON_NAME,
-                host as libc::c_ulong,
-                region.len() as libc::c_ulong,
-                NAME.as_ptr(),
-            );
-        }
-    }
-}
-
 impl Machine {
     /// Builds and starts the machine described by `spec`.
     pub fn boot(
@@ -90,11 +63,7 @@ impl Machine {
         let mut times = BuildTimes::default();
         let t = Instant::now();
         let regions = boot::layout::ram_regions(spec.mem_bytes);
-        let memory = GuestMem::from_ranges(&regions).map_err(|e| BuildError::Memory {
-            bytes: spec.mem_bytes,
-            reason: e.to_string(),
-        })?;
-        name_guest_ram(&memory);
+        let memory = crate::memory::create(&regions)?;
         times.memory = t.elapsed();
 
         let t = Instant::now();
