@@ -63,9 +63,14 @@ struct BootReport {
     memory_bytes: u64,
     build: &'static str,
     boot_ms: Stats,
+    /// VMM RSS minus resident guest RAM (shared libraries counted in full).
     overhead_mib: Stats,
+    /// VMM pages no other process shares, guest RAM excluded.
+    private_overhead_mib: Stats,
     guest_resident_mib: Stats,
 }
+
+const MIB: f64 = (1 << 20) as f64;
 
 pub fn run(cmd: BenchCommand, runtime: &Path) -> anyhow::Result<()> {
     match cmd {
@@ -73,32 +78,53 @@ pub fn run(cmd: BenchCommand, runtime: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// (total RSS, RSS of guest RAM) of a process in bytes, from /proc/<pid>/smaps.
-pub fn rss_split(pid: u32) -> anyhow::Result<(u64, u64)> {
+/// Resident memory of a VMM, split into guest RAM and the VMM's own pages.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Footprint {
+    /// Everything resident (RSS), bytes.
+    pub rss: u64,
+    /// Resident guest RAM, bytes.
+    pub guest: u64,
+    /// Pages of the VMM no other process shares (Private_Clean + Private_Dirty), guest
+    /// RAM excluded: what one more VM really costs.
+    pub private_vmm: u64,
+}
+
+/// Reads the footprint of `pid` from /proc/<pid>/smaps.
+pub fn footprint(pid: u32) -> anyhow::Result<Footprint> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
         .with_context(|| format!("cannot read /proc/{pid}/smaps"))?;
-    let (mut total, mut guest, mut in_guest, mut named) = (0u64, 0u64, false, false);
+    let (mut f, mut in_guest, mut found) = (Footprint::default(), false, false);
+    let kib = |rest: &str| -> u64 {
+        rest.trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+            * 1024
+    };
     for line in smaps.lines() {
-        if let Some(rest) = line.strip_prefix("Rss:") {
-            let kib: u64 = rest
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .unwrap_or(0);
-            total += kib * 1024;
-            if in_guest {
-                guest += kib * 1024;
-            }
-        } else if is_vma_header(line) {
+        if is_vma_header(line) {
             in_guest = line.contains("/memfd:ray-guest-ram");
-            named |= in_guest;
+            found |= in_guest;
+        } else if let Some(rest) = line.strip_prefix("Rss:") {
+            f.rss += kib(rest);
+            if in_guest {
+                f.guest += kib(rest);
+            }
+        } else if let Some(rest) = line
+            .strip_prefix("Private_Clean:")
+            .or_else(|| line.strip_prefix("Private_Dirty:"))
+        {
+            if !in_guest {
+                f.private_vmm += kib(rest);
+            }
         }
     }
-    if !named {
+    if !found {
         bail!("no guest RAM (/memfd:ray-guest-ram) in /proc/{pid}/smaps: is {pid} a running VMM?");
     }
-    Ok((total, guest))
+    Ok(f)
 }
 
 /// A VMA header line of smaps starts with `start-end` in hex.
@@ -132,7 +158,8 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         );
         b
     });
-    let (mut boot_ms, mut overhead, mut guest_res) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut boot_ms, mut overhead, mut private, mut guest_res) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..a.runs {
         let id = format!("bench-boot-{}-{i}", std::process::id());
         let dir = ray::runtime::vm_dir(runtime, &id);
@@ -172,7 +199,7 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         };
         // Let the VMM settle (API thread up, vCPU loops steady) before sampling memory.
         std::thread::sleep(Duration::from_millis(50));
-        let (total, guest_rss) = rss_split(child.id())?;
+        let fp = footprint(child.id())?;
         // SAFETY: plain kill(2) of our own child process.
         unsafe {
             libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
@@ -182,8 +209,9 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         child.wait()?;
         let _ = std::fs::remove_dir_all(&dir);
         boot_ms.push(ready.as_secs_f64() * 1e3);
-        overhead.push((total - guest_rss) as f64 / (1 << 20) as f64);
-        guest_res.push(guest_rss as f64 / (1 << 20) as f64);
+        overhead.push((fp.rss - fp.guest) as f64 / MIB);
+        private.push(fp.private_vmm as f64 / MIB);
+        guest_res.push(fp.guest as f64 / MIB);
         if let Some(b) = &bar {
             b.set_message(format!("{:.1} ms", ready.as_secs_f64() * 1e3));
             b.inc(1);
@@ -203,6 +231,7 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         },
         boot_ms: Stats::of(&boot_ms),
         overhead_mib: Stats::of(&overhead),
+        private_overhead_mib: Stats::of(&private),
         guest_resident_mib: Stats::of(&guest_res),
     };
     if a.json {
@@ -223,6 +252,7 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         };
         row("start -> ready", report.boot_ms, "ms");
         row("VMM overhead (RSS)", report.overhead_mib, "MiB");
+        row("VMM private pages", report.private_overhead_mib, "MiB");
         row("guest resident", report.guest_resident_mib, "MiB");
     }
     Ok(())
@@ -242,7 +272,7 @@ mod tests {
 
     #[test]
     fn own_smaps_without_guest_ram_is_an_error() {
-        let err = rss_split(std::process::id()).unwrap_err();
+        let err = footprint(std::process::id()).unwrap_err();
         assert!(err.to_string().contains("no guest RAM"), "{err}");
     }
 }
