@@ -21,6 +21,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use super::persist::{self, PersistError, VcpuState};
 use super::vm::Vm;
 use crate::boot::BootImage;
 use crate::devices::{BusEvent, IoBus, PowerEvent};
@@ -164,6 +165,10 @@ struct Ctl {
     want: Want,
     /// vCPUs currently parked (paused) or gone.
     parked: usize,
+    /// Set while the VMM collects vCPU state: the MSRs to save.
+    save_msrs: Option<Arc<Vec<u32>>>,
+    /// Each parked vCPU saves its own state here (KVM wants vCPU ioctls from its thread).
+    saved: Vec<Option<Result<VcpuState, PersistError>>>,
 }
 
 /// Shared between the VMM thread and the vCPU threads.
@@ -202,6 +207,8 @@ impl Vcpus {
             ctl: Mutex::new(Ctl {
                 want: Want::Run,
                 parked: 0,
+                save_msrs: None,
+                saved: (0..fds.len()).map(|_| None).collect(),
             }),
             changed: Condvar::new(),
         });
@@ -222,6 +229,26 @@ impl Vcpus {
     /// Stops every vCPU at its next instruction boundary and waits until all are parked.
     pub fn pause(&self) {
         self.set_and_wait(Want::Pause);
+    }
+
+    /// Collects the state of every vCPU. The vCPUs must be paused.
+    pub fn save_state(&self, msrs: Vec<u32>) -> Result<Vec<VcpuState>, PersistError> {
+        let mut ctl = self.control.lock();
+        debug_assert_eq!(ctl.want, Want::Pause, "save_state needs paused vCPUs");
+        ctl.save_msrs = Some(Arc::new(msrs));
+        self.control.changed.notify_all();
+        while ctl.saved.iter().any(Option::is_none) {
+            ctl = self
+                .control
+                .changed
+                .wait(ctl)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        ctl.save_msrs = None;
+        ctl.saved
+            .iter_mut()
+            .map(|s| s.take().expect("checked above"))
+            .collect()
     }
 
     pub fn resume(&self) {
@@ -270,8 +297,9 @@ impl Vcpus {
     }
 }
 
-/// Waits while paused; returns false when the thread should end.
-fn checkpoint(control: &VcpuControl) -> bool {
+/// Waits while paused, saving this vCPU's state when asked; returns false when the thread
+/// should end.
+fn checkpoint(index: u8, fd: &VcpuFd, control: &VcpuControl) -> bool {
     let mut ctl = control.lock();
     if ctl.want == Want::Run {
         return true;
@@ -279,6 +307,12 @@ fn checkpoint(control: &VcpuControl) -> bool {
     ctl.parked += 1;
     control.changed.notify_all();
     loop {
+        if let Some(msrs) = ctl.save_msrs.clone() {
+            if ctl.saved[usize::from(index)].is_none() {
+                ctl.saved[usize::from(index)] = Some(persist::save_vcpu(fd, index, &msrs));
+                control.changed.notify_all();
+            }
+        }
         match ctl.want {
             Want::Run => {
                 ctl.parked -= 1;
@@ -297,7 +331,7 @@ fn run(index: u8, mut fd: VcpuFd, control: &VcpuControl, bus: &IoBus, events: &E
     let fail = |reason: String| {
         events(VcpuEvent::Failed { index, reason });
     };
-    while checkpoint(control) {
+    while checkpoint(index, &fd, control) {
         match fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if let BusEvent::Power(p) = bus.write(port, data) {
