@@ -94,7 +94,8 @@ pub fn create(vm: &Vm, index: u8, count: u8, boot: &BootImage) -> Result<VcpuFd,
     vcpu.set_msrs(&msrs).map_err(setup("KVM_SET_MSRS"))?;
 
     let mut sregs = vcpu.get_sregs().map_err(setup("KVM_GET_SREGS"))?;
-    crate::boot::long_mode_sregs(&mut sregs, boot);
+    crate::boot::long_mode_sregs(&mut sregs);
+    sregs.cr3 = boot.pml4.0;
     vcpu.set_sregs(&sregs).map_err(setup("KVM_SET_SREGS"))?;
 
     let regs = kvm_regs {

@@ -1,0 +1,294 @@
+//! ACPI tables: how Linux learns the CPUs (MADT), the interrupt controllers, and how to
+//! power off (FADT PM1a control + `\_S5_`). Written by hand: they are a few hundred bytes
+//! whose every field is chosen here.
+//!
+//! ```text
+//! 0xe0000 RSDP ─▶ 0xe0040 XSDT ─┬─▶ 0xe0100 FADT ─▶ 0xe0300 DSDT (\_S5_)
+//!                               └─▶ 0xe0400 MADT (LAPIC per vCPU, IOAPIC, overrides)
+//! ```
+use ray_guest_abi::POWEROFF_PORT;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::layout::{ACPI_TABLES, IOAPIC, LAPIC};
+use super::BootError;
+use crate::memory::GuestMem;
+
+pub const RSDP: u64 = ACPI_TABLES;
+const XSDT: u64 = ACPI_TABLES + 0x40;
+const FADT: u64 = ACPI_TABLES + 0x100;
+const DSDT: u64 = ACPI_TABLES + 0x300;
+const MADT: u64 = ACPI_TABLES + 0x400;
+/// PM1a event block; the control block ([`POWEROFF_PORT`]) follows it.
+const PM1A_EVT: u16 = 0x600;
+const SCI_IRQ: u16 = 9;
+
+const OEM_ID: &[u8; 6] = b"RAYVSR";
+const OEM_TABLE_ID: &[u8; 8] = b"RAYVISOR";
+const CREATOR_ID: &[u8; 4] = b"RAYV";
+
+/// Bytes that sum to zero over the whole table.
+fn checksum(data: &[u8]) -> u8 {
+    data.iter()
+        .fold(0u8, |s, b| s.wrapping_add(*b))
+        .wrapping_neg()
+}
+
+/// A system description table: the 36-byte header, then the body.
+struct Sdt(Vec<u8>);
+
+impl Sdt {
+    fn new(signature: &[u8; 4], revision: u8) -> Sdt {
+        let mut b = Vec::with_capacity(256);
+        b.extend_from_slice(signature);
+        b.extend_from_slice(&0u32.to_le_bytes()); // length, set in finish
+        b.push(revision);
+        b.push(0); // checksum, set in finish
+        b.extend_from_slice(OEM_ID);
+        b.extend_from_slice(OEM_TABLE_ID);
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(CREATOR_ID);
+        b.extend_from_slice(&1u32.to_le_bytes());
+        Sdt(b)
+    }
+
+    fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    fn u16(&mut self, v: u16) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(v);
+        self
+    }
+    /// A Generic Address Structure in system I/O space.
+    fn io_gas(&mut self, port: u16, bits: u8) -> &mut Self {
+        let access = if bits >= 32 {
+            3
+        } else if bits >= 16 {
+            2
+        } else {
+            1
+        };
+        self.u8(1).u8(bits).u8(0).u8(access).u64(u64::from(port))
+    }
+    fn pad_to(&mut self, len: usize) -> &mut Self {
+        self.0.resize(len, 0);
+        self
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        let len = self.0.len() as u32;
+        self.0[4..8].copy_from_slice(&len.to_le_bytes());
+        self.0[9] = 0;
+        self.0[9] = checksum(&self.0);
+        self.0
+    }
+}
+
+fn rsdp(xsdt: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(36);
+    b.extend_from_slice(b"RSD PTR ");
+    b.push(0); // checksum of the first 20 bytes
+    b.extend_from_slice(OEM_ID);
+    b.push(2); // revision: ACPI 2.0+, XSDT present
+    b.extend_from_slice(&0u32.to_le_bytes()); // no RSDT
+    b.extend_from_slice(&36u32.to_le_bytes());
+    b.extend_from_slice(&xsdt.to_le_bytes());
+    b.push(0); // extended checksum
+    b.extend_from_slice(&[0; 3]);
+    b[8] = checksum(&b[..20]);
+    b[32] = checksum(&b);
+    b
+}
+
+fn fadt() -> Vec<u8> {
+    const WBINVD: u32 = 1 << 0;
+    const PROC_C1: u32 = 1 << 2;
+    const PWR_BUTTON_IS_CONTROL_METHOD: u32 = 1 << 4;
+    const SLP_BUTTON_IS_CONTROL_METHOD: u32 = 1 << 5;
+    const VGA_NOT_PRESENT: u16 = 1 << 2;
+    let mut t = Sdt::new(b"FACP", 6);
+    t.u32(0) // FIRMWARE_CTRL: no FACS (no firmware waking vectors)
+        .u32(DSDT as u32)
+        .u8(0)
+        .u8(0) // preferred PM profile: unspecified
+        .u16(SCI_IRQ)
+        .u32(0) // SMI_CMD 0: ACPI mode is always on
+        .bytes(&[0; 4]) // ACPI_ENABLE, ACPI_DISABLE, S4BIOS_REQ, PSTATE_CNT
+        .u32(u32::from(PM1A_EVT))
+        .u32(0)
+        .u32(u32::from(POWEROFF_PORT)) // PM1a_CNT_BLK
+        .u32(0)
+        .u32(0) // PM2_CNT_BLK
+        .u32(0) // PM_TMR_BLK: none
+        .u32(0)
+        .u32(0) // GPE0/1
+        .u8(4) // PM1_EVT_LEN
+        .u8(2) // PM1_CNT_LEN
+        .bytes(&[0; 6]) // PM2_CNT_LEN, PM_TMR_LEN, GPE0/1 lengths, GPE1_BASE, CST_CNT
+        .u16(101) // P_LVL2_LAT > 100: C2 unsupported
+        .u16(1001) // P_LVL3_LAT > 1000: C3 unsupported
+        .u16(0)
+        .u16(0) // FLUSH_SIZE, FLUSH_STRIDE
+        .bytes(&[0; 5]) // DUTY_*, alarms, CENTURY
+        .u16(VGA_NOT_PRESENT) // IAPC_BOOT_ARCH
+        .u8(0)
+        .u32(WBINVD | PROC_C1 | PWR_BUTTON_IS_CONTROL_METHOD | SLP_BUTTON_IS_CONTROL_METHOD)
+        .bytes(&[0; 12]) // RESET_REG: none
+        .u8(0) // RESET_VALUE
+        .u16(0) // ARM_BOOT_ARCH
+        .u8(5) // FADT minor version (ACPI 6.5)
+        .u64(0) // X_FIRMWARE_CTRL
+        .u64(DSDT)
+        .io_gas(PM1A_EVT, 32) // X_PM1a_EVT_BLK
+        .bytes(&[0; 12])
+        .io_gas(POWEROFF_PORT, 16) // X_PM1a_CNT_BLK
+        .pad_to(276);
+    t.finish()
+}
+
+/// `Name (\_S5_, Package () { 5, 5, 0, 0 })`: S5 is SLP_TYP 5, the value the guest ABI's
+/// power-off write carries.
+const S5_AML: [u8; 14] = [
+    0x08, b'_', b'S', b'5', b'_', 0x12, 0x08, 0x04, 0x0a, 0x05, 0x0a, 0x05, 0x00, 0x00,
+];
+
+fn dsdt() -> Vec<u8> {
+    let mut t = Sdt::new(b"DSDT", 2);
+    t.bytes(&S5_AML);
+    t.finish()
+}
+
+fn madt(vcpus: u8) -> Vec<u8> {
+    const PCAT_COMPAT: u32 = 1;
+    let mut t = Sdt::new(b"APIC", 5);
+    t.u32(LAPIC as u32).u32(PCAT_COMPAT);
+    for id in 0..vcpus {
+        // Processor Local APIC: uid, APIC id, enabled.
+        t.u8(0).u8(8).u8(id).u8(id).u32(1);
+    }
+    // I/O APIC with GSIs from 0; its id follows the CPUs'.
+    t.u8(1).u8(12).u8(vcpus).u8(0).u32(IOAPIC as u32).u32(0);
+    // ISA IRQ 0 (PIT) arrives on GSI 2, as on every PC.
+    t.u8(2).u8(10).u8(0).u8(0).u32(2).u16(0);
+    // The SCI: level-triggered, active high.
+    t.u8(2)
+        .u8(10)
+        .u8(0)
+        .u8(SCI_IRQ as u8)
+        .u32(u32::from(SCI_IRQ))
+        .u16(0b1101);
+    // NMI on LINT1 of every CPU.
+    t.u8(4).u8(6).u8(0xff).u16(0).u8(1);
+    t.finish()
+}
+
+fn xsdt(entries: &[u64]) -> Vec<u8> {
+    let mut t = Sdt::new(b"XSDT", 1);
+    for e in entries {
+        t.u64(*e);
+    }
+    t.finish()
+}
+
+/// Writes every table; returns the RSDP's address.
+pub fn write_tables(mem: &GuestMem, vcpus: u8) -> Result<GuestAddress, BootError> {
+    let tables = [
+        (RSDP, rsdp(XSDT)),
+        (XSDT, xsdt(&[FADT, MADT])),
+        (FADT, fadt()),
+        (DSDT, dsdt()),
+        (MADT, madt(vcpus)),
+    ];
+    for (addr, bytes) in tables {
+        mem.write_slice(&bytes, GuestAddress(addr))
+            .map_err(|_| BootError::Write {
+                what: "ACPI tables",
+                addr,
+            })?;
+    }
+    Ok(GuestAddress(RSDP))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sums_to_zero(b: &[u8]) -> bool {
+        b.iter().fold(0u8, |s, x| s.wrapping_add(*x)) == 0
+    }
+
+    #[test]
+    fn checksums_and_lengths_are_right() {
+        let r = rsdp(XSDT);
+        assert_eq!(r.len(), 36);
+        assert!(sums_to_zero(&r[..20]));
+        assert!(sums_to_zero(&r));
+        for t in [xsdt(&[FADT, MADT]), fadt(), dsdt(), madt(4)] {
+            assert!(sums_to_zero(&t), "{:?}", &t[..4]);
+            assert_eq!(
+                u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
+                t.len()
+            );
+        }
+        assert_eq!(fadt().len(), 276);
+    }
+
+    #[test]
+    fn madt_lists_one_enabled_lapic_per_vcpu() {
+        for vcpus in [1u8, 4] {
+            let t = madt(vcpus);
+            let mut at = 44;
+            let mut lapics = 0;
+            while at < t.len() {
+                let (kind, len) = (t[at], t[at + 1] as usize);
+                if kind == 0 {
+                    assert_eq!(t[at + 3], lapics, "APIC ids are 0..n");
+                    assert_eq!(t[at + 4] & 1, 1, "enabled");
+                    lapics += 1;
+                }
+                at += len;
+            }
+            assert_eq!(at, t.len(), "entries tile the table");
+            assert_eq!(lapics, vcpus);
+        }
+    }
+
+    #[test]
+    fn fadt_points_at_the_dsdt_and_the_poweroff_port() {
+        let t = fadt();
+        assert_eq!(
+            u32::from_le_bytes(t[40..44].try_into().unwrap()),
+            DSDT as u32
+        );
+        assert_eq!(
+            u32::from_le_bytes(t[64..68].try_into().unwrap()),
+            u32::from(POWEROFF_PORT)
+        );
+        assert_eq!(u64::from_le_bytes(t[140..148].try_into().unwrap()), DSDT);
+        assert_eq!(
+            u64::from_le_bytes(t[176..184].try_into().unwrap()),
+            u64::from(POWEROFF_PORT)
+        );
+    }
+
+    #[test]
+    fn tables_fit_below_one_mib_without_overlapping() {
+        assert!(XSDT >= RSDP + 36);
+        assert!(FADT >= XSDT + xsdt(&[FADT, MADT]).len() as u64);
+        assert!(DSDT >= FADT + 276);
+        assert!(MADT >= DSDT + dsdt().len() as u64);
+        assert!(MADT + madt(64).len() as u64 <= 0x10_0000);
+    }
+}

@@ -1,0 +1,132 @@
+//! The Linux zero page (`boot_params`): setup header, command line, initrd, e820, RSDP.
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::layout::{self, CMDLINE, ZERO_PAGE};
+use super::BootError;
+use crate::memory::GuestMem;
+
+const HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
+const BOOT_FLAG: u16 = 0xaa55;
+/// "Undefined" boot loader: rayvisor has no registered loader id.
+const LOADER_UNDEFINED: u8 = 0xff;
+/// loadflags: LOADED_HIGH (protected-mode code at 1 MiB) | CAN_USE_HEAP.
+const LOADED_HIGH: u8 = 0x01;
+const CAN_USE_HEAP: u8 = 0x80;
+
+/// What goes into the zero page.
+pub struct ZeroPage<'a> {
+    /// The kernel's own setup header (bzImage), or None for an ELF.
+    pub header: Option<setup_header>,
+    pub cmdline_len: usize,
+    pub initrd: Option<(u64, u64)>,
+    pub e820: &'a [(u64, u64, u32)],
+    pub rsdp: u64,
+}
+
+pub fn build(zp: &ZeroPage) -> Result<boot_params, BootError> {
+    let mut params = boot_params::default();
+    params.hdr = zp.header.unwrap_or_default();
+    let hdr = &mut params.hdr;
+    hdr.boot_flag = BOOT_FLAG;
+    hdr.header = HDR_MAGIC;
+    if zp.header.is_none() {
+        hdr.kernel_alignment = 0x100_0000;
+    }
+    hdr.type_of_loader = LOADER_UNDEFINED;
+    hdr.loadflags |= LOADED_HIGH | CAN_USE_HEAP;
+    hdr.heap_end_ptr = 0xfe00;
+    hdr.cmd_line_ptr = CMDLINE as u32;
+    hdr.cmdline_size = zp.cmdline_len as u32;
+    if let Some((addr, size)) = zp.initrd {
+        hdr.ramdisk_image = addr as u32;
+        hdr.ramdisk_size = size as u32;
+    }
+    if zp.e820.len() > params.e820_table.len() {
+        return Err(BootError::TooManyE820(zp.e820.len()));
+    }
+    for (slot, &(addr, size, kind)) in params.e820_table.iter_mut().zip(zp.e820) {
+        *slot = boot_e820_entry { addr, size, r#type: kind };
+    }
+    params.e820_entries = zp.e820.len() as u8;
+    params.acpi_rsdp_addr = zp.rsdp;
+    Ok(params)
+}
+
+pub fn write(mem: &GuestMem, params: &boot_params) -> Result<GuestAddress, BootError> {
+    mem.write_obj(*params, GuestAddress(ZERO_PAGE))
+        .map_err(|_| BootError::Write {
+            what: "zero page",
+            addr: ZERO_PAGE,
+        })?;
+    Ok(GuestAddress(ZERO_PAGE))
+}
+
+/// The e820 map of a guest with `mem_bytes` of RAM.
+pub fn e820(mem_bytes: u64) -> Vec<(u64, u64, u32)> {
+    layout::e820(mem_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read<T: vm_memory::ByteValued>(mem: &GuestMem, offset: u64) -> T {
+        mem.read_obj(GuestAddress(ZERO_PAGE + offset)).unwrap()
+    }
+
+    #[test]
+    fn fields_land_at_their_boot_protocol_offsets() {
+        let mem = crate::memory::create(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let map = e820(64 << 20);
+        let params = build(&ZeroPage {
+            header: None,
+            cmdline_len: 42,
+            initrd: Some((0x300_0000, 0x1000)),
+            e820: &map,
+            rsdp: 0xe0000,
+        })
+        .unwrap();
+        write(&mem, &params).unwrap();
+        assert_eq!(read::<u64>(&mem, 0x070), 0xe0000, "acpi_rsdp_addr");
+        assert_eq!(read::<u8>(&mem, 0x1e8), 3, "e820_entries");
+        assert_eq!(read::<u16>(&mem, 0x1fe), 0xaa55, "boot_flag");
+        assert_eq!(read::<u32>(&mem, 0x202), HDR_MAGIC, "header");
+        assert_eq!(read::<u8>(&mem, 0x210), 0xff, "type_of_loader");
+        assert_eq!(read::<u32>(&mem, 0x218), 0x300_0000, "ramdisk_image");
+        assert_eq!(read::<u32>(&mem, 0x21c), 0x1000, "ramdisk_size");
+        assert_eq!(read::<u32>(&mem, 0x228), CMDLINE as u32, "cmd_line_ptr");
+        assert_eq!(read::<u32>(&mem, 0x238), 42, "cmdline_size");
+        // Third e820 entry: usable RAM from 1 MiB.
+        assert_eq!(read::<u64>(&mem, 0x2d0 + 2 * 20), 0x10_0000);
+        assert_eq!(
+            read::<u64>(&mem, 0x2d0 + 2 * 20 + 8),
+            (64 << 20) - 0x10_0000
+        );
+        assert_eq!(read::<u32>(&mem, 0x2d0 + 2 * 20 + 16), 1);
+    }
+
+    #[test]
+    fn a_bzimage_header_is_kept() {
+        let hdr = setup_header {
+            version: 0x020f,
+            setup_sects: 30,
+            ..Default::default()
+        };
+        let params = build(&ZeroPage {
+            header: Some(hdr),
+            cmdline_len: 1,
+            initrd: None,
+            e820: &e820(64 << 20),
+            rsdp: 0,
+        })
+        .unwrap();
+        assert_eq!({ params.hdr.version }, 0x020f);
+        assert_eq!({ params.hdr.setup_sects }, 30);
+        assert_eq!(
+            { params.hdr.kernel_alignment },
+            0,
+            "only ELF kernels get a default alignment"
+        );
+    }
+}
