@@ -224,3 +224,18 @@ boot_stacks:
     rust_start = sym crate::rust_start,
     options(att_syntax)
 );
+
+// The rayvisor note (`ray_guest_abi::NOTE_NAME` / `NOTE_DIRECT_SMP`): a rayvisor VMM starts
+// every vCPU at `_start` in long mode instead of leaving the APs waiting for INIT/SIPI.
+core::arch::global_asm!(
+    ".section .note.rayvisor, \"a\", @note",
+    ".balign 4",
+    ".long 9",          // namesz: "rayvisor\0"
+    ".long 4",          // descsz
+    ".long 0x52415901", // type: NOTE_DIRECT_SMP
+    ".asciz \"rayvisor\"",
+    ".balign 4",
+    ".long 1", // ABI version
+    ".balign 4",
+    ".previous",
+);

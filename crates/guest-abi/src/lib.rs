@@ -113,6 +113,13 @@ pub mod offset {
 
 const _: () = assert!(core::mem::size_of::<Heartbeat>() <= 4096);
 
+/// ELF note owner of rayvisor's guest notes (`"rayvisor\0"`, 9 bytes).
+pub const NOTE_NAME: &[u8] = b"rayvisor\0";
+/// Note type saying: start every vCPU at the ELF entry in long mode (no INIT/SIPI); the
+/// kernel tells its CPUs apart by APIC ID. Its 4-byte descriptor is the ABI version (1).
+/// A kernel without it (Linux) gets only its boot CPU started, as on a PC.
+pub const NOTE_DIRECT_SMP: u32 = 0x5241_5901;
+
 /// I/O port the guest writes [`POWEROFF_VALUE`] to (16-bit) for a clean power-off: the
 /// PM1a control block the VMM's ACPI FADT also names (SLP_TYP=5 | SLP_EN).
 pub const POWEROFF_PORT: u16 = 0x604;

@@ -7,6 +7,8 @@ use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
+use ray_guest_abi::{NOTE_DIRECT_SMP, NOTE_NAME};
+
 use super::layout::{self, CMDLINE, CMDLINE_MAX, HIMEM};
 use super::BootError;
 use crate::memory::GuestMem;
@@ -25,6 +27,8 @@ const PAGE: u64 = 4096;
 
 pub struct Loaded {
     pub kind: KernelKind,
+    /// The kernel carries rayvisor's direct-SMP note: start every vCPU at the entry.
+    pub direct_smp: bool,
     pub entry: GuestAddress,
     pub end: u64,
     pub header: Option<setup_header>,
@@ -58,6 +62,7 @@ pub fn load_kernel(mem: &GuestMem, path: &Path) -> Result<Loaded, BootError> {
             let r = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM))).map_err(bad)?;
             Ok(Loaded {
                 kind,
+                direct_smp: elf_has_note(path, NOTE_NAME, NOTE_DIRECT_SMP)?,
                 entry: r.kernel_load,
                 end: r.kernel_end,
                 header: None,
@@ -67,12 +72,74 @@ pub fn load_kernel(mem: &GuestMem, path: &Path) -> Result<Loaded, BootError> {
             let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM))).map_err(bad)?;
             Ok(Loaded {
                 kind,
+                direct_smp: false,
                 entry: GuestAddress(r.kernel_load.0 + BZIMAGE_64BIT_ENTRY),
                 end: r.kernel_end,
                 header: r.setup_header,
             })
         }
     }
+}
+
+/// Whether the ELF at `path` has a note of `name`/`kind` in a PT_NOTE segment. The file is
+/// untrusted: every offset and size is bounds-checked, and oversized headers are refused.
+pub fn elf_has_note(path: &Path, name: &[u8], kind: u32) -> Result<bool, BootError> {
+    const PT_NOTE: u32 = 4;
+    const MAX_NOTES: u64 = 1 << 20;
+    let data = std::fs::read(path).map_err(|e| BootError::open("kernel", path, e))?;
+    let bad = |what: &str| BootError::Load {
+        path: path.to_path_buf(),
+        reason: format!("malformed ELF: {what}"),
+    };
+    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        data.get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    };
+    let u64_at = |o: usize| {
+        data.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    let phoff = u64_at(32).ok_or_else(|| bad("truncated header"))? as usize;
+    let phentsize = usize::from(u16_at(54).ok_or_else(|| bad("truncated header"))?);
+    let phnum = usize::from(u16_at(56).ok_or_else(|| bad("truncated header"))?);
+    if phentsize < 56 {
+        return Err(bad("program header entries smaller than 56 bytes"));
+    }
+    for i in 0..phnum {
+        let ph = phoff
+            .checked_add(i * phentsize)
+            .ok_or_else(|| bad("program header offset overflows"))?;
+        if u32_at(ph).ok_or_else(|| bad("program headers past the end of the file"))? != PT_NOTE {
+            continue;
+        }
+        let off = u64_at(ph + 8).ok_or_else(|| bad("truncated program header"))?;
+        let size = u64_at(ph + 32).ok_or_else(|| bad("truncated program header"))?;
+        if size > MAX_NOTES {
+            return Err(bad("note segment larger than 1 MiB"));
+        }
+        let notes = data
+            .get(off as usize..(off + size) as usize)
+            .ok_or_else(|| bad("note segment past the end of the file"))?;
+        let mut at = 0usize;
+        while at + 12 <= notes.len() {
+            let word = |o: usize| u32::from_le_bytes(notes[o..o + 4].try_into().expect("4 bytes"));
+            let (namesz, descsz, ty) = (word(at) as usize, word(at + 4) as usize, word(at + 8));
+            let name_at = at + 12;
+            let desc_at = name_at + namesz.next_multiple_of(4);
+            let next = desc_at
+                .checked_add(descsz.next_multiple_of(4))
+                .ok_or_else(|| bad("note size overflows"))?;
+            if next > notes.len() {
+                return Err(bad("note runs past its segment"));
+            }
+            if ty == kind && &notes[name_at..name_at + namesz] == name {
+                return Ok(true);
+            }
+            at = next;
+        }
+    }
+    Ok(false)
 }
 
 /// Puts the initrd page-aligned at the top of low RAM (below `max_addr` and the MMIO hole).
@@ -180,6 +247,47 @@ mod tests {
         mem.read_slice(&mut got, GuestAddress(0x20_0000)).unwrap();
         assert_eq!(&got, b"RAYVISOR");
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn the_direct_smp_note_is_found_only_where_it_is() {
+        let plain = temp("plain-elf", &tiny_elf(0x20_0000, b"RAYVISOR"));
+        assert!(!elf_has_note(&plain, NOTE_NAME, NOTE_DIRECT_SMP).unwrap());
+        // Same ELF plus a PT_NOTE segment holding the rayvisor note.
+        let mut e = tiny_elf(0x20_0000, b"RAYVISOR");
+        let note_off = e.len() as u64;
+        e.extend_from_slice(&9u32.to_le_bytes());
+        e.extend_from_slice(&4u32.to_le_bytes());
+        e.extend_from_slice(&NOTE_DIRECT_SMP.to_le_bytes());
+        e.extend_from_slice(b"rayvisor\0\0\0\0");
+        e.extend_from_slice(&1u32.to_le_bytes());
+        let mut ph = vec![0u8; 56];
+        ph[..4].copy_from_slice(&4u32.to_le_bytes());
+        ph[8..16].copy_from_slice(&note_off.to_le_bytes());
+        ph[32..40].copy_from_slice(&28u64.to_le_bytes());
+        let ph_off = e.len() as u64;
+        e.extend_from_slice(&ph);
+        // Point the header at two program headers: copy the PT_LOAD next to the PT_NOTE.
+        let load: Vec<u8> = e[0x40..0x78].to_vec();
+        e.extend_from_slice(&load);
+        e[32..40].copy_from_slice(&ph_off.to_le_bytes());
+        e[56..58].copy_from_slice(&2u16.to_le_bytes());
+        let noted = temp("noted-elf", &e);
+        assert!(elf_has_note(&noted, NOTE_NAME, NOTE_DIRECT_SMP).unwrap());
+        assert!(!elf_has_note(&noted, b"other\0", NOTE_DIRECT_SMP).unwrap());
+        // A note claiming to be longer than its segment is an error, not a crash.
+        let mut broken = e.clone();
+        let at = note_off as usize;
+        broken[at + 4..at + 8].copy_from_slice(&4096u32.to_le_bytes());
+        let broken = temp("broken-elf", &broken);
+        let err = elf_has_note(&broken, NOTE_NAME, NOTE_DIRECT_SMP).unwrap_err();
+        assert!(
+            err.to_string().contains("note runs past its segment"),
+            "{err}"
+        );
+        for p in [plain, noted, broken] {
+            std::fs::remove_file(p).unwrap();
+        }
     }
 
     #[test]

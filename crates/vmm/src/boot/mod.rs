@@ -40,6 +40,9 @@ pub struct BootImage {
     /// Top-level page table (CR3).
     pub pml4: GuestAddress,
     pub kind: KernelKind,
+    /// Start every vCPU at the entry (rayvisor's guest), or only the boot CPU with the APs
+    /// waiting for INIT/SIPI as on a PC (Linux).
+    pub direct_smp: bool,
     pub rsdp: GuestAddress,
     pub kernel_end: GuestAddress,
 }
@@ -132,6 +135,7 @@ pub fn load(mem: &GuestMem, spec: &BootSpec) -> Result<BootImage, BootError> {
         stack: GuestAddress(layout::BOOT_STACK),
         pml4: GuestAddress(layout::PML4),
         kind: kernel.kind,
+        direct_smp: kernel.direct_smp,
         rsdp,
         kernel_end: GuestAddress(kernel.end),
     })

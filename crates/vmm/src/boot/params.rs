@@ -10,9 +10,6 @@ const HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const BOOT_FLAG: u16 = 0xaa55;
 /// "Undefined" boot loader: rayvisor has no registered loader id.
 const LOADER_UNDEFINED: u8 = 0xff;
-/// loadflags: LOADED_HIGH (protected-mode code at 1 MiB) | CAN_USE_HEAP.
-const LOADED_HIGH: u8 = 0x01;
-const CAN_USE_HEAP: u8 = 0x80;
 
 /// What goes into the zero page.
 pub struct ZeroPage<'a> {
@@ -34,8 +31,6 @@ pub fn build(zp: &ZeroPage) -> Result<boot_params, BootError> {
         hdr.kernel_alignment = 0x100_0000;
     }
     hdr.type_of_loader = LOADER_UNDEFINED;
-    hdr.loadflags |= LOADED_HIGH | CAN_USE_HEAP;
-    hdr.heap_end_ptr = 0xfe00;
     hdr.cmd_line_ptr = CMDLINE as u32;
     hdr.cmdline_size = zp.cmdline_len as u32;
     if let Some((addr, size)) = zp.initrd {
@@ -46,7 +41,11 @@ pub fn build(zp: &ZeroPage) -> Result<boot_params, BootError> {
         return Err(BootError::TooManyE820(zp.e820.len()));
     }
     for (slot, &(addr, size, kind)) in params.e820_table.iter_mut().zip(zp.e820) {
-        *slot = boot_e820_entry { addr, size, r#type: kind };
+        *slot = boot_e820_entry {
+            addr,
+            size,
+            r#type: kind,
+        };
     }
     params.e820_entries = zp.e820.len() as u8;
     params.acpi_rsdp_addr = zp.rsdp;

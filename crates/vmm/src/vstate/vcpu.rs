@@ -120,13 +120,15 @@ pub fn create(vm: &Vm, index: u8, count: u8, boot: &BootImage) -> Result<VcpuFd,
     set_lvt_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
     vcpu.set_lapic(&lapic).map_err(setup("KVM_SET_LAPIC"))?;
 
-    // Every vCPU starts at the entry point: rayvisor boots APs directly in long mode
-    // (the guest tells them apart by APIC ID) instead of through INIT/SIPI and real mode,
-    // which PVM cannot run.
-    vcpu.set_mp_state(kvm_mp_state {
-        mp_state: KVM_MP_STATE_RUNNABLE,
-    })
-    .map_err(setup("KVM_SET_MP_STATE"))?;
+    // A kernel with rayvisor's direct-SMP note has every vCPU start at its entry in long
+    // mode (it tells them apart by APIC ID): no INIT/SIPI and real-mode trampoline, which
+    // PVM cannot run natively. Any other kernel gets a PC: APs wait for INIT/SIPI.
+    if index == 0 || boot.direct_smp {
+        vcpu.set_mp_state(kvm_mp_state {
+            mp_state: KVM_MP_STATE_RUNNABLE,
+        })
+        .map_err(setup("KVM_SET_MP_STATE"))?;
+    }
     Ok(vcpu)
 }
 
