@@ -37,7 +37,7 @@ fn debian_kernel_early_log_shows_our_cmdline_memory_map_and_tables() {
         "2",
     ]);
     let slow = Duration::from_secs(600);
-    let line = vm.expect_line("Command line: ", slow);
+    let line = vm.expect_kernel_line("Command line: ", slow);
     assert_eq!(line, format!("Command line: {cmdline}"));
     let expected_e820 = [
         "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
@@ -45,14 +45,14 @@ fn debian_kernel_early_log_shows_our_cmdline_memory_map_and_tables() {
         "BIOS-e820: [mem 0x0000000000100000-0x0000000007ffffff] usable",
     ];
     for want in expected_e820 {
-        let got = vm.expect_line("BIOS-e820: ", slow);
+        let got = vm.expect_kernel_line("BIOS-e820: ", slow);
         assert_eq!(got, want);
     }
-    let rsdp = vm.expect_line("ACPI: RSDP 0x00000000000E0000", slow);
+    let rsdp = vm.expect_kernel_line("ACPI: RSDP 0x00000000000E0000", slow);
     eprintln!("{rsdp}");
-    vm.expect_line("ACPI: XSDT ", slow);
-    vm.expect_line("ACPI: FACP ", slow);
-    vm.expect_line("ACPI: DSDT ", slow);
-    let madt = vm.expect_line("ACPI: APIC ", slow);
+    vm.expect_kernel_line("ACPI: XSDT ", slow);
+    vm.expect_kernel_line("ACPI: FACP ", slow);
+    vm.expect_kernel_line("ACPI: DSDT ", slow);
+    let madt = vm.expect_kernel_line("ACPI: APIC ", slow);
     eprintln!("{madt}");
 }

@@ -145,6 +145,19 @@ impl Vm {
     /// Waits for a console line (after what earlier calls consumed) that starts with
     /// `prefix`, and returns it.
     pub fn expect_line(&mut self, prefix: &str, timeout: Duration) -> String {
+        self.expect(prefix, timeout, |l| l)
+    }
+
+    /// Like [`Vm::expect_line`] for a Linux kernel log: the `[    0.000000] ` timestamp is
+    /// stripped before matching and from the returned line.
+    pub fn expect_kernel_line(&mut self, prefix: &str, timeout: Duration) -> String {
+        self.expect(prefix, timeout, |l| match l.strip_prefix('[') {
+            Some(rest) => rest.split_once("] ").map_or(l, |(_, msg)| msg),
+            None => l,
+        })
+    }
+
+    fn expect(&mut self, prefix: &str, timeout: Duration, view: impl Fn(&str) -> &str) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let tail = self.console();
@@ -157,16 +170,24 @@ impl Vm {
                 if !line.ends_with('\n') {
                     break;
                 }
-                if line.trim_end().starts_with(prefix) {
+                let shown = view(line.trim_end());
+                if shown.starts_with(prefix) {
                     self.seen = start + (skip + offset) as u64;
-                    return line.trim_end().to_string();
+                    return shown.to_string();
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "no console line starting with {prefix:?} within {timeout:?}; console:\n{}",
-                tail.data
-            );
+            if Instant::now() >= deadline {
+                let last: String = tail
+                    .data
+                    .chars()
+                    .rev()
+                    .take(3000)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                panic!("no console line starting with {prefix:?} within {timeout:?}; console ends with:\n{last}");
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
     }

@@ -46,7 +46,10 @@ pub fn pid_alive(pid: u32) -> bool {
         .and_then(|stat| {
             // The state follows the parenthesised command name, which may contain spaces.
             let after = stat.rsplit_once(')')?.1;
-            after.split_whitespace().next().map(|state| state != "Z" && state != "X")
+            after
+                .split_whitespace()
+                .next()
+                .map(|state| state != "Z" && state != "X")
         })
         .unwrap_or(false)
 }
