@@ -50,7 +50,7 @@ pub fn validate(config: &VmConfig, host_mem: u64) -> Result<BootSpec, ConfigErro
         return Err(ConfigError::Vcpus(config.vcpus));
     }
     let mem = config.memory_bytes;
-    if mem % PAGE != 0 {
+    if !mem.is_multiple_of(PAGE) {
         return Err(ConfigError::MemoryUnaligned(mem));
     }
     if mem < MIN_MEMORY {

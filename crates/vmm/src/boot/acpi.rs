@@ -26,6 +26,9 @@ const OEM_ID: &[u8; 6] = b"RAYVSR";
 const OEM_TABLE_ID: &[u8; 8] = b"RAYVISOR";
 const CREATOR_ID: &[u8; 4] = b"RAYV";
 
+const _: () = assert!(XSDT >= RSDP + 36);
+const _: () = assert!(DSDT >= FADT + 276);
+
 /// Bytes that sum to zero over the whole table.
 fn checksum(data: &[u8]) -> u8 {
     data.iter()
@@ -285,9 +288,7 @@ mod tests {
 
     #[test]
     fn tables_fit_below_one_mib_without_overlapping() {
-        assert!(XSDT >= RSDP + 36);
         assert!(FADT >= XSDT + xsdt(&[FADT, MADT]).len() as u64);
-        assert!(DSDT >= FADT + 276);
         assert!(MADT >= DSDT + dsdt().len() as u64);
         assert!(MADT + madt(64).len() as u64 <= 0x10_0000);
     }

@@ -42,6 +42,12 @@ pub const MAX_MEMORY: u64 = 1 << 40;
 pub const E820_RAM: u32 = 1;
 pub const E820_RESERVED: u32 = 2;
 
+// The fixed areas must not overlap, and the PML4 must be 8 KiB aligned (checked at build).
+const _: () = assert!(PML4.is_multiple_of(0x2000));
+const _: () = assert!(PDPT >= PML4 + 0x1000);
+const _: () = assert!(PD + BOOT_MAP_GIB * 0x1000 <= CMDLINE);
+const _: () = assert!(ZERO_PAGE + 0x1000 <= BOOT_STACK);
+
 /// Guest RAM as (guest-physical start, length): below the MMIO hole, and the rest above 4 GiB.
 pub fn ram_regions(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
     if mem_bytes <= MMIO_START {
@@ -106,13 +112,5 @@ mod tests {
         assert_eq!(map[3], (4 << 30, 2 << 30, E820_RAM));
         let ram: u64 = map.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
         assert_eq!(ram, (5 << 30) - (HIMEM - EBDA));
-    }
-
-    #[test]
-    fn page_tables_do_not_overlap_and_pml4_is_8k_aligned() {
-        assert_eq!(PML4 % 0x2000, 0);
-        assert!(PDPT >= PML4 + 0x1000);
-        assert!(PD + BOOT_MAP_GIB * 0x1000 <= CMDLINE);
-        assert!(ZERO_PAGE + 0x1000 <= BOOT_STACK);
     }
 }

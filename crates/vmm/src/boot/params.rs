@@ -22,8 +22,10 @@ pub struct ZeroPage<'a> {
 }
 
 pub fn build(zp: &ZeroPage) -> Result<boot_params, BootError> {
-    let mut params = boot_params::default();
-    params.hdr = zp.header.unwrap_or_default();
+    let mut params = boot_params {
+        hdr: zp.header.unwrap_or_default(),
+        ..Default::default()
+    };
     let hdr = &mut params.hdr;
     hdr.boot_flag = BOOT_FLAG;
     hdr.header = HDR_MAGIC;
