@@ -16,6 +16,39 @@ pub enum VmStateName {
     Error,
 }
 
+impl VmStateName {
+    pub const ALL: [VmStateName; 8] = [
+        VmStateName::Created,
+        VmStateName::Running,
+        VmStateName::Paused,
+        VmStateName::Suspended,
+        VmStateName::MigrationSource,
+        VmStateName::MigrationTarget,
+        VmStateName::Terminated,
+        VmStateName::Error,
+    ];
+
+    /// The name as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmStateName::Created => "created",
+            VmStateName::Running => "running",
+            VmStateName::Paused => "paused",
+            VmStateName::Suspended => "suspended",
+            VmStateName::MigrationSource => "migration_source",
+            VmStateName::MigrationTarget => "migration_target",
+            VmStateName::Terminated => "terminated",
+            VmStateName::Error => "error",
+        }
+    }
+}
+
+impl std::fmt::Display for VmStateName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Machine configuration, given before `start`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -233,11 +266,11 @@ mod tests {
     }
 
     #[test]
-    fn state_names_are_lower_case() {
-        assert_eq!(
-            serde_json::to_string(&VmStateName::MigrationSource).unwrap(),
-            "\"migration_source\""
-        );
+    fn state_names_are_lower_case_and_match_serde() {
+        for s in VmStateName::ALL {
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
+        }
+        assert_eq!(VmStateName::MigrationSource.as_str(), "migration_source");
     }
 
     #[test]

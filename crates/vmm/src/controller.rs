@@ -9,7 +9,7 @@ use ray_api::vmm::{ConsoleTail, LifecycleEvent, VmConfig, VmInfo};
 use ray_guest_abi::offset;
 
 use crate::devices::{ConsoleRing, PowerEvent};
-use crate::lifecycle::{transition, AuditTrail, TransitionError, VmAction, VmState};
+use crate::lifecycle::{guest_runs, transition, AuditTrail, TransitionError, VmAction, VmState};
 use crate::machine::{ConsoleSinks, Machine};
 use crate::vstate::vcpu::{EventSink, VcpuEvent};
 use crate::vstate::Flavour;
@@ -167,7 +167,7 @@ impl Controller {
         let memory = self.machine.as_ref().map(|m| &m.vm.memory);
         VmInfo {
             id: self.id.clone(),
-            state: self.state.name(),
+            state: self.state,
             uptime_ms: self.started.map_or(0, |t| t.elapsed().as_millis() as u64),
             pid: std::process::id(),
             config: self.config.clone(),
@@ -241,7 +241,7 @@ impl Controller {
                 Ok(Response::Info(Box::new(self.info())))
             }
             Request::ConsoleInput(data) => {
-                if !self.state.guest_runs() && self.state != VmState::Paused {
+                if !guest_runs(self.state) && self.state != VmState::Paused {
                     return Err(RequestError::conflict(format!(
                         "cannot send console input to a VM that is {}",
                         self.state
@@ -303,7 +303,7 @@ impl Controller {
     /// Stops the VM: asks the guest to power off and waits up to `timeout` for it, then
     /// stops it by force. Ends in Terminated either way.
     fn stop(&mut self, timeout: Duration, inbox: &Receiver<Message>, cause: &str) {
-        let asked = self.state.guest_runs()
+        let asked = guest_runs(self.state)
             && !timeout.is_zero()
             && self
                 .machine

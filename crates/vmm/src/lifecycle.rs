@@ -23,20 +23,10 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ray_api::vmm::{LifecycleEvent, VmStateName};
+use ray_api::vmm::LifecycleEvent;
 
-/// The state of one VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum VmState {
-    Created,
-    Running,
-    Paused,
-    Suspended,
-    MigrationSource,
-    MigrationTarget,
-    Terminated,
-    Error,
-}
+/// The state of one VM: the API's own enum, so the two can never disagree.
+pub use ray_api::vmm::VmStateName as VmState;
 
 /// Everything that can move a VM from one state to another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -55,35 +45,9 @@ pub enum VmAction {
     Fail,
 }
 
-impl VmState {
-    pub const ALL: [VmState; 8] = [
-        VmState::Created,
-        VmState::Running,
-        VmState::Paused,
-        VmState::Suspended,
-        VmState::MigrationSource,
-        VmState::MigrationTarget,
-        VmState::Terminated,
-        VmState::Error,
-    ];
-
-    pub fn name(self) -> VmStateName {
-        match self {
-            VmState::Created => VmStateName::Created,
-            VmState::Running => VmStateName::Running,
-            VmState::Paused => VmStateName::Paused,
-            VmState::Suspended => VmStateName::Suspended,
-            VmState::MigrationSource => VmStateName::MigrationSource,
-            VmState::MigrationTarget => VmStateName::MigrationTarget,
-            VmState::Terminated => VmStateName::Terminated,
-            VmState::Error => VmStateName::Error,
-        }
-    }
-
-    /// Whether guest code may be executing in this state.
-    pub fn guest_runs(self) -> bool {
-        matches!(self, VmState::Running | VmState::MigrationSource)
-    }
+/// Whether guest code may be executing in `state`.
+pub fn guest_runs(state: VmState) -> bool {
+    matches!(state, VmState::Running | VmState::MigrationSource)
 }
 
 impl VmAction {
@@ -101,14 +65,6 @@ impl VmAction {
         VmAction::MigrationAbort,
         VmAction::Fail,
     ];
-}
-
-impl std::fmt::Display for VmState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = serde_json::to_value(self.name()).ok();
-        let name = name.as_ref().and_then(|v| v.as_str()).unwrap_or("?");
-        f.write_str(name)
-    }
 }
 
 impl std::fmt::Display for VmAction {
@@ -294,8 +250,8 @@ impl AuditTrail {
             .unwrap_or(0);
         let event = LifecycleEvent {
             time_ms,
-            from: from.name(),
-            to: to.name(),
+            from,
+            to,
             cause: cause.to_string(),
         };
         if self.ring.len() == AUDIT_CAPACITY {
@@ -416,8 +372,8 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), AUDIT_CAPACITY + 10);
         let first: LifecycleEvent = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-        assert_eq!(first.from, VmStateName::Running);
-        assert_eq!(first.to, VmStateName::Paused);
+        assert_eq!(first.from, VmState::Running);
+        assert_eq!(first.to, VmState::Paused);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
