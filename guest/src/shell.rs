@@ -122,7 +122,8 @@ fn execute(line: &str, work: &mut Workloads) {
         "dirty" => dirty(args, work),
         "sum" => sum(args),
         "poweroff" if no_more(args.clone(), cmd) => crate::poweroff(),
-        "mem" | "cpus" | "poweroff" => {}
+        "help" if no_more(args.clone(), cmd) => help(),
+        "mem" | "cpus" | "poweroff" | "help" => {}
         _ => println!("err unknown command '{cmd}'"),
     }
 }
@@ -221,4 +222,8 @@ fn sum(mut args: core::str::SplitAsciiWhitespace) {
         u64::from_le_bytes(bytes)
     });
     println!("sum {addr:#x} {len} {:#018x}", sum_words(words));
+}
+
+fn help() {
+    println!("commands: echo <text> | mem | cpus | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | poweroff | help");
 }
