@@ -85,6 +85,14 @@ impl Write for ConsoleOut {
     }
 }
 
+/// The UART's registers and the input not yet delivered: what a snapshot keeps of COM1.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConsoleState {
+    pub registers: [u8; 10],
+    pub fifo: Vec<u8>,
+    pub pending: Vec<u8>,
+}
+
 /// COM1 and the input waiting for it.
 pub struct Console {
     uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleOut>,
@@ -112,6 +120,72 @@ impl Console {
             pending: VecDeque::new(),
             ring,
         }
+    }
+
+    pub fn state(&self) -> ConsoleState {
+        let s = self.uart.state();
+        ConsoleState {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+                0,
+            ],
+            fifo: s.in_buffer,
+            pending: self.pending.iter().copied().collect(),
+        }
+    }
+
+    /// A console in `state`. The FIFO is refused if larger than a 16550's (untrusted input).
+    pub fn from_state(
+        state: &ConsoleState,
+        irq: EventFd,
+        log: Option<File>,
+        stdout: bool,
+        ring: Arc<ConsoleRing>,
+    ) -> Result<Self, String> {
+        let r = &state.registers;
+        let uart_state = vm_superio::serial::SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: state.fifo.clone(),
+        };
+        if state.pending.len() > MAX_PENDING_INPUT {
+            return Err(format!(
+                "the saved console has {} bytes of pending input, more than {MAX_PENDING_INPUT}",
+                state.pending.len()
+            ));
+        }
+        let out = ConsoleOut {
+            log,
+            stdout,
+            ring: ring.clone(),
+        };
+        let uart = Serial::from_state(
+            &uart_state,
+            IrqTrigger(irq),
+            vm_superio::serial::NoEvents,
+            out,
+        )
+        .map_err(|e| format!("the saved UART state is invalid: {e:?}"))?;
+        Ok(Self {
+            uart,
+            pending: state.pending.iter().copied().collect(),
+            ring,
+        })
     }
 
     pub fn ring(&self) -> Arc<ConsoleRing> {
@@ -193,6 +267,49 @@ mod tests {
         }
         assert_eq!(got, input);
         assert!(!c.has_pending_input());
+    }
+
+    #[test]
+    fn state_round_trips_registers_fifo_and_pending_input() {
+        let mut c = console();
+        c.write(3, 0x83); // LCR: DLAB
+        c.write(0, 0x0c); // divisor low
+        c.write(3, 0x03);
+        c.write(7, 0x5a); // scratch
+        c.queue_input(&[b'q'; 100]).unwrap();
+        let state = c.state();
+        let mut back = Console::from_state(
+            &state,
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            None,
+            false,
+            Arc::default(),
+        )
+        .unwrap();
+        assert_eq!(back.state(), state);
+        assert_eq!(back.read(7), 0x5a);
+        let mut got = 0;
+        while back.read(5) & 1 == 1 {
+            assert_eq!(back.read(0), b'q');
+            got += 1;
+        }
+        assert_eq!(got, 100);
+    }
+
+    #[test]
+    fn oversized_saved_fifo_is_refused() {
+        let mut state = console().state();
+        state.fifo = vec![0; 4096];
+        let err = Console::from_state(
+            &state,
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            None,
+            false,
+            Arc::default(),
+        )
+        .err()
+        .unwrap();
+        assert!(err.contains("invalid"), "{err}");
     }
 
     #[test]
