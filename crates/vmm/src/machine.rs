@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootSpec};
+use crate::devices::console::ConsoleState;
 use crate::devices::{Console, ConsoleRing, IoBus};
+use crate::memory::GuestMem;
+use crate::vstate::persist::{self, PersistError, VcpuState, VmKvmState};
 use crate::vstate::vcpu::{self, EventSink, Vcpus};
 use crate::vstate::vm::Vm;
 use crate::vstate::Flavour;
@@ -25,6 +28,10 @@ pub enum BuildError {
     Boot(#[from] boot::BootError),
     #[error(transparent)]
     Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    #[error("cannot restore: {0}")]
+    Incompatible(String),
+    #[error(transparent)]
+    Persist(#[from] PersistError),
     #[error("cannot create the serial interrupt eventfd: {0}")]
     EventFd(#[source] std::io::Error),
 }
@@ -36,6 +43,17 @@ pub struct BuildTimes {
     pub vm: Duration,
     pub load: Duration,
     pub vcpus: Duration,
+}
+
+/// Everything of a paused machine except guest memory: what a snapshot or a migration
+/// carries besides the pages.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct MachineState {
+    /// The hypervisor flavour the state was taken on (`pvm`, `vmx_svm`).
+    pub flavour: String,
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmKvmState,
+    pub console: ConsoleState,
 }
 
 pub struct Machine {
@@ -91,6 +109,74 @@ impl Machine {
             vcpus: Some(vcpus),
             times,
         })
+    }
+
+    /// Saves the state of the machine. The vCPUs must be paused.
+    pub fn save(&self) -> Result<MachineState, PersistError> {
+        let msrs = persist::msr_list(&self.vm.kvm, self.vm.flavour.extra_msrs())?;
+        let vcpus = match &self.vcpus {
+            Some(v) => v.save_state(msrs)?,
+            None => Vec::new(),
+        };
+        Ok(MachineState {
+            flavour: self.vm.flavour.name().to_string(),
+            vcpus,
+            vm: persist::save_vm(&self.vm.fd)?,
+            console: self.bus.lock_console().state(),
+        })
+    }
+
+    /// Rebuilds a machine from `state` over `memory` (already holding the guest's pages)
+    /// and starts it. The state is untrusted: the flavour must match and KVM checks the rest.
+    pub fn restore(
+        memory: GuestMem,
+        state: &MachineState,
+        flavour: Flavour,
+        sinks: ConsoleSinks,
+        events: EventSink,
+    ) -> Result<Machine, BuildError> {
+        if state.flavour != flavour.name() {
+            return Err(BuildError::Incompatible(format!(
+                "the state was saved on a {} host and this host is {}",
+                state.flavour,
+                flavour.name()
+            )));
+        }
+        if state.vcpus.is_empty() || state.vcpus.len() > ray_guest_abi::MAX_CPUS {
+            return Err(BuildError::Incompatible(format!(
+                "the state has {} vCPUs; 1 to {} are possible",
+                state.vcpus.len(),
+                ray_guest_abi::MAX_CPUS
+            )));
+        }
+        let mut times = BuildTimes::default();
+        let t = Instant::now();
+        let vm = Vm::new(memory, flavour)?;
+        persist::restore_vm(&vm.fd, &state.vm)?;
+        times.vm = t.elapsed();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        vm.connect_irq(&irq, COM1_IRQ)?;
+        let console = Console::from_state(&state.console, irq, sinks.log, sinks.stdout, sinks.ring)
+            .map_err(BuildError::Incompatible)?;
+        let bus = Arc::new(IoBus::new(console));
+        let t = Instant::now();
+        let fds = state
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                if usize::from(s.index) != i {
+                    return Err(BuildError::Incompatible(format!(
+                        "vCPU state {i} claims to be vCPU {}",
+                        s.index
+                    )));
+                }
+                Ok(vcpu::restore(&vm, s)?)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let vcpus = Vcpus::start(fds, bus.clone(), events)?;
+        times.vcpus = t.elapsed();
+        Ok(Machine { vm, bus, vcpus: Some(vcpus), times })
     }
 
     pub fn pause(&self) {

@@ -48,6 +48,8 @@ pub enum VcpuError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    #[error(transparent)]
+    Restore(#[from] PersistError),
     #[error("cannot start the thread of vCPU {index}: {source}")]
     Spawn { index: u8, source: std::io::Error },
 }
@@ -129,6 +131,17 @@ pub fn create(vm: &Vm, index: u8, count: u8, boot: &BootImage) -> Result<VcpuFd,
         })
         .map_err(setup("KVM_SET_MP_STATE"))?;
     }
+    Ok(vcpu)
+}
+
+/// Creates a vCPU and puts the saved `state` into it.
+pub fn restore(vm: &Vm, state: &VcpuState) -> Result<VcpuFd, VcpuError> {
+    let index = state.index;
+    let vcpu = vm
+        .fd
+        .create_vcpu(u64::from(index))
+        .map_err(|source| VcpuError::Create { index, source })?;
+    persist::restore_vcpu(&vcpu, state)?;
     Ok(vcpu)
 }
 
