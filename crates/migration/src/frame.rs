@@ -1,0 +1,610 @@
+//! Framing: one fixed header, a payload, and an integrity trailer, over any `Read`/`Write`.
+//!
+//! ```text
+//! offset size field
+//!  0      4   magic        b"RYMG"
+//!  4      2   version      frame format version (1..=PROTOCOL_VERSION)
+//!  6      2   command      `Command` number; 0 is Invalid and always refused
+//!  8      2   flags        FLAG_RESPONSE | FLAG_MAC | FLAG_LZ4; other bits refused
+//! 10      2   reserved     must be 0
+//! 12      4   header_crc   CRC32 of bytes 0..12 and 16..32, so a corrupted
+//!                          length is caught before anything is allocated
+//! 16      8   request_id   echoed by the response
+//! 24      8   payload_len  bytes on the wire, at most MAX_PAYLOAD
+//! 32      n   payload      lz4 block (u32 LE decompressed size first) if FLAG_LZ4
+//! 32+n  4|32  trailer      CRC32 of header+payload, or, once authenticated (FLAG_MAC),
+//!                          keyed BLAKE3 of (sequence number, header, payload)
+//! ```
+//!
+//! All integers are little-endian. Once [`Channel::set_session_key`] is called every
+//! frame in both directions must carry a MAC; the per-direction sequence number inside
+//! the MAC makes replayed, dropped or reordered frames fail verification.
+
+use std::io::{self, Read, Write};
+
+use crate::auth::{self, SessionKey};
+use crate::protocol::{Command, Message};
+use crate::ProtocolError;
+
+/// `b"RYMG"`: rayvisor migration.
+pub const MAGIC: [u8; 4] = *b"RYMG";
+/// The newest protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Versions this build can negotiate, oldest first.
+pub const SUPPORTED_VERSIONS: &[u16] = &[1];
+/// Largest payload accepted, on the wire and after decompression.
+pub const MAX_PAYLOAD: u64 = 64 << 20;
+/// Header size in bytes.
+pub const HEADER_LEN: usize = 32;
+/// The frame answers a request.
+pub const FLAG_RESPONSE: u16 = 1 << 0;
+/// The trailer is a 32-byte MAC instead of a CRC32.
+pub const FLAG_MAC: u16 = 1 << 1;
+/// The payload is lz4-compressed.
+pub const FLAG_LZ4: u16 = 1 << 2;
+const KNOWN_FLAGS: u16 = FLAG_RESPONSE | FLAG_MAC | FLAG_LZ4;
+
+/// A decoded, validated header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub version: u16,
+    pub command: Command,
+    pub flags: u16,
+    pub request_id: u64,
+    pub payload_len: u64,
+}
+
+impl FrameHeader {
+    /// Serializes the header, computing its CRC.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&MAGIC);
+        b[4..6].copy_from_slice(&self.version.to_le_bytes());
+        b[6..8].copy_from_slice(&(self.command as u16).to_le_bytes());
+        b[8..10].copy_from_slice(&self.flags.to_le_bytes());
+        b[16..24].copy_from_slice(&self.request_id.to_le_bytes());
+        b[24..32].copy_from_slice(&self.payload_len.to_le_bytes());
+        let crc = header_crc(&b);
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Parses and validates a header; every field is checked before the payload is read.
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Self, ProtocolError> {
+        let magic = [b[0], b[1], b[2], b[3]];
+        if magic != MAGIC {
+            return Err(ProtocolError::BadMagic { found: magic });
+        }
+        let found_crc = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+        let expected_crc = header_crc(b);
+        if found_crc != expected_crc {
+            return Err(ProtocolError::HeaderChecksum {
+                expected: expected_crc,
+                found: found_crc,
+            });
+        }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if !SUPPORTED_VERSIONS.contains(&version) {
+            return Err(ProtocolError::UnsupportedVersion {
+                found: version,
+                supported: SUPPORTED_VERSIONS.to_vec(),
+            });
+        }
+        let command = Command::try_from(u16::from_le_bytes([b[6], b[7]]))?;
+        let flags = u16::from_le_bytes([b[8], b[9]]);
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(ProtocolError::UnknownFlags { flags });
+        }
+        let reserved = u16::from_le_bytes([b[10], b[11]]);
+        if reserved != 0 {
+            return Err(ProtocolError::ReservedNonZero { value: reserved });
+        }
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&b[16..24]);
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&b[24..32]);
+        let payload_len = u64::from_le_bytes(len);
+        if payload_len > MAX_PAYLOAD {
+            return Err(ProtocolError::Oversize {
+                len: payload_len,
+                max: MAX_PAYLOAD,
+            });
+        }
+        Ok(Self {
+            version,
+            command,
+            flags,
+            request_id: u64::from_le_bytes(id),
+            payload_len,
+        })
+    }
+}
+
+fn header_crc(b: &[u8; HEADER_LEN]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&b[0..12]);
+    h.update(&b[16..32]);
+    h.finalize()
+}
+
+/// A received frame; the payload is borrowed from the channel's buffer (already decompressed).
+#[derive(Debug)]
+pub struct Frame<'a> {
+    pub header: FrameHeader,
+    pub payload: &'a [u8],
+}
+
+impl Frame<'_> {
+    /// Decodes the payload into a typed message.
+    pub fn message(&self) -> Result<Message, ProtocolError> {
+        Message::decode(self.header.command, self.payload)
+    }
+}
+
+/// A framed, optionally authenticated, duplex connection.
+///
+/// `S` is a socket (`TcpStream`, `UnixStream`) or any in-memory pipe. Buffers are reused
+/// across frames so the page stream allocates nothing per batch.
+pub struct Channel<S> {
+    stream: S,
+    version: u16,
+    key: Option<SessionKey>,
+    send_seq: u64,
+    recv_seq: u64,
+    rx: Vec<u8>,
+    lz: Vec<u8>,
+    tx: Vec<u8>,
+    bytes_sent: u64,
+    bytes_received: u64,
+}
+
+impl<S: Read + Write> Channel<S> {
+    pub fn new(stream: S) -> Self {
+        Self {
+            stream,
+            version: PROTOCOL_VERSION,
+            key: None,
+            send_seq: 0,
+            recv_seq: 0,
+            rx: Vec::new(),
+            lz: Vec::new(),
+            tx: Vec::new(),
+            bytes_sent: 0,
+            bytes_received: 0,
+        }
+    }
+
+    /// Uses `version` for every frame sent from now on (after negotiation).
+    pub fn set_version(&mut self, version: u16) {
+        self.version = version;
+    }
+
+    /// From now on every frame in both directions must carry a MAC under `key`.
+    pub fn set_session_key(&mut self, key: SessionKey) {
+        self.key = Some(key);
+    }
+
+    pub fn is_authenticated(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// Total bytes written and read, including headers and trailers.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes_received
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+
+    /// Sends a typed message.
+    pub fn send(
+        &mut self,
+        msg: &Message,
+        request_id: u64,
+        response: bool,
+    ) -> Result<(), ProtocolError> {
+        let mut payload = std::mem::take(&mut self.tx);
+        payload.clear();
+        msg.encode_payload(&mut payload);
+        let flags = if response { FLAG_RESPONSE } else { 0 };
+        let r = self.send_raw(msg.command(), request_id, flags, &payload, false);
+        self.tx = payload;
+        r
+    }
+
+    /// Sends an already-encoded payload; `compress` tries lz4 and keeps it if it is smaller.
+    pub fn send_raw(
+        &mut self,
+        command: Command,
+        request_id: u64,
+        mut flags: u16,
+        payload: &[u8],
+        compress: bool,
+    ) -> Result<(), ProtocolError> {
+        if payload.len() as u64 > MAX_PAYLOAD {
+            return Err(ProtocolError::Oversize {
+                len: payload.len() as u64,
+                max: MAX_PAYLOAD,
+            });
+        }
+        let mut body = payload;
+        if compress {
+            let max = lz4_flex::block::get_maximum_output_size(payload.len()) + 4;
+            self.lz.resize(max, 0);
+            self.lz[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+            if let Ok(n) = lz4_flex::block::compress_into(payload, &mut self.lz[4..]) {
+                if n + 4 < payload.len() {
+                    self.lz.truncate(n + 4);
+                    body = &self.lz;
+                    flags |= FLAG_LZ4;
+                }
+            }
+        }
+        if self.key.is_some() {
+            flags |= FLAG_MAC;
+        }
+        let header = FrameHeader {
+            version: self.version,
+            command,
+            flags,
+            request_id,
+            payload_len: body.len() as u64,
+        }
+        .encode();
+        let io = |e| ProtocolError::Io {
+            op: "sending a frame",
+            source: e,
+        };
+        self.stream.write_all(&header).map_err(io)?;
+        self.stream.write_all(body).map_err(io)?;
+        let trailer_len = match &self.key {
+            Some(key) => {
+                let mac = auth::frame_mac(key, self.send_seq, &header, body);
+                self.stream.write_all(&mac).map_err(io)?;
+                mac.len()
+            }
+            None => {
+                let mut h = crc32fast::Hasher::new();
+                h.update(&header);
+                h.update(body);
+                self.stream
+                    .write_all(&h.finalize().to_le_bytes())
+                    .map_err(io)?;
+                4
+            }
+        };
+        self.stream.flush().map_err(io)?;
+        self.send_seq += 1;
+        self.bytes_sent += (HEADER_LEN + body.len() + trailer_len) as u64;
+        Ok(())
+    }
+
+    /// Reads one frame, verifying header, length, integrity and (once keyed) the MAC.
+    pub fn recv_frame(&mut self) -> Result<Frame<'_>, ProtocolError> {
+        let mut hb = [0u8; HEADER_LEN];
+        read_full(&mut self.stream, &mut hb, "header", true)?;
+        let header = FrameHeader::decode(&hb)?;
+        let len = header.payload_len as usize;
+        self.rx.resize(len, 0);
+        read_full(&mut self.stream, &mut self.rx, "payload", false)?;
+        let has_mac = header.flags & FLAG_MAC != 0;
+        match (&self.key, has_mac) {
+            (Some(key), true) => {
+                let mut mac = [0u8; 32];
+                read_full(&mut self.stream, &mut mac, "MAC trailer", false)?;
+                let expected = auth::frame_mac(key, self.recv_seq, &hb, &self.rx);
+                if !auth::ct_eq(&expected, &mac) {
+                    return Err(ProtocolError::BadMac {
+                        command: header.command,
+                        sequence: self.recv_seq,
+                    });
+                }
+            }
+            (Some(_), false) => {
+                return Err(ProtocolError::MissingMac {
+                    command: header.command,
+                })
+            }
+            (None, true) => {
+                return Err(ProtocolError::UnexpectedMac {
+                    command: header.command,
+                })
+            }
+            (None, false) => {
+                let mut crc = [0u8; 4];
+                read_full(&mut self.stream, &mut crc, "CRC trailer", false)?;
+                let mut h = crc32fast::Hasher::new();
+                h.update(&hb);
+                h.update(&self.rx);
+                let expected = h.finalize();
+                let found = u32::from_le_bytes(crc);
+                if expected != found {
+                    return Err(ProtocolError::Checksum {
+                        command: header.command,
+                        expected,
+                        found,
+                    });
+                }
+            }
+        }
+        self.recv_seq += 1;
+        self.bytes_received += (HEADER_LEN + len + if has_mac { 32 } else { 4 }) as u64;
+        if header.flags & FLAG_LZ4 != 0 {
+            decompress(&self.rx, &mut self.lz, header.command)?;
+            return Ok(Frame {
+                header,
+                payload: &self.lz,
+            });
+        }
+        Ok(Frame {
+            header,
+            payload: &self.rx,
+        })
+    }
+
+    /// Reads one frame and decodes its message.
+    pub fn recv(&mut self) -> Result<(FrameHeader, Message), ProtocolError> {
+        let frame = self.recv_frame()?;
+        let msg = frame.message()?;
+        Ok((frame.header, msg))
+    }
+}
+
+fn decompress(src: &[u8], dst: &mut Vec<u8>, command: Command) -> Result<(), ProtocolError> {
+    let malformed = |reason: String| ProtocolError::Decompress { command, reason };
+    if src.len() < 4 {
+        return Err(malformed(format!(
+            "the compressed payload is {} bytes, shorter than its 4-byte size prefix",
+            src.len()
+        )));
+    }
+    let size = u32::from_le_bytes([src[0], src[1], src[2], src[3]]) as u64;
+    if size > MAX_PAYLOAD {
+        return Err(ProtocolError::Oversize {
+            len: size,
+            max: MAX_PAYLOAD,
+        });
+    }
+    dst.resize(size as usize, 0);
+    let n = lz4_flex::block::decompress_into(&src[4..], dst)
+        .map_err(|e| malformed(format!("lz4 rejected the block: {e}")))?;
+    if n as u64 != size {
+        return Err(malformed(format!(
+            "the block decompressed to {n} bytes but its prefix announced {size}"
+        )));
+    }
+    Ok(())
+}
+
+/// `read_exact` that tells a clean close (no byte of a header) from a truncated frame.
+fn read_full<R: Read>(
+    r: &mut R,
+    buf: &mut [u8],
+    part: &'static str,
+    frame_start: bool,
+) -> Result<(), ProtocolError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) if got == 0 && frame_start => return Err(ProtocolError::PeerClosed),
+            Ok(0) => {
+                return Err(ProtocolError::Truncated {
+                    part,
+                    expected: buf.len(),
+                    got,
+                })
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(ProtocolError::Io {
+                    op: "receiving a frame",
+                    source: e,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    /// A loop-back "stream": writes go to `out`, reads come from `input`.
+    struct Pipe {
+        input: Cursor<Vec<u8>>,
+        out: Vec<u8>,
+    }
+    impl Read for Pipe {
+        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+            self.input.read(b)
+        }
+    }
+    impl Write for Pipe {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.out.write(b)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    fn pipe(input: Vec<u8>) -> Channel<Pipe> {
+        Channel::new(Pipe {
+            input: Cursor::new(input),
+            out: Vec::new(),
+        })
+    }
+
+    fn one_frame(msg: &Message) -> Vec<u8> {
+        let mut c = pipe(Vec::new());
+        c.send(msg, 7, false).unwrap();
+        c.into_inner().out
+    }
+
+    #[test]
+    fn header_round_trips() {
+        let h = FrameHeader {
+            version: 1,
+            command: Command::State,
+            flags: FLAG_RESPONSE,
+            request_id: 99,
+            payload_len: 1234,
+        };
+        assert_eq!(FrameHeader::decode(&h.encode()).unwrap(), h);
+    }
+
+    #[test]
+    fn every_malformed_frame_is_a_typed_error() {
+        let good = one_frame(&Message::Abort { reason: "x".into() });
+        let recv = |bytes: Vec<u8>| pipe(bytes).recv().map(|_| ()).unwrap_err();
+
+        let mut b = good.clone();
+        b[0] = b'X';
+        assert!(matches!(recv(b), ProtocolError::BadMagic { .. }));
+
+        let mut b = good.clone();
+        b[20] ^= 1; // request id: covered by the header CRC
+        assert!(matches!(recv(b), ProtocolError::HeaderChecksum { .. }));
+
+        let mut b = good.clone();
+        b[6..8].copy_from_slice(&999u16.to_le_bytes());
+        let crc = header_crc(b[..32].try_into().unwrap());
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            recv(b),
+            ProtocolError::UnknownCommand { value: 999 }
+        ));
+
+        let mut b = good.clone();
+        b[6..8].copy_from_slice(&0u16.to_le_bytes());
+        let crc = header_crc(b[..32].try_into().unwrap());
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(recv(b), ProtocolError::InvalidCommand));
+
+        let mut b = good.clone();
+        b[24..32].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+        let crc = header_crc(b[..32].try_into().unwrap());
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        let e = recv(b);
+        assert!(matches!(e, ProtocolError::Oversize { .. }), "{e}");
+        assert!(e.to_string().contains(&(MAX_PAYLOAD + 1).to_string()));
+
+        let mut b = good.clone();
+        b[8..10].copy_from_slice(&0x80u16.to_le_bytes());
+        let crc = header_crc(b[..32].try_into().unwrap());
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            recv(b),
+            ProtocolError::UnknownFlags { flags: 0x80 }
+        ));
+
+        let mut b = good.clone();
+        b[4..6].copy_from_slice(&77u16.to_le_bytes());
+        let crc = header_crc(b[..32].try_into().unwrap());
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            recv(b),
+            ProtocolError::UnsupportedVersion { found: 77, .. }
+        ));
+
+        let mut b = good.clone();
+        let last = b.len() - 5;
+        b[last] ^= 0xff; // payload byte
+        assert!(matches!(recv(b), ProtocolError::Checksum { .. }));
+
+        let b = good[..good.len() - 2].to_vec();
+        assert!(matches!(
+            recv(b),
+            ProtocolError::Truncated {
+                part: "CRC trailer",
+                ..
+            }
+        ));
+        let b = good[..10].to_vec();
+        assert!(matches!(
+            recv(b),
+            ProtocolError::Truncated { part: "header", .. }
+        ));
+        assert!(matches!(recv(Vec::new()), ProtocolError::PeerClosed));
+    }
+
+    #[test]
+    fn keyed_channel_rejects_tampering_replay_and_unauthenticated_frames() {
+        let key = auth::session_key(b"psk", &[1; 32], &[2; 32], 1);
+        let mut tx = pipe(Vec::new());
+        tx.set_session_key(key.clone());
+        tx.send(&Message::Switchover, 1, false).unwrap();
+        tx.send(&Message::Resumed, 2, false).unwrap();
+        let wire = tx.into_inner().out;
+
+        let mut rx = pipe(wire.clone());
+        rx.set_session_key(key.clone());
+        assert_eq!(rx.recv().unwrap().1, Message::Switchover);
+        assert_eq!(rx.recv().unwrap().1, Message::Resumed);
+
+        // Second frame alone: its MAC was made with sequence 1, the receiver expects 0.
+        let first_len = wire.len() / 2;
+        let mut rx = pipe(wire[first_len..].to_vec());
+        rx.set_session_key(key.clone());
+        assert!(matches!(rx.recv(), Err(ProtocolError::BadMac { .. })));
+
+        let mut rx = pipe(one_frame(&Message::Switchover));
+        rx.set_session_key(key.clone());
+        assert!(matches!(rx.recv(), Err(ProtocolError::MissingMac { .. })));
+
+        let other = auth::session_key(b"other", &[1; 32], &[2; 32], 1);
+        let mut rx = pipe(wire);
+        rx.set_session_key(other);
+        assert!(matches!(rx.recv(), Err(ProtocolError::BadMac { .. })));
+    }
+
+    #[test]
+    fn lz4_payloads_round_trip() {
+        let payload = vec![7u8; 100_000];
+        let mut c = pipe(Vec::new());
+        c.send_raw(Command::State, 3, 0, &payload, true).unwrap();
+        let wire = c.into_inner().out;
+        assert!(
+            wire.len() < 10_000,
+            "compressible payload was not compressed"
+        );
+        let mut rx = pipe(wire);
+        let f = rx.recv_frame().unwrap();
+        assert_eq!(f.payload, &payload[..]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), keyed in proptest::prelude::any::<bool>()) {
+            let mut c = pipe(bytes);
+            if keyed {
+                c.set_session_key(auth::session_key(b"k", &[0; 32], &[0; 32], 1));
+            }
+            while c.recv().is_ok() {}
+        }
+
+        #[test]
+        fn arbitrary_bytes_after_a_valid_header_never_panic(tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256), cmd in 1u16..14, lz in proptest::prelude::any::<bool>()) {
+            let command = Command::try_from(cmd).unwrap();
+            let h = FrameHeader { version: 1, command, flags: if lz { FLAG_LZ4 } else { 0 }, request_id: 1, payload_len: tail.len() as u64 };
+            let mut bytes = h.encode().to_vec();
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&bytes);
+            crc.update(&tail);
+            bytes.extend_from_slice(&tail);
+            bytes.extend_from_slice(&crc.finalize().to_le_bytes());
+            let _ = pipe(bytes).recv();
+        }
+    }
+}

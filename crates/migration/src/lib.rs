@@ -1,0 +1,80 @@
+//! rayvisor live migration, the part that needs no KVM: wire protocol, session state
+//! machine, convergence policy, and the sender/receiver drivers.
+//!
+//! # Pieces
+//!
+//! - [`frame`] / [`protocol`]: versioned frames (`RYMG` header, command, flags, request id,
+//!   length ≤ [`frame::MAX_PAYLOAD`]), CRC32 before authentication and a keyed-BLAKE3 MAC
+//!   with a sequence number after it; every malformed frame is a [`ProtocolError`].
+//! - [`auth`]: mutual challenge/response over a pre-shared key; no memory or state moves
+//!   before both sides proved the key and the target accepted the [`CompatInfo`].
+//! - [`session`]: one enum, one transition table, shared by both sides.
+//! - [`convergence`]: EMA dirty rate and bandwidth, expected downtime, throttle steps, limits.
+//! - [`sender`] / [`receiver`]: drivers generic over [`GuestMemoryAccess`], [`SourceVm`],
+//!   [`TargetVm`] and any `Read + Write` stream ([`transport`] opens TCP and Unix sockets).
+//! - [`progress`]: a polled [`Progress`] cell, a [`CancelToken`], and [`MigrationSlots`]
+//!   (at most 8 concurrent migrations per host by default).
+//! - [`memvm`]: in-memory VMs for tests and [`bench::bench_migrate`].
+//!
+//! # Who runs the VM: the split-brain rule
+//!
+//! The VM must never run in two places and never be lost. Ownership passes exactly once,
+//! at the `Switchover` frame, and only forward:
+//!
+//! 1. Until the source sends `Switchover`, the source owns the VM. The target may load
+//!    memory and state but must not resume; any failure (link cut, target killed, wrong
+//!    key, incompatible target, hash mismatch, cancel, policy abort) makes the source roll
+//!    back — lift the throttle, stop dirty logging, resume — and the target discard its copy.
+//!    The source sends `Switchover` only after the target acknowledged that the memory
+//!    hashes match, so the target has everything it needs when it receives it.
+//! 2. Sending `Switchover` is the source's commit point (session state `Completing`). From
+//!    then on the source never resumes on its own. The target, on receiving `Switchover`,
+//!    owns the VM: it resumes it and answers `Resumed`; the source then reports `Completed`
+//!    and the VMM moves its copy to `Terminated`.
+//! 3. The only way back after the commit point is an explicit `Error{ResumeFailed}` from the
+//!    target, sent after its resume failed and before it tears the VM down: the target
+//!    tells the source it has not run and will not run the VM, so the source may resume.
+//! 4. If the link fails after `Switchover` (no `Resumed`, no explicit refusal), the source
+//!    cannot tell "target runs the VM" from "target died": it ends `Failed` with
+//!    [`sender::SourceVmAfterFailure::PausedOwnershipUncertain`], keeps the paused VM and
+//!    its memory intact, and resumes it only when an operator or fencing confirms the
+//!    target is dead. A target that dies after the switch-over therefore can never bring
+//!    the source back by itself: at most one copy runs; at worst none runs until fencing,
+//!    and the paused copy is still there, so the VM is not lost.
+//!
+//! The session table enforces it: from `Completing`, `Fault` leads to `Failed` (not
+//! `RollingBack`), `Cancel` is refused, and only `ResumeFailed` leads to `RollingBack`.
+//!
+//! # What the VMM implements
+//!
+//! - [`GuestMemoryAccess`] over its guest memory map (regions in a fixed order).
+//! - [`SourceVm`]: dirty logging (`KVM_MEM_LOG_DIRTY_PAGES` + `KVM_GET_DIRTY_LOG`, ORed with
+//!   the VMM's own device writes), pause/resume of vCPUs and devices, vCPU throttling, and
+//!   a state blob. The VM sits in its `MigrationSource` state while the sender runs.
+//! - [`TargetVm`]: restore the blob (validating it), resume, discard. The VM sits in
+//!   `MigrationTarget` while the receiver runs.
+//! - A [`CompatInfo`] on each side: vCPU count, regions, CPUID fingerprint, flavour.
+
+pub mod auth;
+pub mod bench;
+pub mod convergence;
+mod error;
+pub mod frame;
+pub mod memvm;
+pub mod progress;
+pub mod protocol;
+pub mod receiver;
+pub mod sender;
+pub mod session;
+pub mod transport;
+pub mod vm;
+
+pub use auth::PresharedKey;
+pub use convergence::{decide, Decision, LimitAction, Policy, Stats};
+pub use error::{MigrationError, ProtocolError};
+pub use progress::{CancelToken, MigrationSlots, Progress, ProgressHandle, TooManyMigrations};
+pub use protocol::{CompatInfo, MemoryRegion};
+pub use receiver::{receive_migration, ReceiveFailure, ReceiveReport, ReceiverConfig};
+pub use sender::{send_migration, SendFailure, SendReport, SenderConfig, SourceVmAfterFailure};
+pub use session::{Session, SessionEvent, SessionState};
+pub use vm::{DirtyBitmap, GuestMemoryAccess, MemoryError, SourceVm, TargetVm, VmError};

@@ -1,0 +1,843 @@
+//! Commands and their payloads. Framing lives in [`crate::frame`].
+//!
+//! Conversation (source on the left; every request is answered before the next, except
+//! that `MemoryPages` batches stream without answers until the `DirtyPass` marker):
+//!
+//! ```text
+//! Hello{versions, nonce_s}      ->
+//!                               <- Hello{[chosen], nonce_t}
+//! Auth{proof_s}                 ->
+//!                               <- Auth{proof_t} | Error{AuthFailed}
+//!        ---- every frame from here on carries a MAC ----
+//! Compat{vcpus, regions, ..}    ->
+//!                               <- Ack | Incompatible{reason}
+//! MemoryPages* DirtyPass{n}     ->   (repeated per pre-copy pass)
+//!                               <- Ack
+//! MemoryPages* DirtyPass{last}  ->   (source paused)
+//!                               <- Ack
+//! State{blob}                   ->
+//!                               <- Ack | Error{State}
+//! VerifyHash{per-region hashes} ->
+//!                               <- Ack | Error{VerifyMismatch}
+//! Switchover                    ->   (source relinquishes the VM)
+//!                               <- Resumed | Error{ResumeFailed}
+//! Abort{reason}                 ->   (any time before Switchover)
+//! ```
+
+use crate::frame::MAX_PAYLOAD;
+use crate::ProtocolError;
+
+/// Wire command numbers. Zero is never valid, so an all-zero header is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum Command {
+    Invalid = 0,
+    Hello = 1,
+    Auth = 2,
+    Compat = 3,
+    Incompatible = 4,
+    MemoryPages = 5,
+    DirtyPass = 6,
+    State = 7,
+    VerifyHash = 8,
+    Switchover = 9,
+    Resumed = 10,
+    Abort = 11,
+    Ack = 12,
+    Error = 13,
+}
+
+impl TryFrom<u16> for Command {
+    type Error = ProtocolError;
+    fn try_from(v: u16) -> Result<Self, ProtocolError> {
+        Ok(match v {
+            0 => return Err(ProtocolError::InvalidCommand),
+            1 => Command::Hello,
+            2 => Command::Auth,
+            3 => Command::Compat,
+            4 => Command::Incompatible,
+            5 => Command::MemoryPages,
+            6 => Command::DirtyPass,
+            7 => Command::State,
+            8 => Command::VerifyHash,
+            9 => Command::Switchover,
+            10 => Command::Resumed,
+            11 => Command::Abort,
+            12 => Command::Ack,
+            13 => Command::Error,
+            value => return Err(ProtocolError::UnknownCommand { value }),
+        })
+    }
+}
+
+/// Why a peer refused a request, carried in `Error` frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    AuthFailed = 1,
+    Protocol = 2,
+    Memory = 3,
+    State = 4,
+    VerifyMismatch = 5,
+    ResumeFailed = 6,
+    Internal = 7,
+    Cancelled = 8,
+}
+
+impl ErrorCode {
+    fn from_u16(v: u16) -> Option<Self> {
+        Some(match v {
+            1 => Self::AuthFailed,
+            2 => Self::Protocol,
+            3 => Self::Memory,
+            4 => Self::State,
+            5 => Self::VerifyMismatch,
+            6 => Self::ResumeFailed,
+            7 => Self::Internal,
+            8 => Self::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// One guest memory region: guest-physical address and size in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemoryRegion {
+    pub gpa: u64,
+    pub size: u64,
+}
+
+/// What the target must match before any memory moves.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CompatInfo {
+    pub vcpus: u32,
+    pub page_size: u32,
+    pub regions: Vec<MemoryRegion>,
+    /// Hash of the CPUID leaves the guest sees; the VMM computes it.
+    pub cpuid_fingerprint: [u8; 32],
+    /// Hypervisor flavour and state format, e.g. "rayvisor-kvm-x86_64/1".
+    pub flavour: String,
+}
+
+impl CompatInfo {
+    /// `None` when `source` can run here, else a sentence naming the first mismatch.
+    pub fn mismatch(&self, source: &CompatInfo) -> Option<String> {
+        if source.flavour != self.flavour {
+            return Some(format!(
+                "hypervisor flavour differs: source runs {:?}, target runs {:?}",
+                source.flavour, self.flavour
+            ));
+        }
+        if source.vcpus != self.vcpus {
+            return Some(format!(
+                "vCPU count differs: source has {}, target has {}",
+                source.vcpus, self.vcpus
+            ));
+        }
+        if source.page_size != self.page_size {
+            return Some(format!(
+                "page size differs: source uses {} bytes, target uses {}",
+                source.page_size, self.page_size
+            ));
+        }
+        if source.regions != self.regions {
+            return Some(format!(
+                "memory layout differs: source has {}, target has {}",
+                fmt_regions(&source.regions),
+                fmt_regions(&self.regions)
+            ));
+        }
+        if source.cpuid_fingerprint != self.cpuid_fingerprint {
+            return Some(format!(
+                "CPUID differs: source fingerprint {}, target fingerprint {}",
+                hex8(&source.cpuid_fingerprint),
+                hex8(&self.cpuid_fingerprint)
+            ));
+        }
+        None
+    }
+}
+
+fn fmt_regions(r: &[MemoryRegion]) -> String {
+    let parts: Vec<String> = r
+        .iter()
+        .map(|m| format!("{:#x}+{:#x}", m.gpa, m.size))
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
+
+fn hex8(b: &[u8; 32]) -> String {
+    b[..8].iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// BLAKE3 of one region's contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionHash {
+    pub gpa: u64,
+    pub size: u64,
+    pub hash: [u8; 32],
+}
+
+/// Owned form of a page batch (tests and small users; the drivers use
+/// [`PageBatchWriter`] and [`PageBatchView`] to avoid copies).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageBatch {
+    pub page_size: u32,
+    /// `(gpa, None)` is a zero page.
+    pub pages: Vec<(u64, Option<Vec<u8>>)>,
+}
+
+/// Every message, typed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello { versions: Vec<u16>, nonce: [u8; 32] },
+    Auth { mac: [u8; 32] },
+    Compat(CompatInfo),
+    Incompatible { reason: String },
+    MemoryPages(PageBatch),
+    DirtyPass { pass: u32, pages: u64, last: bool },
+    State(Vec<u8>),
+    VerifyHash(Vec<RegionHash>),
+    Switchover,
+    Resumed,
+    Abort { reason: String },
+    Ack { command: Command },
+    Error { code: ErrorCode, message: String },
+}
+
+const MAX_STRING: usize = 64 << 10;
+const MAX_LIST: usize = 4096;
+/// Most pages in one batch.
+pub const MAX_BATCH_PAGES: u32 = 1 << 16;
+
+impl Message {
+    pub fn command(&self) -> Command {
+        match self {
+            Message::Hello { .. } => Command::Hello,
+            Message::Auth { .. } => Command::Auth,
+            Message::Compat(_) => Command::Compat,
+            Message::Incompatible { .. } => Command::Incompatible,
+            Message::MemoryPages(_) => Command::MemoryPages,
+            Message::DirtyPass { .. } => Command::DirtyPass,
+            Message::State(_) => Command::State,
+            Message::VerifyHash(_) => Command::VerifyHash,
+            Message::Switchover => Command::Switchover,
+            Message::Resumed => Command::Resumed,
+            Message::Abort { .. } => Command::Abort,
+            Message::Ack { .. } => Command::Ack,
+            Message::Error { .. } => Command::Error,
+        }
+    }
+
+    /// Appends the payload to `out`.
+    pub fn encode_payload(&self, out: &mut Vec<u8>) {
+        match self {
+            Message::Hello { versions, nonce } => {
+                out.extend_from_slice(&(versions.len() as u16).to_le_bytes());
+                for v in versions {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+                out.extend_from_slice(nonce);
+            }
+            Message::Auth { mac } => out.extend_from_slice(mac),
+            Message::Compat(c) => {
+                out.extend_from_slice(&c.vcpus.to_le_bytes());
+                out.extend_from_slice(&c.page_size.to_le_bytes());
+                out.extend_from_slice(&(c.regions.len() as u32).to_le_bytes());
+                for r in &c.regions {
+                    out.extend_from_slice(&r.gpa.to_le_bytes());
+                    out.extend_from_slice(&r.size.to_le_bytes());
+                }
+                out.extend_from_slice(&c.cpuid_fingerprint);
+                put_str(out, &c.flavour);
+            }
+            Message::Incompatible { reason } | Message::Abort { reason } => put_str(out, reason),
+            Message::MemoryPages(b) => {
+                let mut w = PageBatchWriter::new(b.page_size as usize, b.pages.len().max(1));
+                for (gpa, data) in &b.pages {
+                    match data {
+                        Some(d) => w.slot().copy_from_slice(d),
+                        None => w.slot().fill(0),
+                    }
+                    w.commit(*gpa);
+                }
+                out.extend_from_slice(w.finish());
+            }
+            Message::DirtyPass { pass, pages, last } => {
+                out.extend_from_slice(&pass.to_le_bytes());
+                out.extend_from_slice(&pages.to_le_bytes());
+                out.push(u8::from(*last));
+            }
+            Message::State(blob) => out.extend_from_slice(blob),
+            Message::VerifyHash(hs) => {
+                out.extend_from_slice(&(hs.len() as u32).to_le_bytes());
+                for h in hs {
+                    out.extend_from_slice(&h.gpa.to_le_bytes());
+                    out.extend_from_slice(&h.size.to_le_bytes());
+                    out.extend_from_slice(&h.hash);
+                }
+            }
+            Message::Switchover | Message::Resumed => {}
+            Message::Ack { command } => out.extend_from_slice(&(*command as u16).to_le_bytes()),
+            Message::Error { code, message } => {
+                out.extend_from_slice(&(*code as u16).to_le_bytes());
+                put_str(out, message);
+            }
+        }
+    }
+
+    /// Decodes a payload; every inconsistency is a `Malformed` error naming the command.
+    pub fn decode(command: Command, payload: &[u8]) -> Result<Message, ProtocolError> {
+        let mut r = Reader {
+            command,
+            buf: payload,
+        };
+        let msg = match command {
+            Command::Invalid => return Err(ProtocolError::InvalidCommand),
+            Command::Hello => {
+                let n = r.u16()? as usize;
+                if n == 0 || n > 64 {
+                    return Err(r.bad(format!("it offers {n} versions; 1 to 64 are allowed")));
+                }
+                let mut versions = Vec::with_capacity(n);
+                for _ in 0..n {
+                    versions.push(r.u16()?);
+                }
+                Message::Hello {
+                    versions,
+                    nonce: r.array()?,
+                }
+            }
+            Command::Auth => Message::Auth { mac: r.array()? },
+            Command::Compat => {
+                let vcpus = r.u32()?;
+                let page_size = r.u32()?;
+                let n = r.u32()? as usize;
+                if n > MAX_LIST {
+                    return Err(r.bad(format!("it lists {n} regions; at most {MAX_LIST}")));
+                }
+                let mut regions = Vec::with_capacity(n);
+                for _ in 0..n {
+                    regions.push(MemoryRegion {
+                        gpa: r.u64()?,
+                        size: r.u64()?,
+                    });
+                }
+                Message::Compat(CompatInfo {
+                    vcpus,
+                    page_size,
+                    regions,
+                    cpuid_fingerprint: r.array()?,
+                    flavour: r.string()?,
+                })
+            }
+            Command::Incompatible => Message::Incompatible {
+                reason: r.string()?,
+            },
+            Command::Abort => Message::Abort {
+                reason: r.string()?,
+            },
+            Command::MemoryPages => {
+                let view = PageBatchView::parse(payload)?;
+                let pages = view
+                    .iter()
+                    .map(|(gpa, d)| (gpa, d.map(<[u8]>::to_vec)))
+                    .collect();
+                r.buf = &[];
+                Message::MemoryPages(PageBatch {
+                    page_size: view.page_size() as u32,
+                    pages,
+                })
+            }
+            Command::DirtyPass => {
+                let pass = r.u32()?;
+                let pages = r.u64()?;
+                let last = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    v => return Err(r.bad(format!("its last-pass flag is {v}, not 0 or 1"))),
+                };
+                Message::DirtyPass { pass, pages, last }
+            }
+            Command::State => {
+                r.buf = &[];
+                Message::State(payload.to_vec())
+            }
+            Command::VerifyHash => {
+                let n = r.u32()? as usize;
+                if n > MAX_LIST {
+                    return Err(r.bad(format!("it lists {n} region hashes; at most {MAX_LIST}")));
+                }
+                let mut hs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    hs.push(RegionHash {
+                        gpa: r.u64()?,
+                        size: r.u64()?,
+                        hash: r.array()?,
+                    });
+                }
+                Message::VerifyHash(hs)
+            }
+            Command::Switchover => Message::Switchover,
+            Command::Resumed => Message::Resumed,
+            Command::Ack => {
+                let v = r.u16()?;
+                Message::Ack {
+                    command: Command::try_from(v).map_err(|_| {
+                        r.bad(format!(
+                            "it acknowledges command {v}, which is not a command"
+                        ))
+                    })?,
+                }
+            }
+            Command::Error => {
+                let v = r.u16()?;
+                let code = ErrorCode::from_u16(v)
+                    .ok_or_else(|| r.bad(format!("its error code {v} is unknown")))?;
+                Message::Error {
+                    code,
+                    message: r.string()?,
+                }
+            }
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let s = if s.len() > MAX_STRING {
+        // Cut on a char boundary so the peer still gets valid UTF-8.
+        let mut end = MAX_STRING;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        &s[..end]
+    } else {
+        s
+    };
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+struct Reader<'a> {
+    command: Command,
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn bad(&self, reason: String) -> ProtocolError {
+        ProtocolError::Malformed {
+            command: self.command,
+            reason,
+        }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        if self.buf.len() < n {
+            return Err(self.bad(format!(
+                "it ends after {} more bytes where {n} were needed",
+                self.buf.len()
+            )));
+        }
+        let (a, b) = self.buf.split_at(n);
+        self.buf = b;
+        Ok(a)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.array::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn string(&mut self) -> Result<String, ProtocolError> {
+        let n = self.u32()? as usize;
+        if n > MAX_STRING {
+            return Err(self.bad(format!("a string is {n} bytes; at most {MAX_STRING}")));
+        }
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| self.bad("a string is not UTF-8".into()))
+    }
+    fn finish(&self) -> Result<(), ProtocolError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(self.bad(format!("{} bytes are left over", self.buf.len())))
+        }
+    }
+}
+
+/// Builds a `MemoryPages` payload in place: the driver reads guest memory straight into
+/// [`slot`](Self::slot), so each page is copied once on its way to the socket.
+///
+/// Layout: `page_size u32 | count u32 | non-zero page data | gpa u64 * count |
+/// zero bitmap (bit i set = page i is all zeros, not sent)`. The index sits after the
+/// data so it can be written once the batch is full.
+pub struct PageBatchWriter {
+    buf: Vec<u8>,
+    page_size: usize,
+    capacity: usize,
+    data_end: usize,
+    gpas: Vec<u64>,
+    zero: Vec<u8>,
+    nonzero: usize,
+}
+
+const BATCH_HEADER: usize = 8;
+
+impl PageBatchWriter {
+    pub fn new(page_size: usize, capacity: usize) -> Self {
+        let capacity = capacity.min(MAX_BATCH_PAGES as usize);
+        Self {
+            buf: vec![0; BATCH_HEADER + capacity * (page_size + 8) + capacity.div_ceil(8)],
+            page_size,
+            capacity,
+            data_end: BATCH_HEADER,
+            gpas: Vec::with_capacity(capacity),
+            zero: vec![0; capacity.div_ceil(8)],
+            nonzero: 0,
+        }
+    }
+
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.gpas.len() >= self.capacity
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.gpas.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.gpas.len()
+    }
+
+    /// Non-zero pages in the batch.
+    pub fn nonzero_pages(&self) -> usize {
+        self.nonzero
+    }
+
+    /// Where the next page's bytes go.
+    pub fn slot(&mut self) -> &mut [u8] {
+        &mut self.buf[self.data_end..self.data_end + self.page_size]
+    }
+
+    /// Records the page just written to [`slot`](Self::slot); an all-zero page costs one bit.
+    pub fn commit(&mut self, gpa: u64) {
+        let i = self.gpas.len();
+        self.gpas.push(gpa);
+        let page = &self.buf[self.data_end..self.data_end + self.page_size];
+        if is_zero(page) {
+            self.zero[i / 8] |= 1 << (i % 8);
+        } else {
+            self.data_end += self.page_size;
+            self.nonzero += 1;
+        }
+    }
+
+    /// Completes the payload; valid until the next [`reset`](Self::reset).
+    pub fn finish(&mut self) -> &[u8] {
+        let n = self.gpas.len();
+        self.buf[0..4].copy_from_slice(&(self.page_size as u32).to_le_bytes());
+        self.buf[4..8].copy_from_slice(&(n as u32).to_le_bytes());
+        let mut at = self.data_end;
+        for g in &self.gpas {
+            self.buf[at..at + 8].copy_from_slice(&g.to_le_bytes());
+            at += 8;
+        }
+        let bm = n.div_ceil(8);
+        self.buf[at..at + bm].copy_from_slice(&self.zero[..bm]);
+        &self.buf[..at + bm]
+    }
+
+    pub fn reset(&mut self) {
+        self.data_end = BATCH_HEADER;
+        self.gpas.clear();
+        self.zero.fill(0);
+        self.nonzero = 0;
+    }
+}
+
+/// True when every byte is zero; written so the compiler vectorizes it.
+pub fn is_zero(page: &[u8]) -> bool {
+    let mut chunks = page.chunks_exact(64);
+    let whole = chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0);
+    whole && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// A validated, borrowed `MemoryPages` payload.
+#[derive(Debug)]
+pub struct PageBatchView<'a> {
+    page_size: usize,
+    count: usize,
+    data: &'a [u8],
+    gpas: &'a [u8],
+    zero: &'a [u8],
+}
+
+impl<'a> PageBatchView<'a> {
+    /// Checks sizes and counts; gpas are checked against the memory map by the receiver.
+    pub fn parse(payload: &'a [u8]) -> Result<Self, ProtocolError> {
+        let bad = |reason: String| ProtocolError::Malformed {
+            command: Command::MemoryPages,
+            reason,
+        };
+        if payload.len() < BATCH_HEADER {
+            return Err(bad(format!(
+                "it is {} bytes, shorter than its 8-byte header",
+                payload.len()
+            )));
+        }
+        let page_size = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+        let count = u32::from_le_bytes([payload[4], payload[5], payload[6], payload[7]]);
+        if !page_size.is_power_of_two() || !(512..=(2 << 20)).contains(&page_size) {
+            return Err(bad(format!(
+                "its page size {page_size} is not a power of two between 512 bytes and 2 MiB"
+            )));
+        }
+        if count > MAX_BATCH_PAGES {
+            return Err(bad(format!(
+                "it holds {count} pages; at most {MAX_BATCH_PAGES}"
+            )));
+        }
+        let (ps, n) = (page_size as usize, count as usize);
+        let index = n * 8 + n.div_ceil(8);
+        let body = &payload[BATCH_HEADER..];
+        if body.len() < index {
+            return Err(bad(format!(
+                "it holds {} bytes after the header, too few for the index of {n} pages ({index} bytes)",
+                body.len()
+            )));
+        }
+        let (data, idx) = body.split_at(body.len() - index);
+        let (gpas, zero) = idx.split_at(n * 8);
+        let zeros: usize = zero.iter().map(|b| b.count_ones() as usize).sum();
+        if n % 8 != 0 && zero.last().is_some_and(|b| b >> (n % 8) != 0) {
+            return Err(bad(
+                "its zero bitmap marks pages past the end of the batch".into()
+            ));
+        }
+        let nonzero = n - zeros;
+        if data.len() as u64 != nonzero as u64 * ps as u64 {
+            return Err(bad(format!(
+                "it carries {} data bytes for {nonzero} non-zero pages of {ps} bytes",
+                data.len()
+            )));
+        }
+        if MAX_PAYLOAD < payload.len() as u64 {
+            return Err(ProtocolError::Oversize {
+                len: payload.len() as u64,
+                max: MAX_PAYLOAD,
+            });
+        }
+        Ok(Self {
+            page_size: ps,
+            count: n,
+            data,
+            gpas,
+            zero,
+        })
+    }
+
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// `(gpa, Some(bytes))` for a sent page, `(gpa, None)` for a zero page.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, Option<&'a [u8]>)> + '_ {
+        let mut data = self.data;
+        let ps = self.page_size;
+        (0..self.count).map(move |i| {
+            let mut g = [0u8; 8];
+            g.copy_from_slice(&self.gpas[i * 8..i * 8 + 8]);
+            let gpa = u64::from_le_bytes(g);
+            if self.zero[i / 8] & (1 << (i % 8)) != 0 {
+                (gpa, None)
+            } else {
+                let (page, rest) = data.split_at(ps);
+                data = rest;
+                (gpa, Some(page))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn compat() -> CompatInfo {
+        CompatInfo {
+            vcpus: 4,
+            page_size: 4096,
+            regions: vec![
+                MemoryRegion {
+                    gpa: 0,
+                    size: 1 << 30,
+                },
+                MemoryRegion {
+                    gpa: 1 << 32,
+                    size: 1 << 30,
+                },
+            ],
+            cpuid_fingerprint: [9; 32],
+            flavour: "rayvisor-kvm-x86_64/1".into(),
+        }
+    }
+
+    fn every_message() -> Vec<Message> {
+        vec![
+            Message::Hello {
+                versions: vec![1, 2],
+                nonce: [3; 32],
+            },
+            Message::Auth { mac: [4; 32] },
+            Message::Compat(compat()),
+            Message::Incompatible {
+                reason: "vCPU count differs".into(),
+            },
+            Message::MemoryPages(PageBatch {
+                page_size: 4096,
+                pages: vec![
+                    (0x1000, Some(vec![1; 4096])),
+                    (0x2000, None),
+                    (0x5000, Some(vec![2; 4096])),
+                ],
+            }),
+            Message::DirtyPass {
+                pass: 3,
+                pages: 77,
+                last: true,
+            },
+            Message::State(vec![1, 2, 3]),
+            Message::VerifyHash(vec![RegionHash {
+                gpa: 0,
+                size: 4096,
+                hash: [5; 32],
+            }]),
+            Message::Switchover,
+            Message::Resumed,
+            Message::Abort {
+                reason: "cancelled".into(),
+            },
+            Message::Ack {
+                command: Command::State,
+            },
+            Message::Error {
+                code: ErrorCode::VerifyMismatch,
+                message: "region 0 differs".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn every_command_round_trips() {
+        let msgs = every_message();
+        assert_eq!(msgs.len(), 13, "one message per command");
+        for m in msgs {
+            let mut p = Vec::new();
+            m.encode_payload(&mut p);
+            assert_eq!(Message::decode(m.command(), &p).unwrap(), m);
+            assert_eq!(Command::try_from(m.command() as u16).unwrap(), m.command());
+        }
+    }
+
+    #[test]
+    fn truncated_and_padded_payloads_are_refused() {
+        for m in every_message() {
+            let mut p = Vec::new();
+            m.encode_payload(&mut p);
+            if !matches!(m, Message::State(_)) {
+                let mut longer = p.clone();
+                longer.push(0);
+                let e = Message::decode(m.command(), &longer).unwrap_err();
+                assert!(matches!(e, ProtocolError::Malformed { .. }), "{m:?}: {e}");
+            }
+            if !p.is_empty() && !matches!(m, Message::State(_)) {
+                let e = Message::decode(m.command(), &p[..p.len() - 1]).unwrap_err();
+                assert!(matches!(e, ProtocolError::Malformed { .. }), "{m:?}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn incompatibility_names_the_mismatch() {
+        let t = compat();
+        let mut s = compat();
+        assert_eq!(t.mismatch(&s), None);
+        s.vcpus = 8;
+        assert_eq!(
+            t.mismatch(&s).unwrap(),
+            "vCPU count differs: source has 8, target has 4"
+        );
+        let mut s = compat();
+        s.regions.pop();
+        assert!(t.mismatch(&s).unwrap().starts_with("memory layout differs"));
+        let mut s = compat();
+        s.cpuid_fingerprint[0] = 0;
+        assert!(t.mismatch(&s).unwrap().starts_with("CPUID differs"));
+        let mut s = compat();
+        s.flavour = "other".into();
+        assert!(t.mismatch(&s).unwrap().contains("\"other\""));
+        let mut s = compat();
+        s.page_size = 2 << 20;
+        assert!(t.mismatch(&s).unwrap().starts_with("page size differs"));
+    }
+
+    #[test]
+    fn zero_check_sees_every_byte() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero(&p));
+        for i in [0, 63, 64, 4095] {
+            p[i] = 1;
+            assert!(!is_zero(&p));
+            p[i] = 0;
+        }
+        assert!(!is_zero(&[0, 0, 1]));
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_payloads_never_panics(cmd in 0u16..16, bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(c) = Command::try_from(cmd) {
+                let _ = Message::decode(c, &bytes);
+            }
+        }
+
+        #[test]
+        fn page_batches_round_trip(pages in proptest::collection::vec((any::<u32>(), any::<bool>(), any::<u8>()), 0..40)) {
+            let batch = PageBatch {
+                page_size: 512,
+                pages: pages.iter().map(|&(g, z, b)| (u64::from(g) << 9, if z || b == 0 { None } else { Some(vec![b; 512]) })).collect(),
+            };
+            let m = Message::MemoryPages(batch);
+            let mut p = Vec::new();
+            m.encode_payload(&mut p);
+            prop_assert_eq!(Message::decode(Command::MemoryPages, &p).unwrap(), m);
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! The target side: answers the source, writes pages, restores state, verifies, resumes.
+
+use std::io::{Read, Write};
+
+use crate::auth::{self, PresharedKey, Side};
+use crate::frame::{Channel, SUPPORTED_VERSIONS};
+use crate::progress::{CancelToken, ProgressHandle};
+use crate::protocol::{Command, CompatInfo, ErrorCode, MemoryRegion, Message, PageBatchView};
+use crate::session::{Session, SessionEvent, SessionState};
+use crate::vm::{hash_regions, GuestMemoryAccess, TargetVm};
+use crate::MigrationError;
+
+/// Target settings.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    pub key: PresharedKey,
+    pub progress: ProgressHandle,
+    /// Checked between frames; a cancelled target tears down and tells the source.
+    pub cancel: CancelToken,
+}
+
+impl ReceiverConfig {
+    pub fn new(key: PresharedKey) -> Self {
+        Self {
+            key,
+            progress: ProgressHandle::new(),
+            cancel: CancelToken::new(),
+        }
+    }
+}
+
+/// A completed migration, seen from the target: the VM runs here now.
+#[derive(Debug, Clone)]
+pub struct ReceiveReport {
+    pub passes: u32,
+    pub pages_received: u64,
+    pub bytes_received: u64,
+    pub state_bytes: usize,
+    pub session: Session,
+}
+
+/// A failed migration, seen from the target. Unless `owns_vm`, the half-built VM was
+/// discarded and never ran.
+#[derive(Debug, thiserror::Error)]
+#[error("incoming migration failed in state {failed_in:?}: {error}")]
+pub struct ReceiveFailure {
+    #[source]
+    pub error: MigrationError,
+    pub failed_in: SessionState,
+    /// True only if the failure came after `Switchover` and the VM was resumed here.
+    pub owns_vm: bool,
+    pub session: Session,
+}
+
+/// Receives a VM over `stream`. `local` describes the VM shell prepared here; the source
+/// must match it exactly.
+pub fn receive_migration<S, M, V>(
+    stream: S,
+    mem: &M,
+    vm: &mut V,
+    local: &CompatInfo,
+    cfg: &ReceiverConfig,
+) -> Result<ReceiveReport, ReceiveFailure>
+where
+    S: Read + Write,
+    M: GuestMemoryAccess + ?Sized,
+    V: TargetVm + ?Sized,
+{
+    let mut r = Receiver {
+        ch: Channel::new(stream),
+        session: Session::new(),
+        cfg,
+        pages: 0,
+        pass_pages: 0,
+        passes: 0,
+        state_bytes: 0,
+        verified: false,
+    };
+    match r.run(mem, vm, local) {
+        Ok(()) => Ok(ReceiveReport {
+            passes: r.passes,
+            pages_received: r.pages,
+            bytes_received: r.ch.bytes_received(),
+            state_bytes: r.state_bytes,
+            session: r.session,
+        }),
+        Err(error) => Err(r.fail(vm, error)),
+    }
+}
+
+struct Receiver<'a, S> {
+    ch: Channel<S>,
+    session: Session,
+    cfg: &'a ReceiverConfig,
+    pages: u64,
+    pass_pages: u64,
+    passes: u32,
+    state_bytes: usize,
+    verified: bool,
+}
+
+impl<S: Read + Write> Receiver<'_, S> {
+    fn event(&mut self, e: SessionEvent) -> Result<(), MigrationError> {
+        let to = self.session.apply(e)?;
+        self.cfg.progress.update(|p| p.state = to);
+        Ok(())
+    }
+
+    fn reply(&mut self, id: u64, msg: &Message) -> Result<(), MigrationError> {
+        Ok(self.ch.send(msg, id, true)?)
+    }
+
+    fn ack(&mut self, id: u64, command: Command) -> Result<(), MigrationError> {
+        self.reply(id, &Message::Ack { command })
+    }
+
+    /// Tells the source why we stop, then returns the local error.
+    fn refuse(&mut self, id: u64, code: ErrorCode, err: MigrationError) -> MigrationError {
+        let _ = self.reply(
+            id,
+            &Message::Error {
+                code,
+                message: err.to_string(),
+            },
+        );
+        err
+    }
+
+    fn unexpected(&self, expected: &'static str, got: Command) -> MigrationError {
+        MigrationError::Unexpected {
+            state: self.session.state(),
+            expected,
+            got,
+        }
+    }
+
+    fn handshake(&mut self, local: &CompatInfo) -> Result<(), MigrationError> {
+        let (h, m) = self.ch.recv()?;
+        let (theirs, ns) = match m {
+            Message::Hello { versions, nonce } => (versions, nonce),
+            other => return Err(self.unexpected("Hello", other.command())),
+        };
+        let Some(version) = SUPPORTED_VERSIONS
+            .iter()
+            .rev()
+            .find(|v| theirs.contains(v))
+            .copied()
+        else {
+            let err = MigrationError::NoCommonVersion {
+                ours: SUPPORTED_VERSIONS.to_vec(),
+                theirs,
+            };
+            return Err(self.refuse(h.request_id, ErrorCode::Protocol, err));
+        };
+        let nt = auth::fresh_nonce().map_err(MigrationError::Nonce)?;
+        self.reply(
+            h.request_id,
+            &Message::Hello {
+                versions: vec![version],
+                nonce: nt,
+            },
+        )?;
+        self.ch.set_version(version);
+
+        let (h, m) = self.ch.recv()?;
+        let mac = match m {
+            Message::Auth { mac } => mac,
+            other => return Err(self.unexpected("Auth", other.command())),
+        };
+        let key = &self.cfg.key;
+        if !auth::verify_proof(key, Side::Source, version, &ns, &nt, &mac) {
+            return Err(self.refuse(
+                h.request_id,
+                ErrorCode::AuthFailed,
+                MigrationError::PeerAuthFailed,
+            ));
+        }
+        let proof = auth::proof(key, Side::Target, version, &ns, &nt);
+        let session_key = auth::derive_session_key(key, version, &ns, &nt);
+        self.reply(h.request_id, &Message::Auth { mac: proof })?;
+        self.ch.set_session_key(session_key);
+
+        let (h, m) = self.ch.recv()?;
+        let source = match m {
+            Message::Compat(c) => c,
+            other => return Err(self.unexpected("Compat", other.command())),
+        };
+        if let Some(reason) = local.mismatch(&source) {
+            let _ = self.reply(
+                h.request_id,
+                &Message::Incompatible {
+                    reason: reason.clone(),
+                },
+            );
+            return Err(MigrationError::Incompatible { reason });
+        }
+        self.ack(h.request_id, Command::Compat)
+    }
+
+    fn run<M, V>(&mut self, mem: &M, vm: &mut V, local: &CompatInfo) -> Result<(), MigrationError>
+    where
+        M: GuestMemoryAccess + ?Sized,
+        V: TargetVm + ?Sized,
+    {
+        self.handshake(local)?;
+        self.event(SessionEvent::Start)?;
+        let regions = mem.regions();
+        let page_size = local.page_size as usize;
+        let zero_page = vec![0u8; page_size];
+        loop {
+            if self.cfg.cancel.is_cancelled() {
+                let _ = self.reply(
+                    0,
+                    &Message::Abort {
+                        reason: "the target cancelled the migration".into(),
+                    },
+                );
+                return Err(MigrationError::Cancelled);
+            }
+            let state = self.session.state();
+            let frame = self.ch.recv_frame()?;
+            let id = frame.header.request_id;
+            let command = frame.header.command;
+            if matches!(state, SessionState::PreCopy | SessionState::StopAndCopy)
+                && command == Command::MemoryPages
+            {
+                let view = PageBatchView::parse(frame.payload)?;
+                for (gpa, data) in view.iter() {
+                    let data = data.unwrap_or(&zero_page);
+                    if data.len() != page_size || !inside(&regions, gpa, data.len()) {
+                        return Err(MigrationError::PageOutOfRange {
+                            gpa,
+                            len: data.len(),
+                        });
+                    }
+                    mem.write(gpa, data)?;
+                }
+                let n = view.len() as u64;
+                self.pages += n;
+                self.pass_pages += n;
+                self.cfg.progress.update(|p| p.pages_sent += n);
+                continue;
+            }
+            let msg = frame.message()?;
+            match (state, msg) {
+                (SessionState::PreCopy, Message::DirtyPass { pass, pages, last }) => {
+                    if pages != self.pass_pages {
+                        return Err(MigrationError::PassCountMismatch {
+                            pass,
+                            announced: pages,
+                            received: self.pass_pages,
+                        });
+                    }
+                    self.pass_pages = 0;
+                    self.passes = pass;
+                    self.cfg.progress.update(|p| p.pass = pass);
+                    self.ack(id, Command::DirtyPass)?;
+                    if last {
+                        self.event(SessionEvent::StopVm)?;
+                    } else {
+                        self.event(SessionEvent::PassDone)?;
+                    }
+                }
+                (SessionState::StopAndCopy, Message::State(blob)) => {
+                    if let Err(e) = vm.restore_state(&blob) {
+                        return Err(self.refuse(id, ErrorCode::State, e.into()));
+                    }
+                    self.state_bytes = blob.len();
+                    self.ack(id, Command::State)?;
+                    self.event(SessionEvent::FinalCopyDone)?;
+                }
+                (SessionState::Verification, Message::VerifyHash(theirs)) if !self.verified => {
+                    let ours = hash_regions(mem)?;
+                    if let Some(detail) = compare_hashes(&theirs, &ours) {
+                        let err = MigrationError::VerifyMismatch { detail };
+                        let err = self.refuse(id, ErrorCode::VerifyMismatch, err);
+                        self.event(SessionEvent::VerifyMismatch)?;
+                        return Err(err);
+                    }
+                    self.verified = true;
+                    self.ack(id, Command::VerifyHash)?;
+                }
+                (SessionState::Verification, Message::Switchover) if self.verified => {
+                    // The source relinquished the VM: from here it is ours to run.
+                    self.event(SessionEvent::Switchover)?;
+                    if let Err(e) = vm.resume() {
+                        let err = self.refuse(id, ErrorCode::ResumeFailed, e.into());
+                        self.event(SessionEvent::ResumeFailed)?;
+                        return Err(err);
+                    }
+                    // If this reply is lost the source stays paused (it cannot tell), and
+                    // we keep running: one copy runs, never two.
+                    let _ = self.reply(id, &Message::Resumed);
+                    self.event(SessionEvent::TargetResumed)?;
+                    return Ok(());
+                }
+                (_, Message::Abort { reason }) => {
+                    return Err(MigrationError::PeerAborted { reason })
+                }
+                (_, other) => {
+                    let err = self.unexpected("the next migration step", other.command());
+                    return Err(self.refuse(id, ErrorCode::Protocol, err));
+                }
+            }
+        }
+    }
+
+    fn fail<V: TargetVm + ?Sized>(mut self, vm: &mut V, error: MigrationError) -> ReceiveFailure {
+        let failed_in = self.session.state();
+        let ev = if matches!(error, MigrationError::Cancelled) {
+            SessionEvent::Cancel
+        } else {
+            SessionEvent::Fault
+        };
+        // VerifyMismatch/ResumeFailed already moved us to RollingBack.
+        if self.session.state() != SessionState::RollingBack {
+            let _ = self.event(ev);
+        }
+        if self.session.state() == SessionState::RollingBack {
+            vm.discard();
+            let _ = self.event(SessionEvent::RolledBack);
+        }
+        ReceiveFailure {
+            error,
+            failed_in,
+            owns_vm: false,
+            session: self.session,
+        }
+    }
+}
+
+fn inside(regions: &[MemoryRegion], gpa: u64, len: usize) -> bool {
+    gpa.is_multiple_of(len as u64)
+        && regions.iter().any(|r| {
+            gpa >= r.gpa
+                && gpa
+                    .checked_add(len as u64)
+                    .is_some_and(|end| end <= r.gpa.saturating_add(r.size))
+        })
+}
+
+fn compare_hashes(
+    theirs: &[crate::protocol::RegionHash],
+    ours: &[crate::protocol::RegionHash],
+) -> Option<String> {
+    if theirs.len() != ours.len() {
+        return Some(format!(
+            "the source hashed {} regions, the target has {}",
+            theirs.len(),
+            ours.len()
+        ));
+    }
+    for (t, o) in theirs.iter().zip(ours) {
+        if (t.gpa, t.size) != (o.gpa, o.size) {
+            return Some(format!(
+                "the source hashed region {:#x}+{:#x} where the target has {:#x}+{:#x}",
+                t.gpa, t.size, o.gpa, o.size
+            ));
+        }
+        if !auth::ct_eq(&t.hash, &o.hash) {
+            return Some(format!(
+                "region {:#x}+{:#x} hashes differently on source and target",
+                t.gpa, t.size
+            ));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_must_be_whole_and_inside_a_region() {
+        let r = [
+            MemoryRegion {
+                gpa: 0,
+                size: 0x4000,
+            },
+            MemoryRegion {
+                gpa: 0x10000,
+                size: 0x1000,
+            },
+        ];
+        assert!(inside(&r, 0x3000, 0x1000));
+        assert!(inside(&r, 0x10000, 0x1000));
+        assert!(!inside(&r, 0x4000, 0x1000));
+        assert!(!inside(&r, 0x800, 0x1000));
+        assert!(!inside(&r, u64::MAX - 0xfff, 0x1000));
+    }
+}

@@ -1,0 +1,500 @@
+//! The source side: handshake, pre-copy passes, stop-and-copy, verification, switch-over.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use crate::auth::{self, PresharedKey, Side};
+use crate::convergence::{decide, Decision, Estimator, PassSample, Policy, Stats};
+use crate::frame::{Channel, SUPPORTED_VERSIONS};
+use crate::progress::{CancelToken, ProgressHandle};
+use crate::protocol::{Command, CompatInfo, ErrorCode, Message, PageBatchWriter};
+use crate::session::{Session, SessionEvent, SessionState};
+use crate::vm::{hash_regions, DirtyBitmap, GuestMemoryAccess, SourceVm};
+use crate::MigrationError;
+
+/// Source settings.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    pub key: PresharedKey,
+    pub policy: Policy,
+    /// lz4 each page batch (kept only when smaller). Pays off on slow links.
+    pub compress: bool,
+    /// Pages per `MemoryPages` frame (default 256, i.e. 1 MiB of 4 KiB pages).
+    pub batch_pages: usize,
+    pub cancel: CancelToken,
+    pub progress: ProgressHandle,
+}
+
+impl SenderConfig {
+    pub fn new(key: PresharedKey) -> Self {
+        Self {
+            key,
+            policy: Policy::default(),
+            compress: false,
+            batch_pages: 256,
+            cancel: CancelToken::new(),
+            progress: ProgressHandle::new(),
+        }
+    }
+}
+
+/// A completed migration, seen from the source. The source VM is paused and no longer
+/// owned here: the caller moves it to `Terminated` and frees it.
+#[derive(Debug, Clone)]
+pub struct SendReport {
+    /// One entry per pass, the stop-and-copy pass last.
+    pub passes: Vec<Stats>,
+    pub pages_sent: u64,
+    pub bytes_sent: u64,
+    /// From pause to the target's `Resumed`.
+    pub downtime: Duration,
+    pub total: Duration,
+    /// Stop-and-copy was forced by the pass/time limit.
+    pub forced: bool,
+    pub session: Session,
+}
+
+/// What became of the source VM after a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceVmAfterFailure {
+    /// Rolled back: throttle lifted, dirty log off, running here.
+    Running,
+    /// The rollback itself failed; the VM is here but may be paused or throttled.
+    RollbackFailed,
+    /// The link failed after `Switchover`: the target may be running the VM. The source
+    /// stays paused and must not be resumed until the target is known dead (fenced).
+    PausedOwnershipUncertain,
+}
+
+/// A failed migration, seen from the source.
+#[derive(Debug, thiserror::Error)]
+#[error("migration failed in state {failed_in:?} ({vm:?}): {error}")]
+pub struct SendFailure {
+    #[source]
+    pub error: MigrationError,
+    pub failed_in: SessionState,
+    pub vm: SourceVmAfterFailure,
+    pub session: Session,
+}
+
+/// Migrates the VM out over `stream` (TCP or Unix socket, already connected).
+///
+/// Set read/write timeouts on the socket first ([`crate::transport`] does) so a silent
+/// peer becomes an error instead of a hang.
+pub fn send_migration<S, M, V>(
+    stream: S,
+    mem: &M,
+    vm: &mut V,
+    local: &CompatInfo,
+    cfg: &SenderConfig,
+) -> Result<SendReport, SendFailure>
+where
+    S: Read + Write,
+    M: GuestMemoryAccess + ?Sized,
+    V: SourceVm + ?Sized,
+{
+    let mut s = Sender {
+        ch: Channel::new(stream),
+        mem,
+        vm,
+        cfg,
+        session: Session::new(),
+        next_id: 0,
+        paused: false,
+        throttle: 0,
+        logging: false,
+    };
+    match s.run(local) {
+        Ok(r) => Ok(r),
+        Err(e) => Err(s.fail(e)),
+    }
+}
+
+struct Sender<'a, S, M: ?Sized, V: ?Sized> {
+    ch: Channel<S>,
+    mem: &'a M,
+    vm: &'a mut V,
+    cfg: &'a SenderConfig,
+    session: Session,
+    next_id: u64,
+    paused: bool,
+    throttle: u8,
+    logging: bool,
+}
+
+impl<S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> Sender<'_, S, M, V> {
+    fn event(&mut self, e: SessionEvent) -> Result<(), MigrationError> {
+        let to = self.session.apply(e)?;
+        self.cfg.progress.update(|p| p.state = to);
+        Ok(())
+    }
+
+    fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.cfg.cancel.is_cancelled() {
+            Err(MigrationError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Sends a request and returns the peer's answer, turning error frames into errors.
+    fn request(&mut self, msg: &Message) -> Result<Message, MigrationError> {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.ch.send(msg, id, false)?;
+        self.response(id)
+    }
+
+    fn response(&mut self, id: u64) -> Result<Message, MigrationError> {
+        let (h, m) = self.ch.recv()?;
+        match m {
+            Message::Error { code, message } => {
+                return Err(MigrationError::PeerError { code, message })
+            }
+            Message::Abort { reason } => return Err(MigrationError::PeerAborted { reason }),
+            Message::Incompatible { reason } => {
+                return Err(MigrationError::Incompatible { reason })
+            }
+            _ => {}
+        }
+        if h.request_id != id {
+            return Err(MigrationError::RequestIdMismatch {
+                expected: id,
+                got: h.request_id,
+            });
+        }
+        Ok(m)
+    }
+
+    fn expect_ack(&mut self, msg: &Message) -> Result<(), MigrationError> {
+        let want = msg.command();
+        match self.request(msg)? {
+            Message::Ack { command } if command == want => Ok(()),
+            other => Err(self.unexpected("an Ack", other.command())),
+        }
+    }
+
+    fn unexpected(&self, expected: &'static str, got: Command) -> MigrationError {
+        MigrationError::Unexpected {
+            state: self.session.state(),
+            expected,
+            got,
+        }
+    }
+
+    fn handshake(&mut self, local: &CompatInfo) -> Result<(), MigrationError> {
+        let ns = auth::fresh_nonce().map_err(MigrationError::Nonce)?;
+        let hello = Message::Hello {
+            versions: SUPPORTED_VERSIONS.to_vec(),
+            nonce: ns,
+        };
+        let (version, nt) = match self.request(&hello)? {
+            Message::Hello { versions, nonce } => match versions.as_slice() {
+                [v] if SUPPORTED_VERSIONS.contains(v) => (*v, nonce),
+                _ => {
+                    return Err(MigrationError::NoCommonVersion {
+                        ours: SUPPORTED_VERSIONS.to_vec(),
+                        theirs: versions,
+                    })
+                }
+            },
+            other => return Err(self.unexpected("Hello", other.command())),
+        };
+        self.ch.set_version(version);
+        let key = &self.cfg.key;
+        let mine = auth::proof(key, Side::Source, version, &ns, &nt);
+        let theirs = match self.request(&Message::Auth { mac: mine }) {
+            Ok(Message::Auth { mac }) => mac,
+            Ok(other) => return Err(self.unexpected("Auth", other.command())),
+            Err(MigrationError::PeerError {
+                code: ErrorCode::AuthFailed,
+                message,
+            }) => return Err(MigrationError::AuthRejectedByPeer { message }),
+            Err(e) => return Err(e),
+        };
+        if !auth::verify_proof(key, Side::Target, version, &ns, &nt, &theirs) {
+            return Err(MigrationError::PeerAuthFailed);
+        }
+        self.ch
+            .set_session_key(auth::derive_session_key(key, version, &ns, &nt));
+        self.expect_ack(&Message::Compat(local.clone()))
+    }
+
+    fn run(&mut self, local: &CompatInfo) -> Result<SendReport, MigrationError> {
+        let started = Instant::now();
+        self.handshake(local)?;
+        self.event(SessionEvent::Start)?;
+        let regions = self.mem.regions();
+        let ps = u64::from(local.page_size.max(1));
+        let pages_per_region: Vec<usize> = regions.iter().map(|r| (r.size / ps) as usize).collect();
+        self.vm.start_dirty_log()?;
+        self.logging = true;
+
+        let mut batch = PageBatchWriter::new(ps as usize, self.cfg.batch_pages.max(1));
+        let mut est = Estimator::new();
+        let mut passes = Vec::new();
+        let mut to_send: Vec<DirtyBitmap> = pages_per_region
+            .iter()
+            .map(|&n| DirtyBitmap::full(n))
+            .collect();
+        let mut pass = 1u32;
+        let mut totals = (0u64, 0u64);
+        let forced = loop {
+            let t = Instant::now();
+            let (pages, bytes) = self.send_pass(&mut batch, &to_send, pass, false)?;
+            totals = (totals.0 + pages, totals.1 + bytes);
+            let duration = t.elapsed();
+            to_send = self.dirty_log(&pages_per_region)?;
+            let dirty: u64 = to_send.iter().map(DirtyBitmap::count).sum();
+            let sample = PassSample {
+                pass,
+                pages_sent: pages,
+                bytes_sent: bytes,
+                duration,
+                dirty_pages: dirty,
+                page_size: ps,
+            };
+            let stats = est.record(&sample, started.elapsed(), self.throttle, &self.cfg.policy);
+            passes.push(stats);
+            self.cfg.progress.update(|p| {
+                p.pass = pass;
+                p.pages_sent = totals.0;
+                p.bytes_sent = totals.1;
+                p.dirty_pages = dirty;
+                p.dirty_rate_bps = stats.dirty_rate_bps;
+                p.bandwidth_bps = stats.bandwidth_bps;
+                p.expected_downtime = stats.expected_downtime;
+            });
+            match decide(&stats, &self.cfg.policy) {
+                Decision::StopAndCopy { forced } => break forced,
+                Decision::Abort(reason) => return Err(MigrationError::NotConverged { reason }),
+                Decision::Throttle(pct) => {
+                    self.vm.throttle(pct)?;
+                    self.throttle = pct;
+                    self.cfg.progress.update(|p| p.throttle_percent = pct);
+                }
+                Decision::Continue => {}
+            }
+            self.check_cancel()?;
+            self.event(SessionEvent::PassDone)?;
+            pass += 1;
+        };
+
+        // Stop-and-copy: from here the guest is paused until the target or a rollback resumes it.
+        self.event(SessionEvent::StopVm)?;
+        let paused_at = Instant::now();
+        // Marked first so a half-done pause is still undone by the rollback.
+        self.paused = true;
+        self.vm.pause()?;
+        for (a, b) in to_send.iter_mut().zip(self.dirty_log(&pages_per_region)?) {
+            a.union(&b);
+        }
+        pass += 1;
+        let t = Instant::now();
+        let (pages, bytes) = self.send_pass(&mut batch, &to_send, pass, true)?;
+        totals = (totals.0 + pages, totals.1 + bytes);
+        let state = self.vm.save_state()?;
+        self.expect_ack(&Message::State(state))?;
+        let stats = est.record(
+            &PassSample {
+                pass,
+                pages_sent: pages,
+                bytes_sent: bytes,
+                duration: t.elapsed(),
+                dirty_pages: 0,
+                page_size: ps,
+            },
+            started.elapsed(),
+            self.throttle,
+            &self.cfg.policy,
+        );
+        passes.push(stats);
+        self.check_cancel()?;
+        self.event(SessionEvent::FinalCopyDone)?;
+
+        let hashes = hash_regions(self.mem)?;
+        match self.request(&Message::VerifyHash(hashes)) {
+            Ok(Message::Ack {
+                command: Command::VerifyHash,
+            }) => {}
+            Ok(other) => return Err(self.unexpected("an Ack of VerifyHash", other.command())),
+            Err(MigrationError::PeerError {
+                code: ErrorCode::VerifyMismatch,
+                message,
+            }) => return Err(MigrationError::VerifyMismatch { detail: message }),
+            Err(e) => return Err(e),
+        }
+        self.check_cancel()?;
+
+        // Commit point: after this frame leaves, only an explicit ResumeFailed lets us resume.
+        self.event(SessionEvent::Switchover)?;
+        self.next_id += 1;
+        let id = self.next_id;
+        self.ch.send(&Message::Switchover, id, false)?;
+        match self.response(id)? {
+            Message::Resumed => {}
+            other => return Err(self.unexpected("Resumed", other.command())),
+        }
+        self.event(SessionEvent::TargetResumed)?;
+        let downtime = paused_at.elapsed();
+        // Best effort: the VM is the target's now, the log is about to be freed anyway.
+        let _ = self.vm.stop_dirty_log();
+        self.logging = false;
+        self.cfg.progress.update(|p| {
+            p.pages_sent = totals.0;
+            p.bytes_sent = totals.1;
+        });
+        Ok(SendReport {
+            passes,
+            pages_sent: totals.0,
+            bytes_sent: self.ch.bytes_sent(),
+            downtime,
+            total: started.elapsed(),
+            forced,
+            session: self.session.clone(),
+        })
+    }
+
+    fn dirty_log(&mut self, shape: &[usize]) -> Result<Vec<DirtyBitmap>, MigrationError> {
+        let log = self.vm.dirty_log()?;
+        if log.len() != shape.len() || log.iter().zip(shape).any(|(b, &n)| b.pages() != n) {
+            return Err(MigrationError::DirtyLogShape {
+                got: log.len(),
+                regions: shape.len(),
+            });
+        }
+        Ok(log)
+    }
+
+    /// Streams every page set in `set`, then the pass marker; returns (pages, wire bytes).
+    fn send_pass(
+        &mut self,
+        batch: &mut PageBatchWriter,
+        set: &[DirtyBitmap],
+        pass: u32,
+        last: bool,
+    ) -> Result<(u64, u64), MigrationError> {
+        let before = self.ch.bytes_sent();
+        let regions = self.mem.regions();
+        let mut pages = 0u64;
+        batch.reset();
+        for (r, bits) in regions.iter().zip(set) {
+            let ps = batch.page_size() as u64;
+            for page in bits.iter() {
+                let gpa = r.gpa + page as u64 * ps;
+                self.mem.read(gpa, batch.slot())?;
+                batch.commit(gpa);
+                pages += 1;
+                if batch.is_full() {
+                    self.flush(batch)?;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            self.flush(batch)?;
+        }
+        self.expect_ack(&Message::DirtyPass { pass, pages, last })?;
+        Ok((pages, self.ch.bytes_sent() - before))
+    }
+
+    fn flush(&mut self, batch: &mut PageBatchWriter) -> Result<(), MigrationError> {
+        self.check_cancel()?;
+        self.next_id += 1;
+        let payload = batch.finish();
+        self.ch.send_raw(
+            Command::MemoryPages,
+            self.next_id,
+            0,
+            payload,
+            self.cfg.compress,
+        )?;
+        batch.reset();
+        Ok(())
+    }
+
+    /// Applies the failure rules; see the crate docs for why `Completing` never rolls back.
+    fn fail(&mut self, error: MigrationError) -> SendFailure {
+        let failed_in = self.session.state();
+        let committed = failed_in == SessionState::Completing;
+        let explicit_refusal = matches!(
+            error,
+            MigrationError::PeerError {
+                code: ErrorCode::ResumeFailed,
+                ..
+            }
+        );
+        let vm = if committed && !explicit_refusal {
+            let _ = self.event(SessionEvent::Fault);
+            SourceVmAfterFailure::PausedOwnershipUncertain
+        } else {
+            let ev = if committed {
+                SessionEvent::ResumeFailed
+            } else if matches!(error, MigrationError::Cancelled) {
+                SessionEvent::Cancel
+            } else {
+                SessionEvent::Fault
+            };
+            if !committed && !peer_already_gone(&error) {
+                // Tell the target to tear down; it would also notice the closed socket.
+                self.next_id += 1;
+                let _ = self.ch.send(
+                    &Message::Abort {
+                        reason: error.to_string(),
+                    },
+                    self.next_id,
+                    false,
+                );
+            }
+            let _ = self.event(ev);
+            if self.session.state() == SessionState::RollingBack {
+                if self.rollback() {
+                    let _ = self.event(SessionEvent::RolledBack);
+                    SourceVmAfterFailure::Running
+                } else {
+                    let _ = self.event(SessionEvent::Fault);
+                    SourceVmAfterFailure::RollbackFailed
+                }
+            } else {
+                // Failed from Idle: nothing was touched.
+                SourceVmAfterFailure::Running
+            }
+        };
+        SendFailure {
+            error,
+            failed_in,
+            vm,
+            session: self.session.clone(),
+        }
+    }
+
+    /// Undoes throttle, dirty logging and pause; true when all of it worked.
+    fn rollback(&mut self) -> bool {
+        let mut ok = true;
+        if self.throttle != 0 {
+            ok &= self.vm.throttle(0).is_ok();
+            self.throttle = 0;
+            self.cfg.progress.update(|p| p.throttle_percent = 0);
+        }
+        if self.logging {
+            ok &= self.vm.stop_dirty_log().is_ok();
+            self.logging = false;
+        }
+        if self.paused {
+            let resumed = self.vm.resume().is_ok();
+            self.paused = !resumed;
+            ok &= resumed;
+        }
+        ok
+    }
+}
+
+fn peer_already_gone(e: &MigrationError) -> bool {
+    matches!(
+        e,
+        MigrationError::PeerAborted { .. }
+            | MigrationError::AuthRejectedByPeer { .. }
+            | MigrationError::Incompatible { .. }
+            | MigrationError::Protocol(crate::ProtocolError::PeerClosed)
+            | MigrationError::Protocol(crate::ProtocolError::Io { .. })
+    )
+}

@@ -1,0 +1,189 @@
+//! What the VMM provides: guest memory access and control of the VM on each side.
+//!
+//! The drivers never touch KVM. The VMM implements these traits over its memory map,
+//! `KVM_GET_DIRTY_LOG` and its vCPU threads; tests implement them over a `Vec<u8>`
+//! ([`crate::memvm`]).
+
+use crate::protocol::{MemoryRegion, RegionHash};
+
+/// A guest memory access outside the map, or one the backend refused.
+#[derive(Debug, thiserror::Error)]
+#[error("guest memory access of {len} bytes at {gpa:#x} failed: {reason}")]
+pub struct MemoryError {
+    pub gpa: u64,
+    pub len: usize,
+    pub reason: String,
+}
+
+/// A VM operation that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("the VM could not {op}: {reason}")]
+pub struct VmError {
+    pub op: &'static str,
+    pub reason: String,
+}
+
+/// Guest memory as the migration sees it. Shared with running vCPUs, hence `&self`.
+pub trait GuestMemoryAccess: Sync {
+    /// Every region, in a fixed order; dirty bitmaps follow the same order.
+    fn regions(&self) -> Vec<MemoryRegion>;
+    /// Copies `buf.len()` bytes at `gpa` into `buf`.
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError>;
+    /// Copies `data` to `gpa`. The receiver calls it only for whole pages inside `regions()`.
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError>;
+}
+
+/// The VM on the sending host (in the VM lifecycle state `MigrationSource`).
+pub trait SourceVm {
+    /// Starts dirty-page tracking (KVM_MEM_LOG_DIRTY_PAGES on every slot) and clears the log.
+    fn start_dirty_log(&mut self) -> Result<(), VmError>;
+    /// Pages written since the previous call (or since `start_dirty_log`), one bitmap per
+    /// region in `regions()` order, and clears them. Must include the VMM's own writes
+    /// (virtio devices, etc.), not just the vCPUs'.
+    fn dirty_log(&mut self) -> Result<Vec<DirtyBitmap>, VmError>;
+    fn stop_dirty_log(&mut self) -> Result<(), VmError>;
+    /// Stops every vCPU and device that can write guest memory.
+    fn pause(&mut self) -> Result<(), VmError>;
+    fn resume(&mut self) -> Result<(), VmError>;
+    /// Limits vCPUs to `100 - percent` % of their run time; 0 lifts the throttle.
+    fn throttle(&mut self, percent: u8) -> Result<(), VmError>;
+    /// vCPU, VM and device state, opaque to the migration; called while paused.
+    fn save_state(&mut self) -> Result<Vec<u8>, VmError>;
+}
+
+/// The VM being built on the receiving host (in the VM lifecycle state `MigrationTarget`).
+pub trait TargetVm {
+    /// Applies the blob `save_state` produced on the source. Untrusted input: validate.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError>;
+    /// Starts the vCPUs. Called at most once, only after the source relinquished the VM.
+    fn resume(&mut self) -> Result<(), VmError>;
+    /// Tears the half-built VM down (verification failed, or the source went away).
+    fn discard(&mut self);
+}
+
+/// One bit per page of one region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    words: Vec<u64>,
+    pages: usize,
+}
+
+impl DirtyBitmap {
+    pub fn new(pages: usize) -> Self {
+        Self {
+            words: vec![0; pages.div_ceil(64)],
+            pages,
+        }
+    }
+
+    /// Every page set.
+    pub fn full(pages: usize) -> Self {
+        let mut b = Self::new(pages);
+        for i in 0..pages {
+            b.set(i);
+        }
+        b
+    }
+
+    /// Wraps a KVM-style bitmap (bit i of word i/64 = page i); bits past `pages` are dropped.
+    pub fn from_words(mut words: Vec<u64>, pages: usize) -> Self {
+        words.resize(pages.div_ceil(64), 0);
+        if !pages.is_multiple_of(64) {
+            if let Some(last) = words.last_mut() {
+                *last &= (1u64 << (pages % 64)) - 1;
+            }
+        }
+        Self { words, pages }
+    }
+
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    pub fn set(&mut self, page: usize) {
+        if page < self.pages {
+            self.words[page / 64] |= 1 << (page % 64);
+        }
+    }
+
+    pub fn get(&self, page: usize) -> bool {
+        page < self.pages && self.words[page / 64] & (1 << (page % 64)) != 0
+    }
+
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// ORs `other` in (same region, same size).
+    pub fn union(&mut self, other: &DirtyBitmap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= b;
+        }
+    }
+
+    /// Indices of set pages, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words.iter().enumerate().flat_map(|(wi, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let bit = w.trailing_zeros() as usize;
+                w &= w - 1;
+                Some(wi * 64 + bit)
+            })
+        })
+    }
+}
+
+/// BLAKE3 of every region, read in 1 MiB chunks. Both sides call it while the VM is paused.
+pub fn hash_regions<M: GuestMemoryAccess + ?Sized>(
+    mem: &M,
+) -> Result<Vec<RegionHash>, MemoryError> {
+    let mut buf = vec![0u8; 1 << 20];
+    mem.regions()
+        .into_iter()
+        .map(|r| {
+            let mut h = blake3::Hasher::new();
+            let mut off = 0u64;
+            while off < r.size {
+                let n = (r.size - off).min(buf.len() as u64) as usize;
+                mem.read(r.gpa + off, &mut buf[..n])?;
+                h.update(&buf[..n]);
+                off += n as u64;
+            }
+            Ok(RegionHash {
+                gpa: r.gpa,
+                size: r.size,
+                hash: *h.finalize().as_bytes(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_sets_counts_iterates_and_unions() {
+        let mut a = DirtyBitmap::new(130);
+        a.set(0);
+        a.set(64);
+        a.set(129);
+        a.set(500); // out of range: ignored
+        assert_eq!(a.count(), 3);
+        assert_eq!(a.iter().collect::<Vec<_>>(), vec![0, 64, 129]);
+        let mut b = DirtyBitmap::new(130);
+        b.set(1);
+        b.union(&a);
+        assert_eq!(b.count(), 4);
+        assert!(b.get(1) && b.get(129) && !b.get(2) && !b.get(999));
+        assert_eq!(DirtyBitmap::full(130).count(), 130);
+        assert_eq!(
+            DirtyBitmap::from_words(vec![u64::MAX, u64::MAX], 70).count(),
+            70
+        );
+    }
+}

@@ -1,0 +1,606 @@
+//! End-to-end migrations between two in-memory VMs over real sockets.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use ray_migration::frame::Channel;
+use ray_migration::memvm::{InMemorySource, InMemoryTarget, MemGuest};
+use ray_migration::protocol::Message;
+use ray_migration::transport::{accept_tcp, connect_tcp};
+use ray_migration::*;
+
+const T: Duration = Duration::from_secs(10);
+
+fn regions() -> Vec<MemoryRegion> {
+    vec![
+        MemoryRegion {
+            gpa: 0,
+            size: 4 << 20,
+        },
+        MemoryRegion {
+            gpa: 1 << 32,
+            size: 1 << 20,
+        },
+    ]
+}
+
+fn compat(vcpus: u32) -> CompatInfo {
+    CompatInfo {
+        vcpus,
+        page_size: 4096,
+        regions: regions(),
+        cpuid_fingerprint: [7; 32],
+        flavour: "rayvisor-test/1".into(),
+    }
+}
+
+fn key(s: &str) -> PresharedKey {
+    PresharedKey::new(s.as_bytes()).unwrap()
+}
+
+fn source() -> (Arc<MemGuest>, InMemorySource) {
+    let g = Arc::new(MemGuest::new(regions(), 4096));
+    g.fill(42, 70);
+    let vm = InMemorySource::new(g.clone(), b"vcpu+device state".to_vec());
+    (g, vm)
+}
+
+struct Outcome {
+    send: Result<SendReport, SendFailure>,
+    recv: Result<ReceiveReport, ReceiveFailure>,
+    target: InMemoryTarget,
+    dst: Arc<MemGuest>,
+}
+
+/// Runs the receiver on a thread with `target_mem` and the sender here.
+// Test plumbing: each argument is one knob a fault test turns.
+#[allow(clippy::too_many_arguments)]
+fn run<S, M>(
+    src_stream: S,
+    dst_stream: impl Read + Write + Send + 'static,
+    src_mem: &MemGuest,
+    vm: &mut InMemorySource,
+    scfg: &SenderConfig,
+    rcfg: ReceiverConfig,
+    target_compat: CompatInfo,
+    target_mem: Arc<M>,
+    dst: Arc<MemGuest>,
+    mut target: InMemoryTarget,
+) -> Outcome
+where
+    S: Read + Write,
+    M: GuestMemoryAccess + Send + Sync + 'static,
+{
+    let h = thread::spawn(move || {
+        let r = receive_migration(dst_stream, &*target_mem, &mut target, &target_compat, &rcfg);
+        (r, target)
+    });
+    let send = send_migration(src_stream, src_mem, vm, &compat(4), scfg);
+    let (recv, target) = h.join().unwrap();
+    Outcome {
+        send,
+        recv,
+        target,
+        dst,
+    }
+}
+
+fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = connect_tcp(l.local_addr().unwrap(), T).unwrap();
+    let b = accept_tcp(&l, T).unwrap();
+    (a, b)
+}
+
+fn simple(
+    vm: &mut InMemorySource,
+    src: &MemGuest,
+    scfg: &SenderConfig,
+    rkey: &str,
+    tcompat: CompatInfo,
+    target: InMemoryTarget,
+) -> Outcome {
+    let (a, b) = tcp_pair();
+    let dst = Arc::new(MemGuest::new(regions(), 4096));
+    run(
+        a,
+        b,
+        src,
+        vm,
+        scfg,
+        ReceiverConfig::new(key(rkey)),
+        tcompat,
+        dst.clone(),
+        dst,
+        target,
+    )
+}
+
+fn assert_source_running(vm: &InMemorySource, f: &SendFailure) {
+    assert!(!vm.flags.is_paused(), "source left paused after {f}");
+    assert_eq!(vm.flags.throttle.load(Ordering::SeqCst), 0);
+    assert!(!vm.logging, "dirty log left on");
+    assert_eq!(f.vm, SourceVmAfterFailure::Running, "{f}");
+    assert_eq!(f.session.state(), SessionState::Failed);
+}
+
+fn all_zero(g: &MemGuest) -> bool {
+    g.contents().iter().all(|r| r.iter().all(|&b| b == 0))
+}
+
+#[test]
+fn migrates_a_running_vm_over_tcp_byte_for_byte() {
+    let (src, mut vm) = source();
+    let dirtier = vm.spawn_dirtier(5, 1);
+    let cfg = SenderConfig::new(key("correct horse battery"));
+    let progress = cfg.progress.clone();
+    let o = simple(
+        &mut vm,
+        &src,
+        &cfg,
+        "correct horse battery",
+        compat(4),
+        InMemoryTarget::default(),
+    );
+    vm.flags.stop.store(true, Ordering::SeqCst);
+    let dirtied = dirtier.join().unwrap();
+    let report = o.send.unwrap();
+    let recv = o.recv.unwrap();
+    assert!(dirtied > 0);
+    assert_eq!(
+        src.contents(),
+        o.dst.contents(),
+        "memory differs after migration"
+    );
+    assert!(o.target.running);
+    assert_eq!(
+        o.target.restored.as_deref(),
+        Some(&b"vcpu+device state"[..])
+    );
+    // The source stays paused: its VM is the target's now.
+    assert!(vm.flags.is_paused());
+    assert_eq!(vm.flags.resumes.load(Ordering::SeqCst), 0);
+    assert_eq!(report.session.state(), SessionState::Completed);
+    assert_eq!(recv.session.state(), SessionState::Completed);
+    assert!(report.passes.len() >= 2);
+    assert_eq!(recv.pages_received, report.pages_sent);
+    let p = progress.get();
+    assert_eq!(p.state, SessionState::Completed);
+    assert!(p.bytes_sent > 0 && p.bandwidth_bps > 0.0);
+}
+
+#[test]
+fn forced_stop_and_copy_with_throttling_over_a_unix_socket_with_lz4() {
+    let (src, mut vm) = source();
+    let dirtier = vm.spawn_dirtier(50, 2);
+    let mut cfg = SenderConfig::new(key("correct horse battery"));
+    cfg.compress = true;
+    cfg.policy.max_downtime = Duration::ZERO; // never converges on its own
+    cfg.policy.max_passes = 4;
+    cfg.policy.throttle_after_passes = 1;
+    let (a, b) = UnixStream::pair().unwrap();
+    let dst = Arc::new(MemGuest::new(regions(), 4096));
+    let o = run(
+        a,
+        b,
+        &src,
+        &mut vm,
+        &cfg,
+        ReceiverConfig::new(key("correct horse battery")),
+        compat(4),
+        dst.clone(),
+        dst,
+        InMemoryTarget::default(),
+    );
+    vm.flags.stop.store(true, Ordering::SeqCst);
+    dirtier.join().unwrap();
+    let report = o.send.unwrap();
+    o.recv.unwrap();
+    assert!(report.forced);
+    assert_eq!(
+        report.passes.len(),
+        5,
+        "4 pre-copy passes and the final one"
+    );
+    let throttles: Vec<u8> = report.passes.iter().map(|p| p.throttle_percent).collect();
+    assert_eq!(&throttles[..4], &[0, 20, 30, 40]);
+    assert_eq!(src.contents(), o.dst.contents());
+}
+
+#[test]
+fn wrong_key_is_rejected_before_any_memory_moves() {
+    let (src, mut vm) = source();
+    let cfg = SenderConfig::new(key("correct horse battery"));
+    let o = simple(
+        &mut vm,
+        &src,
+        &cfg,
+        "wrong horse battery!",
+        compat(4),
+        InMemoryTarget::default(),
+    );
+    let f = o.send.unwrap_err();
+    assert!(
+        matches!(f.error, MigrationError::AuthRejectedByPeer { .. }),
+        "{f}"
+    );
+    assert_eq!(f.failed_in, SessionState::Idle);
+    assert_source_running(&vm, &f);
+    assert_eq!(vm.flags.pauses.load(Ordering::SeqCst), 0);
+    let r = o.recv.unwrap_err();
+    assert!(matches!(r.error, MigrationError::PeerAuthFailed), "{r}");
+    assert!(all_zero(&o.dst));
+    assert!(!o.target.running && o.target.restored.is_none());
+}
+
+#[test]
+fn an_impostor_target_gets_nothing() {
+    let (src, mut vm) = source();
+    let (a, b) = tcp_pair();
+    // Answers Hello, then "proves" with garbage, then records what it gets next.
+    let impostor = thread::spawn(move || {
+        let mut ch = Channel::new(b);
+        let (h, _) = ch.recv().unwrap();
+        ch.send(
+            &Message::Hello {
+                versions: vec![1],
+                nonce: [1; 32],
+            },
+            h.request_id,
+            true,
+        )
+        .unwrap();
+        let (h, _) = ch.recv().unwrap();
+        ch.send(&Message::Auth { mac: [0; 32] }, h.request_id, true)
+            .unwrap();
+        let mut after = Vec::new();
+        while let Ok((_, m)) = ch.recv() {
+            after.push(m.command());
+        }
+        after
+    });
+    let cfg = SenderConfig::new(key("correct horse battery"));
+    let f = send_migration(a, &*src, &mut vm, &compat(4), &cfg).unwrap_err();
+    assert!(matches!(f.error, MigrationError::PeerAuthFailed), "{f}");
+    assert!(f.error.to_string().contains("pre-shared key"));
+    assert_source_running(&vm, &f);
+    let after = impostor.join().unwrap();
+    assert_eq!(
+        after,
+        vec![protocol::Command::Abort],
+        "only an Abort may follow a bad proof"
+    );
+}
+
+#[test]
+fn incompatible_target_is_rejected_with_the_reason() {
+    let (src, mut vm) = source();
+    let cfg = SenderConfig::new(key("correct horse battery"));
+    let o = simple(
+        &mut vm,
+        &src,
+        &cfg,
+        "correct horse battery",
+        compat(2),
+        InMemoryTarget::default(),
+    );
+    let f = o.send.unwrap_err();
+    assert_eq!(
+        f.error.to_string(),
+        "the target is incompatible: vCPU count differs: source has 4, target has 2"
+    );
+    assert_source_running(&vm, &f);
+    assert!(all_zero(&o.dst));
+    assert!(o.recv.is_err());
+}
+
+/// Guest memory whose writes start failing (the target "dies") or corrupt a byte.
+struct Faulty {
+    inner: Arc<MemGuest>,
+    writes: AtomicU64,
+    fail_after: u64,
+    corrupt: AtomicBool,
+}
+
+impl GuestMemoryAccess for Faulty {
+    fn regions(&self) -> Vec<MemoryRegion> {
+        self.inner.regions()
+    }
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.inner.read(gpa, buf)
+    }
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let n = self.writes.fetch_add(1, Ordering::SeqCst);
+        if n >= self.fail_after {
+            return Err(MemoryError {
+                gpa,
+                len: data.len(),
+                reason: "the target died".into(),
+            });
+        }
+        self.inner.write(gpa, data)?;
+        if data.iter().any(|&b| b != 0) && self.corrupt.swap(false, Ordering::SeqCst) {
+            self.inner.write(gpa, &[!data[0]])?;
+        }
+        Ok(())
+    }
+}
+
+fn faulty(fail_after: u64, corrupt: bool) -> (Arc<Faulty>, Arc<MemGuest>) {
+    let dst = Arc::new(MemGuest::new(regions(), 4096));
+    let f = Arc::new(Faulty {
+        inner: dst.clone(),
+        writes: AtomicU64::new(0),
+        fail_after,
+        corrupt: AtomicBool::new(corrupt),
+    });
+    (f, dst)
+}
+
+#[test]
+fn target_dying_mid_precopy_leaves_the_source_running() {
+    let (src, mut vm) = source();
+    let dirtier = vm.spawn_dirtier(5, 3);
+    let cfg = SenderConfig::new(key("correct horse battery"));
+    let (mem, dst) = faulty(300, false);
+    let (a, b) = tcp_pair();
+    let rcfg = ReceiverConfig::new(key("correct horse battery"));
+    let o = run(
+        a,
+        b,
+        &src,
+        &mut vm,
+        &cfg,
+        rcfg,
+        compat(4),
+        mem,
+        dst,
+        InMemoryTarget::default(),
+    );
+    vm.flags.stop.store(true, Ordering::SeqCst);
+    dirtier.join().unwrap();
+    let f = o.send.unwrap_err();
+    assert_eq!(f.failed_in, SessionState::PreCopy, "{f}");
+    assert!(matches!(f.error, MigrationError::Protocol(_)), "{f}");
+    assert_source_running(&vm, &f);
+    let r = o.recv.unwrap_err();
+    assert!(r.error.to_string().contains("the target died"), "{r}");
+    assert!(o.target.discarded && !o.target.running);
+}
+
+/// Forwards source→target bytes until `limit`, then cuts both directions.
+fn cutting_proxy(limit: u64) -> (TcpStream, TcpStream) {
+    let (src_side, proxy_in) = tcp_pair();
+    let (proxy_out, dst_side) = tcp_pair();
+    let (mut i, mut o) = (
+        proxy_in.try_clone().unwrap(),
+        proxy_out.try_clone().unwrap(),
+    );
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut sent = 0u64;
+        while sent < limit {
+            let n = match i.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n.min((limit - sent) as usize),
+            };
+            if o.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            sent += n as u64;
+        }
+        let _ = i.shutdown(Shutdown::Both);
+        let _ = o.shutdown(Shutdown::Both);
+    });
+    let (mut back_in, mut back_out) = (proxy_out, proxy_in);
+    thread::spawn(move || {
+        let _ = io::copy(&mut back_in, &mut back_out);
+    });
+    (src_side, dst_side)
+}
+
+#[test]
+fn link_cut_mid_transfer_fails_both_sides_cleanly() {
+    let (src, mut vm) = source();
+    let cfg = SenderConfig::new(key("correct horse battery"));
+    let (a, b) = cutting_proxy(1 << 20);
+    let dst = Arc::new(MemGuest::new(regions(), 4096));
+    let rcfg = ReceiverConfig::new(key("correct horse battery"));
+    let o = run(
+        a,
+        b,
+        &src,
+        &mut vm,
+        &cfg,
+        rcfg,
+        compat(4),
+        dst.clone(),
+        dst,
+        InMemoryTarget::default(),
+    );
+    let f = o.send.unwrap_err();
+    assert_eq!(f.failed_in, SessionState::PreCopy, "{f}");
+    assert_source_running(&vm, &f);
+    let r = o.recv.unwrap_err();
+    assert!(
+        matches!(
+            r.error,
+            MigrationError::Protocol(ProtocolError::Truncated { .. } | ProtocolError::PeerClosed)
+        ),
+        "{r}"
+    );
+    assert!(o.target.discarded && !o.target.running);
+}
+
+#[test]
+fn verification_mismatch_rolls_back_and_resumes_the_source() {
+    let (src, mut vm) = source();
+    let cfg = SenderConfig::new(key("correct horse battery"));
+    let (mem, dst) = faulty(u64::MAX, true);
+    let (a, b) = tcp_pair();
+    let rcfg = ReceiverConfig::new(key("correct horse battery"));
+    let o = run(
+        a,
+        b,
+        &src,
+        &mut vm,
+        &cfg,
+        rcfg,
+        compat(4),
+        mem,
+        dst,
+        InMemoryTarget::default(),
+    );
+    let f = o.send.unwrap_err();
+    assert!(
+        matches!(f.error, MigrationError::VerifyMismatch { .. }),
+        "{f}"
+    );
+    assert!(f.error.to_string().contains("region 0x0+0x400000"), "{f}");
+    assert_eq!(f.failed_in, SessionState::Verification);
+    assert!(f
+        .session
+        .history()
+        .iter()
+        .any(|s| s.to == SessionState::RollingBack));
+    assert_source_running(&vm, &f);
+    assert_eq!(vm.flags.pauses.load(Ordering::SeqCst), 1);
+    assert_eq!(vm.flags.resumes.load(Ordering::SeqCst), 1);
+    let r = o.recv.unwrap_err();
+    assert!(matches!(r.error, MigrationError::VerifyMismatch { .. }));
+    assert!(o.target.discarded && !o.target.running);
+}
+
+#[test]
+fn cancel_mid_precopy_rolls_back() {
+    let (src, mut vm) = source();
+    let dirtier = vm.spawn_dirtier(50, 4);
+    let mut cfg = SenderConfig::new(key("correct horse battery"));
+    cfg.policy.max_downtime = Duration::ZERO;
+    cfg.policy.max_passes = u32::MAX;
+    cfg.policy.max_time = Duration::from_secs(3600);
+    let (cancel, progress) = (cfg.cancel.clone(), cfg.progress.clone());
+    thread::spawn(move || {
+        while progress.get().pass < 3 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        cancel.cancel();
+    });
+    let o = simple(
+        &mut vm,
+        &src,
+        &cfg,
+        "correct horse battery",
+        compat(4),
+        InMemoryTarget::default(),
+    );
+    vm.flags.stop.store(true, Ordering::SeqCst);
+    dirtier.join().unwrap();
+    let f = o.send.unwrap_err();
+    assert!(matches!(f.error, MigrationError::Cancelled), "{f}");
+    assert!(f
+        .session
+        .history()
+        .iter()
+        .any(|s| s.event == SessionEvent::Cancel));
+    assert_source_running(&vm, &f);
+    let r = o.recv.unwrap_err();
+    assert!(matches!(r.error, MigrationError::PeerAborted { .. }), "{r}");
+    assert!(r.error.to_string().contains("cancelled"), "{r}");
+    assert!(o.target.discarded);
+}
+
+#[test]
+fn target_that_cannot_resume_says_so_and_the_source_resumes() {
+    let (src, mut vm) = source();
+    let cfg = SenderConfig::new(key("correct horse battery"));
+    let target = InMemoryTarget {
+        fail_resume: true,
+        ..InMemoryTarget::default()
+    };
+    let o = simple(
+        &mut vm,
+        &src,
+        &cfg,
+        "correct horse battery",
+        compat(4),
+        target,
+    );
+    let f = o.send.unwrap_err();
+    assert_eq!(f.failed_in, SessionState::Completing);
+    assert!(f
+        .session
+        .history()
+        .iter()
+        .any(|s| s.event == SessionEvent::ResumeFailed));
+    assert_source_running(&vm, &f);
+    assert!(o.target.discarded && !o.target.running);
+}
+
+/// A stream whose reads fail once a Switchover frame was written: the target's answer is lost.
+struct LoseAnswersAfterSwitchover(TcpStream, bool);
+
+impl Read for LoseAnswersAfterSwitchover {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        if self.1 {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "link cut after switch-over",
+            ));
+        }
+        self.0.read(b)
+    }
+}
+
+impl Write for LoseAnswersAfterSwitchover {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        if b.len() == 32 && b[..4] == *b"RYMG" && b[6..8] == 9u16.to_le_bytes() {
+            self.1 = true;
+        }
+        self.0.write(b)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[test]
+fn link_lost_after_switchover_never_resumes_the_source() {
+    let (src, mut vm) = source();
+    let cfg = SenderConfig::new(key("correct horse battery"));
+    let (a, b) = tcp_pair();
+    let dst = Arc::new(MemGuest::new(regions(), 4096));
+    let rcfg = ReceiverConfig::new(key("correct horse battery"));
+    let o = run(
+        LoseAnswersAfterSwitchover(a, false),
+        b,
+        &src,
+        &mut vm,
+        &cfg,
+        rcfg,
+        compat(4),
+        dst.clone(),
+        dst,
+        InMemoryTarget::default(),
+    );
+    let f = o.send.unwrap_err();
+    assert_eq!(f.failed_in, SessionState::Completing);
+    assert_eq!(f.vm, SourceVmAfterFailure::PausedOwnershipUncertain);
+    assert_eq!(f.session.state(), SessionState::Failed);
+    assert!(vm.flags.is_paused(), "the source must stay paused");
+    assert_eq!(vm.flags.resumes.load(Ordering::SeqCst), 0);
+    // The target got Switchover and owns the VM: exactly one copy runs.
+    assert!(o.target.running);
+    assert!(o.recv.is_ok());
+}
+
+#[test]
+fn benchmark_helper_reports_both_rates() {
+    let r = bench::bench_migrate(8, false).unwrap();
+    assert!(r.migration_mib_s > 0.0 && r.raw_tcp_mib_s > 0.0, "{r:?}");
+}
