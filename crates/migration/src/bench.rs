@@ -48,6 +48,7 @@ pub fn bench_migrate(mib: u64, compress: bool) -> Result<BenchResult, BenchError
     let raw = raw_tcp(&*src, size)?;
 
     let dst = Arc::new(MemGuest::new(regions.clone(), 4096));
+    dst.prefault();
     let compat = CompatInfo {
         vcpus: 1,
         page_size: 4096,

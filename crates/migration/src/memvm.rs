@@ -63,6 +63,17 @@ impl MemGuest {
         }
     }
 
+    /// Touches every page so the kernel backs it now, as a VMM does for a target's memory
+    /// (otherwise the first write to each page pays a page fault during the transfer).
+    pub fn prefault(&self) {
+        for region in &self.data {
+            let mut d = lock(region);
+            for page in d.chunks_mut(self.page_size as usize) {
+                page[0] = std::hint::black_box(page[0]);
+            }
+        }
+    }
+
     /// A copy of every region, for byte-for-byte comparison.
     pub fn contents(&self) -> Vec<Vec<u8>> {
         self.data.iter().map(|d| lock(d).clone()).collect()

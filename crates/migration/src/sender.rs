@@ -21,6 +21,10 @@ pub struct SenderConfig {
     pub compress: bool,
     /// Pages per `MemoryPages` frame (default 256, i.e. 1 MiB of 4 KiB pages).
     pub batch_pages: usize,
+    /// Page frames carry a CRC32 instead of a MAC once authenticated (default true); their
+    /// authenticity comes from the MACed end-of-migration hash comparison instead. See
+    /// [`Channel::set_crc_for_pages`]. False MACs every byte, at a throughput cost.
+    pub crc_pages: bool,
     pub cancel: CancelToken,
     pub progress: ProgressHandle,
 }
@@ -32,6 +36,7 @@ impl SenderConfig {
             policy: Policy::default(),
             compress: false,
             batch_pages: 256,
+            crc_pages: true,
             cancel: CancelToken::new(),
             progress: ProgressHandle::new(),
         }
@@ -93,8 +98,10 @@ where
     M: GuestMemoryAccess + ?Sized,
     V: SourceVm + ?Sized,
 {
+    let mut ch = Channel::new(stream);
+    ch.set_crc_for_pages(cfg.crc_pages);
     let mut s = Sender {
-        ch: Channel::new(stream),
+        ch,
         mem,
         vm,
         cfg,

@@ -604,3 +604,13 @@ fn benchmark_helper_reports_both_rates() {
     let r = bench::bench_migrate(8, false).unwrap();
     assert!(r.migration_mib_s > 0.0 && r.raw_tcp_mib_s > 0.0, "{r:?}");
 }
+
+/// `cargo test --release -p ray-migration --test migration -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark: run in release"]
+fn throughput_vs_raw_tcp() {
+    for compress in [false, true] {
+        let r = bench::bench_migrate(256, compress).unwrap();
+        println!("lz4={compress}: {r:?}");
+    }
+}
