@@ -144,6 +144,33 @@ pub struct LifecycleEvent {
     pub cause: String,
 }
 
+/// `PUT /vm/snapshot` body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Directory to create for the snapshot (must not exist), on the VMM's host.
+    pub path: String,
+    /// Pause a running VM for the snapshot and resume it afterwards. Without it, the VM
+    /// must already be paused.
+    #[serde(default)]
+    pub pause: bool,
+}
+
+/// `PUT /vm/snapshot` answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub path: String,
+    pub memory_bytes: u64,
+    /// Bytes of the memory file on disk (zero pages are holes).
+    pub memory_allocated_bytes: u64,
+    pub state_bytes: u64,
+    /// How long the vCPUs were stopped for the snapshot, in ms.
+    pub paused_ms: f64,
+    /// Time to save state and write all files (fsync included), in ms.
+    pub write_ms: f64,
+}
+
 /// Body of every 4xx/5xx answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
@@ -174,6 +201,10 @@ mod paths {
 
     #[utoipa::path(put, path = "/vm/suspend", responses((status = 409, body = ErrorBody)))]
     fn suspend() {}
+
+    #[utoipa::path(put, path = "/vm/snapshot", request_body = SnapshotRequest, responses(
+        (status = 200, body = SnapshotInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn snapshot() {}
 
     #[utoipa::path(put, path = "/vm/stop", request_body = StopRequest, responses(
         (status = 200, body = VmInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
@@ -208,6 +239,7 @@ mod paths {
         paths::pause,
         paths::resume,
         paths::suspend,
+        paths::snapshot,
         paths::stop,
         paths::events,
         paths::console_tail,
@@ -223,6 +255,8 @@ mod paths {
         ConsoleInput,
         ConsoleTail,
         LifecycleEvent,
+        SnapshotRequest,
+        SnapshotInfo,
         ErrorBody
     ))
 )]

@@ -1,6 +1,7 @@
 //! `ray`: the one binary of rayvisor. This file parses the command line and dispatches;
 //! the work is done in the library crates.
 mod bench;
+mod snapshot;
 mod vm;
 
 use ray::{exit, runtime};
@@ -29,6 +30,9 @@ enum Command {
     /// Run, inspect and control VMs.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Full snapshots: create, restore, inspect.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Run the VMM of one VM in this process (what `ray vm run` starts).
     Vmm(vm::VmmArgs),
     /// Measure rayvisor (boot time, memory overhead).
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Vm(cmd) => vm::run(cmd, &runtime),
         Command::Vmm(args) => vm::vmm(args),
+        Command::Snapshot(cmd) => snapshot::run(cmd, &runtime),
         Command::Bench(cmd) => bench::run(cmd, &runtime),
         Command::Openapi { .. } => {
             println!("{}", ray_api::vmm::openapi_json());

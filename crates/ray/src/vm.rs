@@ -35,6 +35,8 @@ pub enum VmCommand {
     Events(IdArgs),
     /// Show the tail of a VM's serial console, or send it a line.
     Console(ConsoleArgs),
+    /// Write a full snapshot of a VM (same as `ray snapshot create`).
+    Checkpoint(crate::snapshot::CreateArgs),
 }
 
 #[derive(Args)]
@@ -116,6 +118,12 @@ pub struct VmmArgs {
     /// Console on this process's stdin/stdout.
     #[arg(long)]
     pub attach: bool,
+    /// Restore this snapshot directory instead of booting.
+    #[arg(long, conflicts_with_all = ["config_json", "start"])]
+    pub restore: Option<PathBuf>,
+    /// With --restore: skip checking guest memory against the snapshot's checksums.
+    #[arg(long, requires = "restore")]
+    pub no_verify_memory: bool,
 }
 
 /// Where rayvisor's guest kernel is: `$RAY_GUEST`, or next to this binary (the build puts
@@ -177,11 +185,12 @@ pub fn run(cmd: VmCommand, runtime: &Path) -> anyhow::Result<()> {
         }
         VmCommand::Events(a) => events(runtime, &a.id, a.json),
         VmCommand::Console(a) => console(runtime, &a),
+        VmCommand::Checkpoint(a) => crate::snapshot::create(runtime, &a),
     }
 }
 
 /// A client for a live VM, or an error saying why there is none.
-fn client(runtime: &Path, id: &str) -> anyhow::Result<VmmClient> {
+pub fn client(runtime: &Path, id: &str) -> anyhow::Result<VmmClient> {
     runtime::check_id(id).map_err(|e| coded(exit::INVALID, e))?;
     let dir = runtime::vm_dir(runtime, id);
     if !dir.is_dir() {
@@ -217,22 +226,40 @@ pub fn state_name(s: VmStateName) -> String {
         .unwrap_or_default()
 }
 
+/// How a new VMM gets its VM.
+pub enum Origin<'a> {
+    Boot(&'a VmConfig),
+    Restore {
+        snapshot: &'a Path,
+        verify_memory: bool,
+    },
+}
+
 fn spawn_vmm(
     id: &str,
     dir: &Path,
-    cfg: &VmConfig,
+    origin: &Origin,
     attach: bool,
 ) -> anyhow::Result<std::process::Child> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
-    cmd.arg("vmm")
-        .arg("--id")
-        .arg(id)
-        .arg("--dir")
-        .arg(dir)
-        .arg("--config-json")
-        .arg(serde_json::to_string(cfg)?)
-        .arg("--start");
+    cmd.arg("vmm").arg("--id").arg(id).arg("--dir").arg(dir);
+    match origin {
+        Origin::Boot(cfg) => {
+            cmd.arg("--config-json")
+                .arg(serde_json::to_string(cfg)?)
+                .arg("--start");
+        }
+        Origin::Restore {
+            snapshot,
+            verify_memory,
+        } => {
+            cmd.arg("--restore").arg(snapshot);
+            if !verify_memory {
+                cmd.arg("--no-verify-memory");
+            }
+        }
+    }
     if attach {
         cmd.arg("--attach");
     } else {
@@ -254,7 +281,24 @@ fn spawn_vmm(
 
 fn run_vm(args: &RunArgs, runtime: &Path) -> anyhow::Result<()> {
     let cfg = vm_config(args)?;
-    let id = args.id.clone().unwrap_or_else(runtime::new_id);
+    launch(
+        runtime,
+        args.id.clone(),
+        &Origin::Boot(&cfg),
+        args.detach,
+        args.json,
+    )
+}
+
+/// Starts a VMM for a new VM (booted or restored), attached or detached.
+pub fn launch(
+    runtime: &Path,
+    id: Option<String>,
+    origin: &Origin,
+    detach: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let id = id.unwrap_or_else(runtime::new_id);
     runtime::check_id(&id).map_err(|e| coded(exit::INVALID, e))?;
     let dir = runtime::vm_dir(runtime, &id);
     if dir.join("api.sock").exists() {
@@ -266,8 +310,8 @@ fn run_vm(args: &RunArgs, runtime: &Path) -> anyhow::Result<()> {
         }
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    if !args.detach {
-        let mut child = spawn_vmm(&id, &dir, &cfg, true)?;
+    if !detach {
+        let mut child = spawn_vmm(&id, &dir, origin, true)?;
         // The VMM takes Ctrl-C itself (and stops the VM); this process just waits.
         // SAFETY: SIG_IGN for SIGINT in this process only; no handler code runs.
         unsafe {
@@ -280,7 +324,7 @@ fn run_vm(args: &RunArgs, runtime: &Path) -> anyhow::Result<()> {
             Err(coded(1, format!("the VMM of '{id}' ended with {status}")))
         };
     }
-    let mut child = spawn_vmm(&id, &dir, &cfg, false)?;
+    let mut child = spawn_vmm(&id, &dir, origin, false)?;
     let socket = dir.join("api.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
     let info: VmInfo = loop {
@@ -309,7 +353,7 @@ fn run_vm(args: &RunArgs, runtime: &Path) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(2));
     };
-    if args.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {
         println!("{id}");
@@ -510,6 +554,8 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
         attach: args.attach,
         config,
         start: args.start,
+        restore: args.restore,
+        verify_memory: !args.no_verify_memory,
     })?;
     match state {
         ray_vmm::lifecycle::VmState::Terminated => Ok(()),

@@ -11,7 +11,7 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use ray_api::vmm::{ConsoleInput, ErrorBody, StopRequest, VmConfig};
+use ray_api::vmm::{ConsoleInput, ErrorBody, SnapshotRequest, StopRequest, VmConfig};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio::sync::oneshot;
@@ -59,6 +59,7 @@ impl Api {
         match rx.await {
             Ok(Ok(Response::Info(info))) => Json(*info).into_response(),
             Ok(Ok(Response::Events(events))) => Json(events).into_response(),
+            Ok(Ok(Response::Snapshot(info))) => Json(info).into_response(),
             Ok(Ok(Response::Done)) => StatusCode::NO_CONTENT.into_response(),
             Ok(Err(e)) => error(e.status, e.message),
             Err(_) => error(503, "the VMM is shutting down"),
@@ -98,6 +99,13 @@ fn router(api: Api) -> Router {
         .route("/vm/pause", put(|State(a): State<Api>| async move { a.call(Request::Pause).await }))
         .route("/vm/resume", put(|State(a): State<Api>| async move { a.call(Request::Resume).await }))
         .route("/vm/suspend", put(|State(a): State<Api>| async move { a.call(Request::Suspend).await }))
+        .route(
+            "/vm/snapshot",
+            put(|State(a): State<Api>, body: Bytes| async move {
+                a.call_parsed::<SnapshotRequest>("PUT /vm/snapshot", &body, Request::Snapshot)
+                    .await
+            }),
+        )
         .route(
             "/vm/stop",
             put(|State(a): State<Api>, body: Bytes| async move {

@@ -1,11 +1,11 @@
 //! The VMM thread: owns the VM's state and is the only code that changes it. The API
 //! thread and the vCPU threads talk to it through one channel of typed messages.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ray_api::vmm::{ConsoleTail, LifecycleEvent, VmConfig, VmInfo};
+use ray_api::vmm::{ConsoleTail, LifecycleEvent, SnapshotInfo, SnapshotRequest, VmConfig, VmInfo};
 use ray_guest_abi::offset;
 
 use crate::devices::{ConsoleRing, PowerEvent};
@@ -25,6 +25,7 @@ pub enum Request {
     Resume,
     Suspend,
     Stop { timeout: Duration },
+    Snapshot(SnapshotRequest),
     Events,
     ConsoleInput(Vec<u8>),
 }
@@ -32,6 +33,7 @@ pub enum Request {
 #[derive(Debug)]
 pub enum Response {
     Info(Box<VmInfo>),
+    Snapshot(SnapshotInfo),
     Events(Vec<LifecycleEvent>),
     Done,
 }
@@ -235,6 +237,7 @@ impl Controller {
                     ),
                 })
             }
+            Request::Snapshot(req) => self.snapshot(req).map(Response::Snapshot),
             Request::Stop { timeout } => {
                 self.check(VmAction::Stop)?;
                 self.stop(timeout, inbox, "api:stop");
@@ -259,6 +262,146 @@ impl Controller {
         }
     }
 
+    /// Writes a full snapshot. A running VM is refused unless `pause` asks to pause it for
+    /// the snapshot (and resume it after, whatever the outcome).
+    fn snapshot(&mut self, req: SnapshotRequest) -> Result<SnapshotInfo, RequestError> {
+        let running = self.state == VmState::Running;
+        if running && !req.pause {
+            return Err(RequestError::conflict(
+                "cannot snapshot a VM that is running: pause it first, or ask for pause (--pause)",
+            ));
+        }
+        if !running && self.state != VmState::Paused {
+            return Err(RequestError::conflict(format!(
+                "cannot snapshot a VM that is {}",
+                self.state
+            )));
+        }
+        let path = PathBuf::from(&req.path);
+        if path.exists() {
+            return Err(RequestError::bad_request(format!(
+                "snapshot path {} already exists; a snapshot never overwrites another",
+                path.display()
+            )));
+        }
+        let config = self
+            .config
+            .clone()
+            .ok_or_else(|| RequestError::conflict("the VM has no configuration"))?;
+        let t_pause = Instant::now();
+        if running {
+            self.machine()?.pause();
+            self.apply(VmAction::Pause, "api:snapshot")?;
+        }
+        let t_write = Instant::now();
+        let result = {
+            let machine = self.machine()?;
+            let id = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "snapshot".into());
+            let meta = crate::snapshot::SnapshotMeta {
+                id: &id,
+                vm_id: &self.id,
+                config: &config,
+                hypervisor: self.flavour.name(),
+                cpu_fingerprint: crate::snapshot::cpu_fingerprint(&machine.vm.kvm),
+            };
+            machine
+                .save()
+                .map_err(|e| e.to_string())
+                .and_then(|state| {
+                    crate::snapshot::create(&path, meta, &state, &machine.vm.memory)
+                        .map_err(|e| e.to_string())
+                })
+                .map(|m| (id, m))
+        };
+        let write_ms = t_write.elapsed().as_secs_f64() * 1e3;
+        if running {
+            self.machine()?.resume();
+            self.apply(VmAction::Resume, "api:snapshot")?;
+        }
+        let paused_ms = t_pause.elapsed().as_secs_f64() * 1e3;
+        let (id, manifest) =
+            result.map_err(|e| RequestError::internal(format!("snapshot failed: {e}")))?;
+        Ok(SnapshotInfo {
+            id,
+            path: req.path,
+            memory_bytes: manifest.memory_bytes,
+            memory_allocated_bytes: manifest.memory_allocated_bytes,
+            state_bytes: manifest.state_bytes,
+            paused_ms,
+            write_ms,
+        })
+    }
+
+    /// Brings a snapshot back to life in this (new, unconfigured) VMM.
+    pub fn restore(&mut self, dir: &Path, verify_memory: bool) -> Result<(), RequestError> {
+        self.check(VmAction::Start)?;
+        let bad = |e: crate::snapshot::SnapshotError| {
+            RequestError::bad_request(format!("cannot restore {}: {e}", dir.display()))
+        };
+        let (manifest, state) = crate::snapshot::load(dir).map_err(bad)?;
+        if manifest.hypervisor != self.flavour.name() {
+            return Err(RequestError::bad_request(format!(
+                "cannot restore {}: it was taken on a {} host and this host is {}",
+                dir.display(),
+                manifest.hypervisor,
+                self.flavour.name()
+            )));
+        }
+        let regions = crate::boot::layout::ram_regions(manifest.memory_bytes);
+        let memory = crate::memory::from_file(&regions, &dir.join("memory.raw")).map_err(|e| {
+            RequestError::bad_request(format!("cannot restore {}: {e}", dir.display()))
+        })?;
+        if verify_memory {
+            crate::snapshot::verify_memory(dir, &manifest, &memory).map_err(bad)?;
+        }
+        let kvm = kvm_ioctls::Kvm::new()
+            .map_err(|e| RequestError::internal(format!("cannot open /dev/kvm: {e}")))?;
+        let here = crate::snapshot::cpu_fingerprint(&kvm);
+        if manifest.cpu_fingerprint != here {
+            return Err(RequestError::bad_request(format!(
+                "cannot restore {}: its CPU (CPUID fingerprint {}) differs from this host's ({here})",
+                dir.display(),
+                manifest.cpu_fingerprint
+            )));
+        }
+        drop(kvm);
+        let sinks = self.console_sinks()?;
+        let inbox = self.vcpu_events.clone();
+        let events: EventSink = Arc::new(move |e| {
+            let _ = inbox.send(Message::Vcpu(e));
+        });
+        let machine =
+            Machine::restore(memory, &state, self.flavour, sinks, events).map_err(|e| {
+                RequestError::internal(format!("cannot restore {}: {e}", dir.display()))
+            })?;
+        self.machine = Some(machine);
+        self.config = Some(manifest.config);
+        self.started = Some(Instant::now());
+        self.apply(VmAction::Start, &format!("restore:{}", manifest.id))?;
+        Ok(())
+    }
+
+    fn console_sinks(&self) -> Result<ConsoleSinks, RequestError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.paths.serial_log())
+            .map_err(|e| {
+                RequestError::internal(format!(
+                    "cannot open the serial log {}: {e}",
+                    self.paths.serial_log().display()
+                ))
+            })?;
+        Ok(ConsoleSinks {
+            log: Some(log),
+            stdout: self.attach,
+            ring: self.ring.clone(),
+        })
+    }
+
     fn machine(&self) -> Result<&Machine, RequestError> {
         self.machine.as_ref().ok_or_else(|| {
             RequestError::conflict(format!("the VM is {} and has no machine", self.state))
@@ -273,21 +416,7 @@ impl Controller {
         })?;
         let spec = config::validate(&cfg, config::host_memory())
             .map_err(|e| RequestError::bad_request(e.to_string()))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.paths.serial_log())
-            .map_err(|e| {
-                RequestError::internal(format!(
-                    "cannot open the serial log {}: {e}",
-                    self.paths.serial_log().display()
-                ))
-            })?;
-        let sinks = ConsoleSinks {
-            log: Some(log),
-            stdout: self.attach,
-            ring: self.ring.clone(),
-        };
+        let sinks = self.console_sinks()?;
         let inbox = self.vcpu_events.clone();
         let events: EventSink = Arc::new(move |e| {
             let _ = inbox.send(Message::Vcpu(e));

@@ -12,6 +12,7 @@ pub mod heartbeat;
 pub mod lifecycle;
 pub mod machine;
 pub mod memory;
+pub mod snapshot;
 pub mod vstate;
 
 use std::io::BufRead;
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use ray_api::vmm::VmConfig;
 
-use controller::{Controller, Message, Request, VmPaths};
+use controller::{Controller, Message, Request, Response, VmPaths};
 use lifecycle::{AuditTrail, VmState};
 
 /// How `ray vmm` was asked to run.
@@ -35,6 +36,11 @@ pub struct VmmOptions {
     pub config: Option<VmConfig>,
     /// Start at once (needs `config`).
     pub start: bool,
+    /// Restore this snapshot directory at once instead of booting.
+    pub restore: Option<PathBuf>,
+    /// With `restore`: check guest memory against the snapshot's checksums first (the one
+    /// restore step whose cost grows with memory size).
+    pub verify_memory: bool,
 }
 
 /// The record a VMM leaves behind when it ends.
@@ -120,12 +126,15 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     }
     let mut server =
         api_server::ApiServer::start(&ctl.paths.socket(), tx.clone(), ctl.ring.clone())?;
-    if opts.start {
-        if let Err(e) = ctl.handle(Request::Start, &rx) {
-            server.stop();
-            let _ = std::fs::remove_file(ctl.paths.socket());
-            anyhow::bail!("{}", e.message);
-        }
+    let started = match &opts.restore {
+        Some(dir) => ctl.restore(dir, opts.verify_memory).map(|_| Response::Done),
+        None if opts.start => ctl.handle(Request::Start, &rx),
+        None => Ok(Response::Done),
+    };
+    if let Err(e) = started {
+        server.stop();
+        let _ = std::fs::remove_file(ctl.paths.socket());
+        anyhow::bail!("{}", e.message);
     }
     if opts.attach {
         spawn_stdin_thread(tx.clone());

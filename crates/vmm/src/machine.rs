@@ -176,7 +176,12 @@ impl Machine {
             .collect::<Result<Vec<_>, _>>()?;
         let vcpus = Vcpus::start(fds, bus.clone(), events)?;
         times.vcpus = t.elapsed();
-        Ok(Machine { vm, bus, vcpus: Some(vcpus), times })
+        Ok(Machine {
+            vm,
+            bus,
+            vcpus: Some(vcpus),
+            times,
+        })
     }
 
     pub fn pause(&self) {
