@@ -125,6 +125,11 @@ impl Session {
         &self.cfg
     }
 
+    /// Turns preemption on or off for later decisions.
+    pub fn set_preemption(&mut self, on: bool) {
+        self.cfg.preemption = on;
+    }
+
     /// Places one VM: quota, filters, scorers, then preemption if needed.
     pub fn place(&mut self, vm: &VmSpec) -> Result<Decision, EngineError> {
         self.check_vm(vm)?;

@@ -15,10 +15,13 @@
 pub mod engine;
 pub mod error;
 pub mod filter;
+mod generate;
 pub mod model;
 pub mod preempt;
 pub mod rebalance;
+pub mod scenario;
 pub mod score;
+pub mod sim;
 pub mod state;
 pub mod status;
 
@@ -27,5 +30,7 @@ pub use error::{EngineError, ModelError, ScenarioError, SimError};
 pub use filter::{Explanation, FilterKind, Reject};
 pub use model::*;
 pub use rebalance::{Move, MoveReason, RebalanceOptions, RebalancePlan};
+pub use scenario::{Scenario, TraceEvent, TraceKind};
+pub use sim::{run_sim, Baselines, Ratios, SimOptions, SimReport, StrategyReport};
 pub use state::ClusterState;
 pub use status::{transition, HostEvent, HostStatus, InvalidTransition};

@@ -1,0 +1,46 @@
+//! Runs the simulator the way `ray sim` does.
+//!
+//! `cargo run --release -p ray-scheduler --example sim -- [hosts] [vms] [seed] [--json] [scenario.yaml]`
+
+use ray_scheduler::{run_sim, SimOptions};
+use std::time::Instant;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let json = args.iter().any(|a| a == "--json");
+    let mut nums = args.iter().filter_map(|a| a.parse::<u64>().ok());
+    let file = args
+        .iter()
+        .find(|a| a.ends_with(".yaml") || a.ends_with(".yml"));
+    let mut opts = SimOptions::default();
+    if let Some(h) = nums.next() {
+        opts.hosts = u32::try_from(h).unwrap_or(u32::MAX);
+    }
+    if let Some(v) = nums.next() {
+        opts.vms = u32::try_from(v).unwrap_or(u32::MAX);
+    }
+    if let Some(s) = nums.next() {
+        opts.seed = s;
+    }
+    opts.rebalance_every = u64::from(opts.vms / 10).max(1);
+    if let Some(f) = file {
+        match std::fs::read_to_string(f) {
+            Ok(t) => opts.scenario = Some(t),
+            Err(e) => {
+                eprintln!("{f}: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
+    let start = Instant::now();
+    let clock = move || start.elapsed().as_nanos() as u64;
+    match run_sim(&opts, &clock) {
+        Ok(r) if json => println!("{}", serde_json::to_string(&r).unwrap_or_default()),
+        Ok(r) => print!("{}", r.render_table()),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
+    eprintln!("wall {:.2}s", start.elapsed().as_secs_f64());
+}
