@@ -160,16 +160,54 @@ fn sigterm_stops_the_vm_cleanly() {
 }
 
 #[test]
-fn suspend_is_refused_until_snapshots_exist() {
+fn suspend_releases_memory_and_resume_continues() {
     let env = Env::new("suspend");
-    let mut vm = env.boot(&[]);
+    let mut vm = env.boot(&["--memory", "256M"]);
     vm.expect_line("ready", READY);
-    let err = vm
-        .client
-        .call::<serde_json::Value>("PUT", "/vm/suspend", None)
-        .unwrap_err();
-    let msg = err.to_string();
-    assert!(msg.contains("snapshot support is not built yet"), "{msg}");
-    assert!(msg.contains("running"), "{msg}");
-    assert_eq!(vm.state(), VmStateName::Running);
+    let on = vm.command("dirty 8 4000", "dirty on");
+    let region = on
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("region="))
+        .unwrap_or_else(|| panic!("{on}"))
+        .to_string();
+    std::thread::sleep(Duration::from_millis(200));
+    vm.command("dirty stop", "dirty off");
+    let sum_cmd = format!("sum {region} {}", 8 << 20);
+    let before = vm.command(&sum_cmd, "sum ");
+    let (c0, _) = heartbeat(&vm);
+    let out = env.ray_ok(&["vm", "suspend", &vm.id, "--json"]);
+    assert!(out.contains("\"state\": \"suspended\""), "{out}");
+    let info = vm.info();
+    assert!(
+        info.heartbeat.is_none(),
+        "a suspended VM has no memory to read"
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", vm.pid)).unwrap();
+    assert!(
+        !maps.contains("ray-guest-ram"),
+        "guest RAM still mapped while suspended"
+    );
+    assert!(vm.dir.join("suspended/memory.raw").is_file());
+    // Pausing a suspended VM is refused, naming the state.
+    let err = env.ray(&["vm", "pause", &vm.id]);
+    assert!(String::from_utf8_lossy(&err.stderr).contains("cannot pause a VM that is suspended"));
+    env.ray_ok(&["vm", "resume", &vm.id]);
+    let info = vm.wait_for("heartbeat after resume", Duration::from_secs(5), |i| {
+        i.heartbeat.as_ref().is_some_and(|h| h.counter > c0)
+    });
+    assert_eq!(info.state, VmStateName::Running);
+    assert_eq!(
+        vm.command(&sum_cmd, "sum "),
+        before,
+        "memory changed across suspend/resume"
+    );
+    assert!(
+        !vm.dir.join("suspended").exists(),
+        "the suspend image is removed after resume"
+    );
+    let events = env.ray_ok(&["vm", "events", &vm.id]);
+    assert!(
+        events.contains("api:suspend") && events.contains("suspended"),
+        "{events}"
+    );
 }

@@ -5,3 +5,4 @@ mod boot;
 mod lifecycle;
 mod linux;
 mod shell;
+mod snapshot;

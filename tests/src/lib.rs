@@ -82,6 +82,18 @@ impl Env {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// A handle on a VM started by other means (a restore), by id and VMM pid.
+    pub fn attach(&self, id: &str, pid: u32) -> Vm {
+        let dir = self.runtime.join("vms").join(id);
+        Vm {
+            id: id.to_string(),
+            pid,
+            client: VmmClient::new(&dir.join("api.sock")),
+            dir,
+            seen: 0,
+        }
+    }
+
     /// Boots rayvisor's guest detached with extra `ray vm run` arguments.
     pub fn boot(&self, extra: &[&str]) -> Vm {
         let mut args = vec!["vm", "run", "--detach", "--json"];

@@ -199,7 +199,7 @@ mod paths {
     #[utoipa::path(put, path = "/vm/resume", responses((status = 200, body = VmInfo), (status = 409, body = ErrorBody)))]
     fn resume() {}
 
-    #[utoipa::path(put, path = "/vm/suspend", responses((status = 409, body = ErrorBody)))]
+    #[utoipa::path(put, path = "/vm/suspend", responses((status = 200, body = VmInfo), (status = 409, body = ErrorBody)))]
     fn suspend() {}
 
     #[utoipa::path(put, path = "/vm/snapshot", request_body = SnapshotRequest, responses(

@@ -27,8 +27,10 @@ pub enum VmCommand {
     Status(IdArgs),
     /// Stop every vCPU of a running VM.
     Pause(IdArgs),
-    /// Continue a paused VM.
+    /// Continue a paused or suspended VM.
     Resume(IdArgs),
+    /// Write the VM to disk (a snapshot in its directory) and release its memory.
+    Suspend(IdArgs),
     /// Stop a VM: ask the guest to power off, then force it after the timeout.
     Stop(StopArgs),
     /// Show a VM's lifecycle events.
@@ -177,6 +179,7 @@ pub fn run(cmd: VmCommand, runtime: &Path) -> anyhow::Result<()> {
         VmCommand::Status(a) => status(runtime, &a.id, a.json),
         VmCommand::Pause(a) => action(runtime, &a.id, "/vm/pause", None, a.json),
         VmCommand::Resume(a) => action(runtime, &a.id, "/vm/resume", None, a.json),
+        VmCommand::Suspend(a) => action(runtime, &a.id, "/vm/suspend", None, a.json),
         VmCommand::Stop(a) => {
             let body = serde_json::to_vec(&ray_api::vmm::StopRequest {
                 timeout_ms: a.timeout_ms,

@@ -218,24 +218,16 @@ impl Controller {
             Request::Resume => {
                 self.check(VmAction::Resume)?;
                 if self.state == VmState::Suspended {
-                    return Err(RequestError::conflict(
-                        "resume from suspended needs snapshot support, which is not built yet",
-                    ));
+                    self.resume_suspended()?;
+                    return Ok(Response::Info(Box::new(self.info())));
                 }
                 self.machine()?.resume();
                 self.apply(VmAction::Resume, "api:resume")?;
                 Ok(Response::Info(Box::new(self.info())))
             }
             Request::Suspend => {
-                self.check(VmAction::Suspend)?;
-                Err(RequestError {
-                    status: 501,
-                    message: format!(
-                        "cannot suspend the VM (it is {}): suspend writes a snapshot to disk, \
-                         and snapshot support is not built yet",
-                        self.state
-                    ),
-                })
+                self.suspend()?;
+                Ok(Response::Info(Box::new(self.info())))
             }
             Request::Snapshot(req) => self.snapshot(req).map(Response::Snapshot),
             Request::Stop { timeout } => {
@@ -338,6 +330,19 @@ impl Controller {
     /// Brings a snapshot back to life in this (new, unconfigured) VMM.
     pub fn restore(&mut self, dir: &Path, verify_memory: bool) -> Result<(), RequestError> {
         self.check(VmAction::Start)?;
+        let manifest = self.rebuild(dir, verify_memory)?;
+        self.config = Some(manifest.config);
+        self.started = Some(Instant::now());
+        self.apply(VmAction::Start, &format!("restore:{}", manifest.id))?;
+        Ok(())
+    }
+
+    /// Builds the machine of the snapshot in `dir` and starts its vCPUs.
+    fn rebuild(
+        &mut self,
+        dir: &Path,
+        verify_memory: bool,
+    ) -> Result<crate::snapshot::Manifest, RequestError> {
         let bad = |e: crate::snapshot::SnapshotError| {
             RequestError::bad_request(format!("cannot restore {}: {e}", dir.display()))
         };
@@ -378,9 +383,42 @@ impl Controller {
                 RequestError::internal(format!("cannot restore {}: {e}", dir.display()))
             })?;
         self.machine = Some(machine);
-        self.config = Some(manifest.config);
-        self.started = Some(Instant::now());
-        self.apply(VmAction::Start, &format!("restore:{}", manifest.id))?;
+        Ok(manifest)
+    }
+
+    /// Where a suspended VM keeps its memory and state.
+    fn suspend_dir(&self) -> PathBuf {
+        self.paths.dir.join("suspended")
+    }
+
+    /// Suspend: a snapshot to the VM's directory, then the machine and its memory go.
+    fn suspend(&mut self) -> Result<(), RequestError> {
+        self.check(VmAction::Suspend)?;
+        let dir = self.suspend_dir();
+        let _ = std::fs::remove_dir_all(&dir);
+        if self.state == VmState::Running {
+            self.machine()?.pause();
+            self.apply(VmAction::Pause, "api:suspend")?;
+        }
+        // Paused now: the snapshot is of exactly the state the VM will resume from. If it
+        // fails, the VM stays paused with its memory, and nothing is lost.
+        self.snapshot(SnapshotRequest {
+            path: dir.display().to_string(),
+            pause: false,
+        })?;
+        if let Some(mut m) = self.machine.take() {
+            m.shutdown();
+        }
+        self.apply(VmAction::Suspend, "api:suspend")?;
+        Ok(())
+    }
+
+    /// Resume from Suspended: the suspend snapshot becomes the machine again.
+    fn resume_suspended(&mut self) -> Result<(), RequestError> {
+        let dir = self.suspend_dir();
+        self.rebuild(&dir, true)?;
+        self.apply(VmAction::Resume, "api:resume")?;
+        let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
 
