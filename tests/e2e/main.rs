@@ -5,4 +5,5 @@ mod boot;
 mod lifecycle;
 mod linux;
 mod shell;
+mod sim;
 mod snapshot;

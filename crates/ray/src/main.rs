@@ -1,6 +1,7 @@
 //! `ray`: the one binary of rayvisor. This file parses the command line and dispatches;
 //! the work is done in the library crates.
 mod bench;
+mod sim;
 mod snapshot;
 mod vm;
 
@@ -35,6 +36,8 @@ enum Command {
     Snapshot(snapshot::SnapshotCommand),
     /// Run the VMM of one VM in this process (what `ray vm run` starts).
     Vmm(vm::VmmArgs),
+    /// Simulate cluster placement at scale against baselines.
+    Sim(sim::SimArgs),
     /// Measure rayvisor (boot time, memory overhead).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Command::Vmm(args) => vm::vmm(args),
         Command::Snapshot(cmd) => snapshot::run(cmd, &runtime),
         Command::Bench(cmd) => bench::run(cmd, &runtime),
+        Command::Sim(args) => sim::run(args),
         Command::Openapi { .. } => {
             println!("{}", ray_api::vmm::openapi_json());
             Ok(())
