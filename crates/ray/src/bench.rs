@@ -14,6 +14,25 @@ use crate::vm::{default_guest, DEFAULT_GUEST_CMDLINE};
 pub enum BenchCommand {
     /// Process start -> `ready` on the serial console, and the VMM's memory overhead.
     Boot(BootArgs),
+    /// Full snapshot write time and size, and restore-to-running latency.
+    Snapshot(SnapshotBenchArgs),
+}
+
+#[derive(Args)]
+pub struct SnapshotBenchArgs {
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    /// Guest memory.
+    #[arg(long, default_value = "1G", value_parser = ray::sizes::parse_size)]
+    pub memory: u64,
+    /// How much of it the guest touches before the snapshots.
+    #[arg(long, default_value = "256M", value_parser = ray::sizes::parse_size)]
+    pub touched: u64,
+    /// Where snapshots are written (default: under the runtime directory).
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -75,6 +94,7 @@ const MIB: f64 = (1 << 20) as f64;
 pub fn run(cmd: BenchCommand, runtime: &Path) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Boot(a) => boot(&a, runtime),
+        BenchCommand::Snapshot(a) => crate::bench_snapshot::run(&a, runtime),
     }
 }
 

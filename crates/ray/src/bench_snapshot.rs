@@ -1,0 +1,242 @@
+//! `ray bench snapshot`: full snapshots of a guest with part of its memory touched, the
+//! disk's own sequential write speed measured in the same run, and restore latency from a
+//! new process to the guest answering on its console.
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ray::client::VmmClient;
+use ray_api::vmm::{ConsoleInput, SnapshotInfo, SnapshotRequest, VmConfig, VmInfo};
+use serde::Serialize;
+
+use crate::bench::{SnapshotBenchArgs, Stats};
+use crate::vm::{default_guest, DEFAULT_GUEST_CMDLINE};
+
+#[derive(Serialize)]
+struct Report {
+    runs: usize,
+    memory_bytes: u64,
+    touched_bytes: u64,
+    build: &'static str,
+    /// Write time of a full snapshot (state + memory, fsync included), ms.
+    full_ms: Stats,
+    /// Bytes of the full snapshot on disk (zero pages are holes).
+    full_bytes: u64,
+    /// Sequential write speed of the snapshot disk (same size, fsync), MiB/s.
+    disk_mib_s: Stats,
+    /// Full snapshot write speed over the disk's, median to median.
+    full_speed_ratio: f64,
+    /// New VMM process -> the restored guest answers on its console, ms (memory verified).
+    restore_ms: Stats,
+    /// The same without verifying memory checksums, ms.
+    restore_unverified_ms: Stats,
+}
+
+/// Writes `bytes` to a fresh file in `dir` with one fsync, returns MiB/s.
+fn disk_speed(dir: &Path, bytes: u64) -> anyhow::Result<f64> {
+    let path = dir.join(".bench-disk");
+    let f = std::fs::File::create(&path)?;
+    let chunk = vec![0x5au8; 4 << 20];
+    let t = Instant::now();
+    let mut off = 0;
+    while off < bytes {
+        let n = chunk.len().min((bytes - off) as usize);
+        f.write_all_at(&chunk[..n], off)?;
+        off += n as u64;
+    }
+    f.sync_all()?;
+    let secs = t.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(bytes as f64 / secs / (1 << 20) as f64)
+}
+
+/// Starts a VMM restoring `snapshot` and returns the time until the guest echoed a line.
+fn restore_latency(
+    exe: &Path,
+    runtime: &Path,
+    snapshot: &Path,
+    verify: bool,
+    i: usize,
+) -> anyhow::Result<Duration> {
+    let id = format!("bench-restore-{}-{i}-{verify}", std::process::id());
+    let dir = ray::runtime::vm_dir(runtime, &id);
+    std::fs::create_dir_all(&dir)?;
+    let t = Instant::now();
+    let mut cmd = Command::new(exe);
+    cmd.args(["vmm", "--id", &id, "--attach", "--restore"])
+        .arg(snapshot)
+        .arg("--dir")
+        .arg(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if !verify {
+        cmd.arg("--no-verify-memory");
+    }
+    let mut child = cmd.spawn()?;
+    let mut stdin = child.stdin.take().context("no stdin pipe")?;
+    stdin.write_all(b"echo restored-and-answering\n")?;
+    let stdout = child.stdout.take().context("no stdout pipe")?;
+    let mut answered = None;
+    for line in BufReader::new(stdout).lines() {
+        if line?.trim_end() == "restored-and-answering" {
+            answered = Some(t.elapsed());
+            break;
+        }
+    }
+    // SAFETY: kill(2) of our own child.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    drop(stdin);
+    child.wait()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    answered.context("the restored guest never answered")
+}
+
+pub fn run(a: &SnapshotBenchArgs, runtime: &Path) -> anyhow::Result<()> {
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    if a.touched > a.memory / 2 {
+        bail!("--touched must be at most half of --memory");
+    }
+    let exe = std::env::current_exe()?;
+    let dir = a
+        .dir
+        .clone()
+        .unwrap_or_else(|| runtime.join("bench-snapshots"));
+    std::fs::create_dir_all(&dir)?;
+    let id = format!("bench-snap-{}", std::process::id());
+    let vm_dir = ray::runtime::vm_dir(runtime, &id);
+    std::fs::create_dir_all(&vm_dir)?;
+    let cfg = VmConfig {
+        kernel: default_guest()?.display().to_string(),
+        initrd: None,
+        cmdline: DEFAULT_GUEST_CMDLINE.into(),
+        vcpus: 1,
+        memory_bytes: a.memory,
+    };
+    let mut vmm = Command::new(&exe)
+        .args([
+            "vmm",
+            "--id",
+            &id,
+            "--start",
+            "--config-json",
+            &serde_json::to_string(&cfg)?,
+        ])
+        .arg("--dir")
+        .arg(&vm_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let client = VmmClient::new(&vm_dir.join("api.sock"));
+    let result = (|| -> anyhow::Result<Report> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(info) = client.call::<VmInfo>("GET", "/vm", None) {
+                if info.heartbeat.is_some_and(|h| h.ready) {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the benchmark guest did not become ready");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let send = |line: &str| -> anyhow::Result<()> {
+            let body = serde_json::to_vec(&ConsoleInput {
+                data: format!("{line}\n"),
+            })?;
+            let _: serde_json::Value = client.call("POST", "/vm/console", Some(body))?;
+            Ok(())
+        };
+        send(&format!("dirty {} 100000", a.touched >> 20))?;
+        while client
+            .call::<VmInfo>("GET", "/vm", None)?
+            .heartbeat
+            .map_or(0, |h| h.dirty_bytes)
+            < a.touched
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        send("dirty stop")?;
+        std::thread::sleep(Duration::from_millis(50));
+        let _: VmInfo = client.call("PUT", "/vm/pause", None)?;
+        let (mut full, mut disk, mut restore, mut restore_nv) = (vec![], vec![], vec![], vec![]);
+        let mut full_bytes = 0;
+        for i in 0..a.runs {
+            let path = dir.join(format!("{id}-{i}"));
+            let _ = std::fs::remove_dir_all(&path);
+            let req = SnapshotRequest {
+                path: path.display().to_string(),
+                pause: false,
+            };
+            let info: SnapshotInfo =
+                client.call("PUT", "/vm/snapshot", Some(serde_json::to_vec(&req)?))?;
+            full.push(info.write_ms);
+            full_bytes = info.memory_allocated_bytes + info.state_bytes;
+            if disk.is_empty() {
+                disk.push(disk_speed(&dir, full_bytes)?);
+            }
+            restore.push(restore_latency(&exe, runtime, &path, true, i)?.as_secs_f64() * 1e3);
+            restore_nv.push(restore_latency(&exe, runtime, &path, false, i)?.as_secs_f64() * 1e3);
+            std::fs::remove_dir_all(&path)?;
+        }
+        let full_ms = Stats::of(&full);
+        let disk_mib_s = Stats::of(&disk);
+        let full_mib_s = full_bytes as f64 / (1 << 20) as f64 / (full_ms.median / 1e3);
+        Ok(Report {
+            runs: a.runs,
+            memory_bytes: a.memory,
+            touched_bytes: a.touched,
+            build: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+            full_ms,
+            full_bytes,
+            disk_mib_s,
+            full_speed_ratio: full_mib_s / disk_mib_s.median,
+            restore_ms: Stats::of(&restore),
+            restore_unverified_ms: Stats::of(&restore_nv),
+        })
+    })();
+    let _ = vmm.kill();
+    let _ = vmm.wait();
+    let _ = std::fs::remove_dir_all(&vm_dir);
+    let r = result?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "snapshot ({} runs, {} MiB guest, {} MiB touched, {} build)",
+            r.runs,
+            r.memory_bytes >> 20,
+            r.touched_bytes >> 20,
+            r.build
+        );
+        let row = |name: &str, s: Stats, unit: &str| {
+            println!(
+                "  {name:<26} min {:>8.2}  median {:>8.2}  max {:>8.2} {unit}",
+                s.min, s.median, s.max
+            )
+        };
+        row("full snapshot write", r.full_ms, "ms");
+        row("disk sequential write", r.disk_mib_s, "MiB/s");
+        row("restore -> answers", r.restore_ms, "ms");
+        row("restore (unverified)", r.restore_unverified_ms, "ms");
+        println!(
+            "  full snapshot size          {} MiB; speed {:.0}% of the disk's",
+            r.full_bytes >> 20,
+            r.full_speed_ratio * 100.0
+        );
+    }
+    Ok(())
+}
