@@ -181,12 +181,11 @@ pub fn run(a: &SnapshotBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 client.call("PUT", "/vm/snapshot", Some(serde_json::to_vec(&req)?))?;
             full.push(info.write_ms);
             full_bytes = info.memory_allocated_bytes + info.state_bytes;
-            if disk.is_empty() {
-                disk.push(disk_speed(&dir, full_bytes)?);
-            }
             restore.push(restore_latency(&exe, runtime, &path, true, i)?.as_secs_f64() * 1e3);
             restore_nv.push(restore_latency(&exe, runtime, &path, false, i)?.as_secs_f64() * 1e3);
             std::fs::remove_dir_all(&path)?;
+            // The disk on its own, with as many bytes as the snapshot wrote.
+            disk.push(disk_speed(&dir, full_bytes)?);
         }
         let full_ms = Stats::of(&full);
         let disk_mib_s = Stats::of(&disk);
