@@ -1,6 +1,6 @@
 //! Runs the simulator the way `ray sim` does.
 //!
-//! `cargo run --release -p ray-scheduler --example sim -- [hosts] [vms] [seed] [--json] [scenario.yaml]`
+//! `cargo run --release -p ray-scheduler --example sim -- [hosts] [vms] [seed] [--json] [--no-baselines] [scenario.yaml]`
 
 use ray_scheduler::{run_sim, SimOptions};
 use std::time::Instant;
@@ -8,6 +8,7 @@ use std::time::Instant;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let json = args.iter().any(|a| a == "--json");
+    let no_baselines = args.iter().any(|a| a == "--no-baselines");
     let mut nums = args.iter().filter_map(|a| a.parse::<u64>().ok());
     let file = args
         .iter()
@@ -21,6 +22,17 @@ fn main() {
     }
     if let Some(s) = nums.next() {
         opts.seed = s;
+    }
+    opts.baselines = !no_baselines;
+    // Tuning knob: RAY_SIM_WEIGHTS="fit,balance,strand,candidates".
+    if let Ok(w) = std::env::var("RAY_SIM_WEIGHTS") {
+        let v: Vec<f64> = w.split(',').filter_map(|x| x.parse().ok()).collect();
+        if let [fit, balance, strand, k] = v[..] {
+            opts.weights.fit = fit;
+            opts.weights.balance = balance;
+            opts.weights.strand = strand;
+            opts.candidates = k as usize;
+        }
     }
     opts.rebalance_every = u64::from(opts.vms / 10).max(1);
     if let Some(f) = file {

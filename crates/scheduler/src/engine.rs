@@ -97,6 +97,9 @@ pub struct Session {
     st: ClusterState,
     cfg: EngineConfig,
     rng: ChaCha8Rng,
+    /// Smallest vCPUs and memory of any VM asked for so far (the
+    /// stranding scorer's idea of "too small to use").
+    min_shape: (u32, u64),
 }
 
 enum Dominant {
@@ -112,6 +115,7 @@ impl Session {
             st: ClusterState::from_snapshot(snapshot)?,
             cfg,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+            min_shape: (u32::MAX, u64::MAX),
         })
     }
 
@@ -133,6 +137,10 @@ impl Session {
     /// Places one VM: quota, filters, scorers, then preemption if needed.
     pub fn place(&mut self, vm: &VmSpec) -> Result<Decision, EngineError> {
         self.check_vm(vm)?;
+        self.min_shape = (
+            self.min_shape.0.min(vm.vcpus),
+            self.min_shape.1.min(vm.memory_mib),
+        );
         if let Some(q) = filter::quota(&self.st, vm) {
             return Ok(Decision::Pending(PendingReason::Quota(q)));
         }
@@ -301,7 +309,7 @@ impl Session {
     }
 
     fn feasible(&self, h: HostId, vm: &VmSpec) -> bool {
-        filter::first_rejection(&self.st, h, vm).is_none()
+        filter::passes(&self.st, h, vm)
     }
 
     fn choose(&mut self, vm: &VmSpec) -> Option<HostId> {
@@ -332,14 +340,8 @@ impl Session {
             Some((_, GroupPolicy::SoftAntiAffinity))
         );
         match self.dominant(vm) {
-            Dominant::Cpu => {
-                let it = self.st.by_cpu().range((vm.vcpus, 0)..).map(|e| e.1);
-                self.pick(vm, it, k, soft)
-            }
-            Dominant::Mem => {
-                let it = self.st.by_mem().range((vm.memory_mib, 0)..).map(|e| e.1);
-                self.pick(vm, it, k, soft)
-            }
+            Dominant::Cpu => self.pick(vm, self.st.cpu_major(vm.vcpus, vm.memory_mib), k, soft),
+            Dominant::Mem => self.pick(vm, self.st.mem_major(vm.vcpus, vm.memory_mib), k, soft),
             Dominant::Gpu(m) => {
                 let count = vm.gpu.map_or(1, |g| g.count);
                 let it = self.st.by_gpu(m).range((count, 0)..).map(|e| e.1);
@@ -415,6 +417,10 @@ impl Session {
             let members = vm.group.map_or(0, |g| self.st.members_on(g, h));
             s += w.soft_anti_affinity * score::soft_anti_affinity(members);
         }
+        let (fc, fm) = (host.free_vcpu() - vm.vcpus, host.free_mem() - vm.memory_mib);
+        let exhausted = fc < self.min_shape.0 || fm < self.min_shape.1;
+        let stranded = (1.0 - cpu_used + 1.0 - mem_used) / 2.0;
+        s += w.strand * score::strand(exhausted, stranded);
         if !vm.numa_strict {
             let fits = host.numa.iter().any(|n| n.fits(vm.vcpus, vm.memory_mib));
             s += w.numa * score::numa_locality(fits);
@@ -424,20 +430,8 @@ impl Session {
 
     fn spread(&self, vm: &VmSpec) -> Option<HostId> {
         match self.dominant(vm) {
-            Dominant::Cpu => self
-                .st
-                .by_cpu()
-                .iter()
-                .rev()
-                .map(|e| e.1)
-                .find(|h| self.feasible(*h, vm)),
-            Dominant::Mem => self
-                .st
-                .by_mem()
-                .iter()
-                .rev()
-                .map(|e| e.1)
-                .find(|h| self.feasible(*h, vm)),
+            Dominant::Cpu => self.st.cpu_major_rev().find(|h| self.feasible(*h, vm)),
+            Dominant::Mem => self.st.mem_major_rev().find(|h| self.feasible(*h, vm)),
             Dominant::Gpu(m) => self
                 .st
                 .by_gpu(m)
@@ -461,9 +455,7 @@ impl Session {
         }
         let all: Vec<HostId> = self
             .st
-            .by_cpu()
-            .range((vm.vcpus, 0)..)
-            .map(|e| e.1)
+            .cpu_major(vm.vcpus, vm.memory_mib)
             .filter(|h| self.feasible(*h, vm))
             .collect();
         if all.is_empty() {

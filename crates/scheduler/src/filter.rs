@@ -271,6 +271,50 @@ pub fn placement_rejection(st: &ClusterState, h: HostId, vm: &VmSpec) -> Option<
         .or_else(|| affinity(st, h, vm))
 }
 
+/// Fast path: whether every filter passes, without building reasons.
+/// Always equal to `first_rejection(st, h, vm).is_none()`.
+pub fn passes(st: &ClusterState, h: HostId, vm: &VmSpec) -> bool {
+    let host = st.host(h);
+    host.free_vcpu() >= vm.vcpus
+        && host.free_mem() >= vm.memory_mib
+        && placement_passes(st, h, vm)
+        && vm.gpu.is_none_or(|g| host.free_gpus(g.model) >= g.count)
+        && (!vm.numa_strict || host.numa.iter().any(|n| n.fits(vm.vcpus, vm.memory_mib)))
+}
+
+/// Fast path of the non-capacity filters. Always equal to
+/// `placement_rejection(st, h, vm).is_none()`.
+pub fn placement_passes(st: &ClusterState, h: HostId, vm: &VmSpec) -> bool {
+    let host = st.host(h);
+    if !host.eligible() {
+        return false;
+    }
+    if !vm
+        .selector
+        .iter()
+        .all(|(k, v)| host.labels.get(k) == Some(v))
+    {
+        return false;
+    }
+    if let Some((g, policy)) = st.group_policy(vm) {
+        match policy {
+            GroupPolicy::HardAntiAffinity => {
+                if st.members_on(g, h) > 0 {
+                    return false;
+                }
+            }
+            GroupPolicy::Affinity => {
+                let hosts = st.group_hosts(g);
+                if !hosts.is_empty() && !hosts.contains_key(&h) {
+                    return false;
+                }
+            }
+            GroupPolicy::SoftAntiAffinity => {}
+        }
+    }
+    true
+}
+
 /// Runs every filter in order; the first refusal, or `None` if the host
 /// can take the VM.
 pub fn first_rejection(st: &ClusterState, h: HostId, vm: &VmSpec) -> Option<Reject> {

@@ -5,6 +5,12 @@
 //! keeping each one the VM still fits beside (the Kubernetes "reprieve"
 //! idea). The cheapest host wins, by (highest evicted tier, number of
 //! victims, evicted vCPUs, evicted memory, host id).
+//!
+//! Hosts are visited through an index keyed by "free vCPUs + vCPUs of
+//! lower-tier VMs", tightest first, so hosts that cannot work even after
+//! evicting everything below the tier are never touched; the cheapest of
+//! the first [`VIEW`] viable hosts is chosen (exactly the cheapest overall
+//! when fewer are viable).
 
 use crate::filter;
 use crate::model::{HostId, PlacedVm, Tier, VmId, VmSpec};
@@ -82,6 +88,9 @@ pub struct Preemption {
     pub victims: Vec<VmId>,
 }
 
+/// Viable hosts compared before choosing; bounds the work per decision.
+pub const VIEW: usize = 32;
+
 type Cost = (usize, usize, u64, u64, HostId);
 
 /// Finds the cheapest preemption for `vm`, or `None` if no host works even
@@ -92,11 +101,12 @@ pub fn find(st: &ClusterState, vm: &VmSpec) -> Option<Preemption> {
         return None;
     }
     let mut best: Option<(Cost, Preemption)> = None;
-    for h in 0..st.hosts().len() as HostId {
-        let host = st.host(h);
-        if !host.eligible() {
-            continue;
+    let mut viable = 0;
+    for h in st.evictable(st.tier(vm), vm.vcpus) {
+        if viable >= VIEW {
+            break;
         }
+        let host = st.host(h);
         // Cheap bound from per-tier totals before touching VMs.
         let lower = host.tier_use[..tier]
             .iter()
@@ -118,7 +128,7 @@ pub fn find(st: &ClusterState, vm: &VmSpec) -> Option<Preemption> {
         {
             continue;
         }
-        if filter::placement_rejection(st, h, vm).is_some() {
+        if !filter::placement_passes(st, h, vm) {
             continue;
         }
         let mut cands: Vec<(&PlacedVm, usize)> = host
@@ -151,6 +161,7 @@ pub fn find(st: &ClusterState, vm: &VmSpec) -> Option<Preemption> {
                 victims.push((p, t));
             }
         }
+        viable += 1;
         let cost: Cost = (
             victims.iter().map(|(_, t)| *t).max().unwrap_or(0),
             victims.len(),

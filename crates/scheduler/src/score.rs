@@ -14,15 +14,18 @@ pub struct Weights {
     pub soft_anti_affinity: f64,
     /// [`numa_locality`].
     pub numa: f64,
+    /// [`strand`].
+    pub strand: f64,
 }
 
 impl Default for Weights {
     fn default() -> Self {
         Weights {
-            fit: 4.0,
-            balance: 1.0,
+            fit: 1.0,
+            balance: 4.0,
             soft_anti_affinity: 10.0,
             numa: 1.0,
+            strand: 8.0,
         }
     }
 }
@@ -68,6 +71,19 @@ pub fn numa_locality(fits_one_node: bool) -> f64 {
         100.0
     } else {
         0.0
+    }
+}
+
+/// Stranding: after placement, if one resource is left below what the
+/// smallest VM seen needs (`exhausted`), the host's other free resources
+/// are stranded. `stranded` is that free fraction (mean of vCPU and memory
+/// free fractions) when exhausted, ignored otherwise.
+/// Range 0..=100: 100 = nothing stranded, 0 = the whole host stranded.
+pub fn strand(exhausted: bool, stranded: f64) -> f64 {
+    if exhausted {
+        100.0 * (1.0 - clamp01(stranded))
+    } else {
+        100.0
     }
 }
 
@@ -117,6 +133,19 @@ mod tests {
     fn soft_anti_affinity_table() {
         for (n, want) in [(0, 100.0), (1, 50.0), (3, 25.0)] {
             assert_eq!(soft_anti_affinity(n), want, "members {n}");
+        }
+    }
+
+    #[test]
+    fn strand_table() {
+        for (ex, frac, want) in [
+            (false, 0.9, 100.0),
+            (true, 0.0, 100.0),
+            (true, 0.25, 75.0),
+            (true, 1.0, 0.0),
+            (true, 7.0, 0.0),
+        ] {
+            assert_eq!(strand(ex, frac), want, "exhausted {ex} stranded {frac}");
         }
     }
 

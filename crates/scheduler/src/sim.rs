@@ -22,6 +22,7 @@ use crate::error::SimError;
 use crate::model::{HostId, VmSpec};
 use crate::rebalance::RebalanceOptions;
 use crate::scenario::{Scenario, TraceKind};
+use crate::score::Weights;
 use crate::status::{HostEvent, HostStatus};
 use serde::Serialize;
 use std::collections::{BTreeSet, VecDeque};
@@ -47,6 +48,8 @@ pub struct SimOptions {
     pub baselines: bool,
     /// Feasible hosts the engine scores per decision.
     pub candidates: usize,
+    /// Scorer weights of the engine.
+    pub weights: Weights,
 }
 
 impl Default for SimOptions {
@@ -61,6 +64,7 @@ impl Default for SimOptions {
             max_moves: 50,
             baselines: true,
             candidates: 4,
+            weights: Weights::default(),
         }
     }
 }
@@ -372,6 +376,7 @@ pub fn run_strategy(
     let cfg = EngineConfig {
         strategy,
         candidates: opts.candidates,
+        weights: opts.weights,
         seed,
         ..EngineConfig::default()
     };

@@ -17,6 +17,9 @@ use crate::model::{
 use crate::status::HostStatus;
 use std::collections::{BTreeMap, BTreeSet};
 
+/// Memory index buckets are 2^10 MiB = 1 GiB wide.
+const MEM_BUCKET_SHIFT: u32 = 10;
+
 /// GPUs of one model on a host, with usage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GpuSlot {
@@ -147,8 +150,12 @@ pub struct ClusterState {
     gpu_models: Vec<String>,
     group_hosts: Vec<BTreeMap<HostId, u32>>,
     pool_used: Vec<Usage>,
-    by_cpu: BTreeSet<(u32, HostId)>,
-    by_mem: BTreeSet<(u64, HostId)>,
+    /// Per class (0: hosts without GPUs, 1: hosts with GPUs): free vCPUs
+    /// -> (free memory, id).
+    cpu_mem: [BTreeMap<u32, BTreeSet<(u64, HostId)>>; 2],
+    /// Per class: free GiB -> (free vCPUs, id).
+    mem_cpu: [BTreeMap<u64, BTreeSet<(u32, HostId)>>; 2],
+    evictable: [BTreeSet<(u32, HostId)>; 3],
     by_gpu: Vec<BTreeSet<(u32, HostId)>>,
     ref_vcpu: f64,
     ref_mem: f64,
@@ -220,8 +227,9 @@ impl ClusterState {
             gpu_models: snap.gpu_models.clone(),
             group_hosts: vec![BTreeMap::new(); snap.groups.len()],
             pool_used: vec![Usage::default(); snap.pools.len()],
-            by_cpu: BTreeSet::new(),
-            by_mem: BTreeSet::new(),
+            cpu_mem: Default::default(),
+            mem_cpu: Default::default(),
+            evictable: Default::default(),
             by_gpu: vec![BTreeSet::new(); snap.gpu_models.len()],
             ref_vcpu,
             ref_mem,
@@ -331,17 +339,63 @@ impl ClusterState {
         self.ref_mem
     }
 
-    /// Eligible hosts ordered by (free vCPUs, id).
-    pub(crate) fn by_cpu(&self) -> &BTreeSet<(u32, HostId)> {
-        &self.by_cpu
+    /// Eligible hosts with at least `cpu` free vCPUs and `mem` free MiB,
+    /// ordered by (free vCPUs, free memory, id): best fit on vCPUs. Hosts
+    /// without GPUs come first, so GPU hosts are a last resort for VMs
+    /// that need no GPU.
+    pub(crate) fn cpu_major(&self, cpu: u32, mem: u64) -> impl Iterator<Item = HostId> + '_ {
+        self.cpu_mem.iter().flat_map(move |class| {
+            class
+                .range(cpu..)
+                .flat_map(move |(_, set)| set.range((mem, 0)..).map(|e| e.1))
+        })
     }
-    /// Eligible hosts ordered by (free memory, id).
-    pub(crate) fn by_mem(&self) -> &BTreeSet<(u64, HostId)> {
-        &self.by_mem
+
+    /// Eligible hosts with at least `cpu` free vCPUs and about `mem` free
+    /// MiB (bucket granularity; the memory filter makes it exact), ordered
+    /// by (free GiB, free vCPUs, id): best fit on memory. GPU hosts last.
+    pub(crate) fn mem_major(&self, cpu: u32, mem: u64) -> impl Iterator<Item = HostId> + '_ {
+        self.mem_cpu.iter().flat_map(move |class| {
+            class
+                .range(mem >> MEM_BUCKET_SHIFT..)
+                .flat_map(move |(_, set)| set.range((cpu, 0)..).map(|e| e.1))
+        })
     }
+
+    /// Eligible hosts, most free vCPUs first. GPU hosts last.
+    pub(crate) fn cpu_major_rev(&self) -> impl Iterator<Item = HostId> + '_ {
+        self.cpu_mem.iter().flat_map(|class| {
+            class
+                .values()
+                .rev()
+                .flat_map(|set| set.iter().rev().map(|e| e.1))
+        })
+    }
+
+    /// Eligible hosts, most free memory first. GPU hosts last.
+    pub(crate) fn mem_major_rev(&self) -> impl Iterator<Item = HostId> + '_ {
+        self.mem_cpu.iter().flat_map(|class| {
+            class
+                .values()
+                .rev()
+                .flat_map(|set| set.iter().rev().map(|e| e.1))
+        })
+    }
+
+    /// Eligible hosts whose free vCPUs plus the vCPUs of VMs below `tier`
+    /// reach `cpu`, tightest first (preemption candidates).
+    pub(crate) fn evictable(&self, tier: Tier, cpu: u32) -> impl Iterator<Item = HostId> + '_ {
+        let i = tier.index().clamp(1, 3) - 1;
+        self.evictable[i].range((cpu, 0)..).map(|e| e.1)
+    }
+
     /// Eligible hosts with GPUs of `model`, ordered by (free GPUs, id).
     pub(crate) fn by_gpu(&self, model: GpuModelId) -> &BTreeSet<(u32, HostId)> {
         &self.by_gpu[model as usize]
+    }
+
+    fn evictable_key(host: &HostState, i: usize) -> u32 {
+        host.free_vcpu() + host.tier_use[..=i].iter().map(|t| t.vcpus).sum::<u32>()
     }
 
     fn index_insert(&mut self, h: HostId) {
@@ -349,8 +403,16 @@ impl ClusterState {
         if !host.eligible() {
             return;
         }
-        self.by_cpu.insert((host.free_vcpu(), h));
-        self.by_mem.insert((host.free_mem(), h));
+        let (c, m) = (host.free_vcpu(), host.free_mem());
+        let k = usize::from(!host.gpus.is_empty());
+        self.cpu_mem[k].entry(c).or_default().insert((m, h));
+        self.mem_cpu[k]
+            .entry(m >> MEM_BUCKET_SHIFT)
+            .or_default()
+            .insert((c, h));
+        for i in 0..3 {
+            self.evictable[i].insert((Self::evictable_key(host, i), h));
+        }
         for g in &host.gpus {
             self.by_gpu[g.model as usize].insert((g.cap - g.used, h));
         }
@@ -361,8 +423,24 @@ impl ClusterState {
         if !host.eligible() {
             return;
         }
-        self.by_cpu.remove(&(host.free_vcpu(), h));
-        self.by_mem.remove(&(host.free_mem(), h));
+        let (c, m) = (host.free_vcpu(), host.free_mem());
+        let k = usize::from(!host.gpus.is_empty());
+        if let Some(set) = self.cpu_mem[k].get_mut(&c) {
+            set.remove(&(m, h));
+            if set.is_empty() {
+                self.cpu_mem[k].remove(&c);
+            }
+        }
+        let b = m >> MEM_BUCKET_SHIFT;
+        if let Some(set) = self.mem_cpu[k].get_mut(&b) {
+            set.remove(&(c, h));
+            if set.is_empty() {
+                self.mem_cpu[k].remove(&b);
+            }
+        }
+        for i in 0..3 {
+            self.evictable[i].remove(&(Self::evictable_key(host, i), h));
+        }
         for g in &host.gpus {
             self.by_gpu[g.model as usize].remove(&(g.cap - g.used, h));
         }
