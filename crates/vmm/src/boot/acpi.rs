@@ -205,8 +205,9 @@ fn xsdt(entries: &[u64]) -> Vec<u8> {
     t.finish()
 }
 
-/// Writes every table; returns the RSDP's address.
-pub fn write_tables(mem: &GuestMem, vcpus: u8) -> Result<GuestAddress, BootError> {
+/// Writes every table for `vcpus` CPUs; returns the RSDP's address (for the zero page's
+/// `acpi_rsdp_addr`; kernels that scan 0xe0000..0x100000 for it find it there too).
+pub fn write_acpi_tables(mem: &GuestMem, vcpus: u8) -> Result<GuestAddress, BootError> {
     let tables = [
         (RSDP, rsdp(XSDT)),
         (XSDT, xsdt(&[FADT, MADT])),
@@ -286,10 +287,80 @@ mod tests {
         );
     }
 
+    /// Reads a table from guest memory by the length in its header.
+    fn table_at(mem: &GuestMem, addr: u64) -> Vec<u8> {
+        let len: u32 = mem.read_obj(GuestAddress(addr + 4)).unwrap();
+        let mut t = vec![0u8; len as usize];
+        mem.read_slice(&mut t, GuestAddress(addr)).unwrap();
+        t
+    }
+
+    #[test]
+    fn the_tables_in_guest_memory_chain_from_the_rsdp() {
+        let mem = crate::memory::create(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let rsdp_addr = write_acpi_tables(&mem, 2).unwrap();
+        assert_eq!(rsdp_addr, GuestAddress(0xe0000));
+        let mut r = [0u8; 36];
+        mem.read_slice(&mut r, rsdp_addr).unwrap();
+        assert_eq!(&r[..8], b"RSD PTR ");
+        assert_eq!(r[15], 2, "revision");
+        assert!(sums_to_zero(&r[..20]) && sums_to_zero(&r));
+        let xsdt_addr = u64::from_le_bytes(r[24..32].try_into().unwrap());
+        let x = table_at(&mem, xsdt_addr);
+        assert_eq!(&x[..4], b"XSDT");
+        assert!(sums_to_zero(&x));
+        let mut found = Vec::new();
+        for entry in x[36..].chunks_exact(8) {
+            let t = table_at(&mem, u64::from_le_bytes(entry.try_into().unwrap()));
+            assert!(sums_to_zero(&t), "{:?}", &t[..4]);
+            found.push(t[..4].to_vec());
+            if &t[..4] == b"FACP" {
+                let d = table_at(&mem, u64::from_le_bytes(t[140..148].try_into().unwrap()));
+                assert_eq!(&d[..4], b"DSDT");
+                assert!(sums_to_zero(&d));
+                assert!(d.windows(4).any(|w| w == b"_S5_"));
+            }
+        }
+        assert_eq!(found, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+    }
+
+    #[test]
+    fn the_madt_has_the_ioapic_after_the_cpus_and_irq0_on_gsi2() {
+        let t = madt(4);
+        assert_eq!(
+            u32::from_le_bytes(t[36..40].try_into().unwrap()),
+            0xfee0_0000
+        );
+        let mut at = 44;
+        let (mut ioapic, mut irq0) = (None, None);
+        while at < t.len() {
+            match t[at] {
+                1 => {
+                    ioapic = Some((
+                        t[at + 2],
+                        u32::from_le_bytes(t[at + 4..at + 8].try_into().unwrap()),
+                        u32::from_le_bytes(t[at + 8..at + 12].try_into().unwrap()),
+                    ))
+                }
+                2 if t[at + 3] == 0 => {
+                    irq0 = Some(u32::from_le_bytes(t[at + 4..at + 8].try_into().unwrap()))
+                }
+                _ => {}
+            }
+            at += t[at + 1] as usize;
+        }
+        assert_eq!(
+            ioapic,
+            Some((4, 0xfec0_0000, 0)),
+            "id = vcpus, address, GSI base"
+        );
+        assert_eq!(irq0, Some(2));
+    }
+
     #[test]
     fn tables_fit_below_one_mib_without_overlapping() {
         assert!(FADT >= XSDT + xsdt(&[FADT, MADT]).len() as u64);
         assert!(MADT >= DSDT + dsdt().len() as u64);
-        assert!(MADT + madt(64).len() as u64 <= 0x10_0000);
+        assert!(MADT + madt(super::super::MAX_VCPUS).len() as u64 <= 0x10_0000);
     }
 }

@@ -17,6 +17,9 @@
 //! ```
 use vm_memory::GuestAddress;
 
+use super::BootError;
+
+pub const PAGE_SIZE: u64 = 4096;
 pub const GDT: u64 = 0x500;
 pub const ZERO_PAGE: u64 = 0x7000;
 pub const BOOT_STACK: u64 = 0x8ff0;
@@ -35,7 +38,9 @@ pub const MMIO_END: u64 = 1 << 32;
 pub const IOAPIC: u64 = 0xfec0_0000;
 pub const LAPIC: u64 = 0xfee0_0000;
 
+/// Below 32 MiB even rayvisor's guest has no room for its heap after the fixed areas.
 pub const MIN_MEMORY: u64 = 32 << 20;
+/// 1 TiB: the e820 map and the guest's own page tables are sized for no more.
 pub const MAX_MEMORY: u64 = 1 << 40;
 
 /// e820 entry types.
@@ -47,6 +52,17 @@ const _: () = assert!(PML4.is_multiple_of(0x2000));
 const _: () = assert!(PDPT >= PML4 + 0x1000);
 const _: () = assert!(PD + BOOT_MAP_GIB * 0x1000 <= CMDLINE);
 const _: () = assert!(ZERO_PAGE + 0x1000 <= BOOT_STACK);
+
+/// Checks a guest memory size: whole pages, between [`MIN_MEMORY`] and [`MAX_MEMORY`].
+pub fn check_memory(mem_bytes: u64) -> Result<(), BootError> {
+    if !mem_bytes.is_multiple_of(PAGE_SIZE) {
+        return Err(BootError::MemoryUnaligned(mem_bytes));
+    }
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&mem_bytes) {
+        return Err(BootError::MemorySize(mem_bytes));
+    }
+    Ok(())
+}
 
 /// Guest RAM as (guest-physical start, length): below the MMIO hole, and the rest above 4 GiB.
 pub fn ram_regions(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
@@ -97,8 +113,57 @@ mod tests {
 
     #[test]
     fn exactly_three_gib_stays_below_the_hole() {
-        assert_eq!(ram_regions(3 << 30).len(), 1);
-        assert_eq!(e820(3 << 30).len(), 3);
+        assert_eq!(ram_regions(3 << 30), vec![(GuestAddress(0), 3 << 30)]);
+        let map = e820(3 << 30);
+        assert_eq!(map.len(), 3);
+        assert_eq!(map[2], (HIMEM, (3 << 30) - HIMEM, E820_RAM));
+        assert_eq!(
+            map[2].0 + map[2].1,
+            MMIO_START,
+            "RAM ends where the hole starts"
+        );
+    }
+
+    #[test]
+    fn memory_sizes_are_checked_and_the_value_named() {
+        assert!(check_memory(MIN_MEMORY).is_ok());
+        assert!(check_memory(MAX_MEMORY).is_ok());
+        assert_eq!(
+            check_memory((64 << 20) + 512).unwrap_err().to_string(),
+            "guest memory of 67109376 bytes is not a whole number of 4 KiB pages"
+        );
+        assert_eq!(
+            check_memory(16 << 20).unwrap_err().to_string(),
+            "guest memory must be between 32 MiB and 1 TiB, got 16777216 bytes"
+        );
+        assert!(check_memory(MAX_MEMORY + PAGE_SIZE).is_err());
+    }
+
+    #[test]
+    fn e820_and_regions_agree_on_ram_for_many_sizes() {
+        for mem in [
+            MIN_MEMORY,
+            128 << 20,
+            (3 << 30) - PAGE_SIZE,
+            3 << 30,
+            (3 << 30) + PAGE_SIZE,
+            5 << 30,
+        ] {
+            let regions: u64 = ram_regions(mem).iter().map(|r| r.1 as u64).sum();
+            assert_eq!(regions, mem);
+            let map = e820(mem);
+            // Every e820 entry lies inside a RAM region (the reserved low area too: it is
+            // backed, just not for the kernel's use).
+            for &(start, len, _) in &map {
+                assert!(ram_regions(mem)
+                    .iter()
+                    .any(|r| start >= r.0 .0 && start + len <= r.0 .0 + r.1 as u64));
+            }
+            // Entries are sorted and do not overlap.
+            for w in map.windows(2) {
+                assert!(w[0].0 + w[0].1 <= w[1].0, "{map:x?}");
+            }
+        }
     }
 
     #[test]

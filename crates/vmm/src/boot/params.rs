@@ -1,8 +1,10 @@
 //! The Linux zero page (`boot_params`): setup header, command line, initrd, e820, RSDP.
+//! A bzImage's own setup header is the starting point (the boot protocol's rule); an ELF
+//! kernel gets a header with just what the 64-bit entry reads.
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::layout::{self, CMDLINE, ZERO_PAGE};
+use super::layout::{CMDLINE, ZERO_PAGE};
 use super::BootError;
 use crate::memory::GuestMem;
 
@@ -10,6 +12,10 @@ const HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const BOOT_FLAG: u16 = 0xaa55;
 /// "Undefined" boot loader: rayvisor has no registered loader id.
 const LOADER_UNDEFINED: u8 = 0xff;
+/// loadflags: the protected-mode kernel is at 1 MiB or above.
+const LOADED_HIGH: u8 = 1;
+/// An ELF kernel says nothing of its alignment: 16 MiB is what x86-64 kernels are built for.
+const ELF_KERNEL_ALIGNMENT: u32 = 0x100_0000;
 
 /// What goes into the zero page.
 pub struct ZeroPage<'a> {
@@ -30,9 +36,10 @@ pub fn build(zp: &ZeroPage) -> Result<boot_params, BootError> {
     hdr.boot_flag = BOOT_FLAG;
     hdr.header = HDR_MAGIC;
     if zp.header.is_none() {
-        hdr.kernel_alignment = 0x100_0000;
+        hdr.kernel_alignment = ELF_KERNEL_ALIGNMENT;
     }
     hdr.type_of_loader = LOADER_UNDEFINED;
+    hdr.loadflags |= LOADED_HIGH;
     hdr.cmd_line_ptr = CMDLINE as u32;
     hdr.cmdline_size = zp.cmdline_len as u32;
     if let Some((addr, size)) = zp.initrd {
@@ -63,14 +70,10 @@ pub fn write(mem: &GuestMem, params: &boot_params) -> Result<GuestAddress, BootE
     Ok(GuestAddress(ZERO_PAGE))
 }
 
-/// The e820 map of a guest with `mem_bytes` of RAM.
-pub fn e820(mem_bytes: u64) -> Vec<(u64, u64, u32)> {
-    layout::e820(mem_bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::boot::layout::e820;
 
     fn read<T: vm_memory::ByteValued>(mem: &GuestMem, offset: u64) -> T {
         mem.read_obj(GuestAddress(ZERO_PAGE + offset)).unwrap()
@@ -94,6 +97,7 @@ mod tests {
         assert_eq!(read::<u16>(&mem, 0x1fe), 0xaa55, "boot_flag");
         assert_eq!(read::<u32>(&mem, 0x202), HDR_MAGIC, "header");
         assert_eq!(read::<u8>(&mem, 0x210), 0xff, "type_of_loader");
+        assert_eq!(read::<u8>(&mem, 0x211) & 1, 1, "loadflags: LOADED_HIGH");
         assert_eq!(read::<u32>(&mem, 0x218), 0x300_0000, "ramdisk_image");
         assert_eq!(read::<u32>(&mem, 0x21c), 0x1000, "ramdisk_size");
         assert_eq!(read::<u32>(&mem, 0x228), CMDLINE as u32, "cmd_line_ptr");
