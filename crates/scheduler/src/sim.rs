@@ -392,13 +392,14 @@ pub fn run_strategy(
     let shapes = scn.shapes();
     let sample_every = (scn.trace.len() / SAMPLES).max(1);
     let (mut stranded_sum, mut samples) = (0.0, 0u32);
-    let mut arrivals = 0u64;
+    let mut since_rebalance = 0u64;
     for (i, ev) in scn.trace.iter().enumerate() {
         match &ev.kind {
             TraceKind::Arrive(vm) => {
                 r.place(vm.clone(), true)?;
-                arrivals += 1;
-                if opts.rebalance_every > 0 && arrivals % opts.rebalance_every == 0 {
+                since_rebalance += 1;
+                if since_rebalance == opts.rebalance_every {
+                    since_rebalance = 0;
                     r.rebalance(opts.rebalance_threshold, opts.max_moves)?;
                 }
             }

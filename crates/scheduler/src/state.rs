@@ -551,7 +551,9 @@ impl ClusterState {
     /// first host over capacity on any resource (vCPU, memory, GPU, NUMA
     /// node), or a mismatch with the running totals.
     pub fn check_capacity(&self) -> Result<(), String> {
-        let mut used: Vec<(u64, u64, BTreeMap<GpuModelId, u64>, Vec<(u64, u64)>)> = self
+        // (vCPUs, memory, GPUs by model, pinned (vCPUs, memory) per node)
+        type Tally = (u64, u64, BTreeMap<GpuModelId, u64>, Vec<(u64, u64)>);
+        let mut used: Vec<Tally> = self
             .hosts
             .iter()
             .map(|h| (0, 0, BTreeMap::new(), vec![(0, 0); h.numa.len()]))
