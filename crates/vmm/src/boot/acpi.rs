@@ -9,7 +9,7 @@
 use ray_guest_abi::POWEROFF_PORT;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::layout::{ACPI_TABLES, IOAPIC, LAPIC};
+use super::layout::{ACPI_TABLES, ACPI_TABLES_END, IOAPIC, LAPIC};
 use super::BootError;
 use crate::memory::GuestMem;
 
@@ -120,7 +120,11 @@ fn fadt() -> Vec<u8> {
     const PROC_C1: u32 = 1 << 2;
     const PWR_BUTTON_IS_CONTROL_METHOD: u32 = 1 << 4;
     const SLP_BUTTON_IS_CONTROL_METHOD: u32 = 1 << 5;
+    // IAPC_BOOT_ARCH: no VGA, no CMOS RTC (the VMM has none: kvmclock gives the wall
+    // clock); the 8042 bit is left clear, so Linux doesn't probe a keyboard controller
+    // through costly port exits (the VMM still takes the i8042 reset write).
     const VGA_NOT_PRESENT: u16 = 1 << 2;
+    const CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
     let mut t = Sdt::new(b"FACP", 6);
     t.u32(0) // FIRMWARE_CTRL: no FACS (no firmware waking vectors)
         .u32(DSDT as u32)
@@ -145,7 +149,7 @@ fn fadt() -> Vec<u8> {
         .u16(0)
         .u16(0) // FLUSH_SIZE, FLUSH_STRIDE
         .bytes(&[0; 5]) // DUTY_*, alarms, CENTURY
-        .u16(VGA_NOT_PRESENT) // IAPC_BOOT_ARCH
+        .u16(VGA_NOT_PRESENT | CMOS_RTC_NOT_PRESENT) // IAPC_BOOT_ARCH
         .u8(0)
         .u32(WBINVD | PROC_C1 | PWR_BUTTON_IS_CONTROL_METHOD | SLP_BUTTON_IS_CONTROL_METHOD)
         .bytes(&[0; 12]) // RESET_REG: none
@@ -216,6 +220,13 @@ pub fn write_acpi_tables(mem: &GuestMem, vcpus: u8) -> Result<GuestAddress, Boot
         (MADT, madt(vcpus)),
     ];
     for (addr, bytes) in tables {
+        // The e820 map reserves only up to 1 MiB for firmware tables.
+        if addr + bytes.len() as u64 > ACPI_TABLES_END {
+            return Err(BootError::Write {
+                what: "ACPI tables",
+                addr,
+            });
+        }
         mem.write_slice(&bytes, GuestAddress(addr))
             .map_err(|_| BootError::Write {
                 what: "ACPI tables",
@@ -281,6 +292,16 @@ mod tests {
             u32::from(POWEROFF_PORT)
         );
         assert_eq!(u64::from_le_bytes(t[140..148].try_into().unwrap()), DSDT);
+        let boot_arch = u16::from_le_bytes([t[109], t[110]]);
+        assert_eq!(boot_arch & (1 << 1), 0, "no 8042 to probe");
+        assert_ne!(boot_arch & (1 << 5), 0, "no CMOS RTC");
+        assert_eq!(t[88..90], [4, 2], "PM1 event and control block lengths");
+        let flags = u32::from_le_bytes(t[112..116].try_into().unwrap());
+        assert_eq!(
+            flags & (1 << 20),
+            0,
+            "not hardware-reduced: PM1a control is used"
+        );
         assert_eq!(
             u64::from_le_bytes(t[176..184].try_into().unwrap()),
             u64::from(POWEROFF_PORT)

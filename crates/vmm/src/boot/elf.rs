@@ -10,6 +10,8 @@ const PT_NOTE: u32 = 4;
 const PHDR_SIZE: usize = 56;
 /// More note bytes than any kernel carries: refuse rather than scan gigabytes.
 const MAX_NOTES: u64 = 1 << 20;
+/// Likewise for the program header table (a vmlinux has about ten entries).
+const MAX_PHDRS: usize = 64 << 10;
 
 /// One PT_LOAD segment: guest-physical start and size in memory (bss included).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,63 +56,83 @@ fn u64_at(data: &[u8], o: usize) -> Option<u64> {
     ))
 }
 
-/// Parses the program headers and notes of a 64-bit little-endian ELF. The error is the
-/// reason the file is malformed.
+/// Reads `len` bytes at a file offset, or None past the end.
+type ReadAt<'a> = dyn FnMut(u64, usize) -> Option<Vec<u8>> + 'a;
+
+/// Parses the program headers and notes of a 64-bit little-endian ELF in memory.
 pub fn parse(data: &[u8]) -> Result<ElfInfo, String> {
-    if data.get(..4) != Some(b"\x7fELF") {
+    parse_with(&mut |off, len| {
+        let off = usize::try_from(off).ok()?;
+        data.get(off..off.checked_add(len)?).map(<[u8]>::to_vec)
+    })
+}
+
+/// Parses an ELF file reading only its header, program headers and notes: a vmlinux is
+/// tens of MiB, and the API validates a configuration with this.
+pub fn parse_file(file: &std::fs::File) -> Result<ElfInfo, String> {
+    use std::os::unix::fs::FileExt;
+    parse_with(&mut |off, len| {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, off).ok()?;
+        Some(buf)
+    })
+}
+
+/// The parser proper; the error is the reason the file is malformed.
+fn parse_with(read: &mut ReadAt) -> Result<ElfInfo, String> {
+    let ehdr = read(0, 64).ok_or("truncated ELF header")?;
+    if ehdr[..4] != *b"\x7fELF" {
         return Err("no ELF magic".into());
     }
-    if data.get(4) != Some(&2) || data.get(5) != Some(&1) {
+    if ehdr[4] != 2 || ehdr[5] != 1 {
         return Err("not a 64-bit little-endian ELF".into());
     }
-    let truncated = || "truncated ELF header".to_string();
-    let entry = u64_at(data, 24).ok_or_else(truncated)?;
-    let phoff = u64_at(data, 32).ok_or_else(truncated)?;
-    let phentsize = usize::from(u16_at(data, 54).ok_or_else(truncated)?);
-    let phnum = usize::from(u16_at(data, 56).ok_or_else(truncated)?);
+    let field = |o: usize| u64_at(&ehdr, o).unwrap_or(0);
+    let (entry, phoff) = (field(24), field(32));
+    let phentsize = usize::from(u16_at(&ehdr, 54).unwrap_or(0));
+    let phnum = usize::from(u16_at(&ehdr, 56).unwrap_or(0));
     if phentsize < PHDR_SIZE {
         return Err(format!(
             "program header entries of {phentsize} bytes (at least {PHDR_SIZE} expected)"
         ));
     }
+    if phnum * phentsize > MAX_PHDRS {
+        return Err(format!(
+            "{phnum} program headers of {phentsize} bytes (at most {MAX_PHDRS} bytes)"
+        ));
+    }
+    let table = read(phoff, phnum * phentsize)
+        .ok_or_else(|| format!("the {phnum} program headers at {phoff:#x} lie past the end"))?;
     let mut info = ElfInfo {
         entry,
         ..Default::default()
     };
-    for i in 0..phnum {
-        let ph = usize::try_from(phoff)
-            .ok()
-            .and_then(|off| off.checked_add(i * phentsize))
-            .filter(|ph| ph.checked_add(PHDR_SIZE).is_some_and(|e| e <= data.len()))
-            .ok_or_else(|| format!("program header {i} lies past the end of the file"))?;
-        let field = |o: usize| u64_at(data, ph + o).unwrap_or(0);
-        match u32_at(data, ph).unwrap_or(0) {
+    for ph in table.chunks_exact(phentsize) {
+        let field = |o: usize| u64_at(ph, o).unwrap_or(0);
+        match u32_at(ph, 0).unwrap_or(0) {
             PT_LOAD => info.segments.push(Segment {
                 paddr: field(24),
                 memsz: field(40),
             }),
-            PT_NOTE => parse_notes(data, field(8), field(32), &mut info.notes)?,
+            PT_NOTE => {
+                let (off, size) = (field(8), field(32));
+                if size > MAX_NOTES {
+                    return Err(format!(
+                        "a note segment of {size} bytes (at most {MAX_NOTES})"
+                    ));
+                }
+                let notes = read(off, size as usize).ok_or_else(|| {
+                    format!("the note segment at file offset {off:#x} lies past the end")
+                })?;
+                parse_notes(&notes, &mut info.notes)?;
+            }
             _ => {}
         }
     }
     Ok(info)
 }
 
-fn parse_notes(
-    data: &[u8],
-    off: u64,
-    size: u64,
-    out: &mut Vec<(Vec<u8>, u32)>,
-) -> Result<(), String> {
-    if size > MAX_NOTES {
-        return Err(format!(
-            "a note segment of {size} bytes (at most {MAX_NOTES})"
-        ));
-    }
-    let notes = usize::try_from(off)
-        .ok()
-        .and_then(|off| data.get(off..off.checked_add(size as usize)?))
-        .ok_or_else(|| format!("the note segment at file offset {off:#x} lies past the end"))?;
+fn parse_notes(notes: &[u8], out: &mut Vec<(Vec<u8>, u32)>) -> Result<(), String> {
     let mut at = 0usize;
     while at + 12 <= notes.len() {
         let word = |o: usize| u32_at(notes, o).unwrap_or(0) as usize;
@@ -200,6 +222,16 @@ pub mod tests {
     }
 
     #[test]
+    fn a_file_parses_as_its_bytes_do() {
+        let bytes = noted_elf(0x20_0000, b"rayvisor\0", 9);
+        let path = std::env::temp_dir().join(format!("ray-elf-{}", std::process::id()));
+        std::fs::write(&path, &bytes).unwrap();
+        let from_file = parse_file(&std::fs::File::open(&path).unwrap()).unwrap();
+        assert_eq!(from_file, parse(&bytes).unwrap());
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn notes_are_found_only_where_they_are() {
         let info = parse(&noted_elf(0x20_0000, b"rayvisor\0", 0x5241_5901)).unwrap();
         assert!(info.has_note(b"rayvisor\0", 0x5241_5901));
@@ -220,10 +252,18 @@ pub mod tests {
         let mut far = good.clone();
         far[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(parse(&far).unwrap_err().contains("past the end"));
+        let mut few = good.clone();
+        few[54..56].copy_from_slice(&8u16.to_le_bytes());
+        assert!(parse(&few).unwrap_err().contains("entries of 8 bytes"));
+        let mut many = good.clone();
+        many[54..56].copy_from_slice(&u16::MAX.to_le_bytes());
+        many[56..58].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert!(parse(&many).unwrap_err().contains("at most 65536 bytes"));
         // Every truncation of a valid file is an error or a shorter parse, never a panic.
         for len in 0..good.len() {
             let _ = parse(&good[..len]);
         }
-        assert_eq!(parse(b"MZ\0\0").unwrap_err(), "no ELF magic");
+        assert_eq!(parse(b"MZ\0\0").unwrap_err(), "truncated ELF header");
+        assert_eq!(parse(&[b'M'; 64]).unwrap_err(), "no ELF magic");
     }
 }

@@ -32,6 +32,8 @@ pub const CMDLINE: u64 = 0x2_0000;
 pub const CMDLINE_MAX: usize = 4096;
 pub const EBDA: u64 = 0x9_fc00;
 pub const ACPI_TABLES: u64 = 0xe_0000;
+/// The ACPI tables end below 1 MiB, inside the range the e820 map reserves.
+pub const ACPI_TABLES_END: u64 = HIMEM;
 pub const HIMEM: u64 = 0x10_0000;
 pub const MMIO_START: u64 = 0xc000_0000;
 pub const MMIO_END: u64 = 1 << 32;

@@ -124,9 +124,7 @@ pub fn inspect(path: &Path) -> Result<KernelInfo, BootError> {
         reason,
     };
     if head.starts_with(b"\x7fELF") {
-        // Notes may be anywhere in the file: read it whole (once, at start-up).
-        let data = std::fs::read(path).map_err(|e| BootError::open("kernel", path, e))?;
-        let info = elf::parse(&data).map_err(|r| bad(format!("malformed ELF: {r}")))?;
+        let info = elf::parse_file(&f).map_err(|r| bad(format!("malformed ELF: {r}")))?;
         if info.segments.is_empty() {
             return Err(bad("the ELF has no loadable segment".into()));
         }
