@@ -48,7 +48,12 @@ fn main() {
     let clock = move || start.elapsed().as_nanos() as u64;
     match run_sim(&opts, &clock) {
         Ok(r) if json => println!("{}", serde_json::to_string(&r).unwrap_or_default()),
-        Ok(r) => print!("{}", r.render_table()),
+        Ok(r) => {
+            print!("{}", r.render_table());
+            if let Some(p) = &r.engine.pending_example {
+                println!("example pending: {p}");
+            }
+        }
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(1);

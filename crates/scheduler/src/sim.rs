@@ -101,6 +101,9 @@ pub struct StrategyReport {
     pub capacity_ok: bool,
     /// Total engine time in placement calls, ms.
     pub engine_ms: f64,
+    /// Why the first VM still pending at the end waits (the filter
+    /// explanation a user would see), if any.
+    pub pending_example: Option<String>,
 }
 
 /// The three baselines.
@@ -439,6 +442,11 @@ pub fn run_strategy(
     }
     let gone = std::mem::take(&mut r.gone);
     r.rep.pending = r.pending.iter().filter(|v| !gone.contains(&v.id)).count() as u64;
+    r.rep.pending_example = r
+        .pending
+        .iter()
+        .find(|v| !gone.contains(&v.id))
+        .map(|v| format!("vm {}: {}", v.id, r.session.explain(v).summary()));
     let st = r.session.state();
     r.rep.anti_affinity_violations = st.anti_affinity_violations();
     r.rep.capacity_ok = st.check_capacity().is_ok();

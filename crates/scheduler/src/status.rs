@@ -2,19 +2,13 @@
 //! function.
 //!
 //! ```text
-//!            PowerOn            InitOk
-//!  Offline ─────────► Initializing ─────► Ready ◄──────────────┐
-//!     ▲                   │  │            │ │ ▲  HealthRestored │
-//!     │ PowerOff          │  │ Fault      │ │ └──────────┐      │
-//!     ├───────────────────┘  ▼            │ ▼ Degrade    │      │
-//!     │                    Failed ◄───────┤ Degraded ────┘      │
-//!     │ DrainComplete       │  ▲  Fault   │   │ Drain          │
-//!     ├──── Draining ◄──────┼──┼──────────┘◄──┘                │
-//!     │       │ Undrain ─► Ready           (Drain from Ready)  │
-//!     │       │                                                │
-//!     │ PowerOff   Recover ▼  │ Fault                          │
-//!     └──────────── Rejoining ─────────────────────────────────┘
-//!                               RejoinOk
+//!  Offline --PowerOn--> Initializing --InitOk--> Ready <--HealthRestored-- Degraded
+//!                                                Ready ------Degrade-----> Degraded
+//!  Ready | Degraded --Drain--> Draining --DrainComplete--> Offline
+//!                              Draining --Undrain--------> Ready
+//!  Initializing | Ready | Degraded | Draining | Rejoining --Fault--> Failed
+//!  Failed --Recover--> Rejoining --RejoinOk--> Ready
+//!  Initializing | Failed | Rejoining --PowerOff--> Offline
 //! ```
 //!
 //! Only [`HostStatus::Ready`] hosts take new VMs. `Failed` and `Offline`
