@@ -34,7 +34,6 @@ fn main() {
             opts.candidates = k as usize;
         }
     }
-    opts.rebalance_every = u64::from(opts.vms / 10).max(1);
     if let Some(f) = file {
         match std::fs::read_to_string(f) {
             Ok(t) => opts.scenario = Some(t),

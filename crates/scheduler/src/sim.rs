@@ -40,8 +40,9 @@ pub struct SimOptions {
     pub scenario: Option<String>,
     /// Rebalancing aggressiveness 1..=5.
     pub rebalance_threshold: u8,
-    /// Rebalance after this many arrivals (0: never, only drains).
-    pub rebalance_every: u64,
+    /// Rebalance after this many arrivals; `None`: a tenth of the
+    /// arrivals; `Some(0)`: never (drains are still handled).
+    pub rebalance_every: Option<u64>,
     /// Upper bound on moves per rebalancing round.
     pub max_moves: usize,
     /// Run the three baselines too.
@@ -60,7 +61,7 @@ impl Default for SimOptions {
             seed: 1,
             scenario: None,
             rebalance_threshold: 3,
-            rebalance_every: 10_000,
+            rebalance_every: None,
             max_moves: 50,
             baselines: true,
             candidates: 4,
@@ -396,12 +397,15 @@ pub fn run_strategy(
     let sample_every = (scn.trace.len() / SAMPLES).max(1);
     let (mut stranded_sum, mut samples) = (0.0, 0u32);
     let mut since_rebalance = 0u64;
+    let every = opts
+        .rebalance_every
+        .unwrap_or((scn.arrivals() as u64 / 10).max(1));
     for (i, ev) in scn.trace.iter().enumerate() {
         match &ev.kind {
             TraceKind::Arrive(vm) => {
                 r.place(vm.clone(), true)?;
                 since_rebalance += 1;
-                if since_rebalance == opts.rebalance_every {
+                if since_rebalance == every {
                     since_rebalance = 0;
                     r.rebalance(opts.rebalance_threshold, opts.max_moves)?;
                 }

@@ -242,6 +242,13 @@ impl ClusterState {
                 return Err(EngineError::DuplicateVm(p.vm.id));
             }
             let host = &st.hosts[p.host as usize];
+            if !host.status.runs_vms() {
+                return Err(EngineError::InvalidPlacement {
+                    vm: p.vm.id,
+                    host: p.host,
+                    reason: format!("host is {} and runs no VMs", host.status),
+                });
+            }
             let bad = filter::capacity_rejection(host, &p.vm)
                 .or_else(|| filter::anti_affinity(&st, p.host, &p.vm));
             if let Some(r) = bad {

@@ -319,3 +319,33 @@ fn drain_plan_empties_host_and_balance_reduces_imbalance() {
     });
     assert!(bounded.moves.len() <= 1);
 }
+
+#[test]
+fn snapshot_placements_are_checked() {
+    let mut snap = snapshot(vec![worker("a", 4, 4096)]);
+    snap.placements = vec![
+        PlacedVm {
+            vm: vm(1, 3, 1024),
+            host: 0,
+            numa: None,
+        },
+        PlacedVm {
+            vm: vm(2, 3, 1024),
+            host: 0,
+            numa: None,
+        },
+    ];
+    let e = Session::new(&snap, EngineConfig::default()).expect_err("over capacity");
+    assert!(
+        e.to_string()
+            .contains("vm 2 in the snapshot does not fit host 0"),
+        "{e}"
+    );
+    snap.placements.pop();
+    snap.hosts[0].status = HostStatus::Failed;
+    let e = Session::new(&snap, EngineConfig::default()).expect_err("failed host");
+    assert!(e.to_string().contains("runs no VMs"), "{e}");
+    snap.hosts[0].status = HostStatus::Degraded;
+    let s = Session::new(&snap, EngineConfig::default()).expect("degraded keeps VMs");
+    assert_eq!(s.state().host(0).used_vcpu, 3);
+}

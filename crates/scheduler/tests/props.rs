@@ -3,6 +3,7 @@
 mod common;
 use common::*;
 use proptest::prelude::*;
+use ray_scheduler::filter;
 use ray_scheduler::rebalance::validate_moves;
 use ray_scheduler::{
     plan, ClusterSnapshot, Decision, EngineConfig, GpuDemand, GpuSlots, Host, HostEvent, HostId,
@@ -154,6 +155,14 @@ proptest! {
                 }
                 prop_assert_eq!(s.state().check_capacity(), Ok(()));
                 prop_assert_eq!(s.state().anti_affinity_violations(), 0);
+                if let Op::Place(v) = op {
+                    for h in 0..snap.hosts.len() as HostId {
+                        prop_assert_eq!(
+                            filter::passes(s.state(), h, v),
+                            filter::first_rejection(s.state(), h, v).is_none()
+                        );
+                    }
+                }
             }
         }
     }

@@ -21,7 +21,7 @@ fn example_scenario_parses() {
 fn example_scenario_runs_clean() {
     let opts = SimOptions {
         scenario: Some(EXAMPLE.to_string()),
-        rebalance_every: 10,
+        rebalance_every: Some(10),
         ..SimOptions::default()
     };
     let r = run_sim(&opts, &fake_clock()).expect("runs");
@@ -74,7 +74,7 @@ fn same_seed_same_result() {
         hosts: 60,
         vms: 800,
         seed: 9,
-        rebalance_every: 100,
+        rebalance_every: Some(100),
         ..SimOptions::default()
     };
     let a = run_sim(&opts, &fake_clock()).expect("runs");
