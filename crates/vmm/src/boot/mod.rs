@@ -4,6 +4,10 @@
 //! Both kinds of guest go through the same path: rayvisor's own guest is an ELF entered
 //! like a Linux `vmlinux` (64-bit boot protocol, RSI = zero page), so any VMM that boots
 //! Linux boots it, and rayvisor boots Linux exactly as it boots its own guest.
+//!
+//! What the vCPU layer does with a [`BootImage`]: [`long_mode_sregs`] into KVM_SET_SREGS
+//! (CR3 = [`BootImage::pml4`]); KVM_SET_REGS with RIP = `entry`, RSI = `boot_params`,
+//! RSP = `stack`, RFLAGS = 0x2, everything else zero.
 pub mod acpi;
 pub mod cpu;
 pub mod elf;
@@ -44,6 +48,7 @@ pub struct BootImage {
     pub entry: GuestAddress,
     /// The zero page (RSI).
     pub boot_params: GuestAddress,
+    /// Initial stack pointer (RSP), below the zero page's neighbour at 0x9000.
     pub stack: GuestAddress,
     /// Top-level page table (CR3).
     pub pml4: GuestAddress,
