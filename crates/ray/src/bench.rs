@@ -219,11 +219,13 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         };
         // Let the VMM settle (API thread up, vCPU loops steady) before sampling memory.
         std::thread::sleep(Duration::from_millis(50));
-        let fp = footprint(child.id())?;
-        // SAFETY: plain kill(2) of our own child process.
+        let fp = footprint(child.id());
+        // SAFETY: plain kill(2) of our own child process; done before `?` so that a failed
+        // measurement never leaves a VM running.
         unsafe {
             libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
         }
+        let fp = fp?;
         // Drain the rest of the output so the VMM never blocks on a full pipe.
         for _ in lines {}
         child.wait()?;

@@ -132,6 +132,9 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
         None => Ok(Response::Done),
     };
     if let Err(e) = started {
+        // Requests that arrived meanwhile get "shutting down" once their replies drop
+        // with the inbox; only then can the server finish its connections and stop.
+        drop(rx);
         server.stop();
         let _ = std::fs::remove_file(ctl.paths.socket());
         anyhow::bail!("{}", e.message);
@@ -156,6 +159,9 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
             reply(ctl.handle(request, &rx));
         }
     }
+    // Later requests are answered "shutting down" (their replies drop with the inbox), so
+    // no connection keeps the server from stopping.
+    drop(rx);
     server.stop();
     let info = ctl.info();
     let record = ExitRecord {
