@@ -118,14 +118,23 @@ pub struct Baselines {
     pub random: StrategyReport,
 }
 
-/// Engine results relative to first fit on the same trace.
+/// Engine results relative to each baseline on the same trace.
+/// Placements/s ratios: higher is better. Stranded ratios: lower is
+/// better, at most 1 vs first fit is the target; 1 when both are 0.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Ratios {
-    /// Engine placements/s divided by first fit's (higher is better).
+    /// Engine placements/s divided by first fit's.
     pub placements_per_s_vs_first_fit: f64,
-    /// Engine stranded divided by first fit's (at most 1 is the target;
-    /// 1 when both are 0).
+    /// Engine stranded divided by first fit's.
     pub stranded_vs_first_fit: f64,
+    /// Engine placements/s divided by spread's.
+    pub placements_per_s_vs_spread: f64,
+    /// Engine stranded divided by spread's.
+    pub stranded_vs_spread: f64,
+    /// Engine placements/s divided by random's.
+    pub placements_per_s_vs_random: f64,
+    /// Engine stranded divided by random's.
+    pub stranded_vs_random: f64,
 }
 
 /// Everything `ray sim --json` prints.
@@ -174,10 +183,20 @@ impl SimReport {
                 r.placements
             ));
         }
-        s.push_str(&format!(
-            "engine vs first_fit: placements/s x{:.2}, stranded x{:.2}\n",
-            self.ratios.placements_per_s_vs_first_fit, self.ratios.stranded_vs_first_fit
-        ));
+        let r = &self.ratios;
+        for (name, p, st) in [
+            (
+                "first_fit",
+                r.placements_per_s_vs_first_fit,
+                r.stranded_vs_first_fit,
+            ),
+            ("spread", r.placements_per_s_vs_spread, r.stranded_vs_spread),
+            ("random", r.placements_per_s_vs_random, r.stranded_vs_random),
+        ] {
+            s.push_str(&format!(
+                "engine vs {name}: placements/s x{p:.2}, stranded x{st:.2}\n"
+            ));
+        }
         s
     }
 }
@@ -229,10 +248,14 @@ pub fn run_sim(opts: &SimOptions, clock: &dyn Fn() -> u64) -> Result<SimReport, 
     } else {
         Baselines::default()
     };
-    let ff = &baselines.first_fit;
+    let (ff, sp, rn) = (&baselines.first_fit, &baselines.spread, &baselines.random);
     let ratios = Ratios {
         placements_per_s_vs_first_fit: ratio(engine.placements_per_s, ff.placements_per_s),
         stranded_vs_first_fit: ratio(engine.stranded, ff.stranded),
+        placements_per_s_vs_spread: ratio(engine.placements_per_s, sp.placements_per_s),
+        stranded_vs_spread: ratio(engine.stranded, sp.stranded),
+        placements_per_s_vs_random: ratio(engine.placements_per_s, rn.placements_per_s),
+        stranded_vs_random: ratio(engine.stranded, rn.stranded),
     };
     Ok(SimReport {
         hosts: scn.snapshot.hosts.len(),

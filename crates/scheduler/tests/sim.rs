@@ -136,3 +136,26 @@ fn bad_options_are_refused() {
         "option rebalance_threshold: 9 is out of range (1 to 5)"
     );
 }
+
+/// The benchmark's quality target at test size: the engine strands no more
+/// capacity than first fit on the same trace.
+#[test]
+fn engine_strands_no_more_than_first_fit() {
+    for seed in [1, 2] {
+        let opts = SimOptions {
+            hosts: 200,
+            vms: 2000,
+            seed,
+            ..SimOptions::default()
+        };
+        let r = run_sim(&opts, &fake_clock()).expect("runs");
+        assert!(
+            r.ratios.stranded_vs_first_fit <= 1.0,
+            "seed {seed}: {}",
+            r.render_table()
+        );
+        assert!(
+            r.engine.pending <= r.baselines.first_fit.pending + r.baselines.first_fit.pending / 10
+        );
+    }
+}
