@@ -1,0 +1,329 @@
+//! Restoring: from a snapshot id to a checked plan of which files make up memory, and
+//! helpers that lay memory out from the plan. Also `merge` and `verify`, which read
+//! chains the same way.
+//!
+//! A plan's base is either the sparse `memory.raw` of a full uncompressed snapshot, which
+//! the VMM maps `MAP_PRIVATE` (cost independent of memory size), or a page set (compressed
+//! full snapshot) laid onto zeroed memory. Incremental snapshots on the chain are overlays,
+//! oldest first, written on top.
+use std::path::{Path, PathBuf};
+
+use crate::container::StateFile;
+use crate::error::{FileError, StoreError};
+use crate::manifest::{
+    ChunkSums, Compression, FileInfo, Manifest, FORMAT_VERSION, MEMORY_FILE, PAGEMAP_FILE,
+    STATE_FILE,
+};
+use crate::memory::{MemoryLayout, OwnedMemory};
+use crate::pages::{self, PageRun};
+use crate::sparse;
+use crate::state_machine::{Event, SnapshotState};
+use crate::store::{CreateOptions, NewSnapshot, SnapshotStore};
+
+/// Pages of one snapshot to write over what is below them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Overlay {
+    pub id: String,
+    pub map_path: PathBuf,
+    pub data_path: PathBuf,
+    pub compressed: bool,
+    pub runs: Vec<PageRun>,
+    data: FileInfo,
+}
+
+impl Overlay {
+    fn apply(&self, targets: Option<&mut [(u64, &mut [u8])]>) -> Result<(), StoreError> {
+        pages::apply(
+            &self.data_path,
+            self.compressed,
+            &self.runs,
+            &self.data,
+            targets,
+        )
+    }
+}
+
+/// The bottom of the chain.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BaseMemory {
+    /// Map each region `(gpa, len)` of `path` at file offset `gpa`, `MAP_PRIVATE`.
+    Sparse {
+        id: String,
+        path: PathBuf,
+        sums: ChunkSums,
+    },
+    /// A compressed full snapshot: apply onto zeroed memory.
+    Pages(Overlay),
+}
+
+/// Everything needed to restore one snapshot, with the cheap checks done: manifests of
+/// the whole chain (format version, CPU, layout), the state file, the page maps, file
+/// sizes. Memory data is checked as it is read (`materialize`, `apply_overlays`), or for
+/// a mapped base, by `verify_base_memory`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestorePlan {
+    pub manifest: Manifest,
+    /// The VM state payload, checked.
+    pub state: Vec<u8>,
+    pub layout: MemoryLayout,
+    pub base: BaseMemory,
+    /// Incremental snapshots, oldest first.
+    pub overlays: Vec<Overlay>,
+    /// Where this restore is in the snapshot state machine: `RestoreComplete` once built.
+    pub phase: SnapshotState,
+}
+
+impl RestorePlan {
+    /// The file to map privately, if the base can be mapped (full, uncompressed).
+    pub fn mappable_memory(&self) -> Option<&Path> {
+        match &self.base {
+            BaseMemory::Sparse { path, .. } => Some(path),
+            BaseMemory::Pages(_) => None,
+        }
+    }
+
+    /// Reads the whole mapped base file and checks its chunk checksums. Its cost follows
+    /// memory size; a VMM may run it before resuming the guest, or in the background.
+    pub fn verify_base_memory(&self) -> Result<(), StoreError> {
+        match &self.base {
+            BaseMemory::Sparse { path, sums, .. } => Ok(sparse::verify(path, &self.layout, sums)?),
+            BaseMemory::Pages(o) => o.apply(None),
+        }
+    }
+
+    /// Writes the overlays into memory that already holds the base (e.g. the private
+    /// mapping of `mappable_memory`). `targets` are `(gpa, memory)` per region.
+    pub fn apply_overlays(&self, targets: &mut [(u64, &mut [u8])]) -> Result<(), StoreError> {
+        for o in &self.overlays {
+            o.apply(Some(&mut *targets))?;
+        }
+        Ok(())
+    }
+
+    /// Lays the whole chain into `targets` (which must cover the layout), checking every
+    /// checksum. For when the base cannot or should not be mapped.
+    pub fn materialize(&self, targets: &mut [(u64, &mut [u8])]) -> Result<(), StoreError> {
+        match &self.base {
+            BaseMemory::Sparse { path, sums, .. } => {
+                sparse::read_into(path, &self.layout, sums, targets)?
+            }
+            BaseMemory::Pages(o) => {
+                for (_, t) in targets.iter_mut() {
+                    t.fill(0);
+                }
+                o.apply(Some(&mut *targets))?;
+            }
+        }
+        self.apply_overlays(targets)
+    }
+
+    /// `materialize` into newly allocated memory.
+    pub fn materialize_owned(&self) -> Result<OwnedMemory, StoreError> {
+        let mut mem = OwnedMemory::zeroed(&self.layout).map_err(StoreError::MemoryMismatch)?;
+        self.materialize(&mut mem.as_mut_slices())?;
+        Ok(mem)
+    }
+}
+
+fn page_set(dir: &Path, m: &Manifest) -> Result<Overlay, StoreError> {
+    let map_path = dir.join(PAGEMAP_FILE);
+    let data_name = m.pages_file().ok_or_else(|| StoreError::BrokenChain {
+        id: m.id.clone(),
+        reason: "it has no page data file".into(),
+    })?;
+    let data_path = dir.join(data_name);
+    let data = m
+        .files
+        .get(data_name)
+        .cloned()
+        .ok_or_else(|| StoreError::BrokenChain {
+            id: m.id.clone(),
+            reason: format!("its manifest lacks {data_name}"),
+        })?;
+    let runs = pages::read_map(&map_path, &m.layout)?;
+    Ok(Overlay {
+        id: m.id.clone(),
+        map_path,
+        data_path,
+        compressed: m.compression == Compression::Zstd,
+        runs,
+        data,
+    })
+}
+
+impl SnapshotStore {
+    /// The manifests from `id` back to its full snapshot, newest first, checked to form
+    /// one consistent chain.
+    fn chain(&self, id: &str) -> Result<Vec<Manifest>, StoreError> {
+        let mut chain = vec![self.get(id)?];
+        loop {
+            let cur = chain
+                .last()
+                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            if cur.format_version != FORMAT_VERSION {
+                return Err(StoreError::IncompatibleVersion {
+                    id: cur.id.clone(),
+                    got: cur.format_version,
+                    supported: FORMAT_VERSION,
+                });
+            }
+            let Some(parent) = cur.parent.clone() else {
+                return Ok(chain);
+            };
+            let broken = |reason: String| StoreError::BrokenChain {
+                id: id.to_string(),
+                reason,
+            };
+            if chain.iter().any(|m| m.id == parent) || chain.len() > 65536 {
+                return Err(broken(format!("its parents loop back to {parent}")));
+            }
+            let p = match self.get(&parent) {
+                Ok(p) => p,
+                Err(StoreError::NotFound(_)) => {
+                    return Err(broken(format!("parent {parent} of {} is missing", cur.id)))
+                }
+                Err(e) => return Err(e),
+            };
+            if p.layout != cur.layout {
+                return Err(broken(format!(
+                    "{} and its parent {parent} have different memory layouts",
+                    cur.id
+                )));
+            }
+            if p.state == SnapshotState::Error {
+                return Err(broken(format!(
+                    "its ancestor {parent} is damaged (state error)"
+                )));
+            }
+            chain.push(p);
+        }
+    }
+
+    /// Checks snapshot `id` and its chain and returns how to restore it on a host whose
+    /// CPU fingerprint is `host_cpu`.
+    pub fn restore_plan(&self, id: &str, host_cpu: &str) -> Result<RestorePlan, StoreError> {
+        let target = self.get(id)?;
+        let mut phase = target
+            .state
+            .apply(Event::Restore)
+            .map_err(|_| StoreError::WrongState {
+                id: id.to_string(),
+                state: target.state,
+                action: "restoring",
+                needs: "ready (unarchive an archived one first)",
+            })?;
+        if target.cpu != host_cpu {
+            let _ = phase.apply(Event::Abort);
+            return Err(StoreError::IncompatibleCpu {
+                id: id.to_string(),
+                snapshot: target.cpu.clone(),
+                host: host_cpu.to_string(),
+            });
+        }
+        let chain = self.chain(id)?;
+        let dir = self.dir(id);
+        let state_path = dir.join(STATE_FILE);
+        let state = StateFile::read(&state_path, StateFile::DEFAULT_LIMIT)?;
+        check_whole_file_crc(&state_path, &state, &target)?;
+
+        let mut overlays = Vec::new();
+        let mut base = None;
+        for m in chain.iter().rev() {
+            let mdir = self.dir(&m.id);
+            if m.parent.is_none() {
+                base = Some(
+                    match (&m.memory_chunks, m.files.contains_key(MEMORY_FILE)) {
+                        (Some(sums), true) => {
+                            let path = mdir.join(MEMORY_FILE);
+                            sparse::check_size(&path, &m.layout)?;
+                            BaseMemory::Sparse {
+                                id: m.id.clone(),
+                                path,
+                                sums: sums.clone(),
+                            }
+                        }
+                        _ => BaseMemory::Pages(page_set(&mdir, m)?),
+                    },
+                );
+            } else {
+                overlays.push(page_set(&mdir, m)?);
+            }
+        }
+        let base = base.ok_or_else(|| StoreError::BrokenChain {
+            id: id.to_string(),
+            reason: "it has no full snapshot at its root".into(),
+        })?;
+        phase = phase.apply(Event::Loaded)?;
+        phase = phase.apply(Event::Verified)?;
+        Ok(RestorePlan {
+            layout: target.layout.clone(),
+            manifest: target,
+            state,
+            base,
+            overlays,
+            phase,
+        })
+    }
+
+    /// Flattens the chain of `id` into a new full snapshot `new_id` with the same state,
+    /// CPU and configuration. Holds all of guest memory in this process while it works.
+    pub fn merge(
+        &self,
+        id: &str,
+        new_id: &str,
+        opts: &CreateOptions,
+    ) -> Result<Manifest, StoreError> {
+        let target = self.get(id)?;
+        let plan = self.restore_plan(id, &target.cpu)?;
+        let mem = plan.materialize_owned()?;
+        let meta = NewSnapshot {
+            id: new_id.to_string(),
+            vm_id: target.vm_id.clone(),
+            cpu: target.cpu.clone(),
+            vm_config: target.vm_config.clone(),
+        };
+        self.create_full(&meta, &plan.state, &mem.as_source(), opts)
+    }
+
+    /// Reads every file of snapshot `id` (not its ancestors) and checks every checksum. A
+    /// snapshot found damaged is marked `error` in its manifest, so `list` shows it.
+    pub fn verify(&self, id: &str) -> Result<(), StoreError> {
+        let m = self.get(id)?;
+        let result = self.verify_files(&m);
+        if let Err(StoreError::File(e)) = &result {
+            if !matches!(e, FileError::Io { .. }) && m.state != SnapshotState::Error {
+                let _ = self.transition(id, Event::Fail);
+            }
+        }
+        result
+    }
+
+    fn verify_files(&self, m: &Manifest) -> Result<(), StoreError> {
+        let dir = self.dir(&m.id);
+        let state_path = dir.join(STATE_FILE);
+        let state = StateFile::read(&state_path, StateFile::DEFAULT_LIMIT)?;
+        check_whole_file_crc(&state_path, &state, m)?;
+        match &m.memory_chunks {
+            Some(sums) => sparse::verify(&dir.join(MEMORY_FILE), &m.layout, sums)?,
+            None => page_set(&dir, m)?.apply(None)?,
+        }
+        Ok(())
+    }
+}
+
+/// Compares the state file's CRC with the manifest's, catching a state file swapped in
+/// from another snapshot (which its own checksum would not).
+fn check_whole_file_crc(path: &Path, payload: &[u8], m: &Manifest) -> Result<(), StoreError> {
+    let encoded = crate::container::encode(crate::container::STATE_MAGIC, payload);
+    let got = crc32fast::hash(&encoded);
+    match m.files.get(STATE_FILE).and_then(|f| f.crc32) {
+        Some(expected) if expected != got => Err(FileError::Checksum {
+            path: path.to_path_buf(),
+            location: " (compared with the manifest)".into(),
+            expected,
+            got,
+        }
+        .into()),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,533 @@
+//! The snapshot store: a directory with one directory per snapshot.
+//!
+//! ```text
+//! <store>/<id>/manifest.json   a ready snapshot (see `manifest`)
+//! <store>/.tmp-<id>/           a snapshot being written (never listed)
+//! <store>/.del-<id>/           a snapshot being deleted (never listed)
+//! ```
+//!
+//! Creating writes every file into `.tmp-<id>`, fsyncs them and the directory, renames it
+//! to `<id>` and fsyncs the store. A crash at any point leaves either no snapshot or a
+//! complete one, and never touches older snapshots: files are only ever created, never
+//! modified in place (the manifest's state is changed by atomic replacement).
+//!
+//! One writer at a time: the store does not serialize concurrent creates or deletes of
+//! the same chain. Readers (list, restore) may run alongside a writer.
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::container::StateFile;
+use crate::error::{io_err, FileError, StoreError};
+use crate::fsutil::{allocated_bytes, replace_file, sync_dir, try_lock};
+use crate::manifest::{
+    Compression, FileInfo, Kind, Manifest, FORMAT_VERSION, MANIFEST_FILE, MEMORY_FILE,
+    PAGEMAP_FILE, PAGES_FILE, PAGES_ZST_FILE, STATE_FILE,
+};
+use crate::memory::{DirtyBitmap, MemorySource};
+use crate::state_machine::{Event, SnapshotState};
+use crate::{pages, sparse};
+
+const TMP_PREFIX: &str = ".tmp-";
+const DEL_PREFIX: &str = ".del-";
+
+/// What the VMM says about a new snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSnapshot {
+    pub id: String,
+    pub vm_id: String,
+    /// CPU compatibility fingerprint (e.g. a hash of the CPUID KVM supports).
+    pub cpu: String,
+    pub vm_config: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// zstd-compress memory. A compressed full snapshot cannot be mapped on restore: its
+    /// memory is decompressed into the VMM's memory instead.
+    pub compress: bool,
+}
+
+/// One snapshot in `list`'s tree.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TreeNode {
+    pub id: String,
+    pub parent: Option<String>,
+    pub vm_id: String,
+    pub kind: Kind,
+    pub state: SnapshotState,
+    pub created_ms: u64,
+    pub memory_bytes: u64,
+    pub dirty_pages: u64,
+    /// Bytes its files occupy on disk.
+    pub disk_bytes: u64,
+    pub children: Vec<TreeNode>,
+}
+
+/// A directory in the store that is not a readable snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Broken {
+    pub id: String,
+    pub error: String,
+}
+
+/// Every snapshot in the store, as trees of parents and children.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SnapshotTree {
+    /// Full snapshots (and incremental ones whose parent is unreadable), oldest first.
+    pub roots: Vec<TreeNode>,
+    pub broken: Vec<Broken>,
+}
+
+impl std::fmt::Display for SnapshotTree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn node(f: &mut std::fmt::Formatter<'_>, n: &TreeNode, depth: usize) -> std::fmt::Result {
+            writeln!(
+                f,
+                "{:indent$}{} {:?} {:?} vm={} dirty_pages={} disk={}B",
+                "",
+                n.id,
+                n.kind,
+                n.state,
+                n.vm_id,
+                n.dirty_pages,
+                n.disk_bytes,
+                indent = depth * 2
+            )?;
+            n.children.iter().try_for_each(|c| node(f, c, depth + 1))
+        }
+        self.roots.iter().try_for_each(|n| node(f, n, 0))?;
+        self.broken
+            .iter()
+            .try_for_each(|b| writeln!(f, "{} BROKEN: {}", b.id, b.error))
+    }
+}
+
+pub struct SnapshotStore {
+    root: PathBuf,
+    max_per_vm: usize,
+}
+
+/// Ids become directory names: keep them to a safe alphabet.
+pub fn check_id(id: &str) -> Result<(), StoreError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidId(id.to_string()))
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl SnapshotStore {
+    pub const DEFAULT_MAX_PER_VM: usize = 256;
+
+    /// Opens (creating if needed) the store at `root`, removing what crashed writers and
+    /// deleters left behind.
+    pub fn open(root: impl Into<PathBuf>) -> Result<SnapshotStore, StoreError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(io_err("create", &root))?;
+        let store = SnapshotStore {
+            root,
+            max_per_vm: Self::DEFAULT_MAX_PER_VM,
+        };
+        store.clean_up()?;
+        Ok(store)
+    }
+
+    /// Sets the most checkpoints one VM may have.
+    pub fn with_max_per_vm(mut self, max: usize) -> Self {
+        self.max_per_vm = max;
+        self
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of snapshot `id`.
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    /// Removes abandoned `.tmp-*` directories (those no live writer holds locked) and
+    /// `.del-*` ones.
+    fn clean_up(&self) -> Result<(), StoreError> {
+        let entries = std::fs::read_dir(&self.root).map_err(io_err("list", &self.root))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = e.path();
+            if name.starts_with(TMP_PREFIX) {
+                let abandoned = File::open(&path)
+                    .and_then(|f| try_lock(&f))
+                    .unwrap_or(false);
+                if abandoned {
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+            } else if name.starts_with(DEL_PREFIX) {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+        Ok(())
+    }
+
+    /// The manifest of snapshot `id`.
+    pub fn get(&self, id: &str) -> Result<Manifest, StoreError> {
+        check_id(id)?;
+        let dir = self.dir(id);
+        if !dir.join(MANIFEST_FILE).exists() {
+            return Err(StoreError::NotFound(id.to_string()));
+        }
+        Ok(Manifest::read(&dir)?)
+    }
+
+    /// Every readable manifest, and the directories that are not readable snapshots.
+    fn scan(&self) -> Result<(Vec<Manifest>, Vec<Broken>), StoreError> {
+        let entries = std::fs::read_dir(&self.root).map_err(io_err("list", &self.root))?;
+        let mut ok = Vec::new();
+        let mut broken = Vec::new();
+        for e in entries {
+            let e = e.map_err(io_err("list", &self.root))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !e.path().is_dir() {
+                continue;
+            }
+            match Manifest::read(&e.path()) {
+                Ok(m) if m.id == name => ok.push(m),
+                Ok(m) => broken.push(Broken {
+                    error: format!("its manifest says it is snapshot {}", m.id),
+                    id: name,
+                }),
+                Err(err) => broken.push(Broken {
+                    id: name,
+                    error: err.to_string(),
+                }),
+            }
+        }
+        ok.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        broken.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok((ok, broken))
+    }
+
+    /// All snapshots as trees.
+    pub fn list(&self) -> Result<SnapshotTree, StoreError> {
+        let (manifests, mut broken) = self.scan()?;
+        let ids: HashSet<&str> = manifests.iter().map(|m| m.id.as_str()).collect();
+        let mut children: BTreeMap<&str, Vec<&Manifest>> = BTreeMap::new();
+        let mut roots = Vec::new();
+        for m in &manifests {
+            match m.parent.as_deref() {
+                Some(p) if ids.contains(p) => children.entry(p).or_default().push(m),
+                _ => roots.push(m),
+            }
+        }
+        let mut seen = HashSet::new();
+        fn build<'a>(
+            store: &SnapshotStore,
+            m: &'a Manifest,
+            children: &BTreeMap<&str, Vec<&'a Manifest>>,
+            seen: &mut HashSet<&'a str>,
+        ) -> TreeNode {
+            seen.insert(m.id.as_str());
+            let kids = children
+                .get(m.id.as_str())
+                .map_or(&[][..], |v| v.as_slice());
+            let mut nodes = Vec::new();
+            for k in kids {
+                if !seen.contains(k.id.as_str()) {
+                    nodes.push(build(store, k, children, seen));
+                }
+            }
+            TreeNode {
+                id: m.id.clone(),
+                parent: m.parent.clone(),
+                vm_id: m.vm_id.clone(),
+                kind: m.kind,
+                state: m.state,
+                created_ms: m.created_ms,
+                memory_bytes: m.memory_bytes,
+                dirty_pages: m.dirty_pages,
+                disk_bytes: store.disk_bytes(m),
+                children: nodes,
+            }
+        }
+        let roots: Vec<TreeNode> = roots
+            .into_iter()
+            .map(|m| build(self, m, &children, &mut seen))
+            .collect();
+        for m in &manifests {
+            if !seen.contains(m.id.as_str()) {
+                broken.push(Broken {
+                    id: m.id.clone(),
+                    error: "its chain of parents loops back to itself".into(),
+                });
+            }
+        }
+        Ok(SnapshotTree { roots, broken })
+    }
+
+    fn disk_bytes(&self, m: &Manifest) -> u64 {
+        let dir = self.dir(&m.id);
+        std::iter::once(MANIFEST_FILE)
+            .chain(m.files.keys().map(|k| k.as_str()))
+            .filter_map(|f| allocated_bytes(&dir.join(f)).ok())
+            .sum()
+    }
+
+    /// Writes a full snapshot: VM state plus all of memory.
+    pub fn create_full(
+        &self,
+        meta: &NewSnapshot,
+        state: &[u8],
+        memory: &dyn MemorySource,
+        opts: &CreateOptions,
+    ) -> Result<Manifest, StoreError> {
+        self.create(meta, None, state, memory, None, opts)
+    }
+
+    /// Writes an incremental snapshot on top of `parent`: VM state plus the pages `dirty`
+    /// marks (KVM's dirty log since `parent` was taken, ORed with the VMM's own writes).
+    pub fn create_incremental(
+        &self,
+        parent: &str,
+        meta: &NewSnapshot,
+        state: &[u8],
+        memory: &dyn MemorySource,
+        dirty: &DirtyBitmap,
+        opts: &CreateOptions,
+    ) -> Result<Manifest, StoreError> {
+        self.create(meta, Some(parent), state, memory, Some(dirty), opts)
+    }
+
+    fn create(
+        &self,
+        meta: &NewSnapshot,
+        parent: Option<&str>,
+        state: &[u8],
+        memory: &dyn MemorySource,
+        dirty: Option<&DirtyBitmap>,
+        opts: &CreateOptions,
+    ) -> Result<Manifest, StoreError> {
+        check_id(&meta.id)?;
+        let layout = memory.layout();
+        layout.check().map_err(StoreError::MemoryMismatch)?;
+        let final_dir = self.dir(&meta.id);
+        if final_dir.exists() {
+            return Err(StoreError::AlreadyExists(meta.id.clone()));
+        }
+        let (existing, _) = self.scan()?;
+        let count = existing.iter().filter(|m| m.vm_id == meta.vm_id).count();
+        if count >= self.max_per_vm {
+            return Err(StoreError::LimitReached {
+                vm_id: meta.vm_id.clone(),
+                count,
+                limit: self.max_per_vm,
+            });
+        }
+        if let (Some(parent), Some(dirty)) = (parent, dirty) {
+            let p = existing
+                .iter()
+                .find(|m| m.id == parent)
+                .ok_or_else(|| StoreError::NotFound(parent.to_string()))?;
+            if !matches!(p.state, SnapshotState::Ready | SnapshotState::Archived) {
+                return Err(StoreError::WrongState {
+                    id: parent.to_string(),
+                    state: p.state,
+                    action: "an incremental snapshot on top of it",
+                    needs: "ready or archived",
+                });
+            }
+            if p.layout != layout {
+                return Err(StoreError::MemoryMismatch(format!(
+                    "guest memory is laid out as {:?}, parent {parent} as {:?}",
+                    layout.regions, p.layout.regions
+                )));
+            }
+            dirty.check(&layout).map_err(StoreError::MemoryMismatch)?;
+        }
+
+        let mut sm = SnapshotState::Idle.apply(Event::Create)?;
+        let tmp = self.root.join(format!("{TMP_PREFIX}{}", meta.id));
+        std::fs::create_dir(&tmp).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => StoreError::AlreadyExists(meta.id.clone()),
+            _ => io_err("create", &tmp)(e).into(),
+        })?;
+        // Held until this function returns, so `open` elsewhere leaves the directory alone.
+        let lock = File::open(&tmp).map_err(io_err("open", &tmp))?;
+        if !try_lock(&lock).map_err(io_err("lock", &tmp))? {
+            return Err(StoreError::AlreadyExists(meta.id.clone()));
+        }
+        let result = self.write_files(&tmp, meta, parent, state, memory, dirty, opts, &mut sm);
+        let manifest = match result {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = sm.apply(Event::Fail);
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
+        let publish = || -> Result<(), FileError> {
+            sync_dir(&tmp)?;
+            std::fs::rename(&tmp, &final_dir).map_err(io_err("rename into place", &final_dir))?;
+            sync_dir(&self.root)
+        };
+        if let Err(e) = publish() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e.into());
+        }
+        drop(lock);
+        Ok(manifest)
+    }
+
+    /// Writes state, memory and manifest into `tmp` and checks what was written.
+    #[allow(clippy::too_many_arguments)]
+    fn write_files(
+        &self,
+        tmp: &Path,
+        meta: &NewSnapshot,
+        parent: Option<&str>,
+        state: &[u8],
+        memory: &dyn MemorySource,
+        dirty: Option<&DirtyBitmap>,
+        opts: &CreateOptions,
+        sm: &mut SnapshotState,
+    ) -> Result<Manifest, StoreError> {
+        let layout = memory.layout();
+        let mut files = BTreeMap::new();
+        let state_path = tmp.join(STATE_FILE);
+        let (state_bytes, state_crc) = StateFile::write(&state_path, state)?;
+        files.insert(
+            STATE_FILE.to_string(),
+            FileInfo {
+                bytes: state_bytes,
+                allocated_bytes: allocated_bytes(&state_path)?,
+                crc32: Some(state_crc),
+            },
+        );
+        let mut memory_chunks = None;
+        let stored_pages;
+        if parent.is_none() && !opts.compress {
+            let path = tmp.join(MEMORY_FILE);
+            let written = sparse::write(&path, memory)?;
+            files.insert(
+                MEMORY_FILE.to_string(),
+                FileInfo {
+                    bytes: layout.end(),
+                    allocated_bytes: allocated_bytes(&path)?,
+                    crc32: None,
+                },
+            );
+            memory_chunks = Some(written.sums);
+            stored_pages = written.nonzero_pages;
+        } else {
+            let data_name = if opts.compress {
+                PAGES_ZST_FILE
+            } else {
+                PAGES_FILE
+            };
+            let written = pages::write(tmp, memory, dirty, data_name, opts.compress)?;
+            files.insert(PAGEMAP_FILE.to_string(), written.map);
+            files.insert(data_name.to_string(), written.data);
+            stored_pages = written.pages;
+        }
+        *sm = sm.apply(Event::Written)?;
+
+        // Read back what is cheap to read (state file, page map): a bad disk or a bug in
+        // this writer shows up now rather than at restore.
+        StateFile::read(&state_path, state.len() as u64)?;
+        if files.contains_key(PAGEMAP_FILE) {
+            pages::read_map(&tmp.join(PAGEMAP_FILE), &layout)?;
+        }
+        *sm = sm.apply(Event::Verified)?;
+
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            id: meta.id.clone(),
+            parent: parent.map(str::to_string),
+            vm_id: meta.vm_id.clone(),
+            created_ms: now_ms(),
+            kind: if parent.is_some() {
+                Kind::Incremental
+            } else {
+                Kind::Full
+            },
+            compression: if opts.compress {
+                Compression::Zstd
+            } else {
+                Compression::None
+            },
+            state: *sm,
+            memory_bytes: layout.total_bytes(),
+            dirty_pages: stored_pages,
+            layout,
+            cpu: meta.cpu.clone(),
+            vm_config: meta.vm_config.clone(),
+            files,
+            memory_chunks,
+        };
+        manifest
+            .check()
+            .map_err(|r| crate::error::invalid(&tmp.join(MANIFEST_FILE), r))?;
+        let json = manifest
+            .to_json()
+            .map_err(|r| crate::error::invalid(&tmp.join(MANIFEST_FILE), r))?;
+        crate::fsutil::write_synced(&tmp.join(MANIFEST_FILE), &json)?;
+        Ok(manifest)
+    }
+
+    /// Deletes snapshot `id`, refusing if other snapshots depend on it.
+    pub fn delete(&self, id: &str) -> Result<(), StoreError> {
+        self.get(id)?;
+        let (manifests, _) = self.scan()?;
+        let children: Vec<String> = manifests
+            .iter()
+            .filter(|m| m.parent.as_deref() == Some(id))
+            .map(|m| m.id.clone())
+            .collect();
+        if !children.is_empty() {
+            return Err(StoreError::HasChildren {
+                id: id.to_string(),
+                children,
+            });
+        }
+        // Rename first: a crash mid-removal leaves a `.del-` directory, never a snapshot
+        // with half its files.
+        let doomed = self.root.join(format!("{DEL_PREFIX}{id}"));
+        let dir = self.dir(id);
+        std::fs::rename(&dir, &doomed).map_err(io_err("rename for deletion", &dir))?;
+        sync_dir(&self.root)?;
+        std::fs::remove_dir_all(&doomed).map_err(io_err("remove", &doomed))?;
+        Ok(())
+    }
+
+    /// Moves `id` through `event` and records the new state in its manifest.
+    pub(crate) fn transition(&self, id: &str, event: Event) -> Result<Manifest, StoreError> {
+        let mut m = self.get(id)?;
+        m.state = m.state.apply(event)?;
+        let path = self.dir(id).join(MANIFEST_FILE);
+        let json = m.to_json().map_err(|r| crate::error::invalid(&path, r))?;
+        replace_file(&path, &json)?;
+        Ok(m)
+    }
+
+    /// Keeps `id` (e.g. for its children) but stops offering it for restore.
+    pub fn archive(&self, id: &str) -> Result<Manifest, StoreError> {
+        self.transition(id, Event::Archive)
+    }
+
+    pub fn unarchive(&self, id: &str) -> Result<Manifest, StoreError> {
+        self.transition(id, Event::Unarchive)
+    }
+}
