@@ -22,9 +22,9 @@ pub struct SimArgs {
     /// Rebalancing aggressiveness, 1 (only large gains) to 5.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=5))]
     pub rebalance_threshold: u8,
-    /// Rebalance after every N arrivals (0: only when draining).
-    #[arg(long, default_value_t = 10_000)]
-    pub rebalance_every: u64,
+    /// Rebalance after every N arrivals (0: only when draining; default: a tenth of them).
+    #[arg(long)]
+    pub rebalance_every: Option<u64>,
     /// Skip the first-fit, spread and random baselines.
     #[arg(long)]
     pub no_baselines: bool,
