@@ -58,7 +58,7 @@ fn restored_guest_continues_with_identical_memory() {
     eprintln!("snapshot: {info}");
     // Only what the guest touched is on disk: 16 MiB dirtied, 256 MiB of RAM.
     let on_disk = info["memory_allocated_bytes"].as_u64().unwrap();
-    assert!(on_disk >= 16 << 20 && on_disk < 32 << 20, "{info}");
+    assert!((16 << 20..32 << 20).contains(&on_disk), "{info}");
     env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
 
     let mut back = restore(&env, path, "restored");

@@ -54,27 +54,6 @@ pub fn create(regions: &[(GuestAddress, usize)]) -> Result<GuestMem, MemoryError
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vm_memory::{Bytes, GuestMemoryBackend};
-
-    #[test]
-    fn regions_are_backed_and_writable_across_the_hole() {
-        let mem = create(&[(GuestAddress(0), 1 << 20), (GuestAddress(1 << 32), 1 << 20)]).unwrap();
-        assert_eq!(mem.num_regions(), 2);
-        mem.write_obj(0xdead_beef_u64, GuestAddress((1 << 32) + 8))
-            .unwrap();
-        assert_eq!(
-            mem.read_obj::<u64>(GuestAddress((1 << 32) + 8)).unwrap(),
-            0xdead_beef
-        );
-        assert!(mem.read_obj::<u64>(GuestAddress(2 << 20)).is_err());
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        assert!(maps.contains("/memfd:ray-guest-ram"), "{maps}");
-    }
-}
-
 /// The host view of every guest RAM region: (guest-physical start, host slice).
 ///
 /// # Safety
@@ -172,4 +151,25 @@ pub fn data_extents(mem: &GuestMem) -> Vec<(u64, u64)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn regions_are_backed_and_writable_across_the_hole() {
+        let mem = create(&[(GuestAddress(0), 1 << 20), (GuestAddress(1 << 32), 1 << 20)]).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        mem.write_obj(0xdead_beef_u64, GuestAddress((1 << 32) + 8))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress((1 << 32) + 8)).unwrap(),
+            0xdead_beef
+        );
+        assert!(mem.read_obj::<u64>(GuestAddress(2 << 20)).is_err());
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        assert!(maps.contains("/memfd:ray-guest-ram"), "{maps}");
+    }
 }
