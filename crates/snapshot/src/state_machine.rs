@@ -1,14 +1,15 @@
 //! A snapshot's own lifecycle, as one enum and one transition table.
 //!
 //! ```text
-//!  Idle ──Create──▶ Creating ──Written──▶ Verifying ──Verified──▶ Ready ◀──Unarchive── Archived
-//!                                                                 │  ▲                    ▲
-//!                                                          Restore│  │Abort               │
-//!                                                                 ▼  │                    │
-//!                   RestoreComplete ◀──Verified── RestoreVerify ◀─Loaded── Restoring       │
-//!                     │    └──Restore──▶ Restoring                                         │
-//!                     └───────────────────────Archive─────────────────────────────────────┘
-//!  Creating, Verifying, Restoring, RestoreVerify ──Fail──▶ Error      (Ready ──Archive──▶ Archived)
+//! Idle ─Create─▶ Creating ─Written─▶ Verifying ─Verified─▶ Ready ─Archive─▶ Archived
+//!                                                          ▲  │  ◀─Unarchive─┘
+//!                                                     Abort│  │Restore
+//!                                                          │  ▼
+//!   RestoreComplete ◀─Verified─ RestoreVerify ◀─Loaded─ Restoring
+//!     │ Restore ─▶ Restoring;  Archive ─▶ Archived
+//!
+//! Fail ─▶ Error from Creating, Verifying, Ready, Restoring, RestoreVerify, Archived.
+//! Abort ─▶ Ready from Restoring and RestoreVerify. Error accepts nothing.
 //! ```
 //!
 //! `Ready`, `Archived` and `Error` are what the manifest on disk can say (a snapshot being
