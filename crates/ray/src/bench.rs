@@ -55,6 +55,14 @@ pub struct Stats {
     pub max: f64,
 }
 
+/// Prints one `name  min .. median .. max unit` line of a benchmark table.
+pub fn print_row(name: &str, s: Stats, unit: &str) {
+    println!(
+        "  {name:<26} min {:>8.2}  median {:>8.2}  max {:>8.2} {unit}",
+        s.min, s.median, s.max
+    );
+}
+
 impl Stats {
     pub fn of(values: &[f64]) -> Stats {
         let mut v = values.to_vec();
@@ -266,16 +274,10 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
             report.memory_bytes >> 20,
             report.build
         );
-        let row = |name: &str, s: Stats, unit: &str| {
-            println!(
-                "  {name:<22} min {:>7.2}  median {:>7.2}  max {:>7.2} {unit}",
-                s.min, s.median, s.max
-            )
-        };
-        row("start -> ready", report.boot_ms, "ms");
-        row("VMM overhead (RSS)", report.overhead_mib, "MiB");
-        row("VMM private pages", report.private_overhead_mib, "MiB");
-        row("guest resident", report.guest_resident_mib, "MiB");
+        print_row("start -> ready", report.boot_ms, "ms");
+        print_row("VMM overhead (RSS)", report.overhead_mib, "MiB");
+        print_row("VMM private pages", report.private_overhead_mib, "MiB");
+        print_row("guest resident", report.guest_resident_mib, "MiB");
     }
     Ok(())
 }

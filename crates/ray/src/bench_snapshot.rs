@@ -12,7 +12,7 @@ use ray::client::VmmClient;
 use ray_api::vmm::{ConsoleInput, SnapshotInfo, SnapshotRequest, VmConfig, VmInfo};
 use serde::Serialize;
 
-use crate::bench::{SnapshotBenchArgs, Stats};
+use crate::bench::{print_row, SnapshotBenchArgs, Stats};
 use crate::vm::{default_guest, DEFAULT_GUEST_CMDLINE};
 
 #[derive(Serialize)]
@@ -221,16 +221,10 @@ pub fn run(a: &SnapshotBenchArgs, runtime: &Path) -> anyhow::Result<()> {
             r.touched_bytes >> 20,
             r.build
         );
-        let row = |name: &str, s: Stats, unit: &str| {
-            println!(
-                "  {name:<26} min {:>8.2}  median {:>8.2}  max {:>8.2} {unit}",
-                s.min, s.median, s.max
-            )
-        };
-        row("full snapshot write", r.full_ms, "ms");
-        row("disk sequential write", r.disk_mib_s, "MiB/s");
-        row("restore -> answers", r.restore_ms, "ms");
-        row("restore (unverified)", r.restore_unverified_ms, "ms");
+        print_row("full snapshot write", r.full_ms, "ms");
+        print_row("disk sequential write", r.disk_mib_s, "MiB/s");
+        print_row("restore -> answers", r.restore_ms, "ms");
+        print_row("restore (unverified)", r.restore_unverified_ms, "ms");
         println!(
             "  full snapshot size          {} MiB; speed {:.0}% of the disk's",
             r.full_bytes >> 20,

@@ -63,6 +63,13 @@ pub struct Machine {
     pub times: BuildTimes,
 }
 
+/// COM1's interrupt line: an eventfd KVM turns into IRQ 4.
+fn serial_irq(vm: &Vm) -> Result<EventFd, BuildError> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.connect_irq(&irq, COM1_IRQ)?;
+    Ok(irq)
+}
+
 /// Where the console goes.
 pub struct ConsoleSinks {
     pub log: Option<File>,
@@ -92,17 +99,27 @@ impl Machine {
         let image = boot::load(&vm.memory, spec)?;
         times.load = t.elapsed();
 
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-        vm.connect_irq(&irq, COM1_IRQ)?;
-        let console = Console::new(irq, sinks.log, sinks.stdout, sinks.ring);
+        let console = Console::new(serial_irq(&vm)?, sinks.log, sinks.stdout, sinks.ring);
         let bus = Arc::new(IoBus::new(console));
 
         let t = Instant::now();
         let fds = (0..spec.vcpus)
             .map(|i| vcpu::create(&vm, i, spec.vcpus, &image))
             .collect::<Result<Vec<_>, _>>()?;
+        Machine::start(vm, bus, fds, events, times, t)
+    }
+
+    /// Starts the vCPU threads of a built machine.
+    fn start(
+        vm: Vm,
+        bus: Arc<IoBus>,
+        fds: Vec<kvm_ioctls::VcpuFd>,
+        events: EventSink,
+        mut times: BuildTimes,
+        vcpus_started: Instant,
+    ) -> Result<Machine, BuildError> {
         let vcpus = Vcpus::start(fds, bus.clone(), events)?;
-        times.vcpus = t.elapsed();
+        times.vcpus = vcpus_started.elapsed();
         Ok(Machine {
             vm,
             bus,
@@ -154,10 +171,14 @@ impl Machine {
         let vm = Vm::new(memory, flavour)?;
         persist::restore_vm(&vm.fd, &state.vm)?;
         times.vm = t.elapsed();
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-        vm.connect_irq(&irq, COM1_IRQ)?;
-        let console = Console::from_state(&state.console, irq, sinks.log, sinks.stdout, sinks.ring)
-            .map_err(BuildError::Incompatible)?;
+        let console = Console::from_state(
+            &state.console,
+            serial_irq(&vm)?,
+            sinks.log,
+            sinks.stdout,
+            sinks.ring,
+        )
+        .map_err(BuildError::Incompatible)?;
         let bus = Arc::new(IoBus::new(console));
         let t = Instant::now();
         let fds = state
@@ -174,14 +195,7 @@ impl Machine {
                 Ok(vcpu::restore(&vm, s)?)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let vcpus = Vcpus::start(fds, bus.clone(), events)?;
-        times.vcpus = t.elapsed();
-        Ok(Machine {
-            vm,
-            bus,
-            vcpus: Some(vcpus),
-            times,
-        })
+        Machine::start(vm, bus, fds, events, times, t)
     }
 
     pub fn pause(&self) {

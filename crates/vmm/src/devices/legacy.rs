@@ -19,10 +19,15 @@ pub enum PowerEvent {
     Reset,
 }
 
+/// The ACPI PM1 event and control blocks (the FADT names them): status, enable, control.
+const PM1_PORTS: std::ops::RangeInclusive<u16> = 0x600..=(POWEROFF_PORT + 1);
+
 pub fn read(port: u16, data: &mut [u8]) {
     match port {
         // i8042 status: output buffer empty, input buffer empty, so drivers don't wait.
         I8042_COMMAND => data.fill(0),
+        // No PM1 event is ever pending or enabled, and the control register reads clear.
+        p if PM1_PORTS.contains(&p) => data.fill(0),
         _ => data.fill(0xff),
     }
 }
@@ -67,6 +72,15 @@ mod tests {
     fn i8042_reset() {
         assert_eq!(write(I8042_COMMAND, &[0xfe]), Some(PowerEvent::Reset));
         assert_eq!(write(I8042_COMMAND, &[0xad]), None);
+    }
+
+    #[test]
+    fn pm1_registers_read_zero() {
+        for port in [0x600, 0x602, POWEROFF_PORT] {
+            let mut b = [0xaau8; 2];
+            read(port, &mut b);
+            assert_eq!(b, [0, 0], "port {port:#x}");
+        }
     }
 
     #[test]
