@@ -143,7 +143,7 @@ fn damaged_snapshots_are_refused_with_the_file_named() {
     let out = env.ray(&["snapshot", "restore", state.to_str().unwrap(), "--detach"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("state.bin is damaged: checksum"), "{err}");
+    assert!(err.contains("state.bin fails its checksum"), "{err}");
 
     let memory = copy("bad-memory");
     flip(memory.join("memory.raw"), region + 12345);

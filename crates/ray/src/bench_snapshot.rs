@@ -2,7 +2,6 @@
 //! disk's own sequential write speed measured in the same run, and restore latency from a
 //! new process to the guest answering on its console.
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -35,23 +34,10 @@ struct Report {
     restore_unverified_ms: Stats,
 }
 
-/// Writes `bytes` to a fresh file in `dir` with one fsync, returns MiB/s.
+/// Sequential write speed of the disk under `dir` for as many bytes as a snapshot wrote, MiB/s.
 fn disk_speed(dir: &Path, bytes: u64) -> anyhow::Result<f64> {
-    let path = dir.join(".bench-disk");
-    let f = std::fs::File::create(&path)?;
-    let chunk = vec![0x5au8; 4 << 20];
-    let t = Instant::now();
-    let mut off = 0;
-    while off < bytes {
-        let n = chunk.len().min((bytes - off) as usize);
-        f.write_all_at(&chunk[..n], off)?;
-        off += n as u64;
-    }
-    f.sync_all()?;
-    let secs = t.elapsed().as_secs_f64();
-    drop(f);
-    std::fs::remove_file(&path)?;
-    Ok(bytes as f64 / secs / (1 << 20) as f64)
+    let speed = ray_snapshot::sequential_write_speed(dir, bytes.div_ceil(1 << 20).max(1))?;
+    Ok(speed.bytes_per_sec() / (1 << 20) as f64)
 }
 
 /// Starts a VMM restoring `snapshot` and returns the time until the guest echoed a line.

@@ -3,8 +3,8 @@
 //! A snapshot is a directory:
 //! - `manifest.json`: human-readable: id, VM id and configuration, creation time, format
 //!   version, hypervisor flavour, CPU fingerprint, sizes and checksums;
-//! - `state.bin`: `magic "RAYSTATE" | format version u32 | payload length u64 | payload |
-//!   CRC32 of everything before it`; the payload is the machine state (vCPUs, VM, devices);
+//! - `state.bin`: a `ray_snapshot::StateFile` (magic, version, length, payload, CRC32, read
+//!   with a size limit); the payload is the machine state (vCPUs, VM, devices);
 //! - `memory.raw`: guest RAM laid out by guest-physical address, zero pages left as holes.
 //!
 //! It is written into `.tmp-<id>` beside its final place, every file fsynced, then renamed
@@ -13,7 +13,7 @@
 //! about what restoring a 128 MiB one does. Memory checksums are verified unless asked not
 //! to, which is the one step whose cost follows the guest's size.
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -24,9 +24,6 @@ use crate::machine::MachineState;
 use crate::memory::GuestMem;
 
 pub const FORMAT_VERSION: u32 = 1;
-const STATE_MAGIC: &[u8; 8] = b"RAYSTATE";
-/// Largest state payload a reader accepts: a snapshot file is untrusted input.
-pub const MAX_STATE_BYTES: u64 = 64 << 20;
 const PAGE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,14 +34,11 @@ pub enum SnapshotError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} is not a rayvisor state file (bad magic)")]
-    BadMagic { path: PathBuf },
+    /// The state file: ray-snapshot's container reads and checks it.
+    #[error(transparent)]
+    State(#[from] ray_snapshot::FileError),
     #[error("{path} has format version {got}; this rayvisor reads version {FORMAT_VERSION}")]
     Version { path: PathBuf, got: u32 },
-    #[error("{path} is truncated: {what}")]
-    Truncated { path: PathBuf, what: String },
-    #[error("{path} claims a {got}-byte payload; at most {MAX_STATE_BYTES} are accepted")]
-    TooLarge { path: PathBuf, got: u64 },
     #[error("{path} is damaged: checksum {got:#010x}, expected {expected:#010x}{location}")]
     Checksum {
         path: PathBuf,
@@ -127,62 +121,6 @@ fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("fsync", dir))
-}
-
-/// Encodes the state file.
-pub fn encode_state(payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + 24);
-    out.extend_from_slice(STATE_MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(payload);
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out
-}
-
-/// Decodes a state file read from `path`, checking magic, version, size limit and CRC.
-pub fn decode_state(path: &Path, data: &[u8]) -> Result<Vec<u8>, SnapshotError> {
-    let p = || path.to_path_buf();
-    if data.len() < 8 || &data[..8] != STATE_MAGIC {
-        return Err(SnapshotError::BadMagic { path: p() });
-    }
-    let header = data.get(8..20).ok_or_else(|| SnapshotError::Truncated {
-        path: p(),
-        what: format!("{} bytes, the header alone has 20", data.len()),
-    })?;
-    let version = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION {
-        return Err(SnapshotError::Version {
-            path: p(),
-            got: version,
-        });
-    }
-    let len = u64::from_le_bytes(header[4..12].try_into().expect("8 bytes"));
-    if len > MAX_STATE_BYTES {
-        return Err(SnapshotError::TooLarge {
-            path: p(),
-            got: len,
-        });
-    }
-    let end = 20 + len as usize;
-    if data.len() != end + 4 {
-        return Err(SnapshotError::Truncated {
-            path: p(),
-            what: format!("{} bytes, the header says {}", data.len(), end + 4),
-        });
-    }
-    let expected = u32::from_le_bytes(data[end..].try_into().expect("4 bytes"));
-    let got = crc32fast::hash(&data[..end]);
-    if got != expected {
-        return Err(SnapshotError::Checksum {
-            path: p(),
-            expected,
-            got,
-            location: String::new(),
-        });
-    }
-    Ok(data[20..end].to_vec())
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -286,8 +224,8 @@ pub fn create(
     fs::create_dir(&tmp).map_err(io("create", &tmp))?;
 
     let payload = serde_json::to_vec(state).map_err(|e| SnapshotError::Decode(e.to_string()))?;
-    let encoded = encode_state(&payload);
-    write_synced(&tmp.join("state.bin"), &encoded)?;
+    let (state_bytes, state_crc32) =
+        ray_snapshot::StateFile::write(&tmp.join("state.bin"), &payload)?;
     let memory_path = tmp.join("memory.raw");
     let memory_runs = write_memory(mem, &memory_path)?;
     let allocated = {
@@ -309,8 +247,8 @@ pub fn create(
         cpu_fingerprint: meta.cpu_fingerprint,
         memory_bytes: meta.config.memory_bytes,
         memory_allocated_bytes: allocated,
-        state_bytes: encoded.len() as u64,
-        state_crc32: crc32fast::hash(&encoded),
+        state_bytes,
+        state_crc32,
         memory_runs,
     };
     let text =
@@ -325,15 +263,10 @@ pub fn create(
 /// Reads and checks a snapshot's manifest and state.
 pub fn load(dir: &Path) -> Result<(Manifest, MachineState), SnapshotError> {
     let manifest = Manifest::read(dir)?;
-    let path = dir.join("state.bin");
-    let mut f = File::open(&path).map_err(io("open", &path))?;
-    let size = f.metadata().map_err(io("stat", &path))?.len();
-    if size > MAX_STATE_BYTES + 24 {
-        return Err(SnapshotError::TooLarge { path, got: size });
-    }
-    let mut data = Vec::with_capacity(size as usize);
-    f.read_to_end(&mut data).map_err(io("read", &path))?;
-    let payload = decode_state(&path, &data)?;
+    let payload = ray_snapshot::StateFile::read(
+        &dir.join("state.bin"),
+        ray_snapshot::StateFile::DEFAULT_LIMIT,
+    )?;
     let state: MachineState =
         serde_json::from_slice(&payload).map_err(|e| SnapshotError::Decode(e.to_string()))?;
     Ok((manifest, state))
@@ -394,45 +327,6 @@ mod tests {
 
     fn temp(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("ray-snap-{}-{name}", std::process::id()))
-    }
-
-    #[test]
-    fn state_file_round_trips_and_every_flipped_byte_is_caught() {
-        let path = temp("state");
-        let encoded = encode_state(b"{\"hello\":1}");
-        assert_eq!(decode_state(&path, &encoded).unwrap(), b"{\"hello\":1}");
-        for i in 0..encoded.len() {
-            let mut bad = encoded.clone();
-            bad[i] ^= 0x40;
-            let err = decode_state(&path, &bad).unwrap_err().to_string();
-            assert!(err.contains(&path.display().to_string()), "byte {i}: {err}");
-        }
-    }
-
-    #[test]
-    fn state_file_errors_say_what_is_wrong() {
-        let path = temp("state2");
-        let good = encode_state(b"xyz");
-        assert!(decode_state(&path, b"NOTSTATE")
-            .unwrap_err()
-            .to_string()
-            .contains("bad magic"));
-        let mut v2 = good.clone();
-        v2[8] = 2;
-        assert!(decode_state(&path, &v2)
-            .unwrap_err()
-            .to_string()
-            .contains("format version 2"));
-        let mut huge = good.clone();
-        huge[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(decode_state(&path, &huge)
-            .unwrap_err()
-            .to_string()
-            .contains("at most"));
-        assert!(decode_state(&path, &good[..good.len() - 1])
-            .unwrap_err()
-            .to_string()
-            .contains("truncated"));
     }
 
     #[test]
