@@ -5,7 +5,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ray_api::vmm::{ConsoleTail, LifecycleEvent, SnapshotInfo, SnapshotRequest, VmConfig, VmInfo};
+use ray_api::vmm::{LifecycleEvent, SnapshotInfo, SnapshotRequest, VmConfig, VmInfo};
 use ray_guest_abi::offset;
 
 use crate::devices::{ConsoleRing, PowerEvent};
@@ -176,14 +176,6 @@ impl Controller {
             hypervisor: self.flavour.name().into(),
             heartbeat: memory.and_then(heartbeat::read),
             exit_reason: self.exit_reason.clone(),
-        }
-    }
-
-    pub fn console_tail(&self, bytes: usize) -> ConsoleTail {
-        let (total_bytes, data) = self.ring.tail(bytes);
-        ConsoleTail {
-            total_bytes,
-            data: String::from_utf8_lossy(&data).into_owned(),
         }
     }
 

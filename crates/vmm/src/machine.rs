@@ -2,7 +2,6 @@
 //! configuration in one step, torn down by dropping it.
 use std::fs::File;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -36,15 +35,6 @@ pub enum BuildError {
     EventFd(#[source] std::io::Error),
 }
 
-/// How long each start-up step took, for `ray bench boot` and the log.
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct BuildTimes {
-    pub memory: Duration,
-    pub vm: Duration,
-    pub load: Duration,
-    pub vcpus: Duration,
-}
-
 /// Everything of a paused machine except guest memory: what a snapshot or a migration
 /// carries besides the pages.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
@@ -60,7 +50,6 @@ pub struct Machine {
     pub vm: Vm,
     pub bus: Arc<IoBus>,
     pub vcpus: Option<Vcpus>,
-    pub times: BuildTimes,
 }
 
 /// COM1's interrupt line: an eventfd KVM turns into IRQ 4.
@@ -85,28 +74,18 @@ impl Machine {
         sinks: ConsoleSinks,
         events: EventSink,
     ) -> Result<Machine, BuildError> {
-        let mut times = BuildTimes::default();
-        let t = Instant::now();
         let regions = boot::layout::ram_regions(spec.mem_bytes);
         let memory = crate::memory::create(&regions)?;
-        times.memory = t.elapsed();
-
-        let t = Instant::now();
         let vm = Vm::new(memory, flavour)?;
-        times.vm = t.elapsed();
-
-        let t = Instant::now();
         let image = boot::load(&vm.memory, spec)?;
-        times.load = t.elapsed();
 
         let console = Console::new(serial_irq(&vm)?, sinks.log, sinks.stdout, sinks.ring);
         let bus = Arc::new(IoBus::new(console));
 
-        let t = Instant::now();
         let fds = (0..spec.vcpus)
             .map(|i| vcpu::create(&vm, i, spec.vcpus, &image))
             .collect::<Result<Vec<_>, _>>()?;
-        Machine::start(vm, bus, fds, events, times, t)
+        Machine::start(vm, bus, fds, events)
     }
 
     /// Starts the vCPU threads of a built machine.
@@ -115,16 +94,12 @@ impl Machine {
         bus: Arc<IoBus>,
         fds: Vec<kvm_ioctls::VcpuFd>,
         events: EventSink,
-        mut times: BuildTimes,
-        vcpus_started: Instant,
     ) -> Result<Machine, BuildError> {
         let vcpus = Vcpus::start(fds, bus.clone(), events)?;
-        times.vcpus = vcpus_started.elapsed();
         Ok(Machine {
             vm,
             bus,
             vcpus: Some(vcpus),
-            times,
         })
     }
 
@@ -166,11 +141,8 @@ impl Machine {
                 ray_guest_abi::MAX_CPUS
             )));
         }
-        let mut times = BuildTimes::default();
-        let t = Instant::now();
         let vm = Vm::new(memory, flavour)?;
         persist::restore_vm(&vm.fd, &state.vm)?;
-        times.vm = t.elapsed();
         let console = Console::from_state(
             &state.console,
             serial_irq(&vm)?,
@@ -180,7 +152,6 @@ impl Machine {
         )
         .map_err(BuildError::Incompatible)?;
         let bus = Arc::new(IoBus::new(console));
-        let t = Instant::now();
         let fds = state
             .vcpus
             .iter()
@@ -195,7 +166,7 @@ impl Machine {
                 Ok(vcpu::restore(&vm, s)?)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Machine::start(vm, bus, fds, events, times, t)
+        Machine::start(vm, bus, fds, events)
     }
 
     pub fn pause(&self) {

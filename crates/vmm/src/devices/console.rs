@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -24,11 +24,10 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// The tail of everything the guest wrote, with a condition variable for waiters.
+/// The tail of everything the guest wrote.
 #[derive(Default)]
 pub struct ConsoleRing {
     inner: Mutex<RingInner>,
-    grew: Condvar,
 }
 
 #[derive(Default)]
@@ -44,7 +43,6 @@ impl ConsoleRing {
         inner.bytes.extend(data);
         let excess = inner.bytes.len().saturating_sub(RING_BYTES);
         inner.bytes.drain(..excess);
-        self.grew.notify_all();
     }
 
     /// The last `max` bytes and the total written so far.
