@@ -1,5 +1,7 @@
 //! The KVM VM: guest memory slots, the in-kernel irqchip and PIT, interrupt lines.
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -35,6 +37,11 @@ pub enum VmError {
     Pit(#[source] kvm_ioctls::Error),
     #[error("cannot connect interrupt line {gsi}: {source}")]
     Irqfd { gsi: u32, source: kvm_ioctls::Error },
+    #[error("cannot read KVM's dirty-page log of memory slot {slot}: {source}")]
+    DirtyLog {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// One KVM VM with its memory registered.
@@ -44,6 +51,7 @@ pub struct Vm {
     pub flavour: Flavour,
     pub memory: GuestMem,
     slots: u32,
+    dirty_logging: bool,
 }
 
 impl Vm {
@@ -66,6 +74,7 @@ impl Vm {
             flavour,
             memory,
             slots: 0,
+            dirty_logging: false,
         };
         vm.register_memory()?;
         // VMX needs a TSS page inside guest-physical space; PVM has no such thing and may
@@ -85,13 +94,19 @@ impl Vm {
     }
 
     fn register_memory(&mut self) -> Result<(), VmError> {
+        self.slots = 0;
+        let flags = if self.dirty_logging {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
         for region in self.memory.iter() {
             let host = region
                 .get_host_address(MemoryRegionAddress(0))
                 .expect("offset 0 lies inside every mapped region");
             let slot = kvm_userspace_memory_region {
                 slot: self.slots,
-                flags: 0,
+                flags,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
@@ -99,7 +114,8 @@ impl Vm {
             // SAFETY: the region is a live mapping owned by `self.memory`, which lives as
             // long as the VM fd (both are fields of `self`, and the fd is dropped first
             // only when the whole Vm is dropped), and slots never overlap: the regions of a
-            // GuestMemoryMmap are disjoint.
+            // GuestMemoryMmap are disjoint. Registering an existing slot again with the same
+            // address and size only changes its flags.
             unsafe { self.fd.set_user_memory_region(slot) }.map_err(|source| {
                 VmError::MemorySlot {
                     slot: self.slots,
@@ -111,6 +127,58 @@ impl Vm {
             self.slots += 1;
         }
         Ok(())
+    }
+
+    /// Turns KVM's dirty-page logging on or off for every slot. Turning it on also forgets
+    /// the writes the VMM made before, so the next `take_dirty_pages` reports exactly the
+    /// pages written from now on.
+    pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), VmError> {
+        if self.dirty_logging == on {
+            return Ok(());
+        }
+        self.dirty_logging = on;
+        if let Err(e) = self.register_memory() {
+            self.dirty_logging = !on;
+            return Err(e);
+        }
+        if on {
+            for region in self.memory.iter() {
+                std::ops::Deref::deref(region).bitmap().reset();
+            }
+        }
+        Ok(())
+    }
+
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty_logging
+    }
+
+    /// The pages written since dirty logging was turned on or since the last call, one
+    /// bitmap per memory region (bit `i` of word `i / 64` = page `i`, KVM's layout): KVM's
+    /// log of guest writes ORed with the VMM's own writes. Both logs are cleared.
+    pub fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>, VmError> {
+        if !self.dirty_logging {
+            return Err(VmError::DirtyLog {
+                slot: 0,
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            });
+        }
+        self.memory
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let slot = slot as u32;
+                let mut words = self
+                    .fd
+                    .get_dirty_log(slot, region.len() as usize)
+                    .map_err(|source| VmError::DirtyLog { slot, source })?;
+                let ours = std::ops::Deref::deref(region).bitmap().get_and_reset();
+                for (w, o) in words.iter_mut().zip(ours) {
+                    *w |= o;
+                }
+                Ok(words)
+            })
+            .collect()
     }
 
     /// Connects `evt` to interrupt line `gsi`: each write to it raises the line.
