@@ -188,3 +188,36 @@ impl Vm {
             .map_err(|source| VmError::Irqfd { gsi, source })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    #[test]
+    fn dirty_log_reports_vmm_writes_once_and_only_while_on() {
+        let regions = [(GuestAddress(0), 2 << 20), (GuestAddress(4 << 20), 1 << 20)];
+        let memory = crate::memory::create(&regions).unwrap();
+        memory.write_obj(1u64, GuestAddress(0x1000)).unwrap();
+        let mut vm = Vm::new(memory, Flavour::detect()).unwrap();
+        assert!(vm.take_dirty_pages().is_err(), "logging is off");
+        vm.set_dirty_logging(true).unwrap();
+        // The write before logging started is forgotten.
+        let clean = vm.take_dirty_pages().unwrap();
+        assert_eq!(clean.len(), 2);
+        assert!(clean.iter().flatten().all(|w| *w == 0), "{clean:?}");
+        vm.memory.write_obj(2u64, GuestAddress(0x3008)).unwrap();
+        vm.memory
+            .write_obj(3u64, GuestAddress((4 << 20) + 0x41000))
+            .unwrap();
+        let dirty = vm.take_dirty_pages().unwrap();
+        assert_eq!(dirty[0].len(), (2 << 20) / 4096 / 64);
+        assert_eq!(dirty[0][0], 1 << 3);
+        assert_eq!(dirty[1][1], 1 << 1, "page 0x41 of region 1");
+        let again = vm.take_dirty_pages().unwrap();
+        assert!(again.iter().flatten().all(|w| *w == 0), "the log clears");
+        vm.set_dirty_logging(false).unwrap();
+        assert!(!vm.dirty_logging());
+    }
+}
