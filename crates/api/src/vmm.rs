@@ -171,6 +171,115 @@ pub struct SnapshotInfo {
     pub write_ms: f64,
 }
 
+/// What a source does when pre-copy hits its pass or time limit without converging.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLimit {
+    /// Stop and copy anyway (the pause may exceed `max_downtime_ms`).
+    #[default]
+    Force,
+    /// Give up; the VM keeps running here.
+    Abort,
+}
+
+/// `PUT /vm/migration` body: migrate this running VM out to a waiting target.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The target: `HOST:PORT` (TCP) or `unix:/path` (a same-host Unix socket).
+    pub to: String,
+    /// File on the VMM's host holding the pre-shared key (at least 16 bytes); the target
+    /// must use the same key.
+    pub key_file: String,
+    /// Longest acceptable pause of the guest, in ms (default 30).
+    #[serde(default = "default_max_downtime_ms")]
+    pub max_downtime_ms: u64,
+    /// What to do when pre-copy does not converge within the limits (default `force`).
+    #[serde(default)]
+    pub on_limit: OnLimit,
+    /// Pre-copy passes before the limit applies (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_passes: Option<u32>,
+    /// Pre-copy time before the limit applies, in ms (default 60000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_time_ms: Option<u64>,
+    /// Throttle vCPUs in growing steps when the dirty rate outruns the link (default true).
+    #[serde(default = "default_true")]
+    pub auto_converge: bool,
+    /// lz4-compress page batches (pays off on slow links only).
+    #[serde(default)]
+    pub compress: bool,
+    /// Host-wide cap on concurrent migrations, both directions (default 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+}
+
+fn default_max_downtime_ms() -> u64 {
+    30
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Which end of a migration this VMM is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationRole {
+    Source,
+    Target,
+}
+
+/// `GET /vm/migration`: the migration of this VM, in flight or finished.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationStatus {
+    pub role: MigrationRole,
+    /// The other end: the target address (source) or the listening address (target).
+    pub peer: String,
+    /// Session state: `idle`, `pre_copy`, `stop_and_copy`, `verification`, `completing`,
+    /// `completed`, `failed` or `rolling_back`.
+    pub state: String,
+    /// Current pre-copy pass (1 = the full copy).
+    pub pass: u32,
+    pub pages_sent: u64,
+    pub bytes_sent: u64,
+    /// Pages dirtied during the last pass.
+    pub dirty_pages: u64,
+    pub dirty_rate_mib_s: f64,
+    pub bandwidth_mib_s: f64,
+    /// Predicted pause if stop-and-copy started now.
+    pub expected_downtime_ms: f64,
+    pub throttle_percent: u8,
+    /// Since the migration started.
+    pub elapsed_ms: u64,
+    /// Why it failed (state `failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What became of the VM here: `running` (rolled back, or the target now runs it),
+    /// `migrated` (the source copy is gone), `paused_ownership_uncertain` (the link failed
+    /// after the switch-over; see the split-brain rule), `rollback_failed`, `discarded`
+    /// (a target that never ran the VM), or `migrating`.
+    pub vm: String,
+    /// Source: from pause to the target's `Resumed`, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_ms: Option<f64>,
+    /// Source: stop-and-copy was forced by the limit.
+    #[serde(default)]
+    pub forced: bool,
+    /// Source: wall clock (µs since the Unix epoch) when the vCPUs stopped for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_at_unix_us: Option<u64>,
+    /// Target: wall clock when the vCPUs started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_at_unix_us: Option<u64>,
+    /// Target: wall clock when the guest's heartbeat first moved after the resume. Minus
+    /// the source's `paused_at_unix_us` it is the downtime the guest saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_heartbeat_unix_us: Option<u64>,
+}
+
 /// Body of every 4xx/5xx answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
@@ -221,6 +330,18 @@ mod paths {
         (status = 204), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
     fn console_input() {}
 
+    #[utoipa::path(put, path = "/vm/migration", request_body = MigrateRequest, responses(
+        (status = 200, body = MigrationStatus), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn migrate() {}
+
+    #[utoipa::path(get, path = "/vm/migration", responses(
+        (status = 200, body = MigrationStatus), (status = 404, body = ErrorBody)))]
+    fn migration_status() {}
+
+    #[utoipa::path(put, path = "/vm/migration/cancel", responses(
+        (status = 200, body = MigrationStatus), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn migration_cancel() {}
+
     #[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "this document")))]
     fn openapi() {}
 }
@@ -244,6 +365,9 @@ mod paths {
         paths::events,
         paths::console_tail,
         paths::console_input,
+        paths::migrate,
+        paths::migration_status,
+        paths::migration_cancel,
         paths::openapi
     ),
     components(schemas(
@@ -257,6 +381,10 @@ mod paths {
         LifecycleEvent,
         SnapshotRequest,
         SnapshotInfo,
+        MigrateRequest,
+        OnLimit,
+        MigrationRole,
+        MigrationStatus,
         ErrorBody
     ))
 )]
@@ -305,6 +433,22 @@ mod tests {
             assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
         }
         assert_eq!(VmStateName::MigrationSource.as_str(), "migration_source");
+    }
+
+    #[test]
+    fn migrate_request_defaults_and_rejects_unknown_fields() {
+        let r: MigrateRequest =
+            serde_json::from_str(r#"{"to":"10.0.0.2:7000","key_file":"/k"}"#).unwrap();
+        assert_eq!(r.max_downtime_ms, 30);
+        assert_eq!(r.on_limit, OnLimit::Force);
+        assert!(r.auto_converge && !r.compress);
+        let e = serde_json::from_str::<MigrateRequest>(
+            r#"{"to":"a:1","key_file":"/k","on_limit":"retry"}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown variant `retry`"), "{e}");
+        let e = serde_json::from_str::<MigrateRequest>(r#"{"to":"a:1","key":"x"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `key`"), "{e}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! the work is done in the library crates.
 mod bench;
 mod bench_snapshot;
+mod migrate;
 mod sim;
 mod snapshot;
 mod vm;
@@ -35,6 +36,9 @@ enum Command {
     /// Full snapshots: create, restore, inspect.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Live migration: receive a VM on a target, move a running VM there, follow it.
+    #[command(subcommand)]
+    Migrate(migrate::MigrateCommand),
     /// Run the VMM of one VM in this process (what `ray vm run` starts).
     Vmm(vm::VmmArgs),
     /// Simulate cluster placement at scale against baselines.
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         Command::Vm(cmd) => vm::run(cmd, &runtime),
         Command::Vmm(args) => vm::vmm(args),
         Command::Snapshot(cmd) => snapshot::run(cmd, &runtime),
+        Command::Migrate(cmd) => migrate::run(cmd, &runtime),
         Command::Bench(cmd) => bench::run(cmd, &runtime),
         Command::Sim(args) => sim::run(args),
         Command::Openapi { .. } => {

@@ -126,6 +126,16 @@ pub struct VmmArgs {
     /// With --restore: skip checking guest memory against the snapshot's checksums.
     #[arg(long, requires = "restore")]
     pub no_verify_memory: bool,
+    /// Wait for an incoming live migration on HOST:PORT or unix:/path (needs
+    /// --config-json for vCPUs and memory) instead of booting.
+    #[arg(long, requires_all = ["config_json", "migrate_key_file"], conflicts_with_all = ["start", "restore"])]
+    pub migrate_listen: Option<String>,
+    /// With --migrate-listen: the pre-shared key file.
+    #[arg(long, requires = "migrate_listen")]
+    pub migrate_key_file: Option<PathBuf>,
+    /// With --migrate-listen: host-wide cap on concurrent migrations.
+    #[arg(long, default_value_t = 8)]
+    pub max_concurrent_migrations: u32,
 }
 
 /// Where rayvisor's guest kernel is: `$RAY_GUEST`, or next to this binary (the build puts
@@ -236,6 +246,13 @@ pub enum Origin<'a> {
         snapshot: &'a Path,
         verify_memory: bool,
     },
+    /// Wait for an incoming live migration.
+    Incoming {
+        config: &'a VmConfig,
+        listen: &'a str,
+        key_file: &'a Path,
+        max_concurrent: u32,
+    },
 }
 
 fn spawn_vmm(
@@ -261,6 +278,21 @@ fn spawn_vmm(
             if !verify_memory {
                 cmd.arg("--no-verify-memory");
             }
+        }
+        Origin::Incoming {
+            config,
+            listen,
+            key_file,
+            max_concurrent,
+        } => {
+            cmd.arg("--config-json")
+                .arg(serde_json::to_string(config)?)
+                .arg("--migrate-listen")
+                .arg(listen)
+                .arg("--migrate-key-file")
+                .arg(key_file)
+                .arg("--max-concurrent-migrations")
+                .arg(max_concurrent.to_string());
         }
     }
     if attach {
@@ -559,6 +591,11 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
         start: args.start,
         restore: args.restore,
         verify_memory: !args.no_verify_memory,
+        incoming: args.migrate_listen.map(|listen| ray_vmm::Incoming {
+            listen,
+            key_file: args.migrate_key_file.unwrap_or_default(),
+            max_concurrent: args.max_concurrent_migrations,
+        }),
     })?;
     match state {
         ray_vmm::lifecycle::VmState::Terminated => Ok(()),

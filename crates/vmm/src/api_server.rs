@@ -11,7 +11,9 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use ray_api::vmm::{ConsoleInput, ErrorBody, SnapshotRequest, StopRequest, VmConfig};
+use ray_api::vmm::{
+    ConsoleInput, ErrorBody, MigrateRequest, SnapshotRequest, StopRequest, VmConfig,
+};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio::sync::oneshot;
@@ -60,6 +62,7 @@ impl Api {
             Ok(Ok(Response::Info(info))) => Json(*info).into_response(),
             Ok(Ok(Response::Events(events))) => Json(events).into_response(),
             Ok(Ok(Response::Snapshot(info))) => Json(info).into_response(),
+            Ok(Ok(Response::Migration(status))) => Json(*status).into_response(),
             Ok(Ok(Response::Done)) => StatusCode::NO_CONTENT.into_response(),
             Ok(Err(e)) => error(e.status, e.message),
             Err(_) => error(503, "the VMM is shutting down"),
@@ -115,6 +118,18 @@ fn router(api: Api) -> Router {
                 })
                 .await
             }),
+        )
+        .route(
+            "/vm/migration",
+            put(|State(a): State<Api>, body: Bytes| async move {
+                a.call_parsed::<MigrateRequest>("PUT /vm/migration", &body, Request::Migrate)
+                    .await
+            })
+            .get(|State(a): State<Api>| async move { a.call(Request::MigrationStatus).await }),
+        )
+        .route(
+            "/vm/migration/cancel",
+            put(|State(a): State<Api>| async move { a.call(Request::MigrationCancel).await }),
         )
         .route("/vm/events", get(|State(a): State<Api>| async move { a.call(Request::Events).await }))
         .route(

@@ -5,12 +5,17 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ray_api::vmm::{LifecycleEvent, SnapshotInfo, SnapshotRequest, VmConfig, VmInfo};
+use ray_api::vmm::{
+    LifecycleEvent, MigrateRequest, MigrationRole, MigrationStatus, OnLimit, SnapshotInfo,
+    SnapshotRequest, VmConfig, VmInfo,
+};
 use ray_guest_abi::offset;
 
 use crate::devices::{ConsoleRing, PowerEvent};
 use crate::lifecycle::{guest_runs, transition, AuditTrail, TransitionError, VmAction, VmState};
 use crate::machine::{ConsoleSinks, Machine};
+use crate::memory::GuestMem;
+use crate::migration::{self as mig, Ended, MigrationOp, OpReply, OpResult};
 use crate::vstate::vcpu::{EventSink, VcpuEvent};
 use crate::vstate::Flavour;
 use crate::{config, heartbeat};
@@ -28,6 +33,9 @@ pub enum Request {
     Snapshot(SnapshotRequest),
     Events,
     ConsoleInput(Vec<u8>),
+    Migrate(MigrateRequest),
+    MigrationStatus,
+    MigrationCancel,
 }
 
 #[derive(Debug)]
@@ -35,6 +43,7 @@ pub enum Response {
     Info(Box<VmInfo>),
     Snapshot(SnapshotInfo),
     Events(Vec<LifecycleEvent>),
+    Migration(Box<MigrationStatus>),
     Done,
 }
 
@@ -64,6 +73,12 @@ impl RequestError {
             message: message.into(),
         }
     }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            status: 404,
+            message: message.into(),
+        }
+    }
 }
 
 impl From<TransitionError> for RequestError {
@@ -80,6 +95,10 @@ pub enum Message {
     Vcpu(VcpuEvent),
     /// SIGINT/SIGTERM reached the process: stop at once.
     Signal(i32),
+    /// The migration thread asks the VMM thread to act on the VM.
+    Migration(MigrationOp, std::sync::mpsc::Sender<OpResult>),
+    /// The migration thread ended.
+    MigrationEnded(Ended),
 }
 
 /// Files of one VM in the runtime directory.
@@ -103,7 +122,22 @@ impl VmPaths {
     pub fn pid_file(&self) -> PathBuf {
         self.dir.join("vmm.pid")
     }
+    /// The last migration's final status, left behind when the VMM ends.
+    pub fn migration_record(&self) -> PathBuf {
+        self.dir.join("migration.json")
+    }
+    /// The runtime directory (`<runtime>/vms/<id>` → `<runtime>`).
+    pub fn runtime(&self) -> PathBuf {
+        self.dir
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(&self.dir)
+            .to_path_buf()
+    }
 }
+
+/// Read/write timeout on migration sockets: a silent peer fails the migration after it.
+const MIGRATION_IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Controller {
     pub id: String,
@@ -118,6 +152,10 @@ pub struct Controller {
     exit_reason: Option<String>,
     pub ring: Arc<ConsoleRing>,
     vcpu_events: Sender<Message>,
+    /// The current or last migration of this VM.
+    migration: Option<mig::Handle>,
+    /// Target: guest memory allocated for an incoming migration, before the state arrives.
+    incoming_memory: Option<GuestMem>,
 }
 
 impl Controller {
@@ -141,6 +179,8 @@ impl Controller {
             exit_reason: None,
             ring: Arc::default(),
             vcpu_events,
+            migration: None,
+            incoming_memory: None,
         }
     }
 
@@ -242,6 +282,425 @@ impl Controller {
                     .map_err(|e| RequestError::conflict(e.to_string()))?;
                 heartbeat::raise(&machine.vm.memory, offset::INPUT_DOORBELL);
                 Ok(Response::Done)
+            }
+            Request::Migrate(req) => self
+                .migrate_out(req)
+                .map(|s| Response::Migration(Box::new(s))),
+            Request::MigrationStatus => {
+                let h = self.migration_handle()?;
+                Ok(Response::Migration(Box::new(h.status())))
+            }
+            Request::MigrationCancel => {
+                let h = self.migration_handle()?;
+                if h.is_finished() {
+                    return Err(RequestError::conflict(format!(
+                        "the migration of VM '{}' already ended ({}); nothing to cancel",
+                        self.id,
+                        h.status().state
+                    )));
+                }
+                h.cancel.cancel();
+                Ok(Response::Migration(Box::new(h.status())))
+            }
+        }
+    }
+
+    fn migration_handle(&self) -> Result<&mig::Handle, RequestError> {
+        self.migration.as_ref().ok_or_else(|| {
+            RequestError::not_found(format!(
+                "VM '{}' has no migration; start one with PUT /vm/migration",
+                self.id
+            ))
+        })
+    }
+
+    /// Starts migrating this running VM to `req.to` on a migration thread.
+    fn migrate_out(&mut self, req: MigrateRequest) -> Result<MigrationStatus, RequestError> {
+        self.check(VmAction::MigrateOut)?;
+        let to = mig::Endpoint::parse(&req.to).map_err(RequestError::bad_request)?;
+        let key = mig::read_key(Path::new(&req.key_file)).map_err(RequestError::bad_request)?;
+        if req.max_downtime_ms == 0 {
+            return Err(RequestError::bad_request(
+                "max_downtime_ms is 0; it must be at least 1",
+            ));
+        }
+        if req.max_passes == Some(0) {
+            return Err(RequestError::bad_request(
+                "max_passes is 0; it must be at least 1",
+            ));
+        }
+        let limit = req
+            .max_concurrent
+            .unwrap_or(ray_migration::progress::DEFAULT_MAX_CONCURRENT as u32);
+        if limit == 0 {
+            return Err(RequestError::bad_request(
+                "max_concurrent is 0; it must be at least 1",
+            ));
+        }
+        let config = self
+            .config
+            .clone()
+            .ok_or_else(|| RequestError::conflict("the VM has no configuration"))?;
+        let slot =
+            mig::acquire_slot(&self.paths.runtime(), limit).map_err(RequestError::conflict)?;
+        let machine = self.machine()?;
+        let compat = mig::compat_info(
+            config.vcpus,
+            config.memory_bytes,
+            self.flavour,
+            &crate::snapshot::cpu_fingerprint(&machine.vm.kvm),
+        );
+        let mem = mig::MemAccess::new(&machine.vm.memory);
+        let mut policy = ray_migration::Policy {
+            max_downtime: Duration::from_millis(req.max_downtime_ms),
+            auto_converge: req.auto_converge,
+            on_limit: match req.on_limit {
+                OnLimit::Force => ray_migration::LimitAction::ForceStopAndCopy,
+                OnLimit::Abort => ray_migration::LimitAction::Abort,
+            },
+            ..Default::default()
+        };
+        if let Some(n) = req.max_passes {
+            policy.max_passes = n;
+        }
+        if let Some(ms) = req.max_time_ms {
+            policy.max_time = Duration::from_millis(ms);
+        }
+        let handle = mig::Handle::new(MigrationRole::Source, to.to_string());
+        let mut cfg = ray_migration::SenderConfig::new(key);
+        cfg.policy = policy;
+        cfg.compress = req.compress;
+        cfg.cancel = handle.cancel.clone();
+        cfg.progress = handle.progress.clone();
+        self.apply(VmAction::MigrateOut, &format!("api:migrate to {to}"))?;
+        self.migration = Some(handle.clone());
+        let inbox = self.vcpu_events.clone();
+        let spawned = std::thread::Builder::new()
+            .name("migration-out".into())
+            .spawn(move || {
+                let _slot = slot;
+                let result = mig::connect(&to, MIGRATION_IO_TIMEOUT)
+                    .map_err(|e| {
+                        mig::SourceError::Setup(format!("cannot connect to the target {to}: {e}"))
+                    })
+                    .and_then(|stream| {
+                        let mut link = mig::Link::new(inbox.clone(), &mem).with_page_map(&mem);
+                        ray_migration::send_migration(stream, &mem, &mut link, &compat, &cfg)
+                            .map_err(|f| mig::SourceError::Driver(Box::new(f)))
+                    });
+                let _ = inbox.send(Message::MigrationEnded(Ended::Source(result)));
+            });
+        if let Err(e) = spawned {
+            let why = format!("cannot start the migration thread: {e}");
+            self.end_migration(None, "running", Some(why.clone()));
+            let _ = self.apply(VmAction::MigrationAbort, "migration:failed to start");
+            return Err(RequestError::internal(why));
+        }
+        Ok(handle.status())
+    }
+
+    /// Target: allocates memory for the configured VM, listens on `at` and waits (on a
+    /// migration thread) for one incoming migration. Returns the bound address.
+    pub fn listen_incoming(
+        &mut self,
+        at: &str,
+        key_file: &Path,
+        max_concurrent: u32,
+    ) -> Result<String, RequestError> {
+        self.check(VmAction::MigrateIn)?;
+        let config = self.config.clone().ok_or_else(|| {
+            RequestError::conflict("an incoming migration needs a configuration (vCPUs, memory)")
+        })?;
+        config::validate(&config, config::host_memory())
+            .map_err(|e| RequestError::bad_request(e.to_string()))?;
+        let endpoint = mig::Endpoint::parse(at).map_err(RequestError::bad_request)?;
+        let key = mig::read_key(key_file).map_err(RequestError::bad_request)?;
+        if max_concurrent == 0 {
+            return Err(RequestError::bad_request(
+                "max_concurrent is 0; it must be at least 1",
+            ));
+        }
+        let slot = mig::acquire_slot(&self.paths.runtime(), max_concurrent)
+            .map_err(RequestError::conflict)?;
+        let regions = crate::boot::layout::ram_regions(config.memory_bytes);
+        let memory =
+            crate::memory::create(&regions).map_err(|e| RequestError::internal(e.to_string()))?;
+        let kvm = kvm_ioctls::Kvm::new()
+            .map_err(|e| RequestError::internal(format!("cannot open /dev/kvm: {e}")))?;
+        let compat = mig::compat_info(
+            config.vcpus,
+            config.memory_bytes,
+            self.flavour,
+            &crate::snapshot::cpu_fingerprint(&kvm),
+        );
+        drop(kvm);
+        let listener = mig::Listener::bind(&endpoint)
+            .map_err(|e| RequestError::bad_request(format!("cannot listen on {endpoint}: {e}")))?;
+        let local = listener.local();
+        let handle = mig::Handle::new(MigrationRole::Target, local.clone());
+        let mut cfg = ray_migration::ReceiverConfig::new(key);
+        cfg.progress = handle.progress.clone();
+        cfg.cancel = handle.cancel.clone();
+        let mem = mig::MemAccess::new(&memory);
+        mem.track_target_writes();
+        self.apply(VmAction::MigrateIn, &format!("migrate:listen on {local}"))?;
+        self.incoming_memory = Some(memory);
+        self.migration = Some(handle.clone());
+        let inbox = self.vcpu_events.clone();
+        std::thread::Builder::new()
+            .name("migration-in".into())
+            .spawn(move || {
+                let _slot = slot;
+                let result = listener
+                    .accept(&cfg.cancel, MIGRATION_IO_TIMEOUT)
+                    .map_err(|e| {
+                        mig::TargetError::Setup(format!("no migration arrived on {local}: {e}"))
+                    })
+                    .and_then(|stream| {
+                        drop(listener);
+                        let mut link = mig::Link::new(inbox.clone(), &mem);
+                        ray_migration::receive_migration(stream, &mem, &mut link, &compat, &cfg)
+                            .map_err(|f| mig::TargetError::Driver(Box::new(f)))
+                    });
+                let _ = inbox.send(Message::MigrationEnded(Ended::Target(result)));
+            })
+            .map_err(|e| {
+                RequestError::internal(format!("cannot start the migration thread: {e}"))
+            })?;
+        Ok(handle.status().peer)
+    }
+
+    /// Carries out one request of the migration thread.
+    pub fn migration_op(&mut self, op: MigrationOp) -> OpResult {
+        let source = matches!(
+            op,
+            MigrationOp::StartDirtyLog
+                | MigrationOp::DirtyLog
+                | MigrationOp::StopDirtyLog
+                | MigrationOp::Pause
+                | MigrationOp::Resume
+                | MigrationOp::Throttle(_)
+                | MigrationOp::SaveState
+        );
+        let want = if source {
+            VmState::MigrationSource
+        } else {
+            VmState::MigrationTarget
+        };
+        if self.state != want && !matches!(op, MigrationOp::Discard) {
+            return Err(format!("the VM is {}, not {want}", self.state));
+        }
+        let gone = || format!("the VM is {} and has no machine", self.state);
+        match op {
+            MigrationOp::StartDirtyLog | MigrationOp::StopDirtyLog => {
+                let on = matches!(op, MigrationOp::StartDirtyLog);
+                let m = self.machine.as_mut().ok_or_else(gone)?;
+                m.vm.set_dirty_logging(on).map_err(|e| e.to_string())?;
+                Ok(OpReply::Done)
+            }
+            MigrationOp::DirtyLog => {
+                let m = self.machine.as_ref().ok_or_else(gone)?;
+                Ok(OpReply::Dirty(
+                    m.vm.take_dirty_pages().map_err(|e| e.to_string())?,
+                ))
+            }
+            MigrationOp::Pause => {
+                self.machine.as_ref().ok_or_else(gone)?.pause();
+                let t = mig::unix_us();
+                if let Some(h) = &self.migration {
+                    h.update(|r| r.paused_at_unix_us = Some(t));
+                }
+                Ok(OpReply::Done)
+            }
+            MigrationOp::Resume => {
+                self.machine.as_ref().ok_or_else(gone)?.resume();
+                if let Some(h) = &self.migration {
+                    h.update(|r| r.paused_at_unix_us = None);
+                }
+                Ok(OpReply::Done)
+            }
+            MigrationOp::Throttle(p) => {
+                self.machine.as_ref().ok_or_else(gone)?.throttle(p);
+                Ok(OpReply::Done)
+            }
+            MigrationOp::SaveState => {
+                let m = self.machine.as_ref().ok_or_else(gone)?;
+                let machine = m.save().map_err(|e| e.to_string())?;
+                let state = mig::MigrationState {
+                    config: self.config.clone().ok_or("the VM has no configuration")?,
+                    uptime_ms: self.started.map_or(0, |t| t.elapsed().as_millis() as u64),
+                    machine,
+                };
+                serde_json::to_vec(&state)
+                    .map(OpReply::State)
+                    .map_err(|e| format!("cannot encode the VM state: {e}"))
+            }
+            MigrationOp::RestoreState(blob) => self.restore_incoming(&blob).map(|_| OpReply::Done),
+            MigrationOp::TargetResume => {
+                let m = self.machine.as_ref().ok_or_else(gone)?;
+                m.resume();
+                let mem = m.vm.memory.clone();
+                let t = mig::unix_us();
+                self.apply(VmAction::MigrationComplete, "migrate:resumed here")
+                    .map_err(|e| e.to_string())?;
+                if let Some(h) = &self.migration {
+                    h.update(|r| r.resumed_at_unix_us = Some(t));
+                    mig::watch_heartbeat(mem, h.clone());
+                }
+                Ok(OpReply::Done)
+            }
+            MigrationOp::Discard => {
+                if let Some(mut m) = self.machine.take() {
+                    m.shutdown();
+                }
+                self.incoming_memory = None;
+                Ok(OpReply::Done)
+            }
+        }
+    }
+
+    /// Target: builds the machine from the source's state blob, vCPUs parked.
+    fn restore_incoming(&mut self, blob: &[u8]) -> Result<(), String> {
+        let st: mig::MigrationState = serde_json::from_slice(blob)
+            .map_err(|e| format!("the source's VM state is not valid: {e}"))?;
+        let ours = self.config.as_ref().ok_or("the VM has no configuration")?;
+        if (st.config.vcpus, st.config.memory_bytes) != (ours.vcpus, ours.memory_bytes)
+            || st.machine.vcpus.len() != usize::from(ours.vcpus)
+        {
+            return Err(format!(
+                "the source's VM state describes {} vCPUs ({} saved) and {} bytes of RAM; this VM has {} vCPUs and {} bytes",
+                st.config.vcpus,
+                st.machine.vcpus.len(),
+                st.config.memory_bytes,
+                ours.vcpus,
+                ours.memory_bytes
+            ));
+        }
+        if self.machine.is_some() {
+            return Err("the VM state arrived twice".into());
+        }
+        let memory = self
+            .incoming_memory
+            .clone()
+            .ok_or("the incoming guest memory is gone")?;
+        let sinks = self.console_sinks().map_err(|e| e.message)?;
+        let inbox = self.vcpu_events.clone();
+        let events: EventSink = Arc::new(move |e| {
+            let _ = inbox.send(Message::Vcpu(e));
+        });
+        let machine = Machine::restore_paused(memory, &st.machine, self.flavour, sinks, events)
+            .map_err(|e| e.to_string())?;
+        self.machine = Some(machine);
+        self.config = Some(st.config);
+        self.started = Instant::now().checked_sub(Duration::from_millis(st.uptime_ms));
+        Ok(())
+    }
+
+    /// Records the end of the migration and leaves its status in the VM's directory.
+    fn end_migration(
+        &mut self,
+        state: Option<ray_migration::SessionState>,
+        vm: &'static str,
+        error: Option<String>,
+    ) {
+        let Some(h) = &self.migration else { return };
+        h.update(|r| {
+            r.finished = Some(r.started.elapsed());
+            if state.is_some() {
+                r.state_override = state;
+            }
+            r.vm = vm;
+            r.error = error;
+        });
+        if let Ok(json) = serde_json::to_vec_pretty(&h.status()) {
+            let _ = std::fs::write(self.paths.migration_record(), json);
+        }
+    }
+
+    /// The migration thread ended: move the VM where the outcome says.
+    pub fn on_migration_ended(&mut self, ended: Ended) {
+        use ray_migration::{SessionState as S, SourceVmAfterFailure as After};
+        match ended {
+            Ended::Source(Ok(report)) => {
+                if let Some(h) = &self.migration {
+                    h.update(|r| {
+                        r.downtime_ms = Some(report.downtime.as_secs_f64() * 1e3);
+                        r.total_ms = Some(report.total.as_secs_f64() * 1e3);
+                        r.forced = report.forced;
+                        r.passes = Some(report.passes.len() as u32);
+                        r.bytes_sent = Some(report.bytes_sent);
+                    });
+                }
+                let peer = self
+                    .migration
+                    .as_ref()
+                    .map(|h| h.status().peer)
+                    .unwrap_or_default();
+                self.end_migration(Some(S::Completed), "migrated", None);
+                self.terminate(
+                    VmAction::MigrationComplete,
+                    &format!("migrate:completed to {peer}"),
+                    Some(format!("migrated to {peer}")),
+                );
+            }
+            Ended::Source(Err(mig::SourceError::Setup(why))) => {
+                self.end_migration(Some(S::Failed), "running", Some(why.clone()));
+                let _ = self.apply(VmAction::MigrationAbort, &format!("migrate:failed: {why}"));
+            }
+            Ended::Source(Err(mig::SourceError::Driver(f))) => {
+                let why = format!("{} (failed in {})", f.error, mig::state_name(f.failed_in));
+                match f.vm {
+                    After::Running => {
+                        self.end_migration(Some(f.session.state()), "running", Some(why.clone()));
+                        let _ = self.apply(
+                            VmAction::MigrationAbort,
+                            &format!("migrate:rolled back: {why}"),
+                        );
+                    }
+                    After::RollbackFailed => {
+                        self.end_migration(
+                            Some(f.session.state()),
+                            "rollback_failed",
+                            Some(why.clone()),
+                        );
+                        let _ =
+                            self.apply(VmAction::Fail, &format!("migrate:rollback failed: {why}"));
+                        self.exit_reason = Some(format!("the migration's rollback failed: {why}"));
+                    }
+                    After::PausedOwnershipUncertain => {
+                        // The split-brain rule: the target may run the VM; stay paused.
+                        self.end_migration(
+                            Some(f.session.state()),
+                            "paused_ownership_uncertain",
+                            Some(why),
+                        );
+                    }
+                }
+            }
+            Ended::Target(Ok(_)) => {
+                self.end_migration(Some(S::Completed), "running", None);
+                self.incoming_memory = None;
+            }
+            Ended::Target(Err(e)) => {
+                let (why, state, owns) = match e {
+                    mig::TargetError::Setup(why) => (why, S::Failed, false),
+                    mig::TargetError::Driver(f) => (
+                        format!("{} (failed in {})", f.error, mig::state_name(f.failed_in)),
+                        f.session.state(),
+                        f.owns_vm,
+                    ),
+                };
+                if owns {
+                    self.end_migration(Some(state), "running", Some(why));
+                    return;
+                }
+                self.end_migration(Some(state), "discarded", Some(why.clone()));
+                self.incoming_memory = None;
+                self.terminate(
+                    VmAction::MigrationAbort,
+                    &format!("migrate:incoming failed: {why}"),
+                    Some(format!("incoming migration failed: {why}")),
+                );
             }
         }
     }
@@ -485,6 +944,10 @@ impl Controller {
                     Ok(Message::Api(_, reply)) => reply(Err(RequestError::conflict(
                         "the VM is stopping; try again when it has stopped",
                     ))),
+                    Ok(Message::Migration(_, reply)) => {
+                        let _ = reply.send(Err("the VM is stopping".into()));
+                    }
+                    Ok(Message::MigrationEnded(e)) => self.on_migration_ended(e),
                     Ok(Message::Signal(_)) | Err(RecvTimeoutError::Timeout) => break,
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
@@ -503,6 +966,11 @@ impl Controller {
 
     /// Tears the machine down and moves to the state `action` leads to.
     fn terminate(&mut self, action: VmAction, cause: &str, reason: Option<String>) {
+        if let Some(h) = &self.migration {
+            if !h.is_finished() {
+                h.cancel.cancel();
+            }
+        }
         if let Some(mut m) = self.machine.take() {
             m.shutdown();
         }

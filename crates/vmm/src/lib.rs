@@ -12,6 +12,7 @@ pub mod heartbeat;
 pub mod lifecycle;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod snapshot;
 pub mod vstate;
 
@@ -41,6 +42,17 @@ pub struct VmmOptions {
     /// With `restore`: check guest memory against the snapshot's checksums first (the one
     /// restore step whose cost grows with memory size).
     pub verify_memory: bool,
+    /// Wait for an incoming live migration instead of booting (needs `config`).
+    pub incoming: Option<Incoming>,
+}
+
+/// Where and how a migration target waits for its VM.
+pub struct Incoming {
+    /// `HOST:PORT` or `unix:/path`.
+    pub listen: String,
+    pub key_file: PathBuf,
+    /// Host-wide cap on concurrent migrations.
+    pub max_concurrent: u32,
 }
 
 /// The record a VMM leaves behind when it ends.
@@ -126,10 +138,13 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     }
     let mut server =
         api_server::ApiServer::start(&ctl.paths.socket(), tx.clone(), ctl.ring.clone())?;
-    let started = match &opts.restore {
-        Some(dir) => ctl.restore(dir, opts.verify_memory).map(|_| Response::Done),
-        None if opts.start => ctl.handle(Request::Start, &rx),
-        None => Ok(Response::Done),
+    let started = match (&opts.restore, &opts.incoming) {
+        (_, Some(inc)) => ctl
+            .listen_incoming(&inc.listen, &inc.key_file, inc.max_concurrent)
+            .map(|_| Response::Done),
+        (Some(dir), None) => ctl.restore(dir, opts.verify_memory).map(|_| Response::Done),
+        (None, None) if opts.start => ctl.handle(Request::Start, &rx),
+        (None, None) => Ok(Response::Done),
     };
     if let Err(e) = started {
         // Requests that arrived meanwhile get "shutting down" once their replies drop
@@ -150,6 +165,10 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
             Message::Api(request, reply) => reply(ctl.handle(request, &rx)),
             Message::Vcpu(event) => ctl.on_vcpu_event(event),
             Message::Signal(sig) => ctl.on_signal(sig, &rx),
+            Message::Migration(op, reply) => {
+                let _ = reply.send(ctl.migration_op(op));
+            }
+            Message::MigrationEnded(ended) => ctl.on_migration_ended(ended),
         }
     }
     // Answer whatever is still queued so no client hangs, then let in-flight responses

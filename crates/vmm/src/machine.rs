@@ -85,17 +85,18 @@ impl Machine {
         let fds = (0..spec.vcpus)
             .map(|i| vcpu::create(&vm, i, spec.vcpus, &image))
             .collect::<Result<Vec<_>, _>>()?;
-        Machine::start(vm, bus, fds, events)
+        Machine::start(vm, bus, fds, events, false)
     }
 
-    /// Starts the vCPU threads of a built machine.
+    /// Starts the vCPU threads of a built machine (parked, with `paused`).
     fn start(
         vm: Vm,
         bus: Arc<IoBus>,
         fds: Vec<kvm_ioctls::VcpuFd>,
         events: EventSink,
+        paused: bool,
     ) -> Result<Machine, BuildError> {
-        let vcpus = Vcpus::start(fds, bus.clone(), events)?;
+        let vcpus = Vcpus::start(fds, bus.clone(), events, paused)?;
         Ok(Machine {
             vm,
             bus,
@@ -126,6 +127,29 @@ impl Machine {
         flavour: Flavour,
         sinks: ConsoleSinks,
         events: EventSink,
+    ) -> Result<Machine, BuildError> {
+        Self::restore_with(memory, state, flavour, sinks, events, false)
+    }
+
+    /// Like [`Machine::restore`], but the vCPUs stay parked until [`Machine::resume`]: a
+    /// migration target holds the VM like this until the source relinquishes it.
+    pub fn restore_paused(
+        memory: GuestMem,
+        state: &MachineState,
+        flavour: Flavour,
+        sinks: ConsoleSinks,
+        events: EventSink,
+    ) -> Result<Machine, BuildError> {
+        Self::restore_with(memory, state, flavour, sinks, events, true)
+    }
+
+    fn restore_with(
+        memory: GuestMem,
+        state: &MachineState,
+        flavour: Flavour,
+        sinks: ConsoleSinks,
+        events: EventSink,
+        paused: bool,
     ) -> Result<Machine, BuildError> {
         if state.flavour != flavour.name() {
             return Err(BuildError::Incompatible(format!(
@@ -166,7 +190,14 @@ impl Machine {
                 Ok(vcpu::restore(&vm, s)?)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Machine::start(vm, bus, fds, events)
+        Machine::start(vm, bus, fds, events, paused)
+    }
+
+    /// Limits the vCPUs to `100 - percent` % of their run time; 0 lifts the throttle.
+    pub fn throttle(&self, percent: u8) {
+        if let Some(v) = &self.vcpus {
+            v.set_throttle(percent);
+        }
     }
 
     pub fn pause(&self) {

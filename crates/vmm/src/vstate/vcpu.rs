@@ -9,10 +9,16 @@
 //! its only job is to make KVM_RUN return EINTR). The controller repeats the signal until
 //! every vCPU has parked, which closes the window where a signal lands just before a vCPU
 //! enters KVM_RUN.
+//!
+//! Throttling (live migration's auto-converge): with a throttle of `p` %, each vCPU runs at
+//! most `100 - p` % of every [`THROTTLE_PERIOD`] and waits out the rest before its next
+//! KVM_RUN. A kicker thread signals the vCPUs once per period, so a guest spinning without
+//! exits is brought out of KVM_RUN and throttled too.
 use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
@@ -170,6 +176,9 @@ fn set_lvt_mode(regs: &mut [std::os::raw::c_char], offset: usize, mode: u32) {
     }
 }
 
+/// The period a throttled vCPU's run/sleep split applies to.
+pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Want {
     Run,
@@ -185,6 +194,8 @@ struct Ctl {
     save_msrs: Option<Arc<Vec<u32>>>,
     /// Each parked vCPU saves its own state here (KVM wants vCPU ioctls from its thread).
     saved: Vec<Option<Result<VcpuState, PersistError>>>,
+    /// Percent of each throttle period the vCPUs must not run (0 = unthrottled, max 99).
+    throttle: u8,
 }
 
 /// Shared between the VMM thread and the vCPU threads.
@@ -203,6 +214,20 @@ impl VcpuControl {
 pub struct Vcpus {
     control: Arc<VcpuControl>,
     threads: Vec<JoinHandle<()>>,
+    /// Kicks the vCPUs once per throttle period while a throttle is set.
+    kicker: Mutex<Option<Kicker>>,
+}
+
+struct Kicker {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Kicker {
+    fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.thread.join();
+    }
 }
 
 fn kick_handler_installed() {
@@ -216,15 +241,22 @@ fn kick_handler_installed() {
 }
 
 impl Vcpus {
-    /// Starts one thread per vCPU. They run until paused or told to exit.
-    pub fn start(fds: Vec<VcpuFd>, bus: Arc<IoBus>, events: EventSink) -> Result<Self, VcpuError> {
+    /// Starts one thread per vCPU. They run until paused or told to exit; with `paused`
+    /// they park at once and wait for [`Vcpus::resume`] (a migration target).
+    pub fn start(
+        fds: Vec<VcpuFd>,
+        bus: Arc<IoBus>,
+        events: EventSink,
+        paused: bool,
+    ) -> Result<Self, VcpuError> {
         kick_handler_installed();
         let control = Arc::new(VcpuControl {
             ctl: Mutex::new(Ctl {
-                want: Want::Run,
+                want: if paused { Want::Pause } else { Want::Run },
                 parked: 0,
                 save_msrs: None,
                 saved: (0..fds.len()).map(|_| None).collect(),
+                throttle: 0,
             }),
             changed: Condvar::new(),
         });
@@ -239,7 +271,72 @@ impl Vcpus {
                 .map_err(|source| VcpuError::Spawn { index, source })?;
             threads.push(thread);
         }
-        Ok(Self { control, threads })
+        Ok(Self {
+            control,
+            threads,
+            kicker: Mutex::new(None),
+        })
+    }
+
+    /// Limits every vCPU to `100 - percent` % of its run time (`percent` is capped at 99);
+    /// 0 lifts the throttle.
+    pub fn set_throttle(&self, percent: u8) {
+        let percent = percent.min(99);
+        {
+            let mut ctl = self.control.lock();
+            ctl.throttle = percent;
+            self.control.changed.notify_all();
+        }
+        let mut kicker = self.kicker.lock().unwrap_or_else(|p| p.into_inner());
+        if percent == 0 {
+            if let Some(k) = kicker.take() {
+                k.stop();
+            }
+            return;
+        }
+        if kicker.is_some() {
+            return;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let pthreads: Vec<libc::pthread_t> =
+            self.threads.iter().map(|t| t.as_pthread_t()).collect();
+        let flag = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .stack_size(64 << 10)
+            .spawn(move || {
+                while !flag.load(Ordering::SeqCst) {
+                    std::thread::sleep(THROTTLE_PERIOD);
+                    if flag.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    for &t in &pthreads {
+                        // SAFETY: the vCPU threads are joined only after this thread was
+                        // stopped and joined (`exit` and `drop` stop the kicker first), so
+                        // every handle is live; SIGRTMIN has a no-op handler installed.
+                        unsafe {
+                            libc::pthread_kill(t, SIGRTMIN());
+                        }
+                    }
+                }
+            });
+        // Without the kicker only vCPUs that exit on their own are throttled; still better
+        // than failing the migration.
+        if let Ok(thread) = spawned {
+            *kicker = Some(Kicker { stop, thread });
+        }
+    }
+
+    /// The current throttle, percent.
+    pub fn throttle(&self) -> u8 {
+        self.control.lock().throttle
+    }
+
+    fn stop_kicker(&self) {
+        let k = self.kicker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(k) = k {
+            k.stop();
+        }
     }
 
     /// Stops every vCPU at its next instruction boundary and waits until all are parked.
@@ -275,6 +372,7 @@ impl Vcpus {
 
     /// Ends every vCPU thread.
     pub fn exit(mut self) {
+        self.stop_kicker();
         self.set_and_wait(Want::Exit);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -313,12 +411,32 @@ impl Vcpus {
     }
 }
 
-/// Waits while paused, saving this vCPU's state when asked; returns false when the thread
-/// should end.
-fn checkpoint(index: u8, fd: &VcpuFd, control: &VcpuControl) -> bool {
+impl Drop for Vcpus {
+    fn drop(&mut self) {
+        self.stop_kicker();
+    }
+}
+
+/// Waits while paused, saving this vCPU's state when asked, and waits out the throttle;
+/// returns false when the thread should end. `period` is when this vCPU's current throttle
+/// period began.
+fn checkpoint(index: u8, fd: &VcpuFd, control: &VcpuControl, period: &mut Instant) -> bool {
     let mut ctl = control.lock();
-    if ctl.want == Want::Run {
-        return true;
+    while ctl.want == Want::Run {
+        if ctl.throttle == 0 {
+            return true;
+        }
+        let pct = u32::from(ctl.throttle);
+        if period.elapsed() < THROTTLE_PERIOD * (100 - pct) / 100 {
+            return true;
+        }
+        // Off time; a pause, exit or throttle change wakes us early.
+        ctl = control
+            .changed
+            .wait_timeout(ctl, THROTTLE_PERIOD * pct / 100)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+        *period = Instant::now();
     }
     ctl.parked += 1;
     control.changed.notify_all();
@@ -347,7 +465,8 @@ fn run(index: u8, mut fd: VcpuFd, control: &VcpuControl, bus: &IoBus, events: &E
     let fail = |reason: String| {
         events(VcpuEvent::Failed { index, reason });
     };
-    while checkpoint(index, &fd, control) {
+    let mut period = Instant::now();
+    while checkpoint(index, &fd, control, &mut period) {
         match fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if let BusEvent::Power(p) = bus.write(port, data) {

@@ -1,0 +1,386 @@
+//! `ray migrate ...`: live migration between two VMMs (two hosts, or one host).
+//!
+//! The target host runs `ray migrate receive --listen ADDR --key-file F --vcpus N --memory M`,
+//! which starts a VMM in `migration_target` waiting on ADDR. The source host runs
+//! `ray migrate start ID --to ADDR --key-file F`, which starts the migration in the VM's VMM
+//! and follows it with a progress bar until it ends.
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use ray_api::vmm::{MigrateRequest, MigrationRole, MigrationStatus, OnLimit, VmConfig};
+
+use ray::exit::{self, coded};
+use ray::runtime::{self, Presence};
+
+use crate::vm::{client, launch, Origin};
+
+#[derive(Subcommand)]
+pub enum MigrateCommand {
+    /// Migrate a running VM to a target that waits for it (`ray migrate receive`).
+    Start(StartArgs),
+    /// Start a VMM that waits for an incoming migration (run this on the target host).
+    Receive(ReceiveArgs),
+    /// Show the migration of one VM (in flight or finished).
+    Status(IdJson),
+    /// Follow a migration with a live progress bar until it ends.
+    Progress(IdJson),
+    /// List the migrations of this host.
+    Sessions(JsonOnly),
+    /// Cancel a migration in flight; the source VM keeps running.
+    Cancel(IdJson),
+}
+
+#[derive(Args)]
+pub struct IdJson {
+    pub id: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct JsonOnly {
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OnLimitArg {
+    Force,
+    Abort,
+}
+
+#[derive(Args)]
+pub struct StartArgs {
+    /// The VM to migrate.
+    pub id: String,
+    /// The target: HOST:PORT, or unix:/path for a same-host move.
+    #[arg(long)]
+    pub to: String,
+    /// File holding the pre-shared key (the target must use the same).
+    #[arg(long)]
+    pub key_file: PathBuf,
+    /// Longest acceptable pause of the guest.
+    #[arg(long, default_value_t = 30)]
+    pub max_downtime_ms: u64,
+    /// When pre-copy does not converge within the limits: force stop-and-copy or abort.
+    #[arg(long, value_enum, default_value = "force")]
+    pub on_limit: OnLimitArg,
+    /// Pre-copy passes before the limit applies (default 30).
+    #[arg(long)]
+    pub max_passes: Option<u32>,
+    /// Pre-copy time before the limit applies (default 60000).
+    #[arg(long)]
+    pub max_time_ms: Option<u64>,
+    /// Do not throttle the vCPUs when the guest dirties memory faster than the link.
+    #[arg(long)]
+    pub no_auto_converge: bool,
+    /// lz4-compress page batches (slow links).
+    #[arg(long)]
+    pub compress: bool,
+    /// Host-wide cap on concurrent migrations.
+    #[arg(long, env = "RAY_MAX_MIGRATIONS", default_value_t = 8)]
+    pub max_concurrent: u32,
+    /// Return once the migration started instead of following it.
+    #[arg(long)]
+    pub detach: bool,
+    /// Print the final status as JSON (no progress bar).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ReceiveArgs {
+    /// Where to wait: HOST:PORT (port 0 picks one), or unix:/path.
+    #[arg(long)]
+    pub listen: String,
+    /// File holding the pre-shared key.
+    #[arg(long)]
+    pub key_file: PathBuf,
+    /// vCPUs of the VM to receive (must match the source).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Memory of the VM to receive (must match the source), e.g. 1G.
+    #[arg(long, default_value = "128M", value_parser = ray::sizes::parse_size)]
+    pub memory: u64,
+    /// Id of the VM here (default: generated).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Host-wide cap on concurrent migrations.
+    #[arg(long, env = "RAY_MAX_MIGRATIONS", default_value_t = 8)]
+    pub max_concurrent: u32,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cmd: MigrateCommand, runtime: &Path) -> anyhow::Result<()> {
+    match cmd {
+        MigrateCommand::Start(a) => start(runtime, &a),
+        MigrateCommand::Receive(a) => receive(runtime, &a),
+        MigrateCommand::Status(a) => {
+            let s = status(runtime, &a.id)?;
+            print_status(&a.id, &s, a.json)
+        }
+        MigrateCommand::Progress(a) => {
+            let s = follow(runtime, &a.id, !a.json)?;
+            print_status(&a.id, &s, a.json)?;
+            outcome(&s)
+        }
+        MigrateCommand::Sessions(a) => sessions(runtime, a.json),
+        MigrateCommand::Cancel(a) => {
+            let _: MigrationStatus =
+                client(runtime, &a.id)?.call("PUT", "/vm/migration/cancel", None)?;
+            let s = follow(runtime, &a.id, false)?;
+            print_status(&a.id, &s, a.json)
+        }
+    }
+}
+
+fn start(runtime: &Path, a: &StartArgs) -> anyhow::Result<()> {
+    let key_file = std::path::absolute(&a.key_file)
+        .with_context(|| format!("cannot resolve {}", a.key_file.display()))?;
+    let req = MigrateRequest {
+        to: a.to.clone(),
+        key_file: key_file.display().to_string(),
+        max_downtime_ms: a.max_downtime_ms,
+        on_limit: match a.on_limit {
+            OnLimitArg::Force => OnLimit::Force,
+            OnLimitArg::Abort => OnLimit::Abort,
+        },
+        max_passes: a.max_passes,
+        max_time_ms: a.max_time_ms,
+        auto_converge: !a.no_auto_converge,
+        compress: a.compress,
+        max_concurrent: Some(a.max_concurrent),
+    };
+    let c = client(runtime, &a.id)?;
+    let started: MigrationStatus =
+        c.call("PUT", "/vm/migration", Some(serde_json::to_vec(&req)?))?;
+    if a.detach {
+        return print_status(&a.id, &started, a.json);
+    }
+    let s = follow(runtime, &a.id, !a.json)?;
+    print_status(&a.id, &s, a.json)?;
+    outcome(&s)
+}
+
+/// A failed migration is a failed command.
+fn outcome(s: &MigrationStatus) -> anyhow::Result<()> {
+    if s.state == "completed" {
+        return Ok(());
+    }
+    Err(coded(
+        1,
+        format!(
+            "migration {}: {} (the VM here is {})",
+            s.state,
+            s.error.as_deref().unwrap_or("no reason given"),
+            s.vm
+        ),
+    ))
+}
+
+fn receive(runtime: &Path, a: &ReceiveArgs) -> anyhow::Result<()> {
+    let key_file = std::path::absolute(&a.key_file)
+        .with_context(|| format!("cannot resolve {}", a.key_file.display()))?;
+    let run = crate::vm::RunArgs {
+        kernel: None,
+        initrd: None,
+        cmdline: None,
+        vcpus: a.vcpus,
+        memory: a.memory,
+        id: a.id.clone(),
+        detach: true,
+        json: a.json,
+    };
+    // The kernel is only a placeholder until the source's configuration arrives.
+    let cfg: VmConfig = crate::vm::vm_config(&run)?;
+    launch(
+        runtime,
+        a.id.clone(),
+        &Origin::Incoming {
+            config: &cfg,
+            listen: &a.listen,
+            key_file: &key_file,
+            max_concurrent: a.max_concurrent,
+        },
+        true,
+        a.json,
+    )
+}
+
+/// The status from the live VMM, or the record an ended VMM left behind.
+pub fn status(runtime: &Path, id: &str) -> anyhow::Result<MigrationStatus> {
+    match client(runtime, id) {
+        Ok(c) => match c.call("GET", "/vm/migration", None) {
+            Ok(s) => Ok(s),
+            // Ended between the check and the call: fall through to the record.
+            Err(ray::client::ClientError::Unreachable { .. }) => record(runtime, id),
+            Err(e) => Err(e.into()),
+        },
+        Err(e) if exit::code_of(&e) != exit::NOT_FOUND => record(runtime, id).map_err(|_| e),
+        Err(e) => Err(e),
+    }
+}
+
+fn record(runtime: &Path, id: &str) -> anyhow::Result<MigrationStatus> {
+    let path = runtime::vm_dir(runtime, id).join("migration.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        coded(
+            exit::NOT_FOUND,
+            format!(
+                "VM '{id}' has no migration record ({}: {e})",
+                path.display()
+            ),
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))
+}
+
+/// The VMM recorded the outcome (the driver's state alone may run ahead of it).
+fn finished(s: &MigrationStatus) -> bool {
+    s.vm != "migrating"
+}
+
+/// Polls until the migration ends; draws a progress line when `bar`.
+fn follow(runtime: &Path, id: &str, bar: bool) -> anyhow::Result<MigrationStatus> {
+    let pb = bar.then(|| {
+        let b = ProgressBar::new_spinner();
+        b.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        b.enable_steady_tick(Duration::from_millis(100));
+        b
+    });
+    let mut last_error = None;
+    let deadline_without_answer = Duration::from_secs(30);
+    let mut last_answer = Instant::now();
+    loop {
+        match status(runtime, id) {
+            Ok(s) => {
+                last_answer = Instant::now();
+                if let Some(b) = &pb {
+                    b.set_message(progress_line(&s));
+                }
+                if finished(&s) {
+                    if let Some(b) = &pb {
+                        b.finish_and_clear();
+                    }
+                    return Ok(s);
+                }
+            }
+            Err(e) => last_error = Some(e),
+        }
+        if last_answer.elapsed() > deadline_without_answer {
+            if let Some(b) = &pb {
+                b.finish_and_clear();
+            }
+            return Err(last_error.unwrap_or_else(|| {
+                coded(exit::UNREACHABLE, format!("VM '{id}' stopped answering"))
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn progress_line(s: &MigrationStatus) -> String {
+    format!(
+        "{:<13} pass {:>2} | {:>6.2} GiB sent | dirty {:>7.1} MiB/s | bw {:>7.1} MiB/s | expected downtime {:>7.1} ms | throttle {:>2}%",
+        s.state,
+        s.pass,
+        s.bytes_sent as f64 / (1u64 << 30) as f64,
+        s.dirty_rate_mib_s,
+        s.bandwidth_mib_s,
+        s.expected_downtime_ms,
+        s.throttle_percent
+    )
+}
+
+fn print_status(id: &str, s: &MigrationStatus, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(());
+    }
+    let role = match s.role {
+        MigrationRole::Source => "source",
+        MigrationRole::Target => "target",
+    };
+    println!("vm          {id} ({role}, {})", s.vm);
+    println!("peer        {}", s.peer);
+    println!("state       {}", s.state);
+    println!("pass        {}", s.pass);
+    println!(
+        "sent        {:.3} GiB ({} pages)",
+        s.bytes_sent as f64 / (1u64 << 30) as f64,
+        s.pages_sent
+    );
+    println!(
+        "rates       dirty {:.1} MiB/s, bandwidth {:.1} MiB/s",
+        s.dirty_rate_mib_s, s.bandwidth_mib_s
+    );
+    println!(
+        "downtime    expected {:.1} ms{}",
+        s.expected_downtime_ms,
+        s.downtime_ms
+            .map(|d| format!(", actual {d:.1} ms"))
+            .unwrap_or_default()
+    );
+    println!("throttle    {}%", s.throttle_percent);
+    println!("elapsed     {:.3} s", s.elapsed_ms as f64 / 1e3);
+    if let Some(e) = &s.error {
+        println!("error       {e}");
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct SessionRow {
+    id: String,
+    #[serde(flatten)]
+    status: MigrationStatus,
+}
+
+fn sessions(runtime: &Path, json: bool) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for id in runtime::list_ids(runtime) {
+        let dir = runtime::vm_dir(runtime, &id);
+        let s = match runtime::presence(&dir) {
+            Presence::Live { .. } => client(runtime, &id)
+                .ok()
+                .and_then(|c| c.call::<MigrationStatus>("GET", "/vm/migration", None).ok()),
+            _ => record(runtime, &id).ok(),
+        };
+        if let Some(status) = s {
+            rows.push(SessionRow { id, status });
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<7} {:<22} {:<14} {:>4} {:>9} {:<27} ERROR",
+        "ID", "ROLE", "PEER", "STATE", "PASS", "SENT", "VM"
+    );
+    for r in rows {
+        let s = &r.status;
+        println!(
+            "{:<16} {:<7} {:<22} {:<14} {:>4} {:>8.2}G {:<27} {}",
+            r.id,
+            match s.role {
+                MigrationRole::Source => "source",
+                MigrationRole::Target => "target",
+            },
+            s.peer,
+            s.state,
+            s.pass,
+            s.bytes_sent as f64 / (1u64 << 30) as f64,
+            s.vm,
+            s.error.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
