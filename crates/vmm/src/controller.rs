@@ -156,6 +156,8 @@ pub struct Controller {
     migration: Option<mig::Handle>,
     /// Target: guest memory allocated for an incoming migration, before the state arrives.
     incoming_memory: Option<GuestMem>,
+    /// Target: the source's checked state, applied at the switch-over.
+    incoming_state: Option<Box<mig::MigrationState>>,
 }
 
 impl Controller {
@@ -181,6 +183,7 @@ impl Controller {
             vcpu_events,
             migration: None,
             incoming_memory: None,
+            incoming_state: None,
         }
     }
 
@@ -490,7 +493,8 @@ impl Controller {
         if self.state != want && !matches!(op, MigrationOp::Discard) {
             return Err(format!("the VM is {}, not {want}", self.state));
         }
-        let gone = || format!("the VM is {} and has no machine", self.state);
+        let now = self.state;
+        let gone = move || format!("the VM is {now} and has no machine");
         match op {
             MigrationOp::StartDirtyLog | MigrationOp::StopDirtyLog => {
                 let on = matches!(op, MigrationOp::StartDirtyLog);
@@ -535,10 +539,12 @@ impl Controller {
                     .map(OpReply::State)
                     .map_err(|e| format!("cannot encode the VM state: {e}"))
             }
-            MigrationOp::RestoreState(blob) => self.restore_incoming(&blob).map(|_| OpReply::Done),
+            MigrationOp::RestoreState(blob) => {
+                self.accept_incoming_state(&blob).map(|_| OpReply::Done)
+            }
             MigrationOp::TargetResume => {
+                self.start_incoming()?;
                 let m = self.machine.as_ref().ok_or_else(gone)?;
-                m.resume();
                 let mem = m.vm.memory.clone();
                 let t = mig::unix_us();
                 self.apply(VmAction::MigrationComplete, "migrate:resumed here")
@@ -554,13 +560,17 @@ impl Controller {
                     m.shutdown();
                 }
                 self.incoming_memory = None;
+                self.incoming_state = None;
                 Ok(OpReply::Done)
             }
         }
     }
 
-    /// Target: builds the machine from the source's state blob, vCPUs parked.
-    fn restore_incoming(&mut self, blob: &[u8]) -> Result<(), String> {
+    /// Target: checks the source's state blob and keeps it. The machine is built from it
+    /// only when the source relinquished the VM ([`Self::start_incoming`]): restoring vCPU
+    /// state makes KVM write guest memory (kvmclock, PVM's shared page), which must not
+    /// happen before both sides compared their memory.
+    fn accept_incoming_state(&mut self, blob: &[u8]) -> Result<(), String> {
         let st: mig::MigrationState = serde_json::from_slice(blob)
             .map_err(|e| format!("the source's VM state is not valid: {e}"))?;
         let ours = self.config.as_ref().ok_or("the VM has no configuration")?;
@@ -576,19 +586,36 @@ impl Controller {
                 ours.memory_bytes
             ));
         }
-        if self.machine.is_some() {
+        if st.machine.flavour != self.flavour.name() {
+            return Err(format!(
+                "the source's VM state was saved on a {} host and this host is {}",
+                st.machine.flavour,
+                self.flavour.name()
+            ));
+        }
+        if self.incoming_state.is_some() || self.machine.is_some() {
             return Err("the VM state arrived twice".into());
         }
+        self.incoming_state = Some(Box::new(st));
+        Ok(())
+    }
+
+    /// Target, after `Switchover`: builds the machine over the received memory and starts it.
+    fn start_incoming(&mut self) -> Result<(), String> {
+        let st = self
+            .incoming_state
+            .take()
+            .ok_or("no VM state arrived before the switch-over")?;
         let memory = self
             .incoming_memory
-            .clone()
+            .take()
             .ok_or("the incoming guest memory is gone")?;
         let sinks = self.console_sinks().map_err(|e| e.message)?;
         let inbox = self.vcpu_events.clone();
         let events: EventSink = Arc::new(move |e| {
             let _ = inbox.send(Message::Vcpu(e));
         });
-        let machine = Machine::restore_paused(memory, &st.machine, self.flavour, sinks, events)
+        let machine = Machine::restore(memory, &st.machine, self.flavour, sinks, events)
             .map_err(|e| e.to_string())?;
         self.machine = Some(machine);
         self.config = Some(st.config);

@@ -85,18 +85,17 @@ impl Machine {
         let fds = (0..spec.vcpus)
             .map(|i| vcpu::create(&vm, i, spec.vcpus, &image))
             .collect::<Result<Vec<_>, _>>()?;
-        Machine::start(vm, bus, fds, events, false)
+        Machine::start(vm, bus, fds, events)
     }
 
-    /// Starts the vCPU threads of a built machine (parked, with `paused`).
+    /// Starts the vCPU threads of a built machine.
     fn start(
         vm: Vm,
         bus: Arc<IoBus>,
         fds: Vec<kvm_ioctls::VcpuFd>,
         events: EventSink,
-        paused: bool,
     ) -> Result<Machine, BuildError> {
-        let vcpus = Vcpus::start(fds, bus.clone(), events, paused)?;
+        let vcpus = Vcpus::start(fds, bus.clone(), events)?;
         Ok(Machine {
             vm,
             bus,
@@ -127,29 +126,6 @@ impl Machine {
         flavour: Flavour,
         sinks: ConsoleSinks,
         events: EventSink,
-    ) -> Result<Machine, BuildError> {
-        Self::restore_with(memory, state, flavour, sinks, events, false)
-    }
-
-    /// Like [`Machine::restore`], but the vCPUs stay parked until [`Machine::resume`]: a
-    /// migration target holds the VM like this until the source relinquishes it.
-    pub fn restore_paused(
-        memory: GuestMem,
-        state: &MachineState,
-        flavour: Flavour,
-        sinks: ConsoleSinks,
-        events: EventSink,
-    ) -> Result<Machine, BuildError> {
-        Self::restore_with(memory, state, flavour, sinks, events, true)
-    }
-
-    fn restore_with(
-        memory: GuestMem,
-        state: &MachineState,
-        flavour: Flavour,
-        sinks: ConsoleSinks,
-        events: EventSink,
-        paused: bool,
     ) -> Result<Machine, BuildError> {
         if state.flavour != flavour.name() {
             return Err(BuildError::Incompatible(format!(
@@ -190,7 +166,7 @@ impl Machine {
                 Ok(vcpu::restore(&vm, s)?)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Machine::start(vm, bus, fds, events, paused)
+        Machine::start(vm, bus, fds, events)
     }
 
     /// Limits the vCPUs to `100 - percent` % of their run time; 0 lifts the throttle.

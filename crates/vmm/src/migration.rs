@@ -16,8 +16,8 @@
 //! a failure after `Switchover` without the target's explicit refusal leaves it *paused*
 //! in `MigrationSource` ("paused_ownership_uncertain"): the target may be running it, so
 //! only an operator who fenced the target may bring it back (`ray vm stop` discards it).
-//! On the target the vCPUs are created parked ([`crate::machine::Machine::restore_paused`])
-//! and only [`TargetVm::resume`] — called by the driver after `Switchover` — starts them.
+//! On the target the state blob is only checked when it arrives; the machine is built and
+//! its vCPUs started by [`TargetVm::resume`], which the driver calls after `Switchover`.
 use std::fs::File;
 use std::io;
 use std::net::{TcpListener, TcpStream};

@@ -241,18 +241,12 @@ fn kick_handler_installed() {
 }
 
 impl Vcpus {
-    /// Starts one thread per vCPU. They run until paused or told to exit; with `paused`
-    /// they park at once and wait for [`Vcpus::resume`] (a migration target).
-    pub fn start(
-        fds: Vec<VcpuFd>,
-        bus: Arc<IoBus>,
-        events: EventSink,
-        paused: bool,
-    ) -> Result<Self, VcpuError> {
+    /// Starts one thread per vCPU. They run until paused or told to exit.
+    pub fn start(fds: Vec<VcpuFd>, bus: Arc<IoBus>, events: EventSink) -> Result<Self, VcpuError> {
         kick_handler_installed();
         let control = Arc::new(VcpuControl {
             ctl: Mutex::new(Ctl {
-                want: if paused { Want::Pause } else { Want::Run },
+                want: Want::Run,
                 parked: 0,
                 save_msrs: None,
                 saved: (0..fds.len()).map(|_| None).collect(),
