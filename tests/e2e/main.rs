@@ -4,6 +4,7 @@ mod api;
 mod boot;
 mod lifecycle;
 mod linux;
+mod migration;
 mod shell;
 mod sim;
 mod snapshot;

@@ -31,6 +31,13 @@ pub trait GuestMemoryAccess: Sync {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError>;
     /// Copies `data` to `gpa`. The receiver calls it only for whole pages inside `regions()`.
     fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError>;
+    /// The hash of every region, as [`hash_regions_by_reading`] defines it. Both sides call
+    /// it while the VM is paused, so its cost is downtime: a VMM may answer from chunk
+    /// hashes it computed earlier and kept valid (the definition is per [`HASH_CHUNK`]
+    /// so it can). The default reads all of memory.
+    fn region_hashes(&self) -> Result<Vec<RegionHash>, MemoryError> {
+        hash_regions_by_reading(self)
+    }
 }
 
 /// The VM on the sending host (in the VM lifecycle state `MigrationSource`).
@@ -137,27 +144,68 @@ impl DirtyBitmap {
     }
 }
 
-/// BLAKE3 of every region, read in 1 MiB chunks. Both sides call it while the VM is paused.
+/// Memory is hashed in chunks of this many bytes (the last chunk of a region may be
+/// shorter); a region's hash is BLAKE3 over the BLAKE3 hashes of its chunks in order.
+pub const HASH_CHUNK: u64 = 64 << 10;
+
+/// The hash of one chunk of memory.
+pub fn chunk_hash(data: &[u8]) -> [u8; 32] {
+    *blake3::hash(data).as_bytes()
+}
+
+/// The hash of an all-zero chunk of `len` bytes (at most [`HASH_CHUNK`]), without memory.
+pub fn zero_chunk_hash(len: usize) -> [u8; 32] {
+    static FULL: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    static ZERO: [u8; HASH_CHUNK as usize] = [0; HASH_CHUNK as usize];
+    let len = len.min(ZERO.len());
+    if len == ZERO.len() {
+        *FULL.get_or_init(|| chunk_hash(&ZERO))
+    } else {
+        chunk_hash(&ZERO[..len])
+    }
+}
+
+/// A region's hash from its chunks' hashes, in order.
+pub fn combine_chunks(
+    region: &MemoryRegion,
+    chunks: impl IntoIterator<Item = [u8; 32]>,
+) -> RegionHash {
+    let mut h = blake3::Hasher::new();
+    for c in chunks {
+        h.update(&c);
+    }
+    RegionHash {
+        gpa: region.gpa,
+        size: region.size,
+        hash: *h.finalize().as_bytes(),
+    }
+}
+
+/// The hash of every region ([`GuestMemoryAccess::region_hashes`]). Both sides call it
+/// while the VM is paused.
 pub fn hash_regions<M: GuestMemoryAccess + ?Sized>(
     mem: &M,
 ) -> Result<Vec<RegionHash>, MemoryError> {
-    let mut buf = vec![0u8; 1 << 20];
+    mem.region_hashes()
+}
+
+/// The definition of the region hashes: every chunk read and hashed.
+pub fn hash_regions_by_reading<M: GuestMemoryAccess + ?Sized>(
+    mem: &M,
+) -> Result<Vec<RegionHash>, MemoryError> {
+    let mut buf = vec![0u8; HASH_CHUNK as usize];
     mem.regions()
         .into_iter()
         .map(|r| {
-            let mut h = blake3::Hasher::new();
+            let mut chunks = Vec::with_capacity(r.size.div_ceil(HASH_CHUNK) as usize);
             let mut off = 0u64;
             while off < r.size {
-                let n = (r.size - off).min(buf.len() as u64) as usize;
+                let n = (r.size - off).min(HASH_CHUNK) as usize;
                 mem.read(r.gpa + off, &mut buf[..n])?;
-                h.update(&buf[..n]);
+                chunks.push(chunk_hash(&buf[..n]));
                 off += n as u64;
             }
-            Ok(RegionHash {
-                gpa: r.gpa,
-                size: r.size,
-                hash: *h.finalize().as_bytes(),
-            })
+            Ok(combine_chunks(&r, chunks))
         })
         .collect()
 }
@@ -165,6 +213,15 @@ pub fn hash_regions<M: GuestMemoryAccess + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_chunk_hashes_match_hashing_zeros() {
+        assert_eq!(
+            zero_chunk_hash(HASH_CHUNK as usize),
+            chunk_hash(&[0; 65536])
+        );
+        assert_eq!(zero_chunk_hash(4096), chunk_hash(&[0; 4096]));
+    }
 
     #[test]
     fn bitmap_sets_counts_iterates_and_unions() {

@@ -16,6 +16,9 @@ pub enum BenchCommand {
     Boot(BootArgs),
     /// Full snapshot write time and size, and restore-to-running latency.
     Snapshot(SnapshotBenchArgs),
+    /// Live migration over loopback and a veth pair: downtime, total time, throughput vs
+    /// raw TCP on the same path.
+    Migrate(crate::bench_migrate::MigrateBenchArgs),
 }
 
 #[derive(Args)]
@@ -103,6 +106,7 @@ pub fn run(cmd: BenchCommand, runtime: &Path) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Boot(a) => boot(&a, runtime),
         BenchCommand::Snapshot(a) => crate::bench_snapshot::run(&a, runtime),
+        BenchCommand::Migrate(a) => crate::bench_migrate::run(&a, runtime),
     }
 }
 

@@ -353,7 +353,7 @@ impl Controller {
             self.flavour,
             &crate::snapshot::cpu_fingerprint(&machine.vm.kvm),
         );
-        let mem = mig::MemAccess::new(&machine.vm.memory);
+        let mem = Arc::new(mig::MemAccess::new(&machine.vm.memory));
         let mut policy = ray_migration::Policy {
             max_downtime: Duration::from_millis(req.max_downtime_ms),
             auto_converge: req.auto_converge,
@@ -387,8 +387,10 @@ impl Controller {
                         mig::SourceError::Setup(format!("cannot connect to the target {to}: {e}"))
                     })
                     .and_then(|stream| {
-                        let mut link = mig::Link::new(inbox.clone(), &mem).with_page_map(&mem);
-                        ray_migration::send_migration(stream, &mem, &mut link, &compat, &cfg)
+                        let _hasher = mig::Hasher::spawn(mem.clone(), true);
+                        let mut link =
+                            mig::Link::new(inbox.clone(), &mem).with_source_mem(mem.clone());
+                        ray_migration::send_migration(stream, &*mem, &mut link, &compat, &cfg)
                             .map_err(|f| mig::SourceError::Driver(Box::new(f)))
                     });
                 let _ = inbox.send(Message::MigrationEnded(Ended::Source(result)));
@@ -444,7 +446,7 @@ impl Controller {
         let mut cfg = ray_migration::ReceiverConfig::new(key);
         cfg.progress = handle.progress.clone();
         cfg.cancel = handle.cancel.clone();
-        let mem = mig::MemAccess::new(&memory);
+        let mem = Arc::new(mig::MemAccess::new(&memory));
         mem.track_target_writes();
         self.apply(VmAction::MigrateIn, &format!("migrate:listen on {local}"))?;
         self.incoming_memory = Some(memory);
@@ -461,8 +463,9 @@ impl Controller {
                     })
                     .and_then(|stream| {
                         drop(listener);
+                        let _hasher = mig::Hasher::spawn(mem.clone(), false);
                         let mut link = mig::Link::new(inbox.clone(), &mem);
-                        ray_migration::receive_migration(stream, &mem, &mut link, &compat, &cfg)
+                        ray_migration::receive_migration(stream, &*mem, &mut link, &compat, &cfg)
                             .map_err(|f| mig::TargetError::Driver(Box::new(f)))
                     });
                 let _ = inbox.send(Message::MigrationEnded(Ended::Target(result)));

@@ -344,12 +344,73 @@ impl PageMap {
     }
 }
 
+/// Chunk hashes ([`ray_migration::vm::HASH_CHUNK`]) kept valid during pre-copy, so the
+/// verification inside the downtime only hashes the chunks that changed since.
+///
+/// A chunk's generation is bumped whenever it may have changed — on the source when a dirty
+/// log reports one of its pages, on the target when a page is written — after the page map
+/// was updated. A hash is stored with the generation read before the chunk was read, and
+/// used only while the generation is still the same: any write after that read is reported
+/// (and bumps the generation) before the VM is paused and hashed for good.
+struct ChunkCache {
+    gens: Vec<Vec<AtomicU64>>,
+    /// Dirty-log epoch of each chunk's last bump (`u64::MAX`: never): chunks the guest is
+    /// busy rewriting wait with their hash.
+    bumped: Vec<Vec<AtomicU64>>,
+    epoch: AtomicU64,
+    hashes: Vec<Mutex<Vec<Option<CachedHash>>>>,
+}
+
+/// A chunk's hash and the generation it was read at.
+type CachedHash = (u64, [u8; 32]);
+
+const CHUNK: u64 = ray_migration::vm::HASH_CHUNK;
+const PAGES_PER_CHUNK: u64 = CHUNK / PAGE_SIZE;
+const _: () = assert!(PAGES_PER_CHUNK <= 64 && 64 % PAGES_PER_CHUNK == 0);
+
+impl ChunkCache {
+    fn new(regions: &[(u64, u64)]) -> Self {
+        let per = |len: u64| len.div_ceil(CHUNK) as usize;
+        Self {
+            gens: regions
+                .iter()
+                .map(|&(_, l)| (0..per(l)).map(|_| AtomicU64::new(0)).collect())
+                .collect(),
+            bumped: regions
+                .iter()
+                .map(|&(_, l)| (0..per(l)).map(|_| AtomicU64::new(u64::MAX)).collect())
+                .collect(),
+            epoch: AtomicU64::new(0),
+            hashes: regions
+                .iter()
+                .map(|&(_, l)| Mutex::new(vec![None; per(l)]))
+                .collect(),
+        }
+    }
+
+    fn bump(&self, r: usize, c: usize) {
+        self.gens[r][c].fetch_add(1, Ordering::AcqRel);
+        self.bumped[r][c].store(self.epoch.load(Ordering::Acquire), Ordering::Release);
+    }
+
+    fn cached(&self, r: usize, c: usize, gen: u64) -> Option<[u8; 32]> {
+        let h = self.hashes[r].lock().unwrap_or_else(|p| p.into_inner());
+        h[c].filter(|&(g, _)| g == gen).map(|(_, h)| h)
+    }
+
+    fn store(&self, r: usize, c: usize, gen: u64, hash: [u8; 32]) {
+        let mut h = self.hashes[r].lock().unwrap_or_else(|p| p.into_inner());
+        h[c] = Some((gen, hash));
+    }
+}
+
 /// Guest memory as the migration drivers see it: direct copies from and to the mapping.
 pub struct MemAccess {
     /// Keeps the mapping alive as long as the pointers below are used.
     mem: GuestMem,
     regions: Vec<(u64, *mut u8, u64)>,
     map: Arc<PageMap>,
+    cache: ChunkCache,
 }
 
 // SAFETY: the raw pointers point into mappings owned by `mem` (kept alive by this struct);
@@ -375,8 +436,101 @@ impl MemAccess {
         Self {
             mem: mem.clone(),
             map: Arc::new(PageMap::new(&spans)),
+            cache: ChunkCache::new(&spans),
             regions,
         }
+    }
+
+    fn region_of(&self, gpa: u64) -> Option<usize> {
+        self.regions
+            .iter()
+            .position(|&(start, _, size)| gpa >= start && gpa < start + size)
+    }
+
+    /// Marks the chunks of [gpa, gpa + len) as possibly changed.
+    fn bump_range(&self, gpa: u64, len: u64) {
+        let Some(r) = self.region_of(gpa) else { return };
+        let start = self.regions[r].0;
+        let first = ((gpa - start) / CHUNK) as usize;
+        let last = ((gpa + len.max(1) - 1 - start) / CHUNK) as usize;
+        for c in first..=last.min(self.cache.gens[r].len() - 1) {
+            self.cache.bump(r, c);
+        }
+    }
+
+    /// Source: a dirty log arrived (its pages are already in the page map).
+    fn bump_dirty(&self, logs: &[DirtyBitmap]) {
+        self.cache.epoch.fetch_add(1, Ordering::AcqRel);
+        for (r, log) in logs.iter().enumerate().take(self.regions.len()) {
+            let mut last = usize::MAX;
+            for p in log.iter() {
+                let c = p / PAGES_PER_CHUNK as usize;
+                if c != last && c < self.cache.gens[r].len() {
+                    self.cache.bump(r, c);
+                    last = c;
+                }
+            }
+        }
+    }
+
+    /// Whether every page of chunk `c` of region `r` is known to be zero.
+    fn chunk_known_zero(&self, r: usize, c: usize) -> bool {
+        if !self.map.enabled.load(Ordering::Acquire) {
+            return false;
+        }
+        let first = c * PAGES_PER_CHUNK as usize;
+        let word = self.map.bits[r][first / 64].load(Ordering::Acquire);
+        let mask = ((1u128 << PAGES_PER_CHUNK) - 1) as u64;
+        (word >> (first % 64)) & mask == 0
+    }
+
+    /// The hash of chunk `c` of region `r`, from the cache when still valid.
+    fn chunk_hash(&self, r: usize, c: usize, buf: &mut [u8]) -> Result<[u8; 32], MemoryError> {
+        let gen = self.cache.gens[r][c].load(Ordering::Acquire);
+        if let Some(h) = self.cache.cached(r, c, gen) {
+            return Ok(h);
+        }
+        let (start, _, size) = self.regions[r];
+        let off = c as u64 * CHUNK;
+        let len = (size - off).min(CHUNK) as usize;
+        let hash = if self.chunk_known_zero(r, c) {
+            ray_migration::vm::zero_chunk_hash(len)
+        } else {
+            self.read(start + off, &mut buf[..len])?;
+            ray_migration::vm::chunk_hash(&buf[..len])
+        };
+        self.cache.store(r, c, gen, hash);
+        Ok(hash)
+    }
+
+    /// One sweep of the background hasher: hashes chunks whose hash is stale (skipping those
+    /// the guest rewrote in the last two dirty logs when `skip_hot`). Returns how many.
+    fn hash_stale(&self, stop: &AtomicBool, skip_hot: bool, buf: &mut [u8]) -> usize {
+        if !self.map.enabled.load(Ordering::Acquire) {
+            // Source before dirty logging: a hash now could miss later writes.
+            return 0;
+        }
+        let epoch = self.cache.epoch.load(Ordering::Acquire);
+        let mut n = 0;
+        for r in 0..self.regions.len() {
+            for c in 0..self.cache.gens[r].len() {
+                if stop.load(Ordering::Relaxed) {
+                    return n;
+                }
+                let gen = self.cache.gens[r][c].load(Ordering::Acquire);
+                if self.cache.cached(r, c, gen).is_some() {
+                    continue;
+                }
+                let b = self.cache.bumped[r][c].load(Ordering::Acquire);
+                if skip_hot && b != u64::MAX && epoch.saturating_sub(b) < 2 {
+                    continue;
+                }
+                if self.chunk_hash(r, c, buf).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        n
     }
 
     /// Target: the memory is fresh (all zero); zero pages into untouched memory are skipped.
@@ -455,7 +609,58 @@ impl GuestMemoryAccess for MemAccess {
         if use_map {
             self.map.set_range(gpa, data.len() as u64);
         }
+        self.bump_range(gpa, data.len() as u64);
         Ok(())
+    }
+
+    fn region_hashes(&self) -> Result<Vec<ray_migration::protocol::RegionHash>, MemoryError> {
+        let mut buf = vec![0u8; CHUNK as usize];
+        self.regions()
+            .iter()
+            .enumerate()
+            .map(|(r, region)| {
+                let chunks = (0..self.cache.gens[r].len())
+                    .map(|c| self.chunk_hash(r, c, &mut buf))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(ray_migration::vm::combine_chunks(region, chunks))
+            })
+            .collect()
+    }
+}
+
+/// Hashes stale chunks in the background while pages move; stopped and joined on drop.
+pub struct Hasher {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hasher {
+    /// `skip_hot`: leave chunks the guest keeps rewriting for the end (source side).
+    pub fn spawn(mem: Arc<MemAccess>, skip_hot: bool) -> Hasher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("migration-hash".into())
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let mut buf = vec![0u8; CHUNK as usize];
+                while !flag.load(Ordering::Relaxed) {
+                    if mem.hash_stale(&flag, skip_hot, &mut buf) == 0 {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            })
+            .ok();
+        Hasher { stop, thread }
+    }
+}
+
+impl Drop for Hasher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -505,8 +710,8 @@ pub struct Link {
     inbox: Sender<Message>,
     /// Region sizes in pages, for shaping dirty logs.
     pages: Vec<usize>,
-    /// Source: the page map of the [`MemAccess`] and its memory, to seed and update it.
-    map: Option<(Arc<PageMap>, GuestMem)>,
+    /// Source: the [`MemAccess`] whose page map and chunk hashes dirty logs update.
+    source_mem: Option<Arc<MemAccess>>,
 }
 
 impl Link {
@@ -518,15 +723,15 @@ impl Link {
                 .iter()
                 .map(|&(_, _, l)| (l / PAGE_SIZE) as usize)
                 .collect(),
-            map: None,
+            source_mem: None,
         }
     }
 
     /// Source: once dirty logging is on, `mem`'s page map is seeded from the memfd's data
     /// extents, so pages the guest never touched are sent as zero without being read (and
     /// allocated); every later dirty log marks its pages as holding data.
-    pub fn with_page_map(mut self, mem: &MemAccess) -> Self {
-        self.map = Some((mem.map.clone(), mem.mem.clone()));
+    pub fn with_source_mem(mut self, mem: Arc<MemAccess>) -> Self {
+        self.source_mem = Some(mem);
         self
     }
 
@@ -553,13 +758,13 @@ impl Link {
 impl SourceVm for Link {
     fn start_dirty_log(&mut self) -> Result<(), VmError> {
         self.done(MigrationOp::StartDirtyLog)?;
-        if let Some((map, mem)) = &self.map {
+        if let Some(mem) = &self.source_mem {
             // Logging is on: a page outside these extents now is either still a hole
             // (zero) or written from now on, and then in a later dirty log.
-            for (gpa, len) in crate::memory::data_extents(mem) {
-                map.set_range(gpa, len);
+            for (gpa, len) in crate::memory::data_extents(&mem.mem) {
+                mem.map.set_range(gpa, len);
             }
-            map.enabled.store(true, Ordering::SeqCst);
+            mem.map.enabled.store(true, Ordering::SeqCst);
         }
         Ok(())
     }
@@ -576,8 +781,9 @@ impl SourceVm for Link {
             .zip(&self.pages)
             .map(|(w, &n)| DirtyBitmap::from_words(w, n))
             .collect();
-        if let Some((map, _)) = &self.map {
-            map.mark_dirty(&logs);
+        if let Some(mem) = &self.source_mem {
+            mem.map.mark_dirty(&logs);
+            mem.bump_dirty(&logs);
         }
         Ok(logs)
     }
@@ -809,6 +1015,35 @@ mod tests {
         assert!(buf[..4096].iter().all(|&b| b == 0), "data pages get zeroed");
         let e = target.read(0xff000, &mut buf).unwrap_err();
         assert!(e.to_string().contains("not inside guest RAM"), "{e}");
+    }
+
+    #[test]
+    fn cached_hashes_follow_every_write_and_match_reading_everything() {
+        use ray_migration::vm::hash_regions_by_reading;
+        let mem = crate::memory::create(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let target = Arc::new(MemAccess::new(&mem));
+        target.track_target_writes();
+        target.write(0x1000, &[1u8; 4096]).unwrap();
+        let stop = AtomicBool::new(false);
+        let mut buf = vec![0u8; CHUNK as usize];
+        assert_eq!(
+            target.hash_stale(&stop, false, &mut buf),
+            32,
+            "every chunk once"
+        );
+        assert_eq!(target.hash_stale(&stop, false, &mut buf), 0, "all cached");
+        assert_eq!(
+            target.region_hashes().unwrap(),
+            hash_regions_by_reading(&*target).unwrap()
+        );
+        // A write after hashing invalidates exactly its chunk.
+        target.write(0x31000, &[9u8; 4096]).unwrap();
+        assert_eq!(target.hash_stale(&stop, false, &mut buf), 1);
+        target.write(0x1000, &[0u8; 4096]).unwrap();
+        assert_eq!(
+            target.region_hashes().unwrap(),
+            hash_regions_by_reading(&*target).unwrap()
+        );
     }
 
     #[test]

@@ -1,0 +1,603 @@
+//! `ray bench migrate`: live migration of a guest (1 GiB by default, part of it touched),
+//! idle and under `dirty`, over loopback and over a veth pair between two network
+//! namespaces. Raw TCP throughput is measured on the same path in the same run.
+//!
+//! Downtime is the guest's heartbeat gap: from the source's pause to the first heartbeat
+//! the target saw (both VMMs are on this host, so their wall clocks agree).
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use ray::client::{ClientError, VmmClient};
+use ray_api::vmm::{ConsoleInput, ConsoleTail, MigrateRequest, MigrationStatus, OnLimit, VmInfo};
+use serde::Serialize;
+
+use crate::bench::{print_row, Stats};
+
+#[derive(Args)]
+pub struct MigrateBenchArgs {
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Guest memory.
+    #[arg(long, default_value = "1G", value_parser = ray::sizes::parse_size)]
+    pub memory: u64,
+    /// How much of it the guest writes before each migration.
+    #[arg(long, default_value = "512M", value_parser = ray::sizes::parse_size)]
+    pub touched: u64,
+    /// The loaded guest's `dirty` rate, MiB/s (over a 128 MiB working set).
+    #[arg(long, default_value_t = 64)]
+    pub dirty_mib_s: u64,
+    /// Longest acceptable pause, ms.
+    #[arg(long, default_value_t = 30)]
+    pub max_downtime_ms: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize, Clone)]
+struct Mode {
+    path: &'static str,
+    /// Heartbeat gap: source pause -> first heartbeat on the target, ms.
+    downtime_ms: Stats,
+    /// Source pause -> the target's `Resumed` (the driver's account), ms.
+    driver_downtime_ms: Stats,
+    total_ms: Stats,
+    /// Median over the runs.
+    bytes_sent: u64,
+    /// Median over the runs (the stop-and-copy pass included).
+    passes: u64,
+    /// bytes_sent / total time, MiB/s.
+    migration_mib_s: Stats,
+    /// Raw TCP on the same path (median of one measurement per run), MiB/s.
+    raw_tcp_mib_s: f64,
+    /// Median migration throughput over median raw TCP.
+    throughput_ratio: f64,
+}
+
+#[derive(Serialize)]
+struct PathReport {
+    idle: Mode,
+    loaded: Mode,
+}
+
+#[derive(Serialize)]
+struct Report {
+    runs: usize,
+    memory_bytes: u64,
+    touched_bytes: u64,
+    dirty_mib_s: u64,
+    max_downtime_ms: u64,
+    build: &'static str,
+    /// Over the veth pair (two namespaces: the "two hosts" case).
+    idle: Mode,
+    loaded: Mode,
+    paths: std::collections::BTreeMap<&'static str, PathReport>,
+}
+
+/// Two network namespaces joined by a veth pair; deleted on drop.
+struct Veth {
+    a: String,
+    b: String,
+}
+
+const VETH_A: &str = "10.231.9.1";
+const VETH_B: &str = "10.231.9.2";
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run `ip` (iproute2 is needed for the veth path)")?;
+    if !out.status.success() {
+        bail!(
+            "`ip {}` failed: {} (the veth path needs root and network namespaces)",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl Veth {
+    fn new() -> anyhow::Result<Veth> {
+        let n = std::process::id() % 100_000;
+        let v = Veth {
+            a: format!("ray-bench-a-{n}"),
+            b: format!("ray-bench-b-{n}"),
+        };
+        let (va, vb) = (format!("rba{n}"), format!("rbb{n}"));
+        ip(&["netns", "add", &v.a])?;
+        ip(&["netns", "add", &v.b])?;
+        ip(&[
+            "link", "add", &va, "netns", &v.a, "type", "veth", "peer", "name", &vb, "netns", &v.b,
+        ])?;
+        ip(&[
+            "-n",
+            &v.a,
+            "addr",
+            "add",
+            &format!("{VETH_A}/24"),
+            "dev",
+            &va,
+        ])?;
+        ip(&[
+            "-n",
+            &v.b,
+            "addr",
+            "add",
+            &format!("{VETH_B}/24"),
+            "dev",
+            &vb,
+        ])?;
+        for (ns, dev) in [(&v.a, &va), (&v.b, &vb)] {
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(v)
+    }
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.a]);
+        let _ = ip(&["netns", "del", &self.b]);
+    }
+}
+
+/// Moves the calling thread into network namespace `ns` (sockets it creates live there).
+fn enter_netns(ns: &str) -> anyhow::Result<()> {
+    let path = Path::new("/var/run/netns").join(ns);
+    let f =
+        std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: setns on a namespace fd we hold open; CLONE_NEWNET changes only the calling
+    // thread's network namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!(
+            "cannot enter network namespace {ns}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Raw TCP throughput of `bytes` in 1 MiB writes from `from` to a listener at `to_ip`, each
+/// end in its namespace (None: this one), MiB/s.
+fn raw_tcp(from: Option<&str>, to: Option<&str>, to_ip: &str, bytes: u64) -> anyhow::Result<f64> {
+    let (tx, rx) = std::sync::mpsc::channel::<anyhow::Result<u16>>();
+    let to = to.map(str::to_string);
+    let ip_addr = to_ip.to_string();
+    let sink = std::thread::spawn(move || -> anyhow::Result<()> {
+        if let Some(ns) = &to {
+            enter_netns(ns)?;
+        }
+        let l = match TcpListener::bind((ip_addr.as_str(), 0)) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = tx.send(Err(e.into()));
+                return Ok(());
+            }
+        };
+        let _ = tx.send(Ok(l.local_addr()?.port()));
+        let (mut s, _) = l.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        while s.read(&mut buf)? > 0 {}
+        Ok(())
+    });
+    let port = rx.recv().context("the TCP sink died")??;
+    let from = from.map(str::to_string);
+    let to_ip = to_ip.to_string();
+    let source = std::thread::spawn(move || -> anyhow::Result<Duration> {
+        if let Some(ns) = &from {
+            enter_netns(ns)?;
+        }
+        let mut s = TcpStream::connect((to_ip.as_str(), port))?;
+        let buf: Vec<u8> = (0..1 << 20)
+            .map(|i: u32| (i * 2_654_435_761) as u8)
+            .collect();
+        let t = Instant::now();
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            s.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut end = [0u8; 1];
+        let _ = s.read(&mut end);
+        Ok(t.elapsed())
+    });
+    let elapsed = source
+        .join()
+        .map_err(|_| anyhow::anyhow!("TCP source panicked"))??;
+    sink.join()
+        .map_err(|_| anyhow::anyhow!("TCP sink panicked"))??;
+    Ok(bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64())
+}
+
+/// A VM of the benchmark: a VMM process driven through its socket; killed on drop.
+struct Guest {
+    id: String,
+    pid: u32,
+    dir: PathBuf,
+    client: VmmClient,
+    seen: u64,
+}
+
+impl Guest {
+    fn send(&self, line: &str) -> anyhow::Result<()> {
+        let body = serde_json::to_vec(&ConsoleInput {
+            data: format!("{line}\n"),
+        })?;
+        let _: serde_json::Value = self.client.call("POST", "/vm/console", Some(body))?;
+        Ok(())
+    }
+
+    /// Waits for a console line starting with `prefix` after what was already seen.
+    fn expect(&mut self, prefix: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let tail: ConsoleTail = self.client.call("GET", "/vm/console?bytes=65536", None)?;
+            let start = tail.total_bytes - tail.data.len() as u64;
+            let skip = self.seen.saturating_sub(start) as usize;
+            let fresh = tail.data.get(skip..).unwrap_or("");
+            let mut off = 0;
+            for line in fresh.split_inclusive('\n') {
+                off += line.len();
+                if !line.ends_with('\n') {
+                    break;
+                }
+                if line.starts_with(prefix) {
+                    self.seen = start + (skip + off) as u64;
+                    return Ok(line.trim_end().to_string());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "VM {}: no console line {prefix:?} within {timeout:?}",
+                    self.id
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn info(&self) -> anyhow::Result<VmInfo> {
+        Ok(self.client.call("GET", "/vm", None)?)
+    }
+
+    /// The migration status, or the record the VMM left when it ended.
+    fn migration(&self) -> anyhow::Result<MigrationStatus> {
+        match self.client.call("GET", "/vm/migration", None) {
+            Ok(s) => Ok(s),
+            Err(ClientError::Unreachable { .. }) => {
+                let path = self.dir.join("migration.json");
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("VM {} ended without {}", self.id, path.display()))?;
+                Ok(serde_json::from_str(&text)?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if ray::runtime::pid_alive(self.pid) {
+            // SAFETY: kill(2) of a VMM this benchmark started.
+            unsafe {
+                libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+struct Bench<'a> {
+    exe: PathBuf,
+    runtime: PathBuf,
+    key: PathBuf,
+    a: &'a MigrateBenchArgs,
+}
+
+impl Bench<'_> {
+    fn ray(&self, ns: Option<&str>, args: &[&str]) -> anyhow::Result<Output> {
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.exe);
+                c
+            }
+            None => Command::new(&self.exe),
+        };
+        let out = cmd
+            .args(args)
+            .env("RAY_RUNTIME_DIR", &self.runtime)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "ray {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(out)
+    }
+
+    fn guest(&self, info: &VmInfo) -> Guest {
+        let dir = ray::runtime::vm_dir(&self.runtime, &info.id);
+        Guest {
+            id: info.id.clone(),
+            pid: info.pid,
+            client: VmmClient::new(&dir.join("api.sock")),
+            dir,
+            seen: 0,
+        }
+    }
+
+    /// One migration; returns (heartbeat gap ms, final source status).
+    fn once(
+        &self,
+        ns: (Option<&str>, Option<&str>),
+        listen: &str,
+        loaded: bool,
+        i: usize,
+    ) -> anyhow::Result<(f64, MigrationStatus)> {
+        let mem = self.a.memory.to_string();
+        let src_id = format!("bench-mig-src-{i}");
+        let out = self.ray(
+            ns.0,
+            &[
+                "vm", "run", "--detach", "--json", "--id", &src_id, "--memory", &mem, "--vcpus",
+                "1",
+            ],
+        )?;
+        let mut src = self.guest(&serde_json::from_slice(&out.stdout)?);
+        src.expect("ready", Duration::from_secs(30))?;
+        let touched = self.a.touched >> 20;
+        src.send(&format!("dirty {touched} 4000"))?;
+        src.expect("dirty on", Duration::from_secs(10))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while src.info()?.heartbeat.map_or(0, |h| h.dirty_bytes) < self.a.touched {
+            if Instant::now() > deadline {
+                bail!("the guest did not touch {touched} MiB within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        src.send("dirty stop")?;
+        src.expect("dirty off", Duration::from_secs(10))?;
+        if loaded {
+            src.send(&format!("dirty 128 {}", self.a.dirty_mib_s))?;
+            src.expect("dirty on", Duration::from_secs(10))?;
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let dst_id = format!("bench-mig-dst-{i}");
+        let out = self.ray(
+            ns.1,
+            &[
+                "migrate",
+                "receive",
+                "--listen",
+                listen,
+                "--key-file",
+                &self.key.display().to_string(),
+                "--memory",
+                &mem,
+                "--vcpus",
+                "1",
+                "--id",
+                &dst_id,
+                "--json",
+            ],
+        )?;
+        let dst = self.guest(&serde_json::from_slice(&out.stdout)?);
+        let to = dst.migration()?.peer;
+        let req = MigrateRequest {
+            to,
+            key_file: self.key.display().to_string(),
+            max_downtime_ms: self.a.max_downtime_ms,
+            on_limit: OnLimit::Force,
+            max_passes: None,
+            max_time_ms: None,
+            auto_converge: true,
+            compress: false,
+            max_concurrent: None,
+        };
+        let _: MigrationStatus =
+            src.client
+                .call("PUT", "/vm/migration", Some(serde_json::to_vec(&req)?))?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let s = loop {
+            let s = src.migration()?;
+            if s.vm != "migrating" {
+                break s;
+            }
+            if Instant::now() > deadline {
+                bail!("the migration did not end within 300 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if s.state != "completed" {
+            bail!(
+                "the migration failed: {}",
+                s.error.unwrap_or_else(|| s.state.clone())
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let first = loop {
+            if let Some(t) = dst.migration()?.first_heartbeat_unix_us {
+                break t;
+            }
+            if Instant::now() > deadline {
+                bail!("no heartbeat on the target after the migration");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let paused = s
+            .paused_at_unix_us
+            .context("the source did not record its pause")?;
+        let gap = first.saturating_sub(paused) as f64 / 1e3;
+        drop(dst);
+        drop(src);
+        for id in [&src_id, &dst_id] {
+            let _ = std::fs::remove_dir_all(ray::runtime::vm_dir(&self.runtime, id));
+        }
+        Ok((gap, s))
+    }
+
+    fn mode(
+        &self,
+        path: &'static str,
+        ns: (Option<&str>, Option<&str>),
+        listen: &str,
+        target_ip: &str,
+        loaded: bool,
+    ) -> anyhow::Result<Mode> {
+        let (mut gap, mut driver, mut total, mut bytes, mut passes, mut rate, mut raw) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for i in 0..self.a.runs {
+            raw.push(raw_tcp(ns.0, ns.1, target_ip, self.a.touched)?);
+            let (g, s) = self.once(ns, listen, loaded, i)?;
+            let t = s.total_ms.unwrap_or(f64::NAN);
+            gap.push(g);
+            driver.push(s.downtime_ms.unwrap_or(f64::NAN));
+            total.push(t);
+            bytes.push(s.bytes_sent as f64);
+            passes.push(f64::from(s.pass));
+            rate.push(s.bytes_sent as f64 / (1 << 20) as f64 / (t / 1e3));
+            if !self.a.json {
+                eprintln!(
+                    "  {path} {} run {}: downtime {g:.2} ms, total {t:.0} ms, {:.0} MiB in {} passes, raw TCP {:.0} MiB/s",
+                    if loaded { "loaded" } else { "idle" },
+                    i + 1,
+                    s.bytes_sent as f64 / (1 << 20) as f64,
+                    s.pass,
+                    raw[i]
+                );
+            }
+        }
+        let migration_mib_s = Stats::of(&rate);
+        let raw_tcp_mib_s = Stats::of(&raw).median;
+        Ok(Mode {
+            path,
+            downtime_ms: Stats::of(&gap),
+            driver_downtime_ms: Stats::of(&driver),
+            total_ms: Stats::of(&total),
+            bytes_sent: Stats::of(&bytes).median as u64,
+            passes: Stats::of(&passes).median as u64,
+            migration_mib_s,
+            raw_tcp_mib_s,
+            throughput_ratio: migration_mib_s.median / raw_tcp_mib_s,
+        })
+    }
+}
+
+fn print_mode(m: &Mode, name: &str, max_downtime: u64) {
+    println!("{} {name}:", m.path);
+    print_row("downtime (heartbeat gap)", m.downtime_ms, "ms");
+    print_row("downtime (driver)", m.driver_downtime_ms, "ms");
+    print_row("total", m.total_ms, "ms");
+    print_row("migration throughput", m.migration_mib_s, "MiB/s");
+    println!(
+        "  {:<26} {:.1} MiB (median), {} passes (median)",
+        "sent",
+        m.bytes_sent as f64 / (1 << 20) as f64,
+        m.passes
+    );
+    println!(
+        "  {:<26} {:.0} MiB/s; migration/raw = {:.2} (target >= 0.70)",
+        "raw TCP, same path", m.raw_tcp_mib_s, m.throughput_ratio
+    );
+    let target = if name == "idle" {
+        "< 5 ms".to_string()
+    } else {
+        format!("<= {max_downtime} ms")
+    };
+    println!("  {:<26} {target}", "downtime target");
+}
+
+pub fn run(a: &MigrateBenchArgs, runtime: &Path) -> anyhow::Result<()> {
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    if a.touched >= a.memory / 4 * 3 || a.touched < 128 << 20 {
+        bail!("--touched must be at least 128M and below three quarters of --memory");
+    }
+    let runtime = runtime.join(format!("bench-migrate-{}", std::process::id()));
+    std::fs::create_dir_all(&runtime)?;
+    let key = runtime.join("migration.key");
+    let secret: String = (0..48)
+        .map(|i| char::from(b'a' + ((std::process::id() as usize * 31 + i * 7) % 26) as u8))
+        .collect();
+    std::fs::write(&key, secret)?;
+    let b = Bench {
+        exe: std::env::current_exe()?,
+        runtime: runtime.clone(),
+        key,
+        a,
+    };
+    let result = (|| -> anyhow::Result<Report> {
+        let mut paths = std::collections::BTreeMap::new();
+        paths.insert(
+            "loopback",
+            PathReport {
+                idle: b.mode("loopback", (None, None), "127.0.0.1:0", "127.0.0.1", false)?,
+                loaded: b.mode("loopback", (None, None), "127.0.0.1:0", "127.0.0.1", true)?,
+            },
+        );
+        let veth = Veth::new()?;
+        let ns = (Some(veth.a.as_str()), Some(veth.b.as_str()));
+        let listen = format!("{VETH_B}:0");
+        let v = PathReport {
+            idle: b.mode("veth", ns, &listen, VETH_B, false)?,
+            loaded: b.mode("veth", ns, &listen, VETH_B, true)?,
+        };
+        drop(veth);
+        let (idle, loaded) = (v.idle.clone(), v.loaded.clone());
+        paths.insert("veth", v);
+        Ok(Report {
+            runs: a.runs,
+            memory_bytes: a.memory,
+            touched_bytes: a.touched,
+            dirty_mib_s: a.dirty_mib_s,
+            max_downtime_ms: a.max_downtime_ms,
+            build: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+            idle,
+            loaded,
+            paths,
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&runtime);
+    let report = result?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "migrate: {} MiB guest, {} MiB touched, loaded = dirty 128 MiB at {} MiB/s, {} runs ({} build)",
+        a.memory >> 20,
+        a.touched >> 20,
+        a.dirty_mib_s,
+        a.runs,
+        report.build
+    );
+    for p in report.paths.values() {
+        print_mode(&p.idle, "idle", a.max_downtime_ms);
+        print_mode(&p.loaded, "loaded", a.max_downtime_ms);
+    }
+    Ok(())
+}

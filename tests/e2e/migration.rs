@@ -1,0 +1,579 @@
+//! Live migration between two VMM processes in two network namespaces joined by a veth
+//! pair: the guest keeps running (`dirty`, `tick`) during the move and continues on the
+//! target with its memory intact; each fault leaves the source running and the session
+//! failed with a clear error.
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use ray_api::vmm::{MigrationStatus, VmInfo, VmStateName};
+use ray_e2e::{guest_bin, ray_bin, Env, Vm};
+
+const READY: Duration = Duration::from_secs(20);
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn ip(args: &[&str]) -> Output {
+    run(Command::new("ip").args(args))
+}
+
+fn ip_ok(args: &[&str]) {
+    let out = ip(args);
+    assert!(
+        out.status.success(),
+        "`ip {}` failed ({}): {} — the migration tests need root and iproute2 with network namespaces",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two network namespaces ("hosts") joined by a veth pair with private addresses; both
+/// are deleted (with the veth) on drop.
+struct Net {
+    a: String,
+    b: String,
+    veth_b: String,
+    addr_b: String,
+}
+
+impl Net {
+    fn new(tag: &str) -> Net {
+        let n = std::process::id() % 100_000;
+        let net = Net {
+            a: format!("ray-{tag}-a-{n}"),
+            b: format!("ray-{tag}-b-{n}"),
+            veth_b: format!("rmb{n}"),
+            addr_b: "10.231.7.2".into(),
+        };
+        let veth_a = format!("rma{n}");
+        for ns in [&net.a, &net.b] {
+            let _ = ip(&["netns", "del", ns]);
+            ip_ok(&["netns", "add", ns]);
+        }
+        ip_ok(&[
+            "link",
+            "add",
+            &veth_a,
+            "netns",
+            &net.a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &net.veth_b,
+            "netns",
+            &net.b,
+        ]);
+        ip_ok(&["-n", &net.a, "addr", "add", "10.231.7.1/24", "dev", &veth_a]);
+        ip_ok(&[
+            "-n",
+            &net.b,
+            "addr",
+            "add",
+            "10.231.7.2/24",
+            "dev",
+            &net.veth_b,
+        ]);
+        for (ns, dev) in [(&net.a, &veth_a), (&net.b, &net.veth_b)] {
+            ip_ok(&["-n", ns, "link", "set", dev, "up"]);
+            ip_ok(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+
+    /// `ray <args>` inside namespace `ns`, with the test's runtime directory.
+    fn ray(&self, env: &Env, ns: &str, args: &[&str]) -> Output {
+        run(Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(ray_bin())
+            .args(args)
+            .env("RAY_RUNTIME_DIR", &env.runtime)
+            .env("RAY_GUEST", guest_bin()))
+    }
+
+    fn ray_ok(&self, env: &Env, ns: &str, args: &[&str]) -> String {
+        let out = self.ray(env, ns, args);
+        assert!(
+            out.status.success(),
+            "ray {args:?} in {ns} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn target_addr(&self, port: u16) -> String {
+        format!("{}:{port}", self.addr_b)
+    }
+
+    /// Cuts the link: the target's end of the veth goes down.
+    fn cut(&self) {
+        ip_ok(&["-n", &self.b, "link", "set", &self.veth_b, "down"]);
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.a]);
+        let _ = ip(&["netns", "del", &self.b]);
+    }
+}
+
+fn key_file(env: &Env, name: &str, secret: &str) -> String {
+    let path = env.runtime.join(name);
+    std::fs::write(&path, secret).unwrap();
+    path.display().to_string()
+}
+
+/// Boots the source VM in namespace A.
+fn boot_source(env: &Env, net: &Net, memory: &str) -> Vm {
+    let out = net.ray_ok(
+        env,
+        &net.a,
+        &[
+            "vm", "run", "--detach", "--json", "--id", "src", "--memory", memory, "--vcpus", "2",
+        ],
+    );
+    let info: VmInfo = serde_json::from_str(&out).expect("vm run --json prints VmInfo");
+    let mut vm = env.attach("src", info.pid);
+    vm.expect_line("ready", READY);
+    vm
+}
+
+/// Starts a target VMM in namespace B waiting on port `port`.
+fn receive(env: &Env, net: &Net, port: u16, key: &str, memory: &str) -> Vm {
+    let out = net.ray_ok(
+        env,
+        &net.b,
+        &[
+            "migrate",
+            "receive",
+            "--listen",
+            &net.target_addr(port),
+            "--key-file",
+            key,
+            "--memory",
+            memory,
+            "--vcpus",
+            "2",
+            "--id",
+            "dst",
+            "--json",
+        ],
+    );
+    let info: VmInfo = serde_json::from_str(&out).expect("migrate receive --json prints VmInfo");
+    assert_eq!(info.state, VmStateName::MigrationTarget);
+    env.attach("dst", info.pid)
+}
+
+fn migration(vm: &Vm) -> MigrationStatus {
+    vm.client
+        .call("GET", "/vm/migration", None)
+        .expect("GET /vm/migration")
+}
+
+/// Waits until the source's migration is in pre-copy pass `pass` or later.
+fn wait_for_pass(vm: &Vm, pass: u32) -> MigrationStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = migration(vm);
+        if s.state == "pre_copy" && s.pass >= pass {
+            return s;
+        }
+        assert!(
+            s.vm == "migrating",
+            "the migration ended before pass {pass}: {s:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no pass {pass} within 60 s: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until the VMM recorded the migration's outcome.
+fn wait_for_end(vm: &Vm) -> MigrationStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = migration(vm);
+        if s.vm != "migrating" {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration did not end within 60 s: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Starts a migration that cannot converge (1 ms budget, no throttling, the guest dirtying
+/// fast) so pre-copy goes on until the test interferes.
+fn start_endless(env: &Env, net: &Net, src: &mut Vm, port: u16, key: &str) {
+    src.command("dirty 64 2000", "dirty on");
+    net.ray_ok(
+        env,
+        &net.a,
+        &[
+            "migrate",
+            "start",
+            "src",
+            "--to",
+            &net.target_addr(port),
+            "--key-file",
+            key,
+            "--max-downtime-ms",
+            "1",
+            "--no-auto-converge",
+            "--max-passes",
+            "1000000",
+            "--max-time-ms",
+            "120000",
+            "--on-limit",
+            "abort",
+            "--detach",
+            "--json",
+        ],
+    );
+}
+
+/// The source VM runs on after a failed migration: running state, heartbeat moving,
+/// console answering.
+fn assert_source_runs(src: &mut Vm) {
+    let info = src.wait_for(
+        "the source to be running again",
+        Duration::from_secs(10),
+        |i| i.state == VmStateName::Running,
+    );
+    let before = info.heartbeat.unwrap().counter;
+    src.wait_for("the heartbeat to move", Duration::from_secs(5), |i| {
+        i.heartbeat.as_ref().unwrap().counter > before
+    });
+    src.command("dirty stop", "dirty off");
+    assert_eq!(src.command("echo still here", "still"), "still here");
+}
+
+fn sum_of(vm: &mut Vm, addr: u64, len: u64) -> String {
+    let line = vm.command(&format!("sum {addr:#x} {len}"), "sum ");
+    line.split_whitespace()
+        .nth(3)
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string()
+}
+
+fn region_of(line: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("region=0x"))
+        .map(|r| u64::from_str_radix(r, 16).unwrap())
+        .unwrap_or_else(|| panic!("{line}"))
+}
+
+#[test]
+fn guest_moves_between_namespaces_while_dirtying_and_ticking() {
+    let env = Env::new("mig-ok");
+    let net = Net::new("ok");
+    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let mut src = boot_source(&env, &net, "512M");
+
+    // 48 MiB of guest data, written once and then left alone...
+    let on = src.command("dirty 48 4000", "dirty on");
+    let base = region_of(&on);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while src.info().heartbeat.unwrap().dirty_bytes < 48 << 20 {
+        assert!(Instant::now() < deadline, "dirty did not cover 48 MiB");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    src.command("dirty stop", "dirty off");
+    // ...except its first 16 MiB, which the guest keeps rewriting during the migration.
+    let still = (base + (16 << 20), 32u64 << 20);
+    let before = sum_of(&mut src, still.0, still.1);
+    assert_eq!(region_of(&src.command("dirty 16 64", "dirty on")), base);
+    src.command("tick 20", "tick on 20");
+    src.expect_line("tick ", Duration::from_secs(5));
+
+    let mut dst = receive(&env, &net, 7001, &key, "512M");
+    let out = net.ray_ok(
+        &env,
+        &net.a,
+        &[
+            "migrate",
+            "start",
+            "src",
+            "--to",
+            &net.target_addr(7001),
+            "--key-file",
+            &key,
+            "--json",
+        ],
+    );
+    let s: MigrationStatus = serde_json::from_str(&out).unwrap();
+    assert_eq!(s.state, "completed", "{s:?}");
+    assert_eq!(s.vm, "migrated");
+    assert!(s.error.is_none(), "{s:?}");
+    assert!(s.bytes_sent > 0 && s.pass >= 2, "{s:?}");
+    // The source is gone for good: its VMM ended and says why.
+    src.wait_exit(Duration::from_secs(10));
+    let gone = env.ray(&["vm", "status", "src"]);
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("migrated to 10.231.7.2:7001"),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
+    let recorded: MigrationStatus =
+        serde_json::from_str(&env.ray_ok(&["migrate", "status", "src", "--json"])).unwrap();
+    assert_eq!(recorded.state, "completed");
+
+    // The guest continues on the target: ticking, dirtying, answering.
+    let t = migration(&dst);
+    assert_eq!(
+        (t.state.as_str(), t.vm.as_str()),
+        ("completed", "running"),
+        "{t:?}"
+    );
+    let info = dst.wait_for("heartbeat on the target", Duration::from_secs(5), |i| {
+        i.state == VmStateName::Running && i.heartbeat.as_ref().is_some_and(|h| h.pvm)
+    });
+    assert_eq!(info.heartbeat.unwrap().cpus_online, 2);
+    dst.expect_line("tick ", Duration::from_secs(5));
+    let dirtied = dst.info().heartbeat.unwrap().dirty_bytes;
+    dst.wait_for("dirty to go on", Duration::from_secs(5), |i| {
+        i.heartbeat.as_ref().unwrap().dirty_bytes > dirtied
+    });
+    dst.command("dirty stop", "dirty off");
+    assert_eq!(
+        sum_of(&mut dst, still.0, still.1),
+        before,
+        "guest memory the workload no longer touched differs after the migration"
+    );
+    assert_eq!(dst.command("echo moved", "moved"), "moved");
+
+    // Downtime as the guest saw it: from the source's pause to the first heartbeat here.
+    let t = wait_heartbeat_recorded(&dst);
+    let paused = s.paused_at_unix_us.expect("the source records its pause");
+    let first = t.first_heartbeat_unix_us.unwrap();
+    assert!(
+        first > paused,
+        "heartbeat {first} before the pause {paused}"
+    );
+    eprintln!(
+        "migration: {} passes, {:.1} MiB sent, downtime {:.2} ms (driver), heartbeat gap {:.2} ms, total {:.0} ms",
+        s.pass,
+        s.bytes_sent as f64 / (1 << 20) as f64,
+        s.downtime_ms.unwrap(),
+        (first - paused) as f64 / 1e3,
+        s.total_ms.unwrap()
+    );
+    let events = env.ray_ok(&["vm", "events", "dst"]);
+    assert!(events.contains("migrate:resumed here"), "{events}");
+}
+
+fn wait_heartbeat_recorded(dst: &Vm) -> MigrationStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = migration(dst);
+        if t.first_heartbeat_unix_us.is_some() {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat after resume: {t:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn killed_target_mid_pre_copy_leaves_the_source_running() {
+    let env = Env::new("mig-kill");
+    let net = Net::new("kill");
+    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let mut src = boot_source(&env, &net, "256M");
+    let dst = receive(&env, &net, 7002, &key, "256M");
+    start_endless(&env, &net, &mut src, 7002, &key);
+    wait_for_pass(&src, 3);
+    // SAFETY: kill(2) of the target VMM this test started.
+    unsafe {
+        libc::kill(dst.pid as libc::pid_t, libc::SIGKILL);
+    }
+    let s = wait_for_end(&src);
+    assert_eq!(
+        (s.state.as_str(), s.vm.as_str()),
+        ("failed", "running"),
+        "{s:?}"
+    );
+    let err = s.error.unwrap();
+    assert!(
+        err.contains("peer closed the migration connection")
+            || err.contains("migration connection failed"),
+        "{err}"
+    );
+    assert_source_runs(&mut src);
+}
+
+#[test]
+fn cut_link_mid_transfer_leaves_the_source_running() {
+    let env = Env::new("mig-cut");
+    let net = Net::new("cut");
+    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let mut src = boot_source(&env, &net, "256M");
+    let dst = receive(&env, &net, 7003, &key, "256M");
+    start_endless(&env, &net, &mut src, 7003, &key);
+    wait_for_pass(&src, 3);
+    net.cut();
+    let s = wait_for_end(&src);
+    assert_eq!(
+        (s.state.as_str(), s.vm.as_str()),
+        ("failed", "running"),
+        "{s:?}"
+    );
+    let err = s.error.unwrap();
+    assert!(err.contains("migration connection failed"), "{err}");
+    assert_source_runs(&mut src);
+    // The target gave up too and tore its copy down: it never ran the VM.
+    dst.wait_exit(Duration::from_secs(30));
+    let t: MigrationStatus =
+        serde_json::from_str(&env.ray_ok(&["migrate", "status", "dst", "--json"])).unwrap();
+    assert_eq!(
+        (t.state.as_str(), t.vm.as_str()),
+        ("failed", "discarded"),
+        "{t:?}"
+    );
+    assert!(t.resumed_at_unix_us.is_none());
+}
+
+#[test]
+fn wrong_key_is_refused_before_any_memory_moves() {
+    let env = Env::new("mig-key");
+    let net = Net::new("key");
+    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let other = key_file(&env, "other", "another key, just as long");
+    let mut src = boot_source(&env, &net, "256M");
+    let dst = receive(&env, &net, 7004, &other, "256M");
+    let out = net.ray(
+        &env,
+        &net.a,
+        &[
+            "migrate",
+            "start",
+            "src",
+            "--to",
+            &net.target_addr(7004),
+            "--key-file",
+            &key,
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pre-shared key"), "{err}");
+    let s = migration(&src);
+    assert_eq!(
+        (s.state.as_str(), s.vm.as_str()),
+        ("failed", "running"),
+        "{s:?}"
+    );
+    assert_eq!(s.pages_sent, 0, "no page may move before authentication");
+    assert_source_runs(&mut src);
+    dst.wait_exit(Duration::from_secs(10));
+
+    // A key file that is too short is refused by the API, naming the file.
+    let short = key_file(&env, "short", "tiny");
+    let out = net.ray(
+        &env,
+        &net.a,
+        &[
+            "migrate",
+            "start",
+            "src",
+            "--to",
+            "10.231.7.2:7004",
+            "--key-file",
+            &short,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(6), "bad request");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("short") && err.contains("at least 16"),
+        "{err}"
+    );
+    assert_eq!(src.state(), VmStateName::Running);
+}
+
+#[test]
+fn incompatible_target_is_refused_before_any_memory_moves() {
+    let env = Env::new("mig-compat");
+    let net = Net::new("compat");
+    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let mut src = boot_source(&env, &net, "256M");
+    let dst = receive(&env, &net, 7005, &key, "128M");
+    let out = net.ray(
+        &env,
+        &net.a,
+        &[
+            "migrate",
+            "start",
+            "src",
+            "--to",
+            &net.target_addr(7005),
+            "--key-file",
+            &key,
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("incompatible") && err.contains("memory layout differs"),
+        "{err}"
+    );
+    let s = migration(&src);
+    assert_eq!(
+        (s.state.as_str(), s.vm.as_str()),
+        ("failed", "running"),
+        "{s:?}"
+    );
+    assert_eq!(s.pages_sent, 0);
+    assert_source_runs(&mut src);
+    dst.wait_exit(Duration::from_secs(10));
+}
+
+#[test]
+fn cancel_mid_pre_copy_rolls_back() {
+    let env = Env::new("mig-cancel");
+    let net = Net::new("cancel");
+    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let mut src = boot_source(&env, &net, "256M");
+    let dst = receive(&env, &net, 7006, &key, "256M");
+    start_endless(&env, &net, &mut src, 7006, &key);
+    wait_for_pass(&src, 2);
+    let out = env.ray_ok(&["migrate", "cancel", "src", "--json"]);
+    let s: MigrationStatus = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (s.state.as_str(), s.vm.as_str()),
+        ("failed", "running"),
+        "{s:?}"
+    );
+    assert!(
+        s.error
+            .as_deref()
+            .unwrap()
+            .contains("the migration was cancelled"),
+        "{s:?}"
+    );
+    assert_eq!(s.throttle_percent, 0);
+    assert_source_runs(&mut src);
+    // The target learnt of the abort and discarded its copy.
+    dst.wait_exit(Duration::from_secs(30));
+    // Nothing left to cancel; a second migration may start again later.
+    let again = env.ray(&["migrate", "cancel", "src"]);
+    assert_eq!(again.status.code(), Some(4));
+    let sessions = env.ray_ok(&["migrate", "sessions"]);
+    assert!(
+        sessions.contains("src") && sessions.contains("failed"),
+        "{sessions}"
+    );
+}
