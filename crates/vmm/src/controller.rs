@@ -478,6 +478,18 @@ impl Controller {
 
     /// Carries out one request of the migration thread.
     pub fn migration_op(&mut self, op: MigrationOp) -> OpResult {
+        // `RAY_MIGRATION_TRACE=1` in the VMM's environment logs each step's duration.
+        let trace = std::env::var_os("RAY_MIGRATION_TRACE").is_some();
+        let name: String = format!("{op:?}").chars().take(24).collect();
+        let t = Instant::now();
+        let r = self.migration_op_inner(op);
+        if trace {
+            eprintln!("{} {name} took {:?}", mig::unix_us(), t.elapsed());
+        }
+        r
+    }
+
+    fn migration_op_inner(&mut self, op: MigrationOp) -> OpResult {
         let source = matches!(
             op,
             MigrationOp::StartDirtyLog
@@ -512,8 +524,9 @@ impl Controller {
                 ))
             }
             MigrationOp::Pause => {
-                self.machine.as_ref().ok_or_else(gone)?.pause();
+                // The guest's heartbeat stops when the pause begins.
                 let t = mig::unix_us();
+                self.machine.as_ref().ok_or_else(gone)?.pause();
                 if let Some(h) = &self.migration {
                     h.update(|r| r.paused_at_unix_us = Some(t));
                 }
@@ -549,13 +562,17 @@ impl Controller {
                 self.start_incoming()?;
                 let m = self.machine.as_ref().ok_or_else(gone)?;
                 let mem = m.vm.memory.clone();
+                // The guest's heartbeat as it stopped on the source: the first change
+                // after the start below is the end of the downtime the guest saw.
+                let baseline = heartbeat::sample(&mem).map(|(c, _)| c);
                 let t = mig::unix_us();
-                self.apply(VmAction::MigrationComplete, "migrate:resumed here")
-                    .map_err(|e| e.to_string())?;
+                m.resume();
                 if let Some(h) = &self.migration {
                     h.update(|r| r.resumed_at_unix_us = Some(t));
-                    mig::watch_heartbeat(mem, h.clone());
+                    mig::watch_heartbeat(mem, baseline, h.clone());
                 }
+                // The lifecycle transition (and its audit record) follows the reply:
+                // see `finish_target_resume`.
                 Ok(OpReply::Done)
             }
             MigrationOp::Discard => {
@@ -566,6 +583,14 @@ impl Controller {
                 self.incoming_state = None;
                 Ok(OpReply::Done)
             }
+        }
+    }
+
+    /// Target, right after the driver learnt that the VM runs here: the lifecycle state
+    /// follows (off the downtime's critical path: the audit record goes to disk).
+    pub fn finish_target_resume(&mut self) {
+        if self.state == VmState::MigrationTarget && self.machine.is_some() {
+            let _ = self.apply(VmAction::MigrationComplete, "migrate:resumed here");
         }
     }
 

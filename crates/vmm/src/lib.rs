@@ -166,7 +166,13 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
             Message::Vcpu(event) => ctl.on_vcpu_event(event),
             Message::Signal(sig) => ctl.on_signal(sig, &rx),
             Message::Migration(op, reply) => {
-                let _ = reply.send(ctl.migration_op(op));
+                let resumed = matches!(op, migration::MigrationOp::TargetResume);
+                let result = ctl.migration_op(op);
+                let ok = result.is_ok();
+                let _ = reply.send(result);
+                if resumed && ok {
+                    ctl.finish_target_resume();
+                }
             }
             Message::MigrationEnded(ended) => ctl.on_migration_ended(ended),
         }

@@ -359,6 +359,10 @@ struct ChunkCache {
     bumped: Vec<Vec<AtomicU64>>,
     epoch: AtomicU64,
     hashes: Vec<Mutex<Vec<Option<CachedHash>>>>,
+    /// Chunks hashed because no valid hash was cached (for tracing).
+    misses: AtomicU64,
+    /// Something changed since the background hasher's last sweep (a bump or a dirty log).
+    changed: AtomicBool,
 }
 
 /// A chunk's hash and the generation it was read at.
@@ -381,6 +385,8 @@ impl ChunkCache {
                 .map(|&(_, l)| (0..per(l)).map(|_| AtomicU64::new(u64::MAX)).collect())
                 .collect(),
             epoch: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            changed: AtomicBool::new(true),
             hashes: regions
                 .iter()
                 .map(|&(_, l)| Mutex::new(vec![None; per(l)]))
@@ -391,6 +397,7 @@ impl ChunkCache {
     fn bump(&self, r: usize, c: usize) {
         self.gens[r][c].fetch_add(1, Ordering::AcqRel);
         self.bumped[r][c].store(self.epoch.load(Ordering::Acquire), Ordering::Release);
+        self.changed.store(true, Ordering::Release);
     }
 
     fn cached(&self, r: usize, c: usize, gen: u64) -> Option<[u8; 32]> {
@@ -461,6 +468,8 @@ impl MemAccess {
     /// Source: a dirty log arrived (its pages are already in the page map).
     fn bump_dirty(&self, logs: &[DirtyBitmap]) {
         self.cache.epoch.fetch_add(1, Ordering::AcqRel);
+        // Hot chunks may have cooled down: worth a sweep even if nothing was bumped.
+        self.cache.changed.store(true, Ordering::Release);
         for (r, log) in logs.iter().enumerate().take(self.regions.len()) {
             let mut last = usize::MAX;
             for p in log.iter() {
@@ -490,6 +499,7 @@ impl MemAccess {
         if let Some(h) = self.cache.cached(r, c, gen) {
             return Ok(h);
         }
+        self.cache.misses.fetch_add(1, Ordering::Relaxed);
         let (start, _, size) = self.regions[r];
         let off = c as u64 * CHUNK;
         let len = (size - off).min(CHUNK) as usize;
@@ -508,6 +518,9 @@ impl MemAccess {
     fn hash_stale(&self, stop: &AtomicBool, skip_hot: bool, buf: &mut [u8]) -> usize {
         if !self.map.enabled.load(Ordering::Acquire) {
             // Source before dirty logging: a hash now could miss later writes.
+            return 0;
+        }
+        if !self.cache.changed.swap(false, Ordering::AcqRel) {
             return 0;
         }
         let epoch = self.cache.epoch.load(Ordering::Acquire);
@@ -615,6 +628,11 @@ impl GuestMemoryAccess for MemAccess {
 
     fn region_hashes(&self) -> Result<Vec<ray_migration::protocol::RegionHash>, MemoryError> {
         let mut buf = vec![0u8; CHUNK as usize];
+        let _trace = Trace(
+            Instant::now(),
+            self.cache.misses.load(Ordering::Relaxed),
+            self,
+        );
         self.regions()
             .iter()
             .enumerate()
@@ -625,6 +643,21 @@ impl GuestMemoryAccess for MemAccess {
                 Ok(ray_migration::vm::combine_chunks(region, chunks))
             })
             .collect()
+    }
+}
+
+/// With `RAY_MIGRATION_TRACE` set: how long verification hashing took, chunks hashed.
+struct Trace<'a>(Instant, u64, &'a MemAccess);
+impl Drop for Trace<'_> {
+    fn drop(&mut self) {
+        if std::env::var_os("RAY_MIGRATION_TRACE").is_some() {
+            let misses = self.2.cache.misses.load(Ordering::Relaxed) - self.1;
+            eprintln!(
+                "{} region_hashes took {:?} ({misses} chunks hashed)",
+                unix_us(),
+                self.0.elapsed()
+            );
+        }
     }
 }
 
@@ -949,14 +982,13 @@ pub enum TargetError {
 }
 
 /// Polls the heartbeat page after a resume and records when the counter first moves.
-pub fn watch_heartbeat(mem: GuestMem, handle: Handle) {
+/// `baseline` is the counter read before the vCPUs started.
+pub fn watch_heartbeat(mem: GuestMem, baseline: Option<u64>, handle: Handle) {
+    let Some(start) = baseline else { return };
     let _ = std::thread::Builder::new()
         .name("migration-heartbeat".into())
         .stack_size(64 << 10)
         .spawn(move || {
-            let Some((start, _)) = crate::heartbeat::sample(&mem) else {
-                return;
-            };
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Some((c, _)) = crate::heartbeat::sample(&mem) {
@@ -966,7 +998,6 @@ pub fn watch_heartbeat(mem: GuestMem, handle: Handle) {
                         return;
                     }
                 }
-                std::hint::spin_loop();
                 std::thread::sleep(Duration::from_micros(20));
             }
         });
