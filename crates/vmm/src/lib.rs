@@ -124,8 +124,12 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
         ctl.handle(Request::Configure(cfg), &rx)
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
     }
-    let mut server =
-        api_server::ApiServer::start(&ctl.paths.socket(), tx.clone(), ctl.ring.clone())?;
+    let mut server = api_server::ApiServer::start(
+        &ctl.paths.socket(),
+        tx.clone(),
+        ctl.ring.clone(),
+        ctl.meter.clone(),
+    )?;
     let started = match &opts.restore {
         Some(dir) => ctl.restore(dir, opts.verify_memory).map(|_| Response::Done),
         None if opts.start => ctl.handle(Request::Start, &rx),
