@@ -170,6 +170,25 @@ fn damaged_snapshots_are_refused_with_the_file_named() {
         "{err}"
     );
 
+    // A snapshot from another host, or of another format version, is refused.
+    let edit = |name: &str, from: &str, to: &str| {
+        let dir = copy(name);
+        let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+        assert!(text.contains(from), "{text}");
+        std::fs::write(dir.join("manifest.json"), text.replacen(from, to, 1)).unwrap();
+        let out = env.ray(&["snapshot", "restore", dir.to_str().unwrap(), "--detach"]);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = edit("other-cpu", "\"cpu\": \"", "\"cpu\": \"other-");
+    assert!(err.contains("was taken on an incompatible host"), "{err}");
+    let err = edit(
+        "other-version",
+        "\"format_version\": 1",
+        "\"format_version\": 9",
+    );
+    assert!(err.contains("format version 9"), "{err}");
+
     // The original still restores, and the source VM was never disturbed.
     let back = restore(&env, good.to_str().unwrap(), "from-good");
     assert_eq!(back.state(), VmStateName::Running);
@@ -252,22 +271,32 @@ fn incremental_chain_of_three_restores_each_checkpoint_and_merges() {
         rewrite_region(&mut vm, 8);
         sums.push(sum_of(&mut vm, region, 8 << 20));
         assert_ne!(sums[k], sums[k - 1], "the workload must change memory");
-        let info = json(&env.ray_ok(&[
+        let path = at(&format!("c{k}"));
+        let mut args = vec![
             "snapshot",
             "create",
             &vm.id,
-            &at(&format!("c{k}")),
+            &path,
             "--pause",
             "--incremental",
             "--json",
-        ]));
+        ];
+        // The middle link is zstd-compressed: chains mix both.
+        if k == 2 {
+            args.push("--compress");
+        }
+        let info = json(&env.ray_ok(&args));
         assert_eq!(info["kind"], "incremental", "{info}");
+        assert_eq!(info["compressed"], k == 2, "{info}");
         assert_eq!(info["parent"], format!("c{}", k - 1), "{info}");
         // The 8 MiB rewritten plus the few pages the guest kernel itself wrote.
         let stored = info["stored_pages"].as_u64().unwrap();
         assert!((2048..2048 + 256).contains(&stored), "{info}");
         let disk = info["disk_bytes"].as_u64().unwrap();
         assert!(disk < (8 << 20) * 11 / 10 + (256 << 10), "{info}");
+        if k != 2 {
+            assert!(disk >= 8 << 20, "{info}");
+        }
     }
     assert_eq!(vm.state(), VmStateName::Running);
     env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
@@ -336,6 +365,19 @@ fn checkpoints_chain_themselves_and_the_api_lists_them() {
     let second = json(&env.ray_ok(&["vm", "checkpoint", &vm.id, "--store", store_s, "--json"]));
     assert_eq!(second["kind"], "incremental", "{second}");
     assert_eq!(second["parent"], first["id"], "{second}");
+    // The per-VM limit is enforced by the store, naming it.
+    let out = env.ray(&[
+        "vm",
+        "checkpoint",
+        &vm.id,
+        "--store",
+        store_s,
+        "--max-snapshots",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the limit is 2"), "{err}");
     assert_eq!(vm.state(), VmStateName::Running);
     // The VM knows its latest snapshot, and its API lists that store by default.
     let info = vm.info();

@@ -178,6 +178,10 @@ pub struct SnapshotRequest {
     /// zstd-compress memory (a compressed full snapshot is read, not mapped, on restore).
     #[serde(default)]
     pub compress: bool,
+    /// Most snapshots this VM may have in the store (default 256); beyond it the snapshot
+    /// is refused until some are deleted or merged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_snapshots: Option<u32>,
 }
 
 /// `PUT /vm/snapshot` answer.

@@ -181,6 +181,7 @@ pub fn run(a: &SnapshotBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 pause: false,
                 kind,
                 compress: false,
+                max_snapshots: None,
             };
             Ok(client.call("PUT", "/vm/snapshot", Some(serde_json::to_vec(&req)?))?)
         };

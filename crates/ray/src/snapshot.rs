@@ -50,6 +50,9 @@ pub struct CreateArgs {
     /// zstd-compress memory.
     #[arg(long)]
     pub compress: bool,
+    /// Most snapshots the VM may have in the store.
+    #[arg(long, default_value_t = 256)]
+    pub max_snapshots: u32,
     #[arg(long)]
     pub json: bool,
 }
@@ -65,6 +68,9 @@ pub struct CheckpointArgs {
     /// zstd-compress memory.
     #[arg(long)]
     pub compress: bool,
+    /// Most checkpoints the VM may have in the store.
+    #[arg(long, default_value_t = 256)]
+    pub max_snapshots: u32,
     #[arg(long)]
     pub json: bool,
 }
@@ -151,7 +157,13 @@ pub fn run(cmd: SnapshotCommand, runtime: &Path) -> anyhow::Result<()> {
             } else {
                 SnapshotKind::Full
             };
-            create(runtime, &a.id, &a.path, kind, a.pause, a.compress, a.json)
+            let opts = Options {
+                kind,
+                pause: a.pause,
+                compress: a.compress,
+                max_snapshots: a.max_snapshots,
+            };
+            create(runtime, &a.id, &a.path, &opts, a.json)
         }
         SnapshotCommand::Restore(a) => {
             let snapshot = a
@@ -216,15 +228,13 @@ pub fn checkpoint(runtime: &Path, a: &CheckpointArgs) -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     let path = store.join(format!("{}-{ms}", a.id));
-    create(
-        runtime,
-        &a.id,
-        &path,
-        SnapshotKind::Auto,
-        true,
-        a.compress,
-        a.json,
-    )
+    let opts = Options {
+        kind: SnapshotKind::Auto,
+        pause: true,
+        compress: a.compress,
+        max_snapshots: a.max_snapshots,
+    };
+    create(runtime, &a.id, &path, &opts, a.json)
 }
 
 /// A bar that follows the VMM's `GET /vm/snapshot/progress` while `work` runs.
@@ -268,13 +278,19 @@ fn with_progress<T>(
     })
 }
 
+/// How to take a snapshot.
+pub struct Options {
+    pub kind: SnapshotKind,
+    pub pause: bool,
+    pub compress: bool,
+    pub max_snapshots: u32,
+}
+
 pub fn create(
     runtime: &Path,
     vm: &str,
     path: &Path,
-    kind: SnapshotKind,
-    pause: bool,
-    compress: bool,
+    opts: &Options,
     json: bool,
 ) -> anyhow::Result<()> {
     let c = client(runtime, vm)?;
@@ -283,9 +299,10 @@ pub fn create(
         std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))?;
     let body = serde_json::to_vec(&SnapshotRequest {
         path: path.display().to_string(),
-        pause,
-        kind,
-        compress,
+        pause: opts.pause,
+        kind: opts.kind,
+        compress: opts.compress,
+        max_snapshots: Some(opts.max_snapshots),
     })?;
     let label = format!("snapshot of {vm}");
     let info: SnapshotInfo = with_progress(poller, label, !json, || {

@@ -321,7 +321,17 @@ impl Controller {
             self.apply(VmAction::Pause, "api:snapshot")?;
         }
         let t_write = Instant::now();
-        let result = self.write_snapshot(&path, &config, parent.as_deref(), req.compress);
+        let max = req
+            .max_snapshots
+            .map_or(ray_snapshot::SnapshotStore::DEFAULT_MAX_PER_VM, |m| {
+                m as usize
+            });
+        if max == 0 {
+            return Err(RequestError::bad_request(
+                "max_snapshots must be at least 1",
+            ));
+        }
+        let result = self.write_snapshot(&path, &config, parent.as_deref(), req.compress, max);
         let write_ms = t_write.elapsed().as_secs_f64() * 1e3;
         if running {
             self.machine()?.resume();
@@ -357,6 +367,7 @@ impl Controller {
         config: &VmConfig,
         parent: Option<&str>,
         compress: bool,
+        max_snapshots: usize,
     ) -> Result<(ray_snapshot::Manifest, Option<ray_snapshot::DirtyBitmap>), RequestError> {
         let failed = |e: String| RequestError::internal(format!("snapshot failed: {e}"));
         let machine = self.machine.as_mut().ok_or_else(|| {
@@ -399,6 +410,7 @@ impl Controller {
             compat,
             parent,
             compress,
+            max_snapshots,
         };
         let manifest = crate::snapshot::create(&spec, &state, &machine.vm.memory, &self.meter)
             .map_err(|e| match e {
@@ -502,7 +514,7 @@ impl Controller {
             .config
             .clone()
             .ok_or_else(|| RequestError::conflict("the VM has no configuration"))?;
-        let (_, carried) = self.write_snapshot(&dir, &config, None, false)?;
+        let (_, carried) = self.write_snapshot(&dir, &config, None, false, 1)?;
         // The suspend image is not a checkpoint: after resume, the next incremental
         // snapshot still builds on the VM's last one, with every page written since.
         self.suspended_dirty = carried;

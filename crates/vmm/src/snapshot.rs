@@ -169,6 +169,8 @@ pub struct NewSnapshotSpec<'a> {
     /// The parent's id (in the same store) and the pages written since it was taken.
     pub parent: Option<(&'a str, &'a DirtyBitmap)>,
     pub compress: bool,
+    /// Most snapshots of this VM in the store.
+    pub max_snapshots: usize,
 }
 
 /// Writes a snapshot of a paused machine.
@@ -179,7 +181,7 @@ pub fn create(
     meter: &Meter,
 ) -> Result<Manifest, SnapshotError> {
     let (store_dir, id) = split_path(spec.path)?;
-    let store = SnapshotStore::open(&store_dir)?;
+    let store = SnapshotStore::open(&store_dir)?.with_max_per_vm(spec.max_snapshots);
     let payload = serde_json::to_vec(state).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
     // SAFETY: the VM is paused while its snapshot is written: nothing writes its memory.
     let slices = unsafe { crate::memory::host_slices(mem) };
