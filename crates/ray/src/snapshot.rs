@@ -47,6 +47,13 @@ pub struct CreateArgs {
     /// (it must be in the same store).
     #[arg(long)]
     pub incremental: bool,
+    #[command(flatten)]
+    pub write: WriteFlags,
+}
+
+/// Flags of every command that writes a snapshot.
+#[derive(Args)]
+pub struct WriteFlags {
     /// zstd-compress memory.
     #[arg(long)]
     pub compress: bool,
@@ -65,14 +72,8 @@ pub struct CheckpointArgs {
     /// else ~/.local/share/rayvisor/snapshots).
     #[arg(long)]
     pub store: Option<PathBuf>,
-    /// zstd-compress memory.
-    #[arg(long)]
-    pub compress: bool,
-    /// Most checkpoints the VM may have in the store.
-    #[arg(long, default_value_t = 256)]
-    pub max_snapshots: u32,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub write: WriteFlags,
 }
 
 #[derive(Args)]
@@ -160,10 +161,10 @@ pub fn run(cmd: SnapshotCommand, runtime: &Path) -> anyhow::Result<()> {
             let opts = Options {
                 kind,
                 pause: a.pause,
-                compress: a.compress,
-                max_snapshots: a.max_snapshots,
+                compress: a.write.compress,
+                max_snapshots: a.write.max_snapshots,
             };
-            create(runtime, &a.id, &a.path, &opts, a.json)
+            create(runtime, &a.id, &a.path, &opts, a.write.json)
         }
         SnapshotCommand::Restore(a) => {
             let snapshot = a
@@ -231,10 +232,10 @@ pub fn checkpoint(runtime: &Path, a: &CheckpointArgs) -> anyhow::Result<()> {
     let opts = Options {
         kind: SnapshotKind::Auto,
         pause: true,
-        compress: a.compress,
-        max_snapshots: a.max_snapshots,
+        compress: a.write.compress,
+        max_snapshots: a.write.max_snapshots,
     };
-    create(runtime, &a.id, &path, &opts, a.json)
+    create(runtime, &a.id, &path, &opts, a.write.json)
 }
 
 /// A bar that follows the VMM's `GET /vm/snapshot/progress` while `work` runs.
