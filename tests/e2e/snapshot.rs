@@ -57,7 +57,7 @@ fn restored_guest_continues_with_identical_memory() {
     let info: serde_json::Value = serde_json::from_str(&out).unwrap();
     eprintln!("snapshot: {info}");
     // Only what the guest touched is on disk: 16 MiB dirtied, 256 MiB of RAM.
-    let on_disk = info["memory_allocated_bytes"].as_u64().unwrap();
+    let on_disk = info["disk_bytes"].as_u64().unwrap();
     assert!((16 << 20..32 << 20).contains(&on_disk), "{info}");
     env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
 
@@ -119,9 +119,10 @@ fn damaged_snapshots_are_refused_with_the_file_named() {
         good.to_str().unwrap(),
         "--pause",
     ]);
+    // Damaged copies, each in a store of its own under the same id.
     let copy = |name: &str| {
-        let dir = env.runtime.join(name);
-        std::fs::create_dir(&dir).unwrap();
+        let dir = env.runtime.join(name).join("good");
+        std::fs::create_dir_all(&dir).unwrap();
         for f in ["manifest.json", "state.bin", "memory.raw"] {
             std::fs::copy(good.join(f), dir.join(f)).unwrap();
         }
@@ -150,7 +151,10 @@ fn damaged_snapshots_are_refused_with_the_file_named() {
     let out = env.ray(&["snapshot", "restore", memory.to_str().unwrap(), "--detach"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("memory.raw is damaged: checksum"), "{err}");
+    assert!(
+        err.contains("memory.raw fails its checksum in guest memory"),
+        "{err}"
+    );
 
     let manifest = copy("bad-manifest");
     std::fs::write(manifest.join("manifest.json"), b"{\"format_version\": 1}").unwrap();
@@ -165,6 +169,25 @@ fn damaged_snapshots_are_refused_with_the_file_named() {
         err.contains("manifest.json is invalid: missing field"),
         "{err}"
     );
+
+    // A snapshot from another host, or of another format version, is refused.
+    let edit = |name: &str, from: &str, to: &str| {
+        let dir = copy(name);
+        let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+        assert!(text.contains(from), "{text}");
+        std::fs::write(dir.join("manifest.json"), text.replacen(from, to, 1)).unwrap();
+        let out = env.ray(&["snapshot", "restore", dir.to_str().unwrap(), "--detach"]);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = edit("other-cpu", "\"cpu\": \"", "\"cpu\": \"other-");
+    assert!(err.contains("was taken on an incompatible host"), "{err}");
+    let err = edit(
+        "other-version",
+        "\"format_version\": 1",
+        "\"format_version\": 9",
+    );
+    assert!(err.contains("format version 9"), "{err}");
 
     // The original still restores, and the source VM was never disturbed.
     let back = restore(&env, good.to_str().unwrap(), "from-good");
@@ -217,4 +240,180 @@ fn kill_during_a_snapshot_leaves_no_snapshot_and_older_ones_intact() {
     // The older snapshot restores and runs.
     let back = restore(&env, older.to_str().unwrap(), "after-crash");
     assert_eq!(back.state(), VmStateName::Running);
+}
+
+/// Lets the running `dirty` workload rewrite its whole region once more.
+fn rewrite_region(vm: &mut Vm, mib: u64) {
+    let start = vm.info().heartbeat.unwrap().dirty_bytes;
+    vm.command(&format!("dirty {mib} 4000"), "dirty on");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while vm.info().heartbeat.unwrap().dirty_bytes < start + (mib << 20) {
+        assert!(Instant::now() < deadline, "dirty did not rewrite {mib} MiB");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    vm.command("dirty stop", "dirty off");
+}
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn incremental_chain_of_three_restores_each_checkpoint_and_merges() {
+    let env = Env::new("snap-chain");
+    let store = env.runtime.join("store");
+    let at = |name: &str| store.join(name).to_str().unwrap().to_string();
+    let (mut vm, region) = dirtied(&env, "256M", 8);
+    let mut sums = vec![sum_of(&mut vm, region, 8 << 20)];
+    let full = json(&env.ray_ok(&["snapshot", "create", &vm.id, &at("c0"), "--pause", "--json"]));
+    assert_eq!(full["kind"], "full", "{full}");
+    for k in 1..=3 {
+        rewrite_region(&mut vm, 8);
+        sums.push(sum_of(&mut vm, region, 8 << 20));
+        assert_ne!(sums[k], sums[k - 1], "the workload must change memory");
+        let path = at(&format!("c{k}"));
+        let mut args = vec![
+            "snapshot",
+            "create",
+            &vm.id,
+            &path,
+            "--pause",
+            "--incremental",
+            "--json",
+        ];
+        // The middle link is zstd-compressed: chains mix both.
+        if k == 2 {
+            args.push("--compress");
+        }
+        let info = json(&env.ray_ok(&args));
+        assert_eq!(info["kind"], "incremental", "{info}");
+        assert_eq!(info["compressed"], k == 2, "{info}");
+        assert_eq!(info["parent"], format!("c{}", k - 1), "{info}");
+        // The 8 MiB rewritten plus the few pages the guest kernel itself wrote.
+        let stored = info["stored_pages"].as_u64().unwrap();
+        assert!((2048..2048 + 256).contains(&stored), "{info}");
+        let disk = info["disk_bytes"].as_u64().unwrap();
+        assert!(disk < (8 << 20) * 11 / 10 + (256 << 10), "{info}");
+        if k != 2 {
+            assert!(disk >= 8 << 20, "{info}");
+        }
+    }
+    assert_eq!(vm.state(), VmStateName::Running);
+    env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
+
+    let list = json(&env.ray_ok(&["snapshot", "list", store.to_str().unwrap(), "--json"]));
+    let entries: Vec<(String, u64)> = list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap().to_string(),
+                e["depth"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [("c0", 0), ("c1", 1), ("c2", 2), ("c3", 3)].map(|(i, d)| (i.to_string(), d)),
+        "{list}"
+    );
+
+    // Every checkpoint restores to exactly its memory, and keeps running.
+    for (k, expected) in sums.iter().enumerate() {
+        let id = format!("back-{k}");
+        let mut back = restore(&env, &at(&format!("c{k}")), &id);
+        assert_eq!(&sum_of(&mut back, region, 8 << 20), expected, "c{k}");
+        assert_eq!(back.command("echo alive", "alive"), "alive");
+        env.ray_ok(&["vm", "stop", &id, "--timeout-ms", "0"]);
+    }
+
+    // A snapshot others depend on cannot be deleted.
+    let out = env.ray(&["snapshot", "delete", &at("c1")]);
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("depend on it") && err.contains("c2"), "{err}");
+
+    // Merge flattens the chain into a full snapshot that restores on its own.
+    let merged = json(&env.ray_ok(&["snapshot", "merge", &at("c3"), "--into", "flat", "--json"]));
+    assert_eq!(merged["kind"], "full", "{merged}");
+    for k in [3, 2, 1] {
+        env.ray_ok(&["snapshot", "delete", &at(&format!("c{k}"))]);
+    }
+    let mut flat = restore(&env, &at("flat"), "from-flat");
+    assert_eq!(sum_of(&mut flat, region, 8 << 20), sums[3]);
+    let list = json(&env.ray_ok(&["snapshot", "list", store.to_str().unwrap(), "--json"]));
+    let ids: Vec<&str> = list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["c0", "flat"], "{list}");
+}
+
+#[test]
+fn checkpoints_chain_themselves_and_the_api_lists_them() {
+    let env = Env::new("snap-checkpoint");
+    let mut vm = env.boot(&[]);
+    vm.expect_line("ready", READY);
+    let store = env.runtime.join("checkpoints");
+    let store_s = store.to_str().unwrap();
+    let first = json(&env.ray_ok(&["vm", "checkpoint", &vm.id, "--store", store_s, "--json"]));
+    assert_eq!(first["kind"], "full", "{first}");
+    vm.command("echo between", "between");
+    let second = json(&env.ray_ok(&["vm", "checkpoint", &vm.id, "--store", store_s, "--json"]));
+    assert_eq!(second["kind"], "incremental", "{second}");
+    assert_eq!(second["parent"], first["id"], "{second}");
+    // The per-VM limit is enforced by the store, naming it.
+    let out = env.ray(&[
+        "vm",
+        "checkpoint",
+        &vm.id,
+        "--store",
+        store_s,
+        "--max-snapshots",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the limit is 2"), "{err}");
+    assert_eq!(vm.state(), VmStateName::Running);
+    // The VM knows its latest snapshot, and its API lists that store by default.
+    let info = vm.info();
+    assert_eq!(
+        info.last_snapshot.as_deref(),
+        second["path"].as_str(),
+        "{info:?}"
+    );
+    let client = ray::client::VmmClient::new(&vm.dir.join("api.sock"));
+    let list: ray_api::vmm::SnapshotList = client.call("GET", "/vm/snapshots", None).unwrap();
+    assert_eq!(list.snapshots.len(), 2, "{list:?}");
+    assert_eq!(list.snapshots[1].depth, 1);
+    // Deleting the parent through the API is refused while the child exists.
+    let body = serde_json::to_vec(&ray_api::vmm::SnapshotDelete {
+        path: store
+            .join(first["id"].as_str().unwrap())
+            .display()
+            .to_string(),
+    })
+    .unwrap();
+    let err = client
+        .call::<serde_json::Value>("PUT", "/vm/snapshot/delete", Some(body))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("depend on it"), "{err}");
+    // An incremental snapshot into another store is refused, naming where it must go.
+    let elsewhere = env.runtime.join("other").join("x");
+    let out = env.ray(&[
+        "snapshot",
+        "create",
+        &vm.id,
+        elsewhere.to_str().unwrap(),
+        "--pause",
+        "--incremental",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("goes beside its parent"), "{err}");
+    assert_eq!(vm.state(), VmStateName::Running);
 }

@@ -85,6 +85,10 @@ pub struct VmInfo {
     /// Why the VM is in `error` or `terminated`, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_reason: Option<String>,
+    /// Path of this VM's latest snapshot (taken or restored): the parent of its next
+    /// incremental snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_snapshot: Option<String>,
 }
 
 /// What the guest reports in its heartbeat page, read by the VMM without any exit.
@@ -144,16 +148,40 @@ pub struct LifecycleEvent {
     pub cause: String,
 }
 
+/// Which kind of snapshot `PUT /vm/snapshot` writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotKind {
+    /// All of memory: restores on its own.
+    #[default]
+    Full,
+    /// Only the pages written since this VM's previous snapshot (its parent), which must be
+    /// in the same directory.
+    Incremental,
+    /// Incremental if this VM has a previous snapshot in the same directory, else full.
+    Auto,
+}
+
 /// `PUT /vm/snapshot` body.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {
-    /// Directory to create for the snapshot (must not exist), on the VMM's host.
+    /// Directory to create for the snapshot (must not exist), on the VMM's host. Its parent
+    /// directory is the snapshot store; its name is the snapshot's id.
     pub path: String,
     /// Pause a running VM for the snapshot and resume it afterwards. Without it, the VM
     /// must already be paused.
     #[serde(default)]
     pub pause: bool,
+    #[serde(default)]
+    pub kind: SnapshotKind,
+    /// zstd-compress memory (a compressed full snapshot is read, not mapped, on restore).
+    #[serde(default)]
+    pub compress: bool,
+    /// Most snapshots this VM may have in the store (default 256); beyond it the snapshot
+    /// is refused until some are deleted or merged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_snapshots: Option<u32>,
 }
 
 /// `PUT /vm/snapshot` answer.
@@ -161,9 +189,17 @@ pub struct SnapshotRequest {
 pub struct SnapshotInfo {
     pub id: String,
     pub path: String,
+    /// The snapshot this one is incremental on, if any.
+    pub parent: Option<String>,
+    /// `full` or `incremental`.
+    pub kind: String,
+    pub compressed: bool,
+    /// Guest RAM size.
     pub memory_bytes: u64,
-    /// Bytes of the memory file on disk (zero pages are holes).
-    pub memory_allocated_bytes: u64,
+    /// Pages stored: non-zero pages of a full snapshot, dirtied pages of an incremental one.
+    pub stored_pages: u64,
+    /// Bytes the snapshot's files occupy on disk (holes excluded).
+    pub disk_bytes: u64,
     pub state_bytes: u64,
     /// How long the vCPUs were stopped for the snapshot, in ms.
     pub paused_ms: f64,
@@ -280,6 +316,68 @@ pub struct MigrationStatus {
     pub first_heartbeat_unix_us: Option<u64>,
 }
 
+/// `GET /vm/snapshot/progress`: the snapshot being written, if any.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotProgress {
+    pub active: bool,
+    pub id: Option<String>,
+    /// Bytes of guest memory gone through so far, of `total_bytes`.
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// One snapshot in a store listing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotEntry {
+    pub id: String,
+    pub parent: Option<String>,
+    /// Distance from the root of its chain (0 for a full snapshot).
+    pub depth: u32,
+    pub vm_id: String,
+    /// `full` or `incremental`.
+    pub kind: String,
+    /// The snapshot's own state: `ready`, `archived`, `error`, ...
+    pub state: String,
+    pub created_ms: u64,
+    pub memory_bytes: u64,
+    pub stored_pages: u64,
+    pub disk_bytes: u64,
+}
+
+/// A directory in a store that is not a readable snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BrokenSnapshot {
+    pub id: String,
+    pub error: String,
+}
+
+/// `GET /vm/snapshots`: every snapshot of a store, parents before their children.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotList {
+    pub store: String,
+    pub snapshots: Vec<SnapshotEntry>,
+    pub broken: Vec<BrokenSnapshot>,
+}
+
+/// `PUT /vm/snapshot/delete` body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotDelete {
+    /// The snapshot's directory.
+    pub path: String,
+}
+
+/// `PUT /vm/snapshot/merge` body: flatten the chain of `path` into a new full snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotMerge {
+    pub path: String,
+    /// Id of the new full snapshot, created beside `path`.
+    pub into: String,
+    #[serde(default)]
+    pub compress: bool,
+}
+
 /// Body of every 4xx/5xx answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
@@ -314,6 +412,21 @@ mod paths {
     #[utoipa::path(put, path = "/vm/snapshot", request_body = SnapshotRequest, responses(
         (status = 200, body = SnapshotInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
     fn snapshot() {}
+
+    #[utoipa::path(get, path = "/vm/snapshot/progress", responses((status = 200, body = SnapshotProgress)))]
+    fn snapshot_progress() {}
+
+    #[utoipa::path(get, path = "/vm/snapshots", params(("store" = Option<String>, Query, description = "the store directory (default: the store of this VM's latest snapshot)")),
+        responses((status = 200, body = SnapshotList), (status = 400, body = ErrorBody)))]
+    fn snapshot_list() {}
+
+    #[utoipa::path(put, path = "/vm/snapshot/delete", request_body = SnapshotDelete, responses(
+        (status = 204), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn snapshot_delete() {}
+
+    #[utoipa::path(put, path = "/vm/snapshot/merge", request_body = SnapshotMerge, responses(
+        (status = 200, body = SnapshotEntry), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn snapshot_merge() {}
 
     #[utoipa::path(put, path = "/vm/stop", request_body = StopRequest, responses(
         (status = 200, body = VmInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
@@ -361,6 +474,10 @@ mod paths {
         paths::resume,
         paths::suspend,
         paths::snapshot,
+        paths::snapshot_progress,
+        paths::snapshot_list,
+        paths::snapshot_delete,
+        paths::snapshot_merge,
         paths::stop,
         paths::events,
         paths::console_tail,
@@ -379,12 +496,19 @@ mod paths {
         ConsoleInput,
         ConsoleTail,
         LifecycleEvent,
+        SnapshotKind,
         SnapshotRequest,
         SnapshotInfo,
         MigrateRequest,
         OnLimit,
         MigrationRole,
         MigrationStatus,
+        SnapshotProgress,
+        SnapshotEntry,
+        BrokenSnapshot,
+        SnapshotList,
+        SnapshotDelete,
+        SnapshotMerge,
         ErrorBody
     ))
 )]

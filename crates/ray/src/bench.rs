@@ -31,6 +31,9 @@ pub struct SnapshotBenchArgs {
     /// How much of it the guest touches before the snapshots.
     #[arg(long, default_value = "256M", value_parser = ray::sizes::parse_size)]
     pub touched: u64,
+    /// How much the guest writes between the full snapshot and the incremental one.
+    #[arg(long, default_value = "16M", value_parser = ray::sizes::parse_size)]
+    pub dirtied: u64,
     /// Where snapshots are written (default: under the runtime directory).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ray::client::VmmClient;
-use ray_api::vmm::{ConsoleInput, SnapshotInfo, SnapshotRequest, VmConfig, VmInfo};
+use ray_api::vmm::{ConsoleInput, SnapshotInfo, SnapshotKind, SnapshotRequest, VmConfig, VmInfo};
 use serde::Serialize;
 
 use crate::bench::{print_row, SnapshotBenchArgs, Stats};
@@ -28,10 +28,24 @@ struct Report {
     disk_mib_s: Stats,
     /// Full snapshot write speed over the disk's, median to median.
     full_speed_ratio: f64,
+    /// Write time of an incremental snapshot on top of the full one after the guest
+    /// rewrote `dirtied_bytes` of memory, ms.
+    incremental_ms: Stats,
+    /// Bytes of the incremental snapshot on disk, manifest excluded (median over runs).
+    incremental_bytes: u64,
+    /// Bytes of its manifest.
+    incremental_manifest_bytes: u64,
+    /// Memory the guest's workload rewrote between the two snapshots.
+    dirtied_bytes: u64,
+    /// incremental_bytes / dirtied_bytes.
+    incremental_ratio: f64,
     /// New VMM process -> the restored guest answers on its console, ms (memory verified).
     restore_ms: Stats,
     /// The same without verifying memory checksums, ms.
     restore_unverified_ms: Stats,
+    /// New VMM process -> guest answers, restoring the incremental snapshot (its chain:
+    /// the full one mapped, the incremental one written over it), memory verified, ms.
+    restore_incremental_ms: Stats,
 }
 
 /// Sequential write speed of the disk under `dir` for as many bytes as a snapshot wrote, MiB/s.
@@ -90,6 +104,9 @@ pub fn run(a: &SnapshotBenchArgs, runtime: &Path) -> anyhow::Result<()> {
     }
     if a.touched > a.memory / 2 {
         bail!("--touched must be at most half of --memory");
+    }
+    if a.dirtied == 0 || a.dirtied > a.touched || !a.dirtied.is_multiple_of(1 << 20) {
+        bail!("--dirtied must be whole MiB, at least 1 MiB and at most --touched");
     }
     let exe = std::env::current_exe()?;
     let dir = a
@@ -155,24 +172,61 @@ pub fn run(a: &SnapshotBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
         let _: VmInfo = client.call("PUT", "/vm/pause", None)?;
         let (mut full, mut disk, mut restore, mut restore_nv) = (vec![], vec![], vec![], vec![]);
+        let (mut incr, mut incr_bytes, mut restore_incr) = (vec![], vec![], vec![]);
         let mut full_bytes = 0;
-        for i in 0..a.runs {
-            let path = dir.join(format!("{id}-{i}"));
-            let _ = std::fs::remove_dir_all(&path);
+        let mut manifest_bytes = 0;
+        let snapshot = |path: &Path, kind: SnapshotKind| -> anyhow::Result<SnapshotInfo> {
             let req = SnapshotRequest {
                 path: path.display().to_string(),
                 pause: false,
+                kind,
+                compress: false,
+                max_snapshots: None,
             };
-            let info: SnapshotInfo =
-                client.call("PUT", "/vm/snapshot", Some(serde_json::to_vec(&req)?))?;
+            Ok(client.call("PUT", "/vm/snapshot", Some(serde_json::to_vec(&req)?))?)
+        };
+        for i in 0..a.runs {
+            let path = dir.join(format!("{id}-{i}"));
+            let incr_path = dir.join(format!("{id}-{i}-incr"));
+            let _ = std::fs::remove_dir_all(&path);
+            let _ = std::fs::remove_dir_all(&incr_path);
+            let info = snapshot(&path, SnapshotKind::Full)?;
             full.push(info.write_ms);
-            full_bytes = info.memory_allocated_bytes + info.state_bytes;
+            full_bytes = info.disk_bytes;
             restore.push(restore_latency(&exe, runtime, &path, true, i)?.as_secs_f64() * 1e3);
             restore_nv.push(restore_latency(&exe, runtime, &path, false, i)?.as_secs_f64() * 1e3);
+
+            // The guest rewrites `dirtied` bytes of its memory once, then the incremental.
+            let _: VmInfo = client.call("PUT", "/vm/resume", None)?;
+            let before = client
+                .call::<VmInfo>("GET", "/vm", None)?
+                .heartbeat
+                .map_or(0, |h| h.dirty_bytes);
+            send(&format!("dirty {} 100000", a.dirtied >> 20))?;
+            while client
+                .call::<VmInfo>("GET", "/vm", None)?
+                .heartbeat
+                .map_or(0, |h| h.dirty_bytes)
+                < before + a.dirtied
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            send("dirty stop")?;
+            std::thread::sleep(Duration::from_millis(20));
+            let _: VmInfo = client.call("PUT", "/vm/pause", None)?;
+            let info = snapshot(&incr_path, SnapshotKind::Incremental)?;
+            incr.push(info.write_ms);
+            manifest_bytes = std::fs::metadata(incr_path.join("manifest.json"))?.len();
+            incr_bytes.push(info.disk_bytes);
+            restore_incr
+                .push(restore_latency(&exe, runtime, &incr_path, true, i)?.as_secs_f64() * 1e3);
+            std::fs::remove_dir_all(&incr_path)?;
             std::fs::remove_dir_all(&path)?;
-            // The disk on its own, with as many bytes as the snapshot wrote.
+            // The disk on its own, with as many bytes as the full snapshot wrote.
             disk.push(disk_speed(&dir, full_bytes)?);
         }
+        incr_bytes.sort_unstable();
+        let incremental_bytes = incr_bytes[incr_bytes.len() / 2];
         let full_ms = Stats::of(&full);
         let disk_mib_s = Stats::of(&disk);
         let full_mib_s = full_bytes as f64 / (1 << 20) as f64 / (full_ms.median / 1e3);
@@ -189,6 +243,12 @@ pub fn run(a: &SnapshotBenchArgs, runtime: &Path) -> anyhow::Result<()> {
             full_bytes,
             disk_mib_s,
             full_speed_ratio: full_mib_s / disk_mib_s.median,
+            incremental_ms: Stats::of(&incr),
+            incremental_bytes,
+            incremental_manifest_bytes: manifest_bytes,
+            dirtied_bytes: a.dirtied,
+            incremental_ratio: incremental_bytes as f64 / a.dirtied as f64,
+            restore_incremental_ms: Stats::of(&restore_incr),
             restore_ms: Stats::of(&restore),
             restore_unverified_ms: Stats::of(&restore_nv),
         })
@@ -211,10 +271,19 @@ pub fn run(a: &SnapshotBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         print_row("disk sequential write", r.disk_mib_s, "MiB/s");
         print_row("restore -> answers", r.restore_ms, "ms");
         print_row("restore (unverified)", r.restore_unverified_ms, "ms");
+        print_row("incremental snapshot write", r.incremental_ms, "ms");
+        print_row("restore incremental", r.restore_incremental_ms, "ms");
         println!(
             "  full snapshot size          {} MiB; speed {:.0}% of the disk's",
             r.full_bytes >> 20,
             r.full_speed_ratio * 100.0
+        );
+        println!(
+            "  incremental size            {:.2} MiB + {} B manifest for {} MiB dirtied: x{:.3}",
+            r.incremental_bytes as f64 / (1 << 20) as f64,
+            r.incremental_manifest_bytes,
+            r.dirtied_bytes >> 20,
+            r.incremental_ratio
         );
     }
     Ok(())

@@ -37,8 +37,9 @@ pub enum VmCommand {
     Events(IdArgs),
     /// Show the tail of a VM's serial console, or send it a line.
     Console(ConsoleArgs),
-    /// Write a full snapshot of a VM (same as `ray snapshot create`).
-    Checkpoint(crate::snapshot::CreateArgs),
+    /// Checkpoint a running VM into the snapshot store: paused for a moment, incremental on
+    /// its previous checkpoint when there is one in the same store.
+    Checkpoint(crate::snapshot::CheckpointArgs),
 }
 
 #[derive(Args)]
@@ -198,7 +199,7 @@ pub fn run(cmd: VmCommand, runtime: &Path) -> anyhow::Result<()> {
         }
         VmCommand::Events(a) => events(runtime, &a.id, a.json),
         VmCommand::Console(a) => console(runtime, &a),
-        VmCommand::Checkpoint(a) => crate::snapshot::create(runtime, &a),
+        VmCommand::Checkpoint(a) => crate::snapshot::checkpoint(runtime, &a),
     }
 }
 

@@ -99,7 +99,7 @@ pub enum StoreError {
         supported: u32,
     },
     #[error(
-        "snapshot {id} was taken on a CPU with fingerprint {snapshot:?}; this host's is {host:?}"
+        "snapshot {id} was taken on an incompatible host: its hypervisor and CPU features are {snapshot:?}, this host's are {host:?}"
     )]
     IncompatibleCpu {
         id: String,

@@ -57,3 +57,22 @@ pub(crate) fn try_lock(file: &File) -> std::io::Result<bool> {
         Err(err)
     }
 }
+
+/// Whether `file` has data (not a hole) anywhere in `off..off + len`, from `SEEK_DATA`.
+/// On a file system without hole reporting every range counts as data.
+pub(crate) fn has_data(file: &File, off: u64, len: u64) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek only reads the descriptor, which `file` keeps open for the call, and
+    // changes nothing but the file position, which this crate never relies on (it uses
+    // positioned reads and writes).
+    let data = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+    if data < 0 {
+        let err = std::io::Error::last_os_error();
+        // ENXIO: no data at or after `off`.
+        return match err.raw_os_error() {
+            Some(libc::ENXIO) => Ok(false),
+            _ => Err(err),
+        };
+    }
+    Ok((data as u64) < off + len)
+}

@@ -105,6 +105,11 @@ pub trait MemorySource {
     fn layout(&self) -> MemoryLayout;
     /// Fills `buf` with guest memory from `gpa`; the range lies inside one region.
     fn read(&self, gpa: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// Whether `gpa..gpa + len` is known to be all zero without reading it (memory the
+    /// guest never touched). Writers skip such ranges; `false` is always correct.
+    fn known_zero(&self, _gpa: u64, _len: u64) -> bool {
+        false
+    }
 }
 
 /// Guest memory as host slices, one per region: what a VMM with mmapped RAM holds.

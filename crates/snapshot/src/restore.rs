@@ -91,6 +91,17 @@ impl RestorePlan {
         }
     }
 
+    /// Checks memory mapped from `mappable_memory` (`(gpa, memory)` per region) against
+    /// the base's checksums without copying it. Call before the guest writes to it.
+    pub fn verify_mapped_base(&self, slices: &[(u64, &[u8])]) -> Result<(), StoreError> {
+        match &self.base {
+            BaseMemory::Sparse { path, sums, .. } => {
+                Ok(sparse::verify_mapped(path, &self.layout, sums, slices)?)
+            }
+            BaseMemory::Pages(o) => o.apply(None),
+        }
+    }
+
     /// Writes the overlays into memory that already holds the base (e.g. the private
     /// mapping of `mappable_memory`). `targets` are `(gpa, memory)` per region.
     pub fn apply_overlays(&self, targets: &mut [(u64, &mut [u8])]) -> Result<(), StoreError> {

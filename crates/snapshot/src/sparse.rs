@@ -10,6 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{io_err, FileError};
+use crate::fsutil::has_data;
 use crate::manifest::ChunkSums;
 use crate::memory::{is_zero, target_range, MemoryLayout, MemorySource, PAGE_SIZE};
 
@@ -40,6 +41,11 @@ pub(crate) fn write(path: &Path, source: &dyn MemorySource) -> Result<SparseWrit
         let mut off = 0;
         while off < r.len {
             let n = (r.len - off).min(CHUNK_BYTES) as usize;
+            if source.known_zero(r.gpa + off, n as u64) {
+                region_sums.push(zero_crc(n));
+                off += n as u64;
+                continue;
+            }
             let chunk = &mut buf[..n];
             source
                 .read(r.gpa + off, chunk)
@@ -58,6 +64,19 @@ pub(crate) fn write(path: &Path, source: &dyn MemorySource) -> Result<SparseWrit
         },
         nonzero_pages,
     })
+}
+
+/// The CRC32 of `len` zero bytes (a chunk that is a hole), computed once per length.
+pub(crate) fn zero_crc(len: usize) -> u32 {
+    use std::sync::Mutex;
+    static CACHE: Mutex<Vec<(usize, u32)>> = Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, c)) = cache.iter().find(|(l, _)| *l == len) {
+        return *c;
+    }
+    let c = crc32fast::hash(&vec![0u8; len]);
+    cache.push((len, c));
+    c
 }
 
 /// Writes the runs of non-zero pages of `chunk` (guest address `gpa`) at offset `gpa`;
@@ -161,16 +180,115 @@ fn read_chunk(
     Ok(())
 }
 
-/// Verifies every chunk of the file. Costs a read of the whole file.
-pub fn verify(path: &Path, layout: &MemoryLayout, sums: &ChunkSums) -> Result<(), FileError> {
+/// Checks a chunk that is a hole in the file: it must have been all zeros when written.
+fn check_hole(path: &Path, gpa: u64, len: u64, expected: u32) -> Result<(), FileError> {
+    let got = zero_crc(len as usize);
+    if got != expected {
+        return Err(FileError::Checksum {
+            path: path.to_path_buf(),
+            location: format!(
+                " in guest memory {gpa:#x}..{:#x} (the file has a hole there)",
+                gpa + len
+            ),
+            expected,
+            got,
+        });
+    }
+    Ok(())
+}
+
+/// Calls `each(region, chunk, gpa, len, expected, is_hole)` for every chunk of the file.
+fn for_each_chunk(
+    path: &Path,
+    layout: &MemoryLayout,
+    sums: &ChunkSums,
+    mut each: impl FnMut(u64, usize, u32, bool) -> Result<(), FileError>,
+) -> Result<(), FileError> {
     check_size(path, layout)?;
-    let mut buf = Vec::new();
-    for (ri, r) in layout.regions.iter().enumerate() {
-        for ci in 0..r.len.div_ceil(sums.chunk_bytes) as usize {
-            verify_chunk(path, layout, sums, ri, ci, &mut buf)?;
+    if sums.crc32.len() != layout.regions.len() {
+        return Err(crate::error::invalid(
+            path,
+            format!(
+                "{} regions of checksums for {} regions of memory",
+                sums.crc32.len(),
+                layout.regions.len()
+            ),
+        ));
+    }
+    let file = File::open(path).map_err(io_err("open", path))?;
+    for (r, region_sums) in layout.regions.iter().zip(&sums.crc32) {
+        let chunks = r.len.div_ceil(sums.chunk_bytes) as usize;
+        if region_sums.len() != chunks {
+            return Err(crate::error::invalid(
+                path,
+                format!(
+                    "region {:#x} has {} chunk checksums, needs {chunks}",
+                    r.gpa,
+                    region_sums.len()
+                ),
+            ));
+        }
+        for (ci, expected) in region_sums.iter().enumerate() {
+            let off = ci as u64 * sums.chunk_bytes;
+            let n = (r.len - off).min(sums.chunk_bytes);
+            let gpa = r.gpa + off;
+            let hole = !has_data(&file, gpa, n).map_err(io_err("look for data in", path))?;
+            each(gpa, n as usize, *expected, hole)?;
         }
     }
     Ok(())
+}
+
+/// Verifies every chunk of the file. Costs a read of the file's data; holes are checked
+/// without reading them.
+pub fn verify(path: &Path, layout: &MemoryLayout, sums: &ChunkSums) -> Result<(), FileError> {
+    let file = File::open(path).map_err(io_err("open", path))?;
+    let mut buf = Vec::new();
+    for_each_chunk(path, layout, sums, |gpa, n, expected, hole| {
+        if hole {
+            return check_hole(path, gpa, n as u64, expected);
+        }
+        buf.resize(n, 0);
+        read_chunk(&file, path, gpa, &mut buf, expected)
+    })
+}
+
+/// Verifies guest memory mapped from the file (`slices`: `(gpa, memory)` per region)
+/// against the file's chunk checksums, without copying: chunks that are holes in the file
+/// are checked without touching the mapping.
+pub fn verify_mapped(
+    path: &Path,
+    layout: &MemoryLayout,
+    sums: &ChunkSums,
+    slices: &[(u64, &[u8])],
+) -> Result<(), FileError> {
+    for_each_chunk(path, layout, sums, |gpa, n, expected, hole| {
+        if hole {
+            return check_hole(path, gpa, n as u64, expected);
+        }
+        let bytes = slices
+            .iter()
+            .find_map(|(start, s)| {
+                let off = gpa.checked_sub(*start)? as usize;
+                s.get(off..off + n)
+            })
+            .ok_or_else(|| {
+                crate::error::invalid(
+                    path,
+                    format!("guest memory {gpa:#x}..{:#x} is not mapped", gpa + n as u64),
+                )
+            })?;
+        let got = crc32fast::hash(bytes);
+        if got != expected {
+            return Err(FileError::Checksum {
+                path: path.to_path_buf(),
+                location: format!(" in guest memory {gpa:#x}..{:#x}", gpa + n as u64),
+                expected,
+                got,
+            });
+        }
+        Ok(())
+    })
 }
 
 /// Reads the file into the caller's memory, checking every chunk as it goes.

@@ -190,7 +190,18 @@ impl SnapshotStore {
         if !dir.join(MANIFEST_FILE).exists() {
             return Err(StoreError::NotFound(id.to_string()));
         }
-        Ok(Manifest::read(&dir)?)
+        let m = Manifest::read(&dir)?;
+        if m.id != id {
+            return Err(FileError::Invalid {
+                path: dir.join(MANIFEST_FILE),
+                reason: format!(
+                    "it describes snapshot {}, not {id} (a snapshot's id is its directory name)",
+                    m.id
+                ),
+            }
+            .into());
+        }
+        Ok(m)
     }
 
     /// Every readable manifest, and the directories that are not readable snapshots.

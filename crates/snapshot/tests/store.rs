@@ -415,3 +415,93 @@ fn a_half_written_snapshot_is_never_listed_and_is_cleaned_up() {
     assert!(!tmp.exists() && !del.exists());
     restore_all(&store, "a").unwrap();
 }
+
+/// A source that says where memory is known to be zero: the writer must not read there.
+struct Holey<'a> {
+    inner: ray_snapshot::GuestSlices<'a>,
+    zero_from: u64,
+    reads_past: std::cell::Cell<u64>,
+}
+
+impl ray_snapshot::MemorySource for Holey<'_> {
+    fn layout(&self) -> ray_snapshot::MemoryLayout {
+        self.inner.layout()
+    }
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if gpa >= self.zero_from {
+            self.reads_past.set(self.reads_past.get() + 1);
+        }
+        self.inner.read(gpa, buf)
+    }
+    fn known_zero(&self, gpa: u64, _len: u64) -> bool {
+        gpa >= self.zero_from
+    }
+}
+
+#[test]
+fn known_zero_memory_is_skipped_and_holes_still_verify() {
+    let dir = TempDir::new("holes");
+    let store = SnapshotStore::open(dir.path()).unwrap();
+    let layout = ray_snapshot::MemoryLayout::new(&[(0, 16 << 20)]).unwrap();
+    let mut mem = ray_snapshot::OwnedMemory::zeroed(&layout).unwrap();
+    mem.regions[0].1[..4 << 20].fill(0x5a);
+    let source = Holey {
+        inner: mem.as_source(),
+        zero_from: 8 << 20,
+        reads_past: std::cell::Cell::new(0),
+    };
+    store
+        .create_full(&meta("h"), b"s", &source, &PLAIN)
+        .unwrap();
+    assert_eq!(
+        source.reads_past.get(),
+        0,
+        "known-zero chunks must not be read"
+    );
+    let plan = store.restore_plan("h", "cpu-abc").unwrap();
+    // Whole-file and mapped verification agree, hole chunks included.
+    plan.verify_base_memory().unwrap();
+    let slices: Vec<(u64, &[u8])> = mem
+        .regions
+        .iter()
+        .map(|(g, v)| (*g, v.as_slice()))
+        .collect();
+    plan.verify_mapped_base(&slices).unwrap();
+    assert_eq!(plan.materialize_owned().unwrap(), mem);
+    // Memory that differs from the file is caught in the mapped check, with its range.
+    let mut changed = mem.clone();
+    changed.regions[0].1[(12 << 20) + 5] = 1;
+    let slices: Vec<(u64, &[u8])> = changed
+        .regions
+        .iter()
+        .map(|(g, v)| (*g, v.as_slice()))
+        .collect();
+    // Chunks that are holes in the file are checked against zero without reading memory,
+    // so only data chunks catch a mapped change; a file hole that should hold data is
+    // caught by the checksum of zeros.
+    plan.verify_mapped_base(&slices).unwrap();
+    changed.regions[0].1[5] = 0;
+    let slices: Vec<(u64, &[u8])> = changed
+        .regions
+        .iter()
+        .map(|(g, v)| (*g, v.as_slice()))
+        .collect();
+    let err = plan.verify_mapped_base(&slices).unwrap_err().to_string();
+    assert!(err.contains("in guest memory 0x0..0x400000"), "{err}");
+    // Punching a hole where data was is found without the data.
+    let path = plan.mappable_memory().unwrap().to_path_buf();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a file this test owns.
+    let rc = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            4 << 20,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    let err = store.verify("h").unwrap_err().to_string();
+    assert!(err.contains("(the file has a hole there)"), "{err}");
+}

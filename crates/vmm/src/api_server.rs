@@ -12,7 +12,8 @@ use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use ray_api::vmm::{
-    ConsoleInput, ErrorBody, MigrateRequest, SnapshotRequest, StopRequest, VmConfig,
+    ConsoleInput, ErrorBody, MigrateRequest, SnapshotDelete, SnapshotMerge, SnapshotRequest,
+    StopRequest, VmConfig,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -25,6 +26,7 @@ use crate::devices::ConsoleRing;
 struct Api {
     inbox: Sender<Message>,
     ring: Arc<ConsoleRing>,
+    meter: Arc<crate::snapshot::Meter>,
 }
 
 fn error(status: u16, message: impl Into<String>) -> HttpResponse {
@@ -88,6 +90,64 @@ struct TailQuery {
     bytes: Option<usize>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreQuery {
+    store: Option<String>,
+}
+
+/// Runs a snapshot-store operation (file work, no VM state) off the API's event loop.
+async fn store_op<T: serde::Serialize + Send + 'static>(
+    op: impl FnOnce() -> Result<T, crate::snapshot::SnapshotError> + Send + 'static,
+) -> HttpResponse {
+    use crate::snapshot::SnapshotError;
+    use ray_snapshot::StoreError;
+    match tokio::task::spawn_blocking(op).await {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => {
+            let status = match &e {
+                SnapshotError::Store(StoreError::HasChildren { .. })
+                | SnapshotError::Store(StoreError::AlreadyExists(_)) => 409,
+                SnapshotError::Store(StoreError::NotFound(_)) => 404,
+                SnapshotError::Store(StoreError::File(ray_snapshot::FileError::Io { .. })) => 500,
+                _ => 400,
+            };
+            error(status, e.to_string())
+        }
+        Err(_) => error(500, "the snapshot store operation panicked"),
+    }
+}
+
+/// The store to list: the query's, else the one of the VM's latest snapshot.
+async fn snapshot_list(a: &Api, q: StoreQuery) -> HttpResponse {
+    let store = match q.store {
+        Some(s) => std::path::PathBuf::from(s),
+        None => {
+            let (tx, rx) = oneshot::channel();
+            let reply = Box::new(move |r| {
+                let _ = tx.send(r);
+            });
+            if a.inbox.send(Message::Api(Request::Info, reply)).is_err() {
+                return error(503, "the VMM is shutting down");
+            }
+            let last = match rx.await {
+                Ok(Ok(Response::Info(info))) => info.last_snapshot,
+                _ => return error(503, "the VMM is shutting down"),
+            };
+            match last.as_deref().map(Path::new).and_then(Path::parent) {
+                Some(p) => p.to_path_buf(),
+                None => {
+                    return error(
+                        400,
+                        "this VM has no snapshot yet: name the store with ?store=<directory>",
+                    )
+                }
+            }
+        }
+    };
+    store_op(move || crate::snapshot::list(&store)).await
+}
+
 fn router(api: Api) -> Router {
     Router::new()
         .route("/vm", get(|State(a): State<Api>| async move { a.call(Request::Info).await }))
@@ -107,6 +167,49 @@ fn router(api: Api) -> Router {
             put(|State(a): State<Api>, body: Bytes| async move {
                 a.call_parsed::<SnapshotRequest>("PUT /vm/snapshot", &body, Request::Snapshot)
                     .await
+            }),
+        )
+        .route(
+            "/vm/snapshot/progress",
+            get(|State(a): State<Api>| async move { Json(a.meter.get()).into_response() }),
+        )
+        .route(
+            "/vm/snapshots",
+            get(|State(a): State<Api>, q: Result<Query<StoreQuery>, axum::extract::rejection::QueryRejection>| async move {
+                match q {
+                    Ok(Query(q)) => snapshot_list(&a, q).await,
+                    Err(e) => error(400, format!("invalid query for GET /vm/snapshots: {}", e.body_text())),
+                }
+            }),
+        )
+        .route(
+            "/vm/snapshot/delete",
+            put(|body: Bytes| async move {
+                match parse_body::<SnapshotDelete>("PUT /vm/snapshot/delete", &body) {
+                    Ok(d) => {
+                        let r = store_op(move || crate::snapshot::delete(Path::new(&d.path))).await;
+                        if r.status() == StatusCode::OK {
+                            StatusCode::NO_CONTENT.into_response()
+                        } else {
+                            r
+                        }
+                    }
+                    Err(e) => error(e.status, e.message),
+                }
+            }),
+        )
+        .route(
+            "/vm/snapshot/merge",
+            put(|body: Bytes| async move {
+                match parse_body::<SnapshotMerge>("PUT /vm/snapshot/merge", &body) {
+                    Ok(m) => {
+                        store_op(move || {
+                            crate::snapshot::merge(Path::new(&m.path), &m.into, m.compress)
+                        })
+                        .await
+                    }
+                    Err(e) => error(e.status, e.message),
+                }
             }),
         )
         .route(
@@ -184,12 +287,13 @@ impl ApiServer {
         socket: &Path,
         inbox: Sender<Message>,
         ring: Arc<ConsoleRing>,
+        meter: Arc<crate::snapshot::Meter>,
     ) -> std::io::Result<Self> {
         let _ = std::fs::remove_file(socket);
         let std_listener = std::os::unix::net::UnixListener::bind(socket)?;
         std_listener.set_nonblocking(true)?;
         let (tx, rx) = oneshot::channel::<()>();
-        let app = router(Api { inbox, ring });
+        let app = router(Api { inbox, ring, meter });
         let thread = std::thread::Builder::new()
             .name("api".into())
             .stack_size(512 << 10)

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ray_api::vmm::{
     LifecycleEvent, MigrateRequest, MigrationRole, MigrationStatus, OnLimit, SnapshotInfo,
-    SnapshotRequest, VmConfig, VmInfo,
+    SnapshotKind, SnapshotRequest, VmConfig, VmInfo,
 };
 use ray_guest_abi::offset;
 
@@ -158,6 +158,14 @@ pub struct Controller {
     incoming_memory: Option<GuestMem>,
     /// Target: the source's checked state, applied at the switch-over.
     incoming_state: Option<Box<mig::MigrationState>>,
+    /// The store and id of this VM's latest snapshot: the parent of the next incremental.
+    last_snapshot: Option<(PathBuf, String)>,
+    /// Pages written since `last_snapshot` that were already taken from the dirty log.
+    dirty_since_snapshot: Option<ray_snapshot::DirtyBitmap>,
+    /// `dirty_since_snapshot` kept across a suspend.
+    suspended_dirty: Option<ray_snapshot::DirtyBitmap>,
+    /// Progress of the snapshot being written, shared with the API thread.
+    pub meter: Arc<crate::snapshot::Meter>,
 }
 
 impl Controller {
@@ -184,6 +192,10 @@ impl Controller {
             migration: None,
             incoming_memory: None,
             incoming_state: None,
+            last_snapshot: None,
+            dirty_since_snapshot: None,
+            suspended_dirty: None,
+            meter: Arc::default(),
         }
     }
 
@@ -219,6 +231,10 @@ impl Controller {
             hypervisor: self.flavour.name().into(),
             heartbeat: memory.and_then(heartbeat::read),
             exit_reason: self.exit_reason.clone(),
+            last_snapshot: self
+                .last_snapshot
+                .as_ref()
+                .map(|(store, id)| store.join(id).display().to_string()),
         }
     }
 
@@ -511,17 +527,31 @@ impl Controller {
         let now = self.state;
         let gone = move || format!("the VM is {now} and has no machine");
         match op {
-            MigrationOp::StartDirtyLog | MigrationOp::StopDirtyLog => {
-                let on = matches!(op, MigrationOp::StartDirtyLog);
+            // Dirty logging may already be on for incremental snapshots: every page the
+            // migration takes from the log is also kept for the next snapshot, and the log
+            // stays on after the migration if snapshots need it.
+            MigrationOp::StartDirtyLog => {
                 let m = self.machine.as_mut().ok_or_else(gone)?;
-                m.vm.set_dirty_logging(on).map_err(|e| e.to_string())?;
+                let was_on = m.vm.dirty_logging();
+                m.vm.set_dirty_logging(true).map_err(|e| e.to_string())?;
+                if was_on {
+                    let words = m.vm.take_dirty_pages().map_err(|e| e.to_string())?;
+                    self.keep_for_snapshots(words);
+                }
+                Ok(OpReply::Done)
+            }
+            MigrationOp::StopDirtyLog => {
+                if self.dirty_since_snapshot.is_none() {
+                    let m = self.machine.as_mut().ok_or_else(gone)?;
+                    m.vm.set_dirty_logging(false).map_err(|e| e.to_string())?;
+                }
                 Ok(OpReply::Done)
             }
             MigrationOp::DirtyLog => {
                 let m = self.machine.as_ref().ok_or_else(gone)?;
-                Ok(OpReply::Dirty(
-                    m.vm.take_dirty_pages().map_err(|e| e.to_string())?,
-                ))
+                let words = m.vm.take_dirty_pages().map_err(|e| e.to_string())?;
+                self.keep_for_snapshots(words.clone());
+                Ok(OpReply::Dirty(words))
             }
             MigrationOp::Pause => {
                 // The guest's heartbeat stops when the pause begins.
@@ -591,6 +621,13 @@ impl Controller {
     pub fn finish_target_resume(&mut self) {
         if self.state == VmState::MigrationTarget && self.machine.is_some() {
             let _ = self.apply(VmAction::MigrationComplete, "migrate:resumed here");
+        }
+    }
+
+    /// Adds pages taken from the dirty log to what the next incremental snapshot holds.
+    fn keep_for_snapshots(&mut self, words: Vec<Vec<u64>>) {
+        if let Some(held) = &mut self.dirty_since_snapshot {
+            held.merge(&ray_snapshot::DirtyBitmap { regions: words });
         }
     }
 
@@ -760,8 +797,9 @@ impl Controller {
         }
     }
 
-    /// Writes a full snapshot. A running VM is refused unless `pause` asks to pause it for
-    /// the snapshot (and resume it after, whatever the outcome).
+    /// Writes a snapshot. A running VM is refused unless `pause` asks to pause it for the
+    /// snapshot (and resume it after, whatever the outcome). An incremental snapshot holds
+    /// the pages written since this VM's previous snapshot, which becomes its parent.
     fn snapshot(&mut self, req: SnapshotRequest) -> Result<SnapshotInfo, RequestError> {
         let running = self.state == VmState::Running;
         if running && !req.pause {
@@ -776,12 +814,38 @@ impl Controller {
             )));
         }
         let path = PathBuf::from(&req.path);
+        if !path.is_absolute() {
+            return Err(RequestError::bad_request(format!(
+                "snapshot path {} must be absolute (it is resolved by the VMM)",
+                path.display()
+            )));
+        }
         if path.exists() {
             return Err(RequestError::bad_request(format!(
                 "snapshot path {} already exists; a snapshot never overwrites another",
                 path.display()
             )));
         }
+        let (store, id) = crate::snapshot::split_path(&path)
+            .map_err(|e| RequestError::bad_request(e.to_string()))?;
+        let parent =
+            match (req.kind, &self.last_snapshot) {
+                (SnapshotKind::Full, _) => None,
+                (SnapshotKind::Incremental | SnapshotKind::Auto, Some((s, p))) if *s == store => {
+                    Some(p.clone())
+                }
+                (SnapshotKind::Auto, _) => None,
+                (SnapshotKind::Incremental, Some((s, p))) => {
+                    return Err(RequestError::bad_request(format!(
+                        "an incremental snapshot goes beside its parent {}: use a path in {}",
+                        s.join(p).display(),
+                        s.display()
+                    )))
+                }
+                (SnapshotKind::Incremental, None) => return Err(RequestError::conflict(
+                    "this VM has no earlier snapshot to be incremental on: take a full one first",
+                )),
+            };
         let config = self
             .config
             .clone()
@@ -792,104 +856,177 @@ impl Controller {
             self.apply(VmAction::Pause, "api:snapshot")?;
         }
         let t_write = Instant::now();
-        let result = {
-            let machine = self.machine()?;
-            let id = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "snapshot".into());
-            let meta = crate::snapshot::SnapshotMeta {
-                id: &id,
-                vm_id: &self.id,
-                config: &config,
-                hypervisor: self.flavour.name(),
-                cpu_fingerprint: crate::snapshot::cpu_fingerprint(&machine.vm.kvm),
-            };
-            machine
-                .save()
-                .map_err(|e| e.to_string())
-                .and_then(|state| {
-                    crate::snapshot::create(&path, meta, &state, &machine.vm.memory)
-                        .map_err(|e| e.to_string())
-                })
-                .map(|m| (id, m))
-        };
+        let max = req
+            .max_snapshots
+            .map_or(ray_snapshot::SnapshotStore::DEFAULT_MAX_PER_VM, |m| {
+                m as usize
+            });
+        if max == 0 {
+            return Err(RequestError::bad_request(
+                "max_snapshots must be at least 1",
+            ));
+        }
+        let result = self.write_snapshot(&path, &config, parent.as_deref(), req.compress, max);
         let write_ms = t_write.elapsed().as_secs_f64() * 1e3;
         if running {
             self.machine()?.resume();
             self.apply(VmAction::Resume, "api:snapshot")?;
         }
         let paused_ms = t_pause.elapsed().as_secs_f64() * 1e3;
-        let (id, manifest) =
-            result.map_err(|e| RequestError::internal(format!("snapshot failed: {e}")))?;
+        let (manifest, _) = result?;
+        self.last_snapshot = Some((store, id.clone()));
         Ok(SnapshotInfo {
             id,
             path: req.path,
+            parent: manifest.parent.clone(),
+            kind: match manifest.kind {
+                ray_snapshot::Kind::Full => "full".into(),
+                ray_snapshot::Kind::Incremental => "incremental".into(),
+            },
+            compressed: req.compress,
             memory_bytes: manifest.memory_bytes,
-            memory_allocated_bytes: manifest.memory_allocated_bytes,
-            state_bytes: manifest.state_bytes,
+            stored_pages: manifest.dirty_pages,
+            disk_bytes: crate::snapshot::disk_bytes(&manifest),
+            state_bytes: manifest.files.get("state.bin").map_or(0, |f| f.bytes),
             paused_ms,
             write_ms,
         })
     }
 
+    /// Saves the paused machine and writes it to `path`. The pages written since the last
+    /// snapshot stay accounted for until a snapshot succeeds, so a failed incremental one
+    /// loses nothing for the next.
+    fn write_snapshot(
+        &mut self,
+        path: &Path,
+        config: &VmConfig,
+        parent: Option<&str>,
+        compress: bool,
+        max_snapshots: usize,
+    ) -> Result<(ray_snapshot::Manifest, Option<ray_snapshot::DirtyBitmap>), RequestError> {
+        let failed = |e: String| RequestError::internal(format!("snapshot failed: {e}"));
+        let machine = self.machine.as_mut().ok_or_else(|| {
+            RequestError::conflict(format!("the VM is {} and has no machine", self.state))
+        })?;
+        let dirty = match machine.vm.dirty_logging() {
+            true => Some(
+                machine
+                    .vm
+                    .take_dirty_pages()
+                    .map_err(|e| failed(e.to_string()))?,
+            ),
+            false => None,
+        };
+        if let Some(words) = dirty {
+            match &mut self.dirty_since_snapshot {
+                Some(held) => held.merge(&ray_snapshot::DirtyBitmap { regions: words }),
+                None => {
+                    self.dirty_since_snapshot = Some(ray_snapshot::DirtyBitmap { regions: words })
+                }
+            }
+        }
+        let state = machine.save().map_err(|e| failed(e.to_string()))?;
+        let compat = crate::snapshot::compat_tag(self.flavour, &machine.vm.kvm);
+        let parent = match parent {
+            Some(p) => Some((
+                p,
+                self.dirty_since_snapshot.as_ref().ok_or_else(|| {
+                    RequestError::internal(
+                        "snapshot failed: no dirty-page log since the parent snapshot",
+                    )
+                })?,
+            )),
+            None => None,
+        };
+        let spec = crate::snapshot::NewSnapshotSpec {
+            path,
+            vm_id: &self.id,
+            config,
+            compat,
+            parent,
+            compress,
+            max_snapshots,
+        };
+        let manifest = crate::snapshot::create(&spec, &state, &machine.vm.memory, &self.meter)
+            .map_err(|e| match e {
+                crate::snapshot::SnapshotError::Store(
+                    ray_snapshot::StoreError::LimitReached { .. }
+                    | ray_snapshot::StoreError::AlreadyExists(_)
+                    | ray_snapshot::StoreError::NotFound(_)
+                    | ray_snapshot::StoreError::WrongState { .. },
+                ) => RequestError::conflict(format!("snapshot refused: {e}")),
+                e => failed(e.to_string()),
+            })?;
+        // From now on, count the pages written since this snapshot.
+        machine
+            .vm
+            .set_dirty_logging(true)
+            .map_err(|e| failed(e.to_string()))?;
+        let clean = machine
+            .vm
+            .take_dirty_pages()
+            .map_err(|e| failed(e.to_string()))?;
+        let consumed = self
+            .dirty_since_snapshot
+            .replace(ray_snapshot::DirtyBitmap {
+                regions: clean.into_iter().map(|w| vec![0; w.len()]).collect(),
+            });
+        Ok((manifest, consumed))
+    }
+
     /// Brings a snapshot back to life in this (new, unconfigured) VMM.
-    pub fn restore(&mut self, dir: &Path, verify_memory: bool) -> Result<(), RequestError> {
+    pub fn restore(&mut self, path: &Path, verify_memory: bool) -> Result<(), RequestError> {
         self.check(VmAction::Start)?;
-        let manifest = self.rebuild(dir, verify_memory)?;
-        self.config = Some(manifest.config);
+        let config = self.rebuild(path, verify_memory)?;
+        self.config = Some(config);
         self.started = Some(Instant::now());
-        self.apply(VmAction::Start, &format!("restore:{}", manifest.id))?;
+        let id = self.last_snapshot.as_ref().map_or("", |s| s.1.as_str());
+        let cause = format!("restore:{id}");
+        self.apply(VmAction::Start, &cause)?;
         Ok(())
     }
 
-    /// Builds the machine of the snapshot in `dir` and starts its vCPUs.
-    fn rebuild(
-        &mut self,
-        dir: &Path,
-        verify_memory: bool,
-    ) -> Result<crate::snapshot::Manifest, RequestError> {
+    /// Builds the machine of the snapshot at `path` and starts its vCPUs. The snapshot
+    /// becomes the parent of this VM's next incremental snapshot.
+    fn rebuild(&mut self, path: &Path, verify_memory: bool) -> Result<VmConfig, RequestError> {
         let bad = |e: crate::snapshot::SnapshotError| {
-            RequestError::bad_request(format!("cannot restore {}: {e}", dir.display()))
+            RequestError::bad_request(format!("cannot restore {}: {e}", path.display()))
         };
-        let (manifest, state) = crate::snapshot::load(dir).map_err(bad)?;
-        if manifest.hypervisor != self.flavour.name() {
-            return Err(RequestError::bad_request(format!(
-                "cannot restore {}: it was taken on a {} host and this host is {}",
-                dir.display(),
-                manifest.hypervisor,
-                self.flavour.name()
-            )));
-        }
-        let regions = crate::boot::layout::ram_regions(manifest.memory_bytes);
-        let memory = crate::memory::from_file(&regions, &dir.join("memory.raw")).map_err(|e| {
-            RequestError::bad_request(format!("cannot restore {}: {e}", dir.display()))
-        })?;
-        if verify_memory {
-            crate::snapshot::verify_memory(dir, &manifest, &memory).map_err(bad)?;
-        }
         let kvm = kvm_ioctls::Kvm::new()
             .map_err(|e| RequestError::internal(format!("cannot open /dev/kvm: {e}")))?;
-        let here = crate::snapshot::cpu_fingerprint(&kvm);
-        if manifest.cpu_fingerprint != here {
-            return Err(RequestError::bad_request(format!(
-                "cannot restore {}: its CPU (CPUID fingerprint {}) differs from this host's ({here})",
-                dir.display(),
-                manifest.cpu_fingerprint
-            )));
-        }
+        let compat = crate::snapshot::compat_tag(self.flavour, &kvm);
         drop(kvm);
+        let loaded = crate::snapshot::load(path, &compat).map_err(bad)?;
+        let memory = crate::snapshot::memory(&loaded, verify_memory).map_err(bad)?;
         let sinks = self.console_sinks()?;
         let inbox = self.vcpu_events.clone();
         let events: EventSink = Arc::new(move |e| {
             let _ = inbox.send(Message::Vcpu(e));
         });
-        let machine =
-            Machine::restore(memory, &state, self.flavour, sinks, events).map_err(|e| {
-                RequestError::internal(format!("cannot restore {}: {e}", dir.display()))
+        let mut machine = Machine::restore(memory, &loaded.state, self.flavour, sinks, events)
+            .map_err(|e| {
+                RequestError::internal(format!("cannot restore {}: {e}", path.display()))
             })?;
+        // Pages written from here on are what an incremental snapshot on top holds.
+        let logging = machine.vm.set_dirty_logging(true).and_then(|()| {
+            let clean = machine.vm.take_dirty_pages()?;
+            Ok(clean.into_iter().map(|w| vec![0; w.len()]).collect())
+        });
+        match logging {
+            Ok(regions) => {
+                self.dirty_since_snapshot = Some(ray_snapshot::DirtyBitmap { regions });
+                self.last_snapshot = Some((loaded.store.clone(), loaded.id.clone()));
+            }
+            Err(e) => {
+                eprintln!(
+                    "ray vmm {}: no dirty-page log ({e}); the next snapshot will be full",
+                    self.id
+                );
+                self.last_snapshot = None;
+            }
+        }
         self.machine = Some(machine);
-        Ok(manifest)
+        Ok(loaded.config)
     }
 
     /// Where a suspended VM keeps its memory and state.
@@ -908,10 +1045,14 @@ impl Controller {
         }
         // Paused now: the snapshot is of exactly the state the VM will resume from. If it
         // fails, the VM stays paused with its memory, and nothing is lost.
-        self.snapshot(SnapshotRequest {
-            path: dir.display().to_string(),
-            pause: false,
-        })?;
+        let config = self
+            .config
+            .clone()
+            .ok_or_else(|| RequestError::conflict("the VM has no configuration"))?;
+        let (_, carried) = self.write_snapshot(&dir, &config, None, false, 1)?;
+        // The suspend image is not a checkpoint: after resume, the next incremental
+        // snapshot still builds on the VM's last one, with every page written since.
+        self.suspended_dirty = carried;
         if let Some(mut m) = self.machine.take() {
             m.shutdown();
         }
@@ -922,7 +1063,13 @@ impl Controller {
     /// Resume from Suspended: the suspend snapshot becomes the machine again.
     fn resume_suspended(&mut self) -> Result<(), RequestError> {
         let dir = self.suspend_dir();
+        let last = self.last_snapshot.clone();
         self.rebuild(&dir, true)?;
+        self.last_snapshot = last;
+        match (self.suspended_dirty.take(), &mut self.dirty_since_snapshot) {
+            (Some(carried), Some(now)) => now.merge(&carried),
+            _ => self.last_snapshot = None,
+        }
         self.apply(VmAction::Resume, "api:resume")?;
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())

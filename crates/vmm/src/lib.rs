@@ -136,8 +136,12 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
         ctl.handle(Request::Configure(cfg), &rx)
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
     }
-    let mut server =
-        api_server::ApiServer::start(&ctl.paths.socket(), tx.clone(), ctl.ring.clone())?;
+    let mut server = api_server::ApiServer::start(
+        &ctl.paths.socket(),
+        tx.clone(),
+        ctl.ring.clone(),
+        ctl.meter.clone(),
+    )?;
     let started = match (&opts.restore, &opts.incoming) {
         (_, Some(inc)) => ctl
             .listen_incoming(&inc.listen, &inc.key_file, inc.max_concurrent)

@@ -74,6 +74,27 @@ pub unsafe fn host_slices(mem: &GuestMem) -> Vec<(u64, &[u8])> {
         .collect()
 }
 
+/// Like `host_slices`, writable: for laying a snapshot's pages into memory.
+///
+/// # Safety
+/// Nothing else may read or write guest memory while the slices live (no vCPU runs, no
+/// other slices of `mem` exist).
+#[allow(clippy::mut_from_ref)]
+pub unsafe fn host_slices_mut(mem: &GuestMem) -> Vec<(u64, &mut [u8])> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+    mem.iter()
+        .map(|r| {
+            let ptr = r
+                .get_host_address(MemoryRegionAddress(0))
+                .expect("offset 0 lies inside every mapped region");
+            // SAFETY: the region maps `len` writable bytes at `ptr` for as long as `mem`
+            // lives; the caller guarantees these are the only references to it.
+            let slice = unsafe { std::slice::from_raw_parts_mut(ptr, r.len() as usize) };
+            (r.start_addr().0, slice)
+        })
+        .collect()
+}
+
 /// Maps guest RAM privately from a file laid out by guest-physical address (a snapshot's
 /// memory file): pages are read on first touch and copied on first write, so the cost of
 /// restoring does not grow with the guest's size.

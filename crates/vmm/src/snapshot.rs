@@ -1,301 +1,315 @@
-//! Full snapshots of a paused VM, and restoring them into a new VMM process.
+//! Snapshots of a paused VM in a `ray_snapshot::SnapshotStore`, and restoring them into a
+//! new VMM process.
 //!
-//! A snapshot is a directory:
-//! - `manifest.json`: human-readable: id, VM id and configuration, creation time, format
-//!   version, hypervisor flavour, CPU fingerprint, sizes and checksums;
-//! - `state.bin`: a `ray_snapshot::StateFile` (magic, version, length, payload, CRC32, read
-//!   with a size limit); the payload is the machine state (vCPUs, VM, devices);
-//! - `memory.raw`: guest RAM laid out by guest-physical address, zero pages left as holes.
-//!
-//! It is written into `.tmp-<id>` beside its final place, every file fsynced, then renamed
-//! and the parent directory fsynced: a half-written snapshot never looks like one.
-//! Restore maps `memory.raw` privately (copy-on-write), so restoring a 1 GiB guest costs
-//! about what restoring a 128 MiB one does. Memory checksums are verified unless asked not
-//! to, which is the one step whose cost follows the guest's size.
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
+//! A snapshot's path is `<store>/<id>`: its parent directory is the store (shared by the
+//! snapshots of a chain), its name the id. The store owns the format (manifest, state
+//! file, sparse memory file or page set) and crash safety; this module supplies what only
+//! the VMM knows:
+//! - guest memory as a `MemorySource` that never reads pages the guest did not touch (the
+//!   memfd's holes), so a full snapshot's cost follows used memory, not RAM size;
+//! - the machine state (vCPUs, VM, devices) as the state payload;
+//! - a compatibility tag (`<flavour>:<CPUID fingerprint>`) restore compares with the host;
+//! - restoring: the full snapshot at the root of the chain is mapped privately (restore
+//!   cost independent of RAM size), incremental snapshots above it are written over it.
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
-use ray_api::vmm::VmConfig;
-use serde::{Deserialize, Serialize};
+use ray_api::vmm::{BrokenSnapshot, SnapshotEntry, SnapshotList, SnapshotProgress, VmConfig};
+use ray_snapshot::{
+    CreateOptions, DirtyBitmap, Manifest, MemoryLayout, MemorySource, NewSnapshot, RestorePlan,
+    SnapshotStore, StoreError, TreeNode,
+};
+use vm_memory::GuestAddress;
 
 use crate::machine::MachineState;
 use crate::memory::GuestMem;
 
-pub const FORMAT_VERSION: u32 = 1;
-const PAGE: usize = 4096;
-
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("cannot {op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// The state file: ray-snapshot's container reads and checks it.
     #[error(transparent)]
-    State(#[from] ray_snapshot::FileError),
-    #[error("{path} has format version {got}; this rayvisor reads version {FORMAT_VERSION}")]
-    Version { path: PathBuf, got: u32 },
-    #[error("{path} is damaged: checksum {got:#010x}, expected {expected:#010x}{location}")]
-    Checksum {
-        path: PathBuf,
-        expected: u32,
-        got: u32,
-        location: String,
-    },
-    #[error("the manifest {path} is invalid: {reason}")]
-    Manifest { path: PathBuf, reason: String },
-    #[error("the snapshot's state cannot be decoded: {0}")]
-    Decode(String),
+    Store(#[from] StoreError),
     #[error("{0}")]
-    Incompatible(String),
+    Invalid(String),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
 }
 
-fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
-    move |source| SnapshotError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
+/// How far the snapshot being written is; read by the API thread while the VMM thread
+/// writes.
+#[derive(Default)]
+pub struct Meter {
+    active: AtomicBool,
+    done: AtomicU64,
+    total: AtomicU64,
+    id: Mutex<Option<String>>,
+}
+
+impl Meter {
+    fn begin(&self, id: &str, total: u64) {
+        *self.id.lock().unwrap_or_else(|p| p.into_inner()) = Some(id.to_string());
+        self.done.store(0, Ordering::Relaxed);
+        self.total.store(total, Ordering::Relaxed);
+        self.active.store(true, Ordering::Release);
     }
-}
 
-/// A run of non-zero guest pages saved in `memory.raw` (at file offset = `gpa`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MemoryRun {
-    pub gpa: u64,
-    pub len: u64,
-    pub crc32: u32,
-}
+    fn end(&self) {
+        self.active.store(false, Ordering::Release);
+    }
 
-/// The human-readable description of a snapshot.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Manifest {
-    pub format_version: u32,
-    pub id: String,
-    pub vm_id: String,
-    pub created_ms: u64,
-    pub config: VmConfig,
-    /// `pvm` or `vmx_svm`: a snapshot only restores on the same flavour.
-    pub hypervisor: String,
-    /// Hash of the CPUID the host's KVM supports; a snapshot only restores where it matches.
-    pub cpu_fingerprint: String,
-    pub memory_bytes: u64,
-    /// Bytes of `memory.raw` actually allocated on disk (holes excluded).
-    pub memory_allocated_bytes: u64,
-    pub state_bytes: u64,
-    pub state_crc32: u32,
-    /// Every run of non-zero pages in `memory.raw` with its CRC32; everything else is zero.
-    pub memory_runs: Vec<MemoryRun>,
-}
-
-impl Manifest {
-    pub fn read(dir: &Path) -> Result<Manifest, SnapshotError> {
-        let path = dir.join("manifest.json");
-        let text = fs::read(&path).map_err(io("read", &path))?;
-        let m: Manifest = serde_json::from_slice(&text).map_err(|e| SnapshotError::Manifest {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        if m.format_version != FORMAT_VERSION {
-            return Err(SnapshotError::Version {
-                path,
-                got: m.format_version,
-            });
+    pub fn get(&self) -> SnapshotProgress {
+        let active = self.active.load(Ordering::Acquire);
+        SnapshotProgress {
+            active,
+            id: if active {
+                self.id.lock().unwrap_or_else(|p| p.into_inner()).clone()
+            } else {
+                None
+            },
+            done_bytes: self.done.load(Ordering::Relaxed),
+            total_bytes: self.total.load(Ordering::Relaxed),
         }
-        Ok(m)
     }
 }
 
-fn write_synced(path: &Path, data: &[u8]) -> Result<(), SnapshotError> {
-    let mut f = File::create(path).map_err(io("create", path))?;
-    f.write_all(data).map_err(io("write", path))?;
-    f.sync_all().map_err(io("fsync", path))
+/// Guest memory as the store reads it: ranges outside `extents` (memory the guest never
+/// touched) read as zeros without touching the mapping, which would allocate them.
+struct VmMemory<'a> {
+    slices: Vec<(u64, &'a [u8])>,
+    /// Sorted, disjoint `(gpa, len)` ranges that may hold data.
+    extents: Vec<(u64, u64)>,
+    meter: &'a Meter,
 }
 
-fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync", dir))
+impl VmMemory<'_> {
+    /// The extents overlapping `gpa..gpa + len`, clipped to it.
+    fn data_in(&self, gpa: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let end = gpa + len;
+        let first = self.extents.partition_point(|(g, l)| g + l <= gpa);
+        self.extents[first..]
+            .iter()
+            .take_while(move |(g, _)| *g < end)
+            .map(move |(g, l)| {
+                let s = (*g).max(gpa);
+                (s, (g + l).min(end) - s)
+            })
+    }
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    let (head, words, tail) = {
-        // SAFETY: reinterpreting initialised bytes as u64 words is always valid; align_to
-        // gives the unaligned head and tail back as bytes.
-        unsafe { page.align_to::<u64>() }
+impl MemorySource for VmMemory<'_> {
+    fn layout(&self) -> MemoryLayout {
+        MemoryLayout {
+            regions: self
+                .slices
+                .iter()
+                .map(|(gpa, s)| ray_snapshot::memory::Region {
+                    gpa: *gpa,
+                    len: s.len() as u64,
+                })
+                .collect(),
+        }
+    }
+
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let len = buf.len() as u64;
+        let (start, slice) = self
+            .slices
+            .iter()
+            .find(|(start, s)| *start <= gpa && gpa + len <= start + s.len() as u64)
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{len} bytes at {gpa:#x} are not inside one memory region"),
+                )
+            })?;
+        buf.fill(0);
+        for (g, l) in self.data_in(gpa, len) {
+            let (src, dst) = ((g - start) as usize, (g - gpa) as usize);
+            buf[dst..dst + l as usize].copy_from_slice(&slice[src..src + l as usize]);
+        }
+        self.meter.done.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn known_zero(&self, gpa: u64, len: u64) -> bool {
+        let zero = self.data_in(gpa, len).next().is_none();
+        if zero {
+            self.meter.done.fetch_add(len, Ordering::Relaxed);
+        }
+        zero
+    }
+}
+
+/// Splits a snapshot path into its store and id.
+pub fn split_path(path: &Path) -> Result<(PathBuf, String), SnapshotError> {
+    let id = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| {
+            SnapshotError::Invalid(format!(
+                "{} does not name a snapshot directory",
+                path.display()
+            ))
+        })?;
+    ray_snapshot::store::check_id(&id)?;
+    let store = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     };
-    head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
+    Ok((store, id))
 }
 
-/// The guest memory at `gpa..gpa + len` (which lies inside one region).
-fn guest_slice<'a>(slices: &[(u64, &'a [u8])], gpa: u64, len: u64) -> Option<&'a [u8]> {
-    slices.iter().find_map(|(start, s)| {
-        let off = gpa.checked_sub(*start)?;
-        s.get(off as usize..(off + len) as usize)
+/// What a new snapshot is.
+pub struct NewSnapshotSpec<'a> {
+    pub path: &'a Path,
+    pub vm_id: &'a str,
+    pub config: &'a VmConfig,
+    /// `compat_tag` of this host.
+    pub compat: String,
+    /// The parent's id (in the same store) and the pages written since it was taken.
+    pub parent: Option<(&'a str, &'a DirtyBitmap)>,
+    pub compress: bool,
+    /// Most snapshots of this VM in the store.
+    pub max_snapshots: usize,
+}
+
+/// Writes a snapshot of a paused machine.
+pub fn create(
+    spec: &NewSnapshotSpec,
+    state: &MachineState,
+    mem: &GuestMem,
+    meter: &Meter,
+) -> Result<Manifest, SnapshotError> {
+    let (store_dir, id) = split_path(spec.path)?;
+    let store = SnapshotStore::open(&store_dir)?.with_max_per_vm(spec.max_snapshots);
+    let payload = serde_json::to_vec(state).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+    // SAFETY: the VM is paused while its snapshot is written: nothing writes its memory.
+    let slices = unsafe { crate::memory::host_slices(mem) };
+    let source = VmMemory {
+        slices,
+        extents: crate::memory::data_extents(mem),
+        meter,
+    };
+    let meta = NewSnapshot {
+        id: id.clone(),
+        vm_id: spec.vm_id.to_string(),
+        cpu: spec.compat.clone(),
+        vm_config: serde_json::to_value(spec.config)
+            .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
+    };
+    let opts = CreateOptions {
+        compress: spec.compress,
+    };
+    let total = match spec.parent {
+        Some((_, dirty)) => dirty.count() * ray_snapshot::PAGE_SIZE,
+        None => source.layout().total_bytes(),
+    };
+    meter.begin(&id, total);
+    let result = match spec.parent {
+        Some((parent, dirty)) => {
+            store.create_incremental(parent, &meta, &payload, &source, dirty, &opts)
+        }
+        None => store.create_full(&meta, &payload, &source, &opts),
+    };
+    meter.end();
+    Ok(result?)
+}
+
+/// A snapshot read back, checked, and ready to become a machine.
+pub struct Loaded {
+    pub plan: RestorePlan,
+    pub state: MachineState,
+    pub config: VmConfig,
+    pub store: PathBuf,
+    pub id: String,
+}
+
+/// Reads the snapshot at `path` and its chain, checking format versions, the host
+/// (`compat`), the state file and the page maps.
+pub fn load(path: &Path, compat: &str) -> Result<Loaded, SnapshotError> {
+    let (store_dir, id) = split_path(path)?;
+    if !store_dir.is_dir() {
+        return Err(StoreError::NotFound(path.display().to_string()).into());
+    }
+    let store = SnapshotStore::open(&store_dir)?;
+    let plan = store.restore_plan(&id, compat)?;
+    let state: MachineState = serde_json::from_slice(&plan.state).map_err(|e| {
+        SnapshotError::Invalid(format!("the state of snapshot {id} cannot be decoded: {e}"))
+    })?;
+    let config: VmConfig =
+        serde_json::from_value(plan.manifest.vm_config.clone()).map_err(|e| {
+            SnapshotError::Invalid(format!(
+                "the VM configuration in snapshot {id}'s manifest is invalid: {e}"
+            ))
+        })?;
+    let expected: Vec<(u64, u64)> = crate::boot::layout::ram_regions(config.memory_bytes)
+        .iter()
+        .map(|(g, l)| (g.0, *l as u64))
+        .collect();
+    let got: Vec<(u64, u64)> = plan.layout.regions.iter().map(|r| (r.gpa, r.len)).collect();
+    if expected != got {
+        return Err(SnapshotError::Invalid(format!(
+            "snapshot {id} lays memory out as {got:x?}, but {} bytes of RAM are laid out as {expected:x?}",
+            config.memory_bytes
+        )));
+    }
+    if state.vcpus.len() != usize::from(config.vcpus) {
+        return Err(SnapshotError::Invalid(format!(
+            "snapshot {id} holds {} vCPUs but its configuration says {}",
+            state.vcpus.len(),
+            config.vcpus
+        )));
+    }
+    Ok(Loaded {
+        plan,
+        state,
+        config,
+        store: store_dir,
+        id,
     })
 }
 
-/// Writes the non-zero pages of guest memory at file offset = guest-physical address and
-/// returns the runs written with their checksums.
-fn write_memory(mem: &GuestMem, path: &Path) -> Result<Vec<MemoryRun>, SnapshotError> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(path)
-        .map_err(io("create", path))?;
-    // SAFETY: the VM is paused while its snapshot is written.
-    let slices = unsafe { crate::memory::host_slices(mem) };
-    let end = slices
+/// Guest memory of a loaded snapshot: the full snapshot at the root mapped privately (or,
+/// compressed, decompressed into new memory), the incremental ones written over it.
+/// `verify` checks the mapped base against its checksums (a read of its data); page sets
+/// are always checked as they are read.
+pub fn memory(loaded: &Loaded, verify: bool) -> Result<GuestMem, SnapshotError> {
+    let regions: Vec<(GuestAddress, usize)> = loaded
+        .plan
+        .layout
+        .regions
         .iter()
-        .map(|(gpa, s)| gpa + s.len() as u64)
-        .max()
-        .unwrap_or(0);
-    f.set_len(end).map_err(io("size", path))?;
-    let mut runs = Vec::new();
-    let mut emit = |gpa: u64, bytes: &[u8]| -> Result<(), SnapshotError> {
-        f.write_all_at(bytes, gpa).map_err(io("write", path))?;
-        runs.push(MemoryRun {
-            gpa,
-            len: bytes.len() as u64,
-            crc32: crc32fast::hash(bytes),
-        });
-        Ok(())
-    };
-    for (gpa, len) in crate::memory::data_extents(mem) {
-        let Some(extent) = guest_slice(&slices, gpa, len) else {
-            continue;
-        };
-        // Runs of non-zero pages are written with one call each.
-        let mut run: Option<usize> = None;
-        for (i, page) in extent.chunks(PAGE).enumerate() {
-            match (is_zero(page), run) {
-                (false, None) => run = Some(i),
-                (true, Some(start)) => {
-                    emit(gpa + (start * PAGE) as u64, &extent[start * PAGE..i * PAGE])?;
-                    run = None;
-                }
-                _ => {}
+        .map(|r| (GuestAddress(r.gpa), r.len as usize))
+        .collect();
+    let plan = &loaded.plan;
+    match plan.mappable_memory() {
+        Some(path) => {
+            let mem = crate::memory::from_file(&regions, path)?;
+            if verify {
+                // SAFETY: the VM does not exist yet: nothing writes this memory.
+                let slices = unsafe { crate::memory::host_slices(&mem) };
+                plan.verify_mapped_base(&slices)?;
             }
+            if !plan.overlays.is_empty() {
+                // SAFETY: as above, and these are the only slices of `mem` alive.
+                let mut slices = unsafe { crate::memory::host_slices_mut(&mem) };
+                plan.apply_overlays(&mut slices)?;
+            }
+            Ok(mem)
         }
-        if let Some(start) = run {
-            emit(gpa + (start * PAGE) as u64, &extent[start * PAGE..])?;
-        }
-    }
-    f.sync_all().map_err(io("fsync", path))?;
-    Ok(runs)
-}
-
-/// What a new snapshot describes.
-pub struct SnapshotMeta<'a> {
-    pub id: &'a str,
-    pub vm_id: &'a str,
-    pub config: &'a VmConfig,
-    pub hypervisor: &'a str,
-    pub cpu_fingerprint: String,
-}
-
-/// Writes a full snapshot of a paused VM to `dir` (which must not exist yet).
-pub fn create(
-    dir: &Path,
-    meta: SnapshotMeta,
-    state: &MachineState,
-    mem: &GuestMem,
-) -> Result<Manifest, SnapshotError> {
-    if dir.exists() {
-        return Err(SnapshotError::Incompatible(format!(
-            "{} already exists; a snapshot never overwrites another",
-            dir.display()
-        )));
-    }
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).map_err(io("create", parent))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".tmp-{name}"));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir(&tmp).map_err(io("create", &tmp))?;
-
-    let payload = serde_json::to_vec(state).map_err(|e| SnapshotError::Decode(e.to_string()))?;
-    let (state_bytes, state_crc32) =
-        ray_snapshot::StateFile::write(&tmp.join("state.bin"), &payload)?;
-    let memory_path = tmp.join("memory.raw");
-    let memory_runs = write_memory(mem, &memory_path)?;
-    let allocated = {
-        use std::os::unix::fs::MetadataExt;
-        fs::metadata(&memory_path)
-            .map(|m| m.blocks() * 512)
-            .unwrap_or(0)
-    };
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        id: meta.id.to_string(),
-        vm_id: meta.vm_id.to_string(),
-        created_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-        config: meta.config.clone(),
-        hypervisor: meta.hypervisor.to_string(),
-        cpu_fingerprint: meta.cpu_fingerprint,
-        memory_bytes: meta.config.memory_bytes,
-        memory_allocated_bytes: allocated,
-        state_bytes,
-        state_crc32,
-        memory_runs,
-    };
-    let text =
-        serde_json::to_vec_pretty(&manifest).map_err(|e| SnapshotError::Decode(e.to_string()))?;
-    write_synced(&tmp.join("manifest.json"), &text)?;
-    sync_dir(&tmp)?;
-    fs::rename(&tmp, dir).map_err(io("rename", &tmp))?;
-    sync_dir(parent)?;
-    Ok(manifest)
-}
-
-/// Reads and checks a snapshot's manifest and state.
-pub fn load(dir: &Path) -> Result<(Manifest, MachineState), SnapshotError> {
-    let manifest = Manifest::read(dir)?;
-    let payload = ray_snapshot::StateFile::read(
-        &dir.join("state.bin"),
-        ray_snapshot::StateFile::DEFAULT_LIMIT,
-    )?;
-    let state: MachineState =
-        serde_json::from_slice(&payload).map_err(|e| SnapshotError::Decode(e.to_string()))?;
-    Ok((manifest, state))
-}
-
-/// Checks restored memory against the checksums of the runs the manifest lists.
-pub fn verify_memory(dir: &Path, manifest: &Manifest, mem: &GuestMem) -> Result<(), SnapshotError> {
-    // SAFETY: the restored VM has not started: nothing writes its memory.
-    let slices = unsafe { crate::memory::host_slices(mem) };
-    for run in &manifest.memory_runs {
-        let bytes =
-            guest_slice(&slices, run.gpa, run.len).ok_or_else(|| SnapshotError::Manifest {
-                path: dir.join("manifest.json"),
-                reason: format!(
-                    "memory run at {:#x} ({} bytes) lies outside guest memory",
-                    run.gpa, run.len
-                ),
-            })?;
-        let got = crc32fast::hash(bytes);
-        if got != run.crc32 {
-            return Err(SnapshotError::Checksum {
-                path: dir.join("memory.raw"),
-                expected: run.crc32,
-                got,
-                location: format!(" in guest memory {:#x}..{:#x}", run.gpa, run.gpa + run.len),
-            });
+        None => {
+            let mem = crate::memory::create(&regions)?;
+            // SAFETY: as above.
+            let mut slices = unsafe { crate::memory::host_slices_mut(&mem) };
+            plan.materialize(&mut slices)?;
+            Ok(mem)
         }
     }
-    Ok(())
+}
+
+/// `<flavour>:<CPUID fingerprint>`: a snapshot restores only where this is the same.
+pub fn compat_tag(flavour: crate::vstate::Flavour, kvm: &kvm_ioctls::Kvm) -> String {
+    format!("{}:{}", flavour.name(), cpu_fingerprint(kvm))
 }
 
 /// A fingerprint of the CPU features KVM offers here, compared at restore. Only feature
@@ -321,77 +335,160 @@ pub fn cpu_fingerprint(kvm: &kvm_ioctls::Kvm) -> String {
     format!("{:08x}", h.finalize())
 }
 
+fn kind_name(kind: ray_snapshot::Kind) -> &'static str {
+    match kind {
+        ray_snapshot::Kind::Full => "full",
+        ray_snapshot::Kind::Incremental => "incremental",
+    }
+}
+
+fn state_name(state: ray_snapshot::SnapshotState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{state:?}"))
+}
+
+/// A list entry for a manifest (`disk_bytes` from the store's accounting).
+pub fn entry(m: &Manifest, depth: u32, disk_bytes: u64) -> SnapshotEntry {
+    SnapshotEntry {
+        id: m.id.clone(),
+        parent: m.parent.clone(),
+        depth,
+        vm_id: m.vm_id.clone(),
+        kind: kind_name(m.kind).into(),
+        state: state_name(m.state),
+        created_ms: m.created_ms,
+        memory_bytes: m.memory_bytes,
+        stored_pages: m.dirty_pages,
+        disk_bytes,
+    }
+}
+
+/// Bytes the files of a snapshot occupy on disk.
+pub fn disk_bytes(m: &Manifest) -> u64 {
+    m.files.values().map(|f| f.allocated_bytes).sum()
+}
+
+/// Every snapshot in the store at `dir`, parents before children.
+pub fn list(dir: &Path) -> Result<SnapshotList, SnapshotError> {
+    if !dir.is_dir() {
+        return Err(SnapshotError::Invalid(format!(
+            "{} is not a snapshot store (no such directory)",
+            dir.display()
+        )));
+    }
+    let tree = SnapshotStore::open(dir)?.list()?;
+    fn walk(n: &TreeNode, depth: u32, out: &mut Vec<SnapshotEntry>) {
+        out.push(SnapshotEntry {
+            id: n.id.clone(),
+            parent: n.parent.clone(),
+            depth,
+            vm_id: n.vm_id.clone(),
+            kind: kind_name(n.kind).into(),
+            state: state_name(n.state),
+            created_ms: n.created_ms,
+            memory_bytes: n.memory_bytes,
+            stored_pages: n.dirty_pages,
+            disk_bytes: n.disk_bytes,
+        });
+        for c in &n.children {
+            walk(c, depth + 1, out);
+        }
+    }
+    let mut snapshots = Vec::new();
+    for r in &tree.roots {
+        walk(r, 0, &mut snapshots);
+    }
+    Ok(SnapshotList {
+        store: dir.display().to_string(),
+        snapshots,
+        broken: tree
+            .broken
+            .into_iter()
+            .map(|b| BrokenSnapshot {
+                id: b.id,
+                error: b.error,
+            })
+            .collect(),
+    })
+}
+
+/// Deletes the snapshot at `path`; refused while others depend on it.
+pub fn delete(path: &Path) -> Result<(), SnapshotError> {
+    let (store, id) = split_path(path)?;
+    Ok(SnapshotStore::open(store)?.delete(&id)?)
+}
+
+/// Flattens the chain of the snapshot at `path` into a new full snapshot `into` beside it.
+pub fn merge(path: &Path, into: &str, compress: bool) -> Result<SnapshotEntry, SnapshotError> {
+    let (store, id) = split_path(path)?;
+    let m = SnapshotStore::open(store)?.merge(&id, into, &CreateOptions { compress })?;
+    Ok(entry(&m, 0, disk_bytes(&m)))
+}
+
+/// The manifest of the snapshot at `path`.
+pub fn manifest(path: &Path) -> Result<Manifest, SnapshotError> {
+    let (store, id) = split_path(path)?;
+    if !store.is_dir() {
+        return Err(StoreError::NotFound(path.display().to_string()).into());
+    }
+    Ok(SnapshotStore::open(store)?.get(&id)?)
+}
+
 #[cfg(test)]
 mod tests {
+    use vm_memory::Bytes;
+
     use super::*;
 
-    fn temp(name: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("ray-snap-{}-{name}", std::process::id()))
+    #[test]
+    fn untouched_memory_reads_as_zero_without_being_touched() {
+        let regions = [
+            (GuestAddress(0), 8 << 20),
+            (GuestAddress(16 << 20), 4 << 20),
+        ];
+        let mem = crate::memory::create(&regions).unwrap();
+        mem.write_obj(0x1111_u64, GuestAddress(0x3000)).unwrap();
+        mem.write_obj(0x2222_u64, GuestAddress((16 << 20) + 0x5008))
+            .unwrap();
+        let meter = Meter::default();
+        // SAFETY: nothing else uses the memory.
+        let slices = unsafe { crate::memory::host_slices(&mem) };
+        let src = VmMemory {
+            slices,
+            extents: crate::memory::data_extents(&mem),
+            meter: &meter,
+        };
+        assert!(src.known_zero(4 << 20, 4 << 20));
+        assert!(!src.known_zero(0, 4 << 20));
+        let mut buf = vec![0xffu8; 8192];
+        src.read(0x2000, &mut buf).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(buf[4096..4104].try_into().unwrap()),
+            0x1111
+        );
+        assert!(buf[..4096].iter().all(|b| *b == 0));
+        src.read((16 << 20) + 0x5000, &mut buf[..4096]).unwrap();
+        assert_eq!(u64::from_le_bytes(buf[8..16].try_into().unwrap()), 0x2222);
+        assert!(
+            src.read((8 << 20) - 4096, &mut buf).is_err(),
+            "crosses a region"
+        );
+        // Reading never allocated the untouched pages.
+        let extents = crate::memory::data_extents(&mem);
+        let allocated: u64 = extents.iter().map(|e| e.1).sum();
+        assert!(allocated <= 64 << 10, "{extents:x?}");
     }
 
     #[test]
-    fn memory_file_is_sparse_by_gpa_and_maps_back() {
-        use vm_memory::{Bytes, GuestAddress};
-        let regions = [(GuestAddress(0), 4 << 20), (GuestAddress(8 << 20), 2 << 20)];
-        let mem = crate::memory::create(&regions).unwrap();
-        mem.write_obj(0x1111_u64, GuestAddress(0x3000)).unwrap();
-        mem.write_obj(0x2222_u64, GuestAddress((8 << 20) + 0x5008))
-            .unwrap();
-        let path = temp("memory.raw");
-        let runs = write_memory(&mem, &path).unwrap();
-        assert_eq!(runs.len(), 2, "{runs:?}");
-        assert_eq!((runs[0].gpa, runs[0].len), (0x3000, 4096));
-        use std::os::unix::fs::MetadataExt;
-        let md = fs::metadata(&path).unwrap();
-        assert_eq!(md.len(), 10 << 20);
-        assert!(
-            md.blocks() * 512 <= 64 << 10,
-            "zero pages must be holes: {} bytes",
-            md.blocks() * 512
-        );
-        let back = crate::memory::from_file(&regions, &path).unwrap();
-        assert_eq!(back.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 0x1111);
+    fn snapshot_paths_split_into_store_and_id() {
+        let (store, id) = split_path(Path::new("/var/snaps/web-1")).unwrap();
         assert_eq!(
-            back.read_obj::<u64>(GuestAddress((8 << 20) + 0x5008))
-                .unwrap(),
-            0x2222
+            (store.as_path(), id.as_str()),
+            (Path::new("/var/snaps"), "web-1")
         );
-        // Copy-on-write: writes to the restored memory never reach the file.
-        back.write_obj(0x3333_u64, GuestAddress(0x3000)).unwrap();
-        let again = crate::memory::from_file(&regions, &path).unwrap();
-        assert_eq!(again.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 0x1111);
-        let manifest_runs = Manifest {
-            format_version: FORMAT_VERSION,
-            id: "t".into(),
-            vm_id: "t".into(),
-            created_ms: 0,
-            config: VmConfig {
-                kernel: "k".into(),
-                initrd: None,
-                cmdline: String::new(),
-                vcpus: 1,
-                memory_bytes: 6 << 20,
-            },
-            hypervisor: "pvm".into(),
-            cpu_fingerprint: String::new(),
-            memory_bytes: 6 << 20,
-            memory_allocated_bytes: 0,
-            state_bytes: 0,
-            state_crc32: 0,
-            memory_runs: runs,
-        };
-        verify_memory(Path::new("/snap"), &manifest_runs, &again).unwrap();
-        // A flipped byte in the file is found and located.
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[0x99], 0x3001).unwrap();
-        let flipped = crate::memory::from_file(&regions, &path).unwrap();
-        let err = verify_memory(Path::new("/snap"), &manifest_runs, &flipped)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("/snap/memory.raw is damaged") && err.contains("0x3000..0x4000"),
-            "{err}"
-        );
-        fs::remove_file(path).unwrap();
+        assert!(split_path(Path::new("/var/snaps/.hidden")).is_err());
+        assert!(split_path(Path::new("/")).is_err());
     }
 }
