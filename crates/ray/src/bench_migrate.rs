@@ -53,7 +53,8 @@ struct Mode {
     passes: u64,
     /// bytes_sent / total time, MiB/s.
     migration_mib_s: Stats,
-    /// Raw TCP on the same path (median of one measurement per run), MiB/s.
+    /// Raw TCP on the same path (median of one measurement per run, taken just before the
+    /// migration with both VMMs up), MiB/s.
     raw_tcp_mib_s: f64,
     /// Median migration throughput over median raw TCP.
     throughput_ratio: f64,
@@ -196,8 +197,8 @@ fn raw_tcp(from: Option<&str>, to: Option<&str>, to_ip: &str, bytes: u64) -> any
             enter_netns(ns)?;
         }
         let mut s = TcpStream::connect((to_ip.as_str(), port))?;
-        let buf: Vec<u8> = (0..1 << 20)
-            .map(|i: u32| (i * 2_654_435_761) as u8)
+        let buf: Vec<u8> = (0..1u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
         let t = Instant::now();
         let mut left = bytes;
@@ -338,14 +339,17 @@ impl Bench<'_> {
         }
     }
 
-    /// One migration; returns (heartbeat gap ms, final source status).
+    /// One migration; also measures raw TCP on the same path just before it, with both
+    /// VMMs up (the guest spinning), so both compete for the same CPUs. Returns (heartbeat
+    /// gap ms, raw TCP MiB/s, final source status).
     fn once(
         &self,
         ns: (Option<&str>, Option<&str>),
         listen: &str,
+        target_ip: &str,
         loaded: bool,
         i: usize,
-    ) -> anyhow::Result<(f64, MigrationStatus)> {
+    ) -> anyhow::Result<(f64, f64, MigrationStatus)> {
         let mem = self.a.memory.to_string();
         let src_id = format!("bench-mig-src-{i}");
         let out = self.ray(
@@ -395,6 +399,7 @@ impl Bench<'_> {
         )?;
         let dst = self.guest(&serde_json::from_slice(&out.stdout)?);
         let to = dst.migration()?.peer;
+        let raw = raw_tcp(ns.0, ns.1, target_ip, self.a.touched)?;
         let req = MigrateRequest {
             to,
             key_file: self.key.display().to_string(),
@@ -445,7 +450,7 @@ impl Bench<'_> {
         for id in [&src_id, &dst_id] {
             let _ = std::fs::remove_dir_all(ray::runtime::vm_dir(&self.runtime, id));
         }
-        Ok((gap, s))
+        Ok((gap, raw, s))
     }
 
     fn mode(
@@ -466,8 +471,8 @@ impl Bench<'_> {
             Vec::new(),
         );
         for i in 0..self.a.runs {
-            raw.push(raw_tcp(ns.0, ns.1, target_ip, self.a.touched)?);
-            let (g, s) = self.once(ns, listen, loaded, i)?;
+            let (g, r, s) = self.once(ns, listen, target_ip, loaded, i)?;
+            raw.push(r);
             let t = s.total_ms.unwrap_or(f64::NAN);
             gap.push(g);
             driver.push(s.downtime_ms.unwrap_or(f64::NAN));

@@ -403,7 +403,7 @@ impl Controller {
                         mig::SourceError::Setup(format!("cannot connect to the target {to}: {e}"))
                     })
                     .and_then(|stream| {
-                        let _hasher = mig::Hasher::spawn(mem.clone(), true);
+                        let _hasher = mig::Hasher::spawn(mem.clone(), false);
                         let mut link =
                             mig::Link::new(inbox.clone(), &mem).with_source_mem(mem.clone());
                         ray_migration::send_migration(stream, &*mem, &mut link, &compat, &cfg)

@@ -668,7 +668,9 @@ pub struct Hasher {
 }
 
 impl Hasher {
-    /// `skip_hot`: leave chunks the guest keeps rewriting for the end (source side).
+    /// `skip_hot`: leave chunks rewritten in the last two dirty logs for later. (Off in the
+    /// VMM: a guest sweeping its memory rewrites a chunk long after it was reported, so
+    /// hashing it at once keeps it valid longest.)
     pub fn spawn(mem: Arc<MemAccess>, skip_hot: bool) -> Hasher {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -817,6 +819,12 @@ impl SourceVm for Link {
         if let Some(mem) = &self.source_mem {
             mem.map.mark_dirty(&logs);
             mem.bump_dirty(&logs);
+            // Catch up with the background hasher before the driver decides whether to
+            // stop: hashes missing now would be computed inside the downtime.
+            let stop = AtomicBool::new(false);
+            let mut buf = vec![0u8; CHUNK as usize];
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while mem.hash_stale(&stop, false, &mut buf) > 0 && Instant::now() < deadline {}
         }
         Ok(logs)
     }
