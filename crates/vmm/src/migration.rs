@@ -637,8 +637,20 @@ impl GuestMemoryAccess for MemAccess {
             .iter()
             .enumerate()
             .map(|(r, region)| {
-                let chunks = (0..self.cache.gens[r].len())
-                    .map(|c| self.chunk_hash(r, c, &mut buf))
+                // One lock per region: this runs inside the downtime.
+                let cached = self.cache.hashes[r]
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                let chunks = cached
+                    .iter()
+                    .enumerate()
+                    .map(|(c, h)| match h {
+                        Some((g, h)) if *g == self.cache.gens[r][c].load(Ordering::Acquire) => {
+                            Ok(*h)
+                        }
+                        _ => self.chunk_hash(r, c, &mut buf),
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(ray_migration::vm::combine_chunks(region, chunks))
             })
