@@ -23,15 +23,20 @@
 use std::io::{self, IoSlice, Read, Write};
 
 use crate::auth::{self, SessionKey};
-use crate::protocol::{Command, Message};
-use crate::ProtocolError;
+use crate::protocol::{index_entry, BatchShape, Command, MemoryRegion, Message, BATCH_HEADER};
+use crate::vm::GuestMemoryAccess;
+use crate::{MigrationError, ProtocolError};
 
 /// `b"RYMG"`: rayvisor migration.
 pub const MAGIC: [u8; 4] = *b"RYMG";
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2 moved the page index of `MemoryPages` payloads before the page data so the
+/// receiver can read pages straight into guest memory; version 1 peers are refused with
+/// [`crate::MigrationError::NoCommonVersion`].
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Versions this build can negotiate, oldest first.
-pub const SUPPORTED_VERSIONS: &[u16] = &[1];
+pub const SUPPORTED_VERSIONS: &[u16] = &[2];
 /// Largest payload accepted, on the wire and after decompression.
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 /// Header size in bytes.
@@ -127,6 +132,32 @@ fn header_crc(b: &[u8; HEADER_LEN]) -> u32 {
     h.finalize()
 }
 
+/// Bytes read into guest memory per socket read while placing pages: small enough that
+/// the CRC of the chunk just read still finds it in cache.
+const PLACE_CHUNK: usize = 128 << 10;
+
+/// What [`Channel::recv_frame_placing`] received.
+#[derive(Debug)]
+pub enum Received<'a> {
+    /// A frame, buffered and checked as by [`Channel::recv_frame`].
+    Frame(Frame<'a>),
+    /// A page frame whose `pages` pages were checked and written to guest memory.
+    Placed { header: FrameHeader, pages: u64 },
+}
+
+/// Index of the region holding the whole page at `gpa` (which must be page aligned).
+pub fn region_of(regions: &[MemoryRegion], gpa: u64, page_size: usize) -> Option<usize> {
+    if page_size == 0 || !gpa.is_multiple_of(page_size as u64) {
+        return None;
+    }
+    regions.iter().position(|r| {
+        gpa >= r.gpa
+            && gpa
+                .checked_add(page_size as u64)
+                .is_some_and(|end| end <= r.gpa.saturating_add(r.size))
+    })
+}
+
 /// A received frame; the payload is borrowed from the channel's buffer (already decompressed).
 #[derive(Debug)]
 pub struct Frame<'a> {
@@ -152,6 +183,8 @@ pub struct Channel<S> {
     send_seq: u64,
     recv_seq: u64,
     crc_pages: bool,
+    last_compressed: bool,
+    zero_page: Vec<u8>,
     rx: Vec<u8>,
     lz: Vec<u8>,
     tx: Vec<u8>,
@@ -168,6 +201,8 @@ impl<S: Read + Write> Channel<S> {
             send_seq: 0,
             recv_seq: 0,
             crc_pages: false,
+            last_compressed: false,
+            zero_page: Vec::new(),
             rx: Vec::new(),
             lz: Vec::new(),
             tx: Vec::new(),
@@ -239,29 +274,77 @@ impl<S: Read + Write> Channel<S> {
         &mut self,
         command: Command,
         request_id: u64,
-        mut flags: u16,
+        flags: u16,
         payload: &[u8],
         compress: bool,
     ) -> Result<(), ProtocolError> {
-        if payload.len() as u64 > MAX_PAYLOAD {
+        self.send_parts(command, request_id, flags, &[payload], compress)
+    }
+
+    /// Sends a payload given as consecutive parts (e.g. a page batch's index and its page
+    /// data), in one vectored write without joining them; `compress` joins them and tries
+    /// lz4 (see [`send_raw`](Self::send_raw)).
+    pub fn send_parts(
+        &mut self,
+        command: Command,
+        request_id: u64,
+        mut flags: u16,
+        parts: &[&[u8]],
+        compress: bool,
+    ) -> Result<(), ProtocolError> {
+        let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        if total > MAX_PAYLOAD {
             return Err(ProtocolError::Oversize {
-                len: payload.len() as u64,
+                len: total,
                 max: MAX_PAYLOAD,
             });
         }
-        let mut body = payload;
-        if compress {
-            let max = lz4_flex::block::get_maximum_output_size(payload.len()) + 4;
-            self.lz.resize(max, 0);
-            self.lz[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-            if let Ok(n) = lz4_flex::block::compress_into(payload, &mut self.lz[4..]) {
-                if n + 4 < payload.len() {
-                    self.lz.truncate(n + 4);
-                    body = &self.lz;
-                    flags |= FLAG_LZ4;
-                }
+        self.last_compressed = false;
+        if !compress {
+            return self.write_frame(command, request_id, flags, parts);
+        }
+        let mut joined = std::mem::take(&mut self.tx);
+        let mut lz = std::mem::take(&mut self.lz);
+        let payload: &[u8] = if let [p] = parts {
+            p
+        } else {
+            joined.clear();
+            for p in parts {
+                joined.extend_from_slice(p);
+            }
+            &joined
+        };
+        let max = lz4_flex::block::get_maximum_output_size(payload.len()) + 4;
+        lz.resize(max, 0);
+        lz[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        if let Ok(n) = lz4_flex::block::compress_into(payload, &mut lz[4..]) {
+            if n + 4 < payload.len() {
+                lz.truncate(n + 4);
+                flags |= FLAG_LZ4;
+                self.last_compressed = true;
             }
         }
+        let body = if self.last_compressed { &lz[..] } else { payload };
+        let r = self.write_frame(command, request_id, flags, &[body]);
+        self.tx = joined;
+        self.lz = lz;
+        r
+    }
+
+    /// True when the last frame sent with `compress` was actually lz4-compressed (the
+    /// sender stops trying for a while on incompressible memory).
+    pub fn last_compressed(&self) -> bool {
+        self.last_compressed
+    }
+
+    fn write_frame(
+        &mut self,
+        command: Command,
+        request_id: u64,
+        mut flags: u16,
+        body: &[&[u8]],
+    ) -> Result<(), ProtocolError> {
+        let body_len: usize = body.iter().map(|p| p.len()).sum();
         let mac_key = match &self.key {
             Some(_) if self.crc_pages && command == Command::MemoryPages => None,
             key => key.as_ref(),
@@ -274,7 +357,7 @@ impl<S: Read + Write> Channel<S> {
             command,
             flags,
             request_id,
-            payload_len: body.len() as u64,
+            payload_len: body_len as u64,
         }
         .encode();
         let io = |e| ProtocolError::Io {
@@ -284,23 +367,24 @@ impl<S: Read + Write> Channel<S> {
         let mut trailer = [0u8; 32];
         let trailer_len = match mac_key {
             Some(key) => {
-                trailer = auth::frame_mac(key, self.send_seq, &header, body);
+                trailer = auth::frame_mac_parts(key, self.send_seq, &header, body);
                 32
             }
             None => {
                 let mut h = crc32fast::Hasher::new();
                 h.update(&header);
-                h.update(body);
+                for p in body {
+                    h.update(p);
+                }
                 trailer[..4].copy_from_slice(&h.finalize().to_le_bytes());
                 4
             }
         };
-        // One vectored write per frame: fewer syscalls and segments than three writes.
-        let mut slices = [
-            IoSlice::new(&header),
-            IoSlice::new(body),
-            IoSlice::new(&trailer[..trailer_len]),
-        ];
+        // One vectored write per frame: fewer syscalls and segments than one per part.
+        let mut slices = Vec::with_capacity(body.len() + 2);
+        slices.push(IoSlice::new(&header));
+        slices.extend(body.iter().filter(|p| !p.is_empty()).map(|p| IoSlice::new(p)));
+        slices.push(IoSlice::new(&trailer[..trailer_len]));
         let mut rest = &mut slices[..];
         while !rest.is_empty() {
             match self.stream.write_vectored(rest) {
@@ -317,15 +401,21 @@ impl<S: Read + Write> Channel<S> {
         }
         self.stream.flush().map_err(io)?;
         self.send_seq += 1;
-        self.bytes_sent += (HEADER_LEN + body.len() + trailer_len) as u64;
+        self.bytes_sent += (HEADER_LEN + body_len + trailer_len) as u64;
         Ok(())
     }
 
     /// Reads one frame, verifying header, length, integrity and (once keyed) the MAC.
     pub fn recv_frame(&mut self) -> Result<Frame<'_>, ProtocolError> {
-        let mut hb = [0u8; HEADER_LEN];
-        read_full(&mut self.stream, &mut hb, "header", true)?;
-        let header = FrameHeader::decode(&hb)?;
+        let (hb, header) = self.recv_header()?;
+        self.recv_body(hb, header)
+    }
+
+    fn recv_body(
+        &mut self,
+        hb: [u8; HEADER_LEN],
+        header: FrameHeader,
+    ) -> Result<Frame<'_>, ProtocolError> {
         let len = header.payload_len as usize;
         self.rx.resize(len, 0);
         read_full(&mut self.stream, &mut self.rx, "payload", false)?;
@@ -384,6 +474,179 @@ impl<S: Read + Write> Channel<S> {
         })
     }
 
+    fn recv_header(&mut self) -> Result<([u8; HEADER_LEN], FrameHeader), ProtocolError> {
+        let mut hb = [0u8; HEADER_LEN];
+        read_full(&mut self.stream, &mut hb, "header", true)?;
+        let header = FrameHeader::decode(&hb)?;
+        Ok((hb, header))
+    }
+
+    /// Like [`recv_frame`](Self::recv_frame), but a CRC-framed, uncompressed `MemoryPages`
+    /// frame is not buffered: its index is read and checked first (page size, every page
+    /// whole and inside `regions`), then each run of consecutive pages is read from the
+    /// socket straight into guest memory ([`GuestMemoryAccess::fill_in_place`], falling
+    /// back to one buffered `write` per run) and zero pages are written as zeros. The CRC
+    /// trailer is checked at the end; a mismatch fails the frame like any other (the
+    /// memory already written is only ever used after the MACed hash comparison, see
+    /// [`set_crc_for_pages`](Self::set_crc_for_pages)). MACed or compressed page frames,
+    /// and every other frame, are returned as a [`Frame`] as before.
+    pub fn recv_frame_placing<M: GuestMemoryAccess + ?Sized>(
+        &mut self,
+        mem: &M,
+        regions: &[MemoryRegion],
+        page_size: usize,
+    ) -> Result<Received<'_>, MigrationError> {
+        let (hb, header) = self.recv_header()?;
+        if header.command != Command::MemoryPages || header.flags & (FLAG_MAC | FLAG_LZ4) != 0 {
+            return Ok(Received::Frame(self.recv_body(hb, header)?));
+        }
+        let pages = self.place_pages(&hb, &header, mem, regions, page_size)?;
+        Ok(Received::Placed { header, pages })
+    }
+
+    fn place_pages<M: GuestMemoryAccess + ?Sized>(
+        &mut self,
+        hb: &[u8; HEADER_LEN],
+        header: &FrameHeader,
+        mem: &M,
+        regions: &[MemoryRegion],
+        page_size: usize,
+    ) -> Result<u64, MigrationError> {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(hb);
+        let len = header.payload_len;
+        let mut bh = [0u8; BATCH_HEADER];
+        if len < BATCH_HEADER as u64 {
+            return Err(ProtocolError::Malformed {
+                command: Command::MemoryPages,
+                reason: format!("it is {len} bytes, shorter than its 8-byte header"),
+            }
+            .into());
+        }
+        read_full(&mut self.stream, &mut bh, "payload", false)?;
+        crc.update(&bh);
+        let shape = BatchShape::parse(&bh)?;
+        let index_len = shape.index_len();
+        if len - (BATCH_HEADER as u64) < index_len as u64 {
+            return Err(ProtocolError::Malformed {
+                command: Command::MemoryPages,
+                reason: format!(
+                    "it holds {} bytes after the header, too few for the index of {} pages ({index_len} bytes)",
+                    len - BATCH_HEADER as u64,
+                    shape.count
+                ),
+            }
+            .into());
+        }
+        let mut index = std::mem::take(&mut self.rx);
+        index.resize(index_len, 0);
+        let r = self.place_indexed(&mut crc, &mut index, header, shape, mem, regions, page_size);
+        self.rx = index;
+        let trailer = r?;
+        let expected = crc.finalize();
+        if expected != trailer {
+            return Err(ProtocolError::Checksum {
+                command: Command::MemoryPages,
+                expected,
+                found: trailer,
+            }
+            .into());
+        }
+        self.recv_seq += 1;
+        self.bytes_received += HEADER_LEN as u64 + len + 4;
+        Ok(shape.count as u64)
+    }
+
+    /// Reads and checks the index into `index`, then the page data into place; returns
+    /// the CRC trailer as found on the wire.
+    #[allow(clippy::too_many_arguments)]
+    fn place_indexed<M: GuestMemoryAccess + ?Sized>(
+        &mut self,
+        crc: &mut crc32fast::Hasher,
+        index: &mut [u8],
+        header: &FrameHeader,
+        shape: BatchShape,
+        mem: &M,
+        regions: &[MemoryRegion],
+        page_size: usize,
+    ) -> Result<u32, MigrationError> {
+        read_full(&mut self.stream, index, "payload", false)?;
+        crc.update(index);
+        let data_len = shape.data_len(index)?;
+        let have = header.payload_len - (BATCH_HEADER + index.len()) as u64;
+        if have != data_len {
+            return Err(ProtocolError::Malformed {
+                command: Command::MemoryPages,
+                reason: format!(
+                    "it carries {have} data bytes where its index announces {data_len} ({} bytes per non-zero page)",
+                    shape.page_size
+                ),
+            }
+            .into());
+        }
+        // Every address is checked before a byte of page data is read.
+        let n = shape.count;
+        for i in 0..n {
+            let (gpa, _) = index_entry(index, n, i);
+            if shape.page_size != page_size || region_of(regions, gpa, page_size).is_none() {
+                return Err(MigrationError::PageOutOfRange {
+                    gpa,
+                    len: shape.page_size,
+                });
+            }
+        }
+        if self.zero_page.len() != page_size {
+            self.zero_page = vec![0; page_size];
+        }
+        let mut i = 0;
+        while i < n {
+            let (gpa, nonzero) = index_entry(index, n, i);
+            if !nonzero {
+                mem.write(gpa, &self.zero_page)?;
+                i += 1;
+                continue;
+            }
+            // A run: consecutive non-zero pages at consecutive addresses in one region.
+            let region = region_of(regions, gpa, page_size);
+            let mut run = 1;
+            while i + run < n {
+                let (next, nz) = index_entry(index, n, i + run);
+                if !nz
+                    || next != gpa + (run * page_size) as u64
+                    || region_of(regions, next, page_size) != region
+                {
+                    break;
+                }
+                run += 1;
+            }
+            let len = run * page_size;
+            let stream = &mut self.stream;
+            let mut failed = None;
+            let placed = mem.fill_in_place(gpa, len, &mut |dst: &mut [u8]| {
+                for chunk in dst.chunks_mut(PLACE_CHUNK) {
+                    if let Err(e) = read_full(stream, chunk, "payload", false) {
+                        failed = Some(e);
+                        return;
+                    }
+                    // Still in cache: the CRC costs no second trip to memory.
+                    crc.update(chunk);
+                }
+            })?;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            if !placed {
+                self.lz.resize(len, 0);
+                read_full(&mut self.stream, &mut self.lz, "payload", false)?;
+                crc.update(&self.lz);
+                mem.write(gpa, &self.lz)?;
+            }
+            i += run;
+        }
+        let mut trailer = [0u8; 4];
+        read_full(&mut self.stream, &mut trailer, "CRC trailer", false)?;
+        Ok(u32::from_le_bytes(trailer))
+    }
     /// Reads one frame and decodes its message.
     pub fn recv(&mut self) -> Result<(FrameHeader, Message), ProtocolError> {
         let frame = self.recv_frame()?;
@@ -488,7 +751,7 @@ mod tests {
     #[test]
     fn header_round_trips() {
         let h = FrameHeader {
-            version: 1,
+            version: PROTOCOL_VERSION,
             command: Command::State,
             flags: FLAG_RESPONSE,
             request_id: 99,
@@ -630,7 +893,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_after_a_valid_header_never_panic(tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256), cmd in 1u16..14, lz in proptest::prelude::any::<bool>()) {
             let command = Command::try_from(cmd).unwrap();
-            let h = FrameHeader { version: 1, command, flags: if lz { FLAG_LZ4 } else { 0 }, request_id: 1, payload_len: tail.len() as u64 };
+            let h = FrameHeader { version: PROTOCOL_VERSION, command, flags: if lz { FLAG_LZ4 } else { 0 }, request_id: 1, payload_len: tail.len() as u64 };
             let mut bytes = h.encode().to_vec();
             let mut crc = crc32fast::Hasher::new();
             crc.update(&bytes);

@@ -248,7 +248,7 @@ fn an_impostor_target_gets_nothing() {
         let (h, _) = ch.recv().unwrap();
         ch.send(
             &Message::Hello {
-                versions: vec![1],
+                versions: vec![ray_migration::frame::PROTOCOL_VERSION],
                 nonce: [1; 32],
             },
             h.request_id,
