@@ -132,10 +132,6 @@ fn header_crc(b: &[u8; HEADER_LEN]) -> u32 {
     h.finalize()
 }
 
-/// Bytes read into guest memory per socket read while placing pages: small enough that
-/// the CRC of the chunk just read still finds it in cache.
-const PLACE_CHUNK: usize = 128 << 10;
-
 /// What [`Channel::recv_frame_placing`] received.
 #[derive(Debug)]
 pub enum Received<'a> {
@@ -623,13 +619,11 @@ impl<S: Read + Write> Channel<S> {
             let stream = &mut self.stream;
             let mut failed = None;
             let placed = mem.fill_in_place(gpa, len, &mut |dst: &mut [u8]| {
-                for chunk in dst.chunks_mut(PLACE_CHUNK) {
-                    if let Err(e) = read_full(stream, chunk, "payload", false) {
-                        failed = Some(e);
-                        return;
-                    }
-                    // Still in cache: the CRC costs no second trip to memory.
-                    crc.update(chunk);
+                // One read call per socket wake-up (as many bytes as have arrived, up
+                // to the whole run): each read may send a window update, so small reads
+                // cost ACK processing. The CRC covers each piece while still in cache.
+                if let Err(e) = read_full_with(stream, dst, "payload", false, |p| crc.update(p)) {
+                    failed = Some(e);
                 }
             })?;
             if let Some(e) = failed {
@@ -688,6 +682,18 @@ fn read_full<R: Read>(
     part: &'static str,
     frame_start: bool,
 ) -> Result<(), ProtocolError> {
+    read_full_with(r, buf, part, frame_start, |_| {})
+}
+
+/// [`read_full`] that also shows every piece to `seen` as soon as it arrived, while the
+/// piece is still in cache.
+fn read_full_with<R: Read>(
+    r: &mut R,
+    buf: &mut [u8],
+    part: &'static str,
+    frame_start: bool,
+    mut seen: impl FnMut(&[u8]),
+) -> Result<(), ProtocolError> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
@@ -699,7 +705,10 @@ fn read_full<R: Read>(
                     got,
                 })
             }
-            Ok(n) => got += n,
+            Ok(n) => {
+                seen(&buf[got..got + n]);
+                got += n;
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 return Err(ProtocolError::Io {
