@@ -320,7 +320,11 @@ impl<S: Read + Write> Channel<S> {
                 self.last_compressed = true;
             }
         }
-        let body = if self.last_compressed { &lz[..] } else { payload };
+        let body = if self.last_compressed {
+            &lz[..]
+        } else {
+            payload
+        };
         let r = self.write_frame(command, request_id, flags, &[body]);
         self.tx = joined;
         self.lz = lz;
@@ -379,7 +383,11 @@ impl<S: Read + Write> Channel<S> {
         // One vectored write per frame: fewer syscalls and segments than one per part.
         let mut slices = Vec::with_capacity(body.len() + 2);
         slices.push(IoSlice::new(&header));
-        slices.extend(body.iter().filter(|p| !p.is_empty()).map(|p| IoSlice::new(p)));
+        slices.extend(
+            body.iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| IoSlice::new(p)),
+        );
         slices.push(IoSlice::new(&trailer[..trailer_len]));
         let mut rest = &mut slices[..];
         while !rest.is_empty() {
@@ -873,6 +881,273 @@ mod tests {
         rx.set_session_key(other);
         assert!(matches!(rx.recv(), Err(ProtocolError::BadMac { .. })));
     }
+
+    use crate::memvm::MemGuest;
+    use crate::protocol::PageBatchWriter;
+    use crate::vm::MemoryError;
+
+    const PS: usize = 4096;
+
+    fn page_regions() -> Vec<MemoryRegion> {
+        vec![
+            MemoryRegion {
+                gpa: 0,
+                size: 4 * PS as u64,
+            },
+            MemoryRegion {
+                gpa: 4 * PS as u64,
+                size: 2 * PS as u64,
+            },
+            MemoryRegion {
+                gpa: 0x10_0000,
+                size: 2 * PS as u64,
+            },
+        ]
+    }
+
+    /// A page frame from the real writer; `fill` 0 is a zero page.
+    fn page_frame(pages: &[(u64, u8)], key: Option<SessionKey>) -> Vec<u8> {
+        let mut w = PageBatchWriter::new(PS, pages.len().max(1));
+        for &(gpa, fill) in pages {
+            w.slot().fill(fill);
+            w.commit(gpa);
+        }
+        let mut c = pipe(Vec::new());
+        if let Some(k) = key {
+            c.set_session_key(k);
+            c.set_crc_for_pages(true);
+        }
+        let (index, data) = w.finish_parts();
+        c.send_parts(Command::MemoryPages, 5, 0, &[index, data], false)
+            .unwrap();
+        c.into_inner().out
+    }
+
+    /// A CRC-framed `MemoryPages` frame around an arbitrary payload.
+    fn raw_page_frame(payload: &[u8]) -> Vec<u8> {
+        let mut c = pipe(Vec::new());
+        c.send_raw(Command::MemoryPages, 5, 0, payload, false)
+            .unwrap();
+        c.into_inner().out
+    }
+
+    fn place(wire: Vec<u8>, mem: &dyn GuestMemoryAccess) -> Result<u64, MigrationError> {
+        let mut c = pipe(wire);
+        match c.recv_frame_placing(mem, &page_regions(), PS)? {
+            Received::Placed { pages, .. } => Ok(pages),
+            Received::Frame(f) => panic!("not placed: {:?}", f.header),
+        }
+    }
+
+    fn page_of(g: &MemGuest, gpa: u64) -> Vec<u8> {
+        let mut b = vec![0; PS];
+        g.read(gpa, &mut b).unwrap();
+        b
+    }
+
+    /// Guest memory without the in-place path: the receiver must fall back to `write`.
+    struct WriteOnly(MemGuest);
+    impl GuestMemoryAccess for WriteOnly {
+        fn regions(&self) -> Vec<MemoryRegion> {
+            self.0.regions()
+        }
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+            self.0.read(gpa, buf)
+        }
+        fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+            self.0.write(gpa, data)
+        }
+    }
+
+    #[test]
+    fn page_frames_are_placed_straight_into_guest_memory() {
+        // Runs, a gap, zero pages, a run crossing from region 0 into region 1, region 2.
+        let pages = [
+            (0, 1),
+            (PS as u64, 2),
+            (3 * PS as u64, 3),
+            (4 * PS as u64, 4),
+            (5 * PS as u64, 0),
+            (0x10_0000, 5),
+            (0x10_1000, 6),
+        ];
+        for in_place in [true, false] {
+            let g = MemGuest::new(page_regions(), PS as u64);
+            g.write(5 * PS as u64, &[9; PS]).unwrap();
+            let wo = WriteOnly(MemGuest::new(page_regions(), PS as u64));
+            wo.0.write(5 * PS as u64, &[9; PS]).unwrap();
+            let mem: &dyn GuestMemoryAccess = if in_place { &g } else { &wo };
+            assert_eq!(place(page_frame(&pages, None), mem).unwrap(), 7);
+            let g = if in_place { &g } else { &wo.0 };
+            for &(gpa, fill) in &pages {
+                assert_eq!(page_of(g, gpa), vec![fill; PS], "page {gpa:#x}");
+            }
+            assert_eq!(page_of(g, 2 * PS as u64), vec![0; PS], "untouched page");
+        }
+    }
+
+    #[test]
+    fn placing_keeps_the_sequence_for_later_macs() {
+        let key = auth::session_key(b"psk", &[1; 32], &[2; 32], 1);
+        let mut wire = page_frame(&[(0, 7)], Some(key.clone()));
+        let mut tx = pipe(Vec::new());
+        tx.set_session_key(key.clone());
+        tx.send(&Message::Switchover, 1, false).unwrap(); // sequence 0
+        tx.send(&Message::Resumed, 2, false).unwrap(); // sequence 1
+        let macs = tx.into_inner().out;
+        let (_, second) = macs.split_at(macs.len() / 2);
+        wire.extend_from_slice(second);
+        let g = MemGuest::new(page_regions(), PS as u64);
+        let mut rx = pipe(wire);
+        rx.set_session_key(key);
+        assert!(matches!(
+            rx.recv_frame_placing(&g, &page_regions(), PS).unwrap(),
+            Received::Placed { pages: 1, .. }
+        ));
+        // The page frame took sequence 0, so the Resumed MACed with sequence 1 verifies.
+        assert_eq!(rx.recv().unwrap().1, Message::Resumed);
+        assert_eq!(page_of(&g, 0), vec![7; PS]);
+    }
+
+    #[test]
+    fn macs_and_other_frames_are_not_placed() {
+        let g = MemGuest::new(page_regions(), PS as u64);
+        let mut c = pipe(one_frame(&Message::Switchover));
+        assert!(matches!(
+            c.recv_frame_placing(&g, &page_regions(), PS).unwrap(),
+            Received::Frame(Frame {
+                header: FrameHeader {
+                    command: Command::Switchover,
+                    ..
+                },
+                ..
+            })
+        ));
+        // A MACed page frame is verified as a whole first.
+        let key = auth::session_key(b"psk", &[1; 32], &[2; 32], 1);
+        let mut w = PageBatchWriter::new(PS, 1);
+        w.slot().fill(3);
+        w.commit(0);
+        let mut tx = pipe(Vec::new());
+        tx.set_session_key(key.clone());
+        tx.send_raw(Command::MemoryPages, 1, 0, w.finish(), false)
+            .unwrap();
+        let mut rx = pipe(tx.into_inner().out);
+        rx.set_session_key(key);
+        match rx.recv_frame_placing(&g, &page_regions(), PS).unwrap() {
+            Received::Frame(f) => assert!(f.header.flags & FLAG_MAC != 0),
+            Received::Placed { .. } => {
+                panic!("a MACed frame was placed before its MAC was checked")
+            }
+        }
+        assert_eq!(page_of(&g, 0), vec![0; PS]);
+    }
+
+    #[test]
+    fn malformed_page_frames_are_typed_errors_and_bad_addresses_write_nothing() {
+        let g = MemGuest::new(page_regions(), PS as u64);
+        let untouched = |g: &MemGuest| g.contents().iter().all(|r| r.iter().all(|&b| b == 0));
+
+        // Outside every region, misaligned, or straddling the end of a region.
+        for gpa in [6 * PS as u64, 0x800, 0x10_2000, u64::MAX - 0xfff] {
+            let e = place(page_frame(&[(0, 1), (gpa, 2)], None), &g).unwrap_err();
+            assert!(
+                matches!(e, MigrationError::PageOutOfRange { gpa: x, .. } if x == gpa),
+                "{gpa:#x}: {e}"
+            );
+            assert!(
+                untouched(&g),
+                "{gpa:#x}: memory written before the index was checked"
+            );
+        }
+
+        // Page size other than the target's.
+        let mut w = PageBatchWriter::new(8192, 1);
+        w.slot().fill(1);
+        w.commit(0);
+        let e = place(raw_page_frame(w.finish()), &g).unwrap_err();
+        assert!(
+            matches!(e, MigrationError::PageOutOfRange { len: 8192, .. }),
+            "{e}"
+        );
+        assert!(untouched(&g));
+
+        let good = page_frame(&[(0, 1), (PS as u64, 0)], None);
+        let payload = &good[HEADER_LEN..good.len() - 4];
+        let malformed = |p: &[u8]| {
+            let e = place(raw_page_frame(p), &g).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    MigrationError::Protocol(ProtocolError::Malformed {
+                        command: Command::MemoryPages,
+                        ..
+                    })
+                ),
+                "{e}"
+            );
+            e.to_string()
+        };
+        assert!(malformed(&payload[..5]).contains("shorter than its 8-byte header"));
+        let mut p = payload.to_vec();
+        p[0..4].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(malformed(&p).contains("page size 1000"));
+        let mut p = payload.to_vec();
+        p[4..8].copy_from_slice(&(MAX_BATCH_PAGES_FOR_TEST + 1).to_le_bytes());
+        assert!(malformed(&p).contains("at most"));
+        // Index shorter than announced.
+        let mut p = payload[..8].to_vec();
+        p[4..8].copy_from_slice(&100u32.to_le_bytes());
+        assert!(malformed(&p).contains("too few for the index"));
+        // Zero bitmap marks page 2 of a 2-page batch.
+        let mut p = payload.to_vec();
+        p[8 + 16] |= 0b100;
+        assert!(malformed(&p).contains("past the end"));
+        // Data length disagrees with the bitmap: one byte short, one byte over, a page over.
+        assert!(malformed(&payload[..payload.len() - 1]).contains("data bytes"));
+        let mut p = payload.to_vec();
+        p.push(0);
+        assert!(malformed(&p).contains("data bytes"));
+        let mut p = payload.to_vec();
+        p[8 + 16] = 0; // page 1 no longer zero, but its data is missing
+        assert!(malformed(&p).contains("data bytes"));
+        assert!(untouched(&g));
+
+        // A flipped data byte: the CRC catches it after the page was read.
+        let mut b = good.clone();
+        let at = b.len() - 10;
+        b[at] ^= 1;
+        let e = place(b, &g).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MigrationError::Protocol(ProtocolError::Checksum {
+                    command: Command::MemoryPages,
+                    ..
+                })
+            ),
+            "{e}"
+        );
+
+        // Cut in the index, in the data, in the trailer.
+        for (cut, part) in [
+            (HEADER_LEN + 12, "payload"),
+            (HEADER_LEN + 100, "payload"),
+            (good.len() - 2, "CRC trailer"),
+        ] {
+            let e = place(good[..cut].to_vec(), &g).unwrap_err();
+            assert!(
+                matches!(e, MigrationError::Protocol(ProtocolError::Truncated { part: p, .. }) if p == part),
+                "cut at {cut}: {e}"
+            );
+        }
+        assert!(matches!(
+            place(Vec::new(), &g).unwrap_err(),
+            MigrationError::Protocol(ProtocolError::PeerClosed)
+        ));
+    }
+
+    const MAX_BATCH_PAGES_FOR_TEST: u32 = crate::protocol::MAX_BATCH_PAGES;
 
     #[test]
     fn lz4_payloads_round_trip() {

@@ -668,7 +668,7 @@ impl BatchShape {
         debug_assert_eq!(index.len(), self.index_len());
         let n = self.count;
         let zero = &index[n * 8..];
-        if n % 8 != 0 && zero.last().is_some_and(|b| b >> (n % 8) != 0) {
+        if !n.is_multiple_of(8) && zero.last().is_some_and(|b| b >> (n % 8) != 0) {
             return Err(malformed_batch(
                 "its zero bitmap marks pages past the end of the batch".into(),
             ));
@@ -912,6 +912,32 @@ mod tests {
         fn decoding_arbitrary_payloads_never_panics(cmd in 0u16..16, bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             if let Ok(c) = Command::try_from(cmd) {
                 let _ = Message::decode(c, &bytes);
+            }
+        }
+
+        #[test]
+        fn runs_are_committed_like_single_pages(fills in proptest::collection::vec(0u8..3, 1..40), cap in 1usize..48) {
+            // fill 0 is a zero page; runs are cut wherever the batch fills up.
+            let mut one = PageBatchWriter::new(512, cap);
+            let mut run = PageBatchWriter::new(512, cap);
+            let mut i = 0;
+            while i < fills.len() {
+                let n = (fills.len() - i).min(run.room());
+                for (k, f) in fills[i..i + n].iter().enumerate() {
+                    run.slots(n)[k * 512..(k + 1) * 512].fill(*f);
+                    one.slot().fill(*f);
+                    one.commit(((i + k) * 512) as u64);
+                }
+                run.commit_run((i * 512) as u64, n);
+                prop_assert_eq!(one.finish_parts(), run.finish_parts());
+                prop_assert_eq!(one.nonzero_pages(), run.nonzero_pages());
+                let view = PageBatchView::parse(run.finish()).unwrap();
+                let got: Vec<_> = view.iter().map(|(g, d)| (g, d.map(|d| d[0]))).collect();
+                let want: Vec<_> = (i..i + n).map(|j| ((j * 512) as u64, (fills[j] != 0).then_some(fills[j]))).collect();
+                prop_assert_eq!(got, want);
+                one.reset();
+                run.reset();
+                i += n;
             }
         }
 

@@ -17,7 +17,9 @@ use crate::MigrationError;
 pub struct SenderConfig {
     pub key: PresharedKey,
     pub policy: Policy,
-    /// lz4 each page batch (kept only when smaller). Pays off on slow links.
+    /// lz4 each page batch (kept only when smaller). Pays off on slow links. After a batch
+    /// that does not shrink, only every 16th batch is tried until one shrinks again, so
+    /// incompressible memory costs little CPU.
     pub compress: bool,
     /// Pages per `MemoryPages` frame (default 256, i.e. 1 MiB of 4 KiB pages).
     pub batch_pages: usize,
@@ -425,8 +427,13 @@ impl<S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> Sende
         let compress = self.cfg.compress && self.compress_skip == 0;
         self.compress_skip = self.compress_skip.saturating_sub(1);
         let (index, data) = batch.finish_parts();
-        self.ch
-            .send_parts(Command::MemoryPages, self.next_id, 0, &[index, data], compress)?;
+        self.ch.send_parts(
+            Command::MemoryPages,
+            self.next_id,
+            0,
+            &[index, data],
+            compress,
+        )?;
         if compress && !self.ch.last_compressed() {
             self.compress_skip = COMPRESS_RETRY - 1;
         }
