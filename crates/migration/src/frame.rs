@@ -3,7 +3,7 @@
 //! ```text
 //! offset size field
 //!  0      4   magic        b"RYMG"
-//!  4      2   version      frame format version (1..=PROTOCOL_VERSION)
+//!  4      2   version      protocol version, one of SUPPORTED_VERSIONS (2)
 //!  6      2   command      `Command` number; 0 is Invalid and always refused
 //!  8      2   flags        FLAG_RESPONSE | FLAG_MAC | FLAG_LZ4; other bits refused
 //! 10      2   reserved     must be 0
