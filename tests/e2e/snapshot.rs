@@ -325,8 +325,31 @@ fn incremental_chain_of_three_restores_each_checkpoint_and_merges() {
         let mut back = restore(&env, &at(&format!("c{k}")), &id);
         assert_eq!(&sum_of(&mut back, region, 8 << 20), expected, "c{k}");
         assert_eq!(back.command("echo alive", "alive"), "alive");
+        if k == 3 {
+            // A restored VM continues the chain: its next snapshot is incremental on c3.
+            let info = json(&env.ray_ok(&[
+                "snapshot",
+                "create",
+                &id,
+                &at("c4"),
+                "--pause",
+                "--incremental",
+                "--json",
+            ]));
+            assert_eq!(info["parent"], "c3", "{info}");
+            // Not all of memory: what the restored guest wrote, plus (under PVM's shadow
+            // paging) the pages `sum` read whose guest PTEs are dirty: KVM maps those
+            // writable on the first read and logs them.
+            assert!(
+                info["stored_pages"].as_u64().unwrap() < 2048 + 256,
+                "{info}"
+            );
+        }
         env.ray_ok(&["vm", "stop", &id, "--timeout-ms", "0"]);
     }
+    let mut c4 = restore(&env, &at("c4"), "back-4");
+    assert_eq!(sum_of(&mut c4, region, 8 << 20), sums[3], "c4");
+    env.ray_ok(&["vm", "stop", "back-4", "--timeout-ms", "0"]);
 
     // A snapshot others depend on cannot be deleted.
     let out = env.ray(&["snapshot", "delete", &at("c1")]);
@@ -337,7 +360,7 @@ fn incremental_chain_of_three_restores_each_checkpoint_and_merges() {
     // Merge flattens the chain into a full snapshot that restores on its own.
     let merged = json(&env.ray_ok(&["snapshot", "merge", &at("c3"), "--into", "flat", "--json"]));
     assert_eq!(merged["kind"], "full", "{merged}");
-    for k in [3, 2, 1] {
+    for k in [4, 3, 2, 1] {
         env.ray_ok(&["snapshot", "delete", &at(&format!("c{k}"))]);
     }
     let mut flat = restore(&env, &at("flat"), "from-flat");

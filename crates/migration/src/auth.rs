@@ -107,10 +107,17 @@ pub fn session_key(secret: &[u8], ns: &Nonce, nt: &Nonce, version: u16) -> Sessi
 
 /// MAC of one frame: the per-direction sequence number, the header and the payload.
 pub fn frame_mac(key: &SessionKey, seq: u64, header: &[u8], payload: &[u8]) -> [u8; 32] {
+    frame_mac_parts(key, seq, header, &[payload])
+}
+
+/// [`frame_mac`] of a payload given as consecutive parts.
+pub fn frame_mac_parts(key: &SessionKey, seq: u64, header: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     let mut h = blake3::Hasher::new_keyed(&key.0);
     h.update(&seq.to_le_bytes());
     h.update(header);
-    h.update(payload);
+    for p in parts {
+        h.update(p);
+    }
     *h.finalize().as_bytes()
 }
 

@@ -3,7 +3,7 @@
 //! ```text
 //! offset size field
 //!  0      4   magic        b"RYMG"
-//!  4      2   version      frame format version (1..=PROTOCOL_VERSION)
+//!  4      2   version      protocol version, one of SUPPORTED_VERSIONS (2)
 //!  6      2   command      `Command` number; 0 is Invalid and always refused
 //!  8      2   flags        FLAG_RESPONSE | FLAG_MAC | FLAG_LZ4; other bits refused
 //! 10      2   reserved     must be 0
@@ -23,15 +23,20 @@
 use std::io::{self, IoSlice, Read, Write};
 
 use crate::auth::{self, SessionKey};
-use crate::protocol::{Command, Message};
-use crate::ProtocolError;
+use crate::protocol::{index_entry, BatchShape, Command, MemoryRegion, Message, BATCH_HEADER};
+use crate::vm::GuestMemoryAccess;
+use crate::{MigrationError, ProtocolError};
 
 /// `b"RYMG"`: rayvisor migration.
 pub const MAGIC: [u8; 4] = *b"RYMG";
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2 moved the page index of `MemoryPages` payloads before the page data so the
+/// receiver can read pages straight into guest memory; version 1 peers are refused with
+/// [`crate::MigrationError::NoCommonVersion`].
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Versions this build can negotiate, oldest first.
-pub const SUPPORTED_VERSIONS: &[u16] = &[1];
+pub const SUPPORTED_VERSIONS: &[u16] = &[2];
 /// Largest payload accepted, on the wire and after decompression.
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 /// Header size in bytes.
@@ -127,6 +132,28 @@ fn header_crc(b: &[u8; HEADER_LEN]) -> u32 {
     h.finalize()
 }
 
+/// What [`Channel::recv_frame_placing`] received.
+#[derive(Debug)]
+pub enum Received<'a> {
+    /// A frame, buffered and checked as by [`Channel::recv_frame`].
+    Frame(Frame<'a>),
+    /// A page frame whose `pages` pages were checked and written to guest memory.
+    Placed { header: FrameHeader, pages: u64 },
+}
+
+/// Index of the region holding the whole page at `gpa` (which must be page aligned).
+pub fn region_of(regions: &[MemoryRegion], gpa: u64, page_size: usize) -> Option<usize> {
+    if page_size == 0 || !gpa.is_multiple_of(page_size as u64) {
+        return None;
+    }
+    regions.iter().position(|r| {
+        gpa >= r.gpa
+            && gpa
+                .checked_add(page_size as u64)
+                .is_some_and(|end| end <= r.gpa.saturating_add(r.size))
+    })
+}
+
 /// A received frame; the payload is borrowed from the channel's buffer (already decompressed).
 #[derive(Debug)]
 pub struct Frame<'a> {
@@ -152,6 +179,8 @@ pub struct Channel<S> {
     send_seq: u64,
     recv_seq: u64,
     crc_pages: bool,
+    last_compressed: bool,
+    zero_page: Vec<u8>,
     rx: Vec<u8>,
     lz: Vec<u8>,
     tx: Vec<u8>,
@@ -168,6 +197,8 @@ impl<S: Read + Write> Channel<S> {
             send_seq: 0,
             recv_seq: 0,
             crc_pages: false,
+            last_compressed: false,
+            zero_page: Vec::new(),
             rx: Vec::new(),
             lz: Vec::new(),
             tx: Vec::new(),
@@ -239,29 +270,81 @@ impl<S: Read + Write> Channel<S> {
         &mut self,
         command: Command,
         request_id: u64,
-        mut flags: u16,
+        flags: u16,
         payload: &[u8],
         compress: bool,
     ) -> Result<(), ProtocolError> {
-        if payload.len() as u64 > MAX_PAYLOAD {
+        self.send_parts(command, request_id, flags, &[payload], compress)
+    }
+
+    /// Sends a payload given as consecutive parts (e.g. a page batch's index and its page
+    /// data), in one vectored write without joining them; `compress` joins them and tries
+    /// lz4 (see [`send_raw`](Self::send_raw)).
+    pub fn send_parts(
+        &mut self,
+        command: Command,
+        request_id: u64,
+        mut flags: u16,
+        parts: &[&[u8]],
+        compress: bool,
+    ) -> Result<(), ProtocolError> {
+        let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        if total > MAX_PAYLOAD {
             return Err(ProtocolError::Oversize {
-                len: payload.len() as u64,
+                len: total,
                 max: MAX_PAYLOAD,
             });
         }
-        let mut body = payload;
-        if compress {
-            let max = lz4_flex::block::get_maximum_output_size(payload.len()) + 4;
-            self.lz.resize(max, 0);
-            self.lz[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-            if let Ok(n) = lz4_flex::block::compress_into(payload, &mut self.lz[4..]) {
-                if n + 4 < payload.len() {
-                    self.lz.truncate(n + 4);
-                    body = &self.lz;
-                    flags |= FLAG_LZ4;
-                }
+        self.last_compressed = false;
+        if !compress {
+            return self.write_frame(command, request_id, flags, parts);
+        }
+        let mut joined = std::mem::take(&mut self.tx);
+        let mut lz = std::mem::take(&mut self.lz);
+        let payload: &[u8] = if let [p] = parts {
+            p
+        } else {
+            joined.clear();
+            for p in parts {
+                joined.extend_from_slice(p);
+            }
+            &joined
+        };
+        let max = lz4_flex::block::get_maximum_output_size(payload.len()) + 4;
+        lz.resize(max, 0);
+        lz[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        if let Ok(n) = lz4_flex::block::compress_into(payload, &mut lz[4..]) {
+            if n + 4 < payload.len() {
+                lz.truncate(n + 4);
+                flags |= FLAG_LZ4;
+                self.last_compressed = true;
             }
         }
+        let body = if self.last_compressed {
+            &lz[..]
+        } else {
+            payload
+        };
+        let r = self.write_frame(command, request_id, flags, &[body]);
+        self.tx = joined;
+        self.lz = lz;
+        r
+    }
+
+    /// True when the last frame sent with `compress` was actually lz4-compressed (the
+    /// sender stops trying for a while on incompressible memory).
+    pub fn last_compressed(&self) -> bool {
+        self.last_compressed
+    }
+
+    fn write_frame(
+        &mut self,
+        command: Command,
+        request_id: u64,
+        mut flags: u16,
+        body: &[&[u8]],
+    ) -> Result<(), ProtocolError> {
+        let body_len: usize = body.iter().map(|p| p.len()).sum();
         let mac_key = match &self.key {
             Some(_) if self.crc_pages && command == Command::MemoryPages => None,
             key => key.as_ref(),
@@ -274,7 +357,7 @@ impl<S: Read + Write> Channel<S> {
             command,
             flags,
             request_id,
-            payload_len: body.len() as u64,
+            payload_len: body_len as u64,
         }
         .encode();
         let io = |e| ProtocolError::Io {
@@ -284,23 +367,28 @@ impl<S: Read + Write> Channel<S> {
         let mut trailer = [0u8; 32];
         let trailer_len = match mac_key {
             Some(key) => {
-                trailer = auth::frame_mac(key, self.send_seq, &header, body);
+                trailer = auth::frame_mac_parts(key, self.send_seq, &header, body);
                 32
             }
             None => {
                 let mut h = crc32fast::Hasher::new();
                 h.update(&header);
-                h.update(body);
+                for p in body {
+                    h.update(p);
+                }
                 trailer[..4].copy_from_slice(&h.finalize().to_le_bytes());
                 4
             }
         };
-        // One vectored write per frame: fewer syscalls and segments than three writes.
-        let mut slices = [
-            IoSlice::new(&header),
-            IoSlice::new(body),
-            IoSlice::new(&trailer[..trailer_len]),
-        ];
+        // One vectored write per frame: fewer syscalls and segments than one per part.
+        let mut slices = Vec::with_capacity(body.len() + 2);
+        slices.push(IoSlice::new(&header));
+        slices.extend(
+            body.iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| IoSlice::new(p)),
+        );
+        slices.push(IoSlice::new(&trailer[..trailer_len]));
         let mut rest = &mut slices[..];
         while !rest.is_empty() {
             match self.stream.write_vectored(rest) {
@@ -317,15 +405,21 @@ impl<S: Read + Write> Channel<S> {
         }
         self.stream.flush().map_err(io)?;
         self.send_seq += 1;
-        self.bytes_sent += (HEADER_LEN + body.len() + trailer_len) as u64;
+        self.bytes_sent += (HEADER_LEN + body_len + trailer_len) as u64;
         Ok(())
     }
 
     /// Reads one frame, verifying header, length, integrity and (once keyed) the MAC.
     pub fn recv_frame(&mut self) -> Result<Frame<'_>, ProtocolError> {
-        let mut hb = [0u8; HEADER_LEN];
-        read_full(&mut self.stream, &mut hb, "header", true)?;
-        let header = FrameHeader::decode(&hb)?;
+        let (hb, header) = self.recv_header()?;
+        self.recv_body(hb, header)
+    }
+
+    fn recv_body(
+        &mut self,
+        hb: [u8; HEADER_LEN],
+        header: FrameHeader,
+    ) -> Result<Frame<'_>, ProtocolError> {
         let len = header.payload_len as usize;
         self.rx.resize(len, 0);
         read_full(&mut self.stream, &mut self.rx, "payload", false)?;
@@ -384,6 +478,177 @@ impl<S: Read + Write> Channel<S> {
         })
     }
 
+    fn recv_header(&mut self) -> Result<([u8; HEADER_LEN], FrameHeader), ProtocolError> {
+        let mut hb = [0u8; HEADER_LEN];
+        read_full(&mut self.stream, &mut hb, "header", true)?;
+        let header = FrameHeader::decode(&hb)?;
+        Ok((hb, header))
+    }
+
+    /// Like [`recv_frame`](Self::recv_frame), but a CRC-framed, uncompressed `MemoryPages`
+    /// frame is not buffered: its index is read and checked first (page size, every page
+    /// whole and inside `regions`), then each run of consecutive pages is read from the
+    /// socket straight into guest memory ([`GuestMemoryAccess::fill_in_place`], falling
+    /// back to one buffered `write` per run) and zero pages are written as zeros. The CRC
+    /// trailer is checked at the end; a mismatch fails the frame like any other (the
+    /// memory already written is only ever used after the MACed hash comparison, see
+    /// [`set_crc_for_pages`](Self::set_crc_for_pages)). MACed or compressed page frames,
+    /// and every other frame, are returned as a [`Frame`] as before.
+    pub fn recv_frame_placing<M: GuestMemoryAccess + ?Sized>(
+        &mut self,
+        mem: &M,
+        regions: &[MemoryRegion],
+        page_size: usize,
+    ) -> Result<Received<'_>, MigrationError> {
+        let (hb, header) = self.recv_header()?;
+        if header.command != Command::MemoryPages || header.flags & (FLAG_MAC | FLAG_LZ4) != 0 {
+            return Ok(Received::Frame(self.recv_body(hb, header)?));
+        }
+        let pages = self.place_pages(&hb, &header, mem, regions, page_size)?;
+        Ok(Received::Placed { header, pages })
+    }
+
+    fn place_pages<M: GuestMemoryAccess + ?Sized>(
+        &mut self,
+        hb: &[u8; HEADER_LEN],
+        header: &FrameHeader,
+        mem: &M,
+        regions: &[MemoryRegion],
+        page_size: usize,
+    ) -> Result<u64, MigrationError> {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(hb);
+        let len = header.payload_len;
+        let mut bh = [0u8; BATCH_HEADER];
+        if len < BATCH_HEADER as u64 {
+            return Err(ProtocolError::Malformed {
+                command: Command::MemoryPages,
+                reason: format!("it is {len} bytes, shorter than its 8-byte header"),
+            }
+            .into());
+        }
+        read_full(&mut self.stream, &mut bh, "payload", false)?;
+        crc.update(&bh);
+        let shape = BatchShape::parse(&bh)?;
+        let index_len = shape.index_len();
+        if len - (BATCH_HEADER as u64) < index_len as u64 {
+            return Err(ProtocolError::Malformed {
+                command: Command::MemoryPages,
+                reason: format!(
+                    "it holds {} bytes after the header, too few for the index of {} pages ({index_len} bytes)",
+                    len - BATCH_HEADER as u64,
+                    shape.count
+                ),
+            }
+            .into());
+        }
+        let mut index = std::mem::take(&mut self.rx);
+        index.resize(index_len, 0);
+        let r = self.place_indexed(&mut crc, &mut index, header, shape, mem, regions, page_size);
+        self.rx = index;
+        let trailer = r?;
+        let expected = crc.finalize();
+        if expected != trailer {
+            return Err(ProtocolError::Checksum {
+                command: Command::MemoryPages,
+                expected,
+                found: trailer,
+            }
+            .into());
+        }
+        self.recv_seq += 1;
+        self.bytes_received += HEADER_LEN as u64 + len + 4;
+        Ok(shape.count as u64)
+    }
+
+    /// Reads and checks the index into `index`, then the page data into place; returns
+    /// the CRC trailer as found on the wire.
+    #[allow(clippy::too_many_arguments)]
+    fn place_indexed<M: GuestMemoryAccess + ?Sized>(
+        &mut self,
+        crc: &mut crc32fast::Hasher,
+        index: &mut [u8],
+        header: &FrameHeader,
+        shape: BatchShape,
+        mem: &M,
+        regions: &[MemoryRegion],
+        page_size: usize,
+    ) -> Result<u32, MigrationError> {
+        read_full(&mut self.stream, index, "payload", false)?;
+        crc.update(index);
+        let data_len = shape.data_len(index)?;
+        let have = header.payload_len - (BATCH_HEADER + index.len()) as u64;
+        if have != data_len {
+            return Err(ProtocolError::Malformed {
+                command: Command::MemoryPages,
+                reason: format!(
+                    "it carries {have} data bytes where its index announces {data_len} ({} bytes per non-zero page)",
+                    shape.page_size
+                ),
+            }
+            .into());
+        }
+        // Every address is checked before a byte of page data is read.
+        let n = shape.count;
+        for i in 0..n {
+            let (gpa, _) = index_entry(index, n, i);
+            if shape.page_size != page_size || region_of(regions, gpa, page_size).is_none() {
+                return Err(MigrationError::PageOutOfRange {
+                    gpa,
+                    len: shape.page_size,
+                });
+            }
+        }
+        if self.zero_page.len() != page_size {
+            self.zero_page = vec![0; page_size];
+        }
+        let mut i = 0;
+        while i < n {
+            let (gpa, nonzero) = index_entry(index, n, i);
+            if !nonzero {
+                mem.write(gpa, &self.zero_page)?;
+                i += 1;
+                continue;
+            }
+            // A run: consecutive non-zero pages at consecutive addresses in one region.
+            let region = region_of(regions, gpa, page_size);
+            let mut run = 1;
+            while i + run < n {
+                let (next, nz) = index_entry(index, n, i + run);
+                if !nz
+                    || next != gpa + (run * page_size) as u64
+                    || region_of(regions, next, page_size) != region
+                {
+                    break;
+                }
+                run += 1;
+            }
+            let len = run * page_size;
+            let stream = &mut self.stream;
+            let mut failed = None;
+            let placed = mem.fill_in_place(gpa, len, &mut |dst: &mut [u8]| {
+                // One read call per socket wake-up (as many bytes as have arrived, up
+                // to the whole run): each read may send a window update, so small reads
+                // cost ACK processing. The CRC covers each piece while still in cache.
+                if let Err(e) = read_full_with(stream, dst, "payload", false, |p| crc.update(p)) {
+                    failed = Some(e);
+                }
+            })?;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            if !placed {
+                self.lz.resize(len, 0);
+                read_full(&mut self.stream, &mut self.lz, "payload", false)?;
+                crc.update(&self.lz);
+                mem.write(gpa, &self.lz)?;
+            }
+            i += run;
+        }
+        let mut trailer = [0u8; 4];
+        read_full(&mut self.stream, &mut trailer, "CRC trailer", false)?;
+        Ok(u32::from_le_bytes(trailer))
+    }
     /// Reads one frame and decodes its message.
     pub fn recv(&mut self) -> Result<(FrameHeader, Message), ProtocolError> {
         let frame = self.recv_frame()?;
@@ -425,6 +690,18 @@ fn read_full<R: Read>(
     part: &'static str,
     frame_start: bool,
 ) -> Result<(), ProtocolError> {
+    read_full_with(r, buf, part, frame_start, |_| {})
+}
+
+/// [`read_full`] that also shows every piece to `seen` as soon as it arrived, while the
+/// piece is still in cache.
+fn read_full_with<R: Read>(
+    r: &mut R,
+    buf: &mut [u8],
+    part: &'static str,
+    frame_start: bool,
+    mut seen: impl FnMut(&[u8]),
+) -> Result<(), ProtocolError> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
@@ -436,7 +713,10 @@ fn read_full<R: Read>(
                     got,
                 })
             }
-            Ok(n) => got += n,
+            Ok(n) => {
+                seen(&buf[got..got + n]);
+                got += n;
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 return Err(ProtocolError::Io {
@@ -488,7 +768,7 @@ mod tests {
     #[test]
     fn header_round_trips() {
         let h = FrameHeader {
-            version: 1,
+            version: PROTOCOL_VERSION,
             command: Command::State,
             flags: FLAG_RESPONSE,
             request_id: 99,
@@ -602,6 +882,273 @@ mod tests {
         assert!(matches!(rx.recv(), Err(ProtocolError::BadMac { .. })));
     }
 
+    use crate::memvm::MemGuest;
+    use crate::protocol::PageBatchWriter;
+    use crate::vm::MemoryError;
+
+    const PS: usize = 4096;
+
+    fn page_regions() -> Vec<MemoryRegion> {
+        vec![
+            MemoryRegion {
+                gpa: 0,
+                size: 4 * PS as u64,
+            },
+            MemoryRegion {
+                gpa: 4 * PS as u64,
+                size: 2 * PS as u64,
+            },
+            MemoryRegion {
+                gpa: 0x10_0000,
+                size: 2 * PS as u64,
+            },
+        ]
+    }
+
+    /// A page frame from the real writer; `fill` 0 is a zero page.
+    fn page_frame(pages: &[(u64, u8)], key: Option<SessionKey>) -> Vec<u8> {
+        let mut w = PageBatchWriter::new(PS, pages.len().max(1));
+        for &(gpa, fill) in pages {
+            w.slot().fill(fill);
+            w.commit(gpa);
+        }
+        let mut c = pipe(Vec::new());
+        if let Some(k) = key {
+            c.set_session_key(k);
+            c.set_crc_for_pages(true);
+        }
+        let (index, data) = w.finish_parts();
+        c.send_parts(Command::MemoryPages, 5, 0, &[index, data], false)
+            .unwrap();
+        c.into_inner().out
+    }
+
+    /// A CRC-framed `MemoryPages` frame around an arbitrary payload.
+    fn raw_page_frame(payload: &[u8]) -> Vec<u8> {
+        let mut c = pipe(Vec::new());
+        c.send_raw(Command::MemoryPages, 5, 0, payload, false)
+            .unwrap();
+        c.into_inner().out
+    }
+
+    fn place(wire: Vec<u8>, mem: &dyn GuestMemoryAccess) -> Result<u64, MigrationError> {
+        let mut c = pipe(wire);
+        match c.recv_frame_placing(mem, &page_regions(), PS)? {
+            Received::Placed { pages, .. } => Ok(pages),
+            Received::Frame(f) => panic!("not placed: {:?}", f.header),
+        }
+    }
+
+    fn page_of(g: &MemGuest, gpa: u64) -> Vec<u8> {
+        let mut b = vec![0; PS];
+        g.read(gpa, &mut b).unwrap();
+        b
+    }
+
+    /// Guest memory without the in-place path: the receiver must fall back to `write`.
+    struct WriteOnly(MemGuest);
+    impl GuestMemoryAccess for WriteOnly {
+        fn regions(&self) -> Vec<MemoryRegion> {
+            self.0.regions()
+        }
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+            self.0.read(gpa, buf)
+        }
+        fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+            self.0.write(gpa, data)
+        }
+    }
+
+    #[test]
+    fn page_frames_are_placed_straight_into_guest_memory() {
+        // Runs, a gap, zero pages, a run crossing from region 0 into region 1, region 2.
+        let pages = [
+            (0, 1),
+            (PS as u64, 2),
+            (3 * PS as u64, 3),
+            (4 * PS as u64, 4),
+            (5 * PS as u64, 0),
+            (0x10_0000, 5),
+            (0x10_1000, 6),
+        ];
+        for in_place in [true, false] {
+            let g = MemGuest::new(page_regions(), PS as u64);
+            g.write(5 * PS as u64, &[9; PS]).unwrap();
+            let wo = WriteOnly(MemGuest::new(page_regions(), PS as u64));
+            wo.0.write(5 * PS as u64, &[9; PS]).unwrap();
+            let mem: &dyn GuestMemoryAccess = if in_place { &g } else { &wo };
+            assert_eq!(place(page_frame(&pages, None), mem).unwrap(), 7);
+            let g = if in_place { &g } else { &wo.0 };
+            for &(gpa, fill) in &pages {
+                assert_eq!(page_of(g, gpa), vec![fill; PS], "page {gpa:#x}");
+            }
+            assert_eq!(page_of(g, 2 * PS as u64), vec![0; PS], "untouched page");
+        }
+    }
+
+    #[test]
+    fn placing_keeps_the_sequence_for_later_macs() {
+        let key = auth::session_key(b"psk", &[1; 32], &[2; 32], 1);
+        let mut wire = page_frame(&[(0, 7)], Some(key.clone()));
+        let mut tx = pipe(Vec::new());
+        tx.set_session_key(key.clone());
+        tx.send(&Message::Switchover, 1, false).unwrap(); // sequence 0
+        tx.send(&Message::Resumed, 2, false).unwrap(); // sequence 1
+        let macs = tx.into_inner().out;
+        let (_, second) = macs.split_at(macs.len() / 2);
+        wire.extend_from_slice(second);
+        let g = MemGuest::new(page_regions(), PS as u64);
+        let mut rx = pipe(wire);
+        rx.set_session_key(key);
+        assert!(matches!(
+            rx.recv_frame_placing(&g, &page_regions(), PS).unwrap(),
+            Received::Placed { pages: 1, .. }
+        ));
+        // The page frame took sequence 0, so the Resumed MACed with sequence 1 verifies.
+        assert_eq!(rx.recv().unwrap().1, Message::Resumed);
+        assert_eq!(page_of(&g, 0), vec![7; PS]);
+    }
+
+    #[test]
+    fn macs_and_other_frames_are_not_placed() {
+        let g = MemGuest::new(page_regions(), PS as u64);
+        let mut c = pipe(one_frame(&Message::Switchover));
+        assert!(matches!(
+            c.recv_frame_placing(&g, &page_regions(), PS).unwrap(),
+            Received::Frame(Frame {
+                header: FrameHeader {
+                    command: Command::Switchover,
+                    ..
+                },
+                ..
+            })
+        ));
+        // A MACed page frame is verified as a whole first.
+        let key = auth::session_key(b"psk", &[1; 32], &[2; 32], 1);
+        let mut w = PageBatchWriter::new(PS, 1);
+        w.slot().fill(3);
+        w.commit(0);
+        let mut tx = pipe(Vec::new());
+        tx.set_session_key(key.clone());
+        tx.send_raw(Command::MemoryPages, 1, 0, w.finish(), false)
+            .unwrap();
+        let mut rx = pipe(tx.into_inner().out);
+        rx.set_session_key(key);
+        match rx.recv_frame_placing(&g, &page_regions(), PS).unwrap() {
+            Received::Frame(f) => assert!(f.header.flags & FLAG_MAC != 0),
+            Received::Placed { .. } => {
+                panic!("a MACed frame was placed before its MAC was checked")
+            }
+        }
+        assert_eq!(page_of(&g, 0), vec![0; PS]);
+    }
+
+    #[test]
+    fn malformed_page_frames_are_typed_errors_and_bad_addresses_write_nothing() {
+        let g = MemGuest::new(page_regions(), PS as u64);
+        let untouched = |g: &MemGuest| g.contents().iter().all(|r| r.iter().all(|&b| b == 0));
+
+        // Outside every region, misaligned, or straddling the end of a region.
+        for gpa in [6 * PS as u64, 0x800, 0x10_2000, u64::MAX - 0xfff] {
+            let e = place(page_frame(&[(0, 1), (gpa, 2)], None), &g).unwrap_err();
+            assert!(
+                matches!(e, MigrationError::PageOutOfRange { gpa: x, .. } if x == gpa),
+                "{gpa:#x}: {e}"
+            );
+            assert!(
+                untouched(&g),
+                "{gpa:#x}: memory written before the index was checked"
+            );
+        }
+
+        // Page size other than the target's.
+        let mut w = PageBatchWriter::new(8192, 1);
+        w.slot().fill(1);
+        w.commit(0);
+        let e = place(raw_page_frame(w.finish()), &g).unwrap_err();
+        assert!(
+            matches!(e, MigrationError::PageOutOfRange { len: 8192, .. }),
+            "{e}"
+        );
+        assert!(untouched(&g));
+
+        let good = page_frame(&[(0, 1), (PS as u64, 0)], None);
+        let payload = &good[HEADER_LEN..good.len() - 4];
+        let malformed = |p: &[u8]| {
+            let e = place(raw_page_frame(p), &g).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    MigrationError::Protocol(ProtocolError::Malformed {
+                        command: Command::MemoryPages,
+                        ..
+                    })
+                ),
+                "{e}"
+            );
+            e.to_string()
+        };
+        assert!(malformed(&payload[..5]).contains("shorter than its 8-byte header"));
+        let mut p = payload.to_vec();
+        p[0..4].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(malformed(&p).contains("page size 1000"));
+        let mut p = payload.to_vec();
+        p[4..8].copy_from_slice(&(MAX_BATCH_PAGES_FOR_TEST + 1).to_le_bytes());
+        assert!(malformed(&p).contains("at most"));
+        // Index shorter than announced.
+        let mut p = payload[..8].to_vec();
+        p[4..8].copy_from_slice(&100u32.to_le_bytes());
+        assert!(malformed(&p).contains("too few for the index"));
+        // Zero bitmap marks page 2 of a 2-page batch.
+        let mut p = payload.to_vec();
+        p[8 + 16] |= 0b100;
+        assert!(malformed(&p).contains("past the end"));
+        // Data length disagrees with the bitmap: one byte short, one byte over, a page over.
+        assert!(malformed(&payload[..payload.len() - 1]).contains("data bytes"));
+        let mut p = payload.to_vec();
+        p.push(0);
+        assert!(malformed(&p).contains("data bytes"));
+        let mut p = payload.to_vec();
+        p[8 + 16] = 0; // page 1 no longer zero, but its data is missing
+        assert!(malformed(&p).contains("data bytes"));
+        assert!(untouched(&g));
+
+        // A flipped data byte: the CRC catches it after the page was read.
+        let mut b = good.clone();
+        let at = b.len() - 10;
+        b[at] ^= 1;
+        let e = place(b, &g).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MigrationError::Protocol(ProtocolError::Checksum {
+                    command: Command::MemoryPages,
+                    ..
+                })
+            ),
+            "{e}"
+        );
+
+        // Cut in the index, in the data, in the trailer.
+        for (cut, part) in [
+            (HEADER_LEN + 12, "payload"),
+            (HEADER_LEN + 100, "payload"),
+            (good.len() - 2, "CRC trailer"),
+        ] {
+            let e = place(good[..cut].to_vec(), &g).unwrap_err();
+            assert!(
+                matches!(e, MigrationError::Protocol(ProtocolError::Truncated { part: p, .. }) if p == part),
+                "cut at {cut}: {e}"
+            );
+        }
+        assert!(matches!(
+            place(Vec::new(), &g).unwrap_err(),
+            MigrationError::Protocol(ProtocolError::PeerClosed)
+        ));
+    }
+
+    const MAX_BATCH_PAGES_FOR_TEST: u32 = crate::protocol::MAX_BATCH_PAGES;
+
     #[test]
     fn lz4_payloads_round_trip() {
         let payload = vec![7u8; 100_000];
@@ -630,7 +1177,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_after_a_valid_header_never_panic(tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256), cmd in 1u16..14, lz in proptest::prelude::any::<bool>()) {
             let command = Command::try_from(cmd).unwrap();
-            let h = FrameHeader { version: 1, command, flags: if lz { FLAG_LZ4 } else { 0 }, request_id: 1, payload_len: tail.len() as u64 };
+            let h = FrameHeader { version: PROTOCOL_VERSION, command, flags: if lz { FLAG_LZ4 } else { 0 }, request_id: 1, payload_len: tail.len() as u64 };
             let mut bytes = h.encode().to_vec();
             let mut crc = crc32fast::Hasher::new();
             crc.update(&bytes);

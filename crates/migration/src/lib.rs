@@ -47,7 +47,9 @@
 //!
 //! # What the VMM implements
 //!
-//! - [`GuestMemoryAccess`] over its guest memory map (regions in a fixed order).
+//! - [`GuestMemoryAccess`] over its guest memory map (regions in a fixed order), ideally
+//!   with [`GuestMemoryAccess::fill_in_place`] so the target reads pages from the socket
+//!   straight into guest memory instead of through a buffer.
 //! - [`SourceVm`]: dirty logging (`KVM_MEM_LOG_DIRTY_PAGES` + `KVM_GET_DIRTY_LOG`, ORed with
 //!   the VMM's own device writes), pause/resume of vCPUs and devices, vCPU throttling, and
 //!   a state blob. The VM sits in its `MigrationSource` state while the sender runs.

@@ -86,6 +86,16 @@ impl MemGuest {
         std::mem::replace(&mut *d, fresh)
     }
 
+    fn mark_dirty(&self, region: usize, off: usize, len: usize) {
+        if len != 0 {
+            let ps = self.page_size as usize;
+            let mut d = lock(&self.dirty);
+            for p in off / ps..=(off + len - 1) / ps {
+                d[region].set(p);
+            }
+        }
+    }
+
     fn locate(&self, gpa: u64, len: usize) -> Result<(usize, usize), MemoryError> {
         for (i, r) in self.regions.iter().enumerate() {
             if gpa >= r.gpa && gpa - r.gpa + len as u64 <= r.size {
@@ -114,14 +124,20 @@ impl GuestMemoryAccess for MemGuest {
     fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
         let (i, off) = self.locate(gpa, data.len())?;
         lock(&self.data[i])[off..off + data.len()].copy_from_slice(data);
-        if !data.is_empty() {
-            let ps = self.page_size as usize;
-            let mut d = lock(&self.dirty);
-            for p in off / ps..=(off + data.len() - 1) / ps {
-                d[i].set(p);
-            }
-        }
+        self.mark_dirty(i, off, data.len());
         Ok(())
+    }
+
+    fn fill_in_place(
+        &self,
+        gpa: u64,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<bool, MemoryError> {
+        let (i, off) = self.locate(gpa, len)?;
+        fill(&mut lock(&self.data[i])[off..off + len]);
+        self.mark_dirty(i, off, len);
+        Ok(true)
     }
 }
 

@@ -478,33 +478,41 @@ impl<'a> Reader<'a> {
 }
 
 /// Builds a `MemoryPages` payload in place: the driver reads guest memory straight into
-/// [`slot`](Self::slot), so each page is copied once on its way to the socket.
+/// [`slot`](Self::slot) (or [`slots`](Self::slots) for a run of pages), so each page is
+/// copied once on its way to the socket.
 ///
-/// Layout: `page_size u32 | count u32 | non-zero page data | gpa u64 * count |
-/// zero bitmap (bit i set = page i is all zeros, not sent)`. The index sits after the
-/// data so it can be written once the batch is full.
+/// Layout (protocol version 2): `page_size u32 | count u32 | gpa u64 * count |
+/// zero bitmap (bit i set = page i is all zeros, not sent) | non-zero page data`. The index
+/// comes first so the receiver can check every address and then read the page data
+/// straight into guest memory. The writer keeps index and data in separate buffers and
+/// the sender writes both with one vectored write ([`finish_parts`](Self::finish_parts)).
 pub struct PageBatchWriter {
-    buf: Vec<u8>,
+    data: Vec<u8>,
     page_size: usize,
     capacity: usize,
     data_end: usize,
     gpas: Vec<u64>,
     zero: Vec<u8>,
+    index: Vec<u8>,
+    joined: Vec<u8>,
     nonzero: usize,
 }
 
-const BATCH_HEADER: usize = 8;
+/// `page_size u32 | count u32` at the start of every `MemoryPages` payload.
+pub const BATCH_HEADER: usize = 8;
 
 impl PageBatchWriter {
     pub fn new(page_size: usize, capacity: usize) -> Self {
-        let capacity = capacity.min(MAX_BATCH_PAGES as usize);
+        let capacity = capacity.clamp(1, MAX_BATCH_PAGES as usize);
         Self {
-            buf: vec![0; BATCH_HEADER + capacity * (page_size + 8) + capacity.div_ceil(8)],
+            data: vec![0; capacity * page_size],
             page_size,
             capacity,
-            data_end: BATCH_HEADER,
+            data_end: 0,
             gpas: Vec::with_capacity(capacity),
             zero: vec![0; capacity.div_ceil(8)],
+            index: Vec::with_capacity(BATCH_HEADER + capacity * 8 + capacity.div_ceil(8)),
+            joined: Vec::new(),
             nonzero: 0,
         }
     }
@@ -525,6 +533,11 @@ impl PageBatchWriter {
         self.gpas.len()
     }
 
+    /// Pages that still fit.
+    pub fn room(&self) -> usize {
+        self.capacity - self.gpas.len()
+    }
+
     /// Non-zero pages in the batch.
     pub fn nonzero_pages(&self) -> usize {
         self.nonzero
@@ -532,39 +545,74 @@ impl PageBatchWriter {
 
     /// Where the next page's bytes go.
     pub fn slot(&mut self) -> &mut [u8] {
-        &mut self.buf[self.data_end..self.data_end + self.page_size]
+        self.slots(1)
+    }
+
+    /// Where the next `n` pages' bytes go, contiguous; `n` is capped at [`room`](Self::room).
+    pub fn slots(&mut self, n: usize) -> &mut [u8] {
+        let n = n.min(self.room());
+        &mut self.data[self.data_end..self.data_end + n * self.page_size]
     }
 
     /// Records the page just written to [`slot`](Self::slot); an all-zero page costs one bit.
     pub fn commit(&mut self, gpa: u64) {
-        let i = self.gpas.len();
-        self.gpas.push(gpa);
-        let page = &self.buf[self.data_end..self.data_end + self.page_size];
-        if is_zero(page) {
-            self.zero[i / 8] |= 1 << (i % 8);
-        } else {
-            self.data_end += self.page_size;
-            self.nonzero += 1;
-        }
+        self.commit_run(gpa, 1);
     }
 
-    /// Completes the payload; valid until the next [`reset`](Self::reset).
-    pub fn finish(&mut self) -> &[u8] {
-        let n = self.gpas.len();
-        self.buf[0..4].copy_from_slice(&(self.page_size as u32).to_le_bytes());
-        self.buf[4..8].copy_from_slice(&(n as u32).to_le_bytes());
-        let mut at = self.data_end;
-        for g in &self.gpas {
-            self.buf[at..at + 8].copy_from_slice(&g.to_le_bytes());
-            at += 8;
+    /// Records `n` pages at `gpa, gpa + page_size, ..` just written to
+    /// [`slots(n)`](Self::slots). All-zero pages are dropped from the data (later pages of
+    /// the run move down) and cost one bit each.
+    pub fn commit_run(&mut self, gpa: u64, n: usize) {
+        let n = n.min(self.room());
+        let ps = self.page_size;
+        let run_end = self.data_end + n * ps;
+        let mut src = self.data_end;
+        for k in 0..n {
+            let i = self.gpas.len();
+            self.gpas.push(gpa + (k * ps) as u64);
+            if is_zero(&self.data[src..src + ps]) {
+                self.zero[i / 8] |= 1 << (i % 8);
+            } else {
+                if src != self.data_end {
+                    self.data.copy_within(src..src + ps, self.data_end);
+                }
+                self.data_end += ps;
+                self.nonzero += 1;
+            }
+            src += ps;
         }
-        let bm = n.div_ceil(8);
-        self.buf[at..at + bm].copy_from_slice(&self.zero[..bm]);
-        &self.buf[..at + bm]
+        debug_assert!(src == run_end);
+    }
+
+    /// Completes the payload as `(batch header and index, page data)`; the payload is the
+    /// two concatenated. Valid until the next [`reset`](Self::reset).
+    pub fn finish_parts(&mut self) -> (&[u8], &[u8]) {
+        let n = self.gpas.len();
+        self.index.clear();
+        self.index
+            .extend_from_slice(&(self.page_size as u32).to_le_bytes());
+        self.index.extend_from_slice(&(n as u32).to_le_bytes());
+        for g in &self.gpas {
+            self.index.extend_from_slice(&g.to_le_bytes());
+        }
+        self.index.extend_from_slice(&self.zero[..n.div_ceil(8)]);
+        (&self.index, &self.data[..self.data_end])
+    }
+
+    /// Completes the payload in one buffer (an extra copy; the drivers use
+    /// [`finish_parts`](Self::finish_parts)). Valid until the next [`reset`](Self::reset).
+    pub fn finish(&mut self) -> &[u8] {
+        let mut joined = std::mem::take(&mut self.joined);
+        joined.clear();
+        let (index, data) = self.finish_parts();
+        joined.extend_from_slice(index);
+        joined.extend_from_slice(data);
+        self.joined = joined;
+        &self.joined
     }
 
     pub fn reset(&mut self) {
-        self.data_end = BATCH_HEADER;
+        self.data_end = 0;
         self.gpas.clear();
         self.zero.fill(0);
         self.nonzero = 0;
@@ -580,77 +628,118 @@ pub fn is_zero(page: &[u8]) -> bool {
     whole && chunks.remainder().iter().all(|&b| b == 0)
 }
 
+/// The validated start of a `MemoryPages` payload: page size, page count and the length
+/// of the index that follows the 8-byte batch header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchShape {
+    pub page_size: usize,
+    pub count: usize,
+}
+
+impl BatchShape {
+    /// Checks the 8-byte batch header.
+    pub fn parse(header: &[u8; BATCH_HEADER]) -> Result<Self, ProtocolError> {
+        let page_size = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let count = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if !page_size.is_power_of_two() || !(512..=(2 << 20)).contains(&page_size) {
+            return Err(malformed_batch(format!(
+                "its page size {page_size} is not a power of two between 512 bytes and 2 MiB"
+            )));
+        }
+        if count > MAX_BATCH_PAGES {
+            return Err(malformed_batch(format!(
+                "it holds {count} pages; at most {MAX_BATCH_PAGES}"
+            )));
+        }
+        Ok(Self {
+            page_size: page_size as usize,
+            count: count as usize,
+        })
+    }
+
+    /// Bytes of gpas and zero bitmap after the batch header.
+    pub fn index_len(&self) -> usize {
+        self.count * 8 + self.count.div_ceil(8)
+    }
+
+    /// Checks the zero bitmap of `index` (exactly [`index_len`](Self::index_len) bytes)
+    /// and returns the number of page data bytes that must follow it.
+    pub fn data_len(&self, index: &[u8]) -> Result<u64, ProtocolError> {
+        debug_assert_eq!(index.len(), self.index_len());
+        let n = self.count;
+        let zero = &index[n * 8..];
+        if !n.is_multiple_of(8) && zero.last().is_some_and(|b| b >> (n % 8) != 0) {
+            return Err(malformed_batch(
+                "its zero bitmap marks pages past the end of the batch".into(),
+            ));
+        }
+        let zeros: usize = zero.iter().map(|b| b.count_ones() as usize).sum();
+        Ok((n - zeros) as u64 * self.page_size as u64)
+    }
+}
+
+fn malformed_batch(reason: String) -> ProtocolError {
+    ProtocolError::Malformed {
+        command: Command::MemoryPages,
+        reason,
+    }
+}
+
+/// `(gpa, non-zero)` of page `i` of a checked index.
+pub fn index_entry(index: &[u8], count: usize, i: usize) -> (u64, bool) {
+    let mut g = [0u8; 8];
+    g.copy_from_slice(&index[i * 8..i * 8 + 8]);
+    let zero = index[count * 8 + i / 8] & (1 << (i % 8)) != 0;
+    (u64::from_le_bytes(g), !zero)
+}
+
 /// A validated, borrowed `MemoryPages` payload.
 #[derive(Debug)]
 pub struct PageBatchView<'a> {
     page_size: usize,
     count: usize,
     data: &'a [u8],
-    gpas: &'a [u8],
-    zero: &'a [u8],
+    index: &'a [u8],
 }
 
 impl<'a> PageBatchView<'a> {
     /// Checks sizes and counts; gpas are checked against the memory map by the receiver.
     pub fn parse(payload: &'a [u8]) -> Result<Self, ProtocolError> {
-        let bad = |reason: String| ProtocolError::Malformed {
-            command: Command::MemoryPages,
-            reason,
-        };
-        if payload.len() < BATCH_HEADER {
-            return Err(bad(format!(
-                "it is {} bytes, shorter than its 8-byte header",
-                payload.len()
-            )));
-        }
-        let page_size = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
-        let count = u32::from_le_bytes([payload[4], payload[5], payload[6], payload[7]]);
-        if !page_size.is_power_of_two() || !(512..=(2 << 20)).contains(&page_size) {
-            return Err(bad(format!(
-                "its page size {page_size} is not a power of two between 512 bytes and 2 MiB"
-            )));
-        }
-        if count > MAX_BATCH_PAGES {
-            return Err(bad(format!(
-                "it holds {count} pages; at most {MAX_BATCH_PAGES}"
-            )));
-        }
-        let (ps, n) = (page_size as usize, count as usize);
-        let index = n * 8 + n.div_ceil(8);
-        let body = &payload[BATCH_HEADER..];
-        if body.len() < index {
-            return Err(bad(format!(
-                "it holds {} bytes after the header, too few for the index of {n} pages ({index} bytes)",
-                body.len()
-            )));
-        }
-        let (data, idx) = body.split_at(body.len() - index);
-        let (gpas, zero) = idx.split_at(n * 8);
-        let zeros: usize = zero.iter().map(|b| b.count_ones() as usize).sum();
-        if n % 8 != 0 && zero.last().is_some_and(|b| b >> (n % 8) != 0) {
-            return Err(bad(
-                "its zero bitmap marks pages past the end of the batch".into()
-            ));
-        }
-        let nonzero = n - zeros;
-        if data.len() as u64 != nonzero as u64 * ps as u64 {
-            return Err(bad(format!(
-                "it carries {} data bytes for {nonzero} non-zero pages of {ps} bytes",
-                data.len()
-            )));
-        }
         if MAX_PAYLOAD < payload.len() as u64 {
             return Err(ProtocolError::Oversize {
                 len: payload.len() as u64,
                 max: MAX_PAYLOAD,
             });
         }
+        let Some((head, body)) = payload.split_first_chunk::<BATCH_HEADER>() else {
+            return Err(malformed_batch(format!(
+                "it is {} bytes, shorter than its 8-byte header",
+                payload.len()
+            )));
+        };
+        let shape = BatchShape::parse(head)?;
+        let index_len = shape.index_len();
+        if body.len() < index_len {
+            return Err(malformed_batch(format!(
+                "it holds {} bytes after the header, too few for the index of {} pages ({index_len} bytes)",
+                body.len(),
+                shape.count
+            )));
+        }
+        let (index, data) = body.split_at(index_len);
+        let want = shape.data_len(index)?;
+        if data.len() as u64 != want {
+            return Err(malformed_batch(format!(
+                "it carries {} data bytes where its index announces {want} ({} bytes per non-zero page)",
+                data.len(),
+                shape.page_size
+            )));
+        }
         Ok(Self {
-            page_size: ps,
-            count: n,
+            page_size: shape.page_size,
+            count: shape.count,
             data,
-            gpas,
-            zero,
+            index,
         })
     }
 
@@ -671,15 +760,13 @@ impl<'a> PageBatchView<'a> {
         let mut data = self.data;
         let ps = self.page_size;
         (0..self.count).map(move |i| {
-            let mut g = [0u8; 8];
-            g.copy_from_slice(&self.gpas[i * 8..i * 8 + 8]);
-            let gpa = u64::from_le_bytes(g);
-            if self.zero[i / 8] & (1 << (i % 8)) != 0 {
-                (gpa, None)
-            } else {
+            let (gpa, nonzero) = index_entry(self.index, self.count, i);
+            if nonzero {
                 let (page, rest) = data.split_at(ps);
                 data = rest;
                 (gpa, Some(page))
+            } else {
+                (gpa, None)
             }
         })
     }
@@ -825,6 +912,32 @@ mod tests {
         fn decoding_arbitrary_payloads_never_panics(cmd in 0u16..16, bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             if let Ok(c) = Command::try_from(cmd) {
                 let _ = Message::decode(c, &bytes);
+            }
+        }
+
+        #[test]
+        fn runs_are_committed_like_single_pages(fills in proptest::collection::vec(0u8..3, 1..40), cap in 1usize..48) {
+            // fill 0 is a zero page; runs are cut wherever the batch fills up.
+            let mut one = PageBatchWriter::new(512, cap);
+            let mut run = PageBatchWriter::new(512, cap);
+            let mut i = 0;
+            while i < fills.len() {
+                let n = (fills.len() - i).min(run.room());
+                for (k, f) in fills[i..i + n].iter().enumerate() {
+                    run.slots(n)[k * 512..(k + 1) * 512].fill(*f);
+                    one.slot().fill(*f);
+                    one.commit(((i + k) * 512) as u64);
+                }
+                run.commit_run((i * 512) as u64, n);
+                prop_assert_eq!(one.finish_parts(), run.finish_parts());
+                prop_assert_eq!(one.nonzero_pages(), run.nonzero_pages());
+                let view = PageBatchView::parse(run.finish()).unwrap();
+                let got: Vec<_> = view.iter().map(|(g, d)| (g, d.map(|d| d[0]))).collect();
+                let want: Vec<_> = (i..i + n).map(|j| ((j * 512) as u64, (fills[j] != 0).then_some(fills[j]))).collect();
+                prop_assert_eq!(got, want);
+                one.reset();
+                run.reset();
+                i += n;
             }
         }
 

@@ -3,7 +3,7 @@
 use std::io::{Read, Write};
 
 use crate::auth::{self, PresharedKey, Side};
-use crate::frame::{Channel, SUPPORTED_VERSIONS};
+use crate::frame::{Channel, Received, SUPPORTED_VERSIONS};
 use crate::progress::{CancelToken, ProgressHandle};
 use crate::protocol::{Command, CompatInfo, ErrorCode, MemoryRegion, Message, PageBatchView};
 use crate::session::{Session, SessionEvent, SessionState};
@@ -104,6 +104,12 @@ impl<S: Read + Write> Receiver<'_, S> {
         let to = self.session.apply(e)?;
         self.cfg.progress.update(|p| p.state = to);
         Ok(())
+    }
+
+    fn count_pages(&mut self, n: u64) {
+        self.pages += n;
+        self.pass_pages += n;
+        self.cfg.progress.update(|p| p.pages_sent += n);
     }
 
     fn reply(&mut self, id: u64, msg: &Message) -> Result<(), MigrationError> {
@@ -218,12 +224,22 @@ impl<S: Read + Write> Receiver<'_, S> {
                 return Err(MigrationError::Cancelled);
             }
             let state = self.session.state();
-            let frame = self.ch.recv_frame()?;
+            let pages_expected = matches!(state, SessionState::PreCopy | SessionState::StopAndCopy);
+            let frame = if pages_expected {
+                match self.ch.recv_frame_placing(mem, &regions, page_size)? {
+                    Received::Placed { pages, .. } => {
+                        self.count_pages(pages);
+                        continue;
+                    }
+                    Received::Frame(f) => f,
+                }
+            } else {
+                self.ch.recv_frame()?
+            };
             let id = frame.header.request_id;
             let command = frame.header.command;
-            if matches!(state, SessionState::PreCopy | SessionState::StopAndCopy)
-                && command == Command::MemoryPages
-            {
+            if pages_expected && command == Command::MemoryPages {
+                // MACed or compressed: checked as a whole, then copied into place.
                 let view = PageBatchView::parse(frame.payload)?;
                 for (gpa, data) in view.iter() {
                     let data = data.unwrap_or(&zero_page);
@@ -236,9 +252,7 @@ impl<S: Read + Write> Receiver<'_, S> {
                     mem.write(gpa, data)?;
                 }
                 let n = view.len() as u64;
-                self.pages += n;
-                self.pass_pages += n;
-                self.cfg.progress.update(|p| p.pages_sent += n);
+                self.count_pages(n);
                 continue;
             }
             let msg = frame.message()?;
@@ -330,13 +344,7 @@ impl<S: Read + Write> Receiver<'_, S> {
 }
 
 fn inside(regions: &[MemoryRegion], gpa: u64, len: usize) -> bool {
-    gpa.is_multiple_of(len as u64)
-        && regions.iter().any(|r| {
-            gpa >= r.gpa
-                && gpa
-                    .checked_add(len as u64)
-                    .is_some_and(|end| end <= r.gpa.saturating_add(r.size))
-        })
+    crate::frame::region_of(regions, gpa, len).is_some()
 }
 
 fn compare_hashes(

@@ -17,7 +17,9 @@ use crate::MigrationError;
 pub struct SenderConfig {
     pub key: PresharedKey,
     pub policy: Policy,
-    /// lz4 each page batch (kept only when smaller). Pays off on slow links.
+    /// lz4 each page batch (kept only when smaller). Pays off on slow links. After a batch
+    /// that does not shrink, only every 16th batch is tried until one shrinks again, so
+    /// incompressible memory costs little CPU.
     pub compress: bool,
     /// Pages per `MemoryPages` frame (default 256, i.e. 1 MiB of 4 KiB pages).
     pub batch_pages: usize,
@@ -110,6 +112,7 @@ where
         paused: false,
         throttle: 0,
         logging: false,
+        compress_skip: 0,
     };
     match s.run(local) {
         Ok(r) => Ok(r),
@@ -127,7 +130,12 @@ struct Sender<'a, S, M: ?Sized, V: ?Sized> {
     paused: bool,
     throttle: u8,
     logging: bool,
+    /// Batches left to send uncompressed before lz4 is tried again.
+    compress_skip: u32,
 }
+
+/// After a batch that lz4 could not shrink, every this many batches is tried again.
+const COMPRESS_RETRY: u32 = 16;
 
 impl<S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> Sender<'_, S, M, V> {
     fn event(&mut self, e: SessionEvent) -> Result<(), MigrationError> {
@@ -387,11 +395,18 @@ impl<S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> Sende
         batch.reset();
         for (r, bits) in regions.iter().zip(set) {
             let ps = batch.page_size() as u64;
-            for page in bits.iter() {
-                let gpa = r.gpa + page as u64 * ps;
-                self.mem.read(gpa, batch.slot())?;
-                batch.commit(gpa);
-                pages += 1;
+            let mut dirty = bits.iter().peekable();
+            while let Some(first) = dirty.next() {
+                // Consecutive dirty pages are read from guest memory with one call.
+                let mut n = 1;
+                while n < batch.room() && dirty.peek() == Some(&(first + n)) {
+                    dirty.next();
+                    n += 1;
+                }
+                let gpa = r.gpa + first as u64 * ps;
+                self.mem.read(gpa, batch.slots(n))?;
+                batch.commit_run(gpa, n);
+                pages += n as u64;
                 if batch.is_full() {
                     self.flush(batch)?;
                 }
@@ -407,14 +422,21 @@ impl<S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> Sende
     fn flush(&mut self, batch: &mut PageBatchWriter) -> Result<(), MigrationError> {
         self.check_cancel()?;
         self.next_id += 1;
-        let payload = batch.finish();
-        self.ch.send_raw(
+        // lz4 is tried on every batch until one fails to shrink, then only on every
+        // COMPRESS_RETRY-th batch: incompressible memory costs almost nothing extra.
+        let compress = self.cfg.compress && self.compress_skip == 0;
+        self.compress_skip = self.compress_skip.saturating_sub(1);
+        let (index, data) = batch.finish_parts();
+        self.ch.send_parts(
             Command::MemoryPages,
             self.next_id,
             0,
-            payload,
-            self.cfg.compress,
+            &[index, data],
+            compress,
         )?;
+        if compress && !self.ch.last_compressed() {
+            self.compress_skip = COMPRESS_RETRY - 1;
+        }
         batch.reset();
         Ok(())
     }

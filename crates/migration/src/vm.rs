@@ -38,6 +38,22 @@ pub trait GuestMemoryAccess: Sync {
     fn region_hashes(&self) -> Result<Vec<RegionHash>, MemoryError> {
         hash_regions_by_reading(self)
     }
+    /// Optional fast path for the receiver: calls `fill` once with the `len` guest bytes at
+    /// `gpa` so it can write them in place (straight from the socket), saving the copy
+    /// through a buffer that [`write`](Self::write) costs. Same rules as `write` (whole
+    /// pages inside one region of `regions()`; writes count as dirty for the VMM); `fill`
+    /// may leave the range partly written if the connection fails, and the receiver then
+    /// discards the VM. Returns `Ok(false)` without calling `fill` when the backend has no
+    /// such path (the default): the receiver falls back to `write`.
+    fn fill_in_place(
+        &self,
+        gpa: u64,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<bool, MemoryError> {
+        let _ = (gpa, len, fill);
+        Ok(false)
+    }
 }
 
 /// The VM on the sending host (in the VM lifecycle state `MigrationSource`).

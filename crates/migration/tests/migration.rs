@@ -213,6 +213,27 @@ fn forced_stop_and_copy_with_throttling_over_a_unix_socket_with_lz4() {
 }
 
 #[test]
+fn every_page_frame_can_be_maced_instead_of_crc_checked() {
+    let (src, mut vm) = source();
+    let mut cfg = SenderConfig::new(key("correct horse battery"));
+    cfg.crc_pages = false;
+    cfg.batch_pages = 100; // batches that end mid-region
+    let o = simple(
+        &mut vm,
+        &src,
+        &cfg,
+        "correct horse battery",
+        compat(4),
+        InMemoryTarget::default(),
+    );
+    let r = o.send.unwrap();
+    let rr = o.recv.unwrap();
+    assert_eq!(o.dst.contents(), src.contents());
+    assert!(o.target.running);
+    assert_eq!(r.pages_sent, rr.pages_received);
+}
+
+#[test]
 fn wrong_key_is_rejected_before_any_memory_moves() {
     let (src, mut vm) = source();
     let cfg = SenderConfig::new(key("correct horse battery"));
@@ -248,7 +269,7 @@ fn an_impostor_target_gets_nothing() {
         let (h, _) = ch.recv().unwrap();
         ch.send(
             &Message::Hello {
-                versions: vec![1],
+                versions: vec![ray_migration::frame::PROTOCOL_VERSION],
                 nonce: [1; 32],
             },
             h.request_id,

@@ -9,7 +9,7 @@ use crate::boot::{self, BootSpec};
 use crate::devices::console::ConsoleState;
 use crate::devices::{Console, ConsoleRing, IoBus};
 use crate::memory::GuestMem;
-use crate::vstate::persist::{self, PersistError, VcpuState, VmKvmState};
+use crate::vstate::persist::{self, Persist, PersistError, VcpuState, VmKvmState};
 use crate::vstate::vcpu::{self, EventSink, Vcpus};
 use crate::vstate::vm::Vm;
 use crate::vstate::Flavour;
@@ -113,8 +113,12 @@ impl Machine {
         Ok(MachineState {
             flavour: self.vm.flavour.name().to_string(),
             vcpus,
-            vm: persist::save_vm(&self.vm.fd)?,
-            console: self.bus.lock_console().state(),
+            vm: self.vm.fd.save_state()?,
+            console: self
+                .bus
+                .lock_console()
+                .save_state()
+                .map_err(PersistError::Device)?,
         })
     }
 
@@ -141,8 +145,8 @@ impl Machine {
                 ray_guest_abi::MAX_CPUS
             )));
         }
-        let vm = Vm::new(memory, flavour)?;
-        persist::restore_vm(&vm.fd, &state.vm)?;
+        let mut vm = Vm::new(memory, flavour)?;
+        vm.fd.restore_state(&state.vm)?;
         let console = Console::from_state(
             &state.console,
             serial_irq(&vm)?,

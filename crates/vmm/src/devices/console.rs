@@ -120,26 +120,6 @@ impl Console {
         }
     }
 
-    pub fn state(&self) -> ConsoleState {
-        let s = self.uart.state();
-        ConsoleState {
-            registers: [
-                s.baud_divisor_low,
-                s.baud_divisor_high,
-                s.interrupt_enable,
-                s.interrupt_identification,
-                s.line_control,
-                s.line_status,
-                s.modem_control,
-                s.modem_status,
-                s.scratch,
-                0,
-            ],
-            fifo: s.in_buffer,
-            pending: self.pending.iter().copied().collect(),
-        }
-    }
-
     /// A console in `state`. The FIFO is refused if larger than a 16550's (untrusted input).
     pub fn from_state(
         state: &ConsoleState,
@@ -148,42 +128,10 @@ impl Console {
         stdout: bool,
         ring: Arc<ConsoleRing>,
     ) -> Result<Self, String> {
-        let r = &state.registers;
-        let uart_state = vm_superio::serial::SerialState {
-            baud_divisor_low: r[0],
-            baud_divisor_high: r[1],
-            interrupt_enable: r[2],
-            interrupt_identification: r[3],
-            line_control: r[4],
-            line_status: r[5],
-            modem_control: r[6],
-            modem_status: r[7],
-            scratch: r[8],
-            in_buffer: state.fifo.clone(),
-        };
-        if state.pending.len() > MAX_PENDING_INPUT {
-            return Err(format!(
-                "the saved console has {} bytes of pending input, more than {MAX_PENDING_INPUT}",
-                state.pending.len()
-            ));
-        }
-        let out = ConsoleOut {
-            log,
-            stdout,
-            ring: ring.clone(),
-        };
-        let uart = Serial::from_state(
-            &uart_state,
-            IrqTrigger(irq),
-            vm_superio::serial::NoEvents,
-            out,
-        )
-        .map_err(|e| format!("the saved UART state is invalid: {e:?}"))?;
-        Ok(Self {
-            uart,
-            pending: state.pending.iter().copied().collect(),
-            ring,
-        })
+        use crate::vstate::persist::Persist;
+        let mut console = Console::new(irq, log, stdout, ring);
+        console.restore_state(state)?;
+        Ok(console)
     }
 
     pub fn ring(&self) -> Arc<ConsoleRing> {
@@ -229,9 +177,87 @@ impl Console {
     }
 }
 
+impl crate::vstate::persist::Persist for Console {
+    type State = ConsoleState;
+    type Error = String;
+
+    fn save_state(&self) -> Result<ConsoleState, String> {
+        let s = self.uart.state();
+        Ok(ConsoleState {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+                0,
+            ],
+            fifo: s.in_buffer,
+            pending: self.pending.iter().copied().collect(),
+        })
+    }
+
+    /// Puts the UART registers, FIFO and pending input of `state` into this console,
+    /// which keeps its interrupt line and outputs. Untrusted input: a FIFO larger than a
+    /// 16550's or too much pending input is refused, and the console is left unchanged.
+    fn restore_state(&mut self, state: &ConsoleState) -> Result<(), String> {
+        let r = &state.registers;
+        let uart_state = vm_superio::serial::SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: state.fifo.clone(),
+        };
+        if state.pending.len() > MAX_PENDING_INPUT {
+            return Err(format!(
+                "the saved console has {} bytes of pending input, more than {MAX_PENDING_INPUT}",
+                state.pending.len()
+            ));
+        }
+        let irq = self
+            .uart
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| format!("cannot share the console's interrupt line: {e}"))?;
+        let w = self.uart.writer();
+        let out = ConsoleOut {
+            log: match &w.log {
+                Some(f) => Some(
+                    f.try_clone()
+                        .map_err(|e| format!("cannot share the serial log: {e}"))?,
+                ),
+                None => None,
+            },
+            stdout: w.stdout,
+            ring: w.ring.clone(),
+        };
+        self.uart = Serial::from_state(
+            &uart_state,
+            IrqTrigger(irq),
+            vm_superio::serial::NoEvents,
+            out,
+        )
+        .map_err(|e| format!("the saved UART state is invalid: {e:?}"))?;
+        self.pending = state.pending.iter().copied().collect();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vstate::persist::Persist;
 
     fn console() -> Console {
         Console::new(
@@ -275,7 +301,7 @@ mod tests {
         c.write(3, 0x03);
         c.write(7, 0x5a); // scratch
         c.queue_input(&[b'q'; 100]).unwrap();
-        let state = c.state();
+        let state = c.save_state().unwrap();
         let mut back = Console::from_state(
             &state,
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
@@ -284,7 +310,7 @@ mod tests {
             Arc::default(),
         )
         .unwrap();
-        assert_eq!(back.state(), state);
+        assert_eq!(back.save_state().unwrap(), state);
         assert_eq!(back.read(7), 0x5a);
         let mut got = 0;
         while back.read(5) & 1 == 1 {
@@ -296,7 +322,7 @@ mod tests {
 
     #[test]
     fn oversized_saved_fifo_is_refused() {
-        let mut state = console().state();
+        let mut state = console().save_state().unwrap();
         state.fifo = vec![0; 4096];
         let err = Console::from_state(
             &state,

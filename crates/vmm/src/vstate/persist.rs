@@ -14,6 +14,52 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
+/// One component's share of a snapshot or a migration: its state, saved while the VM is
+/// paused, and put back into a newly built component of the same kind. Every component
+/// with state implements it — vCPUs ([`KvmVcpu`]), the VM ([`VmFd`]: irqchips, PIT,
+/// kvmclock), devices (`devices::Console`) — and `Machine` composes them; guest memory
+/// is the snapshot store's and the migration stream's business.
+pub trait Persist {
+    type State: Serialize + serde::de::DeserializeOwned;
+    type Error;
+    fn save_state(&self) -> Result<Self::State, Self::Error>;
+    /// `state` is untrusted input: a refusal names what was wrong.
+    fn restore_state(&mut self, state: &Self::State) -> Result<(), Self::Error>;
+}
+
+/// A vCPU as the persist layer sees it: its fd, its index, and the MSRs to save.
+pub struct KvmVcpu<'a> {
+    pub fd: &'a VcpuFd,
+    pub index: u8,
+    pub msrs: &'a [u32],
+}
+
+impl Persist for KvmVcpu<'_> {
+    type State = VcpuState;
+    type Error = PersistError;
+
+    fn save_state(&self) -> Result<VcpuState, PersistError> {
+        save_vcpu(self.fd, self.index, self.msrs)
+    }
+
+    fn restore_state(&mut self, state: &VcpuState) -> Result<(), PersistError> {
+        restore_vcpu(self.fd, state)
+    }
+}
+
+impl Persist for VmFd {
+    type State = VmKvmState;
+    type Error = PersistError;
+
+    fn save_state(&self) -> Result<VmKvmState, PersistError> {
+        save_vm(self)
+    }
+
+    fn restore_state(&mut self, state: &VmKvmState) -> Result<(), PersistError> {
+        restore_vm(self, state)
+    }
+}
+
 /// Most CPUID entries a saved vCPU may carry.
 const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 /// KVM_GET_MSRS takes at most this many entries per call.
@@ -47,6 +93,8 @@ pub enum PersistError {
         "vCPU {index}: the saved XSAVE area has {got} bytes; KVM_SET_XSAVE takes exactly 4096"
     )]
     XsaveSize { index: u8, got: usize },
+    #[error("cannot save a device: {0}")]
+    Device(String),
     #[error("vCPU {index}: saved state has {got} CPUID entries, more than the {max} KVM takes")]
     TooManyCpuid { index: u8, got: usize, max: usize },
 }
@@ -96,7 +144,7 @@ pub fn msr_list(kvm: &kvm_ioctls::Kvm, extra: &[u32]) -> Result<Vec<u32>, Persis
     Ok(msrs)
 }
 
-pub fn save_vcpu(fd: &VcpuFd, index: u8, msr_indices: &[u32]) -> Result<VcpuState, PersistError> {
+fn save_vcpu(fd: &VcpuFd, index: u8, msr_indices: &[u32]) -> Result<VcpuState, PersistError> {
     let err = |what: &'static str| {
         move |source| PersistError::Vcpu {
             op: "save",
@@ -139,7 +187,7 @@ pub fn save_vcpu(fd: &VcpuFd, index: u8, msr_indices: &[u32]) -> Result<VcpuStat
 /// Puts `state` into a freshly created vCPU. The order matters: CPUID before anything
 /// that depends on features, special registers before registers, MSRs after SREGS (EFER),
 /// LAPIC before pending events.
-pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), PersistError> {
+fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), PersistError> {
     let index = state.index;
     let err = |what: &'static str| {
         move |source| PersistError::Vcpu {
@@ -213,7 +261,7 @@ fn irqchip(vm: &VmFd, chip_id: u32, what: &'static str) -> Result<kvm_irqchip, P
     Ok(chip)
 }
 
-pub fn save_vm(vm: &VmFd) -> Result<VmKvmState, PersistError> {
+fn save_vm(vm: &VmFd) -> Result<VmKvmState, PersistError> {
     let err = |what: &'static str| {
         move |source| PersistError::Vm {
             op: "save",
@@ -230,7 +278,7 @@ pub fn save_vm(vm: &VmFd) -> Result<VmKvmState, PersistError> {
     })
 }
 
-pub fn restore_vm(vm: &VmFd, state: &VmKvmState) -> Result<(), PersistError> {
+fn restore_vm(vm: &VmFd, state: &VmKvmState) -> Result<(), PersistError> {
     let err = |what: &'static str| {
         move |source| PersistError::Vm {
             op: "restore",

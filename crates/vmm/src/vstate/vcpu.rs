@@ -27,7 +27,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use super::persist::{self, PersistError, VcpuState};
+use super::persist::{KvmVcpu, Persist, PersistError, VcpuState};
 use super::vm::Vm;
 use crate::boot::BootImage;
 use crate::devices::{BusEvent, IoBus, PowerEvent};
@@ -147,7 +147,12 @@ pub fn restore(vm: &Vm, state: &VcpuState) -> Result<VcpuFd, VcpuError> {
         .fd
         .create_vcpu(u64::from(index))
         .map_err(|source| VcpuError::Create { index, source })?;
-    persist::restore_vcpu(&vcpu, state)?;
+    KvmVcpu {
+        fd: &vcpu,
+        index,
+        msrs: &[],
+    }
+    .restore_state(state)?;
     Ok(vcpu)
 }
 
@@ -437,7 +442,14 @@ fn checkpoint(index: u8, fd: &VcpuFd, control: &VcpuControl, period: &mut Instan
     loop {
         if let Some(msrs) = ctl.save_msrs.clone() {
             if ctl.saved[usize::from(index)].is_none() {
-                ctl.saved[usize::from(index)] = Some(persist::save_vcpu(fd, index, &msrs));
+                ctl.saved[usize::from(index)] = Some(
+                    KvmVcpu {
+                        fd,
+                        index,
+                        msrs: &msrs,
+                    }
+                    .save_state(),
+                );
                 control.changed.notify_all();
             }
         }
