@@ -626,6 +626,26 @@ impl GuestMemoryAccess for MemAccess {
         Ok(())
     }
 
+    fn fill_in_place(
+        &self,
+        gpa: u64,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<bool, MemoryError> {
+        let host = self.host(gpa, len)?;
+        // SAFETY: `host` maps `len` bytes (checked by `host`) for as long as `self.mem`
+        // lives. Only the receiver writes target memory (no vCPU runs before the
+        // switch-over); the background hasher may read these bytes meanwhile, but it reads
+        // the generation first and the bump below invalidates whatever it hashed.
+        let dst = unsafe { std::slice::from_raw_parts_mut(host, len) };
+        fill(dst);
+        if self.map.enabled.load(Ordering::Acquire) {
+            self.map.set_range(gpa, len as u64);
+        }
+        self.bump_range(gpa, len as u64);
+        Ok(true)
+    }
+
     fn region_hashes(&self) -> Result<Vec<ray_migration::protocol::RegionHash>, MemoryError> {
         let mut buf = vec![0u8; CHUNK as usize];
         let _trace = Trace(
@@ -1091,6 +1111,16 @@ mod tests {
         target.write(0x31000, &[9u8; 4096]).unwrap();
         assert_eq!(target.hash_stale(&stop, false, &mut buf), 1);
         target.write(0x1000, &[0u8; 4096]).unwrap();
+        assert_eq!(
+            target.region_hashes().unwrap(),
+            hash_regions_by_reading(&*target).unwrap()
+        );
+        // Pages placed straight from the socket count as written too.
+        assert!(target
+            .fill_in_place(0x40000, 8192, &mut |d: &mut [u8]| d.fill(5))
+            .unwrap());
+        assert!(target.map.get(0x41000));
+        assert_eq!(target.hash_stale(&stop, false, &mut buf), 1);
         assert_eq!(
             target.region_hashes().unwrap(),
             hash_regions_by_reading(&*target).unwrap()
