@@ -185,18 +185,14 @@ fn outcome(s: &MigrationStatus) -> anyhow::Result<()> {
 fn receive(runtime: &Path, a: &ReceiveArgs) -> anyhow::Result<()> {
     let key_file = std::path::absolute(&a.key_file)
         .with_context(|| format!("cannot resolve {}", a.key_file.display()))?;
-    let run = crate::vm::RunArgs {
-        kernel: None,
+    // Kernel and command line come with the source's state; only the shape is needed.
+    let cfg = VmConfig {
+        kernel: String::new(),
         initrd: None,
-        cmdline: None,
+        cmdline: String::new(),
         vcpus: a.vcpus,
-        memory: a.memory,
-        id: a.id.clone(),
-        detach: true,
-        json: a.json,
+        memory_bytes: a.memory,
     };
-    // The kernel is only a placeholder until the source's configuration arrives.
-    let cfg: VmConfig = crate::vm::vm_config(&run)?;
     launch(
         runtime,
         a.id.clone(),

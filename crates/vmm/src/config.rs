@@ -46,22 +46,8 @@ fn regular_file(path: &Path) -> bool {
 
 /// Checks `config` against the limits of this VMM and host (`host_mem` bytes of RAM).
 pub fn validate(config: &VmConfig, host_mem: u64) -> Result<BootSpec, ConfigError> {
-    if config.vcpus == 0 || usize::from(config.vcpus) > MAX_CPUS {
-        return Err(ConfigError::Vcpus(config.vcpus));
-    }
+    validate_shape(config, host_mem)?;
     let mem = config.memory_bytes;
-    if !mem.is_multiple_of(PAGE) {
-        return Err(ConfigError::MemoryUnaligned(mem));
-    }
-    if mem < MIN_MEMORY {
-        return Err(ConfigError::MemoryTooSmall(mem));
-    }
-    if mem > host_mem {
-        return Err(ConfigError::MemoryTooLarge {
-            got: mem,
-            host: host_mem,
-        });
-    }
     let kernel = PathBuf::from(&config.kernel);
     if !regular_file(&kernel) {
         return Err(ConfigError::KernelMissing(kernel));
@@ -83,9 +69,45 @@ pub fn validate(config: &VmConfig, host_mem: u64) -> Result<BootSpec, ConfigErro
     Ok(spec)
 }
 
+/// The checks of [`validate`] but the files: vCPUs and memory. Enough for a migration
+/// target, whose machine comes from the source's state rather than from a kernel.
+pub fn validate_shape(config: &VmConfig, host_mem: u64) -> Result<(), ConfigError> {
+    if config.vcpus == 0 || usize::from(config.vcpus) > MAX_CPUS {
+        return Err(ConfigError::Vcpus(config.vcpus));
+    }
+    let mem = config.memory_bytes;
+    if !mem.is_multiple_of(PAGE) {
+        return Err(ConfigError::MemoryUnaligned(mem));
+    }
+    if mem < MIN_MEMORY {
+        return Err(ConfigError::MemoryTooSmall(mem));
+    }
+    if mem > host_mem {
+        return Err(ConfigError::MemoryTooLarge {
+            got: mem,
+            host: host_mem,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shape_checks_vcpus_and_memory_but_no_files() {
+        let c = config(2, 64 << 20, "");
+        assert_eq!(validate_shape(&c, 1 << 30), Ok(()));
+        assert_eq!(
+            validate_shape(&config(0, 64 << 20, ""), 1 << 30),
+            Err(ConfigError::Vcpus(0))
+        );
+        assert!(matches!(
+            validate(&c, 1 << 30),
+            Err(ConfigError::KernelMissing(_))
+        ));
+    }
 
     fn config(vcpus: u8, memory_bytes: u64, kernel: &str) -> VmConfig {
         VmConfig {

@@ -420,6 +420,17 @@ impl Controller {
         Ok(handle.status())
     }
 
+    /// Target: takes the vCPUs and memory of the VM to receive. The kernel and command
+    /// line are not needed (the machine comes from the source's state) and arrive with it.
+    pub fn configure_incoming(&mut self, cfg: VmConfig) -> Result<(), RequestError> {
+        self.check(VmAction::Configure)?;
+        config::validate_shape(&cfg, config::host_memory())
+            .map_err(|e| RequestError::bad_request(e.to_string()))?;
+        self.apply(VmAction::Configure, "migrate:configure")?;
+        self.config = Some(cfg);
+        Ok(())
+    }
+
     /// Target: allocates memory for the configured VM, listens on `at` and waits (on a
     /// migration thread) for one incoming migration. Returns the bound address.
     pub fn listen_incoming(
@@ -432,7 +443,7 @@ impl Controller {
         let config = self.config.clone().ok_or_else(|| {
             RequestError::conflict("an incoming migration needs a configuration (vCPUs, memory)")
         })?;
-        config::validate(&config, config::host_memory())
+        config::validate_shape(&config, config::host_memory())
             .map_err(|e| RequestError::bad_request(e.to_string()))?;
         let endpoint = mig::Endpoint::parse(at).map_err(RequestError::bad_request)?;
         let key = mig::read_key(key_file).map_err(RequestError::bad_request)?;

@@ -133,8 +133,11 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     spawn_signal_thread(signals, tx.clone());
 
     if let Some(cfg) = opts.config {
-        ctl.handle(Request::Configure(cfg), &rx)
-            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let configured = match opts.incoming {
+            Some(_) => ctl.configure_incoming(cfg).map(|_| Response::Done),
+            None => ctl.handle(Request::Configure(cfg), &rx),
+        };
+        configured.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     }
     let mut server = api_server::ApiServer::start(
         &ctl.paths.socket(),
