@@ -571,6 +571,12 @@ fn cancel_mid_pre_copy_rolls_back() {
     // Nothing left to cancel; a second migration may start again later.
     let again = env.ray(&["migrate", "cancel", "src"]);
     assert_eq!(again.status.code(), Some(4));
+    // Reclaiming is only for a source paused after the switch-over; this one runs.
+    let reclaim = env.ray(&["migrate", "reclaim", "src", "--target-fenced"]);
+    assert_eq!(reclaim.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&reclaim.stderr);
+    assert!(err.contains("nothing to reclaim"), "{err}");
+    assert_eq!(src.state(), VmStateName::Running);
     let sessions = env.ray_ok(&["migrate", "sessions"]);
     assert!(
         sessions.contains("src") && sessions.contains("failed"),

@@ -455,6 +455,12 @@ mod paths {
         (status = 200, body = MigrationStatus), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
     fn migration_cancel() {}
 
+    /// After a link failure past the switch-over (`vm: paused_ownership_uncertain`), resumes
+    /// the paused source copy. Only call it once the target is known dead (fenced).
+    #[utoipa::path(put, path = "/vm/migration/reclaim", responses(
+        (status = 200, body = MigrationStatus), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn migration_reclaim() {}
+
     #[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "this document")))]
     fn openapi() {}
 }
@@ -485,6 +491,7 @@ mod paths {
         paths::migrate,
         paths::migration_status,
         paths::migration_cancel,
+        paths::migration_reclaim,
         paths::openapi
     ),
     components(schemas(

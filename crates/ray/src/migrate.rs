@@ -31,6 +31,19 @@ pub enum MigrateCommand {
     Sessions(JsonOnly),
     /// Cancel a migration in flight; the source VM keeps running.
     Cancel(IdJson),
+    /// Resume a source left paused because the link failed after the switch-over
+    /// (`paused_ownership_uncertain`). Only once the target is known dead (fenced).
+    Reclaim(ReclaimArgs),
+}
+
+#[derive(Args)]
+pub struct ReclaimArgs {
+    pub id: String,
+    /// Confirms that the target host was fenced: otherwise the VM could run twice.
+    #[arg(long, required = true)]
+    pub target_fenced: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -129,6 +142,11 @@ pub fn run(cmd: MigrateCommand, runtime: &Path) -> anyhow::Result<()> {
             outcome(&s)
         }
         MigrateCommand::Sessions(a) => sessions(runtime, a.json),
+        MigrateCommand::Reclaim(a) => {
+            let s: MigrationStatus =
+                client(runtime, &a.id)?.call("PUT", "/vm/migration/reclaim", None)?;
+            print_status(&a.id, &s, a.json)
+        }
         MigrateCommand::Cancel(a) => {
             let _: MigrationStatus =
                 client(runtime, &a.id)?.call("PUT", "/vm/migration/cancel", None)?;

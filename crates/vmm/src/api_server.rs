@@ -234,6 +234,10 @@ fn router(api: Api) -> Router {
             "/vm/migration/cancel",
             put(|State(a): State<Api>| async move { a.call(Request::MigrationCancel).await }),
         )
+        .route(
+            "/vm/migration/reclaim",
+            put(|State(a): State<Api>| async move { a.call(Request::MigrationReclaim).await }),
+        )
         .route("/vm/events", get(|State(a): State<Api>| async move { a.call(Request::Events).await }))
         .route(
             "/vm/console",

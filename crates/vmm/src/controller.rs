@@ -36,6 +36,7 @@ pub enum Request {
     Migrate(MigrateRequest),
     MigrationStatus,
     MigrationCancel,
+    MigrationReclaim,
 }
 
 #[derive(Debug)]
@@ -321,7 +322,40 @@ impl Controller {
                 h.cancel.cancel();
                 Ok(Response::Migration(Box::new(h.status())))
             }
+            Request::MigrationReclaim => self.reclaim().map(|s| Response::Migration(Box::new(s))),
         }
+    }
+
+    /// The operator fenced the target of a migration whose link failed after the
+    /// switch-over: the paused source copy runs again here.
+    fn reclaim(&mut self) -> Result<MigrationStatus, RequestError> {
+        let h = self.migration_handle()?.clone();
+        let status = h.status();
+        if status.vm != "paused_ownership_uncertain" || self.state != VmState::MigrationSource {
+            return Err(RequestError::conflict(format!(
+                "nothing to reclaim: the migration of VM '{}' left it {} (the VM is {}); reclaim is only for a source paused after the switch-over",
+                self.id, status.vm, self.state
+            )));
+        }
+        self.check(VmAction::MigrationAbort)?;
+        let keep_log = self.dirty_since_snapshot.is_some();
+        let m = self.machine.as_mut().ok_or_else(|| {
+            RequestError::conflict(format!("the VM is {} and has no machine", self.state))
+        })?;
+        m.throttle(0);
+        if !keep_log {
+            let _ = m.vm.set_dirty_logging(false);
+        }
+        m.resume();
+        self.apply(
+            VmAction::MigrationAbort,
+            "migrate:reclaimed by the operator after fencing the target",
+        )?;
+        h.update(|r| r.vm = "running");
+        if let Ok(json) = serde_json::to_vec_pretty(&h.status()) {
+            let _ = std::fs::write(self.paths.migration_record(), json);
+        }
+        Ok(h.status())
     }
 
     fn migration_handle(&self) -> Result<&mig::Handle, RequestError> {
