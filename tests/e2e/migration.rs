@@ -583,3 +583,57 @@ fn cancel_mid_pre_copy_rolls_back() {
         "{sessions}"
     );
 }
+
+#[test]
+fn auto_converge_throttles_the_vcpus_and_a_rollback_lifts_it() {
+    let env = Env::new("mig-throttle");
+    let net = Net::new("thr");
+    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let mut src = boot_source(&env, &net, "256M");
+    let dst = receive(&env, &net, 7007, &key, "256M");
+    src.command("dirty 64 2000", "dirty on");
+    net.ray_ok(
+        &env,
+        &net.a,
+        &[
+            "migrate",
+            "start",
+            "src",
+            "--to",
+            &net.target_addr(7007),
+            "--key-file",
+            &key,
+            "--max-downtime-ms",
+            "1",
+            "--max-passes",
+            "1000000",
+            "--max-time-ms",
+            "120000",
+            "--on-limit",
+            "abort",
+            "--detach",
+        ],
+    );
+    // A 1 ms budget cannot be met while the guest dirties memory: the throttle steps in.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let s = migration(&src);
+        assert_eq!(s.vm, "migrating", "{s:?}");
+        if s.throttle_percent > 0 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no throttle within 60 s: {s:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(s.pass >= 3, "{s:?}");
+    let out = env.ray_ok(&["migrate", "cancel", "src", "--json"]);
+    let s: MigrationStatus = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (s.state.as_str(), s.vm.as_str()),
+        ("failed", "running"),
+        "{s:?}"
+    );
+    assert_eq!(s.throttle_percent, 0, "the rollback lifts the throttle");
+    assert_source_runs(&mut src);
+    dst.wait_exit(Duration::from_secs(30));
+}
