@@ -625,7 +625,10 @@ fn auto_converge_throttles_the_vcpus_and_a_rollback_lifts_it() {
         assert!(Instant::now() < deadline, "no throttle within 60 s: {s:?}");
         std::thread::sleep(Duration::from_millis(10));
     };
-    assert!(s.pass >= 3, "{s:?}");
+    assert!(
+        s.pass >= 2,
+        "the throttle follows passes that did not converge: {s:?}"
+    );
     let out = env.ray_ok(&["migrate", "cancel", "src", "--json"]);
     let s: MigrationStatus = serde_json::from_str(&out).unwrap();
     assert_eq!(
