@@ -525,7 +525,8 @@ impl Controller {
                     .and_then(|stream| {
                         drop(listener);
                         let _hasher = mig::Hasher::spawn(mem.clone(), false);
-                        let mut link = mig::Link::new(inbox.clone(), &mem);
+                        let mut link =
+                            mig::Link::new(inbox.clone(), &mem).with_target_mem(mem.clone());
                         ray_migration::receive_migration(stream, &*mem, &mut link, &compat, &cfg)
                             .map_err(|f| mig::TargetError::Driver(Box::new(f)))
                     });

@@ -363,6 +363,9 @@ struct ChunkCache {
     misses: AtomicU64,
     /// Something changed since the background hasher's last sweep (a bump or a dirty log).
     changed: AtomicBool,
+    /// The VM is paused for the final copy: the background hasher stays out of the way
+    /// (verification hashes whatever is stale itself).
+    frozen: AtomicBool,
 }
 
 /// A chunk's hash and the generation it was read at.
@@ -387,6 +390,7 @@ impl ChunkCache {
             epoch: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             changed: AtomicBool::new(true),
+            frozen: AtomicBool::new(false),
             hashes: regions
                 .iter()
                 .map(|&(_, l)| Mutex::new(vec![None; per(l)]))
@@ -482,6 +486,12 @@ impl MemAccess {
         }
     }
 
+    /// Keeps the background hasher idle (`true`) during the final copy and verification.
+    pub fn freeze_hasher(&self, frozen: bool) {
+        self.cache.frozen.store(frozen, Ordering::Release);
+        self.cache.changed.store(true, Ordering::Release);
+    }
+
     /// Whether every page of chunk `c` of region `r` is known to be zero.
     fn chunk_known_zero(&self, r: usize, c: usize) -> bool {
         if !self.map.enabled.load(Ordering::Acquire) {
@@ -520,7 +530,9 @@ impl MemAccess {
             // Source before dirty logging: a hash now could miss later writes.
             return 0;
         }
-        if !self.cache.changed.swap(false, Ordering::AcqRel) {
+        if self.cache.frozen.load(Ordering::Acquire)
+            || !self.cache.changed.swap(false, Ordering::AcqRel)
+        {
             return 0;
         }
         let epoch = self.cache.epoch.load(Ordering::Acquire);
@@ -657,21 +669,29 @@ impl GuestMemoryAccess for MemAccess {
             .iter()
             .enumerate()
             .map(|(r, region)| {
-                // One lock per region: this runs inside the downtime.
-                let cached = self.cache.hashes[r]
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
-                let chunks = cached
-                    .iter()
-                    .enumerate()
-                    .map(|(c, h)| match h {
-                        Some((g, h)) if *g == self.cache.gens[r][c].load(Ordering::Acquire) => {
-                            Ok(*h)
+                // One lock per region (this runs inside the downtime); stale chunks are
+                // collected under it and hashed after.
+                let mut chunks = Vec::with_capacity(self.cache.gens[r].len());
+                let mut stale = Vec::new();
+                {
+                    let cached = self.cache.hashes[r]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    for (c, h) in cached.iter().enumerate() {
+                        match h {
+                            Some((g, h)) if *g == self.cache.gens[r][c].load(Ordering::Acquire) => {
+                                chunks.push(*h)
+                            }
+                            _ => {
+                                stale.push(c);
+                                chunks.push([0; 32]);
+                            }
                         }
-                        _ => self.chunk_hash(r, c, &mut buf),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                    }
+                }
+                for c in stale {
+                    chunks[c] = self.chunk_hash(r, c, &mut buf)?;
+                }
                 Ok(ray_migration::vm::combine_chunks(region, chunks))
             })
             .collect()
@@ -779,6 +799,8 @@ pub struct Link {
     pages: Vec<usize>,
     /// Source: the [`MemAccess`] whose page map and chunk hashes dirty logs update.
     source_mem: Option<Arc<MemAccess>>,
+    /// Target: its [`MemAccess`], whose hasher stops when the final state arrives.
+    target_mem: Option<Arc<MemAccess>>,
 }
 
 impl Link {
@@ -791,7 +813,13 @@ impl Link {
                 .map(|&(_, _, l)| (l / PAGE_SIZE) as usize)
                 .collect(),
             source_mem: None,
+            target_mem: None,
         }
+    }
+
+    pub fn with_target_mem(mut self, mem: Arc<MemAccess>) -> Self {
+        self.target_mem = Some(mem);
+        self
     }
 
     /// Source: once dirty logging is on, `mem`'s page map is seeded from the memfd's data
@@ -866,11 +894,19 @@ impl SourceVm for Link {
     }
 
     fn pause(&mut self) -> Result<(), VmError> {
-        self.done(MigrationOp::Pause)
+        self.done(MigrationOp::Pause)?;
+        if let Some(mem) = &self.source_mem {
+            mem.freeze_hasher(true);
+        }
+        Ok(())
     }
 
     fn resume(&mut self) -> Result<(), VmError> {
-        self.done(MigrationOp::Resume)
+        self.done(MigrationOp::Resume)?;
+        if let Some(mem) = &self.source_mem {
+            mem.freeze_hasher(false);
+        }
+        Ok(())
     }
 
     fn throttle(&mut self, percent: u8) -> Result<(), VmError> {
@@ -890,6 +926,10 @@ impl SourceVm for Link {
 
 impl TargetVm for Link {
     fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError> {
+        // The last pages are in: verification follows at once and hashes what is stale.
+        if let Some(mem) = &self.target_mem {
+            mem.freeze_hasher(true);
+        }
         self.done(MigrationOp::RestoreState(state.to_vec()))
     }
 
