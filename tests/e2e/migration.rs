@@ -640,3 +640,52 @@ fn auto_converge_throttles_the_vcpus_and_a_rollback_lifts_it() {
     assert_source_runs(&mut src);
     dst.wait_exit(Duration::from_secs(30));
 }
+
+#[test]
+fn same_host_move_over_a_unix_socket() {
+    let env = Env::new("mig-unix");
+    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let mut src = env.boot(&["--memory", "128M"]);
+    src.expect_line("ready", READY);
+    src.command("tick 20", "tick on 20");
+    let sock = env.runtime.join("incoming.sock");
+    let listen = format!("unix:{}", sock.display());
+    let out = env.ray_ok(&[
+        "migrate",
+        "receive",
+        "--listen",
+        &listen,
+        "--key-file",
+        &key,
+        "--memory",
+        "128M",
+        "--vcpus",
+        "1",
+        "--id",
+        "here",
+        "--json",
+    ]);
+    let info: VmInfo = serde_json::from_str(&out).unwrap();
+    let mut dst = env.attach("here", info.pid);
+    assert_eq!(migration(&dst).peer, listen);
+    let out = env.ray_ok(&[
+        "migrate",
+        "start",
+        &src.id,
+        "--to",
+        &listen,
+        "--key-file",
+        &key,
+        "--json",
+    ]);
+    let s: MigrationStatus = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (s.state.as_str(), s.vm.as_str()),
+        ("completed", "migrated"),
+        "{s:?}"
+    );
+    src.wait_exit(Duration::from_secs(10));
+    dst.expect_line("tick ", Duration::from_secs(5));
+    assert_eq!(dst.command("echo over unix", "over"), "over unix");
+    assert!(!sock.exists(), "the listening socket is removed once used");
+}
