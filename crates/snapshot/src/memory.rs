@@ -110,6 +110,12 @@ pub trait MemorySource {
     fn known_zero(&self, _gpa: u64, _len: u64) -> bool {
         false
     }
+    /// `gpa..gpa + len` in place, when the source can lend it without a copy (and without
+    /// side effects such as faulting in memory the guest never touched); `None` makes the
+    /// writer `read` it instead.
+    fn borrow(&self, _gpa: u64, _len: u64) -> Option<&[u8]> {
+        None
+    }
 }
 
 /// Guest memory as host slices, one per region: what a VMM with mmapped RAM holds.
@@ -160,6 +166,15 @@ impl MemorySource for GuestSlices<'_> {
         })?;
         buf.copy_from_slice(src);
         Ok(())
+    }
+
+    fn borrow(&self, gpa: u64, len: u64) -> Option<&[u8]> {
+        let (start, s) = self
+            .slices
+            .iter()
+            .find(|(start, s)| *start <= gpa && gpa - *start < s.len() as u64)?;
+        let off = (gpa - start) as usize;
+        s.get(off..off.checked_add(len as usize)?)
     }
 }
 

@@ -46,10 +46,16 @@ pub(crate) fn write(path: &Path, source: &dyn MemorySource) -> Result<SparseWrit
                 off += n as u64;
                 continue;
             }
-            let chunk = &mut buf[..n];
-            source
-                .read(r.gpa + off, chunk)
-                .map_err(io_err("read guest memory for", path))?;
+            let chunk: &[u8] = match source.borrow(r.gpa + off, n as u64) {
+                Some(direct) => direct,
+                None => {
+                    let chunk = &mut buf[..n];
+                    source
+                        .read(r.gpa + off, chunk)
+                        .map_err(io_err("read guest memory for", path))?;
+                    chunk
+                }
+            };
             region_sums.push(crc32fast::hash(chunk));
             nonzero_pages += write_nonzero_runs(&file, path, chunk, r.gpa + off)?;
             off += n as u64;

@@ -145,7 +145,9 @@ impl Machine {
                 ray_guest_abi::MAX_CPUS
             )));
         }
-        let mut vm = Vm::new(memory, flavour)?;
+        // A restored VM logs dirty pages from its first instruction: its next snapshot can
+        // be incremental on the one it came from.
+        let mut vm = Vm::with_dirty_logging(memory, flavour)?;
         vm.fd.restore_state(&state.vm)?;
         let console = Console::from_state(
             &state.console,

@@ -131,6 +131,22 @@ impl MemorySource for VmMemory<'_> {
         Ok(())
     }
 
+    /// Chunks that lie wholly in one data extent are lent from the mapping: no copy.
+    fn borrow(&self, gpa: u64, len: u64) -> Option<&[u8]> {
+        let mut data = self.data_in(gpa, len);
+        match (data.next(), data.next()) {
+            (Some((g, l)), None) if g == gpa && l == len => {}
+            _ => return None,
+        }
+        let (start, slice) = self
+            .slices
+            .iter()
+            .find(|(start, s)| *start <= gpa && gpa + len <= start + s.len() as u64)?;
+        let from = (gpa - start) as usize;
+        self.meter.done.fetch_add(len, Ordering::Relaxed);
+        slice.get(from..from + len as usize)
+    }
+
     fn known_zero(&self, gpa: u64, len: u64) -> bool {
         let zero = self.data_in(gpa, len).next().is_none();
         if zero {
@@ -475,6 +491,14 @@ mod tests {
             src.read((8 << 20) - 4096, &mut buf).is_err(),
             "crosses a region"
         );
+        // Only ranges wholly inside data are lent without a copy.
+        let page = src.borrow(0x3000, 4096).expect("a touched page is lent");
+        assert_eq!(u64::from_le_bytes(page[..8].try_into().unwrap()), 0x1111);
+        assert!(
+            src.borrow(0x2000, 8192).is_none(),
+            "part hole: read, not lent"
+        );
+        assert!(src.borrow(4 << 20, 4096).is_none(), "hole: never lent");
         // Reading never allocated the untouched pages.
         let extents = crate::memory::data_extents(&mem);
         let allocated: u64 = extents.iter().map(|e| e.1).sum();

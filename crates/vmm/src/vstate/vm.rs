@@ -57,6 +57,17 @@ pub struct Vm {
 impl Vm {
     /// Creates the VM, registers `memory` and creates the in-kernel irqchip and PIT.
     pub fn new(memory: GuestMem, flavour: Flavour) -> Result<Self, VmError> {
+        Self::create(memory, flavour, false)
+    }
+
+    /// `new` with dirty-page logging on from the start: registering the slots with it costs
+    /// nothing, while turning it on later is a memory-slot update KVM makes every running
+    /// vCPU wait for (milliseconds on PVM).
+    pub fn with_dirty_logging(memory: GuestMem, flavour: Flavour) -> Result<Self, VmError> {
+        Self::create(memory, flavour, true)
+    }
+
+    fn create(memory: GuestMem, flavour: Flavour, dirty_logging: bool) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let version = kvm.get_api_version();
         if version != 12 {
@@ -74,7 +85,7 @@ impl Vm {
             flavour,
             memory,
             slots: 0,
-            dirty_logging: false,
+            dirty_logging,
         };
         vm.register_memory()?;
         // VMX needs a TSS page inside guest-physical space; PVM has no such thing and may
