@@ -406,10 +406,12 @@ fn killed_target_mid_pre_copy_leaves_the_source_running() {
         ("failed", "running"),
         "{s:?}"
     );
+    // The connection ends between frames, mid-frame, or on a write: each says so.
     let err = s.error.unwrap();
     assert!(
         err.contains("peer closed the migration connection")
-            || err.contains("migration connection failed"),
+            || err.contains("migration connection failed")
+            || err.contains("before the connection ended"),
         "{err}"
     );
     assert_source_runs(&mut src);
