@@ -1084,6 +1084,21 @@ pub fn watch_heartbeat(mem: GuestMem, baseline: Option<u64>, handle: Handle) {
         });
 }
 
+/// Allocates fresh target memory for a run of incoming pages in one call
+/// (`MADV_POPULATE_WRITE`) instead of one page fault per page as the socket fills it. Best
+/// effort: a kernel without it falls back to faulting.
+fn populate(host: *mut u8, len: usize) {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    let page = 4096usize;
+    let start = host as usize & !(page - 1);
+    let end = (host as usize + len).next_multiple_of(page);
+    // SAFETY: madvise only pre-faults pages of a mapping this process owns (the range lies
+    // inside guest memory, checked by the caller); it changes no contents.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1178,20 +1193,5 @@ mod tests {
         drop(a);
         assert!(acquire_slot(&dir, 2).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
-    }
-}
-
-/// Allocates fresh target memory for a run of incoming pages in one call
-/// (`MADV_POPULATE_WRITE`) instead of one page fault per page as the socket fills it. Best
-/// effort: a kernel without it falls back to faulting.
-fn populate(host: *mut u8, len: usize) {
-    const MADV_POPULATE_WRITE: libc::c_int = 23;
-    let page = 4096usize;
-    let start = host as usize & !(page - 1);
-    let end = (host as usize + len).next_multiple_of(page);
-    // SAFETY: madvise only pre-faults pages of a mapping this process owns (the range lies
-    // inside guest memory, checked by the caller); it changes no contents.
-    unsafe {
-        libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE);
     }
 }
