@@ -242,6 +242,32 @@ fn start_endless(env: &Env, net: &Net, src: &mut Vm, port: u16, key: &str) {
     );
 }
 
+/// `ray migrate start src` towards `port` in the target namespace, run to its end.
+fn start_to(env: &Env, net: &Net, port: u16, key: &str) -> Output {
+    net.ray(
+        env,
+        &net.a,
+        &[
+            "migrate",
+            "start",
+            "src",
+            "--to",
+            &net.target_addr(port),
+            "--key-file",
+            key,
+        ],
+    )
+}
+
+/// The session failed and the source VM was given back (not paused, not gone).
+fn assert_failed_and_running(s: &MigrationStatus) {
+    assert_eq!(
+        (s.state.as_str(), s.vm.as_str()),
+        ("failed", "running"),
+        "{s:?}"
+    );
+}
+
 /// The source VM runs on after a failed migration: running state, heartbeat moving,
 /// console answering.
 fn assert_source_runs(src: &mut Vm) {
@@ -401,11 +427,7 @@ fn killed_target_mid_pre_copy_leaves_the_source_running() {
         libc::kill(dst.pid as libc::pid_t, libc::SIGKILL);
     }
     let s = wait_for_end(&src);
-    assert_eq!(
-        (s.state.as_str(), s.vm.as_str()),
-        ("failed", "running"),
-        "{s:?}"
-    );
+    assert_failed_and_running(&s);
     // The connection ends between frames, mid-frame, or on a write: each says so.
     let err = s.error.unwrap();
     assert!(
@@ -428,11 +450,7 @@ fn cut_link_mid_transfer_leaves_the_source_running() {
     wait_for_pass(&src, 3);
     net.cut();
     let s = wait_for_end(&src);
-    assert_eq!(
-        (s.state.as_str(), s.vm.as_str()),
-        ("failed", "running"),
-        "{s:?}"
-    );
+    assert_failed_and_running(&s);
     let err = s.error.unwrap();
     assert!(err.contains("migration connection failed"), "{err}");
     assert_source_runs(&mut src);
@@ -456,28 +474,12 @@ fn wrong_key_is_refused_before_any_memory_moves() {
     let other = key_file(&env, "other", "another key, just as long");
     let mut src = boot_source(&env, &net, "256M");
     let dst = receive(&env, &net, 7004, &other, "256M");
-    let out = net.ray(
-        &env,
-        &net.a,
-        &[
-            "migrate",
-            "start",
-            "src",
-            "--to",
-            &net.target_addr(7004),
-            "--key-file",
-            &key,
-        ],
-    );
+    let out = start_to(&env, &net, 7004, &key);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pre-shared key"), "{err}");
     let s = migration(&src);
-    assert_eq!(
-        (s.state.as_str(), s.vm.as_str()),
-        ("failed", "running"),
-        "{s:?}"
-    );
+    assert_failed_and_running(&s);
     assert_eq!(s.pages_sent, 0, "no page may move before authentication");
     assert_source_runs(&mut src);
     dst.wait_exit(Duration::from_secs(10));
@@ -513,19 +515,7 @@ fn incompatible_target_is_refused_before_any_memory_moves() {
     let key = key_file(&env, "key", "a pre-shared key of some length");
     let mut src = boot_source(&env, &net, "256M");
     let dst = receive(&env, &net, 7005, &key, "128M");
-    let out = net.ray(
-        &env,
-        &net.a,
-        &[
-            "migrate",
-            "start",
-            "src",
-            "--to",
-            &net.target_addr(7005),
-            "--key-file",
-            &key,
-        ],
-    );
+    let out = start_to(&env, &net, 7005, &key);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -533,11 +523,7 @@ fn incompatible_target_is_refused_before_any_memory_moves() {
         "{err}"
     );
     let s = migration(&src);
-    assert_eq!(
-        (s.state.as_str(), s.vm.as_str()),
-        ("failed", "running"),
-        "{s:?}"
-    );
+    assert_failed_and_running(&s);
     assert_eq!(s.pages_sent, 0);
     assert_source_runs(&mut src);
     dst.wait_exit(Duration::from_secs(10));
@@ -554,11 +540,7 @@ fn cancel_mid_pre_copy_rolls_back() {
     wait_for_pass(&src, 2);
     let out = env.ray_ok(&["migrate", "cancel", "src", "--json"]);
     let s: MigrationStatus = serde_json::from_str(&out).unwrap();
-    assert_eq!(
-        (s.state.as_str(), s.vm.as_str()),
-        ("failed", "running"),
-        "{s:?}"
-    );
+    assert_failed_and_running(&s);
     assert!(
         s.error
             .as_deref()
@@ -633,11 +615,7 @@ fn auto_converge_throttles_the_vcpus_and_a_rollback_lifts_it() {
     );
     let out = env.ray_ok(&["migrate", "cancel", "src", "--json"]);
     let s: MigrationStatus = serde_json::from_str(&out).unwrap();
-    assert_eq!(
-        (s.state.as_str(), s.vm.as_str()),
-        ("failed", "running"),
-        "{s:?}"
-    );
+    assert_failed_and_running(&s);
     assert_eq!(s.throttle_percent, 0, "the rollback lifts the throttle");
     assert_source_runs(&mut src);
     dst.wait_exit(Duration::from_secs(30));
