@@ -284,14 +284,6 @@ fn assert_source_runs(src: &mut Vm) {
     assert_eq!(src.command("echo still here", "still"), "still here");
 }
 
-fn sum_of(vm: &mut Vm, addr: u64, len: u64) -> String {
-    let line = vm.command(&format!("sum {addr:#x} {len}"), "sum ");
-    line.split_whitespace()
-        .nth(3)
-        .unwrap_or_else(|| panic!("{line}"))
-        .to_string()
-}
-
 fn region_of(line: &str) -> u64 {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix("region=0x"))
@@ -317,7 +309,7 @@ fn guest_moves_between_namespaces_while_dirtying_and_ticking() {
     src.command("dirty stop", "dirty off");
     // ...except its first 16 MiB, which the guest keeps rewriting during the migration.
     let still = (base + (16 << 20), 32u64 << 20);
-    let before = sum_of(&mut src, still.0, still.1);
+    let before = src.sum(still.0, still.1);
     assert_eq!(region_of(&src.command("dirty 16 64", "dirty on")), base);
     src.command("tick 20", "tick on 20");
     src.expect_line("tick ", Duration::from_secs(5));
@@ -372,7 +364,7 @@ fn guest_moves_between_namespaces_while_dirtying_and_ticking() {
     });
     dst.command("dirty stop", "dirty off");
     assert_eq!(
-        sum_of(&mut dst, still.0, still.1),
+        dst.sum(still.0, still.1),
         before,
         "guest memory the workload no longer touched differs after the migration"
     );

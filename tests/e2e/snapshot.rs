@@ -6,14 +6,6 @@ use ray_e2e::{Env, Vm};
 
 const READY: Duration = Duration::from_secs(20);
 
-fn sum_of(vm: &mut Vm, addr: u64, len: u64) -> String {
-    let line = vm.command(&format!("sum {addr:#x} {len}"), "sum ");
-    line.split_whitespace()
-        .nth(3)
-        .unwrap_or_else(|| panic!("{line}"))
-        .to_string()
-}
-
 /// Boots a guest, dirties `mib` MiB and returns (vm, region start).
 fn dirtied(env: &Env, memory: &str, mib: u64) -> (Vm, u64) {
     let mut vm = env.boot(&["--memory", memory, "--vcpus", "2"]);
@@ -48,7 +40,7 @@ fn restored_guest_continues_with_identical_memory() {
     let env = Env::new("snap-restore");
     let (mut vm, region) = dirtied(&env, "256M", 16);
     // The region no longer changes once `dirty` stopped; sum it, then pause.
-    let before = sum_of(&mut vm, region, 16 << 20);
+    let before = vm.sum(region, 16 << 20);
     env.ray_ok(&["vm", "pause", &vm.id]);
     let hb_before = vm.info().heartbeat.unwrap();
     let path = env.runtime.join("snap-a");
@@ -76,7 +68,7 @@ fn restored_guest_continues_with_identical_memory() {
     );
     assert_eq!(hb.cpus_online, 2);
     assert_eq!(
-        sum_of(&mut back, region, 16 << 20),
+        back.sum(region, 16 << 20),
         before,
         "memory differs after restore"
     );
@@ -264,12 +256,12 @@ fn incremental_chain_of_three_restores_each_checkpoint_and_merges() {
     let store = env.runtime.join("store");
     let at = |name: &str| store.join(name).to_str().unwrap().to_string();
     let (mut vm, region) = dirtied(&env, "256M", 8);
-    let mut sums = vec![sum_of(&mut vm, region, 8 << 20)];
+    let mut sums = vec![vm.sum(region, 8 << 20)];
     let full = json(&env.ray_ok(&["snapshot", "create", &vm.id, &at("c0"), "--pause", "--json"]));
     assert_eq!(full["kind"], "full", "{full}");
     for k in 1..=3 {
         rewrite_region(&mut vm, 8);
-        sums.push(sum_of(&mut vm, region, 8 << 20));
+        sums.push(vm.sum(region, 8 << 20));
         assert_ne!(sums[k], sums[k - 1], "the workload must change memory");
         let path = at(&format!("c{k}"));
         let mut args = vec![
@@ -323,7 +315,7 @@ fn incremental_chain_of_three_restores_each_checkpoint_and_merges() {
     for (k, expected) in sums.iter().enumerate() {
         let id = format!("back-{k}");
         let mut back = restore(&env, &at(&format!("c{k}")), &id);
-        assert_eq!(&sum_of(&mut back, region, 8 << 20), expected, "c{k}");
+        assert_eq!(&back.sum(region, 8 << 20), expected, "c{k}");
         assert_eq!(back.command("echo alive", "alive"), "alive");
         if k == 3 {
             // A restored VM continues the chain: its next snapshot is incremental on c3.
@@ -348,7 +340,7 @@ fn incremental_chain_of_three_restores_each_checkpoint_and_merges() {
         env.ray_ok(&["vm", "stop", &id, "--timeout-ms", "0"]);
     }
     let mut c4 = restore(&env, &at("c4"), "back-4");
-    assert_eq!(sum_of(&mut c4, region, 8 << 20), sums[3], "c4");
+    assert_eq!(c4.sum(region, 8 << 20), sums[3], "c4");
     env.ray_ok(&["vm", "stop", "back-4", "--timeout-ms", "0"]);
 
     // A snapshot others depend on cannot be deleted.
@@ -364,7 +356,7 @@ fn incremental_chain_of_three_restores_each_checkpoint_and_merges() {
         env.ray_ok(&["snapshot", "delete", &at(&format!("c{k}"))]);
     }
     let mut flat = restore(&env, &at("flat"), "from-flat");
-    assert_eq!(sum_of(&mut flat, region, 8 << 20), sums[3]);
+    assert_eq!(flat.sum(region, 8 << 20), sums[3]);
     let list = json(&env.ray_ok(&["snapshot", "list", store.to_str().unwrap(), "--json"]));
     let ids: Vec<&str> = list["snapshots"]
         .as_array()

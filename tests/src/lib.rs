@@ -210,6 +210,15 @@ impl Vm {
         self.expect_line(prefix, Duration::from_secs(10))
     }
 
+    /// The guest's checksum of `len` bytes of its memory at `addr` (the shell's `sum`).
+    pub fn sum(&mut self, addr: u64, len: u64) -> String {
+        let line = self.command(&format!("sum {addr:#x} {len}"), "sum ");
+        line.split_whitespace()
+            .nth(3)
+            .unwrap_or_else(|| panic!("{line}"))
+            .to_string()
+    }
+
     /// Waits until `f(info)` holds.
     pub fn wait_for(&self, what: &str, timeout: Duration, f: impl Fn(&VmInfo) -> bool) -> VmInfo {
         let deadline = Instant::now() + timeout;
