@@ -301,6 +301,10 @@ pub struct MigrationStatus {
     pub downtime_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_ms: Option<f64>,
+    /// Source: rate of the first (bulk) pre-copy pass, from its first page read to the
+    /// target's acknowledgement, MiB/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulk_mib_s: Option<f64>,
     /// Source: stop-and-copy was forced by the limit.
     #[serde(default)]
     pub forced: bool,

@@ -764,6 +764,10 @@ impl Controller {
                     h.update(|r| {
                         r.downtime_ms = Some(report.downtime.as_secs_f64() * 1e3);
                         r.total_ms = Some(report.total.as_secs_f64() * 1e3);
+                        r.bulk_mib_s = report
+                            .passes
+                            .first()
+                            .map(|p| p.bandwidth_bps / (1 << 20) as f64);
                         r.forced = report.forced;
                         r.passes = Some(report.passes.len() as u32);
                         r.bytes_sent = Some(report.bytes_sent);
