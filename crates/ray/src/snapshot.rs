@@ -367,7 +367,7 @@ fn status(a: &PathArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&m)?);
         return Ok(());
     }
-    let entry = ray_vmm::snapshot::entry(&m, 0, ray_vmm::snapshot::disk_bytes(&m));
+    let entry = ray_vmm::snapshot::entry(&ray_snapshot::TreeNode::of(&m), 0);
     println!("id           {}", m.id);
     println!("parent       {}", m.parent.as_deref().unwrap_or("-"));
     println!("kind         {}", entry.kind);

@@ -190,6 +190,12 @@ impl Manifest {
     }
 
     /// The file holding this snapshot's page data, if it is a page set.
+    /// Bytes the snapshot's files occupy on disk, manifest excluded, as recorded when they
+    /// were written (no file is read or stat-ed).
+    pub fn stored_bytes(&self) -> u64 {
+        self.files.values().map(|f| f.allocated_bytes).sum()
+    }
+
     pub fn pages_file(&self) -> Option<&'static str> {
         if self.files.contains_key(PAGES_ZST_FILE) {
             Some(PAGES_ZST_FILE)

@@ -61,9 +61,27 @@ pub struct TreeNode {
     pub created_ms: u64,
     pub memory_bytes: u64,
     pub dirty_pages: u64,
-    /// Bytes its files occupy on disk.
+    /// Bytes its files occupy on disk (`Manifest::stored_bytes`).
     pub disk_bytes: u64,
     pub children: Vec<TreeNode>,
+}
+
+impl TreeNode {
+    /// The node of one snapshot, without children.
+    pub fn of(m: &Manifest) -> TreeNode {
+        TreeNode {
+            id: m.id.clone(),
+            parent: m.parent.clone(),
+            vm_id: m.vm_id.clone(),
+            kind: m.kind,
+            state: m.state,
+            created_ms: m.created_ms,
+            memory_bytes: m.memory_bytes,
+            dirty_pages: m.dirty_pages,
+            disk_bytes: m.stored_bytes(),
+            children: Vec::new(),
+        }
+    }
 }
 
 /// A directory in the store that is not a readable snapshot.
@@ -246,7 +264,6 @@ impl SnapshotStore {
         }
         let mut seen = HashSet::new();
         fn build<'a>(
-            store: &SnapshotStore,
             m: &'a Manifest,
             children: &BTreeMap<&str, Vec<&'a Manifest>>,
             seen: &mut HashSet<&'a str>,
@@ -258,25 +275,17 @@ impl SnapshotStore {
             let mut nodes = Vec::new();
             for k in kids {
                 if !seen.contains(k.id.as_str()) {
-                    nodes.push(build(store, k, children, seen));
+                    nodes.push(build(k, children, seen));
                 }
             }
             TreeNode {
-                id: m.id.clone(),
-                parent: m.parent.clone(),
-                vm_id: m.vm_id.clone(),
-                kind: m.kind,
-                state: m.state,
-                created_ms: m.created_ms,
-                memory_bytes: m.memory_bytes,
-                dirty_pages: m.dirty_pages,
-                disk_bytes: store.disk_bytes(m),
                 children: nodes,
+                ..TreeNode::of(m)
             }
         }
         let roots: Vec<TreeNode> = roots
             .into_iter()
-            .map(|m| build(self, m, &children, &mut seen))
+            .map(|m| build(m, &children, &mut seen))
             .collect();
         for m in &manifests {
             if !seen.contains(m.id.as_str()) {
@@ -287,14 +296,6 @@ impl SnapshotStore {
             }
         }
         Ok(SnapshotTree { roots, broken })
-    }
-
-    fn disk_bytes(&self, m: &Manifest) -> u64 {
-        let dir = self.dir(&m.id);
-        std::iter::once(MANIFEST_FILE)
-            .chain(m.files.keys().map(|k| k.as_str()))
-            .filter_map(|f| allocated_bytes(&dir.join(f)).ok())
-            .sum()
     }
 
     /// Writes a full snapshot: VM state plus all of memory.

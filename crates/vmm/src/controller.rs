@@ -936,7 +936,7 @@ impl Controller {
             compressed: req.compress,
             memory_bytes: manifest.memory_bytes,
             stored_pages: manifest.dirty_pages,
-            disk_bytes: crate::snapshot::disk_bytes(&manifest),
+            disk_bytes: manifest.stored_bytes(),
             state_bytes: manifest.files.get("state.bin").map_or(0, |f| f.bytes),
             paused_ms,
             write_ms,
@@ -1008,19 +1008,8 @@ impl Controller {
                 e => failed(e.to_string()),
             })?;
         // From now on, count the pages written since this snapshot.
-        machine
-            .vm
-            .set_dirty_logging(true)
-            .map_err(|e| failed(e.to_string()))?;
-        let clean = machine
-            .vm
-            .take_dirty_pages()
-            .map_err(|e| failed(e.to_string()))?;
-        let consumed = self
-            .dirty_since_snapshot
-            .replace(ray_snapshot::DirtyBitmap {
-                regions: clean.into_iter().map(|w| vec![0; w.len()]).collect(),
-            });
+        let clean = restart_dirty_log(&mut machine.vm).map_err(|e| failed(e.to_string()))?;
+        let consumed = self.dirty_since_snapshot.replace(clean);
         Ok((manifest, consumed))
     }
 
@@ -1058,13 +1047,9 @@ impl Controller {
                 RequestError::internal(format!("cannot restore {}: {e}", path.display()))
             })?;
         // Pages written from here on are what an incremental snapshot on top holds.
-        let logging = machine.vm.set_dirty_logging(true).and_then(|()| {
-            let clean = machine.vm.take_dirty_pages()?;
-            Ok(clean.into_iter().map(|w| vec![0; w.len()]).collect())
-        });
-        match logging {
-            Ok(regions) => {
-                self.dirty_since_snapshot = Some(ray_snapshot::DirtyBitmap { regions });
+        match restart_dirty_log(&mut machine.vm) {
+            Ok(clean) => {
+                self.dirty_since_snapshot = Some(clean);
                 self.last_snapshot = Some((loaded.store.clone(), loaded.id.clone()));
             }
             Err(e) => {
@@ -1260,4 +1245,17 @@ impl Controller {
             self.stop(Duration::ZERO, inbox, &format!("signal:{signal}"));
         }
     }
+}
+
+/// Turns dirty logging on (if it is not) and clears the log: the pages written from now on
+/// are what the next incremental snapshot holds. Returns an all-clean bitmap of the log's
+/// shape, to accumulate them in.
+fn restart_dirty_log(
+    vm: &mut crate::vstate::vm::Vm,
+) -> Result<ray_snapshot::DirtyBitmap, crate::vstate::vm::VmError> {
+    vm.set_dirty_logging(true)?;
+    let cleared = vm.take_dirty_pages()?;
+    Ok(ray_snapshot::DirtyBitmap {
+        regions: cleared.iter().map(|w| vec![0; w.len()]).collect(),
+    })
 }

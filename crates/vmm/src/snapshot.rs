@@ -365,25 +365,20 @@ fn state_name(state: ray_snapshot::SnapshotState) -> String {
         .unwrap_or_else(|| format!("{state:?}"))
 }
 
-/// A list entry for a manifest (`disk_bytes` from the store's accounting).
-pub fn entry(m: &Manifest, depth: u32, disk_bytes: u64) -> SnapshotEntry {
+/// The API's entry for a snapshot `depth` links below the root of its chain.
+pub fn entry(n: &TreeNode, depth: u32) -> SnapshotEntry {
     SnapshotEntry {
-        id: m.id.clone(),
-        parent: m.parent.clone(),
+        id: n.id.clone(),
+        parent: n.parent.clone(),
         depth,
-        vm_id: m.vm_id.clone(),
-        kind: kind_name(m.kind).into(),
-        state: state_name(m.state),
-        created_ms: m.created_ms,
-        memory_bytes: m.memory_bytes,
-        stored_pages: m.dirty_pages,
-        disk_bytes,
+        vm_id: n.vm_id.clone(),
+        kind: kind_name(n.kind).into(),
+        state: state_name(n.state),
+        created_ms: n.created_ms,
+        memory_bytes: n.memory_bytes,
+        stored_pages: n.dirty_pages,
+        disk_bytes: n.disk_bytes,
     }
-}
-
-/// Bytes the files of a snapshot occupy on disk.
-pub fn disk_bytes(m: &Manifest) -> u64 {
-    m.files.values().map(|f| f.allocated_bytes).sum()
 }
 
 /// Every snapshot in the store at `dir`, parents before children.
@@ -396,18 +391,7 @@ pub fn list(dir: &Path) -> Result<SnapshotList, SnapshotError> {
     }
     let tree = SnapshotStore::open(dir)?.list()?;
     fn walk(n: &TreeNode, depth: u32, out: &mut Vec<SnapshotEntry>) {
-        out.push(SnapshotEntry {
-            id: n.id.clone(),
-            parent: n.parent.clone(),
-            depth,
-            vm_id: n.vm_id.clone(),
-            kind: kind_name(n.kind).into(),
-            state: state_name(n.state),
-            created_ms: n.created_ms,
-            memory_bytes: n.memory_bytes,
-            stored_pages: n.dirty_pages,
-            disk_bytes: n.disk_bytes,
-        });
+        out.push(entry(n, depth));
         for c in &n.children {
             walk(c, depth + 1, out);
         }
@@ -440,7 +424,7 @@ pub fn delete(path: &Path) -> Result<(), SnapshotError> {
 pub fn merge(path: &Path, into: &str, compress: bool) -> Result<SnapshotEntry, SnapshotError> {
     let (store, id) = split_path(path)?;
     let m = SnapshotStore::open(store)?.merge(&id, into, &CreateOptions { compress })?;
-    Ok(entry(&m, 0, disk_bytes(&m)))
+    Ok(entry(&TreeNode::of(&m), 0))
 }
 
 /// The manifest of the snapshot at `path`.
