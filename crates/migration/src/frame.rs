@@ -16,6 +16,11 @@
 //!                          keyed BLAKE3 of (sequence number, header, payload)
 //! ```
 //!
+//! One exception: the CRC32 of an uncompressed `MemoryPages` frame covers the header, the
+//! batch header and the page index, not the page data. Page data is checked once, at the
+//! end, by the verification's page hashes ([`crate::vm::PageHashes`]), which both sides
+//! compute anyway; checking it per frame too would cost a second pass over every byte.
+//!
 //! All integers are little-endian. Once [`Channel::set_session_key`] is called every
 //! frame in both directions must carry a MAC; the per-direction sequence number inside
 //! the MAC makes replayed, dropped or reordered frames fail verification.
@@ -24,7 +29,7 @@ use std::io::{self, IoSlice, Read, Write};
 
 use crate::auth::{self, SessionKey};
 use crate::protocol::{index_entry, BatchShape, Command, MemoryRegion, Message, BATCH_HEADER};
-use crate::vm::GuestMemoryAccess;
+use crate::vm::{GuestMemoryAccess, PageHashes};
 use crate::{MigrationError, ProtocolError};
 
 /// `b"RYMG"`: rayvisor migration.
@@ -32,11 +37,12 @@ pub const MAGIC: [u8; 4] = *b"RYMG";
 /// The newest protocol version this build speaks.
 ///
 /// Version 2 moved the page index of `MemoryPages` payloads before the page data so the
-/// receiver can read pages straight into guest memory; version 1 peers are refused with
+/// receiver can read pages straight into guest memory; version 3 left page data out of
+/// the page frames' CRC (it is verified by page hashes). Older peers are refused with
 /// [`crate::MigrationError::NoCommonVersion`].
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Versions this build can negotiate, oldest first.
-pub const SUPPORTED_VERSIONS: &[u16] = &[2];
+pub const SUPPORTED_VERSIONS: &[u16] = &[3];
 /// Largest payload accepted, on the wire and after decompression.
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 /// Header size in bytes.
@@ -122,6 +128,22 @@ impl FrameHeader {
             request_id: u64::from_le_bytes(id),
             payload_len,
         })
+    }
+}
+
+/// Bytes of a payload its CRC trailer covers: all of it, except for uncompressed
+/// `MemoryPages` frames, where it covers the batch header and the index (`first` is the
+/// payload's first part; a payload too short or malformed to tell is covered whole and
+/// then refused by the batch parser).
+fn crc_covered(command: Command, flags: u16, first: &[u8], payload_len: usize) -> usize {
+    if command != Command::MemoryPages || flags & FLAG_LZ4 != 0 || first.len() < BATCH_HEADER {
+        return payload_len;
+    }
+    let mut bh = [0u8; BATCH_HEADER];
+    bh.copy_from_slice(&first[..BATCH_HEADER]);
+    match BatchShape::parse(&bh) {
+        Ok(shape) => (BATCH_HEADER + shape.index_len()).min(payload_len),
+        Err(_) => payload_len,
     }
 }
 
@@ -217,13 +239,13 @@ impl<S: Read + Write> Channel<S> {
         self.key = Some(key);
     }
 
-    /// Sends `MemoryPages` frames with a CRC32 instead of a MAC even once authenticated.
-    ///
-    /// Safe because page contents are authenticated end to end instead: the target only
-    /// resumes after the MACed `VerifyHash` from the source matches its own hash of all
-    /// guest memory, so a forged or altered page frame can only cause a rollback. Every
-    /// other frame stays MACed, and injected frames still shift the MAC sequence numbers.
-    /// Receivers accept both; this saves one keyed hash per byte on each side.
+    /// Sends `MemoryPages` frames with a CRC32 of their index instead of a MAC even once
+    /// authenticated; receivers accept both. Page data is then checked by the
+    /// verification's page hashes (XXH3), which catch corruption and lost pages but are not
+    /// a MAC: an attacker able to rewrite the TCP stream could alter pages unnoticed. Every
+    /// other frame stays MACed (state, verification, switch-over), and injected frames
+    /// still shift the MAC sequence numbers. Off, every byte is MACed (keyed BLAKE3), at
+    /// about a third of the throughput: the choice for untrusted networks.
     pub fn set_crc_for_pages(&mut self, on: bool) {
         self.crc_pages = on;
     }
@@ -371,10 +393,14 @@ impl<S: Read + Write> Channel<S> {
                 32
             }
             None => {
+                let first = body.first().copied().unwrap_or_default();
+                let mut left = crc_covered(command, flags, first, body_len);
                 let mut h = crc32fast::Hasher::new();
                 h.update(&header);
                 for p in body {
-                    h.update(p);
+                    let n = left.min(p.len());
+                    h.update(&p[..n]);
+                    left -= n;
                 }
                 trailer[..4].copy_from_slice(&h.finalize().to_le_bytes());
                 4
@@ -449,9 +475,10 @@ impl<S: Read + Write> Channel<S> {
             (Some(_), false) | (None, false) => {
                 let mut crc = [0u8; 4];
                 read_full(&mut self.stream, &mut crc, "CRC trailer", false)?;
+                let covered = crc_covered(header.command, header.flags, &self.rx, len);
                 let mut h = crc32fast::Hasher::new();
                 h.update(&hb);
-                h.update(&self.rx);
+                h.update(&self.rx[..covered]);
                 let expected = h.finalize();
                 let found = u32::from_le_bytes(crc);
                 if expected != found {
@@ -489,14 +516,13 @@ impl<S: Read + Write> Channel<S> {
     /// frame is not buffered: its index is read and checked first (page size, every page
     /// whole and inside `regions`), then each run of consecutive pages is read from the
     /// socket straight into guest memory ([`GuestMemoryAccess::fill_in_place`], falling
-    /// back to one buffered `write` per run) and zero pages are written as zeros. The CRC
-    /// trailer is checked at the end; a mismatch fails the frame like any other (the
-    /// memory already written is only ever used after the MACed hash comparison, see
-    /// [`set_crc_for_pages`](Self::set_crc_for_pages)). MACed or compressed page frames,
-    /// and every other frame, are returned as a [`Frame`] as before.
+    /// back to one buffered `write` per run) and hashed into `hashes`; zero pages are
+    /// written as zeros. The CRC trailer (header and index) is checked at the end. MACed
+    /// or compressed page frames, and every other frame, are returned as a [`Frame`].
     pub fn recv_frame_placing<M: GuestMemoryAccess + ?Sized>(
         &mut self,
         mem: &M,
+        hashes: &mut PageHashes,
         regions: &[MemoryRegion],
         page_size: usize,
     ) -> Result<Received<'_>, MigrationError> {
@@ -504,7 +530,7 @@ impl<S: Read + Write> Channel<S> {
         if header.command != Command::MemoryPages || header.flags & (FLAG_MAC | FLAG_LZ4) != 0 {
             return Ok(Received::Frame(self.recv_body(hb, header)?));
         }
-        let pages = self.place_pages(&hb, &header, mem, regions, page_size)?;
+        let pages = self.place_pages(&hb, &header, mem, hashes, regions, page_size)?;
         Ok(Received::Placed { header, pages })
     }
 
@@ -513,6 +539,7 @@ impl<S: Read + Write> Channel<S> {
         hb: &[u8; HEADER_LEN],
         header: &FrameHeader,
         mem: &M,
+        hashes: &mut PageHashes,
         regions: &[MemoryRegion],
         page_size: usize,
     ) -> Result<u64, MigrationError> {
@@ -544,7 +571,9 @@ impl<S: Read + Write> Channel<S> {
         }
         let mut index = std::mem::take(&mut self.rx);
         index.resize(index_len, 0);
-        let r = self.place_indexed(&mut crc, &mut index, header, shape, mem, regions, page_size);
+        let r = self.place_indexed(
+            &mut crc, &mut index, header, shape, mem, hashes, regions, page_size,
+        );
         self.rx = index;
         let trailer = r?;
         let expected = crc.finalize();
@@ -571,6 +600,7 @@ impl<S: Read + Write> Channel<S> {
         header: &FrameHeader,
         shape: BatchShape,
         mem: &M,
+        hashes: &mut PageHashes,
         regions: &[MemoryRegion],
         page_size: usize,
     ) -> Result<u32, MigrationError> {
@@ -607,6 +637,7 @@ impl<S: Read + Write> Channel<S> {
             let (gpa, nonzero) = index_entry(index, n, i);
             if !nonzero {
                 mem.write(gpa, &self.zero_page)?;
+                hashes.record_zero(gpa);
                 i += 1;
                 continue;
             }
@@ -629,9 +660,11 @@ impl<S: Read + Write> Channel<S> {
             let placed = mem.fill_in_place(gpa, len, &mut |dst: &mut [u8]| {
                 // One read call per socket wake-up (as many bytes as have arrived, up
                 // to the whole run): each read may send a window update, so small reads
-                // cost ACK processing. The CRC covers each piece while still in cache.
-                if let Err(e) = read_full_with(stream, dst, "payload", false, |p| crc.update(p)) {
-                    failed = Some(e);
+                // cost ACK processing. The pages are hashed from guest memory right after,
+                // while still in cache.
+                match read_full(stream, dst, "payload", false) {
+                    Ok(()) => hashes.record(gpa, dst),
+                    Err(e) => failed = Some(e),
                 }
             })?;
             if let Some(e) = failed {
@@ -640,8 +673,8 @@ impl<S: Read + Write> Channel<S> {
             if !placed {
                 self.lz.resize(len, 0);
                 read_full(&mut self.stream, &mut self.lz, "payload", false)?;
-                crc.update(&self.lz);
                 mem.write(gpa, &self.lz)?;
+                hashes.record_from(mem, gpa, len)?;
             }
             i += run;
         }
@@ -690,18 +723,6 @@ fn read_full<R: Read>(
     part: &'static str,
     frame_start: bool,
 ) -> Result<(), ProtocolError> {
-    read_full_with(r, buf, part, frame_start, |_| {})
-}
-
-/// [`read_full`] that also shows every piece to `seen` as soon as it arrived, while the
-/// piece is still in cache.
-fn read_full_with<R: Read>(
-    r: &mut R,
-    buf: &mut [u8],
-    part: &'static str,
-    frame_start: bool,
-    mut seen: impl FnMut(&[u8]),
-) -> Result<(), ProtocolError> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
@@ -713,10 +734,7 @@ fn read_full_with<R: Read>(
                     got,
                 })
             }
-            Ok(n) => {
-                seen(&buf[got..got + n]);
-                got += n;
-            }
+            Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 return Err(ProtocolError::Io {
@@ -932,11 +950,34 @@ mod tests {
     }
 
     fn place(wire: Vec<u8>, mem: &dyn GuestMemoryAccess) -> Result<u64, MigrationError> {
+        place_hashed(wire, mem).map(|(n, _)| n)
+    }
+
+    /// Places one frame; every page of guest memory must then hash as recorded.
+    fn place_hashed(
+        wire: Vec<u8>,
+        mem: &dyn GuestMemoryAccess,
+    ) -> Result<(u64, PageHashes), MigrationError> {
         let mut c = pipe(wire);
-        match c.recv_frame_placing(mem, &page_regions(), PS)? {
-            Received::Placed { pages, .. } => Ok(pages),
+        let mut hashes = fresh_hashes();
+        let n = match c.recv_frame_placing(mem, &mut hashes, &page_regions(), PS)? {
+            Received::Placed { pages, .. } => pages,
             Received::Frame(f) => panic!("not placed: {:?}", f.header),
+        };
+        for r in page_regions() {
+            for gpa in (r.gpa..r.gpa + r.size).step_by(PS) {
+                let mut b = vec![0; PS];
+                mem.read(gpa, &mut b).unwrap();
+                let placed_or_zero = hashes.get(gpa) == Some(crate::vm::page_hash(&b))
+                    || hashes.get(gpa) == Some(crate::vm::page_hash(&[0; PS]));
+                assert!(placed_or_zero, "page {gpa:#x} hashed wrong");
+            }
         }
+        Ok((n, hashes))
+    }
+
+    fn fresh_hashes() -> PageHashes {
+        PageHashes::new(&page_regions(), PS)
     }
 
     fn page_of(g: &MemGuest, gpa: u64) -> Vec<u8> {
@@ -1001,7 +1042,8 @@ mod tests {
         let mut rx = pipe(wire);
         rx.set_session_key(key);
         assert!(matches!(
-            rx.recv_frame_placing(&g, &page_regions(), PS).unwrap(),
+            rx.recv_frame_placing(&g, &mut fresh_hashes(), &page_regions(), PS)
+                .unwrap(),
             Received::Placed { pages: 1, .. }
         ));
         // The page frame took sequence 0, so the Resumed MACed with sequence 1 verifies.
@@ -1014,7 +1056,8 @@ mod tests {
         let g = MemGuest::new(page_regions(), PS as u64);
         let mut c = pipe(one_frame(&Message::Switchover));
         assert!(matches!(
-            c.recv_frame_placing(&g, &page_regions(), PS).unwrap(),
+            c.recv_frame_placing(&g, &mut fresh_hashes(), &page_regions(), PS)
+                .unwrap(),
             Received::Frame(Frame {
                 header: FrameHeader {
                     command: Command::Switchover,
@@ -1034,7 +1077,10 @@ mod tests {
             .unwrap();
         let mut rx = pipe(tx.into_inner().out);
         rx.set_session_key(key);
-        match rx.recv_frame_placing(&g, &page_regions(), PS).unwrap() {
+        match rx
+            .recv_frame_placing(&g, &mut fresh_hashes(), &page_regions(), PS)
+            .unwrap()
+        {
             Received::Frame(f) => assert!(f.header.flags & FLAG_MAC != 0),
             Received::Placed { .. } => {
                 panic!("a MACed frame was placed before its MAC was checked")
@@ -1113,10 +1159,24 @@ mod tests {
         assert!(malformed(&p).contains("data bytes"));
         assert!(untouched(&g));
 
-        // A flipped data byte: the CRC catches it after the page was read.
+        // A flipped index byte (the zero bitmap): the CRC catches it at the end.
         let mut b = good.clone();
-        let at = b.len() - 10;
-        b[at] ^= 1;
+        let at = HEADER_LEN + BATCH_HEADER + 16;
+        b[at] ^= 0b10;
+        let e = place(b, &g).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MigrationError::Protocol(ProtocolError::Malformed { .. })
+                    | MigrationError::Protocol(ProtocolError::Checksum {
+                        command: Command::MemoryPages,
+                        ..
+                    })
+            ),
+            "{e}"
+        );
+        let mut b = good.clone();
+        b[HEADER_LEN + BATCH_HEADER + 1] ^= 0x10; // a gpa byte, still a page in range
         let e = place(b, &g).unwrap_err();
         assert!(
             matches!(
@@ -1128,6 +1188,16 @@ mod tests {
             ),
             "{e}"
         );
+        // A flipped data byte is not the CRC's (it covers header and index): the page
+        // lands, and its hash, which the verification compares, is not the sent page's.
+        let mut b = good.clone();
+        let at = b.len() - 10;
+        b[at] ^= 1;
+        let h = MemGuest::new(page_regions(), PS as u64);
+        let (_, hashes) = place_hashed(b, &h).unwrap();
+        let (_, clean) =
+            place_hashed(good.clone(), &MemGuest::new(page_regions(), PS as u64)).unwrap();
+        assert_ne!(hashes.digests(), clean.digests());
 
         // Cut in the index, in the data, in the trailer.
         for (cut, part) in [

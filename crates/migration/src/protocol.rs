@@ -584,6 +584,26 @@ impl PageBatchWriter {
         debug_assert!(src == run_end);
     }
 
+    /// Records a page whose bytes the caller sends itself, after the index (straight from
+    /// guest memory: [`crate::GuestMemoryAccess::guest_bytes`]); an all-zero page (`zero`)
+    /// costs one bit and sends nothing. A batch holds either such pages or copied ones.
+    pub fn commit_external(&mut self, gpa: u64, zero: bool) {
+        debug_assert!(
+            self.data_end == 0,
+            "a batch mixes copied and external pages"
+        );
+        if self.is_full() {
+            return;
+        }
+        let i = self.gpas.len();
+        self.gpas.push(gpa);
+        if zero {
+            self.zero[i / 8] |= 1 << (i % 8);
+        } else {
+            self.nonzero += 1;
+        }
+    }
+
     /// Completes the payload as `(batch header and index, page data)`; the payload is the
     /// two concatenated. Valid until the next [`reset`](Self::reset).
     pub fn finish_parts(&mut self) -> (&[u8], &[u8]) {

@@ -7,7 +7,7 @@ use crate::frame::{Channel, Received, SUPPORTED_VERSIONS};
 use crate::progress::{CancelToken, ProgressHandle};
 use crate::protocol::{Command, CompatInfo, ErrorCode, MemoryRegion, Message, PageBatchView};
 use crate::session::{Session, SessionEvent, SessionState};
-use crate::vm::{hash_regions, GuestMemoryAccess, TargetVm};
+use crate::vm::{GuestMemoryAccess, PageHashes, TargetVm};
 use crate::MigrationError;
 
 /// Target settings.
@@ -213,6 +213,8 @@ impl<S: Read + Write> Receiver<'_, S> {
         let regions = mem.regions();
         let page_size = local.page_size as usize;
         let zero_page = vec![0u8; page_size];
+        // What each page is in our memory, hashed as it was placed.
+        let mut hashes = PageHashes::new(&regions, page_size);
         loop {
             if self.cfg.cancel.is_cancelled() {
                 let _ = self.reply(
@@ -226,7 +228,10 @@ impl<S: Read + Write> Receiver<'_, S> {
             let state = self.session.state();
             let pages_expected = matches!(state, SessionState::PreCopy | SessionState::StopAndCopy);
             let frame = if pages_expected {
-                match self.ch.recv_frame_placing(mem, &regions, page_size)? {
+                match self
+                    .ch
+                    .recv_frame_placing(mem, &mut hashes, &regions, page_size)?
+                {
                     Received::Placed { pages, .. } => {
                         self.count_pages(pages);
                         continue;
@@ -250,6 +255,7 @@ impl<S: Read + Write> Receiver<'_, S> {
                         });
                     }
                     mem.write(gpa, data)?;
+                    hashes.record_from(mem, gpa, data.len())?;
                 }
                 let n = view.len() as u64;
                 self.count_pages(n);
@@ -284,7 +290,7 @@ impl<S: Read + Write> Receiver<'_, S> {
                     self.event(SessionEvent::FinalCopyDone)?;
                 }
                 (SessionState::Verification, Message::VerifyHash(theirs)) if !self.verified => {
-                    let ours = hash_regions(mem)?;
+                    let ours = hashes.digests();
                     if let Some(detail) = compare_hashes(&theirs, &ours) {
                         let err = MigrationError::VerifyMismatch { detail };
                         let err = self.refuse(id, ErrorCode::VerifyMismatch, err);

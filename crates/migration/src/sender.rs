@@ -7,9 +7,9 @@ use crate::auth::{self, PresharedKey, Side};
 use crate::convergence::{decide, Decision, Estimator, PassSample, Policy, Stats};
 use crate::frame::{Channel, SUPPORTED_VERSIONS};
 use crate::progress::{CancelToken, ProgressHandle};
-use crate::protocol::{Command, CompatInfo, ErrorCode, Message, PageBatchWriter};
+use crate::protocol::{is_zero, Command, CompatInfo, ErrorCode, Message, PageBatchWriter};
 use crate::session::{Session, SessionEvent, SessionState};
-use crate::vm::{hash_regions, DirtyBitmap, GuestMemoryAccess, SourceVm};
+use crate::vm::{DirtyBitmap, GuestMemoryAccess, MemoryError, PageHashes, SourceVm};
 use crate::MigrationError;
 
 /// Source settings.
@@ -23,10 +23,16 @@ pub struct SenderConfig {
     pub compress: bool,
     /// Pages per `MemoryPages` frame (default 256, i.e. 1 MiB of 4 KiB pages).
     pub batch_pages: usize,
-    /// Page frames carry a CRC32 instead of a MAC once authenticated (default true); their
-    /// authenticity comes from the MACed end-of-migration hash comparison instead. See
-    /// [`Channel::set_crc_for_pages`]. False MACs every byte, at a throughput cost.
+    /// Page frames carry a CRC32 of their index instead of a MAC once authenticated
+    /// (default true), and pages go straight from guest memory to the socket when the
+    /// memory allows it ([`GuestMemoryAccess::guest_bytes`]); page data is checked by the
+    /// verification's page hashes. See [`Channel::set_crc_for_pages`]. False MACs every
+    /// byte (integrity against an attacker on the path), at a throughput cost.
     pub crc_pages: bool,
+    /// Before the verification, reread all of the paused VM's memory and check it against
+    /// what was sent: proves that the dirty log missed no write, at the cost of one pass
+    /// over memory inside the downtime (default false; tests turn it on).
+    pub recheck_memory: bool,
     pub cancel: CancelToken,
     pub progress: ProgressHandle,
 }
@@ -39,6 +45,7 @@ impl SenderConfig {
             compress: false,
             batch_pages: 256,
             crc_pages: true,
+            recheck_memory: false,
             cancel: CancelToken::new(),
             progress: ProgressHandle::new(),
         }
@@ -102,8 +109,17 @@ where
 {
     let mut ch = Channel::new(stream);
     ch.set_crc_for_pages(cfg.crc_pages);
+    let regions = mem.regions();
+    // Straight from guest memory only with CRC'd page frames: a MAC over bytes a vCPU may
+    // change before the kernel copies them would fail on the target.
+    let direct = cfg.crc_pages
+        && regions
+            .first()
+            .is_some_and(|r| mem.guest_bytes(r.gpa, local.page_size as usize).is_some());
     let mut s = Sender {
         ch,
+        hashes: PageHashes::new(&regions, local.page_size as usize),
+        direct,
         mem,
         vm,
         cfg,
@@ -122,6 +138,10 @@ where
 
 struct Sender<'a, S, M: ?Sized, V: ?Sized> {
     ch: Channel<S>,
+    /// What each page was when last sent: the verification compares these.
+    hashes: PageHashes,
+    /// Pages go from guest memory to the socket without a copy in between.
+    direct: bool,
     mem: &'a M,
     vm: &'a mut V,
     cfg: &'a SenderConfig,
@@ -137,7 +157,7 @@ struct Sender<'a, S, M: ?Sized, V: ?Sized> {
 /// After a batch that lz4 could not shrink, every this many batches is tried again.
 const COMPRESS_RETRY: u32 = 16;
 
-impl<S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> Sender<'_, S, M, V> {
+impl<'a, S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> Sender<'a, S, M, V> {
     fn event(&mut self, e: SessionEvent) -> Result<(), MigrationError> {
         let to = self.session.apply(e)?;
         self.cfg.progress.update(|p| p.state = to);
@@ -327,7 +347,17 @@ impl<S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> Sende
         self.check_cancel()?;
         self.event(SessionEvent::FinalCopyDone)?;
 
-        let hashes = hash_regions(self.mem)?;
+        if self.cfg.recheck_memory {
+            if let Some(gpa) = self.hashes.first_difference(self.mem)? {
+                return Err(MigrationError::VerifyMismatch {
+                    detail: format!(
+                        "the page at {gpa:#x} of the paused source is not what was sent last: \
+                         a write the dirty log did not report"
+                    ),
+                });
+            }
+        }
+        let hashes = self.hashes.digests();
         match self.request(&Message::VerifyHash(hashes)) {
             Ok(Message::Ack {
                 command: Command::VerifyHash,
@@ -391,35 +421,86 @@ impl<S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> Sende
     ) -> Result<(u64, u64), MigrationError> {
         let before = self.ch.bytes_sent();
         let regions = self.mem.regions();
+        let ps = batch.page_size();
         let mut pages = 0u64;
+        // Direct mode: the guest memory ranges that follow the batch's index on the wire.
+        let mut runs: Vec<&'a [u8]> = Vec::new();
         batch.reset();
         for (r, bits) in regions.iter().zip(set) {
-            let ps = batch.page_size() as u64;
             let mut dirty = bits.iter().peekable();
             while let Some(first) = dirty.next() {
-                // Consecutive dirty pages are read from guest memory with one call.
+                // Consecutive dirty pages are handled (read, or referenced) as one run.
                 let mut n = 1;
                 while n < batch.room() && dirty.peek() == Some(&(first + n)) {
                     dirty.next();
                     n += 1;
                 }
-                let gpa = r.gpa + first as u64 * ps;
-                self.mem.read(gpa, batch.slots(n))?;
-                batch.commit_run(gpa, n);
+                let gpa = r.gpa + (first * ps) as u64;
+                if self.direct {
+                    self.reference_run(batch, &mut runs, gpa, n)?;
+                } else {
+                    let slots = batch.slots(n);
+                    self.mem.read(gpa, slots)?;
+                    self.hashes.record(gpa, slots);
+                    batch.commit_run(gpa, n);
+                }
                 pages += n as u64;
                 if batch.is_full() {
-                    self.flush(batch)?;
+                    self.flush(batch, &mut runs)?;
                 }
             }
         }
         if !batch.is_empty() {
-            self.flush(batch)?;
+            self.flush(batch, &mut runs)?;
         }
         self.expect_ack(&Message::DirtyPass { pass, pages, last })?;
         Ok((pages, self.ch.bytes_sent() - before))
     }
 
-    fn flush(&mut self, batch: &mut PageBatchWriter) -> Result<(), MigrationError> {
+    /// Adds `n` pages at `gpa` to the batch without copying them: each is checked for
+    /// zeros and hashed in place, and the non-zero stretches are queued in `runs` for the
+    /// vectored write. Pages known to be zero are not read at all.
+    fn reference_run(
+        &mut self,
+        batch: &mut PageBatchWriter,
+        runs: &mut Vec<&'a [u8]>,
+        gpa: u64,
+        n: usize,
+    ) -> Result<(), MigrationError> {
+        let ps = batch.page_size();
+        let mem: &'a M = self.mem;
+        let bytes = mem.guest_bytes(gpa, n * ps).ok_or_else(|| MemoryError {
+            gpa,
+            len: n * ps,
+            reason: "this guest memory cannot be sent in place".into(),
+        })?;
+        let mut stretch: Option<usize> = None;
+        for k in 0..n {
+            let at = gpa + (k * ps) as u64;
+            let page = &bytes[k * ps..(k + 1) * ps];
+            if mem.known_zero(at) || is_zero(page) {
+                if let Some(s) = stretch.take() {
+                    runs.push(&bytes[s..k * ps]);
+                }
+                self.hashes.record_zero(at);
+                batch.commit_external(at, true);
+            } else {
+                stretch.get_or_insert(k * ps);
+                self.hashes.record(at, page);
+                batch.commit_external(at, false);
+            }
+        }
+        if let Some(s) = stretch {
+            runs.push(&bytes[s..n * ps]);
+        }
+        Ok(())
+    }
+
+    fn flush(
+        &mut self,
+        batch: &mut PageBatchWriter,
+        runs: &mut Vec<&'a [u8]>,
+    ) -> Result<(), MigrationError> {
         self.check_cancel()?;
         self.next_id += 1;
         // lz4 is tried on every batch until one fails to shrink, then only on every
@@ -427,16 +508,19 @@ impl<S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> Sende
         let compress = self.cfg.compress && self.compress_skip == 0;
         self.compress_skip = self.compress_skip.saturating_sub(1);
         let (index, data) = batch.finish_parts();
-        self.ch.send_parts(
-            Command::MemoryPages,
-            self.next_id,
-            0,
-            &[index, data],
-            compress,
-        )?;
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(runs.len() + 2);
+        parts.push(index);
+        if self.direct {
+            parts.extend(runs.iter().copied());
+        } else {
+            parts.push(data);
+        }
+        self.ch
+            .send_parts(Command::MemoryPages, self.next_id, 0, &parts, compress)?;
         if compress && !self.ch.last_compressed() {
             self.compress_skip = COMPRESS_RETRY - 1;
         }
+        runs.clear();
         batch.reset();
         Ok(())
     }

@@ -60,10 +60,10 @@ struct Outcome {
 /// Runs the receiver on a thread with `target_mem` and the sender here.
 // Test plumbing: each argument is one knob a fault test turns.
 #[allow(clippy::too_many_arguments)]
-fn run<S, M>(
+fn run<S, M, SM>(
     src_stream: S,
     dst_stream: impl Read + Write + Send + 'static,
-    src_mem: &MemGuest,
+    src_mem: &SM,
     vm: &mut InMemorySource,
     scfg: &SenderConfig,
     rcfg: ReceiverConfig,
@@ -75,6 +75,7 @@ fn run<S, M>(
 where
     S: Read + Write,
     M: GuestMemoryAccess + Send + Sync + 'static,
+    SM: GuestMemoryAccess + ?Sized,
 {
     let h = thread::spawn(move || {
         let r = receive_migration(dst_stream, &*target_mem, &mut target, &target_compat, &rcfg);
@@ -188,7 +189,7 @@ fn forced_stop_and_copy_with_throttling_over_a_unix_socket_with_lz4() {
     let o = run(
         a,
         b,
-        &src,
+        &*src,
         &mut vm,
         &cfg,
         ReceiverConfig::new(key("correct horse battery")),
@@ -374,7 +375,7 @@ fn target_dying_mid_precopy_leaves_the_source_running() {
     let o = run(
         a,
         b,
-        &src,
+        &*src,
         &mut vm,
         &cfg,
         rcfg,
@@ -435,7 +436,7 @@ fn link_cut_mid_transfer_fails_both_sides_cleanly() {
     let o = run(
         a,
         b,
-        &src,
+        &*src,
         &mut vm,
         &cfg,
         rcfg,
@@ -468,7 +469,7 @@ fn verification_mismatch_rolls_back_and_resumes_the_source() {
     let o = run(
         a,
         b,
-        &src,
+        &*src,
         &mut vm,
         &cfg,
         rcfg,
@@ -600,7 +601,7 @@ fn link_lost_after_switchover_never_resumes_the_source() {
     let o = run(
         LoseAnswersAfterSwitchover(a, false),
         b,
-        &src,
+        &*src,
         &mut vm,
         &cfg,
         rcfg,
@@ -633,5 +634,135 @@ fn throughput_vs_raw_tcp() {
     for compress in [false, true] {
         let r = bench::bench_migrate(256, compress).unwrap();
         println!("lz4={compress}: {r:?}");
+    }
+}
+
+/// Source memory the sender may send in place: a frozen copy of the guest (no dirtier
+/// runs), counting the copies the sender makes through `read`.
+struct InPlace {
+    frozen: Vec<Vec<u8>>,
+    regions: Vec<MemoryRegion>,
+    reads: AtomicU64,
+}
+
+impl GuestMemoryAccess for InPlace {
+    fn regions(&self) -> Vec<MemoryRegion> {
+        self.regions.clone()
+    }
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        buf.copy_from_slice(self.guest_bytes(gpa, buf.len()).unwrap());
+        Ok(())
+    }
+    fn write(&self, _: u64, _: &[u8]) -> Result<(), MemoryError> {
+        unreachable!("the source is never written")
+    }
+    fn guest_bytes(&self, gpa: u64, len: usize) -> Option<&[u8]> {
+        let (r, m) = self
+            .regions
+            .iter()
+            .zip(&self.frozen)
+            .find(|(r, _)| gpa >= r.gpa && gpa + len as u64 <= r.gpa + r.size)?;
+        let off = (gpa - r.gpa) as usize;
+        Some(&m[off..off + len])
+    }
+}
+
+#[test]
+fn pages_go_straight_from_guest_memory_when_it_allows() {
+    let (src, mut vm) = source();
+    let mem = InPlace {
+        frozen: src.contents(),
+        regions: regions(),
+        reads: AtomicU64::new(0),
+    };
+    let cfg = SenderConfig::new(key("correct horse battery"));
+    let (a, b) = tcp_pair();
+    let dst = Arc::new(MemGuest::new(regions(), 4096));
+    let o = run(
+        a,
+        b,
+        &mem,
+        &mut vm,
+        &cfg,
+        ReceiverConfig::new(key("correct horse battery")),
+        compat(4),
+        dst.clone(),
+        dst,
+        InMemoryTarget::default(),
+    );
+    let r = o.send.unwrap();
+    assert!(o.recv.is_ok() && o.target.running);
+    assert_eq!(o.dst.contents(), src.contents());
+    assert_eq!(mem.reads.load(Ordering::SeqCst), 0, "a page was copied");
+    // 70% of the pages hold data; the zero pages cost a bit each.
+    let data = src.contents().iter().flatten().count() as u64 * 7 / 10;
+    assert!(r.bytes_sent < data * 11 / 10, "{} bytes sent", r.bytes_sent);
+}
+
+/// Source memory whose first read of one page returns a byte that memory no longer
+/// holds by the time the VM is paused, with nothing in the dirty log: a missed write.
+struct MissedWrite {
+    inner: Arc<MemGuest>,
+    page: u64,
+    served: AtomicBool,
+}
+
+impl GuestMemoryAccess for MissedWrite {
+    fn regions(&self) -> Vec<MemoryRegion> {
+        self.inner.regions()
+    }
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.inner.read(gpa, buf)?;
+        let end = gpa + buf.len() as u64;
+        if (gpa..end).contains(&self.page) && !self.served.swap(true, Ordering::SeqCst) {
+            buf[(self.page - gpa) as usize] ^= 0xff;
+        }
+        Ok(())
+    }
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        self.inner.write(gpa, data)
+    }
+}
+
+#[test]
+fn recheck_finds_a_write_the_dirty_log_missed() {
+    for recheck in [false, true] {
+        let (src, mut vm) = source();
+        let mem = MissedWrite {
+            inner: src.clone(),
+            page: 0x3000,
+            served: AtomicBool::new(false),
+        };
+        let mut cfg = SenderConfig::new(key("correct horse battery"));
+        cfg.recheck_memory = recheck;
+        let (a, b) = tcp_pair();
+        let dst = Arc::new(MemGuest::new(regions(), 4096));
+        let o = run(
+            a,
+            b,
+            &mem,
+            &mut vm,
+            &cfg,
+            ReceiverConfig::new(key("correct horse battery")),
+            compat(4),
+            dst.clone(),
+            dst,
+            InMemoryTarget::default(),
+        );
+        if !recheck {
+            // Both sides agree on what was sent: only rereading the source can tell.
+            assert!(o.send.is_ok() && o.target.running);
+            continue;
+        }
+        let f = o.send.unwrap_err();
+        assert!(
+            f.error.to_string().contains("page at 0x3000")
+                && f.error.to_string().contains("dirty log did not report"),
+            "{f}"
+        );
+        assert_eq!(f.failed_in, SessionState::Verification);
+        assert_source_running(&vm, &f);
+        assert!(o.target.discarded && !o.target.running);
     }
 }

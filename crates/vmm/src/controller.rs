@@ -437,7 +437,6 @@ impl Controller {
                         mig::SourceError::Setup(format!("cannot connect to the target {to}: {e}"))
                     })
                     .and_then(|stream| {
-                        let _hasher = mig::Hasher::spawn(mem.clone(), false);
                         let mut link =
                             mig::Link::new(inbox.clone(), &mem).with_source_mem(mem.clone());
                         ray_migration::send_migration(stream, &*mem, &mut link, &compat, &cfg)
@@ -524,9 +523,7 @@ impl Controller {
                     })
                     .and_then(|stream| {
                         drop(listener);
-                        let _hasher = mig::Hasher::spawn(mem.clone(), false);
-                        let mut link =
-                            mig::Link::new(inbox.clone(), &mem).with_target_mem(mem.clone());
+                        let mut link = mig::Link::new(inbox.clone(), &mem);
                         ray_migration::receive_migration(stream, &*mem, &mut link, &compat, &cfg)
                             .map_err(|f| mig::TargetError::Driver(Box::new(f)))
                     });

@@ -344,84 +344,12 @@ impl PageMap {
     }
 }
 
-/// Chunk hashes ([`ray_migration::vm::HASH_CHUNK`]) kept valid during pre-copy, so the
-/// verification inside the downtime only hashes the chunks that changed since.
-///
-/// A chunk's generation is bumped whenever it may have changed — on the source when a dirty
-/// log reports one of its pages, on the target when a page is written — after the page map
-/// was updated. A hash is stored with the generation read before the chunk was read, and
-/// used only while the generation is still the same: any write after that read is reported
-/// (and bumps the generation) before the VM is paused and hashed for good.
-struct ChunkCache {
-    gens: Vec<Vec<AtomicU64>>,
-    /// Dirty-log epoch of each chunk's last bump (`u64::MAX`: never): chunks the guest is
-    /// busy rewriting wait with their hash.
-    bumped: Vec<Vec<AtomicU64>>,
-    epoch: AtomicU64,
-    hashes: Vec<Mutex<Vec<Option<CachedHash>>>>,
-    /// Chunks hashed because no valid hash was cached (for tracing).
-    misses: AtomicU64,
-    /// Something changed since the background hasher's last sweep (a bump or a dirty log).
-    changed: AtomicBool,
-    /// The VM is paused for the final copy: the background hasher stays out of the way
-    /// (verification hashes whatever is stale itself).
-    frozen: AtomicBool,
-}
-
-/// A chunk's hash and the generation it was read at.
-type CachedHash = (u64, [u8; 32]);
-
-const CHUNK: u64 = ray_migration::vm::HASH_CHUNK;
-const PAGES_PER_CHUNK: u64 = CHUNK / PAGE_SIZE;
-const _: () = assert!(PAGES_PER_CHUNK <= 64 && 64 % PAGES_PER_CHUNK == 0);
-
-impl ChunkCache {
-    fn new(regions: &[(u64, u64)]) -> Self {
-        let per = |len: u64| len.div_ceil(CHUNK) as usize;
-        Self {
-            gens: regions
-                .iter()
-                .map(|&(_, l)| (0..per(l)).map(|_| AtomicU64::new(0)).collect())
-                .collect(),
-            bumped: regions
-                .iter()
-                .map(|&(_, l)| (0..per(l)).map(|_| AtomicU64::new(u64::MAX)).collect())
-                .collect(),
-            epoch: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            changed: AtomicBool::new(true),
-            frozen: AtomicBool::new(false),
-            hashes: regions
-                .iter()
-                .map(|&(_, l)| Mutex::new(vec![None; per(l)]))
-                .collect(),
-        }
-    }
-
-    fn bump(&self, r: usize, c: usize) {
-        self.gens[r][c].fetch_add(1, Ordering::AcqRel);
-        self.bumped[r][c].store(self.epoch.load(Ordering::Acquire), Ordering::Release);
-        self.changed.store(true, Ordering::Release);
-    }
-
-    fn cached(&self, r: usize, c: usize, gen: u64) -> Option<[u8; 32]> {
-        let h = self.hashes[r].lock().unwrap_or_else(|p| p.into_inner());
-        h[c].filter(|&(g, _)| g == gen).map(|(_, h)| h)
-    }
-
-    fn store(&self, r: usize, c: usize, gen: u64, hash: [u8; 32]) {
-        let mut h = self.hashes[r].lock().unwrap_or_else(|p| p.into_inner());
-        h[c] = Some((gen, hash));
-    }
-}
-
 /// Guest memory as the migration drivers see it: direct copies from and to the mapping.
 pub struct MemAccess {
     /// Keeps the mapping alive as long as the pointers below are used.
     mem: GuestMem,
     regions: Vec<(u64, *mut u8, u64)>,
     map: Arc<PageMap>,
-    cache: ChunkCache,
 }
 
 // SAFETY: the raw pointers point into mappings owned by `mem` (kept alive by this struct);
@@ -447,115 +375,8 @@ impl MemAccess {
         Self {
             mem: mem.clone(),
             map: Arc::new(PageMap::new(&spans)),
-            cache: ChunkCache::new(&spans),
             regions,
         }
-    }
-
-    fn region_of(&self, gpa: u64) -> Option<usize> {
-        self.regions
-            .iter()
-            .position(|&(start, _, size)| gpa >= start && gpa < start + size)
-    }
-
-    /// Marks the chunks of [gpa, gpa + len) as possibly changed.
-    fn bump_range(&self, gpa: u64, len: u64) {
-        let Some(r) = self.region_of(gpa) else { return };
-        let start = self.regions[r].0;
-        let first = ((gpa - start) / CHUNK) as usize;
-        let last = ((gpa + len.max(1) - 1 - start) / CHUNK) as usize;
-        for c in first..=last.min(self.cache.gens[r].len() - 1) {
-            self.cache.bump(r, c);
-        }
-    }
-
-    /// Source: a dirty log arrived (its pages are already in the page map).
-    fn bump_dirty(&self, logs: &[DirtyBitmap]) {
-        self.cache.epoch.fetch_add(1, Ordering::AcqRel);
-        // Hot chunks may have cooled down: worth a sweep even if nothing was bumped.
-        self.cache.changed.store(true, Ordering::Release);
-        for (r, log) in logs.iter().enumerate().take(self.regions.len()) {
-            let mut last = usize::MAX;
-            for p in log.iter() {
-                let c = p / PAGES_PER_CHUNK as usize;
-                if c != last && c < self.cache.gens[r].len() {
-                    self.cache.bump(r, c);
-                    last = c;
-                }
-            }
-        }
-    }
-
-    /// Keeps the background hasher idle (`true`) during the final copy and verification.
-    pub fn freeze_hasher(&self, frozen: bool) {
-        self.cache.frozen.store(frozen, Ordering::Release);
-        self.cache.changed.store(true, Ordering::Release);
-    }
-
-    /// Whether every page of chunk `c` of region `r` is known to be zero.
-    fn chunk_known_zero(&self, r: usize, c: usize) -> bool {
-        if !self.map.enabled.load(Ordering::Acquire) {
-            return false;
-        }
-        let first = c * PAGES_PER_CHUNK as usize;
-        let word = self.map.bits[r][first / 64].load(Ordering::Acquire);
-        let mask = ((1u128 << PAGES_PER_CHUNK) - 1) as u64;
-        (word >> (first % 64)) & mask == 0
-    }
-
-    /// The hash of chunk `c` of region `r`, from the cache when still valid.
-    fn chunk_hash(&self, r: usize, c: usize, buf: &mut [u8]) -> Result<[u8; 32], MemoryError> {
-        let gen = self.cache.gens[r][c].load(Ordering::Acquire);
-        if let Some(h) = self.cache.cached(r, c, gen) {
-            return Ok(h);
-        }
-        self.cache.misses.fetch_add(1, Ordering::Relaxed);
-        let (start, _, size) = self.regions[r];
-        let off = c as u64 * CHUNK;
-        let len = (size - off).min(CHUNK) as usize;
-        let hash = if self.chunk_known_zero(r, c) {
-            ray_migration::vm::zero_chunk_hash(len)
-        } else {
-            self.read(start + off, &mut buf[..len])?;
-            ray_migration::vm::chunk_hash(&buf[..len])
-        };
-        self.cache.store(r, c, gen, hash);
-        Ok(hash)
-    }
-
-    /// One sweep of the background hasher: hashes chunks whose hash is stale (skipping those
-    /// the guest rewrote in the last two dirty logs when `skip_hot`). Returns how many.
-    fn hash_stale(&self, stop: &AtomicBool, skip_hot: bool, buf: &mut [u8]) -> usize {
-        if !self.map.enabled.load(Ordering::Acquire) {
-            // Source before dirty logging: a hash now could miss later writes.
-            return 0;
-        }
-        if self.cache.frozen.load(Ordering::Acquire)
-            || !self.cache.changed.swap(false, Ordering::AcqRel)
-        {
-            return 0;
-        }
-        let epoch = self.cache.epoch.load(Ordering::Acquire);
-        let mut n = 0;
-        for r in 0..self.regions.len() {
-            for c in 0..self.cache.gens[r].len() {
-                if stop.load(Ordering::Relaxed) {
-                    return n;
-                }
-                let gen = self.cache.gens[r][c].load(Ordering::Acquire);
-                if self.cache.cached(r, c, gen).is_some() {
-                    continue;
-                }
-                let b = self.cache.bumped[r][c].load(Ordering::Acquire);
-                if skip_hot && b != u64::MAX && epoch.saturating_sub(b) < 2 {
-                    continue;
-                }
-                if self.chunk_hash(r, c, buf).is_ok() {
-                    n += 1;
-                }
-            }
-        }
-        n
     }
 
     /// Target: the memory is fresh (all zero); zero pages into untouched memory are skipped.
@@ -634,7 +455,6 @@ impl GuestMemoryAccess for MemAccess {
         if use_map {
             self.map.set_range(gpa, data.len() as u64);
         }
-        self.bump_range(gpa, data.len() as u64);
         Ok(())
     }
 
@@ -646,109 +466,29 @@ impl GuestMemoryAccess for MemAccess {
     ) -> Result<bool, MemoryError> {
         let host = self.host(gpa, len)?;
         // SAFETY: `host` maps `len` bytes (checked by `host`) for as long as `self.mem`
-        // lives. Only the receiver writes target memory (no vCPU runs before the
-        // switch-over); the background hasher may read these bytes meanwhile, but it reads
-        // the generation first and the bump below invalidates whatever it hashed.
+        // lives. Only the receiver touches target memory (no vCPU runs before the
+        // switch-over), so this is the only reference to these bytes while it lives.
         let dst = unsafe { std::slice::from_raw_parts_mut(host, len) };
         populate(host, len);
         fill(dst);
         if self.map.enabled.load(Ordering::Acquire) {
             self.map.set_range(gpa, len as u64);
         }
-        self.bump_range(gpa, len as u64);
         Ok(true)
     }
 
-    fn region_hashes(&self) -> Result<Vec<ray_migration::protocol::RegionHash>, MemoryError> {
-        let mut buf = vec![0u8; CHUNK as usize];
-        let _trace = Trace(
-            Instant::now(),
-            self.cache.misses.load(Ordering::Relaxed),
-            self,
-        );
-        self.regions()
-            .iter()
-            .enumerate()
-            .map(|(r, region)| {
-                // One lock per region (this runs inside the downtime); stale chunks are
-                // collected under it and hashed after.
-                let mut chunks = Vec::with_capacity(self.cache.gens[r].len());
-                let mut stale = Vec::new();
-                {
-                    let cached = self.cache.hashes[r]
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    for (c, h) in cached.iter().enumerate() {
-                        match h {
-                            Some((g, h)) if *g == self.cache.gens[r][c].load(Ordering::Acquire) => {
-                                chunks.push(*h)
-                            }
-                            _ => {
-                                stale.push(c);
-                                chunks.push([0; 32]);
-                            }
-                        }
-                    }
-                }
-                for c in stale {
-                    chunks[c] = self.chunk_hash(r, c, &mut buf)?;
-                }
-                Ok(ray_migration::vm::combine_chunks(region, chunks))
-            })
-            .collect()
+    fn known_zero(&self, gpa: u64) -> bool {
+        self.map.enabled.load(Ordering::Acquire) && !self.map.get(gpa)
     }
-}
 
-/// With `RAY_MIGRATION_TRACE` set: how long verification hashing took, chunks hashed.
-struct Trace<'a>(Instant, u64, &'a MemAccess);
-impl Drop for Trace<'_> {
-    fn drop(&mut self) {
-        if std::env::var_os("RAY_MIGRATION_TRACE").is_some() {
-            let misses = self.2.cache.misses.load(Ordering::Relaxed) - self.1;
-            eprintln!(
-                "{} region_hashes took {:?} ({misses} chunks hashed)",
-                unix_us(),
-                self.0.elapsed()
-            );
-        }
-    }
-}
-
-/// Hashes stale chunks in the background while pages move; stopped and joined on drop.
-pub struct Hasher {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Hasher {
-    /// `skip_hot`: leave chunks rewritten in the last two dirty logs for later. (Off in the
-    /// VMM: a guest sweeping its memory rewrites a chunk long after it was reported, so
-    /// hashing it at once keeps it valid longest.)
-    pub fn spawn(mem: Arc<MemAccess>, skip_hot: bool) -> Hasher {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("migration-hash".into())
-            .stack_size(256 << 10)
-            .spawn(move || {
-                let mut buf = vec![0u8; CHUNK as usize];
-                while !flag.load(Ordering::Relaxed) {
-                    if mem.hash_stale(&flag, skip_hot, &mut buf) == 0 {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                }
-            })
-            .ok();
-        Hasher { stop, thread }
-    }
-}
-
-impl Drop for Hasher {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    fn guest_bytes(&self, gpa: u64, len: usize) -> Option<&[u8]> {
+        let host = self.host(gpa, len).ok()?;
+        // SAFETY: `host` maps `len` bytes (checked by `host`) for as long as `self.mem`,
+        // and so `self`, lives. Running vCPUs may write these bytes while they are read:
+        // the sender reads each byte once (zero check, hash, the kernel's copy) and never
+        // relies on two reads agreeing; a page changed meanwhile is in the next dirty log
+        // and sent again, the last time with the vCPUs paused.
+        Some(unsafe { std::slice::from_raw_parts(host, len) })
     }
 }
 
@@ -798,10 +538,8 @@ pub struct Link {
     inbox: Sender<Message>,
     /// Region sizes in pages, for shaping dirty logs.
     pages: Vec<usize>,
-    /// Source: the [`MemAccess`] whose page map and chunk hashes dirty logs update.
+    /// Source: the [`MemAccess`] whose page map dirty logs update.
     source_mem: Option<Arc<MemAccess>>,
-    /// Target: its [`MemAccess`], whose hasher stops when the final state arrives.
-    target_mem: Option<Arc<MemAccess>>,
 }
 
 impl Link {
@@ -814,13 +552,7 @@ impl Link {
                 .map(|&(_, _, l)| (l / PAGE_SIZE) as usize)
                 .collect(),
             source_mem: None,
-            target_mem: None,
         }
-    }
-
-    pub fn with_target_mem(mut self, mem: Arc<MemAccess>) -> Self {
-        self.target_mem = Some(mem);
-        self
     }
 
     /// Source: once dirty logging is on, `mem`'s page map is seeded from the memfd's data
@@ -879,13 +611,6 @@ impl SourceVm for Link {
             .collect();
         if let Some(mem) = &self.source_mem {
             mem.map.mark_dirty(&logs);
-            mem.bump_dirty(&logs);
-            // Catch up with the background hasher before the driver decides whether to
-            // stop: hashes missing now would be computed inside the downtime.
-            let stop = AtomicBool::new(false);
-            let mut buf = vec![0u8; CHUNK as usize];
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while mem.hash_stale(&stop, false, &mut buf) > 0 && Instant::now() < deadline {}
         }
         Ok(logs)
     }
@@ -895,19 +620,11 @@ impl SourceVm for Link {
     }
 
     fn pause(&mut self) -> Result<(), VmError> {
-        self.done(MigrationOp::Pause)?;
-        if let Some(mem) = &self.source_mem {
-            mem.freeze_hasher(true);
-        }
-        Ok(())
+        self.done(MigrationOp::Pause)
     }
 
     fn resume(&mut self) -> Result<(), VmError> {
-        self.done(MigrationOp::Resume)?;
-        if let Some(mem) = &self.source_mem {
-            mem.freeze_hasher(false);
-        }
-        Ok(())
+        self.done(MigrationOp::Resume)
     }
 
     fn throttle(&mut self, percent: u8) -> Result<(), VmError> {
@@ -927,10 +644,6 @@ impl SourceVm for Link {
 
 impl TargetVm for Link {
     fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError> {
-        // The last pages are in: verification follows at once and hashes what is stale.
-        if let Some(mem) = &self.target_mem {
-            mem.freeze_hasher(true);
-        }
         self.done(MigrationOp::RestoreState(state.to_vec()))
     }
 
@@ -1148,42 +861,21 @@ mod tests {
     }
 
     #[test]
-    fn cached_hashes_follow_every_write_and_match_reading_everything() {
-        use ray_migration::vm::hash_regions_by_reading;
-        let mem = crate::memory::create(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let target = Arc::new(MemAccess::new(&mem));
-        target.track_target_writes();
-        target.write(0x1000, &[1u8; 4096]).unwrap();
-        let stop = AtomicBool::new(false);
-        let mut buf = vec![0u8; CHUNK as usize];
-        assert_eq!(
-            target.hash_stale(&stop, false, &mut buf),
-            32,
-            "every chunk once"
+    fn source_pages_are_read_in_place_and_holes_are_known_zero() {
+        let mem = crate::memory::create(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let m = MemAccess::new(&mem);
+        m.write(0x5000, &[3u8; 4096]).unwrap();
+        assert!(
+            !m.known_zero(0x6000),
+            "nothing is known before tracking starts"
         );
-        assert_eq!(target.hash_stale(&stop, false, &mut buf), 0, "all cached");
-        assert_eq!(
-            target.region_hashes().unwrap(),
-            hash_regions_by_reading(&*target).unwrap()
-        );
-        // A write after hashing invalidates exactly its chunk.
-        target.write(0x31000, &[9u8; 4096]).unwrap();
-        assert_eq!(target.hash_stale(&stop, false, &mut buf), 1);
-        target.write(0x1000, &[0u8; 4096]).unwrap();
-        assert_eq!(
-            target.region_hashes().unwrap(),
-            hash_regions_by_reading(&*target).unwrap()
-        );
-        // Pages placed straight from the socket count as written too.
-        assert!(target
-            .fill_in_place(0x40000, 8192, &mut |d: &mut [u8]| d.fill(5))
-            .unwrap());
-        assert!(target.map.get(0x41000));
-        assert_eq!(target.hash_stale(&stop, false, &mut buf), 1);
-        assert_eq!(
-            target.region_hashes().unwrap(),
-            hash_regions_by_reading(&*target).unwrap()
-        );
+        for (gpa, len) in crate::memory::data_extents(&mem) {
+            m.map.set_range(gpa, len);
+        }
+        m.map.enabled.store(true, Ordering::SeqCst);
+        assert!(m.known_zero(0x6000) && !m.known_zero(0x5000));
+        assert_eq!(m.guest_bytes(0x5000, 4096).unwrap(), &[3u8; 4096][..]);
+        assert!(m.guest_bytes(0xff000, 8192).is_none(), "past the end");
     }
 
     #[test]
