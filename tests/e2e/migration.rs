@@ -326,6 +326,9 @@ fn guest_moves_between_namespaces_while_dirtying_and_ticking() {
             &net.target_addr(7001),
             "--key-file",
             &key,
+            // The paused source's memory is reread and compared with what was sent: the
+            // dirty log (PVM's shadow paging here) must not have missed a write.
+            "--recheck-memory",
             "--json",
         ],
     );
@@ -648,6 +651,8 @@ fn same_host_move_over_a_unix_socket() {
         &listen,
         "--key-file",
         &key,
+        // Every page byte MACed instead of hashed: the untrusted-network mode.
+        "--mac-pages",
         "--json",
     ]);
     let s: MigrationStatus = serde_json::from_str(&out).unwrap();

@@ -245,6 +245,16 @@ pub struct MigrateRequest {
     /// lz4-compress page batches (pays off on slow links only).
     #[serde(default)]
     pub compress: bool,
+    /// MAC every byte of page data (keyed BLAKE3) instead of checking it with per-page
+    /// hashes at the end: integrity against an attacker on the migration network, at a
+    /// fraction of the throughput (default false; control frames are always MACed).
+    #[serde(default)]
+    pub mac_pages: bool,
+    /// Before the switch-over, reread all of the paused VM's memory and compare it with what
+    /// was sent: proves the dirty log missed no write, at the cost of one pass over guest
+    /// memory inside the downtime (default false).
+    #[serde(default)]
+    pub recheck_memory: bool,
     /// Host-wide cap on concurrent migrations, both directions (default 8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u32>,

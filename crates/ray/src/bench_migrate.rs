@@ -414,6 +414,8 @@ impl Bench<'_> {
             max_time_ms: None,
             auto_converge: true,
             compress: false,
+            mac_pages: false,
+            recheck_memory: false,
             max_concurrent: None,
         };
         let _: MigrationStatus =

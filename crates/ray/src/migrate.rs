@@ -93,6 +93,14 @@ pub struct StartArgs {
     /// lz4-compress page batches (slow links).
     #[arg(long)]
     pub compress: bool,
+    /// MAC every byte of page data instead of checking it with page hashes at the end
+    /// (untrusted networks; slower).
+    #[arg(long)]
+    pub mac_pages: bool,
+    /// Reread the paused VM's memory before the switch-over and compare it with what was
+    /// sent (proves dirty tracking missed nothing; lengthens the downtime).
+    #[arg(long)]
+    pub recheck_memory: bool,
     /// Host-wide cap on concurrent migrations.
     #[arg(long, env = "RAY_MAX_MIGRATIONS", default_value_t = 8)]
     pub max_concurrent: u32,
@@ -171,6 +179,8 @@ fn start(runtime: &Path, a: &StartArgs) -> anyhow::Result<()> {
         max_time_ms: a.max_time_ms,
         auto_converge: !a.no_auto_converge,
         compress: a.compress,
+        mac_pages: a.mac_pages,
+        recheck_memory: a.recheck_memory,
         max_concurrent: Some(a.max_concurrent),
     };
     let c = client(runtime, &a.id)?;

@@ -423,6 +423,8 @@ impl Controller {
         let mut cfg = ray_migration::SenderConfig::new(key);
         cfg.policy = policy;
         cfg.compress = req.compress;
+        cfg.crc_pages = !req.mac_pages;
+        cfg.recheck_memory = req.recheck_memory;
         cfg.cancel = handle.cancel.clone();
         cfg.progress = handle.progress.clone();
         self.apply(VmAction::MigrateOut, &format!("api:migrate to {to}"))?;
