@@ -666,3 +666,78 @@ fn same_host_move_over_a_unix_socket() {
     assert_eq!(dst.command("echo over unix", "over"), "over unix");
     assert!(!sock.exists(), "the listening socket is removed once used");
 }
+
+#[test]
+fn target_dying_after_the_switchover_leaves_the_source_paused_until_reclaimed() {
+    let env = Env::new("mig-split");
+    let net = Net::new("split");
+    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let mut src = boot_source(&env, &net, "128M");
+    src.command("tick 20", "tick on 20");
+    // A target that exits the moment the source has committed (it received `Switchover`)
+    // and before it resumed or answered: from the source, indistinguishable from a target
+    // that runs the VM and whose answer got lost.
+    let out = run(Command::new("ip")
+        .args(["netns", "exec", &net.b])
+        .arg(ray_bin())
+        .args([
+            "migrate",
+            "receive",
+            "--listen",
+            &net.target_addr(7009),
+            "--key-file",
+            &key,
+            "--memory",
+            "128M",
+            "--vcpus",
+            "2",
+            "--id",
+            "dst",
+            "--json",
+        ])
+        .env("RAY_RUNTIME_DIR", &env.runtime)
+        .env("RAY_GUEST", guest_bin())
+        .env("RAY_FAULT", "target-exit-at-switchover"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: VmInfo = serde_json::from_slice(&out.stdout).unwrap();
+    let dst = env.attach("dst", info.pid);
+
+    let out = start_to(&env, &net, 7009, &key);
+    assert!(!out.status.success(), "the migration cannot have completed");
+    dst.wait_exit(Duration::from_secs(10));
+    let s = migration(&src);
+    assert_eq!(
+        (s.state.as_str(), s.vm.as_str()),
+        ("failed", "paused_ownership_uncertain"),
+        "{s:?}"
+    );
+    // No split brain: the source stays paused on its own — its heartbeat does not move.
+    assert_eq!(src.state(), VmStateName::MigrationSource);
+    let frozen = src.info().heartbeat.unwrap().counter;
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        src.info().heartbeat.unwrap().counter,
+        frozen,
+        "the source ran"
+    );
+    // Only the operator, having fenced the target, brings it back.
+    let refused = env.ray(&["migrate", "reclaim", "src"]);
+    assert!(!refused.status.success(), "reclaim without --target-fenced");
+    let s: MigrationStatus = serde_json::from_str(&env.ray_ok(&[
+        "migrate",
+        "reclaim",
+        "src",
+        "--target-fenced",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(s.vm, "running", "{s:?}");
+    src.wait_for("the source to run again", Duration::from_secs(5), |i| {
+        i.state == VmStateName::Running && i.heartbeat.as_ref().unwrap().counter != frozen
+    });
+    src.expect_line("tick ", Duration::from_secs(5));
+}

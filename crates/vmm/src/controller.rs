@@ -634,6 +634,12 @@ impl Controller {
                 self.accept_incoming_state(&blob).map(|_| OpReply::Done)
             }
             MigrationOp::TargetResume => {
+                if mig::fault_injected("target-exit-at-switchover") {
+                    // Test hook: the target dies between the source's commit point and
+                    // its own resume; the source must not come back by itself.
+                    eprintln!("RAY_FAULT=target-exit-at-switchover: exiting");
+                    std::process::exit(86);
+                }
                 self.start_incoming()?;
                 let m = self.machine.as_ref().ok_or_else(gone)?;
                 let mem = m.vm.memory.clone();

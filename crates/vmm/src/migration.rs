@@ -492,6 +492,12 @@ impl GuestMemoryAccess for MemAccess {
     }
 }
 
+/// Whether the environment variable `RAY_FAULT` names `point`: failure injection for the
+/// end-to-end tests, at points no outside action can hit deterministically.
+pub fn fault_injected(point: &str) -> bool {
+    std::env::var("RAY_FAULT").is_ok_and(|v| v.split(',').any(|p| p == point))
+}
+
 /// What the migration thread asks of the controller.
 #[derive(Debug)]
 pub enum MigrationOp {
