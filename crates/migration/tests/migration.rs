@@ -98,9 +98,9 @@ fn tcp_pair() -> (TcpStream, TcpStream) {
     (a, b)
 }
 
-fn simple(
+fn simple<SM: GuestMemoryAccess + ?Sized>(
     vm: &mut InMemorySource,
-    src: &MemGuest,
+    src: &SM,
     scfg: &SenderConfig,
     rkey: &str,
     tcompat: CompatInfo,
@@ -677,18 +677,12 @@ fn pages_go_straight_from_guest_memory_when_it_allows() {
         reads: AtomicU64::new(0),
     };
     let cfg = SenderConfig::new(key("correct horse battery"));
-    let (a, b) = tcp_pair();
-    let dst = Arc::new(MemGuest::new(regions(), 4096));
-    let o = run(
-        a,
-        b,
-        &mem,
+    let o = simple(
         &mut vm,
+        &mem,
         &cfg,
-        ReceiverConfig::new(key("correct horse battery")),
+        "correct horse battery",
         compat(4),
-        dst.clone(),
-        dst,
         InMemoryTarget::default(),
     );
     let r = o.send.unwrap();
@@ -736,18 +730,12 @@ fn recheck_finds_a_write_the_dirty_log_missed() {
         };
         let mut cfg = SenderConfig::new(key("correct horse battery"));
         cfg.recheck_memory = recheck;
-        let (a, b) = tcp_pair();
-        let dst = Arc::new(MemGuest::new(regions(), 4096));
-        let o = run(
-            a,
-            b,
-            &mem,
+        let o = simple(
             &mut vm,
+            &mem,
             &cfg,
-            ReceiverConfig::new(key("correct horse battery")),
+            "correct horse battery",
             compat(4),
-            dst.clone(),
-            dst,
             InMemoryTarget::default(),
         );
         if !recheck {
