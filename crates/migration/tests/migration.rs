@@ -142,7 +142,7 @@ fn migrates_a_running_vm_over_tcp_byte_for_byte() {
     let progress = cfg.progress.clone();
     let o = simple(
         &mut vm,
-        &src,
+        &*src,
         &cfg,
         "correct horse battery",
         compat(4),
@@ -221,7 +221,7 @@ fn every_page_frame_can_be_maced_instead_of_crc_checked() {
     cfg.batch_pages = 100; // batches that end mid-region
     let o = simple(
         &mut vm,
-        &src,
+        &*src,
         &cfg,
         "correct horse battery",
         compat(4),
@@ -240,7 +240,7 @@ fn wrong_key_is_rejected_before_any_memory_moves() {
     let cfg = SenderConfig::new(key("correct horse battery"));
     let o = simple(
         &mut vm,
-        &src,
+        &*src,
         &cfg,
         "wrong horse battery!",
         compat(4),
@@ -305,7 +305,7 @@ fn incompatible_target_is_rejected_with_the_reason() {
     let cfg = SenderConfig::new(key("correct horse battery"));
     let o = simple(
         &mut vm,
-        &src,
+        &*src,
         &cfg,
         "correct horse battery",
         compat(2),
@@ -515,7 +515,7 @@ fn cancel_mid_precopy_rolls_back() {
     });
     let o = simple(
         &mut vm,
-        &src,
+        &*src,
         &cfg,
         "correct horse battery",
         compat(4),
@@ -547,7 +547,7 @@ fn target_that_cannot_resume_says_so_and_the_source_resumes() {
     };
     let o = simple(
         &mut vm,
-        &src,
+        &*src,
         &cfg,
         "correct horse battery",
         compat(4),
