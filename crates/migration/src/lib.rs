@@ -16,6 +16,17 @@
 //!   (at most 8 concurrent migrations per host by default).
 //! - [`memvm`]: in-memory VMs for tests and [`bench::bench_migrate`].
 //!
+//! # Verification
+//!
+//! Each side keeps one XXH3 hash per guest page ([`vm::PageHashes`]): the source hashes
+//! every page from the bytes it sends, the target every page right after placing it. After
+//! the final pass both exchange BLAKE3 digests of their tables (the source's in a MACed
+//! frame) and the target resumes only if they match. Page data is read once per side on
+//! its way through, never again in the background or in the pause; the page frames' CRC
+//! covers just their header and index. `SenderConfig::recheck_memory` additionally rereads
+//! the paused source against its table (catches a write the dirty log missed), and
+//! `crc_pages = false` MACs every page byte (integrity against an attacker on the path).
+//!
 //! # Who runs the VM: the split-brain rule
 //!
 //! The VM must never run in two places and never be lost. Ownership passes exactly once,
@@ -56,6 +67,9 @@
 //! - [`TargetVm`]: restore the blob (validating it), resume, discard. The VM sits in
 //!   `MigrationTarget` while the receiver runs.
 //! - A [`CompatInfo`] on each side: vCPU count, regions, CPUID fingerprint, flavour.
+//! - Ideally [`GuestMemoryAccess::guest_bytes`] and [`GuestMemoryAccess::known_zero`], so
+//!   the sender puts guest memory itself into the socket write and never reads (or
+//!   allocates) pages known to be zero.
 
 pub mod auth;
 pub mod bench;
