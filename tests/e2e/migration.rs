@@ -638,11 +638,13 @@ fn same_host_move_over_a_unix_socket() {
         "1",
         "--id",
         "here",
+        "--prefault",
         "--json",
     ]);
     let info: VmInfo = serde_json::from_str(&out).unwrap();
     let mut dst = env.attach("here", info.pid);
     assert_eq!(migration(&dst).peer, listen);
+    wait_prefaulted(&dst, 128 << 20);
     let out = env.ray_ok(&[
         "migrate",
         "start",
@@ -665,6 +667,27 @@ fn same_host_move_over_a_unix_socket() {
     dst.expect_line("tick ", Duration::from_secs(5));
     assert_eq!(dst.command("echo over unix", "over"), "over unix");
     assert!(!sock.exists(), "the listening socket is removed once used");
+    let t = migration(&dst);
+    assert_eq!(t.prefault_bytes, Some(128 << 20), "{t:?}");
+}
+
+/// Waits until a target started with `--prefault` populated all `bytes` of its memory
+/// (while its API keeps answering).
+fn wait_prefaulted(dst: &Vm, bytes: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = migration(dst);
+        assert_eq!(s.prefault_total_bytes, Some(bytes), "{s:?}");
+        assert_eq!(s.prefault_error, None, "{s:?}");
+        if s.prefault_bytes == Some(bytes) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the prefault did not end within 30 s: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]

@@ -328,6 +328,15 @@ pub struct MigrationStatus {
     /// the source's `paused_at_unix_us` it is the downtime the guest saw.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_heartbeat_unix_us: Option<u64>,
+    /// Target started with prefault: bytes of guest memory populated so far, of
+    /// `prefault_total_bytes` (done when equal). It stops when the migration ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefault_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefault_total_bytes: Option<u64>,
+    /// Why the prefault gave up (the migration goes on without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefault_error: Option<String>,
 }
 
 /// `GET /vm/snapshot/progress`: the snapshot being written, if any.

@@ -132,6 +132,12 @@ pub struct ReceiveArgs {
     /// Host-wide cap on concurrent migrations.
     #[arg(long, env = "RAY_MAX_MIGRATIONS", default_value_t = 8)]
     pub max_concurrent: u32,
+    /// Populate all of the guest's memory while waiting for the source (progress in
+    /// `ray migrate status`). The target then holds all of the guest's memory at once, even
+    /// pages the source never touched; in exchange the transfer allocates no pages and the
+    /// guest takes no first-touch faults after the switch-over.
+    #[arg(long)]
+    pub prefault: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -229,6 +235,7 @@ fn receive(runtime: &Path, a: &ReceiveArgs) -> anyhow::Result<()> {
             listen: &a.listen,
             key_file: &key_file,
             max_concurrent: a.max_concurrent,
+            prefault: a.prefault,
         },
         true,
         a.json,
@@ -353,6 +360,17 @@ fn print_status(id: &str, s: &MigrationStatus, json: bool) -> anyhow::Result<()>
             .unwrap_or_default()
     );
     println!("throttle    {}%", s.throttle_percent);
+    if let (Some(done), Some(total)) = (s.prefault_bytes, s.prefault_total_bytes) {
+        println!(
+            "prefault    {} of {} MiB{}",
+            done >> 20,
+            total >> 20,
+            s.prefault_error
+                .as_deref()
+                .map(|e| format!(" (stopped: {e})"))
+                .unwrap_or_default()
+        );
+    }
     println!("elapsed     {:.3} s", s.elapsed_ms as f64 / 1e3);
     if let Some(e) = &s.error {
         println!("error       {e}");

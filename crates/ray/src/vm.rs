@@ -137,6 +137,9 @@ pub struct VmmArgs {
     /// With --migrate-listen: host-wide cap on concurrent migrations.
     #[arg(long, default_value_t = 8)]
     pub max_concurrent_migrations: u32,
+    /// With --migrate-listen: populate all of guest memory while waiting.
+    #[arg(long, requires = "migrate_listen")]
+    pub migrate_prefault: bool,
 }
 
 /// Where rayvisor's guest kernel is: `$RAY_GUEST`, or next to this binary (the build puts
@@ -253,6 +256,8 @@ pub enum Origin<'a> {
         listen: &'a str,
         key_file: &'a Path,
         max_concurrent: u32,
+        /// Populate all of guest memory while waiting.
+        prefault: bool,
     },
 }
 
@@ -285,6 +290,7 @@ fn spawn_vmm(
             listen,
             key_file,
             max_concurrent,
+            prefault,
         } => {
             cmd.arg("--config-json")
                 .arg(serde_json::to_string(config)?)
@@ -294,6 +300,9 @@ fn spawn_vmm(
                 .arg(key_file)
                 .arg("--max-concurrent-migrations")
                 .arg(max_concurrent.to_string());
+            if *prefault {
+                cmd.arg("--migrate-prefault");
+            }
         }
     }
     if attach {
@@ -596,6 +605,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
             listen,
             key_file: args.migrate_key_file.unwrap_or_default(),
             max_concurrent: args.max_concurrent_migrations,
+            prefault: args.migrate_prefault,
         }),
     })?;
     match state {

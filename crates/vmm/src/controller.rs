@@ -467,12 +467,15 @@ impl Controller {
     }
 
     /// Target: allocates memory for the configured VM, listens on `at` and waits (on a
-    /// migration thread) for one incoming migration. Returns the bound address.
+    /// migration thread) for one incoming migration. With `prefault`, another thread
+    /// populates all of the memory meanwhile (until the migration ends). Returns the bound
+    /// address.
     pub fn listen_incoming(
         &mut self,
         at: &str,
         key_file: &Path,
         max_concurrent: u32,
+        prefault: bool,
     ) -> Result<String, RequestError> {
         self.check(VmAction::MigrateIn)?;
         let config = self.config.clone().ok_or_else(|| {
@@ -534,6 +537,10 @@ impl Controller {
             .map_err(|e| {
                 RequestError::internal(format!("cannot start the migration thread: {e}"))
             })?;
+        if let (true, Some(mem)) = (prefault, &self.incoming_memory) {
+            let p = crate::prefault::spawn(mem.clone());
+            handle.update(|r| r.prefault = Some(p));
+        }
         Ok(handle.status().peer)
     }
 
@@ -657,6 +664,7 @@ impl Controller {
                 Ok(OpReply::Done)
             }
             MigrationOp::Discard => {
+                self.stop_prefault();
                 if let Some(mut m) = self.machine.take() {
                     m.shutdown();
                 }
@@ -739,6 +747,18 @@ impl Controller {
         Ok(())
     }
 
+    /// Target: the memory is no longer waited for (the migration ended, or the target's
+    /// memory is discarded): its prefault, if any, stops after its current step.
+    fn stop_prefault(&self) {
+        if let Some(h) = &self.migration {
+            h.update(|r| {
+                if let Some(p) = &r.prefault {
+                    p.stop();
+                }
+            });
+        }
+    }
+
     /// Records the end of the migration and leaves its status in the VM's directory.
     fn end_migration(
         &mut self,
@@ -746,6 +766,7 @@ impl Controller {
         vm: &'static str,
         error: Option<String>,
     ) {
+        self.stop_prefault();
         let Some(h) = &self.migration else { return };
         h.update(|r| {
             r.finished = Some(r.started.elapsed());

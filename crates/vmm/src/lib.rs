@@ -13,6 +13,7 @@ pub mod lifecycle;
 pub mod machine;
 pub mod memory;
 pub mod migration;
+pub mod prefault;
 pub mod snapshot;
 pub mod vstate;
 
@@ -53,6 +54,8 @@ pub struct Incoming {
     pub key_file: PathBuf,
     /// Host-wide cap on concurrent migrations.
     pub max_concurrent: u32,
+    /// Populate all of guest memory while waiting (see [`prefault`]).
+    pub prefault: bool,
 }
 
 /// The record a VMM leaves behind when it ends.
@@ -147,7 +150,7 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     )?;
     let started = match (&opts.restore, &opts.incoming) {
         (_, Some(inc)) => ctl
-            .listen_incoming(&inc.listen, &inc.key_file, inc.max_concurrent)
+            .listen_incoming(&inc.listen, &inc.key_file, inc.max_concurrent, inc.prefault)
             .map(|_| Response::Done),
         (Some(dir), None) => ctl.restore(dir, opts.verify_memory).map(|_| Response::Done),
         (None, None) if opts.start => ctl.handle(Request::Start, &rx),

@@ -681,6 +681,8 @@ pub struct Record {
     pub paused_at_unix_us: Option<u64>,
     pub resumed_at_unix_us: Option<u64>,
     pub first_heartbeat_unix_us: Option<u64>,
+    /// Target: guest memory being populated ahead of the transfer.
+    pub prefault: Option<Arc<crate::prefault::Prefault>>,
 }
 
 /// One migration of this VM: shared by the controller and the migration thread.
@@ -711,6 +713,7 @@ impl Handle {
                 paused_at_unix_us: None,
                 resumed_at_unix_us: None,
                 first_heartbeat_unix_us: None,
+                prefault: None,
             })),
             progress: ProgressHandle::new(),
             cancel: CancelToken::new(),
@@ -763,6 +766,9 @@ impl Handle {
             paused_at_unix_us: r.paused_at_unix_us,
             resumed_at_unix_us: r.resumed_at_unix_us,
             first_heartbeat_unix_us: r.first_heartbeat_unix_us,
+            prefault_bytes: r.prefault.as_ref().map(|p| p.done_bytes()),
+            prefault_total_bytes: r.prefault.as_ref().map(|p| p.total_bytes()),
+            prefault_error: r.prefault.as_ref().and_then(|p| p.error()),
         }
     }
 }
