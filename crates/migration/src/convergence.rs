@@ -166,9 +166,13 @@ impl Estimator {
     }
 }
 
-/// The next step: converge if the predicted pause fits, else enforce limits, else throttle.
+/// The next step: converge if the predicted pause fits (unless one more pass would more
+/// than halve the data left, see [`another_pass_pays`]), else enforce limits, else throttle.
 pub fn decide(stats: &Stats, policy: &Policy) -> Decision {
     if stats.expected_downtime <= policy.max_downtime {
+        if another_pass_pays(stats, policy) {
+            return Decision::Continue;
+        }
         return Decision::StopAndCopy { forced: false };
     }
     let over_passes = stats.pass >= policy.max_passes;
@@ -214,6 +218,28 @@ pub fn decide(stats: &Stats, policy: &Policy) -> Decision {
     }
     Decision::Continue
 }
+
+/// Whether one more pre-copy pass, though the pause already fits, is worth it: the dirty
+/// pages left would take over [`MIN_WORTH_SAVING`] to send in the pause, and the guest is
+/// predicted to dirty less than half of that while they are sent instead. A guest writing
+/// 64 MiB/s then pauses for a few ms instead of just under `max_downtime`, for one short
+/// pass more. Never past the pass or time limit.
+pub fn another_pass_pays(stats: &Stats, policy: &Policy) -> bool {
+    if stats.pass >= policy.max_passes || stats.elapsed >= policy.max_time {
+        return false;
+    }
+    if stats.remaining_bytes == 0 || stats.bandwidth_bps <= 0.0 || !stats.bandwidth_bps.is_finite()
+    {
+        return false;
+    }
+    let send_secs = stats.remaining_bytes as f64 / stats.bandwidth_bps;
+    let dirtied_meanwhile = stats.dirty_rate_bps * send_secs;
+    send_secs > MIN_WORTH_SAVING.as_secs_f64()
+        && dirtied_meanwhile < stats.remaining_bytes as f64 / 2.0
+}
+
+/// Pause time below which another pass is not worth its round trips.
+pub const MIN_WORTH_SAVING: Duration = Duration::from_millis(2);
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -322,6 +348,43 @@ mod tests {
             }
             d => panic!("want Abort, got {d:?}"),
         }
+    }
+
+    #[test]
+    fn one_more_pass_when_it_more_than_halves_the_pause() {
+        let p = Policy::default();
+        let mib = 1u64 << 20;
+        // 21 MiB left at 1.5 GiB/s (14 ms) while the guest writes 64 MiB/s: ~0.9 MiB
+        // would be dirtied meanwhile. The pause fits, but another pass cuts it to ~1 ms.
+        let busy = Stats {
+            pass: 1,
+            remaining_bytes: 21 * mib,
+            bandwidth_bps: 1536.0 * mib as f64,
+            dirty_rate_bps: 64.0 * mib as f64,
+            expected_downtime: Duration::from_millis(19),
+            ..Stats::default()
+        };
+        assert!(another_pass_pays(&busy, &p));
+        assert_eq!(decide(&busy, &p), Decision::Continue);
+        // Almost nothing left: not worth the round trips.
+        let idle = Stats {
+            remaining_bytes: 64 << 10,
+            expected_downtime: Duration::from_millis(5),
+            ..busy
+        };
+        assert_eq!(decide(&idle, &p), Decision::StopAndCopy { forced: false });
+        // The guest would dirty as much again: another pass gains nothing.
+        let hot = Stats {
+            dirty_rate_bps: 1200.0 * mib as f64,
+            ..busy
+        };
+        assert_eq!(decide(&hot, &p), Decision::StopAndCopy { forced: false });
+        // Never past the limits.
+        let last = Stats {
+            pass: p.max_passes,
+            ..busy
+        };
+        assert_eq!(decide(&last, &p), Decision::StopAndCopy { forced: false });
     }
 
     #[test]

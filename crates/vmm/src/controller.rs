@@ -511,9 +511,13 @@ impl Controller {
         let mut cfg = ray_migration::ReceiverConfig::new(key);
         cfg.progress = handle.progress.clone();
         cfg.cancel = handle.cancel.clone();
-        let mem = Arc::new(mig::MemAccess::new(&memory));
-        mem.track_target_writes();
         self.apply(VmAction::MigrateIn, &format!("migrate:listen on {local}"))?;
+        let prefault = prefault.then(|| crate::prefault::spawn(memory.clone()));
+        if let Some(p) = &prefault {
+            handle.update(|r| r.prefault = Some(p.clone()));
+        }
+        let mem = Arc::new(mig::MemAccess::new(&memory).with_prefault(prefault));
+        mem.track_target_writes();
         self.incoming_memory = Some(memory);
         self.migration = Some(handle.clone());
         let inbox = self.vcpu_events.clone();
@@ -537,10 +541,6 @@ impl Controller {
             .map_err(|e| {
                 RequestError::internal(format!("cannot start the migration thread: {e}"))
             })?;
-        if let (true, Some(mem)) = (prefault, &self.incoming_memory) {
-            let p = crate::prefault::spawn(mem.clone());
-            handle.update(|r| r.prefault = Some(p));
-        }
         Ok(handle.status().peer)
     }
 

@@ -350,6 +350,9 @@ pub struct MemAccess {
     mem: GuestMem,
     regions: Vec<(u64, *mut u8, u64)>,
     map: Arc<PageMap>,
+    /// Target: the prefault of this memory, if one runs; once complete, incoming pages
+    /// need no populating.
+    prefault: Option<Arc<crate::prefault::Prefault>>,
 }
 
 // SAFETY: the raw pointers point into mappings owned by `mem` (kept alive by this struct);
@@ -375,8 +378,15 @@ impl MemAccess {
         Self {
             mem: mem.clone(),
             map: Arc::new(PageMap::new(&spans)),
+            prefault: None,
             regions,
         }
+    }
+
+    /// Target: `p` is allocating all of this memory ahead of the pages.
+    pub fn with_prefault(mut self, p: Option<Arc<crate::prefault::Prefault>>) -> Self {
+        self.prefault = p;
+        self
     }
 
     /// Target: the memory is fresh (all zero); zero pages into untouched memory are skipped.
@@ -469,7 +479,15 @@ impl GuestMemoryAccess for MemAccess {
         // lives. Only the receiver touches target memory (no vCPU runs before the
         // switch-over), so this is the only reference to these bytes while it lives.
         let dst = unsafe { std::slice::from_raw_parts_mut(host, len) };
-        populate(host, len);
+        if !self.prefault.as_ref().is_some_and(|p| p.is_complete()) {
+            // Allocates the run's pages in one call instead of one fault per page as the
+            // socket fills them. Best effort: without it the copy faults them in.
+            let start = host as usize & !(PAGE_SIZE as usize - 1);
+            let end = (host as usize + len).next_multiple_of(PAGE_SIZE as usize);
+            // SAFETY: [start, end) lies inside guest memory (checked by `host`, widened
+            // to whole pages of the same page-aligned mapping), kept alive by `self.mem`.
+            let _ = unsafe { crate::prefault::populate_write(start as *mut u8, end - start) };
+        }
         fill(dst);
         if self.map.enabled.load(Ordering::Acquire) {
             self.map.set_range(gpa, len as u64);
@@ -810,21 +828,6 @@ pub fn watch_heartbeat(mem: GuestMem, baseline: Option<u64>, handle: Handle) {
                 std::thread::sleep(Duration::from_micros(20));
             }
         });
-}
-
-/// Allocates fresh target memory for a run of incoming pages in one call
-/// (`MADV_POPULATE_WRITE`) instead of one page fault per page as the socket fills it. Best
-/// effort: a kernel without it falls back to faulting.
-fn populate(host: *mut u8, len: usize) {
-    const MADV_POPULATE_WRITE: libc::c_int = 23;
-    let page = 4096usize;
-    let start = host as usize & !(page - 1);
-    let end = (host as usize + len).next_multiple_of(page);
-    // SAFETY: madvise only pre-faults pages of a mapping this process owns (the range lies
-    // inside guest memory, checked by the caller); it changes no contents.
-    unsafe {
-        libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE);
-    }
 }
 
 #[cfg(test)]

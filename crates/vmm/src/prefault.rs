@@ -40,6 +40,11 @@ impl Prefault {
         self.total
     }
 
+    /// Every page is allocated: writers need not populate anything themselves.
+    pub fn is_complete(&self) -> bool {
+        self.done_bytes() >= self.total
+    }
+
     /// Why it gave up, if it did.
     pub fn error(&self) -> Option<String> {
         self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -109,7 +114,7 @@ pub fn spawn(mem: GuestMem) -> Arc<Prefault> {
 ///
 /// # Safety
 /// The range must lie inside a writable mapping this process keeps alive for the call.
-unsafe fn populate_write(host: *mut u8, len: usize) -> Result<(), String> {
+pub unsafe fn populate_write(host: *mut u8, len: usize) -> Result<(), String> {
     const MADV_POPULATE_WRITE: libc::c_int = 23;
     loop {
         // SAFETY: the caller vouches for the range; madvise only allocates its pages.
