@@ -21,7 +21,8 @@ pub struct SenderConfig {
     /// that does not shrink, only every 16th batch is tried until one shrinks again, so
     /// incompressible memory costs little CPU.
     pub compress: bool,
-    /// Pages per `MemoryPages` frame (default 256, i.e. 1 MiB of 4 KiB pages).
+    /// Pages per `MemoryPages` frame (default 1024, i.e. 4 MiB of 4 KiB pages: fewer
+    /// frames and socket writes; 256 measured a little slower on loopback).
     pub batch_pages: usize,
     /// Page frames carry a CRC32 of their index instead of a MAC once authenticated
     /// (default true), and pages go straight from guest memory to the socket when the
@@ -43,7 +44,7 @@ impl SenderConfig {
             key,
             policy: Policy::default(),
             compress: false,
-            batch_pages: 256,
+            batch_pages: 1024,
             crc_pages: true,
             recheck_memory: false,
             cancel: CancelToken::new(),

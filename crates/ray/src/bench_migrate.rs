@@ -70,14 +70,18 @@ struct Mode {
     /// Raw TCP on the same path from and into one cache-hot 1 MiB buffer (median, measured
     /// like `raw_tcp_mib_s`), MiB/s.
     raw_tcp_cached_mib_s: f64,
-    /// Median migration throughput (whole migration) over median raw TCP memory to memory.
+    /// Migration throughput (whole migration) over raw TCP memory to memory, each run's
+    /// migration paired with the raw measurement taken just before it (the machine's speed
+    /// drifts between runs; a pair shares its conditions): the median of the runs' ratios.
     throughput_ratio: f64,
-    /// Median migration throughput over median cache-hot raw TCP.
+    /// The runs' ratios, min/median/max.
+    throughput_ratios: Stats,
+    /// Median of the runs' migration throughput over cache-hot raw TCP.
     throughput_ratio_cached: f64,
     /// The first (bulk) pre-copy pass alone: its bytes over the time from its first page
     /// read to the target's acknowledgement, MiB/s.
     bulk_mib_s: Stats,
-    /// Median bulk-pass rate over median raw TCP memory to memory.
+    /// Median of the runs' bulk-pass rate over raw TCP memory to memory.
     bulk_ratio: f64,
 }
 
@@ -585,6 +589,11 @@ impl Bench<'_> {
         let raw_tcp_mib_s = Stats::of(&raw).median;
         let raw_tcp_cached_mib_s = Stats::of(&cached).median;
         let bulk_mib_s = Stats::of(&bulk);
+        let paired = |num: &[f64], den: &[f64]| {
+            let r: Vec<f64> = num.iter().zip(den).map(|(n, d)| n / d).collect();
+            Stats::of(&r)
+        };
+        let throughput_ratios = paired(&rate, &raw);
         Ok(Mode {
             path,
             downtime_ms: Stats::of(&gap),
@@ -595,10 +604,11 @@ impl Bench<'_> {
             migration_mib_s,
             raw_tcp_mib_s,
             raw_tcp_cached_mib_s,
-            throughput_ratio: migration_mib_s.median / raw_tcp_mib_s,
-            throughput_ratio_cached: migration_mib_s.median / raw_tcp_cached_mib_s,
+            throughput_ratio: throughput_ratios.median,
+            throughput_ratios,
+            throughput_ratio_cached: paired(&rate, &cached).median,
             bulk_mib_s,
-            bulk_ratio: bulk_mib_s.median / raw_tcp_mib_s,
+            bulk_ratio: paired(&bulk, &raw).median,
         })
     }
 }
@@ -617,8 +627,13 @@ fn print_mode(m: &Mode, name: &str, max_downtime: u64) {
         m.passes
     );
     println!(
-        "  {:<30} {:.0} MiB/s; migration/raw = {:.2}, bulk pass/raw = {:.2} (target >= 0.70)",
-        "raw TCP memory->memory", m.raw_tcp_mib_s, m.throughput_ratio, m.bulk_ratio
+        "  {:<30} {:.0} MiB/s; migration/raw = {:.2} (runs {:.2}..{:.2}), bulk pass/raw = {:.2} (target >= 0.70)",
+        "raw TCP memory->memory",
+        m.raw_tcp_mib_s,
+        m.throughput_ratio,
+        m.throughput_ratios.min,
+        m.throughput_ratios.max,
+        m.bulk_ratio
     );
     println!(
         "  {:<30} {:.0} MiB/s; migration/raw = {:.2}",

@@ -14,9 +14,9 @@ use ray_guest_abi::offset;
 use crate::devices::{ConsoleRing, PowerEvent};
 use crate::lifecycle::{guest_runs, transition, AuditTrail, TransitionError, VmAction, VmState};
 use crate::machine::{ConsoleSinks, Machine};
-use crate::memory::GuestMem;
 use crate::migration::{self as mig, Ended, MigrationOp, OpReply, OpResult};
 use crate::vstate::vcpu::{EventSink, VcpuEvent};
+use crate::vstate::vm::Vm;
 use crate::vstate::Flavour;
 use crate::{config, heartbeat};
 
@@ -155,8 +155,9 @@ pub struct Controller {
     vcpu_events: Sender<Message>,
     /// The current or last migration of this VM.
     migration: Option<mig::Handle>,
-    /// Target: guest memory allocated for an incoming migration, before the state arrives.
-    incoming_memory: Option<GuestMem>,
+    /// Target: the KVM VM (memory slots registered, with dirty logging) created over the
+    /// guest memory of an incoming migration; the state goes onto it at the switch-over.
+    incoming_vm: Option<Vm>,
     /// Target: the source's checked state, applied at the switch-over.
     incoming_state: Option<Box<mig::MigrationState>>,
     /// The store and id of this VM's latest snapshot: the parent of the next incremental.
@@ -191,7 +192,7 @@ impl Controller {
             ring: Arc::default(),
             vcpu_events,
             migration: None,
-            incoming_memory: None,
+            incoming_vm: None,
             incoming_state: None,
             last_snapshot: None,
             dirty_since_snapshot: None,
@@ -495,6 +496,8 @@ impl Controller {
         let regions = crate::boot::layout::ram_regions(config.memory_bytes);
         let memory =
             crate::memory::create(&regions).map_err(|e| RequestError::internal(e.to_string()))?;
+        let vm = Vm::with_dirty_logging(memory.clone(), self.flavour)
+            .map_err(|e| RequestError::internal(format!("cannot create the VM: {e}")))?;
         let kvm = kvm_ioctls::Kvm::new()
             .map_err(|e| RequestError::internal(format!("cannot open /dev/kvm: {e}")))?;
         let compat = mig::compat_info(
@@ -518,7 +521,7 @@ impl Controller {
         }
         let mem = Arc::new(mig::MemAccess::new(&memory).with_prefault(prefault));
         mem.track_target_writes();
-        self.incoming_memory = Some(memory);
+        self.incoming_vm = Some(vm);
         self.migration = Some(handle.clone());
         let inbox = self.vcpu_events.clone();
         std::thread::Builder::new()
@@ -668,7 +671,7 @@ impl Controller {
                 if let Some(mut m) = self.machine.take() {
                     m.shutdown();
                 }
-                self.incoming_memory = None;
+                self.incoming_vm = None;
                 self.incoming_state = None;
                 Ok(OpReply::Done)
             }
@@ -730,8 +733,8 @@ impl Controller {
             .incoming_state
             .take()
             .ok_or("no VM state arrived before the switch-over")?;
-        let memory = self
-            .incoming_memory
+        let vm = self
+            .incoming_vm
             .take()
             .ok_or("the incoming guest memory is gone")?;
         let sinks = self.console_sinks().map_err(|e| e.message)?;
@@ -739,8 +742,8 @@ impl Controller {
         let events: EventSink = Arc::new(move |e| {
             let _ = inbox.send(Message::Vcpu(e));
         });
-        let machine = Machine::restore(memory, &st.machine, self.flavour, sinks, events)
-            .map_err(|e| e.to_string())?;
+        let machine =
+            Machine::restore_on(vm, &st.machine, sinks, events).map_err(|e| e.to_string())?;
         self.machine = Some(machine);
         self.config = Some(st.config);
         self.started = Instant::now().checked_sub(Duration::from_millis(st.uptime_ms));
@@ -847,7 +850,7 @@ impl Controller {
             }
             Ended::Target(Ok(_)) => {
                 self.end_migration(Some(S::Completed), "running", None);
-                self.incoming_memory = None;
+                self.incoming_vm = None;
             }
             Ended::Target(Err(e)) => {
                 let (why, state, owns) = match e {
@@ -863,7 +866,7 @@ impl Controller {
                     return;
                 }
                 self.end_migration(Some(state), "discarded", Some(why.clone()));
-                self.incoming_memory = None;
+                self.incoming_vm = None;
                 self.terminate(
                     VmAction::MigrationAbort,
                     &format!("migrate:incoming failed: {why}"),
