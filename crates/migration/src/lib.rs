@@ -20,7 +20,7 @@
 //!
 //! Each side keeps one XXH3 hash per guest page ([`vm::PageHashes`]): the source hashes
 //! every page from the bytes it sends, the target every page right after placing it. After
-//! the final pass both exchange BLAKE3 digests of their tables (the source's in a MACed
+//! the final pass both exchange digests of their tables (the source's in a MACed
 //! frame) and the target resumes only if they match. Page data is read once per side on
 //! its way through, never again in the background or in the pause; the page frames' CRC
 //! covers just their header and index. `SenderConfig::recheck_memory` additionally rereads

@@ -551,7 +551,10 @@ impl Controller {
     pub fn migration_op(&mut self, op: MigrationOp) -> OpResult {
         // `RAY_MIGRATION_TRACE=1` in the VMM's environment logs each step's duration.
         let trace = std::env::var_os("RAY_MIGRATION_TRACE").is_some();
-        let name: String = format!("{op:?}").chars().take(24).collect();
+        let name: String = match &op {
+            MigrationOp::RestoreState(blob) => format!("RestoreState({} bytes)", blob.len()),
+            op => format!("{op:?}").chars().take(24).collect(),
+        };
         let t = Instant::now();
         let r = self.migration_op_inner(op);
         if trace {
