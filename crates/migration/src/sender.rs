@@ -477,6 +477,9 @@ impl<'a, S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> S
         })?;
         let mut stretch: Option<usize> = None;
         for k in 0..n {
+            if let Some(next) = bytes.get((k + PREFETCH_AHEAD) * ps) {
+                prefetch(next);
+            }
             let at = gpa + (k * ps) as u64;
             let page = &bytes[k * ps..(k + 1) * ps];
             if mem.known_zero(at) || is_zero(page) {
@@ -600,6 +603,25 @@ impl<'a, S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> S
         }
         ok
     }
+}
+
+/// Pages ahead of the one being checked and hashed whose first line is prefetched: the
+/// first touch of each page of guest memory waits for a TLB walk and a memory read, which
+/// the hardware prefetchers do not start across page boundaries.
+const PREFETCH_AHEAD: usize = 4;
+
+/// Hints the CPU to load the cache line at `at` (never faults, changes nothing).
+fn prefetch(at: &u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint: it never faults and has no architectural effect;
+    // the address is a valid reference besides.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            (at as *const u8).cast(),
+        )
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
 }
 
 fn peer_already_gone(e: &MigrationError) -> bool {
