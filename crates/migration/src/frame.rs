@@ -202,7 +202,6 @@ pub struct Channel<S> {
     recv_seq: u64,
     crc_pages: bool,
     last_compressed: bool,
-    zero_page: Vec<u8>,
     rx: Vec<u8>,
     lz: Vec<u8>,
     tx: Vec<u8>,
@@ -220,7 +219,6 @@ impl<S: Read + Write> Channel<S> {
             recv_seq: 0,
             crc_pages: false,
             last_compressed: false,
-            zero_page: Vec::new(),
             rx: Vec::new(),
             lz: Vec::new(),
             tx: Vec::new(),
@@ -629,14 +627,11 @@ impl<S: Read + Write> Channel<S> {
                 });
             }
         }
-        if self.zero_page.len() != page_size {
-            self.zero_page = vec![0; page_size];
-        }
         let mut i = 0;
         while i < n {
             let (gpa, nonzero) = index_entry(index, n, i);
             if !nonzero {
-                mem.write(gpa, &self.zero_page)?;
+                mem.write_zeros(gpa, page_size)?;
                 hashes.record_zero(gpa);
                 i += 1;
                 continue;

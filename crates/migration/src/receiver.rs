@@ -212,7 +212,6 @@ impl<S: Read + Write> Receiver<'_, S> {
         self.event(SessionEvent::Start)?;
         let regions = mem.regions();
         let page_size = local.page_size as usize;
-        let zero_page = vec![0u8; page_size];
         // What each page is in our memory, hashed as it was placed.
         let mut hashes = PageHashes::new(&regions, page_size);
         loop {
@@ -247,15 +246,15 @@ impl<S: Read + Write> Receiver<'_, S> {
                 // MACed or compressed: checked as a whole, then copied into place.
                 let view = PageBatchView::parse(frame.payload)?;
                 for (gpa, data) in view.iter() {
-                    let data = data.unwrap_or(&zero_page);
-                    if data.len() != page_size || !inside(&regions, gpa, data.len()) {
-                        return Err(MigrationError::PageOutOfRange {
-                            gpa,
-                            len: data.len(),
-                        });
+                    let len = data.map_or(page_size, <[u8]>::len);
+                    if len != page_size || !inside(&regions, gpa, len) {
+                        return Err(MigrationError::PageOutOfRange { gpa, len });
                     }
-                    mem.write(gpa, data)?;
-                    hashes.record_from(mem, gpa, data.len())?;
+                    match data {
+                        Some(data) => mem.write(gpa, data)?,
+                        None => mem.write_zeros(gpa, len)?,
+                    }
+                    hashes.record_from(mem, gpa, len)?;
                 }
                 let n = view.len() as u64;
                 self.count_pages(n);

@@ -48,6 +48,12 @@ pub trait GuestMemoryAccess: Sync {
         let _ = (gpa, len);
         None
     }
+    /// Makes the `len` bytes (whole pages) at `gpa` zero, as for a page the sender marked
+    /// zero. The default writes zeros; a backend that knows the pages are still untouched
+    /// (fresh memory reads as zero) can skip them without allocating or scanning.
+    fn write_zeros(&self, gpa: u64, len: usize) -> Result<(), MemoryError> {
+        self.write(gpa, &vec![0u8; len])
+    }
     /// Optional fast path for the receiver: calls `fill` once with the `len` guest bytes at
     /// `gpa` so it can write them in place (straight from the socket), saving the copy
     /// through a buffer that [`write`](Self::write) costs. Same rules as `write` (whole
