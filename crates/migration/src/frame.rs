@@ -653,13 +653,18 @@ impl<S: Read + Write> Channel<S> {
             let stream = &mut self.stream;
             let mut failed = None;
             let placed = mem.fill_in_place(gpa, len, &mut |dst: &mut [u8]| {
-                // One read call per socket wake-up (as many bytes as have arrived, up
-                // to the whole run): each read may send a window update, so small reads
-                // cost ACK processing. The pages are hashed from guest memory right after,
-                // while still in cache.
-                match read_full(stream, dst, "payload", false) {
-                    Ok(()) => hashes.record(gpa, dst),
-                    Err(e) => failed = Some(e),
+                // Read in pieces of up to HASH_AFTER bytes (one read call per socket
+                // wake-up within a piece: small reads cost ACK processing), each hashed from
+                // guest memory right after it landed, while it is still in the L2 cache.
+                let piece = (HASH_AFTER / page_size).max(1) * page_size;
+                let mut at = gpa;
+                for part in dst.chunks_mut(piece) {
+                    if let Err(e) = read_full(stream, part, "payload", false) {
+                        failed = Some(e);
+                        return;
+                    }
+                    hashes.record(at, part);
+                    at += part.len() as u64;
                 }
             })?;
             if let Some(e) = failed {
@@ -710,6 +715,9 @@ fn decompress(src: &[u8], dst: &mut Vec<u8>, command: Command) -> Result<(), Pro
     }
     Ok(())
 }
+
+/// Page data is hashed after at most this many bytes of it arrived (fits the L2 cache).
+const HASH_AFTER: usize = 256 << 10;
 
 /// `read_exact` that tells a clean close (no byte of a header) from a truncated frame.
 fn read_full<R: Read>(
