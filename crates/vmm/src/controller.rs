@@ -295,6 +295,13 @@ impl Controller {
                         self.state
                     )));
                 }
+                if self.migration.as_ref().is_some_and(|h| h.paused_for_copy()) {
+                    // Its device state may already be on its way: input queued now could
+                    // be lost with the source copy. Refused, so the sender knows to retry.
+                    return Err(RequestError::conflict(
+                        "the VM is paused for the last copy of its migration; retry in a few ms (on the target if it moved)",
+                    ));
+                }
                 let machine = self.machine()?;
                 machine
                     .bus

@@ -792,6 +792,13 @@ impl Handle {
         f(&mut r);
     }
 
+    /// Source: the vCPUs are stopped for the stop-and-copy (until the target resumes or a
+    /// rollback resumes them here).
+    pub fn paused_for_copy(&self) -> bool {
+        let r = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        r.paused_at_unix_us.is_some() && r.finished.is_none()
+    }
+
     pub fn is_finished(&self) -> bool {
         self.record
             .lock()
