@@ -86,16 +86,26 @@ impl Net {
 
     /// `ray <args>` inside namespace `ns`, with the test's runtime directory.
     fn ray(&self, env: &Env, ns: &str, args: &[&str]) -> Output {
+        self.ray_with(env, ns, args, &[])
+    }
+
+    /// [`ray`](Self::ray) with more environment variables (for `ray` and the VMM it starts).
+    fn ray_with(&self, env: &Env, ns: &str, args: &[&str], vars: &[(&str, &str)]) -> Output {
         run(Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(ray_bin())
             .args(args)
             .env("RAY_RUNTIME_DIR", &env.runtime)
-            .env("RAY_GUEST", guest_bin()))
+            .env("RAY_GUEST", guest_bin())
+            .envs(vars.iter().copied()))
     }
 
     fn ray_ok(&self, env: &Env, ns: &str, args: &[&str]) -> String {
-        let out = self.ray(env, ns, args);
+        self.ray_ok_with(env, ns, args, &[])
+    }
+
+    fn ray_ok_with(&self, env: &Env, ns: &str, args: &[&str], vars: &[(&str, &str)]) -> String {
+        let out = self.ray_with(env, ns, args, vars);
         assert!(
             out.status.success(),
             "ray {args:?} in {ns} failed ({}): {}{}",
@@ -146,7 +156,19 @@ fn boot_source(env: &Env, net: &Net, memory: &str) -> Vm {
 
 /// Starts a target VMM in namespace B waiting on port `port`.
 fn receive(env: &Env, net: &Net, port: u16, key: &str, memory: &str) -> Vm {
-    let out = net.ray_ok(
+    receive_with(env, net, port, key, memory, &[])
+}
+
+/// [`receive`] with more environment variables for the target VMM.
+fn receive_with(
+    env: &Env,
+    net: &Net,
+    port: u16,
+    key: &str,
+    memory: &str,
+    vars: &[(&str, &str)],
+) -> Vm {
+    let out = net.ray_ok_with(
         env,
         &net.b,
         &[
@@ -164,6 +186,7 @@ fn receive(env: &Env, net: &Net, port: u16, key: &str, memory: &str) -> Vm {
             "dst",
             "--json",
         ],
+        vars,
     );
     let info: VmInfo = serde_json::from_str(&out).expect("migrate receive --json prints VmInfo");
     assert_eq!(info.state, VmStateName::MigrationTarget);
@@ -176,40 +199,43 @@ fn migration(vm: &Vm) -> MigrationStatus {
         .expect("GET /vm/migration")
 }
 
-/// Waits until the source's migration is in pre-copy pass `pass` or later.
-fn wait_for_pass(vm: &Vm, pass: u32) -> MigrationStatus {
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// Polls `GET /vm/migration` every 10 ms until `done` says the status is the one awaited
+/// (`Ok`), or fails the test when it says it never will be (`Err`) or `secs` pass.
+fn wait_migration(
+    vm: &Vm,
+    what: &str,
+    secs: u64,
+    mut done: impl FnMut(&MigrationStatus) -> Result<bool, String>,
+) -> MigrationStatus {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let s = migration(vm);
-        if s.state == "pre_copy" && s.pass >= pass {
-            return s;
+        match done(&s) {
+            Ok(true) => return s,
+            Ok(false) => {}
+            Err(why) => panic!("{why}: {s:?}"),
         }
         assert!(
-            s.vm == "migrating",
-            "the migration ended before pass {pass}: {s:?}"
-        );
-        assert!(
             Instant::now() < deadline,
-            "no pass {pass} within 60 s: {s:?}"
+            "no {what} within {secs} s: {s:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
+/// Waits until the source's migration is in pre-copy pass `pass` or later.
+fn wait_for_pass(vm: &Vm, pass: u32) -> MigrationStatus {
+    wait_migration(vm, &format!("pass {pass}"), 60, |s| {
+        if s.vm != "migrating" {
+            return Err(format!("the migration ended before pass {pass}"));
+        }
+        Ok(s.state == "pre_copy" && s.pass >= pass)
+    })
+}
+
 /// Waits until the VMM recorded the migration's outcome.
 fn wait_for_end(vm: &Vm) -> MigrationStatus {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = migration(vm);
-        if s.vm != "migrating" {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the migration did not end within 60 s: {s:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_migration(vm, "end of the migration", 60, |s| Ok(s.vm != "migrating"))
 }
 
 /// Starts a migration that cannot converge (1 ms budget, no throttling, the guest dirtying
@@ -394,18 +420,9 @@ fn guest_moves_between_namespaces_while_dirtying_and_ticking() {
 }
 
 fn wait_heartbeat_recorded(dst: &Vm) -> MigrationStatus {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let t = migration(dst);
-        if t.first_heartbeat_unix_us.is_some() {
-            return t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no heartbeat after resume: {t:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_migration(dst, "heartbeat after resume", 10, |t| {
+        Ok(t.first_heartbeat_unix_us.is_some())
+    })
 }
 
 #[test]
@@ -674,20 +691,12 @@ fn same_host_move_over_a_unix_socket() {
 /// Waits until a target started with `--prefault` populated all `bytes` of its memory
 /// (while its API keeps answering).
 fn wait_prefaulted(dst: &Vm, bytes: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = migration(dst);
-        assert_eq!(s.prefault_total_bytes, Some(bytes), "{s:?}");
-        assert_eq!(s.prefault_error, None, "{s:?}");
-        if s.prefault_bytes == Some(bytes) {
-            return;
+    wait_migration(dst, "end of the prefault", 30, |s| {
+        if s.prefault_total_bytes != Some(bytes) || s.prefault_error.is_some() {
+            return Err(format!("prefault of {bytes} bytes failed or is missing"));
         }
-        assert!(
-            Instant::now() < deadline,
-            "the prefault did not end within 30 s: {s:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        Ok(s.prefault_bytes == Some(bytes))
+    });
 }
 
 #[test]
@@ -700,34 +709,14 @@ fn target_dying_after_the_switchover_leaves_the_source_paused_until_reclaimed() 
     // A target that exits the moment the source has committed (it received `Switchover`)
     // and before it resumed or answered: from the source, indistinguishable from a target
     // that runs the VM and whose answer got lost.
-    let out = run(Command::new("ip")
-        .args(["netns", "exec", &net.b])
-        .arg(ray_bin())
-        .args([
-            "migrate",
-            "receive",
-            "--listen",
-            &net.target_addr(7009),
-            "--key-file",
-            &key,
-            "--memory",
-            "128M",
-            "--vcpus",
-            "2",
-            "--id",
-            "dst",
-            "--json",
-        ])
-        .env("RAY_RUNTIME_DIR", &env.runtime)
-        .env("RAY_GUEST", guest_bin())
-        .env("RAY_FAULT", "target-exit-at-switchover"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let dst = receive_with(
+        &env,
+        &net,
+        7009,
+        &key,
+        "128M",
+        &[("RAY_FAULT", "target-exit-at-switchover")],
     );
-    let info: VmInfo = serde_json::from_slice(&out.stdout).unwrap();
-    let dst = env.attach("dst", info.pid);
 
     let out = start_to(&env, &net, 7009, &key);
     assert!(!out.status.success(), "the migration cannot have completed");
