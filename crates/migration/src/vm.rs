@@ -200,8 +200,9 @@ pub struct PageHashes {
     page_size: usize,
     zero: u64,
     hashes: Vec<Vec<u64>>,
-    /// Per region, the sum of [`mix`] over its pages, kept up to date by every record so
-    /// that the digest costs nothing inside the downtime.
+    /// Per region, the sum of [`mix`] over its pages that are not zero, kept up to date by
+    /// every record so that the digest costs nothing inside the downtime (zero pages add
+    /// nothing, so a fresh table starts at 0 without a pass over its pages).
     sums: Vec<u128>,
     scratch: Vec<u8>,
 }
@@ -226,10 +227,7 @@ impl PageHashes {
                 .iter()
                 .map(|r| vec![zero; pages(r) as usize])
                 .collect(),
-            sums: regions
-                .iter()
-                .map(|r| (0..pages(r)).fold(0u128, |s, i| s.wrapping_add(mix(i, zero))))
-                .collect(),
+            sums: vec![0; regions.len()],
             regions: regions.to_vec(),
             page_size,
             zero,
@@ -265,9 +263,10 @@ impl PageHashes {
         };
         if *slot != hash {
             let i = page as u64;
+            let term = |h: u64| if h == self.zero { 0 } else { mix(i, h) };
             self.sums[r] = self.sums[r]
-                .wrapping_sub(mix(i, *slot))
-                .wrapping_add(mix(i, hash));
+                .wrapping_sub(term(*slot))
+                .wrapping_add(term(hash));
             *slot = hash;
         }
     }
@@ -308,7 +307,7 @@ impl PageHashes {
         self.hashes[r].get(p).copied()
     }
 
-    /// One digest per region: the sum of every page's hash mixed with its index (128 bits,
+    /// One digest per region: the sum of every non-zero page's hash mixed with its index (128 bits,
     /// little-endian, in the first 16 bytes of [`RegionHash::hash`], the rest zero). Kept
     /// up to date as pages are recorded, so taking it inside the downtime costs nothing.
     pub fn digests(&self) -> Vec<RegionHash> {
