@@ -154,6 +154,17 @@ fn boot_source(env: &Env, net: &Net, memory: &str) -> Vm {
     vm
 }
 
+/// A test's world: its runtime directory, two namespaces, a key file, the source VM
+/// (`memory`, booted in namespace A) and a target waiting on `port` in namespace B.
+fn source_and_target(tag: &str, net: &str, port: u16, memory: &str) -> (Env, Net, String, Vm, Vm) {
+    let env = Env::new(tag);
+    let net = Net::new(net);
+    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let src = boot_source(&env, &net, memory);
+    let dst = receive(&env, &net, port, &key, memory);
+    (env, net, key, src, dst)
+}
+
 /// Starts a target VMM in namespace B waiting on port `port`.
 fn receive(env: &Env, net: &Net, port: u16, key: &str, memory: &str) -> Vm {
     receive_with(env, net, port, key, memory, &[])
@@ -242,17 +253,12 @@ fn wait_for_end(vm: &Vm) -> MigrationStatus {
 /// fast) so pre-copy goes on until the test interferes.
 fn start_endless(env: &Env, net: &Net, src: &mut Vm, port: u16, key: &str) {
     src.command("dirty 64 2000", "dirty on");
-    net.ray_ok(
+    start_ok(
         env,
-        &net.a,
+        net,
+        port,
+        key,
         &[
-            "migrate",
-            "start",
-            "src",
-            "--to",
-            &net.target_addr(port),
-            "--key-file",
-            key,
             "--max-downtime-ms",
             "1",
             "--no-auto-converge",
@@ -268,21 +274,26 @@ fn start_endless(env: &Env, net: &Net, src: &mut Vm, port: u16, key: &str) {
     );
 }
 
-/// `ray migrate start src` towards `port` in the target namespace, run to its end.
-fn start_to(env: &Env, net: &Net, port: u16, key: &str) -> Output {
-    net.ray(
-        env,
-        &net.a,
-        &[
-            "migrate",
-            "start",
-            "src",
-            "--to",
-            &net.target_addr(port),
-            "--key-file",
-            key,
-        ],
-    )
+/// `ray migrate start src` towards `port` in the target namespace, with `extra` options;
+/// without `--detach` it runs to the migration's end.
+fn start_to(env: &Env, net: &Net, port: u16, key: &str, extra: &[&str]) -> Output {
+    let to = net.target_addr(port);
+    let mut args = vec!["migrate", "start", "src", "--to", &to, "--key-file", key];
+    args.extend_from_slice(extra);
+    net.ray(env, &net.a, &args)
+}
+
+/// [`start_to`] that must succeed; its standard output.
+fn start_ok(env: &Env, net: &Net, port: u16, key: &str, extra: &[&str]) -> String {
+    let out = start_to(env, net, port, key, extra);
+    assert!(
+        out.status.success(),
+        "migrate start failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The session failed and the source VM was given back (not paused, not gone).
@@ -341,23 +352,9 @@ fn guest_moves_between_namespaces_while_dirtying_and_ticking() {
     src.expect_line("tick ", Duration::from_secs(5));
 
     let mut dst = receive(&env, &net, 7001, &key, "512M");
-    let out = net.ray_ok(
-        &env,
-        &net.a,
-        &[
-            "migrate",
-            "start",
-            "src",
-            "--to",
-            &net.target_addr(7001),
-            "--key-file",
-            &key,
-            // The paused source's memory is reread and compared with what was sent: the
-            // dirty log (PVM's shadow paging here) must not have missed a write.
-            "--recheck-memory",
-            "--json",
-        ],
-    );
+    // The paused source's memory is reread and compared with what was sent: the dirty log
+    // (PVM's shadow paging here) must not have missed a write.
+    let out = start_ok(&env, &net, 7001, &key, &["--recheck-memory", "--json"]);
     let s: MigrationStatus = serde_json::from_str(&out).unwrap();
     assert_eq!(s.state, "completed", "{s:?}");
     assert_eq!(s.vm, "migrated");
@@ -427,11 +424,7 @@ fn wait_heartbeat_recorded(dst: &Vm) -> MigrationStatus {
 
 #[test]
 fn killed_target_mid_pre_copy_leaves_the_source_running() {
-    let env = Env::new("mig-kill");
-    let net = Net::new("kill");
-    let key = key_file(&env, "key", "a pre-shared key of some length");
-    let mut src = boot_source(&env, &net, "256M");
-    let dst = receive(&env, &net, 7002, &key, "256M");
+    let (env, net, key, mut src, dst) = source_and_target("mig-kill", "kill", 7002, "256M");
     start_endless(&env, &net, &mut src, 7002, &key);
     wait_for_pass(&src, 3);
     // SAFETY: kill(2) of the target VMM this test started.
@@ -453,11 +446,7 @@ fn killed_target_mid_pre_copy_leaves_the_source_running() {
 
 #[test]
 fn cut_link_mid_transfer_leaves_the_source_running() {
-    let env = Env::new("mig-cut");
-    let net = Net::new("cut");
-    let key = key_file(&env, "key", "a pre-shared key of some length");
-    let mut src = boot_source(&env, &net, "256M");
-    let dst = receive(&env, &net, 7003, &key, "256M");
+    let (env, net, key, mut src, dst) = source_and_target("mig-cut", "cut", 7003, "256M");
     start_endless(&env, &net, &mut src, 7003, &key);
     wait_for_pass(&src, 3);
     net.cut();
@@ -486,7 +475,7 @@ fn wrong_key_is_refused_before_any_memory_moves() {
     let other = key_file(&env, "other", "another key, just as long");
     let mut src = boot_source(&env, &net, "256M");
     let dst = receive(&env, &net, 7004, &other, "256M");
-    let out = start_to(&env, &net, 7004, &key);
+    let out = start_to(&env, &net, 7004, &key, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pre-shared key"), "{err}");
@@ -527,7 +516,7 @@ fn incompatible_target_is_refused_before_any_memory_moves() {
     let key = key_file(&env, "key", "a pre-shared key of some length");
     let mut src = boot_source(&env, &net, "256M");
     let dst = receive(&env, &net, 7005, &key, "128M");
-    let out = start_to(&env, &net, 7005, &key);
+    let out = start_to(&env, &net, 7005, &key, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -543,11 +532,7 @@ fn incompatible_target_is_refused_before_any_memory_moves() {
 
 #[test]
 fn cancel_mid_pre_copy_rolls_back() {
-    let env = Env::new("mig-cancel");
-    let net = Net::new("cancel");
-    let key = key_file(&env, "key", "a pre-shared key of some length");
-    let mut src = boot_source(&env, &net, "256M");
-    let dst = receive(&env, &net, 7006, &key, "256M");
+    let (env, net, key, mut src, dst) = source_and_target("mig-cancel", "cancel", 7006, "256M");
     start_endless(&env, &net, &mut src, 7006, &key);
     wait_for_pass(&src, 2);
     let out = env.ray_ok(&["migrate", "cancel", "src", "--json"]);
@@ -582,23 +567,14 @@ fn cancel_mid_pre_copy_rolls_back() {
 
 #[test]
 fn auto_converge_throttles_the_vcpus_and_a_rollback_lifts_it() {
-    let env = Env::new("mig-throttle");
-    let net = Net::new("thr");
-    let key = key_file(&env, "key", "a pre-shared key of some length");
-    let mut src = boot_source(&env, &net, "256M");
-    let dst = receive(&env, &net, 7007, &key, "256M");
+    let (env, net, key, mut src, dst) = source_and_target("mig-throttle", "thr", 7007, "256M");
     src.command("dirty 64 2000", "dirty on");
-    net.ray_ok(
+    start_ok(
         &env,
-        &net.a,
+        &net,
+        7007,
+        &key,
         &[
-            "migrate",
-            "start",
-            "src",
-            "--to",
-            &net.target_addr(7007),
-            "--key-file",
-            &key,
             "--max-downtime-ms",
             "1",
             "--max-passes",
@@ -611,16 +587,12 @@ fn auto_converge_throttles_the_vcpus_and_a_rollback_lifts_it() {
         ],
     );
     // A 1 ms budget cannot be met while the guest dirties memory: the throttle steps in.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let s = loop {
-        let s = migration(&src);
-        assert_eq!(s.vm, "migrating", "{s:?}");
-        if s.throttle_percent > 0 {
-            break s;
+    let s = wait_migration(&src, "throttle", 60, |s| {
+        if s.vm != "migrating" {
+            return Err("the migration ended before throttling".into());
         }
-        assert!(Instant::now() < deadline, "no throttle within 60 s: {s:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+        Ok(s.throttle_percent > 0)
+    });
     assert!(
         s.pass >= 2,
         "the throttle follows passes that did not converge: {s:?}"
@@ -718,7 +690,7 @@ fn target_dying_after_the_switchover_leaves_the_source_paused_until_reclaimed() 
         &[("RAY_FAULT", "target-exit-at-switchover")],
     );
 
-    let out = start_to(&env, &net, 7009, &key);
+    let out = start_to(&env, &net, 7009, &key, &[]);
     assert!(!out.status.success(), "the migration cannot have completed");
     dst.wait_exit(Duration::from_secs(10));
     let s = migration(&src);
