@@ -409,10 +409,6 @@ impl MemAccess {
         self.map.enabled.store(true, Ordering::SeqCst);
     }
 
-    pub fn guest_mem(&self) -> &GuestMem {
-        &self.mem
-    }
-
     fn host(&self, gpa: u64, len: usize) -> Result<*mut u8, MemoryError> {
         self.regions
             .iter()
