@@ -47,10 +47,14 @@ impl BootInfo {
 
     /// Value of `key` (e.g. "ray.poll_ms=") on the command line, as a number.
     pub fn cmdline_u64(&self, key: &str) -> Option<u64> {
+        self.cmdline_str(key).and_then(crate::shell::parse_number)
+    }
+
+    /// The value of `key` (which ends in `=`) on the command line, if present.
+    pub fn cmdline_str(&self, key: &str) -> Option<&str> {
         self.cmdline()
             .split_ascii_whitespace()
             .find_map(|w| w.strip_prefix(key))
-            .and_then(crate::shell::parse_number)
     }
 
     /// True if [addr, addr+len) lies inside one usable e820 entry.

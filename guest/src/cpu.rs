@@ -19,6 +19,13 @@ pub fn outw(port: u16, value: u16) {
     }
 }
 
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: port I/O has no memory-safety effect on this guest.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: port I/O has no memory-safety effect on this guest.

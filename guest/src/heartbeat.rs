@@ -33,7 +33,8 @@ pub static HEARTBEAT: HeartbeatPage = HeartbeatPage(UnsafeCell::new(Heartbeat {
     input_doorbell: 0,
     ticks: 0,
     shutdown_request: 0,
-    reserved: [0; 17],
+    vmm_features: 0,
+    reserved: [0; 16],
     cpu_counter: [0; MAX_CPUS],
     cpu_time_ns: [0; MAX_CPUS],
 }));
@@ -60,7 +61,13 @@ fields64!(
     dirty_bytes,
     dirty_rate
 );
-fields64!(commands, input_doorbell, ticks, shutdown_request);
+fields64!(
+    commands,
+    input_doorbell,
+    ticks,
+    shutdown_request,
+    vmm_features
+);
 
 pub fn cpus_online() -> &'static AtomicU32 {
     let page = HEARTBEAT.0.get();

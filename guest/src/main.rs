@@ -5,9 +5,11 @@
 //! shadow paging) as well as on VMX/SVM KVM and Firecracker, and offers:
 //!
 //! * the heartbeat page of [`ray_guest_abi`] at 0x100000, kept current without exits;
+//! * idling through the VMM's idle port when it offers one (an exit per 500 µs instead of
+//!   a host CPU per vCPU);
 //! * a line-oriented shell on COM1 (`echo`, `mem`, `cpus`, `tick`, `dirty`, `sum`,
 //!   `poweroff`), see [`shell`];
-//! * SMP: every vCPU enters at the ELF entry, APs spin updating their heartbeat slots.
+//! * SMP: every vCPU enters at the ELF entry, APs update their heartbeat slots and idle.
 //!
 //! Boot order: entry.rs (assembly, mostly emulated on PVM until the VIF area is
 //! registered) -> [`rust_start`] -> [`bsp_main`] / [`smp::ap_main`].
@@ -30,7 +32,9 @@ mod workload;
 
 use core::sync::atomic::Ordering::*;
 
-use ray_guest_abi::{CMDLINE_POLL_MS, POWEROFF_PORT, POWEROFF_VALUE};
+use ray_guest_abi::{
+    CMDLINE_IDLE, CMDLINE_POLL_MS, IDLE_PORT, POWEROFF_PORT, POWEROFF_VALUE, VMM_FEATURE_IDLE_PORT,
+};
 
 use crate::shell::Shell;
 use crate::workload::Workloads;
@@ -72,6 +76,7 @@ fn bsp_main(zero_page: u64, pvm: bool, expected_cpus: u32) -> ! {
     clock::init_cpu(0);
     idt::init();
     let info = bootparams::parse(zero_page);
+    choose_idle(&info);
     let cr3 = paging::build(info);
     // SAFETY: the new tables identity-map all RAM, a superset of the boot map.
     unsafe { cpu::write_cr3(cr3) };
@@ -86,11 +91,16 @@ fn bsp_main(zero_page: u64, pvm: bool, expected_cpus: u32) -> ! {
 
     let usable: u64 = info.usable().map(|e| e.size).sum();
     println!(
-        "rayvisor-guest {VERSION}: cpus={} mem={}MiB pvm={} loop={}M/s cmdline=\"{}\"",
+        "rayvisor-guest {VERSION}: cpus={} mem={}MiB pvm={} loop={}M/s idle={} cmdline=\"{}\"",
         heartbeat::cpus_online().load(Relaxed),
         (usable + (1 << 19)) >> 20,
         u8::from(pvm),
         loop_rate / 1_000_000,
+        if IDLE_THROUGH_PORT.load(Relaxed) {
+            "port"
+        } else {
+            "spin"
+        },
         info.cmdline()
     );
     if !clock::is_kvmclock() {
@@ -106,8 +116,33 @@ fn bsp_main(zero_page: u64, pvm: bool, expected_cpus: u32) -> ! {
     main_loop(poll_ns)
 }
 
+/// How long an idle vCPU gives its host CPU back per idle exit, µs: the heartbeat's
+/// resolution while idle. An exit costs a few µs natively and tens on PVM, so an idle
+/// vCPU takes a few percent of a host CPU instead of all of it.
+const IDLE_US: u32 = 500;
+
+/// Set at boot: idle through the VMM's idle port (it offers one and the command line does
+/// not say `ray.idle=spin`).
+static IDLE_THROUGH_PORT: core::sync::atomic::AtomicBool =
+    core::sync::atomic::AtomicBool::new(false);
+
+fn choose_idle(info: &bootparams::BootInfo) {
+    let offered = heartbeat::vmm_features().load(Relaxed) & VMM_FEATURE_IDLE_PORT != 0;
+    let spin = info.cmdline_str(CMDLINE_IDLE) == Some("spin");
+    IDLE_THROUGH_PORT.store(offered && !spin, Relaxed);
+}
+
+/// Nothing to do on this CPU for now: give the host CPU back for a while, or spin on.
+pub fn idle() {
+    if IDLE_THROUGH_PORT.load(Relaxed) {
+        cpu::outl(IDLE_PORT, IDLE_US);
+    } else {
+        cpu::pause();
+    }
+}
+
 /// The boot CPU's loop: heartbeat, serial input, workloads. No exits unless there is
-/// input to read, output to write, or a UART poll is due.
+/// input to read, output to write, a UART poll is due, or nothing to do (an idle exit).
 fn main_loop(poll_ns: u64) -> ! {
     let mut shell = Shell::new();
     let mut work = Workloads::default();
@@ -125,9 +160,12 @@ fn main_loop(poll_ns: u64) -> ! {
         if read_uart {
             serial::drain(|b| shell.input(b, &mut work));
         }
-        work.poll(now);
+        let behind = work.poll(now);
         if heartbeat::shutdown_request().load(Relaxed) != 0 {
             poweroff();
+        }
+        if !behind {
+            idle();
         }
     }
 }

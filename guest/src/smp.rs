@@ -1,7 +1,7 @@
 //! Application processors. The VMM starts every vCPU at the ELF entry with the same boot
 //! state; the boot code tells them apart by initial APIC ID (0 = boot CPU). An AP waits
 //! (natively, `pause`) until the BSP has built the full page tables, loads them, marks
-//! itself online and then spins updating its heartbeat slot, without exits.
+//! itself online and then updates its heartbeat slot, idling in between (see `idle`).
 
 use core::sync::atomic::{AtomicU64, Ordering::*};
 
@@ -53,5 +53,6 @@ pub fn ap_main(cpu: usize) -> ! {
         n += 1;
         counter.store(n, Relaxed);
         time.store(clock::now_on(cpu), Relaxed);
+        crate::idle();
     }
 }

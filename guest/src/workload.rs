@@ -95,9 +95,10 @@ impl Dirty {
         written
     }
 
-    pub fn poll(&mut self, now: u64) {
+    /// Writes the pages due by `now`; true if more were due than one call writes (behind).
+    pub fn poll(&mut self, now: u64) -> bool {
         if self.rate == 0 {
-            return;
+            return false;
         }
         let dt = now.saturating_sub(self.last_ns);
         self.last_ns = now;
@@ -127,6 +128,7 @@ impl Dirty {
         if bytes != 0 {
             heartbeat::dirty_bytes().fetch_add(bytes, Relaxed);
         }
+        pages == MAX_PAGES_PER_POLL
     }
 }
 
@@ -138,9 +140,10 @@ pub struct Workloads {
 }
 
 impl Workloads {
-    pub fn poll(&mut self, now: u64) {
+    /// Advances both; true if a workload is behind and wants the CPU again at once.
+    pub fn poll(&mut self, now: u64) -> bool {
         self.ticker.poll(now);
-        self.dirty.poll(now);
+        self.dirty.poll(now)
     }
 }
 

@@ -108,3 +108,65 @@ fn boot_time_is_reported() {
     vm.expect_line("ready", READY);
     eprintln!("ray vm run --detach -> ready: {:?}", t.elapsed());
 }
+
+/// CPU time (user + system) of the VMM's vCPU threads so far.
+fn vcpu_cpu_time(pid: u32) -> Duration {
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    let mut ticks = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("vcpu") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        // Fields after the parenthesised command: state is field 3, utime 14, stime 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        ticks += f[0] + f[1];
+    }
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+#[test]
+fn an_idle_guest_gives_its_cpus_back_unless_told_to_spin() {
+    let env = Env::new("idle");
+    let mut vm = env.boot(&["--vcpus", "2"]);
+    let banner = vm.expect_line("rayvisor-guest ", READY);
+    assert!(banner.contains(" idle=port "), "{banner}");
+    vm.expect_line("ready", READY);
+    let (c0, t0) = (vcpu_cpu_time(vm.pid), Instant::now());
+    let hb0 = vm.info().heartbeat.unwrap().per_cpu_counter;
+    std::thread::sleep(Duration::from_secs(2));
+    let (used, wall) = (vcpu_cpu_time(vm.pid) - c0, t0.elapsed());
+    let hb1 = vm.info().heartbeat.unwrap().per_cpu_counter;
+    eprintln!("two idle vCPUs used {used:?} of CPU in {wall:?}");
+    // Spinning, each would use all of a host CPU: 2 x 2 s. Idling through the port costs
+    // a few percent each; half of one CPU is a wide margin that still fails a spinning guest.
+    assert!(
+        used < wall / 2,
+        "idle vCPUs used {used:?} of CPU in {wall:?}"
+    );
+    assert!(
+        hb1.iter().zip(&hb0).all(|(a, b)| a > b),
+        "a vCPU stopped beating while idle: {hb0:?} -> {hb1:?}"
+    );
+    // Still responsive, and the workloads still run at their rate.
+    assert_eq!(vm.command("echo awake", "awake"), "awake");
+
+    let mut spin = env.boot(&[
+        "--id",
+        "spinner",
+        "--cmdline",
+        "console=ttyS0 ray.poll_ms=0 ray.idle=spin",
+    ]);
+    let banner = spin.expect_line("rayvisor-guest ", READY);
+    assert!(banner.contains(" idle=spin "), "{banner}");
+    spin.expect_line("ready", READY);
+}

@@ -7,7 +7,7 @@
 //! * The guest image is linked at [`IMAGE_BASE`]; its first page is the **heartbeat page**
 //!   ([`Heartbeat`]), so the VMM finds it at a fixed guest-physical address without a
 //!   single exit or hypercall.
-//! * The guest keeps the heartbeat page current from a busy loop (no exits): a counter,
+//! * The guest keeps the heartbeat page current from its main loop (no exits): a counter,
 //!   its kvmclock time, per-vCPU counters and workload statistics. Pause, snapshot and
 //!   migration downtime are measured from the gap in `time_ns`.
 //! * Serial input is announced by the VMM through [`Heartbeat::input_doorbell`], so the
@@ -81,8 +81,11 @@ pub struct Heartbeat {
     /// Set to 1 by the VMM to ask for a clean power-off (graceful stop); the guest then
     /// prints `poweroff` and powers off exactly as the `poweroff` command does.
     pub shutdown_request: u64,
+    /// What the VMM offers the guest ([`VMM_FEATURE_IDLE_PORT`], ...), written by the VMM
+    /// before the first vCPU starts; zero from a VMM that offers nothing.
+    pub vmm_features: u64,
     /// Reserved; zero.
-    pub reserved: [u64; 17],
+    pub reserved: [u64; 16],
     /// Per-vCPU loop counters (index = CPU number, 0 = boot CPU).
     pub cpu_counter: [u64; MAX_CPUS],
     /// Per-vCPU kvmclock time of the last `cpu_counter` update.
@@ -107,6 +110,7 @@ pub mod offset {
     pub const INPUT_DOORBELL: u64 = offset_of!(Heartbeat, input_doorbell) as u64;
     pub const TICKS: u64 = offset_of!(Heartbeat, ticks) as u64;
     pub const SHUTDOWN_REQUEST: u64 = offset_of!(Heartbeat, shutdown_request) as u64;
+    pub const VMM_FEATURES: u64 = offset_of!(Heartbeat, vmm_features) as u64;
     pub const CPU_COUNTER: u64 = offset_of!(Heartbeat, cpu_counter) as u64;
     pub const CPU_TIME_NS: u64 = offset_of!(Heartbeat, cpu_time_ns) as u64;
 }
@@ -125,6 +129,23 @@ pub const NOTE_DIRECT_SMP: u32 = 0x5241_5901;
 pub const POWEROFF_PORT: u16 = 0x604;
 /// Value written to [`POWEROFF_PORT`].
 pub const POWEROFF_VALUE: u16 = 0x3400;
+
+/// [`Heartbeat::vmm_features`] bit: the VMM handles [`IDLE_PORT`].
+pub const VMM_FEATURE_IDLE_PORT: u64 = 1 << 0;
+
+/// I/O port an idle vCPU writes a duration in microseconds to (32-bit): the VMM takes the
+/// vCPU off the host CPU for at most that long (capped at [`IDLE_MAX_US`]) and returns
+/// early when it needs the vCPU (pause, snapshot). The guest's replacement for HLT, which
+/// needs a timer interrupt to wake from. Only written when the VMM announced
+/// [`VMM_FEATURE_IDLE_PORT`]: elsewhere each write would be a wasted exit.
+pub const IDLE_PORT: u16 = 0x610;
+/// Longest idle the VMM honours per write, µs.
+pub const IDLE_MAX_US: u32 = 1000;
+
+/// Kernel command-line key: `ray.idle=spin` keeps an idle guest spinning (heartbeat to the
+/// nanosecond, one host CPU per vCPU); `ray.idle=port` (the default) idles through
+/// [`IDLE_PORT`] when the VMM offers it.
+pub const CMDLINE_IDLE: &str = "ray.idle=";
 
 /// Checksum used by the guest's `sum` command, computed the same way by host-side tests:
 /// FNV-1a over little-endian 64-bit words (a trailing partial word is zero-padded).

@@ -47,8 +47,26 @@ pub struct MigrateBenchArgs {
     /// Longest acceptable pause, ms.
     #[arg(long, default_value_t = 30)]
     pub max_downtime_ms: u64,
+    /// Paths to measure (comma-separated): loopback, veth.
+    #[arg(long, value_delimiter = ',', default_value = "loopback,veth")]
+    pub paths: Vec<BenchPath>,
+    /// Guest modes to measure (comma-separated): idle, loaded.
+    #[arg(long, value_delimiter = ',', default_value = "idle,loaded")]
+    pub modes: Vec<GuestMode>,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+pub enum BenchPath {
+    Loopback,
+    Veth,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+pub enum GuestMode {
+    Idle,
+    Loaded,
 }
 
 #[derive(Serialize, Clone)]
@@ -87,10 +105,12 @@ struct Mode {
     bulk_ratio: f64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 struct PathReport {
-    idle: Mode,
-    loaded: Mode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle: Option<Mode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loaded: Option<Mode>,
 }
 
 #[derive(Serialize)]
@@ -103,9 +123,12 @@ struct Report {
     dirty_mib_s: u64,
     max_downtime_ms: u64,
     build: &'static str,
-    /// Over the veth pair (two namespaces: the "two hosts" case).
-    idle: Mode,
-    loaded: Mode,
+    /// Over the veth pair (two namespaces: the "two hosts" case), or over loopback when
+    /// only that path was measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle: Option<Mode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loaded: Option<Mode>,
     paths: std::collections::BTreeMap<&'static str, PathReport>,
 }
 
@@ -659,6 +682,9 @@ pub fn run(a: &MigrateBenchArgs, runtime: &Path) -> anyhow::Result<()> {
     if a.runs == 0 {
         bail!("--runs must be at least 1");
     }
+    if a.paths.is_empty() || a.modes.is_empty() {
+        bail!("--paths and --modes must each name at least one");
+    }
     if a.touched >= a.memory / 4 * 3 || a.touched < 128 << 20 {
         bail!("--touched must be at least 128M and below three quarters of --memory");
     }
@@ -677,23 +703,33 @@ pub fn run(a: &MigrateBenchArgs, runtime: &Path) -> anyhow::Result<()> {
     };
     let result = (|| -> anyhow::Result<Report> {
         let mut paths = std::collections::BTreeMap::new();
-        paths.insert(
-            "loopback",
-            PathReport {
-                idle: b.mode("loopback", (None, None), "127.0.0.1:0", "127.0.0.1", false)?,
-                loaded: b.mode("loopback", (None, None), "127.0.0.1:0", "127.0.0.1", true)?,
-            },
-        );
-        let veth = Veth::new()?;
-        let ns = (Some(veth.a.as_str()), Some(veth.b.as_str()));
-        let listen = format!("{VETH_B}:0");
-        let v = PathReport {
-            idle: b.mode("veth", ns, &listen, VETH_B, false)?,
-            loaded: b.mode("veth", ns, &listen, VETH_B, true)?,
+        let modes = |path, ns: (Option<&str>, Option<&str>), listen: &str, ip: &str| {
+            let mode = |m: GuestMode| {
+                a.modes
+                    .contains(&m)
+                    .then(|| b.mode(path, ns, listen, ip, m == GuestMode::Loaded))
+                    .transpose()
+            };
+            anyhow::Ok(PathReport {
+                idle: mode(GuestMode::Idle)?,
+                loaded: mode(GuestMode::Loaded)?,
+            })
         };
-        drop(veth);
-        let (idle, loaded) = (v.idle.clone(), v.loaded.clone());
-        paths.insert("veth", v);
+        if a.paths.contains(&BenchPath::Loopback) {
+            let r = modes("loopback", (None, None), "127.0.0.1:0", "127.0.0.1")?;
+            paths.insert("loopback", r);
+        }
+        if a.paths.contains(&BenchPath::Veth) {
+            let veth = Veth::new()?;
+            let ns = (Some(veth.a.as_str()), Some(veth.b.as_str()));
+            let r = modes("veth", ns, &format!("{VETH_B}:0"), VETH_B)?;
+            paths.insert("veth", r);
+        }
+        let main = paths
+            .get("veth")
+            .or_else(|| paths.get("loopback"))
+            .cloned()
+            .context("--paths names no path")?;
         Ok(Report {
             runs: a.runs,
             warmup_runs: 1,
@@ -706,8 +742,8 @@ pub fn run(a: &MigrateBenchArgs, runtime: &Path) -> anyhow::Result<()> {
             } else {
                 "release"
             },
-            idle,
-            loaded,
+            idle: main.idle,
+            loaded: main.loaded,
             paths,
         })
     })();
@@ -726,8 +762,11 @@ pub fn run(a: &MigrateBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         report.build
     );
     for p in report.paths.values() {
-        print_mode(&p.idle, "idle", a.max_downtime_ms);
-        print_mode(&p.loaded, "loaded", a.max_downtime_ms);
+        for (m, name) in [(&p.idle, "idle"), (&p.loaded, "loaded")] {
+            if let Some(m) = m {
+                print_mode(m, name, a.max_downtime_ms);
+            }
+        }
     }
     Ok(())
 }

@@ -57,6 +57,15 @@ pub fn read(mem: &GuestMem) -> Option<HeartbeatInfo> {
     })
 }
 
+/// Tells a rayvisor guest, before it starts, what this VMM offers
+/// ([`ray_guest_abi::Heartbeat::vmm_features`]).
+pub fn announce_features(mem: &GuestMem) -> Result<(), vm_memory::GuestMemoryError> {
+    mem.write_obj(
+        ray_guest_abi::VMM_FEATURE_IDLE_PORT,
+        GuestAddress(HEARTBEAT_GPA + offset::VMM_FEATURES),
+    )
+}
+
 /// Sets a VMM-written flag in the heartbeat page (doorbell, shutdown request). Returns
 /// false when the guest keeps no heartbeat page.
 pub fn raise(mem: &GuestMem, off: u64) -> bool {

@@ -33,6 +33,8 @@ pub enum BuildError {
     Persist(#[from] PersistError),
     #[error("cannot create the serial interrupt eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error("cannot write the VMM's features into the guest's heartbeat page: {0}")]
+    Features(#[source] vm_memory::GuestMemoryError),
 }
 
 /// Everything of a paused machine except guest memory: what a snapshot or a migration
@@ -78,6 +80,10 @@ impl Machine {
         let memory = crate::memory::create(&regions)?;
         let vm = Vm::new(memory, flavour)?;
         let image = boot::load(&vm.memory, spec)?;
+        if image.direct_smp {
+            // A rayvisor guest (its ELF note): its heartbeat page is in place.
+            crate::heartbeat::announce_features(&vm.memory).map_err(BuildError::Features)?;
+        }
 
         let console = Console::new(serial_irq(&vm)?, sinks.log, sinks.stdout, sinks.ring);
         let bus = Arc::new(IoBus::new(console));

@@ -16,6 +16,8 @@ const COM1_END: u16 = COM1_BASE + 8;
 pub enum BusEvent {
     None,
     Power(PowerEvent),
+    /// The guest has nothing to do for up to this many µs ([`ray_guest_abi::IDLE_PORT`]).
+    Idle(u32),
 }
 
 /// The port-I/O bus: every port the VMM emulates in user space. The in-kernel irqchip
@@ -47,6 +49,10 @@ impl IoBus {
                 self.lock_console().write((port - COM1_BASE) as u8, data[0]);
                 BusEvent::None
             }
+            ray_guest_abi::IDLE_PORT => match data {
+                &[a, b, c, d] => BusEvent::Idle(u32::from_le_bytes([a, b, c, d])),
+                _ => BusEvent::None,
+            },
             _ => legacy::write(port, data).map_or(BusEvent::None, BusEvent::Power),
         }
     }

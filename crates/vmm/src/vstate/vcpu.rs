@@ -10,6 +10,10 @@
 //! every vCPU has parked, which closes the window where a signal lands just before a vCPU
 //! enters KVM_RUN.
 //!
+//! A rayvisor guest idles by writing to [`ray_guest_abi::IDLE_PORT`]: its vCPU thread then
+//! waits on the same condvar, so a pause or exit ends the idle at once. Before a vCPU
+//! parks, a port access its last exit left half done is completed (see [`PendingIo`]).
+//!
 //! Throttling (live migration's auto-converge): with a throttle of `p` %, each vCPU runs at
 //! most `100 - p` % of every [`THROTTLE_PERIOD`] and waits out the rest before its next
 //! KVM_RUN. A kicker thread signals the vCPUs once per period, so a guest spinning without
@@ -419,7 +423,13 @@ impl Drop for Vcpus {
 /// Waits while paused, saving this vCPU's state when asked, and waits out the throttle;
 /// returns false when the thread should end. `period` is when this vCPU's current throttle
 /// period began.
-fn checkpoint(index: u8, fd: &VcpuFd, control: &VcpuControl, period: &mut Instant) -> bool {
+fn checkpoint(
+    index: u8,
+    fd: &mut VcpuFd,
+    control: &VcpuControl,
+    period: &mut Instant,
+    io: &mut PendingIo<'_>,
+) -> bool {
     let mut ctl = control.lock();
     while ctl.want == Want::Run {
         if ctl.throttle == 0 {
@@ -437,6 +447,7 @@ fn checkpoint(index: u8, fd: &VcpuFd, control: &VcpuControl, period: &mut Instan
             .0;
         *period = Instant::now();
     }
+    io.finish(fd);
     ctl.parked += 1;
     control.changed.notify_all();
     loop {
@@ -472,14 +483,26 @@ fn run(index: u8, mut fd: VcpuFd, control: &VcpuControl, bus: &IoBus, events: &E
         events(VcpuEvent::Failed { index, reason });
     };
     let mut period = Instant::now();
-    while checkpoint(index, &fd, control, &mut period) {
-        match fd.run() {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                if let BusEvent::Power(p) = bus.write(port, data) {
+    let mut io = PendingIo {
+        bus,
+        pending: false,
+    };
+    while checkpoint(index, &mut fd, control, &mut period, &mut io) {
+        let exit = fd.run();
+        io.pending = matches!(
+            exit,
+            Ok(VcpuExit::IoOut(..) | VcpuExit::IoIn(..) | VcpuExit::MmioRead(..))
+                | Ok(VcpuExit::MmioWrite(..))
+        );
+        match exit {
+            Ok(VcpuExit::IoOut(port, data)) => match bus.write(port, data) {
+                BusEvent::Power(p) => {
                     events(VcpuEvent::Power(p));
                     park_until_told(control);
                 }
-            }
+                BusEvent::Idle(us) => idle(control, us),
+                BusEvent::None => {}
+            },
             Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
             Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
             Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => {}
@@ -508,6 +531,48 @@ fn run(index: u8, mut fd: VcpuFd, control: &VcpuControl, bus: &IoBus, events: &E
                 park_until_told(control);
             }
         }
+    }
+}
+
+/// A port or MMIO access the guest's instruction still waits on: KVM completes it, and
+/// steps past the instruction, at the start of the next KVM_RUN.
+struct PendingIo<'a> {
+    bus: &'a IoBus,
+    pending: bool,
+}
+
+impl PendingIo<'_> {
+    /// Completes the pending access without running guest code (KVM_RUN with
+    /// `immediate_exit`), so that state saved while this vCPU is parked never holds a
+    /// half-done instruction: restored, it would run again (a second console byte, a
+    /// second idle).
+    fn finish(&mut self, fd: &mut VcpuFd) {
+        if !std::mem::take(&mut self.pending) {
+            return;
+        }
+        fd.set_kvm_immediate_exit(1);
+        // Completing a string instruction may exit again for its next element.
+        for _ in 0..64 {
+            match fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    self.bus.write(port, data);
+                }
+                Ok(VcpuExit::IoIn(port, data)) => self.bus.read(port, data),
+                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+                _ => break,
+            }
+        }
+        fd.set_kvm_immediate_exit(0);
+    }
+}
+
+/// The guest idles for up to `us` µs ([`ray_guest_abi::IDLE_PORT`]): this thread waits off
+/// the CPU, and wakes early when the VMM wants the vCPU (pause, exit, throttle change).
+fn idle(control: &VcpuControl, us: u32) {
+    let ctl = control.lock();
+    if ctl.want == Want::Run {
+        let d = Duration::from_micros(u64::from(us.min(ray_guest_abi::IDLE_MAX_US)));
+        let _ = control.changed.wait_timeout(ctl, d);
     }
 }
 
