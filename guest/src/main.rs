@@ -76,7 +76,7 @@ fn bsp_main(zero_page: u64, pvm: bool, expected_cpus: u32) -> ! {
     clock::init_cpu(0);
     idt::init();
     let info = bootparams::parse(zero_page);
-    choose_idle(&info);
+    choose_idle(info);
     let cr3 = paging::build(info);
     // SAFETY: the new tables identity-map all RAM, a superset of the boot map.
     unsafe { cpu::write_cr3(cr3) };
