@@ -12,7 +12,9 @@
 //! - from and into one cache-hot 1 MiB buffer: the loopback's ceiling, reported alongside.
 //!   It never leaves the L2 cache, which no migration of more than a few MiB can do.
 //!
-//! Each path and mode starts with one migration that is not counted (warm-up).
+//! Each migration is bracketed by raw TCP measurements (one just before, one just after;
+//! their mean is the run's baseline). Each path and mode starts with one migration that is
+//! not counted (warm-up).
 //!
 //! Downtime is the guest's heartbeat gap: from the source's pause to the first heartbeat
 //! the target saw (both VMMs are on this host, so their wall clocks agree).
@@ -84,14 +86,15 @@ struct Mode {
     /// bytes_sent / total time, MiB/s.
     migration_mib_s: Stats,
     /// Raw TCP on the same path, memory to memory: the touched size from a populated buffer
-    /// into a prefaulted one (median of one measurement per run, taken just before the
-    /// migration with both VMMs up), MiB/s. The baseline of the ratios.
+    /// into a prefaulted one (median over the runs of the mean of one measurement just
+    /// before and one just after the migration, both VMMs up), MiB/s. The baseline of the
+    /// ratios.
     raw_tcp_mib_s: f64,
     /// Raw TCP on the same path from and into one cache-hot 1 MiB buffer (median, measured
     /// like `raw_tcp_mib_s`), MiB/s.
     raw_tcp_cached_mib_s: f64,
     /// Migration throughput (whole migration) over raw TCP memory to memory, each run's
-    /// migration paired with the raw measurement taken just before it (the machine's speed
+    /// migration paired with the raw measurements that bracket it (the machine's speed
     /// drifts between runs; a pair shares its conditions): the median of the runs' ratios.
     throughput_ratio: f64,
     /// The runs' ratios, min/median/max.
@@ -453,7 +456,7 @@ impl Bench<'_> {
     }
 
     /// One migration into a prefaulted target; also measures raw TCP on the same path just
-    /// before it, with both VMMs up (the guest spinning), so both compete for the same CPUs.
+    /// before and just after it, with both VMMs up, so both compete for the same CPUs.
     /// Returns (heartbeat gap ms, raw TCP memory to memory MiB/s, raw TCP cache-hot MiB/s,
     /// final source status).
     fn once(
@@ -515,8 +518,13 @@ impl Bench<'_> {
         let dst = self.guest(&serde_json::from_slice(&out.stdout)?);
         dst.wait_prefaulted(Duration::from_secs(120))?;
         let to = dst.migration()?.peer;
-        let raw = raw_tcp(ns.0, ns.1, target_ip, self.a.touched, RawBuffer::Memory)?;
-        let cached = raw_tcp(ns.0, ns.1, target_ip, self.a.touched, RawBuffer::Cached)?;
+        let raw_tcp_pair = || -> anyhow::Result<(f64, f64)> {
+            Ok((
+                raw_tcp(ns.0, ns.1, target_ip, self.a.touched, RawBuffer::Memory)?,
+                raw_tcp(ns.0, ns.1, target_ip, self.a.touched, RawBuffer::Cached)?,
+            ))
+        };
+        let (raw_before, cached_before) = raw_tcp_pair()?;
         let req = MigrateRequest {
             to,
             key_file: self.key.display().to_string(),
@@ -564,6 +572,13 @@ impl Bench<'_> {
             .paused_at_unix_us
             .context("the source did not record its pause")?;
         let gap = first.saturating_sub(paused) as f64 / 1e3;
+        // Raw TCP again right after, so that the pair brackets the migration: the host's
+        // speed drifts within seconds.
+        let (raw_after, cached_after) = raw_tcp_pair()?;
+        let (raw, cached) = (
+            (raw_before + raw_after) / 2.0,
+            (cached_before + cached_after) / 2.0,
+        );
         drop(dst);
         drop(src);
         for id in [&src_id, &dst_id] {
