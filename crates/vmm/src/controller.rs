@@ -309,6 +309,7 @@ impl Controller {
                     .queue_input(&data)
                     .map_err(|e| RequestError::conflict(e.to_string()))?;
                 heartbeat::raise(&machine.vm.memory, offset::INPUT_DOORBELL);
+                machine.wake_idle();
                 Ok(Response::Done)
             }
             Request::Migrate(req) => self

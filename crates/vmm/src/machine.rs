@@ -207,6 +207,13 @@ impl Machine {
         }
     }
 
+    /// Ends the idle waits of the vCPUs (see [`Vcpus::wake_idle`]).
+    pub fn wake_idle(&self) {
+        if let Some(v) = &self.vcpus {
+            v.wake_idle();
+        }
+    }
+
     pub fn resume(&self) {
         if let Some(v) = &self.vcpus {
             v.resume();

@@ -367,6 +367,13 @@ impl Vcpus {
             .collect()
     }
 
+    /// Ends every idle wait now (the guest has input to read): an idle vCPU goes back to
+    /// the guest at once instead of after the rest of its idle time.
+    pub fn wake_idle(&self) {
+        let _ctl = self.control.lock();
+        self.control.changed.notify_all();
+    }
+
     pub fn resume(&self) {
         let mut ctl = self.control.lock();
         ctl.want = Want::Run;
@@ -567,7 +574,8 @@ impl PendingIo<'_> {
 }
 
 /// The guest idles for up to `us` µs ([`ray_guest_abi::IDLE_PORT`]): this thread waits off
-/// the CPU, and wakes early when the VMM wants the vCPU (pause, exit, throttle change).
+/// the CPU, and wakes early when the VMM wants the vCPU (pause, exit, throttle change) or
+/// the guest has input ([`Vcpus::wake_idle`]).
 fn idle(control: &VcpuControl, us: u32) {
     let ctl = control.lock();
     if ctl.want == Want::Run {
