@@ -35,7 +35,8 @@ use crate::bench::{print_row, Stats};
 
 #[derive(Args)]
 pub struct MigrateBenchArgs {
-    #[arg(long, default_value_t = 5)]
+    /// Measured migrations per path and mode (each set follows one uncounted warm-up).
+    #[arg(long, default_value_t = 9)]
     pub runs: usize,
     /// Guest memory.
     #[arg(long, default_value = "1G", value_parser = ray::sizes::parse_size)]
