@@ -11,8 +11,9 @@
 //! enters KVM_RUN.
 //!
 //! A rayvisor guest idles by writing to [`ray_guest_abi::IDLE_PORT`]: its vCPU thread then
-//! waits on the same condvar, so a pause or exit ends the idle at once. Before a vCPU
-//! parks, a port access its last exit left half done is completed (see [`PendingIo`]).
+//! waits on the same condvar, so a pause, an exit or console input ends the idle at once
+//! ([`Vcpus::wake_idle`]). Before a vCPU parks, a port access its last exit left half done
+//! is completed (see [`PendingIo`]).
 //!
 //! Throttling (live migration's auto-converge): with a throttle of `p` %, each vCPU runs at
 //! most `100 - p` % of every [`THROTTLE_PERIOD`] and waits out the rest before its next
@@ -498,8 +499,10 @@ fn run(index: u8, mut fd: VcpuFd, control: &VcpuControl, bus: &IoBus, events: &E
         let exit = fd.run();
         io.pending = matches!(
             exit,
-            Ok(VcpuExit::IoOut(..) | VcpuExit::IoIn(..) | VcpuExit::MmioRead(..))
-                | Ok(VcpuExit::MmioWrite(..))
+            Ok(VcpuExit::IoOut(..)
+                | VcpuExit::IoIn(..)
+                | VcpuExit::MmioRead(..)
+                | VcpuExit::MmioWrite(..))
         );
         match exit {
             Ok(VcpuExit::IoOut(port, data)) => match bus.write(port, data) {
