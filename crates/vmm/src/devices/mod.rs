@@ -63,3 +63,31 @@ impl IoBus {
         self.console.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use ray_guest_abi::{IDLE_PORT, POWEROFF_PORT, POWEROFF_VALUE};
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+
+    #[test]
+    fn port_writes_become_the_events_they_ask_for() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let bus = IoBus::new(Console::new(irq, None, false, Arc::default()));
+        assert_eq!(
+            bus.write(IDLE_PORT, &500u32.to_le_bytes()),
+            BusEvent::Idle(500)
+        );
+        // Only a 32-bit write idles; anything else at the port is ignored.
+        assert_eq!(bus.write(IDLE_PORT, &[5, 0]), BusEvent::None);
+        assert_eq!(bus.write(IDLE_PORT, &[5]), BusEvent::None);
+        assert_eq!(
+            bus.write(POWEROFF_PORT, &POWEROFF_VALUE.to_le_bytes()),
+            BusEvent::Power(PowerEvent::PowerOff)
+        );
+        assert_eq!(bus.write(COM1_BASE, b"x"), BusEvent::None);
+    }
+}
