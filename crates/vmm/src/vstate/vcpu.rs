@@ -496,31 +496,32 @@ fn run(index: u8, mut fd: VcpuFd, control: &VcpuControl, bus: &IoBus, events: &E
         pending: false,
     };
     while checkpoint(index, &mut fd, control, &mut period, &mut io) {
-        let exit = fd.run();
-        io.pending = matches!(
-            exit,
-            Ok(VcpuExit::IoOut(..)
-                | VcpuExit::IoIn(..)
-                | VcpuExit::MmioRead(..)
-                | VcpuExit::MmioWrite(..))
-        );
-        match exit {
-            Ok(VcpuExit::IoOut(port, data)) => match bus.write(port, data) {
-                BusEvent::Power(p) => {
-                    events(VcpuEvent::Power(p));
+        let exit = match fd.run() {
+            Ok(exit) => serve_access(bus, exit),
+            Err(e) => {
+                io.pending = false;
+                if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN {
+                    fd.set_kvm_immediate_exit(0);
+                } else {
+                    fail(format!("KVM_RUN failed: {e}"));
                     park_until_told(control);
                 }
-                BusEvent::Idle(us) => idle(control, us),
-                BusEvent::None => {}
-            },
-            Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
-            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => {}
-            Ok(VcpuExit::Shutdown) => {
+                continue;
+            }
+        };
+        io.pending = exit.is_ok();
+        match exit {
+            Ok(BusEvent::Power(p)) => {
+                events(VcpuEvent::Power(p));
+                park_until_told(control);
+            }
+            Ok(BusEvent::Idle(us)) => idle(control, us),
+            Ok(BusEvent::None) | Err(VcpuExit::Hlt) | Err(VcpuExit::Intr) => {}
+            Err(VcpuExit::Shutdown) => {
                 fail("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".into());
                 park_until_told(control);
             }
-            Ok(VcpuExit::SystemEvent(kind, _)) => {
+            Err(VcpuExit::SystemEvent(kind, _)) => {
                 let event = if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
                     PowerEvent::Reset
                 } else {
@@ -529,18 +530,29 @@ fn run(index: u8, mut fd: VcpuFd, control: &VcpuControl, bus: &IoBus, events: &E
                 events(VcpuEvent::Power(event));
                 park_until_told(control);
             }
-            Ok(other) => {
+            Err(other) => {
                 fail(format!("unexpected KVM exit {other:?}"));
                 park_until_told(control);
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                fd.set_kvm_immediate_exit(0);
-            }
-            Err(e) => {
-                fail(format!("KVM_RUN failed: {e}"));
-                park_until_told(control);
-            }
         }
+    }
+}
+
+/// Serves an exit that is a port or MMIO access (reads of unknown MMIO return all-ones,
+/// writes are dropped) and says what it asks of the VMM; any other exit comes back as is.
+fn serve_access<'a>(bus: &IoBus, exit: VcpuExit<'a>) -> Result<BusEvent, VcpuExit<'a>> {
+    match exit {
+        VcpuExit::IoOut(port, data) => Ok(bus.write(port, data)),
+        VcpuExit::IoIn(port, data) => {
+            bus.read(port, data);
+            Ok(BusEvent::None)
+        }
+        VcpuExit::MmioRead(_, data) => {
+            data.fill(0xff);
+            Ok(BusEvent::None)
+        }
+        VcpuExit::MmioWrite(..) => Ok(BusEvent::None),
+        other => Err(other),
     }
 }
 
@@ -563,13 +575,9 @@ impl PendingIo<'_> {
         fd.set_kvm_immediate_exit(1);
         // Completing a string instruction may exit again for its next element.
         for _ in 0..64 {
-            match fd.run() {
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    self.bus.write(port, data);
-                }
-                Ok(VcpuExit::IoIn(port, data)) => self.bus.read(port, data),
-                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-                _ => break,
+            let Ok(exit) = fd.run() else { break };
+            if serve_access(self.bus, exit).is_err() {
+                break;
             }
         }
         fd.set_kvm_immediate_exit(0);
