@@ -478,7 +478,7 @@ impl<'a, S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> S
         let mut stretch: Option<usize> = None;
         for k in 0..n {
             if let Some(next) = bytes.get((k + PREFETCH_AHEAD) * ps) {
-                prefetch(next);
+                crate::vm::prefetch_read(next);
             }
             let at = gpa + (k * ps) as u64;
             let page = &bytes[k * ps..(k + 1) * ps];
@@ -609,20 +609,6 @@ impl<'a, S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> S
 /// first touch of each page of guest memory waits for a TLB walk and a memory read, which
 /// the hardware prefetchers do not start across page boundaries.
 const PREFETCH_AHEAD: usize = 4;
-
-/// Hints the CPU to load the cache line at `at` (never faults, changes nothing).
-fn prefetch(at: &u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is only a hint: it never faults and has no architectural effect;
-    // the address is a valid reference besides.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-            (at as *const u8).cast(),
-        )
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = at;
-}
 
 fn peer_already_gone(e: &MigrationError) -> bool {
     matches!(

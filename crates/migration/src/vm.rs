@@ -184,6 +184,31 @@ pub fn page_hash(page: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(page)
 }
 
+/// Hints the CPU to load the cache line at `at` for reading (a page the sender will check
+/// and hash next). Never faults and changes nothing, whatever `at` is.
+pub fn prefetch_read(at: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
+
+/// Hints the CPU to load the cache line at `at` for writing (a page the receiver is about
+/// to fill). Never faults and changes nothing, whatever `at` is.
+pub fn prefetch_write(at: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(at);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
+
+#[cfg(target_arch = "x86_64")]
+fn prefetch<const HINT: i32>(at: *const u8) {
+    // SAFETY: a prefetch is only a hint: it never faults, whatever the address, and has no
+    // architectural effect.
+    unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(at.cast()) }
+}
+
 /// One hash per guest page, as last sent (source) or placed (target); what the
 /// verification compares.
 ///

@@ -520,7 +520,7 @@ impl GuestMemoryAccess for MemAccess {
         // Walk the run's pages now, many at once: the kernel's copy from the socket then
         // finds their translations cached instead of stalling on one TLB walk per page.
         for page in dst.chunks(PAGE_SIZE as usize) {
-            prefetch_write(page.as_ptr());
+            ray_migration::vm::prefetch_write(page.as_ptr());
         }
         fill(dst);
         if self.map.enabled.load(Ordering::Acquire) {
@@ -542,17 +542,6 @@ impl GuestMemoryAccess for MemAccess {
         // and sent again, the last time with the vCPUs paused.
         Some(unsafe { std::slice::from_raw_parts(host, len) })
     }
-}
-
-/// Hints the CPU to fetch the cache line at `at` for writing (never faults).
-fn prefetch_write(at: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is only a hint: it never faults and changes nothing.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(at.cast())
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = at;
 }
 
 /// Whether the environment variable `RAY_FAULT` names `point`: failure injection for the
