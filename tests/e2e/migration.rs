@@ -20,14 +20,11 @@ fn ip(args: &[&str]) -> Output {
 }
 
 fn ip_ok(args: &[&str]) {
-    let out = ip(args);
-    assert!(
-        out.status.success(),
-        "`ip {}` failed ({}): {} — the migration tests need root and iproute2 with network namespaces",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+    let what = format!(
+        "`ip {}` (the migration tests need root and iproute2 with network namespaces)",
+        args.join(" ")
     );
+    ray_e2e::succeeded(ip(args), &what);
 }
 
 /// Two network namespaces ("hosts") joined by a veth pair with private addresses; both
@@ -106,14 +103,7 @@ impl Net {
 
     fn ray_ok_with(&self, env: &Env, ns: &str, args: &[&str], vars: &[(&str, &str)]) -> String {
         let out = self.ray_with(env, ns, args, vars);
-        assert!(
-            out.status.success(),
-            "ray {args:?} in {ns} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        ray_e2e::succeeded(out, &format!("ray {args:?} in {ns}"))
     }
 
     fn target_addr(&self, port: u16) -> String {
@@ -285,15 +275,7 @@ fn start_to(env: &Env, net: &Net, port: u16, key: &str, extra: &[&str]) -> Outpu
 
 /// [`start_to`] that must succeed; its standard output.
 fn start_ok(env: &Env, net: &Net, port: u16, key: &str, extra: &[&str]) -> String {
-    let out = start_to(env, net, port, key, extra);
-    assert!(
-        out.status.success(),
-        "migrate start failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    ray_e2e::succeeded(start_to(env, net, port, key, extra), "migrate start")
 }
 
 /// The session failed and the source VM was given back (not paused, not gone).

@@ -71,15 +71,7 @@ impl Env {
 
     /// Runs `ray <args>`, asserts success and returns stdout.
     pub fn ray_ok(&self, args: &[&str]) -> String {
-        let out = self.ray(args);
-        assert!(
-            out.status.success(),
-            "ray {args:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        succeeded(self.ray(args), &format!("ray {args:?}"))
     }
 
     /// A handle on a VM started by other means (a restore), by id and VMM pid.
@@ -261,4 +253,17 @@ impl Drop for Vm {
             }
         }
     }
+}
+
+/// The standard output of `out`, after asserting that `what` (named in the failure, with
+/// its status and both outputs) succeeded.
+pub fn succeeded(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
