@@ -55,7 +55,7 @@ impl PageBitmap {
         let end = first.saturating_add(n).min(self.pages);
         let mut p = first;
         while p < end {
-            if p % 64 == 0 && end - p >= 64 {
+            if p.is_multiple_of(64) && end - p >= 64 {
                 self.words[p / 64] = u64::MAX;
                 p += 64;
             } else {
