@@ -168,7 +168,6 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
         spawn_stdin_thread(tx.clone());
     }
     drop(tx);
-    drop_startup_text();
 
     while !matches!(ctl.state(), VmState::Terminated) {
         let Ok(msg) = rx.recv() else { break };
@@ -209,42 +208,4 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     let _ = std::fs::write(ctl.paths.exit_record(), serde_json::to_vec_pretty(&record)?);
     let _ = std::fs::remove_file(ctl.paths.socket());
     Ok(ctl.state())
-}
-
-/// Unmaps this executable's code from the process once the VM runs: start-up touched much
-/// of the one `ray` binary (argument parsing, configuration, boot), and those pages would
-/// stay mapped, and counted in the VMM's footprint, for the VM's life. What the VMM runs
-/// from now on faults back in from the page cache (minor faults, no I/O).
-fn drop_startup_text() {
-    let (Ok(exe), Ok(maps)) = (
-        std::fs::read_link("/proc/self/exe"),
-        std::fs::read_to_string("/proc/self/maps"),
-    ) else {
-        return;
-    };
-    for line in maps.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
-            continue;
-        };
-        if perms != "r-xp" || fields.nth(3).map(std::path::Path::new) != Some(exe.as_path()) {
-            continue;
-        }
-        let Some((start, end)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(start), Ok(end)) = (
-            usize::from_str_radix(start, 16),
-            usize::from_str_radix(end, 16),
-        ) else {
-            continue;
-        };
-        // SAFETY: [start, end) is this executable's code: a private, read-only, executable
-        // file mapping that nothing writes (no text relocations in a Rust binary), so
-        // MADV_DONTNEED only drops page-table entries and any later execution faults in
-        // the very same bytes from the file. Failure leaves the mapping as it was.
-        unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
-        }
-    }
 }
