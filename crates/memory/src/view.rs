@@ -48,6 +48,13 @@ pub trait GuestMemory: Sync {
         let _ = (gpa, len);
     }
 
+    /// A hint that `gpa..gpa + len` is about to be written wholesale (a migration target
+    /// filling a run of pages from the socket): a backend may allocate the pages in one
+    /// call instead of one fault each. Default: nothing.
+    fn prepare_write(&self, gpa: u64, len: u64) {
+        let _ = (gpa, len);
+    }
+
     /// Copies `buf.len()` bytes at `gpa` into `buf`.
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.span(gpa, buf.len() as u64)?.copy_to(buf);
@@ -108,6 +115,9 @@ impl<M: GuestMemory + ?Sized> GuestMemory for &M {
     fn note_write(&self, gpa: u64, len: u64) {
         (**self).note_write(gpa, len)
     }
+    fn prepare_write(&self, gpa: u64, len: u64) {
+        (**self).prepare_write(gpa, len)
+    }
 }
 
 impl<M: GuestMemory + Send + ?Sized> GuestMemory for std::sync::Arc<M> {
@@ -122,6 +132,9 @@ impl<M: GuestMemory + Send + ?Sized> GuestMemory for std::sync::Arc<M> {
     }
     fn note_write(&self, gpa: u64, len: u64) {
         (**self).note_write(gpa, len)
+    }
+    fn prepare_write(&self, gpa: u64, len: u64) {
+        (**self).prepare_write(gpa, len)
     }
 }
 
