@@ -2,7 +2,8 @@
 
 use crate::protocol::{Command, ErrorCode};
 use crate::session::{InvalidTransition, SessionState};
-use crate::vm::{MemoryError, VmError};
+use crate::vm::VmError;
+use ray_memory::MemoryError;
 
 /// A frame or payload that could not be read or did not make sense.
 #[derive(Debug, thiserror::Error)]

@@ -27,9 +27,11 @@
 
 use std::io::{self, IoSlice, Read, Write};
 
+use ray_memory::{GuestMemory, GuestSpan, MemoryLayout};
+
 use crate::auth::{self, SessionKey};
-use crate::protocol::{index_entry, BatchShape, Command, MemoryRegion, Message, BATCH_HEADER};
-use crate::vm::{GuestMemoryAccess, PageHashes};
+use crate::protocol::{index_entry, BatchShape, Command, Message, BATCH_HEADER};
+use crate::vm::{prefetch_write, PageHashes};
 use crate::{MigrationError, ProtocolError};
 
 /// `b"RYMG"`: rayvisor migration.
@@ -163,17 +165,13 @@ pub enum Received<'a> {
     Placed { header: FrameHeader, pages: u64 },
 }
 
-/// Index of the region holding the whole page at `gpa` (which must be page aligned).
-pub fn region_of(regions: &[MemoryRegion], gpa: u64, page_size: usize) -> Option<usize> {
+/// Index of the region of `layout` holding the whole page at `gpa` (which must be page
+/// aligned).
+pub fn region_of(layout: &MemoryLayout, gpa: u64, page_size: usize) -> Option<usize> {
     if page_size == 0 || !gpa.is_multiple_of(page_size as u64) {
         return None;
     }
-    regions.iter().position(|r| {
-        gpa >= r.gpa
-            && gpa
-                .checked_add(page_size as u64)
-                .is_some_and(|end| end <= r.gpa.saturating_add(r.size))
-    })
+    layout.find(gpa, page_size as u64)
 }
 
 /// A received frame; the payload is borrowed from the channel's buffer (already decompressed).
@@ -304,11 +302,41 @@ impl<S: Read + Write> Channel<S> {
         &mut self,
         command: Command,
         request_id: u64,
-        mut flags: u16,
+        flags: u16,
         parts: &[&[u8]],
         compress: bool,
     ) -> Result<(), ProtocolError> {
-        let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        self.send_frame(command, request_id, flags, parts, &[], compress)
+    }
+
+    /// Sends a payload of the `head` parts followed by the guest memory `guest` (a page
+    /// batch's index, then its non-zero pages straight from guest memory). The spans go to
+    /// the kernel as I/O vectors, which copies them into the socket as they are at that
+    /// moment; nothing is copied here. A frame that is to be compressed, or MACed (which
+    /// must see the very bytes sent), copies the spans into one buffer first instead.
+    pub fn send_guest_parts(
+        &mut self,
+        command: Command,
+        request_id: u64,
+        flags: u16,
+        head: &[&[u8]],
+        guest: &[GuestSpan<'_>],
+        compress: bool,
+    ) -> Result<(), ProtocolError> {
+        self.send_frame(command, request_id, flags, head, guest, compress)
+    }
+
+    fn send_frame(
+        &mut self,
+        command: Command,
+        request_id: u64,
+        mut flags: u16,
+        head: &[&[u8]],
+        guest: &[GuestSpan<'_>],
+        compress: bool,
+    ) -> Result<(), ProtocolError> {
+        let total: u64 = head.iter().map(|p| p.len() as u64).sum::<u64>()
+            + guest.iter().map(|g| g.len() as u64).sum::<u64>();
         if total > MAX_PAYLOAD {
             return Err(ProtocolError::Oversize {
                 len: total,
@@ -316,28 +344,38 @@ impl<S: Read + Write> Channel<S> {
             });
         }
         self.last_compressed = false;
-        if !compress {
-            return self.write_frame(command, request_id, flags, parts);
+        let maced = self.mac_key(command).is_some();
+        if !compress && (guest.is_empty() || !maced) {
+            return self.write_frame(command, request_id, flags, head, guest);
         }
         let mut joined = std::mem::take(&mut self.tx);
         let mut lz = std::mem::take(&mut self.lz);
-        let payload: &[u8] = if let [p] = parts {
+        let payload: &[u8] = if let ([p], []) = (head, guest) {
             p
         } else {
-            joined.clear();
-            for p in parts {
-                joined.extend_from_slice(p);
+            // Resized, not cleared: batches of one size reuse the buffer without zeroing it.
+            joined.resize(total as usize, 0);
+            let mut at = 0;
+            for p in head {
+                joined[at..at + p.len()].copy_from_slice(p);
+                at += p.len();
+            }
+            for g in guest {
+                g.copy_to(&mut joined[at..at + g.len()]);
+                at += g.len();
             }
             &joined
         };
-        let max = lz4_flex::block::get_maximum_output_size(payload.len()) + 4;
-        lz.resize(max, 0);
-        lz[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        if let Ok(n) = lz4_flex::block::compress_into(payload, &mut lz[4..]) {
-            if n + 4 < payload.len() {
-                lz.truncate(n + 4);
-                flags |= FLAG_LZ4;
-                self.last_compressed = true;
+        if compress {
+            let max = lz4_flex::block::get_maximum_output_size(payload.len()) + 4;
+            lz.resize(max, 0);
+            lz[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+            if let Ok(n) = lz4_flex::block::compress_into(payload, &mut lz[4..]) {
+                if n + 4 < payload.len() {
+                    lz.truncate(n + 4);
+                    flags |= FLAG_LZ4;
+                    self.last_compressed = true;
+                }
             }
         }
         let body = if self.last_compressed {
@@ -345,7 +383,7 @@ impl<S: Read + Write> Channel<S> {
         } else {
             payload
         };
-        let r = self.write_frame(command, request_id, flags, &[body]);
+        let r = self.write_frame(command, request_id, flags, &[body], &[]);
         self.tx = joined;
         self.lz = lz;
         r
@@ -357,18 +395,32 @@ impl<S: Read + Write> Channel<S> {
         self.last_compressed
     }
 
+    /// The key that MACs a `command` frame sent now, if any: none before authentication,
+    /// none for page frames sent with a CRC ([`set_crc_for_pages`](Self::set_crc_for_pages)).
+    fn mac_key(&self, command: Command) -> Option<&SessionKey> {
+        match &self.key {
+            Some(_) if self.crc_pages && command == Command::MemoryPages => None,
+            key => key.as_ref(),
+        }
+    }
+
+    /// Writes one frame whose payload is `head` then `guest`. A MACed frame has no `guest`
+    /// part (see [`send_guest_parts`](Self::send_guest_parts)).
     fn write_frame(
         &mut self,
         command: Command,
         request_id: u64,
         mut flags: u16,
-        body: &[&[u8]],
+        head: &[&[u8]],
+        guest: &[GuestSpan<'_>],
     ) -> Result<(), ProtocolError> {
-        let body_len: usize = body.iter().map(|p| p.len()).sum();
-        let mac_key = match &self.key {
-            Some(_) if self.crc_pages && command == Command::MemoryPages => None,
-            key => key.as_ref(),
-        };
+        let body_len: usize = head.iter().map(|p| p.len()).sum::<usize>()
+            + guest.iter().map(|g| g.len()).sum::<usize>();
+        let mac_key = self.mac_key(command);
+        debug_assert!(
+            mac_key.is_none() || guest.is_empty(),
+            "a MAC over guest memory the kernel copies later"
+        );
         if mac_key.is_some() {
             flags |= FLAG_MAC;
         }
@@ -387,17 +439,24 @@ impl<S: Read + Write> Channel<S> {
         let mut trailer = [0u8; 32];
         let trailer_len = match mac_key {
             Some(key) => {
-                trailer = auth::frame_mac_parts(key, self.send_seq, &header, body);
+                trailer = auth::frame_mac_parts(key, self.send_seq, &header, head);
                 32
             }
             None => {
-                let first = body.first().copied().unwrap_or_default();
+                let first = head.first().copied().unwrap_or_default();
                 let mut left = crc_covered(command, flags, first, body_len);
                 let mut h = crc32fast::Hasher::new();
                 h.update(&header);
-                for p in body {
+                for p in head {
                     let n = left.min(p.len());
                     h.update(&p[..n]);
+                    left -= n;
+                }
+                for g in guest {
+                    let n = left.min(g.len());
+                    if let Some(covered) = g.sub(0, n) {
+                        covered.crc32_update(&mut h);
+                    }
                     left -= n;
                 }
                 trailer[..4].copy_from_slice(&h.finalize().to_le_bytes());
@@ -405,13 +464,14 @@ impl<S: Read + Write> Channel<S> {
             }
         };
         // One vectored write per frame: fewer syscalls and segments than one per part.
-        let mut slices = Vec::with_capacity(body.len() + 2);
+        let mut slices = Vec::with_capacity(head.len() + guest.len() + 2);
         slices.push(IoSlice::new(&header));
         slices.extend(
-            body.iter()
+            head.iter()
                 .filter(|p| !p.is_empty())
                 .map(|p| IoSlice::new(p)),
         );
+        slices.extend(guest.iter().filter(|g| !g.is_empty()).map(|g| g.io_slice()));
         slices.push(IoSlice::new(&trailer[..trailer_len]));
         let mut rest = &mut slices[..];
         while !rest.is_empty() {
@@ -512,33 +572,35 @@ impl<S: Read + Write> Channel<S> {
 
     /// Like [`recv_frame`](Self::recv_frame), but a CRC-framed, uncompressed `MemoryPages`
     /// frame is not buffered: its index is read and checked first (page size, every page
-    /// whole and inside `regions`), then each run of consecutive pages is read from the
-    /// socket straight into guest memory ([`GuestMemoryAccess::fill_in_place`], falling
-    /// back to one buffered `write` per run) and hashed into `hashes`; zero pages are
-    /// written as zeros. The CRC trailer (header and index) is checked at the end. MACed
-    /// or compressed page frames, and every other frame, are returned as a [`Frame`].
-    pub fn recv_frame_placing<M: GuestMemoryAccess + ?Sized>(
+    /// whole and inside `mem`'s layout), then each run of consecutive pages is read from
+    /// the socket straight into guest memory and hashed into `hashes` piece by piece as it
+    /// lands; zero pages are written as zeros ([`GuestMemory::write_zeros`], which leaves
+    /// memory known to be zero untouched). The CRC trailer (header and index) is checked
+    /// at the end. MACed or compressed page frames, and every other frame, are returned as
+    /// a [`Frame`].
+    ///
+    /// `mem` must be memory no vCPU runs on (a migration target before its switch-over),
+    /// with this receiver its only writer: pages are read into it through a slice.
+    pub fn recv_frame_placing<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         hashes: &mut PageHashes,
-        regions: &[MemoryRegion],
         page_size: usize,
     ) -> Result<Received<'_>, MigrationError> {
         let (hb, header) = self.recv_header()?;
         if header.command != Command::MemoryPages || header.flags & (FLAG_MAC | FLAG_LZ4) != 0 {
             return Ok(Received::Frame(self.recv_body(hb, header)?));
         }
-        let pages = self.place_pages(&hb, &header, mem, hashes, regions, page_size)?;
+        let pages = self.place_pages(&hb, &header, mem, hashes, page_size)?;
         Ok(Received::Placed { header, pages })
     }
 
-    fn place_pages<M: GuestMemoryAccess + ?Sized>(
+    fn place_pages<M: GuestMemory + ?Sized>(
         &mut self,
         hb: &[u8; HEADER_LEN],
         header: &FrameHeader,
         mem: &M,
         hashes: &mut PageHashes,
-        regions: &[MemoryRegion],
         page_size: usize,
     ) -> Result<u64, MigrationError> {
         let mut crc = crc32fast::Hasher::new();
@@ -569,9 +631,7 @@ impl<S: Read + Write> Channel<S> {
         }
         let mut index = std::mem::take(&mut self.rx);
         index.resize(index_len, 0);
-        let r = self.place_indexed(
-            &mut crc, &mut index, header, shape, mem, hashes, regions, page_size,
-        );
+        let r = self.place_indexed(&mut crc, &mut index, header, shape, mem, hashes, page_size);
         self.rx = index;
         let trailer = r?;
         let expected = crc.finalize();
@@ -591,7 +651,7 @@ impl<S: Read + Write> Channel<S> {
     /// Reads and checks the index into `index`, then the page data into place; returns
     /// the CRC trailer as found on the wire.
     #[allow(clippy::too_many_arguments)]
-    fn place_indexed<M: GuestMemoryAccess + ?Sized>(
+    fn place_indexed<M: GuestMemory + ?Sized>(
         &mut self,
         crc: &mut crc32fast::Hasher,
         index: &mut [u8],
@@ -599,9 +659,9 @@ impl<S: Read + Write> Channel<S> {
         shape: BatchShape,
         mem: &M,
         hashes: &mut PageHashes,
-        regions: &[MemoryRegion],
         page_size: usize,
     ) -> Result<u32, MigrationError> {
+        let layout = mem.layout();
         read_full(&mut self.stream, index, "payload", false)?;
         crc.update(index);
         let data_len = shape.data_len(index)?;
@@ -620,7 +680,7 @@ impl<S: Read + Write> Channel<S> {
         let n = shape.count;
         for i in 0..n {
             let (gpa, _) = index_entry(index, n, i);
-            if shape.page_size != page_size || region_of(regions, gpa, page_size).is_none() {
+            if shape.page_size != page_size || region_of(layout, gpa, page_size).is_none() {
                 return Err(MigrationError::PageOutOfRange {
                     gpa,
                     len: shape.page_size,
@@ -631,50 +691,52 @@ impl<S: Read + Write> Channel<S> {
         while i < n {
             let (gpa, nonzero) = index_entry(index, n, i);
             if !nonzero {
-                mem.write_zeros(gpa, page_size)?;
+                mem.write_zeros(gpa, page_size as u64)?;
                 hashes.record_zero(gpa);
                 i += 1;
                 continue;
             }
             // A run: consecutive non-zero pages at consecutive addresses in one region.
-            let region = region_of(regions, gpa, page_size);
+            let region = region_of(layout, gpa, page_size);
             let mut run = 1;
             while i + run < n {
                 let (next, nz) = index_entry(index, n, i + run);
                 if !nz
                     || next != gpa + (run * page_size) as u64
-                    || region_of(regions, next, page_size) != region
+                    || region_of(layout, next, page_size) != region
                 {
                     break;
                 }
                 run += 1;
             }
             let len = run * page_size;
-            let stream = &mut self.stream;
-            let mut failed = None;
-            let placed = mem.fill_in_place(gpa, len, &mut |dst: &mut [u8]| {
-                // Read in pieces of up to HASH_AFTER bytes (one read call per socket
-                // wake-up within a piece: small reads cost ACK processing), each hashed from
-                // guest memory right after it landed, while it is still in the L2 cache.
-                let piece = (HASH_AFTER / page_size).max(1) * page_size;
-                let mut at = gpa;
-                for part in dst.chunks_mut(piece) {
-                    if let Err(e) = read_full(stream, part, "payload", false) {
-                        failed = Some(e);
-                        return;
-                    }
-                    hashes.record(at, part);
-                    at += part.len() as u64;
-                }
-            })?;
-            if let Some(e) = failed {
-                return Err(e.into());
+            let span = mem.span(gpa, len as u64)?;
+            // Lets the backend allocate the run's pages in one call instead of one fault
+            // per page as the socket fills them.
+            mem.prepare_write(gpa, len as u64);
+            // Walk the run's pages now, many at once: the kernel's copy from the socket then
+            // finds their translations cached instead of stalling on one TLB walk per page.
+            for page in span.chunks(page_size) {
+                prefetch_write(page.as_ptr());
             }
-            if !placed {
-                self.lz.resize(len, 0);
-                read_full(&mut self.stream, &mut self.lz, "payload", false)?;
-                mem.write(gpa, &self.lz)?;
-                hashes.record_from(mem, gpa, len)?;
+            // Read in pieces of up to HASH_AFTER bytes (one read call per socket wake-up
+            // within a piece: small reads cost ACK processing), each hashed from guest
+            // memory right after it landed, while it is still in the L2 cache.
+            let piece = (HASH_AFTER / page_size).max(1) * page_size;
+            let mut at = gpa;
+            for part in span.chunks(piece) {
+                {
+                    // SAFETY: this is a migration target's memory before the switch-over:
+                    // its vCPUs have not run and do not run until the sender relinquishes
+                    // the VM, and the receiver is its only writer, one piece at a time; no
+                    // other slice or span access overlaps this one while it lives (it ends
+                    // at this block's end, before the piece is reported and hashed).
+                    let dst = unsafe { part.as_mut_slice() };
+                    read_full(&mut self.stream, dst, "payload", false)?;
+                }
+                mem.note_write(at, part.len() as u64);
+                hashes.record(at, part);
+                at += part.len() as u64;
             }
             i += run;
         }
@@ -904,26 +966,22 @@ mod tests {
     }
 
     use crate::memvm::MemGuest;
-    use crate::protocol::PageBatchWriter;
-    use crate::vm::MemoryError;
+    use crate::protocol::{PageBatchView, PageBatchWriter};
+    use ray_memory::{page_hash, OwnedMemory};
 
     const PS: usize = 4096;
 
-    fn page_regions() -> Vec<MemoryRegion> {
-        vec![
-            MemoryRegion {
-                gpa: 0,
-                size: 4 * PS as u64,
-            },
-            MemoryRegion {
-                gpa: 4 * PS as u64,
-                size: 2 * PS as u64,
-            },
-            MemoryRegion {
-                gpa: 0x10_0000,
-                size: 2 * PS as u64,
-            },
-        ]
+    fn page_layout() -> MemoryLayout {
+        MemoryLayout::new(&[
+            (0, 4 * PS as u64),
+            (4 * PS as u64, 2 * PS as u64),
+            (0x10_0000, 2 * PS as u64),
+        ])
+        .unwrap()
+    }
+
+    fn guest() -> MemGuest {
+        MemGuest::new(&page_layout()).unwrap()
     }
 
     /// A page frame from the real writer; `fill` 0 is a zero page.
@@ -952,27 +1010,27 @@ mod tests {
         c.into_inner().out
     }
 
-    fn place(wire: Vec<u8>, mem: &dyn GuestMemoryAccess) -> Result<u64, MigrationError> {
+    fn place(wire: Vec<u8>, mem: &dyn GuestMemory) -> Result<u64, MigrationError> {
         place_hashed(wire, mem).map(|(n, _)| n)
     }
 
     /// Places one frame; every page of guest memory must then hash as recorded.
     fn place_hashed(
         wire: Vec<u8>,
-        mem: &dyn GuestMemoryAccess,
+        mem: &dyn GuestMemory,
     ) -> Result<(u64, PageHashes), MigrationError> {
         let mut c = pipe(wire);
         let mut hashes = fresh_hashes();
-        let n = match c.recv_frame_placing(mem, &mut hashes, &page_regions(), PS)? {
+        let n = match c.recv_frame_placing(mem, &mut hashes, PS)? {
             Received::Placed { pages, .. } => pages,
             Received::Frame(f) => panic!("not placed: {:?}", f.header),
         };
-        for r in page_regions() {
-            for gpa in (r.gpa..r.gpa + r.size).step_by(PS) {
+        for r in page_layout().regions {
+            for gpa in (r.gpa..r.end()).step_by(PS) {
                 let mut b = vec![0; PS];
                 mem.read(gpa, &mut b).unwrap();
-                let placed_or_zero = hashes.get(gpa) == Some(crate::vm::page_hash(&b))
-                    || hashes.get(gpa) == Some(crate::vm::page_hash(&[0; PS]));
+                let placed_or_zero = hashes.get(gpa) == Some(page_hash(&b))
+                    || hashes.get(gpa) == Some(page_hash(&[0; PS]));
                 assert!(placed_or_zero, "page {gpa:#x} hashed wrong");
             }
         }
@@ -980,27 +1038,13 @@ mod tests {
     }
 
     fn fresh_hashes() -> PageHashes {
-        PageHashes::new(&page_regions(), PS)
+        PageHashes::new(&page_layout(), PS)
     }
 
-    fn page_of(g: &MemGuest, gpa: u64) -> Vec<u8> {
+    fn page_of(g: &dyn GuestMemory, gpa: u64) -> Vec<u8> {
         let mut b = vec![0; PS];
         g.read(gpa, &mut b).unwrap();
         b
-    }
-
-    /// Guest memory without the in-place path: the receiver must fall back to `write`.
-    struct WriteOnly(MemGuest);
-    impl GuestMemoryAccess for WriteOnly {
-        fn regions(&self) -> Vec<MemoryRegion> {
-            self.0.regions()
-        }
-        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-            self.0.read(gpa, buf)
-        }
-        fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
-            self.0.write(gpa, data)
-        }
     }
 
     #[test]
@@ -1015,18 +1059,102 @@ mod tests {
             (0x10_0000, 5),
             (0x10_1000, 6),
         ];
-        for in_place in [true, false] {
-            let g = MemGuest::new(page_regions(), PS as u64);
+        // Two backends: the test guest (which logs the receiver's writes) and bare owned
+        // memory (which does not).
+        for logged in [true, false] {
+            let g = guest();
             g.write(5 * PS as u64, &[9; PS]).unwrap();
-            let wo = WriteOnly(MemGuest::new(page_regions(), PS as u64));
-            wo.0.write(5 * PS as u64, &[9; PS]).unwrap();
-            let mem: &dyn GuestMemoryAccess = if in_place { &g } else { &wo };
+            g.take_dirty();
+            let owned = OwnedMemory::zeroed(&page_layout()).unwrap();
+            owned.write(5 * PS as u64, &[9; PS]).unwrap();
+            let mem: &dyn GuestMemory = if logged { &g } else { &owned };
             assert_eq!(place(page_frame(&pages, None), mem).unwrap(), 7);
-            let g = if in_place { &g } else { &wo.0 };
             for &(gpa, fill) in &pages {
-                assert_eq!(page_of(g, gpa), vec![fill; PS], "page {gpa:#x}");
+                assert_eq!(page_of(mem, gpa), vec![fill; PS], "page {gpa:#x}");
             }
-            assert_eq!(page_of(g, 2 * PS as u64), vec![0; PS], "untouched page");
+            assert_eq!(page_of(mem, 2 * PS as u64), vec![0; PS], "untouched page");
+            if logged {
+                // Every page written, the zeroed one included, is reported as written.
+                let dirty = g.take_dirty();
+                let gpas: Vec<u64> = dirty.gpas(&page_layout()).collect();
+                let mut want: Vec<u64> = pages.iter().map(|&(gpa, _)| gpa).collect();
+                want.sort_unstable();
+                assert_eq!(gpas, want);
+            }
+        }
+    }
+
+    /// Guest memory that records the receiver's write hints.
+    struct Hinted(MemGuest, std::sync::Mutex<Vec<(u64, u64)>>);
+    impl GuestMemory for Hinted {
+        fn layout(&self) -> &MemoryLayout {
+            self.0.layout()
+        }
+        fn span(&self, gpa: u64, len: u64) -> Result<GuestSpan<'_>, ray_memory::MemoryError> {
+            self.0.span(gpa, len)
+        }
+        fn prepare_write(&self, gpa: u64, len: u64) {
+            self.1.lock().unwrap().push((gpa, len));
+        }
+    }
+
+    #[test]
+    fn each_run_is_announced_before_it_is_filled() {
+        let pages = [(0, 1), (PS as u64, 2), (3 * PS as u64, 0), (0x10_0000, 5)];
+        let h = Hinted(guest(), Default::default());
+        assert_eq!(place(page_frame(&pages, None), &h).unwrap(), 4);
+        let hints = h.1.lock().unwrap().clone();
+        assert_eq!(
+            hints,
+            vec![(0, 2 * PS as u64), (0x10_0000, PS as u64)],
+            "one hint per run of data pages, none for zero pages"
+        );
+    }
+
+    #[test]
+    fn guest_parts_go_out_as_they_are_in_memory() {
+        let mem = OwnedMemory::zeroed(&page_layout()).unwrap();
+        mem.write(0, &[1; PS]).unwrap();
+        mem.write(PS as u64, &[2; PS]).unwrap();
+        mem.write(0x10_0000, &[3; PS]).unwrap();
+        let mut w = PageBatchWriter::new(PS, 4);
+        for (gpa, zero) in [(0, false), (PS as u64, false), (2 * PS as u64, true)] {
+            w.commit_external(gpa, zero);
+        }
+        w.commit_external(0x10_0000, false);
+        let spans = [
+            mem.span(0, 2 * PS as u64).unwrap(),
+            mem.span(0x10_0000, PS as u64).unwrap(),
+        ];
+        let key = auth::session_key(b"psk", &[1; 32], &[2; 32], 1);
+        // CRC'd (the spans go to the kernel), compressed, and MACed (both copy them first).
+        for (crc_pages, compress) in [(true, false), (true, true), (false, false)] {
+            let mut tx = pipe(Vec::new());
+            tx.set_session_key(key.clone());
+            tx.set_crc_for_pages(crc_pages);
+            let (index, _) = w.finish_parts();
+            tx.send_guest_parts(Command::MemoryPages, 1, 0, &[index], &spans, compress)
+                .unwrap();
+            assert_eq!(tx.last_compressed(), compress);
+            let sent = tx.bytes_sent();
+            let wire = tx.into_inner().out;
+            assert_eq!(sent, wire.len() as u64);
+            let mut rx = pipe(wire);
+            rx.set_session_key(key.clone());
+            let f = rx.recv_frame().unwrap();
+            assert_eq!(f.header.flags & FLAG_MAC != 0, !crc_pages);
+            let view = PageBatchView::parse(f.payload).unwrap();
+            let got: Vec<(u64, Option<u8>)> =
+                view.iter().map(|(gpa, d)| (gpa, d.map(|d| d[0]))).collect();
+            assert_eq!(
+                got,
+                vec![
+                    (0, Some(1)),
+                    (PS as u64, Some(2)),
+                    (2 * PS as u64, None),
+                    (0x10_0000, Some(3))
+                ]
+            );
         }
     }
 
@@ -1041,12 +1169,11 @@ mod tests {
         let macs = tx.into_inner().out;
         let (_, second) = macs.split_at(macs.len() / 2);
         wire.extend_from_slice(second);
-        let g = MemGuest::new(page_regions(), PS as u64);
+        let g = guest();
         let mut rx = pipe(wire);
         rx.set_session_key(key);
         assert!(matches!(
-            rx.recv_frame_placing(&g, &mut fresh_hashes(), &page_regions(), PS)
-                .unwrap(),
+            rx.recv_frame_placing(&g, &mut fresh_hashes(), PS).unwrap(),
             Received::Placed { pages: 1, .. }
         ));
         // The page frame took sequence 0, so the Resumed MACed with sequence 1 verifies.
@@ -1056,11 +1183,10 @@ mod tests {
 
     #[test]
     fn macs_and_other_frames_are_not_placed() {
-        let g = MemGuest::new(page_regions(), PS as u64);
+        let g = guest();
         let mut c = pipe(one_frame(&Message::Switchover));
         assert!(matches!(
-            c.recv_frame_placing(&g, &mut fresh_hashes(), &page_regions(), PS)
-                .unwrap(),
+            c.recv_frame_placing(&g, &mut fresh_hashes(), PS).unwrap(),
             Received::Frame(Frame {
                 header: FrameHeader {
                     command: Command::Switchover,
@@ -1080,10 +1206,7 @@ mod tests {
             .unwrap();
         let mut rx = pipe(tx.into_inner().out);
         rx.set_session_key(key);
-        match rx
-            .recv_frame_placing(&g, &mut fresh_hashes(), &page_regions(), PS)
-            .unwrap()
-        {
+        match rx.recv_frame_placing(&g, &mut fresh_hashes(), PS).unwrap() {
             Received::Frame(f) => assert!(f.header.flags & FLAG_MAC != 0),
             Received::Placed { .. } => {
                 panic!("a MACed frame was placed before its MAC was checked")
@@ -1094,7 +1217,7 @@ mod tests {
 
     #[test]
     fn malformed_page_frames_are_typed_errors_and_bad_addresses_write_nothing() {
-        let g = MemGuest::new(page_regions(), PS as u64);
+        let g = guest();
         let untouched = |g: &MemGuest| g.contents().iter().all(|r| r.iter().all(|&b| b == 0));
 
         // Outside every region, misaligned, or straddling the end of a region.
@@ -1196,10 +1319,9 @@ mod tests {
         let mut b = good.clone();
         let at = b.len() - 10;
         b[at] ^= 1;
-        let h = MemGuest::new(page_regions(), PS as u64);
+        let h = guest();
         let (_, hashes) = place_hashed(b, &h).unwrap();
-        let (_, clean) =
-            place_hashed(good.clone(), &MemGuest::new(page_regions(), PS as u64)).unwrap();
+        let (_, clean) = place_hashed(good.clone(), &guest()).unwrap();
         assert_ne!(hashes.digests(), clean.digests());
 
         // Cut in the index, in the data, in the trailer.

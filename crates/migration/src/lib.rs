@@ -10,8 +10,11 @@
 //!   before both sides proved the key and the target accepted the [`CompatInfo`].
 //! - [`session`]: one enum, one transition table, shared by both sides.
 //! - [`convergence`]: EMA dirty rate and bandwidth, expected downtime, throttle steps, limits.
-//! - [`sender`] / [`receiver`]: drivers generic over [`GuestMemoryAccess`], [`SourceVm`],
-//!   [`TargetVm`] and any `Read + Write` stream ([`transport`] opens TCP and Unix sockets).
+//! - [`sender`] / [`receiver`]: drivers generic over ray-memory's [`GuestMemory`] view,
+//!   [`SourceVm`], [`TargetVm`] and any `Read + Write` stream.
+//! - [`transport`]: the migration endpoints (`HOST:PORT`, `unix:PATH`), connecting, a
+//!   listener whose accept a [`CancelToken`] or [`transport::Canceller`] wakes at once, and
+//!   the pre-shared key file reader.
 //! - [`progress`]: a polled [`Progress`] cell, a [`CancelToken`], and [`MigrationSlots`]
 //!   (at most 8 concurrent migrations per host by default).
 //! - [`memvm`]: in-memory VMs for tests and [`bench::bench_migrate`].
@@ -58,18 +61,21 @@
 //!
 //! # What the VMM implements
 //!
-//! - [`GuestMemoryAccess`] over its guest memory map (regions in a fixed order), ideally
-//!   with [`GuestMemoryAccess::fill_in_place`] so the target reads pages from the socket
-//!   straight into guest memory instead of through a buffer.
+//! - [`GuestMemory`] over its guest memory map (regions in a fixed order): `layout`, `span`,
+//!   and ideally [`GuestMemory::known_zero`] (pages the guest never touched: the sender
+//!   sends them as one bit without reading them, the target leaves them unwritten) and
+//!   [`GuestMemory::note_write`] (the target's placed pages) and
+//!   [`GuestMemory::prepare_write`] (the target populates a run before the socket fills
+//!   it). The sender hands spans of
+//!   guest memory to the kernel for the socket write; the target reads pages from the
+//!   socket straight into its (not yet running) guest memory.
 //! - [`SourceVm`]: dirty logging (`KVM_MEM_LOG_DIRTY_PAGES` + `KVM_GET_DIRTY_LOG`, ORed with
-//!   the VMM's own device writes), pause/resume of vCPUs and devices, vCPU throttling, and
-//!   a state blob. The VM sits in its `MigrationSource` state while the sender runs.
+//!   the VMM's own device writes) as a ray-memory [`DirtyBitmap`], pause/resume of vCPUs
+//!   and devices, vCPU throttling, and a state blob. The VM sits in its `MigrationSource`
+//!   state while the sender runs.
 //! - [`TargetVm`]: restore the blob (validating it), resume, discard. The VM sits in
 //!   `MigrationTarget` while the receiver runs.
 //! - A [`CompatInfo`] on each side: vCPU count, regions, CPUID fingerprint, flavour.
-//! - Ideally [`GuestMemoryAccess::guest_bytes`] and [`GuestMemoryAccess::known_zero`], so
-//!   the sender puts guest memory itself into the socket write and never reads (or
-//!   allocates) pages known to be zero.
 
 pub mod auth;
 pub mod bench;
@@ -90,7 +96,11 @@ pub use convergence::{decide, Decision, LimitAction, Policy, Stats};
 pub use error::{MigrationError, ProtocolError};
 pub use progress::{CancelToken, MigrationSlots, Progress, ProgressHandle, TooManyMigrations};
 pub use protocol::{CompatInfo, MemoryRegion};
+pub use ray_memory::{DirtyBitmap, GuestMemory, MemoryError, MemoryLayout, PageBitmap};
 pub use receiver::{receive_migration, ReceiveFailure, ReceiveReport, ReceiverConfig};
 pub use sender::{send_migration, SendFailure, SendReport, SenderConfig, SourceVmAfterFailure};
 pub use session::{Session, SessionEvent, SessionState};
-pub use vm::{DirtyBitmap, GuestMemoryAccess, MemoryError, SourceVm, TargetVm, VmError};
+pub use transport::{
+    connect, read_key_file, Canceller, Endpoint, KeyFileError, Listener, Stream, TransportError,
+};
+pub use vm::{SourceVm, TargetVm, VmError};

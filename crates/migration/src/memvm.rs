@@ -1,4 +1,4 @@
-//! In-memory VMs: a `Vec<u8>` guest, a source with a dirtier thread, a target.
+//! In-memory VMs: a guest on [`OwnedMemory`], a source with a dirtier thread, a target.
 //!
 //! Test doubles for the VMM side of the traits, used by the crate's tests and by the
 //! throughput benchmark. The protocol, sockets and policy they run against are the real ones.
@@ -8,56 +8,52 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::protocol::MemoryRegion;
-use crate::vm::{DirtyBitmap, GuestMemoryAccess, MemoryError, SourceVm, TargetVm, VmError};
+use ray_memory::{
+    DirtyBitmap, GuestMemory, GuestSpan, MemoryError, MemoryLayout, OwnedMemory, PAGE_SIZE,
+};
+
+use crate::vm::{SourceVm, TargetVm, VmError};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Guest memory in `Vec<u8>`s with a dirty bitmap that every write marks.
+/// Guest memory on the heap ([`OwnedMemory`]) with a dirty bitmap that every write through
+/// the [`GuestMemory`] view marks (4 KiB pages, like KVM's log).
 #[derive(Debug)]
 pub struct MemGuest {
-    regions: Vec<MemoryRegion>,
-    data: Vec<Mutex<Vec<u8>>>,
-    dirty: Mutex<Vec<DirtyBitmap>>,
-    page_size: u64,
+    mem: OwnedMemory,
+    dirty: Mutex<DirtyBitmap>,
 }
 
 impl MemGuest {
-    pub fn new(regions: Vec<MemoryRegion>, page_size: u64) -> Self {
-        let data = regions
-            .iter()
-            .map(|r| Mutex::new(vec![0; r.size as usize]))
-            .collect();
-        let dirty = regions
-            .iter()
-            .map(|r| DirtyBitmap::new((r.size / page_size) as usize))
-            .collect();
-        Self {
-            regions,
-            data,
-            dirty: Mutex::new(dirty),
-            page_size,
-        }
+    /// Zeroed memory for `layout`, all clean.
+    pub fn new(layout: &MemoryLayout) -> Result<Self, MemoryError> {
+        Ok(Self {
+            mem: OwnedMemory::zeroed(layout)?,
+            dirty: Mutex::new(DirtyBitmap::clean(layout)),
+        })
     }
 
-    pub fn page_size(&self) -> u64 {
-        self.page_size
-    }
-
-    /// Fills `percent_nonzero` % of the pages with pseudo-random bytes from `seed`.
+    /// Fills `percent_nonzero` % of the pages with pseudo-random bytes from `seed` (without
+    /// marking them dirty: this is the guest before the migration).
     pub fn fill(&self, seed: u64, percent_nonzero: u64) {
+        let ps = PAGE_SIZE as usize;
         let mut x = seed | 1;
-        for region in &self.data {
-            let mut d = lock(region);
-            for page in d.chunks_mut(self.page_size as usize) {
+        let mut buf = vec![0u8; ps];
+        for r in &self.mem.layout().regions {
+            let Ok(region) = self.mem.span(r.gpa, r.len) else {
+                continue;
+            };
+            for page in region.chunks(ps) {
                 x = xorshift(x);
                 if x % 100 < percent_nonzero {
-                    for w in page.chunks_mut(8) {
+                    let bytes = &mut buf[..page.len()];
+                    for w in bytes.chunks_mut(8) {
                         x = xorshift(x);
                         w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
                     }
+                    page.copy_from(bytes);
                 }
             }
         }
@@ -66,78 +62,52 @@ impl MemGuest {
     /// Touches every page so the kernel backs it now, as a VMM does for a target's memory
     /// (otherwise the first write to each page pays a page fault during the transfer).
     pub fn prefault(&self) {
-        for region in &self.data {
-            let mut d = lock(region);
-            for page in d.chunks_mut(self.page_size as usize) {
-                page[0] = std::hint::black_box(page[0]);
+        for r in &self.mem.layout().regions {
+            let Ok(region) = self.mem.span(r.gpa, r.len) else {
+                continue;
+            };
+            for page in region.chunks(PAGE_SIZE as usize) {
+                let b: u8 = page.load(0).unwrap_or_default();
+                page.store(0, std::hint::black_box(b));
             }
         }
     }
 
     /// A copy of every region, for byte-for-byte comparison.
     pub fn contents(&self) -> Vec<Vec<u8>> {
-        self.data.iter().map(|d| lock(d).clone()).collect()
+        self.mem
+            .layout()
+            .regions
+            .iter()
+            .map(|r| {
+                let mut b = vec![0u8; r.len as usize];
+                if let Ok(s) = self.mem.span(r.gpa, r.len) {
+                    s.copy_to(&mut b);
+                }
+                b
+            })
+            .collect()
     }
 
-    /// Gets and clears the dirty bitmaps.
-    pub fn take_dirty(&self) -> Vec<DirtyBitmap> {
-        let mut d = lock(&self.dirty);
-        let fresh = d.iter().map(|b| DirtyBitmap::new(b.pages())).collect();
-        std::mem::replace(&mut *d, fresh)
-    }
-
-    fn mark_dirty(&self, region: usize, off: usize, len: usize) {
-        if len != 0 {
-            let ps = self.page_size as usize;
-            let mut d = lock(&self.dirty);
-            for p in off / ps..=(off + len - 1) / ps {
-                d[region].set(p);
-            }
-        }
-    }
-
-    fn locate(&self, gpa: u64, len: usize) -> Result<(usize, usize), MemoryError> {
-        for (i, r) in self.regions.iter().enumerate() {
-            if gpa >= r.gpa && gpa - r.gpa + len as u64 <= r.size {
-                return Ok((i, (gpa - r.gpa) as usize));
-            }
-        }
-        Err(MemoryError {
-            gpa,
-            len,
-            reason: "the range is not inside one guest memory region".into(),
-        })
+    /// Gets and clears the dirty bitmap.
+    pub fn take_dirty(&self) -> DirtyBitmap {
+        lock(&self.dirty).take()
     }
 }
 
-impl GuestMemoryAccess for MemGuest {
-    fn regions(&self) -> Vec<MemoryRegion> {
-        self.regions.clone()
+impl GuestMemory for MemGuest {
+    fn layout(&self) -> &MemoryLayout {
+        self.mem.layout()
     }
 
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        let (i, off) = self.locate(gpa, buf.len())?;
-        buf.copy_from_slice(&lock(&self.data[i])[off..off + buf.len()]);
-        Ok(())
+    fn span(&self, gpa: u64, len: u64) -> Result<GuestSpan<'_>, MemoryError> {
+        self.mem.span(gpa, len)
     }
 
-    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
-        let (i, off) = self.locate(gpa, data.len())?;
-        lock(&self.data[i])[off..off + data.len()].copy_from_slice(data);
-        self.mark_dirty(i, off, data.len());
-        Ok(())
-    }
-
-    fn fill_in_place(
-        &self,
-        gpa: u64,
-        len: usize,
-        fill: &mut dyn FnMut(&mut [u8]),
-    ) -> Result<bool, MemoryError> {
-        let (i, off) = self.locate(gpa, len)?;
-        fill(&mut lock(&self.data[i])[off..off + len]);
-        self.mark_dirty(i, off, len);
-        Ok(true)
+    fn note_write(&self, gpa: u64, len: u64) {
+        if len != 0 {
+            lock(&self.dirty).mark(self.mem.layout(), gpa, len);
+        }
     }
 }
 
@@ -191,9 +161,9 @@ impl InMemorySource {
         let guest = self.guest.clone();
         let flags = self.flags.clone();
         std::thread::spawn(move || {
-            let regions = guest.regions();
-            let ps = guest.page_size();
-            let total: u64 = regions.iter().map(|r| r.size / ps).sum();
+            let regions = guest.layout().regions.clone();
+            let ps = PAGE_SIZE;
+            let total: u64 = regions.iter().map(|r| r.len / ps).sum();
             let mut x = seed | 1;
             let mut written = 0;
             let mut page = vec![0u8; ps as usize];
@@ -207,7 +177,7 @@ impl InMemorySource {
                             let gpa = regions
                                 .iter()
                                 .find_map(|r| {
-                                    let pages = r.size / ps;
+                                    let pages = r.len / ps;
                                     if n < pages {
                                         Some(r.gpa + n * ps)
                                     } else {
@@ -237,7 +207,7 @@ impl SourceVm for InMemorySource {
         self.logging = true;
         Ok(())
     }
-    fn dirty_log(&mut self) -> Result<Vec<DirtyBitmap>, VmError> {
+    fn dirty_log(&mut self) -> Result<DirtyBitmap, VmError> {
         Ok(self.guest.take_dirty())
     }
     fn stop_dirty_log(&mut self) -> Result<(), VmError> {

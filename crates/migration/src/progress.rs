@@ -1,10 +1,11 @@
 //! What a progress display polls, and how an operator cancels.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::session::SessionState;
+use crate::transport::Canceller;
 
 /// A snapshot of a running migration.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -61,20 +62,63 @@ impl ProgressHandle {
     }
 }
 
-/// Cancels a migration from another thread; checked between page batches.
+/// Cancels a migration from another thread; checked between page batches, and wakes a
+/// [`Listener::accept`](crate::transport::Listener::accept) waiting for the migration at once.
 #[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+pub struct CancelToken(Arc<CancelState>);
+
+#[derive(Debug, Default)]
+struct CancelState {
+    cancelled: AtomicBool,
+    /// Blocked waits to wake on cancel, by registration number.
+    wakers: Mutex<Vec<(u64, Canceller)>>,
+    next: AtomicU64,
+}
 
 impl CancelToken {
     pub fn new() -> Self {
         Self::default()
     }
+
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.0.cancelled.store(true, Ordering::SeqCst);
+        for (_, w) in lock(&self.0.wakers).iter() {
+            w.cancel();
+        }
     }
+
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.cancelled.load(Ordering::SeqCst)
     }
+
+    /// Cancels `c` too when this token is cancelled (at once if it is already), until the
+    /// returned guard drops.
+    pub(crate) fn wake_on_cancel(&self, c: &Canceller) -> WakeOnCancel<'_> {
+        let id = self.0.next.fetch_add(1, Ordering::Relaxed);
+        lock(&self.0.wakers).push((id, c.clone()));
+        // A cancel that ran before the push did not see `c`; its flag is visible now (the
+        // lock orders the two).
+        if self.is_cancelled() {
+            c.cancel();
+        }
+        WakeOnCancel { token: self, id }
+    }
+}
+
+/// Keeps a [`Canceller`] linked to a [`CancelToken`]; unlinks it when dropped.
+pub(crate) struct WakeOnCancel<'a> {
+    token: &'a CancelToken,
+    id: u64,
+}
+
+impl Drop for WakeOnCancel<'_> {
+    fn drop(&mut self) {
+        lock(&self.token.0.wakers).retain(|(id, _)| *id != self.id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Default cap on concurrent migrations per host.

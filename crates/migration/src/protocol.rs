@@ -100,11 +100,26 @@ impl ErrorCode {
     }
 }
 
-/// One guest memory region: guest-physical address and size in bytes.
+/// One guest memory region on the wire ([`CompatInfo`]): guest-physical address and size
+/// in bytes. Locally, guest memory is a [`ray_memory::MemoryLayout`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryRegion {
     pub gpa: u64,
     pub size: u64,
+}
+
+impl From<ray_memory::Region> for MemoryRegion {
+    fn from(r: ray_memory::Region) -> Self {
+        MemoryRegion {
+            gpa: r.gpa,
+            size: r.len,
+        }
+    }
+}
+
+/// The wire form of `layout`'s regions, in its order.
+pub fn regions_of(layout: &ray_memory::MemoryLayout) -> Vec<MemoryRegion> {
+    layout.regions.iter().map(|&r| r.into()).collect()
 }
 
 /// What the target must match before any memory moves.
@@ -585,7 +600,7 @@ impl PageBatchWriter {
     }
 
     /// Records a page whose bytes the caller sends itself, after the index (straight from
-    /// guest memory: [`crate::GuestMemoryAccess::guest_bytes`]); an all-zero page (`zero`)
+    /// guest memory: [`ray_memory::GuestSpan::io_slice`]); an all-zero page (`zero`)
     /// costs one bit and sends nothing. A batch holds either such pages or copied ones.
     pub fn commit_external(&mut self, gpa: u64, zero: bool) {
         debug_assert!(
@@ -639,14 +654,8 @@ impl PageBatchWriter {
     }
 }
 
-/// True when every byte is zero; written so the compiler vectorizes it.
-pub fn is_zero(page: &[u8]) -> bool {
-    let mut chunks = page.chunks_exact(64);
-    let whole = chunks
-        .by_ref()
-        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0);
-    whole && chunks.remainder().iter().all(|&b| b == 0)
-}
+/// True when every byte is zero: ray-memory's check, the one every zero page test uses.
+pub use ray_memory::is_zero;
 
 /// The validated start of a `MemoryPages` payload: page size, page count and the length
 /// of the index that follows the 8-byte batch header.

@@ -2,12 +2,14 @@
 
 use std::io::{Read, Write};
 
+use ray_memory::{GuestMemory, MemoryLayout};
+
 use crate::auth::{self, PresharedKey, Side};
 use crate::frame::{Channel, Received, SUPPORTED_VERSIONS};
 use crate::progress::{CancelToken, ProgressHandle};
-use crate::protocol::{Command, CompatInfo, ErrorCode, MemoryRegion, Message, PageBatchView};
+use crate::protocol::{Command, CompatInfo, ErrorCode, Message, PageBatchView};
 use crate::session::{Session, SessionEvent, SessionState};
-use crate::vm::{GuestMemoryAccess, PageHashes, TargetVm};
+use crate::vm::{PageHashes, TargetVm};
 use crate::MigrationError;
 
 /// Target settings.
@@ -54,6 +56,13 @@ pub struct ReceiveFailure {
 
 /// Receives a VM over `stream`. `local` describes the VM shell prepared here; the source
 /// must match it exactly.
+///
+/// `mem` is the target's guest memory: no vCPU may run on it until the driver calls
+/// [`TargetVm::resume`] (after the switch-over), and nothing but this receiver writes it
+/// meanwhile: pages are read from the socket straight into it. Its writes are reported
+/// through [`GuestMemory::note_write`]; zero pages go through
+/// [`GuestMemory::write_zeros`], so memory [`known_zero`](GuestMemory::known_zero) is not
+/// touched.
 pub fn receive_migration<S, M, V>(
     stream: S,
     mem: &M,
@@ -63,7 +72,7 @@ pub fn receive_migration<S, M, V>(
 ) -> Result<ReceiveReport, ReceiveFailure>
 where
     S: Read + Write,
-    M: GuestMemoryAccess + ?Sized,
+    M: GuestMemory + ?Sized,
     V: TargetVm + ?Sized,
 {
     let mut r = Receiver {
@@ -205,15 +214,15 @@ impl<S: Read + Write> Receiver<'_, S> {
 
     fn run<M, V>(&mut self, mem: &M, vm: &mut V, local: &CompatInfo) -> Result<(), MigrationError>
     where
-        M: GuestMemoryAccess + ?Sized,
+        M: GuestMemory + ?Sized,
         V: TargetVm + ?Sized,
     {
         self.handshake(local)?;
         self.event(SessionEvent::Start)?;
-        let regions = mem.regions();
+        let layout = mem.layout();
         let page_size = local.page_size as usize;
         // What each page is in our memory, hashed as it was placed.
-        let mut hashes = PageHashes::new(&regions, page_size);
+        let mut hashes = PageHashes::new(layout, page_size);
         loop {
             if self.cfg.cancel.is_cancelled() {
                 let _ = self.reply(
@@ -227,10 +236,7 @@ impl<S: Read + Write> Receiver<'_, S> {
             let state = self.session.state();
             let pages_expected = matches!(state, SessionState::PreCopy | SessionState::StopAndCopy);
             let frame = if pages_expected {
-                match self
-                    .ch
-                    .recv_frame_placing(mem, &mut hashes, &regions, page_size)?
-                {
+                match self.ch.recv_frame_placing(mem, &mut hashes, page_size)? {
                     Received::Placed { pages, .. } => {
                         self.count_pages(pages);
                         continue;
@@ -247,14 +253,14 @@ impl<S: Read + Write> Receiver<'_, S> {
                 let view = PageBatchView::parse(frame.payload)?;
                 for (gpa, data) in view.iter() {
                     let len = data.map_or(page_size, <[u8]>::len);
-                    if len != page_size || !inside(&regions, gpa, len) {
+                    if len != page_size || !inside(layout, gpa, len) {
                         return Err(MigrationError::PageOutOfRange { gpa, len });
                     }
                     match data {
                         Some(data) => mem.write(gpa, data)?,
-                        None => mem.write_zeros(gpa, len)?,
+                        None => mem.write_zeros(gpa, len as u64)?,
                     }
-                    hashes.record_from(mem, gpa, len)?;
+                    hashes.record_from(mem, gpa, len as u64)?;
                 }
                 let n = view.len() as u64;
                 self.count_pages(n);
@@ -348,8 +354,8 @@ impl<S: Read + Write> Receiver<'_, S> {
     }
 }
 
-fn inside(regions: &[MemoryRegion], gpa: u64, len: usize) -> bool {
-    crate::frame::region_of(regions, gpa, len).is_some()
+fn inside(layout: &MemoryLayout, gpa: u64, len: usize) -> bool {
+    crate::frame::region_of(layout, gpa, len).is_some()
 }
 
 fn compare_hashes(
@@ -386,16 +392,7 @@ mod tests {
 
     #[test]
     fn pages_must_be_whole_and_inside_a_region() {
-        let r = [
-            MemoryRegion {
-                gpa: 0,
-                size: 0x4000,
-            },
-            MemoryRegion {
-                gpa: 0x10000,
-                size: 0x1000,
-            },
-        ];
+        let r = MemoryLayout::new(&[(0, 0x4000), (0x10000, 0x1000)]).unwrap();
         assert!(inside(&r, 0x3000, 0x1000));
         assert!(inside(&r, 0x10000, 0x1000));
         assert!(!inside(&r, 0x4000, 0x1000));

@@ -3,13 +3,15 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
+use ray_memory::{DirtyBitmap, GuestMemory, GuestSpan, PageBitmap};
+
 use crate::auth::{self, PresharedKey, Side};
 use crate::convergence::{decide, Decision, Estimator, PassSample, Policy, Stats};
 use crate::frame::{Channel, SUPPORTED_VERSIONS};
 use crate::progress::{CancelToken, ProgressHandle};
-use crate::protocol::{is_zero, Command, CompatInfo, ErrorCode, Message, PageBatchWriter};
+use crate::protocol::{Command, CompatInfo, ErrorCode, Message, PageBatchWriter};
 use crate::session::{Session, SessionEvent, SessionState};
-use crate::vm::{DirtyBitmap, GuestMemoryAccess, MemoryError, PageHashes, SourceVm};
+use crate::vm::{prefetch_read, PageHashes, SourceVm};
 use crate::MigrationError;
 
 /// Source settings.
@@ -25,10 +27,11 @@ pub struct SenderConfig {
     /// frames and socket writes; 256 measured a little slower on loopback).
     pub batch_pages: usize,
     /// Page frames carry a CRC32 of their index instead of a MAC once authenticated
-    /// (default true), and pages go straight from guest memory to the socket when the
-    /// memory allows it ([`GuestMemoryAccess::guest_bytes`]); page data is checked by the
-    /// verification's page hashes. See [`Channel::set_crc_for_pages`]. False MACs every
-    /// byte (integrity against an attacker on the path), at a throughput cost.
+    /// (default true), and pages go straight from guest memory to the socket (the kernel's
+    /// copy is the only one); page data is checked by the verification's page hashes. See
+    /// [`Channel::set_crc_for_pages`]. False MACs every byte (integrity against an attacker
+    /// on the path), at a throughput cost: pages are then copied into the batch first, so
+    /// the MAC covers the very bytes sent.
     pub crc_pages: bool,
     /// Before the verification, reread all of the paused VM's memory and check it against
     /// what was sent: proves that the dirty log missed no write, at the cost of one pass
@@ -105,22 +108,18 @@ pub fn send_migration<S, M, V>(
 ) -> Result<SendReport, SendFailure>
 where
     S: Read + Write,
-    M: GuestMemoryAccess + ?Sized,
+    M: GuestMemory + ?Sized,
     V: SourceVm + ?Sized,
 {
     let mut ch = Channel::new(stream);
     ch.set_crc_for_pages(cfg.crc_pages);
-    let regions = mem.regions();
-    // Straight from guest memory only with CRC'd page frames: a MAC over bytes a vCPU may
-    // change before the kernel copies them would fail on the target.
-    let direct = cfg.crc_pages
-        && regions
-            .first()
-            .is_some_and(|r| mem.guest_bytes(r.gpa, local.page_size as usize).is_some());
     let mut s = Sender {
         ch,
-        hashes: PageHashes::new(&regions, local.page_size as usize),
-        direct,
+        hashes: PageHashes::new(mem.layout(), local.page_size as usize),
+        // Straight from guest memory only with CRC'd page frames: a MAC over bytes a vCPU
+        // may change before the kernel copies them would fail on the target.
+        direct: cfg.crc_pages,
+        runs: Vec::new(),
         mem,
         vm,
         cfg,
@@ -143,6 +142,8 @@ struct Sender<'a, S, M: ?Sized, V: ?Sized> {
     hashes: PageHashes,
     /// Pages go from guest memory to the socket without a copy in between.
     direct: bool,
+    /// Direct mode: the guest memory that follows the batch's index on the wire, in order.
+    runs: Vec<GuestSpan<'a>>,
     mem: &'a M,
     vm: &'a mut V,
     cfg: &'a SenderConfig,
@@ -158,7 +159,7 @@ struct Sender<'a, S, M: ?Sized, V: ?Sized> {
 /// After a batch that lz4 could not shrink, every this many batches is tried again.
 const COMPRESS_RETRY: u32 = 16;
 
-impl<'a, S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> Sender<'a, S, M, V> {
+impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<'a, S, M, V> {
     fn event(&mut self, e: SessionEvent) -> Result<(), MigrationError> {
         let to = self.session.apply(e)?;
         self.cfg.progress.update(|p| p.state = to);
@@ -260,19 +261,26 @@ impl<'a, S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> S
         let started = Instant::now();
         self.handshake(local)?;
         self.event(SessionEvent::Start)?;
-        let regions = self.mem.regions();
         let ps = u64::from(local.page_size.max(1));
-        let pages_per_region: Vec<usize> = regions.iter().map(|r| (r.size / ps) as usize).collect();
+        let pages_per_region: Vec<usize> = self
+            .mem
+            .layout()
+            .regions
+            .iter()
+            .map(|r| (r.len / ps) as usize)
+            .collect();
         self.vm.start_dirty_log()?;
         self.logging = true;
 
         let mut batch = PageBatchWriter::new(ps as usize, self.cfg.batch_pages.max(1));
         let mut est = Estimator::new();
         let mut passes = Vec::new();
-        let mut to_send: Vec<DirtyBitmap> = pages_per_region
-            .iter()
-            .map(|&n| DirtyBitmap::full(n))
-            .collect();
+        let mut to_send = DirtyBitmap {
+            regions: pages_per_region
+                .iter()
+                .map(|&n| PageBitmap::full(n))
+                .collect(),
+        };
         let mut pass = 1u32;
         let mut totals = (0u64, 0u64);
         let forced = loop {
@@ -281,7 +289,7 @@ impl<'a, S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> S
             totals = (totals.0 + pages, totals.1 + bytes);
             let duration = t.elapsed();
             to_send = self.dirty_log(&pages_per_region)?;
-            let dirty: u64 = to_send.iter().map(DirtyBitmap::count).sum();
+            let dirty = to_send.count();
             let sample = PassSample {
                 pass,
                 pages_sent: pages,
@@ -322,9 +330,7 @@ impl<'a, S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> S
         // Marked first so a half-done pause is still undone by the rollback.
         self.paused = true;
         self.vm.pause()?;
-        for (a, b) in to_send.iter_mut().zip(self.dirty_log(&pages_per_region)?) {
-            a.union(&b);
-        }
+        to_send.union(&self.dirty_log(&pages_per_region)?);
         pass += 1;
         let t = Instant::now();
         let (pages, bytes) = self.send_pass(&mut batch, &to_send, pass, true)?;
@@ -401,11 +407,13 @@ impl<'a, S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> S
         })
     }
 
-    fn dirty_log(&mut self, shape: &[usize]) -> Result<Vec<DirtyBitmap>, MigrationError> {
+    fn dirty_log(&mut self, shape: &[usize]) -> Result<DirtyBitmap, MigrationError> {
         let log = self.vm.dirty_log()?;
-        if log.len() != shape.len() || log.iter().zip(shape).any(|(b, &n)| b.pages() != n) {
+        if log.regions.len() != shape.len()
+            || log.regions.iter().zip(shape).any(|(b, &n)| b.pages() != n)
+        {
             return Err(MigrationError::DirtyLogShape {
-                got: log.len(),
+                got: log.regions.len(),
                 regions: shape.len(),
             });
         }
@@ -416,18 +424,17 @@ impl<'a, S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> S
     fn send_pass(
         &mut self,
         batch: &mut PageBatchWriter,
-        set: &[DirtyBitmap],
+        set: &DirtyBitmap,
         pass: u32,
         last: bool,
     ) -> Result<(u64, u64), MigrationError> {
         let before = self.ch.bytes_sent();
-        let regions = self.mem.regions();
+        let mem: &'a M = self.mem;
         let ps = batch.page_size();
         let mut pages = 0u64;
-        // Direct mode: the guest memory ranges that follow the batch's index on the wire.
-        let mut runs: Vec<&'a [u8]> = Vec::new();
+        self.runs.clear();
         batch.reset();
-        for (r, bits) in regions.iter().zip(set) {
+        for (r, bits) in mem.layout().regions.iter().zip(&set.regions) {
             let mut dirty = bits.iter().peekable();
             while let Some(first) = dirty.next() {
                 // Consecutive dirty pages are handled (read, or referenced) as one run.
@@ -438,21 +445,21 @@ impl<'a, S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> S
                 }
                 let gpa = r.gpa + (first * ps) as u64;
                 if self.direct {
-                    self.reference_run(batch, &mut runs, gpa, n)?;
+                    self.reference_run(batch, gpa, n)?;
                 } else {
                     let slots = batch.slots(n);
-                    self.mem.read(gpa, slots)?;
-                    self.hashes.record(gpa, slots);
+                    mem.read(gpa, slots)?;
+                    self.hashes.record_bytes(gpa, slots);
                     batch.commit_run(gpa, n);
                 }
                 pages += n as u64;
                 if batch.is_full() {
-                    self.flush(batch, &mut runs)?;
+                    self.flush(batch)?;
                 }
             }
         }
         if !batch.is_empty() {
-            self.flush(batch, &mut runs)?;
+            self.flush(batch)?;
         }
         self.expect_ack(&Message::DirtyPass { pass, pages, last })?;
         Ok((pages, self.ch.bytes_sent() - before))
@@ -460,31 +467,27 @@ impl<'a, S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> S
 
     /// Adds `n` pages at `gpa` to the batch without copying them: each is checked for
     /// zeros and hashed in place, and the non-zero stretches are queued in `runs` for the
-    /// vectored write. Pages known to be zero are not read at all.
+    /// vectored write. Pages known to be zero are not read at all. Each byte is read once
+    /// here (zero check, hash) and once by the kernel; a page a vCPU changes meanwhile is
+    /// in the next dirty log and is sent (and hashed) again.
     fn reference_run(
         &mut self,
         batch: &mut PageBatchWriter,
-        runs: &mut Vec<&'a [u8]>,
         gpa: u64,
         n: usize,
     ) -> Result<(), MigrationError> {
         let ps = batch.page_size();
         let mem: &'a M = self.mem;
-        let bytes = mem.guest_bytes(gpa, n * ps).ok_or_else(|| MemoryError {
-            gpa,
-            len: n * ps,
-            reason: "this guest memory cannot be sent in place".into(),
-        })?;
+        let span = mem.span(gpa, (n * ps) as u64)?;
         let mut stretch: Option<usize> = None;
-        for k in 0..n {
-            if let Some(next) = bytes.get((k + PREFETCH_AHEAD) * ps) {
-                crate::vm::prefetch_read(next);
+        for (k, page) in span.chunks(ps).enumerate() {
+            if k + PREFETCH_AHEAD < n {
+                prefetch_read(span.as_ptr().wrapping_add((k + PREFETCH_AHEAD) * ps));
             }
             let at = gpa + (k * ps) as u64;
-            let page = &bytes[k * ps..(k + 1) * ps];
-            if mem.known_zero(at) || is_zero(page) {
+            if mem.known_zero(at, ps as u64) || page.is_zero() {
                 if let Some(s) = stretch.take() {
-                    runs.push(&bytes[s..k * ps]);
+                    self.runs.extend(span.sub(s, k * ps - s));
                 }
                 self.hashes.record_zero(at);
                 batch.commit_external(at, true);
@@ -495,16 +498,12 @@ impl<'a, S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> S
             }
         }
         if let Some(s) = stretch {
-            runs.push(&bytes[s..n * ps]);
+            self.runs.extend(span.sub(s, n * ps - s));
         }
         Ok(())
     }
 
-    fn flush(
-        &mut self,
-        batch: &mut PageBatchWriter,
-        runs: &mut Vec<&'a [u8]>,
-    ) -> Result<(), MigrationError> {
+    fn flush(&mut self, batch: &mut PageBatchWriter) -> Result<(), MigrationError> {
         self.check_cancel()?;
         self.next_id += 1;
         // lz4 is tried on every batch until one fails to shrink, then only on every
@@ -512,19 +511,24 @@ impl<'a, S: Read + Write, M: GuestMemoryAccess + ?Sized, V: SourceVm + ?Sized> S
         let compress = self.cfg.compress && self.compress_skip == 0;
         self.compress_skip = self.compress_skip.saturating_sub(1);
         let (index, data) = batch.finish_parts();
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(runs.len() + 2);
-        parts.push(index);
+        let id = self.next_id;
         if self.direct {
-            parts.extend(runs.iter().copied());
+            self.ch.send_guest_parts(
+                Command::MemoryPages,
+                id,
+                0,
+                &[index],
+                &self.runs,
+                compress,
+            )?;
         } else {
-            parts.push(data);
+            self.ch
+                .send_parts(Command::MemoryPages, id, 0, &[index, data], compress)?;
         }
-        self.ch
-            .send_parts(Command::MemoryPages, self.next_id, 0, &parts, compress)?;
         if compress && !self.ch.last_compressed() {
             self.compress_skip = COMPRESS_RETRY - 1;
         }
-        runs.clear();
+        self.runs.clear();
         batch.reset();
         Ok(())
     }

@@ -1,19 +1,13 @@
-//! What the VMM provides: guest memory access and control of the VM on each side.
+//! What the VMM provides: control of the VM on each side. Guest memory is ray-memory's
+//! [`GuestMemory`] view; dirty logs are its [`DirtyBitmap`].
 //!
 //! The drivers never touch KVM. The VMM implements these traits over its memory map,
-//! `KVM_GET_DIRTY_LOG` and its vCPU threads; tests implement them over a `Vec<u8>`
-//! ([`crate::memvm`]).
+//! `KVM_GET_DIRTY_LOG` and its vCPU threads; tests implement them over
+//! [`ray_memory::OwnedMemory`] ([`crate::memvm`]).
 
-use crate::protocol::{MemoryRegion, RegionHash};
+use ray_memory::{page_hash, DirtyBitmap, GuestMemory, GuestSpan, MemoryError, MemoryLayout};
 
-/// A guest memory access outside the map, or one the backend refused.
-#[derive(Debug, thiserror::Error)]
-#[error("guest memory access of {len} bytes at {gpa:#x} failed: {reason}")]
-pub struct MemoryError {
-    pub gpa: u64,
-    pub len: usize,
-    pub reason: String,
-}
+use crate::protocol::RegionHash;
 
 /// A VM operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -23,63 +17,15 @@ pub struct VmError {
     pub reason: String,
 }
 
-/// Guest memory as the migration sees it. Shared with running vCPUs, hence `&self`.
-pub trait GuestMemoryAccess: Sync {
-    /// Every region, in a fixed order; dirty bitmaps follow the same order.
-    fn regions(&self) -> Vec<MemoryRegion>;
-    /// Copies `buf.len()` bytes at `gpa` into `buf`.
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError>;
-    /// Copies `data` to `gpa`. The receiver calls it only for whole pages inside `regions()`.
-    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError>;
-    /// Whether the page at `gpa` is known to hold only zeros without reading it (e.g. a
-    /// hole in the memory file that was never written). The sender sends such pages as one
-    /// bit and never touches them, so reading does not allocate them. Default: never known.
-    fn known_zero(&self, gpa: u64) -> bool {
-        let _ = gpa;
-        false
-    }
-    /// Optional fast path for the sender: the guest's own bytes at `gpa..gpa + len`, so
-    /// pages go from guest memory to the socket with the kernel's copy only. Running vCPUs
-    /// may change them at any time: the sender reads each byte once (zero check, page
-    /// hash, the kernel's copy) and relies on the dirty log to resend a page that changed
-    /// meanwhile, never on two reads agreeing. `None` (the default): the sender copies
-    /// with [`read`](Self::read).
-    fn guest_bytes(&self, gpa: u64, len: usize) -> Option<&[u8]> {
-        let _ = (gpa, len);
-        None
-    }
-    /// Makes the `len` bytes (whole pages) at `gpa` zero, as for a page the sender marked
-    /// zero. The default writes zeros; a backend that knows the pages are still untouched
-    /// (fresh memory reads as zero) can skip them without allocating or scanning.
-    fn write_zeros(&self, gpa: u64, len: usize) -> Result<(), MemoryError> {
-        self.write(gpa, &vec![0u8; len])
-    }
-    /// Optional fast path for the receiver: calls `fill` once with the `len` guest bytes at
-    /// `gpa` so it can write them in place (straight from the socket), saving the copy
-    /// through a buffer that [`write`](Self::write) costs. Same rules as `write` (whole
-    /// pages inside one region of `regions()`; writes count as dirty for the VMM); `fill`
-    /// may leave the range partly written if the connection fails, and the receiver then
-    /// discards the VM. Returns `Ok(false)` without calling `fill` when the backend has no
-    /// such path (the default): the receiver falls back to `write`.
-    fn fill_in_place(
-        &self,
-        gpa: u64,
-        len: usize,
-        fill: &mut dyn FnMut(&mut [u8]),
-    ) -> Result<bool, MemoryError> {
-        let _ = (gpa, len, fill);
-        Ok(false)
-    }
-}
-
 /// The VM on the sending host (in the VM lifecycle state `MigrationSource`).
 pub trait SourceVm {
     /// Starts dirty-page tracking (KVM_MEM_LOG_DIRTY_PAGES on every slot) and clears the log.
     fn start_dirty_log(&mut self) -> Result<(), VmError>;
-    /// Pages written since the previous call (or since `start_dirty_log`), one bitmap per
-    /// region in `regions()` order, and clears them. Must include the VMM's own writes
-    /// (virtio devices, etc.), not just the vCPUs'.
-    fn dirty_log(&mut self) -> Result<Vec<DirtyBitmap>, VmError>;
+    /// Pages written since the previous call (or since `start_dirty_log`), one
+    /// [`ray_memory::PageBitmap`] per region of the guest memory's
+    /// [`layout`](GuestMemory::layout), in its order, and clears them. Must include the VMM's
+    /// own writes (virtio devices, etc.), not just the vCPUs'.
+    fn dirty_log(&mut self) -> Result<DirtyBitmap, VmError>;
     fn stop_dirty_log(&mut self) -> Result<(), VmError>;
     /// Stops every vCPU and device that can write guest memory.
     fn pause(&mut self) -> Result<(), VmError>;
@@ -98,90 +44,6 @@ pub trait TargetVm {
     fn resume(&mut self) -> Result<(), VmError>;
     /// Tears the half-built VM down (verification failed, or the source went away).
     fn discard(&mut self);
-}
-
-/// One bit per page of one region.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirtyBitmap {
-    words: Vec<u64>,
-    pages: usize,
-}
-
-impl DirtyBitmap {
-    pub fn new(pages: usize) -> Self {
-        Self {
-            words: vec![0; pages.div_ceil(64)],
-            pages,
-        }
-    }
-
-    /// Every page set.
-    pub fn full(pages: usize) -> Self {
-        let mut b = Self::new(pages);
-        for i in 0..pages {
-            b.set(i);
-        }
-        b
-    }
-
-    /// Wraps a KVM-style bitmap (bit i of word i/64 = page i); bits past `pages` are dropped.
-    pub fn from_words(mut words: Vec<u64>, pages: usize) -> Self {
-        words.resize(pages.div_ceil(64), 0);
-        if !pages.is_multiple_of(64) {
-            if let Some(last) = words.last_mut() {
-                *last &= (1u64 << (pages % 64)) - 1;
-            }
-        }
-        Self { words, pages }
-    }
-
-    pub fn pages(&self) -> usize {
-        self.pages
-    }
-
-    pub fn set(&mut self, page: usize) {
-        if page < self.pages {
-            self.words[page / 64] |= 1 << (page % 64);
-        }
-    }
-
-    pub fn get(&self, page: usize) -> bool {
-        page < self.pages && self.words[page / 64] & (1 << (page % 64)) != 0
-    }
-
-    pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
-    }
-
-    /// ORs `other` in (same region, same size).
-    pub fn union(&mut self, other: &DirtyBitmap) {
-        for (a, b) in self.words.iter_mut().zip(&other.words) {
-            *a |= b;
-        }
-    }
-
-    /// Indices of set pages, ascending.
-    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        self.words.iter().enumerate().flat_map(|(wi, &w)| {
-            let mut w = w;
-            std::iter::from_fn(move || {
-                if w == 0 {
-                    return None;
-                }
-                let bit = w.trailing_zeros() as usize;
-                w &= w - 1;
-                Some(wi * 64 + bit)
-            })
-        })
-    }
-}
-
-/// The hash of one page: XXH3-64. Fast enough to run inline on every page sent and
-/// received (tens of GB/s), which is what lets verification cost no extra pass over memory.
-/// It detects corruption and lost pages, not deliberate forgery: integrity against an
-/// attacker on the path needs MACed page frames (see [`crate::SenderConfig::crc_pages`]).
-pub fn page_hash(page: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(page)
 }
 
 /// Hints the CPU to load the cache line at `at` for reading (a page the sender will check
@@ -221,7 +83,7 @@ fn prefetch<const HINT: i32>(at: *const u8) {
 /// memory to prove the last sent bytes are its memory (that the dirty log missed nothing).
 #[derive(Debug, Clone)]
 pub struct PageHashes {
-    regions: Vec<MemoryRegion>,
+    layout: MemoryLayout,
     page_size: usize,
     zero: u64,
     hashes: Vec<Vec<u64>>,
@@ -229,7 +91,6 @@ pub struct PageHashes {
     /// every record so that the digest costs nothing inside the downtime (zero pages add
     /// nothing, so a fresh table starts at 0 without a pass over its pages).
     sums: Vec<u128>,
-    scratch: Vec<u8>,
 }
 
 /// A page's hash bound to its index: two 64-bit lanes of XXH3 seeded by the index. Sums of
@@ -242,39 +103,45 @@ fn mix(index: u64, hash: u64) -> u128 {
 }
 
 impl PageHashes {
-    /// Every page starts as a zero page.
-    pub fn new(regions: &[MemoryRegion], page_size: usize) -> Self {
+    /// Every page of `layout` starts as a zero page.
+    pub fn new(layout: &MemoryLayout, page_size: usize) -> Self {
         let page_size = page_size.max(1);
         let zero = page_hash(&vec![0u8; page_size]);
-        let pages = |r: &MemoryRegion| r.size / page_size as u64;
         Self {
-            hashes: regions
+            hashes: layout
+                .regions
                 .iter()
-                .map(|r| vec![zero; pages(r) as usize])
+                .map(|r| vec![zero; (r.len / page_size as u64) as usize])
                 .collect(),
-            sums: vec![0; regions.len()],
-            regions: regions.to_vec(),
+            sums: vec![0; layout.regions.len()],
+            layout: layout.clone(),
             page_size,
             zero,
-            scratch: Vec::new(),
         }
     }
 
     /// (region, first page index) of `gpa`, which must be inside a region.
     fn locate(&self, gpa: u64) -> Option<(usize, usize)> {
-        self.regions
-            .iter()
-            .position(|r| gpa >= r.gpa && gpa - r.gpa < r.size)
-            .map(|i| {
-                (
-                    i,
-                    ((gpa - self.regions[i].gpa) / self.page_size as u64) as usize,
-                )
-            })
+        let r = self.layout.find(gpa, 1)?;
+        let first = (gpa - self.layout.regions[r].gpa) / self.page_size as u64;
+        Some((r, first as usize))
     }
 
-    /// Hashes `data`, whole pages starting at `gpa`.
-    pub fn record(&mut self, gpa: u64, data: &[u8]) {
+    /// Hashes the whole pages of guest memory `span`, which starts at `gpa`, as they are now.
+    pub fn record(&mut self, gpa: u64, span: GuestSpan<'_>) {
+        if let Some((r, first)) = self.locate(gpa) {
+            let ps = self.page_size;
+            for (k, page) in span.chunks(ps).enumerate() {
+                if page.len() == ps {
+                    self.set(r, first + k, page.hash());
+                }
+            }
+        }
+    }
+
+    /// Hashes `data`, whole pages starting at `gpa`, from a Rust buffer (pages copied out of
+    /// guest memory, decompressed, or made up by a test).
+    pub fn record_bytes(&mut self, gpa: u64, data: &[u8]) {
         if let Some((r, first)) = self.locate(gpa) {
             for (k, page) in data.chunks_exact(self.page_size).enumerate() {
                 self.set(r, first + k, page_hash(page));
@@ -297,26 +164,17 @@ impl PageHashes {
     }
 
     /// Hashes the `len` bytes (whole pages) at `gpa` as they are in `mem` now: for pages
-    /// placed through [`GuestMemoryAccess::write`], so the hash is of guest memory, not of
-    /// the buffer they came from.
-    pub fn record_from<M: GuestMemoryAccess + ?Sized>(
+    /// placed through [`GuestMemory::write`], so the hash is of guest memory, not of the
+    /// buffer they came from.
+    pub fn record_from<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         gpa: u64,
-        len: usize,
+        len: u64,
     ) -> Result<(), MemoryError> {
-        if let Some(b) = mem.guest_bytes(gpa, len) {
-            self.record(gpa, b);
-            return Ok(());
-        }
-        let mut buf = std::mem::take(&mut self.scratch);
-        buf.resize(len, 0);
-        let r = mem.read(gpa, &mut buf);
-        if r.is_ok() {
-            self.record(gpa, &buf);
-        }
-        self.scratch = buf;
-        r
+        let span = mem.span(gpa, len)?;
+        self.record(gpa, span);
+        Ok(())
     }
 
     /// The page at `gpa` is all zeros.
@@ -336,7 +194,8 @@ impl PageHashes {
     /// little-endian, in the first 16 bytes of [`RegionHash::hash`], the rest zero). Kept
     /// up to date as pages are recorded, so taking it inside the downtime costs nothing.
     pub fn digests(&self) -> Vec<RegionHash> {
-        self.regions
+        self.layout
+            .regions
             .iter()
             .zip(&self.sums)
             .map(|(r, sum)| {
@@ -344,7 +203,7 @@ impl PageHashes {
                 hash[..16].copy_from_slice(&sum.to_le_bytes());
                 RegionHash {
                     gpa: r.gpa,
-                    size: r.size,
+                    size: r.len,
                     hash,
                 }
             })
@@ -353,21 +212,19 @@ impl PageHashes {
 
     /// Reads every page not known to be zero and compares it with its recorded hash;
     /// returns the first page whose memory differs from what was recorded.
-    pub fn first_difference<M: GuestMemoryAccess + ?Sized>(
+    pub fn first_difference<M: GuestMemory + ?Sized>(
         &self,
         mem: &M,
     ) -> Result<Option<u64>, MemoryError> {
-        let mut buf = vec![0u8; self.page_size];
-        for (r, hashes) in self.regions.iter().zip(&self.hashes) {
-            for (p, &want) in hashes.iter().enumerate() {
-                let gpa = r.gpa + (p * self.page_size) as u64;
-                let got = if mem.known_zero(gpa) {
+        let ps = self.page_size;
+        for (r, hashes) in self.layout.regions.iter().zip(&self.hashes) {
+            let region = mem.span(r.gpa, (hashes.len() * ps) as u64)?;
+            for ((p, &want), page) in hashes.iter().enumerate().zip(region.chunks(ps)) {
+                let gpa = r.gpa + (p * ps) as u64;
+                let got = if mem.known_zero(gpa, ps as u64) {
                     self.zero
-                } else if let Some(b) = mem.guest_bytes(gpa, self.page_size) {
-                    page_hash(b)
                 } else {
-                    mem.read(gpa, &mut buf)?;
-                    page_hash(&buf)
+                    page.hash()
                 };
                 if got != want {
                     return Ok(Some(gpa));
@@ -381,64 +238,78 @@ impl PageHashes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ray_memory::{OwnedMemory, PageBitmap};
 
     #[test]
     fn page_hashes_follow_records_and_digests_see_every_page() {
-        let regions = [
-            MemoryRegion {
-                gpa: 0,
-                size: 0x4000,
-            },
-            MemoryRegion {
-                gpa: 0x10000,
-                size: 0x2000,
-            },
-        ];
-        let mut a = PageHashes::new(&regions, 0x1000);
-        let b = PageHashes::new(&regions, 0x1000);
+        let layout = MemoryLayout::new(&[(0, 0x4000), (0x10000, 0x2000)]).unwrap();
+        let mut a = PageHashes::new(&layout, 0x1000);
+        let b = PageHashes::new(&layout, 0x1000);
         assert_eq!(a.digests(), b.digests(), "fresh tables agree");
         assert_eq!(a.get(0x1000), Some(page_hash(&[0; 0x1000])));
-        a.record(0x1000, &[7u8; 0x2000]);
+        a.record_bytes(0x1000, &[7u8; 0x2000]);
         assert_eq!(a.get(0x2000), Some(page_hash(&[7; 0x1000])));
         assert_ne!(a.digests()[0], b.digests()[0]);
         assert_eq!(a.digests()[1], b.digests()[1], "other regions unchanged");
-        a.record(0x1000, &[0u8; 0x1000]);
+        a.record_bytes(0x1000, &[0u8; 0x1000]);
         a.record_zero(0x2000);
         assert_eq!(a.digests(), b.digests(), "zero pages hash like fresh ones");
-        a.record(0x11000, &[1u8; 0x1000]);
+        a.record_bytes(0x11000, &[1u8; 0x1000]);
         assert_ne!(a.digests()[1], b.digests()[1]);
         // The digest is of (index, hash) pairs: the same pages swapped differ.
         let (mut x, mut y) = (b.clone(), b.clone());
-        x.record(0x0, &[1u8; 0x1000]);
-        x.record(0x1000, &[2u8; 0x1000]);
-        y.record(0x0, &[2u8; 0x1000]);
-        y.record(0x1000, &[1u8; 0x1000]);
+        x.record_bytes(0x0, &[1u8; 0x1000]);
+        x.record_bytes(0x1000, &[2u8; 0x1000]);
+        y.record_bytes(0x0, &[2u8; 0x1000]);
+        y.record_bytes(0x1000, &[1u8; 0x1000]);
         assert_ne!(x.digests()[0], y.digests()[0]);
         // Kept up to date incrementally: equal to a table built from scratch.
-        let mut z = PageHashes::new(&regions, 0x1000);
-        z.record(0x1000, &[2u8; 0x1000]);
-        z.record(0x0, &[1u8; 0x1000]);
+        let mut z = PageHashes::new(&layout, 0x1000);
+        z.record_bytes(0x1000, &[2u8; 0x1000]);
+        z.record_bytes(0x0, &[1u8; 0x1000]);
         assert_eq!(x.digests(), z.digests());
         assert_eq!(a.get(0x9000), None, "outside every region");
     }
 
     #[test]
+    fn spans_hash_like_the_bytes_they_hold() {
+        let layout = MemoryLayout::new(&[(0, 0x4000), (0x10000, 0x2000)]).unwrap();
+        let mem = OwnedMemory::zeroed(&layout).unwrap();
+        mem.write(0x1000, &[1u8; 0x1000]).unwrap();
+        mem.write(0x2000, &[2u8; 0x1000]).unwrap();
+        mem.write(0x10000, &[3u8; 0x1000]).unwrap();
+        let mut from_spans = PageHashes::new(&layout, 0x1000);
+        from_spans.record(0x1000, mem.span(0x1000, 0x2000).unwrap());
+        from_spans.record_from(&mem, 0x10000, 0x2000).unwrap();
+        let mut from_bytes = PageHashes::new(&layout, 0x1000);
+        from_bytes.record_bytes(0x1000, &[1u8; 0x1000]);
+        from_bytes.record_bytes(0x2000, &[2u8; 0x1000]);
+        from_bytes.record_bytes(0x10000, &[3u8; 0x1000]);
+        assert_eq!(from_spans.digests(), from_bytes.digests());
+        assert_eq!(from_spans.first_difference(&mem).unwrap(), None);
+        mem.write(0x11008, &[9u8]).unwrap();
+        assert_eq!(from_spans.first_difference(&mem).unwrap(), Some(0x11000));
+        assert!(from_spans.record_from(&mem, 0x4000, 0x1000).is_err());
+    }
+
+    #[test]
     fn bitmap_sets_counts_iterates_and_unions() {
-        let mut a = DirtyBitmap::new(130);
+        // The dirty logs a SourceVm returns: ray-memory's bitmap, as the sender uses it.
+        let mut a = PageBitmap::new(130);
         a.set(0);
         a.set(64);
         a.set(129);
         a.set(500); // out of range: ignored
         assert_eq!(a.count(), 3);
         assert_eq!(a.iter().collect::<Vec<_>>(), vec![0, 64, 129]);
-        let mut b = DirtyBitmap::new(130);
+        let mut b = PageBitmap::new(130);
         b.set(1);
         b.union(&a);
         assert_eq!(b.count(), 4);
         assert!(b.get(1) && b.get(129) && !b.get(2) && !b.get(999));
-        assert_eq!(DirtyBitmap::full(130).count(), 130);
+        assert_eq!(PageBitmap::full(130).count(), 130);
         assert_eq!(
-            DirtyBitmap::from_words(vec![u64::MAX, u64::MAX], 70).count(),
+            PageBitmap::from_words(vec![u64::MAX, u64::MAX], 70).count(),
             70
         );
     }

@@ -1,39 +1,34 @@
 //! End-to-end migrations between two in-memory VMs over real sockets.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use ray_memory::{GuestSpan, OwnedMemory};
 use ray_migration::frame::Channel;
 use ray_migration::memvm::{InMemorySource, InMemoryTarget, MemGuest};
-use ray_migration::protocol::Message;
-use ray_migration::transport::{accept_tcp, connect_tcp};
+use ray_migration::protocol::{regions_of, Message};
 use ray_migration::*;
 
 const T: Duration = Duration::from_secs(10);
 
-fn regions() -> Vec<MemoryRegion> {
-    vec![
-        MemoryRegion {
-            gpa: 0,
-            size: 4 << 20,
-        },
-        MemoryRegion {
-            gpa: 1 << 32,
-            size: 1 << 20,
-        },
-    ]
+fn layout() -> MemoryLayout {
+    MemoryLayout::new(&[(0, 4 << 20), (1 << 32, 1 << 20)]).unwrap()
+}
+
+fn guest() -> Arc<MemGuest> {
+    Arc::new(MemGuest::new(&layout()).unwrap())
 }
 
 fn compat(vcpus: u32) -> CompatInfo {
     CompatInfo {
         vcpus,
         page_size: 4096,
-        regions: regions(),
+        regions: regions_of(&layout()),
         cpuid_fingerprint: [7; 32],
         flavour: "rayvisor-test/1".into(),
     }
@@ -44,7 +39,7 @@ fn key(s: &str) -> PresharedKey {
 }
 
 fn source() -> (Arc<MemGuest>, InMemorySource) {
-    let g = Arc::new(MemGuest::new(regions(), 4096));
+    let g = guest();
     g.fill(42, 70);
     let vm = InMemorySource::new(g.clone(), b"vcpu+device state".to_vec());
     (g, vm)
@@ -74,8 +69,8 @@ fn run<S, M, SM>(
 ) -> Outcome
 where
     S: Read + Write,
-    M: GuestMemoryAccess + Send + Sync + 'static,
-    SM: GuestMemoryAccess + ?Sized,
+    M: GuestMemory + Send + Sync + 'static,
+    SM: GuestMemory + ?Sized,
 {
     let h = thread::spawn(move || {
         let r = receive_migration(dst_stream, &*target_mem, &mut target, &target_compat, &rcfg);
@@ -91,14 +86,14 @@ where
     }
 }
 
-fn tcp_pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = connect_tcp(l.local_addr().unwrap(), T).unwrap();
-    let b = accept_tcp(&l, T).unwrap();
+fn tcp_pair() -> (Stream, Stream) {
+    let l = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".into())).unwrap();
+    let a = connect(l.endpoint(), T).unwrap();
+    let b = l.accept(&CancelToken::new(), Some(T), T).unwrap();
     (a, b)
 }
 
-fn simple<SM: GuestMemoryAccess + ?Sized>(
+fn simple<SM: GuestMemory + ?Sized>(
     vm: &mut InMemorySource,
     src: &SM,
     scfg: &SenderConfig,
@@ -107,7 +102,7 @@ fn simple<SM: GuestMemoryAccess + ?Sized>(
     target: InMemoryTarget,
 ) -> Outcome {
     let (a, b) = tcp_pair();
-    let dst = Arc::new(MemGuest::new(regions(), 4096));
+    let dst = guest();
     run(
         a,
         b,
@@ -185,7 +180,7 @@ fn forced_stop_and_copy_with_throttling_over_a_unix_socket_with_lz4() {
     cfg.policy.max_passes = 4;
     cfg.policy.throttle_after_passes = 1;
     let (a, b) = UnixStream::pair().unwrap();
-    let dst = Arc::new(MemGuest::new(regions(), 4096));
+    let dst = guest();
     let o = run(
         a,
         b,
@@ -329,32 +324,42 @@ struct Faulty {
     corrupt: AtomicBool,
 }
 
-impl GuestMemoryAccess for Faulty {
-    fn regions(&self) -> Vec<MemoryRegion> {
-        self.inner.regions()
+impl GuestMemory for Faulty {
+    fn layout(&self) -> &MemoryLayout {
+        self.inner.layout()
     }
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        self.inner.read(gpa, buf)
-    }
-    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+    /// The receiver takes a span for every write (a run of pages, a zero page): the target
+    /// dies after `fail_after` of them.
+    fn span(&self, gpa: u64, len: u64) -> Result<GuestSpan<'_>, MemoryError> {
         let n = self.writes.fetch_add(1, Ordering::SeqCst);
         if n >= self.fail_after {
             return Err(MemoryError {
                 gpa,
-                len: data.len(),
+                len,
                 reason: "the target died".into(),
             });
         }
-        self.inner.write(gpa, data)?;
-        if data.iter().any(|&b| b != 0) && self.corrupt.swap(false, Ordering::SeqCst) {
-            self.inner.write(gpa, &[!data[0]])?;
+        self.inner.span(gpa, len)
+    }
+    /// Reported as soon as written bytes landed, before they are hashed: the first data
+    /// written gets its first byte flipped.
+    fn note_write(&self, gpa: u64, len: u64) {
+        self.inner.note_write(gpa, len);
+        if !self.corrupt.load(Ordering::SeqCst) {
+            return;
         }
-        Ok(())
+        let Ok(s) = self.inner.span(gpa, len) else {
+            return;
+        };
+        if !s.is_zero() && self.corrupt.swap(false, Ordering::SeqCst) {
+            let b: u8 = s.load(0).unwrap();
+            s.store(0, !b);
+        }
     }
 }
 
 fn faulty(fail_after: u64, corrupt: bool) -> (Arc<Faulty>, Arc<MemGuest>) {
-    let dst = Arc::new(MemGuest::new(regions(), 4096));
+    let dst = guest();
     let f = Arc::new(Faulty {
         inner: dst.clone(),
         writes: AtomicU64::new(0),
@@ -396,7 +401,7 @@ fn target_dying_mid_precopy_leaves_the_source_running() {
 }
 
 /// Forwards source→target bytes until `limit`, then cuts both directions.
-fn cutting_proxy(limit: u64) -> (TcpStream, TcpStream) {
+fn cutting_proxy(limit: u64) -> (Stream, Stream) {
     let (src_side, proxy_in) = tcp_pair();
     let (proxy_out, dst_side) = tcp_pair();
     let (mut i, mut o) = (
@@ -431,7 +436,7 @@ fn link_cut_mid_transfer_fails_both_sides_cleanly() {
     let (src, mut vm) = source();
     let cfg = SenderConfig::new(key("correct horse battery"));
     let (a, b) = cutting_proxy(1 << 20);
-    let dst = Arc::new(MemGuest::new(regions(), 4096));
+    let dst = guest();
     let rcfg = ReceiverConfig::new(key("correct horse battery"));
     let o = run(
         a,
@@ -565,7 +570,7 @@ fn target_that_cannot_resume_says_so_and_the_source_resumes() {
 }
 
 /// A stream whose reads fail once a Switchover frame was written: the target's answer is lost.
-struct LoseAnswersAfterSwitchover(TcpStream, bool);
+struct LoseAnswersAfterSwitchover(Stream, bool);
 
 impl Read for LoseAnswersAfterSwitchover {
     fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
@@ -596,7 +601,7 @@ fn link_lost_after_switchover_never_resumes_the_source() {
     let (src, mut vm) = source();
     let cfg = SenderConfig::new(key("correct horse battery"));
     let (a, b) = tcp_pair();
-    let dst = Arc::new(MemGuest::new(regions(), 4096));
+    let dst = guest();
     let rcfg = ReceiverConfig::new(key("correct horse battery"));
     let o = run(
         LoseAnswersAfterSwitchover(a, false),
@@ -637,34 +642,26 @@ fn throughput_vs_raw_tcp() {
     }
 }
 
-/// Source memory the sender may send in place: a frozen copy of the guest (no dirtier
+/// Source memory the sender sends in place: a frozen copy of the guest (no dirtier
 /// runs), counting the copies the sender makes through `read`.
 struct InPlace {
-    frozen: Vec<Vec<u8>>,
-    regions: Vec<MemoryRegion>,
+    frozen: OwnedMemory,
     reads: AtomicU64,
 }
 
-impl GuestMemoryAccess for InPlace {
-    fn regions(&self) -> Vec<MemoryRegion> {
-        self.regions.clone()
+impl GuestMemory for InPlace {
+    fn layout(&self) -> &MemoryLayout {
+        self.frozen.layout()
+    }
+    fn span(&self, gpa: u64, len: u64) -> Result<GuestSpan<'_>, MemoryError> {
+        self.frozen.span(gpa, len)
     }
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
-        buf.copy_from_slice(self.guest_bytes(gpa, buf.len()).unwrap());
-        Ok(())
+        self.frozen.read(gpa, buf)
     }
     fn write(&self, _: u64, _: &[u8]) -> Result<(), MemoryError> {
         unreachable!("the source is never written")
-    }
-    fn guest_bytes(&self, gpa: u64, len: usize) -> Option<&[u8]> {
-        let (r, m) = self
-            .regions
-            .iter()
-            .zip(&self.frozen)
-            .find(|(r, _)| gpa >= r.gpa && gpa + len as u64 <= r.gpa + r.size)?;
-        let off = (gpa - r.gpa) as usize;
-        Some(&m[off..off + len])
     }
 }
 
@@ -672,8 +669,7 @@ impl GuestMemoryAccess for InPlace {
 fn pages_go_straight_from_guest_memory_when_it_allows() {
     let (src, mut vm) = source();
     let mem = InPlace {
-        frozen: src.contents(),
-        regions: regions(),
+        frozen: OwnedMemory::copy_of(&*src).unwrap(),
         reads: AtomicU64::new(0),
     };
     let cfg = SenderConfig::new(key("correct horse battery"));
@@ -696,26 +692,38 @@ fn pages_go_straight_from_guest_memory_when_it_allows() {
 
 /// Source memory whose first read of one page returns a byte that memory no longer
 /// holds by the time the VM is paused, with nothing in the dirty log: a missed write.
+/// That first read is served from `shadow`, a copy of the guest with that byte flipped.
 struct MissedWrite {
     inner: Arc<MemGuest>,
+    shadow: OwnedMemory,
     page: u64,
     served: AtomicBool,
 }
 
-impl GuestMemoryAccess for MissedWrite {
-    fn regions(&self) -> Vec<MemoryRegion> {
-        self.inner.regions()
-    }
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        self.inner.read(gpa, buf)?;
-        let end = gpa + buf.len() as u64;
-        if (gpa..end).contains(&self.page) && !self.served.swap(true, Ordering::SeqCst) {
-            buf[(self.page - gpa) as usize] ^= 0xff;
+impl MissedWrite {
+    fn new(inner: Arc<MemGuest>, page: u64) -> Self {
+        let shadow = OwnedMemory::copy_of(&*inner).unwrap();
+        let b: u8 = shadow.load(page).unwrap();
+        shadow.store(page, b ^ 0xff).unwrap();
+        Self {
+            inner,
+            shadow,
+            page,
+            served: AtomicBool::new(false),
         }
-        Ok(())
     }
-    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
-        self.inner.write(gpa, data)
+}
+
+impl GuestMemory for MissedWrite {
+    fn layout(&self) -> &MemoryLayout {
+        self.inner.layout()
+    }
+    fn span(&self, gpa: u64, len: u64) -> Result<GuestSpan<'_>, MemoryError> {
+        let end = gpa + len;
+        if (gpa..end).contains(&self.page) && !self.served.swap(true, Ordering::SeqCst) {
+            return self.shadow.span(gpa, len);
+        }
+        self.inner.span(gpa, len)
     }
 }
 
@@ -723,11 +731,7 @@ impl GuestMemoryAccess for MissedWrite {
 fn recheck_finds_a_write_the_dirty_log_missed() {
     for recheck in [false, true] {
         let (src, mut vm) = source();
-        let mem = MissedWrite {
-            inner: src.clone(),
-            page: 0x3000,
-            served: AtomicBool::new(false),
-        };
+        let mem = MissedWrite::new(src.clone(), 0x3000);
         let mut cfg = SenderConfig::new(key("correct horse battery"));
         cfg.recheck_memory = recheck;
         let o = simple(
