@@ -1,7 +1,8 @@
 //! rayvisor snapshots without KVM: the on-disk format, the store, chains of incremental
 //! checkpoints, and a snapshot's state machine. The VMM supplies VM state as opaque bytes
-//! and guest memory through `MemorySource`; this crate never touches KVM, so all of it is
-//! tested without a VM.
+//! and guest memory as a `ray_memory::GuestMemory` view, which snapshots read and restores
+//! write through spans only; this crate never touches KVM, so all of it is tested without
+//! a VM.
 //!
 //! A snapshot is a directory (see `store`):
 //! - `manifest.json` (`manifest`): id, parent, VM, time, kind, sizes, checksums, state;
@@ -18,8 +19,8 @@ pub mod bench;
 pub mod container;
 pub mod error;
 mod fsutil;
+mod guest;
 pub mod manifest;
-pub mod memory;
 pub mod pages;
 pub mod restore;
 pub mod sparse;
@@ -34,7 +35,11 @@ pub use container::StateFile;
 pub use error::{FileError, StoreError};
 pub use fsutil::allocated_bytes;
 pub use manifest::{Compression, Kind, Manifest, FORMAT_VERSION};
-pub use memory::{DirtyBitmap, GuestSlices, MemoryLayout, MemorySource, OwnedMemory, PAGE_SIZE};
+/// Guest memory's vocabulary is `ray_memory`'s; these are the parts of it this crate's API
+/// takes and returns.
+pub use ray_memory::{
+    DirtyBitmap, GuestMemory, MemoryError, MemoryLayout, OwnedMemory, PageBitmap, Region, PAGE_SIZE,
+};
 pub use restore::{BaseMemory, Overlay, RestorePlan};
 pub use state_machine::{Event, SnapshotState};
 pub use store::{CreateOptions, NewSnapshot, SnapshotStore, SnapshotTree, TreeNode};

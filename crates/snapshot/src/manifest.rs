@@ -8,8 +8,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use ray_memory::{MemoryLayout, PAGE_SIZE};
+
 use crate::error::{invalid, io_err, FileError};
-use crate::memory::MemoryLayout;
 use crate::state_machine::SnapshotState;
 
 /// The snapshot format version (manifest and file set) this build writes and restores.
@@ -120,7 +121,7 @@ impl Manifest {
 
     /// The manifest's own consistency: layout, file set for its kind, chunk table shape.
     pub fn check(&self) -> Result<(), String> {
-        self.layout.check()?;
+        self.layout.check().map_err(|e| e.to_string())?;
         if self.layout.total_bytes() != self.memory_bytes {
             return Err(format!(
                 "memory_bytes is {} but the layout adds up to {}",
@@ -155,7 +156,7 @@ impl Manifest {
                 .memory_chunks
                 .as_ref()
                 .ok_or("memory_chunks is missing for memory.raw")?;
-            if sums.chunk_bytes == 0 || !sums.chunk_bytes.is_multiple_of(crate::memory::PAGE_SIZE) {
+            if sums.chunk_bytes == 0 || !sums.chunk_bytes.is_multiple_of(PAGE_SIZE) {
                 return Err(format!(
                     "chunk_bytes {} is not a positive multiple of 4096",
                     sums.chunk_bytes

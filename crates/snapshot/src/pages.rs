@@ -12,12 +12,15 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
+
+use ray_memory::{DirtyBitmap, GuestMemory, MemoryLayout, PAGE_SIZE};
 
 use crate::container::{self, PAGEMAP_MAGIC};
 use crate::error::{invalid, io_err, FileError, StoreError};
 use crate::fsutil::{allocated_bytes, write_synced};
+use crate::guest::{self, for_each_run};
 use crate::manifest::FileInfo;
-use crate::memory::{is_zero, target_range, DirtyBitmap, MemoryLayout, MemorySource, PAGE_SIZE};
 
 /// Longest run in the map (1 MiB of data).
 pub const MAX_RUN_PAGES: u32 = 256;
@@ -71,19 +74,21 @@ impl<W: Write> Write for CrcWriter<W> {
     }
 }
 
-/// Writes the page set of `source` into `dir`.
+/// Writes the page set of `memory` into `dir`.
 ///
 /// With `dirty`, only dirty pages are recorded, zero ones as zero runs (the parent may
 /// hold data there). Without, every non-zero page is recorded (a compressed full snapshot,
-/// restored onto zeroed memory).
+/// restored onto zeroed memory). Memory the view knows to be zero is not read; `progress`
+/// counts the guest bytes done.
 pub(crate) fn write(
     dir: &Path,
-    source: &dyn MemorySource,
+    memory: &dyn GuestMemory,
     dirty: Option<&DirtyBitmap>,
     data_name: &str,
     compress: bool,
+    progress: Option<&AtomicU64>,
 ) -> Result<PagesWritten, FileError> {
-    let layout = source.layout();
+    let layout = memory.layout();
     let data_path = dir.join(data_name);
     let file = OpenOptions::new()
         .write(true)
@@ -106,26 +111,36 @@ pub(crate) fn write(
     };
     let mut map = Vec::new();
     let mut pages = 0u64;
-    let mut buf = vec![0u8; (MAX_RUN_PAGES as u64 * PAGE_SIZE) as usize];
+    let max_run = u64::from(MAX_RUN_PAGES);
     for (ri, r) in layout.regions.iter().enumerate() {
-        let mut p = 0u64;
-        while p < r.pages() {
-            let selected = |p: u64| dirty.is_none_or(|d| d.is_dirty(ri, p));
-            if !selected(p) {
-                p += 1;
-                continue;
+        // The selected pages as runs (first page, count) of this region.
+        let selected: Box<dyn Iterator<Item = (u64, u64)>> = match dirty {
+            Some(d) => match d.regions.get(ri) {
+                Some(bits) => Box::new(bits.runs().map(|(p, n)| (p as u64, n as u64))),
+                None => Box::new(std::iter::empty()),
+            },
+            None => Box::new(std::iter::once((0, r.pages()))),
+        };
+        for (first, count) in selected {
+            // Dirty bits past the region's end (a bitmap built for another layout) are
+            // not pages of it.
+            let count = count.min(r.pages().saturating_sub(first));
+            let mut p = first;
+            while p < first + count {
+                let n = (first + count - p).min(max_run);
+                let gpa = r.gpa + p * PAGE_SIZE;
+                pages += emit_runs(
+                    memory,
+                    &mut map,
+                    &mut *out,
+                    &data_path,
+                    gpa,
+                    n * PAGE_SIZE,
+                    dirty.is_some(),
+                )?;
+                guest::advance(progress, n * PAGE_SIZE);
+                p += n;
             }
-            let mut n = 1u64;
-            while n < u64::from(MAX_RUN_PAGES) && p + n < r.pages() && selected(p + n) {
-                n += 1;
-            }
-            let gpa = r.gpa + p * PAGE_SIZE;
-            let chunk = &mut buf[..(n * PAGE_SIZE) as usize];
-            source
-                .read(gpa, chunk)
-                .map_err(io_err("read guest memory for", &data_path))?;
-            pages += emit_runs(&mut map, &mut *out, &data_path, chunk, gpa, dirty.is_some())?;
-            p += n;
         }
     }
     out.flush().map_err(io_err("write", &data_path))?;
@@ -154,40 +169,36 @@ pub(crate) fn write(
     })
 }
 
-/// Splits `chunk` (at `gpa`) into zero and non-zero runs, writes the non-zero data and
-/// appends the runs to `map`. Zero runs are recorded only if `keep_zero`.
+/// Splits `gpa..gpa + len` into zero and non-zero runs, writes the non-zero data to
+/// `out` straight from guest memory and appends the runs to `map`. Zero runs are recorded
+/// only if `keep_zero`. Returns the pages recorded.
 fn emit_runs(
+    memory: &dyn GuestMemory,
     map: &mut Vec<u8>,
     out: &mut dyn Write,
     path: &Path,
-    chunk: &[u8],
     gpa: u64,
+    len: u64,
     keep_zero: bool,
 ) -> Result<u64, FileError> {
-    let page = PAGE_SIZE as usize;
     let mut recorded = 0;
-    let mut start = 0;
-    while start < chunk.len() {
-        let zero = is_zero(&chunk[start..start + page]);
-        let mut end = start + page;
-        while end < chunk.len() && is_zero(&chunk[end..end + page]) == zero {
-            end += page;
-        }
-        let run = &chunk[start..end];
-        let pages = (run.len() / page) as u32;
+    for_each_run(memory, path, gpa, len, |run_gpa, run_len, data| {
+        let zero = data.is_none();
+        let pages = (run_len / PAGE_SIZE) as u32;
         if !zero || keep_zero {
-            let crc = if zero { 0 } else { crc32fast::hash(run) };
-            map.extend_from_slice(&(gpa + start as u64).to_le_bytes());
+            let crc = data.map_or(0, |span| span.crc32());
+            map.extend_from_slice(&run_gpa.to_le_bytes());
             map.extend_from_slice(&pages.to_le_bytes());
             map.extend_from_slice(&(if zero { FLAG_ZERO } else { 0 }).to_le_bytes());
             map.extend_from_slice(&crc.to_le_bytes());
             recorded += u64::from(pages);
         }
-        if !zero {
-            out.write_all(run).map_err(io_err("write", path))?;
+        if let Some(span) = data {
+            span.write_all_to(&mut &mut *out)
+                .map_err(io_err("write", path))?;
         }
-        start = end;
-    }
+        Ok(())
+    })?;
     Ok(recorded)
 }
 
@@ -261,14 +272,16 @@ pub fn read_map(path: &Path, layout: &MemoryLayout) -> Result<Vec<PageRun>, File
 }
 
 /// Reads a page set's data, checking each run's CRC and the data file's, and writes the
-/// pages into `targets` (the caller's memory), or only checks them if it is `None`. On
-/// error the memory is partly written.
+/// pages into `memory`, or only checks them if it is `None`. A run is written only once its
+/// CRC has been checked; on error the memory is partly written. `fresh` says `memory` is
+/// all zero already: zero pages are then not written at all.
 pub(crate) fn apply(
     data_path: &Path,
     compressed: bool,
     runs: &[PageRun],
     expect: &FileInfo,
-    mut targets: Option<&mut [(u64, &mut [u8])]>,
+    memory: Option<&dyn GuestMemory>,
+    fresh: bool,
 ) -> Result<(), StoreError> {
     let file = File::open(data_path).map_err(io_err("open", data_path))?;
     let mut counted = CrcReader {
@@ -291,7 +304,7 @@ pub(crate) fn apply(
             io_err("read", data_path)(e)
         }
     };
-    let mut scratch = Vec::new();
+    let mut scratch = vec![0u8; (u64::from(MAX_RUN_PAGES) * PAGE_SIZE) as usize];
     let mut pos = 0u64;
     {
         let mut input: Box<dyn Read + '_> = if compressed {
@@ -300,27 +313,31 @@ pub(crate) fn apply(
             Box::new(&mut counted)
         };
         for run in runs {
-            let dst: &mut [u8] = match targets.as_deref_mut() {
-                Some(t) => target_range(t, run.gpa, run.bytes()).ok_or_else(|| {
+            let dst = match memory {
+                Some(m) => Some(m.span(run.gpa, run.bytes()).map_err(|_| {
                     StoreError::MemoryMismatch(format!(
                         "the run at {:#x} ({} pages) in {} is not in the memory given",
                         run.gpa,
                         run.pages,
                         data_path.display()
                     ))
-                })?,
-                None => {
-                    scratch.resize(run.bytes() as usize, 0);
-                    &mut scratch
-                }
+                })?),
+                None => None,
             };
             if run.zero {
-                dst.fill(0);
+                if let (Some(m), Some(dst), false) = (memory, &dst, fresh) {
+                    guest::zero(m, run.gpa, dst);
+                }
                 continue;
             }
-            input.read_exact(dst).map_err(|e| damaged(e, pos))?;
+            let n = run.bytes() as usize;
+            if scratch.len() < n {
+                scratch.resize(n, 0);
+            }
+            let data = &mut scratch[..n];
+            input.read_exact(data).map_err(|e| damaged(e, pos))?;
             pos += run.bytes();
-            let got = crc32fast::hash(dst);
+            let got = crc32fast::hash(data);
             if got != run.crc32 {
                 return Err(FileError::Checksum {
                     path: data_path.to_path_buf(),
@@ -329,6 +346,9 @@ pub(crate) fn apply(
                     got,
                 }
                 .into());
+            }
+            if let Some(dst) = &dst {
+                guest::place(dst, data, fresh);
             }
         }
         let mut extra = [0u8; 1];

@@ -6,7 +6,13 @@
 //! the VMM maps `MAP_PRIVATE` (cost independent of memory size), or a page set (compressed
 //! full snapshot) laid onto zeroed memory. Incremental snapshots on the chain are overlays,
 //! oldest first, written on top.
+//!
+//! Memory is written through a `GuestMemory` view's spans, only while no vCPU runs on it.
+//! Those writes place the snapshot's own contents, so they are not reported to the view's
+//! `note_write`: they are no change since the snapshot.
 use std::path::{Path, PathBuf};
+
+use ray_memory::{GuestMemory, MemoryLayout, OwnedMemory};
 
 use crate::container::StateFile;
 use crate::error::{FileError, StoreError};
@@ -14,7 +20,6 @@ use crate::manifest::{
     ChunkSums, Compression, FileInfo, Manifest, FORMAT_VERSION, MEMORY_FILE, PAGEMAP_FILE,
     STATE_FILE,
 };
-use crate::memory::{MemoryLayout, OwnedMemory};
 use crate::pages::{self, PageRun};
 use crate::sparse;
 use crate::state_machine::{Event, SnapshotState};
@@ -32,13 +37,14 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    fn apply(&self, targets: Option<&mut [(u64, &mut [u8])]>) -> Result<(), StoreError> {
+    fn apply(&self, memory: Option<&dyn GuestMemory>, fresh: bool) -> Result<(), StoreError> {
         pages::apply(
             &self.data_path,
             self.compressed,
             &self.runs,
             &self.data,
-            targets,
+            memory,
+            fresh,
         )
     }
 }
@@ -87,51 +93,61 @@ impl RestorePlan {
     pub fn verify_base_memory(&self) -> Result<(), StoreError> {
         match &self.base {
             BaseMemory::Sparse { path, sums, .. } => Ok(sparse::verify(path, &self.layout, sums)?),
-            BaseMemory::Pages(o) => o.apply(None),
+            BaseMemory::Pages(o) => o.apply(None, false),
         }
     }
 
-    /// Checks memory mapped from `mappable_memory` (`(gpa, memory)` per region) against
-    /// the base's checksums without copying it. Call before the guest writes to it.
-    pub fn verify_mapped_base(&self, slices: &[(u64, &[u8])]) -> Result<(), StoreError> {
+    /// Checks `memory`, mapped from `mappable_memory`, against the base's checksums without
+    /// copying it. Call before the guest or `apply_overlays` writes to it.
+    pub fn verify_mapped_base(&self, memory: &dyn GuestMemory) -> Result<(), StoreError> {
         match &self.base {
             BaseMemory::Sparse { path, sums, .. } => {
-                Ok(sparse::verify_mapped(path, &self.layout, sums, slices)?)
+                Ok(sparse::verify_mapped(path, &self.layout, sums, memory)?)
             }
-            BaseMemory::Pages(o) => o.apply(None),
+            BaseMemory::Pages(o) => o.apply(None, false),
         }
     }
 
-    /// Writes the overlays into memory that already holds the base (e.g. the private
-    /// mapping of `mappable_memory`). `targets` are `(gpa, memory)` per region.
-    pub fn apply_overlays(&self, targets: &mut [(u64, &mut [u8])]) -> Result<(), StoreError> {
+    /// Writes the overlays into `memory`, which already holds the base (e.g. the private
+    /// mapping of `mappable_memory`). No vCPU may run on `memory` meanwhile.
+    pub fn apply_overlays(&self, memory: &dyn GuestMemory) -> Result<(), StoreError> {
         for o in &self.overlays {
-            o.apply(Some(&mut *targets))?;
+            o.apply(Some(memory), false)?;
         }
         Ok(())
     }
 
-    /// Lays the whole chain into `targets` (which must cover the layout), checking every
-    /// checksum. For when the base cannot or should not be mapped.
-    pub fn materialize(&self, targets: &mut [(u64, &mut [u8])]) -> Result<(), StoreError> {
-        match &self.base {
-            BaseMemory::Sparse { path, sums, .. } => {
-                sparse::read_into(path, &self.layout, sums, targets)?
-            }
-            BaseMemory::Pages(o) => {
-                for (_, t) in targets.iter_mut() {
-                    t.fill(0);
-                }
-                o.apply(Some(&mut *targets))?;
-            }
-        }
-        self.apply_overlays(targets)
+    /// Lays the whole chain into `memory` (which must cover the layout; what it held is
+    /// overwritten), checking every checksum. For when the base cannot or should not be
+    /// mapped. No vCPU may run on `memory` meanwhile.
+    pub fn materialize(&self, memory: &dyn GuestMemory) -> Result<(), StoreError> {
+        self.materialize_into(memory, false)
     }
 
-    /// `materialize` into newly allocated memory.
+    /// `materialize`, where `fresh` says `memory` is all zero already (nothing then writes
+    /// zeros, so pages the snapshot holds as zeros are never touched).
+    fn materialize_into(&self, memory: &dyn GuestMemory, fresh: bool) -> Result<(), StoreError> {
+        match &self.base {
+            BaseMemory::Sparse { path, sums, .. } => {
+                sparse::read_into(path, &self.layout, sums, memory, fresh)?
+            }
+            BaseMemory::Pages(o) => {
+                if !fresh {
+                    crate::guest::zero_all(memory)
+                        .map_err(|e| StoreError::MemoryMismatch(e.to_string()))?;
+                }
+                o.apply(Some(memory), fresh)?;
+            }
+        }
+        self.apply_overlays(memory)
+    }
+
+    /// `materialize` into newly mapped memory (zero and unallocated until written, so it
+    /// costs the pages the snapshot holds data in).
     pub fn materialize_owned(&self) -> Result<OwnedMemory, StoreError> {
-        let mut mem = OwnedMemory::zeroed(&self.layout).map_err(StoreError::MemoryMismatch)?;
-        self.materialize(&mut mem.as_mut_slices())?;
+        let mem = OwnedMemory::zeroed(&self.layout)
+            .map_err(|e| StoreError::MemoryMismatch(e.to_string()))?;
+        self.materialize_into(&mem, true)?;
         Ok(mem)
     }
 }
@@ -277,7 +293,8 @@ impl SnapshotStore {
     }
 
     /// Flattens the chain of `id` into a new full snapshot `new_id` with the same state,
-    /// CPU and configuration. Holds all of guest memory in this process while it works.
+    /// CPU and configuration. Holds the chain's memory in this process while it works (only
+    /// the pages holding data are allocated).
     pub fn merge(
         &self,
         id: &str,
@@ -293,7 +310,7 @@ impl SnapshotStore {
             cpu: target.cpu.clone(),
             vm_config: target.vm_config.clone(),
         };
-        self.create_full(&meta, &plan.state, &mem.as_source(), opts)
+        self.create_full(&meta, &plan.state, &mem, opts)
     }
 
     /// Reads every file of snapshot `id` (not its ancestors) and checks every checksum. A
@@ -316,7 +333,7 @@ impl SnapshotStore {
         check_whole_file_crc(&state_path, &state, m)?;
         match &m.memory_chunks {
             Some(sums) => sparse::verify(&dir.join(MEMORY_FILE), &m.layout, sums)?,
-            None => page_set(&dir, m)?.apply(None)?,
+            None => page_set(&dir, m)?.apply(None, false)?,
         }
         Ok(())
     }

@@ -8,11 +8,14 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 
-use crate::error::{io_err, FileError};
+use ray_memory::{GuestMemory, MemoryLayout, PAGE_SIZE};
+
+use crate::error::{io_err, FileError, StoreError};
 use crate::fsutil::has_data;
+use crate::guest::{self, crc_zeros, for_each_run, WriteAt, COPY_BYTES};
 use crate::manifest::ChunkSums;
-use crate::memory::{is_zero, target_range, MemoryLayout, MemorySource, PAGE_SIZE};
 
 /// Chunk size for memory checksums and for copying: 4 MiB keeps the chunk table small
 /// (256 entries per GiB) and the write calls large.
@@ -24,41 +27,52 @@ pub(crate) struct SparseWritten {
     pub nonzero_pages: u64,
 }
 
-/// Writes `source` into a new sparse file at `path` and fsyncs it.
-pub(crate) fn write(path: &Path, source: &dyn MemorySource) -> Result<SparseWritten, FileError> {
-    let layout = source.layout();
+/// Writes `memory` into a new sparse file at `path` and fsyncs it: each chunk's non-zero
+/// page runs go straight from guest memory to their offset in the file. Memory the view
+/// knows to be zero is not read. `progress` counts the guest bytes done.
+pub(crate) fn write(
+    path: &Path,
+    memory: &dyn GuestMemory,
+    progress: Option<&AtomicU64>,
+) -> Result<SparseWritten, FileError> {
+    let layout = memory.layout();
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
         .map_err(io_err("create", path))?;
     file.set_len(layout.end()).map_err(io_err("size", path))?;
-    let mut buf = vec![0u8; CHUNK_BYTES as usize];
     let mut sums = Vec::with_capacity(layout.regions.len());
     let mut nonzero_pages = 0;
     for r in &layout.regions {
         let mut region_sums = Vec::with_capacity(r.len.div_ceil(CHUNK_BYTES) as usize);
         let mut off = 0;
         while off < r.len {
-            let n = (r.len - off).min(CHUNK_BYTES) as usize;
-            if source.known_zero(r.gpa + off, n as u64) {
-                region_sums.push(zero_crc(n));
-                off += n as u64;
-                continue;
+            let n = (r.len - off).min(CHUNK_BYTES);
+            let gpa = r.gpa + off;
+            if memory.known_zero(gpa, n) {
+                region_sums.push(zero_crc(n as usize));
+            } else {
+                let mut h = crc32fast::Hasher::new();
+                for_each_run(memory, path, gpa, n, |run_gpa, len, data| {
+                    match data {
+                        None => crc_zeros(&mut h, len),
+                        Some(span) => {
+                            span.crc32_update(&mut h);
+                            let mut at = WriteAt {
+                                file: &file,
+                                offset: run_gpa,
+                            };
+                            span.write_all_to(&mut at).map_err(io_err("write", path))?;
+                            nonzero_pages += len / PAGE_SIZE;
+                        }
+                    }
+                    Ok(())
+                })?;
+                region_sums.push(h.finalize());
             }
-            let chunk: &[u8] = match source.borrow(r.gpa + off, n as u64) {
-                Some(direct) => direct,
-                None => {
-                    let chunk = &mut buf[..n];
-                    source
-                        .read(r.gpa + off, chunk)
-                        .map_err(io_err("read guest memory for", path))?;
-                    chunk
-                }
-            };
-            region_sums.push(crc32fast::hash(chunk));
-            nonzero_pages += write_nonzero_runs(&file, path, chunk, r.gpa + off)?;
-            off += n as u64;
+            guest::advance(progress, n);
+            off += n;
         }
         sums.push(region_sums);
     }
@@ -85,30 +99,6 @@ pub(crate) fn zero_crc(len: usize) -> u32 {
     c
 }
 
-/// Writes the runs of non-zero pages of `chunk` (guest address `gpa`) at offset `gpa`;
-/// returns how many pages that was.
-fn write_nonzero_runs(file: &File, path: &Path, chunk: &[u8], gpa: u64) -> Result<u64, FileError> {
-    let page = PAGE_SIZE as usize;
-    let mut pages = 0;
-    let mut run_start: Option<usize> = None;
-    let mut at = 0;
-    while at <= chunk.len() {
-        let nonzero = at < chunk.len() && !is_zero(&chunk[at..(at + page).min(chunk.len())]);
-        match (nonzero, run_start) {
-            (true, None) => run_start = Some(at),
-            (false, Some(start)) => {
-                file.write_all_at(&chunk[start..at], gpa + start as u64)
-                    .map_err(io_err("write", path))?;
-                pages += ((at - start) / page) as u64;
-                run_start = None;
-            }
-            _ => {}
-        }
-        at += page;
-    }
-    Ok(pages)
-}
-
 /// Checks the file's size against the layout before anything reads or maps it.
 pub(crate) fn check_size(path: &Path, layout: &MemoryLayout) -> Result<(), FileError> {
     let len = std::fs::metadata(path).map_err(io_err("stat", path))?.len();
@@ -123,7 +113,7 @@ pub(crate) fn check_size(path: &Path, layout: &MemoryLayout) -> Result<(), FileE
 }
 
 /// Verifies one chunk: region `region`, chunk `index`. Lets a VMM verify lazily or in
-/// the background after mapping.
+/// the background after mapping. `buf` is scratch space, reused between calls.
 pub fn verify_chunk(
     path: &Path,
     layout: &MemoryLayout,
@@ -149,36 +139,52 @@ pub fn verify_chunk(
             ))
         }
     };
-    let off = index as u64 * sums.chunk_bytes;
-    let n = (r.len - off).min(sums.chunk_bytes) as usize;
-    buf.resize(n, 0);
+    let off = (index as u64)
+        .checked_mul(sums.chunk_bytes)
+        .filter(|off| *off < r.len)
+        .ok_or_else(|| {
+            crate::error::invalid(path, format!("region {region} has no chunk {index}"))
+        })?;
+    let n = (r.len - off).min(sums.chunk_bytes);
     let file = File::open(path).map_err(io_err("open", path))?;
-    read_chunk(&file, path, r.gpa + off, buf, expected)
+    read_chunk(&file, path, r.gpa + off, n, expected, buf, |_, _| {})
 }
 
+/// Reads the `len`-byte chunk at `gpa` from `file` through `buf` (a piece of at most
+/// `COPY_BYTES` at a time), hands each piece to `sink(offset in the chunk, bytes)`, and
+/// checks the chunk's CRC32 against `expected` once all of it is read.
 fn read_chunk(
     file: &File,
     path: &Path,
     gpa: u64,
-    buf: &mut [u8],
+    len: u64,
     expected: u32,
+    buf: &mut Vec<u8>,
+    mut sink: impl FnMut(usize, &[u8]),
 ) -> Result<(), FileError> {
-    file.read_exact_at(buf, gpa).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => FileError::Truncated {
-            path: path.to_path_buf(),
-            at: gpa,
-            what: format!(
-                "the chunk at guest address {gpa:#x} needs {} bytes",
-                buf.len()
-            ),
-        },
-        _ => io_err("read", path)(e),
-    })?;
-    let got = crc32fast::hash(buf);
+    buf.resize((len as usize).min(COPY_BYTES), 0);
+    let mut h = crc32fast::Hasher::new();
+    let mut off = 0u64;
+    while off < len {
+        let piece = &mut buf[..(len - off).min(COPY_BYTES as u64) as usize];
+        file.read_exact_at(piece, gpa + off)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => FileError::Truncated {
+                    path: path.to_path_buf(),
+                    at: gpa,
+                    what: format!("the chunk at guest address {gpa:#x} needs {len} bytes"),
+                },
+                _ => io_err("read", path)(e),
+            })?;
+        h.update(piece);
+        sink(off as usize, piece);
+        off += piece.len() as u64;
+    }
+    let got = h.finalize();
     if got != expected {
         return Err(FileError::Checksum {
             path: path.to_path_buf(),
-            location: format!(" in guest memory {gpa:#x}..{:#x}", gpa + buf.len() as u64),
+            location: format!(" in guest memory {gpa:#x}..{:#x}", gpa + len),
             expected,
             got,
         });
@@ -203,13 +209,14 @@ fn check_hole(path: &Path, gpa: u64, len: u64, expected: u32) -> Result<(), File
     Ok(())
 }
 
-/// Calls `each(region, chunk, gpa, len, expected, is_hole)` for every chunk of the file.
-fn for_each_chunk(
+/// Checks the file's size and chunk table against the layout, then calls
+/// `each(file, gpa, len, expected, is_hole)` for every chunk of the file.
+fn for_each_chunk<E: From<FileError>>(
     path: &Path,
     layout: &MemoryLayout,
     sums: &ChunkSums,
-    mut each: impl FnMut(u64, usize, u32, bool) -> Result<(), FileError>,
-) -> Result<(), FileError> {
+    mut each: impl FnMut(&File, u64, u64, u32, bool) -> Result<(), E>,
+) -> Result<(), E> {
     check_size(path, layout)?;
     if sums.crc32.len() != layout.regions.len() {
         return Err(crate::error::invalid(
@@ -219,7 +226,11 @@ fn for_each_chunk(
                 sums.crc32.len(),
                 layout.regions.len()
             ),
-        ));
+        )
+        .into());
+    }
+    if sums.chunk_bytes == 0 {
+        return Err(crate::error::invalid(path, "its chunk size is 0").into());
     }
     let file = File::open(path).map_err(io_err("open", path))?;
     for (r, region_sums) in layout.regions.iter().zip(&sums.crc32) {
@@ -232,14 +243,15 @@ fn for_each_chunk(
                     r.gpa,
                     region_sums.len()
                 ),
-            ));
+            )
+            .into());
         }
         for (ci, expected) in region_sums.iter().enumerate() {
             let off = ci as u64 * sums.chunk_bytes;
             let n = (r.len - off).min(sums.chunk_bytes);
             let gpa = r.gpa + off;
             let hole = !has_data(&file, gpa, n).map_err(io_err("look for data in", path))?;
-            each(gpa, n as usize, *expected, hole)?;
+            each(&file, gpa, n, *expected, hole)?;
         }
     }
     Ok(())
@@ -248,47 +260,39 @@ fn for_each_chunk(
 /// Verifies every chunk of the file. Costs a read of the file's data; holes are checked
 /// without reading them.
 pub fn verify(path: &Path, layout: &MemoryLayout, sums: &ChunkSums) -> Result<(), FileError> {
-    let file = File::open(path).map_err(io_err("open", path))?;
     let mut buf = Vec::new();
-    for_each_chunk(path, layout, sums, |gpa, n, expected, hole| {
+    for_each_chunk(path, layout, sums, |file, gpa, n, expected, hole| {
         if hole {
-            return check_hole(path, gpa, n as u64, expected);
+            return check_hole(path, gpa, n, expected);
         }
-        buf.resize(n, 0);
-        read_chunk(&file, path, gpa, &mut buf, expected)
+        read_chunk(file, path, gpa, n, expected, &mut buf, |_, _| {})
     })
 }
 
-/// Verifies guest memory mapped from the file (`slices`: `(gpa, memory)` per region)
-/// against the file's chunk checksums, without copying: chunks that are holes in the file
-/// are checked without touching the mapping.
+/// Verifies guest memory mapped from the file against the file's chunk checksums,
+/// without copying: chunks that are holes in the file are checked without touching the
+/// mapping.
 pub fn verify_mapped(
     path: &Path,
     layout: &MemoryLayout,
     sums: &ChunkSums,
-    slices: &[(u64, &[u8])],
+    memory: &dyn GuestMemory,
 ) -> Result<(), FileError> {
-    for_each_chunk(path, layout, sums, |gpa, n, expected, hole| {
+    for_each_chunk(path, layout, sums, |_, gpa, n, expected, hole| {
         if hole {
-            return check_hole(path, gpa, n as u64, expected);
+            return check_hole(path, gpa, n, expected);
         }
-        let bytes = slices
-            .iter()
-            .find_map(|(start, s)| {
-                let off = gpa.checked_sub(*start)? as usize;
-                s.get(off..off + n)
-            })
-            .ok_or_else(|| {
-                crate::error::invalid(
-                    path,
-                    format!("guest memory {gpa:#x}..{:#x} is not mapped", gpa + n as u64),
-                )
-            })?;
-        let got = crc32fast::hash(bytes);
+        let span = memory.span(gpa, n).map_err(|_| {
+            crate::error::invalid(
+                path,
+                format!("guest memory {gpa:#x}..{:#x} is not mapped", gpa + n),
+            )
+        })?;
+        let got = span.crc32();
         if got != expected {
             return Err(FileError::Checksum {
                 path: path.to_path_buf(),
-                location: format!(" in guest memory {gpa:#x}..{:#x}", gpa + n as u64),
+                location: format!(" in guest memory {gpa:#x}..{:#x}", gpa + n),
                 expected,
                 got,
             });
@@ -297,28 +301,36 @@ pub fn verify_mapped(
     })
 }
 
-/// Reads the file into the caller's memory, checking every chunk as it goes.
+/// Reads the file into `memory`, checking every chunk as it goes; on error `memory` is
+/// partly written. Chunks that are holes in the file are made zero without reading them.
+/// `fresh` says `memory` is all zero already: zero pages are then not written at all.
 pub(crate) fn read_into(
     path: &Path,
     layout: &MemoryLayout,
     sums: &ChunkSums,
-    targets: &mut [(u64, &mut [u8])],
-) -> Result<(), crate::error::StoreError> {
-    check_size(path, layout)?;
-    let file = File::open(path).map_err(io_err("open", path))?;
-    for (r, region_sums) in layout.regions.iter().zip(&sums.crc32) {
-        for (ci, expected) in region_sums.iter().enumerate() {
-            let off = ci as u64 * sums.chunk_bytes;
-            let n = (r.len - off).min(sums.chunk_bytes);
-            let gpa = r.gpa + off;
-            let dst = target_range(targets, gpa, n).ok_or_else(|| {
-                crate::error::StoreError::MemoryMismatch(format!(
-                    "guest memory {gpa:#x}..{:#x} of the snapshot is not in the memory given",
-                    gpa + n
-                ))
-            })?;
-            read_chunk(&file, path, gpa, dst, *expected)?;
+    memory: &dyn GuestMemory,
+    fresh: bool,
+) -> Result<(), StoreError> {
+    let mut buf = Vec::new();
+    for_each_chunk(path, layout, sums, |file, gpa, n, expected, hole| {
+        let span = memory.span(gpa, n).map_err(|_| {
+            StoreError::MemoryMismatch(format!(
+                "guest memory {gpa:#x}..{:#x} of the snapshot is not in the memory given",
+                gpa + n
+            ))
+        })?;
+        if hole {
+            check_hole(path, gpa, n, expected)?;
+            if !fresh {
+                guest::zero(memory, gpa, &span);
+            }
+            return Ok(());
         }
-    }
-    Ok(())
+        read_chunk(file, path, gpa, n, expected, &mut buf, |off, piece| {
+            if let Some(dst) = span.sub(off, piece.len()) {
+                guest::place(&dst, piece, fresh);
+            }
+        })?;
+        Ok(())
+    })
 }

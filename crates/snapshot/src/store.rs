@@ -16,7 +16,10 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
+use ray_memory::{DirtyBitmap, GuestMemory};
 use serde::Serialize;
 
 use crate::container::StateFile;
@@ -26,7 +29,6 @@ use crate::manifest::{
     Compression, FileInfo, Kind, Manifest, FORMAT_VERSION, MANIFEST_FILE, MEMORY_FILE,
     PAGEMAP_FILE, PAGES_FILE, PAGES_ZST_FILE, STATE_FILE,
 };
-use crate::memory::{DirtyBitmap, MemorySource};
 use crate::state_machine::{Event, SnapshotState};
 use crate::{pages, sparse};
 
@@ -126,6 +128,7 @@ impl std::fmt::Display for SnapshotTree {
 pub struct SnapshotStore {
     root: PathBuf,
     max_per_vm: usize,
+    progress: Option<Arc<AtomicU64>>,
 }
 
 /// Ids become directory names: keep them to a safe alphabet.
@@ -160,6 +163,7 @@ impl SnapshotStore {
         let store = SnapshotStore {
             root,
             max_per_vm: Self::DEFAULT_MAX_PER_VM,
+            progress: None,
         };
         store.clean_up()?;
         Ok(store)
@@ -168,6 +172,14 @@ impl SnapshotStore {
     /// Sets the most checkpoints one VM may have.
     pub fn with_max_per_vm(mut self, max: usize) -> Self {
         self.max_per_vm = max;
+        self
+    }
+
+    /// Counts progress of the snapshots this store writes: each adds to `done` the bytes
+    /// of guest memory it has covered (all of memory for a full snapshot, the dirty pages
+    /// for an incremental one), memory known to be zero included.
+    pub fn with_progress(mut self, done: Arc<AtomicU64>) -> Self {
+        self.progress = Some(done);
         self
     }
 
@@ -298,12 +310,14 @@ impl SnapshotStore {
         Ok(SnapshotTree { roots, broken })
     }
 
-    /// Writes a full snapshot: VM state plus all of memory.
+    /// Writes a full snapshot: VM state plus all of memory. The VM must be paused: memory is
+    /// read in place, and a chunk's checksum and its data are read separately. Memory the
+    /// view knows to be zero (`GuestMemory::known_zero`) is not read.
     pub fn create_full(
         &self,
         meta: &NewSnapshot,
         state: &[u8],
-        memory: &dyn MemorySource,
+        memory: &dyn GuestMemory,
         opts: &CreateOptions,
     ) -> Result<Manifest, StoreError> {
         self.create(meta, None, state, memory, None, opts)
@@ -311,12 +325,13 @@ impl SnapshotStore {
 
     /// Writes an incremental snapshot on top of `parent`: VM state plus the pages `dirty`
     /// marks (KVM's dirty log since `parent` was taken, ORed with the VMM's own writes).
+    /// `dirty` has one bitmap per region of `memory`'s layout. The VM must be paused.
     pub fn create_incremental(
         &self,
         parent: &str,
         meta: &NewSnapshot,
         state: &[u8],
-        memory: &dyn MemorySource,
+        memory: &dyn GuestMemory,
         dirty: &DirtyBitmap,
         opts: &CreateOptions,
     ) -> Result<Manifest, StoreError> {
@@ -328,13 +343,15 @@ impl SnapshotStore {
         meta: &NewSnapshot,
         parent: Option<&str>,
         state: &[u8],
-        memory: &dyn MemorySource,
+        memory: &dyn GuestMemory,
         dirty: Option<&DirtyBitmap>,
         opts: &CreateOptions,
     ) -> Result<Manifest, StoreError> {
         check_id(&meta.id)?;
         let layout = memory.layout();
-        layout.check().map_err(StoreError::MemoryMismatch)?;
+        layout
+            .check()
+            .map_err(|e| StoreError::MemoryMismatch(e.to_string()))?;
         let final_dir = self.dir(&meta.id);
         if final_dir.exists() {
             return Err(StoreError::AlreadyExists(meta.id.clone()));
@@ -361,13 +378,13 @@ impl SnapshotStore {
                     needs: "ready or archived",
                 });
             }
-            if p.layout != layout {
+            if p.layout != *layout {
                 return Err(StoreError::MemoryMismatch(format!(
                     "guest memory is laid out as {:?}, parent {parent} as {:?}",
                     layout.regions, p.layout.regions
                 )));
             }
-            dirty.check(&layout).map_err(StoreError::MemoryMismatch)?;
+            dirty.check(layout).map_err(StoreError::MemoryMismatch)?;
         }
 
         let mut sm = SnapshotState::Idle.apply(Event::Create)?;
@@ -411,7 +428,7 @@ impl SnapshotStore {
         meta: &NewSnapshot,
         parent: Option<&str>,
         state: &[u8],
-        memory: &dyn MemorySource,
+        memory: &dyn GuestMemory,
         dirty: Option<&DirtyBitmap>,
         opts: &CreateOptions,
         sm: &mut SnapshotState,
@@ -432,7 +449,7 @@ impl SnapshotStore {
         let stored_pages;
         if parent.is_none() && !opts.compress {
             let path = tmp.join(MEMORY_FILE);
-            let written = sparse::write(&path, memory)?;
+            let written = sparse::write(&path, memory, self.progress.as_deref())?;
             files.insert(
                 MEMORY_FILE.to_string(),
                 FileInfo {
@@ -449,7 +466,14 @@ impl SnapshotStore {
             } else {
                 PAGES_FILE
             };
-            let written = pages::write(tmp, memory, dirty, data_name, opts.compress)?;
+            let written = pages::write(
+                tmp,
+                memory,
+                dirty,
+                data_name,
+                opts.compress,
+                self.progress.as_deref(),
+            )?;
             files.insert(PAGEMAP_FILE.to_string(), written.map);
             files.insert(data_name.to_string(), written.data);
             stored_pages = written.pages;
@@ -460,7 +484,7 @@ impl SnapshotStore {
         // this writer shows up now rather than at restore.
         StateFile::read(&state_path, state.len() as u64)?;
         if files.contains_key(PAGEMAP_FILE) {
-            pages::read_map(&tmp.join(PAGEMAP_FILE), &layout)?;
+            pages::read_map(&tmp.join(PAGEMAP_FILE), layout)?;
         }
         *sm = sm.apply(Event::Verified)?;
 
@@ -483,7 +507,7 @@ impl SnapshotStore {
             state: *sm,
             memory_bytes: layout.total_bytes(),
             dirty_pages: stored_pages,
-            layout,
+            layout: layout.clone(),
             cpu: meta.cpu.clone(),
             vm_config: meta.vm_config.clone(),
             files,

@@ -2,9 +2,11 @@
 //! checkpoint, and merging the chain gives the same memory.
 mod common;
 
-use common::TempDir;
+use common::{copy, same, TempDir};
 use proptest::prelude::*;
-use ray_snapshot::{CreateOptions, DirtyBitmap, MemoryLayout, OwnedMemory, SnapshotStore};
+use ray_snapshot::{
+    CreateOptions, DirtyBitmap, GuestMemory, MemoryLayout, OwnedMemory, SnapshotStore,
+};
 
 /// A write to guest memory: region, page, byte offset, value; value 0 with `clear`
 /// zeroes the whole page.
@@ -14,19 +16,17 @@ fn layout() -> MemoryLayout {
     MemoryLayout::new(&[(0, 16 * 4096), (1 << 20, 24 * 4096)]).unwrap()
 }
 
-fn apply(mem: &mut OwnedMemory, layout: &MemoryLayout, writes: &[Write]) -> DirtyBitmap {
+fn apply(mem: &OwnedMemory, layout: &MemoryLayout, writes: &[Write]) -> DirtyBitmap {
     let mut d = DirtyBitmap::clean(layout);
     for &(ri, page, off, val, clear) in writes {
-        let ri = ri % mem.regions.len();
-        let (gpa, r) = &mut mem.regions[ri];
-        let page = page % (r.len() as u64 / 4096);
-        let p = &mut r[(page * 4096) as usize..((page + 1) * 4096) as usize];
+        let r = layout.regions[ri % layout.regions.len()];
+        let page_gpa = r.gpa + (page % r.pages()) * 4096;
         if clear {
-            p.fill(0);
+            mem.write_zeros(page_gpa, 4096).unwrap();
         } else {
-            p[off % 4096] = val;
+            mem.write(page_gpa + (off % 4096) as u64, &[val]).unwrap();
         }
-        assert!(d.mark(layout, *gpa + page * 4096, 1));
+        assert!(d.mark(layout, page_gpa, 1));
     }
     d
 }
@@ -54,28 +54,28 @@ proptest! {
         let dir = TempDir::new("prop");
         let store = SnapshotStore::open(dir.path()).unwrap();
         let layout = layout();
-        let mut mem = OwnedMemory::zeroed(&layout).unwrap();
+        let mem = OwnedMemory::zeroed(&layout).unwrap();
         let mut expected = Vec::new();
         for (i, w) in steps.iter().enumerate() {
-            let dirty = apply(&mut mem, &layout, w);
+            let dirty = apply(&mem, &layout, w);
             let opts = CreateOptions { compress: compress[i] };
             let meta = common::meta(&format!("s{i}"));
             if i == 0 {
-                store.create_full(&meta, b"", &mem.as_source(), &opts).unwrap();
+                store.create_full(&meta, b"", &mem, &opts).unwrap();
             } else {
                 store
-                    .create_incremental(&format!("s{}", i - 1), &meta, b"", &mem.as_source(), &dirty, &opts)
+                    .create_incremental(&format!("s{}", i - 1), &meta, b"", &mem, &dirty, &opts)
                     .unwrap();
             }
-            expected.push(mem.clone());
+            expected.push(copy(&mem));
         }
         for (i, want) in expected.iter().enumerate() {
             let plan = store.restore_plan(&format!("s{i}"), "cpu-abc").unwrap();
-            prop_assert!(&plan.materialize_owned().unwrap() == want, "checkpoint s{}", i);
+            prop_assert!(same(&plan.materialize_owned().unwrap(), want), "checkpoint s{}", i);
         }
         let last = expected.len() - 1;
         store.merge(&format!("s{last}"), "merged", &CreateOptions::default()).unwrap();
         let merged = store.restore_plan("merged", "cpu-abc").unwrap().materialize_owned().unwrap();
-        prop_assert!(&merged == expected.last().unwrap());
+        prop_assert!(same(&merged, expected.last().unwrap()));
     }
 }

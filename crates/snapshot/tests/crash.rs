@@ -6,7 +6,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::TempDir;
-use ray_snapshot::{CreateOptions, MemoryLayout, NewSnapshot, OwnedMemory, SnapshotStore};
+use ray_snapshot::{
+    CreateOptions, GuestMemory, MemoryLayout, NewSnapshot, OwnedMemory, SnapshotStore,
+};
 
 const WRITER_ENV: &str = "RAY_SNAPSHOT_CRASH_WRITER";
 const TEST_NAME: &str = "kill_9_mid_write_leaves_no_ready_snapshot";
@@ -17,12 +19,15 @@ fn layout() -> MemoryLayout {
 
 /// The memory snapshot `seq` holds: non-zero everywhere, different for each `seq`.
 fn memory_for(seq: u64) -> OwnedMemory {
-    let mut m = OwnedMemory::zeroed(&layout()).unwrap();
-    for (gpa, r) in m.regions.iter_mut() {
-        for (i, w) in r.chunks_exact_mut(8).enumerate() {
-            let v = (*gpa + i as u64 * 8) ^ (seq.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+    let layout = layout();
+    let m = OwnedMemory::zeroed(&layout).unwrap();
+    for r in &layout.regions {
+        let mut bytes = vec![0u8; r.len as usize];
+        for (i, w) in bytes.chunks_exact_mut(8).enumerate() {
+            let v = (r.gpa + i as u64 * 8) ^ (seq.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
             w.copy_from_slice(&v.to_le_bytes());
         }
+        m.write(r.gpa, &bytes).unwrap();
     }
     m
 }
@@ -45,7 +50,7 @@ fn writer(dir: &str) {
             compress: seq % 2 == 0,
         };
         store
-            .create_full(&meta(seq), &seq.to_le_bytes(), &mem.as_source(), &opts)
+            .create_full(&meta(seq), &seq.to_le_bytes(), &mem, &opts)
             .unwrap();
     }
 }
@@ -62,7 +67,7 @@ fn kill_9_mid_write_leaves_no_ready_snapshot() {
         .create_full(
             &meta(0),
             &0u64.to_le_bytes(),
-            &memory_for(0).as_source(),
+            &memory_for(0),
             &CreateOptions::default(),
         )
         .unwrap();
@@ -105,7 +110,7 @@ fn kill_9_mid_write_leaves_no_ready_snapshot() {
             let plan = store.restore_plan(&node.id, "cpu").unwrap();
             assert_eq!(plan.state, seq.to_le_bytes());
             assert!(
-                plan.materialize_owned().unwrap() == memory_for(seq),
+                common::same(&plan.materialize_owned().unwrap(), &memory_for(seq)),
                 "{} differs",
                 node.id
             );

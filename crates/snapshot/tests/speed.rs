@@ -5,7 +5,7 @@ mod common;
 
 use common::TempDir;
 use ray_snapshot::{
-    sequential_write_speed, CreateOptions, MemoryLayout, OwnedMemory, SnapshotStore,
+    sequential_write_speed, CreateOptions, GuestMemory, MemoryLayout, OwnedMemory, SnapshotStore,
 };
 
 #[test]
@@ -17,13 +17,18 @@ fn full_snapshot_write_speed_vs_raw() {
         .unwrap_or(512);
     let dir = TempDir::new("speed");
     let layout = MemoryLayout::new(&[(0, mib << 20)]).unwrap();
-    let mut mem = OwnedMemory::zeroed(&layout).unwrap();
+    let mem = OwnedMemory::zeroed(&layout).unwrap();
     let mut x = 0x1234_5678_9abc_def1u64;
-    for w in mem.regions[0].1.chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        w.copy_from_slice(&x.to_le_bytes());
+    let mut block = vec![0u8; 4 << 20];
+    for off in (0..mib << 20).step_by(block.len()) {
+        let n = ((mib << 20) - off).min(block.len() as u64) as usize;
+        for w in block[..n].chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        mem.write(off, &block[..n]).unwrap();
     }
     let store = SnapshotStore::open(dir.path().join("store")).unwrap();
     // Blocks freed by the previous round are reused by the next writer, raw or snapshot,
@@ -34,7 +39,7 @@ fn full_snapshot_write_speed_vs_raw() {
         let start = std::time::Instant::now();
         let meta = common::meta(&format!("full{round}"));
         store
-            .create_full(&meta, b"", &mem.as_source(), &CreateOptions::default())
+            .create_full(&meta, b"", &mem, &CreateOptions::default())
             .unwrap();
         let snap = (mib << 20) as f64 / start.elapsed().as_secs_f64();
         println!(

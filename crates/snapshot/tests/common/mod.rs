@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ray_snapshot::{DirtyBitmap, MemoryLayout, NewSnapshot, OwnedMemory};
+use ray_snapshot::{DirtyBitmap, GuestMemory, MemoryLayout, NewSnapshot, OwnedMemory};
 
 pub struct TempDir(PathBuf);
 
@@ -52,40 +52,50 @@ pub fn layout() -> MemoryLayout {
 
 /// Memory for `layout` where about `fill` of 16 pages hold random data, the rest zero.
 pub fn memory(layout: &MemoryLayout, rng: &mut Rng, fill: u64) -> OwnedMemory {
-    let mut m = OwnedMemory::zeroed(layout).unwrap();
-    for (_, r) in m.regions.iter_mut() {
-        for page in r.chunks_exact_mut(4096) {
+    let m = OwnedMemory::zeroed(layout).unwrap();
+    let mut page = [0u8; 4096];
+    for r in &layout.regions {
+        for p in 0..r.len / 4096 {
             if rng.below(16) < fill {
                 for b in page.chunks_exact_mut(8) {
                     b.copy_from_slice(&rng.next().to_le_bytes());
                 }
+                m.write(r.gpa + p * 4096, &page).unwrap();
             }
         }
     }
     m
 }
 
+/// Whether two memories have the same layout and the same bytes.
+pub fn same(a: &OwnedMemory, b: &OwnedMemory) -> bool {
+    a.layout() == b.layout() && a.to_vec() == b.to_vec()
+}
+
+/// A copy of `m`.
+pub fn copy(m: &OwnedMemory) -> OwnedMemory {
+    OwnedMemory::copy_of(m).unwrap()
+}
+
 /// Writes `n` random pages of `m` (a quarter of them zeroed), marking them in a bitmap.
-pub fn dirty_some(
-    m: &mut OwnedMemory,
-    layout: &MemoryLayout,
-    rng: &mut Rng,
-    n: u64,
-) -> DirtyBitmap {
+pub fn dirty_some(m: &OwnedMemory, layout: &MemoryLayout, rng: &mut Rng, n: u64) -> DirtyBitmap {
     let mut d = DirtyBitmap::clean(layout);
     for _ in 0..n {
-        let ri = rng.below(m.regions.len() as u64) as usize;
-        let (gpa, r) = &mut m.regions[ri];
-        let pages = r.len() as u64 / 4096;
+        let ri = rng.below(m.layout().regions.len() as u64) as usize;
+        let r = m.layout().regions[ri];
+        let pages = r.len / 4096;
         let p = rng.below(pages);
-        let page = &mut r[(p * 4096) as usize..((p + 1) * 4096) as usize];
+        let gpa = r.gpa + p * 4096;
         if rng.below(4) == 0 {
-            page.fill(0);
+            m.write_zeros(gpa, 4096).unwrap();
         } else {
-            let off = rng.below(4096) as usize;
-            page[off] = page[off].wrapping_add(1 + (rng.below(200) as u8));
+            let off = rng.below(4096);
+            let mut b = [0u8];
+            m.read(gpa + off, &mut b).unwrap();
+            b[0] = b[0].wrapping_add(1 + (rng.below(200) as u8));
+            m.write(gpa + off, &b).unwrap();
         }
-        assert!(d.mark(layout, *gpa + p * 4096, 4096));
+        assert!(d.mark(layout, gpa, 4096));
     }
     d
 }
