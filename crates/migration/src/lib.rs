@@ -61,14 +61,13 @@
 //!
 //! # What the VMM implements
 //!
-//! - [`GuestMemory`] over its guest memory map (regions in a fixed order): `layout`, `span`,
-//!   and ideally [`GuestMemory::known_zero`] (pages the guest never touched: the sender
-//!   sends them as one bit without reading them, the target leaves them unwritten) and
+//! - [`GuestMemory`] over its guest memory map (regions in a fixed order): `layout` and
+//!   `span`, and ideally [`GuestMemory::known_zero`] (pages the guest never touched: the
+//!   sender sends them as one bit without reading them, the target leaves them unwritten),
 //!   [`GuestMemory::note_write`] (the target's placed pages) and
 //!   [`GuestMemory::prepare_write`] (the target populates a run before the socket fills
-//!   it). The sender hands spans of
-//!   guest memory to the kernel for the socket write; the target reads pages from the
-//!   socket straight into its (not yet running) guest memory.
+//!   it). The sender hands spans of guest memory to the kernel for the socket write; the
+//!   target reads pages from the socket straight into its (not yet running) guest memory.
 //! - [`SourceVm`]: dirty logging (`KVM_MEM_LOG_DIRTY_PAGES` + `KVM_GET_DIRTY_LOG`, ORed with
 //!   the VMM's own device writes) as a ray-memory [`DirtyBitmap`], pause/resume of vCPUs
 //!   and devices, vCPU throttling, and a state blob. The VM sits in its `MigrationSource`
