@@ -9,7 +9,9 @@
 //!   a host CPU per vCPU);
 //! * a line-oriented shell on COM1 (`echo`, `mem`, `cpus`, `tick`, `dirty`, `sum`,
 //!   `poweroff`), see [`shell`];
-//! * SMP: every vCPU enters at the ELF entry, APs update their heartbeat slots and idle.
+//! * SMP: every vCPU enters at the ELF entry, APs update their heartbeat slots and idle;
+//!   at most [`MAX_CPUS`] of them: the others park, and the boot CPU says so on COM1
+//!   (`rayvisor-guest: 70 vCPUs offered, this kernel supports 64; running on 64`).
 //!
 //! Boot order: entry.rs (assembly, mostly emulated on PVM until the VIF area is
 //! registered) -> [`rust_start`] -> [`bsp_main`] / [`smp::ap_main`].
@@ -33,7 +35,8 @@ mod workload;
 use core::sync::atomic::Ordering::*;
 
 use ray_guest_abi::{
-    CMDLINE_IDLE, CMDLINE_POLL_MS, IDLE_PORT, POWEROFF_PORT, POWEROFF_VALUE, VMM_FEATURE_IDLE_PORT,
+    CMDLINE_IDLE, CMDLINE_POLL_MS, IDLE_PORT, MAX_CPUS, POWEROFF_PORT, POWEROFF_VALUE,
+    VMM_FEATURE_IDLE_PORT,
 };
 
 use crate::shell::Shell;
@@ -61,18 +64,21 @@ extern "C" fn rust_start(
     cpuid1_edx: u32,
 ) -> ! {
     if cpu == 0 {
-        let expected_cpus = if cpuid1_edx & (1 << 28) != 0 {
+        let offered_cpus = if cpuid1_edx & (1 << 28) != 0 {
             (cpuid1_ebx >> 16) & 0xff
         } else {
             1
         };
-        bsp_main(zero_page, pvm != 0, expected_cpus.max(1))
+        bsp_main(zero_page, pvm != 0, offered_cpus.max(1))
     } else {
         smp::ap_main(cpu as usize)
     }
 }
 
-fn bsp_main(zero_page: u64, pvm: bool, expected_cpus: u32) -> ! {
+/// `offered_cpus`: how many vCPUs the VMM started (CPUID leaf 1 EBX[23:16]). Those with an
+/// APIC ID of [`MAX_CPUS`] or more parked in entry.rs; the boot CPU waits for the others
+/// and says so on the console when it had to leave some out.
+fn bsp_main(zero_page: u64, pvm: bool, offered_cpus: u32) -> ! {
     clock::init_cpu(0);
     idt::init();
     let info = bootparams::parse(zero_page);
@@ -87,7 +93,14 @@ fn bsp_main(zero_page: u64, pvm: bool, expected_cpus: u32) -> ! {
     let loop_rate = measure_loop_rate();
     heartbeat::loop_rate().store(loop_rate, Relaxed);
     heartbeat::publish();
-    smp::wait_for_aps(expected_cpus, AP_WAIT_NS);
+    let supported = MAX_CPUS as u32;
+    smp::wait_for_aps(offered_cpus.min(supported), AP_WAIT_NS);
+    if offered_cpus > supported {
+        println!(
+            "rayvisor-guest: {offered_cpus} vCPUs offered, this kernel supports {supported}; running on {}",
+            heartbeat::cpus_online().load(Relaxed)
+        );
+    }
 
     let usable: u64 = info.usable().map(|e| e.size).sum();
     println!(

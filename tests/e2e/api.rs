@@ -71,7 +71,7 @@ fn bad_bodies_get_clear_4xx_and_the_vmm_keeps_running() {
         (
             good("0", "134217728", &kernel),
             400,
-            "vcpus must be between 1 and 64, got 0".into(),
+            "vcpus must be between 1 and 254, got 0".into(),
         ),
         (
             good("1", "134217729", &kernel),
@@ -177,5 +177,5 @@ fn cli_errors_have_distinct_exit_codes() {
     assert_eq!(out.status.code(), Some(6));
     let out = env.ray(&["vm", "run", "--detach", "--vcpus", "0"]);
     assert_ne!(out.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("vcpus must be between 1 and 64, got 0"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vcpus must be between 1 and 254, got 0"));
 }

@@ -3,6 +3,7 @@
 mod api;
 mod boot;
 mod lifecycle;
+mod limits;
 mod linux;
 mod migration;
 mod shell;

@@ -61,7 +61,8 @@ pub struct VmConfig {
     /// Kernel command line.
     #[serde(default)]
     pub cmdline: String,
-    /// Number of vCPUs, 1..=64.
+    /// Number of vCPUs, 1..=254 (the VMM's limit; the host's KVM may allow fewer, and a
+    /// guest may use fewer: rayvisor's own guest runs on at most 64 and parks the rest).
     pub vcpus: u8,
     /// Guest RAM in bytes: a multiple of 4 KiB, at least 32 MiB, at most what the host has.
     pub memory_bytes: u64,

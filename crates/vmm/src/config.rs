@@ -1,19 +1,34 @@
 //! Validation of a VM configuration before anything is allocated. Every error names the
 //! field and the value that was wrong.
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use ray_api::vmm::VmConfig;
-use ray_guest_abi::MAX_CPUS;
 
 use crate::boot::BootSpec;
+
+/// Most vCPUs a VM of this VMM can have. It is the VMM's own limit, not a guest's: vCPU
+/// `i` gets APIC ID `i` (CPUID leaf 1 EBX[31:24] and the x2APIC ID of leaves 0xb/0x1f),
+/// and the MADT describes IDs 0..=253 with xAPIC entries, 0xff being the broadcast ID and
+/// the I/O APIC taking the ID after the last CPU's (see [`crate::boot::MAX_VCPUS`]). A
+/// guest that supports fewer CPUs (rayvisor's own runs on at most
+/// [`ray_guest_abi::MAX_CPUS`]) leaves the others parked. The host's KVM may allow fewer:
+/// see [`KvmVcpuLimits`].
+pub const MAX_VCPUS: u8 = crate::boot::MAX_VCPUS;
 
 pub const MIN_MEMORY: u64 = 32 << 20;
 const PAGE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("vcpus must be between 1 and {MAX_CPUS}, got {0}")]
+    #[error("vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
     Vcpus(u8),
+    #[error(
+        "vcpus {vcpus} is more than this host's KVM allows: {} vCPUs (KVM_CAP_MAX_VCPUS {}, \
+         KVM_CAP_MAX_VCPU_ID {}); this VMM supports up to {MAX_VCPUS}",
+        host.max_vcpus(), host.max_vcpus, host.max_vcpu_id
+    )]
+    HostVcpus { vcpus: u8, host: KvmVcpuLimits },
     #[error("memory_bytes must be a multiple of 4096 (a whole number of pages), got {0}")]
     MemoryUnaligned(u64),
     #[error("memory_bytes must be at least {MIN_MEMORY} (32 MiB), got {0}")]
@@ -38,6 +53,50 @@ pub fn host_memory() -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or(u64::MAX, |kib| kib * 1024)
+}
+
+/// What the host's KVM allows for one VM's vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvmVcpuLimits {
+    /// `KVM_CAP_MAX_VCPUS` (`KVM_CAP_NR_VCPUS` on kernels without it): vCPUs per VM.
+    pub max_vcpus: u32,
+    /// `KVM_CAP_MAX_VCPU_ID` (`max_vcpus` on kernels without it): vCPU (= APIC) IDs must
+    /// be below it.
+    pub max_vcpu_id: u32,
+}
+
+impl KvmVcpuLimits {
+    /// Most vCPUs a VM can have here: this VMM numbers them 0..n, so n must fit both.
+    pub fn max_vcpus(&self) -> u32 {
+        self.max_vcpus.min(self.max_vcpu_id)
+    }
+}
+
+/// The vCPU limits of this host's KVM, asked once per process; `None` if /dev/kvm cannot
+/// be opened (creating the VM then fails with its own error).
+pub fn host_kvm_limits() -> Option<KvmVcpuLimits> {
+    static LIMITS: OnceLock<Option<KvmVcpuLimits>> = OnceLock::new();
+    *LIMITS.get_or_init(|| {
+        let kvm = kvm_ioctls::Kvm::new().ok()?;
+        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Some(KvmVcpuLimits {
+            max_vcpus: clamp(kvm.get_max_vcpus()),
+            max_vcpu_id: clamp(kvm.get_max_vcpu_id()),
+        })
+    })
+}
+
+/// Checks a vCPU count against this VMM's limit and, when known, the host's.
+pub fn check_vcpus(vcpus: u8, host: Option<KvmVcpuLimits>) -> Result<(), ConfigError> {
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(ConfigError::Vcpus(vcpus));
+    }
+    match host {
+        Some(host) if u32::from(vcpus) > host.max_vcpus() => {
+            Err(ConfigError::HostVcpus { vcpus, host })
+        }
+        _ => Ok(()),
+    }
 }
 
 fn regular_file(path: &Path) -> bool {
@@ -69,12 +128,11 @@ pub fn validate(config: &VmConfig, host_mem: u64) -> Result<BootSpec, ConfigErro
     Ok(spec)
 }
 
-/// The checks of [`validate`] but the files: vCPUs and memory. Enough for a migration
-/// target, whose machine comes from the source's state rather than from a kernel.
+/// The checks of [`validate`] but the files: vCPUs (against this VMM's limit and the
+/// host KVM's) and memory. Enough for a migration target, whose machine comes from the
+/// source's state rather than from a kernel.
 pub fn validate_shape(config: &VmConfig, host_mem: u64) -> Result<(), ConfigError> {
-    if config.vcpus == 0 || usize::from(config.vcpus) > MAX_CPUS {
-        return Err(ConfigError::Vcpus(config.vcpus));
-    }
+    check_vcpus(config.vcpus, host_kvm_limits())?;
     let mem = config.memory_bytes;
     if !mem.is_multiple_of(PAGE) {
         return Err(ConfigError::MemoryUnaligned(mem));
@@ -133,12 +191,67 @@ mod tests {
             validate(&config(0, 64 << 20, k), u64::MAX)
                 .unwrap_err()
                 .to_string(),
-            "vcpus must be between 1 and 64, got 0"
+            "vcpus must be between 1 and 254, got 0"
         );
         assert_eq!(
-            validate(&config(65, 64 << 20, k), u64::MAX).unwrap_err(),
-            ConfigError::Vcpus(65)
+            validate(&config(255, 64 << 20, k), u64::MAX).unwrap_err(),
+            ConfigError::Vcpus(255)
         );
+    }
+
+    #[test]
+    fn the_limit_is_the_vmms_254_not_the_test_guests() {
+        assert_eq!(MAX_VCPUS, 254);
+        assert!(usize::from(MAX_VCPUS) > ray_guest_abi::MAX_CPUS);
+        let roomy = Some(KvmVcpuLimits {
+            max_vcpus: 1024,
+            max_vcpu_id: 4096,
+        });
+        for n in [1, 2, 64, 65, 70, 253, 254] {
+            assert_eq!(check_vcpus(n, roomy), Ok(()), "{n}");
+            assert_eq!(check_vcpus(n, None), Ok(()), "{n}");
+        }
+        assert_eq!(check_vcpus(0, roomy), Err(ConfigError::Vcpus(0)));
+        assert_eq!(check_vcpus(255, roomy), Err(ConfigError::Vcpus(255)));
+        assert_eq!(check_vcpus(255, None), Err(ConfigError::Vcpus(255)));
+    }
+
+    #[test]
+    fn a_host_kvm_allowing_fewer_vcpus_is_named_with_both_numbers() {
+        let few = Some(KvmVcpuLimits {
+            max_vcpus: 64,
+            max_vcpu_id: 1024,
+        });
+        assert_eq!(check_vcpus(64, few), Ok(()));
+        let err = check_vcpus(65, few).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "vcpus 65 is more than this host's KVM allows: 64 vCPUs (KVM_CAP_MAX_VCPUS 64, \
+             KVM_CAP_MAX_VCPU_ID 1024); this VMM supports up to 254"
+        );
+        // vCPU i has id i, so ids are as binding as the count.
+        let ids = KvmVcpuLimits {
+            max_vcpus: 288,
+            max_vcpu_id: 100,
+        };
+        assert_eq!(check_vcpus(100, Some(ids)), Ok(()));
+        assert_eq!(
+            check_vcpus(101, Some(ids)),
+            Err(ConfigError::HostVcpus {
+                vcpus: 101,
+                host: ids
+            })
+        );
+    }
+
+    #[test]
+    fn this_hosts_kvm_limits_are_read_when_there_is_kvm() {
+        if !Path::new("/dev/kvm").exists() {
+            return;
+        }
+        let host = host_kvm_limits().expect("/dev/kvm exists but its limits cannot be read");
+        assert!(host.max_vcpus() >= 1, "{host:?}");
+        eprintln!("this host's KVM: {host:?}");
     }
 
     #[test]

@@ -177,16 +177,40 @@ fn dsdt() -> Vec<u8> {
     t.finish()
 }
 
+/// The MADT of `vcpus` CPUs: vCPU `i` has APIC ID `i` (and ACPI processor UID `i`), the
+/// I/O APIC has ID `vcpus`.
+///
+/// **xAPIC or x2APIC entries:** ACPI (6.5, 5.2.12.12) wants a Processor Local APIC entry
+/// (type 0) for every APIC ID below 255, whether the CPU runs in xAPIC or x2APIC mode, and a
+/// Processor Local x2APIC entry (type 9) only for IDs of 255 and above. This VMM's limit
+/// ([`super::MAX_VCPUS`] = 254, IDs 0..=253) keeps every vCPU, and the I/O APIC's ID, below
+/// 255, so this MADT holds type-0 entries only; [`madt_for`] would switch to type-9 entries
+/// (and add the x2APIC NMI entry) for larger IDs instead of truncating them.
 fn madt(vcpus: u8) -> Vec<u8> {
+    madt_for(0..u32::from(vcpus), vcpus)
+}
+
+/// The MADT for CPUs with APIC IDs `ids` and an I/O APIC with ID `ioapic_id`.
+fn madt_for(ids: std::ops::Range<u32>, ioapic_id: u8) -> Vec<u8> {
     const PCAT_COMPAT: u32 = 1;
+    const ENABLED: u32 = 1;
+    const LINT1: u8 = 1;
     let mut t = Sdt::new(b"APIC", 5);
     t.u32(LAPIC as u32).u32(PCAT_COMPAT);
-    for id in 0..vcpus {
-        // Processor Local APIC: uid, APIC id, enabled.
-        t.u8(0).u8(8).u8(id).u8(id).u32(1);
+    let mut x2apic = false;
+    for id in ids {
+        match u8::try_from(id) {
+            // Processor Local APIC: UID, APIC ID, flags.
+            Ok(id8) if id8 != 0xff => t.u8(0).u8(8).u8(id8).u8(id8).u32(ENABLED),
+            // Processor Local x2APIC: reserved, x2APIC ID, flags, UID.
+            _ => {
+                x2apic = true;
+                t.u8(9).u8(16).u16(0).u32(id).u32(ENABLED).u32(id)
+            }
+        };
     }
-    // I/O APIC with GSIs from 0; its id follows the CPUs'.
-    t.u8(1).u8(12).u8(vcpus).u8(0).u32(IOAPIC as u32).u32(0);
+    // I/O APIC with GSIs from 0.
+    t.u8(1).u8(12).u8(ioapic_id).u8(0).u32(IOAPIC as u32).u32(0);
     // ISA IRQ 0 (PIT) arrives on GSI 2, as on every PC.
     t.u8(2).u8(10).u8(0).u8(0).u32(2).u16(0);
     // The SCI: level-triggered, active high.
@@ -196,8 +220,17 @@ fn madt(vcpus: u8) -> Vec<u8> {
         .u8(SCI_IRQ as u8)
         .u32(u32::from(SCI_IRQ))
         .u16(0b1101);
-    // NMI on LINT1 of every CPU.
-    t.u8(4).u8(6).u8(0xff).u16(0).u8(1);
+    // NMI on LINT1 of every CPU (UID 0xff: all processors).
+    t.u8(4).u8(6).u8(0xff).u16(0).u8(LINT1);
+    if x2apic {
+        // The same for the CPUs of type-9 entries (UID 0xffffffff: all processors).
+        t.u8(0xa)
+            .u8(12)
+            .u16(0)
+            .u32(u32::MAX)
+            .u8(LINT1)
+            .bytes(&[0; 3]);
+    }
     t.finish()
 }
 
@@ -260,24 +293,72 @@ mod tests {
         assert_eq!(fadt().len(), 276);
     }
 
+    /// The (type, APIC ID, UID, enabled) of every processor entry of a MADT, after
+    /// checking that its entries tile it.
+    fn madt_cpus(t: &[u8]) -> Vec<(u8, u32, u32, bool)> {
+        let mut at = 44;
+        let mut cpus = Vec::new();
+        while at < t.len() {
+            let (kind, len) = (t[at], t[at + 1] as usize);
+            let u32_at = |o: usize| u32::from_le_bytes(t[at + o..at + o + 4].try_into().unwrap());
+            match kind {
+                0 => {
+                    assert_eq!(len, 8);
+                    cpus.push((0, t[at + 3].into(), t[at + 2].into(), t[at + 4] & 1 == 1));
+                }
+                9 => {
+                    assert_eq!(len, 16);
+                    cpus.push((9, u32_at(4), u32_at(12), u32_at(8) & 1 == 1));
+                }
+                _ => {}
+            }
+            at += len;
+        }
+        assert_eq!(at, t.len(), "entries tile the table");
+        cpus
+    }
+
     #[test]
     fn madt_lists_one_enabled_lapic_per_vcpu() {
-        for vcpus in [1u8, 4] {
+        for vcpus in [1u8, 4, 64, 70, super::super::MAX_VCPUS] {
             let t = madt(vcpus);
-            let mut at = 44;
-            let mut lapics = 0;
-            while at < t.len() {
-                let (kind, len) = (t[at], t[at + 1] as usize);
-                if kind == 0 {
-                    assert_eq!(t[at + 3], lapics, "APIC ids are 0..n");
-                    assert_eq!(t[at + 4] & 1, 1, "enabled");
-                    lapics += 1;
-                }
-                at += len;
-            }
-            assert_eq!(at, t.len(), "entries tile the table");
-            assert_eq!(lapics, vcpus);
+            assert!(sums_to_zero(&t));
+            let want: Vec<_> = (0..u32::from(vcpus)).map(|i| (0, i, i, true)).collect();
+            assert_eq!(madt_cpus(&t), want, "xAPIC entries, APIC ids 0..n");
         }
+    }
+
+    #[test]
+    fn apic_ids_from_255_get_x2apic_entries_and_an_x2apic_nmi() {
+        // Not reachable with MAX_VCPUS = 254; here so a larger limit never truncates IDs.
+        let t = madt_for(253..258, 0);
+        assert!(sums_to_zero(&t));
+        assert_eq!(
+            madt_cpus(&t),
+            vec![
+                (0, 253, 253, true),
+                (0, 254, 254, true),
+                (9, 255, 255, true),
+                (9, 256, 256, true),
+                (9, 257, 257, true),
+            ]
+        );
+        let nmi = |t: &[u8]| {
+            let mut at = 44;
+            let mut found = Vec::new();
+            while at < t.len() {
+                if t[at] == 0xa {
+                    found.push(t[at..at + 12].to_vec());
+                }
+                at += t[at + 1] as usize;
+            }
+            found
+        };
+        assert_eq!(
+            nmi(&t),
+            vec![vec![0xa, 12, 0, 0, 0xff, 0xff, 0xff, 0xff, 1, 0, 0, 0]]
+        );
+        assert!(nmi(&madt(super::super::MAX_VCPUS)).is_empty());
     }
 
     #[test]
