@@ -49,6 +49,89 @@ impl std::fmt::Display for VmStateName {
     }
 }
 
+/// A snake-case name enum: `as_str`, `Display`, and comparison with its spelling.
+macro_rules! names {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident => $s:literal),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($(#[$vm])* $v),* }
+
+        impl $name {
+            /// The name as the API spells it.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$v => $s),* }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+    };
+}
+
+names! {
+    /// Whether a snapshot holds all of memory or the pages written since its parent.
+    SnapshotKindName { Full => "full", Incremental => "incremental" }
+}
+
+names! {
+    /// A snapshot's own state in its store.
+    SnapshotStateName {
+        Idle => "idle",
+        Creating => "creating",
+        Verifying => "verifying",
+        Ready => "ready",
+        Restoring => "restoring",
+        RestoreVerify => "restore_verify",
+        RestoreComplete => "restore_complete",
+        /// Kept (for history, or because children depend on it), not offered for restore.
+        Archived => "archived",
+        Error => "error",
+    }
+}
+
+names! {
+    /// A migration session's state.
+    MigrationState {
+        Idle => "idle",
+        PreCopy => "pre_copy",
+        StopAndCopy => "stop_and_copy",
+        Verification => "verification",
+        Completing => "completing",
+        Completed => "completed",
+        Failed => "failed",
+        RollingBack => "rolling_back",
+    }
+}
+
+names! {
+    /// What became of the VM on this side of a migration.
+    MigrationVmOutcome {
+        /// The migration is still under way.
+        Migrating => "migrating",
+        /// Rolled back (source), or the VM now runs here (target).
+        Running => "running",
+        /// The source copy is gone: the VM runs on the target.
+        Migrated => "migrated",
+        /// The link failed after the switch-over: the target may run the VM, so the source
+        /// stays paused until an operator fenced the target (see the split-brain rule).
+        PausedOwnershipUncertain => "paused_ownership_uncertain",
+        /// The source could not resume after a failure.
+        RollbackFailed => "rollback_failed",
+        /// A target that never ran the VM threw its copy away.
+        Discarded => "discarded",
+    }
+}
+
 /// Machine configuration, given before `start`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -192,8 +275,7 @@ pub struct SnapshotInfo {
     pub path: String,
     /// The snapshot this one is incremental on, if any.
     pub parent: Option<String>,
-    /// `full` or `incremental`.
-    pub kind: String,
+    pub kind: SnapshotKindName,
     pub compressed: bool,
     /// Guest RAM size.
     pub memory_bytes: u64,
@@ -283,9 +365,8 @@ pub struct MigrationStatus {
     pub role: MigrationRole,
     /// The other end: the target address (source) or the listening address (target).
     pub peer: String,
-    /// Session state: `idle`, `pre_copy`, `stop_and_copy`, `verification`, `completing`,
-    /// `completed`, `failed` or `rolling_back`.
-    pub state: String,
+    /// Session state.
+    pub state: MigrationState,
     /// Current pre-copy pass (1 = the full copy).
     pub pass: u32,
     pub pages_sent: u64,
@@ -302,11 +383,8 @@ pub struct MigrationStatus {
     /// Why it failed (state `failed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// What became of the VM here: `running` (rolled back, or the target now runs it),
-    /// `migrated` (the source copy is gone), `paused_ownership_uncertain` (the link failed
-    /// after the switch-over; see the split-brain rule), `rollback_failed`, `discarded`
-    /// (a target that never ran the VM), or `migrating`.
-    pub vm: String,
+    /// What became of the VM here.
+    pub vm: MigrationVmOutcome,
     /// Source: from pause to the target's `Resumed`, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<f64>,
@@ -358,10 +436,9 @@ pub struct SnapshotEntry {
     /// Distance from the root of its chain (0 for a full snapshot).
     pub depth: u32,
     pub vm_id: String,
-    /// `full` or `incremental`.
-    pub kind: String,
-    /// The snapshot's own state: `ready`, `archived`, `error`, ...
-    pub state: String,
+    pub kind: SnapshotKindName,
+    /// The snapshot's own state.
+    pub state: SnapshotStateName,
     pub created_ms: u64,
     pub memory_bytes: u64,
     pub stored_pages: u64,
@@ -528,11 +605,15 @@ mod paths {
         ConsoleTail,
         LifecycleEvent,
         SnapshotKind,
+        SnapshotKindName,
+        SnapshotStateName,
         SnapshotRequest,
         SnapshotInfo,
         MigrateRequest,
         OnLimit,
         MigrationRole,
+        MigrationState,
+        MigrationVmOutcome,
         MigrationStatus,
         SnapshotProgress,
         SnapshotEntry,

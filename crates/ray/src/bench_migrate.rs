@@ -564,7 +564,7 @@ impl Bench<'_> {
         if s.state != "completed" {
             bail!(
                 "the migration failed: {}",
-                s.error.unwrap_or_else(|| s.state.clone())
+                s.error.unwrap_or_else(|| s.state.to_string())
             );
         }
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
-use crate::controller::{Message, Request, RequestError, Response};
+use crate::controller::{ControllerError, Message, Request, Response};
 use crate::devices::ConsoleRing;
 
 #[derive(Clone)]
@@ -40,15 +40,29 @@ fn error(status: u16, message: impl Into<String>) -> HttpResponse {
         .into_response()
 }
 
+/// The HTTP status of a controller error: the one place the two meet.
+fn http_status(e: &ControllerError) -> u16 {
+    match e {
+        ControllerError::Invalid(_) => 400,
+        ControllerError::NotFound(_) => 404,
+        ControllerError::Refused(_) => 409,
+        ControllerError::Failed(_) => 500,
+    }
+}
+
+fn controller_error(e: ControllerError) -> HttpResponse {
+    error(http_status(&e), e.to_string())
+}
+
 /// Parses a JSON body, naming the endpoint and serde's account of what was wrong.
-pub fn parse_body<T: DeserializeOwned>(endpoint: &str, body: &[u8]) -> Result<T, RequestError> {
+pub fn parse_body<T: DeserializeOwned>(endpoint: &str, body: &[u8]) -> Result<T, ControllerError> {
     if body.is_empty() {
-        return Err(RequestError::bad_request(format!(
+        return Err(ControllerError::invalid(format!(
             "{endpoint} needs a JSON body, and the request had none"
         )));
     }
     serde_json::from_slice(body)
-        .map_err(|e| RequestError::bad_request(format!("invalid JSON body for {endpoint}: {e}")))
+        .map_err(|e| ControllerError::invalid(format!("invalid JSON body for {endpoint}: {e}")))
 }
 
 impl Api {
@@ -66,7 +80,7 @@ impl Api {
             Ok(Ok(Response::Snapshot(info))) => Json(info).into_response(),
             Ok(Ok(Response::Migration(status))) => Json(*status).into_response(),
             Ok(Ok(Response::Done)) => StatusCode::NO_CONTENT.into_response(),
-            Ok(Err(e)) => error(e.status, e.message),
+            Ok(Err(e)) => controller_error(e),
             Err(_) => error(503, "the VMM is shutting down"),
         }
     }
@@ -79,7 +93,7 @@ impl Api {
     ) -> HttpResponse {
         match parse_body::<T>(endpoint, body) {
             Ok(v) => self.call(make(v)).await,
-            Err(e) => error(e.status, e.message),
+            Err(e) => controller_error(e),
         }
     }
 }
@@ -194,7 +208,7 @@ fn router(api: Api) -> Router {
                             r
                         }
                     }
-                    Err(e) => error(e.status, e.message),
+                    Err(e) => controller_error(e),
                 }
             }),
         )
@@ -208,7 +222,7 @@ fn router(api: Api) -> Router {
                         })
                         .await
                     }
-                    Err(e) => error(e.status, e.message),
+                    Err(e) => controller_error(e),
                 }
             }),
         )
@@ -352,26 +366,17 @@ mod tests {
     #[test]
     fn body_errors_name_the_endpoint_and_the_problem() {
         let e = parse_body::<VmConfig>("PUT /vm/config", b"{\"kernel\": 3").unwrap_err();
-        assert_eq!(e.status, 400);
+        assert_eq!(http_status(&e), 400);
         assert!(
-            e.message
+            e.to_string()
                 .starts_with("invalid JSON body for PUT /vm/config: "),
-            "{}",
-            e.message
+            "{e}"
         );
         let e = parse_body::<VmConfig>("PUT /vm/config", b"").unwrap_err();
-        assert!(e.message.contains("needs a JSON body"), "{}", e.message);
+        assert!(e.to_string().contains("needs a JSON body"), "{e}");
         let e = parse_body::<StopRequest>("PUT /vm/stop", b"{\"timeout\": 5}").unwrap_err();
-        assert!(
-            e.message.contains("unknown field `timeout`"),
-            "{}",
-            e.message
-        );
+        assert!(e.to_string().contains("unknown field `timeout`"), "{e}");
         let e = parse_body::<StopRequest>("PUT /vm/stop", b"{\"timeout_ms\": -1}").unwrap_err();
-        assert!(
-            e.message.contains("invalid value: integer `-1`"),
-            "{}",
-            e.message
-        );
+        assert!(e.to_string().contains("invalid value: integer `-1`"), "{e}");
     }
 }

@@ -7,7 +7,6 @@ pub mod api_server;
 pub mod boot;
 pub mod config;
 pub mod controller;
-pub mod devices;
 pub mod heartbeat;
 pub mod lifecycle;
 pub mod machine;
@@ -16,6 +15,9 @@ pub mod migration;
 pub mod prefault;
 pub mod snapshot;
 pub mod vstate;
+
+/// The device models (their own crate, with no KVM dependency).
+pub use ray_devices as devices;
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -105,9 +107,9 @@ fn spawn_stdin_thread(inbox: mpsc::Sender<Message>) {
             let stdin = std::io::stdin();
             let mut line = Vec::new();
             while stdin.lock().read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-                let reply = Box::new(|r: Result<_, controller::RequestError>| {
+                let reply = Box::new(|r: Result<_, controller::ControllerError>| {
                     if let Err(e) = r {
-                        eprintln!("ray vmm: console input dropped: {}", e.message);
+                        eprintln!("ray vmm: console input dropped: {}", e);
                     }
                 });
                 let data = std::mem::take(&mut line);
@@ -140,7 +142,7 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
             Some(_) => ctl.configure_incoming(cfg).map(|_| Response::Done),
             None => ctl.handle(Request::Configure(cfg), &rx),
         };
-        configured.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        configured.map_err(|e| anyhow::anyhow!("{}", e))?;
     }
     let mut server = api_server::ApiServer::start(
         &ctl.paths.socket(),
@@ -162,7 +164,7 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
         drop(rx);
         server.stop();
         let _ = std::fs::remove_file(ctl.paths.socket());
-        anyhow::bail!("{}", e.message);
+        anyhow::bail!("{}", e);
     }
     if opts.attach {
         spawn_stdin_thread(tx.clone());

@@ -8,7 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootSpec};
 use crate::devices::console::ConsoleState;
 use crate::devices::{Console, ConsoleRing, IoBus};
-use crate::memory::GuestMem;
+use crate::memory::MemoryManager;
 use crate::vstate::persist::{self, Persist, PersistError, VcpuState, VmKvmState};
 use crate::vstate::vcpu::{self, EventSink, Vcpus};
 use crate::vstate::vm::Vm;
@@ -77,12 +77,12 @@ impl Machine {
         events: EventSink,
     ) -> Result<Machine, BuildError> {
         let regions = boot::layout::ram_regions(spec.mem_bytes);
-        let memory = crate::memory::create(&regions)?;
+        let memory = MemoryManager::create(&regions)?;
         let vm = Vm::new(memory, flavour)?;
-        let image = boot::load(&vm.memory, spec)?;
+        let image = boot::load(vm.memory.ram(), spec)?;
         if image.direct_smp {
             // A rayvisor guest (its ELF note): its heartbeat page is in place.
-            crate::heartbeat::announce_features(&vm.memory).map_err(BuildError::Features)?;
+            crate::heartbeat::announce_features(vm.memory.ram()).map_err(BuildError::Features)?;
         }
 
         let console = Console::new(serial_irq(&vm)?, sinks.log, sinks.stdout, sinks.ring);
@@ -119,7 +119,7 @@ impl Machine {
         Ok(MachineState {
             flavour: self.vm.flavour.name().to_string(),
             vcpus,
-            vm: self.vm.fd.save_state()?,
+            vm: persist::KvmVm(&self.vm.fd).save_state()?,
             console: self
                 .bus
                 .lock_console()
@@ -131,7 +131,7 @@ impl Machine {
     /// Rebuilds a machine from `state` over `memory` (already holding the guest's pages)
     /// and starts it. The state is untrusted: the flavour must match and KVM checks the rest.
     pub fn restore(
-        memory: GuestMem,
+        memory: MemoryManager,
         state: &MachineState,
         flavour: Flavour,
         sinks: ConsoleSinks,
@@ -147,7 +147,7 @@ impl Machine {
     /// it while pages arrive: creating it writes no guest memory, and takes ~1 ms of KVM
     /// work that would otherwise fall into the downtime).
     pub fn restore_on(
-        mut vm: Vm,
+        vm: Vm,
         state: &MachineState,
         sinks: ConsoleSinks,
         events: EventSink,
@@ -167,7 +167,7 @@ impl Machine {
                 ray_guest_abi::MAX_CPUS
             )));
         }
-        vm.fd.restore_state(&state.vm)?;
+        persist::KvmVm(&vm.fd).restore_state(&state.vm)?;
         let console = Console::from_state(
             &state.console,
             serial_irq(&vm)?,

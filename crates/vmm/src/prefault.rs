@@ -156,9 +156,13 @@ mod tests {
     fn populates_every_page_and_keeps_contents() {
         use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
         let len = CHUNK + (2 << 20);
-        let mem =
-            crate::memory::create(&[(GuestAddress(0), len), (GuestAddress(1 << 32), 1 << 20)])
-                .unwrap();
+        let mem = crate::memory::MemoryManager::create(&[
+            (GuestAddress(0), len),
+            (GuestAddress(1 << 32), 1 << 20),
+        ])
+        .unwrap()
+        .ram()
+        .clone();
         mem.write_slice(b"kept", GuestAddress(4096 * 3)).unwrap();
         let hosts: Vec<_> = mem
             .iter()
@@ -181,7 +185,10 @@ mod tests {
 
     #[test]
     fn a_stop_ends_it_between_chunks() {
-        let mem = crate::memory::create(&[(GuestAddress(0), 2 * CHUNK)]).unwrap();
+        let mem = crate::memory::MemoryManager::create(&[(GuestAddress(0), 2 * CHUNK)])
+            .unwrap()
+            .ram()
+            .clone();
         let p = Prefault::new(2 * CHUNK as u64);
         p.stop();
         populate_all(&mem, &p).unwrap();

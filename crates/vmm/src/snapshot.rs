@@ -13,17 +13,20 @@
 //!   cost independent of RAM size), incremental snapshots above it are written over it.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use ray_api::vmm::{BrokenSnapshot, SnapshotEntry, SnapshotList, SnapshotProgress, VmConfig};
+use ray_api::vmm::{
+    BrokenSnapshot, SnapshotEntry, SnapshotKindName, SnapshotList, SnapshotProgress,
+    SnapshotStateName, VmConfig,
+};
+use ray_memory::{DirtyBitmap, GuestMemory};
 use ray_snapshot::{
-    CreateOptions, DirtyBitmap, Manifest, MemoryLayout, MemorySource, NewSnapshot, RestorePlan,
-    SnapshotStore, StoreError, TreeNode,
+    CreateOptions, Manifest, NewSnapshot, RestorePlan, SnapshotStore, StoreError, TreeNode,
 };
 use vm_memory::GuestAddress;
 
 use crate::machine::MachineState;
-use crate::memory::GuestMem;
+use crate::memory::MemoryManager;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -40,7 +43,7 @@ pub enum SnapshotError {
 #[derive(Default)]
 pub struct Meter {
     active: AtomicBool,
-    done: AtomicU64,
+    done: Arc<AtomicU64>,
     total: AtomicU64,
     id: Mutex<Option<String>>,
 }
@@ -69,90 +72,6 @@ impl Meter {
             done_bytes: self.done.load(Ordering::Relaxed),
             total_bytes: self.total.load(Ordering::Relaxed),
         }
-    }
-}
-
-/// Guest memory as the store reads it: ranges outside `extents` (memory the guest never
-/// touched) read as zeros without touching the mapping, which would allocate them.
-struct VmMemory<'a> {
-    slices: Vec<(u64, &'a [u8])>,
-    /// Sorted, disjoint `(gpa, len)` ranges that may hold data.
-    extents: Vec<(u64, u64)>,
-    meter: &'a Meter,
-}
-
-impl VmMemory<'_> {
-    /// The extents overlapping `gpa..gpa + len`, clipped to it.
-    fn data_in(&self, gpa: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let end = gpa + len;
-        let first = self.extents.partition_point(|(g, l)| g + l <= gpa);
-        self.extents[first..]
-            .iter()
-            .take_while(move |(g, _)| *g < end)
-            .map(move |(g, l)| {
-                let s = (*g).max(gpa);
-                (s, (g + l).min(end) - s)
-            })
-    }
-}
-
-impl MemorySource for VmMemory<'_> {
-    fn layout(&self) -> MemoryLayout {
-        MemoryLayout {
-            regions: self
-                .slices
-                .iter()
-                .map(|(gpa, s)| ray_snapshot::memory::Region {
-                    gpa: *gpa,
-                    len: s.len() as u64,
-                })
-                .collect(),
-        }
-    }
-
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let len = buf.len() as u64;
-        let (start, slice) = self
-            .slices
-            .iter()
-            .find(|(start, s)| *start <= gpa && gpa + len <= start + s.len() as u64)
-            .ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("{len} bytes at {gpa:#x} are not inside one memory region"),
-                )
-            })?;
-        buf.fill(0);
-        for (g, l) in self.data_in(gpa, len) {
-            let (src, dst) = ((g - start) as usize, (g - gpa) as usize);
-            buf[dst..dst + l as usize].copy_from_slice(&slice[src..src + l as usize]);
-        }
-        self.meter.done.fetch_add(len, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Chunks that lie wholly in one data extent are lent from the mapping: no copy.
-    fn borrow(&self, gpa: u64, len: u64) -> Option<&[u8]> {
-        let mut data = self.data_in(gpa, len);
-        match (data.next(), data.next()) {
-            (Some((g, l)), None) if g == gpa && l == len => {}
-            _ => return None,
-        }
-        let (start, slice) = self
-            .slices
-            .iter()
-            .find(|(start, s)| *start <= gpa && gpa + len <= start + s.len() as u64)?;
-        let from = (gpa - start) as usize;
-        self.meter.done.fetch_add(len, Ordering::Relaxed);
-        slice.get(from..from + len as usize)
-    }
-
-    fn known_zero(&self, gpa: u64, len: u64) -> bool {
-        let zero = self.data_in(gpa, len).next().is_none();
-        if zero {
-            self.meter.done.fetch_add(len, Ordering::Relaxed);
-        }
-        zero
     }
 }
 
@@ -189,23 +108,20 @@ pub struct NewSnapshotSpec<'a> {
     pub max_snapshots: usize,
 }
 
-/// Writes a snapshot of a paused machine.
+/// Writes a snapshot of a paused machine: its state (`MachineState` as JSON) and memory.
 pub fn create(
     spec: &NewSnapshotSpec,
-    state: &MachineState,
-    mem: &GuestMem,
+    payload: &[u8],
+    mem: &MemoryManager,
     meter: &Meter,
 ) -> Result<Manifest, SnapshotError> {
     let (store_dir, id) = split_path(spec.path)?;
-    let store = SnapshotStore::open(&store_dir)?.with_max_per_vm(spec.max_snapshots);
-    let payload = serde_json::to_vec(state).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
-    // SAFETY: the VM is paused while its snapshot is written: nothing writes its memory.
-    let slices = unsafe { crate::memory::host_slices(mem) };
-    let source = VmMemory {
-        slices,
-        extents: crate::memory::data_extents(mem),
-        meter,
-    };
+    let store = SnapshotStore::open(&store_dir)?
+        .with_max_per_vm(spec.max_snapshots)
+        .with_progress(meter.done.clone());
+    // The VM is paused: the memfd's holes are memory the guest never touched, which the
+    // store skips without reading (and so without allocating it).
+    mem.track_zero_pages();
     let meta = NewSnapshot {
         id: id.clone(),
         vm_id: spec.vm_id.to_string(),
@@ -218,14 +134,14 @@ pub fn create(
     };
     let total = match spec.parent {
         Some((_, dirty)) => dirty.count() * ray_snapshot::PAGE_SIZE,
-        None => source.layout().total_bytes(),
+        None => mem.layout().total_bytes(),
     };
     meter.begin(&id, total);
     let result = match spec.parent {
         Some((parent, dirty)) => {
-            store.create_incremental(parent, &meta, &payload, &source, dirty, &opts)
+            store.create_incremental(parent, &meta, payload, mem, dirty, &opts)
         }
-        None => store.create_full(&meta, &payload, &source, &opts),
+        None => store.create_full(&meta, payload, mem, &opts),
     };
     meter.end();
     Ok(result?)
@@ -289,7 +205,7 @@ pub fn load(path: &Path, compat: &str) -> Result<Loaded, SnapshotError> {
 /// compressed, decompressed into new memory), the incremental ones written over it.
 /// `verify` checks the mapped base against its checksums (a read of its data); page sets
 /// are always checked as they are read.
-pub fn memory(loaded: &Loaded, verify: bool) -> Result<GuestMem, SnapshotError> {
+pub fn memory(loaded: &Loaded, verify: bool) -> Result<MemoryManager, SnapshotError> {
     let regions: Vec<(GuestAddress, usize)> = loaded
         .plan
         .layout
@@ -300,24 +216,18 @@ pub fn memory(loaded: &Loaded, verify: bool) -> Result<GuestMem, SnapshotError> 
     let plan = &loaded.plan;
     match plan.mappable_memory() {
         Some(path) => {
-            let mem = crate::memory::from_file(&regions, path)?;
+            let mem = MemoryManager::from_file(&regions, path)?;
             if verify {
-                // SAFETY: the VM does not exist yet: nothing writes this memory.
-                let slices = unsafe { crate::memory::host_slices(&mem) };
-                plan.verify_mapped_base(&slices)?;
+                plan.verify_mapped_base(&mem)?;
             }
             if !plan.overlays.is_empty() {
-                // SAFETY: as above, and these are the only slices of `mem` alive.
-                let mut slices = unsafe { crate::memory::host_slices_mut(&mem) };
-                plan.apply_overlays(&mut slices)?;
+                plan.apply_overlays(&mem)?;
             }
             Ok(mem)
         }
         None => {
-            let mem = crate::memory::create(&regions)?;
-            // SAFETY: as above.
-            let mut slices = unsafe { crate::memory::host_slices_mut(&mem) };
-            plan.materialize(&mut slices)?;
+            let mem = MemoryManager::create(&regions)?;
+            plan.materialize(&mem)?;
             Ok(mem)
         }
     }
@@ -351,18 +261,27 @@ pub fn cpu_fingerprint(kvm: &kvm_ioctls::Kvm) -> String {
     format!("{:08x}", h.finalize())
 }
 
-fn kind_name(kind: ray_snapshot::Kind) -> &'static str {
+/// A snapshot's kind as the API names it.
+pub fn api_kind(kind: ray_snapshot::Kind) -> SnapshotKindName {
     match kind {
-        ray_snapshot::Kind::Full => "full",
-        ray_snapshot::Kind::Incremental => "incremental",
+        ray_snapshot::Kind::Full => SnapshotKindName::Full,
+        ray_snapshot::Kind::Incremental => SnapshotKindName::Incremental,
     }
 }
 
-fn state_name(state: ray_snapshot::SnapshotState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("{state:?}"))
+fn api_state(state: ray_snapshot::SnapshotState) -> SnapshotStateName {
+    use ray_snapshot::SnapshotState as S;
+    match state {
+        S::Idle => SnapshotStateName::Idle,
+        S::Creating => SnapshotStateName::Creating,
+        S::Verifying => SnapshotStateName::Verifying,
+        S::Ready => SnapshotStateName::Ready,
+        S::Restoring => SnapshotStateName::Restoring,
+        S::RestoreVerify => SnapshotStateName::RestoreVerify,
+        S::RestoreComplete => SnapshotStateName::RestoreComplete,
+        S::Archived => SnapshotStateName::Archived,
+        S::Error => SnapshotStateName::Error,
+    }
 }
 
 /// The API's entry for a snapshot `depth` links below the root of its chain.
@@ -372,8 +291,8 @@ pub fn entry(n: &TreeNode, depth: u32) -> SnapshotEntry {
         parent: n.parent.clone(),
         depth,
         vm_id: n.vm_id.clone(),
-        kind: kind_name(n.kind).into(),
-        state: state_name(n.state),
+        kind: api_kind(n.kind),
+        state: api_state(n.state),
         created_ms: n.created_ms,
         memory_bytes: n.memory_bytes,
         stored_pages: n.dirty_pages,
@@ -443,50 +362,53 @@ mod tests {
     use super::*;
 
     #[test]
-    fn untouched_memory_reads_as_zero_without_being_touched() {
+    fn untouched_memory_is_known_zero_and_a_full_snapshot_never_touches_it() {
         let regions = [
             (GuestAddress(0), 8 << 20),
             (GuestAddress(16 << 20), 4 << 20),
         ];
-        let mem = crate::memory::create(&regions).unwrap();
-        mem.write_obj(0x1111_u64, GuestAddress(0x3000)).unwrap();
-        mem.write_obj(0x2222_u64, GuestAddress((16 << 20) + 0x5008))
+        let mem = MemoryManager::create(&regions).unwrap();
+        mem.ram()
+            .write_obj(0x1111_u64, GuestAddress(0x3000))
             .unwrap();
-        let meter = Meter::default();
-        // SAFETY: nothing else uses the memory.
-        let slices = unsafe { crate::memory::host_slices(&mem) };
-        let src = VmMemory {
-            slices,
-            extents: crate::memory::data_extents(&mem),
-            meter: &meter,
+        mem.ram()
+            .write_obj(0x2222_u64, GuestAddress((16 << 20) + 0x5008))
+            .unwrap();
+        mem.track_zero_pages();
+        assert!(mem.known_zero(4 << 20, 4 << 20));
+        assert!(!mem.known_zero(0, 4 << 20));
+        assert!(!mem.known_zero((16 << 20) + 0x5000, 4096));
+        let dir = std::env::temp_dir().join(format!("ray-vmm-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = VmConfig {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            memory_bytes: 12 << 20,
         };
-        assert!(src.known_zero(4 << 20, 4 << 20));
-        assert!(!src.known_zero(0, 4 << 20));
-        let mut buf = vec![0xffu8; 8192];
-        src.read(0x2000, &mut buf).unwrap();
+        let spec = NewSnapshotSpec {
+            path: &dir.join("s1"),
+            vm_id: "t",
+            config: &config,
+            compat: "test".into(),
+            parent: None,
+            compress: false,
+            max_snapshots: 4,
+        };
+        let meter = Meter::default();
+        let manifest = create(&spec, b"{}", &mem, &meter).unwrap();
+        assert_eq!(manifest.memory_bytes, 12 << 20);
         assert_eq!(
-            u64::from_le_bytes(buf[4096..4104].try_into().unwrap()),
-            0x1111
+            meter.get().done_bytes,
+            12 << 20,
+            "progress covers all of memory"
         );
-        assert!(buf[..4096].iter().all(|b| *b == 0));
-        src.read((16 << 20) + 0x5000, &mut buf[..4096]).unwrap();
-        assert_eq!(u64::from_le_bytes(buf[8..16].try_into().unwrap()), 0x2222);
-        assert!(
-            src.read((8 << 20) - 4096, &mut buf).is_err(),
-            "crosses a region"
-        );
-        // Only ranges wholly inside data are lent without a copy.
-        let page = src.borrow(0x3000, 4096).expect("a touched page is lent");
-        assert_eq!(u64::from_le_bytes(page[..8].try_into().unwrap()), 0x1111);
-        assert!(
-            src.borrow(0x2000, 8192).is_none(),
-            "part hole: read, not lent"
-        );
-        assert!(src.borrow(4 << 20, 4096).is_none(), "hole: never lent");
-        // Reading never allocated the untouched pages.
-        let extents = crate::memory::data_extents(&mem);
-        let allocated: u64 = extents.iter().map(|e| e.1).sum();
-        assert!(allocated <= 64 << 10, "{extents:x?}");
+        // Writing the snapshot never allocated the untouched pages.
+        let allocated: u64 = mem.data_extents().iter().map(|e| e.1).sum();
+        assert!(allocated <= 64 << 10, "{:x?}", mem.data_extents());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -399,7 +399,10 @@ mod tests {
 
     #[test]
     fn the_tables_in_guest_memory_chain_from_the_rsdp() {
-        let mem = crate::memory::create(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let mem = crate::memory::MemoryManager::create(&[(GuestAddress(0), 32 << 20)])
+            .unwrap()
+            .ram()
+            .clone();
         let rsdp_addr = write_acpi_tables(&mem, 2).unwrap();
         assert_eq!(rsdp_addr, GuestAddress(0xe0000));
         let mut r = [0u8; 36];

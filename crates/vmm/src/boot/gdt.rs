@@ -155,7 +155,10 @@ mod tests {
 
     #[test]
     fn the_gdt_lands_at_its_address() {
-        let mem = crate::memory::create(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let mem = crate::memory::MemoryManager::create(&[(GuestAddress(0), 32 << 20)])
+            .unwrap()
+            .ram()
+            .clone();
         write_gdt(&mem).unwrap();
         let code: u64 = mem
             .read_obj(GuestAddress(GDT + u64::from(CODE_SELECTOR)))

@@ -327,7 +327,10 @@ pub mod tests {
 
     #[test]
     fn elf_segment_lands_at_its_paddr_and_entry_is_returned() {
-        let mem = crate::memory::create(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let mem = crate::memory::MemoryManager::create(&[(GuestAddress(0), 32 << 20)])
+            .unwrap()
+            .ram()
+            .clone();
         let path = temp("elf", &tiny_elf(0x20_0000, b"RAYVISOR", 0x1000));
         let info = inspect(&path).unwrap();
         check_fits(&path, &info, 32 << 20).unwrap();
@@ -344,7 +347,10 @@ pub mod tests {
 
     #[test]
     fn the_direct_smp_note_is_reported() {
-        let mem = crate::memory::create(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let mem = crate::memory::MemoryManager::create(&[(GuestAddress(0), 32 << 20)])
+            .unwrap()
+            .ram()
+            .clone();
         let path = temp("noted", &noted_elf(0x20_0000, NOTE_NAME, NOTE_DIRECT_SMP));
         let info = inspect(&path).unwrap();
         assert!(load_kernel(&mem, &path, &info).unwrap().direct_smp);
@@ -366,7 +372,10 @@ pub mod tests {
 
     #[test]
     fn bzimage_is_loaded_at_1_mib_and_entered_at_plus_0x200() {
-        let mem = crate::memory::create(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mem = crate::memory::MemoryManager::create(&[(GuestAddress(0), 64 << 20)])
+            .unwrap()
+            .ram()
+            .clone();
         let path = temp("bz", &tiny_bzimage(b"COMPRESSED-KERNEL", 1, 0x7fff_ffff));
         let info = inspect(&path).unwrap();
         assert_eq!(info.kind, KernelKind::BzImage);
@@ -435,7 +444,10 @@ pub mod tests {
 
     #[test]
     fn cmdline_is_written_nul_terminated() {
-        let mem = crate::memory::create(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let mem = crate::memory::MemoryManager::create(&[(GuestAddress(0), 32 << 20)])
+            .unwrap()
+            .ram()
+            .clone();
         assert_eq!(write_cmdline(&mem, "console=ttyS0").unwrap(), 13);
         let mut got = [0xffu8; 14];
         mem.read_slice(&mut got, GuestAddress(CMDLINE)).unwrap();
@@ -444,7 +456,10 @@ pub mod tests {
 
     #[test]
     fn initrd_goes_to_the_top_of_low_ram_page_aligned() {
-        let mem = crate::memory::create(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mem = crate::memory::MemoryManager::create(&[(GuestAddress(0), 64 << 20)])
+            .unwrap()
+            .ram()
+            .clone();
         let path = temp("initrd", &[7u8; 5000]);
         let (addr, size) = load_initrd(&mem, &path, 64 << 20, 0x20_0000, u64::MAX).unwrap();
         assert_eq!((addr, size), ((64 << 20) - 8192, 5000));

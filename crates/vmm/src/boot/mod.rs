@@ -199,7 +199,10 @@ mod tests {
     #[test]
     fn an_elf_boots_with_everything_in_place() {
         let mem_bytes = 64 << 20;
-        let mem = crate::memory::create(&layout::ram_regions(mem_bytes)).unwrap();
+        let mem = crate::memory::MemoryManager::create(&layout::ram_regions(mem_bytes))
+            .unwrap()
+            .ram()
+            .clone();
         let kernel = temp("boot-elf", &tiny_elf(0x10_0000, b"RAYVISOR", 0x2000));
         let initrd = temp("boot-initrd", &[0x5a; 10_000]);
         let s = spec(&kernel, Some(&initrd), mem_bytes);
@@ -238,7 +241,10 @@ mod tests {
     #[test]
     fn a_bzimage_keeps_its_header_in_the_zero_page() {
         let mem_bytes = 64 << 20;
-        let mem = crate::memory::create(&layout::ram_regions(mem_bytes)).unwrap();
+        let mem = crate::memory::MemoryManager::create(&layout::ram_regions(mem_bytes))
+            .unwrap()
+            .ram()
+            .clone();
         // initrd_addr_max 32 MiB - 1: the initrd must stay below 32 MiB, not go to 64.
         let kernel = temp("boot-bz", &tiny_bzimage(b"PAYLOAD", 1, 0x1ff_ffff));
         let initrd = temp("boot-bz-initrd", &[1; 4096]);
@@ -302,7 +308,10 @@ mod tests {
             return;
         };
         let mem_bytes = 256 << 20;
-        let mem = crate::memory::create(&layout::ram_regions(mem_bytes)).unwrap();
+        let mem = crate::memory::MemoryManager::create(&layout::ram_regions(mem_bytes))
+            .unwrap()
+            .ram()
+            .clone();
         let mut s = spec(Path::new(&path), None, mem_bytes);
         s.vcpus = 4;
         let image = load(&mem, &s).unwrap();

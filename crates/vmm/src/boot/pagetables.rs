@@ -77,7 +77,10 @@ mod tests {
 
     #[test]
     fn the_first_4_gib_are_identity_mapped_user_writable_at_every_level() {
-        let mem = crate::memory::create(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let mem = crate::memory::MemoryManager::create(&[(GuestAddress(0), 32 << 20)])
+            .unwrap()
+            .ram()
+            .clone();
         write_page_tables(&mem).unwrap();
         for va in [
             0u64,
@@ -104,7 +107,10 @@ mod tests {
             0,
             "PVM reads CR3 bit 12 as the user-page-table flag"
         );
-        let mem = crate::memory::create(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let mem = crate::memory::MemoryManager::create(&[(GuestAddress(0), 32 << 20)])
+            .unwrap()
+            .ram()
+            .clone();
         mem.write_obj(0xdead_b007u64, GuestAddress(PML4 + 8 * 300))
             .unwrap();
         mem.write_obj(0xdead_b007u64, GuestAddress(PDPT + 8 * 7))

@@ -81,7 +81,10 @@ mod tests {
 
     #[test]
     fn fields_land_at_their_boot_protocol_offsets() {
-        let mem = crate::memory::create(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mem = crate::memory::MemoryManager::create(&[(GuestAddress(0), 64 << 20)])
+            .unwrap()
+            .ram()
+            .clone();
         let map = e820(64 << 20);
         let params = build(&ZeroPage {
             header: None,

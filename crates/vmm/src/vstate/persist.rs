@@ -14,18 +14,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
-/// One component's share of a snapshot or a migration: its state, saved while the VM is
-/// paused, and put back into a newly built component of the same kind. Every component
-/// with state implements it — vCPUs ([`KvmVcpu`]), the VM ([`VmFd`]: irqchips, PIT,
-/// kvmclock), devices (`devices::Console`) — and `Machine` composes them; guest memory
-/// is the snapshot store's and the migration stream's business.
-pub trait Persist {
-    type State: Serialize + serde::de::DeserializeOwned;
-    type Error;
-    fn save_state(&self) -> Result<Self::State, Self::Error>;
-    /// `state` is untrusted input: a refusal names what was wrong.
-    fn restore_state(&mut self, state: &Self::State) -> Result<(), Self::Error>;
-}
+pub use ray_devices::Persist;
 
 /// A vCPU as the persist layer sees it: its fd, its index, and the MSRs to save.
 pub struct KvmVcpu<'a> {
@@ -47,16 +36,19 @@ impl Persist for KvmVcpu<'_> {
     }
 }
 
-impl Persist for VmFd {
+/// The VM's own KVM state (irqchips, PIT, kvmclock) as the persist layer sees it.
+pub struct KvmVm<'a>(pub &'a VmFd);
+
+impl Persist for KvmVm<'_> {
     type State = VmKvmState;
     type Error = PersistError;
 
     fn save_state(&self) -> Result<VmKvmState, PersistError> {
-        save_vm(self)
+        save_vm(self.0)
     }
 
     fn restore_state(&mut self, state: &VmKvmState) -> Result<(), PersistError> {
-        restore_vm(self, state)
+        restore_vm(self.0, state)
     }
 }
 

@@ -3,11 +3,11 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use ray_memory::{ConsumerId, DirtyBitmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Flavour;
-use crate::memory::GuestMem;
+use crate::memory::{KvmDirtyLog, MemoryManager};
 
 /// Where KVM may put its three-page TSS on VMX (inside the MMIO hole, below the IOAPIC).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -42,6 +42,8 @@ pub enum VmError {
         slot: u32,
         source: kvm_ioctls::Error,
     },
+    #[error("dirty log: {0}")]
+    Dirty(String),
 }
 
 /// One KVM VM with its memory registered.
@@ -49,25 +51,40 @@ pub struct Vm {
     pub kvm: Kvm,
     pub fd: VmFd,
     pub flavour: Flavour,
-    pub memory: GuestMem,
+    pub memory: MemoryManager,
     slots: u32,
     dirty_logging: bool,
 }
 
+/// KVM's dirty log of this VM's slots, as the memory manager reads it.
+struct SlotLog<'a>(&'a VmFd);
+
+impl KvmDirtyLog for SlotLog<'_> {
+    fn read_slot(&self, slot: u32, bytes: u64) -> Result<Vec<u64>, String> {
+        self.0
+            .get_dirty_log(slot, bytes as usize)
+            .map_err(|source| VmError::DirtyLog { slot, source }.to_string())
+    }
+}
+
 impl Vm {
     /// Creates the VM, registers `memory` and creates the in-kernel irqchip and PIT.
-    pub fn new(memory: GuestMem, flavour: Flavour) -> Result<Self, VmError> {
+    pub fn new(memory: MemoryManager, flavour: Flavour) -> Result<Self, VmError> {
         Self::create(memory, flavour, false)
     }
 
     /// `new` with dirty-page logging on from the start: registering the slots with it costs
     /// nothing, while turning it on later is a memory-slot update KVM makes every running
     /// vCPU wait for (milliseconds on PVM).
-    pub fn with_dirty_logging(memory: GuestMem, flavour: Flavour) -> Result<Self, VmError> {
+    pub fn with_dirty_logging(memory: MemoryManager, flavour: Flavour) -> Result<Self, VmError> {
         Self::create(memory, flavour, true)
     }
 
-    fn create(memory: GuestMem, flavour: Flavour, dirty_logging: bool) -> Result<Self, VmError> {
+    fn create(
+        memory: MemoryManager,
+        flavour: Flavour,
+        dirty_logging: bool,
+    ) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let version = kvm.get_api_version();
         if version != 12 {
@@ -111,27 +128,24 @@ impl Vm {
         } else {
             0
         };
-        for region in self.memory.iter() {
-            let host = region
-                .get_host_address(MemoryRegionAddress(0))
-                .expect("offset 0 lies inside every mapped region");
+        for (gpa, host, size) in self.memory.slots() {
             let slot = kvm_userspace_memory_region {
                 slot: self.slots,
                 flags,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
+                guest_phys_addr: gpa,
+                memory_size: size,
+                userspace_addr: host,
             };
             // SAFETY: the region is a live mapping owned by `self.memory`, which lives as
             // long as the VM fd (both are fields of `self`, and the fd is dropped first
             // only when the whole Vm is dropped), and slots never overlap: the regions of a
-            // GuestMemoryMmap are disjoint. Registering an existing slot again with the same
+            // layout are disjoint. Registering an existing slot again with the same
             // address and size only changes its flags.
             unsafe { self.fd.set_user_memory_region(slot) }.map_err(|source| {
                 VmError::MemorySlot {
                     slot: self.slots,
-                    gpa: region.start_addr().0,
-                    size: region.len(),
+                    gpa,
+                    size,
                     source,
                 }
             })?;
@@ -140,10 +154,8 @@ impl Vm {
         Ok(())
     }
 
-    /// Turns KVM's dirty-page logging on or off for every slot. Turning it on also forgets
-    /// the writes the VMM made before, so the next `take_dirty_pages` reports exactly the
-    /// pages written from now on.
-    pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), VmError> {
+    /// Turns KVM's dirty-page logging of every slot on or off.
+    fn set_dirty_logging(&mut self, on: bool) -> Result<(), VmError> {
         if self.dirty_logging == on {
             return Ok(());
         }
@@ -152,44 +164,49 @@ impl Vm {
             self.dirty_logging = !on;
             return Err(e);
         }
-        if on {
-            for region in self.memory.iter() {
-                std::ops::Deref::deref(region).bitmap().reset();
-            }
-        }
         Ok(())
     }
 
+    /// Whether KVM logs dirty pages now (while any consumer of the log is registered).
     pub fn dirty_logging(&self) -> bool {
         self.dirty_logging
     }
 
-    /// The pages written since dirty logging was turned on or since the last call, one
-    /// bitmap per memory region (bit `i` of word `i / 64` = page `i`, KVM's layout): KVM's
-    /// log of guest writes ORed with the VMM's own writes. Both logs are cleared.
-    pub fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>, VmError> {
-        if !self.dirty_logging {
-            return Err(VmError::DirtyLog {
-                slot: 0,
-                source: kvm_ioctls::Error::new(libc::EINVAL),
-            });
-        }
+    /// Registers a consumer of the dirty log (turning KVM's logging on for the first): it
+    /// sees every page written from now on, plus `owed`.
+    pub fn add_dirty_consumer(
+        &mut self,
+        name: &str,
+        owed: Option<DirtyBitmap>,
+    ) -> Result<ConsumerId, VmError> {
+        self.set_dirty_logging(true)?;
         self.memory
-            .iter()
-            .enumerate()
-            .map(|(slot, region)| {
-                let slot = slot as u32;
-                let mut words = self
-                    .fd
-                    .get_dirty_log(slot, region.len() as usize)
-                    .map_err(|source| VmError::DirtyLog { slot, source })?;
-                let ours = std::ops::Deref::deref(region).bitmap().get_and_reset();
-                for (w, o) in words.iter_mut().zip(ours) {
-                    *w |= o;
-                }
-                Ok(words)
-            })
-            .collect()
+            .add_consumer(name, owed, &SlotLog(&self.fd))
+            .map_err(VmError::Dirty)
+    }
+
+    /// The pages written since consumer `id`'s previous take: KVM's log of guest writes
+    /// and the VMM's own writes, read once for every consumer.
+    pub fn take_dirty(&self, id: ConsumerId) -> Result<DirtyBitmap, VmError> {
+        self.memory
+            .take_dirty(id, &SlotLog(&self.fd))
+            .map_err(VmError::Dirty)
+    }
+
+    /// Removes a consumer, returning the pages it had not taken; the last one turns KVM's
+    /// logging off.
+    pub fn remove_dirty_consumer(
+        &mut self,
+        id: ConsumerId,
+    ) -> Result<Option<DirtyBitmap>, VmError> {
+        let left = self
+            .memory
+            .remove_consumer(id, &SlotLog(&self.fd))
+            .map_err(VmError::Dirty)?;
+        if !self.memory.dirty_log_wanted() {
+            self.set_dirty_logging(false)?;
+        }
+        Ok(left)
     }
 
     /// Connects `evt` to interrupt line `gsi`: each write to it raises the line.
@@ -207,28 +224,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dirty_log_reports_vmm_writes_once_and_only_while_on() {
+    fn dirty_log_reports_vmm_writes_to_each_consumer_only_while_one_is_registered() {
         let regions = [(GuestAddress(0), 2 << 20), (GuestAddress(4 << 20), 1 << 20)];
-        let memory = crate::memory::create(&regions).unwrap();
-        memory.write_obj(1u64, GuestAddress(0x1000)).unwrap();
+        let memory = MemoryManager::create(&regions).unwrap();
+        memory.ram().write_obj(1u64, GuestAddress(0x1000)).unwrap();
         let mut vm = Vm::new(memory, Flavour::detect()).unwrap();
-        assert!(vm.take_dirty_pages().is_err(), "logging is off");
-        vm.set_dirty_logging(true).unwrap();
+        assert!(!vm.dirty_logging());
+        let a = vm.add_dirty_consumer("a", None).unwrap();
+        assert!(vm.dirty_logging());
         // The write before logging started is forgotten.
-        let clean = vm.take_dirty_pages().unwrap();
-        assert_eq!(clean.len(), 2);
-        assert!(clean.iter().flatten().all(|w| *w == 0), "{clean:?}");
-        vm.memory.write_obj(2u64, GuestAddress(0x3008)).unwrap();
+        assert_eq!(vm.take_dirty(a).unwrap().count(), 0);
         vm.memory
+            .ram()
+            .write_obj(2u64, GuestAddress(0x3008))
+            .unwrap();
+        let b = vm.add_dirty_consumer("b", None).unwrap();
+        vm.memory
+            .ram()
             .write_obj(3u64, GuestAddress((4 << 20) + 0x41000))
             .unwrap();
-        let dirty = vm.take_dirty_pages().unwrap();
-        assert_eq!(dirty[0].len(), (2 << 20) / 4096 / 64);
-        assert_eq!(dirty[0][0], 1 << 3);
-        assert_eq!(dirty[1][1], 1 << 1, "page 0x41 of region 1");
-        let again = vm.take_dirty_pages().unwrap();
-        assert!(again.iter().flatten().all(|w| *w == 0), "the log clears");
-        vm.set_dirty_logging(false).unwrap();
+        let dirty = vm.take_dirty(a).unwrap();
+        assert_eq!(dirty.regions[0].pages(), (2 << 20) / 4096);
+        assert_eq!(dirty.regions[0].words()[0], 1 << 3);
+        assert_eq!(dirty.regions[1].words()[1], 1 << 1, "page 0x41 of region 1");
+        assert_eq!(vm.take_dirty(a).unwrap().count(), 0, "the log clears");
+        assert_eq!(
+            vm.take_dirty(b).unwrap().count(),
+            1,
+            "b: only since it joined"
+        );
+        vm.remove_dirty_consumer(a).unwrap();
+        assert!(vm.dirty_logging(), "b still needs it");
+        vm.remove_dirty_consumer(b).unwrap();
         assert!(!vm.dirty_logging());
     }
 }

@@ -1,11 +1,15 @@
-//! Device models on the port-I/O bus, and the bus that routes vCPU exits to them.
+//! rayvisor's device models, with no KVM dependency: the port-I/O bus that routes vCPU
+//! exits to them, the 16550 console, the power-off port, and [`Persist`], how each saves
+//! and restores its state. Interrupts reach KVM through eventfds the VMM connects.
 pub mod console;
 pub mod legacy;
+pub mod persist;
 
 use std::sync::Mutex;
 
 pub use console::{Console, ConsoleRing};
 pub use legacy::PowerEvent;
+pub use persist::Persist;
 
 /// COM1's first port and its register count.
 pub const COM1_BASE: u16 = 0x3f8;

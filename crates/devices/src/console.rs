@@ -128,7 +128,7 @@ impl Console {
         stdout: bool,
         ring: Arc<ConsoleRing>,
     ) -> Result<Self, String> {
-        use crate::vstate::persist::Persist;
+        use crate::persist::Persist;
         let mut console = Console::new(irq, log, stdout, ring);
         console.restore_state(state)?;
         Ok(console)
@@ -177,7 +177,7 @@ impl Console {
     }
 }
 
-impl crate::vstate::persist::Persist for Console {
+impl crate::persist::Persist for Console {
     type State = ConsoleState;
     type Error = String;
 
@@ -257,7 +257,7 @@ impl crate::vstate::persist::Persist for Console {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vstate::persist::Persist;
+    use crate::persist::Persist;
 
     fn console() -> Console {
         Console::new(

@@ -1,0 +1,573 @@
+//! The controller's half of live migration: starting one either way, carrying out the
+//! migration thread's requests on the VM, and moving the VM where the outcome says.
+use super::*;
+use ray_api::vmm::MigrationVmOutcome;
+
+impl Controller {
+    /// The operator fenced the target of a migration whose link failed after the
+    /// switch-over: the paused source copy runs again here.
+    pub(super) fn reclaim(&mut self) -> Result<MigrationStatus, ControllerError> {
+        let h = self.migration_handle()?.clone();
+        let status = h.status();
+        if status.vm != MigrationVmOutcome::PausedOwnershipUncertain
+            || self.state != VmState::MigrationSource
+        {
+            return Err(ControllerError::refused(format!(
+                "nothing to reclaim: the migration of VM '{}' left it {} (the VM is {}); reclaim is only for a source paused after the switch-over",
+                self.id, status.vm, self.state
+            )));
+        }
+        self.check(VmAction::MigrationAbort)?;
+        let m = self.machine.as_mut().ok_or_else(|| {
+            ControllerError::refused(format!("the VM is {} and has no machine", self.state))
+        })?;
+        m.throttle(0);
+        if let Some(id) = self.migration_log.take() {
+            let _ = m.vm.remove_dirty_consumer(id);
+        }
+        m.resume();
+        self.apply(
+            VmAction::MigrationAbort,
+            "migrate:reclaimed by the operator after fencing the target",
+        )?;
+        h.update(|r| r.vm = MigrationVmOutcome::Running);
+        if let Ok(json) = serde_json::to_vec_pretty(&h.status()) {
+            let _ = std::fs::write(self.paths.migration_record(), json);
+        }
+        Ok(h.status())
+    }
+
+    pub(super) fn migration_handle(&self) -> Result<&mig::Handle, ControllerError> {
+        self.migration.as_ref().ok_or_else(|| {
+            ControllerError::not_found(format!(
+                "VM '{}' has no migration; start one with PUT /vm/migration",
+                self.id
+            ))
+        })
+    }
+
+    /// Starts migrating this running VM to `req.to` on a migration thread.
+    pub(super) fn migrate_out(
+        &mut self,
+        req: MigrateRequest,
+    ) -> Result<MigrationStatus, ControllerError> {
+        self.check(VmAction::MigrateOut)?;
+        let to = ray_migration::Endpoint::parse(&req.to).map_err(ControllerError::invalid)?;
+        let key = ray_migration::read_key_file(Path::new(&req.key_file))
+            .map_err(ControllerError::invalid)?;
+        if req.max_downtime_ms == 0 {
+            return Err(ControllerError::invalid(
+                "max_downtime_ms is 0; it must be at least 1",
+            ));
+        }
+        if req.max_passes == Some(0) {
+            return Err(ControllerError::invalid(
+                "max_passes is 0; it must be at least 1",
+            ));
+        }
+        let limit = req
+            .max_concurrent
+            .unwrap_or(ray_migration::progress::DEFAULT_MAX_CONCURRENT as u32);
+        if limit == 0 {
+            return Err(ControllerError::invalid(
+                "max_concurrent is 0; it must be at least 1",
+            ));
+        }
+        let config = self
+            .config
+            .clone()
+            .ok_or_else(|| ControllerError::refused("the VM has no configuration"))?;
+        let slot =
+            mig::acquire_slot(&self.paths.runtime(), limit).map_err(ControllerError::refused)?;
+        let machine = self.machine()?;
+        let compat = mig::compat_info(
+            config.vcpus,
+            config.memory_bytes,
+            self.flavour,
+            &crate::snapshot::cpu_fingerprint(&machine.vm.kvm),
+        );
+        let mem = machine.vm.memory.clone();
+        let mut policy = ray_migration::Policy {
+            max_downtime: Duration::from_millis(req.max_downtime_ms),
+            auto_converge: req.auto_converge,
+            on_limit: match req.on_limit {
+                OnLimit::Force => ray_migration::LimitAction::ForceStopAndCopy,
+                OnLimit::Abort => ray_migration::LimitAction::Abort,
+            },
+            ..Default::default()
+        };
+        if let Some(n) = req.max_passes {
+            policy.max_passes = n;
+        }
+        if let Some(ms) = req.max_time_ms {
+            policy.max_time = Duration::from_millis(ms);
+        }
+        let handle = mig::Handle::new(MigrationRole::Source, to.to_string());
+        let mut cfg = ray_migration::SenderConfig::new(key);
+        cfg.policy = policy;
+        cfg.compress = req.compress;
+        cfg.crc_pages = !req.mac_pages;
+        cfg.recheck_memory = req.recheck_memory;
+        cfg.cancel = handle.cancel.clone();
+        cfg.progress = handle.progress.clone();
+        self.apply(VmAction::MigrateOut, &format!("api:migrate to {to}"))?;
+        self.migration = Some(handle.clone());
+        let inbox = self.vcpu_events.clone();
+        let spawned = std::thread::Builder::new()
+            .name("migration-out".into())
+            .spawn(move || {
+                let _slot = slot;
+                let result = ray_migration::connect(&to, MIGRATION_IO_TIMEOUT)
+                    .map_err(|e| {
+                        mig::SourceError::Setup(format!("cannot connect to the target {to}: {e}"))
+                    })
+                    .and_then(|stream| {
+                        let mut link = mig::Link::new(inbox.clone());
+                        ray_migration::send_migration(stream, &mem, &mut link, &compat, &cfg)
+                            .map_err(|f| mig::SourceError::Driver(Box::new(f)))
+                    });
+                let _ = inbox.send(Message::MigrationEnded(Ended::Source(result)));
+            });
+        if let Err(e) = spawned {
+            let why = format!("cannot start the migration thread: {e}");
+            self.end_migration(None, MigrationVmOutcome::Running, Some(why.clone()));
+            let _ = self.apply(VmAction::MigrationAbort, "migration:failed to start");
+            return Err(ControllerError::failed(why));
+        }
+        Ok(handle.status())
+    }
+
+    /// Target: takes the vCPUs and memory of the VM to receive. The kernel and command
+    /// line are not needed (the machine comes from the source's state) and arrive with it.
+    pub fn configure_incoming(&mut self, cfg: VmConfig) -> Result<(), ControllerError> {
+        self.check(VmAction::Configure)?;
+        config::validate_shape(&cfg, config::host_memory())
+            .map_err(|e| ControllerError::invalid(e.to_string()))?;
+        self.apply(VmAction::Configure, "migrate:configure")?;
+        self.config = Some(cfg);
+        Ok(())
+    }
+
+    /// Target: allocates memory for the configured VM, listens on `at` and waits (on a
+    /// migration thread) for one incoming migration. With `prefault`, another thread
+    /// populates all of the memory meanwhile (until the migration ends). Returns the bound
+    /// address.
+    pub fn listen_incoming(
+        &mut self,
+        at: &str,
+        key_file: &Path,
+        max_concurrent: u32,
+        prefault: bool,
+    ) -> Result<String, ControllerError> {
+        self.check(VmAction::MigrateIn)?;
+        let config = self.config.clone().ok_or_else(|| {
+            ControllerError::refused("an incoming migration needs a configuration (vCPUs, memory)")
+        })?;
+        config::validate_shape(&config, config::host_memory())
+            .map_err(|e| ControllerError::invalid(e.to_string()))?;
+        let endpoint = ray_migration::Endpoint::parse(at).map_err(ControllerError::invalid)?;
+        let key = ray_migration::read_key_file(key_file).map_err(ControllerError::invalid)?;
+        if max_concurrent == 0 {
+            return Err(ControllerError::invalid(
+                "max_concurrent is 0; it must be at least 1",
+            ));
+        }
+        let slot = mig::acquire_slot(&self.paths.runtime(), max_concurrent)
+            .map_err(ControllerError::refused)?;
+        let regions = crate::boot::layout::ram_regions(config.memory_bytes);
+        let memory = crate::memory::MemoryManager::create(&regions)
+            .map_err(|e| ControllerError::failed(e.to_string()))?;
+        let vm = Vm::with_dirty_logging(memory.clone(), self.flavour)
+            .map_err(|e| ControllerError::failed(format!("cannot create the VM: {e}")))?;
+        let kvm = kvm_ioctls::Kvm::new()
+            .map_err(|e| ControllerError::failed(format!("cannot open /dev/kvm: {e}")))?;
+        let compat = mig::compat_info(
+            config.vcpus,
+            config.memory_bytes,
+            self.flavour,
+            &crate::snapshot::cpu_fingerprint(&kvm),
+        );
+        drop(kvm);
+        let listener = ray_migration::Listener::bind(&endpoint)
+            .map_err(|e| ControllerError::invalid(e.to_string()))?;
+        let local = listener.local();
+        let handle = mig::Handle::new(MigrationRole::Target, local.clone());
+        let mut cfg = ray_migration::ReceiverConfig::new(key);
+        cfg.progress = handle.progress.clone();
+        cfg.cancel = handle.cancel.clone();
+        self.apply(VmAction::MigrateIn, &format!("migrate:listen on {local}"))?;
+        let prefault = prefault.then(|| crate::prefault::spawn(memory.ram().clone()));
+        if let Some(p) = &prefault {
+            handle.update(|r| r.prefault = Some(p.clone()));
+        }
+        memory.set_prefault(prefault);
+        // Fresh memory: zero pages into untouched memory cost nothing.
+        memory.track_fresh();
+        let mem = memory;
+        self.incoming_vm = Some(vm);
+        self.migration = Some(handle.clone());
+        let inbox = self.vcpu_events.clone();
+        std::thread::Builder::new()
+            .name("migration-in".into())
+            .spawn(move || {
+                let _slot = slot;
+                let result = listener
+                    .accept(&cfg.cancel, None, MIGRATION_IO_TIMEOUT)
+                    .map_err(|e| {
+                        mig::TargetError::Setup(format!("no migration arrived on {local}: {e}"))
+                    })
+                    .and_then(|stream| {
+                        drop(listener);
+                        let mut link = mig::Link::new(inbox.clone());
+                        ray_migration::receive_migration(stream, &mem, &mut link, &compat, &cfg)
+                            .map_err(|f| mig::TargetError::Driver(Box::new(f)))
+                    });
+                let _ = inbox.send(Message::MigrationEnded(Ended::Target(result)));
+            })
+            .map_err(|e| {
+                ControllerError::failed(format!("cannot start the migration thread: {e}"))
+            })?;
+        Ok(handle.status().peer)
+    }
+
+    /// Carries out one request of the migration thread.
+    pub fn migration_op(&mut self, op: MigrationOp) -> OpResult {
+        // `RAY_MIGRATION_TRACE=1` in the VMM's environment logs each step's duration.
+        let trace = std::env::var_os("RAY_MIGRATION_TRACE").is_some();
+        let name: String = match &op {
+            MigrationOp::RestoreState(blob) => format!("RestoreState({} bytes)", blob.len()),
+            op => format!("{op:?}").chars().take(24).collect(),
+        };
+        let t = Instant::now();
+        let r = self.migration_op_inner(op);
+        if trace {
+            eprintln!("{} {name} took {:?}", mig::unix_us(), t.elapsed());
+        }
+        r
+    }
+
+    pub(super) fn migration_op_inner(&mut self, op: MigrationOp) -> OpResult {
+        let source = matches!(
+            op,
+            MigrationOp::StartDirtyLog
+                | MigrationOp::DirtyLog
+                | MigrationOp::StopDirtyLog
+                | MigrationOp::Pause
+                | MigrationOp::Resume
+                | MigrationOp::Throttle(_)
+                | MigrationOp::SaveState
+        );
+        let want = if source {
+            VmState::MigrationSource
+        } else {
+            VmState::MigrationTarget
+        };
+        if self.state != want && !matches!(op, MigrationOp::Discard) {
+            return Err(format!("the VM is {}, not {want}", self.state));
+        }
+        let now = self.state;
+        let gone = move || format!("the VM is {now} and has no machine");
+        match op {
+            // The migration is one consumer of the dirty log among others (incremental
+            // snapshots): it takes its own pages and steals none of theirs.
+            MigrationOp::StartDirtyLog => {
+                let m = self.machine.as_mut().ok_or_else(gone)?;
+                if self.migration_log.is_none() {
+                    let id =
+                        m.vm.add_dirty_consumer("migration", None)
+                            .map_err(|e| e.to_string())?;
+                    self.migration_log = Some(id);
+                }
+                // Logging is on: a page outside the memfd's data now is either still a
+                // hole (zero) or written from now on, and then in a later dirty log.
+                m.vm.memory.track_zero_pages();
+                Ok(OpReply::Done)
+            }
+            MigrationOp::StopDirtyLog => {
+                let m = self.machine.as_mut().ok_or_else(gone)?;
+                if let Some(id) = self.migration_log.take() {
+                    m.vm.remove_dirty_consumer(id).map_err(|e| e.to_string())?;
+                }
+                Ok(OpReply::Done)
+            }
+            MigrationOp::DirtyLog => {
+                let m = self.machine.as_ref().ok_or_else(gone)?;
+                let id = self
+                    .migration_log
+                    .ok_or("dirty logging was not started for this migration")?;
+                let pages = m.vm.take_dirty(id).map_err(|e| e.to_string())?;
+                Ok(OpReply::Dirty(pages))
+            }
+            MigrationOp::Pause => {
+                // The guest's heartbeat stops when the pause begins.
+                let t = mig::unix_us();
+                self.machine.as_ref().ok_or_else(gone)?.pause();
+                if let Some(h) = &self.migration {
+                    h.update(|r| r.paused_at_unix_us = Some(t));
+                }
+                Ok(OpReply::Done)
+            }
+            MigrationOp::Resume => {
+                self.machine.as_ref().ok_or_else(gone)?.resume();
+                if let Some(h) = &self.migration {
+                    h.update(|r| r.paused_at_unix_us = None);
+                }
+                Ok(OpReply::Done)
+            }
+            MigrationOp::Throttle(p) => {
+                self.machine.as_ref().ok_or_else(gone)?.throttle(p);
+                Ok(OpReply::Done)
+            }
+            MigrationOp::SaveState => {
+                let m = self.machine.as_ref().ok_or_else(gone)?;
+                let machine = m.save().map_err(|e| e.to_string())?;
+                let state = mig::MigrationState {
+                    config: self.config.clone().ok_or("the VM has no configuration")?,
+                    uptime_ms: self.started.map_or(0, |t| t.elapsed().as_millis() as u64),
+                    machine,
+                };
+                serde_json::to_vec(&state)
+                    .map(OpReply::State)
+                    .map_err(|e| format!("cannot encode the VM state: {e}"))
+            }
+            MigrationOp::RestoreState(blob) => {
+                self.accept_incoming_state(&blob).map(|_| OpReply::Done)
+            }
+            MigrationOp::TargetResume => {
+                if mig::fault_injected("target-exit-at-switchover") {
+                    // Test hook: the target dies between the source's commit point and
+                    // its own resume; the source must not come back by itself.
+                    eprintln!("RAY_FAULT=target-exit-at-switchover: exiting");
+                    std::process::exit(86);
+                }
+                self.start_incoming()?;
+                let m = self.machine.as_ref().ok_or_else(gone)?;
+                let mem = m.vm.memory.clone();
+                // From here on the guest writes this memory: stop treating untouched pages
+                // as known zero (a later migration or snapshot learns them afresh).
+                mem.untrack_zero_pages();
+                // The guest's heartbeat as it stopped on the source: the first change
+                // after the start below is the end of the downtime the guest saw.
+                let baseline = heartbeat::sample(mem.ram()).map(|(c, _)| c);
+                let t = mig::unix_us();
+                m.resume();
+                if let Some(h) = &self.migration {
+                    h.update(|r| r.resumed_at_unix_us = Some(t));
+                    mig::watch_heartbeat(mem, baseline, h.clone());
+                }
+                // The lifecycle transition (and its audit record) follows the reply:
+                // see `finish_target_resume`.
+                Ok(OpReply::Done)
+            }
+            MigrationOp::Discard => {
+                self.stop_prefault();
+                if let Some(mut m) = self.machine.take() {
+                    m.shutdown();
+                }
+                self.incoming_vm = None;
+                self.incoming_state = None;
+                Ok(OpReply::Done)
+            }
+        }
+    }
+
+    /// Target, right after the driver learnt that the VM runs here: the lifecycle state
+    /// follows (off the downtime's critical path: the audit record goes to disk).
+    pub fn finish_target_resume(&mut self) {
+        if self.state == VmState::MigrationTarget && self.machine.is_some() {
+            let _ = self.apply(VmAction::MigrationComplete, "migrate:resumed here");
+        }
+    }
+
+    /// Target: checks the source's state blob and keeps it. The machine is built from it
+    /// only when the source relinquished the VM ([`Self::start_incoming`]): restoring vCPU
+    /// state makes KVM write guest memory (kvmclock, PVM's shared page), which must not
+    /// happen before both sides compared their memory.
+    pub(super) fn accept_incoming_state(&mut self, blob: &[u8]) -> Result<(), String> {
+        let st: mig::MigrationState = serde_json::from_slice(blob)
+            .map_err(|e| format!("the source's VM state is not valid: {e}"))?;
+        let ours = self.config.as_ref().ok_or("the VM has no configuration")?;
+        if (st.config.vcpus, st.config.memory_bytes) != (ours.vcpus, ours.memory_bytes)
+            || st.machine.vcpus.len() != usize::from(ours.vcpus)
+        {
+            return Err(format!(
+                "the source's VM state describes {} vCPUs ({} saved) and {} bytes of RAM; this VM has {} vCPUs and {} bytes",
+                st.config.vcpus,
+                st.machine.vcpus.len(),
+                st.config.memory_bytes,
+                ours.vcpus,
+                ours.memory_bytes
+            ));
+        }
+        if st.machine.flavour != self.flavour.name() {
+            return Err(format!(
+                "the source's VM state was saved on a {} host and this host is {}",
+                st.machine.flavour,
+                self.flavour.name()
+            ));
+        }
+        if self.incoming_state.is_some() || self.machine.is_some() {
+            return Err("the VM state arrived twice".into());
+        }
+        self.incoming_state = Some(Box::new(st));
+        Ok(())
+    }
+
+    /// Target, after `Switchover`: builds the machine over the received memory and starts it.
+    pub(super) fn start_incoming(&mut self) -> Result<(), String> {
+        let st = self
+            .incoming_state
+            .take()
+            .ok_or("no VM state arrived before the switch-over")?;
+        let vm = self
+            .incoming_vm
+            .take()
+            .ok_or("the incoming guest memory is gone")?;
+        let sinks = self.console_sinks().map_err(|e| e.to_string())?;
+        let inbox = self.vcpu_events.clone();
+        let events: EventSink = Arc::new(move |e| {
+            let _ = inbox.send(Message::Vcpu(e));
+        });
+        let machine =
+            Machine::restore_on(vm, &st.machine, sinks, events).map_err(|e| e.to_string())?;
+        self.machine = Some(machine);
+        self.config = Some(st.config);
+        self.started = Instant::now().checked_sub(Duration::from_millis(st.uptime_ms));
+        Ok(())
+    }
+
+    /// Target: the memory is no longer waited for (the migration ended, or the target's
+    /// memory is discarded): its prefault, if any, stops after its current step.
+    pub(super) fn stop_prefault(&self) {
+        if let Some(h) = &self.migration {
+            h.update(|r| {
+                if let Some(p) = &r.prefault {
+                    p.stop();
+                }
+            });
+        }
+    }
+
+    /// Records the end of the migration and leaves its status in the VM's directory.
+    pub(super) fn end_migration(
+        &mut self,
+        state: Option<ray_migration::SessionState>,
+        vm: MigrationVmOutcome,
+        error: Option<String>,
+    ) {
+        self.stop_prefault();
+        let Some(h) = &self.migration else { return };
+        h.update(|r| {
+            r.finished = Some(r.started.elapsed());
+            if state.is_some() {
+                r.state_override = state;
+            }
+            r.vm = vm;
+            r.error = error;
+        });
+        if let Ok(json) = serde_json::to_vec_pretty(&h.status()) {
+            let _ = std::fs::write(self.paths.migration_record(), json);
+        }
+    }
+
+    /// The migration thread ended: move the VM where the outcome says.
+    pub fn on_migration_ended(&mut self, ended: Ended) {
+        use ray_migration::{SessionState as S, SourceVmAfterFailure as After};
+        match ended {
+            Ended::Source(Ok(report)) => {
+                if let Some(h) = &self.migration {
+                    h.update(|r| {
+                        r.downtime_ms = Some(report.downtime.as_secs_f64() * 1e3);
+                        r.total_ms = Some(report.total.as_secs_f64() * 1e3);
+                        r.bulk_mib_s = report
+                            .passes
+                            .first()
+                            .map(|p| p.bandwidth_bps / (1 << 20) as f64);
+                        r.forced = report.forced;
+                        r.passes = Some(report.passes.len() as u32);
+                        r.bytes_sent = Some(report.bytes_sent);
+                    });
+                }
+                let peer = self
+                    .migration
+                    .as_ref()
+                    .map(|h| h.status().peer)
+                    .unwrap_or_default();
+                self.end_migration(Some(S::Completed), MigrationVmOutcome::Migrated, None);
+                self.terminate(
+                    VmAction::MigrationComplete,
+                    &format!("migrate:completed to {peer}"),
+                    Some(format!("migrated to {peer}")),
+                );
+            }
+            Ended::Source(Err(mig::SourceError::Setup(why))) => {
+                self.end_migration(
+                    Some(S::Failed),
+                    MigrationVmOutcome::Running,
+                    Some(why.clone()),
+                );
+                let _ = self.apply(VmAction::MigrationAbort, &format!("migrate:failed: {why}"));
+            }
+            Ended::Source(Err(mig::SourceError::Driver(f))) => {
+                let why = format!("{} (failed in {})", f.error, mig::api_state(f.failed_in));
+                match f.vm {
+                    After::Running => {
+                        self.end_migration(
+                            Some(f.session.state()),
+                            MigrationVmOutcome::Running,
+                            Some(why.clone()),
+                        );
+                        let _ = self.apply(
+                            VmAction::MigrationAbort,
+                            &format!("migrate:rolled back: {why}"),
+                        );
+                    }
+                    After::RollbackFailed => {
+                        self.end_migration(
+                            Some(f.session.state()),
+                            MigrationVmOutcome::RollbackFailed,
+                            Some(why.clone()),
+                        );
+                        let _ =
+                            self.apply(VmAction::Fail, &format!("migrate:rollback failed: {why}"));
+                        self.exit_reason = Some(format!("the migration's rollback failed: {why}"));
+                    }
+                    After::PausedOwnershipUncertain => {
+                        // The split-brain rule: the target may run the VM; stay paused.
+                        self.end_migration(
+                            Some(f.session.state()),
+                            MigrationVmOutcome::PausedOwnershipUncertain,
+                            Some(why),
+                        );
+                    }
+                }
+            }
+            Ended::Target(Ok(_)) => {
+                self.end_migration(Some(S::Completed), MigrationVmOutcome::Running, None);
+                self.incoming_vm = None;
+            }
+            Ended::Target(Err(e)) => {
+                // A failed target never ran the VM (the driver resumes it only after the
+                // last check): its copy goes.
+                let (why, state) = match e {
+                    mig::TargetError::Setup(why) => (why, S::Failed),
+                    mig::TargetError::Driver(f) => (
+                        format!("{} (failed in {})", f.error, mig::api_state(f.failed_in)),
+                        f.session.state(),
+                    ),
+                };
+                self.end_migration(
+                    Some(state),
+                    MigrationVmOutcome::Discarded,
+                    Some(why.clone()),
+                );
+                self.incoming_vm = None;
+                self.terminate(
+                    VmAction::MigrationAbort,
+                    &format!("migrate:incoming failed: {why}"),
+                    Some(format!("incoming migration failed: {why}")),
+                );
+            }
+        }
+    }
+}

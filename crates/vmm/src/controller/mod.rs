@@ -1,0 +1,482 @@
+//! The VMM thread: owns the VM's state and is the only code that changes it. The API
+//! thread and the vCPU threads talk to it through one channel of typed messages.
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ray_api::vmm::{
+    LifecycleEvent, MigrateRequest, MigrationRole, MigrationStatus, OnLimit, SnapshotInfo,
+    SnapshotKind, SnapshotRequest, VmConfig, VmInfo,
+};
+use ray_guest_abi::offset;
+use ray_memory::{ConsumerId, DirtyBitmap};
+
+use crate::devices::{ConsoleRing, PowerEvent};
+use crate::lifecycle::{guest_runs, transition, AuditTrail, TransitionError, VmAction, VmState};
+use crate::machine::{ConsoleSinks, Machine};
+use crate::migration::{self as mig, Ended, MigrationOp, OpReply, OpResult};
+use crate::vstate::vcpu::{EventSink, VcpuEvent};
+use crate::vstate::vm::Vm;
+use crate::vstate::Flavour;
+use crate::{config, heartbeat};
+
+/// A request from the API (or the CLI flags) to the VMM thread.
+#[derive(Debug)]
+pub enum Request {
+    Info,
+    Configure(VmConfig),
+    Start,
+    Pause,
+    Resume,
+    Suspend,
+    Stop { timeout: Duration },
+    Snapshot(SnapshotRequest),
+    Events,
+    ConsoleInput(Vec<u8>),
+    Migrate(MigrateRequest),
+    MigrationStatus,
+    MigrationCancel,
+    MigrationReclaim,
+}
+
+#[derive(Debug)]
+pub enum Response {
+    Info(Box<VmInfo>),
+    Snapshot(SnapshotInfo),
+    Events(Vec<LifecycleEvent>),
+    Migration(Box<MigrationStatus>),
+    Done,
+}
+
+mod migrations;
+mod snapshots;
+
+/// A refused or failed request. Only the API layer turns its kind into an HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControllerError {
+    /// The request itself is wrong (a bad value, a path that may not be used).
+    #[error("{0}")]
+    Invalid(String),
+    /// The request is fine but the VM's state (or the host's) does not allow it now.
+    #[error("{0}")]
+    Refused(String),
+    /// What the request names does not exist (no migration, no snapshot).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request was valid and allowed, and carrying it out failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ControllerError {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::Invalid(message.into())
+    }
+    pub fn refused(message: impl Into<String>) -> Self {
+        Self::Refused(message.into())
+    }
+    pub fn failed(message: impl Into<String>) -> Self {
+        Self::Failed(message.into())
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::NotFound(message.into())
+    }
+}
+
+impl From<TransitionError> for ControllerError {
+    fn from(e: TransitionError) -> Self {
+        ControllerError::refused(e.to_string())
+    }
+}
+
+pub type Reply = Box<dyn FnOnce(Result<Response, ControllerError>) + Send>;
+
+/// Everything the VMM thread reacts to.
+pub enum Message {
+    Api(Request, Reply),
+    Vcpu(VcpuEvent),
+    /// SIGINT/SIGTERM reached the process: stop at once.
+    Signal(i32),
+    /// The migration thread asks the VMM thread to act on the VM.
+    Migration(MigrationOp, std::sync::mpsc::Sender<OpResult>),
+    /// The migration thread ended.
+    MigrationEnded(Ended),
+}
+
+/// Files of one VM in the runtime directory.
+pub struct VmPaths {
+    pub dir: PathBuf,
+}
+
+impl VmPaths {
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+    pub fn serial_log(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+    pub fn events(&self) -> PathBuf {
+        self.dir.join("events.jsonl")
+    }
+    pub fn exit_record(&self) -> PathBuf {
+        self.dir.join("exit.json")
+    }
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.join("vmm.pid")
+    }
+    /// The last migration's final status, left behind when the VMM ends.
+    pub fn migration_record(&self) -> PathBuf {
+        self.dir.join("migration.json")
+    }
+    /// The runtime directory (`<runtime>/vms/<id>` → `<runtime>`).
+    pub fn runtime(&self) -> PathBuf {
+        self.dir
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(&self.dir)
+            .to_path_buf()
+    }
+}
+
+/// Read/write timeout on migration sockets: a silent peer fails the migration after it.
+const MIGRATION_IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Controller {
+    pub id: String,
+    pub paths: VmPaths,
+    pub attach: bool,
+    pub flavour: Flavour,
+    state: VmState,
+    audit: AuditTrail,
+    config: Option<VmConfig>,
+    machine: Option<Machine>,
+    started: Option<Instant>,
+    exit_reason: Option<String>,
+    pub ring: Arc<ConsoleRing>,
+    vcpu_events: Sender<Message>,
+    /// The current or last migration of this VM.
+    migration: Option<mig::Handle>,
+    /// Target: the KVM VM (memory slots registered, with dirty logging) created over the
+    /// guest memory of an incoming migration; the state goes onto it at the switch-over.
+    incoming_vm: Option<Vm>,
+    /// Target: the source's checked state, applied at the switch-over.
+    incoming_state: Option<Box<mig::MigrationState>>,
+    /// The store and id of this VM's latest snapshot: the parent of the next incremental.
+    last_snapshot: Option<(PathBuf, String)>,
+    /// The dirty-log consumer of incremental snapshots: pages written since `last_snapshot`.
+    snapshot_log: Option<ConsumerId>,
+    /// The migration's dirty-log consumer while a migration (source) runs.
+    migration_log: Option<ConsumerId>,
+    /// Pages owed to the next incremental snapshot across a suspend (the machine, and so
+    /// its dirty log, is gone meanwhile).
+    suspended_owed: Option<DirtyBitmap>,
+    /// Progress of the snapshot being written, shared with the API thread.
+    pub meter: Arc<crate::snapshot::Meter>,
+}
+
+impl Controller {
+    pub fn new(
+        id: String,
+        paths: VmPaths,
+        attach: bool,
+        audit: AuditTrail,
+        vcpu_events: Sender<Message>,
+    ) -> Self {
+        Self {
+            id,
+            paths,
+            attach,
+            flavour: Flavour::detect(),
+            state: VmState::Created,
+            audit,
+            config: None,
+            machine: None,
+            started: None,
+            exit_reason: None,
+            ring: Arc::default(),
+            vcpu_events,
+            migration: None,
+            incoming_vm: None,
+            incoming_state: None,
+            last_snapshot: None,
+            snapshot_log: None,
+            migration_log: None,
+            suspended_owed: None,
+            meter: Arc::default(),
+        }
+    }
+
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// Moves to the state `action` leads to, recording it; refuses with the current state.
+    fn apply(&mut self, action: VmAction, cause: &str) -> Result<(), TransitionError> {
+        let next = transition(self.state, action)?;
+        let from = std::mem::replace(&mut self.state, next);
+        if let Err(e) = self.audit.record(from, next, cause) {
+            eprintln!("ray vmm {}: cannot append to the audit file: {e}", self.id);
+        }
+        Ok(())
+    }
+
+    /// Checks that `action` is allowed now without applying it.
+    fn check(&self, action: VmAction) -> Result<(), ControllerError> {
+        transition(self.state, action)
+            .map(|_| ())
+            .map_err(Into::into)
+    }
+
+    pub fn info(&self) -> VmInfo {
+        let memory = self.machine.as_ref().map(|m| &m.vm.memory);
+        VmInfo {
+            id: self.id.clone(),
+            state: self.state,
+            uptime_ms: self.started.map_or(0, |t| t.elapsed().as_millis() as u64),
+            pid: std::process::id(),
+            config: self.config.clone(),
+            hypervisor: self.flavour.name().into(),
+            heartbeat: memory.and_then(|m| heartbeat::read(m.ram())),
+            exit_reason: self.exit_reason.clone(),
+            last_snapshot: self
+                .last_snapshot
+                .as_ref()
+                .map(|(store, id)| store.join(id).display().to_string()),
+        }
+    }
+
+    /// Handles one request. `inbox` lets a graceful stop wait for the guest's power-off.
+    pub fn handle(
+        &mut self,
+        request: Request,
+        inbox: &Receiver<Message>,
+    ) -> Result<Response, ControllerError> {
+        match request {
+            Request::Info => Ok(Response::Info(Box::new(self.info()))),
+            Request::Events => Ok(Response::Events(self.audit.events().cloned().collect())),
+            Request::Configure(cfg) => {
+                self.check(VmAction::Configure)?;
+                config::validate(&cfg, config::host_memory())
+                    .map_err(|e| ControllerError::invalid(e.to_string()))?;
+                self.apply(VmAction::Configure, "api:configure")?;
+                self.config = Some(cfg);
+                Ok(Response::Info(Box::new(self.info())))
+            }
+            Request::Start => {
+                self.check(VmAction::Start)?;
+                self.start()?;
+                Ok(Response::Info(Box::new(self.info())))
+            }
+            Request::Pause => {
+                self.check(VmAction::Pause)?;
+                self.machine()?.pause();
+                self.apply(VmAction::Pause, "api:pause")?;
+                Ok(Response::Info(Box::new(self.info())))
+            }
+            Request::Resume => {
+                self.check(VmAction::Resume)?;
+                if self.state == VmState::Suspended {
+                    self.resume_suspended()?;
+                    return Ok(Response::Info(Box::new(self.info())));
+                }
+                self.machine()?.resume();
+                self.apply(VmAction::Resume, "api:resume")?;
+                Ok(Response::Info(Box::new(self.info())))
+            }
+            Request::Suspend => {
+                self.suspend()?;
+                Ok(Response::Info(Box::new(self.info())))
+            }
+            Request::Snapshot(req) => self.snapshot(req).map(Response::Snapshot),
+            Request::Stop { timeout } => {
+                self.check(VmAction::Stop)?;
+                self.stop(timeout, inbox, "api:stop");
+                Ok(Response::Info(Box::new(self.info())))
+            }
+            Request::ConsoleInput(data) => {
+                if !guest_runs(self.state) && self.state != VmState::Paused {
+                    return Err(ControllerError::refused(format!(
+                        "cannot send console input to a VM that is {}",
+                        self.state
+                    )));
+                }
+                if self.migration.as_ref().is_some_and(|h| h.paused_for_copy()) {
+                    // Its device state may already be on its way: input queued now could
+                    // be lost with the source copy. Refused, so the sender knows to retry.
+                    return Err(ControllerError::refused(
+                        "the VM is paused for the last copy of its migration; retry in a few ms (on the target if it moved)",
+                    ));
+                }
+                let machine = self.machine()?;
+                machine
+                    .bus
+                    .lock_console()
+                    .queue_input(&data)
+                    .map_err(|e| ControllerError::refused(e.to_string()))?;
+                heartbeat::raise(machine.vm.memory.ram(), offset::INPUT_DOORBELL);
+                machine.wake_idle();
+                Ok(Response::Done)
+            }
+            Request::Migrate(req) => self
+                .migrate_out(req)
+                .map(|s| Response::Migration(Box::new(s))),
+            Request::MigrationStatus => {
+                let h = self.migration_handle()?;
+                Ok(Response::Migration(Box::new(h.status())))
+            }
+            Request::MigrationCancel => {
+                let h = self.migration_handle()?;
+                if h.is_finished() {
+                    return Err(ControllerError::refused(format!(
+                        "the migration of VM '{}' already ended ({}); nothing to cancel",
+                        self.id,
+                        h.status().state
+                    )));
+                }
+                h.cancel.cancel();
+                Ok(Response::Migration(Box::new(h.status())))
+            }
+            Request::MigrationReclaim => self.reclaim().map(|s| Response::Migration(Box::new(s))),
+        }
+    }
+
+    fn console_sinks(&self) -> Result<ConsoleSinks, ControllerError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.paths.serial_log())
+            .map_err(|e| {
+                ControllerError::failed(format!(
+                    "cannot open the serial log {}: {e}",
+                    self.paths.serial_log().display()
+                ))
+            })?;
+        Ok(ConsoleSinks {
+            log: Some(log),
+            stdout: self.attach,
+            ring: self.ring.clone(),
+        })
+    }
+
+    fn machine(&self) -> Result<&Machine, ControllerError> {
+        self.machine.as_ref().ok_or_else(|| {
+            ControllerError::refused(format!("the VM is {} and has no machine", self.state))
+        })
+    }
+
+    fn start(&mut self) -> Result<(), ControllerError> {
+        let cfg = self.config.clone().ok_or_else(|| {
+            ControllerError::refused(
+                "cannot start: the VM has no configuration yet (PUT /vm/config first)",
+            )
+        })?;
+        let spec = config::validate(&cfg, config::host_memory())
+            .map_err(|e| ControllerError::invalid(e.to_string()))?;
+        let sinks = self.console_sinks()?;
+        let inbox = self.vcpu_events.clone();
+        let events: EventSink = Arc::new(move |e| {
+            let _ = inbox.send(Message::Vcpu(e));
+        });
+        let machine = Machine::boot(&spec, self.flavour, sinks, events)
+            .map_err(|e| ControllerError::failed(format!("cannot start the VM: {e}")))?;
+        self.machine = Some(machine);
+        self.started = Some(Instant::now());
+        self.apply(VmAction::Start, "api:start")?;
+        Ok(())
+    }
+
+    /// Stops the VM: asks the guest to power off and waits up to `timeout` for it, then
+    /// stops it by force. Ends in Terminated either way.
+    fn stop(&mut self, timeout: Duration, inbox: &Receiver<Message>, cause: &str) {
+        let asked = guest_runs(self.state)
+            && !timeout.is_zero()
+            && self
+                .machine
+                .as_ref()
+                .is_some_and(|m| heartbeat::raise(m.vm.memory.ram(), offset::SHUTDOWN_REQUEST));
+        if asked {
+            let deadline = Instant::now() + timeout;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match inbox.recv_timeout(left) {
+                    Ok(Message::Vcpu(VcpuEvent::Power(_))) => {
+                        self.terminate(
+                            VmAction::GuestPoweroff,
+                            "guest:poweroff (asked by api:stop)",
+                            None,
+                        );
+                        return;
+                    }
+                    Ok(Message::Vcpu(event)) => self.on_vcpu_event(event),
+                    Ok(Message::Api(_, reply)) => reply(Err(ControllerError::refused(
+                        "the VM is stopping; try again when it has stopped",
+                    ))),
+                    Ok(Message::Migration(_, reply)) => {
+                        let _ = reply.send(Err("the VM is stopping".into()));
+                    }
+                    Ok(Message::MigrationEnded(e)) => self.on_migration_ended(e),
+                    Ok(Message::Signal(_)) | Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+                if self.state == VmState::Terminated || self.state == VmState::Error {
+                    return;
+                }
+            }
+        }
+        let why = if asked {
+            format!("{cause} (forced after {} ms)", timeout.as_millis())
+        } else {
+            cause.to_string()
+        };
+        self.terminate(VmAction::Stop, &why, None);
+    }
+
+    /// Tears the machine down and moves to the state `action` leads to.
+    fn terminate(&mut self, action: VmAction, cause: &str, reason: Option<String>) {
+        if let Some(h) = &self.migration {
+            if !h.is_finished() {
+                h.cancel.cancel();
+            }
+        }
+        if let Some(mut m) = self.machine.take() {
+            m.shutdown();
+        }
+        if self.apply(action, cause).is_ok() {
+            self.exit_reason = Some(reason.unwrap_or_else(|| cause.to_string()));
+        }
+    }
+
+    pub fn on_vcpu_event(&mut self, event: VcpuEvent) {
+        match event {
+            VcpuEvent::Power(p) => {
+                let cause = match p {
+                    PowerEvent::PowerOff => "guest:poweroff",
+                    PowerEvent::Reset => "guest:reset",
+                };
+                if transition(self.state, VmAction::GuestPoweroff).is_ok() {
+                    self.terminate(VmAction::GuestPoweroff, cause, None);
+                }
+            }
+            VcpuEvent::Failed { index, reason } => {
+                if transition(self.state, VmAction::Fail).is_ok() {
+                    let why = format!("vCPU {index}: {reason}");
+                    if let Some(m) = &self.machine {
+                        m.pause();
+                    }
+                    let _ = self.apply(VmAction::Fail, &format!("vcpu:{index}"));
+                    self.exit_reason = Some(why);
+                }
+            }
+        }
+    }
+
+    pub fn on_signal(&mut self, signal: i32, inbox: &Receiver<Message>) {
+        if transition(self.state, VmAction::Stop).is_ok() {
+            self.stop(Duration::ZERO, inbox, &format!("signal:{signal}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,344 @@
+//! The controller's snapshots: writing one (full or incremental), restoring one into this
+//! VMM, and suspend/resume through the VM's own directory.
+use super::*;
+
+impl Controller {
+    /// Writes a snapshot. A running VM is refused unless `pause` asks to pause it for the
+    /// snapshot (and resume it after, whatever the outcome). An incremental snapshot holds
+    /// the pages written since this VM's previous snapshot, which becomes its parent. Every
+    /// check comes before the pause: a refused request leaves the VM as it was.
+    pub(super) fn snapshot(
+        &mut self,
+        req: SnapshotRequest,
+    ) -> Result<SnapshotInfo, ControllerError> {
+        let plan = plan_snapshot(
+            self.state,
+            self.last_snapshot.as_ref(),
+            self.config.as_ref(),
+            &req,
+        )?;
+        let running = self.state == VmState::Running;
+        let t_pause = Instant::now();
+        if running {
+            self.machine()?.pause();
+            self.apply(VmAction::Pause, "api:snapshot")?;
+        }
+        let t_write = Instant::now();
+        let result = self.write_snapshot(
+            &plan.path,
+            &plan.config,
+            plan.parent.as_deref(),
+            req.compress,
+            plan.max_snapshots,
+        );
+        let write_ms = t_write.elapsed().as_secs_f64() * 1e3;
+        if running {
+            self.machine()?.resume();
+            self.apply(VmAction::Resume, "api:snapshot")?;
+        }
+        let paused_ms = t_pause.elapsed().as_secs_f64() * 1e3;
+        let (manifest, _) = result?;
+        self.last_snapshot = Some((plan.store, plan.id.clone()));
+        Ok(SnapshotInfo {
+            id: plan.id,
+            path: req.path,
+            parent: manifest.parent.clone(),
+            kind: crate::snapshot::api_kind(manifest.kind),
+            compressed: req.compress,
+            memory_bytes: manifest.memory_bytes,
+            stored_pages: manifest.dirty_pages,
+            disk_bytes: manifest.stored_bytes(),
+            state_bytes: manifest.files.get("state.bin").map_or(0, |f| f.bytes),
+            paused_ms,
+            write_ms,
+        })
+    }
+
+    /// Saves the paused machine and writes it to `path`. An incremental snapshot holds the
+    /// pages the snapshot consumer of the dirty log took; if writing fails they go back to
+    /// it, so a failed snapshot loses nothing for the next. Afterwards the consumer counts
+    /// from this snapshot. Returns the manifest and the pages taken (what the VM owed to
+    /// an incremental snapshot on its previous one).
+    pub(super) fn write_snapshot(
+        &mut self,
+        path: &Path,
+        config: &VmConfig,
+        parent: Option<&str>,
+        compress: bool,
+        max_snapshots: usize,
+    ) -> Result<(ray_snapshot::Manifest, Option<DirtyBitmap>), ControllerError> {
+        let failed = |e: String| ControllerError::failed(format!("snapshot failed: {e}"));
+        let state_now = self.state;
+        let machine = self.machine.as_mut().ok_or_else(|| {
+            ControllerError::refused(format!("the VM is {state_now} and has no machine"))
+        })?;
+        let log = self.snapshot_log;
+        let taken = match log {
+            Some(id) => Some(
+                machine
+                    .vm
+                    .take_dirty(id)
+                    .map_err(|e| failed(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let give_back = |machine: &Machine, taken: &Option<DirtyBitmap>| {
+            if let (Some(id), Some(pages)) = (log, taken) {
+                machine.vm.memory.give_back(id, pages);
+            }
+        };
+        let parent = match (parent, &taken) {
+            (Some(p), Some(pages)) => Some((p, pages)),
+            (Some(_), None) => {
+                return Err(failed(
+                    "no dirty-page log since the parent snapshot".to_string(),
+                ))
+            }
+            (None, _) => None,
+        };
+        let state = match machine.save() {
+            Ok(s) => s,
+            Err(e) => {
+                give_back(machine, &taken);
+                return Err(failed(e.to_string()));
+            }
+        };
+        let compat = crate::snapshot::compat_tag(self.flavour, &machine.vm.kvm);
+        let spec = crate::snapshot::NewSnapshotSpec {
+            path,
+            vm_id: &self.id,
+            config,
+            compat,
+            parent,
+            compress,
+            max_snapshots,
+        };
+        let written = serde_json::to_vec(&state)
+            .map_err(|e| crate::snapshot::SnapshotError::Invalid(e.to_string()))
+            .and_then(|payload| {
+                crate::snapshot::create(&spec, &payload, &machine.vm.memory, &self.meter)
+            });
+        let manifest = match written {
+            Ok(m) => m,
+            Err(e) => {
+                give_back(machine, &taken);
+                return Err(match e {
+                    crate::snapshot::SnapshotError::Store(
+                        ray_snapshot::StoreError::LimitReached { .. }
+                        | ray_snapshot::StoreError::AlreadyExists(_)
+                        | ray_snapshot::StoreError::NotFound(_)
+                        | ray_snapshot::StoreError::WrongState { .. },
+                    ) => ControllerError::refused(format!("snapshot refused: {e}")),
+                    e => failed(e.to_string()),
+                });
+            }
+        };
+        // From now on, count the pages written since this snapshot.
+        if self.snapshot_log.is_none() {
+            match machine.vm.add_dirty_consumer("snapshot", None) {
+                Ok(id) => self.snapshot_log = Some(id),
+                Err(e) => eprintln!(
+                    "ray vmm {}: no dirty-page log ({e}); the next snapshot will be full",
+                    self.id
+                ),
+            }
+        }
+        Ok((manifest, taken))
+    }
+
+    /// Brings a snapshot back to life in this (new, unconfigured) VMM.
+    pub fn restore(&mut self, path: &Path, verify_memory: bool) -> Result<(), ControllerError> {
+        self.check(VmAction::Start)?;
+        let config = self.rebuild(path, verify_memory)?;
+        self.config = Some(config);
+        self.started = Some(Instant::now());
+        let id = self.last_snapshot.as_ref().map_or("", |s| s.1.as_str());
+        let cause = format!("restore:{id}");
+        self.apply(VmAction::Start, &cause)?;
+        Ok(())
+    }
+
+    /// Builds the machine of the snapshot at `path` and starts its vCPUs. The snapshot
+    /// becomes the parent of this VM's next incremental snapshot.
+    pub(super) fn rebuild(
+        &mut self,
+        path: &Path,
+        verify_memory: bool,
+    ) -> Result<VmConfig, ControllerError> {
+        let bad = |e: crate::snapshot::SnapshotError| {
+            ControllerError::invalid(format!("cannot restore {}: {e}", path.display()))
+        };
+        let kvm = kvm_ioctls::Kvm::new()
+            .map_err(|e| ControllerError::failed(format!("cannot open /dev/kvm: {e}")))?;
+        let compat = crate::snapshot::compat_tag(self.flavour, &kvm);
+        drop(kvm);
+        let loaded = crate::snapshot::load(path, &compat).map_err(bad)?;
+        let memory = crate::snapshot::memory(&loaded, verify_memory).map_err(bad)?;
+        let sinks = self.console_sinks()?;
+        let inbox = self.vcpu_events.clone();
+        let events: EventSink = Arc::new(move |e| {
+            let _ = inbox.send(Message::Vcpu(e));
+        });
+        let mut machine = Machine::restore(memory, &loaded.state, self.flavour, sinks, events)
+            .map_err(|e| {
+                ControllerError::failed(format!("cannot restore {}: {e}", path.display()))
+            })?;
+        // Pages written from here on are what an incremental snapshot on top holds.
+        let owed = self.suspended_owed.take();
+        match machine.vm.add_dirty_consumer("snapshot", owed) {
+            Ok(id) => {
+                self.snapshot_log = Some(id);
+                self.last_snapshot = Some((loaded.store.clone(), loaded.id.clone()));
+            }
+            Err(e) => {
+                eprintln!(
+                    "ray vmm {}: no dirty-page log ({e}); the next snapshot will be full",
+                    self.id
+                );
+                self.snapshot_log = None;
+                self.last_snapshot = None;
+            }
+        }
+        self.machine = Some(machine);
+        Ok(loaded.config)
+    }
+
+    /// Where a suspended VM keeps its memory and state.
+    pub(super) fn suspend_dir(&self) -> PathBuf {
+        self.paths.dir.join("suspended")
+    }
+
+    /// Suspend: a snapshot to the VM's directory, then the machine and its memory go.
+    pub(super) fn suspend(&mut self) -> Result<(), ControllerError> {
+        self.check(VmAction::Suspend)?;
+        let dir = self.suspend_dir();
+        let _ = std::fs::remove_dir_all(&dir);
+        if self.state == VmState::Running {
+            self.machine()?.pause();
+            self.apply(VmAction::Pause, "api:suspend")?;
+        }
+        // Paused now: the snapshot is of exactly the state the VM will resume from. If it
+        // fails, the VM stays paused with its memory, and nothing is lost.
+        let config = self
+            .config
+            .clone()
+            .ok_or_else(|| ControllerError::refused("the VM has no configuration"))?;
+        let (_, carried) = self.write_snapshot(&dir, &config, None, false, 1)?;
+        // The suspend image is not a checkpoint: after resume, the next incremental
+        // snapshot still builds on the VM's last one, with every page written since.
+        self.suspended_owed = carried;
+        self.snapshot_log = None;
+        if let Some(mut m) = self.machine.take() {
+            m.shutdown();
+        }
+        self.apply(VmAction::Suspend, "api:suspend")?;
+        Ok(())
+    }
+
+    /// Resume from Suspended: the suspend snapshot becomes the machine again.
+    pub(super) fn resume_suspended(&mut self) -> Result<(), ControllerError> {
+        let dir = self.suspend_dir();
+        let last = self.last_snapshot.clone();
+        let owed = self.suspended_owed.is_some();
+        self.rebuild(&dir, true)?;
+        // The pages owed to the next incremental snapshot went to the rebuilt VM's log.
+        self.last_snapshot = if owed && self.snapshot_log.is_some() {
+            last
+        } else {
+            None
+        };
+        self.apply(VmAction::Resume, "api:resume")?;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+}
+
+/// A snapshot request checked against the VM, ready to carry out.
+#[derive(Debug, PartialEq)]
+pub(super) struct SnapshotPlan {
+    pub path: PathBuf,
+    pub store: PathBuf,
+    pub id: String,
+    /// The parent's id, for an incremental snapshot.
+    pub parent: Option<String>,
+    pub config: VmConfig,
+    pub max_snapshots: usize,
+}
+
+/// Checks a snapshot request against the VM's state, its last snapshot and its
+/// configuration, with no side effect: everything that can refuse it refuses here.
+pub(super) fn plan_snapshot(
+    state: VmState,
+    last: Option<&(PathBuf, String)>,
+    config: Option<&VmConfig>,
+    req: &SnapshotRequest,
+) -> Result<SnapshotPlan, ControllerError> {
+    match state {
+        VmState::Running if !req.pause => {
+            return Err(ControllerError::refused(
+                "cannot snapshot a VM that is running: pause it first, or ask for pause (--pause)",
+            ))
+        }
+        VmState::Running | VmState::Paused => {}
+        other => {
+            return Err(ControllerError::refused(format!(
+                "cannot snapshot a VM that is {other}"
+            )))
+        }
+    }
+    let max_snapshots = req
+        .max_snapshots
+        .map_or(ray_snapshot::SnapshotStore::DEFAULT_MAX_PER_VM, |m| {
+            m as usize
+        });
+    if max_snapshots == 0 {
+        return Err(ControllerError::invalid(
+            "max_snapshots is 0; it must be at least 1",
+        ));
+    }
+    let path = PathBuf::from(&req.path);
+    if !path.is_absolute() {
+        return Err(ControllerError::invalid(format!(
+            "snapshot path {} must be absolute (it is resolved by the VMM)",
+            path.display()
+        )));
+    }
+    if path.exists() {
+        return Err(ControllerError::invalid(format!(
+            "snapshot path {} already exists; a snapshot never overwrites another",
+            path.display()
+        )));
+    }
+    let (store, id) =
+        crate::snapshot::split_path(&path).map_err(|e| ControllerError::invalid(e.to_string()))?;
+    let parent = match (req.kind, last) {
+        (SnapshotKind::Full, _) => None,
+        (SnapshotKind::Incremental | SnapshotKind::Auto, Some((s, p))) if *s == store => {
+            Some(p.clone())
+        }
+        (SnapshotKind::Auto, _) => None,
+        (SnapshotKind::Incremental, Some((s, p))) => {
+            return Err(ControllerError::invalid(format!(
+                "an incremental snapshot goes beside its parent {}: use a path in {}",
+                s.join(p).display(),
+                s.display()
+            )))
+        }
+        (SnapshotKind::Incremental, None) => {
+            return Err(ControllerError::refused(
+                "this VM has no earlier snapshot to be incremental on: take a full one first",
+            ))
+        }
+    };
+    let config = config
+        .cloned()
+        .ok_or_else(|| ControllerError::refused("the VM has no configuration"))?;
+    Ok(SnapshotPlan {
+        path,
+        store,
+        id,
+        parent,
+        config,
+        max_snapshots,
+    })
+}

@@ -1,0 +1,166 @@
+//! The controller's logic without KVM: request checks, refusals by state, and the order of
+//! validation and side effects (a refused request changes nothing).
+use std::sync::mpsc;
+
+use ray_api::vmm::{SnapshotKind, SnapshotRequest, VmConfig};
+
+use super::snapshots::plan_snapshot;
+use super::*;
+
+fn controller() -> (Controller, Receiver<Message>) {
+    let (tx, rx) = mpsc::channel();
+    let dir = std::env::temp_dir().join(format!(
+        "ray-ctl-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let c = Controller::new(
+        "t".into(),
+        VmPaths { dir },
+        false,
+        AuditTrail::in_memory(),
+        tx,
+    );
+    (c, rx)
+}
+
+fn config() -> VmConfig {
+    VmConfig {
+        kernel: "/nonexistent/kernel".into(),
+        initrd: None,
+        cmdline: String::new(),
+        vcpus: 1,
+        memory_bytes: 64 << 20,
+    }
+}
+
+fn snap(path: &str) -> SnapshotRequest {
+    SnapshotRequest {
+        path: path.into(),
+        pause: false,
+        kind: SnapshotKind::Auto,
+        compress: false,
+        max_snapshots: None,
+    }
+}
+
+#[test]
+fn snapshot_plans_check_everything_before_anything_happens() {
+    let cfg = config();
+    let dir = std::env::temp_dir();
+    let fresh = dir.join(format!("ray-plan-{}", std::process::id()));
+    let fresh_s = fresh.display().to_string();
+    // Running without --pause, or in a state that has no memory: refused naming it.
+    let e = plan_snapshot(VmState::Running, None, Some(&cfg), &snap(&fresh_s)).unwrap_err();
+    assert!(
+        matches!(e, ControllerError::Refused(_)) && e.to_string().contains("--pause"),
+        "{e}"
+    );
+    let e = plan_snapshot(VmState::Created, None, Some(&cfg), &snap(&fresh_s)).unwrap_err();
+    assert!(e.to_string().contains("created"), "{e}");
+    // The defect where --max-snapshots 0 was found after pausing: now part of the plan.
+    let mut r = snap(&fresh_s);
+    r.pause = true;
+    r.max_snapshots = Some(0);
+    let e = plan_snapshot(VmState::Running, None, Some(&cfg), &r).unwrap_err();
+    assert!(
+        matches!(e, ControllerError::Invalid(_)) && e.to_string().contains("max_snapshots is 0"),
+        "{e}"
+    );
+    let e = plan_snapshot(VmState::Paused, None, Some(&cfg), &snap("rel/path")).unwrap_err();
+    assert!(e.to_string().contains("must be absolute"), "{e}");
+    let e = plan_snapshot(
+        VmState::Paused,
+        None,
+        Some(&cfg),
+        &snap(&dir.display().to_string()),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("already exists"), "{e}");
+    // Parent selection.
+    let store = fresh.parent().unwrap().to_path_buf();
+    let last = (store.clone(), "base".to_string());
+    let p = plan_snapshot(VmState::Paused, Some(&last), Some(&cfg), &snap(&fresh_s)).unwrap();
+    assert_eq!(
+        p.parent.as_deref(),
+        Some("base"),
+        "auto: incremental beside the parent"
+    );
+    let mut full = snap(&fresh_s);
+    full.kind = SnapshotKind::Full;
+    assert_eq!(
+        plan_snapshot(VmState::Paused, Some(&last), Some(&cfg), &full)
+            .unwrap()
+            .parent,
+        None
+    );
+    let elsewhere = (PathBuf::from("/other/store"), "base".to_string());
+    let p = plan_snapshot(
+        VmState::Paused,
+        Some(&elsewhere),
+        Some(&cfg),
+        &snap(&fresh_s),
+    )
+    .unwrap();
+    assert_eq!(p.parent, None, "auto in another store: full");
+    let mut inc = snap(&fresh_s);
+    inc.kind = SnapshotKind::Incremental;
+    let e = plan_snapshot(VmState::Paused, Some(&elsewhere), Some(&cfg), &inc).unwrap_err();
+    assert!(e.to_string().contains("beside its parent"), "{e}");
+    let e = plan_snapshot(VmState::Paused, None, Some(&cfg), &inc).unwrap_err();
+    assert!(e.to_string().contains("no earlier snapshot"), "{e}");
+    let e = plan_snapshot(VmState::Paused, None, None, &snap(&fresh_s)).unwrap_err();
+    assert!(e.to_string().contains("no configuration"), "{e}");
+    assert_eq!(p.id, fresh.file_name().unwrap().to_string_lossy());
+    assert_eq!(
+        p.max_snapshots,
+        ray_snapshot::SnapshotStore::DEFAULT_MAX_PER_VM
+    );
+}
+
+#[test]
+fn requests_a_vm_without_a_machine_cannot_serve_are_refused_naming_its_state() {
+    let (mut c, rx) = controller();
+    for (req, what) in [
+        (Request::Pause, "paused"),
+        (Request::Resume, "resume"),
+        (Request::Suspend, "suspend"),
+        (Request::Snapshot(snap("/tmp/x-never")), "created"),
+        (Request::ConsoleInput(b"x".to_vec()), "created"),
+    ] {
+        let e = c.handle(req, &rx).unwrap_err();
+        assert!(matches!(e, ControllerError::Refused(_)), "{e:?}");
+        assert!(
+            e.to_string().to_lowercase().contains(what) || e.to_string().contains("created"),
+            "{e}"
+        );
+        assert_eq!(c.state(), VmState::Created, "a refusal changes nothing");
+    }
+    let e = c.handle(Request::MigrationStatus, &rx).unwrap_err();
+    assert!(matches!(e, ControllerError::NotFound(_)), "{e:?}");
+    let e = c.handle(Request::MigrationCancel, &rx).unwrap_err();
+    assert!(matches!(e, ControllerError::NotFound(_)), "{e:?}");
+    let e = c.handle(Request::Start, &rx).unwrap_err();
+    assert!(e.to_string().contains("no configuration"), "{e}");
+    assert_eq!(c.state(), VmState::Created);
+}
+
+#[test]
+fn a_bad_configuration_is_invalid_and_leaves_the_vm_unconfigured() {
+    let (mut c, rx) = controller();
+    let mut cfg = config();
+    cfg.vcpus = 0;
+    let e = c.handle(Request::Configure(cfg), &rx).unwrap_err();
+    assert!(matches!(e, ControllerError::Invalid(_)), "{e:?}");
+    assert_eq!(c.state(), VmState::Created);
+    assert!(c.info().config.is_none());
+    // A valid shape but a kernel that does not exist: named, and nothing configured.
+    let e = c.handle(Request::Configure(config()), &rx).unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/kernel"), "{e}");
+    assert!(c.info().config.is_none());
+    let events = match c.handle(Request::Events, &rx).unwrap() {
+        Response::Events(ev) => ev,
+        _ => unreachable!("Events answers with events"),
+    };
+    assert!(events.is_empty(), "no transition was recorded: {events:?}");
+}
