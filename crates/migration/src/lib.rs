@@ -17,7 +17,7 @@
 //!   the pre-shared key file reader.
 //! - [`progress`]: a polled [`Progress`] cell, a [`CancelToken`], and [`MigrationSlots`]
 //!   (at most 8 concurrent migrations per host by default).
-//! - [`memvm`]: in-memory VMs for tests and [`bench::bench_migrate`].
+//! - `memvm` (feature `test-util`): in-memory VMs for tests and the throughput bench.
 //!
 //! # Verification
 //!
@@ -77,10 +77,12 @@
 //! - A [`CompatInfo`] on each side: vCPU count, regions, CPUID fingerprint, flavour.
 
 pub mod auth;
+#[cfg(any(test, feature = "test-util"))]
 pub mod bench;
 pub mod convergence;
 mod error;
 pub mod frame;
+#[cfg(any(test, feature = "test-util"))]
 pub mod memvm;
 pub mod progress;
 pub mod protocol;

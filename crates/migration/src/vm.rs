@@ -3,7 +3,7 @@
 //!
 //! The drivers never touch KVM. The VMM implements these traits over its memory map,
 //! `KVM_GET_DIRTY_LOG` and its vCPU threads; tests implement them over
-//! [`ray_memory::OwnedMemory`] ([`crate::memvm`]).
+//! [`ray_memory::OwnedMemory`] (`memvm`, feature `test-util`).
 
 use ray_memory::{page_hash, DirtyBitmap, GuestMemory, GuestSpan, MemoryError, MemoryLayout};
 
