@@ -103,6 +103,11 @@ struct BootReport {
     overhead_private_mib: Stats,
     /// The same figure as `overhead_private_mib`, under the name earlier reports used.
     private_overhead_mib: Stats,
+    /// The anonymous part of `overhead_private_mib` (`Anonymous` of smaps_rollup minus the
+    /// guest-RAM mapping's): heap, stacks, written data. The rest of the private figure
+    /// is pages of the `ray` binary and its libraries that no other process happens to map
+    /// (another VMM of the same binary would share them); this part no one can share.
+    overhead_anon_mib: Stats,
     guest_resident_mib: Stats,
 }
 
@@ -128,6 +133,10 @@ pub struct Footprint {
     pub private: u64,
     /// The guest-RAM mapping's share of `private`, bytes.
     pub guest_private: u64,
+    /// Anonymous pages of the process (`Anonymous` of smaps_rollup), bytes.
+    pub anon: u64,
+    /// The guest-RAM mapping's share of `anon` (none for a memfd), bytes.
+    pub guest_anon: u64,
 }
 
 impl Footprint {
@@ -141,6 +150,11 @@ impl Footprint {
     /// the difference negative, hence the saturation.)
     pub fn overhead_private(&self) -> u64 {
         self.private.saturating_sub(self.guest_private)
+    }
+
+    /// The anonymous part of [`Footprint::overhead_private`], bytes.
+    pub fn overhead_anon(&self) -> u64 {
+        self.anon.saturating_sub(self.guest_anon)
     }
 }
 
@@ -175,8 +189,10 @@ fn private_kib(line: &str) -> Option<u64> {
 /// A footprint from the text of smaps_rollup (the process's private pages) and smaps
 /// (RSS, and the guest-RAM mapping `/memfd:ray-guest-ram`).
 fn parse_footprint(rollup: &str, smaps: &str) -> anyhow::Result<Footprint> {
+    let anon_kib = |line: &str| line.strip_prefix("Anonymous:").map(kib);
     let mut f = Footprint {
         private: rollup.lines().filter_map(private_kib).sum(),
+        anon: rollup.lines().filter_map(anon_kib).sum(),
         ..Footprint::default()
     };
     let (mut in_guest, mut found) = (false, false);
@@ -191,6 +207,8 @@ fn parse_footprint(rollup: &str, smaps: &str) -> anyhow::Result<Footprint> {
             }
         } else if let Some(private) = private_kib(line).filter(|_| in_guest) {
             f.guest_private += private;
+        } else if let Some(anon) = anon_kib(line).filter(|_| in_guest) {
+            f.guest_anon += anon;
         }
     }
     if !found {
@@ -230,8 +248,8 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         );
         b
     });
-    let (mut boot_ms, mut overhead, mut private, mut guest_res) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut boot_ms, mut overhead, mut private, mut anon, mut guest_res) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..a.runs {
         let id = format!("bench-boot-{}-{i}", std::process::id());
         let dir = ray::runtime::vm_dir(runtime, &id);
@@ -285,6 +303,7 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         boot_ms.push(ready.as_secs_f64() * 1e3);
         overhead.push(fp.overhead_rss() as f64 / MIB);
         private.push(fp.overhead_private() as f64 / MIB);
+        anon.push(fp.overhead_anon() as f64 / MIB);
         guest_res.push(fp.guest as f64 / MIB);
         if let Some(b) = &bar {
             b.set_message(format!("{:.1} ms", ready.as_secs_f64() * 1e3));
@@ -307,6 +326,7 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         overhead_mib: Stats::of(&overhead),
         overhead_private_mib: Stats::of(&private),
         private_overhead_mib: Stats::of(&private),
+        overhead_anon_mib: Stats::of(&anon),
         guest_resident_mib: Stats::of(&guest_res),
     };
     if a.json {
@@ -322,6 +342,7 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         print_row("start -> ready", report.boot_ms, "ms");
         print_row("VMM overhead (RSS)", report.overhead_mib, "MiB");
         print_row("VMM overhead (private)", report.overhead_private_mib, "MiB");
+        print_row("  of which anonymous", report.overhead_anon_mib, "MiB");
         print_row("guest resident", report.guest_resident_mib, "MiB");
     }
     Ok(())
@@ -353,6 +374,7 @@ Shared_Clean:       2012 kB
 Shared_Dirty:          0 kB
 Private_Clean:      3000 kB
 Private_Dirty:      1088 kB
+Anonymous:           600 kB
 Private_Hugetlb:       0 kB
 ";
 
@@ -369,11 +391,13 @@ Rss:                 148 kB
 Shared_Dirty:         20 kB
 Private_Clean:         8 kB
 Private_Dirty:       120 kB
+Anonymous:             0 kB
 Private_Hugetlb:       0 kB
 7ffc27d8d000-7ffc27dae000 rw-p 00000000 00:00 0                          [stack]
 Size:                132 kB
 Rss:                  36 kB
 Private_Dirty:        36 kB
+Anonymous:            36 kB
 ";
 
     #[test]
@@ -386,6 +410,9 @@ Private_Dirty:        36 kB
         assert_eq!(f.guest_private, (8 + 120) * k);
         assert_eq!(f.overhead_rss(), (1000 + 36) * k);
         assert_eq!(f.overhead_private(), (3000 + 1088 - 128) * k);
+        assert_eq!(f.anon, 600 * k);
+        assert_eq!(f.guest_anon, 0);
+        assert_eq!(f.overhead_anon(), 600 * k);
     }
 
     #[test]
