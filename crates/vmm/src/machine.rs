@@ -160,11 +160,11 @@ impl Machine {
                 flavour.name()
             )));
         }
-        if state.vcpus.is_empty() || state.vcpus.len() > ray_guest_abi::MAX_CPUS {
+        if state.vcpus.is_empty() || state.vcpus.len() > usize::from(crate::config::MAX_VCPUS) {
             return Err(BuildError::Incompatible(format!(
                 "the state has {} vCPUs; 1 to {} are possible",
                 state.vcpus.len(),
-                ray_guest_abi::MAX_CPUS
+                crate::config::MAX_VCPUS
             )));
         }
         persist::KvmVm(&vm.fd).restore_state(&state.vm)?;
