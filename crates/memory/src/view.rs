@@ -102,41 +102,29 @@ pub trait GuestMemory: Sync {
     }
 }
 
-impl<M: GuestMemory + ?Sized> GuestMemory for &M {
-    fn layout(&self) -> &MemoryLayout {
-        (**self).layout()
-    }
-    fn span(&self, gpa: u64, len: u64) -> Result<GuestSpan<'_>, MemoryError> {
-        (**self).span(gpa, len)
-    }
-    fn known_zero(&self, gpa: u64, len: u64) -> bool {
-        (**self).known_zero(gpa, len)
-    }
-    fn note_write(&self, gpa: u64, len: u64) {
-        (**self).note_write(gpa, len)
-    }
-    fn prepare_write(&self, gpa: u64, len: u64) {
-        (**self).prepare_write(gpa, len)
-    }
+/// A reference or a shared pointer to guest memory is guest memory too.
+macro_rules! forward {
+    ($($t:ty where $($bound:tt)+);*) => { $(
+        impl<M: $($bound)+ + ?Sized> GuestMemory for $t {
+            fn layout(&self) -> &MemoryLayout {
+                (**self).layout()
+            }
+            fn span(&self, gpa: u64, len: u64) -> Result<GuestSpan<'_>, MemoryError> {
+                (**self).span(gpa, len)
+            }
+            fn known_zero(&self, gpa: u64, len: u64) -> bool {
+                (**self).known_zero(gpa, len)
+            }
+            fn note_write(&self, gpa: u64, len: u64) {
+                (**self).note_write(gpa, len)
+            }
+            fn prepare_write(&self, gpa: u64, len: u64) {
+                (**self).prepare_write(gpa, len)
+            }
+        }
+    )* };
 }
-
-impl<M: GuestMemory + Send + ?Sized> GuestMemory for std::sync::Arc<M> {
-    fn layout(&self) -> &MemoryLayout {
-        (**self).layout()
-    }
-    fn span(&self, gpa: u64, len: u64) -> Result<GuestSpan<'_>, MemoryError> {
-        (**self).span(gpa, len)
-    }
-    fn known_zero(&self, gpa: u64, len: u64) -> bool {
-        (**self).known_zero(gpa, len)
-    }
-    fn note_write(&self, gpa: u64, len: u64) {
-        (**self).note_write(gpa, len)
-    }
-    fn prepare_write(&self, gpa: u64, len: u64) {
-        (**self).prepare_write(gpa, len)
-    }
-}
+forward!(&M where GuestMemory; std::sync::Arc<M> where GuestMemory + Send);
 
 /// Finds the region of `layout` holding `gpa..gpa + len` and returns (region index, offset
 /// into it): the lookup every implementor of [`GuestMemory::span`] starts with.

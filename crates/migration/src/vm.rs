@@ -291,26 +291,4 @@ mod tests {
         assert_eq!(from_spans.first_difference(&mem).unwrap(), Some(0x11000));
         assert!(from_spans.record_from(&mem, 0x4000, 0x1000).is_err());
     }
-
-    #[test]
-    fn bitmap_sets_counts_iterates_and_unions() {
-        // The dirty logs a SourceVm returns: ray-memory's bitmap, as the sender uses it.
-        let mut a = PageBitmap::new(130);
-        a.set(0);
-        a.set(64);
-        a.set(129);
-        a.set(500); // out of range: ignored
-        assert_eq!(a.count(), 3);
-        assert_eq!(a.iter().collect::<Vec<_>>(), vec![0, 64, 129]);
-        let mut b = PageBitmap::new(130);
-        b.set(1);
-        b.union(&a);
-        assert_eq!(b.count(), 4);
-        assert!(b.get(1) && b.get(129) && !b.get(2) && !b.get(999));
-        assert_eq!(PageBitmap::full(130).count(), 130);
-        assert_eq!(
-            PageBitmap::from_words(vec![u64::MAX, u64::MAX], 70).count(),
-            70
-        );
-    }
 }
