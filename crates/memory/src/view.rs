@@ -104,7 +104,7 @@ pub trait GuestMemory: Sync {
 
 /// A reference or a shared pointer to guest memory is guest memory too.
 macro_rules! forward {
-    ($($t:ty where $($bound:tt)+);*) => { $(
+    ($($t:ty => [$($bound:tt)+]),*) => { $(
         impl<M: $($bound)+ + ?Sized> GuestMemory for $t {
             fn layout(&self) -> &MemoryLayout {
                 (**self).layout()
@@ -124,7 +124,7 @@ macro_rules! forward {
         }
     )* };
 }
-forward!(&M where GuestMemory; std::sync::Arc<M> where GuestMemory + Send);
+forward!(&M => [GuestMemory], std::sync::Arc<M> => [GuestMemory + Send]);
 
 /// Finds the region of `layout` holding `gpa..gpa + len` and returns (region index, offset
 /// into it): the lookup every implementor of [`GuestMemory::span`] starts with.
