@@ -238,7 +238,7 @@ impl PageHashes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ray_memory::{OwnedMemory, PageBitmap};
+    use ray_memory::OwnedMemory;
 
     #[test]
     fn page_hashes_follow_records_and_digests_see_every_page() {
