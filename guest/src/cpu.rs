@@ -26,6 +26,27 @@ pub fn outl(port: u16, value: u32) {
     }
 }
 
+/// `outl` that the compiler treats as reading memory: every store before it is done
+/// (in program order) when the port write happens, so the VMM may read what it names.
+pub fn outl_after_stores(port: u16, value: u32) {
+    // SAFETY: port I/O has no memory-safety effect on this guest; without `nomem` the
+    // compiler keeps earlier stores before it.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, preserves_flags))
+    }
+}
+
+/// `rep insb`: `buf.len()` bytes from `port` into `buf`. One exit under KVM when `buf`
+/// stays inside one page (KVM's emulator hands the whole count to the VMM at once).
+pub fn rep_insb(port: u16, buf: &mut [u8]) {
+    // SAFETY: writes exactly `buf.len()` bytes at `buf`, which is ours to write; DF is
+    // clear (the Rust ABI guarantees it on entry to asm blocks).
+    unsafe {
+        asm!("rep insb", in("dx") port, inout("rdi") buf.as_mut_ptr() => _,
+             inout("rcx") buf.len() => _, options(nostack, preserves_flags))
+    }
+}
+
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: port I/O has no memory-safety effect on this guest.

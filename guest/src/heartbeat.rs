@@ -5,39 +5,67 @@
 use core::cell::UnsafeCell;
 use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering::*};
 
-use ray_guest_abi::{Heartbeat, HEARTBEAT_MAGIC, HEARTBEAT_VERSION, MAX_CPUS};
+use ray_guest_abi::{
+    Heartbeat, HEARTBEAT_MAGIC, HEARTBEAT_VERSION, MAX_CPUS, PV_CONSOLE_OUT_LEN,
+    PV_CONSOLE_OUT_OFFSET,
+};
+
+/// The whole page, all of it shared with the VMM: the [`Heartbeat`] fields, then unused
+/// bytes up to the paravirtual console's output buffer.
+#[repr(C)]
+pub struct Page {
+    hb: Heartbeat,
+    gap: [u8; PV_CONSOLE_OUT_OFFSET as usize - size_of::<Heartbeat>()],
+    console_out: [u8; PV_CONSOLE_OUT_LEN],
+}
 
 #[repr(C, align(4096))]
-pub struct HeartbeatPage(UnsafeCell<Heartbeat>);
+pub struct HeartbeatPage(UnsafeCell<Page>);
 
-// SAFETY: all accesses go through the atomics handed out below.
+const _: () = assert!(size_of::<HeartbeatPage>() == 4096);
+const _: () = assert!(core::mem::offset_of!(Page, console_out) == PV_CONSOLE_OUT_OFFSET as usize);
+
+// SAFETY: all accesses go through the atomics handed out below, except the console output
+// buffer, which only the boot CPU writes (serial.rs) and no CPU reads.
 unsafe impl Sync for HeartbeatPage {}
 
 /// Placed by linker.ld at exactly 0x100000. Zero in the image; the guest never clears
 /// it at run time (the VMM may already have rung the doorbell).
 #[link_section = ".heartbeat"]
 #[used]
-pub static HEARTBEAT: HeartbeatPage = HeartbeatPage(UnsafeCell::new(Heartbeat {
-    magic: 0,
-    version: 0,
-    cpus_online: 0,
-    seq: 0,
-    counter: 0,
-    time_ns: 0,
-    ready: 0,
-    loop_rate: 0,
-    pvm: 0,
-    dirty_bytes: 0,
-    dirty_rate: 0,
-    commands: 0,
-    input_doorbell: 0,
-    ticks: 0,
-    shutdown_request: 0,
-    vmm_features: 0,
-    reserved: [0; 16],
-    cpu_counter: [0; MAX_CPUS],
-    cpu_time_ns: [0; MAX_CPUS],
+pub static HEARTBEAT: HeartbeatPage = HeartbeatPage(UnsafeCell::new(Page {
+    hb: Heartbeat {
+        magic: 0,
+        version: 0,
+        cpus_online: 0,
+        seq: 0,
+        counter: 0,
+        time_ns: 0,
+        ready: 0,
+        loop_rate: 0,
+        pvm: 0,
+        dirty_bytes: 0,
+        dirty_rate: 0,
+        commands: 0,
+        input_doorbell: 0,
+        ticks: 0,
+        shutdown_request: 0,
+        vmm_features: 0,
+        reserved: [0; 16],
+        cpu_counter: [0; MAX_CPUS],
+        cpu_time_ns: [0; MAX_CPUS],
+    },
+    gap: [0; PV_CONSOLE_OUT_OFFSET as usize - size_of::<Heartbeat>()],
+    console_out: [0; PV_CONSOLE_OUT_LEN],
 }));
+
+/// The paravirtual console's output buffer ([`PV_CONSOLE_OUT_LEN`] bytes): written by the
+/// boot CPU only, with volatile stores, read by the VMM on a flush.
+pub fn console_out() -> *mut u8 {
+    let page = HEARTBEAT.0.get();
+    // SAFETY: only computes the address of a field of the static page.
+    unsafe { core::ptr::addr_of_mut!((*page).console_out).cast::<u8>() }
+}
 
 macro_rules! fields64 {
     ($($name:ident),*) => {$(
@@ -45,7 +73,7 @@ macro_rules! fields64 {
             let page = HEARTBEAT.0.get();
             // SAFETY: the page is a static; the field is a naturally aligned u64 only ever
             // accessed atomically.
-            unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*page).$name)) }
+            unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*page).hb.$name)) }
         }
     )*};
 }
@@ -72,25 +100,25 @@ fields64!(
 pub fn cpus_online() -> &'static AtomicU32 {
     let page = HEARTBEAT.0.get();
     // SAFETY: as for the u64 fields.
-    unsafe { AtomicU32::from_ptr(core::ptr::addr_of_mut!((*page).cpus_online)) }
+    unsafe { AtomicU32::from_ptr(core::ptr::addr_of_mut!((*page).hb.cpus_online)) }
 }
 
 fn version() -> &'static AtomicU32 {
     let page = HEARTBEAT.0.get();
     // SAFETY: as for the u64 fields.
-    unsafe { AtomicU32::from_ptr(core::ptr::addr_of_mut!((*page).version)) }
+    unsafe { AtomicU32::from_ptr(core::ptr::addr_of_mut!((*page).hb.version)) }
 }
 
 pub fn cpu_counter(cpu: usize) -> &'static AtomicU64 {
     let page = HEARTBEAT.0.get();
     // SAFETY: as for the u64 fields; the index is bounds-checked.
-    unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*page).cpu_counter[cpu])) }
+    unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*page).hb.cpu_counter[cpu])) }
 }
 
 pub fn cpu_time_ns(cpu: usize) -> &'static AtomicU64 {
     let page = HEARTBEAT.0.get();
     // SAFETY: as for the u64 fields; the index is bounds-checked.
-    unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*page).cpu_time_ns[cpu])) }
+    unsafe { AtomicU64::from_ptr(core::ptr::addr_of_mut!((*page).hb.cpu_time_ns[cpu])) }
 }
 
 /// Publish the layout version and magic (after the other boot fields are set).

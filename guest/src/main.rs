@@ -80,6 +80,7 @@ extern "C" fn rust_start(
 /// and says so on the console when it had to leave some out.
 fn bsp_main(zero_page: u64, pvm: bool, offered_cpus: u32) -> ! {
     clock::init_cpu(0);
+    serial::init();
     idt::init();
     let info = bootparams::parse(zero_page);
     choose_idle(info);
@@ -178,6 +179,8 @@ fn main_loop(poll_ns: u64) -> ! {
             poweroff();
         }
         if !behind {
+            // Output without a final newline is not left waiting in the buffer.
+            serial::flush();
             idle();
         }
     }

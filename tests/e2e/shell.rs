@@ -104,3 +104,50 @@ fn tick_stream_is_monotonic_and_stoppable() {
         "ticks continued after tick 0"
     );
 }
+
+/// Port-I/O exits of all vCPUs so far, from `GET /metrics`; None if the VMM does not
+/// count them.
+fn io_exits(vm: &ray_e2e::Vm) -> Option<u64> {
+    let answer = vm
+        .client
+        .raw("GET", "/metrics", None)
+        .expect("GET /metrics");
+    if answer.status != 200 {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&answer.body).into_owned();
+    let counts: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with("ray_vcpu_exits_total{") && l.contains("reason=\"io\""))
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("bad metric line {l}"))
+        })
+        .collect();
+    (!counts.is_empty()).then(|| counts.iter().sum())
+}
+
+/// The paravirtual console: a shell round trip costs a few exits, not one or two per byte
+/// (COM1 would take ~20 for `echo hi`: LSR + RBR per input byte, one per output byte).
+#[test]
+fn shell_round_trip_costs_few_port_exits() {
+    let env = Env::new("pvcon");
+    // No UART polls and no idle exits: every port exit is the console's.
+    let mut vm = env.boot(&["--cmdline", "console=ttyS0 ray.poll_ms=0 ray.idle=spin"]);
+    vm.expect_line("ready", READY);
+    assert_eq!(vm.command("echo warm", "warm"), "warm");
+    std::thread::sleep(Duration::from_millis(200));
+    let Some(before) = io_exits(&vm) else {
+        eprintln!("the VMM serves no per-vCPU exit counters: not measured");
+        return;
+    };
+    assert_eq!(vm.command("echo hi", "hi"), "hi");
+    std::thread::sleep(Duration::from_millis(200));
+    let exits = io_exits(&vm).expect("exit counters") - before;
+    assert!(
+        (1..=6).contains(&exits),
+        "`echo hi` cost {exits} port-I/O exits"
+    );
+}

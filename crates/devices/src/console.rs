@@ -150,6 +150,31 @@ impl Console {
         let _ = self.uart.write(offset, value);
     }
 
+    /// Paravirtual console input ([`ray_guest_abi::PV_CONSOLE_IN_PORT`]): fills `data`
+    /// with the waiting input, the UART's FIFO first and then the pending queue, exactly
+    /// the bytes (and order) COM1 would deliver, and zeros after them. A NUL byte would
+    /// read as the end of the input, so NUL bytes are dropped.
+    pub fn pv_read(&mut self, data: &mut [u8]) {
+        const LSR: u8 = 5;
+        const LSR_DATA_READY: u8 = 1;
+        let mut filled = 0;
+        while filled < data.len() && self.read(LSR) & LSR_DATA_READY != 0 {
+            let byte = self.read(0);
+            if byte != 0 {
+                data[filled] = byte;
+                filled += 1;
+            }
+        }
+        data[filled..].fill(0);
+    }
+
+    /// Paravirtual console output ([`ray_guest_abi::PV_CONSOLE_OUT_PORT`]): `bytes` go
+    /// where the UART's output goes (log, stdout, ring) in one write.
+    pub fn pv_write(&mut self, bytes: &[u8]) {
+        // ConsoleOut's write never fails (its sinks are best effort).
+        let _ = self.uart.writer_mut().write_all(bytes);
+    }
+
     /// Queues input for the guest.
     pub fn queue_input(&mut self, data: &[u8]) -> Result<(), InputFull> {
         if self.pending.len() + data.len() > MAX_PENDING_INPUT {

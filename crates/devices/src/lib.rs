@@ -1,11 +1,17 @@
 //! rayvisor's device models, with no KVM dependency: the port-I/O bus that routes vCPU
-//! exits to them, the 16550 console, the power-off port, and [`Persist`], how each saves
-//! and restores its state. Interrupts reach KVM through eventfds the VMM connects.
+//! exits to them, the 16550 console and its paravirtual path, the power-off port, and
+//! [`Persist`], how each saves and restores its state. Interrupts reach KVM through
+//! eventfds the VMM connects; guest memory is reached through [`ray_memory::GuestMemory`].
 pub mod console;
 pub mod legacy;
 pub mod persist;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use ray_guest_abi::{
+    PV_CONSOLE_IN_PORT, PV_CONSOLE_OUT_GPA, PV_CONSOLE_OUT_LEN, PV_CONSOLE_OUT_PORT,
+};
+use ray_memory::GuestMemory;
 
 pub use console::{Console, ConsoleRing};
 pub use legacy::PowerEvent;
@@ -24,22 +30,40 @@ pub enum BusEvent {
     Idle(u32),
 }
 
+/// Guest memory as the bus reads it (the paravirtual console's output buffer).
+pub type BusMemory = Arc<dyn GuestMemory + Send + Sync>;
+
 /// The port-I/O bus: every port the VMM emulates in user space. The in-kernel irqchip
 /// and PIT handle 0x20/0xa0/0x40.. themselves; unknown ports read as all-ones and ignore
 /// writes, as on a PC.
 pub struct IoBus {
     pub console: Mutex<Console>,
+    /// Guest memory, for the paravirtual console's output; without it the paravirtual
+    /// console ports are unknown ports.
+    memory: Option<BusMemory>,
 }
 
 impl IoBus {
     pub fn new(console: Console) -> Self {
         Self {
             console: Mutex::new(console),
+            memory: None,
+        }
+    }
+
+    /// A bus that also serves the paravirtual console
+    /// ([`ray_guest_abi::VMM_FEATURE_PV_CONSOLE`]) over `memory`.
+    pub fn with_memory(console: Console, memory: BusMemory) -> Self {
+        Self {
+            console: Mutex::new(console),
+            memory: Some(memory),
         }
     }
 
     pub fn read(&self, port: u16, data: &mut [u8]) {
         match port {
+            // Any length: `rep insb` hands the whole buffer over in one exit.
+            PV_CONSOLE_IN_PORT if self.memory.is_some() => self.lock_console().pv_read(data),
             COM1_BASE..COM1_END if data.len() == 1 => {
                 data[0] = self.lock_console().read((port - COM1_BASE) as u8);
             }
@@ -57,7 +81,29 @@ impl IoBus {
                 &[a, b, c, d] => BusEvent::Idle(u32::from_le_bytes([a, b, c, d])),
                 _ => BusEvent::None,
             },
+            PV_CONSOLE_OUT_PORT if self.memory.is_some() => {
+                if let &[a, b, c, d] = data {
+                    self.pv_console_out(u32::from_le_bytes([a, b, c, d]));
+                }
+                BusEvent::None
+            }
             _ => legacy::write(port, data).map_or(BusEvent::None, BusEvent::Power),
+        }
+    }
+
+    /// Prints the first `len` bytes of the guest's output buffer with one console write.
+    /// The length is the guest's word (untrusted): zero or more than the buffer holds
+    /// prints nothing.
+    fn pv_console_out(&self, len: u32) {
+        let (Some(memory), Ok(len)) = (&self.memory, usize::try_from(len)) else {
+            return;
+        };
+        if len == 0 || len > PV_CONSOLE_OUT_LEN {
+            return;
+        }
+        let mut buf = [0u8; PV_CONSOLE_OUT_LEN];
+        if memory.read(PV_CONSOLE_OUT_GPA, &mut buf[..len]).is_ok() {
+            self.lock_console().pv_write(&buf[..len]);
         }
     }
 
@@ -93,5 +139,142 @@ mod tests {
             BusEvent::Power(PowerEvent::PowerOff)
         );
         assert_eq!(bus.write(COM1_BASE, b"x"), BusEvent::None);
+    }
+
+    fn pv_bus(memory: &Arc<ray_memory::OwnedMemory>) -> IoBus {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        IoBus::with_memory(
+            Console::new(irq, None, false, Arc::default()),
+            memory.clone(),
+        )
+    }
+
+    fn guest_memory() -> Arc<ray_memory::OwnedMemory> {
+        let layout = ray_memory::MemoryLayout::new(&[(0, 4 << 20)]).unwrap();
+        Arc::new(ray_memory::OwnedMemory::zeroed(&layout).unwrap())
+    }
+
+    fn printed(bus: &IoBus) -> Vec<u8> {
+        bus.lock_console().ring().tail(usize::MAX).1
+    }
+
+    #[test]
+    fn pv_output_prints_the_buffer_in_one_write() {
+        let mem = guest_memory();
+        let bus = pv_bus(&mem);
+        mem.write(PV_CONSOLE_OUT_GPA, b"hello\nworld").unwrap();
+        assert_eq!(
+            bus.write(PV_CONSOLE_OUT_PORT, &6u32.to_le_bytes()),
+            BusEvent::None
+        );
+        assert_eq!(printed(&bus), b"hello\n");
+        // A full buffer is fine.
+        mem.write(PV_CONSOLE_OUT_GPA, &[b'z'; PV_CONSOLE_OUT_LEN])
+            .unwrap();
+        bus.write(
+            PV_CONSOLE_OUT_PORT,
+            &(PV_CONSOLE_OUT_LEN as u32).to_le_bytes(),
+        );
+        assert_eq!(printed(&bus).len(), 6 + PV_CONSOLE_OUT_LEN);
+    }
+
+    #[test]
+    fn pv_output_refuses_bad_lengths_and_writes() {
+        let mem = guest_memory();
+        let bus = pv_bus(&mem);
+        mem.write(PV_CONSOLE_OUT_GPA, b"secret").unwrap();
+        for len in [0, PV_CONSOLE_OUT_LEN as u32 + 1, 1 << 20, u32::MAX] {
+            assert_eq!(
+                bus.write(PV_CONSOLE_OUT_PORT, &len.to_le_bytes()),
+                BusEvent::None
+            );
+        }
+        // Only a 32-bit write is a length.
+        bus.write(PV_CONSOLE_OUT_PORT, &[3]);
+        bus.write(PV_CONSOLE_OUT_PORT, &[3, 0]);
+        bus.write(PV_CONSOLE_OUT_PORT, &[3, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(printed(&bus).is_empty());
+    }
+
+    #[test]
+    fn pv_output_outside_guest_memory_prints_nothing() {
+        // Guest memory that does not reach the buffer: refused, no panic.
+        let layout = ray_memory::MemoryLayout::new(&[(0, 0x10_0000)]).unwrap();
+        let mem = Arc::new(ray_memory::OwnedMemory::zeroed(&layout).unwrap());
+        let bus = pv_bus(&mem);
+        bus.write(PV_CONSOLE_OUT_PORT, &5u32.to_le_bytes());
+        assert!(printed(&bus).is_empty());
+    }
+
+    #[test]
+    fn pv_input_is_zero_padded_in_order_and_empty_reads_zeros() {
+        let mem = guest_memory();
+        let bus = pv_bus(&mem);
+        let mut buf = [0xaa; 64];
+        bus.read(PV_CONSOLE_IN_PORT, &mut buf);
+        assert_eq!(buf, [0; 64], "no input: all zeros");
+
+        // More than the UART's FIFO holds, so both the FIFO and the pending queue drain.
+        let input: Vec<u8> = (0..100u32).map(|i| b'a' + (i % 26) as u8).collect();
+        bus.lock_console().queue_input(&input).unwrap();
+        let mut buf = [0xaa; 256];
+        bus.read(PV_CONSOLE_IN_PORT, &mut buf);
+        assert_eq!(&buf[..100], &input[..]);
+        assert!(buf[100..].iter().all(|&b| b == 0));
+        assert!(!bus.lock_console().has_pending_input());
+
+        // A short read takes what fits; the rest waits, in order, also for COM1.
+        bus.lock_console().queue_input(b"abcdef\0gh").unwrap();
+        let mut one = [0; 1];
+        bus.read(PV_CONSOLE_IN_PORT, &mut one);
+        assert_eq!(&one, b"a");
+        let mut three = [0; 3];
+        bus.read(PV_CONSOLE_IN_PORT, &mut three);
+        assert_eq!(&three, b"bcd");
+        let mut lsr = [0];
+        bus.read(COM1_BASE + 5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1);
+        let mut rbr = [0];
+        bus.read(COM1_BASE, &mut rbr);
+        assert_eq!(&rbr, b"e");
+        // The NUL is dropped, not taken as the end.
+        let mut rest = [0xaa; 8];
+        bus.read(PV_CONSOLE_IN_PORT, &mut rest);
+        assert_eq!(&rest, b"fgh\0\0\0\0\0");
+    }
+
+    #[test]
+    fn pending_pv_input_survives_save_and_restore() {
+        let mem = guest_memory();
+        let bus = pv_bus(&mem);
+        let input = vec![b'q'; 300];
+        bus.lock_console().queue_input(&input).unwrap();
+        let mut first = [0; 10];
+        bus.read(PV_CONSOLE_IN_PORT, &mut first);
+        let state = bus.lock_console().save_state().unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let back = IoBus::with_memory(
+            Console::from_state(&state, irq, None, false, Arc::default()).unwrap(),
+            mem.clone(),
+        );
+        let mut rest = [0; 512];
+        back.read(PV_CONSOLE_IN_PORT, &mut rest);
+        assert!(rest[..290].iter().all(|&b| b == b'q'));
+        assert!(rest[290..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn pv_ports_are_unknown_without_guest_memory() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let bus = IoBus::new(Console::new(irq, None, false, Arc::default()));
+        bus.lock_console().queue_input(b"x").unwrap();
+        let mut buf = [0; 4];
+        bus.read(PV_CONSOLE_IN_PORT, &mut buf);
+        assert_eq!(buf, [0xff; 4]);
+        assert_eq!(
+            bus.write(PV_CONSOLE_OUT_PORT, &1u32.to_le_bytes()),
+            BusEvent::None
+        );
+        assert!(printed(&bus).is_empty());
     }
 }

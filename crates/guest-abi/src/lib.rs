@@ -12,6 +12,9 @@
 //!   migration downtime are measured from the gap in `time_ns`.
 //! * Serial input is announced by the VMM through [`Heartbeat::input_doorbell`], so the
 //!   guest polls the UART (a costly exit on PVM) only when there is something to read.
+//! * With [`VMM_FEATURE_PV_CONSOLE`] the console is paravirtual: a line of output is one
+//!   exit (an `outl` of its length, the bytes in the heartbeat page's second half) and a
+//!   drain of input one exit (`rep insb`), instead of one or two exits per byte on COM1.
 //!
 //! This crate is `no_std` and has no dependencies: the guest links it too.
 #![no_std]
@@ -81,7 +84,8 @@ pub struct Heartbeat {
     /// Set to 1 by the VMM to ask for a clean power-off (graceful stop); the guest then
     /// prints `poweroff` and powers off exactly as the `poweroff` command does.
     pub shutdown_request: u64,
-    /// What the VMM offers the guest ([`VMM_FEATURE_IDLE_PORT`], ...), written by the VMM
+    /// What the VMM offers the guest ([`VMM_FEATURE_IDLE_PORT`],
+    /// [`VMM_FEATURE_PV_CONSOLE`]), written by the VMM
     /// before the first vCPU starts; zero from a VMM that offers nothing.
     pub vmm_features: u64,
     /// Reserved; zero.
@@ -116,6 +120,8 @@ pub mod offset {
 }
 
 const _: () = assert!(core::mem::size_of::<Heartbeat>() <= 4096);
+// The rest of the page, from [`PV_CONSOLE_OUT_OFFSET`] on, is the paravirtual console's
+// output buffer; the struct must stay clear of it (asserted below the constant).
 
 /// ELF note owner of rayvisor's guest notes (`"rayvisor\0"`, 9 bytes).
 pub const NOTE_NAME: &[u8] = b"rayvisor\0";
@@ -132,6 +138,29 @@ pub const POWEROFF_VALUE: u16 = 0x3400;
 
 /// [`Heartbeat::vmm_features`] bit: the VMM handles [`IDLE_PORT`].
 pub const VMM_FEATURE_IDLE_PORT: u64 = 1 << 0;
+
+/// [`Heartbeat::vmm_features`] bit: the VMM handles the paravirtual console
+/// ([`PV_CONSOLE_IN_PORT`], [`PV_CONSOLE_OUT_PORT`]).
+pub const VMM_FEATURE_PV_CONSOLE: u64 = 1 << 1;
+
+/// Paravirtual console input: a `rep insb` of N bytes from this port is one exit; the VMM
+/// fills the N bytes with waiting console input (the same bytes COM1 would deliver, in
+/// order) followed by zeros. A NUL byte ends the input, so NUL bytes in the console input
+/// are dropped on this path. Only read when the VMM announced [`VMM_FEATURE_PV_CONSOLE`].
+pub const PV_CONSOLE_IN_PORT: u16 = 0x613;
+/// Paravirtual console output: a 32-bit write of a length L (at most
+/// [`PV_CONSOLE_OUT_LEN`]) prints the first L bytes of the output buffer at
+/// [`PV_CONSOLE_OUT_GPA`] in one exit. A longer length is refused (nothing printed).
+pub const PV_CONSOLE_OUT_PORT: u16 = 0x614;
+/// Offset of the paravirtual console's output buffer in the heartbeat page: its unused
+/// second half. The guest (boot CPU only) writes it; the VMM only reads it.
+pub const PV_CONSOLE_OUT_OFFSET: u64 = 0x800;
+/// Guest-physical address of the paravirtual console's output buffer.
+pub const PV_CONSOLE_OUT_GPA: u64 = HEARTBEAT_GPA + PV_CONSOLE_OUT_OFFSET;
+/// Size of the paravirtual console's output buffer: up to the end of the heartbeat page.
+pub const PV_CONSOLE_OUT_LEN: usize = 4096 - PV_CONSOLE_OUT_OFFSET as usize;
+
+const _: () = assert!(core::mem::size_of::<Heartbeat>() <= PV_CONSOLE_OUT_OFFSET as usize);
 
 /// I/O port an idle vCPU writes a duration in microseconds to (32-bit): the VMM takes the
 /// vCPU off the host CPU for at most that long (capped at [`IDLE_MAX_US`]) and returns

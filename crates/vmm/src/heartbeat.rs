@@ -61,7 +61,7 @@ pub fn read(mem: &GuestMem) -> Option<HeartbeatInfo> {
 /// ([`ray_guest_abi::Heartbeat::vmm_features`]).
 pub fn announce_features(mem: &GuestMem) -> Result<(), vm_memory::GuestMemoryError> {
     mem.write_obj(
-        ray_guest_abi::VMM_FEATURE_IDLE_PORT,
+        ray_guest_abi::VMM_FEATURE_IDLE_PORT | ray_guest_abi::VMM_FEATURE_PV_CONSOLE,
         GuestAddress(HEARTBEAT_GPA + offset::VMM_FEATURES),
     )
 }

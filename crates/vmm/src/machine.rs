@@ -61,6 +61,13 @@ fn serial_irq(vm: &Vm) -> Result<EventFd, BuildError> {
     Ok(irq)
 }
 
+/// The port-I/O bus of `vm`: COM1 and the paravirtual console over the VM's memory. Both
+/// are always served: a guest keeps the console mode it chose at boot, also across
+/// snapshots and migrations between VMMs that announce different features.
+fn bus_over(vm: &Vm, console: Console) -> IoBus {
+    IoBus::with_memory(console, Arc::new(vm.memory.clone()))
+}
+
 /// Where the console goes.
 pub struct ConsoleSinks {
     pub log: Option<File>,
@@ -86,7 +93,7 @@ impl Machine {
         }
 
         let console = Console::new(serial_irq(&vm)?, sinks.log, sinks.stdout, sinks.ring);
-        let bus = Arc::new(IoBus::new(console));
+        let bus = Arc::new(bus_over(&vm, console));
 
         let fds = (0..spec.vcpus)
             .map(|i| vcpu::create(&vm, i, spec.vcpus, &image))
@@ -176,7 +183,8 @@ impl Machine {
             sinks.ring,
         )
         .map_err(BuildError::Incompatible)?;
-        let bus = Arc::new(IoBus::new(console));
+        // Whatever the restored guest was told at its boot, both console paths work.
+        let bus = Arc::new(bus_over(&vm, console));
         let fds = state
             .vcpus
             .iter()
