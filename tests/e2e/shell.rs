@@ -132,6 +132,7 @@ fn io_exits(vm: &ray_e2e::Vm) -> Option<u64> {
 /// The paravirtual console: a shell round trip costs a few exits, not one or two per byte
 /// (COM1 would take ~20 for `echo hi`: LSR + RBR per input byte, one per output byte).
 #[test]
+#[ignore = "counts exits through GET /metrics, which has not landed yet"]
 fn shell_round_trip_costs_few_port_exits() {
     let env = Env::new("pvcon");
     // No UART polls and no idle exits: every port exit is the console's.
@@ -139,10 +140,7 @@ fn shell_round_trip_costs_few_port_exits() {
     vm.expect_line("ready", READY);
     assert_eq!(vm.command("echo warm", "warm"), "warm");
     std::thread::sleep(Duration::from_millis(200));
-    let Some(before) = io_exits(&vm) else {
-        eprintln!("the VMM serves no per-vCPU exit counters: not measured");
-        return;
-    };
+    let before = io_exits(&vm).expect("the VMM serves per-vCPU exit counters");
     assert_eq!(vm.command("echo hi", "hi"), "hi");
     std::thread::sleep(Duration::from_millis(200));
     let exits = io_exits(&vm).expect("exit counters") - before;
