@@ -43,7 +43,9 @@ fn put_config(b: &Bare, body: &str) -> (u16, String) {
         .call::<VmInfo>("PUT", "/vm/config", Some(body.as_bytes().to_vec()))
     {
         Ok(_) => (200, String::new()),
-        Err(ClientError::Api { status, message }) => (status, message),
+        Err(ClientError::Api {
+            status, message, ..
+        }) => (status, message),
         Err(e) => panic!("transport error: {e}"),
     }
 }

@@ -6,6 +6,7 @@ mod lifecycle;
 mod limits;
 mod linux;
 mod migration;
+mod operator;
 mod shell;
 mod sim;
 mod snapshot;

@@ -267,3 +267,74 @@ pub fn succeeded(out: Output, what: &str) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// The Python of the test tools' virtual environment (scripts/setup creates it and
+/// installs scripts/requirements-test.txt): `$RAY_PYENV/bin/python3`, by default under
+/// `${XDG_CACHE_HOME:-~/.cache}/rayvisor/pyenv`.
+pub fn python() -> PathBuf {
+    let venv = std::env::var_os("RAY_PYENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache")
+                });
+            cache.join("rayvisor").join("pyenv")
+        });
+    let py = venv.join("bin").join("python3");
+    assert!(
+        py.is_file(),
+        "{} is missing: run scripts/setup (it installs the Python test tools of scripts/requirements-test.txt)",
+        py.display()
+    );
+    py
+}
+
+/// Runs `script` with the test tools' Python and `args`, asserts success and returns its
+/// standard output.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("cannot run python");
+    succeeded(out, &format!("python {args:?}"))
+}
+
+/// A VMM started with `ray vmm` and no configuration (state `created`), serving its API.
+pub struct BareVmm {
+    pub child: std::process::Child,
+    pub client: VmmClient,
+    pub dir: PathBuf,
+}
+
+impl Drop for BareVmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Env {
+    /// Starts a bare VMM with id `id` and extra `ray vmm` arguments; waits for its API.
+    pub fn bare_vmm(&self, id: &str, extra: &[&str]) -> BareVmm {
+        let dir = self.runtime.join("vms").join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new(ray_bin())
+            .args(["vmm", "--id", id, "--dir"])
+            .arg(&dir)
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let client = VmmClient::new(&dir.join("api.sock"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.call::<VmInfo>("GET", "/vm", None).is_err() {
+            assert!(Instant::now() < deadline, "bare VMM {id} did not come up");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        BareVmm { child, client, dir }
+    }
+}

@@ -1,6 +1,6 @@
 //! The per-VM API: served by each `ray vmm` process on its Unix socket.
 use serde::{Deserialize, Serialize};
-use utoipa::{OpenApi, ToSchema};
+use utoipa::{IntoParams, ToSchema};
 
 /// Lifecycle state of a VM, as the API reports it (lower-case).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -146,8 +146,10 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Number of vCPUs, 1..=254 (the VMM's limit; the host's KVM may allow fewer, and a
     /// guest may use fewer: rayvisor's own guest runs on at most 64 and parks the rest).
+    #[schema(minimum = 1, maximum = 254)]
     pub vcpus: u8,
     /// Guest RAM in bytes: a multiple of 4 KiB, at least 32 MiB, at most what the host has.
+    #[schema(minimum = 33554432, multiple_of = 4096)]
     pub memory_bytes: u64,
 }
 
@@ -173,6 +175,9 @@ pub struct VmInfo {
     /// incremental snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_snapshot: Option<String>,
+    /// The loopback TCP address this API is also served on (`ray vm run --api-tcp`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_tcp: Option<String>,
 }
 
 /// What the guest reports in its heartbeat page, read by the VMM without any exit.
@@ -479,173 +484,203 @@ pub struct SnapshotMerge {
     pub compress: bool,
 }
 
+/// The machine-readable kind of an error: stable across releases (new kinds may be
+/// added), so clients branch on it rather than on the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request itself is wrong: a malformed or invalid body, query or value.
+    InvalidRequest,
+    /// Over TCP: the `Host` header names something other than a loopback address (a
+    /// DNS-rebinding guard).
+    ForbiddenHost,
+    /// What the request names does not exist (a migration, a snapshot).
+    NotFound,
+    /// No such path.
+    UnknownEndpoint,
+    /// The path exists, the method does not.
+    MethodNotAllowed,
+    /// The VM's state (or the host's) does not allow the request now.
+    WrongState,
+    /// The request collides with what exists (a snapshot that already exists, or that
+    /// others depend on).
+    Conflict,
+    /// The body is larger than the API accepts.
+    PayloadTooLarge,
+    /// A body that is not declared `Content-Type: application/json`.
+    UnsupportedMediaType,
+    /// The endpoint needs an HTTP upgrade (`Connection: upgrade`, `Upgrade: ray-console`).
+    UpgradeRequired,
+    /// The request was valid and allowed, and carrying it out failed.
+    Failed,
+    /// The VMM is ending and takes no more requests.
+    ShuttingDown,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 12] = [
+        ErrorCode::InvalidRequest,
+        ErrorCode::ForbiddenHost,
+        ErrorCode::NotFound,
+        ErrorCode::UnknownEndpoint,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::WrongState,
+        ErrorCode::Conflict,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::UpgradeRequired,
+        ErrorCode::Failed,
+        ErrorCode::ShuttingDown,
+    ];
+
+    /// The code as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::ForbiddenHost => "forbidden_host",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::UnknownEndpoint => "unknown_endpoint",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::WrongState => "wrong_state",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::UpgradeRequired => "upgrade_required",
+            ErrorCode::Failed => "failed",
+            ErrorCode::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Body of every 4xx/5xx answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
-    /// A sentence saying what was wrong and with which value.
-    pub error: String,
+    /// What kind of error: stable, for programs.
+    pub code: ErrorCode,
+    /// A sentence saying what was wrong and with which value: for people.
+    pub message: String,
 }
 
-// The paths below exist only to carry the OpenAPI description; the server is in `ray-vmm`.
-#[allow(dead_code)]
-mod paths {
-    use super::*;
-
-    #[utoipa::path(get, path = "/vm", responses((status = 200, body = VmInfo)))]
-    fn get_vm() {}
-
-    #[utoipa::path(put, path = "/vm/config", request_body = VmConfig, responses(
-        (status = 200, body = VmInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-    fn put_config() {}
-
-    #[utoipa::path(put, path = "/vm/start", responses((status = 200, body = VmInfo), (status = 409, body = ErrorBody)))]
-    fn start() {}
-
-    #[utoipa::path(put, path = "/vm/pause", responses((status = 200, body = VmInfo), (status = 409, body = ErrorBody)))]
-    fn pause() {}
-
-    #[utoipa::path(put, path = "/vm/resume", responses((status = 200, body = VmInfo), (status = 409, body = ErrorBody)))]
-    fn resume() {}
-
-    #[utoipa::path(put, path = "/vm/suspend", responses((status = 200, body = VmInfo), (status = 409, body = ErrorBody)))]
-    fn suspend() {}
-
-    #[utoipa::path(put, path = "/vm/snapshot", request_body = SnapshotRequest, responses(
-        (status = 200, body = SnapshotInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-    fn snapshot() {}
-
-    #[utoipa::path(get, path = "/vm/snapshot/progress", responses((status = 200, body = SnapshotProgress)))]
-    fn snapshot_progress() {}
-
-    #[utoipa::path(get, path = "/vm/snapshots", params(("store" = Option<String>, Query, description = "the store directory (default: the store of this VM's latest snapshot)")),
-        responses((status = 200, body = SnapshotList), (status = 400, body = ErrorBody)))]
-    fn snapshot_list() {}
-
-    #[utoipa::path(put, path = "/vm/snapshot/delete", request_body = SnapshotDelete, responses(
-        (status = 204), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-    fn snapshot_delete() {}
-
-    #[utoipa::path(put, path = "/vm/snapshot/merge", request_body = SnapshotMerge, responses(
-        (status = 200, body = SnapshotEntry), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-    fn snapshot_merge() {}
-
-    #[utoipa::path(put, path = "/vm/stop", request_body = StopRequest, responses(
-        (status = 200, body = VmInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-    fn stop() {}
-
-    #[utoipa::path(get, path = "/vm/events", responses((status = 200, body = Vec<LifecycleEvent>)))]
-    fn events() {}
-
-    #[utoipa::path(get, path = "/vm/console", params(("bytes" = Option<u64>, Query, description = "how many trailing bytes (default 4096)")),
-        responses((status = 200, body = ConsoleTail)))]
-    fn console_tail() {}
-
-    #[utoipa::path(post, path = "/vm/console", request_body = ConsoleInput, responses(
-        (status = 204), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-    fn console_input() {}
-
-    #[utoipa::path(put, path = "/vm/migration", request_body = MigrateRequest, responses(
-        (status = 200, body = MigrationStatus), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-    fn migrate() {}
-
-    #[utoipa::path(get, path = "/vm/migration", responses(
-        (status = 200, body = MigrationStatus), (status = 404, body = ErrorBody)))]
-    fn migration_status() {}
-
-    #[utoipa::path(put, path = "/vm/migration/cancel", responses(
-        (status = 200, body = MigrationStatus), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-    fn migration_cancel() {}
-
-    /// After a link failure past the switch-over (`vm: paused_ownership_uncertain`), resumes
-    /// the paused source copy. Only call it once the target is known dead (fenced).
-    #[utoipa::path(put, path = "/vm/migration/reclaim", responses(
-        (status = 200, body = MigrationStatus), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-    fn migration_reclaim() {}
-
-    #[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "this document")))]
-    fn openapi() {}
+/// `GET /version`: what this VMM is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VersionInfo {
+    /// rayvisor's version (the `ray` binary that runs this VMM).
+    pub version: String,
+    /// Version of this API's OpenAPI document (`info.version`).
+    pub api_version: String,
+    /// `os/arch` of the VMM's host, e.g. `linux/x86_64`.
+    pub platform: String,
 }
 
-/// The OpenAPI document of the per-VM API.
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "rayvisor per-VM API",
-        description = "Served by `ray vmm` on its Unix socket."
-    ),
-    paths(
-        paths::get_vm,
-        paths::put_config,
-        paths::start,
-        paths::pause,
-        paths::resume,
-        paths::suspend,
-        paths::snapshot,
-        paths::snapshot_progress,
-        paths::snapshot_list,
-        paths::snapshot_delete,
-        paths::snapshot_merge,
-        paths::stop,
-        paths::events,
-        paths::console_tail,
-        paths::console_input,
-        paths::migrate,
-        paths::migration_status,
-        paths::migration_cancel,
-        paths::migration_reclaim,
-        paths::openapi
-    ),
-    components(schemas(
-        VmConfig,
-        VmInfo,
-        VmStateName,
-        HeartbeatInfo,
-        StopRequest,
-        ConsoleInput,
-        ConsoleTail,
-        LifecycleEvent,
-        SnapshotKind,
-        SnapshotKindName,
-        SnapshotStateName,
-        SnapshotRequest,
-        SnapshotInfo,
-        MigrateRequest,
-        OnLimit,
-        MigrationRole,
-        MigrationState,
-        MigrationVmOutcome,
-        MigrationStatus,
-        SnapshotProgress,
-        SnapshotEntry,
-        BrokenSnapshot,
-        SnapshotList,
-        SnapshotDelete,
-        SnapshotMerge,
-        ErrorBody
-    ))
-)]
-pub struct VmmApiDoc;
+impl VersionInfo {
+    /// The version of this build.
+    pub fn current() -> Self {
+        VersionInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            api_version: API_VERSION.to_string(),
+            platform: format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
+        }
+    }
+}
 
-/// The per-VM OpenAPI document as pretty JSON.
-pub fn openapi_json() -> String {
-    VmmApiDoc::openapi()
-        .to_pretty_json()
-        .expect("the OpenAPI document is plain data and always serializes")
+/// Most console output a VMM keeps, and so returns or replays: 1 MiB.
+pub const CONSOLE_KEPT_BYTES: u64 = 1 << 20;
+
+/// Version of the per-VM API (the OpenAPI document's `info.version`): the major number
+/// changes when a request or answer changes incompatibly.
+pub const API_VERSION: &str = "1.0.0";
+
+/// `GET /vm/console` query.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ConsoleTailQuery {
+    /// How many trailing bytes to return (default 4096; at most the 1 MiB the VMM keeps).
+    #[param(minimum = 0, maximum = 1048576)]
+    pub bytes: Option<u64>,
+}
+
+/// Who may type into an attached console.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsoleMode {
+    /// Write if no other attachment writes, else read only.
+    #[default]
+    Auto,
+    /// Read only: input on this attachment is ignored.
+    ReadOnly,
+    /// Write, taking input over from the attachment that has it (it becomes read only).
+    Takeover,
+}
+
+/// `GET /vm/console/stream` query.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ConsoleStreamQuery {
+    /// Start at this output offset (`total_bytes` of an earlier answer). Output older than
+    /// the 1 MiB the VMM keeps is skipped (with a notice).
+    #[param(minimum = 0)]
+    pub from: Option<u64>,
+    /// Without `from`: start this many bytes before the current end (default 0: only new
+    /// output; at most the 1 MiB the VMM keeps).
+    #[param(minimum = 0, maximum = 1048576)]
+    pub history: Option<u64>,
+    /// Whether to take the console's input (default `auto`).
+    #[param(inline)]
+    pub mode: Option<ConsoleMode>,
+}
+
+/// The frames the VMM sends on an attached console (`GET /vm/console/stream` after its
+/// upgrade): a kind byte, a big-endian u32 length and that many bytes of payload. The
+/// client sends raw input bytes (no frames); closing the connection detaches.
+pub mod console_frame {
+    /// Output of the guest.
+    pub const OUTPUT: u8 = 0;
+    /// A message for the person at the console (UTF-8): output skipped, input dropped.
+    pub const NOTICE: u8 = 1;
+    /// This attachment's mode changed: `write` or `read_only`.
+    pub const MODE: u8 = 2;
+    /// The VMM is ending; nothing follows.
+    pub const END: u8 = 3;
+    /// Frame header size.
+    pub const HEADER: usize = 5;
+
+    /// A frame of `kind` carrying `payload`.
+    pub fn encode(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::with_capacity(HEADER + payload.len());
+        f.push(kind);
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Splits the first whole frame off `buf`: `(kind, payload, bytes used)`.
+    pub fn decode(buf: &[u8]) -> Option<(u8, &[u8], usize)> {
+        let len = u32::from_be_bytes(buf.get(1..HEADER)?.try_into().ok()?) as usize;
+        let payload = buf.get(HEADER..HEADER + len)?;
+        Some((buf[0], payload, HEADER + len))
+    }
+}
+
+/// `GET /vm/snapshots` query.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct SnapshotListQuery {
+    /// The store directory (default: the store of this VM's latest snapshot).
+    pub store: Option<String>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn committed_openapi_document_is_current() {
-        let committed = include_str!("../../../docs/openapi/vmm.json");
-        assert_eq!(
-            committed.trim(),
-            openapi_json().trim(),
-            "docs/openapi/vmm.json is stale: regenerate it with `ray openapi vmm > docs/openapi/vmm.json`"
-        );
-    }
 
     #[test]
     fn config_rejects_unknown_fields_naming_them() {
@@ -685,6 +720,30 @@ mod tests {
         assert!(e.to_string().contains("unknown variant `retry`"), "{e}");
         let e = serde_json::from_str::<MigrateRequest>(r#"{"to":"a:1","key":"x"}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field `key`"), "{e}");
+    }
+
+    #[test]
+    fn error_codes_are_snake_case_and_match_serde() {
+        for c in ErrorCode::ALL {
+            assert_eq!(serde_json::to_string(&c).unwrap(), format!("\"{c}\""));
+        }
+        let body: ErrorBody =
+            serde_json::from_str(r#"{"code":"wrong_state","message":"m"}"#).unwrap();
+        assert_eq!(body.code, ErrorCode::WrongState);
+    }
+
+    #[test]
+    fn console_frames_round_trip() {
+        let mut buf = console_frame::encode(console_frame::OUTPUT, b"hello");
+        buf.extend(console_frame::encode(console_frame::END, b""));
+        let (k, p, used) = console_frame::decode(&buf).unwrap();
+        assert_eq!((k, p, used), (console_frame::OUTPUT, &b"hello"[..], 10));
+        let (k, p, _) = console_frame::decode(&buf[used..]).unwrap();
+        assert_eq!((k, p), (console_frame::END, &b""[..]));
+        assert!(
+            console_frame::decode(&buf[..7]).is_none(),
+            "a partial frame waits"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use ray_api::vmm::ErrorBody;
+use ray_api::vmm::{ErrorBody, ErrorCode};
 use serde::de::DeserializeOwned;
 
 /// Why a call to a VMM did not succeed.
@@ -14,8 +14,14 @@ use serde::de::DeserializeOwned;
 pub enum ClientError {
     #[error("cannot reach the VMM at {path}: {reason}")]
     Unreachable { path: PathBuf, reason: String },
+    /// The VMM answered with an error: its HTTP status, its machine code (`None` when the
+    /// body is not an `ErrorBody`, e.g. from a VMM of an older release) and its message.
     #[error("{message}")]
-    Api { status: u16, message: String },
+    Api {
+        status: u16,
+        code: Option<ErrorCode>,
+        message: String,
+    },
     #[error("the VMM at {path} answered with something that is not the expected JSON: {reason}")]
     BadAnswer { path: PathBuf, reason: String },
 }
@@ -24,6 +30,36 @@ pub enum ClientError {
 pub struct Answer {
     pub status: u16,
     pub body: Bytes,
+}
+
+/// The error a 4xx/5xx answer carries: its `ErrorBody`, or the raw text of a body that is
+/// not one.
+pub fn api_error(status: u16, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => ClientError::Api {
+            status,
+            code: Some(e.code),
+            message: e.message,
+        },
+        Err(_) => ClientError::Api {
+            status,
+            code: None,
+            message: match String::from_utf8_lossy(body).trim() {
+                "" => format!("the VMM answered HTTP {status} with no explanation"),
+                text => text.to_string(),
+            },
+        },
+    }
+}
+
+impl ClientError {
+    /// The machine code of an API error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { code, .. } => *code,
+            _ => None,
+        }
+    }
 }
 
 pub struct VmmClient {
@@ -102,13 +138,7 @@ impl VmmClient {
     ) -> Result<T, ClientError> {
         let answer = self.raw(method, path, body)?;
         if answer.status >= 400 {
-            let message = serde_json::from_slice::<ErrorBody>(&answer.body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&answer.body).into_owned());
-            return Err(ClientError::Api {
-                status: answer.status,
-                message,
-            });
+            return Err(api_error(answer.status, &answer.body));
         }
         let body: &[u8] = if answer.body.is_empty() {
             b"null"
@@ -119,5 +149,26 @@ impl VmmClient {
             path: self.socket.clone(),
             reason: e.to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_give_code_and_message() {
+        let e = api_error(
+            409,
+            br#"{"code":"wrong_state","message":"cannot pause a VM that is paused"}"#,
+        );
+        assert_eq!(e.code(), Some(ErrorCode::WrongState));
+        assert_eq!(e.to_string(), "cannot pause a VM that is paused");
+        // A body that is not an ErrorBody (an older VMM, a proxy) still says something.
+        let e = api_error(502, b"bad gateway");
+        assert_eq!(e.code(), None);
+        assert_eq!(e.to_string(), "bad gateway");
+        let e = api_error(500, b"");
+        assert!(e.to_string().contains("HTTP 500"), "{e}");
     }
 }

@@ -6,6 +6,7 @@ mod bench_snapshot;
 mod migrate;
 mod sim;
 mod snapshot;
+mod version;
 mod vm;
 
 use ray::{exit, runtime};
@@ -53,6 +54,8 @@ enum Command {
         #[arg(value_parser = ["vmm"])]
         api: String,
     },
+    /// Show the version of `ray` and, with --vm, of a VM's VMM.
+    Version(version::VersionArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,9 +69,10 @@ fn main() -> ExitCode {
         Command::Bench(cmd) => bench::run(cmd, &runtime),
         Command::Sim(args) => sim::run(args),
         Command::Openapi { .. } => {
-            println!("{}", ray_api::vmm::openapi_json());
+            println!("{}", ray_vmm::api_server::openapi_json());
             Ok(())
         }
+        Command::Version(a) => version::run(&a, &runtime),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

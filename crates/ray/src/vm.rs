@@ -103,6 +103,19 @@ pub struct RunArgs {
     pub detach: bool,
     #[arg(long)]
     pub json: bool,
+    /// Also serve the VM's API on this loopback TCP address, e.g. 127.0.0.1:0 (0: any free
+    /// port; `ray vm status` shows it). Loopback only: the API has no authentication.
+    #[arg(long, value_name = "ADDR", value_parser = parse_api_tcp)]
+    pub api_tcp: Option<std::net::SocketAddr>,
+}
+
+/// A `--api-tcp` address: a loopback IP and a port.
+pub fn parse_api_tcp(s: &str) -> Result<std::net::SocketAddr, String> {
+    let addr: std::net::SocketAddr = s.parse().map_err(|e| {
+        format!("'{s}' is not an IP address and port such as 127.0.0.1:0 or [::1]:8080: {e}")
+    })?;
+    ray_vmm::api_server::check_tcp_addr(addr)?;
+    Ok(addr)
 }
 
 #[derive(Args)]
@@ -140,6 +153,9 @@ pub struct VmmArgs {
     /// With --migrate-listen: populate all of guest memory while waiting.
     #[arg(long, requires = "migrate_listen")]
     pub migrate_prefault: bool,
+    /// Also serve the API on this loopback TCP address (port 0: any free port).
+    #[arg(long, value_name = "ADDR", value_parser = parse_api_tcp)]
+    pub api_tcp: Option<std::net::SocketAddr>,
 }
 
 /// Where rayvisor's guest kernel is: `$RAY_GUEST`, or next to this binary (the build puts
@@ -261,15 +277,26 @@ pub enum Origin<'a> {
     },
 }
 
+/// What else a new VMM is started with.
+#[derive(Default)]
+pub struct VmmExtras {
+    /// Also serve the API on this loopback TCP address.
+    pub api_tcp: Option<std::net::SocketAddr>,
+}
+
 fn spawn_vmm(
     id: &str,
     dir: &Path,
     origin: &Origin,
     attach: bool,
+    extras: &VmmExtras,
 ) -> anyhow::Result<std::process::Child> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     cmd.arg("vmm").arg("--id").arg(id).arg("--dir").arg(dir);
+    if let Some(addr) = extras.api_tcp {
+        cmd.arg("--api-tcp").arg(addr.to_string());
+    }
     match origin {
         Origin::Boot(cfg) => {
             cmd.arg("--config-json")
@@ -326,12 +353,15 @@ fn spawn_vmm(
 
 fn run_vm(args: &RunArgs, runtime: &Path) -> anyhow::Result<()> {
     let cfg = vm_config(args)?;
-    launch(
+    launch_with(
         runtime,
         args.id.clone(),
         &Origin::Boot(&cfg),
         args.detach,
         args.json,
+        &VmmExtras {
+            api_tcp: args.api_tcp,
+        },
     )
 }
 
@@ -342,6 +372,18 @@ pub fn launch(
     origin: &Origin,
     detach: bool,
     json: bool,
+) -> anyhow::Result<()> {
+    launch_with(runtime, id, origin, detach, json, &VmmExtras::default())
+}
+
+/// [`launch`] with extras for the VMM.
+pub fn launch_with(
+    runtime: &Path,
+    id: Option<String>,
+    origin: &Origin,
+    detach: bool,
+    json: bool,
+    extras: &VmmExtras,
 ) -> anyhow::Result<()> {
     let id = id.unwrap_or_else(runtime::new_id);
     runtime::check_id(&id).map_err(|e| coded(exit::INVALID, e))?;
@@ -356,7 +398,7 @@ pub fn launch(
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if !detach {
-        let mut child = spawn_vmm(&id, &dir, origin, true)?;
+        let mut child = spawn_vmm(&id, &dir, origin, true, extras)?;
         // The VMM takes Ctrl-C itself (and stops the VM); this process just waits.
         // SAFETY: SIG_IGN for SIGINT in this process only; no handler code runs.
         unsafe {
@@ -369,7 +411,7 @@ pub fn launch(
             Err(coded(1, format!("the VMM of '{id}' ended with {status}")))
         };
     }
-    let mut child = spawn_vmm(&id, &dir, origin, false)?;
+    let mut child = spawn_vmm(&id, &dir, origin, false, extras)?;
     let socket = dir.join("api.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
     let info: VmInfo = loop {
@@ -514,6 +556,9 @@ fn print_info(info: &VmInfo, json: bool) -> anyhow::Result<()> {
     if let Some(r) = &info.exit_reason {
         println!("reason      {r}");
     }
+    if let Some(a) = &info.api_tcp {
+        println!("api_tcp     http://{a}");
+    }
     Ok(())
 }
 
@@ -607,6 +652,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
             max_concurrent: args.max_concurrent_migrations,
             prefault: args.migrate_prefault,
         }),
+        api_tcp: args.api_tcp,
     })?;
     match state {
         ray_vmm::lifecycle::VmState::Terminated => Ok(()),

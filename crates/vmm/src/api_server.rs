@@ -1,24 +1,37 @@
-//! The per-VM HTTP/JSON API on a Unix socket. Each handler parses its request into a
-//! typed [`Request`] and hands it to the VMM thread; it never touches VM state itself.
+//! The per-VM HTTP/JSON API on a Unix socket (and, when asked, on a loopback TCP port).
+//! Each handler parses its request into a typed [`Request`] and hands it to the VMM
+//! thread; it never touches VM state itself.
+//!
+//! This is the one module that knows HTTP: controller errors become an [`ErrorBody`] with
+//! a stable [`ErrorCode`] here, and the codes get their HTTP statuses in [`http_status`].
+//! The OpenAPI document is generated from the handlers themselves ([`openapi`]).
+//!
+//! Every handler that takes a body, and every `PUT`, reads the whole body before it acts
+//! (the [`Body`] extractor): a request whose body is still arriving has no effect yet.
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Query, State};
-use axum::http::{Method, StatusCode, Uri};
+use axum::extract::{FromRequest, FromRequestParts, Query, State};
+use axum::http::{header, request::Parts, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response as HttpResponse};
-use axum::routing::{get, put};
 use axum::{Json, Router};
 use ray_api::vmm::{
-    ConsoleInput, ErrorBody, MigrateRequest, SnapshotDelete, SnapshotMerge, SnapshotRequest,
-    StopRequest, VmConfig,
+    ConsoleInput, ConsoleStreamQuery, ConsoleTail, ConsoleTailQuery, ErrorBody, ErrorCode,
+    LifecycleEvent, MigrateRequest, MigrationStatus, SnapshotDelete, SnapshotEntry, SnapshotInfo,
+    SnapshotList, SnapshotListQuery, SnapshotMerge, SnapshotProgress, SnapshotRequest, StopRequest,
+    VersionInfo, VmConfig, VmInfo, API_VERSION, CONSOLE_KEPT_BYTES,
 };
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use tokio::sync::oneshot;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use crate::console_attach::{self, Attachment, ConsoleHub};
 use crate::controller::{ControllerError, Message, Request, Response};
 use crate::devices::ConsoleRing;
 
@@ -27,32 +40,90 @@ struct Api {
     inbox: Sender<Message>,
     ring: Arc<ConsoleRing>,
     meter: Arc<crate::snapshot::Meter>,
+    /// The loopback TCP address the API is also served on.
+    tcp: Option<String>,
+    /// The attached consoles.
+    console: Arc<ConsoleHub>,
+    /// Turns true when the server stops.
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
-fn error(status: u16, message: impl Into<String>) -> HttpResponse {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (
-        status,
-        Json(ErrorBody {
-            error: message.into(),
-        }),
-    )
-        .into_response()
+/// An error answer: a stable code and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
 }
 
-/// The HTTP status of a controller error: the one place the two meet.
-fn http_status(e: &ControllerError) -> u16 {
-    match e {
-        ControllerError::Invalid(_) => 400,
-        ControllerError::NotFound(_) => 404,
-        ControllerError::Refused(_) => 409,
-        ControllerError::Failed(_) => 500,
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidRequest, message)
+    }
+
+    fn shutting_down() -> Self {
+        Self::new(ErrorCode::ShuttingDown, "the VMM is shutting down")
     }
 }
 
-fn controller_error(e: ControllerError) -> HttpResponse {
-    error(http_status(&e), e.to_string())
+/// The HTTP status of an error code: the one place the two meet.
+pub fn http_status(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
+        ErrorCode::ForbiddenHost => StatusCode::FORBIDDEN,
+        ErrorCode::NotFound | ErrorCode::UnknownEndpoint => StatusCode::NOT_FOUND,
+        ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::WrongState | ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ErrorCode::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
+        ErrorCode::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+    }
 }
+
+impl From<ControllerError> for ApiError {
+    fn from(e: ControllerError) -> Self {
+        let code = match &e {
+            ControllerError::Invalid(_) => ErrorCode::InvalidRequest,
+            ControllerError::Refused(_) => ErrorCode::WrongState,
+            ControllerError::NotFound(_) => ErrorCode::NotFound,
+            ControllerError::Failed(_) => ErrorCode::Failed,
+        };
+        ApiError::new(code, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> HttpResponse {
+        let mut r = (
+            http_status(self.code),
+            Json(ErrorBody {
+                code: self.code,
+                message: self.message,
+            }),
+        )
+            .into_response();
+        if self.code == ErrorCode::UpgradeRequired {
+            r.headers_mut().insert(
+                header::UPGRADE,
+                header::HeaderValue::from_static(CONSOLE_PROTOCOL),
+            );
+        }
+        r
+    }
+}
+
+/// The `Upgrade` protocol of the console stream.
+pub const CONSOLE_PROTOCOL: &str = "ray-console";
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
 
 /// Parses a JSON body, naming the endpoint and serde's account of what was wrong.
 pub fn parse_body<T: DeserializeOwned>(endpoint: &str, body: &[u8]) -> Result<T, ControllerError> {
@@ -65,253 +136,800 @@ pub fn parse_body<T: DeserializeOwned>(endpoint: &str, body: &[u8]) -> Result<T,
         .map_err(|e| ControllerError::invalid(format!("invalid JSON body for {endpoint}: {e}")))
 }
 
+/// Checks the body of an endpoint that takes none: empty, or an empty JSON object.
+pub fn expect_no_body(endpoint: &str, body: &[u8]) -> Result<(), ControllerError> {
+    let text = body.trim_ascii();
+    if text.is_empty()
+        || serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(text)
+            .is_ok_and(|m| m.is_empty())
+    {
+        return Ok(());
+    }
+    Err(ControllerError::invalid(format!(
+        "{endpoint} takes no body (or `{{}}`), and the request had {} bytes: {:?}",
+        body.len(),
+        String::from_utf8_lossy(&body[..body.len().min(64)])
+    )))
+}
+
+/// Whether a `Content-Type` value is JSON (`application/json`, any parameters).
+pub fn is_json(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// The whole request body. Taking it makes a handler wait until the body has fully
+/// arrived, so a slow client's request has no effect before it is complete. A body must
+/// be declared JSON: besides catching mistakes, a web page cannot send that to another
+/// origin without the browser asking first (a CORS preflight, which this API never grants),
+/// so a page the operator visits cannot drive a VM through a loopback TCP port.
+pub struct Body(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let endpoint = format!("{} {}", req.method(), req.uri().path());
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let body = Bytes::from_request(req, state).await.map_err(|e| {
+            let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ErrorCode::PayloadTooLarge
+            } else {
+                ErrorCode::InvalidRequest
+            };
+            ApiError::new(
+                code,
+                format!("cannot read the body of {endpoint}: {}", e.body_text()),
+            )
+        })?;
+        if !body.trim_ascii().is_empty() && !content_type.as_deref().is_some_and(is_json) {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                format!(
+                    "the body of {endpoint} must be JSON sent as `Content-Type: application/json`, not {}",
+                    content_type.map_or("a body without a Content-Type".to_string(), |t| format!("{t:?}"))
+                ),
+            ));
+        }
+        Ok(Body(body))
+    }
+}
+
+/// A query string, rejected with an [`ApiError`] that names the endpoint.
+pub struct Q<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Q<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let endpoint = format!("{} {}", parts.method, parts.uri.path());
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| Q(q))
+            .map_err(|e| {
+                ApiError::invalid(format!("invalid query for {endpoint}: {}", e.body_text()))
+            })
+    }
+}
+
 impl Api {
-    async fn call(&self, request: Request) -> HttpResponse {
+    /// Hands `request` to the VMM thread and waits for its answer.
+    async fn ask(&self, request: Request) -> Result<Response, ApiError> {
         let (tx, rx) = oneshot::channel();
         let reply = Box::new(move |r| {
             let _ = tx.send(r);
         });
         if self.inbox.send(Message::Api(request, reply)).is_err() {
-            return error(503, "the VMM is shutting down");
+            return Err(ApiError::shutting_down());
         }
         match rx.await {
-            Ok(Ok(Response::Info(info))) => Json(*info).into_response(),
-            Ok(Ok(Response::Events(events))) => Json(events).into_response(),
-            Ok(Ok(Response::Snapshot(info))) => Json(info).into_response(),
-            Ok(Ok(Response::Migration(status))) => Json(*status).into_response(),
-            Ok(Ok(Response::Done)) => StatusCode::NO_CONTENT.into_response(),
-            Ok(Err(e)) => controller_error(e),
-            Err(_) => error(503, "the VMM is shutting down"),
+            Ok(r) => r.map_err(ApiError::from),
+            Err(_) => Err(ApiError::shutting_down()),
         }
     }
 
-    async fn call_parsed<T: DeserializeOwned>(
-        &self,
-        endpoint: &str,
-        body: &[u8],
-        make: impl FnOnce(T) -> Request,
-    ) -> HttpResponse {
-        match parse_body::<T>(endpoint, body) {
-            Ok(v) => self.call(make(v)).await,
-            Err(e) => controller_error(e),
+    async fn info(&self, request: Request) -> ApiResult<VmInfo> {
+        match self.ask(request).await? {
+            Response::Info(mut info) => {
+                info.api_tcp = self.tcp.clone();
+                Ok(Json(*info))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn migration(&self, request: Request) -> ApiResult<MigrationStatus> {
+        match self.ask(request).await? {
+            Response::Migration(s) => Ok(Json(*s)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn done(&self, request: Request) -> Result<StatusCode, ApiError> {
+        match self.ask(request).await? {
+            Response::Done => Ok(StatusCode::NO_CONTENT),
+            other => Err(unexpected(other)),
         }
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TailQuery {
-    bytes: Option<usize>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StoreQuery {
-    store: Option<String>,
+/// The VMM thread answered with another kind of response than the request calls for: a
+/// bug, reported rather than hidden.
+fn unexpected(r: Response) -> ApiError {
+    ApiError::new(
+        ErrorCode::Failed,
+        format!("the VMM answered with an unexpected response: {r:?}"),
+    )
 }
 
 /// Runs a snapshot-store operation (file work, no VM state) off the API's event loop.
-async fn store_op<T: serde::Serialize + Send + 'static>(
+async fn store_op<T: Send + 'static>(
     op: impl FnOnce() -> Result<T, crate::snapshot::SnapshotError> + Send + 'static,
-) -> HttpResponse {
+) -> Result<T, ApiError> {
     use crate::snapshot::SnapshotError;
     use ray_snapshot::StoreError;
     match tokio::task::spawn_blocking(op).await {
-        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
-            let status = match &e {
+            let code = match &e {
                 SnapshotError::Store(StoreError::HasChildren { .. })
-                | SnapshotError::Store(StoreError::AlreadyExists(_)) => 409,
-                SnapshotError::Store(StoreError::NotFound(_)) => 404,
-                SnapshotError::Store(StoreError::File(ray_snapshot::FileError::Io { .. })) => 500,
-                _ => 400,
+                | SnapshotError::Store(StoreError::AlreadyExists(_)) => ErrorCode::Conflict,
+                SnapshotError::Store(StoreError::NotFound(_)) => ErrorCode::NotFound,
+                SnapshotError::Store(StoreError::File(ray_snapshot::FileError::Io { .. })) => {
+                    ErrorCode::Failed
+                }
+                _ => ErrorCode::InvalidRequest,
             };
-            error(status, e.to_string())
+            Err(ApiError::new(code, e.to_string()))
         }
-        Err(_) => error(500, "the snapshot store operation panicked"),
+        Err(e) => Err(ApiError::new(
+            ErrorCode::Failed,
+            format!("the snapshot store operation did not finish: {e}"),
+        )),
     }
 }
 
-/// The store to list: the query's, else the one of the VM's latest snapshot.
-async fn snapshot_list(a: &Api, q: StoreQuery) -> HttpResponse {
+// ---- handlers ------------------------------------------------------------------------
+//
+// The first line of each handler's doc comment is its summary in the OpenAPI document, the
+// rest its description. Every status a handler can answer with is listed.
+
+/// Show the VM
+///
+/// Its state, configuration, uptime and the guest's heartbeat.
+#[utoipa::path(get, path = "/vm", tag = "vm", responses(
+    (status = 200, description = "The VM.", body = VmInfo),
+    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+async fn get_vm(State(a): State<Api>) -> ApiResult<VmInfo> {
+    a.info(Request::Info).await
+}
+
+/// Configure the VM
+///
+/// Sets kernel, command line, vCPUs and memory of a VM that was created without them.
+#[utoipa::path(put, path = "/vm/config", tag = "vm", request_body = VmConfig, responses(
+    (status = 200, description = "Configured.", body = VmInfo),
+    (status = 400, description = "`invalid_request`: the body is not a valid configuration (unknown field, value out of range, kernel file missing).", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the VM is already configured.", body = ErrorBody),
+    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
+    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+async fn put_config(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
+    let cfg = parse_body::<VmConfig>("PUT /vm/config", &body)?;
+    a.info(Request::Configure(cfg)).await
+}
+
+/// Boot the VM
+#[utoipa::path(put, path = "/vm/start", tag = "vm", responses(
+    (status = 200, description = "Running.", body = VmInfo),
+    (status = 400, description = "`invalid_request`: a body was sent (the endpoint takes none), or the configuration no longer holds (the kernel file is gone).", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the VM is not in `created` or has no configuration.", body = ErrorBody),
+    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
+    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    (status = 500, description = "`failed`: the VM could not be built or booted.", body = ErrorBody),
+    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+async fn put_start(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
+    expect_no_body("PUT /vm/start", &body)?;
+    a.info(Request::Start).await
+}
+
+/// Pause every vCPU
+#[utoipa::path(put, path = "/vm/pause", tag = "vm", responses(
+    (status = 200, description = "Paused.", body = VmInfo),
+    (status = 400, description = "`invalid_request`: a body was sent (the endpoint takes none).", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the VM is not running.", body = ErrorBody),
+    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
+    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+async fn put_pause(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
+    expect_no_body("PUT /vm/pause", &body)?;
+    a.info(Request::Pause).await
+}
+
+/// Continue a paused or suspended VM
+#[utoipa::path(put, path = "/vm/resume", tag = "vm", responses(
+    (status = 200, description = "Running.", body = VmInfo),
+    (status = 400, description = "`invalid_request`: a body was sent (the endpoint takes none), or the suspend image cannot be read.", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the VM is neither paused nor suspended.", body = ErrorBody),
+    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
+    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    (status = 500, description = "`failed`: a suspended VM could not be rebuilt.", body = ErrorBody),
+    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+async fn put_resume(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
+    expect_no_body("PUT /vm/resume", &body)?;
+    a.info(Request::Resume).await
+}
+
+/// Suspend the VM to disk
+///
+/// Writes the VM to a snapshot in its directory and releases its memory; `resume` brings
+/// it back.
+#[utoipa::path(put, path = "/vm/suspend", tag = "vm", responses(
+    (status = 200, description = "Suspended.", body = VmInfo),
+    (status = 400, description = "`invalid_request`: a body was sent (the endpoint takes none).", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the VM is neither running nor paused.", body = ErrorBody),
+    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
+    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    (status = 500, description = "`failed`: the suspend image could not be written.", body = ErrorBody),
+    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+async fn put_suspend(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
+    expect_no_body("PUT /vm/suspend", &body)?;
+    a.info(Request::Suspend).await
+}
+
+/// Stop the VM
+///
+/// Asks the guest to power off and waits up to `timeout_ms` for it, then stops the VM by
+/// force. An empty body means the defaults.
+#[utoipa::path(put, path = "/vm/stop", tag = "vm", request_body(content = Option<StopRequest>, description = "Optional: no body means the defaults."), responses(
+    (status = 200, description = "Terminated.", body = VmInfo),
+    (status = 400, description = "`invalid_request`: the body is not a valid stop request.", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the VM has already ended, or is stopping.", body = ErrorBody),
+    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
+    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+async fn put_stop(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
+    let body: &[u8] = if body.is_empty() { b"{}" } else { &body };
+    let s = parse_body::<StopRequest>("PUT /vm/stop", body)?;
+    a.info(Request::Stop {
+        timeout: Duration::from_millis(s.timeout_ms),
+    })
+    .await
+}
+
+/// List lifecycle events
+///
+/// The VM's audit trail: every state transition and its cause.
+#[utoipa::path(get, path = "/vm/events", tag = "vm", responses(
+    (status = 200, description = "Oldest first.", body = Vec<LifecycleEvent>),
+    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+async fn get_events(State(a): State<Api>) -> ApiResult<Vec<LifecycleEvent>> {
+    match a.ask(Request::Events).await? {
+        Response::Events(e) => Ok(Json(e)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Read the tail of the serial console
+#[utoipa::path(get, path = "/vm/console", tag = "console", params(ConsoleTailQuery), responses(
+    (status = 200, description = "The last bytes the guest wrote.", body = ConsoleTail),
+    (status = 400, description = "`invalid_request`: the query is not valid.", body = ErrorBody)))]
+async fn get_console(State(a): State<Api>, Q(q): Q<ConsoleTailQuery>) -> ApiResult<ConsoleTail> {
+    let max = at_most("bytes", q.bytes.unwrap_or(4096), CONSOLE_KEPT_BYTES)? as usize;
+    let (total_bytes, data) = a.ring.tail(max);
+    Ok(Json(ConsoleTail {
+        total_bytes,
+        data: String::from_utf8_lossy(&data).into_owned(),
+    }))
+}
+
+/// Type into the serial console
+#[utoipa::path(post, path = "/vm/console", tag = "console", request_body = ConsoleInput, responses(
+    (status = 204, description = "Queued for the guest."),
+    (status = 400, description = "`invalid_request`: the body is not valid console input.", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the VM is not running or paused, or too much input is already waiting.", body = ErrorBody),
+    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
+    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+async fn post_console(State(a): State<Api>, Body(body): Body) -> Result<StatusCode, ApiError> {
+    let c = parse_body::<ConsoleInput>("POST /vm/console", &body)?;
+    a.done(Request::ConsoleInput(c.data.into_bytes())).await
+}
+
+/// `value` of query parameter `name`, refused above `max`.
+fn at_most(name: &str, value: u64, max: u64) -> Result<u64, ApiError> {
+    if value > max {
+        return Err(ApiError::invalid(format!(
+            "{name} is at most {max} (the console output the VMM keeps), got {value}"
+        )));
+    }
+    Ok(value)
+}
+
+/// Whether header `name` lists `token` (comma-separated, any case).
+fn header_lists(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Attach to the serial console
+///
+/// Upgrades the connection (`Connection: upgrade`, `Upgrade: ray-console`) to a two-way
+/// stream that follows the console live. The VMM sends frames: a kind byte (0 output,
+/// 1 notice for the person at the console, 2 this attachment's mode, `write` or
+/// `read_only`, 3 end: the VMM is ending), a big-endian u32 length and the payload. The
+/// client sends raw input bytes. One attachment at a time has the input: the first to
+/// attach in mode `auto`, or the latest to attach in mode `takeover`; the input of the
+/// others is dropped. Closing the connection detaches and leaves the VM alone.
+#[utoipa::path(get, path = "/vm/console/stream", tag = "console", params(ConsoleStreamQuery), responses(
+    (status = 101, description = "Switched to the console stream."),
+    (status = 400, description = "`invalid_request`: the query is not valid.", body = ErrorBody),
+    (status = 426, description = "`upgrade_required`: the request lacks `Connection: upgrade` and `Upgrade: ray-console`.", body = ErrorBody)))]
+async fn get_console_stream(
+    State(a): State<Api>,
+    Q(q): Q<ConsoleStreamQuery>,
+    req: axum::extract::Request,
+) -> Result<HttpResponse, ApiError> {
+    if let Some(h) = q.history {
+        at_most("history", h, CONSOLE_KEPT_BYTES)?;
+    }
+    let h = req.headers();
+    if !(header_lists(h, header::CONNECTION, "upgrade")
+        && header_lists(h, header::UPGRADE, CONSOLE_PROTOCOL))
+    {
+        return Err(ApiError::new(
+            ErrorCode::UpgradeRequired,
+            format!("GET /vm/console/stream streams the console over an upgraded connection: send `Connection: upgrade` and `Upgrade: {CONSOLE_PROTOCOL}`, or read it with GET /vm/console"),
+        ));
+    }
+    let from = console_attach::start_offset(&a.ring, q.from, q.history);
+    let (id, writes) = a.console.join(q.mode.unwrap_or_default());
+    let attachment = Attachment {
+        id,
+        writes,
+        from,
+        ring: a.ring.clone(),
+        inbox: a.inbox.clone(),
+        hub: a.console.clone(),
+        stop: a.stop.clone(),
+    };
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(io) => console_attach::run(hyper_util::rt::TokioIo::new(io), attachment).await,
+            Err(_) => attachment.abandon(),
+        }
+    });
+    let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    r.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("upgrade"),
+    );
+    r.headers_mut().insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static(CONSOLE_PROTOCOL),
+    );
+    Ok(r)
+}
+
+/// Take a snapshot
+#[utoipa::path(put, path = "/vm/snapshot", tag = "snapshots", request_body = SnapshotRequest, responses(
+    (status = 200, description = "Written.", body = SnapshotInfo),
+    (status = 400, description = "`invalid_request`: the body is not valid, or its path cannot be used.", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the VM's state does not allow it (not paused without `pause`, no parent for `incremental`, too many snapshots).", body = ErrorBody),
+    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
+    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    (status = 500, description = "`failed`: writing the snapshot failed.", body = ErrorBody),
+    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+async fn put_snapshot(State(a): State<Api>, Body(body): Body) -> ApiResult<SnapshotInfo> {
+    let req = parse_body::<SnapshotRequest>("PUT /vm/snapshot", &body)?;
+    match a.ask(Request::Snapshot(req)).await {
+        Ok(Response::Snapshot(info)) => {
+            crate::metrics::snapshot_taken(
+                info.kind,
+                info.paused_ms,
+                info.write_ms,
+                info.disk_bytes,
+            );
+            Ok(Json(info))
+        }
+        Ok(other) => Err(unexpected(other)),
+        Err(e) => {
+            if e.code == ErrorCode::Failed {
+                crate::metrics::snapshot_failed();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Follow the snapshot being written
+#[utoipa::path(get, path = "/vm/snapshot/progress", tag = "snapshots", responses(
+    (status = 200, description = "The snapshot in progress, if any.", body = SnapshotProgress)))]
+async fn get_snapshot_progress(State(a): State<Api>) -> Json<SnapshotProgress> {
+    Json(a.meter.get())
+}
+
+/// List the snapshots of a store
+///
+/// Parents before their children; directories that are not readable snapshots are listed
+/// apart.
+#[utoipa::path(get, path = "/vm/snapshots", tag = "snapshots", params(SnapshotListQuery), responses(
+    (status = 200, description = "The store's snapshots.", body = SnapshotList),
+    (status = 400, description = "`invalid_request`: the query is not valid, the store is not a directory, or the VM has no snapshot to take the store from.", body = ErrorBody),
+    (status = 404, description = "`not_found`: a snapshot the store refers to is missing.", body = ErrorBody),
+    (status = 500, description = "`failed`: the store cannot be read.", body = ErrorBody),
+    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+async fn get_snapshots(
+    State(a): State<Api>,
+    Q(q): Q<SnapshotListQuery>,
+) -> ApiResult<SnapshotList> {
     let store = match q.store {
         Some(s) => std::path::PathBuf::from(s),
         None => {
-            let (tx, rx) = oneshot::channel();
-            let reply = Box::new(move |r| {
-                let _ = tx.send(r);
-            });
-            if a.inbox.send(Message::Api(Request::Info, reply)).is_err() {
-                return error(503, "the VMM is shutting down");
-            }
-            let last = match rx.await {
-                Ok(Ok(Response::Info(info))) => info.last_snapshot,
-                _ => return error(503, "the VMM is shutting down"),
-            };
-            match last.as_deref().map(Path::new).and_then(Path::parent) {
+            let Json(info) = a.info(Request::Info).await?;
+            match info
+                .last_snapshot
+                .as_deref()
+                .map(Path::new)
+                .and_then(Path::parent)
+            {
                 Some(p) => p.to_path_buf(),
                 None => {
-                    return error(
-                        400,
+                    return Err(ApiError::invalid(
                         "this VM has no snapshot yet: name the store with ?store=<directory>",
-                    )
+                    ))
                 }
             }
         }
     };
-    store_op(move || crate::snapshot::list(&store)).await
+    store_op(move || crate::snapshot::list(&store))
+        .await
+        .map(Json)
+}
+
+/// Delete a snapshot
+#[utoipa::path(put, path = "/vm/snapshot/delete", tag = "snapshots", request_body = SnapshotDelete, responses(
+    (status = 204, description = "Deleted."),
+    (status = 400, description = "`invalid_request`: the body is not valid, or its path is not a snapshot.", body = ErrorBody),
+    (status = 404, description = "`not_found`: there is no such snapshot.", body = ErrorBody),
+    (status = 409, description = "`conflict`: other snapshots depend on it.", body = ErrorBody),
+    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
+    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    (status = 500, description = "`failed`: the files could not be removed.", body = ErrorBody)))]
+async fn put_snapshot_delete(Body(body): Body) -> Result<StatusCode, ApiError> {
+    let d = parse_body::<SnapshotDelete>("PUT /vm/snapshot/delete", &body)?;
+    store_op(move || crate::snapshot::delete(Path::new(&d.path))).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Merge a snapshot chain into a new full snapshot
+#[utoipa::path(put, path = "/vm/snapshot/merge", tag = "snapshots", request_body = SnapshotMerge, responses(
+    (status = 200, description = "The new full snapshot.", body = SnapshotEntry),
+    (status = 400, description = "`invalid_request`: the body is not valid, or its path is not a snapshot.", body = ErrorBody),
+    (status = 404, description = "`not_found`: there is no such snapshot (or a parent is missing).", body = ErrorBody),
+    (status = 409, description = "`conflict`: a snapshot named `into` already exists.", body = ErrorBody),
+    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
+    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    (status = 500, description = "`failed`: the files could not be read or written.", body = ErrorBody)))]
+async fn put_snapshot_merge(Body(body): Body) -> ApiResult<SnapshotEntry> {
+    let m = parse_body::<SnapshotMerge>("PUT /vm/snapshot/merge", &body)?;
+    store_op(move || crate::snapshot::merge(Path::new(&m.path), &m.into, m.compress))
+        .await
+        .map(Json)
+}
+
+/// Migrate the VM to a waiting target
+#[utoipa::path(put, path = "/vm/migration", tag = "migration", request_body = MigrateRequest, responses(
+    (status = 200, description = "Started; follow it with `GET /vm/migration`.", body = MigrationStatus),
+    (status = 400, description = "`invalid_request`: the body is not valid (bad address, unreadable key file, limits out of range).", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the VM is not running, or the host's migration limit is reached.", body = ErrorBody),
+    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
+    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    (status = 500, description = "`failed`: the migration could not be started.", body = ErrorBody),
+    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+async fn put_migration(State(a): State<Api>, Body(body): Body) -> ApiResult<MigrationStatus> {
+    let req = parse_body::<MigrateRequest>("PUT /vm/migration", &body)?;
+    a.migration(Request::Migrate(req)).await
+}
+
+/// Follow the VM's migration
+#[utoipa::path(get, path = "/vm/migration", tag = "migration", responses(
+    (status = 200, description = "The migration in flight, or the last one.", body = MigrationStatus),
+    (status = 404, description = "`not_found`: this VM has never migrated.", body = ErrorBody),
+    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+async fn get_migration(State(a): State<Api>) -> ApiResult<MigrationStatus> {
+    a.migration(Request::MigrationStatus).await
+}
+
+/// Cancel the migration in flight
+#[utoipa::path(put, path = "/vm/migration/cancel", tag = "migration", responses(
+    (status = 200, description = "Cancelling; the VM keeps running here.", body = MigrationStatus),
+    (status = 400, description = "`invalid_request`: a body was sent (the endpoint takes none).", body = ErrorBody),
+    (status = 404, description = "`not_found`: this VM has never migrated.", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the migration already ended.", body = ErrorBody),
+    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
+    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+async fn put_migration_cancel(
+    State(a): State<Api>,
+    Body(body): Body,
+) -> ApiResult<MigrationStatus> {
+    expect_no_body("PUT /vm/migration/cancel", &body)?;
+    a.migration(Request::MigrationCancel).await
+}
+
+/// Resume the source after an uncertain switch-over
+///
+/// After a link failure past the switch-over (`vm: paused_ownership_uncertain`), resumes
+/// the paused source copy. Only call it once the target is known dead (fenced).
+#[utoipa::path(put, path = "/vm/migration/reclaim", tag = "migration", responses(
+    (status = 200, description = "The source copy runs again.", body = MigrationStatus),
+    (status = 400, description = "`invalid_request`: a body was sent (the endpoint takes none).", body = ErrorBody),
+    (status = 404, description = "`not_found`: this VM has never migrated.", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the migration did not end with ownership uncertain.", body = ErrorBody),
+    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
+    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    (status = 500, description = "`failed`: the source copy could not be resumed.", body = ErrorBody),
+    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+async fn put_migration_reclaim(
+    State(a): State<Api>,
+    Body(body): Body,
+) -> ApiResult<MigrationStatus> {
+    expect_no_body("PUT /vm/migration/reclaim", &body)?;
+    a.migration(Request::MigrationReclaim).await
+}
+
+/// Metrics in Prometheus' text format
+///
+/// vCPU exits by reason, dirty pages, snapshots and migrations (counts and durations),
+/// memory (guest RAM, the VMM's own). Never waits for the VMM thread.
+#[utoipa::path(get, path = "/metrics", tag = "meta", responses(
+    (status = 200, description = "Prometheus text exposition format 0.0.4.", content_type = "text/plain", body = String)))]
+async fn get_metrics() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(),
+    )
+}
+
+/// Show the VMM's version
+#[utoipa::path(get, path = "/version", tag = "meta", responses(
+    (status = 200, description = "This VMM's version.", body = VersionInfo)))]
+async fn get_version() -> Json<VersionInfo> {
+    Json(VersionInfo::current())
+}
+
+/// This OpenAPI document
+#[utoipa::path(get, path = "/openapi.json", tag = "meta", responses(
+    (status = 200, description = "This document.", content_type = "application/json", body = Object)))]
+async fn get_openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_json())
+}
+
+// ---- the document and the router ------------------------------------------------------
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "rayvisor per-VM API",
+        description = "Served by each `ray vmm` process (one per VM) on the Unix socket `api.sock` in its VM directory, and on a loopback TCP port when started with `--api-tcp`. Every error answer is an `ErrorBody`: a stable `code` for programs and a `message` for people. Requests act only once their whole body has arrived. Over TCP, a request whose `Host` is not a loopback name is refused with 403 `forbidden_host`.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0")
+    ),
+    tags(
+        (name = "vm", description = "The VM's lifecycle: configure, start, pause, resume, suspend, stop, events."),
+        (name = "console", description = "The serial console: its output and input."),
+        (name = "snapshots", description = "Snapshots of the VM and the stores that hold them."),
+        (name = "migration", description = "Live migration of the VM to another host."),
+        (name = "meta", description = "About the API itself.")
+    ),
+    components(schemas(ErrorCode))
+)]
+struct ApiDoc;
+
+/// The routes, with the document their annotations describe.
+fn routes() -> OpenApiRouter<Api> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(get_vm))
+        .routes(routes!(put_config))
+        .routes(routes!(put_start))
+        .routes(routes!(put_pause))
+        .routes(routes!(put_resume))
+        .routes(routes!(put_suspend))
+        .routes(routes!(put_stop))
+        .routes(routes!(get_events))
+        .routes(routes!(get_console, post_console))
+        .routes(routes!(get_console_stream))
+        .routes(routes!(put_snapshot))
+        .routes(routes!(get_snapshot_progress))
+        .routes(routes!(get_snapshots))
+        .routes(routes!(put_snapshot_delete))
+        .routes(routes!(put_snapshot_merge))
+        .routes(routes!(put_migration, get_migration))
+        .routes(routes!(put_migration_cancel))
+        .routes(routes!(put_migration_reclaim))
+        .routes(routes!(get_metrics))
+        .routes(routes!(get_version))
+        .routes(routes!(get_openapi))
+}
+
+/// The per-VM API's OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let (_, mut doc) = routes().split_for_parts();
+    doc.info.version = API_VERSION.to_string();
+    // The TCP listener's Host check applies to every operation.
+    let forbidden = ResponseBuilder::new()
+        .description("`forbidden_host`: over TCP, the `Host` header is not a loopback name.")
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build();
+    for item in doc.paths.paths.values_mut() {
+        for op in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            op.responses
+                .responses
+                .insert("403".to_string(), forbidden.clone().into());
+        }
+    }
+    doc
+}
+
+/// The per-VM OpenAPI document as pretty JSON.
+pub fn openapi_json() -> String {
+    let text = openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document is plain data and always serializes");
+    // utoipa 6 spells the unsigned integer formats `u-int8` ... `u-int64` (its serde
+    // kebab-cases the variant names); the names in use are `uint8` ... `uint64`. In pretty
+    // JSON a format is always `"format": "<name>"` (a description quoting it would have
+    // its quotes escaped), so the replacement touches formats only.
+    text.replace("\"format\": \"u-int", "\"format\": \"uint")
+}
+
+async fn unknown_endpoint(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        ErrorCode::UnknownEndpoint,
+        format!("no such endpoint: {method} {uri} (see GET /openapi.json)"),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("{method} is not allowed on {uri} (see GET /openapi.json)"),
+    )
 }
 
 fn router(api: Api) -> Router {
-    Router::new()
-        .route("/vm", get(|State(a): State<Api>| async move { a.call(Request::Info).await }))
-        .route(
-            "/vm/config",
-            put(|State(a): State<Api>, body: Bytes| async move {
-                a.call_parsed::<VmConfig>("PUT /vm/config", &body, Request::Configure)
-                    .await
-            }),
-        )
-        .route("/vm/start", put(|State(a): State<Api>| async move { a.call(Request::Start).await }))
-        .route("/vm/pause", put(|State(a): State<Api>| async move { a.call(Request::Pause).await }))
-        .route("/vm/resume", put(|State(a): State<Api>| async move { a.call(Request::Resume).await }))
-        .route("/vm/suspend", put(|State(a): State<Api>| async move { a.call(Request::Suspend).await }))
-        .route(
-            "/vm/snapshot",
-            put(|State(a): State<Api>, body: Bytes| async move {
-                a.call_parsed::<SnapshotRequest>("PUT /vm/snapshot", &body, Request::Snapshot)
-                    .await
-            }),
-        )
-        .route(
-            "/vm/snapshot/progress",
-            get(|State(a): State<Api>| async move { Json(a.meter.get()).into_response() }),
-        )
-        .route(
-            "/vm/snapshots",
-            get(|State(a): State<Api>, q: Result<Query<StoreQuery>, axum::extract::rejection::QueryRejection>| async move {
-                match q {
-                    Ok(Query(q)) => snapshot_list(&a, q).await,
-                    Err(e) => error(400, format!("invalid query for GET /vm/snapshots: {}", e.body_text())),
-                }
-            }),
-        )
-        .route(
-            "/vm/snapshot/delete",
-            put(|body: Bytes| async move {
-                match parse_body::<SnapshotDelete>("PUT /vm/snapshot/delete", &body) {
-                    Ok(d) => {
-                        let r = store_op(move || crate::snapshot::delete(Path::new(&d.path))).await;
-                        if r.status() == StatusCode::OK {
-                            StatusCode::NO_CONTENT.into_response()
-                        } else {
-                            r
-                        }
-                    }
-                    Err(e) => controller_error(e),
-                }
-            }),
-        )
-        .route(
-            "/vm/snapshot/merge",
-            put(|body: Bytes| async move {
-                match parse_body::<SnapshotMerge>("PUT /vm/snapshot/merge", &body) {
-                    Ok(m) => {
-                        store_op(move || {
-                            crate::snapshot::merge(Path::new(&m.path), &m.into, m.compress)
-                        })
-                        .await
-                    }
-                    Err(e) => controller_error(e),
-                }
-            }),
-        )
-        .route(
-            "/vm/stop",
-            put(|State(a): State<Api>, body: Bytes| async move {
-                let body: &[u8] = if body.is_empty() { b"{}" } else { &body };
-                a.call_parsed::<StopRequest>("PUT /vm/stop", body, |s| Request::Stop {
-                    timeout: Duration::from_millis(s.timeout_ms),
-                })
-                .await
-            }),
-        )
-        .route(
-            "/vm/migration",
-            put(|State(a): State<Api>, body: Bytes| async move {
-                a.call_parsed::<MigrateRequest>("PUT /vm/migration", &body, Request::Migrate)
-                    .await
-            })
-            .get(|State(a): State<Api>| async move { a.call(Request::MigrationStatus).await }),
-        )
-        .route(
-            "/vm/migration/cancel",
-            put(|State(a): State<Api>| async move { a.call(Request::MigrationCancel).await }),
-        )
-        .route(
-            "/vm/migration/reclaim",
-            put(|State(a): State<Api>| async move { a.call(Request::MigrationReclaim).await }),
-        )
-        .route("/vm/events", get(|State(a): State<Api>| async move { a.call(Request::Events).await }))
-        .route(
-            "/vm/console",
-            get(|State(a): State<Api>, q: Result<Query<TailQuery>, axum::extract::rejection::QueryRejection>| async move {
-                match q {
-                    Ok(Query(q)) => {
-                        let (total_bytes, data) = a.ring.tail(q.bytes.unwrap_or(4096));
-                        Json(ray_api::vmm::ConsoleTail {
-                            total_bytes,
-                            data: String::from_utf8_lossy(&data).into_owned(),
-                        })
-                        .into_response()
-                    }
-                    Err(e) => error(400, format!("invalid query for GET /vm/console: {}", e.body_text())),
-                }
-            })
-            .post(|State(a): State<Api>, body: Bytes| async move {
-                a.call_parsed::<ConsoleInput>("POST /vm/console", &body, |c| {
-                    Request::ConsoleInput(c.data.into_bytes())
-                })
-                .await
-            }),
-        )
-        .route(
-            "/openapi.json",
-            get(|| async {
-                (
-                    [(axum::http::header::CONTENT_TYPE, "application/json")],
-                    ray_api::vmm::openapi_json(),
-                )
-            }),
-        )
-        .fallback(|method: Method, uri: Uri| async move {
-            error(404, format!("no such endpoint: {method} {uri} (see GET /openapi.json)"))
-        })
-        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
-            error(405, format!("{method} is not allowed on {uri} (see GET /openapi.json)"))
-        })
+    let (router, _) = routes().split_for_parts();
+    router
+        .fallback(unknown_endpoint)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(api)
+}
+
+/// Whether `host` (a `Host` header: name or address, with or without a port) names this
+/// machine's loopback interface.
+pub fn is_loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port or [v6]
+        match rest.split_once(']') {
+            Some((addr, _)) => addr,
+            None => return false,
+        }
+    } else {
+        host.rsplit_once(':').map_or(host, |(name, _)| name)
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The TCP listener's guard against DNS rebinding: a web page may make a browser send
+/// requests to 127.0.0.1, but under its own host name.
+async fn loopback_host_only(
+    headers: HeaderMap,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> HttpResponse {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if is_loopback_host(host) {
+        next.run(request).await
+    } else {
+        ApiError::new(
+            ErrorCode::ForbiddenHost,
+            format!(
+                "Host {host:?} is not a loopback name: over TCP this API answers only requests addressed to localhost, 127.0.0.0/8 or [::1]"
+            ),
+        )
+        .into_response()
+    }
+}
+
+/// Checks that `addr` may serve the API over TCP: loopback addresses only, since the API
+/// has no authentication of its own.
+pub fn check_tcp_addr(addr: SocketAddr) -> Result<(), String> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the API can be served over TCP on a loopback address only (127.0.0.0/8 or [::1]), not {addr}: it has no authentication, so anyone who reaches the port controls the VM"
+        ))
+    }
 }
 
 /// The API server thread's handle: dropping `shutdown` ends it gracefully.
 pub struct ApiServer {
-    shutdown: Option<oneshot::Sender<()>>,
+    shutdown: Option<tokio::sync::watch::Sender<bool>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    tcp: Option<SocketAddr>,
 }
 
 impl ApiServer {
-    /// Binds `socket` and serves on a thread of its own.
+    /// Binds `socket` (and `tcp`, a loopback address, if given) and serves on a thread of
+    /// its own.
     pub fn start(
         socket: &Path,
+        tcp: Option<SocketAddr>,
         inbox: Sender<Message>,
         ring: Arc<ConsoleRing>,
         meter: Arc<crate::snapshot::Meter>,
     ) -> std::io::Result<Self> {
+        let tcp_listener = match tcp {
+            Some(addr) => {
+                check_tcp_addr(addr).map_err(std::io::Error::other)?;
+                let l = std::net::TcpListener::bind(addr).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+                })?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+            None => None,
+        };
+        let tcp = match &tcp_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
         let _ = std::fs::remove_file(socket);
         let std_listener = std::os::unix::net::UnixListener::bind(socket)?;
         std_listener.set_nonblocking(true)?;
-        let (tx, rx) = oneshot::channel::<()>();
-        let app = router(Api { inbox, ring, meter });
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let console = Arc::new(ConsoleHub::default());
+        let app = router(Api {
+            inbox,
+            ring,
+            meter,
+            tcp: tcp.map(|a| a.to_string()),
+            console: console.clone(),
+            stop: rx.clone(),
+        });
         let thread = std::thread::Builder::new()
             .name("api".into())
             .stack_size(512 << 10)
@@ -328,34 +946,72 @@ impl ApiServer {
                     }
                 };
                 rt.block_on(async move {
-                    let listener = match tokio::net::UnixListener::from_std(std_listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            eprintln!("ray vmm: cannot serve the API socket: {e}");
-                            return;
-                        }
-                    };
-                    let _ = axum::serve(listener, app)
-                        .with_graceful_shutdown(async move {
-                            let _ = rx.await;
-                        })
-                        .await;
+                    serve(std_listener, tcp_listener, app, rx).await;
+                    // Attached consoles have been told; let them send their last output.
+                    console.drained(Duration::from_secs(2)).await;
                 });
             })?;
         Ok(Self {
             shutdown: Some(tx),
             thread: Some(thread),
+            tcp,
         })
+    }
+
+    /// The TCP address the API is served on, if any (the port chosen for port 0).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp
     }
 
     /// Stops accepting, lets answers in flight finish, and joins the thread.
     pub fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+            let _ = tx.send(true);
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+async fn serve(
+    unix: std::os::unix::net::UnixListener,
+    tcp: Option<std::net::TcpListener>,
+    app: Router,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let unix = match tokio::net::UnixListener::from_std(unix) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ray vmm: cannot serve the API socket: {e}");
+            return;
+        }
+    };
+    let tcp_task = tcp.and_then(|l| match tokio::net::TcpListener::from_std(l) {
+        Ok(l) => {
+            let app = app
+                .clone()
+                .layer(axum::middleware::from_fn(loopback_host_only));
+            let rx = stop.clone();
+            Some(tokio::spawn(async move {
+                let _ = axum::serve(l, app)
+                    .with_graceful_shutdown(stopped(rx))
+                    .await;
+            }))
+        }
+        Err(e) => {
+            eprintln!("ray vmm: cannot serve the API on TCP: {e}");
+            None
+        }
+    });
+    let _ = axum::serve(unix, app)
+        .with_graceful_shutdown(stopped(stop))
+        .await;
+    if let Some(t) = tcp_task {
+        let _ = t.await;
     }
 }
 
@@ -364,9 +1020,94 @@ mod tests {
     use super::*;
 
     #[test]
+    fn committed_openapi_document_is_current() {
+        let committed = include_str!("../../../docs/openapi/vmm.json");
+        let current = openapi_json();
+        let first_difference = committed
+            .trim()
+            .lines()
+            .zip(current.trim().lines())
+            .enumerate()
+            .find(|(_, (a, b))| a != b);
+        assert!(
+            committed.trim() == current.trim(),
+            "docs/openapi/vmm.json is stale (first difference: {:?}, lines {} vs {}): regenerate it with `target/debug/ray openapi vmm > docs/openapi/vmm.json`",
+            first_difference.map(|(i, (a, b))| (i + 1, a, b)),
+            committed.trim().lines().count(),
+            current.trim().lines().count()
+        );
+    }
+
+    #[test]
+    fn every_operation_has_a_summary_a_tag_and_documented_errors() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+        assert!(!doc["info"]["description"].as_str().unwrap().is_empty());
+        assert_eq!(doc["info"]["license"]["name"], "Apache-2.0");
+        assert_eq!(doc["info"]["version"], API_VERSION);
+        let paths = doc["paths"].as_object().unwrap();
+        assert!(paths.len() >= 19, "{} paths", paths.len());
+        for (path, item) in paths {
+            for (method, op) in item.as_object().unwrap() {
+                let what = format!("{method} {path}");
+                assert!(
+                    op["summary"].as_str().is_some_and(|s| !s.is_empty()),
+                    "{what} has no summary"
+                );
+                assert!(
+                    op["tags"].as_array().is_some_and(|t| !t.is_empty()),
+                    "{what} has no tag"
+                );
+                let responses = op["responses"].as_object().unwrap();
+                for (status, r) in responses {
+                    assert!(
+                        r["description"].as_str().is_some_and(|d| !d.is_empty()),
+                        "{what} {status} has no description"
+                    );
+                    if status.starts_with('4') || status.starts_with('5') {
+                        assert_eq!(
+                            r["content"]["application/json"]["schema"]["$ref"],
+                            "#/components/schemas/ErrorBody",
+                            "{what} {status} must answer an ErrorBody"
+                        );
+                    }
+                }
+                // Every body-taking or state-changing operation reads (and can reject) its body.
+                if method == "put" || method == "post" {
+                    for s in ["400", "413", "415"] {
+                        assert!(responses.contains_key(s), "{what} does not document {s}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_controller_error_has_a_code_and_every_code_a_status() {
+        let cases = [
+            (
+                ControllerError::invalid("x"),
+                ErrorCode::InvalidRequest,
+                400,
+            ),
+            (ControllerError::refused("x"), ErrorCode::WrongState, 409),
+            (ControllerError::not_found("x"), ErrorCode::NotFound, 404),
+            (ControllerError::failed("x"), ErrorCode::Failed, 500),
+        ];
+        for (e, code, status) in cases {
+            let a = ApiError::from(e);
+            assert_eq!(a.code, code);
+            assert_eq!(http_status(a.code).as_u16(), status);
+        }
+        for c in ErrorCode::ALL {
+            let s = http_status(c).as_u16();
+            assert!((400..600).contains(&s), "{c} -> {s}");
+        }
+    }
+
+    #[test]
     fn body_errors_name_the_endpoint_and_the_problem() {
         let e = parse_body::<VmConfig>("PUT /vm/config", b"{\"kernel\": 3").unwrap_err();
-        assert_eq!(http_status(&e), 400);
+        assert_eq!(ApiError::from(e.clone()).code, ErrorCode::InvalidRequest);
         assert!(
             e.to_string()
                 .starts_with("invalid JSON body for PUT /vm/config: "),
@@ -378,5 +1119,87 @@ mod tests {
         assert!(e.to_string().contains("unknown field `timeout`"), "{e}");
         let e = parse_body::<StopRequest>("PUT /vm/stop", b"{\"timeout_ms\": -1}").unwrap_err();
         assert!(e.to_string().contains("invalid value: integer `-1`"), "{e}");
+    }
+
+    #[test]
+    fn unsigned_integers_have_their_own_formats() {
+        let doc = openapi_json();
+        assert!(
+            !doc.contains("\"u-int"),
+            "utoipa's spelling left in the document"
+        );
+        let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        let vcpus = &v["components"]["schemas"]["VmConfig"]["properties"]["vcpus"];
+        assert_eq!(vcpus["format"], "uint8");
+        let memory = &v["components"]["schemas"]["VmConfig"]["properties"]["memory_bytes"];
+        assert_eq!(memory["format"], "uint64");
+    }
+
+    #[test]
+    fn the_documented_console_limit_is_the_rings() {
+        assert_eq!(
+            CONSOLE_KEPT_BYTES,
+            crate::devices::console::RING_BYTES as u64
+        );
+    }
+
+    #[test]
+    fn bodyless_endpoints_take_nothing_or_an_empty_object() {
+        for ok in [&b""[..], b"{}", b" { } \n"] {
+            assert!(expect_no_body("PUT /vm/pause", ok).is_ok(), "{ok:?}");
+        }
+        let e = expect_no_body("PUT /vm/pause", b"{\"x\":1}").unwrap_err();
+        assert!(e.to_string().contains("PUT /vm/pause takes no body"), "{e}");
+        assert!(expect_no_body("PUT /vm/pause", b"[]").is_err());
+    }
+
+    #[test]
+    fn json_content_types() {
+        for ok in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            " application/json ;x=y",
+        ] {
+            assert!(is_json(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "text/plain",
+            "application/jsonx",
+            "multipart/form-data",
+            "application/x-www-form-urlencoded",
+        ] {
+            assert!(!is_json(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_loopback_hosts_and_addresses_pass() {
+        for ok in [
+            "127.0.0.1:8080",
+            "127.0.0.1",
+            "127.1.2.3:1",
+            "localhost:9",
+            "LOCALHOST",
+            "[::1]:80",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.example:80",
+            "10.0.0.1:80",
+            "[::2]:80",
+            "localhost.evil.example",
+            "[::1",
+            "0.0.0.0:1",
+        ] {
+            assert!(!is_loopback_host(bad), "{bad}");
+        }
+        assert!(check_tcp_addr("127.0.0.1:0".parse().unwrap()).is_ok());
+        assert!(check_tcp_addr("[::1]:0".parse().unwrap()).is_ok());
+        let e = check_tcp_addr("0.0.0.0:80".parse().unwrap()).unwrap_err();
+        assert!(e.contains("not 0.0.0.0:80"), "{e}");
     }
 }

@@ -6,11 +6,13 @@
 pub mod api_server;
 pub mod boot;
 pub mod config;
+pub mod console_attach;
 pub mod controller;
 pub mod heartbeat;
 pub mod lifecycle;
 pub mod machine;
 pub mod memory;
+pub mod metrics;
 pub mod migration;
 pub mod prefault;
 pub mod snapshot;
@@ -47,6 +49,8 @@ pub struct VmmOptions {
     pub verify_memory: bool,
     /// Wait for an incoming live migration instead of booting (needs `config`).
     pub incoming: Option<Incoming>,
+    /// Also serve the API on this loopback TCP address (port 0: any free port).
+    pub api_tcp: Option<std::net::SocketAddr>,
 }
 
 /// Where and how a migration target waits for its VM.
@@ -146,6 +150,7 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     }
     let mut server = api_server::ApiServer::start(
         &ctl.paths.socket(),
+        opts.api_tcp,
         tx.clone(),
         ctl.ring.clone(),
         ctl.meter.clone(),

@@ -377,6 +377,7 @@ impl MemoryManager {
             words.push(w);
         }
         let fresh = DirtyBitmap::from_words(&self.inner.layout, words);
+        crate::metrics::dirty_pages_collected(fresh.count());
         if self.inner.zero.enabled.load(Ordering::Acquire) {
             for (r, bits) in fresh.regions.iter().enumerate() {
                 for (first, n) in bits.runs() {
@@ -402,6 +403,7 @@ impl MemoryManager {
             self.collect(&mut st, kvm)?;
         } else {
             // Logging just started: nothing before this moment is anyone's.
+            crate::metrics::dirty_log_started();
             for r in self.inner.ram.iter() {
                 std::ops::Deref::deref(r).bitmap().reset();
             }

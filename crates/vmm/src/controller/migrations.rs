@@ -465,7 +465,9 @@ impl Controller {
             r.vm = vm;
             r.error = error;
         });
-        if let Ok(json) = serde_json::to_vec_pretty(&h.status()) {
+        let status = h.status();
+        crate::metrics::migration_ended(&status);
+        if let Ok(json) = serde_json::to_vec_pretty(&status) {
             let _ = std::fs::write(self.paths.migration_record(), json);
         }
     }

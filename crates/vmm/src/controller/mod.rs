@@ -243,6 +243,8 @@ impl Controller {
                 .last_snapshot
                 .as_ref()
                 .map(|(store, id)| store.join(id).display().to_string()),
+            // The API layer fills in where it listens.
+            api_tcp: None,
         }
     }
 

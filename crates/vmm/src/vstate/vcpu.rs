@@ -36,6 +36,7 @@ use super::persist::{KvmVcpu, Persist, PersistError, VcpuState};
 use super::vm::Vm;
 use crate::boot::BootImage;
 use crate::devices::{BusEvent, IoBus, PowerEvent};
+use crate::metrics::ExitReason;
 
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MISC_ENABLE_FAST_STRING: u64 = 1;
@@ -495,14 +496,20 @@ fn run(index: u8, mut fd: VcpuFd, control: &VcpuControl, bus: &IoBus, events: &E
         bus,
         pending: false,
     };
+    let exits = crate::metrics::vcpu(index);
     while checkpoint(index, &mut fd, control, &mut period, &mut io) {
         let exit = match fd.run() {
-            Ok(exit) => serve_access(bus, exit),
+            Ok(exit) => {
+                exits.count(exit_reason(&exit));
+                serve_access(bus, exit)
+            }
             Err(e) => {
                 io.pending = false;
                 if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN {
+                    exits.count(ExitReason::Signal);
                     fd.set_kvm_immediate_exit(0);
                 } else {
+                    exits.count(ExitReason::Other);
                     fail(format!("KVM_RUN failed: {e}"));
                     park_until_told(control);
                 }
@@ -535,6 +542,19 @@ fn run(index: u8, mut fd: VcpuFd, control: &VcpuControl, bus: &IoBus, events: &E
                 park_until_told(control);
             }
         }
+    }
+}
+
+/// The metrics' name for an exit.
+fn exit_reason(exit: &VcpuExit<'_>) -> ExitReason {
+    match exit {
+        VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => ExitReason::Io,
+        VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..) => ExitReason::Mmio,
+        VcpuExit::Hlt => ExitReason::Hlt,
+        VcpuExit::Intr => ExitReason::Intr,
+        VcpuExit::Shutdown => ExitReason::Shutdown,
+        VcpuExit::SystemEvent(..) => ExitReason::SystemEvent,
+        _ => ExitReason::Other,
     }
 }
 

@@ -1,0 +1,587 @@
+//! The operator's view: API error codes and the OpenAPI document, the API over loopback
+//! TCP and a bad-input sweep against it (schemathesis), version.
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use ray::client::ClientError;
+use ray_api::vmm::{ErrorBody, ErrorCode, VersionInfo, VmInfo, VmStateName};
+use ray_e2e::{python, ray_bin, run_python, Env};
+
+const READY: Duration = Duration::from_secs(20);
+
+/// One HTTP/1.1 answer read off a raw connection.
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn error(&self) -> ErrorBody {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "HTTP {} body is not an ErrorBody ({e}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// Sends the request head (and `body`, if any) and reads the answer to the end.
+fn send_raw(mut s: impl Read + Write, head: &str, body: &[u8]) -> Reply {
+    s.write_all(head.as_bytes()).unwrap();
+    // The server may answer (413) and close before taking all of an oversized body.
+    let _ = s.write_all(body);
+    read_reply(s)
+}
+
+fn read_reply(mut s: impl Read) -> Reply {
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {head}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
+fn request(method: &str, path: &str, host: &str, body: &[u8]) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+}
+
+fn unix(vm_dir: &std::path::Path, method: &str, path: &str, body: &[u8]) -> Reply {
+    let s = UnixStream::connect(vm_dir.join("api.sock")).unwrap();
+    send_raw(s, &request(method, path, "localhost", body), body)
+}
+
+#[test]
+fn errors_carry_stable_codes() {
+    let env = Env::new("errcodes");
+    let b = env.bare_vmm("codes", &[]);
+    let cases: [(&str, &str, &[u8], u16, ErrorCode); 8] = [
+        (
+            "PUT",
+            "/vm/config",
+            b"{\"kernel\": ",
+            400,
+            ErrorCode::InvalidRequest,
+        ),
+        ("PUT", "/vm/start", b"", 409, ErrorCode::WrongState),
+        (
+            "PUT",
+            "/vm/pause",
+            b"{\"now\": true}",
+            400,
+            ErrorCode::InvalidRequest,
+        ),
+        ("GET", "/vm/migration", b"", 404, ErrorCode::NotFound),
+        ("GET", "/vm/nope", b"", 404, ErrorCode::UnknownEndpoint),
+        ("DELETE", "/vm", b"", 405, ErrorCode::MethodNotAllowed),
+        (
+            "GET",
+            "/vm/console?bytes=-1",
+            b"",
+            400,
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "GET",
+            "/vm/console?lines=3",
+            b"",
+            400,
+            ErrorCode::InvalidRequest,
+        ),
+    ];
+    for (method, path, body, status, code) in cases {
+        let r = unix(&b.dir, method, path, body);
+        assert_eq!(r.status, status, "{method} {path}");
+        let e = r.error();
+        assert_eq!(e.code, code, "{method} {path}: {}", e.message);
+        assert!(!e.message.is_empty());
+        assert_eq!(r.header("content-type"), Some("application/json"));
+    }
+    // 405 says what is allowed.
+    let r = unix(&b.dir, "DELETE", "/vm/console", b"");
+    let allow = r.header("allow").unwrap_or_default().to_string();
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    // A body must be declared JSON (a web page cannot send that cross-origin unasked).
+    let body = br#"{"kernel":"k","vcpus":1,"memory_bytes":134217728}"#;
+    for ct in ["text/plain", "application/x-www-form-urlencoded"] {
+        let s = UnixStream::connect(b.dir.join("api.sock")).unwrap();
+        let head = request("PUT", "/vm/config", "localhost", body).replace("application/json", ct);
+        let r = send_raw(s, &head, body);
+        assert_eq!(
+            (r.status, r.error().code),
+            (415, ErrorCode::UnsupportedMediaType),
+            "{ct}"
+        );
+    }
+    // A body beyond the limit is refused before it is parsed.
+    let big = vec![b' '; 3 << 20];
+    let r = unix(&b.dir, "PUT", "/vm/config", &big);
+    assert_eq!(
+        (r.status, r.error().code),
+        (413, ErrorCode::PayloadTooLarge)
+    );
+    // The CLI's client reads the code.
+    let err = b
+        .client
+        .call::<VmInfo>("PUT", "/vm/start", None)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Api {
+                status: 409,
+                code: Some(ErrorCode::WrongState),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("no configuration yet"), "{err}");
+    assert_eq!(
+        b.client.call::<VmInfo>("GET", "/vm", None).unwrap().state,
+        VmStateName::Created
+    );
+}
+
+/// A PUT whose body is still on its way has no effect yet: the handler acts only once the
+/// whole body has arrived.
+#[test]
+fn put_acts_only_once_its_body_has_arrived() {
+    let env = Env::new("slowbody");
+    let mut vm = env.boot(&[]);
+    vm.expect_line("ready", READY);
+    for (path, body, then) in [
+        ("/vm/pause", &b"{}"[..], VmStateName::Paused),
+        (
+            "/vm/stop",
+            &b"{\"timeout_ms\": 0}"[..],
+            VmStateName::Terminated,
+        ),
+    ] {
+        let mut s = UnixStream::connect(vm.dir.join("api.sock")).unwrap();
+        s.write_all(request("PUT", path, "localhost", body).as_bytes())
+            .unwrap();
+        // All but the last byte: the request is not complete.
+        s.write_all(&body[..body.len() - 1]).unwrap();
+        s.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            vm.state(),
+            VmStateName::Running,
+            "PUT {path} acted before its body was complete"
+        );
+        s.write_all(&body[body.len() - 1..]).unwrap();
+        let r = read_reply(s);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let info: VmInfo = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(info.state, then);
+        if then == VmStateName::Paused {
+            env.ray_ok(&["vm", "resume", &vm.id]);
+        }
+    }
+    vm.wait_exit(Duration::from_secs(5));
+}
+
+#[test]
+fn version_of_the_cli_and_of_a_vmm() {
+    let env = Env::new("version");
+    let b = env.bare_vmm("v", &[]);
+    let served: VersionInfo = b.client.call("GET", "/version", None).unwrap();
+    assert_eq!(served, VersionInfo::current());
+    let text = env.ray_ok(&["version"]);
+    assert!(
+        text.starts_with(&format!("client  ray {}", served.version)),
+        "{text}"
+    );
+    let both: serde_json::Value =
+        serde_json::from_str(&env.ray_ok(&["version", "--vm", "v", "-o", "json"])).unwrap();
+    assert_eq!(both["vmm"]["api_version"], served.api_version);
+    assert_eq!(both["client"]["version"], served.version);
+    let yaml = env.ray_ok(&["version", "-o", "yaml"]);
+    assert!(yaml.starts_with("client:\n  version: "), "{yaml}");
+}
+
+const VALIDATE: &str = r#"
+import json, sys
+from openapi_spec_validator import validate
+from openapi_spec_validator.readers import read_from_filename
+errors = 0
+for path in sys.argv[1:]:
+    spec, _ = read_from_filename(path)
+    validate(spec)
+    print("valid", path, spec["openapi"], len(spec["paths"]))
+"#;
+
+#[test]
+fn openapi_document_validates_and_is_served() {
+    let env = Env::new("openapival");
+    let b = env.bare_vmm("doc", &[]);
+    let served = b.client.raw("GET", "/openapi.json", None).unwrap();
+    assert_eq!(served.status, 200);
+    let path = env.runtime.join("served.json");
+    std::fs::write(&path, &served.body).unwrap();
+    let committed = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi/vmm.json");
+    let out = run_python(VALIDATE, &[committed, path.to_str().unwrap()]);
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("valid ")).count(),
+        2,
+        "{out}"
+    );
+    let served: serde_json::Value = serde_json::from_slice(&served.body).unwrap();
+    let committed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(committed).unwrap()).unwrap();
+    assert_eq!(
+        served, committed,
+        "the served document differs from docs/openapi/vmm.json"
+    );
+}
+
+/// `ray vm run --api-tcp` serves the API on loopback TCP as well, says where in
+/// `vm status`, answers only requests addressed to a loopback name, and refuses to listen
+/// anywhere else.
+#[test]
+fn api_over_loopback_tcp() {
+    let env = Env::new("apitcp");
+    let out = env.ray(&["vm", "run", "--detach", "--api-tcp", "0.0.0.0:0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("loopback address only") && err.contains("0.0.0.0:0"),
+        "{err}"
+    );
+    let out = env.ray(&["vm", "run", "--detach", "--api-tcp", "localhost"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let mut vm = env.boot(&["--api-tcp", "127.0.0.1:0"]);
+    vm.expect_line("ready", READY);
+    let addr = vm.info().api_tcp.expect("GET /vm reports the TCP address");
+    assert!(
+        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+        "{addr}"
+    );
+    let status = env.ray_ok(&["vm", "status", &vm.id]);
+    assert!(status.contains(&format!("http://{addr}")), "{status}");
+
+    let tcp = |host: &str, method: &str, path: &str, body: &[u8]| {
+        let s = TcpStream::connect(&addr).unwrap();
+        send_raw(s, &request(method, path, host, body), body)
+    };
+    let r = tcp(&addr, "GET", "/vm", b"");
+    assert_eq!(r.status, 200);
+    let info: VmInfo = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        (info.id.as_str(), info.state),
+        (vm.id.as_str(), VmStateName::Running)
+    );
+    let r = tcp("localhost", "PUT", "/vm/pause", b"");
+    assert_eq!(r.status, 200);
+    let r = tcp("localhost", "PUT", "/vm/resume", b"");
+    assert_eq!(r.status, 200);
+    // DNS rebinding: a page on evil.example resolving to 127.0.0.1 is turned away.
+    for host in ["evil.example", "evil.example:80", "10.1.2.3"] {
+        let r = tcp(host, "PUT", "/vm/pause", b"");
+        assert_eq!(
+            (r.status, r.error().code),
+            (403, ErrorCode::ForbiddenHost),
+            "{host}"
+        );
+    }
+    assert_eq!(vm.state(), VmStateName::Running);
+    assert_eq!(vm.command("echo still here", "still"), "still here");
+}
+
+/// schemathesis generates valid and invalid requests from the served OpenAPI document
+/// and checks every answer against it: no 5xx, no undocumented status, no answer that
+/// does not match its schema, every schema-violating request refused, 405 with `Allow` for
+/// the methods a path lacks. Operations that would write or delete files or migrate get
+/// only invalid requests; stop and suspend none. The VM answers and runs its guest
+/// afterwards, and nothing was written beside it.
+#[test]
+fn schemathesis_sweep_finds_nothing() {
+    let env = Env::new("schemathesis");
+    // The VMM's working directory is the test's: a relative path in a generated request
+    // cannot reach the repository.
+    let out = Command::new(ray_bin())
+        .args([
+            "vm",
+            "run",
+            "--detach",
+            "--json",
+            "--api-tcp",
+            "127.0.0.1:0",
+        ])
+        .env("RAY_RUNTIME_DIR", &env.runtime)
+        .env("RAY_GUEST", ray_e2e::guest_bin())
+        .current_dir(&env.runtime)
+        .output()
+        .unwrap();
+    let info: VmInfo = serde_json::from_str(&ray_e2e::succeeded(out, "vm run")).unwrap();
+    let mut vm = env.attach(&info.id, info.pid);
+    vm.expect_line("ready", READY);
+    let addr = info.api_tcp.expect("api_tcp");
+    let schemathesis = python().with_file_name("schemathesis");
+    let checks = "not_a_server_error,status_code_conformance,content_type_conformance,\
+                  response_headers_conformance,response_schema_conformance,\
+                  negative_data_rejection,unsupported_method,allow_header_conformance";
+    // Never: a valid request ends the VM or takes its memory away, and so does an empty
+    // body (stop's defaults).
+    let never = ["put_stop", "put_suspend"];
+    // Invalid requests only: a valid one would write or delete files, or migrate.
+    let risky = [
+        "put_snapshot",
+        "put_snapshot_delete",
+        "put_snapshot_merge",
+        "put_migration",
+    ];
+    let run = |mode: &str, filter: &[String], examples: &str| {
+        let mut cmd = Command::new(&schemathesis);
+        cmd.arg("run")
+            .arg(format!("http://{addr}/openapi.json"))
+            .args(["--checks", checks, "--mode", mode])
+            .args(["--max-examples", examples, "--seed", "20261203"])
+            .args(["--phases", "examples,coverage,fuzzing", "--workers", "1"])
+            .args([
+                "--request-timeout",
+                "20",
+                "--no-color",
+                "--suppress-health-check",
+                "all",
+            ])
+            .args(filter)
+            .current_dir(&env.runtime)
+            .env("SCHEMATHESIS_HOOKS", "")
+            .env(
+                "HYPOTHESIS_STORAGE_DIRECTORY",
+                env.runtime.join("hypothesis"),
+            );
+        let out = cmd.output().expect("cannot run schemathesis");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{text}");
+        assert!(
+            out.status.success(),
+            "schemathesis ({mode}) found problems:\n{text}"
+        );
+        text
+    };
+    let safe: Vec<String> = risky
+        .iter()
+        .chain(&never)
+        .flat_map(|op| ["--exclude-operation-id".to_string(), op.to_string()])
+        .collect();
+    run("all", &safe, "40");
+    let only_risky: Vec<String> = risky
+        .iter()
+        .flat_map(|op| ["--include-operation-id".to_string(), op.to_string()])
+        .collect();
+    run("negative", &only_risky, "25");
+
+    // Still there, still answering, the guest still runs its shell.
+    assert!(vm.process_alive());
+    if vm.state() == VmStateName::Paused {
+        env.ray_ok(&["vm", "resume", &vm.id]);
+    }
+    assert_eq!(vm.state(), VmStateName::Running);
+    assert_eq!(vm.command("echo survived", "survived"), "survived");
+    let files: Vec<_> = std::fs::read_dir(&env.runtime)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !["vms", "hypothesis", ".hypothesis", ".schemathesis"].contains(&n.as_str()))
+        .collect();
+    assert!(files.is_empty(), "the sweep created files: {files:?}");
+}
+
+const PARSE_METRICS: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+families = {}
+for fam in text_string_to_metric_families(open(sys.argv[1]).read()):
+    families[fam.name] = {
+        "type": fam.type,
+        "samples": [[s.name, s.labels, s.value] for s in fam.samples],
+    }
+print(json.dumps(families))
+"#;
+
+/// `GET /metrics` parsed by prometheus-client's own text parser.
+fn scrape(vm: &ray_e2e::Vm, dir: &std::path::Path) -> serde_json::Value {
+    let a = vm.client.raw("GET", "/metrics", None).unwrap();
+    assert_eq!(a.status, 200);
+    let path = dir.join("metrics.txt");
+    std::fs::write(&path, &a.body).unwrap();
+    serde_json::from_str(&run_python(PARSE_METRICS, &[path.to_str().unwrap()])).unwrap()
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn sample(m: &serde_json::Value, family: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let f = &m[family];
+    assert!(f.is_object(), "no metric family {family} in {m}");
+    f["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s[0] == name && labels.iter().all(|(k, v)| s[1][*k] == *v))
+        .unwrap_or_else(|| panic!("no sample {name} {labels:?} in {f}"))[2]
+        .as_f64()
+        .unwrap()
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_count_what_happened() {
+    let env = Env::new("metrics");
+    let mut vm = env.boot(&["--vcpus", "2"]);
+    vm.expect_line("ready", READY);
+    assert_eq!(vm.command("echo counted", "counted"), "counted");
+    let store = env.runtime.join("store");
+    let snap = |vm: &ray_e2e::Vm, id: &str, kind: &str| {
+        let body = format!(
+            r#"{{"path":"{}","pause":true,"kind":"{kind}"}}"#,
+            store.join(id).display()
+        );
+        let _: serde_json::Value = vm
+            .client
+            .call("PUT", "/vm/snapshot", Some(body.into_bytes()))
+            .unwrap();
+    };
+    snap(&vm, "s1", "full");
+    vm.command("dirty 4 64", "dirty on");
+    std::thread::sleep(Duration::from_millis(200));
+    vm.command("dirty stop", "dirty off");
+    snap(&vm, "s2", "incremental");
+    // A migration to nowhere fails; it is counted too.
+    let key = env.runtime.join("key");
+    std::fs::write(&key, "a pre-shared key of some length").unwrap();
+    let body = format!(
+        r#"{{"to":"unix:{}","key_file":"{}"}}"#,
+        env.runtime.join("nobody-listens.sock").display(),
+        key.display()
+    );
+    let _ = vm
+        .client
+        .raw("PUT", "/vm/migration", Some(body.into_bytes()));
+    vm.wait_for(
+        "the failed migration to end",
+        Duration::from_secs(10),
+        |i| i.state == VmStateName::Running,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = scrape(&vm, &env.runtime);
+        if m["ray_migrations"]["samples"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty())
+            || std::time::Instant::now() > deadline
+        {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+
+    assert_eq!(m["ray_vcpu_exits"]["type"], "counter");
+    for vcpu in ["0", "1"] {
+        assert!(
+            sample(
+                &m,
+                "ray_vcpu_exits",
+                "ray_vcpu_exits_total",
+                &[("vcpu", vcpu), ("reason", "io")]
+            ) > 0.0,
+            "vCPU {vcpu} made no port exits"
+        );
+    }
+    let full = sample(
+        &m,
+        "ray_snapshots",
+        "ray_snapshots_total",
+        &[("kind", "full")],
+    );
+    let incr = sample(
+        &m,
+        "ray_snapshots",
+        "ray_snapshots_total",
+        &[("kind", "incremental")],
+    );
+    assert_eq!((full, incr), (1.0, 1.0));
+    assert_eq!(m["ray_snapshot_pause_seconds"]["type"], "summary");
+    assert_eq!(
+        sample(
+            &m,
+            "ray_snapshot_pause_seconds",
+            "ray_snapshot_pause_seconds_count",
+            &[]
+        ),
+        2.0
+    );
+    assert!(sample(&m, "ray_dirty_pages", "ray_dirty_pages_total", &[]) > 0.0);
+    assert_eq!(
+        sample(
+            &m,
+            "ray_migrations",
+            "ray_migrations_total",
+            &[("role", "source"), ("state", "failed")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "ray_guest_memory_size_bytes",
+            "ray_guest_memory_size_bytes",
+            &[]
+        ),
+        (128u64 << 20) as f64
+    );
+    assert!(
+        sample(
+            &m,
+            "ray_guest_memory_resident_bytes",
+            "ray_guest_memory_resident_bytes",
+            &[]
+        ) > 0.0
+    );
+    assert!(
+        sample(
+            &m,
+            "ray_vmm_private_memory_bytes",
+            "ray_vmm_private_memory_bytes",
+            &[]
+        ) > 0.0
+    );
+    assert!(sample(&m, "process_cpu_seconds", "process_cpu_seconds_total", &[]) > 0.0);
+}
