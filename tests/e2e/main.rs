@@ -7,6 +7,7 @@ mod limits;
 mod linux;
 mod migration;
 mod operator;
+mod robustness;
 mod shell;
 mod sim;
 mod snapshot;

@@ -465,7 +465,9 @@ fn wrong_key_is_refused_before_any_memory_moves() {
     assert_failed_and_running(&s);
     assert_eq!(s.pages_sent, 0, "no page may move before authentication");
     assert_source_runs(&mut src);
-    dst.wait_exit(Duration::from_secs(10));
+    // A peer without the key may be anyone: the target drops it and keeps waiting for
+    // its source (tests/e2e/robustness.rs has the rest of that story).
+    assert_eq!(dst.state(), VmStateName::MigrationTarget);
 
     // A key file that is too short is refused by the API, naming the file.
     let short = key_file(&env, "short", "tiny");

@@ -74,6 +74,17 @@ impl Env {
         succeeded(self.ray(args), &format!("ray {args:?}"))
     }
 
+    /// [`Env::ray`] with more environment variables (for `ray` and any VMM it starts).
+    pub fn ray_with(&self, args: &[&str], vars: &[(&str, &str)]) -> Output {
+        Command::new(ray_bin())
+            .args(args)
+            .env("RAY_RUNTIME_DIR", &self.runtime)
+            .env("RAY_GUEST", guest_bin())
+            .envs(vars.iter().copied())
+            .output()
+            .expect("cannot run ray")
+    }
+
     /// A handle on a VM started by other means (a restore), by id and VMM pid.
     pub fn attach(&self, id: &str, pid: u32) -> Vm {
         let dir = self.runtime.join("vms").join(id);

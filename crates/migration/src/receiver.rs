@@ -1,4 +1,14 @@
 //! The target side: answers the source, writes pages, restores state, verifies, resumes.
+//!
+//! In two steps when the target needs them: [`authenticate`] runs the handshake on a new
+//! connection (version, mutual proof of the pre-shared key) and reads the source's
+//! [`CompatInfo`] without answering it; [`Authenticated::receive`] then checks it against
+//! the VM shell prepared here and receives the VM. In between, a target that was not told
+//! the VM's shape can size its memory from what the source describes. A connection that
+//! fails before proving the key ([`HandshakeFailure::authenticated`] false) may be
+//! anyone's (a port scan, a stray HTTP request, a source with another key): nothing was
+//! received and the target's memory is untouched, so the target drops it and waits for the
+//! next one. [`receive_migration`] does both steps at once.
 
 use std::io::{Read, Write};
 
@@ -51,7 +61,238 @@ pub struct ReceiveFailure {
     pub failed_in: SessionState,
     /// True only if the failure came after `Switchover` and the VM was resumed here.
     pub owns_vm: bool,
+    /// Whether the peer had proved the pre-shared key when it failed. A failure before
+    /// that ([`HandshakeFailure::authenticated`] false) came from a connection that may be
+    /// anyone's (a port scan, a stray HTTP request, a source with the wrong key): nothing
+    /// was received and target memory was not touched, so a target may drop it and wait
+    /// for the real source.
+    pub authenticated: bool,
     pub session: Session,
+}
+
+/// A connection that did not get through the handshake ([`authenticate`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {error}", if *.authenticated { "the authenticated source failed the handshake" } else { "a connection failed before authenticating" })]
+pub struct HandshakeFailure {
+    #[source]
+    pub error: MigrationError,
+    /// False when the failure came before the peer proved the pre-shared key: the
+    /// connection may be anyone's, and the target should drop it and keep waiting.
+    pub authenticated: bool,
+}
+
+impl From<HandshakeFailure> for ReceiveFailure {
+    fn from(f: HandshakeFailure) -> Self {
+        let mut session = Session::new();
+        let _ = session.apply(SessionEvent::Fault);
+        ReceiveFailure {
+            error: f.error,
+            failed_in: SessionState::Idle,
+            owns_vm: false,
+            authenticated: f.authenticated,
+            session,
+        }
+    }
+}
+
+/// A source that proved the pre-shared key and described its VM ([`CompatInfo`]), which
+/// is not answered yet: the target may prepare the VM shell for it (e.g. size memory
+/// from [`source`](Self::source)), then [`receive`](Self::receive) or
+/// [`refuse`](Self::refuse) it.
+pub struct Authenticated<S> {
+    ch: Channel<S>,
+    compat_request: u64,
+    source: CompatInfo,
+}
+
+impl<S: Read + Write> Authenticated<S> {
+    /// What the source says its VM is: vCPUs, memory regions, CPU, flavour.
+    pub fn source(&self) -> &CompatInfo {
+        &self.source
+    }
+
+    /// The connection (e.g. to change its timeouts once authenticated).
+    pub fn get_ref(&self) -> &S {
+        self.ch.get_ref()
+    }
+
+    /// Tells the source this target cannot take its VM (`reason` names what differs),
+    /// and returns the failure.
+    pub fn refuse(mut self, reason: String) -> ReceiveFailure {
+        let _ = self.ch.send(
+            &Message::Incompatible {
+                reason: reason.clone(),
+            },
+            self.compat_request,
+            true,
+        );
+        HandshakeFailure {
+            error: MigrationError::Incompatible { reason },
+            authenticated: true,
+        }
+        .into()
+    }
+
+    /// Checks the source against `local` (refusing it, naming the first difference, if
+    /// it cannot run here), then receives the VM into `mem`: see [`receive_migration`].
+    pub fn receive<M, V>(
+        self,
+        mem: &M,
+        vm: &mut V,
+        local: &CompatInfo,
+        cfg: &ReceiverConfig,
+    ) -> Result<ReceiveReport, ReceiveFailure>
+    where
+        M: GuestMemory + ?Sized,
+        V: TargetVm + ?Sized,
+    {
+        if let Some(reason) = local.mismatch(&self.source) {
+            return Err(self.refuse(reason));
+        }
+        let mut r = Receiver {
+            ch: self.ch,
+            session: Session::new(),
+            cfg,
+            pages: 0,
+            pass_pages: 0,
+            passes: 0,
+            state_bytes: 0,
+            verified: false,
+        };
+        let accepted = r.ack(self.compat_request, Command::Compat);
+        match accepted.and_then(|()| r.run(mem, vm, local)) {
+            Ok(()) => Ok(ReceiveReport {
+                passes: r.passes,
+                pages_received: r.pages,
+                bytes_received: r.ch.bytes_received(),
+                state_bytes: r.state_bytes,
+                session: r.session,
+            }),
+            Err(error) => Err(r.fail(vm, error)),
+        }
+    }
+}
+
+/// The target's half of the handshake on a new connection: protocol version, mutual
+/// proof of the pre-shared key, and the source's [`CompatInfo`] (read, not answered).
+/// Nothing of the target's VM is touched. A failure says whether the peer had proved the
+/// key ([`HandshakeFailure::authenticated`]); one that had not is not a migration at all.
+pub fn authenticate<S: Read + Write>(
+    stream: S,
+    cfg: &ReceiverConfig,
+) -> Result<Authenticated<S>, HandshakeFailure> {
+    let mut ch = Channel::new(stream);
+    let failed = |error, authenticated| HandshakeFailure {
+        error,
+        authenticated,
+    };
+    handshake(&mut ch, &cfg.key).map_err(|e| failed(e, false))?;
+    let (h, m) = ch
+        .recv()
+        .map_err(|e| failed(MigrationError::Protocol(e), true))?;
+    let source = match m {
+        Message::Compat(c) => c,
+        other => {
+            let err = MigrationError::Unexpected {
+                state: SessionState::Idle,
+                expected: "Compat",
+                got: other.command(),
+            };
+            return Err(failed(
+                refuse(&mut ch, h.request_id, ErrorCode::Protocol, err),
+                true,
+            ));
+        }
+    };
+    Ok(Authenticated {
+        ch,
+        compat_request: h.request_id,
+        source,
+    })
+}
+
+/// Tells the peer why we stop (best effort), then returns the local error.
+fn refuse<S: Read + Write>(
+    ch: &mut Channel<S>,
+    id: u64,
+    code: ErrorCode,
+    err: MigrationError,
+) -> MigrationError {
+    let _ = ch.send(
+        &Message::Error {
+            code,
+            message: err.to_string(),
+        },
+        id,
+        true,
+    );
+    err
+}
+
+/// Version negotiation and the mutual proof of `key`; on success the channel MACs every
+/// frame from here on.
+fn handshake<S: Read + Write>(
+    ch: &mut Channel<S>,
+    key: &PresharedKey,
+) -> Result<(), MigrationError> {
+    let (h, m) = ch.recv()?;
+    let (theirs, ns) = match m {
+        Message::Hello { versions, nonce } => (versions, nonce),
+        other => {
+            return Err(MigrationError::Unexpected {
+                state: SessionState::Idle,
+                expected: "Hello",
+                got: other.command(),
+            })
+        }
+    };
+    let Some(version) = SUPPORTED_VERSIONS
+        .iter()
+        .rev()
+        .find(|v| theirs.contains(v))
+        .copied()
+    else {
+        let err = MigrationError::NoCommonVersion {
+            ours: SUPPORTED_VERSIONS.to_vec(),
+            theirs,
+        };
+        return Err(refuse(ch, h.request_id, ErrorCode::Protocol, err));
+    };
+    let nt = auth::fresh_nonce().map_err(MigrationError::Nonce)?;
+    ch.send(
+        &Message::Hello {
+            versions: vec![version],
+            nonce: nt,
+        },
+        h.request_id,
+        true,
+    )?;
+    ch.set_version(version);
+
+    let (h, m) = ch.recv()?;
+    let mac = match m {
+        Message::Auth { mac } => mac,
+        other => {
+            return Err(MigrationError::Unexpected {
+                state: SessionState::Idle,
+                expected: "Auth",
+                got: other.command(),
+            })
+        }
+    };
+    if !auth::verify_proof(key, Side::Source, version, &ns, &nt, &mac) {
+        return Err(refuse(
+            ch,
+            h.request_id,
+            ErrorCode::AuthFailed,
+            MigrationError::PeerAuthFailed,
+        ));
+    }
+    let proof = auth::proof(key, Side::Target, version, &ns, &nt);
+    let session_key = auth::derive_session_key(key, version, &ns, &nt);
+    ch.send(&Message::Auth { mac: proof }, h.request_id, true)?;
+    ch.set_session_key(session_key);
+    Ok(())
 }
 
 /// Receives a VM over `stream`. `local` describes the VM shell prepared here; the source
@@ -75,26 +316,7 @@ where
     M: GuestMemory + ?Sized,
     V: TargetVm + ?Sized,
 {
-    let mut r = Receiver {
-        ch: Channel::new(stream),
-        session: Session::new(),
-        cfg,
-        pages: 0,
-        pass_pages: 0,
-        passes: 0,
-        state_bytes: 0,
-        verified: false,
-    };
-    match r.run(mem, vm, local) {
-        Ok(()) => Ok(ReceiveReport {
-            passes: r.passes,
-            pages_received: r.pages,
-            bytes_received: r.ch.bytes_received(),
-            state_bytes: r.state_bytes,
-            session: r.session,
-        }),
-        Err(error) => Err(r.fail(vm, error)),
-    }
+    authenticate(stream, cfg)?.receive(mem, vm, local, cfg)
 }
 
 struct Receiver<'a, S> {
@@ -131,14 +353,7 @@ impl<S: Read + Write> Receiver<'_, S> {
 
     /// Tells the source why we stop, then returns the local error.
     fn refuse(&mut self, id: u64, code: ErrorCode, err: MigrationError) -> MigrationError {
-        let _ = self.reply(
-            id,
-            &Message::Error {
-                code,
-                message: err.to_string(),
-            },
-        );
-        err
+        refuse(&mut self.ch, id, code, err)
     }
 
     fn unexpected(&self, expected: &'static str, got: Command) -> MigrationError {
@@ -149,75 +364,11 @@ impl<S: Read + Write> Receiver<'_, S> {
         }
     }
 
-    fn handshake(&mut self, local: &CompatInfo) -> Result<(), MigrationError> {
-        let (h, m) = self.ch.recv()?;
-        let (theirs, ns) = match m {
-            Message::Hello { versions, nonce } => (versions, nonce),
-            other => return Err(self.unexpected("Hello", other.command())),
-        };
-        let Some(version) = SUPPORTED_VERSIONS
-            .iter()
-            .rev()
-            .find(|v| theirs.contains(v))
-            .copied()
-        else {
-            let err = MigrationError::NoCommonVersion {
-                ours: SUPPORTED_VERSIONS.to_vec(),
-                theirs,
-            };
-            return Err(self.refuse(h.request_id, ErrorCode::Protocol, err));
-        };
-        let nt = auth::fresh_nonce().map_err(MigrationError::Nonce)?;
-        self.reply(
-            h.request_id,
-            &Message::Hello {
-                versions: vec![version],
-                nonce: nt,
-            },
-        )?;
-        self.ch.set_version(version);
-
-        let (h, m) = self.ch.recv()?;
-        let mac = match m {
-            Message::Auth { mac } => mac,
-            other => return Err(self.unexpected("Auth", other.command())),
-        };
-        let key = &self.cfg.key;
-        if !auth::verify_proof(key, Side::Source, version, &ns, &nt, &mac) {
-            return Err(self.refuse(
-                h.request_id,
-                ErrorCode::AuthFailed,
-                MigrationError::PeerAuthFailed,
-            ));
-        }
-        let proof = auth::proof(key, Side::Target, version, &ns, &nt);
-        let session_key = auth::derive_session_key(key, version, &ns, &nt);
-        self.reply(h.request_id, &Message::Auth { mac: proof })?;
-        self.ch.set_session_key(session_key);
-
-        let (h, m) = self.ch.recv()?;
-        let source = match m {
-            Message::Compat(c) => c,
-            other => return Err(self.unexpected("Compat", other.command())),
-        };
-        if let Some(reason) = local.mismatch(&source) {
-            let _ = self.reply(
-                h.request_id,
-                &Message::Incompatible {
-                    reason: reason.clone(),
-                },
-            );
-            return Err(MigrationError::Incompatible { reason });
-        }
-        self.ack(h.request_id, Command::Compat)
-    }
-
     fn run<M, V>(&mut self, mem: &M, vm: &mut V, local: &CompatInfo) -> Result<(), MigrationError>
     where
         M: GuestMemory + ?Sized,
         V: TargetVm + ?Sized,
     {
-        self.handshake(local)?;
         self.event(SessionEvent::Start)?;
         let layout = mem.layout();
         let page_size = local.page_size as usize;
@@ -349,6 +500,7 @@ impl<S: Read + Write> Receiver<'_, S> {
             error,
             failed_in,
             owns_vm: false,
+            authenticated: true,
             session: self.session,
         }
     }
@@ -389,6 +541,138 @@ fn compare_hashes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memvm::{InMemorySource, InMemoryTarget, MemGuest};
+    use crate::protocol::{regions_of, MemoryRegion};
+    use crate::sender::{send_migration, SenderConfig};
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+
+    fn layout() -> MemoryLayout {
+        MemoryLayout::new(&[(0, 1 << 20)]).unwrap()
+    }
+
+    fn compat(layout: &MemoryLayout) -> CompatInfo {
+        CompatInfo {
+            vcpus: 2,
+            page_size: 4096,
+            regions: regions_of(layout),
+            cpuid_fingerprint: [1; 32],
+            flavour: "test/1".into(),
+        }
+    }
+
+    fn key(s: &str) -> PresharedKey {
+        PresharedKey::new(s.as_bytes()).unwrap()
+    }
+
+    fn pair() -> (UnixStream, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        for s in [&a, &b] {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+        }
+        (a, b)
+    }
+
+    #[test]
+    fn a_stray_connection_fails_before_authentication() {
+        let cfg = ReceiverConfig::new(key("the target's pre-shared key"));
+        // An HTTP request, then the connection closes.
+        let (mut a, b) = pair();
+        a.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        drop(a);
+        let f = authenticate(b, &cfg).err().unwrap();
+        assert!(!f.authenticated, "{f}");
+        assert!(f.to_string().contains("before authenticating"), "{f}");
+        // A connection that closes at once.
+        let (a, b) = pair();
+        drop(a);
+        let f = ReceiveFailure::from(authenticate(b, &cfg).err().unwrap());
+        assert!(!f.authenticated);
+        assert_eq!(f.failed_in, SessionState::Idle);
+        assert_eq!(f.session.state(), SessionState::Failed);
+    }
+
+    #[test]
+    fn a_source_with_the_wrong_key_is_not_authenticated_and_learns_why() {
+        let l = layout();
+        let (a, b) = pair();
+        let target = std::thread::spawn(move || {
+            authenticate(b, &ReceiverConfig::new(key("the target's pre-shared key"))).err()
+        });
+        let g = Arc::new(MemGuest::new(&l).unwrap());
+        let mut vm = InMemorySource::new(g.clone(), vec![1]);
+        let sent = send_migration(
+            a,
+            &*g,
+            &mut vm,
+            &compat(&l),
+            &SenderConfig::new(key("another key of some length")),
+        );
+        let f = target.join().unwrap().unwrap();
+        assert!(!f.authenticated);
+        assert!(matches!(f.error, MigrationError::PeerAuthFailed), "{f}");
+        let e = sent.err().unwrap();
+        assert!(e.to_string().contains("pre-shared key"), "{e}");
+    }
+
+    #[test]
+    fn an_authenticated_source_can_be_sized_then_received_or_refused() {
+        let l = layout();
+        let k = "a pre-shared key of some length";
+        let run = |target_compat: Option<CompatInfo>| {
+            let (a, b) = pair();
+            let t = std::thread::spawn(move || {
+                let cfg = ReceiverConfig::new(key(k));
+                let auth = authenticate(b, &cfg).map_err(ReceiveFailure::from)?;
+                // The target learns the VM's shape before it has any memory for it.
+                let seen = auth.source().clone();
+                let dst = MemGuest::new(&MemoryLayout::new(&[(0, 1 << 20)]).unwrap()).unwrap();
+                let mut vm = InMemoryTarget::default();
+                match target_compat {
+                    Some(c) => auth.receive(&dst, &mut vm, &c, &cfg).map(|_| seen),
+                    None => Err(auth.refuse("this target says no".into())),
+                }
+            });
+            let g = Arc::new(MemGuest::new(&l).unwrap());
+            g.fill(3, 50);
+            let mut vm = InMemorySource::new(g.clone(), vec![1]);
+            let sent = send_migration(a, &*g, &mut vm, &compat(&l), &SenderConfig::new(key(k)));
+            (sent, t.join().unwrap())
+        };
+        let (sent, got) = run(Some(compat(&l)));
+        assert!(sent.is_ok(), "{:?}", sent.err());
+        let seen = got.unwrap();
+        assert_eq!(
+            (seen.vcpus, seen.regions.clone()),
+            (
+                2,
+                vec![MemoryRegion {
+                    gpa: 0,
+                    size: 1 << 20
+                }]
+            )
+        );
+
+        let (sent, got) = run(None);
+        let f = got.err().unwrap();
+        assert!(f.authenticated);
+        assert!(f.to_string().contains("this target says no"), "{f}");
+        let e = sent.err().unwrap();
+        assert!(e.to_string().contains("this target says no"), "{e}");
+
+        let mut other = compat(&l);
+        other.vcpus = 4;
+        let (sent, got) = run(Some(other));
+        let f = got.err().unwrap();
+        assert!(f.authenticated);
+        assert!(
+            f.to_string()
+                .contains("vCPU count differs: source has 2, target has 4"),
+            "{f}"
+        );
+        assert!(sent.is_err());
+    }
 
     #[test]
     fn pages_must_be_whole_and_inside_a_region() {

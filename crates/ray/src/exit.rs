@@ -36,6 +36,17 @@ pub fn code_of(e: &anyhow::Error) -> u8 {
     if let Some(c) = e.downcast_ref::<Coded>() {
         return c.code;
     }
+    // `ray vmm`: why the VMM did not get its VM running.
+    if let Some(s) = e.downcast_ref::<ray_vmm::StartError>() {
+        use ray_vmm::controller::ControllerError as C;
+        return match s {
+            ray_vmm::StartError::Locked(_) => REFUSED,
+            ray_vmm::StartError::Controller(C::Invalid(_)) => INVALID,
+            ray_vmm::StartError::Controller(C::Refused(_)) => REFUSED,
+            ray_vmm::StartError::Controller(C::NotFound(_)) => NOT_FOUND,
+            ray_vmm::StartError::Controller(C::Failed(_)) => 1,
+        };
+    }
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::Unreachable { .. }) => UNREACHABLE,
         Some(ClientError::Api {

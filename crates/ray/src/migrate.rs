@@ -1,7 +1,8 @@
 //! `ray migrate ...`: live migration between two VMMs (two hosts, or one host).
 //!
-//! The target host runs `ray migrate receive --listen ADDR --key-file F --vcpus N --memory M`,
-//! which starts a VMM in `migration_target` waiting on ADDR. The source host runs
+//! The target host runs `ray migrate receive --listen ADDR --key-file F`, which starts a
+//! VMM in `migration_target` waiting on ADDR; the VM's vCPUs and memory come from the
+//! source (given `--vcpus`/`--memory`, the source must match them). The source host runs
 //! `ray migrate start ID --to ADDR --key-file F`, which starts the migration in the VM's VMM
 //! and follows it with a progress bar until it ends.
 use std::path::{Path, PathBuf};
@@ -120,12 +121,13 @@ pub struct ReceiveArgs {
     /// File holding the pre-shared key.
     #[arg(long)]
     pub key_file: PathBuf,
-    /// vCPUs of the VM to receive (must match the source).
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u8,
-    /// Memory of the VM to receive (must match the source), e.g. 1G.
-    #[arg(long, default_value = "128M", value_parser = ray::sizes::parse_size)]
-    pub memory: u64,
+    /// vCPUs of the VM to receive. Default: the source's; given, the source must match.
+    #[arg(long, requires = "memory")]
+    pub vcpus: Option<u8>,
+    /// Memory of the VM to receive, e.g. 1G. Default: the source's; given (with
+    /// --vcpus), the source must match, and the memory is allocated before it arrives.
+    #[arg(long, requires = "vcpus", value_parser = ray::sizes::parse_memory)]
+    pub memory: Option<u64>,
     /// Id of the VM here (default: generated).
     #[arg(long)]
     pub id: Option<String>,
@@ -135,8 +137,8 @@ pub struct ReceiveArgs {
     /// Populate all of the guest's memory while waiting for the source (progress in
     /// `ray migrate status`). The target then holds all of the guest's memory at once, even
     /// pages the source never touched; in exchange the transfer allocates no pages and the
-    /// guest takes no first-touch faults after the switch-over.
-    #[arg(long)]
+    /// guest takes no first-touch faults after the switch-over. Needs --memory.
+    #[arg(long, requires = "memory")]
     pub prefault: bool,
     #[arg(long)]
     pub json: bool,
@@ -219,19 +221,23 @@ fn outcome(s: &MigrationStatus) -> anyhow::Result<()> {
 fn receive(runtime: &Path, a: &ReceiveArgs) -> anyhow::Result<()> {
     let key_file = std::path::absolute(&a.key_file)
         .with_context(|| format!("cannot resolve {}", a.key_file.display()))?;
-    // Kernel and command line come with the source's state; only the shape is needed.
-    let cfg = VmConfig {
+    // Kernel and command line come with the source's state; only the shape is needed,
+    // and only to check the source against (and to allocate memory early).
+    let cfg = a.memory.map(|memory_bytes| VmConfig {
         kernel: String::new(),
         initrd: None,
         cmdline: String::new(),
-        vcpus: a.vcpus,
-        memory_bytes: a.memory,
-    };
+        vcpus: a.vcpus.unwrap_or_default(),
+        memory_bytes,
+    });
+    if let Some(id) = &a.id {
+        runtime::check_id(id).map_err(|e| coded(exit::INVALID, e))?;
+    }
     launch(
         runtime,
         a.id.clone(),
         &Origin::Incoming {
-            config: &cfg,
+            config: cfg.as_ref(),
             listen: &a.listen,
             key_file: &key_file,
             max_concurrent: a.max_concurrent,

@@ -1,8 +1,12 @@
 //! The runtime directory: one sub-directory per VM holding its API socket, serial log,
 //! audit trail and, once it has ended, its exit record.
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
+use ray_vmm::vmlock::{LockError, VmLock};
 use ray_vmm::ExitRecord;
+
+use crate::exit::{self, coded};
 
 /// Where VMs live: `--runtime-dir`, else `$RAY_RUNTIME_DIR`, else `/run/rayvisor` for root
 /// and `$XDG_RUNTIME_DIR/rayvisor` (or `/tmp/rayvisor-<uid>`) for others.
@@ -93,20 +97,124 @@ pub fn new_id() -> String {
     format!("vm-{:08x}", (mix >> 32) as u32)
 }
 
-/// An id must be a plain file name: it becomes a directory name.
+/// Longest VM id.
+pub const MAX_ID_LEN: usize = 64;
+
+/// An id must be a plain file name (it becomes a directory name) that no command line
+/// mistakes for an option: 1-64 letters, digits, '-', '_' or '.', not starting with '-'
+/// or '.'.
 pub fn check_id(id: &str) -> Result<(), String> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        && !id.starts_with('.');
-    if ok {
-        Ok(())
-    } else {
+    let bad = |why: String| {
         Err(format!(
-            "VM id '{id}' is not valid: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'"
+            "VM id '{id}' is not valid: {why} (use 1-{MAX_ID_LEN} letters, digits, '-', '_' or '.', not starting with '-' or '.')"
         ))
+    };
+    if id.is_empty() {
+        return bad("it is empty".into());
+    }
+    if id.len() > MAX_ID_LEN {
+        return bad(format!("it is {} bytes long", id.len()));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|&c| !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'))
+    {
+        return bad(format!("it contains {c:?}"));
+    }
+    if id.starts_with('-') || id.starts_with('.') {
+        return bad(format!("it starts with '{}'", &id[..1]));
+    }
+    Ok(())
+}
+
+/// Whether the VMM of `dir` ended before its VM was up (it left an exit record saying
+/// so, or none at all: then it never got as far as writing one).
+pub fn failed_at_start(dir: &Path) -> bool {
+    match std::fs::read(dir.join("exit.json")) {
+        Ok(b) => serde_json::from_slice::<ExitRecord>(&b).is_ok_and(|r| {
+            r.reason
+                .is_some_and(|why| why.starts_with(ray_vmm::FAILED_TO_START))
+        }),
+        Err(_) => !dir.join("events.jsonl").exists(),
+    }
+}
+
+/// A VM directory claimed for a new VMM: its lock ([`ray_vmm::vmlock`]) is held, so no
+/// other VMM runs or starts there, and the previous VM's `vmm.log` became `vmm.log.1`.
+/// The VMM started for it inherits the lock ([`Claim::inheritable_fd`]) and holds it for
+/// its life.
+pub struct Claim {
+    pub id: String,
+    pub dir: PathBuf,
+    /// This claim created the directory (it did not hold an earlier VM of this id).
+    pub fresh: bool,
+    lock: VmLock,
+    inherit: Option<OwnedFd>,
+}
+
+/// Claims `<runtime>/vms/<id>` for a new VMM, creating it if needed. Refused (exit code
+/// 4) while a VMM runs or starts there, naming it; nothing in the directory is touched
+/// before the claim holds.
+pub fn claim(runtime: &Path, id: &str) -> anyhow::Result<Claim> {
+    check_id(id).map_err(|e| coded(exit::INVALID, e))?;
+    let vms = vms_dir(runtime);
+    std::fs::create_dir_all(&vms)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", vms.display()))?;
+    let dir = vm_dir(runtime, id);
+    let fresh = match std::fs::create_dir(&dir) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => false,
+        Err(e) => anyhow::bail!("cannot create {}: {e}", dir.display()),
+    };
+    let lock = VmLock::acquire(&dir, id).map_err(|e| match e {
+        LockError::Held { .. } | LockError::Starting { .. } => coded(exit::REFUSED, e.to_string()),
+        e => e.into(),
+    })?;
+    ray_vmm::vmlock::rotate(&dir, &["vmm.log"]);
+    Ok(Claim {
+        id: id.to_string(),
+        dir,
+        fresh,
+        lock,
+        inherit: None,
+    })
+}
+
+impl Claim {
+    /// A copy of the lock's descriptor that a child process inherits (no close-on-exec),
+    /// to pass as `ray vmm --lock-fd`; closed here by [`Claim::spawned`].
+    pub fn inheritable_fd(&mut self) -> std::io::Result<RawFd> {
+        if let Some(fd) = &self.inherit {
+            return Ok(fd.as_raw_fd());
+        }
+        // SAFETY: dup of a descriptor the lock owns; the copy (without FD_CLOEXEC, which
+        // dup never copies) is owned by the OwnedFd below.
+        let fd = unsafe { libc::dup(self.lock.raw_fd()) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by dup and nothing else owns it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let raw = owned.as_raw_fd();
+        self.inherit = Some(owned);
+        Ok(raw)
+    }
+
+    /// The VMM (`pid`) was started and holds the lock now: the inherited copy closes here,
+    /// and the lock names the VMM.
+    pub fn spawned(&mut self, pid: u32) {
+        self.inherit = None;
+        self.lock.set_owner(pid);
+    }
+
+    /// The VMM did not get its VM running: a directory this claim created goes again (no
+    /// row is left in `ray vm list`); an earlier VM's directory stays, with the failed
+    /// VMM's exit record.
+    pub fn abandon(self) {
+        if self.fresh {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        drop(self.lock);
     }
 }
 
@@ -117,9 +225,47 @@ mod tests {
     #[test]
     fn ids_are_checked() {
         assert!(check_id("vm-1a2b").is_ok());
-        assert!(check_id("../etc").unwrap_err().contains("'../etc'"));
-        assert!(check_id("").is_err());
-        assert!(check_id(".hidden").is_err());
+        assert!(check_id("a.b_c-9").is_ok());
+        assert!(check_id(&"x".repeat(MAX_ID_LEN)).is_ok());
+        let e = check_id("../etc").unwrap_err();
+        assert!(e.contains("'../etc'") && e.contains("contains '/'"), "{e}");
+        assert!(check_id("").unwrap_err().contains("it is empty"));
+        assert!(check_id(".hidden").unwrap_err().contains("starts with '.'"));
+        // Taken for an option by every command that names the VM.
+        let e = check_id("-x").unwrap_err();
+        assert!(e.contains("'-x'") && e.contains("starts with '-'"), "{e}");
+        let e = check_id(&"x".repeat(MAX_ID_LEN + 1)).unwrap_err();
+        assert!(e.contains("65 bytes long"), "{e}");
+        assert!(check_id("a b").unwrap_err().contains("contains ' '"));
+        assert!(check_id("é").is_err());
+    }
+
+    #[test]
+    fn a_claimed_directory_is_refused_to_a_second_claim() {
+        let rt = std::env::temp_dir().join(format!("ray-claim-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&rt);
+        let mut first = claim(&rt, "dup").unwrap();
+        assert!(first.fresh);
+        let fd = first.inheritable_fd().unwrap();
+        assert!(fd >= 0);
+        first.spawned(4242);
+        let e = claim(&rt, "dup").err().unwrap();
+        assert_eq!(exit::code_of(&e), exit::REFUSED);
+        assert!(
+            e.to_string().contains("'dup'") && e.to_string().contains("pid 4242"),
+            "{e}"
+        );
+        // Abandoning a fresh claim leaves no directory (no row in `vm list`).
+        first.abandon();
+        assert!(!vm_dir(&rt, "dup").exists());
+        let again = claim(&rt, "dup").unwrap();
+        assert!(again.fresh);
+        drop(again);
+        let reused = claim(&rt, "dup").unwrap();
+        assert!(!reused.fresh, "the directory stays when not abandoned");
+        reused.abandon();
+        assert!(vm_dir(&rt, "dup").is_dir(), "a reused directory is kept");
+        let _ = std::fs::remove_dir_all(&rt);
     }
 
     #[test]

@@ -141,9 +141,8 @@ fn store_error(e: ray_vmm::snapshot::SnapshotError) -> anyhow::Error {
     use ray_vmm::snapshot::SnapshotError;
     let code = match &e {
         SnapshotError::Store(StoreError::NotFound(_)) => exit::NOT_FOUND,
-        SnapshotError::Store(StoreError::HasChildren { .. } | StoreError::AlreadyExists(_)) => {
-            exit::REFUSED
-        }
+        SnapshotError::Store(StoreError::HasChildren { .. } | StoreError::AlreadyExists(_))
+        | SnapshotError::InUse(_) => exit::REFUSED,
         SnapshotError::Store(StoreError::File(ray_snapshot::FileError::Io { .. })) => 1,
         _ => exit::INVALID,
     };

@@ -11,7 +11,6 @@ use ray_api::vmm::{ConsoleTail, LifecycleEvent, VmConfig, VmInfo, VmStateName};
 use ray::client::VmmClient;
 use ray::exit::{self, coded, NOT_FOUND, UNREACHABLE};
 use ray::runtime::{self, Presence};
-use ray::sizes::parse_size;
 
 /// The command line rayvisor's own guest gets by default. `ray.poll_ms=0`: our VMM rings
 /// the input doorbell, so the guest never needs to poll the UART.
@@ -93,7 +92,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
     /// Guest memory, e.g. 128M or 2G.
-    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    #[arg(long, default_value = "128M", value_parser = ray::sizes::parse_memory)]
     pub memory: u64,
     /// VM id (default: generated).
     #[arg(long)]
@@ -140,9 +139,9 @@ pub struct VmmArgs {
     /// With --restore: skip checking guest memory against the snapshot's checksums.
     #[arg(long, requires = "restore")]
     pub no_verify_memory: bool,
-    /// Wait for an incoming live migration on HOST:PORT or unix:/path (needs
-    /// --config-json for vCPUs and memory) instead of booting.
-    #[arg(long, requires_all = ["config_json", "migrate_key_file"], conflicts_with_all = ["start", "restore"])]
+    /// Wait for an incoming live migration on HOST:PORT or unix:/path instead of booting
+    /// (--config-json, if given, is the vCPUs and memory the source must match).
+    #[arg(long, requires = "migrate_key_file", conflicts_with_all = ["start", "restore"])]
     pub migrate_listen: Option<String>,
     /// With --migrate-listen: the pre-shared key file.
     #[arg(long, requires = "migrate_listen")]
@@ -153,6 +152,10 @@ pub struct VmmArgs {
     /// With --migrate-listen: populate all of guest memory while waiting.
     #[arg(long, requires = "migrate_listen")]
     pub migrate_prefault: bool,
+    /// The VM directory's lock, inherited as this descriptor from `ray vm run` (which
+    /// took it); without it the VMM takes the lock itself.
+    #[arg(long, hide = true)]
+    pub lock_fd: Option<i32>,
     /// Also serve the API on this loopback TCP address (port 0: any free port).
     #[arg(long, value_name = "ADDR", value_parser = parse_api_tcp)]
     pub api_tcp: Option<std::net::SocketAddr>,
@@ -268,7 +271,8 @@ pub enum Origin<'a> {
     },
     /// Wait for an incoming live migration.
     Incoming {
-        config: &'a VmConfig,
+        /// The vCPUs and memory the source must match; `None`: the source's.
+        config: Option<&'a VmConfig>,
         listen: &'a str,
         key_file: &'a Path,
         max_concurrent: u32,
@@ -290,10 +294,13 @@ fn spawn_vmm(
     origin: &Origin,
     attach: bool,
     extras: &VmmExtras,
+    lock_fd: std::os::fd::RawFd,
 ) -> anyhow::Result<std::process::Child> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     cmd.arg("vmm").arg("--id").arg(id).arg("--dir").arg(dir);
+    // The VM directory's lock, inherited (it is not close-on-exec): see runtime::claim.
+    cmd.arg("--lock-fd").arg(lock_fd.to_string());
     if let Some(addr) = extras.api_tcp {
         cmd.arg("--api-tcp").arg(addr.to_string());
     }
@@ -319,9 +326,10 @@ fn spawn_vmm(
             max_concurrent,
             prefault,
         } => {
-            cmd.arg("--config-json")
-                .arg(serde_json::to_string(config)?)
-                .arg("--migrate-listen")
+            if let Some(config) = config {
+                cmd.arg("--config-json").arg(serde_json::to_string(config)?);
+            }
+            cmd.arg("--migrate-listen")
                 .arg(listen)
                 .arg("--migrate-key-file")
                 .arg(key_file)
@@ -353,6 +361,12 @@ fn spawn_vmm(
 
 fn run_vm(args: &RunArgs, runtime: &Path) -> anyhow::Result<()> {
     let cfg = vm_config(args)?;
+    // An invalid request is refused here, before any VM directory or VMM exists.
+    if let Some(id) = &args.id {
+        runtime::check_id(id).map_err(|e| coded(exit::INVALID, e))?;
+    }
+    ray_vmm::config::validate(&cfg, ray_vmm::config::host_memory())
+        .map_err(|e| coded(exit::INVALID, format!("invalid VM configuration: {e}")))?;
     launch_with(
         runtime,
         args.id.clone(),
@@ -363,6 +377,15 @@ fn run_vm(args: &RunArgs, runtime: &Path) -> anyhow::Result<()> {
             api_tcp: args.api_tcp,
         },
     )
+}
+
+/// The exit code of a command whose VMM ended at start with `status`: the VMM's own for a
+/// refused (4) or invalid (6) request, else 1.
+fn start_failure_code(status: &std::process::ExitStatus) -> u8 {
+    match status.code() {
+        Some(c) if c == i32::from(exit::REFUSED) || c == i32::from(exit::INVALID) => c as u8,
+        _ => 1,
+    }
 }
 
 /// Starts a VMM for a new VM (booted or restored), attached or detached.
@@ -386,48 +409,71 @@ pub fn launch_with(
     extras: &VmmExtras,
 ) -> anyhow::Result<()> {
     let id = id.unwrap_or_else(runtime::new_id);
-    runtime::check_id(&id).map_err(|e| coded(exit::INVALID, e))?;
-    let dir = runtime::vm_dir(runtime, &id);
-    if dir.join("api.sock").exists() {
-        if let Presence::Live { pid } = runtime::presence(&dir) {
-            return Err(coded(
-                exit::REFUSED,
-                format!("VM '{id}' already exists and runs (pid {pid})"),
-            ));
-        }
-    }
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // One VMM per VM: refused, naming the live VMM, while another runs or starts.
+    let mut claim = runtime::claim(runtime, &id)?;
+    let dir = claim.dir.clone();
+    let lock_fd = claim.inheritable_fd()?;
     if !detach {
-        let mut child = spawn_vmm(&id, &dir, origin, true, extras)?;
+        let mut child = match spawn_vmm(&id, &dir, origin, true, extras, lock_fd) {
+            Ok(c) => c,
+            Err(e) => {
+                claim.abandon();
+                return Err(e);
+            }
+        };
+        claim.spawned(child.id());
         // The VMM takes Ctrl-C itself (and stops the VM); this process just waits.
         // SAFETY: SIG_IGN for SIGINT in this process only; no handler code runs.
         unsafe {
             libc::signal(libc::SIGINT, libc::SIG_IGN);
         }
         let status = child.wait()?;
-        return if status.success() {
-            Ok(())
-        } else {
-            Err(coded(1, format!("the VMM of '{id}' ended with {status}")))
-        };
+        if status.success() {
+            return Ok(());
+        }
+        let code = start_failure_code(&status);
+        if runtime::failed_at_start(&dir) {
+            claim.abandon();
+        }
+        return Err(coded(
+            code,
+            format!("the VMM of '{id}' ended with {status}"),
+        ));
     }
-    let mut child = spawn_vmm(&id, &dir, origin, false, extras)?;
+    let mut child = match spawn_vmm(&id, &dir, origin, false, extras, lock_fd) {
+        Ok(c) => c,
+        Err(e) => {
+            claim.abandon();
+            return Err(e);
+        }
+    };
+    claim.spawned(child.id());
     let socket = dir.join("api.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
     let info: VmInfo = loop {
         if let Some(status) = child.try_wait()? {
             let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
+            let code = start_failure_code(&status);
+            if runtime::failed_at_start(&dir) {
+                claim.abandon();
+            }
+            let why = log.trim();
             return Err(coded(
-                1,
-                format!(
-                    "the VMM of '{id}' ended at start ({status}): {}",
-                    log.trim()
-                ),
+                code,
+                match code {
+                    1 => format!("the VMM of '{id}' ended at start ({status}): {why}"),
+                    _ => format!(
+                        "cannot start VM '{id}': {}",
+                        why.strip_prefix("ray: ").unwrap_or(why)
+                    ),
+                },
             ));
         }
         if socket.exists() {
+            // Only an answer from this VMM counts (pid): the socket is its own once it
+            // has bound it.
             if let Ok(info) = VmmClient::new(&socket).call::<VmInfo>("GET", "/vm", None) {
-                if info.state != VmStateName::Created {
+                if info.state != VmStateName::Created && info.pid == child.id() {
                     break info;
                 }
             }
@@ -652,6 +698,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
             max_concurrent: args.max_concurrent_migrations,
             prefault: args.migrate_prefault,
         }),
+        lock_fd: args.lock_fd,
         api_tcp: args.api_tcp,
     })?;
     match state {

@@ -314,14 +314,21 @@ impl SnapshotStore {
     }
 
     /// Reads every file of snapshot `id` (not its ancestors) and checks every checksum. A
-    /// snapshot found damaged is marked `error` in its manifest, so `list` shows it.
+    /// snapshot found damaged is marked `error` in its manifest, so `list` shows it; one
+    /// marked `error` by an earlier check that passes now is `ready` again.
     pub fn verify(&self, id: &str) -> Result<(), StoreError> {
         let m = self.get(id)?;
         let result = self.verify_files(&m);
-        if let Err(StoreError::File(e)) = &result {
-            if !matches!(e, FileError::Io { .. }) && m.state != SnapshotState::Error {
+        match &result {
+            Err(StoreError::File(e))
+                if !matches!(e, FileError::Io { .. }) && m.state != SnapshotState::Error =>
+            {
                 let _ = self.transition(id, Event::Fail);
             }
+            Ok(()) if m.state == SnapshotState::Error => {
+                self.transition(id, Event::Verified)?;
+            }
+            _ => {}
         }
         result
     }

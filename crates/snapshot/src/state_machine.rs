@@ -9,15 +9,17 @@
 //!     │ Restore ─▶ Restoring;  Archive ─▶ Archived
 //!
 //! Fail ─▶ Error from Creating, Verifying, Ready, Restoring, RestoreVerify, Archived.
-//! Abort ─▶ Ready from Restoring and RestoreVerify. Error accepts nothing.
+//! Abort ─▶ Ready from Restoring and RestoreVerify. Error ─Verified─▶ Ready.
 //! ```
 //!
 //! `Ready`, `Archived` and `Error` are what the manifest on disk can say (a snapshot being
 //! written is in a `.tmp-` directory and is never listed). The restore states live in the
 //! process doing the restore: restoring does not modify the snapshot, so many processes
 //! may restore one snapshot at once. `Abort` is a restore refused for a reason that is not
-//! the snapshot's fault (an incompatible host CPU): the snapshot stays usable. `Error` is
-//! final: the snapshot is damaged and can only be deleted.
+//! the snapshot's fault (an incompatible host CPU): the snapshot stays usable. `Error`
+//! means a check found the snapshot damaged: it is not restored, and only a later full
+//! verification that passes (`Verified`: every file read back and every checksum good,
+//! e.g. after the storage was repaired) makes it `Ready` again.
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
@@ -166,11 +168,11 @@ impl SnapshotState {
                 | E::Abort,
             ) => None,
 
+            (S::Error, E::Verified) => Some(S::Ready),
             (
                 S::Error,
                 E::Create
                 | E::Written
-                | E::Verified
                 | E::Restore
                 | E::Loaded
                 | E::Archive
@@ -228,6 +230,7 @@ mod tests {
         (S::RestoreComplete, E::Archive, S::Archived),
         (S::Archived, E::Unarchive, S::Ready),
         (S::Archived, E::Fail, S::Error),
+        (S::Error, E::Verified, S::Ready),
     ];
 
     #[test]

@@ -146,6 +146,43 @@ pub fn check_id(id: &str) -> Result<(), StoreError> {
     }
 }
 
+/// Why `m`'s chain of parents does not reach a full snapshot (`by_id`: the readable
+/// snapshots; `unreadable`: directories whose manifest cannot be read).
+fn chain_problem(
+    m: &Manifest,
+    by_id: &BTreeMap<&str, &Manifest>,
+    unreadable: &HashSet<String>,
+) -> String {
+    let mut cur = m;
+    let mut visited = HashSet::new();
+    loop {
+        visited.insert(cur.id.as_str());
+        let Some(p) = cur.parent.as_deref() else {
+            // Unreachable for a snapshot `list` did not place: its root would have been.
+            return "it is not in any chain".into();
+        };
+        let whose = if cur.id == m.id {
+            "its parent".to_string()
+        } else {
+            format!("its ancestor (the parent of {})", cur.id)
+        };
+        match by_id.get(p) {
+            _ if visited.contains(p) => {
+                return "its chain of parents loops back to itself; it cannot be restored".into()
+            }
+            Some(next) => cur = next,
+            None if unreadable.contains(p) => {
+                return format!("{whose} {p} is unreadable; it cannot be restored")
+            }
+            None => {
+                return format!(
+                    "{whose} {p} is missing; it cannot be restored (delete it, or bring {p} back)"
+                )
+            }
+        }
+    }
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -262,16 +299,20 @@ impl SnapshotStore {
         Ok((ok, broken))
     }
 
-    /// All snapshots as trees.
+    /// All snapshots as trees. An incremental snapshot whose chain does not reach a full
+    /// snapshot (a parent deleted or unreadable, parents in a loop) cannot be restored: it
+    /// is listed as broken, naming the snapshot that is missing, never as a tree.
     pub fn list(&self) -> Result<SnapshotTree, StoreError> {
         let (manifests, mut broken) = self.scan()?;
-        let ids: HashSet<&str> = manifests.iter().map(|m| m.id.as_str()).collect();
+        let unreadable: HashSet<String> = broken.iter().map(|b| b.id.clone()).collect();
+        let by_id: BTreeMap<&str, &Manifest> =
+            manifests.iter().map(|m| (m.id.as_str(), m)).collect();
         let mut children: BTreeMap<&str, Vec<&Manifest>> = BTreeMap::new();
         let mut roots = Vec::new();
         for m in &manifests {
             match m.parent.as_deref() {
-                Some(p) if ids.contains(p) => children.entry(p).or_default().push(m),
-                _ => roots.push(m),
+                Some(p) => children.entry(p).or_default().push(m),
+                None => roots.push(m),
             }
         }
         let mut seen = HashSet::new();
@@ -303,10 +344,11 @@ impl SnapshotStore {
             if !seen.contains(m.id.as_str()) {
                 broken.push(Broken {
                     id: m.id.clone(),
-                    error: "its chain of parents loops back to itself".into(),
+                    error: chain_problem(m, &by_id, &unreadable),
                 });
             }
         }
+        broken.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(SnapshotTree { roots, broken })
     }
 
@@ -565,5 +607,108 @@ impl SnapshotStore {
 
     pub fn unarchive(&self, id: &str) -> Result<Manifest, StoreError> {
         self.transition(id, Event::Unarchive)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::TempDir;
+    use ray_memory::{MemoryLayout, OwnedMemory};
+
+    fn meta(id: &str) -> NewSnapshot {
+        NewSnapshot {
+            id: id.into(),
+            vm_id: "vm".into(),
+            cpu: "cpu".into(),
+            vm_config: serde_json::json!({}),
+        }
+    }
+
+    /// A store with the chain a <- b <- c (one page written before each snapshot).
+    fn chain(tag: &str) -> (TempDir, SnapshotStore) {
+        let dir = TempDir::new(tag);
+        let store = SnapshotStore::open(dir.path()).unwrap();
+        let layout = MemoryLayout::new(&[(0, 1 << 20)]).unwrap();
+        let mem = OwnedMemory::zeroed(&layout).unwrap();
+        mem.write(0x3000, &[7; 4096]).unwrap();
+        let plain = CreateOptions::default();
+        store.create_full(&meta("a"), b"s", &mem, &plain).unwrap();
+        for (id, parent, gpa) in [("b", "a", 0x5000), ("c", "b", 0x6000)] {
+            mem.write(gpa, &[9; 4096]).unwrap();
+            let mut dirty = DirtyBitmap::clean(&layout);
+            dirty.mark(&layout, gpa, 4096);
+            store
+                .create_incremental(parent, &meta(id), b"s", &mem, &dirty, &plain)
+                .unwrap();
+        }
+        (dir, store)
+    }
+
+    #[test]
+    fn an_incremental_whose_parent_is_gone_is_broken_naming_it() {
+        let (dir, store) = chain("orphan");
+        assert_eq!(store.list().unwrap().broken, vec![]);
+        // What a parent removed behind the store's back (or by an older release) leaves.
+        std::fs::remove_dir_all(dir.path().join("b")).unwrap();
+        let tree = store.list().unwrap();
+        let ids: Vec<&str> = tree.roots.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["a"], "c is no root: it cannot be restored");
+        assert!(tree.roots[0].children.is_empty());
+        assert_eq!(tree.broken.len(), 1, "{:?}", tree.broken);
+        assert_eq!(tree.broken[0].id, "c");
+        assert!(
+            tree.broken[0].error.contains("its parent b is missing"),
+            "{}",
+            tree.broken[0].error
+        );
+    }
+
+    #[test]
+    fn descendants_of_a_broken_link_name_the_missing_ancestor() {
+        let (dir, store) = chain("ancestor");
+        std::fs::write(dir.path().join("a").join(MANIFEST_FILE), "{ not json").unwrap();
+        let tree = store.list().unwrap();
+        assert!(tree.roots.is_empty());
+        let broken: Vec<(&str, &str)> = tree
+            .broken
+            .iter()
+            .map(|b| (b.id.as_str(), b.error.as_str()))
+            .collect();
+        assert_eq!(broken.len(), 3, "{broken:?}");
+        assert!(
+            broken[1].1.contains("its parent a is unreadable"),
+            "{broken:?}"
+        );
+        assert!(
+            broken[2]
+                .1
+                .contains("its ancestor (the parent of b) a is unreadable"),
+            "{broken:?}"
+        );
+    }
+
+    #[test]
+    fn a_verify_that_passes_makes_an_error_snapshot_ready_again() {
+        let (dir, store) = chain("reverify");
+        let pages = dir.path().join("c").join(PAGES_FILE);
+        let good = std::fs::read(&pages).unwrap();
+        let mut bad = good.clone();
+        bad[100] ^= 1;
+        std::fs::write(&pages, &bad).unwrap();
+        assert!(store.verify("c").is_err());
+        assert_eq!(store.get("c").unwrap().state, SnapshotState::Error);
+        // Still damaged: still error.
+        assert!(store.verify("c").is_err());
+        assert_eq!(store.get("c").unwrap().state, SnapshotState::Error);
+        // Repaired (the file restored from a backup): the next verify says so.
+        std::fs::write(&pages, &good).unwrap();
+        store.verify("c").unwrap();
+        assert_eq!(store.get("c").unwrap().state, SnapshotState::Ready);
+        let tree = store.list().unwrap();
+        assert_eq!(
+            tree.roots[0].children[0].children[0].state,
+            SnapshotState::Ready
+        );
     }
 }

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod migration;
 pub mod prefault;
 pub mod snapshot;
+pub mod vmlock;
 pub mod vstate;
 
 /// The device models (their own crate, with no KVM dependency).
@@ -47,8 +48,12 @@ pub struct VmmOptions {
     /// With `restore`: check guest memory against the snapshot's checksums first (the one
     /// restore step whose cost grows with memory size).
     pub verify_memory: bool,
-    /// Wait for an incoming live migration instead of booting (needs `config`).
+    /// Wait for an incoming live migration instead of booting (`config`, if given, is
+    /// what the source's VM must match; without it the VM takes the source's shape).
     pub incoming: Option<Incoming>,
+    /// The lock on `dir` ([`vmlock`]), inherited as this descriptor from the process that
+    /// started this VMM; without it the VMM takes the lock itself.
+    pub lock_fd: Option<std::os::fd::RawFd>,
     /// Also serve the API on this loopback TCP address (port 0: any free port).
     pub api_tcp: Option<std::net::SocketAddr>,
 }
@@ -63,6 +68,21 @@ pub struct Incoming {
     /// Populate all of guest memory while waiting (see [`prefault`]).
     pub prefault: bool,
 }
+
+/// Why a VMM ended before its VM was up; `ray vmm` turns the kind into its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Another VMM runs (or is starting) this VM: nothing here was touched.
+    #[error(transparent)]
+    Locked(#[from] vmlock::LockError),
+    /// The request or the VM's state refused it, or carrying it out failed.
+    #[error(transparent)]
+    Controller(#[from] controller::ControllerError),
+}
+
+/// Files a previous VM of the same id left in its directory: moved to `<name>.1` when a
+/// new VMM takes the directory, so the new VM's logs and audit trail start fresh.
+pub const ROTATED_FILES: &[&str] = &["serial.log", "events.jsonl", "migration.json"];
 
 /// The record a VMM leaves behind when it ends.
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
@@ -127,14 +147,38 @@ fn spawn_stdin_thread(inbox: mpsc::Sender<Message>) {
         });
 }
 
+/// How the exit record of a VMM whose VM never came up starts its reason.
+pub const FAILED_TO_START: &str = "the VMM failed to start: ";
+
+/// The exit record of a VMM whose VM never came up: `error`, with why.
+fn failed_to_start(ctl: &Controller, id: &str, e: &controller::ControllerError) {
+    let record = ExitRecord {
+        id: id.to_string(),
+        state: VmState::Error,
+        reason: Some(format!("{FAILED_TO_START}{e}")),
+        pid: std::process::id(),
+    };
+    if let Ok(json) = serde_json::to_vec_pretty(&record) {
+        let _ = std::fs::write(ctl.paths.exit_record(), json);
+    }
+}
+
 /// Runs one VMM until its VM ends. Returns the final state.
 pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     let signals = block_stop_signals();
     std::fs::create_dir_all(&opts.dir)?;
+    // First of all: only the holder of the directory's lock touches anything in it.
+    let lock = match opts.lock_fd {
+        Some(fd) => vmlock::VmLock::inherit(fd, &opts.dir),
+        None => vmlock::VmLock::acquire(&opts.dir, &opts.id),
+    }
+    .map_err(StartError::from)?;
+    lock.set_owner(std::process::id());
     let paths = VmPaths {
         dir: opts.dir.clone(),
     };
     let _ = std::fs::remove_file(paths.exit_record());
+    vmlock::rotate(&opts.dir, ROTATED_FILES);
     std::fs::write(paths.pid_file(), std::process::id().to_string())?;
     let audit = AuditTrail::open(&paths.events())?;
     let (tx, rx) = mpsc::channel::<Message>();
@@ -146,7 +190,10 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
             Some(_) => ctl.configure_incoming(cfg).map(|_| Response::Done),
             None => ctl.handle(Request::Configure(cfg), &rx),
         };
-        configured.map_err(|e| anyhow::anyhow!("{}", e))?;
+        if let Err(e) = configured {
+            failed_to_start(&ctl, &opts.id, &e);
+            return Err(StartError::from(e).into());
+        }
     }
     let mut server = api_server::ApiServer::start(
         &ctl.paths.socket(),
@@ -169,7 +216,8 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
         drop(rx);
         server.stop();
         let _ = std::fs::remove_file(ctl.paths.socket());
-        anyhow::bail!("{}", e);
+        failed_to_start(&ctl, &opts.id, &e);
+        return Err(StartError::from(e).into());
     }
     if opts.attach {
         spawn_stdin_thread(tx.clone());
@@ -214,5 +262,6 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     };
     let _ = std::fs::write(ctl.paths.exit_record(), serde_json::to_vec_pretty(&record)?);
     let _ = std::fs::remove_file(ctl.paths.socket());
+    drop(lock);
     Ok(ctl.state())
 }

@@ -36,6 +36,31 @@ pub enum SnapshotError {
     Invalid(String),
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
+    /// The snapshot is in use and may not go (a suspended VM's image).
+    #[error("{0}")]
+    InUse(String),
+}
+
+/// The directory in a VM's directory where a suspended VM keeps its memory and state
+/// (a snapshot with this id, in the VM's directory as its store).
+pub const SUSPEND_DIR: &str = "suspended";
+
+/// Why the snapshot `id` in `store` may not be deleted because a VM depends on it: the
+/// suspend image of a VM that has not ended (suspended, or its VMM died meanwhile) is
+/// the only copy of that VM.
+fn in_use(store: &Path, id: &str) -> Option<String> {
+    let vm_dir = store.join(crate::vmlock::LOCK_FILE).exists() || store.join("vmm.pid").exists();
+    if id != SUSPEND_DIR || !vm_dir || store.join("exit.json").exists() {
+        return None;
+    }
+    let vm = store.file_name().map_or_else(
+        || store.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    Some(format!(
+        "cannot delete snapshot {}: it is the suspend image of VM '{vm}', the only copy of that VM while it is suspended; resume it (ray vm resume {vm}) or stop it (ray vm stop {vm}) instead",
+        store.join(id).display()
+    ))
 }
 
 /// How far the snapshot being written is; read by the API thread while the VMM thread
@@ -336,6 +361,9 @@ pub fn list(dir: &Path) -> Result<SnapshotList, SnapshotError> {
 /// Deletes the snapshot at `path`; refused while others depend on it.
 pub fn delete(path: &Path) -> Result<(), SnapshotError> {
     let (store, id) = split_path(path)?;
+    if let Some(why) = in_use(&store, &id) {
+        return Err(SnapshotError::InUse(why));
+    }
     Ok(SnapshotStore::open(store)?.delete(&id)?)
 }
 
@@ -409,6 +437,24 @@ mod tests {
         let allocated: u64 = mem.data_extents().iter().map(|e| e.1).sum();
         assert!(allocated <= 64 << 10, "{:x?}", mem.data_extents());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_suspended_vms_image_is_not_deleted() {
+        let vm = std::env::temp_dir().join(format!("ray-vmm-susp-{}/vms/web", std::process::id()));
+        let _ = std::fs::remove_dir_all(&vm);
+        std::fs::create_dir_all(vm.join(SUSPEND_DIR)).unwrap();
+        std::fs::write(vm.join("vmm.pid"), "1").unwrap();
+        let e = delete(&vm.join(SUSPEND_DIR)).unwrap_err();
+        assert!(matches!(e, SnapshotError::InUse(_)), "{e}");
+        assert!(e.to_string().contains("suspend image of VM 'web'"), "{e}");
+        assert!(vm.join(SUSPEND_DIR).is_dir(), "nothing was deleted");
+        // Once the VM has ended, what it left behind may go.
+        std::fs::write(vm.join("exit.json"), "{}").unwrap();
+        assert!(in_use(&vm, SUSPEND_DIR).is_none());
+        // Elsewhere, a snapshot may be called that.
+        assert!(in_use(&std::env::temp_dir(), SUSPEND_DIR).is_none());
+        let _ = std::fs::remove_dir_all(vm.parent().unwrap().parent().unwrap());
     }
 
     #[test]

@@ -46,39 +46,23 @@ impl Controller {
         })
     }
 
-    /// Starts migrating this running VM to `req.to` on a migration thread.
+    /// Starts migrating this running VM to `req.to` on a migration thread. Every check
+    /// (state, settings, address, key file, configuration) comes before the first side
+    /// effect (a host-wide slot, the state change, the thread): a refused request leaves
+    /// the VM as it was.
     pub(super) fn migrate_out(
         &mut self,
         req: MigrateRequest,
     ) -> Result<MigrationStatus, ControllerError> {
         self.check(VmAction::MigrateOut)?;
+        let (mut policy, limit) = policy_of(&req)?;
         let to = ray_migration::Endpoint::parse(&req.to).map_err(ControllerError::invalid)?;
         let key = ray_migration::read_key_file(Path::new(&req.key_file))
             .map_err(ControllerError::invalid)?;
-        if req.max_downtime_ms == 0 {
-            return Err(ControllerError::invalid(
-                "max_downtime_ms is 0; it must be at least 1",
-            ));
-        }
-        if req.max_passes == Some(0) {
-            return Err(ControllerError::invalid(
-                "max_passes is 0; it must be at least 1",
-            ));
-        }
-        let limit = req
-            .max_concurrent
-            .unwrap_or(ray_migration::progress::DEFAULT_MAX_CONCURRENT as u32);
-        if limit == 0 {
-            return Err(ControllerError::invalid(
-                "max_concurrent is 0; it must be at least 1",
-            ));
-        }
         let config = self
             .config
             .clone()
             .ok_or_else(|| ControllerError::refused("the VM has no configuration"))?;
-        let slot =
-            mig::acquire_slot(&self.paths.runtime(), limit).map_err(ControllerError::refused)?;
         let machine = self.machine()?;
         let compat = mig::compat_info(
             config.vcpus,
@@ -87,21 +71,14 @@ impl Controller {
             &crate::snapshot::cpu_fingerprint(&machine.vm.kvm),
         );
         let mem = machine.vm.memory.clone();
-        let mut policy = ray_migration::Policy {
-            max_downtime: Duration::from_millis(req.max_downtime_ms),
-            auto_converge: req.auto_converge,
-            on_limit: match req.on_limit {
-                OnLimit::Force => ray_migration::LimitAction::ForceStopAndCopy,
-                OnLimit::Abort => ray_migration::LimitAction::Abort,
-            },
-            ..Default::default()
-        };
-        if let Some(n) = req.max_passes {
-            policy.max_passes = n;
+        let recheck = req.recheck_memory.then(|| recheck_cost(&mem));
+        if let Some(cost) = recheck {
+            // The recheck rereads memory while the guest is paused: its time is part of
+            // the pause, so the convergence counts it like the state transfer.
+            policy.state_transfer_cost += cost;
         }
-        if let Some(ms) = req.max_time_ms {
-            policy.max_time = Duration::from_millis(ms);
-        }
+        let slot =
+            mig::acquire_slot(&self.paths.runtime(), limit).map_err(ControllerError::refused)?;
         let handle = mig::Handle::new(MigrationRole::Source, to.to_string());
         let mut cfg = ray_migration::SenderConfig::new(key);
         cfg.policy = policy;
@@ -110,9 +87,17 @@ impl Controller {
         cfg.recheck_memory = req.recheck_memory;
         cfg.cancel = handle.cancel.clone();
         cfg.progress = handle.progress.clone();
-        self.apply(VmAction::MigrateOut, &format!("api:migrate to {to}"))?;
+        let cause = match recheck {
+            Some(cost) => format!(
+                "api:migrate to {to} (memory recheck of ~{:.1} ms counted in the downtime)",
+                cost.as_secs_f64() * 1e3
+            ),
+            None => format!("api:migrate to {to}"),
+        };
+        self.apply(VmAction::MigrateOut, &cause)?;
         self.migration = Some(handle.clone());
         let inbox = self.vcpu_events.clone();
+        let cancel = handle.cancel.clone();
         let spawned = std::thread::Builder::new()
             .name("migration-out".into())
             .spawn(move || {
@@ -122,7 +107,7 @@ impl Controller {
                         mig::SourceError::Setup(format!("cannot connect to the target {to}: {e}"))
                     })
                     .and_then(|stream| {
-                        let mut link = mig::Link::new(inbox.clone());
+                        let mut link = mig::Link::new(inbox.clone(), cancel);
                         ray_migration::send_migration(stream, &mem, &mut link, &compat, &cfg)
                             .map_err(|f| mig::SourceError::Driver(Box::new(f)))
                     });
@@ -148,37 +133,14 @@ impl Controller {
         Ok(())
     }
 
-    /// Target: allocates memory for the configured VM, listens on `at` and waits (on a
-    /// migration thread) for one incoming migration. With `prefault`, another thread
-    /// populates all of the memory meanwhile (until the migration ends). Returns the bound
-    /// address.
-    pub fn listen_incoming(
+    /// Target: memory and a KVM VM (with dirty logging) for a VM of `config`, kept for
+    /// the switch-over; returns the memory and what the source must match.
+    pub(super) fn prepare_incoming(
         &mut self,
-        at: &str,
-        key_file: &Path,
-        max_concurrent: u32,
-        prefault: bool,
-    ) -> Result<String, ControllerError> {
-        self.check(VmAction::MigrateIn)?;
-        let config = self.config.clone().ok_or_else(|| {
-            ControllerError::refused("an incoming migration needs a configuration (vCPUs, memory)")
-        })?;
-        config::validate_shape(&config, config::host_memory())
+        config: &VmConfig,
+    ) -> Result<mig::Prepared, ControllerError> {
+        config::validate_shape(config, config::host_memory())
             .map_err(|e| ControllerError::invalid(e.to_string()))?;
-        let endpoint = ray_migration::Endpoint::parse(at).map_err(ControllerError::invalid)?;
-        let key = ray_migration::read_key_file(key_file).map_err(ControllerError::invalid)?;
-        if max_concurrent == 0 {
-            return Err(ControllerError::invalid(
-                "max_concurrent is 0; it must be at least 1",
-            ));
-        }
-        let slot = mig::acquire_slot(&self.paths.runtime(), max_concurrent)
-            .map_err(ControllerError::refused)?;
-        let regions = crate::boot::layout::ram_regions(config.memory_bytes);
-        let memory = crate::memory::MemoryManager::create(&regions)
-            .map_err(|e| ControllerError::failed(e.to_string()))?;
-        let vm = Vm::with_dirty_logging(memory.clone(), self.flavour)
-            .map_err(|e| ControllerError::failed(format!("cannot create the VM: {e}")))?;
         let kvm = kvm_ioctls::Kvm::new()
             .map_err(|e| ControllerError::failed(format!("cannot open /dev/kvm: {e}")))?;
         let compat = mig::compat_info(
@@ -188,45 +150,89 @@ impl Controller {
             &crate::snapshot::cpu_fingerprint(&kvm),
         );
         drop(kvm);
+        let regions = crate::boot::layout::ram_regions(config.memory_bytes);
+        let memory = crate::memory::MemoryManager::create(&regions)
+            .map_err(|e| ControllerError::failed(e.to_string()))?;
+        let vm = Vm::with_dirty_logging(memory.clone(), self.flavour)
+            .map_err(|e| ControllerError::failed(format!("cannot create the VM: {e}")))?;
+        // Fresh memory: zero pages into untouched memory cost nothing.
+        memory.track_fresh();
+        self.incoming_vm = Some(vm);
+        self.config = Some(config.clone());
+        Ok(mig::Prepared { memory, compat })
+    }
+
+    /// Target: listens on `at` and waits (on a migration thread) for one incoming
+    /// migration. With a configuration (vCPUs, memory) the memory is allocated now and
+    /// the source must match it; without one it is allocated for what the source
+    /// describes once it has authenticated. With `prefault` (which needs the
+    /// configuration), another thread populates all of the memory while waiting (until
+    /// the migration ends). Connections that fail before proving the pre-shared key are
+    /// dropped and logged; the target keeps waiting. Returns the bound address.
+    pub fn listen_incoming(
+        &mut self,
+        at: &str,
+        key_file: &Path,
+        max_concurrent: u32,
+        prefault: bool,
+    ) -> Result<String, ControllerError> {
+        self.check(VmAction::MigrateIn)?;
+        let given = self.config.clone();
+        if let Some(c) = &given {
+            config::validate_shape(c, config::host_memory())
+                .map_err(|e| ControllerError::invalid(e.to_string()))?;
+        } else if prefault {
+            return Err(ControllerError::invalid(
+                "prefault needs the VM's memory size up front: give the target its memory (--memory) or leave out --prefault",
+            ));
+        }
+        let endpoint = ray_migration::Endpoint::parse(at).map_err(ControllerError::invalid)?;
+        let key = ray_migration::read_key_file(key_file).map_err(ControllerError::invalid)?;
+        if max_concurrent == 0 {
+            return Err(ControllerError::invalid(
+                "max_concurrent is 0; it must be at least 1",
+            ));
+        }
+        // Checked: now the side effects, each undone (dropped) if a later one fails.
+        let slot = mig::acquire_slot(&self.paths.runtime(), max_concurrent)
+            .map_err(ControllerError::refused)?;
         let listener = ray_migration::Listener::bind(&endpoint)
             .map_err(|e| ControllerError::invalid(e.to_string()))?;
+        let prepared = match &given {
+            Some(c) => Some(self.prepare_incoming(c)?),
+            None => None,
+        };
         let local = listener.local();
         let handle = mig::Handle::new(MigrationRole::Target, local.clone());
         let mut cfg = ray_migration::ReceiverConfig::new(key);
         cfg.progress = handle.progress.clone();
         cfg.cancel = handle.cancel.clone();
         self.apply(VmAction::MigrateIn, &format!("migrate:listen on {local}"))?;
-        let prefault = prefault.then(|| crate::prefault::spawn(memory.ram().clone()));
-        if let Some(p) = &prefault {
-            handle.update(|r| r.prefault = Some(p.clone()));
+        if let Some(p) = &prepared {
+            let prefault = prefault.then(|| crate::prefault::spawn(p.memory.ram().clone()));
+            if let Some(pf) = &prefault {
+                handle.update(|r| r.prefault = Some(pf.clone()));
+            }
+            p.memory.set_prefault(prefault);
         }
-        memory.set_prefault(prefault);
-        // Fresh memory: zero pages into untouched memory cost nothing.
-        memory.track_fresh();
-        let mem = memory;
-        self.incoming_vm = Some(vm);
         self.migration = Some(handle.clone());
         let inbox = self.vcpu_events.clone();
-        std::thread::Builder::new()
+        let shape = given.map(|c| (c.vcpus, c.memory_bytes));
+        let spawned = std::thread::Builder::new()
             .name("migration-in".into())
             .spawn(move || {
                 let _slot = slot;
-                let result = listener
-                    .accept(&cfg.cancel, None, MIGRATION_IO_TIMEOUT)
-                    .map_err(|e| {
-                        mig::TargetError::Setup(format!("no migration arrived on {local}: {e}"))
-                    })
-                    .and_then(|stream| {
-                        drop(listener);
-                        let mut link = mig::Link::new(inbox.clone());
-                        ray_migration::receive_migration(stream, &mem, &mut link, &compat, &cfg)
-                            .map_err(|f| mig::TargetError::Driver(Box::new(f)))
-                    });
+                let mut link = mig::Link::new(inbox.clone(), cfg.cancel.clone());
+                let result = receive_incoming(listener, &local, prepared, shape, &mut link, &cfg);
                 let _ = inbox.send(Message::MigrationEnded(Ended::Target(result)));
-            })
-            .map_err(|e| {
-                ControllerError::failed(format!("cannot start the migration thread: {e}"))
-            })?;
+            });
+        if let Err(e) = spawned {
+            let why = format!("cannot start the migration thread: {e}");
+            self.end_migration(None, MigrationVmOutcome::Discarded, Some(why.clone()));
+            self.incoming_vm = None;
+            self.terminate(VmAction::MigrationAbort, "migrate:failed to start", None);
+            return Err(ControllerError::failed(why));
+        }
         Ok(handle.status().peer)
     }
 
@@ -358,6 +364,14 @@ impl Controller {
                 // The lifecycle transition (and its audit record) follows the reply:
                 // see `finish_target_resume`.
                 Ok(OpReply::Done)
+            }
+            MigrationOp::PrepareTarget(config) => {
+                if self.incoming_vm.is_some() || self.machine.is_some() {
+                    return Err("the target has its memory already".into());
+                }
+                self.prepare_incoming(&config)
+                    .map(OpReply::Prepared)
+                    .map_err(|e| e.to_string())
             }
             MigrationOp::Discard => {
                 self.stop_prefault();
@@ -572,4 +586,155 @@ impl Controller {
             }
         }
     }
+}
+
+/// How long a connection may take to prove the pre-shared key: a real source sends its
+/// `Hello` and `Auth` at once, so a connection that stays silent longer is not one, and
+/// the target moves on to the next (the source's own timeout is longer).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The migration thread of a target: accepts connections on `listener` until one proves
+/// the pre-shared key (others are logged and dropped: a port scan or a stray request must
+/// not end the wait), sizes the VM from what the source describes (or checks it against
+/// `given`), and receives it.
+fn receive_incoming(
+    listener: ray_migration::Listener,
+    local: &str,
+    prepared: Option<mig::Prepared>,
+    given: Option<(u8, u64)>,
+    link: &mut mig::Link,
+    cfg: &ray_migration::ReceiverConfig,
+) -> Result<ray_migration::ReceiveReport, mig::TargetError> {
+    let driver = |f: ray_migration::ReceiveFailure| mig::TargetError::Driver(Box::new(f));
+    let source = loop {
+        let stream = listener
+            .accept(&cfg.cancel, None, HANDSHAKE_TIMEOUT)
+            .map_err(|e| {
+                mig::TargetError::Setup(format!("no migration arrived on {local}: {e}"))
+            })?;
+        match ray_migration::receiver::authenticate(stream, cfg) {
+            Ok(source) => break source,
+            Err(f) if !f.authenticated => {
+                eprintln!(
+                    "ray vmm: dropped a connection on {local} ({f}); still waiting for the source"
+                );
+            }
+            Err(f) => return Err(driver(f.into())),
+        }
+    };
+    drop(listener);
+    if let Err(e) = source.get_ref().set_io_timeout(Some(MIGRATION_IO_TIMEOUT)) {
+        return Err(driver(source.refuse(format!(
+            "the target cannot set the connection's timeouts: {e}"
+        ))));
+    }
+    let shape = match mig::shape_of(source.source()) {
+        Ok(s) => s,
+        Err(why) => return Err(driver(source.refuse(why))),
+    };
+    if let Some(why) = given.and_then(|g| mig::shape_mismatch(g, shape)) {
+        return Err(driver(source.refuse(why)));
+    }
+    let prepared = match prepared {
+        Some(p) => p,
+        None => {
+            let config = VmConfig {
+                kernel: String::new(),
+                initrd: None,
+                cmdline: String::new(),
+                vcpus: shape.0,
+                memory_bytes: shape.1,
+            };
+            match link.prepare(config) {
+                Ok(p) => p,
+                Err(e) => {
+                    return Err(driver(
+                        source.refuse(format!("the target cannot hold the VM: {e}")),
+                    ))
+                }
+            }
+        }
+    };
+    source
+        .receive(&prepared.memory, link, &prepared.compat, cfg)
+        .map_err(driver)
+}
+
+/// The settings of a migration request as a convergence policy and the host-wide
+/// migration limit; refuses values that cannot work, naming them. The pre-copy time limit
+/// defaults to [`DEFAULT_MAX_TIME`], as the API and the CLI document.
+pub(super) fn policy_of(
+    req: &MigrateRequest,
+) -> Result<(ray_migration::Policy, u32), ControllerError> {
+    if req.max_downtime_ms == 0 {
+        return Err(ControllerError::invalid(
+            "max_downtime_ms is 0; it must be at least 1",
+        ));
+    }
+    if req.max_passes == Some(0) {
+        return Err(ControllerError::invalid(
+            "max_passes is 0; it must be at least 1",
+        ));
+    }
+    if req.max_time_ms == Some(0) {
+        return Err(ControllerError::invalid(
+            "max_time_ms is 0; it must be at least 1",
+        ));
+    }
+    let limit = req
+        .max_concurrent
+        .unwrap_or(ray_migration::progress::DEFAULT_MAX_CONCURRENT as u32);
+    if limit == 0 {
+        return Err(ControllerError::invalid(
+            "max_concurrent is 0; it must be at least 1",
+        ));
+    }
+    let mut policy = ray_migration::Policy {
+        max_downtime: Duration::from_millis(req.max_downtime_ms),
+        auto_converge: req.auto_converge,
+        on_limit: match req.on_limit {
+            OnLimit::Force => ray_migration::LimitAction::ForceStopAndCopy,
+            OnLimit::Abort => ray_migration::LimitAction::Abort,
+        },
+        max_time: req
+            .max_time_ms
+            .map_or(DEFAULT_MAX_TIME, Duration::from_millis),
+        ..Default::default()
+    };
+    if let Some(n) = req.max_passes {
+        policy.max_passes = n;
+    }
+    Ok((policy, limit))
+}
+
+/// Pre-copy time before `on_limit` applies when the request does not say (`max_time_ms`).
+pub const DEFAULT_MAX_TIME: Duration = Duration::from_secs(60);
+
+/// What `--recheck-memory` adds to the pause: one read and hash of every page that may
+/// hold data, at the rate this host hashes guest memory (measured on a sample of it).
+pub(super) fn recheck_cost(mem: &crate::memory::MemoryManager) -> Duration {
+    use ray_memory::GuestMemory;
+    let extents = mem.data_extents();
+    let data: u64 = extents.iter().map(|e| e.1).sum();
+    let page = ray_memory::PAGE_SIZE;
+    let mut sampled = 0u64;
+    let t = Instant::now();
+    for &(gpa, len) in &extents {
+        let len = len.min((4 << 20) - sampled) / page * page;
+        if let Ok(span) = mem.span(gpa, len) {
+            for p in span.chunks(page as usize) {
+                std::hint::black_box(p.hash());
+            }
+            sampled += len;
+        }
+        if sampled >= 4 << 20 {
+            break;
+        }
+    }
+    let took = t.elapsed();
+    if sampled == 0 {
+        return Duration::ZERO;
+    }
+    // A quarter more, for pages touched since and a colder cache in the pause.
+    took.mul_f64(data as f64 / sampled as f64 * 1.25)
 }

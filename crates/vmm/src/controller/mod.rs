@@ -293,6 +293,16 @@ impl Controller {
             Request::Snapshot(req) => self.snapshot(req).map(Response::Snapshot),
             Request::Stop { timeout } => {
                 self.check(VmAction::Stop)?;
+                // A migration in flight is cancelled first and its rollback awaited, so
+                // the stop acts on a VM that runs here again (never on one the migration
+                // thread is still pausing, copying or resuming).
+                self.settle_migration(inbox);
+                if self.state == VmState::Terminated {
+                    // The migration completed before it could be cancelled: the VM runs
+                    // on the target now, and nothing is left here to stop.
+                    return Ok(Response::Info(Box::new(self.info())));
+                }
+                self.check(VmAction::Stop)?;
                 self.stop(timeout, inbox, "api:stop");
                 Ok(Response::Info(Box::new(self.info())))
             }
@@ -388,10 +398,50 @@ impl Controller {
         Ok(())
     }
 
+    /// Source: cancels the migration in flight, if any, and carries out the migration
+    /// thread's requests (the rollback: lift the throttle, stop dirty logging, resume)
+    /// until it ends, for at most the migration's I/O timeout and a margin. Past its
+    /// commit point a migration cannot be cancelled: then this waits for its outcome
+    /// (the VM moved, or stays paused with its ownership uncertain). API requests that
+    /// only read are answered meanwhile; others are refused.
+    pub(super) fn settle_migration(&mut self, inbox: &Receiver<Message>) {
+        let Some(h) = self.migration.clone() else {
+            return;
+        };
+        if h.is_finished() || self.state != VmState::MigrationSource {
+            return;
+        }
+        h.cancel.cancel();
+        let deadline = Instant::now() + MIGRATION_IO_TIMEOUT + Duration::from_secs(5);
+        while !h.is_finished() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match inbox.recv_timeout(left) {
+                Ok(Message::Migration(op, reply)) => {
+                    let _ = reply.send(self.migration_op(op));
+                }
+                Ok(Message::MigrationEnded(e)) => self.on_migration_ended(e),
+                Ok(Message::Vcpu(event)) => self.on_vcpu_event(event),
+                Ok(Message::Api(
+                    r @ (Request::Info | Request::Events | Request::MigrationStatus),
+                    reply,
+                )) => reply(self.handle(r, inbox)),
+                Ok(Message::Api(_, reply)) => reply(Err(ControllerError::refused(
+                    "the VM is stopping: its migration is being cancelled first; try again when it has stopped",
+                ))),
+                Ok(Message::Signal(_)) | Err(_) => break,
+            }
+        }
+    }
+
     /// Stops the VM: asks the guest to power off and waits up to `timeout` for it, then
     /// stops it by force. Ends in Terminated either way.
     fn stop(&mut self, timeout: Duration, inbox: &Receiver<Message>, cause: &str) {
+        // A source left paused after its migration's switch-over cannot power off.
+        let held = self.migration.as_ref().is_some_and(|h| {
+            h.status().vm == ray_api::vmm::MigrationVmOutcome::PausedOwnershipUncertain
+        });
         let asked = guest_runs(self.state)
+            && !held
             && !timeout.is_zero()
             && self
                 .machine
@@ -444,8 +494,13 @@ impl Controller {
         if let Some(mut m) = self.machine.take() {
             m.shutdown();
         }
+        let was = self.state;
         if self.apply(action, cause).is_ok() {
             self.exit_reason = Some(reason.unwrap_or_else(|| cause.to_string()));
+            if was == VmState::Suspended {
+                // The VM is gone for good: its suspend image with it.
+                let _ = std::fs::remove_dir_all(self.suspend_dir());
+            }
         }
     }
 

@@ -205,25 +205,37 @@ impl Controller {
 
     /// Where a suspended VM keeps its memory and state.
     pub(super) fn suspend_dir(&self) -> PathBuf {
-        self.paths.dir.join("suspended")
+        self.paths.dir.join(crate::snapshot::SUSPEND_DIR)
     }
 
     /// Suspend: a snapshot to the VM's directory, then the machine and its memory go.
     pub(super) fn suspend(&mut self) -> Result<(), ControllerError> {
         self.check(VmAction::Suspend)?;
-        let dir = self.suspend_dir();
-        let _ = std::fs::remove_dir_all(&dir);
-        if self.state == VmState::Running {
-            self.machine()?.pause();
-            self.apply(VmAction::Pause, "api:suspend")?;
-        }
-        // Paused now: the snapshot is of exactly the state the VM will resume from. If it
-        // fails, the VM stays paused with its memory, and nothing is lost.
         let config = self
             .config
             .clone()
             .ok_or_else(|| ControllerError::refused("the VM has no configuration"))?;
-        let (_, carried) = self.write_snapshot(&dir, &config, None, false, 1)?;
+        self.machine()?;
+        let dir = self.suspend_dir();
+        let _ = std::fs::remove_dir_all(&dir);
+        let running = self.state == VmState::Running;
+        if running {
+            self.machine()?.pause();
+            self.apply(VmAction::Pause, "api:suspend")?;
+        }
+        // Paused now: the snapshot is of exactly the state the VM will resume from. If it
+        // fails, the VM keeps its memory and is back in the state it was in: nothing is
+        // lost.
+        let (_, carried) = match self.write_snapshot(&dir, &config, None, false, 1) {
+            Ok(written) => written,
+            Err(e) => {
+                if running {
+                    self.machine()?.resume();
+                    self.apply(VmAction::Resume, "api:suspend failed")?;
+                }
+                return Err(e);
+            }
+        };
         // The suspend image is not a checkpoint: after resume, the next incremental
         // snapshot still builds on the VM's last one, with every page written since.
         self.suspended_owed = carried;

@@ -164,3 +164,98 @@ fn a_bad_configuration_is_invalid_and_leaves_the_vm_unconfigured() {
     };
     assert!(events.is_empty(), "no transition was recorded: {events:?}");
 }
+
+fn migrate_request() -> MigrateRequest {
+    serde_json::from_str(r#"{"to": "unix:/nowhere", "key_file": "/nonexistent/key"}"#).unwrap()
+}
+
+#[test]
+fn migration_settings_default_to_what_the_docs_say_and_bad_ones_are_named() {
+    let req = migrate_request();
+    let (policy, limit) = super::migrations::policy_of(&req).unwrap();
+    // The API and the CLI document a 60 s pre-copy limit; the VMM applies it.
+    assert_eq!(policy.max_time, Duration::from_secs(60));
+    assert_eq!(policy.max_time, super::migrations::DEFAULT_MAX_TIME);
+    assert_eq!(policy.max_downtime, Duration::from_millis(30));
+    assert_eq!(limit, 8);
+    let mut r = migrate_request();
+    r.max_time_ms = Some(120_000);
+    assert_eq!(
+        super::migrations::policy_of(&r).unwrap().0.max_time,
+        Duration::from_secs(120)
+    );
+    for (field, set) in [
+        (
+            "max_downtime_ms",
+            (|r: &mut MigrateRequest| r.max_downtime_ms = 0) as fn(&mut _),
+        ),
+        ("max_passes", |r| r.max_passes = Some(0)),
+        ("max_time_ms", |r| r.max_time_ms = Some(0)),
+        ("max_concurrent", |r| r.max_concurrent = Some(0)),
+    ] {
+        let mut r = migrate_request();
+        set(&mut r);
+        let e = super::migrations::policy_of(&r).unwrap_err();
+        assert!(
+            matches!(e, ControllerError::Invalid(_))
+                && e.to_string().contains(&format!("{field} is 0")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn a_migration_request_is_checked_before_anything_happens() {
+    // A running VM is needed for any side effect; a created one is refused by state, and
+    // every bad value is refused before the state is even looked at again.
+    let (mut c, rx) = controller();
+    let e = c
+        .handle(Request::Migrate(migrate_request()), &rx)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("cannot migrate out a VM that is created"),
+        "{e}"
+    );
+    assert!(c.migration_handle().is_err(), "no migration was recorded");
+    assert_eq!(c.state(), VmState::Created);
+}
+
+#[test]
+fn a_target_without_a_shape_cannot_prefault_and_bad_listens_change_nothing() {
+    let (mut c, _rx) = controller();
+    let e = c
+        .listen_incoming("unix:/nowhere/x.sock", Path::new("/dev/zero"), 8, true)
+        .unwrap_err();
+    assert!(
+        matches!(e, ControllerError::Invalid(_)) && e.to_string().contains("prefault needs"),
+        "{e}"
+    );
+    let e = c
+        .listen_incoming("unix:/nowhere/x.sock", Path::new("/dev/zero"), 8, false)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("/dev/zero is a character device"),
+        "{e}"
+    );
+    let e = c
+        .listen_incoming("nowhere", Path::new("/dev/zero"), 8, false)
+        .unwrap_err();
+    assert!(e.to_string().contains("\"nowhere\""), "{e}");
+    assert_eq!(c.state(), VmState::Created);
+    assert!(c.migration_handle().is_err());
+}
+
+#[test]
+fn the_memory_recheck_is_priced_by_the_memory_that_holds_data() {
+    use vm_memory::{Bytes, GuestAddress};
+    let regions = [(GuestAddress(0), 64 << 20)];
+    let empty = crate::memory::MemoryManager::create(&regions).unwrap();
+    assert_eq!(super::migrations::recheck_cost(&empty), Duration::ZERO);
+    let mem = crate::memory::MemoryManager::create(&regions).unwrap();
+    let data = vec![0x5au8; 16 << 20];
+    mem.ram().write_slice(&data, GuestAddress(0)).unwrap();
+    let cost = super::migrations::recheck_cost(&mem);
+    assert!(cost > Duration::ZERO, "{cost:?}");
+    assert!(cost < Duration::from_secs(1), "{cost:?}");
+}

@@ -25,10 +25,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use ray_api::vmm::VmConfig;
 use ray_memory::DirtyBitmap;
 use ray_migration::protocol::MemoryRegion;
-use ray_migration::{CompatInfo, SourceVm, TargetVm, VmError};
+use ray_migration::{CancelToken, CompatInfo, SourceVm, TargetVm, VmError};
 
 use crate::controller::Message;
 use crate::machine::MachineState;
+use crate::memory::MemoryManager;
 use crate::vstate::Flavour;
 
 mod slots;
@@ -48,21 +49,80 @@ pub fn unix_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+/// How this VMM lays out `memory_bytes` of RAM, as the wire describes regions.
+fn regions(memory_bytes: u64) -> Vec<MemoryRegion> {
+    crate::boot::layout::ram_regions(memory_bytes)
+        .into_iter()
+        .map(|(gpa, len)| MemoryRegion {
+            gpa: gpa.0,
+            size: len as u64,
+        })
+        .collect()
+}
+
 /// What the target must match: vCPUs, memory layout, CPUID and hypervisor flavour.
 pub fn compat_info(vcpus: u8, memory_bytes: u64, flavour: Flavour, cpu: &str) -> CompatInfo {
     CompatInfo {
         vcpus: u32::from(vcpus),
         page_size: PAGE_SIZE as u32,
-        regions: crate::boot::layout::ram_regions(memory_bytes)
-            .into_iter()
-            .map(|(gpa, len)| MemoryRegion {
-                gpa: gpa.0,
-                size: len as u64,
-            })
-            .collect(),
+        regions: regions(memory_bytes),
         cpuid_fingerprint: *blake3::hash(cpu.as_bytes()).as_bytes(),
         flavour: format!("rayvisor-kvm-x86_64-{}/{STATE_FORMAT}", flavour.name()),
     }
+}
+
+/// The vCPUs and memory (bytes) of the VM a source describes in its [`CompatInfo`]: what
+/// a target that was not told the VM's shape allocates. Refused, naming what, when the
+/// description is not one this VMM can build.
+pub fn shape_of(source: &CompatInfo) -> Result<(u8, u64), String> {
+    let vcpus = u8::try_from(source.vcpus)
+        .ok()
+        .filter(|&v| v > 0 && v <= crate::config::MAX_VCPUS)
+        .ok_or_else(|| {
+            format!(
+                "the source's VM has {} vCPUs; this VMM supports 1 to {}",
+                source.vcpus,
+                crate::config::MAX_VCPUS
+            )
+        })?;
+    if source.page_size != PAGE_SIZE as u32 {
+        return Err(format!(
+            "page size differs: source uses {} bytes, target uses {PAGE_SIZE}",
+            source.page_size
+        ));
+    }
+    let memory: u64 = source.regions.iter().map(|r| r.size).sum();
+    let ours = regions(memory);
+    if ours != source.regions {
+        return Err(format!(
+            "memory layout differs: the source's {memory} bytes of memory are laid out as {:x?}, which is not how this VMM lays them out ({:x?})",
+            source.regions.iter().map(|r| (r.gpa, r.size)).collect::<Vec<_>>(),
+            ours.iter().map(|r| (r.gpa, r.size)).collect::<Vec<_>>(),
+        ));
+    }
+    Ok((vcpus, memory))
+}
+
+/// `None` when the VM a source describes (`source`: vCPUs, memory bytes) is the one a
+/// target was started for (`given`), else a sentence naming both values.
+pub fn shape_mismatch(given: (u8, u64), source: (u8, u64)) -> Option<String> {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    if given.0 != source.0 {
+        return Some(format!(
+            "vCPU count differs: the source's VM has {} vCPUs, this target was started with {} (--vcpus; leave it out to take the source's)",
+            source.0, given.0
+        ));
+    }
+    if given.1 != source.1 {
+        return Some(format!(
+            "memory layout differs: the source's VM has {} bytes ({:.0} MiB) of memory, this target was started with {} bytes ({:.0} MiB) (--memory; leave it out to take the source's)",
+            source.1,
+            mib(source.1),
+            given.1,
+            mib(given.1)
+        ));
+    }
+    None
 }
 
 /// The state blob: everything but guest memory.
@@ -92,6 +152,9 @@ pub enum MigrationOp {
     RestoreState(Vec<u8>),
     TargetResume,
     Discard,
+    /// Target: allocate memory (and the KVM VM over it) for a VM of this configuration,
+    /// once the source said what it sends.
+    PrepareTarget(VmConfig),
 }
 
 impl MigrationOp {
@@ -107,6 +170,7 @@ impl MigrationOp {
             MigrationOp::RestoreState(_) => "restore the state",
             MigrationOp::TargetResume => "resume",
             MigrationOp::Discard => "discard",
+            MigrationOp::PrepareTarget(_) => "prepare memory for the VM",
         }
     }
 }
@@ -116,6 +180,21 @@ pub enum OpReply {
     Done,
     Dirty(DirtyBitmap),
     State(Vec<u8>),
+    Prepared(Prepared),
+}
+
+/// Target: guest memory ready for the pages, and what the source must match.
+pub struct Prepared {
+    pub memory: MemoryManager,
+    pub compat: CompatInfo,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("compat", &self.compat)
+            .finish_non_exhaustive()
+    }
 }
 
 pub type OpResult = Result<OpReply, String>;
@@ -123,11 +202,27 @@ pub type OpResult = Result<OpReply, String>;
 /// The migration thread's handle on the controller: each call is one typed request.
 pub struct Link {
     inbox: Sender<Message>,
+    /// The migration's cancel token (ends the `source-hold-paused` test hold).
+    cancel: CancelToken,
 }
 
+/// Longest a `RAY_FAULT=source-hold-paused` source stays paused before going on.
+const HOLD_PAUSED: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Link {
-    pub fn new(inbox: Sender<Message>) -> Self {
-        Self { inbox }
+    pub fn new(inbox: Sender<Message>, cancel: CancelToken) -> Self {
+        Self { inbox, cancel }
+    }
+
+    /// Target: asks the controller for memory (and a KVM VM) for a VM of `config`.
+    pub fn prepare(&self, config: VmConfig) -> Result<Prepared, VmError> {
+        match self.call(MigrationOp::PrepareTarget(config))? {
+            OpReply::Prepared(p) => Ok(p),
+            _ => Err(VmError {
+                op: "prepare memory for the VM",
+                reason: "the controller answered with something else".into(),
+            }),
+        }
     }
 
     fn call(&self, op: MigrationOp) -> Result<OpReply, VmError> {
@@ -170,7 +265,16 @@ impl SourceVm for Link {
     }
 
     fn pause(&mut self) -> Result<(), VmError> {
-        self.done(MigrationOp::Pause)
+        self.done(MigrationOp::Pause)?;
+        if fault_injected("source-hold-paused") {
+            // Test hook: hold the migration in its paused final copy (until it is
+            // cancelled), so a test can act on a source in exactly that phase.
+            let until = std::time::Instant::now() + HOLD_PAUSED;
+            while !self.cancel.is_cancelled() && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        Ok(())
     }
 
     fn resume(&mut self) -> Result<(), VmError> {
@@ -203,5 +307,45 @@ impl TargetVm for Link {
 
     fn discard(&mut self) {
         let _ = self.done(MigrationOp::Discard);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_takes_the_shape_the_source_describes() {
+        let src = compat_info(2, 256 << 20, Flavour::Pvm, "cpu");
+        assert_eq!(shape_of(&src), Ok((2, 256 << 20)));
+        // Above the MMIO hole too: the regions add up to the memory size.
+        let big = compat_info(1, 4 << 30, Flavour::Pvm, "cpu");
+        assert_eq!(shape_of(&big), Ok((1, 4 << 30)));
+        let mut odd = src.clone();
+        odd.regions[0].gpa = 0x1000;
+        assert!(shape_of(&odd)
+            .unwrap_err()
+            .contains("memory layout differs"));
+        let mut many = src.clone();
+        many.vcpus = 300;
+        assert!(shape_of(&many).unwrap_err().contains("300 vCPUs"));
+        let mut pages = src;
+        pages.page_size = 2 << 20;
+        assert!(shape_of(&pages).unwrap_err().contains("page size differs"));
+    }
+
+    #[test]
+    fn a_mismatch_names_both_values() {
+        assert_eq!(shape_mismatch((2, 1 << 30), (2, 1 << 30)), None);
+        let e = shape_mismatch((1, 1 << 30), (2, 1 << 30)).unwrap();
+        assert!(
+            e.contains("has 2 vCPUs") && e.contains("started with 1"),
+            "{e}"
+        );
+        let e = shape_mismatch((2, 128 << 20), (2, 256 << 20)).unwrap();
+        assert!(
+            e.contains("268435456 bytes (256 MiB)") && e.contains("134217728 bytes (128 MiB)"),
+            "{e}"
+        );
     }
 }
