@@ -365,11 +365,18 @@ fn a_stray_connection_does_not_end_a_waiting_target() {
         &addr,
         "--key-file",
         &key,
+        "--recheck-memory",
         "--json",
     ]);
     let s: MigrationStatus = serde_json::from_str(&out).unwrap();
     assert!(s.state == "completed" && s.vm == "migrated", "{s:?}");
     src.wait_exit(Duration::from_secs(10));
+    // 13.7: the recheck of the paused source's memory is priced into the downtime budget.
+    let events = env.ray_ok(&["vm", "events", "src"]);
+    assert!(
+        events.contains("memory recheck of ~") && events.contains("counted in the downtime"),
+        "{events}"
+    );
     let mut dst = dst;
     let info = dst.wait_for(
         "the VM to run on the target",
