@@ -585,3 +585,449 @@ fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     );
     assert!(sample(&m, "process_cpu_seconds", "process_cpu_seconds_total", &[]) > 0.0);
 }
+
+/// `ray vm rm` removes an ended VM and refuses a live one, naming its state; `ray vm prune`
+/// removes every ended (terminated or dead) VM and nothing else.
+#[test]
+fn rm_and_prune_remove_only_ended_vms() {
+    let env = Env::new("rmprune");
+    let mut keep = env.boot(&["--id", "keep"]);
+    let mut done = env.boot(&["--id", "done"]);
+    let mut dead = env.boot(&["--id", "dead"]);
+    for vm in [&mut keep, &mut done, &mut dead] {
+        vm.expect_line("ready", READY);
+    }
+    let out = env.ray(&["vm", "rm", "keep"]);
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("VM 'keep' is running") && err.contains("ray vm stop keep"),
+        "{err}"
+    );
+    env.ray_ok(&["vm", "pause", "keep"]);
+    let err = String::from_utf8_lossy(&env.ray(&["vm", "rm", "keep"]).stderr).into_owned();
+    assert!(err.contains("VM 'keep' is paused"), "{err}");
+    env.ray_ok(&["vm", "resume", "keep"]);
+
+    env.ray_ok(&["vm", "stop", "done", "--timeout-ms", "0"]);
+    done.wait_exit(Duration::from_secs(5));
+    // SAFETY: kill(2) of a VMM this test started.
+    unsafe {
+        libc::kill(dead.pid as libc::pid_t, libc::SIGKILL);
+    }
+    dead.wait_exit(Duration::from_secs(5));
+
+    let dry = env.ray_ok(&["vm", "prune", "--dry-run"]);
+    assert!(
+        dry.contains("would remove dead (dead)") && dry.contains("would remove done (terminated"),
+        "{dry}"
+    );
+    assert!(env.runtime.join("vms/done").is_dir());
+    let pruned: serde_json::Value =
+        serde_json::from_str(&env.ray_ok(&["vm", "prune", "-o", "json"])).unwrap();
+    let ids: Vec<&str> = pruned
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["dead", "done"]);
+    let list: serde_json::Value =
+        serde_json::from_str(&env.ray_ok(&["vm", "list", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["id"], "keep");
+
+    env.ray_ok(&["vm", "stop", "keep"]);
+    keep.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        env.ray_ok(&["vm", "rm", "keep"]),
+        "removed keep (terminated: guest:poweroff (asked by api:stop))\n"
+    );
+    assert!(!env.runtime.join("vms/keep").exists());
+    let out = env.ray(&["vm", "rm", "keep"]);
+    assert_eq!(out.status.code(), Some(3), "a removed VM is gone");
+}
+
+/// `ray vm config ID -o yaml` gives back what `ray vm run -f` takes: a VM started from it
+/// has the same configuration.
+#[test]
+fn vm_config_round_trips_through_run_file() {
+    let env = Env::new("runfile");
+    let mut a = env.boot(&[
+        "--id",
+        "a",
+        "--vcpus",
+        "2",
+        "--memory",
+        "192M",
+        "--cmdline",
+        "console=ttyS0 ray.poll_ms=0 note=\"x y\"",
+    ]);
+    a.expect_line("ready", READY);
+    let yaml = env.ray_ok(&["vm", "config", "a", "-o", "yaml"]);
+    assert!(
+        yaml.contains("vcpus: 2\n") && yaml.contains("memory_bytes: 201326592\n"),
+        "{yaml}"
+    );
+    let file = env.runtime.join("a.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    let json_file = env.runtime.join("a.json");
+    std::fs::write(&json_file, env.ray_ok(&["vm", "config", "a", "-o", "json"])).unwrap();
+    env.ray_ok(&["vm", "stop", "a", "--timeout-ms", "0"]);
+    a.wait_exit(Duration::from_secs(5));
+
+    let mut b = env.boot(&["--id", "b", "-f", file.to_str().unwrap()]);
+    b.expect_line("ready", READY);
+    assert_eq!(env.ray_ok(&["vm", "config", "b", "-o", "yaml"]), yaml);
+    let mut c = env.boot(&["--id", "c", "-f", json_file.to_str().unwrap()]);
+    c.expect_line("ready", READY);
+    assert_eq!(env.ray_ok(&["vm", "config", "c", "-o", "yaml"]), yaml);
+    // -f and the flags it replaces do not mix; a bad file is refused, naming what is wrong.
+    let out = env.ray(&[
+        "vm",
+        "run",
+        "--detach",
+        "-f",
+        file.to_str().unwrap(),
+        "--vcpus",
+        "3",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::write(&file, "kernel: /k\nvcpus: 1\nmemory: 1G\n").unwrap();
+    let out = env.ray(&["vm", "run", "--detach", "-f", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(6));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `memory`"), "{err}");
+}
+
+/// Every list and status command speaks table, wide, JSON and YAML; `--json` is `-o json`.
+#[test]
+fn output_formats() {
+    let env = Env::new("formats");
+    let mut vm = env.boot(&["--id", "fmt", "--api-tcp", "127.0.0.1:0"]);
+    vm.expect_line("ready", READY);
+    let table = env.ray_ok(&["vm", "list"]);
+    assert!(table.starts_with("ID   STATE    PID"), "{table}");
+    let wide = env.ray_ok(&["vm", "list", "-o", "wide"]);
+    assert!(
+        wide.lines()
+            .next()
+            .unwrap()
+            .ends_with("HYPERVISOR  API                    REASON")
+            || wide.contains("HYPERVISOR") && wide.contains("http://127.0.0.1:"),
+        "{wide}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ray_ok(&["vm", "list", "-o", "json"])).unwrap();
+    let alias: serde_json::Value =
+        serde_json::from_str(&env.ray_ok(&["vm", "list", "--json"])).unwrap();
+    assert_eq!(json[0]["id"], "fmt");
+    assert_eq!(json[0]["id"], alias[0]["id"]);
+    let yaml = env.ray_ok(&["vm", "list", "-o", "yaml"]);
+    assert!(yaml.starts_with("- id: fmt\n  state: running\n"), "{yaml}");
+
+    for cmd in [&["vm", "status", "fmt"][..], &["vm", "events", "fmt"][..]] {
+        let j: serde_json::Value =
+            serde_json::from_str(&env.ray_ok(&[cmd, &["-o", "json"]].concat())).unwrap();
+        let y = env.ray_ok(&[cmd, &["-o", "yaml"]].concat());
+        assert!(
+            !y.trim_start().starts_with('{'),
+            "{cmd:?} -o yaml printed JSON: {y}"
+        );
+        assert!(!j.is_null());
+        env.ray_ok(&[cmd, &["-o", "wide"]].concat());
+    }
+    let wide = env.ray_ok(&["vm", "status", "fmt", "-o", "wide"]);
+    assert!(wide.contains("ready=true"), "{wide}");
+    let out = env.ray(&["vm", "list", "-o", "xml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = env.ray(&["vm", "list", "-o", "json", "--json"]);
+    assert_eq!(out.status.code(), Some(2), "-o and --json conflict");
+}
+
+/// `--help` of every command has examples; completions and man pages are generated and
+/// well-formed.
+#[test]
+fn help_completion_and_man_pages() {
+    let env = Env::new("helpman");
+    for cmd in [
+        &["vm", "run"][..],
+        &["vm", "console"],
+        &["snapshot", "create"],
+        &["migrate", "start"],
+        &[],
+    ] {
+        let help = env.ray_ok(&[cmd, &["--help"]].concat());
+        assert!(help.contains("\nExamples:\n  ray "), "{cmd:?}: {help}");
+    }
+    let bash = env.runtime.join("ray.bash");
+    std::fs::write(&bash, env.ray_ok(&["completion", "bash"])).unwrap();
+    let check = Command::new("bash").arg("-n").arg(&bash).output().unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // Sourced, it completes `ray vm r` to the commands starting with r.
+    let script = format!(
+        "source {}; COMP_WORDS=(ray vm r); COMP_CWORD=2; COMP_LINE='ray vm r'; COMP_POINT=8; _ray ray r vm; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        bash.display()
+    );
+    let words = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let words = String::from_utf8_lossy(&words.stdout);
+    for w in ["run", "resume", "rm"] {
+        assert!(
+            words.lines().any(|l| l == w),
+            "`ray vm r<TAB>` misses {w}: {words}"
+        );
+    }
+    assert!(env
+        .ray_ok(&["completion", "zsh"])
+        .starts_with("#compdef ray"));
+    assert!(env
+        .ray_ok(&["completion", "fish"])
+        .contains("complete -c ray "));
+
+    let page = env.ray_ok(&["man"]);
+    assert!(page.contains(".TH ray 1"), "{page}");
+    let dir = env.runtime.join("man");
+    env.ray_ok(&["man", "--dir", dir.to_str().unwrap()]);
+    for name in [
+        "ray.1",
+        "ray-vm.1",
+        "ray-vm-run.1",
+        "ray-vm-console.1",
+        "ray-snapshot-create.1",
+    ] {
+        let p = dir.join(name);
+        assert!(p.is_file(), "{} missing", p.display());
+        let out = Command::new("groff")
+            .args(["-man", "-Tutf8", "-ww", "-z"])
+            .arg(&p)
+            .output()
+            .expect("groff (scripts/setup installs groff-base)");
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let run = std::fs::read_to_string(dir.join("ray-vm-run.1")).unwrap();
+    assert!(
+        run.contains("Examples:") && run.contains("api\\-tcp"),
+        "{run}"
+    );
+}
+
+/// A tmux server of its own (its socket in the test's directory), killed at the end.
+struct Tmux {
+    socket: std::path::PathBuf,
+}
+
+impl Tmux {
+    fn new(env: &Env) -> Tmux {
+        Tmux {
+            socket: env.runtime.join("tmux.sock"),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("tmux (scripts/setup installs it)");
+        ray_e2e::succeeded(out, &format!("tmux {args:?}"))
+    }
+
+    /// A session running `command` (through sh; it stays open after the command ends).
+    fn session(&self, env: &Env, name: &str, command: &str) {
+        let shell = format!(
+            "export RAY_RUNTIME_DIR='{}' RAY_GUEST='{}'; {command}; echo \"[exit $?]\"; sleep 600",
+            env.runtime.display(),
+            ray_e2e::guest_bin().display()
+        );
+        self.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            name,
+            "-x",
+            "160",
+            "-y",
+            "50",
+            "sh",
+            "-c",
+            &shell,
+        ]);
+    }
+
+    fn keys(&self, session: &str, keys: &[&str]) {
+        self.run(&[&["send-keys", "-t", session][..], keys].concat());
+    }
+
+    fn screen(&self, session: &str) -> String {
+        self.run(&["capture-pane", "-p", "-J", "-t", session, "-S", "-500"])
+    }
+
+    /// Waits until the session's screen has a line for which `f` holds.
+    fn wait_for(&self, session: &str, what: &str, f: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let screen = self.screen(session);
+            if screen.lines().any(|l| f(l.trim_end())) {
+                return screen;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "session {session}: no {what} on the screen:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_line(&self, session: &str, line: &str) -> String {
+        self.wait_for(session, &format!("line {line:?}"), |l| l == line)
+    }
+
+    fn wait_text(&self, session: &str, text: &str) -> String {
+        self.wait_for(session, &format!("{text:?}"), |l| l.contains(text))
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
+            .arg("kill-server")
+            .output();
+    }
+}
+
+/// `ray vm console` in real terminals (tmux): typing reaches the guest's shell, Ctrl-C goes
+/// to the guest and not to the VM, Ctrl-] detaches and leaves the VM running, re-attaching
+/// shows the history; several consoles follow one VM, one has the input and `--write`
+/// takes it over.
+#[test]
+fn console_in_a_terminal_detaches_and_reattaches() {
+    let env = Env::new("console");
+    let mut vm = env.boot(&["--id", "tty"]);
+    vm.expect_line("ready", READY);
+    let ray = ray_bin().display().to_string();
+    let t = Tmux::new(&env);
+    t.session(&env, "one", &format!("{ray} vm console tty"));
+    t.wait_text("one", "[ray: attached to tty; Ctrl-] detaches]");
+    t.keys("one", &["echo hello from tmux", "Enter"]);
+    t.wait_line("one", "hello from tmux");
+    // Ctrl-C is a byte for the guest (its shell reports an unknown command), not a signal
+    // for the VM or the console.
+    t.keys("one", &["C-c", "Enter"]);
+    vm.expect_line("err unknown command '\u{3}'", Duration::from_secs(10));
+    t.keys("one", &["echo after ctrl-c", "Enter"]);
+    t.wait_line("one", "after ctrl-c");
+    t.keys("one", &["C-]"]);
+    t.wait_text("one", "[ray: detached from tty; it keeps running");
+    t.wait_line("one", "[exit 0]");
+    assert_eq!(vm.state(), VmStateName::Running);
+
+    // Re-attached, the history is there; this console has the input again.
+    t.session(&env, "two", &format!("{ray} vm console tty"));
+    t.wait_line("two", "hello from tmux");
+    t.keys("two", &["echo second", "Enter"]);
+    t.wait_line("two", "second");
+    // A third console watches; its input goes nowhere until it takes over.
+    t.session(&env, "three", &format!("{ray} vm console tty"));
+    t.wait_text("three", "read-only: another console has the input");
+    t.keys("three", &["echo ignored", "Enter"]);
+    t.wait_text("three", "this console is read-only");
+    t.keys("two", &["echo seen by all", "Enter"]);
+    t.wait_line("three", "seen by all");
+    assert!(!vm.console().data.contains("ignored\n"));
+    t.keys("three", &["C-]"]);
+    t.wait_line("three", "[exit 0]");
+    t.session(&env, "four", &format!("{ray} vm console tty --write"));
+    t.wait_text("two", "read-only: another console has the input");
+    t.keys("four", &["echo taken over", "Enter"]);
+    t.wait_line("four", "taken over");
+    t.wait_line("two", "taken over");
+
+    // When the VM ends, every console says so and returns.
+    t.keys("four", &["poweroff", "Enter"]);
+    t.wait_text("two", "[ray: tty ended: terminated (guest:poweroff)]");
+    t.wait_line("two", "[exit 0]");
+    t.wait_line("four", "[exit 0]");
+    vm.wait_exit(Duration::from_secs(5));
+}
+
+/// An attached `ray vm run` is a console too: Ctrl-C reaches the guest, Ctrl-] detaches and
+/// the VM runs on.
+#[test]
+fn attached_run_is_a_console() {
+    let env = Env::new("runattached");
+    let ray = ray_bin().display().to_string();
+    let t = Tmux::new(&env);
+    t.session(&env, "run", &format!("{ray} vm run --id att"));
+    t.wait_line("run", "ready");
+    t.keys("run", &["echo typed into run", "Enter"]);
+    t.wait_line("run", "typed into run");
+    t.keys("run", &["C-c"]);
+    t.keys("run", &["C-]"]);
+    t.wait_line("run", "[exit 0]");
+    let status = env.ray_ok(&["vm", "status", "att", "-o", "json"]);
+    let info: VmInfo = serde_json::from_str(&status).unwrap();
+    assert_eq!(
+        info.state,
+        VmStateName::Running,
+        "Ctrl-C or detaching touched the VM"
+    );
+    let vm = env.attach("att", info.pid);
+    env.ray_ok(&["vm", "stop", "att"]);
+    vm.wait_exit(Duration::from_secs(10));
+}
+
+/// `ray vm logs` shows the serial log (also of an ended VM), its tail, follows it, and the
+/// VMM's log.
+#[test]
+fn logs_show_and_follow() {
+    let env = Env::new("logs");
+    let mut vm = env.boot(&["--id", "lg"]);
+    vm.expect_line("ready", READY);
+    vm.command("echo first line", "first line");
+    let all = env.ray_ok(&["vm", "logs", "lg"]);
+    assert!(
+        all.contains("ready\n") && all.ends_with("first line\n"),
+        "{all}"
+    );
+    assert_eq!(
+        env.ray_ok(&["vm", "logs", "lg", "--tail", "1"]),
+        "first line\n"
+    );
+    let mut follow = Command::new(ray_bin())
+        .args(["vm", "logs", "lg", "-f", "--tail", "1"])
+        .env("RAY_RUNTIME_DIR", &env.runtime)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(follow.stdout.take().unwrap()));
+    assert_eq!(lines.next().unwrap().unwrap(), "first line");
+    vm.command("echo second line", "second line");
+    assert_eq!(lines.next().unwrap().unwrap(), "second line");
+    env.ray_ok(&["vm", "stop", "lg"]);
+    // The follower ends by itself once the VM has ended and all of the log is out.
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    assert!(follow.wait().unwrap().success());
+    assert!(rest.iter().any(|l| l == "poweroff"), "{rest:?}");
+    assert!(
+        env.ray_ok(&["vm", "logs", "lg"]).contains("second line"),
+        "an ended VM's log stays"
+    );
+    let out = env.ray(&["vm", "logs", "lg", "--since", "10m"]);
+    assert_eq!(out.status.code(), Some(2), "--since needs --vmm");
+    env.ray_ok(&["vm", "logs", "lg", "--vmm"]);
+}

@@ -132,7 +132,6 @@ fn io_exits(vm: &ray_e2e::Vm) -> Option<u64> {
 /// The paravirtual console: a shell round trip costs a few exits, not one or two per byte
 /// (COM1 would take ~20 for `echo hi`: LSR + RBR per input byte, one per output byte).
 #[test]
-#[ignore = "counts exits through GET /metrics, which has not landed yet"]
 fn shell_round_trip_costs_few_port_exits() {
     let env = Env::new("pvcon");
     // No UART polls and no idle exits: every port exit is the console's.

@@ -3,18 +3,23 @@
 mod bench;
 mod bench_migrate;
 mod bench_snapshot;
+mod console;
+mod help;
+mod logs;
 mod migrate;
 mod sim;
 mod snapshot;
 mod version;
 mod vm;
+mod vm_admin;
+mod vm_show;
 
 use ray::{exit, runtime};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -56,10 +61,27 @@ enum Command {
     },
     /// Show the version of `ray` and, with --vm, of a VM's VMM.
     Version(version::VersionArgs),
+    /// Print a shell completion script.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print `ray`'s man page (roff), or write one page per command into a directory.
+    Man {
+        /// Write `ray.1`, `ray-vm.1`, `ray-vm-run.1`, ... into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// The command line's definition, with its examples.
+fn cli_command() -> clap::Command {
+    help::decorate(Cli::command())
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&cli_command().get_matches()).unwrap_or_else(|e| e.exit());
     let runtime = cli.runtime_dir.unwrap_or_else(runtime::default_dir);
     let result = match cli.command {
         Command::Vm(cmd) => vm::run(cmd, &runtime),
@@ -73,12 +95,33 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Version(a) => version::run(&a, &runtime),
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut cli_command(), "ray", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => man(dir.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ray: {e:#}");
             ExitCode::from(exit::code_of(&e))
+        }
+    }
+}
+
+/// `ray man`: the top page on stdout, or every page into `dir`.
+fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let cmd = cli_command();
+    match dir {
+        None => clap_mangen::Man::new(cmd)
+            .render(&mut std::io::stdout())
+            .context("cannot write the man page"),
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+            clap_mangen::generate_to(cmd, d)
+                .with_context(|| format!("cannot write man pages into {}", d.display()))
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use ray_api::vmm::{ConsoleTail, LifecycleEvent, VmConfig, VmInfo, VmStateName};
+use ray_api::vmm::{VmConfig, VmInfo, VmStateName};
 
 use ray::client::VmmClient;
 use ray::exit::{self, coded, NOT_FOUND, UNREACHABLE};
@@ -21,7 +21,8 @@ pub enum VmCommand {
     /// Create and boot a VM (rayvisor's own guest by default) and attach to its console.
     Run(RunArgs),
     /// List the VMs of this host.
-    List(JsonFlag),
+    #[command(visible_alias = "ls")]
+    List(crate::vm_show::ListArgs),
     /// Show one VM.
     Status(IdArgs),
     /// Stop every vCPU of a running VM.
@@ -34,61 +35,61 @@ pub enum VmCommand {
     Stop(StopArgs),
     /// Show a VM's lifecycle events.
     Events(IdArgs),
-    /// Show the tail of a VM's serial console, or send it a line.
-    Console(ConsoleArgs),
+    /// Attach to a VM's serial console (Ctrl-] detaches), or print its tail, or type a line.
+    Console(crate::console::ConsoleArgs),
+    /// Show a VM's serial console log, or its VMM's log; follow it with -f.
+    Logs(crate::logs::LogsArgs),
+    /// Print a VM's configuration: the file `ray vm run -f` takes.
+    Config(IdArgs),
+    /// Remove VMs that have ended (terminated, failed or dead): their directories and logs.
+    Rm(crate::vm_admin::RmArgs),
+    /// Remove every VM that has ended.
+    Prune(crate::vm_admin::PruneArgs),
     /// Checkpoint a running VM into the snapshot store: paused for a moment, incremental on
     /// its previous checkpoint when there is one in the same store.
     Checkpoint(crate::snapshot::CheckpointArgs),
 }
 
 #[derive(Args)]
-pub struct JsonFlag {
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args)]
 pub struct IdArgs {
     /// The VM's id.
     pub id: String,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub out: ray::output::OutputArgs,
 }
 
 #[derive(Args)]
 pub struct StopArgs {
+    /// The VM's id.
     pub id: String,
     /// Milliseconds to wait for the guest to power off before forcing it.
     #[arg(long, default_value_t = 5000)]
     pub timeout_ms: u64,
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args)]
-pub struct ConsoleArgs {
-    pub id: String,
-    /// How many trailing bytes to show.
-    #[arg(long, default_value_t = 4096)]
-    pub bytes: usize,
-    /// Send this line to the guest (a newline is added) instead of showing the tail.
-    #[arg(long)]
-    pub send: Option<String>,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub out: ray::output::OutputArgs,
 }
 
 #[derive(Args, Clone)]
 pub struct RunArgs {
+    /// Read the configuration from FILE: YAML (JSON for a .json file; - is stdin), as
+    /// `ray vm config ID` prints it.
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "FILE",
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory"]
+    )]
+    pub file: Option<PathBuf>,
     /// Kernel to boot (ELF vmlinux or bzImage). Default: rayvisor's own guest.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
+    /// Initial ramdisk to load with the kernel.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
     /// Kernel command line. Default for rayvisor's guest: "console=ttyS0 ray.poll_ms=0".
     #[arg(long)]
     pub cmdline: Option<String>,
+    /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
     /// Guest memory, e.g. 128M or 2G.
@@ -189,6 +190,9 @@ pub fn default_guest() -> anyhow::Result<PathBuf> {
 }
 
 pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
+    if let Some(file) = &args.file {
+        return crate::vm_show::read_config_file(file);
+    }
     let (kernel, default_cmdline) = match &args.kernel {
         Some(k) => (k.clone(), "console=ttyS0"),
         None => (default_guest()?, DEFAULT_GUEST_CMDLINE),
@@ -206,21 +210,26 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
 }
 
 pub fn run(cmd: VmCommand, runtime: &Path) -> anyhow::Result<()> {
+    use crate::vm_show::{action, events, list, status};
     match cmd {
         VmCommand::Run(args) => run_vm(&args, runtime),
-        VmCommand::List(f) => list(runtime, f.json),
-        VmCommand::Status(a) => status(runtime, &a.id, a.json),
-        VmCommand::Pause(a) => action(runtime, &a.id, "/vm/pause", None, a.json),
-        VmCommand::Resume(a) => action(runtime, &a.id, "/vm/resume", None, a.json),
-        VmCommand::Suspend(a) => action(runtime, &a.id, "/vm/suspend", None, a.json),
+        VmCommand::List(a) => list(runtime, &a.out),
+        VmCommand::Status(a) => status(runtime, &a.id, &a.out),
+        VmCommand::Pause(a) => action(runtime, &a.id, "/vm/pause", None, &a.out),
+        VmCommand::Resume(a) => action(runtime, &a.id, "/vm/resume", None, &a.out),
+        VmCommand::Suspend(a) => action(runtime, &a.id, "/vm/suspend", None, &a.out),
         VmCommand::Stop(a) => {
             let body = serde_json::to_vec(&ray_api::vmm::StopRequest {
                 timeout_ms: a.timeout_ms,
             })?;
-            action(runtime, &a.id, "/vm/stop", Some(body), a.json)
+            action(runtime, &a.id, "/vm/stop", Some(body), &a.out)
         }
-        VmCommand::Events(a) => events(runtime, &a.id, a.json),
-        VmCommand::Console(a) => console(runtime, &a),
+        VmCommand::Events(a) => events(runtime, &a.id, &a.out),
+        VmCommand::Console(a) => crate::console::run(runtime, &a),
+        VmCommand::Logs(a) => crate::logs::run(runtime, &a),
+        VmCommand::Config(a) => crate::vm_show::config(runtime, &a.id, &a.out),
+        VmCommand::Rm(a) => crate::vm_admin::rm(runtime, &a),
+        VmCommand::Prune(a) => crate::vm_admin::prune(runtime, &a),
         VmCommand::Checkpoint(a) => crate::snapshot::checkpoint(runtime, &a),
     }
 }
@@ -413,33 +422,8 @@ pub fn launch_with(
     let mut claim = runtime::claim(runtime, &id)?;
     let dir = claim.dir.clone();
     let lock_fd = claim.inheritable_fd()?;
-    if !detach {
-        let mut child = match spawn_vmm(&id, &dir, origin, true, extras, lock_fd) {
-            Ok(c) => c,
-            Err(e) => {
-                claim.abandon();
-                return Err(e);
-            }
-        };
-        claim.spawned(child.id());
-        // The VMM takes Ctrl-C itself (and stops the VM); this process just waits.
-        // SAFETY: SIG_IGN for SIGINT in this process only; no handler code runs.
-        unsafe {
-            libc::signal(libc::SIGINT, libc::SIG_IGN);
-        }
-        let status = child.wait()?;
-        if status.success() {
-            return Ok(());
-        }
-        let code = start_failure_code(&status);
-        if runtime::failed_at_start(&dir) {
-            claim.abandon();
-        }
-        return Err(coded(
-            code,
-            format!("the VMM of '{id}' ended with {status}"),
-        ));
-    }
+    // Attached or not, the VMM runs on its own (its own session, its log in vmm.log); an
+    // attached `ray vm run` then follows its console as `ray vm console` does.
     let mut child = match spawn_vmm(&id, &dir, origin, false, extras, lock_fd) {
         Ok(c) => c,
         Err(e) => {
@@ -486,193 +470,22 @@ pub fn launch_with(
         }
         std::thread::sleep(Duration::from_millis(2));
     };
+    if !detach {
+        // Everything since boot, then live; Ctrl-C goes to the guest, Ctrl-] detaches.
+        let how = crate::console::attach(
+            &socket,
+            &crate::console::Attach {
+                mode: ray_api::vmm::ConsoleMode::Auto,
+                start: crate::console::Start::From(0),
+                banner: Some(&id),
+            },
+        )?;
+        return crate::console::after(runtime, &id, how);
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {
         println!("{id}");
-    }
-    Ok(())
-}
-
-#[derive(serde::Serialize)]
-struct ListRow {
-    id: String,
-    state: String,
-    pid: Option<u32>,
-    vcpus: Option<u8>,
-    memory_bytes: Option<u64>,
-    uptime_ms: Option<u64>,
-}
-
-fn list(runtime: &Path, json: bool) -> anyhow::Result<()> {
-    let mut rows = Vec::new();
-    for id in runtime::list_ids(runtime) {
-        let dir = runtime::vm_dir(runtime, &id);
-        let row = match runtime::presence(&dir) {
-            Presence::Live { pid } => {
-                match VmmClient::new(&dir.join("api.sock")).call::<VmInfo>("GET", "/vm", None) {
-                    Ok(info) => ListRow {
-                        id,
-                        state: state_name(info.state),
-                        pid: Some(pid),
-                        vcpus: info.config.as_ref().map(|c| c.vcpus),
-                        memory_bytes: info.config.as_ref().map(|c| c.memory_bytes),
-                        uptime_ms: Some(info.uptime_ms),
-                    },
-                    Err(_) => ListRow {
-                        id,
-                        state: "unresponsive".into(),
-                        pid: Some(pid),
-                        vcpus: None,
-                        memory_bytes: None,
-                        uptime_ms: None,
-                    },
-                }
-            }
-            Presence::Ended(r) => ListRow {
-                id,
-                state: state_name(r.state),
-                pid: None,
-                vcpus: None,
-                memory_bytes: None,
-                uptime_ms: None,
-            },
-            Presence::Dead { pid } => ListRow {
-                id,
-                state: "dead".into(),
-                pid,
-                vcpus: None,
-                memory_bytes: None,
-                uptime_ms: None,
-            },
-        };
-        rows.push(row);
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
-    }
-    println!(
-        "{:<16} {:<18} {:>8} {:>5} {:>9} {:>10}",
-        "ID", "STATE", "PID", "VCPUS", "MEMORY", "UPTIME"
-    );
-    let dash = || "-".to_string();
-    for r in rows {
-        println!(
-            "{:<16} {:<18} {:>8} {:>5} {:>9} {:>10}",
-            r.id,
-            r.state,
-            r.pid.map_or_else(dash, |p| p.to_string()),
-            r.vcpus.map_or_else(dash, |v| v.to_string()),
-            r.memory_bytes
-                .map_or_else(dash, |m| format!("{}M", m >> 20)),
-            r.uptime_ms
-                .map_or_else(dash, |u| format!("{:.1}s", u as f64 / 1000.0)),
-        );
-    }
-    Ok(())
-}
-
-fn print_info(info: &VmInfo, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(info)?);
-        return Ok(());
-    }
-    println!("id          {}", info.id);
-    println!("state       {}", state_name(info.state));
-    println!("pid         {}", info.pid);
-    println!("hypervisor  {}", info.hypervisor);
-    println!("uptime      {:.3}s", info.uptime_ms as f64 / 1000.0);
-    if let Some(c) = &info.config {
-        println!("vcpus       {}", c.vcpus);
-        println!("memory      {} MiB", c.memory_bytes >> 20);
-        println!("kernel      {}", c.kernel);
-        println!("cmdline     {}", c.cmdline);
-    }
-    if let Some(h) = &info.heartbeat {
-        println!(
-            "heartbeat   counter={} guest_time={:.3}s cpus_online={} loop_rate={:.0}M/s pvm={}",
-            h.counter,
-            h.time_ns as f64 / 1e9,
-            h.cpus_online,
-            h.loop_rate as f64 / 1e6,
-            h.pvm
-        );
-    }
-    if let Some(r) = &info.exit_reason {
-        println!("reason      {r}");
-    }
-    if let Some(a) = &info.api_tcp {
-        println!("api_tcp     http://{a}");
-    }
-    Ok(())
-}
-
-fn status(runtime: &Path, id: &str, json: bool) -> anyhow::Result<()> {
-    let info: VmInfo = client(runtime, id)?.call("GET", "/vm", None)?;
-    print_info(&info, json)
-}
-
-fn action(
-    runtime: &Path,
-    id: &str,
-    path: &str,
-    body: Option<Vec<u8>>,
-    json: bool,
-) -> anyhow::Result<()> {
-    let info: VmInfo = client(runtime, id)?.call("PUT", path, body)?;
-    if json {
-        print_info(&info, true)
-    } else {
-        println!("{id} {}", state_name(info.state));
-        Ok(())
-    }
-}
-
-fn events(runtime: &Path, id: &str, json: bool) -> anyhow::Result<()> {
-    let dir = runtime::vm_dir(runtime, id);
-    // A live VMM answers from its ring; an ended one still has its audit file.
-    let events: Vec<LifecycleEvent> = match client(runtime, id) {
-        Ok(c) => c.call("GET", "/vm/events", None)?,
-        Err(e) if dir.join("events.jsonl").is_file() && exit::code_of(&e) != NOT_FOUND => {
-            std::fs::read_to_string(dir.join("events.jsonl"))?
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect()
-        }
-        Err(e) => return Err(e),
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&events)?);
-        return Ok(());
-    }
-    println!("{:<15} {:<17} {:<17} CAUSE", "TIME_MS", "FROM", "TO");
-    for e in events {
-        println!(
-            "{:<15} {:<17} {:<17} {}",
-            e.time_ms,
-            state_name(e.from),
-            state_name(e.to),
-            e.cause
-        );
-    }
-    Ok(())
-}
-
-fn console(runtime: &Path, a: &ConsoleArgs) -> anyhow::Result<()> {
-    let c = client(runtime, &a.id)?;
-    if let Some(line) = &a.send {
-        let body = serde_json::to_vec(&ray_api::vmm::ConsoleInput {
-            data: format!("{line}\n"),
-        })?;
-        let _: serde_json::Value = c.call("POST", "/vm/console", Some(body))?;
-        return Ok(());
-    }
-    let tail: ConsoleTail = c.call("GET", &format!("/vm/console?bytes={}", a.bytes), None)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&tail)?);
-    } else {
-        print!("{}", tail.data);
     }
     Ok(())
 }

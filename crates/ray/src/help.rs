@@ -1,0 +1,304 @@
+//! Help texts: examples for every command, and a help line for the few flags declared
+//! without one (common flags such as `--json`), applied to the command tree at start-up.
+//! Keeping the examples here, in one table, keeps them consistent with each other.
+use clap::Command;
+
+/// Examples of each command, by its path below `ray` ("" is `ray` itself).
+const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "",
+        "ray vm run                          boot rayvisor's guest, attached to its console
+ray vm run --detach --vcpus 2 --memory 1G
+ray vm list -o wide
+ray vm console vm-1a2b3c4d          attach to a VM's console (Ctrl-] detaches)
+ray snapshot create vm-1a2b3c4d /var/lib/snaps/s1 --pause
+ray completion bash > /etc/bash_completion.d/ray",
+    ),
+    (
+        "vm",
+        "ray vm run --detach --id web --memory 512M
+ray vm list
+ray vm status web -o yaml
+ray vm stop web && ray vm rm web",
+    ),
+    (
+        "vm run",
+        "ray vm run                                    attached: Ctrl-] detaches, the VM keeps running
+ray vm run --detach --vcpus 4 --memory 2G --id db
+ray vm run --detach --kernel vmlinux --initrd initrd.img --cmdline 'console=ttyS0'
+ray vm run --detach -f vm.yaml                 the configuration `ray vm config ID -o yaml` prints
+ray vm run --detach --api-tcp 127.0.0.1:0      also serve the API on a loopback port",
+    ),
+    (
+        "vm list",
+        "ray vm list
+ray vm list -o wide          more columns: hypervisor, API address, why it ended
+ray vm list -o json | jq -r '.[] | select(.state == \"running\") | .id'",
+    ),
+    (
+        "vm status",
+        "ray vm status web
+ray vm status web -o json | jq .heartbeat",
+    ),
+    ("vm pause", "ray vm pause web\nray vm pause web -o json"),
+    ("vm resume", "ray vm resume web"),
+    (
+        "vm suspend",
+        "ray vm suspend web          memory goes to disk\nray vm resume web           and comes back",
+    ),
+    (
+        "vm stop",
+        "ray vm stop web                       ask the guest, force it after 5 s
+ray vm stop web --timeout-ms 0        stop at once",
+    ),
+    (
+        "vm events",
+        "ray vm events web\nray vm events web -o json",
+    ),
+    (
+        "vm console",
+        "ray vm console web                    attach (Ctrl-] detaches; Ctrl-C goes to the guest)
+ray vm console web --read-only        watch only
+ray vm console web --write            take the input over from another console
+ray vm console web --bytes 2000       print the last 2000 bytes and return
+ray vm console web --send 'uptime'    type one line and return",
+    ),
+    (
+        "vm logs",
+        "ray vm logs web                       the serial console's log
+ray vm logs web -f                    and follow it
+ray vm logs web --vmm --since 10m     the VMM's own log of the last ten minutes
+ray vm logs web --tail 20",
+    ),
+    (
+        "vm config",
+        "ray vm config web -o yaml > web.yaml
+ray vm run --detach -f web.yaml --id web2",
+    ),
+    (
+        "vm rm",
+        "ray vm rm web                         a terminated or dead VM
+ray vm stop web && ray vm rm web",
+    ),
+    (
+        "vm prune",
+        "ray vm prune                          remove every terminated or dead VM
+ray vm prune --dry-run",
+    ),
+    (
+        "vm checkpoint",
+        "ray vm checkpoint web                 incremental on its previous checkpoint
+ray vm checkpoint web --store /var/lib/snaps",
+    ),
+    (
+        "snapshot",
+        "ray snapshot create web /var/lib/snaps/s1 --pause
+ray snapshot list /var/lib/snaps
+ray snapshot restore /var/lib/snaps/s1 --detach --id web2",
+    ),
+    (
+        "snapshot create",
+        "ray snapshot create web /var/lib/snaps/s1 --pause
+ray snapshot create web /var/lib/snaps/s2 --pause --incremental --compress",
+    ),
+    (
+        "snapshot list",
+        "ray snapshot list /var/lib/snaps\nray snapshot list /var/lib/snaps --json",
+    ),
+    ("snapshot status", "ray snapshot status /var/lib/snaps/s1"),
+    (
+        "snapshot restore",
+        "ray snapshot restore /var/lib/snaps/s1
+ray snapshot restore /var/lib/snaps/s1 --detach --id web2 --no-verify-memory",
+    ),
+    ("snapshot delete", "ray snapshot delete /var/lib/snaps/s1"),
+    (
+        "snapshot merge",
+        "ray snapshot merge /var/lib/snaps/s3 --into s3-full",
+    ),
+    ("snapshot verify", "ray snapshot verify /var/lib/snaps/s1"),
+    (
+        "migrate",
+        "ray migrate receive --listen 0.0.0.0:7000 --key-file /etc/ray/key   (on the target)
+ray migrate start web --to 10.0.0.2:7000 --key-file /etc/ray/key     (on the source)",
+    ),
+    (
+        "migrate start",
+        "ray migrate start web --to 10.0.0.2:7000 --key-file /etc/ray/key
+ray migrate start web --to unix:/run/ray/mig.sock --key-file key --max-downtime-ms 100 --detach",
+    ),
+    (
+        "migrate receive",
+        "ray migrate receive --listen 0.0.0.0:7000 --key-file /etc/ray/key --id web",
+    ),
+    ("migrate status", "ray migrate status web\nray migrate status web --json"),
+    ("migrate progress", "ray migrate progress web"),
+    ("migrate sessions", "ray migrate sessions"),
+    ("migrate cancel", "ray migrate cancel web"),
+    (
+        "migrate reclaim",
+        "ray migrate reclaim web --target-fenced      only once the target is known dead",
+    ),
+    (
+        "vmm",
+        "ray vmm --id web --dir /run/rayvisor/vms/web --config-json '{\"kernel\":\"k\",\"vcpus\":1,\"memory_bytes\":134217728}' --start",
+    ),
+    (
+        "sim",
+        "ray sim --hosts 100 --vms 5000
+ray sim --scenario drain.yaml --json",
+    ),
+    (
+        "bench",
+        "ray bench boot --runs 20\nray bench snapshot\nray bench migrate",
+    ),
+    ("bench boot", "ray bench boot --runs 20 --memory 1G --json"),
+    ("bench snapshot", "ray bench snapshot --json"),
+    ("bench migrate", "ray bench migrate --json"),
+    ("openapi", "ray openapi vmm > vmm.json"),
+    (
+        "version",
+        "ray version\nray version --vm web -o json",
+    ),
+    (
+        "completion",
+        "ray completion bash > /etc/bash_completion.d/ray
+ray completion zsh > \"${fpath[1]}/_ray\"
+ray completion fish > ~/.config/fish/completions/ray.fish",
+    ),
+    (
+        "man",
+        "ray man | man -l -
+ray man --dir /usr/local/share/man/man1      one page per command",
+    ),
+];
+
+/// The help line of a flag declared without one, by its id.
+fn default_help(id: &str) -> Option<&'static str> {
+    Some(match id {
+        "json" => "Print JSON instead of text",
+        "id" => "The VM's id",
+        "detach" => "Return once the VM runs instead of attaching to its console",
+        "compress" => "Compress the data (zstd for snapshots, lz4 for migration pages)",
+        "runs" => "How many times to measure",
+        "vcpus" => "Number of vCPUs",
+        "memory" => "Guest memory, e.g. 128M or 2G",
+        "seed" => "Random seed: the same seed gives the same scenario",
+        _ => return None,
+    })
+}
+
+fn examples(path: &str) -> Option<&'static str> {
+    EXAMPLES.iter().find(|(p, _)| *p == path).map(|(_, e)| *e)
+}
+
+/// `cmd` and its subcommands with their examples and the missing flag help.
+pub fn decorate(cmd: Command) -> Command {
+    walk(cmd, "")
+}
+
+fn walk(mut cmd: Command, path: &str) -> Command {
+    if let Some(ex) = examples(path) {
+        let text: String = ex.lines().map(|l| format!("  {l}\n")).collect();
+        cmd = cmd.after_help(format!("Examples:\n{text}"));
+    }
+    let bare: Vec<String> = cmd
+        .get_arguments()
+        .filter(|a| a.get_help().is_none() && !a.is_hide_set())
+        .map(|a| a.get_id().to_string())
+        .collect();
+    for id in bare {
+        if let Some(help) = default_help(&id) {
+            cmd = cmd.mut_arg(id, |a| a.help(help));
+        }
+    }
+    let subs: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    for name in subs {
+        let sub_path = if path.is_empty() {
+            name.clone()
+        } else {
+            format!("{path} {name}")
+        };
+        cmd = cmd.mut_subcommand(&name, |c| walk(c, &sub_path));
+    }
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every command: its path and the command.
+    fn all(cmd: &Command, path: String, out: &mut Vec<(String, Command)>) {
+        out.push((path.clone(), cmd.clone()));
+        for s in cmd.get_subcommands() {
+            let p = if path.is_empty() {
+                s.get_name().to_string()
+            } else {
+                format!("{path} {}", s.get_name())
+            };
+            all(s, p, out);
+        }
+    }
+
+    #[test]
+    fn every_command_has_a_description_and_examples_and_every_flag_help() {
+        let cmd = decorate(crate::Cli::command());
+        let mut cmds = Vec::new();
+        all(&cmd, String::new(), &mut cmds);
+        let mut missing = Vec::new();
+        for (path, c) in &cmds {
+            if c.get_about().is_none() && !path.is_empty() {
+                missing.push(format!("`ray {path}` has no description"));
+            }
+            if !c
+                .get_after_help()
+                .is_some_and(|h| h.to_string().starts_with("Examples:"))
+            {
+                missing.push(format!("`ray {path}` has no examples"));
+            }
+            for a in c.get_arguments() {
+                if a.get_help().is_none() && !a.is_hide_set() {
+                    missing.push(format!("`ray {path}` --{} has no help", a.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
+        // No example for a command that does not exist.
+        for (p, _) in EXAMPLES {
+            assert!(
+                cmds.iter().any(|(c, _)| c == p),
+                "examples for unknown `ray {p}`"
+            );
+        }
+    }
+
+    #[test]
+    fn examples_use_commands_that_exist() {
+        let cmd = decorate(crate::Cli::command());
+        for (_, text) in EXAMPLES {
+            for line in text.lines() {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let Some(i) = words.iter().position(|w| *w == "ray") else {
+                    continue;
+                };
+                // The subcommand path of the example resolves.
+                let mut c = &cmd;
+                for w in &words[i + 1..] {
+                    match c.find_subcommand(w) {
+                        Some(s) => c = s,
+                        None => break,
+                    }
+                }
+                assert!(
+                    !std::ptr::eq(c, &cmd) || words.len() == i + 1,
+                    "example {line:?} names no command"
+                );
+            }
+        }
+    }
+}
