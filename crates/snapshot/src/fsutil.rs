@@ -43,7 +43,7 @@ pub fn allocated_bytes(path: &Path) -> Result<u64, FileError> {
 /// Tries to take an exclusive `flock` on `file` without waiting; false if another process
 /// holds it. The kernel drops the lock when its holder dies, even by `kill -9`, which is
 /// what lets `open` tell an abandoned temporary directory from one being written.
-pub(crate) fn try_lock(file: &File) -> std::io::Result<bool> {
+pub fn try_lock(file: &File) -> std::io::Result<bool> {
     use std::os::fd::AsRawFd;
     // SAFETY: flock only reads the descriptor, which `file` keeps open for the call.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };

@@ -33,7 +33,7 @@ mod test_util;
 pub use bench::{sequential_write_speed, WriteSpeed};
 pub use container::StateFile;
 pub use error::{FileError, StoreError};
-pub use fsutil::allocated_bytes;
+pub use fsutil::{allocated_bytes, try_lock};
 pub use manifest::{Compression, Kind, Manifest, FORMAT_VERSION};
 /// Guest memory's vocabulary is `ray_memory`'s; these are the parts of it this crate's API
 /// takes and returns.

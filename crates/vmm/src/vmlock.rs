@@ -51,20 +51,6 @@ pub enum LockError {
 /// first and writes right after).
 const PID_WAIT: Duration = Duration::from_secs(2);
 
-fn flock_nb(file: &File) -> std::io::Result<bool> {
-    // SAFETY: flock only reads the descriptor, which `file` keeps open for the call.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(err)
-    }
-}
-
 fn read_pid(file: &mut File) -> Option<u32> {
     let mut text = String::new();
     file.seek(SeekFrom::Start(0)).ok()?;
@@ -88,7 +74,7 @@ impl VmLock {
             .truncate(false)
             .open(&path)
             .map_err(io)?;
-        if flock_nb(&file).map_err(io)? {
+        if ray_snapshot::try_lock(&file).map_err(io)? {
             // A previous holder's pid goes; the new holder names itself with `set_owner`
             // (a VMM at once, `ray vm run` once it started the VMM it passes the lock to).
             file.set_len(0).map_err(io)?;
@@ -136,7 +122,7 @@ impl VmLock {
             return Err(not_ours("it is another file".into()));
         }
         // Held through this open file already: taking it again is a no-op that succeeds.
-        match flock_nb(&file) {
+        match ray_snapshot::try_lock(&file) {
             Ok(true) => {}
             Ok(false) => return Err(not_ours("another process holds that lock".into())),
             Err(e) => return Err(not_ours(e.to_string())),

@@ -1,6 +1,5 @@
 //! Host-wide migration slots: at most `limit` migrations run on a host at once.
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 /// One host-wide migration slot: an exclusive `flock` on one of `limit` files in the
@@ -18,8 +17,7 @@ pub fn acquire_slot(runtime: &Path, limit: u32) -> Result<Slot, String> {
             .write(true)
             .open(&path)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        // SAFETY: flock on a descriptor we own; it only takes an advisory lock.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        if ray_snapshot::try_lock(&f).map_err(|e| format!("cannot lock {}: {e}", path.display()))? {
             return Ok(Slot(f));
         }
     }
