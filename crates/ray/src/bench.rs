@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use ray_vmm::metrics::Footprint;
 use serde::Serialize;
 
 use crate::vm::{default_guest, DEFAULT_GUEST_CMDLINE};
@@ -121,109 +122,13 @@ pub fn run(cmd: BenchCommand, runtime: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Resident memory of a VMM, split into guest RAM and the VMM's own pages.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Footprint {
-    /// Everything resident (RSS), bytes.
-    pub rss: u64,
-    /// Resident guest RAM, bytes.
-    pub guest: u64,
-    /// Pages of the process no other process maps (Private_Clean + Private_Dirty of
-    /// smaps_rollup), guest RAM included, bytes.
-    pub private: u64,
-    /// The guest-RAM mapping's share of `private`, bytes.
-    pub guest_private: u64,
-    /// Anonymous pages of the process (`Anonymous` of smaps_rollup), bytes.
-    pub anon: u64,
-    /// The guest-RAM mapping's share of `anon` (none for a memfd), bytes.
-    pub guest_anon: u64,
-}
-
-impl Footprint {
-    /// RSS minus resident guest RAM, bytes.
-    pub fn overhead_rss(&self) -> u64 {
-        self.rss.saturating_sub(self.guest)
-    }
-
-    /// Private pages minus the guest's: what one more VM really costs, bytes. (The two
-    /// files are read one after the other; a guest page faulted in between could make
-    /// the difference negative, hence the saturation.)
-    pub fn overhead_private(&self) -> u64 {
-        self.private.saturating_sub(self.guest_private)
-    }
-
-    /// The anonymous part of [`Footprint::overhead_private`], bytes.
-    pub fn overhead_anon(&self) -> u64 {
-        self.anon.saturating_sub(self.guest_anon)
-    }
-}
-
-/// Reads the footprint of `pid` from /proc/<pid>/smaps_rollup and /proc/<pid>/smaps.
-pub fn footprint(pid: u32) -> anyhow::Result<Footprint> {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .with_context(|| format!("cannot read /proc/{pid}/smaps_rollup"))?;
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
-        .with_context(|| format!("cannot read /proc/{pid}/smaps"))?;
-    parse_footprint(&rollup, &smaps)
-        .with_context(|| format!("in /proc/{pid}/smaps: is {pid} a running VMM?"))
-}
-
-/// The size in bytes of a `Field:   123 kB` line's value.
-fn kib(rest: &str) -> u64 {
-    rest.trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse::<u64>()
-        .unwrap_or(0)
-        * 1024
-}
-
-/// `Private_Clean` + `Private_Dirty` of one smaps entry (or of smaps_rollup), if `line` is
-/// one of the two.
-fn private_kib(line: &str) -> Option<u64> {
-    line.strip_prefix("Private_Clean:")
-        .or_else(|| line.strip_prefix("Private_Dirty:"))
-        .map(kib)
-}
-
-/// A footprint from the text of smaps_rollup (the process's private pages) and smaps
-/// (RSS, and the guest-RAM mapping `/memfd:ray-guest-ram`).
-fn parse_footprint(rollup: &str, smaps: &str) -> anyhow::Result<Footprint> {
-    let anon_kib = |line: &str| line.strip_prefix("Anonymous:").map(kib);
-    let mut f = Footprint {
-        private: rollup.lines().filter_map(private_kib).sum(),
-        anon: rollup.lines().filter_map(anon_kib).sum(),
-        ..Footprint::default()
-    };
-    let (mut in_guest, mut found) = (false, false);
-    for line in smaps.lines() {
-        if is_vma_header(line) {
-            in_guest = line.contains("/memfd:ray-guest-ram");
-            found |= in_guest;
-        } else if let Some(rest) = line.strip_prefix("Rss:") {
-            f.rss += kib(rest);
-            if in_guest {
-                f.guest += kib(rest);
-            }
-        } else if let Some(private) = private_kib(line).filter(|_| in_guest) {
-            f.guest_private += private;
-        } else if let Some(anon) = anon_kib(line).filter(|_| in_guest) {
-            f.guest_anon += anon;
-        }
-    }
-    if !found {
-        bail!("no guest RAM (/memfd:ray-guest-ram)");
+/// The footprint of the VMM `pid` (one read of /proc/PID/smaps), which must map guest RAM.
+fn footprint(pid: u32) -> anyhow::Result<Footprint> {
+    let f = Footprint::of_pid(pid).with_context(|| format!("cannot read /proc/{pid}/smaps"))?;
+    if f.guest_size == 0 {
+        bail!("no guest RAM (/memfd:ray-guest-ram) in /proc/{pid}/smaps: is {pid} a running VMM?");
     }
     Ok(f)
-}
-
-/// A VMA header line of smaps starts with `start-end` in hex.
-fn is_vma_header(line: &str) -> bool {
-    line.split_whitespace().next().is_some_and(|range| {
-        range.split_once('-').is_some_and(|(a, b)| {
-            !a.is_empty() && a.chars().chain(b.chars()).all(|c| c.is_ascii_hexdigit())
-        })
-    })
 }
 
 fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
@@ -301,10 +206,10 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         child.wait()?;
         let _ = std::fs::remove_dir_all(&dir);
         boot_ms.push(ready.as_secs_f64() * 1e3);
-        overhead.push(fp.overhead_rss() as f64 / MIB);
-        private.push(fp.overhead_private() as f64 / MIB);
-        anon.push(fp.overhead_anon() as f64 / MIB);
-        guest_res.push(fp.guest as f64 / MIB);
+        overhead.push(fp.vmm_rss() as f64 / MIB);
+        private.push(fp.vmm_private() as f64 / MIB);
+        anon.push(fp.vmm_anon() as f64 / MIB);
+        guest_res.push(fp.guest_resident as f64 / MIB);
         if let Some(b) = &bar {
             b.set_message(format!("{:.1} ms", ready.as_secs_f64() * 1e3));
             b.inc(1);
@@ -364,67 +269,5 @@ mod tests {
     fn own_smaps_without_guest_ram_is_an_error() {
         let err = footprint(std::process::id()).unwrap_err();
         assert!(format!("{err:#}").contains("no guest RAM"), "{err:#}");
-    }
-
-    const ROLLUP: &str = "\
-55d0c0000000-7ffd00000000 ---p 00000000 00:00 0                          [rollup]
-Rss:                6100 kB
-Pss:                4322 kB
-Shared_Clean:       2012 kB
-Shared_Dirty:          0 kB
-Private_Clean:      3000 kB
-Private_Dirty:      1088 kB
-Anonymous:           600 kB
-Private_Hugetlb:       0 kB
-";
-
-    const SMAPS: &str = "\
-55d0c0000000-55d0c0100000 r-xp 00000000 fe:00 10011169                   /usr/bin/ray
-Size:               1024 kB
-Rss:                1000 kB
-Shared_Clean:        100 kB
-Private_Clean:       900 kB
-Private_Dirty:         0 kB
-7f5733612000-7f573b612000 rw-s 00000000 00:01 1066                       /memfd:ray-guest-ram (deleted)
-Size:             131072 kB
-Rss:                 148 kB
-Shared_Dirty:         20 kB
-Private_Clean:         8 kB
-Private_Dirty:       120 kB
-Anonymous:             0 kB
-Private_Hugetlb:       0 kB
-7ffc27d8d000-7ffc27dae000 rw-p 00000000 00:00 0                          [stack]
-Size:                132 kB
-Rss:                  36 kB
-Private_Dirty:        36 kB
-Anonymous:            36 kB
-";
-
-    #[test]
-    fn footprint_takes_private_pages_from_the_rollup_minus_the_guest_mapping() {
-        let f = parse_footprint(ROLLUP, SMAPS).unwrap();
-        let k = 1024;
-        assert_eq!(f.rss, (1000 + 148 + 36) * k);
-        assert_eq!(f.guest, 148 * k);
-        assert_eq!(f.private, (3000 + 1088) * k);
-        assert_eq!(f.guest_private, (8 + 120) * k);
-        assert_eq!(f.overhead_rss(), (1000 + 36) * k);
-        assert_eq!(f.overhead_private(), (3000 + 1088 - 128) * k);
-        assert_eq!(f.anon, 600 * k);
-        assert_eq!(f.guest_anon, 0);
-        assert_eq!(f.overhead_anon(), 600 * k);
-    }
-
-    #[test]
-    fn footprint_never_goes_negative_and_needs_guest_ram() {
-        let f = Footprint {
-            private: 1,
-            guest_private: 2,
-            ..Footprint::default()
-        };
-        assert_eq!(f.overhead_private(), 0);
-        let no_guest = SMAPS.replace("/memfd:ray-guest-ram", "/memfd:other");
-        let err = parse_footprint(ROLLUP, &no_guest).unwrap_err();
-        assert!(err.to_string().contains("no guest RAM"), "{err}");
     }
 }

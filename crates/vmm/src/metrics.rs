@@ -222,6 +222,10 @@ pub struct Footprint {
     pub private: u64,
     /// The guest-RAM mappings' share of `private`, bytes.
     pub guest_private: u64,
+    /// Anonymous pages (heap, stacks, written data), guest RAM included, bytes.
+    pub anon: u64,
+    /// The guest-RAM mappings' share of `anon` (none for a memfd), bytes.
+    pub guest_anon: u64,
 }
 
 impl Footprint {
@@ -230,9 +234,27 @@ impl Footprint {
         self.private.saturating_sub(self.guest_private)
     }
 
+    /// The anonymous part of [`vmm_private`](Self::vmm_private), bytes: what no other
+    /// process can share (the rest is the binary's pages no other process happens to map).
+    pub fn vmm_anon(&self) -> u64 {
+        self.anon.saturating_sub(self.guest_anon)
+    }
+
+    /// RSS minus resident guest RAM, bytes.
+    pub fn vmm_rss(&self) -> u64 {
+        self.rss.saturating_sub(self.guest_resident)
+    }
+
     /// Reads this process's footprint from /proc/self/smaps.
     pub fn current() -> std::io::Result<Self> {
         Ok(Self::parse(&std::fs::read_to_string("/proc/self/smaps")?))
+    }
+
+    /// Reads the footprint of process `pid` from /proc/PID/smaps.
+    pub fn of_pid(pid: u32) -> std::io::Result<Self> {
+        Ok(Self::parse(&std::fs::read_to_string(format!(
+            "/proc/{pid}/smaps"
+        ))?))
     }
 
     /// The footprint in the text of an smaps file. Guest RAM is the mapping of the
@@ -274,6 +296,12 @@ impl Footprint {
                     f.private += v;
                     if in_guest {
                         f.guest_private += v;
+                    }
+                }
+                "Anonymous" => {
+                    f.anon += v;
+                    if in_guest {
+                        f.guest_anon += v;
                     }
                 }
                 _ => {}
@@ -491,6 +519,7 @@ Private_Dirty:     65536 kB
 Size:                132 kB
 Rss:                  12 kB
 Private_Dirty:        12 kB
+Anonymous:            12 kB
 VmFlags: rd wr mr mw me gd ac
 ";
 
@@ -501,7 +530,21 @@ VmFlags: rd wr mr mw me gd ac
         assert_eq!(f.guest_resident, 64 << 20);
         assert_eq!(f.rss, (800 + 65536 + 12) << 10);
         assert_eq!(f.vmm_private(), (100 + 20 + 12) << 10);
+        assert_eq!(f.vmm_rss(), (800 + 12) << 10);
+        assert_eq!(f.vmm_anon(), 12 << 10);
         assert_eq!(Footprint::parse("").vmm_private(), 0);
+        let over = Footprint {
+            private: 1,
+            guest_private: 2,
+            anon: 1,
+            guest_anon: 2,
+            ..Footprint::default()
+        };
+        assert_eq!(
+            (over.vmm_private(), over.vmm_anon()),
+            (0, 0),
+            "never negative"
+        );
     }
 
     #[test]
