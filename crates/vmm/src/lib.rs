@@ -165,6 +165,7 @@ fn failed_to_start(ctl: &Controller, id: &str, e: &controller::ControllerError) 
 
 /// Runs one VMM until its VM ends. Returns the final state.
 pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
+    one_malloc_arena();
     let signals = block_stop_signals();
     std::fs::create_dir_all(&opts.dir)?;
     // First of all: only the holder of the directory's lock touches anything in it.
@@ -223,6 +224,7 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
         spawn_stdin_thread(tx.clone());
     }
     drop(tx);
+    release_freed_heap();
 
     while !matches!(ctl.state(), VmState::Terminated) {
         let Ok(msg) = rx.recv() else { break };
@@ -264,4 +266,25 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     let _ = std::fs::remove_file(ctl.paths.socket());
     drop(lock);
     Ok(ctl.state())
+}
+
+/// One malloc arena for the whole VMM, set before any thread starts. glibc gives each thread
+/// that allocates an arena of its own (API, vCPU, signal threads), each with pages of its
+/// own; the VMM's threads allocate little, so one arena saves private memory (`ray bench
+/// boot`: anonymous part 0.52 -> 0.41 MiB) at no measurable boot-time cost.
+fn one_malloc_arena() {
+    // SAFETY: mallopt only tunes the allocator; no allocation is moved or freed.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// Gives the heap pages that start-up allocated and freed (argument parsing builds the
+/// whole command tree; configuration, boot) back to the kernel once the VM runs.
+fn release_freed_heap() {
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; live allocations
+    // are untouched.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
