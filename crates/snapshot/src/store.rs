@@ -206,6 +206,17 @@ impl SnapshotStore {
         Ok(store)
     }
 
+    /// The store at `root` for reading only (listing, manifests, restore): nothing is
+    /// created and nothing cleaned up, so a read has no side effect on the directory it
+    /// names, and a restore does not scan the store for leftovers first.
+    pub fn for_reading(root: impl Into<PathBuf>) -> SnapshotStore {
+        SnapshotStore {
+            root: root.into(),
+            max_per_vm: Self::DEFAULT_MAX_PER_VM,
+            progress: None,
+        }
+    }
+
     /// Sets the most checkpoints one VM may have.
     pub fn with_max_per_vm(mut self, max: usize) -> Self {
         self.max_per_vm = max;
@@ -710,5 +721,23 @@ mod tests {
             tree.roots[0].children[0].children[0].state,
             SnapshotState::Ready
         );
+    }
+
+    #[test]
+    fn reading_a_store_changes_nothing_in_it() {
+        let dir = TempDir::new("read-only");
+        let tmp = dir.path().join(format!("{TMP_PREFIX}abandoned"));
+        let del = dir.path().join(format!("{DEL_PREFIX}gone"));
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::create_dir_all(&del).unwrap();
+        let reader = SnapshotStore::for_reading(dir.path());
+        assert!(reader.list().unwrap().roots.is_empty());
+        assert!(matches!(reader.get("x"), Err(StoreError::NotFound(_))));
+        assert!(tmp.exists() && del.exists(), "a read cleans nothing up");
+        let missing = SnapshotStore::for_reading(dir.path().join("none"));
+        assert!(missing.list().is_err(), "and creates nothing");
+        assert!(!dir.path().join("none").exists());
+        SnapshotStore::open(dir.path()).unwrap();
+        assert!(!tmp.exists() && !del.exists(), "a writer's open cleans up");
     }
 }

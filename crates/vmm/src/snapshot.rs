@@ -188,7 +188,7 @@ pub fn load(path: &Path, compat: &str) -> Result<Loaded, SnapshotError> {
     if !store_dir.is_dir() {
         return Err(StoreError::NotFound(path.display().to_string()).into());
     }
-    let store = SnapshotStore::open(&store_dir)?;
+    let store = SnapshotStore::for_reading(&store_dir);
     let plan = store.restore_plan(&id, compat)?;
     let state: MachineState = serde_json::from_slice(&plan.state).map_err(|e| {
         SnapshotError::Invalid(format!("the state of snapshot {id} cannot be decoded: {e}"))
@@ -333,7 +333,7 @@ pub fn list(dir: &Path) -> Result<SnapshotList, SnapshotError> {
             dir.display()
         )));
     }
-    let tree = SnapshotStore::open(dir)?.list()?;
+    let tree = SnapshotStore::for_reading(dir).list()?;
     fn walk(n: &TreeNode, depth: u32, out: &mut Vec<SnapshotEntry>) {
         out.push(entry(n, depth));
         for c in &n.children {
@@ -380,7 +380,7 @@ pub fn manifest(path: &Path) -> Result<Manifest, SnapshotError> {
     if !store.is_dir() {
         return Err(StoreError::NotFound(path.display().to_string()).into());
     }
-    Ok(SnapshotStore::open(store)?.get(&id)?)
+    Ok(SnapshotStore::for_reading(store).get(&id)?)
 }
 
 #[cfg(test)]
