@@ -278,7 +278,8 @@ async fn store_op<T: Send + 'static>(
         Ok(Err(e)) => {
             let code = match &e {
                 SnapshotError::Store(StoreError::HasChildren { .. })
-                | SnapshotError::Store(StoreError::AlreadyExists(_)) => ErrorCode::Conflict,
+                | SnapshotError::Store(StoreError::AlreadyExists(_))
+                | SnapshotError::InUse(_) => ErrorCode::Conflict,
                 SnapshotError::Store(StoreError::NotFound(_)) => ErrorCode::NotFound,
                 SnapshotError::Store(StoreError::File(ray_snapshot::FileError::Io { .. })) => {
                     ErrorCode::Failed
@@ -600,7 +601,7 @@ async fn get_snapshots(
     (status = 204, description = "Deleted."),
     (status = 400, description = "`invalid_request`: the body is not valid, or its path is not a snapshot.", body = ErrorBody),
     (status = 404, description = "`not_found`: there is no such snapshot.", body = ErrorBody),
-    (status = 409, description = "`conflict`: other snapshots depend on it.", body = ErrorBody),
+    (status = 409, description = "`conflict`: other snapshots depend on it, or it is a suspended VM's image.", body = ErrorBody),
     (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
     (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
     (status = 500, description = "`failed`: the files could not be removed.", body = ErrorBody)))]
