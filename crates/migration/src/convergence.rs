@@ -34,11 +34,14 @@ pub struct Policy {
     pub throttle_initial: u8,
     pub throttle_step: u8,
     pub throttle_max: u8,
-    /// Pass and time limits (30 passes, 5 minutes) and what happens at them.
+    /// Pass and time limits (30 passes, [`DEFAULT_MAX_TIME`]) and what happens at them.
     pub max_passes: u32,
     pub max_time: Duration,
     pub on_limit: LimitAction,
 }
+
+/// Pre-copy time before the limit action applies, unless a migration says otherwise.
+pub const DEFAULT_MAX_TIME: Duration = Duration::from_secs(60);
 
 impl Default for Policy {
     fn default() -> Self {
@@ -52,7 +55,7 @@ impl Default for Policy {
             throttle_step: 10,
             throttle_max: 99,
             max_passes: 30,
-            max_time: Duration::from_secs(300),
+            max_time: DEFAULT_MAX_TIME,
             on_limit: LimitAction::ForceStopAndCopy,
         }
     }

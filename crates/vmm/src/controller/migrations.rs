@@ -661,8 +661,9 @@ fn receive_incoming(
 }
 
 /// The settings of a migration request as a convergence policy and the host-wide
-/// migration limit; refuses values that cannot work, naming them. The pre-copy time limit
-/// defaults to [`DEFAULT_MAX_TIME`], as the API and the CLI document.
+/// migration limit; refuses values that cannot work, naming them. Unset limits keep the
+/// policy's defaults (pre-copy time: `ray_migration::convergence::DEFAULT_MAX_TIME`, as the
+/// API and the CLI document).
 pub(super) fn policy_of(
     req: &MigrateRequest,
 ) -> Result<(ray_migration::Policy, u32), ControllerError> {
@@ -696,19 +697,16 @@ pub(super) fn policy_of(
             OnLimit::Force => ray_migration::LimitAction::ForceStopAndCopy,
             OnLimit::Abort => ray_migration::LimitAction::Abort,
         },
-        max_time: req
-            .max_time_ms
-            .map_or(DEFAULT_MAX_TIME, Duration::from_millis),
         ..Default::default()
     };
     if let Some(n) = req.max_passes {
         policy.max_passes = n;
     }
+    if let Some(ms) = req.max_time_ms {
+        policy.max_time = Duration::from_millis(ms);
+    }
     Ok((policy, limit))
 }
-
-/// Pre-copy time before `on_limit` applies when the request does not say (`max_time_ms`).
-pub const DEFAULT_MAX_TIME: Duration = Duration::from_secs(60);
 
 /// What `--recheck-memory` adds to the pause: one read and hash of every page that may
 /// hold data, at the rate this host hashes guest memory (measured on a sample of it).
