@@ -295,6 +295,27 @@ async fn store_op<T: Send + 'static>(
     }
 }
 
+/// Refusals of every endpoint that reads a body, before it acts.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only its OpenAPI description is used
+enum BodyRefusals {
+    /// `payload_too_large`: the body is too large.
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// `unsupported_media_type`: a body not sent as `Content-Type: application/json`.
+    #[response(status = 415)]
+    Unsupported(ErrorBody),
+}
+
+/// The refusal of every endpoint that needs the VMM thread, while the VMM ends.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only its OpenAPI description is used
+enum ShuttingDown {
+    /// `shutting_down`: the VMM is ending.
+    #[response(status = 503)]
+    Ending(ErrorBody),
+}
+
 // ---- handlers ------------------------------------------------------------------------
 //
 // The first line of each handler's doc comment is its summary in the OpenAPI document, the
@@ -305,7 +326,7 @@ async fn store_op<T: Send + 'static>(
 /// Its state, configuration, uptime and the guest's heartbeat.
 #[utoipa::path(get, path = "/vm", tag = "vm", responses(
     (status = 200, description = "The VM.", body = VmInfo),
-    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+    ShuttingDown))]
 async fn get_vm(State(a): State<Api>) -> ApiResult<VmInfo> {
     a.info(Request::Info).await
 }
@@ -317,9 +338,8 @@ async fn get_vm(State(a): State<Api>) -> ApiResult<VmInfo> {
     (status = 200, description = "Configured.", body = VmInfo),
     (status = 400, description = "`invalid_request`: the body is not a valid configuration (unknown field, value out of range, kernel file missing).", body = ErrorBody),
     (status = 409, description = "`wrong_state`: the VM is already configured.", body = ErrorBody),
-    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
-    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
-    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+    BodyRefusals,
+    ShuttingDown))]
 async fn put_config(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
     let cfg = parse_body::<VmConfig>("PUT /vm/config", &body)?;
     a.info(Request::Configure(cfg)).await
@@ -330,10 +350,9 @@ async fn put_config(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo>
     (status = 200, description = "Running.", body = VmInfo),
     (status = 400, description = "`invalid_request`: a body was sent (the endpoint takes none), or the configuration no longer holds (the kernel file is gone).", body = ErrorBody),
     (status = 409, description = "`wrong_state`: the VM is not in `created` or has no configuration.", body = ErrorBody),
-    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
-    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    BodyRefusals,
     (status = 500, description = "`failed`: the VM could not be built or booted.", body = ErrorBody),
-    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+    ShuttingDown))]
 async fn put_start(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
     expect_no_body("PUT /vm/start", &body)?;
     a.info(Request::Start).await
@@ -344,9 +363,8 @@ async fn put_start(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> 
     (status = 200, description = "Paused.", body = VmInfo),
     (status = 400, description = "`invalid_request`: a body was sent (the endpoint takes none).", body = ErrorBody),
     (status = 409, description = "`wrong_state`: the VM is not running.", body = ErrorBody),
-    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
-    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
-    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+    BodyRefusals,
+    ShuttingDown))]
 async fn put_pause(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
     expect_no_body("PUT /vm/pause", &body)?;
     a.info(Request::Pause).await
@@ -357,10 +375,9 @@ async fn put_pause(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> 
     (status = 200, description = "Running.", body = VmInfo),
     (status = 400, description = "`invalid_request`: a body was sent (the endpoint takes none), or the suspend image cannot be read.", body = ErrorBody),
     (status = 409, description = "`wrong_state`: the VM is neither paused nor suspended.", body = ErrorBody),
-    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
-    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    BodyRefusals,
     (status = 500, description = "`failed`: a suspended VM could not be rebuilt.", body = ErrorBody),
-    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+    ShuttingDown))]
 async fn put_resume(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
     expect_no_body("PUT /vm/resume", &body)?;
     a.info(Request::Resume).await
@@ -374,10 +391,9 @@ async fn put_resume(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo>
     (status = 200, description = "Suspended.", body = VmInfo),
     (status = 400, description = "`invalid_request`: a body was sent (the endpoint takes none).", body = ErrorBody),
     (status = 409, description = "`wrong_state`: the VM is neither running nor paused.", body = ErrorBody),
-    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
-    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    BodyRefusals,
     (status = 500, description = "`failed`: the suspend image could not be written.", body = ErrorBody),
-    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+    ShuttingDown))]
 async fn put_suspend(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
     expect_no_body("PUT /vm/suspend", &body)?;
     a.info(Request::Suspend).await
@@ -391,9 +407,8 @@ async fn put_suspend(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo
     (status = 200, description = "Terminated.", body = VmInfo),
     (status = 400, description = "`invalid_request`: the body is not a valid stop request.", body = ErrorBody),
     (status = 409, description = "`wrong_state`: the VM has already ended, or is stopping.", body = ErrorBody),
-    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
-    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
-    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+    BodyRefusals,
+    ShuttingDown))]
 async fn put_stop(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
     let body: &[u8] = if body.is_empty() { b"{}" } else { &body };
     let s = parse_body::<StopRequest>("PUT /vm/stop", body)?;
@@ -408,7 +423,7 @@ async fn put_stop(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
 /// The VM's audit trail: every state transition and its cause.
 #[utoipa::path(get, path = "/vm/events", tag = "vm", responses(
     (status = 200, description = "Oldest first.", body = Vec<LifecycleEvent>),
-    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+    ShuttingDown))]
 async fn get_events(State(a): State<Api>) -> ApiResult<Vec<LifecycleEvent>> {
     match a.ask(Request::Events).await? {
         Response::Events(e) => Ok(Json(e)),
@@ -434,9 +449,8 @@ async fn get_console(State(a): State<Api>, Q(q): Q<ConsoleTailQuery>) -> ApiResu
     (status = 204, description = "Queued for the guest."),
     (status = 400, description = "`invalid_request`: the body is not valid console input.", body = ErrorBody),
     (status = 409, description = "`wrong_state`: the VM is not running or paused, or too much input is already waiting.", body = ErrorBody),
-    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
-    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
-    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+    BodyRefusals,
+    ShuttingDown))]
 async fn post_console(State(a): State<Api>, Body(body): Body) -> Result<StatusCode, ApiError> {
     let c = parse_body::<ConsoleInput>("POST /vm/console", &body)?;
     a.done(Request::ConsoleInput(c.data.into_bytes())).await
@@ -525,10 +539,9 @@ async fn get_console_stream(
     (status = 200, description = "Written.", body = SnapshotInfo),
     (status = 400, description = "`invalid_request`: the body is not valid, or its path cannot be used.", body = ErrorBody),
     (status = 409, description = "`wrong_state`: the VM's state does not allow it (not paused without `pause`, no parent for `incremental`, too many snapshots).", body = ErrorBody),
-    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
-    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    BodyRefusals,
     (status = 500, description = "`failed`: writing the snapshot failed.", body = ErrorBody),
-    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+    ShuttingDown))]
 async fn put_snapshot(State(a): State<Api>, Body(body): Body) -> ApiResult<SnapshotInfo> {
     let req = parse_body::<SnapshotRequest>("PUT /vm/snapshot", &body)?;
     match a.ask(Request::Snapshot(req)).await {
@@ -567,7 +580,7 @@ async fn get_snapshot_progress(State(a): State<Api>) -> Json<SnapshotProgress> {
     (status = 400, description = "`invalid_request`: the query is not valid, the store is not a directory, or the VM has no snapshot to take the store from.", body = ErrorBody),
     (status = 404, description = "`not_found`: a snapshot the store refers to is missing.", body = ErrorBody),
     (status = 500, description = "`failed`: the store cannot be read.", body = ErrorBody),
-    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+    ShuttingDown))]
 async fn get_snapshots(
     State(a): State<Api>,
     Q(q): Q<SnapshotListQuery>,
@@ -602,8 +615,7 @@ async fn get_snapshots(
     (status = 400, description = "`invalid_request`: the body is not valid, or its path is not a snapshot.", body = ErrorBody),
     (status = 404, description = "`not_found`: there is no such snapshot.", body = ErrorBody),
     (status = 409, description = "`conflict`: other snapshots depend on it, or it is a suspended VM's image.", body = ErrorBody),
-    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
-    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    BodyRefusals,
     (status = 500, description = "`failed`: the files could not be removed.", body = ErrorBody)))]
 async fn put_snapshot_delete(Body(body): Body) -> Result<StatusCode, ApiError> {
     let d = parse_body::<SnapshotDelete>("PUT /vm/snapshot/delete", &body)?;
@@ -617,8 +629,7 @@ async fn put_snapshot_delete(Body(body): Body) -> Result<StatusCode, ApiError> {
     (status = 400, description = "`invalid_request`: the body is not valid, or its path is not a snapshot.", body = ErrorBody),
     (status = 404, description = "`not_found`: there is no such snapshot (or a parent is missing).", body = ErrorBody),
     (status = 409, description = "`conflict`: a snapshot named `into` already exists.", body = ErrorBody),
-    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
-    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    BodyRefusals,
     (status = 500, description = "`failed`: the files could not be read or written.", body = ErrorBody)))]
 async fn put_snapshot_merge(Body(body): Body) -> ApiResult<SnapshotEntry> {
     let m = parse_body::<SnapshotMerge>("PUT /vm/snapshot/merge", &body)?;
@@ -632,10 +643,9 @@ async fn put_snapshot_merge(Body(body): Body) -> ApiResult<SnapshotEntry> {
     (status = 200, description = "Started; follow it with `GET /vm/migration`.", body = MigrationStatus),
     (status = 400, description = "`invalid_request`: the body is not valid (bad address, unreadable key file, limits out of range).", body = ErrorBody),
     (status = 409, description = "`wrong_state`: the VM is not running, or the host's migration limit is reached.", body = ErrorBody),
-    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
-    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    BodyRefusals,
     (status = 500, description = "`failed`: the migration could not be started.", body = ErrorBody),
-    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+    ShuttingDown))]
 async fn put_migration(State(a): State<Api>, Body(body): Body) -> ApiResult<MigrationStatus> {
     let req = parse_body::<MigrateRequest>("PUT /vm/migration", &body)?;
     a.migration(Request::Migrate(req)).await
@@ -645,7 +655,7 @@ async fn put_migration(State(a): State<Api>, Body(body): Body) -> ApiResult<Migr
 #[utoipa::path(get, path = "/vm/migration", tag = "migration", responses(
     (status = 200, description = "The migration in flight, or the last one.", body = MigrationStatus),
     (status = 404, description = "`not_found`: this VM has never migrated.", body = ErrorBody),
-    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+    ShuttingDown))]
 async fn get_migration(State(a): State<Api>) -> ApiResult<MigrationStatus> {
     a.migration(Request::MigrationStatus).await
 }
@@ -656,9 +666,8 @@ async fn get_migration(State(a): State<Api>) -> ApiResult<MigrationStatus> {
     (status = 400, description = "`invalid_request`: a body was sent (the endpoint takes none).", body = ErrorBody),
     (status = 404, description = "`not_found`: this VM has never migrated.", body = ErrorBody),
     (status = 409, description = "`wrong_state`: the migration already ended.", body = ErrorBody),
-    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
-    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
-    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+    BodyRefusals,
+    ShuttingDown))]
 async fn put_migration_cancel(
     State(a): State<Api>,
     Body(body): Body,
@@ -676,10 +685,9 @@ async fn put_migration_cancel(
     (status = 400, description = "`invalid_request`: a body was sent (the endpoint takes none).", body = ErrorBody),
     (status = 404, description = "`not_found`: this VM has never migrated.", body = ErrorBody),
     (status = 409, description = "`wrong_state`: the migration did not end with ownership uncertain.", body = ErrorBody),
-    (status = 413, description = "`payload_too_large`: the body is too large.", body = ErrorBody),
-    (status = 415, description = "`unsupported_media_type`: a body not sent as `Content-Type: application/json`.", body = ErrorBody),
+    BodyRefusals,
     (status = 500, description = "`failed`: the source copy could not be resumed.", body = ErrorBody),
-    (status = 503, description = "`shutting_down`: the VMM is ending.", body = ErrorBody)))]
+    ShuttingDown))]
 async fn put_migration_reclaim(
     State(a): State<Api>,
     Body(body): Body,
