@@ -396,6 +396,27 @@ fn guest_moves_between_namespaces_while_dirtying_and_ticking() {
     );
     let events = env.ray_ok(&["vm", "events", "dst"]);
     assert!(events.contains("migrate:resumed here"), "{events}");
+
+    // Each side's log has the migration's events in a `migration` span within its VM's.
+    let log = |vm: &Vm| std::fs::read_to_string(vm.dir.join("vmm.log")).unwrap();
+    let (src_log, dst_log) = (log(&src), log(&dst));
+    for (log, span, end) in [
+        (
+            &src_log,
+            "vm{id=src}:migration{direction=\"out\" peer=10.231.7.2:7001}",
+            "migration ended",
+        ),
+        (
+            &dst_log,
+            "vm{id=dst}:migration{direction=\"in\"",
+            "migration ended",
+        ),
+    ] {
+        assert!(
+            log.lines().any(|l| l.contains(span) && l.contains(end)),
+            "no '{end}' in span {span}:\n{log}"
+        );
+    }
 }
 
 fn wait_heartbeat_recorded(dst: &Vm) -> MigrationStatus {

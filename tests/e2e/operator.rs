@@ -739,6 +739,38 @@ fn output_formats() {
     }
     let wide = env.ray_ok(&["vm", "status", "fmt", "-o", "wide"]);
     assert!(wide.contains("ready=true"), "{wide}");
+
+    // Snapshots and migrations too.
+    let store = env.runtime.join("store");
+    let snap = store.join("s1");
+    let (store, snap) = (store.to_str().unwrap(), snap.to_str().unwrap());
+    env.ray_ok(&["snapshot", "create", "fmt", snap, "--pause"]);
+    let table = env.ray_ok(&["snapshot", "list", store]);
+    assert!(
+        table.starts_with("SNAPSHOT  KIND  STATE") && table.contains("\ns1  "),
+        "{table}"
+    );
+    let wide = env.ray_ok(&["snapshot", "list", store, "-o", "wide"]);
+    assert!(
+        wide.lines().next().unwrap().ends_with("PARENT  CREATED"),
+        "{wide}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ray_ok(&["snapshot", "list", store, "-o", "json"])).unwrap();
+    assert_eq!(json["snapshots"][0]["id"], "s1");
+    let yaml = env.ray_ok(&["snapshot", "list", store, "-o", "yaml"]);
+    assert!(yaml.contains("snapshots:\n- id: s1\n"), "{yaml}");
+    let yaml = env.ray_ok(&["snapshot", "status", snap, "-o", "yaml"]);
+    assert!(yaml.contains("id: s1\n"), "{yaml}");
+    assert_eq!(
+        env.ray_ok(&["migrate", "sessions", "-o", "json"]).trim(),
+        "[]"
+    );
+    assert_eq!(
+        env.ray_ok(&["migrate", "sessions", "-o", "yaml"]).trim(),
+        "[]"
+    );
+
     let out = env.ray(&["vm", "list", "-o", "xml"]);
     assert_eq!(out.status.code(), Some(2));
     let out = env.ray(&["vm", "list", "-o", "json", "--json"]);
@@ -1030,4 +1062,98 @@ fn logs_show_and_follow() {
     let out = env.ray(&["vm", "logs", "lg", "--since", "10m"]);
     assert_eq!(out.status.code(), Some(2), "--since needs --vmm");
     env.ray_ok(&["vm", "logs", "lg", "--vmm"]);
+}
+
+/// The VMM's log: one JSON object per line with `--log-format json`, every event in the VM's
+/// span (whatever thread logged it), `RUST_LOG` choosing levels per module; text at `info`
+/// by default; an unknown format is refused naming the known ones.
+#[test]
+fn vmm_log_formats_spans_and_levels() {
+    let env = Env::new("logfmt");
+    let out = env.ray_with(
+        &[
+            "--log-format",
+            "json",
+            "vm",
+            "run",
+            "--detach",
+            "--json",
+            "--id",
+            "lj",
+        ],
+        &[("RUST_LOG", "info,ray_vmm::api_server=debug")],
+    );
+    let info: VmInfo = serde_json::from_str(&ray_e2e::succeeded(out, "vm run")).unwrap();
+    let mut vm = env.attach("lj", info.pid);
+    vm.expect_line("ready", READY);
+    env.ray_ok(&["vm", "pause", "lj"]);
+    env.ray_ok(&["vm", "resume", "lj"]);
+    env.ray_ok(&["vm", "stop", "lj"]);
+    vm.wait_exit(Duration::from_secs(10));
+    let log = std::fs::read_to_string(vm.dir.join("vmm.log")).unwrap();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    let message = |e: &serde_json::Value| e["fields"]["message"].as_str().unwrap_or("").to_string();
+    for e in &events {
+        let spans = e["spans"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no spans: {e}"));
+        assert_eq!(
+            (spans[0]["name"].as_str(), spans[0]["id"].as_str()),
+            (Some("vm"), Some("lj")),
+            "{e}"
+        );
+        if e["level"] == "DEBUG" {
+            assert_eq!(
+                e["target"], "ray_vmm::api_server",
+                "RUST_LOG allows debug only there: {e}"
+            );
+        }
+    }
+    let has = |f: &dyn Fn(&serde_json::Value) -> bool| events.iter().any(f);
+    assert!(
+        has(&|e| message(e) == "VMM started" && e["fields"]["origin"] == "boot"),
+        "{log}"
+    );
+    assert!(
+        has(&|e| message(e) == "state changed" && e["fields"]["to"] == "paused"),
+        "{log}"
+    );
+    assert!(
+        has(&|e| message(e) == "state changed" && e["fields"]["to"] == "terminated"),
+        "{log}"
+    );
+    assert!(
+        has(&|e| message(e) == "API request"
+            && e["fields"]["path"] == "/vm/pause"
+            && e["fields"]["status"] == 200),
+        "{log}"
+    );
+    assert!(has(&|e| message(e) == "VMM ended"), "{log}");
+
+    // The default: text lines at info, nothing below it.
+    let mut vm = env.boot(&["--id", "lt"]);
+    vm.expect_line("ready", READY);
+    env.ray_ok(&["vm", "pause", "lt"]);
+    env.ray_ok(&["vm", "stop", "lt"]);
+    vm.wait_exit(Duration::from_secs(10));
+    let text = std::fs::read_to_string(vm.dir.join("vmm.log")).unwrap();
+    assert!(
+        text.lines().any(
+            |l| l.contains(" INFO vm{id=lt}: ray_vmm::controller: state changed")
+                && l.contains("to=paused")
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("DEBUG") && !text.starts_with('{'), "{text}");
+
+    let bad = env.ray(&["--log-format", "yaml", "vm", "list"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("yaml") && err.contains("text") && err.contains("json"),
+        "{err}"
+    );
 }

@@ -103,9 +103,9 @@ ray snapshot create web /var/lib/snaps/s2 --pause --incremental --compress",
     ),
     (
         "snapshot list",
-        "ray snapshot list /var/lib/snaps\nray snapshot list /var/lib/snaps --json",
+        "ray snapshot list /var/lib/snaps\nray snapshot list /var/lib/snaps -o wide\nray snapshot list /var/lib/snaps -o json",
     ),
-    ("snapshot status", "ray snapshot status /var/lib/snaps/s1"),
+    ("snapshot status", "ray snapshot status /var/lib/snaps/s1\nray snapshot status /var/lib/snaps/s1 -o yaml"),
     (
         "snapshot restore",
         "ray snapshot restore /var/lib/snaps/s1
@@ -131,9 +131,9 @@ ray migrate start web --to unix:/run/ray/mig.sock --key-file key --max-downtime-
         "migrate receive",
         "ray migrate receive --listen 0.0.0.0:7000 --key-file /etc/ray/key --id web",
     ),
-    ("migrate status", "ray migrate status web\nray migrate status web --json"),
+    ("migrate status", "ray migrate status web\nray migrate status web -o yaml"),
     ("migrate progress", "ray migrate progress web"),
-    ("migrate sessions", "ray migrate sessions"),
+    ("migrate sessions", "ray migrate sessions\nray migrate sessions -o json"),
     ("migrate cancel", "ray migrate cancel web"),
     (
         "migrate reclaim",

@@ -15,6 +15,7 @@ mod vm_admin;
 mod vm_show;
 
 use ray::{exit, runtime};
+use ray_vmm::logging::LogFormat;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +32,12 @@ struct Cli {
     /// Runtime directory holding one sub-directory per VM.
     #[arg(long, global = true, env = "RAY_RUNTIME_DIR")]
     runtime_dir: Option<PathBuf>,
+    /// How log lines are written: `text` or `json` (one object per line, with the `vm` and
+    /// `migration` spans). `RUST_LOG` chooses which are written (a VMM logs `info` by
+    /// default into its VM directory's vmm.log; other commands only warnings).
+    #[arg(long, global = true, env = "RAY_LOG_FORMAT", default_value = "text",
+          value_parser = clap::builder::PossibleValuesParser::new(LogFormat::NAMES))]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,6 +90,12 @@ fn cli_command() -> clap::Command {
 fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&cli_command().get_matches()).unwrap_or_else(|e| e.exit());
     let runtime = cli.runtime_dir.unwrap_or_else(runtime::default_dir);
+    let format = cli.log_format.parse().unwrap_or_default();
+    let default_level = match cli.command {
+        Command::Vmm(_) => "info",
+        _ => "warn",
+    };
+    ray_vmm::logging::init(format, default_level);
     let result = match cli.command {
         Command::Vm(cmd) => vm::run(cmd, &runtime),
         Command::Vmm(args) => vm::vmm(args),

@@ -17,6 +17,7 @@ use ray::exit::{self, coded};
 use ray::runtime::{self, Presence};
 
 use crate::vm::{client, launch, Origin};
+use ray::output::{self, Format, OutputArgs};
 
 #[derive(Subcommand)]
 pub enum MigrateCommand {
@@ -25,11 +26,11 @@ pub enum MigrateCommand {
     /// Start a VMM that waits for an incoming migration (run this on the target host).
     Receive(ReceiveArgs),
     /// Show the migration of one VM (in flight or finished).
-    Status(IdJson),
+    Status(IdOutput),
     /// Follow a migration with a live progress bar until it ends.
     Progress(IdJson),
     /// List the migrations of this host.
-    Sessions(JsonOnly),
+    Sessions(OutputOnly),
     /// Cancel a migration in flight; the source VM keeps running.
     Cancel(IdJson),
     /// Resume a source left paused because the link failed after the switch-over
@@ -55,9 +56,16 @@ pub struct IdJson {
 }
 
 #[derive(Args)]
-pub struct JsonOnly {
-    #[arg(long)]
-    pub json: bool,
+pub struct IdOutput {
+    pub id: String,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Args)]
+pub struct OutputOnly {
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -150,14 +158,17 @@ pub fn run(cmd: MigrateCommand, runtime: &Path) -> anyhow::Result<()> {
         MigrateCommand::Receive(a) => receive(runtime, &a),
         MigrateCommand::Status(a) => {
             let s = status(runtime, &a.id)?;
-            print_status(&a.id, &s, a.json)
+            if output::print_structured(&s, a.out.format())? {
+                return Ok(());
+            }
+            print_status(&a.id, &s, false)
         }
         MigrateCommand::Progress(a) => {
             let s = follow(runtime, &a.id, !a.json)?;
             print_status(&a.id, &s, a.json)?;
             outcome(&s)
         }
-        MigrateCommand::Sessions(a) => sessions(runtime, a.json),
+        MigrateCommand::Sessions(a) => sessions(runtime, a.out.format()),
         MigrateCommand::Reclaim(a) => {
             let s: MigrationStatus =
                 client(runtime, &a.id)?.call("PUT", "/vm/migration/reclaim", None)?;
@@ -391,7 +402,7 @@ struct SessionRow {
     status: MigrationStatus,
 }
 
-fn sessions(runtime: &Path, json: bool) -> anyhow::Result<()> {
+fn sessions(runtime: &Path, format: Format) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for id in runtime::list_ids(runtime) {
         let dir = runtime::vm_dir(runtime, &id);
@@ -405,8 +416,7 @@ fn sessions(runtime: &Path, json: bool) -> anyhow::Result<()> {
             rows.push(SessionRow { id, status });
         }
     }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+    if output::print_structured(&rows, format)? {
         return Ok(());
     }
     println!(

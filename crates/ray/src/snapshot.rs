@@ -15,6 +15,7 @@ use ray::exit::{self, coded};
 use ray_api::vmm::{SnapshotInfo, SnapshotKind, SnapshotList, SnapshotProgress, SnapshotRequest};
 
 use crate::vm::{client, launch, Origin};
+use ray::output::{self, Format, OutputArgs};
 
 #[derive(Subcommand)]
 pub enum SnapshotCommand {
@@ -23,7 +24,7 @@ pub enum SnapshotCommand {
     /// Show the snapshots of a store as a tree of chains.
     List(ListArgs),
     /// Show a snapshot's manifest.
-    Status(PathArgs),
+    Status(StatusArgs),
     /// Start a new VM from a snapshot; it continues where the snapshot was taken.
     Restore(RestoreArgs),
     /// Delete a snapshot (refused while incremental snapshots depend on it).
@@ -97,8 +98,8 @@ pub struct RestoreArgs {
 pub struct ListArgs {
     /// The store directory (default: as for `ray vm checkpoint`).
     pub store: Option<PathBuf>,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 #[derive(Args)]
@@ -107,6 +108,14 @@ pub struct PathArgs {
     pub path: PathBuf,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// The snapshot directory.
+    pub path: PathBuf,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 #[derive(Args)]
@@ -331,39 +340,56 @@ pub fn create(
 fn list(a: &ListArgs) -> anyhow::Result<()> {
     let store = a.store.clone().unwrap_or_else(default_store);
     let l: SnapshotList = ray_vmm::snapshot::list(&store).map_err(store_error)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&l)?);
+    let format = a.out.format();
+    if output::print_structured(&l, format)? {
         return Ok(());
     }
     if l.snapshots.is_empty() && l.broken.is_empty() {
         println!("no snapshots in {}", l.store);
         return Ok(());
     }
-    println!(
-        "{:<40} {:<12} {:<10} {:<12} {:>10} {:>12}",
-        "SNAPSHOT", "KIND", "STATE", "VM", "PAGES", "DISK"
-    );
-    for s in &l.snapshots {
-        let name = format!("{}{}", "  ".repeat(s.depth as usize), s.id);
-        println!(
-            "{name:<40} {:<12} {:<10} {:<12} {:>10} {:>10.1}Mi",
-            s.kind,
-            s.state,
-            s.vm_id,
-            s.stored_pages,
-            s.disk_bytes as f64 / (1 << 20) as f64
-        );
+    let wide = format == Format::Wide;
+    let mut header = vec!["SNAPSHOT", "KIND", "STATE", "VM", "PAGES", "DISK"];
+    if wide {
+        header.extend(["MEMORY", "PARENT", "CREATED"]);
     }
-    for b in &l.broken {
-        println!("{:<40} BROKEN: {}", b.id, b.error);
-    }
+    let mib = |b: u64| format!("{:.1}Mi", b as f64 / (1 << 20) as f64);
+    let mut rows: Vec<Vec<String>> = l
+        .snapshots
+        .iter()
+        .map(|s| {
+            // Children are indented under their parent.
+            let mut row = vec![
+                format!("{}{}", "  ".repeat(s.depth as usize), s.id),
+                s.kind.to_string(),
+                s.state.to_string(),
+                s.vm_id.clone(),
+                s.stored_pages.to_string(),
+                mib(s.disk_bytes),
+            ];
+            if wide {
+                row.extend([
+                    mib(s.memory_bytes),
+                    s.parent.clone().unwrap_or_else(|| "-".into()),
+                    s.created_ms.to_string(),
+                ]);
+            }
+            row
+        })
+        .collect();
+    rows.extend(l.broken.iter().map(|b| {
+        let mut row = vec![b.id.clone(), "-".into(), "BROKEN".into()];
+        row.resize(header.len() - 1, "-".into());
+        row.push(b.error.clone());
+        row
+    }));
+    print!("{}", output::table(&header, &rows));
     Ok(())
 }
 
-fn status(a: &PathArgs) -> anyhow::Result<()> {
+fn status(a: &StatusArgs) -> anyhow::Result<()> {
     let m = ray_vmm::snapshot::manifest(&a.path).map_err(store_error)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&m)?);
+    if output::print_structured(&m, a.out.format())? {
         return Ok(());
     }
     let entry = ray_vmm::snapshot::entry(&ray_snapshot::TreeNode::of(&m), 0);

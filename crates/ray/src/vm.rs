@@ -308,6 +308,7 @@ fn spawn_vmm(
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     cmd.arg("vmm").arg("--id").arg(id).arg("--dir").arg(dir);
+    cmd.env("RAY_LOG_FORMAT", ray_vmm::logging::format().name());
     // The VM directory's lock, inherited (it is not close-on-exec): see runtime::claim.
     cmd.arg("--lock-fd").arg(lock_fd.to_string());
     if let Some(addr) = extras.api_tcp {

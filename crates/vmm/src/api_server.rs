@@ -8,6 +8,7 @@
 //!
 //! Every handler that takes a body, and every `PUT`, reads the whole body before it acts
 //! (the [`Body`] extractor): a request whose body is still arriving has no effect yet.
+use crate::logging::SpawnInSpan;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::mpsc::Sender;
@@ -837,7 +838,27 @@ fn router(api: Api) -> Router {
     router
         .fallback(unknown_endpoint)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(log_request))
         .with_state(api)
+}
+
+/// Logs each request with its answer and how long it took: at debug level, or as a
+/// warning when the answer is a server error.
+async fn log_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> HttpResponse {
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let t = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    let took_us = t.elapsed().as_micros() as u64;
+    if status >= 500 {
+        tracing::warn!(%method, path, status, took_us, "API request failed");
+    } else {
+        tracing::debug!(%method, path, status, took_us, "API request");
+    }
+    response
 }
 
 /// Whether `host` (a `Host` header: name or address, with or without a port) names this
@@ -942,7 +963,7 @@ impl ApiServer {
         let thread = std::thread::Builder::new()
             .name("api".into())
             .stack_size(512 << 10)
-            .spawn(move || {
+            .spawn_in_span(move || {
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_io()
                     .enable_time()
@@ -950,7 +971,7 @@ impl ApiServer {
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        eprintln!("ray vmm: cannot start the API runtime: {e}");
+                        tracing::error!("cannot start the API runtime: {e}");
                         return;
                     }
                 };
@@ -995,7 +1016,7 @@ async fn serve(
     let unix = match tokio::net::UnixListener::from_std(unix) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("ray vmm: cannot serve the API socket: {e}");
+            tracing::error!("cannot serve the API socket: {e}");
             return;
         }
     };
@@ -1012,7 +1033,7 @@ async fn serve(
             }))
         }
         Err(e) => {
-            eprintln!("ray vmm: cannot serve the API on TCP: {e}");
+            tracing::error!("cannot serve the API on TCP: {e}");
             None
         }
     });

@@ -10,6 +10,7 @@ pub mod console_attach;
 pub mod controller;
 pub mod heartbeat;
 pub mod lifecycle;
+pub mod logging;
 pub mod machine;
 pub mod memory;
 pub mod metrics;
@@ -56,6 +57,18 @@ pub struct VmmOptions {
     pub lock_fd: Option<std::os::fd::RawFd>,
     /// Also serve the API on this loopback TCP address (port 0: any free port).
     pub api_tcp: Option<std::net::SocketAddr>,
+}
+
+impl VmmOptions {
+    /// Where the VM comes from, as the log says it.
+    fn origin_name(&self) -> &'static str {
+        match (&self.incoming, &self.restore, self.start) {
+            (Some(_), _, _) => "incoming migration",
+            (None, Some(_), _) => "restore",
+            (None, None, true) => "boot",
+            (None, None, false) => "configure over the API",
+        }
+    }
 }
 
 /// Where and how a migration target waits for its VM.
@@ -108,10 +121,11 @@ fn block_stop_signals() -> libc::sigset_t {
 }
 
 fn spawn_signal_thread(set: libc::sigset_t, inbox: mpsc::Sender<Message>) {
-    let _ = std::thread::Builder::new()
-        .name("signals".into())
-        .stack_size(64 << 10)
-        .spawn(move || loop {
+    let _ = logging::spawn(
+        std::thread::Builder::new()
+            .name("signals".into())
+            .stack_size(64 << 10),
+        move || loop {
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` is an initialised signal set and `sig` a valid out pointer;
             // the signals are blocked in every thread, so sigwait is the only taker.
@@ -120,20 +134,22 @@ fn spawn_signal_thread(set: libc::sigset_t, inbox: mpsc::Sender<Message>) {
             {
                 break;
             }
-        });
+        },
+    );
 }
 
 fn spawn_stdin_thread(inbox: mpsc::Sender<Message>) {
-    let _ = std::thread::Builder::new()
-        .name("stdin".into())
-        .stack_size(64 << 10)
-        .spawn(move || {
+    let _ = logging::spawn(
+        std::thread::Builder::new()
+            .name("stdin".into())
+            .stack_size(64 << 10),
+        move || {
             let stdin = std::io::stdin();
             let mut line = Vec::new();
             while stdin.lock().read_until(b'\n', &mut line).unwrap_or(0) > 0 {
                 let reply = Box::new(|r: Result<_, controller::ControllerError>| {
                     if let Err(e) = r {
-                        eprintln!("ray vmm: console input dropped: {}", e);
+                        tracing::warn!("console input dropped: {e}");
                     }
                 });
                 let data = std::mem::take(&mut line);
@@ -144,7 +160,8 @@ fn spawn_stdin_thread(inbox: mpsc::Sender<Message>) {
                     break;
                 }
             }
-        });
+        },
+    );
 }
 
 /// How the exit record of a VMM whose VM never came up starts its reason.
@@ -166,6 +183,10 @@ fn failed_to_start(ctl: &Controller, id: &str, e: &controller::ControllerError) 
 /// Runs one VMM until its VM ends. Returns the final state.
 pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     one_malloc_arena();
+    // Every event of this process, on every thread started with logging::spawn, belongs
+    // to this VM.
+    let vm_span = tracing::info_span!("vm", id = %opts.id);
+    let _in_vm = vm_span.enter();
     let signals = block_stop_signals();
     std::fs::create_dir_all(&opts.dir)?;
     // First of all: only the holder of the directory's lock touches anything in it.
@@ -175,6 +196,11 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     }
     .map_err(StartError::from)?;
     lock.set_owner(std::process::id());
+    tracing::info!(
+        pid = std::process::id(),
+        origin = opts.origin_name(),
+        "VMM started"
+    );
     let paths = VmPaths {
         dir: opts.dir.clone(),
     };
@@ -264,6 +290,7 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     };
     let _ = std::fs::write(ctl.paths.exit_record(), serde_json::to_vec_pretty(&record)?);
     let _ = std::fs::remove_file(ctl.paths.socket());
+    tracing::info!(state = ?info.state, reason = record.reason.as_deref().unwrap_or(""), "VMM ended");
     drop(lock);
     Ok(ctl.state())
 }

@@ -4,6 +4,7 @@
 //! allocates no pages and the guest takes no first-touch faults after the switch-over.
 //!
 //! Populating never changes contents, so it may race with incoming pages.
+use crate::logging::SpawnInSpan;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -99,7 +100,7 @@ pub fn spawn(mem: GuestMem) -> Arc<Prefault> {
     let spawned = std::thread::Builder::new()
         .name("prefault".into())
         .stack_size(64 << 10)
-        .spawn(move || {
+        .spawn_in_span(move || {
             if let Err(why) = populate_all(&mem, &p) {
                 p.fail(why);
             }

@@ -1,6 +1,7 @@
 //! The controller's half of live migration: starting one either way, carrying out the
 //! migration thread's requests on the VM, and moving the VM where the outcome says.
 use super::*;
+use crate::logging::SpawnInSpan;
 use ray_api::vmm::MigrationVmOutcome;
 
 impl Controller {
@@ -96,11 +97,14 @@ impl Controller {
         };
         self.apply(VmAction::MigrateOut, &cause)?;
         self.migration = Some(handle.clone());
+        self.migration_span = tracing::info_span!("migration", direction = "out", peer = %req.to);
+        let _in_migration = self.migration_span.clone().entered();
+        tracing::info!(to = %req.to, "migration started");
         let inbox = self.vcpu_events.clone();
         let cancel = handle.cancel.clone();
         let spawned = std::thread::Builder::new()
             .name("migration-out".into())
-            .spawn(move || {
+            .spawn_in_span(move || {
                 let _slot = slot;
                 let result = ray_migration::connect(&to, MIGRATION_IO_TIMEOUT)
                     .map_err(|e| {
@@ -216,11 +220,14 @@ impl Controller {
             p.memory.set_prefault(prefault);
         }
         self.migration = Some(handle.clone());
+        self.migration_span = tracing::info_span!("migration", direction = "in", listen = %local);
+        let _in_migration = self.migration_span.clone().entered();
+        tracing::info!(prefault, "waiting for an incoming migration");
         let inbox = self.vcpu_events.clone();
         let shape = given.map(|c| (c.vcpus, c.memory_bytes));
         let spawned = std::thread::Builder::new()
             .name("migration-in".into())
-            .spawn(move || {
+            .spawn_in_span(move || {
                 let _slot = slot;
                 let mut link = mig::Link::new(inbox.clone(), cfg.cancel.clone());
                 let result = receive_incoming(listener, &local, prepared, shape, &mut link, &cfg);
@@ -238,17 +245,19 @@ impl Controller {
 
     /// Carries out one request of the migration thread.
     pub fn migration_op(&mut self, op: MigrationOp) -> OpResult {
-        // `RAY_MIGRATION_TRACE=1` in the VMM's environment logs each step's duration.
-        let trace = std::env::var_os("RAY_MIGRATION_TRACE").is_some();
+        let span = self.migration_span.clone();
+        let _in_migration = span.enter();
+        // At debug level (`RUST_LOG=ray_vmm::controller=debug`) each step and its duration.
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return self.migration_op_inner(op);
+        }
         let name: String = match &op {
             MigrationOp::RestoreState(blob) => format!("RestoreState({} bytes)", blob.len()),
             op => format!("{op:?}").chars().take(24).collect(),
         };
         let t = Instant::now();
         let r = self.migration_op_inner(op);
-        if trace {
-            eprintln!("{} {name} took {:?}", mig::unix_us(), t.elapsed());
-        }
+        tracing::debug!(step = %name, took_us = t.elapsed().as_micros() as u64, ok = r.is_ok(), "migration step");
         r
     }
 
@@ -343,7 +352,7 @@ impl Controller {
                 if mig::fault_injected("target-exit-at-switchover") {
                     // Test hook: the target dies between the source's commit point and
                     // its own resume; the source must not come back by itself.
-                    eprintln!("RAY_FAULT=target-exit-at-switchover: exiting");
+                    tracing::warn!("RAY_FAULT=target-exit-at-switchover: exiting");
                     std::process::exit(86);
                 }
                 self.start_incoming()?;
@@ -480,6 +489,13 @@ impl Controller {
             r.error = error;
         });
         let status = h.status();
+        let _in_migration = self.migration_span.clone().entered();
+        match &status.error {
+            None => tracing::info!(state = %status.state, vm = %status.vm, "migration ended"),
+            Some(why) => {
+                tracing::warn!(state = %status.state, vm = %status.vm, error = %why, "migration failed")
+            }
+        }
         crate::metrics::migration_ended(&status);
         if let Ok(json) = serde_json::to_vec_pretty(&status) {
             let _ = std::fs::write(self.paths.migration_record(), json);
@@ -615,8 +631,8 @@ fn receive_incoming(
         match ray_migration::receiver::authenticate(stream, cfg) {
             Ok(source) => break source,
             Err(f) if !f.authenticated => {
-                eprintln!(
-                    "ray vmm: dropped a connection on {local} ({f}); still waiting for the source"
+                tracing::warn!(
+                    "dropped a connection on {local} ({f}); still waiting for the source"
                 );
             }
             Err(f) => return Err(driver(f.into())),

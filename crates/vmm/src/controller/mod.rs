@@ -157,6 +157,9 @@ pub struct Controller {
     vcpu_events: Sender<Message>,
     /// The current or last migration of this VM.
     migration: Option<mig::Handle>,
+    /// The log span of the current (or last) migration: its events and steps, on the
+    /// migration thread and on this one, carry its direction and peer.
+    migration_span: tracing::Span,
     /// Target: the KVM VM (memory slots registered, with dirty logging) created over the
     /// guest memory of an incoming migration; the state goes onto it at the switch-over.
     incoming_vm: Option<Vm>,
@@ -197,6 +200,7 @@ impl Controller {
             ring: Arc::default(),
             vcpu_events,
             migration: None,
+            migration_span: tracing::Span::none(),
             incoming_vm: None,
             incoming_state: None,
             last_snapshot: None,
@@ -215,8 +219,9 @@ impl Controller {
     fn apply(&mut self, action: VmAction, cause: &str) -> Result<(), TransitionError> {
         let next = transition(self.state, action)?;
         let from = std::mem::replace(&mut self.state, next);
+        tracing::info!(%from, to = %next, ?action, cause, "state changed");
         if let Err(e) = self.audit.record(from, next, cause) {
-            eprintln!("ray vmm {}: cannot append to the audit file: {e}", self.id);
+            tracing::error!("cannot append to the audit file: {e}");
         }
         Ok(())
     }

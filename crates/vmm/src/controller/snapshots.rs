@@ -137,10 +137,9 @@ impl Controller {
         if self.snapshot_log.is_none() {
             match machine.vm.add_dirty_consumer("snapshot", None) {
                 Ok(id) => self.snapshot_log = Some(id),
-                Err(e) => eprintln!(
-                    "ray vmm {}: no dirty-page log ({e}); the next snapshot will be full",
-                    self.id
-                ),
+                Err(e) => {
+                    tracing::warn!("no dirty-page log ({e}); the next snapshot will be full")
+                }
             }
         }
         Ok((manifest, taken))
@@ -191,10 +190,7 @@ impl Controller {
                 self.last_snapshot = Some((loaded.store.clone(), loaded.id.clone()));
             }
             Err(e) => {
-                eprintln!(
-                    "ray vmm {}: no dirty-page log ({e}); the next snapshot will be full",
-                    self.id
-                );
+                tracing::warn!("no dirty-page log ({e}); the next snapshot will be full");
                 self.snapshot_log = None;
                 self.last_snapshot = None;
             }

@@ -1,6 +1,7 @@
 //! What the VMM knows of a migration beyond the driver's progress: the record behind
 //! `GET /vm/migration`, how the migration thread ended, and the heartbeat watch that
 //! measures the downtime the guest saw.
+use crate::logging::SpawnInSpan;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -166,7 +167,7 @@ pub fn watch_heartbeat(mem: MemoryManager, baseline: Option<u64>, handle: Handle
     let _ = std::thread::Builder::new()
         .name("migration-heartbeat".into())
         .stack_size(64 << 10)
-        .spawn(move || {
+        .spawn_in_span(move || {
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Some((c, _)) = crate::heartbeat::sample(mem.ram()) {

@@ -19,6 +19,7 @@
 //! most `100 - p` % of every [`THROTTLE_PERIOD`] and waits out the rest before its next
 //! KVM_RUN. A kicker thread signals the vCPUs once per period, so a guest spinning without
 //! exits is brought out of KVM_RUN and throttled too.
+use crate::logging::SpawnInSpan;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
@@ -272,7 +273,7 @@ impl Vcpus {
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .stack_size(256 << 10)
-                .spawn(move || run(index, fd, &control, &bus, &events))
+                .spawn_in_span(move || run(index, fd, &control, &bus, &events))
                 .map_err(|source| VcpuError::Spawn { index, source })?;
             threads.push(thread);
         }
@@ -309,7 +310,7 @@ impl Vcpus {
         let spawned = std::thread::Builder::new()
             .name("vcpu-throttle".into())
             .stack_size(64 << 10)
-            .spawn(move || {
+            .spawn_in_span(move || {
                 while !flag.load(Ordering::SeqCst) {
                     std::thread::sleep(THROTTLE_PERIOD);
                     if flag.load(Ordering::SeqCst) {
