@@ -639,6 +639,27 @@ fn rm_and_prune_remove_only_ended_vms() {
 
     env.ray_ok(&["vm", "stop", "keep"]);
     keep.wait_exit(Duration::from_secs(10));
+    // Whoever holds the directory's lock (a VMM being started there) keeps it from going.
+    let lock = env.runtime.join("vms/keep/vmm.lock");
+    let mut holder = Command::new("flock")
+        .arg("--no-fork")
+        .arg(&lock)
+        .args(["sleep", "60"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        let out = env.ray(&["vm", "rm", "keep"]);
+        if out.status.code() == Some(4) || std::time::Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(refused.status.code(), Some(4), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("VM 'keep'"));
+    assert!(lock.exists());
     assert_eq!(
         env.ray_ok(&["vm", "rm", "keep"]),
         "removed keep (terminated: guest:poweroff (asked by api:stop))\n"

@@ -11,6 +11,7 @@ use ray::client::VmmClient;
 use ray::exit::{self, coded, NOT_FOUND};
 use ray::output::{print_structured, OutputArgs};
 use ray::runtime::{self, Presence};
+use ray_vmm::vmlock::VmLock;
 
 use crate::vm::state_name;
 
@@ -74,9 +75,24 @@ fn removable(id: &str, dir: &Path) -> anyhow::Result<Removed> {
     }
 }
 
-fn remove(dir: &Path) -> anyhow::Result<()> {
-    std::fs::remove_dir_all(dir)
-        .map_err(|e| anyhow::anyhow!("cannot remove {}: {e}", dir.display()))
+/// Removes the VM in `dir` if it has ended (with `dry_run`, only says it would), holding
+/// the directory's lock meanwhile: no VMM can start there while it goes, and one that holds
+/// the lock (running, or just being started) is refused, naming it.
+fn remove_ended(id: &str, dir: &Path, dry_run: bool) -> anyhow::Result<Removed> {
+    let _lock = match VmLock::acquire(dir, id) {
+        Ok(lock) => lock,
+        Err(e) => {
+            return Err(removable(id, dir)
+                .err()
+                .unwrap_or_else(|| coded(exit::REFUSED, e.to_string())))
+        }
+    };
+    let r = removable(id, dir)?;
+    if !dry_run {
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot remove {}: {e}", dir.display()))?;
+    }
+    Ok(r)
 }
 
 fn print(removed: &[Removed], out: &OutputArgs, verb: &str) -> anyhow::Result<()> {
@@ -108,9 +124,7 @@ pub fn rm(runtime: &Path, a: &RmArgs) -> anyhow::Result<()> {
                         format!("no VM '{id}' in {}", runtime.display()),
                     ));
                 }
-                let r = removable(id, &dir)?;
-                remove(&dir)?;
-                Ok(r)
+                remove_ended(id, &dir, false)
             });
         match outcome {
             Ok(r) => removed.push(r),
@@ -127,13 +141,12 @@ pub fn prune(runtime: &Path, a: &PruneArgs) -> anyhow::Result<()> {
     let mut removed = Vec::new();
     for id in runtime::list_ids(runtime) {
         let dir = runtime::vm_dir(runtime, &id);
-        let Ok(r) = removable(&id, &dir) else {
-            continue;
-        };
-        if !a.dry_run {
-            remove(&dir)?;
+        // Live and starting VMs are left alone; a directory that cannot be removed is said.
+        match remove_ended(&id, &dir, a.dry_run) {
+            Ok(r) => removed.push(r),
+            Err(e) if exit::code_of(&e) == exit::REFUSED => {}
+            Err(e) => eprintln!("ray: {e:#}"),
         }
-        removed.push(r);
     }
     print(
         &removed,
