@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -28,6 +28,9 @@ impl Trigger for IrqTrigger {
 #[derive(Default)]
 pub struct ConsoleRing {
     inner: Mutex<RingInner>,
+    /// Called after each push, outside the lock: how followers learn of new output
+    /// without polling.
+    on_output: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 #[derive(Default)]
@@ -43,6 +46,16 @@ impl ConsoleRing {
         inner.bytes.extend(data);
         let excess = inner.bytes.len().saturating_sub(RING_BYTES);
         inner.bytes.drain(..excess);
+        drop(inner);
+        if let Some(f) = self.on_output.get() {
+            f();
+        }
+    }
+
+    /// Has `f` called after every write of the guest from now on (one listener per ring;
+    /// false if there is one already).
+    pub fn on_output(&self, f: impl Fn() + Send + Sync + 'static) -> bool {
+        self.on_output.set(Box::new(f)).is_ok()
     }
 
     /// The last `max` bytes and the total written so far.

@@ -42,7 +42,7 @@ pub fn code_of(e: &anyhow::Error) -> u8 {
         return match s {
             ray_vmm::StartError::Locked(_) => REFUSED,
             ray_vmm::StartError::Controller(C::Invalid(_)) => INVALID,
-            ray_vmm::StartError::Controller(C::Refused(_)) => REFUSED,
+            ray_vmm::StartError::Controller(C::Refused(_) | C::Busy(_)) => REFUSED,
             ray_vmm::StartError::Controller(C::NotFound(_)) => NOT_FOUND,
             ray_vmm::StartError::Controller(C::Failed(_)) => 1,
         };

@@ -43,9 +43,23 @@ pub enum Presence {
     Dead { pid: Option<u32> },
 }
 
-/// Whether `pid` is a running process (a zombie has ended: it only awaits its parent).
+/// Whether `pid` is a running process (a zombie whose threads are all gone has ended: it
+/// only awaits its parent).
 pub fn pid_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+    // A killed process's first thread turns zombie before the others are gone (a vCPU
+    // leaves KVM_RUN first), and its files (the VM directory's lock) close with the last
+    // thread: the process lives while any of its threads does.
+    task_alive(&format!("/proc/{pid}/stat"))
+        || std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+            tasks
+                .flatten()
+                .any(|t| task_alive(&t.path().join("stat").to_string_lossy()))
+        })
+}
+
+/// Whether the thread whose `stat` file this is exists and is neither a zombie nor dead.
+fn task_alive(stat: &str) -> bool {
+    std::fs::read_to_string(stat)
         .ok()
         .and_then(|stat| {
             // The state follows the parenthesised command name, which may contain spaces.

@@ -93,7 +93,7 @@ impl From<ControllerError> for ApiError {
     fn from(e: ControllerError) -> Self {
         let code = match &e {
             ControllerError::Invalid(_) => ErrorCode::InvalidRequest,
-            ControllerError::Refused(_) => ErrorCode::WrongState,
+            ControllerError::Refused(_) | ControllerError::Busy(_) => ErrorCode::WrongState,
             ControllerError::NotFound(_) => ErrorCode::NotFound,
             ControllerError::Failed(_) => ErrorCode::Failed,
         };
@@ -952,6 +952,8 @@ impl ApiServer {
         std_listener.set_nonblocking(true)?;
         let (tx, rx) = tokio::sync::watch::channel(false);
         let console = Arc::new(ConsoleHub::default());
+        let hub = console.clone();
+        ring.on_output(move || hub.output_written());
         let app = router(Api {
             inbox,
             ring,

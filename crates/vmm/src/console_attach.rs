@@ -19,8 +19,9 @@ use tokio::sync::{oneshot, watch, Notify};
 use crate::controller::{ControllerError, Message, Request};
 use crate::devices::ConsoleRing;
 
-/// How often an attachment looks for new output.
-const OUTPUT_POLL: Duration = Duration::from_millis(10);
+/// How long an attachment waits before offering input again to a guest whose input queue
+/// is full.
+const INPUT_RETRY: Duration = Duration::from_millis(10);
 /// Most output bytes in one frame.
 const MAX_FRAME: usize = 64 << 10;
 
@@ -31,6 +32,8 @@ pub struct ConsoleHub {
     next_id: AtomicU64,
     active: AtomicUsize,
     all_gone: Notify,
+    /// Woken when the guest writes to its console.
+    output: Notify,
 }
 
 impl Default for ConsoleHub {
@@ -40,11 +43,19 @@ impl Default for ConsoleHub {
             next_id: AtomicU64::new(1),
             active: AtomicUsize::new(0),
             all_gone: Notify::new(),
+            output: Notify::new(),
         }
     }
 }
 
 impl ConsoleHub {
+    /// The guest wrote to its console: every attachment sends the new output.
+    pub fn output_written(&self) {
+        if self.active.load(Ordering::Acquire) > 0 {
+            self.output.notify_waiters();
+        }
+    }
+
     /// Registers a new attachment; says whether it writes.
     pub fn join(&self, mode: ConsoleMode) -> (u64, bool) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -138,9 +149,10 @@ async fn type_in(inbox: &Sender<Message>, data: &[u8]) -> Result<(), String> {
         }
         match rx.await {
             Ok(Ok(_)) => return Ok(()),
-            // The guest has not read what waits yet: give it time.
-            Ok(Err(ControllerError::Refused(why))) if why.contains("already waiting") => {
-                tokio::time::sleep(OUTPUT_POLL).await;
+            // The guest has not read what waits yet, or a migration's last copy runs: give
+            // it time.
+            Ok(Err(ControllerError::Busy(_))) => {
+                tokio::time::sleep(INPUT_RETRY).await;
             }
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err("the VMM is shutting down".into()),
@@ -214,13 +226,16 @@ async fn serve<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let mut sent = a.from;
     let mut lease = a.hub.writer.subscribe();
     let mut stop = a.stop.clone();
-    let mut tick = tokio::time::interval(OUTPUT_POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut input = vec![0u8; 4096];
     let mut told_read_only = false;
     loop {
+        // Registered before the output is sent, so a write in between is not missed.
+        let written = a.hub.output.notified();
+        tokio::pin!(written);
+        written.as_mut().enable();
+        push_output(wr, &a.ring, &mut sent).await?;
         tokio::select! {
-            _ = tick.tick() => push_output(wr, &a.ring, &mut sent).await?,
+            _ = &mut written => {}
             n = rd.read(&mut input) => {
                 let n = n?;
                 if n == 0 {

@@ -61,6 +61,12 @@ pub enum ControllerError {
     /// The request is fine but the VM's state (or the host's) does not allow it now.
     #[error("{0}")]
     Refused(String),
+    /// Refused for a moment only: the same request succeeds once the guest or a migration
+    /// has moved on (console input while the guest's input queue is full, or while a
+    /// migration's last copy runs). The API answers it as [`ControllerError::Refused`];
+    /// the VMM's own callers wait and retry.
+    #[error("{0}")]
+    Busy(String),
     /// What the request names does not exist (no migration, no snapshot).
     #[error("{0}")]
     NotFound(String),
@@ -321,8 +327,8 @@ impl Controller {
                 if self.migration.as_ref().is_some_and(|h| h.paused_for_copy()) {
                     // Its device state may already be on its way: input queued now could
                     // be lost with the source copy. Refused, so the sender knows to retry.
-                    return Err(ControllerError::refused(
-                        "the VM is paused for the last copy of its migration; retry in a few ms (on the target if it moved)",
+                    return Err(ControllerError::Busy(
+                        "the VM is paused for the last copy of its migration; retry in a few ms (on the target if it moved)".into(),
                     ));
                 }
                 let machine = self.machine()?;
@@ -330,7 +336,7 @@ impl Controller {
                     .bus
                     .lock_console()
                     .queue_input(&data)
-                    .map_err(|e| ControllerError::refused(e.to_string()))?;
+                    .map_err(|e| ControllerError::Busy(e.to_string()))?;
                 heartbeat::raise(machine.vm.memory.ram(), offset::INPUT_DOORBELL);
                 machine.wake_idle();
                 Ok(Response::Done)
