@@ -239,6 +239,69 @@ fn a_refused_snapshot_leaves_the_vm_running() {
     assert_eq!(vm.command("echo still", "still"), "still");
 }
 
+/// Issue 13 (smaller): `GET /vm` was not answered while a snapshot was written (seconds
+/// for GiBs). Status reads are answered during the write; other requests wait for it, in
+/// order, and the snapshot is whole.
+#[test]
+fn status_reads_are_answered_while_a_snapshot_is_written() {
+    let env = Env::new("rb-snapread");
+    let mut vm = boot(&env, "v", &["--memory", "1G"]);
+    // Enough guest data that writing it takes a while (a full snapshot writes every
+    // non-zero page and syncs it).
+    vm.command("dirty 384 100000", "dirty on");
+    vm.wait_for("the guest to write 384 MiB", Duration::from_secs(30), |i| {
+        i.heartbeat
+            .as_ref()
+            .is_some_and(|h| h.dirty_bytes >= 384 << 20)
+    });
+    vm.command("dirty stop", "dirty off");
+    let path = env.runtime.join("store").join("big");
+    let mut snapshot = std::process::Command::new(ray_e2e::ray_bin())
+        .args([
+            "snapshot",
+            "create",
+            "v",
+            path.to_str().unwrap(),
+            "--pause",
+            "--json",
+        ])
+        .env("RAY_RUNTIME_DIR", &env.runtime)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the VM is paused for the snapshot, then read its status while the
+    // snapshot is still being written.
+    let mut answered_during = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while snapshot.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the snapshot did not finish");
+        let info = vm.info();
+        let events: serde_json::Value = vm.client.call("GET", "/vm/events", None).unwrap();
+        if info.state == VmStateName::Paused && snapshot.try_wait().unwrap().is_none() {
+            assert!(events.as_array().is_some_and(|e| !e.is_empty()), "{events}");
+            answered_during += 1;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(snapshot.wait().unwrap().success());
+    let mut out = String::new();
+    snapshot
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let written: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        answered_during > 0,
+        "no status read was answered during a {} ms snapshot write",
+        written["write_ms"]
+    );
+    assert_eq!(vm.state(), VmStateName::Running);
+    env.ray_ok(&["snapshot", "verify", path.to_str().unwrap()]);
+    assert_eq!(vm.command("echo after", "after"), "after");
+}
+
 /// Issue 13.4: `migrate receive --listen unix:PATH` deleted a regular file at PATH. It is
 /// refused, naming PATH, and the file stays.
 #[test]

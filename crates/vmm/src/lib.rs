@@ -253,7 +253,9 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     release_freed_heap();
 
     while !matches!(ctl.state(), VmState::Terminated) {
-        let Ok(msg) = rx.recv() else { break };
+        let Some(msg) = ctl.next_message(&rx) else {
+            break;
+        };
         match msg {
             Message::Api(request, reply) => reply(ctl.handle(request, &rx)),
             Message::Vcpu(event) => ctl.on_vcpu_event(event),
@@ -268,6 +270,7 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
                 }
             }
             Message::MigrationEnded(ended) => ctl.on_migration_ended(ended),
+            Message::Wake => {}
         }
     }
     // Answer whatever is still queued so no client hangs, then let in-flight responses

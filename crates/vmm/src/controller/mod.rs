@@ -40,6 +40,17 @@ pub enum Request {
     MigrationReclaim,
 }
 
+impl Request {
+    /// Whether this only reads the VM's status: answered at once, even while long work
+    /// (a snapshot being written) keeps the VMM thread busy.
+    pub fn is_status_read(&self) -> bool {
+        matches!(
+            self,
+            Request::Info | Request::Events | Request::MigrationStatus
+        )
+    }
+}
+
 #[derive(Debug)]
 pub enum Response {
     Info(Box<VmInfo>),
@@ -108,6 +119,8 @@ pub enum Message {
     Migration(MigrationOp, std::sync::mpsc::Sender<OpResult>),
     /// The migration thread ended.
     MigrationEnded(Ended),
+    /// Long work the VMM thread waits for (a snapshot being written) is done.
+    Wake,
 }
 
 /// Files of one VM in the runtime directory.
@@ -166,6 +179,9 @@ pub struct Controller {
     /// The log span of the current (or last) migration: its events and steps, on the
     /// migration thread and on this one, carry its direction and peer.
     migration_span: tracing::Span,
+    /// Messages that arrived while long work ran and were not status reads: handled, in
+    /// order, before the next new message ([`Controller::next_message`]).
+    deferred: std::collections::VecDeque<Message>,
     /// Target: the KVM VM (memory slots registered, with dirty logging) created over the
     /// guest memory of an incoming migration; the state goes onto it at the switch-over.
     incoming_vm: Option<Vm>,
@@ -207,6 +223,7 @@ impl Controller {
             vcpu_events,
             migration: None,
             migration_span: tracing::Span::none(),
+            deferred: Default::default(),
             incoming_vm: None,
             incoming_state: None,
             last_snapshot: None,
@@ -230,6 +247,68 @@ impl Controller {
             tracing::error!("cannot append to the audit file: {e}");
         }
         Ok(())
+    }
+
+    /// The next message to handle: one deferred while long work ran, else the next to
+    /// arrive (`None` once every sender is gone).
+    pub fn next_message(&mut self, inbox: &Receiver<Message>) -> Option<Message> {
+        self.deferred.pop_front().or_else(|| inbox.recv().ok())
+    }
+
+    /// Runs `work` on a thread of its own while this thread goes on answering status reads
+    /// (`GET /vm`, events, the migration's status), so they never wait on long work such as
+    /// writing a snapshot of GiBs. Every other message waits its turn (deferred, in order)
+    /// and is handled once the work is done. Returns what `work` returned.
+    pub(super) fn answering_reads<T: Send>(
+        &self,
+        inbox: &Receiver<Message>,
+        work: impl FnOnce() -> T + Send,
+    ) -> (T, Vec<Message>) {
+        let wake = self.vcpu_events.clone();
+        let mut deferred = Vec::new();
+        let out = std::thread::scope(|s| {
+            // The job's last act, also if it panics: wake this thread to join it.
+            struct WakeOnDrop(Sender<Message>);
+            impl Drop for WakeOnDrop {
+                fn drop(&mut self) {
+                    let _ = self.0.send(Message::Wake);
+                }
+            }
+            let job = s.spawn(move || {
+                let _wake = WakeOnDrop(wake);
+                work()
+            });
+            loop {
+                match inbox.recv() {
+                    // The job is done (or returning): join it.
+                    Ok(Message::Wake) => break,
+                    Ok(Message::Api(r, reply)) if r.is_status_read() => reply(self.read(r)),
+                    Ok(other) => deferred.push(other),
+                    Err(_) => break,
+                }
+            }
+            job.join()
+        });
+        match out {
+            Ok(out) => (out, deferred),
+            // The work panicked: the VMM cannot go on from a half-done state.
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    }
+
+    /// Answers a status read ([`Request::is_status_read`]) without changing anything.
+    fn read(&self, request: Request) -> Result<Response, ControllerError> {
+        match request {
+            Request::Info => Ok(Response::Info(Box::new(self.info()))),
+            Request::Events => Ok(Response::Events(self.audit.events().cloned().collect())),
+            Request::MigrationStatus => {
+                let h = self.migration_handle()?;
+                Ok(Response::Migration(Box::new(h.status())))
+            }
+            other => Err(ControllerError::failed(format!(
+                "{other:?} is not a status read"
+            ))),
+        }
     }
 
     /// Checks that `action` is allowed now without applying it.
@@ -266,8 +345,7 @@ impl Controller {
         inbox: &Receiver<Message>,
     ) -> Result<Response, ControllerError> {
         match request {
-            Request::Info => Ok(Response::Info(Box::new(self.info()))),
-            Request::Events => Ok(Response::Events(self.audit.events().cloned().collect())),
+            r @ (Request::Info | Request::Events | Request::MigrationStatus) => self.read(r),
             Request::Configure(cfg) => {
                 self.check(VmAction::Configure)?;
                 config::validate(&cfg, config::host_memory())
@@ -298,10 +376,10 @@ impl Controller {
                 Ok(Response::Info(Box::new(self.info())))
             }
             Request::Suspend => {
-                self.suspend()?;
+                self.suspend(inbox)?;
                 Ok(Response::Info(Box::new(self.info())))
             }
-            Request::Snapshot(req) => self.snapshot(req).map(Response::Snapshot),
+            Request::Snapshot(req) => self.snapshot(req, inbox).map(Response::Snapshot),
             Request::Stop { timeout } => {
                 self.check(VmAction::Stop)?;
                 // A migration in flight is cancelled first and its rollback awaited, so
@@ -344,10 +422,6 @@ impl Controller {
             Request::Migrate(req) => self
                 .migrate_out(req)
                 .map(|s| Response::Migration(Box::new(s))),
-            Request::MigrationStatus => {
-                let h = self.migration_handle()?;
-                Ok(Response::Migration(Box::new(h.status())))
-            }
             Request::MigrationCancel => {
                 let h = self.migration_handle()?;
                 if h.is_finished() {
@@ -432,10 +506,8 @@ impl Controller {
                 }
                 Ok(Message::MigrationEnded(e)) => self.on_migration_ended(e),
                 Ok(Message::Vcpu(event)) => self.on_vcpu_event(event),
-                Ok(Message::Api(
-                    r @ (Request::Info | Request::Events | Request::MigrationStatus),
-                    reply,
-                )) => reply(self.handle(r, inbox)),
+                Ok(Message::Api(r, reply)) if r.is_status_read() => reply(self.read(r)),
+                Ok(Message::Wake) => {}
                 Ok(Message::Api(_, reply)) => reply(Err(ControllerError::refused(
                     "the VM is stopping: its migration is being cancelled first; try again when it has stopped",
                 ))),
@@ -479,6 +551,7 @@ impl Controller {
                         let _ = reply.send(Err("the VM is stopping".into()));
                     }
                     Ok(Message::MigrationEnded(e)) => self.on_migration_ended(e),
+                    Ok(Message::Wake) => {}
                     Ok(Message::Signal(_)) | Err(RecvTimeoutError::Timeout) => break,
                     Err(RecvTimeoutError::Disconnected) => break,
                 }

@@ -10,6 +10,7 @@ impl Controller {
     pub(super) fn snapshot(
         &mut self,
         req: SnapshotRequest,
+        inbox: &Receiver<Message>,
     ) -> Result<SnapshotInfo, ControllerError> {
         let plan = plan_snapshot(
             self.state,
@@ -30,6 +31,7 @@ impl Controller {
             plan.parent.as_deref(),
             req.compress,
             plan.max_snapshots,
+            inbox,
         );
         let write_ms = t_write.elapsed().as_secs_f64() * 1e3;
         if running {
@@ -58,7 +60,8 @@ impl Controller {
     /// pages the snapshot consumer of the dirty log took; if writing fails they go back to
     /// it, so a failed snapshot loses nothing for the next. Afterwards the consumer counts
     /// from this snapshot. Returns the manifest and the pages taken (what the VM owed to
-    /// an incremental snapshot on its previous one).
+    /// an incremental snapshot on its previous one). Status reads are answered while the
+    /// memory is written; other requests wait until it is done.
     pub(super) fn write_snapshot(
         &mut self,
         path: &Path,
@@ -66,6 +69,7 @@ impl Controller {
         parent: Option<&str>,
         compress: bool,
         max_snapshots: usize,
+        inbox: &Receiver<Message>,
     ) -> Result<(ray_snapshot::Manifest, Option<DirtyBitmap>), ControllerError> {
         let failed = |e: String| ControllerError::failed(format!("snapshot failed: {e}"));
         let state_now = self.state;
@@ -113,11 +117,19 @@ impl Controller {
             compress,
             max_snapshots,
         };
-        let written = serde_json::to_vec(&state)
-            .map_err(|e| crate::snapshot::SnapshotError::Invalid(e.to_string()))
-            .and_then(|payload| {
-                crate::snapshot::create(&spec, &payload, &machine.vm.memory, &self.meter)
-            });
+        let gone = || ControllerError::refused(format!("the VM is {state_now} and has no machine"));
+        let (written, deferred) = {
+            let this = &*self;
+            let machine = this.machine.as_ref().ok_or_else(gone)?;
+            let (memory, meter) = (&machine.vm.memory, &this.meter);
+            this.answering_reads(inbox, || {
+                serde_json::to_vec(&state)
+                    .map_err(|e| crate::snapshot::SnapshotError::Invalid(e.to_string()))
+                    .and_then(|payload| crate::snapshot::create(&spec, &payload, memory, meter))
+            })
+        };
+        self.deferred.extend(deferred);
+        let machine = self.machine.as_mut().ok_or_else(gone)?;
         let manifest = match written {
             Ok(m) => m,
             Err(e) => {
@@ -205,7 +217,7 @@ impl Controller {
     }
 
     /// Suspend: a snapshot to the VM's directory, then the machine and its memory go.
-    pub(super) fn suspend(&mut self) -> Result<(), ControllerError> {
+    pub(super) fn suspend(&mut self, inbox: &Receiver<Message>) -> Result<(), ControllerError> {
         self.check(VmAction::Suspend)?;
         let config = self
             .config
@@ -222,7 +234,7 @@ impl Controller {
         // Paused now: the snapshot is of exactly the state the VM will resume from. If it
         // fails, the VM keeps its memory and is back in the state it was in: nothing is
         // lost.
-        let (_, carried) = match self.write_snapshot(&dir, &config, None, false, 1) {
+        let (_, carried) = match self.write_snapshot(&dir, &config, None, false, 1, inbox) {
             Ok(written) => written,
             Err(e) => {
                 if running {
