@@ -81,6 +81,7 @@ fn cli_command() -> clap::Command {
 }
 
 fn main() -> ExitCode {
+    ray_vmm::startup::mark(ray_vmm::startup::Mark::Main);
     let cli = Cli::from_arg_matches(&cli_command().get_matches()).unwrap_or_else(|e| e.exit());
     let runtime = cli.runtime_dir.unwrap_or_else(runtime::default_dir);
     let result = match cli.command {

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod migration;
 pub mod prefault;
 pub mod snapshot;
+pub mod startup;
 pub mod vmlock;
 pub mod vstate;
 
@@ -56,6 +57,8 @@ pub struct VmmOptions {
     pub lock_fd: Option<std::os::fd::RawFd>,
     /// Also serve the API on this loopback TCP address (port 0: any free port).
     pub api_tcp: Option<std::net::SocketAddr>,
+    /// Write the start-up stamps ([`startup`]) to this file when the VMM ends.
+    pub timings: Option<PathBuf>,
 }
 
 /// Where and how a migration target waits for its VM.
@@ -264,6 +267,14 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     };
     let _ = std::fs::write(ctl.paths.exit_record(), serde_json::to_vec_pretty(&record)?);
     let _ = std::fs::remove_file(ctl.paths.socket());
+    if let Some(path) = &opts.timings {
+        if let Err(e) = startup::write(path) {
+            eprintln!(
+                "ray vmm: cannot write the start-up times to {}: {e}",
+                path.display()
+            );
+        }
+    }
     drop(lock);
     Ok(ctl.state())
 }

@@ -148,6 +148,7 @@ impl Controller {
 
     /// Brings a snapshot back to life in this (new, unconfigured) VMM.
     pub fn restore(&mut self, path: &Path, verify_memory: bool) -> Result<(), ControllerError> {
+        crate::startup::mark(crate::startup::Mark::RestoreBegin);
         self.check(VmAction::Start)?;
         let config = self.rebuild(path, verify_memory)?;
         self.config = Some(config);
@@ -173,7 +174,9 @@ impl Controller {
         let compat = crate::snapshot::compat_tag(self.flavour, &kvm);
         drop(kvm);
         let loaded = crate::snapshot::load(path, &compat).map_err(bad)?;
+        crate::startup::mark(crate::startup::Mark::Loaded);
         let memory = crate::snapshot::memory(&loaded, verify_memory).map_err(bad)?;
+        crate::startup::mark(crate::startup::Mark::Mapped);
         let sinks = self.console_sinks()?;
         let inbox = self.vcpu_events.clone();
         let events: EventSink = Arc::new(move |e| {
@@ -183,6 +186,7 @@ impl Controller {
             .map_err(|e| {
                 ControllerError::failed(format!("cannot restore {}: {e}", path.display()))
             })?;
+        crate::startup::mark(crate::startup::Mark::Running);
         // Pages written from here on are what an incremental snapshot on top holds.
         let owed = self.suspended_owed.take();
         match machine.vm.add_dirty_consumer("snapshot", owed) {
