@@ -901,17 +901,18 @@ pub struct ApiServer {
     tcp: Option<SocketAddr>,
 }
 
-impl ApiServer {
-    /// Binds `socket` (and `tcp`, a loopback address, if given) and serves on a thread of
-    /// its own.
-    pub fn start(
-        socket: &Path,
-        tcp: Option<SocketAddr>,
-        inbox: Sender<Message>,
-        ring: Arc<ConsoleRing>,
-        meter: Arc<crate::snapshot::Meter>,
-    ) -> std::io::Result<Self> {
-        let tcp_listener = match tcp {
+/// The API's sockets, bound but not served yet: clients may connect (their requests wait
+/// in the listen backlog) while the VMM restores or boots, and are answered once
+/// [`ApiServer::start`] serves them.
+pub struct ApiListeners {
+    unix: std::os::unix::net::UnixListener,
+    tcp: Option<std::net::TcpListener>,
+}
+
+impl ApiListeners {
+    /// Binds `socket` (and `tcp`, a loopback address, if given).
+    pub fn bind(socket: &Path, tcp: Option<SocketAddr>) -> std::io::Result<Self> {
+        let tcp = match tcp {
             Some(addr) => {
                 check_tcp_addr(addr).map_err(std::io::Error::other)?;
                 let l = std::net::TcpListener::bind(addr).map_err(|e| {
@@ -922,27 +923,45 @@ impl ApiServer {
             }
             None => None,
         };
+        let _ = std::fs::remove_file(socket);
+        let unix = std::os::unix::net::UnixListener::bind(socket)?;
+        unix.set_nonblocking(true)?;
+        Ok(Self { unix, tcp })
+    }
+}
+
+impl ApiServer {
+    /// Serves `listeners` on a thread of its own. The router (and its OpenAPI description)
+    /// is built on that thread, so starting costs the caller only a thread spawn.
+    pub fn start(
+        listeners: ApiListeners,
+        inbox: Sender<Message>,
+        ring: Arc<ConsoleRing>,
+        meter: Arc<crate::snapshot::Meter>,
+    ) -> std::io::Result<Self> {
+        let ApiListeners {
+            unix: std_listener,
+            tcp: tcp_listener,
+        } = listeners;
         let tcp = match &tcp_listener {
             Some(l) => Some(l.local_addr()?),
             None => None,
         };
-        let _ = std::fs::remove_file(socket);
-        let std_listener = std::os::unix::net::UnixListener::bind(socket)?;
-        std_listener.set_nonblocking(true)?;
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let console = Arc::new(ConsoleHub::default());
-        let app = router(Api {
-            inbox,
-            ring,
-            meter,
-            tcp: tcp.map(|a| a.to_string()),
-            console: console.clone(),
-            stop: rx.clone(),
-        });
+        let tcp_name = tcp.map(|a| a.to_string());
         let thread = std::thread::Builder::new()
             .name("api".into())
             .stack_size(512 << 10)
             .spawn(move || {
+                let console = Arc::new(ConsoleHub::default());
+                let app = router(Api {
+                    inbox,
+                    ring,
+                    meter,
+                    tcp: tcp_name,
+                    console: console.clone(),
+                    stop: rx.clone(),
+                });
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_io()
                     .enable_time()

@@ -17,6 +17,7 @@ pub mod migration;
 pub mod prefault;
 pub mod snapshot;
 pub mod startup;
+pub mod sync_behind;
 pub mod vmlock;
 pub mod vstate;
 
@@ -26,7 +27,7 @@ pub use ray_devices as devices;
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ray_api::vmm::VmConfig;
 
@@ -199,13 +200,14 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
             return Err(StartError::from(e).into());
         }
     }
-    let mut server = api_server::ApiServer::start(
-        &ctl.paths.socket(),
-        opts.api_tcp,
-        tx.clone(),
-        ctl.ring.clone(),
-        ctl.meter.clone(),
-    )?;
+    // The API's sockets exist from here on (a client finds a live VMM and its requests
+    // wait), but serving them starts once the VM runs: building the router is start-up
+    // work the restored guest need not wait for.
+    let listeners = api_server::ApiListeners::bind(&ctl.paths.socket(), opts.api_tcp)?;
+    if opts.attach {
+        // Console input typed before the VM runs waits in the inbox.
+        spawn_stdin_thread(tx.clone());
+    }
     let started = match (&opts.restore, &opts.incoming) {
         (_, Some(inc)) => ctl
             .listen_incoming(&inc.listen, &inc.key_file, inc.max_concurrent, inc.prefault)
@@ -215,22 +217,39 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
         (None, None) => Ok(Response::Done),
     };
     if let Err(e) = started {
-        // Requests that arrived meanwhile get "shutting down" once their replies drop
-        // with the inbox; only then can the server finish its connections and stop.
-        drop(rx);
-        server.stop();
+        drop(listeners);
         let _ = std::fs::remove_file(ctl.paths.socket());
         failed_to_start(&ctl, &opts.id, &e);
         return Err(StartError::from(e).into());
     }
-    if opts.attach {
-        spawn_stdin_thread(tx.clone());
-    }
+    let mut server =
+        api_server::ApiServer::start(listeners, tx.clone(), ctl.ring.clone(), ctl.meter.clone())?;
     drop(tx);
-    release_freed_heap();
 
+    // The heap start-up freed goes back once the VMM has been idle a moment (at the
+    // latest after TRIM_AT_LATEST), not while the guest's first answers are on their way:
+    // malloc_trim holds the allocator's lock.
+    let trim_latest = Instant::now() + TRIM_AT_LATEST;
+    let mut trim_at = Some(Instant::now() + TRIM_AFTER_IDLE);
     while !matches!(ctl.state(), VmState::Terminated) {
-        let Ok(msg) = rx.recv() else { break };
+        let msg = match trim_at {
+            Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                Ok(msg) => {
+                    trim_at = Some((Instant::now() + TRIM_AFTER_IDLE).min(trim_latest));
+                    msg
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    release_freed_heap();
+                    trim_at = None;
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+            None => match rx.recv() {
+                Ok(msg) => msg,
+                Err(_) => break,
+            },
+        };
         match msg {
             Message::Api(request, reply) => reply(ctl.handle(request, &rx)),
             Message::Vcpu(event) => ctl.on_vcpu_event(event),
@@ -290,8 +309,13 @@ fn one_malloc_arena() {
     }
 }
 
+/// How long the VMM thread must have had nothing to do before [`release_freed_heap`].
+const TRIM_AFTER_IDLE: Duration = Duration::from_millis(20);
+/// ... or this long after the VM started, however busy it is.
+const TRIM_AT_LATEST: Duration = Duration::from_secs(1);
+
 /// Gives the heap pages that start-up allocated and freed (argument parsing builds the
-/// whole command tree; configuration, boot) back to the kernel once the VM runs.
+/// command tree; configuration, boot) back to the kernel once the VM runs.
 fn release_freed_heap() {
     // SAFETY: malloc_trim only returns free heap pages to the kernel; live allocations
     // are untouched.
