@@ -171,6 +171,10 @@ fn failed_to_start(ctl: &Controller, id: &str, e: &controller::ControllerError) 
 pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     one_malloc_arena();
     let signals = block_stop_signals();
+    // A restore's KVM VM needs nothing from the snapshot or this VM's directory: it is
+    // created meanwhile (dropped unused if the VMM cannot go on).
+    let prep = (opts.restore.is_some() && opts.incoming.is_none())
+        .then(|| vstate::vm::ShellPrep::start(vstate::Flavour::detect()));
     std::fs::create_dir_all(&opts.dir)?;
     // First of all: only the holder of the directory's lock touches anything in it.
     let lock = match opts.lock_fd {
@@ -212,7 +216,9 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
         (_, Some(inc)) => ctl
             .listen_incoming(&inc.listen, &inc.key_file, inc.max_concurrent, inc.prefault)
             .map(|_| Response::Done),
-        (Some(dir), None) => ctl.restore(dir, opts.verify_memory).map(|_| Response::Done),
+        (Some(dir), None) => ctl
+            .restore(dir, opts.verify_memory, prep)
+            .map(|_| Response::Done),
         (None, None) if opts.start => ctl.handle(Request::Start, &rx),
         (None, None) => Ok(Response::Done),
     };

@@ -11,7 +11,7 @@ use crate::devices::{Console, ConsoleRing, IoBus};
 use crate::memory::MemoryManager;
 use crate::vstate::persist::{self, Persist, PersistError, VcpuState, VmKvmState};
 use crate::vstate::vcpu::{self, EventSink, Vcpus};
-use crate::vstate::vm::Vm;
+use crate::vstate::vm::{Vm, VmShell};
 use crate::vstate::Flavour;
 
 /// The legacy interrupt line of COM1.
@@ -138,15 +138,15 @@ impl Machine {
     /// Rebuilds a machine from `state` over `memory` (already holding the guest's pages)
     /// and starts it. The state is untrusted: the flavour must match and KVM checks the rest.
     pub fn restore(
+        shell: VmShell,
         memory: MemoryManager,
         state: &MachineState,
-        flavour: Flavour,
         sinks: ConsoleSinks,
         events: EventSink,
     ) -> Result<Machine, BuildError> {
         // A restored VM logs dirty pages from its first instruction: its next snapshot can
         // be incremental on the one it came from.
-        let vm = Vm::with_dirty_logging(memory, flavour)?;
+        let vm = Vm::with_memory(shell, memory, true)?;
         Machine::restore_on(vm, state, sinks, events)
     }
 

@@ -182,7 +182,7 @@ pub struct Loaded {
 }
 
 /// Reads the snapshot at `path` and its chain, checking format versions, the host
-/// (`compat`), the state file and the page maps.
+/// (`compat`, see [`compat_tag`]), the state file and the page maps.
 pub fn load(path: &Path, compat: &str) -> Result<Loaded, SnapshotError> {
     let (store_dir, id) = split_path(path)?;
     if !store_dir.is_dir() {
@@ -259,13 +259,18 @@ pub fn memory(loaded: &Loaded, verify: bool) -> Result<MemoryManager, SnapshotEr
 }
 
 /// `<flavour>:<CPUID fingerprint>`: a snapshot restores only where this is the same.
-pub fn compat_tag(flavour: crate::vstate::Flavour, kvm: &kvm_ioctls::Kvm) -> String {
-    format!("{}:{}", flavour.name(), cpu_fingerprint(kvm))
+pub fn compat_tag(flavour: crate::vstate::Flavour, cpu_fingerprint: &str) -> String {
+    format!("{}:{cpu_fingerprint}", flavour.name())
 }
 
 /// A fingerprint of the CPU features KVM offers here, compared at restore. Only feature
 /// leaves count: others (APIC IDs, cache topology) differ from one host CPU to the next.
+/// Read from KVM once per process: what KVM supports does not change while it runs.
 pub fn cpu_fingerprint(kvm: &kvm_ioctls::Kvm) -> String {
+    static KNOWN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(f) = KNOWN.get() {
+        return f.clone();
+    }
     let Ok(cpuid) = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES) else {
         return "unknown".into();
     };
@@ -283,7 +288,9 @@ pub fn cpu_fingerprint(kvm: &kvm_ioctls::Kvm) -> String {
             h.update(&w.to_le_bytes());
         }
     }
-    format!("{:08x}", h.finalize())
+    KNOWN
+        .get_or_init(|| format!("{:08x}", h.finalize()))
+        .clone()
 }
 
 /// A snapshot's kind as the API names it.

@@ -1,6 +1,7 @@
 //! The controller's snapshots: writing one (full or incremental), restoring one into this
 //! VMM, and suspend/resume through the VM's own directory.
 use super::*;
+use crate::vstate::vm::ShellPrep;
 
 impl Controller {
     /// Writes a snapshot. A running VM is refused unless `pause` asks to pause it for the
@@ -103,7 +104,10 @@ impl Controller {
                 return Err(failed(e.to_string()));
             }
         };
-        let compat = crate::snapshot::compat_tag(self.flavour, &machine.vm.kvm);
+        let compat = crate::snapshot::compat_tag(
+            self.flavour,
+            &crate::snapshot::cpu_fingerprint(&machine.vm.kvm),
+        );
         let spec = crate::snapshot::NewSnapshotSpec {
             path,
             vm_id: &self.id,
@@ -146,11 +150,17 @@ impl Controller {
         Ok((manifest, taken))
     }
 
-    /// Brings a snapshot back to life in this (new, unconfigured) VMM.
-    pub fn restore(&mut self, path: &Path, verify_memory: bool) -> Result<(), ControllerError> {
+    /// Brings a snapshot back to life in this (new, unconfigured) VMM. `prep`, if given,
+    /// is the KVM VM being created meanwhile (started as early as the caller could).
+    pub fn restore(
+        &mut self,
+        path: &Path,
+        verify_memory: bool,
+        prep: Option<ShellPrep>,
+    ) -> Result<(), ControllerError> {
         crate::startup::mark(crate::startup::Mark::RestoreBegin);
         self.check(VmAction::Start)?;
-        let config = self.rebuild(path, verify_memory)?;
+        let config = self.rebuild(path, verify_memory, prep)?;
         self.config = Some(config);
         self.started = Some(Instant::now());
         let id = self.last_snapshot.as_ref().map_or("", |s| s.1.as_str());
@@ -165,14 +175,18 @@ impl Controller {
         &mut self,
         path: &Path,
         verify_memory: bool,
+        prep: Option<ShellPrep>,
     ) -> Result<VmConfig, ControllerError> {
         let bad = |e: crate::snapshot::SnapshotError| {
             ControllerError::invalid(format!("cannot restore {}: {e}", path.display()))
         };
-        let kvm = kvm_ioctls::Kvm::new()
-            .map_err(|e| ControllerError::failed(format!("cannot open /dev/kvm: {e}")))?;
-        let compat = crate::snapshot::compat_tag(self.flavour, &kvm);
-        drop(kvm);
+        let failed =
+            |e: String| ControllerError::failed(format!("cannot restore {}: {e}", path.display()));
+        // KVM's share of the work (the VM, the CPU fingerprint) goes on while the
+        // snapshot is read; both are needed before the snapshot's host check.
+        let prep = prep.unwrap_or_else(|| ShellPrep::start(self.flavour));
+        let (shell, cpu) = prep.finish().map_err(|e| failed(e.to_string()))?;
+        let compat = crate::snapshot::compat_tag(self.flavour, &cpu);
         let loaded = crate::snapshot::load(path, &compat).map_err(bad)?;
         crate::startup::mark(crate::startup::Mark::Loaded);
         let memory = crate::snapshot::memory(&loaded, verify_memory).map_err(bad)?;
@@ -182,10 +196,8 @@ impl Controller {
         let events: EventSink = Arc::new(move |e| {
             let _ = inbox.send(Message::Vcpu(e));
         });
-        let mut machine = Machine::restore(memory, &loaded.state, self.flavour, sinks, events)
-            .map_err(|e| {
-                ControllerError::failed(format!("cannot restore {}: {e}", path.display()))
-            })?;
+        let mut machine = Machine::restore(shell, memory, &loaded.state, sinks, events)
+            .map_err(|e| failed(e.to_string()))?;
         crate::startup::mark(crate::startup::Mark::Running);
         // Pages written from here on are what an incremental snapshot on top holds.
         let owed = self.suspended_owed.take();
@@ -256,7 +268,7 @@ impl Controller {
         let dir = self.suspend_dir();
         let last = self.last_snapshot.clone();
         let owed = self.suspended_owed.is_some();
-        self.rebuild(&dir, true)?;
+        self.rebuild(&dir, true, None)?;
         // The pages owed to the next incremental snapshot went to the rebuilt VM's log.
         self.last_snapshot = if owed && self.snapshot_log.is_some() {
             last
