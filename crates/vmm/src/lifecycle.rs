@@ -215,6 +215,18 @@ pub fn transition(state: VmState, action: VmAction) -> Result<VmState, Transitio
     next.ok_or(TransitionError { state, action })
 }
 
+/// Appends `line` to the audit file at `path` and syncs it, outside any [`AuditTrail`]
+/// (a fail-stop on another thread); errors are only reported.
+pub fn append_synced(path: &Path, line: &[u8]) {
+    let done = OpenOptions::new()
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(line).and_then(|()| f.sync_data()));
+    if let Err(e) = done {
+        eprintln!("ray vmm: cannot append to {}: {e}", path.display());
+    }
+}
+
 /// How many events the in-memory audit trail keeps.
 pub const AUDIT_CAPACITY: usize = 512;
 

@@ -105,6 +105,7 @@ pub enum Message {
 }
 
 /// Files of one VM in the runtime directory.
+#[derive(Clone)]
 pub struct VmPaths {
     pub dir: PathBuf,
 }
@@ -173,6 +174,9 @@ pub struct Controller {
     suspended_owed: Option<DirtyBitmap>,
     /// Progress of the snapshot being written, shared with the API thread.
     pub meter: Arc<crate::snapshot::Meter>,
+    /// Set once a restored VM started: what a lazily verified restore's fail-stop (on
+    /// another thread) records as the state it failed from.
+    restored: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Controller {
@@ -204,6 +208,7 @@ impl Controller {
             migration_log: None,
             suspended_owed: None,
             meter: Arc::default(),
+            restored: Arc::default(),
         }
     }
 

@@ -166,6 +166,8 @@ impl Controller {
         let id = self.last_snapshot.as_ref().map_or("", |s| s.1.as_str());
         let cause = format!("restore:{id}");
         self.apply(VmAction::Start, &cause)?;
+        self.restored
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -189,7 +191,15 @@ impl Controller {
         let compat = crate::snapshot::compat_tag(self.flavour, &cpu);
         let loaded = crate::snapshot::load(path, &compat).map_err(bad)?;
         crate::startup::mark(crate::startup::Mark::Loaded);
-        let memory = crate::snapshot::memory(&loaded, verify_memory).map_err(bad)?;
+        // A new VMM restoring verifies lazily; resuming a suspended VM checks first, so a
+        // damaged image leaves the VM suspended (and this VMM running) instead of failing
+        // it midway.
+        let verify = match (verify_memory, self.state) {
+            (false, _) => crate::snapshot::Verify::No,
+            (true, VmState::Created) => crate::snapshot::Verify::Lazy(self.fail_stop(path)),
+            (true, _) => crate::snapshot::Verify::Eager,
+        };
+        let memory = crate::snapshot::memory(&loaded, verify).map_err(bad)?;
         crate::startup::mark(crate::startup::Mark::Mapped);
         let sinks = self.console_sinks()?;
         let inbox = self.vcpu_events.clone();
@@ -217,6 +227,52 @@ impl Controller {
         }
         self.machine = Some(machine);
         Ok(loaded.config)
+    }
+
+    /// What a lazily verified restore does when a block of `snapshot`'s memory fails its
+    /// check: the guest has not seen that block and must not run on without it, so the
+    /// VMM ends with the VM in state `error` (exit record, audit trail, log). Called on the
+    /// fault or fill thread; it does not wait for this (VMM) thread, which may itself be
+    /// waiting for the damaged block.
+    fn fail_stop(&self, snapshot: &Path) -> ray_memory::lazy::OnDamage {
+        let id = self.id.clone();
+        let paths = self.paths.clone();
+        let started = self.restored.clone();
+        let snapshot = snapshot.display().to_string();
+        Box::new(move |why| {
+            let from = if started.load(std::sync::atomic::Ordering::Acquire) {
+                VmState::Running
+            } else {
+                VmState::Created
+            };
+            let reason = format!(
+                "the memory of snapshot {snapshot} failed its check ({why}); the VMM stopped the VM before anything read that block"
+            );
+            eprintln!("ray vmm {id}: {reason}");
+            let event = LifecycleEvent {
+                time_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                from,
+                to: VmState::Error,
+                cause: "restore:memory-damaged".into(),
+            };
+            if let Ok(mut line) = serde_json::to_vec(&event) {
+                line.push(b'\n');
+                crate::lifecycle::append_synced(&paths.events(), &line);
+            }
+            let record = crate::ExitRecord {
+                id: id.clone(),
+                state: VmState::Error,
+                reason: Some(reason),
+                pid: std::process::id(),
+            };
+            if let Ok(json) = serde_json::to_vec_pretty(&record) {
+                let _ = std::fs::write(paths.exit_record(), json);
+            }
+            let _ = std::fs::remove_file(paths.socket());
+            std::process::exit(1);
+        })
     }
 
     /// Where a suspended VM keeps its memory and state.
