@@ -89,6 +89,8 @@ struct Shared {
     zero: Bits,
     remaining: AtomicUsize,
     stopping: AtomicBool,
+    /// The background fill was started.
+    background: AtomicBool,
     state: Mutex<FillState>,
     changed: Condvar,
     on_damage: Mutex<Option<OnDamage>>,
@@ -299,7 +301,8 @@ fn fault_thread(s: &Shared) {
 
 impl LazyFill {
     /// Registers `ranges` (range `i` is the source's region `i`, none of it placed yet: fresh
-    /// shared or anonymous memory) and starts the fault thread and the background fill.
+    /// shared or anonymous memory) and starts the fault thread; the background fill starts
+    /// with [`fill_in_background`](Self::fill_in_background).
     pub fn start(
         ranges: Vec<LazyRange>,
         source: Box<dyn BlockSource>,
@@ -334,6 +337,7 @@ impl LazyFill {
             zero: Bits::new(blocks),
             remaining: AtomicUsize::new(blocks),
             stopping: AtomicBool::new(false),
+            background: AtomicBool::new(false),
             state: Mutex::new(FillState::Filling),
             changed: Condvar::new(),
             on_damage: Mutex::new(Some(on_damage)),
@@ -353,7 +357,21 @@ impl LazyFill {
             .name("mem-faults".into())
             .stack_size(128 << 10)
             .spawn(move || fault_thread(&s))?;
-        let s = shared;
+        fill.threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(faults);
+        Ok(fill)
+    }
+
+    /// Starts the background fill (once; later calls do nothing). Left to the caller so
+    /// that it does not compete with the restore it belongs to: on a small host, a
+    /// thread placing blocks slows everyone else's page faults and allocations.
+    pub fn fill_in_background(&self) -> std::io::Result<()> {
+        if self.shared.background.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let s = self.shared.clone();
         let background = std::thread::Builder::new()
             .name("mem-fill".into())
             .stack_size(128 << 10)
@@ -367,11 +385,11 @@ impl LazyFill {
                 let mut buf = vec![0u8; s.block];
                 s.fill_all(&mut buf);
             })?;
-        fill.threads
+        self.threads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .extend([faults, background]);
-        Ok(fill)
+            .push(background);
+        Ok(())
     }
 
     pub fn state(&self) -> FillState {
@@ -413,5 +431,162 @@ impl Drop for LazyFill {
         {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    const BLOCK: usize = 64 << 10;
+
+    /// Region `r`'s block `b`: bytes from (r, b), block 1 of every region zero, and the
+    /// block in `bad` failing its check.
+    struct Pattern {
+        lens: Vec<usize>,
+        bad: Option<(usize, usize)>,
+    }
+
+    fn byte(r: usize, b: usize, i: usize) -> u8 {
+        (r * 31 + b * 7 + i / 4096) as u8 | 1
+    }
+
+    impl BlockSource for Pattern {
+        fn block_bytes(&self) -> u64 {
+            BLOCK as u64
+        }
+        fn read_block(&self, r: usize, b: usize, buf: &mut [u8]) -> Result<Option<usize>, String> {
+            if self.bad == Some((r, b)) {
+                return Err(format!("block {b} of region {r} fails its checksum"));
+            }
+            if b == 1 {
+                return Ok(None);
+            }
+            let n = (self.lens[r] - b * BLOCK).min(BLOCK);
+            for (i, x) in buf[..n].iter_mut().enumerate() {
+                *x = byte(r, b, i);
+            }
+            Ok(Some(n))
+        }
+    }
+
+    /// Anonymous memory for `lens`, unmapped on drop.
+    struct Anon(Vec<LazyRange>);
+
+    impl Anon {
+        fn new(lens: &[usize]) -> Self {
+            Self(
+                lens.iter()
+                    .map(|&len| {
+                        // SAFETY: a fresh anonymous mapping; nothing else is affected.
+                        let p = unsafe {
+                            libc::mmap(
+                                std::ptr::null_mut(),
+                                len,
+                                libc::PROT_READ | libc::PROT_WRITE,
+                                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                                -1,
+                                0,
+                            )
+                        };
+                        assert_ne!(p, libc::MAP_FAILED);
+                        LazyRange {
+                            host: p as usize,
+                            len,
+                        }
+                    })
+                    .collect(),
+            )
+        }
+        fn read(&self, r: usize, off: usize) -> u8 {
+            assert!(off < self.0[r].len);
+            // SAFETY: inside a live mapping of ours; a volatile read, as guest memory is
+            // read (the fault thread places the page first).
+            unsafe { std::ptr::read_volatile((self.0[r].host + off) as *const u8) }
+        }
+    }
+
+    impl Drop for Anon {
+        fn drop(&mut self) {
+            for x in &self.0 {
+                // SAFETY: unmapping what `new` mapped, after every user is done.
+                unsafe {
+                    libc::munmap(x.host as *mut libc::c_void, x.len);
+                }
+            }
+        }
+    }
+
+    /// A fill over `lens`, or `None` where userfaultfd is not allowed (the test then
+    /// proves nothing here and says so).
+    fn start(
+        lens: &[usize],
+        bad: Option<(usize, usize)>,
+    ) -> Option<(Anon, Arc<LazyFill>, mpsc::Receiver<String>)> {
+        let mem = Anon::new(lens);
+        let (tx, rx) = mpsc::channel();
+        let source = Pattern {
+            lens: lens.to_vec(),
+            bad,
+        };
+        let on_damage: OnDamage = Box::new(move |why| {
+            let _ = tx.send(why);
+        });
+        match LazyFill::start(mem.0.clone(), Box::new(source), on_damage) {
+            Ok(fill) => Some((mem, fill, rx)),
+            Err(e) => {
+                eprintln!("skipped: no userfaultfd here ({e})");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn first_touch_places_checked_blocks_and_the_fill_completes() {
+        let lens = [4 * BLOCK, 2 * BLOCK + 8192];
+        let Some((mem, fill, damage)) = start(&lens, None) else {
+            return;
+        };
+        // Touches in any order, from this thread: each waits for its block.
+        assert_eq!(mem.read(1, 2 * BLOCK + 4096), byte(1, 2, 4096));
+        assert_eq!(mem.read(0, 3 * BLOCK + 5), byte(0, 3, 5));
+        assert_eq!(mem.read(0, BLOCK + 100), 0, "zero blocks read as zeros");
+        assert_eq!(fill.state(), FillState::Filling);
+        fill.fill_in_background().unwrap();
+        fill.complete().unwrap();
+        assert_eq!(fill.state(), FillState::Complete);
+        // Every byte is there, the zero blocks' pages too (ordinary faults now).
+        for (r, len) in lens.iter().enumerate() {
+            for off in (0..*len).step_by(4096) {
+                let want = if off / BLOCK == 1 {
+                    0
+                } else {
+                    byte(r, off / BLOCK, off % BLOCK)
+                };
+                assert_eq!(mem.read(r, off), want, "region {r} offset {off:#x}");
+            }
+        }
+        assert!(damage.try_recv().is_err());
+        drop(fill);
+    }
+
+    #[test]
+    fn a_block_failing_its_check_is_never_placed_and_is_reported_once() {
+        let lens = [6 * BLOCK];
+        let Some((mem, fill, damage)) = start(&lens, Some((0, 4))) else {
+            return;
+        };
+        assert_eq!(mem.read(0, 5), byte(0, 0, 5));
+        let err = fill.complete().unwrap_err();
+        assert!(err.contains("block 4 of region 0"), "{err}");
+        assert_eq!(damage.recv().unwrap(), err);
+        assert!(damage.try_recv().is_err(), "reported once");
+        assert!(matches!(fill.state(), FillState::Failed(_)));
+        // Stopping the fill leaves the unplaced pages to the kernel again only when the
+        // memory goes: the test never touches block 4.
+        drop(fill);
+        drop(mem);
     }
 }

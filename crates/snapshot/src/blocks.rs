@@ -85,7 +85,8 @@ impl BlockSums {
         Ok(())
     }
 
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    /// The file's bytes (a container).
+    pub fn encode(&self) -> Vec<u8> {
         let mut p =
             Vec::with_capacity(12 + self.crc32.iter().map(|r| 4 + 4 * r.len()).sum::<usize>());
         p.extend_from_slice(&self.block_bytes.to_le_bytes());

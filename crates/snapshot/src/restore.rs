@@ -208,10 +208,12 @@ fn page_set(dir: &Path, m: &Manifest) -> Result<Overlay, StoreError> {
 }
 
 impl SnapshotStore {
-    /// The manifests from `id` back to its full snapshot, newest first, checked to form
-    /// one consistent chain.
-    fn chain(&self, id: &str) -> Result<Vec<Manifest>, StoreError> {
-        let mut chain = vec![self.get(id)?];
+    /// The manifests from `target` (read already) back to its full snapshot, newest
+    /// first, checked to form one consistent chain.
+    fn chain_from(&self, target: Manifest) -> Result<Vec<Manifest>, StoreError> {
+        let id = target.id.clone();
+        let id = id.as_str();
+        let mut chain = vec![target];
         loop {
             let cur = chain
                 .last()
@@ -276,7 +278,7 @@ impl SnapshotStore {
                 host: host_cpu.to_string(),
             });
         }
-        let chain = self.chain(id)?;
+        let chain = self.chain_from(target.clone())?;
         let dir = self.dir(id);
         let state_path = dir.join(STATE_FILE);
         let state = StateFile::read(&state_path, StateFile::DEFAULT_LIMIT)?;

@@ -228,33 +228,48 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
         failed_to_start(&ctl, &opts.id, &e);
         return Err(StartError::from(e).into());
     }
-    let mut server =
-        api_server::ApiServer::start(listeners, tx.clone(), ctl.ring.clone(), ctl.meter.clone())?;
-    drop(tx);
-
-    // The heap start-up freed goes back once the VMM has been idle a moment (at the
-    // latest after TRIM_AT_LATEST), not while the guest's first answers are on their way:
-    // malloc_trim holds the allocator's lock.
-    let trim_latest = Instant::now() + TRIM_AT_LATEST;
-    let mut trim_at = Some(Instant::now() + TRIM_AFTER_IDLE);
+    // Start-up work the guest's first answers need not wait for happens once the VMM
+    // thread has been idle a moment: serving the API (its requests wait in the socket's
+    // backlog until then) and returning the heap start-up freed (malloc_trim holds the
+    // allocator's lock).
+    let mut api = Some((listeners, tx));
+    let mut server = None;
+    let mut api_start = Deferred::new(API_AFTER_IDLE, API_AT_LATEST);
+    let mut trim = Deferred::new(TRIM_AFTER_IDLE, TRIM_AT_LATEST);
+    let mut fill = Deferred::new(FILL_AFTER_IDLE, FILL_AT_LATEST);
     while !matches!(ctl.state(), VmState::Terminated) {
-        let msg = match trim_at {
-            Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                Ok(msg) => {
-                    trim_at = Some((Instant::now() + TRIM_AFTER_IDLE).min(trim_latest));
-                    msg
+        let next = [api_start.at, trim.at, fill.at].into_iter().flatten().min();
+        let received = match next {
+            Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        };
+        let msg = match received {
+            Ok(msg) => {
+                api_start.postpone();
+                trim.postpone();
+                fill.postpone();
+                msg
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if api_start.due() {
+                    if let Some((listeners, tx)) = api.take() {
+                        server = Some(api_server::ApiServer::start(
+                            listeners,
+                            tx,
+                            ctl.ring.clone(),
+                            ctl.meter.clone(),
+                        )?);
+                    }
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
+                if trim.due() {
                     release_freed_heap();
-                    trim_at = None;
-                    continue;
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            },
-            None => match rx.recv() {
-                Ok(msg) => msg,
-                Err(_) => break,
-            },
+                if fill.due() {
+                    ctl.fill_in_background();
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         match msg {
             Message::Api(request, reply) => reply(ctl.handle(request, &rx)),
@@ -282,7 +297,10 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     // Later requests are answered "shutting down" (their replies drop with the inbox), so
     // no connection keeps the server from stopping.
     drop(rx);
-    server.stop();
+    drop(api);
+    if let Some(mut server) = server {
+        server.stop();
+    }
     let info = ctl.info();
     let record = ExitRecord {
         id: opts.id,
@@ -315,10 +333,52 @@ fn one_malloc_arena() {
     }
 }
 
-/// How long the VMM thread must have had nothing to do before [`release_freed_heap`].
-const TRIM_AFTER_IDLE: Duration = Duration::from_millis(20);
+/// How long the VMM thread must have had nothing to do before the API is served...
+const API_AFTER_IDLE: Duration = Duration::from_millis(1);
 /// ... or this long after the VM started, however busy it is.
+const API_AT_LATEST: Duration = Duration::from_millis(50);
+/// The same for the background check of a lazily verified restore's memory...
+const FILL_AFTER_IDLE: Duration = Duration::from_millis(10);
+const FILL_AT_LATEST: Duration = Duration::from_millis(200);
+/// ... and for [`release_freed_heap`].
+const TRIM_AFTER_IDLE: Duration = Duration::from_millis(20);
 const TRIM_AT_LATEST: Duration = Duration::from_secs(1);
+
+/// One piece of work done once, when the VMM thread has been idle `idle` (every message
+/// postpones it), or at the latest `latest` after it was planned.
+struct Deferred {
+    at: Option<Instant>,
+    latest: Instant,
+    idle: Duration,
+}
+
+impl Deferred {
+    fn new(idle: Duration, latest: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            at: Some(now + idle),
+            latest: now + latest,
+            idle,
+        }
+    }
+
+    fn postpone(&mut self) {
+        if let Some(at) = self.at.as_mut() {
+            *at = (Instant::now() + self.idle).min(self.latest);
+        }
+    }
+
+    /// Whether it is time (then it is done: later calls say no).
+    fn due(&mut self) -> bool {
+        match self.at {
+            Some(at) if at <= Instant::now() => {
+                self.at = None;
+                true
+            }
+            _ => false,
+        }
+    }
+}
 
 /// Gives the heap pages that start-up allocated and freed (argument parsing builds the
 /// command tree; configuration, boot) back to the kernel once the VM runs.

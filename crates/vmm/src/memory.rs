@@ -254,6 +254,21 @@ impl MemoryManager {
         Ok(())
     }
 
+    /// Starts the background part of a lazy fill (if any): every block no one touched is
+    /// placed and checked at the lowest CPU priority.
+    pub fn fill_in_background(&self) -> Result<(), MemoryError> {
+        let fill = self
+            .inner
+            .fill
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match fill {
+            Some(f) => f.fill_in_background().map_err(MemoryError::Lazy),
+            None => Ok(()),
+        }
+    }
+
     /// Whether a lazy fill still runs.
     pub fn filling(&self) -> bool {
         self.inner

@@ -275,6 +275,17 @@ impl Controller {
         })
     }
 
+    /// Starts checking the rest of a lazily verified restore's memory in the background
+    /// (the VMM does so once the restored guest has had its first moments to itself).
+    pub fn fill_in_background(&self) {
+        if let Some(m) = &self.machine {
+            if let Err(e) = m.vm.memory.fill_in_background() {
+                // Not fatal: whatever waits for the fill (a snapshot) places the rest.
+                eprintln!("ray vmm {}: {e}", self.id);
+            }
+        }
+    }
+
     /// Where a suspended VM keeps its memory and state.
     pub(super) fn suspend_dir(&self) -> PathBuf {
         self.paths.dir.join(crate::snapshot::SUSPEND_DIR)
