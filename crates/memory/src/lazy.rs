@@ -327,6 +327,8 @@ impl LazyFill {
         if efd < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        // SAFETY: `efd` is a new descriptor owned by nothing else.
+        let wake_fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) };
         let shared = Arc::new(Shared {
             uffd,
             source,
@@ -341,8 +343,7 @@ impl LazyFill {
             state: Mutex::new(FillState::Filling),
             changed: Condvar::new(),
             on_damage: Mutex::new(Some(on_damage)),
-            // SAFETY: `efd` is a new descriptor owned by nothing else.
-            wake_fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(efd) },
+            wake_fd,
             ranges,
         });
         if blocks == 0 {

@@ -126,9 +126,9 @@ impl Userfault {
             }
         }
         // SAFETY: `fd` is a new descriptor owned by nothing else.
-        let uffd = Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        };
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let uffd = Self { fd };
+        let fd = uffd.fd.as_raw_fd();
         let mut api = UffdioApi {
             api: UFFD_API,
             ..Default::default()
