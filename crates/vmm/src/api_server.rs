@@ -931,8 +931,8 @@ impl ApiListeners {
 }
 
 impl ApiServer {
-    /// Serves `listeners` on a thread of its own. The router (and its OpenAPI description)
-    /// is built on that thread, so starting costs the caller only a thread spawn.
+    /// Serves `listeners` on a thread of its own. Building the router (and its OpenAPI
+    /// description) is the caller's work, ~1 ms: the VMM starts the server once idle.
     pub fn start(
         listeners: ApiListeners,
         inbox: Sender<Message>,
@@ -948,20 +948,21 @@ impl ApiServer {
             None => None,
         };
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let tcp_name = tcp.map(|a| a.to_string());
+        // Built here, on the caller's (already grown) stack: on the API thread's own it
+        // would touch stack pages that stay allocated for the VMM's life.
+        let console = Arc::new(ConsoleHub::default());
+        let app = router(Api {
+            inbox,
+            ring,
+            meter,
+            tcp: tcp.map(|a| a.to_string()),
+            console: console.clone(),
+            stop: rx.clone(),
+        });
         let thread = std::thread::Builder::new()
             .name("api".into())
             .stack_size(512 << 10)
             .spawn(move || {
-                let console = Arc::new(ConsoleHub::default());
-                let app = router(Api {
-                    inbox,
-                    ring,
-                    meter,
-                    tcp: tcp_name,
-                    console: console.clone(),
-                    stop: rx.clone(),
-                });
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_io()
                     .enable_time()
