@@ -11,19 +11,26 @@
 //! - [`OwnedMemory`]: guest memory on the heap (snapshot merge, tests); `vm-memory`'s
 //!   `GuestMemoryMmap` implements [`GuestMemory`] too ([`mmap`]).
 //!
+//! - [`LazyFill`] ([`lazy`], over [`uffd`]): memory filled block by block from a source
+//!   that checks each block, on first touch or in the background (lazily verified
+//!   restores).
+//!
 //! Nothing here touches KVM, so all of it is tested anywhere.
 
 pub mod bitmap;
 pub mod fanout;
 pub mod layout;
+pub mod lazy;
 pub mod mmap;
 pub mod owned;
 pub mod span;
+pub mod uffd;
 pub mod view;
 
 pub use bitmap::{DirtyBitmap, PageBitmap};
 pub use fanout::{ConsumerId, DirtyFanout};
 pub use layout::{MemoryLayout, Region, MAX_MEMORY_BYTES, PAGE_SIZE};
+pub use lazy::{BlockSource, FillState, LazyFill, LazyRange};
 pub use owned::OwnedMemory;
 pub use span::{is_zero, page_hash, GuestSpan};
 pub use view::{GuestMemory, MemoryError};

@@ -38,6 +38,10 @@ pub struct SnapshotBenchArgs {
     /// Where snapshots are written (default: under the runtime directory).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
+    /// Run the VMMs from this `ray` binary instead of this one (to compare two builds
+    /// under the same benchmark).
+    #[arg(long, hide = true, value_name = "PATH")]
+    pub vmm_exe: Option<std::path::PathBuf>,
     #[arg(long)]
     pub json: bool,
 }

@@ -197,6 +197,11 @@ pub fn decorate(cmd: Command) -> Command {
     walk(cmd, "")
 }
 
+/// [`decorate`] for the subcommand at `path` (e.g. `vmm`) on its own.
+pub fn decorate_at(cmd: Command, path: &str) -> Command {
+    walk(cmd, path)
+}
+
 fn walk(mut cmd: Command, path: &str) -> Command {
     if let Some(ex) = examples(path) {
         let text: String = ex.lines().map(|l| format!("  {l}\n")).collect();

@@ -53,7 +53,7 @@ enum Command {
     /// Live migration: receive a VM on a target, move a running VM there, follow it.
     #[command(subcommand)]
     Migrate(migrate::MigrateCommand),
-    /// Run the VMM of one VM in this process (what `ray vm run` starts).
+    #[command(about = VMM_ABOUT)]
     Vmm(vm::VmmArgs),
     /// Simulate cluster placement at scale against baselines.
     Sim(sim::SimArgs),
@@ -87,7 +87,43 @@ fn cli_command() -> clap::Command {
     help::decorate(Cli::command())
 }
 
+const VMM_ABOUT: &str = "Run the VMM of one VM in this process (what `ray vm run` starts)";
+
+/// `ray vmm ...`: parsed with its own arguments only. Every VM start and restore runs it,
+/// and building the whole command tree (every subcommand, its help and examples) is
+/// most of the time argument parsing takes. Anything else (e.g. a global option before
+/// `vmm`) goes through the full parser.
+fn vmm_args_only() -> Option<vm::VmmArgs> {
+    use clap::Args;
+    let mut args = std::env::args_os();
+    args.next();
+    if args.next().as_deref() != Some(std::ffi::OsStr::new("vmm")) {
+        return None;
+    }
+    let cmd = vm::VmmArgs::augment_args(
+        clap::Command::new("vmm")
+            .bin_name("ray vmm")
+            .about(VMM_ABOUT),
+    );
+    let cmd = help::decorate_at(cmd, "vmm");
+    let matches = cmd.get_matches_from(std::env::args_os().skip(1));
+    Some(vm::VmmArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
+}
+
 fn main() -> ExitCode {
+    ray_vmm::startup::mark(ray_vmm::startup::Mark::Main);
+    if let Some(args) = vmm_args_only() {
+        // `ray vm run` passes the format on in the environment.
+        let format = match std::env::var("RAY_LOG_FORMAT") {
+            Ok(f) => f.parse().unwrap_or_else(|e| {
+                eprintln!("ray vmm: RAY_LOG_FORMAT: {e}; writing text");
+                LogFormat::Text
+            }),
+            Err(_) => LogFormat::Text,
+        };
+        ray_vmm::logging::init(format, "info");
+        return exit_code(vm::vmm(args));
+    }
     let cli = Cli::from_arg_matches(&cli_command().get_matches()).unwrap_or_else(|e| e.exit());
     let runtime = cli.runtime_dir.unwrap_or_else(runtime::default_dir);
     let format = cli.log_format.parse().unwrap_or_default();
@@ -114,6 +150,10 @@ fn main() -> ExitCode {
         }
         Command::Man { dir } => man(dir.as_deref()),
     };
+    exit_code(result)
+}
+
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -160,6 +160,10 @@ pub struct VmmArgs {
     /// Also serve the API on this loopback TCP address (port 0: any free port).
     #[arg(long, value_name = "ADDR", value_parser = parse_api_tcp)]
     pub api_tcp: Option<std::net::SocketAddr>,
+    /// Write the start-up times (CLOCK_MONOTONIC stamps of each step) to this JSON file
+    /// when the VMM ends; `ray bench snapshot` reads them.
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub timings: Option<PathBuf>,
 }
 
 /// Where rayvisor's guest kernel is: `$RAY_GUEST`, or next to this binary (the build puts
@@ -514,6 +518,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
         }),
         lock_fd: args.lock_fd,
         api_tcp: args.api_tcp,
+        timings: args.timings,
     })?;
     match state {
         ray_vmm::lifecycle::VmState::Terminated => Ok(()),

@@ -9,13 +9,15 @@
 //! - `state.bin` (`container::StateFile`): `magic | version | length | payload | CRC32`;
 //! - memory, one of
 //!   - `memory.raw` (`sparse`): full and uncompressed, laid out by guest-physical address
-//!     with zero pages as holes, mapped privately on restore;
+//!     with zero pages as holes, mapped privately on restore, and `memory.sums` (`blocks`):
+//!     its CRC32s per 64 KiB block, for restores that verify lazily;
 //!   - `pages.map` + `pages.bin`/`pages.zst` (`pages`): the dirty pages of an incremental
 //!     snapshot, or the non-zero pages of a compressed full one.
 //!
 //! Checksums are CRC32 (crc32fast, several GB/s): they are for detecting damage, not
 //! tampering; the store is the host's own directory.
 pub mod bench;
+pub mod blocks;
 pub mod container;
 pub mod error;
 mod fsutil;
@@ -31,6 +33,7 @@ pub mod store;
 mod test_util;
 
 pub use bench::{sequential_write_speed, WriteSpeed};
+pub use blocks::{Block, BlockSums, SparseBlocks, BLOCK_BYTES};
 pub use container::StateFile;
 pub use error::{FileError, StoreError};
 pub use fsutil::{allocated_bytes, try_lock};

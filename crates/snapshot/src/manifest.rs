@@ -19,6 +19,9 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub const STATE_FILE: &str = "state.bin";
 /// Full uncompressed memory, sparse, laid out by guest-physical address.
 pub const MEMORY_FILE: &str = "memory.raw";
+/// CRC32s of `memory.raw` per 64 KiB block, for lazy verification (optional: snapshots
+/// written before it existed have none).
+pub const BLOCK_SUMS_FILE: &str = "memory.sums";
 /// Page runs (address, length, checksum) of a page set.
 pub const PAGEMAP_FILE: &str = "pages.map";
 /// Page data of a page set, in page-map order.
@@ -148,7 +151,15 @@ impl Manifest {
                 return Err(format!("the file list lacks {name}"));
             }
         }
-        if let Some(extra) = self.files.keys().find(|k| !need.contains(&k.as_str())) {
+        let optional: &[&str] = match (self.kind, self.compression) {
+            (Kind::Full, Compression::None) => &[BLOCK_SUMS_FILE],
+            _ => &[],
+        };
+        if let Some(extra) = self
+            .files
+            .keys()
+            .find(|k| !need.contains(&k.as_str()) && !optional.contains(&k.as_str()))
+        {
             return Err(format!("the file list names an unexpected file {extra:?}"));
         }
         if self.files.contains_key(MEMORY_FILE) {

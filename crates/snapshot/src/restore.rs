@@ -14,11 +14,12 @@ use std::path::{Path, PathBuf};
 
 use ray_memory::{GuestMemory, MemoryLayout, OwnedMemory};
 
+use crate::blocks::{BlockSums, SparseBlocks};
 use crate::container::StateFile;
 use crate::error::{FileError, StoreError};
 use crate::manifest::{
-    ChunkSums, Compression, FileInfo, Manifest, FORMAT_VERSION, MEMORY_FILE, PAGEMAP_FILE,
-    STATE_FILE,
+    ChunkSums, Compression, FileInfo, Manifest, BLOCK_SUMS_FILE, FORMAT_VERSION, MEMORY_FILE,
+    PAGEMAP_FILE, STATE_FILE,
 };
 use crate::pages::{self, PageRun};
 use crate::sparse;
@@ -57,6 +58,8 @@ pub enum BaseMemory {
         id: String,
         path: PathBuf,
         sums: ChunkSums,
+        /// `memory.sums` and its CRC32 from the manifest, if the snapshot has one.
+        blocks: Option<(PathBuf, Option<u32>)>,
     },
     /// A compressed full snapshot: apply onto zeroed memory.
     Pages(Overlay),
@@ -86,6 +89,32 @@ impl RestorePlan {
             BaseMemory::Sparse { path, .. } => Some(path),
             BaseMemory::Pages(_) => None,
         }
+    }
+
+    /// The mapped base's blocks, each checked as it is read, for verifying lazily: `None`
+    /// when the base is not a sparse file or has no block checksums (written before
+    /// `memory.sums` existed; such a snapshot is verified eagerly instead).
+    pub fn base_blocks(&self) -> Result<Option<SparseBlocks>, StoreError> {
+        let BaseMemory::Sparse {
+            path,
+            blocks: Some((sums_path, crc)),
+            ..
+        } = &self.base
+        else {
+            return Ok(None);
+        };
+        let sums = BlockSums::read(sums_path, &self.layout)?;
+        let got = crc32fast::hash(&sums.encode());
+        if let Some(expected) = crc.filter(|e| *e != got) {
+            return Err(FileError::Checksum {
+                path: sums_path.clone(),
+                location: " (compared with the manifest)".into(),
+                expected,
+                got,
+            }
+            .into());
+        }
+        Ok(Some(SparseBlocks::open(path, &self.layout, sums)?))
     }
 
     /// Reads the whole mapped base file and checks its chunk checksums. Its cost follows
@@ -179,10 +208,12 @@ fn page_set(dir: &Path, m: &Manifest) -> Result<Overlay, StoreError> {
 }
 
 impl SnapshotStore {
-    /// The manifests from `id` back to its full snapshot, newest first, checked to form
-    /// one consistent chain.
-    fn chain(&self, id: &str) -> Result<Vec<Manifest>, StoreError> {
-        let mut chain = vec![self.get(id)?];
+    /// The manifests from `target` (read already) back to its full snapshot, newest
+    /// first, checked to form one consistent chain.
+    fn chain_from(&self, target: Manifest) -> Result<Vec<Manifest>, StoreError> {
+        let id = target.id.clone();
+        let id = id.as_str();
+        let mut chain = vec![target];
         loop {
             let cur = chain
                 .last()
@@ -247,7 +278,7 @@ impl SnapshotStore {
                 host: host_cpu.to_string(),
             });
         }
-        let chain = self.chain(id)?;
+        let chain = self.chain_from(target.clone())?;
         let dir = self.dir(id);
         let state_path = dir.join(STATE_FILE);
         let state = StateFile::read(&state_path, StateFile::DEFAULT_LIMIT)?;
@@ -267,6 +298,10 @@ impl SnapshotStore {
                                 id: m.id.clone(),
                                 path,
                                 sums: sums.clone(),
+                                blocks: m
+                                    .files
+                                    .get(BLOCK_SUMS_FILE)
+                                    .map(|f| (mdir.join(BLOCK_SUMS_FILE), f.crc32)),
                             }
                         }
                         _ => BaseMemory::Pages(page_set(&mdir, m)?),
@@ -339,7 +374,27 @@ impl SnapshotStore {
         let state = StateFile::read(&state_path, StateFile::DEFAULT_LIMIT)?;
         check_whole_file_crc(&state_path, &state, m)?;
         match &m.memory_chunks {
-            Some(sums) => sparse::verify(&dir.join(MEMORY_FILE), &m.layout, sums)?,
+            Some(sums) => {
+                sparse::verify(&dir.join(MEMORY_FILE), &m.layout, sums)?;
+                if let Some(f) = m.files.get(BLOCK_SUMS_FILE) {
+                    // The block table must describe the data the chunk sums just vouched for.
+                    let path = dir.join(BLOCK_SUMS_FILE);
+                    let blocks = BlockSums::read(&path, &m.layout)?;
+                    let got = crc32fast::hash(&blocks.encode());
+                    if let Some(expected) = f.crc32.filter(|e| *e != got) {
+                        return Err(FileError::Checksum {
+                            path,
+                            location: " (compared with the manifest)".into(),
+                            expected,
+                            got,
+                        }
+                        .into());
+                    }
+                    blocks
+                        .check_against(sums, &m.layout)
+                        .map_err(|why| crate::error::invalid(&path, why))?;
+                }
+            }
             None => page_set(&dir, m)?.apply(None, false)?,
         }
         Ok(())

@@ -12,9 +12,10 @@ use std::sync::atomic::AtomicU64;
 
 use ray_memory::{GuestMemory, MemoryLayout, PAGE_SIZE};
 
+use crate::blocks::{BlockHasher, BlockSums, BLOCK_BYTES};
 use crate::error::{io_err, FileError, StoreError};
 use crate::fsutil::has_data;
-use crate::guest::{self, crc_zeros, for_each_run, WriteAt, COPY_BYTES};
+use crate::guest::{self, for_each_run, WriteAt, COPY_BYTES};
 use crate::manifest::ChunkSums;
 
 /// Chunk size for memory checksums and for copying: 4 MiB keeps the chunk table small
@@ -24,6 +25,8 @@ pub const CHUNK_BYTES: u64 = 4 << 20;
 /// What writing the memory file produced.
 pub(crate) struct SparseWritten {
     pub sums: ChunkSums,
+    /// The same bytes' CRC32s per `BLOCK_BYTES` block (for `memory.sums`).
+    pub blocks: BlockSums,
     pub nonzero_pages: u64,
 }
 
@@ -43,44 +46,53 @@ pub(crate) fn write(
         .map_err(io_err("create", path))?;
     file.set_len(layout.end()).map_err(io_err("size", path))?;
     let mut sums = Vec::with_capacity(layout.regions.len());
+    let mut block_sums = Vec::with_capacity(layout.regions.len());
     let mut nonzero_pages = 0;
     for r in &layout.regions {
         let mut region_sums = Vec::with_capacity(r.len.div_ceil(CHUNK_BYTES) as usize);
+        let mut blocks = BlockHasher::new(BLOCK_BYTES, r.len);
         let mut off = 0;
         while off < r.len {
             let n = (r.len - off).min(CHUNK_BYTES);
             let gpa = r.gpa + off;
             if memory.known_zero(gpa, n) {
                 region_sums.push(zero_crc(n as usize));
+                blocks.zero_chunk(n);
             } else {
+                // Each byte is hashed once, into its block; the chunk's CRC combines them.
                 let mut h = crc32fast::Hasher::new();
                 for_each_run(memory, path, gpa, n, |run_gpa, len, data| {
-                    match data {
-                        None => crc_zeros(&mut h, len),
-                        Some(span) => {
-                            span.crc32_update(&mut h);
-                            let mut at = WriteAt {
-                                file: &file,
-                                offset: run_gpa,
-                            };
-                            span.write_all_to(&mut at).map_err(io_err("write", path))?;
-                            nonzero_pages += len / PAGE_SIZE;
-                        }
+                    if let Some(span) = &data {
+                        let mut at = WriteAt {
+                            file: &file,
+                            offset: run_gpa,
+                        };
+                        span.write_all_to(&mut at).map_err(io_err("write", path))?;
+                        nonzero_pages += len / PAGE_SIZE;
                     }
+                    blocks.feed(&mut h, len, data);
                     Ok(())
                 })?;
+                if off + n == r.len {
+                    blocks.end_region(&mut h);
+                }
                 region_sums.push(h.finalize());
             }
             guest::advance(progress, n);
             off += n;
         }
         sums.push(region_sums);
+        block_sums.push(blocks.sums);
     }
     file.sync_all().map_err(io_err("fsync", path))?;
     Ok(SparseWritten {
         sums: ChunkSums {
             chunk_bytes: CHUNK_BYTES,
             crc32: sums,
+        },
+        blocks: BlockSums {
+            block_bytes: BLOCK_BYTES,
+            crc32: block_sums,
         },
         nonzero_pages,
     })

@@ -26,8 +26,8 @@ use crate::container::StateFile;
 use crate::error::{io_err, FileError, StoreError};
 use crate::fsutil::{allocated_bytes, replace_file, sync_dir, try_lock};
 use crate::manifest::{
-    Compression, FileInfo, Kind, Manifest, FORMAT_VERSION, MANIFEST_FILE, MEMORY_FILE,
-    PAGEMAP_FILE, PAGES_FILE, PAGES_ZST_FILE, STATE_FILE,
+    Compression, FileInfo, Kind, Manifest, BLOCK_SUMS_FILE, FORMAT_VERSION, MANIFEST_FILE,
+    MEMORY_FILE, PAGEMAP_FILE, PAGES_FILE, PAGES_ZST_FILE, STATE_FILE,
 };
 use crate::state_machine::{Event, SnapshotState};
 use crate::{pages, sparse};
@@ -513,6 +513,17 @@ impl SnapshotStore {
             );
             memory_chunks = Some(written.sums);
             stored_pages = written.nonzero_pages;
+            let sums_path = tmp.join(BLOCK_SUMS_FILE);
+            let encoded = written.blocks.encode();
+            crate::fsutil::write_synced(&sums_path, &encoded)?;
+            files.insert(
+                BLOCK_SUMS_FILE.to_string(),
+                FileInfo {
+                    bytes: encoded.len() as u64,
+                    allocated_bytes: allocated_bytes(&sums_path)?,
+                    crc32: Some(crc32fast::hash(&encoded)),
+                },
+            );
         } else {
             let data_name = if opts.compress {
                 PAGES_ZST_FILE

@@ -922,17 +922,18 @@ pub struct ApiServer {
     tcp: Option<SocketAddr>,
 }
 
-impl ApiServer {
-    /// Binds `socket` (and `tcp`, a loopback address, if given) and serves on a thread of
-    /// its own.
-    pub fn start(
-        socket: &Path,
-        tcp: Option<SocketAddr>,
-        inbox: Sender<Message>,
-        ring: Arc<ConsoleRing>,
-        meter: Arc<crate::snapshot::Meter>,
-    ) -> std::io::Result<Self> {
-        let tcp_listener = match tcp {
+/// The API's sockets, bound but not served yet: clients may connect (their requests wait
+/// in the listen backlog) while the VMM restores or boots, and are answered once
+/// [`ApiServer::start`] serves them.
+pub struct ApiListeners {
+    unix: std::os::unix::net::UnixListener,
+    tcp: Option<std::net::TcpListener>,
+}
+
+impl ApiListeners {
+    /// Binds `socket` (and `tcp`, a loopback address, if given).
+    pub fn bind(socket: &Path, tcp: Option<SocketAddr>) -> std::io::Result<Self> {
+        let tcp = match tcp {
             Some(addr) => {
                 check_tcp_addr(addr).map_err(std::io::Error::other)?;
                 let l = std::net::TcpListener::bind(addr).map_err(|e| {
@@ -943,14 +944,33 @@ impl ApiServer {
             }
             None => None,
         };
+        let _ = std::fs::remove_file(socket);
+        let unix = std::os::unix::net::UnixListener::bind(socket)?;
+        unix.set_nonblocking(true)?;
+        Ok(Self { unix, tcp })
+    }
+}
+
+impl ApiServer {
+    /// Serves `listeners` on a thread of its own. Building the router (and its OpenAPI
+    /// description) is the caller's work, ~1 ms: the VMM starts the server once idle.
+    pub fn start(
+        listeners: ApiListeners,
+        inbox: Sender<Message>,
+        ring: Arc<ConsoleRing>,
+        meter: Arc<crate::snapshot::Meter>,
+    ) -> std::io::Result<Self> {
+        let ApiListeners {
+            unix: std_listener,
+            tcp: tcp_listener,
+        } = listeners;
         let tcp = match &tcp_listener {
             Some(l) => Some(l.local_addr()?),
             None => None,
         };
-        let _ = std::fs::remove_file(socket);
-        let std_listener = std::os::unix::net::UnixListener::bind(socket)?;
-        std_listener.set_nonblocking(true)?;
         let (tx, rx) = tokio::sync::watch::channel(false);
+        // Built here, on the caller's (already grown) stack: on the API thread's own it
+        // would touch stack pages that stay allocated for the VMM's life.
         let console = Arc::new(ConsoleHub::default());
         let hub = console.clone();
         ring.on_output(move || hub.output_written());

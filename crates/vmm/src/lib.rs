@@ -17,6 +17,8 @@ pub mod metrics;
 pub mod migration;
 pub mod prefault;
 pub mod snapshot;
+pub mod startup;
+pub mod sync_behind;
 pub mod vmlock;
 pub mod vstate;
 
@@ -26,7 +28,7 @@ pub use ray_devices as devices;
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ray_api::vmm::VmConfig;
 
@@ -57,6 +59,8 @@ pub struct VmmOptions {
     pub lock_fd: Option<std::os::fd::RawFd>,
     /// Also serve the API on this loopback TCP address (port 0: any free port).
     pub api_tcp: Option<std::net::SocketAddr>,
+    /// Write the start-up stamps ([`startup`]) to this file when the VMM ends.
+    pub timings: Option<PathBuf>,
 }
 
 impl VmmOptions {
@@ -188,6 +192,10 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     let vm_span = tracing::info_span!("vm", id = %opts.id);
     let _in_vm = vm_span.enter();
     let signals = block_stop_signals();
+    // A restore's KVM VM needs nothing from the snapshot or this VM's directory: it is
+    // created meanwhile (dropped unused if the VMM cannot go on).
+    let prep = (opts.restore.is_some() && opts.incoming.is_none())
+        .then(|| vstate::vm::ShellPrep::start(vstate::Flavour::detect()));
     std::fs::create_dir_all(&opts.dir)?;
     // First of all: only the holder of the directory's lock touches anything in it.
     let lock = match opts.lock_fd {
@@ -222,39 +230,74 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
             return Err(StartError::from(e).into());
         }
     }
-    let mut server = api_server::ApiServer::start(
-        &ctl.paths.socket(),
-        opts.api_tcp,
-        tx.clone(),
-        ctl.ring.clone(),
-        ctl.meter.clone(),
-    )?;
+    // The API's sockets exist from here on (a client finds a live VMM and its requests
+    // wait), but serving them starts once the VM runs: building the router is start-up
+    // work the restored guest need not wait for.
+    let listeners = api_server::ApiListeners::bind(&ctl.paths.socket(), opts.api_tcp)?;
+    if opts.attach {
+        // Console input typed before the VM runs waits in the inbox.
+        spawn_stdin_thread(tx.clone());
+    }
     let started = match (&opts.restore, &opts.incoming) {
         (_, Some(inc)) => ctl
             .listen_incoming(&inc.listen, &inc.key_file, inc.max_concurrent, inc.prefault)
             .map(|_| Response::Done),
-        (Some(dir), None) => ctl.restore(dir, opts.verify_memory).map(|_| Response::Done),
+        (Some(dir), None) => ctl
+            .restore(dir, opts.verify_memory, prep)
+            .map(|_| Response::Done),
         (None, None) if opts.start => ctl.handle(Request::Start, &rx),
         (None, None) => Ok(Response::Done),
     };
     if let Err(e) = started {
-        // Requests that arrived meanwhile get "shutting down" once their replies drop
-        // with the inbox; only then can the server finish its connections and stop.
-        drop(rx);
-        server.stop();
+        drop(listeners);
         let _ = std::fs::remove_file(ctl.paths.socket());
         failed_to_start(&ctl, &opts.id, &e);
         return Err(StartError::from(e).into());
     }
-    if opts.attach {
-        spawn_stdin_thread(tx.clone());
-    }
-    drop(tx);
-    release_freed_heap();
-
+    // Start-up work the guest's first answers need not wait for happens once the VMM
+    // thread has been idle a moment: serving the API (its requests wait in the socket's
+    // backlog until then) and returning the heap start-up freed (malloc_trim holds the
+    // allocator's lock).
+    let mut api = Some((listeners, tx));
+    let mut server = None;
+    let mut api_start = Deferred::new(API_AFTER_IDLE, API_AT_LATEST);
+    let mut trim = Deferred::new(TRIM_AFTER_IDLE, TRIM_AT_LATEST);
+    let mut fill = Deferred::new(FILL_AFTER_IDLE, FILL_AT_LATEST);
     while !matches!(ctl.state(), VmState::Terminated) {
-        let Some(msg) = ctl.next_message(&rx) else {
-            break;
+        let next = [api_start.at, trim.at, fill.at].into_iter().flatten().min();
+        // Messages deferred while long work ran come first, in order.
+        let received = match (ctl.take_deferred(), next) {
+            (Some(msg), _) => Ok(msg),
+            (None, Some(at)) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+            (None, None) => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        };
+        let msg = match received {
+            Ok(msg) => {
+                api_start.postpone();
+                trim.postpone();
+                fill.postpone();
+                msg
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if api_start.due() {
+                    if let Some((listeners, tx)) = api.take() {
+                        server = Some(api_server::ApiServer::start(
+                            listeners,
+                            tx,
+                            ctl.ring.clone(),
+                            ctl.meter.clone(),
+                        )?);
+                    }
+                }
+                if trim.due() {
+                    release_freed_heap();
+                }
+                if fill.due() {
+                    ctl.fill_in_background();
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         match msg {
             Message::Api(request, reply) => reply(ctl.handle(request, &rx)),
@@ -283,7 +326,10 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     // Later requests are answered "shutting down" (their replies drop with the inbox), so
     // no connection keeps the server from stopping.
     drop(rx);
-    server.stop();
+    drop(api);
+    if let Some(mut server) = server {
+        server.stop();
+    }
     let info = ctl.info();
     let record = ExitRecord {
         id: opts.id,
@@ -293,6 +339,11 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     };
     let _ = std::fs::write(ctl.paths.exit_record(), serde_json::to_vec_pretty(&record)?);
     let _ = std::fs::remove_file(ctl.paths.socket());
+    if let Some(path) = &opts.timings {
+        if let Err(e) = startup::write(path) {
+            tracing::warn!("cannot write the start-up times to {}: {e}", path.display());
+        }
+    }
     tracing::info!(state = ?info.state, reason = record.reason.as_deref().unwrap_or(""), "VMM ended");
     drop(lock);
     Ok(ctl.state())
@@ -309,8 +360,55 @@ fn one_malloc_arena() {
     }
 }
 
+/// How long the VMM thread must have had nothing to do before the API is served...
+const API_AFTER_IDLE: Duration = Duration::from_millis(1);
+/// ... or this long after the VM started, however busy it is.
+const API_AT_LATEST: Duration = Duration::from_millis(50);
+/// The same for the background check of a lazily verified restore's memory...
+const FILL_AFTER_IDLE: Duration = Duration::from_millis(10);
+const FILL_AT_LATEST: Duration = Duration::from_millis(200);
+/// ... and for [`release_freed_heap`].
+const TRIM_AFTER_IDLE: Duration = Duration::from_millis(20);
+const TRIM_AT_LATEST: Duration = Duration::from_secs(1);
+
+/// One piece of work done once, when the VMM thread has been idle `idle` (every message
+/// postpones it), or at the latest `latest` after it was planned.
+struct Deferred {
+    at: Option<Instant>,
+    latest: Instant,
+    idle: Duration,
+}
+
+impl Deferred {
+    fn new(idle: Duration, latest: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            at: Some(now + idle),
+            latest: now + latest,
+            idle,
+        }
+    }
+
+    fn postpone(&mut self) {
+        if let Some(at) = self.at.as_mut() {
+            *at = (Instant::now() + self.idle).min(self.latest);
+        }
+    }
+
+    /// Whether it is time (then it is done: later calls say no).
+    fn due(&mut self) -> bool {
+        match self.at {
+            Some(at) if at <= Instant::now() => {
+                self.at = None;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Gives the heap pages that start-up allocated and freed (argument parsing builds the
-/// whole command tree; configuration, boot) back to the kernel once the VM runs.
+/// command tree; configuration, boot) back to the kernel once the VM runs.
 fn release_freed_heap() {
     // SAFETY: malloc_trim only returns free heap pages to the kernel; live allocations
     // are untouched.

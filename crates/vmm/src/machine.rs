@@ -11,7 +11,7 @@ use crate::devices::{Console, ConsoleRing, IoBus};
 use crate::memory::MemoryManager;
 use crate::vstate::persist::{self, Persist, PersistError, VcpuState, VmKvmState};
 use crate::vstate::vcpu::{self, EventSink, Vcpus};
-use crate::vstate::vm::Vm;
+use crate::vstate::vm::{Vm, VmShell};
 use crate::vstate::Flavour;
 
 /// The legacy interrupt line of COM1.
@@ -85,8 +85,14 @@ impl Machine {
     ) -> Result<Machine, BuildError> {
         let regions = boot::layout::ram_regions(spec.mem_bytes);
         let memory = MemoryManager::create(&regions)?;
-        let vm = Vm::new(memory, flavour)?;
-        let image = boot::load(vm.memory.ram(), spec)?;
+        let image = boot::load(memory.ram(), spec)?;
+        // Linux guests keep the PIT (they calibrate and may tick with it); rayvisor's guest
+        // (its ELF note) never uses it.
+        let vm = if image.direct_smp {
+            Vm::without_pit(memory, flavour)?
+        } else {
+            Vm::new(memory, flavour)?
+        };
         if image.direct_smp {
             // A rayvisor guest (its ELF note): its heartbeat page is in place.
             crate::heartbeat::announce_features(vm.memory.ram()).map_err(BuildError::Features)?;
@@ -126,7 +132,11 @@ impl Machine {
         Ok(MachineState {
             flavour: self.vm.flavour.name().to_string(),
             vcpus,
-            vm: persist::KvmVm(&self.vm.fd).save_state()?,
+            vm: persist::KvmVm {
+                fd: &self.vm.fd,
+                pit: self.vm.pit,
+            }
+            .save_state()?,
             console: self
                 .bus
                 .lock_console()
@@ -138,15 +148,15 @@ impl Machine {
     /// Rebuilds a machine from `state` over `memory` (already holding the guest's pages)
     /// and starts it. The state is untrusted: the flavour must match and KVM checks the rest.
     pub fn restore(
+        shell: VmShell,
         memory: MemoryManager,
         state: &MachineState,
-        flavour: Flavour,
         sinks: ConsoleSinks,
         events: EventSink,
     ) -> Result<Machine, BuildError> {
         // A restored VM logs dirty pages from its first instruction: its next snapshot can
         // be incremental on the one it came from.
-        let vm = Vm::with_dirty_logging(memory, flavour)?;
+        let vm = Vm::with_memory(shell, memory, true, state.vm.pit.is_some())?;
         Machine::restore_on(vm, state, sinks, events)
     }
 
@@ -174,7 +184,16 @@ impl Machine {
                 crate::config::MAX_VCPUS
             )));
         }
-        persist::KvmVm(&vm.fd).restore_state(&state.vm)?;
+        if state.vm.pit.is_some() && !vm.pit {
+            return Err(BuildError::Incompatible(
+                "the state has a PIT and this VM has none".into(),
+            ));
+        }
+        persist::KvmVm {
+            fd: &vm.fd,
+            pit: vm.pit,
+        }
+        .restore_state(&state.vm)?;
         let console = Console::from_state(
             &state.console,
             serial_irq(&vm)?,

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ray_memory::{
-    ConsumerId, DirtyBitmap, DirtyFanout, GuestMemory, GuestSpan, MemoryError as ViewError,
-    MemoryLayout, PAGE_SIZE,
+    BlockSource, ConsumerId, DirtyBitmap, DirtyFanout, FillState, GuestMemory, GuestSpan, LazyFill,
+    LazyRange, MemoryError as ViewError, MemoryLayout, PAGE_SIZE,
 };
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -38,6 +38,11 @@ pub enum MemoryError {
     Memfd { bytes: u64, source: std::io::Error },
     #[error("cannot map {bytes} bytes of guest RAM: {reason}")]
     Map { bytes: u64, reason: String },
+    #[error("cannot fill guest RAM lazily: {0}")]
+    Lazy(#[source] std::io::Error),
+    /// A block of a lazily filled image failed its check: nothing of it was placed.
+    #[error("guest memory is damaged: {0}")]
+    Damaged(String),
 }
 
 /// KVM's half of the dirty log, as the VM provides it: the manager never calls KVM.
@@ -109,6 +114,9 @@ impl ZeroMap {
 }
 
 struct Inner {
+    /// The lazy fill of a verified restore while it runs ([`MemoryManager::fill_lazily`]).
+    /// First, so it is dropped first: its threads stop before the mappings go.
+    fill: Mutex<Option<Arc<LazyFill>>>,
     ram: GuestMem,
     layout: MemoryLayout,
     /// Host address of each region's first byte, in layout order.
@@ -151,6 +159,7 @@ impl MemoryManager {
                     fanout: DirtyFanout::new(layout.clone()),
                 }),
                 prefault: Mutex::new(None),
+                fill: Mutex::new(None),
                 hosts,
                 memfd,
                 layout,
@@ -191,6 +200,83 @@ impl MemoryManager {
             reason: e.to_string(),
         })?;
         Ok(Self::wrap(ram, true))
+    }
+
+    /// Guest RAM (a memfd, as [`create`](Self::create)) filled lazily from `blocks`, each
+    /// block checked before anyone can read it: on first touch (the faulting vCPU or VMM
+    /// thread waits ~20 µs for its block) or by a background thread at the lowest priority.
+    /// `on_damage` is called once if a block fails its check; it is then never placed.
+    ///
+    /// Everything that enumerates guest memory by the memfd's holes (the zero map, full
+    /// snapshots, migration) first waits for the fill ([`wait_filled`](Self::wait_filled)):
+    /// a page not placed yet is a hole but not zero. Reads through the mapping need no
+    /// care: they fault and wait for their block.
+    pub fn fill_lazily(
+        regions: &[(GuestAddress, usize)],
+        blocks: Box<dyn BlockSource>,
+        on_damage: ray_memory::lazy::OnDamage,
+    ) -> Result<Self, MemoryError> {
+        let mem = Self::create(regions)?;
+        let ranges = mem
+            .inner
+            .hosts
+            .iter()
+            .zip(&mem.inner.layout.regions)
+            .map(|(&host, r)| LazyRange {
+                host,
+                len: r.len as usize,
+            })
+            .collect();
+        let fill = LazyFill::start(ranges, blocks, on_damage).map_err(MemoryError::Lazy)?;
+        *mem.inner.fill.lock().unwrap_or_else(|e| e.into_inner()) = Some(fill);
+        Ok(mem)
+    }
+
+    /// Waits until a lazy fill (if any) has placed and checked all of memory, helping it at
+    /// this thread's priority. Returns at once for memory that is not filled lazily.
+    pub fn wait_filled(&self) -> Result<(), MemoryError> {
+        let fill = self
+            .inner
+            .fill
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(fill) = fill else {
+            return Ok(());
+        };
+        fill.complete().map_err(MemoryError::Damaged)?;
+        // Over: the memory is plain memory, and the fill's threads can go.
+        self.inner
+            .fill
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        Ok(())
+    }
+
+    /// Starts the background part of a lazy fill (if any): every block no one touched is
+    /// placed and checked at the lowest CPU priority.
+    pub fn fill_in_background(&self) -> Result<(), MemoryError> {
+        let fill = self
+            .inner
+            .fill
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match fill {
+            Some(f) => f.fill_in_background().map_err(MemoryError::Lazy),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a lazy fill still runs.
+    pub fn filling(&self) -> bool {
+        self.inner
+            .fill
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|f| f.state() == FillState::Filling)
     }
 
     /// Maps guest RAM privately from a file laid out by guest-physical address (a
@@ -280,9 +366,19 @@ impl MemoryManager {
 
     /// The parts of guest RAM that may hold data, as (guest-physical address, length), in
     /// address order: the memfd's data extents, so pages the guest never touched are
-    /// skipped without being read. A private file mapping is returned whole.
+    /// skipped without being read. A private file mapping is returned whole. Waits for a
+    /// lazy fill first (its missing pages are holes that are not zero); if the fill failed,
+    /// all of memory is returned.
     pub fn data_extents(&self) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
+        if self.wait_filled().is_err() {
+            return self
+                .inner
+                .ram
+                .iter()
+                .map(|r| (r.start_addr().0, r.len()))
+                .collect();
+        }
         for r in self.inner.ram.iter() {
             let (gpa, len) = (r.start_addr().0, r.len());
             let shared_file = r

@@ -550,7 +550,13 @@ VmFlags: rd wr mr mw me gd ac
     #[test]
     fn own_footprint_is_readable() {
         let f = Footprint::current().unwrap();
-        assert!(f.rss > 0 && f.private > 0 && f.guest_size == 0, "{f:?}");
+        // Other tests of this binary may have guest RAM mapped right now, so only what
+        // holds whatever else runs is checked.
+        assert!(f.rss > 0 && f.private > 0, "{f:?}");
+        assert!(
+            f.rss >= f.guest_resident && f.private >= f.guest_private,
+            "{f:?}"
+        );
     }
 
     #[test]

@@ -144,6 +144,9 @@ pub fn create(
     let store = SnapshotStore::open(&store_dir)?
         .with_max_per_vm(spec.max_snapshots)
         .with_progress(meter.done.clone());
+    // The memory of a lazily verified restore is all placed and checked first: a block
+    // not placed yet is a hole of the memfd, but not zero.
+    mem.wait_filled()?;
     // The VM is paused: the memfd's holes are memory the guest never touched, which the
     // store skips without reading (and so without allocating it).
     mem.track_zero_pages();
@@ -182,7 +185,7 @@ pub struct Loaded {
 }
 
 /// Reads the snapshot at `path` and its chain, checking format versions, the host
-/// (`compat`), the state file and the page maps.
+/// (`compat`, see [`compat_tag`]), the state file and the page maps.
 pub fn load(path: &Path, compat: &str) -> Result<Loaded, SnapshotError> {
     let (store_dir, id) = split_path(path)?;
     if !store_dir.is_dir() {
@@ -226,11 +229,32 @@ pub fn load(path: &Path, compat: &str) -> Result<Loaded, SnapshotError> {
     })
 }
 
-/// Guest memory of a loaded snapshot: the full snapshot at the root mapped privately (or,
-/// compressed, decompressed into new memory), the incremental ones written over it.
-/// `verify` checks the mapped base against its checksums (a read of its data); page sets
-/// are always checked as they are read.
-pub fn memory(loaded: &Loaded, verify: bool) -> Result<MemoryManager, SnapshotError> {
+/// How a restore checks guest memory against the snapshot's checksums.
+pub enum Verify {
+    /// Not at all (`--no-verify-memory`): the base is mapped privately, read on demand.
+    No,
+    /// All of the mapped base before the guest runs (one read of its data).
+    Eager,
+    /// Lazily: every 64 KiB block is checked before anyone can read it, on first touch or
+    /// by a background fill (see [`MemoryManager::fill_lazily`]); a block that fails its
+    /// check is never placed and the callback is told. Falls back to `Eager` where the
+    /// snapshot has no block checksums (written before they existed) or userfaultfd is
+    /// not available.
+    Lazy(ray_memory::lazy::OnDamage),
+}
+
+/// Guest memory of a loaded snapshot: the full snapshot at the root mapped privately (or
+/// filled lazily, or, compressed, decompressed into new memory), the incremental ones
+/// written over it. `verify` says how the base is checked; page sets are always checked as
+/// they are read.
+///
+/// Why lazy verification is safe: guest memory starts with no page present and registered
+/// with userfaultfd, so no one (vCPU through KVM, VMM thread, system call) can read a page
+/// before its block has been read from the file, checked against its CRC32 and copied in;
+/// a failing block is never copied. A background fill checks every other block, so the
+/// whole image is checked, and whatever enumerates memory by its holes (snapshots,
+/// migration) waits for that first.
+pub fn memory(loaded: &Loaded, verify: Verify) -> Result<MemoryManager, SnapshotError> {
     let regions: Vec<(GuestAddress, usize)> = loaded
         .plan
         .layout
@@ -239,33 +263,58 @@ pub fn memory(loaded: &Loaded, verify: bool) -> Result<MemoryManager, SnapshotEr
         .map(|r| (GuestAddress(r.gpa), r.len as usize))
         .collect();
     let plan = &loaded.plan;
-    match plan.mappable_memory() {
-        Some(path) => {
-            let mem = MemoryManager::from_file(&regions, path)?;
-            if verify {
-                plan.verify_mapped_base(&mem)?;
+    let Some(path) = plan.mappable_memory() else {
+        let mem = MemoryManager::create(&regions)?;
+        plan.materialize(&mem)?;
+        return Ok(mem);
+    };
+    let eager = match verify {
+        Verify::No => false,
+        Verify::Eager => true,
+        Verify::Lazy(on_damage) => match plan.base_blocks()? {
+            Some(blocks) => {
+                match MemoryManager::fill_lazily(&regions, Box::new(blocks), on_damage) {
+                    Ok(mem) => {
+                        if !plan.overlays.is_empty() {
+                            plan.apply_overlays(&mem)?;
+                        }
+                        return Ok(mem);
+                    }
+                    Err(crate::memory::MemoryError::Lazy(e)) => {
+                        tracing::warn!(
+                            "cannot verify guest memory lazily ({e}: userfaultfd needs CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=1 or /dev/userfaultfd); verifying all of it first"
+                        );
+                        true
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
-            if !plan.overlays.is_empty() {
-                plan.apply_overlays(&mem)?;
-            }
-            Ok(mem)
-        }
-        None => {
-            let mem = MemoryManager::create(&regions)?;
-            plan.materialize(&mem)?;
-            Ok(mem)
-        }
+            None => true,
+        },
+    };
+    let mem = MemoryManager::from_file(&regions, path)?;
+    if eager {
+        plan.verify_mapped_base(&mem)?;
     }
+    if !plan.overlays.is_empty() {
+        plan.apply_overlays(&mem)?;
+    }
+    Ok(mem)
 }
 
 /// `<flavour>:<CPUID fingerprint>`: a snapshot restores only where this is the same.
-pub fn compat_tag(flavour: crate::vstate::Flavour, kvm: &kvm_ioctls::Kvm) -> String {
-    format!("{}:{}", flavour.name(), cpu_fingerprint(kvm))
+pub fn compat_tag(flavour: crate::vstate::Flavour, cpu_fingerprint: &str) -> String {
+    format!("{}:{cpu_fingerprint}", flavour.name())
 }
 
 /// A fingerprint of the CPU features KVM offers here, compared at restore. Only feature
 /// leaves count: others (APIC IDs, cache topology) differ from one host CPU to the next.
+/// Read from KVM once per process: what KVM supports does not change while it runs.
 pub fn cpu_fingerprint(kvm: &kvm_ioctls::Kvm) -> String {
+    static KNOWN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(f) = KNOWN.get() {
+        return f.clone();
+    }
     let Ok(cpuid) = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES) else {
         return "unknown".into();
     };
@@ -283,7 +332,9 @@ pub fn cpu_fingerprint(kvm: &kvm_ioctls::Kvm) -> String {
             h.update(&w.to_le_bytes());
         }
     }
-    format!("{:08x}", h.finalize())
+    KNOWN
+        .get_or_init(|| format!("{:08x}", h.finalize()))
+        .clone()
 }
 
 /// A snapshot's kind as the API names it.

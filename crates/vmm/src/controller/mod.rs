@@ -124,6 +124,7 @@ pub enum Message {
 }
 
 /// Files of one VM in the runtime directory.
+#[derive(Clone)]
 pub struct VmPaths {
     pub dir: PathBuf,
 }
@@ -180,7 +181,7 @@ pub struct Controller {
     /// migration thread and on this one, carry its direction and peer.
     migration_span: tracing::Span,
     /// Messages that arrived while long work ran and were not status reads: handled, in
-    /// order, before the next new message ([`Controller::next_message`]).
+    /// order, before the next new message ([`Controller::take_deferred`]).
     deferred: std::collections::VecDeque<Message>,
     /// Target: the KVM VM (memory slots registered, with dirty logging) created over the
     /// guest memory of an incoming migration; the state goes onto it at the switch-over.
@@ -198,6 +199,9 @@ pub struct Controller {
     suspended_owed: Option<DirtyBitmap>,
     /// Progress of the snapshot being written, shared with the API thread.
     pub meter: Arc<crate::snapshot::Meter>,
+    /// Set once a restored VM started: what a lazily verified restore's fail-stop (on
+    /// another thread) records as the state it failed from.
+    restored: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Controller {
@@ -231,6 +235,7 @@ impl Controller {
             migration_log: None,
             suspended_owed: None,
             meter: Arc::default(),
+            restored: Arc::default(),
         }
     }
 
@@ -249,10 +254,10 @@ impl Controller {
         Ok(())
     }
 
-    /// The next message to handle: one deferred while long work ran, else the next to
-    /// arrive (`None` once every sender is gone).
-    pub fn next_message(&mut self, inbox: &Receiver<Message>) -> Option<Message> {
-        self.deferred.pop_front().or_else(|| inbox.recv().ok())
+    /// The oldest message deferred while long work ran: the VMM thread handles these
+    /// before it takes new ones.
+    pub fn take_deferred(&mut self) -> Option<Message> {
+        self.deferred.pop_front()
     }
 
     /// Runs `work` on a thread of its own while this thread goes on answering status reads

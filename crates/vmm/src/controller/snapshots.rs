@@ -1,6 +1,7 @@
 //! The controller's snapshots: writing one (full or incremental), restoring one into this
 //! VMM, and suspend/resume through the VM's own directory.
 use super::*;
+use crate::vstate::vm::ShellPrep;
 
 impl Controller {
     /// Writes a snapshot. A running VM is refused unless `pause` asks to pause it for the
@@ -107,7 +108,10 @@ impl Controller {
                 return Err(failed(e.to_string()));
             }
         };
-        let compat = crate::snapshot::compat_tag(self.flavour, &machine.vm.kvm);
+        let compat = crate::snapshot::compat_tag(
+            self.flavour,
+            &crate::snapshot::cpu_fingerprint(&machine.vm.kvm),
+        );
         let spec = crate::snapshot::NewSnapshotSpec {
             path,
             vm_id: &self.id,
@@ -157,15 +161,24 @@ impl Controller {
         Ok((manifest, taken))
     }
 
-    /// Brings a snapshot back to life in this (new, unconfigured) VMM.
-    pub fn restore(&mut self, path: &Path, verify_memory: bool) -> Result<(), ControllerError> {
+    /// Brings a snapshot back to life in this (new, unconfigured) VMM. `prep`, if given,
+    /// is the KVM VM being created meanwhile (started as early as the caller could).
+    pub fn restore(
+        &mut self,
+        path: &Path,
+        verify_memory: bool,
+        prep: Option<ShellPrep>,
+    ) -> Result<(), ControllerError> {
+        crate::startup::mark(crate::startup::Mark::RestoreBegin);
         self.check(VmAction::Start)?;
-        let config = self.rebuild(path, verify_memory)?;
+        let config = self.rebuild(path, verify_memory, prep)?;
         self.config = Some(config);
         self.started = Some(Instant::now());
         let id = self.last_snapshot.as_ref().map_or("", |s| s.1.as_str());
         let cause = format!("restore:{id}");
         self.apply(VmAction::Start, &cause)?;
+        self.restored
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -175,25 +188,38 @@ impl Controller {
         &mut self,
         path: &Path,
         verify_memory: bool,
+        prep: Option<ShellPrep>,
     ) -> Result<VmConfig, ControllerError> {
         let bad = |e: crate::snapshot::SnapshotError| {
             ControllerError::invalid(format!("cannot restore {}: {e}", path.display()))
         };
-        let kvm = kvm_ioctls::Kvm::new()
-            .map_err(|e| ControllerError::failed(format!("cannot open /dev/kvm: {e}")))?;
-        let compat = crate::snapshot::compat_tag(self.flavour, &kvm);
-        drop(kvm);
+        let failed =
+            |e: String| ControllerError::failed(format!("cannot restore {}: {e}", path.display()));
+        // KVM's share of the work (the VM, the CPU fingerprint) goes on while the
+        // snapshot is read; both are needed before the snapshot's host check.
+        let prep = prep.unwrap_or_else(|| ShellPrep::start(self.flavour));
+        let (shell, cpu) = prep.finish().map_err(|e| failed(e.to_string()))?;
+        let compat = crate::snapshot::compat_tag(self.flavour, &cpu);
         let loaded = crate::snapshot::load(path, &compat).map_err(bad)?;
-        let memory = crate::snapshot::memory(&loaded, verify_memory).map_err(bad)?;
+        crate::startup::mark(crate::startup::Mark::Loaded);
+        // A new VMM restoring verifies lazily; resuming a suspended VM checks first, so a
+        // damaged image leaves the VM suspended (and this VMM running) instead of failing
+        // it midway.
+        let verify = match (verify_memory, self.state) {
+            (false, _) => crate::snapshot::Verify::No,
+            (true, VmState::Created) => crate::snapshot::Verify::Lazy(self.fail_stop(path)),
+            (true, _) => crate::snapshot::Verify::Eager,
+        };
+        let memory = crate::snapshot::memory(&loaded, verify).map_err(bad)?;
+        crate::startup::mark(crate::startup::Mark::Mapped);
         let sinks = self.console_sinks()?;
         let inbox = self.vcpu_events.clone();
         let events: EventSink = Arc::new(move |e| {
             let _ = inbox.send(Message::Vcpu(e));
         });
-        let mut machine = Machine::restore(memory, &loaded.state, self.flavour, sinks, events)
-            .map_err(|e| {
-                ControllerError::failed(format!("cannot restore {}: {e}", path.display()))
-            })?;
+        let mut machine = Machine::restore(shell, memory, &loaded.state, sinks, events)
+            .map_err(|e| failed(e.to_string()))?;
+        crate::startup::mark(crate::startup::Mark::Running);
         // Pages written from here on are what an incremental snapshot on top holds.
         let owed = self.suspended_owed.take();
         match machine.vm.add_dirty_consumer("snapshot", owed) {
@@ -209,6 +235,63 @@ impl Controller {
         }
         self.machine = Some(machine);
         Ok(loaded.config)
+    }
+
+    /// What a lazily verified restore does when a block of `snapshot`'s memory fails its
+    /// check: the guest has not seen that block and must not run on without it, so the
+    /// VMM ends with the VM in state `error` (exit record, audit trail, log). Called on the
+    /// fault or fill thread; it does not wait for this (VMM) thread, which may itself be
+    /// waiting for the damaged block.
+    fn fail_stop(&self, snapshot: &Path) -> ray_memory::lazy::OnDamage {
+        let id = self.id.clone();
+        let paths = self.paths.clone();
+        let started = self.restored.clone();
+        let snapshot = snapshot.display().to_string();
+        Box::new(move |why| {
+            let from = if started.load(std::sync::atomic::Ordering::Acquire) {
+                VmState::Running
+            } else {
+                VmState::Created
+            };
+            let reason = format!(
+                "the memory of snapshot {snapshot} failed its check ({why}); the VMM stopped the VM before anything read that block"
+            );
+            tracing::error!("{reason}");
+            let event = LifecycleEvent {
+                time_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                from,
+                to: VmState::Error,
+                cause: "restore:memory-damaged".into(),
+            };
+            if let Ok(mut line) = serde_json::to_vec(&event) {
+                line.push(b'\n');
+                crate::lifecycle::append_synced(&paths.events(), &line);
+            }
+            let record = crate::ExitRecord {
+                id: id.clone(),
+                state: VmState::Error,
+                reason: Some(reason),
+                pid: std::process::id(),
+            };
+            if let Ok(json) = serde_json::to_vec_pretty(&record) {
+                let _ = std::fs::write(paths.exit_record(), json);
+            }
+            let _ = std::fs::remove_file(paths.socket());
+            std::process::exit(1);
+        })
+    }
+
+    /// Starts checking the rest of a lazily verified restore's memory in the background
+    /// (the VMM does so once the restored guest has had its first moments to itself).
+    pub fn fill_in_background(&self) {
+        if let Some(m) = &self.machine {
+            if let Err(e) = m.vm.memory.fill_in_background() {
+                // Not fatal: whatever waits for the fill (a snapshot) places the rest.
+                tracing::warn!("{e}");
+            }
+        }
     }
 
     /// Where a suspended VM keeps its memory and state.
@@ -260,7 +343,7 @@ impl Controller {
         let dir = self.suspend_dir();
         let last = self.last_snapshot.clone();
         let owed = self.suspended_owed.is_some();
-        self.rebuild(&dir, true)?;
+        self.rebuild(&dir, true, None)?;
         // The pages owed to the next incremental snapshot went to the rebuilt VM's log.
         self.last_snapshot = if owed && self.snapshot_log.is_some() {
             last

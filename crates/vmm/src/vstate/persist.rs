@@ -36,19 +36,23 @@ impl Persist for KvmVcpu<'_> {
     }
 }
 
-/// The VM's own KVM state (irqchips, PIT, kvmclock) as the persist layer sees it.
-pub struct KvmVm<'a>(pub &'a VmFd);
+/// The VM's own KVM state (irqchips, PIT if it has one, kvmclock) as the persist layer
+/// sees it.
+pub struct KvmVm<'a> {
+    pub fd: &'a VmFd,
+    pub pit: bool,
+}
 
 impl Persist for KvmVm<'_> {
     type State = VmKvmState;
     type Error = PersistError;
 
     fn save_state(&self) -> Result<VmKvmState, PersistError> {
-        save_vm(self.0)
+        save_vm(self.fd, self.pit)
     }
 
     fn restore_state(&mut self, state: &VmKvmState) -> Result<(), PersistError> {
-        restore_vm(self.0, state)
+        restore_vm(self.fd, state)
     }
 }
 
@@ -114,7 +118,9 @@ pub struct VmKvmState {
     pub pic_master: kvm_irqchip,
     pub pic_slave: kvm_irqchip,
     pub ioapic: kvm_irqchip,
-    pub pit: kvm_pit_state2,
+    /// `None` for a VM without the PIT (rayvisor's guest); a restore then creates none.
+    /// States saved before the PIT was optional always have one.
+    pub pit: Option<kvm_pit_state2>,
     pub clock: kvm_clock_data,
 }
 
@@ -253,7 +259,7 @@ fn irqchip(vm: &VmFd, chip_id: u32, what: &'static str) -> Result<kvm_irqchip, P
     Ok(chip)
 }
 
-fn save_vm(vm: &VmFd) -> Result<VmKvmState, PersistError> {
+fn save_vm(vm: &VmFd, pit: bool) -> Result<VmKvmState, PersistError> {
     let err = |what: &'static str| {
         move |source| PersistError::Vm {
             op: "save",
@@ -265,7 +271,11 @@ fn save_vm(vm: &VmFd) -> Result<VmKvmState, PersistError> {
         pic_master: irqchip(vm, KVM_IRQCHIP_PIC_MASTER, "master PIC")?,
         pic_slave: irqchip(vm, KVM_IRQCHIP_PIC_SLAVE, "slave PIC")?,
         ioapic: irqchip(vm, KVM_IRQCHIP_IOAPIC, "IOAPIC")?,
-        pit: vm.get_pit2().map_err(err("PIT"))?,
+        pit: if pit {
+            Some(vm.get_pit2().map_err(err("PIT"))?)
+        } else {
+            None
+        },
         clock: vm.get_clock().map_err(err("kvmclock"))?,
     })
 }
@@ -282,7 +292,9 @@ fn restore_vm(vm: &VmFd, state: &VmKvmState) -> Result<(), PersistError> {
         .map_err(err("master PIC"))?;
     vm.set_irqchip(&state.pic_slave).map_err(err("slave PIC"))?;
     vm.set_irqchip(&state.ioapic).map_err(err("IOAPIC"))?;
-    vm.set_pit2(&state.pit).map_err(err("PIT"))?;
+    if let Some(pit) = &state.pit {
+        vm.set_pit2(pit).map_err(err("PIT"))?;
+    }
     // Only the clock value moves; the flags say which fields KVM filled and must not be
     // echoed back (KVM_SET_CLOCK refuses unknown flags).
     let clock = kvm_clock_data {
