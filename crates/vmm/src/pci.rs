@@ -142,7 +142,9 @@ impl PciDevices {
         if let Some(s) = state {
             rng.restore_state(&s.rng).map_err(PciError::Restore)?;
         }
-        let notify: Vec<u64> = (0..rng.queue_count()).map(|q| rng.notify_address(q)).collect();
+        let notify: Vec<u64> = (0..rng.queue_count())
+            .map(|q| rng.notify_address(q))
+            .collect();
         let rng = Arc::new(Mutex::new(rng));
         let mut bus = PciBus::new();
         bus.add(rng.clone()).ok_or(PciError::BusFull)?;

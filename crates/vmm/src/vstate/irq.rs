@@ -36,7 +36,10 @@ pub enum IrqError {
     #[error("cannot connect an irqfd to GSI {gsi}: {source}")]
     Irqfd { gsi: u32, source: kvm_ioctls::Error },
     #[error("cannot register an ioeventfd at {addr:#x}: {source}")]
-    Ioeventfd { addr: u64, source: kvm_ioctls::Error },
+    Ioeventfd {
+        addr: u64,
+        source: kvm_ioctls::Error,
+    },
     #[error("no GSI left for another MSI vector")]
     NoGsi,
 }
