@@ -110,3 +110,50 @@ fn rng_works_after_snapshot_restore_with_its_device_state() {
     assert_eq!(irqs, 2, "one interrupt before the snapshot, one after");
     assert_eq!(delta(&t0, &t1)["mmio"], 0, "no set-up again after restore");
 }
+
+#[test]
+fn rng_works_after_a_live_migration() {
+    let env = Env::new("rng-mig");
+    let key = env.runtime.join("key");
+    std::fs::write(&key, "a pre-shared key of some length").unwrap();
+    let key = key.to_str().unwrap();
+    let mut src = env.boot(&["--memory", "128M"]);
+    src.expect_line("ready", READY);
+    let (before, _) = rng(&mut src, 32);
+    let sock = env.runtime.join("rng.sock");
+    let listen = format!("unix:{}", sock.display());
+    let out = env.ray_ok(&[
+        "migrate",
+        "receive",
+        "--listen",
+        &listen,
+        "--key-file",
+        key,
+        "--id",
+        "rng-dst",
+        "--json",
+    ]);
+    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
+    let mut dst = env.attach("rng-dst", info.pid);
+    env.ray_ok(&[
+        "migrate",
+        "start",
+        &src.id,
+        "--to",
+        &listen,
+        "--key-file",
+        key,
+        "--json",
+    ]);
+    src.wait_exit(Duration::from_secs(10));
+    let t0 = exits(&dst);
+    let (after, irqs) = rng(&mut dst, 32);
+    let t1 = exits(&dst);
+    assert_ne!(before, after);
+    assert_eq!(irqs, 2, "one interrupt on each host");
+    assert_eq!(
+        delta(&t0, &t1)["mmio"],
+        0,
+        "the driver's set-up moved with the VM"
+    );
+}
