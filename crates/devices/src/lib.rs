@@ -318,6 +318,28 @@ mod tests {
     }
 
     #[test]
+    fn pci_ports_and_bar_mmio_reach_the_pci_bus_only_when_it_is_there() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let plain = IoBus::new(Console::new(irq, None, false, Arc::default()));
+        let mut id = [0; 4];
+        plain.write(pci::CONFIG_ADDRESS, &(1u32 << 31).to_le_bytes());
+        plain.read(pci::CONFIG_DATA, &mut id);
+        assert_eq!(id, [0xff; 4], "no PCI bus: unknown ports");
+        let mut m = [0; 4];
+        plain.read_mmio(0xc000_0000, &mut m);
+        assert_eq!(m, [0xff; 4]);
+
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let bus = IoBus::new(Console::new(irq, None, false, Arc::default()))
+            .with_pci(Arc::new(PciBus::new()));
+        bus.write(pci::CONFIG_ADDRESS, &(1u32 << 31).to_le_bytes());
+        bus.read(pci::CONFIG_DATA, &mut id);
+        assert_eq!(u32::from_le_bytes(id), 0x0008_1b36, "the host bridge");
+        bus.read_mmio(0xc000_0000, &mut m);
+        assert_eq!(m, [0xff; 4], "no BAR there");
+    }
+
+    #[test]
     fn pv_ports_are_unknown_without_guest_memory() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let bus = IoBus::new(Console::new(irq, None, false, Arc::default()));

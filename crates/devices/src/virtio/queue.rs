@@ -447,6 +447,47 @@ pub(crate) mod tests {
         assert_eq!(q.pop(&view), Err(QueueError::Head { head: 200, size: 8 }));
     }
 
+    proptest::proptest! {
+        /// Whatever the guest wrote into the descriptor table and the available ring, the
+        /// device never panics, never takes more chains than were made available, and every
+        /// buffer it accepts lies inside guest memory.
+        #[test]
+        fn arbitrary_rings_never_break_the_device(
+            table in proptest::collection::vec(proptest::prelude::any::<u8>(), 16 * 8),
+            ring in proptest::collection::vec(proptest::prelude::any::<u16>(), 8),
+            idx in proptest::prelude::any::<u16>(),
+        ) {
+            let mem = memory();
+            let view = MappedMemory::new(&mem);
+            let mock = MockSplitQueue::new(&mem, 8);
+            let mut q = queue_of(&mock, 8);
+            view.write(q.desc, &table).unwrap();
+            for (i, head) in ring.iter().enumerate() {
+                store16(&view, q.avail + 4 + 2 * i as u64, *head).unwrap();
+            }
+            store16(&view, q.avail + 2, idx).unwrap();
+            let mut taken = 0u16;
+            loop {
+                match q.pop(&view) {
+                    Ok(None) | Err(_) => break,
+                    Ok(Some(Ok(chain))) => {
+                        proptest::prop_assert!(chain.descriptors.len() <= 8);
+                        for d in &chain.descriptors {
+                            if d.len > 0 {
+                                proptest::prop_assert!(view.span(d.addr, u64::from(d.len)).is_ok());
+                            }
+                        }
+                        q.add_used(&view, chain.head, 0).unwrap();
+                    }
+                    Ok(Some(Err((head, _)))) => q.add_used(&view, head, 0).unwrap(),
+                }
+                taken += 1;
+                proptest::prop_assert!(taken <= 8);
+            }
+            proptest::prop_assert!(taken == 0 || idx <= 8);
+        }
+    }
+
     #[test]
     fn configuration_is_validated() {
         let mem = memory();
