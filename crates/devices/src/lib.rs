@@ -114,9 +114,6 @@ impl IoBus {
         match port {
             _ if PciBus::owns_port(port) && self.pci.is_some() => {
                 if let Some(moved) = self.pci.as_ref().and_then(|p| p.write_port(port, data)) {
-                    // Kicks at the new address reach the device as MMIO exits; an
-                    // ioeventfd at the old one is left behind (harmless: nothing else
-                    // lives there).
                     tracing::info!(
                         "the guest moved BAR {} of PCI slot {} from {:#x} to {:#x}",
                         moved.moved.bar,

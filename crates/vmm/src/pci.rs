@@ -9,8 +9,8 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use ray_devices::pci::{BarAllocator, PciBus};
-use ray_devices::virtio::pci::{VirtioPci, VirtioPciState, BAR_SIZE};
+use ray_devices::pci::{BarAllocator, PciBus, SlotBarMove};
+use ray_devices::virtio::pci::{VirtioPci, VirtioPciState, BAR_SIZE, NOTIFY, NOTIFY_MULTIPLIER};
 use ray_devices::virtio::rng::Rng;
 use ray_devices::Persist;
 use vmm_sys_util::eventfd::EventFd;
@@ -113,6 +113,29 @@ fn notifier_loop(stop: &EventFd, kicks: &[(EventFd, Transport, u16)]) {
     }
 }
 
+/// Moves the ioeventfds of the device in `slot` along when the guest moves its BAR 0.
+/// Should KVM refuse, kicks at the new address still work, as MMIO exits.
+fn follow_bar(
+    router: Arc<IrqRouter>,
+    slot: usize,
+    kicks: Vec<EventFd>,
+) -> ray_devices::pci::BarMoveHook {
+    Box::new(move |m: SlotBarMove| {
+        if m.slot != slot || m.moved.bar != 0 {
+            return;
+        }
+        for (q, evt) in kicks.iter().enumerate() {
+            let at = |base: u64| base + NOTIFY + NOTIFY_MULTIPLIER * q as u64;
+            if let Err(e) = router.unregister_ioeventfd(evt, at(m.moved.from)) {
+                tracing::warn!("{e}");
+            }
+            if let Err(e) = router.register_ioeventfd(evt, at(m.moved.to)) {
+                tracing::warn!("{e}; kicks of queue {q} will exit to the VMM");
+            }
+        }
+    })
+}
+
 /// The bus and its devices.
 pub struct PciDevices {
     pub bus: Arc<PciBus>,
@@ -147,7 +170,7 @@ impl PciDevices {
             .collect();
         let rng = Arc::new(Mutex::new(rng));
         let mut bus = PciBus::new();
-        bus.add(rng.clone()).ok_or(PciError::BusFull)?;
+        let slot = bus.add(rng.clone()).ok_or(PciError::BusFull)?;
 
         // Queue kicks as ioeventfds: KVM signals the eventfd and resumes the guest without
         // an exit to the VMM. If KVM refuses, kicks still work, as MMIO exits.
@@ -163,6 +186,12 @@ impl PciDevices {
                 }
             }
         }
+        let fds = kicks
+            .iter()
+            .map(|(e, _, _)| e.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(IrqError::EventFd)?;
+        bus.on_bar_move(follow_bar(router.clone(), slot, fds));
         let notifier = if kicks.is_empty() {
             None
         } else {
@@ -191,5 +220,40 @@ impl PciDevices {
         Ok(PciState {
             rng: lock(&self.rng).save_state()?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ray_devices::pci::{CONFIG_ADDRESS, CONFIG_DATA};
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::memory::MemoryManager;
+    use crate::vstate::Flavour;
+
+    #[test]
+    fn ioeventfds_follow_a_moved_bar() {
+        let memory = MemoryManager::create(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let vm = Vm::new(memory, Flavour::detect()).unwrap();
+        let pci = PciDevices::create(&vm, None).unwrap();
+        assert!(pci.kicks_in_kernel);
+        let old = lock(&pci.rng).notify_address(0);
+        assert_eq!(old, BAR_WINDOW_START + NOTIFY);
+        // KVM refuses a second ioeventfd at an address that has one: that is the probe.
+        let probe = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(pci._router.register_ioeventfd(&probe, old).is_err());
+
+        let new_bar = 0xd000_0000u32;
+        pci.bus
+            .write_port(CONFIG_ADDRESS, &(1u32 << 31 | 1 << 11 | 0x10).to_le_bytes());
+        pci.bus.write_port(CONFIG_DATA, &new_bar.to_le_bytes());
+        let new = lock(&pci.rng).notify_address(0);
+        assert_eq!(new, u64::from(new_bar) + NOTIFY);
+        assert!(
+            pci._router.register_ioeventfd(&probe, new).is_err(),
+            "moved here"
+        );
+        pci._router.register_ioeventfd(&probe, old).unwrap();
     }
 }

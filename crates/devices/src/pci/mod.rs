@@ -69,10 +69,14 @@ pub struct SlotBarMove {
     pub moved: BarMove,
 }
 
+/// Called when the guest moves a BAR (e.g. so that the VMM moves its ioeventfds along).
+pub type BarMoveHook = Box<dyn Fn(SlotBarMove) + Send + Sync>;
+
 /// Bus 0.
 pub struct PciBus {
     address: Mutex<u32>,
     slots: Vec<Option<SharedDevice>>,
+    on_bar_move: Option<BarMoveHook>,
 }
 
 impl Default for PciBus {
@@ -89,7 +93,13 @@ impl PciBus {
         Self {
             address: Mutex::new(0),
             slots,
+            on_bar_move: None,
         }
+    }
+
+    /// `hook` hears of every BAR the guest moves, after the move.
+    pub fn on_bar_move(&mut self, hook: BarMoveHook) {
+        self.on_bar_move = Some(hook);
     }
 
     /// Plugs `device` into the first free slot and returns the slot.
@@ -152,7 +162,11 @@ impl PciBus {
                     .slots
                     .iter()
                     .position(|s| s.as_ref().is_some_and(|s| Arc::ptr_eq(s, device)))?;
-                Some(SlotBarMove { slot, moved })
+                let event = SlotBarMove { slot, moved };
+                if let Some(hook) = &self.on_bar_move {
+                    hook(event);
+                }
+                Some(event)
             }
             _ => None,
         }
@@ -260,7 +274,10 @@ mod tests {
 
     #[test]
     fn bar_accesses_reach_the_device_only_while_decoding() {
-        let (bus, probe) = bus_with_probe();
+        let (mut bus, probe) = bus_with_probe();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let h = heard.clone();
+        bus.on_bar_move(Box::new(move |m| h.lock().unwrap().push(m)));
         let mut b = [0; 4];
         assert!(!bus.read_mmio(0xc000_0010, &mut b), "memory decoding off");
         bus.write_port(CONFIG_ADDRESS, &address(1, 0, 4));
@@ -286,5 +303,6 @@ mod tests {
         );
         assert!(bus.read_mmio(0xd000_0000, &mut b));
         assert!(!bus.read_mmio(0xc000_0000, &mut b));
+        assert_eq!(*heard.lock().unwrap(), vec![moved.unwrap()]);
     }
 }

@@ -162,6 +162,15 @@ impl IrqRouter {
     }
 }
 
+impl IrqRouter {
+    /// Undoes [`register_ioeventfd`](Self::register_ioeventfd).
+    pub fn unregister_ioeventfd(&self, evt: &EventFd, addr: u64) -> Result<(), IrqError> {
+        self.fd
+            .unregister_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|source| IrqError::Ioeventfd { addr, source })
+    }
+}
+
 /// A device's MSI-X vectors on KVM: vector `i` is an irqfd on its own GSI, whose route
 /// follows what the guest programs into the table.
 pub struct KvmMsiVectors {
