@@ -211,7 +211,7 @@ impl VirtioPci {
 
     /// A fault of the guest's making: the device stops until the driver resets it.
     fn needs_reset(&mut self, why: std::fmt::Arguments<'_>) {
-        tracing::warn!("{}: {why}; the device needs a reset", self.name);
+        self.warn(format_args!("{why}; the device needs a reset"));
         if self.regs.status & status::NEEDS_RESET == 0 {
             self.regs.status |= status::NEEDS_RESET;
             self.regs.config_generation = self.regs.config_generation.wrapping_add(1);
