@@ -242,7 +242,10 @@ fn rng(mut args: core::str::SplitAsciiWhitespace) {
     }
     let mut buf = [0u8; crate::virtio_rng::MAX_REQUEST];
     let out = &mut buf[..n as usize];
-    match crate::virtio_rng::read(out) {
+    let t0 = clock::now();
+    let result = crate::virtio_rng::read(out);
+    let ns = clock::now().saturating_sub(t0);
+    match result {
         Ok(got) if got == out.len() => {
             let mut hex = [0u8; 2 * crate::virtio_rng::MAX_REQUEST];
             for (i, b) in out.iter().enumerate() {
@@ -251,7 +254,7 @@ fn rng(mut args: core::str::SplitAsciiWhitespace) {
             }
             let hex = core::str::from_utf8(&hex[..2 * out.len()]).unwrap_or("");
             let (irqs, timer) = crate::virtio_rng::interrupts();
-            println!("rng {hex} irqs={irqs} watchdog={timer}");
+            println!("rng {hex} irqs={irqs} watchdog={timer} ns={ns}");
         }
         Ok(got) => println!("err rng {n}: the device gave {got} bytes"),
         Err(e) => println!("err rng: {e}"),

@@ -62,6 +62,16 @@ fn rng_bytes_come_from_the_device_by_interrupt_without_exits_to_the_vmm() {
     assert_eq!(echo, "x");
     let t3 = exits(&vm);
     let (setup, steady, baseline) = (delta(&t0, &t1), delta(&t1, &t2), delta(&t2, &t3));
+    let times: Vec<String> = (0..5)
+        .map(|_| vm.command("rng 32", "rng "))
+        .map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with("ns="))
+                .unwrap_or("ns=?")
+                .to_string()
+        })
+        .collect();
+    eprintln!("request times: {times:?}");
     eprintln!("exits: first rng {setup:?}; second rng {steady:?}; echo {baseline:?}");
 
     assert_ne!(a, b, "two requests gave the same bytes");
