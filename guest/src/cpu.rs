@@ -47,6 +47,64 @@ pub fn rep_insb(port: u16, buf: &mut [u8]) {
     }
 }
 
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: port I/O has no memory-safety effect on this guest.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
+/// Waits for an interrupt, with interrupts enabled only for the wait.
+///
+/// On VMX/SVM: `sti; hlt; cli`. On PVM, `sti` in the guest's ring 3 does not let
+/// interrupts in: the virtual IF is the first byte of this CPU's VIF area, and an interrupt
+/// that came while it was 0 waits (the area's `pending` byte says so) until the next exit
+/// with it set, here the `hlt`. Measured on this host: `sti` alone left a pending MSI in
+/// the APIC's IRR; VIF `if_ = 1` then `hlt` took it at once.
+///
+/// An interrupt taken after the caller's last check but before `hlt` would leave the CPU
+/// halted with nothing to wake it (PVM has no `sti` shadow): the interrupt stub steps over
+/// the `hlt` when it interrupted exactly there ([`crate::idt`], `guest_wait_hlt`).
+/// Handlers run inside this block only: every caller-saved register counts as clobbered
+/// (`clobber_abi`), and no `nostack` (the interrupt frame is pushed below RSP, so no
+/// red-zone data may live there).
+// The stub compares the interrupted RIP with `guest_wait_hlt`, so the label must be global;
+// the function is never inlined, so it is emitted once.
+#[inline(never)]
+#[allow(named_asm_labels)]
+pub fn wait_for_interrupt(pvm: bool) {
+    let vif = vif_area();
+    // SAFETY: interrupt handlers preserve the registers the C ABI makes callee-saved and
+    // return with `iretq`; interrupts are off again before the block ends. `vif` is this
+    // CPU's VIF area (its first byte is the virtual IF), written only on PVM.
+    unsafe {
+        asm!(
+            "test {pvm}, {pvm}",
+            "jz 2f",
+            "mov byte ptr [{vif}], 1",
+            "jmp 3f",
+            "2:",
+            "sti",
+            "3:",
+            ".global guest_wait_hlt",
+            "guest_wait_hlt:",
+            "hlt",
+            "test {pvm}, {pvm}",
+            "jz 4f",
+            "mov byte ptr [{vif}], 0",
+            "jmp 5f",
+            "4:",
+            "cli",
+            "5:",
+            pvm = in(reg_byte) u8::from(pvm),
+            vif = in(reg) vif,
+            clobber_abi("C"),
+        )
+    }
+}
+
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: port I/O has no memory-safety effect on this guest.
@@ -132,4 +190,13 @@ pub fn spin_loop_count(n: u64) {
              p = in(reg) p, n = inout(reg) n.max(1) => _, options(nostack))
     }
     core::hint::black_box(sink);
+}
+
+extern "C" {
+    static boot_vif_pages: u8;
+}
+
+/// This CPU's PVM virtual-interrupt-flag area (boot CPU only for now).
+pub fn vif_area() -> *mut u8 {
+    (&raw const boot_vif_pages).cast_mut()
 }

@@ -207,6 +207,7 @@ boot_pd:
 
     .section .bss.boot, "aw", @nobits
     .balign 4096
+    .global boot_vif_pages
 boot_vif_pages:                       /* one page per CPU: PVM wants a page-aligned GPA */
     .skip 4096 * {max_cpus}
 boot_stacks:

@@ -1,7 +1,8 @@
-//! The interrupt descriptor table. The guest never enables interrupts; the IDT exists so
-//! that `rdmsr`/`wrmsr` of a missing MSR can be survived (the `#GP` fix-up in
-//! [`crate::entry`]) and so that any other exception is reported on the console instead of
-//! silently triple-faulting.
+//! The interrupt descriptor table. The IDT exists so that `rdmsr`/`wrmsr` of a missing MSR
+//! can be survived (the `#GP` fix-up in [`crate::entry`]), so that any other exception is
+//! reported on the console instead of silently triple-faulting, and for the few device
+//! interrupts the guest takes ([`crate::apic`]): interrupts are enabled only while a CPU
+//! waits for one ([`crate::cpu::wait_for_interrupt`]).
 
 use core::arch::global_asm;
 use core::cell::UnsafeCell;
@@ -89,9 +90,107 @@ exception_stubs:
     options(att_syntax)
 );
 
+// Device interrupt stubs: save the caller-saved registers, step over the `hlt` of
+// `cpu::wait_for_interrupt` if the interrupt came just before it (see there), call
+// `interrupt(vector)` on a 16-byte aligned stack, restore, `iretq`. The spurious vector
+// returns at once (no EOI).
+global_asm!(
+    r#"
+    .text
+    .balign 16
+    .global irq_stub_device
+irq_stub_device:
+    push ${device}
+    jmp irq_common
+    .balign 16
+    .global irq_stub_timer
+irq_stub_timer:
+    push ${timer}
+    jmp irq_common
+    .balign 16
+    .global irq_stub_spurious
+irq_stub_spurious:
+    iretq
+irq_common:
+    push %rax
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    push %rbx
+    lea guest_wait_hlt(%rip), %rax
+    cmp %rax, 88(%rsp)
+    jne 1f
+    incq 88(%rsp)
+1:
+    mov 80(%rsp), %rdi
+    mov %rsp, %rbx
+    and $-16, %rsp
+    cld
+    call {interrupt}
+    mov %rbx, %rsp
+    pop %rbx
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rax
+    add $8, %rsp
+    iretq
+"#,
+    device = const crate::apic::DEVICE_VECTOR,
+    timer = const crate::apic::TIMER_VECTOR,
+    interrupt = sym crate::apic::interrupt,
+    options(att_syntax)
+);
+
 extern "C" {
     /// Addresses of the 32 exception stubs above.
     static exception_stubs: [u64; 32];
+    fn irq_stub_device();
+    fn irq_stub_timer();
+    fn irq_stub_spurious();
+}
+
+/// Writes an interrupt gate for `vector` to `handler`.
+fn set_gate(vector: usize, handler: u64) {
+    let cs = crate::entry::KERNEL_CS;
+    let gates = IDT.0.get().cast::<u64>();
+    let low = (handler & 0xffff)
+        | (u64::from(cs) << 16)
+        | (0x8e00 << 32)
+        | ((handler >> 16) & 0xffff) << 48;
+    // SAFETY: the IDT is a static of 512 u64 and `vector` < 256; gates are written by the
+    // BSP only, while the vector cannot be raised yet (its source is not set up).
+    unsafe {
+        gates.add(vector * 2).write_volatile(low);
+        gates.add(vector * 2 + 1).write_volatile(handler >> 32);
+    }
+}
+
+/// Installs the device, timer and spurious interrupt gates (before their sources are
+/// enabled).
+pub fn init_device_gates() {
+    set_gate(
+        crate::apic::DEVICE_VECTOR,
+        irq_stub_device as *const () as u64,
+    );
+    set_gate(
+        crate::apic::TIMER_VECTOR,
+        irq_stub_timer as *const () as u64,
+    );
+    set_gate(
+        crate::apic::SPURIOUS_VECTOR,
+        irq_stub_spurious as *const () as u64,
+    );
 }
 
 /// Fill gates 0-31 (vector 13 keeps the boot code's `#GP` fix-up gate).

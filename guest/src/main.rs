@@ -7,8 +7,9 @@
 //! * the heartbeat page of [`ray_guest_abi`] at 0x100000, kept current without exits;
 //! * idling through the VMM's idle port when it offers one (an exit per 500 µs instead of
 //!   a host CPU per vCPU);
-//! * a line-oriented shell on COM1 (`echo`, `mem`, `cpus`, `tick`, `dirty`, `sum`,
+//! * a line-oriented shell on COM1 (`echo`, `mem`, `cpus`, `tick`, `dirty`, `sum`, `rng`,
 //!   `poweroff`), see [`shell`];
+//! * a virtio-rng driver over virtio-pci with MSI-X ([`virtio_rng`]), set up on first use;
 //! * SMP: every vCPU enters at the ELF entry, APs update their heartbeat slots and idle;
 //!   at most [`MAX_CPUS`] of them: the others park, and the boot CPU says so on COM1
 //!   (`rayvisor-guest: 70 vCPUs offered, this kernel supports 64; running on 64`).
@@ -20,6 +21,7 @@
 
 #[macro_use]
 mod serial;
+mod apic;
 mod bootparams;
 mod clock;
 mod cpu;
@@ -28,8 +30,10 @@ mod heartbeat;
 mod idt;
 mod mem;
 mod paging;
+mod pci;
 mod shell;
 mod smp;
+mod virtio_rng;
 mod workload;
 
 use core::sync::atomic::Ordering::*;

@@ -121,6 +121,7 @@ fn execute(line: &str, work: &mut Workloads) {
         }
         "dirty" => dirty(args, work),
         "sum" => sum(args),
+        "rng" => rng(args),
         "poweroff" if no_more(args.clone(), cmd) => crate::poweroff(),
         "help" if no_more(args.clone(), cmd) => help(),
         "mem" | "cpus" | "poweroff" | "help" => {}
@@ -224,6 +225,42 @@ fn sum(mut args: core::str::SplitAsciiWhitespace) {
     println!("sum {addr:#x} {len} {:#018x}", sum_words(words));
 }
 
+/// `rng <n>`: n bytes (1..=1024) from the virtio-rng device, in hex.
+fn rng(mut args: core::str::SplitAsciiWhitespace) {
+    let Some(n) = number(args.next(), "byte count") else {
+        return;
+    };
+    if !no_more(args, "rng") {
+        return;
+    }
+    if n == 0 || n > crate::virtio_rng::MAX_REQUEST as u64 {
+        println!(
+            "err rng {n}: between 1 and {} bytes",
+            crate::virtio_rng::MAX_REQUEST
+        );
+        return;
+    }
+    let mut buf = [0u8; crate::virtio_rng::MAX_REQUEST];
+    let out = &mut buf[..n as usize];
+    let t0 = clock::now();
+    let result = crate::virtio_rng::read(out);
+    let ns = clock::now().saturating_sub(t0);
+    match result {
+        Ok(got) if got == out.len() => {
+            let mut hex = [0u8; 2 * crate::virtio_rng::MAX_REQUEST];
+            for (i, b) in out.iter().enumerate() {
+                hex[2 * i] = b"0123456789abcdef"[usize::from(b >> 4)];
+                hex[2 * i + 1] = b"0123456789abcdef"[usize::from(b & 0xf)];
+            }
+            let hex = core::str::from_utf8(&hex[..2 * out.len()]).unwrap_or("");
+            let (irqs, timer) = crate::virtio_rng::interrupts();
+            println!("rng {hex} irqs={irqs} watchdog={timer} ns={ns}");
+        }
+        Ok(got) => println!("err rng {n}: the device gave {got} bytes"),
+        Err(e) => println!("err rng: {e}"),
+    }
+}
+
 fn help() {
-    println!("commands: echo <text> | mem | cpus | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | poweroff | help");
+    println!("commands: echo <text> | mem | cpus | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | rng <bytes> | poweroff | help");
 }

@@ -1,10 +1,14 @@
 //! rayvisor's device models, with no KVM dependency: the port-I/O bus that routes vCPU
-//! exits to them, the 16550 console and its paravirtual path, the power-off port, and
-//! [`Persist`], how each saves and restores its state. Interrupts reach KVM through
-//! eventfds the VMM connects; guest memory is reached through [`ray_memory::GuestMemory`].
+//! exits to them, the 16550 console and its paravirtual path, the power-off port, the PCI
+//! bus ([`pci`]) with virtio-pci devices ([`virtio`]), and [`Persist`], how each saves and
+//! restores its state. Interrupts reach KVM through eventfds the VMM connects (MSI-X
+//! through [`MsiInterrupts`]); guest memory is reached through [`ray_memory::GuestMemory`].
 pub mod console;
+pub mod interrupt;
 pub mod legacy;
+pub mod pci;
 pub mod persist;
+pub mod virtio;
 
 use std::sync::{Arc, Mutex};
 
@@ -14,7 +18,9 @@ use ray_guest_abi::{
 use ray_memory::GuestMemory;
 
 pub use console::{Console, ConsoleRing};
+pub use interrupt::{MsiInterrupts, MsiMessage};
 pub use legacy::PowerEvent;
+pub use pci::PciBus;
 pub use persist::Persist;
 
 /// COM1's first port and its register count.
@@ -41,6 +47,8 @@ pub struct IoBus {
     /// Guest memory, for the paravirtual console's output; without it the paravirtual
     /// console ports are unknown ports.
     memory: Option<BusMemory>,
+    /// The PCI bus: configuration ports 0xcf8-0xcff and the BARs' MMIO.
+    pci: Option<Arc<PciBus>>,
 }
 
 impl IoBus {
@@ -48,6 +56,7 @@ impl IoBus {
         Self {
             console: Mutex::new(console),
             memory: None,
+            pci: None,
         }
     }
 
@@ -57,11 +66,41 @@ impl IoBus {
         Self {
             console: Mutex::new(console),
             memory: Some(memory),
+            pci: None,
+        }
+    }
+
+    /// Adds the PCI bus: its configuration ports and the MMIO of its BARs.
+    pub fn with_pci(mut self, pci: Arc<PciBus>) -> Self {
+        self.pci = Some(pci);
+        self
+    }
+
+    pub fn pci(&self) -> Option<&Arc<PciBus>> {
+        self.pci.as_ref()
+    }
+
+    /// An MMIO read no memory slot backs: a BAR's register, or all-ones.
+    pub fn read_mmio(&self, addr: u64, data: &mut [u8]) {
+        if !self.pci.as_ref().is_some_and(|p| p.read_mmio(addr, data)) {
+            data.fill(0xff);
+        }
+    }
+
+    /// An MMIO write no memory slot backs: a BAR's register, or dropped.
+    pub fn write_mmio(&self, addr: u64, data: &[u8]) {
+        if let Some(p) = &self.pci {
+            p.write_mmio(addr, data);
         }
     }
 
     pub fn read(&self, port: u16, data: &mut [u8]) {
         match port {
+            _ if PciBus::owns_port(port) && self.pci.is_some() => {
+                if let Some(p) = &self.pci {
+                    p.read_port(port, data);
+                }
+            }
             // Any length: `rep insb` hands the whole buffer over in one exit.
             PV_CONSOLE_IN_PORT if self.memory.is_some() => self.lock_console().pv_read(data),
             COM1_BASE..COM1_END if data.len() == 1 => {
@@ -73,6 +112,18 @@ impl IoBus {
 
     pub fn write(&self, port: u16, data: &[u8]) -> BusEvent {
         match port {
+            _ if PciBus::owns_port(port) && self.pci.is_some() => {
+                if let Some(moved) = self.pci.as_ref().and_then(|p| p.write_port(port, data)) {
+                    tracing::info!(
+                        "the guest moved BAR {} of PCI slot {} from {:#x} to {:#x}",
+                        moved.moved.bar,
+                        moved.slot,
+                        moved.moved.from,
+                        moved.moved.to
+                    );
+                }
+                BusEvent::None
+            }
             COM1_BASE..COM1_END if data.len() == 1 => {
                 self.lock_console().write((port - COM1_BASE) as u8, data[0]);
                 BusEvent::None
@@ -261,6 +312,28 @@ mod tests {
         back.read(PV_CONSOLE_IN_PORT, &mut rest);
         assert!(rest[..290].iter().all(|&b| b == b'q'));
         assert!(rest[290..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn pci_ports_and_bar_mmio_reach_the_pci_bus_only_when_it_is_there() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let plain = IoBus::new(Console::new(irq, None, false, Arc::default()));
+        let mut id = [0; 4];
+        plain.write(pci::CONFIG_ADDRESS, &(1u32 << 31).to_le_bytes());
+        plain.read(pci::CONFIG_DATA, &mut id);
+        assert_eq!(id, [0xff; 4], "no PCI bus: unknown ports");
+        let mut m = [0; 4];
+        plain.read_mmio(0xc000_0000, &mut m);
+        assert_eq!(m, [0xff; 4]);
+
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let bus = IoBus::new(Console::new(irq, None, false, Arc::default()))
+            .with_pci(Arc::new(PciBus::new()));
+        bus.write(pci::CONFIG_ADDRESS, &(1u32 << 31).to_le_bytes());
+        bus.read(pci::CONFIG_DATA, &mut id);
+        assert_eq!(u32::from_le_bytes(id), 0x0008_1b36, "the host bridge");
+        bus.read_mmio(0xc000_0000, &mut m);
+        assert_eq!(m, [0xff; 4], "no BAR there");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::boot::{self, BootSpec};
 use crate::devices::console::ConsoleState;
 use crate::devices::{Console, ConsoleRing, IoBus};
 use crate::memory::MemoryManager;
+use crate::pci::{PciDevices, PciError, PciState};
 use crate::vstate::persist::{self, Persist, PersistError, VcpuState, VmKvmState};
 use crate::vstate::vcpu::{self, EventSink, Vcpus};
 use crate::vstate::vm::{Vm, VmShell};
@@ -35,6 +36,8 @@ pub enum BuildError {
     EventFd(#[source] std::io::Error),
     #[error("cannot write the VMM's features into the guest's heartbeat page: {0}")]
     Features(#[source] vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    Pci(#[from] PciError),
 }
 
 /// Everything of a paused machine except guest memory: what a snapshot or a migration
@@ -46,12 +49,17 @@ pub struct MachineState {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmKvmState,
     pub console: ConsoleState,
+    /// The PCI devices (virtio-rng). Absent in states saved before the bus existed: such a
+    /// guest never saw the devices and gets them fresh.
+    #[serde(default)]
+    pub pci: Option<PciState>,
 }
 
 pub struct Machine {
     pub vm: Vm,
     pub bus: Arc<IoBus>,
     pub vcpus: Option<Vcpus>,
+    pub pci: PciDevices,
 }
 
 /// COM1's interrupt line: an eventfd KVM turns into IRQ 4.
@@ -61,11 +69,12 @@ fn serial_irq(vm: &Vm) -> Result<EventFd, BuildError> {
     Ok(irq)
 }
 
-/// The port-I/O bus of `vm`: COM1 and the paravirtual console over the VM's memory. Both
-/// are always served: a guest keeps the console mode it chose at boot, also across
-/// snapshots and migrations between VMMs that announce different features.
-fn bus_over(vm: &Vm, console: Console) -> IoBus {
-    IoBus::with_memory(console, Arc::new(vm.memory.clone()))
+/// The port-I/O bus of `vm`: COM1 and the paravirtual console over the VM's memory, and
+/// the PCI bus. Both consoles are always served: a guest keeps the console mode it chose
+/// at boot, also across snapshots and migrations between VMMs that announce different
+/// features.
+fn bus_over(vm: &Vm, console: Console, pci: &PciDevices) -> IoBus {
+    IoBus::with_memory(console, Arc::new(vm.memory.clone())).with_pci(pci.bus.clone())
 }
 
 /// Where the console goes.
@@ -99,26 +108,32 @@ impl Machine {
         }
 
         let console = Console::new(serial_irq(&vm)?, sinks.log, sinks.stdout, sinks.ring);
-        let bus = Arc::new(bus_over(&vm, console));
+        let pci = PciDevices::create(&vm, None)?;
+        let bus = Arc::new(bus_over(&vm, console, &pci));
 
         let fds = (0..spec.vcpus)
             .map(|i| vcpu::create(&vm, i, spec.vcpus, &image))
             .collect::<Result<Vec<_>, _>>()?;
-        Machine::start(vm, bus, fds, events)
+        Machine::start(vm, bus, pci, fds, events)
     }
 
-    /// Starts the vCPU threads of a built machine.
+    /// Starts the vCPU threads of a built machine, then its devices (restored ones wait
+    /// until the vCPUs' interrupt controllers hold their saved state, or an interrupt they
+    /// raise would be lost).
     fn start(
         vm: Vm,
         bus: Arc<IoBus>,
+        pci: PciDevices,
         fds: Vec<kvm_ioctls::VcpuFd>,
         events: EventSink,
     ) -> Result<Machine, BuildError> {
         let vcpus = Vcpus::start(fds, bus.clone(), events)?;
+        pci.resume();
         Ok(Machine {
             vm,
             bus,
             vcpus: Some(vcpus),
+            pci,
         })
     }
 
@@ -142,6 +157,7 @@ impl Machine {
                 .lock_console()
                 .save_state()
                 .map_err(PersistError::Device)?,
+            pci: Some(self.pci.save().map_err(PersistError::Device)?),
         })
     }
 
@@ -202,8 +218,9 @@ impl Machine {
             sinks.ring,
         )
         .map_err(BuildError::Incompatible)?;
+        let pci = PciDevices::create(&vm, state.pci.as_ref())?;
         // Whatever the restored guest was told at its boot, both console paths work.
-        let bus = Arc::new(bus_over(&vm, console));
+        let bus = Arc::new(bus_over(&vm, console, &pci));
         let fds = state
             .vcpus
             .iter()
@@ -218,7 +235,7 @@ impl Machine {
                 Ok(vcpu::restore(&vm, s)?)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Machine::start(vm, bus, fds, events)
+        Machine::start(vm, bus, pci, fds, events)
     }
 
     /// Limits the vCPUs to `100 - percent` % of their run time; 0 lifts the throttle.
@@ -228,10 +245,13 @@ impl Machine {
         }
     }
 
+    /// Stops the vCPUs, then the devices: nothing changes guest memory or device state
+    /// until [`resume`](Self::resume).
     pub fn pause(&self) {
         if let Some(v) = &self.vcpus {
             v.pause();
         }
+        self.pci.pause();
     }
 
     /// Ends the idle waits of the vCPUs (see [`Vcpus::wake_idle`]).
@@ -242,6 +262,7 @@ impl Machine {
     }
 
     pub fn resume(&self) {
+        self.pci.resume();
         if let Some(v) = &self.vcpus {
             v.resume();
         }

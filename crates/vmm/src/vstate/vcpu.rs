@@ -559,8 +559,9 @@ fn exit_reason(exit: &VcpuExit<'_>) -> ExitReason {
     }
 }
 
-/// Serves an exit that is a port or MMIO access (reads of unknown MMIO return all-ones,
-/// writes are dropped) and says what it asks of the VMM; any other exit comes back as is.
+/// Serves an exit that is a port or MMIO access (MMIO goes to the PCI bus's BARs; reads of
+/// unknown MMIO return all-ones, writes are dropped) and says what it asks of the VMM; any
+/// other exit comes back as is.
 fn serve_access<'a>(bus: &IoBus, exit: VcpuExit<'a>) -> Result<BusEvent, VcpuExit<'a>> {
     match exit {
         VcpuExit::IoOut(port, data) => Ok(bus.write(port, data)),
@@ -568,11 +569,14 @@ fn serve_access<'a>(bus: &IoBus, exit: VcpuExit<'a>) -> Result<BusEvent, VcpuExi
             bus.read(port, data);
             Ok(BusEvent::None)
         }
-        VcpuExit::MmioRead(_, data) => {
-            data.fill(0xff);
+        VcpuExit::MmioRead(addr, data) => {
+            bus.read_mmio(addr, data);
             Ok(BusEvent::None)
         }
-        VcpuExit::MmioWrite(..) => Ok(BusEvent::None),
+        VcpuExit::MmioWrite(addr, data) => {
+            bus.write_mmio(addr, data);
+            Ok(BusEvent::None)
+        }
         other => Err(other),
     }
 }

@@ -1,0 +1,84 @@
+//! virtio 1.2 devices: the split virtqueue ([`queue`]), the modern PCI transport
+//! ([`pci`]) and the device models behind it ([`rng`]).
+pub mod pci;
+pub mod queue;
+pub mod rng;
+
+use ray_memory::GuestMemory;
+
+use queue::Chain;
+
+/// Feature bits the transport handles for every device.
+pub const F_VERSION_1: u64 = 1 << 32;
+pub const F_EVENT_IDX: u64 = 1 << 29;
+
+/// Device status bits (§2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u8 = 1;
+    pub const DRIVER: u8 = 2;
+    pub const DRIVER_OK: u8 = 4;
+    pub const FEATURES_OK: u8 = 8;
+    pub const NEEDS_RESET: u8 = 0x40;
+    pub const FAILED: u8 = 0x80;
+}
+
+pub const DEVICE_TYPE_RNG: u16 = 4;
+
+/// What a device model does with one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// Done: this many bytes were written into the chain's device-writable buffers.
+    Done(u32),
+    /// The request is malformed or could not be served; it is returned with nothing
+    /// written, and the reason is logged.
+    Failed(String),
+}
+
+/// A device model behind a virtio transport. It sees only validated chains; queue
+/// bookkeeping, notification suppression and interrupts are the transport's.
+pub trait VirtioDevice: Send {
+    /// The virtio device type (4 = entropy source).
+    fn device_type(&self) -> u16;
+    /// Device-specific feature bits (the transport adds its own).
+    fn features(&self) -> u64;
+    /// The maximum size of each of its queues; their count is the number of queues.
+    fn queue_sizes(&self) -> &[u16];
+    /// Reads the device-specific configuration (out-of-range bytes read zero).
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let _ = offset;
+        data.fill(0);
+    }
+    fn config_len(&self) -> u64 {
+        0
+    }
+    /// Serves one request of queue `queue`.
+    fn process(
+        &mut self,
+        queue: usize,
+        chain: &Chain,
+        memory: &(dyn GuestMemory + Send + Sync),
+    ) -> Completion;
+    /// Device reset: forget everything negotiated.
+    fn reset(&mut self) {}
+}
+
+/// Logs warnings about one device's guest input, up to a limit, so that a guest cannot
+/// fill the VMM's log.
+#[derive(Debug, Default, Clone)]
+pub struct WarnLimit {
+    count: u32,
+}
+
+impl WarnLimit {
+    const MAX: u32 = 32;
+
+    pub fn warn(&mut self, device: &str, message: std::fmt::Arguments<'_>) {
+        self.count = self.count.saturating_add(1);
+        if self.count <= Self::MAX {
+            tracing::warn!("{device}: {message}");
+        }
+        if self.count == Self::MAX {
+            tracing::warn!("{device}: further warnings about this device are suppressed");
+        }
+    }
+}

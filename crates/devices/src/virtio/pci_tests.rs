@@ -1,0 +1,400 @@
+//! The transport driven as a guest driver would, with virtio-rng behind it.
+use std::sync::Arc;
+
+use ray_memory::mmap::MappedMemory;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::*;
+use crate::interrupt::test_util::Recorder;
+use crate::pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
+use crate::pci::msix::CONTROL_ENABLE;
+use crate::virtio::queue::tests::{desc, used_elem, used_idx, USED};
+use crate::virtio::queue::{DESC_F_NEXT, DESC_F_WRITE};
+use crate::virtio::rng::Rng;
+
+type Mem = GuestMemoryMmap<()>;
+
+struct Rig {
+    mem: &'static Mem,
+    dev: VirtioPci,
+    irq: Arc<Recorder>,
+}
+
+fn rig() -> Rig {
+    let mem: &'static Mem = Box::leak(Box::new(
+        Mem::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap(),
+    ));
+    let irq = Arc::new(Recorder::default());
+    let view: Memory = Arc::new(MappedMemory::new(mem));
+    let dev = VirtioPci::new("virtio-rng", Box::new(Rng), view, irq.clone(), 0xc000_0000);
+    Rig { mem, dev, irq }
+}
+
+impl Rig {
+    fn w(&mut self, off: u64, bytes: &[u8]) {
+        self.dev.write_bar(0, off, bytes);
+    }
+    fn w8(&mut self, off: u64, v: u8) {
+        self.w(off, &[v]);
+    }
+    fn w16(&mut self, off: u64, v: u16) {
+        self.w(off, &v.to_le_bytes());
+    }
+    fn w32(&mut self, off: u64, v: u32) {
+        self.w(off, &v.to_le_bytes());
+    }
+    fn r(&mut self, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        self.dev.read_bar(0, off, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+    fn status(&mut self) -> u8 {
+        self.r(0x14, 1) as u8
+    }
+
+    /// Walks the capability list: (cfg_type, offset) of each virtio capability, and the
+    /// MSI-X capability's offset.
+    fn capabilities(&self) -> (Vec<(u8, u32)>, usize) {
+        let c = self.dev.config();
+        let mut at = c.u16_at(0x34) as usize & 0xff;
+        let (mut virtio, mut msix) = (Vec::new(), 0);
+        while at != 0 {
+            let mut hdr = [0u8; 16];
+            c.read(at, &mut hdr);
+            match hdr[0] {
+                0x09 => virtio.push((hdr[3], c.u32_at(at + 8))),
+                0x11 => msix = at,
+                other => panic!("unexpected capability {other:#x}"),
+            }
+            at = usize::from(hdr[1]);
+        }
+        (virtio, msix)
+    }
+
+    /// What a driver does up to the queue set-up: decoding on, MSI-X on with vectors 0
+    /// (config) and 1 (queue) unmasked, features negotiated.
+    fn negotiate(&mut self, features: u64) {
+        self.dev.write_config(
+            COMMAND,
+            &(COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes(),
+        );
+        let (_, msix) = self.capabilities();
+        self.dev
+            .write_config(msix + 2, &CONTROL_ENABLE.to_le_bytes());
+        for v in 0..2u64 {
+            self.w32(MSIX_TABLE + v * 16, 0xfee0_0000);
+            self.w32(MSIX_TABLE + v * 16 + 8, 0x40 + v as u32);
+            self.w32(MSIX_TABLE + v * 16 + 12, 0);
+        }
+        self.w8(0x14, status::ACKNOWLEDGE);
+        self.w8(0x14, status::ACKNOWLEDGE | status::DRIVER);
+        self.w32(0x08, 0);
+        self.w32(0x0c, features as u32);
+        self.w32(0x08, 1);
+        self.w32(0x0c, (features >> 32) as u32);
+        self.w8(
+            0x14,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        self.w16(0x10, 0);
+    }
+
+    fn setup_queue(&mut self, mock: &MockSplitQueue<'_, Mem>, size: u16) {
+        self.w16(0x16, 0);
+        self.w16(0x1a, 1);
+        self.w16(0x18, size);
+        self.w32(0x20, mock.desc_table_addr().0 as u32);
+        self.w32(0x24, 0);
+        self.w32(0x28, mock.avail_addr().0 as u32);
+        self.w32(0x2c, 0);
+        self.w(0x30, &USED.to_le_bytes());
+        self.w16(0x1c, 1);
+    }
+
+    fn driver_ok(&mut self) {
+        let s = self.status();
+        self.w8(0x14, s | status::DRIVER_OK);
+    }
+
+    fn kick(&mut self) {
+        self.w16(NOTIFY, 0);
+    }
+
+    fn bytes(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.read_slice(&mut v, GuestAddress(gpa)).unwrap();
+        v
+    }
+}
+
+fn used(r: &Rig, i: u64) -> (u32, u32) {
+    used_elem(r.mem, i)
+}
+
+#[test]
+fn capabilities_describe_the_bar_layout() {
+    let r = rig();
+    let (virtio, msix) = r.capabilities();
+    assert_eq!(
+        virtio,
+        vec![
+            (CAP_COMMON, COMMON as u32),
+            (CAP_NOTIFY, NOTIFY as u32),
+            (CAP_ISR, ISR as u32)
+        ]
+    );
+    let c = r.dev.config();
+    assert_eq!(c.u16_at(msix + 2), 1, "2 vectors: table size - 1");
+    assert_eq!(c.u32_at(msix + 4), MSIX_TABLE as u32);
+    assert_eq!(c.u32_at(msix + 8), MSIX_PBA as u32);
+    assert_eq!(c.u16_at(2), 0x1044);
+    assert_eq!(c.bar_address(0), Some(0xc000_0000));
+    assert_eq!(r.dev.notify_address(0), 0xc000_3000);
+}
+
+#[test]
+fn rng_requests_are_filled_in_a_batch_with_one_interrupt() {
+    let mut r = rig();
+    let mock = MockSplitQueue::new(r.mem, 16);
+    r.negotiate(F_VERSION_1 | F_EVENT_IDX);
+    assert_eq!(r.status() & status::FEATURES_OK, status::FEATURES_OK);
+    assert_eq!(r.r(0x12, 2), 1, "one queue");
+    assert_eq!(r.r(0x18, 2), 256, "maximum size offered");
+    r.setup_queue(&mock, 16);
+    r.driver_ok();
+    mock.add_desc_chains(
+        &[
+            desc(0x10_0000, 32, DESC_F_WRITE, 0),
+            desc(0x10_1000, 32, DESC_F_WRITE, 0),
+            desc(0x10_2000, 16, DESC_F_WRITE | DESC_F_NEXT, 3),
+            desc(0x10_3000, 16, DESC_F_WRITE, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    r.kick();
+    assert_eq!(used_idx(r.mem), 3);
+    assert_eq!(used(&r, 0), (0, 32));
+    assert_eq!(used(&r, 1), (1, 32));
+    assert_eq!(used(&r, 2), (2, 32));
+    let (a, b) = (r.bytes(0x10_0000, 32), r.bytes(0x10_1000, 32));
+    assert_ne!(a, vec![0; 32]);
+    assert_ne!(a, b, "two requests get different bytes");
+    assert_ne!(
+        r.bytes(0x10_3000, 16),
+        vec![0; 16],
+        "both buffers of a chain"
+    );
+    assert_eq!(r.irq.take_fired(), vec![1], "one interrupt for the batch");
+    assert_eq!(r.r(ISR, 1), 1, "ISR: queue interrupt, cleared by reading");
+    assert_eq!(r.r(ISR, 1), 0);
+    // The device asks to be kicked at the next entry.
+    let avail_event = USED + 4 + 8 * 16;
+    assert_eq!(r.mem.read_obj::<u16>(GuestAddress(avail_event)).unwrap(), 3);
+
+    // The driver holds its interrupt back until used index 5: the next request is served
+    // without one.
+    let used_event = mock.avail_addr().0 + 4 + 2 * 16;
+    r.mem.write_obj(5u16, GuestAddress(used_event)).unwrap();
+    mock.add_desc_chains(&[desc(0x10_4000, 8, DESC_F_WRITE, 0)], 4)
+        .unwrap();
+    r.kick();
+    assert_eq!(used_idx(r.mem), 4);
+    assert!(r.irq.take_fired().is_empty());
+}
+
+#[test]
+fn requests_larger_than_the_cap_are_cut() {
+    let mut r = rig();
+    let mock = MockSplitQueue::new(r.mem, 16);
+    r.negotiate(F_VERSION_1);
+    r.setup_queue(&mock, 16);
+    r.driver_ok();
+    mock.add_desc_chains(&[desc(0x10_0000, 0x10_0000, DESC_F_WRITE, 0)], 0)
+        .unwrap();
+    r.kick();
+    assert_eq!(used(&r, 0), (0, crate::virtio::rng::MAX_REQUEST));
+    assert_eq!(r.irq.take_fired(), vec![1]);
+}
+
+#[test]
+fn malformed_requests_fail_alone() {
+    let mut r = rig();
+    let mock = MockSplitQueue::new(r.mem, 16);
+    r.negotiate(F_VERSION_1);
+    r.setup_queue(&mock, 16);
+    r.driver_ok();
+    mock.add_desc_chains(
+        &[
+            // A device-readable buffer: not an entropy request.
+            desc(0x10_0000, 32, 0, 0),
+            // Past the end of guest memory.
+            desc(0x1f_fff0, 64, DESC_F_WRITE, 0),
+            // A good one among them.
+            desc(0x10_1000, 8, DESC_F_WRITE, 0),
+            // Loops onto itself.
+            desc(0x10_0000, 8, DESC_F_WRITE | DESC_F_NEXT, 3),
+        ],
+        0,
+    )
+    .unwrap();
+    r.kick();
+    assert_eq!(used_idx(r.mem), 4);
+    assert_eq!(
+        (0..4).map(|i| used(&r, i)).collect::<Vec<_>>(),
+        vec![(0, 0), (1, 0), (2, 8), (3, 0)]
+    );
+    assert_eq!(r.bytes(0x10_0000, 32), vec![0; 32], "nothing written");
+    assert_eq!(r.status() & status::NEEDS_RESET, 0, "the device goes on");
+}
+
+#[test]
+fn bad_feature_negotiation_is_refused() {
+    for features in [0, F_EVENT_IDX, F_VERSION_1 | 1 << 40, F_VERSION_1 | 1] {
+        let mut r = rig();
+        r.negotiate(features);
+        assert_eq!(r.status() & status::FEATURES_OK, 0, "{features:#x}");
+        // DRIVER_OK without FEATURES_OK: the device needs a reset and says so.
+        r.driver_ok();
+        let s = r.status();
+        assert_eq!(s & status::DRIVER_OK, 0);
+        assert_eq!(s & status::NEEDS_RESET, status::NEEDS_RESET);
+        assert_eq!(r.irq.take_fired(), vec![0], "configuration-change vector");
+        assert_eq!(r.r(0x15, 1), 1, "config generation moved");
+        // A reset brings it back.
+        r.w8(0x14, 0);
+        assert_eq!(r.status(), 0);
+        r.negotiate(F_VERSION_1);
+        assert_eq!(r.status() & status::FEATURES_OK, status::FEATURES_OK);
+    }
+}
+
+#[test]
+fn queue_faults_need_a_reset_and_the_reset_recovers() {
+    let mut r = rig();
+    let mock = MockSplitQueue::new(r.mem, 16);
+    r.negotiate(F_VERSION_1);
+    // Rings outside guest memory: enabling fails.
+    r.w16(0x18, 16);
+    r.w32(0x20, 0);
+    r.w32(0x24, 0x10);
+    r.w16(0x1c, 1);
+    assert_eq!(r.r(0x1c, 2), 0);
+    assert_eq!(r.status() & status::NEEDS_RESET, status::NEEDS_RESET);
+    r.w8(0x14, 0);
+
+    // A size that is not a power of two.
+    r.negotiate(F_VERSION_1);
+    r.setup_queue(&mock, 12);
+    assert_eq!(r.status() & status::NEEDS_RESET, status::NEEDS_RESET);
+    r.w8(0x14, 0);
+
+    // A runaway available index.
+    r.negotiate(F_VERSION_1);
+    r.setup_queue(&mock, 16);
+    r.driver_ok();
+    mock.avail().idx().store(100);
+    r.kick();
+    assert_eq!(r.status() & status::NEEDS_RESET, status::NEEDS_RESET);
+    assert_eq!(used_idx(r.mem), 0);
+    // Further kicks are ignored until the reset.
+    r.kick();
+    r.w8(0x14, 0);
+    assert_eq!(r.r(0x1c, 2), 0, "queue disabled by the reset");
+    assert_eq!(r.r(0x1a, 2), u64::from(NO_VECTOR));
+    // Queue changes while enabled are ignored; vectors beyond the table read NO_VECTOR.
+    mock.avail().idx().store(0);
+    r.negotiate(F_VERSION_1);
+    r.setup_queue(&mock, 16);
+    r.w16(0x18, 8);
+    assert_eq!(r.r(0x18, 2), 16);
+    r.w16(0x1a, 7);
+    assert_eq!(r.r(0x1a, 2), u64::from(NO_VECTOR));
+}
+
+#[test]
+fn kicks_while_paused_are_served_on_resume() {
+    let mut r = rig();
+    let mock = MockSplitQueue::new(r.mem, 16);
+    r.negotiate(F_VERSION_1);
+    r.setup_queue(&mock, 16);
+    r.driver_ok();
+    r.dev.pause();
+    mock.add_desc_chains(&[desc(0x10_0000, 8, DESC_F_WRITE, 0)], 0)
+        .unwrap();
+    r.kick();
+    assert_eq!(used_idx(r.mem), 0);
+    r.dev.resume();
+    assert_eq!(used_idx(r.mem), 1);
+}
+
+#[test]
+fn state_round_trips_and_bad_state_is_refused() {
+    let mut r = rig();
+    let mock = MockSplitQueue::new(r.mem, 16);
+    r.negotiate(F_VERSION_1 | F_EVENT_IDX);
+    r.setup_queue(&mock, 16);
+    r.driver_ok();
+    mock.add_desc_chains(&[desc(0x10_0000, 8, DESC_F_WRITE, 0)], 0)
+        .unwrap();
+    r.kick();
+    r.irq.take_fired();
+    let saved = r.dev.save_state().unwrap();
+
+    // A new device over the same memory takes the state and goes on where it was.
+    let irq = Arc::new(Recorder::default());
+    let view: Memory = Arc::new(MappedMemory::new(r.mem));
+    let mut back = VirtioPci::new("virtio-rng", Box::new(Rng), view, irq.clone(), 0xd000_0000);
+    back.restore_state(&saved).unwrap();
+    assert_eq!(back.save_state().unwrap(), saved);
+    assert_eq!(
+        back.bar_address(),
+        0xc000_0000,
+        "the guest's BAR address is kept"
+    );
+    assert_eq!(
+        irq.last_route(1).unwrap().unwrap().data,
+        0x41,
+        "vectors re-routed"
+    );
+    mock.add_desc_chains(&[desc(0x10_1000, 8, DESC_F_WRITE, 0)], 1)
+        .unwrap();
+    let used_event = mock.avail_addr().0 + 4 + 2 * 16;
+    r.mem.write_obj(1u16, GuestAddress(used_event)).unwrap();
+    back.resume();
+    assert_eq!(used_idx(r.mem), 2, "the request queued across the move");
+    assert_eq!(irq.fired(), vec![1]);
+
+    let refuse = |s: VirtioPciState, what: &str| {
+        let view: Memory = Arc::new(MappedMemory::new(r.mem));
+        let mut d = VirtioPci::new("virtio-rng", Box::new(Rng), view, irq.clone(), 0xc000_0000);
+        let e = d.restore_state(&s).unwrap_err();
+        assert!(e.contains(what), "{e}");
+    };
+    refuse(
+        VirtioPciState {
+            device_type: 2,
+            ..saved.clone()
+        },
+        "type 2",
+    );
+    let mut s = saved.clone();
+    s.queues.push(s.queues[0].clone());
+    refuse(s, "2 queues");
+    let mut s = saved.clone();
+    s.registers.driver_features |= 1 << 50;
+    refuse(s, "unoffered");
+    let mut s = saved.clone();
+    s.registers.queue_vectors[0] = 9;
+    refuse(s, "vector");
+    let mut s = saved.clone();
+    s.queues[0].used = 1 << 40;
+    refuse(s, "used ring");
+    let mut s = saved.clone();
+    s.queues[0].max_size = 1024;
+    refuse(s, "maximum size");
+    let mut s = saved.clone();
+    s.config.push((0, 0x12));
+    refuse(s, "not one a guest can write");
+}

@@ -1,0 +1,66 @@
+//! The local APIC (xAPIC, MMIO at 0xfee00000), just enough for device interrupts: software
+//! enable, end of interrupt, and a one-shot timer that ends a wait whose interrupt was
+//! lost. With KVM's in-kernel APIC these accesses never reach the VMM.
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+const BASE: usize = 0xfee0_0000;
+const ID: usize = 0x20;
+const EOI: usize = 0xb0;
+const SVR: usize = 0xf0;
+const LVT_TIMER: usize = 0x320;
+const TIMER_INITIAL: usize = 0x380;
+const TIMER_DIVIDE: usize = 0x3e0;
+const SVR_ENABLE: u32 = 1 << 8;
+
+/// The vector MSI-X messages of devices carry.
+pub const DEVICE_VECTOR: usize = 0x40;
+pub const TIMER_VECTOR: usize = 0x41;
+pub const SPURIOUS_VECTOR: usize = 0xff;
+
+/// Interrupts taken, by kind.
+pub static DEVICE_IRQS: AtomicU64 = AtomicU64::new(0);
+pub static TIMER_IRQS: AtomicU64 = AtomicU64::new(0);
+
+fn reg(offset: usize) -> *mut u32 {
+    (BASE + offset) as *mut u32
+}
+
+fn write(offset: usize, value: u32) {
+    // SAFETY: the APIC page is identity-mapped uncached (paging.rs maps 3-4 GiB so) and
+    // its registers take aligned 32-bit accesses.
+    unsafe { reg(offset).write_volatile(value) }
+}
+
+fn read(offset: usize) -> u32 {
+    // SAFETY: as for `write`.
+    unsafe { reg(offset).read_volatile() }
+}
+
+/// This CPU's APIC ID (where MSI messages for it are addressed).
+pub fn id() -> u32 {
+    read(ID) >> 24
+}
+
+/// Installs the gates and software-enables the APIC (KVM drops interrupts to a disabled
+/// one). Interrupts stay off in RFLAGS.
+pub fn init() {
+    crate::idt::init_device_gates();
+    write(SVR, SVR_ENABLE | SPURIOUS_VECTOR as u32);
+    write(TIMER_DIVIDE, 0xb);
+    write(LVT_TIMER, TIMER_VECTOR as u32);
+}
+
+/// Starts (or, with 0, stops) the one-shot timer: `ticks` APIC bus cycles (1 ns each on
+/// KVM).
+pub fn set_timer(ticks: u32) {
+    write(TIMER_INITIAL, ticks);
+}
+
+/// Called by the interrupt stubs of idt.rs.
+pub extern "C" fn interrupt(vector: u64) {
+    match vector as usize {
+        DEVICE_VECTOR => DEVICE_IRQS.fetch_add(1, Relaxed),
+        _ => TIMER_IRQS.fetch_add(1, Relaxed),
+    };
+    write(EOI, 0);
+}
