@@ -169,7 +169,8 @@ fn set_gate(vector: usize, handler: u64) {
         | (0x8e00 << 32)
         | ((handler >> 16) & 0xffff) << 48;
     // SAFETY: the IDT is a static of 512 u64 and `vector` < 256; gates are written by the
-    // BSP only, while the vector cannot be raised yet (its source is not set up).
+    // BSP only, before any AP is released and while the vector cannot be raised yet (its
+    // source is not set up).
     unsafe {
         gates.add(vector * 2).write_volatile(low);
         gates.add(vector * 2 + 1).write_volatile(handler >> 32);
@@ -195,23 +196,11 @@ pub fn init_device_gates() {
 
 /// Fill gates 0-31 (vector 13 keeps the boot code's `#GP` fix-up gate).
 pub fn init() {
-    let cs = crate::entry::KERNEL_CS;
-    let gates = IDT.0.get().cast::<u64>();
     // SAFETY: `exception_stubs` is a constant table emitted by the assembly above.
     let stubs = unsafe { exception_stubs };
     for (vector, &handler) in stubs.iter().enumerate() {
-        if vector == 13 {
-            continue;
-        }
-        let low = (handler & 0xffff)
-            | (u64::from(cs) << 16)
-            | (0x8e00 << 32)
-            | ((handler >> 16) & 0xffff) << 48;
-        // SAFETY: the IDT is a static of 512 u64; only the BSP writes these gates, before
-        // any AP is released (see the type's documentation).
-        unsafe {
-            gates.add(vector * 2).write_volatile(low);
-            gates.add(vector * 2 + 1).write_volatile(handler >> 32);
+        if vector != 13 {
+            set_gate(vector, handler);
         }
     }
 }

@@ -232,16 +232,19 @@ impl MemoryManager {
         Ok(mem)
     }
 
-    /// Waits until a lazy fill (if any) has placed and checked all of memory, helping it at
-    /// this thread's priority. Returns at once for memory that is not filled lazily.
-    pub fn wait_filled(&self) -> Result<(), MemoryError> {
-        let fill = self
-            .inner
+    /// The lazy fill of this memory, while one runs.
+    fn lazy_fill(&self) -> Option<Arc<LazyFill>> {
+        self.inner
             .fill
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let Some(fill) = fill else {
+            .clone()
+    }
+
+    /// Waits until a lazy fill (if any) has placed and checked all of memory, helping it at
+    /// this thread's priority. Returns at once for memory that is not filled lazily.
+    pub fn wait_filled(&self) -> Result<(), MemoryError> {
+        let Some(fill) = self.lazy_fill() else {
             return Ok(());
         };
         fill.complete().map_err(MemoryError::Damaged)?;
@@ -257,13 +260,7 @@ impl MemoryManager {
     /// Starts the background part of a lazy fill (if any): every block no one touched is
     /// placed and checked at the lowest CPU priority.
     pub fn fill_in_background(&self) -> Result<(), MemoryError> {
-        let fill = self
-            .inner
-            .fill
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        match fill {
+        match self.lazy_fill() {
             Some(f) => f.fill_in_background().map_err(MemoryError::Lazy),
             None => Ok(()),
         }

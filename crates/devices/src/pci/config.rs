@@ -38,6 +38,19 @@ pub struct PciId {
     pub subsystem: u16,
 }
 
+impl PciId {
+    /// A virtio-rng function's identity: what the unit tests put on their buses.
+    #[cfg(test)]
+    pub(crate) const TEST: PciId = PciId {
+        vendor: 0x1af4,
+        device: 0x1044,
+        class: [0xff, 0, 0],
+        revision: 1,
+        subsystem_vendor: 0x1af4,
+        subsystem: 0x40,
+    };
+}
+
 /// A BAR's address changed (the guest programmed it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BarMove {
@@ -267,14 +280,7 @@ mod tests {
     use super::*;
 
     fn space() -> ConfigSpace {
-        let mut c = ConfigSpace::new(PciId {
-            vendor: 0x1af4,
-            device: 0x1044,
-            class: [0xff, 0, 0],
-            revision: 1,
-            subsystem_vendor: 0x1af4,
-            subsystem: 0x40,
-        });
+        let mut c = ConfigSpace::new(PciId::TEST);
         c.add_bar(0, 0x8000, 0xc000_0000);
         c
     }

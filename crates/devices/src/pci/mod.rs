@@ -226,14 +226,7 @@ mod tests {
     }
 
     fn bus_with_probe() -> (PciBus, Arc<Mutex<Probe>>) {
-        let mut config = ConfigSpace::new(PciId {
-            vendor: 0x1af4,
-            device: 0x1044,
-            class: [0xff, 0, 0],
-            revision: 1,
-            subsystem_vendor: 0x1af4,
-            subsystem: 0x40,
-        });
+        let mut config = ConfigSpace::new(PciId::TEST);
         config.add_bar(0, 0x4000, 0xc000_0000);
         let probe = Arc::new(Mutex::new(Probe {
             config,
