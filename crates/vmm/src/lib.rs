@@ -35,6 +35,7 @@ use ray_api::vmm::VmConfig;
 
 use controller::{Controller, Message, Request, Response, VmPaths};
 use lifecycle::{AuditTrail, VmState};
+use logging::SpawnInSpan;
 
 /// How `ray vmm` was asked to run.
 pub struct VmmOptions {
@@ -126,11 +127,10 @@ fn block_stop_signals() -> libc::sigset_t {
 }
 
 fn spawn_signal_thread(set: libc::sigset_t, inbox: mpsc::Sender<Message>) {
-    let _ = logging::spawn(
-        std::thread::Builder::new()
-            .name("signals".into())
-            .stack_size(64 << 10),
-        move || loop {
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .stack_size(64 << 10)
+        .spawn_in_span(move || loop {
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` is an initialised signal set and `sig` a valid out pointer;
             // the signals are blocked in every thread, so sigwait is the only taker.
@@ -139,16 +139,14 @@ fn spawn_signal_thread(set: libc::sigset_t, inbox: mpsc::Sender<Message>) {
             {
                 break;
             }
-        },
-    );
+        });
 }
 
 fn spawn_stdin_thread(inbox: mpsc::Sender<Message>) {
-    let _ = logging::spawn(
-        std::thread::Builder::new()
-            .name("stdin".into())
-            .stack_size(64 << 10),
-        move || {
+    let _ = std::thread::Builder::new()
+        .name("stdin".into())
+        .stack_size(64 << 10)
+        .spawn_in_span(move || {
             let stdin = std::io::stdin();
             let mut line = Vec::new();
             while stdin.lock().read_until(b'\n', &mut line).unwrap_or(0) > 0 {
@@ -165,8 +163,7 @@ fn spawn_stdin_thread(inbox: mpsc::Sender<Message>) {
                     break;
                 }
             }
-        },
-    );
+        });
 }
 
 /// How the exit record of a VMM whose VM never came up starts its reason.
@@ -188,7 +185,7 @@ fn failed_to_start(ctl: &Controller, id: &str, e: &controller::ControllerError) 
 /// Runs one VMM until its VM ends. Returns the final state.
 pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     one_malloc_arena();
-    // Every event of this process, on every thread started with logging::spawn, belongs
+    // Every event of this process, on every thread started with spawn_in_span, belongs
     // to this VM.
     let vm_span = tracing::info_span!("vm", id = %opts.id);
     let _in_vm = vm_span.enter();

@@ -5,7 +5,7 @@
 //! line with the spans it happened in (`vm` with the VM's id, `migration` with its direction
 //! and peer).
 //!
-//! Spans are per thread in `tracing`; [`spawn`] starts a thread inside the spans current
+//! Spans are per thread in `tracing`; [`SpawnInSpan::spawn_in_span`] starts a thread inside the spans current
 //! where it is called, so a vCPU's or a migration's events carry the VM they belong to.
 
 use std::str::FromStr;
@@ -98,17 +98,8 @@ pub fn init(format: LogFormat, default: &str) {
         .try_init();
 }
 
-/// Spawns a thread from `builder` that runs `f` inside the spans current here.
-pub fn spawn<F, T>(builder: Builder, f: F) -> std::io::Result<JoinHandle<T>>
-where
-    F: FnOnce() -> T + Send + 'static,
-    T: Send + 'static,
-{
-    let span = tracing::Span::current();
-    builder.spawn(move || span.in_scope(f))
-}
-
-/// [`spawn`] as a method of the thread builder: `Builder::new().name(..).spawn_in_span(f)`.
+/// Starts a thread from the builder that runs `f` inside the spans current where it is
+/// called: `Builder::new().name(..).spawn_in_span(f)`.
 pub trait SpawnInSpan {
     fn spawn_in_span<F, T>(self, f: F) -> std::io::Result<JoinHandle<T>>
     where
@@ -122,7 +113,8 @@ impl SpawnInSpan for Builder {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        spawn(self, f)
+        let span = tracing::Span::current();
+        self.spawn(move || span.in_scope(f))
     }
 }
 
@@ -166,12 +158,13 @@ mod tests {
             let span = tracing::info_span!("vm", id = "t");
             let _g = span.enter();
             let d = dispatch.clone();
-            spawn(Builder::new(), move || {
-                tracing::dispatcher::with_default(&d, || tracing::info!("inside"))
-            })
-            .unwrap()
-            .join()
-            .unwrap();
+            Builder::new()
+                .spawn_in_span(move || {
+                    tracing::dispatcher::with_default(&d, || tracing::info!("inside"))
+                })
+                .unwrap()
+                .join()
+                .unwrap();
             std::thread::spawn(move || {
                 tracing::dispatcher::with_default(&dispatch, || tracing::info!("outside"))
             })
