@@ -1,6 +1,7 @@
-//! The local APIC (xAPIC, MMIO at 0xfee00000), just enough for device interrupts: software
-//! enable, end of interrupt, and a one-shot timer that ends a wait whose interrupt was
-//! lost. With KVM's in-kernel APIC these accesses never reach the VMM.
+//! The local APIC (xAPIC, MMIO at 0xfee00000), just enough for device interrupts and
+//! sleeping: software enable, end of interrupt, and a one-shot timer that ends an idle
+//! `hlt` at the CPU's next deadline (or a device wait whose interrupt was lost). With KVM's
+//! in-kernel APIC these accesses never reach the VMM.
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 const BASE: usize = 0xfee0_0000;
@@ -15,11 +16,14 @@ const SVR_ENABLE: u32 = 1 << 8;
 /// The vector MSI-X messages of devices carry.
 pub const DEVICE_VECTOR: usize = 0x40;
 pub const TIMER_VECTOR: usize = 0x41;
+/// The VMM's wake interrupt (doorbells, resume): it only ends a `hlt`.
+pub const WAKE_VECTOR: usize = ray_guest_abi::WAKE_VECTOR as usize;
 pub const SPURIOUS_VECTOR: usize = 0xff;
 
 /// Interrupts taken, by kind.
 pub static DEVICE_IRQS: AtomicU64 = AtomicU64::new(0);
 pub static TIMER_IRQS: AtomicU64 = AtomicU64::new(0);
+pub static WAKE_IRQS: AtomicU64 = AtomicU64::new(0);
 
 fn reg(offset: usize) -> *mut u32 {
     (BASE + offset) as *mut u32
@@ -41,10 +45,10 @@ pub fn id() -> u32 {
     read(ID) >> 24
 }
 
-/// Installs the gates and software-enables the APIC (KVM drops interrupts to a disabled
-/// one). Interrupts stay off in RFLAGS.
+/// Software-enables this CPU's APIC (KVM drops interrupts to a disabled one) and sets its
+/// timer up one-shot, stopped. The gates are in place since boot
+/// ([`crate::idt::init_device_gates`]); interrupts stay off in RFLAGS.
 pub fn init() {
-    crate::idt::init_device_gates();
     write(SVR, SVR_ENABLE | SPURIOUS_VECTOR as u32);
     write(TIMER_DIVIDE, 0xb);
     write(LVT_TIMER, TIMER_VECTOR as u32);
@@ -60,6 +64,7 @@ pub fn set_timer(ticks: u32) {
 pub extern "C" fn interrupt(vector: u64) {
     match vector as usize {
         DEVICE_VECTOR => DEVICE_IRQS.fetch_add(1, Relaxed),
+        WAKE_VECTOR => WAKE_IRQS.fetch_add(1, Relaxed),
         _ => TIMER_IRQS.fetch_add(1, Relaxed),
     };
     write(EOI, 0);

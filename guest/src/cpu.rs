@@ -56,7 +56,13 @@ pub fn inl(port: u16) -> u32 {
     value
 }
 
-/// Waits for an interrupt, with interrupts enabled only for the wait.
+/// [`wait_for_interrupt_on`] the boot CPU.
+pub fn wait_for_interrupt(pvm: bool) {
+    wait_for_interrupt_on(0, pvm)
+}
+
+/// Waits for an interrupt on CPU `cpu` (the caller's), with interrupts enabled only for
+/// the wait.
 ///
 /// On VMX/SVM: `sti; hlt; cli`. On PVM, `sti` in the guest's ring 3 does not let
 /// interrupts in: the virtual IF is the first byte of this CPU's VIF area, and an interrupt
@@ -74,8 +80,8 @@ pub fn inl(port: u16) -> u32 {
 // the function is never inlined, so it is emitted once.
 #[inline(never)]
 #[allow(named_asm_labels)]
-pub fn wait_for_interrupt(pvm: bool) {
-    let vif = vif_area();
+pub fn wait_for_interrupt_on(cpu: usize, pvm: bool) {
+    let vif = vif_area(cpu);
     // SAFETY: interrupt handlers preserve the registers the C ABI makes callee-saved and
     // return with `iretq`; interrupts are off again before the block ends. `vif` is this
     // CPU's VIF area (its first byte is the virtual IF), written only on PVM.
@@ -196,7 +202,9 @@ extern "C" {
     static boot_vif_pages: u8;
 }
 
-/// This CPU's PVM virtual-interrupt-flag area (boot CPU only for now).
-pub fn vif_area() -> *mut u8 {
-    (&raw const boot_vif_pages).cast_mut()
+/// CPU `cpu`'s PVM virtual-interrupt-flag area (entry.rs registers one page per CPU).
+pub fn vif_area(cpu: usize) -> *mut u8 {
+    (&raw const boot_vif_pages)
+        .cast_mut()
+        .wrapping_add(cpu * 4096)
 }

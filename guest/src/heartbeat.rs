@@ -51,7 +51,8 @@ pub static HEARTBEAT: HeartbeatPage = HeartbeatPage(UnsafeCell::new(Page {
         ticks: 0,
         shutdown_request: 0,
         vmm_features: 0,
-        reserved: [0; 16],
+        guest_idle: 0,
+        reserved: [0; 15],
         cpu_counter: [0; MAX_CPUS],
         cpu_time_ns: [0; MAX_CPUS],
     },
@@ -94,7 +95,8 @@ fields64!(
     input_doorbell,
     ticks,
     shutdown_request,
-    vmm_features
+    vmm_features,
+    guest_idle
 );
 
 pub fn cpus_online() -> &'static AtomicU32 {
@@ -130,7 +132,9 @@ pub fn publish() {
 /// One beat of the boot CPU (only the boot CPU may call this): `counter` + 1 and `time_ns`
 /// under the sequence lock. Called every main-loop iteration, and also from inside long
 /// operations (serial output, `sum`, `dirty`) so that gaps in `time_ns` mean the vCPU really
-/// did not run (pause, snapshot, migration), not that the guest was busy.
+/// did not run (pause, snapshot, migration), not that the guest was busy. Asleep in `hlt`,
+/// an idle guest beats at least every [`crate::HLT_MAX_NS`]; the VMM wakes it when it
+/// resumes the vCPUs, so the first beat after a pause comes at once.
 pub fn beat(now_ns: u64) {
     let s = seq().load(Relaxed);
     let count = counter().load(Relaxed).wrapping_add(1);

@@ -108,6 +108,11 @@ irq_stub_timer:
     push ${timer}
     jmp irq_common
     .balign 16
+    .global irq_stub_wake
+irq_stub_wake:
+    push ${wake}
+    jmp irq_common
+    .balign 16
     .global irq_stub_spurious
 irq_stub_spurious:
     iretq
@@ -148,6 +153,7 @@ irq_common:
 "#,
     device = const crate::apic::DEVICE_VECTOR,
     timer = const crate::apic::TIMER_VECTOR,
+    wake = const crate::apic::WAKE_VECTOR,
     interrupt = sym crate::apic::interrupt,
     options(att_syntax)
 );
@@ -157,6 +163,7 @@ extern "C" {
     static exception_stubs: [u64; 32];
     fn irq_stub_device();
     fn irq_stub_timer();
+    fn irq_stub_wake();
     fn irq_stub_spurious();
 }
 
@@ -177,9 +184,10 @@ fn set_gate(vector: usize, handler: u64) {
     }
 }
 
-/// Installs the device, timer and spurious interrupt gates (before their sources are
-/// enabled).
+/// Installs the device, timer, wake and spurious interrupt gates: at boot, before any AP
+/// runs and before any source of them is enabled.
 pub fn init_device_gates() {
+    set_gate(crate::apic::WAKE_VECTOR, irq_stub_wake as *const () as u64);
     set_gate(
         crate::apic::DEVICE_VECTOR,
         irq_stub_device as *const () as u64,

@@ -5,8 +5,9 @@
 //! shadow paging) as well as on VMX/SVM KVM and Firecracker, and offers:
 //!
 //! * the heartbeat page of [`ray_guest_abi`] at 0x100000, kept current without exits;
-//! * idling through the VMM's idle port when it offers one (an exit per 500 µs instead of
-//!   a host CPU per vCPU);
+//! * idling in `hlt` until the CPU's next deadline (heartbeat, `tick`, `dirty`) or an
+//!   interrupt, when the VMM offers its wake interrupt; else through the VMM's idle port
+//!   (an exit per 500 µs), else spinning;
 //! * a line-oriented shell on COM1 (`echo`, `mem`, `cpus`, `tick`, `dirty`, `sum`, `rng`,
 //!   `poweroff`), see [`shell`];
 //! * a virtio-rng driver over virtio-pci with MSI-X ([`virtio_rng`]), set up on first use;
@@ -39,8 +40,8 @@ mod workload;
 use core::sync::atomic::Ordering::*;
 
 use ray_guest_abi::{
-    CMDLINE_IDLE, CMDLINE_POLL_MS, IDLE_PORT, MAX_CPUS, POWEROFF_PORT, POWEROFF_VALUE,
-    VMM_FEATURE_IDLE_PORT,
+    CMDLINE_IDLE, CMDLINE_POLL_MS, GUEST_IDLE_HLT, IDLE_PORT, MAX_CPUS, POWEROFF_PORT,
+    POWEROFF_VALUE, VMM_FEATURE_IDLE_PORT, VMM_FEATURE_WAKE_IRQ,
 };
 
 use crate::shell::Shell;
@@ -51,6 +52,8 @@ const VERSION: &str = concat!(
     ".",
     env!("CARGO_PKG_VERSION_MINOR")
 );
+/// UART polling when the guest does not sleep in `hlt` (a doorbell may not come with an
+/// exit to see it by); asleep in `hlt`, the VMM's wake interrupt brings the doorbell.
 const DEFAULT_POLL_MS: u64 = 10;
 /// How long the BSP waits for the vCPUs CPUID announces before printing the banner. A VMM
 /// that starts only the BSP (Firecracker) costs this once; normally APs take microseconds.
@@ -86,15 +89,20 @@ fn bsp_main(zero_page: u64, pvm: bool, offered_cpus: u32) -> ! {
     clock::init_cpu(0);
     serial::init();
     idt::init();
+    idt::init_device_gates();
     let info = bootparams::parse(zero_page);
     choose_idle(info);
     let cr3 = paging::build(info);
     // SAFETY: the new tables identity-map all RAM, a superset of the boot map.
     unsafe { cpu::write_cr3(cr3) };
+    if idle_mode() == IdleMode::Hlt {
+        apic::init();
+    }
+    // Before the APs run: they read it to wait for interrupts the PVM way.
+    heartbeat::pvm().store(u64::from(pvm), Relaxed);
     smp::release_aps(cr3);
     smp::mark_online(0);
 
-    heartbeat::pvm().store(u64::from(pvm), Relaxed);
     let loop_rate = measure_loop_rate();
     heartbeat::loop_rate().store(loop_rate, Relaxed);
     heartbeat::publish();
@@ -114,11 +122,7 @@ fn bsp_main(zero_page: u64, pvm: bool, offered_cpus: u32) -> ! {
         (usable + (1 << 19)) >> 20,
         u8::from(pvm),
         loop_rate / 1_000_000,
-        if IDLE_THROUGH_PORT.load(Relaxed) {
-            "port"
-        } else {
-            "spin"
-        },
+        idle_mode().name(),
         info.cmdline()
     );
     if !clock::is_kvmclock() {
@@ -127,9 +131,14 @@ fn bsp_main(zero_page: u64, pvm: bool, offered_cpus: u32) -> ! {
     println!("ready");
     heartbeat::ready().store(1, Release);
 
+    let default_poll = if idle_mode() == IdleMode::Hlt {
+        0
+    } else {
+        DEFAULT_POLL_MS
+    };
     let poll_ns = info
         .cmdline_u64(CMDLINE_POLL_MS)
-        .unwrap_or(DEFAULT_POLL_MS)
+        .unwrap_or(default_poll)
         .saturating_mul(1_000_000);
     main_loop(poll_ns)
 }
@@ -137,25 +146,79 @@ fn bsp_main(zero_page: u64, pvm: bool, offered_cpus: u32) -> ! {
 /// How long an idle vCPU gives its host CPU back per idle exit, µs: the heartbeat's
 /// resolution while idle. An exit costs a few µs natively and tens on PVM, so an idle
 /// vCPU takes a few percent of a host CPU instead of all of it.
-const IDLE_US: u32 = 500;
+/// Longest idle-port slice: the port mode's heartbeat granularity.
+const IDLE_PORT_MAX_US: u64 = 500;
+/// Longest sleep in `hlt`: an idle CPU still beats its heartbeat slot this often. Each
+/// wake costs ~0.1 ms of host CPU on PVM (timer interrupt, APIC accesses emulated).
+pub const HLT_MAX_NS: u64 = 50_000_000;
+/// Shorter waits spin: arming the timer and taking its interrupt costs more than this.
+const HLT_MIN_NS: u64 = 20_000;
 
-/// Set at boot: idle through the VMM's idle port (it offers one and the command line does
-/// not say `ray.idle=spin`).
-static IDLE_THROUGH_PORT: core::sync::atomic::AtomicBool =
-    core::sync::atomic::AtomicBool::new(false);
-
-fn choose_idle(info: &bootparams::BootInfo) {
-    let offered = heartbeat::vmm_features().load(Relaxed) & VMM_FEATURE_IDLE_PORT != 0;
-    let spin = info.cmdline_str(CMDLINE_IDLE) == Some("spin");
-    IDLE_THROUGH_PORT.store(offered && !spin, Relaxed);
+/// How an idle CPU waits, chosen once at boot ([`choose_idle`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum IdleMode {
+    /// `pause` in a loop: one host CPU per vCPU.
+    Spin = 0,
+    /// Slices of at most [`IDLE_PORT_MAX_US`] off the CPU, one exit each.
+    Port = 1,
+    /// `hlt` until the next deadline (APIC timer) or an interrupt: no exit to the VMM.
+    Hlt = 2,
 }
 
-/// Nothing to do on this CPU for now: give the host CPU back for a while, or spin on.
-pub fn idle() {
-    if IDLE_THROUGH_PORT.load(Relaxed) {
-        cpu::outl(IDLE_PORT, IDLE_US);
+impl IdleMode {
+    fn name(self) -> &'static str {
+        match self {
+            IdleMode::Spin => "spin",
+            IdleMode::Port => "port",
+            IdleMode::Hlt => "hlt",
+        }
+    }
+}
+
+static IDLE_MODE: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
+
+pub fn idle_mode() -> IdleMode {
+    match IDLE_MODE.load(Relaxed) {
+        2 => IdleMode::Hlt,
+        1 => IdleMode::Port,
+        _ => IdleMode::Spin,
+    }
+}
+
+/// `hlt` when the VMM offers its wake interrupt (else input could wait for the next
+/// deadline), the idle port when it offers that, else spin; `ray.idle=` narrows the choice.
+fn choose_idle(info: &bootparams::BootInfo) {
+    let features = heartbeat::vmm_features().load(Relaxed);
+    let wanted = info.cmdline_str(CMDLINE_IDLE);
+    let mode = if features & VMM_FEATURE_WAKE_IRQ != 0 && matches!(wanted, None | Some("hlt")) {
+        IdleMode::Hlt
+    } else if features & VMM_FEATURE_IDLE_PORT != 0 && wanted != Some("spin") {
+        IdleMode::Port
     } else {
-        cpu::pause();
+        IdleMode::Spin
+    };
+    IDLE_MODE.store(mode as u8, Relaxed);
+    if mode == IdleMode::Hlt {
+        // From now on the VMM may raise the wake vector (its gate is in place).
+        heartbeat::guest_idle().store(GUEST_IDLE_HLT, Release);
+    }
+}
+
+/// Nothing to do on CPU `cpu` (the caller's) until `deadline` (kvmclock ns, `now` is the
+/// time): give the host CPU back until then, or until an interrupt comes, or spin on.
+pub fn idle_until(cpu: usize, now: u64, deadline: u64) {
+    let wait = deadline.saturating_sub(now);
+    match idle_mode() {
+        IdleMode::Hlt if wait >= HLT_MIN_NS => {
+            apic::set_timer(wait.min(HLT_MAX_NS) as u32);
+            cpu::wait_for_interrupt_on(cpu, heartbeat::pvm().load(Relaxed) != 0);
+            apic::set_timer(0);
+        }
+        IdleMode::Port if wait >= 1000 => {
+            cpu::outl(IDLE_PORT, (wait / 1000).min(IDLE_PORT_MAX_US) as u32);
+        }
+        _ => cpu::pause(),
     }
 }
 
@@ -185,7 +248,14 @@ fn main_loop(poll_ns: u64) -> ! {
         if !behind {
             // Output without a final newline is not left waiting in the buffer.
             serial::flush();
-            idle();
+            let mut deadline = work.next_deadline(now).min(now.saturating_add(HLT_MAX_NS));
+            if poll_ns != 0 {
+                deadline = deadline.min(next_poll);
+            }
+            // Input that came while this iteration ran: no sleep.
+            if heartbeat::input_doorbell().load(Relaxed) == 0 {
+                idle_until(0, clock::now(), deadline);
+            }
         }
     }
 }

@@ -46,13 +46,17 @@ pub fn ap_main(cpu: usize) -> ! {
     // SAFETY: the BSP built these tables to identity-map all RAM, a superset of the boot map.
     unsafe { cpu::write_cr3(cr3) };
     clock::init_cpu(cpu);
+    if crate::idle_mode() == crate::IdleMode::Hlt {
+        crate::apic::init();
+    }
     mark_online(cpu);
     let (counter, time) = (heartbeat::cpu_counter(cpu), heartbeat::cpu_time_ns(cpu));
     let mut n: u64 = 0;
     loop {
         n += 1;
         counter.store(n, Relaxed);
-        time.store(clock::now_on(cpu), Relaxed);
-        crate::idle();
+        let now = clock::now_on(cpu);
+        time.store(now, Relaxed);
+        crate::idle_until(cpu, now, now.saturating_add(crate::HLT_MAX_NS));
     }
 }

@@ -95,6 +95,16 @@ impl Dirty {
         written
     }
 
+    /// When the next page is due: the time for the missing tokens at the set rate.
+    fn next_page(&self, now: u64) -> u64 {
+        if self.rate == 0 {
+            return u64::MAX;
+        }
+        let need = (u128::from(PAGE) * u128::from(NS_PER_S)).saturating_sub(self.tokens);
+        let ns = need.div_ceil(u128::from(self.rate));
+        now.saturating_add(u64::try_from(ns).unwrap_or(u64::MAX))
+    }
+
     /// Writes the pages due by `now`; true if more were due than one call writes (behind).
     pub fn poll(&mut self, now: u64) -> bool {
         if self.rate == 0 {
@@ -144,6 +154,16 @@ impl Workloads {
     pub fn poll(&mut self, now: u64) -> bool {
         self.ticker.poll(now);
         self.dirty.poll(now)
+    }
+
+    /// When one of them next has work (kvmclock ns; `u64::MAX`: neither runs).
+    pub fn next_deadline(&self, now: u64) -> u64 {
+        let tick = if self.ticker.period_ns != 0 {
+            self.ticker.next_ns
+        } else {
+            u64::MAX
+        };
+        tick.min(self.dirty.next_page(now))
     }
 }
 

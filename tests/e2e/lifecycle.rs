@@ -17,9 +17,11 @@ fn pause_stops_the_heartbeat_and_resume_continues_it() {
     let mut vm = env.boot(&["--vcpus", "2"]);
     vm.expect_line("ready", READY);
     let (c0, _) = heartbeat(&vm);
-    std::thread::sleep(Duration::from_millis(50));
-    let (c1, t1) = heartbeat(&vm);
-    assert!(c1 > c0, "heartbeat not running before pause");
+    // An idle guest beats at least every 50 ms (asleep in hlt between deadlines).
+    vm.wait_for("the heartbeat to move", Duration::from_secs(5), |i| {
+        i.heartbeat.as_ref().is_some_and(|h| h.counter > c0)
+    });
+    let (_, t1) = heartbeat(&vm);
 
     let out = env.ray_ok(&["vm", "pause", &vm.id, "--json"]);
     assert!(out.contains("\"state\": \"paused\""), "{out}");

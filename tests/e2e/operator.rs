@@ -476,7 +476,13 @@ fn sample(m: &serde_json::Value, family: &str, name: &str, labels: &[(&str, &str
 #[test]
 fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     let env = Env::new("metrics");
-    let mut vm = env.boot(&["--vcpus", "2"]);
+    // Idling through the port, so that every vCPU has port exits to count.
+    let mut vm = env.boot(&[
+        "--vcpus",
+        "2",
+        "--cmdline",
+        "console=ttyS0 ray.poll_ms=0 ray.idle=port",
+    ]);
     vm.expect_line("ready", READY);
     assert_eq!(vm.command("echo counted", "counted"), "counted");
     let store = env.runtime.join("store");

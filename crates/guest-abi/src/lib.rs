@@ -88,8 +88,11 @@ pub struct Heartbeat {
     /// [`VMM_FEATURE_PV_CONSOLE`]), written by the VMM
     /// before the first vCPU starts; zero from a VMM that offers nothing.
     pub vmm_features: u64,
+    /// How the guest idles, written by the guest before `ready`: [`GUEST_IDLE_HLT`] tells
+    /// the VMM it may raise [`WAKE_VECTOR`] on the boot CPU; anything else, that it must not.
+    pub guest_idle: u64,
     /// Reserved; zero.
-    pub reserved: [u64; 16],
+    pub reserved: [u64; 15],
     /// Per-vCPU loop counters (index = CPU number, 0 = boot CPU).
     pub cpu_counter: [u64; MAX_CPUS],
     /// Per-vCPU kvmclock time of the last `cpu_counter` update.
@@ -115,6 +118,7 @@ pub mod offset {
     pub const TICKS: u64 = offset_of!(Heartbeat, ticks) as u64;
     pub const SHUTDOWN_REQUEST: u64 = offset_of!(Heartbeat, shutdown_request) as u64;
     pub const VMM_FEATURES: u64 = offset_of!(Heartbeat, vmm_features) as u64;
+    pub const GUEST_IDLE: u64 = offset_of!(Heartbeat, guest_idle) as u64;
     pub const CPU_COUNTER: u64 = offset_of!(Heartbeat, cpu_counter) as u64;
     pub const CPU_TIME_NS: u64 = offset_of!(Heartbeat, cpu_time_ns) as u64;
 }
@@ -138,6 +142,19 @@ pub const POWEROFF_VALUE: u16 = 0x3400;
 
 /// [`Heartbeat::vmm_features`] bit: the VMM handles [`IDLE_PORT`].
 pub const VMM_FEATURE_IDLE_PORT: u64 = 1 << 0;
+
+/// [`Heartbeat::vmm_features`] bit: the VMM raises [`WAKE_VECTOR`] on the boot CPU (an MSI
+/// through the in-kernel APIC) when it rings a doorbell of the heartbeat page (console
+/// input, shutdown request) and when the vCPUs run again after a pause, a restore or a
+/// migration, so a guest may sleep in `hlt` between its own timer deadlines. Raised only
+/// for a guest that set [`Heartbeat::guest_idle`] to [`GUEST_IDLE_HLT`].
+pub const VMM_FEATURE_WAKE_IRQ: u64 = 1 << 2;
+
+/// The vector of the VMM's wake interrupt ([`VMM_FEATURE_WAKE_IRQ`]).
+pub const WAKE_VECTOR: u8 = 0x42;
+
+/// [`Heartbeat::guest_idle`]: the guest sleeps in `hlt` and handles [`WAKE_VECTOR`].
+pub const GUEST_IDLE_HLT: u64 = 1;
 
 /// [`Heartbeat::vmm_features`] bit: the VMM handles the paravirtual console
 /// ([`PV_CONSOLE_IN_PORT`], [`PV_CONSOLE_OUT_PORT`]).
@@ -171,9 +188,10 @@ pub const IDLE_PORT: u16 = 0x610;
 /// Longest idle the VMM honours per write, µs.
 pub const IDLE_MAX_US: u32 = 1000;
 
-/// Kernel command-line key: `ray.idle=spin` keeps an idle guest spinning (heartbeat to the
-/// nanosecond, one host CPU per vCPU); `ray.idle=port` (the default) idles through
-/// [`IDLE_PORT`] when the VMM offers it.
+/// Kernel command-line key: how an idle guest waits. `ray.idle=hlt` (the default when the
+/// VMM offers [`VMM_FEATURE_WAKE_IRQ`]) sleeps in `hlt` until its next timer deadline or an
+/// interrupt; `ray.idle=port` idles through [`IDLE_PORT`] in short slices (when offered);
+/// `ray.idle=spin` keeps spinning (heartbeat to the nanosecond, one host CPU per vCPU).
 pub const CMDLINE_IDLE: &str = "ray.idle=";
 
 /// Checksum used by the guest's `sum` command, computed the same way by host-side tests:

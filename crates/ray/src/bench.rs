@@ -20,6 +20,9 @@ pub enum BenchCommand {
     /// Live migration over loopback and a veth pair: downtime, total time, throughput vs
     /// raw TCP on the same path.
     Migrate(crate::bench_migrate::MigrateBenchArgs),
+    /// Host CPU used by an idle guest: asleep in `hlt`, idling through the VMM's idle
+    /// port, spinning.
+    Idle(crate::bench_idle::IdleBenchArgs),
 }
 
 #[derive(Args)]
@@ -123,6 +126,7 @@ pub fn run(cmd: BenchCommand, runtime: &Path) -> anyhow::Result<()> {
         BenchCommand::Boot(a) => boot(&a, runtime),
         BenchCommand::Snapshot(a) => crate::bench_snapshot::run(&a, runtime),
         BenchCommand::Migrate(a) => crate::bench_migrate::run(&a, runtime),
+        BenchCommand::Idle(a) => crate::bench_idle::run(&a, runtime),
     }
 }
 
@@ -133,6 +137,97 @@ fn footprint(pid: u32) -> anyhow::Result<Footprint> {
         bail!("no guest RAM (/memfd:ray-guest-ram) in /proc/{pid}/smaps: is {pid} a running VMM?");
     }
     Ok(f)
+}
+
+/// A VMM started for a benchmark (`ray vmm --start --attach`), its console on a pipe, up to
+/// the guest's `ready`. Dropped, it is killed and its directory removed.
+pub struct BenchVmm {
+    dir: std::path::PathBuf,
+    child: std::process::Child,
+    lines: Option<std::io::Lines<BufReader<std::process::ChildStdout>>>,
+    /// Process start -> `ready` on the console.
+    pub ready: Duration,
+}
+
+impl BenchVmm {
+    pub fn start(runtime: &Path, id: &str, cfg_json: &str) -> anyhow::Result<Self> {
+        let dir = ray::runtime::vm_dir(runtime, id);
+        std::fs::create_dir_all(&dir)?;
+        let t0 = Instant::now();
+        let mut child = Command::new(std::env::current_exe()?)
+            .args([
+                "vmm",
+                "--id",
+                id,
+                "--start",
+                "--attach",
+                "--config-json",
+                cfg_json,
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            // The VMM's own log lines would mix with the report.
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().context("no stdout pipe")?;
+        let mut vmm = BenchVmm {
+            dir,
+            child,
+            lines: Some(BufReader::new(stdout).lines()),
+            ready: Duration::ZERO,
+        };
+        let lines = vmm.lines.as_mut().context("no console")?;
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.trim_end() == "ready" => break,
+                Some(Ok(_)) => continue,
+                _ => bail!(
+                    "the guest never printed `ready` (see {})",
+                    vmm.dir.join("serial.log").display()
+                ),
+            }
+        }
+        vmm.ready = t0.elapsed();
+        Ok(vmm)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the VMM (SIGTERM), drains its console so it never blocks on a full pipe, and
+    /// removes its directory.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.terminate();
+        for _ in self.lines.take().into_iter().flatten() {}
+        self.child.wait()?;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
+
+    fn terminate(&self) {
+        // SAFETY: plain kill(2) of our own child process.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+}
+
+impl Drop for BenchVmm {
+    fn drop(&mut self) {
+        if self.lines.is_some() {
+            self.terminate();
+            self.lines = None;
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
@@ -148,7 +243,6 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         memory_bytes: a.memory,
     };
     let cfg_json = serde_json::to_string(&cfg)?;
-    let exe = std::env::current_exe()?;
     let bar = (!a.json).then(|| {
         let b = indicatif::ProgressBar::new(a.runs as u64);
         b.set_style(
@@ -161,54 +255,14 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..a.runs {
         let id = format!("bench-boot-{}-{i}", std::process::id());
-        let dir = ray::runtime::vm_dir(runtime, &id);
-        std::fs::create_dir_all(&dir)?;
-        let t0 = Instant::now();
-        let mut child = Command::new(&exe)
-            .args([
-                "vmm",
-                "--id",
-                &id,
-                "--start",
-                "--attach",
-                "--config-json",
-                &cfg_json,
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().context("no stdout pipe")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = loop {
-            match lines.next() {
-                Some(Ok(l)) if l.trim_end() == "ready" => break Some(t0.elapsed()),
-                Some(Ok(_)) => continue,
-                _ => break None,
-            }
-        };
-        let Some(ready) = ready else {
-            let _ = child.kill();
-            bail!(
-                "run {i}: the guest never printed `ready` (see {})",
-                dir.join("serial.log").display()
-            );
-        };
+        let vmm = BenchVmm::start(runtime, &id, &cfg_json).with_context(|| format!("run {i}"))?;
+        let ready = vmm.ready;
         // Let the VMM settle (API thread up, vCPU loops steady) before sampling memory.
         std::thread::sleep(Duration::from_millis(50));
-        let fp = footprint(child.id());
-        // SAFETY: plain kill(2) of our own child process; done before `?` so that a failed
-        // measurement never leaves a VM running.
-        unsafe {
-            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-        }
+        // Stopped before `?`, so that a failed measurement never leaves a VM running.
+        let fp = footprint(vmm.pid());
+        vmm.stop()?;
         let fp = fp?;
-        // Drain the rest of the output so the VMM never blocks on a full pipe.
-        for _ in lines {}
-        child.wait()?;
-        let _ = std::fs::remove_dir_all(&dir);
         boot_ms.push(ready.as_secs_f64() * 1e3);
         overhead.push(fp.vmm_rss() as f64 / MIB);
         private.push(fp.vmm_private() as f64 / MIB);

@@ -150,11 +150,12 @@ ray sim --scenario drain.yaml --json",
     ),
     (
         "bench",
-        "ray bench boot --runs 20\nray bench snapshot\nray bench migrate",
+        "ray bench boot --runs 20\nray bench snapshot\nray bench migrate\nray bench idle",
     ),
     ("bench boot", "ray bench boot --runs 20 --memory 1G --json"),
     ("bench snapshot", "ray bench snapshot --json"),
     ("bench migrate", "ray bench migrate --json"),
+    ("bench idle", "ray bench idle\nray bench idle --vcpus 1 --window 10s --json"),
     ("openapi", "ray openapi vmm > vmm.json"),
     (
         "version",

@@ -61,9 +61,18 @@ pub fn read(mem: &GuestMem) -> Option<HeartbeatInfo> {
 /// ([`ray_guest_abi::Heartbeat::vmm_features`]).
 pub fn announce_features(mem: &GuestMem) -> Result<(), vm_memory::GuestMemoryError> {
     mem.write_obj(
-        ray_guest_abi::VMM_FEATURE_IDLE_PORT | ray_guest_abi::VMM_FEATURE_PV_CONSOLE,
+        ray_guest_abi::VMM_FEATURE_IDLE_PORT
+            | ray_guest_abi::VMM_FEATURE_PV_CONSOLE
+            | ray_guest_abi::VMM_FEATURE_WAKE_IRQ,
         GuestAddress(HEARTBEAT_GPA + offset::VMM_FEATURES),
     )
+}
+
+/// Whether the guest sleeps in `hlt` and asked for the wake interrupt
+/// ([`ray_guest_abi::GUEST_IDLE_HLT`]).
+pub fn wants_wake_irq(mem: &GuestMem) -> bool {
+    load(mem, offset::MAGIC) == Some(HEARTBEAT_MAGIC)
+        && load(mem, offset::GUEST_IDLE) == Some(ray_guest_abi::GUEST_IDLE_HLT)
 }
 
 /// Sets a VMM-written flag in the heartbeat page (doorbell, shutdown request). Returns

@@ -129,12 +129,15 @@ impl Machine {
     ) -> Result<Machine, BuildError> {
         let vcpus = Vcpus::start(fds, bus.clone(), events)?;
         pci.resume();
-        Ok(Machine {
+        let machine = Machine {
             vm,
             bus,
             vcpus: Some(vcpus),
             pci,
-        })
+        };
+        // A restored guest asleep in `hlt` beats at once, not at its next timer deadline.
+        machine.wake_idle();
+        Ok(machine)
     }
 
     /// Saves the state of the machine. The vCPUs must be paused.
@@ -254,10 +257,17 @@ impl Machine {
         self.pci.pause();
     }
 
-    /// Ends the idle waits of the vCPUs (see [`Vcpus::wake_idle`]).
+    /// Brings an idle guest back to its loop now: ends the vCPUs' idle-port waits (see
+    /// [`Vcpus::wake_idle`]) and, to a guest asleep in `hlt`, sends its wake interrupt
+    /// ([`ray_guest_abi::VMM_FEATURE_WAKE_IRQ`]; the boot CPU reads the doorbells).
     pub fn wake_idle(&self) {
         if let Some(v) = &self.vcpus {
             v.wake_idle();
+        }
+        if crate::heartbeat::wants_wake_irq(self.vm.memory.ram()) {
+            if let Err(e) = self.vm.signal_msi(0, ray_guest_abi::WAKE_VECTOR) {
+                tracing::warn!("{e}; the guest wakes at its next timer deadline");
+            }
         }
     }
 
@@ -266,6 +276,7 @@ impl Machine {
         if let Some(v) = &self.vcpus {
             v.resume();
         }
+        self.wake_idle();
     }
 
     /// Ends the vCPU threads; the memory goes when the machine is dropped.

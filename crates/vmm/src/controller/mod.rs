@@ -531,10 +531,13 @@ impl Controller {
         let asked = guest_runs(self.state)
             && !held
             && !timeout.is_zero()
-            && self
-                .machine
-                .as_ref()
-                .is_some_and(|m| heartbeat::raise(m.vm.memory.ram(), offset::SHUTDOWN_REQUEST));
+            && self.machine.as_ref().is_some_and(|m| {
+                let rung = heartbeat::raise(m.vm.memory.ram(), offset::SHUTDOWN_REQUEST);
+                if rung {
+                    m.wake_idle();
+                }
+                rung
+            });
         if asked {
             let deadline = Instant::now() + timeout;
             loop {

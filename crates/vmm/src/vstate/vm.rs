@@ -38,6 +38,8 @@ pub enum VmError {
     Pit(#[source] kvm_ioctls::Error),
     #[error("cannot connect interrupt line {gsi}: {source}")]
     Irqfd { gsi: u32, source: kvm_ioctls::Error },
+    #[error("cannot send an MSI to the guest: {0}")]
+    Msi(#[source] kvm_ioctls::Error),
     #[error("cannot read KVM's dirty-page log of memory slot {slot}: {source}")]
     DirtyLog {
         slot: u32,
@@ -289,6 +291,17 @@ impl Vm {
             self.set_dirty_logging(false)?;
         }
         Ok(left)
+    }
+
+    /// Sends `vector` to the local APIC with ID `apic_id` as an MSI (fixed delivery,
+    /// physical destination) through the in-kernel irqchip.
+    pub fn signal_msi(&self, apic_id: u8, vector: u8) -> Result<(), VmError> {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: 0xfee0_0000 | u32::from(apic_id) << 12,
+            data: u32::from(vector),
+            ..Default::default()
+        };
+        self.fd.signal_msi(msi).map(|_| ()).map_err(VmError::Msi)
     }
 
     /// Connects `evt` to interrupt line `gsi`: each write to it raises the line.
