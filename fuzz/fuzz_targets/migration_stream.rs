@@ -1,0 +1,93 @@
+//! A migration target reading a hostile stream. The first input byte picks the mode:
+//!
+//! - raw: the rest is the byte stream as it comes off the socket (headers, lengths,
+//!   checksums, truncation: everything a peer can get wrong before it is authenticated);
+//! - framed: the rest is a list of frames (command, flags, payload) that the project's own
+//!   sender encodes, so the fuzzer gets past the checksums to the payload decoders and to
+//!   page placement into guest memory; a keyed variant MACs every frame.
+//!
+//! Nothing may panic, and a placed page must land inside guest memory (the placement is
+//! checked against the layout, and [`OwnedMemory`] faults outside it).
+#![no_main]
+
+use std::io::{Cursor, Read, Write};
+
+use libfuzzer_sys::fuzz_target;
+use ray_memory::{MemoryLayout, OwnedMemory, PAGE_SIZE};
+use ray_migration::auth;
+use ray_migration::frame::{Channel, Received, FLAG_RESPONSE};
+use ray_migration::protocol::Command;
+use ray_migration::vm::PageHashes;
+
+/// A socket stand-in: reads from the input, swallows what the receiver writes back.
+struct Pipe(Cursor<Vec<u8>>);
+
+impl Read for Pipe {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for Pipe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The frames of `data` as the project's sender writes them: each is a command byte, a
+/// flags byte (bit 0: response, bit 1: try lz4), a 16-bit length and that much payload.
+fn encode(data: &[u8], key: Option<&auth::SessionKey>) -> Vec<u8> {
+    let mut tx = Channel::new(Cursor::new(Vec::new()));
+    if let Some(k) = key {
+        tx.set_session_key(k.clone());
+    }
+    let mut rest = data;
+    while rest.len() >= 4 {
+        let Ok(command) = Command::try_from(u16::from(rest[0] % 14)) else {
+            rest = &rest[4..];
+            continue;
+        };
+        let flags = if rest[1] & 1 != 0 { FLAG_RESPONSE } else { 0 };
+        let compress = rest[1] & 2 != 0;
+        let len = usize::from(u16::from_le_bytes([rest[2], rest[3]])).min(rest.len() - 4);
+        let payload = &rest[4..4 + len];
+        if tx.send_raw(command, 7, flags, payload, compress).is_err() {
+            break;
+        }
+        rest = &rest[4 + len..];
+    }
+    tx.into_inner().into_inner()
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let layout = MemoryLayout::new(&[(0, 16 * PAGE_SIZE), (1 << 20, 16 * PAGE_SIZE)])
+        .expect("a valid layout");
+    let psk = auth::PresharedKey::new(b"fuzzing key of some length").expect("long enough");
+    let key = auth::derive_session_key(&psk, 3, &[1; 32], &[2; 32]);
+    let (stream, keyed) = match mode % 3 {
+        0 => (rest.to_vec(), false),
+        1 => (encode(rest, None), false),
+        _ => (encode(rest, Some(&key)), true),
+    };
+    let mut rx = Channel::new(Pipe(Cursor::new(stream)));
+    if keyed {
+        rx.set_session_key(key);
+    }
+    let mem = OwnedMemory::zeroed(&layout).expect("memory");
+    let mut hashes = PageHashes::new(&layout, PAGE_SIZE as usize);
+    for _ in 0..64 {
+        match rx.recv_frame_placing(&mem, &mut hashes, PAGE_SIZE as usize) {
+            Ok(Received::Frame(f)) => {
+                let _ = f.message();
+            }
+            Ok(Received::Placed { .. }) => {}
+            Err(_) => break,
+        }
+    }
+});
