@@ -89,6 +89,17 @@ fn request(method: &str, path: &str, host: &str, body: &[u8]) -> String {
     )
 }
 
+/// The VM's TCP bearer token, checking the file is its owner's alone.
+fn api_token(vm_dir: &std::path::Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = vm_dir.join("api.token");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{} has mode {mode:o}", path.display());
+    let token = std::fs::read_to_string(&path).unwrap().trim().to_string();
+    assert_eq!(token.len(), 64, "{token:?}");
+    token
+}
+
 fn unix(vm_dir: &std::path::Path, method: &str, path: &str, body: &[u8]) -> Reply {
     let s = UnixStream::connect(vm_dir.join("api.sock")).unwrap();
     send_raw(s, &request(method, path, "localhost", body), body)
@@ -305,10 +316,48 @@ fn api_over_loopback_tcp() {
     let status = env.ray_ok(&["vm", "status", &vm.id]);
     assert!(status.contains(&format!("http://{addr}")), "{status}");
 
-    let tcp = |host: &str, method: &str, path: &str, body: &[u8]| {
+    use std::os::unix::fs::PermissionsExt;
+    let socket_mode = std::fs::metadata(vm.dir.join("api.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(socket_mode & 0o777, 0o600, "api.sock mode {socket_mode:o}");
+    let token = api_token(&vm.dir);
+    let with_auth = |auth: &str, host: &str, method: &str, path: &str, body: &[u8]| {
         let s = TcpStream::connect(&addr).unwrap();
-        send_raw(s, &request(method, path, host, body), body)
+        let head = request(method, path, host, body).replacen("\r\n", &format!("\r\n{auth}"), 1);
+        send_raw(s, &head, body)
     };
+    let tcp = |host: &str, method: &str, path: &str, body: &[u8]| {
+        with_auth(
+            &format!("Authorization: Bearer {token}\r\n"),
+            host,
+            method,
+            path,
+            body,
+        )
+    };
+    // No token, a wrong one, another scheme: 401, the VM untouched.
+    let wrong = format!("Authorization: Bearer {}\r\n", "0".repeat(64));
+    let basic = "Authorization: Basic cmF5OnJheQ==\r\n".to_string();
+    for auth in [String::new(), wrong, basic] {
+        for (method, path) in [
+            ("GET", "/vm"),
+            ("PUT", "/vm/pause"),
+            ("GET", "/openapi.json"),
+        ] {
+            let r = with_auth(&auth, "localhost", method, path, b"");
+            assert_eq!(
+                (r.status, r.error().code),
+                (401, ErrorCode::Unauthorized),
+                "{auth:?} {method} {path}"
+            );
+            assert!(r
+                .header("www-authenticate")
+                .is_some_and(|h| h.starts_with("Bearer")));
+        }
+    }
+    assert_eq!(vm.state(), VmStateName::Running);
     let r = tcp(&addr, "GET", "/vm", b"");
     assert_eq!(r.status, 200);
     let info: VmInfo = serde_json::from_slice(&r.body).unwrap();
@@ -362,10 +411,25 @@ fn schemathesis_sweep_finds_nothing() {
     let mut vm = env.attach(&info.id, info.pid);
     vm.expect_line("ready", READY);
     let addr = info.api_tcp.expect("api_tcp");
+    // The document as the TCP listener serves it (with the token, like every request).
+    let token = api_token(&vm.dir);
+    let auth = format!("Authorization: Bearer {token}");
+    let head = request("GET", "/openapi.json", "localhost", b"").replacen(
+        "\r\n",
+        &format!("\r\n{auth}\r\n"),
+        1,
+    );
+    let doc = send_raw(TcpStream::connect(&addr).unwrap(), &head, b"");
+    assert_eq!(doc.status, 200);
+    let schema = env.runtime.join("openapi.json");
+    std::fs::write(&schema, &doc.body).unwrap();
     let schemathesis = python().with_file_name("schemathesis");
+    // `ignored_auth`: the document declares the bearer token; requests without it (or with
+    // a wrong one) must be refused.
     let checks = "not_a_server_error,status_code_conformance,content_type_conformance,\
                   response_headers_conformance,response_schema_conformance,\
-                  negative_data_rejection,unsupported_method,allow_header_conformance";
+                  negative_data_rejection,unsupported_method,allow_header_conformance,\
+                  ignored_auth";
     // Never: a valid request ends the VM or takes its memory away, and so does an empty
     // body (stop's defaults).
     let never = ["put_stop", "put_suspend"];
@@ -379,7 +443,8 @@ fn schemathesis_sweep_finds_nothing() {
     let run = |mode: &str, filter: &[String], examples: &str| {
         let mut cmd = Command::new(&schemathesis);
         cmd.arg("run")
-            .arg(format!("http://{addr}/openapi.json"))
+            .arg(&schema)
+            .args(["--url", &format!("http://{addr}"), "-H", &auth])
             .args(["--checks", checks, "--mode", mode])
             .args(["--max-examples", examples, "--seed", "20261203"])
             .args(["--phases", "examples,coverage,fuzzing", "--workers", "1"])
@@ -433,7 +498,16 @@ fn schemathesis_sweep_finds_nothing() {
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| !["vms", "hypothesis", ".hypothesis", ".schemathesis"].contains(&n.as_str()))
+        .filter(|n| {
+            ![
+                "vms",
+                "hypothesis",
+                ".hypothesis",
+                ".schemathesis",
+                "openapi.json",
+            ]
+            .contains(&n.as_str())
+        })
         .collect();
     assert!(files.is_empty(), "the sweep created files: {files:?}");
 }

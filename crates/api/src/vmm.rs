@@ -494,6 +494,9 @@ pub enum ErrorCode {
     /// Over TCP: the `Host` header names something other than a loopback address (a
     /// DNS-rebinding guard).
     ForbiddenHost,
+    /// Over TCP: no `Authorization: Bearer` token, or not this VM's (`api.token` in its
+    /// directory).
+    Unauthorized,
     /// What the request names does not exist (a migration, a snapshot).
     NotFound,
     /// No such path.
@@ -518,9 +521,10 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::InvalidRequest,
         ErrorCode::ForbiddenHost,
+        ErrorCode::Unauthorized,
         ErrorCode::NotFound,
         ErrorCode::UnknownEndpoint,
         ErrorCode::MethodNotAllowed,
@@ -538,6 +542,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::ForbiddenHost => "forbidden_host",
+            ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::NotFound => "not_found",
             ErrorCode::UnknownEndpoint => "unknown_endpoint",
             ErrorCode::MethodNotAllowed => "method_not_allowed",

@@ -104,7 +104,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub json: bool,
     /// Also serve the VM's API on this loopback TCP address, e.g. 127.0.0.1:0 (0: any free
-    /// port; `ray vm status` shows it). Loopback only: the API has no authentication.
+    /// port; `ray vm status` shows it). Every request needs `Authorization: Bearer TOKEN`,
+    /// the token being in the file api.token of the VM's directory (mode 0600).
     #[arg(long, value_name = "ADDR", value_parser = parse_api_tcp)]
     pub api_tcp: Option<std::net::SocketAddr>,
 }
@@ -157,7 +158,8 @@ pub struct VmmArgs {
     /// took it); without it the VMM takes the lock itself.
     #[arg(long, hide = true)]
     pub lock_fd: Option<i32>,
-    /// Also serve the API on this loopback TCP address (port 0: any free port).
+    /// Also serve the API on this loopback TCP address (port 0: any free port), with a
+    /// bearer token written to api.token in the VM directory.
     #[arg(long, value_name = "ADDR", value_parser = parse_api_tcp)]
     pub api_tcp: Option<std::net::SocketAddr>,
     /// Write the start-up times (CLOCK_MONOTONIC stamps of each step) to this JSON file

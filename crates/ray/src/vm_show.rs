@@ -162,7 +162,7 @@ pub fn print_info(info: &VmInfo, format: Format) -> anyhow::Result<()> {
         println!("reason      {r}");
     }
     if let Some(a) = &info.api_tcp {
-        println!("api_tcp     http://{a}");
+        println!("api_tcp     http://{a} (bearer token: the VM directory's api.token)");
     }
     if format == Format::Wide {
         if let Some(s) = &info.last_snapshot {

@@ -78,6 +78,7 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
     match code {
         ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
         ErrorCode::ForbiddenHost => StatusCode::FORBIDDEN,
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
         ErrorCode::NotFound | ErrorCode::UnknownEndpoint => StatusCode::NOT_FOUND,
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::WrongState | ErrorCode::Conflict => StatusCode::CONFLICT,
@@ -733,7 +734,7 @@ async fn get_openapi() -> impl IntoResponse {
 #[openapi(
     info(
         title = "rayvisor per-VM API",
-        description = "Served by each `ray vmm` process (one per VM) on the Unix socket `api.sock` in its VM directory, and on a loopback TCP port when started with `--api-tcp`. Every error answer is an `ErrorBody`: a stable `code` for programs and a `message` for people. Requests act only once their whole body has arrived. Over TCP, a request whose `Host` is not a loopback name is refused with 403 `forbidden_host`.",
+        description = "Served by each `ray vmm` process (one per VM) on the Unix socket `api.sock` in its VM directory, and on a loopback TCP port when started with `--api-tcp`. Every error answer is an `ErrorBody`: a stable `code` for programs and a `message` for people. Requests act only once their whole body has arrived. Over TCP, a request whose `Host` is not a loopback name is refused with 403 `forbidden_host`, and one without the VM's bearer token (the file `api.token` in its VM directory, mode 0600, fresh for each VMM process) with 401 `unauthorized`; the Unix socket (mode 0600) needs no token.",
         license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
     tags(
@@ -775,19 +776,44 @@ fn routes() -> OpenApiRouter<Api> {
 
 /// The per-VM API's OpenAPI document.
 pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::security::{
+        HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+    };
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
     let (_, mut doc) = routes().split_for_parts();
     doc.info.version = API_VERSION.to_string();
-    // The TCP listener's Host check applies to every operation.
-    let forbidden = ResponseBuilder::new()
-        .description("`forbidden_host`: over TCP, the `Host` header is not a loopback name.")
-        .content(
-            "application/json",
-            ContentBuilder::new()
-                .schema(Some(Ref::from_schema_name("ErrorBody")))
-                .build(),
-        )
-        .build();
+    // The TCP listener's checks apply to every operation.
+    let error = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build()
+    };
+    let forbidden = error("`forbidden_host`: over TCP, the `Host` header is not a loopback name.");
+    let unauthorized =
+        error("`unauthorized`: over TCP, no `Authorization: Bearer` header with this VM's token.");
+    doc.components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(
+            "vm_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "Over TCP: the VM's token, from the file `api.token` in its VM directory. The Unix socket needs none.",
+                    ))
+                    .build(),
+            ),
+        );
+    doc.security = Some(vec![SecurityRequirement::new(
+        "vm_token",
+        Vec::<String>::new(),
+    )]);
     for item in doc.paths.paths.values_mut() {
         for op in [
             &mut item.get,
@@ -802,6 +828,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
             op.responses
                 .responses
                 .insert("403".to_string(), forbidden.clone().into());
+            op.responses
+                .responses
+                .insert("401".to_string(), unauthorized.clone().into());
         }
     }
     doc
@@ -903,14 +932,100 @@ async fn loopback_host_only(
     }
 }
 
-/// Checks that `addr` may serve the API over TCP: loopback addresses only, since the API
-/// has no authentication of its own.
+/// The file in the VM directory holding the TCP listener's bearer token (mode 0600).
+pub const TOKEN_FILE: &str = "api.token";
+
+/// The bearer token every request over TCP must carry: 32 random bytes, in hex, fresh for
+/// each VMM process and written to [`TOKEN_FILE`] readable by the VM's owner only. It
+/// grants exactly this VM's API (each VMM has its own).
+#[derive(Clone)]
+pub struct ApiToken([u8; 32]);
+
+impl ApiToken {
+    /// A fresh token, written to `path` (replacing any older one) with mode 0600.
+    pub fn create(path: &Path) -> std::io::Result<Self> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let token = ApiToken(ray_migration::auth::fresh_nonce()?);
+        let _ = std::fs::remove_file(path);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display()))
+            })?;
+        writeln!(f, "{}", token.hex())?;
+        Ok(token)
+    }
+
+    fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Whether `header` (an `Authorization` value) is `Bearer <this token>`; the
+    /// comparison takes the same time wherever the first difference is.
+    fn admits(&self, header: &str) -> bool {
+        let Some(given) = header.strip_prefix("Bearer ") else {
+            return false;
+        };
+        let given = given.trim().as_bytes();
+        if given.len() != 64 {
+            return false;
+        }
+        let mut bytes = [0u8; 32];
+        for (i, pair) in given.chunks_exact(2).enumerate() {
+            let Some(b) = std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+            else {
+                return false;
+            };
+            bytes[i] = b;
+        }
+        ray_migration::auth::ct_eq(&bytes, &self.0)
+    }
+}
+
+/// The TCP listener's authentication: `Authorization: Bearer <token>` ([`ApiToken`]).
+async fn bearer_token_only(
+    axum::extract::State(token): axum::extract::State<ApiToken>,
+    headers: HeaderMap,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> HttpResponse {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok());
+    if given.is_some_and(|g| token.admits(g)) {
+        return next.run(request).await;
+    }
+    let why = if given.is_some() {
+        "the Authorization header does not carry this VM's token"
+    } else {
+        "over TCP every request needs `Authorization: Bearer <token>`"
+    };
+    let mut response = ApiError::new(
+        ErrorCode::Unauthorized,
+        format!("{why} (the token is in the file {TOKEN_FILE} of the VM's directory)"),
+    )
+    .into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Bearer realm=\"rayvisor-vm\""),
+    );
+    response
+}
+
+/// Checks that `addr` may serve the API over TCP: loopback addresses only. The token keeps
+/// other local users out; the traffic itself is not encrypted, so it never leaves the host.
 pub fn check_tcp_addr(addr: SocketAddr) -> Result<(), String> {
     if addr.ip().is_loopback() {
         Ok(())
     } else {
         Err(format!(
-            "the API can be served over TCP on a loopback address only (127.0.0.0/8 or [::1]), not {addr}: it has no authentication, so anyone who reaches the port controls the VM"
+            "the API can be served over TCP on a loopback address only (127.0.0.0/8 or [::1]), not {addr}: its traffic is not encrypted"
         ))
     }
 }
@@ -927,12 +1042,14 @@ pub struct ApiServer {
 /// [`ApiServer::start`] serves them.
 pub struct ApiListeners {
     unix: std::os::unix::net::UnixListener,
-    tcp: Option<std::net::TcpListener>,
+    tcp: Option<(std::net::TcpListener, ApiToken)>,
 }
 
 impl ApiListeners {
-    /// Binds `socket` (and `tcp`, a loopback address, if given).
+    /// Binds `socket` (mode 0600: the VM's owner only), and `tcp` (a loopback address) if
+    /// given, whose token goes to [`TOKEN_FILE`] beside the socket.
     pub fn bind(socket: &Path, tcp: Option<SocketAddr>) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         let tcp = match tcp {
             Some(addr) => {
                 check_tcp_addr(addr).map_err(std::io::Error::other)?;
@@ -940,12 +1057,14 @@ impl ApiListeners {
                     std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
                 })?;
                 l.set_nonblocking(true)?;
-                Some(l)
+                let dir = socket.parent().unwrap_or(Path::new("."));
+                Some((l, ApiToken::create(&dir.join(TOKEN_FILE))?))
             }
             None => None,
         };
         let _ = std::fs::remove_file(socket);
         let unix = std::os::unix::net::UnixListener::bind(socket)?;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
         unix.set_nonblocking(true)?;
         Ok(Self { unix, tcp })
     }
@@ -965,7 +1084,7 @@ impl ApiServer {
             tcp: tcp_listener,
         } = listeners;
         let tcp = match &tcp_listener {
-            Some(l) => Some(l.local_addr()?),
+            Some((l, _)) => Some(l.local_addr()?),
             None => None,
         };
         let (tx, rx) = tokio::sync::watch::channel(false);
@@ -1028,7 +1147,7 @@ impl ApiServer {
 
 async fn serve(
     unix: std::os::unix::net::UnixListener,
-    tcp: Option<std::net::TcpListener>,
+    tcp: Option<(std::net::TcpListener, ApiToken)>,
     app: Router,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -1042,10 +1161,15 @@ async fn serve(
             return;
         }
     };
-    let tcp_task = tcp.and_then(|l| match tokio::net::TcpListener::from_std(l) {
+    let tcp_task = tcp.and_then(|(l, token)| match tokio::net::TcpListener::from_std(l) {
         Ok(l) => {
+            // The Host check first: a rebound page learns nothing, not even 401.
             let app = app
                 .clone()
+                .layer(axum::middleware::from_fn_with_state(
+                    token,
+                    bearer_token_only,
+                ))
                 .layer(axum::middleware::from_fn(loopback_host_only));
             let rx = stop.clone();
             Some(tokio::spawn(async move {
