@@ -9,7 +9,8 @@
 //!   a host CPU per vCPU);
 //! * a line-oriented shell on COM1 (`echo`, `mem`, `cpus`, `tick`, `dirty`, `sum`, `rng`,
 //!   `poweroff`), see [`shell`];
-//! * a virtio-rng driver over virtio-pci with MSI-X ([`virtio_rng`]), set up on first use;
+//! * virtio-pci drivers on [`virtio`] (MSI-X, a vector per queue): rng ([`virtio_rng`]),
+//!   set up on first use;
 //! * SMP: every vCPU enters at the ELF entry, APs update their heartbeat slots and idle;
 //!   at most [`MAX_CPUS`] of them: the others park, and the boot CPU says so on COM1
 //!   (`rayvisor-guest: 70 vCPUs offered, this kernel supports 64; running on 64`).
@@ -33,6 +34,7 @@ mod paging;
 mod pci;
 mod shell;
 mod smp;
+mod virtio;
 mod virtio_rng;
 mod workload;
 

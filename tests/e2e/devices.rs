@@ -167,3 +167,14 @@ fn rng_works_after_a_live_migration() {
         "the driver's set-up moved with the VM"
     );
 }
+
+#[test]
+fn a_vm_without_rng_has_no_such_device_and_says_so() {
+    let env = Env::new("no-rng");
+    let mut vm = env.boot(&["--no-rng"]);
+    vm.expect_line("ready", READY);
+    let line = vm.command("rng 4", "err");
+    assert_eq!(line, "err rng: no virtio-rng device");
+    let info: serde_json::Value = vm.client.call("GET", "/vm", None).unwrap();
+    assert_eq!(info["config"]["devices"]["rng"], false, "{info}");
+}

@@ -123,6 +123,7 @@ pub fn validate(config: &VmConfig, host_mem: u64) -> Result<BootSpec, ConfigErro
         cmdline: config.cmdline.clone(),
         vcpus: config.vcpus,
         mem_bytes: mem,
+        devices: config.devices.clone(),
     };
     crate::boot::validate(&spec).map_err(|e| ConfigError::Boot(e.to_string()))?;
     Ok(spec)
@@ -174,6 +175,7 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             vcpus,
             memory_bytes,
+            devices: Default::default(),
         }
     }
 
