@@ -1,6 +1,7 @@
 //! virtio 1.2 devices: the split virtqueue ([`queue`]), the modern PCI transport
 //! ([`pci`]), completion of requests from other threads ([`completer`]) and the device
-//! models behind it ([`rng`]).
+//! models behind it ([`rng`], [`blk`]).
+pub mod blk;
 pub mod completer;
 pub mod pci;
 pub mod queue;
@@ -79,6 +80,16 @@ pub trait VirtioDevice: Send {
     /// socket) until [`resume`](Self::resume). Requests already pending still complete.
     fn pause(&mut self) {}
     fn resume(&mut self) {}
+    /// What of the device's own set-up a saved state must agree with (a disk's size): saved
+    /// with the transport's state, checked by [`check_device`](Self::check_device) on
+    /// restore.
+    fn save_device(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    fn check_device(&self, saved: &serde_json::Value) -> Result<(), String> {
+        let _ = saved;
+        Ok(())
+    }
 }
 
 /// Logs warnings about one device's guest input, up to a limit, so that a guest cannot

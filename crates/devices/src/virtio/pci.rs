@@ -92,6 +92,9 @@ pub struct VirtioPciState {
     pub registers: Registers,
     pub queues: Vec<Queue>,
     pub msix: MsixState,
+    /// The device model's own part ([`VirtioDevice::save_device`]).
+    #[serde(default)]
+    pub device: serde_json::Value,
 }
 
 pub type Memory = Arc<dyn GuestMemory + Send + Sync>;
@@ -609,6 +612,7 @@ impl Persist for VirtioPci {
             registers: self.regs.clone(),
             queues: self.queues.clone(),
             msix: self.msix.state(),
+            device: self.device.save_device(),
         })
     }
 
@@ -659,6 +663,9 @@ impl Persist for VirtioPci {
                 "{name}: saved state names an MSI-X vector beyond {vectors}"
             ));
         }
+        self.device
+            .check_device(&s.device)
+            .map_err(|e| format!("{name}: {e}"))?;
         let mut config = self.config.clone();
         config
             .restore_guest_bytes(&s.config)
