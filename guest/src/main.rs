@@ -7,10 +7,10 @@
 //! * the heartbeat page of [`ray_guest_abi`] at 0x100000, kept current without exits;
 //! * idling through the VMM's idle port when it offers one (an exit per 500 µs instead of
 //!   a host CPU per vCPU);
-//! * a line-oriented shell on COM1 (`echo`, `mem`, `cpus`, `tick`, `dirty`, `sum`, `rng`,
+//! * a line-oriented shell on COM1 (`echo`, `mem`, `cpus`, `tick`, `dirty`, `sum`, `rng`, `disk`,
 //!   `poweroff`), see [`shell`];
-//! * virtio-pci drivers on [`virtio`] (MSI-X, a vector per queue): rng ([`virtio_rng`]),
-//!   set up on first use;
+//! * virtio-pci drivers on [`virtio`] (MSI-X, a vector per queue): rng ([`virtio_rng`])
+//!   and blk ([`virtio_blk`]), set up on first use;
 //! * SMP: every vCPU enters at the ELF entry, APs update their heartbeat slots and idle;
 //!   at most [`MAX_CPUS`] of them: the others park, and the boot CPU says so on COM1
 //!   (`rayvisor-guest: 70 vCPUs offered, this kernel supports 64; running on 64`).
@@ -35,6 +35,7 @@ mod pci;
 mod shell;
 mod smp;
 mod virtio;
+mod virtio_blk;
 mod virtio_rng;
 mod workload;
 

@@ -8,7 +8,7 @@ use ray_e2e::{Env, Vm};
 const READY: Duration = Duration::from_secs(20);
 
 /// vCPU exits by reason, summed over vCPUs, from `GET /metrics`.
-fn exits(vm: &Vm) -> BTreeMap<String, u64> {
+pub(crate) fn exits(vm: &Vm) -> BTreeMap<String, u64> {
     let a = vm.client.raw("GET", "/metrics", None).unwrap();
     let text = String::from_utf8_lossy(&a.body).into_owned();
     let mut by_reason = BTreeMap::new();
@@ -27,7 +27,7 @@ fn exits(vm: &Vm) -> BTreeMap<String, u64> {
     by_reason
 }
 
-fn delta(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+pub(crate) fn delta(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
     b.iter().map(|(k, v)| (k.clone(), v - a[k])).collect()
 }
 

@@ -164,6 +164,32 @@ pub struct DevicesConfig {
     /// virtio-rng, fed by the host's getrandom(2). Default: on.
     #[serde(default = "on")]
     pub rng: bool,
+    /// virtio-blk disks, in bus order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+}
+
+/// One virtio-blk disk: a raw image file or a block device on the VMM's host. In a live
+/// migration the target opens the same path (shared storage) and refuses a file of
+/// another size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Stable name: the device's id in snapshots and migrations and its serial (GET_ID).
+    /// 1 to 20 of `A-Za-z0-9_-`.
+    pub id: String,
+    pub path: String,
+    /// The guest may not write (VIRTIO_BLK_F_RO; writes fail with IOERR).
+    #[serde(default)]
+    pub readonly: bool,
+    /// Bytes per second the guest may move (reads and writes), if limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub rate_bytes: Option<u64>,
+    /// Requests per second, if limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub rate_ops: Option<u64>,
 }
 
 fn on() -> bool {
@@ -172,7 +198,10 @@ fn on() -> bool {
 
 impl Default for DevicesConfig {
     fn default() -> Self {
-        Self { rng: true }
+        Self {
+            rng: true,
+            disks: Vec::new(),
+        }
     }
 }
 

@@ -77,7 +77,7 @@ pub struct RunArgs {
         short = 'f',
         long = "file",
         value_name = "FILE",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks"]
     )]
     pub file: Option<PathBuf>,
     /// Kernel to boot (ELF vmlinux or bzImage). Default: rayvisor's own guest.
@@ -98,6 +98,10 @@ pub struct RunArgs {
     /// Leave out the virtio-rng device (present by default).
     #[arg(long)]
     pub no_rng: bool,
+    /// A virtio-blk disk (a raw image file or block device); repeat for more. Options: ro
+    /// (read-only), id=NAME (default diskN), rate=BYTES per second, iops=N.
+    #[arg(long = "disk", value_name = ray::disks::SYNTAX, value_parser = ray::disks::parse_disk)]
+    pub disks: Vec<ray_api::vmm::DiskConfig>,
     /// VM id (default: generated).
     #[arg(long)]
     pub id: Option<String>,
@@ -213,7 +217,14 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
             .unwrap_or_else(|| default_cmdline.into()),
         vcpus: args.vcpus,
         memory_bytes: args.memory,
-        devices: DevicesConfig { rng: !args.no_rng },
+        devices: DevicesConfig {
+            rng: !args.no_rng,
+            disks: {
+                let mut disks = args.disks.clone();
+                ray::disks::number(&mut disks);
+                disks
+            },
+        },
     })
 }
 

@@ -16,6 +16,8 @@ use std::time::Duration;
 use ray_api::vmm::DevicesConfig;
 
 use ray_devices::pci::{BarAllocator, PciBus, SlotBarMove};
+use ray_devices::rate::RateLimit;
+use ray_devices::virtio::blk::{Block, BlockConfig};
 use ray_devices::virtio::pci::{VirtioPci, VirtioPciState, BAR_SIZE, NOTIFY, NOTIFY_MULTIPLIER};
 use ray_devices::virtio::rng::Rng;
 use ray_devices::virtio::VirtioDevice;
@@ -78,7 +80,49 @@ pub fn devices_of(config: &DevicesConfig) -> Result<Vec<DeviceSpec>, PciError> {
             device: Box::new(Rng),
         });
     }
+    for disk in &config.disks {
+        let block = Block::open(BlockConfig {
+            path: disk.path.clone().into(),
+            readonly: disk.readonly,
+            serial: disk.id.clone(),
+            queues: DISK_QUEUES,
+            rate: RateLimit {
+                bytes_per_sec: disk.rate_bytes,
+                ops_per_sec: disk.rate_ops,
+            },
+        })
+        .map_err(|e| PciError::Device {
+            id: disk.id.clone(),
+            why: e.to_string(),
+        })?;
+        specs.push(DeviceSpec {
+            id: disk.id.clone(),
+            name: "virtio-blk",
+            device: Box::new(block),
+        });
+    }
     Ok(specs)
+}
+
+/// Queues of each disk (VIRTIO_BLK_F_MQ).
+const DISK_QUEUES: u16 = 2;
+
+/// Checks, before anything is built, that the devices of `config` can take `state` over:
+/// the same device list, and each device's own part (a disk's size). A migration target
+/// runs it when the state arrives, so that a missing or different disk refuses the
+/// migration while the source still runs.
+pub fn check_state(config: &DevicesConfig, state: &PciState) -> Result<(), PciError> {
+    let specs = devices_of(config)?;
+    check_ids(state, &specs)?;
+    for (spec, saved) in specs.iter().zip(&state.devices) {
+        spec.device
+            .check_device(&saved.state.device)
+            .map_err(|why| PciError::Device {
+                id: spec.id.clone(),
+                why,
+            })?;
+    }
+    Ok(())
 }
 
 /// Refuses a saved device list that is not the configured one, naming both.
@@ -370,7 +414,11 @@ mod tests {
             "cannot restore the PCI devices: the saved state has the devices [rng, disk0] but \
              this VM's configuration has [rng]"
         );
-        let none = devices_of(&DevicesConfig { rng: false }).unwrap();
+        let none = devices_of(&DevicesConfig {
+            rng: false,
+            ..Default::default()
+        })
+        .unwrap();
         assert!(check_ids(&saved(&["rng"]), &none).is_err());
     }
 

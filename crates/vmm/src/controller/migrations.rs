@@ -432,6 +432,9 @@ impl Controller {
         if self.incoming_state.is_some() || self.machine.is_some() {
             return Err("the VM state arrived twice".into());
         }
+        if let Some(pci) = &st.machine.pci {
+            crate::pci::check_state(&st.config.devices, pci).map_err(|e| e.to_string())?;
+        }
         self.incoming_state = Some(Box::new(st));
         Ok(())
     }
