@@ -97,11 +97,20 @@ exception_stubs:
 global_asm!(
     r#"
     .text
+    .irp n, 0,1,2,3,4,5,6,7
     .balign 16
-    .global irq_stub_device
-irq_stub_device:
-    push ${device}
+irq_stub_device_\n:
+    push $({device} + \n)
     jmp irq_common
+    .endr
+    .section .rodata.device_stubs, "a"
+    .balign 8
+    .global device_stubs
+device_stubs:
+    .irp n, 0,1,2,3,4,5,6,7
+    .quad irq_stub_device_\n
+    .endr
+    .text
     .balign 16
     .global irq_stub_timer
 irq_stub_timer:
@@ -151,7 +160,7 @@ irq_common:
     add $8, %rsp
     iretq
 "#,
-    device = const crate::apic::DEVICE_VECTOR,
+    device = const crate::apic::DEVICE_VECTOR_BASE,
     timer = const crate::apic::TIMER_VECTOR,
     wake = const crate::apic::WAKE_VECTOR,
     interrupt = sym crate::apic::interrupt,
@@ -161,7 +170,8 @@ irq_common:
 extern "C" {
     /// Addresses of the 32 exception stubs above.
     static exception_stubs: [u64; 32];
-    fn irq_stub_device();
+    /// Addresses of the device interrupt stubs, one per device vector.
+    static device_stubs: [u64; crate::apic::DEVICE_VECTORS];
     fn irq_stub_timer();
     fn irq_stub_wake();
     fn irq_stub_spurious();
@@ -188,10 +198,11 @@ fn set_gate(vector: usize, handler: u64) {
 /// runs and before any source of them is enabled.
 pub fn init_device_gates() {
     set_gate(crate::apic::WAKE_VECTOR, irq_stub_wake as *const () as u64);
-    set_gate(
-        crate::apic::DEVICE_VECTOR,
-        irq_stub_device as *const () as u64,
-    );
+    // SAFETY: `device_stubs` is a constant table emitted by the assembly above.
+    let stubs = unsafe { device_stubs };
+    for (i, &handler) in stubs.iter().enumerate() {
+        set_gate(crate::apic::DEVICE_VECTOR_BASE + i, handler);
+    }
     set_gate(
         crate::apic::TIMER_VECTOR,
         irq_stub_timer as *const () as u64,

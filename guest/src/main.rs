@@ -8,9 +8,10 @@
 //! * idling in `hlt` until the CPU's next deadline (heartbeat, `tick`, `dirty`) or an
 //!   interrupt, when the VMM offers its wake interrupt; else through the VMM's idle port
 //!   (an exit per 500 µs), else spinning;
-//! * a line-oriented shell on COM1 (`echo`, `mem`, `cpus`, `tick`, `dirty`, `sum`, `rng`,
+//! * a line-oriented shell on COM1 (`echo`, `mem`, `cpus`, `tick`, `dirty`, `sum`, `rng`, `disk`,
 //!   `poweroff`), see [`shell`];
-//! * a virtio-rng driver over virtio-pci with MSI-X ([`virtio_rng`]), set up on first use;
+//! * virtio-pci drivers on [`virtio`] (MSI-X, a vector per queue): rng ([`virtio_rng`])
+//!   and blk ([`virtio_blk`]), set up on first use;
 //! * SMP: every vCPU enters at the ELF entry, APs update their heartbeat slots and idle;
 //!   at most [`MAX_CPUS`] of them: the others park, and the boot CPU says so on COM1
 //!   (`rayvisor-guest: 70 vCPUs offered, this kernel supports 64; running on 64`).
@@ -34,6 +35,8 @@ mod paging;
 mod pci;
 mod shell;
 mod smp;
+mod virtio;
+mod virtio_blk;
 mod virtio_rng;
 mod workload;
 

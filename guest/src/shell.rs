@@ -122,6 +122,7 @@ fn execute(line: &str, work: &mut Workloads) {
         "dirty" => dirty(args, work),
         "sum" => sum(args),
         "rng" => rng(args),
+        "disk" => crate::virtio_blk::command(args),
         "poweroff" if no_more(args.clone(), cmd) => crate::poweroff(),
         "help" if no_more(args.clone(), cmd) => help(),
         "mem" | "cpus" | "poweroff" | "help" => {}
@@ -262,5 +263,5 @@ fn rng(mut args: core::str::SplitAsciiWhitespace) {
 }
 
 fn help() {
-    println!("commands: echo <text> | mem | cpus | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | rng <bytes> | poweroff | help");
+    println!("commands: echo <text> | mem | cpus | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | poweroff | help");
 }

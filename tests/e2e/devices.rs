@@ -8,7 +8,7 @@ use ray_e2e::{Env, Vm};
 const READY: Duration = Duration::from_secs(20);
 
 /// vCPU exits by reason, summed over vCPUs, from `GET /metrics`.
-fn exits(vm: &Vm) -> BTreeMap<String, u64> {
+pub(crate) fn exits(vm: &Vm) -> BTreeMap<String, u64> {
     let a = vm.client.raw("GET", "/metrics", None).unwrap();
     let text = String::from_utf8_lossy(&a.body).into_owned();
     let mut by_reason = BTreeMap::new();
@@ -27,7 +27,7 @@ fn exits(vm: &Vm) -> BTreeMap<String, u64> {
     by_reason
 }
 
-fn delta(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+pub(crate) fn delta(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
     b.iter().map(|(k, v)| (k.clone(), v - a[k])).collect()
 }
 
@@ -166,4 +166,15 @@ fn rng_works_after_a_live_migration() {
         0,
         "the driver's set-up moved with the VM"
     );
+}
+
+#[test]
+fn a_vm_without_rng_has_no_such_device_and_says_so() {
+    let env = Env::new("no-rng");
+    let mut vm = env.boot(&["--no-rng"]);
+    vm.expect_line("ready", READY);
+    let line = vm.command("rng 4", "err");
+    assert_eq!(line, "err rng: no virtio-rng device");
+    let info: serde_json::Value = vm.client.call("GET", "/vm", None).unwrap();
+    assert_eq!(info["config"]["devices"]["rng"], false, "{info}");
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `ray` binary, real KVM, rayvisor's own guest.
 //! Build first: `cargo build --workspace` (the scripts/test command does).
 mod api;
+mod blk;
 mod boot;
 mod devices;
 mod lifecycle;

@@ -151,6 +151,64 @@ pub struct VmConfig {
     /// Guest RAM in bytes: a multiple of 4 KiB, at least 32 MiB, at most what the host has.
     #[schema(minimum = 33554432, multiple_of = 4096)]
     pub memory_bytes: u64,
+    /// Paravirtual devices (virtio over PCI). Omitted: the defaults (virtio-rng only).
+    #[serde(default, skip_serializing_if = "DevicesConfig::is_default")]
+    pub devices: DevicesConfig,
+}
+
+/// The VM's virtio devices. Each kind is one field; a snapshot or migration carries the
+/// state of each device, and a restore refuses a state whose devices differ from these.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesConfig {
+    /// virtio-rng, fed by the host's getrandom(2). Default: on.
+    #[serde(default = "on")]
+    pub rng: bool,
+    /// virtio-blk disks, in bus order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+}
+
+/// One virtio-blk disk: a raw image file or a block device on the VMM's host. In a live
+/// migration the target opens the same path (shared storage) and refuses a file of
+/// another size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Stable name: the device's id in snapshots and migrations and its serial (GET_ID).
+    /// 1 to 20 of `A-Za-z0-9_-`.
+    pub id: String,
+    pub path: String,
+    /// The guest may not write (VIRTIO_BLK_F_RO; writes fail with IOERR).
+    #[serde(default)]
+    pub readonly: bool,
+    /// Bytes per second the guest may move (reads and writes), if limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub rate_bytes: Option<u64>,
+    /// Requests per second, if limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub rate_ops: Option<u64>,
+}
+
+fn on() -> bool {
+    true
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        Self {
+            rng: true,
+            disks: Vec::new(),
+        }
+    }
+}
+
+impl DevicesConfig {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// `PUT /vm/config` answer and `GET /vm` body.
@@ -701,6 +759,24 @@ mod tests {
         let err =
             serde_json::from_str::<VmConfig>(r#"{"vcpus":1,"memory_bytes":67108864}"#).unwrap_err();
         assert!(err.to_string().contains("missing field `kernel`"), "{err}");
+    }
+
+    #[test]
+    fn devices_default_to_rng_and_are_left_out_when_default() {
+        let c: VmConfig =
+            serde_json::from_str(r#"{"kernel":"k","vcpus":1,"memory_bytes":67108864}"#).unwrap();
+        assert!(c.devices.rng);
+        assert!(!serde_json::to_string(&c).unwrap().contains("devices"));
+        let c: VmConfig = serde_json::from_str(
+            r#"{"kernel":"k","vcpus":1,"memory_bytes":67108864,"devices":{"rng":false}}"#,
+        )
+        .unwrap();
+        assert!(!c.devices.rng);
+        let e = serde_json::from_str::<VmConfig>(
+            r#"{"kernel":"k","vcpus":1,"memory_bytes":67108864,"devices":{"gpu":true}}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown field `gpu`"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod interrupt;
 pub mod legacy;
 pub mod pci;
 pub mod persist;
+pub mod rate;
 pub mod virtio;
 
 use std::sync::{Arc, Mutex};

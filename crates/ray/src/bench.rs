@@ -241,6 +241,7 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         cmdline: DEFAULT_GUEST_CMDLINE.into(),
         vcpus: a.vcpus,
         memory_bytes: a.memory,
+        devices: Default::default(),
     };
     let cfg_json = serde_json::to_string(&cfg)?;
     let bar = (!a.json).then(|| {

@@ -114,6 +114,7 @@ pub fn run(a: &IdleBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 cmdline: format!("console=ttyS0 ray.poll_ms=0 ray.idle={mode}"),
                 vcpus: a.vcpus,
                 memory_bytes: 128 << 20,
+                devices: Default::default(),
             };
             let id = format!("bench-idle-{}-{run}-{mode}", std::process::id());
             let vmm = BenchVmm::start(runtime, &id, &serde_json::to_string(&cfg)?)

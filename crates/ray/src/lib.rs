@@ -1,6 +1,7 @@
 //! The library half of the `ray` binary: what the CLI and the end-to-end test harness
 //! share (the per-VM API client, the runtime directory, exit codes, size parsing, output formats).
 pub mod client;
+pub mod disks;
 pub mod exit;
 pub mod output;
 pub mod runtime;

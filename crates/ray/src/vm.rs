@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use ray_api::vmm::{VmConfig, VmInfo, VmStateName};
+use ray_api::vmm::{DevicesConfig, VmConfig, VmInfo, VmStateName};
 
 use ray::client::VmmClient;
 use ray::exit::{self, coded, NOT_FOUND, UNREACHABLE};
@@ -77,7 +77,7 @@ pub struct RunArgs {
         short = 'f',
         long = "file",
         value_name = "FILE",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks"]
     )]
     pub file: Option<PathBuf>,
     /// Kernel to boot (ELF vmlinux or bzImage). Default: rayvisor's own guest.
@@ -95,6 +95,13 @@ pub struct RunArgs {
     /// Guest memory, e.g. 128M or 2G.
     #[arg(long, default_value = "128M", value_parser = ray::sizes::parse_memory)]
     pub memory: u64,
+    /// Leave out the virtio-rng device (present by default).
+    #[arg(long)]
+    pub no_rng: bool,
+    /// A virtio-blk disk (a raw image file or block device); repeat for more. Options: ro
+    /// (read-only), id=NAME (default diskN), rate=BYTES per second, iops=N.
+    #[arg(long = "disk", value_name = ray::disks::SYNTAX, value_parser = ray::disks::parse_disk)]
+    pub disks: Vec<ray_api::vmm::DiskConfig>,
     /// VM id (default: generated).
     #[arg(long)]
     pub id: Option<String>,
@@ -212,6 +219,14 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
             .unwrap_or_else(|| default_cmdline.into()),
         vcpus: args.vcpus,
         memory_bytes: args.memory,
+        devices: DevicesConfig {
+            rng: !args.no_rng,
+            disks: {
+                let mut disks = args.disks.clone();
+                ray::disks::number(&mut disks);
+                disks
+            },
+        },
     })
 }
 

@@ -41,6 +41,45 @@ pub enum ConfigError {
     InitrdMissing(PathBuf),
     #[error("{0}")]
     Boot(String),
+    #[error("disk {id}: {why}")]
+    Disk { id: String, why: String },
+}
+
+/// Checks the disks of `devices`: ids unique and usable as serials, files present with a
+/// whole number of sectors, rates above zero.
+pub fn check_disks(devices: &ray_api::vmm::DevicesConfig) -> Result<(), ConfigError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for d in &devices.disks {
+        let bad = |why: String| ConfigError::Disk {
+            id: d.id.clone(),
+            why,
+        };
+        let id_ok = !d.id.is_empty()
+            && d.id.len() <= 20
+            && d.id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !id_ok || d.id == "rng" {
+            return Err(bad(
+                "an id is 1 to 20 of A-Z a-z 0-9 - _ (and not 'rng')".into()
+            ));
+        }
+        if !seen.insert(d.id.as_str()) {
+            return Err(bad("two disks have this id".into()));
+        }
+        if d.rate_bytes == Some(0) || d.rate_ops == Some(0) {
+            return Err(bad("a rate limit must be above zero".into()));
+        }
+        let size = ray_devices::virtio::blk::size_of(Path::new(&d.path))
+            .map_err(|e| bad(e.to_string()))?;
+        if size % 512 != 0 || size == 0 {
+            return Err(bad(format!(
+                "{} has {size} bytes; a disk is a whole, non-zero number of 512-byte sectors",
+                d.path
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Total RAM of the host in bytes, from /proc/meminfo.
@@ -117,12 +156,14 @@ pub fn validate(config: &VmConfig, host_mem: u64) -> Result<BootSpec, ConfigErro
             return Err(ConfigError::InitrdMissing(p.clone()));
         }
     }
+    check_disks(&config.devices)?;
     let spec = BootSpec {
         kernel,
         initrd,
         cmdline: config.cmdline.clone(),
         vcpus: config.vcpus,
         mem_bytes: mem,
+        devices: config.devices.clone(),
     };
     crate::boot::validate(&spec).map_err(|e| ConfigError::Boot(e.to_string()))?;
     Ok(spec)
@@ -174,6 +215,7 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             vcpus,
             memory_bytes,
+            devices: Default::default(),
         }
     }
 

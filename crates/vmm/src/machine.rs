@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use ray_api::vmm::DevicesConfig;
+
 use crate::boot::{self, BootSpec};
 use crate::devices::console::ConsoleState;
 use crate::devices::{Console, ConsoleRing, IoBus};
@@ -49,7 +51,7 @@ pub struct MachineState {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmKvmState,
     pub console: ConsoleState,
-    /// The PCI devices (virtio-rng). Absent in states saved before the bus existed: such a
+    /// The PCI devices, by id. Absent in states saved before the bus existed: such a
     /// guest never saw the devices and gets them fresh.
     #[serde(default)]
     pub pci: Option<PciState>,
@@ -108,7 +110,7 @@ impl Machine {
         }
 
         let console = Console::new(serial_irq(&vm)?, sinks.log, sinks.stdout, sinks.ring);
-        let pci = PciDevices::create(&vm, None)?;
+        let pci = PciDevices::create(&vm, &spec.devices, None)?;
         let bus = Arc::new(bus_over(&vm, console, &pci));
 
         let fds = (0..spec.vcpus)
@@ -165,18 +167,21 @@ impl Machine {
     }
 
     /// Rebuilds a machine from `state` over `memory` (already holding the guest's pages)
-    /// and starts it. The state is untrusted: the flavour must match and KVM checks the rest.
+    /// and starts it, with the devices of `devices` (the VM's configuration, which the
+    /// saved device list must match). The state is untrusted: the flavour must match and
+    /// KVM checks the rest.
     pub fn restore(
         shell: VmShell,
         memory: MemoryManager,
         state: &MachineState,
+        devices: &DevicesConfig,
         sinks: ConsoleSinks,
         events: EventSink,
     ) -> Result<Machine, BuildError> {
         // A restored VM logs dirty pages from its first instruction: its next snapshot can
         // be incremental on the one it came from.
         let vm = Vm::with_memory(shell, memory, true, state.vm.pit.is_some())?;
-        Machine::restore_on(vm, state, sinks, events)
+        Machine::restore_on(vm, state, devices, sinks, events)
     }
 
     /// [`restore`](Self::restore) onto a VM created earlier (a migration target creates
@@ -185,6 +190,7 @@ impl Machine {
     pub fn restore_on(
         vm: Vm,
         state: &MachineState,
+        devices: &DevicesConfig,
         sinks: ConsoleSinks,
         events: EventSink,
     ) -> Result<Machine, BuildError> {
@@ -221,7 +227,7 @@ impl Machine {
             sinks.ring,
         )
         .map_err(BuildError::Incompatible)?;
-        let pci = PciDevices::create(&vm, state.pci.as_ref())?;
+        let pci = PciDevices::create(&vm, devices, state.pci.as_ref())?;
         // Whatever the restored guest was told at its boot, both console paths work.
         let bus = Arc::new(bus_over(&vm, console, &pci));
         let fds = state

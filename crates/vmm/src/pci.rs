@@ -3,15 +3,24 @@
 //! and queue notifications as ioeventfds served by one notifier thread, so that a guest's
 //! kick never exits to the VMM.
 //!
-//! Today the bus holds one device, virtio-rng, always present: until a driver uses it, it
-//! costs one thread that sleeps and no exits.
+//! The devices come from the VM configuration ([`DevicesConfig`]): each gets its own slot,
+//! BAR, MSI-X vectors and ioeventfds, and a stable id under which its state travels in
+//! snapshots and migrations. Until a driver uses them they cost one notifier thread that
+//! sleeps, and no exits. Devices doing slow I/O complete requests from their own threads
+//! (see [`ray_devices::virtio::completer`]).
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ray_api::vmm::DevicesConfig;
 
 use ray_devices::pci::{BarAllocator, PciBus, SlotBarMove};
+use ray_devices::rate::RateLimit;
+use ray_devices::virtio::blk::{Block, BlockConfig};
 use ray_devices::virtio::pci::{VirtioPci, VirtioPciState, BAR_SIZE, NOTIFY, NOTIFY_MULTIPLIER};
 use ray_devices::virtio::rng::Rng;
+use ray_devices::virtio::VirtioDevice;
 use ray_devices::Persist;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -33,14 +42,101 @@ pub enum PciError {
     BusFull,
     #[error("cannot restore the PCI devices: {0}")]
     Restore(String),
+    #[error("cannot set up device {id}: {why}")]
+    Device { id: String, why: String },
     #[error("cannot start the device notifier thread: {0}")]
     Thread(#[source] std::io::Error),
 }
 
-/// The PCI devices' share of a snapshot or migration.
+/// The PCI devices' share of a snapshot or migration: each device's state under its id,
+/// in bus order.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PciState {
-    pub rng: VirtioPciState,
+    pub devices: Vec<DeviceState>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DeviceState {
+    /// Stable across snapshots and migrations: `rng`, a disk's id, ...
+    pub id: String,
+    pub state: VirtioPciState,
+}
+
+/// One device the configuration asks for, before it is put on the bus.
+pub struct DeviceSpec {
+    pub id: String,
+    /// For log lines: `virtio-rng`, `virtio-blk`, ...
+    pub name: &'static str,
+    pub device: Box<dyn VirtioDevice>,
+}
+
+/// The devices of `config`, in bus order. Adding a device kind is one entry here.
+pub fn devices_of(config: &DevicesConfig) -> Result<Vec<DeviceSpec>, PciError> {
+    let mut specs = Vec::new();
+    if config.rng {
+        specs.push(DeviceSpec {
+            id: "rng".into(),
+            name: "virtio-rng",
+            device: Box::new(Rng),
+        });
+    }
+    for disk in &config.disks {
+        let block = Block::open(BlockConfig {
+            path: disk.path.clone().into(),
+            readonly: disk.readonly,
+            serial: disk.id.clone(),
+            queues: DISK_QUEUES,
+            rate: RateLimit {
+                bytes_per_sec: disk.rate_bytes,
+                ops_per_sec: disk.rate_ops,
+            },
+        })
+        .map_err(|e| PciError::Device {
+            id: disk.id.clone(),
+            why: e.to_string(),
+        })?;
+        specs.push(DeviceSpec {
+            id: disk.id.clone(),
+            name: "virtio-blk",
+            device: Box::new(block),
+        });
+    }
+    Ok(specs)
+}
+
+/// Queues of each disk (VIRTIO_BLK_F_MQ).
+const DISK_QUEUES: u16 = 2;
+
+/// Checks, before anything is built, that the devices of `config` can take `state` over:
+/// the same device list, and each device's own part (a disk's size). A migration target
+/// runs it when the state arrives, so that a missing or different disk refuses the
+/// migration while the source still runs.
+pub fn check_state(config: &DevicesConfig, state: &PciState) -> Result<(), PciError> {
+    let specs = devices_of(config)?;
+    check_ids(state, &specs)?;
+    for (spec, saved) in specs.iter().zip(&state.devices) {
+        spec.device
+            .check_device(&saved.state.device)
+            .map_err(|why| PciError::Device {
+                id: spec.id.clone(),
+                why,
+            })?;
+    }
+    Ok(())
+}
+
+/// Refuses a saved device list that is not the configured one, naming both.
+fn check_ids(saved: &PciState, specs: &[DeviceSpec]) -> Result<(), PciError> {
+    let saved: Vec<&str> = saved.devices.iter().map(|d| d.id.as_str()).collect();
+    let ours: Vec<&str> = specs.iter().map(|d| d.id.as_str()).collect();
+    if saved != ours {
+        return Err(PciError::Restore(format!(
+            "the saved state has the devices [{}] but this VM's configuration has [{}]",
+            saved.join(", "),
+            ours.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 type Transport = Arc<Mutex<VirtioPci>>;
@@ -113,17 +209,19 @@ fn notifier_loop(stop: &EventFd, kicks: &[(EventFd, Transport, u16)]) {
     }
 }
 
-/// Moves the ioeventfds of the device in `slot` along when the guest moves its BAR 0.
-/// Should KVM refuse, kicks at the new address still work, as MMIO exits.
-fn follow_bar(
+/// Moves the ioeventfds of a device along when the guest moves its BAR 0. Should KVM
+/// refuse, kicks at the new address still work, as MMIO exits.
+fn follow_bars(
     router: Arc<IrqRouter>,
-    slot: usize,
-    kicks: Vec<EventFd>,
+    slots: Vec<(usize, Vec<EventFd>)>,
 ) -> ray_devices::pci::BarMoveHook {
     Box::new(move |m: SlotBarMove| {
-        if m.slot != slot || m.moved.bar != 0 {
+        if m.moved.bar != 0 {
             return;
         }
+        let Some((_, kicks)) = slots.iter().find(|(s, _)| *s == m.slot) else {
+            return;
+        };
         for (q, evt) in kicks.iter().enumerate() {
             let at = |base: u64| base + NOTIFY + NOTIFY_MULTIPLIER * q as u64;
             if let Err(e) = router.unregister_ioeventfd(evt, at(m.moved.from)) {
@@ -136,10 +234,19 @@ fn follow_bar(
     })
 }
 
+/// A device on the bus.
+struct Plugged {
+    id: String,
+    transport: Transport,
+}
+
+/// How long pausing waits for devices to finish the requests they are working on.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The bus and its devices.
 pub struct PciDevices {
     pub bus: Arc<PciBus>,
-    rng: Transport,
+    devices: Vec<Plugged>,
     /// Whether queue kicks stay inside KVM (ioeventfd) or arrive as MMIO exits.
     pub kicks_in_kernel: bool,
     _router: Arc<IrqRouter>,
@@ -147,51 +254,69 @@ pub struct PciDevices {
 }
 
 impl PciDevices {
-    /// Builds the bus with its devices over `vm`; with `state`, the devices take it over
-    /// (a restore or a migration target) and stay paused until [`resume`](Self::resume).
-    pub fn create(vm: &Vm, state: Option<&PciState>) -> Result<Self, PciError> {
+    /// Builds the bus with the devices of `config` over `vm`; with `state`, the devices
+    /// take it over (a restore or a migration target) and stay paused until
+    /// [`resume`](Self::resume). A state whose device list differs is refused.
+    pub fn create(
+        vm: &Vm,
+        config: &DevicesConfig,
+        state: Option<&PciState>,
+    ) -> Result<Self, PciError> {
+        let specs = devices_of(config)?;
+        if let Some(s) = state {
+            check_ids(s, &specs)?;
+        }
         let router = IrqRouter::new(vm)?;
         let mut bars = BarAllocator::new(BAR_WINDOW_START, BAR_WINDOW_END);
-        let bar = bars.allocate(BAR_SIZE)?;
-        let rng_queues = 1u16;
-        let vectors = Arc::new(KvmMsiVectors::new(router.clone(), rng_queues + 1)?);
-        let mut rng = VirtioPci::new(
-            "virtio-rng",
-            Box::new(Rng),
-            Arc::new(vm.memory.clone()),
-            vectors,
-            bar as u32,
-        );
-        if let Some(s) = state {
-            rng.restore_state(&s.rng).map_err(PciError::Restore)?;
-        }
-        let notify: Vec<u64> = (0..rng.queue_count())
-            .map(|q| rng.notify_address(q))
-            .collect();
-        let rng = Arc::new(Mutex::new(rng));
         let mut bus = PciBus::new();
-        let slot = bus.add(rng.clone()).ok_or(PciError::BusFull)?;
-
-        // Queue kicks as ioeventfds: KVM signals the eventfd and resumes the guest without
-        // an exit to the VMM. If KVM refuses, kicks still work, as MMIO exits.
         let mut kicks = Vec::new();
+        let mut moves = Vec::new();
+        let mut devices = Vec::new();
         let mut in_kernel = true;
-        for (q, addr) in notify.into_iter().enumerate() {
-            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(IrqError::EventFd)?;
-            match router.register_ioeventfd(&evt, addr) {
-                Ok(()) => kicks.push((evt, rng.clone(), q as u16)),
-                Err(e) => {
-                    tracing::warn!("{e}; virtio-rng's queue kicks will exit to the VMM");
-                    in_kernel = false;
+        for (i, spec) in specs.into_iter().enumerate() {
+            let bar = bars.allocate(BAR_SIZE)?;
+            let queues = spec.device.queue_sizes().len() as u16;
+            let vectors = Arc::new(KvmMsiVectors::new(router.clone(), queues + 1)?);
+            let mut dev = VirtioPci::new(
+                spec.name,
+                spec.device,
+                Arc::new(vm.memory.clone()),
+                vectors,
+                bar as u32,
+            );
+            if let Some(s) = state {
+                dev.restore_state(&s.devices[i].state)
+                    .map_err(PciError::Restore)?;
+            }
+            let notify: Vec<u64> = (0..dev.queue_count())
+                .map(|q| dev.notify_address(q))
+                .collect();
+            let transport = dev.share();
+            let slot = bus.add(transport.clone()).ok_or(PciError::BusFull)?;
+
+            // Queue kicks as ioeventfds: KVM signals the eventfd and resumes the guest
+            // without an exit to the VMM. If KVM refuses, kicks still work, as MMIO exits.
+            let mut fds = Vec::new();
+            for (q, addr) in notify.into_iter().enumerate() {
+                let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(IrqError::EventFd)?;
+                match router.register_ioeventfd(&evt, addr) {
+                    Ok(()) => {
+                        fds.push(evt.try_clone().map_err(IrqError::EventFd)?);
+                        kicks.push((evt, transport.clone(), q as u16));
+                    }
+                    Err(e) => {
+                        tracing::warn!("{e}; {}'s queue kicks will exit to the VMM", spec.id);
+                        in_kernel = false;
+                    }
                 }
             }
+            moves.push((slot, fds));
+            devices.push(Plugged {
+                id: spec.id,
+                transport,
+            });
         }
-        let fds = kicks
-            .iter()
-            .map(|(e, _, _)| e.try_clone())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(IrqError::EventFd)?;
-        bus.on_bar_move(follow_bar(router.clone(), slot, fds));
+        bus.on_bar_move(follow_bars(router.clone(), moves));
         let notifier = if kicks.is_empty() {
             None
         } else {
@@ -199,27 +324,50 @@ impl PciDevices {
         };
         Ok(Self {
             bus: Arc::new(bus),
-            rng,
+            devices,
             kicks_in_kernel: in_kernel,
             _router: router,
             _notifier: notifier,
         })
     }
 
-    /// Stops serving queues (kicks are remembered) so that a saved state holds still.
+    /// Stops serving queues (kicks are remembered) and waits until the devices finished
+    /// the requests they had taken, so that a saved state holds still.
     pub fn pause(&self) {
-        lock(&self.rng).pause();
+        for d in &self.devices {
+            lock(&d.transport).pause();
+        }
+        for d in &self.devices {
+            let in_flight = lock(&d.transport).in_flight();
+            let left = in_flight.wait_idle(DRAIN_TIMEOUT);
+            if left > 0 {
+                tracing::error!(
+                    "device {} still has {left} requests in flight after {DRAIN_TIMEOUT:?}",
+                    d.id
+                );
+            }
+        }
     }
 
     /// Serves queues again, including kicks that came while paused.
     pub fn resume(&self) {
-        lock(&self.rng).resume();
+        for d in &self.devices {
+            lock(&d.transport).resume();
+        }
     }
 
     pub fn save(&self) -> Result<PciState, String> {
-        Ok(PciState {
-            rng: lock(&self.rng).save_state()?,
-        })
+        let devices = self
+            .devices
+            .iter()
+            .map(|d| {
+                Ok(DeviceState {
+                    id: d.id.clone(),
+                    state: lock(&d.transport).save_state()?,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(PciState { devices })
     }
 }
 
@@ -233,12 +381,67 @@ mod tests {
     use crate::vstate::Flavour;
 
     #[test]
+    fn a_saved_device_list_must_match_the_configured_one() {
+        let specs = devices_of(&DevicesConfig::default()).unwrap();
+        let saved = |ids: &[&str]| PciState {
+            devices: ids
+                .iter()
+                .map(|id| DeviceState {
+                    id: id.to_string(),
+                    state: lock(
+                        &VirtioPci::new(
+                            "virtio-rng",
+                            Box::new(Rng),
+                            Arc::new(
+                                MemoryManager::create(&[(GuestAddress(0), 2 << 20)])
+                                    .unwrap()
+                                    .clone(),
+                            ),
+                            Arc::new(NoIrq),
+                            0,
+                        )
+                        .share(),
+                    )
+                    .save_state()
+                    .unwrap(),
+                })
+                .collect(),
+        };
+        assert!(check_ids(&saved(&["rng"]), &specs).is_ok());
+        let err = check_ids(&saved(&["rng", "disk0"]), &specs).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot restore the PCI devices: the saved state has the devices [rng, disk0] but \
+             this VM's configuration has [rng]"
+        );
+        let none = devices_of(&DevicesConfig {
+            rng: false,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(check_ids(&saved(&["rng"]), &none).is_err());
+    }
+
+    struct NoIrq;
+    impl ray_devices::interrupt::MsiInterrupts for NoIrq {
+        fn route(
+            &self,
+            _: u16,
+            _: Option<ray_devices::interrupt::MsiMessage>,
+        ) -> Result<(), String> {
+            Ok(())
+        }
+        fn trigger(&self, _: u16) {}
+    }
+
+    #[test]
     fn ioeventfds_follow_a_moved_bar() {
         let memory = MemoryManager::create(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let vm = Vm::new(memory, Flavour::detect()).unwrap();
-        let pci = PciDevices::create(&vm, None).unwrap();
+        let pci = PciDevices::create(&vm, &DevicesConfig::default(), None).unwrap();
         assert!(pci.kicks_in_kernel);
-        let old = lock(&pci.rng).notify_address(0);
+        let rng = &pci.devices[0].transport;
+        let old = lock(rng).notify_address(0);
         assert_eq!(old, BAR_WINDOW_START + NOTIFY);
         // KVM refuses a second ioeventfd at an address that has one: that is the probe.
         let probe = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -248,7 +451,7 @@ mod tests {
         pci.bus
             .write_port(CONFIG_ADDRESS, &(1u32 << 31 | 1 << 11 | 0x10).to_le_bytes());
         pci.bus.write_port(CONFIG_DATA, &new_bar.to_le_bytes());
-        let new = lock(&pci.rng).notify_address(0);
+        let new = lock(rng).notify_address(0);
         assert_eq!(new, u64::from(new_bar) + NOTIFY);
         assert!(
             pci._router.register_ioeventfd(&probe, new).is_err(),

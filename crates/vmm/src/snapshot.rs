@@ -466,6 +466,7 @@ mod tests {
             cmdline: String::new(),
             vcpus: 1,
             memory_bytes: 12 << 20,
+            devices: Default::default(),
         };
         let spec = NewSnapshotSpec {
             path: &dir.join("s1"),

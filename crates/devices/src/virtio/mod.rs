@@ -1,10 +1,15 @@
 //! virtio 1.2 devices: the split virtqueue ([`queue`]), the modern PCI transport
-//! ([`pci`]) and the device models behind it ([`rng`]).
+//! ([`pci`]), completion of requests from other threads ([`completer`]) and the device
+//! models behind it ([`rng`], [`blk`]).
+pub mod blk;
+pub mod completer;
 pub mod pci;
 pub mod queue;
 pub mod rng;
 
 use ray_memory::GuestMemory;
+
+pub use completer::{Completer, DeviceContext};
 
 use queue::Chain;
 
@@ -32,6 +37,10 @@ pub enum Completion {
     /// The request is malformed or could not be served; it is returned with nothing
     /// written, and the reason is logged.
     Failed(String),
+    /// The device took the request and completes it later from another thread (a worker
+    /// doing the I/O) through its [`Completer`]. Pausing the transport waits until every
+    /// pending request is completed, so a saved state has none in flight.
+    Pending,
 }
 
 /// A device model behind a virtio transport. It sees only validated chains; queue
@@ -51,7 +60,9 @@ pub trait VirtioDevice: Send {
     fn config_len(&self) -> u64 {
         0
     }
-    /// Serves one request of queue `queue`.
+    /// Serves one request of queue `queue`. Called on the notifier thread with the
+    /// transport locked: a device whose requests take long (disk or network I/O) returns
+    /// [`Completion::Pending`] and completes them from its own threads.
     fn process(
         &mut self,
         queue: usize,
@@ -60,6 +71,25 @@ pub trait VirtioDevice: Send {
     ) -> Completion;
     /// Device reset: forget everything negotiated.
     fn reset(&mut self) {}
+    /// Called once, when the transport is shared between threads: what a device needs to
+    /// complete requests from its own threads (and to poll its own file descriptors there).
+    fn activate(&mut self, context: DeviceContext) {
+        let _ = context;
+    }
+    /// The VM is being paused: stop taking new work from host-side sources (a TAP, a
+    /// socket) until [`resume`](Self::resume). Requests already pending still complete.
+    fn pause(&mut self) {}
+    fn resume(&mut self) {}
+    /// What of the device's own set-up a saved state must agree with (a disk's size): saved
+    /// with the transport's state, checked by [`check_device`](Self::check_device) on
+    /// restore.
+    fn save_device(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    fn check_device(&self, saved: &serde_json::Value) -> Result<(), String> {
+        let _ = saved;
+        Ok(())
+    }
 }
 
 /// Logs warnings about one device's guest input, up to a limit, so that a guest cannot

@@ -10,10 +10,11 @@
 //! Guest mistakes (unoffered features, DRIVER_OK before FEATURES_OK, a queue whose rings
 //! are not in guest memory, a runaway available index) log a warning and set
 //! NEEDS_RESET with a configuration-change interrupt; malformed requests fail alone.
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ray_memory::GuestMemory;
 
+use super::completer::{Completer, DeviceContext, InFlight, Used};
 use super::queue::Queue;
 use super::{status, Completion, VirtioDevice, WarnLimit, F_EVENT_IDX, F_VERSION_1};
 use crate::interrupt::MsiInterrupts;
@@ -91,6 +92,9 @@ pub struct VirtioPciState {
     pub registers: Registers,
     pub queues: Vec<Queue>,
     pub msix: MsixState,
+    /// The device model's own part ([`VirtioDevice::save_device`]).
+    #[serde(default)]
+    pub device: serde_json::Value,
 }
 
 pub type Memory = Arc<dyn GuestMemory + Send + Sync>;
@@ -108,6 +112,8 @@ pub struct VirtioPci {
     paused: bool,
     kicked: Vec<bool>,
     warn: WarnLimit,
+    /// Requests the device answered `Pending` to and has not completed.
+    in_flight: Arc<InFlight>,
 }
 
 fn virtio_cap(cfg_type: u8, offset: u64, len: u64, extra: Option<u32>) -> Vec<u8> {
@@ -180,7 +186,28 @@ impl VirtioPci {
             paused: false,
             kicked: vec![false; n],
             warn: WarnLimit::default(),
+            in_flight: Arc::default(),
         }
+    }
+
+    /// Shares the transport between the vCPU (MMIO), notifier and device threads, and
+    /// hands the device its [`DeviceContext`].
+    pub fn share(self) -> Arc<Mutex<VirtioPci>> {
+        let in_flight = self.in_flight.clone();
+        let memory = self.memory.clone();
+        let shared = Arc::new(Mutex::new(self));
+        let completer = Completer::new(Arc::downgrade(&shared), in_flight);
+        shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .device
+            .activate(DeviceContext { memory, completer });
+        shared
+    }
+
+    /// The count of requests the device is still working on (pausing waits for zero).
+    pub fn in_flight(&self) -> Arc<InFlight> {
+        self.in_flight.clone()
     }
 
     pub fn queue_count(&self) -> usize {
@@ -445,6 +472,10 @@ impl VirtioPci {
                         self.warn(format_args!("queue {q}: request failed: {why}"));
                         (chain.head, 0)
                     }
+                    Completion::Pending => {
+                        self.in_flight.add();
+                        continue;
+                    }
                 },
                 Err((head, e)) => {
                     self.warn(format_args!("queue {q}: request {head} failed: {e}"));
@@ -457,29 +488,56 @@ impl VirtioPci {
             used = true;
         };
         if used {
-            match self.queues[q].needs_interrupt(mem) {
-                Ok(true) => {
-                    self.regs.isr |= ISR_QUEUE;
-                    let v = self.regs.queue_vectors[q];
-                    self.fire(v);
-                }
-                Ok(false) => {}
-                Err(e) => self.needs_reset(format_args!("queue {q}: {e}")),
-            }
+            self.interrupt_if_wanted(q);
         }
         if let Some(e) = fault {
             self.needs_reset(format_args!("queue {q}: {e}"));
         }
     }
 
+    /// Interrupts the driver for the used entries of queue `q` if it asked for them.
+    fn interrupt_if_wanted(&mut self, q: usize) {
+        match self.queues[q].needs_interrupt(&*self.memory) {
+            Ok(true) => {
+                self.regs.isr |= ISR_QUEUE;
+                let v = self.regs.queue_vectors[q];
+                self.fire(v);
+            }
+            Ok(false) => {}
+            Err(e) => self.needs_reset(format_args!("queue {q}: {e}")),
+        }
+    }
+
+    /// Publishes requests the device completed on its own thread (see [`Completer`]):
+    /// one batch, at most one interrupt. Completions for a queue the driver has reset
+    /// meanwhile are dropped.
+    pub(crate) fn complete(&mut self, queue: u16, done: &[Used]) {
+        let q = usize::from(queue);
+        let live =
+            self.regs.status & (status::DRIVER_OK | status::NEEDS_RESET) == status::DRIVER_OK;
+        if !live || !self.queues.get(q).is_some_and(|q| q.ready) {
+            return;
+        }
+        for u in done {
+            if let Err(e) = self.queues[q].add_used(&*self.memory, u.head, u.len) {
+                self.needs_reset(format_args!("queue {q}: {e}"));
+                return;
+            }
+        }
+        self.interrupt_if_wanted(q);
+    }
+
     /// Stops serving kicks (they are remembered) while the VM's state is saved.
+    /// Requests already pending still complete: see [`in_flight`](Self::in_flight).
     pub fn pause(&mut self) {
         self.paused = true;
+        self.device.pause();
     }
 
     /// Serves the kicks that came while paused.
     pub fn resume(&mut self) {
         self.paused = false;
+        self.device.resume();
         for q in 0..self.queues.len() {
             if std::mem::take(&mut self.kicked[q]) {
                 self.notify(q as u16);
@@ -554,6 +612,7 @@ impl Persist for VirtioPci {
             registers: self.regs.clone(),
             queues: self.queues.clone(),
             msix: self.msix.state(),
+            device: self.device.save_device(),
         })
     }
 
@@ -604,6 +663,9 @@ impl Persist for VirtioPci {
                 "{name}: saved state names an MSI-X vector beyond {vectors}"
             ));
         }
+        self.device
+            .check_device(&s.device)
+            .map_err(|e| format!("{name}: {e}"))?;
         let mut config = self.config.clone();
         config
             .restore_guest_bytes(&s.config)

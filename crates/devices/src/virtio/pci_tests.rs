@@ -9,6 +9,7 @@ use super::*;
 use crate::interrupt::test_util::Recorder;
 use crate::pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
 use crate::pci::msix::CONTROL_ENABLE;
+use crate::virtio::completer::Used;
 use crate::virtio::queue::tests::{desc, used_elem, used_idx, USED};
 use crate::virtio::queue::{DESC_F_NEXT, DESC_F_WRITE};
 use crate::virtio::rng::Rng;
@@ -22,12 +23,16 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_with(Box::new(Rng))
+}
+
+fn rig_with(device: Box<dyn VirtioDevice>) -> Rig {
     let mem: &'static Mem = Box::leak(Box::new(
         Mem::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap(),
     ));
     let irq = Arc::new(Recorder::default());
     let view: Memory = Arc::new(MappedMemory::new(mem));
-    let dev = VirtioPci::new("virtio-rng", Box::new(Rng), view, irq.clone(), 0xc000_0000);
+    let dev = VirtioPci::new("virtio-test", device, view, irq.clone(), 0xc000_0000);
     Rig { mem, dev, irq }
 }
 
@@ -397,4 +402,83 @@ fn state_round_trips_and_bad_state_is_refused() {
     let mut s = saved.clone();
     s.config.push((0, 0x12));
     refuse(s, "not one a guest can write");
+}
+
+/// Answers every request `Pending` and hands its context and the heads to the test, as a
+/// device with a worker pool would.
+struct Deferred {
+    taken: Arc<std::sync::Mutex<Vec<u16>>>,
+    context: Arc<std::sync::Mutex<Option<DeviceContext>>>,
+}
+
+impl VirtioDevice for Deferred {
+    fn device_type(&self) -> u16 {
+        crate::virtio::DEVICE_TYPE_RNG
+    }
+    fn features(&self) -> u64 {
+        0
+    }
+    fn queue_sizes(&self) -> &[u16] {
+        &[16]
+    }
+    fn process(
+        &mut self,
+        _queue: usize,
+        chain: &crate::virtio::queue::Chain,
+        _memory: &(dyn GuestMemory + Send + Sync),
+    ) -> Completion {
+        self.taken.lock().unwrap().push(chain.head);
+        Completion::Pending
+    }
+    fn activate(&mut self, context: DeviceContext) {
+        *self.context.lock().unwrap() = Some(context);
+    }
+}
+
+#[test]
+fn pending_requests_complete_from_another_thread_in_one_batch_and_pause_waits_for_them() {
+    let taken = Arc::default();
+    let context = Arc::default();
+    let mut r = rig_with(Box::new(Deferred {
+        taken: Arc::clone(&taken),
+        context: Arc::clone(&context),
+    }));
+    let mock = MockSplitQueue::new(r.mem, 16);
+    r.negotiate(F_VERSION_1 | F_EVENT_IDX);
+    r.setup_queue(&mock, 16);
+    r.driver_ok();
+    let (mem, irq) = (r.mem, r.irq.clone());
+    let shared = r.dev.share();
+    let completer = context
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("activated")
+        .completer;
+    mock.add_desc_chains(
+        &[
+            desc(0x10_0000, 32, DESC_F_WRITE, 0),
+            desc(0x10_1000, 32, DESC_F_WRITE, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    shared.lock().unwrap().notify(0);
+    assert_eq!(*taken.lock().unwrap(), vec![0, 1]);
+    assert_eq!(used_idx(mem), 0, "nothing used yet");
+    let in_flight = shared.lock().unwrap().in_flight();
+    assert_eq!(in_flight.count(), 2);
+    shared.lock().unwrap().pause();
+
+    let worker = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        completer.complete(0, &[Used { head: 1, len: 7 }, Used { head: 0, len: 32 }]);
+    });
+    // Pausing waits without the transport's lock, which the completing thread takes.
+    assert_eq!(in_flight.wait_idle(std::time::Duration::from_secs(5)), 0);
+    worker.join().unwrap();
+    assert_eq!(used_idx(mem), 2);
+    assert_eq!(used_elem(mem, 0), (1, 7));
+    assert_eq!(used_elem(mem, 1), (0, 32));
+    assert_eq!(irq.take_fired(), vec![1], "one interrupt for the batch");
 }

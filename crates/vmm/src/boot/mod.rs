@@ -39,6 +39,7 @@ pub struct BootSpec {
     pub cmdline: String,
     pub vcpus: u8,
     pub mem_bytes: u64,
+    pub devices: ray_api::vmm::DevicesConfig,
 }
 
 /// Where the loaded guest starts.
@@ -188,6 +189,7 @@ mod tests {
             cmdline: "console=ttyS0 ray.poll_ms=0".into(),
             vcpus: 2,
             mem_bytes,
+            devices: Default::default(),
         }
     }
 

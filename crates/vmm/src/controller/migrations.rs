@@ -432,6 +432,9 @@ impl Controller {
         if self.incoming_state.is_some() || self.machine.is_some() {
             return Err("the VM state arrived twice".into());
         }
+        if let Some(pci) = &st.machine.pci {
+            crate::pci::check_state(&st.config.devices, pci).map_err(|e| e.to_string())?;
+        }
         self.incoming_state = Some(Box::new(st));
         Ok(())
     }
@@ -451,8 +454,8 @@ impl Controller {
         let events: EventSink = Arc::new(move |e| {
             let _ = inbox.send(Message::Vcpu(e));
         });
-        let machine =
-            Machine::restore_on(vm, &st.machine, sinks, events).map_err(|e| e.to_string())?;
+        let machine = Machine::restore_on(vm, &st.machine, &st.config.devices, sinks, events)
+            .map_err(|e| e.to_string())?;
         self.machine = Some(machine);
         self.config = Some(st.config);
         self.started = Instant::now().checked_sub(Duration::from_millis(st.uptime_ms));
@@ -660,6 +663,7 @@ fn receive_incoming(
                 cmdline: String::new(),
                 vcpus: shape.0,
                 memory_bytes: shape.1,
+                devices: Default::default(),
             };
             match link.prepare(config) {
                 Ok(p) => p,

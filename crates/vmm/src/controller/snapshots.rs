@@ -217,8 +217,15 @@ impl Controller {
         let events: EventSink = Arc::new(move |e| {
             let _ = inbox.send(Message::Vcpu(e));
         });
-        let mut machine = Machine::restore(shell, memory, &loaded.state, sinks, events)
-            .map_err(|e| failed(e.to_string()))?;
+        let mut machine = Machine::restore(
+            shell,
+            memory,
+            &loaded.state,
+            &loaded.config.devices,
+            sinks,
+            events,
+        )
+        .map_err(|e| failed(e.to_string()))?;
         crate::startup::mark(crate::startup::Mark::Running);
         // Pages written from here on are what an incremental snapshot on top holds.
         let owed = self.suspended_owed.take();

@@ -1,0 +1,252 @@
+//! virtio-blk: our guest's driver against the device model on real image files, across
+//! snapshots and live migration; the host checks the bytes in the files.
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ray_api::vmm::VmStateName;
+use ray_e2e::{Env, Vm};
+
+use crate::devices::{delta, exits};
+
+const READY: Duration = Duration::from_secs(20);
+
+/// A sparse image of `mib` MiB in the test's directory.
+fn image(env: &Env, name: &str, mib: u64) -> PathBuf {
+    let p = env.runtime.join(name);
+    std::fs::File::create(&p)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    p
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn read_at(path: &Path, offset: usize, len: usize) -> Vec<u8> {
+    std::fs::read(path).unwrap()[offset..offset + len].to_vec()
+}
+
+fn boot_with(env: &Env, disk: &str) -> Vm {
+    let mut vm = env.boot(&["--disk", disk]);
+    vm.expect_line("ready", READY);
+    vm
+}
+
+#[test]
+fn guest_writes_land_in_the_file_and_host_bytes_reach_the_guest_without_exits() {
+    let env = Env::new("blk-rw");
+    let img = image(&env, "d.img", 16);
+    let mut vm = boot_with(&env, img.to_str().unwrap());
+    let info = vm.command("disk", "disk ");
+    assert_eq!(info, "disk capacity=32768 ro=0 queues=2 id=disk0");
+
+    let w = vm.command("disk write 8 16 0x5a", "disk ");
+    assert!(w.starts_with("disk write ok"), "{w}");
+    assert_eq!(read_at(&img, 8 * 512, 16 * 512), vec![0x5a; 16 * 512]);
+    assert_eq!(read_at(&img, 0, 8 * 512), vec![0; 8 * 512]);
+    assert_eq!(read_at(&img, 24 * 512, 512), vec![0; 512]);
+
+    // The host writes; the guest reads and sums the same bytes.
+    let pattern: Vec<u8> = (0..3 * 4096u32).map(|i| (i * 31 % 251) as u8).collect();
+    let mut f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&mut f, &pattern, 100 * 512).unwrap();
+    let sum = vm.command("disk sum 100 24", "disk ");
+    assert_eq!(
+        sum.split_whitespace().nth(2).unwrap(),
+        format!("{:016x}", fnv(&pattern))
+    );
+
+    // A request costs no exit: the kick is an ioeventfd, the completion an irqfd.
+    let t0 = exits(&vm);
+    let r = vm.command("disk read 0 64", "disk ");
+    let t1 = exits(&vm);
+    let e = vm.command("echo x", "x");
+    assert_eq!(e, "x");
+    let t2 = exits(&vm);
+    let (req, base) = (delta(&t0, &t1), delta(&t1, &t2));
+    eprintln!("exits: disk read {req:?}; echo {base:?}; {r}");
+    // One interrupt at most (a device faster than the guest's `hlt` leaves it pending for
+    // the next wait).
+    assert!(
+        r.starts_with("disk read ok irqs=1") || r.starts_with("disk read ok irqs=0"),
+        "{r}"
+    );
+    assert_eq!(req["mmio"], 0, "{req:?}");
+
+    // Past the end: refused by the guest's driver; the device refuses what gets by.
+    let bad = vm.command("disk read 32760 16", "err");
+    assert!(bad.contains("beyond the disk's capacity"), "{bad}");
+}
+
+#[test]
+fn a_read_only_disk_refuses_writes_and_flush_and_discard_work() {
+    let env = Env::new("blk-ro");
+    let img = image(&env, "ro.img", 4);
+    std::fs::write(&img, vec![7u8; 4 << 20]).unwrap();
+    let mut vm = boot_with(&env, &format!("{},ro", img.display()));
+    assert!(vm.command("disk", "disk ").contains("ro=1"));
+    let w = vm.command("disk write 0 8 1", "err");
+    assert_eq!(w, "err disk: the device answered IOERR");
+    assert_eq!(read_at(&img, 0, 4096), vec![7; 4096]);
+    let s = vm.command("disk sum 0 8", "disk ");
+    assert_eq!(
+        s.split_whitespace().nth(2).unwrap(),
+        format!("{:016x}", fnv(&[7; 4096]))
+    );
+    drop(vm);
+
+    let rw = image(&env, "rw.img", 4);
+    std::fs::write(&rw, vec![7u8; 4 << 20]).unwrap();
+    let mut vm = boot_with(&env, rw.to_str().unwrap());
+    let before = std::fs::metadata(&rw).unwrap().blocks();
+    let d = vm.command("disk discard 0 4096", "disk ");
+    assert!(d.starts_with("disk discard ok"), "{d}");
+    let after = std::fs::metadata(&rw).unwrap().blocks();
+    assert!(
+        after + 4096 <= before,
+        "st_blocks {before} -> {after}: no hole"
+    );
+    assert_eq!(read_at(&rw, 0, 4096), vec![0; 4096]);
+    assert_eq!(read_at(&rw, 2 << 20, 4096), vec![7; 4096]);
+    let f = vm.command("disk flush", "disk ");
+    assert!(f.starts_with("disk flush ok"), "{f}");
+}
+
+#[test]
+fn a_disk_write_after_snapshot_restore_lands() {
+    let env = Env::new("blk-snap");
+    let img = image(&env, "s.img", 8);
+    let mut vm = boot_with(&env, img.to_str().unwrap());
+    assert!(vm.command("disk write 0 8 0x11", "disk ").contains("ok"));
+    env.ray_ok(&["vm", "pause", &vm.id]);
+    let path = env.runtime.join("snap-blk");
+    let path = path.to_str().unwrap();
+    env.ray_ok(&["snapshot", "create", &vm.id, path]);
+    env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
+
+    let out = env.ray_ok(&[
+        "snapshot", "restore", path, "--id", "blk-back", "--detach", "--json",
+    ]);
+    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
+    assert_eq!(info.state, VmStateName::Running);
+    let mut back = env.attach("blk-back", info.pid);
+    let t0 = exits(&back);
+    let w = back.command("disk write 16 8 0x22", "disk ");
+    let t1 = exits(&back);
+    assert!(w.starts_with("disk write ok"), "{w}");
+    assert_eq!(delta(&t0, &t1)["mmio"], 0, "the driver's set-up came back");
+    assert_eq!(read_at(&img, 0, 4096), vec![0x11; 4096]);
+    assert_eq!(read_at(&img, 16 * 512, 4096), vec![0x22; 4096]);
+}
+
+#[test]
+fn a_disk_write_after_a_live_migration_lands_and_a_missing_disk_refuses_it() {
+    let env = Env::new("blk-mig");
+    let key = env.runtime.join("key");
+    std::fs::write(&key, "a pre-shared key of some length").unwrap();
+    let key = key.to_str().unwrap();
+    let img = image(&env, "m.img", 8);
+    let mut src = env.boot(&["--memory", "128M", "--disk", img.to_str().unwrap()]);
+    src.expect_line("ready", READY);
+    assert!(src.command("disk write 0 8 0x33", "disk ").contains("ok"));
+
+    let src_id = src.id.clone();
+    let migrate = |id: &str, sock: &str| {
+        let listen = format!("unix:{}", env.runtime.join(sock).display());
+        let out = env.ray_ok(&[
+            "migrate",
+            "receive",
+            "--listen",
+            &listen,
+            "--key-file",
+            key,
+            "--id",
+            id,
+            "--json",
+        ]);
+        let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
+        let started = env.ray(&[
+            "migrate",
+            "start",
+            &src_id,
+            "--to",
+            &listen,
+            "--key-file",
+            key,
+            "--json",
+        ]);
+        (info, started)
+    };
+
+    // The disk is not where the source has it: the target refuses, the source goes on.
+    let moved = env.runtime.join("m.moved");
+    std::fs::rename(&img, &moved).unwrap();
+    let (_, refused) = migrate("blk-nodisk", "a.sock");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!refused.status.success(), "{text}");
+    assert!(text.contains("m.img"), "the refusal names the disk: {text}");
+    std::fs::rename(&moved, &img).unwrap();
+    src.wait_for("running again", Duration::from_secs(10), |i| {
+        i.state == VmStateName::Running
+    });
+    assert!(src.command("disk write 8 8 0x44", "disk ").contains("ok"));
+
+    let (info, started) = migrate("blk-dst", "b.sock");
+    assert!(started.status.success(), "{started:?}");
+    let mut dst = env.attach("blk-dst", info.pid);
+    src.wait_exit(Duration::from_secs(10));
+    let w = dst.command("disk write 16 8 0x55", "disk ");
+    assert!(w.starts_with("disk write ok"), "{w}");
+    assert_eq!(read_at(&img, 0, 4096), vec![0x33; 4096]);
+    assert_eq!(read_at(&img, 8 * 512, 4096), vec![0x44; 4096]);
+    assert_eq!(read_at(&img, 16 * 512, 4096), vec![0x55; 4096]);
+}
+
+#[test]
+fn bad_disk_arguments_are_refused_naming_what_was_wrong() {
+    let env = Env::new("blk-args");
+    let img = image(&env, "a.img", 1);
+    let odd = env.runtime.join("odd.img");
+    std::fs::write(&odd, [0u8; 1000]).unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--disk", "/nonexistent/disk.img"],
+            "/nonexistent/disk.img",
+        ),
+        (
+            &["--disk", &format!("{},rw", img.display())],
+            "unknown disk option 'rw'",
+        ),
+        (
+            &["--disk", &format!("{},iops=0", img.display())],
+            "above zero",
+        ),
+        (
+            &[
+                "--disk",
+                &format!("{},id=x", img.display()),
+                "--disk",
+                &format!("{},id=x", img.display()),
+            ],
+            "two disks have this id",
+        ),
+        (&["--disk", odd.to_str().unwrap()], "512-byte sectors"),
+    ];
+    for (args, want) in cases {
+        let mut all = vec!["vm", "run", "--detach"];
+        all.extend_from_slice(args);
+        let out = env.ray(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
