@@ -53,8 +53,8 @@ fn guest_writes_land_in_the_file_and_host_bytes_reach_the_guest_without_exits() 
 
     // The host writes; the guest reads and sums the same bytes.
     let pattern: Vec<u8> = (0..3 * 4096u32).map(|i| (i * 31 % 251) as u8).collect();
-    let mut f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&mut f, &pattern, 100 * 512).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pattern, 100 * 512).unwrap();
     let sum = vm.command("disk sum 100 24", "disk ");
     assert_eq!(
         sum.split_whitespace().nth(2).unwrap(),
