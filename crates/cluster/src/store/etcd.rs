@@ -1,0 +1,278 @@
+//! [`Store`] on a real etcd (v3 API through etcd-client): for a cluster of hosts.
+//!
+//! The trait maps one to one onto etcd: [`Cond::Absent`] is "create revision = 0",
+//! [`Cond::Present`] "create revision > 0", [`Cond::ModRevision`] "mod revision = R";
+//! leases are etcd leases; a watch is one etcd watch with a prefix and a start revision.
+//! Every request sent is counted ([`EtcdStore::requests`]): the benchmark reports the
+//! load per host from it.
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, TxnOp,
+    WatchOptions, WatchStream,
+};
+
+use super::{
+    ttl_secs, Commit, Cond, Event, Kv, LeaseId, Listing, Op, Revision, Store, StoreError, Txn,
+    Watch,
+};
+
+/// A connection to an etcd cluster. Cheap to clone; clones share the connection and the
+/// request counter.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    requests: Arc<AtomicU64>,
+}
+
+fn backend(e: etcd_client::Error) -> StoreError {
+    StoreError::Backend(format!("etcd: {e}"))
+}
+
+/// etcd answers a write or a renewal under an ended lease with "(requested) lease not
+/// found" (a gRPC status, or the client's keep-alive error).
+fn lease_error(e: etcd_client::Error, lease: Option<LeaseId>) -> StoreError {
+    match lease {
+        Some(l) if e.to_string().contains("lease not found") => StoreError::NoLease(l),
+        _ => backend(e),
+    }
+}
+
+fn kv_of(kv: &etcd_client::KeyValue) -> Result<Kv, StoreError> {
+    let key = kv
+        .key_str()
+        .map_err(|e| StoreError::Backend(format!("etcd: a key is not UTF-8: {e}")))?;
+    Ok(Kv {
+        key: key.to_string(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        lease: Some(kv.lease()).filter(|&l| l != 0),
+    })
+}
+
+impl EtcdStore {
+    /// Connects to the etcd members at `endpoints` (e.g. `http://127.0.0.1:2379`).
+    pub async fn connect(endpoints: &[String]) -> Result<EtcdStore, StoreError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|e| {
+                StoreError::Backend(format!(
+                    "cannot connect to etcd at {}: {e}",
+                    endpoints.join(",")
+                ))
+            })?;
+        // The connection is made lazily: ask once, so a wrong address fails here.
+        let mut probe = client.clone();
+        probe.status().await.map_err(|e| {
+            StoreError::Backend(format!(
+                "etcd at {} does not answer: {e}",
+                endpoints.join(",")
+            ))
+        })?;
+        Ok(EtcdStore {
+            client,
+            requests: Arc::new(AtomicU64::new(1)),
+        })
+    }
+
+    /// Requests sent to etcd so far by this store and its clones (a watch counts once,
+    /// when created).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// A client for one request, counted.
+    fn client(&self) -> Client {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.client.clone()
+    }
+}
+
+impl Store for EtcdStore {
+    type Watch = EtcdWatch;
+
+    async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
+        let resp = self.client().get(key, None).await.map_err(backend)?;
+        resp.kvs().first().map(kv_of).transpose()
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
+        let resp = self
+            .client()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(backend)?;
+        let kvs = resp.kvs().iter().map(kv_of).collect::<Result<_, _>>()?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        Ok(Listing { kvs, revision })
+    }
+
+    async fn commit(&self, txn: Txn) -> Result<Commit, StoreError> {
+        let compares: Vec<Compare> = txn
+            .compares
+            .iter()
+            .map(|(key, cond)| match cond {
+                Cond::Absent => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                Cond::Present => Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
+                Cond::ModRevision(r) => Compare::mod_revision(key.as_str(), CompareOp::Equal, *r),
+            })
+            .collect();
+        let mut lease = None;
+        let ops: Vec<TxnOp> = txn
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Put {
+                    key,
+                    value,
+                    lease: l,
+                } => {
+                    lease = lease.or(*l);
+                    let opts = l.map(|l| PutOptions::new().with_lease(l));
+                    TxnOp::put(key.as_str(), value.clone(), opts)
+                }
+                Op::Delete { key } => TxnOp::delete(key.as_str(), None),
+            })
+            .collect();
+        let resp = self
+            .client()
+            .txn(etcd_client::Txn::new().when(compares).and_then(ops))
+            .await
+            .map_err(|e| lease_error(e, lease))?;
+        if !resp.succeeded() {
+            return Ok(Commit::Conflict);
+        }
+        Ok(Commit::Done(resp.header().map_or(0, |h| h.revision())))
+    }
+
+    async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let secs = ttl_secs(ttl)?;
+        let resp = self
+            .client()
+            .lease_grant(secs, None)
+            .await
+            .map_err(backend)?;
+        Ok(resp.id())
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        let lost = |e| lease_error(e, Some(lease));
+        let (mut keeper, mut stream) = self.client().lease_keep_alive(lease).await.map_err(lost)?;
+        keeper.keep_alive().await.map_err(lost)?;
+        match stream.message().await.map_err(lost)? {
+            Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
+            Some(_) => Err(StoreError::NoLease(lease)),
+            None => Err(StoreError::Backend(
+                "etcd closed the lease keep-alive stream without an answer".into(),
+            )),
+        }
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.client()
+            .lease_revoke(lease)
+            .await
+            .map(drop)
+            .map_err(|e| lease_error(e, Some(lease)))
+    }
+
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<EtcdWatch, StoreError> {
+        let mut opts = WatchOptions::new().with_prefix();
+        if from > 0 {
+            opts = opts.with_start_revision(from);
+        }
+        let stream = self
+            .client()
+            .watch(prefix, Some(opts))
+            .await
+            .map_err(backend)?;
+        Ok(EtcdWatch {
+            stream,
+            pending: VecDeque::new(),
+            from,
+        })
+    }
+}
+
+/// An etcd watch; one response may carry many events, handed out one at a time.
+pub struct EtcdWatch {
+    stream: WatchStream,
+    pending: VecDeque<Event>,
+    from: Revision,
+}
+
+impl Watch for EtcdWatch {
+    async fn next(&mut self) -> Result<Event, StoreError> {
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                return Ok(ev);
+            }
+            let resp = self
+                .stream
+                .message()
+                .await
+                .map_err(|e| StoreError::WatchEnded(format!("etcd: {e}")))?
+                .ok_or_else(|| StoreError::WatchEnded("etcd closed the watch stream".into()))?;
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    return Err(StoreError::Compacted {
+                        wanted: self.from,
+                        oldest: resp.compact_revision(),
+                    });
+                }
+                return Err(StoreError::WatchEnded(format!(
+                    "etcd canceled the watch: {}",
+                    resp.cancel_reason()
+                )));
+            }
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                self.pending.push_back(match ev.event_type() {
+                    EventType::Put => Event::Put(kv_of(kv)?),
+                    EventType::Delete => Event::Delete {
+                        key: kv_of(kv)?.key,
+                        revision: kv.mod_revision(),
+                    },
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Etcd;
+
+    #[tokio::test]
+    async fn conformance() {
+        let etcd = Etcd::start("conformance").await;
+        let store = EtcdStore::connect(&etcd.endpoints()).await.unwrap();
+        crate::store::conformance::run(&store).await;
+        assert!(store.requests() > 20, "{}", store.requests());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_etcd_is_named() {
+        // A port nothing listens on: bind one, then free it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let e = EtcdStore::connect(std::slice::from_ref(&endpoint))
+            .await
+            .err()
+            .expect("nothing listens there");
+        assert!(e.to_string().contains(&endpoint), "{e}");
+    }
+}
