@@ -3,6 +3,7 @@
 //! 1,000-host arithmetic, is in the README ("Cluster control plane"); each module carries
 //! its part:
 //!
+//! - [`agent`]: the host agent's core: lease, registration, status, reconcile, self-fence;
 //! - [`store`]: the one [`store::Store`] trait, on an embedded redb file (one host, zero
 //!   set-up) or a real etcd (a cluster): revision-checked transactions, leases, watches;
 //! - [`keys`]: where everything lives in the store;
@@ -10,6 +11,7 @@
 //! - [`timing`]: lease, fence and grace times, and the inequality that proves no VM runs
 //!   twice;
 //! - [`testing`]: a real etcd for tests.
+pub mod agent;
 pub mod keys;
 pub mod runtoken;
 pub mod store;

@@ -68,6 +68,25 @@ impl Etcd {
         }
     }
 
+    /// Stops the process (SIGSTOP): it keeps its sockets but answers nothing.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen etcd run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(sig)
+            .arg(self.child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot send {sig} to etcd (pid {})", self.child.id());
+    }
+
     /// Its client URL, for [`crate::store::EtcdStore::connect`].
     pub fn endpoints(&self) -> Vec<String> {
         vec![self.client_url.clone()]
