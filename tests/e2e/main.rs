@@ -2,6 +2,7 @@
 //! Build first: `cargo build --workspace` (the scripts/test command does).
 mod api;
 mod boot;
+mod cluster;
 mod devices;
 mod lifecycle;
 mod limits;

@@ -259,6 +259,7 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             last_status: Vec::new(),
         };
         agent.register().await?;
+        tracing::info!(host = %agent.cfg.host, lease, "registered");
         Ok(agent)
     }
 

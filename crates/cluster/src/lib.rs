@@ -7,6 +7,7 @@
 //! - [`store`]: the one [`store::Store`] trait, on an embedded redb file (one host, zero
 //!   set-up) or a real etcd (a cluster): revision-checked transactions, leases, watches;
 //! - [`keys`]: where everything lives in the store;
+//! - [`spec`]: what a cluster VM is;
 //! - [`runtoken`]: the per-VM run token that makes a second start of a VM impossible;
 //! - [`timing`]: lease, fence and grace times, and the inequality that proves no VM runs
 //!   twice;
@@ -14,6 +15,7 @@
 pub mod agent;
 pub mod keys;
 pub mod runtoken;
+pub mod spec;
 pub mod store;
 pub mod testing;
 pub mod timing;

@@ -144,6 +144,11 @@ ray migrate start web --to unix:/run/ray/mig.sock --key-file key --max-downtime-
         "ray vmm --id web --dir /run/rayvisor/vms/web --config-json '{\"kernel\":\"k\",\"vcpus\":1,\"memory_bytes\":134217728}' --start",
     ),
     (
+        "agent",
+        "ray agent --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379
+ray agent --host node-7 --etcd http://127.0.0.1:2379",
+    ),
+    (
         "sim",
         "ray sim --hosts 100 --vms 5000
 ray sim --scenario drain.yaml --json",
