@@ -109,6 +109,23 @@ fn an_agent_runs_its_vm_which_outlives_a_kill_9_and_is_adopted_back() {
         .unwrap()
         .counter;
 
+    // `ray cluster` shows it: on h1 at epoch 1, and h1 ready and running it.
+    let url = etcd.endpoints().join(",");
+    let vms: serde_json::Value =
+        serde_json::from_str(&env.ray_ok(&["cluster", "vms", "--etcd", &url, "-o", "json"]))
+            .unwrap();
+    assert_eq!(vms[0]["vm"], "c1", "{vms}");
+    assert_eq!(
+        (&vms[0]["host"], &vms[0]["epoch"]),
+        (&"h1".into(), &1.into()),
+        "{vms}"
+    );
+    wait("h1's status listing c1", Duration::from_secs(20), || {
+        let out = env.ray_ok(&["cluster", "nodes", "--etcd", &url, "-o", "json"]);
+        let nodes: serde_json::Value = serde_json::from_str(&out).unwrap();
+        nodes[0]["host"] == "h1" && nodes[0]["state"] == "ready" && nodes[0]["vms"][0] == "c1"
+    });
+
     // kill -9 the agent: the VM does not depend on it and keeps running.
     agent.kill9();
     vm.wait_for(

@@ -11,6 +11,7 @@
 //! - [`runtoken`]: the per-VM run token that makes a second start of a VM impossible;
 //! - [`timing`]: lease, fence and grace times, and the inequality that proves no VM runs
 //!   twice;
+//! - [`view`]: what `ray cluster nodes|vms` show;
 //! - [`testing`]: a real etcd for tests.
 pub mod agent;
 pub mod keys;
@@ -19,3 +20,4 @@ pub mod spec;
 pub mod store;
 pub mod testing;
 pub mod timing;
+pub mod view;

@@ -149,6 +149,13 @@ ray migrate start web --to unix:/run/ray/mig.sock --key-file key --max-downtime-
 ray agent --host node-7 --etcd http://127.0.0.1:2379",
     ),
     (
+        "cluster",
+        "ray cluster nodes --etcd http://127.0.0.1:2379
+ray cluster vms --etcd http://127.0.0.1:2379 -o json",
+    ),
+    ("cluster nodes", "ray cluster nodes --etcd http://127.0.0.1:2379 -o wide"),
+    ("cluster vms", "ray cluster vms --etcd http://127.0.0.1:2379 -o yaml"),
+    (
         "sim",
         "ray sim --hosts 100 --vms 5000
 ray sim --scenario drain.yaml --json",

@@ -4,6 +4,7 @@ mod agent;
 mod bench;
 mod bench_migrate;
 mod bench_snapshot;
+mod cluster;
 mod console;
 mod help;
 mod logs;
@@ -58,6 +59,9 @@ enum Command {
     Vmm(vm::VmmArgs),
     /// Run this host's cluster agent: supervises its VMMs, reports it to the store (etcd).
     Agent(agent::AgentArgs),
+    /// The cluster as its store holds it: hosts and VMs.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Simulate cluster placement at scale against baselines.
     Sim(sim::SimArgs),
     /// Measure rayvisor (boot time, memory overhead).
@@ -142,6 +146,7 @@ fn main() -> ExitCode {
         Command::Migrate(cmd) => migrate::run(cmd, &runtime),
         Command::Bench(cmd) => bench::run(cmd, &runtime),
         Command::Agent(args) => agent::run(args, &runtime),
+        Command::Cluster(cmd) => cluster::run(cmd),
         Command::Sim(args) => sim::run(args),
         Command::Openapi { .. } => {
             println!("{}", ray_vmm::api_server::openapi_json());
