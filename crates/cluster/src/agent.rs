@@ -467,7 +467,18 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         let mut next_renewal = Instant::now() + timing.renew_every;
         loop {
             tokio::select! {
-                ev = watch.next() => self.on_event(ev?).await?,
+                ev = watch.next() => match ev {
+                    Ok(ev) => self.on_event(ev).await?,
+                    Err(e) => {
+                        // Whatever changed meanwhile is in a fresh listing.
+                        tracing::warn!("the watch ended ({e}); listing again");
+                        let revision = self.reconcile().await?;
+                        watch = self
+                            .store
+                            .watch(&keys::host(&self.cfg.host), revision + 1)
+                            .await?;
+                    }
+                },
                 _ = tokio::time::sleep_until(next_renewal) => {
                     match self.renew().await {
                         Ok(()) => {

@@ -20,6 +20,9 @@ pub enum BenchCommand {
     /// Live migration over loopback and a veth pair: downtime, total time, throughput vs
     /// raw TCP on the same path.
     Migrate(crate::bench_migrate::MigrateBenchArgs),
+    /// The cluster control plane on a real etcd: steady load per 100 hosts from simulated
+    /// agents (create, drain and failover times come with the controller).
+    Cluster(crate::bench_cluster::ClusterBenchArgs),
 }
 
 #[derive(Args)]
@@ -123,6 +126,7 @@ pub fn run(cmd: BenchCommand, runtime: &Path) -> anyhow::Result<()> {
         BenchCommand::Boot(a) => boot(&a, runtime),
         BenchCommand::Snapshot(a) => crate::bench_snapshot::run(&a, runtime),
         BenchCommand::Migrate(a) => crate::bench_migrate::run(&a, runtime),
+        BenchCommand::Cluster(a) => crate::bench_cluster::run(&a),
     }
 }
 

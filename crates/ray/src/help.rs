@@ -167,6 +167,7 @@ ray sim --scenario drain.yaml --json",
     ("bench boot", "ray bench boot --runs 20 --memory 1G --json"),
     ("bench snapshot", "ray bench snapshot --json"),
     ("bench migrate", "ray bench migrate --json"),
+    ("bench cluster", "ray bench cluster --hosts 1000 --json"),
     ("openapi", "ray openapi vmm > vmm.json"),
     (
         "version",

@@ -2,6 +2,7 @@
 //! the work is done in the library crates.
 mod agent;
 mod bench;
+mod bench_cluster;
 mod bench_migrate;
 mod bench_snapshot;
 mod cluster;

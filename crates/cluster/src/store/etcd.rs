@@ -20,6 +20,23 @@ use super::{
     Watch,
 };
 
+/// Longest wait for one request's answer (a watch's creation included, not its events).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bounds one request by [`REQUEST_TIMEOUT`].
+async fn timed<T>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, etcd_client::Error> {
+    tokio::time::timeout(REQUEST_TIMEOUT, f)
+        .await
+        .unwrap_or_else(|_| {
+            Err(etcd_client::Error::InvalidArgs(format!(
+                "no answer to {what} within {REQUEST_TIMEOUT:?}"
+            )))
+        })
+}
+
 /// A connection to an etcd cluster. Cheap to clone; clones share the connection and the
 /// request counter.
 #[derive(Clone)]
@@ -57,10 +74,13 @@ fn kv_of(kv: &etcd_client::KeyValue) -> Result<Kv, StoreError> {
 impl EtcdStore {
     /// Connects to the etcd members at `endpoints` (e.g. `http://127.0.0.1:2379`).
     pub async fn connect(endpoints: &[String]) -> Result<EtcdStore, StoreError> {
+        // No channel-wide timeout: it would also end every watch stream after that long.
+        // Each request gets REQUEST_TIMEOUT instead (`timed`).
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+            // HTTP/2 pings find a dead connection; a busy one (many watches on a loaded
+            // host) must not be taken for dead: a dropped connection ends every watch.
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10));
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(|e| {
@@ -100,14 +120,15 @@ impl Store for EtcdStore {
     type Watch = EtcdWatch;
 
     async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
-        let resp = self.client().get(key, None).await.map_err(backend)?;
+        let resp = timed("get", self.client().get(key, None))
+            .await
+            .map_err(backend)?;
         resp.kvs().first().map(kv_of).transpose()
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
-        let resp = self
-            .client()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
+        let opts = GetOptions::new().with_prefix();
+        let resp = timed("list", self.client().get(prefix, Some(opts)))
             .await
             .map_err(backend)?;
         let kvs = resp.kvs().iter().map(kv_of).collect::<Result<_, _>>()?;
@@ -142,11 +163,13 @@ impl Store for EtcdStore {
                 Op::Delete { key } => TxnOp::delete(key.as_str(), None),
             })
             .collect();
-        let resp = self
-            .client()
-            .txn(etcd_client::Txn::new().when(compares).and_then(ops))
-            .await
-            .map_err(|e| lease_error(e, lease))?;
+        let resp = timed(
+            "txn",
+            self.client()
+                .txn(etcd_client::Txn::new().when(compares).and_then(ops)),
+        )
+        .await
+        .map_err(|e| lease_error(e, lease))?;
         if !resp.succeeded() {
             return Ok(Commit::Conflict);
         }
@@ -155,9 +178,7 @@ impl Store for EtcdStore {
 
     async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         let secs = ttl_secs(ttl)?;
-        let resp = self
-            .client()
-            .lease_grant(secs, None)
+        let resp = timed("lease_grant", self.client().lease_grant(secs, None))
             .await
             .map_err(backend)?;
         Ok(resp.id())
@@ -165,9 +186,13 @@ impl Store for EtcdStore {
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
         let lost = |e| lease_error(e, Some(lease));
-        let (mut keeper, mut stream) = self.client().lease_keep_alive(lease).await.map_err(lost)?;
-        keeper.keep_alive().await.map_err(lost)?;
-        match stream.message().await.map_err(lost)? {
+        let mut client = self.client();
+        let answer = timed("lease_keep_alive", async {
+            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            stream.message().await
+        });
+        match answer.await.map_err(lost)? {
             Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
             Some(_) => Err(StoreError::NoLease(lease)),
             None => Err(StoreError::Backend(
@@ -177,8 +202,7 @@ impl Store for EtcdStore {
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.client()
-            .lease_revoke(lease)
+        timed("lease_revoke", self.client().lease_revoke(lease))
             .await
             .map(drop)
             .map_err(|e| lease_error(e, Some(lease)))
@@ -189,9 +213,7 @@ impl Store for EtcdStore {
         if from > 0 {
             opts = opts.with_start_revision(from);
         }
-        let stream = self
-            .client()
-            .watch(prefix, Some(opts))
+        let stream = timed("watch", self.client().watch(prefix, Some(opts)))
             .await
             .map_err(backend)?;
         Ok(EtcdWatch {
@@ -258,6 +280,20 @@ mod tests {
         let store = EtcdStore::connect(&etcd.endpoints()).await.unwrap();
         crate::store::conformance::run(&store).await;
         assert!(store.requests() > 20, "{}", store.requests());
+    }
+
+    #[tokio::test]
+    async fn a_watch_outlives_the_request_timeout() {
+        let etcd = Etcd::start("long-watch").await;
+        let store = EtcdStore::connect(&etcd.endpoints()).await.unwrap();
+        let mut w = store.watch("/w/", 0).await.unwrap();
+        tokio::time::sleep(REQUEST_TIMEOUT + Duration::from_secs(1)).await;
+        store.commit(Txn::new().put("/w/late", "x")).await.unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .expect("no event within 5 s")
+            .expect("the watch ended");
+        assert_eq!(ev.key(), "/w/late");
     }
 
     #[tokio::test]
