@@ -111,6 +111,7 @@ async fn measure(args: &ClusterBenchArgs) -> anyhow::Result<()> {
         let per_s = (store.requests() - before) as f64 / t.elapsed().as_secs_f64();
         samples.push(per_s * 100.0 / args.hosts as f64);
     }
+    let _ = std::fs::remove_dir_all(&state);
     for t in tasks {
         if t.is_finished() {
             match t.await {
@@ -121,7 +122,6 @@ async fn measure(args: &ClusterBenchArgs) -> anyhow::Result<()> {
         }
         t.abort();
     }
-    let _ = std::fs::remove_dir_all(&state);
     let report = Report {
         hosts: args.hosts,
         sample_s: timing.renew_every.as_secs_f64(),
