@@ -3,6 +3,7 @@
 mod api;
 mod blk;
 mod boot;
+mod cluster;
 mod devices;
 mod lifecycle;
 mod limits;

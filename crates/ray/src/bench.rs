@@ -23,6 +23,9 @@ pub enum BenchCommand {
     /// Host CPU used by an idle guest: asleep in `hlt`, idling through the VMM's idle
     /// port, spinning.
     Idle(crate::bench_idle::IdleBenchArgs),
+    /// The cluster control plane on a real etcd: steady load per 100 hosts from simulated
+    /// agents (create, drain and failover times come with the controller).
+    Cluster(crate::bench_cluster::ClusterBenchArgs),
 }
 
 #[derive(Args)]
@@ -127,6 +130,7 @@ pub fn run(cmd: BenchCommand, runtime: &Path) -> anyhow::Result<()> {
         BenchCommand::Snapshot(a) => crate::bench_snapshot::run(&a, runtime),
         BenchCommand::Migrate(a) => crate::bench_migrate::run(&a, runtime),
         BenchCommand::Idle(a) => crate::bench_idle::run(&a, runtime),
+        BenchCommand::Cluster(a) => crate::bench_cluster::run(&a),
     }
 }
 

@@ -144,6 +144,18 @@ ray migrate start web --to unix:/run/ray/mig.sock --key-file key --max-downtime-
         "ray vmm --id web --dir /run/rayvisor/vms/web --config-json '{\"kernel\":\"k\",\"vcpus\":1,\"memory_bytes\":134217728}' --start",
     ),
     (
+        "agent",
+        "ray agent --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379
+ray agent --host node-7 --etcd http://127.0.0.1:2379",
+    ),
+    (
+        "cluster",
+        "ray cluster nodes --etcd http://127.0.0.1:2379
+ray cluster vms --etcd http://127.0.0.1:2379 -o json",
+    ),
+    ("cluster nodes", "ray cluster nodes --etcd http://127.0.0.1:2379 -o wide"),
+    ("cluster vms", "ray cluster vms --etcd http://127.0.0.1:2379 -o yaml"),
+    (
         "sim",
         "ray sim --hosts 100 --vms 5000
 ray sim --scenario drain.yaml --json",
@@ -156,6 +168,7 @@ ray sim --scenario drain.yaml --json",
     ("bench snapshot", "ray bench snapshot --json"),
     ("bench migrate", "ray bench migrate --json"),
     ("bench idle", "ray bench idle\nray bench idle --vcpus 1 --window 10s --json"),
+    ("bench cluster", "ray bench cluster --hosts 1000 --json"),
     ("openapi", "ray openapi vmm > vmm.json"),
     (
         "version",

@@ -1,9 +1,12 @@
 //! `ray`: the one binary of rayvisor. This file parses the command line and dispatches;
 //! the work is done in the library crates.
+mod agent;
 mod bench;
 mod bench_idle;
+mod bench_cluster;
 mod bench_migrate;
 mod bench_snapshot;
+mod cluster;
 mod console;
 mod help;
 mod logs;
@@ -56,6 +59,11 @@ enum Command {
     Migrate(migrate::MigrateCommand),
     #[command(about = VMM_ABOUT)]
     Vmm(vm::VmmArgs),
+    /// Run this host's cluster agent: supervises its VMMs, reports it to the store (etcd).
+    Agent(agent::AgentArgs),
+    /// The cluster as its store holds it: hosts and VMs.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Simulate cluster placement at scale against baselines.
     Sim(sim::SimArgs),
     /// Measure rayvisor (boot time, memory overhead).
@@ -129,7 +137,7 @@ fn main() -> ExitCode {
     let runtime = cli.runtime_dir.unwrap_or_else(runtime::default_dir);
     let format = cli.log_format.parse().unwrap_or_default();
     let default_level = match cli.command {
-        Command::Vmm(_) => "info",
+        Command::Vmm(_) | Command::Agent(_) => "info",
         _ => "warn",
     };
     ray_vmm::logging::init(format, default_level);
@@ -139,6 +147,8 @@ fn main() -> ExitCode {
         Command::Snapshot(cmd) => snapshot::run(cmd, &runtime),
         Command::Migrate(cmd) => migrate::run(cmd, &runtime),
         Command::Bench(cmd) => bench::run(cmd, &runtime),
+        Command::Agent(args) => agent::run(args, &runtime),
+        Command::Cluster(cmd) => cluster::run(cmd),
         Command::Sim(args) => sim::run(args),
         Command::Openapi { .. } => {
             println!("{}", ray_vmm::api_server::openapi_json());

@@ -439,6 +439,37 @@ pub fn launch_with(
     json: bool,
     extras: &VmmExtras,
 ) -> anyhow::Result<()> {
+    let info = start_vmm(runtime, id, origin, extras)?;
+    let id = info.id.clone();
+    let socket = runtime::vm_dir(runtime, &id).join("api.sock");
+    if !detach {
+        // Everything since boot, then live; Ctrl-C goes to the guest, Ctrl-] detaches.
+        let how = crate::console::attach(
+            &socket,
+            &crate::console::Attach {
+                mode: ray_api::vmm::ConsoleMode::Auto,
+                start: crate::console::Start::From(0),
+                banner: Some(&id),
+            },
+        )?;
+        return crate::console::after(runtime, &id, how);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        println!("{id}");
+    }
+    Ok(())
+}
+
+/// Starts a detached VMM for a new VM (booted, restored or incoming) and waits until it
+/// answers with its VM past `created`: what `ray vm run` and `ray agent` share.
+pub fn start_vmm(
+    runtime: &Path,
+    id: Option<String>,
+    origin: &Origin,
+    extras: &VmmExtras,
+) -> anyhow::Result<VmInfo> {
     let id = id.unwrap_or_else(runtime::new_id);
     // One VMM per VM: refused, naming the live VMM, while another runs or starts.
     let mut claim = runtime::claim(runtime, &id)?;
@@ -492,24 +523,7 @@ pub fn launch_with(
         }
         std::thread::sleep(Duration::from_millis(2));
     };
-    if !detach {
-        // Everything since boot, then live; Ctrl-C goes to the guest, Ctrl-] detaches.
-        let how = crate::console::attach(
-            &socket,
-            &crate::console::Attach {
-                mode: ray_api::vmm::ConsoleMode::Auto,
-                start: crate::console::Start::From(0),
-                banner: Some(&id),
-            },
-        )?;
-        return crate::console::after(runtime, &id, how);
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
-    } else {
-        println!("{id}");
-    }
-    Ok(())
+    Ok(info)
 }
 
 /// `ray vmm`: runs one VMM in this process.

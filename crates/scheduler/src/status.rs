@@ -7,9 +7,14 @@
 //!  Ready | Degraded --Drain--> Draining --DrainComplete--> Offline
 //!                              Draining --Undrain--------> Ready
 //!  Initializing | Ready | Degraded | Draining | Rejoining --Fault--> Failed
-//!  Failed --Recover--> Rejoining --RejoinOk--> Ready
+//!  Failed | Offline --Recover--> Rejoining --RejoinOk--> Ready
 //!  Initializing | Failed | Rejoining --PowerOff--> Offline
 //! ```
+//!
+//! `Offline --Recover--> Rejoining` is a known host coming back from maintenance (after a
+//! drain): like a failed host, it is checked (its VM directories reconciled with the
+//! cluster's run tokens) before it takes VMs again. A host never seen goes through
+//! `Initializing` instead.
 //!
 //! Only [`HostStatus::Ready`] hosts take new VMs. `Failed` and `Offline`
 //! hosts run no VMs; `Degraded` and `Draining` hosts keep theirs but take no
@@ -58,7 +63,7 @@ pub enum HostEvent {
     Undrain,
     /// Last VM left a draining host.
     DrainComplete,
-    /// A failed host is reachable again.
+    /// A failed host is reachable again, or a host back from maintenance.
     Recover,
     /// A rejoining host passed its checks.
     RejoinOk,
@@ -141,6 +146,7 @@ pub fn transition(from: HostStatus, event: HostEvent) -> Result<HostStatus, Inva
     match from {
         S::Offline => match event {
             E::PowerOn => Ok(S::Initializing),
+            E::Recover => Ok(S::Rejoining),
             E::InitOk
             | E::Degrade
             | E::HealthRestored
@@ -148,7 +154,6 @@ pub fn transition(from: HostStatus, event: HostEvent) -> Result<HostStatus, Inva
             | E::Drain
             | E::Undrain
             | E::DrainComplete
-            | E::Recover
             | E::RejoinOk
             | E::PowerOff => bad,
         },
@@ -242,6 +247,7 @@ mod tests {
     /// The allowed transitions, written independently of `transition`.
     const ALLOWED: &[(S, E, S)] = &[
         (S::Offline, E::PowerOn, S::Initializing),
+        (S::Offline, E::Recover, S::Rejoining),
         (S::Initializing, E::InitOk, S::Ready),
         (S::Initializing, E::Fault, S::Failed),
         (S::Initializing, E::PowerOff, S::Offline),
@@ -297,6 +303,15 @@ mod tests {
     fn failure_and_rejoin_cycle() {
         let mut s = S::Offline;
         for e in [E::PowerOn, E::InitOk, E::Fault, E::Recover, E::RejoinOk] {
+            s = transition(s, e).expect("valid cycle");
+        }
+        assert_eq!(s, S::Ready);
+    }
+
+    #[test]
+    fn drain_maintenance_and_rejoin_cycle() {
+        let mut s = S::Ready;
+        for e in [E::Drain, E::DrainComplete, E::Recover, E::RejoinOk] {
             s = transition(s, e).expect("valid cycle");
         }
         assert_eq!(s, S::Ready);

@@ -1,0 +1,537 @@
+//! The host agent's core: its lease, its registration, its status, its VMs and the
+//! self-fence. Starting and stopping VMMs is the caller's (`ray agent` uses the `ray vm run`
+//! launch code), behind [`Vmms`]; this module decides *when*.
+//!
+//! ```text
+//! start:  reuse the lease of the previous run (state file) or grant one; write `alive`
+//!         under it; scan the host's VMMs (adopt: a VMM outlives its agent); list own
+//!         prefix; reconcile; watch own prefix from the listing's revision + 1
+//! loop:   renew the lease every `renew_every` (retry every `retry_every` on failure)
+//!         assignment put    -> confirm the run token, then start (or adopt) the VM
+//!         assignment delete -> stop the VM
+//!         local deadline passed (t0 + T - m, t0 = send time of the last good renewal)
+//!                           -> fence: pause every VM of the cluster on this host
+//!         renewal good again, or a new lease after the old one lapsed
+//!                           -> each fenced VM: confirm -> resume, refused -> stop
+//!         status            -> written when it changes (and load at most once a minute)
+//! ```
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::keys;
+use crate::runtoken::{self, Assignment, TokenError};
+use crate::store::{Event, Kv, LeaseId, Revision, Store, StoreError, Txn, Watch};
+use crate::timing::Timing;
+
+/// A VM of this host as its VMM reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalVm {
+    pub id: String,
+    /// The run-token epoch it was started with.
+    pub epoch: u64,
+    pub paused: bool,
+}
+
+/// What the agent asks of this host's VMMs. Blocking calls: the agent runs them off its
+/// event loop.
+pub trait Vmms: Send + Sync + 'static {
+    /// VMs of the cluster whose VMM lives on this host now.
+    fn scan(&self) -> Vec<LocalVm>;
+    /// Starts `vm` as `assignment` says, with its spec (the JSON of `/ray/vms/<vm>/spec`).
+    fn start(&self, vm: &str, spec: &[u8], assignment: &Assignment) -> Result<(), String>;
+    /// Stops `vm`'s VMM (it is not this host's any more).
+    fn stop(&self, vm: &str) -> Result<(), String>;
+    /// Pauses every vCPU of `vm` (self-fence).
+    fn pause(&self, vm: &str) -> Result<(), String>;
+    /// Resumes `vm` after a fence.
+    fn resume(&self, vm: &str) -> Result<(), String>;
+}
+
+/// Inventory of a host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// NUMA nodes with memory (1 when the host does not say).
+    pub numa_nodes: u32,
+}
+
+impl Inventory {
+    /// This host's, from the kernel.
+    pub fn read() -> Inventory {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let memory_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map_or(0, |kib| kib / 1024);
+        let numa_nodes = std::fs::read_dir("/sys/devices/system/node")
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        let n = e.file_name();
+                        let n = n.to_string_lossy();
+                        n.starts_with("node") && n[4..].parse::<u32>().is_ok()
+                    })
+                    .count() as u32
+            })
+            .unwrap_or(0)
+            .max(1);
+        Inventory {
+            cpus,
+            memory_mib,
+            numa_nodes,
+        }
+    }
+}
+
+/// `/ray/hosts/<host>/alive`: who holds the lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alive {
+    pub pid: u32,
+    /// The agent's TCP API, if it serves one.
+    pub api: Option<String>,
+}
+
+/// `/ray/hosts/<host>/status`: written when it changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostReport {
+    pub inventory: Inventory,
+    /// VMs running (or fenced) here, sorted.
+    pub vms: Vec<String>,
+    /// Whether the agent has fenced its VMs (its lease may have lapsed).
+    pub fenced: bool,
+}
+
+/// How the agent runs.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub host: String,
+    /// Holds the lease id between runs, so a restarted agent keeps its lease.
+    pub state_dir: PathBuf,
+    pub timing: Timing,
+    pub api: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// What the fence watchdog shares with the agent's loop: the watchdog must fire on time
+/// even while the loop waits on a slow VMM start or a hung store request.
+struct FenceState {
+    /// When the VMs must be fenced unless a renewal succeeds first.
+    deadline: Instant,
+    fenced: bool,
+    vms: Vec<String>,
+}
+
+type SharedFence = Arc<Mutex<FenceState>>;
+
+fn lock(f: &SharedFence) -> MutexGuard<'_, FenceState> {
+    f.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn pause_all<V: Vmms>(vmms: &Arc<V>, ids: Vec<String>) {
+    tracing::warn!(
+        vms = ids.len(),
+        "lease deadline passed: fencing (pausing) every VM"
+    );
+    for id in ids {
+        let (v, vm) = (Arc::clone(vmms), id.clone());
+        match tokio::task::spawn_blocking(move || v.pause(&vm)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(vm = %id, "cannot pause: {e}"),
+            Err(e) => tracing::warn!(vm = %id, "the pause call failed: {e}"),
+        }
+    }
+}
+
+/// Fences when the deadline passes, every `period`, until aborted.
+async fn watchdog<V: Vmms>(fence: SharedFence, vmms: Arc<V>, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let ids = {
+            let mut f = lock(&fence);
+            if f.fenced || Instant::now() < f.deadline {
+                continue;
+            }
+            f.fenced = true;
+            f.vms.clone()
+        };
+        pause_all(&vmms, ids).await;
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One agent. [`Agent::run`] drives it until the store fails for good.
+pub struct Agent<S: Store, V: Vmms> {
+    store: S,
+    vmms: Arc<V>,
+    cfg: AgentConfig,
+    lease: LeaseId,
+    fence: SharedFence,
+    /// VMs of this host: id -> epoch.
+    vms: BTreeMap<String, u64>,
+    last_status: Vec<u8>,
+}
+
+fn lease_file(cfg: &AgentConfig) -> PathBuf {
+    cfg.state_dir.join("lease")
+}
+
+/// A host's assignments from a listing of its `vms/` prefix.
+fn assignments(kvs: &[Kv]) -> BTreeMap<String, Assignment> {
+    kvs.iter()
+        .filter_map(|kv| {
+            let vm = kv.key.rsplit('/').next()?;
+            match serde_json::from_slice::<Assignment>(&kv.value) {
+                Ok(a) => Some((vm.to_string(), a)),
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, "ignoring an invalid assignment: {e}");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+impl<S: Store, V: Vmms> Agent<S, V> {
+    /// Registers the host: keeps the previous run's lease if it is still alive (VMs keep
+    /// running through an agent restart), else takes a new one.
+    pub async fn join(store: S, vmms: V, cfg: AgentConfig) -> Result<Self, AgentError> {
+        keys::check_name("host", &cfg.host).map_err(AgentError::Config)?;
+        cfg.timing
+            .check()
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
+            AgentError::Config(format!("cannot create {}: {e}", cfg.state_dir.display()))
+        })?;
+        let sent = Instant::now();
+        let previous = std::fs::read_to_string(lease_file(&cfg))
+            .ok()
+            .and_then(|s| s.trim().parse::<LeaseId>().ok());
+        let lease = match previous {
+            Some(id) if store.keep_alive(id).await.is_ok() => {
+                tracing::info!(lease = id, "kept the lease of the previous run");
+                id
+            }
+            _ => {
+                let id = store.grant(cfg.timing.lease_ttl).await?;
+                std::fs::write(lease_file(&cfg), id.to_string()).map_err(|e| {
+                    AgentError::Config(format!("cannot write {}: {e}", lease_file(&cfg).display()))
+                })?;
+                id
+            }
+        };
+        let agent = Agent {
+            store,
+            vmms: Arc::new(vmms),
+            fence: Arc::new(Mutex::new(FenceState {
+                deadline: sent + cfg.timing.local_lease(),
+                fenced: false,
+                vms: Vec::new(),
+            })),
+            cfg,
+            lease,
+            vms: BTreeMap::new(),
+            last_status: Vec::new(),
+        };
+        agent.register().await?;
+        tracing::info!(host = %agent.cfg.host, lease, "registered");
+        Ok(agent)
+    }
+
+    /// The agent's lease.
+    pub fn lease(&self) -> LeaseId {
+        self.lease
+    }
+
+    async fn register(&self) -> Result<(), StoreError> {
+        let alive = Alive {
+            pid: std::process::id(),
+            api: self.cfg.api.clone(),
+        };
+        let value = serde_json::to_vec(&alive).unwrap_or_default();
+        self.store
+            .commit(Txn::new().put_leased(keys::host_alive(&self.cfg.host), value, self.lease))
+            .await?;
+        Ok(())
+    }
+
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&V) -> T + Send + 'static) -> T {
+        let vmms = Arc::clone(&self.vmms);
+        match tokio::task::spawn_blocking(move || f(&vmms)).await {
+            Ok(t) => t,
+            // The closure panicked; with panic = abort this is unreachable.
+            Err(e) => panic!("a VMM call failed: {e}"),
+        }
+    }
+
+    fn fenced(&self) -> bool {
+        lock(&self.fence).fenced
+    }
+
+    fn set_vms(&mut self, vms: BTreeMap<String, u64>) {
+        lock(&self.fence).vms = vms.keys().cloned().collect();
+        self.vms = vms;
+    }
+
+    fn add_vm(&mut self, vm: &str, epoch: u64) {
+        let mut vms = std::mem::take(&mut self.vms);
+        vms.insert(vm.to_string(), epoch);
+        self.set_vms(vms);
+    }
+
+    fn remove_vm(&mut self, vm: &str) {
+        let mut vms = std::mem::take(&mut self.vms);
+        vms.remove(vm);
+        self.set_vms(vms);
+    }
+
+    /// Writes the status if it changed since the last write.
+    async fn report(&mut self) -> Result<(), StoreError> {
+        let report = HostReport {
+            inventory: Inventory::read(),
+            vms: self.vms.keys().cloned().collect(),
+            fenced: self.fenced(),
+        };
+        let value = serde_json::to_vec(&report).unwrap_or_default();
+        if value != self.last_status {
+            self.store
+                .commit(Txn::new().put(keys::host_status(&self.cfg.host), value.clone()))
+                .await?;
+            self.last_status = value;
+        }
+        Ok(())
+    }
+
+    /// Makes this host run exactly what its assignments say, adopting running VMMs; returns
+    /// the revision to watch from.
+    async fn reconcile(&mut self) -> Result<Revision, StoreError> {
+        let listing = self.store.list(&keys::host_vms(&self.cfg.host)).await?;
+        let assigned = assignments(&listing.kvs);
+        let local = self.blocking(|v| v.scan()).await;
+        self.set_vms(local.iter().map(|l| (l.id.clone(), l.epoch)).collect());
+        for l in &local {
+            if assigned.get(&l.id).is_some_and(|a| a.epoch == l.epoch) {
+                tracing::info!(vm = %l.id, epoch = l.epoch, "adopted a running VMM");
+                continue;
+            }
+            self.stop_vm(&l.id, "it is not assigned to this host at that epoch")
+                .await;
+        }
+        for (vm, a) in assigned {
+            if !self.vms.contains_key(&vm) {
+                self.start_vm(&vm, a).await?;
+            }
+        }
+        Ok(listing.revision)
+    }
+
+    async fn start_vm(&mut self, vm: &str, a: Assignment) -> Result<(), StoreError> {
+        if self.fenced() {
+            tracing::warn!(
+                vm,
+                "not starting while fenced; the reconcile after the fence will"
+            );
+            return Ok(());
+        }
+        match runtoken::confirm(&self.store, vm, &self.cfg.host, a.epoch).await {
+            Ok(_) => {}
+            Err(TokenError::Store(e)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(vm, "not starting: {e}");
+                return Ok(());
+            }
+        }
+        let spec = self
+            .store
+            .get(&keys::vm_spec(vm))
+            .await?
+            .map(|kv| kv.value)
+            .unwrap_or_default();
+        let (id, epoch) = (vm.to_string(), a.epoch);
+        match self.blocking(move |v| v.start(&id, &spec, &a)).await {
+            Ok(()) => {
+                tracing::info!(vm, epoch, "started");
+                self.add_vm(vm, epoch);
+            }
+            Err(e) => tracing::warn!(vm, "cannot start: {e}"),
+        }
+        Ok(())
+    }
+
+    async fn stop_vm(&mut self, vm: &str, why: &str) {
+        let id = vm.to_string();
+        if let Err(e) = self.blocking(move |v| v.stop(&id)).await {
+            tracing::warn!(vm, "cannot stop: {e}");
+        }
+        tracing::info!(vm, "stopped: {why}");
+        self.remove_vm(vm);
+    }
+
+    /// After a good renewal: each fenced VM resumes if this host still holds its token,
+    /// else it stops; then everything is reconciled again.
+    async fn unfence(&mut self) -> Result<Revision, StoreError> {
+        lock(&self.fence).fenced = false;
+        let vms: Vec<(String, u64)> = self.vms.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        for (vm, epoch) in vms {
+            match runtoken::confirm(&self.store, &vm, &self.cfg.host, epoch).await {
+                Ok(_) => {
+                    let id = vm.clone();
+                    match self.blocking(move |v| v.resume(&id)).await {
+                        Ok(()) => tracing::info!(vm, epoch, "resumed after the fence"),
+                        Err(e) => tracing::warn!(vm, "cannot resume: {e}"),
+                    }
+                }
+                Err(TokenError::Store(e)) => return Err(e),
+                Err(e) => self.stop_vm(&vm, &e.to_string()).await,
+            }
+        }
+        self.reconcile().await
+    }
+
+    /// Renews the lease once. A lease that had lapsed is replaced (after fencing).
+    async fn renew(&mut self) -> Result<(), StoreError> {
+        let sent = Instant::now();
+        let limit = self.cfg.timing.retry_every * 4;
+        let answer = tokio::time::timeout(limit, self.store.keep_alive(self.lease))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Backend(format!(
+                    "no answer to the lease renewal within {limit:?}"
+                )))
+            });
+        match answer {
+            Ok(_) => {}
+            Err(StoreError::NoLease(_)) => {
+                // The controller may be failing our VMs over: fence now, take a new lease,
+                // and let `unfence` keep only what the run tokens still give us.
+                let ids = {
+                    let mut f = lock(&self.fence);
+                    let was = std::mem::replace(&mut f.fenced, true);
+                    if was {
+                        Vec::new()
+                    } else {
+                        f.vms.clone()
+                    }
+                };
+                pause_all(&self.vmms, ids).await;
+                self.lease = self.store.grant(self.cfg.timing.lease_ttl).await?;
+                let _ = std::fs::write(lease_file(&self.cfg), self.lease.to_string());
+                self.register().await?;
+                tracing::warn!(lease = self.lease, "the lease had lapsed; registered again");
+            }
+            Err(e) => return Err(e),
+        }
+        lock(&self.fence).deadline = sent + self.cfg.timing.local_lease();
+        Ok(())
+    }
+
+    /// Runs the agent: reconcile, then follow the store and keep the lease.
+    pub async fn run(mut self) -> Result<(), AgentError> {
+        let timing = self.cfg.timing;
+        let _watchdog = AbortOnDrop(tokio::spawn(watchdog(
+            Arc::clone(&self.fence),
+            Arc::clone(&self.vmms),
+            timing.watchdog_period,
+        )));
+        let revision = self.reconcile().await?;
+        self.report().await?;
+        let mut watch = self
+            .store
+            .watch(&keys::host(&self.cfg.host), revision + 1)
+            .await?;
+        let mut next_renewal = Instant::now() + timing.renew_every;
+        loop {
+            tokio::select! {
+                ev = watch.next() => match ev {
+                    Ok(ev) => self.on_event(ev).await?,
+                    Err(e) => {
+                        // Whatever changed meanwhile is in a fresh listing.
+                        tracing::warn!("the watch ended ({e}); listing again");
+                        let revision = self.reconcile().await?;
+                        watch = self
+                            .store
+                            .watch(&keys::host(&self.cfg.host), revision + 1)
+                            .await?;
+                    }
+                },
+                _ = tokio::time::sleep_until(next_renewal) => {
+                    match self.renew().await {
+                        Ok(()) => {
+                            next_renewal = Instant::now() + timing.renew_every;
+                            if self.fenced() {
+                                let revision = self.unfence().await?;
+                                watch = self
+                                    .store
+                                    .watch(&keys::host(&self.cfg.host), revision + 1)
+                                    .await?;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!("lease renewal failed, retrying: {e}");
+                            next_renewal = Instant::now() + timing.retry_every;
+                        }
+                    }
+                    if let Err(e) = self.report().await {
+                        tracing::warn!("cannot write the host status: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_event(&mut self, ev: Event) -> Result<(), StoreError> {
+        let Some((_, rest)) = keys::split_host_key(ev.key()) else {
+            return Ok(());
+        };
+        let Some(vm) = rest.strip_prefix("vms/") else {
+            return Ok(());
+        };
+        let vm = vm.to_string();
+        match ev {
+            Event::Put(kv) => match serde_json::from_slice::<Assignment>(&kv.value) {
+                Ok(a) if self.vms.get(&vm) != Some(&a.epoch) => {
+                    if self.vms.contains_key(&vm) {
+                        self.stop_vm(&vm, "assigned again at a new epoch").await;
+                    }
+                    self.start_vm(&vm, a).await?;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(vm, "ignoring an invalid assignment: {e}"),
+            },
+            Event::Delete { .. } => {
+                if self.vms.contains_key(&vm) {
+                    self.stop_vm(&vm, "its assignment was removed").await;
+                }
+            }
+        }
+        self.report().await
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,235 @@
+//! The agent's core against a real etcd; the VMMs are a record of what the agent asked
+//! (the real ones are `ray agent`'s, tested end to end).
+use super::*;
+use crate::runtoken::{Origin, Transfer};
+use crate::store::EtcdStore;
+use crate::testing::Etcd;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Short times, so a test sees leases lapse in seconds. Still passes `Timing::check`.
+fn fast() -> Timing {
+    Timing {
+        lease_ttl: Duration::from_secs(3),
+        renew_every: Duration::from_secs(1),
+        retry_every: Duration::from_millis(200),
+        local_margin: Duration::from_secs(1),
+        watchdog_period: Duration::from_millis(50),
+        ..Timing::default()
+    }
+}
+
+#[derive(Default)]
+struct Record {
+    running: BTreeMap<String, LocalVm>,
+    log: Vec<(Instant, String)>,
+}
+
+/// VMMs that only record what they are asked.
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Record>>);
+
+impl Recorder {
+    fn note(&self, what: String) {
+        self.0.lock().unwrap().log.push((Instant::now(), what));
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .log
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
+    fn when(&self, what: &str) -> Option<Instant> {
+        let r = self.0.lock().unwrap();
+        r.log.iter().find(|(_, s)| s == what).map(|(t, _)| *t)
+    }
+
+    async fn wait_for(&self, what: &str) -> Instant {
+        for _ in 0..200 {
+            if let Some(t) = self.when(what) {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no '{what}' within 10 s; the agent did: {:?}", self.log());
+    }
+}
+
+impl Vmms for Recorder {
+    fn scan(&self) -> Vec<LocalVm> {
+        self.0.lock().unwrap().running.values().cloned().collect()
+    }
+    fn start(&self, vm: &str, _spec: &[u8], a: &Assignment) -> Result<(), String> {
+        self.note(format!("start {vm} {}", a.epoch));
+        let local = LocalVm {
+            id: vm.into(),
+            epoch: a.epoch,
+            paused: false,
+        };
+        self.0.lock().unwrap().running.insert(vm.into(), local);
+        Ok(())
+    }
+    fn stop(&self, vm: &str) -> Result<(), String> {
+        self.note(format!("stop {vm}"));
+        self.0.lock().unwrap().running.remove(vm);
+        Ok(())
+    }
+    fn pause(&self, vm: &str) -> Result<(), String> {
+        self.note(format!("pause {vm}"));
+        Ok(())
+    }
+    fn resume(&self, vm: &str) -> Result<(), String> {
+        self.note(format!("resume {vm}"));
+        Ok(())
+    }
+}
+
+fn config(name: &str) -> AgentConfig {
+    let state_dir = std::env::temp_dir().join(format!("ray-agent-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    AgentConfig {
+        host: "h1".into(),
+        state_dir,
+        timing: fast(),
+        api: None,
+    }
+}
+
+async fn spawn(s: &EtcdStore, rec: &Recorder, cfg: &AgentConfig) -> (LeaseId, AbortOnDrop) {
+    let agent = Agent::join(s.clone(), rec.clone(), cfg.clone())
+        .await
+        .unwrap();
+    let lease = agent.lease();
+    let task = tokio::spawn(async move {
+        if let Err(e) = agent.run().await {
+            panic!("the agent failed: {e}");
+        }
+    });
+    (lease, AbortOnDrop(task))
+}
+
+async fn other_host(s: &EtcdStore, host: &str) {
+    let lease = s.grant(Duration::from_secs(60)).await.unwrap();
+    s.commit(Txn::new().put_leased(keys::host_alive(host), "{}", lease))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_what_it_is_assigned_and_adopts_it_after_a_restart() {
+    let etcd = Etcd::start("agent-adopt").await;
+    let s = EtcdStore::connect(&etcd.endpoints()).await.unwrap();
+    let (rec, cfg) = (Recorder::default(), config("adopt"));
+    let (lease, agent) = spawn(&s, &rec, &cfg).await;
+    let alive = s.get(&keys::host_alive("h1")).await.unwrap().unwrap();
+    assert_eq!(alive.lease, Some(lease));
+
+    runtoken::place(&s, "vm1", "h1", Origin::Boot)
+        .await
+        .unwrap();
+    rec.wait_for("start vm1 1").await;
+    // The status lists it (written on change).
+    let mut listed = false;
+    for _ in 0..100 {
+        if let Some(kv) = s.get(&keys::host_status("h1")).await.unwrap() {
+            let r: HostReport = serde_json::from_slice(&kv.value).unwrap();
+            assert!(r.inventory.cpus >= 1 && r.inventory.memory_mib > 0, "{r:?}");
+            if r.vms == ["vm1"] {
+                listed = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(listed, "the host status never listed vm1");
+
+    // The agent dies (its VMs live on); a new one keeps the lease and adopts vm1.
+    drop(agent);
+    let (again, _agent) = spawn(&s, &rec, &cfg).await;
+    assert_eq!(again, lease, "a restarted agent keeps its lease");
+    // Releasing the VM stops it; it was never started twice.
+    let (_, seen) = runtoken::read(&s, "vm1").await.unwrap().unwrap();
+    runtoken::release(&s, "vm1", &seen).await.unwrap();
+    rec.wait_for("stop vm1").await;
+    assert_eq!(rec.log(), ["start vm1 1", "stop vm1"]);
+    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_lease_fences_and_only_what_still_is_ours_resumes() {
+    let etcd = Etcd::start("agent-lapse").await;
+    let s = EtcdStore::connect(&etcd.endpoints()).await.unwrap();
+    let (rec, cfg) = (Recorder::default(), config("lapse"));
+    let (lease, _agent) = spawn(&s, &rec, &cfg).await;
+    other_host(&s, "h2").await;
+    runtoken::place(&s, "moved", "h1", Origin::Boot)
+        .await
+        .unwrap();
+    runtoken::place(&s, "kept", "h1", Origin::Boot)
+        .await
+        .unwrap();
+    rec.wait_for("start kept 1").await;
+    rec.wait_for("start moved 1").await;
+
+    // The lease ends (as if h1 was cut off) and a controller fails "moved" over to h2.
+    s.revoke(lease).await.unwrap();
+    let (_, seen) = runtoken::read(&s, "moved").await.unwrap().unwrap();
+    let cp = Origin::Checkpoint {
+        path: "/shared/moved".into(),
+    };
+    runtoken::transfer(&s, "moved", &seen, "h2", cp, Transfer::FailOver)
+        .await
+        .unwrap();
+
+    rec.wait_for("stop moved").await;
+    rec.wait_for("resume kept").await;
+    let log = rec.log();
+    assert!(log.contains(&"pause kept".to_string()), "{log:?}");
+    assert!(!log.contains(&"resume moved".to_string()), "{log:?}");
+    // Registered again under a new lease.
+    let alive = s.get(&keys::host_alive("h1")).await.unwrap().unwrap();
+    assert_ne!(alive.lease, Some(lease));
+    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_store_fences_before_the_lease_can_lapse() {
+    let etcd = Etcd::start("agent-silent").await;
+    let s = EtcdStore::connect(&etcd.endpoints()).await.unwrap();
+    let (rec, cfg) = (Recorder::default(), config("silent"));
+    let (_lease, _agent) = spawn(&s, &rec, &cfg).await;
+    runtoken::place(&s, "vm1", "h1", Origin::Boot)
+        .await
+        .unwrap();
+    rec.wait_for("start vm1 1").await;
+
+    // etcd stops answering: the last good renewal was at most `renew_every` ago, so the
+    // fence comes within `renew_every + local_lease` (+ the watchdog's period).
+    let frozen = Instant::now();
+    etcd.freeze();
+    let paused = rec.wait_for("pause vm1").await;
+    let t = fast();
+    let bound = t.renew_every + t.local_lease() + t.watchdog_period * 4;
+    assert!(
+        paused - frozen <= bound,
+        "fenced after {:?}",
+        paused - frozen
+    );
+    // Earlier than etcd could let the lease lapse (its TTL from the last renewal).
+    assert!(paused - frozen < t.lease_ttl, "{:?}", paused - frozen);
+
+    // etcd answers again; nobody moved vm1, so it resumes.
+    etcd.thaw();
+    rec.wait_for("resume vm1").await;
+    assert!(
+        !rec.log().contains(&"stop vm1".to_string()),
+        "{:?}",
+        rec.log()
+    );
+    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+}

@@ -1,0 +1,180 @@
+//! `ray agent`: one per host. The agent's logic is `ray_cluster::agent`; this file gives
+//! it this host's VMMs: started with the `ray vm run` launch code (detached, so a VMM never
+//! depends on the agent), found again by scanning the runtime directory, stopped, paused
+//! and resumed through their own API.
+//!
+//! A VM the agent started has `cluster.json` (its run-token epoch) in its directory; VMs
+//! started by hand have none and are left alone.
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use ray_api::vmm::{StopRequest, VmConfig, VmInfo, VmStateName};
+use ray_cluster::agent::{Agent, AgentConfig, LocalVm, Vmms};
+use ray_cluster::runtoken::{Assignment, Origin};
+use ray_cluster::spec::VmSpec;
+use ray_cluster::store::EtcdStore;
+use ray_cluster::timing::Timing;
+use serde::{Deserialize, Serialize};
+
+use ray::client::VmmClient;
+use ray::runtime::{self, Presence};
+
+use crate::vm::{self, VmmExtras};
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// This host's name in the cluster (default: the kernel's host name).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// etcd endpoints, comma-separated, e.g. http://10.0.0.1:2379.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub etcd: Vec<String>,
+    /// Where the agent keeps its lease between runs (default: <runtime-dir>/agent).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The file that marks a VM directory as the cluster's.
+const MARK: &str = "cluster.json";
+
+#[derive(Serialize, Deserialize)]
+struct Mark {
+    epoch: u64,
+}
+
+/// This host's VMMs, as the agent sees them.
+struct HostVmms {
+    runtime: PathBuf,
+}
+
+impl HostVmms {
+    fn client(&self, vm: &str) -> Result<VmmClient, String> {
+        vm::client(&self.runtime, vm).map_err(|e| format!("{e:#}"))
+    }
+
+    fn put(&self, vm: &str, path: &str, body: Option<Vec<u8>>) -> Result<(), String> {
+        self.client(vm)?
+            .call::<VmInfo>("PUT", path, body)
+            .map(drop)
+            .map_err(|e| format!("{path} of VM {vm}: {e}"))
+    }
+}
+
+/// The VMM configuration of a cluster VM.
+fn vm_config(spec: &VmSpec) -> anyhow::Result<VmConfig> {
+    let (kernel, default_cmdline) = match &spec.kernel {
+        Some(k) => (PathBuf::from(k), "console=ttyS0"),
+        None => (vm::default_guest()?, vm::DEFAULT_GUEST_CMDLINE),
+    };
+    let cfg = VmConfig {
+        kernel: kernel.display().to_string(),
+        initrd: None,
+        cmdline: spec
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| default_cmdline.into()),
+        vcpus: spec.vcpus,
+        memory_bytes: spec.memory_mib << 20,
+        devices: Default::default(),
+    };
+    ray_vmm::config::validate(&cfg, ray_vmm::config::host_memory())
+        .map_err(|e| anyhow::anyhow!("invalid VM configuration: {e}"))?;
+    Ok(cfg)
+}
+
+impl Vmms for HostVmms {
+    fn scan(&self) -> Vec<LocalVm> {
+        runtime::list_ids(&self.runtime)
+            .into_iter()
+            .filter_map(|id| {
+                let dir = runtime::vm_dir(&self.runtime, &id);
+                let mark: Mark =
+                    serde_json::from_slice(&std::fs::read(dir.join(MARK)).ok()?).ok()?;
+                if !matches!(runtime::presence(&dir), Presence::Live { .. }) {
+                    return None;
+                }
+                let paused = VmmClient::new(&dir.join("api.sock"))
+                    .call::<VmInfo>("GET", "/vm", None)
+                    .is_ok_and(|i| i.state == VmStateName::Paused);
+                Some(LocalVm {
+                    id,
+                    epoch: mark.epoch,
+                    paused,
+                })
+            })
+            .collect()
+    }
+
+    fn start(&self, vm: &str, spec: &[u8], a: &Assignment) -> Result<(), String> {
+        let spec = VmSpec::parse(spec).map_err(|e| format!("VM {vm}: {e}"))?;
+        if a.origin != Origin::Boot {
+            return Err(format!(
+                "VM {vm} is to start from {:?}: only a boot is implemented yet",
+                a.origin
+            ));
+        }
+        let cfg = vm_config(&spec).map_err(|e| format!("VM {vm}: {e:#}"))?;
+        vm::start_vmm(
+            &self.runtime,
+            Some(vm.to_string()),
+            &vm::Origin::Boot(&cfg),
+            &VmmExtras::default(),
+        )
+        .map_err(|e| format!("{e:#}"))?;
+        let mark = serde_json::to_vec(&Mark { epoch: a.epoch }).unwrap_or_default();
+        let dir = runtime::vm_dir(&self.runtime, vm);
+        std::fs::write(dir.join(MARK), mark)
+            .map_err(|e| format!("cannot write {}: {e}", dir.join(MARK).display()))
+    }
+
+    fn stop(&self, vm: &str) -> Result<(), String> {
+        let dir = runtime::vm_dir(&self.runtime, vm);
+        // Not the cluster's any more, whatever the stop does.
+        let _ = std::fs::remove_file(dir.join(MARK));
+        let body = serde_json::to_vec(&StopRequest { timeout_ms: 2000 }).unwrap_or_default();
+        self.put(vm, "/vm/stop", Some(body))
+    }
+
+    fn pause(&self, vm: &str) -> Result<(), String> {
+        self.put(vm, "/vm/pause", None)
+    }
+
+    fn resume(&self, vm: &str) -> Result<(), String> {
+        self.put(vm, "/vm/resume", None)
+    }
+}
+
+fn hostname() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("cannot read this host's name; pass --host")?;
+    Ok(name.trim().to_string())
+}
+
+/// `ray agent`: runs until the store fails for good (then the VMs fence themselves).
+pub fn run(args: AgentArgs, runtime: &Path) -> anyhow::Result<()> {
+    let host = match args.host {
+        Some(h) => h,
+        None => hostname()?,
+    };
+    let cfg = AgentConfig {
+        host,
+        state_dir: args.state_dir.unwrap_or_else(|| runtime.join("agent")),
+        timing: Timing::default(),
+        api: None,
+    };
+    let vmms = HostVmms {
+        runtime: runtime.to_path_buf(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the agent's runtime")?;
+    rt.block_on(async {
+        let store = EtcdStore::connect(&args.etcd).await?;
+        let agent = Agent::join(store, vmms, cfg).await?;
+        agent.run().await?;
+        Ok(())
+    })
+}
