@@ -399,7 +399,11 @@ pub fn bench(mode: &str, count: u64, kib: u64, qd: u64) {
     let len = kib * 1024;
     let qd = (qd as usize).clamp(1, MAX_QD);
     // Each in-flight request gets its own piece of the buffer.
-    if len == 0 || len % SECTOR != 0 || len as usize > MAX_REQUEST || len as usize * qd > BUFFER {
+    if len == 0
+        || !len.is_multiple_of(SECTOR)
+        || len as usize > MAX_REQUEST
+        || len as usize * qd > BUFFER
+    {
         println!("err disk bench: KiB * QD must fit 4 MiB, at most 1 MiB a request");
         return;
     }

@@ -119,7 +119,7 @@ impl Block {
                 source,
             })?;
         let size = disk_size(&file, path)?;
-        if size % SECTOR != 0 {
+        if !size.is_multiple_of(SECTOR) {
             return Err(BlockError::Size {
                 path: path.clone(),
                 size,

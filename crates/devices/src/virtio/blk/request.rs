@@ -206,7 +206,7 @@ pub fn parse(
         T_DISCARD | T_WRITE_ZEROES => {
             let bytes: u64 = data_out.iter().map(|s| u64::from(s.len)).sum();
             if bytes == 0
-                || bytes % RANGE_BYTES != 0
+                || !bytes.is_multiple_of(RANGE_BYTES)
                 || bytes / RANGE_BYTES > u64::from(limits.max_ranges)
             {
                 return Err(fail(
@@ -275,7 +275,7 @@ pub fn parse(
             ));
         }
         let bytes: u64 = s.iter().map(|s| u64::from(s.len)).sum();
-        if bytes % SECTOR != 0 {
+        if !bytes.is_multiple_of(SECTOR) {
             return Err(fail(
                 S_IOERR,
                 format!("{bytes} data bytes are not whole sectors"),
