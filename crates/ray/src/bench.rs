@@ -20,6 +20,9 @@ pub enum BenchCommand {
     /// Live migration over loopback and a veth pair: downtime, total time, throughput vs
     /// raw TCP on the same path.
     Migrate(crate::bench_migrate::MigrateBenchArgs),
+    /// virtio-blk from our guest vs a host O_DIRECT process on the same file: sequential
+    /// 1 MiB read/write, 4 KiB random read at QD1 and QD32, exits per request.
+    Blk(crate::bench_blk::BlkBenchArgs),
 }
 
 #[derive(Args)]
@@ -123,6 +126,7 @@ pub fn run(cmd: BenchCommand, runtime: &Path) -> anyhow::Result<()> {
         BenchCommand::Boot(a) => boot(&a, runtime),
         BenchCommand::Snapshot(a) => crate::bench_snapshot::run(&a, runtime),
         BenchCommand::Migrate(a) => crate::bench_migrate::run(&a, runtime),
+        BenchCommand::Blk(a) => crate::bench_blk::run(&a, runtime),
     }
 }
 

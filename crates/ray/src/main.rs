@@ -1,6 +1,7 @@
 //! `ray`: the one binary of rayvisor. This file parses the command line and dispatches;
 //! the work is done in the library crates.
 mod bench;
+mod bench_blk;
 mod bench_migrate;
 mod bench_snapshot;
 mod console;

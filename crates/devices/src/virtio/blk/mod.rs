@@ -10,7 +10,7 @@ pub mod io;
 pub mod request;
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -60,6 +60,8 @@ pub enum BlockError {
 pub struct BlockConfig {
     pub path: PathBuf,
     pub readonly: bool,
+    /// O_DIRECT: bypass the host's page cache.
+    pub direct: bool,
     /// The GET_ID answer (at most 20 bytes are sent).
     pub serial: String,
     pub queues: u16,
@@ -113,6 +115,7 @@ impl Block {
         let file = OpenOptions::new()
             .read(true)
             .write(!config.readonly)
+            .custom_flags(if config.direct { libc::O_DIRECT } else { 0 })
             .open(path)
             .map_err(|source| BlockError::Open {
                 path: path.clone(),
