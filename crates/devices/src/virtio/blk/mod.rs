@@ -39,7 +39,8 @@ pub const SEG_MAX: u32 = 126;
 pub const MAX_RANGE_SECTORS: u32 = 1 << 22;
 pub const MAX_RANGES: u32 = 16;
 const CONFIG_LEN: usize = 60;
-const WORKERS: usize = 4;
+/// I/O workers per disk: requests at the disk at once.
+const WORKERS: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
