@@ -259,3 +259,20 @@ fn bad_disk_arguments_are_refused_naming_what_was_wrong() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn a_rate_limited_disk_paces_the_guest() {
+    let env = Env::new("blk-rate");
+    let img = image(&env, "r.img", 8);
+    let mut vm = boot_with(&env, &format!("{},rate=1M", img.display()));
+    // The bucket starts with one second's worth (1 MiB); 3 MiB more take 3 s.
+    let w = vm.command("disk write 0 8192 0x66", "disk ");
+    let ns: u64 = w
+        .split_whitespace()
+        .find_map(|x| x.strip_prefix("ns="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{w}"));
+    eprintln!("4 MiB at 1 MiB/s: {} ms", ns / 1_000_000);
+    assert!(ns >= 2_800_000_000, "{w}");
+    assert_eq!(read_at(&img, (4 << 20) - 4096, 4096), vec![0x66; 4096]);
+}
