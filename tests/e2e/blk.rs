@@ -276,3 +276,43 @@ fn a_rate_limited_disk_paces_the_guest() {
     assert!(ns >= 2_800_000_000, "{w}");
     assert_eq!(read_at(&img, (4 << 20) - 4096, 4096), vec![0x66; 4096]);
 }
+
+#[test]
+fn pause_drains_requests_in_flight_and_the_restored_guest_finishes_its_writes() {
+    let env = Env::new("blk-drain");
+    let img = image(&env, "q.img", 8);
+    let vm = boot_with(&env, &format!("{},rate=1M", img.display()));
+    // Four 1 MiB writes paced at 1 MiB/s: the pause comes while one is at the disk.
+    vm.send("disk write 0 8192 0x77");
+    std::thread::sleep(Duration::from_millis(1500));
+    env.ray_ok(&["vm", "pause", &vm.id]);
+    let path = env.runtime.join("snap-drain");
+    let path = path.to_str().unwrap();
+    env.ray_ok(&["snapshot", "create", &vm.id, path]);
+    env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
+    let done_before = std::fs::read(&img).unwrap()[..4 << 20]
+        .chunks(1 << 20)
+        .filter(|c| c.iter().all(|&b| b == 0x77))
+        .count();
+    assert!(
+        (1..4).contains(&done_before),
+        "{done_before} MiB written before the pause"
+    );
+
+    let out = env.ray_ok(&[
+        "snapshot",
+        "restore",
+        path,
+        "--id",
+        "drain-back",
+        "--detach",
+        "--json",
+    ]);
+    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
+    let mut back = env.attach("drain-back", info.pid);
+    let line = back.expect_line("disk write", Duration::from_secs(20));
+    assert!(line.starts_with("disk write ok"), "{line}");
+    assert!(std::fs::read(&img).unwrap()[..4 << 20]
+        .iter()
+        .all(|&b| b == 0x77));
+}
