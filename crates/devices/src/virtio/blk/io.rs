@@ -98,10 +98,16 @@ impl Workers {
 }
 
 impl Drop for Workers {
+    /// Ends the workers once they finished what they hold. A worker may itself drop the
+    /// last reference to the device (completing a request as the VM goes away): it is not
+    /// joined, it ends on its own.
     fn drop(&mut self) {
         self.tx = None;
+        let me = std::thread::current().id();
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
         }
     }
 }
