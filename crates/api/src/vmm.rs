@@ -182,6 +182,10 @@ pub struct DiskConfig {
     /// The guest may not write (VIRTIO_BLK_F_RO; writes fail with IOERR).
     #[serde(default)]
     pub readonly: bool,
+    /// Open the file with O_DIRECT: I/O bypasses the host's page cache (guest buffers and
+    /// requests must then be 512-byte aligned, or they fail with IOERR).
+    #[serde(default)]
+    pub direct: bool,
     /// Bytes per second the guest may move (reads and writes), if limited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1)]

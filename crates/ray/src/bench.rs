@@ -26,6 +26,9 @@ pub enum BenchCommand {
     /// The cluster control plane on a real etcd: steady load per 100 hosts from simulated
     /// agents (create, drain and failover times come with the controller).
     Cluster(crate::bench_cluster::ClusterBenchArgs),
+    /// virtio-blk from our guest vs a host O_DIRECT process on the same file: sequential
+    /// 1 MiB read/write, 4 KiB random read at QD1 and QD32, exits per request.
+    Blk(crate::bench_blk::BlkBenchArgs),
 }
 
 #[derive(Args)]
@@ -131,6 +134,7 @@ pub fn run(cmd: BenchCommand, runtime: &Path) -> anyhow::Result<()> {
         BenchCommand::Migrate(a) => crate::bench_migrate::run(&a, runtime),
         BenchCommand::Idle(a) => crate::bench_idle::run(&a, runtime),
         BenchCommand::Cluster(a) => crate::bench_cluster::run(&a),
+        BenchCommand::Blk(a) => crate::bench_blk::run(&a, runtime),
     }
 }
 

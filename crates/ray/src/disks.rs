@@ -1,9 +1,10 @@
-//! `ray vm run --disk PATH[,ro][,id=ID][,rate=BYTES][,iops=N]`: one virtio-blk disk.
+//! `ray vm run --disk PATH[,ro][,direct][,id=ID][,rate=BYTES][,iops=N]`: one virtio-blk
+//! disk.
 use ray_api::vmm::DiskConfig;
 
 use crate::sizes::parse_size;
 
-pub const SYNTAX: &str = "PATH[,ro][,id=ID][,rate=BYTES/s][,iops=N]";
+pub const SYNTAX: &str = "PATH[,ro][,direct][,id=ID][,rate=BYTES/s][,iops=N]";
 
 /// Parses one `--disk` value. The id is left empty when not given: [`number`] names the
 /// disks `disk0`, `disk1`, ... in order. The path is made absolute (the VMM runs
@@ -20,12 +21,14 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
         id: String::new(),
         path: path.display().to_string(),
         readonly: false,
+        direct: false,
         rate_bytes: None,
         rate_ops: None,
     };
     for opt in parts {
         match opt.split_once('=') {
             None if opt == "ro" => disk.readonly = true,
+            None if opt == "direct" => disk.direct = true,
             Some(("id", v)) => disk.id = v.to_string(),
             Some(("rate", v)) => {
                 let v = v.strip_suffix("/s").unwrap_or(v);
@@ -69,9 +72,9 @@ mod tests {
 
     #[test]
     fn options_parse_and_bad_ones_are_named() {
-        let d = parse_disk("/tmp/a.img,ro,id=data,rate=50M,iops=1000").unwrap();
+        let d = parse_disk("/tmp/a.img,ro,direct,id=data,rate=50M,iops=1000").unwrap();
         assert_eq!(d.path, "/tmp/a.img");
-        assert!(d.readonly);
+        assert!(d.readonly && d.direct);
         assert_eq!(d.id, "data");
         assert_eq!(d.rate_bytes, Some(50 << 20));
         assert_eq!(d.rate_ops, Some(1000));

@@ -4,6 +4,7 @@ mod agent;
 mod bench;
 mod bench_idle;
 mod bench_cluster;
+mod bench_blk;
 mod bench_migrate;
 mod bench_snapshot;
 mod cluster;

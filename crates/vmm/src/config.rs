@@ -72,7 +72,7 @@ pub fn check_disks(devices: &ray_api::vmm::DevicesConfig) -> Result<(), ConfigEr
         }
         let size = ray_devices::virtio::blk::size_of(Path::new(&d.path))
             .map_err(|e| bad(e.to_string()))?;
-        if size % 512 != 0 || size == 0 {
+        if !size.is_multiple_of(512) || size == 0 {
             return Err(bad(format!(
                 "{} has {size} bytes; a disk is a whole, non-zero number of 512-byte sectors",
                 d.path

@@ -84,6 +84,7 @@ pub fn devices_of(config: &DevicesConfig) -> Result<Vec<DeviceSpec>, PciError> {
         let block = Block::open(BlockConfig {
             path: disk.path.clone().into(),
             readonly: disk.readonly,
+            direct: disk.direct,
             serial: disk.id.clone(),
             queues: DISK_QUEUES,
             rate: RateLimit {

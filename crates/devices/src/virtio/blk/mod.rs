@@ -10,7 +10,7 @@ pub mod io;
 pub mod request;
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -39,7 +39,8 @@ pub const SEG_MAX: u32 = 126;
 pub const MAX_RANGE_SECTORS: u32 = 1 << 22;
 pub const MAX_RANGES: u32 = 16;
 const CONFIG_LEN: usize = 60;
-const WORKERS: usize = 4;
+/// I/O workers per disk: requests at the disk at once.
+const WORKERS: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -60,6 +61,8 @@ pub enum BlockError {
 pub struct BlockConfig {
     pub path: PathBuf,
     pub readonly: bool,
+    /// O_DIRECT: bypass the host's page cache.
+    pub direct: bool,
     /// The GET_ID answer (at most 20 bytes are sent).
     pub serial: String,
     pub queues: u16,
@@ -113,13 +116,14 @@ impl Block {
         let file = OpenOptions::new()
             .read(true)
             .write(!config.readonly)
+            .custom_flags(if config.direct { libc::O_DIRECT } else { 0 })
             .open(path)
             .map_err(|source| BlockError::Open {
                 path: path.clone(),
                 source,
             })?;
         let size = disk_size(&file, path)?;
-        if size % SECTOR != 0 {
+        if !size.is_multiple_of(SECTOR) {
             return Err(BlockError::Size {
                 path: path.clone(),
                 size,

@@ -29,6 +29,7 @@ fn rig(name: &str, size: u64, readonly: bool) -> Rig {
     let dev = Block::open(BlockConfig {
         path: path.clone(),
         readonly,
+        direct: false,
         serial: "disk-serial-0123456789abc".into(),
         queues: 2,
         rate: RateLimit::default(),

@@ -1,0 +1,436 @@
+//! `ray bench blk`: our guest's virtio-blk throughput and latency on a pre-filled raw
+//! file, against a host process doing the same pattern on the same file with O_DIRECT,
+//! in the same run: sequential read and write in 1 MiB requests (queue depth 1), 4 KiB
+//! random reads at queue depth 1 and 32; and the VMM exits each guest request costs.
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use ray::client::VmmClient;
+use ray_api::vmm::{ConsoleInput, ConsoleTail, DevicesConfig, DiskConfig, VmConfig, VmInfo};
+use serde::Serialize;
+
+use crate::bench::{print_row, Stats};
+use crate::vm::{default_guest, DEFAULT_GUEST_CMDLINE};
+
+#[derive(Args)]
+pub struct BlkBenchArgs {
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Size of the disk image.
+    #[arg(long, default_value = "1G", value_parser = ray::sizes::parse_size)]
+    pub size: u64,
+    /// Bytes each sequential pass moves.
+    #[arg(long, default_value = "256M", value_parser = ray::sizes::parse_size)]
+    pub seq: u64,
+    /// 4 KiB random reads per QD1 pass (QD32 passes do 8 times as many).
+    #[arg(long, default_value_t = 2000)]
+    pub rand_ops: u64,
+    /// Serve the guest's disk through the host page cache instead of O_DIRECT (the host
+    /// baseline stays O_DIRECT).
+    #[arg(long)]
+    pub buffered: bool,
+    /// Where the image goes (default: under the runtime directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+const MIB: f64 = (1 << 20) as f64;
+const SEQ_REQ: usize = 1 << 20;
+const RAND_REQ: usize = 4096;
+const QD: usize = 32;
+
+#[derive(Serialize)]
+struct Report {
+    runs: usize,
+    image_bytes: u64,
+    /// Whether the guest's disk was opened with O_DIRECT (as the host baseline is).
+    guest_direct: bool,
+    seq_read_ratio: Stats,
+    seq_write_ratio: Stats,
+    rand_read_qd32_ratio: Stats,
+    /// Guest 4 KiB random read at queue depth 1, µs per request.
+    qd1_latency_us: Stats,
+    guest_seq_read_mib_s: Stats,
+    host_seq_read_mib_s: Stats,
+    guest_seq_write_mib_s: Stats,
+    host_seq_write_mib_s: Stats,
+    guest_rand_read_qd32_iops: Stats,
+    host_rand_read_qd32_iops: Stats,
+    guest_rand_read_qd1_iops: Stats,
+    host_qd1_latency_us: Stats,
+    /// VMM exits (all reasons, MMIO and port I/O included) per guest request, over every
+    /// guest pass; the shell's own serial I/O is in it.
+    exits_per_request: Stats,
+    /// The guest's device interrupts per request.
+    irqs_per_request: Stats,
+}
+
+/// Writes `size` bytes of a non-zero pattern, so reads hit real blocks.
+fn prefill(path: &Path, size: u64) -> anyhow::Result<()> {
+    let f = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let chunk: Vec<u8> = (0..SEQ_REQ).map(|i| (i * 13 % 251) as u8 | 1).collect();
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(SEQ_REQ as u64) as usize;
+        f.write_all_at(&chunk[..n], at)?;
+        at += n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// A 4 KiB-aligned buffer for O_DIRECT.
+struct Aligned {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("valid layout");
+        // SAFETY: `layout` has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "out of memory");
+        Self { ptr, len }
+    }
+    fn slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points to `len` bytes this struct owns.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len, 4096).expect("valid layout");
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, layout) }
+    }
+}
+
+fn direct(path: &Path, write: bool) -> anyhow::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .with_context(|| format!("cannot open {} with O_DIRECT", path.display()))
+}
+
+/// xorshift64: the same sequence shape as the guest's.
+fn next(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// Host sequential pass: MiB/s.
+fn host_seq(path: &Path, bytes: u64, write: bool) -> anyhow::Result<f64> {
+    let f = direct(path, write)?;
+    let mut buf = Aligned::new(SEQ_REQ);
+    buf.slice().fill(0x5a);
+    let t = Instant::now();
+    let mut at = 0;
+    while at < bytes {
+        if write {
+            f.write_all_at(buf.slice(), at)?;
+        } else {
+            f.read_exact_at(buf.slice(), at)?;
+        }
+        at += SEQ_REQ as u64;
+    }
+    if write {
+        f.sync_data()?;
+    }
+    Ok(bytes as f64 / MIB / t.elapsed().as_secs_f64())
+}
+
+/// Host 4 KiB random reads with `qd` threads: IOPS.
+fn host_rand(path: &Path, size: u64, ops: u64, qd: usize) -> anyhow::Result<f64> {
+    let blocks = size / RAND_REQ as u64;
+    let t = Instant::now();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..qd)
+            .map(|w| {
+                s.spawn(move || -> anyhow::Result<()> {
+                    let f = direct(path, false)?;
+                    let mut buf = Aligned::new(RAND_REQ);
+                    let mut x = 0x9e37_79b9_7f4a_7c15 ^ (w as u64 + 1);
+                    for _ in 0..ops / qd as u64 {
+                        let b = next(&mut x) % blocks;
+                        f.read_exact_at(buf.slice(), b * RAND_REQ as u64)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a host I/O thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok((ops / qd as u64 * qd as u64) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// The VM of the benchmark, driven through its API.
+struct Guest {
+    client: VmmClient,
+    seen: u64,
+}
+
+/// One guest pass: (ops, bytes, seconds, irqs, exits).
+struct Pass {
+    ops: f64,
+    bytes: f64,
+    secs: f64,
+    irqs: f64,
+    exits: f64,
+}
+
+impl Guest {
+    fn exits(&self) -> anyhow::Result<u64> {
+        let a = self.client.raw("GET", "/metrics", None)?;
+        Ok(String::from_utf8_lossy(&a.body)
+            .lines()
+            .filter(|l| l.starts_with("ray_vcpu_exits_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum())
+    }
+
+    /// Sends `line` and waits for the guest's answer starting with `prefix` or `err`.
+    fn command(&mut self, line: &str, prefix: &str) -> anyhow::Result<String> {
+        let body = serde_json::to_vec(&ConsoleInput {
+            data: format!("{line}\n"),
+        })?;
+        let _: serde_json::Value = self.client.call("POST", "/vm/console", Some(body))?;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let tail: ConsoleTail = self.client.call("GET", "/vm/console?bytes=65536", None)?;
+            let start = tail.total_bytes - tail.data.len() as u64;
+            let skip = self.seen.saturating_sub(start) as usize;
+            let fresh = tail.data.get(skip..).unwrap_or_default();
+            let mut used = 0;
+            for l in fresh.split_inclusive('\n') {
+                if !l.ends_with('\n') {
+                    break;
+                }
+                used += l.len();
+                let l = l.trim();
+                if l.starts_with(prefix) || l.starts_with("err") {
+                    self.seen = start + (skip + used) as u64;
+                    if l.starts_with("err") {
+                        bail!("the guest answered `{line}` with: {l}");
+                    }
+                    return Ok(l.to_string());
+                }
+            }
+            self.seen = start + (skip + used) as u64;
+            if Instant::now() > deadline {
+                bail!("the guest did not answer `{line}`");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn pass(&mut self, mode: &str, count: u64, kib: usize, qd: usize) -> anyhow::Result<Pass> {
+        let e0 = self.exits()?;
+        let line = self.command(
+            &format!("disk bench {mode} {count} {kib} {qd}"),
+            "disk bench",
+        )?;
+        let e1 = self.exits()?;
+        let field = |name: &str| -> anyhow::Result<f64> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no {name}= in the guest's answer: {line}"))
+        };
+        Ok(Pass {
+            ops: field("ops")?,
+            bytes: field("bytes")?,
+            secs: field("ns")? / 1e9,
+            irqs: field("irqs")?,
+            exits: e1.saturating_sub(e0) as f64,
+        })
+    }
+}
+
+pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    if a.size < (64 << 20) || !a.size.is_multiple_of(1 << 20) {
+        bail!("--size must be whole MiB, at least 64 MiB");
+    }
+    if a.seq == 0 || a.seq > a.size || !a.seq.is_multiple_of(1 << 20) {
+        bail!("--seq must be whole MiB, at most --size");
+    }
+    if a.rand_ops < QD as u64 {
+        bail!("--rand-ops must be at least {QD}");
+    }
+    let dir = a.dir.clone().unwrap_or_else(|| runtime.join("bench-blk"));
+    std::fs::create_dir_all(&dir)?;
+    let image = dir.join(format!("bench-{}.img", std::process::id()));
+    prefill(&image, a.size)?;
+    let id = format!("bench-blk-{}", std::process::id());
+    let vm_dir = ray::runtime::vm_dir(runtime, &id);
+    std::fs::create_dir_all(&vm_dir)?;
+    let cfg = VmConfig {
+        kernel: default_guest()?.display().to_string(),
+        initrd: None,
+        cmdline: DEFAULT_GUEST_CMDLINE.into(),
+        vcpus: 1,
+        memory_bytes: 256 << 20,
+        devices: DevicesConfig {
+            rng: false,
+            disks: vec![DiskConfig {
+                id: "bench".into(),
+                path: image.display().to_string(),
+                readonly: false,
+                direct: !a.buffered,
+                rate_bytes: None,
+                rate_ops: None,
+            }],
+        },
+    };
+    let mut vmm = Command::new(std::env::current_exe()?)
+        .args([
+            "vmm",
+            "--id",
+            &id,
+            "--start",
+            "--config-json",
+            &serde_json::to_string(&cfg)?,
+        ])
+        .arg("--dir")
+        .arg(&vm_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let result = measure(a, &image, &vm_dir);
+    let _ = vmm.kill();
+    let _ = vmm.wait();
+    let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_dir_all(&vm_dir);
+    let report = result?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "virtio-blk, {} runs on a {} MiB pre-filled raw file (guest {} vs host O_DIRECT):",
+            report.runs,
+            report.image_bytes >> 20,
+            if report.guest_direct {
+                "O_DIRECT"
+            } else {
+                "buffered"
+            }
+        );
+        let rows: [(&str, Stats, &str); 14] = [
+            ("seq read ratio", report.seq_read_ratio, "x"),
+            ("seq write ratio", report.seq_write_ratio, "x"),
+            ("rand read QD32 ratio", report.rand_read_qd32_ratio, "x"),
+            ("guest QD1 latency", report.qd1_latency_us, "us"),
+            ("host QD1 latency", report.host_qd1_latency_us, "us"),
+            ("guest seq read", report.guest_seq_read_mib_s, "MiB/s"),
+            ("host seq read", report.host_seq_read_mib_s, "MiB/s"),
+            ("guest seq write", report.guest_seq_write_mib_s, "MiB/s"),
+            ("host seq write", report.host_seq_write_mib_s, "MiB/s"),
+            ("guest rand QD32", report.guest_rand_read_qd32_iops, "IOPS"),
+            ("host rand QD32", report.host_rand_read_qd32_iops, "IOPS"),
+            ("guest rand QD1", report.guest_rand_read_qd1_iops, "IOPS"),
+            ("exits per request", report.exits_per_request, ""),
+            ("irqs per request", report.irqs_per_request, ""),
+        ];
+        for (name, s, unit) in rows {
+            print_row(name, s, unit);
+        }
+    }
+    Ok(())
+}
+
+fn measure(a: &BlkBenchArgs, image: &Path, vm_dir: &Path) -> anyhow::Result<Report> {
+    let client = VmmClient::new(&vm_dir.join("api.sock"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(info) = client.call::<VmInfo>("GET", "/vm", None) {
+            if info.heartbeat.is_some_and(|h| h.ready) {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the benchmark guest did not become ready");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut g = Guest { client, seen: 0 };
+    g.command("disk", "disk capacity")?;
+    let mut v: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut push = |k: &'static str, x: f64| v.entry(k).or_default().push(x);
+    let seq_count = a.seq / SEQ_REQ as u64;
+    for _ in 0..a.runs {
+        let mut exits = 0.0;
+        let mut reqs = 0.0;
+        let mut irqs = 0.0;
+        let mut guest = |mode: &str, count: u64, kib: usize, qd: usize| -> anyhow::Result<Pass> {
+            let p = g.pass(mode, count, kib, qd)?;
+            exits += p.exits;
+            reqs += p.ops;
+            irqs += p.irqs;
+            Ok(p)
+        };
+        let gr = guest("seq-read", seq_count, SEQ_REQ / 1024, 1)?;
+        let gw = guest("seq-write", seq_count, SEQ_REQ / 1024, 1)?;
+        let g1 = guest("rand-read", a.rand_ops, RAND_REQ / 1024, 1)?;
+        let g32 = guest("rand-read", a.rand_ops * 8, RAND_REQ / 1024, QD)?;
+        let hr = host_seq(image, a.seq, false)?;
+        let hw = host_seq(image, a.seq, true)?;
+        let h1 = host_rand(image, a.size, a.rand_ops, 1)?;
+        let h32 = host_rand(image, a.size, a.rand_ops * 8, QD)?;
+        let mib_s = |p: &Pass| p.bytes / MIB / p.secs;
+        let iops = |p: &Pass| p.ops / p.secs;
+        push("gr", mib_s(&gr));
+        push("gw", mib_s(&gw));
+        push("g1", iops(&g1));
+        push("g32", iops(&g32));
+        push("lat", 1e6 / iops(&g1));
+        push("hr", hr);
+        push("hw", hw);
+        push("h32", h32);
+        push("hlat", 1e6 / h1);
+        push("rr", mib_s(&gr) / hr);
+        push("rw", mib_s(&gw) / hw);
+        push("r32", iops(&g32) / h32);
+        push("exits", exits / reqs);
+        push("irqs", irqs / reqs);
+    }
+    let s = |k: &str| Stats::of(v.get(k).map_or(&[][..], |x| &x[..]));
+    Ok(Report {
+        runs: a.runs,
+        image_bytes: a.size,
+        guest_direct: !a.buffered,
+        seq_read_ratio: s("rr"),
+        seq_write_ratio: s("rw"),
+        rand_read_qd32_ratio: s("r32"),
+        qd1_latency_us: s("lat"),
+        guest_seq_read_mib_s: s("gr"),
+        host_seq_read_mib_s: s("hr"),
+        guest_seq_write_mib_s: s("gw"),
+        host_seq_write_mib_s: s("hw"),
+        guest_rand_read_qd32_iops: s("g32"),
+        host_rand_read_qd32_iops: s("h32"),
+        guest_rand_read_qd1_iops: s("g1"),
+        host_qd1_latency_us: s("hlat"),
+        exits_per_request: s("exits"),
+        irqs_per_request: s("irqs"),
+    })
+}
