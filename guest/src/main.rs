@@ -8,8 +8,9 @@
 //! * idling through the VMM's idle port when it offers one (an exit per 500 µs instead of
 //!   a host CPU per vCPU);
 //! * a line-oriented shell on COM1 (`echo`, `mem`, `cpus`, `tick`, `dirty`, `sum`, `rng`,
-//!   `poweroff`), see [`shell`];
+//!   `net`, `poweroff`), see [`shell`];
 //! * virtio-pci drivers on [`virtio`] (MSI-X, a vector per queue): rng ([`virtio_rng`]),
+//!   net ([`virtio_net`]),
 //!   set up on first use;
 //! * SMP: every vCPU enters at the ELF entry, APs update their heartbeat slots and idle;
 //!   at most [`MAX_CPUS`] of them: the others park, and the boot CPU says so on COM1
@@ -35,6 +36,7 @@ mod pci;
 mod shell;
 mod smp;
 mod virtio;
+mod virtio_net;
 mod virtio_rng;
 mod workload;
 
@@ -126,6 +128,7 @@ fn bsp_main(zero_page: u64, pvm: bool, offered_cpus: u32) -> ! {
     if !clock::is_kvmclock() {
         println!("warning: no kvmclock, time is a TSC estimate");
     }
+    virtio_net::init(info.cmdline_str(virtio_net::CMDLINE_IP));
     println!("ready");
     heartbeat::ready().store(1, Release);
 
@@ -180,6 +183,7 @@ fn main_loop(poll_ns: u64) -> ! {
         if read_uart {
             serial::drain(|b| shell.input(b, &mut work));
         }
+        virtio_net::poll();
         let behind = work.poll(now);
         if heartbeat::shutdown_request().load(Relaxed) != 0 {
             poweroff();

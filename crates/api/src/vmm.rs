@@ -164,6 +164,9 @@ pub struct DevicesConfig {
     /// virtio-rng, fed by the host's getrandom(2). Default: on.
     #[serde(default = "on")]
     pub rng: bool,
+    /// virtio-net NICs, each on a TAP interface (bus order).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<crate::net::NetConfig>,
 }
 
 fn on() -> bool {
@@ -172,7 +175,10 @@ fn on() -> bool {
 
 impl Default for DevicesConfig {
     fn default() -> Self {
-        Self { rng: true }
+        Self {
+            rng: true,
+            net: Vec::new(),
+        }
     }
 }
 

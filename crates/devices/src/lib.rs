@@ -8,6 +8,7 @@ pub mod interrupt;
 pub mod legacy;
 pub mod pci;
 pub mod persist;
+pub mod rate_limit;
 pub mod virtio;
 
 use std::sync::{Arc, Mutex};

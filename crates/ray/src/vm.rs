@@ -77,7 +77,7 @@ pub struct RunArgs {
         short = 'f',
         long = "file",
         value_name = "FILE",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "net"]
     )]
     pub file: Option<PathBuf>,
     /// Kernel to boot (ELF vmlinux or bzImage). Default: rayvisor's own guest.
@@ -98,6 +98,11 @@ pub struct RunArgs {
     /// Leave out the virtio-rng device (present by default).
     #[arg(long)]
     pub no_rng: bool,
+    /// A virtio-net NIC on a TAP (repeatable): tap=NAME[,netns=NS][,mac=02:..:..]
+    /// [,rate=BYTES/s][,pps=PACKETS/s]. The TAP is created if missing; with netns it is
+    /// opened inside that namespace (/run/netns/NS).
+    #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+    pub net: Vec<ray_api::net::NetConfig>,
     /// VM id (default: generated).
     #[arg(long)]
     pub id: Option<String>,
@@ -196,6 +201,10 @@ pub fn default_guest() -> anyhow::Result<PathBuf> {
         })
 }
 
+fn parse_net(arg: &str) -> Result<ray_api::net::NetConfig, String> {
+    ray_api::net::NetConfig::parse(arg)
+}
+
 pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     if let Some(file) = &args.file {
         return crate::vm_show::read_config_file(file);
@@ -213,7 +222,10 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
             .unwrap_or_else(|| default_cmdline.into()),
         vcpus: args.vcpus,
         memory_bytes: args.memory,
-        devices: DevicesConfig { rng: !args.no_rng },
+        devices: DevicesConfig {
+            rng: !args.no_rng,
+            net: args.net.clone(),
+        },
     })
 }
 

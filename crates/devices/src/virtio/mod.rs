@@ -1,10 +1,12 @@
 //! virtio 1.2 devices: the split virtqueue ([`queue`]), the modern PCI transport
 //! ([`pci`]), completion of requests from other threads ([`completer`]) and the device
-//! models behind it ([`rng`]).
+//! models behind it ([`rng`], [`net`]).
 pub mod completer;
+pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod rng;
+pub mod tap;
 
 use ray_memory::GuestMemory;
 
@@ -79,6 +81,13 @@ pub trait VirtioDevice: Send {
     /// socket) until [`resume`](Self::resume). Requests already pending still complete.
     fn pause(&mut self) {}
     fn resume(&mut self) {}
+    /// Requests the device took ([`Completion::Pending`]) but does not work on (receive
+    /// buffers waiting for a packet), as (queue, count): they must be the last `count`
+    /// popped from that queue. On pause and reset the transport puts them back in the
+    /// available ring, so that a saved state holds them as the driver's.
+    fn give_back(&mut self) -> Vec<(usize, u16)> {
+        Vec::new()
+    }
 }
 
 /// Logs warnings about one device's guest input, up to a limit, so that a guest cannot
