@@ -9,9 +9,9 @@
 //!   interrupt, when the VMM offers its wake interrupt; else through the VMM's idle port
 //!   (an exit per 500 µs), else spinning;
 //! * a line-oriented shell on COM1 (`echo`, `mem`, `cpus`, `tick`, `dirty`, `sum`, `rng`, `disk`,
-//!   `poweroff`), see [`shell`];
-//! * virtio-pci drivers on [`virtio`] (MSI-X, a vector per queue): rng ([`virtio_rng`])
-//!   and blk ([`virtio_blk`]), set up on first use;
+//!   `net`, `poweroff`), see [`shell`];
+//! * virtio-pci drivers on [`virtio`] (MSI-X, a vector per queue): rng ([`virtio_rng`]),
+//!   blk ([`virtio_blk`]) and net ([`virtio_net`]), set up on first use;
 //! * SMP: every vCPU enters at the ELF entry, APs update their heartbeat slots and idle;
 //!   at most [`MAX_CPUS`] of them: the others park, and the boot CPU says so on COM1
 //!   (`rayvisor-guest: 70 vCPUs offered, this kernel supports 64; running on 64`).
@@ -37,6 +37,7 @@ mod shell;
 mod smp;
 mod virtio;
 mod virtio_blk;
+mod virtio_net;
 mod virtio_rng;
 mod workload;
 
@@ -131,6 +132,7 @@ fn bsp_main(zero_page: u64, pvm: bool, offered_cpus: u32) -> ! {
     if !clock::is_kvmclock() {
         println!("warning: no kvmclock, time is a TSC estimate");
     }
+    virtio_net::init(info.cmdline_str(virtio_net::CMDLINE_IP));
     println!("ready");
     heartbeat::ready().store(1, Release);
 
@@ -244,6 +246,7 @@ fn main_loop(poll_ns: u64) -> ! {
         if read_uart {
             serial::drain(|b| shell.input(b, &mut work));
         }
+        virtio_net::poll();
         let behind = work.poll(now);
         if heartbeat::shutdown_request().load(Relaxed) != 0 {
             poweroff();

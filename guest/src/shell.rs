@@ -123,6 +123,7 @@ fn execute(line: &str, work: &mut Workloads) {
         "sum" => sum(args),
         "rng" => rng(args),
         "disk" => crate::virtio_blk::command(args),
+        "net" => net(args),
         "poweroff" if no_more(args.clone(), cmd) => crate::poweroff(),
         "help" if no_more(args.clone(), cmd) => help(),
         "mem" | "cpus" | "poweroff" | "help" => {}
@@ -262,6 +263,96 @@ fn rng(mut args: core::str::SplitAsciiWhitespace) {
     }
 }
 
+/// `net` (mac, address, counters), `net ip A.B.C.D/N`, `net ping IP [n]`,
+/// `net blast IP PORT COUNT SIZE` (SIZE: UDP payload bytes, up to 1472).
+fn net(mut args: core::str::SplitAsciiWhitespace) {
+    use crate::virtio_net as vn;
+    let ip_arg = |a: Option<&str>| {
+        let got = a.and_then(vn::parse_ip);
+        if got.is_none() {
+            println!("err net: '{}' is not an IPv4 address", a.unwrap_or(""));
+        }
+        got
+    };
+    match args.next() {
+        None => match vn::info() {
+            Ok((m, ip, prefix, c)) => println!(
+                "net mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} ip={}.{}.{}.{}/{prefix} rx={} tx={} echoed={} sink={} sink_bytes={} dropped={}",
+                m[0], m[1], m[2], m[3], m[4], m[5], ip[0], ip[1], ip[2], ip[3],
+                c.rx, c.tx, c.echoed, c.sink, c.sink_bytes, c.dropped
+            ),
+            Err(e) => println!("err net: {e}"),
+        },
+        Some("ip") => {
+            let Some(a) = args.next() else {
+                println!("err net ip: missing A.B.C.D/N");
+                return;
+            };
+            if !no_more(args, "net ip") {
+                return;
+            }
+            match vn::parse_cidr(a).and_then(|(ip, p)| vn::set_ip(ip, p).map(|()| (ip, p))) {
+                Ok((ip, p)) => println!("net ip {}.{}.{}.{}/{p}", ip[0], ip[1], ip[2], ip[3]),
+                Err(e) => println!("err net ip {a}: {e}"),
+            }
+        }
+        Some("ping") => {
+            let Some(ip) = ip_arg(args.next()) else {
+                return;
+            };
+            let n = match args.next() {
+                None => 1,
+                Some(s) => match parse_number(s) {
+                    Some(n) if (1..=1000).contains(&n) => n as u16,
+                    _ => {
+                        println!("err net ping: count '{s}' is not 1 to 1000");
+                        return;
+                    }
+                },
+            };
+            if !no_more(args, "net ping") {
+                return;
+            }
+            match vn::ping(ip, n) {
+                Ok((0, ..)) => println!("err net ping: no reply from {}.{}.{}.{}", ip[0], ip[1], ip[2], ip[3]),
+                Ok((got, min, sum, max)) => println!(
+                    "net ping replies={got}/{n} min_us={} avg_us={} max_us={}",
+                    min / 1000,
+                    sum / u64::from(got) / 1000,
+                    max / 1000
+                ),
+                Err(e) => println!("err net ping: {e}"),
+            }
+        }
+        Some("blast") => {
+            let Some(ip) = ip_arg(args.next()) else {
+                return;
+            };
+            let Some(port) = number(args.next(), "port") else {
+                return;
+            };
+            let Some(count) = number(args.next(), "count") else {
+                return;
+            };
+            let Some(size) = number(args.next(), "size") else {
+                return;
+            };
+            if !no_more(args, "net blast") {
+                return;
+            }
+            if port == 0 || port > 0xffff || size as usize > vn::MAX_PAYLOAD {
+                println!("err net blast: port 1-65535 and size 0-{} bytes", vn::MAX_PAYLOAD);
+                return;
+            }
+            match vn::blast(ip, port as u16, count, size as usize) {
+                Ok((sent, ns)) => println!("net blast sent={sent} ns={ns}"),
+                Err(e) => println!("err net blast: {e}"),
+            }
+        }
+        Some(other) => println!("err net: unknown subcommand '{other}' (ip, ping, blast)"),
+    }
+}
+
 fn help() {
-    println!("commands: echo <text> | mem | cpus | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | poweroff | help");
+    println!("commands: echo <text> | mem | cpus | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | poweroff | help");
 }

@@ -290,6 +290,13 @@ impl Queue {
         self.free
     }
 
+    /// The descriptor a one-buffer request added now would use as its head, if one is
+    /// free: a driver with a buffer per descriptor fills that buffer first.
+    #[allow(dead_code)] // for drivers with a buffer per descriptor (net)
+    pub fn next_head(&self) -> Option<u16> {
+        (self.free > 0).then_some(self.free_head)
+    }
+
     /// Device interrupts of this queue so far.
     pub fn irqs(&self) -> u64 {
         apic::device_irqs(self.vector)

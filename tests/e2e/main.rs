@@ -9,6 +9,7 @@ mod lifecycle;
 mod limits;
 mod linux;
 mod migration;
+mod net;
 mod operator;
 mod robustness;
 mod shell;

@@ -167,6 +167,9 @@ pub struct DevicesConfig {
     /// virtio-blk disks, in bus order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs, each on a TAP interface (bus order).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<crate::net::NetConfig>,
 }
 
 /// One virtio-blk disk: a raw image file or a block device on the VMM's host. In a live
@@ -205,6 +208,7 @@ impl Default for DevicesConfig {
         Self {
             rng: true,
             disks: Vec::new(),
+            net: Vec::new(),
         }
     }
 }

@@ -300,6 +300,7 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 rate_bytes: None,
                 rate_ops: None,
             }],
+            ..Default::default()
         },
     };
     let mut vmm = Command::new(std::env::current_exe()?)

@@ -77,7 +77,7 @@ pub struct RunArgs {
         short = 'f',
         long = "file",
         value_name = "FILE",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net"]
     )]
     pub file: Option<PathBuf>,
     /// Kernel to boot (ELF vmlinux or bzImage). Default: rayvisor's own guest.
@@ -102,6 +102,11 @@ pub struct RunArgs {
     /// (read-only), direct (O_DIRECT, no host page cache), id=NAME (default diskN), rate=BYTES per second, iops=N.
     #[arg(long = "disk", value_name = ray::disks::SYNTAX, value_parser = ray::disks::parse_disk)]
     pub disks: Vec<ray_api::vmm::DiskConfig>,
+    /// A virtio-net NIC on a TAP (repeatable): tap=NAME[,netns=NS][,mac=02:..:..]
+    /// [,rate=BYTES/s][,pps=PACKETS/s]. The TAP is created if missing; with netns it is
+    /// opened inside that namespace (/run/netns/NS).
+    #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+    pub net: Vec<ray_api::net::NetConfig>,
     /// VM id (default: generated).
     #[arg(long)]
     pub id: Option<String>,
@@ -202,6 +207,10 @@ pub fn default_guest() -> anyhow::Result<PathBuf> {
         })
 }
 
+fn parse_net(arg: &str) -> Result<ray_api::net::NetConfig, String> {
+    ray_api::net::NetConfig::parse(arg)
+}
+
 pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     if let Some(file) = &args.file {
         return crate::vm_show::read_config_file(file);
@@ -226,6 +235,7 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
                 ray::disks::number(&mut disks);
                 disks
             },
+            net: args.net.clone(),
         },
     })
 }

@@ -43,6 +43,8 @@ pub enum ConfigError {
     Boot(String),
     #[error("disk {id}: {why}")]
     Disk { id: String, why: String },
+    #[error("devices.net[{index}]: {why}")]
+    Net { index: usize, why: String },
 }
 
 /// Checks the disks of `devices`: ids unique and usable as serials, files present with a
@@ -174,6 +176,10 @@ pub fn validate(config: &VmConfig, host_mem: u64) -> Result<BootSpec, ConfigErro
 /// source's state rather than from a kernel.
 pub fn validate_shape(config: &VmConfig, host_mem: u64) -> Result<(), ConfigError> {
     check_vcpus(config.vcpus, host_kvm_limits())?;
+    for (index, net) in config.devices.net.iter().enumerate() {
+        net.validate()
+            .map_err(|why| ConfigError::Net { index, why })?;
+    }
     let mem = config.memory_bytes;
     if !mem.is_multiple_of(PAGE) {
         return Err(ConfigError::MemoryUnaligned(mem));

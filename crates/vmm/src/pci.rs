@@ -71,7 +71,8 @@ pub struct DeviceSpec {
 }
 
 /// The devices of `config`, in bus order. Adding a device kind is one entry here.
-pub fn devices_of(config: &DevicesConfig) -> Result<Vec<DeviceSpec>, PciError> {
+/// `restoring`: the devices take over a saved state and stay paused until resumed.
+pub fn devices_of(config: &DevicesConfig, restoring: bool) -> Result<Vec<DeviceSpec>, PciError> {
     let mut specs = Vec::new();
     if config.rng {
         specs.push(DeviceSpec {
@@ -102,6 +103,19 @@ pub fn devices_of(config: &DevicesConfig) -> Result<Vec<DeviceSpec>, PciError> {
             device: Box::new(block),
         });
     }
+    for (i, net) in config.net.iter().enumerate() {
+        let id = format!("net{i}");
+        specs.push(DeviceSpec {
+            device: Box::new(crate::net::device(net, restoring).map_err(|why| {
+                PciError::Device {
+                    id: id.clone(),
+                    why,
+                }
+            })?),
+            id,
+            name: "virtio-net",
+        });
+    }
     Ok(specs)
 }
 
@@ -113,7 +127,7 @@ const DISK_QUEUES: u16 = 2;
 /// runs it when the state arrives, so that a missing or different disk refuses the
 /// migration while the source still runs.
 pub fn check_state(config: &DevicesConfig, state: &PciState) -> Result<(), PciError> {
-    let specs = devices_of(config)?;
+    let specs = devices_of(config, true)?;
     check_ids(state, &specs)?;
     for (spec, saved) in specs.iter().zip(&state.devices) {
         spec.device
@@ -263,7 +277,7 @@ impl PciDevices {
         config: &DevicesConfig,
         state: Option<&PciState>,
     ) -> Result<Self, PciError> {
-        let specs = devices_of(config)?;
+        let specs = devices_of(config, state.is_some())?;
         if let Some(s) = state {
             check_ids(s, &specs)?;
         }
@@ -383,7 +397,7 @@ mod tests {
 
     #[test]
     fn a_saved_device_list_must_match_the_configured_one() {
-        let specs = devices_of(&DevicesConfig::default()).unwrap();
+        let specs = devices_of(&DevicesConfig::default(), false).unwrap();
         let saved = |ids: &[&str]| PciState {
             devices: ids
                 .iter()
@@ -415,10 +429,13 @@ mod tests {
             "cannot restore the PCI devices: the saved state has the devices [rng, disk0] but \
              this VM's configuration has [rng]"
         );
-        let none = devices_of(&DevicesConfig {
-            rng: false,
-            ..Default::default()
-        })
+        let none = devices_of(
+            &DevicesConfig {
+                rng: false,
+                ..Default::default()
+            },
+            false,
+        )
         .unwrap();
         assert!(check_ids(&saved(&["rng"]), &none).is_err());
     }

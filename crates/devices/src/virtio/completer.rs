@@ -38,7 +38,7 @@ impl InFlight {
         *self.lock() += 1;
     }
 
-    fn done(&self, n: usize) {
+    pub(crate) fn done(&self, n: usize) {
         let mut c = self.lock();
         *c = c.saturating_sub(n);
         if *c == 0 {

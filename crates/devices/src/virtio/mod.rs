@@ -1,11 +1,13 @@
 //! virtio 1.2 devices: the split virtqueue ([`queue`]), the modern PCI transport
 //! ([`pci`]), completion of requests from other threads ([`completer`]) and the device
-//! models behind it ([`rng`], [`blk`]).
+//! models behind it ([`rng`], [`blk`], [`net`]).
 pub mod blk;
 pub mod completer;
+pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod rng;
+pub mod tap;
 
 use ray_memory::GuestMemory;
 
@@ -89,6 +91,13 @@ pub trait VirtioDevice: Send {
     fn check_device(&self, saved: &serde_json::Value) -> Result<(), String> {
         let _ = saved;
         Ok(())
+    }
+    /// Requests the device took ([`Completion::Pending`]) but does not work on (receive
+    /// buffers waiting for a packet), as (queue, count): they must be the last `count`
+    /// popped from that queue. On pause and reset the transport puts them back in the
+    /// available ring, so that a saved state holds them as the driver's.
+    fn give_back(&mut self) -> Vec<(usize, u16)> {
+        Vec::new()
     }
 }
 

@@ -257,6 +257,7 @@ impl VirtioPci {
     }
 
     fn reset(&mut self) {
+        self.take_back();
         self.regs = Registers::new(self.queues.len());
         for q in &mut self.queues {
             q.reset();
@@ -532,6 +533,19 @@ impl VirtioPci {
     pub fn pause(&mut self) {
         self.paused = true;
         self.device.pause();
+        self.take_back();
+    }
+
+    /// Puts the requests the device holds idle back in the available ring; they are
+    /// popped again when the queue is next served.
+    fn take_back(&mut self) {
+        for (q, n) in self.device.give_back() {
+            if let Some(queue) = self.queues.get_mut(q) {
+                queue.rewind(n);
+                self.kicked[q] = true;
+            }
+            self.in_flight.done(usize::from(n));
+        }
     }
 
     /// Serves the kicks that came while paused.

@@ -195,6 +195,12 @@ impl Queue {
         Ok(Some(self.walk(mem, head).map_err(|e| (head, e))))
     }
 
+    /// Un-pops the last `n` chains: they are available again, in the same order. The
+    /// driver cannot have reused their ring entries, as it has not got them back.
+    pub fn rewind(&mut self, n: u16) {
+        self.next_avail = self.next_avail.wrapping_sub(n);
+    }
+
     /// Reads the chain starting at `head` (which is inside the table).
     fn walk(&self, mem: &(impl GuestMemory + ?Sized), head: u16) -> Result<Chain, ChainError> {
         let mut descriptors = Vec::new();

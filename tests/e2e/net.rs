@@ -1,0 +1,199 @@
+//! virtio-net on a TAP inside a network namespace the test creates: the namespace pings
+//! the guest, a UDP echo round trip, the guest pings the namespace; after a snapshot
+//! restore and a live migration too; bad `--net` arguments are refused.
+use std::collections::BTreeMap;
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use ray::netns::Netns;
+use ray_e2e::{Env, Vm};
+
+const READY: Duration = Duration::from_secs(20);
+const HOST: &str = "10.77.0.1";
+const GUEST: &str = "10.77.0.2";
+
+/// A namespace with TAP `rt0` at 10.77.0.1/24.
+fn netns(name: &str) -> Netns {
+    let ns = Netns::new(&format!("ray-e2e-{name}-{}", std::process::id())).unwrap();
+    ns.add_tap("rt0", &format!("{HOST}/24")).unwrap();
+    ns
+}
+
+fn boot(env: &Env, ns: &Netns) -> Vm {
+    let net = format!("tap=rt0,netns={}", ns.name);
+    let cmdline = format!("console=ttyS0 ray.poll_ms=0 ray.ip={GUEST}/24");
+    let mut vm = env.boot(&["--net", &net, "--cmdline", &cmdline]);
+    vm.expect_line("ready", READY);
+    vm
+}
+
+fn exits(vm: &Vm) -> u64 {
+    let a = vm.client.raw("GET", "/metrics", None).unwrap();
+    String::from_utf8_lossy(&a.body)
+        .lines()
+        .filter(|l| l.starts_with("ray_vcpu_exits_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// `ping -c n` from the namespace; asserts every reply came.
+fn ping_guest(ns: &Netns, n: u32) {
+    let out = ns
+        .command("ping")
+        .args(["-c", &n.to_string(), "-i", "0.05", "-W", "2", GUEST])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ping failed: {text}");
+    assert!(
+        text.contains(&format!("{n} packets transmitted, {n} received")),
+        "{text}"
+    );
+}
+
+/// A UDP datagram to the guest's echo port comes back unchanged.
+fn udp_echo(ns: &Netns, payload: Vec<u8>) {
+    let back = ns
+        .run(move || {
+            let s = UdpSocket::bind((HOST, 0)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s.send_to(&payload, (GUEST, 7)).unwrap();
+            let mut buf = [0u8; 2048];
+            let (n, from) = s.recv_from(&mut buf).expect("no UDP echo from the guest");
+            assert_eq!(from.to_string(), format!("{GUEST}:7"));
+            (buf[..n].to_vec(), payload)
+        })
+        .unwrap();
+    assert_eq!(back.0, back.1);
+}
+
+fn guest_pings_host(vm: &mut Vm) {
+    let line = vm.command(&format!("net ping {HOST} 3"), "net ping");
+    assert!(line.starts_with("net ping replies=3/3"), "{line}");
+}
+
+fn counters(vm: &mut Vm) -> BTreeMap<String, String> {
+    let line = vm.command("net", "net ");
+    line.split_whitespace()
+        .skip(1)
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Everything the network of a running guest should do.
+fn check_all(vm: &mut Vm, ns: &Netns) {
+    ping_guest(ns, 3);
+    udp_echo(ns, b"hello from the namespace".to_vec());
+    udp_echo(ns, vec![0xa5; 1400]);
+    guest_pings_host(vm);
+}
+
+#[test]
+fn net_namespace_and_guest_reach_each_other_over_a_tap() {
+    let env = Env::new("net");
+    let ns = netns("net");
+    let mut vm = boot(&env, &ns);
+    let c = counters(&mut vm);
+    assert_eq!(c["ip"], format!("{GUEST}/24"));
+    assert!(c["mac"].starts_with("02:"), "{c:?}");
+    check_all(&mut vm, &ns);
+
+    // Exits per packet: 20 pings (40 packets through the device).
+    let e0 = exits(&vm);
+    ping_guest(&ns, 20);
+    let e1 = exits(&vm);
+    eprintln!("exits per packet (ping): {:.2}", (e1 - e0) as f64 / 40.0);
+    let c = counters(&mut vm);
+    assert!(c["rx"].parse::<u64>().unwrap() >= 25, "{c:?}");
+    assert_eq!(c["echoed"], "2", "{c:?}");
+
+    // The guest's shell refuses bad arguments; the NIC goes on working.
+    let bad = vm.command("net ping 10.77.0", "err");
+    assert!(bad.contains("not an IPv4 address"), "{bad}");
+    let bad = vm.command("net ping 10.99.0.1", "err");
+    assert!(bad.contains("not on this NIC's subnet"), "{bad}");
+    ping_guest(&ns, 1);
+}
+
+#[test]
+fn net_works_after_snapshot_restore() {
+    let env = Env::new("net-snap");
+    let ns = netns("net-snap");
+    let mut vm = boot(&env, &ns);
+    check_all(&mut vm, &ns);
+    env.ray_ok(&["vm", "pause", &vm.id]);
+    let path = env.runtime.join("snap-net");
+    let path = path.to_str().unwrap();
+    env.ray_ok(&["snapshot", "create", &vm.id, path]);
+    env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
+    let out = env.ray_ok(&[
+        "snapshot", "restore", path, "--id", "net-back", "--detach", "--json",
+    ]);
+    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
+    let mut back = env.attach("net-back", info.pid);
+    check_all(&mut back, &ns);
+}
+
+#[test]
+fn net_works_after_a_live_migration_on_the_same_tap() {
+    let env = Env::new("net-mig");
+    let ns = netns("net-mig");
+    let key = env.runtime.join("key");
+    std::fs::write(&key, "a pre-shared key of some length").unwrap();
+    let key = key.to_str().unwrap();
+    let mut src = boot(&env, &ns);
+    check_all(&mut src, &ns);
+    let sock = env.runtime.join("net.sock");
+    let listen = format!("unix:{}", sock.display());
+    // The target opens the same TAP while the source still holds it: its queue stays
+    // detached until it resumes.
+    let out = env.ray_ok(&[
+        "migrate",
+        "receive",
+        "--listen",
+        &listen,
+        "--key-file",
+        key,
+        "--id",
+        "net-dst",
+        "--json",
+    ]);
+    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
+    let mut dst = env.attach("net-dst", info.pid);
+    env.ray_ok(&[
+        "migrate",
+        "start",
+        &src.id,
+        "--to",
+        &listen,
+        "--key-file",
+        key,
+        "--json",
+    ]);
+    src.wait_exit(Duration::from_secs(10));
+    check_all(&mut dst, &ns);
+}
+
+#[test]
+fn bad_net_arguments_are_refused_before_a_vm_starts() {
+    let env = Env::new("net-bad");
+    let cases = [
+        ("tap=", "tap '' is not an interface name"),
+        ("tap=rt0,mac=ff:00:00:00:00:01", "multicast"),
+        ("tap=rt0,rate=fast", "rate 'fast' is not a positive number"),
+        ("tap=rt0,colour=red", "unknown key 'colour'"),
+        (
+            "tap=rt0,netns=ray-e2e-no-such-ns",
+            "cannot open network namespace ray-e2e-no-such-ns",
+        ),
+    ];
+    for (arg, want) in cases {
+        let out = env.ray(&["vm", "run", "--detach", "--net", arg]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--net {arg} was accepted");
+        assert!(err.contains(want), "--net {arg}: {err}");
+    }
+    let out = env.ray_ok(&["vm", "list", "--json"]);
+    assert!(!out.contains("running"), "no VM was left running: {out}");
+}
