@@ -9,7 +9,6 @@ pub mod legacy;
 pub mod pci;
 pub mod persist;
 pub mod rate;
-pub mod rate_limit;
 pub mod virtio;
 
 use std::sync::{Arc, Mutex};

@@ -2,9 +2,9 @@
 //! the work is done in the library crates.
 mod agent;
 mod bench;
-mod bench_idle;
-mod bench_cluster;
 mod bench_blk;
+mod bench_cluster;
+mod bench_idle;
 mod bench_migrate;
 mod bench_snapshot;
 mod cluster;

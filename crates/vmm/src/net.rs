@@ -1,7 +1,7 @@
 //! A VM's virtio-net NICs from its configuration: the TAP opened (in its namespace) and
 //! the rate limits set before the device goes on the bus.
 use ray_api::net::NetConfig;
-use ray_devices::rate_limit::RateLimiter;
+use ray_devices::rate::RateLimiter;
 use ray_devices::virtio::net::Net;
 use ray_devices::virtio::tap;
 

@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::completer::Used;
 use super::queue::Chain;
 use super::{Completion, DeviceContext, VirtioDevice, WarnLimit};
-use crate::rate_limit::RateLimiter;
+use crate::rate::RateLimiter;
 
 pub const DEVICE_TYPE_NET: u16 = 1;
 pub const F_CSUM: u64 = 1 << 0;
