@@ -22,15 +22,7 @@ fn memory() -> &'static MemoryManager {
 
 fn kernel_path() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let base = std::path::Path::new("/dev/shm");
-        let base = if base.is_dir() {
-            base.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        base.join(format!("ray-fuzz-kernel-{}", std::process::id()))
-    })
+    PATH.get_or_init(|| ray_fuzz::scratch_file("kernel"))
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -41,6 +33,7 @@ fuzz_target!(|data: &[u8]| {
         cmdline: "console=ttyS0".into(),
         vcpus: 2,
         mem_bytes: MEM_BYTES,
+        devices: Default::default(),
     };
     let _ = boot::load(memory().ram(), &spec);
 });

@@ -19,20 +19,10 @@ use ray_memory::{MemoryLayout, PAGE_SIZE};
 use ray_snapshot::{BlockSums, Manifest, StateFile};
 use ray_vmm::machine::MachineState;
 
-/// A directory of this process for the files (tmpfs when there is one).
-fn dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let base = std::path::Path::new("/dev/shm");
-        let base = if base.is_dir() {
-            base.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        let d = base.join(format!("ray-fuzz-snapshot-{}", std::process::id()));
-        std::fs::create_dir_all(&d).expect("a scratch directory");
-        d
-    })
+/// A scratch file of this process for the file under test.
+fn path() -> &'static PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| ray_fuzz::scratch_file("snapshot"))
 }
 
 fn state(payload: &[u8]) {
@@ -45,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let layout = MemoryLayout::new(&[(0, 64 * PAGE_SIZE), (1 << 30, 64 * PAGE_SIZE)])
         .expect("a valid layout");
-    let path = dir().join("file");
+    let path = path();
     match which % 5 {
         0 => {
             if let Ok(m) = serde_json::from_slice::<Manifest>(content) {
@@ -53,24 +43,24 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         1 => {
-            std::fs::write(&path, content).expect("scratch write");
-            if let Ok(payload) = StateFile::read(&path, 1 << 20) {
+            std::fs::write(path, content).expect("scratch write");
+            if let Ok(payload) = StateFile::read(path, 1 << 20) {
                 state(&payload);
             }
         }
         2 => {
-            StateFile::write(&path, content).expect("scratch write");
-            let payload = StateFile::read(&path, 1 << 20).expect("a file just written reads back");
+            StateFile::write(path, content).expect("scratch write");
+            let payload = StateFile::read(path, 1 << 20).expect("a file just written reads back");
             assert_eq!(payload, content);
             state(&payload);
         }
         3 => {
-            std::fs::write(&path, content).expect("scratch write");
-            let _ = ray_snapshot::pages::read_map(&path, &layout);
+            std::fs::write(path, content).expect("scratch write");
+            let _ = ray_snapshot::pages::read_map(path, &layout);
         }
         _ => {
-            std::fs::write(&path, content).expect("scratch write");
-            let _ = BlockSums::read(&path, &layout);
+            std::fs::write(path, content).expect("scratch write");
+            let _ = BlockSums::read(path, &layout);
         }
     }
 });
