@@ -1,0 +1,13 @@
+//! NUMA for rayvisor, without KVM, so all of it runs (and is tested) anywhere, including
+//! inside a multi-node test kernel:
+//!
+//! - [`cpulist`]: the kernel's list format (`0-3,8`), for sysfs files and `--numa cpus=`.
+//! - [`topology`]: the host's nodes, their CPUs, memory, distances, huge pages, and which
+//!   node each PCI device sits on, read from sysfs under any root, so captures from real
+//!   multi-node kernels serve as test data.
+
+pub mod cpulist;
+pub mod topology;
+
+pub use cpulist::{format_list, parse_list, ListError};
+pub use topology::{HugePages, Node, PciDevice, Topology, TopologyError};

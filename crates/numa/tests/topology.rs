@@ -1,0 +1,99 @@
+//! Topology read from sysfs trees captured on real multi-node kernels (see fixtures/README.md)
+//! and from this host's own /sys.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ray_numa::Topology;
+
+/// Unpacks a fixture into a fresh directory of test `test`; returns the `sys` root inside it.
+fn unpack(name: &str, test: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let dir = std::env::temp_dir().join(format!("ray-numa-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let st = Command::new("tar")
+        .arg("-xzf")
+        .arg(&src)
+        .arg("-C")
+        .arg(&dir)
+        .status()
+        .expect("tar runs");
+    assert!(st.success(), "tar -xzf {}", src.display());
+    dir.join("sys")
+}
+
+#[test]
+fn two_node_capture() {
+    let t = Topology::read(&unpack("2node-sys-devices-system-node.tgz", "two")).unwrap();
+    assert_eq!(t.node_ids(), vec![0, 1]);
+    assert_eq!(t.nodes[0].cpus, vec![0, 1]);
+    assert_eq!(t.nodes[1].cpus, vec![2, 3]);
+    assert_eq!(t.nodes[0].memory_total, 1_030_480 * 1024);
+    assert_eq!(t.nodes[0].memory_free, 995_868 * 1024);
+    assert!(t.nodes[1].memory_total > 900 << 20);
+    assert!(t.nodes.iter().all(|n| n.memory_free <= n.memory_total));
+    assert_eq!(t.distance(0, 0), Some(10));
+    assert_eq!(t.distance(0, 1), Some(21));
+    assert_eq!(t.distance(1, 0), Some(21));
+    assert_eq!(t.distance(0, 2), None);
+    assert_eq!(t.node_of_cpu(3), Some(1));
+    assert_eq!(t.node_of_cpu(4), None);
+    let sizes: Vec<u64> = t.nodes[0].huge_pages.iter().map(|h| h.page_bytes).collect();
+    assert_eq!(sizes, vec![2 << 20, 1 << 30]);
+    assert!(t.nodes[0]
+        .huge_pages
+        .iter()
+        .all(|h| h.total == 0 && h.free == 0));
+    assert!(t.pci_devices.is_empty(), "the capture holds no PCI bus");
+}
+
+#[test]
+fn three_node_capture_with_a_memory_only_node() {
+    let t = Topology::read(&unpack(
+        "3node-cpuless-sys-devices-system-node.tgz",
+        "three",
+    ))
+    .unwrap();
+    assert_eq!(t.node_ids(), vec![0, 1, 2]);
+    let n2 = t.node(2).unwrap();
+    assert!(n2.cpus.is_empty(), "node 2 has memory only");
+    assert_eq!(n2.memory_total, 983_908 * 1024);
+    assert_eq!(n2.memory_free, 966_288 * 1024);
+    assert_eq!(t.distance(0, 2), Some(31));
+    assert_eq!(t.distance(2, 1), Some(41));
+    assert_eq!(t.distance(1, 0), Some(21));
+    for n in &t.nodes {
+        assert_eq!(t.distance(n.id, n.id), Some(10));
+    }
+}
+
+#[test]
+fn a_damaged_tree_is_refused_naming_the_file() {
+    let root = unpack("2node-sys-devices-system-node.tgz", "damaged");
+    let distance = root.join("devices/system/node/node1/distance");
+    std::fs::write(&distance, "21 10 30\n").unwrap();
+    let err = Topology::read(&root).unwrap_err().to_string();
+    assert!(
+        err.contains("node1/distance") && err.contains("3 distances for 2 online nodes"),
+        "{err}"
+    );
+    std::fs::remove_file(root.join("devices/system/node/node0/meminfo")).unwrap();
+    let err = Topology::read(&root).unwrap_err().to_string();
+    assert!(err.contains("node0/meminfo"), "{err}");
+}
+
+#[test]
+fn this_host() {
+    let t = Topology::host().unwrap();
+    assert!(!t.nodes.is_empty());
+    let cpus: usize = t.nodes.iter().map(|n| n.cpus.len()).sum();
+    assert_eq!(cpus, std::thread::available_parallelism().unwrap().get());
+    // Every PCI device of this host is listed, each with its node or none.
+    let listed = std::fs::read_dir("/sys/bus/pci/devices").map_or(0, |d| d.count());
+    assert_eq!(t.pci_devices.len(), listed);
+    for d in &t.pci_devices {
+        assert!(d.numa_node.is_none_or(|n| t.node(n).is_some()), "{d:?}");
+    }
+}
