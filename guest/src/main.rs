@@ -29,6 +29,7 @@ mod entry;
 mod heartbeat;
 mod idt;
 mod mem;
+mod numa;
 mod paging;
 mod pci;
 mod shell;

@@ -105,6 +105,7 @@ fn execute(line: &str, work: &mut Workloads) {
         "echo" => println!("{}", line[4..].strip_prefix(' ').unwrap_or(&line[4..])),
         "mem" if no_more(args.clone(), cmd) => mem(),
         "cpus" if no_more(args.clone(), cmd) => cpus(),
+        "numa" if no_more(args.clone(), cmd) => crate::numa::command(),
         "tick" => {
             let Some(ms) = number(args.next(), "tick period (ms)") else {
                 return;
@@ -124,7 +125,7 @@ fn execute(line: &str, work: &mut Workloads) {
         "rng" => rng(args),
         "poweroff" if no_more(args.clone(), cmd) => crate::poweroff(),
         "help" if no_more(args.clone(), cmd) => help(),
-        "mem" | "cpus" | "poweroff" | "help" => {}
+        "mem" | "cpus" | "numa" | "poweroff" | "help" => {}
         _ => println!("err unknown command '{cmd}'"),
     }
 }
@@ -262,5 +263,5 @@ fn rng(mut args: core::str::SplitAsciiWhitespace) {
 }
 
 fn help() {
-    println!("commands: echo <text> | mem | cpus | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | rng <bytes> | poweroff | help");
+    println!("commands: echo <text> | mem | cpus | numa | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | rng <bytes> | poweroff | help");
 }

@@ -7,6 +7,7 @@ mod lifecycle;
 mod limits;
 mod linux;
 mod migration;
+mod numa;
 mod operator;
 mod robustness;
 mod shell;

@@ -151,6 +151,53 @@ pub struct VmConfig {
     /// Guest RAM in bytes: a multiple of 4 KiB, at least 32 MiB, at most what the host has.
     #[schema(minimum = 33554432, multiple_of = 4096)]
     pub memory_bytes: u64,
+    /// Guest NUMA nodes (`ray vm run --numa ...`); empty: one node, no binding. When
+    /// given, the nodes' memory adds up to `memory_bytes` and their CPUs cover every vCPU.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub numa: Vec<NumaNodeConfig>,
+}
+
+/// How a guest node's memory is placed on its host nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NumaPolicy {
+    /// Only on the host nodes: the guest gets no memory once they are full.
+    #[default]
+    Bind,
+    /// On the (first) host node while it has room, elsewhere after that: the policy for
+    /// overcommitted hosts.
+    Preferred,
+    /// Page by page round-robin over the host nodes.
+    Interleave,
+}
+
+impl NumaPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            NumaPolicy::Bind => "bind",
+            NumaPolicy::Preferred => "preferred",
+            NumaPolicy::Interleave => "interleave",
+        }
+    }
+}
+
+/// One guest NUMA node: its vCPUs, its memory, and the host nodes that hold it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NumaNodeConfig {
+    /// Guest node id (its SRAT proximity domain); nodes are numbered 0, 1, ...
+    pub node: u32,
+    /// The node's vCPUs; empty for a memory-only node.
+    #[serde(default)]
+    pub cpus: Vec<u8>,
+    /// The node's memory in bytes (whole 2 MiB pages); nodes are laid out in node order
+    /// from guest-physical 0, around the MMIO hole.
+    pub memory_bytes: u64,
+    /// Host nodes holding the memory and running the vCPUs; empty: chosen by the VMM.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_nodes: Vec<u32>,
+    #[serde(default)]
+    pub policy: NumaPolicy,
 }
 
 /// `PUT /vm/config` answer and `GET /vm` body.

@@ -5,8 +5,15 @@
 //! - [`topology`]: the host's nodes, their CPUs, memory, distances, huge pages, and which
 //!   node each PCI device sits on, read from sysfs under any root, so captures from real
 //!   multi-node kernels serve as test data.
+//! - [`placement`]: choosing host nodes for guest nodes (best fit by free memory, then
+//!   CPU load).
+//! - [`fixture`]: those captures, for tests.
+//! - [`sys`]: `mbind`, `move_pages` and thread affinity.
 
 pub mod cpulist;
+pub mod fixture;
+pub mod placement;
+pub mod sys;
 pub mod topology;
 
 pub use cpulist::{format_list, parse_list, ListError};

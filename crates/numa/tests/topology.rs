@@ -1,32 +1,17 @@
 //! Topology read from sysfs trees captured on real multi-node kernels (see fixtures/README.md)
 //! and from this host's own /sys.
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
+use ray_numa::fixture::{THREE_NODES_ONE_CPULESS, TWO_NODES};
 use ray_numa::Topology;
 
-/// Unpacks a fixture into a fresh directory of test `test`; returns the `sys` root inside it.
-fn unpack(name: &str, test: &str) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let dir = std::env::temp_dir().join(format!("ray-numa-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let st = Command::new("tar")
-        .arg("-xzf")
-        .arg(&src)
-        .arg("-C")
-        .arg(&dir)
-        .status()
-        .expect("tar runs");
-    assert!(st.success(), "tar -xzf {}", src.display());
-    dir.join("sys")
+fn unpack(name: &str, tag: &str) -> PathBuf {
+    ray_numa::fixture::unpack(name, tag).unwrap()
 }
 
 #[test]
 fn two_node_capture() {
-    let t = Topology::read(&unpack("2node-sys-devices-system-node.tgz", "two")).unwrap();
+    let t = Topology::read(&unpack(TWO_NODES, "two")).unwrap();
     assert_eq!(t.node_ids(), vec![0, 1]);
     assert_eq!(t.nodes[0].cpus, vec![0, 1]);
     assert_eq!(t.nodes[1].cpus, vec![2, 3]);
@@ -51,11 +36,7 @@ fn two_node_capture() {
 
 #[test]
 fn three_node_capture_with_a_memory_only_node() {
-    let t = Topology::read(&unpack(
-        "3node-cpuless-sys-devices-system-node.tgz",
-        "three",
-    ))
-    .unwrap();
+    let t = Topology::read(&unpack(THREE_NODES_ONE_CPULESS, "three")).unwrap();
     assert_eq!(t.node_ids(), vec![0, 1, 2]);
     let n2 = t.node(2).unwrap();
     assert!(n2.cpus.is_empty(), "node 2 has memory only");
@@ -71,7 +52,7 @@ fn three_node_capture_with_a_memory_only_node() {
 
 #[test]
 fn a_damaged_tree_is_refused_naming_the_file() {
-    let root = unpack("2node-sys-devices-system-node.tgz", "damaged");
+    let root = unpack(TWO_NODES, "damaged");
     let distance = root.join("devices/system/node/node1/distance");
     std::fs::write(&distance, "21 10 30\n").unwrap();
     let err = Topology::read(&root).unwrap_err().to_string();

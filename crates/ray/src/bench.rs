@@ -146,6 +146,7 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         cmdline: DEFAULT_GUEST_CMDLINE.into(),
         vcpus: a.vcpus,
         memory_bytes: a.memory,
+        numa: Vec::new(),
     };
     let cfg_json = serde_json::to_string(&cfg)?;
     let exe = std::env::current_exe()?;

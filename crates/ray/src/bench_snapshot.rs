@@ -213,6 +213,7 @@ pub fn run(a: &SnapshotBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         cmdline: DEFAULT_GUEST_CMDLINE.into(),
         vcpus: 1,
         memory_bytes: a.memory,
+        numa: Vec::new(),
     };
     let mut vmm = Command::new(&exe)
         .args([

@@ -2,6 +2,7 @@
 //! share (the per-VM API client, the runtime directory, exit codes, size parsing, output formats).
 pub mod client;
 pub mod exit;
+pub mod numa;
 pub mod output;
 pub mod runtime;
 pub mod sizes;

@@ -240,6 +240,7 @@ fn receive(runtime: &Path, a: &ReceiveArgs) -> anyhow::Result<()> {
         cmdline: String::new(),
         vcpus: a.vcpus.unwrap_or_default(),
         memory_bytes,
+        numa: Vec::new(),
     });
     if let Some(id) = &a.id {
         runtime::check_id(id).map_err(|e| coded(exit::INVALID, e))?;

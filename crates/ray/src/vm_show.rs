@@ -292,6 +292,7 @@ mod tests {
             cmdline: "console=ttyS0 x=\"y z\"".into(),
             vcpus: 3,
             memory_bytes: 256 << 20,
+            numa: Vec::new(),
         };
         let yaml = serde_yaml::to_string(&cfg).unwrap();
         assert_eq!(parse_config(&yaml, false).unwrap(), cfg);

@@ -41,6 +41,10 @@ pub enum ConfigError {
     InitrdMissing(PathBuf),
     #[error("{0}")]
     Boot(String),
+    #[error(transparent)]
+    Numa(#[from] crate::numa::NumaError),
+    #[error("cannot read this host's NUMA topology: {0}")]
+    Topology(String),
 }
 
 /// Total RAM of the host in bytes, from /proc/meminfo.
@@ -123,16 +127,29 @@ pub fn validate(config: &VmConfig, host_mem: u64) -> Result<BootSpec, ConfigErro
         cmdline: config.cmdline.clone(),
         vcpus: config.vcpus,
         mem_bytes: mem,
+        numa: guest_numa(config)?,
     };
     crate::boot::validate(&spec).map_err(|e| ConfigError::Boot(e.to_string()))?;
     Ok(spec)
 }
 
+/// The guest NUMA nodes of `config`, checked against this host's topology (read only
+/// when there are nodes).
+pub fn guest_numa(config: &VmConfig) -> Result<Option<crate::numa::GuestNuma>, ConfigError> {
+    if config.numa.is_empty() {
+        return Ok(None);
+    }
+    let topology = ray_numa::Topology::host().map_err(|e| ConfigError::Topology(e.to_string()))?;
+    Ok(crate::numa::plan(config, &topology)?)
+}
+
 /// The checks of [`validate`] but the files: vCPUs (against this VMM's limit and the
-/// host KVM's) and memory. Enough for a migration target, whose machine comes from the
-/// source's state rather than from a kernel.
+/// host KVM's), memory and guest NUMA nodes. Enough for a migration target, whose
+/// machine comes from the source's state rather than from a kernel.
 pub fn validate_shape(config: &VmConfig, host_mem: u64) -> Result<(), ConfigError> {
     check_vcpus(config.vcpus, host_kvm_limits())?;
+    // First: a binding to host nodes is more specific than the host's total memory.
+    guest_numa(config)?;
     let mem = config.memory_bytes;
     if !mem.is_multiple_of(PAGE) {
         return Err(ConfigError::MemoryUnaligned(mem));
@@ -174,6 +191,7 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             vcpus,
             memory_bytes,
+            numa: Vec::new(),
         }
     }
 

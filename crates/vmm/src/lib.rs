@@ -15,6 +15,7 @@ pub mod machine;
 pub mod memory;
 pub mod metrics;
 pub mod migration;
+pub mod numa;
 pub mod pci;
 pub mod prefault;
 pub mod snapshot;

@@ -82,6 +82,7 @@ fn snapshot_migration_and_display_consumers_each_see_every_change_since_their_ow
         cmdline: String::new(),
         vcpus: 1,
         mem_bytes: 64 << 20,
+        numa: None,
     };
     let sinks = ConsoleSinks {
         log: None,

@@ -31,6 +31,7 @@ fn config() -> VmConfig {
         cmdline: String::new(),
         vcpus: 1,
         memory_bytes: 64 << 20,
+        numa: Vec::new(),
     }
 }
 

@@ -1,0 +1,152 @@
+//! Guest NUMA on this (one-node) host: two guest nodes bound to host node 0, what the
+//! guest reads from the SRAT/SLIT, the memory policy and vCPU pinning the VMM applied,
+//! both again after a snapshot restore, and refusals of bindings that cannot work.
+use std::time::Duration;
+
+use ray_e2e::{Env, Vm};
+
+const READY: Duration = Duration::from_secs(20);
+const TWO_NODES: [&str; 6] = [
+    "--vcpus",
+    "2",
+    "--numa",
+    "node=0,cpus=0,memory=64M,host-node=0",
+    "--numa",
+    "node=1,cpus=1,memory=64M,host-node=0,policy=preferred",
+];
+
+/// The guest's `numa` output, line by line.
+fn guest_numa(vm: &mut Vm) -> Vec<String> {
+    vm.send("numa");
+    let mut lines = vec![vm.expect_line("numa nodes=", Duration::from_secs(5))];
+    for prefix in [
+        "numa node=0",
+        "numa node=1",
+        "numa distances node=0",
+        "numa distances node=1",
+    ] {
+        lines.push(vm.expect_line(prefix, Duration::from_secs(5)));
+    }
+    lines
+}
+
+/// The memory policies of the VMM's guest RAM mappings (`bind:0`, `prefer:0`, ...), from
+/// /proc/PID/numa_maps.
+fn guest_ram_policies(pid: u32) -> Vec<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/numa_maps")).unwrap();
+    maps.lines()
+        .filter(|l| l.contains("memfd:ray-guest-ram"))
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
+/// The CPUs each vCPU thread of VMM `pid` may run on, by thread name.
+fn vcpu_affinity(pid: u32, name: &str) -> String {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap()
+                .trim()
+                .to_string();
+        }
+    }
+    panic!("VMM {pid} has no thread {name}");
+}
+
+fn check_placement(vm: &mut Vm) {
+    assert_eq!(
+        guest_numa(vm),
+        vec![
+            "numa nodes=2",
+            "numa node=0 cpus=0 memory=67108864 ranges=0x0-0x4000000",
+            "numa node=1 cpus=1 memory=67108864 ranges=0x4000000-0x8000000",
+            // Both on host node 0 (distance 10): the SLIT says 20, as ACPI wants more
+            // than 10 between distinct nodes.
+            "numa distances node=0 10,20",
+            "numa distances node=1 20,10",
+        ]
+    );
+    let mut policies = guest_ram_policies(vm.pid);
+    policies.sort();
+    assert_eq!(
+        policies,
+        vec!["bind:0", "prefer:0"],
+        "one memfd mapping per node"
+    );
+    let node0 = std::fs::read_to_string("/sys/devices/system/node/node0/cpulist").unwrap();
+    for v in ["vcpu0", "vcpu1"] {
+        assert_eq!(vcpu_affinity(vm.pid, v), node0.trim(), "{v}");
+    }
+}
+
+#[test]
+fn two_guest_nodes_are_described_bound_and_pinned_and_survive_a_restore() {
+    let env = Env::new("numa-two");
+    let mut vm = env.boot(&TWO_NODES);
+    vm.expect_line("ready", READY);
+    check_placement(&mut vm);
+    let config = env.ray_ok(&["vm", "config", &vm.id, "-o", "json"]);
+    assert!(config.contains("\"host_nodes\""), "{config}");
+
+    // Memory in the second node's range holds what the guest wrote across a restore.
+    let before = vm.sum(0x400_0000, 1 << 20);
+    env.ray_ok(&["vm", "pause", &vm.id]);
+    let path = env.runtime.join("snap-numa");
+    let path = path.to_str().unwrap();
+    env.ray_ok(&["snapshot", "create", &vm.id, path]);
+    env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
+    let out = env.ray_ok(&[
+        "snapshot", "restore", path, "--id", "back", "--detach", "--json",
+    ]);
+    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
+    let mut back = env.attach("back", info.pid);
+    assert_eq!(back.sum(0x400_0000, 1 << 20), before);
+    check_placement(&mut back);
+}
+
+#[test]
+fn impossible_bindings_are_refused_before_anything_starts() {
+    let env = Env::new("numa-refused");
+    let refused = |args: &[&str], want: &str| {
+        let mut all = vec!["vm", "run", "--detach"];
+        all.extend_from_slice(args);
+        let out = env.ray(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(err.contains(want), "{args:?}: {err}");
+    };
+    refused(
+        &["--numa", "node=0,cpus=0,memory=64M,host-node=7"],
+        "guest node 0: host node 7 does not exist (this host's nodes: 0)",
+    );
+    refused(
+        &["--vcpus", "2", "--numa", "node=0,cpus=0-2,memory=64M"],
+        "guest node 0: vCPU 2 does not exist (the VM has vCPUs 0-1)",
+    );
+    refused(
+        &["--vcpus", "2", "--numa", "node=0,cpus=0,memory=64M"],
+        "vCPUs 1 are in no guest node",
+    );
+    refused(
+        &["--memory", "256M", "--numa", "node=0,cpus=0,memory=64M"],
+        "the guest nodes' memory adds up to 67108864 bytes, but the VM has 268435456",
+    );
+    refused(
+        &["--numa", "node=0,cpus=0,memory=1T,host-node=0"],
+        "bound to host nodes 0 do not fit",
+    );
+    refused(
+        &["--numa", "node=0,cpus=0,memory=64M,policy=fast"],
+        "policy 'fast'",
+    );
+    // Nothing was left behind by the refusals.
+    let vms = env.ray_ok(&["vm", "list", "-o", "json"]);
+    assert_eq!(vms.trim(), "[]", "{vms}");
+}
