@@ -112,6 +112,29 @@ fn two_guest_nodes_are_described_bound_and_pinned_and_survive_a_restore() {
 }
 
 #[test]
+fn nodes_without_a_host_node_are_placed_and_the_log_says_where() {
+    let env = Env::new("numa-auto");
+    let mut vm = env.boot(&[
+        "--numa",
+        "node=0,cpus=0,memory=64M",
+        "--numa",
+        "node=1,cpus=1,memory=64M,policy=interleave",
+    ]);
+    vm.expect_line("ready", READY);
+    let mut policies = guest_ram_policies(vm.pid);
+    policies.sort();
+    // The only host node takes both.
+    assert_eq!(policies, vec!["bind:0", "interleave:0"]);
+    let log = std::fs::read_to_string(vm.dir.join("vmm.log")).unwrap();
+    assert!(
+        log.contains("guest node 1: 67108864 bytes on host nodes 0 (interleave), vCPUs [1]"),
+        "{log}"
+    );
+    // The guest was told two nodes, whatever the host has.
+    assert_eq!(guest_numa(&mut vm)[0], "numa nodes=2");
+}
+
+#[test]
 fn impossible_bindings_are_refused_before_anything_starts() {
     let env = Env::new("numa-refused");
     let refused = |args: &[&str], want: &str| {
@@ -149,4 +172,45 @@ fn impossible_bindings_are_refused_before_anything_starts() {
     // Nothing was left behind by the refusals.
     let vms = env.ray_ok(&["vm", "list", "-o", "json"]);
     assert_eq!(vms.trim(), "[]", "{vms}");
+}
+
+#[test]
+fn a_migrated_vm_keeps_its_nodes_and_the_target_binds_them() {
+    let env = Env::new("numa-migrate");
+    let key = crate::migration::key_file(&env, "key", "a pre-shared key of some length");
+    let mut src = env.boot(&TWO_NODES);
+    src.expect_line("ready", READY);
+    let before = src.sum(0x400_0000, 1 << 20);
+    let sock = env.runtime.join("incoming.sock");
+    let listen = format!("unix:{}", sock.display());
+    // A target not told the VM's shape allocates the source's node-split layout.
+    let out = env.ray_ok(&[
+        "migrate",
+        "receive",
+        "--listen",
+        &listen,
+        "--key-file",
+        &key,
+        "--id",
+        "there",
+        "--json",
+    ]);
+    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
+    let mut dst = env.attach("there", info.pid);
+    env.ray_ok(&[
+        "migrate",
+        "start",
+        &src.id,
+        "--to",
+        &listen,
+        "--key-file",
+        &key,
+    ]);
+    dst.wait_for(
+        "the VM to run on the target",
+        Duration::from_secs(10),
+        |i| i.state == ray_api::vmm::VmStateName::Running,
+    );
+    assert_eq!(dst.sum(0x400_0000, 1 << 20), before);
+    check_placement(&mut dst);
 }

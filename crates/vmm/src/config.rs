@@ -133,14 +133,23 @@ pub fn validate(config: &VmConfig, host_mem: u64) -> Result<BootSpec, ConfigErro
     Ok(spec)
 }
 
+/// How long the host's CPU load is sampled to place guest nodes automatically.
+const LOAD_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The guest NUMA nodes of `config`, checked against this host's topology (read only
-/// when there are nodes).
+/// when there are nodes), with host nodes chosen for the nodes given none.
 pub fn guest_numa(config: &VmConfig) -> Result<Option<crate::numa::GuestNuma>, ConfigError> {
     if config.numa.is_empty() {
         return Ok(None);
     }
     let topology = ray_numa::Topology::host().map_err(|e| ConfigError::Topology(e.to_string()))?;
-    Ok(crate::numa::plan(config, &topology)?)
+    // CPU load matters only to nodes placed automatically: measure it only for them.
+    let load = if config.numa.iter().any(|n| n.host_nodes.is_empty()) {
+        ray_numa::placement::cpu_load(&topology, LOAD_WINDOW)
+    } else {
+        Vec::new()
+    };
+    Ok(crate::numa::plan(config, &topology, &load)?)
 }
 
 /// The checks of [`validate`] but the files: vCPUs (against this VMM's limit and the

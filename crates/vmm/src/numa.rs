@@ -64,6 +64,8 @@ pub enum NumaError {
     },
     #[error("guest node {node}: policy preferred takes one host node, got {host_nodes}")]
     PreferredMany { node: u32, host_nodes: String },
+    #[error("cannot place the guest nodes automatically: {0}")]
+    NoPlacement(String),
 }
 
 /// One guest node, checked.
@@ -88,12 +90,19 @@ pub struct GuestNuma {
 }
 
 /// Checks `config.numa` against the VM and the host `topology` before anything is
-/// allocated. `None`: the VM has no NUMA configuration (one node, unbound).
-pub fn plan(config: &VmConfig, topology: &Topology) -> Result<Option<GuestNuma>, NumaError> {
+/// allocated, and places guest nodes given no host node ([`place_unbound`], by free
+/// memory and `cpu_load`, each node's CPU busy share by node id). `None`: the VM has no
+/// NUMA configuration (one node, unbound).
+pub fn plan(
+    config: &VmConfig,
+    topology: &Topology,
+    cpu_load: &[f64],
+) -> Result<Option<GuestNuma>, NumaError> {
     if config.numa.is_empty() {
         return Ok(None);
     }
-    let mut cfg: Vec<&NumaNodeConfig> = config.numa.iter().collect();
+    let placed = place_unbound(config, topology, cpu_load)?;
+    let mut cfg: Vec<&NumaNodeConfig> = placed.iter().collect();
     cfg.sort_by_key(|n| n.node);
     if cfg.len() > MAX_GUEST_NODES {
         return Err(NumaError::TooManyNodes(cfg.len()));
@@ -155,6 +164,50 @@ pub fn plan(config: &VmConfig, topology: &Topology) -> Result<Option<GuestNuma>,
         .map(|a| nodes.iter().map(|b| distance(topology, a, b)).collect())
         .collect();
     Ok(Some(GuestNuma { nodes, distances }))
+}
+
+/// `config.numa` with a host node chosen for every guest node that has none: best fit by
+/// free memory, then CPU load ([`ray_numa::placement::place`]), after the memory of the
+/// nodes bound explicitly is taken from their host nodes' free memory.
+pub fn place_unbound(
+    config: &VmConfig,
+    topology: &Topology,
+    cpu_load: &[f64],
+) -> Result<Vec<NumaNodeConfig>, NumaError> {
+    let mut nodes = config.numa.clone();
+    let unbound: Vec<usize> = (0..nodes.len())
+        .filter(|&i| nodes[i].host_nodes.is_empty())
+        .collect();
+    if unbound.is_empty() {
+        return Ok(nodes);
+    }
+    let mut host = topology.clone();
+    for n in nodes.iter().filter(|n| !n.host_nodes.is_empty()) {
+        let share = n.memory_bytes / n.host_nodes.len() as u64;
+        for h in host
+            .nodes
+            .iter_mut()
+            .filter(|h| n.host_nodes.contains(&h.id))
+        {
+            h.memory_free = h.memory_free.saturating_sub(share);
+        }
+    }
+    let needs: Vec<ray_numa::placement::Need> = unbound
+        .iter()
+        .map(|&i| ray_numa::placement::Need {
+            memory_bytes: nodes[i].memory_bytes,
+            has_cpus: !nodes[i].cpus.is_empty(),
+        })
+        .collect();
+    let chosen = ray_numa::placement::place(&host, cpu_load, &needs).map_err(|e| {
+        let mut e = e;
+        e.node = nodes[unbound[e.node]].node as usize;
+        NumaError::NoPlacement(e.to_string())
+    })?;
+    for (&i, h) in unbound.iter().zip(chosen) {
+        nodes[i].host_nodes = vec![h];
+    }
+    Ok(nodes)
 }
 
 /// The host half of one guest node: its host nodes exist, have CPUs for its vCPUs, and
@@ -296,22 +349,46 @@ pub fn config_regions(config: &VmConfig) -> Vec<(GuestAddress, usize, usize)> {
     node_regions(&nodes.iter().map(|n| n.memory_bytes).collect::<Vec<_>>())
 }
 
-/// Places a restored or migrated-in `machine` of `config` on this host's nodes. The
-/// guest keeps the nodes it booted with whatever happens; a binding this host cannot
-/// honour (a host node it lacks, memory that does not fit) leaves the VM running
-/// unbound, with a warning in the VMM's log.
+/// Places a restored or migrated-in `machine` of `config` on this host's nodes: the
+/// host the VM runs on decides. Guest nodes without a host node are placed afresh; a
+/// binding this host cannot honour (a host node it lacks, memory that does not fit) is
+/// replaced by an automatic placement. The guest keeps the nodes it booted with whatever
+/// happens; if nothing fits, the VM runs unbound, with a warning in the VMM's log.
 pub fn place_restored(machine: &crate::machine::Machine, config: &VmConfig) {
     if config.numa.is_empty() {
         return;
     }
-    let placed = crate::config::guest_numa(config)
-        .map_err(|e| e.to_string())
-        .and_then(|numa| match numa {
-            Some(n) => machine.place(&n).map_err(|e| e.to_string()),
-            None => Ok(()),
-        });
-    if let Err(e) = placed {
-        tracing::warn!("the VM's guest NUMA binding does not fit this host ({e}); it runs unbound");
+    let numa = crate::config::guest_numa(config).or_else(|e| {
+        let mut auto = config.clone();
+        auto.numa.iter_mut().for_each(|n| n.host_nodes.clear());
+        tracing::info!("the VM's guest NUMA binding does not fit this host ({e}); placing it anew");
+        crate::config::guest_numa(&auto)
+    });
+    let placed = match numa {
+        Ok(Some(n)) => machine.place(&n).map(|()| n).map_err(|e| e.to_string()),
+        Ok(None) => return,
+        Err(e) => Err(e.to_string()),
+    };
+    match placed {
+        Ok(n) => log_placement(&n),
+        Err(e) => tracing::warn!(
+            "cannot place the VM's guest NUMA nodes on this host ({e}); it runs unbound"
+        ),
+    }
+}
+
+/// One log line per guest node: where it runs.
+pub fn log_placement(numa: &GuestNuma) {
+    for n in &numa.nodes {
+        tracing::info!(
+            "guest node {}: {} bytes on host nodes {} ({}), vCPUs {:?} on host CPUs {}",
+            n.id,
+            n.memory_bytes,
+            format_list(&n.host_nodes),
+            n.policy.name(),
+            n.cpus,
+            format_list(&n.host_cpus)
+        );
     }
 }
 
@@ -384,7 +461,7 @@ mod tests {
             4,
             vec![node(1, &[2, 3], 256, &[1]), node(0, &[0, 1], 256, &[0])],
         );
-        let p = plan(&cfg, &host).unwrap().unwrap();
+        let p = plan(&cfg, &host, &[]).unwrap().unwrap();
         assert_eq!(p.nodes[0].host_cpus, vec![0, 1]);
         assert_eq!(p.nodes[1].host_cpus, vec![2, 3]);
         assert_eq!(p.distances, vec![vec![10, 21], vec![21, 10]]);
@@ -400,13 +477,13 @@ mod tests {
             ]
         );
         assert_eq!(p.node_of((256 << 20) + 5), Some(1));
-        assert_eq!(plan(&vm(1, vec![]), &host), Ok(None));
+        assert_eq!(plan(&vm(1, vec![]), &host, &[]), Ok(None));
     }
 
     #[test]
     fn refusals_name_what_is_wrong() {
         let host = two_node_host("vmm-refusals");
-        let err = |cfg: VmConfig| plan(&cfg, &host).unwrap_err().to_string();
+        let err = |cfg: VmConfig| plan(&cfg, &host, &[]).unwrap_err().to_string();
         assert_eq!(
             err(vm(
                 2,
@@ -421,7 +498,10 @@ mod tests {
         );
         let mut preferred = node(0, &[0, 1], 2048, &[0]);
         preferred.policy = NumaPolicy::Preferred;
-        assert!(plan(&vm(2, vec![preferred]), &host).is_ok(), "overcommit");
+        assert!(
+            plan(&vm(2, vec![preferred]), &host, &[]).is_ok(),
+            "overcommit"
+        );
         assert_eq!(
             err(vm(2, vec![node(0, &[0, 2], 64, &[0])])),
             "guest node 0: vCPU 2 does not exist (the VM has vCPUs 0-1)"
@@ -447,14 +527,14 @@ mod tests {
         let mut odd = vm(1, vec![node(0, &[0], 64, &[0])]);
         odd.numa[0].memory_bytes += 4096;
         odd.memory_bytes += 4096;
-        assert!(plan(&odd, &host)
+        assert!(plan(&odd, &host, &[])
             .unwrap_err()
             .to_string()
             .contains("multiple of 2 MiB"));
         let mut short = vm(1, vec![node(0, &[0], 64, &[0])]);
         short.memory_bytes = 128 << 20;
         assert_eq!(
-            plan(&short, &host).unwrap_err(),
+            plan(&short, &host, &[]).unwrap_err(),
             NumaError::MemorySum {
                 sum: 64 << 20,
                 total: 128 << 20
@@ -469,17 +549,53 @@ mod tests {
         )
         .unwrap();
         let ok = vm(2, vec![node(0, &[0, 1], 64, &[0]), node(1, &[], 64, &[2])]);
-        let p = plan(&ok, &host).unwrap().unwrap();
+        let p = plan(&ok, &host, &[]).unwrap().unwrap();
         assert_eq!(p.distances[0][1], 31);
         assert!(p.nodes[1].host_cpus.is_empty());
         assert_eq!(
             plan(
                 &vm(2, vec![node(0, &[0], 64, &[0]), node(1, &[1], 64, &[2])]),
-                &host
+                &host,
+                &[]
             )
             .unwrap_err()
             .to_string(),
             "guest node 1: host nodes 2 have no CPUs to run its vCPUs 1"
+        );
+    }
+
+    #[test]
+    fn unbound_nodes_are_placed_by_free_memory_after_the_bound_ones() {
+        // Free: node 0 972 MiB, node 1 929 MiB.
+        let host = two_node_host("vmm-auto");
+        let auto = vm(
+            4,
+            vec![node(0, &[0, 1], 512, &[]), node(1, &[2, 3], 512, &[])],
+        );
+        let p = plan(&auto, &host, &[]).unwrap().unwrap();
+        let hosts: Vec<Vec<u32>> = p.nodes.iter().map(|n| n.host_nodes.clone()).collect();
+        // Best fit: the first goes where less is left over (node 1); both do not fit one.
+        assert_eq!(hosts, vec![vec![1], vec![0]]);
+        assert_eq!(p.nodes[1].host_cpus, vec![0, 1]);
+        // Bound memory counts: with node 1's 600 MiB bound there, 400 MiB fit node 0 only.
+        let mixed = vm(
+            4,
+            vec![node(0, &[0, 1], 400, &[]), node(1, &[2, 3], 600, &[1])],
+        );
+        let p = plan(&mixed, &host, &[]).unwrap().unwrap();
+        assert_eq!(p.nodes[0].host_nodes, vec![0]);
+        // Equal room: the less busy node's CPUs win.
+        let one = vm(2, vec![node(0, &[0, 1], 64, &[])]);
+        let mut even = host.clone();
+        even.nodes[1].memory_free = even.nodes[0].memory_free;
+        let on = |load: &[f64]| plan(&one, &even, load).unwrap().unwrap().nodes[0].host_nodes[0];
+        assert_eq!(on(&[0.8, 0.2]), 1);
+        assert_eq!(on(&[0.2, 0.8]), 0);
+        let too_big = vm(2, vec![node(0, &[0, 1], 2048, &[])]);
+        let err = plan(&too_big, &host, &[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("cannot place the guest nodes automatically: no host node has 2147483648 bytes free for guest node 0"),
+            "{err}"
         );
     }
 

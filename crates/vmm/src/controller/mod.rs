@@ -482,6 +482,9 @@ impl Controller {
         });
         let machine = Machine::boot(&spec, self.flavour, sinks, events)
             .map_err(|e| ControllerError::failed(format!("cannot start the VM: {e}")))?;
+        if let Some(numa) = &spec.numa {
+            crate::numa::log_placement(numa);
+        }
         self.machine = Some(machine);
         self.started = Some(Instant::now());
         self.apply(VmAction::Start, "api:start")?;
