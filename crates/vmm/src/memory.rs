@@ -9,9 +9,9 @@
 //! same fan-out. Snapshot, migration, devices and display see memory only through
 //! [`ray_memory::GuestMemory`], which the manager implements.
 //!
-//! Regions are the RAM layout's today; regions backed by their own memfds (one per guest
-//! NUMA node) and device regions (framebuffers) are further entries of the same layout, so
-//! callers do not change when they arrive.
+//! Regions are the RAM layout's, split at guest NUMA node boundaries, each node backed by
+//! its own memfd ([`MemoryManager::create_split`]); device regions (framebuffers) will be
+//! further entries of the same layout, so callers do not change when they arrive.
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
