@@ -80,6 +80,17 @@ fn check_placement(vm: &mut Vm) {
         vec!["bind:0", "prefer:0"],
         "one memfd mapping per node"
     );
+    // Both nodes' pages the guest touched are on host node 0 (the second node's first
+    // MiB is read here, so it has some).
+    vm.sum(0x400_0000, 1 << 20);
+    let status = vm.info().numa;
+    assert_eq!(status.len(), 2, "{status:?}");
+    for n in &status {
+        assert_eq!(n.host_nodes, vec![0], "{n:?}");
+        assert!(n.present_pages > 0 && n.sampled_pages <= 4096, "{n:?}");
+        assert_eq!(n.local_pages, n.present_pages, "{n:?}");
+        assert_eq!(n.locality, Some(1.0), "{n:?}");
+    }
     let node0 = std::fs::read_to_string("/sys/devices/system/node/node0/cpulist").unwrap();
     for v in ["vcpu0", "vcpu1"] {
         assert_eq!(vcpu_affinity(vm.pid, v), node0.trim(), "{v}");

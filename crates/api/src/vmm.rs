@@ -200,6 +200,29 @@ pub struct NumaNodeConfig {
     pub policy: NumaPolicy,
 }
 
+/// Where one guest NUMA node runs and how local its memory is (`GET /vm`, `numa`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NumaNodeStatus {
+    pub node: u32,
+    pub cpus: Vec<u8>,
+    pub memory_bytes: u64,
+    /// The host nodes its memory is bound to (given, or chosen by the VMM on this host);
+    /// empty: unbound.
+    pub host_nodes: Vec<u32>,
+    pub policy: NumaPolicy,
+    /// Host CPUs its vCPUs are pinned to; empty: unpinned.
+    pub host_cpus: Vec<u32>,
+    /// Pages of the node asked about (an even sample of at most 4096 pages).
+    pub sampled_pages: u64,
+    /// Of those, pages present (the guest touched them).
+    pub present_pages: u64,
+    /// Of the present ones, pages on one of `host_nodes`.
+    pub local_pages: u64,
+    /// `local_pages / present_pages`; absent when nothing is present or the node is unbound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<f64>,
+}
+
 /// `PUT /vm/config` answer and `GET /vm` body.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VmInfo {
@@ -222,6 +245,9 @@ pub struct VmInfo {
     /// incremental snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_snapshot: Option<String>,
+    /// The guest NUMA nodes of a running VM with `numa` configured: placement and locality.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub numa: Vec<NumaNodeStatus>,
     /// The loopback TCP address this API is also served on (`ray vm run --api-tcp`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_tcp: Option<String>,

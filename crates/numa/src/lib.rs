@@ -7,11 +7,13 @@
 //!   multi-node kernels serve as test data.
 //! - [`placement`]: choosing host nodes for guest nodes (best fit by free memory, then
 //!   CPU load).
+//! - [`locality`]: which nodes a range's pages are on (a `move_pages` sample).
 //! - [`fixture`]: those captures, for tests.
 //! - [`sys`]: `mbind`, `move_pages` and thread affinity.
 
 pub mod cpulist;
 pub mod fixture;
+pub mod locality;
 pub mod placement;
 pub mod sys;
 pub mod topology;

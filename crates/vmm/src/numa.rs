@@ -354,9 +354,10 @@ pub fn config_regions(config: &VmConfig) -> Vec<(GuestAddress, usize, usize)> {
 /// binding this host cannot honour (a host node it lacks, memory that does not fit) is
 /// replaced by an automatic placement. The guest keeps the nodes it booted with whatever
 /// happens; if nothing fits, the VM runs unbound, with a warning in the VMM's log.
-pub fn place_restored(machine: &crate::machine::Machine, config: &VmConfig) {
+/// Returns where the nodes went (`None`: no NUMA, or unbound).
+pub fn place_restored(machine: &crate::machine::Machine, config: &VmConfig) -> Option<GuestNuma> {
     if config.numa.is_empty() {
-        return;
+        return None;
     }
     let numa = crate::config::guest_numa(config).or_else(|e| {
         let mut auto = config.clone();
@@ -366,14 +367,20 @@ pub fn place_restored(machine: &crate::machine::Machine, config: &VmConfig) {
     });
     let placed = match numa {
         Ok(Some(n)) => machine.place(&n).map(|()| n).map_err(|e| e.to_string()),
-        Ok(None) => return,
+        Ok(None) => return None,
         Err(e) => Err(e.to_string()),
     };
     match placed {
-        Ok(n) => log_placement(&n),
-        Err(e) => tracing::warn!(
-            "cannot place the VM's guest NUMA nodes on this host ({e}); it runs unbound"
-        ),
+        Ok(n) => {
+            log_placement(&n);
+            Some(n)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "cannot place the VM's guest NUMA nodes on this host ({e}); it runs unbound"
+            );
+            None
+        }
     }
 }
 
@@ -390,6 +397,51 @@ pub fn log_placement(numa: &GuestNuma) {
             format_list(&n.host_cpus)
         );
     }
+}
+
+/// Pages sampled per guest node for its locality.
+pub const LOCALITY_SAMPLES: usize = 4096;
+
+/// Each guest node's placement and the share of its present pages that are on its host
+/// nodes (a `move_pages` sample of [`LOCALITY_SAMPLES`] pages per node).
+pub fn status(memory: &MemoryManager, numa: &GuestNuma) -> Vec<ray_api::vmm::NumaNodeStatus> {
+    numa.nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let mut seen = ray_numa::locality::Residency::default();
+            let slots: Vec<(u64, u64)> = memory
+                .slots()
+                .filter(|s| numa.node_of(s.0) == Some(i))
+                .map(|s| (s.1, s.2))
+                .collect();
+            let total: u64 = slots.iter().map(|s| s.1).sum::<u64>().max(1);
+            for (host, len) in slots {
+                let share = (LOCALITY_SAMPLES as u64 * len).div_ceil(total) as usize;
+                let at = host as *mut u8;
+                // SAFETY: [host, host + len) is guest memory `memory` keeps mapped;
+                // move_pages only reports where its pages are.
+                let sample = unsafe { ray_numa::locality::residency(at, len as usize, share) };
+                if let Ok(r) = sample {
+                    seen.merge(&r);
+                }
+            }
+            let local = seen.on(&n.host_nodes);
+            ray_api::vmm::NumaNodeStatus {
+                node: n.id,
+                cpus: n.cpus.clone(),
+                memory_bytes: n.memory_bytes,
+                host_nodes: n.host_nodes.clone(),
+                policy: n.policy,
+                host_cpus: n.host_cpus.clone(),
+                sampled_pages: seen.sampled,
+                present_pages: seen.present,
+                local_pages: local,
+                locality: (seen.present > 0 && !n.host_nodes.is_empty())
+                    .then(|| local as f64 / seen.present as f64),
+            }
+        })
+        .collect()
 }
 
 /// Binds each node's memory in `memory` to its host nodes (nothing for unbound nodes).

@@ -464,7 +464,7 @@ impl Controller {
         });
         let machine =
             Machine::restore_on(vm, &st.machine, sinks, events).map_err(|e| e.to_string())?;
-        crate::numa::place_restored(&machine, &st.config);
+        self.numa = crate::numa::place_restored(&machine, &st.config);
         self.machine = Some(machine);
         self.config = Some(st.config);
         self.started = Instant::now().checked_sub(Duration::from_millis(st.uptime_ms));

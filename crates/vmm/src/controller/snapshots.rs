@@ -219,7 +219,7 @@ impl Controller {
         });
         let mut machine = Machine::restore(shell, memory, &loaded.state, sinks, events)
             .map_err(|e| failed(e.to_string()))?;
-        crate::numa::place_restored(&machine, &loaded.config);
+        self.numa = crate::numa::place_restored(&machine, &loaded.config);
         crate::startup::mark(crate::startup::Mark::Running);
         // Pages written from here on are what an incremental snapshot on top holds.
         let owed = self.suspended_owed.take();
