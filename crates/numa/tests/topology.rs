@@ -70,7 +70,8 @@ fn this_host() {
     let t = Topology::host().unwrap();
     assert!(!t.nodes.is_empty());
     let cpus: usize = t.nodes.iter().map(|n| n.cpus.len()).sum();
-    assert_eq!(cpus, std::thread::available_parallelism().unwrap().get());
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    assert_eq!(cpus, ray_numa::parse_list("cpus", &online).unwrap().len());
     // Every PCI device of this host is listed, each with its node or none.
     let listed = std::fs::read_dir("/sys/bus/pci/devices").map_or(0, |d| d.count());
     assert_eq!(t.pci_devices.len(), listed);
