@@ -8,6 +8,8 @@
 //! - [`placement`]: choosing host nodes for guest nodes (best fit by free memory, then
 //!   CPU load).
 //! - [`locality`]: which nodes a range's pages are on (a `move_pages` sample).
+//! - [`policy`]: the access-driven page migration policy, a pure function with a
+//!   decision log.
 //! - [`fixture`]: those captures, for tests.
 //! - [`sys`]: `mbind`, `move_pages` and thread affinity.
 
@@ -15,6 +17,7 @@ pub mod cpulist;
 pub mod fixture;
 pub mod locality;
 pub mod placement;
+pub mod policy;
 pub mod sys;
 pub mod topology;
 
