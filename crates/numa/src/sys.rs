@@ -117,6 +117,33 @@ pub unsafe fn move_pages(pages: &[*mut u8], to: Option<&[i32]>) -> io::Result<Ve
     Ok(status)
 }
 
+/// Moves `pages` to `node`, retrying up to `attempts` times those the kernel reports busy
+/// (`-EBUSY`, `-EAGAIN`: a page locked or in flight at that moment, which a real run meets
+/// now and then). Returns each page's final status.
+///
+/// # Safety
+/// As for [`move_pages`].
+pub unsafe fn move_to(pages: &[*mut u8], node: i32, attempts: u32) -> io::Result<Vec<PageStatus>> {
+    let to = vec![node; pages.len()];
+    // SAFETY: the caller's pages (see `# Safety`).
+    let mut status = unsafe { move_pages(pages, Some(&to)) }?;
+    for _ in 1..attempts.max(1) {
+        let busy: Vec<usize> = (0..status.len())
+            .filter(|&i| status[i] == -libc::EBUSY || status[i] == -libc::EAGAIN)
+            .collect();
+        if busy.is_empty() {
+            break;
+        }
+        let again: Vec<*mut u8> = busy.iter().map(|&i| pages[i]).collect();
+        // SAFETY: a subset of the caller's pages.
+        let st = unsafe { move_pages(&again, Some(&to[..again.len()])) }?;
+        for (k, &i) in busy.iter().enumerate() {
+            status[i] = st[k];
+        }
+    }
+    Ok(status)
+}
+
 /// Restricts thread `thread` to `cpus`.
 pub fn set_affinity(thread: libc::pthread_t, cpus: &[u32]) -> io::Result<()> {
     // SAFETY: cpu_set_t is plain bits; all zeros is the empty set.
@@ -227,6 +254,9 @@ mod tests {
         }
         // SAFETY: as above.
         let moved = unsafe { move_pages(&m.pages(), Some(&[0; 16])) }.unwrap();
+        assert!(moved.iter().all(|&s| s == 0), "{moved:?}");
+        // SAFETY: as above.
+        let moved = unsafe { move_to(&m.pages(), 0, 3) }.unwrap();
         assert!(moved.iter().all(|&s| s == 0), "{moved:?}");
     }
 
