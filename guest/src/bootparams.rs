@@ -9,6 +9,7 @@ const E820_MAX: usize = 128;
 const CMD_LINE_PTR: u64 = 0x228;
 const EXT_CMD_LINE_PTR: u64 = 0x0c8;
 const CMDLINE_MAX: usize = 2048;
+const ACPI_RSDP_ADDR: u64 = 0x070;
 
 pub const E820_USABLE: u32 = 1;
 
@@ -30,9 +31,15 @@ pub struct BootInfo {
     e820_len: usize,
     cmdline: [u8; CMDLINE_MAX],
     cmdline_len: usize,
+    rsdp: u64,
 }
 
 impl BootInfo {
+    /// The ACPI RSDP's guest-physical address (0: the VMM gave none).
+    pub fn rsdp(&self) -> u64 {
+        self.rsdp
+    }
+
     pub fn e820(&self) -> &[E820Entry] {
         &self.e820[..self.e820_len]
     }
@@ -80,6 +87,7 @@ static BOOT_INFO: BootInfoCell = BootInfoCell(UnsafeCell::new(BootInfo {
     e820_len: 0,
     cmdline: [0; CMDLINE_MAX],
     cmdline_len: 0,
+    rsdp: 0,
 }));
 
 /// Read a little-endian value of `N` bytes at guest-physical `addr`.
@@ -111,6 +119,8 @@ pub fn parse(zero_page: u64) -> &'static BootInfo {
             };
             info.e820_len += 1;
         }
+        // SAFETY: the field lies inside the zero page.
+        info.rsdp = u64::from_le_bytes(unsafe { read::<8>(zero_page + ACPI_RSDP_ADDR) });
         // SAFETY: both fields lie inside the zero page.
         let (lo, hi) = unsafe {
             (

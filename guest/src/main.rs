@@ -31,6 +31,7 @@ mod entry;
 mod heartbeat;
 mod idt;
 mod mem;
+mod numa;
 mod paging;
 mod pci;
 mod shell;

@@ -105,6 +105,7 @@ fn execute(line: &str, work: &mut Workloads) {
         "echo" => println!("{}", line[4..].strip_prefix(' ').unwrap_or(&line[4..])),
         "mem" if no_more(args.clone(), cmd) => mem(),
         "cpus" if no_more(args.clone(), cmd) => cpus(),
+        "numa" if no_more(args.clone(), cmd) => crate::numa::command(),
         "tick" => {
             let Some(ms) = number(args.next(), "tick period (ms)") else {
                 return;
@@ -126,7 +127,7 @@ fn execute(line: &str, work: &mut Workloads) {
         "net" => net(args),
         "poweroff" if no_more(args.clone(), cmd) => crate::poweroff(),
         "help" if no_more(args.clone(), cmd) => help(),
-        "mem" | "cpus" | "poweroff" | "help" => {}
+        "mem" | "cpus" | "numa" | "poweroff" | "help" => {}
         _ => println!("err unknown command '{cmd}'"),
     }
 }
@@ -354,5 +355,5 @@ fn net(mut args: core::str::SplitAsciiWhitespace) {
 }
 
 fn help() {
-    println!("commands: echo <text> | mem | cpus | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | poweroff | help");
+    println!("commands: echo <text> | mem | cpus | numa | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | poweroff | help");
 }

@@ -56,3 +56,34 @@ fn debian_kernel_early_log_shows_our_cmdline_memory_map_and_tables() {
     let madt = vm.expect_kernel_line("ACPI: APIC ", slow);
     eprintln!("{madt}");
 }
+
+#[test]
+fn debian_kernel_reads_our_srat_and_slit() {
+    let env = Env::new("linux-numa");
+    let kernel = debian_vmlinux().display().to_string();
+    let mut vm = env.boot(&[
+        "--kernel",
+        &kernel,
+        "--cmdline",
+        "earlyprintk=serial,ttyS0,115200 console=ttyS0 noxsave nokaslr",
+        "--numa",
+        "node=0,cpus=0,memory=64M",
+        "--numa",
+        "node=1,cpus=1,memory=64M",
+    ]);
+    let slow = Duration::from_secs(600);
+    for table in [
+        "ACPI: SRAT 0x00000000000E1000",
+        "ACPI: SLIT 0x00000000000E3000",
+    ] {
+        eprintln!("{}", vm.expect_kernel_line(table, slow));
+    }
+    for want in [
+        "SRAT: PXM 0 -> APIC 0x00 -> Node 0",
+        "SRAT: PXM 1 -> APIC 0x01 -> Node 1",
+        "ACPI: SRAT: Node 0 PXM 0 [mem 0x00000000-0x03ffffff]",
+        "ACPI: SRAT: Node 1 PXM 1 [mem 0x04000000-0x07ffffff]",
+    ] {
+        assert_eq!(vm.expect_kernel_line(want, slow), want);
+    }
+}

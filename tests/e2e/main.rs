@@ -10,6 +10,7 @@ mod limits;
 mod linux;
 mod migration;
 mod net;
+mod numa;
 mod operator;
 mod robustness;
 mod shell;

@@ -123,7 +123,7 @@ impl Drop for Net {
     }
 }
 
-fn key_file(env: &Env, name: &str, secret: &str) -> String {
+pub(crate) fn key_file(env: &Env, name: &str, secret: &str) -> String {
     let path = env.runtime.join(name);
     std::fs::write(&path, secret).unwrap();
     path.display().to_string()

@@ -154,6 +154,10 @@ pub struct VmConfig {
     /// Paravirtual devices (virtio over PCI). Omitted: the defaults (virtio-rng only).
     #[serde(default, skip_serializing_if = "DevicesConfig::is_default")]
     pub devices: DevicesConfig,
+    /// Guest NUMA nodes (`ray vm run --numa ...`); empty: one node, no binding. When
+    /// given, the nodes' memory adds up to `memory_bytes` and their CPUs cover every vCPU.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub numa: Vec<NumaNodeConfig>,
 }
 
 /// The VM's virtio devices. Each kind is one field; a snapshot or migration carries the
@@ -213,10 +217,76 @@ impl Default for DevicesConfig {
     }
 }
 
+/// How a guest node's memory is placed on its host nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NumaPolicy {
+    /// Only on the host nodes: the guest gets no memory once they are full.
+    #[default]
+    Bind,
+    /// On the (first) host node while it has room, elsewhere after that: the policy for
+    /// overcommitted hosts.
+    Preferred,
+    /// Page by page round-robin over the host nodes.
+    Interleave,
+}
+
+impl NumaPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            NumaPolicy::Bind => "bind",
+            NumaPolicy::Preferred => "preferred",
+            NumaPolicy::Interleave => "interleave",
+        }
+    }
+}
+
 impl DevicesConfig {
     pub fn is_default(&self) -> bool {
         *self == Self::default()
     }
+}
+
+/// One guest NUMA node: its vCPUs, its memory, and the host nodes that hold it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NumaNodeConfig {
+    /// Guest node id (its SRAT proximity domain); nodes are numbered 0, 1, ...
+    pub node: u32,
+    /// The node's vCPUs; empty for a memory-only node.
+    #[serde(default)]
+    pub cpus: Vec<u8>,
+    /// The node's memory in bytes (whole 2 MiB pages); nodes are laid out in node order
+    /// from guest-physical 0, around the MMIO hole.
+    pub memory_bytes: u64,
+    /// Host nodes holding the memory and running the vCPUs; empty: chosen by the VMM.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_nodes: Vec<u32>,
+    #[serde(default)]
+    pub policy: NumaPolicy,
+}
+
+/// Where one guest NUMA node runs and how local its memory is (`GET /vm`, `numa`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NumaNodeStatus {
+    pub node: u32,
+    pub cpus: Vec<u8>,
+    pub memory_bytes: u64,
+    /// The host nodes its memory is bound to (given, or chosen by the VMM on this host);
+    /// empty: unbound.
+    pub host_nodes: Vec<u32>,
+    pub policy: NumaPolicy,
+    /// Host CPUs its vCPUs are pinned to; empty: unpinned.
+    pub host_cpus: Vec<u32>,
+    /// Pages of the node asked about (an even sample of at most 4096 pages).
+    pub sampled_pages: u64,
+    /// Of those, pages present (the guest touched them).
+    pub present_pages: u64,
+    /// Of the present ones, pages on one of `host_nodes`.
+    pub local_pages: u64,
+    /// `local_pages / present_pages`; absent when nothing is present or the node is unbound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<f64>,
 }
 
 /// `PUT /vm/config` answer and `GET /vm` body.
@@ -241,6 +311,9 @@ pub struct VmInfo {
     /// incremental snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_snapshot: Option<String>,
+    /// The guest NUMA nodes of a running VM with `numa` configured: placement and locality.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub numa: Vec<NumaNodeStatus>,
     /// The loopback TCP address this API is also served on (`ray vm run --api-tcp`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_tcp: Option<String>,

@@ -19,6 +19,8 @@
 //! This crate is `no_std` and has no dependencies: the guest links it too.
 #![no_std]
 
+pub mod acpi_numa;
+
 /// Guest-physical (and guest-virtual: the guest maps memory 1:1) address the guest ELF is
 /// linked at. The heartbeat page is the first page of the image.
 pub const IMAGE_BASE: u64 = 0x10_0000;

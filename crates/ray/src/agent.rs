@@ -77,6 +77,7 @@ fn vm_config(spec: &VmSpec) -> anyhow::Result<VmConfig> {
         vcpus: spec.vcpus,
         memory_bytes: spec.memory_mib << 20,
         devices: Default::default(),
+        numa: Vec::new(),
     };
     ray_vmm::config::validate(&cfg, ray_vmm::config::host_memory())
         .map_err(|e| anyhow::anyhow!("invalid VM configuration: {e}"))?;

@@ -250,6 +250,7 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         vcpus: a.vcpus,
         memory_bytes: a.memory,
         devices: Default::default(),
+        numa: Vec::new(),
     };
     let cfg_json = serde_json::to_string(&cfg)?;
     let bar = (!a.json).then(|| {

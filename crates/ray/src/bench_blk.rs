@@ -290,6 +290,7 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         cmdline: DEFAULT_GUEST_CMDLINE.into(),
         vcpus: 1,
         memory_bytes: 256 << 20,
+        numa: Vec::new(),
         devices: DevicesConfig {
             rng: false,
             disks: vec![DiskConfig {

@@ -115,6 +115,7 @@ pub fn run(a: &IdleBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 vcpus: a.vcpus,
                 memory_bytes: 128 << 20,
                 devices: Default::default(),
+                numa: Vec::new(),
             };
             let id = format!("bench-idle-{}-{run}-{mode}", std::process::id());
             let vmm = BenchVmm::start(runtime, &id, &serde_json::to_string(&cfg)?)

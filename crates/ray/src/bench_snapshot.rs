@@ -214,6 +214,7 @@ pub fn run(a: &SnapshotBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         vcpus: 1,
         memory_bytes: a.memory,
         devices: Default::default(),
+        numa: Vec::new(),
     };
     let mut vmm = Command::new(&exe)
         .args([

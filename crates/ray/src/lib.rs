@@ -4,6 +4,7 @@ pub mod client;
 pub mod disks;
 pub mod exit;
 pub mod netns;
+pub mod numa;
 pub mod output;
 pub mod runtime;
 pub mod sizes;

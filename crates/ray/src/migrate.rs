@@ -241,6 +241,7 @@ fn receive(runtime: &Path, a: &ReceiveArgs) -> anyhow::Result<()> {
         vcpus: a.vcpus.unwrap_or_default(),
         memory_bytes,
         devices: Default::default(),
+        numa: Vec::new(),
     });
     if let Some(id) = &a.id {
         runtime::check_id(id).map_err(|e| coded(exit::INVALID, e))?;

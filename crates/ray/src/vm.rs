@@ -77,7 +77,7 @@ pub struct RunArgs {
         short = 'f',
         long = "file",
         value_name = "FILE",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net", "numa"]
     )]
     pub file: Option<PathBuf>,
     /// Kernel to boot (ELF vmlinux or bzImage). Default: rayvisor's own guest.
@@ -89,12 +89,12 @@ pub struct RunArgs {
     /// Kernel command line. Default for rayvisor's guest: "console=ttyS0 ray.poll_ms=0".
     #[arg(long)]
     pub cmdline: Option<String>,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u8,
-    /// Guest memory, e.g. 128M or 2G.
-    #[arg(long, default_value = "128M", value_parser = ray::sizes::parse_memory)]
-    pub memory: u64,
+    /// Number of vCPUs. Default: 1, or as many as the --numa nodes list.
+    #[arg(long)]
+    pub vcpus: Option<u8>,
+    /// Guest memory, e.g. 128M or 2G. Default: 128M, or the --numa nodes' sum.
+    #[arg(long, value_parser = ray::sizes::parse_memory)]
+    pub memory: Option<u64>,
     /// Leave out the virtio-rng device (present by default).
     #[arg(long)]
     pub no_rng: bool,
@@ -107,6 +107,12 @@ pub struct RunArgs {
     /// opened inside that namespace (/run/netns/NS).
     #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
     pub net: Vec<ray_api::net::NetConfig>,
+    /// A guest NUMA node (repeat for each): `node=0,cpus=0-1,memory=512M,host-node=0,
+    /// policy=bind`. cpus: its vCPUs (none: memory only); host-node: the host nodes that
+    /// hold its memory and run its vCPUs (none: chosen for it); policy: bind (only there),
+    /// preferred (there while it has room: for overcommitted hosts) or interleave.
+    #[arg(long, value_name = "NODE", value_parser = ray::numa::parse_numa_node)]
+    pub numa: Vec<ray_api::vmm::NumaNodeConfig>,
     /// VM id (default: generated).
     #[arg(long)]
     pub id: Option<String>,
@@ -210,6 +216,8 @@ pub fn default_guest() -> anyhow::Result<PathBuf> {
 fn parse_net(arg: &str) -> Result<ray_api::net::NetConfig, String> {
     ray_api::net::NetConfig::parse(arg)
 }
+/// Guest memory when neither --memory nor --numa says.
+const DEFAULT_MEMORY: u64 = 128 << 20;
 
 pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     if let Some(file) = &args.file {
@@ -226,8 +234,15 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
             .cmdline
             .clone()
             .unwrap_or_else(|| default_cmdline.into()),
-        vcpus: args.vcpus,
-        memory_bytes: args.memory,
+        vcpus: args.vcpus.unwrap_or_else(|| {
+            let listed: usize = args.numa.iter().map(|n| n.cpus.len()).sum();
+            u8::try_from(listed).unwrap_or(u8::MAX).max(1)
+        }),
+        memory_bytes: args.memory.unwrap_or_else(|| match args.numa.is_empty() {
+            true => DEFAULT_MEMORY,
+            false => args.numa.iter().map(|n| n.memory_bytes).sum(),
+        }),
+        numa: args.numa.clone(),
         devices: DevicesConfig {
             rng: !args.no_rng,
             disks: {

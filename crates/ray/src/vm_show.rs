@@ -293,6 +293,7 @@ mod tests {
             vcpus: 3,
             memory_bytes: 256 << 20,
             devices: Default::default(),
+            numa: Vec::new(),
         };
         let yaml = serde_yaml::to_string(&cfg).unwrap();
         assert_eq!(parse_config(&yaml, false).unwrap(), cfg);

@@ -45,6 +45,10 @@ pub enum ConfigError {
     Disk { id: String, why: String },
     #[error("devices.net[{index}]: {why}")]
     Net { index: usize, why: String },
+    #[error(transparent)]
+    Numa(#[from] crate::numa::NumaError),
+    #[error("cannot read this host's NUMA topology: {0}")]
+    Topology(String),
 }
 
 /// Checks the disks of `devices`: ids unique and usable as serials, files present with a
@@ -166,20 +170,42 @@ pub fn validate(config: &VmConfig, host_mem: u64) -> Result<BootSpec, ConfigErro
         vcpus: config.vcpus,
         mem_bytes: mem,
         devices: config.devices.clone(),
+        numa: guest_numa(config)?,
     };
     crate::boot::validate(&spec).map_err(|e| ConfigError::Boot(e.to_string()))?;
     Ok(spec)
 }
 
+/// How long the host's CPU load is sampled to place guest nodes automatically.
+const LOAD_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The guest NUMA nodes of `config`, checked against this host's topology (read only
+/// when there are nodes), with host nodes chosen for the nodes given none.
+pub fn guest_numa(config: &VmConfig) -> Result<Option<crate::numa::GuestNuma>, ConfigError> {
+    if config.numa.is_empty() {
+        return Ok(None);
+    }
+    let topology = ray_numa::Topology::host().map_err(|e| ConfigError::Topology(e.to_string()))?;
+    // CPU load matters only to nodes placed automatically: measure it only for them.
+    let load = if config.numa.iter().any(|n| n.host_nodes.is_empty()) {
+        ray_numa::placement::cpu_load(&topology, LOAD_WINDOW)
+    } else {
+        Vec::new()
+    };
+    Ok(crate::numa::plan(config, &topology, &load)?)
+}
+
 /// The checks of [`validate`] but the files: vCPUs (against this VMM's limit and the
-/// host KVM's) and memory. Enough for a migration target, whose machine comes from the
-/// source's state rather than from a kernel.
+/// host KVM's), memory and guest NUMA nodes. Enough for a migration target, whose
+/// machine comes from the source's state rather than from a kernel.
 pub fn validate_shape(config: &VmConfig, host_mem: u64) -> Result<(), ConfigError> {
     check_vcpus(config.vcpus, host_kvm_limits())?;
     for (index, net) in config.devices.net.iter().enumerate() {
         net.validate()
             .map_err(|why| ConfigError::Net { index, why })?;
     }
+    // First: a binding to host nodes is more specific than the host's total memory.
+    guest_numa(config)?;
     let mem = config.memory_bytes;
     if !mem.is_multiple_of(PAGE) {
         return Err(ConfigError::MemoryUnaligned(mem));
@@ -222,6 +248,7 @@ mod tests {
             vcpus,
             memory_bytes,
             devices: Default::default(),
+            numa: Vec::new(),
         }
     }
 

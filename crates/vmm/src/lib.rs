@@ -16,6 +16,7 @@ pub mod memory;
 pub mod metrics;
 pub mod migration;
 pub mod net;
+pub mod numa;
 pub mod pci;
 pub mod prefault;
 pub mod snapshot;

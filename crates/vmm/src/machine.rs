@@ -40,6 +40,8 @@ pub enum BuildError {
     Features(#[source] vm_memory::GuestMemoryError),
     #[error(transparent)]
     Pci(#[from] PciError),
+    #[error("guest NUMA: {0}")]
+    Numa(#[source] std::io::Error),
 }
 
 /// Everything of a paused machine except guest memory: what a snapshot or a migration
@@ -94,8 +96,14 @@ impl Machine {
         sinks: ConsoleSinks,
         events: EventSink,
     ) -> Result<Machine, BuildError> {
-        let regions = boot::layout::ram_regions(spec.mem_bytes);
-        let memory = MemoryManager::create(&regions)?;
+        let regions = match &spec.numa {
+            Some(numa) => numa.regions(),
+            None => crate::numa::node_regions(&[spec.mem_bytes]),
+        };
+        let memory = MemoryManager::create_split(&regions)?;
+        if let Some(numa) = &spec.numa {
+            crate::numa::bind_memory(&memory, numa).map_err(BuildError::Numa)?;
+        }
         let image = boot::load(memory.ram(), spec)?;
         // Linux guests keep the PIT (they calibrate and may tick with it); rayvisor's guest
         // (its ELF note) never uses it.
@@ -116,7 +124,33 @@ impl Machine {
         let fds = (0..spec.vcpus)
             .map(|i| vcpu::create(&vm, i, spec.vcpus, &image))
             .collect::<Result<Vec<_>, _>>()?;
-        Machine::start(vm, bus, pci, fds, events)
+        let machine = Machine::start(vm, bus, pci, fds, events)?;
+        if let Some(numa) = &spec.numa {
+            machine.pin_vcpus(numa)?;
+        }
+        Ok(machine)
+    }
+
+    /// Places a restored or migrated-in machine on this host's nodes: binds each guest
+    /// node's memory (moving pages already present) and pins its vCPUs.
+    pub fn place(&self, numa: &crate::numa::GuestNuma) -> Result<(), BuildError> {
+        crate::numa::bind_memory(&self.vm.memory, numa).map_err(BuildError::Numa)?;
+        self.pin_vcpus(numa)
+    }
+
+    /// Pins each vCPU's thread to the host CPUs of its guest NUMA node (vCPUs of unbound
+    /// nodes keep every CPU).
+    pub fn pin_vcpus(&self, numa: &crate::numa::GuestNuma) -> Result<(), BuildError> {
+        let Some(vcpus) = &self.vcpus else {
+            return Ok(());
+        };
+        let n = u8::try_from(vcpus.count()).unwrap_or(u8::MAX);
+        for (i, cpus) in numa.vcpu_cpus(n).iter().enumerate() {
+            if !cpus.is_empty() {
+                vcpus.pin(i, cpus).map_err(BuildError::Numa)?;
+            }
+        }
+        Ok(())
     }
 
     /// Starts the vCPU threads of a built machine, then its devices (restored ones wait

@@ -9,9 +9,9 @@
 //! same fan-out. Snapshot, migration, devices and display see memory only through
 //! [`ray_memory::GuestMemory`], which the manager implements.
 //!
-//! Regions are the RAM layout's today; regions backed by their own memfds (one per guest
-//! NUMA node) and device regions (framebuffers) are further entries of the same layout, so
-//! callers do not change when they arrive.
+//! Regions are the RAM layout's, split at guest NUMA node boundaries, each node backed by
+//! its own memfd ([`MemoryManager::create_split`]); device regions (framebuffers) will be
+//! further entries of the same layout, so callers do not change when they arrive.
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,6 +43,22 @@ pub enum MemoryError {
     /// A block of a lazily filled image failed its check: nothing of it was placed.
     #[error("guest memory is damaged: {0}")]
     Damaged(String),
+}
+
+/// A new empty memfd named [`GUEST_RAM_NAME`] (`bytes`: the guest's size, for errors).
+fn new_memfd(bytes: u64) -> Result<File, MemoryError> {
+    let name = c"ray-guest-ram";
+    // SAFETY: memfd_create takes a NUL-terminated name and flags and returns a new fd or
+    // -1; no memory of ours is touched.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd {
+            bytes,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 /// KVM's half of the dirty log, as the VM provides it: the manager never calls KVM.
@@ -171,29 +187,34 @@ impl MemoryManager {
     /// Allocates guest RAM for `regions` (guest-physical start, length), backed by one
     /// memfd laid out region after region. Pages are allocated on first touch.
     pub fn create(regions: &[(GuestAddress, usize)]) -> Result<Self, MemoryError> {
+        let one: Vec<_> = regions.iter().map(|&(g, l)| (g, l, 0)).collect();
+        Self::create_split(&one)
+    }
+
+    /// Allocates guest RAM for `regions` (guest-physical start, length, backing): regions
+    /// with the same backing number share one memfd, laid out region after region, and
+    /// each backing has its own (one per guest NUMA node, so each node's pages can be
+    /// placed on its own host node). All are named [`GUEST_RAM_NAME`].
+    pub fn create_split(regions: &[(GuestAddress, usize, usize)]) -> Result<Self, MemoryError> {
         let bytes: u64 = regions.iter().map(|r| r.1 as u64).sum();
-        let name = c"ray-guest-ram";
-        // SAFETY: memfd_create takes a NUL-terminated name and flags and returns a new fd or
-        // -1; no memory of ours is touched.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(MemoryError::Memfd {
-                bytes,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(bytes)
-            .map_err(|source| MemoryError::Memfd { bytes, source })?;
-        let mut offset = 0u64;
+        let mut files: Vec<(usize, File, u64)> = Vec::new();
         let mut ranges = Vec::with_capacity(regions.len());
-        for &(gpa, len) in regions {
+        for &(gpa, len, backing) in regions {
+            let at = match files.iter().position(|f| f.0 == backing) {
+                Some(i) => i,
+                None => {
+                    files.push((backing, new_memfd(bytes)?, 0));
+                    files.len() - 1
+                }
+            };
+            let (_, file, offset) = &mut files[at];
+            file.set_len(*offset + len as u64)
+                .map_err(|source| MemoryError::Memfd { bytes, source })?;
             let f = file
                 .try_clone()
                 .map_err(|source| MemoryError::Memfd { bytes, source })?;
-            ranges.push((gpa, len, Some(FileOffset::new(f, offset))));
-            offset += len as u64;
+            ranges.push((gpa, len, Some(FileOffset::new(f, *offset))));
+            *offset += len as u64;
         }
         let ram = GuestMem::from_ranges_with_files(ranges).map_err(|e| MemoryError::Map {
             bytes,
@@ -212,11 +233,11 @@ impl MemoryManager {
     /// a page not placed yet is a hole but not zero. Reads through the mapping need no
     /// care: they fault and wait for their block.
     pub fn fill_lazily(
-        regions: &[(GuestAddress, usize)],
+        regions: &[(GuestAddress, usize, usize)],
         blocks: Box<dyn BlockSource>,
         on_damage: ray_memory::lazy::OnDamage,
     ) -> Result<Self, MemoryError> {
-        let mem = Self::create(regions)?;
+        let mem = Self::create_split(regions)?;
         let ranges = mem
             .inner
             .hosts

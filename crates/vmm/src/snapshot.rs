@@ -202,9 +202,9 @@ pub fn load(path: &Path, compat: &str) -> Result<Loaded, SnapshotError> {
                 "the VM configuration in snapshot {id}'s manifest is invalid: {e}"
             ))
         })?;
-    let expected: Vec<(u64, u64)> = crate::boot::layout::ram_regions(config.memory_bytes)
+    let expected: Vec<(u64, u64)> = crate::numa::config_regions(&config)
         .iter()
-        .map(|(g, l)| (g.0, *l as u64))
+        .map(|(g, l, _)| (g.0, *l as u64))
         .collect();
     let got: Vec<(u64, u64)> = plan.layout.regions.iter().map(|r| (r.gpa, r.len)).collect();
     if expected != got {
@@ -255,16 +255,13 @@ pub enum Verify {
 /// whole image is checked, and whatever enumerates memory by its holes (snapshots,
 /// migration) waits for that first.
 pub fn memory(loaded: &Loaded, verify: Verify) -> Result<MemoryManager, SnapshotError> {
-    let regions: Vec<(GuestAddress, usize)> = loaded
-        .plan
-        .layout
-        .regions
-        .iter()
-        .map(|r| (GuestAddress(r.gpa), r.len as usize))
-        .collect();
+    // The layout was checked against the configuration's in `load`; each guest NUMA node
+    // gets its own memfd again.
+    let split = crate::numa::config_regions(&loaded.config);
+    let regions: Vec<(GuestAddress, usize)> = split.iter().map(|r| (r.0, r.1)).collect();
     let plan = &loaded.plan;
     let Some(path) = plan.mappable_memory() else {
-        let mem = MemoryManager::create(&regions)?;
+        let mem = MemoryManager::create_split(&split)?;
         plan.materialize(&mem)?;
         return Ok(mem);
     };
@@ -272,23 +269,21 @@ pub fn memory(loaded: &Loaded, verify: Verify) -> Result<MemoryManager, Snapshot
         Verify::No => false,
         Verify::Eager => true,
         Verify::Lazy(on_damage) => match plan.base_blocks()? {
-            Some(blocks) => {
-                match MemoryManager::fill_lazily(&regions, Box::new(blocks), on_damage) {
-                    Ok(mem) => {
-                        if !plan.overlays.is_empty() {
-                            plan.apply_overlays(&mem)?;
-                        }
-                        return Ok(mem);
+            Some(blocks) => match MemoryManager::fill_lazily(&split, Box::new(blocks), on_damage) {
+                Ok(mem) => {
+                    if !plan.overlays.is_empty() {
+                        plan.apply_overlays(&mem)?;
                     }
-                    Err(crate::memory::MemoryError::Lazy(e)) => {
-                        tracing::warn!(
+                    return Ok(mem);
+                }
+                Err(crate::memory::MemoryError::Lazy(e)) => {
+                    tracing::warn!(
                             "cannot verify guest memory lazily ({e}: userfaultfd needs CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=1 or /dev/userfaultfd); verifying all of it first"
                         );
-                        true
-                    }
-                    Err(e) => return Err(e.into()),
+                    true
                 }
-            }
+                Err(e) => return Err(e.into()),
+            },
             None => true,
         },
     };
@@ -467,6 +462,7 @@ mod tests {
             vcpus: 1,
             memory_bytes: 12 << 20,
             devices: Default::default(),
+            numa: Vec::new(),
         };
         let spec = NewSnapshotSpec {
             path: &dir.join("s1"),

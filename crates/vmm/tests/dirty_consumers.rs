@@ -83,6 +83,7 @@ fn snapshot_migration_and_display_consumers_each_see_every_change_since_their_ow
         vcpus: 1,
         mem_bytes: 64 << 20,
         devices: Default::default(),
+        numa: None,
     };
     let sinks = ConsoleSinks {
         log: None,

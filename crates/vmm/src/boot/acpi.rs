@@ -4,20 +4,27 @@
 //!
 //! ```text
 //! 0xe0000 RSDP ─▶ 0xe0040 XSDT ─┬─▶ 0xe0100 FADT ─▶ 0xe0300 DSDT (\_S5_)
-//!                               └─▶ 0xe0400 MADT (LAPIC per vCPU, IOAPIC, overrides)
+//!                               ├─▶ 0xe0400 MADT (LAPIC per vCPU, IOAPIC, overrides)
+//!                               ├─▶ 0xe1000 SRAT (guest NUMA: node of each CPU and range)
+//!                               └─▶ 0xe3000 SLIT (distances between nodes)
 //! ```
+//!
+//! The SRAT and SLIT are written only for a VM with guest NUMA nodes.
 use ray_guest_abi::POWEROFF_PORT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{ACPI_TABLES, ACPI_TABLES_END, IOAPIC, LAPIC};
 use super::BootError;
 use crate::memory::GuestMem;
+use crate::numa::GuestNuma;
 
 pub const RSDP: u64 = ACPI_TABLES;
 const XSDT: u64 = ACPI_TABLES + 0x40;
 const FADT: u64 = ACPI_TABLES + 0x100;
 const DSDT: u64 = ACPI_TABLES + 0x300;
 const MADT: u64 = ACPI_TABLES + 0x400;
+const SRAT: u64 = ACPI_TABLES + 0x1000;
+const SLIT: u64 = ACPI_TABLES + 0x3000;
 /// PM1a event block; the control block ([`POWEROFF_PORT`]) follows it.
 const PM1A_EVT: u16 = 0x600;
 const SCI_IRQ: u16 = 9;
@@ -242,17 +249,65 @@ fn xsdt(entries: &[u64]) -> Vec<u8> {
     t.finish()
 }
 
-/// Writes every table for `vcpus` CPUs; returns the RSDP's address (for the zero page's
-/// `acpi_rsdp_addr`; kernels that scan 0xe0000..0x100000 for it find it there too).
-pub fn write_acpi_tables(mem: &GuestMem, vcpus: u8) -> Result<GuestAddress, BootError> {
-    let tables = [
-        (RSDP, rsdp(XSDT)),
-        (XSDT, xsdt(&[FADT, MADT])),
-        (FADT, fadt()),
-        (DSDT, dsdt()),
-        (MADT, madt(vcpus)),
-    ];
+/// The SRAT of `numa`: each vCPU's node (by APIC ID = vCPU index), each node's memory
+/// ranges. Proximity domain = guest node id.
+fn srat(numa: &GuestNuma) -> Vec<u8> {
+    const ENABLED: u32 = 1;
+    let mut t = Sdt::new(b"SRAT", 3);
+    t.u32(1).u64(0); // reserved (1 for compatibility), reserved
+    for n in &numa.nodes {
+        let d = n.id.to_le_bytes();
+        for &cpu in &n.cpus {
+            // Processor Local APIC affinity: domain 7:0, APIC ID, flags, SAPIC EID,
+            // domain 31:8, clock domain.
+            t.u8(0).u8(16).u8(d[0]).u8(cpu).u32(ENABLED).u8(0);
+            t.bytes(&d[1..4]).u32(0);
+        }
+    }
+    for (gpa, len, node) in numa.regions() {
+        // Memory affinity: domain, reserved, base, length, reserved, flags, reserved.
+        t.u8(1).u8(40).u32(numa.nodes[node].id).u16(0);
+        t.u64(gpa.0).u64(len as u64).u32(0).u32(ENABLED).u64(0);
+    }
+    t.finish()
+}
+
+/// The SLIT of `numa`: distances between its nodes, row by row.
+fn slit(numa: &GuestNuma) -> Vec<u8> {
+    let mut t = Sdt::new(b"SLIT", 1);
+    t.u64(numa.distances.len() as u64);
+    for row in &numa.distances {
+        t.bytes(row);
+    }
+    t.finish()
+}
+
+/// Writes every table for `vcpus` CPUs (and `numa`'s nodes); returns the RSDP's address
+/// (for the zero page's `acpi_rsdp_addr`; kernels that scan 0xe0000..0x100000 for it find
+/// it there too).
+pub fn write_acpi_tables(
+    mem: &GuestMem,
+    vcpus: u8,
+    numa: Option<&GuestNuma>,
+) -> Result<GuestAddress, BootError> {
+    let mut entries = vec![FADT, MADT];
+    let mut tables = vec![(FADT, fadt()), (DSDT, dsdt()), (MADT, madt(vcpus))];
+    if let Some(numa) = numa {
+        entries.extend([SRAT, SLIT]);
+        tables.extend([(SRAT, srat(numa)), (SLIT, slit(numa))]);
+    }
+    tables.extend([(RSDP, rsdp(XSDT)), (XSDT, xsdt(&entries))]);
+    let mut end_of_previous = 0;
+    tables.sort_by_key(|t| t.0);
     for (addr, bytes) in tables {
+        // Tables must not overlap (the SRAT of many vCPUs and nodes is the largest).
+        if addr < end_of_previous {
+            return Err(BootError::Write {
+                what: "ACPI tables (they overlap)",
+                addr,
+            });
+        }
+        end_of_previous = addr + bytes.len() as u64;
         // The e820 map reserves only up to 1 MiB for firmware tables.
         if addr + bytes.len() as u64 > ACPI_TABLES_END {
             return Err(BootError::Write {
@@ -403,7 +458,7 @@ mod tests {
             .unwrap()
             .ram()
             .clone();
-        let rsdp_addr = write_acpi_tables(&mem, 2).unwrap();
+        let rsdp_addr = write_acpi_tables(&mem, 2, None).unwrap();
         assert_eq!(rsdp_addr, GuestAddress(0xe0000));
         let mut r = [0u8; 36];
         mem.read_slice(&mut r, rsdp_addr).unwrap();
@@ -460,6 +515,100 @@ mod tests {
             "id = vcpus, address, GSI base"
         );
         assert_eq!(irq0, Some(2));
+    }
+
+    fn numa(vcpus: u8, nodes: u32, distance: u8) -> GuestNuma {
+        let per = u64::from(vcpus).div_ceil(u64::from(nodes));
+        let nodes: Vec<crate::numa::GuestNode> = (0..nodes)
+            .map(|id| crate::numa::GuestNode {
+                id,
+                cpus: (0..vcpus)
+                    .filter(|&c| u64::from(c) / per == u64::from(id))
+                    .collect(),
+                memory_bytes: 64 << 20,
+                host_nodes: vec![],
+                policy: ray_api::vmm::NumaPolicy::Bind,
+                host_cpus: vec![],
+            })
+            .collect();
+        let n = nodes.len();
+        GuestNuma {
+            distances: (0..n)
+                .map(|i| (0..n).map(|j| if i == j { 10 } else { distance }).collect())
+                .collect(),
+            nodes,
+        }
+    }
+
+    #[test]
+    fn srat_and_slit_read_back_with_the_guests_parser() {
+        use ray_guest_abi::acpi_numa::{self as g, SratEntry};
+        let mem = crate::memory::MemoryManager::create(&[(GuestAddress(0), 32 << 20)])
+            .unwrap()
+            .ram()
+            .clone();
+        let n = numa(4, 2, 21);
+        write_acpi_tables(&mem, 4, Some(&n)).unwrap();
+        let x = table_at(&mem, XSDT);
+        let found: Vec<u64> = g::xsdt_entries(&x).collect();
+        assert_eq!(found, vec![FADT, MADT, SRAT, SLIT]);
+        let s = table_at(&mem, SRAT);
+        assert!(g::table_ok(&s, b"SRAT"));
+        let entries: Vec<SratEntry> = g::srat_entries(&s).collect();
+        assert_eq!(
+            entries,
+            vec![
+                SratEntry::Cpu {
+                    apic_id: 0,
+                    domain: 0
+                },
+                SratEntry::Cpu {
+                    apic_id: 1,
+                    domain: 0
+                },
+                SratEntry::Cpu {
+                    apic_id: 2,
+                    domain: 1
+                },
+                SratEntry::Cpu {
+                    apic_id: 3,
+                    domain: 1
+                },
+                SratEntry::Memory {
+                    domain: 0,
+                    base: 0,
+                    len: 64 << 20
+                },
+                SratEntry::Memory {
+                    domain: 1,
+                    base: 64 << 20,
+                    len: 64 << 20
+                },
+            ]
+        );
+        let l = table_at(&mem, SLIT);
+        assert!(g::table_ok(&l, b"SLIT"));
+        assert_eq!(g::slit_localities(&l), 2);
+        assert_eq!(g::slit_distance(&l, 0, 1), Some(21));
+        assert_eq!(g::slit_distance(&l, 1, 1), Some(10));
+        assert_eq!(g::slit_distance(&l, 2, 0), None);
+    }
+
+    #[test]
+    fn the_largest_numa_tables_fit_without_overlapping() {
+        let mem = crate::memory::MemoryManager::create(&[(GuestAddress(0), 32 << 20)])
+            .unwrap()
+            .ram()
+            .clone();
+        let most = numa(
+            super::super::MAX_VCPUS,
+            crate::numa::MAX_GUEST_NODES as u32,
+            20,
+        );
+        write_acpi_tables(&mem, super::super::MAX_VCPUS, Some(&most)).unwrap();
+        assert!(SRAT >= MADT + madt(super::super::MAX_VCPUS).len() as u64);
+        assert!(SLIT >= SRAT + srat(&most).len() as u64);
+        assert!(SLIT + slit(&most).len() as u64 <= ACPI_TABLES_END);
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct BootSpec {
     pub vcpus: u8,
     pub mem_bytes: u64,
     pub devices: ray_api::vmm::DevicesConfig,
+    /// Guest NUMA nodes (laid out, bound and described in the SRAT/SLIT); `None`: one node.
+    pub numa: Option<crate::numa::GuestNuma>,
 }
 
 /// Where the loaded guest starts.
@@ -152,7 +154,7 @@ pub fn load(mem: &GuestMem, spec: &BootSpec) -> Result<BootImage, BootError> {
     let cmdline_len = loader::write_cmdline(mem, &spec.cmdline)?;
     pagetables::write_page_tables(mem)?;
     gdt::write_gdt(mem)?;
-    let rsdp = acpi::write_acpi_tables(mem, spec.vcpus)?;
+    let rsdp = acpi::write_acpi_tables(mem, spec.vcpus, spec.numa.as_ref())?;
     let e820 = layout::e820(spec.mem_bytes);
     let zero_page = params::build(&params::ZeroPage {
         header: kernel.header,
@@ -190,6 +192,7 @@ mod tests {
             vcpus: 2,
             mem_bytes,
             devices: Default::default(),
+            numa: None,
         }
     }
 

@@ -66,8 +66,7 @@ impl Controller {
             .ok_or_else(|| ControllerError::refused("the VM has no configuration"))?;
         let machine = self.machine()?;
         let compat = mig::compat_info(
-            config.vcpus,
-            config.memory_bytes,
+            &config,
             self.flavour,
             &crate::snapshot::cpu_fingerprint(&machine.vm.kvm),
         );
@@ -142,20 +141,32 @@ impl Controller {
     pub(super) fn prepare_incoming(
         &mut self,
         config: &VmConfig,
+        regions: Option<&[(vm_memory::GuestAddress, usize, usize)]>,
     ) -> Result<mig::Prepared, ControllerError> {
         config::validate_shape(config, config::host_memory())
             .map_err(|e| ControllerError::invalid(e.to_string()))?;
         let kvm = kvm_ioctls::Kvm::new()
             .map_err(|e| ControllerError::failed(format!("cannot open /dev/kvm: {e}")))?;
-        let compat = mig::compat_info(
-            config.vcpus,
-            config.memory_bytes,
+        let mut compat = mig::compat_info(
+            config,
             self.flavour,
             &crate::snapshot::cpu_fingerprint(&kvm),
         );
         drop(kvm);
-        let regions = crate::boot::layout::ram_regions(config.memory_bytes);
-        let memory = crate::memory::MemoryManager::create(&regions)
+        // Regions the source described (a target not told the VM's shape), else this
+        // configuration's.
+        let regions = match regions {
+            Some(r) => r.to_vec(),
+            None => crate::numa::config_regions(config),
+        };
+        compat.regions = regions
+            .iter()
+            .map(|&(gpa, len, _)| ray_migration::protocol::MemoryRegion {
+                gpa: gpa.0,
+                size: len as u64,
+            })
+            .collect();
+        let memory = crate::memory::MemoryManager::create_split(&regions)
             .map_err(|e| ControllerError::failed(e.to_string()))?;
         let vm = Vm::with_dirty_logging(memory.clone(), self.flavour)
             .map_err(|e| ControllerError::failed(format!("cannot create the VM: {e}")))?;
@@ -203,7 +214,7 @@ impl Controller {
         let listener = ray_migration::Listener::bind(&endpoint)
             .map_err(|e| ControllerError::invalid(e.to_string()))?;
         let prepared = match &given {
-            Some(c) => Some(self.prepare_incoming(c)?),
+            Some(c) => Some(self.prepare_incoming(c, None)?),
             None => None,
         };
         let local = listener.local();
@@ -374,11 +385,11 @@ impl Controller {
                 // see `finish_target_resume`.
                 Ok(OpReply::Done)
             }
-            MigrationOp::PrepareTarget(config) => {
+            MigrationOp::PrepareTarget(config, regions) => {
                 if self.incoming_vm.is_some() || self.machine.is_some() {
                     return Err("the target has its memory already".into());
                 }
-                self.prepare_incoming(&config)
+                self.prepare_incoming(&config, Some(&regions))
                     .map(OpReply::Prepared)
                     .map_err(|e| e.to_string())
             }
@@ -456,6 +467,7 @@ impl Controller {
         });
         let machine = Machine::restore_on(vm, &st.machine, &st.config.devices, sinks, events)
             .map_err(|e| e.to_string())?;
+        self.numa = crate::numa::place_restored(&machine, &st.config);
         self.machine = Some(machine);
         self.config = Some(st.config);
         self.started = Instant::now().checked_sub(Duration::from_millis(st.uptime_ms));
@@ -664,8 +676,9 @@ fn receive_incoming(
                 vcpus: shape.0,
                 memory_bytes: shape.1,
                 devices: Default::default(),
+                numa: Vec::new(),
             };
-            match link.prepare(config) {
+            match link.prepare(config, mig::source_regions(source.source())) {
                 Ok(p) => p,
                 Err(e) => {
                     return Err(driver(

@@ -202,6 +202,9 @@ pub struct Controller {
     /// Set once a restored VM started: what a lazily verified restore's fail-stop (on
     /// another thread) records as the state it failed from.
     restored: Arc<std::sync::atomic::AtomicBool>,
+    /// Where the running machine's guest NUMA nodes are placed on this host (none without
+    /// `numa`, or when they could not be placed here).
+    numa: Option<crate::numa::GuestNuma>,
 }
 
 impl Controller {
@@ -236,6 +239,7 @@ impl Controller {
             suspended_owed: None,
             meter: Arc::default(),
             restored: Arc::default(),
+            numa: None,
         }
     }
 
@@ -338,6 +342,10 @@ impl Controller {
                 .last_snapshot
                 .as_ref()
                 .map(|(store, id)| store.join(id).display().to_string()),
+            numa: match (memory, &self.numa) {
+                (Some(m), Some(n)) => crate::numa::status(m, n),
+                _ => Vec::new(),
+            },
             // The API layer fills in where it listens.
             api_tcp: None,
         }
@@ -482,6 +490,10 @@ impl Controller {
         });
         let machine = Machine::boot(&spec, self.flavour, sinks, events)
             .map_err(|e| ControllerError::failed(format!("cannot start the VM: {e}")))?;
+        if let Some(numa) = &spec.numa {
+            crate::numa::log_placement(numa);
+        }
+        self.numa = spec.numa.clone();
         self.machine = Some(machine);
         self.started = Some(Instant::now());
         self.apply(VmAction::Start, "api:start")?;

@@ -226,6 +226,7 @@ impl Controller {
             events,
         )
         .map_err(|e| failed(e.to_string()))?;
+        self.numa = crate::numa::place_restored(&machine, &loaded.config);
         crate::startup::mark(crate::startup::Mark::Running);
         // Pages written from here on are what an incremental snapshot on top holds.
         let owed = self.suspended_owed.take();

@@ -32,6 +32,7 @@ fn config() -> VmConfig {
         vcpus: 1,
         memory_bytes: 64 << 20,
         devices: Default::default(),
+        numa: Vec::new(),
     }
 }
 

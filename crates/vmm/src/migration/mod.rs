@@ -49,11 +49,12 @@ pub fn unix_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// How this VMM lays out `memory_bytes` of RAM, as the wire describes regions.
-fn regions(memory_bytes: u64) -> Vec<MemoryRegion> {
-    crate::boot::layout::ram_regions(memory_bytes)
+/// How this VMM lays out `config`'s RAM (node by node with guest NUMA), as the wire
+/// describes regions.
+fn regions(config: &VmConfig) -> Vec<MemoryRegion> {
+    crate::numa::config_regions(config)
         .into_iter()
-        .map(|(gpa, len)| MemoryRegion {
+        .map(|(gpa, len, _)| MemoryRegion {
             gpa: gpa.0,
             size: len as u64,
         })
@@ -61,14 +62,27 @@ fn regions(memory_bytes: u64) -> Vec<MemoryRegion> {
 }
 
 /// What the target must match: vCPUs, memory layout, CPUID and hypervisor flavour.
-pub fn compat_info(vcpus: u8, memory_bytes: u64, flavour: Flavour, cpu: &str) -> CompatInfo {
+pub fn compat_info(config: &VmConfig, flavour: Flavour, cpu: &str) -> CompatInfo {
     CompatInfo {
-        vcpus: u32::from(vcpus),
+        vcpus: u32::from(config.vcpus),
         page_size: PAGE_SIZE as u32,
-        regions: regions(memory_bytes),
+        regions: regions(config),
         cpuid_fingerprint: *blake3::hash(cpu.as_bytes()).as_bytes(),
         flavour: format!("rayvisor-kvm-x86_64-{}/{STATE_FORMAT}", flavour.name()),
     }
+}
+
+/// The memory regions a source describes, as a target allocates them (guest-physical
+/// start, length, backing): a source with guest NUMA nodes splits RAM at node
+/// boundaries; each region gets its own memfd here (the nodes' binding arrives with the
+/// VM's configuration at the switch-over).
+pub fn source_regions(source: &CompatInfo) -> Vec<(vm_memory::GuestAddress, usize, usize)> {
+    source
+        .regions
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (vm_memory::GuestAddress(r.gpa), r.size as usize, i))
+        .collect()
 }
 
 /// The vCPUs and memory (bytes) of the VM a source describes in its [`CompatInfo`]: what
@@ -92,8 +106,22 @@ pub fn shape_of(source: &CompatInfo) -> Result<(u8, u64), String> {
         ));
     }
     let memory: u64 = source.regions.iter().map(|r| r.size).sum();
-    let ours = regions(memory);
-    if ours != source.regions {
+    let ours: Vec<MemoryRegion> = crate::boot::layout::ram_regions(memory)
+        .into_iter()
+        .map(|(gpa, len)| MemoryRegion {
+            gpa: gpa.0,
+            size: len as u64,
+        })
+        .collect();
+    // Guest NUMA splits the plain layout at node boundaries: adjacent regions join back.
+    let mut joined: Vec<MemoryRegion> = Vec::new();
+    for r in &source.regions {
+        match joined.last_mut() {
+            Some(last) if last.gpa + last.size == r.gpa => last.size += r.size,
+            _ => joined.push(*r),
+        }
+    }
+    if ours != joined {
         return Err(format!(
             "memory layout differs: the source's {memory} bytes of memory are laid out as {:x?}, which is not how this VMM lays them out ({:x?})",
             source.regions.iter().map(|r| (r.gpa, r.size)).collect::<Vec<_>>(),
@@ -154,7 +182,7 @@ pub enum MigrationOp {
     Discard,
     /// Target: allocate memory (and the KVM VM over it) for a VM of this configuration,
     /// once the source said what it sends.
-    PrepareTarget(VmConfig),
+    PrepareTarget(VmConfig, Vec<(vm_memory::GuestAddress, usize, usize)>),
 }
 
 impl MigrationOp {
@@ -170,7 +198,7 @@ impl MigrationOp {
             MigrationOp::RestoreState(_) => "restore the state",
             MigrationOp::TargetResume => "resume",
             MigrationOp::Discard => "discard",
-            MigrationOp::PrepareTarget(_) => "prepare memory for the VM",
+            MigrationOp::PrepareTarget(..) => "prepare memory for the VM",
         }
     }
 }
@@ -215,8 +243,12 @@ impl Link {
     }
 
     /// Target: asks the controller for memory (and a KVM VM) for a VM of `config`.
-    pub fn prepare(&self, config: VmConfig) -> Result<Prepared, VmError> {
-        match self.call(MigrationOp::PrepareTarget(config))? {
+    pub fn prepare(
+        &self,
+        config: VmConfig,
+        regions: Vec<(vm_memory::GuestAddress, usize, usize)>,
+    ) -> Result<Prepared, VmError> {
+        match self.call(MigrationOp::PrepareTarget(config, regions))? {
             OpReply::Prepared(p) => Ok(p),
             _ => Err(VmError {
                 op: "prepare memory for the VM",
@@ -316,11 +348,34 @@ mod tests {
 
     #[test]
     fn a_target_takes_the_shape_the_source_describes() {
-        let src = compat_info(2, 256 << 20, Flavour::Pvm, "cpu");
+        let vm = |vcpus, memory_bytes| VmConfig {
+            kernel: String::new(),
+            initrd: None,
+            cmdline: String::new(),
+            vcpus,
+            memory_bytes,
+            numa: Vec::new(),
+        };
+        let src = compat_info(&vm(2, 256 << 20), Flavour::Pvm, "cpu");
         assert_eq!(shape_of(&src), Ok((2, 256 << 20)));
         // Above the MMIO hole too: the regions add up to the memory size.
-        let big = compat_info(1, 4 << 30, Flavour::Pvm, "cpu");
+        let big = compat_info(&vm(1, 4 << 30), Flavour::Pvm, "cpu");
         assert_eq!(shape_of(&big), Ok((1, 4 << 30)));
+        // Guest NUMA nodes split the layout; the shape is the same.
+        let mut numa = vm(2, 4 << 30);
+        numa.numa = (0..2)
+            .map(|n| ray_api::vmm::NumaNodeConfig {
+                node: n,
+                cpus: vec![n as u8],
+                memory_bytes: 2 << 30,
+                host_nodes: vec![],
+                policy: ray_api::vmm::NumaPolicy::Bind,
+            })
+            .collect();
+        let split = compat_info(&numa, Flavour::Pvm, "cpu");
+        assert_eq!(split.regions.len(), 3);
+        assert_eq!(shape_of(&split), Ok((2, 4 << 30)));
+        assert_eq!(source_regions(&split).len(), 3);
         let mut odd = src.clone();
         odd.regions[0].gpa = 0x1000;
         assert!(shape_of(&odd)

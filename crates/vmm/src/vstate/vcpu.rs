@@ -333,6 +333,34 @@ impl Vcpus {
         }
     }
 
+    /// How many vCPUs run.
+    pub fn count(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Restricts vCPU `index`'s thread to host CPUs `cpus` (its guest NUMA node's host
+    /// node).
+    pub fn pin(&self, index: usize, cpus: &[u32]) -> std::io::Result<()> {
+        let t = self.threads.get(index).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("there is no vCPU {index} to pin"),
+            )
+        })?;
+        ray_numa::sys::set_affinity(t.as_pthread_t(), cpus)
+    }
+
+    /// The host CPUs vCPU `index`'s thread may run on.
+    pub fn affinity(&self, index: usize) -> std::io::Result<Vec<u32>> {
+        let t = self.threads.get(index).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("there is no vCPU {index}"),
+            )
+        })?;
+        ray_numa::sys::affinity(t.as_pthread_t())
+    }
+
     /// The current throttle, percent.
     pub fn throttle(&self) -> u8 {
         self.control.lock().throttle
