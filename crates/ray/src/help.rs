@@ -169,6 +169,7 @@ ray sim --scenario drain.yaml --json",
     ("bench migrate", "ray bench migrate --json"),
     ("bench idle", "ray bench idle\nray bench idle --vcpus 1 --window 10s --json"),
     ("bench cluster", "ray bench cluster --hosts 1000 --json"),
+    ("bench blk", "ray bench blk\nray bench blk --runs 3 --size 256M --json"),
     ("openapi", "ray openapi vmm > vmm.json"),
     (
         "version",
