@@ -502,6 +502,7 @@ mod tests {
             cmdline: String::new(),
             vcpus,
             memory_bytes: numa.iter().map(|n| n.memory_bytes).sum(),
+            devices: Default::default(),
             numa,
         }
     }

@@ -354,6 +354,7 @@ mod tests {
             cmdline: String::new(),
             vcpus,
             memory_bytes,
+            devices: Default::default(),
             numa: Vec::new(),
         };
         let src = compat_info(&vm(2, 256 << 20), Flavour::Pvm, "cpu");
