@@ -7,6 +7,7 @@
 //! A request costs no exit to the VMM once set up: the kick is an MMIO write KVM turns
 //! into an ioeventfd signal (and with event indices most are skipped), the interrupt comes
 //! through KVM's irqfd, and the APIC accesses stay in KVM.
+use core::cell::UnsafeCell;
 use core::sync::atomic::{fence, Ordering::*};
 
 use crate::{apic, clock, cpu, pci};
@@ -48,6 +49,60 @@ const Q_USED: usize = 0x30;
 
 /// Most entries a queue of this driver has: its rings fit one 4 KiB page.
 pub const MAX_QUEUE_SIZE: u16 = 128;
+
+/// A driver's static state (rings, buffers, the device), touched only by the boot CPU: the
+/// shell and its main loop, never re-entrantly. The device writes the pages behind it
+/// through DMA, which every access tolerates (volatile accesses).
+pub struct Shared<T>(pub UnsafeCell<T>);
+
+// SAFETY: only the boot CPU uses a `Shared` (see above), so no two threads share one.
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    pub const fn new(value: T) -> Self {
+        Self(UnsafeCell::new(value))
+    }
+}
+
+/// A driver's device, found on first use and then remembered: ready, absent or failed.
+#[allow(clippy::large_enum_variant)] // one static instance per driver, never moved
+pub enum Probed<T> {
+    Unprobed,
+    Absent,
+    Failed(&'static str),
+    Ready(T),
+}
+
+impl<T> Probed<T> {
+    /// The device, probing on the first call; `absent` is the error when there is none.
+    pub fn get(
+        &mut self,
+        absent: &'static str,
+        probe: impl FnOnce() -> Result<Option<T>, &'static str>,
+    ) -> Result<&mut T, &'static str> {
+        if let Probed::Unprobed = self {
+            *self = match probe() {
+                Ok(Some(d)) => Probed::Ready(d),
+                Ok(None) => Probed::Absent,
+                Err(e) => Probed::Failed(e),
+            };
+        }
+        match self {
+            Probed::Ready(d) => Ok(d),
+            Probed::Absent => Err(absent),
+            Probed::Failed(e) => Err(e),
+            Probed::Unprobed => Err("not probed"),
+        }
+    }
+
+    /// The device if it was found already.
+    pub fn ready(&mut self) -> Option<&mut T> {
+        match self {
+            Probed::Ready(d) => Some(d),
+            _ => None,
+        }
+    }
+}
 
 /// One page holding a queue's descriptor table, available ring and used ring.
 #[repr(C, align(4096))]

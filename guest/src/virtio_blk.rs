@@ -4,10 +4,9 @@
 //! flush|discard`, `disk bench`.
 //!
 //! Set up on first use: without a disk the guest runs as before and `disk` says so.
-use core::cell::UnsafeCell;
 
 use crate::clock;
-use crate::virtio::{self, Buffer, Queue, RingPage, Transport};
+use crate::virtio::{self, Buffer, Probed, Queue, RingPage, Shared, Transport};
 
 const DEVICE_TYPE: u16 = 2;
 const QUEUE_SIZE: u16 = 128;
@@ -30,29 +29,16 @@ const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 const T_DISCARD: u32 = 11;
 
-struct Shared<T>(UnsafeCell<T>);
-// SAFETY: used only by the boot CPU (the shell); the device writes the pages through DMA,
-// which every access here tolerates (volatile accesses).
-unsafe impl<T> Sync for Shared<T> {}
-
 #[repr(C, align(4096))]
 struct Data([u8; BUFFER]);
 /// Per slot: a 16-byte header, then (at 16) the status byte; 32 bytes a slot.
 #[repr(C, align(4096))]
 struct Headers([u8; 32 * MAX_QD]);
 
-static RINGS: Shared<RingPage> = Shared(UnsafeCell::new(RingPage::new()));
-static DATA: Shared<Data> = Shared(UnsafeCell::new(Data([0; BUFFER])));
-static HEADERS: Shared<Headers> = Shared(UnsafeCell::new(Headers([0; 32 * MAX_QD])));
-static STATE: Shared<State> = Shared(UnsafeCell::new(State::Unprobed));
-
-#[allow(clippy::large_enum_variant)] // one static instance, never moved
-enum State {
-    Unprobed,
-    Absent,
-    Failed(&'static str),
-    Ready(Disk),
-}
+static RINGS: Shared<RingPage> = Shared::new(RingPage::new());
+static DATA: Shared<Data> = Shared::new(Data([0; BUFFER]));
+static HEADERS: Shared<Headers> = Shared::new(Headers([0; 32 * MAX_QD]));
+static STATE: Shared<Probed<Disk>> = Shared::new(Probed::Unprobed);
 
 pub struct Disk {
     q: Queue,
@@ -250,20 +236,7 @@ fn fnv(mut h: u64, addr: usize, len: usize) -> u64 {
 
 fn disk() -> Result<&'static mut Disk, &'static str> {
     // SAFETY: only the boot CPU's shell calls this (see `Shared`).
-    let state = unsafe { &mut *STATE.0.get() };
-    if let State::Unprobed = state {
-        *state = match probe() {
-            Ok(Some(d)) => State::Ready(d),
-            Ok(None) => State::Absent,
-            Err(e) => State::Failed(e),
-        };
-    }
-    match state {
-        State::Ready(d) => Ok(d),
-        State::Absent => Err("no virtio-blk device"),
-        State::Failed(e) => Err(e),
-        State::Unprobed => Err("not probed"),
-    }
+    unsafe { &mut *STATE.0.get() }.get("no virtio-blk device", probe)
 }
 
 fn number(word: Option<&str>) -> Option<u64> {

@@ -8,10 +8,9 @@
 //! 12-byte header). Received frames are handled when the main loop sees the receive
 //! queue's used ring move (its interrupt woke the CPU); the guest's address comes from
 //! `ray.ip=A.B.C.D/N` on the command line or `net ip`.
-use core::cell::UnsafeCell;
 
 use crate::clock;
-use crate::virtio::{self, Buffer, Queue, RingPage, Transport};
+use crate::virtio::{self, Buffer, Probed, Queue, RingPage, Shared, Transport};
 
 const DEVICE_TYPE: u16 = 1;
 const F_MAC: u64 = 1 << 5;
@@ -26,27 +25,14 @@ const SINK_PORT: u16 = 9;
 /// A UDP payload can be at most this large in one 1514-byte frame.
 pub const MAX_PAYLOAD: usize = 1472;
 
-struct Shared<T>(UnsafeCell<T>);
-// SAFETY: used only by the boot CPU (the shell and its main loop); the device writes the
-// buffers and rings through DMA, which every access tolerates (volatile accesses).
-unsafe impl<T> Sync for Shared<T> {}
-
 #[repr(C, align(4096))]
 struct Buffers([[u8; BUF]; QUEUE_SIZE as usize]);
 
-static RX_RING: Shared<RingPage> = Shared(UnsafeCell::new(RingPage::new()));
-static TX_RING: Shared<RingPage> = Shared(UnsafeCell::new(RingPage::new()));
-static RX_BUFS: Shared<Buffers> = Shared(UnsafeCell::new(Buffers([[0; BUF]; 128])));
-static TX_BUFS: Shared<Buffers> = Shared(UnsafeCell::new(Buffers([[0; BUF]; 128])));
-static STATE: Shared<State> = Shared(UnsafeCell::new(State::Unprobed));
-
-#[allow(clippy::large_enum_variant)] // one static instance, never moved
-enum State {
-    Unprobed,
-    Absent,
-    Failed(&'static str),
-    Ready(Nic),
-}
+static RX_RING: Shared<RingPage> = Shared::new(RingPage::new());
+static TX_RING: Shared<RingPage> = Shared::new(RingPage::new());
+static RX_BUFS: Shared<Buffers> = Shared::new(Buffers([[0; BUF]; 128]));
+static TX_BUFS: Shared<Buffers> = Shared::new(Buffers([[0; BUF]; 128]));
+static STATE: Shared<Probed<Nic>> = Shared::new(Probed::Unprobed);
 
 #[derive(Default, Clone, Copy)]
 pub struct Counters {
@@ -122,20 +108,7 @@ fn probe() -> Result<Option<Nic>, &'static str> {
 fn nic() -> Result<&'static mut Nic, &'static str> {
     // SAFETY: only the boot CPU's shell and main loop call this (see `Shared`), never
     // re-entrantly.
-    let state = unsafe { &mut *STATE.0.get() };
-    if let State::Unprobed = state {
-        *state = match probe() {
-            Ok(Some(n)) => State::Ready(n),
-            Ok(None) => State::Absent,
-            Err(e) => State::Failed(e),
-        };
-    }
-    match state {
-        State::Ready(n) => Ok(n),
-        State::Absent => Err("no virtio-net device"),
-        State::Failed(e) => Err(e),
-        State::Unprobed => Err("not probed"),
-    }
+    unsafe { &mut *STATE.0.get() }.get("no virtio-net device", probe)
 }
 
 /// Sets the device up at boot if there is one, with the command line's address.
@@ -152,7 +125,7 @@ pub fn init(ip: Option<&str>) {
 /// needs an answer (a kick, if the device asked for one).
 pub fn poll() {
     // SAFETY: as in `nic`.
-    if let State::Ready(n) = unsafe { &mut *STATE.0.get() } {
+    if let Some(n) = unsafe { &mut *STATE.0.get() }.ready() {
         n.receive();
     }
 }

@@ -2,31 +2,17 @@
 //! completed by the queue's interrupt.
 //!
 //! Set up on first use: without the device the guest runs as before and `rng` says so.
-use core::cell::UnsafeCell;
 
-use crate::virtio::{self, Buffer, Queue, RingPage, Transport};
+use crate::virtio::{self, Buffer, Probed, Queue, RingPage, Shared, Transport};
 
 const DEVICE_TYPE: u16 = 4;
 const QUEUE_SIZE: u16 = 16;
 pub const MAX_REQUEST: usize = 1024;
 const TIMEOUT_NS: u64 = 2_000_000_000;
 
-struct Shared<T>(UnsafeCell<T>);
-// SAFETY: used only by the boot CPU (the shell); the device writes the pages through DMA,
-// which every access here tolerates (volatile accesses).
-unsafe impl<T> Sync for Shared<T> {}
-
-static RINGS: Shared<RingPage> = Shared(UnsafeCell::new(RingPage::new()));
-static BUFFER: Shared<RingPage> = Shared(UnsafeCell::new(RingPage::new()));
-static STATE: Shared<State> = Shared(UnsafeCell::new(State::Unprobed));
-
-#[allow(clippy::large_enum_variant)] // one static instance, never moved
-enum State {
-    Unprobed,
-    Absent,
-    Failed(&'static str),
-    Ready(Queue),
-}
+static RINGS: Shared<RingPage> = Shared::new(RingPage::new());
+static BUFFER: Shared<RingPage> = Shared::new(RingPage::new());
+static STATE: Shared<Probed<Queue>> = Shared::new(Probed::Unprobed);
 
 fn probe() -> Result<Option<Queue>, &'static str> {
     let Some(t) = Transport::probe(DEVICE_TYPE, 0)? else {
@@ -64,29 +50,15 @@ fn request(q: &mut Queue, out: &mut [u8]) -> Result<usize, &'static str> {
 /// Fills `out` from the virtio-rng device, setting it up on first use.
 pub fn read(out: &mut [u8]) -> Result<usize, &'static str> {
     // SAFETY: only the boot CPU's shell calls this (see `Shared`).
-    let state = unsafe { &mut *STATE.0.get() };
-    if let State::Unprobed = state {
-        *state = match probe() {
-            Ok(Some(q)) => State::Ready(q),
-            Ok(None) => State::Absent,
-            Err(e) => State::Failed(e),
-        };
-    }
-    match state {
-        State::Ready(q) => request(q, out),
-        State::Absent => Err("no virtio-rng device"),
-        State::Failed(e) => Err(e),
-        State::Unprobed => Err("not probed"),
-    }
+    let q = unsafe { &mut *STATE.0.get() }.get("no virtio-rng device", probe)?;
+    request(q, out)
 }
 
 /// (interrupts of the rng's queue, watchdog timer interrupts) taken so far.
 pub fn interrupts() -> (u64, u64) {
     // SAFETY: as in `read`.
-    let state = unsafe { &*STATE.0.get() };
-    let irqs = match state {
-        State::Ready(q) => q.irqs(),
-        _ => 0,
-    };
+    let irqs = unsafe { &mut *STATE.0.get() }
+        .ready()
+        .map_or(0, |q| q.irqs());
     (irqs, virtio::watchdog_irqs())
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use ray_api::vmm::VmStateName;
 use ray_e2e::{Env, Vm};
 
-use crate::devices::{delta, exits};
+use crate::devices::delta;
 
 const READY: Duration = Duration::from_secs(20);
 
@@ -62,12 +62,12 @@ fn guest_writes_land_in_the_file_and_host_bytes_reach_the_guest_without_exits() 
     );
 
     // A request costs no exit: the kick is an ioeventfd, the completion an irqfd.
-    let t0 = exits(&vm);
+    let t0 = vm.exits();
     let r = vm.command("disk read 0 64", "disk ");
-    let t1 = exits(&vm);
+    let t1 = vm.exits();
     let e = vm.command("echo x", "x");
     assert_eq!(e, "x");
-    let t2 = exits(&vm);
+    let t2 = vm.exits();
     let (req, base) = (delta(&t0, &t1), delta(&t1, &t2));
     eprintln!("exits: disk read {req:?}; echo {base:?}; {r}");
     assert!(r.starts_with("disk read ok"), "{r}");
@@ -132,21 +132,10 @@ fn a_disk_write_after_snapshot_restore_lands() {
     let img = image(&env, "s.img", 8);
     let mut vm = boot_with(&env, img.to_str().unwrap());
     assert!(vm.command("disk write 0 8 0x11", "disk ").contains("ok"));
-    env.ray_ok(&["vm", "pause", &vm.id]);
-    let path = env.runtime.join("snap-blk");
-    let path = path.to_str().unwrap();
-    env.ray_ok(&["snapshot", "create", &vm.id, path]);
-    env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
-
-    let out = env.ray_ok(&[
-        "snapshot", "restore", path, "--id", "blk-back", "--detach", "--json",
-    ]);
-    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
-    assert_eq!(info.state, VmStateName::Running);
-    let mut back = env.attach("blk-back", info.pid);
-    let t0 = exits(&back);
+    let mut back = env.snapshot_and_restore(&vm, "snap-blk", "blk-back");
+    let t0 = back.exits();
     let w = back.command("disk write 16 8 0x22", "disk ");
-    let t1 = exits(&back);
+    let t1 = back.exits();
     assert!(w.starts_with("disk write ok"), "{w}");
     assert_eq!(delta(&t0, &t1)["mmio"], 0, "the driver's set-up came back");
     assert_eq!(read_at(&img, 0, 4096), vec![0x11; 4096]);
@@ -156,46 +145,22 @@ fn a_disk_write_after_snapshot_restore_lands() {
 #[test]
 fn a_disk_write_after_a_live_migration_lands_and_a_missing_disk_refuses_it() {
     let env = Env::new("blk-mig");
-    let key = env.runtime.join("key");
-    std::fs::write(&key, "a pre-shared key of some length").unwrap();
-    let key = key.to_str().unwrap();
+    let key = &env.key_file("key", "a pre-shared key of some length");
     let img = image(&env, "m.img", 8);
     let mut src = env.boot(&["--memory", "128M", "--disk", img.to_str().unwrap()]);
     src.expect_line("ready", READY);
     assert!(src.command("disk write 0 8 0x33", "disk ").contains("ok"));
 
     let src_id = src.id.clone();
-    let migrate = |id: &str, sock: &str| {
-        let listen = format!("unix:{}", env.runtime.join(sock).display());
-        let out = env.ray_ok(&[
-            "migrate",
-            "receive",
-            "--listen",
-            &listen,
-            "--key-file",
-            key,
-            "--id",
-            id,
-            "--json",
-        ]);
-        let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
-        let started = env.ray(&[
-            "migrate",
-            "start",
-            &src_id,
-            "--to",
-            &listen,
-            "--key-file",
-            key,
-            "--json",
-        ]);
-        (info, started)
+    let migrate = |id: &str| {
+        let (dst, listen) = env.receive(id, key, &[]);
+        (dst, env.migrate_start(&src_id, &listen, key))
     };
 
     // The disk is not where the source has it: the target refuses, the source goes on.
     let moved = env.runtime.join("m.moved");
     std::fs::rename(&img, &moved).unwrap();
-    let (_, refused) = migrate("blk-nodisk", "a.sock");
+    let (_, refused) = migrate("blk-nodisk");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&refused.stdout),
@@ -209,9 +174,8 @@ fn a_disk_write_after_a_live_migration_lands_and_a_missing_disk_refuses_it() {
     });
     assert!(src.command("disk write 8 8 0x44", "disk ").contains("ok"));
 
-    let (info, started) = migrate("blk-dst", "b.sock");
+    let (mut dst, started) = migrate("blk-dst");
     assert!(started.status.success(), "{started:?}");
-    let mut dst = env.attach("blk-dst", info.pid);
     src.wait_exit(Duration::from_secs(10));
     let w = dst.command("disk write 16 8 0x55", "disk ");
     assert!(w.starts_with("disk write ok"), "{w}");

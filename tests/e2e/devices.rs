@@ -2,30 +2,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ray_api::vmm::VmStateName;
 use ray_e2e::{Env, Vm};
 
 const READY: Duration = Duration::from_secs(20);
-
-/// vCPU exits by reason, summed over vCPUs, from `GET /metrics`.
-pub(crate) fn exits(vm: &Vm) -> BTreeMap<String, u64> {
-    let a = vm.client.raw("GET", "/metrics", None).unwrap();
-    let text = String::from_utf8_lossy(&a.body).into_owned();
-    let mut by_reason = BTreeMap::new();
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("ray_vcpu_exits_total{"))
-    {
-        let reason = line
-            .split("reason=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .unwrap_or_else(|| panic!("{line}"));
-        let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-        *by_reason.entry(reason.to_string()).or_default() += n;
-    }
-    by_reason
-}
 
 pub(crate) fn delta(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
     b.iter().map(|(k, v)| (k.clone(), v - a[k])).collect()
@@ -53,14 +32,14 @@ fn rng_bytes_come_from_the_device_by_interrupt_without_exits_to_the_vmm() {
 
     // The first request also finds and sets up the device (PCI probing: port exits; the
     // transport's registers: MMIO exits).
-    let t0 = exits(&vm);
+    let t0 = vm.exits();
     let (a, irqs_a) = rng(&mut vm, 32);
-    let t1 = exits(&vm);
+    let t1 = vm.exits();
     let (b, irqs_b) = rng(&mut vm, 32);
-    let t2 = exits(&vm);
+    let t2 = vm.exits();
     let echo = vm.command("echo x", "x");
     assert_eq!(echo, "x");
-    let t3 = exits(&vm);
+    let t3 = vm.exits();
     let (setup, steady, baseline) = (delta(&t0, &t1), delta(&t1, &t2), delta(&t2, &t3));
     let times: Vec<String> = (0..5)
         .map(|_| vm.command("rng 32", "rng "))
@@ -99,23 +78,12 @@ fn rng_works_after_snapshot_restore_with_its_device_state() {
     let mut vm = env.boot(&[]);
     vm.expect_line("ready", READY);
     let (before, _) = rng(&mut vm, 32);
-    env.ray_ok(&["vm", "pause", &vm.id]);
-    let path = env.runtime.join("snap-rng");
-    let path = path.to_str().unwrap();
-    env.ray_ok(&["snapshot", "create", &vm.id, path]);
-    env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
-
-    let out = env.ray_ok(&[
-        "snapshot", "restore", path, "--id", "rng-back", "--detach", "--json",
-    ]);
-    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
-    assert_eq!(info.state, VmStateName::Running);
-    let mut back = env.attach("rng-back", info.pid);
+    let mut back = env.snapshot_and_restore(&vm, "snap-rng", "rng-back");
     // The driver set up before the snapshot goes on: queue position, MSI-X routes and the
     // ioeventfd all came back.
-    let t0 = exits(&back);
+    let t0 = back.exits();
     let (after, irqs) = rng(&mut back, 32);
-    let t1 = exits(&back);
+    let t1 = back.exits();
     assert_ne!(before, after);
     assert_eq!(irqs, 2, "one interrupt before the snapshot, one after");
     assert_eq!(delta(&t0, &t1)["mmio"], 0, "no set-up again after restore");
@@ -124,41 +92,13 @@ fn rng_works_after_snapshot_restore_with_its_device_state() {
 #[test]
 fn rng_works_after_a_live_migration() {
     let env = Env::new("rng-mig");
-    let key = env.runtime.join("key");
-    std::fs::write(&key, "a pre-shared key of some length").unwrap();
-    let key = key.to_str().unwrap();
     let mut src = env.boot(&["--memory", "128M"]);
     src.expect_line("ready", READY);
     let (before, _) = rng(&mut src, 32);
-    let sock = env.runtime.join("rng.sock");
-    let listen = format!("unix:{}", sock.display());
-    let out = env.ray_ok(&[
-        "migrate",
-        "receive",
-        "--listen",
-        &listen,
-        "--key-file",
-        key,
-        "--id",
-        "rng-dst",
-        "--json",
-    ]);
-    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
-    let mut dst = env.attach("rng-dst", info.pid);
-    env.ray_ok(&[
-        "migrate",
-        "start",
-        &src.id,
-        "--to",
-        &listen,
-        "--key-file",
-        key,
-        "--json",
-    ]);
-    src.wait_exit(Duration::from_secs(10));
-    let t0 = exits(&dst);
+    let mut dst = env.migrate_here(&src, "rng-dst");
+    let t0 = dst.exits();
     let (after, irqs) = rng(&mut dst, 32);
-    let t1 = exits(&dst);
+    let t1 = dst.exits();
     assert_ne!(before, after);
     assert_eq!(irqs, 2, "one interrupt on each host");
     assert_eq!(

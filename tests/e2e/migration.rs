@@ -123,12 +123,6 @@ impl Drop for Net {
     }
 }
 
-pub(crate) fn key_file(env: &Env, name: &str, secret: &str) -> String {
-    let path = env.runtime.join(name);
-    std::fs::write(&path, secret).unwrap();
-    path.display().to_string()
-}
-
 /// Boots the source VM in namespace A.
 fn boot_source(env: &Env, net: &Net, memory: &str) -> Vm {
     let out = net.ray_ok(
@@ -149,7 +143,7 @@ fn boot_source(env: &Env, net: &Net, memory: &str) -> Vm {
 fn source_and_target(tag: &str, net: &str, port: u16, memory: &str) -> (Env, Net, String, Vm, Vm) {
     let env = Env::new(tag);
     let net = Net::new(net);
-    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let key = env.key_file("key", "a pre-shared key of some length");
     let src = boot_source(&env, &net, memory);
     let dst = receive(&env, &net, port, &key, memory);
     (env, net, key, src, dst)
@@ -314,7 +308,7 @@ fn region_of(line: &str) -> u64 {
 fn guest_moves_between_namespaces_while_dirtying_and_ticking() {
     let env = Env::new("mig-ok");
     let net = Net::new("ok");
-    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let key = env.key_file("key", "a pre-shared key of some length");
     let mut src = boot_source(&env, &net, "512M");
 
     // 48 MiB of guest data, written once and then left alone...
@@ -474,8 +468,8 @@ fn cut_link_mid_transfer_leaves_the_source_running() {
 fn wrong_key_is_refused_before_any_memory_moves() {
     let env = Env::new("mig-key");
     let net = Net::new("key");
-    let key = key_file(&env, "key", "a pre-shared key of some length");
-    let other = key_file(&env, "other", "another key, just as long");
+    let key = env.key_file("key", "a pre-shared key of some length");
+    let other = env.key_file("other", "another key, just as long");
     let mut src = boot_source(&env, &net, "256M");
     let dst = receive(&env, &net, 7004, &other, "256M");
     let out = start_to(&env, &net, 7004, &key, &[]);
@@ -491,7 +485,7 @@ fn wrong_key_is_refused_before_any_memory_moves() {
     assert_eq!(dst.state(), VmStateName::MigrationTarget);
 
     // A key file that is too short is refused by the API, naming the file.
-    let short = key_file(&env, "short", "tiny");
+    let short = env.key_file("short", "tiny");
     let out = net.ray(
         &env,
         &net.a,
@@ -518,7 +512,7 @@ fn wrong_key_is_refused_before_any_memory_moves() {
 fn incompatible_target_is_refused_before_any_memory_moves() {
     let env = Env::new("mig-compat");
     let net = Net::new("compat");
-    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let key = env.key_file("key", "a pre-shared key of some length");
     let mut src = boot_source(&env, &net, "256M");
     let dst = receive(&env, &net, 7005, &key, "128M");
     let out = start_to(&env, &net, 7005, &key, &[]);
@@ -613,30 +607,15 @@ fn auto_converge_throttles_the_vcpus_and_a_rollback_lifts_it() {
 #[test]
 fn same_host_move_over_a_unix_socket() {
     let env = Env::new("mig-unix");
-    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let key = env.key_file("key", "a pre-shared key of some length");
     let mut src = env.boot(&["--memory", "128M"]);
     src.expect_line("ready", READY);
     src.command("tick 20", "tick on 20");
-    let sock = env.runtime.join("incoming.sock");
-    let listen = format!("unix:{}", sock.display());
-    let out = env.ray_ok(&[
-        "migrate",
-        "receive",
-        "--listen",
-        &listen,
-        "--key-file",
-        &key,
-        "--memory",
-        "128M",
-        "--vcpus",
-        "1",
-        "--id",
+    let (mut dst, listen) = env.receive(
         "here",
-        "--prefault",
-        "--json",
-    ]);
-    let info: VmInfo = serde_json::from_str(&out).unwrap();
-    let mut dst = env.attach("here", info.pid);
+        &key,
+        &["--memory", "128M", "--vcpus", "1", "--prefault"],
+    );
     assert_eq!(migration(&dst).peer, listen);
     wait_prefaulted(&dst, 128 << 20);
     let out = env.ray_ok(&[
@@ -660,7 +639,10 @@ fn same_host_move_over_a_unix_socket() {
     src.wait_exit(Duration::from_secs(10));
     dst.expect_line("tick ", Duration::from_secs(5));
     assert_eq!(dst.command("echo over unix", "over"), "over unix");
-    assert!(!sock.exists(), "the listening socket is removed once used");
+    assert!(
+        !std::path::Path::new(listen.trim_start_matches("unix:")).exists(),
+        "the listening socket is removed once used"
+    );
     let t = migration(&dst);
     assert_eq!(t.prefault_bytes, Some(128 << 20), "{t:?}");
 }
@@ -680,7 +662,7 @@ fn wait_prefaulted(dst: &Vm, bytes: u64) {
 fn target_dying_after_the_switchover_leaves_the_source_paused_until_reclaimed() {
     let env = Env::new("mig-split");
     let net = Net::new("split");
-    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let key = env.key_file("key", "a pre-shared key of some length");
     let mut src = boot_source(&env, &net, "128M");
     src.command("tick 20", "tick on 20");
     // A target that exits the moment the source has committed (it received `Switchover`)

@@ -27,15 +27,6 @@ fn boot(env: &Env, ns: &Netns) -> Vm {
     vm
 }
 
-fn exits(vm: &Vm) -> u64 {
-    let a = vm.client.raw("GET", "/metrics", None).unwrap();
-    String::from_utf8_lossy(&a.body)
-        .lines()
-        .filter(|l| l.starts_with("ray_vcpu_exits_total{"))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
-}
-
 /// `ping -c n` from the namespace; asserts every reply came.
 fn ping_guest(ns: &Netns, n: u32) {
     let out = ns
@@ -100,9 +91,9 @@ fn net_namespace_and_guest_reach_each_other_over_a_tap() {
     check_all(&mut vm, &ns);
 
     // Exits per packet: 20 pings (40 packets through the device).
-    let e0 = exits(&vm);
+    let e0 = vm.exits_total();
     ping_guest(&ns, 20);
-    let e1 = exits(&vm);
+    let e1 = vm.exits_total();
     eprintln!("exits per packet (ping): {:.2}", (e1 - e0) as f64 / 40.0);
     let c = counters(&mut vm);
     assert!(c["rx"].parse::<u64>().unwrap() >= 25, "{c:?}");
@@ -122,16 +113,7 @@ fn net_works_after_snapshot_restore() {
     let ns = netns("net-snap");
     let mut vm = boot(&env, &ns);
     check_all(&mut vm, &ns);
-    env.ray_ok(&["vm", "pause", &vm.id]);
-    let path = env.runtime.join("snap-net");
-    let path = path.to_str().unwrap();
-    env.ray_ok(&["snapshot", "create", &vm.id, path]);
-    env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
-    let out = env.ray_ok(&[
-        "snapshot", "restore", path, "--id", "net-back", "--detach", "--json",
-    ]);
-    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
-    let mut back = env.attach("net-back", info.pid);
+    let mut back = env.snapshot_and_restore(&vm, "snap-net", "net-back");
     check_all(&mut back, &ns);
 }
 
@@ -139,39 +121,11 @@ fn net_works_after_snapshot_restore() {
 fn net_works_after_a_live_migration_on_the_same_tap() {
     let env = Env::new("net-mig");
     let ns = netns("net-mig");
-    let key = env.runtime.join("key");
-    std::fs::write(&key, "a pre-shared key of some length").unwrap();
-    let key = key.to_str().unwrap();
     let mut src = boot(&env, &ns);
     check_all(&mut src, &ns);
-    let sock = env.runtime.join("net.sock");
-    let listen = format!("unix:{}", sock.display());
     // The target opens the same TAP while the source still holds it: its queue stays
     // detached until it resumes.
-    let out = env.ray_ok(&[
-        "migrate",
-        "receive",
-        "--listen",
-        &listen,
-        "--key-file",
-        key,
-        "--id",
-        "net-dst",
-        "--json",
-    ]);
-    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
-    let mut dst = env.attach("net-dst", info.pid);
-    env.ray_ok(&[
-        "migrate",
-        "start",
-        &src.id,
-        "--to",
-        &listen,
-        "--key-file",
-        key,
-        "--json",
-    ]);
-    src.wait_exit(Duration::from_secs(10));
+    let mut dst = env.migrate_here(&src, "net-dst");
     check_all(&mut dst, &ns);
 }
 

@@ -108,16 +108,7 @@ fn two_guest_nodes_are_described_bound_and_pinned_and_survive_a_restore() {
 
     // Memory in the second node's range holds what the guest wrote across a restore.
     let before = vm.sum(0x400_0000, 1 << 20);
-    env.ray_ok(&["vm", "pause", &vm.id]);
-    let path = env.runtime.join("snap-numa");
-    let path = path.to_str().unwrap();
-    env.ray_ok(&["snapshot", "create", &vm.id, path]);
-    env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
-    let out = env.ray_ok(&[
-        "snapshot", "restore", path, "--id", "back", "--detach", "--json",
-    ]);
-    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
-    let mut back = env.attach("back", info.pid);
+    let mut back = env.snapshot_and_restore(&vm, "snap-numa", "back");
     assert_eq!(back.sum(0x400_0000, 1 << 20), before);
     check_placement(&mut back);
 }
@@ -198,35 +189,11 @@ fn impossible_bindings_are_refused_before_anything_starts() {
 #[test]
 fn a_migrated_vm_keeps_its_nodes_and_the_target_binds_them() {
     let env = Env::new("numa-migrate");
-    let key = crate::migration::key_file(&env, "key", "a pre-shared key of some length");
     let mut src = env.boot(&TWO_NODES);
     src.expect_line("ready", READY);
     let before = src.sum(0x400_0000, 1 << 20);
-    let sock = env.runtime.join("incoming.sock");
-    let listen = format!("unix:{}", sock.display());
     // A target not told the VM's shape allocates the source's node-split layout.
-    let out = env.ray_ok(&[
-        "migrate",
-        "receive",
-        "--listen",
-        &listen,
-        "--key-file",
-        &key,
-        "--id",
-        "there",
-        "--json",
-    ]);
-    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
-    let mut dst = env.attach("there", info.pid);
-    env.ray_ok(&[
-        "migrate",
-        "start",
-        &src.id,
-        "--to",
-        &listen,
-        "--key-file",
-        &key,
-    ]);
+    let mut dst = env.migrate_here(&src, "there");
     dst.wait_for(
         "the VM to run on the target",
         Duration::from_secs(10),

@@ -576,12 +576,10 @@ fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     vm.command("dirty stop", "dirty off");
     snap(&vm, "s2", "incremental");
     // A migration to nowhere fails; it is counted too.
-    let key = env.runtime.join("key");
-    std::fs::write(&key, "a pre-shared key of some length").unwrap();
+    let key = env.key_file("key", "a pre-shared key of some length");
     let body = format!(
-        r#"{{"to":"unix:{}","key_file":"{}"}}"#,
+        r#"{{"to":"unix:{}","key_file":"{key}"}}"#,
         env.runtime.join("nobody-listens.sock").display(),
-        key.display()
     );
     let _ = vm
         .client

@@ -27,12 +27,6 @@ fn failed(out: &Output, code: i32, what: &str) -> String {
     err
 }
 
-fn key_file(env: &Env, name: &str, secret: &str) -> String {
-    let path = env.runtime.join(name);
-    std::fs::write(&path, secret).unwrap();
-    path.display().to_string()
-}
-
 fn migration(vm: &Vm) -> MigrationStatus {
     vm.client
         .call("GET", "/vm/migration", None)
@@ -307,7 +301,7 @@ fn status_reads_are_answered_while_a_snapshot_is_written() {
 #[test]
 fn a_file_at_the_listen_path_is_left_alone() {
     let env = Env::new("rb-listen");
-    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let key = env.key_file("key", "a pre-shared key of some length");
     let path = env.runtime.join("precious.txt");
     std::fs::write(&path, "do not delete").unwrap();
     let listen = format!("unix:{}", path.display());
@@ -332,25 +326,6 @@ fn a_file_at_the_listen_path_is_left_alone() {
     assert!(!listed(&env).contains(&"dst".to_string()));
 }
 
-/// Starts a target waiting on `listen` (more `ray migrate receive` arguments in `extra`).
-fn receive(env: &Env, id: &str, listen: &str, key: &str, extra: &[&str]) -> Vm {
-    let mut args = vec![
-        "migrate",
-        "receive",
-        "--listen",
-        listen,
-        "--key-file",
-        key,
-        "--id",
-        id,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let info: VmInfo = serde_json::from_str(&env.ray_ok(&args)).unwrap();
-    assert_eq!(info.state, VmStateName::MigrationTarget);
-    env.attach(id, info.pid)
-}
-
 /// Issue 13.5: one stray TCP connection (an HTTP GET) to a waiting `migrate receive`
 /// terminated the target, and the real source then found nobody. Connections that fail
 /// before proving the key are dropped and logged; the real migration then succeeds.
@@ -359,14 +334,13 @@ fn receive(env: &Env, id: &str, listen: &str, key: &str, extra: &[&str]) -> Vm {
 #[test]
 fn a_stray_connection_does_not_end_a_waiting_target() {
     let env = Env::new("rb-stray");
-    let key = key_file(&env, "key", "a pre-shared key of some length");
-    let wrong = key_file(&env, "wrong", "another key of some length");
+    let key = env.key_file("key", "a pre-shared key of some length");
+    let wrong = env.key_file("wrong", "another key of some length");
     let mut src = boot(&env, "src", &["--vcpus", "2", "--memory", "256M"]);
     src.command("tick 20", "tick on 20");
 
     // A target started for another shape refuses the source, naming both values.
-    let told = receive(
-        &env,
+    let told = env.receive_on(
         "told",
         "127.0.0.1:0",
         &key,
@@ -384,7 +358,7 @@ fn a_stray_connection_does_not_end_a_waiting_target() {
     assert_eq!(src.state(), VmStateName::Running);
     told.wait_exit(Duration::from_secs(10));
 
-    let dst = receive(&env, "dst", "127.0.0.1:0", &key, &[]);
+    let dst = env.receive_on("dst", "127.0.0.1:0", &key, &[]);
     let addr = migration(&dst).peer;
     assert!(
         dst.info().config.is_none(),
@@ -458,7 +432,7 @@ fn a_stray_connection_does_not_end_a_waiting_target() {
 #[test]
 fn stop_during_the_paused_final_copy_cancels_the_migration_then_stops() {
     let env = Env::new("rb-stopmig");
-    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let key = env.key_file("key", "a pre-shared key of some length");
     // The source holds the migration right after pausing the guest (a test hook).
     let out = env.ray_with(
         &[
@@ -470,7 +444,7 @@ fn stop_during_the_paused_final_copy_cancels_the_migration_then_stops() {
     let mut src = env.attach("src", info.pid);
     src.expect_line("ready", READY);
     let listen = format!("unix:{}", env.runtime.join("in.sock").display());
-    let dst = receive(&env, "dst", &listen, &key, &[]);
+    let dst = env.receive_on("dst", &listen, &key, &[]);
     env.ray_ok(&[
         "migrate",
         "start",
@@ -557,7 +531,7 @@ fn invalid_runs_exit_6_and_leave_no_vm_behind() {
     assert!(listed(&env).is_empty(), "{:?}", listed(&env));
     assert!(!ray::runtime::vm_dir(&env.runtime, "bad").exists());
     // The same for the other commands that start a VMM.
-    let key = key_file(&env, "key", "a pre-shared key of some length");
+    let key = env.key_file("key", "a pre-shared key of some length");
     let out = env.ray(&[
         "migrate",
         "receive",

@@ -26,15 +26,6 @@ fn dirtied(env: &Env, memory: &str, mib: u64) -> (Vm, u64) {
     (vm, region)
 }
 
-fn restore(env: &Env, path: &str, id: &str) -> Vm {
-    let out = env.ray_ok(&[
-        "snapshot", "restore", path, "--id", id, "--detach", "--json",
-    ]);
-    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
-    assert_eq!(info.state, VmStateName::Running);
-    env.attach(id, info.pid)
-}
-
 #[test]
 fn restored_guest_continues_with_identical_memory() {
     let env = Env::new("snap-restore");
@@ -53,7 +44,7 @@ fn restored_guest_continues_with_identical_memory() {
     assert!((16 << 20..32 << 20).contains(&on_disk), "{info}");
     env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
 
-    let mut back = restore(&env, path, "restored");
+    let mut back = env.restore(path, "restored");
     let hb = back
         .wait_for("heartbeat after restore", Duration::from_secs(5), |i| {
             i.heartbeat
@@ -208,7 +199,7 @@ fn damaged_snapshots_are_refused_with_the_file_named() {
     assert!(err.contains("format version 9"), "{err}");
 
     // The original still restores, and the source VM was never disturbed.
-    let back = restore(&env, good.to_str().unwrap(), "from-good");
+    let back = env.restore(good.to_str().unwrap(), "from-good");
     assert_eq!(back.state(), VmStateName::Running);
     assert_eq!(vm.state(), VmStateName::Running);
 }
@@ -256,7 +247,7 @@ fn kill_during_a_snapshot_leaves_no_snapshot_and_older_ones_intact() {
     let status = env.ray(&["snapshot", "status", target.to_str().unwrap()]);
     assert!(!status.status.success());
     // The older snapshot restores and runs.
-    let back = restore(&env, older.to_str().unwrap(), "after-crash");
+    let back = env.restore(older.to_str().unwrap(), "after-crash");
     assert_eq!(back.state(), VmStateName::Running);
 }
 
@@ -340,7 +331,7 @@ fn incremental_chain_of_three_restores_each_checkpoint_and_merges() {
     // Every checkpoint restores to exactly its memory, and keeps running.
     for (k, expected) in sums.iter().enumerate() {
         let id = format!("back-{k}");
-        let mut back = restore(&env, &at(&format!("c{k}")), &id);
+        let mut back = env.restore(&at(&format!("c{k}")), &id);
         assert_eq!(&back.sum(region, 8 << 20), expected, "c{k}");
         assert_eq!(back.command("echo alive", "alive"), "alive");
         if k == 3 {
@@ -365,7 +356,7 @@ fn incremental_chain_of_three_restores_each_checkpoint_and_merges() {
         }
         env.ray_ok(&["vm", "stop", &id, "--timeout-ms", "0"]);
     }
-    let mut c4 = restore(&env, &at("c4"), "back-4");
+    let mut c4 = env.restore(&at("c4"), "back-4");
     assert_eq!(c4.sum(region, 8 << 20), sums[3], "c4");
     env.ray_ok(&["vm", "stop", "back-4", "--timeout-ms", "0"]);
 
@@ -381,7 +372,7 @@ fn incremental_chain_of_three_restores_each_checkpoint_and_merges() {
     for k in [4, 3, 2, 1] {
         env.ray_ok(&["snapshot", "delete", &at(&format!("c{k}"))]);
     }
-    let mut flat = restore(&env, &at("flat"), "from-flat");
+    let mut flat = env.restore(&at("flat"), "from-flat");
     assert_eq!(flat.sum(region, 8 << 20), sums[3]);
     let list = json(&env.ray_ok(&["snapshot", "list", store.to_str().unwrap(), "--json"]));
     let ids: Vec<&str> = list["snapshots"]

@@ -3,6 +3,7 @@
 //!
 //! Every test gets its own runtime directory. VMs are stopped (and their VMM processes
 //! killed) when the [`Vm`] handle is dropped, so a failing test leaves nothing running.
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard};
@@ -114,6 +115,87 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Writes a pre-shared migration key into the runtime directory; returns its path.
+    pub fn key_file(&self, name: &str, secret: &str) -> String {
+        let path = self.runtime.join(name);
+        std::fs::write(&path, secret).unwrap();
+        path.display().to_string()
+    }
+
+    /// Pauses `vm`, snapshots it to `<runtime>/<name>`, stops it and restores the snapshot
+    /// as VM `id`, which must come back running.
+    pub fn snapshot_and_restore(&self, vm: &Vm, name: &str, id: &str) -> Vm {
+        self.ray_ok(&["vm", "pause", &vm.id]);
+        let path = self.runtime.join(name);
+        let path = path.to_str().unwrap();
+        self.ray_ok(&["snapshot", "create", &vm.id, path]);
+        self.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
+        self.restore(path, id)
+    }
+
+    /// `ray snapshot restore PATH --id ID --detach`; the VM must come back running.
+    pub fn restore(&self, path: &str, id: &str) -> Vm {
+        let out = self.ray_ok(&[
+            "snapshot", "restore", path, "--id", id, "--detach", "--json",
+        ]);
+        let info: VmInfo = serde_json::from_str(&out).unwrap();
+        assert_eq!(info.state, VmStateName::Running, "{id} after restore");
+        self.attach(id, info.pid)
+    }
+
+    /// Starts a migration target `id` listening on a Unix socket in the runtime directory
+    /// (`ray migrate receive`); returns it and its listen address.
+    pub fn receive(&self, id: &str, key: &str, extra: &[&str]) -> (Vm, String) {
+        let listen = format!("unix:{}", self.runtime.join(format!("{id}.sock")).display());
+        (self.receive_on(id, &listen, key, extra), listen)
+    }
+
+    /// Starts a migration target `id` waiting on `listen` (more `ray migrate receive`
+    /// arguments in `extra`).
+    pub fn receive_on(&self, id: &str, listen: &str, key: &str, extra: &[&str]) -> Vm {
+        let mut args = vec![
+            "migrate",
+            "receive",
+            "--listen",
+            listen,
+            "--key-file",
+            key,
+            "--id",
+            id,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let info: VmInfo = serde_json::from_str(&self.ray_ok(&args)).unwrap();
+        assert_eq!(info.state, VmStateName::MigrationTarget);
+        self.attach(id, info.pid)
+    }
+
+    /// `ray migrate start` of VM `src` to `listen` with `key`; its output, failed or not.
+    pub fn migrate_start(&self, src: &str, listen: &str, key: &str) -> Output {
+        self.ray(&[
+            "migrate",
+            "start",
+            src,
+            "--to",
+            listen,
+            "--key-file",
+            key,
+            "--json",
+        ])
+    }
+
+    /// Live-migrates `src` to a new VMM `id` on this host over a Unix socket and waits for
+    /// the source process to exit.
+    pub fn migrate_here(&self, src: &Vm, id: &str) -> Vm {
+        let key = self.key_file(&format!("{id}.key"), "a pre-shared key of some length");
+        let (dst, listen) = self.receive(id, &key, &[]);
+        succeeded(self.migrate_start(&src.id, &listen, &key), "migrate start");
+        src.wait_exit(Duration::from_secs(10));
+        dst
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.runtime);
@@ -131,6 +213,31 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// vCPU exits by reason, summed over vCPUs, from `GET /metrics`.
+    pub fn exits(&self) -> BTreeMap<String, u64> {
+        let a = self.client.raw("GET", "/metrics", None).unwrap();
+        let text = String::from_utf8_lossy(&a.body).into_owned();
+        let mut by_reason = BTreeMap::new();
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("ray_vcpu_exits_total{"))
+        {
+            let reason = line
+                .split("reason=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or_else(|| panic!("{line}"));
+            let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            *by_reason.entry(reason.to_string()).or_default() += n;
+        }
+        by_reason
+    }
+
+    /// All vCPU exits so far, every reason.
+    pub fn exits_total(&self) -> u64 {
+        self.exits().values().sum()
+    }
+
     pub fn info(&self) -> VmInfo {
         self.client.call("GET", "/vm", None).expect("GET /vm")
     }
