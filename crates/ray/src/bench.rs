@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use ray::client::VmmClient;
+use ray_api::vmm::{ConsoleInput, ConsoleTail};
 use ray_vmm::metrics::Footprint;
 use serde::Serialize;
 
@@ -147,12 +149,13 @@ fn footprint(pid: u32) -> anyhow::Result<Footprint> {
     Ok(f)
 }
 
-/// A VMM started for a benchmark (`ray vmm --start --attach`), its console on a pipe, up to
-/// the guest's `ready`. Dropped, it is killed and its directory removed.
+/// A VMM started for a benchmark (`ray vmm --start --attach`), its console on a pipe that
+/// a thread drains once the guest is `ready` (so the VMM never blocks on a full pipe);
+/// stopped and its directory removed when dropped.
 pub struct BenchVmm {
     dir: std::path::PathBuf,
     child: std::process::Child,
-    lines: Option<std::io::Lines<BufReader<std::process::ChildStdout>>>,
+    drain: Option<std::thread::JoinHandle<()>>,
     /// Process start -> `ready` on the console.
     pub ready: Duration,
 }
@@ -187,10 +190,10 @@ impl BenchVmm {
         let mut vmm = BenchVmm {
             dir,
             child,
-            lines: Some(BufReader::new(stdout).lines()),
+            drain: None,
             ready: Duration::ZERO,
         };
-        let lines = vmm.lines.as_mut().context("no console")?;
+        let mut lines = BufReader::new(stdout).lines();
         loop {
             match lines.next() {
                 Some(Ok(l)) if l.trim_end() == "ready" => break,
@@ -202,6 +205,7 @@ impl BenchVmm {
             }
         }
         vmm.ready = t0.elapsed();
+        vmm.drain = Some(std::thread::spawn(move || lines.for_each(drop)));
         Ok(vmm)
     }
 
@@ -209,33 +213,101 @@ impl BenchVmm {
         self.child.id()
     }
 
-    /// Stops the VMM (SIGTERM), drains its console so it never blocks on a full pipe, and
-    /// removes its directory.
-    pub fn stop(mut self) -> anyhow::Result<()> {
-        self.terminate();
-        for _ in self.lines.take().into_iter().flatten() {}
-        self.child.wait()?;
-        let _ = std::fs::remove_dir_all(&self.dir);
-        Ok(())
+    /// The guest's shell through the VMM's API (console input, answers from its output).
+    pub fn shell(&self) -> GuestShell {
+        GuestShell {
+            client: VmmClient::new(&self.dir.join("api.sock")),
+            seen: 0,
+        }
     }
 
-    fn terminate(&self) {
+    /// Stops the VMM (SIGTERM) and removes its directory.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.end()
+    }
+
+    fn end(&mut self) -> anyhow::Result<()> {
+        let Some(drain) = self.drain.take() else {
+            return Ok(());
+        };
         // SAFETY: plain kill(2) of our own child process.
         unsafe {
             libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
         }
+        self.child.wait()?;
+        let _ = drain.join();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
     }
 }
 
 impl Drop for BenchVmm {
     fn drop(&mut self) {
-        if self.lines.is_some() {
-            self.terminate();
-            self.lines = None;
-            let _ = self.child.wait();
-            let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = self.end();
+    }
+}
+
+/// A benchmark guest's shell, driven over the VMM's API.
+pub struct GuestShell {
+    pub client: VmmClient,
+    /// Console offset up to which answers have been read.
+    seen: u64,
+}
+
+impl GuestShell {
+    /// All vCPU exits so far (every reason), from `GET /metrics`.
+    pub fn exits(&self) -> anyhow::Result<u64> {
+        let a = self.client.raw("GET", "/metrics", None)?;
+        Ok(String::from_utf8_lossy(&a.body)
+            .lines()
+            .filter(|l| l.starts_with("ray_vcpu_exits_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum())
+    }
+
+    /// Sends `line` and waits (up to 10 minutes) for the guest's answer starting with
+    /// `prefix`; an answer starting with `err` is an error.
+    pub fn command(&mut self, line: &str, prefix: &str) -> anyhow::Result<String> {
+        let body = serde_json::to_vec(&ConsoleInput {
+            data: format!("{line}\n"),
+        })?;
+        let _: serde_json::Value = self.client.call("POST", "/vm/console", Some(body))?;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let tail: ConsoleTail = self.client.call("GET", "/vm/console?bytes=65536", None)?;
+            let start = tail.total_bytes - tail.data.len() as u64;
+            let skip = self.seen.saturating_sub(start) as usize;
+            let fresh = tail.data.get(skip..).unwrap_or_default();
+            let mut used = 0;
+            for l in fresh.split_inclusive('\n') {
+                if !l.ends_with('\n') {
+                    break;
+                }
+                used += l.len();
+                let l = l.trim();
+                if l.starts_with(prefix) || l.starts_with("err") {
+                    self.seen = start + (skip + used) as u64;
+                    if l.starts_with("err") {
+                        bail!("the guest answered `{line}` with: {l}");
+                    }
+                    return Ok(l.to_string());
+                }
+            }
+            self.seen = start + (skip + used) as u64;
+            if Instant::now() > deadline {
+                bail!("the guest did not answer `{line}`");
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The number after `name=` in a guest answer such as `disk bench ops=10 ns=2000`.
+pub fn field(line: &str, name: &str) -> anyhow::Result<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {name}= in the guest's answer: {line}"))
 }
 
 fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {

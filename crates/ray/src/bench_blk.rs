@@ -6,16 +6,14 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use ray::client::VmmClient;
-use ray_api::vmm::{ConsoleInput, ConsoleTail, DevicesConfig, DiskConfig, VmConfig, VmInfo};
+use ray_api::vmm::{DevicesConfig, DiskConfig, VmConfig};
 use serde::Serialize;
 
-use crate::bench::{print_row, Stats};
+use crate::bench::{field, print_row, BenchVmm, GuestShell, Stats};
 use crate::vm::{default_guest, DEFAULT_GUEST_CMDLINE};
 
 #[derive(Args)]
@@ -182,11 +180,6 @@ fn host_rand(path: &Path, size: u64, ops: u64, qd: usize) -> anyhow::Result<f64>
 }
 
 /// The VM of the benchmark, driven through its API.
-struct Guest {
-    client: VmmClient,
-    seen: u64,
-}
-
 /// One guest pass: (ops, bytes, seconds, irqs, exits).
 struct Pass {
     ops: f64,
@@ -196,72 +189,21 @@ struct Pass {
     exits: f64,
 }
 
-impl Guest {
-    fn exits(&self) -> anyhow::Result<u64> {
-        let a = self.client.raw("GET", "/metrics", None)?;
-        Ok(String::from_utf8_lossy(&a.body)
-            .lines()
-            .filter(|l| l.starts_with("ray_vcpu_exits_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum())
-    }
-
-    /// Sends `line` and waits for the guest's answer starting with `prefix` or `err`.
-    fn command(&mut self, line: &str, prefix: &str) -> anyhow::Result<String> {
-        let body = serde_json::to_vec(&ConsoleInput {
-            data: format!("{line}\n"),
-        })?;
-        let _: serde_json::Value = self.client.call("POST", "/vm/console", Some(body))?;
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let tail: ConsoleTail = self.client.call("GET", "/vm/console?bytes=65536", None)?;
-            let start = tail.total_bytes - tail.data.len() as u64;
-            let skip = self.seen.saturating_sub(start) as usize;
-            let fresh = tail.data.get(skip..).unwrap_or_default();
-            let mut used = 0;
-            for l in fresh.split_inclusive('\n') {
-                if !l.ends_with('\n') {
-                    break;
-                }
-                used += l.len();
-                let l = l.trim();
-                if l.starts_with(prefix) || l.starts_with("err") {
-                    self.seen = start + (skip + used) as u64;
-                    if l.starts_with("err") {
-                        bail!("the guest answered `{line}` with: {l}");
-                    }
-                    return Ok(l.to_string());
-                }
-            }
-            self.seen = start + (skip + used) as u64;
-            if Instant::now() > deadline {
-                bail!("the guest did not answer `{line}`");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn pass(&mut self, mode: &str, count: u64, kib: usize, qd: usize) -> anyhow::Result<Pass> {
-        let e0 = self.exits()?;
-        let line = self.command(
-            &format!("disk bench {mode} {count} {kib} {qd}"),
-            "disk bench",
-        )?;
-        let e1 = self.exits()?;
-        let field = |name: &str| -> anyhow::Result<f64> {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
-                .and_then(|v| v.parse().ok())
-                .with_context(|| format!("no {name}= in the guest's answer: {line}"))
-        };
-        Ok(Pass {
-            ops: field("ops")?,
-            bytes: field("bytes")?,
-            secs: field("ns")? / 1e9,
-            irqs: field("irqs")?,
-            exits: e1.saturating_sub(e0) as f64,
-        })
-    }
+/// One pass of `disk bench` in the guest.
+fn pass(g: &mut GuestShell, mode: &str, count: u64, kib: usize, qd: usize) -> anyhow::Result<Pass> {
+    let e0 = g.exits()?;
+    let line = g.command(
+        &format!("disk bench {mode} {count} {kib} {qd}"),
+        "disk bench",
+    )?;
+    let e1 = g.exits()?;
+    Ok(Pass {
+        ops: field(&line, "ops")?,
+        bytes: field(&line, "bytes")?,
+        secs: field(&line, "ns")? / 1e9,
+        irqs: field(&line, "irqs")?,
+        exits: e1.saturating_sub(e0) as f64,
+    })
 }
 
 pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
@@ -282,8 +224,6 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
     let image = dir.join(format!("bench-{}.img", std::process::id()));
     prefill(&image, a.size)?;
     let id = format!("bench-blk-{}", std::process::id());
-    let vm_dir = ray::runtime::vm_dir(runtime, &id);
-    std::fs::create_dir_all(&vm_dir)?;
     let cfg = VmConfig {
         kernel: default_guest()?.display().to_string(),
         initrd: None,
@@ -304,25 +244,13 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
             ..Default::default()
         },
     };
-    let mut vmm = Command::new(std::env::current_exe()?)
-        .args([
-            "vmm",
-            "--id",
-            &id,
-            "--start",
-            "--config-json",
-            &serde_json::to_string(&cfg)?,
-        ])
-        .arg("--dir")
-        .arg(&vm_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()?;
-    let result = measure(a, &image, &vm_dir);
-    let _ = vmm.kill();
-    let _ = vmm.wait();
+    let result = BenchVmm::start(runtime, &id, &serde_json::to_string(&cfg)?)
+        .and_then(|vmm| {
+            let report = measure(a, &image, &mut vmm.shell());
+            vmm.stop()?;
+            report
+        });
     let _ = std::fs::remove_file(&image);
-    let _ = std::fs::remove_dir_all(&vm_dir);
     let report = result?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -360,21 +288,7 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure(a: &BlkBenchArgs, image: &Path, vm_dir: &Path) -> anyhow::Result<Report> {
-    let client = VmmClient::new(&vm_dir.join("api.sock"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(info) = client.call::<VmInfo>("GET", "/vm", None) {
-            if info.heartbeat.is_some_and(|h| h.ready) {
-                break;
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("the benchmark guest did not become ready");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let mut g = Guest { client, seen: 0 };
+fn measure(a: &BlkBenchArgs, image: &Path, g: &mut GuestShell) -> anyhow::Result<Report> {
     g.command("disk", "disk capacity")?;
     let mut v: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut push = |k: &'static str, x: f64| v.entry(k).or_default().push(x);
@@ -384,7 +298,7 @@ fn measure(a: &BlkBenchArgs, image: &Path, vm_dir: &Path) -> anyhow::Result<Repo
         let mut reqs = 0.0;
         let mut irqs = 0.0;
         let mut guest = |mode: &str, count: u64, kib: usize, qd: usize| -> anyhow::Result<Pass> {
-            let p = g.pass(mode, count, kib, qd)?;
+            let p = pass(g, mode, count, kib, qd)?;
             exits += p.exits;
             reqs += p.ops;
             irqs += p.irqs;
