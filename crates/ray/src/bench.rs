@@ -31,6 +31,9 @@ pub enum BenchCommand {
     /// virtio-blk from our guest vs a host O_DIRECT process on the same file: sequential
     /// 1 MiB read/write, 4 KiB random read at QD1 and QD32, exits per request.
     Blk(crate::bench_blk::BlkBenchArgs),
+    /// virtio-net on a TAP vs a veth pair between two namespaces: UDP both ways at 64 and
+    /// 1514-byte frames, ping round trips, exits per packet.
+    Net(crate::bench_net::NetBenchArgs),
 }
 
 #[derive(Args)]
@@ -137,6 +140,7 @@ pub fn run(cmd: BenchCommand, runtime: &Path) -> anyhow::Result<()> {
         BenchCommand::Idle(a) => crate::bench_idle::run(&a, runtime),
         BenchCommand::Cluster(a) => crate::bench_cluster::run(&a),
         BenchCommand::Blk(a) => crate::bench_blk::run(&a, runtime),
+        BenchCommand::Net(a) => crate::bench_net::run(&a, runtime),
     }
 }
 

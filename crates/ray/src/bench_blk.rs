@@ -244,12 +244,11 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
             ..Default::default()
         },
     };
-    let result = BenchVmm::start(runtime, &id, &serde_json::to_string(&cfg)?)
-        .and_then(|vmm| {
-            let report = measure(a, &image, &mut vmm.shell());
-            vmm.stop()?;
-            report
-        });
+    let result = BenchVmm::start(runtime, &id, &serde_json::to_string(&cfg)?).and_then(|vmm| {
+        let report = measure(a, &image, &mut vmm.shell());
+        vmm.stop()?;
+        report
+    });
     let _ = std::fs::remove_file(&image);
     let report = result?;
     if a.json {

@@ -170,6 +170,7 @@ ray sim --scenario drain.yaml --json",
     ("bench idle", "ray bench idle\nray bench idle --vcpus 1 --window 10s --json"),
     ("bench cluster", "ray bench cluster --hosts 1000 --json"),
     ("bench blk", "ray bench blk\nray bench blk --runs 3 --size 256M --json"),
+    ("bench net", "ray bench net\nray bench net --runs 5 --packets 100000 --json"),
     ("openapi", "ray openapi vmm > vmm.json"),
     (
         "version",
