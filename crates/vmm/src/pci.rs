@@ -82,29 +82,13 @@ pub fn devices_of(config: &DevicesConfig, restoring: bool) -> Result<Vec<DeviceS
         });
     }
     for disk in &config.disks {
-        let block = Block::open(BlockConfig {
-            path: disk.path.clone().into(),
-            readonly: disk.readonly,
-            direct: disk.direct,
-            serial: disk.id.clone(),
-            queues: DISK_QUEUES,
-            rate: RateLimit {
-                bytes_per_sec: disk.rate_bytes,
-                ops_per_sec: disk.rate_ops,
-            },
-        })
-        .map_err(|e| PciError::Device {
-            id: disk.id.clone(),
-            why: e.to_string(),
-        })?;
         specs.push(DeviceSpec {
             id: disk.id.clone(),
             name: "virtio-blk",
-            device: Box::new(block),
+            device: Box::new(open_disk(disk)?),
         });
     }
-    for (i, net) in config.net.iter().enumerate() {
-        let id = format!("net{i}");
+    for (net, id) in config.net.iter().zip(net_ids(config)) {
         specs.push(DeviceSpec {
             device: Box::new(crate::net::device(net, restoring).map_err(|why| {
                 PciError::Device {
@@ -119,6 +103,38 @@ pub fn devices_of(config: &DevicesConfig, restoring: bool) -> Result<Vec<DeviceS
     Ok(specs)
 }
 
+/// A NIC's device id: `net0`, `net1`, ... in bus order.
+fn net_ids(config: &DevicesConfig) -> impl Iterator<Item = String> {
+    (0..config.net.len()).map(|i| format!("net{i}"))
+}
+
+/// The ids of `config`'s devices in bus order, without building any.
+fn ids_of(config: &DevicesConfig) -> Vec<String> {
+    let rng = config.rng.then(|| "rng".to_string());
+    rng.into_iter()
+        .chain(config.disks.iter().map(|d| d.id.clone()))
+        .chain(net_ids(config))
+        .collect()
+}
+
+fn open_disk(disk: &ray_api::vmm::DiskConfig) -> Result<Block, PciError> {
+    Block::open(BlockConfig {
+        path: disk.path.clone().into(),
+        readonly: disk.readonly,
+        direct: disk.direct,
+        serial: disk.id.clone(),
+        queues: DISK_QUEUES,
+        rate: RateLimit {
+            bytes_per_sec: disk.rate_bytes,
+            ops_per_sec: disk.rate_ops,
+        },
+    })
+    .map_err(|e| PciError::Device {
+        id: disk.id.clone(),
+        why: e.to_string(),
+    })
+}
+
 /// Queues of each disk (VIRTIO_BLK_F_MQ).
 const DISK_QUEUES: u16 = 2;
 
@@ -127,24 +143,26 @@ const DISK_QUEUES: u16 = 2;
 /// runs it when the state arrives, so that a missing or different disk refuses the
 /// migration while the source still runs.
 pub fn check_state(config: &DevicesConfig, state: &PciState) -> Result<(), PciError> {
-    let specs = devices_of(config, true)?;
-    check_ids(state, &specs)?;
-    for (spec, saved) in specs.iter().zip(&state.devices) {
-        spec.device
-            .check_device(&saved.state.device)
-            .map_err(|why| PciError::Device {
-                id: spec.id.clone(),
-                why,
-            })?;
+    check_ids(state, &ids_of(config))?;
+    // Only a disk has something to check on this side (its file and size); NICs and the
+    // rng are not opened here (a TAP is taken over when the devices are built).
+    for saved in &state.devices {
+        if let Some(disk) = config.disks.iter().find(|d| d.id == saved.id) {
+            open_disk(disk)?
+                .check_device(&saved.state.device)
+                .map_err(|why| PciError::Device {
+                    id: disk.id.clone(),
+                    why,
+                })?;
+        }
     }
     Ok(())
 }
 
 /// Refuses a saved device list that is not the configured one, naming both.
-fn check_ids(saved: &PciState, specs: &[DeviceSpec]) -> Result<(), PciError> {
+fn check_ids(saved: &PciState, ours: &[String]) -> Result<(), PciError> {
     let saved: Vec<&str> = saved.devices.iter().map(|d| d.id.as_str()).collect();
-    let ours: Vec<&str> = specs.iter().map(|d| d.id.as_str()).collect();
-    if saved != ours {
+    if saved != ours.iter().map(String::as_str).collect::<Vec<_>>() {
         return Err(PciError::Restore(format!(
             "the saved state has the devices [{}] but this VM's configuration has [{}]",
             saved.join(", "),
@@ -277,10 +295,10 @@ impl PciDevices {
         config: &DevicesConfig,
         state: Option<&PciState>,
     ) -> Result<Self, PciError> {
-        let specs = devices_of(config, state.is_some())?;
         if let Some(s) = state {
-            check_ids(s, &specs)?;
+            check_ids(s, &ids_of(config))?;
         }
+        let specs = devices_of(config, state.is_some())?;
         let router = IrqRouter::new(vm)?;
         let mut bars = BarAllocator::new(BAR_WINDOW_START, BAR_WINDOW_END);
         let mut bus = PciBus::new();
@@ -422,21 +440,19 @@ mod tests {
                 })
                 .collect(),
         };
-        assert!(check_ids(&saved(&["rng"]), &specs).is_ok());
-        let err = check_ids(&saved(&["rng", "disk0"]), &specs).unwrap_err();
+        let ids: Vec<String> = specs.iter().map(|d| d.id.clone()).collect();
+        assert_eq!(ids, ids_of(&DevicesConfig::default()));
+        assert!(check_ids(&saved(&["rng"]), &ids).is_ok());
+        let err = check_ids(&saved(&["rng", "disk0"]), &ids).unwrap_err();
         assert_eq!(
             err.to_string(),
             "cannot restore the PCI devices: the saved state has the devices [rng, disk0] but \
              this VM's configuration has [rng]"
         );
-        let none = devices_of(
-            &DevicesConfig {
-                rng: false,
-                ..Default::default()
-            },
-            false,
-        )
-        .unwrap();
+        let none = ids_of(&DevicesConfig {
+            rng: false,
+            ..Default::default()
+        });
         assert!(check_ids(&saved(&["rng"]), &none).is_err());
     }
 
