@@ -158,6 +158,27 @@ pub struct VmConfig {
     /// given, the nodes' memory adds up to `memory_bytes` and their CPUs cover every vCPU.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub numa: Vec<NumaNodeConfig>,
+    /// Which vCPU writes which guest memory (`ray vm run --numa-attribution ring`): KVM's
+    /// per-vCPU dirty rings, harvested by the VMM; they also serve snapshots and
+    /// migration. Off: no attribution, KVM's dirty bitmap as before.
+    #[serde(default, skip_serializing_if = "NumaAttribution::is_off")]
+    pub numa_attribution: NumaAttribution,
+}
+
+/// How the VMM attributes guest memory accesses to vCPUs (and so to NUMA nodes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NumaAttribution {
+    #[default]
+    Off,
+    /// KVM's per-vCPU dirty rings: writes, by vCPU.
+    Ring,
+}
+
+impl NumaAttribution {
+    pub fn is_off(&self) -> bool {
+        *self == NumaAttribution::Off
+    }
 }
 
 /// The VM's virtio devices. Each kind is one field; a snapshot or migration carries the
@@ -289,6 +310,20 @@ pub struct NumaNodeStatus {
     pub locality: Option<f64>,
 }
 
+/// Guest memory writes attributed to vCPUs by KVM's per-vCPU dirty rings, since boot. A
+/// page counts once per harvest (every 20 ms) however often it was written in between;
+/// reads and the VMM's own writes are not seen.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AttributionInfo {
+    /// Pages written, by vCPU index.
+    pub vcpu_pages: Vec<u64>,
+    /// Pages written by each guest node's vCPUs, by node id (one entry without `numa`).
+    pub node_pages: Vec<u64>,
+    /// Times the rings were emptied, and the time that took in all (the overhead).
+    pub harvests: u64,
+    pub harvest_ms: f64,
+}
+
 /// `PUT /vm/config` answer and `GET /vm` body.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VmInfo {
@@ -314,6 +349,9 @@ pub struct VmInfo {
     /// The guest NUMA nodes of a running VM with `numa` configured: placement and locality.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub numa: Vec<NumaNodeStatus>,
+    /// What the dirty rings attributed, with `numa_attribution: ring`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<AttributionInfo>,
     /// The loopback TCP address this API is also served on (`ray vm run --api-tcp`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_tcp: Option<String>,

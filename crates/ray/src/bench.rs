@@ -251,6 +251,7 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         memory_bytes: a.memory,
         devices: Default::default(),
         numa: Vec::new(),
+        numa_attribution: Default::default(),
     };
     let cfg_json = serde_json::to_string(&cfg)?;
     let bar = (!a.json).then(|| {

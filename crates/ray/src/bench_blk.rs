@@ -291,6 +291,7 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         vcpus: 1,
         memory_bytes: 256 << 20,
         numa: Vec::new(),
+        numa_attribution: Default::default(),
         devices: DevicesConfig {
             rng: false,
             disks: vec![DiskConfig {

@@ -116,6 +116,7 @@ pub fn run(a: &IdleBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 memory_bytes: 128 << 20,
                 devices: Default::default(),
                 numa: Vec::new(),
+                numa_attribution: Default::default(),
             };
             let id = format!("bench-idle-{}-{run}-{mode}", std::process::id());
             let vmm = BenchVmm::start(runtime, &id, &serde_json::to_string(&cfg)?)

@@ -171,6 +171,7 @@ pub fn validate(config: &VmConfig, host_mem: u64) -> Result<BootSpec, ConfigErro
         mem_bytes: mem,
         devices: config.devices.clone(),
         numa: guest_numa(config)?,
+        attribution: config.numa_attribution == ray_api::vmm::NumaAttribution::Ring,
     };
     crate::boot::validate(&spec).map_err(|e| ConfigError::Boot(e.to_string()))?;
     Ok(spec)
@@ -249,6 +250,7 @@ mod tests {
             memory_bytes,
             devices: Default::default(),
             numa: Vec::new(),
+            numa_attribution: Default::default(),
         }
     }
 

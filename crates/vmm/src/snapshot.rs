@@ -463,6 +463,7 @@ mod tests {
             memory_bytes: 12 << 20,
             devices: Default::default(),
             numa: Vec::new(),
+            numa_attribution: Default::default(),
         };
         let spec = NewSnapshotSpec {
             path: &dir.join("s1"),

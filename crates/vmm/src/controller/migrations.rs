@@ -677,6 +677,7 @@ fn receive_incoming(
                 memory_bytes: shape.1,
                 devices: Default::default(),
                 numa: Vec::new(),
+                numa_attribution: Default::default(),
             };
             match link.prepare(config, mig::source_regions(source.source())) {
                 Ok(p) => p,

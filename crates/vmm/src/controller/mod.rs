@@ -346,6 +346,10 @@ impl Controller {
                 (Some(m), Some(n)) => crate::numa::status(m, n),
                 _ => Vec::new(),
             },
+            attribution: self.machine.as_ref().and_then(|m| {
+                let rings = m.vm.rings.as_ref()?;
+                Some(crate::numa::attribution(rings, self.numa.as_ref()))
+            }),
             // The API layer fills in where it listens.
             api_tcp: None,
         }
