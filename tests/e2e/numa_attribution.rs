@@ -173,3 +173,68 @@ fn a_live_migration_takes_its_dirty_pages_from_the_rings() {
     assert_ne!(dst.sum(region, 16 << 20), "", "the region reads back");
     assert_eq!(dst.command("echo alive", "alive"), "alive");
 }
+
+/// The page migration policy in dry run on this one-node host: a scripted pattern (vCPU 1
+/// writes four 2 MiB ranges of guest node 1) gives one decision per range, with the
+/// attributed counts, and every range stays (host node 0 is where everything runs).
+#[test]
+fn the_policy_in_dry_run_explains_a_scripted_pattern_window_by_window() {
+    let env = Env::new("numa-policy-dry");
+    let mut args = TWO_NODES.to_vec();
+    args.extend(["--numa-migrate", "dry-run,window=1s"]);
+    let mut vm = env.boot(&args);
+    vm.expect_line("ready", READY);
+    let windows = |vm: &Vm| vm.info().numa_migration.expect("a report").windows;
+    // Start right after a window closes, so the touch falls into one window.
+    let w0 = windows(&vm);
+    vm.wait_for("a window to close", Duration::from_secs(5), |i| {
+        i.numa_migration.as_ref().unwrap().windows > w0
+    });
+    let w1 = windows(&vm);
+    vm.command("touch 1 0x4400000 8388608", "touch cpu=1");
+    let info = vm.wait_for("the touch's window", Duration::from_secs(5), |i| {
+        i.numa_migration.as_ref().unwrap().windows > w1
+    });
+    let report = info.numa_migration.unwrap();
+    assert_eq!(report.windows, w1 + 1, "{report:?}");
+    for gpa in [0x440_0000u64, 0x460_0000, 0x480_0000, 0x4a0_0000] {
+        let want = format!(
+            "VM {}: {gpa:#x} (+2.0 MiB) stays on host node 0: 100% of 512 accesses are local",
+            vm.id
+        );
+        assert!(report.last_window.contains(&want), "{want} in {report:#?}");
+    }
+    assert_eq!(report.moved_bytes, 0, "{report:?}");
+    assert_eq!(report.pending_moves, 0, "{report:?}");
+    assert!(report.log.is_empty(), "nothing to move: {report:?}");
+    assert_eq!(report.config.window_ms, 1000);
+}
+
+#[test]
+fn the_policy_without_attribution_or_nodes_is_refused() {
+    let env = Env::new("numa-policy-refused");
+    let refused = |args: &[&str], want: &str| {
+        let mut all = vec!["vm", "run", "--detach"];
+        all.extend_from_slice(args);
+        let out = env.ray(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(err.contains(want), "{args:?}: {err}");
+    };
+    refused(
+        &["--numa", "node=0,cpus=0,memory=64M", "--numa-migrate", "on"],
+        "numa_migration: it needs numa_attribution ring (--numa-attribution ring)",
+    );
+    refused(
+        &["--numa-attribution", "ring", "--numa-migrate", "dry-run"],
+        "numa_migration: it needs guest NUMA nodes",
+    );
+    refused(
+        &["--numa-attribution", "ring", "--numa-migrate", "sometimes"],
+        "'sometimes' in --numa-migrate 'sometimes' is not off, dry-run or on",
+    );
+    refused(
+        &["--numa-attribution", "rings"],
+        "'rings' is not ring or off",
+    );
+}

@@ -79,6 +79,7 @@ fn vm_config(spec: &VmSpec) -> anyhow::Result<VmConfig> {
         devices: Default::default(),
         numa: Vec::new(),
         numa_attribution: Default::default(),
+        numa_migration: Default::default(),
     };
     ray_vmm::config::validate(&cfg, ray_vmm::config::host_memory())
         .map_err(|e| anyhow::anyhow!("invalid VM configuration: {e}"))?;

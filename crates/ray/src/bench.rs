@@ -252,6 +252,7 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         devices: Default::default(),
         numa: Vec::new(),
         numa_attribution: Default::default(),
+        numa_migration: Default::default(),
     };
     let cfg_json = serde_json::to_string(&cfg)?;
     let bar = (!a.json).then(|| {

@@ -216,6 +216,7 @@ pub fn run(a: &SnapshotBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         devices: Default::default(),
         numa: Vec::new(),
         numa_attribution: Default::default(),
+        numa_migration: Default::default(),
     };
     let mut vmm = Command::new(&exe)
         .args([

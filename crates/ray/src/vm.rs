@@ -77,7 +77,7 @@ pub struct RunArgs {
         short = 'f',
         long = "file",
         value_name = "FILE",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net", "numa", "numa_attribution"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net", "numa", "numa_attribution", "numa_migrate"]
     )]
     pub file: Option<PathBuf>,
     /// Kernel to boot (ELF vmlinux or bzImage). Default: rayvisor's own guest.
@@ -117,6 +117,11 @@ pub struct RunArgs {
     /// per-vCPU dirty rings, which then also serve snapshots and migration) or `off`.
     #[arg(long, value_name = "ring|off", value_parser = parse_attribution)]
     pub numa_attribution: Option<ray_api::vmm::NumaAttribution>,
+    /// The access-driven page migration policy: `off`, `dry-run` (decide and log, move
+    /// nothing) or `on`, with `,window=5s` (attribution window) and `,rate=256` (MiB/s).
+    /// Needs --numa-attribution ring and --numa nodes.
+    #[arg(long, value_name = "MODE[,window=D][,rate=MiB/s]", value_parser = ray::numa::parse_numa_migrate)]
+    pub numa_migrate: Option<ray_api::vmm::NumaMigrationConfig>,
     /// VM id (default: generated).
     #[arg(long)]
     pub id: Option<String>,
@@ -248,6 +253,7 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
         }),
         numa: args.numa.clone(),
         numa_attribution: args.numa_attribution.unwrap_or_default(),
+        numa_migration: args.numa_migrate.clone().unwrap_or_default(),
         devices: DevicesConfig {
             rng: !args.no_rng,
             disks: {

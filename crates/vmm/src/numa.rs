@@ -534,6 +534,7 @@ mod tests {
             devices: Default::default(),
             numa,
             numa_attribution: Default::default(),
+            numa_migration: Default::default(),
         }
     }
 

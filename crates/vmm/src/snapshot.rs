@@ -464,6 +464,7 @@ mod tests {
             devices: Default::default(),
             numa: Vec::new(),
             numa_attribution: Default::default(),
+            numa_migration: Default::default(),
         };
         let spec = NewSnapshotSpec {
             path: &dir.join("s1"),

@@ -678,6 +678,7 @@ fn receive_incoming(
                 devices: Default::default(),
                 numa: Vec::new(),
                 numa_attribution: Default::default(),
+                numa_migration: Default::default(),
             };
             match link.prepare(config, mig::source_regions(source.source())) {
                 Ok(p) => p,

@@ -205,6 +205,8 @@ pub struct Controller {
     /// Where the running machine's guest NUMA nodes are placed on this host (none without
     /// `numa`, or when they could not be placed here).
     numa: Option<crate::numa::GuestNuma>,
+    /// The page migration policy of the running machine, when on or in dry run.
+    numa_migrator: Option<Arc<crate::numa_migrate::Migrator>>,
 }
 
 impl Controller {
@@ -240,6 +242,7 @@ impl Controller {
             meter: Arc::default(),
             restored: Arc::default(),
             numa: None,
+            numa_migrator: None,
         }
     }
 
@@ -350,6 +353,11 @@ impl Controller {
                 let rings = m.vm.rings.as_ref()?;
                 Some(crate::numa::attribution(rings, self.numa.as_ref()))
             }),
+            numa_migration: self
+                .machine
+                .as_ref()
+                .and(self.numa_migrator.as_ref())
+                .map(|m| m.report()),
             // The API layer fills in where it listens.
             api_tcp: None,
         }
@@ -498,6 +506,23 @@ impl Controller {
             crate::numa::log_placement(numa);
         }
         self.numa = spec.numa.clone();
+        self.numa_migrator = None;
+        if let (Some(numa), Some(rings)) = (&spec.numa, &machine.vm.rings) {
+            if cfg.numa_migration.mode != ray_api::vmm::NumaMigrationMode::Off {
+                let m = crate::numa_migrate::Migrator::start(
+                    &self.id,
+                    &cfg.numa_migration,
+                    numa,
+                    spec.vcpus,
+                    rings,
+                    &machine.vm.memory,
+                )
+                .map_err(|e| {
+                    ControllerError::failed(format!("cannot start the NUMA policy: {e}"))
+                })?;
+                self.numa_migrator = Some(m);
+            }
+        }
         self.machine = Some(machine);
         self.started = Some(Instant::now());
         self.apply(VmAction::Start, "api:start")?;

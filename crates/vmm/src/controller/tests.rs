@@ -34,6 +34,7 @@ fn config() -> VmConfig {
         devices: Default::default(),
         numa: Vec::new(),
         numa_attribution: Default::default(),
+        numa_migration: Default::default(),
     }
 }
 
