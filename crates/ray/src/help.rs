@@ -6,6 +6,25 @@ use clap::Command;
 /// Examples of each command, by its path below `ray` ("" is `ray` itself).
 const EXAMPLES: &[(&str, &str)] = &[
     (
+        "numa",
+        "ray numa status
+ray numa nodes
+ray numa vms -o json
+ray numa explain web",
+    ),
+    ("numa status", "ray numa status\nray numa status -o json"),
+    ("numa nodes", "ray numa nodes\nray numa nodes -o yaml"),
+    (
+        "numa vms",
+        "ray numa vms                 binding, locality, writes per guest node, policy, pending moves
+ray numa vms -o json",
+    ),
+    (
+        "numa explain",
+        "ray numa explain web         nodes, attribution, the last window's decisions, the decision log
+ray numa explain web -o json",
+    ),
+    (
         "",
         "ray vm run                          boot rayvisor's guest, attached to its console
 ray vm run --detach --vcpus 2 --memory 1G
@@ -27,7 +46,9 @@ ray vm stop web && ray vm rm web",
 ray vm run --detach --vcpus 4 --memory 2G --id db
 ray vm run --detach --kernel vmlinux --initrd initrd.img --cmdline 'console=ttyS0'
 ray vm run --detach -f vm.yaml                 the configuration `ray vm config ID -o yaml` prints
-ray vm run --detach --api-tcp 127.0.0.1:0      also serve the API on a loopback port",
+ray vm run --detach --api-tcp 127.0.0.1:0      also serve the API on a loopback port
+ray vm run --detach --vcpus 2 --numa node=0,cpus=0,memory=64M --numa node=1,cpus=1,memory=64M \\
+    --numa-attribution ring --numa-migrate dry-run,window=5s   attribute writes, decide page moves",
     ),
     (
         "vm list",

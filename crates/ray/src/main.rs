@@ -12,6 +12,7 @@ mod console;
 mod help;
 mod logs;
 mod migrate;
+mod numa_cmd;
 mod sim;
 mod snapshot;
 mod version;
@@ -65,6 +66,9 @@ enum Command {
     /// The cluster as its store holds it: hosts and VMs.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// This host's NUMA nodes and what each VM does with them (attribution, page moves).
+    #[command(subcommand)]
+    Numa(numa_cmd::NumaCommand),
     /// Simulate cluster placement at scale against baselines.
     Sim(sim::SimArgs),
     /// Measure rayvisor (boot time, memory overhead).
@@ -151,6 +155,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent::run(args, &runtime),
         Command::Cluster(cmd) => cluster::run(cmd),
         Command::Sim(args) => sim::run(args),
+        Command::Numa(cmd) => numa_cmd::run(cmd, &runtime),
         Command::Openapi { .. } => {
             println!("{}", ray_vmm::api_server::openapi_json());
             Ok(())
