@@ -191,6 +191,11 @@ ray sim --scenario drain.yaml --json",
     ("bench idle", "ray bench idle\nray bench idle --vcpus 1 --window 10s --json"),
     ("bench cluster", "ray bench cluster --hosts 1000 --json"),
     ("bench blk", "ray bench blk\nray bench blk --runs 3 --size 256M --json"),
+    (
+        "bench numa",
+        "ray bench numa --json                  from the repository's root (runs scripts/numa-qemu-test)
+ray bench numa --qemu-runs 0 --rate 128   attribution overhead only",
+    ),
     ("openapi", "ray openapi vmm > vmm.json"),
     (
         "version",

@@ -6,6 +6,7 @@ mod bench_blk;
 mod bench_cluster;
 mod bench_idle;
 mod bench_migrate;
+mod bench_numa;
 mod bench_snapshot;
 mod cluster;
 mod console;
