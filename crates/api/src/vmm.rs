@@ -381,9 +381,11 @@ pub struct NumaNodeStatus {
     pub locality: Option<f64>,
 }
 
-/// Guest memory writes attributed to vCPUs by KVM's per-vCPU dirty rings, since boot. A
-/// page counts once per harvest (every 20 ms) however often it was written in between;
-/// reads and the VMM's own writes are not seen.
+/// Guest memory writes attributed to vCPUs by KVM's per-vCPU dirty rings, since boot, in
+/// ring entries: a written page counts at least once per harvest (every 20 ms) it was
+/// written in, and KVM may push a page more than once (one entry per page for a first
+/// write here; ~5 per page for pages rewritten every second on PVM). Reads and the VMM's
+/// own writes are not seen.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct AttributionInfo {
     /// Pages written, by vCPU index.
