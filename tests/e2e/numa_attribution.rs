@@ -113,6 +113,9 @@ fn incremental_snapshots_take_their_pages_from_the_rings() {
     let info: VmInfo = serde_json::from_str(&out).unwrap();
     let mut back = env.attach("back", info.pid);
     assert_eq!(back.sum(region, 8 << 20), second);
+    // The restored VM attributes again (its own rings, from zero).
+    let d = touch(&mut back, 1, region, 8 << 20);
+    assert!((2048..2048 + SLACK).contains(&d[1]), "restored: vCPU 1 wrote {d:?}");
 }
 
 #[test]
@@ -171,6 +174,9 @@ fn a_live_migration_takes_its_dirty_pages_from_the_rings() {
     src.wait_exit(Duration::from_secs(10));
     dst.command("dirty stop", "dirty off");
     assert_ne!(dst.sum(region, 16 << 20), "", "the region reads back");
+    // The target keeps attributing: its own rings.
+    let d = touch(&mut dst, 0, region, 4 << 20);
+    assert!((1024..1024 + SLACK).contains(&d[0]), "target: vCPU 0 wrote {d:?}");
     assert_eq!(dst.command("echo alive", "alive"), "alive");
 }
 

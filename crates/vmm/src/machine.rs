@@ -220,29 +220,31 @@ impl Machine {
 
     /// Rebuilds a machine from `state` over `memory` (already holding the guest's pages)
     /// and starts it, with the devices of `devices` (the VM's configuration, which the
-    /// saved device list must match). The state is untrusted: the flavour must match and
-    /// KVM checks the rest.
+    /// saved device list must match) and, with `attribution`, per-vCPU dirty rings. The
+    /// state is untrusted: the flavour must match and KVM checks the rest.
     pub fn restore(
         shell: VmShell,
         memory: MemoryManager,
         state: &MachineState,
         devices: &DevicesConfig,
+        attribution: bool,
         sinks: ConsoleSinks,
         events: EventSink,
     ) -> Result<Machine, BuildError> {
         // A restored VM logs dirty pages from its first instruction: its next snapshot can
         // be incremental on the one it came from.
         let vm = Vm::with_memory(shell, memory, true, state.vm.pit.is_some())?;
-        Machine::restore_on(vm, state, devices, sinks, events)
+        Machine::restore_on(vm, state, devices, attribution, sinks, events)
     }
 
     /// [`restore`](Self::restore) onto a VM created earlier (a migration target creates
     /// it while pages arrive: creating it writes no guest memory, and takes ~1 ms of KVM
     /// work that would otherwise fall into the downtime).
     pub fn restore_on(
-        vm: Vm,
+        mut vm: Vm,
         state: &MachineState,
         devices: &DevicesConfig,
+        attribution: bool,
         sinks: ConsoleSinks,
         events: EventSink,
     ) -> Result<Machine, BuildError> {
@@ -271,6 +273,9 @@ impl Machine {
             pit: vm.pit,
         }
         .restore_state(&state.vm)?;
+        if attribution {
+            vm.enable_dirty_rings()?;
+        }
         let console = Console::from_state(
             &state.console,
             serial_irq(&vm)?,

@@ -481,6 +481,33 @@ impl Controller {
         })
     }
 
+    /// Starts the page migration policy of `machine` (booted, restored or migrated in)
+    /// when `cfg` asks for it and the machine has guest nodes placed here and rings.
+    fn start_numa_policy(
+        &mut self,
+        machine: &Machine,
+        cfg: &VmConfig,
+    ) -> Result<(), ControllerError> {
+        self.numa_migrator = None;
+        let (Some(numa), Some(rings)) = (&self.numa, &machine.vm.rings) else {
+            return Ok(());
+        };
+        if cfg.numa_migration.mode == ray_api::vmm::NumaMigrationMode::Off {
+            return Ok(());
+        }
+        let m = crate::numa_migrate::Migrator::start(
+            &self.id,
+            &cfg.numa_migration,
+            numa,
+            cfg.vcpus,
+            rings,
+            &machine.vm.memory,
+        )
+        .map_err(|e| ControllerError::failed(format!("cannot start the NUMA policy: {e}")))?;
+        self.numa_migrator = Some(m);
+        Ok(())
+    }
+
     fn machine(&self) -> Result<&Machine, ControllerError> {
         self.machine.as_ref().ok_or_else(|| {
             ControllerError::refused(format!("the VM is {} and has no machine", self.state))
@@ -506,23 +533,7 @@ impl Controller {
             crate::numa::log_placement(numa);
         }
         self.numa = spec.numa.clone();
-        self.numa_migrator = None;
-        if let (Some(numa), Some(rings)) = (&spec.numa, &machine.vm.rings) {
-            if cfg.numa_migration.mode != ray_api::vmm::NumaMigrationMode::Off {
-                let m = crate::numa_migrate::Migrator::start(
-                    &self.id,
-                    &cfg.numa_migration,
-                    numa,
-                    spec.vcpus,
-                    rings,
-                    &machine.vm.memory,
-                )
-                .map_err(|e| {
-                    ControllerError::failed(format!("cannot start the NUMA policy: {e}"))
-                })?;
-                self.numa_migrator = Some(m);
-            }
-        }
+        self.start_numa_policy(&machine, &cfg)?;
         self.machine = Some(machine);
         self.started = Some(Instant::now());
         self.apply(VmAction::Start, "api:start")?;
