@@ -115,7 +115,10 @@ fn incremental_snapshots_take_their_pages_from_the_rings() {
     assert_eq!(back.sum(region, 8 << 20), second);
     // The restored VM attributes again (its own rings, from zero).
     let d = touch(&mut back, 1, region, 8 << 20);
-    assert!((2048..2048 + SLACK).contains(&d[1]), "restored: vCPU 1 wrote {d:?}");
+    assert!(
+        (2048..2048 + SLACK).contains(&d[1]),
+        "restored: vCPU 1 wrote {d:?}"
+    );
 }
 
 #[test]
@@ -176,7 +179,10 @@ fn a_live_migration_takes_its_dirty_pages_from_the_rings() {
     assert_ne!(dst.sum(region, 16 << 20), "", "the region reads back");
     // The target keeps attributing: its own rings.
     let d = touch(&mut dst, 0, region, 4 << 20);
-    assert!((1024..1024 + SLACK).contains(&d[0]), "target: vCPU 0 wrote {d:?}");
+    assert!(
+        (1024..1024 + SLACK).contains(&d[0]),
+        "target: vCPU 0 wrote {d:?}"
+    );
     assert_eq!(dst.command("echo alive", "alive"), "alive");
 }
 

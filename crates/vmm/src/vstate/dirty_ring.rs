@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -150,7 +150,6 @@ pub struct DirtyRings {
     /// Guest-physical start and page count of each memory slot, by slot number.
     slots: Vec<(u64, u64)>,
     inner: Mutex<Harvest>,
-    stop: AtomicBool,
 }
 
 impl DirtyRings {
@@ -192,7 +191,6 @@ impl DirtyRings {
                 since: Instant::now(),
                 stats: HarvestStats::default(),
             }),
-            stop: AtomicBool::new(false),
         }))
     }
 
@@ -293,8 +291,8 @@ impl DirtyRings {
         self.lock().stats
     }
 
-    /// Harvests every `period` on a thread of its own until the rings are dropped or
-    /// [`stop`](Self::stop)ped: vCPUs then rarely fill their rings (and exit).
+    /// Harvests every `period` on a thread of its own until the rings are dropped (with
+    /// the VM): vCPUs then rarely fill their rings (and exit).
     pub fn start_harvester(self: &Arc<Self>, period: Duration) -> std::io::Result<()> {
         let weak: Weak<Self> = Arc::downgrade(self);
         std::thread::Builder::new()
@@ -303,18 +301,11 @@ impl DirtyRings {
             .spawn_in_span(move || loop {
                 std::thread::sleep(period);
                 match weak.upgrade() {
-                    Some(r) if !r.stop.load(Ordering::Relaxed) => {
-                        r.harvest();
-                    }
-                    _ => return,
-                }
+                    Some(r) => r.harvest(),
+                    None => return,
+                };
             })
             .map(|_| ())
-    }
-
-    /// Ends the harvester thread (at its next period).
-    pub fn stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
