@@ -122,6 +122,7 @@ fn execute(line: &str, work: &mut Workloads) {
         }
         "dirty" => dirty(args, work),
         "sum" => sum(args),
+        "touch" => touch(args),
         "rng" => rng(args),
         "disk" => crate::virtio_blk::command(args),
         "net" => net(args),
@@ -197,6 +198,48 @@ fn dirty(mut args: core::str::SplitAsciiWhitespace, work: &mut Workloads) {
     };
     work.dirty.start(base, size, rate, clock::now());
     println!("dirty on region={base:#x} size={size} rate={rate}");
+}
+
+/// `touch <cpu> <addr> <len>`: CPU `cpu` writes one word into every 4 KiB page of
+/// [addr, addr+len) (page-aligned, usable RAM above the kernel): writes from a chosen vCPU,
+/// so the host can check what it attributes to which vCPU (and NUMA node).
+fn touch(mut args: core::str::SplitAsciiWhitespace) {
+    let Some(cpu) = number(args.next(), "touch cpu") else {
+        return;
+    };
+    let Some(addr) = number(args.next(), "touch address") else {
+        return;
+    };
+    let Some(len) = number(args.next(), "touch length") else {
+        return;
+    };
+    if !no_more(args, "touch") {
+        return;
+    }
+    if cpu >= 64 || smp::online_mask() & (1 << cpu) == 0 {
+        println!("err touch: cpu {cpu} is not online");
+        return;
+    }
+    let end = addr.saturating_add(len);
+    if len == 0
+        || addr % 4096 != 0
+        || addr < crate::paging::kernel_end()
+        || !bootparams::get().is_usable(addr, len)
+        || end > crate::paging::mapped_end()
+    {
+        println!("err touch: {addr:#x} +{len} is not page-aligned usable RAM above the kernel");
+        return;
+    }
+    // SAFETY: [addr, addr+len) is usable, identity-mapped RAM above the kernel (checked).
+    let done = unsafe { smp::touch_on(cpu as usize, addr, len, 5_000_000_000) };
+    if done {
+        println!(
+            "touch cpu={cpu} addr={addr:#x} pages={}",
+            len.div_ceil(4096)
+        );
+    } else {
+        println!("err touch: cpu {cpu} did not answer");
+    }
 }
 
 /// `sum <addr> <len>`: FNV-1a over the little-endian u64 words of [addr, addr+len).
@@ -355,5 +398,5 @@ fn net(mut args: core::str::SplitAsciiWhitespace) {
 }
 
 fn help() {
-    println!("commands: echo <text> | mem | cpus | numa | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | poweroff | help");
+    println!("commands: echo <text> | mem | cpus | numa | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | poweroff | help");
 }

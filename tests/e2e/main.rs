@@ -11,6 +11,7 @@ mod linux;
 mod migration;
 mod net;
 mod numa;
+mod numa_attribution;
 mod operator;
 mod robustness;
 mod shell;

@@ -188,7 +188,7 @@ fn receive_with(
     env.attach("dst", info.pid)
 }
 
-fn migration(vm: &Vm) -> MigrationStatus {
+pub(crate) fn migration(vm: &Vm) -> MigrationStatus {
     vm.client
         .call("GET", "/vm/migration", None)
         .expect("GET /vm/migration")

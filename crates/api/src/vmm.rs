@@ -158,6 +158,98 @@ pub struct VmConfig {
     /// given, the nodes' memory adds up to `memory_bytes` and their CPUs cover every vCPU.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub numa: Vec<NumaNodeConfig>,
+    /// Which vCPU writes which guest memory (`ray vm run --numa-attribution ring`): KVM's
+    /// per-vCPU dirty rings, harvested by the VMM; they also serve snapshots and
+    /// migration. Off: no attribution, KVM's dirty bitmap as before.
+    #[serde(default, skip_serializing_if = "NumaAttribution::is_off")]
+    pub numa_attribution: NumaAttribution,
+    /// The access-driven page migration policy (`ray vm run --numa-migrate ...`); needs
+    /// `numa_attribution: ring`. Off unless asked for.
+    #[serde(default, skip_serializing_if = "NumaMigrationConfig::is_default")]
+    pub numa_migration: NumaMigrationConfig,
+}
+
+/// What the page migration policy does with what it decides.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NumaMigrationMode {
+    /// The per-VM off switch: no decisions.
+    #[default]
+    Off,
+    /// Decides and logs every window, moves nothing.
+    DryRun,
+    /// Decides, logs and moves pages (move_pages).
+    On,
+}
+
+/// The page migration policy's settings for one VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NumaMigrationConfig {
+    #[serde(default)]
+    pub mode: NumaMigrationMode,
+    /// Length of one attribution window, ms (at least 100).
+    #[serde(default = "default_window_ms")]
+    #[schema(minimum = 100)]
+    pub window_ms: u64,
+    /// Most bytes moved per second, MiB/s (positive).
+    #[serde(default = "default_rate_limit")]
+    pub rate_limit_mib_s: f64,
+}
+
+fn default_window_ms() -> u64 {
+    5000
+}
+
+fn default_rate_limit() -> f64 {
+    256.0
+}
+
+impl Default for NumaMigrationConfig {
+    fn default() -> Self {
+        Self {
+            mode: NumaMigrationMode::Off,
+            window_ms: default_window_ms(),
+            rate_limit_mib_s: default_rate_limit(),
+        }
+    }
+}
+
+impl NumaMigrationConfig {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// What the page migration policy did (`GET /vm`, `ray numa explain VM`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NumaMigrationReport {
+    pub config: NumaMigrationConfig,
+    /// Windows decided so far.
+    pub windows: u64,
+    pub moved_bytes: u64,
+    /// Ranges worth moving that the rate limit deferred in the last window.
+    pub pending_moves: u64,
+    /// Each decision of the last window about a range with attributed writes.
+    pub last_window: Vec<String>,
+    /// Moves and window summaries, oldest first (the last 256).
+    pub log: Vec<String>,
+}
+
+/// How the VMM attributes guest memory accesses to vCPUs (and so to NUMA nodes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NumaAttribution {
+    #[default]
+    Off,
+    /// KVM's per-vCPU dirty rings: writes, by vCPU.
+    Ring,
+}
+
+impl NumaAttribution {
+    pub fn is_off(&self) -> bool {
+        *self == NumaAttribution::Off
+    }
 }
 
 /// The VM's virtio devices. Each kind is one field; a snapshot or migration carries the
@@ -289,6 +381,22 @@ pub struct NumaNodeStatus {
     pub locality: Option<f64>,
 }
 
+/// Guest memory writes attributed to vCPUs by KVM's per-vCPU dirty rings, since boot, in
+/// ring entries: a written page counts at least once per harvest (every 20 ms) it was
+/// written in, and KVM may push a page more than once (one entry per page for a first
+/// write here; ~5 per page for pages rewritten every second on PVM). Reads and the VMM's
+/// own writes are not seen.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AttributionInfo {
+    /// Pages written, by vCPU index.
+    pub vcpu_pages: Vec<u64>,
+    /// Pages written by each guest node's vCPUs, by node id (one entry without `numa`).
+    pub node_pages: Vec<u64>,
+    /// Times the rings were emptied, and the time that took in all (the overhead).
+    pub harvests: u64,
+    pub harvest_ms: f64,
+}
+
 /// `PUT /vm/config` answer and `GET /vm` body.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VmInfo {
@@ -314,6 +422,12 @@ pub struct VmInfo {
     /// The guest NUMA nodes of a running VM with `numa` configured: placement and locality.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub numa: Vec<NumaNodeStatus>,
+    /// What the dirty rings attributed, with `numa_attribution: ring`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<AttributionInfo>,
+    /// The page migration policy's state, when it is not off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_migration: Option<NumaMigrationReport>,
     /// The loopback TCP address this API is also served on (`ray vm run --api-tcp`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_tcp: Option<String>,

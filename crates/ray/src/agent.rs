@@ -78,6 +78,8 @@ fn vm_config(spec: &VmSpec) -> anyhow::Result<VmConfig> {
         memory_bytes: spec.memory_mib << 20,
         devices: Default::default(),
         numa: Vec::new(),
+        numa_attribution: Default::default(),
+        numa_migration: Default::default(),
     };
     ray_vmm::config::validate(&cfg, ray_vmm::config::host_memory())
         .map_err(|e| anyhow::anyhow!("invalid VM configuration: {e}"))?;

@@ -34,6 +34,9 @@ pub enum BenchCommand {
     /// virtio-net on a TAP vs a veth pair between two namespaces: UDP both ways at 64 and
     /// 1514-byte frames, ping round trips, exits per packet.
     Net(crate::bench_net::NetBenchArgs),
+    /// NUMA: dirty-ring attribution's host CPU at a guest dirty rate, and move_pages vs
+    /// memcpy, locality before/after and convergence from the two-node QEMU test.
+    Numa(crate::bench_numa::NumaBenchArgs),
 }
 
 #[derive(Args)]
@@ -141,6 +144,7 @@ pub fn run(cmd: BenchCommand, runtime: &Path) -> anyhow::Result<()> {
         BenchCommand::Cluster(a) => crate::bench_cluster::run(&a),
         BenchCommand::Blk(a) => crate::bench_blk::run(&a, runtime),
         BenchCommand::Net(a) => crate::bench_net::run(&a, runtime),
+        BenchCommand::Numa(a) => crate::bench_numa::run(&a, runtime),
     }
 }
 
@@ -327,6 +331,8 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         memory_bytes: a.memory,
         devices: Default::default(),
         numa: Vec::new(),
+        numa_attribution: Default::default(),
+        numa_migration: Default::default(),
     };
     let cfg_json = serde_json::to_string(&cfg)?;
     let bar = (!a.json).then(|| {

@@ -231,6 +231,8 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         vcpus: 1,
         memory_bytes: 256 << 20,
         numa: Vec::new(),
+        numa_attribution: Default::default(),
+        numa_migration: Default::default(),
         devices: DevicesConfig {
             rng: false,
             disks: vec![DiskConfig {

@@ -24,7 +24,7 @@ pub struct IdleBenchArgs {
     #[arg(long, default_value_t = 2)]
     pub vcpus: u8,
     /// How long each idle guest is measured.
-    #[arg(long, default_value = "3s", value_parser = humantime_secs)]
+    #[arg(long, default_value = "3s", value_parser = ray::sizes::parse_duration)]
     pub window: Duration,
     /// Print the report as one JSON object.
     #[arg(long)]
@@ -32,20 +32,6 @@ pub struct IdleBenchArgs {
 }
 
 /// `3s`, `500ms` or a plain number of seconds.
-fn humantime_secs(s: &str) -> Result<Duration, String> {
-    let (num, scale) = if let Some(ms) = s.strip_suffix("ms") {
-        (ms, 1e-3)
-    } else {
-        (s.strip_suffix('s').unwrap_or(s), 1.0)
-    };
-    match num.parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(Duration::from_secs_f64(v * scale)),
-        _ => Err(format!(
-            "`{s}` is not a duration between 1ms and 3600s (e.g. 3s, 500ms)"
-        )),
-    }
-}
-
 const MODES: [&str; 3] = ["hlt", "port", "spin"];
 
 #[derive(Serialize)]
@@ -116,6 +102,8 @@ pub fn run(a: &IdleBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 memory_bytes: 128 << 20,
                 devices: Default::default(),
                 numa: Vec::new(),
+                numa_attribution: Default::default(),
+                numa_migration: Default::default(),
             };
             let id = format!("bench-idle-{}-{run}-{mode}", std::process::id());
             let vmm = BenchVmm::start(runtime, &id, &serde_json::to_string(&cfg)?)
@@ -194,11 +182,20 @@ mod tests {
 
     #[test]
     fn windows_parse_with_units_and_refuse_nonsense() {
-        assert_eq!(humantime_secs("3s").unwrap(), Duration::from_secs(3));
-        assert_eq!(humantime_secs("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(humantime_secs("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(
+            ray::sizes::parse_duration("3s").unwrap(),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            ray::sizes::parse_duration("500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            ray::sizes::parse_duration("2").unwrap(),
+            Duration::from_secs(2)
+        );
         for bad in ["0", "-1s", "soon", "", "1h"] {
-            let e = humantime_secs(bad).unwrap_err();
+            let e = ray::sizes::parse_duration(bad).unwrap_err();
             assert!(e.contains(bad), "{e}");
         }
     }

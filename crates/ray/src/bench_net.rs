@@ -212,6 +212,8 @@ pub fn run(a: &NetBenchArgs, runtime: &std::path::Path) -> anyhow::Result<()> {
         vcpus: 1,
         memory_bytes: 128 << 20,
         numa: Vec::new(),
+        numa_attribution: Default::default(),
+        numa_migration: Default::default(),
         devices: DevicesConfig {
             rng: false,
             net: vec![NetConfig {

@@ -215,6 +215,8 @@ pub fn run(a: &SnapshotBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         memory_bytes: a.memory,
         devices: Default::default(),
         numa: Vec::new(),
+        numa_attribution: Default::default(),
+        numa_migration: Default::default(),
     };
     let mut vmm = Command::new(&exe)
         .args([

@@ -6,6 +6,25 @@ use clap::Command;
 /// Examples of each command, by its path below `ray` ("" is `ray` itself).
 const EXAMPLES: &[(&str, &str)] = &[
     (
+        "numa",
+        "ray numa status
+ray numa nodes
+ray numa vms -o json
+ray numa explain web",
+    ),
+    ("numa status", "ray numa status\nray numa status -o json"),
+    ("numa nodes", "ray numa nodes\nray numa nodes -o yaml"),
+    (
+        "numa vms",
+        "ray numa vms                 binding, locality, writes per guest node, policy, pending moves
+ray numa vms -o json",
+    ),
+    (
+        "numa explain",
+        "ray numa explain web         nodes, attribution, the last window's decisions, the decision log
+ray numa explain web -o json",
+    ),
+    (
         "",
         "ray vm run                          boot rayvisor's guest, attached to its console
 ray vm run --detach --vcpus 2 --memory 1G
@@ -27,7 +46,9 @@ ray vm stop web && ray vm rm web",
 ray vm run --detach --vcpus 4 --memory 2G --id db
 ray vm run --detach --kernel vmlinux --initrd initrd.img --cmdline 'console=ttyS0'
 ray vm run --detach -f vm.yaml                 the configuration `ray vm config ID -o yaml` prints
-ray vm run --detach --api-tcp 127.0.0.1:0      also serve the API on a loopback port",
+ray vm run --detach --api-tcp 127.0.0.1:0      also serve the API on a loopback port
+ray vm run --detach --vcpus 2 --numa node=0,cpus=0,memory=64M --numa node=1,cpus=1,memory=64M \\
+    --numa-attribution ring --numa-migrate dry-run,window=5s   attribute writes, decide page moves",
     ),
     (
         "vm list",
@@ -171,6 +192,11 @@ ray sim --scenario drain.yaml --json",
     ("bench cluster", "ray bench cluster --hosts 1000 --json"),
     ("bench blk", "ray bench blk\nray bench blk --runs 3 --size 256M --json"),
     ("bench net", "ray bench net\nray bench net --runs 5 --packets 100000 --json"),
+    (
+        "bench numa",
+        "ray bench numa --json                  from the repository's root (runs scripts/numa-qemu-test)
+ray bench numa --qemu-runs 0 --rate 128   attribution overhead only",
+    ),
     ("openapi", "ray openapi vmm > vmm.json"),
     (
         "version",

@@ -7,12 +7,14 @@ mod bench_cluster;
 mod bench_idle;
 mod bench_migrate;
 mod bench_net;
+mod bench_numa;
 mod bench_snapshot;
 mod cluster;
 mod console;
 mod help;
 mod logs;
 mod migrate;
+mod numa_cmd;
 mod sim;
 mod snapshot;
 mod version;
@@ -66,6 +68,9 @@ enum Command {
     /// The cluster as its store holds it: hosts and VMs.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// This host's NUMA nodes and what each VM does with them (attribution, page moves).
+    #[command(subcommand)]
+    Numa(numa_cmd::NumaCommand),
     /// Simulate cluster placement at scale against baselines.
     Sim(sim::SimArgs),
     /// Measure rayvisor (boot time, memory overhead).
@@ -152,6 +157,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent::run(args, &runtime),
         Command::Cluster(cmd) => cluster::run(cmd),
         Command::Sim(args) => sim::run(args),
+        Command::Numa(cmd) => numa_cmd::run(cmd, &runtime),
         Command::Openapi { .. } => {
             println!("{}", ray_vmm::api_server::openapi_json());
             Ok(())

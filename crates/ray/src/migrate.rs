@@ -242,6 +242,8 @@ fn receive(runtime: &Path, a: &ReceiveArgs) -> anyhow::Result<()> {
         memory_bytes,
         devices: Default::default(),
         numa: Vec::new(),
+        numa_attribution: Default::default(),
+        numa_migration: Default::default(),
     });
     if let Some(id) = &a.id {
         runtime::check_id(id).map_err(|e| coded(exit::INVALID, e))?;

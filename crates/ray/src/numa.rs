@@ -2,7 +2,7 @@
 //! `node=0,cpus=0-1,memory=512M,host-node=0,policy=bind`. Lists (`cpus`, `host-node`) use
 //! the kernel's list format, and a bare item after a list continues it (`cpus=0,2` is
 //! vCPUs 0 and 2).
-use ray_api::vmm::{NumaNodeConfig, NumaPolicy};
+use ray_api::vmm::{NumaMigrationConfig, NumaMigrationMode, NumaNodeConfig, NumaPolicy};
 use ray_numa::parse_list;
 
 /// Parses one `--numa` value.
@@ -92,6 +92,50 @@ pub fn parse_numa_node(text: &str) -> Result<NumaNodeConfig, String> {
     })
 }
 
+/// Parses `--numa-migrate MODE[,window=DURATION][,rate=MiB/s]`: MODE is `off`, `dry-run`
+/// or `on`; the window defaults to 5 s and the rate limit to 256 MiB/s.
+pub fn parse_numa_migrate(text: &str) -> Result<NumaMigrationConfig, String> {
+    let mut items = text.split(',');
+    let mode = match items.next().unwrap_or_default() {
+        "off" => NumaMigrationMode::Off,
+        "dry-run" => NumaMigrationMode::DryRun,
+        "on" => NumaMigrationMode::On,
+        other => {
+            return Err(format!(
+                "'{other}' in --numa-migrate '{text}' is not off, dry-run or on"
+            ))
+        }
+    };
+    let mut cfg = NumaMigrationConfig {
+        mode,
+        ..NumaMigrationConfig::default()
+    };
+    for item in items {
+        match item.split_once('=') {
+            Some(("window", v)) => {
+                let d = crate::sizes::parse_duration(v)
+                    .map_err(|e| format!("window in --numa-migrate '{text}': {e}"))?;
+                cfg.window_ms = d.as_millis() as u64;
+            }
+            Some(("rate", v)) => {
+                cfg.rate_limit_mib_s = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|r| r.is_finite() && *r > 0.0)
+                    .ok_or_else(|| {
+                        format!("rate '{v}' in --numa-migrate '{text}' is not a positive MiB/s")
+                    })?;
+            }
+            _ => {
+                return Err(format!(
+                    "'{item}' in --numa-migrate '{text}' is not window=DURATION or rate=MiB/s"
+                ))
+            }
+        }
+    }
+    Ok(cfg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +167,22 @@ mod tests {
         assert!(e("node=0,memory=lots").contains("'lots' is not a size"));
         assert!(e("node=0,memory=1G,cpus=0-300").contains("beyond 255"));
         assert!(e("node=0,7,memory=1G").contains("'7'"));
+    }
+
+    #[test]
+    fn numa_migrate_takes_a_mode_a_window_and_a_rate() {
+        let c = parse_numa_migrate("dry-run,window=500ms,rate=64").unwrap();
+        assert_eq!(c.mode, NumaMigrationMode::DryRun);
+        assert_eq!((c.window_ms, c.rate_limit_mib_s), (500, 64.0));
+        assert_eq!(parse_numa_migrate("on").unwrap().window_ms, 5000);
+        assert!(parse_numa_migrate("sometimes")
+            .unwrap_err()
+            .contains("not off, dry-run or on"));
+        assert!(parse_numa_migrate("on,rate=-1")
+            .unwrap_err()
+            .contains("not a positive MiB/s"));
+        assert!(parse_numa_migrate("on,speed=1")
+            .unwrap_err()
+            .contains("'speed=1'"));
     }
 }

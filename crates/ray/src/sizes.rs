@@ -63,6 +63,21 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     u64::try_from(bytes).map_err(|_| too_large())
 }
 
+/// A duration between 1 ms and an hour: `3s`, `500ms`, `2` (seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, scale) = if let Some(ms) = s.strip_suffix("ms") {
+        (ms, 1e-3)
+    } else {
+        (s.strip_suffix('s').unwrap_or(s), 1.0)
+    };
+    match num.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(std::time::Duration::from_secs_f64(v * scale)),
+        _ => Err(format!(
+            "`{s}` is not a duration between 1ms and 3600s (e.g. 3s, 500ms)"
+        )),
+    }
+}
+
 /// A guest memory size: [`parse_size`], and a whole number of 4 KiB pages.
 pub fn parse_memory(text: &str) -> Result<u64, String> {
     let bytes = parse_size(text)?;

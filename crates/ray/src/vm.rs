@@ -77,7 +77,7 @@ pub struct RunArgs {
         short = 'f',
         long = "file",
         value_name = "FILE",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net", "numa"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net", "numa", "numa_attribution", "numa_migrate"]
     )]
     pub file: Option<PathBuf>,
     /// Kernel to boot (ELF vmlinux or bzImage). Default: rayvisor's own guest.
@@ -113,6 +113,15 @@ pub struct RunArgs {
     /// preferred (there while it has room: for overcommitted hosts) or interleave.
     #[arg(long, value_name = "NODE", value_parser = ray::numa::parse_numa_node)]
     pub numa: Vec<ray_api::vmm::NumaNodeConfig>,
+    /// Attribute guest memory writes to vCPUs (and so to guest NUMA nodes): `ring` (KVM's
+    /// per-vCPU dirty rings, which then also serve snapshots and migration) or `off`.
+    #[arg(long, value_name = "ring|off", value_parser = parse_attribution)]
+    pub numa_attribution: Option<ray_api::vmm::NumaAttribution>,
+    /// The access-driven page migration policy: `off`, `dry-run` (decide and log, move
+    /// nothing) or `on`, with `,window=5s` (attribution window) and `,rate=256` (MiB/s).
+    /// Needs --numa-attribution ring and --numa nodes.
+    #[arg(long, value_name = "MODE[,window=D][,rate=MiB/s]", value_parser = ray::numa::parse_numa_migrate)]
+    pub numa_migrate: Option<ray_api::vmm::NumaMigrationConfig>,
     /// VM id (default: generated).
     #[arg(long)]
     pub id: Option<String>,
@@ -243,6 +252,8 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
             false => args.numa.iter().map(|n| n.memory_bytes).sum(),
         }),
         numa: args.numa.clone(),
+        numa_attribution: args.numa_attribution.unwrap_or_default(),
+        numa_migration: args.numa_migrate.clone().unwrap_or_default(),
         devices: DevicesConfig {
             rng: !args.no_rng,
             disks: {
@@ -579,5 +590,14 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
     match state {
         ray_vmm::lifecycle::VmState::Terminated => Ok(()),
         other => Err(coded(1, format!("the VM ended in state {other}"))),
+    }
+}
+
+/// `--numa-attribution ring|off`.
+fn parse_attribution(text: &str) -> Result<ray_api::vmm::NumaAttribution, String> {
+    match text {
+        "ring" => Ok(ray_api::vmm::NumaAttribution::Ring),
+        "off" => Ok(ray_api::vmm::NumaAttribution::Off),
+        _ => Err(format!("'{text}' is not ring or off")),
     }
 }

@@ -294,6 +294,8 @@ mod tests {
             memory_bytes: 256 << 20,
             devices: Default::default(),
             numa: Vec::new(),
+            numa_attribution: Default::default(),
+            numa_migration: Default::default(),
         };
         let yaml = serde_yaml::to_string(&cfg).unwrap();
         assert_eq!(parse_config(&yaml, false).unwrap(), cfg);

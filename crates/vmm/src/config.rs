@@ -49,6 +49,8 @@ pub enum ConfigError {
     Numa(#[from] crate::numa::NumaError),
     #[error("cannot read this host's NUMA topology: {0}")]
     Topology(String),
+    #[error("numa_migration: {0}")]
+    NumaMigration(String),
 }
 
 /// Checks the disks of `devices`: ids unique and usable as serials, files present with a
@@ -171,9 +173,34 @@ pub fn validate(config: &VmConfig, host_mem: u64) -> Result<BootSpec, ConfigErro
         mem_bytes: mem,
         devices: config.devices.clone(),
         numa: guest_numa(config)?,
+        attribution: config.numa_attribution == ray_api::vmm::NumaAttribution::Ring,
     };
     crate::boot::validate(&spec).map_err(|e| ConfigError::Boot(e.to_string()))?;
     Ok(spec)
+}
+
+/// The page migration policy needs the rings' attribution and guest nodes to act on, a
+/// window of at least 100 ms and a positive rate limit.
+fn check_numa_migration(config: &VmConfig) -> Result<(), ConfigError> {
+    let m = &config.numa_migration;
+    if m.mode == ray_api::vmm::NumaMigrationMode::Off {
+        return Ok(());
+    }
+    let why = if config.numa_attribution != ray_api::vmm::NumaAttribution::Ring {
+        "it needs numa_attribution ring (--numa-attribution ring)".to_string()
+    } else if config.numa.is_empty() {
+        "it needs guest NUMA nodes (--numa) to know each vCPU's host node".to_string()
+    } else if m.window_ms < 100 {
+        format!("window_ms {} is shorter than 100", m.window_ms)
+    } else if !(m.rate_limit_mib_s.is_finite() && m.rate_limit_mib_s > 0.0) {
+        format!(
+            "rate_limit_mib_s {} is not a positive number",
+            m.rate_limit_mib_s
+        )
+    } else {
+        return Ok(());
+    };
+    Err(ConfigError::NumaMigration(why))
 }
 
 /// How long the host's CPU load is sampled to place guest nodes automatically.
@@ -204,6 +231,7 @@ pub fn validate_shape(config: &VmConfig, host_mem: u64) -> Result<(), ConfigErro
         net.validate()
             .map_err(|why| ConfigError::Net { index, why })?;
     }
+    check_numa_migration(config)?;
     // First: a binding to host nodes is more specific than the host's total memory.
     guest_numa(config)?;
     let mem = config.memory_bytes;
@@ -249,6 +277,8 @@ mod tests {
             memory_bytes,
             devices: Default::default(),
             numa: Vec::new(),
+            numa_attribution: Default::default(),
+            numa_migration: Default::default(),
         }
     }
 

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod migration;
 pub mod net;
 pub mod numa;
+pub mod numa_migrate;
 pub mod pci;
 pub mod prefault;
 pub mod snapshot;

@@ -81,6 +81,18 @@ fn bus_over(vm: &Vm, console: Console, pci: &PciDevices) -> IoBus {
     IoBus::with_memory(console, Arc::new(vm.memory.clone())).with_pci(pci.bus.clone())
 }
 
+/// Maps each vCPU's dirty ring, if the VM has rings.
+fn map_rings(vm: &Vm, fds: &[kvm_ioctls::VcpuFd]) -> Result<(), BuildError> {
+    if let Some(rings) = &vm.rings {
+        for (i, fd) in fds.iter().enumerate() {
+            rings
+                .add_vcpu(i as u8, fd)
+                .map_err(crate::vstate::vm::VmError::from)?;
+        }
+    }
+    Ok(())
+}
+
 /// Where the console goes.
 pub struct ConsoleSinks {
     pub log: Option<File>,
@@ -117,6 +129,10 @@ impl Machine {
             crate::heartbeat::announce_features(vm.memory.ram()).map_err(BuildError::Features)?;
         }
 
+        let mut vm = vm;
+        if spec.attribution {
+            vm.enable_dirty_rings()?;
+        }
         let console = Console::new(serial_irq(&vm)?, sinks.log, sinks.stdout, sinks.ring);
         let pci = PciDevices::create(&vm, &spec.devices, None)?;
         let bus = Arc::new(bus_over(&vm, console, &pci));
@@ -124,6 +140,7 @@ impl Machine {
         let fds = (0..spec.vcpus)
             .map(|i| vcpu::create(&vm, i, spec.vcpus, &image))
             .collect::<Result<Vec<_>, _>>()?;
+        map_rings(&vm, &fds)?;
         let machine = Machine::start(vm, bus, pci, fds, events)?;
         if let Some(numa) = &spec.numa {
             machine.pin_vcpus(numa)?;
@@ -163,7 +180,8 @@ impl Machine {
         fds: Vec<kvm_ioctls::VcpuFd>,
         events: EventSink,
     ) -> Result<Machine, BuildError> {
-        let vcpus = Vcpus::start(fds, bus.clone(), events)?;
+        let rings = vm.rings.clone();
+        let vcpus = Vcpus::start(fds, bus.clone(), events, rings)?;
         pci.resume();
         let machine = Machine {
             vm,
@@ -202,29 +220,31 @@ impl Machine {
 
     /// Rebuilds a machine from `state` over `memory` (already holding the guest's pages)
     /// and starts it, with the devices of `devices` (the VM's configuration, which the
-    /// saved device list must match). The state is untrusted: the flavour must match and
-    /// KVM checks the rest.
+    /// saved device list must match) and, with `attribution`, per-vCPU dirty rings. The
+    /// state is untrusted: the flavour must match and KVM checks the rest.
     pub fn restore(
         shell: VmShell,
         memory: MemoryManager,
         state: &MachineState,
         devices: &DevicesConfig,
+        attribution: bool,
         sinks: ConsoleSinks,
         events: EventSink,
     ) -> Result<Machine, BuildError> {
         // A restored VM logs dirty pages from its first instruction: its next snapshot can
         // be incremental on the one it came from.
         let vm = Vm::with_memory(shell, memory, true, state.vm.pit.is_some())?;
-        Machine::restore_on(vm, state, devices, sinks, events)
+        Machine::restore_on(vm, state, devices, attribution, sinks, events)
     }
 
     /// [`restore`](Self::restore) onto a VM created earlier (a migration target creates
     /// it while pages arrive: creating it writes no guest memory, and takes ~1 ms of KVM
     /// work that would otherwise fall into the downtime).
     pub fn restore_on(
-        vm: Vm,
+        mut vm: Vm,
         state: &MachineState,
         devices: &DevicesConfig,
+        attribution: bool,
         sinks: ConsoleSinks,
         events: EventSink,
     ) -> Result<Machine, BuildError> {
@@ -253,6 +273,9 @@ impl Machine {
             pit: vm.pit,
         }
         .restore_state(&state.vm)?;
+        if attribution {
+            vm.enable_dirty_rings()?;
+        }
         let console = Console::from_state(
             &state.console,
             serial_irq(&vm)?,
@@ -278,6 +301,7 @@ impl Machine {
                 Ok(vcpu::restore(&vm, s)?)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        map_rings(&vm, &fds)?;
         Machine::start(vm, bus, pci, fds, events)
     }
 

@@ -145,6 +145,17 @@ struct Inner {
     prefault: Mutex<Option<Arc<crate::prefault::Prefault>>>,
 }
 
+/// A handle on guest memory that does not keep it mapped (a background policy thread's).
+#[derive(Clone)]
+pub struct WeakMemory(std::sync::Weak<Inner>);
+
+impl WeakMemory {
+    /// The memory, while anyone else still holds it.
+    pub fn upgrade(&self) -> Option<MemoryManager> {
+        self.0.upgrade().map(|inner| MemoryManager { inner })
+    }
+}
+
 /// The owner of guest memory; a cheap handle (clones share it).
 #[derive(Clone)]
 pub struct MemoryManager {
@@ -182,6 +193,11 @@ impl MemoryManager {
                 ram,
             }),
         }
+    }
+
+    /// A handle that does not keep the memory mapped.
+    pub fn downgrade(&self) -> WeakMemory {
+        WeakMemory(Arc::downgrade(&self.inner))
     }
 
     /// Allocates guest RAM for `regions` (guest-physical start, length), backed by one

@@ -444,6 +444,35 @@ pub fn status(memory: &MemoryManager, numa: &GuestNuma) -> Vec<ray_api::vmm::Num
         .collect()
 }
 
+/// What `rings` attributed since boot, by vCPU and by guest node.
+pub fn attribution(
+    rings: &crate::vstate::dirty_ring::DirtyRings,
+    numa: Option<&GuestNuma>,
+) -> ray_api::vmm::AttributionInfo {
+    rings.harvest();
+    let vcpu_pages = rings.totals();
+    let node_pages = match numa {
+        Some(numa) => numa
+            .nodes
+            .iter()
+            .map(|n| {
+                n.cpus
+                    .iter()
+                    .filter_map(|&c| vcpu_pages.get(usize::from(c)))
+                    .sum()
+            })
+            .collect(),
+        None => vec![vcpu_pages.iter().sum()],
+    };
+    let stats = rings.stats();
+    ray_api::vmm::AttributionInfo {
+        vcpu_pages,
+        node_pages,
+        harvests: stats.harvests,
+        harvest_ms: stats.busy.as_secs_f64() * 1e3,
+    }
+}
+
 /// Binds each node's memory in `memory` to its host nodes (nothing for unbound nodes).
 pub fn bind_memory(memory: &MemoryManager, numa: &GuestNuma) -> std::io::Result<()> {
     for (gpa, host, len) in memory.slots() {
@@ -504,6 +533,8 @@ mod tests {
             memory_bytes: numa.iter().map(|n| n.memory_bytes).sum(),
             devices: Default::default(),
             numa,
+            numa_attribution: Default::default(),
+            numa_migration: Default::default(),
         }
     }
 

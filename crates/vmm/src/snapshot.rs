@@ -463,6 +463,8 @@ mod tests {
             memory_bytes: 12 << 20,
             devices: Default::default(),
             numa: Vec::new(),
+            numa_attribution: Default::default(),
+            numa_migration: Default::default(),
         };
         let spec = NewSnapshotSpec {
             path: &dir.join("s1"),

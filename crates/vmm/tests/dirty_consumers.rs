@@ -84,6 +84,7 @@ fn snapshot_migration_and_display_consumers_each_see_every_change_since_their_ow
         mem_bytes: 64 << 20,
         devices: Default::default(),
         numa: None,
+        attribution: false,
     };
     let sinks = ConsoleSinks {
         log: None,

@@ -42,6 +42,8 @@ pub struct BootSpec {
     pub devices: ray_api::vmm::DevicesConfig,
     /// Guest NUMA nodes (laid out, bound and described in the SRAT/SLIT); `None`: one node.
     pub numa: Option<crate::numa::GuestNuma>,
+    /// Per-vCPU dirty rings for NUMA access attribution (`numa_attribution: ring`).
+    pub attribution: bool,
 }
 
 /// Where the loaded guest starts.
@@ -193,6 +195,7 @@ mod tests {
             mem_bytes,
             devices: Default::default(),
             numa: None,
+            attribution: false,
         }
     }
 

@@ -465,9 +465,13 @@ impl Controller {
         let events: EventSink = Arc::new(move |e| {
             let _ = inbox.send(Message::Vcpu(e));
         });
-        let machine = Machine::restore_on(vm, &st.machine, &st.config.devices, sinks, events)
-            .map_err(|e| e.to_string())?;
+        let rings = st.config.numa_attribution == ray_api::vmm::NumaAttribution::Ring;
+        let machine =
+            Machine::restore_on(vm, &st.machine, &st.config.devices, rings, sinks, events)
+                .map_err(|e| e.to_string())?;
         self.numa = crate::numa::place_restored(&machine, &st.config);
+        self.start_numa_policy(&machine, &st.config)
+            .map_err(|e| e.to_string())?;
         self.machine = Some(machine);
         self.config = Some(st.config);
         self.started = Instant::now().checked_sub(Duration::from_millis(st.uptime_ms));
@@ -677,6 +681,8 @@ fn receive_incoming(
                 memory_bytes: shape.1,
                 devices: Default::default(),
                 numa: Vec::new(),
+                numa_attribution: Default::default(),
+                numa_migration: Default::default(),
             };
             match link.prepare(config, mig::source_regions(source.source())) {
                 Ok(p) => p,

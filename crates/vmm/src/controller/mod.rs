@@ -205,6 +205,8 @@ pub struct Controller {
     /// Where the running machine's guest NUMA nodes are placed on this host (none without
     /// `numa`, or when they could not be placed here).
     numa: Option<crate::numa::GuestNuma>,
+    /// The page migration policy of the running machine, when on or in dry run.
+    numa_migrator: Option<Arc<crate::numa_migrate::Migrator>>,
 }
 
 impl Controller {
@@ -240,6 +242,7 @@ impl Controller {
             meter: Arc::default(),
             restored: Arc::default(),
             numa: None,
+            numa_migrator: None,
         }
     }
 
@@ -346,6 +349,15 @@ impl Controller {
                 (Some(m), Some(n)) => crate::numa::status(m, n),
                 _ => Vec::new(),
             },
+            attribution: self.machine.as_ref().and_then(|m| {
+                let rings = m.vm.rings.as_ref()?;
+                Some(crate::numa::attribution(rings, self.numa.as_ref()))
+            }),
+            numa_migration: self
+                .machine
+                .as_ref()
+                .and(self.numa_migrator.as_ref())
+                .map(|m| m.report()),
             // The API layer fills in where it listens.
             api_tcp: None,
         }
@@ -469,6 +481,33 @@ impl Controller {
         })
     }
 
+    /// Starts the page migration policy of `machine` (booted, restored or migrated in)
+    /// when `cfg` asks for it and the machine has guest nodes placed here and rings.
+    fn start_numa_policy(
+        &mut self,
+        machine: &Machine,
+        cfg: &VmConfig,
+    ) -> Result<(), ControllerError> {
+        self.numa_migrator = None;
+        let (Some(numa), Some(rings)) = (&self.numa, &machine.vm.rings) else {
+            return Ok(());
+        };
+        if cfg.numa_migration.mode == ray_api::vmm::NumaMigrationMode::Off {
+            return Ok(());
+        }
+        let m = crate::numa_migrate::Migrator::start(
+            &self.id,
+            &cfg.numa_migration,
+            numa,
+            cfg.vcpus,
+            rings,
+            &machine.vm.memory,
+        )
+        .map_err(|e| ControllerError::failed(format!("cannot start the NUMA policy: {e}")))?;
+        self.numa_migrator = Some(m);
+        Ok(())
+    }
+
     fn machine(&self) -> Result<&Machine, ControllerError> {
         self.machine.as_ref().ok_or_else(|| {
             ControllerError::refused(format!("the VM is {} and has no machine", self.state))
@@ -494,6 +533,7 @@ impl Controller {
             crate::numa::log_placement(numa);
         }
         self.numa = spec.numa.clone();
+        self.start_numa_policy(&machine, &cfg)?;
         self.machine = Some(machine);
         self.started = Some(Instant::now());
         self.apply(VmAction::Start, "api:start")?;

@@ -222,11 +222,13 @@ impl Controller {
             memory,
             &loaded.state,
             &loaded.config.devices,
+            loaded.config.numa_attribution == ray_api::vmm::NumaAttribution::Ring,
             sinks,
             events,
         )
         .map_err(|e| failed(e.to_string()))?;
         self.numa = crate::numa::place_restored(&machine, &loaded.config);
+        self.start_numa_policy(&machine, &loaded.config)?;
         crate::startup::mark(crate::startup::Mark::Running);
         // Pages written from here on are what an incremental snapshot on top holds.
         let owed = self.suspended_owed.take();

@@ -33,6 +33,8 @@ fn config() -> VmConfig {
         memory_bytes: 64 << 20,
         devices: Default::default(),
         numa: Vec::new(),
+        numa_attribution: Default::default(),
+        numa_migration: Default::default(),
     }
 }
 

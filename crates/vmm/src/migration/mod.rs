@@ -356,6 +356,8 @@ mod tests {
             memory_bytes,
             devices: Default::default(),
             numa: Vec::new(),
+            numa_attribution: Default::default(),
+            numa_migration: Default::default(),
         };
         let src = compat_info(&vm(2, 256 << 20), Flavour::Pvm, "cpu");
         assert_eq!(shape_of(&src), Ok((2, 256 << 20)));

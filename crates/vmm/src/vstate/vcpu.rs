@@ -33,6 +33,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use super::dirty_ring::DirtyRings;
 use super::persist::{KvmVcpu, Persist, PersistError, VcpuState};
 use super::vm::Vm;
 use crate::boot::BootImage;
@@ -214,6 +215,8 @@ struct Ctl {
 pub struct VcpuControl {
     ctl: Mutex<Ctl>,
     changed: Condvar,
+    /// The VM's dirty rings, if on: a vCPU whose ring is full harvests them.
+    rings: Option<Arc<DirtyRings>>,
 }
 
 impl VcpuControl {
@@ -253,8 +256,14 @@ fn kick_handler_installed() {
 }
 
 impl Vcpus {
-    /// Starts one thread per vCPU. They run until paused or told to exit.
-    pub fn start(fds: Vec<VcpuFd>, bus: Arc<IoBus>, events: EventSink) -> Result<Self, VcpuError> {
+    /// Starts one thread per vCPU. They run until paused or told to exit. With `rings`
+    /// (the VM's dirty rings), a vCPU whose ring is full empties them and runs on.
+    pub fn start(
+        fds: Vec<VcpuFd>,
+        bus: Arc<IoBus>,
+        events: EventSink,
+        rings: Option<Arc<DirtyRings>>,
+    ) -> Result<Self, VcpuError> {
         kick_handler_installed();
         let control = Arc::new(VcpuControl {
             ctl: Mutex::new(Ctl {
@@ -265,6 +274,7 @@ impl Vcpus {
                 throttle: 0,
             }),
             changed: Condvar::new(),
+            rings,
         });
         let mut threads = Vec::with_capacity(fds.len());
         for (i, fd) in fds.into_iter().enumerate() {
@@ -553,6 +563,13 @@ fn run(index: u8, mut fd: VcpuFd, control: &VcpuControl, bus: &IoBus, events: &E
             }
             Ok(BusEvent::Idle(us)) => idle(control, us),
             Ok(BusEvent::None) | Err(VcpuExit::Hlt) | Err(VcpuExit::Intr) => {}
+            Err(VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL))
+                if control.rings.is_some() =>
+            {
+                if let Some(r) = &control.rings {
+                    r.harvest();
+                }
+            }
             Err(VcpuExit::Shutdown) => {
                 fail("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".into());
                 park_until_told(control);

@@ -7,8 +7,10 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use ray_memory::{ConsumerId, DirtyBitmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::dirty_ring::{DirtyRings, RingError};
 use super::Flavour;
 use crate::memory::{KvmDirtyLog, MemoryManager};
+use std::sync::Arc;
 
 /// Where KVM may put its three-page TSS on VMX (inside the MMIO hole, below the IOAPIC).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -47,6 +49,8 @@ pub enum VmError {
     },
     #[error("dirty log: {0}")]
     Dirty(String),
+    #[error(transparent)]
+    Ring(#[from] RingError),
     #[error("the thread creating the KVM VM ended without a result")]
     PrepThread,
 }
@@ -61,6 +65,9 @@ pub struct Vm {
     pub pit: bool,
     slots: u32,
     dirty_logging: bool,
+    /// Per-vCPU dirty rings (NUMA access attribution), when on: they then are the dirty
+    /// log too, and KVM logs every slot for as long as the VM lives.
+    pub rings: Option<Arc<DirtyRings>>,
 }
 
 /// A KVM VM without its memory yet: KVM checked, the VM created. Nothing in it depends on
@@ -192,6 +199,7 @@ impl Vm {
             pit,
             slots: 0,
             dirty_logging,
+            rings: None,
         };
         vm.register_memory()?;
         vm.fd.create_irq_chip().map_err(VmError::Irqchip)?;
@@ -238,8 +246,32 @@ impl Vm {
         Ok(())
     }
 
-    /// Turns KVM's dirty-page logging of every slot on or off.
+    /// Turns the per-vCPU dirty rings on (before any vCPU exists), and with them KVM's
+    /// dirty logging of every slot for good: the rings serve the dirty log's consumers
+    /// from then on, and a harvester thread empties them every
+    /// [`HARVEST_PERIOD`](super::dirty_ring::HARVEST_PERIOD).
+    pub fn enable_dirty_rings(&mut self) -> Result<Arc<DirtyRings>, VmError> {
+        let slots: Vec<(u64, u64)> = self.memory.slots().map(|(g, _, len)| (g, len)).collect();
+        let rings = DirtyRings::enable(&self.fd, &slots)?;
+        self.set_dirty_logging(true)?;
+        rings
+            .start_harvester(super::dirty_ring::HARVEST_PERIOD)
+            .map_err(|e| VmError::Dirty(format!("cannot start the dirty-ring harvester: {e}")))?;
+        self.rings = Some(rings.clone());
+        Ok(rings)
+    }
+
+    /// Runs `f` on the dirty log's source: the rings when on, else KVM's bitmap.
+    fn with_log<R>(&self, f: impl FnOnce(&dyn KvmDirtyLog) -> R) -> R {
+        match &self.rings {
+            Some(r) => f(r.as_ref()),
+            None => f(&SlotLog(&self.fd)),
+        }
+    }
+
+    /// Turns KVM's dirty-page logging of every slot on or off (with rings: always on).
     fn set_dirty_logging(&mut self, on: bool) -> Result<(), VmError> {
+        let on = on || self.rings.is_some();
         if self.dirty_logging == on {
             return Ok(());
         }
@@ -264,16 +296,14 @@ impl Vm {
         owed: Option<DirtyBitmap>,
     ) -> Result<ConsumerId, VmError> {
         self.set_dirty_logging(true)?;
-        self.memory
-            .add_consumer(name, owed, &SlotLog(&self.fd))
+        self.with_log(|log| self.memory.add_consumer(name, owed, log))
             .map_err(VmError::Dirty)
     }
 
     /// The pages written since consumer `id`'s previous take: KVM's log of guest writes
     /// and the VMM's own writes, read once for every consumer.
     pub fn take_dirty(&self, id: ConsumerId) -> Result<DirtyBitmap, VmError> {
-        self.memory
-            .take_dirty(id, &SlotLog(&self.fd))
+        self.with_log(|log| self.memory.take_dirty(id, log))
             .map_err(VmError::Dirty)
     }
 
@@ -284,8 +314,7 @@ impl Vm {
         id: ConsumerId,
     ) -> Result<Option<DirtyBitmap>, VmError> {
         let left = self
-            .memory
-            .remove_consumer(id, &SlotLog(&self.fd))
+            .with_log(|log| self.memory.remove_consumer(id, log))
             .map_err(VmError::Dirty)?;
         if !self.memory.dirty_log_wanted() {
             self.set_dirty_logging(false)?;
@@ -352,5 +381,33 @@ mod tests {
         assert!(vm.dirty_logging(), "b still needs it");
         vm.remove_dirty_consumer(b).unwrap();
         assert!(!vm.dirty_logging());
+    }
+
+    #[test]
+    fn with_dirty_rings_the_log_stays_on_and_still_reports_vmm_writes() {
+        let regions = [(GuestAddress(0), 2 << 20)];
+        let memory = MemoryManager::create(&regions).unwrap();
+        let mut vm = Vm::new(memory, Flavour::detect()).unwrap();
+        let rings = vm.enable_dirty_rings().unwrap();
+        assert!(vm.dirty_logging(), "rings need KVM to log every slot");
+        let fd = vm.fd.create_vcpu(0).unwrap();
+        rings.add_vcpu(0, &fd).unwrap();
+        let a = vm.add_dirty_consumer("a", None).unwrap();
+        vm.memory
+            .ram()
+            .write_obj(2u64, GuestAddress(0x5000))
+            .unwrap();
+        let dirty = vm.take_dirty(a).unwrap();
+        assert_eq!(dirty.regions[0].words()[0], 1 << 5);
+        vm.remove_dirty_consumer(a).unwrap();
+        assert!(vm.dirty_logging(), "still on for the rings");
+        assert_eq!(rings.totals(), vec![0], "no guest ran: nothing attributed");
+        assert!(
+            matches!(
+                vm.enable_dirty_rings(),
+                Err(VmError::Ring(RingError::Enable { .. }))
+            ),
+            "a second time, after a vCPU exists, KVM refuses"
+        );
     }
 }
