@@ -170,6 +170,19 @@ ray sim --scenario drain.yaml --json",
     ("bench idle", "ray bench idle\nray bench idle --vcpus 1 --window 10s --json"),
     ("bench cluster", "ray bench cluster --hosts 1000 --json"),
     ("bench blk", "ray bench blk\nray bench blk --runs 3 --size 256M --json"),
+    (
+        "gpu",
+        "ray vm run --detach --id desk --gpu emulated,width=1280,height=800
+ray gpu status desk
+ray gpu screenshot desk -o desk.png",
+    ),
+    ("gpu status", "ray gpu status desk\nray gpu status desk -o json"),
+    ("gpu list", "ray gpu list desk"),
+    ("gpu displays", "ray gpu displays desk\nray gpu displays desk -o yaml"),
+    (
+        "gpu screenshot",
+        "ray gpu screenshot desk -o desk.png\nray gpu screenshot desk --display 1 -o second.png",
+    ),
     ("openapi", "ray openapi vmm > vmm.json"),
     (
         "version",

@@ -45,6 +45,8 @@ pub enum ConfigError {
     Disk { id: String, why: String },
     #[error("devices.net[{index}]: {why}")]
     Net { index: usize, why: String },
+    #[error("{0}")]
+    Gpus(String),
 }
 
 /// Checks the disks of `devices`: ids unique and usable as serials, files present with a
@@ -193,6 +195,7 @@ pub fn validate_shape(config: &VmConfig, host_mem: u64) -> Result<(), ConfigErro
             host: host_mem,
         });
     }
+    crate::boot::vram(&config.devices.gpus, mem).map_err(|e| ConfigError::Gpus(e.to_string()))?;
     Ok(())
 }
 

@@ -202,6 +202,8 @@ pub struct Controller {
     /// Set once a restored VM started: what a lazily verified restore's fail-stop (on
     /// another thread) records as the state it failed from.
     restored: Arc<std::sync::atomic::AtomicBool>,
+    /// The GPUs, framebuffers and VNC server, shared with the API thread.
+    pub displays: Arc<crate::display::DisplayHub>,
 }
 
 impl Controller {
@@ -213,8 +215,6 @@ impl Controller {
         vcpu_events: Sender<Message>,
     ) -> Self {
         Self {
-            id,
-            paths,
             attach,
             flavour: Flavour::detect(),
             state: VmState::Created,
@@ -236,6 +236,9 @@ impl Controller {
             suspended_owed: None,
             meter: Arc::default(),
             restored: Arc::default(),
+            displays: Arc::new(crate::display::DisplayHub::new(&id, paths.dir.clone())),
+            id,
+            paths,
         }
     }
 
@@ -251,7 +254,17 @@ impl Controller {
         if let Err(e) = self.audit.record(from, next, cause) {
             tracing::error!("cannot append to the audit file: {e}");
         }
+        self.follow_displays();
         Ok(())
+    }
+
+    /// The displays follow the VM's configuration, state and machine.
+    fn follow_displays(&self) {
+        self.displays.follow(
+            self.state,
+            self.config.as_ref(),
+            self.machine.as_ref().map(|m| &m.vm.memory),
+        );
     }
 
     /// The oldest message deferred while long work ran: the VMM thread handles these
@@ -357,6 +370,7 @@ impl Controller {
                     .map_err(|e| ControllerError::invalid(e.to_string()))?;
                 self.apply(VmAction::Configure, "api:configure")?;
                 self.config = Some(cfg);
+                self.follow_displays();
                 Ok(Response::Info(Box::new(self.info())))
             }
             Request::Start => {
