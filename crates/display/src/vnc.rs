@@ -99,10 +99,15 @@ impl VncServer {
                 server.sockets.push(path);
                 let shared = shared.clone();
                 let index = d.index;
+                // The VMM's log span (the VM's id) follows into every VNC thread.
+                let span = tracing::Span::current();
                 server.listeners.push(
                     std::thread::Builder::new()
                         .name(format!("vnc-{index}"))
-                        .spawn(move || accept_loop(listener, shared, index, role))?,
+                        .spawn(move || {
+                            let _span = span.enter();
+                            accept_loop(listener, shared, index, role)
+                        })?,
                 );
             }
         }
@@ -142,9 +147,11 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>, screen: usize, role:
         }
         let Ok(stream) = stream else { continue };
         let shared = shared.clone();
+        let span = tracing::Span::current();
         let spawned = std::thread::Builder::new()
             .name(format!("vnc-{screen}-viewer"))
             .spawn(move || {
+                let _span = span.enter();
                 let n = shared.viewers.fetch_add(1, Ordering::SeqCst) + 1;
                 (shared.on_viewers)(n);
                 match serve_viewer(stream, &shared, screen, role) {

@@ -29,6 +29,9 @@ pub enum BenchCommand {
     /// virtio-blk from our guest vs a host O_DIRECT process on the same file: sequential
     /// 1 MiB read/write, 4 KiB random read at QD1 and QD32, exits per request.
     Blk(crate::bench_blk::BlkBenchArgs),
+    /// An emulated 1920x1080 display over VNC: guest draw -> pixels at a viewer, full-screen
+    /// updates per second, against a memcpy of the frame.
+    Display(crate::bench_display::DisplayBenchArgs),
 }
 
 #[derive(Args)]
@@ -135,6 +138,7 @@ pub fn run(cmd: BenchCommand, runtime: &Path) -> anyhow::Result<()> {
         BenchCommand::Idle(a) => crate::bench_idle::run(&a, runtime),
         BenchCommand::Cluster(a) => crate::bench_cluster::run(&a),
         BenchCommand::Blk(a) => crate::bench_blk::run(&a, runtime),
+        BenchCommand::Display(a) => crate::bench_display::run(&a, runtime),
     }
 }
 

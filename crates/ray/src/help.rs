@@ -170,6 +170,7 @@ ray sim --scenario drain.yaml --json",
     ("bench idle", "ray bench idle\nray bench idle --vcpus 1 --window 10s --json"),
     ("bench cluster", "ray bench cluster --hosts 1000 --json"),
     ("bench blk", "ray bench blk\nray bench blk --runs 3 --size 256M --json"),
+    ("bench display", "ray bench display\nray bench display --runs 50 --json"),
     (
         "gpu",
         "ray vm run --detach --id desk --gpu emulated,width=1280,height=800
