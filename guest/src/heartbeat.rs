@@ -52,7 +52,8 @@ pub static HEARTBEAT: HeartbeatPage = HeartbeatPage(UnsafeCell::new(Page {
         shutdown_request: 0,
         vmm_features: 0,
         guest_idle: 0,
-        reserved: [0; 15],
+        display_table: 0,
+        reserved: [0; 14],
         cpu_counter: [0; MAX_CPUS],
         cpu_time_ns: [0; MAX_CPUS],
     },
@@ -96,7 +97,8 @@ fields64!(
     ticks,
     shutdown_request,
     vmm_features,
-    guest_idle
+    guest_idle,
+    display_table
 );
 
 pub fn cpus_online() -> &'static AtomicU32 {

@@ -9,7 +9,7 @@
 //!   interrupt, when the VMM offers its wake interrupt; else through the VMM's idle port
 //!   (an exit per 500 µs), else spinning;
 //! * a line-oriented shell on COM1 (`echo`, `mem`, `cpus`, `tick`, `dirty`, `sum`, `rng`, `disk`,
-//!   `net`, `poweroff`), see [`shell`];
+//!   `net`, `displays`, `draw`, `poweroff`), see [`shell`];
 //! * virtio-pci drivers on [`virtio`] (MSI-X, a vector per queue): rng ([`virtio_rng`]),
 //!   blk ([`virtio_blk`]) and net ([`virtio_net`]), set up on first use;
 //! * SMP: every vCPU enters at the ELF entry, APs update their heartbeat slots and idle;
@@ -27,6 +27,7 @@ mod apic;
 mod bootparams;
 mod clock;
 mod cpu;
+mod display;
 mod entry;
 mod heartbeat;
 mod idt;

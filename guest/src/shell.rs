@@ -126,9 +126,11 @@ fn execute(line: &str, work: &mut Workloads) {
         "rng" => rng(args),
         "disk" => crate::virtio_blk::command(args),
         "net" => net(args),
+        "draw" => crate::display::draw(args),
+        "displays" if no_more(args.clone(), cmd) => crate::display::list(),
         "poweroff" if no_more(args.clone(), cmd) => crate::poweroff(),
         "help" if no_more(args.clone(), cmd) => help(),
-        "mem" | "cpus" | "numa" | "poweroff" | "help" => {}
+        "mem" | "cpus" | "numa" | "poweroff" | "help" | "displays" => {}
         _ => println!("err unknown command '{cmd}'"),
     }
 }
@@ -398,5 +400,5 @@ fn net(mut args: core::str::SplitAsciiWhitespace) {
 }
 
 fn help() {
-    println!("commands: echo <text> | mem | cpus | numa | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | poweroff | help");
+    println!("commands: echo <text> | mem | cpus | numa | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | displays | draw bars|gradient|checker|fill [SEED] [DISPLAY] | poweroff | help");
 }

@@ -5,6 +5,7 @@ mod blk;
 mod boot;
 mod cluster;
 mod devices;
+mod display;
 mod lifecycle;
 mod limits;
 mod linux;

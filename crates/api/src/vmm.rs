@@ -266,6 +266,9 @@ pub struct DevicesConfig {
     /// virtio-net NICs, each on a TAP interface (bus order).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub net: Vec<crate::net::NetConfig>,
+    /// GPUs and their displays (framebuffers in guest RAM, served over VNC).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<crate::gpu::GpuConfig>,
 }
 
 /// One virtio-blk disk: a raw image file or a block device on the VMM's host. In a live
@@ -305,6 +308,7 @@ impl Default for DevicesConfig {
             rng: true,
             disks: Vec::new(),
             net: Vec::new(),
+            gpus: Vec::new(),
         }
     }
 }

@@ -20,6 +20,7 @@
 #![no_std]
 
 pub mod acpi_numa;
+pub mod display;
 
 /// Guest-physical (and guest-virtual: the guest maps memory 1:1) address the guest ELF is
 /// linked at. The heartbeat page is the first page of the image.
@@ -93,8 +94,11 @@ pub struct Heartbeat {
     /// How the guest idles, written by the guest before `ready`: [`GUEST_IDLE_HLT`] tells
     /// the VMM it may raise [`WAKE_VECTOR`] on the boot CPU; anything else, that it must not.
     pub guest_idle: u64,
+    /// Guest-physical address of the [`display::DisplayTable`], written by the VMM before
+    /// the first vCPU starts; zero when the VM has no display.
+    pub display_table: u64,
     /// Reserved; zero.
-    pub reserved: [u64; 15],
+    pub reserved: [u64; 14],
     /// Per-vCPU loop counters (index = CPU number, 0 = boot CPU).
     pub cpu_counter: [u64; MAX_CPUS],
     /// Per-vCPU kvmclock time of the last `cpu_counter` update.
@@ -121,6 +125,7 @@ pub mod offset {
     pub const SHUTDOWN_REQUEST: u64 = offset_of!(Heartbeat, shutdown_request) as u64;
     pub const VMM_FEATURES: u64 = offset_of!(Heartbeat, vmm_features) as u64;
     pub const GUEST_IDLE: u64 = offset_of!(Heartbeat, guest_idle) as u64;
+    pub const DISPLAY_TABLE: u64 = offset_of!(Heartbeat, display_table) as u64;
     pub const CPU_COUNTER: u64 = offset_of!(Heartbeat, cpu_counter) as u64;
     pub const CPU_TIME_NS: u64 = offset_of!(Heartbeat, cpu_time_ns) as u64;
 }

@@ -37,6 +37,9 @@ pub enum BenchCommand {
     /// NUMA: dirty-ring attribution's host CPU at a guest dirty rate, and move_pages vs
     /// memcpy, locality before/after and convergence from the two-node QEMU test.
     Numa(crate::bench_numa::NumaBenchArgs),
+    /// An emulated 1920x1080 display over VNC: guest draw -> pixels at a viewer, full-screen
+    /// updates per second, against a memcpy of the frame.
+    Display(crate::bench_display::DisplayBenchArgs),
 }
 
 #[derive(Args)]
@@ -145,6 +148,7 @@ pub fn run(cmd: BenchCommand, runtime: &Path) -> anyhow::Result<()> {
         BenchCommand::Blk(a) => crate::bench_blk::run(&a, runtime),
         BenchCommand::Net(a) => crate::bench_net::run(&a, runtime),
         BenchCommand::Numa(a) => crate::bench_numa::run(&a, runtime),
+        BenchCommand::Display(a) => crate::bench_display::run(&a, runtime),
     }
 }
 

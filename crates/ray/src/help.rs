@@ -197,6 +197,20 @@ ray sim --scenario drain.yaml --json",
         "ray bench numa --json                  from the repository's root (runs scripts/numa-qemu-test)
 ray bench numa --qemu-runs 0 --rate 128   attribution overhead only",
     ),
+    ("bench display", "ray bench display\nray bench display --runs 50 --json"),
+    (
+        "gpu",
+        "ray vm run --detach --id desk --gpu emulated,width=1280,height=800
+ray gpu status desk
+ray gpu screenshot desk -o desk.png",
+    ),
+    ("gpu status", "ray gpu status desk\nray gpu status desk -o json"),
+    ("gpu list", "ray gpu list desk"),
+    ("gpu displays", "ray gpu displays desk\nray gpu displays desk -o yaml"),
+    (
+        "gpu screenshot",
+        "ray gpu screenshot desk -o desk.png\nray gpu screenshot desk --display 1 -o second.png",
+    ),
     ("openapi", "ray openapi vmm > vmm.json"),
     (
         "version",

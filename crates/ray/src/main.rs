@@ -4,6 +4,7 @@ mod agent;
 mod bench;
 mod bench_blk;
 mod bench_cluster;
+mod bench_display;
 mod bench_idle;
 mod bench_migrate;
 mod bench_net;
@@ -11,6 +12,7 @@ mod bench_numa;
 mod bench_snapshot;
 mod cluster;
 mod console;
+mod gpu;
 mod help;
 mod logs;
 mod migrate;
@@ -61,6 +63,9 @@ enum Command {
     /// Live migration: receive a VM on a target, move a running VM there, follow it.
     #[command(subcommand)]
     Migrate(migrate::MigrateCommand),
+    /// A VM's GPUs and displays: status, screenshots.
+    #[command(subcommand)]
+    Gpu(gpu::GpuCommand),
     #[command(about = VMM_ABOUT)]
     Vmm(vm::VmmArgs),
     /// Run this host's cluster agent: supervises its VMMs, reports it to the store (etcd).
@@ -153,6 +158,7 @@ fn main() -> ExitCode {
         Command::Vmm(args) => vm::vmm(args),
         Command::Snapshot(cmd) => snapshot::run(cmd, &runtime),
         Command::Migrate(cmd) => migrate::run(cmd, &runtime),
+        Command::Gpu(cmd) => gpu::run(cmd, &runtime),
         Command::Bench(cmd) => bench::run(cmd, &runtime),
         Command::Agent(args) => agent::run(args, &runtime),
         Command::Cluster(cmd) => cluster::run(cmd),

@@ -77,7 +77,7 @@ pub struct RunArgs {
         short = 'f',
         long = "file",
         value_name = "FILE",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net", "numa", "numa_attribution", "numa_migrate"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net", "numa", "numa_attribution", "numa_migrate", "gpus"]
     )]
     pub file: Option<PathBuf>,
     /// Kernel to boot (ELF vmlinux or bzImage). Default: rayvisor's own guest.
@@ -122,6 +122,11 @@ pub struct RunArgs {
     /// Needs --numa-attribution ring and --numa nodes.
     #[arg(long, value_name = "MODE[,window=D][,rate=MiB/s]", value_parser = ray::numa::parse_numa_migrate)]
     pub numa_migrate: Option<ray_api::vmm::NumaMigrationConfig>,
+    /// A GPU (repeatable): emulated[,width=W][,height=H][,displays=N] (default 1024x768,
+    /// one display; up to 8 GPUs, 4 displays each, 16 in all), or none. Its displays are
+    /// framebuffers in guest RAM, served over VNC on the VM directory's vnc-N.sock.
+    #[arg(long = "gpu", value_name = "SPEC", value_parser = parse_gpu)]
+    pub gpus: Vec<Option<ray_api::gpu::GpuConfig>>,
     /// VM id (default: generated).
     #[arg(long)]
     pub id: Option<String>,
@@ -222,6 +227,10 @@ pub fn default_guest() -> anyhow::Result<PathBuf> {
         })
 }
 
+fn parse_gpu(arg: &str) -> Result<Option<ray_api::gpu::GpuConfig>, String> {
+    ray_api::gpu::GpuConfig::parse(arg)
+}
+
 fn parse_net(arg: &str) -> Result<ray_api::net::NetConfig, String> {
     ray_api::net::NetConfig::parse(arg)
 }
@@ -262,6 +271,11 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
                 disks
             },
             net: args.net.clone(),
+            gpus: {
+                let gpus: Vec<_> = args.gpus.iter().flatten().cloned().collect();
+                ray_api::gpu::check_gpus(&gpus).map_err(|e| anyhow::anyhow!("--gpu: {e}"))?;
+                gpus
+            },
         },
     })
 }

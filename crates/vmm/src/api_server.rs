@@ -35,6 +35,8 @@ use utoipa_axum::routes;
 use crate::console_attach::{self, Attachment, ConsoleHub};
 use crate::controller::{ControllerError, Message, Request, Response};
 use crate::devices::ConsoleRing;
+use crate::display::DisplayError;
+use ray_api::gpu::GpuList;
 
 #[derive(Clone)]
 struct Api {
@@ -47,6 +49,8 @@ struct Api {
     console: Arc<ConsoleHub>,
     /// Turns true when the server stops.
     stop: tokio::sync::watch::Receiver<bool>,
+    /// The GPUs and their displays.
+    displays: Arc<crate::display::DisplayHub>,
 }
 
 /// An error answer: a stable code and a sentence for people.
@@ -714,6 +718,49 @@ async fn get_metrics() -> impl IntoResponse {
     )
 }
 
+/// List the VM's GPUs
+///
+/// Each GPU's type, state (`offline`, `initializing`, `ready`, `in_use`, `suspended`,
+/// `error`) and displays, and the VNC socket. Never waits for the VMM thread.
+#[utoipa::path(get, path = "/vm/gpus", tag = "display", responses(
+    (status = 200, description = "The GPUs.", body = GpuList)))]
+async fn get_gpus(State(api): State<Api>) -> Json<GpuList> {
+    Json(api.displays.list())
+}
+
+/// A screenshot of one display
+///
+/// Display `n` (0-based over all GPUs) as an RGB PNG of its current pixels, read from
+/// guest memory without pausing the guest. Never waits for the VMM thread.
+#[utoipa::path(get, path = "/vm/display/{n}/screenshot.png", tag = "display",
+    params(("n" = u32, Path, description = "The display's number.")),
+    responses(
+    (status = 200, description = "The picture.", content_type = "image/png", body = Vec<u8>),
+    (status = 400, description = "`invalid_request`: `n` is not a number.", body = ErrorBody),
+    (status = 404, description = "`not_found`: no such display.", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the VM does not run.", body = ErrorBody)))]
+async fn get_screenshot(
+    State(api): State<Api>,
+    axum::extract::Path(n): axum::extract::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let index: usize = n.parse().map_err(|_| {
+        ApiError::invalid(format!("display '{n}' is not a display number (0, 1, ...)"))
+    })?;
+    let hub = api.displays.clone();
+    let png = tokio::task::spawn_blocking(move || hub.screenshot(index))
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Failed, format!("the screenshot failed: {e}")))?
+        .map_err(|e| {
+            let code = match e {
+                DisplayError::NoSuchDisplay { .. } => ErrorCode::NotFound,
+                DisplayError::NotRunning(_) => ErrorCode::WrongState,
+                DisplayError::Encode(_) => ErrorCode::Failed,
+            };
+            ApiError::new(code, e.to_string())
+        })?;
+    Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
+}
+
 /// Show the VMM's version
 #[utoipa::path(get, path = "/version", tag = "meta", responses(
     (status = 200, description = "This VMM's version.", body = VersionInfo)))]
@@ -742,6 +789,7 @@ async fn get_openapi() -> impl IntoResponse {
         (name = "console", description = "The serial console: its output and input."),
         (name = "snapshots", description = "Snapshots of the VM and the stores that hold them."),
         (name = "migration", description = "Live migration of the VM to another host."),
+        (name = "display", description = "GPUs, displays and screenshots (VNC viewers connect to the sockets `vnc-N.sock` and `vnc-N-view.sock` in the VM directory)."),
         (name = "meta", description = "About the API itself.")
     ),
     components(schemas(ErrorCode))
@@ -769,6 +817,8 @@ fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(put_migration, get_migration))
         .routes(routes!(put_migration_cancel))
         .routes(routes!(put_migration_reclaim))
+        .routes(routes!(get_gpus))
+        .routes(routes!(get_screenshot))
         .routes(routes!(get_metrics))
         .routes(routes!(get_version))
         .routes(routes!(get_openapi))
@@ -1078,6 +1128,7 @@ impl ApiServer {
         inbox: Sender<Message>,
         ring: Arc<ConsoleRing>,
         meter: Arc<crate::snapshot::Meter>,
+        displays: Arc<crate::display::DisplayHub>,
     ) -> std::io::Result<Self> {
         let ApiListeners {
             unix: std_listener,
@@ -1100,6 +1151,7 @@ impl ApiServer {
             tcp: tcp.map(|a| a.to_string()),
             console: console.clone(),
             stop: rx.clone(),
+            displays,
         });
         let thread = std::thread::Builder::new()
             .name("api".into())

@@ -51,6 +51,8 @@ pub enum ConfigError {
     Topology(String),
     #[error("numa_migration: {0}")]
     NumaMigration(String),
+    #[error("{0}")]
+    Gpus(String),
 }
 
 /// Checks the disks of `devices`: ids unique and usable as serials, files present with a
@@ -247,6 +249,7 @@ pub fn validate_shape(config: &VmConfig, host_mem: u64) -> Result<(), ConfigErro
             host: host_mem,
         });
     }
+    crate::boot::vram(&config.devices.gpus, mem).map_err(|e| ConfigError::Gpus(e.to_string()))?;
     Ok(())
 }
 

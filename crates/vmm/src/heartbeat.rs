@@ -68,6 +68,12 @@ pub fn announce_features(mem: &GuestMem) -> Result<(), vm_memory::GuestMemoryErr
     )
 }
 
+/// Tells a rayvisor guest, before it starts, where its display table is
+/// ([`ray_guest_abi::Heartbeat::display_table`]).
+pub fn announce_displays(mem: &GuestMem, table: u64) -> Result<(), vm_memory::GuestMemoryError> {
+    mem.write_obj(table, GuestAddress(HEARTBEAT_GPA + offset::DISPLAY_TABLE))
+}
+
 /// Whether the guest sleeps in `hlt` and asked for the wake interrupt
 /// ([`ray_guest_abi::GUEST_IDLE_HLT`]).
 pub fn wants_wake_irq(mem: &GuestMem) -> bool {

@@ -8,6 +8,7 @@ pub mod boot;
 pub mod config;
 pub mod console_attach;
 pub mod controller;
+pub mod display;
 pub mod heartbeat;
 pub mod lifecycle;
 pub mod logging;
@@ -287,6 +288,7 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
                             tx,
                             ctl.ring.clone(),
                             ctl.meter.clone(),
+                            ctl.displays.clone(),
                         )?);
                     }
                 }

@@ -91,6 +91,27 @@ pub fn e820(mem_bytes: u64) -> Vec<(u64, u64, u32)> {
     map
 }
 
+/// [`e820`] with `[start, start + len)` (inside the RAM below the MMIO hole: the display
+/// framebuffers) marked reserved, so no kernel takes it for its own.
+pub fn e820_reserving(mem_bytes: u64, start: u64, len: u64) -> Vec<(u64, u64, u32)> {
+    let mut map = Vec::new();
+    for (addr, size, kind) in e820(mem_bytes) {
+        let end = addr + size;
+        if kind != E820_RAM || start >= end || start + len <= addr {
+            map.push((addr, size, kind));
+            continue;
+        }
+        if start > addr {
+            map.push((addr, start - addr, E820_RAM));
+        }
+        map.push((start, len, E820_RESERVED));
+        if start + len < end {
+            map.push((start + len, end - start - len, E820_RAM));
+        }
+    }
+    map
+}
+
 /// The highest guest-physical address below the MMIO hole that is RAM, plus one.
 pub fn low_ram_end(mem_bytes: u64) -> u64 {
     mem_bytes.min(MMIO_START)
@@ -166,6 +187,22 @@ mod tests {
                 assert!(w[0].0 + w[0].1 <= w[1].0, "{map:x?}");
             }
         }
+    }
+
+    #[test]
+    fn video_memory_is_carved_out_of_low_ram() {
+        let map = e820_reserving(128 << 20, 126 << 20, 2 << 20);
+        assert_eq!(
+            &map[2..],
+            &[
+                (HIMEM, (126 << 20) - HIMEM, E820_RAM),
+                (126 << 20, 2 << 20, E820_RESERVED),
+            ]
+        );
+        let big = e820_reserving(5 << 30, (3 << 30) - (4 << 20), 2 << 20);
+        assert_eq!(big[3], ((3 << 30) - (4 << 20), 2 << 20, E820_RESERVED));
+        assert_eq!(big[4], ((3 << 30) - (2 << 20), 2 << 20, E820_RAM));
+        assert_eq!(big[5], (4 << 30, 2 << 30, E820_RAM));
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub mod params;
 
 use std::path::{Path, PathBuf};
 
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 
 pub use acpi::write_acpi_tables;
 pub use cpu::long_mode_sregs;
@@ -103,6 +103,10 @@ pub enum BootError {
     Vcpus(u8),
     #[error("{0} e820 entries do not fit the zero page")]
     TooManyE820(usize),
+    #[error(transparent)]
+    Displays(#[from] ray_display::layout::LayoutError),
+    #[error("devices.gpus: {0}")]
+    Gpus(String),
     #[error("cannot write the {what} at guest address {addr:#x}: outside guest memory")]
     Write { what: &'static str, addr: u64 },
 }
@@ -134,7 +138,22 @@ fn inspect(spec: &BootSpec) -> Result<loader::KernelInfo, BootError> {
     if let Some(initrd) = &spec.initrd {
         std::fs::File::open(initrd).map_err(|e| BootError::open("initrd", initrd, e))?;
     }
+    vram(&spec.devices.gpus, spec.mem_bytes)?;
     Ok(info)
+}
+
+/// Where the display framebuffers of `gpus` lie in a guest of `mem_bytes` (None without
+/// GPUs): a pure function of the configuration, so a restored or migrated VM finds the
+/// same pixels at the same addresses.
+pub fn vram(
+    gpus: &[ray_api::gpu::GpuConfig],
+    mem_bytes: u64,
+) -> Result<Option<ray_display::VramLayout>, BootError> {
+    ray_api::gpu::check_gpus(gpus).map_err(BootError::Gpus)?;
+    Ok(ray_display::VramLayout::plan(
+        gpus,
+        layout::low_ram_end(mem_bytes),
+    )?)
 }
 
 /// Writes everything the guest needs to start into `mem` (which must hold
@@ -143,13 +162,19 @@ fn inspect(spec: &BootSpec) -> Result<loader::KernelInfo, BootError> {
 pub fn load(mem: &GuestMem, spec: &BootSpec) -> Result<BootImage, BootError> {
     let info = inspect(spec)?;
     let kernel = loader::load_kernel(mem, &spec.kernel, &info)?;
+    let vram = vram(&spec.devices.gpus, spec.mem_bytes)?;
+    // The initrd goes below the framebuffers.
+    let initrd_max = match &vram {
+        Some(v) => info.initrd_addr_max().min(v.start - 1),
+        None => info.initrd_addr_max(),
+    };
     let initrd = match &spec.initrd {
         Some(path) => Some(loader::load_initrd(
             mem,
             path,
             spec.mem_bytes,
             kernel.end,
-            info.initrd_addr_max(),
+            initrd_max,
         )?),
         None => None,
     };
@@ -157,13 +182,24 @@ pub fn load(mem: &GuestMem, spec: &BootSpec) -> Result<BootImage, BootError> {
     pagetables::write_page_tables(mem)?;
     gdt::write_gdt(mem)?;
     let rsdp = acpi::write_acpi_tables(mem, spec.vcpus, spec.numa.as_ref())?;
-    let e820 = layout::e820(spec.mem_bytes);
+    let e820 = match &vram {
+        Some(v) => {
+            mem.write_slice(&v.table_bytes(), GuestAddress(v.start))
+                .map_err(|_| BootError::Write {
+                    what: "display table",
+                    addr: v.start,
+                })?;
+            layout::e820_reserving(spec.mem_bytes, v.start, v.len)
+        }
+        None => layout::e820(spec.mem_bytes),
+    };
     let zero_page = params::build(&params::ZeroPage {
         header: kernel.header,
         cmdline_len,
         initrd,
         e820: &e820,
         rsdp: rsdp.0,
+        screen: vram.as_ref().and_then(|v| v.displays.first().copied()),
     })?;
     let boot_params = params::write(mem, &zero_page)?;
     Ok(BootImage {

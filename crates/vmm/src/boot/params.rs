@@ -1,7 +1,8 @@
 //! The Linux zero page (`boot_params`): setup header, command line, initrd, e820, RSDP.
 //! A bzImage's own setup header is the starting point (the boot protocol's rule); an ELF
 //! kernel gets a header with just what the 64-bit entry reads.
-use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, screen_info, setup_header};
+use ray_display::DisplayGeometry;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{CMDLINE, ZERO_PAGE};
@@ -25,6 +26,34 @@ pub struct ZeroPage<'a> {
     pub initrd: Option<(u64, u64)>,
     pub e820: &'a [(u64, u64, u32)],
     pub rsdp: u64,
+    /// The first display, announced as a VESA linear framebuffer.
+    pub screen: Option<DisplayGeometry>,
+}
+
+/// `screen_info.orig_video_isVGA` of a VESA linear framebuffer (Linux' VIDEO_TYPE_VLFB).
+const VIDEO_TYPE_VLFB: u8 = 0x23;
+
+/// `screen_info` for a linear XRGB8888 framebuffer: what vesafb, efifb and simplefb read.
+fn screen_info_of(d: &DisplayGeometry) -> screen_info {
+    screen_info {
+        orig_video_isVGA: VIDEO_TYPE_VLFB,
+        lfb_width: d.width as u16,
+        lfb_height: d.height as u16,
+        lfb_depth: 32,
+        lfb_base: d.gpa as u32,
+        // In 64 KiB units.
+        lfb_size: (d.bytes() as u64).div_ceil(64 << 10) as u32,
+        lfb_linelength: d.stride as u16,
+        red_size: 8,
+        red_pos: 16,
+        green_size: 8,
+        green_pos: 8,
+        blue_size: 8,
+        blue_pos: 0,
+        rsvd_size: 8,
+        rsvd_pos: 24,
+        ..Default::default()
+    }
 }
 
 pub fn build(zp: &ZeroPage) -> Result<boot_params, BootError> {
@@ -58,6 +87,9 @@ pub fn build(zp: &ZeroPage) -> Result<boot_params, BootError> {
     }
     params.e820_entries = zp.e820.len() as u8;
     params.acpi_rsdp_addr = zp.rsdp;
+    if let Some(d) = &zp.screen {
+        params.screen_info = screen_info_of(d);
+    }
     Ok(params)
 }
 
@@ -92,9 +124,26 @@ mod tests {
             initrd: Some((0x300_0000, 0x1000)),
             e820: &map,
             rsdp: 0xe0000,
+            screen: Some(DisplayGeometry {
+                index: 0,
+                gpu: 0,
+                gpa: 0x1fe0_1000,
+                width: 800,
+                height: 600,
+                stride: 3200,
+            }),
         })
         .unwrap();
         write(&mem, &params).unwrap();
+        // screen_info: a VESA linear framebuffer, XRGB8888.
+        assert_eq!(read::<u8>(&mem, 0x0f), 0x23, "orig_video_isVGA");
+        assert_eq!(read::<u16>(&mem, 0x12), 800, "lfb_width");
+        assert_eq!(read::<u16>(&mem, 0x14), 600, "lfb_height");
+        assert_eq!(read::<u16>(&mem, 0x16), 32, "lfb_depth");
+        assert_eq!(read::<u32>(&mem, 0x18), 0x1fe0_1000, "lfb_base");
+        assert_eq!(read::<u32>(&mem, 0x1c), 30, "lfb_size in 64 KiB");
+        assert_eq!(read::<u16>(&mem, 0x24), 3200, "lfb_linelength");
+        assert_eq!(read::<[u8; 2]>(&mem, 0x26), [8, 16], "red size, pos");
         assert_eq!(read::<u64>(&mem, 0x070), 0xe0000, "acpi_rsdp_addr");
         assert_eq!(read::<u8>(&mem, 0x1e8), 3, "e820_entries");
         assert_eq!(read::<u16>(&mem, 0x1fe), 0xaa55, "boot_flag");
@@ -127,6 +176,7 @@ mod tests {
             initrd: None,
             e820: &e820(64 << 20),
             rsdp: 0,
+            screen: None,
         })
         .unwrap();
         assert_eq!({ params.hdr.version }, 0x020f);

@@ -207,6 +207,8 @@ pub struct Controller {
     numa: Option<crate::numa::GuestNuma>,
     /// The page migration policy of the running machine, when on or in dry run.
     numa_migrator: Option<Arc<crate::numa_migrate::Migrator>>,
+    /// The GPUs, framebuffers and VNC server, shared with the API thread.
+    pub displays: Arc<crate::display::DisplayHub>,
 }
 
 impl Controller {
@@ -218,8 +220,6 @@ impl Controller {
         vcpu_events: Sender<Message>,
     ) -> Self {
         Self {
-            id,
-            paths,
             attach,
             flavour: Flavour::detect(),
             state: VmState::Created,
@@ -243,6 +243,9 @@ impl Controller {
             restored: Arc::default(),
             numa: None,
             numa_migrator: None,
+            displays: Arc::new(crate::display::DisplayHub::new(&id, paths.dir.clone())),
+            id,
+            paths,
         }
     }
 
@@ -258,7 +261,17 @@ impl Controller {
         if let Err(e) = self.audit.record(from, next, cause) {
             tracing::error!("cannot append to the audit file: {e}");
         }
+        self.follow_displays();
         Ok(())
+    }
+
+    /// The displays follow the VM's configuration, state and machine.
+    fn follow_displays(&self) {
+        self.displays.follow(
+            self.state,
+            self.config.as_ref(),
+            self.machine.as_ref().map(|m| &m.vm.memory),
+        );
     }
 
     /// The oldest message deferred while long work ran: the VMM thread handles these
@@ -377,6 +390,7 @@ impl Controller {
                     .map_err(|e| ControllerError::invalid(e.to_string()))?;
                 self.apply(VmAction::Configure, "api:configure")?;
                 self.config = Some(cfg);
+                self.follow_displays();
                 Ok(Response::Info(Box::new(self.info())))
             }
             Request::Start => {

@@ -1,0 +1,323 @@
+//! A VM's GPUs in its configuration, the `--gpu` argument that names one, and what the
+//! API reports about them. Checked here so that the CLI and the VMM refuse the same things
+//! with the same words, before a VM starts.
+//!
+//! `--gpu emulated[,width=W][,height=H][,displays=N]`; `--gpu none` means no GPU. The other
+//! types of the GPU model (paravirt, passthrough, remote) are named so that a request for
+//! one is refused clearly: they are not built yet.
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Most GPUs one VM has.
+pub const MAX_GPUS: usize = 8;
+/// Most displays one GPU drives.
+pub const MAX_DISPLAYS_PER_GPU: u8 = 4;
+/// Most displays one VM has, over all its GPUs.
+pub const MAX_DISPLAYS_PER_VM: usize = 16;
+/// Display sizes, in pixels: from VGA's smallest to 4K UHD.
+pub const MIN_WIDTH: u32 = 320;
+pub const MAX_WIDTH: u32 = 3840;
+pub const MIN_HEIGHT: u32 = 200;
+pub const MAX_HEIGHT: u32 = 2160;
+/// The default display size.
+pub const DEFAULT_WIDTH: u32 = 1024;
+pub const DEFAULT_HEIGHT: u32 = 768;
+
+/// The five GPU types of the GPU model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuType {
+    /// No GPU.
+    None,
+    /// A framebuffer in guest RAM the VMM scans out (Linux sees a VESA linear framebuffer).
+    Emulated,
+    /// virtio-gpu (not built yet).
+    Paravirt,
+    /// A host GPU through VFIO (not built yet).
+    Passthrough,
+    /// A GPU back end in another process or host (not built yet).
+    Remote,
+}
+
+impl GpuType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GpuType::None => "none",
+            GpuType::Emulated => "emulated",
+            GpuType::Paravirt => "paravirt",
+            GpuType::Passthrough => "passthrough",
+            GpuType::Remote => "remote",
+        }
+    }
+
+    fn parse(s: &str) -> Option<GpuType> {
+        [
+            GpuType::None,
+            GpuType::Emulated,
+            GpuType::Paravirt,
+            GpuType::Passthrough,
+            GpuType::Remote,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for GpuType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One GPU of the VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GpuConfig {
+    #[serde(rename = "type")]
+    pub kind: GpuType,
+    /// Width of each display, in pixels (320..=3840, a multiple of 8).
+    #[schema(minimum = 320, maximum = 3840)]
+    pub width: u32,
+    /// Height of each display, in pixels (200..=2160).
+    #[schema(minimum = 200, maximum = 2160)]
+    pub height: u32,
+    /// Displays of this GPU (1..=4).
+    #[schema(minimum = 1, maximum = 4)]
+    pub displays: u8,
+}
+
+impl GpuConfig {
+    /// Parses a `--gpu` argument: `None` for `--gpu none`.
+    pub fn parse(arg: &str) -> Result<Option<GpuConfig>, String> {
+        let mut parts = arg.split(',');
+        let name = parts.next().unwrap_or_default();
+        let Some(kind) = GpuType::parse(name) else {
+            return Err(format!(
+                "--gpu '{arg}': unknown GPU type '{name}' (known: none, emulated, paravirt, passthrough, remote)"
+            ));
+        };
+        let mut c = GpuConfig {
+            kind,
+            width: DEFAULT_WIDTH,
+            height: DEFAULT_HEIGHT,
+            displays: 1,
+        };
+        for kv in parts {
+            let Some((k, v)) = kv.split_once('=') else {
+                return Err(format!("--gpu '{arg}': '{kv}' is not KEY=VALUE"));
+            };
+            let number = |v: &str| {
+                v.parse::<u32>()
+                    .map_err(|_| format!("--gpu '{arg}': {k} '{v}' is not a number"))
+            };
+            match k {
+                "width" => c.width = number(v)?,
+                "height" => c.height = number(v)?,
+                "displays" => {
+                    c.displays = u8::try_from(number(v)?).unwrap_or(u8::MAX);
+                }
+                _ => {
+                    return Err(format!(
+                        "--gpu '{arg}': unknown key '{k}' (known: width, height, displays)"
+                    ))
+                }
+            }
+        }
+        if kind == GpuType::None {
+            return if arg == "none" {
+                Ok(None)
+            } else {
+                Err(format!("--gpu '{arg}': the type none takes no options"))
+            };
+        }
+        c.validate().map_err(|e| format!("--gpu '{arg}': {e}"))?;
+        Ok(Some(c))
+    }
+
+    /// Checks the type (built in this build?), the size and the display count.
+    pub fn validate(&self) -> Result<(), String> {
+        match self.kind {
+            GpuType::Emulated => {}
+            GpuType::None => {
+                return Err("a GPU of type none is no GPU: leave it out of the list".into())
+            }
+            other => {
+                return Err(format!(
+                    "GPU type {other} is not implemented in this build (available: emulated)"
+                ))
+            }
+        }
+        if !(MIN_WIDTH..=MAX_WIDTH).contains(&self.width) || !self.width.is_multiple_of(8) {
+            return Err(format!(
+                "width {} is not a multiple of 8 between {MIN_WIDTH} and {MAX_WIDTH}",
+                self.width
+            ));
+        }
+        if !(MIN_HEIGHT..=MAX_HEIGHT).contains(&self.height) {
+            return Err(format!(
+                "height {} is not between {MIN_HEIGHT} and {MAX_HEIGHT}",
+                self.height
+            ));
+        }
+        if !(1..=MAX_DISPLAYS_PER_GPU).contains(&self.displays) {
+            return Err(format!(
+                "{} displays asked for; a GPU has 1 to {MAX_DISPLAYS_PER_GPU}",
+                self.displays
+            ));
+        }
+        Ok(())
+    }
+
+    /// Bytes of one display's pixels (4 bytes a pixel, no padding between lines).
+    pub fn frame_bytes(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height) * 4
+    }
+}
+
+/// Checks a VM's GPU list: each GPU, at most [`MAX_GPUS`], at most
+/// [`MAX_DISPLAYS_PER_VM`] displays in all.
+pub fn check_gpus(gpus: &[GpuConfig]) -> Result<(), String> {
+    if gpus.len() > MAX_GPUS {
+        return Err(format!(
+            "{} GPUs asked for; a VM has at most {MAX_GPUS}",
+            gpus.len()
+        ));
+    }
+    for (i, g) in gpus.iter().enumerate() {
+        g.validate().map_err(|e| format!("GPU {i}: {e}"))?;
+    }
+    let displays: usize = gpus.iter().map(|g| usize::from(g.displays)).sum();
+    if displays > MAX_DISPLAYS_PER_VM {
+        return Err(format!(
+            "{displays} displays asked for over all GPUs; a VM has at most {MAX_DISPLAYS_PER_VM}"
+        ));
+    }
+    Ok(())
+}
+
+/// A GPU's state (the GPU model's six states).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuStateName {
+    Offline,
+    Initializing,
+    Ready,
+    InUse,
+    Suspended,
+    Error,
+}
+
+/// One display as the API reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DisplayInfo {
+    /// The display's number in the VM (0-based, over all GPUs): the `{n}` of
+    /// `/vm/display/{n}/screenshot.png`.
+    pub index: u32,
+    /// The GPU it belongs to.
+    pub gpu: u32,
+    pub width: u32,
+    pub height: u32,
+    /// Guest-physical address of the framebuffer.
+    pub framebuffer_gpa: u64,
+    /// `xrgb8888`.
+    pub format: String,
+}
+
+/// One GPU as the API reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GpuInfo {
+    pub index: u32,
+    #[serde(rename = "type")]
+    pub kind: GpuType,
+    pub state: GpuStateName,
+    pub displays: Vec<DisplayInfo>,
+    /// VNC viewers connected now (all displays of the VM).
+    pub viewers: u32,
+}
+
+/// `GET /vm/gpus`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GpuList {
+    pub gpus: Vec<GpuInfo>,
+    /// The VNC server's Unix socket, once the VM runs with a display.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc_socket: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gpu_argument_parses_or_says_what_is_wrong() {
+        let c = GpuConfig::parse("emulated,width=640,height=480,displays=2")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (c.kind, c.width, c.height, c.displays),
+            (GpuType::Emulated, 640, 480, 2)
+        );
+        let d = GpuConfig::parse("emulated").unwrap().unwrap();
+        assert_eq!((d.width, d.height, d.displays), (1024, 768, 1));
+        assert_eq!(GpuConfig::parse("none").unwrap(), None);
+        for (arg, msg) in [
+            (
+                "paravirt",
+                "GPU type paravirt is not implemented in this build",
+            ),
+            (
+                "passthrough",
+                "GPU type passthrough is not implemented in this build",
+            ),
+            ("remote", "GPU type remote is not implemented in this build"),
+            ("vga", "unknown GPU type 'vga'"),
+            ("emulated,width=641", "width 641 is not a multiple of 8"),
+            (
+                "emulated,width=4096",
+                "width 4096 is not a multiple of 8 between",
+            ),
+            (
+                "emulated,height=100",
+                "height 100 is not between 200 and 2160",
+            ),
+            (
+                "emulated,displays=5",
+                "5 displays asked for; a GPU has 1 to 4",
+            ),
+            ("emulated,displays=0", "0 displays asked for"),
+            ("emulated,displays=300", "255 displays asked for"),
+            ("emulated,depth=8", "unknown key 'depth'"),
+            ("emulated,width", "'width' is not KEY=VALUE"),
+            ("emulated,width=x", "width 'x' is not a number"),
+            ("none,width=640", "the type none takes no options"),
+        ] {
+            let e = GpuConfig::parse(arg).unwrap_err();
+            assert!(e.contains(msg), "{arg}: {e}");
+            assert!(e.starts_with(&format!("--gpu '{arg}'")), "{e}");
+        }
+    }
+
+    #[test]
+    fn vm_wide_limits_name_the_count() {
+        let g = GpuConfig::parse("emulated,width=320,height=200,displays=4")
+            .unwrap()
+            .unwrap();
+        assert!(check_gpus(&vec![g.clone(); 4]).is_ok());
+        assert_eq!(
+            check_gpus(&vec![g.clone(); 5]).unwrap_err(),
+            "20 displays asked for over all GPUs; a VM has at most 16"
+        );
+        let one = GpuConfig { displays: 1, ..g };
+        assert_eq!(
+            check_gpus(&vec![one.clone(); 9]).unwrap_err(),
+            "9 GPUs asked for; a VM has at most 8"
+        );
+        let bad = GpuConfig {
+            kind: GpuType::Remote,
+            ..one
+        };
+        assert!(check_gpus(&[bad])
+            .unwrap_err()
+            .starts_with("GPU 0: GPU type remote"));
+    }
+}

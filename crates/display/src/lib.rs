@@ -1,0 +1,22 @@
+//! rayvisor displays, with no KVM in sight: the GPU model (types, states, limits), where
+//! the framebuffers go in guest RAM, screenshots as PNG, and a VNC (RFB 3.8) server.
+//!
+//! The VMM owns guest memory; this crate reads pixels through the [`FrameSource`] trait, so
+//! it is tested here against plain buffers and driven in the VMM by guest RAM.
+pub mod layout;
+pub mod model;
+pub mod png;
+pub mod rfb;
+pub mod vnc;
+
+pub use layout::{DisplayGeometry, VramLayout};
+pub use model::{GpuEvent, GpuModel, GpuState, TransitionError};
+
+/// Where a display's pixels come from.
+pub trait FrameSource: Send + Sync {
+    /// The VM's displays, in order.
+    fn displays(&self) -> Vec<DisplayGeometry>;
+    /// Copies display `index`'s pixels (XRGB8888, `stride` bytes a line) into `out`, which
+    /// holds exactly `stride * height` bytes. False if there is no such display now.
+    fn read(&self, index: usize, out: &mut [u8]) -> bool;
+}

@@ -1,0 +1,603 @@
+//! The VNC server of one VM: per display, a Unix socket for read-write viewers and one for
+//! view-only viewers in the VM's directory, any number of viewers on each.
+//!
+//! Each viewer has two threads: one reads and checks its messages ([`rfb::read_message`]),
+//! the other answers update requests. An incremental request is answered once something in
+//! its rectangle changed: the viewer's thread compares the display, 64x64 tile by tile,
+//! with what that viewer was last sent and sends the changed tiles. A viewer that breaks
+//! the protocol is logged and disconnected; the others and the VM carry on.
+use std::io::{self, BufReader, BufWriter, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::rfb::{self, ClientMessage, PixelFormat, Rect};
+use crate::{DisplayGeometry, FrameSource};
+
+/// Edge of the tiles the change detection compares.
+pub const TILE: u16 = 64;
+/// How often a pending incremental request looks for a change.
+const POLL: Duration = Duration::from_millis(10);
+/// A viewer must finish the handshake within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a viewer may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Sees the display and sends keyboard and pointer input.
+    ReadWrite,
+    /// Sees the display; its input is ignored.
+    ViewOnly,
+}
+
+/// Where keyboard and pointer input from read-write viewers goes.
+pub trait InputSink: Send + Sync {
+    /// An X11 keysym pressed (`down`) or released.
+    fn key(&self, down: bool, keysym: u32);
+}
+
+/// The socket of display `display` for viewers of `role` in the VM directory `dir`.
+pub fn socket_path(dir: &Path, display: usize, role: Role) -> PathBuf {
+    match role {
+        Role::ReadWrite => dir.join(format!("vnc-{display}.sock")),
+        Role::ViewOnly => dir.join(format!("vnc-{display}-view.sock")),
+    }
+}
+
+/// Counts viewers and tells the owner when the count changes.
+pub type ViewerHook = Arc<dyn Fn(u32) + Send + Sync>;
+
+struct Shared {
+    source: Arc<dyn FrameSource>,
+    input: Option<Arc<dyn InputSink>>,
+    stop: AtomicBool,
+    viewers: AtomicU32,
+    on_viewers: ViewerHook,
+    name: String,
+}
+
+/// A running VNC server; dropping it closes every socket and viewer.
+pub struct VncServer {
+    shared: Arc<Shared>,
+    sockets: Vec<PathBuf>,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+impl VncServer {
+    /// Listens for viewers of every display of `source`.
+    pub fn start(
+        dir: &Path,
+        name: &str,
+        source: Arc<dyn FrameSource>,
+        input: Option<Arc<dyn InputSink>>,
+        on_viewers: ViewerHook,
+    ) -> io::Result<VncServer> {
+        let shared = Arc::new(Shared {
+            source,
+            input,
+            stop: AtomicBool::new(false),
+            viewers: AtomicU32::new(0),
+            on_viewers,
+            name: name.to_string(),
+        });
+        let mut server = VncServer {
+            shared: shared.clone(),
+            sockets: Vec::new(),
+            listeners: Vec::new(),
+        };
+        for d in shared.source.displays() {
+            for role in [Role::ReadWrite, Role::ViewOnly] {
+                let path = socket_path(dir, d.index, role);
+                let _ = std::fs::remove_file(&path);
+                let listener = UnixListener::bind(&path)?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+                server.sockets.push(path);
+                let shared = shared.clone();
+                let index = d.index;
+                // The VMM's log span (the VM's id) follows into every VNC thread.
+                let span = tracing::Span::current();
+                server.listeners.push(
+                    std::thread::Builder::new()
+                        .name(format!("vnc-{index}"))
+                        .spawn(move || {
+                            let _span = span.enter();
+                            accept_loop(listener, shared, index, role)
+                        })?,
+                );
+            }
+        }
+        Ok(server)
+    }
+
+    /// Viewers connected now.
+    pub fn viewers(&self) -> u32 {
+        self.shared.viewers.load(Ordering::Relaxed)
+    }
+
+    pub fn sockets(&self) -> &[PathBuf] {
+        &self.sockets
+    }
+}
+
+impl Drop for VncServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wake each listener blocked in accept.
+        for path in &self.sockets {
+            let _ = UnixStream::connect(path);
+        }
+        for t in self.listeners.drain(..) {
+            let _ = t.join();
+        }
+        for path in &self.sockets {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn accept_loop(listener: UnixListener, shared: Arc<Shared>, screen: usize, role: Role) {
+    for stream in listener.incoming() {
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        let shared = shared.clone();
+        let span = tracing::Span::current();
+        let spawned = std::thread::Builder::new()
+            .name(format!("vnc-{screen}-viewer"))
+            .spawn(move || {
+                let _span = span.enter();
+                let n = shared.viewers.fetch_add(1, Ordering::SeqCst) + 1;
+                (shared.on_viewers)(n);
+                match serve_viewer(stream, &shared, screen, role) {
+                    Ok(()) => tracing::info!(screen, ?role, "VNC viewer left"),
+                    Err(e) => tracing::warn!(screen, ?role, "VNC viewer closed: {e}"),
+                }
+                let n = shared.viewers.fetch_sub(1, Ordering::SeqCst) - 1;
+                (shared.on_viewers)(n);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(screen, "cannot start a VNC viewer thread: {e}");
+        }
+    }
+}
+
+/// One viewer, from handshake to disconnect.
+fn serve_viewer(
+    stream: UnixStream,
+    shared: &Shared,
+    screen: usize,
+    role: Role,
+) -> Result<(), rfb::RfbError> {
+    let geometry = shared
+        .source
+        .displays()
+        .into_iter()
+        .find(|d| d.index == screen)
+        .ok_or_else(|| rfb::RfbError::Protocol(format!("display {screen} is gone")))?;
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut s = &stream;
+    let name = format!("{} display {screen}", shared.name);
+    rfb::handshake(&mut s, geometry.width as u16, geometry.height as u16, &name)?;
+    stream.set_read_timeout(None)?;
+    tracing::info!(screen, ?role, "VNC viewer connected");
+
+    let (tx, rx) = mpsc::channel();
+    let reader_stream = stream.try_clone()?;
+    let reader = std::thread::Builder::new()
+        .name(format!("vnc-{screen}-read"))
+        .spawn(move || {
+            let mut r = BufReader::new(&reader_stream);
+            loop {
+                match rfb::read_message(&mut r) {
+                    Ok(m) => {
+                        if tx.send(Ok(m)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        })?;
+    let result = Viewer {
+        geometry,
+        role,
+        format: PixelFormat::NATIVE,
+        pending: None,
+        last: None,
+        frame: vec![0; geometry.bytes()],
+    }
+    .run(&stream, shared, &rx);
+    // Ends the reader too (its read fails).
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let _ = reader.join();
+    result
+}
+
+struct Viewer {
+    geometry: DisplayGeometry,
+    role: Role,
+    format: PixelFormat,
+    /// The update request not answered yet.
+    pending: Option<(bool, Rect)>,
+    /// What this viewer was last sent of the whole display (native pixels), if anything.
+    last: Option<Vec<u8>>,
+    frame: Vec<u8>,
+}
+
+impl Viewer {
+    fn run(
+        &mut self,
+        stream: &UnixStream,
+        shared: &Shared,
+        rx: &mpsc::Receiver<Result<ClientMessage, rfb::RfbError>>,
+    ) -> Result<(), rfb::RfbError> {
+        let mut out = BufWriter::with_capacity(256 << 10, stream);
+        loop {
+            if shared.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            match rx.recv_timeout(POLL) {
+                Ok(Ok(m)) => self.handle(m, shared)?,
+                // A clean end of the stream is the viewer leaving.
+                Ok(Err(rfb::RfbError::Io(e))) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Ok(())
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            if self.pending.is_some() {
+                let mut msg = Vec::new();
+                if self.update(shared, &mut msg) {
+                    out.write_all(&msg)?;
+                    out.flush()?;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, m: ClientMessage, shared: &Shared) -> Result<(), rfb::RfbError> {
+        match m {
+            ClientMessage::SetPixelFormat(pf) => {
+                self.format = pf;
+                // Everything goes out again in the new format.
+                self.last = None;
+            }
+            ClientMessage::SetEncodings(_) => {}
+            ClientMessage::UpdateRequest { incremental, rect } => {
+                let g = &self.geometry;
+                let clipped = clip(rect, g.width as u16, g.height as u16).ok_or_else(|| {
+                    rfb::RfbError::Protocol(format!(
+                        "update request for {}x{} at ({}, {}) lies outside the {}x{} display",
+                        rect.w, rect.h, rect.x, rect.y, g.width, g.height
+                    ))
+                })?;
+                self.pending = Some((incremental, clipped));
+            }
+            ClientMessage::Key { down, keysym } => {
+                if self.role == Role::ReadWrite {
+                    if let Some(input) = &shared.input {
+                        input.key(down, keysym);
+                    }
+                } else {
+                    tracing::debug!(keysym, "key from a view-only viewer ignored");
+                }
+            }
+            ClientMessage::Pointer { .. } | ClientMessage::CutText(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Answers the pending request into `msg` if there is something to send.
+    fn update(&mut self, shared: &Shared, msg: &mut Vec<u8>) -> bool {
+        let Some((incremental, rect)) = self.pending else {
+            return false;
+        };
+        if !shared.source.read(self.geometry.index, &mut self.frame) {
+            return false;
+        }
+        let g = self.geometry;
+        let stride = g.stride as usize;
+        let rects = match (&self.last, incremental) {
+            (Some(last), true) => changed_tiles(last, &self.frame, stride, rect),
+            _ => vec![rect],
+        };
+        if rects.is_empty() {
+            return false;
+        }
+        rfb::update_header(rects.len() as u16, msg);
+        for r in &rects {
+            rfb::raw_rect(&self.frame, stride, *r, self.format, msg);
+        }
+        match &mut self.last {
+            Some(last) => {
+                for r in &rects {
+                    copy_rect(&self.frame, last, stride, *r);
+                }
+            }
+            None if rect == full(&g) => self.last = Some(self.frame.clone()),
+            None => {}
+        }
+        self.pending = None;
+        true
+    }
+}
+
+fn full(g: &DisplayGeometry) -> Rect {
+    Rect {
+        x: 0,
+        y: 0,
+        w: g.width as u16,
+        h: g.height as u16,
+    }
+}
+
+/// `r` cut to a `w` x `h` display; None if nothing of it is inside or it is empty.
+fn clip(r: Rect, w: u16, h: u16) -> Option<Rect> {
+    if r.x >= w || r.y >= h || r.w == 0 || r.h == 0 {
+        return None;
+    }
+    Some(Rect {
+        x: r.x,
+        y: r.y,
+        w: r.w.min(w - r.x),
+        h: r.h.min(h - r.y),
+    })
+}
+
+fn copy_rect(from: &[u8], to: &mut [u8], stride: usize, r: Rect) {
+    for y in r.y..r.y + r.h {
+        let a = usize::from(y) * stride + usize::from(r.x) * 4;
+        let b = a + usize::from(r.w) * 4;
+        to[a..b].copy_from_slice(&from[a..b]);
+    }
+}
+
+/// The tiles of `within` where `cur` differs from `prev` (native pixels, `stride` bytes a
+/// line), with runs of changed tiles in a tile row merged into one rectangle.
+pub fn changed_tiles(prev: &[u8], cur: &[u8], stride: usize, within: Rect) -> Vec<Rect> {
+    let mut out = Vec::new();
+    let (x_end, y_end) = (within.x + within.w, within.y + within.h);
+    let mut ty = within.y;
+    while ty < y_end {
+        let th = TILE.min(y_end - ty);
+        let mut run: Option<Rect> = None;
+        let mut tx = within.x;
+        while tx < x_end {
+            let tw = TILE.min(x_end - tx);
+            let changed = (ty..ty + th).any(|y| {
+                let a = usize::from(y) * stride + usize::from(tx) * 4;
+                let b = a + usize::from(tw) * 4;
+                prev[a..b] != cur[a..b]
+            });
+            match (&mut run, changed) {
+                (Some(r), true) => r.w += tw,
+                (None, true) => {
+                    run = Some(Rect {
+                        x: tx,
+                        y: ty,
+                        w: tw,
+                        h: th,
+                    })
+                }
+                (Some(_), false) => out.extend(run.take()),
+                (None, false) => {}
+            }
+            tx += tw;
+        }
+        out.extend(run);
+        ty += th;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::sync::Mutex;
+
+    #[test]
+    fn changed_tiles_finds_and_merges_changes() {
+        let (w, h) = (200u16, 130u16);
+        let stride = usize::from(w) * 4;
+        let prev = vec![0u8; stride * usize::from(h)];
+        let mut cur = prev.clone();
+        let all = Rect { x: 0, y: 0, w, h };
+        assert!(changed_tiles(&prev, &cur, stride, all).is_empty());
+        // Pixels in tiles (0,0), (1,0) and (3,2).
+        cur[10 * stride + 4 * 5] = 1;
+        cur[63 * stride + 4 * 100] = 1;
+        cur[129 * stride + 4 * 199 + 2] = 1;
+        assert_eq!(
+            changed_tiles(&prev, &cur, stride, all),
+            vec![
+                Rect {
+                    x: 0,
+                    y: 0,
+                    w: 128,
+                    h: 64
+                },
+                Rect {
+                    x: 192,
+                    y: 128,
+                    w: 8,
+                    h: 2
+                }
+            ]
+        );
+        // Only what lies inside the requested rectangle counts.
+        let part = Rect {
+            x: 64,
+            y: 0,
+            w: 100,
+            h: 100,
+        };
+        assert_eq!(
+            changed_tiles(&prev, &cur, stride, part),
+            vec![Rect {
+                x: 64,
+                y: 0,
+                w: 64,
+                h: 64
+            }]
+        );
+        assert_eq!(
+            clip(
+                Rect {
+                    x: 190,
+                    y: 0,
+                    w: 50,
+                    h: 500
+                },
+                w,
+                h
+            ),
+            Some(Rect {
+                x: 190,
+                y: 0,
+                w: 10,
+                h: 130
+            })
+        );
+        assert_eq!(
+            clip(
+                Rect {
+                    x: 200,
+                    y: 0,
+                    w: 1,
+                    h: 1
+                },
+                w,
+                h
+            ),
+            None
+        );
+    }
+
+    struct Fake {
+        g: DisplayGeometry,
+        pixels: Mutex<Vec<u8>>,
+    }
+    impl FrameSource for Fake {
+        fn displays(&self) -> Vec<DisplayGeometry> {
+            vec![self.g]
+        }
+        fn read(&self, index: usize, out: &mut [u8]) -> bool {
+            index == 0 && {
+                out.copy_from_slice(&self.pixels.lock().unwrap());
+                true
+            }
+        }
+    }
+
+    struct Keys(Mutex<Vec<u32>>);
+    impl InputSink for Keys {
+        fn key(&self, down: bool, keysym: u32) {
+            if down {
+                self.0.lock().unwrap().push(keysym);
+            }
+        }
+    }
+
+    fn connect(path: &Path) -> UnixStream {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut v = [0u8; 12];
+        s.read_exact(&mut v).unwrap();
+        s.write_all(b"RFB 003.008\n").unwrap();
+        let mut types = [0u8; 2];
+        s.read_exact(&mut types).unwrap();
+        s.write_all(&[1]).unwrap();
+        let mut result = [0u8; 4];
+        s.read_exact(&mut result).unwrap();
+        s.write_all(&[1]).unwrap();
+        let mut init = [0u8; 24];
+        s.read_exact(&mut init).unwrap();
+        let mut name = vec![0u8; u32::from_be_bytes(init[20..24].try_into().unwrap()) as usize];
+        s.read_exact(&mut name).unwrap();
+        s
+    }
+
+    fn request(s: &mut UnixStream, incremental: bool, w: u16, h: u16) -> Vec<u8> {
+        let mut m = vec![3, u8::from(incremental), 0, 0, 0, 0];
+        m.extend_from_slice(&w.to_be_bytes());
+        m.extend_from_slice(&h.to_be_bytes());
+        s.write_all(&m).unwrap();
+        let mut hdr = [0u8; 4];
+        s.read_exact(&mut hdr).unwrap();
+        let n = u16::from_be_bytes([hdr[2], hdr[3]]);
+        let mut pixels = Vec::new();
+        for _ in 0..n {
+            let mut r = [0u8; 12];
+            s.read_exact(&mut r).unwrap();
+            let rw = u16::from_be_bytes([r[4], r[5]]);
+            let rh = u16::from_be_bytes([r[6], r[7]]);
+            let mut px = vec![0u8; usize::from(rw) * usize::from(rh) * 4];
+            s.read_exact(&mut px).unwrap();
+            pixels.extend(px);
+        }
+        pixels
+    }
+
+    #[test]
+    fn viewers_get_updates_roles_and_a_bad_viewer_goes_alone() {
+        let dir = std::env::temp_dir().join(format!("ray-vnc-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let g = DisplayGeometry {
+            index: 0,
+            gpu: 0,
+            gpa: 0,
+            width: 16,
+            height: 8,
+            stride: 64,
+        };
+        let src = Arc::new(Fake {
+            g,
+            pixels: Mutex::new(vec![7; 16 * 8 * 4]),
+        });
+        let keys = Arc::new(Keys(Mutex::new(Vec::new())));
+        let counts = Arc::new(Mutex::new(Vec::new()));
+        let c2 = counts.clone();
+        let server = VncServer::start(
+            &dir,
+            "t",
+            src.clone(),
+            Some(keys.clone()),
+            Arc::new(move |n| c2.lock().unwrap().push(n)),
+        )
+        .unwrap();
+        let mut rw = connect(&socket_path(&dir, 0, Role::ReadWrite));
+        let mut ro = connect(&socket_path(&dir, 0, Role::ViewOnly));
+        assert_eq!(request(&mut rw, false, 16, 8), vec![7; 512]);
+        assert_eq!(request(&mut ro, false, 16, 8), vec![7; 512]);
+        // A change reaches an incremental request: only the changed tile's pixels.
+        src.pixels.lock().unwrap()[0] = 9;
+        let got = request(&mut rw, true, 16, 8);
+        assert_eq!((got.len(), got[0]), (512, 9));
+        // Keys: the read-write viewer's arrive, the view-only viewer's do not.
+        ro.write_all(&[4, 1, 0, 0, 0, 0, 0, b'x']).unwrap();
+        rw.write_all(&[4, 1, 0, 0, 0, 0, 0, b'y']).unwrap();
+        // A garbage viewer is dropped; the others go on.
+        let mut bad = connect(&socket_path(&dir, 0, Role::ReadWrite));
+        bad.write_all(&[0xee; 16]).unwrap();
+        let mut sink = Vec::new();
+        let _ = bad.read_to_end(&mut sink);
+        src.pixels.lock().unwrap()[4] = 3;
+        assert_eq!(request(&mut ro, true, 16, 8)[4], 3);
+        assert_eq!(*keys.0.lock().unwrap(), vec![u32::from(b'y')]);
+        drop(server);
+        assert!(!socket_path(&dir, 0, Role::ReadWrite).exists());
+        assert!(counts.lock().unwrap().iter().max() >= Some(&2));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,210 @@
+//! `ray bench display`: what a VNC viewer of an emulated display sees, measured with our
+//! own minimal RFB client on the display's Unix socket.
+//!
+//! * `update_latency_ms`: a `draw fill` command is sent to our guest's console; the time
+//!   until the viewer has received the whole update showing the new colour. It includes
+//!   the console path (API, serial, the guest drawing 1920x1080 pixels) and the server's
+//!   10 ms change poll.
+//! * `fullscreen_fps`: back-to-back non-incremental full-screen updates at 1920x1080
+//!   (read from guest RAM, sent Raw over the socket), per second.
+//! * `memcpy_ratio`: one full-screen update's time over a plain memcpy of the frame (the
+//!   physical floor), medians of the same run.
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Serialize;
+
+use crate::bench::{print_row, BenchVmm, Stats};
+use crate::vm::default_guest;
+
+#[derive(Args)]
+pub struct DisplayBenchArgs {
+    /// Measurements of each kind.
+    #[arg(long, default_value_t = 20)]
+    pub runs: usize,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct DisplayReport {
+    runs: usize,
+    width: u32,
+    height: u32,
+    build: &'static str,
+    update_latency_ms: Stats,
+    fullscreen_fps: Stats,
+    memcpy_ms: Stats,
+    memcpy_ratio: f64,
+}
+
+const W: u16 = 1920;
+const H: u16 = 1080;
+
+/// An RFB 3.8 viewer with security None, in the server's own pixel format. It keeps the
+/// last pixel of the screen: the guest draws row by row, so once that pixel has a new
+/// colour the whole screen has.
+struct Viewer(UnixStream, u32);
+
+impl Viewer {
+    fn connect(path: &Path) -> anyhow::Result<Viewer> {
+        let mut s = UnixStream::connect(path)
+            .with_context(|| format!("cannot connect to {}", path.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf)?;
+        s.write_all(b"RFB 003.008\n")?;
+        let mut types = [0u8; 2];
+        s.read_exact(&mut types)?;
+        s.write_all(&[1])?;
+        let mut result = [0u8; 4];
+        s.read_exact(&mut result)?;
+        s.write_all(&[1])?;
+        let mut init = [0u8; 24];
+        s.read_exact(&mut init)?;
+        let mut name = vec![0u8; u32::from_be_bytes(init[20..24].try_into()?) as usize];
+        s.read_exact(&mut name)?;
+        if init[..4] != [(W >> 8) as u8, W as u8, (H >> 8) as u8, H as u8] {
+            bail!("the display is not {W}x{H}");
+        }
+        Ok(Viewer(s, 0))
+    }
+
+    /// Asks for the whole screen; returns the colour of its last pixel now.
+    fn update(&mut self, incremental: bool) -> anyhow::Result<u32> {
+        let mut m = vec![3, u8::from(incremental), 0, 0, 0, 0];
+        m.extend_from_slice(&W.to_be_bytes());
+        m.extend_from_slice(&H.to_be_bytes());
+        self.0.write_all(&m)?;
+        let mut hdr = [0u8; 4];
+        self.0.read_exact(&mut hdr)?;
+        let mut px = Vec::new();
+        for _ in 0..u16::from_be_bytes([hdr[2], hdr[3]]) {
+            let mut r = [0u8; 12];
+            self.0.read_exact(&mut r)?;
+            let (x, y) = (
+                u16::from_be_bytes([r[0], r[1]]),
+                u16::from_be_bytes([r[2], r[3]]),
+            );
+            let w = usize::from(u16::from_be_bytes([r[4], r[5]]));
+            let h = usize::from(u16::from_be_bytes([r[6], r[7]]));
+            px.resize(w * h * 4, 0);
+            self.0.read_exact(&mut px)?;
+            if usize::from(x) + w == usize::from(W) && usize::from(y) + h == usize::from(H) {
+                let last = px.len() - 4;
+                self.1 = u32::from_le_bytes(px[last..].try_into()?) & 0xff_ffff;
+            }
+        }
+        Ok(self.1)
+    }
+}
+
+pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let cfg = ray_api::vmm::VmConfig {
+        kernel: default_guest()?.display().to_string(),
+        initrd: None,
+        cmdline: crate::vm::DEFAULT_GUEST_CMDLINE.into(),
+        vcpus: 1,
+        memory_bytes: 256 << 20,
+        numa: Vec::new(),
+        numa_attribution: Default::default(),
+        numa_migration: Default::default(),
+        devices: ray_api::vmm::DevicesConfig {
+            gpus: vec![ray_api::gpu::GpuConfig {
+                kind: ray_api::gpu::GpuType::Emulated,
+                width: W.into(),
+                height: H.into(),
+                displays: 1,
+            }],
+            ..Default::default()
+        },
+    };
+    let id = format!("bench-display-{}", std::process::id());
+    let vmm = BenchVmm::start(runtime, &id, &serde_json::to_string(&cfg)?)?;
+    let dir = ray::runtime::vm_dir(runtime, &id);
+    let measured = measure(a.runs, &dir);
+    vmm.stop()?;
+    let (latency, fps, update_ms) = measured?;
+
+    let frame = vec![0x5au8; usize::from(W) * usize::from(H) * 4];
+    let mut copy = vec![0u8; frame.len()];
+    let memcpy: Vec<f64> = (0..a.runs)
+        .map(|_| {
+            let t = Instant::now();
+            copy.copy_from_slice(std::hint::black_box(&frame));
+            std::hint::black_box(&copy);
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    let memcpy_ms = Stats::of(&memcpy);
+    let report = DisplayReport {
+        runs: a.runs,
+        width: W.into(),
+        height: H.into(),
+        build: if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        update_latency_ms: Stats::of(&latency),
+        fullscreen_fps: Stats::of(&fps),
+        memcpy_ratio: Stats::of(&update_ms).median / memcpy_ms.median,
+        memcpy_ms,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "display {}x{} over VNC ({} runs, {} build)",
+            report.width, report.height, report.runs, report.build
+        );
+        print_row("guest draw -> viewer", report.update_latency_ms, "ms");
+        print_row("full-screen updates", report.fullscreen_fps, "/s");
+        print_row("memcpy of a frame", report.memcpy_ms, "ms");
+        println!("  full-screen update / memcpy  {:.1}", report.memcpy_ratio);
+    }
+    Ok(())
+}
+
+/// (latencies ms, full-screen updates per second, full-screen update times ms).
+fn measure(runs: usize, dir: &Path) -> anyhow::Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
+    let client = ray::client::VmmClient::new(&dir.join("api.sock"));
+    let mut v = Viewer::connect(&ray_display::vnc::socket_path(
+        dir,
+        0,
+        ray_display::vnc::Role::ViewOnly,
+    ))?;
+    v.update(false)?;
+    let mut latency = Vec::new();
+    for i in 0..runs {
+        let colour = 0x10_2030 + i as u32 * 0x01_0101;
+        let body = serde_json::to_vec(&ray_api::vmm::ConsoleInput {
+            data: format!("draw fill {colour}\n"),
+        })?;
+        let t = Instant::now();
+        client.call::<serde_json::Value>("POST", "/vm/console", Some(body))?;
+        while v.update(true)? != colour {
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("the viewer never saw colour {colour:#x}");
+            }
+        }
+        latency.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (mut fps, mut each) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t = Instant::now();
+        v.update(false)?;
+        let s = t.elapsed().as_secs_f64();
+        fps.push(1.0 / s);
+        each.push(s * 1e3);
+    }
+    Ok((latency, fps, each))
+}

@@ -1,0 +1,134 @@
+//! `ray gpu status|list|displays|screenshot ID`: a VM's GPUs and displays through its API.
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use ray_api::gpu::GpuList;
+
+use ray::client::api_error;
+use ray::output::{print_structured, table, OutputArgs};
+
+use crate::vm::client;
+
+#[derive(Subcommand)]
+pub enum GpuCommand {
+    /// Each GPU's type, state and displays, and the VNC socket.
+    Status(IdArgs),
+    /// One line per GPU.
+    List(IdArgs),
+    /// One line per display.
+    Displays(IdArgs),
+    /// Save a display as a PNG.
+    Screenshot(ScreenshotArgs),
+}
+
+#[derive(Args)]
+pub struct IdArgs {
+    /// The VM.
+    pub id: String,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Args)]
+pub struct ScreenshotArgs {
+    /// The VM.
+    pub id: String,
+    /// Which display (0-based over all GPUs).
+    #[arg(long, default_value_t = 0)]
+    pub display: u32,
+    /// Where to write the PNG.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: PathBuf,
+}
+
+pub fn run(cmd: GpuCommand, runtime: &Path) -> anyhow::Result<()> {
+    match cmd {
+        GpuCommand::Status(a) => show(runtime, &a, View::Status),
+        GpuCommand::List(a) => show(runtime, &a, View::List),
+        GpuCommand::Displays(a) => show(runtime, &a, View::Displays),
+        GpuCommand::Screenshot(a) => screenshot(runtime, &a),
+    }
+}
+
+enum View {
+    Status,
+    List,
+    Displays,
+}
+
+fn show(runtime: &Path, a: &IdArgs, view: View) -> anyhow::Result<()> {
+    let list: GpuList = client(runtime, &a.id)?.call("GET", "/vm/gpus", None)?;
+    if print_structured(&list, a.out.format())? {
+        return Ok(());
+    }
+    let gpus = |list: &GpuList| {
+        list.gpus
+            .iter()
+            .map(|g| {
+                vec![
+                    g.index.to_string(),
+                    g.kind.to_string(),
+                    serde_json::to_value(g.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default(),
+                    g.displays.len().to_string(),
+                    g.viewers.to_string(),
+                ]
+            })
+            .collect::<Vec<_>>()
+    };
+    let displays = |list: &GpuList| {
+        list.gpus
+            .iter()
+            .flat_map(|g| &g.displays)
+            .map(|d| {
+                vec![
+                    d.index.to_string(),
+                    d.gpu.to_string(),
+                    format!("{}x{}", d.width, d.height),
+                    d.format.clone(),
+                    format!("{:#x}", d.framebuffer_gpa),
+                ]
+            })
+            .collect::<Vec<_>>()
+    };
+    const GPU_HEADER: &[&str] = &["GPU", "TYPE", "STATE", "DISPLAYS", "VIEWERS"];
+    const DISPLAY_HEADER: &[&str] = &["DISPLAY", "GPU", "SIZE", "FORMAT", "FRAMEBUFFER"];
+    match view {
+        View::List => print!("{}", table(GPU_HEADER, &gpus(&list))),
+        View::Displays => print!("{}", table(DISPLAY_HEADER, &displays(&list))),
+        View::Status => {
+            if list.gpus.is_empty() {
+                println!("{}: no GPU", a.id);
+                return Ok(());
+            }
+            print!("{}", table(GPU_HEADER, &gpus(&list)));
+            println!();
+            print!("{}", table(DISPLAY_HEADER, &displays(&list)));
+            match &list.vnc_socket {
+                Some(s) => {
+                    println!("\nVNC: {s} (display N: vnc-N.sock, view-only: vnc-N-view.sock)")
+                }
+                None => println!("\nVNC: not listening (the VM does not run)"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn screenshot(runtime: &Path, a: &ScreenshotArgs) -> anyhow::Result<()> {
+    let answer = client(runtime, &a.id)?.raw(
+        "GET",
+        &format!("/vm/display/{}/screenshot.png", a.display),
+        None,
+    )?;
+    if answer.status >= 400 {
+        return Err(api_error(answer.status, &answer.body).into());
+    }
+    std::fs::write(&a.output, &answer.body)
+        .with_context(|| format!("cannot write {}", a.output.display()))?;
+    println!("{}", a.output.display());
+    Ok(())
+}

@@ -1,0 +1,381 @@
+//! The emulated GPU end to end: our guest draws test patterns into its framebuffers, and
+//! what `ray gpu screenshot` saves, what a real VNC client (vncdotool) captures and what
+//! the host recomputes from the pattern's definition are the same pixels; also after a
+//! snapshot and restore and after a live migration. A garbage RFB client is dropped while
+//! a viewer carries on.
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use ray_api::gpu::GpuList;
+use ray_api::vmm::{MigrationStatus, VmInfo};
+use ray_e2e::{python, Env, Vm};
+use ray_guest_abi::display::{pattern_pixel, Pattern};
+
+const READY: Duration = Duration::from_secs(20);
+const GPU: &str = "emulated,width=640,height=480,displays=2";
+
+/// A PNG's size and RGB pixels.
+fn decode(path: &Path) -> (u32, u32, Vec<u8>) {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let rgb = match info.color_type {
+        png::ColorType::Rgb => buf[..info.buffer_size()].to_vec(),
+        png::ColorType::Rgba => buf[..info.buffer_size()]
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect(),
+        other => panic!("{}: unexpected PNG colour type {other:?}", path.display()),
+    };
+    (info.width, info.height, rgb)
+}
+
+/// The pattern as the host computes it, as RGB.
+fn expected(pattern: Pattern, seed: u32, w: u32, h: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity((w * h * 3) as usize);
+    for y in 0..h {
+        for x in 0..w {
+            let p = pattern_pixel(pattern, seed, x, y, w, h);
+            out.extend_from_slice(&[(p >> 16) as u8, (p >> 8) as u8, p as u8]);
+        }
+    }
+    out
+}
+
+/// Asserts a PNG shows `pattern` exactly, naming the first pixel that differs.
+fn assert_shows(path: &Path, pattern: Pattern, seed: u32) {
+    let (w, h, rgb) = decode(path);
+    assert_eq!((w, h), (640, 480), "{}", path.display());
+    let want = expected(pattern, seed, w, h);
+    if let Some(i) = (0..rgb.len()).find(|&i| rgb[i] != want[i]) {
+        let px = i / 3;
+        panic!(
+            "{}: pixel ({}, {}) is {:?}, the {pattern:?} pattern has {:?}",
+            path.display(),
+            px % w as usize,
+            px / w as usize,
+            &rgb[px * 3..px * 3 + 3],
+            &want[px * 3..px * 3 + 3]
+        );
+    }
+}
+
+fn screenshot(env: &Env, id: &str, display: u32, name: &str) -> std::path::PathBuf {
+    let out = env.runtime.join(name);
+    env.ray_ok(&[
+        "gpu",
+        "screenshot",
+        id,
+        "--display",
+        &display.to_string(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    out
+}
+
+/// vncdotool's `vncdo capture` through one of the VM's VNC sockets.
+fn vnc_capture(env: &Env, socket: &Path, name: &str) -> std::path::PathBuf {
+    let out = env.runtime.join(name);
+    let vncdo = python().with_file_name("vncdo");
+    let result = Command::new(&vncdo)
+        .args([
+            "-s",
+            socket.to_str().unwrap(),
+            "capture",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e} (scripts/setup installs it)",
+                vncdo.display()
+            )
+        });
+    ray_e2e::succeeded(result, "vncdo capture");
+    out
+}
+
+fn gpus(vm: &Vm) -> GpuList {
+    vm.client
+        .call("GET", "/vm/gpus", None)
+        .expect("GET /vm/gpus")
+}
+
+fn draw(vm: &mut Vm, pattern: &str, seed: u32, display: u32) {
+    let line = format!("draw {pattern} {seed} {display}");
+    let answer = vm.command(&line, "draw ");
+    assert_eq!(
+        answer,
+        format!("draw {pattern} seed={seed} display={display} 640x480")
+    );
+}
+
+fn boot_drawn(env: &Env) -> Vm {
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", GPU]);
+    vm.expect_line("ready", READY);
+    draw(&mut vm, "checker", 7, 0);
+    draw(&mut vm, "gradient", 3, 1);
+    vm
+}
+
+#[test]
+fn vnc_capture_screenshot_and_pattern_agree_pixel_for_pixel() {
+    let env = Env::new("disp-vnc");
+    let mut vm = boot_drawn(&env);
+    let list = gpus(&vm);
+    assert_eq!(list.gpus.len(), 1);
+    assert_eq!(list.gpus[0].displays.len(), 2);
+    assert_eq!(serde_json::to_value(list.gpus[0].state).unwrap(), "ready");
+    // Our guest and the VMM agree on where the framebuffers are.
+    let listed = vm.command("displays", "displays ");
+    assert_eq!(listed, "displays 2");
+
+    let shot0 = screenshot(&env, &vm.id, 0, "s0.png");
+    let shot1 = screenshot(&env, &vm.id, 1, "s1.png");
+    assert_shows(&shot0, Pattern::Checker, 7);
+    assert_shows(&shot1, Pattern::Gradient, 3);
+    let vnc0 = vnc_capture(&env, &vm.dir.join("vnc-0.sock"), "v0.png");
+    let vnc1 = vnc_capture(&env, &vm.dir.join("vnc-1-view.sock"), "v1.png");
+    assert_shows(&vnc0, Pattern::Checker, 7);
+    assert_shows(&vnc1, Pattern::Gradient, 3);
+
+    // A new picture reaches a new capture.
+    draw(&mut vm, "bars", 0, 0);
+    assert_shows(
+        &vnc_capture(&env, &vm.dir.join("vnc-0.sock"), "v2.png"),
+        Pattern::Bars,
+        0,
+    );
+
+    // The GPU follows the VM: suspended while paused, ready again after resume.
+    env.ray_ok(&["vm", "pause", &vm.id]);
+    let state = serde_json::to_value(gpus(&vm).gpus[0].state).unwrap();
+    assert_eq!(state, "suspended");
+    env.ray_ok(&["vm", "resume", &vm.id]);
+    let state = serde_json::to_value(gpus(&vm).gpus[0].state).unwrap();
+    assert_eq!(state, "ready");
+
+    // A display that does not exist is named in the refusal.
+    let out = env.ray(&[
+        "gpu",
+        "screenshot",
+        &vm.id,
+        "--display",
+        "2",
+        "-o",
+        "/dev/null",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("display 2 does not exist: the VM has 2 display(s)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_garbage_rfb_client_is_dropped_and_another_viewer_carries_on() {
+    let env = Env::new("disp-garbage");
+    let mut vm = boot_drawn(&env);
+    // One viewer stays connected through vncdotool's API while a garbage client comes
+    // and goes; then the viewer captures the picture drawn after that.
+    let script = r#"
+import socket, sys, time
+from vncdotool import api
+rw, png = sys.argv[1], sys.argv[2]
+viewer = api.connect(rw)
+viewer.refreshScreen()
+bad = socket.socket(socket.AF_UNIX)
+bad.connect(rw)
+bad.recv(12)
+bad.sendall(b"RFB 003.008\n\x01\x01" + bytes([0xee] * 64))
+bad.settimeout(10)
+while True:
+    data = bad.recv(65536)
+    if not data:
+        break
+print("garbage client dropped", flush=True)
+sys.stdout.flush()
+input()
+viewer.captureScreen(png)
+viewer.disconnect()
+api.shutdown()
+print("captured", flush=True)
+"#;
+    let png = env.runtime.join("after.png");
+    let mut child = Command::new(python())
+        .args([
+            "-c",
+            script,
+            vm.dir.join("vnc-0.sock").to_str().unwrap(),
+            png.to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "garbage client dropped");
+    draw(&mut vm, "fill", 0x123456, 0);
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"\n").unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    assert_shows(&png, Pattern::Fill, 0x123456);
+    let log = std::fs::read_to_string(vm.dir.join("vmm.log")).unwrap();
+    assert!(
+        log.contains("VNC viewer closed: unknown client message type 238"),
+        "the VMM logs why it closed the garbage client"
+    );
+    // The VM is unharmed.
+    assert_eq!(vm.command("echo still here", "still"), "still here");
+}
+
+#[test]
+fn pictures_survive_snapshot_restore_and_live_migration() {
+    let env = Env::new("disp-persist");
+    let vm = boot_drawn(&env);
+    env.ray_ok(&["vm", "pause", &vm.id]);
+    let snap = env.runtime.join("snap");
+    env.ray_ok(&["snapshot", "create", &vm.id, snap.to_str().unwrap()]);
+    env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
+
+    let out = env.ray_ok(&[
+        "snapshot",
+        "restore",
+        snap.to_str().unwrap(),
+        "--id",
+        "back",
+        "--detach",
+        "--json",
+    ]);
+    let info: VmInfo = serde_json::from_str(&out).unwrap();
+    let back = env.attach("back", info.pid);
+    assert_eq!(
+        serde_json::to_value(gpus(&back).gpus[0].state).unwrap(),
+        "ready"
+    );
+    assert_shows(&screenshot(&env, "back", 0, "r0.png"), Pattern::Checker, 7);
+    assert_shows(&screenshot(&env, "back", 1, "r1.png"), Pattern::Gradient, 3);
+    assert_shows(
+        &vnc_capture(&env, &back.dir.join("vnc-1.sock"), "rv1.png"),
+        Pattern::Gradient,
+        3,
+    );
+
+    // Live migration over a Unix socket to a second VMM on this host.
+    let key = env.runtime.join("key");
+    std::fs::write(&key, "a pre-shared key of some length").unwrap();
+    let listen = format!("unix:{}", env.runtime.join("incoming.sock").display());
+    let key = key.to_str().unwrap();
+    let out = env.ray_ok(&[
+        "migrate",
+        "receive",
+        "--listen",
+        &listen,
+        "--key-file",
+        key,
+        "--memory",
+        "128M",
+        "--vcpus",
+        "1",
+        "--id",
+        "moved",
+        "--json",
+    ]);
+    let info: VmInfo = serde_json::from_str(&out).unwrap();
+    let mut moved = env.attach("moved", info.pid);
+    let out = env.ray_ok(&[
+        "migrate",
+        "start",
+        "back",
+        "--to",
+        &listen,
+        "--key-file",
+        key,
+        "--json",
+    ]);
+    let s: MigrationStatus = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (s.state.as_str(), s.vm.as_str()),
+        ("completed", "migrated"),
+        "{s:?}"
+    );
+    back.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        serde_json::to_value(gpus(&moved).gpus[0].state).unwrap(),
+        "ready"
+    );
+    assert_shows(&screenshot(&env, "moved", 0, "m0.png"), Pattern::Checker, 7);
+    assert_shows(
+        &vnc_capture(&env, &moved.dir.join("vnc-1.sock"), "mv1.png"),
+        Pattern::Gradient,
+        3,
+    );
+    // The guest draws on where it left off.
+    draw(&mut moved, "bars", 0, 1);
+    assert_shows(&screenshot(&env, "moved", 1, "m1.png"), Pattern::Bars, 0);
+}
+
+#[test]
+fn gpu_requests_are_checked_before_the_vm_starts() {
+    let env = Env::new("disp-args");
+    for (args, msg) in [
+        (
+            &["--gpu", "paravirt"][..],
+            "GPU type paravirt is not implemented in this build",
+        ),
+        (
+            &["--gpu", "remote"],
+            "GPU type remote is not implemented in this build",
+        ),
+        (
+            &["--gpu", "emulated,displays=5"],
+            "5 displays asked for; a GPU has 1 to 4",
+        ),
+        (
+            &["--gpu", "emulated,width=100"],
+            "width 100 is not a multiple of 8 between 320 and 3840",
+        ),
+        (
+            &[
+                "--gpu",
+                "emulated,displays=4",
+                "--gpu",
+                "emulated,displays=4",
+                "--gpu",
+                "emulated,displays=4",
+                "--gpu",
+                "emulated,displays=4",
+                "--gpu",
+                "emulated",
+            ],
+            "17 displays asked for over all GPUs; a VM has at most 16",
+        ),
+        (
+            &[
+                "--memory",
+                "64M",
+                "--gpu",
+                "emulated,width=3840,height=2160,displays=4",
+            ],
+            "more than half of the 67108864 bytes below 3 GiB",
+        ),
+    ] {
+        let mut all = vec!["vm", "run", "--detach"];
+        all.extend_from_slice(args);
+        let out = env.ray(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(err.contains(msg), "{args:?}: {err}");
+    }
+    // Nothing was started.
+    let list = env.ray_ok(&["vm", "list", "-o", "json"]);
+    assert_eq!(list.trim(), "[]", "{list}");
+}
