@@ -481,3 +481,6 @@ impl<S: Store + Clone> Controller<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
