@@ -88,6 +88,7 @@ pub struct HostArgs {
 pub struct CreateArgs {
     /// The VM's name (1-63 letters, digits, '-', '_' or '.').
     pub vm: String,
+    /// vCPUs (1-254).
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
     /// Memory in MiB.
@@ -105,6 +106,7 @@ pub struct CreateArgs {
     /// Kernel to boot (rayvisor's own guest when absent).
     #[arg(long)]
     pub kernel: Option<String>,
+    /// Kernel command line (the guest's default when absent).
     #[arg(long)]
     pub cmdline: Option<String>,
     #[command(flatten)]
