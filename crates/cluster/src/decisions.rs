@@ -83,8 +83,14 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Writes `entry`; returns its sequence number.
-    pub async fn append<S: Store>(&mut self, s: &S, mut entry: Entry) -> Result<u64, StoreError> {
+    /// Writes `entry`; returns its sequence number, or `None` when the store refused the
+    /// write for another reason than a taken sequence number (a fenced store: this writer
+    /// no longer leads).
+    pub async fn append<S: Store>(
+        &mut self,
+        s: &S,
+        mut entry: Entry,
+    ) -> Result<Option<u64>, StoreError> {
         loop {
             let seq = now_us().max(self.last + 1);
             self.last = seq;
@@ -93,8 +99,10 @@ impl Writer {
             let txn = Txn::new()
                 .when(keys::log(seq), Cond::Absent)
                 .put(keys::log(seq), value);
-            if let Commit::Done(_) = s.commit(txn).await? {
-                return Ok(seq);
+            match s.commit(txn).await? {
+                Commit::Done(_) => return Ok(Some(seq)),
+                Commit::Conflict if s.get(&keys::log(seq)).await?.is_none() => return Ok(None),
+                Commit::Conflict => {}
             }
         }
     }

@@ -277,6 +277,27 @@ async fn controller(
     tasks.push(AbortOnDrop(tokio::spawn(async move {
         let _ = ctl.run().await;
     })));
+    // The create latency is measured on the 3 real-agent hosts: the simulated ones are
+    // cordoned meanwhile (their agents would refuse to start anything).
+    let cordon = |on: bool| {
+        let spec = ray_cluster::spec::HostSpec {
+            cordon: on,
+            ..Default::default()
+        };
+        let mut txns = Vec::new();
+        let mut txn = Txn::new();
+        for i in 0..args.hosts {
+            txn = txn.put(keys::host_spec(&format!("sim-{i:05}")), spec.to_json());
+            if txn.ops.len() == 64 {
+                txns.push(std::mem::take(&mut txn));
+            }
+        }
+        txns.push(txn);
+        txns
+    };
+    for txn in cordon(true) {
+        store.commit(txn).await?;
+    }
     let spec = br#"{"vcpus":1,"memory_mib":32}"#;
     let mut create_ms = Vec::new();
     for i in 0..args.creates {
@@ -298,6 +319,9 @@ async fn controller(
         create_ms.push(started.duration_since(t).as_secs_f64() * 1000.0);
         // Keep the hosts from filling up: the next create finds the same room.
         store.commit(Txn::new().delete(keys::vm_spec(&vm))).await?;
+    }
+    for txn in cordon(false) {
+        store.commit(txn).await?;
     }
     let t = Instant::now();
     for chunk in (0..args.batch).collect::<Vec<_>>().chunks(64) {
@@ -328,4 +352,3 @@ async fn controller(
     let per_s = args.batch as f64 / t.elapsed().as_secs_f64();
     Ok((Percentiles::of(&create_ms), per_s))
 }
-

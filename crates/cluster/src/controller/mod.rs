@@ -409,17 +409,27 @@ impl<S: Store + Clone> Controller<S> {
     }
 
     async fn lead(&self, s: &leader::Led<S>) -> Result<(), ControllerError> {
+        // The lease is renewed beside the work, so a long pass never lets it lapse; when
+        // it is lost, the work in flight is dropped (what it recorded, a successor
+        // finishes or undoes).
+        let keeper = keep_lead(
+            s.inner.clone(),
+            s.term.lease,
+            self.cfg.renew_every,
+            self.cfg.leader_ttl,
+        );
+        tokio::select! {
+            why = keeper => Err(ControllerError::LostLead(why)),
+            r = self.work(s) => r,
+        }
+    }
+
+    /// What a leader does: log its lead, recover, then passes.
+    async fn work(&self, s: &leader::Led<S>) -> Result<(), ControllerError> {
         let mut applier = Applier::new();
+        let msg = format!("controller {} leads", self.cfg.id);
         applier
-            .log(
-                s,
-                Entry::new(
-                    Kind::Leader,
-                    None,
-                    None,
-                    format!("controller {} leads", self.cfg.id),
-                ),
-            )
+            .log(s, Entry::new(Kind::Leader, None, None, msg))
             .await?;
         let recovered = applier.recover(s).await?;
         if recovered > 0 {
@@ -437,9 +447,18 @@ impl<S: Store + Clone> Controller<S> {
                 // The watch ended: the periodic pass keeps things moving.
             })));
         }
-        let mut renew = tokio::time::interval(self.cfg.renew_every);
+        self.passes(s, &mut applier, &changed).await
+    }
+
+    /// Passes until an error: one after every change (a burst settles into one) and one
+    /// every `resync`.
+    async fn passes(
+        &self,
+        s: &leader::Led<S>,
+        applier: &mut Applier,
+        changed: &tokio::sync::Notify,
+    ) -> Result<(), ControllerError> {
         let mut resync = tokio::time::interval(self.cfg.resync);
-        let mut last_renewal = tokio::time::Instant::now();
         loop {
             let world = read_world(s).await?;
             let actions = decide(&world, self.cfg.plan);
@@ -453,31 +472,34 @@ impl<S: Store + Clone> Controller<S> {
                 // What it wrote may allow more (an eviction frees room): look again.
                 continue;
             }
-            loop {
-                tokio::select! {
-                    _ = changed.notified() => {
-                        // Let a burst of changes (30 creates) settle into one pass.
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        break;
-                    }
-                    _ = resync.tick() => break,
-                    _ = renew.tick() => {
-                        match s.keep_alive(s.term.lease).await {
-                            Ok(_) => last_renewal = tokio::time::Instant::now(),
-                            Err(StoreError::NoLease(_)) => {
-                                return Err(ControllerError::LostLead("its leader lease ended".into()))
-                            }
-                            Err(e) if last_renewal.elapsed() > self.cfg.leader_ttl => {
-                                return Err(ControllerError::LostLead(format!(
-                                    "no renewal of its leader lease for {:?}: {e}",
-                                    self.cfg.leader_ttl
-                                )))
-                            }
-                            Err(e) => tracing::warn!("leader lease renewal failed, retrying: {e}"),
-                        }
-                    }
+            tokio::select! {
+                _ = changed.notified() => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                _ = resync.tick() => {}
             }
+        }
+    }
+}
+
+/// Renews the leader lease every `every`; returns why the lead is lost: the lease ended,
+/// or no renewal succeeded for `ttl`.
+async fn keep_lead<S: Store>(
+    s: S,
+    lease: crate::store::LeaseId,
+    every: Duration,
+    ttl: Duration,
+) -> String {
+    let mut last = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        match s.keep_alive(lease).await {
+            Ok(_) => last = tokio::time::Instant::now(),
+            Err(StoreError::NoLease(_)) => return "its leader lease ended".into(),
+            Err(e) if last.elapsed() > ttl => {
+                return format!("no renewal of its leader lease for {ttl:?}: {e}")
+            }
+            Err(e) => tracing::warn!("leader lease renewal failed, retrying: {e}"),
         }
     }
 }
