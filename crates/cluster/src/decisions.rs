@@ -89,20 +89,46 @@ impl Writer {
     pub async fn append<S: Store>(
         &mut self,
         s: &S,
-        mut entry: Entry,
+        entry: Entry,
     ) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .append_all(s, vec![entry])
+            .await?
+            .and_then(|v| v.first().copied()))
+    }
+
+    /// Writes `entries` in one transaction (keep them under etcd's 128 operations per
+    /// transaction); returns their sequence numbers, or `None` as [`Writer::append`].
+    pub async fn append_all<S: Store>(
+        &mut self,
+        s: &S,
+        mut entries: Vec<Entry>,
+    ) -> Result<Option<Vec<u64>>, StoreError> {
+        if entries.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
         loop {
-            let seq = now_us().max(self.last + 1);
-            self.last = seq;
-            entry.seq = seq;
-            let value = serde_json::to_vec(&entry).unwrap_or_default();
-            let txn = Txn::new()
-                .when(keys::log(seq), Cond::Absent)
-                .put(keys::log(seq), value);
-            match s.commit(txn).await? {
-                Commit::Done(_) => return Ok(Some(seq)),
-                Commit::Conflict if s.get(&keys::log(seq)).await?.is_none() => return Ok(None),
-                Commit::Conflict => {}
+            let mut txn = Txn::new();
+            let mut seqs = Vec::new();
+            for e in &mut entries {
+                let seq = now_us().max(self.last + 1);
+                self.last = seq;
+                e.seq = seq;
+                let value = serde_json::to_vec(&*e).unwrap_or_default();
+                txn = txn
+                    .when(keys::log(seq), Cond::Absent)
+                    .put(keys::log(seq), value);
+                seqs.push(seq);
+            }
+            if let Commit::Done(_) = s.commit(txn).await? {
+                return Ok(Some(seqs));
+            }
+            let mut taken = false;
+            for seq in &seqs {
+                taken |= s.get(&keys::log(*seq)).await?.is_some();
+            }
+            if !taken {
+                return Ok(None);
             }
         }
     }

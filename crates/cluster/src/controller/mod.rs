@@ -72,6 +72,10 @@ pub enum ControllerError {
     LostLead(String),
 }
 
+/// Placements recorded, logged and cleared per transaction (etcd allows 128 operations
+/// in one; a chunk's log entries take two each: the compare and the put).
+const BATCH: usize = 32;
+
 /// An operation recorded under `/ray/ops/<kind>-<vm>` before it acts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
@@ -201,30 +205,11 @@ impl Applier {
         actions: Vec<Action>,
     ) -> Result<Pass, ControllerError> {
         let mut pass = Pass::default();
+        // Releases and evictions first: the room they free is what placements count on.
+        let mut places = Vec::new();
         for a in actions {
             match a {
-                Action::Place { vm, host, data } => {
-                    let op = Operation::Place {
-                        vm: vm.clone(),
-                        host: host.clone(),
-                    };
-                    self.fenced(self.record(s, &op).await?)?;
-                    match runtoken::place(s, &vm, &host, Origin::Boot).await {
-                        Ok(g) => {
-                            pass.placed += 1;
-                            self.refused.remove(&vm);
-                            let msg = format!("placed on host {host} (run token epoch 1)");
-                            let data = merge(data, json!({"revision": g.revision}));
-                            self.log(
-                                s,
-                                Entry::new(Kind::Placed, Some(&vm), Some(&host), msg).with(data),
-                            )
-                            .await?;
-                        }
-                        Err(e) => pass.conflicts += conflict(&vm, e)?,
-                    }
-                    self.done(s, &op).await?;
-                }
+                Action::Place { vm, host, data } => places.push((vm, host, data)),
                 Action::Evict { vm, host, by, data } => {
                     let why = format!(
                         "evicted from host {host} to make room for VM {by} of a higher tier; placed again when room appears"
@@ -263,7 +248,50 @@ impl Applier {
                 }
             }
         }
+        for chunk in places.chunks(BATCH) {
+            self.place_chunk(s, chunk, &mut pass).await?;
+        }
         Ok(pass)
+    }
+
+    /// Places a chunk of VMs: their operations recorded in one transaction, one run-token
+    /// transaction each, their log entries in one, their records cleared in one (four
+    /// round trips per VM would bound a pass at the store's write latency).
+    async fn place_chunk<S: Store>(
+        &mut self,
+        s: &S,
+        chunk: &[(String, String, serde_json::Value)],
+        pass: &mut Pass,
+    ) -> Result<(), ControllerError> {
+        let ops: Vec<Operation> = chunk
+            .iter()
+            .map(|(vm, host, _)| Operation::Place {
+                vm: vm.clone(),
+                host: host.clone(),
+            })
+            .collect();
+        let record = ops.iter().fold(Txn::new(), |t, op| {
+            t.put(op.key(), serde_json::to_vec(op).unwrap_or_default())
+        });
+        self.fenced(matches!(s.commit(record).await?, Commit::Done(_)))?;
+        let mut entries = Vec::new();
+        for (vm, host, data) in chunk {
+            match runtoken::place(s, vm, host, Origin::Boot).await {
+                Ok(g) => {
+                    pass.placed += 1;
+                    self.refused.remove(vm);
+                    let msg = format!("placed on host {host} (run token epoch 1)");
+                    let data = merge(data.clone(), json!({"revision": g.revision}));
+                    entries.push(Entry::new(Kind::Placed, Some(vm), Some(host), msg).with(data));
+                }
+                Err(e) => pass.conflicts += conflict(vm, e)?,
+            }
+        }
+        let logged = self.log.append_all(s, entries).await?.is_some();
+        self.fenced(logged)?;
+        let clear = ops.iter().fold(Txn::new(), |t, op| t.delete(op.key()));
+        s.commit(clear).await?;
+        Ok(())
     }
 
     /// Releases `vm`'s token if it still names `host`; false if it changed meanwhile.
