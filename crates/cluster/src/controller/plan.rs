@@ -276,10 +276,11 @@ pub fn decide(world: &World, cfg: PlanConfig) -> Vec<Action> {
             }),
             Ok(Decision::Pending(PendingReason::NoHost)) => {
                 let expl = session.explain(&vm);
+                // Counts, not the host-by-host list: an entry stays small at 1,000 hosts.
                 actions.push(Action::Refuse {
                     vm: name,
                     reason: refusal(&expl, &cordoned),
-                    data: serde_json::to_value(&expl).unwrap_or_default(),
+                    data: json!({"refusals": expl.counts(), "fits": expl.fits.len()}),
                 });
             }
             Err(e) => actions.push(Action::Refuse {
