@@ -1,6 +1,7 @@
-//! The cluster agent on real parts: a real etcd (started here, on 127.0.0.1), the real
-//! `ray agent`, real VMMs running rayvisor's guest; the guest's heartbeat proves where a
-//! VM runs.
+//! The cluster on real parts: a real etcd (started here, on 127.0.0.1), the real `ray
+//! agent` and `ray controller` processes, real VMMs running rayvisor's guest; the guest's
+//! heartbeat proves where a VM runs.
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,32 +12,47 @@ use ray_cluster::store::{EtcdStore, Store, Txn};
 use ray_cluster::testing::Etcd;
 use ray_e2e::{guest_bin, ray_bin, Env};
 
-/// A `ray agent` process, killed (-9) when dropped.
-struct AgentProcess(Child);
+/// Starts `ray <args>` in the background with `runtime` as its runtime directory, its
+/// output appended to `log`.
+fn spawn_ray(runtime: &Path, log: &Path, args: &[&str]) -> Child {
+    std::fs::create_dir_all(runtime).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(ray_bin())
+        .args(args)
+        .env("RAY_RUNTIME_DIR", runtime)
+        .env("RAY_GUEST", guest_bin())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("cannot start ray")
+}
 
-impl AgentProcess {
-    fn start(env: &Env, etcd: &Etcd, host: &str) -> AgentProcess {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(env.runtime.join("agent.log"))
-            .unwrap();
-        let child = Command::new(ray_bin())
-            .args([
+/// A `ray agent` or `ray controller` process, killed (-9) when dropped.
+struct Daemon(Child);
+
+impl Daemon {
+    fn start(env: &Env, etcd: &Etcd, host: &str) -> Daemon {
+        Daemon::start_in(&env.runtime, etcd, host)
+    }
+
+    /// An agent whose host's VMs live in `runtime` (its log: `runtime/agent.log`).
+    fn start_in(runtime: &Path, etcd: &Etcd, host: &str) -> Daemon {
+        Daemon(spawn_ray(
+            runtime,
+            &runtime.join("agent.log"),
+            &[
                 "agent",
                 "--host",
                 host,
                 "--etcd",
                 &etcd.endpoints().join(","),
-            ])
-            .env("RAY_RUNTIME_DIR", &env.runtime)
-            .env("RAY_GUEST", guest_bin())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("cannot start ray agent");
-        AgentProcess(child)
+            ],
+        ))
     }
 
     fn kill9(&mut self) {
@@ -45,7 +61,7 @@ impl AgentProcess {
     }
 }
 
-impl Drop for AgentProcess {
+impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
     }
@@ -76,7 +92,7 @@ fn an_agent_runs_its_vm_which_outlives_a_kill_9_and_is_adopted_back() {
     let rt = runtime();
     let etcd = rt.block_on(Etcd::start("e2e-agent"));
     let store = rt.block_on(EtcdStore::connect(&etcd.endpoints())).unwrap();
-    let mut agent = AgentProcess::start(&env, &etcd, "h1");
+    let mut agent = Daemon::start(&env, &etcd, "h1");
     wait("the agent's registration", Duration::from_secs(20), || {
         rt.block_on(store.get(&keys::host_alive("h1")))
             .unwrap()
@@ -135,7 +151,7 @@ fn an_agent_runs_its_vm_which_outlives_a_kill_9_and_is_adopted_back() {
     );
 
     // A new agent keeps the lease and adopts the running VMM: no second copy.
-    let _agent = AgentProcess::start(&env, &etcd, "h1");
+    let _agent = Daemon::start(&env, &etcd, "h1");
     wait("the adoption", Duration::from_secs(20), || {
         agent_log(&env).contains("adopted a running VMM")
     });
@@ -162,4 +178,212 @@ fn an_agent_runs_its_vm_which_outlives_a_kill_9_and_is_adopted_back() {
     let (_, seen) = rt.block_on(runtoken::read(&store, "c1")).unwrap().unwrap();
     rt.block_on(runtoken::release(&store, "c1", &seen)).unwrap();
     vm.wait_exit(Duration::from_secs(15));
+}
+
+/// Kills every VMM under the given runtime directories when dropped: VMMs outlive their
+/// agents by design, so a test must end them itself.
+struct ReapVmms(Vec<PathBuf>);
+
+impl Drop for ReapVmms {
+    fn drop(&mut self) {
+        for runtime in &self.0 {
+            for id in ray::runtime::list_ids(runtime) {
+                let pid = std::fs::read_to_string(runtime.join("vms").join(&id).join("vmm.pid"));
+                if let Some(pid) = pid.ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+                    // SAFETY: kill(2) of a VMM process this test's agents started.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The guest heartbeat counter of VM `id` in `runtime`, if its VMM answers and the guest
+/// is up.
+fn heartbeat(runtime: &Path, id: &str) -> Option<u64> {
+    let sock = runtime.join("vms").join(id).join("api.sock");
+    let info: ray_api::vmm::VmInfo = ray::client::VmmClient::new(&sock)
+        .call("GET", "/vm", None)
+        .ok()?;
+    info.heartbeat.filter(|h| h.ready).map(|h| h.counter)
+}
+
+/// Waits until VM `id`'s guest heartbeat moves in `runtime`: it runs there.
+fn runs_in(runtime: &Path, id: &str) {
+    let mut first = None;
+    wait(
+        &format!("VM {id}'s heartbeat in {}", runtime.display()),
+        Duration::from_secs(60),
+        || match (first, heartbeat(runtime, id)) {
+            (None, Some(c)) => {
+                first = Some(c);
+                false
+            }
+            (Some(a), Some(b)) => b > a,
+            _ => false,
+        },
+    );
+}
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+#[test]
+fn the_controller_places_vms_apart_explains_refusals_and_a_standby_takes_over() {
+    let env = Env::new("cluster-ctl");
+    let rt = runtime();
+    let etcd = rt.block_on(Etcd::start("e2e-ctl"));
+    let store = rt.block_on(EtcdStore::connect(&etcd.endpoints())).unwrap();
+    let url = etcd.endpoints().join(",");
+    let hosts = [env.runtime.join("h1"), env.runtime.join("h2")];
+    let _reap = ReapVmms(hosts.to_vec());
+    let _agents: Vec<Daemon> = ["h1", "h2"]
+        .iter()
+        .zip(&hosts)
+        .map(|(h, dir)| Daemon::start_in(dir, &etcd, h))
+        .collect();
+    let log = env.runtime.join("controllers.log");
+    let mut c1 = Daemon(spawn_ray(
+        &env.runtime,
+        &log,
+        &["controller", "--id", "c1", "--etcd", &url],
+    ));
+    wait("c1 leads", Duration::from_secs(20), || {
+        json(&env.ray_ok(&["cluster", "status", "--etcd", &url, "--json"]))["leader"] == "c1"
+    });
+    let _c2 = Daemon(spawn_ray(
+        &env.runtime,
+        &log,
+        &["controller", "--id", "c2", "--etcd", &url],
+    ));
+    wait("both hosts Ready", Duration::from_secs(20), || {
+        json(&env.ray_ok(&["cluster", "status", "--etcd", &url, "--json"]))["hosts"]["Ready"] == 2
+    });
+
+    // Bad input is refused before anything is written.
+    let bad = env.ray(&[
+        "cluster", "vm", "create", "x", "--pool", "gold", "--etcd", &url,
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("pool 'gold' does not exist"),
+        "{bad:?}"
+    );
+
+    // Three members of one anti-affinity group on two hosts: two run, apart.
+    for vm in ["web-1", "web-2", "web-3"] {
+        env.ray_ok(&[
+            "cluster",
+            "vm",
+            "create",
+            vm,
+            "--memory-mib",
+            "128",
+            "--group",
+            "web",
+            "--etcd",
+            &url,
+        ]);
+    }
+    let host_of = |vm: &str| {
+        let (t, _) = rt.block_on(runtoken::read(&store, vm)).unwrap()?;
+        Some(t.host)
+    };
+    wait("two placements", Duration::from_secs(20), || {
+        host_of("web-1").is_some() && host_of("web-2").is_some()
+    });
+    let (h1, h2) = (host_of("web-1").unwrap(), host_of("web-2").unwrap());
+    assert_ne!(h1, h2, "anti-affinity");
+    let dir = |h: &str| env.runtime.join(h);
+    runs_in(&dir(&h1), "web-1");
+    runs_in(&dir(&h2), "web-2");
+    assert_eq!(host_of("web-3"), None);
+    let explain = env.ray_ok(&["cluster", "explain", "web-3", "--etcd", &url]);
+    assert!(
+        explain.contains("pending: no host yet")
+            && explain.contains("no host: 2 would break anti-affinity group web"),
+        "{explain}"
+    );
+    let vms = json(&env.ray_ok(&["cluster", "vms", "--etcd", &url, "--json"]));
+    assert_eq!(vms.as_array().unwrap().len(), 3, "{vms}");
+    let pools = json(&env.ray_ok(&["cluster", "pools", "--etcd", &url, "--json"]));
+    assert_eq!(pools[1]["pool"], "standard");
+    assert_eq!(
+        (&pools[1]["vms"], &pools[1]["memory_mib"]),
+        (&2.into(), &256.into())
+    );
+
+    // kill -9 the leader: c2 takes over and serves the next request; nothing already
+    // running moves (epoch 1 everywhere).
+    c1.kill9();
+    env.ray_ok(&[
+        "cluster",
+        "vm",
+        "create",
+        "db",
+        "--memory-mib",
+        "128",
+        "--pool",
+        "critical",
+        "--etcd",
+        &url,
+    ]);
+    wait("c2 places db", Duration::from_secs(30), || {
+        host_of("db").is_some()
+    });
+    let status = json(&env.ray_ok(&["cluster", "status", "--etcd", &url, "--json"]));
+    assert_eq!(status["leader"], "c2", "{status}");
+    runs_in(&dir(&host_of("db").unwrap()), "db");
+
+    // Deleting web-1 stops its VMM and makes room for web-3 on that host.
+    env.ray_ok(&["cluster", "vm", "delete", "web-1", "--etcd", &url]);
+    wait("web-1 stopped", Duration::from_secs(30), || {
+        heartbeat(&dir(&h1), "web-1").is_none()
+    });
+    wait("web-3 placed", Duration::from_secs(30), || {
+        host_of("web-3").is_some()
+    });
+    assert_eq!(host_of("web-3").unwrap(), h1);
+    runs_in(&dir(&h1), "web-3");
+
+    // The decision log tells the story, with both leaders; every VM got exactly one
+    // run token (epoch 1): none ran twice.
+    let events = json(&env.ray_ok(&["cluster", "events", "--etcd", &url, "--json"]));
+    let kinds: Vec<(String, String)> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().into(),
+                e["vm"].as_str().unwrap_or("-").into(),
+            )
+        })
+        .collect();
+    for want in [
+        ("leader", "-"),
+        ("placed", "web-1"),
+        ("placed", "web-2"),
+        ("refused", "web-3"),
+        ("placed", "db"),
+        ("released", "web-1"),
+        ("placed", "web-3"),
+    ] {
+        assert!(
+            kinds.contains(&(want.0.into(), want.1.into())),
+            "{want:?} not in {kinds:?}"
+        );
+    }
+    let placed_twice = kinds
+        .iter()
+        .filter(|k| k.0 == "placed" && k.1 == "web-2")
+        .count();
+    assert_eq!(placed_twice, 1);
+    for vm in ["web-2", "web-3", "db"] {
+        let (t, _) = rt.block_on(runtoken::read(&store, vm)).unwrap().unwrap();
+        assert_eq!(t.epoch, 1, "{vm}");
+    }
 }

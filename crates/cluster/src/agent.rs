@@ -177,7 +177,7 @@ async fn watchdog<V: Vmms>(fence: SharedFence, vmms: Arc<V>, period: Duration) {
 }
 
 /// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -4,6 +4,9 @@
 //! its part:
 //!
 //! - [`agent`]: the host agent's core: lease, registration, status, reconcile, self-fence;
+//! - [`controller`]: placement of desired VMs through crates/scheduler, leader election,
+//!   operations recorded before they act;
+//! - [`decisions`]: the decision log;
 //! - [`store`]: the one [`store::Store`] trait, on an embedded redb file (one host, zero
 //!   set-up) or a real etcd (a cluster): revision-checked transactions, leases, watches;
 //! - [`keys`]: where everything lives in the store;
@@ -14,6 +17,8 @@
 //! - [`view`]: what `ray cluster nodes|vms` show;
 //! - [`testing`]: a real etcd for tests.
 pub mod agent;
+pub mod controller;
+pub mod decisions;
 pub mod keys;
 pub mod runtoken;
 pub mod spec;

@@ -1,6 +1,69 @@
-//! What a cluster VM is: the value of `/ray/vms/<vm>/spec`, written by the operator,
-//! read by the controller (to place it) and by the agent (to start it).
+//! What a cluster VM is (the value of `/ray/vms/<vm>/spec`, written by the operator,
+//! read by the controller to place it and by the agent to start it), what a host is for
+//! (`/ray/hosts/<host>/spec`), and the resource pools with their priority tiers.
+use ray_scheduler::{HostRole, Tier};
 use serde::{Deserialize, Serialize};
+
+/// The resource pools: one per priority tier. A VM names its pool; a pool's tier decides
+/// who may preempt whom (higher tiers evict lower ones when nothing else fits).
+pub const POOLS: [(&str, Tier); 4] = [
+    ("best-effort", Tier::BestEffort),
+    ("standard", Tier::Standard),
+    ("high", Tier::High),
+    ("critical", Tier::Critical),
+];
+
+/// The index of a pool in [`POOLS`], or why the name is not one.
+pub fn pool_index(name: &str) -> Result<usize, String> {
+    POOLS.iter().position(|(n, _)| *n == name).ok_or_else(|| {
+        let names: Vec<&str> = POOLS.iter().map(|(n, _)| *n).collect();
+        format!(
+            "pool '{name}' does not exist: use one of {}",
+            names.join(", ")
+        )
+    })
+}
+
+/// What a host is for, set by the operator: the value of `/ray/hosts/<host>/spec`. A host
+/// without one is a Worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSpec {
+    #[serde(default = "worker")]
+    pub role: HostRole,
+    /// A cordoned host keeps its VMs but gets no new ones.
+    #[serde(default)]
+    pub cordon: bool,
+}
+
+fn worker() -> HostRole {
+    HostRole::Worker
+}
+
+impl Default for HostSpec {
+    fn default() -> Self {
+        HostSpec {
+            role: HostRole::Worker,
+            cordon: false,
+        }
+    }
+}
+
+impl HostSpec {
+    /// Parses a host spec; an absent one is the default (a Worker, not cordoned).
+    pub fn parse(bytes: Option<&[u8]>) -> Result<HostSpec, String> {
+        match bytes {
+            None => Ok(HostSpec::default()),
+            Some(b) => {
+                serde_json::from_slice(b).map_err(|e| format!("the host spec is not valid: {e}"))
+            }
+        }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
 
 /// Most vCPUs a cluster VM may ask for (the VMM's own limit).
 pub const MAX_VCPUS: u8 = 254;
@@ -59,7 +122,7 @@ impl VmSpec {
         if let Some(g) = &self.group {
             crate::keys::check_name("group", g)?;
         }
-        crate::keys::check_name("pool", &self.pool)
+        pool_index(&self.pool).map(drop)
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -90,6 +153,10 @@ mod tests {
             (
                 br#"{"vcpus":1,"memory_mib":64,"group":"a/b"}"#,
                 "group name 'a/b'",
+            ),
+            (
+                br#"{"vcpus":1,"memory_mib":64,"pool":"gold"}"#,
+                "pool 'gold' does not exist: use one of best-effort, standard, high, critical",
             ),
             (
                 br#"{"vcpus":1,"memory_mib":64,"colour":1}"#,

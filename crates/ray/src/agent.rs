@@ -148,7 +148,7 @@ impl Vmms for HostVmms {
     }
 }
 
-fn hostname() -> anyhow::Result<String> {
+pub fn hostname() -> anyhow::Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .context("cannot read this host's name; pass --host")?;
     Ok(name.trim().to_string())

@@ -4,13 +4,24 @@
 //! simulated agents (the real agent core, `ray_cluster::agent`, each with its own lease,
 //! registration, status and watch, on a VM-less host) against a real etcd started here on
 //! 127.0.0.1. Every request the agents send is counted; each sample is one renewal period
-//! after all have registered. Create latency, drain time, failover time and placements/s
-//! need the controller and are not measured yet (null in the JSON).
+//! after all have registered.
+//!
+//! Then the controller (`ray_cluster::controller`, in this process) on the same etcd:
+//! - `create_ms`: `--creates` VMs created one after another over 3 hosts (the real agent
+//!   core, with VMMs that only note when they are asked to start): from the spec's write
+//!   to the agent's start call, i.e. placement, run token, assignment, the agent's watch
+//!   and its token confirmation. The VMM's own boot is `ray bench boot`'s figure.
+//! - `placements_per_s`: `--batch` VMs created at once over those hosts and the simulated
+//!   ones; the count over the time until every one has its run token.
+//!
+//! Drain and failover times need drain and HA restart, not built yet: null in the JSON.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use ray_cluster::agent::{Agent, AgentConfig, LocalVm, Vmms};
+use ray_cluster::agent::{AbortOnDrop, Agent, AgentConfig, LocalVm, Vmms};
 use ray_cluster::runtoken::Assignment;
 use ray_cluster::store::EtcdStore;
 use ray_cluster::testing::Etcd;
@@ -27,8 +38,75 @@ pub struct ClusterBenchArgs {
     /// Samples, each one renewal period (15 s) long.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// VMs created one at a time for the create latency.
+    #[arg(long, default_value_t = 100)]
+    pub creates: usize,
+    /// VMs created at once for the placement rate.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
     #[arg(long)]
     pub json: bool,
+}
+
+/// A host whose VMMs only note when they were asked to start (and run from then on).
+#[derive(Clone, Default)]
+struct StartClock(Arc<Mutex<HashMap<String, Instant>>>);
+
+impl StartClock {
+    fn started(&self, vm: &str) -> Option<Instant> {
+        self.0.lock().ok()?.get(vm).copied()
+    }
+}
+
+impl Vmms for StartClock {
+    fn scan(&self) -> Vec<LocalVm> {
+        Vec::new()
+    }
+    fn start(&self, vm: &str, _: &[u8], _: &Assignment) -> Result<(), String> {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(vm.to_string(), Instant::now());
+        }
+        Ok(())
+    }
+    fn stop(&self, vm: &str) -> Result<(), String> {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(vm);
+        }
+        Ok(())
+    }
+    fn pause(&self, _: &str) -> Result<(), String> {
+        Ok(())
+    }
+    fn resume(&self, _: &str) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Latencies: min, p50 (= median), p99, max, in milliseconds.
+#[derive(Clone, Copy, Debug, Serialize)]
+struct Percentiles {
+    min: f64,
+    p50: f64,
+    median: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Percentiles {
+    fn of(values: &[f64]) -> Percentiles {
+        let mut v = values.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        // Nearest rank.
+        let rank = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        let median = Stats::of(&v).median;
+        Percentiles {
+            min: v[0],
+            p50: median,
+            median,
+            p99: rank(0.99),
+            max: v[v.len() - 1],
+        }
+    }
 }
 
 /// A host with no VMs: the agent's core runs as on a real host, with nothing to start.
@@ -66,16 +144,17 @@ struct Report {
     /// What the design predicts (README: 8.3; no status changes here, so 6.7).
     predicted_per_s_per_100_hosts: f64,
     target_per_s_per_100_hosts: f64,
-    create_ms: Option<Stats>,
-    failover_ms: Option<Stats>,
-    drain_ms: Option<Stats>,
-    placements_per_s: Option<f64>,
+    create_ms: Percentiles,
+    failover_ms: Option<Percentiles>,
+    drain_ms: Option<Percentiles>,
+    placements_per_s: f64,
+    batch: usize,
 }
 
 pub fn run(args: &ClusterBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.hosts > 0 && args.runs > 0,
-        "--hosts and --runs must be at least 1"
+        args.hosts > 0 && args.runs > 0 && args.creates > 0 && args.batch > 0,
+        "--hosts, --runs, --creates and --batch must be at least 1"
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -111,6 +190,7 @@ async fn measure(args: &ClusterBenchArgs) -> anyhow::Result<()> {
         let per_s = (store.requests() - before) as f64 / t.elapsed().as_secs_f64();
         samples.push(per_s * 100.0 / args.hosts as f64);
     }
+    let (create_ms, placements_per_s) = controller(&store, &state, timing, args).await?;
     let _ = std::fs::remove_dir_all(&state);
     for t in tasks {
         if t.is_finished() {
@@ -131,10 +211,11 @@ async fn measure(args: &ClusterBenchArgs) -> anyhow::Result<()> {
         etcd_requests_per_s_per_100_hosts: Stats::of(&samples),
         predicted_per_s_per_100_hosts: 100.0 / timing.renew_every.as_secs_f64(),
         target_per_s_per_100_hosts: 10.0,
-        create_ms: None,
+        create_ms,
         failover_ms: None,
         drain_ms: None,
-        placements_per_s: None,
+        placements_per_s,
+        batch: args.batch,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -148,6 +229,126 @@ async fn measure(args: &ClusterBenchArgs) -> anyhow::Result<()> {
             report.etcd_requests_per_s_per_100_hosts,
             "(target < 10)",
         );
+        let c = report.create_ms;
+        println!(
+            "  {:<26} min {:>8.2}  p50 {:>8.2}  p99 {:>8.2}  max {:>8.2} ms (target p99 < 1000)",
+            "create to agent start", c.min, c.p50, c.p99, c.max
+        );
+        println!(
+            "  {:<26} {:>8.0} /s ({} VMs at once)",
+            "controller placements", report.placements_per_s, args.batch
+        );
     }
     Ok(())
+}
+
+/// The controller's figures: create latency over 3 hosts, then the placement rate.
+async fn controller(
+    store: &EtcdStore,
+    state: &std::path::Path,
+    timing: Timing,
+    args: &ClusterBenchArgs,
+) -> anyhow::Result<(Percentiles, f64)> {
+    use ray_cluster::controller::{Controller, ControllerConfig};
+    use ray_cluster::keys;
+    use ray_cluster::store::{Store, Txn};
+
+    let mut hosts = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let clock = StartClock::default();
+        let cfg = AgentConfig {
+            host: format!("bench-{i}"),
+            state_dir: state.join(format!("bench-{i}")),
+            timing,
+            api: None,
+        };
+        let agent = Agent::join(store.clone(), clock.clone(), cfg).await?;
+        tasks.push(AbortOnDrop(tokio::spawn(async move {
+            let _ = agent.run().await;
+        })));
+        hosts.push(clock);
+    }
+    let mut cfg = ControllerConfig::new("bench".into());
+    // As many 1-vCPU VMs per host CPU as the engine allows: the figures are about the
+    // control plane, not about this machine's size.
+    cfg.plan.cpu_overcommit = 16.0;
+    let ctl = Controller::new(store.clone(), cfg);
+    tasks.push(AbortOnDrop(tokio::spawn(async move {
+        let _ = ctl.run().await;
+    })));
+    // The create latency is measured on the 3 real-agent hosts: the simulated ones are
+    // cordoned meanwhile (their agents would refuse to start anything).
+    let cordon = |on: bool| {
+        let spec = ray_cluster::spec::HostSpec {
+            cordon: on,
+            ..Default::default()
+        };
+        let mut txns = Vec::new();
+        let mut txn = Txn::new();
+        for i in 0..args.hosts {
+            txn = txn.put(keys::host_spec(&format!("sim-{i:05}")), spec.to_json());
+            if txn.ops.len() == 64 {
+                txns.push(std::mem::take(&mut txn));
+            }
+        }
+        txns.push(txn);
+        txns
+    };
+    for txn in cordon(true) {
+        store.commit(txn).await?;
+    }
+    let spec = br#"{"vcpus":1,"memory_mib":32}"#;
+    let mut create_ms = Vec::new();
+    for i in 0..args.creates {
+        let vm = format!("create-{i}");
+        let t = Instant::now();
+        store
+            .commit(Txn::new().put(keys::vm_spec(&vm), &spec[..]))
+            .await?;
+        let started = loop {
+            if let Some(at) = hosts.iter().find_map(|h| h.started(&vm)) {
+                break at;
+            }
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(30),
+                "VM {vm} was not started within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        create_ms.push(started.duration_since(t).as_secs_f64() * 1000.0);
+        // Keep the hosts from filling up: the next create finds the same room.
+        store.commit(Txn::new().delete(keys::vm_spec(&vm))).await?;
+    }
+    for txn in cordon(false) {
+        store.commit(txn).await?;
+    }
+    let t = Instant::now();
+    for chunk in (0..args.batch).collect::<Vec<_>>().chunks(64) {
+        let mut txn = Txn::new();
+        for i in chunk {
+            txn = txn.put(keys::vm_spec(&format!("batch-{i}")), &spec[..]);
+        }
+        store.commit(txn).await?;
+    }
+    loop {
+        let tokens = store
+            .list(keys::VMS)
+            .await?
+            .kvs
+            .iter()
+            .filter(|kv| kv.key.starts_with("/ray/vms/batch-") && kv.key.ends_with("/token"))
+            .count();
+        if tokens == args.batch {
+            break;
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(300),
+            "only {tokens} of {} VMs were placed within 300 s",
+            args.batch
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let per_s = args.batch as f64 / t.elapsed().as_secs_f64();
+    Ok((Percentiles::of(&create_ms), per_s))
 }

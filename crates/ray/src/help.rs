@@ -171,11 +171,39 @@ ray agent --host node-7 --etcd http://127.0.0.1:2379",
     ),
     (
         "cluster",
-        "ray cluster nodes --etcd http://127.0.0.1:2379
-ray cluster vms --etcd http://127.0.0.1:2379 -o json",
+        "ray cluster status --etcd http://127.0.0.1:2379
+ray cluster nodes --etcd http://127.0.0.1:2379
+ray cluster vms --etcd http://127.0.0.1:2379 -o json
+ray cluster vm create web-1 --group web --etcd http://127.0.0.1:2379",
     ),
     ("cluster nodes", "ray cluster nodes --etcd http://127.0.0.1:2379 -o wide"),
     ("cluster vms", "ray cluster vms --etcd http://127.0.0.1:2379 -o yaml"),
+    ("cluster status", "ray cluster status --etcd http://127.0.0.1:2379"),
+    ("cluster pools", "ray cluster pools --etcd http://127.0.0.1:2379 --json"),
+    (
+        "cluster events",
+        "ray cluster events --etcd http://127.0.0.1:2379 --tail 20\nray cluster events --etcd http://127.0.0.1:2379 --vm web-1 --json",
+    ),
+    ("cluster explain", "ray cluster explain web-3 --etcd http://127.0.0.1:2379"),
+    (
+        "cluster vm",
+        "ray cluster vm create web-1 --memory-mib 512 --group web --etcd http://127.0.0.1:2379\nray cluster vm delete web-1 --etcd http://127.0.0.1:2379",
+    ),
+    (
+        "cluster vm create",
+        "ray cluster vm create db --vcpus 2 --memory-mib 1024 --pool critical --restart-priority 9 --etcd http://127.0.0.1:2379",
+    ),
+    ("cluster vm delete", "ray cluster vm delete db --etcd http://127.0.0.1:2379"),
+    (
+        "controller",
+        "ray controller --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379\nray controller --id ctl-a --etcd http://127.0.0.1:2379",
+    ),
+    (
+        "node",
+        "ray node cordon node-7 --etcd http://127.0.0.1:2379\nray node uncordon node-7 --etcd http://127.0.0.1:2379",
+    ),
+    ("node cordon", "ray node cordon node-7 --etcd http://127.0.0.1:2379"),
+    ("node uncordon", "ray node uncordon node-7 --etcd http://127.0.0.1:2379"),
     (
         "sim",
         "ray sim --hosts 100 --vms 5000

@@ -12,6 +12,7 @@ mod bench_numa;
 mod bench_snapshot;
 mod cluster;
 mod console;
+mod controller;
 mod gpu;
 mod help;
 mod logs;
@@ -70,12 +71,17 @@ enum Command {
     Vmm(vm::VmmArgs),
     /// Run this host's cluster agent: supervises its VMMs, reports it to the store (etcd).
     Agent(agent::AgentArgs),
-    /// The cluster as its store holds it: hosts and VMs.
+    /// Run a cluster controller: places desired VMs on hosts (one leads, others stand by).
+    Controller(controller::ControllerArgs),
+    /// The cluster as its store holds it, its decision log, and its desired VMs.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
     /// This host's NUMA nodes and what each VM does with them (attribution, page moves).
     #[command(subcommand)]
     Numa(numa_cmd::NumaCommand),
+    /// Cordon and uncordon a cluster host.
+    #[command(subcommand)]
+    Node(cluster::NodeCommand),
     /// Simulate cluster placement at scale against baselines.
     Sim(sim::SimArgs),
     /// Measure rayvisor (boot time, memory overhead).
@@ -149,7 +155,7 @@ fn main() -> ExitCode {
     let runtime = cli.runtime_dir.unwrap_or_else(runtime::default_dir);
     let format = cli.log_format.parse().unwrap_or_default();
     let default_level = match cli.command {
-        Command::Vmm(_) | Command::Agent(_) => "info",
+        Command::Vmm(_) | Command::Agent(_) | Command::Controller(_) => "info",
         _ => "warn",
     };
     ray_vmm::logging::init(format, default_level);
@@ -161,7 +167,9 @@ fn main() -> ExitCode {
         Command::Gpu(cmd) => gpu::run(cmd, &runtime),
         Command::Bench(cmd) => bench::run(cmd, &runtime),
         Command::Agent(args) => agent::run(args, &runtime),
+        Command::Controller(args) => controller::run(args),
         Command::Cluster(cmd) => cluster::run(cmd),
+        Command::Node(cmd) => cluster::run_node(cmd),
         Command::Sim(args) => sim::run(args),
         Command::Numa(cmd) => numa_cmd::run(cmd, &runtime),
         Command::Openapi { .. } => {

@@ -103,6 +103,19 @@ impl RedbStore {
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
         let db = Database::create(path)
             .map_err(|e| backend(format!("cannot open {}: {e}", path.display())))?;
+        RedbStore::with(db)
+    }
+
+    /// The same store in memory only (nothing survives the process): for simulations of
+    /// thousands of hosts, where a file sync per commit would be the whole cost.
+    pub fn in_memory() -> Result<RedbStore, StoreError> {
+        let db = Database::builder()
+            .create_with_backend(::redb::backends::InMemoryBackend::new())
+            .map_err(|e| backend(format!("cannot create an in-memory store: {e}")))?;
+        RedbStore::with(db)
+    }
+
+    fn with(db: Database) -> Result<RedbStore, StoreError> {
         let w = db.begin_write().map_err(backend)?;
         let (revision, next_lease, leases) = {
             let meta = w.open_table(META).map_err(backend)?;
@@ -406,6 +419,7 @@ mod tests {
         crate::store::conformance::run(&store).await;
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
+        crate::store::conformance::run(&RedbStore::in_memory().unwrap()).await;
     }
 
     #[tokio::test]

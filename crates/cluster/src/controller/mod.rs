@@ -1,0 +1,536 @@
+//! The controller: turns desired VMs into run tokens on hosts.
+//!
+//! ```text
+//! campaign ──won──▶ recover: finish or undo every operation a predecessor recorded
+//!    ▲                 │
+//!    │                 ▼
+//!    │     ┌──▶ read the world (two listings) ─▶ plan::decide ─▶ apply each action:
+//!    │     │        record /ray/ops/<op> ─▶ act (run-token transaction) ─▶ log ─▶ delete op
+//!    │     └── a change under /ray/hosts/ or /ray/vms/, or every `resync`
+//!    └──── lost the lead (lease ended, or a write failed the leader fence)
+//! ```
+//!
+//! Agents act on what the controller writes: an assignment appears under their host, they
+//! confirm the run token and start the VMM. Every write goes through [`leader::Led`], so
+//! a controller that lost the lead cannot change anything. Operations are recorded before
+//! they act and are idempotent, so whatever a controller that died mid-way left behind,
+//! its successor finishes (the token is there: log it) or undoes (it is not: the VM is
+//! simply decided again).
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::agent::{AbortOnDrop, HostReport};
+use crate::decisions::{self, Entry, Kind};
+use crate::keys;
+use crate::runtoken::{self, Origin, RunToken, TokenError};
+use crate::spec::{HostSpec, VmSpec};
+use crate::store::{Commit, Store, StoreError, Txn, Watch};
+
+pub mod leader;
+pub mod plan;
+
+pub use plan::{decide, Action, HostView, PlanConfig, VmView, World};
+
+/// How a controller runs.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Its name in the leader key and the log.
+    pub id: String,
+    /// The leader lease's time to live: how long the cluster waits for a dead leader.
+    pub leader_ttl: Duration,
+    /// How often the leader renews it.
+    pub renew_every: Duration,
+    /// How often a standby looks whether the leader is gone.
+    pub poll: Duration,
+    /// A full pass even when nothing changed (a missed event costs at most this).
+    pub resync: Duration,
+    pub plan: PlanConfig,
+}
+
+impl ControllerConfig {
+    pub fn new(id: String) -> ControllerConfig {
+        ControllerConfig {
+            id,
+            leader_ttl: Duration::from_secs(5),
+            renew_every: Duration::from_secs(1),
+            poll: Duration::from_millis(500),
+            resync: Duration::from_secs(10),
+            plan: PlanConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("this controller lost the lead: {0}")]
+    LostLead(String),
+}
+
+/// Placements recorded, logged and cleared per transaction (etcd allows 128 operations
+/// in one; a chunk's log entries take two each: the compare and the put).
+const BATCH: usize = 32;
+
+/// An operation recorded under `/ray/ops/<kind>-<vm>` before it acts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Operation {
+    /// Give `vm` its first token on `host`.
+    Place { vm: String, host: String },
+    /// Take `vm`'s token (on `host`) away: deleted, or evicted.
+    Release { vm: String, host: String },
+}
+
+impl Operation {
+    fn key(&self) -> String {
+        match self {
+            Operation::Place { vm, .. } => keys::op(&format!("place-{vm}")),
+            Operation::Release { vm, .. } => keys::op(&format!("release-{vm}")),
+        }
+    }
+}
+
+/// Reads the world in two listings: hosts, then VMs.
+pub async fn read_world<S: Store>(s: &S) -> Result<World, StoreError> {
+    let hosts = s.list(keys::HOSTS).await?;
+    let mut hv: BTreeMap<String, HostView> = BTreeMap::new();
+    for kv in &hosts.kvs {
+        let Some((host, rest)) = keys::split_host_key(&kv.key) else {
+            continue;
+        };
+        let h = hv.entry(host.to_string()).or_insert_with(|| HostView {
+            name: host.to_string(),
+            alive: false,
+            report: None,
+            spec: HostSpec::default(),
+        });
+        match rest {
+            "alive" => h.alive = true,
+            "status" => h.report = serde_json::from_slice::<HostReport>(&kv.value).ok(),
+            "spec" => match HostSpec::parse(Some(&kv.value)) {
+                Ok(spec) => h.spec = spec,
+                Err(e) => tracing::warn!(host, "ignoring the host's spec: {e}"),
+            },
+            _ => {}
+        }
+    }
+    let vms = s.list(keys::VMS).await?;
+    let mut vv: BTreeMap<String, VmView> = BTreeMap::new();
+    for kv in &vms.kvs {
+        let Some((vm, what)) = kv
+            .key
+            .strip_prefix(keys::VMS)
+            .and_then(|k| k.split_once('/'))
+        else {
+            continue;
+        };
+        let v = vv.entry(vm.to_string()).or_insert_with(|| VmView {
+            name: vm.to_string(),
+            spec: None,
+            token: None,
+        });
+        match what {
+            "spec" => v.spec = Some(VmSpec::parse(&kv.value)),
+            "token" => v.token = serde_json::from_slice::<RunToken>(&kv.value).ok(),
+            _ => {}
+        }
+    }
+    Ok(World {
+        hosts: hv.into_values().collect(),
+        vms: vv.into_values().collect(),
+    })
+}
+
+/// Carries out the controller's actions on a store, recording each before it acts and
+/// logging each decision. Used by `ray controller` (through [`leader::Led`]) and by the
+/// simulation.
+pub struct Applier {
+    log: decisions::Writer,
+    /// The last refusal logged per VM, so an unchanged one is not logged again.
+    refused: BTreeMap<String, String>,
+}
+
+/// What one pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    pub placed: usize,
+    pub evicted: usize,
+    pub released: usize,
+    pub refused: usize,
+    /// Actions the store refused (a token changed meanwhile): decided again next pass.
+    pub conflicts: usize,
+}
+
+impl Default for Applier {
+    fn default() -> Self {
+        Applier::new()
+    }
+}
+
+impl Applier {
+    pub fn new() -> Applier {
+        Applier {
+            log: decisions::Writer::default(),
+            refused: BTreeMap::new(),
+        }
+    }
+
+    /// Appends one decision to the log.
+    pub async fn log<S: Store>(&mut self, s: &S, e: Entry) -> Result<(), StoreError> {
+        self.log.append(s, e).await.map(drop)
+    }
+
+    async fn record<S: Store>(&self, s: &S, op: &Operation) -> Result<bool, StoreError> {
+        let value = serde_json::to_vec(op).unwrap_or_default();
+        Ok(matches!(
+            s.commit(Txn::new().put(op.key(), value)).await?,
+            Commit::Done(_)
+        ))
+    }
+
+    async fn done<S: Store>(&self, s: &S, op: &Operation) -> Result<(), StoreError> {
+        s.commit(Txn::new().delete(op.key())).await.map(drop)
+    }
+
+    /// Applies `actions`; a conflict (another writer changed a token first) is counted
+    /// and left for the next pass.
+    pub async fn apply<S: Store>(
+        &mut self,
+        s: &S,
+        actions: Vec<Action>,
+    ) -> Result<Pass, ControllerError> {
+        let mut pass = Pass::default();
+        // Releases and evictions first: the room they free is what placements count on.
+        let mut places = Vec::new();
+        for a in actions {
+            match a {
+                Action::Place { vm, host, data } => places.push((vm, host, data)),
+                Action::Evict { vm, host, by, data } => {
+                    let why = format!(
+                        "evicted from host {host} to make room for VM {by} of a higher tier; placed again when room appears"
+                    );
+                    if self
+                        .release(s, &vm, &host, Kind::Preempted, why, data)
+                        .await?
+                    {
+                        pass.evicted += 1;
+                    } else {
+                        pass.conflicts += 1;
+                    }
+                }
+                Action::Release { vm, host } => {
+                    let why = format!("deleted: run token released, host {host} stops it");
+                    if self
+                        .release(s, &vm, &host, Kind::Released, why, serde_json::Value::Null)
+                        .await?
+                    {
+                        pass.released += 1;
+                        self.refused.remove(&vm);
+                    } else {
+                        pass.conflicts += 1;
+                    }
+                }
+                Action::Refuse { vm, reason, data } => {
+                    pass.refused += 1;
+                    if self.refused.get(&vm) != Some(&reason) {
+                        self.refused.insert(vm.clone(), reason.clone());
+                        self.log(
+                            s,
+                            Entry::new(Kind::Refused, Some(&vm), None, reason).with(data),
+                        )
+                        .await?;
+                    }
+                }
+            }
+        }
+        for chunk in places.chunks(BATCH) {
+            self.place_chunk(s, chunk, &mut pass).await?;
+        }
+        Ok(pass)
+    }
+
+    /// Places a chunk of VMs: their operations recorded in one transaction, one run-token
+    /// transaction each, their log entries in one, their records cleared in one (four
+    /// round trips per VM would bound a pass at the store's write latency).
+    async fn place_chunk<S: Store>(
+        &mut self,
+        s: &S,
+        chunk: &[(String, String, serde_json::Value)],
+        pass: &mut Pass,
+    ) -> Result<(), ControllerError> {
+        let ops: Vec<Operation> = chunk
+            .iter()
+            .map(|(vm, host, _)| Operation::Place {
+                vm: vm.clone(),
+                host: host.clone(),
+            })
+            .collect();
+        let record = ops.iter().fold(Txn::new(), |t, op| {
+            t.put(op.key(), serde_json::to_vec(op).unwrap_or_default())
+        });
+        self.fenced(matches!(s.commit(record).await?, Commit::Done(_)))?;
+        let mut entries = Vec::new();
+        for (vm, host, data) in chunk {
+            match runtoken::place(s, vm, host, Origin::Boot).await {
+                Ok(g) => {
+                    pass.placed += 1;
+                    self.refused.remove(vm);
+                    let msg = format!("placed on host {host} (run token epoch 1)");
+                    let data = merge(data.clone(), json!({"revision": g.revision}));
+                    entries.push(Entry::new(Kind::Placed, Some(vm), Some(host), msg).with(data));
+                }
+                Err(e) => pass.conflicts += conflict(vm, e)?,
+            }
+        }
+        let logged = self.log.append_all(s, entries).await?.is_some();
+        self.fenced(logged)?;
+        let clear = ops.iter().fold(Txn::new(), |t, op| t.delete(op.key()));
+        s.commit(clear).await?;
+        Ok(())
+    }
+
+    /// Releases `vm`'s token if it still names `host`; false if it changed meanwhile.
+    async fn release<S: Store>(
+        &mut self,
+        s: &S,
+        vm: &str,
+        host: &str,
+        kind: Kind,
+        why: String,
+        data: serde_json::Value,
+    ) -> Result<bool, ControllerError> {
+        let op = Operation::Release {
+            vm: vm.into(),
+            host: host.into(),
+        };
+        self.fenced(self.record(s, &op).await?)?;
+        let ok = match runtoken::read(s, vm).await {
+            Ok(Some((t, kv))) if t.host == host => match runtoken::release(s, vm, &kv).await {
+                Ok(_) => true,
+                Err(e) => conflict(vm, e)? == 0,
+            },
+            Ok(_) => false,
+            Err(e) => conflict(vm, e)? == 0,
+        };
+        if ok {
+            self.log(s, Entry::new(kind, Some(vm), Some(host), why).with(data))
+                .await?;
+        }
+        self.done(s, &op).await?;
+        Ok(ok)
+    }
+
+    fn fenced(&self, written: bool) -> Result<(), ControllerError> {
+        if written {
+            Ok(())
+        } else {
+            Err(ControllerError::LostLead(
+                "another controller leads now (the leader fence refused a write)".into(),
+            ))
+        }
+    }
+
+    /// Finishes or undoes every operation a predecessor recorded and did not clear.
+    pub async fn recover<S: Store>(&mut self, s: &S) -> Result<usize, ControllerError> {
+        let ops = s.list(keys::OPS).await?;
+        let mut n = 0;
+        for kv in &ops.kvs {
+            let Ok(op) = serde_json::from_slice::<Operation>(&kv.value) else {
+                tracing::warn!(key = %kv.key, "removing an operation record that does not parse");
+                self.fenced(matches!(
+                    s.commit(Txn::new().delete(kv.key.clone())).await?,
+                    Commit::Done(_)
+                ))?;
+                continue;
+            };
+            let (vm, host, msg) = match &op {
+                Operation::Place { vm, host } => {
+                    let token = runtoken::read(s, vm).await.ok().flatten();
+                    let msg = if token.is_some_and(|(t, _)| t.host == *host) {
+                        format!("a predecessor's placement on host {host} was complete: finished")
+                    } else {
+                        format!("a predecessor's placement on host {host} never happened: undone, the VM is decided again")
+                    };
+                    (vm, host, msg)
+                }
+                Operation::Release { vm, host } => {
+                    let msg = match runtoken::read(s, vm).await {
+                        Ok(Some((t, kv))) if t.host == *host => {
+                            runtoken::release(s, vm, &kv)
+                                .await
+                                .map_err(|e| ControllerError::LostLead(e.to_string()))?;
+                            format!("a predecessor's release from host {host}: finished now")
+                        }
+                        _ => format!("a predecessor's release from host {host} was complete"),
+                    };
+                    (vm, host, msg)
+                }
+            };
+            self.log(s, Entry::new(Kind::Recovered, Some(vm), Some(host), msg))
+                .await?;
+            self.done(s, &op).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+/// A refused token change is a conflict (1) to retry next pass; a store failure is an
+/// error.
+fn conflict(vm: &str, e: TokenError) -> Result<usize, ControllerError> {
+    match e {
+        TokenError::Store(e) => Err(e.into()),
+        e => {
+            tracing::info!(vm, "not applied, decided again next pass: {e}");
+            Ok(1)
+        }
+    }
+}
+
+fn merge(mut a: serde_json::Value, b: serde_json::Value) -> serde_json::Value {
+    if let (Some(a), serde_json::Value::Object(b)) = (a.as_object_mut(), b) {
+        a.extend(b);
+    }
+    a
+}
+
+/// One controller. [`Controller::run`] campaigns, leads, and campaigns again when it
+/// loses the lead; it returns only when the store fails.
+pub struct Controller<S: Store + Clone> {
+    store: S,
+    cfg: ControllerConfig,
+}
+
+impl<S: Store + Clone> Controller<S> {
+    pub fn new(store: S, cfg: ControllerConfig) -> Self {
+        Controller { store, cfg }
+    }
+
+    pub async fn run(self) -> Result<(), ControllerError> {
+        let me = leader::LeaderRecord {
+            id: self.cfg.id.clone(),
+            pid: std::process::id(),
+        };
+        loop {
+            tracing::info!(id = %me.id, "campaigning for the lead");
+            let term =
+                leader::campaign(&self.store, &me, self.cfg.leader_ttl, self.cfg.poll).await?;
+            tracing::info!(id = %me.id, revision = term.revision, "leading");
+            let led = leader::Led {
+                inner: self.store.clone(),
+                term,
+            };
+            match self.lead(&led).await {
+                Err(ControllerError::LostLead(why)) => {
+                    tracing::warn!("{why}; campaigning again");
+                    let _ = self.store.revoke(term.lease).await;
+                }
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+        }
+    }
+
+    async fn lead(&self, s: &leader::Led<S>) -> Result<(), ControllerError> {
+        // The lease is renewed beside the work, so a long pass never lets it lapse; when
+        // it is lost, the work in flight is dropped (what it recorded, a successor
+        // finishes or undoes).
+        let keeper = keep_lead(
+            s.inner.clone(),
+            s.term.lease,
+            self.cfg.renew_every,
+            self.cfg.leader_ttl,
+        );
+        tokio::select! {
+            why = keeper => Err(ControllerError::LostLead(why)),
+            r = self.work(s) => r,
+        }
+    }
+
+    /// What a leader does: log its lead, recover, then passes.
+    async fn work(&self, s: &leader::Led<S>) -> Result<(), ControllerError> {
+        let mut applier = Applier::new();
+        let msg = format!("controller {} leads", self.cfg.id);
+        applier
+            .log(s, Entry::new(Kind::Leader, None, None, msg))
+            .await?;
+        let recovered = applier.recover(s).await?;
+        if recovered > 0 {
+            tracing::info!(recovered, "finished or undid a predecessor's operations");
+        }
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let mut watchers = Vec::new();
+        for prefix in [keys::HOSTS, keys::VMS] {
+            let mut w = self.store.watch(prefix, 0).await?;
+            let changed = Arc::clone(&changed);
+            watchers.push(AbortOnDrop(tokio::spawn(async move {
+                while w.next().await.is_ok() {
+                    changed.notify_one();
+                }
+                // The watch ended: the periodic pass keeps things moving.
+            })));
+        }
+        self.passes(s, &mut applier, &changed).await
+    }
+
+    /// Passes until an error: one after every change (a burst settles into one) and one
+    /// every `resync`.
+    async fn passes(
+        &self,
+        s: &leader::Led<S>,
+        applier: &mut Applier,
+        changed: &tokio::sync::Notify,
+    ) -> Result<(), ControllerError> {
+        let mut resync = tokio::time::interval(self.cfg.resync);
+        loop {
+            let world = read_world(s).await?;
+            let actions = decide(&world, self.cfg.plan);
+            let pass = applier.apply(s, actions).await?;
+            if pass.placed + pass.evicted + pass.released + pass.conflicts > 0 {
+                tracing::info!(?pass, "applied");
+                if pass.conflicts > 0 {
+                    // Someone else wrote first; give their change a moment to land.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                // What it wrote may allow more (an eviction frees room): look again.
+                continue;
+            }
+            tokio::select! {
+                _ = changed.notified() => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ = resync.tick() => {}
+            }
+        }
+    }
+}
+
+/// Renews the leader lease every `every`; returns why the lead is lost: the lease ended,
+/// or no renewal succeeded for `ttl`.
+async fn keep_lead<S: Store>(
+    s: S,
+    lease: crate::store::LeaseId,
+    every: Duration,
+    ttl: Duration,
+) -> String {
+    let mut last = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        match s.keep_alive(lease).await {
+            Ok(_) => last = tokio::time::Instant::now(),
+            Err(StoreError::NoLease(_)) => return "its leader lease ended".into(),
+            Err(e) if last.elapsed() > ttl => {
+                return format!("no renewal of its leader lease for {ttl:?}: {e}")
+            }
+            Err(e) => tracing::warn!("leader lease renewal failed, retrying: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

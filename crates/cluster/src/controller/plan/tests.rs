@@ -1,0 +1,147 @@
+use super::*;
+use crate::agent::Inventory;
+use ray_scheduler::HostRole;
+
+fn host(name: &str, memory_mib: u64) -> HostView {
+    HostView {
+        name: name.into(),
+        alive: true,
+        report: Some(HostReport {
+            inventory: Inventory {
+                cpus: 4,
+                memory_mib,
+                numa_nodes: 1,
+            },
+            vms: Vec::new(),
+            fenced: false,
+        }),
+        spec: HostSpec::default(),
+    }
+}
+
+fn vm(name: &str, memory_mib: u64, group: Option<&str>, pool: &str) -> VmView {
+    VmView {
+        name: name.into(),
+        spec: Some(Ok(VmSpec {
+            vcpus: 1,
+            memory_mib,
+            kernel: None,
+            cmdline: None,
+            pool: pool.into(),
+            group: group.map(String::from),
+            restart_priority: None,
+        })),
+        token: None,
+    }
+}
+
+fn placed(mut v: VmView, host: &str) -> VmView {
+    v.token = Some(RunToken {
+        host: host.into(),
+        epoch: 1,
+    });
+    v
+}
+
+fn places(actions: &[Action]) -> Vec<(String, String)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Place { vm, host, .. } => Some((vm.clone(), host.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn anti_affinity_spreads_and_the_refusal_counts_each_reason() {
+    let mut storage = host("s1", 8192);
+    storage.spec.role = HostRole::Storage;
+    let mut dead = host("d1", 8192);
+    dead.alive = false;
+    let mut cordoned = host("c1", 8192);
+    cordoned.spec.cordon = true;
+    let world = World {
+        hosts: vec![
+            host("a", 8192),
+            host("b", 8192),
+            host("small", 64),
+            storage,
+            dead,
+            cordoned,
+        ],
+        vms: vec![
+            vm("web-1", 512, Some("web"), "standard"),
+            vm("web-2", 512, Some("web"), "standard"),
+            vm("web-3", 512, Some("web"), "standard"),
+        ],
+    };
+    let actions = decide(&world, PlanConfig::default());
+    let p = places(&actions);
+    assert_eq!(p.len(), 2, "{actions:?}");
+    assert_ne!(p[0].1, p[1].1, "anti-affinity: two hosts");
+    let Some(Action::Refuse { vm, reason, .. }) = actions.last() else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(vm, "web-3");
+    assert_eq!(
+        reason,
+        "no host: 2 would break anti-affinity group web, 1 is Failed (no agent lease), \
+         1 is Storage, not Worker (only Workers run VMs), 1 is cordoned, 1 lacks memory"
+    );
+}
+
+#[test]
+fn a_higher_tier_evicts_a_lower_one_and_deleted_vms_are_released() {
+    let world = World {
+        hosts: vec![host("a", 1024)],
+        vms: vec![
+            placed(vm("batch", 1024, None, "best-effort"), "a"),
+            vm("db", 1024, None, "critical"),
+            placed(
+                VmView {
+                    name: "gone".into(),
+                    spec: None,
+                    token: None,
+                },
+                "a",
+            ),
+        ],
+    };
+    let actions = decide(&world, PlanConfig::default());
+    assert!(actions.contains(&Action::Release {
+        vm: "gone".into(),
+        host: "a".into()
+    }));
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Evict { vm, by, .. } if vm == "batch" && by == "db")),
+        "{actions:?}"
+    );
+    assert_eq!(places(&actions), [("db".into(), "a".into())]);
+}
+
+#[test]
+fn an_invalid_spec_is_refused_with_its_reason_and_a_placed_vm_is_left_alone() {
+    let world = World {
+        hosts: vec![host("a", 4096)],
+        vms: vec![
+            VmView {
+                name: "bad".into(),
+                spec: Some(Err("vcpus 0 is out of range: use 1 to 254".into())),
+                token: None,
+            },
+            placed(vm("ok", 512, None, "standard"), "a"),
+        ],
+    };
+    let actions = decide(&world, PlanConfig::default());
+    assert_eq!(
+        actions,
+        [Action::Refuse {
+            vm: "bad".into(),
+            reason: "not placed: vcpus 0 is out of range: use 1 to 254".into(),
+            data: serde_json::Value::Null,
+        }]
+    );
+}

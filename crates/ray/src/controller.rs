@@ -1,0 +1,37 @@
+//! `ray controller`: runs one controller (`ray_cluster::controller`) against etcd. Run
+//! three, on three hosts, for a controller that survives the loss of one: they elect a
+//! leader through the store and the others stand by.
+use anyhow::Context;
+use clap::Args;
+use ray_cluster::controller::{Controller, ControllerConfig};
+use ray_cluster::store::EtcdStore;
+
+#[derive(Args)]
+pub struct ControllerArgs {
+    /// etcd endpoints, comma-separated, e.g. http://10.0.0.1:2379.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub etcd: Vec<String>,
+    /// This controller's name in the leader key and the decision log (default: the
+    /// host's name and this process's id).
+    #[arg(long)]
+    pub id: Option<String>,
+}
+
+pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
+    let id = match args.id {
+        Some(id) => id,
+        None => format!("{}-{}", crate::agent::hostname()?, std::process::id()),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the controller's runtime")?;
+    rt.block_on(async {
+        let store = EtcdStore::connect(&args.etcd).await?;
+        Controller::new(store, ControllerConfig::new(id))
+            .run()
+            .await?;
+        Ok(())
+    })
+}
