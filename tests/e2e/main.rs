@@ -15,3 +15,4 @@ mod robustness;
 mod shell;
 mod sim;
 mod snapshot;
+mod vsock;

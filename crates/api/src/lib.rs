@@ -5,3 +5,4 @@
 //! Request bodies reject unknown fields: a typo in a field name is an error, not a default.
 pub mod net;
 pub mod vmm;
+pub mod vsock;

@@ -170,6 +170,9 @@ pub struct DevicesConfig {
     /// virtio-net NICs, each on a TAP interface (bus order).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub net: Vec<crate::net::NetConfig>,
+    /// A virtio-vsock device (at most one), for host<->guest streams and `ray vm exec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<crate::vsock::VsockConfig>,
 }
 
 /// One virtio-blk disk: a raw image file or a block device on the VMM's host. In a live
@@ -209,6 +212,7 @@ impl Default for DevicesConfig {
             rng: true,
             disks: Vec::new(),
             net: Vec::new(),
+            vsock: None,
         }
     }
 }

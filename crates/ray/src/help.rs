@@ -30,6 +30,12 @@ ray vm run --detach -f vm.yaml                 the configuration `ray vm config 
 ray vm run --detach --api-tcp 127.0.0.1:0      also serve the API on a loopback port",
     ),
     (
+        "vm exec",
+        "ray vm exec web -- mem                 a guest shell command over vsock; exits with its status
+ray vm exec web --json -- echo hi      {\"output\":\"hi\\n\",\"status\":0}
+ray vm run --detach --id web --vsock cid=3     a VM with a vsock device (exec needs one)",
+    ),
+    (
         "vm list",
         "ray vm list
 ray vm list -o wide          more columns: hypervisor, API address, why it ended

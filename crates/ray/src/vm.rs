@@ -48,6 +48,8 @@ pub enum VmCommand {
     /// Checkpoint a running VM into the snapshot store: paused for a moment, incremental on
     /// its previous checkpoint when there is one in the same store.
     Checkpoint(crate::snapshot::CheckpointArgs),
+    /// Run a command of the guest's shell over vsock (port 52); exits with its status.
+    Exec(crate::vm_exec::ExecArgs),
 }
 
 #[derive(Args)]
@@ -77,7 +79,7 @@ pub struct RunArgs {
         short = 'f',
         long = "file",
         value_name = "FILE",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net", "vsock"]
     )]
     pub file: Option<PathBuf>,
     /// Kernel to boot (ELF vmlinux or bzImage). Default: rayvisor's own guest.
@@ -107,6 +109,11 @@ pub struct RunArgs {
     /// opened inside that namespace (/run/netns/NS).
     #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
     pub net: Vec<ray_api::net::NetConfig>,
+    /// A virtio-vsock device (one at most): cid=N[,socket=PATH]. N is the guest's context
+    /// id (3 or more); the host side listens on PATH (default: vsock.sock in the VM's
+    /// directory). `ray vm exec` runs guest shell commands through it.
+    #[arg(long, value_name = "cid=N[,socket=PATH]", value_parser = ray_api::vsock::VsockConfig::parse)]
+    pub vsock: Option<ray_api::vsock::VsockConfig>,
     /// VM id (default: generated).
     #[arg(long)]
     pub id: Option<String>,
@@ -236,6 +243,7 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
                 disks
             },
             net: args.net.clone(),
+            vsock: args.vsock.clone(),
         },
     })
 }
@@ -262,6 +270,7 @@ pub fn run(cmd: VmCommand, runtime: &Path) -> anyhow::Result<()> {
         VmCommand::Rm(a) => crate::vm_admin::rm(runtime, &a),
         VmCommand::Prune(a) => crate::vm_admin::prune(runtime, &a),
         VmCommand::Checkpoint(a) => crate::snapshot::checkpoint(runtime, &a),
+        VmCommand::Exec(a) => crate::vm_exec::run(runtime, &a),
     }
 }
 

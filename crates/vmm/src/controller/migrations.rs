@@ -433,7 +433,8 @@ impl Controller {
             return Err("the VM state arrived twice".into());
         }
         if let Some(pci) = &st.machine.pci {
-            crate::pci::check_state(&st.config.devices, pci).map_err(|e| e.to_string())?;
+            let devices = crate::vsock::settle(&st.config.devices, &self.paths.dir);
+            crate::pci::check_state(&devices, pci).map_err(|e| e.to_string())?;
         }
         self.incoming_state = Some(Box::new(st));
         Ok(())
@@ -454,7 +455,8 @@ impl Controller {
         let events: EventSink = Arc::new(move |e| {
             let _ = inbox.send(Message::Vcpu(e));
         });
-        let machine = Machine::restore_on(vm, &st.machine, &st.config.devices, sinks, events)
+        let devices = crate::vsock::settle(&st.config.devices, &self.paths.dir);
+        let machine = Machine::restore_on(vm, &st.machine, &devices, sinks, events)
             .map_err(|e| e.to_string())?;
         self.machine = Some(machine);
         self.config = Some(st.config);

@@ -66,6 +66,9 @@ struct Conn {
     /// The `fwd_cnt` the guest last heard of.
     fwd_told: u32,
     to_host: VecDeque<u8>,
+    /// Bytes at the front of `to_host` that are the device's own (the `OK` line), not
+    /// the guest's: they do not count in `fwd_cnt`.
+    own: usize,
     readable: bool,
     writable: bool,
     credit_update_queued: bool,
@@ -84,6 +87,7 @@ impl Conn {
             fwd_cnt: 0,
             fwd_told: 0,
             to_host: VecDeque::new(),
+            own: 0,
             readable: false,
             writable: true,
             credit_update_queued: false,
@@ -313,14 +317,16 @@ impl Muxer {
                 };
                 c.state = State::Established;
                 c.readable = true;
-                c.to_host.extend(format!("OK {}\n", key.0).bytes());
+                let ok = format!("OK {}\n", key.0);
+                c.own = ok.len();
+                c.to_host.extend(ok.bytes());
                 self.flush(key);
             }
             (op::RW, Some(State::Established)) => {
                 let Some(c) = self.conns.get_mut(&key) else {
                     return;
                 };
-                if c.to_host.len() + payload.len() > BUF_ALLOC as usize {
+                if c.to_host.len() - c.own + payload.len() > BUF_ALLOC as usize {
                     self.warn.warn(
                         "virtio-vsock",
                         format_args!(
@@ -413,8 +419,11 @@ impl Muxer {
             match c.stream.write(a) {
                 Ok(n) => {
                     c.to_host.drain(..n);
-                    c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
-                    self.counters.tx_bytes.fetch_add(n as u64, Relaxed);
+                    let own = n.min(c.own);
+                    c.own -= own;
+                    let guests = (n - own) as u32;
+                    c.fwd_cnt = c.fwd_cnt.wrapping_add(guests);
+                    self.counters.tx_bytes.fetch_add(guests.into(), Relaxed);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => c.writable = false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}

@@ -115,6 +115,11 @@ fn a_host_connection_carries_bytes_both_ways() {
     let mut got = [0u8; 3];
     s.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"hi\n");
+    // The guest's credit counts its own bytes only, not the device's `OK` line.
+    r.mux
+        .from_guest(&from_guest(52, hp, op::CREDIT_REQUEST), &[]);
+    let (h, _) = r.next().unwrap();
+    assert_eq!((h.op, h.fwd_cnt), (op::CREDIT_UPDATE, 3));
     // The guest closes: the host sees EOF and the guest gets its RST.
     r.mux.from_guest(
         &Header {
