@@ -76,6 +76,25 @@ fn vsock_exec_returns_output_and_status() {
     let r: ray_api::vsock::ExecResult = serde_json::from_str(&json).unwrap();
     assert_eq!((r.output.as_str(), r.status), ("j\n", 0));
 
+    // The same over the API: POST /vm/exec.
+    let post = |body: &str| {
+        vm.client
+            .raw("POST", "/vm/exec", Some(body.as_bytes().to_vec()))
+            .unwrap()
+    };
+    let a = post(r#"{"command": "echo api"}"#);
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let r: ray_api::vsock::ExecResult = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!((r.output.as_str(), r.status), ("api\n", 0));
+    let a = post(r#"{"command": "bogus"}"#);
+    let r: ray_api::vsock::ExecResult = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(r.status, 1);
+    let a = post(r#"{"command": "a\nb"}"#);
+    assert_eq!(a.status, 400);
+    assert!(String::from_utf8_lossy(&a.body).contains("more than one line"));
+    let a = post(r#"{"command": "echo", "timeout_ms": 0}"#);
+    assert_eq!(a.status, 400);
+
     // Two at once: both answered, each with its own output.
     let ids = [vm.id.clone(), vm.id.clone()];
     let handles: Vec<_> = ids
@@ -262,6 +281,12 @@ fn bad_vsock_arguments_are_refused_before_a_vm_starts() {
     let out = env.ray(&["vm", "exec", &vm.id, "--", "echo", "hi"]);
     assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no vsock device"));
+    let a = vm
+        .client
+        .raw("POST", "/vm/exec", Some(br#"{"command": "mem"}"#.to_vec()))
+        .unwrap();
+    assert_eq!(a.status, 409);
+    assert!(String::from_utf8_lossy(&a.body).contains("no vsock device"));
     let out = env.ray_ok(&["vm", "list", "--json"]);
     assert_eq!(out.matches("running").count(), 1, "{out}");
 }

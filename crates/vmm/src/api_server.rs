@@ -47,7 +47,12 @@ struct Api {
     console: Arc<ConsoleHub>,
     /// Turns true when the server stops.
     stop: tokio::sync::watch::Receiver<bool>,
+    /// The VM's directory (where the API socket is): the default vsock socket is there.
+    dir: std::path::PathBuf,
 }
+
+#[path = "api_exec.rs"]
+mod exec;
 
 /// An error answer: a stable code and a sentence for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -759,6 +764,7 @@ fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(put_suspend))
         .routes(routes!(put_stop))
         .routes(routes!(get_events))
+        .routes(routes!(exec::post_exec))
         .routes(routes!(get_console, post_console))
         .routes(routes!(get_console_stream))
         .routes(routes!(put_snapshot))
@@ -1087,6 +1093,12 @@ impl ApiServer {
             Some((l, _)) => Some(l.local_addr()?),
             None => None,
         };
+        let dir = std_listener
+            .local_addr()?
+            .as_pathname()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         let (tx, rx) = tokio::sync::watch::channel(false);
         // Built here, on the caller's (already grown) stack: on the API thread's own it
         // would touch stack pages that stay allocated for the VMM's life.
@@ -1100,6 +1112,7 @@ impl ApiServer {
             tcp: tcp.map(|a| a.to_string()),
             console: console.clone(),
             stop: rx.clone(),
+            dir,
         });
         let thread = std::thread::Builder::new()
             .name("api".into())
