@@ -61,6 +61,9 @@ static RX_BUFS: Shared<Buffers> = Shared(UnsafeCell::new(Buffers([[0; BUF]; 64])
 static TX_BUFS: Shared<Buffers> = Shared(UnsafeCell::new(Buffers([[0; BUF]; 64])));
 static OUTPUT: Shared<Capture> = Shared(UnsafeCell::new(Capture([0; CAPTURE])));
 static STATE: Shared<State> = Shared(UnsafeCell::new(State::Unprobed));
+/// While a command that came over vsock runs, the device is borrowed by [`poll`]: the
+/// command's own `vsock` calls see this copy of the state instead, and cannot connect.
+static BUSY: Shared<Option<(u64, usize, Counters)>> = Shared(UnsafeCell::new(None));
 
 #[allow(clippy::large_enum_variant)] // one static instance, never moved
 enum State {
@@ -483,11 +486,21 @@ impl Dev {
         // between `capture_start` and `capture_end`.
         let out = unsafe { &mut (*OUTPUT.0.get()).0 };
         crate::serial::capture_start(out.as_mut_ptr(), CAPTURE - 64);
+        let open = self
+            .conns
+            .iter()
+            .flatten()
+            .filter(|c| c.phase != Phase::Closed)
+            .count();
+        // SAFETY: the boot CPU's alone, see `BUSY`.
+        unsafe { *BUSY.0.get() = Some((self.cid, open, self.counters)) };
         if cmd.is_empty() {
             println!("err empty command");
         } else {
             run(cmd);
         }
+        // SAFETY: as above.
+        unsafe { *BUSY.0.get() = None };
         let (mut len, lost) = crate::serial::capture_end();
         let failed = out[..len]
             .split(|&b| b == b'\n')
@@ -563,6 +576,10 @@ impl Dev {
 
 /// (cid, open connections, counters)
 pub fn info() -> Result<(u64, usize, Counters), &'static str> {
+    // SAFETY: the boot CPU's alone, see `BUSY`.
+    if let Some(snapshot) = unsafe { *BUSY.0.get() } {
+        return Ok(snapshot);
+    }
     let d = dev()?;
     d.receive();
     let open = d
@@ -576,5 +593,9 @@ pub fn info() -> Result<(u64, usize, Counters), &'static str> {
 
 /// `vsock connect PORT TEXT`: the reply.
 pub fn connect(port: u32, text: &str) -> Result<([u8; LINE], usize), &'static str> {
+    // SAFETY: the boot CPU's alone, see `BUSY`.
+    if unsafe { (*BUSY.0.get()).is_some() } {
+        return Err("not from a command that came over vsock");
+    }
     dev()?.connect(port, text)
 }

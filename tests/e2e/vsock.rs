@@ -76,6 +76,17 @@ fn vsock_exec_returns_output_and_status() {
     let r: ray_api::vsock::ExecResult = serde_json::from_str(&json).unwrap();
     assert_eq!((r.output.as_str(), r.status), ("j\n", 0));
 
+    // The guest's own vsock commands work inside an exec (they see the state as it was).
+    let (out, code) = exec(&env, &vm.id, &["vsock"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("vsock cid=3 conns=1 "), "{out}");
+    let (out, code) = exec(&env, &vm.id, &["vsock", "connect", "5000", "x"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("not from a command that came over vsock"),
+        "{out}"
+    );
+
     // The same over the API: POST /vm/exec.
     let post = |body: &str| {
         vm.client
