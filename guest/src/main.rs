@@ -9,9 +9,11 @@
 //!   interrupt, when the VMM offers its wake interrupt; else through the VMM's idle port
 //!   (an exit per 500 µs), else spinning;
 //! * a line-oriented shell on COM1 (`echo`, `mem`, `cpus`, `tick`, `dirty`, `sum`, `rng`, `disk`,
-//!   `net`, `displays`, `draw`, `poweroff`), see [`shell`];
+//!   `net`, `displays`, `draw`, `vsock`, `seq`, `poweroff`), see [`shell`]; the same commands
+//!   over vsock port 52 ([`virtio_vsock`], `ray vm exec`);
 //! * virtio-pci drivers on [`virtio`] (MSI-X, a vector per queue): rng ([`virtio_rng`]),
-//!   blk ([`virtio_blk`]) and net ([`virtio_net`]), set up on first use;
+//!   blk ([`virtio_blk`]) and net ([`virtio_net`]), set up on first use, and vsock
+//!   ([`virtio_vsock`]), set up at boot so that its shell port listens;
 //! * SMP: every vCPU enters at the ELF entry, APs update their heartbeat slots and idle;
 //!   at most [`MAX_CPUS`] of them: the others park, and the boot CPU says so on COM1
 //!   (`rayvisor-guest: 70 vCPUs offered, this kernel supports 64; running on 64`).
@@ -41,6 +43,7 @@ mod virtio;
 mod virtio_blk;
 mod virtio_net;
 mod virtio_rng;
+mod virtio_vsock;
 mod workload;
 
 use core::sync::atomic::Ordering::*;
@@ -135,6 +138,7 @@ fn bsp_main(zero_page: u64, pvm: bool, offered_cpus: u32) -> ! {
         println!("warning: no kvmclock, time is a TSC estimate");
     }
     virtio_net::init(info.cmdline_str(virtio_net::CMDLINE_IP));
+    virtio_vsock::init();
     println!("ready");
     heartbeat::ready().store(1, Release);
 
@@ -249,6 +253,7 @@ fn main_loop(poll_ns: u64) -> ! {
             serial::drain(|b| shell.input(b, &mut work));
         }
         virtio_net::poll();
+        virtio_vsock::poll(&mut |line| shell::run_line(line, &mut work));
         let behind = work.poll(now);
         if heartbeat::shutdown_request().load(Relaxed) != 0 {
             poweroff();

@@ -65,10 +65,76 @@ fn pv_write(bytes: &[u8]) {
     }
 }
 
+/// While a command from vsock runs, the boot CPU's output goes to that connection's
+/// buffer instead of the console: (buffer address, 0 = none; its size; bytes in it;
+/// bytes that did not fit).
+static CAP_PTR: AtomicUsize = AtomicUsize::new(0);
+static CAP_MAX: AtomicUsize = AtomicUsize::new(0);
+static CAP_LEN: AtomicUsize = AtomicUsize::new(0);
+static CAP_LOST: AtomicUsize = AtomicUsize::new(0);
+
+/// Sends the boot CPU's output to `buf` (`max` bytes) until [`capture_end`].
+pub fn capture_start(buf: *mut u8, max: usize) {
+    CAP_LEN.store(0, Relaxed);
+    CAP_LOST.store(0, Relaxed);
+    CAP_MAX.store(max, Relaxed);
+    CAP_PTR.store(buf as usize, Relaxed);
+}
+
+/// Ends a capture: (bytes captured, bytes that did not fit).
+pub fn capture_end() -> (usize, usize) {
+    CAP_PTR.store(0, Relaxed);
+    (CAP_LEN.load(Relaxed), CAP_LOST.load(Relaxed))
+}
+
+fn capture(bytes: &[u8]) -> bool {
+    let ptr = CAP_PTR.load(Relaxed);
+    if ptr == 0 {
+        return false;
+    }
+    let (len, max) = (CAP_LEN.load(Relaxed), CAP_MAX.load(Relaxed));
+    let n = bytes.len().min(max.saturating_sub(len));
+    // SAFETY: `capture_start`'s caller gave a buffer of `max` bytes that nothing else
+    // uses until `capture_end`; `len + n <= max`.
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), (ptr as *mut u8).add(len), n) };
+    CAP_LEN.store(len + n, Relaxed);
+    CAP_LOST.fetch_add(bytes.len() - n, Relaxed);
+    true
+}
+
+/// Formatted text into a byte buffer (what does not fit is dropped).
+pub struct Cursor<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(buf: &'a mut [u8]) -> Self {
+        Cursor { buf, len: 0 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Write for Cursor<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
 /// Write `bytes` from the boot CPU, keeping the heartbeat going. On COM1 every byte is an
 /// exit of up to ~90 µs on PVM, a line several ms; on the paravirtual console a line is
 /// one exit.
 pub fn write_bytes(bytes: &[u8]) {
+    if capture(bytes) {
+        heartbeat::beat(clock::now());
+        return;
+    }
     if pv() {
         pv_write(bytes);
         heartbeat::beat(clock::now());
@@ -92,6 +158,7 @@ struct Com1 {
 impl Write for Com1 {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         if self.beat {
+            // Captured output included (see `capture_start`).
             write_bytes(s.as_bytes());
         } else {
             for &b in s.as_bytes() {

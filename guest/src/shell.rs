@@ -97,6 +97,12 @@ fn no_more(mut args: core::str::SplitAsciiWhitespace, cmd: &str) -> bool {
     }
 }
 
+/// Runs one command line that came another way than the serial port (vsock port 52).
+pub fn run_line(line: &str, work: &mut Workloads) {
+    heartbeat::commands().fetch_add(1, Relaxed);
+    execute(line.trim_start(), work);
+}
+
 /// Run one line (leading blanks removed; trailing ones kept for `echo`).
 fn execute(line: &str, work: &mut Workloads) {
     let mut args = line.split_ascii_whitespace();
@@ -128,6 +134,15 @@ fn execute(line: &str, work: &mut Workloads) {
         "net" => net(args),
         "draw" => crate::display::draw(args),
         "displays" if no_more(args.clone(), cmd) => crate::display::list(),
+        "vsock" => vsock(line["vsock".len()..].trim_start()),
+        "seq" => {
+            let Some(n) = number(args.next(), "count") else {
+                return;
+            };
+            if no_more(args, cmd) {
+                seq(n);
+            }
+        }
         "poweroff" if no_more(args.clone(), cmd) => crate::poweroff(),
         "help" if no_more(args.clone(), cmd) => help(),
         "mem" | "cpus" | "numa" | "poweroff" | "help" | "displays" => {}
@@ -309,6 +324,58 @@ fn rng(mut args: core::str::SplitAsciiWhitespace) {
     }
 }
 
+/// The most lines `seq` prints.
+const SEQ_MAX: u64 = 1_000_000;
+
+/// `seq N`: the numbers 1 to N, one a line (long output for tests of the vsock path).
+fn seq(n: u64) {
+    if n > SEQ_MAX {
+        println!("err seq: {n} is more than {SEQ_MAX}");
+        return;
+    }
+    for i in 1..=n {
+        println!("{i}");
+    }
+}
+
+/// `vsock` (cid, connections, counters), `vsock connect PORT TEXT` (to a host port:
+/// sends TEXT and a newline, prints the answer).
+fn vsock(rest: &str) {
+    use crate::virtio_vsock as vv;
+    if rest.is_empty() {
+        match vv::info() {
+            Ok((cid, open, c)) => println!(
+                "vsock cid={cid} conns={open} rx={} tx={} execs={} resets={} transport_resets={}",
+                c.rx, c.tx, c.execs, c.resets, c.transport_resets
+            ),
+            Err(e) => println!("err vsock: {e}"),
+        }
+        return;
+    }
+    let Some(args) = rest.strip_prefix("connect ") else {
+        println!("err vsock: unknown subcommand '{rest}' (connect PORT TEXT)");
+        return;
+    };
+    let (port, text) = args
+        .trim_start()
+        .split_once(' ')
+        .unwrap_or((args.trim(), ""));
+    let port = match port.parse::<u32>() {
+        Ok(p) => p,
+        Err(_) => {
+            println!("err vsock connect: port '{port}' is not a number");
+            return;
+        }
+    };
+    match vv::connect(port, text) {
+        Ok((reply, len)) => {
+            let reply = core::str::from_utf8(&reply[..len]).unwrap_or("(not UTF-8)");
+            println!("vsock reply {}", reply.trim_end_matches('\n'));
+        }
+        Err(e) => println!("err vsock connect {port}: {e}"),
+    }
+}
+
 /// `net` (mac, address, counters), `net ip A.B.C.D/N`, `net ping IP [n]`,
 /// `net blast IP PORT COUNT SIZE` (SIZE: UDP payload bytes, up to 1472).
 fn net(mut args: core::str::SplitAsciiWhitespace) {
@@ -400,5 +467,5 @@ fn net(mut args: core::str::SplitAsciiWhitespace) {
 }
 
 fn help() {
-    println!("commands: echo <text> | mem | cpus | numa | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | displays | draw bars|gradient|checker|fill [SEED] [DISPLAY] | poweroff | help");
+    println!("commands: echo <text> | mem | cpus | numa | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | displays | draw bars|gradient|checker|fill [SEED] [DISPLAY] | vsock [connect PORT TEXT] | seq <n> | poweroff | help");
 }

@@ -18,3 +18,4 @@ mod robustness;
 mod shell;
 mod sim;
 mod snapshot;
+mod vsock;

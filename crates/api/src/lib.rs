@@ -6,3 +6,4 @@
 pub mod gpu;
 pub mod net;
 pub mod vmm;
+pub mod vsock;

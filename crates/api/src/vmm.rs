@@ -269,6 +269,9 @@ pub struct DevicesConfig {
     /// GPUs and their displays (framebuffers in guest RAM, served over VNC).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<crate::gpu::GpuConfig>,
+    /// A virtio-vsock device (at most one), for host<->guest streams and `ray vm exec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<crate::vsock::VsockConfig>,
 }
 
 /// One virtio-blk disk: a raw image file or a block device on the VMM's host. In a live
@@ -309,6 +312,7 @@ impl Default for DevicesConfig {
             disks: Vec::new(),
             net: Vec::new(),
             gpus: Vec::new(),
+            vsock: None,
         }
     }
 }

@@ -51,6 +51,12 @@ ray vm run --detach --vcpus 2 --numa node=0,cpus=0,memory=64M --numa node=1,cpus
     --numa-attribution ring --numa-migrate dry-run,window=5s   attribute writes, decide page moves",
     ),
     (
+        "vm exec",
+        "ray vm exec web -- mem                 a guest shell command over vsock; exits with its status
+ray vm exec web --json -- echo hi      {\"output\":\"hi\\n\",\"status\":0}
+ray vm run --detach --id web --vsock cid=3     a VM with a vsock device (exec needs one)",
+    ),
+    (
         "vm list",
         "ray vm list
 ray vm list -o wide          more columns: hypervisor, API address, why it ended

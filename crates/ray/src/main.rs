@@ -23,6 +23,7 @@ mod snapshot;
 mod version;
 mod vm;
 mod vm_admin;
+mod vm_exec;
 mod vm_show;
 
 use ray::{exit, runtime};

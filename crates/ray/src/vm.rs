@@ -48,6 +48,8 @@ pub enum VmCommand {
     /// Checkpoint a running VM into the snapshot store: paused for a moment, incremental on
     /// its previous checkpoint when there is one in the same store.
     Checkpoint(crate::snapshot::CheckpointArgs),
+    /// Run a command of the guest's shell over vsock (port 52); exits with its status.
+    Exec(crate::vm_exec::ExecArgs),
 }
 
 #[derive(Args)]
@@ -77,7 +79,7 @@ pub struct RunArgs {
         short = 'f',
         long = "file",
         value_name = "FILE",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net", "numa", "numa_attribution", "numa_migrate", "gpus"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net", "numa", "numa_attribution", "numa_migrate", "gpus", "vsock"]
     )]
     pub file: Option<PathBuf>,
     /// Kernel to boot (ELF vmlinux or bzImage). Default: rayvisor's own guest.
@@ -127,6 +129,11 @@ pub struct RunArgs {
     /// framebuffers in guest RAM, served over VNC on the VM directory's vnc-N.sock.
     #[arg(long = "gpu", value_name = "SPEC", value_parser = parse_gpu)]
     pub gpus: Vec<Option<ray_api::gpu::GpuConfig>>,
+    /// A virtio-vsock device (one at most): cid=N[,socket=PATH]. N is the guest's context
+    /// id (3 or more); the host side listens on PATH (default: vsock.sock in the VM's
+    /// directory). `ray vm exec` runs guest shell commands through it.
+    #[arg(long, value_name = "cid=N[,socket=PATH]", value_parser = ray_api::vsock::VsockConfig::parse)]
+    pub vsock: Option<ray_api::vsock::VsockConfig>,
     /// VM id (default: generated).
     #[arg(long)]
     pub id: Option<String>,
@@ -276,6 +283,7 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
                 ray_api::gpu::check_gpus(&gpus).map_err(|e| anyhow::anyhow!("--gpu: {e}"))?;
                 gpus
             },
+            vsock: args.vsock.clone(),
         },
     })
 }
@@ -302,6 +310,7 @@ pub fn run(cmd: VmCommand, runtime: &Path) -> anyhow::Result<()> {
         VmCommand::Rm(a) => crate::vm_admin::rm(runtime, &a),
         VmCommand::Prune(a) => crate::vm_admin::prune(runtime, &a),
         VmCommand::Checkpoint(a) => crate::snapshot::checkpoint(runtime, &a),
+        VmCommand::Exec(a) => crate::vm_exec::run(runtime, &a),
     }
 }
 

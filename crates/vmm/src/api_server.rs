@@ -51,7 +51,12 @@ struct Api {
     stop: tokio::sync::watch::Receiver<bool>,
     /// The GPUs and their displays.
     displays: Arc<crate::display::DisplayHub>,
+    /// The VM's directory (where the API socket is): the default vsock socket is there.
+    dir: std::path::PathBuf,
 }
+
+#[path = "api_exec.rs"]
+mod exec;
 
 /// An error answer: a stable code and a sentence for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -807,6 +812,7 @@ fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(put_suspend))
         .routes(routes!(put_stop))
         .routes(routes!(get_events))
+        .routes(routes!(exec::post_exec))
         .routes(routes!(get_console, post_console))
         .routes(routes!(get_console_stream))
         .routes(routes!(put_snapshot))
@@ -1138,6 +1144,12 @@ impl ApiServer {
             Some((l, _)) => Some(l.local_addr()?),
             None => None,
         };
+        let dir = std_listener
+            .local_addr()?
+            .as_pathname()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         let (tx, rx) = tokio::sync::watch::channel(false);
         // Built here, on the caller's (already grown) stack: on the API thread's own it
         // would touch stack pages that stay allocated for the VMM's life.
@@ -1152,6 +1164,7 @@ impl ApiServer {
             console: console.clone(),
             stop: rx.clone(),
             displays,
+            dir,
         });
         let thread = std::thread::Builder::new()
             .name("api".into())

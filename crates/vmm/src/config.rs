@@ -53,6 +53,8 @@ pub enum ConfigError {
     NumaMigration(String),
     #[error("{0}")]
     Gpus(String),
+    #[error("devices.vsock: {0}")]
+    Vsock(String),
 }
 
 /// Checks the disks of `devices`: ids unique and usable as serials, files present with a
@@ -69,9 +71,9 @@ pub fn check_disks(devices: &ray_api::vmm::DevicesConfig) -> Result<(), ConfigEr
             && d.id
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !id_ok || d.id == "rng" {
+        if !id_ok || d.id == "rng" || d.id == "vsock" {
             return Err(bad(
-                "an id is 1 to 20 of A-Z a-z 0-9 - _ (and not 'rng')".into()
+                "an id is 1 to 20 of A-Z a-z 0-9 - _ (and not 'rng' or 'vsock')".into(),
             ));
         }
         if !seen.insert(d.id.as_str()) {
@@ -236,6 +238,9 @@ pub fn validate_shape(config: &VmConfig, host_mem: u64) -> Result<(), ConfigErro
     check_numa_migration(config)?;
     // First: a binding to host nodes is more specific than the host's total memory.
     guest_numa(config)?;
+    if let Some(v) = &config.devices.vsock {
+        v.validate().map_err(ConfigError::Vsock)?;
+    }
     let mem = config.memory_bytes;
     if !mem.is_multiple_of(PAGE) {
         return Err(ConfigError::MemoryUnaligned(mem));

@@ -25,6 +25,7 @@ pub mod snapshot;
 pub mod startup;
 pub mod sync_behind;
 pub mod vmlock;
+pub mod vsock;
 pub mod vstate;
 
 /// The device models (their own crate, with no KVM dependency).

@@ -20,6 +20,7 @@ use ray_devices::rate::RateLimit;
 use ray_devices::virtio::blk::{Block, BlockConfig};
 use ray_devices::virtio::pci::{VirtioPci, VirtioPciState, BAR_SIZE, NOTIFY, NOTIFY_MULTIPLIER};
 use ray_devices::virtio::rng::Rng;
+use ray_devices::virtio::vsock::Vsock;
 use ray_devices::virtio::VirtioDevice;
 use ray_devices::Persist;
 use vmm_sys_util::eventfd::EventFd;
@@ -100,6 +101,23 @@ pub fn devices_of(config: &DevicesConfig, restoring: bool) -> Result<Vec<DeviceS
             name: "virtio-net",
         });
     }
+    if let Some(v) = &config.vsock {
+        let id = VSOCK_ID.to_string();
+        let bad = |why: String| PciError::Device {
+            id: id.clone(),
+            why,
+        };
+        v.validate().map_err(bad)?;
+        let socket = v
+            .socket
+            .clone()
+            .ok_or_else(|| bad("the socket path was not settled (crate::vsock::settle)".into()))?;
+        specs.push(DeviceSpec {
+            device: Box::new(Vsock::new(v.cid, socket.into()).map_err(bad)?),
+            id,
+            name: "virtio-vsock",
+        });
+    }
     Ok(specs)
 }
 
@@ -114,8 +132,12 @@ fn ids_of(config: &DevicesConfig) -> Vec<String> {
     rng.into_iter()
         .chain(config.disks.iter().map(|d| d.id.clone()))
         .chain(net_ids(config))
+        .chain(config.vsock.as_ref().map(|_| VSOCK_ID.to_string()))
         .collect()
 }
+
+/// The vsock device's id (there is one at most).
+const VSOCK_ID: &str = "vsock";
 
 fn open_disk(disk: &ray_api::vmm::DiskConfig) -> Result<Block, PciError> {
     Block::open(BlockConfig {

@@ -1,6 +1,6 @@
 //! virtio 1.2 devices: the split virtqueue ([`queue`]), the modern PCI transport
 //! ([`pci`]), completion of requests from other threads ([`completer`]) and the device
-//! models behind it ([`rng`], [`blk`], [`net`]).
+//! models behind it ([`rng`], [`blk`], [`net`], [`vsock`]).
 pub mod blk;
 pub mod completer;
 pub mod net;
@@ -8,6 +8,7 @@ pub mod pci;
 pub mod queue;
 pub mod rng;
 pub mod tap;
+pub mod vsock;
 
 use ray_memory::GuestMemory;
 
@@ -99,6 +100,9 @@ pub trait VirtioDevice: Send {
     fn give_back(&mut self) -> Vec<(usize, u16)> {
         Vec::new()
     }
+    /// The transport took over a saved state (a restore or a migration's target): what
+    /// lived only on the old host (a vsock device's connections) is gone.
+    fn restored(&mut self) {}
 }
 
 /// Logs warnings about one device's guest input, up to a limit, so that a guest cannot

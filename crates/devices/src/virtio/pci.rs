@@ -692,6 +692,7 @@ impl Persist for VirtioPci {
         self.queues = s.queues.clone();
         self.paused = true;
         self.kicked = self.queues.iter().map(|q| q.ready).collect();
+        self.device.restored();
         Ok(())
     }
 }

@@ -444,7 +444,8 @@ impl Controller {
             return Err("the VM state arrived twice".into());
         }
         if let Some(pci) = &st.machine.pci {
-            crate::pci::check_state(&st.config.devices, pci).map_err(|e| e.to_string())?;
+            let devices = crate::vsock::settle(&st.config.devices, &self.paths.dir);
+            crate::pci::check_state(&devices, pci).map_err(|e| e.to_string())?;
         }
         self.incoming_state = Some(Box::new(st));
         Ok(())
@@ -466,9 +467,9 @@ impl Controller {
             let _ = inbox.send(Message::Vcpu(e));
         });
         let rings = st.config.numa_attribution == ray_api::vmm::NumaAttribution::Ring;
-        let machine =
-            Machine::restore_on(vm, &st.machine, &st.config.devices, rings, sinks, events)
-                .map_err(|e| e.to_string())?;
+        let devices = crate::vsock::settle(&st.config.devices, &self.paths.dir);
+        let machine = Machine::restore_on(vm, &st.machine, &devices, rings, sinks, events)
+            .map_err(|e| e.to_string())?;
         self.numa = crate::numa::place_restored(&machine, &st.config);
         self.start_numa_policy(&machine, &st.config)
             .map_err(|e| e.to_string())?;

@@ -536,6 +536,8 @@ impl Controller {
         })?;
         let spec = config::validate(&cfg, config::host_memory())
             .map_err(|e| ControllerError::invalid(e.to_string()))?;
+        let mut spec = spec;
+        spec.devices = crate::vsock::settle(&spec.devices, &self.paths.dir);
         let sinks = self.console_sinks()?;
         let inbox = self.vcpu_events.clone();
         let events: EventSink = Arc::new(move |e| {

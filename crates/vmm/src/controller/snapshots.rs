@@ -221,7 +221,7 @@ impl Controller {
             shell,
             memory,
             &loaded.state,
-            &loaded.config.devices,
+            &crate::vsock::settle(&loaded.config.devices, &self.paths.dir),
             loaded.config.numa_attribution == ray_api::vmm::NumaAttribution::Ring,
             sinks,
             events,
