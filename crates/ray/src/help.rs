@@ -170,6 +170,31 @@ ray sim --scenario drain.yaml --json",
     ("bench idle", "ray bench idle\nray bench idle --vcpus 1 --window 10s --json"),
     ("bench cluster", "ray bench cluster --hosts 1000 --json"),
     ("bench blk", "ray bench blk\nray bench blk --runs 3 --size 256M --json"),
+    (
+        "device",
+        "ray device serve blk --socket /run/vub.sock --disk d.img
+ray device serve net --socket /run/vun.sock --net tap=tap0,netns=lab",
+    ),
+    (
+        "device serve",
+        "ray device serve blk --socket /run/vub.sock --disk d.img,ro
+ray device serve net --socket /run/vun.sock --net tap=tap0,mac=02:00:00:00:00:01",
+    ),
+    (
+        "device serve blk",
+        "ray device serve blk --socket /run/vub.sock --disk d.img
+ray device serve blk --socket /run/vub.sock --disk d.img,ro,id=data --queues 1
+qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on \\
+  -machine q35,memory-backend=mem -chardev socket,id=c0,path=/run/vub.sock \\
+  -device vhost-user-blk-pci,chardev=c0",
+    ),
+    (
+        "device serve net",
+        "ray device serve net --socket /run/vun.sock --net tap=tap0,netns=lab,mac=52:54:00:12:34:56
+qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on \\
+  -machine q35,memory-backend=mem -chardev socket,id=c1,path=/run/vun.sock \\
+  -netdev vhost-user,id=n0,chardev=c1 -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56",
+    ),
     ("openapi", "ray openapi vmm > vmm.json"),
     (
         "version",

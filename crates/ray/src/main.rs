@@ -9,6 +9,7 @@ mod bench_migrate;
 mod bench_snapshot;
 mod cluster;
 mod console;
+mod device;
 mod help;
 mod logs;
 mod migrate;
@@ -70,6 +71,9 @@ enum Command {
     /// Measure rayvisor (boot time, memory overhead).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Serve rayvisor's device models to another VMM (vhost-user back ends).
+    #[command(subcommand)]
+    Device(device::DeviceCommand),
     /// Print an OpenAPI document.
     Openapi {
         /// Which API: `vmm` (the per-VM API).
@@ -138,7 +142,7 @@ fn main() -> ExitCode {
     let runtime = cli.runtime_dir.unwrap_or_else(runtime::default_dir);
     let format = cli.log_format.parse().unwrap_or_default();
     let default_level = match cli.command {
-        Command::Vmm(_) | Command::Agent(_) => "info",
+        Command::Vmm(_) | Command::Agent(_) | Command::Device(_) => "info",
         _ => "warn",
     };
     ray_vmm::logging::init(format, default_level);
@@ -151,6 +155,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent::run(args, &runtime),
         Command::Cluster(cmd) => cluster::run(cmd),
         Command::Sim(args) => sim::run(args),
+        Command::Device(cmd) => device::run(cmd),
         Command::Openapi { .. } => {
             println!("{}", ray_vmm::api_server::openapi_json());
             Ok(())

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ray_api::vmm::DevicesConfig;
+use ray_api::vmm::{DevicesConfig, DiskConfig};
 
 use ray_devices::pci::{BarAllocator, PciBus, SlotBarMove};
 use ray_devices::rate::RateLimit;
@@ -82,18 +82,7 @@ pub fn devices_of(config: &DevicesConfig, restoring: bool) -> Result<Vec<DeviceS
         });
     }
     for disk in &config.disks {
-        let block = Block::open(BlockConfig {
-            path: disk.path.clone().into(),
-            readonly: disk.readonly,
-            direct: disk.direct,
-            serial: disk.id.clone(),
-            queues: DISK_QUEUES,
-            rate: RateLimit {
-                bytes_per_sec: disk.rate_bytes,
-                ops_per_sec: disk.rate_ops,
-            },
-        })
-        .map_err(|e| PciError::Device {
+        let block = Block::open(block_config(disk, DISK_QUEUES)).map_err(|e| PciError::Device {
             id: disk.id.clone(),
             why: e.to_string(),
         })?;
@@ -117,6 +106,22 @@ pub fn devices_of(config: &DevicesConfig, restoring: bool) -> Result<Vec<DeviceS
         });
     }
     Ok(specs)
+}
+
+/// The model's configuration of `disk` with `queues` queues (a vhost-user back end serves
+/// the same disk with as many queues as its front end asks for).
+pub fn block_config(disk: &DiskConfig, queues: u16) -> BlockConfig {
+    BlockConfig {
+        path: disk.path.clone().into(),
+        readonly: disk.readonly,
+        direct: disk.direct,
+        serial: disk.id.clone(),
+        queues,
+        rate: RateLimit {
+            bytes_per_sec: disk.rate_bytes,
+            ops_per_sec: disk.rate_ops,
+        },
+    }
 }
 
 /// Queues of each disk (VIRTIO_BLK_F_MQ).
