@@ -6,7 +6,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 use ray_api::net::NetConfig;
 use ray_api::vmm::DiskConfig;
@@ -91,7 +91,7 @@ fn serve_blk(a: BlkArgs) -> anyhow::Result<()> {
     // Opened once here so that a bad disk is refused before the socket exists; each front
     // end gets a model of its own on the same file.
     let size = Block::open(config.clone())
-        .with_context(|| format!("--disk {}", a.disk.path))?
+        .map_err(|e| anyhow::anyhow!("--disk {}: {e}", a.disk.path))?
         .size();
     tracing::info!(
         "virtio-blk: disk {} ({size} bytes{}), {} queues",

@@ -10,10 +10,10 @@ use crate::interrupt::test_util::Recorder;
 use crate::pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
 use crate::pci::msix::CONTROL_ENABLE;
 use crate::virtio::completer::Used;
-use crate::virtio::Completion;
 use crate::virtio::queue::tests::{desc, used_elem, used_idx, USED};
 use crate::virtio::queue::{DESC_F_NEXT, DESC_F_WRITE};
 use crate::virtio::rng::Rng;
+use crate::virtio::Completion;
 
 type Mem = GuestMemoryMmap<()>;
 
