@@ -2,6 +2,8 @@
 //!
 //! With vm-memory's `AtomicBitmap` backend, writes made through this view are marked in the
 //! region's bitmap, which is how the VMM's own writes reach the dirty-log consumers.
+use std::sync::Arc;
+
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
@@ -89,6 +91,35 @@ impl<B: Bitmap + Send + Sync + 'static> GuestMemory for MappedMemory<'_, B> {
     }
 }
 
+/// A view that shares ownership of its map: for a map its maker may replace while devices
+/// still work on the old one (a vhost-user front end sending a new memory table). The
+/// regions stay mapped until the last view is dropped.
+pub struct SharedMappedMemory<B: Bitmap + 'static> {
+    mem: Arc<GuestMemoryMmap<B>>,
+    layout: MemoryLayout,
+}
+
+impl<B: Bitmap + 'static> SharedMappedMemory<B> {
+    pub fn new(mem: Arc<GuestMemoryMmap<B>>) -> Self {
+        Self {
+            layout: layout_of(&mem),
+            mem,
+        }
+    }
+}
+
+impl<B: Bitmap + Send + Sync + 'static> GuestMemory for SharedMappedMemory<B> {
+    fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+    fn span(&self, gpa: u64, len: u64) -> Result<GuestSpan<'_>, MemoryError> {
+        span_in(&self.mem, &self.layout, gpa, len)
+    }
+    fn note_write(&self, gpa: u64, len: u64) {
+        mark_in(&self.mem, &self.layout, gpa, len)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +143,20 @@ mod tests {
         assert!(r.bitmap().dirty_at(0x1000), "the VMM's write is marked");
         assert!(!r.bitmap().dirty_at(0x2000));
         assert!(view.span(0x10000, 1).is_err());
+    }
+
+    #[test]
+    fn a_shared_view_keeps_its_map_after_the_maker_drops_it() {
+        let mem = Arc::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x1000), 0x2000)]).unwrap(),
+        );
+        let view = SharedMappedMemory::new(mem.clone());
+        drop(mem);
+        view.write(0x2ff0, &[7u8; 16]).unwrap();
+        let mut b = [0u8; 16];
+        view.read(0x2ff0, &mut b).unwrap();
+        assert_eq!(b, [7u8; 16]);
+        assert!(view.span(0x0, 1).is_err(), "below the region");
+        assert!(view.span(0x2ff0, 17).is_err(), "past the region's end");
     }
 }

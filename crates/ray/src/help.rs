@@ -245,6 +245,31 @@ ray gpu screenshot desk -o desk.png",
         "gpu screenshot",
         "ray gpu screenshot desk -o desk.png\nray gpu screenshot desk --display 1 -o second.png",
     ),
+    (
+        "device",
+        "ray device serve blk --socket /run/vub.sock --disk d.img
+ray device serve net --socket /run/vun.sock --net tap=tap0,netns=lab",
+    ),
+    (
+        "device serve",
+        "ray device serve blk --socket /run/vub.sock --disk d.img,ro
+ray device serve net --socket /run/vun.sock --net tap=tap0,mac=02:00:00:00:00:01",
+    ),
+    (
+        "device serve blk",
+        "ray device serve blk --socket /run/vub.sock --disk d.img
+ray device serve blk --socket /run/vub.sock --disk d.img,ro,id=data --queues 1
+qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on \\
+  -machine q35,memory-backend=mem -chardev socket,id=c0,path=/run/vub.sock \\
+  -device vhost-user-blk-pci,chardev=c0",
+    ),
+    (
+        "device serve net",
+        "ray device serve net --socket /run/vun.sock --net tap=tap0,netns=lab,mac=52:54:00:12:34:56
+qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on \\
+  -machine q35,memory-backend=mem -chardev socket,id=c1,path=/run/vun.sock \\
+  -netdev vhost-user,id=n0,chardev=c1 -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56",
+    ),
     ("openapi", "ray openapi vmm > vmm.json"),
     (
         "version",

@@ -13,6 +13,7 @@ mod bench_snapshot;
 mod cluster;
 mod console;
 mod controller;
+mod device;
 mod gpu;
 mod help;
 mod logs;
@@ -88,6 +89,9 @@ enum Command {
     /// Measure rayvisor (boot time, memory overhead).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Serve rayvisor's device models to another VMM (vhost-user back ends).
+    #[command(subcommand)]
+    Device(device::DeviceCommand),
     /// Print an OpenAPI document.
     Openapi {
         /// Which API: `vmm` (the per-VM API).
@@ -156,7 +160,7 @@ fn main() -> ExitCode {
     let runtime = cli.runtime_dir.unwrap_or_else(runtime::default_dir);
     let format = cli.log_format.parse().unwrap_or_default();
     let default_level = match cli.command {
-        Command::Vmm(_) | Command::Agent(_) | Command::Controller(_) => "info",
+        Command::Vmm(_) | Command::Agent(_) | Command::Controller(_) | Command::Device(_) => "info",
         _ => "warn",
     };
     ray_vmm::logging::init(format, default_level);
@@ -173,6 +177,7 @@ fn main() -> ExitCode {
         Command::Node(cmd) => cluster::run_node(cmd),
         Command::Sim(args) => sim::run(args),
         Command::Numa(cmd) => numa_cmd::run(cmd, &runtime),
+        Command::Device(cmd) => device::run(cmd),
         Command::Openapi { .. } => {
             println!("{}", ray_vmm::api_server::openapi_json());
             Ok(())

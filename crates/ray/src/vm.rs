@@ -17,6 +17,7 @@ use ray::runtime::{self, Presence};
 pub const DEFAULT_GUEST_CMDLINE: &str = "console=ttyS0 ray.poll_ms=0";
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process, never stored
 pub enum VmCommand {
     /// Create and boot a VM (rayvisor's own guest by default) and attach to its console.
     Run(RunArgs),

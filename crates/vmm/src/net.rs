@@ -10,13 +10,19 @@ use ray_devices::virtio::tap;
 /// whichever VM runs.
 pub fn device(config: &NetConfig, restoring: bool) -> Result<Net, String> {
     config.validate()?;
-    let mac = config.mac_address()?;
     let file = tap::open(&config.tap, config.netns.as_deref())?;
     let mut attached = true;
     if restoring && tap::set_attached(&file, false).is_ok() {
         attached = false;
     }
+    on_tap(config, file, attached)
+}
+
+/// The NIC of `config` on a TAP opened already (a vhost-user back end keeps one open
+/// across its front ends and gives each a clone).
+pub fn on_tap(config: &NetConfig, tap: std::fs::File, attached: bool) -> Result<Net, String> {
+    let mac = config.mac_address()?;
     let limit = || RateLimiter::new(config.rate_bytes, config.rate_packets);
-    Net::new(mac, file, (limit(), limit()), Some(attached))
+    Net::new(mac, tap, (limit(), limit()), Some(attached))
         .map_err(|e| format!("cannot create the device's wake-up eventfd: {e}"))
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ray_api::vmm::DevicesConfig;
+use ray_api::vmm::{DevicesConfig, DiskConfig};
 
 use ray_devices::pci::{BarAllocator, PciBus, SlotBarMove};
 use ray_devices::rate::RateLimit;
@@ -139,22 +139,27 @@ fn ids_of(config: &DevicesConfig) -> Vec<String> {
 /// The vsock device's id (there is one at most).
 const VSOCK_ID: &str = "vsock";
 
-fn open_disk(disk: &ray_api::vmm::DiskConfig) -> Result<Block, PciError> {
-    Block::open(BlockConfig {
+fn open_disk(disk: &DiskConfig) -> Result<Block, PciError> {
+    Block::open(block_config(disk, DISK_QUEUES)).map_err(|e| PciError::Device {
+        id: disk.id.clone(),
+        why: e.to_string(),
+    })
+}
+
+/// The model's configuration of `disk` with `queues` queues (a vhost-user back end serves
+/// the same disk with as many queues as its front end asks for).
+pub fn block_config(disk: &DiskConfig, queues: u16) -> BlockConfig {
+    BlockConfig {
         path: disk.path.clone().into(),
         readonly: disk.readonly,
         direct: disk.direct,
         serial: disk.id.clone(),
-        queues: DISK_QUEUES,
+        queues,
         rate: RateLimit {
             bytes_per_sec: disk.rate_bytes,
             ops_per_sec: disk.rate_ops,
         },
-    })
-    .map_err(|e| PciError::Device {
-        id: disk.id.clone(),
-        why: e.to_string(),
-    })
+    }
 }
 
 /// Queues of each disk (VIRTIO_BLK_F_MQ).

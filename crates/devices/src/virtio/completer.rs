@@ -12,7 +12,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use super::pci::{Memory, VirtioPci};
+use super::pci::Memory;
 
 /// A finished request: the chain's head and the bytes written into its device-writable
 /// buffers.
@@ -34,11 +34,11 @@ impl InFlight {
         self.count.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn add(&self) {
+    pub fn add(&self) {
         *self.lock() += 1;
     }
 
-    pub(crate) fn done(&self, n: usize) {
+    pub fn done(&self, n: usize) {
         let mut c = self.lock();
         *c = c.saturating_sub(n);
         if *c == 0 {
@@ -61,17 +61,25 @@ impl InFlight {
     }
 }
 
+/// What owns a device's queues and takes its finished requests: the virtio-pci transport,
+/// or a vhost-user back end serving the same model to another VMM.
+pub trait Transport: Send {
+    /// Puts `done` into queue `queue`'s used ring and interrupts the driver if it wants;
+    /// completions for a queue that was reset or stopped meanwhile are dropped.
+    fn complete(&mut self, queue: u16, done: &[Used]);
+}
+
 /// Puts finished requests into a queue's used ring and interrupts the driver if it wants.
 /// Cheap to clone; safe to call from any thread except from inside
 /// [`VirtioDevice::process`](super::VirtioDevice::process) (the transport is locked there).
 #[derive(Clone)]
 pub struct Completer {
-    transport: Weak<Mutex<VirtioPci>>,
+    transport: Weak<Mutex<dyn Transport>>,
     in_flight: Arc<InFlight>,
 }
 
 impl Completer {
-    pub(crate) fn new(transport: Weak<Mutex<VirtioPci>>, in_flight: Arc<InFlight>) -> Self {
+    pub fn new(transport: Weak<Mutex<dyn Transport>>, in_flight: Arc<InFlight>) -> Self {
         Self {
             transport,
             in_flight,

@@ -12,9 +12,9 @@ pub mod vsock;
 
 use ray_memory::GuestMemory;
 
-pub use completer::{Completer, DeviceContext};
+pub use completer::{Completer, DeviceContext, InFlight, Transport, Used};
 
-use queue::Chain;
+use queue::{Chain, Queue, QueueError};
 
 /// Feature bits the transport handles for every device.
 pub const F_VERSION_1: u64 = 1 << 32;
@@ -124,4 +124,61 @@ impl WarnLimit {
             tracing::warn!("{device}: further warnings about this device are suppressed");
         }
     }
+}
+
+/// What [`serve_queue`] did: whether it put entries in the used ring (the caller decides
+/// on an interrupt), and the queue fault that stopped it, if any.
+#[derive(Debug, Default)]
+pub struct Served {
+    pub used: bool,
+    pub fault: Option<QueueError>,
+}
+
+/// Serves every available request of `queue` (number `q`) with `device`: the one loop
+/// every transport runs on a kick (virtio-pci, a vhost-user back end). Malformed chains and
+/// failed requests are returned with nothing written and reported through `warn`; requests
+/// the device keeps ([`Completion::Pending`]) are counted in `in_flight`. Stops at the
+/// first fault of the queue as a whole, which the transport turns into a reset request.
+pub fn serve_queue(
+    queue: &mut Queue,
+    q: usize,
+    device: &mut dyn VirtioDevice,
+    mem: &(dyn GuestMemory + Send + Sync),
+    in_flight: &InFlight,
+    warn: &mut dyn FnMut(std::fmt::Arguments<'_>),
+) -> Served {
+    let mut served = Served::default();
+    served.fault = loop {
+        let popped = match queue.pop(mem) {
+            Ok(Some(p)) => p,
+            Ok(None) => match queue.enable_kicks(mem) {
+                Ok(true) => continue,
+                Ok(false) => break None,
+                Err(e) => break Some(e),
+            },
+            Err(e) => break Some(e),
+        };
+        let (head, len) = match popped {
+            Ok(chain) => match device.process(q, &chain, mem) {
+                Completion::Done(n) => (chain.head, n),
+                Completion::Failed(why) => {
+                    warn(format_args!("queue {q}: request failed: {why}"));
+                    (chain.head, 0)
+                }
+                Completion::Pending => {
+                    in_flight.add();
+                    continue;
+                }
+            },
+            Err((head, e)) => {
+                warn(format_args!("queue {q}: request {head} failed: {e}"));
+                (head, 0)
+            }
+        };
+        if let Err(e) = queue.add_used(mem, head, len) {
+            break Some(e);
+        }
+        served.used = true;
+    };
+    served
 }

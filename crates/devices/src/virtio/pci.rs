@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use ray_memory::GuestMemory;
 
-use super::completer::{Completer, DeviceContext, InFlight, Used};
+use super::completer::{Completer, DeviceContext, InFlight, Transport, Used};
 use super::queue::Queue;
-use super::{status, Completion, VirtioDevice, WarnLimit, F_EVENT_IDX, F_VERSION_1};
+use super::{serve_queue, status, VirtioDevice, WarnLimit, F_EVENT_IDX, F_VERSION_1};
 use crate::interrupt::MsiInterrupts;
 use crate::pci::config::{ConfigSpace, PciId};
 use crate::pci::msix::{Msix, MsixState};
@@ -196,7 +196,8 @@ impl VirtioPci {
         let in_flight = self.in_flight.clone();
         let memory = self.memory.clone();
         let shared = Arc::new(Mutex::new(self));
-        let completer = Completer::new(Arc::downgrade(&shared), in_flight);
+        let weak = Arc::downgrade(&shared);
+        let completer = Completer::new(weak, in_flight);
         shared
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -454,44 +455,18 @@ impl VirtioPci {
     /// wants it: a batch of requests costs one interrupt.
     fn process(&mut self, q: usize) {
         let memory = self.memory.clone();
-        let mem = &*memory;
-        let mut used = false;
-        let fault = loop {
-            let popped = match self.queues[q].pop(mem) {
-                Ok(Some(p)) => p,
-                Ok(None) => match self.queues[q].enable_kicks(mem) {
-                    Ok(true) => continue,
-                    Ok(false) => break None,
-                    Err(e) => break Some(e),
-                },
-                Err(e) => break Some(e),
-            };
-            let (head, len) = match popped {
-                Ok(chain) => match self.device.process(q, &chain, mem) {
-                    Completion::Done(n) => (chain.head, n),
-                    Completion::Failed(why) => {
-                        self.warn(format_args!("queue {q}: request failed: {why}"));
-                        (chain.head, 0)
-                    }
-                    Completion::Pending => {
-                        self.in_flight.add();
-                        continue;
-                    }
-                },
-                Err((head, e)) => {
-                    self.warn(format_args!("queue {q}: request {head} failed: {e}"));
-                    (head, 0)
-                }
-            };
-            if let Err(e) = self.queues[q].add_used(mem, head, len) {
-                break Some(e);
-            }
-            used = true;
-        };
-        if used {
+        let served = serve_queue(
+            &mut self.queues[q],
+            q,
+            &mut *self.device,
+            &*memory,
+            &self.in_flight,
+            &mut |m| self.warn.warn(self.name, m),
+        );
+        if served.used {
             self.interrupt_if_wanted(q);
         }
-        if let Some(e) = fault {
+        if let Some(e) = served.fault {
             self.needs_reset(format_args!("queue {q}: {e}"));
         }
     }
@@ -512,7 +487,7 @@ impl VirtioPci {
     /// Publishes requests the device completed on its own thread (see [`Completer`]):
     /// one batch, at most one interrupt. Completions for a queue the driver has reset
     /// meanwhile are dropped.
-    pub(crate) fn complete(&mut self, queue: u16, done: &[Used]) {
+    fn complete_used(&mut self, queue: u16, done: &[Used]) {
         let q = usize::from(queue);
         let live =
             self.regs.status & (status::DRIVER_OK | status::NEEDS_RESET) == status::DRIVER_OK;
@@ -557,6 +532,12 @@ impl VirtioPci {
                 self.notify(q as u16);
             }
         }
+    }
+}
+
+impl Transport for VirtioPci {
+    fn complete(&mut self, queue: u16, done: &[Used]) {
+        self.complete_used(queue, done)
     }
 }
 

@@ -13,6 +13,7 @@ use crate::virtio::completer::Used;
 use crate::virtio::queue::tests::{desc, used_elem, used_idx, USED};
 use crate::virtio::queue::{DESC_F_NEXT, DESC_F_WRITE};
 use crate::virtio::rng::Rng;
+use crate::virtio::Completion;
 
 type Mem = GuestMemoryMmap<()>;
 

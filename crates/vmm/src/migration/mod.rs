@@ -182,7 +182,7 @@ pub enum MigrationOp {
     Discard,
     /// Target: allocate memory (and the KVM VM over it) for a VM of this configuration,
     /// once the source said what it sends.
-    PrepareTarget(VmConfig, Vec<(vm_memory::GuestAddress, usize, usize)>),
+    PrepareTarget(Box<VmConfig>, Vec<(vm_memory::GuestAddress, usize, usize)>),
 }
 
 impl MigrationOp {
@@ -248,7 +248,7 @@ impl Link {
         config: VmConfig,
         regions: Vec<(vm_memory::GuestAddress, usize, usize)>,
     ) -> Result<Prepared, VmError> {
-        match self.call(MigrationOp::PrepareTarget(config, regions))? {
+        match self.call(MigrationOp::PrepareTarget(Box::new(config), regions))? {
             OpReply::Prepared(p) => Ok(p),
             _ => Err(VmError {
                 op: "prepare memory for the VM",

@@ -1,0 +1,134 @@
+//! `ray device serve blk|net`: one of our device models as a vhost-user back end on a Unix
+//! socket, for another VMM (QEMU) and its guest's drivers. Every argument is checked, the
+//! disk opened and the TAP opened before the socket exists; the process then serves one
+//! front end after another until it is killed.
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+use ray_api::net::NetConfig;
+use ray_api::vmm::DiskConfig;
+use ray_devices::virtio::blk::Block;
+use ray_devices::virtio::tap;
+use ray_devices::virtio::VirtioDevice;
+use ray_vhost::MakeDevice;
+
+#[derive(Subcommand)]
+pub enum DeviceCommand {
+    /// Serve a device model as a vhost-user back end.
+    #[command(subcommand)]
+    Serve(ServeCommand),
+}
+
+#[derive(Subcommand)]
+pub enum ServeCommand {
+    /// A virtio-blk disk (QEMU: `-device vhost-user-blk-pci`).
+    Blk(BlkArgs),
+    /// A virtio-net NIC on a TAP (QEMU: `-netdev vhost-user`).
+    Net(NetArgs),
+}
+
+#[derive(Args)]
+pub struct BlkArgs {
+    /// The Unix socket to listen on (replaced if it is a stale socket).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// The disk, as `ray vm run --disk` takes it.
+    #[arg(long, value_name = ray::disks::SYNTAX, value_parser = ray::disks::parse_disk)]
+    disk: DiskConfig,
+    /// Queues offered (VIRTIO_BLK_F_MQ); QEMU asks for one per vCPU unless told otherwise.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: u16,
+}
+
+#[derive(Args)]
+pub struct NetArgs {
+    /// The Unix socket to listen on (replaced if it is a stale socket).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// The NIC, as `ray vm run --net` takes it: `tap=NAME[,netns=NS][,mac=..]`.
+    #[arg(long, value_name = "tap=NAME[,netns=NS][,mac=MAC][,rate=B][,pps=N]",
+          value_parser = NetConfig::parse)]
+    net: NetConfig,
+}
+
+pub fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
+    let DeviceCommand::Serve(serve) = cmd;
+    match serve {
+        ServeCommand::Blk(a) => serve_blk(a),
+        ServeCommand::Net(a) => serve_net(a),
+    }
+}
+
+/// Refuses a socket path that cannot be ours: a missing directory, or something other
+/// than a socket in the way (binding would delete it).
+fn check_socket(path: &Path) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "--socket {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => bail!(
+            "--socket {}: a file that is not a socket is in the way; remove it or pick another path",
+            path.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn serve_blk(a: BlkArgs) -> anyhow::Result<()> {
+    check_socket(&a.socket)?;
+    let config = ray_vmm::pci::block_config(&a.disk, a.queues);
+    // Opened once here so that a bad disk is refused before the socket exists; each front
+    // end gets a model of its own on the same file.
+    let size = Block::open(config.clone())
+        .map_err(|e| anyhow::anyhow!("--disk {}: {e}", a.disk.path))?
+        .size();
+    tracing::info!(
+        "virtio-blk: disk {} ({size} bytes{}), {} queues",
+        a.disk.path,
+        if a.disk.readonly { ", read-only" } else { "" },
+        a.queues
+    );
+    let make: MakeDevice = Arc::new(move || {
+        Block::open(config.clone())
+            .map(|b| Box::new(b) as Box<dyn VirtioDevice>)
+            .map_err(|e| e.to_string())
+    });
+    ray_vhost::serve("virtio-blk", &a.socket, make)?;
+    Ok(())
+}
+
+fn serve_net(a: NetArgs) -> anyhow::Result<()> {
+    check_socket(&a.socket)?;
+    let config = a.net;
+    let tap = tap::open(&config.tap, config.netns.as_deref())
+        .map_err(|e| anyhow::anyhow!("--net: {e}"))?;
+    tracing::info!(
+        "virtio-net: TAP {}{}, mac {:02x?}",
+        config.tap,
+        config
+            .netns
+            .as_deref()
+            .map(|n| format!(" in namespace {n}"))
+            .unwrap_or_default(),
+        config.mac_address().map_err(anyhow::Error::msg)?
+    );
+    let make: MakeDevice = Arc::new(move || {
+        let file = tap
+            .try_clone()
+            .map_err(|e| format!("cannot share TAP {}: {e}", config.tap))?;
+        ray_vmm::net::on_tap(&config, file, true).map(|n| Box::new(n) as Box<dyn VirtioDevice>)
+    });
+    ray_vhost::serve("virtio-net", &a.socket, make)?;
+    Ok(())
+}

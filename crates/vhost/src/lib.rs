@@ -1,0 +1,12 @@
+//! rayvisor's device models served as vhost-user back ends, so that another VMM's front
+//! end (QEMU's `vhost-user-blk-pci`) and a real guest's drivers exercise the very models
+//! our VMM puts on its own virtio-pci bus.
+//!
+//! - [`backend`]: one front end's session: protocol answers from the model, the model's
+//!   queues served by the transport's own loop on the front end's memory.
+//! - [`serve`]: the socket: one front end at a time, the next one after it leaves.
+pub mod backend;
+pub mod serve;
+
+pub use backend::{Backend, MakeDevice};
+pub use serve::{serve, ServeError};
