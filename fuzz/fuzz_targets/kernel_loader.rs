@@ -34,6 +34,8 @@ fuzz_target!(|data: &[u8]| {
         vcpus: 2,
         mem_bytes: MEM_BYTES,
         devices: Default::default(),
+        numa: None,
+        attribution: false,
     };
     let _ = boot::load(memory().ram(), &spec);
 });
