@@ -105,6 +105,29 @@ pub trait VirtioDevice: Send {
     fn restored(&mut self) {}
 }
 
+/// Starts a device's I/O thread named `name`; if the thread cannot start, warns through
+/// `warn` that the device stays silent and returns None.
+pub fn spawn_io(
+    name: &'static str,
+    warn: &mut WarnLimit,
+    run: impl FnOnce() + Send + 'static,
+) -> Option<std::thread::JoinHandle<()>> {
+    match std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(256 << 10)
+        .spawn(run)
+    {
+        Ok(t) => Some(t),
+        Err(e) => {
+            warn.warn(
+                name,
+                format_args!("cannot start the I/O thread: {e}; the device stays silent"),
+            );
+            None
+        }
+    }
+}
+
 /// Logs warnings about one device's guest input, up to a limit, so that a guest cannot
 /// fill the VMM's log.
 #[derive(Debug, Default, Clone)]

@@ -293,17 +293,7 @@ impl VirtioDevice for Net {
             rx_buf: vec![0; 65_536 + HDR_LEN as usize],
             warn: WarnLimit::default(),
         };
-        match std::thread::Builder::new()
-            .name("virtio-net".into())
-            .stack_size(256 << 10)
-            .spawn(move || io.run())
-        {
-            Ok(t) => self.thread = Some(t),
-            Err(e) => self.warn.warn(
-                "virtio-net",
-                format_args!("cannot start the I/O thread: {e}; the NIC stays silent"),
-            ),
-        }
+        self.thread = super::spawn_io("virtio-net", &mut self.warn, move || io.run());
     }
 
     fn give_back(&mut self) -> Vec<(usize, u16)> {

@@ -302,17 +302,7 @@ impl VirtioDevice for Vsock {
             context,
             warn: WarnLimit::default(),
         };
-        match std::thread::Builder::new()
-            .name("virtio-vsock".into())
-            .stack_size(256 << 10)
-            .spawn(move || io.run())
-        {
-            Ok(t) => self.thread = Some(t),
-            Err(e) => self.warn.warn(
-                "virtio-vsock",
-                format_args!("cannot start the I/O thread: {e}; the device stays silent"),
-            ),
-        }
+        self.thread = crate::virtio::spawn_io("virtio-vsock", &mut self.warn, move || io.run());
     }
 
     fn give_back(&mut self) -> Vec<(usize, u16)> {
