@@ -4,8 +4,10 @@
 //!
 //! - [`backend`]: one front end's session: protocol answers from the model, the model's
 //!   queues served by the transport's own loop on the front end's memory.
+//! - [`order`]: the relay that holds back one message QEMU 7.2 sends too early.
 //! - [`serve`]: the socket: one front end at a time, the next one after it leaves.
 pub mod backend;
+pub mod order;
 pub mod serve;
 
 pub use backend::{Backend, MakeDevice};

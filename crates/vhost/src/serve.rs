@@ -1,8 +1,12 @@
 //! The listening socket: one front end at a time, each with a fresh device model and a
 //! fresh session. A front end that leaves, or that the protocol layer refuses (a malformed
 //! message, a bad memory table, a queue index out of range), ends its session with one log
-//! line saying why; the socket then takes the next front end.
+//! line saying why; the socket then takes the next front end. Each front end's messages
+//! reach the protocol layer through [`crate::order::relay`].
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
@@ -24,7 +28,7 @@ pub enum ServeError {
 /// after another; returns only when the socket fails.
 pub fn serve(name: &'static str, socket: &Path, make: MakeDevice) -> Result<(), ServeError> {
     let path = socket.display().to_string();
-    let mut listener = Listener::new(socket, true).map_err(|e| ServeError::Listen {
+    let listener = Listener::new(socket, true).map_err(|e| ServeError::Listen {
         path: path.clone(),
         reason: e.to_string(),
     })?;
@@ -38,12 +42,20 @@ pub fn serve(name: &'static str, socket: &Path, make: MakeDevice) -> Result<(), 
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| ServeError::Device(format!("cannot start a session: {e}")))?;
-        daemon
-            .start(&mut listener)
-            .map_err(|e| ServeError::Accept {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+        let accept_error = |e: std::io::Error| ServeError::Accept {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        let front = accept(&listener).map_err(accept_error)?;
+        let (mut inner, back) = private_pair().map_err(accept_error)?;
+        daemon.start(&mut inner).map_err(|e| ServeError::Accept {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let relay = std::thread::Builder::new()
+            .name(format!("{name}-relay"))
+            .spawn(move || crate::order::relay(front, back))
+            .map_err(accept_error)?;
         served += 1;
         tracing::info!("{name}: front end {served} connected");
         match daemon.wait() {
@@ -53,8 +65,40 @@ pub fn serve(name: &'static str, socket: &Path, make: MakeDevice) -> Result<(), 
             )) => tracing::info!("{name}: front end {served} left"),
             Err(e) => tracing::warn!("{name}: front end {served} refused and disconnected: {e}"),
         }
+        match relay.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{name}: front end {served}: {e}"),
+            Err(_) => tracing::warn!("{name}: front end {served}: the relay thread panicked"),
+        }
         // Dropping the session stops its threads and the model's, and unmaps its memory.
         drop(daemon);
         tracing::info!("{name}: waiting for the next front end on {path}");
     }
+}
+
+/// The next front end on `listener`.
+fn accept(listener: &Listener) -> std::io::Result<UnixStream> {
+    loop {
+        match listener.accept() {
+            Ok(Some(stream)) => return Ok(stream),
+            Ok(None) => continue,
+            Err(e) => return Err(std::io::Error::other(e.to_string())),
+        }
+    }
+}
+
+/// A listener only this process knows (an abstract socket name, nothing on disk) and a
+/// stream already connected to it: the protocol layer accepts the stream, the relay writes
+/// into it.
+fn private_pair() -> std::io::Result<(Listener, UnixStream)> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = format!(
+        "ray-vhost-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
+    let listener = UnixListener::bind_addr(&addr)?;
+    let stream = UnixStream::connect_addr(&addr)?;
+    Ok((Listener::from(listener), stream))
 }
