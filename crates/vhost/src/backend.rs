@@ -225,14 +225,14 @@ impl Transport for Session {
         if self.rings.get(q) != Some(&Ring::Started) {
             return;
         }
-        for u in done {
-            if let Err(e) = self.queues[q].add_used(&*memory, u.head, u.len) {
+        match self.queues[q].add_completed(&*memory, done) {
+            Ok(true) => self.interrupt_if_wanted(q),
+            Ok(false) => {}
+            Err(e) => {
                 self.rings[q] = Ring::Failed;
                 self.warn(format_args!("queue {q}: {e}"));
-                return;
             }
         }
-        self.interrupt_if_wanted(q);
     }
 }
 

@@ -183,12 +183,16 @@ pub fn serve_queue(
         };
         let (head, len) = match popped {
             Ok(chain) => match device.process(q, &chain, mem) {
-                Completion::Done(n) => (chain.head, n),
+                Completion::Done(n) => {
+                    queue.settle(chain.head);
+                    (chain.head, n)
+                }
                 Completion::Failed(why) => {
                     warn(format_args!("queue {q}: request failed: {why}"));
                     (chain.head, 0)
                 }
                 Completion::Pending => {
+                    queue.note_pending(chain.head);
                     in_flight.add();
                     continue;
                 }

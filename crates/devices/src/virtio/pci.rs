@@ -486,7 +486,7 @@ impl VirtioPci {
 
     /// Publishes requests the device completed on its own thread (see [`Completer`]):
     /// one batch, at most one interrupt. Completions for a queue the driver has reset
-    /// meanwhile are dropped.
+    /// meanwhile, or for requests taken before a reset, are dropped.
     fn complete_used(&mut self, queue: u16, done: &[Used]) {
         let q = usize::from(queue);
         let live =
@@ -494,13 +494,11 @@ impl VirtioPci {
         if !live || !self.queues.get(q).is_some_and(|q| q.ready) {
             return;
         }
-        for u in done {
-            if let Err(e) = self.queues[q].add_used(&*self.memory, u.head, u.len) {
-                self.needs_reset(format_args!("queue {q}: {e}"));
-                return;
-            }
+        match self.queues[q].add_completed(&*self.memory, done) {
+            Ok(true) => self.interrupt_if_wanted(q),
+            Ok(false) => {}
+            Err(e) => self.needs_reset(format_args!("queue {q}: {e}")),
         }
-        self.interrupt_if_wanted(q);
     }
 
     /// Stops serving kicks (they are remembered) while the VM's state is saved.

@@ -19,7 +19,9 @@ type Mem = GuestMemoryMmap<()>;
 
 struct Rig {
     mem: &'static Mem,
-    dev: VirtioPci,
+    /// The transport until [`Rig::share`]; then `shared`.
+    dev: Option<VirtioPci>,
+    shared: Option<Arc<std::sync::Mutex<VirtioPci>>>,
     irq: Arc<Recorder>,
 }
 
@@ -34,12 +36,36 @@ fn rig_with(device: Box<dyn VirtioDevice>) -> Rig {
     let irq = Arc::new(Recorder::default());
     let view: Memory = Arc::new(MappedMemory::new(mem));
     let dev = VirtioPci::new("virtio-test", device, view, irq.clone(), 0xc000_0000);
-    Rig { mem, dev, irq }
+    Rig {
+        mem,
+        dev: Some(dev),
+        shared: None,
+        irq,
+    }
 }
 
 impl Rig {
+    fn dev(&mut self) -> &mut VirtioPci {
+        self.dev.as_mut().expect("the transport is shared")
+    }
+
+    /// Shares the transport (activating the device); register accesses go through the
+    /// shared transport from then on.
+    fn share(&mut self) -> Arc<std::sync::Mutex<VirtioPci>> {
+        let shared = self.dev.take().expect("shared once").share();
+        self.shared = Some(shared.clone());
+        shared
+    }
+
+    fn with<R>(&mut self, f: impl FnOnce(&mut VirtioPci) -> R) -> R {
+        match &self.shared {
+            Some(s) => f(&mut s.lock().unwrap()),
+            None => f(self.dev()),
+        }
+    }
+
     fn w(&mut self, off: u64, bytes: &[u8]) {
-        self.dev.write_bar(0, off, bytes);
+        self.with(|d| d.write_bar(0, off, bytes));
     }
     fn w8(&mut self, off: u64, v: u8) {
         self.w(off, &[v]);
@@ -52,7 +78,7 @@ impl Rig {
     }
     fn r(&mut self, off: u64, len: usize) -> u64 {
         let mut b = [0u8; 8];
-        self.dev.read_bar(0, off, &mut b[..len]);
+        self.with(|d| d.read_bar(0, off, &mut b[..len]));
         u64::from_le_bytes(b)
     }
     fn status(&mut self) -> u8 {
@@ -61,8 +87,8 @@ impl Rig {
 
     /// Walks the capability list: (cfg_type, offset) of each virtio capability, and the
     /// MSI-X capability's offset.
-    fn capabilities(&self) -> (Vec<(u8, u32)>, usize) {
-        let c = self.dev.config();
+    fn capabilities(&mut self) -> (Vec<(u8, u32)>, usize) {
+        let c = self.dev().config();
         let mut at = c.u16_at(0x34) as usize & 0xff;
         let (mut virtio, mut msix) = (Vec::new(), 0);
         while at != 0 {
@@ -81,18 +107,24 @@ impl Rig {
     /// What a driver does up to the queue set-up: decoding on, MSI-X on with vectors 0
     /// (config) and 1 (queue) unmasked, features negotiated.
     fn negotiate(&mut self, features: u64) {
-        self.dev.write_config(
+        self.dev().write_config(
             COMMAND,
             &(COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes(),
         );
         let (_, msix) = self.capabilities();
-        self.dev
+        self.dev()
             .write_config(msix + 2, &CONTROL_ENABLE.to_le_bytes());
         for v in 0..2u64 {
             self.w32(MSIX_TABLE + v * 16, 0xfee0_0000);
             self.w32(MSIX_TABLE + v * 16 + 8, 0x40 + v as u32);
             self.w32(MSIX_TABLE + v * 16 + 12, 0);
         }
+        self.negotiate_again(features);
+    }
+
+    /// The virtio part of [`Rig::negotiate`], what a driver does again after a reset
+    /// (PCI decoding and MSI-X stay as they were).
+    fn negotiate_again(&mut self, features: u64) {
         self.w8(0x14, status::ACKNOWLEDGE);
         self.w8(0x14, status::ACKNOWLEDGE | status::DRIVER);
         self.w32(0x08, 0);
@@ -140,7 +172,7 @@ fn used(r: &Rig, i: u64) -> (u32, u32) {
 
 #[test]
 fn capabilities_describe_the_bar_layout() {
-    let r = rig();
+    let mut r = rig();
     let (virtio, msix) = r.capabilities();
     assert_eq!(
         virtio,
@@ -150,13 +182,13 @@ fn capabilities_describe_the_bar_layout() {
             (CAP_ISR, ISR as u32)
         ]
     );
-    let c = r.dev.config();
+    let c = r.dev().config();
     assert_eq!(c.u16_at(msix + 2), 1, "2 vectors: table size - 1");
     assert_eq!(c.u32_at(msix + 4), MSIX_TABLE as u32);
     assert_eq!(c.u32_at(msix + 8), MSIX_PBA as u32);
     assert_eq!(c.u16_at(2), 0x1044);
     assert_eq!(c.bar_address(0), Some(0xc000_0000));
-    assert_eq!(r.dev.notify_address(0), 0xc000_3000);
+    assert_eq!(r.dev().notify_address(0), 0xc000_3000);
 }
 
 #[test]
@@ -326,12 +358,12 @@ fn kicks_while_paused_are_served_on_resume() {
     r.negotiate(F_VERSION_1);
     r.setup_queue(&mock, 16);
     r.driver_ok();
-    r.dev.pause();
+    r.dev().pause();
     mock.add_desc_chains(&[desc(0x10_0000, 8, DESC_F_WRITE, 0)], 0)
         .unwrap();
     r.kick();
     assert_eq!(used_idx(r.mem), 0);
-    r.dev.resume();
+    r.dev().resume();
     assert_eq!(used_idx(r.mem), 1);
 }
 
@@ -346,7 +378,7 @@ fn state_round_trips_and_bad_state_is_refused() {
         .unwrap();
     r.kick();
     r.irq.take_fired();
-    let saved = r.dev.save_state().unwrap();
+    let saved = r.dev().save_state().unwrap();
 
     // A new device over the same memory takes the state and goes on where it was.
     let irq = Arc::new(Recorder::default());
@@ -449,7 +481,7 @@ fn pending_requests_complete_from_another_thread_in_one_batch_and_pause_waits_fo
     r.setup_queue(&mock, 16);
     r.driver_ok();
     let (mem, irq) = (r.mem, r.irq.clone());
-    let shared = r.dev.share();
+    let shared = r.share();
     let completer = context
         .lock()
         .unwrap()
@@ -482,4 +514,56 @@ fn pending_requests_complete_from_another_thread_in_one_batch_and_pause_waits_fo
     assert_eq!(used_elem(mem, 0), (1, 7));
     assert_eq!(used_elem(mem, 1), (0, 32));
     assert_eq!(irq.take_fired(), vec![1], "one interrupt for the batch");
+}
+
+#[test]
+fn completions_from_before_a_reset_are_dropped() {
+    let taken = Arc::default();
+    let context = Arc::default();
+    let mut r = rig_with(Box::new(Deferred {
+        taken: Arc::clone(&taken),
+        context: Arc::clone(&context),
+    }));
+    let mock = MockSplitQueue::new(r.mem, 16);
+    r.negotiate(F_VERSION_1);
+    r.setup_queue(&mock, 16);
+    r.driver_ok();
+    let shared = r.share();
+    let completer = context
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("activated")
+        .completer;
+    mock.add_desc_chains(&[desc(0x10_0000, 32, DESC_F_WRITE, 0)], 0)
+        .unwrap();
+    r.kick();
+    assert_eq!(*taken.lock().unwrap(), vec![0]);
+
+    // The driver resets the device and sets up fresh rings while head 0 is with the
+    // device; the old request's completion arrives only now.
+    r.w8(0x14, 0);
+    let mock = MockSplitQueue::create(r.mem, GuestAddress(0x8_0000), 16);
+    r.mem.write_slice(&[0; 4], GuestAddress(USED)).unwrap();
+    r.negotiate_again(F_VERSION_1);
+    r.setup_queue(&mock, 16);
+    r.driver_ok();
+    completer.complete(0, &[Used { head: 0, len: 32 }]);
+    assert_eq!(
+        used_idx(r.mem),
+        0,
+        "a completion from before the reset is dropped"
+    );
+    assert_eq!(shared.lock().unwrap().in_flight().count(), 0);
+
+    // A completion naming a head the device never took is dropped too; a real one lands.
+    completer.complete(0, &[Used { head: 5, len: 1 }]);
+    assert_eq!(used_idx(r.mem), 0);
+    mock.add_desc_chains(&[desc(0x10_1000, 32, DESC_F_WRITE, 0)], 0)
+        .unwrap();
+    r.kick();
+    let head = *taken.lock().unwrap().last().unwrap();
+    completer.complete(0, &[Used { head, len: 9 }]);
+    assert_eq!(used_idx(r.mem), 1);
+    assert_eq!(used_elem(r.mem, 0), (u32::from(head), 9));
 }

@@ -8,10 +8,13 @@
 //! Notification suppression: with `VIRTIO_F_EVENT_IDX` the device asks for the next kick
 //! only once it has consumed everything (`avail_event`), and interrupts the driver only
 //! when the used index passes the driver's `used_event` ([`Queue::needs_interrupt`]).
+use std::collections::BTreeSet;
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
 use ray_memory::{GuestMemory, MemoryError};
+
+use super::completer::Used;
 
 pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
@@ -86,6 +89,14 @@ pub struct Queue {
     pub next_used: u16,
     /// The used index at the last interrupt decision (event-index mode).
     pub signalled_used: Option<u16>,
+    /// Heads the device took and answers later ([`Completion::Pending`]): a completion
+    /// naming any other head (one taken before a reset, or a device's mistake) is dropped,
+    /// so it cannot land in the rings the driver set up since. Pausing waits until this is
+    /// empty, so it is never part of saved state.
+    ///
+    /// [`Completion::Pending`]: super::Completion::Pending
+    #[serde(skip)]
+    pending: BTreeSet<u16>,
 }
 
 fn load16(mem: &(impl GuestMemory + ?Sized), gpa: u64) -> Result<u16, MemoryError> {
@@ -113,7 +124,18 @@ impl Queue {
             next_avail: 0,
             next_used: 0,
             signalled_used: None,
+            pending: BTreeSet::new(),
         }
+    }
+
+    /// Notes that the device took request `head` and completes it later.
+    pub fn note_pending(&mut self, head: u16) {
+        self.pending.insert(head);
+    }
+
+    /// Whether `head` was pending (it no longer is): a completion for it may be published.
+    pub fn settle(&mut self, head: u16) -> bool {
+        self.pending.remove(&head)
     }
 
     /// Back to the state after a device reset.
@@ -269,6 +291,23 @@ impl Queue {
         fence(Ordering::Release);
         store16(mem, self.used + 2, self.next_used)?;
         Ok(())
+    }
+
+    /// Returns the requests a device completed on its own thread; only heads still pending
+    /// go out (see [`Queue::note_pending`]). Says whether any did.
+    pub fn add_completed(
+        &mut self,
+        mem: &(impl GuestMemory + ?Sized),
+        done: &[Used],
+    ) -> Result<bool, QueueError> {
+        let mut any = false;
+        for u in done {
+            if self.settle(u.head) {
+                self.add_used(mem, u.head, u.len)?;
+                any = true;
+            }
+        }
+        Ok(any)
     }
 
     /// Asks the driver to kick for the next buffer it makes available, and says whether
