@@ -301,3 +301,33 @@ fn bad_vsock_arguments_are_refused_before_a_vm_starts() {
     let out = env.ray_ok(&["vm", "list", "--json"]);
     assert_eq!(out.matches("running").count(), 1, "{out}");
 }
+
+#[test]
+fn bad_served_vsock_arguments_are_refused_before_the_socket_exists() {
+    let env = Env::new("vsock-serve-bad");
+    let front = env.runtime.join("front.sock");
+    let front_arg = front.to_str().unwrap();
+    let host = format!("cid=3,socket={}", env.runtime.join("host.sock").display());
+    let same = format!("cid=3,socket={front_arg}");
+    let cases: [(&[&str], &str); 4] = [
+        (&["--vsock", "cid=3"], "socket=PATH is required"),
+        (&["--vsock", "cid=1,socket=/tmp/x"], "cid 1 is reserved"),
+        (&["--vsock", &same], "must differ"),
+        (
+            &["--vsock", &host, "--bogus"],
+            "unexpected argument '--bogus'",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut all = vec!["device", "serve", "vsock", "--socket", front_arg];
+        all.extend_from_slice(args);
+        let out = env.ray(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(
+            !front.exists(),
+            "{args:?}: the vhost-user socket was created"
+        );
+    }
+}

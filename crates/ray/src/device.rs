@@ -1,6 +1,6 @@
-//! `ray device serve blk|net`: one of our device models as a vhost-user back end on a Unix
+//! `ray device serve blk|net|vsock`: one of our device models as a vhost-user back end on a Unix
 //! socket, for another VMM (QEMU) and its guest's drivers. Every argument is checked, the
-//! disk opened and the TAP opened before the socket exists; the process then serves one
+//! disk, the TAP and the vsock host socket opened before the vhost-user socket exists; the process then serves one
 //! front end after another until it is killed.
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -10,8 +10,10 @@ use anyhow::bail;
 use clap::{Args, Subcommand};
 use ray_api::net::NetConfig;
 use ray_api::vmm::DiskConfig;
+use ray_api::vsock::VsockConfig;
 use ray_devices::virtio::blk::Block;
 use ray_devices::virtio::tap;
+use ray_devices::virtio::vsock::Vsock;
 use ray_devices::virtio::VirtioDevice;
 use ray_vhost::MakeDevice;
 
@@ -28,6 +30,9 @@ pub enum ServeCommand {
     Blk(BlkArgs),
     /// A virtio-net NIC on a TAP (QEMU: `-netdev vhost-user`).
     Net(NetArgs),
+    /// A virtio-vsock device whose host side is a Unix socket (QEMU:
+    /// `-device vhost-user-vsock-pci`).
+    Vsock(VsockArgs),
 }
 
 #[derive(Args)]
@@ -54,11 +59,24 @@ pub struct NetArgs {
     net: NetConfig,
 }
 
+#[derive(Args)]
+pub struct VsockArgs {
+    /// The Unix socket to listen on for the front end (replaced if it is a stale socket).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// The device, as `ray vm run --vsock` takes it; `socket=` (the host side: host
+    /// programs connect there, and the guest's connections to port P go to `SOCKET_P`) is
+    /// required here, as there is no VM directory to put it in.
+    #[arg(long, value_name = "cid=N,socket=PATH", value_parser = VsockConfig::parse)]
+    vsock: VsockConfig,
+}
+
 pub fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
     let DeviceCommand::Serve(serve) = cmd;
     match serve {
         ServeCommand::Blk(a) => serve_blk(a),
         ServeCommand::Net(a) => serve_net(a),
+        ServeCommand::Vsock(a) => serve_vsock(a),
     }
 }
 
@@ -130,5 +148,31 @@ fn serve_net(a: NetArgs) -> anyhow::Result<()> {
         ray_vmm::net::on_tap(&config, file, true).map(|n| Box::new(n) as Box<dyn VirtioDevice>)
     });
     ray_vhost::serve("virtio-net", &a.socket, make)?;
+    Ok(())
+}
+
+fn serve_vsock(a: VsockArgs) -> anyhow::Result<()> {
+    check_socket(&a.socket)?;
+    let cid = a.vsock.cid;
+    let Some(host) = a.vsock.socket.map(PathBuf::from) else {
+        bail!("--vsock: socket=PATH is required for a served device (the host side's Unix socket)");
+    };
+    if host == a.socket {
+        bail!(
+            "--vsock socket={} is the vhost-user --socket too; they must differ",
+            host.display()
+        );
+    }
+    // Bound once here so that a bad path is refused before the vhost-user socket exists;
+    // each front end's model binds it again.
+    drop(Vsock::new(cid, host.clone()).map_err(|e| anyhow::anyhow!("--vsock: {e}"))?);
+    tracing::info!(
+        "virtio-vsock: guest cid {cid}, host side {}",
+        host.display()
+    );
+    let make: MakeDevice = Arc::new(move || {
+        Vsock::new(cid, host.clone()).map(|v| Box::new(v) as Box<dyn VirtioDevice>)
+    });
+    ray_vhost::serve("virtio-vsock", &a.socket, make)?;
     Ok(())
 }

@@ -248,12 +248,14 @@ ray gpu screenshot desk -o desk.png",
     (
         "device",
         "ray device serve blk --socket /run/vub.sock --disk d.img
-ray device serve net --socket /run/vun.sock --net tap=tap0,netns=lab",
+ray device serve net --socket /run/vun.sock --net tap=tap0,netns=lab
+ray device serve vsock --socket /run/vuv.sock --vsock cid=3,socket=/run/guest3.vsock",
     ),
     (
         "device serve",
         "ray device serve blk --socket /run/vub.sock --disk d.img,ro
-ray device serve net --socket /run/vun.sock --net tap=tap0,mac=02:00:00:00:00:01",
+ray device serve net --socket /run/vun.sock --net tap=tap0,mac=02:00:00:00:00:01
+ray device serve vsock --socket /run/vuv.sock --vsock cid=3,socket=/run/guest3.vsock",
     ),
     (
         "device serve blk",
@@ -269,6 +271,13 @@ qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on \\
 qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on \\
   -machine q35,memory-backend=mem -chardev socket,id=c1,path=/run/vun.sock \\
   -netdev vhost-user,id=n0,chardev=c1 -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56",
+    ),
+    (
+        "device serve vsock",
+        "ray device serve vsock --socket /run/vuv.sock --vsock cid=3,socket=/run/guest3.vsock
+qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on \\
+  -machine q35,memory-backend=mem -chardev socket,id=c2,path=/run/vuv.sock \\
+  -device vhost-user-vsock-pci,chardev=c2",
     ),
     ("openapi", "ray openapi vmm > vmm.json"),
     (
