@@ -18,4 +18,5 @@ mod robustness;
 mod shell;
 mod sim;
 mod snapshot;
+mod vhost;
 mod vsock;

@@ -19,6 +19,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::thread;
 
+use vhost::vhost_user::message::FrontendReq;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// Size of a message header: request, flags, payload size (three little-endian u32).
@@ -33,6 +34,9 @@ const MAX_FDS: usize = 32;
 const NEED_REPLY: u32 = 1 << 3;
 
 const SET_FEATURES: u32 = 2;
+const SET_MEM_TABLE: u32 = 5;
+/// Regions a memory table may hold (the protocol's limit without one-by-one regions).
+const MAX_REGIONS: usize = 8;
 const SET_VRING_ENABLE: u32 = 18;
 
 /// One message from the front end: header, payload and the descriptors that came with it.
@@ -91,25 +95,72 @@ fn receive(from: &UnixStream) -> io::Result<Option<Message>> {
     if got == 0 {
         return Ok(None);
     }
-    (&*from).read_exact(&mut header[got..])?;
+    (&*from)
+        .read_exact(&mut header[got..])
+        .map_err(|e| cut_short(e, "header"))?;
     let mut message = Message {
         header,
         payload: Vec::new(),
         fds,
     };
+    let request = message.request();
+    let name = FrontendReq::try_from(request).map_err(|_| {
+        invalid(format!(
+            "request {request} is not a vhost-user request this back end knows"
+        ))
+    })?;
     let size = message.size();
     if size > MAX_PAYLOAD {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "request {} announces a {size}-byte payload; at most {MAX_PAYLOAD} are accepted",
-                message.request()
-            ),
-        ));
+        return Err(invalid(format!(
+            "{name:?} announces a {size}-byte payload; at most {MAX_PAYLOAD} are accepted"
+        )));
     }
     message.payload = vec![0; size];
-    (&*from).read_exact(&mut message.payload)?;
+    (&*from)
+        .read_exact(&mut message.payload)
+        .map_err(|e| cut_short(e, "payload"))?;
+    if request == SET_MEM_TABLE {
+        check_memory_table(&message)?;
+    }
     Ok(Some(message))
+}
+
+fn invalid(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+fn cut_short(e: io::Error, part: &str) -> io::Error {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        invalid(format!(
+            "the front end left in the middle of a message {part}"
+        ))
+    } else {
+        e
+    }
+}
+
+/// A memory table: a region count, padding, then 32 bytes and one descriptor per region.
+fn check_memory_table(message: &Message) -> io::Result<()> {
+    let p = &message.payload;
+    let regions = if p.len() >= 4 {
+        u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize
+    } else {
+        0
+    };
+    let want = 8 + 32 * regions;
+    if p.len() < 4 || regions == 0 || regions > MAX_REGIONS || p.len() != want {
+        return Err(invalid(format!(
+            "SET_MEM_TABLE names {regions} regions in a {}-byte payload (1 to {MAX_REGIONS} regions, 8 + 32 bytes each)",
+            p.len()
+        )));
+    }
+    if message.fds.len() != regions {
+        return Err(invalid(format!(
+            "SET_MEM_TABLE names {regions} regions but carries {} file descriptors",
+            message.fds.len()
+        )));
+    }
+    Ok(())
 }
 
 fn send(to: &UnixStream, message: &Message) -> io::Result<()> {
@@ -263,6 +314,10 @@ mod tests {
             .and_then(|_| (&front_end).write_all(&100_000u32.to_le_bytes()))
             .unwrap();
         let err = relay(front, back).unwrap_err();
-        assert!(err.to_string().contains("100000-byte payload"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("SET_MEM_TABLE announces a 100000-byte payload"),
+            "{err}"
+        );
     }
 }
