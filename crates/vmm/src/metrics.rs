@@ -3,7 +3,8 @@
 //! One VMM process runs one VM, so the counters are process-wide statics that the code
 //! doing the work bumps directly: each vCPU thread its own exit counters (one writer per
 //! counter, no read-modify-write on the exit path), the dirty log its page count, the API
-//! its snapshots, the migration glue its outcomes. A scrape reads them and /proc; it never
+//! its snapshots, the migration glue its outcomes, the device builder each device's own
+//! counters ([`device_built`]). A scrape reads them and /proc; it never
 //! waits for the VMM thread, so it answers while a snapshot or a stop is under way.
 //!
 //! Names follow Prometheus' rules: a `ray_` prefix, base units in the name (`_seconds`,
@@ -12,6 +13,9 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
+
+use ray_devices::virtio::net::NetCounters;
+use ray_devices::virtio::vsock::VsockCounters;
 
 /// Why a vCPU came out of KVM_RUN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -336,6 +340,116 @@ fn summary(out: &mut String, name: &str, help: &str, s: Summary) {
 }
 
 /// Every metric, in Prometheus' text format.
+/// A device's own counters, which its threads bump.
+pub enum DeviceCounters {
+    Net(Arc<NetCounters>),
+    Vsock(Arc<VsockCounters>),
+}
+
+static DEVICES: Mutex<Vec<(String, DeviceCounters)>> = Mutex::new(Vec::new());
+
+/// Reports device `id`'s counters from now on (a device rebuilt on restore replaces them).
+pub fn device_built(id: &str, counters: DeviceCounters) {
+    let mut devices = lock(&DEVICES);
+    devices.retain(|(d, _)| d != id);
+    devices.push((id.to_string(), counters));
+}
+
+/// One `{device=..,direction=..}` pair of samples per device for each `(family, rx, tx)`.
+fn per_direction<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    samples: impl Iterator<Item = (&'a str, u64, u64)> + Clone,
+) {
+    family(out, name, "counter", help);
+    for (id, rx, tx) in samples {
+        let _ = writeln!(out, "{name}{{device=\"{id}\",direction=\"rx\"}} {rx}");
+        let _ = writeln!(out, "{name}{{device=\"{id}\",direction=\"tx\"}} {tx}");
+    }
+}
+
+fn render_devices(out: &mut String) {
+    let devices = lock(&DEVICES);
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let nets = devices.iter().filter_map(|(id, c)| match c {
+        DeviceCounters::Net(n) => Some((id.as_str(), n)),
+        DeviceCounters::Vsock(_) => None,
+    });
+    let vsocks = devices.iter().filter_map(|(id, c)| match c {
+        DeviceCounters::Vsock(v) => Some((id.as_str(), v)),
+        DeviceCounters::Net(_) => None,
+    });
+    per_direction(
+        out,
+        "ray_net_packets_total",
+        "Frames a NIC passed to the guest (rx) and from it (tx).",
+        nets.clone()
+            .map(|(id, n)| (id, load(&n.rx_packets), load(&n.tx_packets))),
+    );
+    per_direction(
+        out,
+        "ray_net_bytes_total",
+        "Bytes of the frames a NIC passed to the guest (rx) and from it (tx).",
+        nets.clone()
+            .map(|(id, n)| (id, load(&n.rx_bytes), load(&n.tx_bytes))),
+    );
+    per_direction(
+        out,
+        "ray_net_dropped_total",
+        "Frames a NIC dropped: too large for the guest's buffer (rx), or refused by the TAP (tx).",
+        nets.map(|(id, n)| (id, load(&n.rx_dropped), load(&n.tx_dropped))),
+    );
+    per_direction(
+        out,
+        "ray_vsock_packets_total",
+        "vsock packets to the guest (rx) and from it (tx).",
+        vsocks
+            .clone()
+            .map(|(id, v)| (id, load(&v.rx_packets), load(&v.tx_packets))),
+    );
+    per_direction(
+        out,
+        "ray_vsock_bytes_total",
+        "vsock payload bytes to the guest (rx) and from it (tx).",
+        vsocks
+            .clone()
+            .map(|(id, v)| (id, load(&v.rx_bytes), load(&v.tx_bytes))),
+    );
+    family(
+        out,
+        "ray_vsock_connections_total",
+        "counter",
+        "vsock connections opened, by the side that opened them.",
+    );
+    for (id, v) in vsocks.clone() {
+        for (from, n) in [("host", &v.host_connects), ("guest", &v.guest_connects)] {
+            let _ = writeln!(
+                out,
+                "ray_vsock_connections_total{{device=\"{id}\",from=\"{from}\"}} {}",
+                load(n)
+            );
+        }
+    }
+    for (name, help, get) in [
+        (
+            "ray_vsock_resets_total",
+            "vsock connections reset (refused, closed abruptly, or by a transport reset).",
+            (|v: &VsockCounters| &v.resets) as fn(&VsockCounters) -> &AtomicU64,
+        ),
+        (
+            "ray_vsock_bad_packets_total",
+            "Malformed vsock packets from the guest, dropped.",
+            |v: &VsockCounters| &v.bad_packets,
+        ),
+    ] {
+        family(out, name, "counter", help);
+        for (id, v) in vsocks.clone() {
+            let _ = writeln!(out, "{name}{{device=\"{id}\"}} {}", load(get(v)));
+        }
+    }
+}
+
 pub fn render() -> String {
     let mut out = String::with_capacity(4096);
     family(
@@ -497,6 +611,7 @@ pub fn render() -> String {
         );
         let _ = writeln!(out, "process_cpu_seconds_total {s}");
     }
+    render_devices(&mut out);
     out
 }
 
@@ -603,6 +718,28 @@ VmFlags: rd wr mr mw me gd ac
             }
         }
         assert!(families.len() >= 14, "{families:?}");
+    }
+
+    #[test]
+    fn device_counters_are_reported_per_device_and_replaced_on_rebuild() {
+        let net = Arc::new(NetCounters::default());
+        net.tx_packets.store(3, Ordering::Relaxed);
+        device_built("net-test", DeviceCounters::Net(net));
+        let vsock = Arc::new(VsockCounters::default());
+        vsock.guest_connects.store(2, Ordering::Relaxed);
+        device_built("vsock-test", DeviceCounters::Vsock(vsock));
+        let text = render();
+        assert!(text.contains("ray_net_packets_total{device=\"net-test\",direction=\"tx\"} 3\n"));
+        assert!(
+            text.contains("ray_vsock_connections_total{device=\"vsock-test\",from=\"guest\"} 2\n")
+        );
+        device_built("net-test", DeviceCounters::Net(Arc::default()));
+        let text = render();
+        assert!(text.contains("ray_net_packets_total{device=\"net-test\",direction=\"tx\"} 0\n"));
+        assert_eq!(
+            text.matches("device=\"net-test\",direction=\"tx\"").count(),
+            3
+        );
     }
 
     #[test]

@@ -21,6 +21,8 @@ use ray_devices::virtio::blk::{Block, BlockConfig};
 use ray_devices::virtio::pci::{VirtioPci, VirtioPciState, BAR_SIZE, NOTIFY, NOTIFY_MULTIPLIER};
 use ray_devices::virtio::rng::Rng;
 use ray_devices::virtio::vsock::Vsock;
+
+use crate::metrics::DeviceCounters;
 use ray_devices::virtio::VirtioDevice;
 use ray_devices::Persist;
 use vmm_sys_util::eventfd::EventFd;
@@ -90,13 +92,13 @@ pub fn devices_of(config: &DevicesConfig, restoring: bool) -> Result<Vec<DeviceS
         });
     }
     for (net, id) in config.net.iter().zip(net_ids(config)) {
+        let device = crate::net::device(net, restoring).map_err(|why| PciError::Device {
+            id: id.clone(),
+            why,
+        })?;
+        crate::metrics::device_built(&id, DeviceCounters::Net(device.counters()));
         specs.push(DeviceSpec {
-            device: Box::new(crate::net::device(net, restoring).map_err(|why| {
-                PciError::Device {
-                    id: id.clone(),
-                    why,
-                }
-            })?),
+            device: Box::new(device),
             id,
             name: "virtio-net",
         });
@@ -112,8 +114,10 @@ pub fn devices_of(config: &DevicesConfig, restoring: bool) -> Result<Vec<DeviceS
             .socket
             .clone()
             .ok_or_else(|| bad("the socket path was not settled (crate::vsock::settle)".into()))?;
+        let device = Vsock::new(v.cid, socket.into()).map_err(bad)?;
+        crate::metrics::device_built(&id, DeviceCounters::Vsock(device.counters()));
         specs.push(DeviceSpec {
-            device: Box::new(Vsock::new(v.cid, socket.into()).map_err(bad)?),
+            device: Box::new(device),
             id,
             name: "virtio-vsock",
         });
