@@ -81,6 +81,16 @@ fn read_line(from: impl std::io::Read) -> Result<String, String> {
     Ok(line.trim_end().to_string())
 }
 
+/// Reads a line, answers "WHO got LINE", prints the line.
+fn answer<S: std::io::Read + Write + Copy>(conn: S, who: &str) -> Result<(), String> {
+    let line = read_line(conn)?;
+    let mut out = conn;
+    out.write_all(format!("{who} got {line}\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    println!("{line}");
+    Ok(())
+}
+
 fn number<T: std::str::FromStr>(what: &str, s: &str) -> Result<T, String> {
     s.parse().map_err(|_| format!("{what} '{s}' is not a number"))
 }
@@ -101,12 +111,7 @@ fn guest_serve(port: u32) -> Result<(), String> {
         accept(fd, &mut peer, &mut peer_len)
     })?);
     drop(listener);
-    let line = read_line(&conn)?;
-    (&conn)
-        .write_all(format!("guest got {line}\n").as_bytes())
-        .map_err(|e| format!("write: {e}"))?;
-    println!("{line}");
-    Ok(())
+    answer(&conn, "guest")
 }
 
 fn guest_send(cid: u32, port: u32, message: &str) -> Result<(), String> {
@@ -174,12 +179,7 @@ fn host_serve(path: &str, seconds: u64) -> Result<(), String> {
         }
     };
     conn.set_nonblocking(false).map_err(|e| e.to_string())?;
-    let line = read_line(&conn)?;
-    (&conn)
-        .write_all(format!("host got {line}\n").as_bytes())
-        .map_err(|e| format!("write: {e}"))?;
-    println!("{line}");
-    Ok(())
+    answer(&conn, "host")
 }
 
 fn run(args: &[String]) -> Result<(), String> {

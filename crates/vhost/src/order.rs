@@ -47,31 +47,22 @@ struct Message {
 }
 
 impl Message {
+    /// The header's `i`th little-endian u32.
+    fn word(&self, i: usize) -> u32 {
+        let b = &self.header[4 * i..4 * i + 4];
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+
     fn request(&self) -> u32 {
-        u32::from_le_bytes([
-            self.header[0],
-            self.header[1],
-            self.header[2],
-            self.header[3],
-        ])
+        self.word(0)
     }
 
     fn flags(&self) -> u32 {
-        u32::from_le_bytes([
-            self.header[4],
-            self.header[5],
-            self.header[6],
-            self.header[7],
-        ])
+        self.word(1)
     }
 
     fn size(&self) -> usize {
-        u32::from_le_bytes([
-            self.header[8],
-            self.header[9],
-            self.header[10],
-            self.header[11],
-        ]) as usize
+        self.word(2) as usize
     }
 }
 
@@ -177,8 +168,10 @@ fn send(to: &UnixStream, message: &Message) -> io::Result<()> {
             "the protocol layer took only part of a message header",
         ));
     }
-    let rest = [&message.header[..], &message.payload[..]].concat();
-    (&*to).write_all(&rest[sent..total])
+    if sent < total {
+        (&*to).write_all(&message.payload[sent - HEADER..])?;
+    }
+    Ok(())
 }
 
 /// Forwards the front end's messages to `back` until either side closes, holding back a

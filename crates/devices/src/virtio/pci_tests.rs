@@ -468,26 +468,39 @@ impl VirtioDevice for Deferred {
     }
 }
 
-#[test]
-fn pending_requests_complete_from_another_thread_in_one_batch_and_pause_waits_for_them() {
+/// A rig around [`Deferred`], and the heads it takes and its context once activated.
+type Taken = Arc<std::sync::Mutex<Vec<u16>>>;
+type Context = Arc<std::sync::Mutex<Option<DeviceContext>>>;
+
+fn deferred_rig() -> (Rig, Taken, Context) {
     let taken = Arc::default();
     let context = Arc::default();
-    let mut r = rig_with(Box::new(Deferred {
+    let r = rig_with(Box::new(Deferred {
         taken: Arc::clone(&taken),
         context: Arc::clone(&context),
     }));
+    (r, taken, context)
+}
+
+fn completer_of(context: &std::sync::Mutex<Option<DeviceContext>>) -> Completer {
+    context
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("activated")
+        .completer
+}
+
+#[test]
+fn pending_requests_complete_from_another_thread_in_one_batch_and_pause_waits_for_them() {
+    let (mut r, taken, context) = deferred_rig();
     let mock = MockSplitQueue::new(r.mem, 16);
     r.negotiate(F_VERSION_1 | F_EVENT_IDX);
     r.setup_queue(&mock, 16);
     r.driver_ok();
     let (mem, irq) = (r.mem, r.irq.clone());
     let shared = r.share();
-    let completer = context
-        .lock()
-        .unwrap()
-        .clone()
-        .expect("activated")
-        .completer;
+    let completer = completer_of(&context);
     mock.add_desc_chains(
         &[
             desc(0x10_0000, 32, DESC_F_WRITE, 0),
@@ -518,23 +531,13 @@ fn pending_requests_complete_from_another_thread_in_one_batch_and_pause_waits_fo
 
 #[test]
 fn completions_from_before_a_reset_are_dropped() {
-    let taken = Arc::default();
-    let context = Arc::default();
-    let mut r = rig_with(Box::new(Deferred {
-        taken: Arc::clone(&taken),
-        context: Arc::clone(&context),
-    }));
+    let (mut r, taken, context) = deferred_rig();
     let mock = MockSplitQueue::new(r.mem, 16);
     r.negotiate(F_VERSION_1);
     r.setup_queue(&mock, 16);
     r.driver_ok();
     let shared = r.share();
-    let completer = context
-        .lock()
-        .unwrap()
-        .clone()
-        .expect("activated")
-        .completer;
+    let completer = completer_of(&context);
     mock.add_desc_chains(&[desc(0x10_0000, 32, DESC_F_WRITE, 0)], 0)
         .unwrap();
     r.kick();
