@@ -19,3 +19,4 @@ mod shell;
 mod sim;
 mod snapshot;
 mod vsock;
+mod web;
