@@ -113,6 +113,7 @@ try {
   const admin = await browser.newContext({ viewport: { width: 1280, height: 720 } });
   const page = await admin.newPage();
   page.on('pageerror', (e) => console.log(`page error: ${e.message}`));
+  page.on('console', (m) => console.log(`page console: ${m.text()}`));
   await page.goto(url);
   await page.waitForSelector('#token');
   await shot(page, 'login');
@@ -126,7 +127,7 @@ try {
   await page.fill('#new-memory', '128M');
   await page.fill('#new-gpu', 'emulated,width=640,height=480');
   await page.click('#create');
-  await page.waitForURL(`**/#/vm/${VM}`, { timeout: 30000 });
+  await page.waitForFunction((vm) => location.hash === `#/vm/${vm}`, VM, { timeout: 30000 });
   await page.waitForSelector('#summary [data-state=running]', { timeout: 20000 });
   check(true, 'the VM started from the page is running');
 
@@ -207,7 +208,7 @@ try {
   await page.fill('#snapshot-name', 'first');
   await page.click('#do-snapshot');
   await page.waitForFunction(() => document.querySelector('#snapshot-text')?.textContent.includes('snapshot first written'), null, { timeout: 30000 });
-  await page.waitForSelector('#snapshot-pick option[value=first]', { timeout: 10000 });
+  await page.waitForSelector('#snapshot-pick option[value=first]', { state: 'attached', timeout: 10000 });
   check(true, 'a snapshot taken from the page is listed');
   await page.waitForSelector('#summary [data-state=running]');
   await page.waitForSelector('#thumbs img');
@@ -238,6 +239,15 @@ try {
   const stopped = await page.evaluate(async (t) => (await fetch(`/api/vms/${t}/stop`, { method: 'POST' })).status, target);
   check(stopped === 200, 'an admin stops the VM');
   console.log('browser test: all passed');
+} catch (e) {
+  // Leave the state of every open page for the person reading the failure.
+  for (const ctx of browser.contexts()) {
+    for (const [i, p] of ctx.pages().entries()) {
+      await p.screenshot({ path: `${artifacts}/failure-${i}.png`, fullPage: true }).catch(() => {});
+      console.log(`page ${i} at ${p.url()}:\n${await p.textContent('body').catch(() => '?')}`);
+    }
+  }
+  throw e;
 } finally {
   await browser.close();
 }

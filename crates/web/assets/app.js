@@ -61,8 +61,6 @@ const mib = (b) => b == null ? '–' : `${Math.round(b / 1048576)} MiB`;
 const secs = (ms) => ms == null ? '–' : `${Math.round(ms / 1000)} s`;
 
 function show(title, ...body) {
-  for (const f of cleanup) f();
-  cleanup = [];
   document.title = `${title} – rayvisor`;
   main.replaceChildren(el('h1', {}, title), ...body);
   main.focus();
@@ -267,6 +265,8 @@ function serialView(id) {
 
 // ---- routing ----
 async function route() {
+  for (const f of cleanup) f();
+  cleanup = [];
   if (!me) {
     try { me = await api('GET', '/me'); } catch (_) { me = null; }
   }
