@@ -210,6 +210,25 @@ try {
   await page.waitForFunction(() => document.querySelector('#snapshot-text')?.textContent.includes('snapshot first written'), null, { timeout: 30000 });
   await page.waitForSelector('#snapshot-pick option[value=first]', { state: 'attached', timeout: 10000 });
   check(true, 'a snapshot taken from the page is listed');
+  // ---- restore that snapshot as a new VM: it shows the same picture ----
+  await page.click('#do-restore');
+  await page.waitForFunction((vm) => location.hash.startsWith('#/vm/') && location.hash !== `#/vm/${vm}`, VM, { timeout: 30000 });
+  await page.waitForSelector('#summary [data-state=running]', { timeout: 20000 });
+  const restored = decodeURIComponent(page.url().split('#/vm/')[1]);
+  const same = await page.evaluate(async ([a, b]) => {
+    const px = async (vm) => {
+      const bmp = await createImageBitmap(await (await fetch(`/api/vms/${vm}/display/0/screenshot.png`)).blob());
+      const c = new OffscreenCanvas(bmp.width, bmp.height).getContext('2d');
+      c.drawImage(bmp, 0, 0);
+      return c.getImageData(0, 0, bmp.width, bmp.height).data;
+    };
+    const [x, y] = [await px(a), await px(b)];
+    return x.length === y.length && x.every((v, i) => v === y[i]);
+  }, [VM, restored]);
+  check(same, `the snapshot restored from the page runs as ${restored} and shows the same display`);
+  const stopRestored = await page.evaluate(async (t) => (await fetch(`/api/vms/${t}/stop`, { method: 'POST' })).status, restored);
+  check(stopRestored === 200, 'an admin stops the restored VM');
+  await page.goto(`${url}/#/vm/${VM}`);
   await page.waitForSelector('#summary [data-state=running]');
   await page.waitForSelector('#thumbs img');
   await page.waitForFunction(() => [...document.querySelectorAll('#thumbs img')].every((i) => i.complete && i.naturalWidth === 640), null, { timeout: 10000 });
