@@ -192,6 +192,20 @@ try {
   }, VM);
   check(stop.status === 403 && stop.body.code === 'forbidden' && stop.body.message.includes('operator'),
     `the server refuses a viewer's stop with 403 (${JSON.stringify(stop)})`);
+  // Every action endpoint refuses a viewer on the server, before acting.
+  const refusals = await viewer.evaluate(async (vm) => {
+    const post = async (path, body) => (await fetch(path, {
+      method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body ?? {}),
+    })).status;
+    return {
+      start: await post(`/api/vms/${vm}/start`), pause: await post(`/api/vms/${vm}/pause`),
+      resume: await post(`/api/vms/${vm}/resume`), snapshot: await post(`/api/vms/${vm}/snapshots`, { name: 'v' }),
+      restore: await post(`/api/vms/${vm}/restore`, { name: 'v' }), migrate: await post(`/api/vms/${vm}/migration`),
+      cancel: await post(`/api/vms/${vm}/migration/cancel`), console: await post(`/api/vms/${vm}/console`, { data: 'x' }),
+      create: await post('/api/vms', { id: 'nope' }),
+    };
+  }, VM);
+  check(Object.values(refusals).every((s) => s === 403), `every action answers 403 to a viewer (${JSON.stringify(refusals)})`);
   await viewer.goto(`${url}/#/vm/${VM}`);
   await viewer.waitForSelector('#summary [data-state=running]');
   check(await viewer.isDisabled('#do-stop'), 'the stop button is disabled for a viewer too');
