@@ -20,3 +20,4 @@ mod sim;
 mod snapshot;
 mod vhost;
 mod vsock;
+mod web;

@@ -246,6 +246,11 @@ ray gpu screenshot desk -o desk.png",
         "ray gpu screenshot desk -o desk.png\nray gpu screenshot desk --display 1 -o second.png",
     ),
     (
+        "web",
+        "ray web --tokens tokens.txt
+ray web --listen 127.0.0.1:0 --tokens tokens.txt --state-dir /var/lib/rayvisor/web",
+    ),
+    (
         "device",
         "ray device serve blk --socket /run/vub.sock --disk d.img
 ray device serve net --socket /run/vun.sock --net tap=tap0,netns=lab

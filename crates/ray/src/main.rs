@@ -26,6 +26,7 @@ mod vm;
 mod vm_admin;
 mod vm_exec;
 mod vm_show;
+mod web;
 
 use ray::{exit, runtime};
 use ray_vmm::logging::LogFormat;
@@ -92,6 +93,8 @@ enum Command {
     /// Serve rayvisor's device models to another VMM (vhost-user back ends).
     #[command(subcommand)]
     Device(device::DeviceCommand),
+    /// Serve the browser dashboard and consoles (VM list, actions, noVNC, serial).
+    Web(web::WebArgs),
     /// Print an OpenAPI document.
     Openapi {
         /// Which API: `vmm` (the per-VM API).
@@ -160,7 +163,11 @@ fn main() -> ExitCode {
     let runtime = cli.runtime_dir.unwrap_or_else(runtime::default_dir);
     let format = cli.log_format.parse().unwrap_or_default();
     let default_level = match cli.command {
-        Command::Vmm(_) | Command::Agent(_) | Command::Controller(_) | Command::Device(_) => "info",
+        Command::Vmm(_)
+        | Command::Agent(_)
+        | Command::Controller(_)
+        | Command::Device(_)
+        | Command::Web(_) => "info",
         _ => "warn",
     };
     ray_vmm::logging::init(format, default_level);
@@ -178,6 +185,7 @@ fn main() -> ExitCode {
         Command::Sim(args) => sim::run(args),
         Command::Numa(cmd) => numa_cmd::run(cmd, &runtime),
         Command::Device(cmd) => device::run(cmd),
+        Command::Web(args) => web::run(args, &runtime),
         Command::Openapi { .. } => {
             println!("{}", ray_vmm::api_server::openapi_json());
             Ok(())

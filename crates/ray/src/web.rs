@@ -1,0 +1,68 @@
+//! `ray web`: the browser dashboard and consoles (crates/web) for this host's VMs.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use ray::runtime::{self, Presence};
+
+#[derive(Args)]
+pub struct WebArgs {
+    /// Address to serve on: loopback only (127.0.0.0/8 or [::1]); port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Who may log in: one `ROLE NAME TOKEN` line per token (ROLE viewer, operator or
+    /// admin; TOKEN 16-256 characters), mode 0600.
+    #[arg(long, value_name = "FILE")]
+    pub tokens: PathBuf,
+    /// Where snapshots taken from the page and the migration key are kept (default: `web`
+    /// in the runtime directory).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The runtime directory's VMs, as `ray vm list` reads them.
+struct RuntimeDir(PathBuf);
+
+impl ray_web::Inventory for RuntimeDir {
+    fn vms(&self) -> Vec<ray_web::VmEntry> {
+        runtime::list_ids(&self.0)
+            .into_iter()
+            .map(|id| {
+                let dir = runtime::vm_dir(&self.0, &id);
+                let presence = match runtime::presence(&dir) {
+                    Presence::Live { .. } => ray_web::Presence::Live,
+                    Presence::Ended(r) => ray_web::Presence::Ended {
+                        state: r.state,
+                        reason: r.reason,
+                    },
+                    Presence::Dead { .. } => ray_web::Presence::Dead,
+                };
+                ray_web::VmEntry { id, dir, presence }
+            })
+            .collect()
+    }
+}
+
+pub fn run(args: WebArgs, runtime: &Path) -> anyhow::Result<()> {
+    let tokens = ray_web::Tokens::load(&args.tokens)?;
+    let opts = ray_web::WebOptions {
+        listen: args.listen,
+        tokens,
+        inventory: Arc::new(RuntimeDir(runtime.to_path_buf())),
+        ray_exe: std::env::current_exe().context("cannot find the path of this program")?,
+        runtime_dir: runtime.to_path_buf(),
+        state_dir: args.state_dir.unwrap_or_else(|| runtime.join("web")),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the web server's runtime")?;
+    rt.block_on(ray_web::serve(opts, |addr| {
+        // Scripts wait for this line to learn the port.
+        println!("ray web: serving http://{addr}/");
+    }))?;
+    Ok(())
+}
