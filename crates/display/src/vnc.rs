@@ -105,6 +105,8 @@ impl VncServer {
                     std::thread::Builder::new()
                         .name(format!("vnc-{index}"))
                         .spawn(move || {
+                            // Its viewer threads inherit the filter.
+                            ray_seccomp::enter(ray_seccomp::Kind::Display);
                             let _span = span.enter();
                             accept_loop(listener, shared, index, role)
                         })?,

@@ -1,0 +1,148 @@
+//! The VMM's seccomp filters (crates/seccomp) and API access rules.
+//!
+//! Every other e2e test runs with the filters on (their default, `kill`), which proves the
+//! normal paths need nothing they forbid. Here each thread kind is made to call `mount`
+//! (the debug build's `RAY_SECCOMP_TRIP` hook): the filter must stop the VMM, and the
+//! record it leaves must name the thread and its filter.
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ray_e2e::Env;
+
+/// `mount` on x86_64: what the hook calls.
+const MOUNT: u32 = 165;
+
+/// What `ray vm run` needs for the thread kind to exist, and the name its thread has.
+const KINDS: &[(&str, &[&str], &str)] = &[
+    ("main", &[], "main"),
+    ("vcpu", &[], "vcpu0"),
+    ("api", &[], "api"),
+    ("device-io", &["--vsock", "cid=7"], "virtio-vsock"),
+    ("blk-worker", &["--disk", "DISK"], "blk-io0"),
+    ("display", &["--gpu", "emulated"], "vnc-0"),
+    ("harvester", &["--numa-attribution", "ring"], "dirty-ring"),
+];
+
+/// Waits until the VMM of `dir` is gone and returns the record its filter left.
+fn killed_record(dir: &Path) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pid = std::fs::read_to_string(dir.join("vmm.pid")).unwrap_or_default();
+        let gone = pid
+            .trim()
+            .parse::<u32>()
+            .is_ok_and(|pid| !ray::runtime::pid_alive(pid));
+        if gone {
+            let text = std::fs::read_to_string(dir.join("seccomp.json"))
+                .unwrap_or_else(|e| panic!("{}: no seccomp.json: {e}", dir.display()));
+            return serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VMM of {} is still running",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn check_reported(env: &Env, id: &str, kind: &str, thread: &str) {
+    let dir = env.runtime.join("vms").join(id);
+    let record = killed_record(&dir);
+    let reason = record["reason"].as_str().unwrap_or_default().to_string();
+    let expected = format!(
+        "the VMM was stopped by its seccomp filter: thread {thread} (filter {kind}) made the forbidden system call {MOUNT}"
+    );
+    assert!(reason.starts_with(&expected), "{kind}: {reason}");
+    assert_eq!(record["state"], "error", "{kind}");
+    assert_eq!(record["id"], id, "{kind}");
+    // The client reports it as the VM's end.
+    let out = env.ray(&["vm", "status", id]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{kind}: {err}");
+    assert!(
+        err.contains("has ended (error: the VMM was stopped by its seccomp filter"),
+        "{kind}: {err}"
+    );
+    // The VMM's log says it too.
+    let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
+    assert!(log.contains(&expected), "{kind}: vmm.log lacks it:\n{log}");
+}
+
+#[test]
+fn a_forbidden_call_from_each_thread_kind_stops_the_vmm_and_says_which() {
+    for &(kind, extra, thread) in KINDS {
+        let env = Env::new(&format!("seccomp-{kind}"));
+        let disk = env.runtime.join("disk.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let disk = disk.display().to_string();
+        let mut args = vec!["vm", "run", "--detach", "--json", "--id", "victim"];
+        args.extend(
+            extra
+                .iter()
+                .map(|&a| if a == "DISK" { disk.as_str() } else { a }),
+        );
+        // Whether `vm run` saw the VM start depends on when the thread kind starts.
+        let _ = env.ray_with(&args, &[("RAY_SECCOMP_TRIP", kind)]);
+        check_reported(&env, "victim", kind, thread);
+    }
+}
+
+#[test]
+fn a_forbidden_call_from_the_migration_thread_stops_the_target() {
+    let env = Env::new("seccomp-migration");
+    let key = env.key_file("key", "a secret of sufficient length");
+    let listen = format!("unix:{}", env.runtime.join("in.sock").display());
+    let _ = env.ray_with(
+        &[
+            "migrate",
+            "receive",
+            "--listen",
+            &listen,
+            "--key-file",
+            &key,
+            "--id",
+            "victim",
+            "--json",
+        ],
+        &[("RAY_SECCOMP_TRIP", "migration")],
+    );
+    check_reported(&env, "victim", "migration", "migration-in");
+}
+
+/// With the filters off, the same hook's call fails harmlessly and the VM runs on: the
+/// stop above is the filter's doing.
+#[test]
+fn without_filters_the_hook_is_harmless() {
+    let env = Env::new("seccomp-off");
+    let mut vm = {
+        let out = env.ray_with(
+            &["vm", "run", "--detach", "--json", "--seccomp", "off"],
+            &[("RAY_SECCOMP_TRIP", "vcpu")],
+        );
+        let info: ray_api::vmm::VmInfo =
+            serde_json::from_str(&ray_e2e::succeeded(out, "vm run")).unwrap();
+        env.attach(&info.id, info.pid)
+    };
+    vm.expect_line("ready", Duration::from_secs(20));
+    assert!(!vm.dir.join("seccomp.json").exists());
+}
+
+/// The sockets that reach a VM (its API, its vsock host side) are its user's only.
+#[test]
+fn the_vms_sockets_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("sockets");
+    let mut vm = env.boot(&["--vsock", "cid=9"]);
+    vm.expect_line("ready", Duration::from_secs(20));
+    for name in ["api.sock", "vsock.sock"] {
+        let mode = std::fs::metadata(vm.dir.join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name} has mode {mode:o}");
+    }
+}
