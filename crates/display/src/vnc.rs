@@ -153,6 +153,7 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>, screen: usize, role:
         let spawned = std::thread::Builder::new()
             .name(format!("vnc-{screen}-viewer"))
             .spawn(move || {
+                ray_seccomp::inherit(ray_seccomp::Kind::Display);
                 let _span = span.enter();
                 let n = shared.viewers.fetch_add(1, Ordering::SeqCst) + 1;
                 (shared.on_viewers)(n);
@@ -194,6 +195,7 @@ fn serve_viewer(
     let reader = std::thread::Builder::new()
         .name(format!("vnc-{screen}-read"))
         .spawn(move || {
+            ray_seccomp::inherit(ray_seccomp::Kind::Display);
             let mut r = BufReader::new(&reader_stream);
             loop {
                 match rfb::read_message(&mut r) {

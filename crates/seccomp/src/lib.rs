@@ -235,6 +235,14 @@ pub fn enter(kind: Kind) {
     trip(kind);
 }
 
+/// Called first thing by a thread that keeps the filter of the `kind` thread that started
+/// it (the API's and the VNC server's helpers): names it for the violation report only.
+pub fn inherit(kind: Kind) {
+    if active() {
+        report::set_thread(kind);
+    }
+}
+
 /// Test hook (debug builds only): when `RAY_SECCOMP_TRIP` names this kind, the thread makes
 /// a call no filter allows (`mount` with null arguments, which fails harmlessly when
 /// unfiltered), so that a test can see the filter stop it.

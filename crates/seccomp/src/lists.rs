@@ -116,10 +116,12 @@ const READ_FILES: &[c_long] = &[
     SYS_newfstatat,
     SYS_statx,
     SYS_readlink,
+    SYS_getdents64,
     SYS_unlink,
 ];
 
-/// Writing files: snapshots, records, logs, disks created, the VM directory.
+/// Writing files: snapshots (the API deletes and lists them too), records, logs, the VM
+/// directory.
 const WRITE_FILES: &[c_long] = &[
     SYS_pwrite64,
     SYS_fsync,
@@ -132,7 +134,7 @@ const WRITE_FILES: &[c_long] = &[
     SYS_unlinkat,
     SYS_mkdir,
     SYS_mkdirat,
-    SYS_getdents64,
+    SYS_rmdir,
     SYS_flock,
     SYS_dup,
     SYS_dup3,
@@ -178,7 +180,15 @@ fn groups(kind: Kind) -> &'static [&'static [c_long]] {
             MAIN,
         ],
         Kind::Vcpu => &[THREAD, VCPU],
-        Kind::Api => &[THREAD, SPAWN, WAIT, STREAM, CONNECT, READ_FILES],
+        Kind::Api => &[
+            THREAD,
+            SPAWN,
+            WAIT,
+            STREAM,
+            CONNECT,
+            READ_FILES,
+            WRITE_FILES,
+        ],
         Kind::DeviceIo => &[THREAD, WAIT, STREAM, CONNECT, DEVICE_IOCTL],
         Kind::BlkWorker => &[THREAD, BLK],
         Kind::Migration => &[THREAD, WAIT, STREAM, CONNECT, READ_FILES, VCPU],

@@ -137,8 +137,17 @@ fn describe(line: &mut Line, syscall: i32) {
             b'_'
         }]);
     }
+    if len == 0 {
+        line.push(b"(unnamed)");
+    }
     line.push(b" (filter ");
-    line.push(THREAD_KIND.get().map_or("none", Kind::name).as_bytes());
+    // A helper that neither entered nor inherited a kind runs under the VMM thread's.
+    line.push(
+        THREAD_KIND
+            .get()
+            .map_or("main, inherited", Kind::name)
+            .as_bytes(),
+    );
     line.push(b") made the forbidden system call ");
     line.push_number(u64::try_from(syscall).unwrap_or(0));
 }

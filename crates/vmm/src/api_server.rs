@@ -1172,6 +1172,7 @@ impl ApiServer {
             .spawn_in_span(move || {
                 crate::seccomp::enter(crate::seccomp::Kind::Api);
                 let rt = match tokio::runtime::Builder::new_current_thread()
+                    .on_thread_start(|| crate::seccomp::inherit(crate::seccomp::Kind::Api))
                     .enable_io()
                     .enable_time()
                     .build()
