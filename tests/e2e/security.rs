@@ -135,22 +135,43 @@ fn a_forbidden_call_from_the_migration_thread_stops_the_target() {
     check_reported(&env, out, "victim", "migration", "migration-in");
 }
 
-/// With the filters off, the same hook's call fails harmlessly and the VM runs on: the
-/// stop above is the filter's doing.
+/// With the filters off, or logging only, the same hook's call fails harmlessly and the
+/// VM runs on: the stops above are the filter's doing.
 #[test]
-fn without_filters_the_hook_is_harmless() {
-    let env = Env::new("seccomp-off");
-    let mut vm = {
+fn without_filters_or_in_log_mode_the_hook_is_harmless() {
+    for mode in ["off", "log"] {
+        let env = Env::new(&format!("seccomp-{mode}"));
         let out = env.ray_with(
-            &["vm", "run", "--detach", "--json", "--seccomp", "off"],
+            &["vm", "run", "--detach", "--json", "--seccomp", mode],
             &[("RAY_SECCOMP_TRIP", "vcpu")],
         );
         let info: ray_api::vmm::VmInfo =
             serde_json::from_str(&ray_e2e::succeeded(out, "vm run")).unwrap();
-        env.attach(&info.id, info.pid)
-    };
-    vm.expect_line("ready", Duration::from_secs(20));
-    assert!(!vm.dir.join("seccomp.json").exists());
+        let mut vm = env.attach(&info.id, info.pid);
+        vm.expect_line("ready", Duration::from_secs(20));
+        assert_eq!(vm.command("echo alive", "alive"), "alive", "{mode}");
+        let record = std::fs::read_to_string(vm.dir.join("seccomp.json")).unwrap_or_default();
+        assert!(record.is_empty(), "{mode}: {record}");
+    }
+}
+
+/// A bad mode is refused before any VMM starts, from the flag or the environment.
+#[test]
+fn a_bad_seccomp_mode_is_refused_naming_it() {
+    let env = Env::new("seccomp-bad");
+    for (args, vars) in [
+        (&["vm", "run", "--seccomp", "strict"][..], &[][..]),
+        (&["vm", "run"][..], &[("RAY_SECCOMP", "strict")][..]),
+    ] {
+        let out = env.ray_with(args, vars);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("'strict' is not a seccomp mode: use off, log or kill"),
+            "{err}"
+        );
+    }
+    assert!(!env.runtime.join("vms").exists());
 }
 
 /// The sockets that reach a VM (its API, its vsock host side) are its user's only.

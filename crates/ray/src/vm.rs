@@ -151,7 +151,7 @@ pub struct RunArgs {
     /// The VMM threads' seccomp filters: kill (a forbidden system call ends the VMM and
     /// its exit record says which thread made which call), log (allowed, logged by the
     /// kernel) or off. Default: $RAY_SECCOMP, else kill.
-    #[arg(long, value_name = "off|log|kill")]
+    #[arg(long, value_name = "off|log|kill", env = "RAY_SECCOMP")]
     pub seccomp: Option<ray_vmm::seccomp::Mode>,
 }
 
