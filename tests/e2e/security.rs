@@ -155,6 +155,54 @@ fn without_filters_or_in_log_mode_the_hook_is_harmless() {
     }
 }
 
+/// Every thread of a running VMM is filtered (and has no_new_privs); the VMM thread has
+/// one filter, and each thread of a kind two: the VMM thread's and its own.
+#[test]
+fn every_vmm_thread_runs_filtered_with_its_own_filter() {
+    let env = Env::new("seccomp-threads");
+    let disk = env.runtime.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let disk = disk.display().to_string();
+    let mut vm = env.boot(&["--vsock", "cid=8", "--disk", &disk, "--gpu", "emulated"]);
+    vm.expect_line("ready", Duration::from_secs(20));
+    let mut seen = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", vm.pid)).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let comm = comm.trim().to_string();
+        assert_eq!(field("Seccomp:"), "2", "{comm} is not filtered");
+        assert_eq!(field("NoNewPrivs:"), "1", "{comm}");
+        let own = ["vcpu", "api", "virtio", "blk-io", "vnc-"]
+            .iter()
+            .any(|p| comm.starts_with(p));
+        let filters = field("Seccomp_filters:");
+        if own {
+            assert_eq!(filters, "2", "{comm}");
+        }
+        if task.ends_with(vm.pid.to_string()) {
+            assert_eq!(filters, "1", "the VMM thread");
+        }
+        seen.push(comm);
+    }
+    for kind in ["vcpu0", "api", "virtio-vsock", "blk-io0", "vnc-0"] {
+        assert!(
+            seen.iter().any(|c| c == kind),
+            "no {kind} thread in {seen:?}"
+        );
+    }
+}
+
 /// A bad mode is refused before any VMM starts, from the flag or the environment.
 #[test]
 fn a_bad_seccomp_mode_is_refused_naming_it() {
