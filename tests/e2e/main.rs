@@ -15,6 +15,7 @@ mod numa;
 mod numa_attribution;
 mod operator;
 mod robustness;
+mod security;
 mod shell;
 mod sim;
 mod snapshot;

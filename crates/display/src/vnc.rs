@@ -105,6 +105,8 @@ impl VncServer {
                     std::thread::Builder::new()
                         .name(format!("vnc-{index}"))
                         .spawn(move || {
+                            // Its viewer threads inherit the filter.
+                            ray_seccomp::enter(ray_seccomp::Kind::Display);
                             let _span = span.enter();
                             accept_loop(listener, shared, index, role)
                         })?,
@@ -151,6 +153,7 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>, screen: usize, role:
         let spawned = std::thread::Builder::new()
             .name(format!("vnc-{screen}-viewer"))
             .spawn(move || {
+                ray_seccomp::inherit(ray_seccomp::Kind::Display);
                 let _span = span.enter();
                 let n = shared.viewers.fetch_add(1, Ordering::SeqCst) + 1;
                 (shared.on_viewers)(n);
@@ -192,6 +195,7 @@ fn serve_viewer(
     let reader = std::thread::Builder::new()
         .name(format!("vnc-{screen}-read"))
         .spawn(move || {
+            ray_seccomp::inherit(ray_seccomp::Kind::Display);
             let mut r = BufReader::new(&reader_stream);
             loop {
                 match rfb::read_message(&mut r) {

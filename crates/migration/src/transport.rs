@@ -16,7 +16,7 @@ use std::fs::{FileType, Metadata};
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -398,6 +398,8 @@ impl Listener {
                 // From here the socket file is ours: removed again if setting up fails.
                 let finish = || -> io::Result<(u64, u64)> {
                     listener.set_nonblocking(true)?;
+                    // Only the VM's user may offer it a VM (the key is checked too).
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
                     let m = std::fs::symlink_metadata(path)?;
                     Ok((m.dev(), m.ino()))
                 };

@@ -73,9 +73,11 @@ fn task_alive(stat: &str) -> bool {
 }
 
 pub fn presence(dir: &Path) -> Presence {
-    if let Some(record) = std::fs::read(dir.join("exit.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<ExitRecord>(&b).ok())
+    // A VMM its seccomp filter stopped left its record in a file of its own.
+    if let Some(record) = ["exit.json", ray_vmm::seccomp::RECORD_FILE]
+        .iter()
+        .filter_map(|f| std::fs::read(dir.join(f)).ok())
+        .find_map(|b| serde_json::from_slice::<ExitRecord>(&b).ok())
     {
         return Presence::Ended(record);
     }

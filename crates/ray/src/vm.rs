@@ -148,6 +148,11 @@ pub struct RunArgs {
     /// the token being in the file api.token of the VM's directory (mode 0600).
     #[arg(long, value_name = "ADDR", value_parser = parse_api_tcp)]
     pub api_tcp: Option<std::net::SocketAddr>,
+    /// The VMM threads' seccomp filters: kill (a forbidden system call ends the VMM and
+    /// its exit record says which thread made which call), log (allowed, logged by the
+    /// kernel) or off. Default: $RAY_SECCOMP, else kill.
+    #[arg(long, value_name = "off|log|kill", env = "RAY_SECCOMP")]
+    pub seccomp: Option<ray_vmm::seccomp::Mode>,
 }
 
 /// A `--api-tcp` address: a loopback IP and a port.
@@ -206,6 +211,14 @@ pub struct VmmArgs {
     /// when the VMM ends; `ray bench snapshot` reads them.
     #[arg(long, hide = true, value_name = "FILE")]
     pub timings: Option<PathBuf>,
+    /// The threads' seccomp filters: kill, log or off.
+    #[arg(
+        long,
+        value_name = "off|log|kill",
+        env = "RAY_SECCOMP",
+        default_value = "kill"
+    )]
+    pub seccomp: ray_vmm::seccomp::Mode,
 }
 
 /// Where rayvisor's guest kernel is: `$RAY_GUEST`, or next to this binary (the build puts
@@ -376,6 +389,8 @@ pub enum Origin<'a> {
 pub struct VmmExtras {
     /// Also serve the API on this loopback TCP address.
     pub api_tcp: Option<std::net::SocketAddr>,
+    /// The VMM's seccomp mode (None: the VMM's default, from $RAY_SECCOMP or kill).
+    pub seccomp: Option<ray_vmm::seccomp::Mode>,
 }
 
 fn spawn_vmm(
@@ -394,6 +409,9 @@ fn spawn_vmm(
     cmd.arg("--lock-fd").arg(lock_fd.to_string());
     if let Some(addr) = extras.api_tcp {
         cmd.arg("--api-tcp").arg(addr.to_string());
+    }
+    if let Some(mode) = extras.seccomp {
+        cmd.arg("--seccomp").arg(mode.name());
     }
     match origin {
         Origin::Boot(cfg) => {
@@ -466,6 +484,7 @@ fn run_vm(args: &RunArgs, runtime: &Path) -> anyhow::Result<()> {
         args.json,
         &VmmExtras {
             api_tcp: args.api_tcp,
+            seccomp: args.seccomp,
         },
     )
 }
@@ -610,6 +629,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
         lock_fd: args.lock_fd,
         api_tcp: args.api_tcp,
         timings: args.timings,
+        seccomp: args.seccomp,
     })?;
     match state {
         ray_vmm::lifecycle::VmState::Terminated => Ok(()),

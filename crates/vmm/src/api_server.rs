@@ -1170,7 +1170,9 @@ impl ApiServer {
             .name("api".into())
             .stack_size(512 << 10)
             .spawn_in_span(move || {
+                crate::seccomp::enter(crate::seccomp::Kind::Api);
                 let rt = match tokio::runtime::Builder::new_current_thread()
+                    .on_thread_start(|| crate::seccomp::inherit(crate::seccomp::Kind::Api))
                     .enable_io()
                     .enable_time()
                     .build()
@@ -1259,6 +1261,27 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each VM's token opens its own API only, and a new VMM of the same VM makes the old
+    /// token worthless.
+    #[test]
+    fn a_token_is_scoped_to_its_vm_and_process() {
+        let dir = std::env::temp_dir().join(format!("ray-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let read = |p: &Path| format!("Bearer {}", std::fs::read_to_string(p).unwrap().trim());
+        let (a_path, b_path) = (dir.join("a.token"), dir.join("b.token"));
+        let a = ApiToken::create(&a_path).unwrap();
+        let b = ApiToken::create(&b_path).unwrap();
+        let (a_header, b_header) = (read(&a_path), read(&b_path));
+        assert!(a.admits(&a_header) && b.admits(&b_header));
+        assert!(!a.admits(&b_header) && !b.admits(&a_header));
+        let a_again = ApiToken::create(&a_path).unwrap();
+        assert!(!a_again.admits(&a_header) && a_again.admits(&read(&a_path)));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&a_path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn committed_openapi_document_is_current() {

@@ -21,6 +21,8 @@ pub mod numa;
 pub mod numa_migrate;
 pub mod pci;
 pub mod prefault;
+/// seccomp filters per thread kind (their own crate: device models install them too).
+pub use ray_seccomp as seccomp;
 pub mod snapshot;
 pub mod startup;
 pub mod sync_behind;
@@ -68,6 +70,8 @@ pub struct VmmOptions {
     pub api_tcp: Option<std::net::SocketAddr>,
     /// Write the start-up stamps ([`startup`]) to this file when the VMM ends.
     pub timings: Option<PathBuf>,
+    /// The threads' seccomp filters ([`seccomp`]).
+    pub seccomp: seccomp::Mode,
 }
 
 impl VmmOptions {
@@ -190,6 +194,8 @@ fn failed_to_start(ctl: &Controller, id: &str, e: &controller::ControllerError) 
 /// Runs one VMM until its VM ends. Returns the final state.
 pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     one_malloc_arena();
+    // Before any thread starts that could inherit no filter.
+    seccomp::install(opts.seccomp)?;
     // Every event of this process, on every thread started with spawn_in_span, belongs
     // to this VM.
     let vm_span = tracing::info_span!("vm", id = %opts.id);
@@ -207,6 +213,11 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     }
     .map_err(StartError::from)?;
     lock.set_owner(std::process::id());
+    // A record an earlier VMM's filter left is stale from here on.
+    let _ = std::fs::remove_file(opts.dir.join(seccomp::RECORD_FILE));
+    if seccomp::active() {
+        seccomp::record_to(&opts.dir, &opts.id)?;
+    }
     tracing::info!(
         pid = std::process::id(),
         origin = opts.origin_name(),

@@ -139,15 +139,18 @@ impl Migrator {
         std::thread::Builder::new()
             .name("numa-policy".into())
             .stack_size(256 << 10)
-            .spawn_in_span(move || loop {
-                std::thread::sleep(window);
-                match weak.upgrade() {
-                    Some(m) => {
-                        if !m.window() {
-                            return;
+            .spawn_in_span(move || {
+                crate::seccomp::enter(crate::seccomp::Kind::Harvester);
+                loop {
+                    std::thread::sleep(window);
+                    match weak.upgrade() {
+                        Some(m) => {
+                            if !m.window() {
+                                return;
+                            }
                         }
+                        None => return,
                     }
-                    None => return,
                 }
             })?;
         Ok(me)

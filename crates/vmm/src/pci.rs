@@ -222,7 +222,10 @@ impl Notifier {
         let thread = std::thread::Builder::new()
             .name("virtio".into())
             .stack_size(128 << 10)
-            .spawn_in_span(move || notifier_loop(&stop_fd, &kicks))
+            .spawn_in_span(move || {
+                crate::seccomp::enter(crate::seccomp::Kind::DeviceIo);
+                notifier_loop(&stop_fd, &kicks)
+            })
             .map_err(PciError::Thread)?;
         Ok(Self {
             stop,

@@ -115,8 +115,10 @@ pub fn spawn_io(
     match std::thread::Builder::new()
         .name(name.into())
         .stack_size(256 << 10)
-        .spawn(run)
-    {
+        .spawn(move || {
+            ray_seccomp::enter(ray_seccomp::Kind::DeviceIo);
+            run()
+        }) {
         Ok(t) => Some(t),
         Err(e) => {
             warn.warn(

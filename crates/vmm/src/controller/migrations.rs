@@ -104,6 +104,7 @@ impl Controller {
         let spawned = std::thread::Builder::new()
             .name("migration-out".into())
             .spawn_in_span(move || {
+                crate::seccomp::enter(crate::seccomp::Kind::Migration);
                 let _slot = slot;
                 let result = ray_migration::connect(&to, MIGRATION_IO_TIMEOUT)
                     .map_err(|e| {
@@ -239,6 +240,7 @@ impl Controller {
         let spawned = std::thread::Builder::new()
             .name("migration-in".into())
             .spawn_in_span(move || {
+                crate::seccomp::enter(crate::seccomp::Kind::Migration);
                 let _slot = slot;
                 let mut link = mig::Link::new(inbox.clone(), cfg.cancel.clone());
                 let result = receive_incoming(listener, &local, prepared, shape, &mut link, &cfg);

@@ -168,6 +168,7 @@ pub fn watch_heartbeat(mem: MemoryManager, baseline: Option<u64>, handle: Handle
         .name("migration-heartbeat".into())
         .stack_size(64 << 10)
         .spawn_in_span(move || {
+            crate::seccomp::enter(crate::seccomp::Kind::Migration);
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Some((c, _)) = crate::heartbeat::sample(mem.ram()) {

@@ -298,12 +298,15 @@ impl DirtyRings {
         std::thread::Builder::new()
             .name("dirty-ring".into())
             .stack_size(128 << 10)
-            .spawn_in_span(move || loop {
-                std::thread::sleep(period);
-                match weak.upgrade() {
-                    Some(r) => r.harvest(),
-                    None => return,
-                };
+            .spawn_in_span(move || {
+                crate::seccomp::enter(crate::seccomp::Kind::Harvester);
+                loop {
+                    std::thread::sleep(period);
+                    match weak.upgrade() {
+                        Some(r) => r.harvest(),
+                        None => return,
+                    };
+                }
             })
             .map(|_| ())
     }

@@ -283,7 +283,10 @@ impl Vcpus {
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .stack_size(256 << 10)
-                .spawn_in_span(move || run(index, fd, &control, &bus, &events))
+                .spawn_in_span(move || {
+                    crate::seccomp::enter(crate::seccomp::Kind::Vcpu);
+                    run(index, fd, &control, &bus, &events)
+                })
                 .map_err(|source| VcpuError::Spawn { index, source })?;
             threads.push(thread);
         }

@@ -80,7 +80,10 @@ impl Workers {
                 std::thread::Builder::new()
                     .name(format!("{name}-io{i}"))
                     .stack_size(256 << 10)
-                    .spawn(move || worker(&rx, &file, &ctx, &buckets))?,
+                    .spawn(move || {
+                        ray_seccomp::enter(ray_seccomp::Kind::BlkWorker);
+                        worker(&rx, &file, &ctx, &buckets)
+                    })?,
             );
         }
         Ok(Self {

@@ -158,6 +158,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
     }
     let l = UnixListener::bind(path)
         .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    // Whoever connects reaches the guest's services: only the VM's user may.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("cannot make {} private: {e}", path.display()))?;
+    }
     l.set_nonblocking(true)
         .map_err(|e| format!("cannot make {} non-blocking: {e}", path.display()))?;
     Ok(l)
