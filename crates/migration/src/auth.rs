@@ -3,6 +3,7 @@
 //! derivation, so any secret of at least [`MIN_KEY_LEN`] bytes works.
 
 use std::fmt;
+use std::io::Read;
 
 /// Shortest pre-shared key accepted, in bytes.
 pub const MIN_KEY_LEN: usize = 16;
@@ -47,6 +48,13 @@ pub fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// 32 fresh random bytes from the kernel (the VMM's API tokens use them too).
+pub fn fresh_nonce() -> std::io::Result<[u8; 32]> {
+    let mut n = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut n)?;
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,7 +64,10 @@ mod tests {
         let k = PresharedKey::new(b"0123456789abcdef").unwrap();
         let other = PresharedKey::new(b"0123456789abcdeX").unwrap();
         assert_ne!(k.bytes(), other.bytes());
-        assert_eq!(k.bytes(), PresharedKey::new(b"0123456789abcdef").unwrap().bytes());
+        assert_eq!(
+            k.bytes(),
+            PresharedKey::new(b"0123456789abcdef").unwrap().bytes()
+        );
     }
 
     #[test]

@@ -860,7 +860,11 @@ mod tests {
     #[test]
     fn every_command_round_trips() {
         let msgs = every_message();
-        assert_eq!(msgs.len(), 12, "one message per command (2, once Auth, is retired)");
+        assert_eq!(
+            msgs.len(),
+            12,
+            "one message per command (2, once Auth, is retired)"
+        );
         assert!(matches!(
             Command::try_from(2),
             Err(ProtocolError::UnknownCommand { value: 2 })

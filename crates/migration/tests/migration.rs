@@ -104,18 +104,7 @@ fn simple<SM: GuestMemory + ?Sized>(
     let dst = guest();
     let mut rcfg = ReceiverConfig::new(key(rkey));
     rcfg.protection = scfg.protection;
-    run(
-        a,
-        b,
-        src,
-        vm,
-        scfg,
-        rcfg,
-        tcompat,
-        dst.clone(),
-        dst,
-        target,
-    )
+    run(a, b, src, vm, scfg, rcfg, tcompat, dst.clone(), dst, target)
 }
 
 fn assert_source_running(vm: &InMemorySource, f: &SendFailure) {
@@ -260,7 +249,10 @@ fn wrong_key_is_rejected_before_any_memory_moves() {
     assert!(!vm.logging);
     let r = o.recv.unwrap_err();
     assert!(
-        matches!(r.error, MigrationError::Secure(SecureError::SourceKeyRefused)),
+        matches!(
+            r.error,
+            MigrationError::Secure(SecureError::SourceKeyRefused)
+        ),
         "{r}"
     );
     assert!(!r.authenticated);
@@ -291,13 +283,20 @@ fn an_impostor_target_gets_nothing() {
     let cfg = SenderConfig::new(key("correct horse battery"));
     let f = send_migration(a, &*src, &mut vm, &compat(4), &cfg).unwrap_err();
     assert!(
-        matches!(f.error, MigrationError::Secure(SecureError::TargetKeyRefused)),
+        matches!(
+            f.error,
+            MigrationError::Secure(SecureError::TargetKeyRefused)
+        ),
         "{f}"
     );
     assert!(f.error.to_string().contains("pre-shared key"));
     assert_source_running(&vm, &f);
     let after = impostor.join().unwrap();
-    assert!(after.is_empty(), "{} bytes followed a bad handshake", after.len());
+    assert!(
+        after.is_empty(),
+        "{} bytes followed a bad handshake",
+        after.len()
+    );
 }
 
 /// A TCP relay between `a` and `b` that flips one bit of the source's stream at `at`
