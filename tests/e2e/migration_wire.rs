@@ -79,6 +79,10 @@ fn capture(net: &Net, port: u16, file: &std::path::Path) -> Child {
             "-U",
             "-s",
             "0",
+            // A 128 MiB kernel buffer: the migration outruns the writer of a small one,
+            // and a packet dropped is a packet not checked.
+            "-B",
+            "131072",
         ])
         .arg("-w")
         .arg(file)
@@ -217,6 +221,8 @@ fn a_bit_flipped_on_the_wire_fails_the_migration_and_the_source_runs_on() {
     let net = Net::new("tamper");
     let key = env.key_file("key", "a pre-shared key of some length");
     let mut src = boot_source(&env, &net, "128M");
+    // Guest data to send, so that the flip lands in the page stream.
+    fill_pattern(&mut src, &fresh_word("tamper"));
     let dst = receive(&env, &net, 7013, &key, &[]);
     // 1 MiB in: long after the handshake (a few hundred bytes), inside the page stream.
     let relay = tampering_relay(

@@ -283,9 +283,11 @@ struct Cipher {
     pending: Vec<u8>,
     /// Sealed records on their way to the socket.
     wire: Vec<u8>,
-    /// Ciphertext read and not opened yet (`rx_start..` is still to be used).
+    /// Ciphertext read and not opened yet: `rx[rx_start..rx_end]` (allocated once, never
+    /// zeroed again).
     rx: Vec<u8>,
     rx_start: usize,
+    rx_end: usize,
     /// Opened plaintext not yet returned (`plain_start..`).
     plain: Vec<u8>,
     plain_start: usize,
@@ -314,6 +316,7 @@ impl<S> SecureStream<S> {
             wire: Vec::new(),
             rx: Vec::new(),
             rx_start: 0,
+            rx_end: 0,
             plain: Vec::new(),
             plain_start: 0,
         });
@@ -376,6 +379,7 @@ impl Cipher {
     /// Seals all pending plaintext into records in `wire`.
     fn seal(&mut self) -> io::Result<()> {
         if self.pending.is_empty() {
+            self.wire.clear();
             return Ok(());
         }
         let records = self.pending.len().div_ceil(MAX_RECORD_PAYLOAD);
@@ -402,18 +406,19 @@ impl Cipher {
         Ok(())
     }
 
-    /// Opens every complete record in `rx[rx_start..]` into `plain` (which is empty).
+    /// Opens every complete record in `rx[rx_start..rx_end]` into `plain` (all of which
+    /// was returned).
     /// Returns false if not one record is complete yet.
     fn open(&mut self) -> io::Result<bool> {
         let mut spans = Vec::new();
         let mut at = self.rx_start;
         let mut out_len = 0;
-        while self.rx.len() - at >= LEN_PREFIX {
+        while self.rx_end - at >= LEN_PREFIX {
             let len = usize::from(u16::from_be_bytes([self.rx[at], self.rx[at + 1]]));
             if len < TAG_LEN {
                 return Err(tampered(self.recv_nonce + spans.len() as u64));
             }
-            if self.rx.len() - at - LEN_PREFIX < len {
+            if self.rx_end - at - LEN_PREFIX < len {
                 break;
             }
             spans.push((at + LEN_PREFIX, len));
@@ -453,21 +458,23 @@ impl<S: Read> Read for SecureStream<S> {
         };
         while c.plain_start == c.plain.len() {
             if c.open()? {
-                break;
+                // Records of no plaintext leave `plain` empty: look again.
+                continue;
             }
-            // Keep the incomplete record, then read more after it.
-            c.rx.drain(..c.rx_start);
-            c.rx_start = 0;
-            let have = c.rx.len();
-            c.rx.resize(have + READ_CHUNK, 0);
+            // Keep the incomplete record at the front, then read more after it.
+            c.rx.copy_within(c.rx_start..c.rx_end, 0);
+            let have = c.rx_end - c.rx_start;
+            (c.rx_start, c.rx_end) = (0, have);
+            if c.rx.is_empty() {
+                c.rx.resize(READ_CHUNK + LEN_PREFIX + MAX_RECORD, 0);
+            }
             let n = loop {
                 match self.inner.read(&mut c.rx[have..]) {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     r => break r,
                 }
-            };
-            let n = n.inspect_err(|_| c.rx.truncate(have))?;
-            c.rx.truncate(have + n);
+            }?;
+            c.rx_end = have + n;
             if n == 0 {
                 if have == 0 {
                     return Ok(0);
@@ -490,7 +497,6 @@ impl<S: Write> SecureStream<S> {
         if let Some(c) = &mut self.cipher {
             c.seal()?;
             self.inner.write_all(&c.wire)?;
-            c.wire.clear();
         }
         Ok(())
     }
