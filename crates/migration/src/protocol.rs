@@ -588,6 +588,16 @@ impl PageBatchWriter {
         debug_assert!(src == run_end);
     }
 
+    /// Records a page known to be zero without reading it: one bit, no data.
+    pub fn commit_zero(&mut self, gpa: u64) {
+        if self.is_full() {
+            return;
+        }
+        let i = self.gpas.len();
+        self.gpas.push(gpa);
+        self.zero[i / 8] |= 1 << (i % 8);
+    }
+
     /// Records a page whose bytes the caller sends itself, after the index (straight from
     /// guest memory: [`ray_memory::GuestSpan::io_slice`]); an all-zero page (`zero`)
     /// costs one bit and sends nothing. A batch holds either such pages or copied ones.

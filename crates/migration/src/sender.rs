@@ -444,10 +444,7 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
                 if self.direct {
                     self.reference_run(batch, gpa, n)?;
                 } else {
-                    let slots = batch.slots(n);
-                    mem.read(gpa, slots)?;
-                    self.hashes.record_bytes(gpa, slots);
-                    batch.commit_run(gpa, n);
+                    self.copy_run(batch, gpa, n)?;
                 }
                 pages += n as u64;
                 if batch.is_full() {
@@ -460,6 +457,38 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
         }
         self.expect_ack(&Message::DirtyPass { pass, pages, last })?;
         Ok((pages, self.ch.bytes_sent() - before))
+    }
+
+    /// Copies `n` pages at `gpa` into the batch, in stretches between pages known to be
+    /// zero, which are neither read (reading never-touched guest memory would fault it in)
+    /// nor sent.
+    fn copy_run(
+        &mut self,
+        batch: &mut PageBatchWriter,
+        gpa: u64,
+        n: usize,
+    ) -> Result<(), MigrationError> {
+        let ps = batch.page_size() as u64;
+        let mut k = 0;
+        while k < n {
+            let at = gpa + k as u64 * ps;
+            if self.mem.known_zero(at, ps) {
+                self.hashes.record_zero(at);
+                batch.commit_zero(at);
+                k += 1;
+                continue;
+            }
+            let mut m = 1;
+            while k + m < n && !self.mem.known_zero(at + m as u64 * ps, ps) {
+                m += 1;
+            }
+            let slots = batch.slots(m);
+            self.mem.read(at, slots)?;
+            self.hashes.record_bytes(at, slots);
+            batch.commit_run(at, m);
+            k += m;
+        }
+        Ok(())
     }
 
     /// Adds `n` pages at `gpa` to the batch without copying them: each is checked for
