@@ -4,7 +4,10 @@
 //!   checksums, truncation: everything a peer can get wrong before it is authenticated);
 //! - framed: the rest is a list of frames (command, flags, payload) that the project's own
 //!   sender encodes, so the fuzzer gets past the checksums to the payload decoders and to
-//!   page placement into guest memory; a keyed variant MACs every frame.
+//!   page placement into guest memory;
+//! - handshake: the rest is what a source sends a target that waits for it, after a valid
+//!   preamble asking for an encrypted migration: the Noise handshake and the records after
+//!   it, read by the target's side of the secure stream.
 //!
 //! Nothing may panic, and a placed page must land inside guest memory (the placement is
 //! checked against the layout, and [`OwnedMemory`] faults outside it).
@@ -16,6 +19,7 @@ use libfuzzer_sys::fuzz_target;
 use ray_memory::{MemoryLayout, OwnedMemory, PAGE_SIZE};
 use ray_migration::auth;
 use ray_migration::frame::{Channel, Received, FLAG_RESPONSE};
+use ray_migration::secure::{accept_secure, Protection};
 use ray_migration::protocol::Command;
 use ray_migration::vm::PageHashes;
 
@@ -39,11 +43,8 @@ impl Write for Pipe {
 
 /// The frames of `data` as the project's sender writes them: each is a command byte, a
 /// flags byte (bit 0: response, bit 1: try lz4), a 16-bit length and that much payload.
-fn encode(data: &[u8], key: Option<&auth::SessionKey>) -> Vec<u8> {
+fn encode(data: &[u8]) -> Vec<u8> {
     let mut tx = Channel::new(Cursor::new(Vec::new()));
-    if let Some(k) = key {
-        tx.set_session_key(k.clone());
-    }
     let mut rest = data;
     while rest.len() >= 4 {
         let Ok(command) = Command::try_from(u16::from(rest[0] % 14)) else {
@@ -68,17 +69,22 @@ fuzz_target!(|data: &[u8]| {
     };
     let layout = MemoryLayout::new(&[(0, 16 * PAGE_SIZE), (1 << 20, 16 * PAGE_SIZE)])
         .expect("a valid layout");
-    let psk = auth::PresharedKey::new(b"fuzzing key of some length").expect("long enough");
-    let key = auth::derive_session_key(&psk, 3, &[1; 32], &[2; 32]);
-    let (stream, keyed) = match mode % 3 {
-        0 => (rest.to_vec(), false),
-        1 => (encode(rest, None), false),
-        _ => (encode(rest, Some(&key)), true),
+    let stream = match mode % 3 {
+        0 => rest.to_vec(),
+        1 => encode(rest),
+        _ => {
+            let psk = auth::PresharedKey::new(b"fuzzing key of some length").expect("long enough");
+            let mut wire = b"RYMN\x01\x01\x00\x00".to_vec();
+            wire.extend_from_slice(rest);
+            let pipe = Pipe(Cursor::new(wire));
+            // Forging the handshake needs the key: an accepted one would be a finding.
+            if accept_secure(pipe, &psk, Protection::Encrypted).is_ok() {
+                panic!("a handshake without the key was accepted");
+            }
+            return;
+        }
     };
     let mut rx = Channel::new(Pipe(Cursor::new(stream)));
-    if keyed {
-        rx.set_session_key(key);
-    }
     let mem = OwnedMemory::zeroed(&layout).expect("memory");
     let mut hashes = PageHashes::new(&layout, PAGE_SIZE as usize);
     for _ in 0..64 {

@@ -128,6 +128,7 @@ fn execute(line: &str, work: &mut Workloads) {
         }
         "dirty" => dirty(args, work),
         "sum" => sum(args),
+        "pattern" => pattern(args),
         "touch" => touch(args),
         "rng" => rng(args),
         "disk" => crate::virtio_blk::command(args),
@@ -286,6 +287,40 @@ fn sum(mut args: core::str::SplitAsciiWhitespace) {
         u64::from_le_bytes(bytes)
     });
     println!("sum {addr:#x} {len} {:#018x}", sum_words(words));
+}
+
+/// `pattern <MiB> <word>`: fills MiB of usable RAM above the kernel (the region `dirty`
+/// uses) with `word` (1 to 64 bytes) over and over, so a test can look for guest memory
+/// where it must not appear (an encrypted migration's packet capture).
+fn pattern(mut args: core::str::SplitAsciiWhitespace) {
+    let Some(size) = number(args.next(), "pattern size (MiB)").and_then(mib) else {
+        return;
+    };
+    let Some(word) = args.next().map(str::as_bytes) else {
+        println!("err pattern: no word given");
+        return;
+    };
+    if !no_more(args, "pattern") {
+        return;
+    }
+    if word.len() > 64 || size == 0 {
+        println!("err pattern: the word is 1 to 64 bytes and the size at least 1 MiB");
+        return;
+    }
+    let Some(base) = Dirty::find_region(bootparams::get(), size) else {
+        println!("err pattern: {size} bytes do not fit in usable RAM above the kernel");
+        return;
+    };
+    for i in 0..size {
+        if i % (BEAT_WORDS * 8) == 0 {
+            heartbeat::beat(clock::now());
+        }
+        let b = word[(i % word.len() as u64) as usize];
+        // SAFETY: [base, base+size) is usable, identity-mapped RAM above the kernel
+        // (`find_region`); nothing else of the guest lives there.
+        unsafe { ((base + i) as *mut u8).write_volatile(b) };
+    }
+    println!("pattern on region={base:#x} size={size}");
 }
 
 /// `rng <n>`: n bytes (1..=1024) from the virtio-rng device, in hex.
@@ -467,5 +502,5 @@ fn net(mut args: core::str::SplitAsciiWhitespace) {
 }
 
 fn help() {
-    println!("commands: echo <text> | mem | cpus | numa | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | displays | draw bars|gradient|checker|fill [SEED] [DISPLAY] | vsock [connect PORT TEXT] | seq <n> | poweroff | help");
+    println!("commands: echo <text> | mem | cpus | numa | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | pattern <MiB> <word> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | displays | draw bars|gradient|checker|fill [SEED] [DISPLAY] | vsock [connect PORT TEXT] | seq <n> | poweroff | help");
 }

@@ -10,6 +10,7 @@ mod lifecycle;
 mod limits;
 mod linux;
 mod migration;
+mod migration_wire;
 mod net;
 mod numa;
 mod numa_attribution;

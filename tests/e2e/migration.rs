@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use ray_api::vmm::{MigrationStatus, VmInfo, VmStateName};
 use ray_e2e::{guest_bin, ray_bin, Env, Vm};
 
-const READY: Duration = Duration::from_secs(20);
+pub(crate) const READY: Duration = Duration::from_secs(20);
 
-fn run(cmd: &mut Command) -> Output {
+pub(crate) fn run(cmd: &mut Command) -> Output {
     cmd.output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
@@ -29,15 +29,15 @@ fn ip_ok(args: &[&str]) {
 
 /// Two network namespaces ("hosts") joined by a veth pair with private addresses; both
 /// are deleted (with the veth) on drop.
-struct Net {
-    a: String,
-    b: String,
-    veth_b: String,
+pub(crate) struct Net {
+    pub(crate) a: String,
+    pub(crate) b: String,
+    pub(crate) veth_b: String,
     addr_b: String,
 }
 
 impl Net {
-    fn new(tag: &str) -> Net {
+    pub(crate) fn new(tag: &str) -> Net {
         let n = std::process::id() % 100_000;
         let net = Net {
             a: format!("ray-{tag}-a-{n}"),
@@ -82,7 +82,7 @@ impl Net {
     }
 
     /// `ray <args>` inside namespace `ns`, with the test's runtime directory.
-    fn ray(&self, env: &Env, ns: &str, args: &[&str]) -> Output {
+    pub(crate) fn ray(&self, env: &Env, ns: &str, args: &[&str]) -> Output {
         self.ray_with(env, ns, args, &[])
     }
 
@@ -97,7 +97,7 @@ impl Net {
             .envs(vars.iter().copied()))
     }
 
-    fn ray_ok(&self, env: &Env, ns: &str, args: &[&str]) -> String {
+    pub(crate) fn ray_ok(&self, env: &Env, ns: &str, args: &[&str]) -> String {
         self.ray_ok_with(env, ns, args, &[])
     }
 
@@ -106,7 +106,7 @@ impl Net {
         ray_e2e::succeeded(out, &format!("ray {args:?} in {ns}"))
     }
 
-    fn target_addr(&self, port: u16) -> String {
+    pub(crate) fn target_addr(&self, port: u16) -> String {
         format!("{}:{port}", self.addr_b)
     }
 
@@ -124,7 +124,7 @@ impl Drop for Net {
 }
 
 /// Boots the source VM in namespace A.
-fn boot_source(env: &Env, net: &Net, memory: &str) -> Vm {
+pub(crate) fn boot_source(env: &Env, net: &Net, memory: &str) -> Vm {
     let out = net.ray_ok(
         env,
         &net.a,
@@ -260,7 +260,7 @@ fn start_endless(env: &Env, net: &Net, src: &mut Vm, port: u16, key: &str) {
 
 /// `ray migrate start src` towards `port` in the target namespace, with `extra` options;
 /// without `--detach` it runs to the migration's end.
-fn start_to(env: &Env, net: &Net, port: u16, key: &str, extra: &[&str]) -> Output {
+pub(crate) fn start_to(env: &Env, net: &Net, port: u16, key: &str, extra: &[&str]) -> Output {
     let to = net.target_addr(port);
     let mut args = vec!["migrate", "start", "src", "--to", &to, "--key-file", key];
     args.extend_from_slice(extra);
@@ -268,12 +268,12 @@ fn start_to(env: &Env, net: &Net, port: u16, key: &str, extra: &[&str]) -> Outpu
 }
 
 /// [`start_to`] that must succeed; its standard output.
-fn start_ok(env: &Env, net: &Net, port: u16, key: &str, extra: &[&str]) -> String {
+pub(crate) fn start_ok(env: &Env, net: &Net, port: u16, key: &str, extra: &[&str]) -> String {
     ray_e2e::succeeded(start_to(env, net, port, key, extra), "migrate start")
 }
 
 /// The session failed and the source VM was given back (not paused, not gone).
-fn assert_failed_and_running(s: &MigrationStatus) {
+pub(crate) fn assert_failed_and_running(s: &MigrationStatus) {
     assert_eq!(
         (s.state.as_str(), s.vm.as_str()),
         ("failed", "running"),
@@ -283,7 +283,7 @@ fn assert_failed_and_running(s: &MigrationStatus) {
 
 /// The source VM runs on after a failed migration: running state, heartbeat moving,
 /// console answering.
-fn assert_source_runs(src: &mut Vm) {
+pub(crate) fn assert_source_runs(src: &mut Vm) {
     let info = src.wait_for(
         "the source to be running again",
         Duration::from_secs(10),
@@ -297,7 +297,7 @@ fn assert_source_runs(src: &mut Vm) {
     assert_eq!(src.command("echo still here", "still"), "still here");
 }
 
-fn region_of(line: &str) -> u64 {
+pub(crate) fn region_of(line: &str) -> u64 {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix("region=0x"))
         .map(|r| u64::from_str_radix(r, 16).unwrap())
@@ -626,8 +626,6 @@ fn same_host_move_over_a_unix_socket() {
         &listen,
         "--key-file",
         &key,
-        // Every page byte MACed instead of hashed: the untrusted-network mode.
-        "--mac-pages",
         "--json",
     ]);
     let s: MigrationStatus = serde_json::from_str(&out).unwrap();

@@ -594,11 +594,11 @@ pub struct MigrateRequest {
     /// lz4-compress page batches (pays off on slow links only).
     #[serde(default)]
     pub compress: bool,
-    /// MAC every byte of page data (keyed BLAKE3) instead of checking it with per-page
-    /// hashes at the end: integrity against an attacker on the migration network, at a
-    /// fraction of the throughput (default false; control frames are always MACed).
+    /// Send the VM in the clear over TCP after the Noise handshake proved the key (default
+    /// false: every byte is encrypted and authenticated). The target must be started with
+    /// the same choice. Same-host `unix:` moves are always plaintext after the handshake.
     #[serde(default)]
-    pub mac_pages: bool,
+    pub insecure_plaintext: bool,
     /// Before the switch-over, reread all of the paused VM's memory and compare it with what
     /// was sent: proves the dirty log missed no write, at the cost of one pass over guest
     /// memory inside the downtime (default false).

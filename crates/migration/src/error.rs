@@ -48,12 +48,6 @@ pub enum ProtocolError {
         expected: u32,
         found: u32,
     },
-    #[error("the {command:?} frame (sequence {sequence}) failed MAC verification: it was forged, altered, replayed or reordered")]
-    BadMac { command: Command, sequence: u64 },
-    #[error("the {command:?} frame has no MAC on an authenticated connection")]
-    MissingMac { command: Command },
-    #[error("the {command:?} frame carries a MAC before authentication finished")]
-    UnexpectedMac { command: Command },
     #[error("the {command:?} payload could not be decompressed: {reason}")]
     Decompress { command: Command, reason: String },
     #[error("the {command:?} payload is malformed: {reason}")]
@@ -67,10 +61,8 @@ pub enum MigrationError {
     Protocol(#[from] ProtocolError),
     #[error("no common protocol version: we speak {ours:?}, the peer offered {theirs:?}")]
     NoCommonVersion { ours: Vec<u16>, theirs: Vec<u16> },
-    #[error("the peer refused our pre-shared key: {message}")]
-    AuthRejectedByPeer { message: String },
-    #[error("the peer's authentication proof does not match the pre-shared key; refusing to migrate to or from an unauthenticated peer")]
-    PeerAuthFailed,
+    #[error(transparent)]
+    Secure(#[from] crate::secure::SecureError),
     #[error("the target is incompatible: {reason}")]
     Incompatible { reason: String },
     #[error("in session state {state:?} the peer sent {got:?} where {expected} was expected")]
@@ -101,8 +93,6 @@ pub enum MigrationError {
     Cancelled,
     #[error("the VM dirty log returned {got} bitmaps for {regions} memory regions")]
     DirtyLogShape { got: usize, regions: usize },
-    #[error("could not draw a random nonce: {0}")]
-    Nonce(#[source] std::io::Error),
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]

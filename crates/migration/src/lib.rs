@@ -3,11 +3,15 @@
 //!
 //! # Pieces
 //!
+//! - [`secure`]: the stream below the frames: a Noise handshake (`NNpsk0`, AES-GCM,
+//!   SHA-256) that proves the pre-shared key both ways, then AES-GCM records counted per
+//!   direction (or plaintext, for same-host moves and `--insecure-plaintext`); no memory or
+//!   state moves before both sides proved the key and the target accepted the
+//!   [`CompatInfo`].
 //! - [`frame`] / [`protocol`]: versioned frames (`RYMG` header, command, flags, request id,
-//!   length ≤ [`frame::MAX_PAYLOAD`]), CRC32 before authentication and a keyed-BLAKE3 MAC
-//!   with a sequence number after it; every malformed frame is a [`ProtocolError`].
-//! - [`auth`]: mutual challenge/response over a pre-shared key; no memory or state moves
-//!   before both sides proved the key and the target accepted the [`CompatInfo`].
+//!   length ≤ [`frame::MAX_PAYLOAD`], CRC32 trailer); every malformed frame is a
+//!   [`ProtocolError`].
+//! - [`auth`]: the pre-shared key.
 //! - [`session`]: one enum, one transition table, shared by both sides.
 //! - [`convergence`]: EMA dirty rate and bandwidth, expected downtime, throttle steps, limits.
 //! - [`sender`] / [`receiver`]: drivers generic over ray-memory's [`GuestMemory`] view,
@@ -23,12 +27,12 @@
 //!
 //! Each side keeps one XXH3 hash per guest page ([`vm::PageHashes`]): the source hashes
 //! every page from the bytes it sends, the target every page right after placing it. After
-//! the final pass both exchange digests of their tables (the source's in a MACed
-//! frame) and the target resumes only if they match. Page data is read once per side on
+//! the final pass both exchange digests of their tables and the target resumes only if
+//! they match. Page data is read once per side on
 //! its way through, never again in the background or in the pause; the page frames' CRC
 //! covers just their header and index. `SenderConfig::recheck_memory` additionally rereads
-//! the paused source against its table (catches a write the dirty log missed), and
-//! `crc_pages = false` MACs every page byte (integrity against an attacker on the path).
+//! the paused source against its table (catches a write the dirty log missed). Against an
+//! attacker on the path, the secure stream's AEAD covers every byte.
 //!
 //! # Who runs the VM: the split-brain rule
 //!
@@ -87,6 +91,7 @@ pub mod memvm;
 pub mod progress;
 pub mod protocol;
 pub mod receiver;
+pub mod secure;
 pub mod sender;
 pub mod session;
 pub mod transport;
@@ -99,6 +104,7 @@ pub use progress::{CancelToken, MigrationSlots, Progress, ProgressHandle, TooMan
 pub use protocol::{CompatInfo, MemoryRegion};
 pub use ray_memory::{DirtyBitmap, GuestMemory, MemoryError, MemoryLayout, PageBitmap};
 pub use receiver::{receive_migration, ReceiveFailure, ReceiveReport, ReceiverConfig};
+pub use secure::{Protection, SecureError};
 pub use sender::{send_migration, SendFailure, SendReport, SenderConfig, SourceVmAfterFailure};
 pub use session::{Session, SessionEvent, SessionState};
 pub use transport::{

@@ -4,11 +4,9 @@
 //! that `MemoryPages` batches stream without answers until the `DirtyPass` marker):
 //!
 //! ```text
-//! Hello{versions, nonce_s}      ->
-//!                               <- Hello{[chosen], nonce_t}
-//! Auth{proof_s}                 ->
-//!                               <- Auth{proof_t} | Error{AuthFailed}
-//!        ---- every frame from here on carries a MAC ----
+//!   ---- below every frame: the secure stream (crate::secure): Noise handshake, records ----
+//! Hello{versions}               ->
+//!                               <- Hello{[chosen]}
 //! Compat{vcpus, regions, ..}    ->
 //!                               <- Ack | Incompatible{reason}
 //! MemoryPages* DirtyPass{n}     ->   (repeated per pre-copy pass)
@@ -33,7 +31,7 @@ use crate::ProtocolError;
 pub enum Command {
     Invalid = 0,
     Hello = 1,
-    Auth = 2,
+    // 2 was `Auth`, the proof of the key before the Noise handshake replaced it.
     Compat = 3,
     Incompatible = 4,
     MemoryPages = 5,
@@ -53,7 +51,6 @@ impl TryFrom<u16> for Command {
         Ok(match v {
             0 => return Err(ProtocolError::InvalidCommand),
             1 => Command::Hello,
-            2 => Command::Auth,
             3 => Command::Compat,
             4 => Command::Incompatible,
             5 => Command::MemoryPages,
@@ -205,8 +202,7 @@ pub struct PageBatch {
 /// Every message, typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    Hello { versions: Vec<u16>, nonce: [u8; 32] },
-    Auth { mac: [u8; 32] },
+    Hello { versions: Vec<u16> },
     Compat(CompatInfo),
     Incompatible { reason: String },
     MemoryPages(PageBatch),
@@ -229,7 +225,6 @@ impl Message {
     pub fn command(&self) -> Command {
         match self {
             Message::Hello { .. } => Command::Hello,
-            Message::Auth { .. } => Command::Auth,
             Message::Compat(_) => Command::Compat,
             Message::Incompatible { .. } => Command::Incompatible,
             Message::MemoryPages(_) => Command::MemoryPages,
@@ -247,14 +242,12 @@ impl Message {
     /// Appends the payload to `out`.
     pub fn encode_payload(&self, out: &mut Vec<u8>) {
         match self {
-            Message::Hello { versions, nonce } => {
+            Message::Hello { versions } => {
                 out.extend_from_slice(&(versions.len() as u16).to_le_bytes());
                 for v in versions {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
-                out.extend_from_slice(nonce);
             }
-            Message::Auth { mac } => out.extend_from_slice(mac),
             Message::Compat(c) => {
                 out.extend_from_slice(&c.vcpus.to_le_bytes());
                 out.extend_from_slice(&c.page_size.to_le_bytes());
@@ -318,12 +311,8 @@ impl Message {
                 for _ in 0..n {
                     versions.push(r.u16()?);
                 }
-                Message::Hello {
-                    versions,
-                    nonce: r.array()?,
-                }
+                Message::Hello { versions }
             }
-            Command::Auth => Message::Auth { mac: r.array()? },
             Command::Compat => {
                 let vcpus = r.u32()?;
                 let page_size = r.u32()?;
@@ -599,6 +588,16 @@ impl PageBatchWriter {
         debug_assert!(src == run_end);
     }
 
+    /// Records a page known to be zero without reading it: one bit, no data.
+    pub fn commit_zero(&mut self, gpa: u64) {
+        if self.is_full() {
+            return;
+        }
+        let i = self.gpas.len();
+        self.gpas.push(gpa);
+        self.zero[i / 8] |= 1 << (i % 8);
+    }
+
     /// Records a page whose bytes the caller sends itself, after the index (straight from
     /// guest memory: [`ray_memory::GuestSpan::io_slice`]); an all-zero page (`zero`)
     /// costs one bit and sends nothing. A batch holds either such pages or copied ones.
@@ -829,9 +828,7 @@ mod tests {
         vec![
             Message::Hello {
                 versions: vec![1, 2],
-                nonce: [3; 32],
             },
-            Message::Auth { mac: [4; 32] },
             Message::Compat(compat()),
             Message::Incompatible {
                 reason: "vCPU count differs".into(),
@@ -873,7 +870,15 @@ mod tests {
     #[test]
     fn every_command_round_trips() {
         let msgs = every_message();
-        assert_eq!(msgs.len(), 13, "one message per command");
+        assert_eq!(
+            msgs.len(),
+            12,
+            "one message per command (2, once Auth, is retired)"
+        );
+        assert!(matches!(
+            Command::try_from(2),
+            Err(ProtocolError::UnknownCommand { value: 2 })
+        ));
         for m in msgs {
             let mut p = Vec::new();
             m.encode_payload(&mut p);

@@ -1,7 +1,8 @@
 //! The target side: answers the source, writes pages, restores state, verifies, resumes.
 //!
 //! In two steps when the target needs them: [`authenticate`] runs the handshake on a new
-//! connection (version, mutual proof of the pre-shared key) and reads the source's
+//! connection (the Noise handshake of [`crate::secure`], which proves the pre-shared key
+//! both ways, then the protocol version) and reads the source's
 //! [`CompatInfo`] without answering it; [`Authenticated::receive`] then checks it against
 //! the VM shell prepared here and receives the VM. In between, a target that was not told
 //! the VM's shape can size its memory from what the source describes. A connection that
@@ -14,10 +15,11 @@ use std::io::{Read, Write};
 
 use ray_memory::{GuestMemory, MemoryLayout};
 
-use crate::auth::{self, PresharedKey, Side};
+use crate::auth::{self, PresharedKey};
 use crate::frame::{Channel, Received, SUPPORTED_VERSIONS};
 use crate::progress::{CancelToken, ProgressHandle};
 use crate::protocol::{Command, CompatInfo, ErrorCode, Message, PageBatchView};
+use crate::secure::{accept_secure, Protection, SecureStream};
 use crate::session::{Session, SessionEvent, SessionState};
 use crate::vm::{PageHashes, TargetVm};
 use crate::MigrationError;
@@ -26,6 +28,8 @@ use crate::MigrationError;
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
     pub key: PresharedKey,
+    /// What the source must ask for: a source asking for anything else is refused.
+    pub protection: Protection,
     pub progress: ProgressHandle,
     /// Checked between frames; a cancelled target tears down and tells the source.
     pub cancel: CancelToken,
@@ -35,6 +39,7 @@ impl ReceiverConfig {
     pub fn new(key: PresharedKey) -> Self {
         Self {
             key,
+            protection: Protection::Encrypted,
             progress: ProgressHandle::new(),
             cancel: CancelToken::new(),
         }
@@ -100,7 +105,7 @@ impl From<HandshakeFailure> for ReceiveFailure {
 /// from [`source`](Self::source)), then [`receive`](Self::receive) or
 /// [`refuse`](Self::refuse) it.
 pub struct Authenticated<S> {
-    ch: Channel<S>,
+    ch: Channel<SecureStream<S>>,
     compat_request: u64,
     source: CompatInfo,
 }
@@ -113,7 +118,7 @@ impl<S: Read + Write> Authenticated<S> {
 
     /// The connection (e.g. to change its timeouts once authenticated).
     pub fn get_ref(&self) -> &S {
-        self.ch.get_ref()
+        self.ch.get_ref().get_ref()
     }
 
     /// Tells the source this target cannot take its VM (`reason` names what differs),
@@ -181,12 +186,14 @@ pub fn authenticate<S: Read + Write>(
     stream: S,
     cfg: &ReceiverConfig,
 ) -> Result<Authenticated<S>, HandshakeFailure> {
-    let mut ch = Channel::new(stream);
     let failed = |error, authenticated| HandshakeFailure {
         error,
         authenticated,
     };
-    handshake(&mut ch, &cfg.key).map_err(|e| failed(e, false))?;
+    let secure = accept_secure(stream, &cfg.key, cfg.protection)
+        .map_err(|e| failed(MigrationError::Secure(e), false))?;
+    let mut ch = Channel::new(secure);
+    handshake(&mut ch).map_err(|e| failed(e, true))?;
     let (h, m) = ch
         .recv()
         .map_err(|e| failed(MigrationError::Protocol(e), true))?;
@@ -229,15 +236,11 @@ fn refuse<S: Read + Write>(
     err
 }
 
-/// Version negotiation and the mutual proof of `key`; on success the channel MACs every
-/// frame from here on.
-fn handshake<S: Read + Write>(
-    ch: &mut Channel<S>,
-    key: &PresharedKey,
-) -> Result<(), MigrationError> {
+/// Version negotiation, over the stream the Noise handshake secured.
+fn handshake<S: Read + Write>(ch: &mut Channel<S>) -> Result<(), MigrationError> {
     let (h, m) = ch.recv()?;
-    let (theirs, ns) = match m {
-        Message::Hello { versions, nonce } => (versions, nonce),
+    let theirs = match m {
+        Message::Hello { versions } => versions,
         other => {
             return Err(MigrationError::Unexpected {
                 state: SessionState::Idle,
@@ -258,40 +261,14 @@ fn handshake<S: Read + Write>(
         };
         return Err(refuse(ch, h.request_id, ErrorCode::Protocol, err));
     };
-    let nt = auth::fresh_nonce().map_err(MigrationError::Nonce)?;
     ch.send(
         &Message::Hello {
             versions: vec![version],
-            nonce: nt,
         },
         h.request_id,
         true,
     )?;
     ch.set_version(version);
-
-    let (h, m) = ch.recv()?;
-    let mac = match m {
-        Message::Auth { mac } => mac,
-        other => {
-            return Err(MigrationError::Unexpected {
-                state: SessionState::Idle,
-                expected: "Auth",
-                got: other.command(),
-            })
-        }
-    };
-    if !auth::verify_proof(key, Side::Source, version, &ns, &nt, &mac) {
-        return Err(refuse(
-            ch,
-            h.request_id,
-            ErrorCode::AuthFailed,
-            MigrationError::PeerAuthFailed,
-        ));
-    }
-    let proof = auth::proof(key, Side::Target, version, &ns, &nt);
-    let session_key = auth::derive_session_key(key, version, &ns, &nt);
-    ch.send(&Message::Auth { mac: proof }, h.request_id, true)?;
-    ch.set_session_key(session_key);
     Ok(())
 }
 
@@ -611,7 +588,13 @@ mod tests {
         );
         let f = target.join().unwrap().unwrap();
         assert!(!f.authenticated);
-        assert!(matches!(f.error, MigrationError::PeerAuthFailed), "{f}");
+        assert!(
+            matches!(
+                f.error,
+                MigrationError::Secure(crate::SecureError::SourceKeyRefused)
+            ),
+            "{f}"
+        );
         let e = sent.err().unwrap();
         assert!(e.to_string().contains("pre-shared key"), "{e}");
     }

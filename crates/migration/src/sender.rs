@@ -5,11 +5,12 @@ use std::time::{Duration, Instant};
 
 use ray_memory::{DirtyBitmap, GuestMemory, GuestSpan, PageBitmap};
 
-use crate::auth::{self, PresharedKey, Side};
+use crate::auth::PresharedKey;
 use crate::convergence::{decide, Decision, Estimator, PassSample, Policy, Stats};
 use crate::frame::{Channel, SUPPORTED_VERSIONS};
 use crate::progress::{CancelToken, ProgressHandle};
 use crate::protocol::{Command, CompatInfo, ErrorCode, Message, PageBatchWriter};
+use crate::secure::{connect_secure, Protection, SecureStream};
 use crate::session::{Session, SessionEvent, SessionState};
 use crate::vm::{prefetch_read, PageHashes, SourceVm};
 use crate::MigrationError;
@@ -18,6 +19,10 @@ use crate::MigrationError;
 #[derive(Debug, Clone)]
 pub struct SenderConfig {
     pub key: PresharedKey,
+    /// Encrypted (the default) or, for same-host moves and explicit
+    /// `--insecure-plaintext`, plaintext after the Noise handshake; the target must be
+    /// set to the same.
+    pub protection: Protection,
     pub policy: Policy,
     /// lz4 each page batch (kept only when smaller). Pays off on slow links. After a batch
     /// that does not shrink, only every 16th batch is tried until one shrinks again, so
@@ -26,13 +31,10 @@ pub struct SenderConfig {
     /// Pages per `MemoryPages` frame (default 1024, i.e. 4 MiB of 4 KiB pages: fewer
     /// frames and socket writes; 256 measured a little slower on loopback).
     pub batch_pages: usize,
-    /// Page frames carry a CRC32 of their index instead of a MAC once authenticated
-    /// (default true), and pages go straight from guest memory to the socket (the kernel's
-    /// copy is the only one); page data is checked by the verification's page hashes. See
-    /// [`Channel::set_crc_for_pages`]. False MACs every byte (integrity against an attacker
-    /// on the path), at a throughput cost: pages are then copied into the batch first, so
-    /// the MAC covers the very bytes sent.
-    pub crc_pages: bool,
+    /// On a plaintext stream, pages go straight from guest memory to the socket (the
+    /// kernel's copy is the only one; default true). False copies them into the batch
+    /// first. An encrypted stream always copies them (the cipher reads the batch).
+    pub zero_copy: bool,
     /// Before the verification, reread all of the paused VM's memory and check it against
     /// what was sent: proves that the dirty log missed no write, at the cost of one pass
     /// over memory inside the downtime (default false; tests turn it on).
@@ -45,10 +47,11 @@ impl SenderConfig {
     pub fn new(key: PresharedKey) -> Self {
         Self {
             key,
+            protection: Protection::Encrypted,
             policy: Policy::default(),
             compress: false,
             batch_pages: 1024,
-            crc_pages: true,
+            zero_copy: true,
             recheck_memory: false,
             cancel: CancelToken::new(),
             progress: ProgressHandle::new(),
@@ -111,14 +114,26 @@ where
     M: GuestMemory + ?Sized,
     V: SourceVm + ?Sized,
 {
-    let mut ch = Channel::new(stream);
-    ch.set_crc_for_pages(cfg.crc_pages);
+    let stream = match connect_secure(stream, &cfg.key, cfg.protection) {
+        Ok(s) => s,
+        Err(e) => {
+            // Nothing was touched: the VM runs on as before.
+            let mut session = Session::new();
+            let _ = session.apply(SessionEvent::Fault);
+            return Err(SendFailure {
+                error: e.into(),
+                failed_in: SessionState::Idle,
+                vm: SourceVmAfterFailure::Running,
+                session,
+            });
+        }
+    };
     let mut s = Sender {
-        ch,
+        // Straight from guest memory only to the kernel: the cipher must not read memory
+        // a vCPU may be writing through a Rust slice, so it gets copies.
+        direct: cfg.zero_copy && stream.protection() == Protection::Plaintext,
+        ch: Channel::new(stream),
         hashes: PageHashes::new(mem.layout(), local.page_size as usize),
-        // Straight from guest memory only with CRC'd page frames: a MAC over bytes a vCPU
-        // may change before the kernel copies them would fail on the target.
-        direct: cfg.crc_pages,
         runs: Vec::new(),
         mem,
         vm,
@@ -137,7 +152,7 @@ where
 }
 
 struct Sender<'a, S, M: ?Sized, V: ?Sized> {
-    ch: Channel<S>,
+    ch: Channel<SecureStream<S>>,
     /// What each page was when last sent: the verification compares these.
     hashes: PageHashes,
     /// Pages go from guest memory to the socket without a copy in between.
@@ -220,14 +235,12 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
     }
 
     fn handshake(&mut self, local: &CompatInfo) -> Result<(), MigrationError> {
-        let ns = auth::fresh_nonce().map_err(MigrationError::Nonce)?;
         let hello = Message::Hello {
             versions: SUPPORTED_VERSIONS.to_vec(),
-            nonce: ns,
         };
-        let (version, nt) = match self.request(&hello)? {
-            Message::Hello { versions, nonce } => match versions.as_slice() {
-                [v] if SUPPORTED_VERSIONS.contains(v) => (*v, nonce),
+        let version = match self.request(&hello)? {
+            Message::Hello { versions } => match versions.as_slice() {
+                [v] if SUPPORTED_VERSIONS.contains(v) => *v,
                 _ => {
                     return Err(MigrationError::NoCommonVersion {
                         ours: SUPPORTED_VERSIONS.to_vec(),
@@ -238,22 +251,6 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
             other => return Err(self.unexpected("Hello", other.command())),
         };
         self.ch.set_version(version);
-        let key = &self.cfg.key;
-        let mine = auth::proof(key, Side::Source, version, &ns, &nt);
-        let theirs = match self.request(&Message::Auth { mac: mine }) {
-            Ok(Message::Auth { mac }) => mac,
-            Ok(other) => return Err(self.unexpected("Auth", other.command())),
-            Err(MigrationError::PeerError {
-                code: ErrorCode::AuthFailed,
-                message,
-            }) => return Err(MigrationError::AuthRejectedByPeer { message }),
-            Err(e) => return Err(e),
-        };
-        if !auth::verify_proof(key, Side::Target, version, &ns, &nt, &theirs) {
-            return Err(MigrationError::PeerAuthFailed);
-        }
-        self.ch
-            .set_session_key(auth::derive_session_key(key, version, &ns, &nt));
         self.expect_ack(&Message::Compat(local.clone()))
     }
 
@@ -447,10 +444,7 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
                 if self.direct {
                     self.reference_run(batch, gpa, n)?;
                 } else {
-                    let slots = batch.slots(n);
-                    mem.read(gpa, slots)?;
-                    self.hashes.record_bytes(gpa, slots);
-                    batch.commit_run(gpa, n);
+                    self.copy_run(batch, gpa, n)?;
                 }
                 pages += n as u64;
                 if batch.is_full() {
@@ -463,6 +457,38 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
         }
         self.expect_ack(&Message::DirtyPass { pass, pages, last })?;
         Ok((pages, self.ch.bytes_sent() - before))
+    }
+
+    /// Copies `n` pages at `gpa` into the batch, in stretches between pages known to be
+    /// zero, which are neither read (reading never-touched guest memory would fault it in)
+    /// nor sent.
+    fn copy_run(
+        &mut self,
+        batch: &mut PageBatchWriter,
+        gpa: u64,
+        n: usize,
+    ) -> Result<(), MigrationError> {
+        let ps = batch.page_size() as u64;
+        let mut k = 0;
+        while k < n {
+            let at = gpa + k as u64 * ps;
+            if self.mem.known_zero(at, ps) {
+                self.hashes.record_zero(at);
+                batch.commit_zero(at);
+                k += 1;
+                continue;
+            }
+            let mut m = 1;
+            while k + m < n && !self.mem.known_zero(at + m as u64 * ps, ps) {
+                m += 1;
+            }
+            let slots = batch.slots(m);
+            self.mem.read(at, slots)?;
+            self.hashes.record_bytes(at, slots);
+            batch.commit_run(at, m);
+            k += m;
+        }
+        Ok(())
     }
 
     /// Adds `n` pages at `gpa` to the batch without copying them: each is checked for
@@ -618,7 +644,7 @@ fn peer_already_gone(e: &MigrationError) -> bool {
     matches!(
         e,
         MigrationError::PeerAborted { .. }
-            | MigrationError::AuthRejectedByPeer { .. }
+            | MigrationError::Secure(_)
             | MigrationError::Incompatible { .. }
             | MigrationError::Protocol(crate::ProtocolError::PeerClosed)
             | MigrationError::Protocol(crate::ProtocolError::Io { .. })

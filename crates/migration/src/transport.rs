@@ -992,10 +992,9 @@ mod tests {
         std::fs::write(&good, b"  correct horse battery staple\n").unwrap();
         let k = read_key_quickly(&good).unwrap();
         let same = PresharedKey::new(b"correct horse battery staple").unwrap();
-        let proof = |k| crate::auth::proof(k, crate::auth::Side::Source, 3, &[1; 32], &[2; 32]);
         assert_eq!(
-            proof(&k),
-            proof(&same),
+            k.bytes(),
+            same.bytes(),
             "whitespace around the key is trimmed"
         );
 

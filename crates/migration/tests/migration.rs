@@ -9,9 +9,8 @@ use std::thread;
 use std::time::Duration;
 
 use ray_memory::{GuestSpan, OwnedMemory};
-use ray_migration::frame::Channel;
 use ray_migration::memvm::{InMemorySource, InMemoryTarget, MemGuest};
-use ray_migration::protocol::{regions_of, Message};
+use ray_migration::protocol::regions_of;
 use ray_migration::*;
 
 const T: Duration = Duration::from_secs(10);
@@ -103,18 +102,9 @@ fn simple<SM: GuestMemory + ?Sized>(
 ) -> Outcome {
     let (a, b) = tcp_pair();
     let dst = guest();
-    run(
-        a,
-        b,
-        src,
-        vm,
-        scfg,
-        ReceiverConfig::new(key(rkey)),
-        tcompat,
-        dst.clone(),
-        dst,
-        target,
-    )
+    let mut rcfg = ReceiverConfig::new(key(rkey));
+    rcfg.protection = scfg.protection;
+    run(a, b, src, vm, scfg, rcfg, tcompat, dst.clone(), dst, target)
 }
 
 fn assert_source_running(vm: &InMemorySource, f: &SendFailure) {
@@ -209,24 +199,27 @@ fn forced_stop_and_copy_with_throttling_over_a_unix_socket_with_lz4() {
 }
 
 #[test]
-fn every_page_frame_can_be_maced_instead_of_crc_checked() {
-    let (src, mut vm) = source();
-    let mut cfg = SenderConfig::new(key("correct horse battery"));
-    cfg.crc_pages = false;
-    cfg.batch_pages = 100; // batches that end mid-region
-    let o = simple(
-        &mut vm,
-        &*src,
-        &cfg,
-        "correct horse battery",
-        compat(4),
-        InMemoryTarget::default(),
-    );
-    let r = o.send.unwrap();
-    let rr = o.recv.unwrap();
-    assert_eq!(o.dst.contents(), src.contents());
-    assert!(o.target.running);
-    assert_eq!(r.pages_sent, rr.pages_received);
+fn plaintext_moves_pages_zero_copy_or_copied() {
+    for zero_copy in [true, false] {
+        let (src, mut vm) = source();
+        let mut cfg = SenderConfig::new(key("correct horse battery"));
+        cfg.protection = Protection::Plaintext;
+        cfg.zero_copy = zero_copy;
+        cfg.batch_pages = 100; // batches that end mid-region
+        let o = simple(
+            &mut vm,
+            &*src,
+            &cfg,
+            "correct horse battery",
+            compat(4),
+            InMemoryTarget::default(),
+        );
+        let r = o.send.unwrap();
+        let rr = o.recv.unwrap();
+        assert_eq!(o.dst.contents(), src.contents());
+        assert!(o.target.running);
+        assert_eq!(r.pages_sent, rr.pages_received);
+    }
 }
 
 #[test]
@@ -243,14 +236,26 @@ fn wrong_key_is_rejected_before_any_memory_moves() {
     );
     let f = o.send.unwrap_err();
     assert!(
-        matches!(f.error, MigrationError::AuthRejectedByPeer { .. }),
+        matches!(
+            f.error,
+            MigrationError::Secure(SecureError::ClosedInHandshake)
+        ),
         "{f}"
     );
+    assert!(f.to_string().contains("pre-shared key"), "{f}");
     assert_eq!(f.failed_in, SessionState::Idle);
     assert_source_running(&vm, &f);
     assert_eq!(vm.flags.pauses.load(Ordering::SeqCst), 0);
+    assert!(!vm.logging);
     let r = o.recv.unwrap_err();
-    assert!(matches!(r.error, MigrationError::PeerAuthFailed), "{r}");
+    assert!(
+        matches!(
+            r.error,
+            MigrationError::Secure(SecureError::SourceKeyRefused)
+        ),
+        "{r}"
+    );
+    assert!(!r.authenticated);
     assert!(all_zero(&o.dst));
     assert!(!o.target.running && o.target.restored.is_none());
 }
@@ -258,40 +263,100 @@ fn wrong_key_is_rejected_before_any_memory_moves() {
 #[test]
 fn an_impostor_target_gets_nothing() {
     let (src, mut vm) = source();
-    let (a, b) = tcp_pair();
-    // Answers Hello, then "proves" with garbage, then records what it gets next.
+    let (a, mut b) = tcp_pair();
+    // Accepts the preamble, answers the Noise handshake with garbage, then records
+    // every byte it gets after that.
     let impostor = thread::spawn(move || {
-        let mut ch = Channel::new(b);
-        let (h, _) = ch.recv().unwrap();
-        ch.send(
-            &Message::Hello {
-                versions: vec![ray_migration::frame::PROTOCOL_VERSION],
-                nonce: [1; 32],
-            },
-            h.request_id,
-            true,
-        )
-        .unwrap();
-        let (h, _) = ch.recv().unwrap();
-        ch.send(&Message::Auth { mac: [0; 32] }, h.request_id, true)
-            .unwrap();
+        let mut pre = [0u8; 8];
+        b.read_exact(&mut pre).unwrap();
+        b.write_all(&[0, pre[5]]).unwrap();
+        let mut len = [0u8; 2];
+        b.read_exact(&mut len).unwrap();
+        let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+        b.read_exact(&mut msg).unwrap();
+        b.write_all(&48u16.to_be_bytes()).unwrap();
+        b.write_all(&[0x5a; 48]).unwrap();
         let mut after = Vec::new();
-        while let Ok((_, m)) = ch.recv() {
-            after.push(m.command());
-        }
+        let _ = b.read_to_end(&mut after);
         after
     });
     let cfg = SenderConfig::new(key("correct horse battery"));
     let f = send_migration(a, &*src, &mut vm, &compat(4), &cfg).unwrap_err();
-    assert!(matches!(f.error, MigrationError::PeerAuthFailed), "{f}");
+    assert!(
+        matches!(
+            f.error,
+            MigrationError::Secure(SecureError::TargetKeyRefused)
+        ),
+        "{f}"
+    );
     assert!(f.error.to_string().contains("pre-shared key"));
     assert_source_running(&vm, &f);
     let after = impostor.join().unwrap();
-    assert_eq!(
-        after,
-        vec![protocol::Command::Abort],
-        "only an Abort may follow a bad proof"
+    assert!(
+        after.is_empty(),
+        "{} bytes followed a bad handshake",
+        after.len()
     );
+}
+
+/// A TCP relay between `a` and `b` that flips one bit of the source's stream at `at`
+/// bytes (counted from the first byte); returns how many source bytes it relayed.
+fn tampering_relay(a: Stream, b: Stream, at: u64) -> thread::JoinHandle<u64> {
+    let (mut a_r, mut a_w) = (a.try_clone().unwrap(), a);
+    let (mut b_r, mut b_w) = (b.try_clone().unwrap(), b);
+    thread::spawn(move || {
+        let back = thread::spawn(move || {
+            let _ = io::copy(&mut b_r, &mut a_w);
+            let _ = a_w.shutdown(Shutdown::Both);
+        });
+        let mut seen = 0u64;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match a_r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if (seen..seen + n as u64).contains(&at) {
+                buf[(at - seen) as usize] ^= 0x10;
+            }
+            seen += n as u64;
+            if b_w.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = b_w.shutdown(Shutdown::Both);
+        let _ = back.join();
+        seen
+    })
+}
+
+#[test]
+fn a_byte_flipped_on_the_wire_fails_the_migration_with_an_integrity_error() {
+    let (src, mut vm) = source();
+    let (a, relay_in) = tcp_pair();
+    let (relay_out, b) = tcp_pair();
+    // Well past the handshake (a few hundred bytes), inside the first page batch.
+    let relay = tampering_relay(relay_in, relay_out, 100_000);
+    let dst = guest();
+    let cfg = SenderConfig::new(key("correct horse battery"));
+    let o = run(
+        a,
+        b,
+        &*src,
+        &mut vm,
+        &cfg,
+        ReceiverConfig::new(key("correct horse battery")),
+        compat(4),
+        dst.clone(),
+        dst,
+        InMemoryTarget::default(),
+    );
+    assert!(relay.join().unwrap() > 100_000);
+    let r = o.recv.unwrap_err();
+    assert!(r.to_string().contains("integrity check failed"), "{r}");
+    assert!(!o.target.running);
+    let f = o.send.unwrap_err();
+    assert_source_running(&vm, &f);
 }
 
 #[test]
@@ -458,6 +523,10 @@ fn link_cut_mid_transfer_fails_both_sides_cleanly() {
         matches!(
             r.error,
             MigrationError::Protocol(ProtocolError::Truncated { .. } | ProtocolError::PeerClosed)
+        ) || matches!(
+            &r.error,
+            MigrationError::Protocol(ProtocolError::Io { source, .. })
+                if source.kind() == io::ErrorKind::UnexpectedEof
         ),
         "{r}"
     );
@@ -599,10 +668,13 @@ impl Write for LoseAnswersAfterSwitchover {
 #[test]
 fn link_lost_after_switchover_never_resumes_the_source() {
     let (src, mut vm) = source();
-    let cfg = SenderConfig::new(key("correct horse battery"));
+    // Plaintext, so the wrapper can spot the Switchover frame on the wire.
+    let mut cfg = SenderConfig::new(key("correct horse battery"));
+    cfg.protection = Protection::Plaintext;
     let (a, b) = tcp_pair();
     let dst = guest();
-    let rcfg = ReceiverConfig::new(key("correct horse battery"));
+    let mut rcfg = ReceiverConfig::new(key("correct horse battery"));
+    rcfg.protection = Protection::Plaintext;
     let o = run(
         LoseAnswersAfterSwitchover(a, false),
         b,
@@ -672,7 +744,9 @@ fn pages_go_straight_from_guest_memory_when_it_allows() {
         frozen: OwnedMemory::copy_of(&*src).unwrap(),
         reads: AtomicU64::new(0),
     };
-    let cfg = SenderConfig::new(key("correct horse battery"));
+    // Zero copy needs a plaintext stream: the cipher gets copies.
+    let mut cfg = SenderConfig::new(key("correct horse battery"));
+    cfg.protection = Protection::Plaintext;
     let o = simple(
         &mut vm,
         &mem,

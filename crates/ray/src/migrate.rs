@@ -102,10 +102,11 @@ pub struct StartArgs {
     /// lz4-compress page batches (slow links).
     #[arg(long)]
     pub compress: bool,
-    /// MAC every byte of page data instead of checking it with page hashes at the end
-    /// (untrusted networks; slower).
+    /// Send the VM unencrypted over TCP (the key is still proved both ways). Only for a
+    /// trusted network; the target needs --insecure-plaintext too. `unix:` moves on one
+    /// host are plaintext anyway.
     #[arg(long)]
-    pub mac_pages: bool,
+    pub insecure_plaintext: bool,
     /// Reread the paused VM's memory before the switch-over and compare it with what was
     /// sent (proves dirty tracking missed nothing; lengthens the downtime).
     #[arg(long)]
@@ -148,6 +149,9 @@ pub struct ReceiveArgs {
     /// guest takes no first-touch faults after the switch-over. Needs --memory.
     #[arg(long, requires = "memory")]
     pub prefault: bool,
+    /// Accept the VM unencrypted over TCP (the source needs --insecure-plaintext too).
+    #[arg(long)]
+    pub insecure_plaintext: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -198,7 +202,7 @@ fn start(runtime: &Path, a: &StartArgs) -> anyhow::Result<()> {
         max_time_ms: a.max_time_ms,
         auto_converge: !a.no_auto_converge,
         compress: a.compress,
-        mac_pages: a.mac_pages,
+        insecure_plaintext: a.insecure_plaintext,
         recheck_memory: a.recheck_memory,
         max_concurrent: Some(a.max_concurrent),
     };
@@ -257,6 +261,7 @@ fn receive(runtime: &Path, a: &ReceiveArgs) -> anyhow::Result<()> {
             key_file: &key_file,
             max_concurrent: a.max_concurrent,
             prefault: a.prefault,
+            insecure_plaintext: a.insecure_plaintext,
         },
         true,
         a.json,

@@ -199,6 +199,9 @@ pub struct VmmArgs {
     /// With --migrate-listen: populate all of guest memory while waiting.
     #[arg(long, requires = "migrate_listen")]
     pub migrate_prefault: bool,
+    /// With --migrate-listen on TCP: accept the VM unencrypted.
+    #[arg(long, requires = "migrate_listen")]
+    pub migrate_insecure_plaintext: bool,
     /// The VM directory's lock, inherited as this descriptor from `ray vm run` (which
     /// took it); without it the VMM takes the lock itself.
     #[arg(long, hide = true)]
@@ -381,6 +384,8 @@ pub enum Origin<'a> {
         max_concurrent: u32,
         /// Populate all of guest memory while waiting.
         prefault: bool,
+        /// Accept the VM unencrypted over TCP.
+        insecure_plaintext: bool,
     },
 }
 
@@ -434,6 +439,7 @@ fn spawn_vmm(
             key_file,
             max_concurrent,
             prefault,
+            insecure_plaintext,
         } => {
             if let Some(config) = config {
                 cmd.arg("--config-json").arg(serde_json::to_string(config)?);
@@ -446,6 +452,9 @@ fn spawn_vmm(
                 .arg(max_concurrent.to_string());
             if *prefault {
                 cmd.arg("--migrate-prefault");
+            }
+            if *insecure_plaintext {
+                cmd.arg("--migrate-insecure-plaintext");
             }
         }
     }
@@ -625,6 +634,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
             key_file: args.migrate_key_file.unwrap_or_default(),
             max_concurrent: args.max_concurrent_migrations,
             prefault: args.migrate_prefault,
+            insecure_plaintext: args.migrate_insecure_plaintext,
         }),
         lock_fd: args.lock_fd,
         api_tcp: args.api_tcp,

@@ -95,6 +95,8 @@ pub struct Incoming {
     pub max_concurrent: u32,
     /// Populate all of guest memory while waiting (see [`prefault`]).
     pub prefault: bool,
+    /// Accept the VM unencrypted over TCP (`--insecure-plaintext`).
+    pub insecure_plaintext: bool,
 }
 
 /// Why a VMM ended before its VM was up; `ray vmm` turns the kind into its exit code.
@@ -254,7 +256,13 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     }
     let started = match (&opts.restore, &opts.incoming) {
         (_, Some(inc)) => ctl
-            .listen_incoming(&inc.listen, &inc.key_file, inc.max_concurrent, inc.prefault)
+            .listen_incoming(
+                &inc.listen,
+                &inc.key_file,
+                inc.max_concurrent,
+                inc.prefault,
+                inc.insecure_plaintext,
+            )
             .map(|_| Response::Done),
         (Some(dir), None) => ctl
             .restore(dir, opts.verify_memory, prep)

@@ -83,7 +83,7 @@ impl Controller {
         let mut cfg = ray_migration::SenderConfig::new(key);
         cfg.policy = policy;
         cfg.compress = req.compress;
-        cfg.crc_pages = !req.mac_pages;
+        cfg.protection = ray_migration::Protection::for_endpoint(&to, req.insecure_plaintext);
         cfg.recheck_memory = req.recheck_memory;
         cfg.cancel = handle.cancel.clone();
         cfg.progress = handle.progress.clone();
@@ -191,6 +191,7 @@ impl Controller {
         key_file: &Path,
         max_concurrent: u32,
         prefault: bool,
+        insecure_plaintext: bool,
     ) -> Result<String, ControllerError> {
         self.check(VmAction::MigrateIn)?;
         let given = self.config.clone();
@@ -221,6 +222,7 @@ impl Controller {
         let local = listener.local();
         let handle = mig::Handle::new(MigrationRole::Target, local.clone());
         let mut cfg = ray_migration::ReceiverConfig::new(key);
+        cfg.protection = ray_migration::Protection::for_endpoint(&endpoint, insecure_plaintext);
         cfg.progress = handle.progress.clone();
         cfg.cancel = handle.cancel.clone();
         self.apply(VmAction::MigrateIn, &format!("migrate:listen on {local}"))?;

@@ -228,21 +228,33 @@ fn a_migration_request_is_checked_before_anything_happens() {
 fn a_target_without_a_shape_cannot_prefault_and_bad_listens_change_nothing() {
     let (mut c, _rx) = controller();
     let e = c
-        .listen_incoming("unix:/nowhere/x.sock", Path::new("/dev/zero"), 8, true)
+        .listen_incoming(
+            "unix:/nowhere/x.sock",
+            Path::new("/dev/zero"),
+            8,
+            true,
+            false,
+        )
         .unwrap_err();
     assert!(
         matches!(e, ControllerError::Invalid(_)) && e.to_string().contains("prefault needs"),
         "{e}"
     );
     let e = c
-        .listen_incoming("unix:/nowhere/x.sock", Path::new("/dev/zero"), 8, false)
+        .listen_incoming(
+            "unix:/nowhere/x.sock",
+            Path::new("/dev/zero"),
+            8,
+            false,
+            false,
+        )
         .unwrap_err();
     assert!(
         e.to_string().contains("/dev/zero is a character device"),
         "{e}"
     );
     let e = c
-        .listen_incoming("nowhere", Path::new("/dev/zero"), 8, false)
+        .listen_incoming("nowhere", Path::new("/dev/zero"), 8, false, false)
         .unwrap_err();
     assert!(e.to_string().contains("\"nowhere\""), "{e}");
     assert_eq!(c.state(), VmState::Created);

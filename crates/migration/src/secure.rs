@@ -1,0 +1,799 @@
+//! The migration stream's security layer: a Noise handshake keyed from the pre-shared key,
+//! then (unless the migration is explicitly plaintext) every byte in AES-256-GCM records.
+//!
+//! ```text
+//! source                                         target
+//! preamble  b"RYMN" | 1 | protection | 0 0 ->
+//!                                            <-  ack  status | the target's protection
+//! Noise_NNpsk0_25519_AESGCM_SHA256, prologue = label | preamble:
+//!           -> psk, e                        (target: proves the source holds the key)
+//!                                            <-  e, ee   (source: proves the target does)
+//! records   u16 BE length | ciphertext+tag, both directions, each under its own key
+//! ```
+//!
+//! Why this shape:
+//! - The handshake is Noise (a reviewed protocol), not a home-made one. `NNpsk0` needs no
+//!   certificates: both ends prove the shared key in the first round trip, fresh
+//!   ephemeral keys make every session's keys new (a recorded session replayed later
+//!   fails), and Noise splits one key per direction.
+//! - Records carry no nonce: each direction counts them, so a replayed, dropped or
+//!   reordered record fails its tag. A record holds at most [`MAX_RECORD_PAYLOAD`] bytes
+//!   (the Noise message limit of 65,535 less the tag); the migration frames of
+//!   [`crate::frame`] run on top unchanged.
+//! - Downgrade is impossible: the source's preamble (which names the protection) is the
+//!   Noise prologue, so a preamble altered on the way breaks the handshake, and a target
+//!   only accepts the protection it was configured with.
+//! - [`Protection::Plaintext`] still runs the Noise handshake (the key is proved both
+//!   ways) but then sends frames in the clear: for same-host `unix:` moves, where nobody
+//!   is on the path, or an explicit `--insecure-plaintext` between hosts.
+//! - On 2 cores the cipher bounds throughput, so a large write (a page batch) is sealed by
+//!   several threads at once, each record under its own counter value; reading decrypts
+//!   every complete record that arrived in one go the same way.
+
+use std::io::{self, IoSlice, Read, Write};
+
+use snow::{HandshakeState, StatelessTransportState};
+
+use crate::auth::PresharedKey;
+
+/// The Noise protocol of every migration.
+pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";
+/// Largest Noise message.
+pub const MAX_RECORD: usize = 65_535;
+/// The AEAD tag of every record.
+pub const TAG_LEN: usize = 16;
+/// Most plaintext bytes one record carries.
+pub const MAX_RECORD_PAYLOAD: usize = MAX_RECORD - TAG_LEN;
+/// Bytes before the Noise handshake: magic, layout version, protection, two zeros.
+const PREAMBLE_MAGIC: [u8; 4] = *b"RYMN";
+const PREAMBLE_VERSION: u8 = 1;
+const PROLOGUE_LABEL: &[u8] = b"rayvisor migration secure stream v1 ";
+/// A record's length prefix.
+const LEN_PREFIX: usize = 2;
+/// Plaintext buffered before it is sealed without waiting for a flush.
+const SEAL_AT: usize = 8 << 20;
+/// Fewer records than this are sealed or opened on the calling thread alone.
+const PARALLEL_MIN_RECORDS: usize = 8;
+/// Ciphertext read from the socket in one go, at most.
+const READ_CHUNK: usize = 4 << 20;
+
+/// What the stream after the handshake gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    /// Every byte in AES-256-GCM records (the default between hosts).
+    Encrypted,
+    /// Frames in the clear after the key was proved both ways: same-host moves, or an
+    /// explicit `--insecure-plaintext`.
+    Plaintext,
+}
+
+impl Protection {
+    /// The default for an endpoint: encrypted over TCP, plaintext on a same-host Unix
+    /// socket; `insecure_plaintext` asks for plaintext over TCP too.
+    pub fn for_endpoint(at: &crate::Endpoint, insecure_plaintext: bool) -> Protection {
+        match at {
+            crate::Endpoint::Unix(_) => Protection::Plaintext,
+            crate::Endpoint::Tcp(_) if insecure_plaintext => Protection::Plaintext,
+            crate::Endpoint::Tcp(_) => Protection::Encrypted,
+        }
+    }
+
+    fn byte(self) -> u8 {
+        match self {
+            Protection::Encrypted => 1,
+            Protection::Plaintext => 2,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Protection> {
+        match b {
+            1 => Some(Protection::Encrypted),
+            2 => Some(Protection::Plaintext),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Protection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protection::Encrypted => "encrypted",
+            Protection::Plaintext => "insecure plaintext",
+        })
+    }
+}
+
+/// Why the secure stream could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SecureError {
+    #[error("the migration connection failed while {op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the peer did not start a rayvisor migration: its first bytes are {found:02x?}, not b\"RYMN\" version 1")]
+    NotAMigration { found: [u8; 8] },
+    #[error("the source asked for an unknown protection (byte {found})")]
+    UnknownProtection { found: u8 },
+    #[error("the source asked for a {theirs} migration but this target is set to {ours}; both ends must agree (plaintext between hosts needs --insecure-plaintext on both)")]
+    ProtectionMismatch {
+        ours: Protection,
+        theirs: Protection,
+    },
+    #[error("the target refused a {ours} migration: it is set to {theirs}; both ends must agree (plaintext between hosts needs --insecure-plaintext on both)")]
+    RefusedByTarget {
+        ours: Protection,
+        theirs: Protection,
+    },
+    #[error("the target answered the preamble with {found:02x?}, which is not a rayvisor migration answer")]
+    BadAck { found: [u8; 2] },
+    #[error("the source does not hold this target's pre-shared key: its Noise handshake message fails authentication")]
+    SourceKeyRefused,
+    #[error("the target does not hold our pre-shared key: its Noise handshake message fails authentication")]
+    TargetKeyRefused,
+    #[error("the peer closed the connection during the Noise handshake (it holds another pre-shared key, or is not a rayvisor migration endpoint)")]
+    ClosedInHandshake,
+    #[error("the Noise handshake failed: {0}")]
+    Noise(#[from] snow::Error),
+}
+
+fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> SecureError {
+    move |source| {
+        if source.kind() == io::ErrorKind::UnexpectedEof {
+            SecureError::ClosedInHandshake
+        } else {
+            SecureError::Io { op, source }
+        }
+    }
+}
+
+fn preamble(p: Protection) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&PREAMBLE_MAGIC);
+    b[4] = PREAMBLE_VERSION;
+    b[5] = p.byte();
+    b
+}
+
+/// Builds the Noise state of one side, keyed and bound to `preamble`.
+fn handshake_state(
+    key: &PresharedKey,
+    preamble: &[u8; 8],
+    initiator: bool,
+) -> Result<HandshakeState, SecureError> {
+    let mut prologue = PROLOGUE_LABEL.to_vec();
+    prologue.extend_from_slice(preamble);
+    let params = NOISE_PARAMS.parse()?;
+    let b = snow::Builder::new(params)
+        .prologue(&prologue)?
+        .psk(0, key.bytes())?;
+    Ok(if initiator {
+        b.build_initiator()?
+    } else {
+        b.build_responder()?
+    })
+}
+
+fn write_message<S: Write>(s: &mut S, msg: &[u8]) -> io::Result<()> {
+    let mut b = Vec::with_capacity(LEN_PREFIX + msg.len());
+    b.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    b.extend_from_slice(msg);
+    s.write_all(&b)?;
+    s.flush()
+}
+
+fn read_message<S: Read>(s: &mut S, buf: &mut [u8; MAX_RECORD]) -> io::Result<usize> {
+    let mut len = [0u8; LEN_PREFIX];
+    s.read_exact(&mut len)?;
+    let n = usize::from(u16::from_be_bytes(len));
+    s.read_exact(&mut buf[..n])?;
+    Ok(n)
+}
+
+/// The source's side: preamble, then the Noise handshake as initiator.
+pub fn connect_secure<S: Read + Write>(
+    mut stream: S,
+    key: &PresharedKey,
+    protection: Protection,
+) -> Result<SecureStream<S>, SecureError> {
+    let pre = preamble(protection);
+    stream
+        .write_all(&pre)
+        .and_then(|()| stream.flush())
+        .map_err(io_err("sending the preamble"))?;
+    let mut ack = [0u8; 2];
+    stream
+        .read_exact(&mut ack)
+        .map_err(io_err("reading the target's answer to the preamble"))?;
+    match (ack[0], Protection::from_byte(ack[1])) {
+        (0, Some(p)) if p == protection => {}
+        (1, Some(theirs)) => {
+            return Err(SecureError::RefusedByTarget {
+                ours: protection,
+                theirs,
+            })
+        }
+        _ => return Err(SecureError::BadAck { found: ack }),
+    }
+    let mut hs = handshake_state(key, &pre, true)?;
+    let mut buf = [0u8; MAX_RECORD];
+    let n = hs.write_message(&[], &mut buf)?;
+    write_message(&mut stream, &buf[..n]).map_err(io_err("sending the Noise handshake"))?;
+    let mut msg = [0u8; MAX_RECORD];
+    let n = read_message(&mut stream, &mut msg).map_err(io_err("reading the Noise handshake"))?;
+    hs.read_message(&msg[..n], &mut buf)
+        .map_err(|_| SecureError::TargetKeyRefused)?;
+    SecureStream::new(stream, hs, protection)
+}
+
+/// The target's side: checks the preamble against `protection`, then the Noise handshake
+/// as responder. Every failure here comes from a peer that has not proved the key.
+pub fn accept_secure<S: Read + Write>(
+    mut stream: S,
+    key: &PresharedKey,
+    protection: Protection,
+) -> Result<SecureStream<S>, SecureError> {
+    let mut pre = [0u8; 8];
+    stream
+        .read_exact(&mut pre)
+        .map_err(io_err("reading the preamble"))?;
+    if pre[..4] != PREAMBLE_MAGIC || pre[4] != PREAMBLE_VERSION || pre[6..] != [0, 0] {
+        return Err(SecureError::NotAMigration { found: pre });
+    }
+    let theirs =
+        Protection::from_byte(pre[5]).ok_or(SecureError::UnknownProtection { found: pre[5] })?;
+    if theirs != protection {
+        // Told so the source can say why; nothing else happens on this connection.
+        let _ = stream
+            .write_all(&[1, protection.byte()])
+            .and_then(|()| stream.flush());
+        return Err(SecureError::ProtectionMismatch {
+            ours: protection,
+            theirs,
+        });
+    }
+    stream
+        .write_all(&[0, protection.byte()])
+        .and_then(|()| stream.flush())
+        .map_err(io_err("answering the preamble"))?;
+    let mut hs = handshake_state(key, &pre, false)?;
+    let mut msg = [0u8; MAX_RECORD];
+    let mut buf = [0u8; MAX_RECORD];
+    let n = read_message(&mut stream, &mut msg).map_err(io_err("reading the Noise handshake"))?;
+    hs.read_message(&msg[..n], &mut buf)
+        .map_err(|_| SecureError::SourceKeyRefused)?;
+    let n = hs.write_message(&[], &mut buf)?;
+    write_message(&mut stream, &buf[..n]).map_err(io_err("sending the Noise handshake"))?;
+    SecureStream::new(stream, hs, protection)
+}
+
+/// A stream after the handshake: AES-GCM records, or the bare stream for plaintext.
+pub struct SecureStream<S> {
+    inner: S,
+    cipher: Option<Cipher>,
+}
+
+/// The per-direction state of an encrypted stream.
+struct Cipher {
+    keys: StatelessTransportState,
+    send_nonce: u64,
+    recv_nonce: u64,
+    /// Plaintext written and not sealed yet.
+    pending: Vec<u8>,
+    /// Sealed records on their way to the socket.
+    wire: Vec<u8>,
+    /// Ciphertext read and not opened yet: `rx[rx_start..rx_end]` (allocated once, never
+    /// zeroed again).
+    rx: Vec<u8>,
+    rx_start: usize,
+    rx_end: usize,
+    /// Opened plaintext not yet returned (`plain_start..`).
+    plain: Vec<u8>,
+    plain_start: usize,
+}
+
+impl<S> std::fmt::Debug for SecureStream<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecureStream")
+            .field("encrypted", &self.cipher.is_some())
+            .finish()
+    }
+}
+
+impl<S> SecureStream<S> {
+    fn new(
+        inner: S,
+        hs: HandshakeState,
+        protection: Protection,
+    ) -> Result<SecureStream<S>, SecureError> {
+        let keys = hs.into_stateless_transport_mode()?;
+        let cipher = (protection == Protection::Encrypted).then(|| Cipher {
+            keys,
+            send_nonce: 0,
+            recv_nonce: 0,
+            pending: Vec::new(),
+            wire: Vec::new(),
+            rx: Vec::new(),
+            rx_start: 0,
+            rx_end: 0,
+            plain: Vec::new(),
+            plain_start: 0,
+        });
+        Ok(SecureStream { inner, cipher })
+    }
+
+    /// What the stream after the handshake gets.
+    pub fn protection(&self) -> Protection {
+        if self.cipher.is_some() {
+            Protection::Encrypted
+        } else {
+            Protection::Plaintext
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+fn tampered(nonce: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("integrity check failed: encrypted record {nonce} does not authenticate (it was altered, replayed, reordered or forged on the way)"),
+    )
+}
+
+/// Runs `f` on every job, on up to as many threads as the host has cores.
+fn run_parallel<J: Send>(jobs: Vec<J>, f: impl Fn(J) -> io::Result<()> + Sync) -> io::Result<()> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4);
+    if threads < 2 || jobs.len() < PARALLEL_MIN_RECORDS {
+        return jobs.into_iter().try_for_each(f);
+    }
+    let per = jobs.len().div_ceil(threads);
+    let mut groups: Vec<Vec<J>> = Vec::with_capacity(threads);
+    let mut it = jobs.into_iter().peekable();
+    while it.peek().is_some() {
+        groups.push(it.by_ref().take(per).collect());
+    }
+    let f = &f;
+    std::thread::scope(|s| {
+        let mut groups = groups.into_iter();
+        let mine = groups.next().unwrap_or_default();
+        let others: Vec<_> = groups
+            .map(|g| s.spawn(move || g.into_iter().try_for_each(f)))
+            .collect();
+        let first = mine.into_iter().try_for_each(f);
+        others.into_iter().fold(first, |acc, h| {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("a crypto thread panicked")));
+            acc.and(r)
+        })
+    })
+}
+
+impl Cipher {
+    /// Seals all pending plaintext into records in `wire`.
+    fn seal(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            self.wire.clear();
+            return Ok(());
+        }
+        let records = self.pending.len().div_ceil(MAX_RECORD_PAYLOAD);
+        let total = self.pending.len() + records * (LEN_PREFIX + TAG_LEN);
+        self.wire.resize(total, 0);
+        let first = self.send_nonce;
+        let keys = &self.keys;
+        let jobs: Vec<_> = self
+            .pending
+            .chunks(MAX_RECORD_PAYLOAD)
+            .zip(self.wire.chunks_mut(LEN_PREFIX + MAX_RECORD))
+            .enumerate()
+            .map(|(i, (p, w))| (first + i as u64, p, w))
+            .collect();
+        run_parallel(jobs, |(nonce, p, w)| {
+            let len = (p.len() + TAG_LEN) as u16;
+            w[..LEN_PREFIX].copy_from_slice(&len.to_be_bytes());
+            keys.write_message(nonce, p, &mut w[LEN_PREFIX..])
+                .map(drop)
+                .map_err(|e| io::Error::other(format!("sealing record {nonce}: {e}")))
+        })?;
+        self.send_nonce += records as u64;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Opens every complete record in `rx[rx_start..rx_end]` into `plain` (all of which
+    /// was returned).
+    /// Returns false if not one record is complete yet.
+    fn open(&mut self) -> io::Result<bool> {
+        let mut spans = Vec::new();
+        let mut at = self.rx_start;
+        let mut out_len = 0;
+        while self.rx_end - at >= LEN_PREFIX {
+            let len = usize::from(u16::from_be_bytes([self.rx[at], self.rx[at + 1]]));
+            if len < TAG_LEN {
+                return Err(tampered(self.recv_nonce + spans.len() as u64));
+            }
+            if self.rx_end - at - LEN_PREFIX < len {
+                break;
+            }
+            spans.push((at + LEN_PREFIX, len));
+            at += LEN_PREFIX + len;
+            out_len += len - TAG_LEN;
+        }
+        if spans.is_empty() {
+            return Ok(false);
+        }
+        self.plain.resize(out_len, 0);
+        self.plain_start = 0;
+        let first = self.recv_nonce;
+        let keys = &self.keys;
+        let rx = &self.rx;
+        let mut jobs = Vec::with_capacity(spans.len());
+        let mut rest = &mut self.plain[..];
+        for (i, (off, len)) in spans.iter().enumerate() {
+            let (mine, tail) = rest.split_at_mut(len - TAG_LEN);
+            rest = tail;
+            jobs.push((first + i as u64, &rx[*off..off + len], mine));
+        }
+        run_parallel(jobs, |(nonce, c, p)| {
+            keys.read_message(nonce, c, p)
+                .map(drop)
+                .map_err(|_| tampered(nonce))
+        })?;
+        self.recv_nonce += spans.len() as u64;
+        self.rx_start = at;
+        Ok(true)
+    }
+}
+
+impl<S: Read> Read for SecureStream<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(c) = &mut self.cipher else {
+            return self.inner.read(buf);
+        };
+        while c.plain_start == c.plain.len() {
+            if c.open()? {
+                // Records of no plaintext leave `plain` empty: look again.
+                continue;
+            }
+            // Keep the incomplete record at the front, then read more after it.
+            c.rx.copy_within(c.rx_start..c.rx_end, 0);
+            let have = c.rx_end - c.rx_start;
+            (c.rx_start, c.rx_end) = (0, have);
+            if c.rx.is_empty() {
+                c.rx.resize(READ_CHUNK + LEN_PREFIX + MAX_RECORD, 0);
+            }
+            let n = loop {
+                match self.inner.read(&mut c.rx[have..]) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => break r,
+                }
+            }?;
+            c.rx_end = have + n;
+            if n == 0 {
+                if have == 0 {
+                    return Ok(0);
+                }
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the connection closed in the middle of an encrypted record",
+                ));
+            }
+        }
+        let n = buf.len().min(c.plain.len() - c.plain_start);
+        buf[..n].copy_from_slice(&c.plain[c.plain_start..c.plain_start + n]);
+        c.plain_start += n;
+        Ok(n)
+    }
+}
+
+impl<S: Write> SecureStream<S> {
+    fn send_sealed(&mut self) -> io::Result<()> {
+        if let Some(c) = &mut self.cipher {
+            c.seal()?;
+            self.inner.write_all(&c.wire)?;
+        }
+        Ok(())
+    }
+}
+
+impl<S: Write> Write for SecureStream<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    /// Encrypted, the parts are buffered (and sealed at a flush, or once
+    /// [`SEAL_AT`] bytes wait); plaintext goes straight to the socket.
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let Some(c) = &mut self.cipher else {
+            return self.inner.write_vectored(bufs);
+        };
+        let mut n = 0;
+        for b in bufs {
+            c.pending.extend_from_slice(b);
+            n += b.len();
+        }
+        if c.pending.len() >= SEAL_AT {
+            self.send_sealed()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send_sealed()?;
+        self.inner.flush()
+    }
+}
+
+/// The cipher alone, for `ray bench migrate`'s `cipher_ratio`: seals `data` in memory the
+/// way a migration stream does (4 MiB writes, each flushed, on the same threads) under
+/// fresh keys, and returns how long the sealing took.
+pub fn seal_in_memory(data: &[u8]) -> Result<std::time::Duration, SecureError> {
+    let (a, b) = std::os::unix::net::UnixStream::pair().map_err(|source| SecureError::Io {
+        op: "creating a socket pair",
+        source,
+    })?;
+    let key = PresharedKey::new(b"rayvisor cipher benchmark key").map_err(|e| SecureError::Io {
+        op: "making a key",
+        source: io::Error::other(e.to_string()),
+    })?;
+    let target = {
+        let key = key.clone();
+        std::thread::spawn(move || accept_secure(b, &key, Protection::Encrypted).map(drop))
+    };
+    let source = connect_secure(a, &key, Protection::Encrypted)?;
+    target
+        .join()
+        .map_err(|_| SecureError::ClosedInHandshake)??;
+    let mut sealer = SecureStream {
+        inner: io::sink(),
+        cipher: source.cipher,
+    };
+    let failed = |source| SecureError::Io {
+        op: "sealing in memory",
+        source,
+    };
+    let t = std::time::Instant::now();
+    for batch in data.chunks(4 << 20) {
+        sealer.write_all(batch).map_err(failed)?;
+        sealer.flush().map_err(failed)?;
+    }
+    Ok(t.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::thread;
+
+    fn key(s: &str) -> PresharedKey {
+        PresharedKey::new(s.as_bytes()).unwrap()
+    }
+
+    /// A source and a target stream over a socket pair, after the handshake.
+    fn pair(p: Protection) -> (SecureStream<UnixStream>, SecureStream<UnixStream>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = thread::spawn(move || accept_secure(b, &key("a shared key of length"), p));
+        let s = connect_secure(a, &key("a shared key of length"), p).unwrap();
+        (s, t.join().unwrap().unwrap())
+    }
+
+    #[test]
+    fn bytes_cross_encrypted_both_ways_in_records_of_any_size() {
+        let (mut s, mut t) = pair(Protection::Encrypted);
+        assert_eq!(s.protection(), Protection::Encrypted);
+        let big: Vec<u8> = (0..3 * MAX_RECORD_PAYLOAD + 17)
+            .map(|i| (i * 7) as u8)
+            .collect();
+        let w = thread::spawn(move || {
+            s.write_all(b"hello").unwrap();
+            s.flush().unwrap();
+            s.write_all(&vec![5u8; 20 << 20]).unwrap();
+            s.flush().unwrap();
+            s
+        });
+        let mut got = [0u8; 5];
+        t.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        let mut got = vec![0u8; 20 << 20];
+        t.read_exact(&mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 5));
+        let mut s = w.join().unwrap();
+        t.write_all(&big).unwrap();
+        t.flush().unwrap();
+        let mut got = vec![0u8; big.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, big);
+    }
+
+    /// Sealed records as the source would send them, and a fresh target to open them.
+    fn sealed_records(msgs: &[&[u8]]) -> (Vec<Vec<u8>>, SecureStream<io::Cursor<Vec<u8>>>) {
+        let (s, t) = pair(Protection::Encrypted);
+        let (mut s, t) = (s.cipher.unwrap(), t.cipher.unwrap());
+        let mut out = Vec::new();
+        for m in msgs {
+            s.pending.extend_from_slice(m);
+            s.seal().unwrap();
+            out.push(std::mem::take(&mut s.wire));
+        }
+        let target = SecureStream {
+            inner: io::Cursor::new(Vec::new()),
+            cipher: Some(t),
+        };
+        (out, target)
+    }
+
+    fn read_all(mut t: SecureStream<io::Cursor<Vec<u8>>>, wire: Vec<u8>) -> io::Result<Vec<u8>> {
+        t.inner = io::Cursor::new(wire);
+        let mut got = Vec::new();
+        t.read_to_end(&mut got)?;
+        Ok(got)
+    }
+
+    #[test]
+    fn records_in_order_open() {
+        let (r, t) = sealed_records(&[b"one", b"two"]);
+        assert_eq!(read_all(t, r.concat()).unwrap(), b"onetwo");
+    }
+
+    #[test]
+    fn a_replayed_record_is_refused() {
+        let (r, t) = sealed_records(&[b"one", b"two"]);
+        let wire = [r[0].clone(), r[0].clone(), r[1].clone()].concat();
+        let e = read_all(t, wire).unwrap_err();
+        assert!(
+            e.to_string().contains("record 1 does not authenticate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn reordered_records_are_refused() {
+        let (r, t) = sealed_records(&[b"one", b"two"]);
+        let e = read_all(t, [r[1].clone(), r[0].clone()].concat()).unwrap_err();
+        assert!(
+            e.to_string().contains("record 0 does not authenticate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_dropped_record_is_refused() {
+        let (r, t) = sealed_records(&[b"one", b"two", b"three"]);
+        let e = read_all(t, [r[0].clone(), r[2].clone()].concat()).unwrap_err();
+        assert!(
+            e.to_string().contains("record 1 does not authenticate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn one_flipped_bit_is_refused() {
+        let (r, t) = sealed_records(&[b"some page data"]);
+        let mut wire = r.concat();
+        wire[5] ^= 1;
+        let e = read_all(t, wire).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("integrity check failed"), "{e}");
+    }
+
+    #[test]
+    fn a_record_cut_short_is_an_error_not_an_end() {
+        let (r, t) = sealed_records(&[b"some page data"]);
+        let mut wire = r.concat();
+        wire.pop();
+        let e = read_all(t, wire).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn records_from_another_direction_do_not_open() {
+        // The target's own sealing key is not the source's: a record reflected back to
+        // its sender fails.
+        let (s, t) = pair(Protection::Encrypted);
+        let mut tc = t.cipher.unwrap();
+        tc.pending.extend_from_slice(b"reflected");
+        tc.seal().unwrap();
+        let mut back = SecureStream {
+            inner: io::Cursor::new(Vec::new()),
+            cipher: Some(tc),
+        };
+        back.inner = io::Cursor::new(std::mem::take(&mut back.cipher.as_mut().unwrap().wire));
+        let _ = s;
+        let e = {
+            let mut got = Vec::new();
+            back.read_to_end(&mut got).unwrap_err()
+        };
+        assert!(e.to_string().contains("does not authenticate"), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_key_is_refused_by_both_ends() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = thread::spawn(move || {
+            accept_secure(b, &key("the target's own key"), Protection::Encrypted).map(drop)
+        });
+        let s = connect_secure(a, &key("another key, not it"), Protection::Encrypted);
+        let t = t.join().unwrap().unwrap_err();
+        assert!(matches!(t, SecureError::SourceKeyRefused), "{t}");
+        let s = s.unwrap_err();
+        assert!(matches!(s, SecureError::ClosedInHandshake), "{s}");
+    }
+
+    #[test]
+    fn protections_must_match_and_say_so() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = thread::spawn(move || {
+            accept_secure(b, &key("a shared key of length"), Protection::Encrypted).map(drop)
+        });
+        let s = connect_secure(a, &key("a shared key of length"), Protection::Plaintext);
+        let t = t.join().unwrap().unwrap_err();
+        assert!(
+            t.to_string()
+                .contains("insecure plaintext migration but this target is set to encrypted"),
+            "{t}"
+        );
+        let s = s.unwrap_err();
+        assert!(matches!(s, SecureError::RefusedByTarget { .. }), "{s}");
+        assert!(s.to_string().contains("--insecure-plaintext"), "{s}");
+    }
+
+    #[test]
+    fn an_altered_preamble_breaks_the_handshake() {
+        // A man in the middle rewrites "plaintext" to "encrypted" in the preamble to
+        // get past the target's check: the prologue then differs and the keys with it.
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = thread::spawn(move || {
+            accept_secure(b, &key("a shared key of length"), Protection::Encrypted).map(drop)
+        });
+        let mut a = a;
+        let mut pre = preamble(Protection::Plaintext);
+        pre[5] = Protection::Encrypted.byte();
+        a.write_all(&pre).unwrap();
+        let mut ack = [0u8; 2];
+        a.read_exact(&mut ack).unwrap();
+        let mut hs = handshake_state(
+            &key("a shared key of length"),
+            &preamble(Protection::Plaintext),
+            true,
+        )
+        .unwrap();
+        let mut buf = [0u8; MAX_RECORD];
+        let n = hs.write_message(&[], &mut buf).unwrap();
+        write_message(&mut a, &buf[..n]).unwrap();
+        let t = t.join().unwrap().unwrap_err();
+        assert!(matches!(t, SecureError::SourceKeyRefused), "{t}");
+    }
+
+    #[test]
+    fn garbage_is_not_a_migration() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+        let e =
+            accept_secure(b, &key("a shared key of length"), Protection::Encrypted).unwrap_err();
+        assert!(matches!(e, SecureError::NotAMigration { .. }), "{e}");
+    }
+
+    #[test]
+    fn the_cipher_alone_can_be_timed() {
+        let t = seal_in_memory(&vec![7u8; 8 << 20]).unwrap();
+        assert!(t > std::time::Duration::ZERO);
+    }
+
+    #[test]
+    fn plaintext_passes_bytes_through_after_the_handshake() {
+        let (mut s, mut t) = pair(Protection::Plaintext);
+        assert_eq!(t.protection(), Protection::Plaintext);
+        s.write_all(b"clear").unwrap();
+        s.flush().unwrap();
+        let mut got = [0u8; 5];
+        t.inner.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"clear", "the bytes are on the wire as written");
+    }
+}
