@@ -387,7 +387,7 @@ fn the_controller_places_vms_apart_explains_refusals_and_a_standby_takes_over() 
 }
 
 #[test]
-fn the_controller_live_migrates_a_vm_through_the_agents_and_moves_its_token_once() {
+fn the_controller_live_migrates_a_vm_through_the_agents_and_drains_a_host() {
     let env = Env::new("cluster-migrate");
     let rt = runtime();
     let etcd = rt.block_on(Etcd::start("e2e-migrate"));
@@ -502,4 +502,67 @@ fn the_controller_live_migrates_a_vm_through_the_agents_and_moves_its_token_once
             "{key} left over"
         );
     }
+
+    // Drain the host: every VM on it moves to the other one, their guests carry on.
+    env.ray_ok(&[
+        "cluster",
+        "vm",
+        "create",
+        "m2",
+        "--memory-mib",
+        "128",
+        "--etcd",
+        &url,
+    ]);
+    let host_of = |vm: &str| {
+        rt.block_on(runtoken::read(&store, vm))
+            .unwrap()
+            .map(|(t, _)| t.host)
+    };
+    wait("m2 placed", Duration::from_secs(20), || {
+        host_of("m2").is_some()
+    });
+    runs_in(&dir(&host_of("m2").unwrap()), "m2");
+    let on: Vec<&str> = ["m1", "m2"]
+        .into_iter()
+        .filter(|vm| host_of(vm).as_deref() == Some(from.as_str()))
+        .collect();
+    assert!(on.contains(&"m1"));
+    let counters: Vec<u64> = on
+        .iter()
+        .map(|vm| heartbeat(&dir(&from), vm).unwrap())
+        .collect();
+    let out = env.ray_ok(&["node", "drain", &from, "--etcd", &url]);
+    assert!(out.contains("Drained"), "{out}");
+    for (vm, before) in on.iter().zip(counters) {
+        assert_eq!(host_of(vm).as_deref(), Some(to), "{vm}");
+        runs_in(&dir(to), vm);
+        assert!(heartbeat(&dir(to), vm).unwrap() > before, "{vm}");
+    }
+    let status = json(&env.ray_ok(&["cluster", "status", "--etcd", &url, "--json"]));
+    assert_eq!(status["drains"][0]["vms_left"], 0, "{status}");
+    let events = env.ray_ok(&["cluster", "events", "--etcd", &url]);
+    assert!(
+        events.contains(&format!("(asked by drain {from})")),
+        "{events}"
+    );
+    assert!(
+        events.contains(&format!("host {from} is drained")),
+        "{events}"
+    );
+    // A new VM does not go to the drained host.
+    env.ray_ok(&[
+        "cluster",
+        "vm",
+        "create",
+        "m3",
+        "--memory-mib",
+        "128",
+        "--etcd",
+        &url,
+    ]);
+    wait("m3 placed", Duration::from_secs(20), || {
+        host_of("m3").is_some()
+    });
+    assert_eq!(host_of("m3").as_deref(), Some(to));
 }
