@@ -42,17 +42,15 @@ impl Daemon {
 
     /// An agent whose host's VMs live in `runtime` (its log: `runtime/agent.log`).
     fn start_in(runtime: &Path, etcd: &Etcd, host: &str) -> Daemon {
-        Daemon(spawn_ray(
-            runtime,
-            &runtime.join("agent.log"),
-            &[
-                "agent",
-                "--host",
-                host,
-                "--etcd",
-                &etcd.endpoints().join(","),
-            ],
-        ))
+        Daemon::start_with(runtime, etcd, host, &[])
+    }
+
+    /// [`Daemon::start_in`] with more arguments for the agent.
+    fn start_with(runtime: &Path, etcd: &Etcd, host: &str, extra: &[&str]) -> Daemon {
+        let url = etcd.endpoints().join(",");
+        let mut args = vec!["agent", "--host", host, "--etcd", &url];
+        args.extend_from_slice(extra);
+        Daemon(spawn_ray(runtime, &runtime.join("agent.log"), &args))
     }
 
     fn kill9(&mut self) {
@@ -386,4 +384,185 @@ fn the_controller_places_vms_apart_explains_refusals_and_a_standby_takes_over() 
         let (t, _) = rt.block_on(runtoken::read(&store, vm)).unwrap().unwrap();
         assert_eq!(t.epoch, 1, "{vm}");
     }
+}
+
+#[test]
+fn the_controller_live_migrates_a_vm_through_the_agents_and_drains_a_host() {
+    let env = Env::new("cluster-migrate");
+    let rt = runtime();
+    let etcd = rt.block_on(Etcd::start("e2e-migrate"));
+    let store = rt.block_on(EtcdStore::connect(&etcd.endpoints())).unwrap();
+    let url = etcd.endpoints().join(",");
+    let key = env.runtime.join("migration.key");
+    std::fs::create_dir_all(&env.runtime).unwrap();
+    std::fs::write(&key, b"0123456789abcdef0123456789abcdef").unwrap();
+    let key = key.display().to_string();
+    let hosts = [env.runtime.join("h1"), env.runtime.join("h2")];
+    let _reap = ReapVmms(hosts.to_vec());
+    let _agents: Vec<Daemon> = ["h1", "h2"]
+        .iter()
+        .zip(&hosts)
+        .map(|(h, dir)| Daemon::start_with(dir, &etcd, h, &["--migration-key-file", &key]))
+        .collect();
+    let _ctl = Daemon(spawn_ray(
+        &env.runtime,
+        &env.runtime.join("controller.log"),
+        &["controller", "--id", "c1", "--etcd", &url],
+    ));
+    wait("both hosts Ready", Duration::from_secs(30), || {
+        json(&env.ray_ok(&["cluster", "status", "--etcd", &url, "--json"]))["hosts"]["Ready"] == 2
+    });
+    env.ray_ok(&[
+        "cluster",
+        "vm",
+        "create",
+        "m1",
+        "--memory-mib",
+        "128",
+        "--etcd",
+        &url,
+    ]);
+    let token = || {
+        rt.block_on(runtoken::read(&store, "m1"))
+            .unwrap()
+            .map(|(t, _)| t)
+    };
+    wait("m1 placed", Duration::from_secs(20), || token().is_some());
+    let from = token().unwrap().host;
+    let to = if from == "h1" { "h2" } else { "h1" };
+    let dir = |h: &str| env.runtime.join(h);
+    runs_in(&dir(&from), "m1");
+
+    // Bad requests are refused before anything is written.
+    let bad = env.ray(&[
+        "cluster", "vm", "migrate", "m1", "--to", &from, "--etcd", &url,
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains(&format!("runs on host {from} already")),
+        "{bad:?}"
+    );
+    let bad = env.ray(&["cluster", "vm", "migrate", "m1", "--abort", "--etcd", &url]);
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("no migration under way to abort"),
+        "{bad:?}"
+    );
+
+    // Migrate without naming a target: the engine picks the other host. The command
+    // follows it to its end.
+    let before = heartbeat(&dir(&from), "m1").unwrap();
+    let out = env.ray_ok(&["cluster", "vm", "migrate", "m1", "--etcd", &url]);
+    assert!(
+        out.contains(&format!(
+            "migrated from host {from} to host {to} (run token epoch 2)"
+        )),
+        "{out}"
+    );
+    // The guest goes on where it was (its heartbeat counter carried over) on the target,
+    // and the source's copy is gone.
+    runs_in(&dir(to), "m1");
+    assert!(heartbeat(&dir(to), "m1").unwrap() > before);
+    wait("the source's VMM gone", Duration::from_secs(20), || {
+        heartbeat(&dir(&from), "m1").is_none()
+    });
+    let t = token().unwrap();
+    assert_eq!((t.host.as_str(), t.epoch), (to, 2));
+    wait(
+        "the target's agent adopted it",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(dir(to).join("agent.log"))
+                .unwrap_or_default()
+                .contains("adopted the VM that arrived by migration")
+        },
+    );
+    assert!(dir(to).join("vms/m1/cluster.json").is_file());
+
+    // And back, naming the target; the log has both moves; nothing is left over.
+    let out = env.ray_ok(&[
+        "cluster", "vm", "migrate", "m1", "--to", &from, "--etcd", &url,
+    ]);
+    assert!(out.contains("(run token epoch 3)"), "{out}");
+    runs_in(&dir(&from), "m1");
+    let explain = env.ray_ok(&["cluster", "explain", "m1", "--etcd", &url]);
+    assert_eq!(
+        explain.matches("migrated from host").count(),
+        2,
+        "{explain}"
+    );
+    let ops = rt.block_on(store.list(keys::OPS)).unwrap();
+    assert!(ops.kvs.is_empty(), "{:?}", ops.kvs);
+    for key in [
+        keys::receiver("m1"),
+        keys::sender("m1"),
+        keys::migrate_request("m1"),
+    ] {
+        assert!(
+            rt.block_on(store.get(&key)).unwrap().is_none(),
+            "{key} left over"
+        );
+    }
+
+    // Drain the host: every VM on it moves to the other one, their guests carry on.
+    env.ray_ok(&[
+        "cluster",
+        "vm",
+        "create",
+        "m2",
+        "--memory-mib",
+        "128",
+        "--etcd",
+        &url,
+    ]);
+    let host_of = |vm: &str| {
+        rt.block_on(runtoken::read(&store, vm))
+            .unwrap()
+            .map(|(t, _)| t.host)
+    };
+    wait("m2 placed", Duration::from_secs(20), || {
+        host_of("m2").is_some()
+    });
+    runs_in(&dir(&host_of("m2").unwrap()), "m2");
+    let on: Vec<&str> = ["m1", "m2"]
+        .into_iter()
+        .filter(|vm| host_of(vm).as_deref() == Some(from.as_str()))
+        .collect();
+    assert!(on.contains(&"m1"));
+    let counters: Vec<u64> = on
+        .iter()
+        .map(|vm| heartbeat(&dir(&from), vm).unwrap())
+        .collect();
+    let out = env.ray_ok(&["node", "drain", &from, "--etcd", &url]);
+    assert!(out.contains("Drained"), "{out}");
+    for (vm, before) in on.iter().zip(counters) {
+        assert_eq!(host_of(vm).as_deref(), Some(to), "{vm}");
+        runs_in(&dir(to), vm);
+        assert!(heartbeat(&dir(to), vm).unwrap() > before, "{vm}");
+    }
+    let status = json(&env.ray_ok(&["cluster", "status", "--etcd", &url, "--json"]));
+    assert_eq!(status["drains"][0]["vms_left"], 0, "{status}");
+    let events = env.ray_ok(&["cluster", "events", "--etcd", &url]);
+    assert!(
+        events.contains(&format!("(asked by drain {from})")),
+        "{events}"
+    );
+    assert!(
+        events.contains(&format!("host {from} is drained")),
+        "{events}"
+    );
+    // A new VM does not go to the drained host.
+    env.ray_ok(&[
+        "cluster",
+        "vm",
+        "create",
+        "m3",
+        "--memory-mib",
+        "128",
+        "--etcd",
+        &url,
+    ]);
+    wait("m3 placed", Duration::from_secs(20), || {
+        host_of("m3").is_some()
+    });
+    assert_eq!(host_of("m3").as_deref(), Some(to));
 }

@@ -14,6 +14,10 @@
 //!         renewal good again, or a new lease after the old one lapsed
 //!                           -> each fenced VM: confirm -> resume, refused -> stop
 //!         status            -> written when it changes (and load at most once a minute)
+//!         incoming put      -> start a receiver, report its address (`crate::migration`)
+//!         outgoing put      -> send the VM to that address; delete -> cancel
+//!         while either runs -> report progress when the phase or pass changes
+//!         assignment put with origin Migration -> confirm, then adopt the arrived VM
 //! ```
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,9 +28,18 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::keys;
-use crate::runtoken::{self, Assignment, TokenError};
+use crate::migration::{self, Incoming, Outgoing, Phase, Progress};
+use crate::runtoken::{self, Assignment, Origin, TokenError};
 use crate::store::{Event, Kv, LeaseId, Revision, Store, StoreError, Txn, Watch};
 use crate::timing::Timing;
+
+/// Whether a migration's last report says it ended.
+fn is_final(p: &Option<Progress>) -> bool {
+    p.as_ref().is_some_and(|p| p.phase.is_final())
+}
+
+/// How often the agent looks at the migrations in flight on its host.
+const MIGRATION_POLL: Duration = Duration::from_millis(250);
 
 /// A VM of this host as its VMM reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +63,31 @@ pub trait Vmms: Send + Sync + 'static {
     fn pause(&self, vm: &str) -> Result<(), String>;
     /// Resumes `vm` after a fence.
     fn resume(&self, vm: &str) -> Result<(), String>;
+    /// Starts a VMM that waits for `vm` to arrive by live migration; returns the address
+    /// it listens on. (Hosts that cannot migrate keep the default: a refusal.)
+    fn receive(&self, vm: &str, _spec: &[u8]) -> Result<String, String> {
+        Err(format!(
+            "this host cannot receive VM {vm}: it has no migration set-up"
+        ))
+    }
+    /// Starts sending `vm` to the receiver at `addr`.
+    fn send(&self, vm: &str, _addr: &str) -> Result<(), String> {
+        Err(format!(
+            "this host cannot send VM {vm}: it has no migration set-up"
+        ))
+    }
+    /// Where the migration of `vm` (either direction) is; `host` is left to the caller.
+    fn migration(&self, vm: &str) -> Result<Progress, String> {
+        Err(format!("VM {vm} has no migration here"))
+    }
+    /// Cancels the outgoing migration of `vm` (a no-op past the switch-over).
+    fn cancel(&self, vm: &str) -> Result<(), String> {
+        Err(format!("VM {vm} has no migration here"))
+    }
+    /// Makes `vm`, arrived by migration, this host's at `epoch`.
+    fn adopt(&self, vm: &str, _epoch: u64) -> Result<(), String> {
+        Err(format!("VM {vm} did not arrive here by migration"))
+    }
 }
 
 /// Inventory of a host.
@@ -195,6 +233,9 @@ pub struct Agent<S: Store, V: Vmms> {
     /// VMs of this host: id -> epoch.
     vms: BTreeMap<String, u64>,
     last_status: Vec<u8>,
+    /// Migrations in flight here, by VM: the last progress reported (`None`: none yet).
+    receiving: BTreeMap<String, Option<Progress>>,
+    sending: BTreeMap<String, Option<Progress>>,
 }
 
 fn lease_file(cfg: &AgentConfig) -> PathBuf {
@@ -257,6 +298,8 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             lease,
             vms: BTreeMap::new(),
             last_status: Vec::new(),
+            receiving: BTreeMap::new(),
+            sending: BTreeMap::new(),
         };
         agent.register().await?;
         tracing::info!(host = %agent.cfg.host, lease, "registered");
@@ -366,12 +409,20 @@ impl<S: Store, V: Vmms> Agent<S, V> {
                 return Ok(());
             }
         }
-        let spec = self
-            .store
-            .get(&keys::vm_spec(vm))
-            .await?
-            .map(|kv| kv.value)
-            .unwrap_or_default();
+        if let Origin::Migration { from } = &a.origin {
+            // The VMM is here already (it received the VM): it becomes this host's.
+            let (id, epoch, from) = (vm.to_string(), a.epoch, from.clone());
+            match self.blocking(move |v| v.adopt(&id, epoch)).await {
+                Ok(()) => {
+                    tracing::info!(vm, epoch, from, "adopted the VM that arrived by migration");
+                    self.receiving.remove(vm);
+                    self.add_vm(vm, epoch);
+                }
+                Err(e) => tracing::warn!(vm, "cannot adopt the migrated VM: {e}"),
+            }
+            return Ok(());
+        }
+        let spec = self.spec(vm).await?;
         let (id, epoch) = (vm.to_string(), a.epoch);
         match self.blocking(move |v| v.start(&id, &spec, &a)).await {
             Ok(()) => {
@@ -381,6 +432,130 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             Err(e) => tracing::warn!(vm, "cannot start: {e}"),
         }
         Ok(())
+    }
+
+    async fn spec(&self, vm: &str) -> Result<Vec<u8>, StoreError> {
+        Ok(self
+            .store
+            .get(&keys::vm_spec(vm))
+            .await?
+            .map(|kv| kv.value)
+            .unwrap_or_default())
+    }
+
+    /// Writes one side's migration report.
+    async fn report_migration(&self, key: String, p: &Progress) -> Result<(), StoreError> {
+        self.store
+            .commit(Txn::new().put(key, migration::json(p)))
+            .await
+            .map(drop)
+    }
+
+    /// The controller asks for a receiver for `vm`.
+    async fn on_incoming(&mut self, vm: &str, inc: Incoming) -> Result<(), StoreError> {
+        if self.receiving.get(vm).is_some_and(|p| !is_final(p)) || self.vms.contains_key(vm) {
+            return Ok(());
+        }
+        let spec = self.spec(vm).await?;
+        let id = vm.to_string();
+        let mut p = Progress::new(&self.cfg.host, Phase::Waiting);
+        match self.blocking(move |v| v.receive(&id, &spec)).await {
+            Ok(addr) => {
+                tracing::info!(vm, from = %inc.from, addr, "waiting for the VM");
+                p.addr = Some(addr);
+            }
+            Err(e) => {
+                tracing::warn!(vm, "cannot receive: {e}");
+                p.phase = Phase::Failed;
+                p.error = Some(e);
+            }
+        }
+        self.report_migration(keys::receiver(vm), &p).await?;
+        self.receiving.insert(vm.to_string(), Some(p));
+        Ok(())
+    }
+
+    /// The controller asks to send `vm` to a waiting receiver.
+    async fn on_outgoing(&mut self, vm: &str, out: Outgoing) -> Result<(), StoreError> {
+        if self.sending.get(vm).is_some_and(|p| !is_final(p)) {
+            return Ok(());
+        }
+        let result = match self.vms.get(vm) {
+            Some(&e) if e == out.epoch && !self.fenced() => {
+                let (id, addr) = (vm.to_string(), out.addr.clone());
+                self.blocking(move |v| v.send(&id, &addr)).await
+            }
+            _ => Err(format!(
+                "VM {vm} does not run on host {} at epoch {} (or the host is fenced)",
+                self.cfg.host, out.epoch
+            )),
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(vm, to = %out.to, addr = %out.addr, "sending the VM");
+                self.sending.insert(vm.to_string(), None);
+            }
+            Err(e) => {
+                tracing::warn!(vm, "cannot send: {e}");
+                let mut p = Progress::new(&self.cfg.host, Phase::Failed);
+                p.error = Some(e);
+                self.report_migration(keys::sender(vm), &p).await?;
+                self.sending.insert(vm.to_string(), Some(p));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports the progress of every migration in flight here that changed.
+    async fn poll_migrations(&mut self) -> Result<(), StoreError> {
+        for receiving in [true, false] {
+            let map = if receiving {
+                &self.receiving
+            } else {
+                &self.sending
+            };
+            let open: Vec<(String, Option<Progress>)> = map
+                .iter()
+                .filter(|(_, p)| !is_final(p))
+                .map(|(k, p)| (k.clone(), p.clone()))
+                .collect();
+            for (vm, last) in open {
+                let id = vm.clone();
+                let mut p = match self.blocking(move |v| v.migration(&id)).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let mut p = Progress::new(&self.cfg.host, Phase::Failed);
+                        p.error = Some(e);
+                        p
+                    }
+                };
+                p.host = self.cfg.host.clone();
+                if receiving && p.addr.is_none() {
+                    p.addr = last.as_ref().and_then(|l| l.addr.clone());
+                }
+                if last.as_ref().is_some_and(|l| !l.differs(&p)) {
+                    continue;
+                }
+                let key = if receiving {
+                    keys::receiver(&vm)
+                } else {
+                    keys::sender(&vm)
+                };
+                self.report_migration(key, &p).await?;
+                let map = if receiving {
+                    &mut self.receiving
+                } else {
+                    &mut self.sending
+                };
+                map.insert(vm, Some(p));
+            }
+        }
+        Ok(())
+    }
+
+    fn migrating(&self) -> bool {
+        let open = |m: &BTreeMap<String, Option<Progress>>| m.values().any(|p| !is_final(p));
+        open(&self.receiving) || open(&self.sending)
     }
 
     async fn stop_vm(&mut self, vm: &str, why: &str) {
@@ -465,8 +640,14 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             .watch(&keys::host(&self.cfg.host), revision + 1)
             .await?;
         let mut next_renewal = Instant::now() + timing.renew_every;
+        let mut progress = tokio::time::interval(MIGRATION_POLL);
         loop {
             tokio::select! {
+                _ = progress.tick(), if self.migrating() => {
+                    if let Err(e) = self.poll_migrations().await {
+                        tracing::warn!("cannot report a migration's progress: {e}");
+                    }
+                }
                 ev = watch.next() => match ev {
                     Ok(ev) => self.on_event(ev).await?,
                     Err(e) => {
@@ -508,6 +689,53 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         let Some((_, rest)) = keys::split_host_key(ev.key()) else {
             return Ok(());
         };
+        if let Some(vm) = rest.strip_prefix("incoming/") {
+            let vm = vm.to_string();
+            match ev {
+                Event::Put(kv) => match serde_json::from_slice::<Incoming>(&kv.value) {
+                    Ok(inc) => self.on_incoming(&vm, inc).await?,
+                    Err(e) => tracing::warn!(vm, "ignoring an invalid incoming key: {e}"),
+                },
+                Event::Delete { .. } => {
+                    // Ended without the VM here: the receiver's copy goes. One that
+                    // reported the VM running here stays (the token decides about it).
+                    let last = self.receiving.remove(&vm);
+                    let arrived = last
+                        .as_ref()
+                        .is_some_and(|p| p.as_ref().is_some_and(|p| p.phase == Phase::Done));
+                    if last.is_some() && !arrived && !self.vms.contains_key(&vm) {
+                        let id = vm.clone();
+                        if let Err(e) = self.blocking(move |v| v.stop(&id)).await {
+                            tracing::info!(vm, "the receiver is gone already: {e}");
+                        }
+                    }
+                }
+            }
+            return Ok(());
+        }
+        if let Some(vm) = rest.strip_prefix("outgoing/") {
+            let vm = vm.to_string();
+            match ev {
+                Event::Put(kv) => match serde_json::from_slice::<Outgoing>(&kv.value) {
+                    Ok(out) => self.on_outgoing(&vm, out).await?,
+                    Err(e) => tracing::warn!(vm, "ignoring an invalid outgoing key: {e}"),
+                },
+                Event::Delete { .. } => {
+                    if self.sending.get(&vm).is_some_and(|p| !is_final(p)) {
+                        // Aborted: cancel, and keep reporting until the source says
+                        // how it ended (rolled back, or past the switch-over).
+                        let id = vm.clone();
+                        match self.blocking(move |v| v.cancel(&id)).await {
+                            Ok(()) => tracing::info!(vm, "migration cancelled"),
+                            Err(e) => tracing::warn!(vm, "cannot cancel: {e}"),
+                        }
+                    } else {
+                        self.sending.remove(&vm);
+                    }
+                }
+            }
+            return Ok(());
+        }
         let Some(vm) = rest.strip_prefix("vms/") else {
             return Ok(());
         };

@@ -29,6 +29,14 @@ pub enum Kind {
     Leader,
     /// A successor controller finished or undid an operation its predecessor recorded.
     Recovered,
+    /// A live migration started: source, target and why that target.
+    Migrating,
+    /// A live migration ended with the VM on its target (the run token moved).
+    Migrated,
+    /// A live migration was refused, failed or aborted: the VM stays on its source.
+    MigrationFailed,
+    /// A draining host has no VMs left.
+    Drained,
 }
 
 /// One entry of the log.

@@ -9,6 +9,11 @@
 //! /ray/vms/<vm>/spec             operator                 what the VM is (size, pool, group, HA)
 //! /ray/vms/<vm>/token            controller, agent (CAS)  run token: the one host allowed to run it
 //! /ray/vms/<vm>/observed         agent, on change         state on its host, last checkpoint
+//! /ray/hosts/<host>/incoming/<vm> controller              prepare a receiver for <vm> (migration)
+//! /ray/hosts/<host>/outgoing/<vm> controller              send <vm> to a waiting receiver
+//! /ray/vms/<vm>/migrate          operator                 a migration asked for (or its abort)
+//! /ray/vms/<vm>/receiver         target agent             the receiver: address, progress, outcome
+//! /ray/vms/<vm>/sender           source agent             the sender: progress, outcome
 //! /ray/ops/<op>                  controller               an operation, recorded before it acts
 //! /ray/log/<revision-ordered id> controller               decision log entry
 //! /ray/controller/leader         controllers              leader election
@@ -60,6 +65,26 @@ pub fn run_token(vm: &str) -> String {
 
 pub fn vm_observed(vm: &str) -> String {
     format!("{VMS}{vm}/observed")
+}
+
+pub fn incoming(host: &str, vm: &str) -> String {
+    format!("{HOSTS}{host}/incoming/{vm}")
+}
+
+pub fn outgoing(host: &str, vm: &str) -> String {
+    format!("{HOSTS}{host}/outgoing/{vm}")
+}
+
+pub fn migrate_request(vm: &str) -> String {
+    format!("{VMS}{vm}/migrate")
+}
+
+pub fn receiver(vm: &str) -> String {
+    format!("{VMS}{vm}/receiver")
+}
+
+pub fn sender(vm: &str) -> String {
+    format!("{VMS}{vm}/sender")
 }
 
 pub fn op(id: &str) -> String {

@@ -10,6 +10,7 @@
 //! - [`store`]: the one [`store::Store`] trait, on an embedded redb file (one host, zero
 //!   set-up) or a real etcd (a cluster): revision-checked transactions, leases, watches;
 //! - [`keys`]: where everything lives in the store;
+//! - [`migration`]: live migration through the cluster: who writes what;
 //! - [`spec`]: what a cluster VM is;
 //! - [`runtoken`]: the per-VM run token that makes a second start of a VM impossible;
 //! - [`timing`]: lease, fence and grace times, and the inequality that proves no VM runs
@@ -20,6 +21,7 @@ pub mod agent;
 pub mod controller;
 pub mod decisions;
 pub mod keys;
+pub mod migration;
 pub mod runtoken;
 pub mod spec;
 pub mod store;

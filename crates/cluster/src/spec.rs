@@ -34,6 +34,10 @@ pub struct HostSpec {
     /// A cordoned host keeps its VMs but gets no new ones.
     #[serde(default)]
     pub cordon: bool,
+    /// A draining host gets no new VMs and the controller live-migrates its own away
+    /// (`ray node drain`); with none left it is Drained (Offline: maintenance).
+    #[serde(default)]
+    pub drain: bool,
 }
 
 fn worker() -> HostRole {
@@ -45,6 +49,7 @@ impl Default for HostSpec {
         HostSpec {
             role: HostRole::Worker,
             cordon: false,
+            drain: false,
         }
     }
 }

@@ -338,3 +338,187 @@ async fn a_thousand_hosts_thirty_thousand_vms_with_failures() {
     }
     eprintln!("end: {placed} placed, {held} on failed hosts, {pending} pending");
 }
+
+/// Plays every agent's part of the migrations in the store for one round: receivers wait
+/// when asked for, and the VM arrives when its source is told to send, except that one
+/// receiver in `fail_one_in` reports a failure instead.
+async fn agents_round<S: Store>(s: &S, rng: &mut Rng, fail_one_in: u64) {
+    use ray_cluster::migration::{Outgoing, Phase, Progress};
+    for kv in s.list(keys::HOSTS).await.unwrap().kvs {
+        let (host, rest) = keys::split_host_key(&kv.key).unwrap();
+        let write = |vm: &str, p: Progress| {
+            Txn::new().put(keys::receiver(vm), serde_json::to_vec(&p).unwrap())
+        };
+        if let Some(vm) = rest.strip_prefix("incoming/") {
+            if s.get(&keys::receiver(vm)).await.unwrap().is_none() {
+                let p = Progress {
+                    addr: Some(format!("{host}:7000")),
+                    ..Progress::new(host, Phase::Waiting)
+                };
+                s.commit(write(vm, p)).await.unwrap();
+            }
+        }
+        if let Some(vm) = rest.strip_prefix("outgoing/") {
+            let out: Outgoing = serde_json::from_slice(&kv.value).unwrap();
+            let p = if rng.below(fail_one_in) == 0 {
+                Progress {
+                    error: Some("the link dropped".into()),
+                    ..Progress::new(&out.to, Phase::Failed)
+                }
+            } else {
+                Progress::new(&out.to, Phase::Done)
+            };
+            s.commit(write(vm, p)).await.unwrap();
+        }
+    }
+}
+
+/// Drains of 20 of 1,000 hosts through the controller's own passes (placement,
+/// migration steps, drain steps) with migrations that fail now and then and controllers
+/// that die between passes (a successor carries on from the store alone). Afterwards:
+/// every drained host is empty, every VM is on exactly one host with its assignment
+/// matching its token, no VM is lost, and each VM's epoch is 1 + its `migrated` entries:
+/// the token moved once per migration, never twice.
+#[tokio::test(flavor = "current_thread")]
+async fn drains_of_twenty_hosts_move_every_vm_once_through_failures() {
+    const N: usize = 6000;
+    let s = RedbStore::in_memory().unwrap();
+    let cfg = PlanConfig::default();
+    let mut rng = Rng(0xd7a1_0000_5eed_0042);
+    for i in 0..HOSTS {
+        register(&s, &host(i)).await;
+    }
+    let mut txn = Txn::new();
+    for id in 0..N {
+        let spec = VmSpec {
+            vcpus: 1 + rng.below(4) as u8,
+            memory_mib: 1024 * (1 + rng.below(8)),
+            kernel: None,
+            cmdline: None,
+            pool: "standard".into(),
+            group: (id % 5 == 0).then(|| format!("g{}", id / 100)),
+            restart_priority: None,
+        };
+        txn = txn.put(keys::vm_spec(&format!("vm{id:05}")), spec.to_json());
+        if txn.ops.len() == 500 {
+            s.commit(std::mem::take(&mut txn)).await.unwrap();
+        }
+    }
+    s.commit(txn).await.unwrap();
+    let mut applier = Applier::new().with_drain_retry(Duration::ZERO);
+    loop {
+        let pass = applier
+            .apply(&s, decide(&read_world(&s).await.unwrap(), cfg))
+            .await
+            .unwrap();
+        if pass.placed == 0 {
+            break;
+        }
+    }
+    let drained: Vec<String> = (0..20).map(|i| host(i * 50)).collect();
+    let world = read_world(&s).await.unwrap();
+    let on_drained = world
+        .vms
+        .iter()
+        .filter(|v| v.token.as_ref().is_some_and(|t| drained.contains(&t.host)))
+        .count();
+    assert!(on_drained > 60, "only {on_drained} VMs to drain");
+    for h in &drained {
+        let spec = HostSpec {
+            drain: true,
+            ..HostSpec::default()
+        };
+        s.commit(Txn::new().put(keys::host_spec(h), spec.to_json()))
+            .await
+            .unwrap();
+    }
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        assert!(rounds < 2000, "the drains did not finish");
+        // Every 7th round the controller dies: its successor knows only the store.
+        if rounds % 7 == 0 {
+            applier = Applier::new().with_drain_retry(Duration::ZERO);
+            applier.recover(&s).await.unwrap();
+        }
+        let world = read_world(&s).await.unwrap();
+        applier.apply(&s, decide(&world, cfg)).await.unwrap();
+        let moved = applier.migrations(&s, &world, cfg).await.unwrap();
+        agents_round(&s, &mut rng, 20).await;
+        let left = world
+            .vms
+            .iter()
+            .filter(|v| v.token.as_ref().is_some_and(|t| drained.contains(&t.host)))
+            .count();
+        let busy = s.list(keys::OPS).await.unwrap().kvs.len();
+        if left == 0 && busy == 0 && moved == 0 {
+            break;
+        }
+    }
+    // The invariants.
+    let world = read_world(&s).await.unwrap();
+    let listing = s.list(keys::HOSTS).await.unwrap();
+    let mut assigned: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
+    for kv in &listing.kvs {
+        let (h, rest) = keys::split_host_key(&kv.key).unwrap();
+        if let Some(vm) = rest.strip_prefix("vms/") {
+            let a: Assignment = serde_json::from_slice(&kv.value).unwrap();
+            assigned
+                .entry(vm.into())
+                .or_default()
+                .push((h.into(), a.epoch));
+        }
+        assert!(
+            !rest.starts_with("incoming/") && !rest.starts_with("outgoing/"),
+            "left over: {}",
+            kv.key
+        );
+    }
+    let log = decisions::read(&s, None).await.unwrap();
+    let mut migrated: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut failed = 0;
+    for e in &log {
+        match e.kind {
+            Kind::Migrated => *migrated.entry(e.vm.as_deref().unwrap()).or_default() += 1,
+            Kind::MigrationFailed => failed += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(world.vms.len(), N);
+    for v in &world.vms {
+        let t = v.token.as_ref().expect("every VM stays placed");
+        assert!(
+            !drained.contains(&t.host),
+            "VM {} left on {}",
+            v.name,
+            t.host
+        );
+        assert_eq!(
+            assigned.remove(&v.name).unwrap_or_default(),
+            [(t.host.clone(), t.epoch)],
+            "VM {}: assignments do not match the token",
+            v.name
+        );
+        let moves = migrated.get(v.name.as_str()).copied().unwrap_or(0);
+        assert_eq!(t.epoch, 1 + moves, "VM {}: epoch vs migrations", v.name);
+    }
+    assert!(assigned.is_empty());
+    assert_eq!(
+        migrated.values().sum::<u64>() as usize,
+        on_drained,
+        "each VM on a drained host moved once"
+    );
+    assert!(failed > 0, "no migration failure was exercised");
+    let drains_done = log.iter().filter(|e| e.kind == Kind::Drained).count();
+    assert!(drains_done >= drained.len(), "{drains_done} drains logged");
+    assert!(s.list(keys::OPS).await.unwrap().kvs.is_empty());
+    for kv in s.list(keys::VMS).await.unwrap().kvs {
+        assert!(
+            !kv.key.ends_with("/migrate")
+                && !kv.key.ends_with("/receiver")
+                && !kv.key.ends_with("/sender"),
+            "left over: {}",
+            kv.key
+        );
+    }
+}

@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
+use ray_api::vmm::{MigrateRequest, MigrationRole, MigrationStatus};
 use ray_api::vmm::{StopRequest, VmConfig, VmInfo, VmStateName};
 use ray_cluster::agent::{Agent, AgentConfig, LocalVm, Vmms};
+use ray_cluster::migration::{Phase, Progress};
 use ray_cluster::runtoken::{Assignment, Origin};
 use ray_cluster::spec::VmSpec;
 use ray_cluster::store::EtcdStore;
@@ -33,6 +35,13 @@ pub struct AgentArgs {
     /// Where the agent keeps its lease between runs (default: <runtime-dir>/agent).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// The pre-shared key file of live migrations between this cluster's hosts (the same
+    /// on every host; see `ray migrate`). Without it the host neither sends nor receives.
+    #[arg(long)]
+    pub migration_key_file: Option<PathBuf>,
+    /// The address this host receives migrations on (a free port is picked per VM).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub migration_address: std::net::IpAddr,
 }
 
 /// The file that marks a VM directory as the cluster's.
@@ -46,6 +55,8 @@ struct Mark {
 /// This host's VMMs, as the agent sees them.
 struct HostVmms {
     runtime: PathBuf,
+    /// Where receivers listen, and the migration key file.
+    migration: Option<(std::net::IpAddr, PathBuf)>,
 }
 
 impl HostVmms {
@@ -125,10 +136,7 @@ impl Vmms for HostVmms {
             &VmmExtras::default(),
         )
         .map_err(|e| format!("{e:#}"))?;
-        let mark = serde_json::to_vec(&Mark { epoch: a.epoch }).unwrap_or_default();
-        let dir = runtime::vm_dir(&self.runtime, vm);
-        std::fs::write(dir.join(MARK), mark)
-            .map_err(|e| format!("cannot write {}: {e}", dir.join(MARK).display()))
+        mark(&self.runtime, vm, a.epoch)
     }
 
     fn stop(&self, vm: &str) -> Result<(), String> {
@@ -146,6 +154,121 @@ impl Vmms for HostVmms {
     fn resume(&self, vm: &str) -> Result<(), String> {
         self.put(vm, "/vm/resume", None)
     }
+
+    fn receive(&self, vm: &str, spec: &[u8]) -> Result<String, String> {
+        let (ip, key_file) = self.migration_set_up(vm)?;
+        VmSpec::parse(spec).map_err(|e| format!("VM {vm}: {e}"))?;
+        // A free port: the VMM binds it again at once (the window for another process
+        // to take it is the VMM's start-up).
+        let port = std::net::TcpListener::bind((ip, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("no free port on {ip} to receive VM {vm}: {e}"))?
+            .port();
+        let listen = std::net::SocketAddr::new(ip, port).to_string();
+        vm::start_vmm(
+            &self.runtime,
+            Some(vm.to_string()),
+            &vm::Origin::Incoming {
+                // The source's shape comes with the migration.
+                config: None,
+                listen: &listen,
+                key_file,
+                max_concurrent: 8,
+                prefault: false,
+            },
+            &VmmExtras::default(),
+        )
+        .map_err(|e| format!("{e:#}"))?;
+        Ok(listen)
+    }
+
+    fn send(&self, vm: &str, addr: &str) -> Result<(), String> {
+        let (_, key_file) = self.migration_set_up(vm)?;
+        let req = MigrateRequest {
+            to: addr.to_string(),
+            key_file: key_file.display().to_string(),
+            max_downtime_ms: 30,
+            on_limit: Default::default(),
+            max_passes: None,
+            max_time_ms: None,
+            auto_converge: true,
+            compress: false,
+            mac_pages: false,
+            recheck_memory: false,
+            max_concurrent: None,
+        };
+        let body = serde_json::to_vec(&req).unwrap_or_default();
+        self.client(vm)?
+            .call::<MigrationStatus>("PUT", "/vm/migration", Some(body))
+            .map(drop)
+            .map_err(|e| format!("/vm/migration of VM {vm}: {e}"))
+    }
+
+    fn migration(&self, vm: &str) -> Result<Progress, String> {
+        let s = crate::migrate::status(&self.runtime, vm).map_err(|e| format!("{e:#}"))?;
+        Ok(progress(&s))
+    }
+
+    fn cancel(&self, vm: &str) -> Result<(), String> {
+        self.client(vm)?
+            .call::<MigrationStatus>("PUT", "/vm/migration/cancel", None)
+            .map(drop)
+            .map_err(|e| format!("/vm/migration/cancel of VM {vm}: {e}"))
+    }
+
+    fn adopt(&self, vm: &str, epoch: u64) -> Result<(), String> {
+        let info = self.client(vm)?.call::<VmInfo>("GET", "/vm", None);
+        match info {
+            Ok(i) if matches!(i.state, VmStateName::Running | VmStateName::Paused) => {
+                mark(&self.runtime, vm, epoch)
+            }
+            Ok(i) => Err(format!(
+                "VM {vm} here is {}, not running: it did not arrive",
+                vm::state_name(i.state)
+            )),
+            Err(e) => Err(format!("VM {vm} does not answer here: {e}")),
+        }
+    }
+}
+
+impl HostVmms {
+    fn migration_set_up(&self, vm: &str) -> Result<(std::net::IpAddr, &Path), String> {
+        self.migration
+            .as_ref()
+            .map(|(ip, key)| (*ip, key.as_path()))
+            .ok_or_else(|| {
+                format!("cannot migrate VM {vm}: this agent runs without --migration-key-file")
+            })
+    }
+}
+
+/// Marks `vm`'s directory as the cluster's, at `epoch`.
+fn mark(runtime: &Path, vm: &str, epoch: u64) -> Result<(), String> {
+    let mark = serde_json::to_vec(&Mark { epoch }).unwrap_or_default();
+    let dir = runtime::vm_dir(runtime, vm);
+    std::fs::write(dir.join(MARK), mark)
+        .map_err(|e| format!("cannot write {}: {e}", dir.join(MARK).display()))
+}
+
+/// One side of a migration as the cluster sees it, from its VMM's status.
+fn progress(s: &MigrationStatus) -> Progress {
+    let phase = match s.role {
+        MigrationRole::Target if s.vm == "running" => Phase::Done,
+        MigrationRole::Target if s.vm == "discarded" || s.state == "failed" => Phase::Failed,
+        MigrationRole::Target if s.state == "idle" => Phase::Waiting,
+        MigrationRole::Source if s.vm == "migrated" => Phase::Done,
+        MigrationRole::Source if s.vm == "paused_ownership_uncertain" => Phase::Uncertain,
+        MigrationRole::Source if s.vm == "running" || s.vm == "rollback_failed" => Phase::Failed,
+        _ => Phase::Copying,
+    };
+    let mut p = Progress::new("", phase);
+    p.pass = s.pass;
+    p.bytes_sent = s.bytes_sent;
+    p.expected_downtime_ms = s.expected_downtime_ms;
+    p.downtime_ms = s.downtime_ms;
+    p.elapsed_ms = s.elapsed_ms;
+    p.error = s.error.clone();
+    p
 }
 
 pub fn hostname() -> anyhow::Result<String> {
@@ -166,8 +289,16 @@ pub fn run(args: AgentArgs, runtime: &Path) -> anyhow::Result<()> {
         timing: Timing::default(),
         api: None,
     };
+    let migration = match args.migration_key_file {
+        Some(k) => Some((
+            args.migration_address,
+            std::path::absolute(&k).with_context(|| format!("cannot resolve {}", k.display()))?,
+        )),
+        None => None,
+    };
     let vmms = HostVmms {
         runtime: runtime.to_path_buf(),
+        migration,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

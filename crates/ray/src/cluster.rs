@@ -5,8 +5,9 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use ray::output::{print_structured, table, Format, OutputArgs};
 use ray_cluster::controller::{leader, read_world};
-use ray_cluster::decisions::{self, Entry};
+use ray_cluster::decisions::{self, Entry, Kind};
 use ray_cluster::keys;
+use ray_cluster::migration::{Progress, Request};
 use ray_cluster::runtoken;
 use ray_cluster::spec::{HostSpec, VmSpec, POOLS};
 use ray_cluster::store::{Commit, Cond, EtcdStore, Store, Txn};
@@ -37,14 +38,51 @@ pub enum ClusterVmCommand {
     Create(CreateArgs),
     /// Delete a VM: the controller releases its run token and its host stops it.
     Delete(VmArgs),
+    /// Live-migrate a VM to another host (the placement engine picks one unless --to),
+    /// following its progress; --abort stops one under way.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// The VM's name.
+    pub vm: String,
+    /// The target host (default: the placement engine's choice).
+    #[arg(long, conflicts_with = "abort")]
+    pub to: Option<String>,
+    /// Abort the VM's migration under way (past the switch-over it completes).
+    #[arg(long)]
+    pub abort: bool,
+    /// Ask and return; `ray cluster explain VM` shows the outcome.
+    #[arg(long)]
+    pub detach: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 #[derive(Subcommand)]
 pub enum NodeCommand {
     /// Give a host no new VMs; its own keep running.
     Cordon(HostArgs),
-    /// Let a cordoned host take new VMs again.
+    /// Let a cordoned host take new VMs again (also ends a drain).
     Uncordon(HostArgs),
+    /// Live-migrate every VM off a host (it takes no new ones), following the progress
+    /// until it is Drained; --abort ends a drain.
+    Drain(DrainArgs),
+}
+
+#[derive(Args)]
+pub struct DrainArgs {
+    /// The host's name.
+    pub host: String,
+    /// End the drain: the migrations under way are aborted, the VMs left stay.
+    #[arg(long)]
+    pub abort: bool,
+    /// Ask and return; `ray cluster status` shows the progress.
+    #[arg(long)]
+    pub detach: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 #[derive(Args)]
@@ -153,6 +191,17 @@ struct Status {
     hosts: std::collections::BTreeMap<String, usize>,
     vms_placed: usize,
     vms_pending: usize,
+    /// Draining (or drained) hosts: state and VMs left.
+    drains: Vec<DrainRow>,
+    /// Migrations under way: VM -> the latest report.
+    migrations: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct DrainRow {
+    host: String,
+    state: String,
+    vms_left: usize,
 }
 
 #[derive(Serialize)]
@@ -199,14 +248,36 @@ async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
             let s = connect(&a).await?;
             let world = read_world(&s).await?;
             let mut hosts = std::collections::BTreeMap::new();
+            let mut drains = Vec::new();
             for h in &world.hosts {
-                let state = if h.spec.cordon && h.alive {
+                let left = world
+                    .vms
+                    .iter()
+                    .filter(|v| v.token.as_ref().is_some_and(|t| t.host == h.name))
+                    .count();
+                let state = if h.spec.cordon && h.alive && !h.spec.drain {
                     "Cordoned".to_string()
                 } else {
-                    h.status().to_string()
+                    h.state(left)
                 };
+                if h.spec.drain {
+                    drains.push(DrainRow {
+                        host: h.name.clone(),
+                        state: state.clone(),
+                        vms_left: left,
+                    });
+                }
                 *hosts.entry(state).or_insert(0) += 1;
             }
+            let migrations = world
+                .migrations
+                .iter()
+                .map(|(vm, m)| {
+                    let report = m.sender.as_ref().or(m.receiver.as_ref());
+                    let line = report.map_or_else(|| "asked for".into(), |p| p.line());
+                    (vm.clone(), line)
+                })
+                .collect();
             let desired = world.vms.iter().filter(|v| v.spec.is_some());
             let placed = desired.clone().filter(|v| v.token.is_some()).count();
             let status = Status {
@@ -214,6 +285,8 @@ async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
                 hosts,
                 vms_placed: placed,
                 vms_pending: desired.count() - placed,
+                drains,
+                migrations,
             };
             if !print_structured(&status, a.out.format())? {
                 println!("leader: {}", opt(status.leader));
@@ -227,6 +300,15 @@ async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
                     "vms:    {} placed, {} pending",
                     status.vms_placed, status.vms_pending
                 );
+                for d in &status.drains {
+                    println!(
+                        "drain:  host {}: {}, {} VMs left",
+                        d.host, d.state, d.vms_left
+                    );
+                }
+                for (vm, line) in &status.migrations {
+                    println!("moving: {vm}: {line}");
+                }
             }
         }
         ClusterCommand::Nodes(a) => {
@@ -364,6 +446,7 @@ async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
             }
             println!("{}", a.vm);
         }
+        ClusterCommand::Vm(ClusterVmCommand::Migrate(a)) => migrate(a).await?,
         ClusterCommand::Vm(ClusterVmCommand::Delete(a)) => {
             keys::check_name("VM", &a.vm).map_err(anyhow::Error::msg)?;
             let s = connect(&a.store).await?;
@@ -379,36 +462,197 @@ async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn node(cmd: NodeCommand) -> anyhow::Result<()> {
-    let (a, cordon) = match cmd {
-        NodeCommand::Cordon(a) => (a, true),
-        NodeCommand::Uncordon(a) => (a, false),
-    };
-    keys::check_name("host", &a.host).map_err(anyhow::Error::msg)?;
-    let s = connect(&a.store).await?;
-    if s.get(&keys::host_alive(&a.host)).await?.is_none()
-        && s.get(&keys::host_status(&a.host)).await?.is_none()
-    {
-        bail!(
-            "host {} is not known to the cluster (it never registered)",
-            a.host
-        );
+/// `ray cluster vm migrate`: checks, writes the request, follows it to its outcome.
+async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
+    keys::check_name("VM", &a.vm).map_err(anyhow::Error::msg)?;
+    if let Some(to) = &a.to {
+        keys::check_name("host", to).map_err(anyhow::Error::msg)?;
     }
-    // Revision-checked, so a concurrent change of the role is not lost.
-    let current = s.get(&keys::host_spec(&a.host)).await?;
+    let s = connect(&a.store).await?;
+    let Some((token, _)) = runtoken::read(&s, &a.vm).await? else {
+        bail!(
+            "VM {} is not placed (no run token): nothing to migrate",
+            a.vm
+        );
+    };
+    let request = keys::migrate_request(&a.vm);
+    let under_way = s
+        .get(&keys::op(&format!("migrate-{}", a.vm)))
+        .await?
+        .is_some();
+    let txn = if a.abort {
+        if !under_way && s.get(&request).await?.is_none() {
+            bail!("VM {} has no migration under way to abort", a.vm);
+        }
+        Txn::new().put(
+            request.clone(),
+            serde_json::to_vec(&Request {
+                abort: true,
+                ..Request::default()
+            })?,
+        )
+    } else {
+        if let Some(to) = &a.to {
+            if *to == token.host {
+                bail!("VM {} runs on host {to} already", a.vm);
+            }
+            if s.get(&keys::host_alive(to)).await?.is_none() {
+                bail!("host {to} has no live agent: it cannot receive VM {}", a.vm);
+            }
+        }
+        if under_way {
+            bail!("VM {} is being migrated already: wait, or --abort it", a.vm);
+        }
+        let req = Request {
+            to: a.to.clone(),
+            abort: false,
+            cause: Some("operator".into()),
+        };
+        Txn::new()
+            .when(request.clone(), Cond::Absent)
+            .put(request.clone(), serde_json::to_vec(&req)?)
+    };
+    if s.commit(txn).await? == Commit::Conflict {
+        bail!("VM {} has a migration asked for already", a.vm);
+    }
+    if a.detach {
+        println!("{}", a.vm);
+        return Ok(());
+    }
+    // Follow: progress from the agents' reports until the controller clears the request.
+    let since = decisions::read(&s, Some(&a.vm))
+        .await?
+        .last()
+        .map_or(0, |e| e.seq);
+    let mut last = String::new();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        for key in [keys::sender(&a.vm), keys::receiver(&a.vm)] {
+            if let Some(kv) = s.get(&key).await? {
+                if let Ok(p) = serde_json::from_slice::<Progress>(&kv.value) {
+                    let line = p.line();
+                    if line != last && !a.store.out.json {
+                        eprintln!("{line}");
+                        last = line;
+                    }
+                }
+            }
+        }
+        if s.get(&request).await?.is_some() {
+            continue;
+        }
+        let ended = decisions::read(&s, Some(&a.vm))
+            .await?
+            .into_iter()
+            .find(|e| e.seq > since && matches!(e.kind, Kind::Migrated | Kind::MigrationFailed));
+        let Some(e) = ended else {
+            continue;
+        };
+        if !print_structured(&e, a.store.out.format())? {
+            println!("{}", e.message);
+        }
+        if e.kind == Kind::MigrationFailed {
+            return Err(anyhow::anyhow!("VM {}: {}", a.vm, e.message));
+        }
+        return Ok(());
+    }
+}
+
+async fn node(cmd: NodeCommand) -> anyhow::Result<()> {
+    let (a, change): (HostArgs, fn(&mut HostSpec)) = match cmd {
+        NodeCommand::Cordon(a) => (a, |h| h.cordon = true),
+        NodeCommand::Uncordon(a) => (a, |h| (h.cordon, h.drain) = (false, false)),
+        NodeCommand::Drain(d) => return drain(d).await,
+    };
+    let s = connect(&a.store).await?;
+    set_host_spec(&s, &a.host, change).await?;
+    println!("{}", a.host);
+    Ok(())
+}
+
+/// `ray node drain`: sets (or clears) the drain and follows it.
+async fn drain(a: DrainArgs) -> anyhow::Result<()> {
+    let s = connect(&a.store).await?;
+    if a.abort {
+        set_host_spec(&s, &a.host, |h| h.drain = false).await?;
+        // Abort what this drain asked for and is still under way.
+        let world = read_world(&s).await?;
+        let cause = ray_cluster::controller::drain::cause(&a.host);
+        for (vm, m) in &world.migrations {
+            if m.request.as_ref().and_then(|r| r.cause.as_deref()) == Some(cause.as_str()) {
+                let abort = Request {
+                    abort: true,
+                    cause: Some(cause.clone()),
+                    ..Request::default()
+                };
+                let txn = Txn::new()
+                    .when(keys::migrate_request(vm), Cond::Present)
+                    .put(keys::migrate_request(vm), serde_json::to_vec(&abort)?);
+                s.commit(txn).await?;
+                eprintln!("aborting the migration of VM {vm}");
+            }
+        }
+        println!("{}", a.host);
+        return Ok(());
+    }
+    set_host_spec(&s, &a.host, |h| h.drain = true).await?;
+    if a.detach {
+        println!("{}", a.host);
+        return Ok(());
+    }
+    let mut last = String::new();
+    loop {
+        let world = read_world(&s).await?;
+        let Some(h) = world.hosts.iter().find(|h| h.name == a.host) else {
+            bail!("host {} left the cluster during its drain", a.host);
+        };
+        if !h.spec.drain {
+            bail!("the drain of host {} was aborted", a.host);
+        }
+        let left = world
+            .vms
+            .iter()
+            .filter(|v| v.token.as_ref().is_some_and(|t| t.host == a.host))
+            .count();
+        let line = format!("host {}: {}, {left} VMs left", a.host, h.state(left));
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+        if left == 0 {
+            println!("{}", h.state(0));
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// Changes a host's spec, revision-checked so a concurrent change is not lost.
+async fn set_host_spec(
+    s: &EtcdStore,
+    host: &str,
+    change: impl FnOnce(&mut HostSpec),
+) -> anyhow::Result<()> {
+    keys::check_name("host", host).map_err(anyhow::Error::msg)?;
+
+    if s.get(&keys::host_alive(host)).await?.is_none()
+        && s.get(&keys::host_status(host)).await?.is_none()
+    {
+        bail!("host {host} is not known to the cluster (it never registered)");
+    }
+    let current = s.get(&keys::host_spec(host)).await?;
     let mut spec = HostSpec::parse(current.as_ref().map(|kv| kv.value.as_slice()))
         .map_err(anyhow::Error::msg)?;
-    spec.cordon = cordon;
+    change(&mut spec);
     let cond = match &current {
         Some(kv) => Cond::ModRevision(kv.mod_revision),
         None => Cond::Absent,
     };
     let txn = Txn::new()
-        .when(keys::host_spec(&a.host), cond)
-        .put(keys::host_spec(&a.host), spec.to_json());
+        .when(keys::host_spec(host), cond)
+        .put(keys::host_spec(host), spec.to_json());
     if s.commit(txn).await? == Commit::Conflict {
-        bail!("the spec of host {} changed meanwhile: try again", a.host);
+        bail!("the spec of host {host} changed meanwhile: try again");
     }
-    println!("{}", a.host);
     Ok(())
 }

@@ -30,10 +30,12 @@ use crate::runtoken::{self, Origin, RunToken, TokenError};
 use crate::spec::{HostSpec, VmSpec};
 use crate::store::{Commit, Store, StoreError, Txn, Watch};
 
+pub mod drain;
 pub mod leader;
+mod migrate;
 pub mod plan;
 
-pub use plan::{decide, Action, HostView, PlanConfig, VmView, World};
+pub use plan::{decide, Action, HostView, MigrationView, PlanConfig, VmView, World};
 
 /// How a controller runs.
 #[derive(Clone, Debug)]
@@ -84,6 +86,14 @@ pub enum Operation {
     Place { vm: String, host: String },
     /// Take `vm`'s token (on `host`) away: deleted, or evicted.
     Release { vm: String, host: String },
+    /// Live-migrate `vm` (run token at `epoch` on `from`) to `to`; carried on by every
+    /// pass, not by recovery (`migrate.rs`).
+    Migrate {
+        vm: String,
+        from: String,
+        to: String,
+        epoch: u64,
+    },
 }
 
 impl Operation {
@@ -91,6 +101,7 @@ impl Operation {
         match self {
             Operation::Place { vm, .. } => keys::op(&format!("place-{vm}")),
             Operation::Release { vm, .. } => keys::op(&format!("release-{vm}")),
+            Operation::Migrate { vm, .. } => keys::op(&format!("migrate-{vm}")),
         }
     }
 }
@@ -121,6 +132,7 @@ pub async fn read_world<S: Store>(s: &S) -> Result<World, StoreError> {
     }
     let vms = s.list(keys::VMS).await?;
     let mut vv: BTreeMap<String, VmView> = BTreeMap::new();
+    let mut migrations: BTreeMap<String, MigrationView> = BTreeMap::new();
     for kv in &vms.kvs {
         let Some((vm, what)) = kv
             .key
@@ -137,12 +149,25 @@ pub async fn read_world<S: Store>(s: &S) -> Result<World, StoreError> {
         match what {
             "spec" => v.spec = Some(VmSpec::parse(&kv.value)),
             "token" => v.token = serde_json::from_slice::<RunToken>(&kv.value).ok(),
+            "migrate" => match serde_json::from_slice(&kv.value) {
+                Ok(r) => migrations.entry(vm.to_string()).or_default().request = Some(r),
+                Err(e) => tracing::warn!(vm, "ignoring a migration request: {e}"),
+            },
+            "receiver" => {
+                migrations.entry(vm.to_string()).or_default().receiver =
+                    serde_json::from_slice(&kv.value).ok()
+            }
+            "sender" => {
+                migrations.entry(vm.to_string()).or_default().sender =
+                    serde_json::from_slice(&kv.value).ok()
+            }
             _ => {}
         }
     }
     Ok(World {
         hosts: hv.into_values().collect(),
         vms: vv.into_values().collect(),
+        migrations,
     })
 }
 
@@ -153,6 +178,12 @@ pub struct Applier {
     log: decisions::Writer,
     /// The last refusal logged per VM, so an unchanged one is not logged again.
     refused: BTreeMap<String, String>,
+    /// When a VM's last migration failed (a drain waits before asking again).
+    migration_failed: BTreeMap<String, std::time::Instant>,
+    /// Draining hosts whose completion is logged.
+    drained: std::collections::BTreeSet<String>,
+    /// How long a drain waits before asking again for a VM whose migration failed.
+    drain_retry: Duration,
 }
 
 /// What one pass did.
@@ -177,7 +208,17 @@ impl Applier {
         Applier {
             log: decisions::Writer::default(),
             refused: BTreeMap::new(),
+            migration_failed: BTreeMap::new(),
+            drained: Default::default(),
+            drain_retry: drain::RETRY,
         }
+    }
+
+    /// With another wait before a drain retries a failed migration (the simulation runs
+    /// without one).
+    pub fn with_drain_retry(mut self, d: Duration) -> Applier {
+        self.drain_retry = d;
+        self
     }
 
     /// Appends one decision to the log.
@@ -335,6 +376,17 @@ impl Applier {
         }
     }
 
+    /// Takes the next step of every migration asked for or under way, and asks for the
+    /// next ones of every drain; returns how many moved on.
+    pub async fn migrations<S: Store>(
+        &mut self,
+        s: &S,
+        world: &World,
+        cfg: PlanConfig,
+    ) -> Result<usize, ControllerError> {
+        Ok(migrate::step(s, world, self, cfg).await? + drain::step(s, world, self).await?)
+    }
+
     /// Finishes or undoes every operation a predecessor recorded and did not clear.
     pub async fn recover<S: Store>(&mut self, s: &S) -> Result<usize, ControllerError> {
         let ops = s.list(keys::OPS).await?;
@@ -349,6 +401,8 @@ impl Applier {
                 continue;
             };
             let (vm, host, msg) = match &op {
+                // Carried on by the passes, from what the store holds.
+                Operation::Migrate { .. } => continue,
                 Operation::Place { vm, host } => {
                     let token = runtoken::read(s, vm).await.ok().flatten();
                     let msg = if token.is_some_and(|(t, _)| t.host == *host) {
@@ -491,7 +545,8 @@ impl<S: Store + Clone> Controller<S> {
             let world = read_world(s).await?;
             let actions = decide(&world, self.cfg.plan);
             let pass = applier.apply(s, actions).await?;
-            if pass.placed + pass.evicted + pass.released + pass.conflicts > 0 {
+            let moved = applier.migrations(s, &world, self.cfg.plan).await?;
+            if pass.placed + pass.evicted + pass.released + pass.conflicts + moved > 0 {
                 tracing::info!(?pass, "applied");
                 if pass.conflicts > 0 {
                     // Someone else wrote first; give their change a moment to land.

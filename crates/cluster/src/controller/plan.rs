@@ -9,6 +9,7 @@
 //! ("no host: 3 lack memory, 1 is Draining, 2 would break anti-affinity group web").
 use std::collections::{BTreeMap, BTreeSet};
 
+use ray_scheduler::status::{transition, HostEvent};
 use ray_scheduler::{
     filter::Explanation, ClusterSnapshot, Decision, EngineConfig, EngineError, GroupPolicy, Host,
     HostStatus, PendingReason, PlacedVm, PlacementGroup, Pool, Reject, Session, VmSpec as EngineVm,
@@ -34,12 +35,31 @@ impl HostView {
     /// The host's state for placement: no lease is Failed, no status yet is
     /// Initializing, a host that fenced its VMs is Degraded.
     pub fn status(&self) -> HostStatus {
-        match (&self.report, self.alive) {
+        let base = match (&self.report, self.alive) {
             (_, false) => HostStatus::Failed,
             (None, true) => HostStatus::Initializing,
             (Some(r), true) if r.fenced => HostStatus::Degraded,
             (Some(_), true) => HostStatus::Ready,
+        };
+        // A drain asked for moves Ready or Degraded on to Draining, through the one
+        // transition table; any other state keeps what it is.
+        if self.spec.drain {
+            transition(base, HostEvent::Drain).unwrap_or(base)
+        } else {
+            base
         }
+    }
+
+    /// The state to show, knowing how many VMs the host still holds: a draining host
+    /// with none left has completed its drain (Offline: maintenance, shown as Drained).
+    pub fn state(&self, vms: usize) -> String {
+        let status = self.status();
+        if status == HostStatus::Draining && vms == 0 {
+            if let Ok(done) = transition(status, HostEvent::DrainComplete) {
+                return format!("Drained ({done}: maintenance)");
+            }
+        }
+        status.to_string()
     }
 }
 
@@ -52,11 +72,21 @@ pub struct VmView {
     pub token: Option<RunToken>,
 }
 
+/// A VM's migration keys as the store holds them (`crate::migration`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MigrationView {
+    pub request: Option<crate::migration::Request>,
+    pub receiver: Option<crate::migration::Progress>,
+    pub sender: Option<crate::migration::Progress>,
+}
+
 /// The cluster as the store holds it, sorted by name.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct World {
     pub hosts: Vec<HostView>,
     pub vms: Vec<VmView>,
+    /// VMs with migration keys, by name.
+    pub migrations: BTreeMap<String, MigrationView>,
 }
 
 /// What the controller does next.
@@ -291,6 +321,66 @@ pub fn decide(world: &World, cfg: PlanConfig) -> Vec<Action> {
         }
     }
     actions
+}
+
+/// Where `vm` (placed now) could live instead: a host the placement engine accepts, other
+/// than its own; only `to` when given. Evicting others is not worth a migration, so a host
+/// that would need it does not count. Err: one sentence saying why there is none.
+pub fn target_for(
+    world: &World,
+    vm: &str,
+    to: Option<&str>,
+    cfg: PlanConfig,
+) -> Result<String, String> {
+    let Some(v) = world.vms.iter().find(|v| v.name == vm) else {
+        return Err(format!("VM {vm} does not exist"));
+    };
+    let Some(from) = v.token.as_ref().map(|t| t.host.clone()) else {
+        return Err(format!("VM {vm} is not placed yet: nothing to migrate"));
+    };
+    if to == Some(from.as_str()) {
+        return Err(format!("VM {vm} runs on host {from} already"));
+    }
+    if let Some(to) = to {
+        if !world.hosts.iter().any(|h| h.name == to && h.alive) {
+            return Err(format!("host {to} has no live agent"));
+        }
+    }
+    // The world as if `vm` were pending and the hosts it may not go to cordoned; the other
+    // pending VMs are left out so they do not compete for the room.
+    let mut w = world.clone();
+    w.vms.retain(|o| o.token.is_some() || o.name == vm);
+    for o in &mut w.vms {
+        if o.name == vm {
+            o.token = None;
+        }
+    }
+    for h in &mut w.hosts {
+        if h.name == from || to.is_some_and(|t| t != h.name) {
+            h.spec.cordon = true;
+        }
+    }
+    for a in decide(&w, cfg) {
+        match a {
+            Action::Place { vm: p, host, data } if p == vm => {
+                if data["evicted"].as_u64().unwrap_or(0) > 0 {
+                    return Err(format!(
+                        "no host: host {host} would have to evict VMs of a lower tier, which a migration does not do"
+                    ));
+                }
+                return Ok(host);
+            }
+            Action::Refuse { vm: p, reason, .. } if p == vm => {
+                return Err(format!(
+                    "{reason} (host {from}, its own, is counted as cordoned)"
+                ))
+            }
+            _ => {}
+        }
+    }
+    Err(format!(
+        "no host for VM {vm}: the placement engine decided nothing"
+    ))
 }
 
 /// A session over `snap`; a placement the engine finds invalid (a host that reports

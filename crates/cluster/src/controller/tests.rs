@@ -2,7 +2,7 @@
 //! agents and VMMs are tested end to end in tests/e2e/cluster.rs).
 use super::*;
 use crate::agent::{Alive, Inventory};
-use crate::store::RedbStore;
+use crate::store::{Kv, RedbStore};
 
 struct Dir(std::path::PathBuf);
 
@@ -69,9 +69,12 @@ async fn wait_token<S: Store>(s: &S, vm: &str) -> RunToken {
     panic!("VM {vm} got no run token within 5 s");
 }
 
+/// The first `kind` entry of `vm` ("-": of no VM).
 async fn wait_log<S: Store>(s: &S, vm: &str, kind: Kind) -> Entry {
-    for _ in 0..200 {
-        let log = decisions::read(s, Some(vm)).await.unwrap();
+    for _ in 0..400 {
+        let log = decisions::read(s, Some(vm).filter(|v| *v != "-"))
+            .await
+            .unwrap();
         if let Some(e) = log.into_iter().find(|e| e.kind == kind) {
             return e;
         }
@@ -165,4 +168,296 @@ async fn places_explains_releases_and_a_standby_takes_over() {
         assert_eq!(wait_token(&s, vm).await.epoch, 1);
     }
     b.abort();
+}
+
+async fn wait_key<S: Store>(s: &S, key: &str, present: bool) -> Option<Kv> {
+    for _ in 0..200 {
+        let kv = s.get(key).await.unwrap();
+        if kv.is_some() == present {
+            return kv;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "{key} is not {} within 5 s",
+        if present { "there" } else { "gone" }
+    );
+}
+
+async fn put<S: Store, T: Serialize>(s: &S, key: String, v: &T) {
+    s.commit(Txn::new().put(key, serde_json::to_vec(v).unwrap()))
+        .await
+        .unwrap();
+}
+
+/// The count of `kind` entries for `vm`, once it reaches `n`.
+async fn wait_logs<S: Store>(s: &S, vm: &str, kind: Kind, n: usize) -> Entry {
+    for _ in 0..200 {
+        let log = decisions::read(s, Some(vm)).await.unwrap();
+        let of: Vec<Entry> = log.into_iter().filter(|e| e.kind == kind).collect();
+        if of.len() >= n {
+            return of[n - 1].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("fewer than {n} {kind:?} entries for VM {vm} within 5 s");
+}
+
+/// Live migration as the controller drives it; the agents' parts (receiver and sender
+/// reports) are written here as the agents write them (the real ones: tests/e2e).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_move_the_token_once_or_leave_the_vm_where_it_was() {
+    use crate::migration::{Incoming, Outgoing, Phase, Progress, Request};
+    let dir = Dir::new("migrate");
+    let s = RedbStore::open(&dir.0.join("s.redb")).unwrap();
+    for h in ["h1", "h2", "h3"] {
+        host_up(&s, h, 4096).await;
+    }
+    let ctl = tokio::spawn(Controller::new(s.clone(), fast("a")).run());
+    create(&s, "m", r#"{"vcpus":1,"memory_mib":256}"#).await;
+    let first = wait_token(&s, "m").await;
+    let to = if first.host == "h2" { "h3" } else { "h2" };
+    let ask = |to: Option<&str>, abort: bool| Request {
+        to: to.map(String::from),
+        abort,
+        cause: None,
+    };
+    let waiting = |host: &str| Progress {
+        addr: Some(format!("{host}:7000")),
+        ..Progress::new(host, Phase::Waiting)
+    };
+
+    // Refused before anything acts: its own host, a host with no agent.
+    put(
+        &s,
+        keys::migrate_request("m"),
+        &ask(Some(&first.host), false),
+    )
+    .await;
+    let e = wait_logs(&s, "m", Kind::MigrationFailed, 1).await;
+    assert!(e.message.contains("runs on host"), "{}", e.message);
+    put(&s, keys::migrate_request("m"), &ask(Some("nowhere"), false)).await;
+    let e = wait_logs(&s, "m", Kind::MigrationFailed, 2).await;
+    assert!(
+        e.message.contains("host nowhere has no live agent"),
+        "{}",
+        e.message
+    );
+
+    // A migration that works: incoming on the target, outgoing on the source with the
+    // receiver's address, then the receiver's "done" moves the token to epoch 2.
+    put(&s, keys::migrate_request("m"), &ask(Some(to), false)).await;
+    let inc = wait_key(&s, &keys::incoming(to, "m"), true).await.unwrap();
+    let inc: Incoming = serde_json::from_slice(&inc.value).unwrap();
+    assert_eq!(
+        inc,
+        Incoming {
+            from: first.host.clone(),
+            epoch: 1
+        }
+    );
+    put(&s, keys::receiver("m"), &waiting(to)).await;
+    let out = wait_key(&s, &keys::outgoing(&first.host, "m"), true)
+        .await
+        .unwrap();
+    let out: Outgoing = serde_json::from_slice(&out.value).unwrap();
+    assert_eq!(
+        (out.to.as_str(), out.addr.clone()),
+        (to, format!("{to}:7000"))
+    );
+    put(
+        &s,
+        keys::sender("m"),
+        &Progress::new(&first.host, Phase::Copying),
+    )
+    .await;
+    // The controller dies here; its successor carries the migration on.
+    ctl.abort();
+    let _ = ctl.await;
+    let ctl = tokio::spawn(Controller::new(s.clone(), fast("b")).run());
+    put(&s, keys::receiver("m"), &Progress::new(to, Phase::Done)).await;
+    let e = wait_logs(&s, "m", Kind::Migrated, 1).await;
+    assert_eq!(e.host.as_deref(), Some(to));
+    let (t, _) = runtoken::read(&s, "m").await.unwrap().unwrap();
+    assert_eq!(
+        t,
+        RunToken {
+            host: to.into(),
+            epoch: 2
+        }
+    );
+    let a = s.get(&keys::assignment(to, "m")).await.unwrap().unwrap();
+    let a: runtoken::Assignment = serde_json::from_slice(&a.value).unwrap();
+    assert_eq!(
+        a.origin,
+        Origin::Migration {
+            from: first.host.clone()
+        }
+    );
+    assert!(s
+        .get(&keys::assignment(&first.host, "m"))
+        .await
+        .unwrap()
+        .is_none());
+    for key in [
+        keys::incoming(to, "m"),
+        keys::outgoing(&first.host, "m"),
+        keys::receiver("m"),
+        keys::sender("m"),
+        keys::migrate_request("m"),
+    ] {
+        wait_key(&s, &key, false).await;
+    }
+    assert!(s.list(keys::OPS).await.unwrap().kvs.is_empty());
+
+    // The engine picks the target when none is given; the receiver fails: the VM stays.
+    put(&s, keys::migrate_request("m"), &ask(None, false)).await;
+    let mut target = None;
+    for _ in 0..200 {
+        for h in ["h1", "h2", "h3"] {
+            if s.get(&keys::incoming(h, "m")).await.unwrap().is_some() {
+                target = Some(h);
+            }
+        }
+        if target.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let target = target.expect("an incoming key on some host");
+    assert_ne!(target, to, "not its own host");
+    let failed = Progress {
+        error: Some("no migration arrived".into()),
+        ..Progress::new(target, Phase::Failed)
+    };
+    put(&s, keys::receiver("m"), &failed).await;
+    let e = wait_logs(&s, "m", Kind::MigrationFailed, 3).await;
+    assert!(e.message.contains("no migration arrived"), "{}", e.message);
+    wait_key(&s, &keys::incoming(target, "m"), false).await;
+
+    // An abort: the outgoing key goes (the source cancels); the source's "rolled back"
+    // ends it with the VM where it was.
+    put(
+        &s,
+        keys::migrate_request("m"),
+        &ask(Some(&first.host), false),
+    )
+    .await;
+    wait_key(&s, &keys::incoming(&first.host, "m"), true).await;
+    put(&s, keys::receiver("m"), &waiting(&first.host)).await;
+    wait_key(&s, &keys::outgoing(to, "m"), true).await;
+    put(&s, keys::sender("m"), &Progress::new(to, Phase::Copying)).await;
+    put(&s, keys::migrate_request("m"), &ask(None, true)).await;
+    wait_key(&s, &keys::outgoing(to, "m"), false).await;
+    assert!(s.get(&keys::migrate_request("m")).await.unwrap().is_some());
+    put(&s, keys::sender("m"), &Progress::new(to, Phase::Failed)).await;
+    wait_logs(&s, "m", Kind::MigrationFailed, 4).await;
+    wait_key(&s, &keys::migrate_request("m"), false).await;
+    let (t, _) = runtoken::read(&s, "m").await.unwrap().unwrap();
+    assert_eq!(
+        t,
+        RunToken {
+            host: to.into(),
+            epoch: 2
+        },
+        "the token never moved"
+    );
+    assert!(s.list(keys::OPS).await.unwrap().kvs.is_empty());
+    ctl.abort();
+}
+
+/// Plays both agents' parts of every migration in the store: a receiver waits as soon as
+/// it is asked for, and the VM arrives as soon as the source is told to send. Returns the
+/// most migrations seen under way at once.
+async fn agents_that_migrate<S: Store>(s: S, stop: Arc<tokio::sync::Notify>) -> usize {
+    use crate::migration::{Outgoing, Phase, Progress};
+    let mut most = 0;
+    loop {
+        let ops = s.list(keys::OPS).await.unwrap().kvs.len();
+        most = most.max(ops);
+        for kv in s.list(keys::HOSTS).await.unwrap().kvs {
+            let Some((host, rest)) = keys::split_host_key(&kv.key) else {
+                continue;
+            };
+            if let Some(vm) = rest.strip_prefix("incoming/") {
+                if s.get(&keys::receiver(vm)).await.unwrap().is_none() {
+                    let p = Progress {
+                        addr: Some(format!("{host}:7000")),
+                        ..Progress::new(host, Phase::Waiting)
+                    };
+                    put(&s, keys::receiver(vm), &p).await;
+                }
+            }
+            if let Some(vm) = rest.strip_prefix("outgoing/") {
+                let out: Outgoing = serde_json::from_slice(&kv.value).unwrap();
+                put(&s, keys::receiver(vm), &Progress::new(&out.to, Phase::Done)).await;
+            }
+        }
+        tokio::select! {
+            _ = stop.notified() => return most,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_moves_every_vm_off_two_at_a_time_and_ends_drained() {
+    let dir = Dir::new("drain");
+    let s = RedbStore::open(&dir.0.join("s.redb")).unwrap();
+    for h in ["h1", "h2", "h3"] {
+        host_up(&s, h, 4096).await;
+    }
+    let ctl = tokio::spawn(Controller::new(s.clone(), fast("a")).run());
+    // Five VMs on h1 (the others cordoned meanwhile).
+    for h in ["h2", "h3"] {
+        let spec = HostSpec {
+            cordon: true,
+            ..HostSpec::default()
+        };
+        s.commit(Txn::new().put(keys::host_spec(h), spec.to_json()))
+            .await
+            .unwrap();
+    }
+    for i in 0..5 {
+        create(&s, &format!("d{i}"), r#"{"vcpus":1,"memory_mib":256}"#).await;
+    }
+    for i in 0..5 {
+        assert_eq!(wait_token(&s, &format!("d{i}")).await.host, "h1");
+    }
+    for h in ["h2", "h3"] {
+        s.commit(Txn::new().delete(keys::host_spec(h)))
+            .await
+            .unwrap();
+    }
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let agents = tokio::spawn(agents_that_migrate(s.clone(), Arc::clone(&stop)));
+    let spec = HostSpec {
+        drain: true,
+        ..HostSpec::default()
+    };
+    s.commit(Txn::new().put(keys::host_spec("h1"), spec.to_json()))
+        .await
+        .unwrap();
+    let drained = wait_log(&s, "-", Kind::Drained).await;
+    assert_eq!(drained.host.as_deref(), Some("h1"));
+    stop.notify_one();
+    let most = agents.await.unwrap();
+    assert!(
+        (1..=drain::PARALLEL).contains(&most),
+        "{most} migrations at once"
+    );
+    // Every VM moved once (epoch 2), off h1, by the drain; a new VM does not go to h1.
+    for i in 0..5 {
+        let vm = format!("d{i}");
+        let t = wait_token(&s, &vm).await;
+        assert!(t.host != "h1" && t.epoch == 2, "{vm}: {t:?}");
+        let m = wait_log(&s, &vm, Kind::Migrating).await;
+        assert_eq!(m.data["cause"], "drain h1");
+    }
+    let world = read_world(&s).await.unwrap();
+    let h1 = world.hosts.iter().find(|h| h.name == "h1").unwrap();
+    assert_eq!(h1.state(0), "Drained (Offline: maintenance)");
+    create(&s, "late", r#"{"vcpus":1,"memory_mib":256}"#).await;
+    assert_ne!(wait_token(&s, "late").await.host, "h1");
+    ctl.abort();
 }

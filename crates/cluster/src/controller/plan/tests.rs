@@ -75,6 +75,7 @@ fn anti_affinity_spreads_and_the_refusal_counts_each_reason() {
             vm("web-2", 512, Some("web"), "standard"),
             vm("web-3", 512, Some("web"), "standard"),
         ],
+        ..World::default()
     };
     let actions = decide(&world, PlanConfig::default());
     let p = places(&actions);
@@ -107,6 +108,7 @@ fn a_higher_tier_evicts_a_lower_one_and_deleted_vms_are_released() {
                 "a",
             ),
         ],
+        ..World::default()
     };
     let actions = decide(&world, PlanConfig::default());
     assert!(actions.contains(&Action::Release {
@@ -134,6 +136,7 @@ fn an_invalid_spec_is_refused_with_its_reason_and_a_placed_vm_is_left_alone() {
             },
             placed(vm("ok", 512, None, "standard"), "a"),
         ],
+        ..World::default()
     };
     let actions = decide(&world, PlanConfig::default());
     assert_eq!(
