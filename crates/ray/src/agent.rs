@@ -175,6 +175,8 @@ impl Vmms for HostVmms {
                 key_file,
                 max_concurrent: 8,
                 prefault: false,
+                // Agents move VMs between hosts: encrypted, as by default.
+                insecure_plaintext: false,
             },
             &VmmExtras::default(),
         )
@@ -193,7 +195,7 @@ impl Vmms for HostVmms {
             max_time_ms: None,
             auto_converge: true,
             compress: false,
-            mac_pages: false,
+            insecure_plaintext: false,
             recheck_memory: false,
             max_concurrent: None,
         };
