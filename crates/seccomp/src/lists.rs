@@ -191,7 +191,8 @@ fn groups(kind: Kind) -> &'static [&'static [c_long]] {
         ],
         Kind::DeviceIo => &[THREAD, WAIT, STREAM, CONNECT, DEVICE_IOCTL],
         Kind::BlkWorker => &[THREAD, BLK],
-        Kind::Migration => &[THREAD, WAIT, STREAM, CONNECT, READ_FILES, VCPU],
+        // SPAWN: an encrypted stream is opened by a crypto worker per core.
+        Kind::Migration => &[THREAD, SPAWN, WAIT, STREAM, CONNECT, READ_FILES, VCPU],
         Kind::Display => &[THREAD, SPAWN, WAIT, STREAM, CONNECT],
         Kind::Harvester => &[THREAD, HARVESTER],
     }

@@ -36,14 +36,21 @@ fn check_name(what: &str, name: &str) -> Result<(), Refusal> {
 /// Runs `ray ARGS --json` against the web server's runtime directory and decodes the
 /// `VmInfo` it prints; its error output becomes the refusal.
 async fn run_ray(web: &Web, args: &[String]) -> Result<ray_api::vmm::VmInfo, Refusal> {
-    let out = tokio::process::Command::new(&web.opts.ray_exe)
-        .args(args)
+    // std's process on a blocking thread, not tokio's: tokio's process support brings a
+    // signal driver into every runtime of the binary, including the VMM's API thread,
+    // whose seccomp filter has no room for the socket pair that driver opens.
+    let mut cmd = std::process::Command::new(&web.opts.ray_exe);
+    cmd.args(args)
         .arg("--json")
         .env("RAY_RUNTIME_DIR", &web.opts.runtime_dir)
-        .stdin(std::process::Stdio::null())
-        .output()
+        .stdin(std::process::Stdio::null());
+    let cannot_run = |e: &dyn std::fmt::Display| {
+        Refusal::failed(format!("cannot run {}: {e}", web.opts.ray_exe.display()))
+    };
+    let out = tokio::task::spawn_blocking(move || cmd.output())
         .await
-        .map_err(|e| Refusal::failed(format!("cannot run {}: {e}", web.opts.ray_exe.display())))?;
+        .map_err(|e| cannot_run(&e))?
+        .map_err(|e| cannot_run(&e))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let err = err.trim().trim_start_matches("ray: ");
