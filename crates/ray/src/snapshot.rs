@@ -14,7 +14,7 @@ use ray::client::VmmClient;
 use ray::exit::{self, coded};
 use ray_api::vmm::{SnapshotInfo, SnapshotKind, SnapshotList, SnapshotProgress, SnapshotRequest};
 
-use crate::vm::{client, launch, Origin};
+use crate::vm::{client, Origin};
 use ray::output::{self, Format, OutputArgs};
 
 #[derive(Subcommand)]
@@ -92,6 +92,8 @@ pub struct RestoreArgs {
     pub detach: bool,
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub jail: ray::jail::JailArgs,
 }
 
 #[derive(Args)]
@@ -184,7 +186,12 @@ pub fn run(cmd: SnapshotCommand, runtime: &Path) -> anyhow::Result<()> {
                 snapshot: &snapshot,
                 verify_memory: !a.no_verify_memory,
             };
-            launch(runtime, a.id.clone(), &origin, a.detach, a.json)
+            let extras = crate::vm::VmmExtras {
+                jail: ray::jail::wanted(&a.jail)
+                    .map_err(|e| coded(exit::INVALID, e.to_string()))?,
+                ..Default::default()
+            };
+            crate::vm::launch_with(runtime, a.id.clone(), &origin, a.detach, a.json, &extras)
         }
         SnapshotCommand::List(a) => list(&a),
         SnapshotCommand::Status(a) => status(&a),
