@@ -476,6 +476,41 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&disk).unwrap());
     assert_eq!(owner, 0, "the disk is given back to its owner");
 
+    // A jailed VMM that fails to start (a damaged copy of the snapshot) leaves nothing:
+    // no VM, no cgroup, the disk with its owner.
+    let store = env.runtime.join("store");
+    std::fs::create_dir_all(store.join("s1")).unwrap();
+    for f in std::fs::read_dir(&snap).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), store.join("s1").join(f.file_name())).unwrap();
+    }
+    let state = store.join("s1").join("state.bin");
+    let mut bytes = std::fs::read(&state).unwrap();
+    bytes[..8].copy_from_slice(b"damaged!");
+    std::fs::write(&state, bytes).unwrap();
+    let bad = store.join("s1").display().to_string();
+    let out = env.ray(&[
+        "snapshot",
+        "restore",
+        &bad,
+        "--id",
+        "jail-bad",
+        "--detach",
+        "--jail",
+        "--jail-uids",
+        &uids,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("state.bin"), "{err}");
+    assert!(!env.runtime.join("vms").join("jail-bad").exists());
+    for g in &groups {
+        let theirs = g.parent().unwrap().join("jail-bad");
+        assert!(!theirs.exists(), "{} is left", theirs.display());
+    }
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&disk).unwrap());
+    assert_eq!(owner, 0, "the disk is given back after a failed start");
+
     // Restored, jailed again: the same disk contents.
     let out = env.ray_ok(&[
         "snapshot",

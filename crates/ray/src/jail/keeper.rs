@@ -98,12 +98,14 @@ pub fn jail(plan: &Plan, id: &str, vm_dir: &Path) -> Result<(), String> {
         _ => {}
     }
     let cgroup = Hierarchy::detect()?.create(id, plan.memory_max, plan.cpu_quota_us)?;
+    // The disks first: removing the cgroup may wait for the kernel to let go of the
+    // VMM, and a new VM may want them meanwhile.
     let undo = |cgroup: VmCgroup, handed: Option<Handed>| {
-        if let Err(e) = cgroup.remove() {
-            tracing::warn!("{e}");
-        }
         if let Some(h) = handed {
             h.give_back();
+        }
+        if let Err(e) = cgroup.remove() {
+            tracing::warn!("{e}");
         }
         let _ = std::fs::remove_dir(&root);
     };
