@@ -352,6 +352,9 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
     let mut vm = env.boot(&extra);
     vm.expect_line("ready", Duration::from_secs(30));
     let pid = vm.pid;
+    // The jail shows the VMM the KVM flavour: on PVM the guest runs natively.
+    let hb = vm.info().heartbeat.unwrap();
+    assert_eq!(hb.pvm, Path::new("/sys/module/kvm_pvm").exists());
 
     // Who it is.
     let uid: Vec<u32> = status_field(pid, "Uid")
