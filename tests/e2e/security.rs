@@ -558,12 +558,6 @@ fn a_bad_jail_is_refused_before_anything_starts() {
             "'9-3' is empty",
         ),
         (
-            &["vm", "run", "--jail", "--net", "tap=rayjail0"][..],
-            &[][..],
-            6,
-            "--net cannot be used by a jailed VMM",
-        ),
-        (
             &["vm", "run", "--jail", "--api-tcp", "127.0.0.1:0"][..],
             &[][..],
             6,

@@ -5,14 +5,12 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::cgroup::{Hierarchy, VmCgroup};
-use super::{inside, Plan, ROOT_DIR};
+use super::taps::{self, MadeTaps};
+use super::{inside, NetPlace, Plan, ROOT_DIR};
 
-/// The namespaces of a jailed VMM.
-const NAMESPACES: libc::c_int = libc::CLONE_NEWPID
-    | libc::CLONE_NEWNS
-    | libc::CLONE_NEWIPC
-    | libc::CLONE_NEWUTS
-    | libc::CLONE_NEWNET;
+/// The namespaces of a jailed VMM (and a network namespace of its own without NICs).
+const NAMESPACES: libc::c_int =
+    libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
 
 /// Stop signals the keeper passes on to the VMM.
 const FORWARDED: &[libc::c_int] = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
@@ -100,9 +98,12 @@ pub fn jail(plan: &Plan, id: &str, vm_dir: &Path) -> Result<(), String> {
     let cgroup = Hierarchy::detect()?.create(id, plan.memory_max, plan.cpu_quota_us)?;
     // The disks first: removing the cgroup may wait for the kernel to let go of the
     // VMM, and a new VM may want them meanwhile.
-    let undo = |cgroup: VmCgroup, handed: Option<Handed>| {
+    let undo = |cgroup: VmCgroup, handed: Option<Handed>, made: Option<MadeTaps>| {
         if let Some(h) = handed {
             h.give_back();
+        }
+        if let Some(m) = made {
+            m.remove();
         }
         if let Err(e) = cgroup.remove() {
             tracing::warn!("{e}");
@@ -112,9 +113,24 @@ pub fn jail(plan: &Plan, id: &str, vm_dir: &Path) -> Result<(), String> {
     let handed = match Handed::give(plan, vm_dir).and_then(|h| cgroup.enter().map(|_| h)) {
         Ok(h) => h,
         Err(e) => {
-            undo(cgroup, None);
+            undo(cgroup, None, None);
             return Err(e);
         }
+    };
+    let netns = match &plan.net {
+        NetPlace::Named(path) => taps::enter_netns(path),
+        NetPlace::Host | NetPlace::Private => Ok(()),
+    };
+    let made = match netns.and_then(|_| taps::make_missing(&plan.taps, plan.uid)) {
+        Ok(m) => m,
+        Err(e) => {
+            undo(cgroup, Some(handed), None);
+            return Err(e);
+        }
+    };
+    let flags = match plan.net {
+        NetPlace::Private => NAMESPACES | libc::CLONE_NEWNET,
+        NetPlace::Host | NetPlace::Named(_) => NAMESPACES,
     };
     let (signals, old_mask) = block_forwarded();
     // SAFETY: a fork-like clone (no CLONE_VM, no new stack: the child runs on a copy of
@@ -122,7 +138,7 @@ pub fn jail(plan: &Plan, id: &str, vm_dir: &Path) -> Result<(), String> {
     let pid = unsafe {
         libc::syscall(
             libc::SYS_clone,
-            libc::c_long::from(NAMESPACES | libc::SIGCHLD),
+            libc::c_long::from(flags | libc::SIGCHLD),
             0usize,
             0usize,
             0usize,
@@ -131,7 +147,7 @@ pub fn jail(plan: &Plan, id: &str, vm_dir: &Path) -> Result<(), String> {
     };
     if pid < 0 {
         let e = std::io::Error::last_os_error();
-        undo(cgroup, Some(handed));
+        undo(cgroup, Some(handed), Some(made));
         return Err(format!("cannot clone the VMM into new namespaces: {e}"));
     }
     if pid == 0 {
@@ -144,7 +160,7 @@ pub fn jail(plan: &Plan, id: &str, vm_dir: &Path) -> Result<(), String> {
         return become_vmm(plan, id, vm_dir);
     }
     let status = wait_forwarding(pid as libc::pid_t, &signals);
-    undo(cgroup, Some(handed));
+    undo(cgroup, Some(handed), Some(made));
     std::process::exit(status);
 }
 

@@ -18,6 +18,7 @@
 pub mod cgroup;
 pub mod inside;
 pub mod keeper;
+pub mod taps;
 
 use std::path::{Path, PathBuf};
 
@@ -128,6 +129,22 @@ pub struct Plan {
     pub memory_max: u64,
     /// The cgroup's CPU quota per [`CPU_PERIOD_US`].
     pub cpu_quota_us: u64,
+    /// Which network namespace the VMM runs in.
+    pub net: NetPlace,
+    /// The TAPs of its NICs (in that namespace), made for its uid if missing.
+    pub taps: Vec<String>,
+}
+
+/// The network namespace of a jailed VMM.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NetPlace {
+    /// One of its own, empty (a VM without NICs).
+    Private,
+    /// The host's (its NICs' TAPs are there).
+    Host,
+    /// The named one its NICs' TAPs are in (`/run/netns/NAME`).
+    Named(PathBuf),
 }
 
 /// Why a VM cannot be jailed (checked before anything starts).
@@ -175,17 +192,11 @@ pub fn plan(
     store: Option<&Path>,
     api_tcp: bool,
 ) -> Result<Plan, JailError> {
-    if !cfg.devices.net.is_empty() {
-        return Err(JailError::Unsupported(
-            "--net",
-            "a jailed VMM has a network namespace of its own and no TAP in it".into(),
-        ));
-    }
-    if api_tcp {
+    let net = net_place(cfg)?;
+    if api_tcp && net != NetPlace::Host {
         return Err(JailError::Unsupported(
             "--api-tcp",
-            "a jailed VMM has a network namespace of its own, so its loopback is not the host's"
-                .into(),
+            "a jailed VMM without a NIC in the host's namespace has a network namespace of its own, so its loopback is not the host's".into(),
         ));
     }
     if let Some(path) = cfg.devices.vsock.as_ref().and_then(|v| v.socket.as_ref()) {
@@ -226,6 +237,20 @@ pub fn plan(
         writable: false,
         device: false,
     }));
+    if net != NetPlace::Private {
+        binds.push(Bind {
+            path: "/dev/net/tun".into(),
+            writable: true,
+            device: true,
+        });
+    }
+    if let NetPlace::Named(ns) = &net {
+        binds.push(Bind {
+            path: ns.clone(),
+            writable: false,
+            device: false,
+        });
+    }
     let mut chown = Vec::new();
     for disk in &cfg.devices.disks {
         binds.push(Bind {
@@ -255,6 +280,41 @@ pub fn plan(
         chown,
         memory_max: cfg.memory_bytes + MEMORY_OVERHEAD,
         cpu_quota_us: (u64::from(cfg.vcpus) + 1) * CPU_PERIOD_US,
+        net,
+        taps: cfg.devices.net.iter().map(|n| n.tap.clone()).collect(),
+    })
+}
+
+/// Where a jailed VMM's network is: with no NIC a namespace of its own; else the one its
+/// TAPs are in (one for all: a process has one network namespace).
+fn net_place(cfg: &VmConfig) -> Result<NetPlace, JailError> {
+    let Some(first) = cfg.devices.net.first() else {
+        return Ok(NetPlace::Private);
+    };
+    if let Some(other) = cfg.devices.net.iter().find(|n| n.netns != first.netns) {
+        return Err(JailError::Unsupported(
+            "NICs in different network namespaces",
+            format!(
+                "TAP {} is in {} and TAP {} in {}",
+                first.tap,
+                first.netns.as_deref().unwrap_or("the host's"),
+                other.tap,
+                other.netns.as_deref().unwrap_or("the host's")
+            ),
+        ));
+    }
+    Ok(match &first.netns {
+        None => NetPlace::Host,
+        Some(ns) => {
+            let path = PathBuf::from("/run/netns").join(ns);
+            if !path.exists() {
+                return Err(JailError::Host(format!(
+                    "cannot open network namespace {ns}: there is no {}",
+                    path.display()
+                )));
+            }
+            NetPlace::Named(path)
+        }
     })
 }
 
@@ -323,6 +383,27 @@ mod tests {
             "devices": {"disks": [{"path": disk, "readonly": false, "id": "disk0"}]},
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn nics_put_the_vmm_in_their_namespace_which_must_be_one() {
+        let disk = Path::new("/dev/null");
+        let mut cfg = config(disk);
+        assert_eq!(net_place(&cfg).unwrap(), NetPlace::Private);
+        let nic = |spec: &str| ray_api::net::NetConfig::parse(spec).unwrap();
+        cfg.devices.net = vec![nic("tap=a"), nic("tap=b")];
+        assert_eq!(net_place(&cfg).unwrap(), NetPlace::Host);
+        cfg.devices.net = vec![nic("tap=a"), nic("tap=b,netns=blue")];
+        let e = net_place(&cfg).unwrap_err().to_string();
+        assert!(
+            e.contains("NICs in different network namespaces")
+                && e.contains("TAP a is in the host's and TAP b in blue")
+                && e.contains("--no-jail"),
+            "{e}"
+        );
+        cfg.devices.net = vec![nic("tap=a,netns=ray-no-such-ns")];
+        let e = net_place(&cfg).unwrap_err().to_string();
+        assert!(e.contains("there is no /run/netns/ray-no-such-ns"), "{e}");
     }
 
     #[test]
