@@ -571,3 +571,24 @@ fn a_bad_jail_is_refused_before_anything_starts() {
     }
     assert!(!env.runtime.join("vms").exists());
 }
+
+/// For root the jail is the default; `--no-jail` (or `$RAY_NO_JAIL`) turns it off.
+#[test]
+fn root_gets_a_jail_by_default_and_no_jail_turns_it_off() {
+    let env = Env::new("jail-default");
+    let uid_of = |out: Output| {
+        let info: ray_api::vmm::VmInfo =
+            serde_json::from_str(&ray_e2e::succeeded(out, "vm run")).unwrap();
+        let uid = status_field(info.pid, "Uid");
+        env.ray_ok(&["vm", "stop", &info.id, "--timeout-ms", "0"]);
+        uid.split_whitespace().next().unwrap().to_string()
+    };
+    let run = ["vm", "run", "--detach", "--json"];
+    // The harness turns the jail off for other tests with RAY_NO_JAIL: empty is unset.
+    let jailed = uid_of(env.ray_with(&run, &[("RAY_NO_JAIL", "")]));
+    assert_ne!(jailed, "0", "root's VMM is jailed by default");
+    let mut no_jail = run.to_vec();
+    no_jail.push("--no-jail");
+    assert_eq!(uid_of(env.ray_with(&no_jail, &[("RAY_NO_JAIL", "")])), "0");
+    assert_eq!(uid_of(env.ray_with(&run, &[("RAY_NO_JAIL", "1")])), "0");
+}
