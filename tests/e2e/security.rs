@@ -467,6 +467,10 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
     );
     let snap = vm.dir.join("snaps").join("s1").display().to_string();
     env.ray_ok(&["snapshot", "create", &vm.id, &snap]);
+    // A checkpoint store `ray` makes in the VM's directory is handed to the VM's user.
+    let cps = vm.dir.join("cps").display().to_string();
+    let out = env.ray_ok(&["vm", "checkpoint", &vm.id, "--store", &cps]);
+    assert!(out.contains(&cps), "{out}");
     env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
     vm.wait_exit(Duration::from_secs(10));
 
