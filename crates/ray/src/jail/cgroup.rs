@@ -218,6 +218,58 @@ mod tests {
         );
     }
 
+    /// The files each hierarchy's limits go to, written into a plain directory standing
+    /// in for the cgroup file system (this host has its controllers on v1).
+    #[test]
+    fn limits_go_to_each_hierarchys_files() {
+        let tmp = std::env::temp_dir().join(format!("ray-cgroup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+        // v2: the VMM's process will enter rayvisor/<id> under the mount (the keeper's own
+        // group is "/" there, being the fake root).
+        let cg = Hierarchy::V2(tmp.join("v2")).create("vm-a", 300 << 20, 200_000);
+        assert!(cg.is_err(), "the mount must exist: {cg:?}");
+        std::fs::create_dir_all(tmp.join("v2")).unwrap();
+        let cg = Hierarchy::V2(tmp.join("v2"))
+            .create("vm-a", 300 << 20, 200_000)
+            .unwrap();
+        let dir = tmp.join("v2/rayvisor/vm-a");
+        assert_eq!(cg.dirs(), [dir.clone()]);
+        assert_eq!(read(tmp.join("v2/cgroup.subtree_control")), "+memory +cpu");
+        assert_eq!(
+            read(tmp.join("v2/rayvisor/cgroup.subtree_control")),
+            "+memory +cpu"
+        );
+        assert_eq!(read(dir.join("memory.max")), (300u64 << 20).to_string());
+        assert_eq!(read(dir.join("cpu.max")), "200000 100000");
+        cg.enter().unwrap();
+        assert_eq!(
+            read(dir.join("cgroup.procs")),
+            std::process::id().to_string()
+        );
+        // v1: one group per controller, under the keeper's own.
+        let (m, c) = (tmp.join("memory/outer"), tmp.join("cpu"));
+        std::fs::create_dir_all(&m).unwrap();
+        std::fs::create_dir_all(&c).unwrap();
+        let v1 = Hierarchy::V1 {
+            memory: m.clone(),
+            cpu: c.clone(),
+        };
+        let cg = v1.create("vm-b", 1 << 30, 500_000).unwrap();
+        let (md, cd) = (m.join("rayvisor/vm-b"), c.join("rayvisor/vm-b"));
+        assert_eq!(cg.dirs(), [md.clone(), cd.clone()]);
+        assert_eq!(
+            read(md.join("memory.limit_in_bytes")),
+            (1u64 << 30).to_string()
+        );
+        assert_eq!(read(cd.join("cpu.cfs_quota_us")), "500000");
+        assert_eq!(read(cd.join("cpu.cfs_period_us")), "100000");
+        // A group an earlier keeper left is taken again.
+        assert!(v1.create("vm-b", 1 << 30, 500_000).is_ok());
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
     #[test]
     fn v2_is_preferred_when_it_has_both_controllers() {
         let mounts = "31 25 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
