@@ -235,7 +235,7 @@ mod tests {
             .create("vm-a", 300 << 20, 200_000)
             .unwrap();
         let dir = tmp.join("v2/rayvisor/vm-a");
-        assert_eq!(cg.dirs(), [dir.clone()]);
+        assert_eq!(cg.dirs(), std::slice::from_ref(&dir));
         assert_eq!(read(tmp.join("v2/cgroup.subtree_control")), "+memory +cpu");
         assert_eq!(
             read(tmp.join("v2/rayvisor/cgroup.subtree_control")),
