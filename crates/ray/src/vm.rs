@@ -271,9 +271,16 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
         Some(k) => (k.clone(), "console=ttyS0"),
         None => (default_guest()?, DEFAULT_GUEST_CMDLINE),
     };
+    // Absolute, as disks are: the VMM may run elsewhere (a jail's root holds the files at
+    // their absolute paths).
+    let absolute = |p: &Path| {
+        std::path::absolute(p)
+            .with_context(|| format!("cannot resolve {}", p.display()))
+            .map(|p| p.display().to_string())
+    };
     Ok(VmConfig {
-        kernel: kernel.display().to_string(),
-        initrd: args.initrd.as_ref().map(|p| p.display().to_string()),
+        kernel: absolute(&kernel)?,
+        initrd: args.initrd.as_deref().map(absolute).transpose()?,
         cmdline: args
             .cmdline
             .clone()
