@@ -595,7 +595,7 @@ pub fn start_vmm(
             return Err(e);
         }
     };
-    claim.spawned(child.id());
+    claim.spawned(jail.is_none().then(|| child.id()));
     let socket = dir.join("api.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
     let info: VmInfo = loop {
@@ -686,7 +686,8 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
     if let Some(plan) = &args.jail_plan {
         let plan: ray::jail::Plan = serde_json::from_str(plan).context("invalid --jail plan")?;
         // Returns in the jailed VMM only; the keeper exits when the VMM has ended.
-        ray::jail::keeper::jail(&plan, &args.id, &args.dir).map_err(|e| anyhow::anyhow!(e))?;
+        ray::jail::keeper::jail(&plan, &args.id, &args.dir, args.lock_fd)
+            .map_err(|e| anyhow::anyhow!(e))?;
     }
     let config = args
         .config_json

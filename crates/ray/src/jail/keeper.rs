@@ -1,6 +1,7 @@
 //! The keeper: `ray vmm --jail`, still root, sets up what must exist before the VMM
 //! (cgroup, file ownership), clones the VMM into its namespaces, waits for it and cleans
 //! up after it. Its own part is small and runs no guest-facing code.
+use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -53,7 +54,8 @@ impl Handed {
     }
 }
 
-/// Blocks the forwarded signals in this (single) thread; returns the set and the old mask.
+/// Blocks the forwarded signals and SIGCHLD in this (single) thread; returns the set and
+/// the old mask.
 fn block_forwarded() -> (libc::sigset_t, libc::sigset_t) {
     // SAFETY: sigset_t is plain data that sigemptyset/sigaddset initialise; the mask only
     // changes for this thread, the process's only one.
@@ -61,7 +63,8 @@ fn block_forwarded() -> (libc::sigset_t, libc::sigset_t) {
         let mut set: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for &s in FORWARDED {
+        // SIGCHLD too: it wakes the keeper at once when the VMM ends.
+        for &s in FORWARDED.iter().chain(&[libc::SIGCHLD]) {
             libc::sigaddset(&mut set, s);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
@@ -76,7 +79,7 @@ fn threads() -> usize {
 
 /// Jails this process as `plan` says. Returns (`Ok`) only in the jailed VMM, which then
 /// runs the VMM; the keeper exits here with the VMM's status once it is cleaned up.
-pub fn jail(plan: &Plan, id: &str, vm_dir: &Path) -> Result<(), String> {
+pub fn jail(plan: &Plan, id: &str, vm_dir: &Path, lock_fd: Option<RawFd>) -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err("ray vmm --jail must run as root".into());
@@ -159,9 +162,24 @@ pub fn jail(plan: &Plan, id: &str, vm_dir: &Path) -> Result<(), String> {
         }
         return become_vmm(plan, id, vm_dir);
     }
+    if let Some(fd) = lock_fd {
+        name_owner(fd, pid as u32);
+    }
     let status = wait_forwarding(pid as libc::pid_t, &signals);
     undo(cgroup, Some(handed), Some(made));
     std::process::exit(status);
+}
+
+/// Names the VMM (its host pid) in the VM directory's lock file, inherited as `fd`, for
+/// whoever is refused the lock meanwhile (see `ray_vmm::vmlock`); the VMM names itself
+/// again once it runs.
+fn name_owner(fd: RawFd, pid: u32) {
+    use std::os::unix::fs::FileExt;
+    // SAFETY: `fd` is the lock file this process inherited and keeps open for its life;
+    // ManuallyDrop leaves it open.
+    let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    let _ = file.set_len(0);
+    let _ = file.write_all_at(format!("{pid}\n").as_bytes(), 0);
 }
 
 /// The jailed child's set-up, before it runs the VMM.
@@ -202,7 +220,7 @@ fn wait_forwarding(pid: libc::pid_t, signals: &libc::sigset_t) -> i32 {
         }
         // SAFETY: a valid set and timeout; the info pointer may be null.
         let sig = unsafe { libc::sigtimedwait(signals, std::ptr::null_mut(), &tick) };
-        if sig > 0 {
+        if sig > 0 && FORWARDED.contains(&sig) {
             // SAFETY: signals our own child.
             unsafe { libc::kill(pid, sig) };
         }
