@@ -94,6 +94,8 @@ impl Net {
             .args(args)
             .env("RAY_RUNTIME_DIR", &env.runtime)
             .env("RAY_GUEST", guest_bin())
+            // Migration in or out of a jailed VMM is refused: these VMs run unjailed.
+            .env("RAY_NO_JAIL", "1")
             .envs(vars.iter().copied()))
     }
 

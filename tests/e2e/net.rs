@@ -129,6 +129,64 @@ fn net_works_after_a_live_migration_on_the_same_tap() {
     check_all(&mut dst, &ns);
 }
 
+/// A jailed VMM runs in its NICs' network namespace (not a private one): the TAP that
+/// exists is used as it is, a missing one is made for the VM's uid by the jail's keeper
+/// and goes when the VM ends.
+#[test]
+fn net_works_from_a_jailed_vmm_in_its_taps_namespace() {
+    let env = Env::new("net-jail");
+    let ns = netns("net-jail");
+    let existing = format!("tap=rt0,netns={}", ns.name);
+    let made = format!("tap=rjt1,netns={}", ns.name);
+    let cmdline = format!("console=ttyS0 ray.poll_ms=0 ray.ip={GUEST}/24");
+    let mut vm = env.boot(&[
+        "--jail",
+        "--net",
+        &existing,
+        "--net",
+        &made,
+        "--cmdline",
+        &cmdline,
+    ]);
+    vm.expect_line("ready", READY);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid)).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|u| u.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    assert_ne!(uid, "0", "the VMM is jailed");
+    let theirs = std::fs::read_link(format!("/proc/{}/ns/net", vm.pid)).unwrap();
+    let ns_ino = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(format!("/run/netns/{}", ns.name)).unwrap(),
+    );
+    assert_eq!(theirs.display().to_string(), format!("net:[{ns_ino}]"));
+    check_all(&mut vm, &ns);
+    // The TAP the keeper made belongs to the VM's uid while it runs.
+    let owner = || {
+        let out = ns
+            .command("cat")
+            .arg("/sys/class/net/rjt1/owner")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(owner(), uid);
+    env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
+    vm.wait_exit(Duration::from_secs(10));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while ns.ip(&["link", "show", "rjt1"]).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "TAP rjt1 outlived the VM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ns.ip(&["link", "show", "rt0"])
+        .expect("the TAP that was there stays");
+}
+
 #[test]
 fn bad_net_arguments_are_refused_before_a_vm_starts() {
     let env = Env::new("net-bad");

@@ -74,6 +74,22 @@ fn vmm_pids(dir: &Path) -> Vec<u32> {
             pids.push(pid);
         }
     }
+    // A jail's keeper (`ray vmm --jail`) has the VMM's command line too: it is the parent
+    // of the VMM, not a second one.
+    let parent = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            })
+    };
+    let keepers: Vec<u32> = pids.iter().filter_map(|&p| parent(p)).collect();
+    pids.retain(|p| !keepers.contains(p));
     pids
 }
 

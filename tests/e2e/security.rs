@@ -1,4 +1,5 @@
-//! The VMM's seccomp filters (crates/seccomp) and API access rules.
+//! The VMM's seccomp filters (crates/seccomp), its jail (`ray vm run --jail`) and API
+//! access rules.
 //!
 //! Every other e2e test runs with the filters on (their default, `kill`), which proves the
 //! normal paths need nothing they forbid. Here each thread kind is made to call `mount`
@@ -236,4 +237,362 @@ fn the_vms_sockets_are_private() {
             .mode();
         assert_eq!(mode & 0o777, 0o600, "{name} has mode {mode:o}");
     }
+}
+
+/// The uids the jail tests give their VMs.
+const JAIL_UIDS: (u32, u32) = (470_000, 470_999);
+
+/// `--jail --jail-uids ...` followed by `extra`.
+fn jailed<'a>(uids: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--jail", "--jail-uids", uids];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// A field of /proc/PID/status.
+fn status_field(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+}
+
+/// The VM's cgroup directories as /proc/PID/cgroup names them, with its memory limit in
+/// bytes and its CPU quota and period (v2: memory.max, cpu.max; v1 hosts:
+/// memory.limit_in_bytes, cpu.cfs_quota_us and cpu.cfs_period_us).
+fn cgroup_of(pid: u32, id: &str) -> (Vec<std::path::PathBuf>, u64, u64, u64) {
+    let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    // (mount point, fstype, super options) of each cgroup mount.
+    let cg_mounts: Vec<(String, String, String)> = mounts
+        .lines()
+        .filter_map(|l| {
+            let (head, tail) = l.split_once(" - ")?;
+            let mut t = tail.split(' ');
+            let fstype = t.next()?.to_string();
+            let opts = t.nth(1).unwrap_or("").to_string();
+            fstype
+                .starts_with("cgroup")
+                .then(|| (head.split(' ').nth(4).unwrap().to_string(), fstype, opts))
+        })
+        .collect();
+    let dir_for = |controller: &str| -> Option<std::path::PathBuf> {
+        groups.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, list, path) = (f.next()?, f.next()?, f.next()?);
+            let (mp, _, _) = cg_mounts.iter().find(|(_, t, o)| match list {
+                "" => t == "cgroup2",
+                _ => t == "cgroup" && o.split(',').any(|x| x == controller),
+            })?;
+            let in_list = list.is_empty() || list.split(',').any(|x| x == controller);
+            let dir = Path::new(mp).join(path.trim_start_matches('/'));
+            (in_list && path.ends_with(&format!("rayvisor/{id}"))).then_some(dir)
+        })
+    };
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(&p).unwrap().trim().to_string();
+    let (memory, cpu) = (
+        dir_for("memory").expect(&groups),
+        dir_for("cpu").expect(&groups),
+    );
+    if memory.join("memory.max").exists() {
+        let cpu_max = read(cpu.join("cpu.max"));
+        let (q, p) = cpu_max.split_once(' ').unwrap();
+        let limit = read(memory.join("memory.max")).parse().unwrap();
+        (vec![memory], limit, q.parse().unwrap(), p.parse().unwrap())
+    } else {
+        let limit = read(memory.join("memory.limit_in_bytes")).parse().unwrap();
+        let q = read(cpu.join("cpu.cfs_quota_us")).parse().unwrap();
+        let p = read(cpu.join("cpu.cfs_period_us")).parse().unwrap();
+        (vec![memory, cpu], limit, q, p)
+    }
+}
+
+/// Every path in the jail's root (seen through /proc/PID/root), not descending into
+/// `leaves` (its mounts), relative to the root.
+fn jail_tree(pid: u32, leaves: &[String]) -> Vec<String> {
+    let root = format!("/proc/{pid}/root");
+    let mut out = Vec::new();
+    let mut todo = vec![std::path::PathBuf::from("/")];
+    while let Some(dir) = todo.pop() {
+        let entries = std::fs::read_dir(format!("{root}{}", dir.display())).unwrap();
+        for e in entries {
+            let rel = dir.join(e.unwrap().file_name());
+            let s = rel.display().to_string();
+            if std::fs::metadata(format!("{root}{s}")).unwrap().is_dir() && !leaves.contains(&s) {
+                todo.push(rel);
+            }
+            out.push(s);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A jailed VMM, seen from the host: its own uid with no capabilities, no_new_privs and
+/// seccomp, its own namespaces, its cgroup with the stated limits, a root holding only
+/// what it needs; the guest answers, its disk and vsock work, a snapshot in its directory
+/// restores into a new jailed VMM; once it ends its cgroup is gone and its disk is given
+/// back.
+#[test]
+fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
+    let env = Env::new("jail");
+    let disk = env.runtime.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let disk_s = disk.display().to_string();
+    let uids = format!("{}-{}", JAIL_UIDS.0, JAIL_UIDS.1);
+    let extra = jailed(
+        &uids,
+        &["--disk", &disk_s, "--vsock", "cid=11", "--vcpus", "2"],
+    );
+    let mut vm = env.boot(&extra);
+    vm.expect_line("ready", Duration::from_secs(30));
+    let pid = vm.pid;
+    // The jail shows the VMM the KVM flavour: on PVM the guest runs natively.
+    let hb = vm.info().heartbeat.unwrap();
+    assert_eq!(hb.pvm, Path::new("/sys/module/kvm_pvm").exists());
+
+    // Who it is.
+    let uid: Vec<u32> = status_field(pid, "Uid")
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert_eq!(uid.len(), 4);
+    assert!(uid.iter().all(|&u| u == uid[0]), "{uid:?}");
+    assert!((JAIL_UIDS.0..=JAIL_UIDS.1).contains(&uid[0]), "{uid:?}");
+    let gid = status_field(pid, "Gid");
+    assert!(
+        gid.split_whitespace().all(|g| g == uid[0].to_string()),
+        "{gid}"
+    );
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(pid, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    // Its own PID namespace, where it is pid 1.
+    let nspid = status_field(pid, "NSpid");
+    assert_eq!(nspid, format!("{pid}\t1"));
+    for ns in ["mnt", "pid", "ipc", "net", "uts"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{ns} namespace");
+    }
+
+    // Its cgroup: guest memory + the measured overhead; two vCPUs + one for I/O.
+    let (groups, memory_max, quota, period) = cgroup_of(pid, &vm.id);
+    assert_eq!(memory_max, (128 << 20) + ray::jail::MEMORY_OVERHEAD);
+    assert_eq!((quota, period), (300_000, 100_000));
+
+    // Its root: the VM's directory, the kernel, the disk, two devices, /proc and the host
+    // facts it reads; nothing else.
+    let guest = ray_e2e::guest_bin().display().to_string();
+    let mut leaves = vec![
+        "/dev/kvm".to_string(),
+        "/dev/urandom".into(),
+        "/proc".into(),
+        vm.dir.display().to_string(),
+        guest,
+        disk_s.clone(),
+    ];
+    for host in ["/sys/module/kvm_pvm", "/sys/devices/system/node"] {
+        if Path::new(host).exists() {
+            leaves.push(host.into());
+        }
+    }
+    let tree = jail_tree(pid, &leaves);
+    for path in &tree {
+        let needed = leaves
+            .iter()
+            .any(|l| l == path || Path::new(l).starts_with(path));
+        assert!(needed, "{path} is in the jail's root: {tree:#?}");
+    }
+    for leaf in &leaves {
+        assert!(tree.contains(leaf), "{leaf} is missing from {tree:#?}");
+    }
+    // The root itself cannot be written, even by root in there.
+    let mount_line = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let root_line = mount_line
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .unwrap();
+    assert!(
+        root_line.split(' ').nth(5).unwrap().starts_with("ro"),
+        "{root_line}"
+    );
+
+    // It works: the guest answers, its disk keeps what it wrote, vsock exec and the API's
+    // socket are where they were.
+    assert_eq!(vm.command("echo alive", "alive"), "alive");
+    assert!(vm.command("disk write 8 16 0x5a", "disk ").contains("ok"));
+    // "disk sum <hash> irqs=.. ns=..": the hash.
+    let hash = |line: String| {
+        line.split_whitespace()
+            .nth(2)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let sum = hash(vm.command("disk sum 0 32", "disk "));
+    let out = env.ray_ok(&["vm", "exec", &vm.id, "--", "echo", "through-vsock"]);
+    assert!(out.contains("through-vsock"), "{out}");
+    let list = env.ray_ok(&["vm", "list"]);
+    assert!(list.contains(&pid.to_string()), "{list}");
+
+    // Migrating out is refused, not broken.
+    let key = env.key_file("key", "0123456789abcdef0123");
+    let out = env.ray(&[
+        "migrate",
+        "start",
+        &vm.id,
+        "--to",
+        "unix:/nowhere.sock",
+        "--key-file",
+        &key,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("jailed"), "{err}");
+    // Snapshots go to its directory; anywhere else is refused, saying why.
+    env.ray_ok(&["vm", "pause", &vm.id]);
+    let elsewhere = env.runtime.join("snap-outside").display().to_string();
+    let out = env.ray(&["snapshot", "create", &vm.id, &elsewhere]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("jailed") && err.contains(&elsewhere) && err.contains("--no-jail"),
+        "{err}"
+    );
+    let snap = vm.dir.join("snaps").join("s1").display().to_string();
+    env.ray_ok(&["snapshot", "create", &vm.id, &snap]);
+    // A checkpoint store `ray` makes in the VM's directory is handed to the VM's user.
+    let cps = vm.dir.join("cps").display().to_string();
+    let out = env.ray_ok(&["vm", "checkpoint", &vm.id, "--store", &cps]);
+    assert!(out.contains(&cps), "{out}");
+    env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
+    vm.wait_exit(Duration::from_secs(10));
+
+    // Once it has ended: no cgroup, the disk back with its owner.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while groups.iter().any(|g| g.exists()) {
+        assert!(Instant::now() < deadline, "{groups:?} outlived the VM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&disk).unwrap());
+    assert_eq!(owner, 0, "the disk is given back to its owner");
+
+    // A jailed VMM that fails to start (a damaged copy of the snapshot) leaves nothing:
+    // no VM, no cgroup, the disk with its owner.
+    let store = env.runtime.join("store");
+    std::fs::create_dir_all(store.join("s1")).unwrap();
+    for f in std::fs::read_dir(&snap).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), store.join("s1").join(f.file_name())).unwrap();
+    }
+    let state = store.join("s1").join("state.bin");
+    let mut bytes = std::fs::read(&state).unwrap();
+    bytes[..8].copy_from_slice(b"damaged!");
+    std::fs::write(&state, bytes).unwrap();
+    let bad = store.join("s1").display().to_string();
+    let out = env.ray(&[
+        "snapshot",
+        "restore",
+        &bad,
+        "--id",
+        "jail-bad",
+        "--detach",
+        "--jail",
+        "--jail-uids",
+        &uids,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("state.bin"), "{err}");
+    assert!(!env.runtime.join("vms").join("jail-bad").exists());
+    for g in &groups {
+        let theirs = g.parent().unwrap().join("jail-bad");
+        assert!(!theirs.exists(), "{} is left", theirs.display());
+    }
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&disk).unwrap());
+    assert_eq!(owner, 0, "the disk is given back after a failed start");
+
+    // Restored, jailed again: the same disk contents.
+    let out = env.ray_ok(&[
+        "snapshot",
+        "restore",
+        &snap,
+        "--id",
+        "jail-back",
+        "--detach",
+        "--json",
+        "--jail",
+        "--jail-uids",
+        &uids,
+    ]);
+    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
+    let mut back = env.attach("jail-back", info.pid);
+    assert_ne!(status_field(back.pid, "Uid"), "0\t0\t0\t0");
+    assert_eq!(status_field(back.pid, "CapEff"), "0000000000000000");
+    assert_eq!(hash(back.command("disk sum 0 32", "disk ")), sum);
+}
+
+/// A jail that cannot be is refused before any VM directory or VMM exists, naming why.
+#[test]
+fn a_bad_jail_is_refused_before_anything_starts() {
+    let env = Env::new("jail-bad");
+    for (args, vars, code, says) in [
+        (
+            &["vm", "run", "--jail", "--jail-uids", "0-100"][..],
+            &[][..],
+            2,
+            "the jail uid range '0-100' includes uid 0 (root)",
+        ),
+        (
+            &["vm", "run", "--jail"][..],
+            &[("RAY_JAIL_UIDS", "0-0")][..],
+            2,
+            "includes uid 0 (root)",
+        ),
+        (
+            &["vm", "run", "--jail", "--jail-uids", "9-3"][..],
+            &[][..],
+            2,
+            "'9-3' is empty",
+        ),
+        (
+            &["vm", "run", "--jail", "--api-tcp", "127.0.0.1:0"][..],
+            &[][..],
+            6,
+            "--api-tcp cannot be used by a jailed VMM",
+        ),
+    ] {
+        let out = env.ray_with(args, vars);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert!(!env.runtime.join("vms").exists());
+}
+
+/// For root the jail is the default; `--no-jail` (or `$RAY_NO_JAIL`) turns it off.
+#[test]
+fn root_gets_a_jail_by_default_and_no_jail_turns_it_off() {
+    let env = Env::new("jail-default");
+    let uid_of = |out: Output| {
+        let info: ray_api::vmm::VmInfo =
+            serde_json::from_str(&ray_e2e::succeeded(out, "vm run")).unwrap();
+        let uid = status_field(info.pid, "Uid");
+        env.ray_ok(&["vm", "stop", &info.id, "--timeout-ms", "0"]);
+        uid.split_whitespace().next().unwrap().to_string()
+    };
+    let run = ["vm", "run", "--detach", "--json"];
+    // The harness turns the jail off for other tests with RAY_NO_JAIL: empty is unset.
+    let jailed = uid_of(env.ray_with(&run, &[("RAY_NO_JAIL", "")]));
+    assert_ne!(jailed, "0", "root's VMM is jailed by default");
+    let mut no_jail = run.to_vec();
+    no_jail.push("--no-jail");
+    assert_eq!(uid_of(env.ray_with(&no_jail, &[("RAY_NO_JAIL", "")])), "0");
+    assert_eq!(uid_of(env.ray_with(&run, &[("RAY_NO_JAIL", "1")])), "0");
 }

@@ -182,7 +182,12 @@ fn vsock_raw_connects_both_ways() {
     assert_eq!(line, "", "port 53 answered {line:?}");
 
     // Guest to host: a listener on <socket>_5000 answers the guest's text.
-    let l = UnixListener::bind(format!("{}_5000", socket.display())).unwrap();
+    let listener = format!("{}_5000", socket.display());
+    let l = UnixListener::bind(&listener).unwrap();
+    // The VMM connects as the VM directory's owner (a jailed VMM has a uid of its own).
+    let owner = std::fs::metadata(&vm.dir).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    std::os::unix::fs::chown(&listener, Some(owner.uid()), Some(owner.gid())).unwrap();
     let server = std::thread::spawn(move || {
         let (s, _) = l.accept().unwrap();
         let mut r = BufReader::new(s);

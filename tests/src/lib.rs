@@ -60,14 +60,12 @@ impl Env {
         }
     }
 
-    /// Runs `ray <args>` with this runtime directory.
+    /// Runs `ray <args>` with this runtime directory. VMs run unjailed unless a test asks
+    /// for `--jail` (tests/e2e/security.rs) or `$RAY_E2E_JAIL` is set (then root's default,
+    /// the jail, applies): many tests write snapshots and sockets where a jailed VMM may
+    /// not.
     pub fn ray(&self, args: &[&str]) -> Output {
-        Command::new(ray_bin())
-            .args(args)
-            .env("RAY_RUNTIME_DIR", &self.runtime)
-            .env("RAY_GUEST", guest_bin())
-            .output()
-            .expect("cannot run ray")
+        self.ray_with(args, &[])
     }
 
     /// Runs `ray <args>`, asserts success and returns stdout.
@@ -77,11 +75,14 @@ impl Env {
 
     /// [`Env::ray`] with more environment variables (for `ray` and any VMM it starts).
     pub fn ray_with(&self, args: &[&str], vars: &[(&str, &str)]) -> Output {
-        Command::new(ray_bin())
-            .args(args)
+        let mut cmd = Command::new(ray_bin());
+        cmd.args(args)
             .env("RAY_RUNTIME_DIR", &self.runtime)
-            .env("RAY_GUEST", guest_bin())
-            .envs(vars.iter().copied())
+            .env("RAY_GUEST", guest_bin());
+        if std::env::var_os("RAY_E2E_JAIL").is_none() {
+            cmd.env("RAY_NO_JAIL", "1");
+        }
+        cmd.envs(vars.iter().copied())
             .output()
             .expect("cannot run ray")
     }

@@ -3,6 +3,7 @@
 pub mod client;
 pub mod disks;
 pub mod exit;
+pub mod jail;
 pub mod netns;
 pub mod numa;
 pub mod output;

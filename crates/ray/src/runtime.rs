@@ -182,7 +182,20 @@ pub fn claim(runtime: &Path, id: &str) -> anyhow::Result<Claim> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => false,
         Err(e) => anyhow::bail!("cannot create {}: {e}", dir.display()),
     };
-    let lock = VmLock::acquire(&dir, id).map_err(|e| match e {
+    // A holder whose VMM has ended is a jail's keeper cleaning up after it (or the VMM's
+    // last threads going): the lock is free in a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let lock = loop {
+        match VmLock::acquire(&dir, id) {
+            Err(LockError::Held { pid, .. })
+                if !pid_alive(pid) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => break other,
+        }
+    }
+    .map_err(|e| match e {
         LockError::Held { .. } | LockError::Starting { .. } => coded(exit::REFUSED, e.to_string()),
         e => e.into(),
     })?;
@@ -217,10 +230,13 @@ impl Claim {
     }
 
     /// The VMM (`pid`) was started and holds the lock now: the inherited copy closes here,
-    /// and the lock names the VMM.
-    pub fn spawned(&mut self, pid: u32) {
+    /// and the lock names the VMM. A jail's keeper (`pid: None`) names the VMM it clones
+    /// itself.
+    pub fn spawned(&mut self, pid: Option<u32>) {
         self.inherit = None;
-        self.lock.set_owner(pid);
+        if let Some(pid) = pid {
+            self.lock.set_owner(pid);
+        }
     }
 
     /// The VMM did not get its VM running: a directory this claim created goes again (no
@@ -264,7 +280,7 @@ mod tests {
         assert!(first.fresh);
         let fd = first.inheritable_fd().unwrap();
         assert!(fd >= 0);
-        first.spawned(4242);
+        first.spawned(Some(4242));
         let e = claim(&rt, "dup").err().unwrap();
         assert_eq!(exit::code_of(&e), exit::REFUSED);
         assert!(

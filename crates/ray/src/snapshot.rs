@@ -14,7 +14,7 @@ use ray::client::VmmClient;
 use ray::exit::{self, coded};
 use ray_api::vmm::{SnapshotInfo, SnapshotKind, SnapshotList, SnapshotProgress, SnapshotRequest};
 
-use crate::vm::{client, launch, Origin};
+use crate::vm::{client, Origin};
 use ray::output::{self, Format, OutputArgs};
 
 #[derive(Subcommand)]
@@ -92,6 +92,8 @@ pub struct RestoreArgs {
     pub detach: bool,
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub jail: ray::jail::JailArgs,
 }
 
 #[derive(Args)]
@@ -184,7 +186,12 @@ pub fn run(cmd: SnapshotCommand, runtime: &Path) -> anyhow::Result<()> {
                 snapshot: &snapshot,
                 verify_memory: !a.no_verify_memory,
             };
-            launch(runtime, a.id.clone(), &origin, a.detach, a.json)
+            let extras = crate::vm::VmmExtras {
+                jail: ray::jail::wanted(&a.jail)
+                    .map_err(|e| coded(exit::INVALID, e.to_string()))?,
+                ..Default::default()
+            };
+            crate::vm::launch_with(runtime, a.id.clone(), &origin, a.detach, a.json, &extras)
         }
         SnapshotCommand::List(a) => list(&a),
         SnapshotCommand::Status(a) => status(&a),
@@ -233,6 +240,7 @@ pub fn checkpoint(runtime: &Path, a: &CheckpointArgs) -> anyhow::Result<()> {
     let store = a.store.clone().unwrap_or_else(default_store);
     std::fs::create_dir_all(&store)
         .with_context(|| format!("cannot create the snapshot store {}", store.display()))?;
+    hand_to_vm(runtime, &a.id, &store)?;
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
@@ -244,6 +252,22 @@ pub fn checkpoint(runtime: &Path, a: &CheckpointArgs) -> anyhow::Result<()> {
         max_snapshots: a.write.max_snapshots,
     };
     create(runtime, &a.id, &path, &opts, a.write.json)
+}
+
+/// A store made inside the VM's directory belongs to that directory's owner: a jailed
+/// VMM (its own uid, no capabilities) can then write there.
+fn hand_to_vm(runtime: &Path, id: &str, store: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::path::absolute(ray::runtime::vm_dir(runtime, id))?;
+    let store = std::path::absolute(store)?;
+    let (Some(vm), Ok(st)) = (std::fs::metadata(&dir).ok(), std::fs::metadata(&store)) else {
+        return Ok(());
+    };
+    if store.starts_with(&dir) && (st.uid(), st.gid()) != (vm.uid(), vm.gid()) {
+        std::os::unix::fs::chown(&store, Some(vm.uid()), Some(vm.gid()))
+            .with_context(|| format!("cannot hand {} to the VM's user", store.display()))?;
+    }
+    Ok(())
 }
 
 /// A bar that follows the VMM's `GET /vm/snapshot/progress` while `work` runs.

@@ -153,6 +153,8 @@ pub struct RunArgs {
     /// kernel) or off. Default: $RAY_SECCOMP, else kill.
     #[arg(long, value_name = "off|log|kill", env = "RAY_SECCOMP")]
     pub seccomp: Option<ray_vmm::seccomp::Mode>,
+    #[command(flatten)]
+    pub jail: ray::jail::JailArgs,
 }
 
 /// A `--api-tcp` address: a loopback IP and a port.
@@ -222,6 +224,9 @@ pub struct VmmArgs {
         default_value = "kill"
     )]
     pub seccomp: ray_vmm::seccomp::Mode,
+    /// Run jailed as this plan (JSON) says: `ray vm run --jail` makes it.
+    #[arg(long = "jail", hide = true, value_name = "PLAN")]
+    pub jail_plan: Option<String>,
 }
 
 /// Where rayvisor's guest kernel is: `$RAY_GUEST`, or next to this binary (the build puts
@@ -269,9 +274,16 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
         Some(k) => (k.clone(), "console=ttyS0"),
         None => (default_guest()?, DEFAULT_GUEST_CMDLINE),
     };
+    // Absolute, as disks are: the VMM may run elsewhere (a jail's root holds the files at
+    // their absolute paths).
+    let absolute = |p: &Path| {
+        std::path::absolute(p)
+            .with_context(|| format!("cannot resolve {}", p.display()))
+            .map(|p| p.display().to_string())
+    };
     Ok(VmConfig {
-        kernel: kernel.display().to_string(),
-        initrd: args.initrd.as_ref().map(|p| p.display().to_string()),
+        kernel: absolute(&kernel)?,
+        initrd: args.initrd.as_deref().map(absolute).transpose()?,
         cmdline: args
             .cmdline
             .clone()
@@ -396,6 +408,8 @@ pub struct VmmExtras {
     pub api_tcp: Option<std::net::SocketAddr>,
     /// The VMM's seccomp mode (None: the VMM's default, from $RAY_SECCOMP or kill).
     pub seccomp: Option<ray_vmm::seccomp::Mode>,
+    /// Jail the VMM with a uid from this range (see [`ray::jail`]).
+    pub jail: Option<ray::jail::UidRange>,
 }
 
 fn spawn_vmm(
@@ -405,6 +419,7 @@ fn spawn_vmm(
     attach: bool,
     extras: &VmmExtras,
     lock_fd: std::os::fd::RawFd,
+    jail: Option<&ray::jail::Plan>,
 ) -> anyhow::Result<std::process::Child> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
@@ -417,6 +432,9 @@ fn spawn_vmm(
     }
     if let Some(mode) = extras.seccomp {
         cmd.arg("--seccomp").arg(mode.name());
+    }
+    if let Some(plan) = jail {
+        cmd.arg("--jail").arg(serde_json::to_string(plan)?);
     }
     match origin {
         Origin::Boot(cfg) => {
@@ -494,6 +512,7 @@ fn run_vm(args: &RunArgs, runtime: &Path) -> anyhow::Result<()> {
         &VmmExtras {
             api_tcp: args.api_tcp,
             seccomp: args.seccomp,
+            jail: ray::jail::wanted(&args.jail).map_err(|e| coded(exit::INVALID, e.to_string()))?,
         },
     )
 }
@@ -559,20 +578,33 @@ pub fn start_vmm(
     extras: &VmmExtras,
 ) -> anyhow::Result<VmInfo> {
     let id = id.unwrap_or_else(runtime::new_id);
+    // The jail's mounts need absolute paths; its plan is checked before anything exists.
+    let runtime = &std::path::absolute(runtime)
+        .with_context(|| format!("cannot resolve {}", runtime.display()))?;
+    let jail = match extras.jail {
+        Some(uids) => Some(jail_plan(
+            runtime,
+            &id,
+            origin,
+            uids,
+            extras.api_tcp.is_some(),
+        )?),
+        None => None,
+    };
     // One VMM per VM: refused, naming the live VMM, while another runs or starts.
     let mut claim = runtime::claim(runtime, &id)?;
     let dir = claim.dir.clone();
     let lock_fd = claim.inheritable_fd()?;
     // Attached or not, the VMM runs on its own (its own session, its log in vmm.log); an
     // attached `ray vm run` then follows its console as `ray vm console` does.
-    let mut child = match spawn_vmm(&id, &dir, origin, false, extras, lock_fd) {
+    let mut child = match spawn_vmm(&id, &dir, origin, false, extras, lock_fd, jail.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             claim.abandon();
             return Err(e);
         }
     };
-    claim.spawned(child.id());
+    claim.spawned(jail.is_none().then(|| child.id()));
     let socket = dir.join("api.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
     let info: VmInfo = loop {
@@ -598,7 +630,7 @@ pub fn start_vmm(
             // Only an answer from this VMM counts (pid): the socket is its own once it
             // has bound it.
             if let Ok(info) = VmmClient::new(&socket).call::<VmInfo>("GET", "/vm", None) {
-                if info.state != VmStateName::Created && info.pid == child.id() {
+                if info.state != VmStateName::Created && started_by(info.pid, child.id()) {
                     break info;
                 }
             }
@@ -614,8 +646,58 @@ pub fn start_vmm(
     Ok(info)
 }
 
+/// Whether the VMM `pid` is the process `child` this command started, or the one that
+/// process (a jail's keeper) cloned.
+fn started_by(pid: u32, child: u32) -> bool {
+    pid == child
+        || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            })
+            == Some(child)
+}
+
+/// The jail of VM `id` started as `origin`, checked before anything starts.
+fn jail_plan(
+    runtime: &Path,
+    id: &str,
+    origin: &Origin,
+    uids: ray::jail::UidRange,
+    api_tcp: bool,
+) -> anyhow::Result<ray::jail::Plan> {
+    let invalid = |e: ray::jail::JailError| coded(exit::INVALID, e.to_string());
+    let dir = runtime::vm_dir(runtime, id);
+    match origin {
+        Origin::Boot(cfg) => ray::jail::plan(id, &dir, uids, cfg, None, api_tcp).map_err(invalid),
+        Origin::Restore { snapshot, .. } => {
+            let manifest = ray_vmm::snapshot::manifest(snapshot)
+                .map_err(|e| coded(exit::NOT_FOUND, e.to_string()))?;
+            let cfg: VmConfig = serde_json::from_value(manifest.vm_config)
+                .context("the snapshot's VM configuration is invalid")?;
+            let store = snapshot.parent().unwrap_or(snapshot);
+            ray::jail::plan(id, &dir, uids, &cfg, Some(store), api_tcp).map_err(invalid)
+        }
+        Origin::Incoming { .. } => Err(coded(
+            exit::INVALID,
+            "a migration target cannot be jailed yet: pass --no-jail",
+        )),
+    }
+}
+
 /// `ray vmm`: runs one VMM in this process.
 pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
+    if let Some(plan) = &args.jail_plan {
+        let plan: ray::jail::Plan = serde_json::from_str(plan).context("invalid --jail plan")?;
+        // Returns in the jailed VMM only; the keeper exits when the VMM has ended.
+        ray::jail::keeper::jail(&plan, &args.id, &args.dir, args.lock_fd)
+            .map_err(|e| anyhow::anyhow!(e))?;
+    }
     let config = args
         .config_json
         .as_deref()

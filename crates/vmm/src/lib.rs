@@ -10,6 +10,7 @@ pub mod console_attach;
 pub mod controller;
 pub mod display;
 pub mod heartbeat;
+pub mod jailed;
 pub mod lifecycle;
 pub mod logging;
 pub mod machine;
@@ -186,7 +187,7 @@ fn failed_to_start(ctl: &Controller, id: &str, e: &controller::ControllerError) 
         id: id.to_string(),
         state: VmState::Error,
         reason: Some(format!("{FAILED_TO_START}{e}")),
-        pid: std::process::id(),
+        pid: jailed::host_pid(),
     };
     if let Ok(json) = serde_json::to_vec_pretty(&record) {
         let _ = std::fs::write(ctl.paths.exit_record(), json);
@@ -214,14 +215,14 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
         None => vmlock::VmLock::acquire(&opts.dir, &opts.id),
     }
     .map_err(StartError::from)?;
-    lock.set_owner(std::process::id());
+    lock.set_owner(jailed::host_pid());
     // A record an earlier VMM's filter left is stale from here on.
     let _ = std::fs::remove_file(opts.dir.join(seccomp::RECORD_FILE));
     if seccomp::active() {
         seccomp::record_to(&opts.dir, &opts.id)?;
     }
     tracing::info!(
-        pid = std::process::id(),
+        pid = jailed::host_pid(),
         origin = opts.origin_name(),
         "VMM started"
     );
@@ -230,7 +231,7 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     };
     let _ = std::fs::remove_file(paths.exit_record());
     vmlock::rotate(&opts.dir, ROTATED_FILES);
-    std::fs::write(paths.pid_file(), std::process::id().to_string())?;
+    std::fs::write(paths.pid_file(), jailed::host_pid().to_string())?;
     let audit = AuditTrail::open(&paths.events())?;
     let (tx, rx) = mpsc::channel::<Message>();
     let mut ctl = Controller::new(opts.id.clone(), paths, opts.attach, audit, tx.clone());
@@ -358,7 +359,7 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
         id: opts.id,
         state: info.state,
         reason: info.exit_reason,
-        pid: std::process::id(),
+        pid: jailed::host_pid(),
     };
     let _ = std::fs::write(ctl.paths.exit_record(), serde_json::to_vec_pretty(&record)?);
     let _ = std::fs::remove_file(ctl.paths.socket());

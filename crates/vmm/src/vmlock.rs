@@ -131,7 +131,7 @@ impl VmLock {
         // process might start inherits the lock.
         unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
         let lock = VmLock { file, path };
-        lock.set_owner(std::process::id());
+        lock.set_owner(crate::jailed::host_pid());
         Ok(lock)
     }
 

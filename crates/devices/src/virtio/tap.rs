@@ -43,10 +43,12 @@ fn io_err(what: &str, name: &str) -> String {
 }
 
 /// Opens (or creates) TAP `name` in network namespace `netns` (a name under /run/netns;
-/// None: ours).
+/// None: ours). A process that already runs in that namespace (a jailed VMM, which may
+/// not enter one) opens it directly.
 pub fn open(name: &str, netns: Option<&str>) -> Result<File, String> {
     match netns {
         None => open_here(name),
+        Some(ns) if in_netns(&format!("/run/netns/{ns}")) => open_here(name),
         Some(ns) => {
             let path = format!("/run/netns/{ns}");
             let ns_file = File::open(&path)
@@ -71,6 +73,13 @@ pub fn open(name: &str, netns: Option<&str>) -> Result<File, String> {
                 .map_err(|_| "the namespace thread panicked".to_string())?
         }
     }
+}
+
+/// Whether this thread's network namespace is the one bound at `path`.
+fn in_netns(path: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    id(path).is_some() && id(path) == id("/proc/thread-self/ns/net")
 }
 
 fn open_here(name: &str) -> Result<File, String> {

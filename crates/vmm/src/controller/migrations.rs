@@ -56,6 +56,7 @@ impl Controller {
         req: MigrateRequest,
     ) -> Result<MigrationStatus, ControllerError> {
         self.check(VmAction::MigrateOut)?;
+        crate::jailed::refuse_if_jailed("migrate out").map_err(ControllerError::refused)?;
         let (mut policy, limit) = policy_of(&req)?;
         let to = ray_migration::Endpoint::parse(&req.to).map_err(ControllerError::invalid)?;
         let key = ray_migration::read_key_file(Path::new(&req.key_file))

@@ -349,7 +349,7 @@ impl Controller {
             id: self.id.clone(),
             state: self.state,
             uptime_ms: self.started.map_or(0, |t| t.elapsed().as_millis() as u64),
-            pid: std::process::id(),
+            pid: crate::jailed::host_pid(),
             config: self.config.clone(),
             hypervisor: self.flavour.name().into(),
             heartbeat: memory.and_then(|m| heartbeat::read(m.ram())),

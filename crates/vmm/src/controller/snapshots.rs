@@ -283,7 +283,7 @@ impl Controller {
                 id: id.clone(),
                 state: VmState::Error,
                 reason: Some(reason),
-                pid: std::process::id(),
+                pid: crate::jailed::host_pid(),
             };
             if let Ok(json) = serde_json::to_vec_pretty(&record) {
                 let _ = std::fs::write(paths.exit_record(), json);
@@ -416,6 +416,7 @@ pub(super) fn plan_snapshot(
             path.display()
         )));
     }
+    crate::jailed::check_writable(&path, "the snapshot").map_err(ControllerError::refused)?;
     if path.exists() {
         return Err(ControllerError::invalid(format!(
             "snapshot path {} already exists; a snapshot never overwrites another",

@@ -1,0 +1,228 @@
+//! The keeper: `ray vmm --jail`, still root, sets up what must exist before the VMM
+//! (cgroup, file ownership), clones the VMM into its namespaces, waits for it and cleans
+//! up after it. Its own part is small and runs no guest-facing code.
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::cgroup::{Hierarchy, VmCgroup};
+use super::taps::{self, MadeTaps};
+use super::{inside, NetPlace, Plan, ROOT_DIR};
+
+/// The namespaces of a jailed VMM (and a network namespace of its own without NICs).
+const NAMESPACES: libc::c_int =
+    libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+
+/// Stop signals the keeper passes on to the VMM.
+const FORWARDED: &[libc::c_int] = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// Files handed to the VM's uid, with their owners to give them back to.
+struct Handed(Vec<(PathBuf, u32, u32)>);
+
+impl Handed {
+    fn give(plan: &Plan, vm_dir: &Path) -> Result<Handed, String> {
+        let mut handed = Handed(Vec::new());
+        let chown = |p: &Path| {
+            std::os::unix::fs::lchown(p, Some(plan.uid), Some(plan.gid))
+                .map_err(|e| format!("cannot hand {} to uid {}: {e}", p.display(), plan.uid))
+        };
+        for p in &plan.chown {
+            let m =
+                std::fs::metadata(p).map_err(|e| format!("cannot stat {}: {e}", p.display()))?;
+            chown(p)?;
+            handed.0.push((p.clone(), m.uid(), m.gid()));
+        }
+        // The VM's directory and what an earlier VM of this id left in it stay the VM's.
+        chown(vm_dir)?;
+        for e in std::fs::read_dir(vm_dir)
+            .map_err(|e| format!("cannot read {}: {e}", vm_dir.display()))?
+        {
+            let path = e.map_err(|e| e.to_string())?.path();
+            if !path.ends_with(ROOT_DIR) {
+                chown(&path)?;
+            }
+        }
+        Ok(handed)
+    }
+
+    fn give_back(self) {
+        for (p, uid, gid) in self.0 {
+            if let Err(e) = std::os::unix::fs::lchown(&p, Some(uid), Some(gid)) {
+                tracing::warn!("cannot give {} back to uid {uid}: {e}", p.display());
+            }
+        }
+    }
+}
+
+/// Blocks the forwarded signals and SIGCHLD in this (single) thread; returns the set and
+/// the old mask.
+fn block_forwarded() -> (libc::sigset_t, libc::sigset_t) {
+    // SAFETY: sigset_t is plain data that sigemptyset/sigaddset initialise; the mask only
+    // changes for this thread, the process's only one.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        // SIGCHLD too: it wakes the keeper at once when the VMM ends.
+        for &s in FORWARDED.iter().chain(&[libc::SIGCHLD]) {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        (set, old)
+    }
+}
+
+/// Threads of this process.
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |t| t.count())
+}
+
+/// Jails this process as `plan` says. Returns (`Ok`) only in the jailed VMM, which then
+/// runs the VMM; the keeper exits here with the VMM's status once it is cleaned up.
+pub fn jail(plan: &Plan, id: &str, vm_dir: &Path, lock_fd: Option<RawFd>) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("ray vmm --jail must run as root".into());
+    }
+    // The clone copies only the calling thread: no other may hold a lock it needs.
+    if threads() != 1 {
+        return Err(format!(
+            "ray vmm --jail must start single-threaded (it has {} threads)",
+            threads()
+        ));
+    }
+    let root = vm_dir.join(ROOT_DIR);
+    match std::fs::create_dir(&root) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(format!("cannot create {}: {e}", root.display()))
+        }
+        _ => {}
+    }
+    let cgroup = Hierarchy::detect()?.create(id, plan.memory_max, plan.cpu_quota_us)?;
+    // The disks first: removing the cgroup may wait for the kernel to let go of the
+    // VMM, and a new VM may want them meanwhile.
+    let undo = |cgroup: VmCgroup, handed: Option<Handed>, made: Option<MadeTaps>| {
+        if let Some(h) = handed {
+            h.give_back();
+        }
+        if let Some(m) = made {
+            m.remove();
+        }
+        if let Err(e) = cgroup.remove() {
+            tracing::warn!("{e}");
+        }
+        let _ = std::fs::remove_dir(&root);
+    };
+    let handed = match Handed::give(plan, vm_dir).and_then(|h| cgroup.enter().map(|_| h)) {
+        Ok(h) => h,
+        Err(e) => {
+            undo(cgroup, None, None);
+            return Err(e);
+        }
+    };
+    let netns = match &plan.net {
+        NetPlace::Named(path) => taps::enter_netns(path),
+        NetPlace::Host | NetPlace::Private => Ok(()),
+    };
+    let made = match netns.and_then(|_| taps::make_missing(&plan.taps, plan.uid)) {
+        Ok(m) => m,
+        Err(e) => {
+            undo(cgroup, Some(handed), None);
+            return Err(e);
+        }
+    };
+    let flags = match plan.net {
+        NetPlace::Private => NAMESPACES | libc::CLONE_NEWNET,
+        NetPlace::Host | NetPlace::Named(_) => NAMESPACES,
+    };
+    let (signals, old_mask) = block_forwarded();
+    // SAFETY: a fork-like clone (no CLONE_VM, no new stack: the child runs on a copy of
+    // this stack) of a single-threaded process (checked above), with SIGCHLD to the parent.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::c_long::from(flags | libc::SIGCHLD),
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if pid < 0 {
+        let e = std::io::Error::last_os_error();
+        undo(cgroup, Some(handed), Some(made));
+        return Err(format!("cannot clone the VMM into new namespaces: {e}"));
+    }
+    if pid == 0 {
+        // The jailed VMM: the keeper's death ends it too.
+        // SAFETY: restores the mask this thread had; prctl takes plain integers.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut());
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        }
+        return become_vmm(plan, id, vm_dir);
+    }
+    if let Some(fd) = lock_fd {
+        name_owner(fd, pid as u32);
+    }
+    let status = wait_forwarding(pid as libc::pid_t, &signals);
+    undo(cgroup, Some(handed), Some(made));
+    std::process::exit(status);
+}
+
+/// Names the VMM (its host pid) in the VM directory's lock file, inherited as `fd`, for
+/// whoever is refused the lock meanwhile (see `ray_vmm::vmlock`); the VMM names itself
+/// again once it runs.
+fn name_owner(fd: RawFd, pid: u32) {
+    use std::os::unix::fs::FileExt;
+    // SAFETY: `fd` is the lock file this process inherited and keeps open for its life;
+    // ManuallyDrop leaves it open.
+    let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    let _ = file.set_len(0);
+    let _ = file.write_all_at(format!("{pid}\n").as_bytes(), 0);
+}
+
+/// The jailed child's set-up, before it runs the VMM.
+fn become_vmm(plan: &Plan, id: &str, vm_dir: &Path) -> Result<(), String> {
+    let host_pid = inside::host_pid()?;
+    inside::enter_root(plan, vm_dir)?;
+    inside::set_hostname(id)?;
+    inside::drop_privileges(plan)?;
+    ray_vmm::jailed::set(ray_vmm::jailed::Jailed {
+        host_pid,
+        writable: vec![vm_dir.to_path_buf()],
+    });
+    Ok(())
+}
+
+/// Waits for the VMM, passing on stop signals; returns its exit code (128 + signal when
+/// a signal ended it, as a shell reports it).
+fn wait_forwarding(pid: libc::pid_t, signals: &libc::sigset_t) -> i32 {
+    let tick = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 50_000_000,
+    };
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is a valid out pointer; `pid` is our child.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            if libc::WIFEXITED(status) {
+                return libc::WEXITSTATUS(status);
+            }
+            if libc::WIFSIGNALED(status) {
+                return 128 + libc::WTERMSIG(status);
+            }
+            continue;
+        }
+        if r < 0 {
+            return 1;
+        }
+        // SAFETY: a valid set and timeout; the info pointer may be null.
+        let sig = unsafe { libc::sigtimedwait(signals, std::ptr::null_mut(), &tick) };
+        if sig > 0 && FORWARDED.contains(&sig) {
+            // SAFETY: signals our own child.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+}

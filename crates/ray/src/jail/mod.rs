@@ -1,0 +1,436 @@
+//! The jail of a VMM (`ray vm run --jail`, on by default for root).
+//!
+//! `ray vm run` checks the request and turns it into a [`Plan`] (pure: nothing happens
+//! yet), which travels to `ray vmm --jail PLAN`. That process, still root, is the
+//! *keeper* ([`keeper`]): it creates the VM's cgroup, hands the files the VMM writes to
+//! the VM's uid, and clones the VMM into new PID, mount, IPC, UTS and network namespaces.
+//! The clone ([`inside`]) builds a private root (a tmpfs holding bind mounts of only what
+//! it needs, each at its host path so every path the VMM and its clients use stays the
+//! same), pivots into it, drops to the VM's uid with no capabilities and `no_new_privs`,
+//! and goes on to run the VMM, whose threads then install their seccomp filters. The
+//! keeper waits for it, passes on stop signals, then removes the cgroup, gives the disks
+//! back to their owners and exits with the VMM's status.
+//!
+//! ```text
+//!  ray vm run ──spawn──▶ ray vmm --jail (root: keeper) ──clone(NEWPID|NEWNS|..)──▶ VMM (uid N, pid 1)
+//!       plan                  cgroup, chown, wait, clean up                   mounts, pivot_root, drop
+//! ```
+pub mod cgroup;
+pub mod inside;
+pub mod keeper;
+pub mod taps;
+
+use std::path::{Path, PathBuf};
+
+use ray_api::vmm::VmConfig;
+use serde::{Deserialize, Serialize};
+
+/// Default uids (and gids) of jailed VMMs: each VM gets one, by its id.
+pub const DEFAULT_UIDS: UidRange = UidRange {
+    first: 400_000,
+    last: 465_535,
+};
+
+/// Memory the VMM process needs beside guest memory (threads, heap, KVM's own page
+/// tables and the page cache of the files it writes); measured, see README "Security".
+pub const MEMORY_OVERHEAD: u64 = 96 << 20;
+
+/// CFS period of the VM's CPU limit.
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// The directory, inside the VM's directory, the jail's root is mounted on (in the jail's
+/// own mount namespace only: the host sees an empty directory).
+pub const ROOT_DIR: &str = "jail-root";
+
+/// `--jail`, `--no-jail`, `--jail-uids` (shared by `ray vm run` and `ray snapshot restore`).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct JailArgs {
+    /// Run the VMM jailed: its own uid (from --jail-uids), PID/mount/IPC/UTS/network
+    /// namespaces, a private root holding only its files, cgroup limits for CPU and
+    /// memory, no capabilities, no_new_privs. Default: on when run as root (overrides
+    /// --no-jail and $RAY_NO_JAIL).
+    #[arg(long)]
+    pub jail: bool,
+    /// Run the VMM unjailed, as the calling user (default when not root).
+    #[arg(long, env = "RAY_NO_JAIL", value_parser = clap::builder::FalseyValueParser::new())]
+    pub no_jail: bool,
+    /// The uids (and gids) jailed VMMs run as: FIRST-LAST, each VM gets one of them
+    /// (default 400000-465535; 0 is refused).
+    #[arg(long, value_name = "FIRST-LAST", env = "RAY_JAIL_UIDS", value_parser = UidRange::parse)]
+    pub jail_uids: Option<UidRange>,
+}
+
+/// An inclusive range of uids that excludes root.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UidRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl UidRange {
+    /// `FIRST-LAST`, with 0 < FIRST <= LAST < 2^32 - 1 (-1 means "no change" to setuid).
+    pub fn parse(text: &str) -> Result<UidRange, String> {
+        let bad = |why: &str| Err(format!("the jail uid range '{text}' {why}"));
+        let Some((a, b)) = text.split_once('-') else {
+            return bad("is not FIRST-LAST, e.g. 400000-465535");
+        };
+        let (Ok(first), Ok(last)) = (a.trim().parse::<u32>(), b.trim().parse::<u32>()) else {
+            return bad("is not two numbers FIRST-LAST below 4294967295");
+        };
+        if first == 0 {
+            return bad("includes uid 0 (root): a jailed VMM must not run as root");
+        }
+        if last < first {
+            return bad("is empty: LAST is below FIRST");
+        }
+        if last == u32::MAX {
+            return bad("includes 4294967295, which is no uid");
+        }
+        Ok(UidRange { first, last })
+    }
+
+    /// The uid for VM `id`: one picked by a hash of the id, skipping any that a running
+    /// process uses (`busy`).
+    pub fn pick(&self, id: &str, busy: impl Fn(u32) -> bool) -> Option<u32> {
+        let size = u64::from(self.last - self.first) + 1;
+        // FNV-1a: stable across builds and platforms.
+        let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        (0..size.min(4096))
+            .map(|i| self.first + ((hash + i) % size) as u32)
+            .find(|&uid| !busy(uid))
+    }
+}
+
+/// One host path the jail's root holds, at the same path.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Bind {
+    pub path: PathBuf,
+    /// Mounted read-write (else read-only).
+    pub writable: bool,
+    /// A device node (the mount keeps device access).
+    #[serde(default)]
+    pub device: bool,
+}
+
+/// Everything the keeper and the jailed VMM need, decided (and checked) by `ray vm run`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (the owner group of /dev/kvm).
+    pub groups: Vec<u32>,
+    /// Besides the VM's directory (always there, read-write and handed to `uid`).
+    pub binds: Vec<Bind>,
+    /// Files handed to `uid` while the VM runs (its disks), given back afterwards.
+    pub chown: Vec<PathBuf>,
+    /// The cgroup's memory limit in bytes.
+    pub memory_max: u64,
+    /// The cgroup's CPU quota per [`CPU_PERIOD_US`].
+    pub cpu_quota_us: u64,
+    /// Which network namespace the VMM runs in.
+    pub net: NetPlace,
+    /// The TAPs of its NICs (in that namespace), made for its uid if missing.
+    pub taps: Vec<String>,
+}
+
+/// The network namespace of a jailed VMM.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NetPlace {
+    /// One of its own, empty (a VM without NICs).
+    Private,
+    /// The host's (its NICs' TAPs are there).
+    Host,
+    /// The named one its NICs' TAPs are in (`/run/netns/NAME`).
+    Named(PathBuf),
+}
+
+/// Why a VM cannot be jailed (checked before anything starts).
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error(
+        "--jail needs root (it changes user, mounts and cgroups): run as root or pass --no-jail"
+    )]
+    NotRoot,
+    #[error("{0} cannot be used by a jailed VMM yet: {1}; pass --no-jail")]
+    Unsupported(&'static str, String),
+    #[error("no free uid for the jail in {}-{}: every one is in use", .0.first, .0.last)]
+    NoUid(UidRange),
+    #[error("cannot jail the VMM: {0}")]
+    Host(String),
+}
+
+/// Whether the VMM is to be jailed, with which uids; `--jail-uids` is checked either way
+/// (by its parser).
+pub fn wanted(args: &JailArgs) -> Result<Option<UidRange>, JailError> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let on = args.jail || (!args.no_jail && root);
+    match (on, root) {
+        (false, _) => Ok(None),
+        (true, false) => Err(JailError::NotRoot),
+        (true, true) => Ok(Some(args.jail_uids.unwrap_or(DEFAULT_UIDS))),
+    }
+}
+
+/// The devices every jailed VMM needs.
+const DEVICES: &[&str] = &["/dev/kvm", "/dev/urandom"];
+
+/// Host facts the VMM reads, where present: the KVM flavour (PVM), the NUMA topology.
+const HOST_INFO: &[&str] = &["/sys/module/kvm_pvm", "/sys/devices/system/node"];
+
+/// The jail of a VM that boots (or restores) with `cfg` in `vm_dir`; `store` is the
+/// snapshot store a restore reads. Refuses what a jailed VMM cannot do yet. No side
+/// effects.
+pub fn plan(
+    id: &str,
+    vm_dir: &Path,
+    uids: UidRange,
+    cfg: &VmConfig,
+    store: Option<&Path>,
+    api_tcp: bool,
+) -> Result<Plan, JailError> {
+    let net = net_place(cfg)?;
+    if api_tcp && net != NetPlace::Host {
+        return Err(JailError::Unsupported(
+            "--api-tcp",
+            "a jailed VMM without a NIC in the host's namespace has a network namespace of its own, so its loopback is not the host's".into(),
+        ));
+    }
+    if let Some(path) = cfg.devices.vsock.as_ref().and_then(|v| v.socket.as_ref()) {
+        if !Path::new(path).starts_with(vm_dir) {
+            return Err(JailError::Unsupported(
+                "a vsock socket outside the VM's directory",
+                format!("{path} is not under {}", vm_dir.display()),
+            ));
+        }
+    }
+    cgroup::Hierarchy::detect().map_err(JailError::Host)?;
+    let ro = |p: &str| Bind {
+        path: PathBuf::from(p),
+        writable: false,
+        device: false,
+    };
+    let mut binds: Vec<Bind> = DEVICES
+        .iter()
+        .map(|d| Bind {
+            path: d.into(),
+            writable: true,
+            device: true,
+        })
+        .collect();
+    binds.extend(
+        HOST_INFO
+            .iter()
+            .filter(|p| Path::new(p).exists())
+            .map(|p| ro(p)),
+    );
+    // A restore reads the kernel from the snapshot, not the file.
+    if store.is_none() {
+        binds.push(ro(&cfg.kernel));
+        binds.extend(cfg.initrd.iter().map(|p| ro(p)));
+    }
+    binds.extend(store.map(|s| Bind {
+        path: s.to_path_buf(),
+        writable: false,
+        device: false,
+    }));
+    if net != NetPlace::Private {
+        binds.push(Bind {
+            path: "/dev/net/tun".into(),
+            writable: true,
+            device: true,
+        });
+    }
+    if let NetPlace::Named(ns) = &net {
+        binds.push(Bind {
+            path: ns.clone(),
+            writable: false,
+            device: false,
+        });
+    }
+    let mut chown = Vec::new();
+    for disk in &cfg.devices.disks {
+        binds.push(Bind {
+            path: PathBuf::from(&disk.path),
+            writable: !disk.readonly,
+            device: false,
+        });
+        chown.push(PathBuf::from(&disk.path));
+    }
+    for b in &binds {
+        if !b.path.is_absolute() || !b.path.exists() {
+            return Err(JailError::Host(format!(
+                "{} must be an existing absolute path to be mounted in the jail",
+                b.path.display()
+            )));
+        }
+    }
+    let uid = uids.pick(id, uid_in_use).ok_or(JailError::NoUid(uids))?;
+    let kvm_group = std::fs::metadata("/dev/kvm")
+        .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
+        .map_err(|e| JailError::Host(format!("cannot stat /dev/kvm: {e}")))?;
+    Ok(Plan {
+        uid,
+        gid: uid,
+        groups: vec![kvm_group],
+        binds,
+        chown,
+        memory_max: cfg.memory_bytes + MEMORY_OVERHEAD,
+        cpu_quota_us: (u64::from(cfg.vcpus) + 1) * CPU_PERIOD_US,
+        net,
+        taps: cfg.devices.net.iter().map(|n| n.tap.clone()).collect(),
+    })
+}
+
+/// Where a jailed VMM's network is: with no NIC a namespace of its own; else the one its
+/// TAPs are in (one for all: a process has one network namespace).
+fn net_place(cfg: &VmConfig) -> Result<NetPlace, JailError> {
+    let Some(first) = cfg.devices.net.first() else {
+        return Ok(NetPlace::Private);
+    };
+    if let Some(other) = cfg.devices.net.iter().find(|n| n.netns != first.netns) {
+        return Err(JailError::Unsupported(
+            "NICs in different network namespaces",
+            format!(
+                "TAP {} is in {} and TAP {} in {}",
+                first.tap,
+                first.netns.as_deref().unwrap_or("the host's"),
+                other.tap,
+                other.netns.as_deref().unwrap_or("the host's")
+            ),
+        ));
+    }
+    Ok(match &first.netns {
+        None => NetPlace::Host,
+        Some(ns) => {
+            let path = PathBuf::from("/run/netns").join(ns);
+            if !path.exists() {
+                return Err(JailError::Host(format!(
+                    "cannot open network namespace {ns}: there is no {}",
+                    path.display()
+                )));
+            }
+            NetPlace::Named(path)
+        }
+    })
+}
+
+/// Whether any process of this host runs as `uid` (another jailed VMM).
+fn uid_in_use(uid: u32) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        std::os::unix::fs::MetadataExt::uid(&match p.metadata() {
+            Ok(m) => m,
+            Err(_) => return false,
+        }) == uid
+            && p.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_ranges_are_checked() {
+        assert_eq!(
+            UidRange::parse("10-20"),
+            Ok(UidRange {
+                first: 10,
+                last: 20
+            })
+        );
+        let e = UidRange::parse("0-100").unwrap_err();
+        assert!(e.contains("'0-100'") && e.contains("uid 0 (root)"), "{e}");
+        assert!(UidRange::parse("0-0").unwrap_err().contains("root"));
+        assert!(UidRange::parse("20-10").unwrap_err().contains("empty"));
+        assert!(UidRange::parse("12").unwrap_err().contains("FIRST-LAST"));
+        assert!(UidRange::parse("a-b").unwrap_err().contains("two numbers"));
+        assert!(UidRange::parse("1-4294967295")
+            .unwrap_err()
+            .contains("no uid"));
+    }
+
+    #[test]
+    fn a_vm_gets_a_stable_uid_in_range_that_is_not_busy() {
+        let r = UidRange {
+            first: 1000,
+            last: 1009,
+        };
+        let a = r.pick("vm-a", |_| false).unwrap();
+        assert!((1000..=1009).contains(&a));
+        assert_eq!(r.pick("vm-a", |_| false), Some(a), "stable");
+        let b = r.pick("vm-a", |u| u == a).unwrap();
+        assert_ne!(a, b);
+        assert!((1000..=1009).contains(&b));
+        assert_eq!(r.pick("vm-a", |_| true), None);
+    }
+
+    fn config(disk: &Path) -> VmConfig {
+        serde_json::from_value(serde_json::json!({
+            "kernel": "/proc/self/exe",
+            "cmdline": "",
+            "vcpus": 2,
+            "memory_bytes": 256u64 << 20,
+            "devices": {"disks": [{"path": disk, "readonly": false, "id": "disk0"}]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn nics_put_the_vmm_in_their_namespace_which_must_be_one() {
+        let disk = Path::new("/dev/null");
+        let mut cfg = config(disk);
+        assert_eq!(net_place(&cfg).unwrap(), NetPlace::Private);
+        let nic = |spec: &str| ray_api::net::NetConfig::parse(spec).unwrap();
+        cfg.devices.net = vec![nic("tap=a"), nic("tap=b")];
+        assert_eq!(net_place(&cfg).unwrap(), NetPlace::Host);
+        cfg.devices.net = vec![nic("tap=a"), nic("tap=b,netns=blue")];
+        let e = net_place(&cfg).unwrap_err().to_string();
+        assert!(
+            e.contains("NICs in different network namespaces")
+                && e.contains("TAP a is in the host's and TAP b in blue")
+                && e.contains("--no-jail"),
+            "{e}"
+        );
+        cfg.devices.net = vec![nic("tap=a,netns=ray-no-such-ns")];
+        let e = net_place(&cfg).unwrap_err().to_string();
+        assert!(e.contains("there is no /run/netns/ray-no-such-ns"), "{e}");
+    }
+
+    #[test]
+    fn a_plan_binds_what_the_vm_needs_and_refuses_what_it_cannot_do() {
+        let disk = std::env::temp_dir().join(format!("ray-jail-plan-{}", std::process::id()));
+        std::fs::write(&disk, b"").unwrap();
+        let cfg = config(&disk);
+        let uids = UidRange {
+            first: 500_000,
+            last: 500_100,
+        };
+        let p = plan("vm-x", Path::new("/run/x"), uids, &cfg, None, false).unwrap();
+        assert!((500_000..=500_100).contains(&p.uid));
+        assert_eq!(p.memory_max, (256 << 20) + MEMORY_OVERHEAD);
+        assert_eq!(p.cpu_quota_us, 3 * CPU_PERIOD_US);
+        assert!(p.binds.iter().any(|b| b.path == disk && b.writable));
+        assert!(p
+            .binds
+            .iter()
+            .any(|b| b.path == Path::new("/proc/self/exe") && !b.writable));
+        assert!(p
+            .binds
+            .iter()
+            .any(|b| b.path == Path::new("/dev/kvm") && b.device));
+        assert_eq!(p.chown, vec![disk.clone()]);
+        let e = plan("vm-x", Path::new("/run/x"), uids, &cfg, None, true).unwrap_err();
+        assert!(e.to_string().contains("--api-tcp"), "{e}");
+        let _ = std::fs::remove_file(&disk);
+    }
+}
