@@ -328,11 +328,7 @@ fn gpu_requests_are_checked_before_the_vm_starts() {
     let env = Env::new("disp-args");
     for (args, msg) in [
         (
-            &["--gpu", "paravirt"][..],
-            "GPU type paravirt is not implemented in this build",
-        ),
-        (
-            &["--gpu", "remote"],
+            &["--gpu", "remote"][..],
             "GPU type remote is not implemented in this build",
         ),
         (

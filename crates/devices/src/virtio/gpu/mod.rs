@@ -75,6 +75,11 @@ impl Gpu {
 }
 
 impl GpuDisplays {
+    /// Whether both are the handle of the same GPU.
+    pub fn same(&self, other: &GpuDisplays) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// Each scanout's mode, (width, height).
     pub fn modes(&self) -> Vec<(u32, u32)> {
         let core = self.shared.core();
