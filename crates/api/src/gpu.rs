@@ -143,9 +143,11 @@ impl GpuConfig {
             GpuType::None => {
                 return Err("a GPU of type none is no GPU: leave it out of the list".into())
             }
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "GPU type {other} is not implemented in this build (available: emulated, virtio)"
-            )),
+            ))
+            }
         }
         check_size(self.width, self.height)?;
         if !(1..=MAX_DISPLAYS_PER_GPU).contains(&self.displays) {
