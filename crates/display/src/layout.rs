@@ -182,7 +182,7 @@ mod tests {
             ..gpu(640, 480, 1)
         };
         assert_eq!(
-            VramLayout::plan(&[virtio.clone()], 512 << 20).unwrap(),
+            VramLayout::plan(std::slice::from_ref(&virtio), 512 << 20).unwrap(),
             None
         );
         let l = VramLayout::plan(&[virtio, gpu(640, 480, 1)], 512 << 20)
