@@ -12,6 +12,7 @@
 //! snapshot or migration carries, and a restore transfers them again. A guest that changed
 //! its backing after its last transfer sees that change on the restored display.
 pub mod commands;
+pub mod hostile;
 pub mod protocol;
 
 use std::sync::{Arc, Mutex, MutexGuard};
