@@ -80,8 +80,13 @@ impl Format {
         }
     }
 
-    /// Converts pixels of this format into the displays' XRGB8888 (bytes B, G, R, 0).
+    /// Converts pixels of this format into the displays' XRGB8888 (bytes B, G, R, X; X
+    /// is 0, or the alpha byte where the format is the displays' own and copied as is).
     pub fn to_xrgb(self, src: &[u8], dst: &mut [u8]) {
+        if matches!(self, Format::B8G8R8X8 | Format::B8G8R8A8) {
+            dst.copy_from_slice(src);
+            return;
+        }
         let [r, g, b] = self.rgb();
         for (s, d) in src.chunks_exact(4).zip(dst.chunks_exact_mut(4)) {
             d.copy_from_slice(&[s[b], s[g], s[r], 0]);
@@ -261,9 +266,9 @@ mod tests {
     fn formats_convert_to_xrgb() {
         let px = [1u8, 2, 3, 4];
         let mut out = [9u8; 4];
-        // B G R X: R=3 G=2 B=1.
+        // B G R X, the displays' own format: copied.
         Format::B8G8R8X8.to_xrgb(&px, &mut out);
-        assert_eq!(out, [1, 2, 3, 0]);
+        assert_eq!(out, px);
         // X R G B: R=2 G=3 B=4.
         Format::X8R8G8B8.to_xrgb(&px, &mut out);
         assert_eq!(out, [4, 3, 2, 0]);
