@@ -446,6 +446,12 @@ fn virtio_scanouts_show_what_the_guest_flushed_also_after_restore_and_migration(
         0,
     );
 
+    // The GPU follows the VM as the emulated one does.
+    env.ray_ok(&["vm", "pause", &vm.id]);
+    let state = serde_json::to_value(gpus(&vm).gpus[0].state).unwrap();
+    assert_eq!(state, "suspended");
+    env.ray_ok(&["vm", "resume", &vm.id]);
+
     let back = snapshot_and_restore(&env, &vm, "back");
     assert_eq!(
         serde_json::to_value(gpus(&back).gpus[0].state).unwrap(),
