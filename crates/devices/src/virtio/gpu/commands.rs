@@ -52,15 +52,32 @@ impl Resource {
         self.backing.iter().map(|&(_, l)| u64::from(l)).sum()
     }
 
-    /// Copies `out.len()` bytes at byte `offset` of the backing into `out`.
+    /// Where each backing entry starts in the backing's bytes.
+    fn backing_starts(&self) -> Vec<u64> {
+        self.backing
+            .iter()
+            .scan(0u64, |at, &(_, len)| {
+                let start = *at;
+                *at += u64::from(len);
+                Some(start)
+            })
+            .collect()
+    }
+
+    /// Copies `out.len()` bytes at byte `offset` of the backing into `out`; `starts` is
+    /// [`backing_starts`](Self::backing_starts), so that a long scatter list is searched,
+    /// not walked, for every line.
     fn read_backing(
         backing: &[(u64, u32)],
+        starts: &[u64],
         mem: &(dyn GuestMemory + Send + Sync),
-        mut offset: u64,
+        offset: u64,
         out: &mut [u8],
     ) -> Result<(), String> {
+        let first = starts.partition_point(|&s| s <= offset).saturating_sub(1);
+        let mut offset = offset - starts.get(first).copied().unwrap_or(0);
         let mut done = 0;
-        for &(addr, len) in backing {
+        for &(addr, len) in &backing[first.min(backing.len())..] {
             let len = u64::from(len);
             if offset >= len {
                 offset -= len;
@@ -512,13 +529,16 @@ impl Core {
             );
         };
         let stride = res.stride();
+        let starts = res.backing_starts();
         for row in 0..rect.height as usize {
             let src = offset + (row as u64) * stride as u64;
             let dst = (rect.y as usize + row) * stride + rect.x as usize * 4;
             let out = &mut res.pixels[dst..dst + line as usize];
-            Resource::read_backing(&res.backing, mem, src, out).map_err(|why| Refusal {
-                code: RESP_ERR_UNSPEC,
-                why: format!("resource {id}: {why}"),
+            Resource::read_backing(&res.backing, &starts, mem, src, out).map_err(|why| {
+                Refusal {
+                    code: RESP_ERR_UNSPEC,
+                    why: format!("resource {id}: {why}"),
+                }
             })?;
         }
         Ok(())

@@ -216,6 +216,32 @@ fn other_formats_are_converted_and_scatter_lists_followed() {
 }
 
 #[test]
+fn a_scatter_list_of_single_pixels_is_followed_line_by_line() {
+    let mut r = rig(&[(4, 4)]);
+    assert_eq!(r.create(1, Format::B8G8R8X8, 4, 4), RESP_OK_NODATA);
+    // Pixel i lives at BACKING + 64 * (15 - i): each entry 4 bytes, in reverse order.
+    let entries: Vec<(u64, u32)> = (0..16u64).map(|i| (BACKING + 64 * (15 - i), 4)).collect();
+    assert_eq!(r.attach(1, &entries), RESP_OK_NODATA);
+    for i in 0..16u32 {
+        r.mem
+            .write(
+                BACKING + 64 * u64::from(15 - i),
+                &(0x10101 * i).to_le_bytes(),
+            )
+            .unwrap();
+    }
+    // The lower right 2x2 only: offset of (2, 2).
+    assert_eq!(r.transfer(1, [2, 2, 2, 2], (2 * 4 + 2) * 4), RESP_OK_NODATA);
+    assert_eq!(r.set_scanout(0, 1, [0, 0, 4, 4]), RESP_OK_NODATA);
+    let f = r.frame(0);
+    for i in 0..16u32 {
+        let (x, y) = (i % 4, i / 4);
+        let want = if x >= 2 && y >= 2 { 0x10101 * i } else { 0 };
+        assert_eq!(frame_pixel(&f, 4, x, y), want, "pixel {i}");
+    }
+}
+
+#[test]
 fn bad_resource_ids_are_refused() {
     let mut r = rig(&[(16, 8)]);
     assert_eq!(
