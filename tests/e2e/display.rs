@@ -512,3 +512,38 @@ fn a_virtio_display_resize_reaches_the_guest_which_redraws() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("display 2 does not exist"), "{err}");
 }
+
+#[test]
+fn emulated_and_virtio_displays_are_numbered_alike_by_guest_and_host() {
+    let env = Env::new("disp-mixed");
+    // The virtio GPU first: display numbers still put the emulated displays first, in the
+    // guest as on the host.
+    let mut vm = env.boot(&[
+        "--memory",
+        "128M",
+        "--gpu",
+        "virtio,width=640,height=480",
+        "--gpu",
+        "emulated,width=640,height=480",
+    ]);
+    vm.expect_line("ready", READY);
+    assert_eq!(vm.command("displays", "displays "), "displays 2");
+    draw(&mut vm, "checker", 5, 0);
+    // Bars on a black scanout: the last bar is black, so only the other seven are sent.
+    let (changed, requests, _) = draw_virtio(&mut vm, "bars", 0, 1);
+    assert_eq!((changed.as_str(), requests), ("560x480+0+0", 2));
+    assert_shows(&screenshot(&env, &vm.id, 0, "e.png"), Pattern::Checker, 5);
+    assert_shows(&screenshot(&env, &vm.id, 1, "v.png"), Pattern::Bars, 0);
+    let list = gpus(&vm);
+    let numbers: Vec<_> = list
+        .gpus
+        .iter()
+        .map(|g| g.displays.iter().map(|d| d.index).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(numbers, [vec![1], vec![0]], "GPU 0 is the virtio one");
+    // Only a virtio display changes size.
+    let out = env.ray(&["gpu", "resize", &vm.id, "--display", "0", "800x600"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("belongs to an emulated GPU"), "{err}");
+}
