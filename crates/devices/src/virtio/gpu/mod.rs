@@ -26,6 +26,19 @@ use super::queue::Chain;
 use super::{Completer, Completion, DeviceContext, VirtioDevice};
 
 pub const QUEUE_SIZE: u16 = 256;
+/// The longest edge of a scanout's mode, in pixels.
+pub const MAX_MODE_EDGE: u32 = 16384;
+
+/// Refuses a mode with an empty or overlong edge.
+fn check_mode(width: u32, height: u32) -> Result<(), String> {
+    if (1..=MAX_MODE_EDGE).contains(&width) && (1..=MAX_MODE_EDGE).contains(&height) {
+        Ok(())
+    } else {
+        Err(format!(
+            "a {width}x{height} mode: each edge is 1 to {MAX_MODE_EDGE} pixels"
+        ))
+    }
+}
 /// Most bytes of a request the device reads: the header, the fixed part and the largest
 /// backing list the limits allow.
 const MAX_REQUEST: usize = HDR_LEN + 8 + MEM_ENTRY_LEN * 16384;
@@ -61,6 +74,9 @@ impl Gpu {
                 "a virtio GPU has 1 to {MAX_SCANOUTS} scanouts, not {}",
                 modes.len()
             ));
+        }
+        for &(w, h) in modes {
+            check_mode(w, h)?;
         }
         let shared = Arc::new(Shared {
             core: Mutex::new(Core::new(modes, limits)),
@@ -119,6 +135,7 @@ impl GpuDisplays {
     /// (EVENT_DISPLAY and a configuration interrupt). The frame goes dark until the
     /// driver shows something in the new mode.
     pub fn resize(&self, index: usize, width: u32, height: u32) -> Result<(), String> {
+        check_mode(width, height)?;
         {
             let mut core = self.shared.core();
             let n = core.scanouts.len();
@@ -346,13 +363,10 @@ fn rebuild(
     memory: &(dyn GuestMemory + Send + Sync),
 ) -> Result<Core, String> {
     let bad = |what: String, r: Refusal| format!("the saved virtio-gpu state: {what}: {}", r.why);
-    let mut core = Core::new(&s.modes, limits);
-    if s.modes
-        .iter()
-        .any(|&(w, h)| w == 0 || h == 0 || w > 16384 || h > 16384)
-    {
-        return Err("the saved virtio-gpu state has an empty or oversized mode".into());
+    for &(w, h) in &s.modes {
+        check_mode(w, h).map_err(|e| format!("the saved virtio-gpu state has {e}"))?;
     }
+    let mut core = Core::new(&s.modes, limits);
     for r in &s.resources {
         core.create_2d(r.id, r.format as u32, r.width, r.height)
             .map_err(|e| bad(format!("resource {}", r.id), e))?;

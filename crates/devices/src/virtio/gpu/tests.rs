@@ -456,6 +456,9 @@ fn a_resize_raises_the_display_event_until_cleared() {
     assert_eq!(cfg[8], 2, "num_scanouts");
     r.displays.resize(1, 32, 16).unwrap();
     assert!(r.displays.resize(2, 32, 16).is_err());
+    let e = r.displays.resize(0, 0, 16).unwrap_err();
+    assert!(e.contains("each edge is 1 to 16384"), "{e}");
+    assert!(Gpu::new(&[(16, 99999)], Limits::default()).is_err());
     r.gpu.read_config(0, &mut cfg);
     assert_eq!(
         u32::from_le_bytes(cfg[..4].try_into().unwrap()),
