@@ -16,7 +16,7 @@ const SVR_ENABLE: u32 = 1 << 8;
 /// Device interrupts: each device queue that wants interrupts gets its own vector of
 /// `DEVICE_VECTOR_BASE..+DEVICE_VECTORS` ([`alloc_vector`]) and its own count.
 pub const DEVICE_VECTOR_BASE: usize = 0x50;
-pub const DEVICE_VECTORS: usize = 8;
+pub const DEVICE_VECTORS: usize = 12;
 pub const TIMER_VECTOR: usize = 0x41;
 /// The VMM's wake interrupt (doorbells, resume): it only ends a `hlt`.
 pub const WAKE_VECTOR: usize = ray_guest_abi::WAKE_VECTOR as usize;

@@ -1,6 +1,9 @@
 //! The displays the VMM gives us: linear XRGB8888 framebuffers in RAM, listed in the
-//! display table whose address the heartbeat page holds (see `ray_guest_abi::display`).
-//! Drawing is plain stores to RAM: no exits at all; the VMM notices the change itself.
+//! display table whose address the heartbeat page holds (see `ray_guest_abi::display`),
+//! then the scanouts of a virtio GPU ([`crate::virtio_gpu`]), numbered after them.
+//! Drawing on a framebuffer is plain stores to RAM: no exits at all; the VMM notices the
+//! change itself. Drawing on a scanout stores into its backing, then sends the changed
+//! rectangle (one batch of two requests, one kick).
 //!
 //! Shell: `displays` lists them; `draw PATTERN [SEED] [DISPLAY]` fills one (default 0)
 //! with a test pattern the host can recompute (`ray_guest_abi::display::pattern_pixel`).
@@ -10,7 +13,7 @@ use ray_guest_abi::display::{
     FORMAT_XRGB8888, MAX_DISPLAYS,
 };
 
-use crate::{heartbeat, paging};
+use crate::{heartbeat, paging, virtio_gpu};
 use core::sync::atomic::Ordering::Relaxed;
 
 /// The table, if the VMM announced one and it makes sense: each framebuffer XRGB8888 and
@@ -36,19 +39,96 @@ fn table() -> Option<DisplayTable> {
     .then_some(t)
 }
 
-/// `display N WxH stride=S at 0xADDR` per display, then `displays N`.
+/// `display N WxH stride=S at 0xADDR` per display (`... virtio scanout=K` for a virtio
+/// GPU's), then `displays N`.
 pub fn list() {
-    let Some(t) = table() else {
-        println!("displays 0");
-        return;
-    };
-    for (i, d) in t.displays[..t.count as usize].iter().enumerate() {
-        println!(
-            "display {i} {}x{} stride={} at {:#x}",
-            d.width, d.height, d.stride, d.gpa
-        );
+    let count = table().map_or(0, |t| {
+        for (i, d) in t.displays[..t.count as usize].iter().enumerate() {
+            println!(
+                "display {i} {}x{} stride={} at {:#x}",
+                d.width, d.height, d.stride, d.gpa
+            );
+        }
+        t.count as usize
+    });
+    let mut virtio = 0;
+    if let Ok(gpu) = virtio_gpu::get() {
+        for (k, s) in gpu.scanouts[..gpu.count].iter().enumerate() {
+            println!(
+                "display {} {}x{} stride={} at {:#x} virtio scanout={k}",
+                count + k,
+                s.width,
+                s.height,
+                s.width * BYTES_PER_PIXEL,
+                s.backing
+            );
+        }
+        virtio = gpu.count;
     }
-    println!("displays {}", t.count);
+    println!("displays {}", count + virtio);
+}
+
+/// Draws `pattern` into virtio scanout `k`'s backing, then sends the rectangle that
+/// changed: `draw ... changed=WxH+X+Y requests=N kicks=N` (`changed=none`: nothing sent).
+fn draw_virtio(pattern: Pattern, seed: u32, index: usize, k: usize) {
+    let gpu = match virtio_gpu::get() {
+        Ok(g) if k < g.count => g,
+        Ok(g) => {
+            println!(
+                "err draw: no display {index} (this VM has {})",
+                index - k + g.count
+            );
+            return;
+        }
+        Err(e) => {
+            println!("err draw: no display {index} ({e})");
+            return;
+        }
+    };
+    let s = gpu.scanouts[k];
+    let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
+    for y in 0..s.height {
+        let line = (s.backing + u64::from(y) * u64::from(s.width) * 4) as *mut u32;
+        for x in 0..s.width {
+            let px = pattern_pixel(pattern, seed, x, y, s.width, s.height);
+            // SAFETY: inside the scanout's backing, RAM the driver took for it alone
+            // (width * height * 4 bytes in the identity map).
+            let p = unsafe { line.add(x as usize) };
+            // SAFETY: as above.
+            if unsafe { p.read_volatile() } != px {
+                // SAFETY: as above.
+                unsafe { p.write_volatile(px) };
+                (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x + 1), y1.max(y + 1));
+            }
+        }
+    }
+    let (requests, kicks) = (gpu.requests, gpu.kicks());
+    let changed = if x0 == u32::MAX {
+        None
+    } else {
+        let r = virtio_gpu::Rect {
+            x: x0,
+            y: y0,
+            width: x1 - x0,
+            height: y1 - y0,
+        };
+        if let Err(e) = gpu.update(k, r) {
+            println!("err draw: {e}");
+            return;
+        }
+        Some(r)
+    };
+    let (sent, kicked) = (gpu.requests - requests, gpu.kicks() - kicks);
+    let (name, w, h) = (pattern.name(), s.width, s.height);
+    match changed {
+        Some(r) => println!(
+            "draw {name} seed={seed} display={index} {w}x{h} changed={}x{}+{}+{} requests={sent} kicks={kicked}",
+            r.width, r.height, r.x, r.y
+        ),
+        None => println!(
+            "draw {name} seed={seed} display={index} {w}x{h} changed=none requests={sent} kicks={kicked}"
+        ),
+    }
 }
 
 /// `draw PATTERN [SEED] [DISPLAY]`.
@@ -77,14 +157,12 @@ pub fn draw(mut args: core::str::SplitAsciiWhitespace) {
         println!("err draw: unexpected argument '{extra}'");
         return;
     }
-    let Some(t) = table() else {
-        println!("err draw: this VM has no display");
-        return;
+    let count = table().map_or(0, |t| t.count as usize);
+    let index = index as usize;
+    let Some(t) = table().filter(|_| index < count) else {
+        return draw_virtio(pattern, seed as u32, index, index - count);
     };
-    let Some(d) = t.displays[..t.count as usize].get(index as usize) else {
-        println!("err draw: no display {index} (this VM has {})", t.count);
-        return;
-    };
+    let d = &t.displays[index];
     for y in 0..d.height {
         let line = (d.gpa + u64::from(y) * u64::from(d.stride)) as *mut u32;
         for x in 0..d.width {

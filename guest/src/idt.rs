@@ -97,7 +97,7 @@ exception_stubs:
 global_asm!(
     r#"
     .text
-    .irp n, 0,1,2,3,4,5,6,7
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11
     .balign 16
 irq_stub_device_\n:
     push $({device} + \n)
@@ -107,7 +107,7 @@ irq_stub_device_\n:
     .balign 8
     .global device_stubs
 device_stubs:
-    .irp n, 0,1,2,3,4,5,6,7
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11
     .quad irq_stub_device_\n
     .endr
     .text

@@ -12,7 +12,8 @@
 //!   `net`, `displays`, `draw`, `vsock`, `seq`, `poweroff`), see [`shell`]; the same commands
 //!   over vsock port 52 ([`virtio_vsock`], `ray vm exec`);
 //! * virtio-pci drivers on [`virtio`] (MSI-X, a vector per queue): rng ([`virtio_rng`]),
-//!   blk ([`virtio_blk`]) and net ([`virtio_net`]), set up on first use, and vsock
+//!   blk ([`virtio_blk`]), net ([`virtio_net`]) and gpu ([`virtio_gpu`]), set up on
+//!   first use, and vsock
 //!   ([`virtio_vsock`]), set up at boot so that its shell port listens;
 //! * SMP: every vCPU enters at the ELF entry, APs update their heartbeat slots and idle;
 //!   at most [`MAX_CPUS`] of them: the others park, and the boot CPU says so on COM1
@@ -41,6 +42,7 @@ mod shell;
 mod smp;
 mod virtio;
 mod virtio_blk;
+mod virtio_gpu;
 mod virtio_net;
 mod virtio_rng;
 mod virtio_vsock;
@@ -253,6 +255,7 @@ fn main_loop(poll_ns: u64) -> ! {
             serial::drain(|b| shell.input(b, &mut work));
         }
         virtio_net::poll();
+        virtio_gpu::poll();
         virtio_vsock::poll(&mut |line| shell::run_line(line, &mut work));
         let behind = work.poll(now);
         if heartbeat::shutdown_request().load(Relaxed) != 0 {

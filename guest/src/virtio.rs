@@ -253,11 +253,7 @@ impl Transport {
             return Err("its queue is too small");
         }
         let vector = apic::alloc_vector().ok_or("no APIC vector is left for the queue")?;
-        let entry = self.msix_table + 16 * usize::from(index);
-        wr::<u32>(entry, 0xfee0_0000 | apic::id() << 12);
-        wr::<u32>(entry + 4, 0);
-        wr::<u32>(entry + 8, (apic::DEVICE_VECTOR_BASE + vector) as u32);
-        wr::<u32>(entry + 12, 0);
+        self.msix_entry(index, vector);
         wr::<u16>(c + Q_SIZE, size);
         wr::<u16>(c + Q_MSIX, index);
         if rd::<u16>(c + Q_MSIX) != index {
@@ -287,11 +283,42 @@ impl Transport {
             free_head: 0,
             free: size,
             next: [0; MAX_QUEUE_SIZE as usize],
+            kicks: 0,
         };
         for i in 0..size {
             q.next[usize::from(i)] = i + 1;
         }
         Ok(q)
+    }
+
+    /// Points MSI-X entry `entry` at device vector `vector` on this CPU.
+    fn msix_entry(&self, entry: u16, vector: usize) {
+        let entry = self.msix_table + 16 * usize::from(entry);
+        wr::<u32>(entry, 0xfee0_0000 | apic::id() << 12);
+        wr::<u32>(entry + 4, 0);
+        wr::<u32>(entry + 8, (apic::DEVICE_VECTOR_BASE + vector) as u32);
+        wr::<u32>(entry + 12, 0);
+    }
+
+    /// Routes configuration-change interrupts to MSI-X entry `entry` and a device vector
+    /// of their own; returns that vector (count its interrupts with `apic::device_irqs`).
+    #[allow(dead_code)] // for devices whose configuration changes (gpu)
+    pub fn config_interrupt(&self, entry: u16) -> Result<usize, &'static str> {
+        let vector = apic::alloc_vector().ok_or("no APIC vector is left for the configuration")?;
+        self.msix_entry(entry, vector);
+        wr::<u16>(self.common + MSIX_CONFIG, entry);
+        if rd::<u16>(self.common + MSIX_CONFIG) != entry {
+            return Err("it refused an MSI-X vector for configuration changes");
+        }
+        Ok(vector)
+    }
+
+    /// Writes a value of the device-specific configuration.
+    #[allow(dead_code)] // for devices with a writable configuration (gpu)
+    pub fn set_config<T: Copy>(&self, offset: usize, value: T) {
+        if self.device_config != 0 {
+            wr(self.device_config + offset, value);
+        }
     }
 
     /// DRIVER_OK: the device may now use the queues.
@@ -336,6 +363,8 @@ pub struct Queue {
     free: u16,
     /// The driver's own copy of the descriptor links (the device cannot change it).
     next: [u16; MAX_QUEUE_SIZE as usize],
+    /// Notifications written (each a VM exit on PVM, if not to the VMM).
+    kicks: u64,
 }
 
 impl Queue {
@@ -350,6 +379,12 @@ impl Queue {
     #[allow(dead_code)] // for drivers with a buffer per descriptor (net)
     pub fn next_head(&self) -> Option<u16> {
         (self.free > 0).then_some(self.free_head)
+    }
+
+    /// Notifications sent so far.
+    #[allow(dead_code)] // reported by drivers that count their exits (gpu)
+    pub fn kicks(&self) -> u64 {
+        self.kicks
     }
 
     /// Device interrupts of this queue so far.
@@ -409,6 +444,7 @@ impl Queue {
         };
         if kick {
             wr::<u16>(self.notify, 0);
+            self.kicks += 1;
         }
     }
 

@@ -1,8 +1,9 @@
-//! The emulated GPU end to end: our guest draws test patterns into its framebuffers, and
-//! what `ray gpu screenshot` saves, what a real VNC client (vncdotool) captures and what
-//! the host recomputes from the pattern's definition are the same pixels; also after a
+//! The emulated and virtio GPUs end to end: our guest draws test patterns into its
+//! framebuffers (or a virtio GPU's resources, sending the changed rectangle), and what
+//! `ray gpu screenshot` saves, what a real VNC client (vncdotool) captures and what the
+//! host recomputes from the pattern's definition are the same pixels; also after a
 //! snapshot and restore and after a live migration. A garbage RFB client is dropped while
-//! a viewer carries on.
+//! a viewer carries on. A virtio display's resize reaches the guest, which redraws.
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -46,10 +47,15 @@ fn expected(pattern: Pattern, seed: u32, w: u32, h: u32) -> Vec<u8> {
     out
 }
 
-/// Asserts a PNG shows `pattern` exactly, naming the first pixel that differs.
+/// Asserts a 640x480 PNG shows `pattern` exactly, naming the first pixel that differs.
 fn assert_shows(path: &Path, pattern: Pattern, seed: u32) {
+    assert_shows_at(path, pattern, seed, (640, 480));
+}
+
+/// Asserts a PNG of `size` shows `pattern` exactly, naming the first pixel that differs.
+fn assert_shows_at(path: &Path, pattern: Pattern, seed: u32, size: (u32, u32)) {
     let (w, h, rgb) = decode(path);
-    assert_eq!((w, h), (640, 480), "{}", path.display());
+    assert_eq!((w, h), size, "{}", path.display());
     let want = expected(pattern, seed, w, h);
     if let Some(i) = (0..rgb.len()).find(|&i| rgb[i] != want[i]) {
         let px = i / 3;
@@ -121,6 +127,69 @@ fn boot_drawn(env: &Env) -> Vm {
     draw(&mut vm, "checker", 7, 0);
     draw(&mut vm, "gradient", 3, 1);
     vm
+}
+
+/// Pauses `vm`, snapshots it, stops it and restores the snapshot as VM `id`.
+fn snapshot_and_restore(env: &Env, vm: &Vm, id: &str) -> Vm {
+    env.ray_ok(&["vm", "pause", &vm.id]);
+    let snap = env.runtime.join(format!("snap-{id}"));
+    env.ray_ok(&["snapshot", "create", &vm.id, snap.to_str().unwrap()]);
+    env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
+    let out = env.ray_ok(&[
+        "snapshot",
+        "restore",
+        snap.to_str().unwrap(),
+        "--id",
+        id,
+        "--detach",
+        "--json",
+    ]);
+    let info: VmInfo = serde_json::from_str(&out).unwrap();
+    env.attach(id, info.pid)
+}
+
+/// Live-migrates `from` over a Unix socket to a second VMM on this host, VM `to`; waits
+/// until `from` has ended.
+fn migrate(env: &Env, from: &Vm, to: &str) -> Vm {
+    let key = env.runtime.join("key");
+    std::fs::write(&key, "a pre-shared key of some length").unwrap();
+    let listen = format!("unix:{}", env.runtime.join("incoming.sock").display());
+    let key = key.to_str().unwrap();
+    let out = env.ray_ok(&[
+        "migrate",
+        "receive",
+        "--listen",
+        &listen,
+        "--key-file",
+        key,
+        "--memory",
+        "128M",
+        "--vcpus",
+        "1",
+        "--id",
+        to,
+        "--json",
+    ]);
+    let info: VmInfo = serde_json::from_str(&out).unwrap();
+    let moved = env.attach(to, info.pid);
+    let out = env.ray_ok(&[
+        "migrate",
+        "start",
+        &from.id,
+        "--to",
+        &listen,
+        "--key-file",
+        key,
+        "--json",
+    ]);
+    let s: MigrationStatus = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (s.state.as_str(), s.vm.as_str()),
+        ("completed", "migrated"),
+        "{s:?}"
+    );
+    from.wait_exit(Duration::from_secs(10));
+    moved
 }
 
 #[test]
@@ -241,22 +310,7 @@ print("captured", flush=True)
 fn pictures_survive_snapshot_restore_and_live_migration() {
     let env = Env::new("disp-persist");
     let vm = boot_drawn(&env);
-    env.ray_ok(&["vm", "pause", &vm.id]);
-    let snap = env.runtime.join("snap");
-    env.ray_ok(&["snapshot", "create", &vm.id, snap.to_str().unwrap()]);
-    env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
-
-    let out = env.ray_ok(&[
-        "snapshot",
-        "restore",
-        snap.to_str().unwrap(),
-        "--id",
-        "back",
-        "--detach",
-        "--json",
-    ]);
-    let info: VmInfo = serde_json::from_str(&out).unwrap();
-    let back = env.attach("back", info.pid);
+    let back = snapshot_and_restore(&env, &vm, "back");
     assert_eq!(
         serde_json::to_value(gpus(&back).gpus[0].state).unwrap(),
         "ready"
@@ -270,44 +324,7 @@ fn pictures_survive_snapshot_restore_and_live_migration() {
     );
 
     // Live migration over a Unix socket to a second VMM on this host.
-    let key = env.runtime.join("key");
-    std::fs::write(&key, "a pre-shared key of some length").unwrap();
-    let listen = format!("unix:{}", env.runtime.join("incoming.sock").display());
-    let key = key.to_str().unwrap();
-    let out = env.ray_ok(&[
-        "migrate",
-        "receive",
-        "--listen",
-        &listen,
-        "--key-file",
-        key,
-        "--memory",
-        "128M",
-        "--vcpus",
-        "1",
-        "--id",
-        "moved",
-        "--json",
-    ]);
-    let info: VmInfo = serde_json::from_str(&out).unwrap();
-    let mut moved = env.attach("moved", info.pid);
-    let out = env.ray_ok(&[
-        "migrate",
-        "start",
-        "back",
-        "--to",
-        &listen,
-        "--key-file",
-        key,
-        "--json",
-    ]);
-    let s: MigrationStatus = serde_json::from_str(&out).unwrap();
-    assert_eq!(
-        (s.state.as_str(), s.vm.as_str()),
-        ("completed", "migrated"),
-        "{s:?}"
-    );
-    back.wait_exit(Duration::from_secs(10));
+    let mut moved = migrate(&env, &back, "moved");
     assert_eq!(
         serde_json::to_value(gpus(&moved).gpus[0].state).unwrap(),
         "ready"
@@ -328,11 +345,7 @@ fn gpu_requests_are_checked_before_the_vm_starts() {
     let env = Env::new("disp-args");
     for (args, msg) in [
         (
-            &["--gpu", "paravirt"][..],
-            "GPU type paravirt is not implemented in this build",
-        ),
-        (
-            &["--gpu", "remote"],
+            &["--gpu", "remote"][..],
             "GPU type remote is not implemented in this build",
         ),
         (
@@ -378,4 +391,159 @@ fn gpu_requests_are_checked_before_the_vm_starts() {
     // Nothing was started.
     let list = env.ray_ok(&["vm", "list", "-o", "json"]);
     assert_eq!(list.trim(), "[]", "{list}");
+}
+
+const VIRTIO_GPU: &str = "virtio,width=640,height=480,displays=2";
+
+/// `draw` on a virtio display: the rectangle it sent, and how many requests and kicks.
+fn draw_virtio(vm: &mut Vm, pattern: &str, seed: u32, display: u32) -> (String, u32, u32) {
+    let answer = vm.command(&format!("draw {pattern} {seed} {display}"), "draw ");
+    let field = |key: &str| {
+        answer
+            .split_ascii_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in '{answer}'"))
+            .to_string()
+    };
+    let number = |key: &str| field(key).parse::<u32>().unwrap();
+    (field("changed="), number("requests="), number("kicks="))
+}
+
+#[test]
+fn virtio_scanouts_show_what_the_guest_flushed_also_after_restore_and_migration() {
+    let env = Env::new("disp-virtio");
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", VIRTIO_GPU]);
+    vm.expect_line("ready", READY);
+    let listed = vm.command("displays", "displays ");
+    assert_eq!(listed, "displays 2");
+    // A whole new picture: one transfer and one flush, made available with at most one
+    // kick (none if the device is still busy with the queue).
+    let (changed, requests, kicks) = draw_virtio(&mut vm, "checker", 7, 0);
+    assert_eq!((changed.as_str(), requests), ("640x480+0+0", 2));
+    assert!(kicks <= 1, "{kicks} kicks for one frame");
+    draw_virtio(&mut vm, "gradient", 3, 1);
+    // The same picture again changes nothing and sends nothing.
+    let (changed, requests, kicks) = draw_virtio(&mut vm, "gradient", 3, 1);
+    assert_eq!((changed.as_str(), requests, kicks), ("none", 0, 0));
+
+    let list = gpus(&vm);
+    assert_eq!(list.gpus.len(), 1);
+    assert_eq!(serde_json::to_value(list.gpus[0].kind).unwrap(), "paravirt");
+    assert_eq!(serde_json::to_value(list.gpus[0].state).unwrap(), "ready");
+    assert_eq!(list.gpus[0].displays.len(), 2);
+    assert_shows(&screenshot(&env, &vm.id, 0, "s0.png"), Pattern::Checker, 7);
+    assert_shows(&screenshot(&env, &vm.id, 1, "s1.png"), Pattern::Gradient, 3);
+    assert_shows(
+        &vnc_capture(&env, &vm.dir.join("vnc-1-view.sock"), "v1.png"),
+        Pattern::Gradient,
+        3,
+    );
+    // A flush drives a new VNC picture.
+    draw_virtio(&mut vm, "bars", 0, 0);
+    assert_shows(
+        &vnc_capture(&env, &vm.dir.join("vnc-0.sock"), "v0.png"),
+        Pattern::Bars,
+        0,
+    );
+
+    // The GPU follows the VM as the emulated one does.
+    env.ray_ok(&["vm", "pause", &vm.id]);
+    let state = serde_json::to_value(gpus(&vm).gpus[0].state).unwrap();
+    assert_eq!(state, "suspended");
+    env.ray_ok(&["vm", "resume", &vm.id]);
+
+    let back = snapshot_and_restore(&env, &vm, "back");
+    assert_eq!(
+        serde_json::to_value(gpus(&back).gpus[0].state).unwrap(),
+        "ready"
+    );
+    assert_shows(&screenshot(&env, "back", 0, "r0.png"), Pattern::Bars, 0);
+    assert_shows(&screenshot(&env, "back", 1, "r1.png"), Pattern::Gradient, 3);
+
+    let mut moved = migrate(&env, &back, "moved");
+    assert_shows(&screenshot(&env, "moved", 0, "m0.png"), Pattern::Bars, 0);
+    assert_shows(
+        &vnc_capture(&env, &moved.dir.join("vnc-1.sock"), "mv1.png"),
+        Pattern::Gradient,
+        3,
+    );
+    // The guest's driver carries on where it left off: only what changes is sent.
+    let (changed, requests, _) = draw_virtio(&mut moved, "fill", 0x123456, 1);
+    assert_eq!((changed.as_str(), requests), ("640x480+0+0", 2));
+    assert_shows(
+        &screenshot(&env, "moved", 1, "m1.png"),
+        Pattern::Fill,
+        0x123456,
+    );
+}
+
+#[test]
+fn a_virtio_display_resize_reaches_the_guest_which_redraws() {
+    let env = Env::new("disp-resize");
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", VIRTIO_GPU]);
+    vm.expect_line("ready", READY);
+    assert_eq!(vm.command("displays", "displays "), "displays 2");
+    env.ray_ok(&["gpu", "resize", &vm.id, "--display", "1", "800x600"]);
+    // The configuration interrupt reaches the guest, which re-reads the display
+    // information and rebuilds that scanout.
+    let line = vm.expect_line("gpu display event: scanout 1", READY);
+    assert_eq!(line, "gpu display event: scanout 1 is 800x600 events=1");
+    let list = gpus(&vm);
+    let sizes: Vec<_> = list.gpus[0]
+        .displays
+        .iter()
+        .map(|d| (d.width, d.height))
+        .collect();
+    assert_eq!(sizes, [(640, 480), (800, 600)]);
+    let (changed, _, _) = draw_virtio(&mut vm, "gradient", 9, 1);
+    assert_eq!(changed, "800x600+0+0");
+    assert_shows_at(
+        &screenshot(&env, &vm.id, 1, "big.png"),
+        Pattern::Gradient,
+        9,
+        (800, 600),
+    );
+    // Sizes out of range, and displays that do not exist, are refused by name.
+    let out = env.ray(&["gpu", "resize", &vm.id, "--display", "1", "100x600"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("width 100 is not a multiple of 8"), "{err}");
+    let out = env.ray(&["gpu", "resize", &vm.id, "--display", "2", "800x600"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("display 2 does not exist"), "{err}");
+}
+
+#[test]
+fn emulated_and_virtio_displays_are_numbered_alike_by_guest_and_host() {
+    let env = Env::new("disp-mixed");
+    // The virtio GPU first: display numbers still put the emulated displays first, in the
+    // guest as on the host.
+    let mut vm = env.boot(&[
+        "--memory",
+        "128M",
+        "--gpu",
+        "virtio,width=640,height=480",
+        "--gpu",
+        "emulated,width=640,height=480",
+    ]);
+    vm.expect_line("ready", READY);
+    assert_eq!(vm.command("displays", "displays "), "displays 2");
+    draw(&mut vm, "checker", 5, 0);
+    // Bars on a black scanout: the last bar is black, so only the other seven are sent.
+    let (changed, requests, _) = draw_virtio(&mut vm, "bars", 0, 1);
+    assert_eq!((changed.as_str(), requests), ("560x480+0+0", 2));
+    assert_shows(&screenshot(&env, &vm.id, 0, "e.png"), Pattern::Checker, 5);
+    assert_shows(&screenshot(&env, &vm.id, 1, "v.png"), Pattern::Bars, 0);
+    let list = gpus(&vm);
+    let numbers: Vec<_> = list
+        .gpus
+        .iter()
+        .map(|g| g.displays.iter().map(|d| d.index).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(numbers, [vec![1], vec![0]], "GPU 0 is the virtio one");
+    // Only a virtio display changes size.
+    let out = env.ray(&["gpu", "resize", &vm.id, "--display", "0", "800x600"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("belongs to an emulated GPU"), "{err}");
 }

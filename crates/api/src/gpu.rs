@@ -2,9 +2,10 @@
 //! API reports about them. Checked here so that the CLI and the VMM refuse the same things
 //! with the same words, before a VM starts.
 //!
-//! `--gpu emulated[,width=W][,height=H][,displays=N]`; `--gpu none` means no GPU. The other
-//! types of the GPU model (paravirt, passthrough, remote) are named so that a request for
-//! one is refused clearly: they are not built yet.
+//! `--gpu emulated|virtio[,width=W][,height=H][,displays=N]`; `--gpu none` means no GPU;
+//! `virtio` is the paravirt type (virtio-gpu 2D; `paravirt` is accepted too). The other
+//! types of the GPU model (passthrough, remote) are named so that a request for one is
+//! refused clearly: they are not built yet.
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -31,7 +32,7 @@ pub enum GpuType {
     None,
     /// A framebuffer in guest RAM the VMM scans out (Linux sees a VESA linear framebuffer).
     Emulated,
-    /// virtio-gpu (not built yet).
+    /// virtio-gpu 2D on PCI: the guest's driver sends its pictures to the host.
     Paravirt,
     /// A host GPU through VFIO (not built yet).
     Passthrough,
@@ -60,6 +61,7 @@ impl GpuType {
         ]
         .into_iter()
         .find(|t| t.as_str() == s)
+        .or((s == "virtio").then_some(GpuType::Paravirt))
     }
 }
 
@@ -93,7 +95,7 @@ impl GpuConfig {
         let name = parts.next().unwrap_or_default();
         let Some(kind) = GpuType::parse(name) else {
             return Err(format!(
-                "--gpu '{arg}': unknown GPU type '{name}' (known: none, emulated, paravirt, passthrough, remote)"
+                "--gpu '{arg}': unknown GPU type '{name}' (known: none, emulated, virtio (paravirt), passthrough, remote)"
             ));
         };
         let mut c = GpuConfig {
@@ -137,28 +139,17 @@ impl GpuConfig {
     /// Checks the type (built in this build?), the size and the display count.
     pub fn validate(&self) -> Result<(), String> {
         match self.kind {
-            GpuType::Emulated => {}
+            GpuType::Emulated | GpuType::Paravirt => {}
             GpuType::None => {
                 return Err("a GPU of type none is no GPU: leave it out of the list".into())
             }
             other => {
                 return Err(format!(
-                    "GPU type {other} is not implemented in this build (available: emulated)"
-                ))
+                "GPU type {other} is not implemented in this build (available: emulated, virtio)"
+            ))
             }
         }
-        if !(MIN_WIDTH..=MAX_WIDTH).contains(&self.width) || !self.width.is_multiple_of(8) {
-            return Err(format!(
-                "width {} is not a multiple of 8 between {MIN_WIDTH} and {MAX_WIDTH}",
-                self.width
-            ));
-        }
-        if !(MIN_HEIGHT..=MAX_HEIGHT).contains(&self.height) {
-            return Err(format!(
-                "height {} is not between {MIN_HEIGHT} and {MAX_HEIGHT}",
-                self.height
-            ));
-        }
+        check_size(self.width, self.height)?;
         if !(1..=MAX_DISPLAYS_PER_GPU).contains(&self.displays) {
             return Err(format!(
                 "{} displays asked for; a GPU has 1 to {MAX_DISPLAYS_PER_GPU}",
@@ -172,6 +163,29 @@ impl GpuConfig {
     pub fn frame_bytes(&self) -> u64 {
         u64::from(self.width) * u64::from(self.height) * 4
     }
+}
+
+/// Checks a display size: a width that is a multiple of 8 and a height, in range.
+pub fn check_size(width: u32, height: u32) -> Result<(), String> {
+    if !(MIN_WIDTH..=MAX_WIDTH).contains(&width) || !width.is_multiple_of(8) {
+        return Err(format!(
+            "width {width} is not a multiple of 8 between {MIN_WIDTH} and {MAX_WIDTH}"
+        ));
+    }
+    if !(MIN_HEIGHT..=MAX_HEIGHT).contains(&height) {
+        return Err(format!(
+            "height {height} is not between {MIN_HEIGHT} and {MAX_HEIGHT}"
+        ));
+    }
+    Ok(())
+}
+
+/// A display's new size (`PUT /vm/display/{n}/size`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DisplaySize {
+    pub width: u32,
+    pub height: u32,
 }
 
 /// Checks a VM's GPU list: each GPU, at most [`MAX_GPUS`], at most
@@ -260,11 +274,13 @@ mod tests {
         let d = GpuConfig::parse("emulated").unwrap().unwrap();
         assert_eq!((d.width, d.height, d.displays), (1024, 768, 1));
         assert_eq!(GpuConfig::parse("none").unwrap(), None);
+        let v = GpuConfig::parse("virtio,displays=4").unwrap().unwrap();
+        assert_eq!((v.kind, v.displays), (GpuType::Paravirt, 4));
+        assert_eq!(
+            GpuConfig::parse("paravirt").unwrap().unwrap().kind,
+            GpuType::Paravirt
+        );
         for (arg, msg) in [
-            (
-                "paravirt",
-                "GPU type paravirt is not implemented in this build",
-            ),
             (
                 "passthrough",
                 "GPU type passthrough is not implemented in this build",

@@ -2,7 +2,7 @@
 //! [`ray_guest_abi::display::DisplayTable`] page first, then each display's pixels, page
 //! aligned. The VMM reserves the range in the e820 map, so no kernel takes it for RAM, and
 //! because it is guest RAM, snapshots and migrations carry the pictures.
-use ray_api::gpu::GpuConfig;
+use ray_api::gpu::{GpuConfig, GpuType};
 use ray_guest_abi::display::{
     DisplayEntry, DisplayTable, BYTES_PER_PIXEL, DISPLAY_TABLE_MAGIC, FORMAT_XRGB8888, MAX_DISPLAYS,
 };
@@ -51,16 +51,22 @@ pub enum LayoutError {
 }
 
 impl VramLayout {
-    /// Plans the range for `gpus` in low RAM ending at `low_ram_end`. None without GPUs.
+    /// Plans the range for the emulated GPUs of `gpus` in low RAM ending at `low_ram_end`.
+    /// None without any.
     pub fn plan(gpus: &[GpuConfig], low_ram_end: u64) -> Result<Option<VramLayout>, LayoutError> {
-        if gpus.is_empty() {
-            return Ok(None);
-        }
+        // Only emulated GPUs scan out of guest RAM here; a virtio GPU's pictures are in
+        // resources its driver sends.
         let mut sizes = Vec::new();
         for (gpu, g) in gpus.iter().enumerate() {
+            if g.kind != GpuType::Emulated {
+                continue;
+            }
             for _ in 0..g.displays {
                 sizes.push((gpu, g.width, g.height));
             }
+        }
+        if sizes.is_empty() {
+            return Ok(None);
         }
         let need: u64 = PAGE
             + sizes
@@ -140,7 +146,6 @@ impl VramLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ray_api::gpu::GpuType;
 
     fn gpu(w: u32, h: u32, n: u8) -> GpuConfig {
         GpuConfig {
@@ -172,6 +177,19 @@ mod tests {
             l.displays[0].gpa
         );
         assert_eq!(VramLayout::plan(&[], 512 << 20).unwrap(), None);
+        let virtio = GpuConfig {
+            kind: GpuType::Paravirt,
+            ..gpu(640, 480, 1)
+        };
+        assert_eq!(
+            VramLayout::plan(std::slice::from_ref(&virtio), 512 << 20).unwrap(),
+            None
+        );
+        let l = VramLayout::plan(&[virtio, gpu(640, 480, 1)], 512 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.displays.len(), 1, "no video memory for a virtio GPU");
+        assert_eq!((l.displays[0].index, l.displays[0].gpu), (0, 1));
     }
 
     #[test]

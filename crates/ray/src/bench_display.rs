@@ -1,5 +1,7 @@
-//! `ray bench display`: what a VNC viewer of an emulated display sees, measured with our
-//! own minimal RFB client on the display's Unix socket.
+//! `ray bench display [--gpu emulated|virtio]`: what a VNC viewer of a display sees,
+//! measured with our own minimal RFB client on the display's Unix socket. With `virtio`
+//! the display is a virtio GPU's scanout: the guest draws into its resource's backing and
+//! sends the changed rectangle (transfer + flush) before the viewer can see it.
 //!
 //! * `update_latency_ms`: a `draw fill` command is sent to our guest's console; the time
 //!   until the viewer has received the whole update showing the new colour. It includes
@@ -29,10 +31,14 @@ pub struct DisplayBenchArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// The GPU type whose display is measured.
+    #[arg(long, default_value = "emulated", value_parser = ["emulated", "virtio"])]
+    pub gpu: String,
 }
 
 #[derive(Serialize)]
 struct DisplayReport {
+    gpu: String,
     runs: usize,
     width: u32,
     height: u32,
@@ -119,7 +125,11 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         numa_migration: Default::default(),
         devices: ray_api::vmm::DevicesConfig {
             gpus: vec![ray_api::gpu::GpuConfig {
-                kind: ray_api::gpu::GpuType::Emulated,
+                kind: if a.gpu == "virtio" {
+                    ray_api::gpu::GpuType::Paravirt
+                } else {
+                    ray_api::gpu::GpuType::Emulated
+                },
                 width: W.into(),
                 height: H.into(),
                 displays: 1,
@@ -146,6 +156,7 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         .collect();
     let memcpy_ms = Stats::of(&memcpy);
     let report = DisplayReport {
+        gpu: a.gpu.clone(),
         runs: a.runs,
         width: W.into(),
         height: H.into(),
@@ -163,8 +174,8 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "display {}x{} over VNC ({} runs, {} build)",
-            report.width, report.height, report.runs, report.build
+            "{} display {}x{} over VNC ({} runs, {} build)",
+            report.gpu, report.width, report.height, report.runs, report.build
         );
         print_row("guest draw -> viewer", report.update_latency_ms, "ms");
         print_row("full-screen updates", report.fullscreen_fps, "/s");

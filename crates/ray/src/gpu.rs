@@ -1,4 +1,5 @@
-//! `ray gpu status|list|displays|screenshot ID`: a VM's GPUs and displays through its API.
+//! `ray gpu status|list|displays|screenshot|resize ID`: a VM's GPUs and displays through its
+//! API.
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -20,6 +21,28 @@ pub enum GpuCommand {
     Displays(IdArgs),
     /// Save a display as a PNG.
     Screenshot(ScreenshotArgs),
+    /// Give a virtio GPU's display a new size (the guest is told and redraws).
+    Resize(ResizeArgs),
+}
+
+#[derive(Args)]
+pub struct ResizeArgs {
+    /// The VM.
+    pub id: String,
+    /// Which display (0-based over all GPUs).
+    #[arg(long, default_value_t = 0)]
+    pub display: u32,
+    /// The new size, WIDTHxHEIGHT.
+    #[arg(value_parser = parse_size)]
+    pub size: (u32, u32),
+}
+
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("'{s}' is not WIDTHxHEIGHT (1024x768)");
+    let (w, h) = s.split_once('x').ok_or_else(bad)?;
+    let (w, h) = (w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);
+    ray_api::gpu::check_size(w, h)?;
+    Ok((w, h))
 }
 
 #[derive(Args)]
@@ -48,6 +71,7 @@ pub fn run(cmd: GpuCommand, runtime: &Path) -> anyhow::Result<()> {
         GpuCommand::List(a) => show(runtime, &a, View::List),
         GpuCommand::Displays(a) => show(runtime, &a, View::Displays),
         GpuCommand::Screenshot(a) => screenshot(runtime, &a),
+        GpuCommand::Resize(a) => resize(runtime, &a),
     }
 }
 
@@ -130,5 +154,20 @@ fn screenshot(runtime: &Path, a: &ScreenshotArgs) -> anyhow::Result<()> {
     std::fs::write(&a.output, &answer.body)
         .with_context(|| format!("cannot write {}", a.output.display()))?;
     println!("{}", a.output.display());
+    Ok(())
+}
+
+fn resize(runtime: &Path, a: &ResizeArgs) -> anyhow::Result<()> {
+    let (width, height) = a.size;
+    let body = serde_json::to_vec(&ray_api::gpu::DisplaySize { width, height })?;
+    let answer = client(runtime, &a.id)?.raw(
+        "PUT",
+        &format!("/vm/display/{}/size", a.display),
+        Some(body),
+    )?;
+    if answer.status >= 400 {
+        return Err(api_error(answer.status, &answer.body).into());
+    }
+    println!("display {} is now {width}x{height}", a.display);
     Ok(())
 }

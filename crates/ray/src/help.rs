@@ -251,6 +251,12 @@ ray gpu screenshot desk -o desk.png",
 ray web --listen 127.0.0.1:0 --tokens tokens.txt --state-dir /var/lib/rayvisor/web",
     ),
     (
+        "gpu resize",
+        "ray vm run --detach --id desk --gpu virtio,width=1024,height=768
+ray gpu resize desk 1920x1080
+ray gpu resize desk --display 1 800x600",
+    ),
+    (
         "device",
         "ray device serve blk --socket /run/vub.sock --disk d.img
 ray device serve net --socket /run/vun.sock --net tap=tap0,netns=lab

@@ -125,9 +125,10 @@ pub struct RunArgs {
     /// Needs --numa-attribution ring and --numa nodes.
     #[arg(long, value_name = "MODE[,window=D][,rate=MiB/s]", value_parser = ray::numa::parse_numa_migrate)]
     pub numa_migrate: Option<ray_api::vmm::NumaMigrationConfig>,
-    /// A GPU (repeatable): emulated[,width=W][,height=H][,displays=N] (default 1024x768,
-    /// one display; up to 8 GPUs, 4 displays each, 16 in all), or none. Its displays are
-    /// framebuffers in guest RAM, served over VNC on the VM directory's vnc-N.sock.
+    /// A GPU (repeatable): emulated|virtio[,width=W][,height=H][,displays=N] (default
+    /// 1024x768, one display; up to 8 GPUs, 4 displays each, 16 in all), or none. An
+    /// emulated GPU's displays are framebuffers in guest RAM, a virtio GPU's the scanouts
+    /// of a virtio-gpu device; all are served over VNC on the VM directory's vnc-N.sock.
     #[arg(long = "gpu", value_name = "SPEC", value_parser = parse_gpu)]
     pub gpus: Vec<Option<ray_api::gpu::GpuConfig>>,
     /// A virtio-vsock device (one at most): cid=N[,socket=PATH]. N is the guest's context

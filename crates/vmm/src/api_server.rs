@@ -36,7 +36,7 @@ use crate::console_attach::{self, Attachment, ConsoleHub};
 use crate::controller::{ControllerError, Message, Request, Response};
 use crate::devices::ConsoleRing;
 use crate::display::DisplayError;
-use ray_api::gpu::GpuList;
+use ray_api::gpu::{DisplaySize, GpuList};
 
 #[derive(Clone)]
 struct Api {
@@ -755,15 +755,45 @@ async fn get_screenshot(
     let png = tokio::task::spawn_blocking(move || hub.screenshot(index))
         .await
         .map_err(|e| ApiError::new(ErrorCode::Failed, format!("the screenshot failed: {e}")))?
-        .map_err(|e| {
-            let code = match e {
-                DisplayError::NoSuchDisplay { .. } => ErrorCode::NotFound,
-                DisplayError::NotRunning(_) => ErrorCode::WrongState,
-                DisplayError::Encode(_) => ErrorCode::Failed,
-            };
-            ApiError::new(code, e.to_string())
-        })?;
+        .map_err(|e| ApiError::new(display_error_code(&e), e.to_string()))?;
     Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
+}
+
+fn display_error_code(e: &DisplayError) -> ErrorCode {
+    match e {
+        DisplayError::NoSuchDisplay { .. } => ErrorCode::NotFound,
+        DisplayError::NotRunning(_) => ErrorCode::WrongState,
+        DisplayError::Encode(_) => ErrorCode::Failed,
+        DisplayError::Resize(_) => ErrorCode::InvalidRequest,
+    }
+}
+
+/// Change a display's size
+///
+/// Gives display `n`, a virtio GPU's scanout, a new mode: the guest's driver gets a
+/// display event, re-reads the display information and draws in the new size. The
+/// display is dark until it does. Never waits for the VMM thread.
+#[utoipa::path(put, path = "/vm/display/{n}/size", tag = "display", request_body = DisplaySize,
+    params(("n" = u32, Path, description = "The display's number.")),
+    responses(
+    (status = 204, description = "The guest was told."),
+    (status = 400, description = "`invalid_request`: `n` is not a number, the size is out of range, or the display belongs to an emulated GPU.", body = ErrorBody),
+    (status = 404, description = "`not_found`: no such display.", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the VM does not run.", body = ErrorBody),
+    BodyRefusals))]
+async fn put_display_size(
+    State(api): State<Api>,
+    axum::extract::Path(n): axum::extract::Path<String>,
+    Body(body): Body,
+) -> Result<StatusCode, ApiError> {
+    let index: usize = n.parse().map_err(|_| {
+        ApiError::invalid(format!("display '{n}' is not a display number (0, 1, ...)"))
+    })?;
+    let size = parse_body::<DisplaySize>("PUT /vm/display/{n}/size", &body)?;
+    api.displays
+        .resize(index, size.width, size.height)
+        .map_err(|e| ApiError::new(display_error_code(&e), e.to_string()))?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Show the VMM's version
@@ -825,6 +855,7 @@ fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(put_migration_reclaim))
         .routes(routes!(get_gpus))
         .routes(routes!(get_screenshot))
+        .routes(routes!(put_display_size))
         .routes(routes!(get_metrics))
         .routes(routes!(get_version))
         .routes(routes!(get_openapi))

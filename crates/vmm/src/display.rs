@@ -1,5 +1,9 @@
 //! The VM's displays in the VMM: the GPU model following the VM's state, the framebuffers
-//! read out of guest RAM, the VNC server and screenshots.
+//! read out of guest RAM (emulated GPUs) or out of the scanouts of virtio GPUs, the VNC
+//! server and screenshots.
+//!
+//! Display numbers: the emulated GPUs' displays first (the guest's display table lists
+//! them in that order), then each virtio GPU's scanouts, GPU by GPU.
 //!
 //! [`DisplayHub`] is shared by the VMM thread, which tells it of every state change
 //! ([`DisplayHub::follow`]), and the API thread, which reads GPU status and screenshots
@@ -8,8 +12,9 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use ray_api::gpu::{DisplayInfo, GpuConfig, GpuInfo, GpuList};
+use ray_api::gpu::{DisplayInfo, GpuConfig, GpuInfo, GpuList, GpuType};
 use ray_api::vmm::{VmConfig, VmStateName as VmState};
+use ray_devices::virtio::gpu::GpuDisplays;
 use ray_display::model::{GpuEvent, GpuModel};
 use ray_display::vnc::{self, VncServer};
 use ray_display::{DisplayGeometry, FrameSource, VramLayout};
@@ -17,18 +22,69 @@ use ray_memory::GuestMemory;
 
 use crate::memory::MemoryManager;
 
-/// The framebuffers of a running machine, read straight from guest RAM.
+/// A virtio GPU of the machine: its index in the VM's GPU list and its scanouts.
+pub type VirtioGpu = (usize, GpuDisplays);
+
+/// The framebuffers of a running machine: emulated ones read straight from guest RAM,
+/// virtio scanouts from their GPU.
 struct GuestFrames {
     memory: MemoryManager,
+    /// The emulated GPUs' displays.
     displays: Vec<DisplayGeometry>,
+    virtio: Vec<VirtioGpu>,
+}
+
+/// The displays of `virtio`'s scanouts, numbered on from `first`: `modes` gives each GPU's
+/// scanout sizes.
+fn virtio_displays(
+    first: usize,
+    gpus: impl Iterator<Item = (usize, Vec<(u32, u32)>)>,
+) -> Vec<DisplayGeometry> {
+    let mut out = Vec::new();
+    for (gpu, modes) in gpus {
+        for (width, height) in modes {
+            out.push(DisplayGeometry {
+                index: first + out.len(),
+                gpu,
+                gpa: 0,
+                width,
+                height,
+                stride: width * 4,
+            });
+        }
+    }
+    out
+}
+
+impl GuestFrames {
+    /// Which GPU and scanout display `index` is, if it is a virtio one.
+    fn scanout(&self, index: usize) -> Option<(&GpuDisplays, usize)> {
+        let mut i = index.checked_sub(self.displays.len())?;
+        for (_, g) in &self.virtio {
+            let n = g.modes().len();
+            if i < n {
+                return Some((g, i));
+            }
+            i -= n;
+        }
+        None
+    }
 }
 
 impl FrameSource for GuestFrames {
     fn displays(&self) -> Vec<DisplayGeometry> {
-        self.displays.clone()
+        let mut all = self.displays.clone();
+        all.extend(virtio_displays(
+            all.len(),
+            self.virtio.iter().map(|(i, g)| (*i, g.modes())),
+        ));
+        all
     }
 
     fn read(&self, index: usize, out: &mut [u8]) -> bool {
+        if let Some((gpu, scanout)) = self.scanout(index) {
+            return gpu.read(scanout, out);
+        }
         match self.displays.get(index) {
             Some(d) if out.len() == d.bytes() => self.memory.read(d.gpa, out).is_ok(),
             _ => false,
@@ -45,6 +101,31 @@ pub enum DisplayError {
     NotRunning(VmState),
     #[error("cannot encode the screenshot: {0}")]
     Encode(String),
+    #[error("cannot resize: {0}")]
+    Resize(String),
+}
+
+impl Inner {
+    /// The displays now: the machine's, or before it runs, those of the configuration.
+    fn displays(&self) -> Vec<DisplayGeometry> {
+        if let Some(f) = &self.frames {
+            return f.displays();
+        }
+        let mut all = self
+            .layout
+            .as_ref()
+            .map_or_else(Vec::new, |l| l.displays.clone());
+        let virtio = self
+            .configs
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.kind == GpuType::Paravirt);
+        all.extend(virtio_displays(
+            all.len(),
+            virtio.map(|(i, c)| (i, vec![(c.width, c.height); usize::from(c.displays)])),
+        ));
+        all
+    }
 }
 
 #[derive(Default)]
@@ -75,12 +156,14 @@ impl DisplayHub {
     }
 
     /// Brings the GPUs, framebuffers and VNC server in line with the VM: its
-    /// configuration, its state, and its machine's memory (while there is a machine).
+    /// configuration, its state, and its machine's memory and virtio GPUs (while there is
+    /// a machine).
     pub fn follow(
         &self,
         state: VmState,
         config: Option<&VmConfig>,
         memory: Option<&MemoryManager>,
+        virtio: &[VirtioGpu],
     ) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut model = self.model.lock().unwrap_or_else(|e| e.into_inner());
@@ -96,12 +179,26 @@ impl DisplayHub {
             inner.frames = None;
         }
         inner.state = Some(state);
+        // A new machine (a restore in this process) brings new virtio GPUs.
+        let stale = inner.frames.as_ref().is_some_and(|f| {
+            f.virtio.len() != virtio.len()
+                || f.virtio.iter().zip(virtio).any(|(a, b)| !a.1.same(&b.1))
+        });
+        if stale {
+            inner.vnc = None;
+            inner.frames = None;
+        }
         match state {
             VmState::Running | VmState::MigrationSource => {
-                if let (None, Some(mem), Some(layout)) = (&inner.frames, memory, &inner.layout) {
+                let any = inner.layout.is_some() || !virtio.is_empty();
+                if let (None, Some(mem), true) = (&inner.frames, memory, any) {
                     inner.frames = Some(Arc::new(GuestFrames {
                         memory: mem.clone(),
-                        displays: layout.displays.clone(),
+                        displays: inner
+                            .layout
+                            .as_ref()
+                            .map_or_else(Vec::new, |l| l.displays.clone()),
+                        virtio: virtio.to_vec(),
                     }));
                 }
                 if inner.vnc.is_none() {
@@ -160,7 +257,7 @@ impl DisplayHub {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let model = self.model.lock().unwrap_or_else(|e| e.into_inner());
         let viewers = inner.vnc.as_ref().map_or(0, |v| v.viewers());
-        let displays = inner.layout.as_ref().map_or(&[][..], |l| &l.displays[..]);
+        let displays = inner.displays();
         GpuList {
             gpus: model
                 .gpus()
@@ -179,7 +276,11 @@ impl DisplayHub {
                             width: d.width,
                             height: d.height,
                             framebuffer_gpa: d.gpa,
-                            format: "xrgb8888".into(),
+                            format: if g.config.kind == GpuType::Paravirt {
+                                "virtio-gpu scanout (xrgb8888)".into()
+                            } else {
+                                "xrgb8888".into()
+                            },
                         })
                         .collect(),
                     viewers,
@@ -196,13 +297,9 @@ impl DisplayHub {
     /// Display `index`'s pixels now (XRGB8888) and its geometry.
     pub fn pixels(&self, index: usize) -> Result<(Vec<u8>, DisplayGeometry), DisplayError> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let count = inner.layout.as_ref().map_or(0, |l| l.displays.len());
-        let Some(d) = inner
-            .layout
-            .as_ref()
-            .and_then(|l| l.displays.get(index))
-            .copied()
-        else {
+        let displays = inner.displays();
+        let count = displays.len();
+        let Some(d) = displays.get(index).copied() else {
             return Err(DisplayError::NoSuchDisplay { index, count });
         };
         let state = inner.state.unwrap_or(VmState::Created);
@@ -215,6 +312,31 @@ impl DisplayHub {
             return Err(DisplayError::NotRunning(state));
         }
         Ok((out, d))
+    }
+
+    /// Gives display `index` (a virtio GPU's scanout) the size `width` x `height`: the
+    /// guest's driver gets a display event and re-reads the display information.
+    pub fn resize(&self, index: usize, width: u32, height: u32) -> Result<(), DisplayError> {
+        ray_api::gpu::check_size(width, height).map_err(DisplayError::Resize)?;
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let count = inner.displays().len();
+        if index >= count {
+            return Err(DisplayError::NoSuchDisplay { index, count });
+        }
+        let state = inner.state.unwrap_or(VmState::Created);
+        // Not while paused: a saved state must hold still.
+        let (VmState::Running, Some(frames)) = (state, inner.frames.clone()) else {
+            return Err(DisplayError::NotRunning(state));
+        };
+        drop(inner);
+        let Some((gpu, scanout)) = frames.scanout(index) else {
+            return Err(DisplayError::Resize(format!(
+                "display {index} belongs to an emulated GPU, whose size the configuration fixes; \
+                 only a virtio GPU's displays change size"
+            )));
+        };
+        gpu.resize(scanout, width, height)
+            .map_err(DisplayError::Resize)
     }
 
     /// Display `index` as a PNG.

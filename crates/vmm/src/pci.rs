@@ -13,15 +13,19 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use ray_api::gpu::GpuType;
 use ray_api::vmm::{DevicesConfig, DiskConfig};
 
 use ray_devices::pci::{BarAllocator, PciBus, SlotBarMove};
 use ray_devices::rate::RateLimit;
 use ray_devices::virtio::blk::{Block, BlockConfig};
+use ray_devices::virtio::gpu::commands::Limits as GpuLimits;
+use ray_devices::virtio::gpu::Gpu;
 use ray_devices::virtio::pci::{VirtioPci, VirtioPciState, BAR_SIZE, NOTIFY, NOTIFY_MULTIPLIER};
 use ray_devices::virtio::rng::Rng;
 use ray_devices::virtio::vsock::Vsock;
 
+use crate::display::VirtioGpu;
 use crate::metrics::DeviceCounters;
 use ray_devices::virtio::VirtioDevice;
 use ray_devices::Persist;
@@ -76,6 +80,14 @@ pub struct DeviceSpec {
 /// The devices of `config`, in bus order. Adding a device kind is one entry here.
 /// `restoring`: the devices take over a saved state and stay paused until resumed.
 pub fn devices_of(config: &DevicesConfig, restoring: bool) -> Result<Vec<DeviceSpec>, PciError> {
+    Ok(devices_and_gpus(config, restoring)?.0)
+}
+
+/// [`devices_of`], and the display side of each virtio GPU among them.
+fn devices_and_gpus(
+    config: &DevicesConfig,
+    restoring: bool,
+) -> Result<(Vec<DeviceSpec>, Vec<VirtioGpu>), PciError> {
     let mut specs = Vec::new();
     if config.rng {
         specs.push(DeviceSpec {
@@ -122,7 +134,33 @@ pub fn devices_of(config: &DevicesConfig, restoring: bool) -> Result<Vec<DeviceS
             name: "virtio-vsock",
         });
     }
-    Ok(specs)
+    let mut gpus = Vec::new();
+    for (i, id) in gpu_ids(config) {
+        let g = &config.gpus[i];
+        let modes = vec![(g.width, g.height); usize::from(g.displays)];
+        let (device, displays) =
+            Gpu::new(&modes, GpuLimits::default()).map_err(|why| PciError::Device {
+                id: id.clone(),
+                why,
+            })?;
+        gpus.push((i, displays));
+        specs.push(DeviceSpec {
+            device: Box::new(device),
+            id,
+            name: "virtio-gpu",
+        });
+    }
+    Ok((specs, gpus))
+}
+
+/// Each virtio GPU's index in the GPU list and device id: `gpu0`, `gpu2`, ...
+fn gpu_ids(config: &DevicesConfig) -> impl Iterator<Item = (usize, String)> + '_ {
+    config
+        .gpus
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.kind == GpuType::Paravirt)
+        .map(|(i, _)| (i, format!("gpu{i}")))
 }
 
 /// A NIC's device id: `net0`, `net1`, ... in bus order.
@@ -137,6 +175,7 @@ fn ids_of(config: &DevicesConfig) -> Vec<String> {
         .chain(config.disks.iter().map(|d| d.id.clone()))
         .chain(net_ids(config))
         .chain(config.vsock.as_ref().map(|_| VSOCK_ID.to_string()))
+        .chain(gpu_ids(config).map(|(_, id)| id))
         .collect()
 }
 
@@ -316,6 +355,8 @@ pub struct PciDevices {
     devices: Vec<Plugged>,
     /// Whether queue kicks stay inside KVM (ioeventfd) or arrive as MMIO exits.
     pub kicks_in_kernel: bool,
+    /// The virtio GPUs' scanouts, for the displays.
+    pub gpus: Vec<VirtioGpu>,
     _router: Arc<IrqRouter>,
     _notifier: Option<Notifier>,
 }
@@ -332,7 +373,7 @@ impl PciDevices {
         if let Some(s) = state {
             check_ids(s, &ids_of(config))?;
         }
-        let specs = devices_of(config, state.is_some())?;
+        let (specs, gpus) = devices_and_gpus(config, state.is_some())?;
         let router = IrqRouter::new(vm)?;
         let mut bars = BarAllocator::new(BAR_WINDOW_START, BAR_WINDOW_END);
         let mut bus = PciBus::new();
@@ -393,6 +434,7 @@ impl PciDevices {
             bus: Arc::new(bus),
             devices,
             kicks_in_kernel: in_kernel,
+            gpus,
             _router: router,
             _notifier: notifier,
         })

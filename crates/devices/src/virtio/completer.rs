@@ -67,6 +67,9 @@ pub trait Transport: Send {
     /// Puts `done` into queue `queue`'s used ring and interrupts the driver if it wants;
     /// completions for a queue that was reset or stopped meanwhile are dropped.
     fn complete(&mut self, queue: u16, done: &[Used]);
+    /// The device changed its configuration (a display's mode): tell the driver with a
+    /// configuration interrupt. Default: nothing (a transport without one).
+    fn config_changed(&mut self) {}
 }
 
 /// Puts finished requests into a queue's used ring and interrupts the driver if it wants.
@@ -98,6 +101,13 @@ impl Completer {
                 .complete(queue, done);
         }
         self.in_flight.done(done.len());
+    }
+
+    /// Raises a configuration-change interrupt (see [`Transport::config_changed`]).
+    pub fn config_changed(&self) {
+        if let Some(t) = self.transport.upgrade() {
+            t.lock().unwrap_or_else(|p| p.into_inner()).config_changed();
+        }
     }
 }
 

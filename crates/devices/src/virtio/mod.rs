@@ -1,8 +1,9 @@
 //! virtio 1.2 devices: the split virtqueue ([`queue`]), the modern PCI transport
 //! ([`pci`]), completion of requests from other threads ([`completer`]) and the device
-//! models behind it ([`rng`], [`blk`], [`net`], [`vsock`]).
+//! models behind it ([`rng`], [`blk`], [`net`], [`vsock`], [`gpu`]).
 pub mod blk;
 pub mod completer;
+pub mod gpu;
 pub mod net;
 pub mod pci;
 pub mod queue;
@@ -63,6 +64,11 @@ pub trait VirtioDevice: Send {
     fn config_len(&self) -> u64 {
         0
     }
+    /// The driver writes the device-specific configuration (most devices have nothing
+    /// writable there: ignored).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let _ = (offset, data);
+    }
     /// Serves one request of queue `queue`. Called on the notifier thread with the
     /// transport locked: a device whose requests take long (disk or network I/O) returns
     /// [`Completion::Pending`] and completes them from its own threads.
@@ -92,6 +98,17 @@ pub trait VirtioDevice: Send {
     fn check_device(&self, saved: &serde_json::Value) -> Result<(), String> {
         let _ = saved;
         Ok(())
+    }
+    /// Takes over the device's own saved part (checked as untrusted input); `memory` is the
+    /// restored guest RAM. Default: [`check_device`](Self::check_device) only, for devices
+    /// whose state is all in the transport.
+    fn restore_device(
+        &mut self,
+        saved: &serde_json::Value,
+        memory: &(dyn GuestMemory + Send + Sync),
+    ) -> Result<(), String> {
+        let _ = memory;
+        self.check_device(saved)
     }
     /// Requests the device took ([`Completion::Pending`]) but does not work on (receive
     /// buffers waiting for a packet), as (queue, count): they must be the last `count`

@@ -537,6 +537,13 @@ impl Transport for VirtioPci {
     fn complete(&mut self, queue: u16, done: &[Used]) {
         self.complete_used(queue, done)
     }
+
+    fn config_changed(&mut self) {
+        self.regs.config_generation = self.regs.config_generation.wrapping_add(1);
+        self.regs.isr |= ISR_CONFIG;
+        let v = self.regs.msix_config;
+        self.fire(v);
+    }
 }
 
 impl PciDevice for VirtioPci {
@@ -589,6 +596,7 @@ impl PciDevice for VirtioPci {
                 }
             }
             MSIX_TABLE => self.msix.write_table(off, data),
+            DEVICE_CONFIG => self.device.write_config(off, data),
             _ => {}
         }
     }
@@ -665,6 +673,9 @@ impl Persist for VirtioPci {
             .map_err(|e| format!("{name}: {e}"))?;
         self.msix
             .restore(&s.msix)
+            .map_err(|e| format!("{name}: {e}"))?;
+        self.device
+            .restore_device(&s.device, &*self.memory)
             .map_err(|e| format!("{name}: {e}"))?;
         self.config = config;
         self.regs = s.registers.clone();

@@ -570,3 +570,53 @@ fn completions_from_before_a_reset_are_dropped() {
     assert_eq!(used_idx(r.mem), 1);
     assert_eq!(used_elem(r.mem, 0), (u32::from(head), 9));
 }
+
+#[test]
+fn a_virtio_gpu_answers_through_the_transport_and_signals_a_resize() {
+    use crate::virtio::gpu::commands::Limits;
+    use crate::virtio::gpu::protocol::{
+        CMD_RESOURCE_FLUSH, EVENT_DISPLAY, HDR_LEN, RESP_ERR_INVALID_RESOURCE_ID,
+    };
+    use crate::virtio::gpu::Gpu;
+
+    let (gpu, displays) = Gpu::new(&[(64, 32)], Limits::default()).unwrap();
+    let mut r = rig_with(Box::new(gpu));
+    let mock = MockSplitQueue::new(r.mem, 16);
+    r.negotiate(F_VERSION_1);
+    r.setup_queue(&mock, 16);
+    r.driver_ok();
+    r.share();
+    // A flush of a resource that does not exist: an error answer, the queue goes on.
+    let mut req = vec![0u8; HDR_LEN + 24];
+    req[..4].copy_from_slice(&CMD_RESOURCE_FLUSH.to_le_bytes());
+    req[HDR_LEN + 16..HDR_LEN + 20].copy_from_slice(&9u32.to_le_bytes());
+    r.mem.write_slice(&req, GuestAddress(0x10_0000)).unwrap();
+    mock.add_desc_chains(
+        &[
+            desc(0x10_0000, req.len() as u32, DESC_F_NEXT, 1),
+            desc(0x10_1000, 64, DESC_F_WRITE, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    r.kick();
+    assert_eq!(used(&r, 0), (0, HDR_LEN as u32));
+    assert_eq!(
+        r.bytes(0x10_1000, 4),
+        RESP_ERR_INVALID_RESOURCE_ID.to_le_bytes()
+    );
+    assert_eq!(r.irq.take_fired(), vec![1]);
+    assert_eq!(r.r(ISR, 1), 1, "a queue interrupt");
+
+    // The host resizes: a configuration interrupt (vector 0), the ISR's config bit, a new
+    // configuration generation and EVENT_DISPLAY until the driver clears it.
+    let generation = r.r(0x15, 1);
+    displays.resize(0, 128, 64).unwrap();
+    assert_eq!(r.irq.take_fired(), vec![0]);
+    assert_eq!(r.r(ISR, 1), 2);
+    assert_ne!(r.r(0x15, 1), generation);
+    assert_eq!(r.r(DEVICE_CONFIG, 4), u64::from(EVENT_DISPLAY));
+    assert_eq!(r.r(DEVICE_CONFIG + 8, 4), 1, "one scanout");
+    r.w32(DEVICE_CONFIG + 4, EVENT_DISPLAY);
+    assert_eq!(r.r(DEVICE_CONFIG, 4), 0);
+}

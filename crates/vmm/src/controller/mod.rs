@@ -271,6 +271,7 @@ impl Controller {
             self.state,
             self.config.as_ref(),
             self.machine.as_ref().map(|m| &m.vm.memory),
+            self.machine.as_ref().map_or(&[][..], |m| &m.pci.gpus[..]),
         );
     }
 

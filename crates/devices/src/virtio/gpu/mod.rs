@@ -1,0 +1,448 @@
+//! virtio-gpu 2D (device type 16, virtio 1.2 §5.7): the paravirt GPU.
+//!
+//! Layers: [`protocol`] (wire format), [`commands`] (the 2D command set on host-side state),
+//! and here the virtio device (two queues: control and cursor; the configuration's display
+//! events) and [`GpuDisplays`], the VMM's handle that reads the scanouts' frames for
+//! screenshots and VNC and changes a display's mode (which raises
+//! [`protocol::EVENT_DISPLAY`] and a configuration interrupt, so the driver re-reads the
+//! display information).
+//!
+//! Saved state holds the modes, resources (format, size, backing), scanouts and cursor, not
+//! the resources' pixels: those are the guest's copy in the backing, in guest RAM that the
+//! snapshot or migration carries, and a restore transfers them again. A guest that changed
+//! its backing after its last transfer sees that change on the restored display.
+pub mod commands;
+pub mod hostile;
+pub mod protocol;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ray_memory::GuestMemory;
+use serde::{Deserialize, Serialize};
+
+use self::commands::{Core, Cursor, Limits, Refusal};
+use self::protocol::*;
+use super::queue::Chain;
+use super::{Completer, Completion, DeviceContext, VirtioDevice};
+
+pub const QUEUE_SIZE: u16 = 256;
+/// The longest edge of a scanout's mode, in pixels.
+pub const MAX_MODE_EDGE: u32 = 16384;
+
+/// Refuses a mode with an empty or overlong edge.
+fn check_mode(width: u32, height: u32) -> Result<(), String> {
+    if (1..=MAX_MODE_EDGE).contains(&width) && (1..=MAX_MODE_EDGE).contains(&height) {
+        Ok(())
+    } else {
+        Err(format!(
+            "a {width}x{height} mode: each edge is 1 to {MAX_MODE_EDGE} pixels"
+        ))
+    }
+}
+/// Most bytes of a request the device reads: the header, the fixed part and the largest
+/// backing list the limits allow.
+const MAX_REQUEST: usize = HDR_LEN + 8 + MEM_ENTRY_LEN * 16384;
+
+struct Shared {
+    core: Mutex<Core>,
+    /// How to raise a configuration interrupt, once the transport is shared.
+    completer: Mutex<Option<Completer>>,
+}
+
+impl Shared {
+    fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The device model behind the transport.
+pub struct Gpu {
+    shared: Arc<Shared>,
+}
+
+/// The VMM's side of one GPU: its scanouts' frames and their modes.
+#[derive(Clone)]
+pub struct GpuDisplays {
+    shared: Arc<Shared>,
+}
+
+impl Gpu {
+    /// A GPU with one scanout per entry of `modes` (1 to 16), each starting in that mode.
+    pub fn new(modes: &[(u32, u32)], limits: Limits) -> Result<(Gpu, GpuDisplays), String> {
+        if modes.is_empty() || modes.len() > MAX_SCANOUTS {
+            return Err(format!(
+                "a virtio GPU has 1 to {MAX_SCANOUTS} scanouts, not {}",
+                modes.len()
+            ));
+        }
+        for &(w, h) in modes {
+            check_mode(w, h)?;
+        }
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core::new(modes, limits)),
+            completer: Mutex::new(None),
+        });
+        Ok((
+            Gpu {
+                shared: shared.clone(),
+            },
+            GpuDisplays { shared },
+        ))
+    }
+}
+
+impl GpuDisplays {
+    /// Whether both are the handle of the same GPU.
+    pub fn same(&self, other: &GpuDisplays) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// Each scanout's mode, (width, height).
+    pub fn modes(&self) -> Vec<(u32, u32)> {
+        let core = self.shared.core();
+        core.scanouts.iter().map(|s| (s.width, s.height)).collect()
+    }
+
+    /// Copies scanout `index`'s frame (XRGB8888, `width * 4` bytes a line) into `out`,
+    /// which must hold it exactly. False if there is no such scanout or `out` is of
+    /// another size (the mode changed).
+    pub fn read(&self, index: usize, out: &mut [u8]) -> bool {
+        let core = self.shared.core();
+        match core.scanouts.get(index) {
+            Some(s) if s.frame.len() == out.len() => {
+                out.copy_from_slice(&s.frame);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Flushes that reached scanout `index` so far.
+    pub fn flushes(&self, index: usize) -> u64 {
+        self.shared
+            .core()
+            .scanouts
+            .get(index)
+            .map_or(0, |s| s.flushes)
+    }
+
+    /// Where the cursor is.
+    pub fn cursor(&self) -> Cursor {
+        self.shared.core().cursor
+    }
+
+    /// Gives scanout `index` the mode `width` x `height` and tells the driver
+    /// (EVENT_DISPLAY and a configuration interrupt). The frame goes dark until the
+    /// driver shows something in the new mode.
+    pub fn resize(&self, index: usize, width: u32, height: u32) -> Result<(), String> {
+        check_mode(width, height)?;
+        {
+            let mut core = self.shared.core();
+            let n = core.scanouts.len();
+            let Some(s) = core.scanouts.get_mut(index) else {
+                return Err(format!("display {index} does not exist: this GPU has {n}"));
+            };
+            let (res, rect) = (s.resource, s.rect);
+            *s = commands::Scanout::new(width, height);
+            s.resource = res;
+            s.rect = rect;
+            core.events_read |= EVENT_DISPLAY;
+        }
+        // Not under the core's lock: the transport, locked here, locks the core to serve.
+        let completer = self
+            .shared
+            .completer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(c) = completer {
+            c.config_changed();
+        }
+        Ok(())
+    }
+}
+
+/// Gathers a request's device-readable bytes (at most [`MAX_REQUEST`]).
+fn read_request(chain: &Chain, mem: &(dyn GuestMemory + Send + Sync)) -> Result<Vec<u8>, String> {
+    let mut req = Vec::new();
+    for d in chain.descriptors.iter().filter(|d| !d.writable) {
+        let n = (d.len as usize).min(MAX_REQUEST - req.len());
+        let at = req.len();
+        req.resize(at + n, 0);
+        mem.read(d.addr, &mut req[at..])
+            .map_err(|e| e.to_string())?;
+        if req.len() == MAX_REQUEST {
+            break;
+        }
+    }
+    Ok(req)
+}
+
+/// Writes `resp` into the chain's device-writable buffers; the bytes written.
+fn write_response(
+    chain: &Chain,
+    mem: &(dyn GuestMemory + Send + Sync),
+    resp: &[u8],
+) -> Result<u32, String> {
+    let mut done = 0;
+    for d in chain.descriptors.iter().filter(|d| d.writable) {
+        let n = (d.len as usize).min(resp.len() - done);
+        mem.write(d.addr, &resp[done..done + n])
+            .map_err(|e| e.to_string())?;
+        done += n;
+        if done == resp.len() {
+            return Ok(done as u32);
+        }
+    }
+    Err(format!(
+        "request {} has room for {done} response bytes; the response has {}",
+        chain.head,
+        resp.len()
+    ))
+}
+
+pub const CONTROL_QUEUE: usize = 0;
+pub const CURSOR_QUEUE: usize = 1;
+
+impl VirtioDevice for Gpu {
+    fn device_type(&self) -> u16 {
+        DEVICE_TYPE_GPU
+    }
+
+    fn features(&self) -> u64 {
+        F_EDID
+    }
+
+    fn queue_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    /// events_read, events_clear (reads 0), num_scanouts, num_capsets (0).
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let core = self.shared.core();
+        let mut c = [0u8; 16];
+        c[0..4].copy_from_slice(&core.events_read.to_le_bytes());
+        c[8..12].copy_from_slice(&(core.scanouts.len() as u32).to_le_bytes());
+        data.fill(0);
+        if let Some(src) = c.get(offset as usize..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    fn config_len(&self) -> u64 {
+        16
+    }
+
+    /// Writing events_clear clears those events.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        if offset == 4 && data.len() == 4 {
+            let clear = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            self.shared.core().events_read &= !clear;
+        }
+    }
+
+    fn process(
+        &mut self,
+        queue: usize,
+        chain: &Chain,
+        memory: &(dyn GuestMemory + Send + Sync),
+    ) -> Completion {
+        let req = match read_request(chain, memory) {
+            Ok(r) => r,
+            Err(e) => return Completion::Failed(e),
+        };
+        let Some(hdr) = Header::parse(&req) else {
+            return Completion::Failed(format!(
+                "request {} has {} readable bytes, less than a command header",
+                chain.head,
+                req.len()
+            ));
+        };
+        let result = {
+            let mut core = self.shared.core();
+            if queue == CURSOR_QUEUE {
+                core.cursor_command(&hdr, &req)
+                    .map(|()| (RESP_OK_NODATA, Vec::new()))
+            } else {
+                core.command(&hdr, &req, memory)
+            }
+        };
+        let (kind, body) = match result {
+            Ok(r) => r,
+            Err(Refusal { code, why }) => {
+                tracing::debug!("virtio-gpu: command {:#x} refused: {why}", hdr.kind);
+                (code, Vec::new())
+            }
+        };
+        // The cursor queue's requests usually have no room for a response: none is owed.
+        if queue == CURSOR_QUEUE && !chain.descriptors.iter().any(|d| d.writable) {
+            return Completion::Done(0);
+        }
+        let mut resp = hdr.response(kind);
+        resp.extend_from_slice(&body);
+        match write_response(chain, memory, &resp) {
+            Ok(n) => Completion::Done(n),
+            Err(e) => Completion::Failed(e),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.shared.core().reset();
+    }
+
+    fn activate(&mut self, context: DeviceContext) {
+        *self
+            .shared
+            .completer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(context.completer);
+    }
+
+    fn save_device(&self) -> serde_json::Value {
+        let core = self.shared.core();
+        let saved = Saved {
+            modes: core.scanouts.iter().map(|s| (s.width, s.height)).collect(),
+            events_read: core.events_read,
+            resources: core
+                .resources
+                .iter()
+                .map(|(&id, r)| SavedResource {
+                    id,
+                    format: r.format,
+                    width: r.width,
+                    height: r.height,
+                    backing: r.backing.clone(),
+                })
+                .collect(),
+            scanouts: core
+                .scanouts
+                .iter()
+                .map(|s| SavedScanout {
+                    resource: s.resource,
+                    rect: s.rect,
+                })
+                .collect(),
+            cursor: core.cursor,
+        };
+        serde_json::to_value(saved).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn check_device(&self, saved: &serde_json::Value) -> Result<(), String> {
+        let s: Saved = serde_json::from_value(saved.clone())
+            .map_err(|e| format!("the saved virtio-gpu state is malformed: {e}"))?;
+        let n = self.shared.core().scanouts.len();
+        if s.modes.len() != n || s.scanouts.len() != n {
+            return Err(format!(
+                "the saved virtio-gpu state has {} scanouts; this GPU has {n}",
+                s.modes.len()
+            ));
+        }
+        Ok(())
+    }
+
+    fn restore_device(
+        &mut self,
+        saved: &serde_json::Value,
+        memory: &(dyn GuestMemory + Send + Sync),
+    ) -> Result<(), String> {
+        self.check_device(saved)?;
+        let s: Saved = serde_json::from_value(saved.clone())
+            .map_err(|e| format!("the saved virtio-gpu state is malformed: {e}"))?;
+        let limits = self.shared.core().limits;
+        *self.shared.core() = rebuild(&s, limits, memory)?;
+        Ok(())
+    }
+}
+
+/// The host-side state again from a saved one, checked as a guest's commands are: the
+/// same refusals, named. The pixels come from the backing.
+fn rebuild(
+    s: &Saved,
+    limits: Limits,
+    memory: &(dyn GuestMemory + Send + Sync),
+) -> Result<Core, String> {
+    let bad = |what: String, r: Refusal| format!("the saved virtio-gpu state: {what}: {}", r.why);
+    for &(w, h) in &s.modes {
+        check_mode(w, h).map_err(|e| format!("the saved virtio-gpu state has {e}"))?;
+    }
+    let mut core = Core::new(&s.modes, limits);
+    for r in &s.resources {
+        core.create_2d(r.id, r.format as u32, r.width, r.height)
+            .map_err(|e| bad(format!("resource {}", r.id), e))?;
+        if r.backing.len() > limits.backing_entries as usize {
+            return Err(format!(
+                "the saved virtio-gpu state: resource {} has {} backing entries",
+                r.id,
+                r.backing.len()
+            ));
+        }
+        for &(addr, len) in &r.backing {
+            if len == 0 || memory.span(addr, u64::from(len)).is_err() {
+                return Err(format!(
+                    "the saved virtio-gpu state: resource {}'s backing ({addr:#x}, {len} bytes) is not inside guest RAM",
+                    r.id
+                ));
+            }
+        }
+        if let Some(res) = core.resources.get_mut(&r.id) {
+            res.backing = r.backing.clone();
+        }
+        let whole = Rect {
+            x: 0,
+            y: 0,
+            width: r.width,
+            height: r.height,
+        };
+        // A backing too short for the whole image (allowed: a guest may transfer parts)
+        // leaves the resource black.
+        if !r.backing.is_empty() {
+            let _ = core.transfer(r.id, whole, 0, memory);
+        }
+    }
+    for (i, sc) in s.scanouts.iter().enumerate() {
+        if sc.resource != 0 {
+            core.set_scanout(i as u32, sc.resource, sc.rect)
+                .map_err(|e| bad(format!("scanout {i}"), e))?;
+        }
+    }
+    if s.cursor.resource != 0 && !core.resources.contains_key(&s.cursor.resource) {
+        return Err(format!(
+            "the saved virtio-gpu state: the cursor shows resource {}, which does not exist",
+            s.cursor.resource
+        ));
+    }
+    core.cursor = s.cursor;
+    core.events_read = s.events_read;
+    Ok(core)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Saved {
+    modes: Vec<(u32, u32)>,
+    events_read: u32,
+    resources: Vec<SavedResource>,
+    scanouts: Vec<SavedScanout>,
+    cursor: Cursor,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedResource {
+    id: u32,
+    format: Format,
+    width: u32,
+    height: u32,
+    backing: Vec<(u64, u32)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedScanout {
+    resource: u32,
+    rect: Rect,
+}
+
+#[cfg(test)]
+mod tests;
