@@ -576,9 +576,9 @@ fn a_bad_jail_is_refused_before_anything_starts() {
     assert!(!env.runtime.join("vms").exists());
 }
 
-/// For root the jail is the default; `--no-jail` (or `$RAY_NO_JAIL`) turns it off.
+/// The jail is opt-in: `--jail` or `$RAY_JAIL=1`; `--no-jail` overrides the variable.
 #[test]
-fn root_gets_a_jail_by_default_and_no_jail_turns_it_off() {
+fn the_jail_is_opt_in_by_flag_or_variable_and_no_jail_wins() {
     let env = Env::new("jail-default");
     let uid_of = |out: Output| {
         let info: ray_api::vmm::VmInfo =
@@ -588,11 +588,12 @@ fn root_gets_a_jail_by_default_and_no_jail_turns_it_off() {
         uid.split_whitespace().next().unwrap().to_string()
     };
     let run = ["vm", "run", "--detach", "--json"];
-    // The harness turns the jail off for other tests with RAY_NO_JAIL: empty is unset.
-    let jailed = uid_of(env.ray_with(&run, &[("RAY_NO_JAIL", "")]));
-    assert_ne!(jailed, "0", "root's VMM is jailed by default");
-    let mut no_jail = run.to_vec();
-    no_jail.push("--no-jail");
-    assert_eq!(uid_of(env.ray_with(&no_jail, &[("RAY_NO_JAIL", "")])), "0");
-    assert_eq!(uid_of(env.ray_with(&run, &[("RAY_NO_JAIL", "1")])), "0");
+    let with = |extra: &[&str], jail_var: &str| {
+        let args: Vec<&str> = run.iter().chain(extra).copied().collect();
+        uid_of(env.ray_with(&args, &[("RAY_JAIL", jail_var)]))
+    };
+    assert_eq!(with(&[], ""), "0", "unjailed by default");
+    assert_ne!(with(&["--jail"], ""), "0", "--jail jails");
+    assert_ne!(with(&[], "1"), "0", "RAY_JAIL=1 jails");
+    assert_eq!(with(&["--no-jail"], "1"), "0", "--no-jail beats RAY_JAIL");
 }

@@ -61,9 +61,9 @@ impl Env {
     }
 
     /// Runs `ray <args>` with this runtime directory. VMs run unjailed unless a test asks
-    /// for `--jail` (tests/e2e/security.rs) or `$RAY_E2E_JAIL` is set (then root's default,
-    /// the jail, applies): many tests write snapshots and sockets where a jailed VMM may
-    /// not.
+    /// for `--jail` (tests/e2e/security.rs) or `$RAY_E2E_JAIL` is set (then every VM is
+    /// jailed, `$RAY_JAIL=1`): many tests write snapshots and sockets where a jailed VMM
+    /// may not.
     pub fn ray(&self, args: &[&str]) -> Output {
         self.ray_with(args, &[])
     }
@@ -79,9 +79,8 @@ impl Env {
         cmd.args(args)
             .env("RAY_RUNTIME_DIR", &self.runtime)
             .env("RAY_GUEST", guest_bin());
-        if std::env::var_os("RAY_E2E_JAIL").is_none() {
-            cmd.env("RAY_NO_JAIL", "1");
-        }
+        let jail = std::env::var_os("RAY_E2E_JAIL").is_some_and(|v| !v.is_empty());
+        cmd.env("RAY_JAIL", if jail { "1" } else { "0" });
         cmd.envs(vars.iter().copied())
             .output()
             .expect("cannot run ray")

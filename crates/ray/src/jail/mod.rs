@@ -47,12 +47,13 @@ pub const ROOT_DIR: &str = "jail-root";
 pub struct JailArgs {
     /// Run the VMM jailed: its own uid (from --jail-uids), PID/mount/IPC/UTS/network
     /// namespaces, a private root holding only its files, cgroup limits for CPU and
-    /// memory, no capabilities, no_new_privs. Default: on when run as root (overrides
-    /// --no-jail and $RAY_NO_JAIL).
-    #[arg(long)]
+    /// memory, no capabilities, no_new_privs. Needs root. Opt-in (or `$RAY_JAIL=1` for a
+    /// host-wide default) while a jailed VMM cannot migrate out or snapshot outside its
+    /// directory.
+    #[arg(long, env = "RAY_JAIL", value_parser = clap::builder::FalseyValueParser::new())]
     pub jail: bool,
-    /// Run the VMM unjailed, as the calling user (default when not root).
-    #[arg(long, env = "RAY_NO_JAIL", value_parser = clap::builder::FalseyValueParser::new())]
+    /// Run the VMM unjailed, as the calling user (the default; overrides `$RAY_JAIL`).
+    #[arg(long)]
     pub no_jail: bool,
     /// The uids (and gids) jailed VMMs run as: FIRST-LAST, each VM gets one of them
     /// (default 400000-465535; 0 is refused).
@@ -165,14 +166,14 @@ pub enum JailError {
 /// Whether the VMM is to be jailed, with which uids; `--jail-uids` is checked either way
 /// (by its parser).
 pub fn wanted(args: &JailArgs) -> Result<Option<UidRange>, JailError> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
-    let on = args.jail || (!args.no_jail && root);
-    match (on, root) {
-        (false, _) => Ok(None),
-        (true, false) => Err(JailError::NotRoot),
-        (true, true) => Ok(Some(args.jail_uids.unwrap_or(DEFAULT_UIDS))),
+    if !args.jail || args.no_jail {
+        return Ok(None);
     }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(JailError::NotRoot);
+    }
+    Ok(Some(args.jail_uids.unwrap_or(DEFAULT_UIDS)))
 }
 
 /// The devices every jailed VMM needs.
