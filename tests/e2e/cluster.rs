@@ -106,9 +106,15 @@ fn an_agent_runs_its_vm_which_outlives_a_kill_9_and_is_adopted_back() {
 
     // The agent starts it: the guest's heartbeat moves.
     let pid_file = env.runtime.join("vms/c1/vmm.pid");
-    wait("the VMM of c1", Duration::from_secs(30), || {
-        env.runtime.join("vms/c1/cluster.json").is_file()
-    });
+    let started = Instant::now();
+    while !env.runtime.join("vms/c1/cluster.json").is_file() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no VMM of c1; the agent's log:\n{}",
+            agent_log(&env)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let pid: u32 = std::fs::read_to_string(&pid_file)
         .unwrap()
         .trim()
@@ -565,4 +571,108 @@ fn the_controller_live_migrates_a_vm_through_the_agents_and_drains_a_host() {
         host_of("m3").is_some()
     });
     assert_eq!(host_of("m3").as_deref(), Some(to));
+}
+
+/// `PUT /vm/lease` with `body`: the status and, on refusal, the message.
+fn put_lease(client: &ray::client::VmmClient, body: &str) -> (u16, String) {
+    let body = Some(body.as_bytes().to_vec());
+    match client.call::<ray_api::vmm::VmInfo>("PUT", "/vm/lease", body) {
+        Ok(_) => (200, String::new()),
+        Err(ray::client::ClientError::Api {
+            status, message, ..
+        }) => (status, message),
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+#[test]
+fn a_vmm_whose_local_lease_runs_out_fences_itself_until_renewed_and_resumed() {
+    use ray_api::vmm::{LifecycleEvent, VmInfo, VmStateName};
+    let env = Env::new("cluster-lease");
+    let kernel = guest_bin().display().to_string();
+    let cfg = format!(
+        r#"{{"kernel":"{kernel}","cmdline":"console=ttyS0 ray.poll_ms=0","vcpus":1,"memory_bytes":134217728}}"#
+    );
+    let args = ["--config-json", &cfg, "--start", "--lease-ttl", "30s"];
+    let b = env.bare_vmm("leased", &args);
+    let vm = env.attach("leased", b.child.id());
+    vm.wait_for("heartbeat ready", Duration::from_secs(30), |i| {
+        i.heartbeat.as_ref().is_some_and(|h| h.ready)
+    });
+
+    // Renewed every 500 ms it runs on, past twice its time to live.
+    let mut last_renewal = Instant::now();
+    for _ in 0..7 {
+        assert_eq!(
+            put_lease(&vm.client, r#"{"ttl_ms":1500}"#),
+            (200, String::new())
+        );
+        last_renewal = Instant::now();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let info = vm.info();
+    assert_eq!(info.state, VmStateName::Running);
+    let lease = info.lease.expect("a leased VMM shows its lease");
+    assert!(!lease.fenced && lease.ttl_ms == 1500, "{lease:?}");
+
+    // Bad renewals are refused, naming what is wrong; the VM runs on.
+    for (body, why) in [
+        (r#"{"ttl_ms":0}"#, "ttl_ms 0 is out of range"),
+        (r#"{"ttl_ms":100,"ttl":1}"#, "unknown field `ttl`"),
+        (
+            r#"{"ttl_ms":100,"since_monotonic_ns":18446744073709551615}"#,
+            "in the future",
+        ),
+    ] {
+        let (status, message) = put_lease(&vm.client, body);
+        assert_eq!(status, 400, "{body}: {message}");
+        assert!(message.contains(why), "{body}: {message}");
+    }
+    assert_eq!(vm.state(), VmStateName::Running);
+
+    // Nobody renews any more: the VMM pauses its own vCPUs, and says why.
+    let fenced = vm.wait_for("the fence", Duration::from_secs(10), |i| {
+        i.lease.as_ref().is_some_and(|l| l.fenced)
+    });
+    assert!(
+        last_renewal.elapsed() >= Duration::from_millis(1500),
+        "fenced before its lease ran out"
+    );
+    assert_eq!(fenced.state, VmStateName::Paused);
+    let reason = fenced.lease.unwrap().fence_reason.unwrap();
+    assert!(reason.contains("lease:expired"), "{reason}");
+    let events: Vec<LifecycleEvent> = vm.client.call("GET", "/vm/events", None).unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.from, last.to),
+        (VmStateName::Running, VmStateName::Paused)
+    );
+    assert!(last.cause.starts_with("lease:expired"), "{last:?}");
+    // Its guest no longer runs.
+    let hb = |i: &VmInfo| i.heartbeat.as_ref().map(|h| h.counter);
+    let before = hb(&vm.info());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(hb(&vm.info()), before, "a fenced guest's heartbeat moved");
+
+    // Resuming needs a renewal first; a renewal alone does not resume.
+    let e = vm
+        .client
+        .call::<VmInfo>("PUT", "/vm/resume", None)
+        .unwrap_err();
+    assert!(e.to_string().contains("fenced"), "{e}");
+    assert_eq!(
+        put_lease(&vm.client, r#"{"ttl_ms":60000}"#),
+        (200, String::new())
+    );
+    assert_eq!(vm.state(), VmStateName::Paused);
+    vm.client.call::<VmInfo>("PUT", "/vm/resume", None).unwrap();
+    vm.wait_for("the heartbeat again", Duration::from_secs(5), |i| {
+        hb(i) != before && i.lease.as_ref().is_some_and(|l| !l.fenced)
+    });
+
+    // An operator who clears the lease takes the VM over: it never fences again.
+    let info: VmInfo = vm.client.call("DELETE", "/vm/lease", None).unwrap();
+    assert!(info.lease.is_none(), "{:?}", info.lease);
+    std::thread::sleep(Duration::from_millis(1700));
+    assert_eq!(vm.state(), VmStateName::Running);
 }

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
+use ray_api::vmm::{LeaseRequest, StopRequest, VmConfig, VmInfo, VmStateName};
 use ray_api::vmm::{MigrateRequest, MigrationRole, MigrationStatus};
-use ray_api::vmm::{StopRequest, VmConfig, VmInfo, VmStateName};
-use ray_cluster::agent::{Agent, AgentConfig, LocalVm, Vmms};
+use ray_cluster::agent::{Agent, AgentConfig, LocalLease, LocalVm, Vmms};
 use ray_cluster::migration::{Phase, Progress};
 use ray_cluster::runtoken::{Assignment, Origin};
 use ray_cluster::spec::VmSpec;
@@ -120,7 +120,13 @@ impl Vmms for HostVmms {
             .collect()
     }
 
-    fn start(&self, vm: &str, spec: &[u8], a: &Assignment) -> Result<(), String> {
+    fn start(
+        &self,
+        vm: &str,
+        spec: &[u8],
+        a: &Assignment,
+        lease: LocalLease,
+    ) -> Result<(), String> {
         let spec = VmSpec::parse(spec).map_err(|e| format!("VM {vm}: {e}"))?;
         if a.origin != Origin::Boot {
             return Err(format!(
@@ -129,14 +135,30 @@ impl Vmms for HostVmms {
             ));
         }
         let cfg = vm_config(&spec).map_err(|e| format!("VM {vm}: {e:#}"))?;
+        let extras = VmmExtras {
+            lease: Some((lease.ttl, ray_vmm::lease::monotonic_ns_of(lease.since))),
+            ..VmmExtras::default()
+        };
         vm::start_vmm(
             &self.runtime,
             Some(vm.to_string()),
             &vm::Origin::Boot(&cfg),
-            &VmmExtras::default(),
+            &extras,
         )
         .map_err(|e| format!("{e:#}"))?;
         mark(&self.runtime, vm, a.epoch)
+    }
+
+    fn renew(&self, vm: &str, lease: LocalLease) -> Result<(), String> {
+        let req = LeaseRequest {
+            ttl_ms: lease.ttl.as_millis() as u64,
+            since_monotonic_ns: Some(ray_vmm::lease::monotonic_ns_of(lease.since)),
+        };
+        self.put(
+            vm,
+            "/vm/lease",
+            Some(serde_json::to_vec(&req).unwrap_or_default()),
+        )
     }
 
     fn stop(&self, vm: &str) -> Result<(), String> {

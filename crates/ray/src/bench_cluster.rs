@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use ray_cluster::agent::{AbortOnDrop, Agent, AgentConfig, LocalVm, Vmms};
+use ray_cluster::agent::{AbortOnDrop, Agent, AgentConfig, LocalLease, LocalVm, Vmms};
 use ray_cluster::runtoken::Assignment;
 use ray_cluster::store::EtcdStore;
 use ray_cluster::testing::Etcd;
@@ -62,7 +62,7 @@ impl Vmms for StartClock {
     fn scan(&self) -> Vec<LocalVm> {
         Vec::new()
     }
-    fn start(&self, vm: &str, _: &[u8], _: &Assignment) -> Result<(), String> {
+    fn start(&self, vm: &str, _: &[u8], _: &Assignment, _: LocalLease) -> Result<(), String> {
         if let Ok(mut m) = self.0.lock() {
             m.insert(vm.to_string(), Instant::now());
         }
@@ -72,6 +72,9 @@ impl Vmms for StartClock {
         if let Ok(mut m) = self.0.lock() {
             m.remove(vm);
         }
+        Ok(())
+    }
+    fn renew(&self, _: &str, _: LocalLease) -> Result<(), String> {
         Ok(())
     }
     fn pause(&self, _: &str) -> Result<(), String> {
@@ -116,12 +119,15 @@ impl Vmms for NoVmms {
     fn scan(&self) -> Vec<LocalVm> {
         Vec::new()
     }
-    fn start(&self, vm: &str, _: &[u8], _: &Assignment) -> Result<(), String> {
+    fn start(&self, vm: &str, _: &[u8], _: &Assignment, _: LocalLease) -> Result<(), String> {
         Err(format!(
             "a simulated host runs no VMs (asked to start {vm})"
         ))
     }
     fn stop(&self, _: &str) -> Result<(), String> {
+        Ok(())
+    }
+    fn renew(&self, _: &str, _: LocalLease) -> Result<(), String> {
         Ok(())
     }
     fn pause(&self, _: &str) -> Result<(), String> {

@@ -206,6 +206,14 @@ pub struct VmmArgs {
     /// when the VMM ends; `ray bench snapshot` reads them.
     #[arg(long, hide = true, value_name = "FILE")]
     pub timings: Option<PathBuf>,
+    /// Fence (pause the vCPUs) unless the local lease is renewed (PUT /vm/lease) within
+    /// this time, e.g. 19s: a cluster agent's VMMs have one.
+    #[arg(long, value_name = "TIME", value_parser = ray::sizes::parse_duration)]
+    pub lease_ttl: Option<std::time::Duration>,
+    /// With --lease-ttl: the CLOCK_MONOTONIC time (ns) the lease counts from (the agent's
+    /// renewal); default: the VMM's start.
+    #[arg(long, hide = true, requires = "lease_ttl")]
+    pub lease_since_ns: Option<u64>,
 }
 
 /// Where rayvisor's guest kernel is: `$RAY_GUEST`, or next to this binary (the build puts
@@ -376,6 +384,9 @@ pub enum Origin<'a> {
 pub struct VmmExtras {
     /// Also serve the API on this loopback TCP address.
     pub api_tcp: Option<std::net::SocketAddr>,
+    /// The VMM's local lease (`ray vmm --lease-ttl`): its time to live, counted from a
+    /// CLOCK_MONOTONIC time in ns (`--lease-since-ns`).
+    pub lease: Option<(std::time::Duration, u64)>,
 }
 
 fn spawn_vmm(
@@ -394,6 +405,12 @@ fn spawn_vmm(
     cmd.arg("--lock-fd").arg(lock_fd.to_string());
     if let Some(addr) = extras.api_tcp {
         cmd.arg("--api-tcp").arg(addr.to_string());
+    }
+    if let Some((ttl, since)) = extras.lease {
+        cmd.arg("--lease-ttl")
+            .arg(format!("{:.3}s", ttl.as_secs_f64().max(0.001)))
+            .arg("--lease-since-ns")
+            .arg(since.to_string());
     }
     match origin {
         Origin::Boot(cfg) => {
@@ -466,6 +483,7 @@ fn run_vm(args: &RunArgs, runtime: &Path) -> anyhow::Result<()> {
         args.json,
         &VmmExtras {
             api_tcp: args.api_tcp,
+            lease: None,
         },
     )
 }
@@ -610,6 +628,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
         lock_fd: args.lock_fd,
         api_tcp: args.api_tcp,
         timings: args.timings,
+        lease: args.lease_ttl.map(|ttl| (ttl, args.lease_since_ns)),
     })?;
     match state {
         ray_vmm::lifecycle::VmState::Terminated => Ok(()),

@@ -10,6 +10,7 @@ pub mod console_attach;
 pub mod controller;
 pub mod display;
 pub mod heartbeat;
+pub mod lease;
 pub mod lifecycle;
 pub mod logging;
 pub mod machine;
@@ -68,6 +69,10 @@ pub struct VmmOptions {
     pub api_tcp: Option<std::net::SocketAddr>,
     /// Write the start-up stamps ([`startup`]) to this file when the VMM ends.
     pub timings: Option<PathBuf>,
+    /// Fence (pause the vCPUs) unless the local lease is renewed ([`lease`]): its time
+    /// to live, from a CLOCK_MONOTONIC time in ns (default: now). A cluster agent's VMMs
+    /// have one.
+    pub lease: Option<(Duration, Option<u64>)>,
 }
 
 impl VmmOptions {
@@ -222,6 +227,21 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     let (tx, rx) = mpsc::channel::<Message>();
     let mut ctl = Controller::new(opts.id.clone(), paths, opts.attach, audit, tx.clone());
     spawn_signal_thread(signals, tx.clone());
+    if let Some((ttl, since)) = opts.lease {
+        lease::LeaseState::check_ttl(ttl).map_err(|e| anyhow::anyhow!("--lease-ttl: {e}"))?;
+        let since = match since {
+            Some(ns) => {
+                lease::instant_of(ns).map_err(|e| anyhow::anyhow!("--lease-since-ns: {e}"))?
+            }
+            None => Instant::now(),
+        };
+        ctl.lease.with(|l| l.renew(since, ttl));
+        let inbox = tx.clone();
+        lease::spawn_watchdog(ctl.lease.clone(), move |done| {
+            let reply: controller::Reply = Box::new(move |_| done());
+            inbox.send(Message::Api(Request::Fence, reply)).is_ok()
+        })?;
+    }
 
     if let Some(cfg) = opts.config {
         let configured = match opts.incoming {
