@@ -37,6 +37,12 @@ pub enum Kind {
     MigrationFailed,
     /// A draining host has no VMs left.
     Drained,
+    /// A host's lease lapsed: its VMs fenced themselves; HA VMs restart elsewhere after
+    /// the grace.
+    LeaseLapsed,
+    /// HA restart: a VM of a host whose lease lapsed runs on another host now (the run
+    /// token moved, revision-checked), from its checkpoint or a fresh boot.
+    Restarted,
 }
 
 /// One entry of the log.

@@ -42,6 +42,28 @@ pub struct AgentArgs {
     /// The address this host receives migrations on (a free port is picked per VM).
     #[arg(long, default_value = "127.0.0.1")]
     pub migration_address: std::net::IpAddr,
+    #[command(flatten)]
+    pub timing: TimingArgs,
+}
+
+/// The cluster's lease timing: the same on every agent and controller.
+#[derive(Args)]
+pub struct TimingArgs {
+    /// The host lease's time to live (etcd): a host whose agent stays silent this long
+    /// is failed. Renewals, the VMMs' local leases and the HA restart's grace are scaled
+    /// from it (README "Self-fencing"); e.g. 20s (the default) or 4s.
+    #[arg(long, value_name = "TIME", default_value = "20s", value_parser = ray::sizes::parse_duration)]
+    pub lease_ttl: std::time::Duration,
+}
+
+impl TimingArgs {
+    /// The timing, refused when it would let a VM run twice.
+    pub fn timing(&self) -> anyhow::Result<Timing> {
+        let t = Timing::for_lease(self.lease_ttl);
+        t.check()
+            .map_err(|e| anyhow::anyhow!("--lease-ttl {:?}: {e}", self.lease_ttl))?;
+        Ok(t)
+    }
 }
 
 /// The file that marks a VM directory as the cluster's.
@@ -128,24 +150,26 @@ impl Vmms for HostVmms {
         lease: LocalLease,
     ) -> Result<(), String> {
         let spec = VmSpec::parse(spec).map_err(|e| format!("VM {vm}: {e}"))?;
-        if a.origin != Origin::Boot {
-            return Err(format!(
-                "VM {vm} is to start from {:?}: only a boot is implemented yet",
-                a.origin
-            ));
-        }
         let cfg = vm_config(&spec).map_err(|e| format!("VM {vm}: {e:#}"))?;
         let extras = VmmExtras {
             lease: Some((lease.ttl, ray_vmm::lease::monotonic_ns_of(lease.since))),
             ..VmmExtras::default()
         };
-        vm::start_vmm(
-            &self.runtime,
-            Some(vm.to_string()),
-            &vm::Origin::Boot(&cfg),
-            &extras,
-        )
-        .map_err(|e| format!("{e:#}"))?;
+        let origin = match &a.origin {
+            Origin::Boot => vm::Origin::Boot(&cfg),
+            // An HA restart: the VM's latest checkpoint, on storage every host reaches.
+            Origin::Checkpoint { path } => vm::Origin::Restore {
+                snapshot: Path::new(path),
+                verify_memory: true,
+            },
+            Origin::Migration { from } => {
+                return Err(format!(
+                    "VM {vm} arrives by migration from host {from}: it is adopted, not started"
+                ))
+            }
+        };
+        vm::start_vmm(&self.runtime, Some(vm.to_string()), &origin, &extras)
+            .map_err(|e| format!("{e:#}"))?;
         mark(&self.runtime, vm, a.epoch)
     }
 
@@ -308,7 +332,7 @@ pub fn run(args: AgentArgs, runtime: &Path) -> anyhow::Result<()> {
     let cfg = AgentConfig {
         host,
         state_dir: args.state_dir.unwrap_or_else(|| runtime.join("agent")),
-        timing: Timing::default(),
+        timing: args.timing.timing()?,
         api: None,
     };
     let migration = match args.migration_key_file {

@@ -15,6 +15,8 @@ pub struct ControllerArgs {
     /// host's name and this process's id).
     #[arg(long)]
     pub id: Option<String>,
+    #[command(flatten)]
+    pub timing: crate::agent::TimingArgs,
 }
 
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
@@ -28,10 +30,10 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the controller's runtime")?;
     rt.block_on(async {
+        let mut cfg = ControllerConfig::new(id);
+        cfg.timing = args.timing.timing()?;
         let store = EtcdStore::connect(&args.etcd).await?;
-        Controller::new(store, ControllerConfig::new(id))
-            .run()
-            .await?;
+        Controller::new(store, cfg).run().await?;
         Ok(())
     })
 }
