@@ -676,3 +676,179 @@ fn a_vmm_whose_local_lease_runs_out_fences_itself_until_renewed_and_resumed() {
     std::thread::sleep(Duration::from_millis(1700));
     assert_eq!(vm.state(), VmStateName::Running);
 }
+
+/// VM `id`'s VMM in `runtime`, as it answers.
+fn vm_info(runtime: &Path, id: &str) -> Option<ray_api::vmm::VmInfo> {
+    let sock = runtime.join("vms").join(id).join("api.sock");
+    ray::client::VmmClient::new(&sock)
+        .call("GET", "/vm", None)
+        .ok()
+}
+
+/// VM `id`'s audit trail in `runtime`.
+fn vm_events(runtime: &Path, id: &str) -> Vec<ray_api::vmm::LifecycleEvent> {
+    let sock = runtime.join("vms").join(id).join("api.sock");
+    ray::client::VmmClient::new(&sock)
+        .call("GET", "/vm/events", None)
+        .unwrap()
+}
+
+/// Two agents on loopback, each with its own runtime (state) directory, one controller,
+/// a 4 s host lease. An HA VM and a plain one run on h1; kill -9 h1's agent: both VMMs
+/// fence themselves (paused, `lease:expired`) once their local lease runs out, the
+/// controller restarts the HA VM on h2 only after h1's lease lapsed plus the grace, and
+/// the audit trails show h1's copy paused before h2's started: it never ran twice. A new
+/// agent on h1 stops the copy that is not h1's any more and resumes the plain VM.
+#[test]
+fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
+    use ray_api::vmm::VmStateName;
+    use ray_cluster::decisions::{self, Kind};
+    let env = Env::new("cluster-ha");
+    let rt = runtime();
+    let etcd = rt.block_on(Etcd::start("e2e-ha"));
+    let store = rt.block_on(EtcdStore::connect(&etcd.endpoints())).unwrap();
+    let url = etcd.endpoints().join(",");
+    let (h1, h2) = (env.runtime.join("h1"), env.runtime.join("h2"));
+    let _reap = ReapVmms(vec![h1.clone(), h2.clone()]);
+    let lease = ["--lease-ttl", "4s"];
+    let mut agent1 = Daemon::start_with(&h1, &etcd, "h1", &lease);
+    let _ctl = Daemon(spawn_ray(
+        &env.runtime,
+        &env.runtime.join("controller.log"),
+        &[
+            "controller",
+            "--id",
+            "c1",
+            "--etcd",
+            &url,
+            "--lease-ttl",
+            "4s",
+        ],
+    ));
+    wait("h1 Ready", Duration::from_secs(30), || {
+        json(&env.ray_ok(&["cluster", "status", "--etcd", &url, "--json"]))["hosts"]["Ready"] == 1
+    });
+    let bad = env.ray(&[
+        "cluster",
+        "vm",
+        "create",
+        "x",
+        "--restart-priority",
+        "2",
+        "--etcd",
+        &url,
+    ]);
+    assert!(!bad.status.success(), "--restart-priority without --ha");
+    for (vm, ha) in [("ha1", true), ("plain", false)] {
+        let mut args = vec!["cluster", "vm", "create", vm, "--memory-mib", "128"];
+        if ha {
+            args.extend_from_slice(&["--ha", "--restart-priority", "3"]);
+        }
+        args.extend_from_slice(&["--etcd", &url]);
+        env.ray_ok(&args);
+    }
+    let token = |vm: &str| {
+        rt.block_on(runtoken::read(&store, vm))
+            .unwrap()
+            .map(|(t, _)| t)
+    };
+    wait("both placed on h1", Duration::from_secs(20), || {
+        token("ha1").is_some_and(|t| t.host == "h1")
+            && token("plain").is_some_and(|t| t.host == "h1")
+    });
+    runs_in(&h1, "ha1");
+    runs_in(&h1, "plain");
+    let _agent2 = Daemon::start_with(&h2, &etcd, "h2", &lease);
+    wait("both hosts Ready", Duration::from_secs(30), || {
+        json(&env.ray_ok(&["cluster", "status", "--etcd", &url, "--json"]))["hosts"]["Ready"] == 2
+    });
+
+    // h1's agent dies: nobody renews its lease or its VMMs' local leases.
+    agent1.kill9();
+    for vm in ["ha1", "plain"] {
+        wait(
+            &format!("{vm} on h1 fenced"),
+            Duration::from_secs(15),
+            || vm_info(&h1, vm).is_some_and(|i| i.lease.is_some_and(|l| l.fenced)),
+        );
+        assert_eq!(vm_info(&h1, vm).unwrap().state, VmStateName::Paused);
+    }
+    wait("ha1's run token on h2", Duration::from_secs(30), || {
+        token("ha1").is_some_and(|t| t.host == "h2")
+    });
+    runs_in(&h2, "ha1");
+    assert_eq!(token("ha1").unwrap().epoch, 2);
+    // The plain VM is not HA: it stays h1's, fenced, not lost.
+    let plain = token("plain").unwrap();
+    assert_eq!((plain.host.as_str(), plain.epoch), ("h1", 1));
+
+    // Exactly once: h1's copy paused itself before h2's started (both audit trails, one
+    // host's clock), and it stays paused.
+    let fenced_at = vm_events(&h1, "ha1")
+        .iter()
+        .rev()
+        .find(|e| e.to == VmStateName::Paused)
+        .map(|e| (e.time_ms, e.cause.clone()))
+        .unwrap();
+    assert!(fenced_at.1.starts_with("lease:expired"), "{fenced_at:?}");
+    let started_at = vm_events(&h2, "ha1")
+        .iter()
+        .find(|e| e.to == VmStateName::Running)
+        .map(|e| e.time_ms)
+        .unwrap();
+    assert!(
+        fenced_at.0 < started_at,
+        "h1's copy paused at {} ms, h2's started at {started_at} ms",
+        fenced_at.0
+    );
+    let frozen = vm_info(&h1, "ha1").unwrap().heartbeat.map(|h| h.counter);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        vm_info(&h1, "ha1").unwrap().heartbeat.map(|h| h.counter),
+        frozen
+    );
+    // The run-token history: placed once at epoch 1, restarted once at epoch 2, after
+    // h1's lease lapsed plus the grace.
+    let log = rt.block_on(decisions::read(&store, Some("ha1"))).unwrap();
+    let moves: Vec<(Kind, Option<String>)> = log
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::Placed | Kind::Restarted))
+        .map(|e| (e.kind, e.host.clone()))
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            (Kind::Placed, Some("h1".into())),
+            (Kind::Restarted, Some("h2".into()))
+        ],
+        "{log:?}"
+    );
+    let restarted = log.iter().find(|e| e.kind == Kind::Restarted).unwrap();
+    assert_eq!(restarted.data["epoch"], 2);
+    assert!(
+        restarted.message.contains("host h1's lease lapsed"),
+        "{}",
+        restarted.message
+    );
+    let all = rt.block_on(decisions::read(&store, None)).unwrap();
+    let lapsed = all
+        .iter()
+        .find(|e| e.kind == Kind::LeaseLapsed && e.host.as_deref() == Some("h1"))
+        .expect("h1's lapse is logged");
+    assert!(
+        restarted.at_ms >= lapsed.at_ms + 400,
+        "restarted within the grace"
+    );
+
+    // h1's agent comes back: the copy that is h2's now stops, the plain VM resumes.
+    let _agent1 = Daemon::start_with(&h1, &etcd, "h1", &lease);
+    wait("h1's old copy of ha1 gone", Duration::from_secs(30), || {
+        vm_info(&h1, "ha1").is_none_or(|i| i.state == VmStateName::Terminated)
+    });
+    runs_in(&h1, "plain");
+    runs_in(&h2, "ha1");
+    assert!(vm_info(&h1, "plain")
+        .unwrap()
+        .lease
+        .is_some_and(|l| !l.fenced));
+}

@@ -50,6 +50,8 @@ pub struct LocalVm {
     /// The run-token epoch it was started with.
     pub epoch: u64,
     pub paused: bool,
+    /// Paused by its own lease watchdog (its agent stopped renewing).
+    pub fenced: bool,
 }
 
 /// A VMM's local lease: it runs its guest until `since + ttl` (same host, same clock),
@@ -429,6 +431,11 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         for l in &local {
             if assigned.get(&l.id).is_some_and(|a| a.epoch == l.epoch) {
                 tracing::info!(vm = %l.id, epoch = l.epoch, "adopted a running VMM");
+                if l.fenced {
+                    // Fenced while no agent renewed its lease (this one's predecessor
+                    // died): it runs again if the run token is still this host's.
+                    self.resume_if_ours(&l.id, l.epoch).await?;
+                }
                 continue;
             }
             self.stop_vm(&l.id, "it is not assigned to this host at that epoch")
@@ -461,7 +468,16 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         if let Origin::Migration { from } = &a.origin {
             // The VMM is here already (it received the VM): it becomes this host's.
             let (id, epoch, from) = (vm.to_string(), a.epoch, from.clone());
-            match self.blocking(move |v| v.adopt(&id, epoch)).await {
+            let lease = self.local_lease();
+            let adopted = self.blocking(move |v| {
+                v.adopt(&id, epoch)?;
+                // It arrived without a local lease: it gets this host's at once.
+                if let Some(Err(e)) = lease.map(|l| v.renew(&id, l)) {
+                    tracing::warn!(vm = %id, "cannot give the arrived VM its local lease: {e}");
+                }
+                Ok::<(), String>(())
+            });
+            match adopted.await {
                 Ok(()) => {
                     tracing::info!(vm, epoch, from, "adopted the VM that arrived by migration");
                     self.receiving.remove(vm);
@@ -626,27 +642,34 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         lock(&self.fence).fenced = false;
         let vms: Vec<(String, u64)> = self.vms.iter().map(|(k, v)| (k.clone(), *v)).collect();
         for (vm, epoch) in vms {
-            match runtoken::confirm(&self.store, &vm, &self.cfg.host, epoch).await {
-                Ok(_) => {
-                    let Some(lease) = self.local_lease() else {
-                        tracing::warn!(vm, "not resumed: the local lease ran out again");
-                        continue;
-                    };
-                    let id = vm.clone();
-                    let resumed = self.blocking(move |v| {
-                        v.renew(&id, lease)?;
-                        v.resume(&id)
-                    });
-                    match resumed.await {
-                        Ok(()) => tracing::info!(vm, epoch, "resumed after the fence"),
-                        Err(e) => tracing::warn!(vm, "cannot resume: {e}"),
-                    }
-                }
-                Err(TokenError::Store(e)) => return Err(e),
-                Err(e) => self.stop_vm(&vm, &e.to_string()).await,
-            }
+            self.resume_if_ours(&vm, epoch).await?;
         }
         self.reconcile().await
+    }
+
+    /// A fenced VM: confirms its run token; if this host still holds it at `epoch`, the
+    /// VMM gets its local lease back and resumes, else it stops.
+    async fn resume_if_ours(&mut self, vm: &str, epoch: u64) -> Result<(), StoreError> {
+        match runtoken::confirm(&self.store, vm, &self.cfg.host, epoch).await {
+            Ok(_) => {
+                let Some(lease) = self.local_lease() else {
+                    tracing::warn!(vm, "not resumed: the local lease ran out again");
+                    return Ok(());
+                };
+                let id = vm.to_string();
+                let resumed = self.blocking(move |v| {
+                    v.renew(&id, lease)?;
+                    v.resume(&id)
+                });
+                match resumed.await {
+                    Ok(()) => tracing::info!(vm, epoch, "resumed after the fence"),
+                    Err(e) => tracing::warn!(vm, "cannot resume: {e}"),
+                }
+            }
+            Err(TokenError::Store(e)) => return Err(e),
+            Err(e) => self.stop_vm(vm, &e.to_string()).await,
+        }
+        Ok(())
     }
 
     /// Renews the lease once. A lease that had lapsed is replaced (after fencing).

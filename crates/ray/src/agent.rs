@@ -130,13 +130,18 @@ impl Vmms for HostVmms {
                 if !matches!(runtime::presence(&dir), Presence::Live { .. }) {
                     return None;
                 }
-                let paused = VmmClient::new(&dir.join("api.sock"))
+                let info = VmmClient::new(&dir.join("api.sock"))
                     .call::<VmInfo>("GET", "/vm", None)
-                    .is_ok_and(|i| i.state == VmStateName::Paused);
+                    .ok();
+                let paused = info
+                    .as_ref()
+                    .is_some_and(|i| i.state == VmStateName::Paused);
+                let fenced = info.and_then(|i| i.lease).is_some_and(|l| l.fenced);
                 Some(LocalVm {
                     id,
                     epoch: mark.epoch,
                     paused,
+                    fenced,
                 })
             })
             .collect()

@@ -87,6 +87,7 @@ impl Vmms for Recorder {
             id: vm.into(),
             epoch: a.epoch,
             paused: false,
+            fenced: false,
         };
         self.0.lock().unwrap().running.insert(vm.into(), local);
         Ok(())
