@@ -763,6 +763,19 @@ fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
         json(&env.ray_ok(&["cluster", "status", "--etcd", &url, "--json"]))["hosts"]["Ready"] == 2
     });
 
+    // ha1's checkpoint on storage both hosts reach (here: one directory), named where
+    // the controller looks for it.
+    let ckpt = env.runtime.join("shared").join("ha1-1");
+    std::fs::create_dir_all(ckpt.parent().unwrap()).unwrap();
+    let req = format!(r#"{{"path":"{}","pause":true}}"#, ckpt.display());
+    let sock = h1.join("vms/ha1/api.sock");
+    let _: ray_api::vmm::SnapshotInfo = ray::client::VmmClient::new(&sock)
+        .call("PUT", "/vm/snapshot", Some(req.into_bytes()))
+        .unwrap();
+    let observed = format!(r#"{{"checkpoint":"{}"}}"#, ckpt.display());
+    rt.block_on(store.commit(Txn::new().put(keys::vm_observed("ha1"), observed)))
+        .unwrap();
+
     // h1's agent dies: nobody renews its lease or its VMMs' local leases.
     agent1.kill9();
     for vm in ["ha1", "plain"] {
@@ -791,11 +804,13 @@ fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
         .map(|e| (e.time_ms, e.cause.clone()))
         .unwrap();
     assert!(fenced_at.1.starts_with("lease:expired"), "{fenced_at:?}");
-    let started_at = vm_events(&h2, "ha1")
+    let (started_at, how) = vm_events(&h2, "ha1")
         .iter()
         .find(|e| e.to == VmStateName::Running)
-        .map(|e| e.time_ms)
+        .map(|e| (e.time_ms, e.cause.clone()))
         .unwrap();
+    // From the checkpoint, not a fresh boot.
+    assert!(how.starts_with("restore:"), "h2 started ha1 by {how}");
     assert!(
         fenced_at.0 < started_at,
         "h1's copy paused at {} ms, h2's started at {started_at} ms",
@@ -826,7 +841,10 @@ fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
     let restarted = log.iter().find(|e| e.kind == Kind::Restarted).unwrap();
     assert_eq!(restarted.data["epoch"], 2);
     assert!(
-        restarted.message.contains("host h1's lease lapsed"),
+        restarted.message.contains("host h1's lease lapsed")
+            && restarted
+                .message
+                .contains(&format!("from its checkpoint {}", ckpt.display())),
         "{}",
         restarted.message
     );
