@@ -43,6 +43,9 @@ pub enum Kind {
     /// HA restart: a VM of a host whose lease lapsed runs on another host now (the run
     /// token moved, revision-checked), from its checkpoint or a fresh boot.
     Restarted,
+    /// Host loads stayed uneven: the live migration that would even them out most, with
+    /// the imbalance before and after and its cost against its benefit (recommend-only).
+    RebalanceRecommended,
 }
 
 /// One entry of the log.

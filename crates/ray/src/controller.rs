@@ -17,6 +17,10 @@ pub struct ControllerArgs {
     pub id: Option<String>,
     #[command(flatten)]
     pub timing: crate::agent::TimingArgs,
+    /// Rebalancing: `recommend` logs the live migration that would even out host loads
+    /// once they stayed uneven for 3 passes (`ray cluster events`); `off` does not look.
+    #[arg(long, default_value = "recommend", value_parser = ["recommend", "off"])]
+    pub rebalance: String,
 }
 
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
@@ -32,6 +36,9 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         let mut cfg = ControllerConfig::new(id);
         cfg.timing = args.timing.timing()?;
+        if args.rebalance == "off" {
+            cfg.rebalance = None;
+        }
         let store = EtcdStore::connect(&args.etcd).await?;
         Controller::new(store, cfg).run().await?;
         Ok(())

@@ -35,6 +35,7 @@ pub mod drain;
 pub mod leader;
 mod migrate;
 pub mod plan;
+pub mod rebalance;
 
 pub use plan::{decide, Action, HostView, MigrationView, PlanConfig, VmView, World};
 
@@ -55,6 +56,8 @@ pub struct ControllerConfig {
     /// The cluster's lease timing (the same on every agent): gives the HA restart's
     /// grace, checked at start-up to exceed what the self-fence needs.
     pub timing: Timing,
+    /// Rebalancing recommendations (logged, not carried out); `None`: off.
+    pub rebalance: Option<rebalance::RebalanceConfig>,
 }
 
 impl ControllerConfig {
@@ -67,6 +70,7 @@ impl ControllerConfig {
             resync: Duration::from_secs(10),
             plan: PlanConfig::default(),
             timing: Timing::default(),
+            rebalance: Some(rebalance::RebalanceConfig::default()),
         }
     }
 }
@@ -217,6 +221,10 @@ pub struct Applier {
     grace: Duration,
     /// Hosts seen without a lease, and since when (this controller's clock).
     lapsed_at: BTreeMap<String, std::time::Instant>,
+    /// Steady passes in a row with the imbalance above the threshold.
+    uneven: u32,
+    /// The last rebalancing move recommended (VM, target), so it is logged once.
+    recommended: Option<(String, String)>,
 }
 
 /// What one pass did.
@@ -248,7 +256,45 @@ impl Applier {
             drain_retry: drain::RETRY,
             grace: Timing::default().grace,
             lapsed_at: BTreeMap::new(),
+            uneven: 0,
+            recommended: None,
         }
+    }
+
+    /// After a steady pass: counts how long the loads have stayed uneven and, once for
+    /// `r.rounds` passes in a row, logs the move that would even them out most (each
+    /// distinct recommendation once). Returns it.
+    pub async fn rebalance<S: Store>(
+        &mut self,
+        s: &S,
+        world: &World,
+        cfg: PlanConfig,
+        r: rebalance::RebalanceConfig,
+    ) -> Result<Option<rebalance::Move>, ControllerError> {
+        if rebalance::current(world, cfg) <= r.threshold {
+            self.uneven = 0;
+            return Ok(None);
+        }
+        self.uneven += 1;
+        if self.uneven < r.rounds {
+            return Ok(None);
+        }
+        let Some(m) = rebalance::recommend(world, cfg, r) else {
+            return Ok(None);
+        };
+        let key = (m.vm.clone(), m.to.clone());
+        if self.recommended.as_ref() != Some(&key) {
+            let e = Entry::new(
+                Kind::RebalanceRecommended,
+                Some(&m.vm),
+                Some(&m.to),
+                m.message(),
+            )
+            .with(m.data());
+            self.log(s, e).await?;
+            self.recommended = Some(key);
+        }
+        Ok(Some(m))
     }
 
     /// With another grace before an HA restart (the controller's timing; the simulation
@@ -747,6 +793,9 @@ impl<S: Store + Clone> Controller<S> {
                 }
                 // What it wrote may allow more (an eviction frees room): look again.
                 continue;
+            }
+            if let Some(r) = self.cfg.rebalance {
+                applier.rebalance(s, &world, self.cfg.plan, r).await?;
             }
             // A lapsed host's grace ending is a change too.
             let grace_over = async {

@@ -534,3 +534,39 @@ async fn a_lapsed_host_s_ha_vms_restart_elsewhere_after_the_grace_and_others_sta
     assert!(s.list(keys::OPS).await.unwrap().kvs.is_empty());
     c.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uneven_loads_held_for_three_passes_get_one_logged_recommendation() {
+    let dir = Dir::new("rebalance");
+    let s = RedbStore::open(&dir.0.join("s.redb")).unwrap();
+    host_up(&s, "h1", 4096).await;
+    let c = tokio::spawn(Controller::new(s.clone(), fast("a")).run());
+    for vm in ["r1", "r2", "r3"] {
+        create(&s, vm, r#"{"vcpus":1,"memory_mib":1024}"#).await;
+        wait_token(&s, vm).await;
+    }
+    // An empty host joins: the loads are uneven from now on.
+    host_up(&s, "h2", 4096).await;
+    let e = wait_log(&s, "-", Kind::RebalanceRecommended).await;
+    assert_eq!(e.host.as_deref(), Some("h2"));
+    assert!(
+        e.message.contains("from host h1 to host h2"),
+        "{}",
+        e.message
+    );
+    assert!(e.data["imbalance_after"].as_f64() < e.data["imbalance_before"].as_f64());
+    // Recommend-only: nothing moved, and it is logged once however many passes follow.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for vm in ["r1", "r2", "r3"] {
+        let t = wait_token(&s, vm).await;
+        assert_eq!((t.host.as_str(), t.epoch), ("h1", 1));
+    }
+    let n = decisions::read(&s, None)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == Kind::RebalanceRecommended)
+        .count();
+    assert_eq!(n, 1);
+    c.abort();
+}
