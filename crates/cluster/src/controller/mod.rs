@@ -225,6 +225,8 @@ pub struct Applier {
     uneven: u32,
     /// The last rebalancing move recommended (VM, target), so it is logged once.
     recommended: Option<(String, String)>,
+    /// When the automatic rebalancing moves of the last hour were asked for.
+    rebalanced: std::collections::VecDeque<std::time::Instant>,
 }
 
 /// What one pass did.
@@ -258,6 +260,7 @@ impl Applier {
             lapsed_at: BTreeMap::new(),
             uneven: 0,
             recommended: None,
+            rebalanced: Default::default(),
         }
     }
 
@@ -283,14 +286,42 @@ impl Applier {
             return Ok(None);
         };
         let key = (m.vm.clone(), m.to.clone());
+        let now = std::time::Instant::now();
+        // One automatic move at a time: none while any migration is under way.
+        let auto = r.auto
+            && world.migrations.is_empty()
+            && rebalance::take_move(&mut self.rebalanced, now, r.max_moves_per_hour);
+        if auto {
+            let req = crate::migration::Request {
+                to: Some(m.to.clone()),
+                abort: false,
+                cause: Some("rebalance".into()),
+            };
+            let txn = Txn::new()
+                .when(keys::migrate_request(&m.vm), crate::store::Cond::Absent)
+                .put(keys::migrate_request(&m.vm), crate::migration::json(&req));
+            if let Commit::Done(_) = s.commit(txn).await? {
+                let msg = format!("{} (asked for: automatic mode)", m.message());
+                let data = merge(m.data(), json!({"auto": true}));
+                let e = Entry::new(Kind::RebalanceRecommended, Some(&m.vm), Some(&m.to), msg);
+                self.log(s, e.with(data)).await?;
+                // The imbalance must hold again, measured after this move.
+                self.uneven = 0;
+                self.recommended = Some(key);
+                return Ok(Some(m));
+            }
+        }
         if self.recommended.as_ref() != Some(&key) {
-            let e = Entry::new(
-                Kind::RebalanceRecommended,
-                Some(&m.vm),
-                Some(&m.to),
-                m.message(),
-            )
-            .with(m.data());
+            let why = if r.auto && !world.migrations.is_empty() {
+                " (not asked for: a migration is under way)"
+            } else if r.auto {
+                " (not asked for: the cap of automatic moves per hour is reached)"
+            } else {
+                ""
+            };
+            let msg = format!("{}{why}", m.message());
+            let e = Entry::new(Kind::RebalanceRecommended, Some(&m.vm), Some(&m.to), msg)
+                .with(m.data());
             self.log(s, e).await?;
             self.recommended = Some(key);
         }

@@ -1,7 +1,9 @@
-//! Rebalancing, recommend-only: when host loads stay uneven, the one live migration that
-//! evens them out most, if it is worth its cost. A pure function of the [`World`] like
-//! `decide`; the controller logs what it recommends (`rebalance_recommended`) after the
-//! imbalance held for [`RebalanceConfig::rounds`] passes in a row.
+//! Rebalancing: when host loads stay uneven, the one live migration that evens them out
+//! most, if it is worth its cost. A pure function of the [`World`] like `decide`; the
+//! controller logs what it recommends (`rebalance_recommended`) after the imbalance held
+//! for [`RebalanceConfig::rounds`] passes in a row, and in automatic mode asks for that
+//! migration (cause `rebalance`), one at a time and at most
+//! [`RebalanceConfig::max_moves_per_hour`].
 //!
 //! - A host's load is the larger of its vCPU and memory use, each as a fraction of what
 //!   the controller hands out there (vCPUs: CPUs x overcommit). Only Ready Workers that
@@ -35,6 +37,11 @@ pub struct RebalanceConfig {
     pub bandwidth_mib_s: f64,
     /// Least loaded hosts tried as targets.
     pub candidates: usize,
+    /// Carry the recommendation out (a migration request, cause `rebalance`) instead of
+    /// only logging it.
+    pub auto: bool,
+    /// Automatic moves per hour at most; past it, moves are only recommended.
+    pub max_moves_per_hour: usize,
 }
 
 impl Default for RebalanceConfig {
@@ -46,6 +53,8 @@ impl Default for RebalanceConfig {
             stable_s: 600.0,
             bandwidth_mib_s: 1000.0,
             candidates: 3,
+            auto: false,
+            max_moves_per_hour: 6,
         }
     }
 }
@@ -88,6 +97,27 @@ impl Move {
             "benefit_s": self.benefit_s,
         })
     }
+}
+
+/// Whether another automatic move fits under the cap of `max` per hour, given the times
+/// of the earlier ones (those older than an hour are dropped); if so, `now` is counted.
+pub fn take_move(
+    moves: &mut std::collections::VecDeque<std::time::Instant>,
+    now: std::time::Instant,
+    max: usize,
+) -> bool {
+    const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+    while moves
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= HOUR)
+    {
+        moves.pop_front();
+    }
+    if moves.len() >= max {
+        return false;
+    }
+    moves.push_back(now);
+    true
 }
 
 /// A host that counts, with what it holds and what it offers.
@@ -327,6 +357,20 @@ mod tests {
         let cfg = PlanConfig::default();
         assert!(current(&world, cfg) > RebalanceConfig::default().threshold);
         assert_eq!(recommend(&world, cfg, RebalanceConfig::default()), None);
+    }
+
+    #[test]
+    fn automatic_moves_are_capped_per_hour() {
+        use std::time::{Duration, Instant};
+        let mut moves = std::collections::VecDeque::new();
+        let t0 = Instant::now();
+        assert!(take_move(&mut moves, t0, 2));
+        assert!(take_move(&mut moves, t0 + Duration::from_secs(60), 2));
+        assert!(!take_move(&mut moves, t0 + Duration::from_secs(120), 2));
+        // An hour after the first, one fits again.
+        assert!(take_move(&mut moves, t0 + Duration::from_secs(3600), 2));
+        assert!(!take_move(&mut moves, t0 + Duration::from_secs(3601), 2));
+        assert!(!take_move(&mut moves, t0, 0), "a cap of 0 never moves");
     }
 
     #[test]

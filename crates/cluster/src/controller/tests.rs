@@ -570,3 +570,50 @@ async fn uneven_loads_held_for_three_passes_get_one_logged_recommendation() {
     assert_eq!(n, 1);
     c.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_rebalancing_asks_for_one_migration_to_the_empty_host() {
+    let dir = Dir::new("rebalance-auto");
+    let s = RedbStore::open(&dir.0.join("s.redb")).unwrap();
+    host_up(&s, "h1", 4096).await;
+    let cfg = ControllerConfig {
+        rebalance: Some(rebalance::RebalanceConfig {
+            auto: true,
+            ..Default::default()
+        }),
+        ..fast("a")
+    };
+    let c = tokio::spawn(Controller::new(s.clone(), cfg).run());
+    for vm in ["r1", "r2", "r3"] {
+        create(&s, vm, r#"{"vcpus":1,"memory_mib":1024}"#).await;
+        wait_token(&s, vm).await;
+    }
+    host_up(&s, "h2", 4096).await;
+    let e = wait_log(&s, "-", Kind::RebalanceRecommended).await;
+    assert!(
+        e.message.ends_with("(asked for: automatic mode)"),
+        "{}",
+        e.message
+    );
+    let vm = e.vm.clone().unwrap();
+    let req = wait_key(&s, &keys::migrate_request(&vm), true)
+        .await
+        .unwrap();
+    let req: crate::migration::Request = serde_json::from_slice(&req.value).unwrap();
+    assert_eq!(
+        (req.to.as_deref(), req.cause.as_deref()),
+        (Some("h2"), Some("rebalance"))
+    );
+    // No agents here: the migration stays under way, and no second one is asked for.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let asked = s
+        .list(keys::VMS)
+        .await
+        .unwrap()
+        .kvs
+        .iter()
+        .filter(|kv| kv.key.ends_with("/migrate"))
+        .count();
+    assert_eq!(asked, 1);
+    c.abort();
+}
