@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ray::netns::Netns;
 use ray_cluster::keys;
 use ray_cluster::runtoken::{self, Origin};
 use ray_cluster::spec::VmSpec;
@@ -15,14 +16,24 @@ use ray_e2e::{guest_bin, ray_bin, Env};
 /// Starts `ray <args>` in the background with `runtime` as its runtime directory, its
 /// output appended to `log`.
 fn spawn_ray(runtime: &Path, log: &Path, args: &[&str]) -> Child {
+    spawn_ray_in(None, runtime, log, args)
+}
+
+/// [`spawn_ray`] inside network namespace `ns` (`ip netns exec`, which execs `ray`: the
+/// child's pid is ray's).
+fn spawn_ray_in(ns: Option<&Netns>, runtime: &Path, log: &Path, args: &[&str]) -> Child {
     std::fs::create_dir_all(runtime).unwrap();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(ray_bin())
-        .args(args)
+    let ray = ray_bin();
+    let mut cmd = match ns {
+        Some(ns) => ns.command(ray.to_str().unwrap()),
+        None => Command::new(ray),
+    };
+    cmd.args(args)
         .env("RAY_RUNTIME_DIR", runtime)
         .env("RAY_GUEST", guest_bin())
         .stdin(Stdio::null())
@@ -869,4 +880,146 @@ fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
         .unwrap()
         .lease
         .is_some_and(|l| !l.fenced));
+}
+
+/// A bridge in namespace `hub` (etcd and the controller live there) and two hosts, each
+/// in its own namespace with a veth on it: `10.<a>.<b>.1` the hub, `.2` and `.3` the
+/// hosts. Returns (hub, [host namespaces], hub address).
+fn bridged_hosts(tag: &str) -> (Netns, [Netns; 2], String) {
+    let pid = std::process::id();
+    let net = format!("10.79.{}", pid % 250);
+    let hub = Netns::new(&format!("ray-{tag}-hub-{pid}")).unwrap();
+    hub.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    hub.ip(&["addr", "add", &format!("{net}.1/24"), "dev", "br0"])
+        .unwrap();
+    hub.ip(&["link", "set", "br0", "up"]).unwrap();
+    let hosts = [2, 3].map(|i| {
+        let ns = Netns::new(&format!("ray-{tag}-h{i}-{pid}")).unwrap();
+        let peer = format!("v{i}");
+        ns.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns", &hub.name,
+        ])
+        .unwrap();
+        ns.ip(&["addr", "add", &format!("{net}.{i}/24"), "dev", "eth0"])
+            .unwrap();
+        ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+        hub.ip(&["link", "set", &peer, "master", "br0"]).unwrap();
+        hub.ip(&["link", "set", &peer, "up"]).unwrap();
+        ns
+    });
+    (hub, hosts, format!("{net}.1"))
+}
+
+/// Each agent in its own network namespace on a bridge, etcd and the controller in a third:
+/// h1's link is cut (`ip link set eth0 down`) while its agent lives. It cannot renew: it
+/// and its VMM fence the HA VM; the controller restarts it on h2 after the lease and the
+/// grace; h1's copy was paused before h2's started. The link comes back: h1's agent takes
+/// a new lease, finds the VM is h2's now and stops its own copy.
+#[test]
+fn a_host_whose_link_is_cut_fences_and_its_ha_vm_runs_once_on_the_other_host() {
+    use ray_api::vmm::VmStateName;
+    let env = Env::new("cluster-link");
+    let (hub, [n1, n2], hub_ip) = bridged_hosts("link");
+    let etcd = Etcd::spawn("e2e-link", &hub_ip, Some(&hub.name));
+    let url = etcd.endpoints().join(",");
+    let (h1, h2) = (env.runtime.join("h1"), env.runtime.join("h2"));
+    let _reap = ReapVmms(vec![h1.clone(), h2.clone()]);
+    // The CLI, in the hub's namespace: it reaches etcd there.
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--etcd", &url]);
+        hub.command(ray_bin().to_str().unwrap())
+            .args(&all)
+            .env("RAY_RUNTIME_DIR", &env.runtime)
+            .output()
+            .unwrap()
+    };
+    let ready = |n: u64| {
+        let out = cli(&["cluster", "status", "--json"]);
+        out.status.success() && json(&String::from_utf8_lossy(&out.stdout))["hosts"]["Ready"] == n
+    };
+    let agent = |ns: &Netns, runtime: &Path, host: &str| {
+        let args = ["agent", "--host", host, "--etcd", &url, "--lease-ttl", "4s"];
+        Daemon(spawn_ray_in(
+            Some(ns),
+            runtime,
+            &runtime.join("agent.log"),
+            &args,
+        ))
+    };
+    // etcd answers (an agent that cannot reach its store at start gives up).
+    wait("etcd in the hub", Duration::from_secs(20), || {
+        cli(&["cluster", "status", "--json"]).status.success()
+    });
+    let _a1 = agent(&n1, &h1, "h1");
+    let _ctl = Daemon(spawn_ray_in(
+        Some(&hub),
+        &env.runtime,
+        &env.runtime.join("controller.log"),
+        &[
+            "controller",
+            "--id",
+            "c1",
+            "--etcd",
+            &url,
+            "--lease-ttl",
+            "4s",
+        ],
+    ));
+    wait("h1 Ready", Duration::from_secs(30), || ready(1));
+    let out = cli(&[
+        "cluster",
+        "vm",
+        "create",
+        "ha1",
+        "--memory-mib",
+        "128",
+        "--ha",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let placed = |host: &str, epoch: u64| {
+        let out = cli(&["cluster", "vms", "-o", "json"]);
+        let vms = json(&String::from_utf8_lossy(&out.stdout));
+        vms[0]["vm"] == "ha1" && vms[0]["host"] == host && vms[0]["epoch"] == epoch
+    };
+    wait("ha1 on h1", Duration::from_secs(20), || placed("h1", 1));
+    runs_in(&h1, "ha1");
+    let _a2 = agent(&n2, &h2, "h2");
+    wait("both hosts Ready", Duration::from_secs(30), || ready(2));
+
+    // h1's link goes down: its agent lives but reaches nobody.
+    n1.ip(&["link", "set", "eth0", "down"]).unwrap();
+    wait("ha1 on h1 paused", Duration::from_secs(15), || {
+        vm_info(&h1, "ha1").is_some_and(|i| i.state == VmStateName::Paused)
+    });
+    wait("ha1 on h2, epoch 2", Duration::from_secs(30), || {
+        placed("h2", 2)
+    });
+    runs_in(&h2, "ha1");
+    let paused_at = vm_events(&h1, "ha1")
+        .iter()
+        .rev()
+        .find(|e| e.to == VmStateName::Paused)
+        .map(|e| e.time_ms)
+        .unwrap();
+    let started_at = vm_events(&h2, "ha1")
+        .iter()
+        .find(|e| e.to == VmStateName::Running)
+        .map(|e| e.time_ms)
+        .unwrap();
+    assert!(
+        paused_at < started_at,
+        "h1's copy paused at {paused_at} ms, h2's started at {started_at} ms"
+    );
+
+    // The link comes back: h1 learns the VM is h2's and stops its copy.
+    n1.ip(&["link", "set", "eth0", "up"]).unwrap();
+    wait("h1's copy of ha1 gone", Duration::from_secs(30), || {
+        vm_info(&h1, "ha1").is_none_or(|i| i.state == VmStateName::Terminated)
+    });
+    wait("both hosts Ready again", Duration::from_secs(30), || {
+        ready(2)
+    });
+    runs_in(&h2, "ha1");
+    assert!(placed("h2", 2), "the run token stayed with h2");
 }
