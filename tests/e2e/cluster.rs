@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ray::netns::Netns;
 use ray_cluster::keys;
 use ray_cluster::runtoken::{self, Origin};
 use ray_cluster::spec::VmSpec;
@@ -15,14 +16,24 @@ use ray_e2e::{guest_bin, ray_bin, Env};
 /// Starts `ray <args>` in the background with `runtime` as its runtime directory, its
 /// output appended to `log`.
 fn spawn_ray(runtime: &Path, log: &Path, args: &[&str]) -> Child {
+    spawn_ray_in(None, runtime, log, args)
+}
+
+/// [`spawn_ray`] inside network namespace `ns` (`ip netns exec`, which execs `ray`: the
+/// child's pid is ray's).
+fn spawn_ray_in(ns: Option<&Netns>, runtime: &Path, log: &Path, args: &[&str]) -> Child {
     std::fs::create_dir_all(runtime).unwrap();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(ray_bin())
-        .args(args)
+    let ray = ray_bin();
+    let mut cmd = match ns {
+        Some(ns) => ns.command(ray.to_str().unwrap()),
+        None => Command::new(ray),
+    };
+    cmd.args(args)
         .env("RAY_RUNTIME_DIR", runtime)
         .env("RAY_GUEST", guest_bin())
         .stdin(Stdio::null())
@@ -106,9 +117,15 @@ fn an_agent_runs_its_vm_which_outlives_a_kill_9_and_is_adopted_back() {
 
     // The agent starts it: the guest's heartbeat moves.
     let pid_file = env.runtime.join("vms/c1/vmm.pid");
-    wait("the VMM of c1", Duration::from_secs(30), || {
-        env.runtime.join("vms/c1/cluster.json").is_file()
-    });
+    let started = Instant::now();
+    while !env.runtime.join("vms/c1/cluster.json").is_file() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no VMM of c1; the agent's log:\n{}",
+            agent_log(&env)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let pid: u32 = std::fs::read_to_string(&pid_file)
         .unwrap()
         .trim()
@@ -565,4 +582,444 @@ fn the_controller_live_migrates_a_vm_through_the_agents_and_drains_a_host() {
         host_of("m3").is_some()
     });
     assert_eq!(host_of("m3").as_deref(), Some(to));
+}
+
+/// `PUT /vm/lease` with `body`: the status and, on refusal, the message.
+fn put_lease(client: &ray::client::VmmClient, body: &str) -> (u16, String) {
+    let body = Some(body.as_bytes().to_vec());
+    match client.call::<ray_api::vmm::VmInfo>("PUT", "/vm/lease", body) {
+        Ok(_) => (200, String::new()),
+        Err(ray::client::ClientError::Api {
+            status, message, ..
+        }) => (status, message),
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+#[test]
+fn a_vmm_whose_local_lease_runs_out_fences_itself_until_renewed_and_resumed() {
+    use ray_api::vmm::{LifecycleEvent, VmInfo, VmStateName};
+    let env = Env::new("cluster-lease");
+    let kernel = guest_bin().display().to_string();
+    let cfg = format!(
+        r#"{{"kernel":"{kernel}","cmdline":"console=ttyS0 ray.poll_ms=0","vcpus":1,"memory_bytes":134217728}}"#
+    );
+    let args = ["--config-json", &cfg, "--start", "--lease-ttl", "30s"];
+    let b = env.bare_vmm("leased", &args);
+    let vm = env.attach("leased", b.child.id());
+    vm.wait_for("heartbeat ready", Duration::from_secs(30), |i| {
+        i.heartbeat.as_ref().is_some_and(|h| h.ready)
+    });
+
+    // Renewed every 500 ms it runs on, past its time to live.
+    let mut last_renewal = Instant::now();
+    for _ in 0..8 {
+        assert_eq!(
+            put_lease(&vm.client, r#"{"ttl_ms":3000}"#),
+            (200, String::new())
+        );
+        last_renewal = Instant::now();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let info = vm.info();
+    assert_eq!(info.state, VmStateName::Running);
+    let lease = info.lease.expect("a leased VMM shows its lease");
+    assert!(!lease.fenced && lease.ttl_ms == 3000, "{lease:?}");
+
+    // Bad renewals are refused, naming what is wrong; the VM runs on.
+    for (body, why) in [
+        (r#"{"ttl_ms":0}"#, "ttl_ms 0 is out of range"),
+        (r#"{"ttl_ms":100,"ttl":1}"#, "unknown field `ttl`"),
+        (
+            r#"{"ttl_ms":100,"since_monotonic_ns":18446744073709551615}"#,
+            "in the future",
+        ),
+    ] {
+        let (status, message) = put_lease(&vm.client, body);
+        assert_eq!(status, 400, "{body}: {message}");
+        assert!(message.contains(why), "{body}: {message}");
+    }
+    assert_eq!(vm.state(), VmStateName::Running);
+
+    // Nobody renews any more: the VMM pauses its own vCPUs, and says why.
+    let fenced = vm.wait_for("the fence", Duration::from_secs(10), |i| {
+        i.lease.as_ref().is_some_and(|l| l.fenced)
+    });
+    assert!(
+        last_renewal.elapsed() >= Duration::from_millis(3000),
+        "fenced before its lease ran out"
+    );
+    assert_eq!(fenced.state, VmStateName::Paused);
+    let reason = fenced.lease.unwrap().fence_reason.unwrap();
+    assert!(reason.contains("lease:expired"), "{reason}");
+    let events: Vec<LifecycleEvent> = vm.client.call("GET", "/vm/events", None).unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.from, last.to),
+        (VmStateName::Running, VmStateName::Paused)
+    );
+    assert!(last.cause.starts_with("lease:expired"), "{last:?}");
+    // Its guest no longer runs.
+    let hb = |i: &VmInfo| i.heartbeat.as_ref().map(|h| h.counter);
+    let before = hb(&vm.info());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(hb(&vm.info()), before, "a fenced guest's heartbeat moved");
+
+    // Resuming needs a renewal first; a renewal alone does not resume.
+    let e = vm
+        .client
+        .call::<VmInfo>("PUT", "/vm/resume", None)
+        .unwrap_err();
+    assert!(e.to_string().contains("fenced"), "{e}");
+    assert_eq!(
+        put_lease(&vm.client, r#"{"ttl_ms":60000}"#),
+        (200, String::new())
+    );
+    assert_eq!(vm.state(), VmStateName::Paused);
+    vm.client.call::<VmInfo>("PUT", "/vm/resume", None).unwrap();
+    vm.wait_for("the heartbeat again", Duration::from_secs(5), |i| {
+        hb(i) != before && i.lease.as_ref().is_some_and(|l| !l.fenced)
+    });
+
+    // An operator who clears the lease takes the VM over: it never fences again.
+    let info: VmInfo = vm.client.call("DELETE", "/vm/lease", None).unwrap();
+    assert!(info.lease.is_none(), "{:?}", info.lease);
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(vm.state(), VmStateName::Running);
+}
+
+/// VM `id`'s VMM in `runtime`, as it answers.
+fn vm_info(runtime: &Path, id: &str) -> Option<ray_api::vmm::VmInfo> {
+    let sock = runtime.join("vms").join(id).join("api.sock");
+    ray::client::VmmClient::new(&sock)
+        .call("GET", "/vm", None)
+        .ok()
+}
+
+/// VM `id`'s audit trail in `runtime`.
+fn vm_events(runtime: &Path, id: &str) -> Vec<ray_api::vmm::LifecycleEvent> {
+    let sock = runtime.join("vms").join(id).join("api.sock");
+    ray::client::VmmClient::new(&sock)
+        .call("GET", "/vm/events", None)
+        .unwrap()
+}
+
+/// Two agents on loopback, each with its own runtime (state) directory, one controller,
+/// a 4 s host lease. An HA VM and a plain one run on h1; kill -9 h1's agent: both VMMs
+/// fence themselves (paused, `lease:expired`) once their local lease runs out, the
+/// controller restarts the HA VM on h2 only after h1's lease lapsed plus the grace, and
+/// the audit trails show h1's copy paused before h2's started: it never ran twice. A new
+/// agent on h1 stops the copy that is not h1's any more and resumes the plain VM.
+#[test]
+fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
+    use ray_api::vmm::VmStateName;
+    use ray_cluster::decisions::{self, Kind};
+    let env = Env::new("cluster-ha");
+    let rt = runtime();
+    let etcd = rt.block_on(Etcd::start("e2e-ha"));
+    let store = rt.block_on(EtcdStore::connect(&etcd.endpoints())).unwrap();
+    let url = etcd.endpoints().join(",");
+    let (h1, h2) = (env.runtime.join("h1"), env.runtime.join("h2"));
+    let _reap = ReapVmms(vec![h1.clone(), h2.clone()]);
+    let lease = ["--lease-ttl", "4s"];
+    let mut agent1 = Daemon::start_with(&h1, &etcd, "h1", &lease);
+    let _ctl = Daemon(spawn_ray(
+        &env.runtime,
+        &env.runtime.join("controller.log"),
+        &[
+            "controller",
+            "--id",
+            "c1",
+            "--etcd",
+            &url,
+            "--lease-ttl",
+            "4s",
+        ],
+    ));
+    wait("h1 Ready", Duration::from_secs(30), || {
+        json(&env.ray_ok(&["cluster", "status", "--etcd", &url, "--json"]))["hosts"]["Ready"] == 1
+    });
+    let bad = env.ray(&[
+        "cluster",
+        "vm",
+        "create",
+        "x",
+        "--restart-priority",
+        "2",
+        "--etcd",
+        &url,
+    ]);
+    assert!(!bad.status.success(), "--restart-priority without --ha");
+    for (vm, ha) in [("ha1", true), ("plain", false)] {
+        let mut args = vec!["cluster", "vm", "create", vm, "--memory-mib", "128"];
+        if ha {
+            args.extend_from_slice(&["--ha", "--restart-priority", "3"]);
+        }
+        args.extend_from_slice(&["--etcd", &url]);
+        env.ray_ok(&args);
+    }
+    let token = |vm: &str| {
+        rt.block_on(runtoken::read(&store, vm))
+            .unwrap()
+            .map(|(t, _)| t)
+    };
+    wait("both placed on h1", Duration::from_secs(20), || {
+        token("ha1").is_some_and(|t| t.host == "h1")
+            && token("plain").is_some_and(|t| t.host == "h1")
+    });
+    runs_in(&h1, "ha1");
+    runs_in(&h1, "plain");
+    let _agent2 = Daemon::start_with(&h2, &etcd, "h2", &lease);
+    wait("both hosts Ready", Duration::from_secs(30), || {
+        json(&env.ray_ok(&["cluster", "status", "--etcd", &url, "--json"]))["hosts"]["Ready"] == 2
+    });
+
+    // ha1's checkpoint on storage both hosts reach (here: one directory), named where
+    // the controller looks for it.
+    let ckpt = env.runtime.join("shared").join("ha1-1");
+    std::fs::create_dir_all(ckpt.parent().unwrap()).unwrap();
+    let req = format!(r#"{{"path":"{}","pause":true}}"#, ckpt.display());
+    let sock = h1.join("vms/ha1/api.sock");
+    let _: ray_api::vmm::SnapshotInfo = ray::client::VmmClient::new(&sock)
+        .call("PUT", "/vm/snapshot", Some(req.into_bytes()))
+        .unwrap();
+    let observed = format!(r#"{{"checkpoint":"{}"}}"#, ckpt.display());
+    rt.block_on(store.commit(Txn::new().put(keys::vm_observed("ha1"), observed)))
+        .unwrap();
+
+    // h1's agent dies: nobody renews its lease or its VMMs' local leases.
+    agent1.kill9();
+    for vm in ["ha1", "plain"] {
+        wait(
+            &format!("{vm} on h1 fenced"),
+            Duration::from_secs(15),
+            || vm_info(&h1, vm).is_some_and(|i| i.lease.is_some_and(|l| l.fenced)),
+        );
+        assert_eq!(vm_info(&h1, vm).unwrap().state, VmStateName::Paused);
+    }
+    wait("ha1's run token on h2", Duration::from_secs(30), || {
+        token("ha1").is_some_and(|t| t.host == "h2")
+    });
+    runs_in(&h2, "ha1");
+    assert_eq!(token("ha1").unwrap().epoch, 2);
+    // The plain VM is not HA: it stays h1's, fenced, not lost.
+    let plain = token("plain").unwrap();
+    assert_eq!((plain.host.as_str(), plain.epoch), ("h1", 1));
+
+    // Exactly once: h1's copy paused itself before h2's started (both audit trails, one
+    // host's clock), and it stays paused.
+    let fenced_at = vm_events(&h1, "ha1")
+        .iter()
+        .rev()
+        .find(|e| e.to == VmStateName::Paused)
+        .map(|e| (e.time_ms, e.cause.clone()))
+        .unwrap();
+    assert!(fenced_at.1.starts_with("lease:expired"), "{fenced_at:?}");
+    let (started_at, how) = vm_events(&h2, "ha1")
+        .iter()
+        .find(|e| e.to == VmStateName::Running)
+        .map(|e| (e.time_ms, e.cause.clone()))
+        .unwrap();
+    // From the checkpoint, not a fresh boot.
+    assert!(how.starts_with("restore:"), "h2 started ha1 by {how}");
+    assert!(
+        fenced_at.0 < started_at,
+        "h1's copy paused at {} ms, h2's started at {started_at} ms",
+        fenced_at.0
+    );
+    let frozen = vm_info(&h1, "ha1").unwrap().heartbeat.map(|h| h.counter);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        vm_info(&h1, "ha1").unwrap().heartbeat.map(|h| h.counter),
+        frozen
+    );
+    // The run-token history: placed once at epoch 1, restarted once at epoch 2, after
+    // h1's lease lapsed plus the grace.
+    let log = rt.block_on(decisions::read(&store, Some("ha1"))).unwrap();
+    let moves: Vec<(Kind, Option<String>)> = log
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::Placed | Kind::Restarted))
+        .map(|e| (e.kind, e.host.clone()))
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            (Kind::Placed, Some("h1".into())),
+            (Kind::Restarted, Some("h2".into()))
+        ],
+        "{log:?}"
+    );
+    let restarted = log.iter().find(|e| e.kind == Kind::Restarted).unwrap();
+    assert_eq!(restarted.data["epoch"], 2);
+    assert!(
+        restarted.message.contains("host h1's lease lapsed")
+            && restarted
+                .message
+                .contains(&format!("from its checkpoint {}", ckpt.display())),
+        "{}",
+        restarted.message
+    );
+    let all = rt.block_on(decisions::read(&store, None)).unwrap();
+    let lapsed = all
+        .iter()
+        .find(|e| e.kind == Kind::LeaseLapsed && e.host.as_deref() == Some("h1"))
+        .expect("h1's lapse is logged");
+    assert!(
+        restarted.at_ms >= lapsed.at_ms + 400,
+        "restarted within the grace"
+    );
+
+    // h1's agent comes back: the copy that is h2's now stops, the plain VM resumes.
+    let _agent1 = Daemon::start_with(&h1, &etcd, "h1", &lease);
+    wait("h1's old copy of ha1 gone", Duration::from_secs(30), || {
+        vm_info(&h1, "ha1").is_none_or(|i| i.state == VmStateName::Terminated)
+    });
+    runs_in(&h1, "plain");
+    runs_in(&h2, "ha1");
+    assert!(vm_info(&h1, "plain")
+        .unwrap()
+        .lease
+        .is_some_and(|l| !l.fenced));
+}
+
+/// A bridge in namespace `hub` (etcd and the controller live there) and two hosts, each
+/// in its own namespace with a veth on it: `10.<a>.<b>.1` the hub, `.2` and `.3` the
+/// hosts. Returns (hub, [host namespaces], hub address).
+fn bridged_hosts(tag: &str) -> (Netns, [Netns; 2], String) {
+    let pid = std::process::id();
+    let net = format!("10.79.{}", pid % 250);
+    let hub = Netns::new(&format!("ray-{tag}-hub-{pid}")).unwrap();
+    hub.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    hub.ip(&["addr", "add", &format!("{net}.1/24"), "dev", "br0"])
+        .unwrap();
+    hub.ip(&["link", "set", "br0", "up"]).unwrap();
+    let hosts = [2, 3].map(|i| {
+        let ns = Netns::new(&format!("ray-{tag}-h{i}-{pid}")).unwrap();
+        let peer = format!("v{i}");
+        ns.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns", &hub.name,
+        ])
+        .unwrap();
+        ns.ip(&["addr", "add", &format!("{net}.{i}/24"), "dev", "eth0"])
+            .unwrap();
+        ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+        hub.ip(&["link", "set", &peer, "master", "br0"]).unwrap();
+        hub.ip(&["link", "set", &peer, "up"]).unwrap();
+        ns
+    });
+    (hub, hosts, format!("{net}.1"))
+}
+
+/// Each agent in its own network namespace on a bridge, etcd and the controller in a third:
+/// h1's link is cut (`ip link set eth0 down`) while its agent lives. It cannot renew: it
+/// and its VMM fence the HA VM; the controller restarts it on h2 after the lease and the
+/// grace; h1's copy was paused before h2's started. The link comes back: h1's agent takes
+/// a new lease, finds the VM is h2's now and stops its own copy.
+#[test]
+fn a_host_whose_link_is_cut_fences_and_its_ha_vm_runs_once_on_the_other_host() {
+    use ray_api::vmm::VmStateName;
+    let env = Env::new("cluster-link");
+    let (hub, [n1, n2], hub_ip) = bridged_hosts("link");
+    let etcd = Etcd::spawn("e2e-link", &hub_ip, Some(&hub.name));
+    let url = etcd.endpoints().join(",");
+    let (h1, h2) = (env.runtime.join("h1"), env.runtime.join("h2"));
+    let _reap = ReapVmms(vec![h1.clone(), h2.clone()]);
+    // The CLI, in the hub's namespace: it reaches etcd there.
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--etcd", &url]);
+        hub.command(ray_bin().to_str().unwrap())
+            .args(&all)
+            .env("RAY_RUNTIME_DIR", &env.runtime)
+            .output()
+            .unwrap()
+    };
+    let ready = |n: u64| {
+        let out = cli(&["cluster", "status", "--json"]);
+        out.status.success() && json(&String::from_utf8_lossy(&out.stdout))["hosts"]["Ready"] == n
+    };
+    let agent = |ns: &Netns, runtime: &Path, host: &str| {
+        let args = ["agent", "--host", host, "--etcd", &url, "--lease-ttl", "4s"];
+        Daemon(spawn_ray_in(
+            Some(ns),
+            runtime,
+            &runtime.join("agent.log"),
+            &args,
+        ))
+    };
+    // etcd answers (an agent that cannot reach its store at start gives up).
+    wait("etcd in the hub", Duration::from_secs(20), || {
+        cli(&["cluster", "status", "--json"]).status.success()
+    });
+    let _a1 = agent(&n1, &h1, "h1");
+    let _ctl = Daemon(spawn_ray_in(
+        Some(&hub),
+        &env.runtime,
+        &env.runtime.join("controller.log"),
+        &[
+            "controller",
+            "--id",
+            "c1",
+            "--etcd",
+            &url,
+            "--lease-ttl",
+            "4s",
+        ],
+    ));
+    wait("h1 Ready", Duration::from_secs(30), || ready(1));
+    let out = cli(&[
+        "cluster",
+        "vm",
+        "create",
+        "ha1",
+        "--memory-mib",
+        "128",
+        "--ha",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let placed = |host: &str, epoch: u64| {
+        let out = cli(&["cluster", "vms", "-o", "json"]);
+        let vms = json(&String::from_utf8_lossy(&out.stdout));
+        vms[0]["vm"] == "ha1" && vms[0]["host"] == host && vms[0]["epoch"] == epoch
+    };
+    wait("ha1 on h1", Duration::from_secs(20), || placed("h1", 1));
+    runs_in(&h1, "ha1");
+    let _a2 = agent(&n2, &h2, "h2");
+    wait("both hosts Ready", Duration::from_secs(30), || ready(2));
+
+    // h1's link goes down: its agent lives but reaches nobody.
+    n1.ip(&["link", "set", "eth0", "down"]).unwrap();
+    wait("ha1 on h1 paused", Duration::from_secs(15), || {
+        vm_info(&h1, "ha1").is_some_and(|i| i.state == VmStateName::Paused)
+    });
+    wait("ha1 on h2, epoch 2", Duration::from_secs(30), || {
+        placed("h2", 2)
+    });
+    runs_in(&h2, "ha1");
+    let paused_at = vm_events(&h1, "ha1")
+        .iter()
+        .rev()
+        .find(|e| e.to == VmStateName::Paused)
+        .map(|e| e.time_ms)
+        .unwrap();
+    let started_at = vm_events(&h2, "ha1")
+        .iter()
+        .find(|e| e.to == VmStateName::Running)
+        .map(|e| e.time_ms)
+        .unwrap();
+    assert!(
+        paused_at < started_at,
+        "h1's copy paused at {paused_at} ms, h2's started at {started_at} ms"
+    );
+
+    // The link comes back: h1 learns the VM is h2's and stops its copy.
+    n1.ip(&["link", "set", "eth0", "up"]).unwrap();
+    wait("h1's copy of ha1 gone", Duration::from_secs(30), || {
+        vm_info(&h1, "ha1").is_none_or(|i| i.state == VmStateName::Terminated)
+    });
+    wait("both hosts Ready again", Duration::from_secs(30), || {
+        ready(2)
+    });
+    runs_in(&h2, "ha1");
+    assert!(placed("h2", 2), "the run token stayed with h2");
 }

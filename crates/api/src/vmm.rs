@@ -439,6 +439,38 @@ pub struct VmInfo {
     /// The loopback TCP address this API is also served on (`ray vm run --api-tcp`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_tcp: Option<String>,
+    /// The local lease of a VMM started by a cluster agent (`ray vmm --lease-ttl`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseInfo>,
+}
+
+/// A VMM's local lease: its guest runs only while it is renewed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LeaseInfo {
+    /// The last renewal's time to live.
+    pub ttl_ms: u64,
+    /// Time left before the VMM fences itself; 0 once expired, absent once cleared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining_ms: Option<u64>,
+    /// The VMM paused its own vCPUs because the lease expired; only a resume (after a
+    /// renewal or a clear) lets the guest run again.
+    pub fenced: bool,
+    /// Why it is fenced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_reason: Option<String>,
+}
+
+/// `PUT /vm/lease` body: renew the local lease.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    /// The new deadline is the lease's start plus this (1 to 3,600,000).
+    pub ttl_ms: u64,
+    /// When the lease starts: a CLOCK_MONOTONIC time in ns, not in the future (a cluster
+    /// agent passes when it sent its own lease's renewal, so the VMM's deadline never
+    /// outlasts the agent's). Default: when the request arrives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_monotonic_ns: Option<u64>,
 }
 
 /// What the guest reports in its heartbeat page, read by the VMM without any exit.

@@ -9,8 +9,10 @@
 //! loop:   renew the lease every `renew_every` (retry every `retry_every` on failure)
 //!         assignment put    -> confirm the run token, then start (or adopt) the VM
 //!         assignment delete -> stop the VM
+//!         good renewal      -> renew every VMM's local lease to t0 + T - m (one call each)
 //!         local deadline passed (t0 + T - m, t0 = send time of the last good renewal)
-//!                           -> fence: pause every VM of the cluster on this host
+//!                           -> fence: pause every VM of the cluster on this host; each
+//!                              VMM also pauses itself then (its local lease ran out)
 //!         renewal good again, or a new lease after the old one lapsed
 //!                           -> each fenced VM: confirm -> resume, refused -> stop
 //!         status            -> written when it changes (and load at most once a minute)
@@ -48,6 +50,17 @@ pub struct LocalVm {
     /// The run-token epoch it was started with.
     pub epoch: u64,
     pub paused: bool,
+    /// Paused by its own lease watchdog (its agent stopped renewing).
+    pub fenced: bool,
+}
+
+/// A VMM's local lease: it runs its guest until `since + ttl` (same host, same clock),
+/// then fences itself unless renewed. `since` is when the agent sent its last etcd
+/// renewal that succeeded, `ttl` the local lease `T - m` ([`crate::timing`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalLease {
+    pub since: std::time::Instant,
+    pub ttl: Duration,
 }
 
 /// What the agent asks of this host's VMMs. Blocking calls: the agent runs them off its
@@ -55,8 +68,17 @@ pub struct LocalVm {
 pub trait Vmms: Send + Sync + 'static {
     /// VMs of the cluster whose VMM lives on this host now.
     fn scan(&self) -> Vec<LocalVm>;
-    /// Starts `vm` as `assignment` says, with its spec (the JSON of `/ray/vms/<vm>/spec`).
-    fn start(&self, vm: &str, spec: &[u8], assignment: &Assignment) -> Result<(), String>;
+    /// Starts `vm` as `assignment` says, with its spec (the JSON of `/ray/vms/<vm>/spec`)
+    /// and its local lease.
+    fn start(
+        &self,
+        vm: &str,
+        spec: &[u8],
+        assignment: &Assignment,
+        lease: LocalLease,
+    ) -> Result<(), String>;
+    /// Renews `vm`'s local lease (after a good renewal of the agent's own).
+    fn renew(&self, vm: &str, lease: LocalLease) -> Result<(), String>;
     /// Stops `vm`'s VMM (it is not this host's any more).
     fn stop(&self, vm: &str) -> Result<(), String>;
     /// Pauses every vCPU of `vm` (self-fence).
@@ -336,6 +358,35 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         lock(&self.fence).fenced
     }
 
+    /// The local lease of the last good renewal; `None` once it ran out (fenced).
+    fn local_lease(&self) -> Option<LocalLease> {
+        let f = lock(&self.fence);
+        let ttl = self.cfg.timing.local_lease();
+        (!f.fenced && Instant::now() < f.deadline).then(|| LocalLease {
+            since: (f.deadline - ttl).into_std(),
+            ttl,
+        })
+    }
+
+    /// Renews every VMM's local lease, after a good renewal of the agent's own. A VMM that
+    /// does not answer fences itself when its lease runs out: nothing more to do here.
+    async fn renew_vmms(&self) {
+        let Some(lease) = self.local_lease() else {
+            return;
+        };
+        let ids: Vec<String> = self.vms.keys().cloned().collect();
+        let failed = self
+            .blocking(move |v| {
+                ids.into_iter()
+                    .filter_map(|vm| v.renew(&vm, lease).err())
+                    .collect::<Vec<_>>()
+            })
+            .await;
+        for e in failed {
+            tracing::warn!("cannot renew a VMM's local lease: {e}");
+        }
+    }
+
     fn set_vms(&mut self, vms: BTreeMap<String, u64>) {
         lock(&self.fence).vms = vms.keys().cloned().collect();
         self.vms = vms;
@@ -380,6 +431,11 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         for l in &local {
             if assigned.get(&l.id).is_some_and(|a| a.epoch == l.epoch) {
                 tracing::info!(vm = %l.id, epoch = l.epoch, "adopted a running VMM");
+                if l.fenced {
+                    // Fenced while no agent renewed its lease (this one's predecessor
+                    // died): it runs again if the run token is still this host's.
+                    self.resume_if_ours(&l.id, l.epoch).await?;
+                }
                 continue;
             }
             self.stop_vm(&l.id, "it is not assigned to this host at that epoch")
@@ -412,7 +468,16 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         if let Origin::Migration { from } = &a.origin {
             // The VMM is here already (it received the VM): it becomes this host's.
             let (id, epoch, from) = (vm.to_string(), a.epoch, from.clone());
-            match self.blocking(move |v| v.adopt(&id, epoch)).await {
+            let lease = self.local_lease();
+            let adopted = self.blocking(move |v| {
+                v.adopt(&id, epoch)?;
+                // It arrived without a local lease: it gets this host's at once.
+                if let Some(Err(e)) = lease.map(|l| v.renew(&id, l)) {
+                    tracing::warn!(vm = %id, "cannot give the arrived VM its local lease: {e}");
+                }
+                Ok::<(), String>(())
+            });
+            match adopted.await {
                 Ok(()) => {
                     tracing::info!(vm, epoch, from, "adopted the VM that arrived by migration");
                     self.receiving.remove(vm);
@@ -422,9 +487,13 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             }
             return Ok(());
         }
+        let Some(lease) = self.local_lease() else {
+            tracing::warn!(vm, "not starting: the local lease ran out");
+            return Ok(());
+        };
         let spec = self.spec(vm).await?;
         let (id, epoch) = (vm.to_string(), a.epoch);
-        match self.blocking(move |v| v.start(&id, &spec, &a)).await {
+        match self.blocking(move |v| v.start(&id, &spec, &a, lease)).await {
             Ok(()) => {
                 tracing::info!(vm, epoch, "started");
                 self.add_vm(vm, epoch);
@@ -567,25 +636,40 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         self.remove_vm(vm);
     }
 
-    /// After a good renewal: each fenced VM resumes if this host still holds its token,
-    /// else it stops; then everything is reconciled again.
+    /// After a good renewal: each fenced VM gets its local lease back and resumes if this
+    /// host still holds its token, else it stops; then everything is reconciled again.
     async fn unfence(&mut self) -> Result<Revision, StoreError> {
         lock(&self.fence).fenced = false;
         let vms: Vec<(String, u64)> = self.vms.iter().map(|(k, v)| (k.clone(), *v)).collect();
         for (vm, epoch) in vms {
-            match runtoken::confirm(&self.store, &vm, &self.cfg.host, epoch).await {
-                Ok(_) => {
-                    let id = vm.clone();
-                    match self.blocking(move |v| v.resume(&id)).await {
-                        Ok(()) => tracing::info!(vm, epoch, "resumed after the fence"),
-                        Err(e) => tracing::warn!(vm, "cannot resume: {e}"),
-                    }
-                }
-                Err(TokenError::Store(e)) => return Err(e),
-                Err(e) => self.stop_vm(&vm, &e.to_string()).await,
-            }
+            self.resume_if_ours(&vm, epoch).await?;
         }
         self.reconcile().await
+    }
+
+    /// A fenced VM: confirms its run token; if this host still holds it at `epoch`, the
+    /// VMM gets its local lease back and resumes, else it stops.
+    async fn resume_if_ours(&mut self, vm: &str, epoch: u64) -> Result<(), StoreError> {
+        match runtoken::confirm(&self.store, vm, &self.cfg.host, epoch).await {
+            Ok(_) => {
+                let Some(lease) = self.local_lease() else {
+                    tracing::warn!(vm, "not resumed: the local lease ran out again");
+                    return Ok(());
+                };
+                let id = vm.to_string();
+                let resumed = self.blocking(move |v| {
+                    v.renew(&id, lease)?;
+                    v.resume(&id)
+                });
+                match resumed.await {
+                    Ok(()) => tracing::info!(vm, epoch, "resumed after the fence"),
+                    Err(e) => tracing::warn!(vm, "cannot resume: {e}"),
+                }
+            }
+            Err(TokenError::Store(e)) => return Err(e),
+            Err(e) => self.stop_vm(vm, &e.to_string()).await,
+        }
+        Ok(())
     }
 
     /// Renews the lease once. A lease that had lapsed is replaced (after fencing).
@@ -634,6 +718,8 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             timing.watchdog_period,
         )));
         let revision = self.reconcile().await?;
+        // Adopted VMMs get this run's lease at once (the last one's may be nearly out).
+        self.renew_vmms().await;
         self.report().await?;
         let mut watch = self
             .store
@@ -665,11 +751,15 @@ impl<S: Store, V: Vmms> Agent<S, V> {
                         Ok(()) => {
                             next_renewal = Instant::now() + timing.renew_every;
                             if self.fenced() {
+                                // Each VMM gets a lease again only once its run token
+                                // is confirmed (`unfence`).
                                 let revision = self.unfence().await?;
                                 watch = self
                                     .store
                                     .watch(&keys::host(&self.cfg.host), revision + 1)
                                     .await?;
+                            } else {
+                                self.renew_vmms().await;
                             }
                         }
                         Err(e) => {

@@ -37,6 +37,15 @@ pub enum Kind {
     MigrationFailed,
     /// A draining host has no VMs left.
     Drained,
+    /// A host's lease lapsed: its VMs fenced themselves; HA VMs restart elsewhere after
+    /// the grace.
+    LeaseLapsed,
+    /// HA restart: a VM of a host whose lease lapsed runs on another host now (the run
+    /// token moved, revision-checked), from its checkpoint or a fresh boot.
+    Restarted,
+    /// Host loads stayed uneven: the live migration that would even them out most, with
+    /// the imbalance before and after and its cost against its benefit (recommend-only).
+    RebalanceRecommended,
 }
 
 /// One entry of the log.

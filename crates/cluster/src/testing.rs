@@ -21,16 +21,25 @@ pub fn free_port() -> u16 {
 }
 
 impl Etcd {
-    /// Starts etcd and waits until it answers (panics, with its log, if it does not within
-    /// 20 s). `name` tells concurrent tests' data directories apart.
-    pub async fn start(name: &str) -> Etcd {
+    /// Starts etcd on `ip` (random ports) inside network namespace `netns` (`ip netns
+    /// exec`) if given, without waiting for it: a test in another namespace cannot ask it
+    /// whether it is up; its clients retry.
+    pub fn spawn(name: &str, ip: &str, netns: Option<&str>) -> Etcd {
         let dir = std::env::temp_dir().join(format!("ray-etcd-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("cannot create the etcd data directory");
-        let client_url = format!("http://127.0.0.1:{}", free_port());
-        let peer_url = format!("http://127.0.0.1:{}", free_port());
+        let client_url = format!("http://{ip}:{}", free_port());
+        let peer_url = format!("http://{ip}:{}", free_port());
         let log = std::fs::File::create(dir.join("etcd.log")).expect("cannot create etcd.log");
-        let child = Command::new("etcd")
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcd"]);
+                c
+            }
+            None => Command::new("etcd"),
+        };
+        let child = cmd
             .arg("--name")
             .arg(name)
             .arg("--data-dir")
@@ -48,11 +57,17 @@ impl Etcd {
             .stderr(log)
             .spawn()
             .expect("cannot start etcd (Debian package etcd-server; scripts/setup installs it)");
-        let etcd = Etcd {
+        Etcd {
             child,
             dir,
             client_url,
-        };
+        }
+    }
+
+    /// Starts etcd and waits until it answers (panics, with its log, if it does not within
+    /// 20 s). `name` tells concurrent tests' data directories apart.
+    pub async fn start(name: &str) -> Etcd {
+        let etcd = Etcd::spawn(name, "127.0.0.1", None);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(mut c) = etcd_client::Client::connect([&etcd.client_url], None).await {

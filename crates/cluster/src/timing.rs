@@ -108,6 +108,22 @@ fn scale(d: Duration, ppm: i64) -> Duration {
 }
 
 impl Timing {
+    /// The default timing's proportions for a lease of `ttl`: renew at 3/4 of it, local
+    /// margin 1/20, grace 1/10, retries every 1/40 (the defaults are `for_lease(20 s)`).
+    /// The watchdog period and the pause bound stay what they are; `check` says whether
+    /// a short lease still leaves room for them.
+    pub fn for_lease(ttl: Duration) -> Timing {
+        let d = Timing::default();
+        Timing {
+            lease_ttl: ttl,
+            renew_every: ttl * 3 / 4,
+            retry_every: ttl / 40,
+            local_margin: ttl / 20,
+            grace: ttl / 10,
+            ..d
+        }
+    }
+
     /// The local lease a VMM gets when the agent's renewal sent at `t0` succeeded: its
     /// deadline is `t0 + local_lease()`.
     pub fn local_lease(&self) -> Duration {
@@ -205,6 +221,33 @@ mod tests {
             ..t
         };
         t.check().unwrap();
+    }
+
+    #[test]
+    fn shorter_leases_keep_the_proportions_and_stay_safe_down_to_a_second_and_a_half() {
+        assert_eq!(
+            Timing::for_lease(Duration::from_secs(20)),
+            Timing::default()
+        );
+        let t = Timing::for_lease(Duration::from_secs(4));
+        assert_eq!(
+            (t.renew_every, t.local_margin, t.grace),
+            (
+                Duration::from_secs(3),
+                Duration::from_millis(200),
+                Duration::from_millis(400)
+            )
+        );
+        // Fenced by 3.8038 + 0.2 s, earliest restart 3.996 + 0.4 s.
+        assert_eq!(t.check().unwrap(), Duration::from_micros(392_200));
+        Timing::for_lease(Duration::from_millis(1500))
+            .check()
+            .unwrap();
+        // Too short for a 100 ms watchdog and a 100 ms pause: refused, not run.
+        let e = Timing::for_lease(Duration::from_millis(600))
+            .check()
+            .unwrap_err();
+        assert!(matches!(e, TimingError::Unsafe { .. }), "{e}");
     }
 
     #[test]

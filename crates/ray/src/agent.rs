@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
+use ray_api::vmm::{LeaseRequest, StopRequest, VmConfig, VmInfo, VmStateName};
 use ray_api::vmm::{MigrateRequest, MigrationRole, MigrationStatus};
-use ray_api::vmm::{StopRequest, VmConfig, VmInfo, VmStateName};
-use ray_cluster::agent::{Agent, AgentConfig, LocalVm, Vmms};
+use ray_cluster::agent::{Agent, AgentConfig, LocalLease, LocalVm, Vmms};
 use ray_cluster::migration::{Phase, Progress};
 use ray_cluster::runtoken::{Assignment, Origin};
 use ray_cluster::spec::VmSpec;
@@ -42,6 +42,28 @@ pub struct AgentArgs {
     /// The address this host receives migrations on (a free port is picked per VM).
     #[arg(long, default_value = "127.0.0.1")]
     pub migration_address: std::net::IpAddr,
+    #[command(flatten)]
+    pub timing: TimingArgs,
+}
+
+/// The cluster's lease timing: the same on every agent and controller.
+#[derive(Args)]
+pub struct TimingArgs {
+    /// The host lease's time to live (etcd): a host whose agent stays silent this long
+    /// is failed. Renewals, the VMMs' local leases and the HA restart's grace are scaled
+    /// from it (README "Self-fencing"); e.g. 20s (the default) or 4s.
+    #[arg(long, value_name = "TIME", default_value = "20s", value_parser = ray::sizes::parse_duration)]
+    pub lease_ttl: std::time::Duration,
+}
+
+impl TimingArgs {
+    /// The timing, refused when it would let a VM run twice.
+    pub fn timing(&self) -> anyhow::Result<Timing> {
+        let t = Timing::for_lease(self.lease_ttl);
+        t.check()
+            .map_err(|e| anyhow::anyhow!("--lease-ttl {:?}: {e}", self.lease_ttl))?;
+        Ok(t)
+    }
 }
 
 /// The file that marks a VM directory as the cluster's.
@@ -108,35 +130,64 @@ impl Vmms for HostVmms {
                 if !matches!(runtime::presence(&dir), Presence::Live { .. }) {
                     return None;
                 }
-                let paused = VmmClient::new(&dir.join("api.sock"))
+                let info = VmmClient::new(&dir.join("api.sock"))
                     .call::<VmInfo>("GET", "/vm", None)
-                    .is_ok_and(|i| i.state == VmStateName::Paused);
+                    .ok();
+                let paused = info
+                    .as_ref()
+                    .is_some_and(|i| i.state == VmStateName::Paused);
+                let fenced = info.and_then(|i| i.lease).is_some_and(|l| l.fenced);
                 Some(LocalVm {
                     id,
                     epoch: mark.epoch,
                     paused,
+                    fenced,
                 })
             })
             .collect()
     }
 
-    fn start(&self, vm: &str, spec: &[u8], a: &Assignment) -> Result<(), String> {
+    fn start(
+        &self,
+        vm: &str,
+        spec: &[u8],
+        a: &Assignment,
+        lease: LocalLease,
+    ) -> Result<(), String> {
         let spec = VmSpec::parse(spec).map_err(|e| format!("VM {vm}: {e}"))?;
-        if a.origin != Origin::Boot {
-            return Err(format!(
-                "VM {vm} is to start from {:?}: only a boot is implemented yet",
-                a.origin
-            ));
-        }
         let cfg = vm_config(&spec).map_err(|e| format!("VM {vm}: {e:#}"))?;
-        vm::start_vmm(
-            &self.runtime,
-            Some(vm.to_string()),
-            &vm::Origin::Boot(&cfg),
-            &VmmExtras::default(),
-        )
-        .map_err(|e| format!("{e:#}"))?;
+        let extras = VmmExtras {
+            lease: Some((lease.ttl, ray_vmm::lease::monotonic_ns_of(lease.since))),
+            ..VmmExtras::default()
+        };
+        let origin = match &a.origin {
+            Origin::Boot => vm::Origin::Boot(&cfg),
+            // An HA restart: the VM's latest checkpoint, on storage every host reaches.
+            Origin::Checkpoint { path } => vm::Origin::Restore {
+                snapshot: Path::new(path),
+                verify_memory: true,
+            },
+            Origin::Migration { from } => {
+                return Err(format!(
+                    "VM {vm} arrives by migration from host {from}: it is adopted, not started"
+                ))
+            }
+        };
+        vm::start_vmm(&self.runtime, Some(vm.to_string()), &origin, &extras)
+            .map_err(|e| format!("{e:#}"))?;
         mark(&self.runtime, vm, a.epoch)
+    }
+
+    fn renew(&self, vm: &str, lease: LocalLease) -> Result<(), String> {
+        let req = LeaseRequest {
+            ttl_ms: lease.ttl.as_millis() as u64,
+            since_monotonic_ns: Some(ray_vmm::lease::monotonic_ns_of(lease.since)),
+        };
+        self.put(
+            vm,
+            "/vm/lease",
+            Some(serde_json::to_vec(&req).unwrap_or_default()),
+        )
     }
 
     fn stop(&self, vm: &str) -> Result<(), String> {
@@ -288,7 +339,7 @@ pub fn run(args: AgentArgs, runtime: &Path) -> anyhow::Result<()> {
     let cfg = AgentConfig {
         host,
         state_dir: args.state_dir.unwrap_or_else(|| runtime.join("agent")),
-        timing: Timing::default(),
+        timing: args.timing.timing()?,
         api: None,
     };
     let migration = match args.migration_key_file {

@@ -14,14 +14,15 @@
 //! - `placements_per_s`: `--batch` VMs created at once over those hosts and the simulated
 //!   ones; the count over the time until every one has its run token.
 //!
-//! Drain and failover times need drain and HA restart, not built yet: null in the JSON.
+//!
+//! Then `failover_ms` and `drain_ms` on real agents and VMMs (`bench_cluster_ha`).
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use ray_cluster::agent::{AbortOnDrop, Agent, AgentConfig, LocalVm, Vmms};
+use ray_cluster::agent::{AbortOnDrop, Agent, AgentConfig, LocalLease, LocalVm, Vmms};
 use ray_cluster::runtoken::Assignment;
 use ray_cluster::store::EtcdStore;
 use ray_cluster::testing::Etcd;
@@ -44,6 +45,15 @@ pub struct ClusterBenchArgs {
     /// VMs created at once for the placement rate.
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
+    /// Fail-overs (and drains) measured with real agents and VMMs; 0 leaves them out.
+    #[arg(long, default_value_t = 3)]
+    pub failovers: usize,
+    /// VMs on the host each drain empties.
+    #[arg(long, default_value_t = 2)]
+    pub drain_vms: usize,
+    /// The host lease of the fail-over runs (the cluster's default is 20s).
+    #[arg(long, value_name = "TIME", default_value = "20s", value_parser = ray::sizes::parse_duration)]
+    pub lease_ttl: Duration,
     #[arg(long)]
     pub json: bool,
 }
@@ -62,7 +72,7 @@ impl Vmms for StartClock {
     fn scan(&self) -> Vec<LocalVm> {
         Vec::new()
     }
-    fn start(&self, vm: &str, _: &[u8], _: &Assignment) -> Result<(), String> {
+    fn start(&self, vm: &str, _: &[u8], _: &Assignment, _: LocalLease) -> Result<(), String> {
         if let Ok(mut m) = self.0.lock() {
             m.insert(vm.to_string(), Instant::now());
         }
@@ -72,6 +82,9 @@ impl Vmms for StartClock {
         if let Ok(mut m) = self.0.lock() {
             m.remove(vm);
         }
+        Ok(())
+    }
+    fn renew(&self, _: &str, _: LocalLease) -> Result<(), String> {
         Ok(())
     }
     fn pause(&self, _: &str) -> Result<(), String> {
@@ -116,12 +129,15 @@ impl Vmms for NoVmms {
     fn scan(&self) -> Vec<LocalVm> {
         Vec::new()
     }
-    fn start(&self, vm: &str, _: &[u8], _: &Assignment) -> Result<(), String> {
+    fn start(&self, vm: &str, _: &[u8], _: &Assignment, _: LocalLease) -> Result<(), String> {
         Err(format!(
             "a simulated host runs no VMs (asked to start {vm})"
         ))
     }
     fn stop(&self, _: &str) -> Result<(), String> {
+        Ok(())
+    }
+    fn renew(&self, _: &str, _: LocalLease) -> Result<(), String> {
         Ok(())
     }
     fn pause(&self, _: &str) -> Result<(), String> {
@@ -145,8 +161,15 @@ struct Report {
     predicted_per_s_per_100_hosts: f64,
     target_per_s_per_100_hosts: f64,
     create_ms: Percentiles,
+    /// A host's agent killed -> its HA VM's guest answering on another host.
     failover_ms: Option<Percentiles>,
+    /// What the timing predicts for it (best, median, worst: `Timing::failover`, whose
+    /// 2 s restore bound stands for the start on the other host).
+    failover_predicted_ms: Option<[f64; 3]>,
+    failover_lease_ttl_s: f64,
+    /// Draining a host, per VM it held.
     drain_ms: Option<Percentiles>,
+    drain_vms: usize,
     placements_per_s: f64,
     batch: usize,
 }
@@ -191,6 +214,12 @@ async fn measure(args: &ClusterBenchArgs) -> anyhow::Result<()> {
         samples.push(per_s * 100.0 / args.hosts as f64);
     }
     let (create_ms, placements_per_s) = controller(&store, &state, timing, args).await?;
+    let (failover, drain) = match args.failovers {
+        0 => (Vec::new(), Vec::new()),
+        n => crate::bench_cluster_ha::measure(n, args.drain_vms.max(1), args.lease_ttl).await?,
+    };
+    let ha = Timing::for_lease(args.lease_ttl).failover();
+    let of = |v: &[f64]| (!v.is_empty()).then(|| Percentiles::of(v));
     let _ = std::fs::remove_dir_all(&state);
     for t in tasks {
         if t.is_finished() {
@@ -212,8 +241,12 @@ async fn measure(args: &ClusterBenchArgs) -> anyhow::Result<()> {
         predicted_per_s_per_100_hosts: 100.0 / timing.renew_every.as_secs_f64(),
         target_per_s_per_100_hosts: 10.0,
         create_ms,
-        failover_ms: None,
-        drain_ms: None,
+        failover_ms: of(&failover),
+        failover_predicted_ms: (!failover.is_empty())
+            .then(|| [ha.best, ha.median, ha.worst].map(|d| d.as_secs_f64() * 1000.0)),
+        failover_lease_ttl_s: args.lease_ttl.as_secs_f64(),
+        drain_ms: of(&drain),
+        drain_vms: args.drain_vms.max(1),
         placements_per_s,
         batch: args.batch,
     };
@@ -238,6 +271,17 @@ async fn measure(args: &ClusterBenchArgs) -> anyhow::Result<()> {
             "  {:<26} {:>8.0} /s ({} VMs at once)",
             "controller placements", report.placements_per_s, args.batch
         );
+        for (name, p) in [
+            ("failover", report.failover_ms),
+            ("drain per VM", report.drain_ms),
+        ] {
+            if let Some(p) = p {
+                println!(
+                    "  {:<26} min {:>8.0}  median {:>8.0}  max {:>8.0} ms",
+                    name, p.min, p.median, p.max
+                );
+            }
+        }
     }
     Ok(())
 }

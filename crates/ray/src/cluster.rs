@@ -138,8 +138,12 @@ pub struct CreateArgs {
     /// Anti-affinity group: members never share a host.
     #[arg(long)]
     pub group: Option<String>,
-    /// Opt in to HA restart, with this priority (higher first).
+    /// HA: when its host fails, restart the VM on another host (from its latest
+    /// checkpoint, else a fresh boot), never while the old copy could still run.
     #[arg(long)]
+    pub ha: bool,
+    /// With --ha: its restart priority, 0-255 (higher restarts first; default 0).
+    #[arg(long, requires = "ha")]
     pub restart_priority: Option<u8>,
     /// Kernel to boot (rayvisor's own guest when absent).
     #[arg(long)]
@@ -434,7 +438,7 @@ async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
                 cmdline: a.cmdline,
                 pool: a.pool,
                 group: a.group,
-                restart_priority: a.restart_priority,
+                restart_priority: a.ha.then_some(a.restart_priority.unwrap_or(0)),
             };
             spec.check().map_err(anyhow::Error::msg)?;
             let s = connect(&a.store).await?;

@@ -3,6 +3,7 @@
 //! leader through the store and the others stand by.
 use anyhow::Context;
 use clap::Args;
+use ray_cluster::controller::rebalance::RebalanceConfig;
 use ray_cluster::controller::{Controller, ControllerConfig};
 use ray_cluster::store::EtcdStore;
 
@@ -15,6 +16,16 @@ pub struct ControllerArgs {
     /// host's name and this process's id).
     #[arg(long)]
     pub id: Option<String>,
+    #[command(flatten)]
+    pub timing: crate::agent::TimingArgs,
+    /// Rebalancing: `recommend` logs the live migration that would even out host loads
+    /// once they stayed uneven for 3 passes (`ray cluster events`); `auto` also asks for
+    /// it (one at a time, at most --rebalance-max-moves-per-hour); `off` does not look.
+    #[arg(long, default_value = "recommend", value_parser = ["recommend", "auto", "off"])]
+    pub rebalance: String,
+    /// With --rebalance auto: automatic moves per hour at most.
+    #[arg(long, default_value_t = 6)]
+    pub rebalance_max_moves_per_hour: usize,
 }
 
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
@@ -28,10 +39,18 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the controller's runtime")?;
     rt.block_on(async {
+        let mut cfg = ControllerConfig::new(id);
+        cfg.timing = args.timing.timing()?;
+        cfg.rebalance = match args.rebalance.as_str() {
+            "off" => None,
+            mode => cfg.rebalance.map(|r| RebalanceConfig {
+                auto: mode == "auto",
+                max_moves_per_hour: args.rebalance_max_moves_per_hour,
+                ..r
+            }),
+        };
         let store = EtcdStore::connect(&args.etcd).await?;
-        Controller::new(store, ControllerConfig::new(id))
-            .run()
-            .await?;
+        Controller::new(store, cfg).run().await?;
         Ok(())
     })
 }

@@ -197,12 +197,16 @@ ray cluster vm create web-1 --group web --etcd http://127.0.0.1:2379",
     ),
     (
         "cluster vm create",
-        "ray cluster vm create db --vcpus 2 --memory-mib 1024 --pool critical --restart-priority 9 --etcd http://127.0.0.1:2379",
+        "ray cluster vm create db --vcpus 2 --memory-mib 1024 --pool critical --ha --restart-priority 9 --etcd http://127.0.0.1:2379",
     ),
     ("cluster vm delete", "ray cluster vm delete db --etcd http://127.0.0.1:2379"),
     (
+        "cluster vm migrate",
+        "ray cluster vm migrate db --etcd http://127.0.0.1:2379\nray cluster vm migrate db --to node-3 --detach --etcd http://127.0.0.1:2379\nray cluster vm migrate db --abort --etcd http://127.0.0.1:2379",
+    ),
+    (
         "controller",
-        "ray controller --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379\nray controller --id ctl-a --etcd http://127.0.0.1:2379",
+        "ray controller --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379\nray controller --id ctl-a --etcd http://127.0.0.1:2379 --lease-ttl 20s --rebalance auto",
     ),
     (
         "node",
@@ -210,6 +214,10 @@ ray cluster vm create web-1 --group web --etcd http://127.0.0.1:2379",
     ),
     ("node cordon", "ray node cordon node-7 --etcd http://127.0.0.1:2379"),
     ("node uncordon", "ray node uncordon node-7 --etcd http://127.0.0.1:2379"),
+    (
+        "node drain",
+        "ray node drain node-7 --etcd http://127.0.0.1:2379\nray node drain node-7 --abort --etcd http://127.0.0.1:2379",
+    ),
     (
         "sim",
         "ray sim --hosts 100 --vms 5000

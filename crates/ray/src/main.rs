@@ -4,6 +4,7 @@ mod agent;
 mod bench;
 mod bench_blk;
 mod bench_cluster;
+mod bench_cluster_ha;
 mod bench_display;
 mod bench_idle;
 mod bench_migrate;

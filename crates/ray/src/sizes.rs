@@ -70,8 +70,11 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     } else {
         (s.strip_suffix('s').unwrap_or(s), 1.0)
     };
-    match num.parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(std::time::Duration::from_secs_f64(v * scale)),
+    // The range is checked on the seconds: `19000ms` is 19 s.
+    match num.parse::<f64>().map(|v| v * scale) {
+        Ok(secs) if (0.001..=3600.0).contains(&secs) => {
+            Ok(std::time::Duration::from_secs_f64(secs))
+        }
         _ => Err(format!(
             "`{s}` is not a duration between 1ms and 3600s (e.g. 3s, 500ms)"
         )),
@@ -94,6 +97,19 @@ pub fn parse_memory(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_checked_in_seconds_whatever_the_unit() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("19000ms"), Ok(Duration::from_secs(19)));
+        assert_eq!(parse_duration("1ms"), Ok(Duration::from_millis(1)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("3600s"), Ok(Duration::from_secs(3600)));
+        for bad in ["0", "0.5ms", "3601s", "3600001ms", "x", "-1s"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains(&format!("`{bad}`")), "{e}");
+        }
+    }
 
     #[test]
     fn sizes() {

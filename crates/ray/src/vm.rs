@@ -228,6 +228,14 @@ pub struct VmmArgs {
     /// Run jailed as this plan (JSON) says: `ray vm run --jail` makes it.
     #[arg(long = "jail", hide = true, value_name = "PLAN")]
     pub jail_plan: Option<String>,
+    /// Fence (pause the vCPUs) unless the local lease is renewed (PUT /vm/lease) within
+    /// this time, e.g. 19s: a cluster agent's VMMs have one.
+    #[arg(long, value_name = "TIME", value_parser = ray::sizes::parse_duration)]
+    pub lease_ttl: Option<std::time::Duration>,
+    /// With --lease-ttl: the CLOCK_MONOTONIC time (ns) the lease counts from (the agent's
+    /// renewal); default: the VMM's start.
+    #[arg(long, hide = true, requires = "lease_ttl")]
+    pub lease_since_ns: Option<u64>,
 }
 
 /// Where rayvisor's guest kernel is: `$RAY_GUEST`, or next to this binary (the build puts
@@ -411,6 +419,9 @@ pub struct VmmExtras {
     pub seccomp: Option<ray_vmm::seccomp::Mode>,
     /// Jail the VMM with a uid from this range (see [`ray::jail`]).
     pub jail: Option<ray::jail::UidRange>,
+    /// The VMM's local lease (`ray vmm --lease-ttl`): its time to live, counted from a
+    /// CLOCK_MONOTONIC time in ns (`--lease-since-ns`).
+    pub lease: Option<(std::time::Duration, u64)>,
 }
 
 fn spawn_vmm(
@@ -436,6 +447,12 @@ fn spawn_vmm(
     }
     if let Some(plan) = jail {
         cmd.arg("--jail").arg(serde_json::to_string(plan)?);
+    }
+    if let Some((ttl, since)) = extras.lease {
+        cmd.arg("--lease-ttl")
+            .arg(format!("{:.3}s", ttl.as_secs_f64().max(0.001)))
+            .arg("--lease-since-ns")
+            .arg(since.to_string());
     }
     match origin {
         Origin::Boot(cfg) => {
@@ -514,6 +531,7 @@ fn run_vm(args: &RunArgs, runtime: &Path) -> anyhow::Result<()> {
             api_tcp: args.api_tcp,
             seccomp: args.seccomp,
             jail: ray::jail::wanted(&args.jail).map_err(|e| coded(exit::INVALID, e.to_string()))?,
+            lease: None,
         },
     )
 }
@@ -723,6 +741,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
         api_tcp: args.api_tcp,
         timings: args.timings,
         seccomp: args.seccomp,
+        lease: args.lease_ttl.map(|ttl| (ttl, args.lease_since_ns)),
     })?;
     match state {
         ray_vmm::lifecycle::VmState::Terminated => Ok(()),

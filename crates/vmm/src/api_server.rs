@@ -22,9 +22,9 @@ use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::{Json, Router};
 use ray_api::vmm::{
     ConsoleInput, ConsoleStreamQuery, ConsoleTail, ConsoleTailQuery, ErrorBody, ErrorCode,
-    LifecycleEvent, MigrateRequest, MigrationStatus, SnapshotDelete, SnapshotEntry, SnapshotInfo,
-    SnapshotList, SnapshotListQuery, SnapshotMerge, SnapshotProgress, SnapshotRequest, StopRequest,
-    VersionInfo, VmConfig, VmInfo, API_VERSION, CONSOLE_KEPT_BYTES,
+    LeaseRequest, LifecycleEvent, MigrateRequest, MigrationStatus, SnapshotDelete, SnapshotEntry,
+    SnapshotInfo, SnapshotList, SnapshotListQuery, SnapshotMerge, SnapshotProgress,
+    SnapshotRequest, StopRequest, VersionInfo, VmConfig, VmInfo, API_VERSION, CONSOLE_KEPT_BYTES,
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
@@ -385,13 +385,42 @@ async fn put_pause(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> 
 #[utoipa::path(put, path = "/vm/resume", tag = "vm", responses(
     (status = 200, description = "Running.", body = VmInfo),
     (status = 400, description = "`invalid_request`: a body was sent (the endpoint takes none), or the suspend image cannot be read.", body = ErrorBody),
-    (status = 409, description = "`wrong_state`: the VM is neither paused nor suspended.", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the VM is neither paused nor suspended, or it is fenced and its local lease has not been renewed (or cleared).", body = ErrorBody),
     BodyRefusals,
     (status = 500, description = "`failed`: a suspended VM could not be rebuilt.", body = ErrorBody),
     ShuttingDown))]
 async fn put_resume(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
     expect_no_body("PUT /vm/resume", &body)?;
     a.info(Request::Resume).await
+}
+
+/// Renew the local lease
+///
+/// The VM's guest runs only while this is renewed (a cluster agent's VMMs, started with
+/// `--lease-ttl`): once the deadline passes, the VMM pauses its own vCPUs (fenced). A
+/// renewal moves the deadline to `since_monotonic_ns` (default: now) plus `ttl_ms`; a fenced VM stays paused until
+/// `resume`. Answered at once, even while long work (a snapshot) runs.
+#[utoipa::path(put, path = "/vm/lease", tag = "vm", request_body = LeaseRequest, responses(
+    (status = 200, description = "Renewed.", body = VmInfo),
+    (status = 400, description = "`invalid_request`: the body is not a lease request, or `ttl_ms` is out of range, or `since_monotonic_ns` is in the future.", body = ErrorBody),
+    BodyRefusals,
+    ShuttingDown))]
+async fn put_lease(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
+    let r = parse_body::<LeaseRequest>("PUT /vm/lease", &body)?;
+    let ttl = Duration::from_millis(r.ttl_ms);
+    a.info(Request::Lease(Some((ttl, r.since_monotonic_ns))))
+        .await
+}
+
+/// Clear the local lease
+///
+/// The operator takes the VM over from its agent: it no longer fences itself. A fenced
+/// VM can then be resumed.
+#[utoipa::path(delete, path = "/vm/lease", tag = "vm", responses(
+    (status = 200, description = "Cleared.", body = VmInfo),
+    ShuttingDown))]
+async fn delete_lease(State(a): State<Api>) -> ApiResult<VmInfo> {
+    a.info(Request::Lease(None)).await
 }
 
 /// Suspend the VM to disk
@@ -839,6 +868,7 @@ fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(put_start))
         .routes(routes!(put_pause))
         .routes(routes!(put_resume))
+        .routes(routes!(put_lease, delete_lease))
         .routes(routes!(put_suspend))
         .routes(routes!(put_stop))
         .routes(routes!(get_events))

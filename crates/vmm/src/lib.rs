@@ -11,6 +11,7 @@ pub mod controller;
 pub mod display;
 pub mod heartbeat;
 pub mod jailed;
+pub mod lease;
 pub mod lifecycle;
 pub mod logging;
 pub mod machine;
@@ -73,6 +74,10 @@ pub struct VmmOptions {
     pub timings: Option<PathBuf>,
     /// The threads' seccomp filters ([`seccomp`]).
     pub seccomp: seccomp::Mode,
+    /// Fence (pause the vCPUs) unless the local lease is renewed ([`lease`]): its time
+    /// to live, from a CLOCK_MONOTONIC time in ns (default: now). A cluster agent's VMMs
+    /// have one.
+    pub lease: Option<(Duration, Option<u64>)>,
 }
 
 impl VmmOptions {
@@ -236,6 +241,21 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     let (tx, rx) = mpsc::channel::<Message>();
     let mut ctl = Controller::new(opts.id.clone(), paths, opts.attach, audit, tx.clone());
     spawn_signal_thread(signals, tx.clone());
+    if let Some((ttl, since)) = opts.lease {
+        lease::LeaseState::check_ttl(ttl).map_err(|e| anyhow::anyhow!("--lease-ttl: {e}"))?;
+        let since = match since {
+            Some(ns) => {
+                lease::instant_of(ns).map_err(|e| anyhow::anyhow!("--lease-since-ns: {e}"))?
+            }
+            None => Instant::now(),
+        };
+        ctl.lease.with(|l| l.renew(since, ttl));
+        let inbox = tx.clone();
+        lease::spawn_watchdog(ctl.lease.clone(), move |done| {
+            let reply: controller::Reply = Box::new(move |_| done());
+            inbox.send(Message::Api(Request::Fence, reply)).is_ok()
+        })?;
+    }
 
     if let Some(cfg) = opts.config {
         let configured = match opts.incoming {

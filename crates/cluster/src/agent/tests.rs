@@ -19,10 +19,16 @@ fn fast() -> Timing {
     }
 }
 
+fn t_local() -> Duration {
+    fast().local_lease()
+}
+
 #[derive(Default)]
 struct Record {
     running: BTreeMap<String, LocalVm>,
     log: Vec<(Instant, String)>,
+    /// Each VMM's local lease deadline (start, then renewals).
+    leases: BTreeMap<String, std::time::Instant>,
 }
 
 /// VMMs that only record what they are asked.
@@ -42,6 +48,10 @@ impl Recorder {
             .iter()
             .map(|(_, s)| s.clone())
             .collect()
+    }
+
+    fn deadline(&self, vm: &str) -> std::time::Instant {
+        self.0.lock().unwrap().leases[vm]
     }
 
     fn when(&self, what: &str) -> Option<Instant> {
@@ -64,12 +74,20 @@ impl Vmms for Recorder {
     fn scan(&self) -> Vec<LocalVm> {
         self.0.lock().unwrap().running.values().cloned().collect()
     }
-    fn start(&self, vm: &str, _spec: &[u8], a: &Assignment) -> Result<(), String> {
+    fn start(
+        &self,
+        vm: &str,
+        _spec: &[u8],
+        a: &Assignment,
+        lease: LocalLease,
+    ) -> Result<(), String> {
         self.note(format!("start {vm} {}", a.epoch));
+        self.renew(vm, lease)?;
         let local = LocalVm {
             id: vm.into(),
             epoch: a.epoch,
             paused: false,
+            fenced: false,
         };
         self.0.lock().unwrap().running.insert(vm.into(), local);
         Ok(())
@@ -77,6 +95,15 @@ impl Vmms for Recorder {
     fn stop(&self, vm: &str) -> Result<(), String> {
         self.note(format!("stop {vm}"));
         self.0.lock().unwrap().running.remove(vm);
+        Ok(())
+    }
+    fn renew(&self, vm: &str, lease: LocalLease) -> Result<(), String> {
+        assert!(
+            lease.since <= std::time::Instant::now(),
+            "a lease counts from a renewal sent already"
+        );
+        let deadline = lease.since + lease.ttl;
+        self.0.lock().unwrap().leases.insert(vm.into(), deadline);
         Ok(())
     }
     fn pause(&self, vm: &str) -> Result<(), String> {
@@ -150,8 +177,19 @@ async fn runs_what_it_is_assigned_and_adopts_it_after_a_restart() {
 
     // The agent dies (its VMs live on); a new one keeps the lease and adopts vm1.
     drop(agent);
+    let restarted = std::time::Instant::now();
     let (again, _agent) = spawn(&s, &rec, &cfg).await;
     assert_eq!(again, lease, "a restarted agent keeps its lease");
+    // It renews the adopted VMM's local lease at once, from its own renewal.
+    let mut renewed = false;
+    for _ in 0..100 {
+        if rec.deadline("vm1") >= restarted + cfg.timing.local_lease() {
+            renewed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(renewed, "the adopted VMM's local lease was not renewed");
     // Releasing the VM stops it; it was never started twice.
     let (_, seen) = runtoken::read(&s, "vm1").await.unwrap().unwrap();
     runtoken::release(&s, "vm1", &seen).await.unwrap();
@@ -213,6 +251,17 @@ async fn a_silent_store_fences_before_the_lease_can_lapse() {
     let frozen = Instant::now();
     etcd.freeze();
     let paused = rec.wait_for("pause vm1").await;
+    // The VMM's own lease was last renewed before the freeze: it fences itself by then
+    // too, never later than the agent's deadline.
+    let vmm_deadline = rec.deadline("vm1");
+    assert!(
+        vmm_deadline <= frozen.into_std() + t_local(),
+        "renewed after the freeze"
+    );
+    assert!(
+        vmm_deadline <= paused.into_std(),
+        "the VMM outlives the agent's fence"
+    );
     let t = fast();
     let bound = t.renew_every + t.local_lease() + t.watchdog_period * 4;
     assert!(
@@ -225,7 +274,12 @@ async fn a_silent_store_fences_before_the_lease_can_lapse() {
 
     // etcd answers again; nobody moved vm1, so it resumes.
     etcd.thaw();
+    let thawed = std::time::Instant::now();
     rec.wait_for("resume vm1").await;
+    assert!(
+        rec.deadline("vm1") > thawed,
+        "resumed without a fresh local lease"
+    );
     assert!(
         !rec.log().contains(&"stop vm1".to_string()),
         "{:?}",

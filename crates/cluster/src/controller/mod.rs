@@ -26,14 +26,16 @@ use serde_json::json;
 use crate::agent::{AbortOnDrop, HostReport};
 use crate::decisions::{self, Entry, Kind};
 use crate::keys;
-use crate::runtoken::{self, Origin, RunToken, TokenError};
+use crate::runtoken::{self, Origin, RunToken, TokenError, Transfer};
 use crate::spec::{HostSpec, VmSpec};
 use crate::store::{Commit, Store, StoreError, Txn, Watch};
+use crate::timing::Timing;
 
 pub mod drain;
 pub mod leader;
 mod migrate;
 pub mod plan;
+pub mod rebalance;
 
 pub use plan::{decide, Action, HostView, MigrationView, PlanConfig, VmView, World};
 
@@ -51,6 +53,11 @@ pub struct ControllerConfig {
     /// A full pass even when nothing changed (a missed event costs at most this).
     pub resync: Duration,
     pub plan: PlanConfig,
+    /// The cluster's lease timing (the same on every agent): gives the HA restart's
+    /// grace, checked at start-up to exceed what the self-fence needs.
+    pub timing: Timing,
+    /// Rebalancing recommendations (logged, not carried out); `None`: off.
+    pub rebalance: Option<rebalance::RebalanceConfig>,
 }
 
 impl ControllerConfig {
@@ -62,6 +69,8 @@ impl ControllerConfig {
             poll: Duration::from_millis(500),
             resync: Duration::from_secs(10),
             plan: PlanConfig::default(),
+            timing: Timing::default(),
+            rebalance: Some(rebalance::RebalanceConfig::default()),
         }
     }
 }
@@ -72,6 +81,8 @@ pub enum ControllerError {
     Store(#[from] StoreError),
     #[error("this controller lost the lead: {0}")]
     LostLead(String),
+    #[error("the cluster's timing is refused: {0}")]
+    Timing(#[from] crate::timing::TimingError),
 }
 
 /// Placements recorded, logged and cleared per transaction (etcd allows 128 operations
@@ -86,6 +97,12 @@ pub enum Operation {
     Place { vm: String, host: String },
     /// Take `vm`'s token (on `host`) away: deleted, or evicted.
     Release { vm: String, host: String },
+    /// HA restart: move `vm`'s token from `from` (lease lapsed) to `to`.
+    FailOver {
+        vm: String,
+        from: String,
+        to: String,
+    },
     /// Live-migrate `vm` (run token at `epoch` on `from`) to `to`; carried on by every
     /// pass, not by recovery (`migrate.rs`).
     Migrate {
@@ -102,6 +119,7 @@ impl Operation {
             Operation::Place { vm, .. } => keys::op(&format!("place-{vm}")),
             Operation::Release { vm, .. } => keys::op(&format!("release-{vm}")),
             Operation::Migrate { vm, .. } => keys::op(&format!("migrate-{vm}")),
+            Operation::FailOver { vm, .. } => keys::op(&format!("failover-{vm}")),
         }
     }
 }
@@ -145,10 +163,16 @@ pub async fn read_world<S: Store>(s: &S) -> Result<World, StoreError> {
             name: vm.to_string(),
             spec: None,
             token: None,
+            checkpoint: None,
         });
         match what {
             "spec" => v.spec = Some(VmSpec::parse(&kv.value)),
             "token" => v.token = serde_json::from_slice::<RunToken>(&kv.value).ok(),
+            "observed" => {
+                v.checkpoint = serde_json::from_slice::<Observed>(&kv.value)
+                    .ok()
+                    .and_then(|o| o.checkpoint)
+            }
             "migrate" => match serde_json::from_slice(&kv.value) {
                 Ok(r) => migrations.entry(vm.to_string()).or_default().request = Some(r),
                 Err(e) => tracing::warn!(vm, "ignoring a migration request: {e}"),
@@ -168,7 +192,16 @@ pub async fn read_world<S: Store>(s: &S) -> Result<World, StoreError> {
         hosts: hv.into_values().collect(),
         vms: vv.into_values().collect(),
         migrations,
+        lapsed: Default::default(),
     })
+}
+
+/// `/ray/vms/<vm>/observed`: what is known of a VM beyond its host. `checkpoint` is its
+/// latest checkpoint on storage every host reaches; an HA restart resumes from it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observed {
+    #[serde(default)]
+    pub checkpoint: Option<String>,
 }
 
 /// Carries out the controller's actions on a store, recording each before it acts and
@@ -184,6 +217,16 @@ pub struct Applier {
     drained: std::collections::BTreeSet<String>,
     /// How long a drain waits before asking again for a VM whose migration failed.
     drain_retry: Duration,
+    /// `G`: how long after a host's lease lapsed its HA VMs may restart elsewhere.
+    grace: Duration,
+    /// Hosts seen without a lease, and since when (this controller's clock).
+    lapsed_at: BTreeMap<String, std::time::Instant>,
+    /// Steady passes in a row with the imbalance above the threshold.
+    uneven: u32,
+    /// The last rebalancing move recommended (VM, target), so it is logged once.
+    recommended: Option<(String, String)>,
+    /// When the automatic rebalancing moves of the last hour were asked for.
+    rebalanced: std::collections::VecDeque<std::time::Instant>,
 }
 
 /// What one pass did.
@@ -193,6 +236,8 @@ pub struct Pass {
     pub evicted: usize,
     pub released: usize,
     pub refused: usize,
+    /// HA restarts: VMs of failed hosts now on others.
+    pub restarted: usize,
     /// Actions the store refused (a token changed meanwhile): decided again next pass.
     pub conflicts: usize,
 }
@@ -211,7 +256,127 @@ impl Applier {
             migration_failed: BTreeMap::new(),
             drained: Default::default(),
             drain_retry: drain::RETRY,
+            grace: Timing::default().grace,
+            lapsed_at: BTreeMap::new(),
+            uneven: 0,
+            recommended: None,
+            rebalanced: Default::default(),
         }
+    }
+
+    /// After a steady pass: counts how long the loads have stayed uneven and, once for
+    /// `r.rounds` passes in a row, logs the move that would even them out most (each
+    /// distinct recommendation once). Returns it.
+    pub async fn rebalance<S: Store>(
+        &mut self,
+        s: &S,
+        world: &World,
+        cfg: PlanConfig,
+        r: rebalance::RebalanceConfig,
+    ) -> Result<Option<rebalance::Move>, ControllerError> {
+        if rebalance::current(world, cfg) <= r.threshold {
+            self.uneven = 0;
+            return Ok(None);
+        }
+        self.uneven += 1;
+        if self.uneven < r.rounds {
+            return Ok(None);
+        }
+        let Some(m) = rebalance::recommend(world, cfg, r) else {
+            return Ok(None);
+        };
+        let key = (m.vm.clone(), m.to.clone());
+        let now = std::time::Instant::now();
+        // One automatic move at a time: none while any migration is under way.
+        let auto = r.auto
+            && world.migrations.is_empty()
+            && rebalance::take_move(&mut self.rebalanced, now, r.max_moves_per_hour);
+        if auto {
+            let req = crate::migration::Request {
+                to: Some(m.to.clone()),
+                abort: false,
+                cause: Some("rebalance".into()),
+            };
+            let txn = Txn::new()
+                .when(keys::migrate_request(&m.vm), crate::store::Cond::Absent)
+                .put(keys::migrate_request(&m.vm), crate::migration::json(&req));
+            if let Commit::Done(_) = s.commit(txn).await? {
+                let msg = format!("{} (asked for: automatic mode)", m.message());
+                let data = merge(m.data(), json!({"auto": true}));
+                let e = Entry::new(Kind::RebalanceRecommended, Some(&m.vm), Some(&m.to), msg);
+                self.log(s, e.with(data)).await?;
+                // The imbalance must hold again, measured after this move.
+                self.uneven = 0;
+                self.recommended = Some(key);
+                return Ok(Some(m));
+            }
+        }
+        if self.recommended.as_ref() != Some(&key) {
+            let why = if r.auto && !world.migrations.is_empty() {
+                " (not asked for: a migration is under way)"
+            } else if r.auto {
+                " (not asked for: the cap of automatic moves per hour is reached)"
+            } else {
+                ""
+            };
+            let msg = format!("{}{why}", m.message());
+            let e = Entry::new(Kind::RebalanceRecommended, Some(&m.vm), Some(&m.to), msg)
+                .with(m.data());
+            self.log(s, e).await?;
+            self.recommended = Some(key);
+        }
+        Ok(Some(m))
+    }
+
+    /// With another grace before an HA restart (the controller's timing; the simulation
+    /// runs without one).
+    pub fn with_grace(mut self, grace: Duration) -> Applier {
+        self.grace = grace;
+        self
+    }
+
+    /// Notes which hosts lost their lease since the last look (logged once each) and
+    /// fills `world.lapsed` with those that lost it at least the grace ago. A controller
+    /// that just took the lead counts the grace from its own first look: later, never
+    /// earlier, than the lease's end. Returns when the next host's grace ends.
+    pub async fn observe<S: Store>(
+        &mut self,
+        s: &S,
+        world: &mut World,
+    ) -> Result<Option<std::time::Instant>, ControllerError> {
+        let now = std::time::Instant::now();
+        let held: BTreeMap<&str, usize> = world.vms.iter().fold(BTreeMap::new(), |mut m, v| {
+            if let Some(t) = &v.token {
+                *m.entry(t.host.as_str()).or_default() += 1;
+            }
+            m
+        });
+        self.lapsed_at
+            .retain(|h, _| world.hosts.iter().any(|w| w.name == *h && !w.alive));
+        let mut next = None;
+        for h in world.hosts.iter().filter(|h| !h.alive) {
+            if !self.lapsed_at.contains_key(&h.name) {
+                self.lapsed_at.insert(h.name.clone(), now);
+                let n = held.get(h.name.as_str()).copied().unwrap_or(0);
+                if n > 0 {
+                    let msg = format!(
+                        "host {}'s lease lapsed: its {n} VMs fenced themselves; HA VMs restart elsewhere after the grace of {} ms",
+                        h.name,
+                        self.grace.as_millis()
+                    );
+                    let data = json!({"vms": n, "grace_ms": self.grace.as_millis() as u64});
+                    let e = Entry::new(Kind::LeaseLapsed, None, Some(&h.name), msg).with(data);
+                    self.log(s, e).await?;
+                }
+            }
+            let due = self.lapsed_at[&h.name] + self.grace;
+            if due <= now {
+                world.lapsed.insert(h.name.clone());
+            } else {
+                next = Some(next.map_or(due, |n: std::time::Instant| n.min(due)));
+            }
+        }
+        Ok(next)
     }
 
     /// With another wait before a drain retries a failed migration (the simulation runs
@@ -271,6 +436,20 @@ impl Applier {
                         .await?
                     {
                         pass.released += 1;
+                        self.refused.remove(&vm);
+                    } else {
+                        pass.conflicts += 1;
+                    }
+                }
+                Action::FailOver {
+                    vm,
+                    from,
+                    to,
+                    checkpoint,
+                    data,
+                } => {
+                    if self.fail_over(s, &vm, &from, &to, checkpoint, data).await? {
+                        pass.restarted += 1;
                         self.refused.remove(&vm);
                     } else {
                         pass.conflicts += 1;
@@ -366,6 +545,76 @@ impl Applier {
         Ok(ok)
     }
 
+    /// HA restart of `vm` from `from` (lease lapsed, grace over) on `to`: recorded, then
+    /// one revision-checked transaction moves the token only if it still names `from`
+    /// and `from` still has no lease. False if it changed meanwhile.
+    async fn fail_over<S: Store>(
+        &mut self,
+        s: &S,
+        vm: &str,
+        from: &str,
+        to: &str,
+        checkpoint: Option<String>,
+        data: serde_json::Value,
+    ) -> Result<bool, ControllerError> {
+        let op = Operation::FailOver {
+            vm: vm.into(),
+            from: from.into(),
+            to: to.into(),
+        };
+        self.fenced(self.record(s, &op).await?)?;
+        let origin = match &checkpoint {
+            Some(path) => Origin::Checkpoint { path: path.clone() },
+            None => Origin::Boot,
+        };
+        let moved = match runtoken::read(s, vm).await {
+            Ok(Some((t, kv))) if t.host == from => {
+                match runtoken::transfer(s, vm, &kv, to, origin, Transfer::FailOver).await {
+                    Ok(g) => Some(g),
+                    Err(e) => {
+                        conflict(vm, e)?;
+                        None
+                    }
+                }
+            }
+            Ok(_) => None,
+            Err(e) => {
+                conflict(vm, e)?;
+                None
+            }
+        };
+        if let Some(g) = &moved {
+            let waited = self
+                .lapsed_at
+                .get(from)
+                .map_or(0, |t| t.elapsed().as_millis() as u64);
+            let how = match &checkpoint {
+                Some(p) => format!("from its checkpoint {p}"),
+                None => "by a fresh boot (no checkpoint)".into(),
+            };
+            let msg = format!(
+                "HA restart: host {from}'s lease lapsed {waited} ms ago (past the grace of {} ms, longer than its self-fence takes); restarted on host {to} {how}, run token epoch {}",
+                self.grace.as_millis(),
+                g.token.epoch
+            );
+            let data = merge(
+                data,
+                json!({
+                    "from": from, "epoch": g.token.epoch, "revision": g.revision,
+                    "lapsed_ms_ago": waited, "grace_ms": self.grace.as_millis() as u64,
+                    "checkpoint": checkpoint,
+                }),
+            );
+            self.log(
+                s,
+                Entry::new(Kind::Restarted, Some(vm), Some(to), msg).with(data),
+            )
+            .await?;
+        }
+        self.done(s, &op).await?;
+        Ok(moved.is_some())
+    }
+
     fn fenced(&self, written: bool) -> Result<(), ControllerError> {
         if written {
             Ok(())
@@ -403,6 +652,15 @@ impl Applier {
             let (vm, host, msg) = match &op {
                 // Carried on by the passes, from what the store holds.
                 Operation::Migrate { .. } => continue,
+                Operation::FailOver { vm, from, to } => {
+                    let token = runtoken::read(s, vm).await.ok().flatten();
+                    let msg = if token.is_some_and(|(t, _)| t.host == *to) {
+                        format!("a predecessor's HA restart from host {from} on host {to} was complete: finished")
+                    } else {
+                        format!("a predecessor's HA restart from host {from} on host {to} never happened: undone, the VM is decided again")
+                    };
+                    (vm, to, msg)
+                }
                 Operation::Place { vm, host } => {
                     let token = runtoken::read(s, vm).await.ok().flatten();
                     let msg = if token.is_some_and(|(t, _)| t.host == *host) {
@@ -466,6 +724,16 @@ impl<S: Store + Clone> Controller<S> {
     }
 
     pub async fn run(self) -> Result<(), ControllerError> {
+        // No HA restart may come before the old copy has fenced itself.
+        let slack = self.cfg.timing.check()?;
+        tracing::info!(
+            lease_ttl_ms = self.cfg.timing.lease_ttl.as_millis() as u64,
+            grace_ms = self.cfg.timing.grace.as_millis() as u64,
+            fenced_by_ms = self.cfg.timing.fenced_by().as_millis() as u64,
+            earliest_restart_ms = self.cfg.timing.earliest_restart().as_millis() as u64,
+            slack_ms = slack.as_millis() as u64,
+            "HA timing checked: a failed host's VMs are paused before any restart elsewhere"
+        );
         let me = leader::LeaderRecord {
             id: self.cfg.id.clone(),
             pid: std::process::id(),
@@ -508,7 +776,7 @@ impl<S: Store + Clone> Controller<S> {
 
     /// What a leader does: log its lead, recover, then passes.
     async fn work(&self, s: &leader::Led<S>) -> Result<(), ControllerError> {
-        let mut applier = Applier::new();
+        let mut applier = Applier::new().with_grace(self.cfg.timing.grace);
         let msg = format!("controller {} leads", self.cfg.id);
         applier
             .log(s, Entry::new(Kind::Leader, None, None, msg))
@@ -542,11 +810,13 @@ impl<S: Store + Clone> Controller<S> {
     ) -> Result<(), ControllerError> {
         let mut resync = tokio::time::interval(self.cfg.resync);
         loop {
-            let world = read_world(s).await?;
+            let mut world = read_world(s).await?;
+            let grace_ends = applier.observe(s, &mut world).await?;
             let actions = decide(&world, self.cfg.plan);
             let pass = applier.apply(s, actions).await?;
             let moved = applier.migrations(s, &world, self.cfg.plan).await?;
-            if pass.placed + pass.evicted + pass.released + pass.conflicts + moved > 0 {
+            let acted = pass.placed + pass.evicted + pass.released + pass.restarted;
+            if acted + pass.conflicts + moved > 0 {
                 tracing::info!(?pass, "applied");
                 if pass.conflicts > 0 {
                     // Someone else wrote first; give their change a moment to land.
@@ -555,11 +825,22 @@ impl<S: Store + Clone> Controller<S> {
                 // What it wrote may allow more (an eviction frees room): look again.
                 continue;
             }
+            if let Some(r) = self.cfg.rebalance {
+                applier.rebalance(s, &world, self.cfg.plan, r).await?;
+            }
+            // A lapsed host's grace ending is a change too.
+            let grace_over = async {
+                match grace_ends {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = changed.notified() => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 _ = resync.tick() => {}
+                _ = grace_over => {}
             }
         }
     }

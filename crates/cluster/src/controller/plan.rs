@@ -70,6 +70,9 @@ pub struct VmView {
     /// Its spec; `None` when the operator deleted it, `Some(Err)` when it does not parse.
     pub spec: Option<Result<VmSpec, String>>,
     pub token: Option<RunToken>,
+    /// Its latest checkpoint on shared storage (`/ray/vms/<vm>/observed`), if any: an HA
+    /// restart resumes from it.
+    pub checkpoint: Option<String>,
 }
 
 /// A VM's migration keys as the store holds them (`crate::migration`).
@@ -87,6 +90,10 @@ pub struct World {
     pub vms: Vec<VmView>,
     /// VMs with migration keys, by name.
     pub migrations: BTreeMap<String, MigrationView>,
+    /// Hosts whose lease lapsed at least the grace ago ([`crate::timing`]): their HA VMs
+    /// may be restarted elsewhere. The controller fills it from its own clock
+    /// (`Applier::observe`); a bare listing leaves it empty.
+    pub lapsed: BTreeSet<String>,
 }
 
 /// What the controller does next.
@@ -108,6 +115,15 @@ pub enum Action {
     },
     /// `vm` was deleted: release its run token (its agent stops it).
     Release { vm: String, host: String },
+    /// HA restart: `vm`, held by `from` whose lease lapsed more than the grace ago, runs
+    /// on `to` from now on (from its checkpoint if it has one).
+    FailOver {
+        vm: String,
+        from: String,
+        to: String,
+        checkpoint: Option<String>,
+        data: serde_json::Value,
+    },
     /// `vm` stays pending.
     Refuse {
         vm: String,
@@ -215,6 +231,8 @@ pub fn decide(world: &World, cfg: PlanConfig) -> Vec<Action> {
         placements: Vec::new(),
     };
     let mut pending = Vec::new();
+    // HA VMs of lapsed hosts, by engine id: the host they leave.
+    let mut failing: BTreeMap<u64, String> = BTreeMap::new();
     for (i, v) in world.vms.iter().enumerate() {
         match (&v.spec, &v.token) {
             (None, Some(t)) => actions.push(Action::Release {
@@ -239,6 +257,12 @@ pub fn decide(world: &World, cfg: PlanConfig) -> Vec<Action> {
                             host: h,
                             numa: None,
                         });
+                    } else if spec.restart_priority.is_some()
+                        && world.lapsed.contains(&t.host)
+                        && !world.hosts[h as usize].alive
+                    {
+                        failing.insert(i as u64, t.host.clone());
+                        pending.push(engine_vm(i, spec, &groups));
                     }
                 }
             }
@@ -261,8 +285,14 @@ pub fn decide(world: &World, cfg: PlanConfig) -> Vec<Action> {
             return actions;
         }
     };
-    // Highest tier first; within a tier, by name.
-    pending.sort_by_key(|vm| std::cmp::Reverse(POOLS[vm.pool as usize].1));
+    // Highest tier first; within a tier, the highest restart priority (HA restarts
+    // before new VMs); then by name.
+    let priority = |vm: &EngineVm| {
+        let spec = world.vms[vm.id as usize].spec.as_ref();
+        let p = spec.and_then(|s| s.as_ref().ok()?.restart_priority);
+        (failing.contains_key(&vm.id), p)
+    };
+    pending.sort_by_key(|vm| std::cmp::Reverse((POOLS[vm.pool as usize].1, priority(vm))));
     let placed_before: BTreeSet<u64> = snap.placements.iter().map(|p| p.vm.id).collect();
     for vm in pending {
         let name = world.vms[vm.id as usize].name.clone();
@@ -290,14 +320,27 @@ pub fn decide(world: &World, cfg: PlanConfig) -> Vec<Action> {
                         });
                     } else {
                         // Placed earlier in this round: just not placed after all.
-                        actions.retain(|a| !matches!(a, Action::Place { vm, .. } if *vm == victim));
+                        actions.retain(|a| {
+                            !matches!(a, Action::Place { vm, .. } | Action::FailOver { vm, .. }
+                                if *vm == victim)
+                        });
                     }
                 }
-                actions.push(Action::Place {
-                    vm: name,
-                    host: world.hosts[host as usize].name.clone(),
-                    data,
-                });
+                let to = world.hosts[host as usize].name.clone();
+                match failing.get(&vm.id) {
+                    Some(from) => actions.push(Action::FailOver {
+                        checkpoint: world.vms[vm.id as usize].checkpoint.clone(),
+                        vm: name,
+                        from: from.clone(),
+                        to,
+                        data,
+                    }),
+                    None => actions.push(Action::Place {
+                        vm: name,
+                        host: to,
+                        data,
+                    }),
+                }
             }
             Ok(Decision::Pending(PendingReason::Quota(q))) => actions.push(Action::Refuse {
                 vm: name,
@@ -306,10 +349,13 @@ pub fn decide(world: &World, cfg: PlanConfig) -> Vec<Action> {
             }),
             Ok(Decision::Pending(PendingReason::NoHost)) => {
                 let expl = session.explain(&vm);
+                let lost = failing.get(&vm.id).map_or(String::new(), |h| {
+                    format!("not restarted after host {h} failed: ")
+                });
                 // Counts, not the host-by-host list: an entry stays small at 1,000 hosts.
                 actions.push(Action::Refuse {
                     vm: name,
-                    reason: refusal(&expl, &cordoned),
+                    reason: format!("{lost}{}", refusal(&expl, &cordoned)),
                     data: json!({"refusals": expl.counts(), "fits": expl.fits.len()}),
                 });
             }

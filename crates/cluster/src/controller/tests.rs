@@ -21,7 +21,7 @@ impl Drop for Dir {
     }
 }
 
-async fn host_up<S: Store>(s: &S, host: &str, memory_mib: u64) {
+async fn host_up<S: Store>(s: &S, host: &str, memory_mib: u64) -> crate::store::LeaseId {
     let lease = s.grant(Duration::from_secs(60)).await.unwrap();
     let alive = serde_json::to_vec(&Alive { pid: 1, api: None }).unwrap();
     let report = serde_json::to_vec(&HostReport {
@@ -41,6 +41,7 @@ async fn host_up<S: Store>(s: &S, host: &str, memory_mib: u64) {
     )
     .await
     .unwrap();
+    lease
 }
 
 async fn create<S: Store>(s: &S, vm: &str, spec: &str) {
@@ -460,4 +461,159 @@ async fn a_drain_moves_every_vm_off_two_at_a_time_and_ends_drained() {
     create(&s, "late", r#"{"vcpus":1,"memory_mib":256}"#).await;
     assert_ne!(wait_token(&s, "late").await.host, "h1");
     ctl.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_host_s_ha_vms_restart_elsewhere_after_the_grace_and_others_stay() {
+    let dir = Dir::new("ha");
+    let s = RedbStore::open(&dir.0.join("s.redb")).unwrap();
+    let lease = host_up(&s, "h1", 4096).await;
+    // A predecessor recorded an HA restart it never made: undone.
+    let op = Operation::FailOver {
+        vm: "ghost".into(),
+        from: "h0".into(),
+        to: "h1".into(),
+    };
+    s.commit(Txn::new().put(op.key(), serde_json::to_vec(&op).unwrap()))
+        .await
+        .unwrap();
+    let timing = Timing::for_lease(Duration::from_secs(2));
+    let cfg = ControllerConfig {
+        timing,
+        ..fast("a")
+    };
+    let c = tokio::spawn(Controller::new(s.clone(), cfg).run());
+    create(
+        &s,
+        "ha",
+        r#"{"vcpus":1,"memory_mib":256,"restart_priority":5}"#,
+    )
+    .await;
+    create(&s, "plain", r#"{"vcpus":1,"memory_mib":256}"#).await;
+    assert_eq!(wait_token(&s, "ha").await.host, "h1");
+    assert_eq!(wait_token(&s, "plain").await.host, "h1");
+    let rec = wait_log(&s, "ghost", Kind::Recovered).await;
+    assert!(
+        rec.message.contains("HA restart") && rec.message.contains("undone"),
+        "{}",
+        rec.message
+    );
+
+    // h1's lease ends; h2 is there to take its HA VM.
+    host_up(&s, "h2", 4096).await;
+    s.revoke(lease).await.unwrap();
+    let lapsed = wait_log(&s, "-", Kind::LeaseLapsed).await;
+    assert_eq!(lapsed.host.as_deref(), Some("h1"));
+    assert_eq!(lapsed.data["vms"], 2);
+    let restarted = wait_log(&s, "ha", Kind::Restarted).await;
+    assert_eq!(restarted.host.as_deref(), Some("h2"));
+    assert!(
+        restarted.at_ms >= lapsed.at_ms + timing.grace.as_millis() as u64,
+        "restarted {} ms after the lapse was seen, before the grace ended",
+        restarted.at_ms - lapsed.at_ms
+    );
+    assert!(
+        restarted.message.contains("by a fresh boot"),
+        "{}",
+        restarted.message
+    );
+    assert_eq!(restarted.data["epoch"], 2);
+    // The token and the assignment moved together; the VM without HA stays with h1.
+    let t = wait_token(&s, "ha").await;
+    assert_eq!((t.host.as_str(), t.epoch), ("h2", 2));
+    assert!(wait_key(&s, &keys::assignment("h1", "ha"), false)
+        .await
+        .is_none());
+    let a = wait_key(&s, &keys::assignment("h2", "ha"), true)
+        .await
+        .unwrap();
+    let a: runtoken::Assignment = serde_json::from_slice(&a.value).unwrap();
+    assert_eq!((a.epoch, a.origin), (2, Origin::Boot));
+    let plain = wait_token(&s, "plain").await;
+    assert_eq!((plain.host.as_str(), plain.epoch), ("h1", 1));
+    assert!(s.list(keys::OPS).await.unwrap().kvs.is_empty());
+    c.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uneven_loads_held_for_three_passes_get_one_logged_recommendation() {
+    let dir = Dir::new("rebalance");
+    let s = RedbStore::open(&dir.0.join("s.redb")).unwrap();
+    host_up(&s, "h1", 4096).await;
+    let c = tokio::spawn(Controller::new(s.clone(), fast("a")).run());
+    for vm in ["r1", "r2", "r3"] {
+        create(&s, vm, r#"{"vcpus":1,"memory_mib":1024}"#).await;
+        wait_token(&s, vm).await;
+    }
+    // An empty host joins: the loads are uneven from now on.
+    host_up(&s, "h2", 4096).await;
+    let e = wait_log(&s, "-", Kind::RebalanceRecommended).await;
+    assert_eq!(e.host.as_deref(), Some("h2"));
+    assert!(
+        e.message.contains("from host h1 to host h2"),
+        "{}",
+        e.message
+    );
+    assert!(e.data["imbalance_after"].as_f64() < e.data["imbalance_before"].as_f64());
+    // Recommend-only: nothing moved, and it is logged once however many passes follow.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for vm in ["r1", "r2", "r3"] {
+        let t = wait_token(&s, vm).await;
+        assert_eq!((t.host.as_str(), t.epoch), ("h1", 1));
+    }
+    let n = decisions::read(&s, None)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == Kind::RebalanceRecommended)
+        .count();
+    assert_eq!(n, 1);
+    c.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_rebalancing_asks_for_one_migration_to_the_empty_host() {
+    let dir = Dir::new("rebalance-auto");
+    let s = RedbStore::open(&dir.0.join("s.redb")).unwrap();
+    host_up(&s, "h1", 4096).await;
+    let cfg = ControllerConfig {
+        rebalance: Some(rebalance::RebalanceConfig {
+            auto: true,
+            ..Default::default()
+        }),
+        ..fast("a")
+    };
+    let c = tokio::spawn(Controller::new(s.clone(), cfg).run());
+    for vm in ["r1", "r2", "r3"] {
+        create(&s, vm, r#"{"vcpus":1,"memory_mib":1024}"#).await;
+        wait_token(&s, vm).await;
+    }
+    host_up(&s, "h2", 4096).await;
+    let e = wait_log(&s, "-", Kind::RebalanceRecommended).await;
+    assert!(
+        e.message.ends_with("(asked for: automatic mode)"),
+        "{}",
+        e.message
+    );
+    let vm = e.vm.clone().unwrap();
+    let req = wait_key(&s, &keys::migrate_request(&vm), true)
+        .await
+        .unwrap();
+    let req: crate::migration::Request = serde_json::from_slice(&req.value).unwrap();
+    assert_eq!(
+        (req.to.as_deref(), req.cause.as_deref()),
+        (Some("h2"), Some("rebalance"))
+    );
+    // No agents here: the migration stays under way, and no second one is asked for.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let asked = s
+        .list(keys::VMS)
+        .await
+        .unwrap()
+        .kvs
+        .iter()
+        .filter(|kv| kv.key.ends_with("/migrate"))
+        .count();
+    assert_eq!(asked, 1);
+    c.abort();
 }

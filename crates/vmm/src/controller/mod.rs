@@ -13,6 +13,7 @@ use ray_guest_abi::offset;
 use ray_memory::{ConsumerId, DirtyBitmap};
 
 use crate::devices::{ConsoleRing, PowerEvent};
+use crate::lease::LeaseState;
 use crate::lifecycle::{guest_runs, transition, AuditTrail, TransitionError, VmAction, VmState};
 use crate::machine::{ConsoleSinks, Machine};
 use crate::migration::{self as mig, Ended, MigrationOp, OpReply, OpResult};
@@ -30,7 +31,9 @@ pub enum Request {
     Pause,
     Resume,
     Suspend,
-    Stop { timeout: Duration },
+    Stop {
+        timeout: Duration,
+    },
     Snapshot(SnapshotRequest),
     Events,
     ConsoleInput(Vec<u8>),
@@ -38,15 +41,21 @@ pub enum Request {
     MigrationStatus,
     MigrationCancel,
     MigrationReclaim,
+    /// Renew the local lease (`PUT /vm/lease`): this long from then (default: now); or
+    /// clear it (`None`).
+    Lease(Option<(Duration, Option<u64>)>),
+    /// The lease watchdog found the deadline passed: fence (pause the vCPUs).
+    Fence,
 }
 
 impl Request {
-    /// Whether this only reads the VM's status: answered at once, even while long work
-    /// (a snapshot being written) keeps the VMM thread busy.
+    /// Whether this only reads the VM's status (or renews its lease, which touches
+    /// nothing of the VM): answered at once, even while long work (a snapshot being
+    /// written) keeps the VMM thread busy, so a renewal is never late for it.
     pub fn is_status_read(&self) -> bool {
         matches!(
             self,
-            Request::Info | Request::Events | Request::MigrationStatus
+            Request::Info | Request::Events | Request::MigrationStatus | Request::Lease(_)
         )
     }
 }
@@ -209,6 +218,8 @@ pub struct Controller {
     numa_migrator: Option<Arc<crate::numa_migrate::Migrator>>,
     /// The GPUs, framebuffers and VNC server, shared with the API thread.
     pub displays: Arc<crate::display::DisplayHub>,
+    /// The local lease (`crate::lease`), shared with its watchdog.
+    pub lease: Arc<crate::lease::Lease>,
 }
 
 impl Controller {
@@ -244,6 +255,7 @@ impl Controller {
             numa: None,
             numa_migrator: None,
             displays: Arc::new(crate::display::DisplayHub::new(&id, paths.dir.clone())),
+            lease: Arc::default(),
             id,
             paths,
         }
@@ -331,6 +343,27 @@ impl Controller {
                 let h = self.migration_handle()?;
                 Ok(Response::Migration(Box::new(h.status())))
             }
+            Request::Lease(ttl) => {
+                match ttl {
+                    Some((ttl, since)) => {
+                        LeaseState::check_ttl(ttl).map_err(ControllerError::Invalid)?;
+                        let since = match since {
+                            Some(ns) => {
+                                crate::lease::instant_of(ns).map_err(ControllerError::Invalid)?
+                            }
+                            None => Instant::now(),
+                        };
+                        self.lease.with(|l| l.renew(since, ttl));
+                    }
+                    None => {
+                        self.lease.with(|l| l.clear());
+                        tracing::warn!(
+                            "the local lease was cleared: this VM no longer fences itself"
+                        );
+                    }
+                }
+                Ok(Response::Info(Box::new(self.info())))
+            }
             other => Err(ControllerError::failed(format!(
                 "{other:?} is not a status read"
             ))),
@@ -374,6 +407,7 @@ impl Controller {
                 .map(|m| m.report()),
             // The API layer fills in where it listens.
             api_tcp: None,
+            lease: self.lease.with(|l| l.info(Instant::now())),
         }
     }
 
@@ -384,7 +418,11 @@ impl Controller {
         inbox: &Receiver<Message>,
     ) -> Result<Response, ControllerError> {
         match request {
-            r @ (Request::Info | Request::Events | Request::MigrationStatus) => self.read(r),
+            r
+            @ (Request::Info | Request::Events | Request::MigrationStatus | Request::Lease(_)) => {
+                self.read(r)
+            }
+            Request::Fence => self.fence().map(|_| Response::Done),
             Request::Configure(cfg) => {
                 self.check(VmAction::Configure)?;
                 config::validate(&cfg, config::host_memory())
@@ -396,6 +434,7 @@ impl Controller {
             }
             Request::Start => {
                 self.check(VmAction::Start)?;
+                self.may_run()?;
                 self.start()?;
                 Ok(Response::Info(Box::new(self.info())))
             }
@@ -407,12 +446,14 @@ impl Controller {
             }
             Request::Resume => {
                 self.check(VmAction::Resume)?;
+                self.may_run()?;
                 if self.state == VmState::Suspended {
                     self.resume_suspended()?;
-                    return Ok(Response::Info(Box::new(self.info())));
+                } else {
+                    self.machine()?.resume();
+                    self.apply(VmAction::Resume, "api:resume")?;
                 }
-                self.machine()?.resume();
-                self.apply(VmAction::Resume, "api:resume")?;
+                self.lease.with(|l| l.resumed());
                 Ok(Response::Info(Box::new(self.info())))
             }
             Request::Suspend => {
@@ -476,6 +517,52 @@ impl Controller {
             }
             Request::MigrationReclaim => self.reclaim().map(|s| Response::Migration(Box::new(s))),
         }
+    }
+
+    /// Refuses to let the guest run while the local lease has expired.
+    fn may_run(&self) -> Result<(), ControllerError> {
+        self.lease
+            .with(|l| l.may_run(Instant::now()))
+            .map_err(ControllerError::Refused)
+    }
+
+    /// The watchdog found the lease expired: pauses the vCPUs of a running VM and records
+    /// why. A migration source's migration is cancelled first (its rollback makes it
+    /// Running; the watchdog's next look pauses it). A VM whose guest does not run is
+    /// only marked fenced, so it cannot start or resume without a renewal.
+    fn fence(&mut self) -> Result<(), ControllerError> {
+        let now = Instant::now();
+        let due = self.lease.with(|l| {
+            let late = l.overdue(now).filter(|_| l.must_fence(now))?;
+            Some(crate::lease::fence_cause(late, l.ttl()))
+        });
+        let Some(cause) = due else {
+            return Ok(()); // renewed meanwhile, or fenced already
+        };
+        match self.state {
+            VmState::Running => {
+                self.machine()?.pause();
+                self.apply(VmAction::Pause, &cause)?;
+            }
+            VmState::MigrationSource => {
+                if let Some(h) = self.migration.as_ref().filter(|h| !h.is_finished()) {
+                    tracing::warn!(
+                        "local lease expired: cancelling the outgoing migration to fence"
+                    );
+                    h.cancel.cancel();
+                }
+                return Ok(());
+            }
+            VmState::Created
+            | VmState::Paused
+            | VmState::Suspended
+            | VmState::MigrationTarget
+            | VmState::Terminated
+            | VmState::Error => {}
+        }
+        tracing::warn!(cause, state = %self.state, "fenced: the guest runs again only after a renewal and a resume");
+        self.lease.with(|l| l.fenced(cause));
+        Ok(())
     }
 
     fn console_sinks(&self) -> Result<ConsoleSinks, ControllerError> {

@@ -32,6 +32,7 @@ fn vm(name: &str, memory_mib: u64, group: Option<&str>, pool: &str) -> VmView {
             restart_priority: None,
         })),
         token: None,
+        checkpoint: None,
     }
 }
 
@@ -104,6 +105,7 @@ fn a_higher_tier_evicts_a_lower_one_and_deleted_vms_are_released() {
                     name: "gone".into(),
                     spec: None,
                     token: None,
+                    checkpoint: None,
                 },
                 "a",
             ),
@@ -133,6 +135,7 @@ fn an_invalid_spec_is_refused_with_its_reason_and_a_placed_vm_is_left_alone() {
                 name: "bad".into(),
                 spec: Some(Err("vcpus 0 is out of range: use 1 to 254".into())),
                 token: None,
+                checkpoint: None,
             },
             placed(vm("ok", 512, None, "standard"), "a"),
         ],
@@ -147,4 +150,71 @@ fn an_invalid_spec_is_refused_with_its_reason_and_a_placed_vm_is_left_alone() {
             data: serde_json::Value::Null,
         }]
     );
+}
+
+fn ha(mut v: VmView, priority: u8) -> VmView {
+    if let Some(Ok(spec)) = &mut v.spec {
+        spec.restart_priority = Some(priority);
+    }
+    v
+}
+
+#[test]
+fn ha_vms_of_a_lapsed_host_restart_elsewhere_by_priority_after_the_grace_only() {
+    let mut dead = host("dead", 4096);
+    dead.alive = false;
+    let mut world = World {
+        hosts: vec![host("a", 1024), dead],
+        vms: vec![
+            placed(ha(vm("low", 1024, None, "standard"), 1), "dead"),
+            placed(ha(vm("high", 1024, None, "standard"), 9), "dead"),
+            placed(vm("plain", 512, None, "standard"), "dead"),
+        ],
+        ..World::default()
+    };
+    world.vms[1].checkpoint = Some("/shared/high".into());
+    // Lease lapsed, grace not over yet: nothing moves.
+    assert!(decide(&world, PlanConfig::default()).is_empty());
+    // After the grace: the higher priority takes the one host's room; the lower one is
+    // refused saying why; the VM without HA stays with its host.
+    world.lapsed.insert("dead".into());
+    let actions = decide(&world, PlanConfig::default());
+    let moved: Vec<_> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::FailOver {
+                vm,
+                from,
+                to,
+                checkpoint,
+                ..
+            } => Some((vm.as_str(), from.as_str(), to.as_str(), checkpoint.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        moved,
+        [("high", "dead", "a", Some("/shared/high".to_string()))]
+    );
+    let refused: Vec<_> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Refuse { vm, reason, .. } => Some((vm.as_str(), reason.as_str())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused.len(), 1, "{actions:?}");
+    assert_eq!(refused[0].0, "low");
+    assert!(
+        refused[0]
+            .1
+            .starts_with("not restarted after host dead failed: no host: ")
+            && refused[0].1.contains("1 lacks memory"),
+        "{}",
+        refused[0].1
+    );
+    assert!(places(&actions).is_empty(), "{actions:?}");
+    // A host whose agent is back is not failed over, lapsed or not.
+    world.hosts[1].alive = true;
+    assert!(decide(&world, PlanConfig::default()).is_empty());
 }
