@@ -6,6 +6,7 @@ mod boot;
 mod cluster;
 mod devices;
 mod display;
+mod input;
 mod lifecycle;
 mod limits;
 mod linux;

@@ -244,6 +244,24 @@ pub struct GpuList {
     pub vnc_socket: Option<String>,
 }
 
+/// `POST /vm/keyboard/type` body: text typed on the VM's virtio-input keyboard (US
+/// layout: printable ASCII, tab and newline, at most [`MAX_TYPED`] characters).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TypeText {
+    pub text: String,
+}
+
+/// The longest text one request types.
+pub const MAX_TYPED: usize = 4096;
+
+/// `POST /vm/keyboard/type` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Typed {
+    /// Input events sent (key presses, releases and reports).
+    pub events: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

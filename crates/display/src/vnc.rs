@@ -39,6 +39,11 @@ pub enum Role {
 pub trait InputSink: Send + Sync {
     /// An X11 keysym pressed (`down`) or released.
     fn key(&self, down: bool, keysym: u32);
+    /// The pointer at (`x`, `y`) on `display` with `buttons` held (bit 0 left, 1 middle,
+    /// 2 right, 3 and 4 the wheel).
+    fn pointer(&self, display: &DisplayGeometry, buttons: u8, x: u16, y: u16) {
+        let _ = (display, buttons, x, y);
+    }
 }
 
 /// The socket of display `display` for viewers of `role` in the VM directory `dir`.
@@ -292,7 +297,14 @@ impl Viewer {
                     tracing::debug!(keysym, "key from a view-only viewer ignored");
                 }
             }
-            ClientMessage::Pointer { .. } | ClientMessage::CutText(_) => {}
+            ClientMessage::Pointer { buttons, x, y } => {
+                if self.role == Role::ReadWrite {
+                    if let Some(input) = &shared.input {
+                        input.pointer(&self.geometry, buttons, x, y);
+                    }
+                }
+            }
+            ClientMessage::CutText(_) => {}
         }
         Ok(())
     }
@@ -507,6 +519,12 @@ mod tests {
                 self.0.lock().unwrap().push(keysym);
             }
         }
+        fn pointer(&self, _: &DisplayGeometry, buttons: u8, x: u16, y: u16) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(u32::from_be_bytes([0xee, buttons, x as u8, y as u8]));
+        }
     }
 
     fn connect(path: &Path) -> UnixStream {
@@ -587,6 +605,9 @@ mod tests {
         // Keys: the read-write viewer's arrive, the view-only viewer's do not.
         ro.write_all(&[4, 1, 0, 0, 0, 0, 0, b'x']).unwrap();
         rw.write_all(&[4, 1, 0, 0, 0, 0, 0, b'y']).unwrap();
+        // So does the pointer.
+        ro.write_all(&[5, 1, 0, 1, 0, 1]).unwrap();
+        rw.write_all(&[5, 4, 0, 2, 0, 3]).unwrap();
         // A garbage viewer is dropped; the others go on.
         let mut bad = connect(&socket_path(&dir, 0, Role::ReadWrite));
         bad.write_all(&[0xee; 16]).unwrap();
@@ -594,7 +615,10 @@ mod tests {
         let _ = bad.read_to_end(&mut sink);
         src.pixels.lock().unwrap()[4] = 3;
         assert_eq!(request(&mut ro, true, 16, 8)[4], 3);
-        assert_eq!(*keys.0.lock().unwrap(), vec![u32::from(b'y')]);
+        assert_eq!(
+            *keys.0.lock().unwrap(),
+            vec![u32::from(b'y'), u32::from_be_bytes([0xee, 4, 2, 3])]
+        );
         drop(server);
         assert!(!socket_path(&dir, 0, Role::ReadWrite).exists());
         assert!(counts.lock().unwrap().iter().max() >= Some(&2));

@@ -1,4 +1,4 @@
-//! `ray gpu status|list|displays|screenshot ID`: a VM's GPUs and displays through its API.
+//! `ray gpu status|list|displays|screenshot|type ID`: a VM's GPUs and displays through its API.
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -20,6 +20,16 @@ pub enum GpuCommand {
     Displays(IdArgs),
     /// Save a display as a PNG.
     Screenshot(ScreenshotArgs),
+    /// Type text on the VM's keyboard (virtio-input, US layout; `\n` in TEXT is Enter).
+    Type(TypeArgs),
+}
+
+#[derive(Args)]
+pub struct TypeArgs {
+    /// The VM.
+    pub id: String,
+    /// What to type; the two characters `\n` are a newline (Enter).
+    pub text: String,
 }
 
 #[derive(Args)]
@@ -48,6 +58,7 @@ pub fn run(cmd: GpuCommand, runtime: &Path) -> anyhow::Result<()> {
         GpuCommand::List(a) => show(runtime, &a, View::List),
         GpuCommand::Displays(a) => show(runtime, &a, View::Displays),
         GpuCommand::Screenshot(a) => screenshot(runtime, &a),
+        GpuCommand::Type(a) => type_text(runtime, &a),
     }
 }
 
@@ -130,5 +141,18 @@ fn screenshot(runtime: &Path, a: &ScreenshotArgs) -> anyhow::Result<()> {
     std::fs::write(&a.output, &answer.body)
         .with_context(|| format!("cannot write {}", a.output.display()))?;
     println!("{}", a.output.display());
+    Ok(())
+}
+
+fn type_text(runtime: &Path, a: &TypeArgs) -> anyhow::Result<()> {
+    let body = ray_api::gpu::TypeText {
+        text: a.text.replace("\\n", "\n"),
+    };
+    let typed: ray_api::gpu::Typed = client(runtime, &a.id)?.call(
+        "POST",
+        "/vm/keyboard/type",
+        Some(serde_json::to_vec(&body)?),
+    )?;
+    println!("typed {} events", typed.events);
     Ok(())
 }

@@ -245,6 +245,7 @@ ray gpu screenshot desk -o desk.png",
         "gpu screenshot",
         "ray gpu screenshot desk -o desk.png\nray gpu screenshot desk --display 1 -o second.png",
     ),
+    ("gpu type", "ray gpu type desk 'echo hi\\n'"),
     (
         "device",
         "ray device serve blk --socket /run/vub.sock --disk d.img

@@ -80,7 +80,7 @@ pub struct RunArgs {
         short = 'f',
         long = "file",
         value_name = "FILE",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net", "numa", "numa_attribution", "numa_migrate", "gpus", "vsock"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net", "numa", "numa_attribution", "numa_migrate", "gpus", "vsock", "input"]
     )]
     pub file: Option<PathBuf>,
     /// Kernel to boot (ELF vmlinux or bzImage). Default: rayvisor's own guest.
@@ -135,6 +135,10 @@ pub struct RunArgs {
     /// directory). `ray vm exec` runs guest shell commands through it.
     #[arg(long, value_name = "cid=N[,socket=PATH]", value_parser = ray_api::vsock::VsockConfig::parse)]
     pub vsock: Option<ray_api::vsock::VsockConfig>,
+    /// A virtio-input keyboard and tablet (on or off) for VNC viewers and `ray gpu type`.
+    /// Default: on when the VM has a GPU.
+    #[arg(long, value_name = "on|off", value_parser = clap::builder::BoolishValueParser::new())]
+    pub input: Option<bool>,
     /// VM id (default: generated).
     #[arg(long)]
     pub id: Option<String>,
@@ -285,6 +289,7 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
                 gpus
             },
             vsock: args.vsock.clone(),
+            input: args.input,
         },
     })
 }

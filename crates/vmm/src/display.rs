@@ -10,7 +10,10 @@ use std::sync::{Arc, Mutex};
 
 use ray_api::gpu::{DisplayInfo, GpuConfig, GpuInfo, GpuList};
 use ray_api::vmm::{VmConfig, VmStateName as VmState};
+use ray_devices::virtio::input::{InputHandle, Kind as InputKind};
+use ray_display::keys::{self, Keyboard};
 use ray_display::model::{GpuEvent, GpuModel};
+use ray_display::vnc::InputSink;
 use ray_display::vnc::{self, VncServer};
 use ray_display::{DisplayGeometry, FrameSource, VramLayout};
 use ray_memory::GuestMemory;
@@ -34,6 +37,63 @@ impl FrameSource for GuestFrames {
             _ => false,
         }
     }
+}
+
+/// The VM's input devices, as the PCI set-up last built them (a restore rebuilds them).
+static INPUTS: Mutex<Vec<InputHandle>> = Mutex::new(Vec::new());
+
+/// Registers an input device built for the VM; it replaces one of the same kind.
+pub fn input_built(handle: InputHandle) {
+    let mut inputs = INPUTS.lock().unwrap_or_else(|e| e.into_inner());
+    inputs.retain(|h| h.kind() != handle.kind());
+    inputs.push(handle);
+}
+
+fn input_of(kind: InputKind) -> Option<InputHandle> {
+    let inputs = INPUTS.lock().unwrap_or_else(|e| e.into_inner());
+    inputs.iter().find(|h| h.kind() == kind).cloned()
+}
+
+/// Viewers' and the API's input, as events on the virtio-input keyboard and tablet.
+#[derive(Default)]
+struct GuestInput {
+    keyboard: Mutex<Keyboard>,
+    buttons: Mutex<u8>,
+}
+
+impl InputSink for GuestInput {
+    fn key(&self, down: bool, keysym: u32) {
+        let events = self
+            .keyboard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .key(down, keysym);
+        match input_of(InputKind::Keyboard) {
+            Some(k) if !events.is_empty() => k.send(&events),
+            Some(_) => tracing::debug!(keysym, "a keysym with no US key ignored"),
+            None => tracing::debug!(keysym, "no keyboard: key ignored"),
+        }
+    }
+
+    fn pointer(&self, d: &DisplayGeometry, buttons: u8, x: u16, y: u16) {
+        let mut held = self.buttons.lock().unwrap_or_else(|e| e.into_inner());
+        let events = keys::pointer_events(*held, buttons, x, y, d.width, d.height);
+        *held = buttons;
+        if let Some(t) = input_of(InputKind::Tablet) {
+            t.send(&events);
+        }
+    }
+}
+
+/// Why text could not be typed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TypeError {
+    #[error("the VM has no keyboard (its devices have input off)")]
+    NoKeyboard,
+    #[error("the VM is {0}: it takes keys only while it runs")]
+    NotRunning(VmState),
+    #[error("cannot type the text: {0}")]
+    Text(String),
 }
 
 /// Why a screenshot or a display could not be had.
@@ -143,7 +203,8 @@ impl DisplayHub {
                 GpuEvent::LastViewerLeft
             });
         });
-        match VncServer::start(&self.dir, &self.id, frames, None, hook) {
+        let input: Arc<dyn InputSink> = Arc::new(GuestInput::default());
+        match VncServer::start(&self.dir, &self.id, frames, Some(input), hook) {
             Ok(v) => {
                 tracing::info!(sockets = ?v.sockets(), "VNC server listening");
                 Some(v)
@@ -215,6 +276,24 @@ impl DisplayHub {
             return Err(DisplayError::NotRunning(state));
         }
         Ok((out, d))
+    }
+
+    /// Types `text` on the VM's keyboard as one batch of key strokes; returns how many
+    /// events were sent.
+    pub fn type_text(&self, text: &str) -> Result<usize, TypeError> {
+        let events = keys::type_text(text).map_err(TypeError::Text)?;
+        let state = self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state
+            .unwrap_or(VmState::Created);
+        if !matches!(state, VmState::Running | VmState::MigrationSource) {
+            return Err(TypeError::NotRunning(state));
+        }
+        let keyboard = input_of(InputKind::Keyboard).ok_or(TypeError::NoKeyboard)?;
+        keyboard.send(&events);
+        Ok(events.len())
     }
 
     /// Display `index` as a PNG.

@@ -18,6 +18,7 @@ use ray_api::vmm::{DevicesConfig, DiskConfig};
 use ray_devices::pci::{BarAllocator, PciBus, SlotBarMove};
 use ray_devices::rate::RateLimit;
 use ray_devices::virtio::blk::{Block, BlockConfig};
+use ray_devices::virtio::input::{Input, Kind as InputKind};
 use ray_devices::virtio::pci::{VirtioPci, VirtioPciState, BAR_SIZE, NOTIFY, NOTIFY_MULTIPLIER};
 use ray_devices::virtio::rng::Rng;
 use ray_devices::virtio::vsock::Vsock;
@@ -122,6 +123,17 @@ pub fn devices_of(config: &DevicesConfig, restoring: bool) -> Result<Vec<DeviceS
             name: "virtio-vsock",
         });
     }
+    if config.input_enabled() {
+        for (id, kind) in INPUT_IDS {
+            let device = Input::new(kind);
+            crate::display::input_built(device.handle());
+            specs.push(DeviceSpec {
+                device: Box::new(device),
+                id: id.into(),
+                name: "virtio-input",
+            });
+        }
+    }
     Ok(specs)
 }
 
@@ -137,8 +149,20 @@ fn ids_of(config: &DevicesConfig) -> Vec<String> {
         .chain(config.disks.iter().map(|d| d.id.clone()))
         .chain(net_ids(config))
         .chain(config.vsock.as_ref().map(|_| VSOCK_ID.to_string()))
+        .chain(
+            INPUT_IDS
+                .iter()
+                .filter(|_| config.input_enabled())
+                .map(|(id, _)| id.to_string()),
+        )
         .collect()
 }
+
+/// The input devices' ids, in bus order (after every other device).
+const INPUT_IDS: [(&str, InputKind); 2] = [
+    ("keyboard", InputKind::Keyboard),
+    ("tablet", InputKind::Tablet),
+];
 
 /// The vsock device's id (there is one at most).
 const VSOCK_ID: &str = "vsock";

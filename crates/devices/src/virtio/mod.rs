@@ -1,8 +1,9 @@
 //! virtio 1.2 devices: the split virtqueue ([`queue`]), the modern PCI transport
 //! ([`pci`]), completion of requests from other threads ([`completer`]) and the device
-//! models behind it ([`rng`], [`blk`], [`net`], [`vsock`]).
+//! models behind it ([`rng`], [`blk`], [`net`], [`vsock`], [`input`]).
 pub mod blk;
 pub mod completer;
+pub mod input;
 pub mod net;
 pub mod pci;
 pub mod queue;
@@ -62,6 +63,10 @@ pub trait VirtioDevice: Send {
     }
     fn config_len(&self) -> u64 {
         0
+    }
+    /// Writes the device-specific configuration (most of it is read-only: ignored).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let _ = (offset, data);
     }
     /// Serves one request of queue `queue`. Called on the notifier thread with the
     /// transport locked: a device whose requests take long (disk or network I/O) returns

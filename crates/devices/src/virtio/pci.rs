@@ -589,6 +589,7 @@ impl PciDevice for VirtioPci {
                 }
             }
             MSIX_TABLE => self.msix.write_table(off, data),
+            DEVICE_CONFIG => self.device.write_config(off, data),
             _ => {}
         }
     }
