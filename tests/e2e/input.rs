@@ -119,3 +119,97 @@ fn ray_gpu_type_sends_a_line_as_one_batch() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the VM has no keyboard"), "{err}");
 }
+
+/// A password file with `mode`.
+fn password_file(env: &Env, name: &str, text: &str, mode: u32) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = env.runtime.join(name);
+    std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    p
+}
+
+#[test]
+fn vnc_over_tcp_needs_loopback_and_the_password() {
+    let env = Env::new("input-tcp");
+    let good = password_file(&env, "vnc.pw", "s3cret\n", 0o600);
+    let good = good.to_str().unwrap();
+    let open = password_file(&env, "open.pw", "s3cret\n", 0o644);
+    let gpu = ["--memory", "128M", "--gpu", "emulated,width=640,height=480"];
+    // Refused before anything starts: another host's address, no password, a password
+    // file others may read.
+    for (extra, why) in [
+        (
+            vec!["--vnc", "0.0.0.0:5900", "--vnc-password-file", good],
+            "only loopback addresses",
+        ),
+        (
+            vec!["--vnc", "127.0.0.1:0"],
+            "without authentication is refused",
+        ),
+        (
+            vec![
+                "--vnc",
+                "127.0.0.1:0",
+                "--vnc-password-file",
+                open.to_str().unwrap(),
+            ],
+            "has mode 644: others may read it",
+        ),
+    ] {
+        let mut args = vec!["vm", "run", "--detach"];
+        args.extend_from_slice(&gpu);
+        args.extend_from_slice(&extra);
+        let out = env.ray(&args);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{extra:?}: {err}");
+    }
+
+    let mut args = gpu.to_vec();
+    args.extend_from_slice(&["--vnc", "127.0.0.1:0", "--vnc-password-file", good]);
+    let mut vm = env.boot(&args);
+    vm.expect_line("ready", READY);
+    let list: ray_api::gpu::GpuList = vm.client.call("GET", "/vm/gpus", None).unwrap();
+    assert_eq!(list.vnc_tcp.len(), 1, "{list:?}");
+    let addr: std::net::SocketAddr = list.vnc_tcp[0].parse().unwrap();
+    assert!(addr.ip().is_loopback());
+    let server = format!("127.0.0.1::{}", addr.port());
+
+    // The right password types and captures.
+    let vncdo = python().with_file_name("vncdo");
+    let png = env.runtime.join("tcp.png");
+    let out = Command::new(&vncdo)
+        .args([
+            "-s",
+            &server,
+            "-p",
+            "s3cret",
+            "type",
+            "echo over tcp",
+            "key",
+            "enter",
+        ])
+        .args(["capture", png.to_str().unwrap()])
+        .output()
+        .unwrap();
+    ray_e2e::succeeded(out, "vncdo with the password");
+    assert_eq!(vm.expect_line("over", READY), "over tcp");
+    assert!(std::fs::metadata(&png).unwrap().len() > 0);
+
+    // A wrong password is turned away, with a log line; the VM carries on. (vncdo itself
+    // exits 0 when the server refuses it: what it typed must not arrive.)
+    let _ = Command::new(&vncdo)
+        .args([
+            "-s", &server, "-p", "wrong", "-t", "10", "type", "echo bad", "key", "enter",
+        ])
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(vm.dir.join("vmm.log")).unwrap();
+    assert!(
+        log.contains("VNC authentication failed"),
+        "the VMM logs the failed authentication"
+    );
+    assert_eq!(vm.command("echo still here", "still"), "still here");
+    assert!(!vm.console().data.contains("\nbad\n"));
+}

@@ -242,6 +242,9 @@ pub struct GpuList {
     /// The VNC server's Unix socket, once the VM runs with a display.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vnc_socket: Option<String>,
+    /// The TCP addresses VNC listens on (display by display; VNC authentication), if any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vnc_tcp: Vec<String>,
 }
 
 /// `POST /vm/keyboard/type` body: text typed on the VM's virtio-input keyboard (US

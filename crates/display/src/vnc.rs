@@ -6,7 +6,8 @@
 //! its rectangle changed: the viewer's thread compares the display, 64x64 tile by tile,
 //! with what that viewer was last sent and sends the changed tiles. A viewer that breaks
 //! the protocol is logged and disconnected; the others and the VM carry on.
-use std::io::{self, BufReader, BufWriter, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::auth::Password;
 use crate::rfb::{self, ClientMessage, PixelFormat, Rect};
 use crate::{DisplayGeometry, FrameSource};
 
@@ -70,7 +72,110 @@ struct Shared {
 pub struct VncServer {
     shared: Arc<Shared>,
     sockets: Vec<PathBuf>,
+    /// The TCP addresses listened on, display by display.
+    tcp: Vec<SocketAddr>,
     listeners: Vec<JoinHandle<()>>,
+}
+
+/// A viewer's connection: a Unix socket in the VM directory or TCP on loopback.
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for &Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => (&*s).read(buf),
+            Conn::Tcp(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for &Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => (&*s).write(buf),
+            Conn::Tcp(s) => (&*s).write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => (&*s).flush(),
+            Conn::Tcp(s) => (&*s).flush(),
+        }
+    }
+}
+
+/// Where viewers come from.
+enum Listener {
+    Unix(UnixListener),
+    /// Viewers must know the password.
+    Tcp(TcpListener, Password),
+}
+
+impl Listener {
+    fn accept(&self) -> io::Result<Conn> {
+        match self {
+            Listener::Unix(l) => l.accept().map(|(s, _)| Conn::Unix(s)),
+            Listener::Tcp(l, _) => l.accept().map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }),
+        }
+    }
+
+    fn password(&self) -> Option<&Password> {
+        match self {
+            Listener::Unix(_) => None,
+            Listener::Tcp(_, p) => Some(p),
+        }
+    }
+}
+
+/// Why the VNC server cannot listen on TCP.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpError {
+    #[error(
+        "VNC on {0} would be reachable from other hosts: only loopback addresses (127.0.0.1, \
+         ::1) are served, as other addresses need TLS, which rayvisor's VNC server does not have"
+    )]
+    NotLoopback(SocketAddr),
+    #[error("cannot listen for VNC viewers on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+}
+
+/// Refuses an address other hosts could reach (there is no TLS to protect it).
+pub fn check_tcp_address(addr: SocketAddr) -> Result<(), TcpError> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(TcpError::NotLoopback(addr))
+    }
 }
 
 impl VncServer {
@@ -93,6 +198,7 @@ impl VncServer {
         let mut server = VncServer {
             shared: shared.clone(),
             sockets: Vec::new(),
+            tcp: Vec::new(),
             listeners: Vec::new(),
         };
         for d in shared.source.displays() {
@@ -102,21 +208,58 @@ impl VncServer {
                 let listener = UnixListener::bind(&path)?;
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
                 server.sockets.push(path);
-                let shared = shared.clone();
-                let index = d.index;
-                // The VMM's log span (the VM's id) follows into every VNC thread.
-                let span = tracing::Span::current();
-                server.listeners.push(
-                    std::thread::Builder::new()
-                        .name(format!("vnc-{index}"))
-                        .spawn(move || {
-                            let _span = span.enter();
-                            accept_loop(listener, shared, index, role)
-                        })?,
-                );
+                server.spawn(Listener::Unix(listener), d.index, role)?;
             }
         }
         Ok(server)
+    }
+
+    fn spawn(&mut self, listener: Listener, index: usize, role: Role) -> io::Result<()> {
+        let shared = self.shared.clone();
+        // The VMM's log span (the VM's id) follows into every VNC thread.
+        let span = tracing::Span::current();
+        self.listeners.push(
+            std::thread::Builder::new()
+                .name(format!("vnc-{index}"))
+                .spawn(move || {
+                    let _span = span.enter();
+                    accept_loop(listener, shared, index, role)
+                })?,
+        );
+        Ok(())
+    }
+
+    /// Also listens on TCP: display N on `addr`'s port + N (port 0: any free ports), for
+    /// read-write viewers that know `password` (VNC authentication). Only loopback
+    /// addresses are served. Returns the addresses, display by display.
+    pub fn listen_tcp(
+        &mut self,
+        addr: SocketAddr,
+        password: Password,
+    ) -> Result<Vec<SocketAddr>, TcpError> {
+        check_tcp_address(addr)?;
+        for d in self.shared.source.displays() {
+            let mut at = addr;
+            if addr.port() != 0 {
+                at.set_port(addr.port().saturating_add(d.index as u16));
+            }
+            let bind = |source| TcpError::Bind { addr: at, source };
+            let listener = TcpListener::bind(at).map_err(bind)?;
+            let local = listener.local_addr().map_err(bind)?;
+            self.tcp.push(local);
+            self.spawn(
+                Listener::Tcp(listener, password.clone()),
+                d.index,
+                Role::ReadWrite,
+            )
+            .map_err(bind)?;
+        }
+        Ok(self.tcp.clone())
+    }
+
+    /// The TCP addresses listened on, display by display.
+    pub fn tcp_addresses(&self) -> &[SocketAddr] {
+        &self.tcp
     }
 
     /// Viewers connected now.
@@ -136,6 +279,9 @@ impl Drop for VncServer {
         for path in &self.sockets {
             let _ = UnixStream::connect(path);
         }
+        for addr in &self.tcp {
+            let _ = TcpStream::connect(addr);
+        }
         for t in self.listeners.drain(..) {
             let _ = t.join();
         }
@@ -145,13 +291,16 @@ impl Drop for VncServer {
     }
 }
 
-fn accept_loop(listener: UnixListener, shared: Arc<Shared>, screen: usize, role: Role) {
-    for stream in listener.incoming() {
+fn accept_loop(listener: Listener, shared: Arc<Shared>, screen: usize, role: Role) {
+    let listener = Arc::new(listener);
+    loop {
+        let stream = listener.accept();
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
         let Ok(stream) = stream else { continue };
         let shared = shared.clone();
+        let listener = listener.clone();
         let span = tracing::Span::current();
         let spawned = std::thread::Builder::new()
             .name(format!("vnc-{screen}-viewer"))
@@ -159,7 +308,7 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>, screen: usize, role:
                 let _span = span.enter();
                 let n = shared.viewers.fetch_add(1, Ordering::SeqCst) + 1;
                 (shared.on_viewers)(n);
-                match serve_viewer(stream, &shared, screen, role) {
+                match serve_viewer(stream, &shared, screen, role, listener.password()) {
                     Ok(()) => tracing::info!(screen, ?role, "VNC viewer left"),
                     Err(e) => tracing::warn!(screen, ?role, "VNC viewer closed: {e}"),
                 }
@@ -174,10 +323,11 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>, screen: usize, role:
 
 /// One viewer, from handshake to disconnect.
 fn serve_viewer(
-    stream: UnixStream,
+    stream: Conn,
     shared: &Shared,
     screen: usize,
     role: Role,
+    password: Option<&Password>,
 ) -> Result<(), rfb::RfbError> {
     let geometry = shared
         .source
@@ -188,7 +338,13 @@ fn serve_viewer(
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut s = &stream;
     let name = format!("{} display {screen}", shared.name);
-    rfb::handshake(&mut s, geometry.width as u16, geometry.height as u16, &name)?;
+    rfb::handshake(
+        &mut s,
+        geometry.width as u16,
+        geometry.height as u16,
+        &name,
+        password,
+    )?;
     stream.set_read_timeout(None)?;
     tracing::info!(screen, ?role, "VNC viewer connected");
 
@@ -222,7 +378,7 @@ fn serve_viewer(
     }
     .run(&stream, shared, &rx);
     // Ends the reader too (its read fails).
-    let _ = stream.shutdown(std::net::Shutdown::Both);
+    stream.shutdown();
     let _ = reader.join();
     result
 }
@@ -241,7 +397,7 @@ struct Viewer {
 impl Viewer {
     fn run(
         &mut self,
-        stream: &UnixStream,
+        stream: &Conn,
         shared: &Shared,
         rx: &mpsc::Receiver<Result<ClientMessage, rfb::RfbError>>,
     ) -> Result<(), rfb::RfbError> {
@@ -622,6 +778,86 @@ mod tests {
         drop(server);
         assert!(!socket_path(&dir, 0, Role::ReadWrite).exists());
         assert!(counts.lock().unwrap().iter().max() >= Some(&2));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod tcp_tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct Blank(DisplayGeometry);
+    impl FrameSource for Blank {
+        fn displays(&self) -> Vec<DisplayGeometry> {
+            vec![self.0]
+        }
+        fn read(&self, _: usize, out: &mut [u8]) -> bool {
+            out.fill(0);
+            true
+        }
+    }
+
+    #[test]
+    fn tcp_is_loopback_only_and_needs_the_password() {
+        let dir = std::env::temp_dir().join(format!("ray-vnc-tcp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let g = DisplayGeometry {
+            index: 0,
+            gpu: 0,
+            gpa: 0,
+            width: 8,
+            height: 8,
+            stride: 32,
+        };
+        let counts = Arc::new(Mutex::new(Vec::new()));
+        let c2 = counts.clone();
+        let mut server = VncServer::start(
+            &dir,
+            "t",
+            Arc::new(Blank(g)),
+            None,
+            Arc::new(move |n| c2.lock().unwrap().push(n)),
+        )
+        .unwrap();
+        let pw = Password::new(b"pw");
+        let e = server
+            .listen_tcp("0.0.0.0:0".parse().unwrap(), pw.clone())
+            .unwrap_err();
+        assert!(e.to_string().contains("only loopback addresses"), "{e}");
+        let addrs = server
+            .listen_tcp("127.0.0.1:0".parse().unwrap(), pw.clone())
+            .unwrap();
+        assert_eq!(addrs.len(), 1);
+        // The right answer to the challenge gets ServerInit; a wrong one a failure.
+        for (password, ok) in [(pw.clone(), true), (Password::new(b"nope"), false)] {
+            let mut s = TcpStream::connect(addrs[0]).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut v = [0u8; 12];
+            s.read_exact(&mut v).unwrap();
+            s.write_all(b"RFB 003.008\n").unwrap();
+            let mut types = [0u8; 2];
+            s.read_exact(&mut types).unwrap();
+            assert_eq!(types, [1, rfb::SECURITY_VNC_AUTH]);
+            s.write_all(&[rfb::SECURITY_VNC_AUTH]).unwrap();
+            let mut challenge = [0u8; 16];
+            s.read_exact(&mut challenge).unwrap();
+            s.write_all(&password.response(&challenge)).unwrap();
+            let mut result = [0u8; 4];
+            s.read_exact(&mut result).unwrap();
+            assert_eq!(result == [0; 4], ok);
+            if ok {
+                s.write_all(&[1]).unwrap();
+                let mut init = [0u8; 4];
+                s.read_exact(&mut init).unwrap();
+                assert_eq!(init, [0, 8, 0, 8]);
+            } else {
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest);
+                assert!(rest.ends_with(b"authentication failed"));
+            }
+        }
+        drop(server);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -124,6 +124,9 @@ fn show(runtime: &Path, a: &IdArgs, view: View) -> anyhow::Result<()> {
                 }
                 None => println!("\nVNC: not listening (the VM does not run)"),
             }
+            for (i, a) in list.vnc_tcp.iter().enumerate() {
+                println!("VNC display {i}: {a} (TCP, VNC authentication)");
+            }
         }
     }
     Ok(())

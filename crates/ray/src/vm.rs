@@ -152,6 +152,48 @@ pub struct RunArgs {
     /// the token being in the file api.token of the VM's directory (mode 0600).
     #[arg(long, value_name = "ADDR", value_parser = parse_api_tcp)]
     pub api_tcp: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub vnc: VncTcpArgs,
+}
+
+/// `--vnc ADDR --vnc-password-file FILE`.
+#[derive(Args, Clone, Default)]
+pub struct VncTcpArgs {
+    /// Also serve VNC on this loopback TCP address, e.g. 127.0.0.1:5900 (display N on the
+    /// port plus N; port 0: any free ports, `ray gpu status` shows them), with VNC
+    /// authentication.
+    /// Other addresses are refused: they would need TLS, which is not supported.
+    #[arg(long = "vnc", value_name = "ADDR")]
+    pub vnc: Option<std::net::SocketAddr>,
+    /// The VNC password for --vnc: the first line (1 to 8 bytes) of a file that only its
+    /// owner may read.
+    #[arg(long, value_name = "FILE")]
+    pub vnc_password_file: Option<PathBuf>,
+}
+
+impl VncTcpArgs {
+    /// The address and password file, checked (loopback only; a password is required).
+    pub fn checked(&self) -> anyhow::Result<Option<(std::net::SocketAddr, PathBuf)>> {
+        match (&self.vnc, &self.vnc_password_file) {
+            (None, None) => Ok(None),
+            (Some(addr), Some(file)) => {
+                ray_vmm::display::check_vnc_tcp(*addr, file)
+                    .map_err(|e| coded(exit::INVALID, format!("--vnc: {e}")))?;
+                Ok(Some((*addr, file.clone())))
+            }
+            (Some(addr), None) => Err(coded(
+                exit::INVALID,
+                format!(
+                    "--vnc {addr} needs --vnc-password-file: VNC over TCP without \
+                     authentication is refused"
+                ),
+            )),
+            (None, Some(_)) => Err(coded(
+                exit::INVALID,
+                "--vnc-password-file is for --vnc ADDR, which is missing",
+            )),
+        }
+    }
 }
 
 /// A `--api-tcp` address: a loopback IP and a port.
@@ -210,6 +252,8 @@ pub struct VmmArgs {
     /// when the VMM ends; `ray bench snapshot` reads them.
     #[arg(long, hide = true, value_name = "FILE")]
     pub timings: Option<PathBuf>,
+    #[command(flatten)]
+    pub vnc: VncTcpArgs,
 }
 
 /// Where rayvisor's guest kernel is: `$RAY_GUEST`, or next to this binary (the build puts
@@ -381,6 +425,8 @@ pub enum Origin<'a> {
 pub struct VmmExtras {
     /// Also serve the API on this loopback TCP address.
     pub api_tcp: Option<std::net::SocketAddr>,
+    /// Also serve VNC on this loopback TCP address, with this password file.
+    pub vnc_tcp: Option<(std::net::SocketAddr, PathBuf)>,
 }
 
 fn spawn_vmm(
@@ -399,6 +445,10 @@ fn spawn_vmm(
     cmd.arg("--lock-fd").arg(lock_fd.to_string());
     if let Some(addr) = extras.api_tcp {
         cmd.arg("--api-tcp").arg(addr.to_string());
+    }
+    if let Some((addr, file)) = &extras.vnc_tcp {
+        cmd.arg("--vnc").arg(addr.to_string());
+        cmd.arg("--vnc-password-file").arg(file);
     }
     match origin {
         Origin::Boot(cfg) => {
@@ -463,6 +513,7 @@ fn run_vm(args: &RunArgs, runtime: &Path) -> anyhow::Result<()> {
     }
     ray_vmm::config::validate(&cfg, ray_vmm::config::host_memory())
         .map_err(|e| coded(exit::INVALID, format!("invalid VM configuration: {e}")))?;
+    let vnc_tcp = args.vnc.checked()?;
     launch_with(
         runtime,
         args.id.clone(),
@@ -471,6 +522,7 @@ fn run_vm(args: &RunArgs, runtime: &Path) -> anyhow::Result<()> {
         args.json,
         &VmmExtras {
             api_tcp: args.api_tcp,
+            vnc_tcp,
         },
     )
 }
@@ -615,6 +667,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
         lock_fd: args.lock_fd,
         api_tcp: args.api_tcp,
         timings: args.timings,
+        vnc_tcp: args.vnc.checked()?,
     })?;
     match state {
         ray_vmm::lifecycle::VmState::Terminated => Ok(()),

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use ray_api::gpu::{DisplayInfo, GpuConfig, GpuInfo, GpuList};
 use ray_api::vmm::{VmConfig, VmStateName as VmState};
 use ray_devices::virtio::input::{InputHandle, Kind as InputKind};
+use ray_display::auth::Password;
 use ray_display::keys::{self, Keyboard};
 use ray_display::model::{GpuEvent, GpuModel};
 use ray_display::vnc::InputSink;
@@ -114,6 +115,18 @@ struct Inner {
     frames: Option<Arc<GuestFrames>>,
     vnc: Option<VncServer>,
     state: Option<VmState>,
+    /// Where VNC also listens on TCP, and the password viewers there must know.
+    tcp: Option<(std::net::SocketAddr, Password)>,
+}
+
+/// Checks a `--vnc` TCP address (loopback only) and reads its password file; before the
+/// VM starts, so that a bad one stops it there.
+pub fn check_vnc_tcp(
+    addr: std::net::SocketAddr,
+    password_file: &std::path::Path,
+) -> Result<Password, String> {
+    vnc::check_tcp_address(addr).map_err(|e| e.to_string())?;
+    Password::from_file(password_file).map_err(|e| e.to_string())
 }
 
 /// The displays of one VM.
@@ -132,6 +145,12 @@ impl DisplayHub {
             model: Arc::default(),
             inner: Mutex::default(),
         }
+    }
+
+    /// Serves VNC on TCP too (from the next start of the VNC server on): display N on
+    /// `addr`'s port + N, for viewers that know `password`.
+    pub fn serve_tcp(&self, addr: std::net::SocketAddr, password: Password) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).tcp = Some((addr, password));
     }
 
     /// Brings the GPUs, framebuffers and VNC server in line with the VM: its
@@ -166,7 +185,7 @@ impl DisplayHub {
                 }
                 if inner.vnc.is_none() {
                     if let Some(frames) = inner.frames.clone() {
-                        inner.vnc = self.start_vnc(frames);
+                        inner.vnc = self.start_vnc(frames, inner.tcp.clone());
                     }
                 }
                 model.apply_all(GpuEvent::PowerOn);
@@ -193,7 +212,11 @@ impl DisplayHub {
         }
     }
 
-    fn start_vnc(&self, frames: Arc<GuestFrames>) -> Option<VncServer> {
+    fn start_vnc(
+        &self,
+        frames: Arc<GuestFrames>,
+        tcp: Option<(std::net::SocketAddr, Password)>,
+    ) -> Option<VncServer> {
         let model = self.model.clone();
         let hook: vnc::ViewerHook = Arc::new(move |viewers| {
             let mut m = model.lock().unwrap_or_else(|e| e.into_inner());
@@ -205,8 +228,16 @@ impl DisplayHub {
         });
         let input: Arc<dyn InputSink> = Arc::new(GuestInput::default());
         match VncServer::start(&self.dir, &self.id, frames, Some(input), hook) {
-            Ok(v) => {
+            Ok(mut v) => {
                 tracing::info!(sockets = ?v.sockets(), "VNC server listening");
+                if let Some((addr, password)) = tcp {
+                    match v.listen_tcp(addr, password) {
+                        Ok(addrs) => {
+                            tracing::info!(?addrs, "VNC listening on TCP (VNC authentication)")
+                        }
+                        Err(e) => tracing::error!("{e}; VNC is served on the Unix sockets only"),
+                    }
+                }
                 Some(v)
             }
             Err(e) => {
@@ -246,6 +277,9 @@ impl DisplayHub {
                     viewers,
                 })
                 .collect(),
+            vnc_tcp: inner.vnc.as_ref().map_or(Vec::new(), |v| {
+                v.tcp_addresses().iter().map(|a| a.to_string()).collect()
+            }),
             vnc_socket: inner.vnc.as_ref().map(|_| {
                 vnc::socket_path(&self.dir, 0, vnc::Role::ReadWrite)
                     .display()

@@ -68,6 +68,8 @@ pub struct VmmOptions {
     pub api_tcp: Option<std::net::SocketAddr>,
     /// Write the start-up stamps ([`startup`]) to this file when the VMM ends.
     pub timings: Option<PathBuf>,
+    /// Also serve VNC on this loopback TCP address, with the password in this file.
+    pub vnc_tcp: Option<(std::net::SocketAddr, PathBuf)>,
 }
 
 impl VmmOptions {
@@ -221,6 +223,10 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     let audit = AuditTrail::open(&paths.events())?;
     let (tx, rx) = mpsc::channel::<Message>();
     let mut ctl = Controller::new(opts.id.clone(), paths, opts.attach, audit, tx.clone());
+    if let Some((addr, file)) = &opts.vnc_tcp {
+        let password = display::check_vnc_tcp(*addr, file).map_err(anyhow::Error::msg)?;
+        ctl.displays.serve_tcp(*addr, password);
+    }
     spawn_signal_thread(signals, tx.clone());
 
     if let Some(cfg) = opts.config {
