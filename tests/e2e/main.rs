@@ -20,4 +20,5 @@ mod shell;
 mod sim;
 mod snapshot;
 mod vhost;
+mod vnc;
 mod vsock;

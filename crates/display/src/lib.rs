@@ -10,6 +10,7 @@ pub mod model;
 pub mod png;
 pub mod rfb;
 pub mod vnc;
+pub mod zrle;
 
 pub use layout::{DisplayGeometry, VramLayout};
 pub use model::{GpuEvent, GpuModel, GpuState, TransitionError};

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use crate::auth::Password;
 use crate::rfb::{self, ClientMessage, PixelFormat, Rect};
+use crate::zrle::{Zrle, ENCODING_ZRLE};
 use crate::{DisplayGeometry, FrameSource};
 
 /// Edge of the tiles the change detection compares.
@@ -368,15 +369,29 @@ fn serve_viewer(
                 }
             }
         })?;
-    let result = Viewer {
+    let mut viewer = Viewer {
         geometry,
         role,
         format: PixelFormat::NATIVE,
         pending: None,
         last: None,
         frame: vec![0; geometry.bytes()],
-    }
-    .run(&stream, shared, &rx);
+        encoding: rfb::ENCODING_RAW,
+        zrle: None,
+        sent: 0,
+    };
+    let result = viewer.run(&stream, shared, &rx);
+    let encoding = if viewer.encoding == ENCODING_ZRLE {
+        "zrle"
+    } else {
+        "raw"
+    };
+    tracing::info!(
+        screen,
+        encoding,
+        bytes = viewer.sent,
+        "VNC viewer's updates"
+    );
     // Ends the reader too (its read fails).
     stream.shutdown();
     let _ = reader.join();
@@ -392,6 +407,12 @@ struct Viewer {
     /// What this viewer was last sent of the whole display (native pixels), if anything.
     last: Option<Vec<u8>>,
     frame: Vec<u8>,
+    /// The encoding the viewer prefers of those served (Raw or ZRLE).
+    encoding: i32,
+    /// Its ZRLE stream, once it asked for ZRLE (one zlib stream per connection).
+    zrle: Option<Zrle>,
+    /// Bytes sent in framebuffer updates.
+    sent: u64,
 }
 
 impl Viewer {
@@ -433,7 +454,13 @@ impl Viewer {
                 // Everything goes out again in the new format.
                 self.last = None;
             }
-            ClientMessage::SetEncodings(_) => {}
+            ClientMessage::SetEncodings(list) => {
+                // The client lists its encodings best first; Raw is always understood.
+                self.encoding = list
+                    .into_iter()
+                    .find(|e| [rfb::ENCODING_RAW, ENCODING_ZRLE].contains(e))
+                    .unwrap_or(rfb::ENCODING_RAW);
+            }
             ClientMessage::UpdateRequest { incremental, rect } => {
                 let g = &self.geometry;
                 let clipped = clip(rect, g.width as u16, g.height as u16).ok_or_else(|| {
@@ -484,8 +511,14 @@ impl Viewer {
         }
         rfb::update_header(rects.len() as u16, msg);
         for r in &rects {
-            rfb::raw_rect(&self.frame, stride, *r, self.format, msg);
+            if self.encoding == ENCODING_ZRLE {
+                let z = self.zrle.get_or_insert_with(Zrle::default);
+                z.rect(&self.frame, stride, *r, self.format, msg);
+            } else {
+                rfb::raw_rect(&self.frame, stride, *r, self.format, msg);
+            }
         }
+        self.sent += msg.len() as u64;
         match &mut self.last {
             Some(last) => {
                 for r in &rects {
