@@ -379,6 +379,7 @@ fn serve_viewer(
         encoding: rfb::ENCODING_RAW,
         zrle: None,
         sent: 0,
+        desktop_size: false,
     };
     let result = viewer.run(&stream, shared, &rx);
     let encoding = if viewer.encoding == ENCODING_ZRLE {
@@ -413,6 +414,8 @@ struct Viewer {
     zrle: Option<Zrle>,
     /// Bytes sent in framebuffer updates.
     sent: u64,
+    /// The viewer takes DesktopSize (the display's size may change under it).
+    desktop_size: bool,
 }
 
 impl Viewer {
@@ -439,7 +442,7 @@ impl Viewer {
             }
             if self.pending.is_some() {
                 let mut msg = Vec::new();
-                if self.update(shared, &mut msg) {
+                if self.update(shared, &mut msg)? {
                     out.write_all(&msg)?;
                     out.flush()?;
                 }
@@ -455,6 +458,7 @@ impl Viewer {
                 self.last = None;
             }
             ClientMessage::SetEncodings(list) => {
+                self.desktop_size = list.contains(&rfb::ENCODING_DESKTOP_SIZE);
                 // The client lists its encodings best first; Raw is always understood.
                 self.encoding = list
                     .into_iter()
@@ -493,12 +497,18 @@ impl Viewer {
     }
 
     /// Answers the pending request into `msg` if there is something to send.
-    fn update(&mut self, shared: &Shared, msg: &mut Vec<u8>) -> bool {
+    fn update(&mut self, shared: &Shared, msg: &mut Vec<u8>) -> Result<bool, rfb::RfbError> {
         let Some((incremental, rect)) = self.pending else {
-            return false;
+            return Ok(false);
         };
+        if self.resized(shared)? {
+            rfb::update_header(1, msg);
+            rfb::rect_header(full(&self.geometry), rfb::ENCODING_DESKTOP_SIZE, msg);
+            self.pending = None;
+            return Ok(true);
+        }
         if !shared.source.read(self.geometry.index, &mut self.frame) {
-            return false;
+            return Ok(false);
         }
         let g = self.geometry;
         let stride = g.stride as usize;
@@ -507,7 +517,7 @@ impl Viewer {
             _ => vec![rect],
         };
         if rects.is_empty() {
-            return false;
+            return Ok(false);
         }
         rfb::update_header(rects.len() as u16, msg);
         for r in &rects {
@@ -529,7 +539,35 @@ impl Viewer {
             None => {}
         }
         self.pending = None;
-        true
+        Ok(true)
+    }
+
+    /// Whether the display changed its size since this viewer last looked: then the
+    /// viewer takes the new one (DesktopSize) or, if it cannot, is closed.
+    fn resized(&mut self, shared: &Shared) -> Result<bool, rfb::RfbError> {
+        let g = self.geometry;
+        let Some(now) = shared
+            .source
+            .displays()
+            .into_iter()
+            .find(|d| d.index == g.index)
+        else {
+            return Ok(false);
+        };
+        if (now.width, now.height, now.stride) == (g.width, g.height, g.stride) {
+            return Ok(false);
+        }
+        if !self.desktop_size {
+            return Err(rfb::RfbError::Protocol(format!(
+                "display {} changed to {}x{} and the viewer does not take DesktopSize",
+                g.index, now.width, now.height
+            )));
+        }
+        tracing::info!(display = g.index, now.width, now.height, "display resized");
+        self.geometry = now;
+        self.frame = vec![0; now.bytes()];
+        self.last = None;
+        Ok(true)
     }
 }
 
@@ -812,6 +850,101 @@ mod tests {
         assert!(!socket_path(&dir, 0, Role::ReadWrite).exists());
         assert!(counts.lock().unwrap().iter().max() >= Some(&2));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod resize_tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A display whose size the test changes.
+    struct Resizable(Mutex<DisplayGeometry>);
+    impl FrameSource for Resizable {
+        fn displays(&self) -> Vec<DisplayGeometry> {
+            vec![*self.0.lock().unwrap()]
+        }
+        fn read(&self, _: usize, out: &mut [u8]) -> bool {
+            out.len() == self.0.lock().unwrap().bytes() && {
+                out.fill(5);
+                true
+            }
+        }
+    }
+
+    fn geometry(width: u32, height: u32) -> DisplayGeometry {
+        DisplayGeometry {
+            index: 0,
+            gpu: 0,
+            gpa: 0,
+            width,
+            height,
+            stride: width * 4,
+        }
+    }
+
+    #[test]
+    fn a_resize_reaches_desktop_size_viewers_and_closes_the_others() {
+        let src = Arc::new(Resizable(Mutex::new(geometry(8, 4))));
+        let shared = Shared {
+            source: src.clone(),
+            input: None,
+            stop: AtomicBool::new(false),
+            viewers: AtomicU32::new(0),
+            on_viewers: Arc::new(|_| {}),
+            name: "t".into(),
+        };
+        let viewer = |desktop_size| Viewer {
+            geometry: geometry(8, 4),
+            role: Role::ViewOnly,
+            format: PixelFormat::NATIVE,
+            pending: None,
+            last: None,
+            frame: vec![0; 8 * 4 * 4],
+            encoding: rfb::ENCODING_RAW,
+            zrle: None,
+            sent: 0,
+            desktop_size,
+        };
+        let all = Rect {
+            x: 0,
+            y: 0,
+            w: 8,
+            h: 4,
+        };
+        let mut v = viewer(true);
+        v.pending = Some((false, all));
+        let mut msg = Vec::new();
+        assert!(v.update(&shared, &mut msg).unwrap());
+        assert_eq!(msg.len(), 4 + 12 + 8 * 4 * 4);
+        *src.0.lock().unwrap() = geometry(16, 2);
+        v.pending = Some((true, all));
+        msg.clear();
+        assert!(v.update(&shared, &mut msg).unwrap());
+        let mut want = vec![0, 0, 0, 1, 0, 0, 0, 0, 0, 16, 0, 2];
+        want.extend_from_slice(&rfb::ENCODING_DESKTOP_SIZE.to_be_bytes());
+        assert_eq!(msg, want);
+        // Then the whole new display.
+        v.pending = Some((
+            false,
+            Rect {
+                x: 0,
+                y: 0,
+                w: 16,
+                h: 2,
+            },
+        ));
+        msg.clear();
+        assert!(v.update(&shared, &mut msg).unwrap());
+        assert_eq!(msg.len(), 4 + 12 + 16 * 2 * 4);
+
+        let mut old = viewer(false);
+        old.pending = Some((false, all));
+        let e = old
+            .update(&shared, &mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not take DesktopSize"), "{e}");
     }
 }
 
