@@ -1,52 +1,32 @@
-//! A hostile VNC client: the first input byte picks what it attacks, the rest is what it
-//! sends.
-//!
-//! - handshake: the server's side of the RFB handshake (version, security, ClientInit);
-//! - messages: client messages after the handshake, read one after another until one is
-//!   refused. An accepted pixel format re-encodes to itself and has 1, 2 or 4 bytes per
-//!   pixel.
+//! A hostile VNC viewer: bytes after the handshake, parsed as RFB client messages until the
+//! first refusal. What is accepted is within the server's limits; an accepted pixel format
+//! can be served (Raw and ZRLE rectangles of a small frame in it, of the expected size).
 #![no_main]
 
-use std::io::{Cursor, Read, Write};
-
 use libfuzzer_sys::fuzz_target;
-use ray_display::rfb::{self, ClientMessage, PixelFormat};
-
-/// A socket stand-in: reads from the input, swallows what the server writes.
-struct Pipe(Cursor<Vec<u8>>);
-
-impl Read for Pipe {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl Write for Pipe {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use ray_display::rfb::{self, ClientMessage, Rect, MAX_CUT_TEXT, MAX_ENCODINGS};
+use ray_display::zrle::Zrle;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else {
-        return;
-    };
-    let mut pipe = Pipe(Cursor::new(rest.to_vec()));
-    if mode % 2 == 0 {
-        let _ = rfb::handshake(&mut pipe, 640, 480, "fuzz");
-        return;
-    }
-    for _ in 0..256 {
-        match rfb::read_message(&mut pipe) {
-            Ok(ClientMessage::SetPixelFormat(pf)) => {
-                assert_eq!(PixelFormat::from_bytes(&pf.to_bytes()).ok(), Some(pf));
-                assert!((1..=4).contains(&pf.bytes_per_pixel()));
+    let mut input = data;
+    let mut zrle = Zrle::default();
+    let frame: Vec<u8> = (0..16 * 4 * 4).map(|i| (i * 37) as u8).collect();
+    let all = Rect { x: 0, y: 0, w: 16, h: 4 };
+    while let Ok(m) = rfb::read_message(&mut input) {
+        match m {
+            ClientMessage::SetEncodings(list) => assert!(list.len() <= usize::from(MAX_ENCODINGS)),
+            ClientMessage::CutText(t) => assert!(t.len() <= MAX_CUT_TEXT as usize),
+            ClientMessage::SetPixelFormat(pf) => {
+                let mut out = Vec::new();
+                rfb::raw_rect(&frame, 64, all, pf, &mut out);
+                assert_eq!(out.len(), 12 + 16 * 4 * pf.bytes_per_pixel());
+                out.clear();
+                zrle.rect(&frame, 64, all, pf, &mut out);
+                assert!(out.len() > 16);
             }
-            Ok(_) => {}
-            Err(_) => break,
+            ClientMessage::UpdateRequest { .. }
+            | ClientMessage::Key { .. }
+            | ClientMessage::Pointer { .. } => {}
         }
     }
 });

@@ -39,6 +39,13 @@ fn table() -> Option<DisplayTable> {
     .then_some(t)
 }
 
+/// Display `index`'s width and height, if there is such a display.
+pub fn size(index: usize) -> Option<(u32, u32)> {
+    let t = table()?;
+    let d = t.displays[..t.count as usize].get(index)?;
+    Some((d.width, d.height))
+}
+
 /// `display N WxH stride=S at 0xADDR` per display (`... virtio scanout=K` for a virtio
 /// GPU's), then `displays N`.
 pub fn list() {

@@ -43,6 +43,7 @@ mod smp;
 mod virtio;
 mod virtio_blk;
 mod virtio_gpu;
+mod virtio_input;
 mod virtio_net;
 mod virtio_rng;
 mod virtio_vsock;
@@ -141,6 +142,7 @@ fn bsp_main(zero_page: u64, pvm: bool, offered_cpus: u32) -> ! {
     }
     virtio_net::init(info.cmdline_str(virtio_net::CMDLINE_IP));
     virtio_vsock::init();
+    virtio_input::init();
     println!("ready");
     heartbeat::ready().store(1, Release);
 
@@ -256,6 +258,7 @@ fn main_loop(poll_ns: u64) -> ! {
         }
         virtio_net::poll();
         virtio_gpu::poll();
+        virtio_input::poll(&mut |b| shell.input(b, &mut work));
         virtio_vsock::poll(&mut |line| shell::run_line(line, &mut work));
         let behind = work.poll(now);
         if heartbeat::shutdown_request().load(Relaxed) != 0 {

@@ -55,10 +55,11 @@ impl Function {
     }
 }
 
-/// The first function on bus 0 with this vendor and device ID.
-pub fn find(vendor: u16, device: u16) -> Option<Function> {
+/// The `nth` function (0-based) on bus 0 with this vendor and device ID.
+pub fn find(vendor: u16, device: u16, nth: usize) -> Option<Function> {
     let want = u32::from(device) << 16 | u32::from(vendor);
     (0..32u8)
         .map(|slot| Function { slot })
-        .find(|f| f.read32(0) == want)
+        .filter(|f| f.read32(0) == want)
+        .nth(nth)
 }

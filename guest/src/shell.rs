@@ -31,6 +31,11 @@ impl Shell {
 
     /// Feed one input byte; runs the command when a line is complete.
     pub fn input(&mut self, byte: u8, work: &mut Workloads) {
+        // Backspace (from the keyboard) takes back the last byte.
+        if byte == 0x08 || byte == 0x7f {
+            self.len = self.len.saturating_sub(1);
+            return;
+        }
         if byte != b'\r' && byte != b'\n' {
             if self.len < LINE_MAX {
                 self.line[self.len] = byte;
@@ -134,6 +139,8 @@ fn execute(line: &str, work: &mut Workloads) {
         "disk" => crate::virtio_blk::command(args),
         "net" => net(args),
         "draw" => crate::display::draw(args),
+        "input" if no_more(args.clone(), cmd) => crate::virtio_input::show(),
+        "pointer" if no_more(args.clone(), cmd) => crate::virtio_input::pointer(),
         "displays" if no_more(args.clone(), cmd) => crate::display::list(),
         "vsock" => vsock(line["vsock".len()..].trim_start()),
         "seq" => {
@@ -146,7 +153,7 @@ fn execute(line: &str, work: &mut Workloads) {
         }
         "poweroff" if no_more(args.clone(), cmd) => crate::poweroff(),
         "help" if no_more(args.clone(), cmd) => help(),
-        "mem" | "cpus" | "numa" | "poweroff" | "help" | "displays" => {}
+        "mem" | "cpus" | "numa" | "poweroff" | "help" | "displays" | "input" | "pointer" => {}
         _ => println!("err unknown command '{cmd}'"),
     }
 }
@@ -502,5 +509,5 @@ fn net(mut args: core::str::SplitAsciiWhitespace) {
 }
 
 fn help() {
-    println!("commands: echo <text> | mem | cpus | numa | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | pattern <MiB> <word> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | displays | draw bars|gradient|checker|fill [SEED] [DISPLAY] | vsock [connect PORT TEXT] | seq <n> | poweroff | help");
+    println!("commands: echo <text> | mem | cpus | numa | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | pattern <MiB> <word> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | displays | draw bars|gradient|checker|fill [SEED] [DISPLAY] | input | pointer | vsock [connect PORT TEXT] | seq <n> | poweroff | help");
 }

@@ -141,7 +141,16 @@ impl Transport {
     /// negotiates VERSION_1, EVENT_IDX if offered, and whichever of `wanted` it offers.
     /// None if there is no such device.
     pub fn probe(device_type: u16, wanted: u64) -> Result<Option<Transport>, &'static str> {
-        let Some(f) = pci::find(VENDOR, DEVICE_ID_BASE + device_type) else {
+        Self::probe_nth(device_type, wanted, 0)
+    }
+
+    /// As [`probe`](Self::probe), for the `nth` device of the type (0-based).
+    pub fn probe_nth(
+        device_type: u16,
+        wanted: u64,
+        nth: usize,
+    ) -> Result<Option<Transport>, &'static str> {
+        let Some(f) = pci::find(VENDOR, DEVICE_ID_BASE + device_type, nth) else {
             return Ok(None);
         };
         let bar = f.bar(0) as usize;
@@ -228,6 +237,13 @@ impl Transport {
             return T::default();
         }
         rd(self.device_config + offset)
+    }
+
+    /// Writes a value of the device-specific configuration (nothing if it has none).
+    pub fn config_write<T: Copy>(&self, offset: usize, value: T) {
+        if self.device_config != 0 {
+            wr(self.device_config + offset, value);
+        }
     }
 
     /// How many queues the device has.

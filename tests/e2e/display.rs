@@ -17,7 +17,7 @@ const READY: Duration = Duration::from_secs(20);
 const GPU: &str = "emulated,width=640,height=480,displays=2";
 
 /// A PNG's size and RGB pixels.
-fn decode(path: &Path) -> (u32, u32, Vec<u8>) {
+pub fn decode(path: &Path) -> (u32, u32, Vec<u8>) {
     let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut reader = png::Decoder::new(std::io::BufReader::new(file))
         .read_info()

@@ -256,6 +256,27 @@ pub struct GpuList {
     /// The VNC server's Unix socket, once the VM runs with a display.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vnc_socket: Option<String>,
+    /// The TCP addresses VNC listens on (display by display; VNC authentication), if any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vnc_tcp: Vec<String>,
+}
+
+/// `POST /vm/keyboard/type` body: text typed on the VM's virtio-input keyboard (US
+/// layout: printable ASCII, tab and newline, at most [`MAX_TYPED`] characters).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TypeText {
+    pub text: String,
+}
+
+/// The longest text one request types.
+pub const MAX_TYPED: usize = 4096;
+
+/// `POST /vm/keyboard/type` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Typed {
+    /// Input events sent (key presses, releases and reports).
+    pub events: u64,
 }
 
 #[cfg(test)]

@@ -272,6 +272,10 @@ pub struct DevicesConfig {
     /// A virtio-vsock device (at most one), for host<->guest streams and `ray vm exec`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<crate::vsock::VsockConfig>,
+    /// A virtio-input keyboard and tablet that VNC viewers and `ray gpu type` type into.
+    /// Default: on when the VM has a GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<bool>,
 }
 
 /// One virtio-blk disk: a raw image file or a block device on the VMM's host. In a live
@@ -313,6 +317,7 @@ impl Default for DevicesConfig {
             net: Vec::new(),
             gpus: Vec::new(),
             vsock: None,
+            input: None,
         }
     }
 }
@@ -344,6 +349,11 @@ impl NumaPolicy {
 impl DevicesConfig {
     pub fn is_default(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// Whether the VM gets the virtio-input keyboard and tablet.
+    pub fn input_enabled(&self) -> bool {
+        self.input.unwrap_or(!self.gpus.is_empty())
     }
 }
 

@@ -3,11 +3,14 @@
 //!
 //! The VMM owns guest memory; this crate reads pixels through the [`FrameSource`] trait, so
 //! it is tested here against plain buffers and driven in the VMM by guest RAM.
+pub mod auth;
+pub mod keys;
 pub mod layout;
 pub mod model;
 pub mod png;
 pub mod rfb;
 pub mod vnc;
+pub mod zrle;
 
 pub use layout::{DisplayGeometry, VramLayout};
 pub use model::{GpuEvent, GpuModel, GpuState, TransitionError};

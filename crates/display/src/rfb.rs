@@ -3,10 +3,13 @@
 //! framebuffer update encoding. No sockets here: [`crate::vnc`] drives these over a stream.
 use std::io::{self, Read, Write};
 
+use crate::auth::Password;
+
 /// The version this server speaks.
 pub const VERSION: &[u8; 12] = b"RFB 003.008\n";
-/// Security type None.
+/// Security types None and VNC authentication.
 pub const SECURITY_NONE: u8 = 1;
+pub const SECURITY_VNC_AUTH: u8 = 2;
 /// Encodings.
 pub const ENCODING_RAW: i32 = 0;
 pub const ENCODING_COPYRECT: i32 = 1;
@@ -233,12 +236,14 @@ pub fn read_message(r: &mut impl Read) -> Result<ClientMessage, RfbError> {
 }
 
 /// The server's side of the handshake up to and including ServerInit: version, security
-/// None, ClientInit. Returns whether the client asked to share the desktop.
+/// (None, or VNC authentication with `password`), ClientInit. Returns whether the client
+/// asked to share the desktop.
 pub fn handshake(
     s: &mut (impl Read + Write),
     width: u16,
     height: u16,
     name: &str,
+    password: Option<&Password>,
 ) -> Result<bool, RfbError> {
     s.write_all(VERSION)?;
     let v = read_n::<12>(s)?;
@@ -255,25 +260,43 @@ pub fn handshake(
             )))
         }
     };
-    if minor == 3 {
-        s.write_all(&u32::from(SECURITY_NONE).to_be_bytes())?;
+    let offered = if password.is_some() {
+        SECURITY_VNC_AUTH
     } else {
-        s.write_all(&[1, SECURITY_NONE])?;
+        SECURITY_NONE
+    };
+    if minor == 3 {
+        s.write_all(&u32::from(offered).to_be_bytes())?;
+    } else {
+        s.write_all(&[1, offered])?;
         let [chosen] = read_n::<1>(s)?;
-        if chosen != SECURITY_NONE {
+        if chosen != offered {
             if minor == 8 {
-                let reason = b"security type not offered";
-                s.write_all(&1u32.to_be_bytes())?;
-                s.write_all(&(reason.len() as u32).to_be_bytes())?;
-                s.write_all(reason)?;
+                refuse(s, "security type not offered")?;
             }
             return Err(protocol(format!(
                 "the client chose security type {chosen}, which was not offered"
             )));
         }
-        if minor == 8 {
-            s.write_all(&0u32.to_be_bytes())?;
+    }
+    if let Some(password) = password {
+        let challenge = crate::auth::challenge()?;
+        s.write_all(&challenge)?;
+        s.flush()?;
+        let answer = read_n::<16>(s)?;
+        if !password.verify(&challenge, &answer) {
+            if minor == 8 {
+                refuse(s, "authentication failed")?;
+            } else {
+                s.write_all(&1u32.to_be_bytes())?;
+            }
+            return Err(protocol(
+                "VNC authentication failed: the viewer's answer does not match the password",
+            ));
         }
+        s.write_all(&0u32.to_be_bytes())?;
+    } else if minor == 8 {
+        s.write_all(&0u32.to_be_bytes())?;
     }
     let [shared] = read_n::<1>(s)?;
     let mut init = Vec::with_capacity(24 + name.len());
@@ -291,6 +314,14 @@ pub fn handshake(
 pub fn update_header(rects: u16, out: &mut Vec<u8>) {
     out.extend_from_slice(&[0, 0]);
     out.extend_from_slice(&rects.to_be_bytes());
+}
+
+/// A failed SecurityResult with its reason (RFB 3.8).
+fn refuse(s: &mut impl Write, reason: &str) -> io::Result<()> {
+    s.write_all(&1u32.to_be_bytes())?;
+    s.write_all(&(reason.len() as u32).to_be_bytes())?;
+    s.write_all(reason.as_bytes())?;
+    s.flush()
 }
 
 /// A rectangle's header.
@@ -347,7 +378,7 @@ mod tests {
             input: b"RFB 003.008\n\x01\x01",
             output: Vec::new(),
         };
-        assert!(handshake(&mut s, 640, 480, "vm").unwrap());
+        assert!(handshake(&mut s, 640, 480, "vm", None).unwrap());
         let o = &s.output;
         assert_eq!(&o[..12], VERSION);
         assert_eq!(&o[12..14], &[1, 1], "one type: None");
@@ -363,20 +394,82 @@ mod tests {
             input: b"HTTP/1.1 200",
             output: Vec::new(),
         };
-        let e = handshake(&mut s, 8, 8, "x").unwrap_err().to_string();
+        let e = handshake(&mut s, 8, 8, "x", None).unwrap_err().to_string();
         assert!(e.contains("is not RFB 3.x"), "{e}");
         let mut s = Duplex {
             input: b"RFB 003.008\n\x02",
             output: Vec::new(),
         };
-        let e = handshake(&mut s, 8, 8, "x").unwrap_err().to_string();
+        let e = handshake(&mut s, 8, 8, "x", None).unwrap_err().to_string();
         assert_eq!(e, "the client chose security type 2, which was not offered");
         let mut s = Duplex {
             input: b"RFB 003.003\n\x00",
             output: Vec::new(),
         };
-        assert!(!handshake(&mut s, 8, 8, "x").unwrap());
+        assert!(!handshake(&mut s, 8, 8, "x", None).unwrap());
         assert_eq!(&s.output[12..16], &[0, 0, 0, 1]);
+    }
+
+    /// A stream whose input is computed from what was written: a viewer that answers
+    /// the challenge with `password`.
+    struct AuthViewer {
+        password: Password,
+        output: Vec<u8>,
+        input: Vec<u8>,
+    }
+    impl Read for AuthViewer {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.input.is_empty() && self.output.len() == 14 + 16 {
+                let challenge: [u8; 16] = self.output[14..].try_into().unwrap();
+                self.input = self.password.response(&challenge).to_vec();
+                self.input.push(1);
+            }
+            let n = buf.len().min(self.input.len());
+            buf[..n].copy_from_slice(&self.input[..n]);
+            self.input.drain(..n);
+            Ok(n)
+        }
+    }
+    impl Write for AuthViewer {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn vnc_authentication_takes_the_right_password_only() {
+        let right = Password::new(b"pw");
+        let mut v = AuthViewer {
+            password: right.clone(),
+            output: Vec::new(),
+            input: b"RFB 003.008\n\x02".to_vec(),
+        };
+        assert!(handshake(&mut v, 8, 8, "x", Some(&right)).unwrap());
+        assert_eq!(&v.output[12..14], &[1, SECURITY_VNC_AUTH]);
+        assert_eq!(&v.output[30..34], &[0, 0, 0, 0], "SecurityResult OK");
+        let mut v = AuthViewer {
+            password: Password::new(b"wrong"),
+            output: Vec::new(),
+            input: b"RFB 003.008\n\x02".to_vec(),
+        };
+        let e = handshake(&mut v, 8, 8, "x", Some(&right))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("VNC authentication failed"), "{e}");
+        assert_eq!(&v.output[30..34], &[0, 0, 0, 1], "SecurityResult failed");
+        assert!(v.output.ends_with(b"authentication failed"));
+        // Choosing None when authentication is offered is refused.
+        let mut s = Duplex {
+            input: b"RFB 003.008\n\x01",
+            output: Vec::new(),
+        };
+        let e = handshake(&mut s, 8, 8, "x", Some(&right))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "the client chose security type 1, which was not offered");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! its rectangle changed: the viewer's thread compares the display, 64x64 tile by tile,
 //! with what that viewer was last sent and sends the changed tiles. A viewer that breaks
 //! the protocol is logged and disconnected; the others and the VM carry on.
-use std::io::{self, BufReader, BufWriter, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -16,7 +17,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::auth::Password;
 use crate::rfb::{self, ClientMessage, PixelFormat, Rect};
+use crate::zrle::{Zrle, ENCODING_ZRLE};
 use crate::{DisplayGeometry, FrameSource};
 
 /// Edge of the tiles the change detection compares.
@@ -39,6 +42,11 @@ pub enum Role {
 pub trait InputSink: Send + Sync {
     /// An X11 keysym pressed (`down`) or released.
     fn key(&self, down: bool, keysym: u32);
+    /// The pointer at (`x`, `y`) on `display` with `buttons` held (bit 0 left, 1 middle,
+    /// 2 right, 3 and 4 the wheel).
+    fn pointer(&self, display: &DisplayGeometry, buttons: u8, x: u16, y: u16) {
+        let _ = (display, buttons, x, y);
+    }
 }
 
 /// The socket of display `display` for viewers of `role` in the VM directory `dir`.
@@ -65,7 +73,110 @@ struct Shared {
 pub struct VncServer {
     shared: Arc<Shared>,
     sockets: Vec<PathBuf>,
+    /// The TCP addresses listened on, display by display.
+    tcp: Vec<SocketAddr>,
     listeners: Vec<JoinHandle<()>>,
+}
+
+/// A viewer's connection: a Unix socket in the VM directory or TCP on loopback.
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for &Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => (&*s).read(buf),
+            Conn::Tcp(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for &Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => (&*s).write(buf),
+            Conn::Tcp(s) => (&*s).write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => (&*s).flush(),
+            Conn::Tcp(s) => (&*s).flush(),
+        }
+    }
+}
+
+/// Where viewers come from.
+enum Listener {
+    Unix(UnixListener),
+    /// Viewers must know the password.
+    Tcp(TcpListener, Password),
+}
+
+impl Listener {
+    fn accept(&self) -> io::Result<Conn> {
+        match self {
+            Listener::Unix(l) => l.accept().map(|(s, _)| Conn::Unix(s)),
+            Listener::Tcp(l, _) => l.accept().map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }),
+        }
+    }
+
+    fn password(&self) -> Option<&Password> {
+        match self {
+            Listener::Unix(_) => None,
+            Listener::Tcp(_, p) => Some(p),
+        }
+    }
+}
+
+/// Why the VNC server cannot listen on TCP.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpError {
+    #[error(
+        "VNC on {0} would be reachable from other hosts: only loopback addresses (127.0.0.1, \
+         ::1) are served, as other addresses need TLS, which rayvisor's VNC server does not have"
+    )]
+    NotLoopback(SocketAddr),
+    #[error("cannot listen for VNC viewers on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+}
+
+/// Refuses an address other hosts could reach (there is no TLS to protect it).
+pub fn check_tcp_address(addr: SocketAddr) -> Result<(), TcpError> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(TcpError::NotLoopback(addr))
+    }
 }
 
 impl VncServer {
@@ -88,6 +199,7 @@ impl VncServer {
         let mut server = VncServer {
             shared: shared.clone(),
             sockets: Vec::new(),
+            tcp: Vec::new(),
             listeners: Vec::new(),
         };
         for d in shared.source.displays() {
@@ -97,23 +209,60 @@ impl VncServer {
                 let listener = UnixListener::bind(&path)?;
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
                 server.sockets.push(path);
-                let shared = shared.clone();
-                let index = d.index;
-                // The VMM's log span (the VM's id) follows into every VNC thread.
-                let span = tracing::Span::current();
-                server.listeners.push(
-                    std::thread::Builder::new()
-                        .name(format!("vnc-{index}"))
-                        .spawn(move || {
-                            // Its viewer threads inherit the filter.
-                            ray_seccomp::enter(ray_seccomp::Kind::Display);
-                            let _span = span.enter();
-                            accept_loop(listener, shared, index, role)
-                        })?,
-                );
+                server.spawn(Listener::Unix(listener), d.index, role)?;
             }
         }
         Ok(server)
+    }
+
+    fn spawn(&mut self, listener: Listener, index: usize, role: Role) -> io::Result<()> {
+        let shared = self.shared.clone();
+        // The VMM's log span (the VM's id) follows into every VNC thread.
+        let span = tracing::Span::current();
+        self.listeners.push(
+            std::thread::Builder::new()
+                .name(format!("vnc-{index}"))
+                .spawn(move || {
+                    // Its viewer threads inherit the filter.
+                    ray_seccomp::enter(ray_seccomp::Kind::Display);
+                    let _span = span.enter();
+                    accept_loop(listener, shared, index, role)
+                })?,
+        );
+        Ok(())
+    }
+
+    /// Also listens on TCP: display N on `addr`'s port + N (port 0: any free ports), for
+    /// read-write viewers that know `password` (VNC authentication). Only loopback
+    /// addresses are served. Returns the addresses, display by display.
+    pub fn listen_tcp(
+        &mut self,
+        addr: SocketAddr,
+        password: Password,
+    ) -> Result<Vec<SocketAddr>, TcpError> {
+        check_tcp_address(addr)?;
+        for d in self.shared.source.displays() {
+            let mut at = addr;
+            if addr.port() != 0 {
+                at.set_port(addr.port().saturating_add(d.index as u16));
+            }
+            let bind = |source| TcpError::Bind { addr: at, source };
+            let listener = TcpListener::bind(at).map_err(bind)?;
+            let local = listener.local_addr().map_err(bind)?;
+            self.tcp.push(local);
+            self.spawn(
+                Listener::Tcp(listener, password.clone()),
+                d.index,
+                Role::ReadWrite,
+            )
+            .map_err(bind)?;
+        }
+        Ok(self.tcp.clone())
+    }
+
+    /// The TCP addresses listened on, display by display.
+    pub fn tcp_addresses(&self) -> &[SocketAddr] {
+        &self.tcp
     }
 
     /// Viewers connected now.
@@ -133,6 +282,9 @@ impl Drop for VncServer {
         for path in &self.sockets {
             let _ = UnixStream::connect(path);
         }
+        for addr in &self.tcp {
+            let _ = TcpStream::connect(addr);
+        }
         for t in self.listeners.drain(..) {
             let _ = t.join();
         }
@@ -142,13 +294,16 @@ impl Drop for VncServer {
     }
 }
 
-fn accept_loop(listener: UnixListener, shared: Arc<Shared>, screen: usize, role: Role) {
-    for stream in listener.incoming() {
+fn accept_loop(listener: Listener, shared: Arc<Shared>, screen: usize, role: Role) {
+    let listener = Arc::new(listener);
+    loop {
+        let stream = listener.accept();
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
         let Ok(stream) = stream else { continue };
         let shared = shared.clone();
+        let listener = listener.clone();
         let span = tracing::Span::current();
         let spawned = std::thread::Builder::new()
             .name(format!("vnc-{screen}-viewer"))
@@ -157,7 +312,7 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>, screen: usize, role:
                 let _span = span.enter();
                 let n = shared.viewers.fetch_add(1, Ordering::SeqCst) + 1;
                 (shared.on_viewers)(n);
-                match serve_viewer(stream, &shared, screen, role) {
+                match serve_viewer(stream, &shared, screen, role, listener.password()) {
                     Ok(()) => tracing::info!(screen, ?role, "VNC viewer left"),
                     Err(e) => tracing::warn!(screen, ?role, "VNC viewer closed: {e}"),
                 }
@@ -172,10 +327,11 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>, screen: usize, role:
 
 /// One viewer, from handshake to disconnect.
 fn serve_viewer(
-    stream: UnixStream,
+    stream: Conn,
     shared: &Shared,
     screen: usize,
     role: Role,
+    password: Option<&Password>,
 ) -> Result<(), rfb::RfbError> {
     let geometry = shared
         .source
@@ -186,7 +342,13 @@ fn serve_viewer(
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut s = &stream;
     let name = format!("{} display {screen}", shared.name);
-    rfb::handshake(&mut s, geometry.width as u16, geometry.height as u16, &name)?;
+    rfb::handshake(
+        &mut s,
+        geometry.width as u16,
+        geometry.height as u16,
+        &name,
+        password,
+    )?;
     stream.set_read_timeout(None)?;
     tracing::info!(screen, ?role, "VNC viewer connected");
 
@@ -211,17 +373,32 @@ fn serve_viewer(
                 }
             }
         })?;
-    let result = Viewer {
+    let mut viewer = Viewer {
         geometry,
         role,
         format: PixelFormat::NATIVE,
         pending: None,
         last: None,
         frame: vec![0; geometry.bytes()],
-    }
-    .run(&stream, shared, &rx);
+        encoding: rfb::ENCODING_RAW,
+        zrle: None,
+        sent: 0,
+        desktop_size: false,
+    };
+    let result = viewer.run(&stream, shared, &rx);
+    let encoding = if viewer.encoding == ENCODING_ZRLE {
+        "zrle"
+    } else {
+        "raw"
+    };
+    tracing::info!(
+        screen,
+        encoding,
+        bytes = viewer.sent,
+        "VNC viewer's updates"
+    );
     // Ends the reader too (its read fails).
-    let _ = stream.shutdown(std::net::Shutdown::Both);
+    stream.shutdown();
     let _ = reader.join();
     result
 }
@@ -235,12 +412,20 @@ struct Viewer {
     /// What this viewer was last sent of the whole display (native pixels), if anything.
     last: Option<Vec<u8>>,
     frame: Vec<u8>,
+    /// The encoding the viewer prefers of those served (Raw or ZRLE).
+    encoding: i32,
+    /// Its ZRLE stream, once it asked for ZRLE (one zlib stream per connection).
+    zrle: Option<Zrle>,
+    /// Bytes sent in framebuffer updates.
+    sent: u64,
+    /// The viewer takes DesktopSize (the display's size may change under it).
+    desktop_size: bool,
 }
 
 impl Viewer {
     fn run(
         &mut self,
-        stream: &UnixStream,
+        stream: &Conn,
         shared: &Shared,
         rx: &mpsc::Receiver<Result<ClientMessage, rfb::RfbError>>,
     ) -> Result<(), rfb::RfbError> {
@@ -261,7 +446,7 @@ impl Viewer {
             }
             if self.pending.is_some() {
                 let mut msg = Vec::new();
-                if self.update(shared, &mut msg) {
+                if self.update(shared, &mut msg)? {
                     out.write_all(&msg)?;
                     out.flush()?;
                 }
@@ -276,7 +461,14 @@ impl Viewer {
                 // Everything goes out again in the new format.
                 self.last = None;
             }
-            ClientMessage::SetEncodings(_) => {}
+            ClientMessage::SetEncodings(list) => {
+                self.desktop_size = list.contains(&rfb::ENCODING_DESKTOP_SIZE);
+                // The client lists its encodings best first; Raw is always understood.
+                self.encoding = list
+                    .into_iter()
+                    .find(|e| [rfb::ENCODING_RAW, ENCODING_ZRLE].contains(e))
+                    .unwrap_or(rfb::ENCODING_RAW);
+            }
             ClientMessage::UpdateRequest { incremental, rect } => {
                 let g = &self.geometry;
                 let clipped = clip(rect, g.width as u16, g.height as u16).ok_or_else(|| {
@@ -296,18 +488,31 @@ impl Viewer {
                     tracing::debug!(keysym, "key from a view-only viewer ignored");
                 }
             }
-            ClientMessage::Pointer { .. } | ClientMessage::CutText(_) => {}
+            ClientMessage::Pointer { buttons, x, y } => {
+                if self.role == Role::ReadWrite {
+                    if let Some(input) = &shared.input {
+                        input.pointer(&self.geometry, buttons, x, y);
+                    }
+                }
+            }
+            ClientMessage::CutText(_) => {}
         }
         Ok(())
     }
 
     /// Answers the pending request into `msg` if there is something to send.
-    fn update(&mut self, shared: &Shared, msg: &mut Vec<u8>) -> bool {
+    fn update(&mut self, shared: &Shared, msg: &mut Vec<u8>) -> Result<bool, rfb::RfbError> {
         let Some((incremental, rect)) = self.pending else {
-            return false;
+            return Ok(false);
         };
+        if self.resized(shared)? {
+            rfb::update_header(1, msg);
+            rfb::rect_header(full(&self.geometry), rfb::ENCODING_DESKTOP_SIZE, msg);
+            self.pending = None;
+            return Ok(true);
+        }
         if !shared.source.read(self.geometry.index, &mut self.frame) {
-            return false;
+            return Ok(false);
         }
         let g = self.geometry;
         let stride = g.stride as usize;
@@ -316,12 +521,18 @@ impl Viewer {
             _ => vec![rect],
         };
         if rects.is_empty() {
-            return false;
+            return Ok(false);
         }
         rfb::update_header(rects.len() as u16, msg);
         for r in &rects {
-            rfb::raw_rect(&self.frame, stride, *r, self.format, msg);
+            if self.encoding == ENCODING_ZRLE {
+                let z = self.zrle.get_or_insert_with(Zrle::default);
+                z.rect(&self.frame, stride, *r, self.format, msg);
+            } else {
+                rfb::raw_rect(&self.frame, stride, *r, self.format, msg);
+            }
         }
+        self.sent += msg.len() as u64;
         match &mut self.last {
             Some(last) => {
                 for r in &rects {
@@ -332,7 +543,35 @@ impl Viewer {
             None => {}
         }
         self.pending = None;
-        true
+        Ok(true)
+    }
+
+    /// Whether the display changed its size since this viewer last looked: then the
+    /// viewer takes the new one (DesktopSize) or, if it cannot, is closed.
+    fn resized(&mut self, shared: &Shared) -> Result<bool, rfb::RfbError> {
+        let g = self.geometry;
+        let Some(now) = shared
+            .source
+            .displays()
+            .into_iter()
+            .find(|d| d.index == g.index)
+        else {
+            return Ok(false);
+        };
+        if (now.width, now.height, now.stride) == (g.width, g.height, g.stride) {
+            return Ok(false);
+        }
+        if !self.desktop_size {
+            return Err(rfb::RfbError::Protocol(format!(
+                "display {} changed to {}x{} and the viewer does not take DesktopSize",
+                g.index, now.width, now.height
+            )));
+        }
+        tracing::info!(display = g.index, now.width, now.height, "display resized");
+        self.geometry = now;
+        self.frame = vec![0; now.bytes()];
+        self.last = None;
+        Ok(true)
     }
 }
 
@@ -511,6 +750,12 @@ mod tests {
                 self.0.lock().unwrap().push(keysym);
             }
         }
+        fn pointer(&self, _: &DisplayGeometry, buttons: u8, x: u16, y: u16) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(u32::from_be_bytes([0xee, buttons, x as u8, y as u8]));
+        }
     }
 
     fn connect(path: &Path) -> UnixStream {
@@ -591,6 +836,9 @@ mod tests {
         // Keys: the read-write viewer's arrive, the view-only viewer's do not.
         ro.write_all(&[4, 1, 0, 0, 0, 0, 0, b'x']).unwrap();
         rw.write_all(&[4, 1, 0, 0, 0, 0, 0, b'y']).unwrap();
+        // So does the pointer.
+        ro.write_all(&[5, 1, 0, 1, 0, 1]).unwrap();
+        rw.write_all(&[5, 4, 0, 2, 0, 3]).unwrap();
         // A garbage viewer is dropped; the others go on.
         let mut bad = connect(&socket_path(&dir, 0, Role::ReadWrite));
         bad.write_all(&[0xee; 16]).unwrap();
@@ -598,10 +846,188 @@ mod tests {
         let _ = bad.read_to_end(&mut sink);
         src.pixels.lock().unwrap()[4] = 3;
         assert_eq!(request(&mut ro, true, 16, 8)[4], 3);
-        assert_eq!(*keys.0.lock().unwrap(), vec![u32::from(b'y')]);
+        assert_eq!(
+            *keys.0.lock().unwrap(),
+            vec![u32::from(b'y'), u32::from_be_bytes([0xee, 4, 2, 3])]
+        );
         drop(server);
         assert!(!socket_path(&dir, 0, Role::ReadWrite).exists());
         assert!(counts.lock().unwrap().iter().max() >= Some(&2));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod resize_tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A display whose size the test changes.
+    struct Resizable(Mutex<DisplayGeometry>);
+    impl FrameSource for Resizable {
+        fn displays(&self) -> Vec<DisplayGeometry> {
+            vec![*self.0.lock().unwrap()]
+        }
+        fn read(&self, _: usize, out: &mut [u8]) -> bool {
+            out.len() == self.0.lock().unwrap().bytes() && {
+                out.fill(5);
+                true
+            }
+        }
+    }
+
+    fn geometry(width: u32, height: u32) -> DisplayGeometry {
+        DisplayGeometry {
+            index: 0,
+            gpu: 0,
+            gpa: 0,
+            width,
+            height,
+            stride: width * 4,
+        }
+    }
+
+    #[test]
+    fn a_resize_reaches_desktop_size_viewers_and_closes_the_others() {
+        let src = Arc::new(Resizable(Mutex::new(geometry(8, 4))));
+        let shared = Shared {
+            source: src.clone(),
+            input: None,
+            stop: AtomicBool::new(false),
+            viewers: AtomicU32::new(0),
+            on_viewers: Arc::new(|_| {}),
+            name: "t".into(),
+        };
+        let viewer = |desktop_size| Viewer {
+            geometry: geometry(8, 4),
+            role: Role::ViewOnly,
+            format: PixelFormat::NATIVE,
+            pending: None,
+            last: None,
+            frame: vec![0; 8 * 4 * 4],
+            encoding: rfb::ENCODING_RAW,
+            zrle: None,
+            sent: 0,
+            desktop_size,
+        };
+        let all = Rect {
+            x: 0,
+            y: 0,
+            w: 8,
+            h: 4,
+        };
+        let mut v = viewer(true);
+        v.pending = Some((false, all));
+        let mut msg = Vec::new();
+        assert!(v.update(&shared, &mut msg).unwrap());
+        assert_eq!(msg.len(), 4 + 12 + 8 * 4 * 4);
+        *src.0.lock().unwrap() = geometry(16, 2);
+        v.pending = Some((true, all));
+        msg.clear();
+        assert!(v.update(&shared, &mut msg).unwrap());
+        let mut want = vec![0, 0, 0, 1, 0, 0, 0, 0, 0, 16, 0, 2];
+        want.extend_from_slice(&rfb::ENCODING_DESKTOP_SIZE.to_be_bytes());
+        assert_eq!(msg, want);
+        // Then the whole new display.
+        v.pending = Some((
+            false,
+            Rect {
+                x: 0,
+                y: 0,
+                w: 16,
+                h: 2,
+            },
+        ));
+        msg.clear();
+        assert!(v.update(&shared, &mut msg).unwrap());
+        assert_eq!(msg.len(), 4 + 12 + 16 * 2 * 4);
+
+        let mut old = viewer(false);
+        old.pending = Some((false, all));
+        let e = old
+            .update(&shared, &mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not take DesktopSize"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod tcp_tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct Blank(DisplayGeometry);
+    impl FrameSource for Blank {
+        fn displays(&self) -> Vec<DisplayGeometry> {
+            vec![self.0]
+        }
+        fn read(&self, _: usize, out: &mut [u8]) -> bool {
+            out.fill(0);
+            true
+        }
+    }
+
+    #[test]
+    fn tcp_is_loopback_only_and_needs_the_password() {
+        let dir = std::env::temp_dir().join(format!("ray-vnc-tcp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let g = DisplayGeometry {
+            index: 0,
+            gpu: 0,
+            gpa: 0,
+            width: 8,
+            height: 8,
+            stride: 32,
+        };
+        let counts = Arc::new(Mutex::new(Vec::new()));
+        let c2 = counts.clone();
+        let mut server = VncServer::start(
+            &dir,
+            "t",
+            Arc::new(Blank(g)),
+            None,
+            Arc::new(move |n| c2.lock().unwrap().push(n)),
+        )
+        .unwrap();
+        let pw = Password::new(b"pw");
+        let e = server
+            .listen_tcp("0.0.0.0:0".parse().unwrap(), pw.clone())
+            .unwrap_err();
+        assert!(e.to_string().contains("only loopback addresses"), "{e}");
+        let addrs = server
+            .listen_tcp("127.0.0.1:0".parse().unwrap(), pw.clone())
+            .unwrap();
+        assert_eq!(addrs.len(), 1);
+        // The right answer to the challenge gets ServerInit; a wrong one a failure.
+        for (password, ok) in [(pw.clone(), true), (Password::new(b"nope"), false)] {
+            let mut s = TcpStream::connect(addrs[0]).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut v = [0u8; 12];
+            s.read_exact(&mut v).unwrap();
+            s.write_all(b"RFB 003.008\n").unwrap();
+            let mut types = [0u8; 2];
+            s.read_exact(&mut types).unwrap();
+            assert_eq!(types, [1, rfb::SECURITY_VNC_AUTH]);
+            s.write_all(&[rfb::SECURITY_VNC_AUTH]).unwrap();
+            let mut challenge = [0u8; 16];
+            s.read_exact(&mut challenge).unwrap();
+            s.write_all(&password.response(&challenge)).unwrap();
+            let mut result = [0u8; 4];
+            s.read_exact(&mut result).unwrap();
+            assert_eq!(result == [0; 4], ok);
+            if ok {
+                s.write_all(&[1]).unwrap();
+                let mut init = [0u8; 4];
+                s.read_exact(&mut init).unwrap();
+                assert_eq!(init, [0, 8, 0, 8]);
+            } else {
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest);
+                assert!(rest.ends_with(b"authentication failed"));
+            }
+        }
+        drop(server);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -21,6 +21,7 @@
 
 pub mod acpi_numa;
 pub mod display;
+pub mod input;
 
 /// Guest-physical (and guest-virtual: the guest maps memory 1:1) address the guest ELF is
 /// linked at. The heartbeat page is the first page of the image.

@@ -11,6 +11,8 @@
 //!   (read from guest RAM, sent Raw over the socket), per second.
 //! * `memcpy_ratio`: one full-screen update's time over a plain memcpy of the frame (the
 //!   physical floor), medians of the same run.
+//! * `frame_bytes`: bytes of one full-screen update in each encoding (Raw, ZRLE) for test
+//!   patterns the guest draws, and ZRLE's full-screen updates per second.
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -47,7 +49,22 @@ struct DisplayReport {
     fullscreen_fps: Stats,
     memcpy_ms: Stats,
     memcpy_ratio: f64,
+    frame_bytes: Vec<FrameBytes>,
 }
+
+/// One pattern's full-screen update in each encoding.
+#[derive(Serialize)]
+struct FrameBytes {
+    pattern: &'static str,
+    raw: u64,
+    zrle: u64,
+    /// raw / zrle.
+    ratio: f64,
+    zrle_fps: Stats,
+}
+
+const ENCODING_RAW: i32 = 0;
+const ENCODING_ZRLE: i32 = ray_display::zrle::ENCODING_ZRLE;
 
 const W: u16 = 1920;
 const H: u16 = 1080;
@@ -108,6 +125,40 @@ impl Viewer {
         }
         Ok(self.1)
     }
+
+    /// Switches to `encoding` and takes one full-screen update: the bytes it took.
+    fn frame_bytes(&mut self, encoding: i32) -> anyhow::Result<u64> {
+        let mut m = vec![2, 0, 0, 1];
+        m.extend_from_slice(&encoding.to_be_bytes());
+        m.extend_from_slice(&[3, 0, 0, 0, 0, 0]);
+        m.extend_from_slice(&W.to_be_bytes());
+        m.extend_from_slice(&H.to_be_bytes());
+        self.0.write_all(&m)?;
+        let mut hdr = [0u8; 4];
+        self.0.read_exact(&mut hdr)?;
+        let mut bytes = 4u64;
+        let mut body = Vec::new();
+        for _ in 0..u16::from_be_bytes([hdr[2], hdr[3]]) {
+            let mut r = [0u8; 12];
+            self.0.read_exact(&mut r)?;
+            let w = usize::from(u16::from_be_bytes([r[4], r[5]]));
+            let h = usize::from(u16::from_be_bytes([r[6], r[7]]));
+            let len = match i32::from_be_bytes(r[8..12].try_into()?) {
+                ENCODING_RAW => w * h * 4,
+                ENCODING_ZRLE => {
+                    let mut l = [0u8; 4];
+                    self.0.read_exact(&mut l)?;
+                    bytes += 4;
+                    u32::from_be_bytes(l) as usize
+                }
+                other => bail!("the server sent encoding {other}"),
+            };
+            body.resize(len, 0);
+            self.0.read_exact(&mut body)?;
+            bytes += 12 + len as u64;
+        }
+        Ok(bytes)
+    }
 }
 
 pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
@@ -141,8 +192,14 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
     let vmm = BenchVmm::start(runtime, &id, &serde_json::to_string(&cfg)?)?;
     let dir = ray::runtime::vm_dir(runtime, &id);
     let measured = measure(a.runs, &dir);
+    let encoded = measured
+        .as_ref()
+        .ok()
+        .map(|_| encodings(a.runs, &dir))
+        .transpose();
     vmm.stop()?;
     let (latency, fps, update_ms) = measured?;
+    let frame_bytes = encoded?.unwrap_or_default();
 
     let frame = vec![0x5au8; usize::from(W) * usize::from(H) * 4];
     let mut copy = vec![0u8; frame.len()];
@@ -169,6 +226,7 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         fullscreen_fps: Stats::of(&fps),
         memcpy_ratio: Stats::of(&update_ms).median / memcpy_ms.median,
         memcpy_ms,
+        frame_bytes,
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -181,6 +239,13 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         print_row("full-screen updates", report.fullscreen_fps, "/s");
         print_row("memcpy of a frame", report.memcpy_ms, "ms");
         println!("  full-screen update / memcpy  {:.1}", report.memcpy_ratio);
+        for f in &report.frame_bytes {
+            println!(
+                "  {:<9} raw {} B, zrle {} B ({:.1}x smaller)",
+                f.pattern, f.raw, f.zrle, f.ratio
+            );
+            print_row("  zrle full-screen updates", f.zrle_fps, "/s");
+        }
     }
     Ok(())
 }
@@ -218,4 +283,41 @@ fn measure(runs: usize, dir: &Path) -> anyhow::Result<(Vec<f64>, Vec<f64>, Vec<f
         each.push(s * 1e3);
     }
     Ok((latency, fps, each))
+}
+
+/// Full-screen update sizes in Raw and ZRLE for test patterns the guest draws, and ZRLE's
+/// updates per second (its zlib stream runs on, as with a real viewer).
+fn encodings(runs: usize, dir: &Path) -> anyhow::Result<Vec<FrameBytes>> {
+    let client = ray::client::VmmClient::new(&dir.join("api.sock"));
+    let mut v = Viewer::connect(&ray_display::vnc::socket_path(
+        dir,
+        0,
+        ray_display::vnc::Role::ViewOnly,
+    ))?;
+    let mut out = Vec::new();
+    for pattern in ["gradient", "checker", "bars"] {
+        let body = serde_json::to_vec(&ray_api::vmm::ConsoleInput {
+            data: format!("draw {pattern} 1\n"),
+        })?;
+        client.call::<serde_json::Value>("POST", "/vm/console", Some(body))?;
+        // The guest draws 1920x1080 in well under this.
+        std::thread::sleep(Duration::from_millis(500));
+        let raw = v.frame_bytes(ENCODING_RAW)?;
+        let zrle = v.frame_bytes(ENCODING_ZRLE)?;
+        let fps: Vec<f64> = (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                v.frame_bytes(ENCODING_ZRLE)
+                    .map(|_| 1.0 / t.elapsed().as_secs_f64())
+            })
+            .collect::<anyhow::Result<_>>()?;
+        out.push(FrameBytes {
+            pattern,
+            raw,
+            zrle,
+            ratio: raw as f64 / zrle as f64,
+            zrle_fps: Stats::of(&fps),
+        });
+    }
+    Ok(out)
 }

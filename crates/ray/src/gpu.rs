@@ -1,5 +1,5 @@
-//! `ray gpu status|list|displays|screenshot|resize ID`: a VM's GPUs and displays through its
-//! API.
+//! `ray gpu status|list|displays|screenshot|resize|type ID`: a VM's GPUs and displays
+//! through its API.
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -23,6 +23,8 @@ pub enum GpuCommand {
     Screenshot(ScreenshotArgs),
     /// Give a virtio GPU's display a new size (the guest is told and redraws).
     Resize(ResizeArgs),
+    /// Type text on the VM's keyboard (virtio-input, US layout; `\n` in TEXT is Enter).
+    Type(TypeArgs),
 }
 
 #[derive(Args)]
@@ -43,6 +45,14 @@ fn parse_size(s: &str) -> Result<(u32, u32), String> {
     let (w, h) = (w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);
     ray_api::gpu::check_size(w, h)?;
     Ok((w, h))
+}
+
+#[derive(Args)]
+pub struct TypeArgs {
+    /// The VM.
+    pub id: String,
+    /// What to type; the two characters `\n` are a newline (Enter).
+    pub text: String,
 }
 
 #[derive(Args)]
@@ -72,6 +82,7 @@ pub fn run(cmd: GpuCommand, runtime: &Path) -> anyhow::Result<()> {
         GpuCommand::Displays(a) => show(runtime, &a, View::Displays),
         GpuCommand::Screenshot(a) => screenshot(runtime, &a),
         GpuCommand::Resize(a) => resize(runtime, &a),
+        GpuCommand::Type(a) => type_text(runtime, &a),
     }
 }
 
@@ -137,6 +148,9 @@ fn show(runtime: &Path, a: &IdArgs, view: View) -> anyhow::Result<()> {
                 }
                 None => println!("\nVNC: not listening (the VM does not run)"),
             }
+            for (i, a) in list.vnc_tcp.iter().enumerate() {
+                println!("VNC display {i}: {a} (TCP, VNC authentication)");
+            }
         }
     }
     Ok(())
@@ -169,5 +183,18 @@ fn resize(runtime: &Path, a: &ResizeArgs) -> anyhow::Result<()> {
         return Err(api_error(answer.status, &answer.body).into());
     }
     println!("display {} is now {width}x{height}", a.display);
+    Ok(())
+}
+
+fn type_text(runtime: &Path, a: &TypeArgs) -> anyhow::Result<()> {
+    let body = ray_api::gpu::TypeText {
+        text: a.text.replace("\\n", "\n"),
+    };
+    let typed: ray_api::gpu::Typed = client(runtime, &a.id)?.call(
+        "POST",
+        "/vm/keyboard/type",
+        Some(serde_json::to_vec(&body)?),
+    )?;
+    println!("typed {} events", typed.events);
     Ok(())
 }

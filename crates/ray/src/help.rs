@@ -253,6 +253,7 @@ ray gpu screenshot desk -o desk.png",
         "gpu screenshot",
         "ray gpu screenshot desk -o desk.png\nray gpu screenshot desk --display 1 -o second.png",
     ),
+    ("gpu type", "ray gpu type desk 'echo hi\\n'"),
     (
         "web",
         "ray web --tokens tokens.txt

@@ -80,7 +80,7 @@ pub struct RunArgs {
         short = 'f',
         long = "file",
         value_name = "FILE",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net", "numa", "numa_attribution", "numa_migrate", "gpus", "vsock"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net", "numa", "numa_attribution", "numa_migrate", "gpus", "vsock", "input"]
     )]
     pub file: Option<PathBuf>,
     /// Kernel to boot (ELF vmlinux or bzImage). Default: rayvisor's own guest.
@@ -136,6 +136,10 @@ pub struct RunArgs {
     /// directory). `ray vm exec` runs guest shell commands through it.
     #[arg(long, value_name = "cid=N[,socket=PATH]", value_parser = ray_api::vsock::VsockConfig::parse)]
     pub vsock: Option<ray_api::vsock::VsockConfig>,
+    /// A virtio-input keyboard and tablet (on or off) for VNC viewers and `ray gpu type`.
+    /// Default: on when the VM has a GPU.
+    #[arg(long, value_name = "on|off", value_parser = clap::builder::BoolishValueParser::new())]
+    pub input: Option<bool>,
     /// VM id (default: generated).
     #[arg(long)]
     pub id: Option<String>,
@@ -156,6 +160,48 @@ pub struct RunArgs {
     pub seccomp: Option<ray_vmm::seccomp::Mode>,
     #[command(flatten)]
     pub jail: ray::jail::JailArgs,
+    #[command(flatten)]
+    pub vnc: VncTcpArgs,
+}
+
+/// `--vnc ADDR --vnc-password-file FILE`.
+#[derive(Args, Clone, Default)]
+pub struct VncTcpArgs {
+    /// Also serve VNC on this loopback TCP address, e.g. 127.0.0.1:5900 (display N on the
+    /// port plus N; port 0: any free ports, `ray gpu status` shows them), with VNC
+    /// authentication.
+    /// Other addresses are refused: they would need TLS, which is not supported.
+    #[arg(long = "vnc", value_name = "ADDR")]
+    pub vnc: Option<std::net::SocketAddr>,
+    /// The VNC password for --vnc: the first line (1 to 8 bytes) of a file that only its
+    /// owner may read.
+    #[arg(long, value_name = "FILE")]
+    pub vnc_password_file: Option<PathBuf>,
+}
+
+impl VncTcpArgs {
+    /// The address and password file, checked (loopback only; a password is required).
+    pub fn checked(&self) -> anyhow::Result<Option<(std::net::SocketAddr, PathBuf)>> {
+        match (&self.vnc, &self.vnc_password_file) {
+            (None, None) => Ok(None),
+            (Some(addr), Some(file)) => {
+                ray_vmm::display::check_vnc_tcp(*addr, file)
+                    .map_err(|e| coded(exit::INVALID, format!("--vnc: {e}")))?;
+                Ok(Some((*addr, file.clone())))
+            }
+            (Some(addr), None) => Err(coded(
+                exit::INVALID,
+                format!(
+                    "--vnc {addr} needs --vnc-password-file: VNC over TCP without \
+                     authentication is refused"
+                ),
+            )),
+            (None, Some(_)) => Err(coded(
+                exit::INVALID,
+                "--vnc-password-file is for --vnc ADDR, which is missing",
+            )),
+        }
+    }
 }
 
 /// A `--api-tcp` address: a loopback IP and a port.
@@ -236,6 +282,8 @@ pub struct VmmArgs {
     /// renewal); default: the VMM's start.
     #[arg(long, hide = true, requires = "lease_ttl")]
     pub lease_since_ns: Option<u64>,
+    #[command(flatten)]
+    pub vnc: VncTcpArgs,
 }
 
 /// Where rayvisor's guest kernel is: `$RAY_GUEST`, or next to this binary (the build puts
@@ -322,6 +370,7 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
                 gpus
             },
             vsock: args.vsock.clone(),
+            input: args.input,
         },
     })
 }
@@ -422,6 +471,8 @@ pub struct VmmExtras {
     /// The VMM's local lease (`ray vmm --lease-ttl`): its time to live, counted from a
     /// CLOCK_MONOTONIC time in ns (`--lease-since-ns`).
     pub lease: Option<(std::time::Duration, u64)>,
+    /// Also serve VNC on this loopback TCP address, with this password file.
+    pub vnc_tcp: Option<(std::net::SocketAddr, PathBuf)>,
 }
 
 fn spawn_vmm(
@@ -453,6 +504,10 @@ fn spawn_vmm(
             .arg(format!("{:.3}s", ttl.as_secs_f64().max(0.001)))
             .arg("--lease-since-ns")
             .arg(since.to_string());
+    }
+    if let Some((addr, file)) = &extras.vnc_tcp {
+        cmd.arg("--vnc").arg(addr.to_string());
+        cmd.arg("--vnc-password-file").arg(file);
     }
     match origin {
         Origin::Boot(cfg) => {
@@ -521,6 +576,7 @@ fn run_vm(args: &RunArgs, runtime: &Path) -> anyhow::Result<()> {
     }
     ray_vmm::config::validate(&cfg, ray_vmm::config::host_memory())
         .map_err(|e| coded(exit::INVALID, format!("invalid VM configuration: {e}")))?;
+    let vnc_tcp = args.vnc.checked()?;
     launch_with(
         runtime,
         args.id.clone(),
@@ -532,6 +588,7 @@ fn run_vm(args: &RunArgs, runtime: &Path) -> anyhow::Result<()> {
             seccomp: args.seccomp,
             jail: ray::jail::wanted(&args.jail).map_err(|e| coded(exit::INVALID, e.to_string()))?,
             lease: None,
+            vnc_tcp,
         },
     )
 }
@@ -742,6 +799,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
         timings: args.timings,
         seccomp: args.seccomp,
         lease: args.lease_ttl.map(|ttl| (ttl, args.lease_since_ns)),
+        vnc_tcp: args.vnc.checked()?,
     })?;
     match state {
         ray_vmm::lifecycle::VmState::Terminated => Ok(()),

@@ -35,8 +35,8 @@ use utoipa_axum::routes;
 use crate::console_attach::{self, Attachment, ConsoleHub};
 use crate::controller::{ControllerError, Message, Request, Response};
 use crate::devices::ConsoleRing;
-use crate::display::DisplayError;
-use ray_api::gpu::{DisplaySize, GpuList};
+use crate::display::{DisplayError, TypeError};
+use ray_api::gpu::{DisplaySize, GpuList, TypeText, Typed, MAX_TYPED};
 
 #[derive(Clone)]
 struct Api {
@@ -825,6 +825,36 @@ async fn put_display_size(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Type text on the keyboard
+///
+/// The text as key strokes on the VM's virtio-input keyboard (US layout), sent as one
+/// batch. Never waits for the VMM thread.
+#[utoipa::path(post, path = "/vm/keyboard/type", tag = "display", request_body = TypeText,
+    responses(
+    (status = 200, description = "Sent to the guest.", body = Typed),
+    (status = 400, description = "`invalid_request`: not valid JSON, too long, or a character a US keyboard cannot type.", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the VM does not run, or has no keyboard.", body = ErrorBody),
+    BodyRefusals))]
+async fn post_type(State(api): State<Api>, Body(body): Body) -> ApiResult<Typed> {
+    let t = parse_body::<TypeText>("POST /vm/keyboard/type", &body)?;
+    if t.text.chars().count() > MAX_TYPED {
+        return Err(ApiError::invalid(format!(
+            "the text has {} characters; one request types at most {MAX_TYPED}",
+            t.text.chars().count()
+        )));
+    }
+    let events = api.displays.type_text(&t.text).map_err(|e| {
+        let code = match e {
+            TypeError::Text(_) => ErrorCode::InvalidRequest,
+            TypeError::NoKeyboard | TypeError::NotRunning(_) => ErrorCode::WrongState,
+        };
+        ApiError::new(code, e.to_string())
+    })?;
+    Ok(Json(Typed {
+        events: events as u64,
+    }))
+}
+
 /// Show the VMM's version
 #[utoipa::path(get, path = "/version", tag = "meta", responses(
     (status = 200, description = "This VMM's version.", body = VersionInfo)))]
@@ -886,6 +916,7 @@ fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(get_gpus))
         .routes(routes!(get_screenshot))
         .routes(routes!(put_display_size))
+        .routes(routes!(post_type))
         .routes(routes!(get_metrics))
         .routes(routes!(get_version))
         .routes(routes!(get_openapi))

@@ -15,7 +15,11 @@ use std::sync::{Arc, Mutex};
 use ray_api::gpu::{DisplayInfo, GpuConfig, GpuInfo, GpuList, GpuType};
 use ray_api::vmm::{VmConfig, VmStateName as VmState};
 use ray_devices::virtio::gpu::GpuDisplays;
+use ray_devices::virtio::input::{InputHandle, Kind as InputKind};
+use ray_display::auth::Password;
+use ray_display::keys::{self, Keyboard};
 use ray_display::model::{GpuEvent, GpuModel};
+use ray_display::vnc::InputSink;
 use ray_display::vnc::{self, VncServer};
 use ray_display::{DisplayGeometry, FrameSource, VramLayout};
 use ray_memory::GuestMemory;
@@ -92,6 +96,63 @@ impl FrameSource for GuestFrames {
     }
 }
 
+/// The VM's input devices, as the PCI set-up last built them (a restore rebuilds them).
+static INPUTS: Mutex<Vec<InputHandle>> = Mutex::new(Vec::new());
+
+/// Registers an input device built for the VM; it replaces one of the same kind.
+pub fn input_built(handle: InputHandle) {
+    let mut inputs = INPUTS.lock().unwrap_or_else(|e| e.into_inner());
+    inputs.retain(|h| h.kind() != handle.kind());
+    inputs.push(handle);
+}
+
+fn input_of(kind: InputKind) -> Option<InputHandle> {
+    let inputs = INPUTS.lock().unwrap_or_else(|e| e.into_inner());
+    inputs.iter().find(|h| h.kind() == kind).cloned()
+}
+
+/// Viewers' and the API's input, as events on the virtio-input keyboard and tablet.
+#[derive(Default)]
+struct GuestInput {
+    keyboard: Mutex<Keyboard>,
+    buttons: Mutex<u8>,
+}
+
+impl InputSink for GuestInput {
+    fn key(&self, down: bool, keysym: u32) {
+        let events = self
+            .keyboard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .key(down, keysym);
+        match input_of(InputKind::Keyboard) {
+            Some(k) if !events.is_empty() => k.send(&events),
+            Some(_) => tracing::debug!(keysym, "a keysym with no US key ignored"),
+            None => tracing::debug!(keysym, "no keyboard: key ignored"),
+        }
+    }
+
+    fn pointer(&self, d: &DisplayGeometry, buttons: u8, x: u16, y: u16) {
+        let mut held = self.buttons.lock().unwrap_or_else(|e| e.into_inner());
+        let events = keys::pointer_events(*held, buttons, x, y, d.width, d.height);
+        *held = buttons;
+        if let Some(t) = input_of(InputKind::Tablet) {
+            t.send(&events);
+        }
+    }
+}
+
+/// Why text could not be typed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TypeError {
+    #[error("the VM has no keyboard (its devices have input off)")]
+    NoKeyboard,
+    #[error("the VM is {0}: it takes keys only while it runs")]
+    NotRunning(VmState),
+    #[error("cannot type the text: {0}")]
+    Text(String),
+}
+
 /// Why a screenshot or a display could not be had.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DisplayError {
@@ -135,6 +196,18 @@ struct Inner {
     frames: Option<Arc<GuestFrames>>,
     vnc: Option<VncServer>,
     state: Option<VmState>,
+    /// Where VNC also listens on TCP, and the password viewers there must know.
+    tcp: Option<(std::net::SocketAddr, Password)>,
+}
+
+/// Checks a `--vnc` TCP address (loopback only) and reads its password file; before the
+/// VM starts, so that a bad one stops it there.
+pub fn check_vnc_tcp(
+    addr: std::net::SocketAddr,
+    password_file: &std::path::Path,
+) -> Result<Password, String> {
+    vnc::check_tcp_address(addr).map_err(|e| e.to_string())?;
+    Password::from_file(password_file).map_err(|e| e.to_string())
 }
 
 /// The displays of one VM.
@@ -153,6 +226,12 @@ impl DisplayHub {
             model: Arc::default(),
             inner: Mutex::default(),
         }
+    }
+
+    /// Serves VNC on TCP too (from the next start of the VNC server on): display N on
+    /// `addr`'s port + N, for viewers that know `password`.
+    pub fn serve_tcp(&self, addr: std::net::SocketAddr, password: Password) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).tcp = Some((addr, password));
     }
 
     /// Brings the GPUs, framebuffers and VNC server in line with the VM: its
@@ -203,7 +282,7 @@ impl DisplayHub {
                 }
                 if inner.vnc.is_none() {
                     if let Some(frames) = inner.frames.clone() {
-                        inner.vnc = self.start_vnc(frames);
+                        inner.vnc = self.start_vnc(frames, inner.tcp.clone());
                     }
                 }
                 model.apply_all(GpuEvent::PowerOn);
@@ -230,7 +309,11 @@ impl DisplayHub {
         }
     }
 
-    fn start_vnc(&self, frames: Arc<GuestFrames>) -> Option<VncServer> {
+    fn start_vnc(
+        &self,
+        frames: Arc<GuestFrames>,
+        tcp: Option<(std::net::SocketAddr, Password)>,
+    ) -> Option<VncServer> {
         let model = self.model.clone();
         let hook: vnc::ViewerHook = Arc::new(move |viewers| {
             let mut m = model.lock().unwrap_or_else(|e| e.into_inner());
@@ -240,9 +323,18 @@ impl DisplayHub {
                 GpuEvent::LastViewerLeft
             });
         });
-        match VncServer::start(&self.dir, &self.id, frames, None, hook) {
-            Ok(v) => {
+        let input: Arc<dyn InputSink> = Arc::new(GuestInput::default());
+        match VncServer::start(&self.dir, &self.id, frames, Some(input), hook) {
+            Ok(mut v) => {
                 tracing::info!(sockets = ?v.sockets(), "VNC server listening");
+                if let Some((addr, password)) = tcp {
+                    match v.listen_tcp(addr, password) {
+                        Ok(addrs) => {
+                            tracing::info!(?addrs, "VNC listening on TCP (VNC authentication)")
+                        }
+                        Err(e) => tracing::error!("{e}; VNC is served on the Unix sockets only"),
+                    }
+                }
                 Some(v)
             }
             Err(e) => {
@@ -286,6 +378,9 @@ impl DisplayHub {
                     viewers,
                 })
                 .collect(),
+            vnc_tcp: inner.vnc.as_ref().map_or(Vec::new(), |v| {
+                v.tcp_addresses().iter().map(|a| a.to_string()).collect()
+            }),
             vnc_socket: inner.vnc.as_ref().map(|_| {
                 vnc::socket_path(&self.dir, 0, vnc::Role::ReadWrite)
                     .display()
@@ -337,6 +432,24 @@ impl DisplayHub {
         };
         gpu.resize(scanout, width, height)
             .map_err(DisplayError::Resize)
+    }
+
+    /// Types `text` on the VM's keyboard as one batch of key strokes; returns how many
+    /// events were sent.
+    pub fn type_text(&self, text: &str) -> Result<usize, TypeError> {
+        let events = keys::type_text(text).map_err(TypeError::Text)?;
+        let state = self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state
+            .unwrap_or(VmState::Created);
+        if !matches!(state, VmState::Running | VmState::MigrationSource) {
+            return Err(TypeError::NotRunning(state));
+        }
+        let keyboard = input_of(InputKind::Keyboard).ok_or(TypeError::NoKeyboard)?;
+        keyboard.send(&events);
+        Ok(events.len())
     }
 
     /// Display `index` as a PNG.

@@ -78,6 +78,8 @@ pub struct VmmOptions {
     /// to live, from a CLOCK_MONOTONIC time in ns (default: now). A cluster agent's VMMs
     /// have one.
     pub lease: Option<(Duration, Option<u64>)>,
+    /// Also serve VNC on this loopback TCP address, with the password in this file.
+    pub vnc_tcp: Option<(std::net::SocketAddr, PathBuf)>,
 }
 
 impl VmmOptions {
@@ -240,6 +242,10 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     let audit = AuditTrail::open(&paths.events())?;
     let (tx, rx) = mpsc::channel::<Message>();
     let mut ctl = Controller::new(opts.id.clone(), paths, opts.attach, audit, tx.clone());
+    if let Some((addr, file)) = &opts.vnc_tcp {
+        let password = display::check_vnc_tcp(*addr, file).map_err(anyhow::Error::msg)?;
+        ctl.displays.serve_tcp(*addr, password);
+    }
     spawn_signal_thread(signals, tx.clone());
     if let Some((ttl, since)) = opts.lease {
         lease::LeaseState::check_ttl(ttl).map_err(|e| anyhow::anyhow!("--lease-ttl: {e}"))?;

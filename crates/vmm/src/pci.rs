@@ -21,6 +21,7 @@ use ray_devices::rate::RateLimit;
 use ray_devices::virtio::blk::{Block, BlockConfig};
 use ray_devices::virtio::gpu::commands::Limits as GpuLimits;
 use ray_devices::virtio::gpu::Gpu;
+use ray_devices::virtio::input::{Input, Kind as InputKind};
 use ray_devices::virtio::pci::{VirtioPci, VirtioPciState, BAR_SIZE, NOTIFY, NOTIFY_MULTIPLIER};
 use ray_devices::virtio::rng::Rng;
 use ray_devices::virtio::vsock::Vsock;
@@ -150,6 +151,17 @@ fn devices_and_gpus(
             name: "virtio-gpu",
         });
     }
+    if config.input_enabled() {
+        for (id, kind) in INPUT_IDS {
+            let device = Input::new(kind);
+            crate::display::input_built(device.handle());
+            specs.push(DeviceSpec {
+                device: Box::new(device),
+                id: id.into(),
+                name: "virtio-input",
+            });
+        }
+    }
     Ok((specs, gpus))
 }
 
@@ -176,8 +188,20 @@ fn ids_of(config: &DevicesConfig) -> Vec<String> {
         .chain(net_ids(config))
         .chain(config.vsock.as_ref().map(|_| VSOCK_ID.to_string()))
         .chain(gpu_ids(config).map(|(_, id)| id))
+        .chain(
+            INPUT_IDS
+                .iter()
+                .filter(|_| config.input_enabled())
+                .map(|(id, _)| id.to_string()),
+        )
         .collect()
 }
+
+/// The input devices' ids, in bus order (after every other device).
+const INPUT_IDS: [(&str, InputKind); 2] = [
+    ("keyboard", InputKind::Keyboard),
+    ("tablet", InputKind::Tablet),
+];
 
 /// The vsock device's id (there is one at most).
 const VSOCK_ID: &str = "vsock";

@@ -1,9 +1,10 @@
 //! virtio 1.2 devices: the split virtqueue ([`queue`]), the modern PCI transport
 //! ([`pci`]), completion of requests from other threads ([`completer`]) and the device
-//! models behind it ([`rng`], [`blk`], [`net`], [`vsock`], [`gpu`]).
+//! models behind it ([`rng`], [`blk`], [`net`], [`vsock`], [`gpu`], [`input`]).
 pub mod blk;
 pub mod completer;
 pub mod gpu;
+pub mod input;
 pub mod net;
 pub mod pci;
 pub mod queue;
