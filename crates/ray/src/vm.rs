@@ -663,7 +663,8 @@ pub fn start_vmm(
             &id,
             origin,
             uids,
-            extras.api_tcp.is_some(),
+            // A TCP listener the host should reach, by the flag that asks for it.
+            (extras.api_tcp.map(|_| "--api-tcp")).or(extras.vnc_tcp.as_ref().map(|_| "--vnc")),
         )?),
         None => None,
     };
@@ -745,19 +746,21 @@ fn jail_plan(
     id: &str,
     origin: &Origin,
     uids: ray::jail::UidRange,
-    api_tcp: bool,
+    tcp_listener: Option<&'static str>,
 ) -> anyhow::Result<ray::jail::Plan> {
     let invalid = |e: ray::jail::JailError| coded(exit::INVALID, e.to_string());
     let dir = runtime::vm_dir(runtime, id);
     match origin {
-        Origin::Boot(cfg) => ray::jail::plan(id, &dir, uids, cfg, None, api_tcp).map_err(invalid),
+        Origin::Boot(cfg) => {
+            ray::jail::plan(id, &dir, uids, cfg, None, tcp_listener).map_err(invalid)
+        }
         Origin::Restore { snapshot, .. } => {
             let manifest = ray_vmm::snapshot::manifest(snapshot)
                 .map_err(|e| coded(exit::NOT_FOUND, e.to_string()))?;
             let cfg: VmConfig = serde_json::from_value(manifest.vm_config)
                 .context("the snapshot's VM configuration is invalid")?;
             let store = snapshot.parent().unwrap_or(snapshot);
-            ray::jail::plan(id, &dir, uids, &cfg, Some(store), api_tcp).map_err(invalid)
+            ray::jail::plan(id, &dir, uids, &cfg, Some(store), tcp_listener).map_err(invalid)
         }
         Origin::Incoming { .. } => Err(coded(
             exit::INVALID,

@@ -191,12 +191,12 @@ pub fn plan(
     uids: UidRange,
     cfg: &VmConfig,
     store: Option<&Path>,
-    api_tcp: bool,
+    tcp_listener: Option<&'static str>,
 ) -> Result<Plan, JailError> {
     let net = net_place(cfg)?;
-    if api_tcp && net != NetPlace::Host {
+    if let (Some(flag), false) = (tcp_listener, net == NetPlace::Host) {
         return Err(JailError::Unsupported(
-            "--api-tcp",
+            flag,
             "a jailed VMM without a NIC in the host's namespace has a network namespace of its own, so its loopback is not the host's".into(),
         ));
     }
@@ -416,7 +416,7 @@ mod tests {
             first: 500_000,
             last: 500_100,
         };
-        let p = plan("vm-x", Path::new("/run/x"), uids, &cfg, None, false).unwrap();
+        let p = plan("vm-x", Path::new("/run/x"), uids, &cfg, None, None).unwrap();
         assert!((500_000..=500_100).contains(&p.uid));
         assert_eq!(p.memory_max, (256 << 20) + MEMORY_OVERHEAD);
         assert_eq!(p.cpu_quota_us, 3 * CPU_PERIOD_US);
@@ -430,8 +430,12 @@ mod tests {
             .iter()
             .any(|b| b.path == Path::new("/dev/kvm") && b.device));
         assert_eq!(p.chown, vec![disk.clone()]);
-        let e = plan("vm-x", Path::new("/run/x"), uids, &cfg, None, true).unwrap_err();
-        assert!(e.to_string().contains("--api-tcp"), "{e}");
+        let e = plan("vm-x", Path::new("/run/x"), uids, &cfg, None, Some("--vnc")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--vnc cannot be used by a jailed VMM"),
+            "{e}"
+        );
         let _ = std::fs::remove_file(&disk);
     }
 }
