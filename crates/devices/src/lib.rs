@@ -48,7 +48,7 @@ pub struct IoBus {
     /// Guest memory, for the paravirtual console's output; without it the paravirtual
     /// console ports are unknown ports.
     memory: Option<BusMemory>,
-    /// The PCI bus: configuration ports 0xcf8-0xcff and the BARs' MMIO.
+    /// The PCI bus: configuration ports 0xcf8-0xcff, the ECAM window and the BARs' MMIO.
     pci: Option<Arc<PciBus>>,
 }
 
@@ -81,14 +81,16 @@ impl IoBus {
         self.pci.as_ref()
     }
 
-    /// An MMIO read no memory slot backs: a BAR's register, or all-ones.
+    /// An MMIO read no memory slot backs: configuration space (ECAM), a BAR's register,
+    /// or all-ones.
     pub fn read_mmio(&self, addr: u64, data: &mut [u8]) {
         if !self.pci.as_ref().is_some_and(|p| p.read_mmio(addr, data)) {
             data.fill(0xff);
         }
     }
 
-    /// An MMIO write no memory slot backs: a BAR's register, or dropped.
+    /// An MMIO write no memory slot backs: configuration space (ECAM), a BAR's register,
+    /// or dropped.
     pub fn write_mmio(&self, addr: u64, data: &[u8]) {
         if let Some(p) = &self.pci {
             p.write_mmio(addr, data);
@@ -114,14 +116,8 @@ impl IoBus {
     pub fn write(&self, port: u16, data: &[u8]) -> BusEvent {
         match port {
             _ if PciBus::owns_port(port) && self.pci.is_some() => {
-                if let Some(moved) = self.pci.as_ref().and_then(|p| p.write_port(port, data)) {
-                    tracing::info!(
-                        "the guest moved BAR {} of PCI slot {} from {:#x} to {:#x}",
-                        moved.moved.bar,
-                        moved.slot,
-                        moved.moved.from,
-                        moved.moved.to
-                    );
+                if let Some(p) = &self.pci {
+                    p.write_port(port, data);
                 }
                 BusEvent::None
             }

@@ -1,14 +1,17 @@
-//! The PCI bus: configuration mechanism #1 (ports 0xcf8/0xcfc), one bus of 32 slots,
-//! function 0 only, and the routing of BAR accesses (MMIO exits) to the device that
-//! decodes them.
+//! The PCI bus: one bus of 32 slots, function 0 only, its configuration space reached by
+//! mechanism #1 (ports 0xcf8/0xcfc) and by ECAM (a memory window, [`ecam`]) through one
+//! path ([`ConfigAddress`] in, the device's [`ConfigSpace`] out), and the routing of BAR
+//! accesses (MMIO exits) to the device that decodes them.
 pub mod alloc;
 pub mod config;
+pub mod ecam;
 pub mod msix;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use alloc::BarAllocator;
 pub use config::{BarMove, ConfigSpace, PciId};
+pub use ecam::{ConfigAddress, ConfigCounters, EcamWindow};
 
 /// The configuration address port and the first of the four data ports.
 pub const CONFIG_ADDRESS: u16 = 0xcf8;
@@ -77,6 +80,8 @@ pub struct PciBus {
     address: Mutex<u32>,
     slots: Vec<Option<SharedDevice>>,
     on_bar_move: Option<BarMoveHook>,
+    ecam: Option<EcamWindow>,
+    counters: Arc<ConfigCounters>,
 }
 
 impl Default for PciBus {
@@ -94,7 +99,24 @@ impl PciBus {
             address: Mutex::new(0),
             slots,
             on_bar_move: None,
+            ecam: None,
+            counters: Arc::default(),
         }
+    }
+
+    /// Serves configuration space in `window` too (MMIO), besides the ports. The window
+    /// takes precedence over a BAR a guest moved on top of it.
+    pub fn set_ecam(&mut self, window: EcamWindow) {
+        self.ecam = Some(window);
+    }
+
+    pub fn ecam(&self) -> Option<EcamWindow> {
+        self.ecam
+    }
+
+    /// Configuration accesses served so far, by mechanism.
+    pub fn counters(&self) -> &Arc<ConfigCounters> {
+        &self.counters
     }
 
     /// `hook` hears of every BAR the guest moves, after the move.
@@ -113,20 +135,57 @@ impl PciBus {
         self.address.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The device and register offset the latched address selects, if any.
-    fn selected(&self, port: u16) -> Option<(&SharedDevice, usize)> {
+    /// The register the latched address and data port `port` select, if enabled.
+    fn selected(&self, port: u16) -> Option<ConfigAddress> {
         let address = *self.latch();
         if address & CONFIG_ENABLE == 0 {
             return None;
         }
-        let bus = (address >> 16) & 0xff;
-        let slot = ((address >> 11) & 0x1f) as usize;
-        let function = (address >> 8) & 0x7;
-        if bus != 0 || function != 0 {
+        Some(ConfigAddress {
+            bus: (address >> 16) as u8,
+            slot: ((address >> 11) & 0x1f) as u8,
+            function: ((address >> 8) & 0x7) as u8,
+            offset: (address & 0xfc) as u16 + (port - CONFIG_DATA),
+        })
+    }
+
+    /// The function at `at`, if one is plugged in: bus 0, function 0 of a slot.
+    fn function(&self, at: ConfigAddress) -> Option<&SharedDevice> {
+        if at.bus != 0 || at.function != 0 {
             return None;
         }
-        let offset = (address & 0xfc) as usize + usize::from(port - CONFIG_DATA);
-        Some((self.slots[slot].as_ref()?, offset))
+        self.slots.get(usize::from(at.slot))?.as_ref()
+    }
+
+    /// Reads a register, for either mechanism; absent functions read as all-ones.
+    pub fn read_config(&self, at: ConfigAddress, data: &mut [u8]) {
+        match self.function(at) {
+            Some(device) => lock(device).config().read(usize::from(at.offset), data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// Writes a register, for either mechanism; writes to absent functions are dropped.
+    /// A BAR the write moved is logged, handed to the [`on_bar_move`](Self::on_bar_move)
+    /// hook and returned.
+    pub fn write_config(&self, at: ConfigAddress, data: &[u8]) -> Option<SlotBarMove> {
+        let device = self.function(at)?;
+        let moved = lock(device).write_config(usize::from(at.offset), data)?;
+        let event = SlotBarMove {
+            slot: usize::from(at.slot),
+            moved,
+        };
+        tracing::info!(
+            "the guest moved BAR {} of PCI slot {} from {:#x} to {:#x}",
+            moved.bar,
+            event.slot,
+            moved.from,
+            moved.to
+        );
+        if let Some(hook) = &self.on_bar_move {
+            hook(event);
+        }
+        Some(event)
     }
 
     /// Whether `port` is one of the bus's ports.
@@ -135,12 +194,13 @@ impl PciBus {
     }
 
     pub fn read_port(&self, port: u16, data: &mut [u8]) {
+        ConfigCounters::bump(&self.counters.ports);
         match port {
             CONFIG_ADDRESS if data.len() == 4 => {
                 data.copy_from_slice(&self.latch().to_le_bytes());
             }
             CONFIG_DATA..=0xcff => match self.selected(port) {
-                Some((device, offset)) => lock(device).config().read(offset, data),
+                Some(at) => self.read_config(at, data),
                 None => data.fill(0xff),
             },
             _ => data.fill(0xff),
@@ -148,6 +208,7 @@ impl PciBus {
     }
 
     pub fn write_port(&self, port: u16, data: &[u8]) -> Option<SlotBarMove> {
+        ConfigCounters::bump(&self.counters.ports);
         match port {
             CONFIG_ADDRESS => {
                 if let &[a, b, c, d] = data {
@@ -155,25 +216,40 @@ impl PciBus {
                 }
                 None
             }
-            CONFIG_DATA..=0xcff => {
-                let (device, offset) = self.selected(port)?;
-                let moved = lock(device).write_config(offset, data)?;
-                let slot = self
-                    .slots
-                    .iter()
-                    .position(|s| s.as_ref().is_some_and(|s| Arc::ptr_eq(s, device)))?;
-                let event = SlotBarMove { slot, moved };
-                if let Some(hook) = &self.on_bar_move {
-                    hook(event);
-                }
-                Some(event)
-            }
+            CONFIG_DATA..=0xcff => self.write_config(self.selected(port)?, data),
             _ => None,
         }
     }
 
-    /// Serves an MMIO read if a BAR decodes `addr`; false if none does.
+    /// The register an access inside the ECAM window selects; a malformed access is
+    /// counted and logged (sparingly) and selects none.
+    fn ecam_register(&self, window: EcamWindow, addr: u64, len: usize) -> Option<ConfigAddress> {
+        ConfigCounters::bump(&self.counters.ecam);
+        match window.decode(addr, len) {
+            Ok(at) => Some(at),
+            Err(why) => {
+                let n = ConfigCounters::bump(&self.counters.bad);
+                if ecam::worth_logging(n) {
+                    tracing::warn!(
+                        "the guest made {why} in the PCI ECAM window at {addr:#x}: reads \
+                         all-ones, writes ignored ({n} such accesses so far)"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// Serves an MMIO read if the ECAM window or a BAR decodes `addr`; false if none
+    /// does.
     pub fn read_mmio(&self, addr: u64, data: &mut [u8]) -> bool {
+        if let Some(w) = self.ecam.filter(|w| w.contains(addr)) {
+            match self.ecam_register(w, addr, data.len()) {
+                Some(at) => self.read_config(at, data),
+                None => data.fill(0xff),
+            }
+            return true;
+        }
         for device in self.slots.iter().flatten() {
             let mut d = lock(device);
             if let Some((bar, offset)) = d.config().bar_at(addr, data.len() as u64) {
@@ -184,8 +260,15 @@ impl PciBus {
         false
     }
 
-    /// Serves an MMIO write if a BAR decodes `addr`; false if none does.
+    /// Serves an MMIO write if the ECAM window or a BAR decodes `addr`; false if none
+    /// does.
     pub fn write_mmio(&self, addr: u64, data: &[u8]) -> bool {
+        if let Some(w) = self.ecam.filter(|w| w.contains(addr)) {
+            if let Some(at) = self.ecam_register(w, addr, data.len()) {
+                self.write_config(at, data);
+            }
+            return true;
+        }
         for device in self.slots.iter().flatten() {
             let mut d = lock(device);
             if let Some((bar, offset)) = d.config().bar_at(addr, data.len() as u64) {
@@ -297,5 +380,125 @@ mod tests {
         assert!(bus.read_mmio(0xd000_0000, &mut b));
         assert!(!bus.read_mmio(0xc000_0000, &mut b));
         assert_eq!(*heard.lock().unwrap(), vec![moved.unwrap()]);
+    }
+
+    const ECAM: u64 = 0xfe00_0000;
+
+    fn ecam(slot: u64, function: u64, offset: u64) -> u64 {
+        ECAM | slot << 15 | function << 12 | offset
+    }
+
+    fn bus_with_ecam() -> (PciBus, Arc<Mutex<Probe>>) {
+        let (mut bus, probe) = bus_with_probe();
+        bus.set_ecam(EcamWindow::new(ECAM, 1).unwrap());
+        (bus, probe)
+    }
+
+    #[test]
+    fn ecam_reads_what_the_ports_read_in_one_access() {
+        let (bus, _) = bus_with_ecam();
+        for slot in [0u32, 1, 2, 31] {
+            for offset in (0..256u32).step_by(4) {
+                let mut by_port = [0; 4];
+                bus.write_port(CONFIG_ADDRESS, &address(slot, 0, offset));
+                bus.read_port(CONFIG_DATA, &mut by_port);
+                let mut by_ecam = [0; 4];
+                assert!(bus.read_mmio(ecam(slot.into(), 0, offset.into()), &mut by_ecam));
+                assert_eq!(by_ecam, by_port, "slot {slot} offset {offset:#x}");
+            }
+        }
+        let mut id = [0; 4];
+        bus.read_mmio(ecam(1, 0, 0), &mut id);
+        assert_eq!(u32::from_le_bytes(id), 0x1044_1af4);
+        // Byte and word reads, other functions, and the extended space past 256 bytes.
+        let mut w = [0; 2];
+        bus.read_mmio(ecam(1, 0, 2), &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x1044);
+        let mut b = [0; 1];
+        bus.read_mmio(ecam(0, 0, 0xb), &mut b);
+        assert_eq!(b, [0x06], "host bridge class");
+        for addr in [
+            ecam(1, 1, 0),
+            ecam(2, 0, 0),
+            ecam(1, 0, 0x100),
+            ecam(31, 7, 0xffc),
+        ] {
+            bus.read_mmio(addr, &mut id);
+            assert_eq!(id, [0xff; 4], "{addr:#x}");
+        }
+        let c = bus.counters();
+        assert_eq!(
+            ConfigCounters::get(&c.ports),
+            2 * 4 * 64,
+            "latch + data per read"
+        );
+        assert_eq!(ConfigCounters::get(&c.ecam), 4 * 64 + 1 + 1 + 1 + 4);
+        assert_eq!(ConfigCounters::get(&c.bad), 0);
+    }
+
+    #[test]
+    fn ecam_writes_take_the_port_path_bar_moves_included() {
+        let (mut bus, probe) = bus_with_ecam();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let h = heard.clone();
+        bus.on_bar_move(Box::new(move |m| h.lock().unwrap().push(m)));
+        // Memory decoding on through ECAM: the BAR answers.
+        assert!(bus.write_mmio(ecam(1, 0, 4), &2u16.to_le_bytes()));
+        let mut b = [0; 4];
+        assert!(bus.read_mmio(0xc000_0010, &mut b));
+        assert_eq!(probe.lock().unwrap().config.command(), 2);
+        // BAR sizing through ECAM, then a move.
+        bus.write_mmio(ecam(1, 0, 0x10), &u32::MAX.to_le_bytes());
+        bus.read_mmio(ecam(1, 0, 0x10), &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0xffff_c000, "16 KiB");
+        bus.write_mmio(ecam(1, 0, 0x10), &0xd000_0000u32.to_le_bytes());
+        assert!(bus.read_mmio(0xd000_0000, &mut b));
+        let heard = heard.lock().unwrap();
+        assert_eq!(heard.len(), 2);
+        assert_eq!(
+            heard[1],
+            SlotBarMove {
+                slot: 1,
+                moved: BarMove {
+                    bar: 0,
+                    from: 0xffff_c000,
+                    to: 0xd000_0000
+                }
+            }
+        );
+        // Writes to absent functions go nowhere.
+        bus.write_mmio(ecam(1, 3, 4), &2u16.to_le_bytes());
+        bus.write_mmio(ecam(5, 0, 4), &2u16.to_le_bytes());
+        assert_eq!(ConfigCounters::get(&bus.counters().ports), 0);
+    }
+
+    #[test]
+    fn malformed_ecam_accesses_read_all_ones_and_change_nothing() {
+        let (bus, probe) = bus_with_ecam();
+        let mut four = [0; 4];
+        assert!(
+            bus.read_mmio(ecam(1, 0, 2), &mut four),
+            "the window claims it"
+        );
+        assert_eq!(four, [0xff; 4], "unaligned");
+        let mut eight = [0; 8];
+        bus.read_mmio(ecam(1, 0, 0), &mut eight);
+        assert_eq!(eight, [0xff; 8], "8 bytes");
+        bus.write_mmio(ecam(1, 0, 3), &0x0202u16.to_le_bytes());
+        bus.write_mmio(ecam(1, 0, 4), &[2, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(probe.lock().unwrap().config.command(), 0);
+        assert_eq!(ConfigCounters::get(&bus.counters().bad), 4);
+        // Past the window: not ours (a BAR, or nothing).
+        assert!(!bus.read_mmio(ECAM + (1 << 20), &mut four));
+        assert!(probe.lock().unwrap().writes.is_empty());
+    }
+
+    #[test]
+    fn without_a_window_its_addresses_are_plain_mmio() {
+        let (bus, _) = bus_with_probe();
+        let mut id = [0; 4];
+        assert!(!bus.read_mmio(ecam(1, 0, 0), &mut id));
+        assert!(!bus.write_mmio(ecam(1, 0, 4), &[2, 0]));
+        assert_eq!(ConfigCounters::get(&bus.counters().ecam), 0);
     }
 }
