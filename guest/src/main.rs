@@ -26,6 +26,7 @@
 
 #[macro_use]
 mod serial;
+mod acpi;
 mod apic;
 mod bootparams;
 mod clock;

@@ -22,8 +22,8 @@ const TABLE: u64 = PRESENT | WRITE | USER;
 
 const GIB: u64 = 1 << 30;
 const MIB2: u64 = 2 << 20;
-const MMIO_START: u64 = 0xc000_0000;
-const MMIO_END: u64 = 1 << 32;
+pub const MMIO_START: u64 = 0xc000_0000;
+pub const MMIO_END: u64 = 1 << 32;
 /// PML4 slots 0-255 (128 TiB); slot 256 must not be used on PVM anyway.
 const MAX_MAPPED: u64 = 256 << 39;
 

@@ -117,6 +117,7 @@ fn execute(line: &str, work: &mut Workloads) {
         "mem" if no_more(args.clone(), cmd) => mem(),
         "cpus" if no_more(args.clone(), cmd) => cpus(),
         "numa" if no_more(args.clone(), cmd) => crate::numa::command(),
+        "pci" if no_more(args.clone(), cmd) => crate::pci::command(),
         "tick" => {
             let Some(ms) = number(args.next(), "tick period (ms)") else {
                 return;
@@ -153,18 +154,23 @@ fn execute(line: &str, work: &mut Workloads) {
         }
         "poweroff" if no_more(args.clone(), cmd) => crate::poweroff(),
         "help" if no_more(args.clone(), cmd) => help(),
-        "mem" | "cpus" | "numa" | "poweroff" | "help" | "displays" | "input" | "pointer" => {}
+        "mem" | "cpus" | "numa" | "pci" | "poweroff" | "help" | "displays" | "input"
+        | "pointer" => {}
         _ => println!("err unknown command '{cmd}'"),
     }
 }
 
-/// `e820 0x<start>-0x<end> <type>` per entry (end exclusive), then the totals.
+/// `e820 0x<start>-0x<end> <type>` per entry (end exclusive), then the totals: `total`
+/// is the memory the VMM gave (entries in the MMIO hole, such as the PCI ECAM window,
+/// reserve addresses, not memory), `usable` the RAM for the kernel.
 fn mem() {
     let info = bootparams::get();
     let (mut total, mut usable) = (0u64, 0u64);
     for e in info.e820() {
         println!("e820 {:#x}-{:#x} {}", e.addr, e.end(), e.kind);
-        total += e.size;
+        if !(crate::paging::MMIO_START..crate::paging::MMIO_END).contains(&e.addr) {
+            total += e.size;
+        }
         if e.kind == bootparams::E820_USABLE {
             usable += e.size;
         }
@@ -509,5 +515,5 @@ fn net(mut args: core::str::SplitAsciiWhitespace) {
 }
 
 fn help() {
-    println!("commands: echo <text> | mem | cpus | numa | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | pattern <MiB> <word> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | displays | draw bars|gradient|checker|fill [SEED] [DISPLAY] | input | pointer | vsock [connect PORT TEXT] | seq <n> | poweroff | help");
+    println!("commands: echo <text> | mem | cpus | numa | pci | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | pattern <MiB> <word> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | displays | draw bars|gradient|checker|fill [SEED] [DISPLAY] | input | pointer | vsock [connect PORT TEXT] | seq <n> | poweroff | help");
 }

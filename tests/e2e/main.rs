@@ -6,6 +6,7 @@ mod boot;
 mod cluster;
 mod devices;
 mod display;
+mod ecam;
 mod input;
 mod lifecycle;
 mod limits;

@@ -19,6 +19,7 @@
 //! This crate is `no_std` and has no dependencies: the guest links it too.
 #![no_std]
 
+pub mod acpi_mcfg;
 pub mod acpi_numa;
 pub mod display;
 pub mod input;

@@ -74,8 +74,20 @@ pub struct BootArgs {
     pub vcpus: u8,
     #[arg(long, default_value = "128M", value_parser = ray::sizes::parse_size)]
     pub memory: u64,
+    /// How the guest reaches PCI configuration space: the ECAM window of the MCFG table
+    /// (the guest's default), ports 0xcf8/0xcfc (`ray.pci=ports` on its command line), or
+    /// both, run by run in turn, with ports as the baseline.
+    #[arg(long, value_enum, default_value_t = PciConfig::Ecam)]
+    pub pci_config: PciConfig,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum PciConfig {
+    Ecam,
+    Ports,
+    Both,
 }
 
 /// min / median / max of a sample.
@@ -134,6 +146,37 @@ struct BootReport {
     /// (another VMM of the same binary would share them); this part no one can share.
     overhead_anon_mib: Stats,
     guest_resident_mib: Stats,
+    /// The mechanism of the runs above: `ecam` or `ports`.
+    pci_config: &'static str,
+    /// PCI configuration accesses until `ready` (each one vCPU exit).
+    pci_config_exits: Stats,
+    /// With `--pci-config both`: the same boot through the ports, in the same run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ports_baseline: Option<PortsBaseline>,
+}
+
+#[derive(Serialize)]
+struct PortsBaseline {
+    boot_ms: Stats,
+    pci_config_exits: Stats,
+    /// Median boot time through ECAM over the median through the ports.
+    boot_ms_ratio: f64,
+    /// The same for the PCI configuration exits.
+    pci_config_exits_ratio: f64,
+}
+
+/// PCI configuration accesses the VMM served so far (`GET /metrics`), both mechanisms.
+fn pci_config_exits(client: &VmmClient) -> anyhow::Result<u64> {
+    let a = client.raw("GET", "/metrics", None)?;
+    let lines: Vec<u64> = String::from_utf8_lossy(&a.body)
+        .lines()
+        .filter(|l| l.starts_with("ray_pci_config_accesses_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    if lines.is_empty() {
+        bail!("the VMM's /metrics has no ray_pci_config_accesses_total");
+    }
+    Ok(lines.iter().sum())
 }
 
 const MIB: f64 = (1 << 20) as f64;
@@ -327,51 +370,87 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         bail!("--runs must be at least 1");
     }
     let guest = default_guest()?;
-    let cfg = ray_api::vmm::VmConfig {
-        kernel: guest.display().to_string(),
-        initrd: None,
-        cmdline: DEFAULT_GUEST_CMDLINE.into(),
-        vcpus: a.vcpus,
-        memory_bytes: a.memory,
-        devices: Default::default(),
-        numa: Vec::new(),
-        numa_attribution: Default::default(),
-        numa_migration: Default::default(),
+    let config = |cmdline: String| -> anyhow::Result<String> {
+        Ok(serde_json::to_string(&ray_api::vmm::VmConfig {
+            kernel: guest.display().to_string(),
+            initrd: None,
+            cmdline,
+            vcpus: a.vcpus,
+            memory_bytes: a.memory,
+            devices: Default::default(),
+            numa: Vec::new(),
+            numa_attribution: Default::default(),
+            numa_migration: Default::default(),
+        })?)
     };
-    let cfg_json = serde_json::to_string(&cfg)?;
+    let ecam_json = config(DEFAULT_GUEST_CMDLINE.into())?;
+    let ports_json = config(format!("{DEFAULT_GUEST_CMDLINE} ray.pci=ports"))?;
+    // (mechanism, configuration) of each run, in turn with `both`.
+    let kinds: Vec<(&str, &String)> = match a.pci_config {
+        PciConfig::Ecam => vec![("ecam", &ecam_json)],
+        PciConfig::Ports => vec![("ports", &ports_json)],
+        PciConfig::Both => vec![("ecam", &ecam_json), ("ports", &ports_json)],
+    };
+    let total = a.runs * kinds.len();
     let bar = (!a.json).then(|| {
-        let b = indicatif::ProgressBar::new(a.runs as u64);
+        let b = indicatif::ProgressBar::new(total as u64);
         b.set_style(
             indicatif::ProgressStyle::with_template("boot {bar:30} {pos}/{len} {msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b
     });
-    let (mut boot_ms, mut overhead, mut private, mut anon, mut guest_res) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for i in 0..a.runs {
+    let (mut boot_ms, mut overhead, mut private, mut anon, mut guest_res, mut exits) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    let (mut ports_ms, mut ports_exits) = (Vec::new(), Vec::new());
+    for i in 0..total {
+        let (kind, cfg_json) = kinds[i % kinds.len()];
         let id = format!("bench-boot-{}-{i}", std::process::id());
-        let vmm = BenchVmm::start(runtime, &id, &cfg_json).with_context(|| format!("run {i}"))?;
+        let vmm = BenchVmm::start(runtime, &id, cfg_json).with_context(|| format!("run {i}"))?;
         let ready = vmm.ready;
+        // Read at `ready`: the guest has done all its boot-time probing then.
+        let pci = pci_config_exits(&vmm.shell().client);
         // Let the VMM settle (API thread up, vCPU loops steady) before sampling memory.
         std::thread::sleep(Duration::from_millis(50));
         // Stopped before `?`, so that a failed measurement never leaves a VM running.
         let fp = footprint(vmm.pid());
         vmm.stop()?;
         let fp = fp?;
-        boot_ms.push(ready.as_secs_f64() * 1e3);
-        overhead.push(fp.vmm_rss() as f64 / MIB);
-        private.push(fp.vmm_private() as f64 / MIB);
-        anon.push(fp.vmm_anon() as f64 / MIB);
-        guest_res.push(fp.guest_resident as f64 / MIB);
+        let pci = pci? as f64;
+        if kind == "ports" && a.pci_config == PciConfig::Both {
+            ports_ms.push(ready.as_secs_f64() * 1e3);
+            ports_exits.push(pci);
+        } else {
+            boot_ms.push(ready.as_secs_f64() * 1e3);
+            exits.push(pci);
+            overhead.push(fp.vmm_rss() as f64 / MIB);
+            private.push(fp.vmm_private() as f64 / MIB);
+            anon.push(fp.vmm_anon() as f64 / MIB);
+            guest_res.push(fp.guest_resident as f64 / MIB);
+        }
         if let Some(b) = &bar {
-            b.set_message(format!("{:.1} ms", ready.as_secs_f64() * 1e3));
+            b.set_message(format!("{kind} {:.1} ms", ready.as_secs_f64() * 1e3));
             b.inc(1);
         }
     }
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    let ports_baseline = (a.pci_config == PciConfig::Both).then(|| {
+        let (ms, ex) = (Stats::of(&ports_ms), Stats::of(&ports_exits));
+        PortsBaseline {
+            boot_ms: ms,
+            pci_config_exits: ex,
+            boot_ms_ratio: Stats::of(&boot_ms).median / ms.median,
+            pci_config_exits_ratio: Stats::of(&exits).median / ex.median,
+        }
+    });
     let report = BootReport {
         runs: a.runs,
         vcpus: a.vcpus,
@@ -387,22 +466,36 @@ fn boot(a: &BootArgs, runtime: &Path) -> anyhow::Result<()> {
         private_overhead_mib: Stats::of(&private),
         overhead_anon_mib: Stats::of(&anon),
         guest_resident_mib: Stats::of(&guest_res),
+        pci_config: kinds[0].0,
+        pci_config_exits: Stats::of(&exits),
+        ports_baseline,
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "boot ({} runs, {} vCPU, {} MiB, {} build)",
+            "boot ({} runs, {} vCPU, {} MiB, {} build, PCI configuration through {})",
             report.runs,
             report.vcpus,
             report.memory_bytes >> 20,
-            report.build
+            report.build,
+            report.pci_config
         );
         print_row("start -> ready", report.boot_ms, "ms");
+        print_row("PCI config exits", report.pci_config_exits, "");
         print_row("VMM overhead (RSS)", report.overhead_mib, "MiB");
         print_row("VMM overhead (private)", report.overhead_private_mib, "MiB");
         print_row("  of which anonymous", report.overhead_anon_mib, "MiB");
         print_row("guest resident", report.guest_resident_mib, "MiB");
+        if let Some(p) = &report.ports_baseline {
+            println!("ports 0xcf8/0xcfc, same run (baseline)");
+            print_row("start -> ready", p.boot_ms, "ms");
+            print_row("PCI config exits", p.pci_config_exits, "");
+            println!(
+                "  ecam / ports: boot time x{:.3}, PCI config exits x{:.3} (medians)",
+                p.boot_ms_ratio, p.pci_config_exits_ratio
+            );
+        }
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use ray_devices::pci::ConfigCounters;
 use ray_devices::virtio::net::NetCounters;
 use ray_devices::virtio::vsock::VsockCounters;
 
@@ -348,6 +349,48 @@ pub enum DeviceCounters {
 
 static DEVICES: Mutex<Vec<(String, DeviceCounters)>> = Mutex::new(Vec::new());
 
+/// The PCI bus's configuration access counters (the bus of a rebuilt machine replaces
+/// them: the counts start again with its VMM state).
+static PCI_CONFIG: Mutex<Option<Arc<ConfigCounters>>> = Mutex::new(None);
+
+/// Reports the configuration accesses of a new PCI bus from now on.
+pub fn pci_bus_built(counters: Arc<ConfigCounters>) {
+    *lock(&PCI_CONFIG) = Some(counters);
+}
+
+fn render_pci(out: &mut String) {
+    if let Some(c) = lock(&PCI_CONFIG).clone() {
+        render_pci_of(out, &c);
+    }
+}
+
+fn render_pci_of(out: &mut String, c: &ConfigCounters) {
+    family(
+        out,
+        "ray_pci_config_accesses_total",
+        "counter",
+        "PCI configuration space accesses of the guest, by mechanism: ports 0xcf8-0xcff (two per register: address, then data) or the ECAM window (one per register); each is one vCPU exit.",
+    );
+    for (mechanism, n) in [("ports", &c.ports), ("ecam", &c.ecam)] {
+        let _ = writeln!(
+            out,
+            "ray_pci_config_accesses_total{{mechanism=\"{mechanism}\"}} {}",
+            ConfigCounters::get(n)
+        );
+    }
+    family(
+        out,
+        "ray_pci_config_bad_accesses_total",
+        "counter",
+        "ECAM accesses of a size or alignment that selects no register (read all-ones, writes dropped).",
+    );
+    let _ = writeln!(
+        out,
+        "ray_pci_config_bad_accesses_total {}",
+        ConfigCounters::get(&c.bad)
+    );
+}
+
 /// Reports device `id`'s counters from now on (a device rebuilt on restore replaces them).
 pub fn device_built(id: &str, counters: DeviceCounters) {
     let mut devices = lock(&DEVICES);
@@ -612,6 +655,7 @@ pub fn render() -> String {
         let _ = writeln!(out, "process_cpu_seconds_total {s}");
     }
     render_devices(&mut out);
+    render_pci(&mut out);
     out
 }
 
@@ -688,6 +732,23 @@ VmFlags: rd wr mr mw me gd ac
             "{text}"
         );
         assert!(text.contains("ray_vcpu_exits_total{vcpu=\"0\",reason=\"mmio\"} 0\n"));
+    }
+
+    #[test]
+    fn pci_configuration_accesses_are_reported_by_mechanism() {
+        // Rendered from this bus's counters: other tests of this binary build buses too.
+        let bus = ray_devices::pci::PciBus::new();
+        let mut id = [0; 4];
+        bus.write_port(0xcf8, &(1u32 << 31).to_le_bytes());
+        bus.read_port(0xcfc, &mut id);
+        let mut text = String::new();
+        render_pci_of(&mut text, bus.counters());
+        assert!(
+            text.contains("ray_pci_config_accesses_total{mechanism=\"ports\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("ray_pci_config_accesses_total{mechanism=\"ecam\"} 0\n"));
+        assert!(text.contains("ray_pci_config_bad_accesses_total 0\n"));
     }
 
     #[test]

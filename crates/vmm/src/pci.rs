@@ -1,4 +1,5 @@
-//! The VM's PCI devices on KVM: the bus behind ports 0xcf8-0xcff and the BAR MMIO exits,
+//! The VM's PCI devices on KVM: the bus behind ports 0xcf8-0xcff, the ECAM window and the
+//! BAR MMIO exits,
 //! BARs placed by the allocator in the MMIO hole, MSI-X vectors as irqfds on routed GSIs,
 //! and queue notifications as ioeventfds served by one notifier thread, so that a guest's
 //! kick never exits to the VMM.
@@ -16,7 +17,7 @@ use std::time::Duration;
 use ray_api::gpu::GpuType;
 use ray_api::vmm::{DevicesConfig, DiskConfig};
 
-use ray_devices::pci::{BarAllocator, PciBus, SlotBarMove};
+use ray_devices::pci::{BarAllocator, EcamWindow, PciBus, SlotBarMove};
 use ray_devices::rate::RateLimit;
 use ray_devices::virtio::blk::{Block, BlockConfig};
 use ray_devices::virtio::gpu::commands::Limits as GpuLimits;
@@ -32,13 +33,24 @@ use ray_devices::virtio::VirtioDevice;
 use ray_devices::Persist;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::boot::layout;
 use crate::logging::SpawnInSpan;
 use crate::vstate::irq::{IrqError, IrqRouter, KvmMsiVectors};
 use crate::vstate::vm::Vm;
 
-/// Where BARs go: the MMIO hole below the IOAPIC (guests map it uncached).
+/// Where BARs go: the MMIO hole below the ECAM window and the IOAPIC (guests map it
+/// uncached).
 pub const BAR_WINDOW_START: u64 = 0xc000_0000;
 pub const BAR_WINDOW_END: u64 = 0xfe00_0000;
+const _: () = assert!(BAR_WINDOW_END <= layout::PCI_ECAM);
+
+/// The ECAM window of every VM (the MCFG table describes it, the e820 map reserves it).
+pub fn ecam_window() -> EcamWindow {
+    EcamWindow {
+        base: layout::PCI_ECAM,
+        buses: layout::PCI_ECAM_BUSES,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PciError {
@@ -57,10 +69,15 @@ pub enum PciError {
 }
 
 /// The PCI devices' share of a snapshot or migration: each device's state under its id,
-/// in bus order.
+/// in bus order, and where the bus's ECAM window was.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PciState {
     pub devices: Vec<DeviceState>,
+    /// The ECAM window the guest may have found in its MCFG table. Absent in states saved
+    /// before the window existed: such a guest was never told of it and uses the ports,
+    /// so it restores fine; a state naming another window is refused.
+    #[serde(default)]
+    pub ecam: Option<EcamWindow>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -238,6 +255,7 @@ const DISK_QUEUES: u16 = 2;
 /// migration while the source still runs.
 pub fn check_state(config: &DevicesConfig, state: &PciState) -> Result<(), PciError> {
     check_ids(state, &ids_of(config))?;
+    check_ecam(state, ecam_window())?;
     // Only a disk has something to check on this side (its file and size); NICs and the
     // rng are not opened here (a TAP is taken over when the devices are built).
     for saved in &state.devices {
@@ -264,6 +282,19 @@ fn check_ids(saved: &PciState, ours: &[String]) -> Result<(), PciError> {
         )));
     }
     Ok(())
+}
+
+/// Refuses a state whose guest was told of an ECAM window other than `ours`: it would
+/// read its configuration space where this VMM serves none.
+fn check_ecam(saved: &PciState, ours: EcamWindow) -> Result<(), PciError> {
+    match saved.ecam {
+        Some(w) if w != ours => Err(PciError::Restore(format!(
+            "the saved state's PCI ECAM window is {} bus(es) at {:#x}, but this VMM's is {} \
+             bus(es) at {:#x}: the guest would lose its configuration space",
+            w.buses, w.base, ours.buses, ours.base
+        ))),
+        _ => Ok(()),
+    }
 }
 
 type Transport = Arc<Mutex<VirtioPci>>;
@@ -396,11 +427,14 @@ impl PciDevices {
     ) -> Result<Self, PciError> {
         if let Some(s) = state {
             check_ids(s, &ids_of(config))?;
+            check_ecam(s, ecam_window())?;
         }
         let (specs, gpus) = devices_and_gpus(config, state.is_some())?;
         let router = IrqRouter::new(vm)?;
         let mut bars = BarAllocator::new(BAR_WINDOW_START, BAR_WINDOW_END);
         let mut bus = PciBus::new();
+        bus.set_ecam(ecam_window());
+        crate::metrics::pci_bus_built(bus.counters().clone());
         let mut kicks = Vec::new();
         let mut moves = Vec::new();
         let mut devices = Vec::new();
@@ -500,7 +534,10 @@ impl PciDevices {
                 })
             })
             .collect::<Result<_, String>>()?;
-        Ok(PciState { devices })
+        Ok(PciState {
+            devices,
+            ecam: self.bus.ecam(),
+        })
     }
 }
 
@@ -517,6 +554,7 @@ mod tests {
     fn a_saved_device_list_must_match_the_configured_one() {
         let specs = devices_of(&DevicesConfig::default(), false).unwrap();
         let saved = |ids: &[&str]| PciState {
+            ecam: None,
             devices: ids
                 .iter()
                 .map(|id| DeviceState {
@@ -556,6 +594,36 @@ mod tests {
         assert!(check_ids(&saved(&["rng"]), &none).is_err());
     }
 
+    #[test]
+    fn states_from_before_the_ecam_window_restore_and_other_windows_are_refused() {
+        // A state saved before the window existed has no `ecam` field.
+        let old: PciState = serde_json::from_str(r#"{"devices": []}"#).unwrap();
+        assert_eq!(old.ecam, None);
+        assert!(check_ecam(&old, ecam_window()).is_ok());
+        let same = PciState {
+            devices: vec![],
+            ecam: Some(ecam_window()),
+        };
+        assert!(check_ecam(&same, ecam_window()).is_ok());
+        let elsewhere = PciState {
+            devices: vec![],
+            ecam: Some(EcamWindow {
+                base: 0xb000_0000,
+                buses: 256,
+            }),
+        };
+        assert_eq!(
+            check_ecam(&elsewhere, ecam_window())
+                .unwrap_err()
+                .to_string(),
+            "cannot restore the PCI devices: the saved state's PCI ECAM window is 256 bus(es) \
+             at 0xb0000000, but this VMM's is 1 bus(es) at 0xfe000000: the guest would lose \
+             its configuration space"
+        );
+        let back: PciState = serde_json::from_str(&serde_json::to_string(&same).unwrap()).unwrap();
+        assert_eq!(back.ecam, Some(ecam_window()));
+    }
+
     struct NoIrq;
     impl ray_devices::interrupt::MsiInterrupts for NoIrq {
         fn route(
@@ -592,5 +660,23 @@ mod tests {
             "moved here"
         );
         pci._router.register_ioeventfd(&probe, old).unwrap();
+
+        // The same register through the ECAM window: the BAR moves back, the ioeventfds
+        // follow, and a saved state names the window.
+        pci._router.unregister_ioeventfd(&probe, old).unwrap();
+        let ecam = layout::PCI_ECAM | 1 << 15 | 0x10;
+        assert!(pci
+            .bus
+            .write_mmio(ecam, &BAR_WINDOW_START.to_le_bytes()[..4]));
+        assert_eq!(lock(rng).notify_address(0), old);
+        assert!(
+            pci._router.register_ioeventfd(&probe, old).is_err(),
+            "back here"
+        );
+        assert!(
+            pci._router.register_ioeventfd(&probe, new).is_ok(),
+            "gone from there"
+        );
+        assert_eq!(pci.save().unwrap().ecam, Some(ecam_window()));
     }
 }

@@ -1,10 +1,12 @@
-//! ACPI tables: how Linux learns the CPUs (MADT), the interrupt controllers, and how to
-//! power off (FADT PM1a control + `\_S5_`). Written by hand: they are a few hundred bytes
-//! whose every field is chosen here.
+//! ACPI tables: how Linux learns the CPUs (MADT), the interrupt controllers, where PCI
+//! configuration space is mapped (MCFG) and how to power off (FADT PM1a control +
+//! `\_S5_`). Written by hand: they are a few hundred bytes whose every field is chosen
+//! here.
 //!
 //! ```text
 //! 0xe0000 RSDP ─▶ 0xe0040 XSDT ─┬─▶ 0xe0100 FADT ─▶ 0xe0300 DSDT (\_S5_)
 //!                               ├─▶ 0xe0400 MADT (LAPIC per vCPU, IOAPIC, overrides)
+//!                               ├─▶ 0xe0380 MCFG (the PCI ECAM window: segment 0, bus 0)
 //!                               ├─▶ 0xe1000 SRAT (guest NUMA: node of each CPU and range)
 //!                               └─▶ 0xe3000 SLIT (distances between nodes)
 //! ```
@@ -13,7 +15,7 @@
 use ray_guest_abi::POWEROFF_PORT;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::layout::{ACPI_TABLES, ACPI_TABLES_END, IOAPIC, LAPIC};
+use super::layout::{ACPI_TABLES, ACPI_TABLES_END, IOAPIC, LAPIC, PCI_ECAM, PCI_ECAM_BUSES};
 use super::BootError;
 use crate::memory::GuestMem;
 use crate::numa::GuestNuma;
@@ -22,6 +24,7 @@ pub const RSDP: u64 = ACPI_TABLES;
 const XSDT: u64 = ACPI_TABLES + 0x40;
 const FADT: u64 = ACPI_TABLES + 0x100;
 const DSDT: u64 = ACPI_TABLES + 0x300;
+const MCFG: u64 = ACPI_TABLES + 0x380;
 const MADT: u64 = ACPI_TABLES + 0x400;
 const SRAT: u64 = ACPI_TABLES + 0x1000;
 const SLIT: u64 = ACPI_TABLES + 0x3000;
@@ -35,6 +38,7 @@ const CREATOR_ID: &[u8; 4] = b"RAYV";
 
 const _: () = assert!(XSDT >= RSDP + 36);
 const _: () = assert!(DSDT >= FADT + 276);
+const _: () = assert!(MCFG + MCFG_LEN <= MADT);
 
 /// Bytes that sum to zero over the whole table.
 fn checksum(data: &[u8]) -> u8 {
@@ -241,6 +245,18 @@ fn madt_for(ids: std::ops::Range<u32>, ioapic_id: u8) -> Vec<u8> {
     t.finish()
 }
 
+/// Length of the MCFG: header, 8 reserved bytes, one 16-byte allocation.
+const MCFG_LEN: u64 = 36 + 8 + 16;
+
+/// The MCFG: one configuration space allocation, for PCI segment 0, buses
+/// `0..=end_bus` of the ECAM window at `base` (bus 0's address).
+fn mcfg(base: u64, end_bus: u8) -> Vec<u8> {
+    let mut t = Sdt::new(b"MCFG", 1);
+    t.u64(0); // reserved
+    t.u64(base).u16(0).u8(0).u8(end_bus).u32(0);
+    t.finish()
+}
+
 fn xsdt(entries: &[u64]) -> Vec<u8> {
     let mut t = Sdt::new(b"XSDT", 1);
     for e in entries {
@@ -290,8 +306,13 @@ pub fn write_acpi_tables(
     vcpus: u8,
     numa: Option<&GuestNuma>,
 ) -> Result<GuestAddress, BootError> {
-    let mut entries = vec![FADT, MADT];
-    let mut tables = vec![(FADT, fadt()), (DSDT, dsdt()), (MADT, madt(vcpus))];
+    let mut entries = vec![FADT, MADT, MCFG];
+    let mut tables = vec![
+        (FADT, fadt()),
+        (DSDT, dsdt()),
+        (MADT, madt(vcpus)),
+        (MCFG, mcfg(PCI_ECAM, (PCI_ECAM_BUSES - 1) as u8)),
+    ];
     if let Some(numa) = numa {
         entries.extend([SRAT, SLIT]);
         tables.extend([(SRAT, srat(numa)), (SLIT, slit(numa))]);
@@ -338,7 +359,13 @@ mod tests {
         assert_eq!(r.len(), 36);
         assert!(sums_to_zero(&r[..20]));
         assert!(sums_to_zero(&r));
-        for t in [xsdt(&[FADT, MADT]), fadt(), dsdt(), madt(4)] {
+        for t in [
+            xsdt(&[FADT, MADT, MCFG]),
+            fadt(),
+            dsdt(),
+            madt(4),
+            mcfg(PCI_ECAM, 0),
+        ] {
             assert!(sums_to_zero(&t), "{:?}", &t[..4]);
             assert_eq!(
                 u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
@@ -346,6 +373,7 @@ mod tests {
             );
         }
         assert_eq!(fadt().len(), 276);
+        assert_eq!(mcfg(PCI_ECAM, 0).len() as u64, MCFG_LEN);
     }
 
     /// The (type, APIC ID, UID, enabled) of every processor entry of a MADT, after
@@ -481,7 +509,10 @@ mod tests {
                 assert!(d.windows(4).any(|w| w == b"_S5_"));
             }
         }
-        assert_eq!(found, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+        assert_eq!(
+            found,
+            vec![b"FACP".to_vec(), b"APIC".to_vec(), b"MCFG".to_vec()]
+        );
     }
 
     #[test]
@@ -551,7 +582,7 @@ mod tests {
         write_acpi_tables(&mem, 4, Some(&n)).unwrap();
         let x = table_at(&mem, XSDT);
         let found: Vec<u64> = g::xsdt_entries(&x).collect();
-        assert_eq!(found, vec![FADT, MADT, SRAT, SLIT]);
+        assert_eq!(found, vec![FADT, MADT, MCFG, SRAT, SLIT]);
         let s = table_at(&mem, SRAT);
         assert!(g::table_ok(&s, b"SRAT"));
         let entries: Vec<SratEntry> = g::srat_entries(&s).collect();
@@ -595,6 +626,50 @@ mod tests {
     }
 
     #[test]
+    fn the_mcfg_describes_the_ecam_window_the_e820_map_reserves() {
+        use ray_guest_abi::acpi_mcfg::{self, McfgEntry};
+        use ray_guest_abi::acpi_numa as g;
+        let mem = crate::memory::MemoryManager::create(&[(GuestAddress(0), 32 << 20)])
+            .unwrap()
+            .ram()
+            .clone();
+        write_acpi_tables(&mem, 2, None).unwrap();
+        let x = table_at(&mem, XSDT);
+        let at = g::xsdt_entries(&x)
+            .find(|&a| table_at(&mem, a)[..4] == *b"MCFG")
+            .expect("the XSDT lists an MCFG");
+        let t = table_at(&mem, at);
+        assert!(g::table_ok(&t, b"MCFG"), "signature, length and checksum");
+        assert_eq!(t[8], 1, "revision");
+        let window = McfgEntry {
+            base: PCI_ECAM,
+            segment: 0,
+            start_bus: 0,
+            end_bus: (PCI_ECAM_BUSES - 1) as u8,
+        };
+        assert_eq!(
+            acpi_mcfg::mcfg_entries(&t).collect::<Vec<_>>(),
+            vec![window]
+        );
+        assert_eq!(acpi_mcfg::segment0_bus0(&t), Some(window));
+        // Linux takes the window only if the firmware reserved all of it.
+        let size = u64::from(window.end_bus - window.start_bus + 1) << 20;
+        for mem_bytes in [32 << 20, 3 << 30, 5 << 30] {
+            let map = super::super::layout::e820(mem_bytes);
+            assert!(
+                map.iter().any(
+                    |&(start, len, kind)| kind == super::super::layout::E820_RESERVED
+                        && start <= window.base
+                        && window.base + size <= start + len
+                ),
+                "{map:x?}"
+            );
+        }
+        // ... and it lies in the MMIO hole, clear of the BARs and the interrupt controllers.
+        assert!(window.base >= crate::pci::BAR_WINDOW_END && window.base + size <= IOAPIC);
+    }
+
+    #[test]
     fn the_largest_numa_tables_fit_without_overlapping() {
         let mem = crate::memory::MemoryManager::create(&[(GuestAddress(0), 32 << 20)])
             .unwrap()
@@ -613,8 +688,9 @@ mod tests {
 
     #[test]
     fn tables_fit_below_one_mib_without_overlapping() {
-        assert!(FADT >= XSDT + xsdt(&[FADT, MADT]).len() as u64);
-        assert!(MADT >= DSDT + dsdt().len() as u64);
+        assert!(FADT >= XSDT + xsdt(&[FADT, MADT, MCFG, SRAT, SLIT]).len() as u64);
+        assert!(MCFG >= DSDT + dsdt().len() as u64);
+        assert!(MADT >= MCFG + mcfg(PCI_ECAM, 0xff).len() as u64);
         assert!(MADT + madt(super::super::MAX_VCPUS).len() as u64 <= 0x10_0000);
     }
 }

@@ -12,7 +12,8 @@
 //! 0x000e_0000  ACPI tables (RSDP first), reserved up to 1 MiB
 //! 0x0010_0000  kernel (rayvisor's guest; a bzImage's protected-mode part; an ELF at its paddr)
 //! ...          RAM up to 3 GiB; initrd at its top
-//! 0xc000_0000  MMIO hole (IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000) up to 4 GiB
+//! 0xc000_0000  MMIO hole up to 4 GiB: BARs (0xc000_0000-0xfe00_0000), the PCI ECAM
+//!              window (0xfe00_0000, 1 MiB: bus 0), IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
 //! 0x1_0000_0000  the rest of RAM
 //! ```
 use vm_memory::GuestAddress;
@@ -39,6 +40,12 @@ pub const MMIO_START: u64 = 0xc000_0000;
 pub const MMIO_END: u64 = 1 << 32;
 pub const IOAPIC: u64 = 0xfec0_0000;
 pub const LAPIC: u64 = 0xfee0_0000;
+/// PCI configuration space as memory (ECAM), described to the guest by the ACPI MCFG
+/// table and reserved in the e820 map: 1 MiB per bus, for the one bus the VMM has. It is
+/// part of the machine: it never moves, so snapshots and migrations find it in place.
+pub const PCI_ECAM: u64 = 0xfe00_0000;
+pub const PCI_ECAM_BUSES: u16 = 1;
+pub const PCI_ECAM_SIZE: u64 = PCI_ECAM_BUSES as u64 * (1 << 20);
 
 /// Below 32 MiB even rayvisor's guest has no room for its heap after the fixed areas.
 pub const MIN_MEMORY: u64 = 32 << 20;
@@ -54,6 +61,8 @@ const _: () = assert!(PML4.is_multiple_of(0x2000));
 const _: () = assert!(PDPT >= PML4 + 0x1000);
 const _: () = assert!(PD + BOOT_MAP_GIB * 0x1000 <= CMDLINE);
 const _: () = assert!(ZERO_PAGE + 0x1000 <= BOOT_STACK);
+const _: () = assert!(PCI_ECAM >= MMIO_START && PCI_ECAM + PCI_ECAM_SIZE <= IOAPIC);
+const _: () = assert!(PCI_ECAM.is_multiple_of(1 << 20));
 
 /// Checks a guest memory size: whole pages, between [`MIN_MEMORY`] and [`MAX_MEMORY`].
 pub fn check_memory(mem_bytes: u64) -> Result<(), BootError> {
@@ -78,12 +87,14 @@ pub fn ram_regions(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
     }
 }
 
-/// The memory map the guest is told about: (start, length, type).
+/// The memory map the guest is told about: (start, length, type). The ECAM window is
+/// reserved in it: Linux takes the MCFG table's window only if the firmware reserved it.
 pub fn e820(mem_bytes: u64) -> Vec<(u64, u64, u32)> {
     let mut map = vec![
         (0, EBDA, E820_RAM),
         (EBDA, HIMEM - EBDA, E820_RESERVED),
         (HIMEM, mem_bytes.min(MMIO_START) - HIMEM, E820_RAM),
+        (PCI_ECAM, PCI_ECAM_SIZE, E820_RESERVED),
     ];
     if mem_bytes > MMIO_START {
         map.push((MMIO_END, mem_bytes - MMIO_START, E820_RAM));
@@ -130,6 +141,7 @@ mod tests {
                 (0, 0x9fc00, E820_RAM),
                 (0x9fc00, 0x100000 - 0x9fc00, E820_RESERVED),
                 (0x100000, (128 << 20) - 0x100000, E820_RAM),
+                (0xfe00_0000, 1 << 20, E820_RESERVED),
             ]
         );
     }
@@ -138,7 +150,7 @@ mod tests {
     fn exactly_three_gib_stays_below_the_hole() {
         assert_eq!(ram_regions(3 << 30), vec![(GuestAddress(0), 3 << 30)]);
         let map = e820(3 << 30);
-        assert_eq!(map.len(), 3);
+        assert_eq!(map.len(), 4);
         assert_eq!(map[2], (HIMEM, (3 << 30) - HIMEM, E820_RAM));
         assert_eq!(
             map[2].0 + map[2].1,
@@ -175,13 +187,16 @@ mod tests {
             let regions: u64 = ram_regions(mem).iter().map(|r| r.1 as u64).sum();
             assert_eq!(regions, mem);
             let map = e820(mem);
-            // Every e820 entry lies inside a RAM region (the reserved low area too: it is
-            // backed, just not for the kernel's use).
+            // Every e820 entry but the ECAM window lies inside a RAM region (the reserved
+            // low area too: it is backed, just not for the kernel's use); the window lies
+            // in the hole, outside every region.
             for &(start, len, _) in &map {
-                assert!(ram_regions(mem)
+                let in_ram = ram_regions(mem)
                     .iter()
-                    .any(|r| start >= r.0 .0 && start + len <= r.0 .0 + r.1 as u64));
+                    .any(|r| start >= r.0 .0 && start + len <= r.0 .0 + r.1 as u64);
+                assert_eq!(in_ram, start != PCI_ECAM, "{start:#x}");
             }
+            assert!(map.contains(&(PCI_ECAM, PCI_ECAM_SIZE, E820_RESERVED)));
             // Entries are sorted and do not overlap.
             for w in map.windows(2) {
                 assert!(w[0].0 + w[0].1 <= w[1].0, "{map:x?}");
@@ -197,12 +212,14 @@ mod tests {
             &[
                 (HIMEM, (126 << 20) - HIMEM, E820_RAM),
                 (126 << 20, 2 << 20, E820_RESERVED),
+                (PCI_ECAM, PCI_ECAM_SIZE, E820_RESERVED),
             ]
         );
         let big = e820_reserving(5 << 30, (3 << 30) - (4 << 20), 2 << 20);
         assert_eq!(big[3], ((3 << 30) - (4 << 20), 2 << 20, E820_RESERVED));
         assert_eq!(big[4], ((3 << 30) - (2 << 20), 2 << 20, E820_RAM));
-        assert_eq!(big[5], (4 << 30, 2 << 30, E820_RAM));
+        assert_eq!(big[5], (PCI_ECAM, PCI_ECAM_SIZE, E820_RESERVED));
+        assert_eq!(big[6], (4 << 30, 2 << 30, E820_RAM));
     }
 
     #[test]
@@ -213,7 +230,8 @@ mod tests {
         );
         let map = e820(5 << 30);
         assert_eq!(map[2], (0x100000, (3 << 30) - 0x100000, E820_RAM));
-        assert_eq!(map[3], (4 << 30, 2 << 30, E820_RAM));
+        assert_eq!(map[3], (PCI_ECAM, PCI_ECAM_SIZE, E820_RESERVED));
+        assert_eq!(map[4], (4 << 30, 2 << 30, E820_RAM));
         let ram: u64 = map.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
         assert_eq!(ram, (5 << 30) - (HIMEM - EBDA));
     }

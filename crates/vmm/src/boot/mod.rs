@@ -261,7 +261,7 @@ mod tests {
         assert_eq!(image.rsdp, GuestAddress(0xe0000));
         // The zero page points at what was written.
         assert_eq!(zp::<u64>(&mem, 0x070), 0xe0000);
-        assert_eq!(zp::<u8>(&mem, 0x1e8), 3);
+        assert_eq!(zp::<u8>(&mem, 0x1e8), 4, "RAM, EBDA, RAM, ECAM");
         let cmd_ptr: u32 = zp(&mem, 0x228);
         let mut cmd = [0u8; 28];
         mem.read_slice(&mut cmd, GuestAddress(u64::from(cmd_ptr)))

@@ -145,7 +145,11 @@ mod tests {
         assert_eq!(read::<u16>(&mem, 0x24), 3200, "lfb_linelength");
         assert_eq!(read::<[u8; 2]>(&mem, 0x26), [8, 16], "red size, pos");
         assert_eq!(read::<u64>(&mem, 0x070), 0xe0000, "acpi_rsdp_addr");
-        assert_eq!(read::<u8>(&mem, 0x1e8), 3, "e820_entries");
+        assert_eq!(
+            read::<u8>(&mem, 0x1e8),
+            4,
+            "e820_entries: RAM, EBDA, RAM, ECAM"
+        );
         assert_eq!(read::<u16>(&mem, 0x1fe), 0xaa55, "boot_flag");
         assert_eq!(read::<u32>(&mem, 0x202), HDR_MAGIC, "header");
         assert_eq!(read::<u8>(&mem, 0x210), 0xff, "type_of_loader");
