@@ -43,6 +43,8 @@ fn debian_kernel_early_log_shows_our_cmdline_memory_map_and_tables() {
         "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
         "BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved",
         "BIOS-e820: [mem 0x0000000000100000-0x0000000007ffffff] usable",
+        // The PCI ECAM window: Linux takes the MCFG's window only if it is reserved.
+        "BIOS-e820: [mem 0x00000000fe000000-0x00000000fe0fffff] reserved",
     ];
     for want in expected_e820 {
         let got = vm.expect_kernel_line("BIOS-e820: ", slow);
@@ -55,6 +57,8 @@ fn debian_kernel_early_log_shows_our_cmdline_memory_map_and_tables() {
     vm.expect_kernel_line("ACPI: DSDT ", slow);
     let madt = vm.expect_kernel_line("ACPI: APIC ", slow);
     eprintln!("{madt}");
+    let mcfg = vm.expect_kernel_line("ACPI: MCFG 0x00000000000E0380 00003C ", slow);
+    eprintln!("{mcfg}");
 }
 
 #[test]
