@@ -33,6 +33,7 @@ fn rig(name: &str, size: u64, readonly: bool) -> Rig {
         serial: "disk-serial-0123456789abc".into(),
         queues: 2,
         rate: RateLimit::default(),
+        engine: Engine::Pool,
     })
     .unwrap();
     Rig {
