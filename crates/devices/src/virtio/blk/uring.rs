@@ -89,8 +89,12 @@ impl Uring {
             .stack_size(256 << 10)
             .spawn(move || {
                 ray_seccomp::enter(ray_seccomp::Kind::BlkWorker);
+                // Only this thread submits and reaps: completions' task work runs when it
+                // waits, not by interrupting it (single issuer, deferred task work).
                 let ring = IoUring::builder()
                     .setup_cqsize(CQ_ENTRIES)
+                    .setup_single_issuer()
+                    .setup_defer_taskrun()
                     .build(ENTRIES);
                 match ring {
                     Ok(ring) => {
