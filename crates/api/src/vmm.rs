@@ -333,7 +333,9 @@ impl DiskEngine {
         match text {
             "pool" => Ok(DiskEngine::Pool),
             "uring" => Ok(DiskEngine::Uring),
-            _ => Err(format!("engine={text}: the disk engines are pool and uring")),
+            _ => Err(format!(
+                "engine={text}: the disk engines are pool and uring"
+            )),
         }
     }
 }

@@ -85,7 +85,10 @@ mod tests {
             parse_disk("a,engine=uring").unwrap().engine,
             DiskEngine::Uring
         );
-        assert_eq!(parse_disk("a,engine=pool").unwrap().engine, DiskEngine::Pool);
+        assert_eq!(
+            parse_disk("a,engine=pool").unwrap().engine,
+            DiskEngine::Pool
+        );
         assert_eq!(
             parse_disk("a,engine=aio").unwrap_err(),
             "engine=aio: the disk engines are pool and uring"

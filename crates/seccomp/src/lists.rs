@@ -108,7 +108,11 @@ const BLK: &[c_long] = &[
 
 /// A disk's io_uring engine: setting the ring up (on its own thread, and once when the
 /// disk is opened to check the host has it), submitting and waiting.
-const URING: &[c_long] = &[SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register];
+const URING: &[c_long] = &[
+    SYS_io_uring_setup,
+    SYS_io_uring_enter,
+    SYS_io_uring_register,
+];
 
 /// Reading files by name (key files, /proc for metrics, snapshot manifests).
 const READ_FILES: &[c_long] = &[

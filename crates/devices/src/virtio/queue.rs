@@ -603,21 +603,39 @@ pub(crate) mod tests {
         indirect_table(
             &mem,
             0x18_2000,
-            &[(0x10_0000, 8, DESC_F_NEXT, 1), (0x10_0000, 8, DESC_F_NEXT, 0)],
+            &[
+                (0x10_0000, 8, DESC_F_NEXT, 1),
+                (0x10_0000, 8, DESC_F_NEXT, 0),
+            ],
         );
         indirect_table(&mem, 0x18_3000, &[(0x10_0000, 8, DESC_F_NEXT, 5)]);
         let cases: Vec<(RawDescriptor, ChainError)> = vec![
-            (desc(0x18_0000, 40, DESC_F_INDIRECT, 0), bad_table(40, 0x18_0000)),
-            (desc(0x18_0000, 0, DESC_F_INDIRECT, 0), bad_table(0, 0x18_0000)),
-            (desc(0x1f_fff0, 32, DESC_F_INDIRECT, 0), bad_table(32, 0x1f_fff0)),
+            (
+                desc(0x18_0000, 40, DESC_F_INDIRECT, 0),
+                bad_table(40, 0x18_0000),
+            ),
+            (
+                desc(0x18_0000, 0, DESC_F_INDIRECT, 0),
+                bad_table(0, 0x18_0000),
+            ),
+            (
+                desc(0x1f_fff0, 32, DESC_F_INDIRECT, 0),
+                bad_table(32, 0x1f_fff0),
+            ),
             // Indirect inside an indirect table, and indirect that also links on.
-            (desc(0x18_1000, 16, DESC_F_INDIRECT, 0), ChainError::IndirectNested(0)),
+            (
+                desc(0x18_1000, 16, DESC_F_INDIRECT, 0),
+                ChainError::IndirectNested(0),
+            ),
             (
                 desc(0x18_0000, 48, DESC_F_INDIRECT | DESC_F_NEXT, 0),
                 ChainError::IndirectNested(0),
             ),
             // A loop inside the table, and a link past its end.
-            (desc(0x18_2000, 32, DESC_F_INDIRECT, 0), ChainError::TooLong(8)),
+            (
+                desc(0x18_2000, 32, DESC_F_INDIRECT, 0),
+                ChainError::TooLong(8),
+            ),
             (
                 desc(0x18_3000, 16, DESC_F_INDIRECT, 0),
                 ChainError::Next {

@@ -122,14 +122,9 @@ impl Rig {
         let mut descriptors = vec![d(hdr(head), 16, false)];
         descriptors.extend_from_slice(data);
         descriptors.push(d(status_at(head), 1, true));
-        let c = self.dev.process(
-            queue,
-            &Chain {
-                head,
-                descriptors,
-            },
-            &*self.mem,
-        );
+        let c = self
+            .dev
+            .process(queue, &Chain { head, descriptors }, &*self.mem);
         if c != Completion::Pending {
             self.in_flight.done(1);
         }
@@ -321,7 +316,11 @@ fn rate_limits_pace_the_uring_engine() {
     let done = r.wait();
     assert_eq!(done.len(), 30);
     assert!((0..30).all(|i| r.status(i) == S_OK));
-    assert!(t.elapsed() >= Duration::from_millis(400), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
 }
 
 #[test]

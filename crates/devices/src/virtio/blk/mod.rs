@@ -54,7 +54,9 @@ pub enum BlockError {
     Kind { path: PathBuf },
     #[error("disk {path} has {size} bytes, not a whole number of 512-byte sectors")]
     Size { path: PathBuf, size: u64 },
-    #[error("disk {path}: engine=uring, but this host gives no io_uring ({source}); use engine=pool")]
+    #[error(
+        "disk {path}: engine=uring, but this host gives no io_uring ({source}); use engine=pool"
+    )]
     Uring {
         path: PathBuf,
         #[source]

@@ -132,7 +132,9 @@ impl Uring {
             }
             Err(_) => {
                 let _ = thread.join();
-                Err(std::io::Error::other("the io_uring thread ended at its start"))
+                Err(std::io::Error::other(
+                    "the io_uring thread ended at its start",
+                ))
             }
         }
     }
@@ -408,8 +410,7 @@ impl Engine {
         let mut slot = self.slots[index].take()?;
         self.free.push(index);
         self.in_flight -= 1;
-        if let (Op::Read(segs) | Op::Write(segs), Ok(n)) = (&slot.job.request.op, &slot.result)
-        {
+        if let (Op::Read(segs) | Op::Write(segs), Ok(n)) = (&slot.job.request.op, &slot.result) {
             // A short transfer: the rest, blocking, from where the kernel stopped.
             let total: u64 = segs.iter().map(|s| u64::from(s.len)).sum();
             if u64::from(*n) < total {
