@@ -1,6 +1,7 @@
 //! A split virtqueue driven by a hostile driver: the input sets the queue's size and ring
 //! addresses and fills guest memory; the device pops, completes and decides interrupts
-//! until the queue is empty or faults. Every chain it accepts must lie inside guest
+//! until the queue is empty or faults (indirect tables included when bit 1 of byte 8
+//! negotiates them). Every chain it accepts must lie inside guest
 //! memory (but for empty ones), be no longer than the queue, and keep device-readable
 //! buffers first.
 #![no_main]
@@ -46,6 +47,7 @@ fuzz_target!(|data: &[u8]| {
     q.avail = u64::from(word(4)) * 2;
     q.used = u64::from(word(6)) * 2;
     q.event_idx = data[8] & 1 != 0;
+    q.indirect = data[8] & 2 != 0;
     q.next_avail = word(9);
     q.next_used = q.next_avail;
     if q.validate(&mem).is_err() {

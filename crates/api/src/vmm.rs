@@ -303,6 +303,41 @@ pub struct DiskConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1)]
     pub rate_ops: Option<u64>,
+    /// How the VMM does the disk's I/O (not part of saved state: a restored or migrated VM
+    /// may use another).
+    #[serde(default)]
+    pub engine: DiskEngine,
+}
+
+/// A disk's I/O engine in the VMM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskEngine {
+    /// A pool of 32 threads per disk doing blocking preadv/pwritev.
+    #[default]
+    Pool,
+    /// One thread per disk keeping every request in flight on an io_uring.
+    Uring,
+}
+
+impl DiskEngine {
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskEngine::Pool => "pool",
+            DiskEngine::Uring => "uring",
+        }
+    }
+
+    /// Parses `pool` or `uring`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "pool" => Ok(DiskEngine::Pool),
+            "uring" => Ok(DiskEngine::Uring),
+            _ => Err(format!(
+                "engine={text}: the disk engines are pool and uring"
+            )),
+        }
+    }
 }
 
 fn on() -> bool {

@@ -1,7 +1,10 @@
 //! `ray bench blk`: our guest's virtio-blk throughput and latency on a pre-filled raw
 //! file, against a host process doing the same pattern on the same file with O_DIRECT,
-//! in the same run: sequential read and write in 1 MiB requests (queue depth 1), 4 KiB
-//! random reads at queue depth 1 and 32; and the VMM exits each guest request costs.
+//! in the same run: sequential read and write in 1 MiB requests (4 in flight on both
+//! sides by default, `--seq-qd`), 4 KiB random reads at queue depth 1 and 32; and the VMM
+//! exits and interrupts each guest request costs. Both I/O engines are measured in the
+//! same run, on two VMs whose passes alternate: per-engine figures, `uring_vs_pool`
+//! ratios, and the default engine's figures at the top level.
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -10,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use ray_api::vmm::{DevicesConfig, DiskConfig, VmConfig};
+use ray_api::vmm::{DevicesConfig, DiskConfig, DiskEngine, VmConfig};
 use serde::Serialize;
 
 use crate::bench::{field, print_row, BenchVmm, GuestShell, Stats};
@@ -26,6 +29,11 @@ pub struct BlkBenchArgs {
     /// Bytes each sequential pass moves.
     #[arg(long, default_value = "256M", value_parser = ray::sizes::parse_size)]
     pub seq: u64,
+    /// Sequential requests in flight (guest and host alike; at most 4). A writer or
+    /// reader of a big file keeps several requests queued; at 1 the per-request hand-offs
+    /// (kick, wake, interrupt) of the guest's path are not overlapped with the I/O.
+    #[arg(long, default_value_t = 4)]
+    pub seq_qd: usize,
     /// 4 KiB random reads per QD1 pass (QD32 passes do 8 times as many).
     #[arg(long, default_value_t = 2000)]
     pub rand_ops: u64,
@@ -45,30 +53,66 @@ const SEQ_REQ: usize = 1 << 20;
 const RAND_REQ: usize = 4096;
 const QD: usize = 32;
 
+/// One engine's figures: the guest's, and its ratios to the host baseline of the same run.
 #[derive(Serialize)]
-struct Report {
-    runs: usize,
-    image_bytes: u64,
-    /// Whether the guest's disk was opened with O_DIRECT (as the host baseline is).
-    guest_direct: bool,
+struct EngineReport {
     seq_read_ratio: Stats,
     seq_write_ratio: Stats,
     rand_read_qd32_ratio: Stats,
     /// Guest 4 KiB random read at queue depth 1, µs per request.
     qd1_latency_us: Stats,
     guest_seq_read_mib_s: Stats,
-    host_seq_read_mib_s: Stats,
     guest_seq_write_mib_s: Stats,
-    host_seq_write_mib_s: Stats,
     guest_rand_read_qd32_iops: Stats,
-    host_rand_read_qd32_iops: Stats,
     guest_rand_read_qd1_iops: Stats,
-    host_qd1_latency_us: Stats,
     /// VMM exits (all reasons, MMIO and port I/O included) per guest request, over every
     /// guest pass; the shell's own serial I/O is in it.
     exits_per_request: Stats,
     /// The guest's device interrupts per request.
     irqs_per_request: Stats,
+}
+
+/// The io_uring engine's guest figures over the worker pool's, run by run (above 1:
+/// io_uring is faster; for latency, below 1 is).
+#[derive(Serialize)]
+struct UringVsPool {
+    seq_read: Stats,
+    seq_write: Stats,
+    rand_read_qd32: Stats,
+    rand_read_qd1: Stats,
+    qd1_latency: Stats,
+}
+
+#[derive(Serialize)]
+struct Report {
+    runs: usize,
+    image_bytes: u64,
+    /// Whether the guest's disk was opened with O_DIRECT (as the host baseline is).
+    guest_direct: bool,
+    /// Requests in flight in the sequential passes, guest and host alike.
+    seq_qd: usize,
+    /// The engine a disk gets without `engine=`: its figures are the top-level ones.
+    default_engine: &'static str,
+    /// The host's 1-minute load average before and after the run (2 cores here).
+    load_average: [f64; 2],
+    seq_read_ratio: Stats,
+    seq_write_ratio: Stats,
+    rand_read_qd32_ratio: Stats,
+    qd1_latency_us: Stats,
+    host_seq_read_mib_s: Stats,
+    host_seq_write_mib_s: Stats,
+    host_rand_read_qd32_iops: Stats,
+    host_qd1_latency_us: Stats,
+    pool: EngineReport,
+    uring: EngineReport,
+    uring_vs_pool: UringVsPool,
+}
+
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 /// Writes `size` bytes of a non-zero pattern, so reads hit real blocks.
@@ -130,21 +174,40 @@ fn next(x: &mut u64) -> u64 {
     *x
 }
 
-/// Host sequential pass: MiB/s.
-fn host_seq(path: &Path, bytes: u64, write: bool) -> anyhow::Result<f64> {
+/// Host sequential pass with `qd` requests in flight (`qd` threads taking the next 1 MiB
+/// in turn, as the guest's driver keeps `qd` sequential requests queued): MiB/s.
+fn host_seq(path: &Path, bytes: u64, write: bool, qd: usize) -> anyhow::Result<f64> {
     let f = direct(path, write)?;
-    let mut buf = Aligned::new(SEQ_REQ);
-    buf.slice().fill(0x5a);
+    let next_chunk = std::sync::atomic::AtomicU64::new(0);
+    let chunks = bytes / SEQ_REQ as u64;
     let t = Instant::now();
-    let mut at = 0;
-    while at < bytes {
-        if write {
-            f.write_all_at(buf.slice(), at)?;
-        } else {
-            f.read_exact_at(buf.slice(), at)?;
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..qd)
+            .map(|_| {
+                s.spawn(|| -> anyhow::Result<()> {
+                    let mut buf = Aligned::new(SEQ_REQ);
+                    buf.slice().fill(0x5a);
+                    loop {
+                        let c = next_chunk.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if c >= chunks {
+                            return Ok(());
+                        }
+                        let at = c * SEQ_REQ as u64;
+                        if write {
+                            f.write_all_at(buf.slice(), at)?;
+                        } else {
+                            f.read_exact_at(buf.slice(), at)?;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a host I/O thread panicked"))??;
         }
-        at += SEQ_REQ as u64;
-    }
+        Ok(())
+    })?;
     if write {
         f.sync_data()?;
     }
@@ -216,6 +279,9 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
     if a.seq == 0 || a.seq > a.size || !a.seq.is_multiple_of(1 << 20) {
         bail!("--seq must be whole MiB, at most --size");
     }
+    if a.seq_qd == 0 || a.seq_qd > 4 {
+        bail!("--seq-qd must be 1 to 4 (the guest's buffer holds 4 requests of 1 MiB)");
+    }
     if a.rand_ops < QD as u64 {
         bail!("--rand-ops must be at least {QD}");
     }
@@ -223,131 +289,236 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let image = dir.join(format!("bench-{}.img", std::process::id()));
     prefill(&image, a.size)?;
-    let id = format!("bench-blk-{}", std::process::id());
-    let cfg = VmConfig {
-        kernel: default_guest()?.display().to_string(),
-        initrd: None,
-        cmdline: DEFAULT_GUEST_CMDLINE.into(),
-        vcpus: 1,
-        memory_bytes: 256 << 20,
-        numa: Vec::new(),
-        numa_attribution: Default::default(),
-        numa_migration: Default::default(),
-        devices: DevicesConfig {
-            rng: false,
-            disks: vec![DiskConfig {
-                id: "bench".into(),
-                path: image.display().to_string(),
-                readonly: false,
-                direct: !a.buffered,
-                rate_bytes: None,
-                rate_ops: None,
-            }],
-            ..Default::default()
-        },
+    let config = |engine: DiskEngine| -> anyhow::Result<String> {
+        let cfg = VmConfig {
+            kernel: default_guest()?.display().to_string(),
+            initrd: None,
+            cmdline: DEFAULT_GUEST_CMDLINE.into(),
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            numa: Vec::new(),
+            numa_attribution: Default::default(),
+            numa_migration: Default::default(),
+            devices: DevicesConfig {
+                rng: false,
+                disks: vec![DiskConfig {
+                    id: "bench".into(),
+                    path: image.display().to_string(),
+                    readonly: false,
+                    direct: !a.buffered,
+                    rate_bytes: None,
+                    rate_ops: None,
+                    engine,
+                }],
+                ..Default::default()
+            },
+        };
+        Ok(serde_json::to_string(&cfg)?)
     };
-    let result = BenchVmm::start(runtime, &id, &serde_json::to_string(&cfg)?).and_then(|vmm| {
-        let report = measure(a, &image, &mut vmm.shell());
-        vmm.stop()?;
+    // One VM per engine on the same image, both up for the whole run: their passes
+    // alternate, so that both engines see the same moments of a busy host.
+    let pid = std::process::id();
+    let result = (|| {
+        let pool = BenchVmm::start(
+            runtime,
+            &format!("bench-blk-pool-{pid}"),
+            &config(DiskEngine::Pool)?,
+        )?;
+        let uring = BenchVmm::start(
+            runtime,
+            &format!("bench-blk-uring-{pid}"),
+            &config(DiskEngine::Uring)?,
+        )?;
+        let report = measure(a, &image, &mut pool.shell(), &mut uring.shell());
+        pool.stop()?;
+        uring.stop()?;
         report
-    });
+    })();
     let _ = std::fs::remove_file(&image);
     let report = result?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "virtio-blk, {} runs on a {} MiB pre-filled raw file (guest {} vs host O_DIRECT):",
+            "virtio-blk, {} runs on a {} MiB pre-filled raw file (guest {} vs host O_DIRECT), \
+             sequential QD{}, load average {:.1} -> {:.1}:",
             report.runs,
             report.image_bytes >> 20,
             if report.guest_direct {
                 "O_DIRECT"
             } else {
                 "buffered"
-            }
+            },
+            report.seq_qd,
+            report.load_average[0],
+            report.load_average[1],
         );
-        let rows: [(&str, Stats, &str); 14] = [
-            ("seq read ratio", report.seq_read_ratio, "x"),
-            ("seq write ratio", report.seq_write_ratio, "x"),
-            ("rand read QD32 ratio", report.rand_read_qd32_ratio, "x"),
-            ("guest QD1 latency", report.qd1_latency_us, "us"),
-            ("host QD1 latency", report.host_qd1_latency_us, "us"),
-            ("guest seq read", report.guest_seq_read_mib_s, "MiB/s"),
+        let rows: [(&str, Stats, &str); 4] = [
             ("host seq read", report.host_seq_read_mib_s, "MiB/s"),
-            ("guest seq write", report.guest_seq_write_mib_s, "MiB/s"),
             ("host seq write", report.host_seq_write_mib_s, "MiB/s"),
-            ("guest rand QD32", report.guest_rand_read_qd32_iops, "IOPS"),
             ("host rand QD32", report.host_rand_read_qd32_iops, "IOPS"),
-            ("guest rand QD1", report.guest_rand_read_qd1_iops, "IOPS"),
-            ("exits per request", report.exits_per_request, ""),
-            ("irqs per request", report.irqs_per_request, ""),
+            ("host QD1 latency", report.host_qd1_latency_us, "us"),
         ];
         for (name, s, unit) in rows {
             print_row(name, s, unit);
+        }
+        for (engine, e) in [("pool", &report.pool), ("uring", &report.uring)] {
+            let default = if engine == report.default_engine {
+                " (default)"
+            } else {
+                ""
+            };
+            println!(" engine {engine}{default}:");
+            let rows: [(&str, Stats, &str); 10] = [
+                ("seq read ratio", e.seq_read_ratio, "x"),
+                ("seq write ratio", e.seq_write_ratio, "x"),
+                ("rand read QD32 ratio", e.rand_read_qd32_ratio, "x"),
+                ("guest QD1 latency", e.qd1_latency_us, "us"),
+                ("guest seq read", e.guest_seq_read_mib_s, "MiB/s"),
+                ("guest seq write", e.guest_seq_write_mib_s, "MiB/s"),
+                ("guest rand QD32", e.guest_rand_read_qd32_iops, "IOPS"),
+                ("guest rand QD1", e.guest_rand_read_qd1_iops, "IOPS"),
+                ("exits per request", e.exits_per_request, ""),
+                ("irqs per request", e.irqs_per_request, ""),
+            ];
+            for (name, s, unit) in rows {
+                print_row(name, s, unit);
+            }
+        }
+        println!(" uring vs pool (guest figures):");
+        let u = &report.uring_vs_pool;
+        for (name, s) in [
+            ("seq read", u.seq_read),
+            ("seq write", u.seq_write),
+            ("rand read QD32", u.rand_read_qd32),
+            ("rand read QD1", u.rand_read_qd1),
+            ("QD1 latency", u.qd1_latency),
+        ] {
+            print_row(name, s, "x");
         }
     }
     Ok(())
 }
 
-fn measure(a: &BlkBenchArgs, image: &Path, g: &mut GuestShell) -> anyhow::Result<Report> {
-    g.command("disk", "disk capacity")?;
-    let mut v: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    let mut push = |k: &'static str, x: f64| v.entry(k).or_default().push(x);
+/// One engine's guest passes of a run, into `v` under `engine`'s keys.
+fn guest_passes(
+    a: &BlkBenchArgs,
+    g: &mut GuestShell,
+    engine: &str,
+    v: &mut BTreeMap<String, Vec<f64>>,
+) -> anyhow::Result<()> {
     let seq_count = a.seq / SEQ_REQ as u64;
-    for _ in 0..a.runs {
-        let mut exits = 0.0;
-        let mut reqs = 0.0;
-        let mut irqs = 0.0;
-        let mut guest = |mode: &str, count: u64, kib: usize, qd: usize| -> anyhow::Result<Pass> {
-            let p = pass(g, mode, count, kib, qd)?;
-            exits += p.exits;
-            reqs += p.ops;
-            irqs += p.irqs;
-            Ok(p)
-        };
-        let gr = guest("seq-read", seq_count, SEQ_REQ / 1024, 1)?;
-        let gw = guest("seq-write", seq_count, SEQ_REQ / 1024, 1)?;
-        let g1 = guest("rand-read", a.rand_ops, RAND_REQ / 1024, 1)?;
-        let g32 = guest("rand-read", a.rand_ops * 8, RAND_REQ / 1024, QD)?;
-        let hr = host_seq(image, a.seq, false)?;
-        let hw = host_seq(image, a.seq, true)?;
+    let (mut exits, mut reqs, mut irqs) = (0.0, 0.0, 0.0);
+    let mut guest = |mode: &str, count: u64, kib: usize, qd: usize| -> anyhow::Result<Pass> {
+        let p = pass(g, mode, count, kib, qd)?;
+        exits += p.exits;
+        reqs += p.ops;
+        irqs += p.irqs;
+        Ok(p)
+    };
+    let gr = guest("seq-read", seq_count, SEQ_REQ / 1024, a.seq_qd)?;
+    let gw = guest("seq-write", seq_count, SEQ_REQ / 1024, a.seq_qd)?;
+    let g1 = guest("rand-read", a.rand_ops, RAND_REQ / 1024, 1)?;
+    let g32 = guest("rand-read", a.rand_ops * 8, RAND_REQ / 1024, QD)?;
+    let mib_s = |p: &Pass| p.bytes / MIB / p.secs;
+    let iops = |p: &Pass| p.ops / p.secs;
+    let mut push = |k: &str, x: f64| v.entry(format!("{engine}.{k}")).or_default().push(x);
+    push("gr", mib_s(&gr));
+    push("gw", mib_s(&gw));
+    push("g1", iops(&g1));
+    push("g32", iops(&g32));
+    push("lat", 1e6 / iops(&g1));
+    push("exits", exits / reqs);
+    push("irqs", irqs / reqs);
+    Ok(())
+}
+
+fn measure(
+    a: &BlkBenchArgs,
+    image: &Path,
+    pool: &mut GuestShell,
+    uring: &mut GuestShell,
+) -> anyhow::Result<Report> {
+    let load0 = load_average();
+    pool.command("disk", "disk capacity")?;
+    uring.command("disk", "disk capacity")?;
+    let mut v: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for run in 0..a.runs {
+        // Alternate which engine goes first.
+        if run % 2 == 0 {
+            guest_passes(a, pool, "pool", &mut v)?;
+            guest_passes(a, uring, "uring", &mut v)?;
+        } else {
+            guest_passes(a, uring, "uring", &mut v)?;
+            guest_passes(a, pool, "pool", &mut v)?;
+        }
+        let hr = host_seq(image, a.seq, false, a.seq_qd)?;
+        let hw = host_seq(image, a.seq, true, a.seq_qd)?;
         let h1 = host_rand(image, a.size, a.rand_ops, 1)?;
         let h32 = host_rand(image, a.size, a.rand_ops * 8, QD)?;
-        let mib_s = |p: &Pass| p.bytes / MIB / p.secs;
-        let iops = |p: &Pass| p.ops / p.secs;
-        push("gr", mib_s(&gr));
-        push("gw", mib_s(&gw));
-        push("g1", iops(&g1));
-        push("g32", iops(&g32));
-        push("lat", 1e6 / iops(&g1));
-        push("hr", hr);
-        push("hw", hw);
-        push("h32", h32);
-        push("hlat", 1e6 / h1);
-        push("rr", mib_s(&gr) / hr);
-        push("rw", mib_s(&gw) / hw);
-        push("r32", iops(&g32) / h32);
-        push("exits", exits / reqs);
-        push("irqs", irqs / reqs);
+        let last = |v: &BTreeMap<String, Vec<f64>>, k: &str| {
+            v.get(k).and_then(|x| x.last().copied()).unwrap_or(f64::NAN)
+        };
+        let mut add: Vec<(String, f64)> = vec![
+            ("hr".into(), hr),
+            ("hw".into(), hw),
+            ("h32".into(), h32),
+            ("hlat".into(), 1e6 / h1),
+        ];
+        for e in ["pool", "uring"] {
+            add.push((format!("{e}.rr"), last(&v, &format!("{e}.gr")) / hr));
+            add.push((format!("{e}.rw"), last(&v, &format!("{e}.gw")) / hw));
+            add.push((format!("{e}.r32"), last(&v, &format!("{e}.g32")) / h32));
+        }
+        for k in ["gr", "gw", "g32", "g1", "lat"] {
+            let r = last(&v, &format!("uring.{k}")) / last(&v, &format!("pool.{k}"));
+            add.push((format!("uvp.{k}"), r));
+        }
+        for (k, x) in add {
+            v.entry(k).or_default().push(x);
+        }
     }
     let s = |k: &str| Stats::of(v.get(k).map_or(&[][..], |x| &x[..]));
+    let engine = |e: &str| {
+        let s = |k: &str| s(&format!("{e}.{k}"));
+        EngineReport {
+            seq_read_ratio: s("rr"),
+            seq_write_ratio: s("rw"),
+            rand_read_qd32_ratio: s("r32"),
+            qd1_latency_us: s("lat"),
+            guest_seq_read_mib_s: s("gr"),
+            guest_seq_write_mib_s: s("gw"),
+            guest_rand_read_qd32_iops: s("g32"),
+            guest_rand_read_qd1_iops: s("g1"),
+            exits_per_request: s("exits"),
+            irqs_per_request: s("irqs"),
+        }
+    };
+    let default_engine = DiskEngine::default().name();
+    let d = engine(default_engine);
     Ok(Report {
         runs: a.runs,
         image_bytes: a.size,
         guest_direct: !a.buffered,
-        seq_read_ratio: s("rr"),
-        seq_write_ratio: s("rw"),
-        rand_read_qd32_ratio: s("r32"),
-        qd1_latency_us: s("lat"),
-        guest_seq_read_mib_s: s("gr"),
+        seq_qd: a.seq_qd,
+        default_engine,
+        load_average: [load0, load_average()],
+        seq_read_ratio: d.seq_read_ratio,
+        seq_write_ratio: d.seq_write_ratio,
+        rand_read_qd32_ratio: d.rand_read_qd32_ratio,
+        qd1_latency_us: d.qd1_latency_us,
         host_seq_read_mib_s: s("hr"),
-        guest_seq_write_mib_s: s("gw"),
         host_seq_write_mib_s: s("hw"),
-        guest_rand_read_qd32_iops: s("g32"),
         host_rand_read_qd32_iops: s("h32"),
-        guest_rand_read_qd1_iops: s("g1"),
         host_qd1_latency_us: s("hlat"),
-        exits_per_request: s("exits"),
-        irqs_per_request: s("irqs"),
+        pool: engine("pool"),
+        uring: engine("uring"),
+        uring_vs_pool: UringVsPool {
+            seq_read: s("uvp.gr"),
+            seq_write: s("uvp.gw"),
+            rand_read_qd32: s("uvp.g32"),
+            rand_read_qd1: s("uvp.g1"),
+            qd1_latency: s("uvp.lat"),
+        },
     })
 }

@@ -1,10 +1,10 @@
-//! `ray vm run --disk PATH[,ro][,direct][,id=ID][,rate=BYTES][,iops=N]`: one virtio-blk
-//! disk.
-use ray_api::vmm::DiskConfig;
+//! `ray vm run --disk PATH[,ro][,direct][,id=ID][,rate=BYTES][,iops=N][,engine=pool|uring]`:
+//! one virtio-blk disk.
+use ray_api::vmm::{DiskConfig, DiskEngine};
 
 use crate::sizes::parse_size;
 
-pub const SYNTAX: &str = "PATH[,ro][,direct][,id=ID][,rate=BYTES/s][,iops=N]";
+pub const SYNTAX: &str = "PATH[,ro][,direct][,id=ID][,rate=BYTES/s][,iops=N][,engine=pool|uring]";
 
 /// Parses one `--disk` value. The id is left empty when not given: [`number`] names the
 /// disks `disk0`, `disk1`, ... in order. The path is made absolute (the VMM runs
@@ -24,6 +24,7 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
         direct: false,
         rate_bytes: None,
         rate_ops: None,
+        engine: DiskEngine::default(),
     };
     for opt in parts {
         match opt.split_once('=') {
@@ -38,6 +39,7 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
                 }
                 disk.rate_bytes = Some(bytes);
             }
+            Some(("engine", v)) => disk.engine = DiskEngine::parse(v)?,
             Some(("iops", v)) => {
                 let ops: u64 = v
                     .parse()
@@ -78,6 +80,19 @@ mod tests {
         assert_eq!(d.id, "data");
         assert_eq!(d.rate_bytes, Some(50 << 20));
         assert_eq!(d.rate_ops, Some(1000));
+        assert_eq!(d.engine, DiskEngine::default());
+        assert_eq!(
+            parse_disk("a,engine=uring").unwrap().engine,
+            DiskEngine::Uring
+        );
+        assert_eq!(
+            parse_disk("a,engine=pool").unwrap().engine,
+            DiskEngine::Pool
+        );
+        assert_eq!(
+            parse_disk("a,engine=aio").unwrap_err(),
+            "engine=aio: the disk engines are pool and uring"
+        );
         let d = parse_disk("b.img").unwrap();
         assert!(d.path.starts_with('/') && d.path.ends_with("/b.img"));
         assert!(!d.readonly && d.id.is_empty());

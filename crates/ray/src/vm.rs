@@ -102,7 +102,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_rng: bool,
     /// A virtio-blk disk (a raw image file or block device); repeat for more. Options: ro
-    /// (read-only), direct (O_DIRECT, no host page cache), id=NAME (default diskN), rate=BYTES per second, iops=N.
+    /// (read-only), direct (O_DIRECT, no host page cache), id=NAME (default diskN), rate=BYTES per second, iops=N,
+    /// engine=pool|uring (the VMM's I/O: a thread pool or an io_uring).
     #[arg(long = "disk", value_name = ray::disks::SYNTAX, value_parser = ray::disks::parse_disk)]
     pub disks: Vec<ray_api::vmm::DiskConfig>,
     /// A virtio-net NIC on a TAP (repeatable): tap=NAME[,netns=NS][,mac=02:..:..]

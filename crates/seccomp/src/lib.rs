@@ -318,6 +318,11 @@ mod tests {
             assert!(!Kind::Vcpu.syscalls().contains(&call), "{call}");
         }
         assert!(!Kind::BlkWorker.syscalls().contains(&libc::SYS_openat));
+        // The disk's io_uring engine sets up and enters its ring on its own thread.
+        for call in [libc::SYS_io_uring_setup, libc::SYS_io_uring_enter] {
+            assert!(Kind::BlkWorker.syscalls().contains(&call), "{call}");
+            assert!(!Kind::Vcpu.syscalls().contains(&call), "{call}");
+        }
     }
 
     #[test]

@@ -106,6 +106,14 @@ const BLK: &[c_long] = &[
     SYS_fallocate,
 ];
 
+/// A disk's io_uring engine: setting the ring up (on its own thread, and once when the
+/// disk is opened to check the host has it), submitting and waiting.
+const URING: &[c_long] = &[
+    SYS_io_uring_setup,
+    SYS_io_uring_enter,
+    SYS_io_uring_register,
+];
+
 /// Reading files by name (key files, /proc for metrics, snapshot manifests).
 const READ_FILES: &[c_long] = &[
     SYS_openat,
@@ -190,7 +198,7 @@ fn groups(kind: Kind) -> &'static [&'static [c_long]] {
             WRITE_FILES,
         ],
         Kind::DeviceIo => &[THREAD, WAIT, STREAM, CONNECT, DEVICE_IOCTL],
-        Kind::BlkWorker => &[THREAD, BLK],
+        Kind::BlkWorker => &[THREAD, BLK, URING],
         // SPAWN: an encrypted stream is opened by a crypto worker per core.
         Kind::Migration => &[THREAD, SPAWN, WAIT, STREAM, CONNECT, READ_FILES, VCPU],
         Kind::Display => &[THREAD, SPAWN, WAIT, STREAM, CONNECT],

@@ -21,7 +21,7 @@ use std::time::Duration;
 use ray_devices::virtio::queue::Queue;
 use ray_devices::virtio::{
     serve_queue, Completer, DeviceContext, InFlight, Transport, Used, VirtioDevice, WarnLimit,
-    F_EVENT_IDX, F_VERSION_1,
+    F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1,
 };
 use ray_memory::mmap::SharedMappedMemory;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -66,6 +66,8 @@ pub struct Session {
     /// The crate's rings (call eventfds, base indices), known from the first kick.
     vrings: Vec<VringRwLock>,
     event_idx: bool,
+    /// The front end accepted VIRTIO_RING_F_INDIRECT_DESC.
+    indirect: bool,
     in_flight: Arc<InFlight>,
     warn: WarnLimit,
     me: Weak<Mutex<Session>>,
@@ -90,6 +92,7 @@ impl Session {
                 queues,
                 vrings: Vec::new(),
                 event_idx: false,
+                indirect: false,
                 in_flight: Arc::default(),
                 warn: WarnLimit::default(),
                 me: me.clone(),
@@ -178,6 +181,7 @@ impl Session {
         queue.next_avail = theirs.next_avail();
         queue.next_used = theirs.next_used();
         queue.event_idx = self.event_idx;
+        queue.indirect = self.indirect;
         queue.validate(&**memory).map_err(|e| e.to_string())?;
         queue.ready = true;
         Ok(())
@@ -257,6 +261,7 @@ impl Backend {
                 s.device.features()
                     | F_VERSION_1
                     | F_EVENT_IDX
+                    | F_INDIRECT_DESC
                     | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
                 sizes.len(),
                 usize::from(sizes.iter().copied().max().unwrap_or(0)),
@@ -299,6 +304,7 @@ impl VhostUserBackend for Backend {
     }
 
     fn acked_features(&self, features: u64) {
+        self.lock().indirect = features & F_INDIRECT_DESC != 0;
         if features & F_VERSION_1 == 0 {
             self.lock().warn(format_args!(
                 "the front end did not accept VERSION_1 (features {features:#x}); legacy drivers are not served"

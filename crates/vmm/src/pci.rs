@@ -15,7 +15,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ray_api::gpu::GpuType;
-use ray_api::vmm::{DevicesConfig, DiskConfig};
+use ray_api::vmm::{DevicesConfig, DiskConfig, DiskEngine};
+use ray_devices::virtio::blk::io::Engine;
 
 use ray_devices::pci::{BarAllocator, EcamWindow, PciBus, SlotBarMove};
 use ray_devices::rate::RateLimit;
@@ -242,6 +243,10 @@ pub fn block_config(disk: &DiskConfig, queues: u16) -> BlockConfig {
         rate: RateLimit {
             bytes_per_sec: disk.rate_bytes,
             ops_per_sec: disk.rate_ops,
+        },
+        engine: match disk.engine {
+            DiskEngine::Pool => Engine::Pool,
+            DiskEngine::Uring => Engine::Uring,
         },
     }
 }

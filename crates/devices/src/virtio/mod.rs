@@ -21,6 +21,9 @@ use queue::{Chain, Queue, QueueError};
 /// Feature bits the transport handles for every device.
 pub const F_VERSION_1: u64 = 1 << 32;
 pub const F_EVENT_IDX: u64 = 1 << 29;
+/// `VIRTIO_RING_F_INDIRECT_DESC`: chains may use indirect descriptor tables (the queue's
+/// walk follows them, so every device gets them).
+pub const F_INDIRECT_DESC: u64 = 1 << 28;
 
 /// Device status bits (§2.1).
 pub mod status {

@@ -136,8 +136,9 @@ pub fn tx_length(chain: &Chain) -> Result<u32, String> {
     Ok(total as u32)
 }
 
-/// Copies a checked transmit chain into `buf` (at least [`tx_length`] long).
-fn gather(chain: &Chain, mem: &dyn GuestMemory, buf: &mut [u8]) -> Result<usize, String> {
+/// Copies a checked transmit chain into `buf` (at least [`tx_length`] long); returns the
+/// bytes copied (header and frame).
+pub fn gather(chain: &Chain, mem: &dyn GuestMemory, buf: &mut [u8]) -> Result<usize, String> {
     let mut at = 0;
     for d in &chain.descriptors {
         let n = d.len as usize;
@@ -149,7 +150,7 @@ fn gather(chain: &Chain, mem: &dyn GuestMemory, buf: &mut [u8]) -> Result<usize,
 }
 
 /// Copies `data` into a checked receive chain that can hold it.
-fn scatter(chain: &Chain, mem: &dyn GuestMemory, data: &[u8]) -> Result<(), String> {
+pub fn scatter(chain: &Chain, mem: &dyn GuestMemory, data: &[u8]) -> Result<(), String> {
     let mut at = 0;
     for d in &chain.descriptors {
         if at == data.len() {

@@ -16,7 +16,9 @@ use ray_memory::GuestMemory;
 
 use super::completer::{Completer, DeviceContext, InFlight, Transport, Used};
 use super::queue::Queue;
-use super::{serve_queue, status, VirtioDevice, WarnLimit, F_EVENT_IDX, F_VERSION_1};
+use super::{
+    serve_queue, status, VirtioDevice, WarnLimit, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1,
+};
 use crate::interrupt::MsiInterrupts;
 use crate::pci::config::{ConfigSpace, PciId};
 use crate::pci::msix::{Msix, MsixState};
@@ -230,7 +232,7 @@ impl VirtioPci {
     }
 
     fn offered(&self) -> u64 {
-        self.device.features() | F_VERSION_1 | F_EVENT_IDX
+        self.device.features() | F_VERSION_1 | F_EVENT_IDX | F_INDIRECT_DESC
     }
 
     fn warn(&mut self, message: std::fmt::Arguments<'_>) {
@@ -417,8 +419,10 @@ impl VirtioPci {
 
     fn enable_queue(&mut self, sel: usize) {
         let event_idx = self.regs.driver_features & F_EVENT_IDX != 0;
+        let indirect = self.regs.driver_features & F_INDIRECT_DESC != 0;
         let q = &mut self.queues[sel];
         q.event_idx = event_idx;
+        q.indirect = indirect;
         match q.validate(&*self.memory) {
             Ok(()) => q.ready = true,
             Err(e) => self.needs_reset(format_args!("queue {sel} cannot be enabled: {e}")),

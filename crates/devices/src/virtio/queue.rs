@@ -5,6 +5,11 @@
 //! and every address goes through the memory view, which refuses anything outside guest
 //! RAM. Values are read once (volatile) and never through a `&[u8]`.
 //!
+//! Indirect descriptors (`VIRTIO_RING_F_INDIRECT_DESC`, when negotiated): a chain's last
+//! descriptor may name a table of descriptors in guest memory instead of a buffer; the
+//! walk follows it, with the same checks, and the whole chain still counts against the
+//! queue size.
+//!
 //! Notification suppression: with `VIRTIO_F_EVENT_IDX` the device asks for the next kick
 //! only once it has consumed everything (`avail_event`), and interrupts the driver only
 //! when the used index passes the driver's `used_event` ([`Queue::needs_interrupt`]).
@@ -47,6 +52,10 @@ pub enum ChainError {
     TooLong(u16),
     #[error("descriptor {0} is indirect, which was not negotiated")]
     Indirect(u16),
+    #[error("descriptor {index} names an indirect table of {len} bytes at {addr:#x}: not a whole, non-empty number of descriptors inside guest memory")]
+    IndirectTable { index: u16, addr: u64, len: u32 },
+    #[error("descriptor {0} is indirect but also links onwards, or sits inside an indirect table")]
+    IndirectNested(u16),
     #[error("descriptor {0} is device-readable after a device-writable one")]
     ReadableAfterWritable(u16),
     #[error("descriptor {index} ({addr:#x}, {len} bytes) is not inside guest memory")]
@@ -85,6 +94,10 @@ pub struct Queue {
     pub used: u64,
     /// Negotiated `VIRTIO_F_EVENT_IDX`.
     pub event_idx: bool,
+    /// Negotiated `VIRTIO_RING_F_INDIRECT_DESC` (absent from states saved before it was
+    /// offered: off).
+    #[serde(default)]
+    pub indirect: bool,
     pub next_avail: u16,
     pub next_used: u16,
     /// The used index at the last interrupt decision (event-index mode).
@@ -121,6 +134,7 @@ impl Queue {
             avail: 0,
             used: 0,
             event_idx: false,
+            indirect: false,
             next_avail: 0,
             next_used: 0,
             signalled_used: None,
@@ -223,16 +237,20 @@ impl Queue {
         self.next_avail = self.next_avail.wrapping_sub(n);
     }
 
-    /// Reads the chain starting at `head` (which is inside the table).
+    /// Reads the chain starting at `head` (which is inside the table), following an
+    /// indirect table if the driver's last descriptor names one.
     fn walk(&self, mem: &(impl GuestMemory + ?Sized), head: u16) -> Result<Chain, ChainError> {
         let mut descriptors = Vec::new();
+        // The table being walked: the queue's, or an indirect one (address, entries).
+        let (mut table, mut entries) = (self.desc, self.size);
+        let mut in_indirect = false;
         let mut index = head;
         let mut seen_writable = false;
         loop {
             if descriptors.len() >= usize::from(self.size) {
                 return Err(ChainError::TooLong(self.size));
             }
-            let at = self.desc + DESC_SIZE * u64::from(index);
+            let at = table + DESC_SIZE * u64::from(index);
             let mut raw = [0u8; 16];
             mem.read(at, &mut raw).map_err(|_| ChainError::Outside {
                 index,
@@ -244,7 +262,26 @@ impl Queue {
             let flags = u16::from_le_bytes([raw[12], raw[13]]);
             let next = u16::from_le_bytes([raw[14], raw[15]]);
             if flags & DESC_F_INDIRECT != 0 {
-                return Err(ChainError::Indirect(index));
+                if !self.indirect {
+                    return Err(ChainError::Indirect(index));
+                }
+                if in_indirect || flags & DESC_F_NEXT != 0 {
+                    return Err(ChainError::IndirectNested(index));
+                }
+                let bad = ChainError::IndirectTable { index, addr, len };
+                let count = u64::from(len) / DESC_SIZE;
+                if len == 0
+                    || !u64::from(len).is_multiple_of(DESC_SIZE)
+                    || count > u64::from(u16::MAX)
+                    || mem.span(addr, u64::from(len)).is_err()
+                {
+                    return Err(bad);
+                }
+                // The table's descriptors link by their index in it, from 0.
+                (table, entries) = (addr, count as u16);
+                in_indirect = true;
+                index = 0;
+                continue;
             }
             let writable = flags & DESC_F_WRITE != 0;
             if !writable && seen_writable {
@@ -262,11 +299,11 @@ impl Queue {
             if flags & DESC_F_NEXT == 0 {
                 return Ok(Chain { head, descriptors });
             }
-            if next >= self.size {
+            if next >= entries {
                 return Err(ChainError::Next {
                     index,
                     next,
-                    size: self.size,
+                    size: entries,
                 });
             }
             index = next;
@@ -490,6 +527,128 @@ pub(crate) mod tests {
             .unwrap()
             .store(200);
         assert_eq!(q.pop(&view), Err(QueueError::Head { head: 200, size: 8 }));
+    }
+
+    /// Writes an indirect table of `descs` at `at`.
+    pub fn indirect_table(mem: &GuestMemoryMmap<()>, at: u64, descs: &[(u64, u32, u16, u16)]) {
+        let view = MappedMemory::new(mem);
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.to_le_bytes());
+            view.write(at + 16 * i as u64, &raw).unwrap();
+        }
+    }
+
+    #[test]
+    fn indirect_tables_are_followed_once_negotiated() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 8);
+        let view = MappedMemory::new(&mem);
+        // A table of three, linked out of order: 0 -> 2 -> 1.
+        indirect_table(
+            &mem,
+            0x18_0000,
+            &[
+                (0x10_0000, 16, DESC_F_NEXT, 2),
+                (0x10_2000, 1, DESC_F_WRITE, 0),
+                (0x10_1000, 512, DESC_F_WRITE | DESC_F_NEXT, 1),
+            ],
+        );
+        let mut q = Queue {
+            indirect: true,
+            ..queue_of(&mock, 8)
+        };
+        // A direct descriptor first, then the indirect one (as the spec allows).
+        mock.add_desc_chains(
+            &[
+                desc(0x10_3000, 8, DESC_F_NEXT, 1),
+                desc(0x18_0000, 48, DESC_F_INDIRECT, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let c = q.pop(&view).unwrap().unwrap().unwrap();
+        let got: Vec<(u64, u32, bool)> = c
+            .descriptors
+            .iter()
+            .map(|d| (d.addr, d.len, d.writable))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0x10_3000, 8, false),
+                (0x10_0000, 16, false),
+                (0x10_1000, 512, true),
+                (0x10_2000, 1, true)
+            ]
+        );
+        // Without the feature the same chain fails alone.
+        mock.add_desc_chains(&[desc(0x18_0000, 48, DESC_F_INDIRECT, 0)], 0)
+            .unwrap();
+        q.indirect = false;
+        assert_eq!(
+            q.pop(&view).unwrap(),
+            Some(Err((0, ChainError::Indirect(0))))
+        );
+        q.indirect = true;
+        let bad_table = |len: u32, addr: u64| ChainError::IndirectTable {
+            index: 0,
+            addr,
+            len,
+        };
+        indirect_table(&mem, 0x18_1000, &[(0x18_0000, 48, DESC_F_INDIRECT, 0)]);
+        indirect_table(
+            &mem,
+            0x18_2000,
+            &[
+                (0x10_0000, 8, DESC_F_NEXT, 1),
+                (0x10_0000, 8, DESC_F_NEXT, 0),
+            ],
+        );
+        indirect_table(&mem, 0x18_3000, &[(0x10_0000, 8, DESC_F_NEXT, 5)]);
+        let cases: Vec<(RawDescriptor, ChainError)> = vec![
+            (
+                desc(0x18_0000, 40, DESC_F_INDIRECT, 0),
+                bad_table(40, 0x18_0000),
+            ),
+            (
+                desc(0x18_0000, 0, DESC_F_INDIRECT, 0),
+                bad_table(0, 0x18_0000),
+            ),
+            (
+                desc(0x1f_fff0, 32, DESC_F_INDIRECT, 0),
+                bad_table(32, 0x1f_fff0),
+            ),
+            // Indirect inside an indirect table, and indirect that also links on.
+            (
+                desc(0x18_1000, 16, DESC_F_INDIRECT, 0),
+                ChainError::IndirectNested(0),
+            ),
+            (
+                desc(0x18_0000, 48, DESC_F_INDIRECT | DESC_F_NEXT, 0),
+                ChainError::IndirectNested(0),
+            ),
+            // A loop inside the table, and a link past its end.
+            (
+                desc(0x18_2000, 32, DESC_F_INDIRECT, 0),
+                ChainError::TooLong(8),
+            ),
+            (
+                desc(0x18_3000, 16, DESC_F_INDIRECT, 0),
+                ChainError::Next {
+                    index: 0,
+                    next: 5,
+                    size: 1,
+                },
+            ),
+        ];
+        for (d, want) in cases {
+            mock.add_desc_chains(&[d], 0).unwrap();
+            assert_eq!(q.pop(&view).unwrap(), Some(Err((0, want))));
+        }
     }
 
     proptest::proptest! {

@@ -1,15 +1,20 @@
-//! The disk's I/O, off the vCPU and notifier threads: a pool of workers takes checked
-//! requests from a channel, one each, so that as many requests as there are workers are
-//! at the disk at once (a guest at queue depth 32 needs that with O_DIRECT), and moves
-//! data between the file and guest memory with `preadv`/`pwritev` straight on guest pages
-//! (no bounce buffer). Completions reach the driver batched by event indices: the
-//! transport interrupts only when the used index passes the driver's `used_event`, which
-//! our driver re-arms only after it took every completion.
+//! The disk's I/O, off the vCPU and notifier threads, by one of two engines
+//! ([`Engine`]), chosen per disk:
 //!
-//! Why a worker pool and not io_uring: the pool is simple, needs no shared-ring unsafety,
-//! and blocking threads are what O_DIRECT and buffered files both work with. 32 workers
-//! instead of 4 with batches of 8 raised QD32 random reads from ~15k to ~23k IOPS here
-//! (README, blk benchmark); io_uring was not measured.
+//! - **pool**: a pool of workers takes checked requests from a channel, one each, so that
+//!   as many requests as there are workers are at the disk at once (a guest at queue
+//!   depth 32 needs that with O_DIRECT), and moves data between the file and guest memory
+//!   with `preadv`/`pwritev` straight on guest pages (no bounce buffer).
+//! - **uring**: one thread per disk owns an io_uring ([`super::uring`]) and submits the
+//!   same operations (readv/writev on guest pages, fsync, fallocate) without blocking, so
+//!   the whole queue depth is at the disk from one thread.
+//!
+//! Either way completions reach the driver through the device's [`Completer`], batched by
+//! event indices: the transport interrupts only when the used index passes the driver's
+//! `used_event`, which our driver re-arms only after it took every completion. Which
+//! engine is the default, and why, is measured by `ray bench blk` (README).
+//!
+//! [`Completer`]: crate::virtio::Completer
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{Receiver, Sender};
@@ -18,10 +23,64 @@ use std::thread::JoinHandle;
 
 use ray_memory::GuestMemory;
 
-use super::request::{Op, Request, Segment, S_IOERR, S_OK};
+use super::request::{Op, Request, Segment, SECTOR, S_IOERR, S_OK};
 use crate::rate::{RateLimit, TokenBucket};
 use crate::virtio::completer::Used;
 use crate::virtio::DeviceContext;
+
+/// How a disk's requests reach the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// A pool of [`WORKERS`] blocking threads.
+    #[default]
+    Pool,
+    /// One thread driving an io_uring.
+    Uring,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Pool => "pool",
+            Engine::Uring => "uring",
+        }
+    }
+}
+
+/// I/O workers per disk of the pool engine: requests at the disk at once.
+pub const WORKERS: usize = 32;
+
+/// A disk's running engine.
+pub enum Backend {
+    Pool(Workers),
+    Uring(super::uring::Uring),
+}
+
+impl Backend {
+    /// Starts `engine` for `file`; its threads are named after `name`.
+    pub fn start(
+        engine: Engine,
+        name: &str,
+        file: Arc<File>,
+        context: DeviceContext,
+        limit: RateLimit,
+    ) -> std::io::Result<Self> {
+        Ok(match engine {
+            Engine::Pool => Backend::Pool(Workers::start(name, WORKERS, file, context, limit)?),
+            Engine::Uring => {
+                Backend::Uring(super::uring::Uring::start(name, file, context, limit)?)
+            }
+        })
+    }
+
+    /// Hands `job` to the engine; gives it back if the engine is gone.
+    pub fn submit(&self, job: Job) -> Result<(), Job> {
+        match self {
+            Backend::Pool(w) => w.submit(job),
+            Backend::Uring(u) => u.submit(job),
+        }
+    }
+}
 
 pub struct Job {
     pub queue: u16,
@@ -29,13 +88,13 @@ pub struct Job {
     pub request: Request,
 }
 
-struct Buckets {
+pub(super) struct Buckets {
     bytes: Option<TokenBucket>,
     ops: Option<TokenBucket>,
 }
 
 impl Buckets {
-    fn new(limit: RateLimit) -> Self {
+    pub(super) fn new(limit: RateLimit) -> Self {
         Self {
             bytes: limit.bytes_per_sec.map(TokenBucket::new),
             ops: limit.ops_per_sec.map(TokenBucket::new),
@@ -43,7 +102,7 @@ impl Buckets {
     }
 
     /// How long to wait before a request of `bytes`.
-    fn take(&mut self, bytes: u64) -> std::time::Duration {
+    pub(super) fn take(&mut self, bytes: u64) -> std::time::Duration {
         let b = self
             .bytes
             .as_mut()
@@ -146,40 +205,77 @@ fn worker(rx: &Mutex<Receiver<Job>>, file: &File, ctx: &DeviceContext, buckets: 
 /// guest's buffers (data and status).
 pub fn execute(request: &Request, file: &File, mem: &(dyn GuestMemory + Send + Sync)) -> u32 {
     let offset = request.sector * super::request::SECTOR;
-    let (status, written) = match &request.op {
-        Op::Read(segs) => match transfer(file, mem, segs, offset, false) {
-            Ok(n) => (S_OK, n),
-            Err(e) => (io_error("read", e), 0),
-        },
-        Op::Write(segs) => match transfer(file, mem, segs, offset, true) {
-            Ok(_) => (S_OK, 0),
-            Err(e) => (io_error("write", e), 0),
-        },
+    let result = match &request.op {
+        Op::Read(segs) => transfer(file, mem, segs, offset, false, 0).map_err(|e| ("read", e)),
+        Op::Write(segs) => transfer(file, mem, segs, offset, true, 0).map_err(|e| ("write", e)),
         // SAFETY: fdatasync on an open descriptor.
         Op::Flush => match unsafe { libc::fdatasync(file.as_raw_fd()) } {
-            0 => (S_OK, 0),
-            _ => (io_error("flush", std::io::Error::last_os_error()), 0),
+            0 => Ok(0),
+            _ => Err(("flush", std::io::Error::last_os_error())),
         },
-        Op::GetId(_) => (S_OK, 0),
-        Op::Discard(ranges) => (
-            ranges_op(
-                file,
-                ranges,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            ),
-            0,
-        ),
-        Op::WriteZeroes { ranges, unmap } => {
-            let mode = if *unmap {
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-            } else {
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-            };
-            (ranges_op(file, ranges, mode), 0)
+        Op::GetId(_) => Ok(0),
+        Op::Discard(ranges) | Op::WriteZeroes { ranges, .. } => {
+            let mode = fallocate_mode(&request.op);
+            ranges
+                .iter()
+                .try_for_each(|&(sector, count)| {
+                    let (off, len) = range_bytes(sector, count);
+                    // SAFETY: fallocate on an open descriptor with plain integer arguments.
+                    match unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) } {
+                        0 => Ok(()),
+                        _ => Err(std::io::Error::last_os_error()),
+                    }
+                })
+                .map(|()| 0)
+                .map_err(|e| ("fallocate", e))
         }
+    };
+    finish(request, mem, result)
+}
+
+/// Ends `request` with the outcome of its I/O (the data bytes it moved): notes the guest
+/// pages a read filled, writes the status byte, and returns the bytes written into the
+/// guest's buffers (data and status). An error is logged and answers IOERR.
+pub fn finish(
+    request: &Request,
+    mem: &(dyn GuestMemory + Send + Sync),
+    result: Result<u32, (&str, std::io::Error)>,
+) -> u32 {
+    let (status, written) = match result {
+        Ok(n) => {
+            if let Op::Read(segs) = &request.op {
+                for s in segs {
+                    mem.note_write(s.addr, u64::from(s.len));
+                }
+                (S_OK, n)
+            } else {
+                (S_OK, 0)
+            }
+        }
+        Err((what, e)) => (io_error(what, e), 0),
     };
     let _ = mem.write(request.status, &[status]);
     written + 1
+}
+
+/// The `fallocate` mode of a discard or write-zeroes request: discard and write-zeroes
+/// with UNMAP punch holes, plain write-zeroes zeroes the range in place.
+pub fn fallocate_mode(op: &Op) -> libc::c_int {
+    match op {
+        Op::WriteZeroes { unmap: false, .. } => {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        }
+        _ => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    }
+}
+
+/// A (sector, sectors) range as (byte offset, byte length); the parser bounded both by
+/// the disk's capacity.
+pub fn range_bytes(sector: u64, count: u32) -> (libc::off_t, libc::off_t) {
+    (
+        (sector * SECTOR) as libc::off_t,
+        (u64::from(count) * SECTOR) as libc::off_t,
+    )
 }
 
 fn io_error(what: &str, e: std::io::Error) -> u8 {
@@ -187,28 +283,13 @@ fn io_error(what: &str, e: std::io::Error) -> u8 {
     S_IOERR
 }
 
-/// Discards or zeroes sector ranges with `fallocate(mode)`. A block device or file
-/// system without hole punching answers with an error status.
-fn ranges_op(file: &File, ranges: &[(u64, u32)], mode: libc::c_int) -> u8 {
-    for &(sector, count) in ranges {
-        let (off, len) = (sector * 512, u64::from(count) * 512);
-        // SAFETY: fallocate on an open descriptor with plain integer arguments.
-        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off as i64, len as i64) };
-        if r != 0 {
-            return io_error("fallocate", std::io::Error::last_os_error());
-        }
-    }
-    S_OK
-}
-
-/// Moves the bytes of `segs` from or to the file at `offset`; returns the count.
-fn transfer(
-    file: &File,
+/// The I/O vector of `segs` (raw pointers into guest memory), without its first `skip`
+/// bytes.
+pub fn iovecs(
     mem: &(dyn GuestMemory + Send + Sync),
     segs: &[Segment],
-    offset: u64,
-    write: bool,
-) -> std::io::Result<u32> {
+    skip: usize,
+) -> std::io::Result<Vec<libc::iovec>> {
     let mut iov = Vec::with_capacity(segs.len());
     for s in segs {
         let span = mem
@@ -219,11 +300,40 @@ fn transfer(
             iov_len: span.len(),
         });
     }
+    let mut first = 0;
+    advance(&mut iov, &mut first, skip);
+    iov.drain(..first);
+    Ok(iov)
+}
+
+/// Steps `iov[first..]` over `n` bytes that moved.
+fn advance(iov: &mut [libc::iovec], first: &mut usize, mut n: usize) {
+    while *first < iov.len() && n >= iov[*first].iov_len {
+        n -= iov[*first].iov_len;
+        *first += 1;
+    }
+    if n > 0 && *first < iov.len() {
+        iov[*first].iov_base = iov[*first].iov_base.wrapping_add(n);
+        iov[*first].iov_len -= n;
+    }
+}
+
+/// Moves the bytes of `segs` after the first `skip` from or to the file at `offset +
+/// skip`, blocking; returns the request's total count (`skip` included).
+pub fn transfer(
+    file: &File,
+    mem: &(dyn GuestMemory + Send + Sync),
+    segs: &[Segment],
+    offset: u64,
+    write: bool,
+    skip: usize,
+) -> std::io::Result<u32> {
+    let mut iov = iovecs(mem, segs, skip)?;
     let total: usize = iov.iter().map(|v| v.iov_len).sum();
     let mut done = 0usize;
     let mut first = 0usize;
     while done < total {
-        let at = (offset + done as u64) as libc::off_t;
+        let at = (offset + (skip + done) as u64) as libc::off_t;
         let n = iov.len() - first;
         let cnt = n.min(1024) as libc::c_int;
         // SAFETY: every iovec points into a span of guest memory that stays mapped while
@@ -249,22 +359,8 @@ fn transfer(
                 "the file ended inside the request",
             ));
         }
-        // Step over what moved.
-        let mut r = r as usize;
-        done += r;
-        while first < iov.len() && r >= iov[first].iov_len {
-            r -= iov[first].iov_len;
-            first += 1;
-        }
-        if r > 0 {
-            iov[first].iov_base = iov[first].iov_base.wrapping_add(r);
-            iov[first].iov_len -= r;
-        }
+        done += r as usize;
+        advance(&mut iov, &mut first, r as usize);
     }
-    if !write {
-        for s in segs {
-            mem.note_write(s.addr, u64::from(s.len));
-        }
-    }
-    Ok(total as u32)
+    Ok((skip + total) as u32)
 }

@@ -2,12 +2,14 @@
 //! (fdatasync), discard and write-zeroes (hole punching / zero ranges), GET_ID, read-only
 //! disks, several queues, and per-disk rate limits.
 //!
-//! Requests are checked on the notifier thread ([`request::parse`]) and done by a worker
-//! pool ([`io`]); a malformed request fails alone with an error status and a rate-limited
-//! log line, while ring faults (loops, addresses outside guest memory) are the queue's
-//! and put the device in NEEDS_RESET.
+//! Requests are checked on the notifier thread ([`request::parse`]) and done by the disk's
+//! I/O engine ([`io`]: a worker pool, or an io_uring in [`uring`]); a malformed request
+//! fails alone with an error status and a rate-limited log line, while ring faults
+//! (loops, addresses outside guest memory) are the queue's and put the device in
+//! NEEDS_RESET.
 pub mod io;
 pub mod request;
+pub mod uring;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -16,7 +18,7 @@ use std::sync::Arc;
 
 use ray_memory::GuestMemory;
 
-use self::io::{Job, Workers};
+use self::io::{Backend, Engine, Job};
 use self::request::{Limits, Op, Refused, ID_BYTES, SECTOR, S_OK};
 use super::queue::Chain;
 use super::{Completion, DeviceContext, VirtioDevice, WarnLimit};
@@ -39,8 +41,6 @@ pub const SEG_MAX: u32 = 126;
 pub const MAX_RANGE_SECTORS: u32 = 1 << 22;
 pub const MAX_RANGES: u32 = 16;
 const CONFIG_LEN: usize = 60;
-/// I/O workers per disk: requests at the disk at once.
-const WORKERS: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -54,6 +54,14 @@ pub enum BlockError {
     Kind { path: PathBuf },
     #[error("disk {path} has {size} bytes, not a whole number of 512-byte sectors")]
     Size { path: PathBuf, size: u64 },
+    #[error(
+        "disk {path}: engine=uring, but this host gives no io_uring ({source}); use engine=pool"
+    )]
+    Uring {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// One disk as configured.
@@ -67,6 +75,8 @@ pub struct BlockConfig {
     pub serial: String,
     pub queues: u16,
     pub rate: RateLimit,
+    /// How requests reach the file.
+    pub engine: Engine,
 }
 
 /// The size in bytes of an open disk: a file's length or a block device's size.
@@ -106,13 +116,19 @@ pub struct Block {
     size: u64,
     limits: Limits,
     queue_sizes: Vec<u16>,
-    workers: Option<Workers>,
+    workers: Option<Backend>,
     warn: WarnLimit,
 }
 
 impl Block {
     pub fn open(config: BlockConfig) -> Result<Self, BlockError> {
         let path = &config.path;
+        if config.engine == Engine::Uring {
+            uring::probe().map_err(|source| BlockError::Uring {
+                path: path.clone(),
+                source,
+            })?;
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(!config.readonly)
@@ -265,17 +281,18 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, context: DeviceContext) {
-        match Workers::start(
+        match Backend::start(
+            self.config.engine,
             "blk",
-            WORKERS,
             self.file.clone(),
             context,
             self.config.rate,
         ) {
             Ok(w) => self.workers = Some(w),
             Err(e) => tracing::error!(
-                "virtio-blk {}: cannot start its I/O workers ({e}); requests are served on the notifier thread",
-                self.config.path.display()
+                "virtio-blk {}: cannot start its {} I/O engine ({e}); requests are served on the notifier thread",
+                self.config.path.display(),
+                self.config.engine.name()
             ),
         }
     }

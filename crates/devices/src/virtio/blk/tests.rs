@@ -33,6 +33,7 @@ fn rig(name: &str, size: u64, readonly: bool) -> Rig {
         serial: "disk-serial-0123456789abc".into(),
         queues: 2,
         rate: RateLimit::default(),
+        engine: Engine::Pool,
     })
     .unwrap();
     Rig {
@@ -261,4 +262,61 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_request_in_an_indirect_table_is_served() {
+    use crate::virtio::queue::tests::{desc, indirect_table, queue_of, used_elem, used_idx};
+    use crate::virtio::queue::{Queue, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+    use crate::virtio::{serve_queue, InFlight};
+    use virtio_queue::mock::MockSplitQueue;
+
+    let mem = crate::virtio::queue::tests::memory();
+    let view = MappedMemory::new(&mem);
+    let path = std::env::temp_dir().join(format!("ray-blk-indirect-{}", std::process::id()));
+    std::fs::write(&path, vec![0x3cu8; 1 << 20]).unwrap();
+    let mut dev = Block::open(BlockConfig {
+        path: path.clone(),
+        readonly: false,
+        direct: false,
+        serial: "ind".into(),
+        queues: 1,
+        rate: RateLimit::default(),
+        engine: Engine::Pool,
+    })
+    .unwrap();
+    let mock = MockSplitQueue::new(&mem, 8);
+    let mut q = Queue {
+        indirect: true,
+        ..queue_of(&mock, 8)
+    };
+    // A read of 1 KiB at sector 2 into two buffers, all in one indirect table.
+    let mut h = [0u8; 16];
+    h[8..16].copy_from_slice(&2u64.to_le_bytes());
+    mem.write_slice(&h, GuestAddress(0x10_0000)).unwrap();
+    indirect_table(
+        &mem,
+        0x18_0000,
+        &[
+            (0x10_0000, 16, DESC_F_NEXT, 1),
+            (0x11_0000, 512, DESC_F_WRITE | DESC_F_NEXT, 2),
+            (0x12_0000, 512, DESC_F_WRITE | DESC_F_NEXT, 3),
+            (0x10_0100, 1, DESC_F_WRITE, 0),
+        ],
+    );
+    mock.add_desc_chains(&[desc(0x18_0000, 64, DESC_F_INDIRECT, 0)], 0)
+        .unwrap();
+    let served = serve_queue(&mut q, 0, &mut dev, &view, &InFlight::default(), &mut |m| {
+        panic!("{m}")
+    });
+    assert!(served.used && served.fault.is_none());
+    assert_eq!(used_idx(&mem), 1);
+    assert_eq!(used_elem(&mem, 0), (0, 1025));
+    let mut data = [0u8; 512];
+    for at in [0x11_0000, 0x12_0000] {
+        mem.read_slice(&mut data, GuestAddress(at)).unwrap();
+        assert_eq!(data, [0x3c; 512]);
+    }
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10_0100)).unwrap(), S_OK);
+    let _ = std::fs::remove_file(&path);
 }
