@@ -18,6 +18,7 @@ use std::thread::JoinHandle;
 
 use ray_memory::GuestMemory;
 
+use super::dirty::DirtyBlocks;
 use super::request::{Op, Request, Segment, S_IOERR, S_OK};
 use crate::rate::{RateLimit, TokenBucket};
 use crate::virtio::completer::Used;
@@ -68,21 +69,27 @@ impl Workers {
         file: Arc<File>,
         context: DeviceContext,
         limit: RateLimit,
+        dirty: Arc<DirtyBlocks>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let buckets = Arc::new(Mutex::new(Buckets::new(limit)));
         let mut threads = Vec::new();
         for i in 0..count {
-            let (rx, file, ctx, buckets) =
-                (rx.clone(), file.clone(), context.clone(), buckets.clone());
+            let (rx, file, ctx, buckets, dirty) = (
+                rx.clone(),
+                file.clone(),
+                context.clone(),
+                buckets.clone(),
+                dirty.clone(),
+            );
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("{name}-io{i}"))
                     .stack_size(256 << 10)
                     .spawn(move || {
                         ray_seccomp::enter(ray_seccomp::Kind::BlkWorker);
-                        worker(&rx, &file, &ctx, &buckets)
+                        worker(&rx, &file, &ctx, &buckets, &dirty)
                     })?,
             );
         }
@@ -115,7 +122,13 @@ impl Drop for Workers {
     }
 }
 
-fn worker(rx: &Mutex<Receiver<Job>>, file: &File, ctx: &DeviceContext, buckets: &Mutex<Buckets>) {
+fn worker(
+    rx: &Mutex<Receiver<Job>>,
+    file: &File,
+    ctx: &DeviceContext,
+    buckets: &Mutex<Buckets>,
+    dirty: &DirtyBlocks,
+) {
     loop {
         let job = {
             let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
@@ -132,6 +145,8 @@ fn worker(rx: &Mutex<Receiver<Job>>, file: &File, ctx: &DeviceContext, buckets: 
             std::thread::sleep(wait);
         }
         let len = execute(&job.request, file, &*ctx.memory);
+        // After the file changed, before the guest hears of it (see `dirty`).
+        dirty.mark_request(&job.request);
         ctx.completer.complete(
             job.queue,
             &[Used {
