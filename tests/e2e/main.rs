@@ -2,6 +2,7 @@
 //! Build first: `cargo build --workspace` (the scripts/test command does).
 mod api;
 mod blk;
+mod copy_disks;
 mod boot;
 mod cluster;
 mod devices;

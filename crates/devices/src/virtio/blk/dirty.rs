@@ -49,7 +49,9 @@ impl DirtyBlocks {
         Self {
             size,
             tracking: AtomicBool::new(false),
-            words: (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            words: (0..blocks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         }
     }
 
@@ -206,6 +208,10 @@ mod tests {
         for b in d.take().iter() {
             seen[b] += 1;
         }
-        assert!(seen.iter().all(|&n| n == 1), "{:?}", seen.iter().filter(|&&n| n != 1).count());
+        assert!(
+            seen.iter().all(|&n| n == 1),
+            "{:?}",
+            seen.iter().filter(|&&n| n != 1).count()
+        );
     }
 }
