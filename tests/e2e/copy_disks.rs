@@ -54,7 +54,12 @@ fn set_up(env: &Env, key: &str) -> (Vm, Vm, String, PathBuf, PathBuf) {
     ok(&mut src, "disk write 262144 2048 0x22");
     let dir = env.runtime.join("copies");
     std::fs::create_dir_all(&dir).unwrap();
-    let dst = env.receive_on("cd-dst", "127.0.0.1:0", key, &["--disk-dir", dir.to_str().unwrap()]);
+    let dst = env.receive_on(
+        "cd-dst",
+        "127.0.0.1:0",
+        key,
+        &["--disk-dir", dir.to_str().unwrap()],
+    );
     let listen = migration(&dst).peer;
     // The guest rewrites 64 MiB of its memory faster than any link: with a 10 ms budget and
     // no throttling, pre-copy goes on until the test stops it.
@@ -100,19 +105,33 @@ fn copy_disks_moves_a_disk_written_during_the_migration() {
     // Now let it converge.
     src.command("dirty stop", "dirty off");
     let s = wait_for_end(&src);
-    assert_eq!((s.state.as_str(), s.vm.as_str()), ("completed", "migrated"), "{s:?}");
+    assert_eq!(
+        (s.state.as_str(), s.vm.as_str()),
+        ("completed", "migrated"),
+        "{s:?}"
+    );
     src.wait_exit(Duration::from_secs(10));
 
     // The source's file is as it was at the switch-over; the copy equals it.
     let copy = dir.join("disk0.img");
-    assert_eq!(sha256(&copy), sha256(&img), "the copy differs from the source");
+    assert_eq!(
+        sha256(&copy),
+        sha256(&img),
+        "the copy differs from the source"
+    );
     let (a, b) = (std::fs::read(&img).unwrap(), std::fs::read(&copy).unwrap());
     assert_eq!(a.len(), 256 << 20);
-    assert_eq!(&a[4096 * 512..4096 * 512 + (64 << 10)], &vec![0x33u8; 64 << 10][..]);
+    assert_eq!(
+        &a[4096 * 512..4096 * 512 + (64 << 10)],
+        &vec![0x33u8; 64 << 10][..]
+    );
     assert!(a == b);
     // Holes stayed holes: about 2 MiB of data, not 256 MiB.
     let sent = s.disk_bytes_sent.unwrap();
-    assert!((2 << 20..64 << 20).contains(&sent), "sent {sent} disk bytes");
+    assert!(
+        (2 << 20..64 << 20).contains(&sent),
+        "sent {sent} disk bytes"
+    );
     assert!(
         std::fs::metadata(&copy).unwrap().blocks() * 512 < 64 << 20,
         "the copy is sparse"
@@ -120,8 +139,15 @@ fn copy_disks_moves_a_disk_written_during_the_migration() {
 
     // The guest on the target reads the same bytes.
     let want = fnv(&a[..(1 << 20) + (64 << 10) * 40]);
-    let sum = dst.command(&format!("disk sum 0 {}", ((1 << 20) + (64 << 10) * 40) / 512), "disk ");
-    assert_eq!(sum.split_whitespace().nth(2).unwrap(), format!("{want:016x}"), "{sum}");
+    let sum = dst.command(
+        &format!("disk sum 0 {}", ((1 << 20) + (64 << 10) * 40) / 512),
+        "disk ",
+    );
+    assert_eq!(
+        sum.split_whitespace().nth(2).unwrap(),
+        format!("{want:016x}"),
+        "{sum}"
+    );
     let sum = dst.command("disk sum 262144 2048", "disk ");
     assert_eq!(
         sum.split_whitespace().nth(2).unwrap(),
@@ -129,12 +155,19 @@ fn copy_disks_moves_a_disk_written_during_the_migration() {
         "{sum}"
     );
     // The target's VM uses the copy; a write lands there and not in the source's file.
-    let cfg: VmConfig = serde_json::from_str(&env.ray_ok(&["vm", "config", "cd-dst", "-o", "json"])).unwrap();
+    let cfg: VmConfig =
+        serde_json::from_str(&env.ray_ok(&["vm", "config", "cd-dst", "-o", "json"])).unwrap();
     assert_eq!(cfg.devices.disks[0].path, copy.display().to_string());
     ok(&mut dst, "disk write 600000 8 0x77");
     let off = 600000 * 512;
-    assert_eq!(&std::fs::read(&copy).unwrap()[off..off + 4096], &[0x77; 4096][..]);
-    assert_eq!(&std::fs::read(&img).unwrap()[off..off + 4096], &[0; 4096][..]);
+    assert_eq!(
+        &std::fs::read(&copy).unwrap()[off..off + 4096],
+        &[0x77; 4096][..]
+    );
+    assert_eq!(
+        &std::fs::read(&img).unwrap()[off..off + 4096],
+        &[0; 4096][..]
+    );
 }
 
 #[test]
@@ -150,13 +183,22 @@ fn a_cancelled_copy_leaves_no_file_and_the_source_runs_on_its_disk() {
     let s = wait_for_end(&src);
     assert_eq!(s.vm, "running", "{s:?}");
     dst.wait_exit(Duration::from_secs(30));
-    assert!(!dir.join("disk0.img").exists(), "the partial copy is removed");
+    assert!(
+        !dir.join("disk0.img").exists(),
+        "the partial copy is removed"
+    );
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
     src.wait_for("running again", Duration::from_secs(10), |i| {
         i.state == VmStateName::Running
     });
     src.command("dirty stop", "dirty off");
-    assert!(std::fs::read(&img).unwrap() == before, "the source's disk is untouched");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "the source's disk is untouched"
+    );
     ok(&mut src, "disk write 16 8 0x66");
-    assert_eq!(&std::fs::read(&img).unwrap()[16 * 512..20 * 512], &[0x66; 2048][..]);
+    assert_eq!(
+        &std::fs::read(&img).unwrap()[16 * 512..20 * 512],
+        &[0x66; 2048][..]
+    );
 }

@@ -2,9 +2,9 @@
 //! Build first: `cargo build --workspace` (the scripts/test command does).
 mod api;
 mod blk;
-mod copy_disks;
 mod boot;
 mod cluster;
+mod copy_disks;
 mod devices;
 mod display;
 mod input;

@@ -572,7 +572,13 @@ impl Bench<'_> {
                 "1",
             ]
             .into_iter()
-            .chain(image.as_deref().map(|i| ["--disk", i]).into_iter().flatten())
+            .chain(
+                image
+                    .as_deref()
+                    .map(|i| ["--disk", i])
+                    .into_iter()
+                    .flatten(),
+            )
             .collect::<Vec<_>>(),
         )?;
         let mut src = self.guest(&serde_json::from_slice(&out.stdout)?);
@@ -618,7 +624,13 @@ impl Bench<'_> {
             ]
             .into_iter()
             .chain((!encrypted).then_some("--insecure-plaintext"))
-            .chain(copy_dir.as_deref().map(|d| ["--disk-dir", d]).into_iter().flatten())
+            .chain(
+                copy_dir
+                    .as_deref()
+                    .map(|d| ["--disk-dir", d])
+                    .into_iter()
+                    .flatten(),
+            )
             .collect::<Vec<_>>(),
         )?;
         let dst = self.guest(&serde_json::from_slice(&out.stdout)?);
@@ -830,7 +842,14 @@ impl Bench<'_> {
         };
         let kind = (false, false);
         for i in 0..WARMUP_RUNS {
-            self.once(ns, listen, target_ip, kind, 2 * (self.a.runs + i), Some(&copied))?;
+            self.once(
+                ns,
+                listen,
+                target_ip,
+                kind,
+                2 * (self.a.runs + i),
+                Some(&copied),
+            )?;
         }
         let mut runs: [Vec<MigrationStatus>; 2] = [Vec::new(), Vec::new()];
         let mut gaps: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
@@ -866,7 +885,11 @@ impl Bench<'_> {
             }
         };
         let ratio = |f: &dyn Fn(usize, usize) -> f64| {
-            Stats::of(&(0..self.a.runs).map(|i| f(1, i) / f(0, i)).collect::<Vec<_>>())
+            Stats::of(
+                &(0..self.a.runs)
+                    .map(|i| f(1, i) / f(0, i))
+                    .collect::<Vec<_>>(),
+            )
         };
         let report = CopyDisks {
             path,
@@ -1104,7 +1127,11 @@ fn print_copy_disks(c: &CopyDisks) {
             max: s.max / (1 << 20) as f64,
         };
         print_row(&format!("{name}: disk sent"), mib(w.disk_bytes_sent), "MiB");
-        print_row(&format!("{name}: disk sent paused"), mib(w.disk_bytes_final), "MiB");
+        print_row(
+            &format!("{name}: disk sent paused"),
+            mib(w.disk_bytes_final),
+            "MiB",
+        );
     }
     print_row("total copied / shared", c.total_ratio, "");
     print_row("downtime copied / shared", c.downtime_ratio, "");

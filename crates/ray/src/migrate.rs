@@ -266,9 +266,7 @@ fn receive(runtime: &Path, a: &ReceiveArgs) -> anyhow::Result<()> {
     let disk_dir = a
         .disk_dir
         .as_ref()
-        .map(|d| {
-            std::path::absolute(d).with_context(|| format!("cannot resolve {}", d.display()))
-        })
+        .map(|d| std::path::absolute(d).with_context(|| format!("cannot resolve {}", d.display())))
         .transpose()?;
     launch(
         runtime,

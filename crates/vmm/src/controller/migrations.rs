@@ -419,7 +419,9 @@ impl Controller {
             }
             MigrationOp::DisksArrived(disks) => {
                 if self.incoming_state.is_some() || !self.copied_disks.is_empty() {
-                    return Err("the copied disks were announced after the VM state, or twice".into());
+                    return Err(
+                        "the copied disks were announced after the VM state, or twice".into(),
+                    );
                 }
                 tracing::info!(disks = ?disks, "the source copies its disks here");
                 self.copied_disks = disks;

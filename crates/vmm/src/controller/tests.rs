@@ -270,7 +270,10 @@ fn a_target_without_a_shape_cannot_prefault_and_bad_listens_change_nothing() {
             Some(Path::new("/dev/null")),
         )
         .unwrap_err();
-    assert!(e.to_string().contains("/dev/null is not a directory"), "{e}");
+    assert!(
+        e.to_string().contains("/dev/null is not a directory"),
+        "{e}"
+    );
     assert_eq!(c.state(), VmState::Created);
     assert!(c.migration_handle().is_err());
 }

@@ -59,8 +59,13 @@ pub fn source_disks(config: &VmConfig) -> Result<Vec<Arc<SourceDisk>>, String> {
                 format!("disk {} has no running device to track its writes", d.id)
             })?;
             let path = PathBuf::from(&d.path);
-            SourceDisk::open(&d.id, &path, tracker.disk_size(), Arc::new(Tracker(tracker)))
-                .map(Arc::new)
+            SourceDisk::open(
+                &d.id,
+                &path,
+                tracker.disk_size(),
+                Arc::new(Tracker(tracker)),
+            )
+            .map(Arc::new)
         })
         .collect()
 }
