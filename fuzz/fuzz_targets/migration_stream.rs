@@ -10,17 +10,22 @@
 //!   it, read by the target's side of the secure stream.
 //!
 //! Nothing may panic, and a placed page must land inside guest memory (the placement is
-//! checked against the layout, and [`OwnedMemory`] faults outside it).
+//! checked against the layout, and [`OwnedMemory`] faults outside it). `DiskBlocks`
+//! frames (`--copy-disks`) go to the target's disk files as the receiver writes them:
+//! a range outside a disk, of a disk that was not announced, or not of whole blocks is
+//! refused, and no file ever grows past its disk's size.
 #![no_main]
 
 use std::io::{Cursor, Read, Write};
+use std::sync::{Mutex, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use ray_memory::{MemoryLayout, OwnedMemory, PAGE_SIZE};
 use ray_migration::auth;
+use ray_migration::disk::{DiskInfo, TargetDisks, BLOCK_SIZE};
 use ray_migration::frame::{Channel, Received, FLAG_RESPONSE};
 use ray_migration::secure::{accept_secure, Protection};
-use ray_migration::protocol::Command;
+use ray_migration::protocol::{parse_disk_blocks, Command};
 use ray_migration::vm::PageHashes;
 
 /// A socket stand-in: reads from the input, swallows what the receiver writes back.
@@ -47,7 +52,7 @@ fn encode(data: &[u8]) -> Vec<u8> {
     let mut tx = Channel::new(Cursor::new(Vec::new()));
     let mut rest = data;
     while rest.len() >= 4 {
-        let Ok(command) = Command::try_from(u16::from(rest[0] % 14)) else {
+        let Ok(command) = Command::try_from(u16::from(rest[0] % 18)) else {
             rest = &rest[4..];
             continue;
         };
@@ -61,6 +66,40 @@ fn encode(data: &[u8]) -> Vec<u8> {
         rest = &rest[4 + len..];
     }
     tx.into_inner().into_inner()
+}
+
+/// The disks a copying source announced: two files in a directory of this process.
+const DISK_SIZES: [u64; 2] = [16 * BLOCK_SIZE, 3 * BLOCK_SIZE + 512];
+
+fn disks() -> &'static Mutex<TargetDisks> {
+    static DISKS: OnceLock<Mutex<TargetDisks>> = OnceLock::new();
+    DISKS.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("ray-fuzz-disks-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a directory for the disks");
+        let list: Vec<DiskInfo> = DISK_SIZES
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| DiskInfo {
+                id: format!("disk{i}"),
+                size,
+            })
+            .collect();
+        Mutex::new(TargetDisks::create(&dir, &list).expect("the disk files"))
+    })
+}
+
+/// Writes a `DiskBlocks` payload as the receiver does, then checks no file grew.
+fn write_disk_blocks(payload: &[u8]) {
+    let Ok((disk, offset, len, data)) = parse_disk_blocks(payload) else {
+        return;
+    };
+    let mut disks = disks().lock().unwrap_or_else(|p| p.into_inner());
+    let _ = disks.write(disk, offset, len, data);
+    for ((_, path), size) in disks.paths().iter().zip(DISK_SIZES) {
+        let now = std::fs::metadata(path).expect("the disk file").len();
+        assert_eq!(now, size, "a disk blocks frame changed the size of {}", path.display());
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -91,6 +130,9 @@ fuzz_target!(|data: &[u8]| {
         match rx.recv_frame_placing(&mem, &mut hashes, PAGE_SIZE as usize) {
             Ok(Received::Frame(f)) => {
                 let _ = f.message();
+                if f.header.command == Command::DiskBlocks {
+                    write_disk_blocks(f.payload);
+                }
             }
             Ok(Received::Placed { .. }) => {}
             Err(_) => break,

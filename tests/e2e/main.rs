@@ -4,6 +4,7 @@ mod api;
 mod blk;
 mod boot;
 mod cluster;
+mod copy_disks;
 mod devices;
 mod display;
 mod ecam;

@@ -221,7 +221,7 @@ fn wait_migration(
 }
 
 /// Waits until the source's migration is in pre-copy pass `pass` or later.
-fn wait_for_pass(vm: &Vm, pass: u32) -> MigrationStatus {
+pub(crate) fn wait_for_pass(vm: &Vm, pass: u32) -> MigrationStatus {
     wait_migration(vm, &format!("pass {pass}"), 60, |s| {
         if s.vm != "migrating" {
             return Err(format!("the migration ended before pass {pass}"));
@@ -231,7 +231,7 @@ fn wait_for_pass(vm: &Vm, pass: u32) -> MigrationStatus {
 }
 
 /// Waits until the VMM recorded the migration's outcome.
-fn wait_for_end(vm: &Vm) -> MigrationStatus {
+pub(crate) fn wait_for_end(vm: &Vm) -> MigrationStatus {
     wait_migration(vm, "end of the migration", 60, |s| Ok(s.vm != "migrating"))
 }
 

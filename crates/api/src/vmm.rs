@@ -681,6 +681,12 @@ pub struct MigrateRequest {
     /// memory inside the downtime (default false).
     #[serde(default)]
     pub recheck_memory: bool,
+    /// Copy the VM's disks with it (default false: the target opens the same paths, shared
+    /// storage). Each disk's blocks go in the pre-copy passes, written blocks again (dirty
+    /// block tracking), the last ones in the pause; the target, started with a disk
+    /// directory, writes them to `DIR/<disk id>.img` and its VM uses those files.
+    #[serde(default)]
+    pub copy_disks: bool,
     /// Host-wide cap on concurrent migrations, both directions (default 8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u32>,
@@ -759,6 +765,12 @@ pub struct MigrationStatus {
     /// Why the prefault gave up (the migration goes on without it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefault_error: Option<String>,
+    /// Source copying disks (`copy_disks`): disk data bytes sent so far (ranges of zeros
+    /// and holes cost none), and of them those sent while the VM was paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes_sent: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes_final: Option<u64>,
 }
 
 /// `GET /vm/snapshot/progress`: the snapshot being written, if any.

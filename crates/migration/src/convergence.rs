@@ -73,6 +73,9 @@ pub struct PassSample {
     /// Pages dirtied while the pass ran: what the next pass (or stop-and-copy) must send.
     pub dirty_pages: u64,
     pub page_size: u64,
+    /// Bytes of copied disks (`--copy-disks`) dirtied while the pass ran: sent by the next
+    /// pass too, so they count with the pages.
+    pub dirty_disk_bytes: u64,
 }
 
 /// Smoothed view after a pass; also what the progress display shows.
@@ -83,6 +86,9 @@ pub struct Stats {
     pub pages_sent: u64,
     pub bytes_sent: u64,
     pub dirty_pages: u64,
+    /// Dirty bytes of copied disks (part of `remaining_bytes`).
+    pub dirty_disk_bytes: u64,
+    /// Dirty memory and disk bytes the next pass must send.
     pub remaining_bytes: u64,
     /// Bytes dirtied per second (EMA).
     pub dirty_rate_bps: f64,
@@ -149,7 +155,10 @@ impl Estimator {
     ) -> Stats {
         let secs = s.duration.as_secs_f64().max(1e-6);
         let alpha = policy.ema_alpha.clamp(0.01, 1.0);
-        let remaining = s.dirty_pages.saturating_mul(s.page_size);
+        let remaining = s
+            .dirty_pages
+            .saturating_mul(s.page_size)
+            .saturating_add(s.dirty_disk_bytes);
         let dirty_rate = ema(self.dirty_rate, remaining as f64 / secs, alpha);
         let bandwidth = ema(self.bandwidth, s.bytes_sent as f64 / secs, alpha);
         self.dirty_rate = Some(dirty_rate);
@@ -160,6 +169,7 @@ impl Estimator {
             pages_sent: s.pages_sent,
             bytes_sent: s.bytes_sent,
             dirty_pages: s.dirty_pages,
+            dirty_disk_bytes: s.dirty_disk_bytes,
             remaining_bytes: remaining,
             dirty_rate_bps: dirty_rate,
             bandwidth_bps: bandwidth,
@@ -424,6 +434,7 @@ mod tests {
             duration: Duration::from_secs(1),
             dirty_pages: dirty,
             page_size: 4096,
+            dirty_disk_bytes: 0,
         };
         let s1 = e.record(&mk(1000, 10), Duration::ZERO, 0, &p);
         assert_eq!(s1.bandwidth_bps, 1000.0);
@@ -438,5 +449,18 @@ mod tests {
             s3.expected_downtime,
             Duration::from_millis(2048) + p.state_transfer_cost
         );
+        // Dirty disk bytes count like dirty pages.
+        let s4 = e.record(
+            &PassSample {
+                dirty_disk_bytes: 65536,
+                ..mk(2000, 1)
+            },
+            Duration::ZERO,
+            0,
+            &p,
+        );
+        assert_eq!(s4.remaining_bytes, 4096 + 65536);
+        assert_eq!(s4.dirty_disk_bytes, 65536);
+        assert!(s4.expected_downtime > s3.expected_downtime);
     }
 }

@@ -87,6 +87,18 @@ pub enum MigrationError {
     },
     #[error("guest memory differs after the copy: {detail}")]
     VerifyMismatch { detail: String },
+    #[error("the target cannot take the copied disks (--copy-disks): {reason}")]
+    DiskCopyRefused { reason: String },
+    #[error("copying the disks failed: {reason}")]
+    Disk { reason: String },
+    #[error("the source announced {announced} disk bytes for pass {pass} but sent {received}")]
+    DiskPassMismatch {
+        pass: u32,
+        announced: u64,
+        received: u64,
+    },
+    #[error("a copied disk differs after the copy: {detail}")]
+    DiskVerifyMismatch { detail: String },
     #[error("pre-copy did not converge: {reason}")]
     NotConverged { reason: String },
     #[error("the migration was cancelled")]

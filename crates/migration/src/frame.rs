@@ -40,10 +40,15 @@ pub const MAGIC: [u8; 4] = *b"RYMG";
 /// receiver can read pages straight into guest memory; version 3 left page data out of
 /// the page frames' CRC (it is verified by page hashes); version 4 runs over the
 /// Noise-secured stream ([`crate::secure`]): no `Auth` frames, no MAC trailers, no nonce in
-/// `Hello`. Older peers fail the secure stream's preamble.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// `Hello`. Older peers fail the secure stream's preamble. Version 5 adds the disk
+/// commands of `--copy-disks` ([`crate::disk`]); frames are otherwise those of version 4,
+/// and a source that copies no disks offers both.
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Versions this build can negotiate, oldest first.
-pub const SUPPORTED_VERSIONS: &[u16] = &[4];
+pub const SUPPORTED_VERSIONS: &[u16] = &[4, 5];
+/// The version of the frames before negotiation (the `Hello` exchange): the oldest one
+/// spoken, so a peer that knows no newer one can still read the offer and refuse it.
+pub const HELLO_VERSION: u16 = 4;
 /// Largest payload accepted, on the wire and after decompression.
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 /// Header size in bytes.
@@ -205,7 +210,7 @@ impl<S: Read + Write> Channel<S> {
     pub fn new(stream: S) -> Self {
         Self {
             stream,
-            version: PROTOCOL_VERSION,
+            version: HELLO_VERSION,
             last_compressed: false,
             rx: Vec::new(),
             lz: Vec::new(),

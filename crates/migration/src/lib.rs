@@ -19,6 +19,8 @@
 //! - [`transport`]: the migration endpoints (`HOST:PORT`, `unix:PATH`), connecting, a
 //!   listener whose accept a [`CancelToken`] or [`transport::Canceller`] wakes at once, and
 //!   the pre-shared key file reader.
+//! - [`disk`]: disks copied with the VM (`--copy-disks`): dirty blocks sent in the
+//!   pre-copy passes, the target's files, their verification.
 //! - [`progress`]: a polled [`Progress`] cell, a [`CancelToken`], and [`MigrationSlots`]
 //!   (at most 8 concurrent migrations per host by default).
 //! - `memvm` (feature `test-util`): in-memory VMs for tests and the throughput bench.
@@ -84,6 +86,7 @@ pub mod auth;
 #[cfg(any(test, feature = "test-util"))]
 pub mod bench;
 pub mod convergence;
+pub mod disk;
 mod error;
 pub mod frame;
 #[cfg(any(test, feature = "test-util"))]
@@ -99,6 +102,7 @@ pub mod vm;
 
 pub use auth::PresharedKey;
 pub use convergence::{decide, Decision, LimitAction, Policy, Stats};
+pub use disk::{BlockTracker, DiskInfo, SourceDisk, TargetDisks};
 pub use error::{MigrationError, ProtocolError};
 pub use progress::{CancelToken, MigrationSlots, Progress, ProgressHandle, TooManyMigrations};
 pub use protocol::{CompatInfo, MemoryRegion};

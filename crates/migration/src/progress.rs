@@ -20,6 +20,9 @@ pub struct Progress {
     pub bandwidth_bps: f64,
     pub expected_downtime: Duration,
     pub throttle_percent: u8,
+    /// Disk data bytes sent (`--copy-disks`), and dirty disk bytes after the last pass.
+    pub disk_bytes_sent: u64,
+    pub dirty_disk_bytes: u64,
 }
 
 impl Default for Progress {
@@ -34,6 +37,8 @@ impl Default for Progress {
             bandwidth_bps: 0.0,
             expected_downtime: Duration::ZERO,
             throttle_percent: 0,
+            disk_bytes_sent: 0,
+            dirty_disk_bytes: 0,
         }
     }
 }

@@ -21,7 +21,22 @@
 //!                               <- Resumed | Error{ResumeFailed}
 //! Abort{reason}                 ->   (any time before Switchover)
 //! ```
+//!
+//! With `--copy-disks` (protocol version 5, see [`crate::disk`]):
+//!
+//! ```text
+//! Compat ...                    <- Ack
+//! DiskList{id, size per disk}   ->
+//!                               <- Ack | Error{Disk}        (the target made its files)
+//! MemoryPages* DiskBlocks* DiskPass{n, bytes} DirtyPass{n}  ->   (each pass)
+//! ...
+//! State ...                     <- Ack
+//! DiskVerify{digest per disk}   ->
+//!                               <- Ack | Error{VerifyMismatch}
+//! VerifyHash ...
+//! ```
 
+use crate::disk::DiskInfo;
 use crate::frame::MAX_PAYLOAD;
 use crate::ProtocolError;
 
@@ -43,6 +58,11 @@ pub enum Command {
     Abort = 11,
     Ack = 12,
     Error = 13,
+    // Version 5: disks copied with the VM (crate::disk).
+    DiskList = 14,
+    DiskBlocks = 15,
+    DiskPass = 16,
+    DiskVerify = 17,
 }
 
 impl TryFrom<u16> for Command {
@@ -62,6 +82,10 @@ impl TryFrom<u16> for Command {
             11 => Command::Abort,
             12 => Command::Ack,
             13 => Command::Error,
+            14 => Command::DiskList,
+            15 => Command::DiskBlocks,
+            16 => Command::DiskPass,
+            17 => Command::DiskVerify,
             value => return Err(ProtocolError::UnknownCommand { value }),
         })
     }
@@ -79,6 +103,8 @@ pub enum ErrorCode {
     ResumeFailed = 6,
     Internal = 7,
     Cancelled = 8,
+    /// The target cannot take the disks (no disk directory, a file exists, a bad range).
+    Disk = 9,
 }
 
 impl ErrorCode {
@@ -92,6 +118,7 @@ impl ErrorCode {
             6 => Self::ResumeFailed,
             7 => Self::Internal,
             8 => Self::Cancelled,
+            9 => Self::Disk,
             _ => return None,
         })
     }
@@ -202,18 +229,109 @@ pub struct PageBatch {
 /// Every message, typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    Hello { versions: Vec<u16> },
+    Hello {
+        versions: Vec<u16>,
+    },
     Compat(CompatInfo),
-    Incompatible { reason: String },
+    Incompatible {
+        reason: String,
+    },
     MemoryPages(PageBatch),
-    DirtyPass { pass: u32, pages: u64, last: bool },
+    DirtyPass {
+        pass: u32,
+        pages: u64,
+        last: bool,
+    },
     State(Vec<u8>),
     VerifyHash(Vec<RegionHash>),
     Switchover,
     Resumed,
-    Abort { reason: String },
-    Ack { command: Command },
-    Error { code: ErrorCode, message: String },
+    Abort {
+        reason: String,
+    },
+    Ack {
+        command: Command,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    DiskList(Vec<DiskInfo>),
+    /// `len` bytes at `offset` of disk number `disk` (in `DiskList` order): `data`, or
+    /// zeros when `None`.
+    DiskBlocks {
+        disk: u32,
+        offset: u64,
+        len: u64,
+        data: Option<Vec<u8>>,
+    },
+    DiskPass {
+        pass: u32,
+        bytes: u64,
+    },
+    DiskVerify(Vec<[u8; 16]>),
+}
+
+/// `disk u32 | offset u64 | len u32 | data flag u8` at the start of a `DiskBlocks` payload.
+pub const DISK_BLOCKS_HEADER: usize = 17;
+
+/// The header of a `DiskBlocks` payload; the data (if `data`) follows it.
+pub fn disk_blocks_header(
+    disk: u32,
+    offset: u64,
+    len: u32,
+    data: bool,
+) -> [u8; DISK_BLOCKS_HEADER] {
+    let mut h = [0u8; DISK_BLOCKS_HEADER];
+    h[0..4].copy_from_slice(&disk.to_le_bytes());
+    h[4..12].copy_from_slice(&offset.to_le_bytes());
+    h[12..16].copy_from_slice(&len.to_le_bytes());
+    h[16] = u8::from(data);
+    h
+}
+
+/// A checked `DiskBlocks` payload, borrowed: `(disk, offset, len, data)`. Ranges are
+/// checked against the disks by the receiver ([`crate::disk::TargetDisks::write`]).
+pub fn parse_disk_blocks(payload: &[u8]) -> Result<(u32, u64, u64, Option<&[u8]>), ProtocolError> {
+    let bad = |reason: String| ProtocolError::Malformed {
+        command: Command::DiskBlocks,
+        reason,
+    };
+    let Some((h, rest)) = payload.split_first_chunk::<DISK_BLOCKS_HEADER>() else {
+        return Err(bad(format!(
+            "it is {} bytes, shorter than its {DISK_BLOCKS_HEADER}-byte header",
+            payload.len()
+        )));
+    };
+    let disk = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+    let mut o = [0u8; 8];
+    o.copy_from_slice(&h[4..12]);
+    let offset = u64::from_le_bytes(o);
+    let len = u64::from(u32::from_le_bytes([h[12], h[13], h[14], h[15]]));
+    let max = crate::disk::MAX_RUN_BLOCKS * crate::disk::BLOCK_SIZE;
+    if len == 0 || len > max {
+        return Err(bad(format!(
+            "it covers {len} bytes; 1 to {max} are allowed"
+        )));
+    }
+    let data = match h[16] {
+        0 if rest.is_empty() => None,
+        0 => {
+            return Err(bad(format!(
+                "it is a range of zeros but carries {} data bytes",
+                rest.len()
+            )))
+        }
+        1 if rest.len() as u64 == len => Some(rest),
+        1 => {
+            return Err(bad(format!(
+                "it announces {len} data bytes and carries {}",
+                rest.len()
+            )))
+        }
+        v => return Err(bad(format!("its data flag is {v}, not 0 or 1"))),
+    };
+    Ok((disk, offset, len, data))
 }
 
 const MAX_STRING: usize = 64 << 10;
@@ -236,6 +354,10 @@ impl Message {
             Message::Abort { .. } => Command::Abort,
             Message::Ack { .. } => Command::Ack,
             Message::Error { .. } => Command::Error,
+            Message::DiskList(_) => Command::DiskList,
+            Message::DiskBlocks { .. } => Command::DiskBlocks,
+            Message::DiskPass { .. } => Command::DiskPass,
+            Message::DiskVerify(_) => Command::DiskVerify,
         }
     }
 
@@ -290,6 +412,39 @@ impl Message {
             Message::Error { code, message } => {
                 out.extend_from_slice(&(*code as u16).to_le_bytes());
                 put_str(out, message);
+            }
+            Message::DiskList(disks) => {
+                out.extend_from_slice(&(disks.len() as u32).to_le_bytes());
+                for d in disks {
+                    put_str(out, &d.id);
+                    out.extend_from_slice(&d.size.to_le_bytes());
+                }
+            }
+            Message::DiskBlocks {
+                disk,
+                offset,
+                len,
+                data,
+            } => {
+                out.extend_from_slice(&disk_blocks_header(
+                    *disk,
+                    *offset,
+                    *len as u32,
+                    data.is_some(),
+                ));
+                if let Some(d) = data {
+                    out.extend_from_slice(d);
+                }
+            }
+            Message::DiskPass { pass, bytes } => {
+                out.extend_from_slice(&pass.to_le_bytes());
+                out.extend_from_slice(&bytes.to_le_bytes());
+            }
+            Message::DiskVerify(digests) => {
+                out.extend_from_slice(&(digests.len() as u32).to_le_bytes());
+                for d in digests {
+                    out.extend_from_slice(d);
+                }
             }
         }
     }
@@ -402,6 +557,51 @@ impl Message {
                     code,
                     message: r.string()?,
                 }
+            }
+            Command::DiskList => {
+                let n = r.u32()? as usize;
+                if n > crate::disk::MAX_DISKS {
+                    return Err(r.bad(format!(
+                        "it lists {n} disks; at most {}",
+                        crate::disk::MAX_DISKS
+                    )));
+                }
+                let mut disks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    disks.push(DiskInfo {
+                        id: r.string()?,
+                        size: r.u64()?,
+                    });
+                }
+                Message::DiskList(disks)
+            }
+            Command::DiskBlocks => {
+                let (disk, offset, len, data) = parse_disk_blocks(payload)?;
+                r.buf = &[];
+                Message::DiskBlocks {
+                    disk,
+                    offset,
+                    len,
+                    data: data.map(<[u8]>::to_vec),
+                }
+            }
+            Command::DiskPass => Message::DiskPass {
+                pass: r.u32()?,
+                bytes: r.u64()?,
+            },
+            Command::DiskVerify => {
+                let n = r.u32()? as usize;
+                if n > crate::disk::MAX_DISKS {
+                    return Err(r.bad(format!(
+                        "it lists {n} disk digests; at most {}",
+                        crate::disk::MAX_DISKS
+                    )));
+                }
+                let mut ds = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ds.push(r.array()?);
+                }
+                Message::DiskVerify(ds)
             }
         };
         r.finish()?;
@@ -864,6 +1064,21 @@ mod tests {
                 code: ErrorCode::VerifyMismatch,
                 message: "region 0 differs".into(),
             },
+            Message::DiskList(vec![DiskInfo {
+                id: "disk0".into(),
+                size: 1 << 30,
+            }]),
+            Message::DiskBlocks {
+                disk: 0,
+                offset: 1 << 16,
+                len: 1024,
+                data: Some(vec![3; 1024]),
+            },
+            Message::DiskPass {
+                pass: 2,
+                bytes: 1 << 20,
+            },
+            Message::DiskVerify(vec![[7; 16], [8; 16]]),
         ]
     }
 
@@ -872,7 +1087,7 @@ mod tests {
         let msgs = every_message();
         assert_eq!(
             msgs.len(),
-            12,
+            16,
             "one message per command (2, once Auth, is retired)"
         );
         assert!(matches!(
@@ -943,7 +1158,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn decoding_arbitrary_payloads_never_panics(cmd in 0u16..16, bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn decoding_arbitrary_payloads_never_panics(cmd in 0u16..20, bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             if let Ok(c) = Command::try_from(cmd) {
                 let _ = Message::decode(c, &bytes);
             }

@@ -12,13 +12,15 @@
 //! next one. [`receive_migration`] does both steps at once.
 
 use std::io::{Read, Write};
+use std::path::PathBuf;
 
 use ray_memory::{GuestMemory, MemoryLayout};
 
 use crate::auth::{self, PresharedKey};
+use crate::disk::TargetDisks;
 use crate::frame::{Channel, Received, SUPPORTED_VERSIONS};
 use crate::progress::{CancelToken, ProgressHandle};
-use crate::protocol::{Command, CompatInfo, ErrorCode, Message, PageBatchView};
+use crate::protocol::{parse_disk_blocks, Command, CompatInfo, ErrorCode, Message, PageBatchView};
 use crate::secure::{accept_secure, Protection, SecureStream};
 use crate::session::{Session, SessionEvent, SessionState};
 use crate::vm::{PageHashes, TargetVm};
@@ -33,6 +35,12 @@ pub struct ReceiverConfig {
     pub progress: ProgressHandle,
     /// Checked between frames; a cancelled target tears down and tells the source.
     pub cancel: CancelToken,
+    /// Where disks the source copies (`--copy-disks`) go: `DIR/<id>.img`, created here
+    /// (never overwritten) and removed again if the migration fails. `None`: a source
+    /// that copies disks is refused.
+    pub disk_dir: Option<PathBuf>,
+    /// The protocol versions this target accepts (default: every one this build speaks).
+    pub versions: Vec<u16>,
 }
 
 impl ReceiverConfig {
@@ -42,6 +50,8 @@ impl ReceiverConfig {
             protection: Protection::Encrypted,
             progress: ProgressHandle::new(),
             cancel: CancelToken::new(),
+            disk_dir: None,
+            versions: SUPPORTED_VERSIONS.to_vec(),
         }
     }
 }
@@ -53,6 +63,8 @@ pub struct ReceiveReport {
     pub pages_received: u64,
     pub bytes_received: u64,
     pub state_bytes: usize,
+    /// `(id, path)` of each disk copied here (`--copy-disks`): the VM runs on these now.
+    pub disks: Vec<(String, PathBuf)>,
     pub session: Session,
 }
 
@@ -108,6 +120,7 @@ pub struct Authenticated<S> {
     ch: Channel<SecureStream<S>>,
     compat_request: u64,
     source: CompatInfo,
+    version: u16,
 }
 
 impl<S: Read + Write> Authenticated<S> {
@@ -163,6 +176,10 @@ impl<S: Read + Write> Authenticated<S> {
             passes: 0,
             state_bytes: 0,
             verified: false,
+            version: self.version,
+            disks: None,
+            disk_pass: 0,
+            disks_verified: false,
         };
         let accepted = r.ack(self.compat_request, Command::Compat);
         match accepted.and_then(|()| r.run(mem, vm, local)) {
@@ -171,6 +188,7 @@ impl<S: Read + Write> Authenticated<S> {
                 pages_received: r.pages,
                 bytes_received: r.ch.bytes_received(),
                 state_bytes: r.state_bytes,
+                disks: r.disks.take().map(TargetDisks::keep).unwrap_or_default(),
                 session: r.session,
             }),
             Err(error) => Err(r.fail(vm, error)),
@@ -193,7 +211,7 @@ pub fn authenticate<S: Read + Write>(
     let secure = accept_secure(stream, &cfg.key, cfg.protection)
         .map_err(|e| failed(MigrationError::Secure(e), false))?;
     let mut ch = Channel::new(secure);
-    handshake(&mut ch).map_err(|e| failed(e, true))?;
+    let version = handshake(&mut ch, &cfg.versions).map_err(|e| failed(e, true))?;
     let (h, m) = ch
         .recv()
         .map_err(|e| failed(MigrationError::Protocol(e), true))?;
@@ -215,6 +233,7 @@ pub fn authenticate<S: Read + Write>(
         ch,
         compat_request: h.request_id,
         source,
+        version,
     })
 }
 
@@ -236,8 +255,9 @@ fn refuse<S: Read + Write>(
     err
 }
 
-/// Version negotiation, over the stream the Noise handshake secured.
-fn handshake<S: Read + Write>(ch: &mut Channel<S>) -> Result<(), MigrationError> {
+/// Version negotiation, over the stream the Noise handshake secured: the newest version
+/// both speak (of `ours`), or a refusal naming both lists.
+fn handshake<S: Read + Write>(ch: &mut Channel<S>, ours: &[u16]) -> Result<u16, MigrationError> {
     let (h, m) = ch.recv()?;
     let theirs = match m {
         Message::Hello { versions } => versions,
@@ -249,14 +269,14 @@ fn handshake<S: Read + Write>(ch: &mut Channel<S>) -> Result<(), MigrationError>
             })
         }
     };
-    let Some(version) = SUPPORTED_VERSIONS
+    let Some(version) = ours
         .iter()
         .rev()
-        .find(|v| theirs.contains(v))
+        .find(|v| theirs.contains(v) && SUPPORTED_VERSIONS.contains(v))
         .copied()
     else {
         let err = MigrationError::NoCommonVersion {
-            ours: SUPPORTED_VERSIONS.to_vec(),
+            ours: ours.to_vec(),
             theirs,
         };
         return Err(refuse(ch, h.request_id, ErrorCode::Protocol, err));
@@ -269,7 +289,7 @@ fn handshake<S: Read + Write>(ch: &mut Channel<S>) -> Result<(), MigrationError>
         true,
     )?;
     ch.set_version(version);
-    Ok(())
+    Ok(version)
 }
 
 /// Receives a VM over `stream`. `local` describes the VM shell prepared here; the source
@@ -305,6 +325,12 @@ struct Receiver<'a, S> {
     passes: u32,
     state_bytes: usize,
     verified: bool,
+    version: u16,
+    /// The files of the disks the source copies, once it announced them.
+    disks: Option<TargetDisks>,
+    /// The last pass whose disk blocks were announced complete (`DiskPass`).
+    disk_pass: u32,
+    disks_verified: bool,
 }
 
 impl<S: Read + Write> Receiver<'_, S> {
@@ -376,6 +402,22 @@ impl<S: Read + Write> Receiver<'_, S> {
             };
             let id = frame.header.request_id;
             let command = frame.header.command;
+            if pages_expected && command == Command::DiskBlocks {
+                let written = match (&mut self.disks, parse_disk_blocks(frame.payload)) {
+                    (Some(disks), Ok((disk, offset, len, data))) => {
+                        disks.write(disk, offset, len, data)
+                    }
+                    (None, _) => {
+                        Err("the source sent disk blocks without announcing its disks".into())
+                    }
+                    (_, Err(e)) => Err(e.to_string()),
+                };
+                if let Err(reason) = written {
+                    let err = MigrationError::Disk { reason };
+                    return Err(self.refuse(id, ErrorCode::Disk, err));
+                }
+                continue;
+            }
             if pages_expected && command == Command::MemoryPages {
                 // MACed or compressed: checked as a whole, then copied into place.
                 let view = PageBatchView::parse(frame.payload)?;
@@ -396,6 +438,96 @@ impl<S: Read + Write> Receiver<'_, S> {
             }
             let msg = frame.message()?;
             match (state, msg) {
+                (SessionState::PreCopy, Message::DiskList(list))
+                    if self.disks.is_none() && self.passes == 0 && self.pass_pages == 0 =>
+                {
+                    if self.version < 5 {
+                        let err = self
+                            .unexpected("no disk list in protocol version 4", Command::DiskList);
+                        return Err(self.refuse(id, ErrorCode::Protocol, err));
+                    }
+                    let made = match &self.cfg.disk_dir {
+                        None => Err(format!(
+                            "the source copies {} disk(s) ({}) but this target was started without a disk directory (ray migrate receive --disk-dir DIR)",
+                            list.len(),
+                            list.iter().map(|d| d.id.as_str()).collect::<Vec<_>>().join(", ")
+                        )),
+                        Some(dir) => TargetDisks::create(dir, &list),
+                    };
+                    let disks = match made {
+                        Ok(d) => d,
+                        Err(reason) => {
+                            let err = MigrationError::DiskCopyRefused { reason };
+                            return Err(self.refuse(id, ErrorCode::Disk, err));
+                        }
+                    };
+                    // Kept from here on, so a failure below removes the files.
+                    let paths = disks.paths();
+                    self.disks = Some(disks);
+                    if let Err(e) = vm.disks_arrived(&paths) {
+                        let err = MigrationError::DiskCopyRefused {
+                            reason: e.to_string(),
+                        };
+                        return Err(self.refuse(id, ErrorCode::Disk, err));
+                    }
+                    self.ack(id, Command::DiskList)?;
+                }
+                (SessionState::PreCopy, Message::DiskPass { pass, bytes })
+                    if self.disks.is_some() =>
+                {
+                    let received = self.disks.as_mut().map_or(0, TargetDisks::end_pass);
+                    if received != bytes {
+                        let err = MigrationError::DiskPassMismatch {
+                            pass,
+                            announced: bytes,
+                            received,
+                        };
+                        return Err(self.refuse(id, ErrorCode::Disk, err));
+                    }
+                    self.disk_pass = pass;
+                }
+                (SessionState::PreCopy, Message::DirtyPass { pass, .. })
+                    if self.disks.is_some() && self.disk_pass != pass =>
+                {
+                    let err = MigrationError::Disk {
+                        reason: format!("pass {pass} ended without its disk blocks (DiskPass)"),
+                    };
+                    return Err(self.refuse(id, ErrorCode::Disk, err));
+                }
+                (SessionState::Verification, Message::DiskVerify(theirs))
+                    if self.disks.is_some() && !self.disks_verified =>
+                {
+                    let disks = self.disks.as_ref().expect("checked by the guard");
+                    let ours = disks.digests();
+                    let differ = if theirs.len() != ours.len() {
+                        Some(format!(
+                            "the source sent digests of {} disks; {} were copied",
+                            theirs.len(),
+                            ours.len()
+                        ))
+                    } else {
+                        theirs.iter().zip(&ours).position(|(t, o)| t != o).map(|i| {
+                            format!(
+                                "disk {} hashes differently on source and target",
+                                disks.id(i)
+                            )
+                        })
+                    };
+                    if let Some(detail) = differ {
+                        let err = MigrationError::DiskVerifyMismatch { detail };
+                        let err = self.refuse(id, ErrorCode::VerifyMismatch, err);
+                        self.event(SessionEvent::VerifyMismatch)?;
+                        return Err(err);
+                    }
+                    self.disks_verified = true;
+                    self.ack(id, Command::DiskVerify)?;
+                }
+                (SessionState::Verification, Message::VerifyHash(_))
+                    if self.disks.is_some() && !self.disks_verified =>
+                {
+                    let err = self.unexpected("DiskVerify before VerifyHash", Command::VerifyHash);
+                    return Err(self.refuse(id, ErrorCode::Protocol, err));
+                }
                 (SessionState::PreCopy, Message::DirtyPass { pass, pages, last }) => {
                     if pages != self.pass_pages {
                         return Err(MigrationError::PassCountMismatch {

@@ -3,13 +3,18 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use ray_memory::{DirtyBitmap, GuestMemory, GuestSpan, PageBitmap};
+use std::sync::Arc;
+
+use ray_memory::{is_zero, DirtyBitmap, GuestMemory, GuestSpan, PageBitmap};
 
 use crate::auth::PresharedKey;
 use crate::convergence::{decide, Decision, Estimator, PassSample, Policy, Stats};
+use crate::disk::{block_len, BlockHashes, SourceDisk, BLOCK_SIZE, MAX_RUN_BLOCKS};
 use crate::frame::{Channel, SUPPORTED_VERSIONS};
 use crate::progress::{CancelToken, ProgressHandle};
-use crate::protocol::{Command, CompatInfo, ErrorCode, Message, PageBatchWriter};
+use crate::protocol::{
+    disk_blocks_header, Command, CompatInfo, ErrorCode, Message, PageBatchWriter,
+};
 use crate::secure::{connect_secure, Protection, SecureStream};
 use crate::session::{Session, SessionEvent, SessionState};
 use crate::vm::{prefetch_read, PageHashes, SourceVm};
@@ -39,6 +44,10 @@ pub struct SenderConfig {
     /// what was sent: proves that the dirty log missed no write, at the cost of one pass
     /// over memory inside the downtime (default false; tests turn it on).
     pub recheck_memory: bool,
+    /// Disks to copy with the VM (`--copy-disks`, see [`crate::disk`]); empty: the target
+    /// opens the same paths (shared storage). With `recheck_memory`, the paused source's
+    /// disks are reread against what was sent too.
+    pub disks: Vec<Arc<SourceDisk>>,
     pub cancel: CancelToken,
     pub progress: ProgressHandle,
 }
@@ -53,6 +62,7 @@ impl SenderConfig {
             batch_pages: 1024,
             zero_copy: true,
             recheck_memory: false,
+            disks: Vec::new(),
             cancel: CancelToken::new(),
             progress: ProgressHandle::new(),
         }
@@ -67,6 +77,10 @@ pub struct SendReport {
     pub passes: Vec<Stats>,
     pub pages_sent: u64,
     pub bytes_sent: u64,
+    /// Disk data bytes sent (`--copy-disks`; ranges of zeros cost no data and are not
+    /// counted), over all passes, and in the paused last pass.
+    pub disk_bytes_sent: u64,
+    pub disk_bytes_final: u64,
     /// From pause to the target's `Resumed`.
     pub downtime: Duration,
     pub total: Duration,
@@ -144,6 +158,14 @@ where
         throttle: 0,
         logging: false,
         compress_skip: 0,
+        disk_hashes: cfg
+            .disks
+            .iter()
+            .map(|d| BlockHashes::new(d.blocks()))
+            .collect(),
+        tracking: false,
+        disk_buf: Vec::new(),
+        disk_bytes: 0,
     };
     match s.run(local) {
         Ok(r) => Ok(r),
@@ -169,6 +191,13 @@ struct Sender<'a, S, M: ?Sized, V: ?Sized> {
     logging: bool,
     /// Batches left to send uncompressed before lz4 is tried again.
     compress_skip: u32,
+    /// Per copied disk, what each block was when last sent.
+    disk_hashes: Vec<BlockHashes>,
+    /// The copied disks' trackers are on.
+    tracking: bool,
+    disk_buf: Vec<u8>,
+    /// Disk data bytes sent so far.
+    disk_bytes: u64,
 }
 
 /// After a batch that lz4 could not shrink, every this many batches is tried again.
@@ -235,15 +264,35 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
     }
 
     fn handshake(&mut self, local: &CompatInfo) -> Result<(), MigrationError> {
-        let hello = Message::Hello {
-            versions: SUPPORTED_VERSIONS.to_vec(),
+        // Copied disks need version 5: a target that knows only older versions refuses
+        // the offer, and the source says why.
+        let offer: Vec<u16> = if self.cfg.disks.is_empty() {
+            SUPPORTED_VERSIONS.to_vec()
+        } else {
+            vec![DISKS_VERSION]
         };
-        let version = match self.request(&hello)? {
+        let hello = Message::Hello {
+            versions: offer.clone(),
+        };
+        let answer = match self.request(&hello) {
+            Err(MigrationError::PeerError {
+                code: ErrorCode::Protocol,
+                message,
+            }) if !self.cfg.disks.is_empty() => {
+                return Err(MigrationError::DiskCopyRefused {
+                    reason: format!(
+                        "copying disks needs migration protocol version {DISKS_VERSION}, which the target does not speak ({message})"
+                    ),
+                })
+            }
+            other => other?,
+        };
+        let version = match answer {
             Message::Hello { versions } => match versions.as_slice() {
-                [v] if SUPPORTED_VERSIONS.contains(v) => *v,
+                [v] if offer.contains(v) => *v,
                 _ => {
                     return Err(MigrationError::NoCommonVersion {
-                        ours: SUPPORTED_VERSIONS.to_vec(),
+                        ours: offer,
                         theirs: versions,
                     })
                 }
@@ -268,6 +317,7 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
             .collect();
         self.vm.start_dirty_log()?;
         self.logging = true;
+        let mut disks_to_send = self.start_disks()?;
 
         let mut batch = PageBatchWriter::new(ps as usize, self.cfg.batch_pages.max(1));
         let mut est = Estimator::new();
@@ -282,10 +332,13 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
         let mut totals = (0u64, 0u64);
         let forced = loop {
             let t = Instant::now();
-            let (pages, bytes) = self.send_pass(&mut batch, &to_send, pass, false)?;
+            let (pages, bytes) =
+                self.send_pass(&mut batch, &to_send, &disks_to_send, pass, false)?;
             totals = (totals.0 + pages, totals.1 + bytes);
             let duration = t.elapsed();
             to_send = self.dirty_log(&pages_per_region)?;
+            disks_to_send = self.dirty_blocks();
+            let dirty_disk_bytes = dirty_bytes(&disks_to_send);
             let dirty = to_send.count();
             let sample = PassSample {
                 pass,
@@ -294,6 +347,7 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
                 duration,
                 dirty_pages: dirty,
                 page_size: ps,
+                dirty_disk_bytes,
             };
             let stats = est.record(&sample, started.elapsed(), self.throttle, &self.cfg.policy);
             passes.push(stats);
@@ -302,6 +356,7 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
                 p.pages_sent = totals.0;
                 p.bytes_sent = totals.1;
                 p.dirty_pages = dirty;
+                p.dirty_disk_bytes = dirty_disk_bytes;
                 p.dirty_rate_bps = stats.dirty_rate_bps;
                 p.bandwidth_bps = stats.bandwidth_bps;
                 p.expected_downtime = stats.expected_downtime;
@@ -328,9 +383,15 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
         self.paused = true;
         self.vm.pause()?;
         to_send.union(&self.dirty_log(&pages_per_region)?);
+        // The devices are drained: every write is in the file and marked.
+        for (set, more) in disks_to_send.iter_mut().zip(self.dirty_blocks()) {
+            set.union(&more);
+        }
         pass += 1;
         let t = Instant::now();
-        let (pages, bytes) = self.send_pass(&mut batch, &to_send, pass, true)?;
+        let disk_bytes_before = self.disk_bytes;
+        let (pages, bytes) = self.send_pass(&mut batch, &to_send, &disks_to_send, pass, true)?;
+        let disk_bytes_final = self.disk_bytes - disk_bytes_before;
         totals = (totals.0 + pages, totals.1 + bytes);
         let state = self.vm.save_state()?;
         self.expect_ack(&Message::State(state))?;
@@ -342,6 +403,7 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
                 duration: t.elapsed(),
                 dirty_pages: 0,
                 page_size: ps,
+                dirty_disk_bytes: 0,
             },
             started.elapsed(),
             self.throttle,
@@ -361,6 +423,7 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
                 });
             }
         }
+        self.verify_disks()?;
         let hashes = self.hashes.digests();
         match self.request(&Message::VerifyHash(hashes)) {
             Ok(Message::Ack {
@@ -389,6 +452,7 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
         // The dirty log is left on: the VM is the target's now and its copy here is freed
         // (turning logging off costs a memory-slot update, ~5 ms on PVM, for nothing).
         self.logging = false;
+        self.stop_disks();
         self.cfg.progress.update(|p| {
             p.pages_sent = totals.0;
             p.bytes_sent = totals.1;
@@ -397,6 +461,8 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
             passes,
             pages_sent: totals.0,
             bytes_sent: self.ch.bytes_sent(),
+            disk_bytes_sent: self.disk_bytes,
+            disk_bytes_final,
             downtime,
             total: started.elapsed(),
             forced,
@@ -422,6 +488,7 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
         &mut self,
         batch: &mut PageBatchWriter,
         set: &DirtyBitmap,
+        disks: &[PageBitmap],
         pass: u32,
         last: bool,
     ) -> Result<(u64, u64), MigrationError> {
@@ -454,6 +521,9 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
         }
         if !batch.is_empty() {
             self.flush(batch)?;
+        }
+        if !self.cfg.disks.is_empty() {
+            self.send_disk_blocks(disks, pass)?;
         }
         self.expect_ack(&Message::DirtyPass { pass, pages, last })?;
         Ok((pages, self.ch.bytes_sent() - before))
@@ -559,6 +629,182 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
         Ok(())
     }
 
+    /// Announces the copied disks (the target creates its files), starts their trackers,
+    /// and returns what the first pass sends of each: every block holding data. The
+    /// tracker starts before the disk is looked at, so a write from then on is in a later
+    /// take even if this pass read the block before it.
+    fn start_disks(&mut self) -> Result<Vec<PageBitmap>, MigrationError> {
+        let cfg = self.cfg;
+        if cfg.disks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list = cfg.disks.iter().map(|d| d.info()).collect();
+        match self.request(&Message::DiskList(list)) {
+            Ok(Message::Ack {
+                command: Command::DiskList,
+            }) => {}
+            Ok(other) => return Err(self.unexpected("an Ack of DiskList", other.command())),
+            Err(MigrationError::PeerError {
+                code: ErrorCode::Disk,
+                message,
+            }) => return Err(MigrationError::DiskCopyRefused { reason: message }),
+            Err(e) => return Err(e),
+        }
+        self.tracking = true;
+        for d in &cfg.disks {
+            d.tracker.start();
+        }
+        Ok(cfg.disks.iter().map(|d| d.data_blocks()).collect())
+    }
+
+    /// Blocks written since the last take, per copied disk.
+    fn dirty_blocks(&mut self) -> Vec<PageBitmap> {
+        self.cfg.disks.iter().map(|d| d.tracker.take()).collect()
+    }
+
+    fn stop_disks(&mut self) {
+        if self.tracking {
+            for d in &self.cfg.disks {
+                d.tracker.stop();
+            }
+            self.tracking = false;
+        }
+    }
+
+    /// Sends the blocks of `sets` of every copied disk, read from its file now, in runs of
+    /// at most [`MAX_RUN_BLOCKS`]: each stretch of blocks holding data is one frame, each
+    /// stretch of zeros one frame without data. Then the `DiskPass` marker with the bytes
+    /// the ranges covered.
+    fn send_disk_blocks(&mut self, sets: &[PageBitmap], pass: u32) -> Result<(), MigrationError> {
+        let cfg = self.cfg;
+        let mut covered = 0u64;
+        let mut buf = std::mem::take(&mut self.disk_buf);
+        for (i, (disk, set)) in cfg.disks.iter().zip(sets).enumerate() {
+            for (first, n) in set.runs() {
+                let (mut b, end) = (first as u64, (first + n) as u64);
+                while b < end {
+                    let k = (end - b).min(MAX_RUN_BLOCKS);
+                    let offset = b * BLOCK_SIZE;
+                    let len = (k * BLOCK_SIZE).min(disk.size - offset) as usize;
+                    buf.resize(len, 0);
+                    disk.read(offset, &mut buf)
+                        .map_err(|e| MigrationError::Disk {
+                            reason: format!("cannot read disk {} at {offset}: {e}", disk.id),
+                        })?;
+                    // Stretches of data blocks and of zero blocks.
+                    let mut at = 0usize;
+                    while at < len {
+                        let blk = |x: usize| {
+                            let l = block_len(disk.size, (offset + x as u64) / BLOCK_SIZE) as usize;
+                            (l, is_zero(&buf[x..x + l]))
+                        };
+                        let (l0, zero) = blk(at);
+                        let mut stretch = l0;
+                        while at + stretch < len && blk(at + stretch).1 == zero {
+                            stretch += blk(at + stretch).0;
+                        }
+                        let mut x = at;
+                        while x < at + stretch {
+                            let (l, _) = blk(x);
+                            let bi = ((offset + x as u64) / BLOCK_SIZE) as usize;
+                            self.disk_hashes[i].record(bi, &buf[x..x + l]);
+                            x += l;
+                        }
+                        let data = (!zero).then(|| &buf[at..at + stretch]);
+                        self.send_disk_range(i as u32, offset + at as u64, stretch, data)?;
+                        covered += stretch as u64;
+                        at += stretch;
+                    }
+                    b += k;
+                }
+            }
+        }
+        self.disk_buf = buf;
+        self.next_id += 1;
+        self.ch.send(
+            &Message::DiskPass {
+                pass,
+                bytes: covered,
+            },
+            self.next_id,
+            false,
+        )?;
+        Ok(())
+    }
+
+    fn send_disk_range(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        len: usize,
+        data: Option<&[u8]>,
+    ) -> Result<(), MigrationError> {
+        self.check_cancel()?;
+        self.next_id += 1;
+        let header = disk_blocks_header(disk, offset, len as u32, data.is_some());
+        let parts: &[&[u8]] = match data {
+            Some(d) => &[&header, d],
+            None => &[&header],
+        };
+        self.ch.send_parts(
+            Command::DiskBlocks,
+            self.next_id,
+            0,
+            parts,
+            self.cfg.compress,
+        )?;
+        if data.is_some() {
+            self.disk_bytes += len as u64;
+            self.cfg
+                .progress
+                .update(|p| p.disk_bytes_sent += len as u64);
+        }
+        Ok(())
+    }
+
+    /// With `recheck_memory`, rereads every block of the paused source's disks against
+    /// what was sent (proves the tracker missed no write); then has the target compare
+    /// the digests of its files with what was sent.
+    fn verify_disks(&mut self) -> Result<(), MigrationError> {
+        let cfg = self.cfg;
+        if cfg.disks.is_empty() {
+            return Ok(());
+        }
+        if cfg.recheck_memory {
+            let mut buf = vec![0u8; BLOCK_SIZE as usize];
+            for (disk, hashes) in cfg.disks.iter().zip(&self.disk_hashes) {
+                for b in 0..disk.blocks() {
+                    let l = block_len(disk.size, b as u64) as usize;
+                    disk.read(b as u64 * BLOCK_SIZE, &mut buf[..l])
+                        .map_err(|e| MigrationError::Disk {
+                            reason: format!("cannot reread disk {}: {e}", disk.id),
+                        })?;
+                    if !hashes.matches(b, &buf[..l]) {
+                        return Err(MigrationError::DiskVerifyMismatch {
+                            detail: format!(
+                                "block {b} (offset {}) of the paused source's disk {} is not what was sent last: a write the dirty-block tracking did not report",
+                                b as u64 * BLOCK_SIZE,
+                                disk.id
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        let digests = self.disk_hashes.iter().map(BlockHashes::digest).collect();
+        match self.request(&Message::DiskVerify(digests)) {
+            Ok(Message::Ack {
+                command: Command::DiskVerify,
+            }) => Ok(()),
+            Ok(other) => Err(self.unexpected("an Ack of DiskVerify", other.command())),
+            Err(MigrationError::PeerError {
+                code: ErrorCode::VerifyMismatch,
+                message,
+            }) => Err(MigrationError::DiskVerifyMismatch { detail: message }),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Applies the failure rules; see the crate docs for why `Completing` never rolls back.
     fn fail(&mut self, error: MigrationError) -> SendFailure {
         let failed_in = self.session.state();
@@ -626,6 +872,7 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
             ok &= self.vm.stop_dirty_log().is_ok();
             self.logging = false;
         }
+        self.stop_disks();
         if self.paused {
             let resumed = self.vm.resume().is_ok();
             self.paused = !resumed;
@@ -633,6 +880,14 @@ impl<'a, S: Read + Write, M: GuestMemory + ?Sized, V: SourceVm + ?Sized> Sender<
         }
         ok
     }
+}
+
+/// The protocol version that carries copied disks.
+const DISKS_VERSION: u16 = 5;
+
+/// Bytes of the blocks set in `sets` (whole blocks).
+fn dirty_bytes(sets: &[PageBitmap]) -> u64 {
+    sets.iter().map(|s| s.count() * BLOCK_SIZE).sum()
 }
 
 /// Pages ahead of the one being checked and hashed whose first line is prefetched: the

@@ -44,6 +44,13 @@ pub trait TargetVm {
     fn resume(&mut self) -> Result<(), VmError>;
     /// Tears the half-built VM down (verification failed, or the source went away).
     fn discard(&mut self);
+    /// The source copies these disks (`--copy-disks`): `(id, path)` of the file made here
+    /// for each, which the VM's configuration must use instead of the source's path.
+    /// Called once, before any block arrives; an error refuses the copy.
+    fn disks_arrived(&mut self, disks: &[(String, std::path::PathBuf)]) -> Result<(), VmError> {
+        let _ = disks;
+        Ok(())
+    }
 }
 
 /// Hints the CPU to load the cache line at `at` for reading (a page the sender will check

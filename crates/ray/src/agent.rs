@@ -228,6 +228,7 @@ impl Vmms for HostVmms {
                 prefault: false,
                 // Agents move VMs between hosts: encrypted, as by default.
                 insecure_plaintext: false,
+                disk_dir: None,
             },
             &VmmExtras::default(),
         )
@@ -238,6 +239,7 @@ impl Vmms for HostVmms {
     fn send(&self, vm: &str, addr: &str) -> Result<(), String> {
         let (_, key_file) = self.migration_set_up(vm)?;
         let req = MigrateRequest {
+            copy_disks: false,
             to: addr.to_string(),
             key_file: key_file.display().to_string(),
             max_downtime_ms: 30,

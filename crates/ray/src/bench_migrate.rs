@@ -24,6 +24,12 @@
 //! the idle guest migrated the default way, every byte in AES-GCM records; besides raw TCP
 //! it is compared with the cipher alone, sealing as many bytes in memory (same threads,
 //! same 4 MiB writes) right after each migration.
+//!
+//! `copy-disks` gives the idle guest a sparse disk (`--disk-size`, `--disk-data` of it
+//! written before boot, in 1 MiB pieces spread over the disk) and migrates it in plaintext
+//! twice per run: with `--copy-disks` (into a target with `--disk-dir`) and, right
+//! before, the same way with the disk on shared storage (the target opens the same file);
+//! the ratios pair the two migrations of each run.
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -60,9 +66,16 @@ pub struct MigrateBenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "loopback,veth")]
     pub paths: Vec<BenchPath>,
     /// Guest modes to measure (comma-separated): idle, loaded (both plaintext), encrypted
-    /// (the idle guest, encrypted).
+    /// (the idle guest, encrypted), copy-disks (the idle guest with a disk, copied and on
+    /// shared storage).
     #[arg(long, value_delimiter = ',', default_value = "idle,loaded,encrypted")]
     pub modes: Vec<GuestMode>,
+    /// copy-disks: the disk's size.
+    #[arg(long, default_value = "256M", value_parser = ray::sizes::parse_size)]
+    pub disk_size: u64,
+    /// copy-disks: how much of it holds data (the rest are holes).
+    #[arg(long, default_value = "64M", value_parser = ray::sizes::parse_size)]
+    pub disk_data: u64,
     #[arg(long)]
     pub json: bool,
 }
@@ -78,6 +91,43 @@ pub enum GuestMode {
     Idle,
     Loaded,
     Encrypted,
+    CopyDisks,
+}
+
+/// The disk of a `copy-disks` run: the source's image, and where the target puts its
+/// copy (`None`: the disk is on shared storage, the target opens the same file).
+struct Disk<'a> {
+    image: &'a Path,
+    copy_dir: Option<&'a Path>,
+}
+
+/// One way of moving the disk, over the runs.
+#[derive(Serialize, Clone)]
+struct DiskWay {
+    /// Heartbeat gap, ms.
+    downtime_ms: Stats,
+    driver_downtime_ms: Stats,
+    total_ms: Stats,
+    /// Bytes on the wire (memory, disk, frames).
+    bytes_sent: Stats,
+    /// Disk data bytes sent (holes and ranges of zeros cost none), and of them those sent
+    /// in the pause.
+    disk_bytes_sent: Stats,
+    disk_bytes_final: Stats,
+}
+
+/// The idle guest with a disk: copied (`--copy-disks`) against shared storage.
+#[derive(Serialize, Clone)]
+struct CopyDisks {
+    path: &'static str,
+    disk_bytes: u64,
+    disk_data_bytes: u64,
+    copy_disks: DiskWay,
+    shared_storage: DiskWay,
+    /// Each run's copy-disks total time over its shared-storage one.
+    total_ratio: Stats,
+    /// The same for the heartbeat gap.
+    downtime_ratio: Stats,
 }
 
 #[derive(Serialize, Clone)]
@@ -145,6 +195,8 @@ struct PathReport {
     loaded: Option<Mode>,
     #[serde(skip_serializing_if = "Option::is_none")]
     encrypted: Option<Encrypted>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    copy_disks: Option<CopyDisks>,
 }
 
 #[derive(Serialize)]
@@ -165,6 +217,8 @@ struct Report {
     loaded: Option<Mode>,
     #[serde(skip_serializing_if = "Option::is_none")]
     encrypted: Option<Encrypted>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    copy_disks: Option<CopyDisks>,
     paths: std::collections::BTreeMap<&'static str, PathReport>,
 }
 
@@ -506,15 +560,26 @@ impl Bench<'_> {
         target_ip: &str,
         (loaded, encrypted): (bool, bool),
         i: usize,
+        disk: Option<&Disk>,
     ) -> anyhow::Result<Run> {
         let mem = self.a.memory.to_string();
         let src_id = format!("bench-mig-src-{i}");
+        let image = disk.map(|d| d.image.display().to_string());
         let out = self.ray(
             ns.0,
             &[
                 "vm", "run", "--detach", "--json", "--id", &src_id, "--memory", &mem, "--vcpus",
                 "1",
-            ],
+            ]
+            .into_iter()
+            .chain(
+                image
+                    .as_deref()
+                    .map(|i| ["--disk", i])
+                    .into_iter()
+                    .flatten(),
+            )
+            .collect::<Vec<_>>(),
         )?;
         let mut src = self.guest(&serde_json::from_slice(&out.stdout)?);
         src.expect("ready", Duration::from_secs(30))?;
@@ -536,6 +601,9 @@ impl Bench<'_> {
             std::thread::sleep(Duration::from_millis(300));
         }
         let dst_id = format!("bench-mig-dst-{i}");
+        let copy_dir = disk
+            .and_then(|d| d.copy_dir)
+            .map(|d| d.display().to_string());
         let out = self.ray(
             ns.1,
             &[
@@ -556,6 +624,13 @@ impl Bench<'_> {
             ]
             .into_iter()
             .chain((!encrypted).then_some("--insecure-plaintext"))
+            .chain(
+                copy_dir
+                    .as_deref()
+                    .map(|d| ["--disk-dir", d])
+                    .into_iter()
+                    .flatten(),
+            )
             .collect::<Vec<_>>(),
         )?;
         let dst = self.guest(&serde_json::from_slice(&out.stdout)?);
@@ -569,6 +644,7 @@ impl Bench<'_> {
         };
         let (raw_before, cached_before) = raw_tcp_pair()?;
         let req = MigrateRequest {
+            copy_disks: copy_dir.is_some(),
             to,
             key_file: self.key.display().to_string(),
             max_downtime_ms: self.a.max_downtime_ms,
@@ -634,6 +710,13 @@ impl Bench<'_> {
         for id in [&src_id, &dst_id] {
             let _ = std::fs::remove_dir_all(ray::runtime::vm_dir(&self.runtime, id));
         }
+        if let Some(dir) = disk.and_then(|d| d.copy_dir) {
+            let copy = dir.join("disk0.img");
+            if !copy.exists() {
+                bail!("the target made no copy of the disk at {}", copy.display());
+            }
+            std::fs::remove_file(copy)?;
+        }
         Ok(Run {
             gap,
             raw,
@@ -667,7 +750,7 @@ impl Bench<'_> {
         // than the rest (memory the host had just taken back, cold caches), a start-up cost
         // of the machine rather than of the migration.
         for i in 0..WARMUP_RUNS {
-            self.once(ns, listen, target_ip, kind, self.a.runs + i)?;
+            self.once(ns, listen, target_ip, kind, self.a.runs + i, None)?;
         }
         for i in 0..self.a.runs {
             let Run {
@@ -676,7 +759,7 @@ impl Bench<'_> {
                 cached: c,
                 cipher,
                 status: s,
-            } = self.once(ns, listen, target_ip, kind, i)?;
+            } = self.once(ns, listen, target_ip, kind, i, None)?;
             ciphers.extend(cipher);
             raw.push(r);
             cached.push(c);
@@ -724,6 +807,102 @@ impl Bench<'_> {
             bulk_ratio: paired(&bulk, &raw).median,
         };
         Ok((mode, rate))
+    }
+
+    /// The idle guest with a disk, copied and on shared storage, each run both ways.
+    fn copy_disks(
+        &self,
+        path: &'static str,
+        ns: (Option<&str>, Option<&str>),
+        listen: &str,
+        target_ip: &str,
+    ) -> anyhow::Result<CopyDisks> {
+        let (size, data) = (self.a.disk_size, self.a.disk_data);
+        let image = self.runtime.join(format!("disk-{path}.img"));
+        let f = std::fs::File::create(&image)?;
+        f.set_len(size)?;
+        // 1 MiB pieces spread evenly over the disk.
+        let pieces = (data >> 20).max(1);
+        let stride = (size / pieces) & !((1 << 20) - 1);
+        let piece = populated(1 << 20);
+        for k in 0..pieces {
+            std::os::unix::fs::FileExt::write_all_at(&f, &piece, k * stride.max(1 << 20))?;
+        }
+        f.sync_all()?;
+        drop(f);
+        let dir = self.runtime.join(format!("copies-{path}"));
+        std::fs::create_dir_all(&dir)?;
+        let shared = Disk {
+            image: &image,
+            copy_dir: None,
+        };
+        let copied = Disk {
+            image: &image,
+            copy_dir: Some(&dir),
+        };
+        let kind = (false, false);
+        for i in 0..WARMUP_RUNS {
+            self.once(
+                ns,
+                listen,
+                target_ip,
+                kind,
+                2 * (self.a.runs + i),
+                Some(&copied),
+            )?;
+        }
+        let mut runs: [Vec<MigrationStatus>; 2] = [Vec::new(), Vec::new()];
+        let mut gaps: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        for i in 0..self.a.runs {
+            for (w, disk) in [&shared, &copied].into_iter().enumerate() {
+                let r = self.once(ns, listen, target_ip, kind, 2 * i + w, Some(disk))?;
+                if !self.a.json {
+                    eprintln!(
+                        "  {path} {} run {}: downtime {:.2} ms, total {:.0} ms, {:.1} MiB of disk sent ({:.2} MiB paused)",
+                        ["shared-storage", "copy-disks"][w],
+                        i + 1,
+                        r.gap,
+                        r.status.total_ms.unwrap_or(f64::NAN),
+                        r.status.disk_bytes_sent.unwrap_or(0) as f64 / (1 << 20) as f64,
+                        r.status.disk_bytes_final.unwrap_or(0) as f64 / (1 << 20) as f64,
+                    );
+                }
+                gaps[w].push(r.gap);
+                runs[w].push(r.status);
+            }
+        }
+        let way = |w: usize| {
+            let of = |f: &dyn Fn(&MigrationStatus) -> f64| {
+                Stats::of(&runs[w].iter().map(f).collect::<Vec<_>>())
+            };
+            DiskWay {
+                downtime_ms: Stats::of(&gaps[w]),
+                driver_downtime_ms: of(&|s| s.downtime_ms.unwrap_or(f64::NAN)),
+                total_ms: of(&|s| s.total_ms.unwrap_or(f64::NAN)),
+                bytes_sent: of(&|s| s.bytes_sent as f64),
+                disk_bytes_sent: of(&|s| s.disk_bytes_sent.unwrap_or(0) as f64),
+                disk_bytes_final: of(&|s| s.disk_bytes_final.unwrap_or(0) as f64),
+            }
+        };
+        let ratio = |f: &dyn Fn(usize, usize) -> f64| {
+            Stats::of(
+                &(0..self.a.runs)
+                    .map(|i| f(1, i) / f(0, i))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let report = CopyDisks {
+            path,
+            disk_bytes: size,
+            disk_data_bytes: pieces << 20,
+            copy_disks: way(1),
+            shared_storage: way(0),
+            total_ratio: ratio(&|w, i| runs[w][i].total_ms.unwrap_or(f64::NAN)),
+            downtime_ratio: ratio(&|w, i| gaps[w][i]),
+        };
+        let _ = std::fs::remove_file(&image);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(report)
     }
 
     /// The idle guest, encrypted, against raw TCP and the cipher alone.
@@ -861,6 +1040,11 @@ pub fn run(a: &MigrateBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                     .contains(&GuestMode::Encrypted)
                     .then(|| b.encrypted(path, ns, listen, ip))
                     .transpose()?,
+                copy_disks: a
+                    .modes
+                    .contains(&GuestMode::CopyDisks)
+                    .then(|| b.copy_disks(path, ns, listen, ip))
+                    .transpose()?,
             })
         };
         if a.paths.contains(&BenchPath::Loopback) {
@@ -893,6 +1077,7 @@ pub fn run(a: &MigrateBenchArgs, runtime: &Path) -> anyhow::Result<()> {
             idle: main.idle,
             loaded: main.loaded,
             encrypted: main.encrypted,
+            copy_disks: main.copy_disks,
             paths,
         })
     })();
@@ -919,6 +1104,35 @@ pub fn run(a: &MigrateBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         if let Some(e) = &p.encrypted {
             print_encrypted(e);
         }
+        if let Some(c) = &p.copy_disks {
+            print_copy_disks(c);
+        }
     }
     Ok(())
+}
+
+fn print_copy_disks(c: &CopyDisks) {
+    println!(
+        "{} copy-disks ({} MiB disk, {} MiB of data):",
+        c.path,
+        c.disk_bytes >> 20,
+        c.disk_data_bytes >> 20
+    );
+    for (w, name) in [(&c.copy_disks, "copied"), (&c.shared_storage, "shared")] {
+        print_row(&format!("{name}: downtime (gap)"), w.downtime_ms, "ms");
+        print_row(&format!("{name}: total"), w.total_ms, "ms");
+        let mib = |s: Stats| Stats {
+            min: s.min / (1 << 20) as f64,
+            median: s.median / (1 << 20) as f64,
+            max: s.max / (1 << 20) as f64,
+        };
+        print_row(&format!("{name}: disk sent"), mib(w.disk_bytes_sent), "MiB");
+        print_row(
+            &format!("{name}: disk sent paused"),
+            mib(w.disk_bytes_final),
+            "MiB",
+        );
+    }
+    print_row("total copied / shared", c.total_ratio, "");
+    print_row("downtime copied / shared", c.downtime_ratio, "");
 }

@@ -152,11 +152,13 @@ ray migrate start web --to 10.0.0.2:7000 --key-file /etc/ray/key     (on the sou
     (
         "migrate start",
         "ray migrate start web --to 10.0.0.2:7000 --key-file /etc/ray/key
-ray migrate start web --to unix:/run/ray/mig.sock --key-file key --max-downtime-ms 100 --detach",
+ray migrate start web --to unix:/run/ray/mig.sock --key-file key --max-downtime-ms 100 --detach
+ray migrate start web --to 10.0.0.2:7000 --key-file /etc/ray/key --copy-disks   (target: --disk-dir)",
     ),
     (
         "migrate receive",
-        "ray migrate receive --listen 0.0.0.0:7000 --key-file /etc/ray/key --id web",
+        "ray migrate receive --listen 0.0.0.0:7000 --key-file /etc/ray/key --id web
+ray migrate receive --listen 0.0.0.0:7000 --key-file /etc/ray/key --disk-dir /var/lib/ray/disks",
     ),
     ("migrate status", "ray migrate status web\nray migrate status web -o yaml"),
     ("migrate progress", "ray migrate progress web"),

@@ -111,6 +111,11 @@ pub struct StartArgs {
     /// sent (proves dirty tracking missed nothing; lengthens the downtime).
     #[arg(long)]
     pub recheck_memory: bool,
+    /// Copy the VM's disks with it instead of the target opening the same paths (shared
+    /// storage): blocks with data go in the pre-copy passes, blocks written meanwhile again,
+    /// the rest in the pause. The target needs --disk-dir.
+    #[arg(long)]
+    pub copy_disks: bool,
     /// Host-wide cap on concurrent migrations.
     #[arg(long, env = "RAY_MAX_MIGRATIONS", default_value_t = 8)]
     pub max_concurrent: u32,
@@ -152,6 +157,10 @@ pub struct ReceiveArgs {
     /// Accept the VM unencrypted over TCP (the source needs --insecure-plaintext too).
     #[arg(long)]
     pub insecure_plaintext: bool,
+    /// Where disks a source copies (--copy-disks) go: DIR/<disk id>.img, made sparse (an
+    /// existing file is refused, a failed migration removes them); the VM here uses them.
+    #[arg(long)]
+    pub disk_dir: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }
@@ -204,6 +213,7 @@ fn start(runtime: &Path, a: &StartArgs) -> anyhow::Result<()> {
         compress: a.compress,
         insecure_plaintext: a.insecure_plaintext,
         recheck_memory: a.recheck_memory,
+        copy_disks: a.copy_disks,
         max_concurrent: Some(a.max_concurrent),
     };
     let c = client(runtime, &a.id)?;
@@ -252,6 +262,12 @@ fn receive(runtime: &Path, a: &ReceiveArgs) -> anyhow::Result<()> {
     if let Some(id) = &a.id {
         runtime::check_id(id).map_err(|e| coded(exit::INVALID, e))?;
     }
+    // Absolute: the VMM runs in its own directory.
+    let disk_dir = a
+        .disk_dir
+        .as_ref()
+        .map(|d| std::path::absolute(d).with_context(|| format!("cannot resolve {}", d.display())))
+        .transpose()?;
     launch(
         runtime,
         a.id.clone(),
@@ -262,6 +278,7 @@ fn receive(runtime: &Path, a: &ReceiveArgs) -> anyhow::Result<()> {
             max_concurrent: a.max_concurrent,
             prefault: a.prefault,
             insecure_plaintext: a.insecure_plaintext,
+            disk_dir: disk_dir.as_deref(),
         },
         true,
         a.json,

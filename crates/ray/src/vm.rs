@@ -252,6 +252,9 @@ pub struct VmmArgs {
     /// With --migrate-listen on TCP: accept the VM unencrypted.
     #[arg(long, requires = "migrate_listen")]
     pub migrate_insecure_plaintext: bool,
+    /// With --migrate-listen: where disks the source copies go (DIR/<disk id>.img).
+    #[arg(long, requires = "migrate_listen")]
+    pub migrate_disk_dir: Option<PathBuf>,
     /// The VM directory's lock, inherited as this descriptor from `ray vm run` (which
     /// took it); without it the VMM takes the lock itself.
     #[arg(long, hide = true)]
@@ -457,6 +460,8 @@ pub enum Origin<'a> {
         prefault: bool,
         /// Accept the VM unencrypted over TCP.
         insecure_plaintext: bool,
+        /// Where copied disks go (`--disk-dir`).
+        disk_dir: Option<&'a Path>,
     },
 }
 
@@ -532,6 +537,7 @@ fn spawn_vmm(
             max_concurrent,
             prefault,
             insecure_plaintext,
+            disk_dir,
         } => {
             if let Some(config) = config {
                 cmd.arg("--config-json").arg(serde_json::to_string(config)?);
@@ -547,6 +553,9 @@ fn spawn_vmm(
             }
             if *insecure_plaintext {
                 cmd.arg("--migrate-insecure-plaintext");
+            }
+            if let Some(d) = disk_dir {
+                cmd.arg("--migrate-disk-dir").arg(d);
             }
         }
     }
@@ -797,6 +806,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
             max_concurrent: args.max_concurrent_migrations,
             prefault: args.migrate_prefault,
             insecure_plaintext: args.migrate_insecure_plaintext,
+            disk_dir: args.migrate_disk_dir,
         }),
         lock_fd: args.lock_fd,
         api_tcp: args.api_tcp,

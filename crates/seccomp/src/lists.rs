@@ -114,6 +114,10 @@ const URING: &[c_long] = &[
     SYS_io_uring_register,
 ];
 
+/// A migration target writing the disks a source copies (`--copy-disks`): sizing the new
+/// sparse file, writing blocks, punching holes for blocks of zeros.
+const DISK_COPY: &[c_long] = &[SYS_pwrite64, SYS_ftruncate, SYS_fallocate, SYS_fdatasync];
+
 /// Reading files by name (key files, /proc for metrics, snapshot manifests).
 const READ_FILES: &[c_long] = &[
     SYS_openat,
@@ -200,7 +204,9 @@ fn groups(kind: Kind) -> &'static [&'static [c_long]] {
         Kind::DeviceIo => &[THREAD, WAIT, STREAM, CONNECT, DEVICE_IOCTL],
         Kind::BlkWorker => &[THREAD, BLK, URING],
         // SPAWN: an encrypted stream is opened by a crypto worker per core.
-        Kind::Migration => &[THREAD, SPAWN, WAIT, STREAM, CONNECT, READ_FILES, VCPU],
+        Kind::Migration => &[
+            THREAD, SPAWN, WAIT, STREAM, CONNECT, READ_FILES, VCPU, DISK_COPY,
+        ],
         Kind::Display => &[THREAD, SPAWN, WAIT, STREAM, CONNECT],
         Kind::Harvester => &[THREAD, HARVESTER],
     }

@@ -105,6 +105,8 @@ pub struct Incoming {
     pub prefault: bool,
     /// Accept the VM unencrypted over TCP (`--insecure-plaintext`).
     pub insecure_plaintext: bool,
+    /// Where disks a source copies (`copy_disks`) go: `DIR/<disk id>.img`.
+    pub disk_dir: Option<PathBuf>,
 }
 
 /// Why a VMM ended before its VM was up; `ray vmm` turns the kind into its exit code.
@@ -289,6 +291,7 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
                 inc.max_concurrent,
                 inc.prefault,
                 inc.insecure_plaintext,
+                inc.disk_dir.as_deref(),
             )
             .map(|_| Response::Done),
         (Some(dir), None) => ctl

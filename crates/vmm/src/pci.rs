@@ -116,10 +116,12 @@ fn devices_and_gpus(
         });
     }
     for disk in &config.disks {
+        let device = open_disk(disk)?;
+        crate::migration::disks::disk_built(&disk.id, device.dirty_blocks());
         specs.push(DeviceSpec {
             id: disk.id.clone(),
             name: "virtio-blk",
-            device: Box::new(open_disk(disk)?),
+            device: Box::new(device),
         });
     }
     for (net, id) in config.net.iter().zip(net_ids(config)) {

@@ -72,6 +72,13 @@ impl Controller {
             &crate::snapshot::cpu_fingerprint(&machine.vm.kvm),
         );
         let mem = machine.vm.memory.clone();
+        // Copied disks are opened now, so a disk that cannot be read refuses the request
+        // before anything changed.
+        let disks = if req.copy_disks {
+            mig::disks::source_disks(&config).map_err(ControllerError::refused)?
+        } else {
+            Vec::new()
+        };
         let recheck = req.recheck_memory.then(|| recheck_cost(&mem));
         if let Some(cost) = recheck {
             // The recheck rereads memory while the guest is paused: its time is part of
@@ -86,15 +93,21 @@ impl Controller {
         cfg.compress = req.compress;
         cfg.protection = ray_migration::Protection::for_endpoint(&to, req.insecure_plaintext);
         cfg.recheck_memory = req.recheck_memory;
+        let copied: Vec<String> = disks.iter().map(|d| d.id.clone()).collect();
+        cfg.disks = disks;
+        handle.update(|r| r.copy_disks = req.copy_disks);
         cfg.cancel = handle.cancel.clone();
         cfg.progress = handle.progress.clone();
-        let cause = match recheck {
+        let mut cause = match recheck {
             Some(cost) => format!(
                 "api:migrate to {to} (memory recheck of ~{:.1} ms counted in the downtime)",
                 cost.as_secs_f64() * 1e3
             ),
             None => format!("api:migrate to {to}"),
         };
+        if req.copy_disks {
+            cause.push_str(&format!(" copying disks [{}]", copied.join(", ")));
+        }
         self.apply(VmAction::MigrateOut, &cause)?;
         self.migration = Some(handle.clone());
         self.migration_span = tracing::info_span!("migration", direction = "out", peer = %req.to);
@@ -193,8 +206,13 @@ impl Controller {
         max_concurrent: u32,
         prefault: bool,
         insecure_plaintext: bool,
+        disk_dir: Option<&Path>,
     ) -> Result<String, ControllerError> {
         self.check(VmAction::MigrateIn)?;
+        let disk_dir = match disk_dir {
+            Some(d) => Some(check_disk_dir(d).map_err(ControllerError::invalid)?),
+            None => None,
+        };
         let given = self.config.clone();
         if let Some(c) = &given {
             config::validate_shape(c, config::host_memory())
@@ -226,6 +244,7 @@ impl Controller {
         cfg.protection = ray_migration::Protection::for_endpoint(&endpoint, insecure_plaintext);
         cfg.progress = handle.progress.clone();
         cfg.cancel = handle.cancel.clone();
+        cfg.disk_dir = disk_dir;
         self.apply(VmAction::MigrateIn, &format!("migrate:listen on {local}"))?;
         if let Some(p) = &prepared {
             let prefault = prefault.then(|| crate::prefault::spawn(p.memory.ram().clone()));
@@ -398,6 +417,16 @@ impl Controller {
                     .map(OpReply::Prepared)
                     .map_err(|e| e.to_string())
             }
+            MigrationOp::DisksArrived(disks) => {
+                if self.incoming_state.is_some() || !self.copied_disks.is_empty() {
+                    return Err(
+                        "the copied disks were announced after the VM state, or twice".into(),
+                    );
+                }
+                tracing::info!(disks = ?disks, "the source copies its disks here");
+                self.copied_disks = disks;
+                Ok(OpReply::Done)
+            }
             MigrationOp::Discard => {
                 self.stop_prefault();
                 if let Some(mut m) = self.machine.take() {
@@ -423,8 +452,11 @@ impl Controller {
     /// state makes KVM write guest memory (kvmclock, PVM's shared page), which must not
     /// happen before both sides compared their memory.
     pub(super) fn accept_incoming_state(&mut self, blob: &[u8]) -> Result<(), String> {
-        let st: mig::MigrationState = serde_json::from_slice(blob)
+        let mut st: mig::MigrationState = serde_json::from_slice(blob)
             .map_err(|e| format!("the source's VM state is not valid: {e}"))?;
+        // Copied disks: the VM runs on the files made here (the other disks are shared
+        // storage, at the source's paths, and checked as such below).
+        mig::disks::use_copies(&mut st.config, &self.copied_disks)?;
         let ours = self.config.as_ref().ok_or("the VM has no configuration")?;
         if (st.config.vcpus, st.config.memory_bytes) != (ours.vcpus, ours.memory_bytes)
             || st.machine.vcpus.len() != usize::from(ours.vcpus)
@@ -543,6 +575,9 @@ impl Controller {
                         r.forced = report.forced;
                         r.passes = Some(report.passes.len() as u32);
                         r.bytes_sent = Some(report.bytes_sent);
+                        if r.copy_disks {
+                            r.disk_bytes_final = Some(report.disk_bytes_final);
+                        }
                     });
                 }
                 let peer = self
@@ -604,6 +639,11 @@ impl Controller {
                 self.incoming_vm = None;
             }
             Ended::Target(Err(e)) => {
+                if !self.copied_disks.is_empty() {
+                    // The driver removed them as it failed.
+                    tracing::info!(disks = ?self.copied_disks, "removed the partial copies of the disks");
+                    self.copied_disks.clear();
+                }
                 // A failed target never ran the VM (the driver resumes it only after the
                 // last check): its copy goes.
                 let (why, state) = match e {
@@ -626,6 +666,23 @@ impl Controller {
                 );
             }
         }
+    }
+}
+
+/// The directory copied disks go to: it must exist and be a directory; made absolute.
+fn check_disk_dir(dir: &Path) -> Result<std::path::PathBuf, String> {
+    let abs = std::path::absolute(dir)
+        .map_err(|e| format!("cannot resolve the disk directory {}: {e}", dir.display()))?;
+    match std::fs::metadata(&abs) {
+        Ok(m) if m.is_dir() => Ok(abs),
+        Ok(_) => Err(format!(
+            "the disk directory {} is not a directory",
+            abs.display()
+        )),
+        Err(e) => Err(format!(
+            "the disk directory {} is not usable: {e}",
+            abs.display()
+        )),
     }
 }
 

@@ -197,6 +197,8 @@ pub struct Controller {
     incoming_vm: Option<Vm>,
     /// Target: the source's checked state, applied at the switch-over.
     incoming_state: Option<Box<mig::MigrationState>>,
+    /// Target: the disks the source copies here (`copy_disks`), id and file.
+    copied_disks: Vec<(String, std::path::PathBuf)>,
     /// The store and id of this VM's latest snapshot: the parent of the next incremental.
     last_snapshot: Option<(PathBuf, String)>,
     /// The dirty-log consumer of incremental snapshots: pages written since `last_snapshot`.
@@ -246,6 +248,7 @@ impl Controller {
             deferred: Default::default(),
             incoming_vm: None,
             incoming_state: None,
+            copied_disks: Vec::new(),
             last_snapshot: None,
             snapshot_log: None,
             migration_log: None,

@@ -234,6 +234,7 @@ fn a_target_without_a_shape_cannot_prefault_and_bad_listens_change_nothing() {
             8,
             true,
             false,
+            None,
         )
         .unwrap_err();
     assert!(
@@ -247,6 +248,7 @@ fn a_target_without_a_shape_cannot_prefault_and_bad_listens_change_nothing() {
             8,
             false,
             false,
+            None,
         )
         .unwrap_err();
     assert!(
@@ -254,9 +256,24 @@ fn a_target_without_a_shape_cannot_prefault_and_bad_listens_change_nothing() {
         "{e}"
     );
     let e = c
-        .listen_incoming("nowhere", Path::new("/dev/zero"), 8, false, false)
+        .listen_incoming("nowhere", Path::new("/dev/zero"), 8, false, false, None)
         .unwrap_err();
     assert!(e.to_string().contains("\"nowhere\""), "{e}");
+    // A disk directory that is not one is refused before anything else.
+    let e = c
+        .listen_incoming(
+            "unix:/nowhere/x.sock",
+            Path::new("/dev/zero"),
+            8,
+            false,
+            false,
+            Some(Path::new("/dev/null")),
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("/dev/null is not a directory"),
+        "{e}"
+    );
     assert_eq!(c.state(), VmState::Created);
     assert!(c.migration_handle().is_err());
 }

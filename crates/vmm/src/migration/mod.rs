@@ -32,6 +32,7 @@ use crate::machine::MachineState;
 use crate::memory::MemoryManager;
 use crate::vstate::Flavour;
 
+pub mod disks;
 mod slots;
 mod status;
 
@@ -183,6 +184,8 @@ pub enum MigrationOp {
     /// Target: allocate memory (and the KVM VM over it) for a VM of this configuration,
     /// once the source said what it sends.
     PrepareTarget(Box<VmConfig>, Vec<(vm_memory::GuestAddress, usize, usize)>),
+    /// Target: the source copies these disks into these files (`copy_disks`).
+    DisksArrived(Vec<(String, std::path::PathBuf)>),
 }
 
 impl MigrationOp {
@@ -199,6 +202,7 @@ impl MigrationOp {
             MigrationOp::TargetResume => "resume",
             MigrationOp::Discard => "discard",
             MigrationOp::PrepareTarget(..) => "prepare memory for the VM",
+            MigrationOp::DisksArrived(_) => "take the copied disks",
         }
     }
 }
@@ -339,6 +343,10 @@ impl TargetVm for Link {
 
     fn discard(&mut self) {
         let _ = self.done(MigrationOp::Discard);
+    }
+
+    fn disks_arrived(&mut self, disks: &[(String, std::path::PathBuf)]) -> Result<(), VmError> {
+        self.done(MigrationOp::DisksArrived(disks.to_vec()))
     }
 }
 

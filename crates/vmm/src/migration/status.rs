@@ -46,6 +46,9 @@ pub struct Record {
     pub first_heartbeat_unix_us: Option<u64>,
     /// Target: guest memory being populated ahead of the transfer.
     pub prefault: Option<Arc<crate::prefault::Prefault>>,
+    /// Source: the disks are copied (`copy_disks`).
+    pub copy_disks: bool,
+    pub disk_bytes_final: Option<u64>,
 }
 
 /// One migration of this VM: shared by the controller and the migration thread.
@@ -77,6 +80,8 @@ impl Handle {
                 resumed_at_unix_us: None,
                 first_heartbeat_unix_us: None,
                 prefault: None,
+                copy_disks: false,
+                disk_bytes_final: None,
             })),
             progress: ProgressHandle::new(),
             cancel: CancelToken::new(),
@@ -139,6 +144,8 @@ impl Handle {
             prefault_bytes: r.prefault.as_ref().map(|p| p.done_bytes()),
             prefault_total_bytes: r.prefault.as_ref().map(|p| p.total_bytes()),
             prefault_error: r.prefault.as_ref().and_then(|p| p.error()),
+            disk_bytes_sent: r.copy_disks.then_some(p.disk_bytes_sent),
+            disk_bytes_final: r.disk_bytes_final,
         }
     }
 }

@@ -23,6 +23,7 @@ use std::thread::JoinHandle;
 
 use ray_memory::GuestMemory;
 
+use super::dirty::DirtyBlocks;
 use super::request::{Op, Request, Segment, SECTOR, S_IOERR, S_OK};
 use crate::rate::{RateLimit, TokenBucket};
 use crate::virtio::completer::Used;
@@ -64,12 +65,15 @@ impl Backend {
         file: Arc<File>,
         context: DeviceContext,
         limit: RateLimit,
+        dirty: Arc<DirtyBlocks>,
     ) -> std::io::Result<Self> {
         Ok(match engine {
-            Engine::Pool => Backend::Pool(Workers::start(name, WORKERS, file, context, limit)?),
-            Engine::Uring => {
-                Backend::Uring(super::uring::Uring::start(name, file, context, limit)?)
-            }
+            Engine::Pool => Backend::Pool(Workers::start(
+                name, WORKERS, file, context, limit, dirty,
+            )?),
+            Engine::Uring => Backend::Uring(super::uring::Uring::start(
+                name, file, context, limit, dirty,
+            )?),
         })
     }
 
@@ -127,21 +131,27 @@ impl Workers {
         file: Arc<File>,
         context: DeviceContext,
         limit: RateLimit,
+        dirty: Arc<DirtyBlocks>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let buckets = Arc::new(Mutex::new(Buckets::new(limit)));
         let mut threads = Vec::new();
         for i in 0..count {
-            let (rx, file, ctx, buckets) =
-                (rx.clone(), file.clone(), context.clone(), buckets.clone());
+            let (rx, file, ctx, buckets, dirty) = (
+                rx.clone(),
+                file.clone(),
+                context.clone(),
+                buckets.clone(),
+                dirty.clone(),
+            );
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("{name}-io{i}"))
                     .stack_size(256 << 10)
                     .spawn(move || {
                         ray_seccomp::enter(ray_seccomp::Kind::BlkWorker);
-                        worker(&rx, &file, &ctx, &buckets)
+                        worker(&rx, &file, &ctx, &buckets, &dirty)
                     })?,
             );
         }
@@ -174,7 +184,13 @@ impl Drop for Workers {
     }
 }
 
-fn worker(rx: &Mutex<Receiver<Job>>, file: &File, ctx: &DeviceContext, buckets: &Mutex<Buckets>) {
+fn worker(
+    rx: &Mutex<Receiver<Job>>,
+    file: &File,
+    ctx: &DeviceContext,
+    buckets: &Mutex<Buckets>,
+    dirty: &DirtyBlocks,
+) {
     loop {
         let job = {
             let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
@@ -190,7 +206,7 @@ fn worker(rx: &Mutex<Receiver<Job>>, file: &File, ctx: &DeviceContext, buckets: 
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }
-        let len = execute(&job.request, file, &*ctx.memory);
+        let len = execute(&job.request, file, &*ctx.memory, dirty);
         ctx.completer.complete(
             job.queue,
             &[Used {
@@ -203,7 +219,12 @@ fn worker(rx: &Mutex<Receiver<Job>>, file: &File, ctx: &DeviceContext, buckets: 
 
 /// Does `request` on `file` and writes its status; returns the bytes written into the
 /// guest's buffers (data and status).
-pub fn execute(request: &Request, file: &File, mem: &(dyn GuestMemory + Send + Sync)) -> u32 {
+pub fn execute(
+    request: &Request,
+    file: &File,
+    mem: &(dyn GuestMemory + Send + Sync),
+    dirty: &DirtyBlocks,
+) -> u32 {
     let offset = request.sector * super::request::SECTOR;
     let result = match &request.op {
         Op::Read(segs) => transfer(file, mem, segs, offset, false, 0).map_err(|e| ("read", e)),
@@ -230,17 +251,21 @@ pub fn execute(request: &Request, file: &File, mem: &(dyn GuestMemory + Send + S
                 .map_err(|e| ("fallocate", e))
         }
     };
-    finish(request, mem, result)
+    finish(request, mem, dirty, result)
 }
 
 /// Ends `request` with the outcome of its I/O (the data bytes it moved): notes the guest
 /// pages a read filled, writes the status byte, and returns the bytes written into the
-/// guest's buffers (data and status). An error is logged and answers IOERR.
+/// guest's buffers (data and status). An error is logged and answers IOERR. Every engine
+/// ends its requests here, so this is where the disk's changed blocks are marked: after
+/// the file changed, before the guest hears of it (see [`DirtyBlocks`]).
 pub fn finish(
     request: &Request,
     mem: &(dyn GuestMemory + Send + Sync),
+    dirty: &DirtyBlocks,
     result: Result<u32, (&str, std::io::Error)>,
 ) -> u32 {
+    dirty.mark_request(request);
     let (status, written) = match result {
         Ok(n) => {
             if let Op::Read(segs) = &request.op {

@@ -7,6 +7,7 @@
 //! fails alone with an error status and a rate-limited log line, while ring faults
 //! (loops, addresses outside guest memory) are the queue's and put the device in
 //! NEEDS_RESET.
+pub mod dirty;
 pub mod io;
 pub mod request;
 pub mod uring;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 
 use ray_memory::GuestMemory;
 
+use self::dirty::DirtyBlocks;
 use self::io::{Backend, Engine, Job};
 use self::request::{Limits, Op, Refused, ID_BYTES, SECTOR, S_OK};
 use super::queue::Chain;
@@ -118,6 +120,7 @@ pub struct Block {
     queue_sizes: Vec<u16>,
     workers: Option<Backend>,
     warn: WarnLimit,
+    dirty: Arc<DirtyBlocks>,
 }
 
 impl Block {
@@ -162,11 +165,17 @@ impl Block {
             queue_sizes,
             workers: None,
             warn: WarnLimit::default(),
+            dirty: Arc::new(DirtyBlocks::new(size)),
         })
     }
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The disk's dirty-block tracker (off until a migration that copies the disk starts it).
+    pub fn dirty_blocks(&self) -> Arc<DirtyBlocks> {
+        self.dirty.clone()
     }
 
     fn config_bytes(&self) -> [u8; CONFIG_LEN] {
@@ -267,7 +276,7 @@ impl VirtioDevice for Block {
         }
         let Some(workers) = &self.workers else {
             // Not activated (a test driving the model alone): do it here.
-            return Completion::Done(io::execute(&request, &self.file, memory));
+            return Completion::Done(io::execute(&request, &self.file, memory, &self.dirty));
         };
         let job = Job {
             queue: queue as u16,
@@ -287,6 +296,7 @@ impl VirtioDevice for Block {
             self.file.clone(),
             context,
             self.config.rate,
+            self.dirty.clone(),
         ) {
             Ok(w) => self.workers = Some(w),
             Err(e) => tracing::error!(

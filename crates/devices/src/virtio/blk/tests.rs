@@ -198,6 +198,42 @@ fn discard_punches_a_hole() {
 }
 
 #[test]
+fn tracked_writes_discards_and_zeroes_mark_their_blocks_reads_do_not() {
+    use super::dirty::BLOCK_SIZE;
+    let mut r = rig("dirty", 1 << 20, false);
+    let dirty = r.dev.dirty_blocks();
+    r.mem.write_slice(&[5; 4096], GuestAddress(0x2000)).unwrap();
+    assert_eq!(r.rw(T_OUT, 0, 4096).1, S_OK);
+    assert!(dirty.take().is_clean(), "not tracking yet");
+    dirty.start();
+    // A write straddling blocks 1 and 2.
+    let sector = (2 * BLOCK_SIZE - 512) / 512;
+    assert_eq!(r.rw(T_OUT, sector, 1024).1, S_OK);
+    assert_eq!(r.rw(T_IN, 0, 4096).1, S_OK);
+    assert_eq!(r.rw(T_FLUSH, 0, 0).1, S_OK);
+    assert_eq!(dirty.take().iter().collect::<Vec<_>>(), vec![1, 2]);
+    // Write-zeroes of block 9, then a discard of blocks 12..14.
+    for (kind, first, blocks) in [(T_WRITE_ZEROES, 9u64, 1u64), (T_DISCARD, 12, 2)] {
+        r.header(0x1000, kind, 0);
+        let mut range = [0u8; 16];
+        range[0..8].copy_from_slice(&(first * BLOCK_SIZE / 512).to_le_bytes());
+        range[8..12].copy_from_slice(&((blocks * BLOCK_SIZE / 512) as u32).to_le_bytes());
+        r.mem.write_slice(&range, GuestAddress(0x3000)).unwrap();
+        r.run(vec![
+            d(0x1000, 16, false),
+            d(0x3000, 16, false),
+            d(0x100, 1, true),
+        ]);
+        assert_eq!(r.status(0x100), S_OK);
+    }
+    assert_eq!(dirty.take().iter().collect::<Vec<_>>(), vec![9, 12, 13]);
+    // A refused write (past the end) changed nothing and marks nothing.
+    assert_eq!(r.rw(T_OUT, 2047, 1024).1, S_IOERR);
+    assert!(dirty.take().is_clean());
+    dirty.stop();
+}
+
+#[test]
 fn a_disk_of_another_size_is_refused_on_restore() {
     let r = rig("restore", 1 << 20, false);
     let saved = r.dev.save_device();

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring};
 use ray_memory::GuestMemory;
 
+use super::dirty::DirtyBlocks;
 use super::io::{fallocate_mode, finish, iovecs, range_bytes, transfer, Buckets, Job};
 use super::request::{Op, SECTOR};
 use crate::rate::RateLimit;
@@ -79,6 +80,7 @@ impl Uring {
         file: Arc<File>,
         context: DeviceContext,
         limit: RateLimit,
+        dirty: Arc<DirtyBlocks>,
     ) -> std::io::Result<Self> {
         let wake = Arc::new(eventfd()?);
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
@@ -111,6 +113,7 @@ impl Uring {
                             in_flight: 0,
                             held: VecDeque::new(),
                             buckets: Buckets::new(limit),
+                            dirty,
                             closing: false,
                         }
                         .run();
@@ -193,6 +196,8 @@ struct Engine {
     /// Requests the token buckets hold back, with the time each may start.
     held: VecDeque<(Instant, Job)>,
     buckets: Buckets,
+    /// The disk's changed blocks, marked as requests end (`--copy-disks`).
+    dirty: Arc<DirtyBlocks>,
     /// The device went away: finish what is in flight, then end.
     closing: bool,
 }
@@ -376,7 +381,7 @@ impl Engine {
 
     /// Completes a request that needs no (more) ring operation.
     fn finish_now(&mut self, slot: Slot) {
-        let len = finish(&slot.job.request, &*self.ctx.memory, slot.result);
+        let len = finish(&slot.job.request, &*self.ctx.memory, &self.dirty, slot.result);
         self.ctx.completer.complete(
             slot.job.queue,
             &[Used {
@@ -428,7 +433,7 @@ impl Engine {
             }
         }
         let mem: &(dyn GuestMemory + Send + Sync) = &*self.ctx.memory;
-        let len = finish(&slot.job.request, mem, slot.result);
+        let len = finish(&slot.job.request, mem, &self.dirty, slot.result);
         Some((
             slot.job.queue,
             Used {
