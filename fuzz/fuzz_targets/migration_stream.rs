@@ -91,11 +91,11 @@ fn disks() -> &'static Mutex<TargetDisks> {
 
 /// Writes a `DiskBlocks` payload as the receiver does, then checks no file grew.
 fn write_disk_blocks(payload: &[u8]) {
-    let Ok((disk, offset, len, data)) = parse_disk_blocks(payload) else {
+    let Ok(r) = parse_disk_blocks(payload) else {
         return;
     };
     let mut disks = disks().lock().unwrap_or_else(|p| p.into_inner());
-    let _ = disks.write(disk, offset, len, data);
+    let _ = disks.write(r.disk, r.offset, r.len, r.data);
     for ((_, path), size) in disks.paths().iter().zip(DISK_SIZES) {
         let now = std::fs::metadata(path).expect("the disk file").len();
         assert_eq!(now, size, "a disk blocks frame changed the size of {}", path.display());

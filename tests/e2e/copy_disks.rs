@@ -106,7 +106,10 @@ fn copy_disks_moves_a_disk_written_during_the_migration() {
     ok(&mut src, "disk discard 262400 256");
     ok(&mut src, "disk write 500000 16 0x55");
     let s = migration(&src);
-    assert!(s.vm == "migrating" && s.state == "pre_copy", "still in pre-copy: {s:?}");
+    assert!(
+        s.vm == "migrating" && s.state == "pre_copy",
+        "still in pre-copy: {s:?}"
+    );
     // Followed to its end (the source's VMM ends with it: its record has the outcome).
     let out = env.ray_ok(&["migrate", "progress", &src.id, "--json"]);
     let s: MigrationStatus = serde_json::from_str(&out).unwrap();

@@ -290,9 +290,19 @@ pub fn disk_blocks_header(
     h
 }
 
-/// A checked `DiskBlocks` payload, borrowed: `(disk, offset, len, data)`. Ranges are
-/// checked against the disks by the receiver ([`crate::disk::TargetDisks::write`]).
-pub fn parse_disk_blocks(payload: &[u8]) -> Result<(u32, u64, u64, Option<&[u8]>), ProtocolError> {
+/// A `DiskBlocks` payload, borrowed: `len` bytes at `offset` of disk `disk`, `data` or
+/// zeros (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskRange<'a> {
+    pub disk: u32,
+    pub offset: u64,
+    pub len: u64,
+    pub data: Option<&'a [u8]>,
+}
+
+/// A checked `DiskBlocks` payload. Ranges are checked against the disks by the receiver
+/// ([`crate::disk::TargetDisks::write`]).
+pub fn parse_disk_blocks(payload: &[u8]) -> Result<DiskRange<'_>, ProtocolError> {
     let bad = |reason: String| ProtocolError::Malformed {
         command: Command::DiskBlocks,
         reason,
@@ -331,7 +341,12 @@ pub fn parse_disk_blocks(payload: &[u8]) -> Result<(u32, u64, u64, Option<&[u8]>
         }
         v => return Err(bad(format!("its data flag is {v}, not 0 or 1"))),
     };
-    Ok((disk, offset, len, data))
+    Ok(DiskRange {
+        disk,
+        offset,
+        len,
+        data,
+    })
 }
 
 const MAX_STRING: usize = 64 << 10;
@@ -576,7 +591,12 @@ impl Message {
                 Message::DiskList(disks)
             }
             Command::DiskBlocks => {
-                let (disk, offset, len, data) = parse_disk_blocks(payload)?;
+                let DiskRange {
+                    disk,
+                    offset,
+                    len,
+                    data,
+                } = parse_disk_blocks(payload)?;
                 r.buf = &[];
                 Message::DiskBlocks {
                     disk,

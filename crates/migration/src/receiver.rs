@@ -404,9 +404,7 @@ impl<S: Read + Write> Receiver<'_, S> {
             let command = frame.header.command;
             if pages_expected && command == Command::DiskBlocks {
                 let written = match (&mut self.disks, parse_disk_blocks(frame.payload)) {
-                    (Some(disks), Ok((disk, offset, len, data))) => {
-                        disks.write(disk, offset, len, data)
-                    }
+                    (Some(disks), Ok(r)) => disks.write(r.disk, r.offset, r.len, r.data),
                     (None, _) => {
                         Err("the source sent disk blocks without announcing its disks".into())
                     }

@@ -134,7 +134,7 @@ fn spawn_writer(
                     x ^= x << 17;
                     let off = (x % (8 << 20)) / 512 * 512;
                     let len = 512 * (1 + (x >> 40) % 256);
-                    if x % 7 == 0 {
+                    if x.is_multiple_of(7) {
                         // SAFETY: fallocate on an open descriptor with integer arguments.
                         unsafe {
                             libc::fallocate(
@@ -273,7 +273,7 @@ fn a_disk_written_during_a_plaintext_migration_arrives_byte_for_byte() {
 }
 
 fn assert_refused(r: &Run, want: &str) {
-    let f = r.send.as_ref().err().expect("the migration must fail");
+    let f = r.send.as_ref().expect_err("the migration must fail");
     assert!(f.to_string().contains(want), "{f}");
     assert_eq!(f.vm, SourceVmAfterFailure::Running, "{f}");
     assert!(
