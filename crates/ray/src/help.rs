@@ -172,8 +172,9 @@ ray migrate start web --to unix:/run/ray/mig.sock --key-file key --max-downtime-
     ),
     (
         "agent",
-        "ray agent --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379
-ray agent --host node-7 --etcd http://127.0.0.1:2379",
+        "ray agent      (one host: the store of `ray controller` on this host)
+ray agent --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379
+ray agent --host node-7 --etcd http://127.0.0.1:2379 --api-tcp 0.0.0.0:7450 --api-token-file /etc/ray/agent.token",
     ),
     (
         "cluster",
@@ -206,13 +207,21 @@ ray cluster vm create web-1 --group web --etcd http://127.0.0.1:2379",
     ),
     (
         "controller",
-        "ray controller --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379\nray controller --id ctl-a --etcd http://127.0.0.1:2379 --lease-ttl 20s --rebalance auto",
+        "ray controller      (one host: owns <runtime-dir>/cluster/store.redb)\nray controller --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379\nray controller --id ctl-a --etcd http://127.0.0.1:2379 --lease-ttl 20s --rebalance auto",
     ),
     (
         "node",
         "ray node cordon node-7 --etcd http://127.0.0.1:2379\nray node uncordon node-7 --etcd http://127.0.0.1:2379",
     ),
     ("node cordon", "ray node cordon node-7 --etcd http://127.0.0.1:2379"),
+    (
+        "node status",
+        "ray node status node-7      (this host's agent, on its socket)\nray node status node-7 --agent http://10.0.0.7:7450 --token-file /etc/ray/agent.token -o json",
+    ),
+    (
+        "node vms",
+        "ray node vms node-7\nray node vms node-7 --agent unix:/run/rayvisor/agent/api.sock -o yaml",
+    ),
     ("node uncordon", "ray node uncordon node-7 --etcd http://127.0.0.1:2379"),
     (
         "node drain",
