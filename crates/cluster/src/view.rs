@@ -69,10 +69,11 @@ pub async fn nodes<S: Store>(s: &S) -> Result<(Vec<NodeRow>, i64), StoreError> {
                     }
                 }
             }
-            "spec" => {
-                if crate::spec::HostSpec::parse(Some(&kv.value)).is_ok_and(|s| s.rejoin.is_some()) {
-                    rejoining.push(host.to_string());
-                }
+            "spec"
+                if crate::spec::HostSpec::parse(Some(&kv.value))
+                    .is_ok_and(|s| s.rejoin.is_some()) =>
+            {
+                rejoining.push(host.to_string());
             }
             _ => {}
         }

@@ -49,7 +49,9 @@ impl StoreSel {
     /// Connects to etcd, or to the controller's socket.
     pub async fn connect(&self) -> anyhow::Result<AnyStore> {
         if !self.etcd.is_empty() {
-            return Ok(AnyStore::Etcd(EtcdStore::connect(&self.etcd).await?));
+            return Ok(AnyStore::Etcd(Box::new(
+                EtcdStore::connect(&self.etcd).await?,
+            )));
         }
         let path = self.dir().join(socket::SOCKET);
         Ok(AnyStore::Socket(SocketStore::connect(&path).await?))
@@ -60,7 +62,9 @@ impl StoreSel {
     /// ends). Must run inside a Tokio runtime.
     pub async fn own(&self) -> anyhow::Result<AnyStore> {
         if !self.etcd.is_empty() {
-            return Ok(AnyStore::Etcd(EtcdStore::connect(&self.etcd).await?));
+            return Ok(AnyStore::Etcd(Box::new(
+                EtcdStore::connect(&self.etcd).await?,
+            )));
         }
         let dir = self.dir();
         std::fs::create_dir_all(&dir)

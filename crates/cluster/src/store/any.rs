@@ -10,7 +10,7 @@ use super::{
 /// One of the stores.
 #[derive(Clone)]
 pub enum AnyStore {
-    Etcd(EtcdStore),
+    Etcd(Box<EtcdStore>),
     /// The controller's redb store, through its socket (single-host mode).
     Socket(SocketStore),
     /// A redb file this process owns (the controller in single-host mode).
@@ -19,7 +19,7 @@ pub enum AnyStore {
 
 /// A watch on one of the stores.
 pub enum AnyWatch {
-    Etcd(<EtcdStore as Store>::Watch),
+    Etcd(Box<<EtcdStore as Store>::Watch>),
     Socket(<SocketStore as Store>::Watch),
     Redb(<RedbStore as Store>::Watch),
 }
@@ -73,7 +73,7 @@ impl Store for AnyStore {
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<AnyWatch, StoreError> {
         Ok(match self {
-            AnyStore::Etcd(s) => AnyWatch::Etcd(s.watch(prefix, from).await?),
+            AnyStore::Etcd(s) => AnyWatch::Etcd(Box::new(s.watch(prefix, from).await?)),
             AnyStore::Socket(s) => AnyWatch::Socket(s.watch(prefix, from).await?),
             AnyStore::Redb(s) => AnyWatch::Redb(s.watch(prefix, from).await?),
         })

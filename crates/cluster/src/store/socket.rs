@@ -129,7 +129,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Result<Vec<u8>, StoreError> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(bad_wire(format!("a value of odd hex length {}", s.len())));
     }
     (0..s.len())
@@ -549,7 +549,7 @@ impl Store for SocketStore {
     }
 
     async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        if ttl.subsec_nanos() % 1_000_000 != 0 {
+        if !ttl.subsec_nanos().is_multiple_of(1_000_000) {
             // Whole seconds are all a store takes; this one cannot even travel.
             return Err(StoreError::BadTtl(ttl));
         }
