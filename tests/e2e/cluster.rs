@@ -416,7 +416,7 @@ fn the_controller_live_migrates_a_vm_through_the_agents_and_drains_a_host() {
     let key = key.display().to_string();
     let hosts = [env.runtime.join("h1"), env.runtime.join("h2")];
     let _reap = ReapVmms(hosts.to_vec());
-    let _agents: Vec<Daemon> = ["h1", "h2"]
+    let agents: Vec<Daemon> = ["h1", "h2"]
         .iter()
         .zip(&hosts)
         .map(|(h, dir)| Daemon::start_with(dir, &etcd, h, &["--migration-key-file", &key]))
@@ -582,6 +582,76 @@ fn the_controller_live_migrates_a_vm_through_the_agents_and_drains_a_host() {
         host_of("m3").is_some()
     });
     assert_eq!(host_of("m3").as_deref(), Some(to));
+
+    // Maintenance over: `ray node uncordon` of the drained host goes through Rejoining.
+    // Its agent stopped (SIGSTOP) cannot re-report its inventory, so the host stays
+    // Rejoining in `ray cluster nodes` and the wait is logged; running again, its agent
+    // re-reports and the host is Ready.
+    let agent = &agents[if from == "h1" { 0 } else { 1 }];
+    let signal = |sig: i32| {
+        // SAFETY: kill(2) of an agent process this test started.
+        let r = unsafe { libc::kill(agent.0.id() as i32, sig) };
+        assert_eq!(r, 0, "kill({sig}) of the agent of {from}");
+    };
+    let state_of = || {
+        let nodes = json(&env.ray_ok(&["cluster", "nodes", "--etcd", &url, "--json"]));
+        let row = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["host"] == from.as_str())
+            .cloned()
+            .unwrap();
+        row["state"].as_str().unwrap().to_string()
+    };
+    signal(libc::SIGSTOP);
+    let out = env.ray(&["node", "uncordon", &from, "--etcd", &url]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Rejoining"),
+        "{out:?}"
+    );
+    assert_eq!(state_of(), "rejoining");
+    wait(
+        "the wait for the agent logged",
+        Duration::from_secs(20),
+        || {
+            env.ray_ok(&["cluster", "events", "--etcd", &url])
+                .contains("has not re-reported its inventory since the request")
+        },
+    );
+    assert_eq!(state_of(), "rejoining");
+    signal(libc::SIGCONT);
+    wait("the host Ready again", Duration::from_secs(30), || {
+        state_of() == "ready"
+    });
+    let events = json(&env.ray_ok(&["cluster", "events", "--etcd", &url, "--json"]));
+    let rejoin: Vec<(String, String)> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["host"] == from.as_str())
+        .filter(|e| e["kind"] == "rejoining" || e["kind"] == "rejoined")
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_string(),
+                e["message"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(rejoin.len(), 3, "{rejoin:?}");
+    assert!(
+        rejoin[0].1.contains("Offline -> Rejoining (Recover)"),
+        "{rejoin:?}"
+    );
+    assert!(rejoin[1].1.contains("waiting"), "{rejoin:?}");
+    assert_eq!(rejoin[2].0, "rejoined", "{rejoin:?}");
+    assert!(
+        rejoin[2]
+            .1
+            .contains("Rejoining -> Ready (RejoinOk): fresh lease, inventory re-reported"),
+        "{rejoin:?}"
+    );
 }
 
 /// `PUT /vm/lease` with `body`: the status and, on refusal, the message.
@@ -1022,4 +1092,290 @@ fn a_host_whose_link_is_cut_fences_and_its_ha_vm_runs_once_on_the_other_host() {
     });
     runs_in(&h2, "ha1");
     assert!(placed("h2", 2), "the run token stayed with h2");
+}
+
+/// One HTTP/1.1 request over TCP: the status and the JSON body.
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let status = answer[9..12].parse().unwrap();
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, json(body))
+}
+
+#[test]
+fn the_agent_api_shows_its_host_and_vms_pauses_and_resumes_and_refuses_without_its_token() {
+    let env = Env::new("cluster-agent-api");
+    let rt = runtime();
+    let etcd = rt.block_on(Etcd::start("e2e-agent-api"));
+    let store = rt.block_on(EtcdStore::connect(&etcd.endpoints())).unwrap();
+    let _reap = ReapVmms(vec![env.runtime.clone()]);
+    let token = "e2e-agent-token-0123456789";
+    let token_file = env.runtime.join("agent.token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let tf = token_file.display().to_string();
+
+    // Bad input first: TCP without a token file, and a token file others can read.
+    let url = etcd.endpoints().join(",");
+    let out = env.ray(&[
+        "agent",
+        "--host",
+        "h1",
+        "--etcd",
+        &url,
+        "--api-tcp",
+        "127.0.0.1:1",
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--api-token-file"),
+        "{out:?}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = env.ray(&[
+        "agent",
+        "--host",
+        "h1",
+        "--etcd",
+        &url,
+        "--api-tcp",
+        "127.0.0.1:1",
+        "--api-token-file",
+        &tf,
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("make it 0600"),
+        "{out:?}"
+    );
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let tcp = format!("127.0.0.1:{}", ray_cluster::testing::free_port());
+    let _agent = Daemon::start_with(
+        &env.runtime,
+        &etcd,
+        "h1",
+        &["--api-tcp", &tcp, "--api-token-file", &tf],
+    );
+    wait("the agent's registration", Duration::from_secs(20), || {
+        rt.block_on(store.get(&keys::host_alive("h1")))
+            .unwrap()
+            .is_some()
+    });
+    // The TCP API is in the registration, for operators and the controller.
+    let alive = rt
+        .block_on(store.get(&keys::host_alive("h1")))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        json(std::str::from_utf8(&alive.value).unwrap())["api"],
+        tcp.as_str()
+    );
+
+    let spec = VmSpec::parse(br#"{"vcpus":1,"memory_mib":128}"#).unwrap();
+    rt.block_on(store.commit(Txn::new().put(keys::vm_spec("c1"), spec.to_json())))
+        .unwrap();
+    rt.block_on(runtoken::place(&store, "c1", "h1", Origin::Boot))
+        .unwrap();
+    runs_in(&env.runtime, "c1");
+
+    // The Unix socket (the default of `ray node`) needs no token.
+    let host = json(&env.ray_ok(&["node", "status", "h1", "-o", "json"]));
+    assert_eq!(host["host"], "h1", "{host}");
+    assert_eq!(host["lease"]["state"], "fresh", "{host}");
+    assert_eq!(host["vms"], 1, "{host}");
+    assert!(host["inventory"]["cpus"].as_u64().unwrap() >= 1, "{host}");
+    assert!(host["health"]["kvm"].as_bool().unwrap(), "{host}");
+    let table = env.ray_ok(&["node", "status", "h1"]);
+    assert!(table.contains("lease:   fresh"), "{table}");
+
+    // Over TCP with the token: this host's VMs with their epoch, state and pid.
+    let agent = format!("http://{tcp}");
+    let vms = json(&env.ray_ok(&[
+        "node",
+        "vms",
+        "h1",
+        "--agent",
+        &agent,
+        "--token-file",
+        &tf,
+        "-o",
+        "json",
+    ]));
+    let pid: u64 = std::fs::read_to_string(env.runtime.join("vms/c1/vmm.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(vms.as_array().unwrap().len(), 1, "{vms}");
+    assert_eq!(
+        (
+            &vms[0]["id"],
+            &vms[0]["epoch"],
+            &vms[0]["state"],
+            &vms[0]["pid"]
+        ),
+        (&"c1".into(), &1.into(), &"running".into(), &pid.into()),
+        "{vms}"
+    );
+    let yaml = env.ray_ok(&[
+        "node",
+        "vms",
+        "h1",
+        "--agent",
+        &agent,
+        "--token-file",
+        &tf,
+        "-o",
+        "yaml",
+    ]);
+    assert!(yaml.contains("id: c1"), "{yaml}");
+
+    // Nothing without the token on TCP, nor with another one.
+    let (status, body) = http(&tcp, "GET", "/host", None, "");
+    assert_eq!(
+        (status, &body["code"]),
+        (401, &"unauthorized".into()),
+        "{body}"
+    );
+    let (status, body) = http(&tcp, "GET", "/vms", Some("not-the-token-0123456789"), "");
+    assert_eq!(
+        (status, &body["code"]),
+        (401, &"unauthorized".into()),
+        "{body}"
+    );
+    let (status, body) = http(&tcp, "POST", "/vms/c1/pause", None, "");
+    assert_eq!(status, 401, "{body}");
+    // The refused pause did nothing.
+    let info: ray_api::vmm::VmInfo =
+        ray::client::VmmClient::new(&env.runtime.join("vms/c1/api.sock"))
+            .call("GET", "/vm", None)
+            .unwrap();
+    assert_eq!(info.state, ray_api::vmm::VmStateName::Running);
+    let out = env.ray(&["node", "vms", "h1", "--agent", &agent]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--token-file"),
+        "{out:?}"
+    );
+    let out = env.ray(&["node", "status", "h2"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("serves host h1, not h2"),
+        "{out:?}"
+    );
+
+    // Malformed and unknown: named.
+    let (status, body) = http(&tcp, "GET", "/vms/nope", Some(token), "");
+    assert_eq!(status, 404, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("nope"), "{body}");
+    let (status, body) = http(
+        &tcp,
+        "POST",
+        "/vms/c1/stop",
+        Some(token),
+        r#"{"force":true}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("`force`"),
+        "{body}"
+    );
+
+    // Pause and resume through the API: the guest's heartbeat stops, then moves again.
+    let (status, body) = http(&tcp, "POST", "/vms/c1/pause", Some(token), "");
+    assert_eq!((status, &body["state"]), (200, &"paused".into()), "{body}");
+    let frozen = heartbeat(&env.runtime, "c1");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(heartbeat(&env.runtime, "c1"), frozen, "paused");
+    let (status, body) = http(&tcp, "POST", "/vms/c1/pause", Some(token), "");
+    assert_eq!(
+        (status, &body["code"]),
+        (409, &"wrong_state".into()),
+        "{body}"
+    );
+    let (status, body) = http(&tcp, "POST", "/vms/c1/resume", Some(token), "");
+    assert_eq!((status, &body["state"]), (200, &"running".into()), "{body}");
+    runs_in(&env.runtime, "c1");
+
+    // The served document is the committed one.
+    let (status, doc) = http(&tcp, "GET", "/openapi.json", Some(token), "");
+    assert_eq!(status, 200);
+    let committed: serde_json::Value = json(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi/agent.json"),
+        )
+        .unwrap(),
+    );
+    assert_eq!(doc, committed);
+}
+
+#[test]
+fn one_host_runs_controller_and_agent_on_the_embedded_store_with_no_set_up() {
+    let env = Env::new("cluster-single");
+    let _reap = ReapVmms(vec![env.runtime.clone()]);
+    let ctl_log = env.runtime.join("controller.log");
+    // No store flags: the controller owns <runtime-dir>/cluster/store.redb and serves it.
+    let mut controller = Daemon(spawn_ray(&env.runtime, &ctl_log, &["controller"]));
+    let socket = env.runtime.join("cluster/store.sock");
+    wait("the store socket", Duration::from_secs(20), || {
+        socket.exists()
+    });
+    let _agent = Daemon(spawn_ray(
+        &env.runtime,
+        &env.runtime.join("agent.log"),
+        &["agent", "--host", "solo-host"],
+    ));
+    wait("the host Ready", Duration::from_secs(30), || {
+        json(&env.ray_ok(&["cluster", "status", "--json"]))["hosts"]["Ready"] == 1
+    });
+    env.ray_ok(&["cluster", "vm", "create", "solo", "--memory-mib", "128"]);
+    wait("solo placed", Duration::from_secs(30), || {
+        json(&env.ray_ok(&["cluster", "vms", "--json"]))[0]["host"] == "solo-host"
+    });
+    runs_in(&env.runtime, "solo");
+    let nodes = json(&env.ray_ok(&["cluster", "nodes", "--json"]));
+    assert_eq!(nodes[0]["host"], "solo-host", "{nodes}");
+
+    // The controller restarts (kill -9: redb recovers its file): the VM is still the
+    // cluster's, on the same host at the same epoch, and never stopped running.
+    controller.kill9();
+    let _controller = Daemon(spawn_ray(&env.runtime, &ctl_log, &["controller"]));
+    wait("the store again", Duration::from_secs(30), || {
+        let out = env.ray(&["cluster", "vms", "--json"]);
+        out.status.success() && {
+            let vms = json(&String::from_utf8_lossy(&out.stdout));
+            vms[0]["vm"] == "solo" && vms[0]["host"] == "solo-host" && vms[0]["epoch"] == 1
+        }
+    });
+    runs_in(&env.runtime, "solo");
+    // The agent kept its lease through the restart and still answers for its host.
+    wait("the host Ready again", Duration::from_secs(30), || {
+        json(&env.ray_ok(&["cluster", "status", "--json"]))["hosts"]["Ready"] == 1
+    });
+    let explain = env.ray_ok(&["cluster", "explain", "solo"]);
+    assert!(
+        explain.contains("runs on host solo-host (run token epoch 1)"),
+        "{explain}"
+    );
+    // A second controller on the same store directory is refused, saying why.
+    let out = env.ray(&["controller"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another `ray controller`"),
+        "{out:?}"
+    );
 }

@@ -169,6 +169,10 @@ pub struct HostReport {
     pub vms: Vec<String>,
     /// Whether the agent has fenced its VMs (its lease may have lapsed).
     pub fenced: bool,
+    /// The rejoin request (`HostSpec::rejoin`) this report answers: written with a fresh
+    /// inventory when the host's spec asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejoin: Option<u64>,
 }
 
 /// How the agent runs.
@@ -236,6 +240,25 @@ async fn watchdog<V: Vmms>(fence: SharedFence, vmms: Arc<V>, period: Duration) {
     }
 }
 
+/// What the agent's API shows of its lease: a view of the fence state the agent's loop
+/// and watchdog share.
+#[derive(Clone)]
+pub struct LeaseProbe(SharedFence);
+
+impl LeaseProbe {
+    /// Whether the agent has fenced (paused) its VMs: its lease was not renewed in time.
+    pub fn fenced(&self) -> bool {
+        lock(&self.0).fenced
+    }
+
+    /// Time left before the agent fences its VMs unless a renewal succeeds first.
+    pub fn fence_in(&self) -> Duration {
+        lock(&self.0)
+            .deadline
+            .saturating_duration_since(Instant::now())
+    }
+}
+
 /// Aborts a task when dropped.
 pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 
@@ -255,6 +278,8 @@ pub struct Agent<S: Store, V: Vmms> {
     /// VMs of this host: id -> epoch.
     vms: BTreeMap<String, u64>,
     last_status: Vec<u8>,
+    /// The host spec's rejoin request, answered in the status.
+    rejoin: Option<u64>,
     /// Migrations in flight here, by VM: the last progress reported (`None`: none yet).
     receiving: BTreeMap<String, Option<Progress>>,
     sending: BTreeMap<String, Option<Progress>>,
@@ -320,12 +345,18 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             lease,
             vms: BTreeMap::new(),
             last_status: Vec::new(),
+            rejoin: None,
             receiving: BTreeMap::new(),
             sending: BTreeMap::new(),
         };
         agent.register().await?;
         tracing::info!(host = %agent.cfg.host, lease, "registered");
         Ok(agent)
+    }
+
+    /// A view of the lease's state for the agent's API.
+    pub fn lease_probe(&self) -> LeaseProbe {
+        LeaseProbe(Arc::clone(&self.fence))
     }
 
     /// The agent's lease.
@@ -410,6 +441,7 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             inventory: Inventory::read(),
             vms: self.vms.keys().cloned().collect(),
             fenced: self.fenced(),
+            rejoin: self.rejoin,
         };
         let value = serde_json::to_vec(&report).unwrap_or_default();
         if value != self.last_status {
@@ -718,6 +750,12 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             timing.watchdog_period,
         )));
         let revision = self.reconcile().await?;
+        self.rejoin = self
+            .store
+            .get(&keys::host_spec(&self.cfg.host))
+            .await?
+            .and_then(|kv| crate::spec::HostSpec::parse(Some(&kv.value)).ok())
+            .and_then(|s| s.rejoin);
         // Adopted VMMs get this run's lease at once (the last one's may be nearly out).
         self.renew_vmms().await;
         self.report().await?;
@@ -825,6 +863,15 @@ impl<S: Store, V: Vmms> Agent<S, V> {
                 }
             }
             return Ok(());
+        }
+        if rest == "spec" {
+            // A rejoin request: the status is written again, inventory read afresh.
+            if let Event::Put(kv) = &ev {
+                self.rejoin = crate::spec::HostSpec::parse(Some(&kv.value))
+                    .ok()
+                    .and_then(|s| s.rejoin);
+            }
+            return self.report().await;
         }
         let Some(vm) = rest.strip_prefix("vms/") else {
             return Ok(());

@@ -37,6 +37,11 @@ pub enum Kind {
     MigrationFailed,
     /// A draining host has no VMs left.
     Drained,
+    /// A host back from maintenance is Rejoining: the checks it waits for.
+    Rejoining,
+    /// A rejoining host passed its checks (fresh lease, inventory re-reported, no stale
+    /// VMM) and is Ready.
+    Rejoined,
     /// A host's lease lapsed: its VMs fenced themselves; HA VMs restart elsewhere after
     /// the grace.
     LeaseLapsed,

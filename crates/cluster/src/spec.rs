@@ -38,6 +38,11 @@ pub struct HostSpec {
     /// (`ray node drain`); with none left it is Drained (Offline: maintenance).
     #[serde(default)]
     pub drain: bool,
+    /// The host's maintenance ended (`ray node uncordon` of a Drained host): it is
+    /// Rejoining until the controller checked it (fresh lease, inventory re-reported by its
+    /// agent for this request, no stale VMM), then Ready. The value tells requests apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejoin: Option<u64>,
 }
 
 fn worker() -> HostRole {
@@ -50,6 +55,7 @@ impl Default for HostSpec {
             role: HostRole::Worker,
             cordon: false,
             drain: false,
+            rejoin: None,
         }
     }
 }

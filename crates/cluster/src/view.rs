@@ -14,7 +14,8 @@ use crate::store::{Store, StoreError};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NodeRow {
     pub host: String,
-    /// `ready` (agent alive), `fenced` (alive but its VMs paused), `down` (no lease).
+    /// `ready` (agent alive), `fenced` (alive but its VMs paused), `rejoining` (alive,
+    /// back from maintenance, not checked yet), `down` (no lease).
     pub state: String,
     pub lease: Option<i64>,
     pub cpus: Option<u32>,
@@ -38,6 +39,7 @@ pub struct VmRow {
 pub async fn nodes<S: Store>(s: &S) -> Result<(Vec<NodeRow>, i64), StoreError> {
     let listing = s.list(keys::HOSTS).await?;
     let mut rows: BTreeMap<String, NodeRow> = BTreeMap::new();
+    let mut rejoining = Vec::new();
     for kv in &listing.kvs {
         let Some((host, rest)) = keys::split_host_key(&kv.key) else {
             continue;
@@ -67,6 +69,12 @@ pub async fn nodes<S: Store>(s: &S) -> Result<(Vec<NodeRow>, i64), StoreError> {
                     }
                 }
             }
+            "spec"
+                if crate::spec::HostSpec::parse(Some(&kv.value))
+                    .is_ok_and(|s| s.rejoin.is_some()) =>
+            {
+                rejoining.push(host.to_string());
+            }
             _ => {}
         }
     }
@@ -74,6 +82,8 @@ pub async fn nodes<S: Store>(s: &S) -> Result<(Vec<NodeRow>, i64), StoreError> {
     for row in rows.values_mut() {
         if row.lease.is_none() {
             row.state = "down".into();
+        } else if rejoining.contains(&row.host) {
+            row.state = "rejoining".into();
         }
     }
     Ok((rows.into_values().collect(), listing.revision))

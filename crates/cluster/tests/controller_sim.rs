@@ -57,6 +57,7 @@ async fn register<S: Store>(s: &S, h: &str) -> LeaseId {
         },
         vms: Vec::new(),
         fenced: false,
+        rejoin: None,
     })
     .unwrap();
     s.commit(

@@ -15,7 +15,6 @@ use ray_cluster::agent::{Agent, AgentConfig, LocalLease, LocalVm, Vmms};
 use ray_cluster::migration::{Phase, Progress};
 use ray_cluster::runtoken::{Assignment, Origin};
 use ray_cluster::spec::VmSpec;
-use ray_cluster::store::EtcdStore;
 use ray_cluster::timing::Timing;
 use serde::{Deserialize, Serialize};
 
@@ -29,12 +28,20 @@ pub struct AgentArgs {
     /// This host's name in the cluster (default: the kernel's host name).
     #[arg(long)]
     pub host: Option<String>,
-    /// etcd endpoints, comma-separated, e.g. http://10.0.0.1:2379.
-    #[arg(long, value_delimiter = ',', required = true)]
-    pub etcd: Vec<String>,
-    /// Where the agent keeps its lease between runs (default: <runtime-dir>/agent).
+    #[command(flatten)]
+    pub store: crate::store_sel::StoreSel,
+    /// Where the agent keeps its lease between runs and serves its API socket `api.sock`
+    /// (default: <runtime-dir>/agent).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Also serve the agent API on TCP at this address (e.g. 0.0.0.0:7450); only with
+    /// --api-token-file: every request over TCP must carry that token.
+    #[arg(long, value_name = "ADDR", requires = "api_token_file")]
+    pub api_tcp: Option<std::net::SocketAddr>,
+    /// The bearer token of the TCP API: a file of mode 0600 holding one token of 16 to 256
+    /// characters (A-Z a-z 0-9 - _ . ~ + / =).
+    #[arg(long, value_name = "FILE", requires = "api_tcp")]
+    pub api_token_file: Option<PathBuf>,
     /// The pre-shared key file of live migrations between this cluster's hosts (the same
     /// on every host; see `ray migrate`). Without it the host neither sends nor receives.
     #[arg(long)]
@@ -72,6 +79,12 @@ const MARK: &str = "cluster.json";
 #[derive(Serialize, Deserialize)]
 struct Mark {
     epoch: u64,
+}
+
+/// The run-token epoch a VM directory is marked with, if the VM is the cluster's.
+pub fn marked_epoch(dir: &Path) -> Option<u64> {
+    let mark: Mark = serde_json::from_slice(&std::fs::read(dir.join(MARK)).ok()?).ok()?;
+    Some(mark.epoch)
 }
 
 /// This host's VMMs, as the agent sees them.
@@ -125,8 +138,7 @@ impl Vmms for HostVmms {
             .into_iter()
             .filter_map(|id| {
                 let dir = runtime::vm_dir(&self.runtime, &id);
-                let mark: Mark =
-                    serde_json::from_slice(&std::fs::read(dir.join(MARK)).ok()?).ok()?;
+                let epoch = marked_epoch(&dir)?;
                 if !matches!(runtime::presence(&dir), Presence::Live { .. }) {
                     return None;
                 }
@@ -139,7 +151,7 @@ impl Vmms for HostVmms {
                 let fenced = info.and_then(|i| i.lease).is_some_and(|l| l.fenced);
                 Some(LocalVm {
                     id,
-                    epoch: mark.epoch,
+                    epoch,
                     paused,
                     fenced,
                 })
@@ -338,10 +350,20 @@ pub fn run(args: AgentArgs, runtime: &Path) -> anyhow::Result<()> {
         Some(h) => h,
         None => hostname()?,
     };
-    let cfg = AgentConfig {
-        host,
-        state_dir: args.state_dir.unwrap_or_else(|| runtime.join("agent")),
-        timing: args.timing.timing()?,
+    // Everything the command line names is checked before anything is started.
+    let tcp = match (args.api_tcp, &args.api_token_file) {
+        (Some(addr), Some(file)) => Some((addr, crate::agent_api::Token::load(file)?)),
+        (Some(addr), None) => anyhow::bail!(
+            "--api-tcp {addr} needs --api-token-file: the agent API is never served on TCP without a token"
+        ),
+        _ => None,
+    };
+    let timing = args.timing.timing()?;
+    let state_dir = args.state_dir.unwrap_or_else(|| runtime.join("agent"));
+    let mut cfg = AgentConfig {
+        host: host.clone(),
+        state_dir: state_dir.clone(),
+        timing,
         api: None,
     };
     let migration = match args.migration_key_file {
@@ -361,8 +383,18 @@ pub fn run(args: AgentArgs, runtime: &Path) -> anyhow::Result<()> {
         .build()
         .context("cannot start the agent's runtime")?;
     rt.block_on(async {
-        let store = EtcdStore::connect(&args.etcd).await?;
+        let listeners = crate::agent_api::Listeners::bind(&state_dir, tcp)?;
+        cfg.api = listeners.tcp_addr().map(|a| a.to_string());
+        let store = args.store.connect().await?;
         let agent = Agent::join(store, vmms, cfg).await?;
+        let probe = agent.lease_probe();
+        let api = crate::agent_api::AgentApi {
+            host,
+            runtime: runtime.to_path_buf(),
+            lease: std::sync::Arc::new(move || (probe.fenced(), probe.fence_in())),
+            lease_ttl: timing.lease_ttl,
+        };
+        tokio::spawn(listeners.serve(api));
         agent.run().await?;
         Ok(())
     })

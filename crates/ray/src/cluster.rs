@@ -10,7 +10,7 @@ use ray_cluster::keys;
 use ray_cluster::migration::{Progress, Request};
 use ray_cluster::runtoken;
 use ray_cluster::spec::{HostSpec, VmSpec, POOLS};
-use ray_cluster::store::{Commit, Cond, EtcdStore, Store, Txn};
+use ray_cluster::store::{AnyStore, Commit, Cond, Store, Txn};
 use serde::Serialize;
 
 #[derive(Subcommand)]
@@ -69,6 +69,25 @@ pub enum NodeCommand {
     /// Live-migrate every VM off a host (it takes no new ones), following the progress
     /// until it is Drained; --abort ends a drain.
     Drain(DrainArgs),
+    /// A host as its agent sees it: inventory, health, lease (the agent API's GET /host).
+    Status(NodeApiArgs),
+    /// The cluster VMs whose VMM runs on a host (the agent API's GET /vms).
+    Vms(NodeApiArgs),
+}
+
+#[derive(Args)]
+pub struct NodeApiArgs {
+    /// The host's name (checked against the agent's answer).
+    pub host: String,
+    /// The agent's API: unix:PATH or http://HOST:PORT (default: this host's agent,
+    /// unix:<runtime-dir>/agent/api.sock).
+    #[arg(long, value_name = "ADDR")]
+    pub agent: Option<crate::agent_api::AgentAddr>,
+    /// The agent's bearer token (its --api-token-file), needed over TCP.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 #[derive(Args)]
@@ -87,9 +106,8 @@ pub struct DrainArgs {
 
 #[derive(Args)]
 pub struct StoreArgs {
-    /// etcd endpoints, comma-separated, e.g. http://10.0.0.1:2379.
-    #[arg(long, value_delimiter = ',', required = true)]
-    pub etcd: Vec<String>,
+    #[command(flatten)]
+    pub sel: crate::store_sel::StoreSel,
     #[command(flatten)]
     pub out: OutputArgs,
 }
@@ -226,8 +244,8 @@ struct Explained {
     history: Vec<Entry>,
 }
 
-async fn connect(a: &StoreArgs) -> anyhow::Result<EtcdStore> {
-    Ok(EtcdStore::connect(&a.etcd).await?)
+async fn connect(a: &StoreArgs) -> anyhow::Result<AnyStore> {
+    a.sel.connect().await
 }
 
 pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
@@ -565,11 +583,53 @@ async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
 async fn node(cmd: NodeCommand) -> anyhow::Result<()> {
     let (a, change): (HostArgs, fn(&mut HostSpec)) = match cmd {
         NodeCommand::Cordon(a) => (a, |h| h.cordon = true),
-        NodeCommand::Uncordon(a) => (a, |h| (h.cordon, h.drain) = (false, false)),
+        NodeCommand::Uncordon(a) => return uncordon(a).await,
         NodeCommand::Drain(d) => return drain(d).await,
+        // The agent API's client runs its own runtime: off this one's thread.
+        NodeCommand::Status(a) => {
+            return tokio::task::spawn_blocking(move || node_status(a, false)).await?
+        }
+        NodeCommand::Vms(a) => {
+            return tokio::task::spawn_blocking(move || node_status(a, true)).await?
+        }
     };
     let s = connect(&a.store).await?;
     set_host_spec(&s, &a.host, change).await?;
+    println!("{}", a.host);
+    Ok(())
+}
+
+/// `ray node uncordon`: the host takes new VMs again. A Drained host (its maintenance
+/// over) goes through Rejoining first: the controller checks it before it is Ready.
+async fn uncordon(a: HostArgs) -> anyhow::Result<()> {
+    keys::check_name("host", &a.host).map_err(anyhow::Error::msg)?;
+    let s = connect(&a.store).await?;
+    let world = read_world(&s).await?;
+    let left = world
+        .vms
+        .iter()
+        .filter(|v| v.token.as_ref().is_some_and(|t| t.host == a.host))
+        .count();
+    let drained = world
+        .hosts
+        .iter()
+        .find(|h| h.name == a.host)
+        .is_some_and(|h| h.spec.drain && left == 0);
+    if drained {
+        let request = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        set_host_spec(&s, &a.host, |h| {
+            (h.cordon, h.drain, h.rejoin) = (false, false, Some(request));
+        })
+        .await?;
+        eprintln!(
+            "host {}: Rejoining: it takes VMs once the controller checked it (`ray cluster events`)",
+            a.host
+        );
+    } else {
+        set_host_spec(&s, &a.host, |h| (h.cordon, h.drain) = (false, false)).await?;
+    }
     println!("{}", a.host);
     Ok(())
 }
@@ -633,7 +693,7 @@ async fn drain(a: DrainArgs) -> anyhow::Result<()> {
 
 /// Changes a host's spec, revision-checked so a concurrent change is not lost.
 async fn set_host_spec(
-    s: &EtcdStore,
+    s: &AnyStore,
     host: &str,
     change: impl FnOnce(&mut HostSpec),
 ) -> anyhow::Result<()> {
@@ -657,6 +717,90 @@ async fn set_host_spec(
         .put(keys::host_spec(host), spec.to_json());
     if s.commit(txn).await? == Commit::Conflict {
         bail!("the spec of host {host} changed meanwhile: try again");
+    }
+    Ok(())
+}
+
+/// `ray node status|vms HOST`: asks the host's agent through its API.
+fn node_status(a: NodeApiArgs, vms: bool) -> anyhow::Result<()> {
+    use crate::agent_api::{AgentAddr, AgentClient, Token};
+    use ray_api::agent::{HostInfo, HostVm};
+    keys::check_name("host", &a.host).map_err(anyhow::Error::msg)?;
+    let token = a.token_file.as_deref().map(Token::load).transpose()?;
+    let addr = a.agent.clone().unwrap_or_else(|| {
+        let runtime = crate::store_sel::runtime_dir();
+        AgentAddr::Unix(runtime.join("agent").join(crate::agent_api::SOCKET))
+    });
+    if matches!(addr, AgentAddr::Tcp(_)) && token.is_none() {
+        bail!("--agent {addr} is TCP: pass the agent's token with --token-file");
+    }
+    let client = AgentClient::new(addr.clone(), token);
+    let call_err = |e: ray::client::ClientError| anyhow::anyhow!("the agent at {addr}: {e}");
+    let info: HostInfo = client.call("GET", "/host").map_err(call_err)?;
+    if info.host != a.host {
+        bail!(
+            "the agent at {addr} serves host {}, not {}: pass --agent with host {}'s API",
+            info.host,
+            a.host,
+            a.host
+        );
+    }
+    let format = a.out.format();
+    if vms {
+        let rows: Vec<HostVm> = client.call("GET", "/vms").map_err(call_err)?;
+        return show(
+            &rows,
+            format,
+            &["VM", "EPOCH", "STATE", "PID", "FENCED"],
+            |v| {
+                vec![
+                    v.id.clone(),
+                    v.epoch.to_string(),
+                    v.state
+                        .map_or_else(|| opt(v.problem.clone()), |s| s.to_string()),
+                    opt(v.pid),
+                    if v.fenced { "yes" } else { "no" }.into(),
+                ]
+            },
+        );
+    }
+    if !print_structured(&info, format)? {
+        let lease = match info.lease.state {
+            ray_api::agent::LeaseState::Fresh => format!(
+                "fresh (fences in {} ms unless renewed; TTL {} ms)",
+                info.lease.fence_in_ms, info.lease.ttl_ms
+            ),
+            ray_api::agent::LeaseState::Fenced => "fenced: its VMs are paused".into(),
+        };
+        let gpus: Vec<String> = info
+            .inventory
+            .gpus
+            .iter()
+            .map(|g| format!("{} ({})", g.address, g.id))
+            .collect();
+        println!("host:    {} (agent {})", info.host, info.version);
+        println!(
+            "cpus:    {}, memory {} MiB, {} NUMA node(s)",
+            info.inventory.cpus, info.inventory.memory_mib, info.inventory.numa_nodes
+        );
+        println!(
+            "gpus:    {}",
+            if gpus.is_empty() {
+                "-".into()
+            } else {
+                gpus.join(", ")
+            }
+        );
+        println!(
+            "health:  {}",
+            if info.health.ok {
+                "ok".to_string()
+            } else {
+                info.health.problems.join("; ")
+            }
+        );
+        println!("lease:   {lease}");
+        println!("vms:     {}", info.vms);
     }
     Ok(())
 }

@@ -1,17 +1,16 @@
-//! `ray controller`: runs one controller (`ray_cluster::controller`) against etcd. Run
+//! `ray controller`: runs one controller (`ray_cluster::controller`). Against etcd, run
 //! three, on three hosts, for a controller that survives the loss of one: they elect a
-//! leader through the store and the others stand by.
+//! leader through the store and the others stand by. Without etcd it owns the single-host
+//! store (a redb file) and serves it to the host's agent and to `ray cluster`.
 use anyhow::Context;
 use clap::Args;
 use ray_cluster::controller::rebalance::RebalanceConfig;
 use ray_cluster::controller::{Controller, ControllerConfig};
-use ray_cluster::store::EtcdStore;
 
 #[derive(Args)]
 pub struct ControllerArgs {
-    /// etcd endpoints, comma-separated, e.g. http://10.0.0.1:2379.
-    #[arg(long, value_delimiter = ',', required = true)]
-    pub etcd: Vec<String>,
+    #[command(flatten)]
+    pub store: crate::store_sel::StoreSel,
     /// This controller's name in the leader key and the decision log (default: the
     /// host's name and this process's id).
     #[arg(long)]
@@ -49,7 +48,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
                 ..r
             }),
         };
-        let store = EtcdStore::connect(&args.etcd).await?;
+        let store = args.store.own().await?;
         Controller::new(store, cfg).run().await?;
         Ok(())
     })

@@ -174,8 +174,9 @@ ray migrate receive --listen 0.0.0.0:7000 --key-file /etc/ray/key --disk-dir /va
     ),
     (
         "agent",
-        "ray agent --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379
-ray agent --host node-7 --etcd http://127.0.0.1:2379",
+        "ray agent      (one host: the store of `ray controller` on this host)
+ray agent --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379
+ray agent --host node-7 --etcd http://127.0.0.1:2379 --api-tcp 0.0.0.0:7450 --api-token-file /etc/ray/agent.token",
     ),
     (
         "cluster",
@@ -208,13 +209,21 @@ ray cluster vm create web-1 --group web --etcd http://127.0.0.1:2379",
     ),
     (
         "controller",
-        "ray controller --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379\nray controller --id ctl-a --etcd http://127.0.0.1:2379 --lease-ttl 20s --rebalance auto",
+        "ray controller      (one host: owns <runtime-dir>/cluster/store.redb)\nray controller --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379\nray controller --id ctl-a --etcd http://127.0.0.1:2379 --lease-ttl 20s --rebalance auto",
     ),
     (
         "node",
         "ray node cordon node-7 --etcd http://127.0.0.1:2379\nray node uncordon node-7 --etcd http://127.0.0.1:2379",
     ),
     ("node cordon", "ray node cordon node-7 --etcd http://127.0.0.1:2379"),
+    (
+        "node status",
+        "ray node status node-7      (this host's agent, on its socket)\nray node status node-7 --agent http://10.0.0.7:7450 --token-file /etc/ray/agent.token -o json",
+    ),
+    (
+        "node vms",
+        "ray node vms node-7\nray node vms node-7 --agent unix:/run/rayvisor/agent/api.sock -o yaml",
+    ),
     ("node uncordon", "ray node uncordon node-7 --etcd http://127.0.0.1:2379"),
     (
         "node drain",

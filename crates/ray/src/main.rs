@@ -1,6 +1,7 @@
 //! `ray`: the one binary of rayvisor. This file parses the command line and dispatches;
 //! the work is done in the library crates.
 mod agent;
+mod agent_api;
 mod bench;
 mod bench_blk;
 mod bench_cluster;
@@ -22,6 +23,7 @@ mod migrate;
 mod numa_cmd;
 mod sim;
 mod snapshot;
+mod store_sel;
 mod version;
 mod vm;
 mod vm_admin;
@@ -73,7 +75,8 @@ enum Command {
     Gpu(gpu::GpuCommand),
     #[command(about = VMM_ABOUT)]
     Vmm(vm::VmmArgs),
-    /// Run this host's cluster agent: supervises its VMMs, reports it to the store (etcd).
+    /// Run this host's cluster agent: supervises its VMMs, reports it to the store, serves
+    /// the host's API.
     Agent(agent::AgentArgs),
     /// Run a cluster controller: places desired VMs on hosts (one leads, others stand by).
     Controller(controller::ControllerArgs),
@@ -83,7 +86,7 @@ enum Command {
     /// This host's NUMA nodes and what each VM does with them (attribution, page moves).
     #[command(subcommand)]
     Numa(numa_cmd::NumaCommand),
-    /// Cordon and uncordon a cluster host.
+    /// A cluster host: cordon, uncordon, drain; its agent's view (status, VMs).
     #[command(subcommand)]
     Node(cluster::NodeCommand),
     /// Simulate cluster placement at scale against baselines.
@@ -98,8 +101,8 @@ enum Command {
     Web(web::WebArgs),
     /// Print an OpenAPI document.
     Openapi {
-        /// Which API: `vmm` (the per-VM API).
-        #[arg(value_parser = ["vmm"])]
+        /// Which API: `vmm` (the per-VM API) or `agent` (the per-host agent API).
+        #[arg(value_parser = ["vmm", "agent"])]
         api: String,
     },
     /// Show the version of `ray` and, with --vm, of a VM's VMM.
@@ -162,6 +165,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::from_arg_matches(&cli_command().get_matches()).unwrap_or_else(|e| e.exit());
     let runtime = cli.runtime_dir.unwrap_or_else(runtime::default_dir);
+    store_sel::set_runtime(&runtime);
     let format = cli.log_format.parse().unwrap_or_default();
     let default_level = match cli.command {
         Command::Vmm(_)
@@ -187,8 +191,11 @@ fn main() -> ExitCode {
         Command::Numa(cmd) => numa_cmd::run(cmd, &runtime),
         Command::Device(cmd) => device::run(cmd),
         Command::Web(args) => web::run(args, &runtime),
-        Command::Openapi { .. } => {
-            println!("{}", ray_vmm::api_server::openapi_json());
+        Command::Openapi { api } => {
+            match api.as_str() {
+                "agent" => println!("{}", agent_api::openapi_json()),
+                _ => println!("{}", ray_vmm::api_server::openapi_json()),
+            }
             Ok(())
         }
         Command::Version(a) => version::run(&a, &runtime),

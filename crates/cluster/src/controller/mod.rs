@@ -36,6 +36,7 @@ pub mod leader;
 mod migrate;
 pub mod plan;
 pub mod rebalance;
+pub mod rejoin;
 
 pub use plan::{decide, Action, HostView, MigrationView, PlanConfig, VmView, World};
 
@@ -215,6 +216,8 @@ pub struct Applier {
     migration_failed: BTreeMap<String, std::time::Instant>,
     /// Draining hosts whose completion is logged.
     drained: std::collections::BTreeSet<String>,
+    /// Rejoining hosts: the request and the last wait logged (`rejoin.rs`).
+    rejoins: BTreeMap<String, (u64, String)>,
     /// How long a drain waits before asking again for a VM whose migration failed.
     drain_retry: Duration,
     /// `G`: how long after a host's lease lapsed its HA VMs may restart elsewhere.
@@ -255,6 +258,7 @@ impl Applier {
             refused: BTreeMap::new(),
             migration_failed: BTreeMap::new(),
             drained: Default::default(),
+            rejoins: BTreeMap::new(),
             drain_retry: drain::RETRY,
             grace: Timing::default().grace,
             lapsed_at: BTreeMap::new(),
@@ -633,7 +637,10 @@ impl Applier {
         world: &World,
         cfg: PlanConfig,
     ) -> Result<usize, ControllerError> {
-        Ok(migrate::step(s, world, self, cfg).await? + drain::step(s, world, self).await?)
+        let rejoined = rejoin::step(s, world, self).await?;
+        Ok(rejoined
+            + migrate::step(s, world, self, cfg).await?
+            + drain::step(s, world, self).await?)
     }
 
     /// Finishes or undoes every operation a predecessor recorded and did not clear.

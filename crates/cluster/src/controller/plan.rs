@@ -41,6 +41,11 @@ impl HostView {
             (Some(r), true) if r.fenced => HostStatus::Degraded,
             (Some(_), true) => HostStatus::Ready,
         };
+        // A host back from maintenance is Rejoining until the controller checked it
+        // (`rejoin.rs`): Offline -> Rejoining, through the one transition table.
+        if self.spec.rejoin.is_some() && self.alive {
+            return transition(HostStatus::Offline, HostEvent::Recover).unwrap_or(base);
+        }
         // A drain asked for moves Ready or Degraded on to Draining, through the one
         // transition table; any other state keeps what it is.
         if self.spec.drain {

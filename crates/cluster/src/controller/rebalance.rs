@@ -260,6 +260,7 @@ mod tests {
                 },
                 vms: Vec::new(),
                 fenced: false,
+                rejoin: None,
             }),
             spec: HostSpec::default(),
         }

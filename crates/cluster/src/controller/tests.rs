@@ -32,6 +32,7 @@ async fn host_up<S: Store>(s: &S, host: &str, memory_mib: u64) -> crate::store::
         },
         vms: Vec::new(),
         fenced: false,
+        rejoin: None,
     })
     .unwrap();
     s.commit(
@@ -616,4 +617,95 @@ async fn automatic_rebalancing_asks_for_one_migration_to_the_empty_host() {
         .count();
     assert_eq!(asked, 1);
     c.abort();
+}
+
+/// The status h1's agent writes: `vms` running, answering rejoin request `rejoin`.
+async fn report<S: Store>(s: &S, host: &str, vms: &[&str], rejoin: Option<u64>) {
+    let report = HostReport {
+        inventory: Inventory {
+            cpus: 4,
+            memory_mib: 4096,
+            numa_nodes: 1,
+        },
+        vms: vms.iter().map(|v| v.to_string()).collect(),
+        fenced: false,
+        rejoin,
+    };
+    s.commit(Txn::new().put(
+        keys::host_status(host),
+        serde_json::to_vec(&report).unwrap(),
+    ))
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_back_from_maintenance_rejoins_only_once_checked() {
+    let dir = Dir::new("rejoin");
+    let s = RedbStore::open(&dir.0.join("s.redb")).unwrap();
+    host_up(&s, "h1", 4096).await;
+    let ctl = tokio::spawn(Controller::new(s.clone(), fast("a")).run());
+    // h1 is back from maintenance, and a stale VMM (no token names h1 for it) runs there.
+    let spec = HostSpec {
+        rejoin: Some(7),
+        ..HostSpec::default()
+    };
+    s.commit(Txn::new().put(keys::host_spec("h1"), spec.to_json()))
+        .await
+        .unwrap();
+    let started = wait_log(&s, "-", Kind::Rejoining).await;
+    assert!(
+        started.message.contains("Offline -> Rejoining (Recover)"),
+        "{}",
+        started.message
+    );
+    let world = read_world(&s).await.unwrap();
+    assert_eq!(
+        world.hosts[0].status(),
+        ray_scheduler::HostStatus::Rejoining
+    );
+    // Not Ready: a new VM waits, explained.
+    create(&s, "v", r#"{"vcpus":1,"memory_mib":256}"#).await;
+    let refused = wait_log(&s, "v", Kind::Refused).await;
+    assert!(refused.message.contains("Rejoining"), "{}", refused.message);
+
+    let waits = |log: Vec<Entry>| -> Vec<String> {
+        log.into_iter()
+            .filter(|e| e.kind == Kind::Rejoining)
+            .map(|e| e.message)
+            .collect()
+    };
+    let until = |want: &'static str| {
+        let s = s.clone();
+        async move {
+            for _ in 0..200 {
+                let log = decisions::read(&s, None).await.unwrap();
+                if waits(log).iter().any(|m| m.contains(want)) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            panic!("no Rejoining entry saying {want:?}");
+        }
+    };
+    until("has not re-reported its inventory since the request").await;
+    report(&s, "h1", &["ghost"], Some(7)).await;
+    until("stale VMMs run there (their run tokens do not name it): ghost").await;
+    assert!(runtoken::read(&s, "v").await.unwrap().is_none());
+    // The agent stopped the stale VMM: the checks pass, h1 is Ready and takes the VM.
+    report(&s, "h1", &[], Some(7)).await;
+    let done = wait_log(&s, "-", Kind::Rejoined).await;
+    assert!(
+        done.message
+            .contains("Rejoining -> Ready (RejoinOk): fresh lease, inventory re-reported (4 CPUs"),
+        "{}",
+        done.message
+    );
+    assert_eq!(wait_token(&s, "v").await.host, "h1");
+    let spec = s.get(&keys::host_spec("h1")).await.unwrap().unwrap();
+    assert_eq!(HostSpec::parse(Some(&spec.value)).unwrap().rejoin, None);
+    // Each wait was logged once, in order.
+    let log = waits(decisions::read(&s, None).await.unwrap());
+    assert_eq!(log.len(), 3, "{log:?}");
+    ctl.abort();
 }

@@ -1,7 +1,10 @@
 //! The cluster store: where desired and observed state live.
 //!
 //! One trait, [`Store`], two implementations: [`RedbStore`] (embedded, one file, the default
-//! for a single host) and [`EtcdStore`] (a real etcd, for a cluster of hosts). The trait is
+//! for a single host) and [`EtcdStore`] (a real etcd, for a cluster of hosts). On a single
+//! host the controller owns the redb file and serves it on a Unix socket ([`socket`]);
+//! the host's agent and `ray cluster` use it through [`SocketStore`]. [`AnyStore`] is
+//! whichever of them a command was pointed at. The trait is
 //! the subset of etcd's model the control plane needs, so both behave alike:
 //!
 //! - every committed change gets the next store-wide [`Revision`]; a key remembers the
@@ -19,11 +22,15 @@
 use std::future::Future;
 use std::time::Duration;
 
+mod any;
 mod etcd;
 mod redb;
+pub mod socket;
 
+pub use self::any::{AnyStore, AnyWatch};
 pub use self::etcd::EtcdStore;
 pub use self::redb::RedbStore;
+pub use self::socket::SocketStore;
 
 /// A store-wide revision: every committed change increments it. 0 is "never".
 pub type Revision = i64;

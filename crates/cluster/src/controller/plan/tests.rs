@@ -14,6 +14,7 @@ fn host(name: &str, memory_mib: u64) -> HostView {
             },
             vms: Vec::new(),
             fenced: false,
+            rejoin: None,
         }),
         spec: HostSpec::default(),
     }
@@ -217,4 +218,50 @@ fn ha_vms_of_a_lapsed_host_restart_elsewhere_by_priority_after_the_grace_only() 
     // A host whose agent is back is not failed over, lapsed or not.
     world.hosts[1].alive = true;
     assert!(decide(&world, PlanConfig::default()).is_empty());
+}
+
+#[test]
+fn a_drained_host_goes_through_rejoining_to_ready() {
+    use crate::controller::rejoin::waiting_for;
+    // The transition table: drained (Offline: maintenance), back (Recover), checked.
+    let mut state = HostStatus::Draining;
+    for (event, want) in [
+        (HostEvent::DrainComplete, HostStatus::Offline),
+        (HostEvent::Recover, HostStatus::Rejoining),
+        (HostEvent::RejoinOk, HostStatus::Ready),
+    ] {
+        state = transition(state, event).unwrap();
+        assert_eq!(state, want, "after {event}");
+    }
+    // No shortcut from maintenance to Ready, and Rejoining takes no VMs.
+    assert!(transition(HostStatus::Offline, HostEvent::RejoinOk).is_err());
+    assert!(transition(HostStatus::Offline, HostEvent::InitOk).is_err());
+    assert!(!HostStatus::Rejoining.schedulable());
+
+    // A host whose spec asks to rejoin is Rejoining while alive, Failed without a lease.
+    let mut h = host("h1", 4096);
+    h.spec.rejoin = Some(5);
+    assert_eq!(h.status(), HostStatus::Rejoining);
+    assert_eq!(h.state(0), "Rejoining");
+    let mut world = World {
+        hosts: vec![h.clone()],
+        vms: vec![placed(vm("mine", 256, None, "standard"), "h1")],
+        ..World::default()
+    };
+    let why = waiting_for(&world.hosts[0], &world, 5).unwrap();
+    assert!(why.contains("not re-reported"), "{why}");
+    let r = world.hosts[0].report.as_mut().unwrap();
+    r.rejoin = Some(5);
+    r.vms = vec!["mine".into(), "old".into()];
+    let why = waiting_for(&world.hosts[0], &world, 5).unwrap();
+    assert!(why.ends_with("do not name it): old"), "{why}");
+    world.hosts[0].report.as_mut().unwrap().vms = vec!["mine".into()];
+    assert_eq!(waiting_for(&world.hosts[0], &world, 5), None);
+    // An answer to an older request does not count.
+    assert!(waiting_for(&world.hosts[0], &world, 6).is_some());
+    world.hosts[0].alive = false;
+    assert_eq!(world.hosts[0].status(), HostStatus::Failed);
+    assert!(waiting_for(&world.hosts[0], &world, 5)
+        .unwrap()
+        .contains("no lease"));
 }
