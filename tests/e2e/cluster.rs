@@ -705,11 +705,16 @@ fn vm_events(runtime: &Path, id: &str) -> Vec<ray_api::vmm::LifecycleEvent> {
 }
 
 /// Two agents on loopback, each with its own runtime (state) directory, one controller,
-/// a 4 s host lease. An HA VM and a plain one run on h1; kill -9 h1's agent: both VMMs
-/// fence themselves (paused, `lease:expired`) once their local lease runs out, the
-/// controller restarts the HA VM on h2 only after h1's lease lapsed plus the grace, and
-/// the audit trails show h1's copy paused before h2's started: it never ran twice. A new
-/// agent on h1 stops the copy that is not h1's any more and resumes the plain VM.
+/// a 4 s host lease, both agents checkpointing HA VMs every second into one directory
+/// (the shared storage). An HA VM and a plain one run on h1; the HA VM is checkpointed
+/// periodically (`observed` names each one after it verified). kill -9 h1's agent: both
+/// VMMs fence themselves (paused, `lease:expired`) once their local lease runs out, the
+/// controller restarts the HA VM on h2 only after h1's lease lapsed plus the grace, from
+/// h1's latest checkpoint: the guest's heartbeat counter (guest memory) carries on from
+/// where it was, so it was restored, not booted; the audit trails show h1's copy paused
+/// before h2's started: it never ran twice. h2 checkpoints it under epoch 2 and h1's
+/// epoch-1 checkpoints are pruned. A new agent on h1 stops the copy that is not h1's any
+/// more and resumes the plain VM.
 #[test]
 fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
     use ray_api::vmm::VmStateName;
@@ -721,7 +726,33 @@ fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
     let url = etcd.endpoints().join(",");
     let (h1, h2) = (env.runtime.join("h1"), env.runtime.join("h2"));
     let _reap = ReapVmms(vec![h1.clone(), h2.clone()]);
-    let lease = ["--lease-ttl", "4s"];
+    let shared = env.runtime.join("shared");
+    let lease = [
+        "--lease-ttl",
+        "4s",
+        "--checkpoint-dir",
+        shared.to_str().unwrap(),
+        "--checkpoint-interval",
+        "1s",
+        "--checkpoint-chain",
+        "3",
+    ];
+    let bad = env.ray(&[
+        "agent",
+        "--host",
+        "hx",
+        "--etcd",
+        &url,
+        "--checkpoint-dir",
+        shared.to_str().unwrap(),
+        "--checkpoint-interval",
+        "10ms",
+    ]);
+    assert!(
+        !bad.status.success()
+            && String::from_utf8_lossy(&bad.stderr).contains("--checkpoint-interval"),
+        "{bad:?}"
+    );
     let mut agent1 = Daemon::start_with(&h1, &etcd, "h1", &lease);
     let _ctl = Daemon(spawn_ray(
         &env.runtime,
@@ -774,21 +805,66 @@ fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
         json(&env.ray_ok(&["cluster", "status", "--etcd", &url, "--json"]))["hosts"]["Ready"] == 2
     });
 
-    // ha1's checkpoint on storage both hosts reach (here: one directory), named where
-    // the controller looks for it.
-    let ckpt = env.runtime.join("shared").join("ha1-1");
-    std::fs::create_dir_all(ckpt.parent().unwrap()).unwrap();
-    let req = format!(r#"{{"path":"{}","pause":true}}"#, ckpt.display());
-    let sock = h1.join("vms/ha1/api.sock");
-    let _: ray_api::vmm::SnapshotInfo = ray::client::VmmClient::new(&sock)
-        .call("PUT", "/vm/snapshot", Some(req.into_bytes()))
-        .unwrap();
-    let observed = format!(r#"{{"checkpoint":"{}"}}"#, ckpt.display());
-    rt.block_on(store.commit(Txn::new().put(keys::vm_observed("ha1"), observed)))
-        .unwrap();
+    // h1's agent checkpoints ha1 (and only ha1: plain is not HA) into the shared
+    // directory and names each checkpoint in `observed`, with its time and its pause.
+    let observed = |vm: &str| {
+        rt.block_on(store.get(&keys::vm_observed(vm)))
+            .unwrap()
+            .map(|kv| json(&String::from_utf8_lossy(&kv.value)))
+    };
+    // The marker: the guest's heartbeat counter, in guest memory, past this value before
+    // a checkpoint is taken.
+    let marker = heartbeat(&h1, "ha1").unwrap();
+    let since = ray_cluster::agent::unix_ms();
+    wait(
+        "two checkpoints of ha1 after the marker",
+        Duration::from_secs(30),
+        || {
+            let mut times = std::collections::BTreeSet::new();
+            for _ in 0..30 {
+                if let Some(o) = observed("ha1").and_then(|o| o["taken_at_ms"].as_u64()) {
+                    if o > since {
+                        times.insert(o);
+                    }
+                }
+                if times.len() >= 2 {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            false
+        },
+    );
+    let o = observed("ha1").unwrap();
+    assert_eq!(
+        (o["host"].as_str(), o["epoch"].as_u64()),
+        (Some("h1"), Some(1)),
+        "{o}"
+    );
+    let path = PathBuf::from(o["checkpoint"].as_str().unwrap());
+    assert!(
+        path.starts_with(shared.join("ha1").join("e1")),
+        "{}",
+        path.display()
+    );
+    assert!(o["paused_ms"].as_f64().is_some_and(|p| p > 0.0), "{o}");
+    assert!(
+        observed("plain").is_none(),
+        "a VM without HA is not checkpointed"
+    );
+    let wide = env.ray_ok(&["cluster", "vms", "--etcd", &url, "-o", "wide"]);
+    assert!(
+        wide.contains("CHECKPOINT")
+            && wide.contains("AGE")
+            && wide.contains(&*shared.join("ha1").to_string_lossy()),
+        "{wide}"
+    );
 
-    // h1's agent dies: nobody renews its lease or its VMMs' local leases.
+    // h1's agent dies: nobody renews its lease or its VMMs' local leases, and nobody
+    // names a newer checkpoint.
     agent1.kill9();
+    let ckpt = PathBuf::from(observed("ha1").unwrap()["checkpoint"].as_str().unwrap());
+    assert!(ckpt.is_dir(), "{}", ckpt.display());
     for vm in ["ha1", "plain"] {
         wait(
             &format!("{vm} on h1 fenced"),
@@ -802,6 +878,12 @@ fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
     });
     runs_in(&h2, "ha1");
     assert_eq!(token("ha1").unwrap().epoch, 2);
+    // Restored, not booted: the counter in guest memory carries on past the marker.
+    let restored = heartbeat(&h2, "ha1").unwrap();
+    assert!(
+        restored > marker,
+        "h2's ha1 heartbeat {restored} does not carry on from h1's {marker}: booted afresh?"
+    );
     // The plain VM is not HA: it stays h1's, fenced, not lost.
     let plain = token("plain").unwrap();
     assert_eq!((plain.host.as_str(), plain.epoch), ("h1", 1));
@@ -855,9 +937,34 @@ fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
         restarted.message.contains("host h1's lease lapsed")
             && restarted
                 .message
-                .contains(&format!("from its checkpoint {}", ckpt.display())),
+                .contains(&format!("from its checkpoint {} taken", ckpt.display()))
+            && restarted
+                .message
+                .contains("s before the host's lease lapse was seen"),
         "{}",
         restarted.message
+    );
+    assert!(
+        restarted.data["checkpoint_age_ms"].as_u64().is_some(),
+        "{:?}",
+        restarted.data
+    );
+
+    // h2 checkpoints ha1 under epoch 2; once it named one, h1's epoch-1 chain is gone.
+    wait(
+        "ha1 checkpointed by h2 at epoch 2",
+        Duration::from_secs(30),
+        || observed("ha1").is_some_and(|o| o["host"] == "h2" && o["epoch"] == 2),
+    );
+    let o = observed("ha1").unwrap();
+    assert!(
+        Path::new(o["checkpoint"].as_str().unwrap()).starts_with(shared.join("ha1").join("e2")),
+        "{o}"
+    );
+    wait(
+        "h1's epoch-1 checkpoints pruned",
+        Duration::from_secs(10),
+        || !shared.join("ha1").join("e1").exists(),
     );
     let all = rt.block_on(decisions::read(&store, None)).unwrap();
     let lapsed = all
@@ -880,6 +987,17 @@ fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
         .unwrap()
         .lease
         .is_some_and(|l| !l.fenced));
+    // One owner per epoch: h1 never wrote about ha1 again, h2 still names its checkpoint.
+    std::thread::sleep(Duration::from_secs(2));
+    let o = observed("ha1").unwrap();
+    assert_eq!(
+        (o["host"].as_str(), o["epoch"].as_u64()),
+        (Some("h2"), Some(2)),
+        "{o}"
+    );
+    assert!(!shared.join("ha1").join("e1").exists());
+    let t = token("ha1").unwrap();
+    assert_eq!((t.host.as_str(), t.epoch), ("h2", 2));
 }
 
 /// A bridge in namespace `hub` (etcd and the controller live there) and two hosts, each
@@ -1022,4 +1140,195 @@ fn a_host_whose_link_is_cut_fences_and_its_ha_vm_runs_once_on_the_other_host() {
     });
     runs_in(&h2, "ha1");
     assert!(placed("h2", 2), "the run token stayed with h2");
+}
+
+/// Every VM of `vms` runs on exactly one of `hosts` (its guest heartbeat moves there and
+/// nowhere else), the host its run token names, at epoch 1; none of `gone` runs anywhere;
+/// the decision log shows each placed exactly once and none restarted: none ran twice.
+fn each_runs_once(
+    rt: &tokio::runtime::Runtime,
+    store: &EtcdStore,
+    hosts: &[(&str, PathBuf)],
+    vms: &[&str],
+    gone: &[&str],
+) {
+    use ray_cluster::decisions::{self, Kind};
+    for vm in vms {
+        let (t, _) = rt.block_on(runtoken::read(store, vm)).unwrap().unwrap();
+        assert_eq!(t.epoch, 1, "{vm}: {t:?}");
+        let before: Vec<Option<u64>> = hosts.iter().map(|(_, d)| heartbeat(d, vm)).collect();
+        std::thread::sleep(Duration::from_millis(400));
+        let moving: Vec<&str> = hosts
+            .iter()
+            .zip(&before)
+            .filter(|((_, d), b)| b.is_some() && heartbeat(d, vm) > **b)
+            .map(|((h, _), _)| *h)
+            .collect();
+        assert_eq!(
+            moving,
+            [t.host.as_str()],
+            "{vm} runs on {moving:?}, its token names {t:?}"
+        );
+        let log = rt.block_on(decisions::read(store, Some(vm))).unwrap();
+        let placed = log.iter().filter(|e| e.kind == Kind::Placed).count();
+        let restarted = log.iter().filter(|e| e.kind == Kind::Restarted).count();
+        assert_eq!((placed, restarted), (1, 0), "{vm}: {log:?}");
+    }
+    for vm in gone {
+        for (h, d) in hosts {
+            assert!(heartbeat(d, vm).is_none(), "{vm} still runs on {h}");
+        }
+    }
+}
+
+/// A 3-member etcd on loopback (data under the test's directory), two agents, three
+/// controllers. kill -9 the etcd leader: a new one is elected, agents keep their leases
+/// (no host lapses, no VM moves), a VM created then is placed and runs. Then the
+/// controller leader stops (SIGSTOP) right after recording an operation it did not
+/// carry out (a release of a deleted VM, written here as it would have), and is killed:
+/// another controller leads within the 5 s lease, finishes the release (`recovered`),
+/// and places the next VM. After each step every VM runs on exactly one host with one run
+/// token at epoch 1.
+#[test]
+fn losing_the_etcd_leader_and_the_controller_leader_keeps_every_vm_on_one_host() {
+    use ray_cluster::controller::Operation;
+    use ray_cluster::testing::EtcdCluster;
+    let env = Env::new("cluster-quorum");
+    let rt = runtime();
+    let mut etcd = rt.block_on(EtcdCluster::start("e2e-q", 3, &env.runtime.join("etcd")));
+    let url = etcd.endpoints().join(",");
+    let store = rt.block_on(EtcdStore::connect(&etcd.endpoints())).unwrap();
+    let hosts = [
+        ("h1", env.runtime.join("h1")),
+        ("h2", env.runtime.join("h2")),
+    ];
+    let _reap = ReapVmms(hosts.iter().map(|(_, d)| d.clone()).collect());
+    let lease = "6s";
+    let _agents: Vec<Daemon> = hosts
+        .iter()
+        .map(|(h, d)| {
+            let args = ["agent", "--host", h, "--etcd", &url, "--lease-ttl", lease];
+            Daemon(spawn_ray(d, &d.join("agent.log"), &args))
+        })
+        .collect();
+    let log = env.runtime.join("controllers.log");
+    let mut controllers: Vec<(String, Daemon)> = ["c1", "c2", "c3"]
+        .iter()
+        .map(|c| {
+            let args = [
+                "controller",
+                "--id",
+                c,
+                "--etcd",
+                &url,
+                "--lease-ttl",
+                lease,
+            ];
+            (c.to_string(), Daemon(spawn_ray(&env.runtime, &log, &args)))
+        })
+        .collect();
+    let status = || json(&env.ray_ok(&["cluster", "status", "--etcd", &url, "--json"]));
+    wait(
+        "a leader and both hosts Ready",
+        Duration::from_secs(40),
+        || {
+            let s = status();
+            s["leader"].is_string() && s["hosts"]["Ready"] == 2
+        },
+    );
+    let create = |vm: &str| {
+        env.ray_ok(&[
+            "cluster",
+            "vm",
+            "create",
+            vm,
+            "--memory-mib",
+            "128",
+            "--etcd",
+            &url,
+        ]);
+    };
+    let token_host = |vm: &str| {
+        rt.block_on(runtoken::read(&store, vm))
+            .unwrap()
+            .map(|(t, _)| t.host)
+    };
+    let dir_of = |h: &str| hosts.iter().find(|(n, _)| *n == h).unwrap().1.clone();
+    let placed_and_running = |vm: &str| {
+        wait(&format!("{vm} placed"), Duration::from_secs(40), || {
+            token_host(vm).is_some()
+        });
+        runs_in(&dir_of(&token_host(vm).unwrap()), vm);
+    };
+    for vm in ["q1", "q2"] {
+        create(vm);
+    }
+    placed_and_running("q1");
+    placed_and_running("q2");
+    each_runs_once(&rt, &store, &hosts, &["q1", "q2"], &[]);
+
+    // The etcd leader dies; the two others elect a new one and the cluster goes on.
+    let leader = rt
+        .block_on(etcd.leader())
+        .expect("the etcd cluster has a leader");
+    etcd.kill9(leader);
+    wait("a new etcd leader", Duration::from_secs(30), || {
+        rt.block_on(etcd.leader()).is_some_and(|l| l != leader)
+    });
+    assert_eq!(etcd.live(), 2);
+    create("q3");
+    placed_and_running("q3");
+    each_runs_once(&rt, &store, &hosts, &["q1", "q2", "q3"], &[]);
+    let s = status();
+    assert_eq!(s["hosts"]["Ready"], 2, "no host lapsed: {s}");
+    let events = env.ray_ok(&["cluster", "events", "--etcd", &url, "--json"]);
+    assert!(!events.contains("lease_lapsed"), "{events}");
+
+    // The controller leader records a release of q1 (deleted by the operator) and stops
+    // before acting; then it is killed. Its successor finishes the release.
+    let led = status()["leader"].as_str().unwrap().to_string();
+    let i = controllers.iter().position(|(c, _)| *c == led).unwrap();
+    // SAFETY: kill(2) of a controller process this test started.
+    unsafe {
+        libc::kill(controllers[i].1 .0.id() as i32, libc::SIGSTOP);
+    }
+    let q1_host = token_host("q1").unwrap();
+    let op = Operation::Release {
+        vm: "q1".into(),
+        host: q1_host.clone(),
+    };
+    rt.block_on(
+        store.commit(
+            Txn::new()
+                .delete(keys::vm_spec("q1"))
+                .put(keys::op("release-q1"), serde_json::to_vec(&op).unwrap()),
+        ),
+    )
+    .unwrap();
+    let stopped = Instant::now();
+    controllers[i].1.kill9();
+    wait("another controller leads", Duration::from_secs(30), || {
+        status()["leader"].as_str().is_some_and(|l| l != led)
+    });
+    let took = stopped.elapsed();
+    assert!(took < Duration::from_secs(12), "took over after {took:?}");
+    wait("q1 released and stopped", Duration::from_secs(30), || {
+        token_host("q1").is_none() && heartbeat(&dir_of(&q1_host), "q1").is_none()
+    });
+    let ops = rt.block_on(store.list(keys::OPS)).unwrap();
+    assert!(ops.kvs.is_empty(), "operations left: {:?}", ops.kvs);
+    let events = json(&env.ray_ok(&["cluster", "events", "--etcd", &url, "--json"]));
+    let recovered = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "recovered" && e["vm"] == "q1")
+        .unwrap_or_else(|| panic!("no recovered entry for q1: {events}"));
+    assert!(
+        recovered["message"].as_str().unwrap().contains("release"),
+        "{recovered}"
+    );
+    create("q4");
+    placed_and_running("q4");
+    each_runs_once(&rt, &store, &hosts, &["q2", "q3", "q4"], &["q1"]);
 }
