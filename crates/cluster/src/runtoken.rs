@@ -514,10 +514,10 @@ mod tests {
         let s2 = agent_up(s, "s2").await;
         place(s, "stale", "s1", Origin::Boot).await.unwrap();
         let observed = keys::vm_observed("stale");
-        let value = |s: &S| {
-            let key = observed.clone();
-            async move { s.get(&key).await.unwrap().map(|kv| kv.value) }
-        };
+        async fn value<S: Store>(s: &S) -> Option<Vec<u8>> {
+            let key = keys::vm_observed("stale");
+            s.get(&key).await.unwrap().map(|kv| kv.value)
+        }
         let held = hold(s, "stale", "s1", 1).await.unwrap();
         held.put(s, observed.clone(), b"first".to_vec())
             .await
