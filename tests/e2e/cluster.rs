@@ -775,11 +775,16 @@ fn vm_events(runtime: &Path, id: &str) -> Vec<ray_api::vmm::LifecycleEvent> {
 }
 
 /// Two agents on loopback, each with its own runtime (state) directory, one controller,
-/// a 4 s host lease. An HA VM and a plain one run on h1; kill -9 h1's agent: both VMMs
-/// fence themselves (paused, `lease:expired`) once their local lease runs out, the
-/// controller restarts the HA VM on h2 only after h1's lease lapsed plus the grace, and
-/// the audit trails show h1's copy paused before h2's started: it never ran twice. A new
-/// agent on h1 stops the copy that is not h1's any more and resumes the plain VM.
+/// a 4 s host lease, both agents checkpointing HA VMs every second into one directory
+/// (the shared storage). An HA VM and a plain one run on h1; the HA VM is checkpointed
+/// periodically (`observed` names each one after it verified). kill -9 h1's agent: both
+/// VMMs fence themselves (paused, `lease:expired`) once their local lease runs out, the
+/// controller restarts the HA VM on h2 only after h1's lease lapsed plus the grace, from
+/// h1's latest checkpoint: the guest's heartbeat counter (guest memory) carries on from
+/// where it was, so it was restored, not booted; the audit trails show h1's copy paused
+/// before h2's started: it never ran twice. h2 checkpoints it under epoch 2 and h1's
+/// epoch-1 checkpoints are pruned. A new agent on h1 stops the copy that is not h1's any
+/// more and resumes the plain VM.
 #[test]
 fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
     use ray_api::vmm::VmStateName;
@@ -791,7 +796,33 @@ fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
     let url = etcd.endpoints().join(",");
     let (h1, h2) = (env.runtime.join("h1"), env.runtime.join("h2"));
     let _reap = ReapVmms(vec![h1.clone(), h2.clone()]);
-    let lease = ["--lease-ttl", "4s"];
+    let shared = env.runtime.join("shared");
+    let lease = [
+        "--lease-ttl",
+        "4s",
+        "--checkpoint-dir",
+        shared.to_str().unwrap(),
+        "--checkpoint-interval",
+        "1s",
+        "--checkpoint-chain",
+        "3",
+    ];
+    let bad = env.ray(&[
+        "agent",
+        "--host",
+        "hx",
+        "--etcd",
+        &url,
+        "--checkpoint-dir",
+        shared.to_str().unwrap(),
+        "--checkpoint-interval",
+        "10ms",
+    ]);
+    assert!(
+        !bad.status.success()
+            && String::from_utf8_lossy(&bad.stderr).contains("--checkpoint-interval"),
+        "{bad:?}"
+    );
     let mut agent1 = Daemon::start_with(&h1, &etcd, "h1", &lease);
     let _ctl = Daemon(spawn_ray(
         &env.runtime,
@@ -844,21 +875,66 @@ fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
         json(&env.ray_ok(&["cluster", "status", "--etcd", &url, "--json"]))["hosts"]["Ready"] == 2
     });
 
-    // ha1's checkpoint on storage both hosts reach (here: one directory), named where
-    // the controller looks for it.
-    let ckpt = env.runtime.join("shared").join("ha1-1");
-    std::fs::create_dir_all(ckpt.parent().unwrap()).unwrap();
-    let req = format!(r#"{{"path":"{}","pause":true}}"#, ckpt.display());
-    let sock = h1.join("vms/ha1/api.sock");
-    let _: ray_api::vmm::SnapshotInfo = ray::client::VmmClient::new(&sock)
-        .call("PUT", "/vm/snapshot", Some(req.into_bytes()))
-        .unwrap();
-    let observed = format!(r#"{{"checkpoint":"{}"}}"#, ckpt.display());
-    rt.block_on(store.commit(Txn::new().put(keys::vm_observed("ha1"), observed)))
-        .unwrap();
+    // h1's agent checkpoints ha1 (and only ha1: plain is not HA) into the shared
+    // directory and names each checkpoint in `observed`, with its time and its pause.
+    let observed = |vm: &str| {
+        rt.block_on(store.get(&keys::vm_observed(vm)))
+            .unwrap()
+            .map(|kv| json(&String::from_utf8_lossy(&kv.value)))
+    };
+    // The marker: the guest's heartbeat counter, in guest memory, past this value before
+    // a checkpoint is taken.
+    let marker = heartbeat(&h1, "ha1").unwrap();
+    let since = ray_cluster::agent::unix_ms();
+    wait(
+        "two checkpoints of ha1 after the marker",
+        Duration::from_secs(30),
+        || {
+            let mut times = std::collections::BTreeSet::new();
+            for _ in 0..30 {
+                if let Some(o) = observed("ha1").and_then(|o| o["taken_at_ms"].as_u64()) {
+                    if o > since {
+                        times.insert(o);
+                    }
+                }
+                if times.len() >= 2 {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            false
+        },
+    );
+    let o = observed("ha1").unwrap();
+    assert_eq!(
+        (o["host"].as_str(), o["epoch"].as_u64()),
+        (Some("h1"), Some(1)),
+        "{o}"
+    );
+    let path = PathBuf::from(o["checkpoint"].as_str().unwrap());
+    assert!(
+        path.starts_with(shared.join("ha1").join("e1")),
+        "{}",
+        path.display()
+    );
+    assert!(o["paused_ms"].as_f64().is_some_and(|p| p > 0.0), "{o}");
+    assert!(
+        observed("plain").is_none(),
+        "a VM without HA is not checkpointed"
+    );
+    let wide = env.ray_ok(&["cluster", "vms", "--etcd", &url, "-o", "wide"]);
+    assert!(
+        wide.contains("CHECKPOINT")
+            && wide.contains("AGE")
+            && wide.contains(&*shared.join("ha1").to_string_lossy()),
+        "{wide}"
+    );
 
-    // h1's agent dies: nobody renews its lease or its VMMs' local leases.
+    // h1's agent dies: nobody renews its lease or its VMMs' local leases, and nobody
+    // names a newer checkpoint.
     agent1.kill9();
+    let ckpt = PathBuf::from(observed("ha1").unwrap()["checkpoint"].as_str().unwrap());
+    assert!(ckpt.is_dir(), "{}", ckpt.display());
     for vm in ["ha1", "plain"] {
         wait(
             &format!("{vm} on h1 fenced"),
@@ -872,6 +948,12 @@ fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
     });
     runs_in(&h2, "ha1");
     assert_eq!(token("ha1").unwrap().epoch, 2);
+    // Restored, not booted: the counter in guest memory carries on past the marker.
+    let restored = heartbeat(&h2, "ha1").unwrap();
+    assert!(
+        restored > marker,
+        "h2's ha1 heartbeat {restored} does not carry on from h1's {marker}: booted afresh?"
+    );
     // The plain VM is not HA: it stays h1's, fenced, not lost.
     let plain = token("plain").unwrap();
     assert_eq!((plain.host.as_str(), plain.epoch), ("h1", 1));
@@ -925,9 +1007,34 @@ fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
         restarted.message.contains("host h1's lease lapsed")
             && restarted
                 .message
-                .contains(&format!("from its checkpoint {}", ckpt.display())),
+                .contains(&format!("from its checkpoint {} taken", ckpt.display()))
+            && restarted
+                .message
+                .contains("s before the host's lease lapse was seen"),
         "{}",
         restarted.message
+    );
+    assert!(
+        restarted.data["checkpoint_age_ms"].as_u64().is_some(),
+        "{:?}",
+        restarted.data
+    );
+
+    // h2 checkpoints ha1 under epoch 2; once it named one, h1's epoch-1 chain is gone.
+    wait(
+        "ha1 checkpointed by h2 at epoch 2",
+        Duration::from_secs(30),
+        || observed("ha1").is_some_and(|o| o["host"] == "h2" && o["epoch"] == 2),
+    );
+    let o = observed("ha1").unwrap();
+    assert!(
+        Path::new(o["checkpoint"].as_str().unwrap()).starts_with(shared.join("ha1").join("e2")),
+        "{o}"
+    );
+    wait(
+        "h1's epoch-1 checkpoints pruned",
+        Duration::from_secs(10),
+        || !shared.join("ha1").join("e1").exists(),
     );
     let all = rt.block_on(decisions::read(&store, None)).unwrap();
     let lapsed = all
@@ -950,6 +1057,17 @@ fn a_killed_agent_s_ha_vm_fences_itself_and_runs_once_on_the_other_host() {
         .unwrap()
         .lease
         .is_some_and(|l| !l.fenced));
+    // One owner per epoch: h1 never wrote about ha1 again, h2 still names its checkpoint.
+    std::thread::sleep(Duration::from_secs(2));
+    let o = observed("ha1").unwrap();
+    assert_eq!(
+        (o["host"].as_str(), o["epoch"].as_u64()),
+        (Some("h2"), Some(2)),
+        "{o}"
+    );
+    assert!(!shared.join("ha1").join("e1").exists());
+    let t = token("ha1").unwrap();
+    assert_eq!((t.host.as_str(), t.epoch), ("h2", 2));
 }
 
 /// A bridge in namespace `hub` (etcd and the controller live there) and two hosts, each

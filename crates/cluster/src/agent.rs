@@ -20,7 +20,14 @@
 //!         outgoing put      -> send the VM to that address; delete -> cancel
 //!         while either runs -> report progress when the phase or pass changes
 //!         assignment put with origin Migration -> confirm, then adopt the arrived VM
+//!         checkpoint tick   -> each HA VM here: hold its run token, checkpoint it (paused a
+//!                              moment) into <dir>/<vm>/e<epoch>/, verified, then write
+//!                              `observed` under the token's revision; refused: delete it
 //! ```
+//!
+//! Every write the agent makes about a VM (its checkpoint, a migration's progress) goes
+//! through [`runtoken::Held`]: it lands only while the token still names this host at the
+//! agent's epoch (a receiver: while the controller's request stands) and its lease lives.
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -110,6 +117,30 @@ pub trait Vmms: Send + Sync + 'static {
     fn adopt(&self, vm: &str, _epoch: u64) -> Result<(), String> {
         Err(format!("VM {vm} did not arrive here by migration"))
     }
+    /// Checkpoints `vm` into the new snapshot directory `path` (its vCPUs stopped for the
+    /// write): full when `full`, else incremental on its previous checkpoint in the same
+    /// store; returns once the snapshot is read back with every checksum matching.
+    fn checkpoint(
+        &self,
+        vm: &str,
+        _path: &std::path::Path,
+        _full: bool,
+    ) -> Result<Checkpoint, String> {
+        Err(format!(
+            "this host cannot checkpoint VM {vm}: it has no checkpoint set-up"
+        ))
+    }
+}
+
+/// A checkpoint a VMM wrote and read back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    /// Its directory (the snapshot path).
+    pub path: PathBuf,
+    /// A full snapshot (else incremental on the VM's previous one).
+    pub full: bool,
+    /// How long the vCPUs were stopped for it.
+    pub paused_ms: f64,
 }
 
 /// Inventory of a host.
@@ -183,6 +214,30 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub timing: Timing,
     pub api: Option<String>,
+    /// Periodic checkpoints of the HA VMs it runs (`None`: none).
+    pub checkpoints: Option<CheckpointConfig>,
+}
+
+/// Where and how often the agent checkpoints its HA VMs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointConfig {
+    /// A directory every host reaches (shared storage). A VM's checkpoints at run-token
+    /// epoch E go to `<dir>/<vm>/e<E>/<vm>-<unix ms>`: a host that lost the VM writes only
+    /// under its own, older epoch, never over the new holder's.
+    pub dir: PathBuf,
+    /// How often (not zero).
+    pub every: Duration,
+    /// Most links of a chain (a full checkpoint and its incrementals): the next one is
+    /// full again, and once it is named in `observed` the older chain is deleted.
+    pub chain: usize,
+}
+
+/// Milliseconds since the Unix epoch (the time a checkpoint was taken, compared across
+/// hosts only to the second).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +311,48 @@ impl LeaseProbe {
         lock(&self.0)
             .deadline
             .saturating_duration_since(Instant::now())
+/// Deletes a snapshot directory: renamed first, so a crash half-way leaves a `.del-`
+/// directory and never a snapshot with half its files.
+fn remove_snapshot(path: &std::path::Path) {
+    let Some(name) = path.file_name() else {
+        return;
+    };
+    let doomed = path.with_file_name(format!(".del-{}", name.to_string_lossy()));
+    let gone = std::fs::rename(path, &doomed).and_then(|()| std::fs::remove_dir_all(&doomed));
+    if let Err(e) = gone {
+        tracing::warn!(path = %path.display(), "cannot delete a checkpoint: {e}");
+    }
+}
+
+/// Deletes every checkpoint under `vm_dir` (`e<epoch>/<id>`) of epochs up to `epoch`
+/// except `keep`.
+fn prune(vm_dir: &std::path::Path, epoch: u64, keep: &std::path::Path) {
+    let Ok(epochs) = std::fs::read_dir(vm_dir) else {
+        return;
+    };
+    for e in epochs.flatten() {
+        let name = e.file_name();
+        let Some(n) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix('e'))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if n > epoch {
+            continue;
+        }
+        let Ok(snaps) = std::fs::read_dir(e.path()) else {
+            continue;
+        };
+        for snap in snaps.flatten() {
+            if snap.path() != keep && !snap.file_name().to_string_lossy().starts_with('.') {
+                remove_snapshot(&snap.path());
+            }
+        }
+        if n < epoch {
+            let _ = std::fs::remove_dir(e.path());
+        }
     }
 }
 
@@ -283,6 +380,10 @@ pub struct Agent<S: Store, V: Vmms> {
     /// Migrations in flight here, by VM: the last progress reported (`None`: none yet).
     receiving: BTreeMap<String, Option<Progress>>,
     sending: BTreeMap<String, Option<Progress>>,
+    /// Whether each VM here is HA (read from its spec once).
+    ha: BTreeMap<String, bool>,
+    /// Each HA VM's current checkpoint chain, oldest first.
+    chains: BTreeMap<String, Vec<PathBuf>>,
 }
 
 fn lease_file(cfg: &AgentConfig) -> PathBuf {
@@ -348,6 +449,8 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             rejoin: None,
             receiving: BTreeMap::new(),
             sending: BTreeMap::new(),
+            ha: BTreeMap::new(),
+            chains: BTreeMap::new(),
         };
         agent.register().await?;
         tracing::info!(host = %agent.cfg.host, lease, "registered");
@@ -433,6 +536,8 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         let mut vms = std::mem::take(&mut self.vms);
         vms.remove(vm);
         self.set_vms(vms);
+        self.ha.remove(vm);
+        self.chains.remove(vm);
     }
 
     /// Writes the status if it changed since the last write.
@@ -544,12 +649,38 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             .unwrap_or_default())
     }
 
-    /// Writes one side's migration report.
-    async fn report_migration(&self, key: String, p: &Progress) -> Result<(), StoreError> {
-        self.store
-            .commit(Txn::new().put(key, migration::json(p)))
-            .await
-            .map(drop)
+    /// Writes one side's migration report, only while this host still has a say: the
+    /// sender while the run token names it at `epoch`, the receiver (`epoch` None) while
+    /// the controller's request stands. A late report is refused, logged, and dropped.
+    async fn report_migration(
+        &self,
+        vm: &str,
+        epoch: Option<u64>,
+        p: &Progress,
+    ) -> Result<(), StoreError> {
+        let host = &self.cfg.host;
+        let (held, key) = match epoch {
+            Some(e) => (
+                runtoken::hold(&self.store, vm, host, e).await,
+                keys::sender(vm),
+            ),
+            None => (
+                runtoken::hold_incoming(&self.store, vm, host).await,
+                keys::receiver(vm),
+            ),
+        };
+        let written = match held {
+            Ok(h) => h.put(&self.store, key, migration::json(p)).await.map(drop),
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(()) => Ok(()),
+            Err(TokenError::Store(e)) => Err(e),
+            Err(e) => {
+                tracing::warn!(vm, "migration report not written: {e}");
+                Ok(())
+            }
+        }
     }
 
     /// The controller asks for a receiver for `vm`.
@@ -571,7 +702,7 @@ impl<S: Store, V: Vmms> Agent<S, V> {
                 p.error = Some(e);
             }
         }
-        self.report_migration(keys::receiver(vm), &p).await?;
+        self.report_migration(vm, None, &p).await?;
         self.receiving.insert(vm.to_string(), Some(p));
         Ok(())
     }
@@ -600,7 +731,7 @@ impl<S: Store, V: Vmms> Agent<S, V> {
                 tracing::warn!(vm, "cannot send: {e}");
                 let mut p = Progress::new(&self.cfg.host, Phase::Failed);
                 p.error = Some(e);
-                self.report_migration(keys::sender(vm), &p).await?;
+                self.report_migration(vm, Some(out.epoch), &p).await?;
                 self.sending.insert(vm.to_string(), Some(p));
             }
         }
@@ -637,12 +768,19 @@ impl<S: Store, V: Vmms> Agent<S, V> {
                 if last.as_ref().is_some_and(|l| !l.differs(&p)) {
                     continue;
                 }
-                let key = if receiving {
-                    keys::receiver(&vm)
+                let epoch = if receiving {
+                    None
                 } else {
-                    keys::sender(&vm)
+                    match self.vms.get(&vm) {
+                        Some(&e) => Some(e),
+                        None => {
+                            tracing::info!(vm, "not reporting: the VM is not this host's now");
+                            self.sending.insert(vm, Some(p));
+                            continue;
+                        }
+                    }
                 };
-                self.report_migration(key, &p).await?;
+                self.report_migration(&vm, epoch, &p).await?;
                 let map = if receiving {
                     &mut self.receiving
                 } else {
@@ -666,6 +804,114 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         }
         tracing::info!(vm, "stopped: {why}");
         self.remove_vm(vm);
+    }
+
+    /// Whether `vm` opted into HA (its spec names a restart priority); read once.
+    async fn is_ha(&mut self, vm: &str) -> Result<bool, StoreError> {
+        if let Some(&ha) = self.ha.get(vm) {
+            return Ok(ha);
+        }
+        let spec = self.spec(vm).await?;
+        let ha = crate::spec::VmSpec::parse(&spec).is_ok_and(|s| s.restart_priority.is_some());
+        self.ha.insert(vm.to_string(), ha);
+        Ok(ha)
+    }
+
+    /// Checkpoints every HA VM running here (not fenced, not migrating).
+    async fn checkpoint_all(&mut self) -> Result<(), StoreError> {
+        let Some(cfg) = self.cfg.checkpoints.clone() else {
+            return Ok(());
+        };
+        let vms: Vec<(String, u64)> = self.vms.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        for (vm, epoch) in vms {
+            let migrating = self.sending.get(&vm).is_some_and(|p| !is_final(p))
+                || self.receiving.get(&vm).is_some_and(|p| !is_final(p));
+            if self.fenced() || migrating || !self.is_ha(&vm).await? {
+                continue;
+            }
+            self.checkpoint_vm(&cfg, &vm, epoch).await?;
+        }
+        Ok(())
+    }
+
+    /// One checkpoint of `vm`, held at `epoch`: nothing is written (not even files) unless
+    /// the run token names this host at that epoch; `observed` names the checkpoint only
+    /// after the VMM wrote and verified it, in a transaction conditioned on the token's
+    /// revision read before. Refused there (the VM moved meanwhile): the files go again.
+    async fn checkpoint_vm(
+        &mut self,
+        cfg: &CheckpointConfig,
+        vm: &str,
+        epoch: u64,
+    ) -> Result<(), StoreError> {
+        let held = match runtoken::hold(&self.store, vm, &self.cfg.host, epoch).await {
+            Ok(h) => h,
+            Err(TokenError::Store(e)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(vm, "no checkpoint: {e}");
+                return Ok(());
+            }
+        };
+        let links = self.chains.get(vm).map_or(0, Vec::len);
+        let full = links == 0 || links >= cfg.chain;
+        let taken_at_ms = unix_ms();
+        let epoch_dir = cfg.dir.join(vm).join(format!("e{epoch}"));
+        let path = epoch_dir.join(format!("{vm}-{taken_at_ms}"));
+        let (id, p) = (vm.to_string(), path.clone());
+        let made = self
+            .blocking(move |v| {
+                std::fs::create_dir_all(p.parent().unwrap_or(&p))
+                    .map_err(|e| format!("cannot create {}: {e}", p.display()))?;
+                v.checkpoint(&id, &p, full)
+            })
+            .await;
+        let ck = match made {
+            Ok(ck) => ck,
+            Err(e) => {
+                tracing::warn!(vm, "checkpoint failed: {e}");
+                return Ok(());
+            }
+        };
+        let observed = crate::controller::Observed {
+            checkpoint: Some(ck.path.display().to_string()),
+            taken_at_ms: Some(taken_at_ms),
+            host: Some(self.cfg.host.clone()),
+            epoch: Some(epoch),
+            paused_ms: Some(ck.paused_ms),
+        };
+        let value = serde_json::to_vec(&observed).unwrap_or_default();
+        match held.put(&self.store, keys::vm_observed(vm), value).await {
+            Ok(_) => {}
+            Err(TokenError::Store(e)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(
+                    vm,
+                    "{e}; deleting the checkpoint written at {}",
+                    ck.path.display()
+                );
+                remove_snapshot(&ck.path);
+                self.chains.remove(vm);
+                return Ok(());
+            }
+        }
+        tracing::info!(
+            vm,
+            epoch,
+            path = %ck.path.display(),
+            full = ck.full,
+            paused_ms = ck.paused_ms,
+            "checkpoint taken"
+        );
+        let chain = self.chains.entry(vm.to_string()).or_default();
+        if !ck.full {
+            chain.push(ck.path);
+            return Ok(());
+        }
+        // A new chain is named: every other checkpoint of this VM up to this epoch goes
+        // (the holder of a later epoch writes only under its own directory).
+        *chain = vec![ck.path.clone()];
+        prune(&cfg.dir.join(vm), epoch, &ck.path);
+        Ok(())
     }
 
     /// After a good renewal: each fenced VM gets its local lease back and resumes if this
@@ -765,8 +1011,20 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             .await?;
         let mut next_renewal = Instant::now() + timing.renew_every;
         let mut progress = tokio::time::interval(MIGRATION_POLL);
+        let every = self
+            .cfg
+            .checkpoints
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |c| c.every);
+        let mut checkpoints = tokio::time::interval_at(Instant::now() + every, every);
+        checkpoints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = checkpoints.tick(), if self.cfg.checkpoints.is_some() => {
+                    if let Err(e) = self.checkpoint_all().await {
+                        tracing::warn!("cannot checkpoint: {e}");
+                    }
+                }
                 _ = progress.tick(), if self.migrating() => {
                     if let Err(e) = self.poll_migrations().await {
                         tracing::warn!("cannot report a migration's progress: {e}");

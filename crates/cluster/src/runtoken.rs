@@ -238,6 +238,107 @@ pub async fn release<S: Store>(s: &S, vm: &str, seen: &Kv) -> Result<Revision, T
     }
 }
 
+/// What an agent's write about a VM requires when it lands: the writer still holds the
+/// VM's run token at its epoch, or (a migration's receiver, which holds no token yet) the
+/// controller's request for it to receive the VM still stands. Read once ([`hold`]),
+/// then every write made through it ([`Held::put`]) carries the condition in its own
+/// transaction, so an epoch bump or a withdrawn request between the read and the write
+/// makes the write fail with no effect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub vm: String,
+    pub host: String,
+    /// The epoch the writer holds (`None`: a migration's receiver).
+    pub epoch: Option<u64>,
+    /// The compare: the token's (or the incoming request's) revision when read.
+    key: String,
+    revision: Revision,
+}
+
+/// Reads what `host` holds of `vm`: its run token at `epoch`. Refused (with the token's
+/// holder and epoch) when the token names another host or another epoch.
+pub async fn hold<S: Store>(s: &S, vm: &str, host: &str, epoch: u64) -> Result<Held, TokenError> {
+    let stale = |why: String| {
+        TokenError::Refused(format!(
+            "host {host} (epoch {epoch}) may no longer write about VM {vm}: {why}"
+        ))
+    };
+    let Some((token, kv)) = read(s, vm).await? else {
+        return Err(stale("it has no run token".into()));
+    };
+    if token.host != host || token.epoch != epoch {
+        return Err(stale(format!(
+            "its run token names host {} at epoch {}",
+            token.host, token.epoch
+        )));
+    }
+    Ok(Held {
+        vm: vm.into(),
+        host: host.into(),
+        epoch: Some(epoch),
+        key: kv.key,
+        revision: kv.mod_revision,
+    })
+}
+
+/// Reads what `host`, receiving `vm` by migration, holds: the controller's request
+/// (`/ray/hosts/<host>/incoming/<vm>`). Refused when there is none.
+pub async fn hold_incoming<S: Store>(s: &S, vm: &str, host: &str) -> Result<Held, TokenError> {
+    let key = keys::incoming(host, vm);
+    let Some(kv) = s.get(&key).await? else {
+        return Err(TokenError::Refused(format!(
+            "host {host} may no longer write about receiving VM {vm}: the request is withdrawn"
+        )));
+    };
+    Ok(Held {
+        vm: vm.into(),
+        host: host.into(),
+        epoch: None,
+        key,
+        revision: kv.mod_revision,
+    })
+}
+
+impl Held {
+    /// Writes `key` = `value` only if what was read still holds and the host's agent
+    /// lease is alive; refused otherwise, saying what the token names now.
+    pub async fn put<S: Store>(
+        &self,
+        s: &S,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<Revision, TokenError> {
+        let txn = Txn::new()
+            .when(self.key.clone(), Cond::ModRevision(self.revision))
+            .when(keys::host_alive(&self.host), Cond::Present)
+            .put(key.clone(), value);
+        match s.commit(txn).await? {
+            Commit::Done(r) => Ok(r),
+            Commit::Conflict => {
+                let now = match self.epoch {
+                    None => "the controller withdrew or changed its request".to_string(),
+                    Some(_) => match read(s, &self.vm).await? {
+                        None => "the VM's run token is gone".into(),
+                        Some((t, _)) => {
+                            format!(
+                                "the run token names host {} at epoch {} now",
+                                t.host, t.epoch
+                            )
+                        }
+                    },
+                };
+                let epoch = self
+                    .epoch
+                    .map_or_else(String::new, |e| format!(" (epoch {e})"));
+                Err(TokenError::Refused(format!(
+                    "stale write refused: host {}{epoch} may no longer write {key} about VM {}: {now}, or its agent lease lapsed",
+                    self.host, self.vm
+                )))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,6 +506,77 @@ mod tests {
         assert_eq!(n, 1, "exactly one host is assigned the VM");
     }
 
+    /// An agent's writes about a VM land only while it holds the VM at its epoch: an epoch
+    /// bump, a lapsed lease or a withdrawn receive request between its read and its write
+    /// makes the write fail with no effect.
+    async fn stale_writes<S: Store>(s: &S) {
+        agent_up(s, "s1").await;
+        let s2 = agent_up(s, "s2").await;
+        place(s, "stale", "s1", Origin::Boot).await.unwrap();
+        let observed = keys::vm_observed("stale");
+        async fn value<S: Store>(s: &S) -> Option<Vec<u8>> {
+            let key = keys::vm_observed("stale");
+            s.get(&key).await.unwrap().map(|kv| kv.value)
+        }
+        let held = hold(s, "stale", "s1", 1).await.unwrap();
+        held.put(s, observed.clone(), b"first".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(value(s).await.as_deref(), Some(&b"first"[..]));
+
+        // Read at epoch 1; the token moves to s2 (epoch 2) before the write.
+        let held = hold(s, "stale", "s1", 1).await.unwrap();
+        let (_, seen) = read(s, "stale").await.unwrap().unwrap();
+        let mig = Origin::Migration { from: "s1".into() };
+        transfer(s, "stale", &seen, "s2", mig, Transfer::HandOver)
+            .await
+            .unwrap();
+        let e = held
+            .put(s, observed.clone(), b"late".to_vec())
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("stale write refused")
+                && e.to_string().contains("host s1 (epoch 1)")
+                && e.to_string().contains("names host s2 at epoch 2"),
+            "{e}"
+        );
+        assert_eq!(value(s).await.as_deref(), Some(&b"first"[..]), "no effect");
+        let e = hold(s, "stale", "s1", 1).await.unwrap_err();
+        assert!(e.to_string().contains("names host s2 at epoch 2"), "{e}");
+
+        // The holder's lease lapses between its read and its write.
+        let held = hold(s, "stale", "s2", 2).await.unwrap();
+        s.revoke(s2).await.unwrap();
+        let e = held
+            .put(s, observed.clone(), b"fenced".to_vec())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("lease lapsed"), "{e}");
+        assert_eq!(value(s).await.as_deref(), Some(&b"first"[..]), "no effect");
+
+        // A receiver whose request is withdrawn between its read and its report.
+        agent_up(s, "s3").await;
+        let incoming = keys::incoming("s3", "stale");
+        s.commit(Txn::new().put(incoming.clone(), "{}"))
+            .await
+            .unwrap();
+        let held = hold_incoming(s, "stale", "s3").await.unwrap();
+        held.put(s, keys::receiver("stale"), b"waiting".to_vec())
+            .await
+            .unwrap();
+        s.commit(Txn::new().delete(incoming)).await.unwrap();
+        let e = held
+            .put(s, keys::receiver("stale"), b"done".to_vec())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("withdrew"), "{e}");
+        let r = s.get(&keys::receiver("stale")).await.unwrap().unwrap();
+        assert_eq!(r.value, b"waiting");
+        let e = hold_incoming(s, "stale", "s3").await.unwrap_err();
+        assert!(e.to_string().contains("withdrawn"), "{e}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn on_redb() {
         let dir = std::env::temp_dir().join(format!("ray-token-{}", std::process::id()));
@@ -413,6 +585,7 @@ mod tests {
         let s = RedbStore::open(&dir.join("s.redb")).unwrap();
         protocol(&s).await;
         racing_fail_overs(&s).await;
+        stale_writes(&s).await;
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -423,5 +596,6 @@ mod tests {
         let s = EtcdStore::connect(&etcd.endpoints()).await.unwrap();
         protocol(&s).await;
         racing_fail_overs(&s).await;
+        stale_writes(&s).await;
     }
 }

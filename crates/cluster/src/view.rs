@@ -24,7 +24,7 @@ pub struct NodeRow {
 }
 
 /// One cluster VM.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct VmRow {
     pub vm: String,
     /// The host its run token names, if it has been placed.
@@ -34,6 +34,13 @@ pub struct VmRow {
     pub memory_mib: Option<u64>,
     /// Why the spec could not be read, if it could not.
     pub problem: Option<String>,
+    /// Its latest checkpoint (HA VMs), how old it is now, and how long it paused the VM.
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+    #[serde(default)]
+    pub checkpoint_age_s: Option<f64>,
+    #[serde(default)]
+    pub checkpoint_paused_ms: Option<f64>,
 }
 
 pub async fn nodes<S: Store>(s: &S) -> Result<(Vec<NodeRow>, i64), StoreError> {
@@ -107,6 +114,9 @@ pub async fn vms<S: Store>(s: &S) -> Result<(Vec<VmRow>, i64), StoreError> {
             vcpus: None,
             memory_mib: None,
             problem: None,
+            checkpoint: None,
+            checkpoint_age_s: None,
+            checkpoint_paused_ms: None,
         });
         match what {
             "token" => match serde_json::from_slice::<RunToken>(&kv.value) {
@@ -123,6 +133,15 @@ pub async fn vms<S: Store>(s: &S) -> Result<(Vec<VmRow>, i64), StoreError> {
                 }
                 Err(e) => row.problem = Some(e),
             },
+            "observed" => {
+                if let Ok(o) = serde_json::from_slice::<crate::controller::Observed>(&kv.value) {
+                    row.checkpoint = o.checkpoint;
+                    row.checkpoint_age_s = o
+                        .taken_at_ms
+                        .map(|t| crate::agent::unix_ms().saturating_sub(t) as f64 / 1000.0);
+                    row.checkpoint_paused_ms = o.paused_ms;
+                }
+            }
             _ => {}
         }
     }

@@ -11,7 +11,10 @@ use anyhow::Context;
 use clap::Args;
 use ray_api::vmm::{LeaseRequest, StopRequest, VmConfig, VmInfo, VmStateName};
 use ray_api::vmm::{MigrateRequest, MigrationRole, MigrationStatus};
-use ray_cluster::agent::{Agent, AgentConfig, LocalLease, LocalVm, Vmms};
+use ray_api::vmm::{SnapshotInfo, SnapshotKind, SnapshotRequest};
+use ray_cluster::agent::{
+    Agent, AgentConfig, Checkpoint, CheckpointConfig, LocalLease, LocalVm, Vmms,
+};
 use ray_cluster::migration::{Phase, Progress};
 use ray_cluster::runtoken::{Assignment, Origin};
 use ray_cluster::spec::VmSpec;
@@ -49,6 +52,18 @@ pub struct AgentArgs {
     /// The address this host receives migrations on (a free port is picked per VM).
     #[arg(long, default_value = "127.0.0.1")]
     pub migration_address: std::net::IpAddr,
+    /// A directory every host reaches (shared storage): the agent checkpoints each HA VM
+    /// it runs there (`<dir>/<vm>/e<epoch>/`), and an HA restart elsewhere resumes from
+    /// the latest. Without it, HA VMs restart by a fresh boot.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// How often each HA VM is checkpointed (its vCPUs stop for each); 0 turns it off.
+    #[arg(long, value_name = "TIME", default_value = "10s", value_parser = ray::sizes::parse_duration)]
+    pub checkpoint_interval: std::time::Duration,
+    /// Checkpoints per chain (a full one, then incrementals): the next is full again and
+    /// the older chain is deleted once the new one is named.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub checkpoint_chain: u32,
     #[command(flatten)]
     pub timing: TimingArgs,
 }
@@ -271,6 +286,40 @@ impl Vmms for HostVmms {
             .map_err(|e| format!("/vm/migration of VM {vm}: {e}"))
     }
 
+    fn checkpoint(&self, vm: &str, path: &Path, full: bool) -> Result<Checkpoint, String> {
+        let req = SnapshotRequest {
+            path: path.display().to_string(),
+            pause: true,
+            kind: if full {
+                SnapshotKind::Full
+            } else {
+                SnapshotKind::Auto
+            },
+            compress: false,
+            max_snapshots: None,
+        };
+        let body = serde_json::to_vec(&req).unwrap_or_default();
+        let info: SnapshotInfo = self
+            .client(vm)?
+            .call("PUT", "/vm/snapshot", Some(body))
+            .map_err(|e| format!("/vm/snapshot of VM {vm}: {e}"))?;
+        // Named only once every file reads back with its checksums.
+        let (store, id) = ray_vmm::snapshot::split_path(path).map_err(|e| e.to_string())?;
+        ray_snapshot::SnapshotStore::open(&store)
+            .and_then(|s| s.verify(&id))
+            .map_err(|e| {
+                format!(
+                    "checkpoint {} of VM {vm} does not verify: {e}",
+                    path.display()
+                )
+            })?;
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            full: info.parent.is_none(),
+            paused_ms: info.paused_ms,
+        })
+    }
+
     fn migration(&self, vm: &str) -> Result<Progress, String> {
         let s = crate::migrate::status(&self.runtime, vm).map_err(|e| format!("{e:#}"))?;
         Ok(progress(&s))
@@ -338,6 +387,31 @@ fn progress(s: &MigrationStatus) -> Progress {
     p
 }
 
+/// The checkpoint set-up of `--checkpoint-dir` (none without it, or with an interval 0).
+fn checkpoints(args: &AgentArgs) -> anyhow::Result<Option<CheckpointConfig>> {
+    let Some(dir) = &args.checkpoint_dir else {
+        return Ok(None);
+    };
+    if args.checkpoint_interval.is_zero() {
+        return Ok(None);
+    }
+    if args.checkpoint_interval < std::time::Duration::from_millis(100) {
+        anyhow::bail!(
+            "--checkpoint-interval {:?} is too short: use at least 100ms (or 0 for none)",
+            args.checkpoint_interval
+        );
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("--checkpoint-dir {}: cannot create it", dir.display()))?;
+    let dir = std::path::absolute(dir)
+        .with_context(|| format!("--checkpoint-dir {}: cannot resolve it", dir.display()))?;
+    Ok(Some(CheckpointConfig {
+        dir,
+        every: args.checkpoint_interval,
+        chain: args.checkpoint_chain as usize,
+    }))
+}
+
 pub fn hostname() -> anyhow::Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .context("cannot read this host's name; pass --host")?;
@@ -346,6 +420,7 @@ pub fn hostname() -> anyhow::Result<String> {
 
 /// `ray agent`: runs until the store fails for good (then the VMs fence themselves).
 pub fn run(args: AgentArgs, runtime: &Path) -> anyhow::Result<()> {
+    let checkpoints = checkpoints(&args)?;
     let host = match args.host {
         Some(h) => h,
         None => hostname()?,
@@ -365,6 +440,7 @@ pub fn run(args: AgentArgs, runtime: &Path) -> anyhow::Result<()> {
         state_dir: state_dir.clone(),
         timing,
         api: None,
+        checkpoints,
     };
     let migration = match args.migration_key_file {
         Some(k) => Some((

@@ -54,6 +54,10 @@ pub struct ClusterBenchArgs {
     /// The host lease of the fail-over runs (the cluster's default is 20s).
     #[arg(long, value_name = "TIME", default_value = "20s", value_parser = ray::sizes::parse_duration)]
     pub lease_ttl: Duration,
+    /// How often the fail-over runs' agents checkpoint the HA VM (restored from the
+    /// latest on the other host); 0: no checkpoints, a fail-over boots afresh.
+    #[arg(long, value_name = "TIME", default_value = "2s", value_parser = ray::sizes::parse_duration)]
+    pub checkpoint_interval: Duration,
     #[arg(long)]
     pub json: bool,
 }
@@ -167,6 +171,11 @@ struct Report {
     /// 2 s restore bound stands for the start on the other host).
     failover_predicted_ms: Option<[f64; 3]>,
     failover_lease_ttl_s: f64,
+    /// Fail-overs restored from a checkpoint (the rest booted afresh).
+    failover_restored: usize,
+    /// The vCPU stop of each periodic checkpoint during the fail-over runs.
+    checkpoint_ms: Option<Percentiles>,
+    checkpoint_interval_s: f64,
     /// Draining a host, per VM it held.
     drain_ms: Option<Percentiles>,
     drain_vms: usize,
@@ -199,6 +208,7 @@ async fn measure(args: &ClusterBenchArgs) -> anyhow::Result<()> {
             state_dir: state.join(i.to_string()),
             timing,
             api: None,
+            checkpoints: None,
         };
         let agent = Agent::join(store.clone(), NoVmms, cfg).await?;
         tasks.push(tokio::spawn(agent.run()));
@@ -214,9 +224,21 @@ async fn measure(args: &ClusterBenchArgs) -> anyhow::Result<()> {
         samples.push(per_s * 100.0 / args.hosts as f64);
     }
     let (create_ms, placements_per_s) = controller(&store, &state, timing, args).await?;
-    let (failover, drain) = match args.failovers {
-        0 => (Vec::new(), Vec::new()),
-        n => crate::bench_cluster_ha::measure(n, args.drain_vms.max(1), args.lease_ttl).await?,
+    let ha_figures = match args.failovers {
+        0 => None,
+        n => Some(
+            crate::bench_cluster_ha::measure(
+                n,
+                args.drain_vms.max(1),
+                args.lease_ttl,
+                args.checkpoint_interval,
+            )
+            .await?,
+        ),
+    };
+    let (failover, drain, checkpoint, restored) = match ha_figures {
+        None => (Vec::new(), Vec::new(), Vec::new(), 0),
+        Some(f) => (f.failover, f.drain, f.checkpoint, f.restored),
     };
     let ha = Timing::for_lease(args.lease_ttl).failover();
     let of = |v: &[f64]| (!v.is_empty()).then(|| Percentiles::of(v));
@@ -245,6 +267,9 @@ async fn measure(args: &ClusterBenchArgs) -> anyhow::Result<()> {
         failover_predicted_ms: (!failover.is_empty())
             .then(|| [ha.best, ha.median, ha.worst].map(|d| d.as_secs_f64() * 1000.0)),
         failover_lease_ttl_s: args.lease_ttl.as_secs_f64(),
+        failover_restored: restored,
+        checkpoint_ms: of(&checkpoint),
+        checkpoint_interval_s: args.checkpoint_interval.as_secs_f64(),
         drain_ms: of(&drain),
         drain_vms: args.drain_vms.max(1),
         placements_per_s,
@@ -274,10 +299,11 @@ async fn measure(args: &ClusterBenchArgs) -> anyhow::Result<()> {
         for (name, p) in [
             ("failover", report.failover_ms),
             ("drain per VM", report.drain_ms),
+            ("checkpoint pause", report.checkpoint_ms),
         ] {
             if let Some(p) = p {
                 println!(
-                    "  {:<26} min {:>8.0}  median {:>8.0}  max {:>8.0} ms",
+                    "  {:<26} min {:>8.1}  median {:>8.1}  max {:>8.1} ms",
                     name, p.min, p.median, p.max
                 );
             }
@@ -306,6 +332,7 @@ async fn controller(
             state_dir: state.join(format!("bench-{i}")),
             timing,
             api: None,
+            checkpoints: None,
         };
         let agent = Agent::join(store.clone(), clock.clone(), cfg).await?;
         tasks.push(AbortOnDrop(tokio::spawn(async move {

@@ -7,6 +7,11 @@
 //!   other host: the lease running out, etcd's expiry check, the grace, the fail-over
 //!   transaction, the other agent's start and the guest's boot. (The first host's copy
 //!   fences itself meanwhile; the agent, started again, removes it before the next run.)
+//!   With `--checkpoint-interval` (not 0) the agents checkpoint HA VMs into a directory
+//!   both reach, the kill waits for the VM's first two checkpoints, and the other host
+//!   restores the latest instead of booting.
+//! - `checkpoint_ms`: how long each of those periodic checkpoints stopped the VM's vCPUs
+//!   (the VMM's own `paused_ms`, as the agent wrote it into `/ray/vms/<vm>/observed`).
 //! - `drain_ms`: a host holding `--drain-vms` VMs is drained (`ray node drain`'s spec
 //!   change); from then until no run token names it, divided by the VMs it held: the
 //!   drain time per VM (live migrations, two at a time).
@@ -68,6 +73,8 @@ struct Rig {
     url: String,
     key: PathBuf,
     ttl: Duration,
+    /// Where the agents checkpoint HA VMs, and how often (`None`: they do not).
+    checkpoints: Option<(PathBuf, Duration)>,
 }
 
 impl Rig {
@@ -79,10 +86,15 @@ impl Rig {
             .append(true)
             .open(h.runtime.join("agent.log"))?;
         let ttl = format!("{:.3}s", self.ttl.as_secs_f64());
-        let child = Command::new(&self.exe)
-            .args(["agent", "--host", h.name, "--etcd", &self.url])
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["agent", "--host", h.name, "--etcd", &self.url])
             .args(["--lease-ttl", &ttl, "--migration-key-file"])
-            .arg(&self.key)
+            .arg(&self.key);
+        if let Some((dir, every)) = &self.checkpoints {
+            cmd.arg("--checkpoint-dir").arg(dir);
+            cmd.args(["--checkpoint-interval", &format!("{}ms", every.as_millis())]);
+        }
+        let child = cmd
             .env("RAY_RUNTIME_DIR", &h.runtime)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -189,13 +201,24 @@ impl Patience {
     }
 }
 
+/// What [`measure`] found, in ms.
+pub struct Figures {
+    pub failover: Vec<f64>,
+    /// Fail-overs whose VM the other host restored from a checkpoint (not booted).
+    pub restored: usize,
+    pub drain: Vec<f64>,
+    /// The vCPU stop of each periodic checkpoint taken meanwhile.
+    pub checkpoint: Vec<f64>,
+}
+
 /// Measures `runs` fail-overs and `runs` drains of `drain_vms` VMs, with host leases of
-/// `ttl`; returns (failover, drain per VM) samples in ms.
+/// `ttl`, the agents checkpointing HA VMs every `checkpoint_every` (zero: never).
 pub async fn measure(
     runs: usize,
     drain_vms: usize,
     ttl: Duration,
-) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    checkpoint_every: Duration,
+) -> anyhow::Result<Figures> {
     let timing = Timing::for_lease(ttl);
     timing
         .check()
@@ -223,6 +246,7 @@ pub async fn measure(
         url: etcd.endpoints().join(","),
         key,
         ttl,
+        checkpoints: (!checkpoint_every.is_zero()).then(|| (dir.join("shared"), checkpoint_every)),
     };
     let result = run(&mut rig, runs, drain_vms, timing).await;
     drop(rig);
@@ -230,12 +254,59 @@ pub async fn measure(
     result
 }
 
+/// Collects the `paused_ms` of every checkpoint an agent names in `/ray/vms/*/observed`.
+async fn watch_checkpoints(
+    store: &EtcdStore,
+    into: std::sync::Arc<std::sync::Mutex<Vec<f64>>>,
+) -> anyhow::Result<AbortOnDrop> {
+    use ray_cluster::controller::Observed;
+    use ray_cluster::store::{Event, Watch};
+    let from = store.list(keys::VMS).await?.revision + 1;
+    let mut watch = store.watch(keys::VMS, from).await?;
+    Ok(AbortOnDrop(tokio::spawn(async move {
+        while let Ok(ev) = watch.next().await {
+            if let Event::Put(kv) = ev {
+                if !kv.key.ends_with("/observed") {
+                    continue;
+                }
+                let o = serde_json::from_slice::<Observed>(&kv.value).ok();
+                if let (Some(ms), Ok(mut v)) = (o.and_then(|o| o.paused_ms), into.lock()) {
+                    v.push(ms);
+                }
+            }
+        }
+    })))
+}
+
+/// How many checkpoints of `vm` at `epoch` are named so far (the agent writes `observed`
+/// once per checkpoint; counted by their distinct times).
+async fn checkpoints_of(
+    store: &EtcdStore,
+    vm: &str,
+    seen: &mut std::collections::BTreeSet<u64>,
+) -> anyhow::Result<usize> {
+    use ray_cluster::controller::Observed;
+    if let Some(kv) = store.get(&keys::vm_observed(vm)).await? {
+        if let Ok(Observed {
+            taken_at_ms: Some(t),
+            ..
+        }) = serde_json::from_slice::<Observed>(&kv.value)
+        {
+            seen.insert(t);
+        }
+    }
+    Ok(seen.len())
+}
+
 async fn run(
     rig: &mut Rig,
     runs: usize,
     drain_vms: usize,
     timing: Timing,
-) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+) -> anyhow::Result<Figures> {
+    let paused = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _watch = watch_checkpoints(&rig.store, paused.clone()).await?;
+    let mut restored = 0;
     let mut cfg = ControllerConfig::new("bench-ha".into());
     cfg.timing = timing;
     let ctl = Controller::new(rig.store.clone(), cfg);
@@ -275,6 +346,17 @@ async fn run(
         while heartbeat(&src, &vm).await.is_none() {
             p.wait().await?;
         }
+        if let Some((_, every)) = rig.checkpoints {
+            // A full checkpoint and an incremental one on it, before the host dies.
+            let p = patience(
+                format!("VM {vm} checkpointed twice"),
+                every * 4 + Duration::from_secs(30),
+            );
+            let mut seen = std::collections::BTreeSet::new();
+            while checkpoints_of(&rig.store, &vm, &mut seen).await? < 2 {
+                p.wait().await?;
+            }
+        }
         // Deaths fall anywhere between two renewals.
         let offset = timing.renew_every.mul_f64((run as f64 + 0.5) / runs as f64);
         tokio::time::sleep(offset).await;
@@ -285,6 +367,12 @@ async fn run(
             p.wait().await?;
         }
         failover.push(killed.elapsed().as_secs_f64() * 1000.0);
+        let to_name = rig.hosts[to].name;
+        let how = rig.store.get(&keys::assignment(to_name, &vm)).await?;
+        let how = how.and_then(|kv| serde_json::from_slice::<runtoken::Assignment>(&kv.value).ok());
+        if how.is_some_and(|a| matches!(a.origin, runtoken::Origin::Checkpoint { .. })) {
+            restored += 1;
+        }
         // The killed host's agent comes back and removes its fenced copy.
         rig.start_agent(from)?;
         rig.delete(&vm).await?;
@@ -337,5 +425,11 @@ async fn run(
             rig.delete(vm).await?;
         }
     }
-    Ok((failover, drain))
+    let checkpoint = paused.lock().map(|v| v.clone()).unwrap_or_default();
+    Ok(Figures {
+        failover,
+        restored,
+        drain,
+        checkpoint,
+    })
 }

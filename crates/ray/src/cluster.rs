@@ -354,21 +354,31 @@ async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::Vms(a) => {
             let s = connect(&a).await?;
             let (rows, _) = ray_cluster::view::vms(&s).await?;
-            show(
-                &rows,
-                a.out.format(),
-                &["VM", "HOST", "EPOCH", "VCPUS", "MEMORY", "PROBLEM"],
-                |r| {
-                    vec![
-                        r.vm.clone(),
-                        opt(r.host.clone()),
-                        opt(r.epoch),
-                        opt(r.vcpus),
-                        mib(r.memory_mib),
-                        r.problem.clone().unwrap_or_default(),
-                    ]
-                },
-            )?;
+            let format = a.out.format();
+            let wide = matches!(format, Format::Wide);
+            let mut header = vec!["VM", "HOST", "EPOCH", "VCPUS", "MEMORY"];
+            if wide {
+                header.extend(["CHECKPOINT", "AGE", "PAUSED"]);
+            }
+            header.push("PROBLEM");
+            show(&rows, format, &header, |r| {
+                let mut cells = vec![
+                    r.vm.clone(),
+                    opt(r.host.clone()),
+                    opt(r.epoch),
+                    opt(r.vcpus),
+                    mib(r.memory_mib),
+                ];
+                if wide {
+                    cells.extend([
+                        opt(r.checkpoint.clone()),
+                        opt(r.checkpoint_age_s.map(|s| format!("{s:.1}s"))),
+                        opt(r.checkpoint_paused_ms.map(|m| format!("{m:.1}ms"))),
+                    ]);
+                }
+                cells.push(r.problem.clone().unwrap_or_default());
+                cells
+            })?;
         }
         ClusterCommand::Pools(a) => {
             let s = connect(&a).await?;

@@ -29,6 +29,8 @@ struct Record {
     log: Vec<(Instant, String)>,
     /// Each VMM's local lease deadline (start, then renewals).
     leases: BTreeMap<String, std::time::Instant>,
+    /// How long a checkpoint takes (a window to change the store in).
+    checkpoint_takes: Duration,
 }
 
 /// VMMs that only record what they are asked.
@@ -114,6 +116,27 @@ impl Vmms for Recorder {
         self.note(format!("resume {vm}"));
         Ok(())
     }
+    fn checkpoint(
+        &self,
+        vm: &str,
+        path: &std::path::Path,
+        full: bool,
+    ) -> Result<Checkpoint, String> {
+        self.note(format!(
+            "checkpoint {vm} {}",
+            if full { "full" } else { "inc" }
+        ));
+        let takes = self.0.lock().unwrap().checkpoint_takes;
+        std::fs::create_dir(path).map_err(|e| e.to_string())?;
+        std::fs::write(path.join("manifest.json"), "{}").map_err(|e| e.to_string())?;
+        std::thread::sleep(takes);
+        self.note(format!("checkpointed {vm}"));
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            full,
+            paused_ms: 1.5,
+        })
+    }
 }
 
 fn config(name: &str) -> AgentConfig {
@@ -124,6 +147,7 @@ fn config(name: &str) -> AgentConfig {
         state_dir,
         timing: fast(),
         api: None,
+        checkpoints: None,
     }
 }
 
@@ -285,5 +309,129 @@ async fn a_silent_store_fences_before_the_lease_can_lapse() {
         "{:?}",
         rec.log()
     );
+    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+}
+
+/// The HA VM (not the other) is checkpointed every period into `<dir>/<vm>/e1/`, each
+/// named in `observed` with its host and epoch; a chain of 3 starts again with a full one
+/// and the old chain goes. The VM moves to another host while a checkpoint is being
+/// written: the agent's write of `observed` is refused (stale epoch), the files it wrote
+/// go, and `observed` still names the last good checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_its_ha_vms_and_a_late_write_after_the_vm_moved_has_no_effect() {
+    use crate::controller::Observed;
+    use crate::spec::VmSpec;
+    let etcd = Etcd::start("agent-ckpt").await;
+    let s = EtcdStore::connect(&etcd.endpoints()).await.unwrap();
+    let mut cfg = config("ckpt");
+    let dir = cfg.state_dir.with_extension("shared");
+    let _ = std::fs::remove_dir_all(&dir);
+    cfg.checkpoints = Some(CheckpointConfig {
+        dir: dir.clone(),
+        every: Duration::from_millis(300),
+        chain: 3,
+    });
+    let rec = Recorder::default();
+    let (_lease, _agent) = spawn(&s, &rec, &cfg).await;
+    other_host(&s, "h2").await;
+    for (vm, ha) in [("ha", true), ("plain", false)] {
+        let spec = VmSpec {
+            vcpus: 1,
+            memory_mib: 64,
+            kernel: None,
+            cmdline: None,
+            pool: "standard".into(),
+            group: None,
+            restart_priority: ha.then_some(1),
+        };
+        s.commit(Txn::new().put(keys::vm_spec(vm), spec.to_json()))
+            .await
+            .unwrap();
+        runtoken::place(&s, vm, "h1", Origin::Boot).await.unwrap();
+    }
+    let observed = || async {
+        s.get(&keys::vm_observed("ha"))
+            .await
+            .unwrap()
+            .map(|kv| serde_json::from_slice::<Observed>(&kv.value).unwrap())
+    };
+    // Two chains: full, inc, inc, then full again.
+    for _ in 0..200 {
+        let fulls = rec
+            .log()
+            .iter()
+            .filter(|l| *l == "checkpoint ha full")
+            .count();
+        if fulls >= 2 && rec.log().last().is_some_and(|l| l == "checkpointed ha") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let kinds: Vec<String> = rec
+        .log()
+        .into_iter()
+        .filter(|l| l.starts_with("checkpoint "))
+        .collect();
+    assert_eq!(
+        kinds[..4],
+        [
+            "checkpoint ha full",
+            "checkpoint ha inc",
+            "checkpoint ha inc",
+            "checkpoint ha full"
+        ],
+        "{kinds:?}"
+    );
+    let o = observed().await.unwrap();
+    assert_eq!((o.host.as_deref(), o.epoch), (Some("h1"), Some(1)));
+    assert_eq!(o.paused_ms, Some(1.5));
+    let named = PathBuf::from(o.checkpoint.clone().unwrap());
+    assert!(named.starts_with(dir.join("ha").join("e1")), "{named:?}");
+    assert!(s.get(&keys::vm_observed("plain")).await.unwrap().is_none());
+
+    // The next checkpoint takes a while; the VM moves to h2 meanwhile.
+    rec.0.lock().unwrap().checkpoint_takes = Duration::from_millis(1500);
+    let n = rec
+        .log()
+        .iter()
+        .filter(|l| l.starts_with("checkpoint ha"))
+        .count();
+    let mut started = false;
+    for _ in 0..100 {
+        let now = rec
+            .log()
+            .iter()
+            .filter(|l| l.starts_with("checkpoint ha"))
+            .count();
+        if now > n {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(started, "no further checkpoint: {:?}", rec.log());
+    let before = observed().await.unwrap();
+    let (_, seen) = runtoken::read(&s, "ha").await.unwrap().unwrap();
+    let mig = Origin::Migration { from: "h1".into() };
+    runtoken::transfer(&s, "ha", &seen, "h2", mig, runtoken::Transfer::HandOver)
+        .await
+        .unwrap();
+    rec.wait_for("stop ha").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        observed().await.unwrap(),
+        before,
+        "the late write had no effect"
+    );
+    // Only the checkpoint `observed` names is left: the late one was deleted.
+    let left: Vec<PathBuf> = std::fs::read_dir(dir.join("ha").join("e1"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    assert_eq!(left, [PathBuf::from(before.checkpoint.unwrap())]);
+    let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&cfg.state_dir);
 }

@@ -198,11 +198,24 @@ pub async fn read_world<S: Store>(s: &S) -> Result<World, StoreError> {
 }
 
 /// `/ray/vms/<vm>/observed`: what is known of a VM beyond its host. `checkpoint` is its
-/// latest checkpoint on storage every host reaches; an HA restart resumes from it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// latest checkpoint on storage every host reaches; an HA restart resumes from it. The
+/// agent writes it only while it holds the VM's run token at `epoch`
+/// ([`crate::runtoken::Held`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Observed {
     #[serde(default)]
     pub checkpoint: Option<String>,
+    /// When it was taken (Unix ms, the taking host's clock).
+    #[serde(default)]
+    pub taken_at_ms: Option<u64>,
+    /// Who took it, at which run-token epoch.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub epoch: Option<u64>,
+    /// How long the VM's vCPUs were stopped for it.
+    #[serde(default)]
+    pub paused_ms: Option<f64>,
 }
 
 /// Carries out the controller's actions on a store, recording each before it acts and
@@ -567,6 +580,18 @@ impl Applier {
             to: to.into(),
         };
         self.fenced(self.record(s, &op).await?)?;
+        // The latest checkpoint, read now: an agent may have named a newer one since the
+        // pass read the world (never one of an epoch after the token read below: the
+        // agent's write requires the token it held).
+        let observed = s
+            .get(&keys::vm_observed(vm))
+            .await?
+            .and_then(|kv| serde_json::from_slice::<Observed>(&kv.value).ok())
+            .filter(|o| o.checkpoint.is_some());
+        let checkpoint = observed
+            .as_ref()
+            .and_then(|o| o.checkpoint.clone())
+            .or(checkpoint);
         let origin = match &checkpoint {
             Some(path) => Origin::Checkpoint { path: path.clone() },
             None => Origin::Boot,
@@ -592,9 +617,21 @@ impl Applier {
                 .lapsed_at
                 .get(from)
                 .map_or(0, |t| t.elapsed().as_millis() as u64);
-            let how = match &checkpoint {
-                Some(p) => format!("from its checkpoint {p}"),
-                None => "by a fresh boot (no checkpoint)".into(),
+            // The checkpoint's age when the lease lapse was seen (the taking host's clock
+            // against this one's: the same to well under a second with NTP).
+            let lapsed_unix_ms = crate::agent::unix_ms().saturating_sub(waited);
+            let age_ms = observed
+                .as_ref()
+                .filter(|o| o.checkpoint == checkpoint)
+                .and_then(|o| o.taken_at_ms)
+                .map(|t| lapsed_unix_ms.saturating_sub(t));
+            let how = match (&checkpoint, age_ms) {
+                (Some(p), Some(age)) => format!(
+                    "from its checkpoint {p} taken {:.1} s before the host's lease lapse was seen",
+                    age as f64 / 1000.0
+                ),
+                (Some(p), None) => format!("from its checkpoint {p}"),
+                (None, _) => "by a fresh boot (no checkpoint)".into(),
             };
             let msg = format!(
                 "HA restart: host {from}'s lease lapsed {waited} ms ago (past the grace of {} ms, longer than its self-fence takes); restarted on host {to} {how}, run token epoch {}",
@@ -607,6 +644,7 @@ impl Applier {
                     "from": from, "epoch": g.token.epoch, "revision": g.revision,
                     "lapsed_ms_ago": waited, "grace_ms": self.grace.as_millis() as u64,
                     "checkpoint": checkpoint,
+                    "checkpoint_age_ms": age_ms,
                 }),
             );
             self.log(
