@@ -6,6 +6,7 @@ mod boot;
 mod cluster;
 mod devices;
 mod display;
+mod encode;
 mod input;
 mod lifecycle;
 mod limits;

@@ -195,11 +195,26 @@ mod tests {
             path: "/tmp/x.h264".into(),
         };
         ok.validate().unwrap();
-        let e = EncodeRequest { fps: 0, ..ok.clone() }.validate().unwrap_err();
+        let e = EncodeRequest {
+            fps: 0,
+            ..ok.clone()
+        }
+        .validate()
+        .unwrap_err();
         assert!(e.contains("frame rate 0"), "{e}");
-        let e = EncodeRequest { bitrate: 10, ..ok.clone() }.validate().unwrap_err();
+        let e = EncodeRequest {
+            bitrate: 10,
+            ..ok.clone()
+        }
+        .validate()
+        .unwrap_err();
         assert!(e.contains("bit rate 10"), "{e}");
-        let e = EncodeRequest { path: "x.h264".into(), ..ok }.validate().unwrap_err();
+        let e = EncodeRequest {
+            path: "x.h264".into(),
+            ..ok
+        }
+        .validate()
+        .unwrap_err();
         assert!(e.contains("not absolute"), "{e}");
         assert_eq!(parse_bitrate("2M").unwrap(), 2_000_000);
         assert_eq!(parse_bitrate("500k").unwrap(), 500_000);

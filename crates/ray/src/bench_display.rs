@@ -107,7 +107,8 @@ fn encode_h264(runs: usize, width: u32, height: u32) -> anyhow::Result<(Vec<f64>
     for f in &frames[1..] {
         out.clear();
         let t = Instant::now();
-        enc.encode(f, stride, &mut out).map_err(anyhow::Error::msg)?;
+        enc.encode(f, stride, &mut out)
+            .map_err(anyhow::Error::msg)?;
         let s = t.elapsed().as_secs_f64();
         fps.push(1.0 / s);
         ms.push(s * 1e3);
@@ -324,8 +325,16 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
             print_row("  zrle full-screen updates", f.zrle_fps, "/s");
         }
         print_row("H.264 encode 1280x800", report.encode_fps.h264, "fps");
-        print_row("H.264 encode 1920x1080", report.encode_fps_1080p.h264, "fps");
-        print_row("H.264 encode latency 1280x800", report.encode_latency_ms.h264, "ms");
+        print_row(
+            "H.264 encode 1920x1080",
+            report.encode_fps_1080p.h264,
+            "fps",
+        );
+        print_row(
+            "H.264 encode latency 1280x800",
+            report.encode_latency_ms.h264,
+            "ms",
+        );
     }
     Ok(())
 }

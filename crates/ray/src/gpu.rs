@@ -64,8 +64,9 @@ pub struct EncodeStartArgs {
     /// The stream file.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: PathBuf,
-    #[command(flatten)]
-    pub out: OutputArgs,
+    /// Print the session as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -297,8 +298,16 @@ fn session_table(sessions: &[EncodeSessionInfo]) -> String {
         .collect();
     table(
         &[
-            "SESSION", "DISPLAY", "CODEC", "STATE", "SIZE", "FRAMES", "FPS", "BYTES",
-            "LATENCY_MS", "FILE",
+            "SESSION",
+            "DISPLAY",
+            "CODEC",
+            "STATE",
+            "SIZE",
+            "FRAMES",
+            "FPS",
+            "BYTES",
+            "LATENCY_MS",
+            "FILE",
         ],
         &rows,
     )
@@ -320,7 +329,8 @@ fn encode_start(runtime: &Path, a: &EncodeStartArgs) -> anyhow::Result<()> {
         &format!("/vm/display/{}/encode", a.display),
         Some(serde_json::to_vec(&req)?),
     )?;
-    if print_structured(&info, a.out.format())? {
+    if a.json {
+        println!("{}", serde_json::to_string(&info)?);
         return Ok(());
     }
     println!(
@@ -331,11 +341,8 @@ fn encode_start(runtime: &Path, a: &EncodeStartArgs) -> anyhow::Result<()> {
 }
 
 fn encode_stop(runtime: &Path, a: &EncodeStopArgs) -> anyhow::Result<()> {
-    let info: EncodeSessionInfo = client(runtime, &a.id)?.call(
-        "DELETE",
-        &format!("/vm/encode/{}", a.session),
-        None,
-    )?;
+    let info: EncodeSessionInfo =
+        client(runtime, &a.id)?.call("DELETE", &format!("/vm/encode/{}", a.session), None)?;
     if print_structured(&info, a.out.format())? {
         return Ok(());
     }
@@ -360,8 +367,8 @@ fn encode_list(runtime: &Path, a: &IdArgs) -> anyhow::Result<()> {
 }
 
 fn decode(a: &DecodeArgs) -> anyhow::Result<()> {
-    let stream = std::fs::read(&a.input)
-        .with_context(|| format!("cannot read {}", a.input.display()))?;
+    let stream =
+        std::fs::read(&a.input).with_context(|| format!("cannot read {}", a.input.display()))?;
     if !a.last {
         std::fs::create_dir_all(&a.output)
             .with_context(|| format!("cannot make the directory {}", a.output.display()))?;
@@ -392,7 +399,12 @@ fn decode(a: &DecodeArgs) -> anyhow::Result<()> {
     match last {
         Some(f) => {
             write_png(&f, &a.output)?;
-            println!("{} (the last of {n} pictures, {}x{})", a.output.display(), f.width, f.height);
+            println!(
+                "{} (the last of {n} pictures, {}x{})",
+                a.output.display(),
+                f.width,
+                f.height
+            );
         }
         None => println!("{n} pictures in {}", a.output.display()),
     }

@@ -37,8 +37,8 @@ use crate::controller::{ControllerError, Message, Request, Response};
 use crate::devices::ConsoleRing;
 use crate::display::{DisplayError, EncodeStartError, TypeError};
 use ray_api::encode::{EncodeList, EncodeRequest, EncodeSessionInfo};
-use ray_display::encode::EncodeError;
 use ray_api::gpu::{DisplaySize, GpuList, TypeText, Typed, MAX_TYPED};
+use ray_display::encode::EncodeError;
 
 #[derive(Clone)]
 struct Api {
@@ -907,12 +907,19 @@ async fn delete_encode(
     axum::extract::Path(session): axum::extract::Path<String>,
 ) -> ApiResult<EncodeSessionInfo> {
     let id: u32 = session.parse().map_err(|_| {
-        ApiError::invalid(format!("session '{session}' is not a session number (1, 2, ...)"))
+        ApiError::invalid(format!(
+            "session '{session}' is not a session number (1, 2, ...)"
+        ))
     })?;
     let hub = api.displays.clone();
     let info = tokio::task::spawn_blocking(move || hub.encode_stop(id))
         .await
-        .map_err(|e| ApiError::new(ErrorCode::Failed, format!("stopping the session failed: {e}")))?
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::Failed,
+                format!("stopping the session failed: {e}"),
+            )
+        })?
         .map_err(|e| ApiError::new(encode_error_code(&e), e.to_string()))?;
     Ok(Json(info))
 }

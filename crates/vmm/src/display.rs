@@ -17,10 +17,10 @@ use ray_api::vmm::{VmConfig, VmStateName as VmState};
 use ray_devices::virtio::gpu::GpuDisplays;
 use ray_devices::virtio::input::{InputHandle, Kind as InputKind};
 use ray_display::auth::Password;
-use ray_display::keys::{self, Keyboard};
 use ray_display::encode::{
     EncodeError, EncodeList, EncodeRequest, EncodeSessionInfo, Encoders, SharedSource,
 };
+use ray_display::keys::{self, Keyboard};
 use ray_display::model::{GpuEvent, GpuModel};
 use ray_display::vnc::InputSink;
 use ray_display::vnc::{self, VncServer};
@@ -328,10 +328,8 @@ impl DisplayHub {
             VmState::Error => model.apply_all(GpuEvent::Fail),
         }
         drop(model);
-        *self.source.lock().unwrap_or_else(|e| e.into_inner()) = inner
-            .frames
-            .clone()
-            .map(|f| f as Arc<dyn FrameSource>);
+        *self.source.lock().unwrap_or_else(|e| e.into_inner()) =
+            inner.frames.clone().map(|f| f as Arc<dyn FrameSource>);
         drop(inner);
         match state {
             VmState::Running | VmState::MigrationSource => self.encoders.set_paused(false),

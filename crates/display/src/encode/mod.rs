@@ -86,9 +86,7 @@ pub enum EncodeError {
     },
     #[error("{0}")]
     Invalid(String),
-    #[error(
-        "codec {codec} is not available: {why}; this build encodes h264 (openh264)"
-    )]
+    #[error("codec {codec} is not available: {why}; this build encodes h264 (openh264)")]
     Codec { codec: Codec, why: &'static str },
     #[error("display {display} has {MAX_SESSIONS_PER_DISPLAY} encode sessions already (at most {MAX_SESSIONS_PER_DISPLAY} a display)")]
     PerDisplay { display: usize },
@@ -143,9 +141,7 @@ impl HostSlot {
                 .truncate(false)
                 .write(true)
                 .open(&path)
-                .map_err(|e| {
-                    EncodeError::Setup(format!("cannot open {}: {e}", path.display()))
-                })?;
+                .map_err(|e| EncodeError::Setup(format!("cannot open {}: {e}", path.display())))?;
             // SAFETY: flock on a descriptor this function owns; no memory is involved.
             let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
             if r == 0 {
@@ -230,7 +226,11 @@ impl Session {
     }
 
     pub fn state(&self) -> SessionState {
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).0
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
     }
 
     /// How many times the thread looked at the display (encoded or not).
@@ -539,7 +539,8 @@ impl Worker {
             else {
                 continue;
             };
-            if geometry.is_some_and(|o| (o.width, o.height, o.stride) != (g.width, g.height, g.stride))
+            if geometry
+                .is_some_and(|o| (o.width, o.height, o.stride) != (g.width, g.height, g.stride))
             {
                 if g.width > MAX_ENCODE_WIDTH || g.height > MAX_ENCODE_HEIGHT {
                     return Err(format!(

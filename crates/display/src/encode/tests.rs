@@ -171,7 +171,13 @@ fn an_idle_display_costs_no_frames_and_a_change_decodes_back() {
     assert!(psnr >= 35.0, "Y PSNR {psnr:.1} dB < 35 dB");
     eprintln!("Y PSNR of the last frame: {psnr:.1} dB");
     // The first picture is not the last one's.
-    let first = y_psnr(&now, (w * 4) as usize, &decoded[0].y, w as usize, h as usize);
+    let first = y_psnr(
+        &now,
+        (w * 4) as usize,
+        &decoded[0].y,
+        w as usize,
+        h as usize,
+    );
     assert!(first < psnr, "first {first:.1} dB, last {psnr:.1} dB");
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -233,16 +239,28 @@ fn limits_and_codecs_are_refused_with_what_is_wrong() {
         .start(geometry(4000, 2000), &req("big"))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("4000x2000") && e.contains("at most 2560x1600"), "{e}");
+    assert!(
+        e.contains("4000x2000") && e.contains("at most 2560x1600"),
+        "{e}"
+    );
     for codec in [Codec::Hevc, Codec::Vp9] {
         let e = enc
             .start(geometry(w, h), &EncodeRequest { codec, ..req("x") })
             .unwrap_err()
             .to_string();
-        assert!(e.contains(&format!("codec {codec} is not available")) && e.contains("`ffmpeg`"), "{e}");
+        assert!(
+            e.contains(&format!("codec {codec} is not available")) && e.contains("`ffmpeg`"),
+            "{e}"
+        );
     }
     let e = enc
-        .start(geometry(w, h), &EncodeRequest { fps: 100, ..req("x") })
+        .start(
+            geometry(w, h),
+            &EncodeRequest {
+                fps: 100,
+                ..req("x")
+            },
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("frame rate 100"), "{e}");
