@@ -8,6 +8,7 @@ mod copy_disks;
 mod devices;
 mod display;
 mod ecam;
+mod encode;
 mod input;
 mod lifecycle;
 mod limits;

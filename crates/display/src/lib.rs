@@ -4,6 +4,7 @@
 //! The VMM owns guest memory; this crate reads pixels through the [`FrameSource`] trait, so
 //! it is tested here against plain buffers and driven in the VMM by guest RAM.
 pub mod auth;
+pub mod encode;
 pub mod keys;
 pub mod layout;
 pub mod model;

@@ -13,6 +13,12 @@
 //!   physical floor), medians of the same run.
 //! * `frame_bytes`: bytes of one full-screen update in each encoding (Raw, ZRLE) for test
 //!   patterns the guest draws, and ZRLE's full-screen updates per second.
+//! * `encode_fps.h264` (1280x800) and `encode_fps_1080p.h264` (1920x1080): frames a second
+//!   the encode sessions' H.264 encoder (openh264, one thread) turns out on this thread,
+//!   each frame a change of the one before (colour bars with a box moving 16 pixels a
+//!   frame, the worst case for an encoder that only sees changed frames), and
+//!   `encode_latency_ms` per frame (XRGB to YUV conversion included). HEVC and VP9 need
+//!   a build with the `ffmpeg` feature and are not in this build's report.
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -50,6 +56,65 @@ struct DisplayReport {
     memcpy_ms: Stats,
     memcpy_ratio: f64,
     frame_bytes: Vec<FrameBytes>,
+    encode_fps: EncodeFps,
+    encode_fps_1080p: EncodeFps,
+    encode_latency_ms: EncodeLatency,
+    /// Bytes a frame at 2 Mbit/s, 1280x800.
+    encode_frame_bytes: f64,
+}
+
+/// Frames a second for each codec this build has.
+#[derive(Serialize)]
+struct EncodeFps {
+    h264: Stats,
+}
+
+#[derive(Serialize)]
+struct EncodeLatency {
+    h264: Stats,
+    h264_1080p: Stats,
+}
+
+/// Encodes `runs` changed frames of `width` x `height` at 2 Mbit/s: (fps of each, ms of
+/// each, mean bytes a frame). The first frame (the IDR) is not counted.
+fn encode_h264(runs: usize, width: u32, height: u32) -> anyhow::Result<(Vec<f64>, Vec<f64>, f64)> {
+    use ray_display::encode::H264Encoder;
+    let mut enc = H264Encoder::new(width, height, 2_000_000, 30).map_err(anyhow::Error::msg)?;
+    let stride = width as usize * 4;
+    let frame = |i: usize| -> Vec<u8> {
+        const BARS: [u32; 8] = [
+            0xffffff, 0xffff00, 0x00ffff, 0x00ff00, 0xff00ff, 0xff0000, 0x0000ff, 0x000000,
+        ];
+        let bx = (i as u32 * 16) % (width - 64);
+        let mut px = Vec::with_capacity(stride * height as usize);
+        for y in 0..height {
+            for x in 0..width {
+                let v = if (bx..bx + 64).contains(&x) && (y % 200) < 64 {
+                    0x2080c0
+                } else {
+                    BARS[(x * 8 / width) as usize]
+                };
+                px.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        px
+    };
+    let frames: Vec<Vec<u8>> = (0..runs.max(2) + 1).map(frame).collect();
+    let mut out = Vec::new();
+    enc.encode(&frames[0], stride, &mut out)
+        .map_err(anyhow::Error::msg)?;
+    let (mut fps, mut ms, mut bytes) = (Vec::new(), Vec::new(), 0usize);
+    for f in &frames[1..] {
+        out.clear();
+        let t = Instant::now();
+        enc.encode(f, stride, &mut out)
+            .map_err(anyhow::Error::msg)?;
+        let s = t.elapsed().as_secs_f64();
+        fps.push(1.0 / s);
+        ms.push(s * 1e3);
+        bytes += out.len();
+    }
+    Ok((fps, ms, bytes as f64 / (frames.len() - 1) as f64))
 }
 
 /// One pattern's full-screen update in each encoding.
@@ -212,6 +277,8 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         })
         .collect();
     let memcpy_ms = Stats::of(&memcpy);
+    let (fps800, ms800, frame_bytes800) = encode_h264(a.runs, 1280, 800)?;
+    let (fps1080, ms1080, _) = encode_h264(a.runs, 1920, 1080)?;
     let report = DisplayReport {
         gpu: a.gpu.clone(),
         runs: a.runs,
@@ -227,6 +294,17 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         memcpy_ratio: Stats::of(&update_ms).median / memcpy_ms.median,
         memcpy_ms,
         frame_bytes,
+        encode_fps: EncodeFps {
+            h264: Stats::of(&fps800),
+        },
+        encode_fps_1080p: EncodeFps {
+            h264: Stats::of(&fps1080),
+        },
+        encode_latency_ms: EncodeLatency {
+            h264: Stats::of(&ms800),
+            h264_1080p: Stats::of(&ms1080),
+        },
+        encode_frame_bytes: frame_bytes800,
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -246,6 +324,17 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
             );
             print_row("  zrle full-screen updates", f.zrle_fps, "/s");
         }
+        print_row("H.264 encode 1280x800", report.encode_fps.h264, "fps");
+        print_row(
+            "H.264 encode 1920x1080",
+            report.encode_fps_1080p.h264,
+            "fps",
+        );
+        print_row(
+            "H.264 encode latency 1280x800",
+            report.encode_latency_ms.h264,
+            "ms",
+        );
     }
     Ok(())
 }

@@ -1,10 +1,13 @@
-//! `ray gpu status|list|displays|screenshot|resize|type ID`: a VM's GPUs and displays
-//! through its API.
+//! `ray gpu status|list|displays|screenshot|resize|type|encode ID`: a VM's GPUs, displays
+//! and encode sessions through its API; `ray gpu decode` turns an H.264 stream back into
+//! pictures, here.
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use ray_api::encode::{EncodeList, EncodeRequest, EncodeSessionInfo};
 use ray_api::gpu::GpuList;
+use ray_display::encode::{DecodedFrame, H264Decoder};
 
 use ray::client::api_error;
 use ray::output::{print_structured, table, OutputArgs};
@@ -25,6 +28,67 @@ pub enum GpuCommand {
     Resize(ResizeArgs),
     /// Type text on the VM's keyboard (virtio-input, US layout; `\n` in TEXT is Enter).
     Type(TypeArgs),
+    /// Encode sessions: a display to a video file, a frame each time it changes.
+    #[command(subcommand)]
+    Encode(EncodeCommand),
+    /// Decode an H.264 (Annex-B) file into PNG pictures.
+    Decode(DecodeArgs),
+}
+
+#[derive(Subcommand)]
+pub enum EncodeCommand {
+    /// Start encoding a display into a file (the VMM writes it).
+    Start(EncodeStartArgs),
+    /// Stop a session; its file is complete when this returns.
+    Stop(EncodeStopArgs),
+    /// The VM's sessions: state, codec, frames, fps, bytes, latency.
+    List(IdArgs),
+}
+
+#[derive(Args)]
+pub struct EncodeStartArgs {
+    /// The VM.
+    pub id: String,
+    /// Which display (0-based over all GPUs).
+    #[arg(long, default_value_t = 0)]
+    pub display: u32,
+    /// h264, or hevc / vp9 (a build with the `ffmpeg` feature).
+    #[arg(long, default_value = "h264", value_parser = ray_api::encode::Codec::parse)]
+    pub codec: ray_api::encode::Codec,
+    /// Target bit rate: bits a second, or with k / M (2M).
+    #[arg(long, default_value = "2M", value_parser = ray_api::encode::parse_bitrate)]
+    pub bitrate: u64,
+    /// At most this many frames a second (fewer while the display is still).
+    #[arg(long, default_value_t = ray_api::encode::DEFAULT_FPS)]
+    pub fps: u32,
+    /// The stream file.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: PathBuf,
+    /// Print the session as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct EncodeStopArgs {
+    /// The VM.
+    pub id: String,
+    /// The session's number (`ray gpu encode list`).
+    pub session: u32,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Args)]
+pub struct DecodeArgs {
+    /// The H.264 Annex-B stream (as `ray gpu encode` writes).
+    pub input: PathBuf,
+    /// The directory for the pictures (frame-00000.png, ...), or with --last the PNG file.
+    #[arg(short = 'o', long = "output", value_name = "PATH")]
+    pub output: PathBuf,
+    /// Only the last picture, written to the output file.
+    #[arg(long)]
+    pub last: bool,
 }
 
 #[derive(Args)]
@@ -83,6 +147,10 @@ pub fn run(cmd: GpuCommand, runtime: &Path) -> anyhow::Result<()> {
         GpuCommand::Screenshot(a) => screenshot(runtime, &a),
         GpuCommand::Resize(a) => resize(runtime, &a),
         GpuCommand::Type(a) => type_text(runtime, &a),
+        GpuCommand::Encode(EncodeCommand::Start(a)) => encode_start(runtime, &a),
+        GpuCommand::Encode(EncodeCommand::Stop(a)) => encode_stop(runtime, &a),
+        GpuCommand::Encode(EncodeCommand::List(a)) => encode_list(runtime, &a),
+        GpuCommand::Decode(a) => decode(&a),
     }
 }
 
@@ -151,6 +219,11 @@ fn show(runtime: &Path, a: &IdArgs, view: View) -> anyhow::Result<()> {
             for (i, a) in list.vnc_tcp.iter().enumerate() {
                 println!("VNC display {i}: {a} (TCP, VNC authentication)");
             }
+            let sessions: EncodeList = client(runtime, &a.id)?.call("GET", "/vm/encode", None)?;
+            if !sessions.sessions.is_empty() {
+                println!();
+                print!("{}", session_table(&sessions.sessions));
+            }
         }
     }
     Ok(())
@@ -197,4 +270,154 @@ fn type_text(runtime: &Path, a: &TypeArgs) -> anyhow::Result<()> {
     )?;
     println!("typed {} events", typed.events);
     Ok(())
+}
+
+fn session_table(sessions: &[EncodeSessionInfo]) -> String {
+    let rows: Vec<Vec<String>> = sessions
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.to_string(),
+                s.display.to_string(),
+                s.codec.to_string(),
+                serde_json::to_value(s.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+                format!("{}x{}", s.width, s.height),
+                s.frames.to_string(),
+                format!("{:.1}", s.fps),
+                s.bytes.to_string(),
+                format!("{:.2}", s.mean_latency_ms),
+                match &s.error {
+                    Some(e) => format!("{} ({e})", s.path),
+                    None => s.path.clone(),
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SESSION",
+            "DISPLAY",
+            "CODEC",
+            "STATE",
+            "SIZE",
+            "FRAMES",
+            "FPS",
+            "BYTES",
+            "LATENCY_MS",
+            "FILE",
+        ],
+        &rows,
+    )
+}
+
+fn encode_start(runtime: &Path, a: &EncodeStartArgs) -> anyhow::Result<()> {
+    let output = std::path::absolute(&a.output)
+        .with_context(|| format!("cannot make {} absolute", a.output.display()))?;
+    let req = EncodeRequest {
+        codec: a.codec,
+        bitrate: a.bitrate,
+        fps: a.fps,
+        path: output.display().to_string(),
+    };
+    // Checked here too, so that a bad setting is named before the VM is asked.
+    req.validate().map_err(anyhow::Error::msg)?;
+    let info: EncodeSessionInfo = client(runtime, &a.id)?.call(
+        "POST",
+        &format!("/vm/display/{}/encode", a.display),
+        Some(serde_json::to_vec(&req)?),
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string(&info)?);
+        return Ok(());
+    }
+    println!(
+        "encode session {} on display {}: {} to {}",
+        info.id, info.display, info.codec, info.path
+    );
+    Ok(())
+}
+
+fn encode_stop(runtime: &Path, a: &EncodeStopArgs) -> anyhow::Result<()> {
+    let info: EncodeSessionInfo =
+        client(runtime, &a.id)?.call("DELETE", &format!("/vm/encode/{}", a.session), None)?;
+    if print_structured(&info, a.out.format())? {
+        return Ok(());
+    }
+    println!(
+        "encode session {} stopped: {} frames, {} bytes in {}",
+        info.id, info.frames, info.bytes, info.path
+    );
+    Ok(())
+}
+
+fn encode_list(runtime: &Path, a: &IdArgs) -> anyhow::Result<()> {
+    let list: EncodeList = client(runtime, &a.id)?.call("GET", "/vm/encode", None)?;
+    if print_structured(&list, a.out.format())? {
+        return Ok(());
+    }
+    if list.sessions.is_empty() {
+        println!("{}: no encode session", a.id);
+    } else {
+        print!("{}", session_table(&list.sessions));
+    }
+    Ok(())
+}
+
+fn decode(a: &DecodeArgs) -> anyhow::Result<()> {
+    let stream =
+        std::fs::read(&a.input).with_context(|| format!("cannot read {}", a.input.display()))?;
+    if !a.last {
+        std::fs::create_dir_all(&a.output)
+            .with_context(|| format!("cannot make the directory {}", a.output.display()))?;
+    }
+    let mut decoder = H264Decoder::new().map_err(anyhow::Error::msg)?;
+    let mut last = None;
+    let mut written = 0usize;
+    let mut failed = None;
+    let n = decoder
+        .decode(&stream, |f| {
+            if a.last {
+                last = Some(f);
+                return;
+            }
+            let path = a.output.join(format!("frame-{written:05}.png"));
+            if let Err(e) = write_png(&f, &path) {
+                failed.get_or_insert(e);
+            }
+            written += 1;
+        })
+        .map_err(|e| anyhow::anyhow!("{}: {e}", a.input.display()))?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if n == 0 {
+        anyhow::bail!("{} holds no H.264 picture", a.input.display());
+    }
+    match last {
+        Some(f) => {
+            write_png(&f, &a.output)?;
+            println!(
+                "{} (the last of {n} pictures, {}x{})",
+                a.output.display(),
+                f.width,
+                f.height
+            );
+        }
+        None => println!("{n} pictures in {}", a.output.display()),
+    }
+    Ok(())
+}
+
+fn write_png(f: &DecodedFrame, path: &Path) -> anyhow::Result<()> {
+    let xrgb: Vec<u8> = f
+        .rgb
+        .chunks_exact(3)
+        .flat_map(|p| [p[2], p[1], p[0], 0])
+        .collect();
+    let png = ray_display::png::encode(&xrgb, f.width, f.height, f.width * 4)
+        .map_err(anyhow::Error::msg)?;
+    std::fs::write(path, png).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -266,6 +266,20 @@ ray gpu screenshot desk -o desk.png",
     ),
     ("gpu type", "ray gpu type desk 'echo hi\\n'"),
     (
+        "gpu encode",
+        "ray gpu encode start desk -o desk.h264\nray gpu encode list desk\nray gpu encode stop desk 1",
+    ),
+    (
+        "gpu encode start",
+        "ray gpu encode start desk -o desk.h264\nray gpu encode start desk --display 1 --bitrate 4M --fps 60 -o second.h264",
+    ),
+    ("gpu encode stop", "ray gpu encode stop desk 1"),
+    ("gpu encode list", "ray gpu encode list desk\nray gpu encode list desk -o json"),
+    (
+        "gpu decode",
+        "ray gpu decode desk.h264 -o frames/\nray gpu decode desk.h264 --last -o last.png",
+    ),
+    (
         "web",
         "ray web --tokens tokens.txt
 ray web --listen 127.0.0.1:0 --tokens tokens.txt --state-dir /var/lib/rayvisor/web",

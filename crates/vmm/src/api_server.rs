@@ -35,8 +35,10 @@ use utoipa_axum::routes;
 use crate::console_attach::{self, Attachment, ConsoleHub};
 use crate::controller::{ControllerError, Message, Request, Response};
 use crate::devices::ConsoleRing;
-use crate::display::{DisplayError, TypeError};
+use crate::display::{DisplayError, EncodeStartError, TypeError};
+use ray_api::encode::{EncodeList, EncodeRequest, EncodeSessionInfo};
 use ray_api::gpu::{DisplaySize, GpuList, TypeText, Typed, MAX_TYPED};
+use ray_display::encode::EncodeError;
 
 #[derive(Clone)]
 struct Api {
@@ -825,6 +827,103 @@ async fn put_display_size(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Start an encode session
+///
+/// Encodes display `n` to a video stream written to `path` (H.264 Annex-B for `h264`) by
+/// a thread of the VMM: a frame only when the display changed, at most `fps` a second;
+/// an idle display adds nothing. The session pauses with the VM and stops with it.
+/// Limits: 2 sessions a display, 4 a VM, 16 a host; displays up to 2560x1600. `hevc` and
+/// `vp9` need a build with the `ffmpeg` feature and are refused otherwise.
+/// Never waits for the VMM thread.
+#[utoipa::path(post, path = "/vm/display/{n}/encode", tag = "display", request_body = EncodeRequest,
+    params(("n" = u32, Path, description = "The display's number.")),
+    responses(
+    (status = 200, description = "The session, started.", body = EncodeSessionInfo),
+    (status = 400, description = "`invalid_request`: `n` is not a number, a setting is out of range, the codec is not available, the display is too large, or the file cannot be created.", body = ErrorBody),
+    (status = 404, description = "`not_found`: no such display.", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the VM does not run; `conflict`: a session limit is reached.", body = ErrorBody),
+    BodyRefusals))]
+async fn post_encode(
+    State(api): State<Api>,
+    axum::extract::Path(n): axum::extract::Path<String>,
+    Body(body): Body,
+) -> ApiResult<EncodeSessionInfo> {
+    let index: usize = n.parse().map_err(|_| {
+        ApiError::invalid(format!("display '{n}' is not a display number (0, 1, ...)"))
+    })?;
+    let req = parse_body::<EncodeRequest>("POST /vm/display/{n}/encode", &body)?;
+    let hub = api.displays.clone();
+    let info = tokio::task::spawn_blocking(move || hub.encode_start(index, &req))
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Failed, format!("the encode session failed: {e}")))?
+        .map_err(|e| {
+            let code = match &e {
+                EncodeStartError::Display(d) => display_error_code(d),
+                EncodeStartError::Encode(e) => encode_error_code(e),
+            };
+            ApiError::new(code, e.to_string())
+        })?;
+    Ok(Json(info))
+}
+
+fn encode_error_code(e: &EncodeError) -> ErrorCode {
+    match e {
+        EncodeError::Invalid(_) | EncodeError::Codec { .. } | EncodeError::TooLarge { .. } => {
+            ErrorCode::InvalidRequest
+        }
+        EncodeError::PerDisplay { .. } | EncodeError::PerVm | EncodeError::PerHost => {
+            ErrorCode::Conflict
+        }
+        EncodeError::Transition { .. } => ErrorCode::WrongState,
+        EncodeError::NoSuchSession(_) => ErrorCode::NotFound,
+        EncodeError::Setup(_) => ErrorCode::Failed,
+    }
+}
+
+/// List the encode sessions
+///
+/// Each session's display, codec, state (`starting`, `running`, `paused`, `stopped`,
+/// `error`), frames, frames a second, bytes and encode latency. Never waits for the VMM
+/// thread.
+#[utoipa::path(get, path = "/vm/encode", tag = "display", responses(
+    (status = 200, description = "The sessions, oldest first.", body = EncodeList)))]
+async fn get_encode(State(api): State<Api>) -> Json<EncodeList> {
+    Json(api.displays.encode_list())
+}
+
+/// Stop an encode session
+///
+/// Stops the session and waits for its thread: the file is complete when the answer
+/// comes. Never waits for the VMM thread.
+#[utoipa::path(delete, path = "/vm/encode/{session}", tag = "display",
+    params(("session" = u32, Path, description = "The session's number.")),
+    responses(
+    (status = 200, description = "The session, stopped.", body = EncodeSessionInfo),
+    (status = 400, description = "`invalid_request`: `session` is not a number.", body = ErrorBody),
+    (status = 404, description = "`not_found`: no such session.", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the session has stopped or failed already.", body = ErrorBody)))]
+async fn delete_encode(
+    State(api): State<Api>,
+    axum::extract::Path(session): axum::extract::Path<String>,
+) -> ApiResult<EncodeSessionInfo> {
+    let id: u32 = session.parse().map_err(|_| {
+        ApiError::invalid(format!(
+            "session '{session}' is not a session number (1, 2, ...)"
+        ))
+    })?;
+    let hub = api.displays.clone();
+    let info = tokio::task::spawn_blocking(move || hub.encode_stop(id))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::Failed,
+                format!("stopping the session failed: {e}"),
+            )
+        })?
+        .map_err(|e| ApiError::new(encode_error_code(&e), e.to_string()))?;
+    Ok(Json(info))
+}
+
 /// Type text on the keyboard
 ///
 /// The text as key strokes on the VM's virtio-input keyboard (US layout), sent as one
@@ -917,6 +1016,9 @@ fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(get_screenshot))
         .routes(routes!(put_display_size))
         .routes(routes!(post_type))
+        .routes(routes!(post_encode))
+        .routes(routes!(get_encode))
+        .routes(routes!(delete_encode))
         .routes(routes!(get_metrics))
         .routes(routes!(get_version))
         .routes(routes!(get_openapi))

@@ -17,6 +17,9 @@ use ray_api::vmm::{VmConfig, VmStateName as VmState};
 use ray_devices::virtio::gpu::GpuDisplays;
 use ray_devices::virtio::input::{InputHandle, Kind as InputKind};
 use ray_display::auth::Password;
+use ray_display::encode::{
+    EncodeError, EncodeList, EncodeRequest, EncodeSessionInfo, Encoders, SharedSource,
+};
 use ray_display::keys::{self, Keyboard};
 use ray_display::model::{GpuEvent, GpuModel};
 use ray_display::vnc::InputSink;
@@ -166,6 +169,15 @@ pub enum DisplayError {
     Resize(String),
 }
 
+/// Why an encode session did not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeStartError {
+    #[error(transparent)]
+    Display(#[from] DisplayError),
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+}
+
 impl Inner {
     /// The displays now: the machine's, or before it runs, those of the configuration.
     fn displays(&self) -> Vec<DisplayGeometry> {
@@ -216,15 +228,23 @@ pub struct DisplayHub {
     dir: PathBuf,
     model: Arc<Mutex<GpuModel>>,
     inner: Mutex<Inner>,
+    /// What the encode sessions read: the machine's framebuffers while there are some.
+    source: SharedSource,
+    encoders: Encoders,
 }
 
 impl DisplayHub {
     pub fn new(id: &str, dir: PathBuf) -> Self {
+        let source: SharedSource = Arc::default();
+        // The host's encode slots live beside the VMs' directories.
+        let slots = dir.parent().map(|runtime| runtime.join(".encode-slots"));
         Self {
             id: id.to_string(),
             dir,
             model: Arc::default(),
             inner: Mutex::default(),
+            encoders: Encoders::new(source.clone(), slots),
+            source,
         }
     }
 
@@ -307,6 +327,46 @@ impl DisplayHub {
             }
             VmState::Error => model.apply_all(GpuEvent::Fail),
         }
+        drop(model);
+        *self.source.lock().unwrap_or_else(|e| e.into_inner()) =
+            inner.frames.clone().map(|f| f as Arc<dyn FrameSource>);
+        drop(inner);
+        match state {
+            VmState::Running | VmState::MigrationSource => self.encoders.set_paused(false),
+            VmState::Paused | VmState::Suspended => self.encoders.set_paused(true),
+            VmState::Terminated | VmState::Error => self.encoders.stop_all(),
+            VmState::Created | VmState::MigrationTarget => {}
+        }
+    }
+
+    /// Starts an encode session on display `index`.
+    pub fn encode_start(
+        &self,
+        index: usize,
+        req: &EncodeRequest,
+    ) -> Result<EncodeSessionInfo, EncodeStartError> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let displays = inner.displays();
+        let count = displays.len();
+        let Some(d) = displays.get(index).copied() else {
+            return Err(DisplayError::NoSuchDisplay { index, count }.into());
+        };
+        let state = inner.state.unwrap_or(VmState::Created);
+        if inner.frames.is_none() {
+            return Err(DisplayError::NotRunning(state).into());
+        }
+        drop(inner);
+        Ok(self.encoders.start(d, req)?)
+    }
+
+    /// Stops encode session `id`.
+    pub fn encode_stop(&self, id: u32) -> Result<EncodeSessionInfo, EncodeError> {
+        self.encoders.stop(id)
+    }
+
+    /// The encode sessions.
+    pub fn encode_list(&self) -> EncodeList {
+        self.encoders.list()
     }
 
     fn start_vnc(

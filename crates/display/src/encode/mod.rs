@@ -1,0 +1,596 @@
+//! Encode sessions: a display of a VM encoded to a video stream, frame by frame while its
+//! picture changes, by a thread of its own.
+//!
+//! Each session moves through the states of one transition table:
+//!
+//! ```text
+//!  Starting --started--> Running --pause--> Paused --resume--> Running
+//!  Starting --pause--> Paused
+//!  Starting | Running | Paused --stop--> Stopped      (final)
+//!  Starting | Running | Paused --fail--> Error        (final)
+//! ```
+//!
+//! A session's thread wakes at most `fps` times a second, reads the display and encodes it
+//! only when it differs from the last frame it encoded: an idle display costs no frames and
+//! no bytes. The VM pausing pauses its sessions (the picture holds still); its end stops
+//! them. Limits: [`MAX_SESSIONS_PER_DISPLAY`], [`MAX_SESSIONS_PER_VM`] and, over all VMs of
+//! the host, [`MAX_SESSIONS_PER_HOST`] (slots held as `flock`s on files of a host-wide
+//! directory, so a VMM that dies frees its slots).
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub use ray_api::encode::{
+    Codec, EncodeList, EncodeRequest, EncodeSessionInfo, EncodeStateName as SessionState,
+    MAX_ENCODE_HEIGHT, MAX_ENCODE_WIDTH, MAX_SESSIONS_PER_DISPLAY, MAX_SESSIONS_PER_HOST,
+    MAX_SESSIONS_PER_VM,
+};
+
+use crate::{DisplayGeometry, FrameSource};
+
+pub mod h264;
+
+pub use h264::{y_psnr, DecodedFrame, H264Decoder, H264Encoder};
+
+/// What happens to a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionEvent {
+    Started,
+    Pause,
+    Resume,
+    Stop,
+    Fail,
+}
+
+impl SessionEvent {
+    pub const ALL: [SessionEvent; 5] = [
+        SessionEvent::Started,
+        SessionEvent::Pause,
+        SessionEvent::Resume,
+        SessionEvent::Stop,
+        SessionEvent::Fail,
+    ];
+}
+
+/// The one transition table: the next state, or None where `event` is refused in `state`.
+pub fn next_state(state: SessionState, event: SessionEvent) -> Option<SessionState> {
+    use SessionEvent as E;
+    use SessionState as S;
+    match (state, event) {
+        (S::Starting, E::Started) => Some(S::Running),
+        (S::Starting | S::Running | S::Paused, E::Pause) => Some(S::Paused),
+        (S::Paused, E::Resume) => Some(S::Running),
+        (S::Starting | S::Running | S::Paused, E::Stop) => Some(S::Stopped),
+        (S::Starting | S::Running | S::Paused, E::Fail) => Some(S::Error),
+        (S::Running | S::Paused | S::Stopped | S::Error, E::Started)
+        | (S::Stopped | S::Error, E::Pause)
+        | (S::Starting | S::Running | S::Stopped | S::Error, E::Resume)
+        | (S::Stopped | S::Error, E::Stop | E::Fail) => None,
+    }
+}
+
+/// Why a session could not start or change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("encode session {id} is {state:?}: {event:?} is not allowed in that state")]
+    Transition {
+        id: u32,
+        state: SessionState,
+        event: SessionEvent,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("codec {codec} is not available: {why}; this build encodes h264 (openh264)")]
+    Codec { codec: Codec, why: &'static str },
+    #[error("display {display} has {MAX_SESSIONS_PER_DISPLAY} encode sessions already (at most {MAX_SESSIONS_PER_DISPLAY} a display)")]
+    PerDisplay { display: usize },
+    #[error("the VM has {MAX_SESSIONS_PER_VM} encode sessions already (at most {MAX_SESSIONS_PER_VM} a VM)")]
+    PerVm,
+    #[error("the host runs {MAX_SESSIONS_PER_HOST} encode sessions already (at most {MAX_SESSIONS_PER_HOST} a host)")]
+    PerHost,
+    #[error("display {display} is {width}x{height}: encode sessions take at most {MAX_ENCODE_WIDTH}x{MAX_ENCODE_HEIGHT}")]
+    TooLarge {
+        display: usize,
+        width: u32,
+        height: u32,
+    },
+    #[error("encode session {0} does not exist")]
+    NoSuchSession(u32),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Whether `codec` can be encoded by this build; the error says what is missing.
+pub fn check_codec(codec: Codec) -> Result<(), EncodeError> {
+    match codec {
+        Codec::H264 => Ok(()),
+        Codec::Hevc | Codec::Vp9 => Err(EncodeError::Codec {
+            codec,
+            why: "HEVC and VP9 come from the host's FFmpeg libraries (libavcodec with \
+                  libx265 / libvpx), which need rayvisor built with the `ffmpeg` cargo feature",
+        }),
+    }
+}
+
+/// Where sessions read their display: replaced when the VM's machine is (a restore).
+pub type SharedSource = Arc<Mutex<Option<Arc<dyn FrameSource>>>>;
+
+/// A slot of the host's session limit: a `flock` held on one of the slot files.
+struct HostSlot {
+    _file: File,
+}
+
+impl HostSlot {
+    fn claim(dir: &Path) -> Result<HostSlot, EncodeError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            EncodeError::Setup(format!(
+                "cannot make the host's encode-slot directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        for i in 0..MAX_SESSIONS_PER_HOST {
+            let path = dir.join(format!("slot-{i}"));
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| EncodeError::Setup(format!("cannot open {}: {e}", path.display())))?;
+            // SAFETY: flock on a descriptor this function owns; no memory is involved.
+            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if r == 0 {
+                return Ok(HostSlot { _file: file });
+            }
+        }
+        Err(EncodeError::PerHost)
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    frames: u64,
+    bytes: u64,
+    last_latency: Duration,
+    total_latency: Duration,
+    /// When the last frames were encoded (the last 5 s).
+    recent: VecDeque<Instant>,
+    width: u32,
+    height: u32,
+}
+
+/// How far back the frame rate looks.
+const FPS_WINDOW: Duration = Duration::from_secs(5);
+
+struct Shared {
+    id: u32,
+    state: Mutex<(SessionState, Option<String>)>,
+    stats: Mutex<Stats>,
+    stop: AtomicBool,
+    paused: AtomicBool,
+    /// Times the thread looked at the display.
+    polls: AtomicU64,
+    started: Instant,
+}
+
+impl Shared {
+    fn apply(&self, event: SessionEvent) -> Result<SessionState, EncodeError> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let next = next_state(s.0, event).ok_or(EncodeError::Transition {
+            id: self.id,
+            state: s.0,
+            event,
+        })?;
+        s.0 = next;
+        Ok(next)
+    }
+
+    fn fail(&self, why: String) {
+        tracing::error!(session = self.id, "encode session failed: {why}");
+        if self.apply(SessionEvent::Fail).is_ok() {
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = Some(why);
+        }
+    }
+}
+
+/// The settings of a session.
+#[derive(Clone, Debug)]
+pub struct SessionParams {
+    pub codec: Codec,
+    pub bitrate: u64,
+    pub fps: u32,
+    pub path: String,
+}
+
+/// One encode session and its thread.
+pub struct Session {
+    display: usize,
+    params: SessionParams,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    slot: Option<HostSlot>,
+}
+
+impl Session {
+    pub fn id(&self) -> u32 {
+        self.shared.id
+    }
+
+    pub fn display(&self) -> usize {
+        self.display
+    }
+
+    pub fn state(&self) -> SessionState {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
+
+    /// How many times the thread looked at the display (encoded or not).
+    pub fn polls(&self) -> u64 {
+        self.shared.polls.load(Ordering::SeqCst)
+    }
+
+    fn active(&self) -> bool {
+        !matches!(self.state(), SessionState::Stopped | SessionState::Error)
+    }
+
+    pub fn info(&self) -> EncodeSessionInfo {
+        let (state, error) = self
+            .shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut st = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        while st
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > FPS_WINDOW)
+        {
+            st.recent.pop_front();
+        }
+        let window = now
+            .duration_since(self.shared.started)
+            .min(FPS_WINDOW)
+            .as_secs_f64()
+            .max(1e-3);
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        EncodeSessionInfo {
+            id: self.shared.id,
+            display: self.display as u32,
+            codec: self.params.codec,
+            state,
+            width: st.width,
+            height: st.height,
+            bitrate: self.params.bitrate,
+            fps_limit: self.params.fps,
+            frames: st.frames,
+            fps: if matches!(state, SessionState::Running) {
+                st.recent.len() as f64 / window
+            } else {
+                0.0
+            },
+            bytes: st.bytes,
+            latency_ms: ms(st.last_latency),
+            mean_latency_ms: if st.frames == 0 {
+                0.0
+            } else {
+                ms(st.total_latency) / st.frames as f64
+            },
+            path: self.params.path.clone(),
+            error,
+        }
+    }
+
+    /// Stops the thread and waits for it; the file is complete after this.
+    fn finish(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+        self.slot = None;
+    }
+}
+
+/// Most finished sessions kept for `GET /vm/encode`.
+const KEEP_FINISHED: usize = 16;
+
+#[derive(Default)]
+struct Registry {
+    sessions: Vec<Session>,
+    next: u32,
+    paused: bool,
+}
+
+/// The encode sessions of one VM.
+pub struct Encoders {
+    source: SharedSource,
+    /// The host-wide directory of session slots (None: no host limit, in tests).
+    slots: Option<PathBuf>,
+    reg: Mutex<Registry>,
+}
+
+impl Encoders {
+    /// Sessions reading from `source`, with the host's slots in `slots`.
+    pub fn new(source: SharedSource, slots: Option<PathBuf>) -> Self {
+        Self {
+            source,
+            slots,
+            reg: Mutex::default(),
+        }
+    }
+
+    /// Starts a session on `display` (now `geometry`) writing to `req.path`: every limit
+    /// and setting is checked before the file is made or a thread starts.
+    pub fn start(
+        &self,
+        geometry: DisplayGeometry,
+        req: &EncodeRequest,
+    ) -> Result<EncodeSessionInfo, EncodeError> {
+        req.validate().map_err(EncodeError::Invalid)?;
+        check_codec(req.codec)?;
+        let display = geometry.index;
+        if geometry.width > MAX_ENCODE_WIDTH || geometry.height > MAX_ENCODE_HEIGHT {
+            return Err(EncodeError::TooLarge {
+                display,
+                width: geometry.width,
+                height: geometry.height,
+            });
+        }
+        let mut reg = self.reg.lock().unwrap_or_else(|e| e.into_inner());
+        let active: Vec<&Session> = reg.sessions.iter().filter(|s| s.active()).collect();
+        if active.iter().filter(|s| s.display == display).count() >= MAX_SESSIONS_PER_DISPLAY {
+            return Err(EncodeError::PerDisplay { display });
+        }
+        if active.len() >= MAX_SESSIONS_PER_VM {
+            return Err(EncodeError::PerVm);
+        }
+        let slot = self.slots.as_deref().map(HostSlot::claim).transpose()?;
+        let encoder = H264Encoder::new(geometry.width, geometry.height, req.bitrate, req.fps)
+            .map_err(EncodeError::Setup)?;
+        let file = File::create(&req.path).map_err(|e| {
+            EncodeError::Invalid(format!("cannot create the output file {}: {e}", req.path))
+        })?;
+        reg.next += 1;
+        let id = reg.next;
+        let shared = Arc::new(Shared {
+            id,
+            state: Mutex::new((SessionState::Starting, None)),
+            stats: Mutex::default(),
+            stop: AtomicBool::new(false),
+            paused: AtomicBool::new(reg.paused),
+            polls: AtomicU64::new(0),
+            started: Instant::now(),
+        });
+        if reg.paused {
+            let _ = shared.apply(SessionEvent::Pause);
+        }
+        let params = SessionParams {
+            codec: req.codec,
+            bitrate: req.bitrate,
+            fps: req.fps,
+            path: req.path.clone(),
+        };
+        let worker = Worker {
+            shared: shared.clone(),
+            source: self.source.clone(),
+            display,
+            geometry,
+            params: params.clone(),
+            encoder,
+            out: file,
+        };
+        let span = tracing::Span::current();
+        let thread = std::thread::Builder::new()
+            .name(format!("encode-{id}"))
+            .spawn(move || {
+                ray_seccomp::enter(ray_seccomp::Kind::Display);
+                let _span = span.enter();
+                worker.run();
+            })
+            .map_err(|e| EncodeError::Setup(format!("cannot start the encoder thread: {e}")))?;
+        let session = Session {
+            display,
+            params,
+            shared,
+            thread: Some(thread),
+            slot,
+        };
+        let info = session.info();
+        tracing::info!(session = id, screen = geometry.index, codec = %req.codec, path = %req.path, "encode session started");
+        reg.sessions.push(session);
+        let finished = reg.sessions.iter().filter(|s| !s.active()).count();
+        if finished > KEEP_FINISHED {
+            if let Some(i) = reg.sessions.iter().position(|s| !s.active()) {
+                let mut old = reg.sessions.remove(i);
+                old.finish();
+            }
+        }
+        Ok(info)
+    }
+
+    /// Stops session `id`; its file is complete when this returns.
+    pub fn stop(&self, id: u32) -> Result<EncodeSessionInfo, EncodeError> {
+        let mut reg = self.reg.lock().unwrap_or_else(|e| e.into_inner());
+        let s = reg
+            .sessions
+            .iter_mut()
+            .find(|s| s.id() == id)
+            .ok_or(EncodeError::NoSuchSession(id))?;
+        s.shared.apply(SessionEvent::Stop)?;
+        s.finish();
+        tracing::info!(session = id, "encode session stopped");
+        Ok(s.info())
+    }
+
+    /// Stops every session (the VM ended).
+    pub fn stop_all(&self) {
+        let mut reg = self.reg.lock().unwrap_or_else(|e| e.into_inner());
+        for s in &mut reg.sessions {
+            if s.shared.apply(SessionEvent::Stop).is_ok() {
+                s.finish();
+            }
+        }
+    }
+
+    /// The VM paused (`true`) or runs again: its sessions follow.
+    pub fn set_paused(&self, paused: bool) {
+        let mut reg = self.reg.lock().unwrap_or_else(|e| e.into_inner());
+        reg.paused = paused;
+        for s in &reg.sessions {
+            let event = if paused {
+                SessionEvent::Pause
+            } else {
+                SessionEvent::Resume
+            };
+            if s.shared.apply(event).is_ok() {
+                s.shared.paused.store(paused, Ordering::SeqCst);
+                if let Some(t) = &s.thread {
+                    t.thread().unpark();
+                }
+            }
+        }
+    }
+
+    /// Every session, oldest first.
+    pub fn list(&self) -> EncodeList {
+        let reg = self.reg.lock().unwrap_or_else(|e| e.into_inner());
+        EncodeList {
+            sessions: reg.sessions.iter().map(Session::info).collect(),
+        }
+    }
+
+    /// Runs `f` on session `id` (tests look at its counters).
+    pub fn with_session<T>(&self, id: u32, f: impl FnOnce(&Session) -> T) -> Option<T> {
+        let reg = self.reg.lock().unwrap_or_else(|e| e.into_inner());
+        reg.sessions.iter().find(|s| s.id() == id).map(f)
+    }
+}
+
+impl Drop for Encoders {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+/// A session's thread: its encoder, output and display.
+struct Worker {
+    shared: Arc<Shared>,
+    source: SharedSource,
+    display: usize,
+    /// The display's geometry the encoder was made for.
+    geometry: DisplayGeometry,
+    params: SessionParams,
+    encoder: H264Encoder,
+    out: File,
+}
+
+impl Worker {
+    fn run(mut self) {
+        if let Err(e) = self.encode_loop() {
+            self.shared.fail(e);
+        }
+        let _ = self.out.flush();
+    }
+
+    fn encode_loop(&mut self) -> Result<(), String> {
+        let interval = Duration::from_secs(1) / self.params.fps;
+        let mut next = Instant::now();
+        let mut frame: Vec<u8> = Vec::new();
+        let mut last: Option<Vec<u8>> = None;
+        let mut geometry = Some(self.geometry);
+        let mut au = Vec::new();
+        loop {
+            let now = Instant::now();
+            if next > now {
+                std::thread::park_timeout(next - now);
+            }
+            if self.shared.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if Instant::now() < next {
+                continue; // woken early (pause or resume): keep the pace
+            }
+            next = (next + interval).max(Instant::now());
+            if self.shared.paused.load(Ordering::SeqCst) {
+                continue;
+            }
+            let _ = self.shared.apply(SessionEvent::Started);
+            let source = self
+                .source
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let Some(source) = source else { continue };
+            let Some(g) = source
+                .displays()
+                .into_iter()
+                .find(|d| d.index == self.display)
+            else {
+                continue;
+            };
+            if geometry
+                .is_some_and(|o| (o.width, o.height, o.stride) != (g.width, g.height, g.stride))
+            {
+                if g.width > MAX_ENCODE_WIDTH || g.height > MAX_ENCODE_HEIGHT {
+                    return Err(format!(
+                        "display {} became {}x{}: encode sessions take at most {MAX_ENCODE_WIDTH}x{MAX_ENCODE_HEIGHT}",
+                        self.display, g.width, g.height
+                    ));
+                }
+                // A new size: a new sequence (SPS, PPS, IDR) in the same stream.
+                self.encoder =
+                    H264Encoder::new(g.width, g.height, self.params.bitrate, self.params.fps)?;
+                last = None;
+            }
+            geometry = Some(g);
+            frame.resize(g.bytes(), 0);
+            self.shared.polls.fetch_add(1, Ordering::SeqCst);
+            if !source.read(self.display, &mut frame) {
+                continue;
+            }
+            if last.as_deref() == Some(&frame[..]) {
+                continue; // the display is idle: no frame
+            }
+            let t0 = Instant::now();
+            au.clear();
+            self.encoder.encode(&frame, g.stride as usize, &mut au)?;
+            if au.is_empty() {
+                continue; // skipped by the rate control: offered again next time
+            }
+            self.out
+                .write_all(&au)
+                .map_err(|e| format!("cannot write {}: {e}", self.params.path))?;
+            let took = t0.elapsed();
+            {
+                let mut st = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+                st.frames += 1;
+                st.bytes += au.len() as u64;
+                st.last_latency = took;
+                st.total_latency += took;
+                st.recent.push_back(t0);
+                if st.recent.len() > 600 {
+                    st.recent.pop_front();
+                }
+                (st.width, st.height) = self.encoder.size();
+            }
+            match &mut last {
+                Some(l) => std::mem::swap(l, &mut frame),
+                None => last = Some(frame.clone()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,270 @@
+use super::*;
+
+/// A display in a plain buffer whose pixels the test changes.
+struct Screen {
+    geometry: DisplayGeometry,
+    pixels: Mutex<Vec<u8>>,
+}
+
+impl FrameSource for Screen {
+    fn displays(&self) -> Vec<DisplayGeometry> {
+        vec![self.geometry]
+    }
+    fn read(&self, index: usize, out: &mut [u8]) -> bool {
+        let p = self.pixels.lock().unwrap();
+        if index != 0 || out.len() != p.len() {
+            return false;
+        }
+        out.copy_from_slice(&p);
+        true
+    }
+}
+
+fn geometry(width: u32, height: u32) -> DisplayGeometry {
+    DisplayGeometry {
+        index: 0,
+        gpu: 0,
+        gpa: 0,
+        width,
+        height,
+        stride: width * 4,
+    }
+}
+
+/// Colour bars over the top half, a grey ramp below with a box at (`bx`, 300): a picture
+/// like the guest's `draw` pattern, with sharp edges.
+pub(crate) fn pattern(width: u32, height: u32, bx: u32) -> Vec<u8> {
+    const BARS: [u32; 8] = [
+        0xffffff, 0xffff00, 0x00ffff, 0x00ff00, 0xff00ff, 0xff0000, 0x0000ff, 0x000000,
+    ];
+    let mut px = Vec::with_capacity((width * height * 4) as usize);
+    for y in 0..height {
+        for x in 0..width {
+            let v = if y < height / 2 {
+                BARS[(x * 8 / width) as usize]
+            } else if (bx..bx + 64).contains(&x) && (300..364).contains(&y) {
+                0x2080c0
+            } else {
+                let g = x * 255 / width;
+                (g << 16) | (g << 8) | g
+            };
+            px.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    px
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn request(path: &Path) -> EncodeRequest {
+    EncodeRequest {
+        codec: Codec::H264,
+        bitrate: 2_000_000,
+        fps: 60,
+        path: path.display().to_string(),
+    }
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ray-encode-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn every_state_and_event_pair_has_its_answer() {
+    use SessionEvent as E;
+    use SessionState as S;
+    let states = [S::Starting, S::Running, S::Paused, S::Stopped, S::Error];
+    let allowed = [
+        (S::Starting, E::Started, S::Running),
+        (S::Starting, E::Pause, S::Paused),
+        (S::Running, E::Pause, S::Paused),
+        (S::Paused, E::Pause, S::Paused),
+        (S::Paused, E::Resume, S::Running),
+    ];
+    for s in states {
+        for e in SessionEvent::ALL {
+            let live = matches!(s, S::Starting | S::Running | S::Paused);
+            let expect = match e {
+                E::Stop if live => Some(S::Stopped),
+                E::Fail if live => Some(S::Error),
+                _ => allowed
+                    .iter()
+                    .find(|(fs, fe, _)| *fs == s && *fe == e)
+                    .map(|a| a.2),
+            };
+            assert_eq!(next_state(s, e), expect, "{s:?} x {e:?}");
+        }
+    }
+}
+
+#[test]
+fn an_idle_display_costs_no_frames_and_a_change_decodes_back() {
+    let (w, h) = (640, 480);
+    let screen = Arc::new(Screen {
+        geometry: geometry(w, h),
+        pixels: Mutex::new(pattern(w, h, 100)),
+    });
+    let source: SharedSource = Arc::new(Mutex::new(Some(screen.clone() as Arc<dyn FrameSource>)));
+    let enc = Encoders::new(source, None);
+    let dir = tmp("idle");
+    let out = dir.join("out.h264");
+    let info = enc.start(geometry(w, h), &request(&out)).unwrap();
+    let id = info.id;
+    let frames = || enc.list().sessions[0].frames;
+    let polls = || enc.with_session(id, Session::polls).unwrap();
+    wait_until("the first frame", || frames() == 1);
+    assert_eq!(enc.list().sessions[0].state, SessionState::Running);
+    // Thirty more looks at an unchanged display: no frame.
+    let p = polls();
+    wait_until("30 polls", || polls() >= p + 30);
+    assert_eq!(frames(), 1, "an idle display is not encoded");
+    let bytes_idle = enc.list().sessions[0].bytes;
+
+    // A change: one more frame, then idle again.
+    *screen.pixels.lock().unwrap() = pattern(w, h, 400);
+    wait_until("the second frame", || frames() == 2);
+    let p = polls();
+    wait_until("30 polls", || polls() >= p + 30);
+    assert_eq!(frames(), 2);
+
+    // Paused with its VM: a change is not encoded until the VM runs again.
+    enc.set_paused(true);
+    assert_eq!(enc.list().sessions[0].state, SessionState::Paused);
+    *screen.pixels.lock().unwrap() = pattern(w, h, 200);
+    let p = polls();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(polls(), p, "a paused session does not look at the display");
+    assert_eq!(frames(), 2);
+    enc.set_paused(false);
+    wait_until("the frame after resume", || frames() == 3);
+
+    let done = enc.stop(id).unwrap();
+    assert_eq!(done.state, SessionState::Stopped);
+    assert!(done.bytes > bytes_idle);
+    let e = enc.stop(id).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("encode session {id} is Stopped: Stop is not allowed in that state")
+    );
+
+    // The file decodes to the three pictures; the last is the screen now.
+    let stream = std::fs::read(&out).unwrap();
+    assert_eq!(stream.len() as u64, done.bytes);
+    let mut decoded = Vec::new();
+    H264Decoder::new()
+        .unwrap()
+        .decode(&stream, |f| decoded.push(f))
+        .unwrap();
+    assert_eq!(decoded.len(), 3);
+    let last = decoded.last().unwrap();
+    assert_eq!((last.width, last.height), (w, h));
+    let now = screen.pixels.lock().unwrap().clone();
+    let psnr = y_psnr(&now, (w * 4) as usize, &last.y, w as usize, h as usize);
+    assert!(psnr >= 35.0, "Y PSNR {psnr:.1} dB < 35 dB");
+    eprintln!("Y PSNR of the last frame: {psnr:.1} dB");
+    // The first picture is not the last one's.
+    let first = y_psnr(
+        &now,
+        (w * 4) as usize,
+        &decoded[0].y,
+        w as usize,
+        h as usize,
+    );
+    assert!(first < psnr, "first {first:.1} dB, last {psnr:.1} dB");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn limits_and_codecs_are_refused_with_what_is_wrong() {
+    let (w, h) = (320, 240);
+    let screen = Arc::new(Screen {
+        geometry: geometry(w, h),
+        pixels: Mutex::new(pattern(w, h, 10)),
+    });
+    let source: SharedSource = Arc::new(Mutex::new(Some(screen as Arc<dyn FrameSource>)));
+    let dir = tmp("limits");
+    let slots = dir.join("slots");
+    let enc = Encoders::new(source.clone(), Some(slots.clone()));
+    let req = |n: &str| request(&dir.join(n));
+    let mut other = geometry(w, h);
+    other.index = 1;
+    enc.start(geometry(w, h), &req("a")).unwrap();
+    enc.start(geometry(w, h), &req("b")).unwrap();
+    let e = enc.start(geometry(w, h), &req("c")).unwrap_err();
+    assert_eq!(e, EncodeError::PerDisplay { display: 0 });
+    assert!(e.to_string().contains("at most 2 a display"), "{e}");
+    enc.start(other, &req("c")).unwrap();
+    let mut third = geometry(w, h);
+    third.index = 2;
+    enc.start(third, &req("d")).unwrap();
+    let mut fourth = geometry(w, h);
+    fourth.index = 3;
+    let e = enc.start(fourth, &req("e")).unwrap_err();
+    assert_eq!(e, EncodeError::PerVm);
+    assert!(!dir.join("e").exists(), "refused before the file is made");
+    // A stopped session frees its place.
+    enc.stop(1).unwrap();
+    enc.start(fourth, &req("e")).unwrap();
+
+    // The host's slots: another VM's sessions share them.
+    let others: Vec<Encoders> = (0..4)
+        .map(|_| Encoders::new(source.clone(), Some(slots.clone())))
+        .collect();
+    let mut started = 4;
+    'fill: for o in &others {
+        for d in 0..4 {
+            let mut g = geometry(w, h);
+            g.index = d;
+            match o.start(g, &req(&format!("h{started}"))) {
+                Ok(_) => started += 1,
+                Err(e) => {
+                    assert_eq!(e, EncodeError::PerHost);
+                    assert!(e.to_string().contains("at most 16 a host"), "{e}");
+                    break 'fill;
+                }
+            }
+        }
+    }
+    assert_eq!(started, MAX_SESSIONS_PER_HOST);
+
+    let e = enc
+        .start(geometry(4000, 2000), &req("big"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("4000x2000") && e.contains("at most 2560x1600"),
+        "{e}"
+    );
+    for codec in [Codec::Hevc, Codec::Vp9] {
+        let e = enc
+            .start(geometry(w, h), &EncodeRequest { codec, ..req("x") })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("codec {codec} is not available")) && e.contains("`ffmpeg`"),
+            "{e}"
+        );
+    }
+    let e = enc
+        .start(
+            geometry(w, h),
+            &EncodeRequest {
+                fps: 100,
+                ..req("x")
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("frame rate 100"), "{e}");
+    drop(others);
+    drop(enc);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -1,0 +1,143 @@
+//! Encode sessions on a running VM (seccomp in kill mode, the default): the guest draws a
+//! known pattern, the session encodes it to H.264, the file decodes back to the screenshot
+//! with Y PSNR >= 35 dB, and an idle display adds no frames.
+use std::time::{Duration, Instant};
+
+use ray_api::encode::{EncodeList, EncodeSessionInfo, EncodeStateName};
+use ray_display::encode::{y_psnr, H264Decoder};
+use ray_e2e::Env;
+
+fn sessions(env: &Env, id: &str) -> EncodeList {
+    serde_json::from_str(&env.ray_ok(&["gpu", "encode", "list", id, "-o", "json"])).unwrap()
+}
+
+fn wait_frames(env: &Env, id: &str, at_least: u64) -> EncodeSessionInfo {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = sessions(env, id).sessions.remove(0);
+        if s.frames >= at_least {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "no frame {at_least}: {s:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_encoded_pattern_decodes_back_and_an_idle_display_adds_no_frames() {
+    let env = Env::new("encode");
+    let mut vm = env.boot(&[
+        "--memory",
+        "128M",
+        "--gpu",
+        "emulated,width=640,height=480,displays=2",
+    ]);
+    vm.expect_line("ready", Duration::from_secs(20));
+    let out = env.runtime.join("d0.h264");
+    let started: EncodeSessionInfo = serde_json::from_str(&env.ray_ok(&[
+        "gpu",
+        "encode",
+        "start",
+        &vm.id,
+        "--fps",
+        "30",
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(started.display, 0);
+    // The first look at the display is a frame; then the guest draws.
+    wait_frames(&env, &vm.id, 1);
+    let answer = vm.command("draw checker 7 0", "draw ");
+    assert_eq!(answer, "draw checker seed=7 display=0 640x480");
+    let after_draw = wait_frames(&env, &vm.id, 2);
+    // One second (30 looks at 30 fps) of a still display: no frame.
+    std::thread::sleep(Duration::from_millis(1000));
+    let idle = sessions(&env, &vm.id).sessions.remove(0);
+    assert_eq!(idle.state, EncodeStateName::Running);
+    assert_eq!(
+        idle.frames, after_draw.frames,
+        "an idle display is not encoded"
+    );
+    assert_eq!(idle.bytes, after_draw.bytes);
+
+    // Limits and codecs are refused with what is wrong.
+    let err = env.ray(&[
+        "gpu",
+        "encode",
+        "start",
+        &vm.id,
+        "--codec",
+        "hevc",
+        "-o",
+        "/tmp/x.hevc",
+    ]);
+    let msg = String::from_utf8_lossy(&err.stderr);
+    assert!(!err.status.success() && msg.contains("`ffmpeg`"), "{msg}");
+    let err = env.ray(&[
+        "gpu",
+        "encode",
+        "start",
+        &vm.id,
+        "--display",
+        "7",
+        "-o",
+        "/tmp/x.h264",
+    ]);
+    let msg = String::from_utf8_lossy(&err.stderr);
+    assert!(
+        !err.status.success() && msg.contains("display 7 does not exist"),
+        "{msg}"
+    );
+
+    let shot = env.runtime.join("d0.png");
+    env.ray_ok(&["gpu", "screenshot", &vm.id, "-o", shot.to_str().unwrap()]);
+    let status = env.ray_ok(&["gpu", "status", &vm.id]);
+    assert!(
+        status.contains("h264") && status.contains("running"),
+        "{status}"
+    );
+    let stopped: EncodeSessionInfo = serde_json::from_str(&env.ray_ok(&[
+        "gpu",
+        "encode",
+        "stop",
+        &vm.id,
+        &started.id.to_string(),
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(stopped.state, EncodeStateName::Stopped);
+
+    let stream = std::fs::read(&out).unwrap();
+    assert_eq!(stream.len() as u64, stopped.bytes);
+    let mut last = None;
+    let n = H264Decoder::new()
+        .unwrap()
+        .decode(&stream, |f| last = Some(f))
+        .unwrap();
+    assert_eq!(n as u64, stopped.frames);
+    let last = last.unwrap();
+    let (w, h, rgb) = crate::display::decode(&shot);
+    assert_eq!((last.width, last.height), (w, h));
+    let xrgb: Vec<u8> = rgb
+        .chunks_exact(3)
+        .flat_map(|p| [p[2], p[1], p[0], 0])
+        .collect();
+    let psnr = y_psnr(&xrgb, (w * 4) as usize, &last.y, w as usize, h as usize);
+    assert!(psnr >= 35.0, "Y PSNR {psnr:.1} dB < 35 dB");
+
+    // The CLI decodes it too.
+    let png = env.runtime.join("last.png");
+    let said = env.ray_ok(&[
+        "gpu",
+        "decode",
+        out.to_str().unwrap(),
+        "--last",
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert!(said.contains("640x480"), "{said}");
+    assert_eq!(crate::display::decode(&png).0, 640);
+}
