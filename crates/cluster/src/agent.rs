@@ -311,6 +311,9 @@ impl LeaseProbe {
         lock(&self.0)
             .deadline
             .saturating_duration_since(Instant::now())
+    }
+}
+
 /// Deletes a snapshot directory: renamed first, so a crash half-way leaves a `.del-`
 /// directory and never a snapshot with half its files.
 fn remove_snapshot(path: &std::path::Path) {
