@@ -322,10 +322,8 @@ fn a_request_in_an_indirect_table_is_served() {
     })
     .unwrap();
     let mock = MockSplitQueue::new(&mem, 8);
-    let mut q = Queue {
-        indirect: true,
-        ..queue_of(&mock, 8)
-    };
+    let mut q: Queue = queue_of(&mock, 8);
+    q.indirect = true;
     // A read of 1 KiB at sector 2 into two buffers, all in one indirect table.
     let mut h = [0u8; 16];
     h[8..16].copy_from_slice(&2u64.to_le_bytes());
