@@ -68,9 +68,9 @@ impl Backend {
         dirty: Arc<DirtyBlocks>,
     ) -> std::io::Result<Self> {
         Ok(match engine {
-            Engine::Pool => Backend::Pool(Workers::start(
-                name, WORKERS, file, context, limit, dirty,
-            )?),
+            Engine::Pool => {
+                Backend::Pool(Workers::start(name, WORKERS, file, context, limit, dirty)?)
+            }
             Engine::Uring => Backend::Uring(super::uring::Uring::start(
                 name, file, context, limit, dirty,
             )?),

@@ -381,7 +381,12 @@ impl Engine {
 
     /// Completes a request that needs no (more) ring operation.
     fn finish_now(&mut self, slot: Slot) {
-        let len = finish(&slot.job.request, &*self.ctx.memory, &self.dirty, slot.result);
+        let len = finish(
+            &slot.job.request,
+            &*self.ctx.memory,
+            &self.dirty,
+            slot.result,
+        );
         self.ctx.completer.complete(
             slot.job.queue,
             &[Used {
