@@ -21,6 +21,8 @@ const THREAD: &[c_long] = &[
     SYS_sched_yield,
     SYS_nanosleep,
     SYS_clock_nanosleep,
+    // A sleep a signal interrupted (a vCPU kick, a child's end) resumes through this.
+    SYS_restart_syscall,
     SYS_clock_gettime,
     SYS_gettimeofday,
     // The inherited signal mask; a vCPU kick's handler returns through rt_sigreturn.
