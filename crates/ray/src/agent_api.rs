@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
-use axum::http::{header, HeaderMap, Method, Uri};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use ray_api::agent::{
@@ -428,33 +428,14 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// The agent API's OpenAPI document as pretty JSON.
 pub fn openapi_json() -> String {
-    let text = openapi()
-        .to_pretty_json()
-        .expect("the OpenAPI document is plain data and always serializes");
-    // As for the per-VM document: utoipa 6 spells `uint64` as `u-int64`.
-    text.replace("\"format\": \"u-int", "\"format\": \"uint")
+    ray_vmm::api_server::pretty_openapi(&openapi())
 }
 
-async fn unknown_endpoint(method: Method, uri: Uri) -> ApiError {
-    ApiError::new(
-        ErrorCode::UnknownEndpoint,
-        format!("no such endpoint: {method} {uri} (see GET /openapi.json)"),
-    )
-}
-
-async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    ApiError::new(
-        ErrorCode::MethodNotAllowed,
-        format!("{method} is not allowed on {uri} (see GET /openapi.json)"),
-    )
-}
-
-/// The router, without authentication (the Unix socket's).
 pub fn router(api: AgentApi) -> Router {
     let (router, _) = routes().split_for_parts();
     router
-        .fallback(unknown_endpoint)
-        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(ray_vmm::api_server::unknown_endpoint)
+        .method_not_allowed_fallback(ray_vmm::api_server::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(api)
 }

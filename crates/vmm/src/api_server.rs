@@ -1088,7 +1088,12 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// The per-VM OpenAPI document as pretty JSON.
 pub fn openapi_json() -> String {
-    let text = openapi()
+    pretty_openapi(&openapi())
+}
+
+/// An OpenAPI document (this API's or the agent's) as pretty JSON.
+pub fn pretty_openapi(doc: &utoipa::openapi::OpenApi) -> String {
+    let text = doc
         .to_pretty_json()
         .expect("the OpenAPI document is plain data and always serializes");
     // utoipa 6 spells the unsigned integer formats `u-int8` ... `u-int64` (its serde
@@ -1098,14 +1103,16 @@ pub fn openapi_json() -> String {
     text.replace("\"format\": \"u-int", "\"format\": \"uint")
 }
 
-async fn unknown_endpoint(method: Method, uri: Uri) -> ApiError {
+/// The answer to a path no route serves (this API's and the agent's).
+pub async fn unknown_endpoint(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
         ErrorCode::UnknownEndpoint,
         format!("no such endpoint: {method} {uri} (see GET /openapi.json)"),
     )
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+/// The answer to a method a route does not take (this API's and the agent's).
+pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
         ErrorCode::MethodNotAllowed,
         format!("{method} is not allowed on {uri} (see GET /openapi.json)"),
