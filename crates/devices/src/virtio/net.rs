@@ -140,7 +140,8 @@ pub fn tx_length(chain: &Chain) -> Result<u32, String> {
 /// bytes copied (header and frame).
 pub fn gather(chain: &Chain, mem: &dyn GuestMemory, buf: &mut [u8]) -> Result<usize, String> {
     let mut at = 0;
-    for d in &chain.descriptors {
+    // A zero-length buffer moves nothing: its address is never touched (nor checked).
+    for d in chain.descriptors.iter().filter(|d| d.len > 0) {
         let n = d.len as usize;
         mem.read(d.addr, &mut buf[at..at + n])
             .map_err(|e| e.to_string())?;
@@ -152,7 +153,7 @@ pub fn gather(chain: &Chain, mem: &dyn GuestMemory, buf: &mut [u8]) -> Result<us
 /// Copies `data` into a checked receive chain that can hold it.
 pub fn scatter(chain: &Chain, mem: &dyn GuestMemory, data: &[u8]) -> Result<(), String> {
     let mut at = 0;
-    for d in &chain.descriptors {
+    for d in chain.descriptors.iter().filter(|d| d.len > 0) {
         if at == data.len() {
             break;
         }
