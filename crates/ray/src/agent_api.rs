@@ -376,24 +376,13 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     use utoipa::openapi::security::{
         HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
     };
-    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
     let (_, mut doc) = routes().split_for_parts();
     doc.info.version = API_VERSION.to_string();
-    let error = |description: &str| {
-        ResponseBuilder::new()
-            .description(description)
-            .content(
-                "application/json",
-                ContentBuilder::new()
-                    .schema(Some(Ref::from_schema_name("ErrorBody")))
-                    .build(),
-            )
-            .build()
-    };
-    let unauthorized = error(
+    let unauthorized = ray_vmm::api_server::error_response(
         "`unauthorized`: over TCP, no `Authorization: Bearer` header with the agent's token.",
     );
-    let too_large = error("`payload_too_large`: the body is over 16 KiB.");
+    let too_large =
+        ray_vmm::api_server::error_response("`payload_too_large`: the body is over 16 KiB.");
     doc.components
         .get_or_insert_with(Default::default)
         .add_security_scheme(

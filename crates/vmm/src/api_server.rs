@@ -1024,29 +1024,33 @@ fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(get_openapi))
 }
 
+/// An error answer of an OpenAPI document (this API's or the agent's): `{code, message}`.
+pub fn error_response(description: &str) -> utoipa::openapi::Response {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build()
+}
+
 /// The per-VM API's OpenAPI document.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     use utoipa::openapi::security::{
         HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
     };
-    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
     let (_, mut doc) = routes().split_for_parts();
     doc.info.version = API_VERSION.to_string();
     // The TCP listener's checks apply to every operation.
-    let error = |description: &str| {
-        ResponseBuilder::new()
-            .description(description)
-            .content(
-                "application/json",
-                ContentBuilder::new()
-                    .schema(Some(Ref::from_schema_name("ErrorBody")))
-                    .build(),
-            )
-            .build()
-    };
-    let forbidden = error("`forbidden_host`: over TCP, the `Host` header is not a loopback name.");
-    let unauthorized =
-        error("`unauthorized`: over TCP, no `Authorization: Bearer` header with this VM's token.");
+    let forbidden =
+        error_response("`forbidden_host`: over TCP, the `Host` header is not a loopback name.");
+    let unauthorized = error_response(
+        "`unauthorized`: over TCP, no `Authorization: Bearer` header with this VM's token.",
+    );
     doc.components
         .get_or_insert_with(Default::default)
         .add_security_scheme(
