@@ -21,10 +21,11 @@ fn boots_to_ready_and_runs_natively() {
         hb.pvm,
         info.hypervisor
     );
-    // Emulated execution runs ~1e5 iterations/s; native runs ~1e9. 1e8 leaves a wide
-    // margin for a loaded host and still fails by three orders of magnitude if emulated.
+    // Emulated execution runs ~1e5 iterations/s on an idle host (less on a busy one); native
+    // runs ~1e9 alone and fell to ~2.6e7 on a two-core CI machine running the whole suite in
+    // parallel. 2e6 still fails an emulated guest by a factor of twenty.
     assert!(
-        hb.loop_rate > 100_000_000,
+        hb.loop_rate > 2_000_000,
         "guest is not native: {} iterations/s",
         hb.loop_rate
     );
