@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use ray_api::vmm::{MigrationStatus, VmInfo, VmStateName};
-use ray_e2e::{guest_bin, ray_bin, Env, Vm};
+use ray_e2e::{guest_bin, ray_bin, region_of, Env, Vm};
 
 pub(crate) const READY: Duration = Duration::from_secs(20);
 
@@ -297,13 +297,6 @@ pub(crate) fn assert_source_runs(src: &mut Vm) {
     });
     src.command("dirty stop", "dirty off");
     assert_eq!(src.command("echo still here", "still"), "still here");
-}
-
-pub(crate) fn region_of(line: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("region=0x"))
-        .map(|r| u64::from_str_radix(r, 16).unwrap())
-        .unwrap_or_else(|| panic!("{line}"))
 }
 
 #[test]

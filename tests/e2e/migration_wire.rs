@@ -14,10 +14,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ray_api::vmm::{MigrationStatus, VmInfo, VmStateName};
-use ray_e2e::{Env, Vm};
+use ray_e2e::{region_of, Env, Vm};
 
 use crate::migration::{
-    assert_failed_and_running, assert_source_runs, boot_source, region_of, start_ok, start_to, Net,
+    assert_failed_and_running, assert_source_runs, boot_source, start_ok, start_to, Net,
 };
 
 /// Guest memory the pattern fills.

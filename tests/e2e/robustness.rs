@@ -585,11 +585,7 @@ fn a_suspend_image_is_not_deleted_while_its_vm_needs_it() {
     let mut vm = boot(&env, "s", &[]);
     // A region the guest wrote once and leaves alone from then on.
     let on = vm.command("dirty 4 4000", "dirty on");
-    let region = on
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("region=0x"))
-        .map(|r| u64::from_str_radix(r, 16).unwrap())
-        .unwrap_or_else(|| panic!("{on}"));
+    let region = ray_e2e::region_of(&on);
     vm.wait_for("dirty to cover its region", Duration::from_secs(20), |i| {
         i.heartbeat
             .as_ref()

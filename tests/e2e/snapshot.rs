@@ -11,11 +11,7 @@ fn dirtied(env: &Env, memory: &str, mib: u64) -> (Vm, u64) {
     let mut vm = env.boot(&["--memory", memory, "--vcpus", "2"]);
     vm.expect_line("ready", READY);
     let on = vm.command(&format!("dirty {mib} 4000"), "dirty on");
-    let region = on
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("region=0x"))
-        .map(|r| u64::from_str_radix(r, 16).unwrap())
-        .unwrap_or_else(|| panic!("{on}"));
+    let region = ray_e2e::region_of(&on);
     // Let the workload touch the whole region at least once.
     let deadline = Instant::now() + Duration::from_secs(20);
     while vm.info().heartbeat.unwrap().dirty_bytes < mib << 20 {

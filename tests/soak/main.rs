@@ -12,6 +12,8 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use rand::{Rng as _, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use ray_api::vmm::{VmInfo, VmStateName};
 use ray_e2e::{succeeded, Env, Vm};
 
@@ -23,19 +25,16 @@ const CHUNKS: u64 = 32;
 /// How much a steady VMM's resident memory may grow over the soak.
 const RSS_SLACK_KIB: u64 = 16 * 1024;
 
-/// xorshift64*: reproducible from the printed seed.
-struct Rng(u64);
+/// The soak's random choices, reproducible from the printed seed.
+struct Rng(ChaCha8Rng);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.0.gen()
     }
 
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.gen_range(0..n)
     }
 }
 
@@ -89,7 +88,7 @@ fn seed() -> u64 {
             let t = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap();
-            (t.as_nanos() as u64) | 1
+            t.as_nanos() as u64
         }
     }
 }
@@ -120,11 +119,7 @@ fn boot(env: &Env, name: &str, steady: bool, rng: &mut Rng) -> Logical {
     vm.expect_line("ready", READY);
     let word = format!("{name}{:x}", rng.next());
     let line = vm.command(&format!("pattern 4 {word}"), "pattern ");
-    let base = line
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("region=0x"))
-        .and_then(|h| u64::from_str_radix(h, 16).ok())
-        .unwrap_or_else(|| panic!("pattern answered {line}"));
+    let base = ray_e2e::region_of(&line);
     let len = 4 << 20;
     let sum = vm.sum(base, len);
     Logical {
@@ -340,7 +335,7 @@ fn soak_keeps_every_vm_once_with_its_memory_and_disk() {
     let secs = soak_secs();
     let seed = seed();
     eprintln!("soak: {secs} s, RAY_SOAK_SEED={seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Rng(ChaCha8Rng::seed_from_u64(seed));
     let env = Env::new("soak");
     let mut vms: Vec<Logical> = (0..VMS)
         .map(|i| boot(&env, &format!("s{i}"), i == 0, &mut rng))

@@ -373,6 +373,15 @@ impl Drop for Vm {
     }
 }
 
+/// The guest memory region a workload line names (`dirty on region=0x...`,
+/// `pattern on region=0x...`).
+pub fn region_of(line: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("region=0x"))
+        .map(|r| u64::from_str_radix(r, 16).unwrap())
+        .unwrap_or_else(|| panic!("no region in {line:?}"))
+}
+
 /// The standard output of `out`, after asserting that `what` (named in the failure, with
 /// its status and both outputs) succeeded.
 pub fn succeeded(out: Output, what: &str) -> String {
