@@ -244,7 +244,7 @@ fn dead_target(env: &Env, l: &mut Logical) {
     let (target, listen) = env.receive(&id, &key, &[]);
     // SAFETY: kill(2) of a VMM this test started.
     unsafe { libc::kill(target.pid as libc::pid_t, libc::SIGKILL) };
-    target.wait_exit(Duration::from_secs(10));
+    target.wait_exit(Duration::from_secs(30));
     let out = env.migrate_start(&l.vm.id, &listen, &key);
     assert!(
         !out.status.success(),
@@ -261,7 +261,7 @@ fn kill_and_recover(env: &Env, l: &mut Logical) {
     let path = l.checkpoint.clone().expect("a checkpoint to recover from");
     // SAFETY: kill(2) of a VMM this test started.
     unsafe { libc::kill(l.vm.pid as libc::pid_t, libc::SIGKILL) };
-    l.vm.wait_exit(Duration::from_secs(10));
+    l.vm.wait_exit(Duration::from_secs(30));
     let next_id = format!("{}-{}", l.name, l.gen + 1);
     let next = env.restore(&path, &next_id);
     replace(l, next);
@@ -355,7 +355,13 @@ fn soak_keeps_every_vm_once_with_its_memory_and_disk() {
     while start.elapsed() < Duration::from_secs(secs) {
         let i = rng.below(VMS as u64) as usize;
         let l = &mut vms[i];
-        match rng.below(10) {
+        let op = rng.below(10);
+        eprintln!(
+            "soak {:>7.3} s: {} op {op}",
+            start.elapsed().as_secs_f64(),
+            l.id()
+        );
+        match op {
             0 => {
                 env.ray_ok(&["vm", "pause", &l.vm.id]);
                 env.ray_ok(&["vm", "resume", &l.vm.id]);

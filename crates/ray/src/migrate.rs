@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use ray_api::vmm::{MigrateRequest, MigrationRole, MigrationStatus, OnLimit, VmConfig};
+use ray_api::vmm::{
+    MigrateRequest, MigrationRole, MigrationState, MigrationStatus, OnLimit, VmConfig,
+};
 
 use ray::exit::{self, coded};
 use ray::runtime::{self, Presence};
@@ -191,7 +193,19 @@ pub fn run(cmd: MigrateCommand, runtime: &Path) -> anyhow::Result<()> {
             let _: MigrationStatus =
                 client(runtime, &a.id)?.call("PUT", "/vm/migration/cancel", None)?;
             let s = follow(runtime, &a.id, false)?;
-            print_status(&a.id, &s, a.json)
+            print_status(&a.id, &s, a.json)?;
+            // A cancel that arrives after the switch-over cannot win: the VM runs on the
+            // target now, and saying "cancelled" would be a lie.
+            if s.state == MigrationState::Completed {
+                return Err(coded(
+                    exit::REFUSED,
+                    format!(
+                        "too late to cancel: the migration of VM '{}' had passed its switch-over and completed; the VM runs on {} now",
+                        a.id, s.peer
+                    ),
+                ));
+            }
+            Ok(())
         }
     }
 }
