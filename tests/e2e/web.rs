@@ -46,9 +46,14 @@ fn tokens_file(env: &Env) -> PathBuf {
 }
 
 fn start_web(env: &Env, tokens: &Path) -> WebServer {
+    start_web_with(env, tokens, &[])
+}
+
+fn start_web_with(env: &Env, tokens: &Path, extra: &[&str]) -> WebServer {
     let mut child = Command::new(ray_bin())
         .args(["web", "--listen", "127.0.0.1:0", "--tokens"])
         .arg(tokens)
+        .args(extra)
         .env("RAY_RUNTIME_DIR", &env.runtime)
         .env("RAY_GUEST", guest_bin())
         .stdout(Stdio::piped())
@@ -132,6 +137,217 @@ fn the_dashboard_and_consoles_work_in_chromium() {
     }
 }
 
+/// A self-signed certificate for localhost and 127.0.0.1 (openssl, as an operator would
+/// make one): the certificate and key paths.
+fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let cert = dir.join(format!("{name}-cert.pem"));
+    let key = dir.join(format!("{name}-key.pem"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("cannot run openssl");
+    assert!(
+        out.status.success(),
+        "openssl req failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// What a plain-HTTP client reads from `addr` after sending a request.
+fn plain_http_answer(addr: &str) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut answer = Vec::new();
+    // The server closes the connection: read to the end (or to a reset).
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    answer
+}
+
+#[test]
+fn the_dashboard_and_consoles_work_over_https_in_chromium() {
+    assert!(
+        Path::new(CHROMIUM).is_file(),
+        "{CHROMIUM} is missing: scripts/setup installs Debian's chromium; this test does not skip"
+    );
+    let web_dir = repo().join("web");
+    assert!(
+        web_dir.join("node_modules/playwright-core").is_dir(),
+        "{}/node_modules is missing: run scripts/setup (npm ci in web/)",
+        web_dir.display()
+    );
+    let env = Env::new("web-tls");
+    let tokens = tokens_file(&env);
+    let (cert, key) = self_signed(&env.runtime, "web");
+    let server = start_web_with(
+        &env,
+        &tokens,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let addr = server
+        .url
+        .strip_prefix("https://")
+        .unwrap_or_else(|| panic!("ray web with TLS serves {}, not https", server.url))
+        .to_string();
+    // A plain-HTTP request to the TLS port gets no page, and the server keeps serving.
+    let answer = plain_http_answer(&addr);
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        !text.contains("HTTP/1") && !text.contains("<html") && !text.contains("ray web"),
+        "a plain-HTTP request to the TLS port was answered: {text:?}"
+    );
+    let artifacts = repo().join("target/web-artifacts");
+    let out = Command::new("node")
+        .arg(web_dir.join("tests/tls.mjs"))
+        .current_dir(&web_dir)
+        .env("RAY_WEB_URL", &server.url)
+        .env("RAY_WEB_ADMIN", ADMIN)
+        .env("RAY_WEB_ARTIFACTS", &artifacts)
+        .output()
+        .expect("cannot run node (scripts/setup installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    kill_vmms(&env);
+    assert!(
+        out.status.success(),
+        "the https browser test failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("tls browser test: all passed"), "{stdout}");
+    for page in ["https-vm-list", "https-graphical-console"] {
+        let png = artifacts.join(format!("{page}.png"));
+        assert!(png.is_file(), "{} was not saved", png.display());
+    }
+}
+
+#[test]
+fn ray_web_refuses_plain_http_beyond_loopback_and_bad_tls_files() {
+    let env = Env::new("web-tls-refuse");
+    let tokens = tokens_file(&env);
+    let tokens = tokens.to_str().unwrap();
+    let (cert, key) = self_signed(&env.runtime, "a");
+    let (_, other_key) = self_signed(&env.runtime, "b");
+    let (cert, key, other_key) = (
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+        other_key.to_str().unwrap(),
+    );
+    let refused = |args: &[&str], wants: &[&str]| {
+        let mut all = vec!["web", "--tokens", tokens];
+        all.extend_from_slice(args);
+        let out = env.ray(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "ray {all:?} ran: {err}");
+        // Validation comes before anything listens.
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("serving"),
+            "ray {all:?} listened before refusing"
+        );
+        for want in wants {
+            assert!(
+                err.contains(want),
+                "ray {all:?}: {want:?} missing from {err}"
+            );
+        }
+    };
+    refused(
+        &["--listen", "0.0.0.0:0"],
+        &[
+            "0.0.0.0:0",
+            "not a loopback address",
+            "--tls-cert",
+            "--tls-key",
+        ],
+    );
+    refused(
+        &["--listen", "[::]:0"],
+        &["[::]:0", "not a loopback address", "--tls-cert"],
+    );
+    refused(
+        &["--listen", "127.0.0.1:0", "--tls-cert", cert],
+        &["--tls-key"],
+    );
+    refused(
+        &["--listen", "127.0.0.1:0", "--tls-key", key],
+        &["--tls-cert"],
+    );
+    refused(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            key,
+            "--tls-key",
+            key,
+        ],
+        &["--tls-cert", key, "no PEM CERTIFICATE"],
+    );
+    refused(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            cert,
+        ],
+        &["--tls-key", cert, "PRIVATE KEY"],
+    );
+    refused(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            other_key,
+        ],
+        &["--tls-key", other_key, "does not go with the certificate"],
+    );
+    let missing = env.runtime.join("missing.pem");
+    let missing = missing.to_str().unwrap();
+    refused(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            missing,
+            "--tls-key",
+            key,
+        ],
+        &["--tls-cert", missing],
+    );
+}
+
 #[test]
 fn ray_web_refuses_non_loopback_addresses_and_open_token_files() {
     let env = Env::new("web-refuse");
@@ -146,7 +362,7 @@ fn ray_web_refuses_non_loopback_addresses_and_open_token_files() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("ray web serves only loopback addresses") && err.contains("0.0.0.0:0"),
+        err.contains("not a loopback address") && err.contains("0.0.0.0:0"),
         "{err}"
     );
     std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o640)).unwrap();

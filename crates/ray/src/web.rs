@@ -9,9 +9,16 @@ use ray::runtime::{self, Presence};
 
 #[derive(Args)]
 pub struct WebArgs {
-    /// Address to serve on: loopback only (127.0.0.0/8 or [::1]); port 0 picks a free one.
+    /// Address to serve on; port 0 picks a free one. Beyond loopback (127.0.0.0/8, [::1])
+    /// only with --tls-cert and --tls-key.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Serve HTTPS and WSS only, with this PEM certificate chain (server certificate first).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Who may log in: one `ROLE NAME TOKEN` line per token (ROLE viewer, operator or
     /// admin; TOKEN 16-256 characters), mode 0600.
     #[arg(long, value_name = "FILE")]
@@ -54,7 +61,12 @@ pub fn run(args: WebArgs, runtime: &Path) -> anyhow::Result<()> {
         ray_exe: std::env::current_exe().context("cannot find the path of this program")?,
         runtime_dir: runtime.to_path_buf(),
         state_dir: args.state_dir.unwrap_or_else(|| runtime.join("web")),
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(ray_web::TlsFiles { cert, key }),
+            _ => None,
+        },
     };
+    let scheme = if opts.tls.is_some() { "https" } else { "http" };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -62,7 +74,7 @@ pub fn run(args: WebArgs, runtime: &Path) -> anyhow::Result<()> {
         .context("cannot start the web server's runtime")?;
     rt.block_on(ray_web::serve(opts, |addr| {
         // Scripts wait for this line to learn the port.
-        println!("ray web: serving http://{addr}/");
+        println!("ray web: serving {scheme}://{addr}/");
     }))?;
     Ok(())
 }
