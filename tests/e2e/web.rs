@@ -333,6 +333,11 @@ fn ray_web_refuses_plain_http_beyond_loopback_and_bad_tls_files() {
         ],
         &["--tls-key", other_key, "does not go with the certificate"],
     );
+    // --cluster with no controller serving the store: refused, saying which.
+    refused(
+        &["--listen", "127.0.0.1:0", "--cluster"],
+        &["cannot reach the cluster store", "ray controller"],
+    );
     let missing = env.runtime.join("missing.pem");
     let missing = missing.to_str().unwrap();
     refused(
@@ -379,4 +384,110 @@ fn ray_web_refuses_non_loopback_addresses_and_open_token_files() {
         err.contains("readable by group or others (mode 640)"),
         "{err}"
     );
+}
+
+/// A `ray controller` or `ray agent` of the hosts test, killed when dropped.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn daemon(env: &Env, log: &str, args: &[&str]) -> Daemon {
+    let log = std::fs::File::create(env.runtime.join(log)).unwrap();
+    Daemon(
+        Command::new(ray_bin())
+            .args(args)
+            .env("RAY_RUNTIME_DIR", &env.runtime)
+            .env("RAY_GUEST", guest_bin())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start ray"),
+    )
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn cluster_json(env: &Env, args: &[&str]) -> serde_json::Value {
+    let out = env.ray_ok(args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+#[test]
+fn the_hosts_page_shows_the_cluster_and_cordons_and_drains_in_chromium() {
+    assert!(
+        Path::new(CHROMIUM).is_file(),
+        "{CHROMIUM} is missing: scripts/setup installs Debian's chromium; this test does not skip"
+    );
+    let web_dir = repo().join("web");
+    assert!(
+        web_dir.join("node_modules/playwright-core").is_dir(),
+        "{}/node_modules is missing: run scripts/setup (npm ci in web/)",
+        web_dir.display()
+    );
+    let env = Env::new("web-hosts");
+    let tokens = tokens_file(&env);
+    // Single-host mode: the controller serves its store on <runtime>/cluster/store.sock.
+    let _controller = daemon(&env, "controller.log", &["controller"]);
+    let socket = env.runtime.join("cluster/store.sock");
+    wait_for("the store socket", || socket.exists());
+    let _agent = daemon(&env, "agent.log", &["agent", "--host", "web-host"]);
+    wait_for("the host Ready", || {
+        cluster_json(&env, &["cluster", "status", "--json"])["hosts"]["Ready"] == 1
+    });
+    let server = start_web_with(&env, &tokens, &["--cluster"]);
+    env.ray_ok(&["cluster", "vm", "create", "webclu", "--memory-mib", "128"]);
+    let artifacts = repo().join("target/web-artifacts");
+    let out = Command::new("node")
+        .arg(web_dir.join("tests/hosts.mjs"))
+        .current_dir(&web_dir)
+        .env("RAY_WEB_URL", &server.url)
+        .env("RAY_WEB_ADMIN", ADMIN)
+        .env("RAY_WEB_VIEWER", VIEWER)
+        .env("RAY_WEB_ARTIFACTS", &artifacts)
+        .env("RAY_WEB_HOST", "web-host")
+        .env("RAY_WEB_CLUSTER_VM", "webclu")
+        .output()
+        .expect("cannot run node (scripts/setup installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    // What the page did is what the cluster store holds: the host Ready (uncordoned, its
+    // drain aborted), the VM still placed on it.
+    let status = cluster_json(&env, &["cluster", "status", "--json"]);
+    let vms = cluster_json(&env, &["cluster", "vms", "--json"]);
+    drop(server);
+    drop(_agent);
+    kill_vmms(&env);
+    assert!(
+        out.status.success(),
+        "the hosts browser test failed ({}):\n{stdout}\n{}\ncontroller log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(env.runtime.join("controller.log")).unwrap_or_default()
+    );
+    assert!(
+        stdout.contains("hosts browser test: all passed"),
+        "{stdout}"
+    );
+    assert_eq!(status["hosts"]["Ready"], 1, "{status}");
+    assert_eq!(vms[0]["vm"], "webclu", "{vms}");
+    assert_eq!(vms[0]["host"], "web-host", "{vms}");
+    for page in ["hosts", "hosts-phone", "hosts-cordoned", "hosts-draining"] {
+        let png = artifacts.join(format!("{page}.png"));
+        assert!(png.is_file(), "{} was not saved", png.display());
+    }
 }

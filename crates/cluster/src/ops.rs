@@ -40,12 +40,13 @@ pub async fn set_host_spec<S: Store>(
         return Err(OpError::UnknownHost(host.to_string()));
     }
     let current = s.get(&keys::host_spec(host)).await?;
-    let mut spec = HostSpec::parse(current.as_ref().map(|kv| kv.value.as_slice())).map_err(
-        |reason| OpError::BadSpec {
-            host: host.to_string(),
-            reason,
-        },
-    )?;
+    let mut spec =
+        HostSpec::parse(current.as_ref().map(|kv| kv.value.as_slice())).map_err(|reason| {
+            OpError::BadSpec {
+                host: host.to_string(),
+                reason,
+            }
+        })?;
     change(&mut spec);
     let cond = match &current {
         Some(kv) => Cond::ModRevision(kv.mod_revision),
@@ -251,4 +252,60 @@ pub async fn overview<S: Store>(s: &S) -> Result<Overview, OpError> {
         migrations,
         vms_pending,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtoken::{self, Origin};
+    use crate::store::RedbStore;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn cordon_drain_abort_and_uncordon_write_the_host_spec_the_overview_reads() {
+        let dir = std::env::temp_dir().join(format!("ray-ops-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let s = RedbStore::open(&dir.join("s.redb")).unwrap();
+        let lease = s.grant(Duration::from_secs(30)).await.unwrap();
+        let report = br#"{"inventory":{"cpus":8,"memory_mib":16384,"numa_nodes":1},"vms":["a"],"fenced":false}"#;
+        s.commit(
+            Txn::new()
+                .put_leased(keys::host_alive("h1"), "{}", lease)
+                .put(keys::host_status("h1"), &report[..])
+                .put(keys::vm_spec("a"), &br#"{"vcpus":2,"memory_mib":256}"#[..])
+                .put(keys::vm_spec("b"), &br#"{"vcpus":1,"memory_mib":64}"#[..]),
+        )
+        .await
+        .unwrap();
+        runtoken::place(&s, "a", "h1", Origin::Boot).await.unwrap();
+        let state = |o: &Overview| (o.hosts[0].state.clone(), o.hosts[0].vms.clone());
+        let o = overview(&s).await.unwrap();
+        assert_eq!(state(&o), ("Ready".into(), vec!["a".to_string()]));
+        let h = &o.hosts[0];
+        assert_eq!((h.cpus, h.vcpus_used, h.memory_used_mib), (Some(8), 2, 256));
+        assert_eq!((h.role.as_str(), o.vms_pending), ("worker", 1));
+
+        cordon(&s, "h1").await.unwrap();
+        assert_eq!(state(&overview(&s).await.unwrap()).0, "Cordoned");
+        assert_eq!(uncordon(&s, "h1").await.unwrap(), Uncordoned::Ready);
+        assert_eq!(state(&overview(&s).await.unwrap()).0, "Ready");
+
+        drain(&s, "h1").await.unwrap();
+        let o = overview(&s).await.unwrap();
+        assert!(o.hosts[0].draining);
+        assert_eq!(state(&o).0, "Draining");
+        assert_eq!(drain_abort(&s, "h1").await.unwrap(), Vec::<String>::new());
+        let o = overview(&s).await.unwrap();
+        assert!(!o.hosts[0].draining && !o.hosts[0].cordoned);
+        assert_eq!(state(&o).0, "Ready");
+
+        assert!(matches!(
+            cordon(&s, "nope").await,
+            Err(OpError::UnknownHost(h)) if h == "nope"
+        ));
+        assert!(matches!(cordon(&s, "../x").await, Err(OpError::BadName(_))));
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

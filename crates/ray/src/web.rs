@@ -27,6 +27,12 @@ pub struct WebArgs {
     /// in the runtime directory).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Show the cluster's hosts (state, load, VMs; cordon, uncordon, drain) from the
+    /// single-host store `ray controller` serves (see --store-dir); --etcd implies it.
+    #[arg(long)]
+    pub cluster: bool,
+    #[command(flatten)]
+    pub store: crate::store_sel::StoreSel,
 }
 
 /// The runtime directory's VMs, as `ray vm list` reads them.
@@ -65,16 +71,30 @@ pub fn run(args: WebArgs, runtime: &Path) -> anyhow::Result<()> {
             (Some(cert), Some(key)) => Some(ray_web::TlsFiles { cert, key }),
             _ => None,
         },
+        cluster: None,
     };
     let scheme = if opts.tls.is_some() { "https" } else { "http" };
+    let cluster = args.cluster || !args.store.etcd.is_empty() || args.store.store_dir.is_some();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the web server's runtime")?;
-    rt.block_on(ray_web::serve(opts, |addr| {
-        // Scripts wait for this line to learn the port.
-        println!("ray web: serving {scheme}://{addr}/");
-    }))?;
+    rt.block_on(async move {
+        let mut opts = opts;
+        if cluster {
+            // Checked before anything listens: a store that does not answer is refused.
+            let store = args.store.connect().await.context(
+                "ray web --cluster: cannot reach the cluster store (is `ray controller` running?)",
+            )?;
+            opts.cluster = Some(store);
+        }
+        ray_web::serve(opts, |addr| {
+            // Scripts wait for this line to learn the port.
+            println!("ray web: serving {scheme}://{addr}/");
+        })
+        .await?;
+        anyhow::Ok(())
+    })?;
     Ok(())
 }

@@ -263,6 +263,58 @@ function serialView(id) {
   cleanup.push(() => { ws.close(); term.dispose(); });
 }
 
+// ---- hosts (the cluster store, through ray web's /api/hosts) ----
+function hostsView() {
+  const body = el('tbody');
+  const status = el('p', { id: 'hosts-status', 'aria-live': 'polite' }, 'Reading the cluster…');
+  const migrations = el('ul', { id: 'cluster-migrations' });
+  const drainStart = {}; // host -> VMs it had when this page first saw it draining
+  const table = el('div', { class: 'scroll' }, el('table', { id: 'hosts' },
+    el('caption', { class: 'skip' }, 'Hosts'),
+    el('thead', {}, el('tr', {}, el('th', { scope: 'col' }, 'Host'), el('th', { scope: 'col' }, 'State'),
+      el('th', { scope: 'col' }, 'Role'), el('th', { scope: 'col' }, 'Load'), el('th', { scope: 'col' }, 'VMs'),
+      el('th', { scope: 'col' }, 'Actions'))),
+    body));
+  const act = (host, op, label) => action(label, 'operator', () => api('POST', `/hosts/${encodeURIComponent(host)}/${op}`),
+    { 'data-op': op, 'aria-label': `${label} host ${host}` });
+  const render = (o) => {
+    status.textContent = `Leader: ${o.leader ?? 'none'} · ${o.hosts.length} host(s) · ${o.vms_pending} VM(s) waiting for a host`;
+    body.replaceChildren(...o.hosts.map((h) => {
+      const load = h.cpus != null
+        ? `${h.vcpus_used}/${h.cpus} vCPUs · ${h.memory_used_mib}/${h.memory_mib} MiB`
+        : `${h.vcpus_used} vCPUs · ${h.memory_used_mib} MiB`;
+      const cells = [];
+      if (h.draining) {
+        const start = Math.max(drainStart[h.host] ?? 0, h.vms.length);
+        drainStart[h.host] = start;
+        const done = start === 0 ? 100 : Math.round(100 * (start - h.vms.length) / start);
+        cells.push(el('progress', { class: 'drain', max: 100, value: done, 'aria-label': `Drain of ${h.host}` }),
+          el('span', { class: 'vms-left', 'data-left': h.vms.length }, `${h.vms.length} VM(s) left`));
+      } else delete drainStart[h.host];
+      const state_ = h.state.split(' ')[0];
+      return el('tr', { 'data-host': h.host },
+        el('th', { scope: 'row' }, h.host),
+        el('td', {}, el('span', { class: `state ${state_.toLowerCase()}`, 'data-state': state_ }, h.state), ...cells),
+        el('td', {}, h.role), el('td', {}, load),
+        el('td', {}, h.vms.length ? h.vms.map((v) => el('span', { class: 'vm', 'data-vm': v }, v)) : '–'),
+        el('td', { class: 'row' },
+          h.cordoned || h.draining ? act(h.host, 'uncordon', 'Uncordon') : act(h.host, 'cordon', 'Cordon'),
+          h.draining ? act(h.host, 'drain-abort', 'Abort drain') : act(h.host, 'drain', 'Drain')));
+    }));
+    if (!o.hosts.length) body.append(el('tr', {}, el('td', { colspan: 6 }, 'No host has registered.')));
+    migrations.replaceChildren(...o.migrations.map((m) => el('li', { 'data-vm': m.vm },
+      `${m.vm}${m.cause ? ` (${m.cause})` : ''}: ${m.progress}`)));
+    if (!o.migrations.length) migrations.append(el('li', {}, 'None under way.'));
+  };
+  api('GET', '/hosts').then(() => {
+    const source = new EventSource('/api/hosts/stream');
+    source.addEventListener('hosts', (ev) => render(JSON.parse(ev.data)));
+    source.addEventListener('unreachable', (ev) => { status.textContent = `The cluster store does not answer: ${JSON.parse(ev.data).message}`; });
+    cleanup.push(() => source.close());
+  }).catch((e) => { status.textContent = e.message; });
+  show('Hosts', status, table, el('h2', {}, 'Migrations'), migrations);
+}
+
 // ---- routing ----
 async function route() {
   for (const f of cleanup) f();
@@ -271,9 +323,11 @@ async function route() {
     try { me = await api('GET', '/me'); } catch (_) { me = null; }
   }
   document.getElementById('session').hidden = !me;
+  document.getElementById('pages').hidden = !me;
   document.getElementById('who').textContent = me ? `${me.name} (${me.role})` : '';
   if (!me) return loginView();
   const parts = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
+  if (parts[0] === 'hosts') return hostsView();
   if (parts[0] === 'vm' && parts[1]) {
     if (parts[2] === 'display') return displayView(parts[1], Number(parts[3] || 0));
     if (parts[2] === 'serial') return serialView(parts[1]);

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::actions::{self, MigrationRecord};
 use crate::vmm::{self, Answer};
-use crate::{assets, bridge, Presence, Role, User, VmEntry, WebOptions};
+use crate::{assets, bridge, hosts, Presence, Role, User, VmEntry, WebOptions};
 
 /// The cookie a login sets.
 pub const COOKIE: &str = "ray_web";
@@ -172,6 +172,9 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/api/me", get(me))
         .route("/api/vms", get(list).post(actions::create))
         .route("/api/vms/stream", get(stream))
+        .route("/api/hosts", get(hosts::list))
+        .route("/api/hosts/stream", get(hosts::stream))
+        .route("/api/hosts/{host}/{op}", post(hosts::act))
         .route("/api/vms/{id}", get(detail))
         .route("/api/vms/{id}/events", get(read_events))
         .route("/api/vms/{id}/gpus", get(read_gpus))

@@ -21,6 +21,7 @@ mod actions;
 mod api;
 mod assets;
 mod bridge;
+mod hosts;
 pub mod tls;
 pub mod tokens;
 mod vmm;
@@ -68,6 +69,8 @@ pub struct WebOptions {
     pub state_dir: PathBuf,
     /// Serve HTTPS with this certificate and key (required beyond loopback).
     pub tls: Option<TlsFiles>,
+    /// The cluster store, for the hosts page (`None`: this host's VMs only).
+    pub cluster: Option<ray_cluster::store::AnyStore>,
 }
 
 /// Why `ray web` could not start.
