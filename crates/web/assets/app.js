@@ -272,7 +272,7 @@ function hostsView() {
   const table = el('div', { class: 'scroll' }, el('table', { id: 'hosts' },
     el('caption', { class: 'skip' }, 'Hosts'),
     el('thead', {}, el('tr', {}, el('th', { scope: 'col' }, 'Host'), el('th', { scope: 'col' }, 'State'),
-      el('th', { scope: 'col' }, 'Role'), el('th', { scope: 'col' }, 'Load'), el('th', { scope: 'col' }, 'VMs'),
+      el('th', { scope: 'col', class: 'hide-narrow' }, 'Role'), el('th', { scope: 'col', class: 'hide-narrow' }, 'Load'), el('th', { scope: 'col' }, 'VMs'),
       el('th', { scope: 'col' }, 'Actions'))),
     body));
   const act = (host, op, label) => action(label, 'operator', () => api('POST', `/hosts/${encodeURIComponent(host)}/${op}`),
@@ -295,11 +295,11 @@ function hostsView() {
       return el('tr', { 'data-host': h.host },
         el('th', { scope: 'row' }, h.host),
         el('td', {}, el('span', { class: `state ${state_.toLowerCase()}`, 'data-state': state_ }, h.state), ...cells),
-        el('td', {}, h.role), el('td', {}, load),
+        el('td', { class: 'hide-narrow' }, h.role), el('td', { class: 'hide-narrow' }, load),
         el('td', {}, h.vms.length ? h.vms.map((v) => el('span', { class: 'vm', 'data-vm': v }, v)) : '–'),
-        el('td', { class: 'row' },
+        el('td', {}, el('div', { class: 'row' },
           h.cordoned || h.draining ? act(h.host, 'uncordon', 'Uncordon') : act(h.host, 'cordon', 'Cordon'),
-          h.draining ? act(h.host, 'drain-abort', 'Abort drain') : act(h.host, 'drain', 'Drain')));
+          h.draining ? act(h.host, 'drain-abort', 'Abort drain') : act(h.host, 'drain', 'Start drain'))));
     }));
     if (!o.hosts.length) body.append(el('tr', {}, el('td', { colspan: 6 }, 'No host has registered.')));
     migrations.replaceChildren(...o.migrations.map((m) => el('li', { 'data-vm': m.vm },

@@ -1,4 +1,5 @@
-//! `ray web`: a dashboard and browser consoles for the VMs of one host.
+//! `ray web`: a dashboard and browser consoles for the VMs of one host, and (given the
+//! cluster store) a page of the cluster's hosts with cordon and drain (`hosts.rs`).
 //!
 //! The server is a client of the existing per-VM APIs (each VMM's `api.sock`): it lists
 //! VMs from the runtime directory, relays reads and actions to their VMMs, bridges
