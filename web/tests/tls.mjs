@@ -57,7 +57,7 @@ try {
   check((await page.textContent('#who')).includes('(admin)'), 'logged in as admin over https');
   const cookies = await ctx.cookies();
   const session = cookies.find((c) => c.name === 'ray_web');
-  check(session && session.secure && session.httpOnly, `the session cookie is Secure and HttpOnly (${JSON.stringify(session)})`);
+  check(session && session.secure && session.httpOnly, `the session cookie is Secure and HttpOnly (${JSON.stringify({ secure: session?.secure, httpOnly: session?.httpOnly })})`);
 
   await page.fill('#new-id', VM);
   await page.fill('#new-memory', '128M');
@@ -119,6 +119,14 @@ try {
   check(sockets.some((s) => s.startsWith('wss://') && s.includes('/vnc/0')), `noVNC connected with wss:// (${sockets.join(', ')})`);
   check(sockets.every((s) => s.startsWith('wss://')), 'every WebSocket the page opened is wss://');
   await page.screenshot({ path: `${artifacts}/https-graphical-console.png`, fullPage: true });
+
+  // Started without the cluster store, the hosts page says so (the API answers 404 no_cluster).
+  const hosts = await page.evaluate(async () => { const r = await fetch('/api/hosts'); return { status: r.status, body: await r.json() }; });
+  check(hosts.status === 404 && hosts.body.code === 'no_cluster' && hosts.body.message.includes('--cluster'),
+    `without --cluster the hosts API says so (${JSON.stringify(hosts)})`);
+  await page.click('#nav-hosts');
+  await page.waitForFunction(() => document.querySelector('#hosts-status')?.textContent.includes('--cluster'));
+  check(true, 'the hosts page says ray web was started without the cluster store');
 
   const stopped = await page.evaluate(async (vm) => (await fetch(`/api/vms/${vm}/stop`, { method: 'POST' })).status, VM);
   check(stopped === 200, 'an admin stops the VM over https');
