@@ -243,7 +243,12 @@ fn the_dashboard_and_consoles_work_over_https_in_chromium() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("tls browser test: all passed"), "{stdout}");
-    for page in ["https-vm-list", "https-graphical-console"] {
+    // The H.264 viewer's encode session ended with its WebSocket: its stream file is gone.
+    let h264 = env.runtime.join("web/h264");
+    wait_for("the H.264 viewer's stream file removed", || {
+        std::fs::read_dir(&h264).is_ok_and(|d| d.count() == 0)
+    });
+    for page in ["https-vm-list", "https-graphical-console", "h264-viewer"] {
         let png = artifacts.join(format!("{page}.png"));
         assert!(png.is_file(), "{} was not saved", png.display());
     }

@@ -120,6 +120,59 @@ try {
   check(sockets.every((s) => s.startsWith('wss://')), 'every WebSocket the page opened is wss://');
   await page.screenshot({ path: `${artifacts}/https-graphical-console.png`, fullPage: true });
 
+  // ---- the low-bandwidth viewer: the display's H.264 stream decoded by WebCodecs ----
+  // Lossy: the decoded picture is compared with the PNG screenshot within a tolerance.
+  const h264Diff = () => page.evaluate(async (vm) => {
+    const canvas = document.querySelector('#h264-canvas');
+    if (!canvas || !canvas.width) return { ok: false, why: 'nothing decoded yet' };
+    const live = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+    const bmp = await createImageBitmap(await (await fetch(`/api/vms/${vm}/display/0/screenshot.png`)).blob());
+    if (bmp.width !== canvas.width || bmp.height !== canvas.height) {
+      return { ok: false, why: `sizes differ: ${canvas.width}x${canvas.height} vs ${bmp.width}x${bmp.height}` };
+    }
+    const c = new OffscreenCanvas(bmp.width, bmp.height).getContext('2d');
+    c.drawImage(bmp, 0, 0);
+    const png = c.getImageData(0, 0, bmp.width, bmp.height).data;
+    let sum = 0;
+    for (let j = 0; j < png.length; j += 4) {
+      sum += Math.abs(live[j] - png[j]) + Math.abs(live[j + 1] - png[j + 1]) + Math.abs(live[j + 2] - png[j + 2]);
+    }
+    const mean = sum / (png.length / 4 * 3);
+    return { ok: mean < 12, mean: Math.round(mean * 100) / 100 };
+  }, VM);
+  const waitH264 = async (what) => {
+    let last;
+    for (let i = 0; i < 100; i++) {
+      last = await h264Diff();
+      if (last.ok) break;
+      await page.waitForTimeout(200);
+    }
+    check(last.ok, `${what}: the decoded H.264 picture matches the PNG screenshot (mean difference ${JSON.stringify(last)})`);
+  };
+  await page.goto(`${url}/#/vm/${VM}/h264/0`);
+  await page.waitForSelector('#h264-status[data-frames]', { timeout: 20000 });
+  await waitH264('low-bandwidth viewer');
+  await page.screenshot({ path: `${artifacts}/h264-viewer.png`, fullPage: true });
+  const fingerprint = () => page.evaluate(async (vm) => {
+    const bmp = await createImageBitmap(await (await fetch(`/api/vms/${vm}/display/0/screenshot.png`)).blob());
+    const c = new OffscreenCanvas(bmp.width, bmp.height).getContext('2d');
+    c.drawImage(bmp, 0, 0);
+    const d = c.getImageData(0, 0, bmp.width, bmp.height).data;
+    let h = 0;
+    for (let j = 0; j < d.length; j += 4) h = (h * 31 + d[j] + 7 * d[j + 1] + 13 * d[j + 2]) >>> 0;
+    return h;
+  }, VM);
+  const before = await fingerprint();
+  const typed = await page.evaluate(async (vm) => (await fetch(`/api/vms/${vm}/console`, {
+    method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ data: 'draw gradient 9 0\r' }),
+  })).status, VM);
+  check(typed >= 200 && typed < 300, `the guest is asked to draw a new pattern (HTTP ${typed})`);
+  // Wait for the display itself to change, then for the decoded picture to follow it.
+  for (let i = 0; i < 100 && (await fingerprint()) === before; i++) await page.waitForTimeout(200);
+  check((await fingerprint()) !== before, 'the display changed');
+  await waitH264('after the guest drew a new pattern');
+  check(sockets.some((s) => s.startsWith('wss://') && s.includes('/h264/0')), 'the H.264 stream came over wss://');
+
   // Started without the cluster store, the hosts page says so (the API answers 404 no_cluster).
   const hosts = await page.evaluate(async () => { const r = await fetch('/api/hosts'); return { status: r.status, body: await r.json() }; });
   check(hosts.status === 404 && hosts.body.code === 'no_cluster' && hosts.body.message.includes('--cluster'),

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::actions::{self, MigrationRecord};
 use crate::vmm::{self, Answer};
-use crate::{assets, bridge, hosts, Presence, Role, User, VmEntry, WebOptions};
+use crate::{assets, bridge, h264, hosts, Presence, Role, User, VmEntry, WebOptions};
 
 /// The cookie a login sets.
 pub const COOKIE: &str = "ray_web";
@@ -199,6 +199,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/api/vms/{id}/migration/cancel", post(actions::cancel))
         .route("/api/vms/{id}/display/{n}/screenshot.png", get(screenshot))
         .route("/api/vms/{id}/vnc/{n}", get(bridge::vnc))
+        .route("/api/vms/{id}/h264/{n}", get(h264::stream))
         .route("/api/vms/{id}/serial", get(bridge::serial))
         .route("/api/vms/{id}/{action}", post(lifecycle))
         .fallback(assets::serve)

@@ -22,6 +22,7 @@ mod actions;
 mod api;
 mod assets;
 mod bridge;
+mod h264;
 mod hosts;
 pub mod tls;
 pub mod tokens;
