@@ -1,5 +1,6 @@
 //! `ray web`: a dashboard and browser consoles for the VMs of one host, and (given the
-//! cluster store) a page of the cluster's hosts with cordon and drain (`hosts.rs`).
+//! cluster store) a page of the cluster's hosts with cordon and drain (`hosts.rs`); a
+//! low-bandwidth viewer gets a display's H.264 stream (`h264.rs`).
 //!
 //! The server is a client of the existing per-VM APIs (each VMM's `api.sock`): it lists
 //! VMs from the runtime directory, relays reads and actions to their VMMs, bridges
