@@ -496,3 +496,128 @@ fn the_hosts_page_shows_the_cluster_and_cordons_and_drains_in_chromium() {
         assert!(png.is_file(), "{} was not saved", png.display());
     }
 }
+
+/// An agent for host `host` whose VMs live in `<runtime>/<host>`, on the single-host store
+/// of the controller in `<runtime>/cluster`.
+fn agent_on(env: &Env, host: &str, key: &Path) -> Daemon {
+    let dir = env.runtime.join(host);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+    let store = env.runtime.join("cluster");
+    Daemon(
+        Command::new(ray_bin())
+            .args(["agent", "--host", host, "--store-dir"])
+            .arg(&store)
+            .arg("--migration-key-file")
+            .arg(key)
+            .env("RAY_RUNTIME_DIR", &dir)
+            .env("RAY_GUEST", guest_bin())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start ray agent"),
+    )
+}
+
+/// Kills the VMMs the agents of the drain test started.
+struct ReapHosts(Vec<PathBuf>);
+
+impl Drop for ReapHosts {
+    fn drop(&mut self) {
+        for runtime in &self.0 {
+            for id in ray::runtime::list_ids(runtime) {
+                let pid = std::fs::read_to_string(runtime.join("vms").join(&id).join("vmm.pid"));
+                if let Some(pid) = pid.ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+                    // SAFETY: kill(2) of a VMM process this test's agents started.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_hosts_page_drains_a_host_to_the_other_in_chromium() {
+    assert!(
+        Path::new(CHROMIUM).is_file(),
+        "{CHROMIUM} is missing: scripts/setup installs Debian's chromium; this test does not skip"
+    );
+    let web_dir = repo().join("web");
+    assert!(
+        web_dir.join("node_modules/playwright-core").is_dir(),
+        "{}/node_modules is missing: run scripts/setup (npm ci in web/)",
+        web_dir.display()
+    );
+    let env = Env::new("web-drain");
+    let tokens = tokens_file(&env);
+    let key = env.runtime.join("migration.key");
+    std::fs::write(&key, b"0123456789abcdef0123456789abcdef").unwrap();
+    let _reap = ReapHosts(vec![env.runtime.join("h1"), env.runtime.join("h2")]);
+    let _controller = daemon(&env, "controller.log", &["controller"]);
+    let socket = env.runtime.join("cluster/store.sock");
+    wait_for("the store socket", || socket.exists());
+    let _agents = [agent_on(&env, "h1", &key), agent_on(&env, "h2", &key)];
+    wait_for("both hosts Ready", || {
+        cluster_json(&env, &["cluster", "status", "--json"])["hosts"]["Ready"] == 2
+    });
+    let server = start_web_with(&env, &tokens, &["--cluster"]);
+    env.ray_ok(&["cluster", "vm", "create", "dr1", "--memory-mib", "128"]);
+    // The VM runs on its host (its agent reports it) before the drain.
+    let mut from = String::new();
+    wait_for("dr1 running on its host", || {
+        let nodes = cluster_json(&env, &["cluster", "nodes", "--json"]);
+        let on = nodes.as_array().into_iter().flatten().find(|n| {
+            n["vms"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|x| x == "dr1"))
+        });
+        if let Some(n) = on {
+            from = n["host"].as_str().unwrap_or_default().to_string();
+        }
+        on.is_some()
+    });
+    let to = if from == "h1" { "h2" } else { "h1" };
+    let artifacts = repo().join("target/web-artifacts");
+    let out = Command::new("node")
+        .arg(web_dir.join("tests/hosts-drain.mjs"))
+        .current_dir(&web_dir)
+        .env("RAY_WEB_URL", &server.url)
+        .env("RAY_WEB_ADMIN", ADMIN)
+        .env("RAY_WEB_ARTIFACTS", &artifacts)
+        .env("RAY_WEB_FROM", &from)
+        .env("RAY_WEB_TO", to)
+        .env("RAY_WEB_CLUSTER_VM", "dr1")
+        .output()
+        .expect("cannot run node (scripts/setup installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    let vms = cluster_json(&env, &["cluster", "vms", "--json"]);
+    assert!(
+        out.status.success(),
+        "the drain browser test failed ({}):\n{stdout}\n{}\ncontroller log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(env.runtime.join("controller.log")).unwrap_or_default()
+    );
+    assert!(
+        stdout.contains("hosts drain browser test: all passed"),
+        "{stdout}"
+    );
+    // The store agrees with the page: the VM's run token names the other host.
+    assert_eq!(vms[0]["vm"], "dr1", "{vms}");
+    assert_eq!(vms[0]["host"], to, "{vms}");
+    assert!(artifacts.join("hosts-drained.png").is_file());
+    // ... and the other host's agent reports it running there.
+    wait_for("dr1 reported running on the other host", || {
+        let nodes = cluster_json(&env, &["cluster", "nodes", "--json"]);
+        nodes.as_array().into_iter().flatten().any(|n| {
+            n["host"] == to
+                && n["vms"]
+                    .as_array()
+                    .is_some_and(|v| v.iter().any(|x| x == "dr1"))
+        })
+    });
+}
