@@ -22,6 +22,7 @@ pub mod controller;
 pub mod decisions;
 pub mod keys;
 pub mod migration;
+pub mod ops;
 pub mod runtoken;
 pub mod spec;
 pub mod store;

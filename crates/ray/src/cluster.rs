@@ -8,8 +8,9 @@ use ray_cluster::controller::{leader, read_world};
 use ray_cluster::decisions::{self, Entry, Kind};
 use ray_cluster::keys;
 use ray_cluster::migration::{Progress, Request};
+use ray_cluster::ops;
 use ray_cluster::runtoken;
-use ray_cluster::spec::{HostSpec, VmSpec, POOLS};
+use ray_cluster::spec::{VmSpec, POOLS};
 use ray_cluster::store::{AnyStore, Commit, Cond, Store, Txn};
 use serde::Serialize;
 
@@ -272,16 +273,8 @@ async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
             let mut hosts = std::collections::BTreeMap::new();
             let mut drains = Vec::new();
             for h in &world.hosts {
-                let left = world
-                    .vms
-                    .iter()
-                    .filter(|v| v.token.as_ref().is_some_and(|t| t.host == h.name))
-                    .count();
-                let state = if h.spec.cordon && h.alive && !h.spec.drain {
-                    "Cordoned".to_string()
-                } else {
-                    h.state(left)
-                };
+                let left = ops::vms_on(&world, &h.name).len();
+                let state = ops::host_state(&world, &h.name).unwrap_or_default();
                 if h.spec.drain {
                     drains.push(DrainRow {
                         host: h.name.clone(),
@@ -591,8 +584,8 @@ async fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
 }
 
 async fn node(cmd: NodeCommand) -> anyhow::Result<()> {
-    let (a, change): (HostArgs, fn(&mut HostSpec)) = match cmd {
-        NodeCommand::Cordon(a) => (a, |h| h.cordon = true),
+    let a = match cmd {
+        NodeCommand::Cordon(a) => a,
         NodeCommand::Uncordon(a) => return uncordon(a).await,
         NodeCommand::Drain(d) => return drain(d).await,
         // The agent API's client runs its own runtime: off this one's thread.
@@ -604,7 +597,7 @@ async fn node(cmd: NodeCommand) -> anyhow::Result<()> {
         }
     };
     let s = connect(&a.store).await?;
-    set_host_spec(&s, &a.host, change).await?;
+    ops::cordon(&s, &a.host).await?;
     println!("{}", a.host);
     Ok(())
 }
@@ -612,33 +605,12 @@ async fn node(cmd: NodeCommand) -> anyhow::Result<()> {
 /// `ray node uncordon`: the host takes new VMs again. A Drained host (its maintenance
 /// over) goes through Rejoining first: the controller checks it before it is Ready.
 async fn uncordon(a: HostArgs) -> anyhow::Result<()> {
-    keys::check_name("host", &a.host).map_err(anyhow::Error::msg)?;
     let s = connect(&a.store).await?;
-    let world = read_world(&s).await?;
-    let left = world
-        .vms
-        .iter()
-        .filter(|v| v.token.as_ref().is_some_and(|t| t.host == a.host))
-        .count();
-    let drained = world
-        .hosts
-        .iter()
-        .find(|h| h.name == a.host)
-        .is_some_and(|h| h.spec.drain && left == 0);
-    if drained {
-        let request = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_millis() as u64);
-        set_host_spec(&s, &a.host, |h| {
-            (h.cordon, h.drain, h.rejoin) = (false, false, Some(request));
-        })
-        .await?;
+    if ops::uncordon(&s, &a.host).await? == ops::Uncordoned::Rejoining {
         eprintln!(
             "host {}: Rejoining: it takes VMs once the controller checked it (`ray cluster events`)",
             a.host
         );
-    } else {
-        set_host_spec(&s, &a.host, |h| (h.cordon, h.drain) = (false, false)).await?;
     }
     println!("{}", a.host);
     Ok(())
@@ -648,28 +620,13 @@ async fn uncordon(a: HostArgs) -> anyhow::Result<()> {
 async fn drain(a: DrainArgs) -> anyhow::Result<()> {
     let s = connect(&a.store).await?;
     if a.abort {
-        set_host_spec(&s, &a.host, |h| h.drain = false).await?;
-        // Abort what this drain asked for and is still under way.
-        let world = read_world(&s).await?;
-        let cause = ray_cluster::controller::drain::cause(&a.host);
-        for (vm, m) in &world.migrations {
-            if m.request.as_ref().and_then(|r| r.cause.as_deref()) == Some(cause.as_str()) {
-                let abort = Request {
-                    abort: true,
-                    cause: Some(cause.clone()),
-                    ..Request::default()
-                };
-                let txn = Txn::new()
-                    .when(keys::migrate_request(vm), Cond::Present)
-                    .put(keys::migrate_request(vm), serde_json::to_vec(&abort)?);
-                s.commit(txn).await?;
-                eprintln!("aborting the migration of VM {vm}");
-            }
+        for vm in ops::drain_abort(&s, &a.host).await? {
+            eprintln!("aborting the migration of VM {vm}");
         }
         println!("{}", a.host);
         return Ok(());
     }
-    set_host_spec(&s, &a.host, |h| h.drain = true).await?;
+    ops::drain(&s, &a.host).await?;
     if a.detach {
         println!("{}", a.host);
         return Ok(());
@@ -683,11 +640,7 @@ async fn drain(a: DrainArgs) -> anyhow::Result<()> {
         if !h.spec.drain {
             bail!("the drain of host {} was aborted", a.host);
         }
-        let left = world
-            .vms
-            .iter()
-            .filter(|v| v.token.as_ref().is_some_and(|t| t.host == a.host))
-            .count();
+        let left = ops::vms_on(&world, &a.host).len();
         let line = format!("host {}: {}, {left} VMs left", a.host, h.state(left));
         if line != last {
             eprintln!("{line}");
@@ -699,36 +652,6 @@ async fn drain(a: DrainArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
-}
-
-/// Changes a host's spec, revision-checked so a concurrent change is not lost.
-async fn set_host_spec(
-    s: &AnyStore,
-    host: &str,
-    change: impl FnOnce(&mut HostSpec),
-) -> anyhow::Result<()> {
-    keys::check_name("host", host).map_err(anyhow::Error::msg)?;
-
-    if s.get(&keys::host_alive(host)).await?.is_none()
-        && s.get(&keys::host_status(host)).await?.is_none()
-    {
-        bail!("host {host} is not known to the cluster (it never registered)");
-    }
-    let current = s.get(&keys::host_spec(host)).await?;
-    let mut spec = HostSpec::parse(current.as_ref().map(|kv| kv.value.as_slice()))
-        .map_err(anyhow::Error::msg)?;
-    change(&mut spec);
-    let cond = match &current {
-        Some(kv) => Cond::ModRevision(kv.mod_revision),
-        None => Cond::Absent,
-    };
-    let txn = Txn::new()
-        .when(keys::host_spec(host), cond)
-        .put(keys::host_spec(host), spec.to_json());
-    if s.commit(txn).await? == Commit::Conflict {
-        bail!("the spec of host {host} changed meanwhile: try again");
-    }
-    Ok(())
 }
 
 /// `ray node status|vms HOST`: asks the host's agent through its API.

@@ -282,7 +282,9 @@ ray gpu screenshot desk -o desk.png",
     (
         "web",
         "ray web --tokens tokens.txt
-ray web --listen 127.0.0.1:0 --tokens tokens.txt --state-dir /var/lib/rayvisor/web",
+ray web --listen 127.0.0.1:0 --tokens tokens.txt --state-dir /var/lib/rayvisor/web
+ray web --listen 0.0.0.0:8443 --tokens tokens.txt --tls-cert cert.pem --tls-key key.pem
+ray web --tokens tokens.txt --cluster     with the hosts page (single-host store of ray controller)",
     ),
     (
         "gpu resize",

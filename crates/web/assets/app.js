@@ -147,8 +147,9 @@ function detailView(id) {
       const n = gpus.gpus.reduce((a, g) => a + g.displays.length, 0);
       if (n !== displays) {
         displays = n;
-        thumbs.replaceChildren(...Array.from({ length: n }, (_, i) => el('a', { href: `#/vm/${enc}/display/${i}` },
-          el('img', { alt: `Display ${i} (open its console)`, 'data-display': i }))));
+        thumbs.replaceChildren(...Array.from({ length: n }, (_, i) => el('div', {},
+          el('a', { href: `#/vm/${enc}/display/${i}` }, el('img', { alt: `Display ${i} (open its console)`, 'data-display': i })),
+          el('a', { href: `#/vm/${enc}/h264/${i}`, class: 'h264-link' }, `Display ${i}: low-bandwidth view (H.264)`))));
         if (!n) thumbs.append(el('p', {}, 'This VM has no display.'));
       }
       for (const img of thumbs.querySelectorAll('img')) img.src = `/api/vms/${enc}/display/${img.dataset.display}/screenshot.png?t=${Date.now()}`;
@@ -238,6 +239,82 @@ function displayView(id, n) {
   cleanup.push(() => { try { rfb.disconnect(); } catch (_) { /* already closed */ } });
 }
 
+// ---- low-bandwidth viewer: the display's H.264 stream decoded with WebCodecs ----
+// The server sends whole access units (Annex B); a new one starts at an access unit
+// delimiter, SPS, PPS or SEI, or at a slice whose first_mb_in_slice is 0, after a slice.
+function accessUnits(bytes) {
+  const starts = [];
+  for (let i = 0; i + 2 < bytes.length; i++) {
+    if (bytes[i] === 0 && bytes[i + 1] === 0 && bytes[i + 2] === 1) { starts.push(i + 3); i += 2; }
+  }
+  const units = [];
+  let cur = null;
+  for (let k = 0; k < starts.length; k++) {
+    const at = starts[k];
+    let begin = at - 3;
+    if (begin > 0 && bytes[begin - 1] === 0) begin--;
+    const type = bytes[at] & 0x1f;
+    const vcl = type === 1 || type === 5;
+    const firstSlice = vcl && (bytes[at + 1] & 0x80) !== 0;
+    if (!cur || (cur.vcl && ([6, 7, 8, 9].includes(type) || firstSlice))) {
+      if (cur) units.push(cur);
+      cur = { begin, vcl: false, key: false, sps: null };
+    }
+    if (vcl) cur.vcl = true;
+    if (type === 5) cur.key = true;
+    if (type === 7) cur.sps = bytes.subarray(at + 1, at + 4);
+  }
+  if (cur) units.push(cur);
+  return units.map((u, i) => ({ ...u, data: bytes.subarray(u.begin, i + 1 < units.length ? units[i + 1].begin : bytes.length) }));
+}
+
+function h264View(id, n) {
+  const enc = encodeURIComponent(id);
+  const canvas = el('canvas', { id: 'h264-canvas', width: 0, height: 0 });
+  const status = el('p', { id: 'h264-status', 'aria-live': 'polite' }, 'Connecting…');
+  show(`VM ${id}: display ${n} (H.264)`, el('p', {}, el('a', { href: `#/vm/${enc}` }, `Back to ${id}`),
+    ' · view only, decoded in the browser (WebCodecs)'), status, el('div', { id: 'screen' }, canvas));
+  if (typeof VideoDecoder === 'undefined') {
+    status.textContent = 'This browser has no WebCodecs VideoDecoder (it needs a secure context: https or 127.0.0.1).';
+    return;
+  }
+  let frames = 0, bytes = 0, decoder = null, ts = 0;
+  const ctx = canvas.getContext('2d');
+  const decoderFor = () => new VideoDecoder({
+    output: (frame) => {
+      if (canvas.width !== frame.displayWidth || canvas.height !== frame.displayHeight) {
+        canvas.width = frame.displayWidth; canvas.height = frame.displayHeight;
+      }
+      ctx.drawImage(frame, 0, 0);
+      frame.close();
+      frames++;
+      status.dataset.frames = String(frames);
+      status.textContent = `Decoding: ${frames} frames, ${Math.round(bytes / 1024)} KiB received`;
+    },
+    error: (e) => { status.textContent = `Decoder error: ${e.message}`; },
+  });
+  const ws = new WebSocket(`${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/api/vms/${enc}/h264/${n}`);
+  ws.binaryType = 'arraybuffer';
+  ws.onopen = () => { status.textContent = 'Connected: waiting for the first frame'; status.dataset.connected = '1'; };
+  ws.onmessage = (ev) => {
+    const data = new Uint8Array(ev.data);
+    bytes += data.length;
+    for (const au of accessUnits(data)) {
+      if (au.sps && (!decoder || au.key)) {
+        const hex = Array.from(au.sps, (b) => b.toString(16).padStart(2, '0')).join('');
+        if (decoder) decoder.close();
+        decoder = decoderFor();
+        decoder.configure({ codec: `avc1.${hex}`, optimizeForLatency: true });
+      }
+      if (!decoder || decoder.state !== 'configured') continue;
+      decoder.decode(new EncodedVideoChunk({ type: au.key ? 'key' : 'delta', timestamp: ts, data: au.data }));
+      ts += 1000;
+    }
+  };
+  ws.onclose = () => { delete status.dataset.connected; if (!frames) status.textContent = 'Disconnected'; };
+  cleanup.push(() => { ws.close(); if (decoder && decoder.state !== 'closed') decoder.close(); });
+}
+
 // ---- serial console (xterm.js) ----
 function serialView(id) {
   const enc = encodeURIComponent(id);
@@ -263,6 +340,58 @@ function serialView(id) {
   cleanup.push(() => { ws.close(); term.dispose(); });
 }
 
+// ---- hosts (the cluster store, through ray web's /api/hosts) ----
+function hostsView() {
+  const body = el('tbody');
+  const status = el('p', { id: 'hosts-status', 'aria-live': 'polite' }, 'Reading the cluster…');
+  const migrations = el('ul', { id: 'cluster-migrations' });
+  const drainStart = {}; // host -> VMs it had when this page first saw it draining
+  const table = el('div', { class: 'scroll' }, el('table', { id: 'hosts' },
+    el('caption', { class: 'skip' }, 'Hosts'),
+    el('thead', {}, el('tr', {}, el('th', { scope: 'col' }, 'Host'), el('th', { scope: 'col' }, 'State'),
+      el('th', { scope: 'col', class: 'hide-narrow' }, 'Role'), el('th', { scope: 'col', class: 'hide-narrow' }, 'Load'), el('th', { scope: 'col' }, 'VMs'),
+      el('th', { scope: 'col' }, 'Actions'))),
+    body));
+  const act = (host, op, label) => action(label, 'operator', () => api('POST', `/hosts/${encodeURIComponent(host)}/${op}`),
+    { 'data-op': op, 'aria-label': `${label} host ${host}` });
+  const render = (o) => {
+    status.textContent = `Leader: ${o.leader ?? 'none'} · ${o.hosts.length} host(s) · ${o.vms_pending} VM(s) waiting for a host`;
+    body.replaceChildren(...o.hosts.map((h) => {
+      const load = h.cpus != null
+        ? `${h.vcpus_used}/${h.cpus} vCPUs · ${h.memory_used_mib}/${h.memory_mib} MiB`
+        : `${h.vcpus_used} vCPUs · ${h.memory_used_mib} MiB`;
+      const cells = [];
+      if (h.draining) {
+        const start = Math.max(drainStart[h.host] ?? 0, h.vms.length);
+        drainStart[h.host] = start;
+        const done = start === 0 ? 100 : Math.round(100 * (start - h.vms.length) / start);
+        cells.push(el('progress', { class: 'drain', max: 100, value: done, 'aria-label': `Drain of ${h.host}` }),
+          el('span', { class: 'vms-left', 'data-left': h.vms.length }, `${h.vms.length} VM(s) left`));
+      } else delete drainStart[h.host];
+      const state_ = h.state.split(' ')[0];
+      return el('tr', { 'data-host': h.host },
+        el('th', { scope: 'row' }, h.host),
+        el('td', {}, el('span', { class: `state ${state_.toLowerCase()}`, 'data-state': state_ }, h.state), ...cells),
+        el('td', { class: 'hide-narrow' }, h.role), el('td', { class: 'hide-narrow' }, load),
+        el('td', {}, h.vms.length ? h.vms.map((v) => el('span', { class: 'vm', 'data-vm': v }, v)) : '–'),
+        el('td', {}, el('div', { class: 'row' },
+          h.cordoned || h.draining ? act(h.host, 'uncordon', 'Uncordon') : act(h.host, 'cordon', 'Cordon'),
+          h.draining ? act(h.host, 'drain-abort', 'Abort drain') : act(h.host, 'drain', 'Start drain'))));
+    }));
+    if (!o.hosts.length) body.append(el('tr', {}, el('td', { colspan: 6 }, 'No host has registered.')));
+    migrations.replaceChildren(...o.migrations.map((m) => el('li', { 'data-vm': m.vm },
+      `${m.vm}${m.cause ? ` (${m.cause})` : ''}: ${m.progress}`)));
+    if (!o.migrations.length) migrations.append(el('li', {}, 'None under way.'));
+  };
+  api('GET', '/hosts').then(() => {
+    const source = new EventSource('/api/hosts/stream');
+    source.addEventListener('hosts', (ev) => render(JSON.parse(ev.data)));
+    source.addEventListener('unreachable', (ev) => { status.textContent = `The cluster store does not answer: ${JSON.parse(ev.data).message}`; });
+    cleanup.push(() => source.close());
+  }).catch((e) => { status.textContent = e.message; });
+  show('Hosts', status, table, el('h2', {}, 'Migrations'), migrations);
+}
+
 // ---- routing ----
 async function route() {
   for (const f of cleanup) f();
@@ -271,12 +400,15 @@ async function route() {
     try { me = await api('GET', '/me'); } catch (_) { me = null; }
   }
   document.getElementById('session').hidden = !me;
+  document.getElementById('pages').hidden = !me;
   document.getElementById('who').textContent = me ? `${me.name} (${me.role})` : '';
   if (!me) return loginView();
   const parts = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
+  if (parts[0] === 'hosts') return hostsView();
   if (parts[0] === 'vm' && parts[1]) {
     if (parts[2] === 'display') return displayView(parts[1], Number(parts[3] || 0));
     if (parts[2] === 'serial') return serialView(parts[1]);
+    if (parts[2] === 'h264') return h264View(parts[1], Number(parts[3] || 0));
     return detailView(parts[1]);
   }
   return listView();

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::actions::{self, MigrationRecord};
 use crate::vmm::{self, Answer};
-use crate::{assets, bridge, Presence, Role, User, VmEntry, WebOptions};
+use crate::{assets, bridge, h264, hosts, Presence, Role, User, VmEntry, WebOptions};
 
 /// The cookie a login sets.
 pub const COOKIE: &str = "ray_web";
@@ -172,6 +172,9 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/api/me", get(me))
         .route("/api/vms", get(list).post(actions::create))
         .route("/api/vms/stream", get(stream))
+        .route("/api/hosts", get(hosts::list))
+        .route("/api/hosts/stream", get(hosts::stream))
+        .route("/api/hosts/{host}/{op}", post(hosts::act))
         .route("/api/vms/{id}", get(detail))
         .route("/api/vms/{id}/events", get(read_events))
         .route("/api/vms/{id}/gpus", get(read_gpus))
@@ -196,21 +199,29 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/api/vms/{id}/migration/cancel", post(actions::cancel))
         .route("/api/vms/{id}/display/{n}/screenshot.png", get(screenshot))
         .route("/api/vms/{id}/vnc/{n}", get(bridge::vnc))
+        .route("/api/vms/{id}/h264/{n}", get(h264::stream))
         .route("/api/vms/{id}/serial", get(bridge::serial))
         .route("/api/vms/{id}/{action}", post(lifecycle))
         .fallback(assets::serve)
-        .layer(axum::middleware::from_fn(guard))
+        .layer(axum::middleware::from_fn_with_state(web.clone(), guard))
         .with_state(web)
 }
 
-/// Refuses requests addressed to a name that is not loopback (DNS rebinding), and
-/// requests that change something or open a WebSocket from a page of another origin.
-async fn guard(headers: HeaderMap, request: Request, next: axum::middleware::Next) -> Response {
+/// Refuses requests addressed to a name that is not loopback (DNS rebinding) when serving
+/// plain HTTP (over TLS the certificate binds the name: a browser sent to this server
+/// under another name refuses the certificate), and requests that change something or
+/// open a WebSocket from a page of another origin.
+async fn guard(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
-    if !ray_vmm::api_server::is_loopback_host(host) {
+    if web.opts.tls.is_none() && !ray_vmm::api_server::is_loopback_host(host) {
         return Refusal::new(
             StatusCode::FORBIDDEN,
             "forbidden_host",
@@ -265,8 +276,14 @@ async fn login(State(web): State<Arc<Web>>, body: Bytes) -> Reply {
         role = user.role.as_str(),
         "ray web: login"
     );
+    // Over TLS the browser must never send the token in clear.
+    let secure = if web.opts.tls.is_some() {
+        "; Secure"
+    } else {
+        ""
+    };
     let cookie = format!(
-        "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
+        "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict{secure}",
         login.token
     );
     let mut r = Json(user).into_response();
