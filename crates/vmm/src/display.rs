@@ -22,8 +22,8 @@ use ray_display::encode::{
 };
 use ray_display::keys::{self, Keyboard};
 use ray_display::model::{GpuEvent, GpuModel};
-use ray_display::vnc::{DisplayResizer, InputSink, ResizeRefusal};
 use ray_display::vnc::{self, VncServer};
+use ray_display::vnc::{DisplayResizer, InputSink, ResizeRefusal};
 use ray_display::{DisplayGeometry, FrameSource, VramLayout};
 use ray_memory::GuestMemory;
 
