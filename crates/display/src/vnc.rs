@@ -649,18 +649,7 @@ impl Viewer {
                 "a view-only viewer cannot change the display's size".into(),
             ));
         }
-        let [s] = screens else {
-            return Err(ResizeRefusal::Invalid(format!(
-                "{} screens: a display is one screen",
-                screens.len()
-            )));
-        };
-        if (s.x, s.y, s.w, s.h) != (0, 0, width, height) {
-            return Err(ResizeRefusal::Invalid(format!(
-                "the screen ({}x{} at {}, {}) does not cover the {width}x{height} framebuffer",
-                s.w, s.h, s.x, s.y
-            )));
-        }
+        check_layout(width, height, screens)?;
         let g = self.geometry;
         let (width, height) = (u32::from(width), u32::from(height));
         let Some(resizer) = shared
@@ -814,6 +803,24 @@ impl Viewer {
         self.last = None;
         Ok(Some(reason))
     }
+}
+
+/// Checks a SetDesktopSize layout: a display is one screen, which covers the framebuffer
+/// (whether the display takes the size is its resizer's to say).
+pub fn check_layout(width: u16, height: u16, screens: &[Screen]) -> Result<(), ResizeRefusal> {
+    let [s] = screens else {
+        return Err(ResizeRefusal::Invalid(format!(
+            "{} screens: a display is one screen",
+            screens.len()
+        )));
+    };
+    if (s.x, s.y, s.w, s.h) != (0, 0, width, height) {
+        return Err(ResizeRefusal::Invalid(format!(
+            "the screen ({}x{} at {}, {}) does not cover the {width}x{height} framebuffer",
+            s.w, s.h, s.x, s.y
+        )));
+    }
+    Ok(())
 }
 
 fn full(g: &DisplayGeometry) -> Rect {
