@@ -78,6 +78,8 @@ struct RawViewer(std::os::unix::net::UnixStream);
 
 /// An ExtendedDesktopSize rectangle: (reason, status, width, height).
 type ExtRect = (u16, u16, u16, u16);
+/// A Raw rectangle: x, y, width, height and its XRGB pixels.
+type RawRect = (u16, u16, u16, u16, Vec<u8>);
 
 impl RawViewer {
     fn connect(socket: &std::path::Path) -> RawViewer {
@@ -116,12 +118,7 @@ impl RawViewer {
 
     /// Asks for an update of (0, 0, w, h) and reads it: its ExtendedDesktopSize
     /// rectangles, and the pixels of its Raw rectangles (x, y, w, h, XRGB bytes).
-    fn update(
-        &mut self,
-        incremental: bool,
-        w: u16,
-        h: u16,
-    ) -> (Vec<ExtRect>, Vec<(u16, u16, u16, u16, Vec<u8>)>) {
+    fn update(&mut self, incremental: bool, w: u16, h: u16) -> (Vec<ExtRect>, Vec<RawRect>) {
         use std::io::{Read, Write};
         let mut m = vec![3, u8::from(incremental), 0, 0, 0, 0];
         m.extend_from_slice(&w.to_be_bytes());

@@ -1345,10 +1345,13 @@ mod extended_tests {
         s
     }
 
+    /// An ExtendedDesktopSize rectangle: reason, status, width, height, screen id.
+    type Ext = (u16, u16, u16, u16, u32);
+
     /// Sends an incremental request for (w, h) and reads the update: its
     /// ExtendedDesktopSize rectangles as (reason, status, w, h, screen id) and the
     /// number of pixel rectangles.
-    fn update(s: &mut UnixStream, w: u16, h: u16) -> (Vec<(u16, u16, u16, u16, u32)>, usize) {
+    fn update(s: &mut UnixStream, w: u16, h: u16) -> (Vec<Ext>, usize) {
         let mut m = vec![3, 1, 0, 0, 0, 0];
         m.extend_from_slice(&w.to_be_bytes());
         m.extend_from_slice(&h.to_be_bytes());
