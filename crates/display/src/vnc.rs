@@ -27,6 +27,8 @@ use crate::{DisplayGeometry, FrameSource};
 pub const TILE: u16 = 64;
 /// How often a pending incremental request looks for a change.
 const POLL: Duration = Duration::from_millis(10);
+/// Most ExtendedDesktopSize answers a viewer may have waiting for an update request.
+const MAX_REPLIES: usize = 64;
 /// A viewer must finish the handshake within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -628,6 +630,12 @@ impl Viewer {
                     }
                 };
                 if let (Some(status), true) = (status, self.extended) {
+                    if self.replies.len() >= MAX_REPLIES {
+                        return Err(rfb::RfbError::Protocol(format!(
+                            "more than {MAX_REPLIES} SetDesktopSize messages without an \
+                             update request to answer them"
+                        )));
+                    }
                     self.replies.push((ResizeReason::ThisClient, status));
                 }
             }
@@ -1449,6 +1457,13 @@ mod extended_tests {
         src.set(24, 6);
         assert_eq!(update(&mut a, 32, 4), (vec![(0, 0, 24, 6, 0)], 0));
         assert_eq!(update(&mut b, 32, 4), (vec![(0, 0, 24, 6, 0)], 0));
+        // So does a flood of SetDesktopSize with no update request to answer them.
+        let mut flood = connect(&socket_path(&dir, 0, Role::ViewOnly));
+        for _ in 0..=MAX_REPLIES {
+            set_size(&mut flood, 32, 4, 1);
+        }
+        let mut rest = Vec::new();
+        let _ = flood.read_to_end(&mut rest);
         // A broken SetDesktopSize (no screens) closes that viewer only.
         set_size(&mut b, 32, 4, 0);
         let mut rest = Vec::new();
