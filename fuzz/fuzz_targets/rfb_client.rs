@@ -6,7 +6,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use ray_display::rfb::{
-    self, ClientMessage, Rect, ResizeReason, ResizeStatus, MAX_CUT_TEXT, MAX_ENCODINGS,
+    self, ClientMessage, Rect, ResizeReason, ResizeStatus, MAX_CUT_TEXT, MAX_DESKTOP_EDGE,
+    MAX_ENCODINGS,
 };
 use ray_display::vnc::check_layout;
 use ray_display::zrle::Zrle;
@@ -30,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
             }
             ClientMessage::SetDesktopSize { width, height, screens } => {
                 assert!(width > 0 && height > 0 && !screens.is_empty());
+                assert!(width <= MAX_DESKTOP_EDGE && height <= MAX_DESKTOP_EDGE);
                 if check_layout(width, height, &screens).is_ok() {
                     let s = screens[0];
                     assert_eq!((screens.len(), s.x, s.y, s.w, s.h), (1, 0, 0, width, height));

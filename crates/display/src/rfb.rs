@@ -18,6 +18,9 @@ pub const ENCODING_DESKTOP_SIZE: i32 = -223;
 pub const ENCODING_EXTENDED_DESKTOP_SIZE: i32 = -308;
 /// The client message that asks for a new framebuffer size and screen layout.
 pub const MSG_SET_DESKTOP_SIZE: u8 = 251;
+/// Longer edges than this no display could have: a SetDesktopSize asking for one is
+/// hostile (sizes within it but beyond a display's caps are answered "invalid").
+pub const MAX_DESKTOP_EDGE: u16 = 16384;
 /// The longest cut-text a client may send; more is hostile.
 pub const MAX_CUT_TEXT: u32 = 1 << 20;
 /// The most encodings a client may list.
@@ -340,7 +343,7 @@ pub fn read_message(r: &mut impl Read) -> Result<ClientMessage, RfbError> {
             if n == 0 {
                 return Err(protocol("SetDesktopSize lists no screens"));
             }
-            if width == 0 || height == 0 {
+            if width == 0 || height == 0 || width > MAX_DESKTOP_EDGE || height > MAX_DESKTOP_EDGE {
                 return Err(protocol(format!(
                     "SetDesktopSize asks for a {width}x{height} framebuffer"
                 )));
@@ -697,6 +700,9 @@ mod tests {
         let mut r: &[u8] = &[251, 0, 0, 0, 0x02, 0x58, 1, 0];
         let e = read_message(&mut r).unwrap_err().to_string();
         assert_eq!(e, "SetDesktopSize asks for a 0x600 framebuffer");
+        let mut r: &[u8] = &[251, 0, 0xff, 0xff, 0x02, 0x58, 1, 0];
+        let e = read_message(&mut r).unwrap_err().to_string();
+        assert_eq!(e, "SetDesktopSize asks for a 65535x600 framebuffer");
         // Two screens announced, one sent: truncated.
         let mut r: &[u8] = &[
             251, 0, 0x03, 0x20, 0x02, 0x58, 2, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0x03, 0x20, 0x02, 0x58,
