@@ -36,7 +36,7 @@ pub fn decode(path: &Path) -> (u32, u32, Vec<u8>) {
 }
 
 /// The pattern as the host computes it, as RGB.
-fn expected(pattern: Pattern, seed: u32, w: u32, h: u32) -> Vec<u8> {
+pub(crate) fn expected(pattern: Pattern, seed: u32, w: u32, h: u32) -> Vec<u8> {
     let mut out = Vec::with_capacity((w * h * 3) as usize);
     for y in 0..h {
         for x in 0..w {
@@ -53,7 +53,7 @@ fn assert_shows(path: &Path, pattern: Pattern, seed: u32) {
 }
 
 /// Asserts a PNG of `size` shows `pattern` exactly, naming the first pixel that differs.
-fn assert_shows_at(path: &Path, pattern: Pattern, seed: u32, size: (u32, u32)) {
+pub(crate) fn assert_shows_at(path: &Path, pattern: Pattern, seed: u32, size: (u32, u32)) {
     let (w, h, rgb) = decode(path);
     assert_eq!((w, h), size, "{}", path.display());
     let want = expected(pattern, seed, w, h);
@@ -70,7 +70,7 @@ fn assert_shows_at(path: &Path, pattern: Pattern, seed: u32, size: (u32, u32)) {
     }
 }
 
-fn screenshot(env: &Env, id: &str, display: u32, name: &str) -> std::path::PathBuf {
+pub(crate) fn screenshot(env: &Env, id: &str, display: u32, name: &str) -> std::path::PathBuf {
     let out = env.runtime.join(name);
     env.ray_ok(&[
         "gpu",
@@ -396,7 +396,12 @@ fn gpu_requests_are_checked_before_the_vm_starts() {
 const VIRTIO_GPU: &str = "virtio,width=640,height=480,displays=2";
 
 /// `draw` on a virtio display: the rectangle it sent, and how many requests and kicks.
-fn draw_virtio(vm: &mut Vm, pattern: &str, seed: u32, display: u32) -> (String, u32, u32) {
+pub(crate) fn draw_virtio(
+    vm: &mut Vm,
+    pattern: &str,
+    seed: u32,
+    display: u32,
+) -> (String, u32, u32) {
     let answer = vm.command(&format!("draw {pattern} {seed} {display}"), "draw ");
     let field = |key: &str| {
         answer

@@ -72,3 +72,201 @@ api.shutdown()
         .unwrap_or_else(|| panic!("{line}"));
     assert!(bytes < 640 * 480 * 4, "{line}");
 }
+
+/// A raw RFB viewer that takes Raw and ExtendedDesktopSize, as the test drives it.
+struct RawViewer(std::os::unix::net::UnixStream);
+
+/// An ExtendedDesktopSize rectangle: (reason, status, width, height).
+type ExtRect = (u16, u16, u16, u16);
+/// A Raw rectangle: x, y, width, height and its XRGB pixels.
+type RawRect = (u16, u16, u16, u16, Vec<u8>);
+
+impl RawViewer {
+    fn connect(socket: &std::path::Path) -> RawViewer {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(socket)
+            .unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut b = [0u8; 24];
+        s.read_exact(&mut b[..12]).unwrap();
+        s.write_all(b"RFB 003.008\n").unwrap();
+        s.read_exact(&mut b[..2]).unwrap();
+        assert_eq!(b[..2], [1, 1], "security type None");
+        s.write_all(&[1]).unwrap();
+        s.read_exact(&mut b[..4]).unwrap();
+        s.write_all(&[1]).unwrap();
+        s.read_exact(&mut b).unwrap();
+        let mut name = vec![0u8; u32::from_be_bytes(b[20..24].try_into().unwrap()) as usize];
+        s.read_exact(&mut name).unwrap();
+        // SetEncodings: Raw, ExtendedDesktopSize (-308).
+        s.write_all(&[2, 0, 0, 2, 0, 0, 0, 0, 0xff, 0xff, 0xfe, 0xcc])
+            .unwrap();
+        RawViewer(s)
+    }
+
+    fn set_desktop_size(&mut self, w: u16, h: u16) {
+        use std::io::Write;
+        let mut m = vec![251, 0];
+        m.extend_from_slice(&w.to_be_bytes());
+        m.extend_from_slice(&h.to_be_bytes());
+        m.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        m.extend_from_slice(&w.to_be_bytes());
+        m.extend_from_slice(&h.to_be_bytes());
+        m.extend_from_slice(&[0, 0, 0, 0]);
+        self.0.write_all(&m).unwrap();
+    }
+
+    /// Asks for an update of (0, 0, w, h) and reads it: its ExtendedDesktopSize
+    /// rectangles, and the pixels of its Raw rectangles (x, y, w, h, XRGB bytes).
+    fn update(&mut self, incremental: bool, w: u16, h: u16) -> (Vec<ExtRect>, Vec<RawRect>) {
+        use std::io::{Read, Write};
+        let mut m = vec![3, u8::from(incremental), 0, 0, 0, 0];
+        m.extend_from_slice(&w.to_be_bytes());
+        m.extend_from_slice(&h.to_be_bytes());
+        self.0.write_all(&m).unwrap();
+        let mut hdr = [0u8; 4];
+        self.0.read_exact(&mut hdr).unwrap();
+        assert_eq!(hdr[0], 0, "a FramebufferUpdate");
+        let (mut ext, mut raw) = (Vec::new(), Vec::new());
+        for _ in 0..u16::from_be_bytes([hdr[2], hdr[3]]) {
+            let mut r = [0u8; 12];
+            self.0.read_exact(&mut r).unwrap();
+            let f = |i: usize| u16::from_be_bytes([r[i], r[i + 1]]);
+            match i32::from_be_bytes(r[8..12].try_into().unwrap()) {
+                -308 => {
+                    let mut n = [0u8; 4];
+                    self.0.read_exact(&mut n).unwrap();
+                    assert_eq!(n[0], 1, "one screen a display");
+                    let mut screen = [0u8; 16];
+                    self.0.read_exact(&mut screen).unwrap();
+                    assert_eq!(&screen[8..12], &r[4..8], "the screen is the framebuffer");
+                    ext.push((f(0), f(2), f(4), f(6)));
+                }
+                0 => {
+                    let mut px = vec![0u8; usize::from(f(4)) * usize::from(f(6)) * 4];
+                    self.0.read_exact(&mut px).unwrap();
+                    raw.push((f(0), f(2), f(4), f(6), px));
+                }
+                other => panic!("unexpected encoding {other}"),
+            }
+        }
+        (ext, raw)
+    }
+
+    /// Sends incremental requests until an ExtendedDesktopSize rectangle comes; returns it.
+    fn next_ext(&mut self, w: u16, h: u16) -> ExtRect {
+        for _ in 0..100 {
+            let (ext, _) = self.update(true, w, h);
+            if let Some(e) = ext.first() {
+                return *e;
+            }
+        }
+        panic!("no ExtendedDesktopSize rectangle in 100 updates");
+    }
+}
+
+#[test]
+fn set_desktop_size_resizes_a_virtio_display_and_every_viewer_sees_it() {
+    use crate::display::{assert_shows_at, draw_virtio, expected, screenshot};
+    use ray_guest_abi::display::Pattern;
+    let env = Env::new("vnc-setsize");
+    // Display 0 is the emulated GPU's, display 1 the virtio GPU's.
+    let mut vm = env.boot(&[
+        "--memory",
+        "128M",
+        "--gpu",
+        "emulated,width=640,height=480",
+        "--gpu",
+        "virtio,width=640,height=480",
+    ]);
+    vm.expect_line("ready", Duration::from_secs(20));
+    draw_virtio(&mut vm, "gradient", 4, 1);
+    let mut rw = RawViewer::connect(&vm.dir.join("vnc-1.sock"));
+    let mut other = RawViewer::connect(&vm.dir.join("vnc-1.sock"));
+    let mut view = RawViewer::connect(&vm.dir.join("vnc-1-view.sock"));
+    let mut emulated = RawViewer::connect(&vm.dir.join("vnc-0.sock"));
+    // Each is first told the layout (reason 0: server, status 0) with the picture.
+    for v in [&mut rw, &mut other, &mut view, &mut emulated] {
+        let (ext, raw) = v.update(false, 640, 480);
+        assert_eq!(ext, [(0, 0, 640, 480)]);
+        assert_eq!(raw.len(), 1);
+    }
+    // Refusals change nothing: a view-only viewer and an emulated display are
+    // prohibited (status 1), a size outside the GPU's caps is invalid (status 3).
+    view.set_desktop_size(800, 600);
+    assert_eq!(view.next_ext(640, 480), (1, 1, 640, 480));
+    emulated.set_desktop_size(800, 600);
+    assert_eq!(emulated.next_ext(640, 480), (1, 1, 640, 480));
+    rw.set_desktop_size(100, 600);
+    assert_eq!(rw.next_ext(640, 480), (1, 3, 640, 480));
+    rw.set_desktop_size(4000, 600);
+    assert_eq!(rw.next_ext(640, 480), (1, 3, 640, 480));
+    let sizes = |vm: &ray_e2e::Vm| -> Vec<(u32, u32)> {
+        let list: ray_api::gpu::GpuList = vm.client.call("GET", "/vm/gpus", None).unwrap();
+        list.gpus
+            .iter()
+            .flat_map(|g| g.displays.iter().map(|d| (d.width, d.height)))
+            .collect()
+    };
+    assert_eq!(sizes(&vm), [(640, 480), (640, 480)]);
+
+    // A valid request: success for the requester (reason 1), the guest gets the
+    // display event and redraws at the new size, the others are told (reason 2).
+    rw.set_desktop_size(800, 600);
+    assert_eq!(rw.next_ext(640, 480), (1, 0, 800, 600));
+    let line = vm.expect_line("gpu display event: scanout 0", Duration::from_secs(20));
+    assert_eq!(line, "gpu display event: scanout 0 is 800x600 events=1");
+    assert_eq!(sizes(&vm), [(640, 480), (800, 600)]);
+    assert_eq!(other.next_ext(640, 480), (2, 0, 800, 600));
+    assert_eq!(view.next_ext(640, 480), (2, 0, 800, 600));
+    let (changed, _, _) = draw_virtio(&mut vm, "checker", 6, 1);
+    assert_eq!(changed, "800x600+0+0");
+    assert_shows_at(
+        &screenshot(&env, &vm.id, 1, "resized.png"),
+        Pattern::Checker,
+        6,
+        (800, 600),
+    );
+    // The viewer's own picture at the new size is the guest's pattern.
+    let (_, raw) = rw.update(false, 800, 600);
+    assert_eq!(raw.len(), 1);
+    let (x, y, w, h, px) = &raw[0];
+    assert_eq!((*x, *y, *w, *h), (0, 0, 800, 600));
+    let rgb: Vec<u8> = px
+        .chunks_exact(4)
+        .flat_map(|p| [p[2], p[1], p[0]])
+        .collect();
+    assert!(
+        rgb == expected(Pattern::Checker, 6, 800, 600),
+        "the viewer's pixels are the checker pattern"
+    );
+    // `ray gpu resize` is the server's doing (reason 0).
+    env.ray_ok(&["gpu", "resize", &vm.id, "--display", "1", "1024x768"]);
+    assert_eq!(rw.next_ext(800, 600), (0, 0, 1024, 768));
+    assert_eq!(other.next_ext(800, 600), (0, 0, 1024, 768));
+    vm.expect_line(
+        "gpu display event: scanout 0 is 1024x768",
+        Duration::from_secs(20),
+    );
+
+    // A broken SetDesktopSize (no screens) closes that viewer only, with a log line.
+    {
+        use std::io::{Read, Write};
+        other.0.write_all(&[251, 0, 3, 32, 2, 88, 0, 0]).unwrap();
+        let mut rest = Vec::new();
+        let _ = other.0.read_to_end(&mut rest);
+    }
+    assert_eq!(view.next_ext(800, 600), (0, 0, 1024, 768));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(vm.dir.join("vmm.log"))
+        .unwrap()
+        .contains("VNC viewer closed: SetDesktopSize lists no screens")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VMM logs why it closed the viewer"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(vm.command("echo still here", "still"), "still here");
+}

@@ -621,3 +621,43 @@ fn the_hosts_page_drains_a_host_to_the_other_in_chromium() {
         })
     });
 }
+
+#[test]
+fn the_console_resolution_follows_the_browser_window() {
+    assert!(
+        Path::new(CHROMIUM).is_file(),
+        "{CHROMIUM} is missing: scripts/setup installs Debian's chromium; this test does not skip"
+    );
+    let web_dir = repo().join("web");
+    assert!(
+        web_dir.join("node_modules/playwright-core").is_dir(),
+        "{}/node_modules is missing: run scripts/setup (npm ci in web/)",
+        web_dir.display()
+    );
+    let env = Env::new("web-resize");
+    let tokens = tokens_file(&env);
+    let server = start_web(&env, &tokens);
+    let artifacts = repo().join("target/web-artifacts");
+    let out = Command::new("node")
+        .arg(web_dir.join("tests/resize.mjs"))
+        .current_dir(&web_dir)
+        .env("RAY_WEB_URL", &server.url)
+        .env("RAY_WEB_ADMIN", ADMIN)
+        .env("RAY_WEB_ARTIFACTS", &artifacts)
+        .output()
+        .expect("cannot run node (scripts/setup installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    kill_vmms(&env);
+    assert!(
+        out.status.success(),
+        "the browser resize test failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("resize test: all passed"), "{stdout}");
+    for page in ["console-follows-1024x640", "console-follows-1280x720"] {
+        let png = artifacts.join(format!("{page}.png"));
+        assert!(png.is_file(), "{} was not saved", png.display());
+    }
+}

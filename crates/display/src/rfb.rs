@@ -14,6 +14,13 @@ pub const SECURITY_VNC_AUTH: u8 = 2;
 pub const ENCODING_RAW: i32 = 0;
 pub const ENCODING_COPYRECT: i32 = 1;
 pub const ENCODING_DESKTOP_SIZE: i32 = -223;
+/// The ExtendedDesktopSize pseudo-encoding: screen layouts, and SetDesktopSize from viewers.
+pub const ENCODING_EXTENDED_DESKTOP_SIZE: i32 = -308;
+/// The client message that asks for a new framebuffer size and screen layout.
+pub const MSG_SET_DESKTOP_SIZE: u8 = 251;
+/// Longer edges than this no display could have: a SetDesktopSize asking for one is
+/// hostile (sizes within it but beyond a display's caps are answered "invalid").
+pub const MAX_DESKTOP_EDGE: u16 = 16384;
 /// The longest cut-text a client may send; more is hostile.
 pub const MAX_CUT_TEXT: u32 = 1 << 20;
 /// The most encodings a client may list.
@@ -151,15 +158,111 @@ pub struct Rect {
     pub h: u16,
 }
 
+/// One screen of a layout (SetDesktopSize, ExtendedDesktopSize).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Screen {
+    pub id: u32,
+    pub x: u16,
+    pub y: u16,
+    pub w: u16,
+    pub h: u16,
+    pub flags: u32,
+}
+
+impl Screen {
+    fn parse(b: &[u8; 16]) -> Screen {
+        let u16_at = |i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+        Screen {
+            id: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+            x: u16_at(4),
+            y: u16_at(6),
+            w: u16_at(8),
+            h: u16_at(10),
+            flags: u32::from_be_bytes([b[12], b[13], b[14], b[15]]),
+        }
+    }
+
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.id.to_be_bytes());
+        for v in [self.x, self.y, self.w, self.h] {
+            out.extend_from_slice(&v.to_be_bytes());
+        }
+        out.extend_from_slice(&self.flags.to_be_bytes());
+    }
+}
+
+/// Why an ExtendedDesktopSize rectangle is sent (its x field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResizeReason {
+    /// The server changed the size (`ray gpu resize`), or announces the layout.
+    Server = 0,
+    /// This viewer asked (the answer to its SetDesktopSize).
+    ThisClient = 1,
+    /// Another viewer asked.
+    OtherClient = 2,
+}
+
+/// How a SetDesktopSize went (the y field of the ExtendedDesktopSize answer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResizeStatus {
+    Ok = 0,
+    /// Resizing is not allowed (a view-only viewer, a display that cannot change size).
+    Prohibited = 1,
+    OutOfResources = 2,
+    /// The size or layout is not one the display can take.
+    InvalidLayout = 3,
+}
+
+/// An ExtendedDesktopSize rectangle: the framebuffer is `w` x `h` with `screens`.
+pub fn extended_desktop_size_rect(
+    reason: ResizeReason,
+    status: ResizeStatus,
+    w: u16,
+    h: u16,
+    screens: &[Screen],
+    out: &mut Vec<u8>,
+) {
+    rect_header(
+        Rect {
+            x: reason as u16,
+            y: status as u16,
+            w,
+            h,
+        },
+        ENCODING_EXTENDED_DESKTOP_SIZE,
+        out,
+    );
+    out.extend_from_slice(&[screens.len() as u8, 0, 0, 0]);
+    for s in screens {
+        s.put(out);
+    }
+}
+
 /// What a client may send after the handshake.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientMessage {
     SetPixelFormat(PixelFormat),
     SetEncodings(Vec<i32>),
-    UpdateRequest { incremental: bool, rect: Rect },
-    Key { down: bool, keysym: u32 },
-    Pointer { buttons: u8, x: u16, y: u16 },
+    UpdateRequest {
+        incremental: bool,
+        rect: Rect,
+    },
+    Key {
+        down: bool,
+        keysym: u32,
+    },
+    Pointer {
+        buttons: u8,
+        x: u16,
+        y: u16,
+    },
     CutText(Vec<u8>),
+    /// SetDesktopSize: a new framebuffer size and its screens (at least one).
+    SetDesktopSize {
+        width: u16,
+        height: u16,
+        screens: Vec<Screen>,
+    },
 }
 
 fn read_n<const N: usize>(r: &mut impl Read) -> io::Result<[u8; N]> {
@@ -230,6 +333,30 @@ pub fn read_message(r: &mut impl Read) -> Result<ClientMessage, RfbError> {
             let mut text = vec![0; len as usize];
             r.read_exact(&mut text)?;
             ClientMessage::CutText(text)
+        }
+        MSG_SET_DESKTOP_SIZE => {
+            // padding, width, height, number of screens, padding
+            let b = read_n::<7>(r)?;
+            let width = u16::from_be_bytes([b[1], b[2]]);
+            let height = u16::from_be_bytes([b[3], b[4]]);
+            let n = b[5];
+            if n == 0 {
+                return Err(protocol("SetDesktopSize lists no screens"));
+            }
+            if width == 0 || height == 0 || width > MAX_DESKTOP_EDGE || height > MAX_DESKTOP_EDGE {
+                return Err(protocol(format!(
+                    "SetDesktopSize asks for a {width}x{height} framebuffer"
+                )));
+            }
+            let mut screens = Vec::with_capacity(usize::from(n));
+            for _ in 0..n {
+                screens.push(Screen::parse(&read_n::<16>(r)?));
+            }
+            ClientMessage::SetDesktopSize {
+                width,
+                height,
+                screens,
+            }
         }
         other => return Err(protocol(format!("unknown client message type {other}"))),
     })
@@ -543,6 +670,71 @@ mod tests {
         // A truncated message is a connection error, not a parse of garbage.
         let mut r: &[u8] = &[3, 0, 0];
         assert!(matches!(read_message(&mut r), Err(RfbError::Io(_))));
+    }
+
+    #[test]
+    fn set_desktop_size_parses_and_broken_ones_are_refused() {
+        let mut ok: &[u8] = &[
+            251, 0, 0x03, 0x20, 0x02, 0x58, 1, 0, // 800x600, one screen
+            0, 0, 0, 7, 0, 0, 0, 0, 0x03, 0x20, 0x02, 0x58, 0, 0, 0, 0,
+        ];
+        assert_eq!(
+            read_message(&mut ok).unwrap(),
+            ClientMessage::SetDesktopSize {
+                width: 800,
+                height: 600,
+                screens: vec![Screen {
+                    id: 7,
+                    x: 0,
+                    y: 0,
+                    w: 800,
+                    h: 600,
+                    flags: 0
+                }]
+            }
+        );
+        assert!(ok.is_empty());
+        let mut r: &[u8] = &[251, 0, 0x03, 0x20, 0x02, 0x58, 0, 0];
+        let e = read_message(&mut r).unwrap_err().to_string();
+        assert_eq!(e, "SetDesktopSize lists no screens");
+        let mut r: &[u8] = &[251, 0, 0, 0, 0x02, 0x58, 1, 0];
+        let e = read_message(&mut r).unwrap_err().to_string();
+        assert_eq!(e, "SetDesktopSize asks for a 0x600 framebuffer");
+        let mut r: &[u8] = &[251, 0, 0xff, 0xff, 0x02, 0x58, 1, 0];
+        let e = read_message(&mut r).unwrap_err().to_string();
+        assert_eq!(e, "SetDesktopSize asks for a 65535x600 framebuffer");
+        // Two screens announced, one sent: truncated.
+        let mut r: &[u8] = &[
+            251, 0, 0x03, 0x20, 0x02, 0x58, 2, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0x03, 0x20, 0x02, 0x58,
+            0, 0, 0, 0,
+        ];
+        assert!(matches!(read_message(&mut r), Err(RfbError::Io(_))));
+    }
+
+    #[test]
+    fn extended_desktop_size_rectangles_carry_reason_status_and_screens() {
+        let mut out = Vec::new();
+        let s = Screen {
+            id: 1,
+            x: 0,
+            y: 0,
+            w: 640,
+            h: 480,
+            flags: 0,
+        };
+        extended_desktop_size_rect(
+            ResizeReason::OtherClient,
+            ResizeStatus::Ok,
+            640,
+            480,
+            &[s],
+            &mut out,
+        );
+        let mut want = vec![
+            0, 2, 0, 0, 2, 128, 1, 224, 0xff, 0xff, 0xfe, 0xcc, 1, 0, 0, 0,
+        ];
+        want.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 2, 128, 1, 224, 0, 0, 0, 0]);
+        assert_eq!(out, want);
     }
 
     #[test]

@@ -6,19 +6,20 @@
 //! its rectangle changed: the viewer's thread compares the display, 64x64 tile by tile,
 //! with what that viewer was last sent and sends the changed tiles. A viewer that breaks
 //! the protocol is logged and disconnected; the others and the VM carry on.
+use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::auth::Password;
-use crate::rfb::{self, ClientMessage, PixelFormat, Rect};
+use crate::rfb::{self, ClientMessage, PixelFormat, Rect, ResizeReason, ResizeStatus, Screen};
 use crate::zrle::{Zrle, ENCODING_ZRLE};
 use crate::{DisplayGeometry, FrameSource};
 
@@ -26,6 +27,8 @@ use crate::{DisplayGeometry, FrameSource};
 pub const TILE: u16 = 64;
 /// How often a pending incremental request looks for a change.
 const POLL: Duration = Duration::from_millis(10);
+/// Most ExtendedDesktopSize answers a viewer may have waiting for an update request.
+const MAX_REPLIES: usize = 64;
 /// A viewer must finish the handshake within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -49,6 +52,46 @@ pub trait InputSink: Send + Sync {
     }
 }
 
+/// Why a viewer's SetDesktopSize was refused: the status it is answered with and a reason
+/// for the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResizeRefusal {
+    /// The display cannot change size (an emulated GPU's), or not now.
+    Prohibited(String),
+    /// The size is not one the display can take.
+    Invalid(String),
+}
+
+impl ResizeRefusal {
+    fn status(&self) -> ResizeStatus {
+        match self {
+            ResizeRefusal::Prohibited(_) => ResizeStatus::Prohibited,
+            ResizeRefusal::Invalid(_) => ResizeStatus::InvalidLayout,
+        }
+    }
+
+    fn reason(&self) -> &str {
+        match self {
+            ResizeRefusal::Prohibited(r) | ResizeRefusal::Invalid(r) => r,
+        }
+    }
+}
+
+/// Changes a display's size for a read-write viewer (ExtendedDesktopSize's
+/// SetDesktopSize); checks everything before any effect.
+pub trait DisplayResizer: Send + Sync {
+    fn resize(&self, display: usize, width: u32, height: u32) -> Result<(), ResizeRefusal>;
+}
+
+/// Who asked for a display's last size change, so that viewers are told why it changed.
+#[derive(Clone, Copy, Debug)]
+struct Origin {
+    /// The viewer that asked, or None for the server (`ray gpu resize`).
+    viewer: Option<u64>,
+    width: u32,
+    height: u32,
+}
+
 /// The socket of display `display` for viewers of `role` in the VM directory `dir`.
 pub fn socket_path(dir: &Path, display: usize, role: Role) -> PathBuf {
     match role {
@@ -67,6 +110,27 @@ struct Shared {
     viewers: AtomicU32,
     on_viewers: ViewerHook,
     name: String,
+    /// Changes displays' sizes for viewers; without one, SetDesktopSize is prohibited.
+    resizer: Mutex<Option<Arc<dyn DisplayResizer>>>,
+    /// Per display: who asked for its last size change.
+    origins: Mutex<HashMap<usize, Origin>>,
+    /// Numbers the viewers (for [`Origin`]).
+    next_viewer: AtomicU64,
+}
+
+impl Shared {
+    fn note_origin(&self, display: usize, origin: Option<Origin>) -> Option<Origin> {
+        let mut o = self.origins.lock().unwrap_or_else(|e| e.into_inner());
+        match origin {
+            Some(v) => o.insert(display, v),
+            None => o.remove(&display),
+        }
+    }
+
+    fn origin(&self, display: usize) -> Option<Origin> {
+        let o = self.origins.lock().unwrap_or_else(|e| e.into_inner());
+        o.get(&display).copied()
+    }
 }
 
 /// A running VNC server; dropping it closes every socket and viewer.
@@ -195,6 +259,9 @@ impl VncServer {
             viewers: AtomicU32::new(0),
             on_viewers,
             name: name.to_string(),
+            resizer: Mutex::new(None),
+            origins: Mutex::new(HashMap::new()),
+            next_viewer: AtomicU64::new(1),
         });
         let mut server = VncServer {
             shared: shared.clone(),
@@ -258,6 +325,28 @@ impl VncServer {
             .map_err(bind)?;
         }
         Ok(self.tcp.clone())
+    }
+
+    /// Lets read-write viewers change displays' sizes through `resizer`.
+    pub fn set_resizer(&self, resizer: Arc<dyn DisplayResizer>) {
+        *self
+            .shared
+            .resizer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(resizer);
+    }
+
+    /// The server is about to change `display` to `width` x `height` (not a viewer):
+    /// viewers are told so with ExtendedDesktopSize's reason "server".
+    pub fn server_resize(&self, display: usize, width: u32, height: u32) {
+        self.shared.note_origin(
+            display,
+            Some(Origin {
+                viewer: None,
+                width,
+                height,
+            }),
+        );
     }
 
     /// The TCP addresses listened on, display by display.
@@ -384,6 +473,9 @@ fn serve_viewer(
         zrle: None,
         sent: 0,
         desktop_size: false,
+        extended: false,
+        replies: Vec::new(),
+        id: shared.next_viewer.fetch_add(1, Ordering::Relaxed),
     };
     let result = viewer.run(&stream, shared, &rx);
     let encoding = if viewer.encoding == ENCODING_ZRLE {
@@ -420,6 +512,13 @@ struct Viewer {
     sent: u64,
     /// The viewer takes DesktopSize (the display's size may change under it).
     desktop_size: bool,
+    /// The viewer takes ExtendedDesktopSize (and may send SetDesktopSize).
+    extended: bool,
+    /// ExtendedDesktopSize rectangles owed to the viewer with the current size: the
+    /// layout announcement and answers to its SetDesktopSize.
+    replies: Vec<(ResizeReason, ResizeStatus)>,
+    /// This viewer's number.
+    id: u64,
 }
 
 impl Viewer {
@@ -463,6 +562,12 @@ impl Viewer {
             }
             ClientMessage::SetEncodings(list) => {
                 self.desktop_size = list.contains(&rfb::ENCODING_DESKTOP_SIZE);
+                let extended = list.contains(&rfb::ENCODING_EXTENDED_DESKTOP_SIZE);
+                if extended && !self.extended {
+                    // The layout, so the viewer knows the server takes SetDesktopSize.
+                    self.replies.push((ResizeReason::Server, ResizeStatus::Ok));
+                }
+                self.extended = extended;
                 // The client lists its encodings best first; Raw is always understood.
                 self.encoding = list
                     .into_iter()
@@ -496,8 +601,115 @@ impl Viewer {
                 }
             }
             ClientMessage::CutText(_) => {}
+            ClientMessage::SetDesktopSize {
+                width,
+                height,
+                screens,
+            } => {
+                let status = match self.set_desktop_size(shared, width, height, &screens) {
+                    Ok(changed) => {
+                        tracing::info!(
+                            display = self.geometry.index,
+                            width,
+                            height,
+                            "a VNC viewer resized the display"
+                        );
+                        // A change is told with the new size once it shows.
+                        (!changed).then_some(ResizeStatus::Ok)
+                    }
+                    Err(refusal) => {
+                        tracing::info!(
+                            display = self.geometry.index,
+                            width,
+                            height,
+                            status = ?refusal.status(),
+                            "a VNC viewer's SetDesktopSize refused: {}",
+                            refusal.reason()
+                        );
+                        Some(refusal.status())
+                    }
+                };
+                if let (Some(status), true) = (status, self.extended) {
+                    if self.replies.len() >= MAX_REPLIES {
+                        return Err(rfb::RfbError::Protocol(format!(
+                            "more than {MAX_REPLIES} SetDesktopSize messages without an \
+                             update request to answer them"
+                        )));
+                    }
+                    self.replies.push((ResizeReason::ThisClient, status));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Checks a SetDesktopSize and, if the display can take it, has it resized. Ok(true)
+    /// if the size changes.
+    fn set_desktop_size(
+        &mut self,
+        shared: &Shared,
+        width: u16,
+        height: u16,
+        screens: &[Screen],
+    ) -> Result<bool, ResizeRefusal> {
+        if self.role == Role::ViewOnly {
+            return Err(ResizeRefusal::Prohibited(
+                "a view-only viewer cannot change the display's size".into(),
+            ));
+        }
+        check_layout(width, height, screens)?;
+        let g = self.geometry;
+        let (width, height) = (u32::from(width), u32::from(height));
+        let Some(resizer) = shared
+            .resizer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
+            return Err(ResizeRefusal::Prohibited(
+                "this display cannot change size".into(),
+            ));
+        };
+        if (width, height) == (g.width, g.height) {
+            return Ok(false);
+        }
+        let before = shared.note_origin(
+            g.index,
+            Some(Origin {
+                viewer: Some(self.id),
+                width,
+                height,
+            }),
+        );
+        resizer.resize(g.index, width, height).inspect_err(|_| {
+            shared.note_origin(g.index, before);
+        })?;
+        Ok(true)
+    }
+
+    /// Writes the ExtendedDesktopSize rectangles owed to the viewer; how many.
+    fn put_replies(&mut self, msg: &mut Vec<u8>) -> u16 {
+        let g = self.geometry;
+        let screen = Screen {
+            id: g.index as u32,
+            x: 0,
+            y: 0,
+            w: g.width as u16,
+            h: g.height as u16,
+            flags: 0,
+        };
+        let n = self.replies.len() as u16;
+        for (reason, status) in self.replies.drain(..) {
+            rfb::extended_desktop_size_rect(
+                reason,
+                status,
+                g.width as u16,
+                g.height as u16,
+                &[screen],
+                msg,
+            );
+        }
+        n
     }
 
     /// Answers the pending request into `msg` if there is something to send.
@@ -505,9 +717,17 @@ impl Viewer {
         let Some((incremental, rect)) = self.pending else {
             return Ok(false);
         };
-        if self.resized(shared)? {
-            rfb::update_header(1, msg);
-            rfb::rect_header(full(&self.geometry), rfb::ENCODING_DESKTOP_SIZE, msg);
+        if let Some(reason) = self.resized(shared)? {
+            if self.extended {
+                self.replies.push((reason, ResizeStatus::Ok));
+                let mut rects = Vec::new();
+                let n = self.put_replies(&mut rects);
+                rfb::update_header(n, msg);
+                msg.extend_from_slice(&rects);
+            } else {
+                rfb::update_header(1, msg);
+                rfb::rect_header(full(&self.geometry), rfb::ENCODING_DESKTOP_SIZE, msg);
+            }
             self.pending = None;
             return Ok(true);
         }
@@ -520,10 +740,13 @@ impl Viewer {
             (Some(last), true) => changed_tiles(last, &self.frame, stride, rect),
             _ => vec![rect],
         };
-        if rects.is_empty() {
+        if rects.is_empty() && self.replies.is_empty() {
             return Ok(false);
         }
-        rfb::update_header(rects.len() as u16, msg);
+        let mut pseudo = Vec::new();
+        let n = self.put_replies(&mut pseudo);
+        rfb::update_header(rects.len() as u16 + n, msg);
+        msg.extend_from_slice(&pseudo);
         for r in &rects {
             if self.encoding == ENCODING_ZRLE {
                 let z = self.zrle.get_or_insert_with(Zrle::default);
@@ -546,9 +769,10 @@ impl Viewer {
         Ok(true)
     }
 
-    /// Whether the display changed its size since this viewer last looked: then the
-    /// viewer takes the new one (DesktopSize) or, if it cannot, is closed.
-    fn resized(&mut self, shared: &Shared) -> Result<bool, rfb::RfbError> {
+    /// Whether the display changed its size since this viewer last looked, and why: then
+    /// the viewer takes the new one (ExtendedDesktopSize or DesktopSize) or, if it cannot,
+    /// is closed.
+    fn resized(&mut self, shared: &Shared) -> Result<Option<ResizeReason>, rfb::RfbError> {
         let g = self.geometry;
         let Some(now) = shared
             .source
@@ -556,23 +780,55 @@ impl Viewer {
             .into_iter()
             .find(|d| d.index == g.index)
         else {
-            return Ok(false);
+            return Ok(None);
         };
         if (now.width, now.height, now.stride) == (g.width, g.height, g.stride) {
-            return Ok(false);
+            return Ok(None);
         }
-        if !self.desktop_size {
+        if !self.desktop_size && !self.extended {
             return Err(rfb::RfbError::Protocol(format!(
                 "display {} changed to {}x{} and the viewer does not take DesktopSize",
                 g.index, now.width, now.height
             )));
         }
-        tracing::info!(display = g.index, now.width, now.height, "display resized");
+        let reason = match shared.origin(g.index) {
+            Some(o) if (o.width, o.height) == (now.width, now.height) => match o.viewer {
+                Some(v) if v == self.id => ResizeReason::ThisClient,
+                Some(_) => ResizeReason::OtherClient,
+                None => ResizeReason::Server,
+            },
+            _ => ResizeReason::Server,
+        };
+        tracing::info!(
+            display = g.index,
+            now.width,
+            now.height,
+            ?reason,
+            "display resized"
+        );
         self.geometry = now;
         self.frame = vec![0; now.bytes()];
         self.last = None;
-        Ok(true)
+        Ok(Some(reason))
     }
+}
+
+/// Checks a SetDesktopSize layout: a display is one screen, which covers the framebuffer
+/// (whether the display takes the size is its resizer's to say).
+pub fn check_layout(width: u16, height: u16, screens: &[Screen]) -> Result<(), ResizeRefusal> {
+    let [s] = screens else {
+        return Err(ResizeRefusal::Invalid(format!(
+            "{} screens: a display is one screen",
+            screens.len()
+        )));
+    };
+    if (s.x, s.y, s.w, s.h) != (0, 0, width, height) {
+        return Err(ResizeRefusal::Invalid(format!(
+            "the screen ({}x{} at {}, {}) does not cover the {width}x{height} framebuffer",
+            s.w, s.h, s.x, s.y
+        )));
+    }
+    Ok(())
 }
 
 fn full(g: &DisplayGeometry) -> Rect {
@@ -897,6 +1153,9 @@ mod resize_tests {
             viewers: AtomicU32::new(0),
             on_viewers: Arc::new(|_| {}),
             name: "t".into(),
+            resizer: Mutex::new(None),
+            origins: Mutex::new(HashMap::new()),
+            next_viewer: AtomicU64::new(1),
         };
         let viewer = |desktop_size| Viewer {
             geometry: geometry(8, 4),
@@ -909,6 +1168,9 @@ mod resize_tests {
             zrle: None,
             sent: 0,
             desktop_size,
+            extended: false,
+            replies: Vec::new(),
+            id: 1,
         };
         let all = Rect {
             x: 0,
@@ -1027,6 +1289,186 @@ mod tcp_tests {
                 assert!(rest.ends_with(b"authentication failed"));
             }
         }
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod extended_tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A display the resizer (or the test, as the server) changes.
+    struct Screen0(Mutex<DisplayGeometry>);
+    impl FrameSource for Screen0 {
+        fn displays(&self) -> Vec<DisplayGeometry> {
+            vec![*self.0.lock().unwrap()]
+        }
+        fn read(&self, _: usize, out: &mut [u8]) -> bool {
+            out.len() == self.0.lock().unwrap().bytes() && {
+                out.fill(1);
+                true
+            }
+        }
+    }
+    impl Screen0 {
+        fn set(&self, width: u32, height: u32) {
+            let mut g = self.0.lock().unwrap();
+            g.width = width;
+            g.height = height;
+            g.stride = width * 4;
+        }
+    }
+    struct Resizer(Arc<Screen0>);
+    impl DisplayResizer for Resizer {
+        fn resize(&self, _: usize, width: u32, height: u32) -> Result<(), ResizeRefusal> {
+            if width > 100 {
+                return Err(ResizeRefusal::Invalid(format!("width {width} > 100")));
+            }
+            self.0.set(width, height);
+            Ok(())
+        }
+    }
+
+    fn connect(path: &Path) -> UnixStream {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut v = [0u8; 12];
+        s.read_exact(&mut v).unwrap();
+        s.write_all(b"RFB 003.008\n").unwrap();
+        let mut b = [0u8; 6];
+        s.read_exact(&mut b[..2]).unwrap();
+        s.write_all(&[1]).unwrap();
+        s.read_exact(&mut b[..4]).unwrap();
+        s.write_all(&[1]).unwrap();
+        let mut init = [0u8; 24];
+        s.read_exact(&mut init).unwrap();
+        let mut name = vec![0u8; u32::from_be_bytes(init[20..24].try_into().unwrap()) as usize];
+        s.read_exact(&mut name).unwrap();
+        // Raw and ExtendedDesktopSize.
+        let mut m = vec![2, 0, 0, 2, 0, 0, 0, 0];
+        m.extend_from_slice(&rfb::ENCODING_EXTENDED_DESKTOP_SIZE.to_be_bytes());
+        s.write_all(&m).unwrap();
+        s
+    }
+
+    /// An ExtendedDesktopSize rectangle: reason, status, width, height, screen id.
+    type Ext = (u16, u16, u16, u16, u32);
+
+    /// Sends an incremental request for (w, h) and reads the update: its
+    /// ExtendedDesktopSize rectangles as (reason, status, w, h, screen id) and the
+    /// number of pixel rectangles.
+    fn update(s: &mut UnixStream, w: u16, h: u16) -> (Vec<Ext>, usize) {
+        let mut m = vec![3, 1, 0, 0, 0, 0];
+        m.extend_from_slice(&w.to_be_bytes());
+        m.extend_from_slice(&h.to_be_bytes());
+        s.write_all(&m).unwrap();
+        let mut hdr = [0u8; 4];
+        s.read_exact(&mut hdr).unwrap();
+        let (mut ext, mut pixels) = (Vec::new(), 0);
+        for _ in 0..u16::from_be_bytes([hdr[2], hdr[3]]) {
+            let mut r = [0u8; 12];
+            s.read_exact(&mut r).unwrap();
+            let f = |i: usize| u16::from_be_bytes([r[i], r[i + 1]]);
+            let enc = i32::from_be_bytes(r[8..12].try_into().unwrap());
+            if enc == rfb::ENCODING_EXTENDED_DESKTOP_SIZE {
+                let mut n = [0u8; 4];
+                s.read_exact(&mut n).unwrap();
+                assert_eq!(n[0], 1, "one screen");
+                let mut screen = [0u8; 16];
+                s.read_exact(&mut screen).unwrap();
+                // The screen lies at (0, 0) and has the framebuffer's size.
+                assert_eq!(&screen[4..8], &[0, 0, 0, 0]);
+                assert_eq!(&screen[8..12], &r[4..8]);
+                ext.push((
+                    f(0),
+                    f(2),
+                    f(4),
+                    f(6),
+                    u32::from_be_bytes(screen[..4].try_into().unwrap()),
+                ));
+            } else {
+                assert_eq!(enc, rfb::ENCODING_RAW);
+                let mut px = vec![0u8; usize::from(f(4)) * usize::from(f(6)) * 4];
+                s.read_exact(&mut px).unwrap();
+                pixels += 1;
+            }
+        }
+        (ext, pixels)
+    }
+
+    fn set_size(s: &mut UnixStream, w: u16, h: u16, screens: u8) {
+        let mut m = vec![251, 0];
+        m.extend_from_slice(&w.to_be_bytes());
+        m.extend_from_slice(&h.to_be_bytes());
+        m.extend_from_slice(&[screens, 0]);
+        for _ in 0..screens {
+            m.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+            m.extend_from_slice(&w.to_be_bytes());
+            m.extend_from_slice(&h.to_be_bytes());
+            m.extend_from_slice(&[0, 0, 0, 0]);
+        }
+        s.write_all(&m).unwrap();
+    }
+
+    #[test]
+    fn set_desktop_size_resizes_and_every_viewer_is_told_why() {
+        let dir = std::env::temp_dir().join(format!("ray-vnc-ext-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = Arc::new(Screen0(Mutex::new(DisplayGeometry {
+            index: 0,
+            gpu: 0,
+            gpa: 0,
+            width: 16,
+            height: 8,
+            stride: 64,
+        })));
+        let server = VncServer::start(&dir, "t", src.clone(), None, Arc::new(|_| {})).unwrap();
+        let mut a = connect(&socket_path(&dir, 0, Role::ReadWrite));
+        let mut b = connect(&socket_path(&dir, 0, Role::ReadWrite));
+        let mut ro = connect(&socket_path(&dir, 0, Role::ViewOnly));
+        // Each first gets the layout (reason server) with the first picture.
+        for s in [&mut a, &mut b, &mut ro] {
+            assert_eq!(update(s, 16, 8), (vec![(0, 0, 16, 8, 0)], 1));
+        }
+        // Without a resizer the display cannot change size: prohibited.
+        set_size(&mut a, 32, 8, 1);
+        assert_eq!(update(&mut a, 16, 8), (vec![(1, 1, 16, 8, 0)], 0));
+        server.set_resizer(Arc::new(Resizer(src.clone())));
+        // A view-only viewer is prohibited; a size the display refuses is invalid, and
+        // so are two screens; none of them changes anything.
+        set_size(&mut ro, 32, 8, 1);
+        assert_eq!(update(&mut ro, 16, 8), (vec![(1, 1, 16, 8, 0)], 0));
+        set_size(&mut a, 200, 8, 1);
+        assert_eq!(update(&mut a, 16, 8), (vec![(1, 3, 16, 8, 0)], 0));
+        set_size(&mut a, 32, 8, 2);
+        assert_eq!(update(&mut a, 16, 8), (vec![(1, 3, 16, 8, 0)], 0));
+        assert_eq!(src.displays()[0].width, 16);
+        // A valid request: the requester is told "this client", the others "other client".
+        set_size(&mut a, 32, 4, 1);
+        assert_eq!(update(&mut a, 16, 8), (vec![(1, 0, 32, 4, 0)], 0));
+        assert_eq!(update(&mut b, 16, 8), (vec![(2, 0, 32, 4, 0)], 0));
+        assert_eq!(update(&mut ro, 16, 8), (vec![(2, 0, 32, 4, 0)], 0));
+        // Then the whole new picture.
+        assert_eq!(update(&mut a, 32, 4), (vec![], 1));
+        // The server's own resize: reason "server".
+        server.server_resize(0, 24, 6);
+        src.set(24, 6);
+        assert_eq!(update(&mut a, 32, 4), (vec![(0, 0, 24, 6, 0)], 0));
+        assert_eq!(update(&mut b, 32, 4), (vec![(0, 0, 24, 6, 0)], 0));
+        // So does a flood of SetDesktopSize with no update request to answer them.
+        let mut flood = connect(&socket_path(&dir, 0, Role::ViewOnly));
+        for _ in 0..=MAX_REPLIES {
+            set_size(&mut flood, 32, 4, 1);
+        }
+        let mut rest = Vec::new();
+        let _ = flood.read_to_end(&mut rest);
+        // A broken SetDesktopSize (no screens) closes that viewer only.
+        set_size(&mut b, 32, 4, 0);
+        let mut rest = Vec::new();
+        let _ = b.read_to_end(&mut rest);
+        assert_eq!(update(&mut ro, 24, 6), (vec![(0, 0, 24, 6, 0)], 0));
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -10,7 +10,7 @@
 //! from it directly: a screenshot is a copy out of guest memory and never waits for the
 //! VMM thread (nor stops the guest).
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use ray_api::gpu::{DisplayInfo, GpuConfig, GpuInfo, GpuList, GpuType};
 use ray_api::vmm::{VmConfig, VmStateName as VmState};
@@ -22,8 +22,8 @@ use ray_display::encode::{
 };
 use ray_display::keys::{self, Keyboard};
 use ray_display::model::{GpuEvent, GpuModel};
-use ray_display::vnc::InputSink;
 use ray_display::vnc::{self, VncServer};
+use ray_display::vnc::{DisplayResizer, InputSink, ResizeRefusal};
 use ray_display::{DisplayGeometry, FrameSource, VramLayout};
 use ray_memory::GuestMemory;
 
@@ -224,6 +224,8 @@ pub fn check_vnc_tcp(
 
 /// The displays of one VM.
 pub struct DisplayHub {
+    /// Itself, for the VNC server's resizer.
+    me: Weak<DisplayHub>,
     id: String,
     dir: PathBuf,
     model: Arc<Mutex<GpuModel>>,
@@ -234,18 +236,19 @@ pub struct DisplayHub {
 }
 
 impl DisplayHub {
-    pub fn new(id: &str, dir: PathBuf) -> Self {
+    pub fn new(id: &str, dir: PathBuf) -> Arc<Self> {
         let source: SharedSource = Arc::default();
         // The host's encode slots live beside the VMs' directories.
         let slots = dir.parent().map(|runtime| runtime.join(".encode-slots"));
-        Self {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             id: id.to_string(),
             dir,
             model: Arc::default(),
             inner: Mutex::default(),
             encoders: Encoders::new(source.clone(), slots),
             source,
-        }
+        })
     }
 
     /// Serves VNC on TCP too (from the next start of the VNC server on): display N on
@@ -387,6 +390,7 @@ impl DisplayHub {
         match VncServer::start(&self.dir, &self.id, frames, Some(input), hook) {
             Ok(mut v) => {
                 tracing::info!(sockets = ?v.sockets(), "VNC server listening");
+                v.set_resizer(Arc::new(ViewerResizer(self.me.clone())));
                 if let Some((addr, password)) = tcp {
                     match v.listen_tcp(addr, password) {
                         Ok(addrs) => {
@@ -470,28 +474,50 @@ impl DisplayHub {
     }
 
     /// Gives display `index` (a virtio GPU's scanout) the size `width` x `height`: the
-    /// guest's driver gets a display event and re-reads the display information.
+    /// guest's driver gets a display event and re-reads the display information. VNC
+    /// viewers are told the server changed the size.
     pub fn resize(&self, index: usize, width: u32, height: u32) -> Result<(), DisplayError> {
-        ray_api::gpu::check_size(width, height).map_err(DisplayError::Resize)?;
+        self.resize_for(index, width, height, false)
+            .map_err(|(_, e)| e)
+    }
+
+    /// The one resize path, for the API and for VNC viewers (`by_viewer`); an error
+    /// says whether the request was prohibited (true) or invalid (false).
+    fn resize_for(
+        &self,
+        index: usize,
+        width: u32,
+        height: u32,
+        by_viewer: bool,
+    ) -> Result<(), (bool, DisplayError)> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let count = inner.displays().len();
         if index >= count {
-            return Err(DisplayError::NoSuchDisplay { index, count });
+            return Err((false, DisplayError::NoSuchDisplay { index, count }));
         }
         let state = inner.state.unwrap_or(VmState::Created);
         // Not while paused: a saved state must hold still.
         let (VmState::Running, Some(frames)) = (state, inner.frames.clone()) else {
-            return Err(DisplayError::NotRunning(state));
+            return Err((true, DisplayError::NotRunning(state)));
         };
-        drop(inner);
         let Some((gpu, scanout)) = frames.scanout(index) else {
-            return Err(DisplayError::Resize(format!(
-                "display {index} belongs to an emulated GPU, whose size the configuration fixes; \
-                 only a virtio GPU's displays change size"
-            )));
+            return Err((
+                true,
+                DisplayError::Resize(format!(
+                    "display {index} belongs to an emulated GPU, whose size the configuration \
+                     fixes; only a virtio GPU's displays change size"
+                )),
+            ));
         };
+        ray_api::gpu::check_size(width, height).map_err(|e| (false, DisplayError::Resize(e)))?;
+        if !by_viewer {
+            if let Some(v) = &inner.vnc {
+                v.server_resize(index, width, height);
+            }
+        }
+        drop(inner);
         gpu.resize(scanout, width, height)
-            .map_err(DisplayError::Resize)
+            .map_err(|e| (false, DisplayError::Resize(e)))
     }
 
     /// Types `text` on the VM's keyboard as one batch of key strokes; returns how many
@@ -516,5 +542,24 @@ impl DisplayHub {
     pub fn screenshot(&self, index: usize) -> Result<Vec<u8>, DisplayError> {
         let (px, d) = self.pixels(index)?;
         ray_display::png::encode(&px, d.width, d.height, d.stride).map_err(DisplayError::Encode)
+    }
+}
+
+/// SetDesktopSize from a read-write VNC viewer, through the same path as `ray gpu resize`.
+struct ViewerResizer(Weak<DisplayHub>);
+
+impl DisplayResizer for ViewerResizer {
+    fn resize(&self, display: usize, width: u32, height: u32) -> Result<(), ResizeRefusal> {
+        let Some(hub) = self.0.upgrade() else {
+            return Err(ResizeRefusal::Prohibited("the VM is going away".into()));
+        };
+        hub.resize_for(display, width, height, true)
+            .map_err(|(prohibited, e)| {
+                if prohibited {
+                    ResizeRefusal::Prohibited(e.to_string())
+                } else {
+                    ResizeRefusal::Invalid(e.to_string())
+                }
+            })
     }
 }

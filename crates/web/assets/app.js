@@ -228,7 +228,7 @@ function displayView(id, n) {
   const status = el('p', { id: 'vnc-status', 'aria-live': 'polite' }, 'Connecting…');
   show(`VM ${id}: display ${n}`, el('p', {}, el('a', { href: `#/vm/${enc}` }, `Back to ${id}`),
     may('operator') ? '' : ' · view only (viewer role)'), status, screen,
-    el('p', {}, 'The keyboard goes to the guest while the screen has focus. Resolution that follows the window needs virtio-gpu (not available yet).'));
+    el('p', {}, 'The keyboard goes to the guest while the screen has focus. On a virtio-gpu display the resolution follows the window for read-write viewers; an emulated display keeps its configured size.'));
   const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/api/vms/${enc}/vnc/${n}`;
   const rfb = new RFB(screen, url, { wsProtocols: ['binary'] });
   rfb.viewOnly = !may('operator');
@@ -237,6 +237,31 @@ function displayView(id, n) {
   rfb.addEventListener('disconnect', (e) => { status.textContent = e.detail.clean ? 'Disconnected' : 'Connection lost'; delete status.dataset.connected; });
   window.rayRfb = rfb;
   cleanup.push(() => { try { rfb.disconnect(); } catch (_) { /* already closed */ } });
+  if (may('operator')) followWindow(enc, n, screen, rfb);
+}
+
+// A read-write viewer of a virtio display: the console fills the window (its width a
+// multiple of 8 pixels, as display widths are) and noVNC asks the server for that size
+// (ExtendedDesktopSize); the guest gets a display event and redraws.
+async function followWindow(enc, n, screen, rfb) {
+  let gpus;
+  try { gpus = await api('GET', `/vms/${enc}/gpus`); } catch (_) { return; }
+  const gpu = gpus.gpus.find((g) => g.displays.some((d) => d.index === Number(n)));
+  if (!gpu || gpu.type !== 'paravirt' || !screen.isConnected) return;
+  const fit = () => {
+    const box = screen.parentElement;
+    const cs = getComputedStyle(box);
+    const room = box.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);
+    const top = screen.getBoundingClientRect().top + window.scrollY;
+    // At least the smallest display (320x200): a smaller window scrolls.
+    screen.style.width = `${Math.max(320, Math.floor(room / 8) * 8)}px`;
+    screen.style.height = `${Math.max(200, Math.floor(window.innerHeight - top - 8))}px`;
+  };
+  fit();
+  screen.dataset.follow = '1';
+  window.addEventListener('resize', fit);
+  cleanup.push(() => window.removeEventListener('resize', fit));
+  rfb.resizeSession = true;
 }
 
 // ---- low-bandwidth viewer: the display's H.264 stream decoded with WebCodecs ----

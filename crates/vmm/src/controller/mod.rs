@@ -257,7 +257,7 @@ impl Controller {
             restored: Arc::default(),
             numa: None,
             numa_migrator: None,
-            displays: Arc::new(crate::display::DisplayHub::new(&id, paths.dir.clone())),
+            displays: crate::display::DisplayHub::new(&id, paths.dir.clone()),
             lease: Arc::default(),
             id,
             paths,
