@@ -3,7 +3,7 @@
 //! same rings serve incremental snapshots and live migration in place of KVM's bitmap.
 use std::time::Duration;
 
-use ray_api::vmm::{AttributionInfo, MigrationStatus};
+use ray_api::vmm::{AttributionInfo, MigrationStatus, NumaMigrationMode};
 use ray_e2e::{Env, Vm};
 
 const READY: Duration = Duration::from_secs(20);
@@ -273,4 +273,147 @@ fn the_policy_without_attribution_or_nodes_is_refused() {
         &["--numa-attribution", "rings"],
         "'rings' is not ring or off",
     );
+}
+
+/// `PUT /vm/numa/policy` (`ray numa policy VM ...`) on a running VM: a VM started with the
+/// policy off gets it in dry run, bad values are refused before anything changes, the
+/// attribution cannot change, the per-VM off switch stops the windows, and each change
+/// is in the decision log.
+#[test]
+fn a_running_vms_policy_changes_at_run_time_and_the_log_records_each_change() {
+    let env = Env::new("numa-policy-put");
+    let mut vm = env.boot(&TWO_NODES);
+    vm.expect_line("ready", READY);
+    assert!(vm.info().numa_migration.is_none(), "off since boot");
+
+    // Off -> dry run with a 500 ms window.
+    let out = env.ray_ok(&[
+        "numa",
+        "policy",
+        &vm.id,
+        "--migrate",
+        "dry-run",
+        "--window",
+        "500ms",
+    ]);
+    let changed = format!(
+        "VM {}: policy changed by the API: mode off -> dry-run, window 5000 ms -> 500 ms",
+        vm.id
+    );
+    assert!(
+        out.contains("migration policy dry-run, window 500 ms"),
+        "{out}"
+    );
+    assert!(out.contains(&changed), "{out}");
+    let info = vm.wait_for("two windows", Duration::from_secs(20), |i| {
+        i.numa_migration.as_ref().unwrap().windows >= 2
+    });
+    let report = info.numa_migration.unwrap();
+    assert_eq!(report.log.first(), Some(&changed), "{report:?}");
+    let cfg = info.config.expect("a config").numa_migration;
+    assert_eq!(
+        (cfg.mode, cfg.window_ms),
+        (NumaMigrationMode::DryRun, 500),
+        "the VM's configuration follows"
+    );
+    // A window in the new mode decides about vCPU 1's writes.
+    vm.command("touch 1 0x4400000 2097152", "touch cpu=1");
+    let head = format!("VM {}: 0x4400000 (+2.0 MiB) stays on host node 0", vm.id);
+    vm.wait_for("the touch's decision", Duration::from_secs(20), |i| {
+        let r = i.numa_migration.as_ref().unwrap();
+        r.last_window.iter().any(|l| l.starts_with(&head))
+    });
+
+    // Bad values are refused, naming them, and change nothing.
+    let refused = |args: &[&str], want: &str| {
+        let mut all = vec!["numa", "policy", vm.id.as_str()];
+        all.extend_from_slice(args);
+        let out = env.ray(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was taken");
+        assert!(err.contains(want), "{args:?}: {err}");
+    };
+    refused(
+        &["--migrate", "on", "--window", "50ms"],
+        "window_ms 50 is shorter than 100",
+    );
+    refused(
+        &["--rate", "0"],
+        "rate_limit_mib_s 0 is not a positive number",
+    );
+    refused(
+        &["--attribution", "off"],
+        "this VM runs with attribution ring, which cannot change while it runs",
+    );
+    refused(
+        &["--migrate", "sideways"],
+        "'sideways' is not off, dry-run or on",
+    );
+    refused(&[], "nothing to change");
+    let a = vm
+        .client
+        .raw(
+            "PUT",
+            "/vm/numa/policy",
+            Some(br#"{"mode":"on","window":3}"#.to_vec()),
+        )
+        .unwrap();
+    assert_eq!(a.status, 400, "{:?}", String::from_utf8_lossy(&a.body));
+    assert!(
+        String::from_utf8_lossy(&a.body).contains("window"),
+        "unknown field named"
+    );
+    let report = vm.info().numa_migration.unwrap();
+    assert_eq!(
+        (report.config.mode, report.config.window_ms),
+        (NumaMigrationMode::DryRun, 500),
+        "nothing changed: {report:?}"
+    );
+    assert_eq!(report.log, vec![changed.clone()], "only the first change");
+
+    // The off switch: the windows stop (one already under way may still close).
+    let out = env.ray_ok(&["numa", "policy", &vm.id, "--migrate", "off"]);
+    assert!(out.contains("migration policy off"), "{out}");
+    let w = vm.info().numa_migration.unwrap().windows;
+    std::thread::sleep(Duration::from_millis(2000));
+    let report = vm.info().numa_migration.unwrap();
+    assert!(
+        report.windows <= w + 1,
+        "{} windows after {w}: {report:?}",
+        report.windows
+    );
+    assert_eq!(
+        report.log.last().map(String::as_str),
+        Some(
+            format!(
+                "VM {}: policy changed by the API: mode dry-run -> off",
+                vm.id
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(
+        vm.info().config.unwrap().numa_migration.mode,
+        NumaMigrationMode::Off
+    );
+    // And back on: windows resume.
+    env.ray_ok(&["numa", "policy", &vm.id, "--migrate", "dry-run"]);
+    let w = vm.info().numa_migration.unwrap().windows;
+    vm.wait_for("windows again", Duration::from_secs(20), |i| {
+        i.numa_migration.as_ref().unwrap().windows > w
+    });
+}
+
+/// A VM without guest nodes has nothing for the policy to act on: refused at run time
+/// as at boot.
+#[test]
+fn a_policy_for_a_vm_without_guest_nodes_is_refused_at_run_time() {
+    let env = Env::new("numa-policy-put-refused");
+    let mut vm = env.boot(&["--numa-attribution", "ring"]);
+    vm.expect_line("ready", READY);
+    let out = env.ray(&["numa", "policy", &vm.id, "--migrate", "dry-run"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("it needs guest NUMA nodes (--numa)"), "{err}");
+    assert!(vm.info().numa_migration.is_none());
 }
