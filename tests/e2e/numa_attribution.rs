@@ -417,3 +417,105 @@ fn a_policy_for_a_vm_without_guest_nodes_is_refused_at_run_time() {
     assert!(err.contains("it needs guest NUMA nodes (--numa)"), "{err}");
     assert!(vm.info().numa_migration.is_none());
 }
+
+/// The host-level NUMA API: `ray agent` serves `GET /numa/nodes`, `/numa/vms` and
+/// `/numa/status` over every live VM on its host, the same as `ray numa ... -o json`.
+#[test]
+fn the_agent_serves_the_hosts_numa_nodes_and_each_vms_numa() {
+    let env = Env::new("numa-agent-api");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let etcd = rt.block_on(ray_cluster::testing::Etcd::start("e2e-numa-agent"));
+    let mut args = TWO_NODES.to_vec();
+    args.extend(["--numa-migrate", "dry-run,window=1s"]);
+    let mut vm = env.boot(&args);
+    vm.expect_line("ready", READY);
+    vm.command("touch 1 0x4400000 2097152", "touch cpu=1");
+
+    let log = std::fs::File::create(env.runtime.join("agent.log")).unwrap();
+    let url = etcd.endpoints().join(",");
+    let mut agent = std::process::Command::new(ray_e2e::ray_bin())
+        .args(["agent", "--host", "h1", "--etcd", &url])
+        .env("RAY_RUNTIME_DIR", &env.runtime)
+        .env("RAY_GUEST", ray_e2e::guest_bin())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("cannot start ray agent");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _agent = Kill(&mut agent);
+    let api = ray::client::VmmClient::new(&env.runtime.join("agent/api.sock"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let nodes: serde_json::Value = loop {
+        match api.call("GET", "/numa/nodes", None) {
+            Ok(v) => break v,
+            Err(e) => {
+                let log = std::fs::read_to_string(env.runtime.join("agent.log"));
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the agent's API did not answer: {e}; {log:?}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    // The same nodes as this host's sysfs says (and `ray numa nodes`).
+    let mut online: Vec<u64> = std::fs::read_dir("/sys/devices/system/node")
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_prefix("node")?.parse().ok()
+        })
+        .collect();
+    online.sort_unstable();
+    let ids: Vec<u64> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, online, "{nodes}");
+    assert!(nodes[0]["memory_total"].as_u64().unwrap() > 0, "{nodes}");
+    let cli: serde_json::Value =
+        serde_json::from_str(&env.ray_ok(&["numa", "nodes", "-o", "json"])).unwrap();
+    assert_eq!(cli[0]["id"], nodes[0]["id"]);
+    assert_eq!(cli[0]["cpus"], nodes[0]["cpus"]);
+    assert_eq!(cli[0]["distances"], nodes[0]["distances"]);
+
+    // The VM: its binding, locality, writes by guest node and policy.
+    let vms: serde_json::Value = api.call("GET", "/numa/vms", None).unwrap();
+    let row = &vms[0];
+    assert_eq!(row["id"], vm.id.as_str(), "{vms}");
+    assert_eq!(
+        row["binding"],
+        serde_json::json!(["0->0(bind)", "1->0(bind)"])
+    );
+    assert_eq!(row["locality"], 1.0, "{row}");
+    assert_eq!(row["attribution"], true, "{row}");
+    assert_eq!(row["migration"], "dry-run", "{row}");
+    assert!(row["node_writes"][1].as_u64().unwrap() >= 512, "{row}");
+    let status: serde_json::Value = api.call("GET", "/numa/status", None).unwrap();
+    assert_eq!(
+        (
+            status["vms"].as_u64(),
+            status["vms_with_guest_nodes"].as_u64(),
+            status["vms_with_migration"].as_u64(),
+            status["nodes"].as_u64()
+        ),
+        (Some(1), Some(1), Some(1), Some(online.len() as u64)),
+        "{status}"
+    );
+    // A policy change shows in the host view.
+    env.ray_ok(&["numa", "policy", &vm.id, "--migrate", "off"]);
+    let vms: serde_json::Value = api.call("GET", "/numa/vms", None).unwrap();
+    assert_eq!(vms[0]["migration"], "off", "{vms}");
+}
