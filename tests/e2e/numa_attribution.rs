@@ -514,6 +514,20 @@ fn the_agent_serves_the_hosts_numa_nodes_and_each_vms_numa() {
         (Some(1), Some(1), Some(1), Some(online.len() as u64)),
         "{status}"
     );
+    // DAMON as this host's sysfs says: present or not, and why no kdamond is free.
+    let damon = &status["damon"];
+    let present = std::path::Path::new("/sys/kernel/mm/damon/admin/kdamonds").exists();
+    assert_eq!(damon["present"], present, "{status}");
+    if present {
+        let on = damon["kdamonds_on"].as_u64().unwrap();
+        let all = damon["kdamonds"].as_u64().unwrap();
+        assert!(on <= all, "{damon}");
+        assert_eq!(
+            damon["unavailable"].is_string(),
+            on == all,
+            "a reason exactly when no kdamond is idle: {damon}"
+        );
+    }
     // A policy change shows in the host view.
     env.ray_ok(&["numa", "policy", &vm.id, "--migrate", "off"]);
     let vms: serde_json::Value = api.call("GET", "/numa/vms", None).unwrap();

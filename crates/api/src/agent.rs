@@ -161,4 +161,21 @@ pub struct NumaHostStatus {
     pub vms_with_migration: usize,
     pub moved_bytes: u64,
     pub pending_moves: u64,
+    /// The kernel's data access monitor on this host (read heat's source).
+    pub damon: NumaDamon,
+}
+
+/// DAMON on this host, as its sysfs admin tree says (read only).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NumaDamon {
+    /// `/sys/kernel/mm/damon/admin` exists.
+    pub present: bool,
+    /// Operation sets offered (`vaddr`, `paddr`), when a context says.
+    pub operations: Vec<String>,
+    pub kdamonds: usize,
+    /// kdamonds that are on (each for someone: rayvisor starts none).
+    pub kdamonds_on: usize,
+    /// Why no kdamond is free for a VM; absent when one is idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }

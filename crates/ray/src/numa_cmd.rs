@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use ray::output::{print_structured, table, OutputArgs};
 use ray::runtime::{self, Presence};
 use ray_api::agent::{
-    NumaHostNode, NumaHostStatus as HostStatus, NumaHostVm as VmRow, NumaHugePages,
+    NumaDamon, NumaHostNode, NumaHostStatus as HostStatus, NumaHostVm as VmRow, NumaHugePages,
 };
 use ray_api::vmm::{NumaMigrationMode, VmInfo};
 use serde::Serialize;
@@ -170,6 +170,16 @@ pub fn host_status(runtime: &Path) -> anyhow::Result<HostStatus> {
         vms_with_migration: rows.iter().filter(|r| r.migration != "off").count(),
         moved_bytes: rows.iter().map(|r| r.moved_bytes).sum(),
         pending_moves: rows.iter().map(|r| r.pending_moves).sum(),
+        damon: {
+            let d = ray_numa::damon::DamonStatus::host();
+            NumaDamon {
+                present: d.present,
+                operations: d.operations.clone(),
+                kdamonds: d.kdamonds.len(),
+                kdamonds_on: d.kdamonds.iter().filter(|k| k.on).count(),
+                unavailable: d.unavailable(),
+            }
+        },
     })
 }
 
@@ -229,6 +239,23 @@ pub fn run(cmd: NumaCommand, runtime: &Path) -> anyhow::Result<()> {
                 "moves: {:.1} MiB moved, {} pending",
                 s.moved_bytes as f64 / (1u64 << 20) as f64,
                 s.pending_moves
+            );
+            let d = &s.damon;
+            println!(
+                "DAMON: {}",
+                if d.present {
+                    format!(
+                        "present, operations {}, {} kdamonds ({} on){}",
+                        or_dash(d.operations.join(",")),
+                        d.kdamonds,
+                        d.kdamonds_on,
+                        d.unavailable
+                            .as_ref()
+                            .map_or_else(String::new, |w| format!(": {w}"))
+                    )
+                } else {
+                    d.unavailable.clone().unwrap_or_default()
+                }
             );
         }
         NumaCommand::Vms(out) => {
