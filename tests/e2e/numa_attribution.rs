@@ -3,7 +3,7 @@
 //! same rings serve incremental snapshots and live migration in place of KVM's bitmap.
 use std::time::Duration;
 
-use ray_api::vmm::{AttributionInfo, MigrationStatus};
+use ray_api::vmm::{AttributionInfo, MigrationStatus, NumaMigrationMode};
 use ray_e2e::{Env, Vm};
 
 const READY: Duration = Duration::from_secs(20);
@@ -273,4 +273,263 @@ fn the_policy_without_attribution_or_nodes_is_refused() {
         &["--numa-attribution", "rings"],
         "'rings' is not ring or off",
     );
+}
+
+/// `PUT /vm/numa/policy` (`ray numa policy VM ...`) on a running VM: a VM started with the
+/// policy off gets it in dry run, bad values are refused before anything changes, the
+/// attribution cannot change, the per-VM off switch stops the windows, and each change
+/// is in the decision log.
+#[test]
+fn a_running_vms_policy_changes_at_run_time_and_the_log_records_each_change() {
+    let env = Env::new("numa-policy-put");
+    let mut vm = env.boot(&TWO_NODES);
+    vm.expect_line("ready", READY);
+    assert!(vm.info().numa_migration.is_none(), "off since boot");
+
+    // Off -> dry run with a 500 ms window.
+    let out = env.ray_ok(&[
+        "numa",
+        "policy",
+        &vm.id,
+        "--migrate",
+        "dry-run",
+        "--window",
+        "500ms",
+    ]);
+    let changed = format!(
+        "VM {}: policy changed by the API: mode off -> dry-run, window 5000 ms -> 500 ms",
+        vm.id
+    );
+    assert!(
+        out.contains("migration policy dry-run, window 500 ms"),
+        "{out}"
+    );
+    assert!(out.contains(&changed), "{out}");
+    let info = vm.wait_for("two windows", Duration::from_secs(20), |i| {
+        i.numa_migration.as_ref().unwrap().windows >= 2
+    });
+    let report = info.numa_migration.unwrap();
+    assert_eq!(report.log.first(), Some(&changed), "{report:?}");
+    let cfg = info.config.expect("a config").numa_migration;
+    assert_eq!(
+        (cfg.mode, cfg.window_ms),
+        (NumaMigrationMode::DryRun, 500),
+        "the VM's configuration follows"
+    );
+    // A window in the new mode decides about vCPU 1's writes.
+    vm.command("touch 1 0x4400000 2097152", "touch cpu=1");
+    let head = format!("VM {}: 0x4400000 (+2.0 MiB) stays on host node 0", vm.id);
+    vm.wait_for("the touch's decision", Duration::from_secs(20), |i| {
+        let r = i.numa_migration.as_ref().unwrap();
+        r.last_window.iter().any(|l| l.starts_with(&head))
+    });
+
+    // Bad values are refused, naming them, and change nothing.
+    let refused = |args: &[&str], want: &str| {
+        let mut all = vec!["numa", "policy", vm.id.as_str()];
+        all.extend_from_slice(args);
+        let out = env.ray(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was taken");
+        assert!(err.contains(want), "{args:?}: {err}");
+    };
+    refused(
+        &["--migrate", "on", "--window", "50ms"],
+        "window_ms 50 is shorter than 100",
+    );
+    refused(
+        &["--rate", "0"],
+        "rate_limit_mib_s 0 is not a positive number",
+    );
+    refused(
+        &["--attribution", "off"],
+        "this VM runs with attribution ring, which cannot change while it runs",
+    );
+    refused(
+        &["--migrate", "sideways"],
+        "'sideways' is not off, dry-run or on",
+    );
+    refused(&[], "nothing to change");
+    let a = vm
+        .client
+        .raw(
+            "PUT",
+            "/vm/numa/policy",
+            Some(br#"{"mode":"on","window":3}"#.to_vec()),
+        )
+        .unwrap();
+    assert_eq!(a.status, 400, "{:?}", String::from_utf8_lossy(&a.body));
+    assert!(
+        String::from_utf8_lossy(&a.body).contains("window"),
+        "unknown field named"
+    );
+    let report = vm.info().numa_migration.unwrap();
+    assert_eq!(
+        (report.config.mode, report.config.window_ms),
+        (NumaMigrationMode::DryRun, 500),
+        "nothing changed: {report:?}"
+    );
+    assert_eq!(report.log, vec![changed.clone()], "only the first change");
+
+    // The off switch: the windows stop (one already under way may still close).
+    let out = env.ray_ok(&["numa", "policy", &vm.id, "--migrate", "off"]);
+    assert!(out.contains("migration policy off"), "{out}");
+    let w = vm.info().numa_migration.unwrap().windows;
+    std::thread::sleep(Duration::from_millis(2000));
+    let report = vm.info().numa_migration.unwrap();
+    assert!(
+        report.windows <= w + 1,
+        "{} windows after {w}: {report:?}",
+        report.windows
+    );
+    assert_eq!(
+        report.log.last().map(String::as_str),
+        Some(
+            format!(
+                "VM {}: policy changed by the API: mode dry-run -> off",
+                vm.id
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(
+        vm.info().config.unwrap().numa_migration.mode,
+        NumaMigrationMode::Off
+    );
+    // And back on: windows resume.
+    env.ray_ok(&["numa", "policy", &vm.id, "--migrate", "dry-run"]);
+    let w = vm.info().numa_migration.unwrap().windows;
+    vm.wait_for("windows again", Duration::from_secs(20), |i| {
+        i.numa_migration.as_ref().unwrap().windows > w
+    });
+}
+
+/// A VM without guest nodes has nothing for the policy to act on: refused at run time
+/// as at boot.
+#[test]
+fn a_policy_for_a_vm_without_guest_nodes_is_refused_at_run_time() {
+    let env = Env::new("numa-policy-put-refused");
+    let mut vm = env.boot(&["--numa-attribution", "ring"]);
+    vm.expect_line("ready", READY);
+    let out = env.ray(&["numa", "policy", &vm.id, "--migrate", "dry-run"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("it needs guest NUMA nodes (--numa)"), "{err}");
+    assert!(vm.info().numa_migration.is_none());
+}
+
+/// The host-level NUMA API: `ray agent` serves `GET /numa/nodes`, `/numa/vms` and
+/// `/numa/status` over every live VM on its host, the same as `ray numa ... -o json`.
+#[test]
+fn the_agent_serves_the_hosts_numa_nodes_and_each_vms_numa() {
+    let env = Env::new("numa-agent-api");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let etcd = rt.block_on(ray_cluster::testing::Etcd::start("e2e-numa-agent"));
+    let mut args = TWO_NODES.to_vec();
+    args.extend(["--numa-migrate", "dry-run,window=1s"]);
+    let mut vm = env.boot(&args);
+    vm.expect_line("ready", READY);
+    vm.command("touch 1 0x4400000 2097152", "touch cpu=1");
+
+    let log = std::fs::File::create(env.runtime.join("agent.log")).unwrap();
+    let url = etcd.endpoints().join(",");
+    let mut agent = std::process::Command::new(ray_e2e::ray_bin())
+        .args(["agent", "--host", "h1", "--etcd", &url])
+        .env("RAY_RUNTIME_DIR", &env.runtime)
+        .env("RAY_GUEST", ray_e2e::guest_bin())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("cannot start ray agent");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _agent = Kill(&mut agent);
+    let api = ray::client::VmmClient::new(&env.runtime.join("agent/api.sock"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let nodes: serde_json::Value = loop {
+        match api.call("GET", "/numa/nodes", None) {
+            Ok(v) => break v,
+            Err(e) => {
+                let log = std::fs::read_to_string(env.runtime.join("agent.log"));
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the agent's API did not answer: {e}; {log:?}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    // The same nodes as this host's sysfs says (and `ray numa nodes`).
+    let mut online: Vec<u64> = std::fs::read_dir("/sys/devices/system/node")
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_prefix("node")?.parse().ok()
+        })
+        .collect();
+    online.sort_unstable();
+    let ids: Vec<u64> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, online, "{nodes}");
+    assert!(nodes[0]["memory_total"].as_u64().unwrap() > 0, "{nodes}");
+    let cli: serde_json::Value =
+        serde_json::from_str(&env.ray_ok(&["numa", "nodes", "-o", "json"])).unwrap();
+    assert_eq!(cli[0]["id"], nodes[0]["id"]);
+    assert_eq!(cli[0]["cpus"], nodes[0]["cpus"]);
+    assert_eq!(cli[0]["distances"], nodes[0]["distances"]);
+
+    // The VM: its binding, locality, writes by guest node and policy.
+    let vms: serde_json::Value = api.call("GET", "/numa/vms", None).unwrap();
+    let row = &vms[0];
+    assert_eq!(row["id"], vm.id.as_str(), "{vms}");
+    assert_eq!(
+        row["binding"],
+        serde_json::json!(["0->0(bind)", "1->0(bind)"])
+    );
+    assert_eq!(row["locality"], 1.0, "{row}");
+    assert_eq!(row["attribution"], true, "{row}");
+    assert_eq!(row["migration"], "dry-run", "{row}");
+    assert!(row["node_writes"][1].as_u64().unwrap() >= 512, "{row}");
+    let status: serde_json::Value = api.call("GET", "/numa/status", None).unwrap();
+    assert_eq!(
+        (
+            status["vms"].as_u64(),
+            status["vms_with_guest_nodes"].as_u64(),
+            status["vms_with_migration"].as_u64(),
+            status["nodes"].as_u64()
+        ),
+        (Some(1), Some(1), Some(1), Some(online.len() as u64)),
+        "{status}"
+    );
+    // DAMON as this host's sysfs says: present or not, and why no kdamond is free.
+    let damon = &status["damon"];
+    let present = std::path::Path::new("/sys/kernel/mm/damon/admin/kdamonds").exists();
+    assert_eq!(damon["present"], present, "{status}");
+    if present {
+        let on = damon["kdamonds_on"].as_u64().unwrap();
+        let all = damon["kdamonds"].as_u64().unwrap();
+        assert!(on <= all, "{damon}");
+        assert_eq!(
+            damon["unavailable"].is_string(),
+            on == all,
+            "a reason exactly when no kdamond is idle: {damon}"
+        );
+    }
+    // A policy change shows in the host view.
+    env.ray_ok(&["numa", "policy", &vm.id, "--migrate", "off"]);
+    let vms: serde_json::Value = api.call("GET", "/numa/vms", None).unwrap();
+    assert_eq!(vms[0]["migration"], "off", "{vms}");
 }

@@ -104,3 +104,78 @@ pub struct HostVmStop {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
 }
+
+/// `GET /numa/nodes` (and `ray numa nodes -o json`): one online NUMA node of this host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NumaHostNode {
+    pub id: u32,
+    /// Online CPUs, ascending; empty for a memory-only node.
+    pub cpus: Vec<u32>,
+    pub memory_total: u64,
+    pub memory_free: u64,
+    /// Distance to each online node as `[node, distance]`; 10 is the node itself.
+    pub distances: Vec<(u32, u32)>,
+    /// Huge page pools by ascending page size.
+    pub huge_pages: Vec<NumaHugePages>,
+}
+
+/// One node's pool of huge pages of one size.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NumaHugePages {
+    pub page_bytes: u64,
+    pub total: u64,
+    pub free: u64,
+    pub surplus: u64,
+}
+
+/// `GET /numa/vms` (and `ray numa vms -o json`): one running VM's NUMA at a glance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NumaHostVm {
+    pub id: String,
+    /// Guest node -> host nodes and policy, e.g. `0->0(bind)`.
+    pub binding: Vec<String>,
+    /// Local share of the present sampled pages over all guest nodes; none when none is
+    /// present.
+    pub locality: Option<f64>,
+    /// Dirty-ring attribution is on.
+    pub attribution: bool,
+    /// Pages written by each guest node's vCPUs since boot.
+    pub node_writes: Vec<u64>,
+    /// The migration policy's mode: `off`, `dry-run` or `on`.
+    pub migration: String,
+    pub moved_bytes: u64,
+    /// Ranges worth moving that the rate limit deferred in the last window.
+    pub pending_moves: u64,
+}
+
+/// `GET /numa/status` (and `ray numa status --json`): this host's NUMA summary.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NumaHostStatus {
+    pub nodes: usize,
+    pub cpus: usize,
+    pub memory_total: u64,
+    pub memory_free: u64,
+    pub vms: usize,
+    pub vms_with_guest_nodes: usize,
+    pub vms_with_attribution: usize,
+    pub vms_with_migration: usize,
+    pub moved_bytes: u64,
+    pub pending_moves: u64,
+    /// The kernel's data access monitor on this host (read heat's source).
+    pub damon: NumaDamon,
+}
+
+/// DAMON on this host, as its sysfs admin tree says (read only).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NumaDamon {
+    /// `/sys/kernel/mm/damon/admin` exists.
+    pub present: bool,
+    /// Operation sets offered (`vaddr`, `paddr`), when a context says.
+    pub operations: Vec<String>,
+    pub kdamonds: usize,
+    /// kdamonds that are on (each for someone: rayvisor starts none).
+    pub kdamonds_on: usize,
+    /// Why no kdamond is free for a VM; absent when one is idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
+}

@@ -221,6 +221,28 @@ impl NumaMigrationConfig {
     }
 }
 
+/// `PUT /vm/numa/policy` body: changes the NUMA policy of a running VM (`ray numa policy
+/// VM ...`). A field left out keeps its value; the whole request is checked before any of
+/// it takes effect, and the change is recorded in the decision log.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NumaPolicyRequest {
+    /// `off` is the per-VM off switch; `dry-run` and `on` need attribution and guest nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<NumaMigrationMode>,
+    /// Length of one attribution window, ms (at least 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 100)]
+    pub window_ms: Option<u64>,
+    /// Most bytes moved per second, MiB/s (positive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_mib_s: Option<f64>,
+    /// The attribution source. The dirty rings exist from before the vCPUs to the VM's
+    /// end, so a running VM keeps the one it started with: only that value is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<NumaAttribution>,
+}
+
 /// What the page migration policy did (`GET /vm`, `ray numa explain VM`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct NumaMigrationReport {

@@ -10,10 +10,12 @@
 //! - [`locality`]: which nodes a range's pages are on (a `move_pages` sample).
 //! - [`policy`]: the access-driven page migration policy, a pure function with a
 //!   decision log.
+//! - [`damon`]: what the kernel's data access monitor offers here (read only).
 //! - [`fixture`]: those captures, for tests.
 //! - [`sys`]: `mbind`, `move_pages` and thread affinity.
 
 pub mod cpulist;
+pub mod damon;
 pub mod fixture;
 pub mod locality;
 pub mod placement;

@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use ray_api::agent::{
     HostGpu, HostHealth, HostInfo, HostInventory, HostLease, HostVm, HostVmStop, LeaseState,
-    API_VERSION,
+    NumaHostNode, NumaHostStatus, NumaHostVm, API_VERSION,
 };
 use ray_api::vmm::{ErrorBody, ErrorCode, StopRequest, VmInfo, VmStateName};
 use ray_cluster::agent::Inventory;
@@ -262,6 +262,58 @@ async fn get_vm(State(a): State<AgentApi>, UrlPath(id): UrlPath<String>) -> ApiR
     Ok(Json(blocking(move || a.find(&id)).await??))
 }
 
+/// This host's NUMA summary
+///
+/// Nodes, CPUs and memory from sysfs, and over every live VM on this host (cluster or
+/// not): how many have guest nodes, attribution and the migration policy, bytes moved and
+/// moves pending. `ray numa status --json` prints the same.
+#[utoipa::path(get, path = "/numa/status", tag = "host", responses(
+    (status = 200, description = "The summary.", body = NumaHostStatus),
+    (status = 500, description = "`failed`: this host's NUMA topology could not be read.", body = ErrorBody)))]
+async fn get_numa_status(State(a): State<AgentApi>) -> ApiResult<NumaHostStatus> {
+    let runtime = a.runtime.clone();
+    Ok(Json(
+        blocking(move || crate::numa_cmd::host_status(&runtime))
+            .await?
+            .map_err(failed)?,
+    ))
+}
+
+/// This host's NUMA nodes
+///
+/// Each online node: CPUs, memory total and free, distances, huge pages (sysfs).
+/// `ray numa nodes -o json` prints the same.
+#[utoipa::path(get, path = "/numa/nodes", tag = "host", responses(
+    (status = 200, description = "The nodes, by id.", body = Vec<NumaHostNode>),
+    (status = 500, description = "`failed`: this host's NUMA topology could not be read.", body = ErrorBody)))]
+async fn get_numa_nodes(State(_a): State<AgentApi>) -> ApiResult<Vec<NumaHostNode>> {
+    Ok(Json(
+        blocking(crate::numa_cmd::host_nodes)
+            .await?
+            .map_err(failed)?,
+    ))
+}
+
+/// Each VM's NUMA on this host
+///
+/// Every live VM on this host (cluster or not): its guest nodes' binding, locality,
+/// pages written per guest node, migration policy, bytes moved and moves pending.
+/// `ray numa vms -o json` prints the same.
+#[utoipa::path(get, path = "/numa/vms", tag = "host", responses(
+    (status = 200, description = "The VMs, by id.", body = Vec<NumaHostVm>)))]
+async fn get_numa_vms(State(a): State<AgentApi>) -> ApiResult<Vec<NumaHostVm>> {
+    let runtime = a.runtime.clone();
+    Ok(Json(
+        blocking(move || {
+            crate::numa_cmd::live_vms(&runtime)
+                .iter()
+                .map(crate::numa_cmd::row)
+                .collect()
+        })
+        .await?,
+    ))
+}
+
 /// Pause a VM's vCPUs
 #[utoipa::path(post, path = "/vms/{id}/pause", tag = "vms",
     params(("id" = String, Path, description = "The VM's name.")),
@@ -368,6 +420,9 @@ fn routes() -> OpenApiRouter<AgentApi> {
         .routes(routes!(post_pause))
         .routes(routes!(post_resume))
         .routes(routes!(post_stop))
+        .routes(routes!(get_numa_status))
+        .routes(routes!(get_numa_nodes))
+        .routes(routes!(get_numa_vms))
         .routes(routes!(get_openapi))
 }
 

@@ -25,6 +25,12 @@ ray numa vms -o json",
 ray numa explain web -o json",
     ),
     (
+        "numa policy",
+        "ray numa policy web --migrate dry-run --window 1s    decide and log, move nothing
+ray numa policy web --migrate off                   the per-VM off switch, at run time
+ray numa policy web --migrate on --rate 128 -o json",
+    ),
+    (
         "",
         "ray vm run                          boot rayvisor's guest, attached to its console
 ray vm run --detach --vcpus 2 --memory 1G

@@ -6,6 +6,9 @@ use std::path::Path;
 use clap::{Args, Subcommand};
 use ray::output::{print_structured, table, OutputArgs};
 use ray::runtime::{self, Presence};
+use ray_api::agent::{
+    NumaDamon, NumaHostNode, NumaHostStatus as HostStatus, NumaHostVm as VmRow, NumaHugePages,
+};
 use ray_api::vmm::{NumaMigrationMode, VmInfo};
 use serde::Serialize;
 
@@ -19,6 +22,50 @@ pub enum NumaCommand {
     Vms(OutputArgs),
     /// One VM in detail: its nodes, what the rings attributed, and the policy's decisions.
     Explain(ExplainArgs),
+    /// Change a running VM's migration policy (PUT /vm/numa/policy); `--migrate off` is
+    /// the per-VM off switch. Options left out keep their value.
+    Policy(PolicyArgs),
+}
+
+#[derive(Args)]
+pub struct PolicyArgs {
+    /// The VM's id.
+    pub id: String,
+    /// off, dry-run or on.
+    #[arg(long, value_parser = parse_mode)]
+    pub migrate: Option<NumaMigrationMode>,
+    /// Length of one window (e.g. 5s, 500ms; at least 100 ms).
+    #[arg(long, value_parser = parse_window)]
+    pub window: Option<u64>,
+    /// Most MiB moved per second.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// ring or off: only the VM's own is accepted (the rings live from boot to end).
+    #[arg(long, value_parser = parse_attribution)]
+    pub attribution: Option<ray_api::vmm::NumaAttribution>,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+fn parse_mode(text: &str) -> Result<NumaMigrationMode, String> {
+    match text {
+        "off" => Ok(NumaMigrationMode::Off),
+        "dry-run" => Ok(NumaMigrationMode::DryRun),
+        "on" => Ok(NumaMigrationMode::On),
+        other => Err(format!("'{other}' is not off, dry-run or on")),
+    }
+}
+
+fn parse_window(text: &str) -> Result<u64, String> {
+    ray::sizes::parse_duration(text).map(|d| d.as_millis() as u64)
+}
+
+fn parse_attribution(text: &str) -> Result<ray_api::vmm::NumaAttribution, String> {
+    match text {
+        "ring" => Ok(ray_api::vmm::NumaAttribution::Ring),
+        "off" => Ok(ray_api::vmm::NumaAttribution::Off),
+        other => Err(format!("'{other}' is not ring or off")),
+    }
 }
 
 #[derive(Args)]
@@ -29,38 +76,8 @@ pub struct ExplainArgs {
     pub out: OutputArgs,
 }
 
-/// One VM's NUMA at a glance (`ray numa vms`).
-#[derive(Serialize)]
-struct VmRow {
-    id: String,
-    /// Guest node -> host nodes and policy, e.g. `0->0(bind)`.
-    binding: Vec<String>,
-    /// Local share of the present pages over all guest nodes; none when none present.
-    locality: Option<f64>,
-    attribution: bool,
-    /// Pages written by each guest node's vCPUs since boot.
-    node_writes: Vec<u64>,
-    migration: String,
-    moved_bytes: u64,
-    pending_moves: u64,
-}
-
-#[derive(Serialize)]
-struct HostStatus {
-    nodes: usize,
-    cpus: usize,
-    memory_total: u64,
-    memory_free: u64,
-    vms: usize,
-    vms_with_guest_nodes: usize,
-    vms_with_attribution: usize,
-    vms_with_migration: usize,
-    moved_bytes: u64,
-    pending_moves: u64,
-}
-
 /// Every live VM's `GET /vm`.
-fn live_vms(runtime: &Path) -> Vec<VmInfo> {
+pub fn live_vms(runtime: &Path) -> Vec<VmInfo> {
     runtime::list_ids(runtime)
         .into_iter()
         .filter_map(|id| {
@@ -75,7 +92,7 @@ fn live_vms(runtime: &Path) -> Vec<VmInfo> {
         .collect()
 }
 
-fn row(info: &VmInfo) -> VmRow {
+pub fn row(info: &VmInfo) -> VmRow {
     let (present, local) = info
         .numa
         .iter()
@@ -113,6 +130,59 @@ fn row(info: &VmInfo) -> VmRow {
     }
 }
 
+/// This host's online NUMA nodes (`ray numa nodes`, the agent's `GET /numa/nodes`).
+pub fn host_nodes() -> anyhow::Result<Vec<NumaHostNode>> {
+    let t = ray_numa::Topology::host()?;
+    Ok(t.nodes
+        .into_iter()
+        .map(|n| NumaHostNode {
+            id: n.id,
+            cpus: n.cpus,
+            memory_total: n.memory_total,
+            memory_free: n.memory_free,
+            distances: n.distances,
+            huge_pages: n
+                .huge_pages
+                .into_iter()
+                .map(|h| NumaHugePages {
+                    page_bytes: h.page_bytes,
+                    total: h.total,
+                    free: h.free,
+                    surplus: h.surplus,
+                })
+                .collect(),
+        })
+        .collect())
+}
+
+/// This host's NUMA summary over its live VMs (`ray numa status`, `GET /numa/status`).
+pub fn host_status(runtime: &Path) -> anyhow::Result<HostStatus> {
+    let t = ray_numa::Topology::host()?;
+    let rows: Vec<VmRow> = live_vms(runtime).iter().map(row).collect();
+    Ok(HostStatus {
+        nodes: t.nodes.len(),
+        cpus: t.nodes.iter().map(|n| n.cpus.len()).sum(),
+        memory_total: t.nodes.iter().map(|n| n.memory_total).sum(),
+        memory_free: t.nodes.iter().map(|n| n.memory_free).sum(),
+        vms: rows.len(),
+        vms_with_guest_nodes: rows.iter().filter(|r| !r.binding.is_empty()).count(),
+        vms_with_attribution: rows.iter().filter(|r| r.attribution).count(),
+        vms_with_migration: rows.iter().filter(|r| r.migration != "off").count(),
+        moved_bytes: rows.iter().map(|r| r.moved_bytes).sum(),
+        pending_moves: rows.iter().map(|r| r.pending_moves).sum(),
+        damon: {
+            let d = ray_numa::damon::DamonStatus::host();
+            NumaDamon {
+                present: d.present,
+                operations: d.operations.clone(),
+                kdamonds: d.kdamonds.len(),
+                kdamonds_on: d.kdamonds.iter().filter(|k| k.on).count(),
+                unavailable: d.unavailable(),
+            }
+        },
+    })
+}
+
 fn or_dash(v: String) -> String {
     if v.is_empty() {
         "-".into()
@@ -124,12 +194,11 @@ fn or_dash(v: String) -> String {
 pub fn run(cmd: NumaCommand, runtime: &Path) -> anyhow::Result<()> {
     match cmd {
         NumaCommand::Nodes(out) => {
-            let t = ray_numa::Topology::host()?;
-            if print_structured(&t.nodes, out.format())? {
+            let nodes = host_nodes()?;
+            if print_structured(&nodes, out.format())? {
                 return Ok(());
             }
-            let cells: Vec<Vec<String>> = t
-                .nodes
+            let cells: Vec<Vec<String>> = nodes
                 .iter()
                 .map(|n| {
                     vec![
@@ -151,20 +220,7 @@ pub fn run(cmd: NumaCommand, runtime: &Path) -> anyhow::Result<()> {
             );
         }
         NumaCommand::Status(out) => {
-            let t = ray_numa::Topology::host()?;
-            let rows: Vec<VmRow> = live_vms(runtime).iter().map(row).collect();
-            let s = HostStatus {
-                nodes: t.nodes.len(),
-                cpus: t.nodes.iter().map(|n| n.cpus.len()).sum(),
-                memory_total: t.nodes.iter().map(|n| n.memory_total).sum(),
-                memory_free: t.nodes.iter().map(|n| n.memory_free).sum(),
-                vms: rows.len(),
-                vms_with_guest_nodes: rows.iter().filter(|r| !r.binding.is_empty()).count(),
-                vms_with_attribution: rows.iter().filter(|r| r.attribution).count(),
-                vms_with_migration: rows.iter().filter(|r| r.migration != "off").count(),
-                moved_bytes: rows.iter().map(|r| r.moved_bytes).sum(),
-                pending_moves: rows.iter().map(|r| r.pending_moves).sum(),
-            };
+            let s = host_status(runtime)?;
             if print_structured(&s, out.format())? {
                 return Ok(());
             }
@@ -183,6 +239,23 @@ pub fn run(cmd: NumaCommand, runtime: &Path) -> anyhow::Result<()> {
                 "moves: {:.1} MiB moved, {} pending",
                 s.moved_bytes as f64 / (1u64 << 20) as f64,
                 s.pending_moves
+            );
+            let d = &s.damon;
+            println!(
+                "DAMON: {}",
+                if d.present {
+                    format!(
+                        "present, operations {}, {} kdamonds ({} on){}",
+                        or_dash(d.operations.join(",")),
+                        d.kdamonds,
+                        d.kdamonds_on,
+                        d.unavailable
+                            .as_ref()
+                            .map_or_else(String::new, |w| format!(": {w}"))
+                    )
+                } else {
+                    d.unavailable.clone().unwrap_or_default()
+                }
             );
         }
         NumaCommand::Vms(out) => {
@@ -230,6 +303,47 @@ pub fn run(cmd: NumaCommand, runtime: &Path) -> anyhow::Result<()> {
                     &cells
                 )
             );
+        }
+        NumaCommand::Policy(p) => {
+            let req = ray_api::vmm::NumaPolicyRequest {
+                mode: p.migrate,
+                window_ms: p.window,
+                rate_limit_mib_s: p.rate,
+                attribution: p.attribution,
+            };
+            if req == ray_api::vmm::NumaPolicyRequest::default() {
+                anyhow::bail!(
+                    "nothing to change: give --migrate, --window, --rate or --attribution"
+                );
+            }
+            let info: VmInfo = crate::vm::client(runtime, &p.id)?.call(
+                "PUT",
+                "/vm/numa/policy",
+                Some(serde_json::to_vec(&req)?),
+            )?;
+            let report = info.numa_migration.as_ref();
+            if print_structured(&report, p.out.format())? {
+                return Ok(());
+            }
+            match report {
+                Some(m) => {
+                    println!(
+                        "VM {}: migration policy {}, window {} ms, rate limit {} MiB/s",
+                        info.id,
+                        match m.config.mode {
+                            NumaMigrationMode::Off => "off",
+                            NumaMigrationMode::DryRun => "dry-run",
+                            NumaMigrationMode::On => "on",
+                        },
+                        m.config.window_ms,
+                        m.config.rate_limit_mib_s
+                    );
+                    if let Some(l) = m.log.last() {
+                        println!("{l}");
+                    }
+                }
+                None => println!("VM {}: migration policy off", info.id),
+            }
         }
         NumaCommand::Explain(a) => {
             let info: VmInfo = crate::vm::client(runtime, &a.id)?.call("GET", "/vm", None)?;

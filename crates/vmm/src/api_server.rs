@@ -22,9 +22,10 @@ use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::{Json, Router};
 use ray_api::vmm::{
     ConsoleInput, ConsoleStreamQuery, ConsoleTail, ConsoleTailQuery, ErrorBody, ErrorCode,
-    LeaseRequest, LifecycleEvent, MigrateRequest, MigrationStatus, SnapshotDelete, SnapshotEntry,
-    SnapshotInfo, SnapshotList, SnapshotListQuery, SnapshotMerge, SnapshotProgress,
-    SnapshotRequest, StopRequest, VersionInfo, VmConfig, VmInfo, API_VERSION, CONSOLE_KEPT_BYTES,
+    LeaseRequest, LifecycleEvent, MigrateRequest, MigrationStatus, NumaPolicyRequest,
+    SnapshotDelete, SnapshotEntry, SnapshotInfo, SnapshotList, SnapshotListQuery, SnapshotMerge,
+    SnapshotProgress, SnapshotRequest, StopRequest, VersionInfo, VmConfig, VmInfo, API_VERSION,
+    CONSOLE_KEPT_BYTES,
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
@@ -458,6 +459,24 @@ async fn put_stop(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
         timeout: Duration::from_millis(s.timeout_ms),
     })
     .await
+}
+
+/// Change the NUMA policy of the running VM
+///
+/// The page migration policy's mode (`off`, the per-VM off switch; `dry-run`; `on`), its
+/// window and its rate limit, from the next window on; fields left out keep their value.
+/// The whole request is checked (as `--numa-migrate` is at boot) before any of it takes
+/// effect, and the change is recorded in the decision log (`numa_migration.log`).
+/// `attribution` may only repeat the VM's own: the dirty rings exist from boot to end.
+#[utoipa::path(put, path = "/vm/numa/policy", tag = "vm", request_body = NumaPolicyRequest, responses(
+    (status = 200, description = "In force.", body = VmInfo),
+    (status = 400, description = "`invalid_request`: the body is not a policy request, a value is out of range, the mode needs attribution or guest nodes the VM lacks, or the attribution differs from the VM's.", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the VM is not running or paused, or has no guest nodes placed here or no dirty rings.", body = ErrorBody),
+    BodyRefusals,
+    ShuttingDown))]
+async fn put_numa_policy(State(a): State<Api>, Body(body): Body) -> ApiResult<VmInfo> {
+    let r = parse_body::<NumaPolicyRequest>("PUT /vm/numa/policy", &body)?;
+    a.info(Request::NumaPolicy(r)).await
 }
 
 /// List lifecycle events
@@ -1000,6 +1019,7 @@ fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(put_lease, delete_lease))
         .routes(routes!(put_suspend))
         .routes(routes!(put_stop))
+        .routes(routes!(put_numa_policy))
         .routes(routes!(get_events))
         .routes(routes!(exec::post_exec))
         .routes(routes!(get_console, post_console))

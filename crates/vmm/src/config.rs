@@ -185,7 +185,7 @@ pub fn validate(config: &VmConfig, host_mem: u64) -> Result<BootSpec, ConfigErro
 
 /// The page migration policy needs the rings' attribution and guest nodes to act on, a
 /// window of at least 100 ms and a positive rate limit.
-fn check_numa_migration(config: &VmConfig) -> Result<(), ConfigError> {
+pub fn check_numa_migration(config: &VmConfig) -> Result<(), ConfigError> {
     let m = &config.numa_migration;
     if m.mode == ray_api::vmm::NumaMigrationMode::Off {
         return Ok(());

@@ -98,7 +98,8 @@ struct State {
 /// The policy of one VM, deciding on a thread of its own every window.
 pub struct Migrator {
     vm: String,
-    cfg: NumaMigrationConfig,
+    /// The settings, changed at run time by `PUT /vm/numa/policy`.
+    cfg: Mutex<NumaMigrationConfig>,
     vcpu_node: Vec<Option<u32>>,
     rings: Weak<DirtyRings>,
     memory: WeakMemory,
@@ -126,7 +127,7 @@ impl Migrator {
             .collect();
         let me = Arc::new(Self {
             vm: vm.to_string(),
-            cfg: cfg.clone(),
+            cfg: Mutex::new(cfg.clone()),
             vcpu_node,
             rings: Arc::downgrade(rings),
             memory: memory.downgrade(),
@@ -135,12 +136,14 @@ impl Migrator {
         // A fresh window from now: writes before the policy started are not evidence.
         rings.take_attribution();
         let weak = Arc::downgrade(&me);
-        let window = Duration::from_millis(cfg.window_ms);
         std::thread::Builder::new()
             .name("numa-policy".into())
             .stack_size(256 << 10)
             .spawn_in_span(move || {
                 crate::seccomp::enter(crate::seccomp::Kind::Harvester);
+                // The window is read again before each sleep: a change takes effect
+                // from the next window on.
+                let mut window = Duration::from_millis(cfg_window(&weak));
                 loop {
                     std::thread::sleep(window);
                     match weak.upgrade() {
@@ -148,6 +151,7 @@ impl Migrator {
                             if !m.window() {
                                 return;
                             }
+                            window = Duration::from_millis(m.config().window_ms);
                         }
                         None => return,
                     }
@@ -160,13 +164,60 @@ impl Migrator {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The settings in force.
+    pub fn config(&self) -> NumaMigrationConfig {
+        self.cfg.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `cfg` in force from the next window on (checked by the caller) and records
+    /// the change, said by `by`, in the decision log. Leaving `off` starts a fresh window:
+    /// writes made while the policy was off are not evidence.
+    pub fn set_config(&self, cfg: &NumaMigrationConfig, by: &str) {
+        let old = {
+            let mut c = self.cfg.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(&mut *c, cfg.clone())
+        };
+        if old.mode == NumaMigrationMode::Off && cfg.mode != NumaMigrationMode::Off {
+            if let Some(rings) = self.rings.upgrade() {
+                rings.take_attribution();
+            }
+        }
+        let line = format!(
+            "VM {}: policy changed by {by}: {}",
+            self.vm,
+            describe_change(&old, cfg)
+        );
+        tracing::info!("{line}");
+        self.push_log(line);
+    }
+
+    /// Adds `what` about this VM to the decision log (and `vmm.log`).
+    pub fn record(&self, what: &str) {
+        let line = format!("VM {}: {what}", self.vm);
+        tracing::info!("{line}");
+        self.push_log(line);
+    }
+
+    fn push_log(&self, line: String) {
+        let mut st = self.lock();
+        st.log.push_back(line);
+        while st.log.len() > LOG_LINES {
+            st.log.pop_front();
+        }
+    }
+
     /// Decides (and acts on) one window; false once the VM's rings or memory are gone.
     fn window(&self) -> bool {
         let (Some(rings), Some(memory)) = (self.rings.upgrade(), self.memory.upgrade()) else {
             return false;
         };
+        let cfg = self.config();
+        if cfg.mode == NumaMigrationMode::Off {
+            // The per-VM off switch: nothing decided, nothing counted as a window.
+            return true;
+        }
         let att = rings.take_attribution();
-        let policy = policy_config(&self.cfg);
+        let policy = policy_config(&cfg);
         let moved = self.lock().moved.clone();
         let obs = observe(
             &att,
@@ -217,7 +268,7 @@ impl Migrator {
             .filter(|d| matches!(d, Decision::Move { .. }))
             .count();
         if wanted > 0 || pending > 0 {
-            let verb = if self.cfg.mode == NumaMigrationMode::DryRun {
+            let verb = if cfg.mode == NumaMigrationMode::DryRun {
                 format!("would move {wanted} ranges (dry run)")
             } else {
                 format!("moved {:.1} MiB in {took:.2} s", mib(moved_now))
@@ -267,13 +318,57 @@ impl Migrator {
     pub fn report(&self) -> NumaMigrationReport {
         let st = self.lock();
         NumaMigrationReport {
-            config: self.cfg.clone(),
+            config: self.config(),
             windows: st.windows,
             moved_bytes: st.moved_bytes,
             pending_moves: st.pending,
             last_window: st.last_window.clone(),
             log: st.log.iter().cloned().collect(),
         }
+    }
+}
+
+/// The window of the policy behind `weak` (its thread starts before the first window).
+fn cfg_window(weak: &Weak<Migrator>) -> u64 {
+    weak.upgrade().map_or(1000, |m| m.config().window_ms)
+}
+
+/// `old -> new` for each setting that differs, e.g. `mode dry-run -> on, window 5000 ms
+/// -> 1000 ms`; `no change` when none does.
+pub fn describe_change(old: &NumaMigrationConfig, new: &NumaMigrationConfig) -> String {
+    let mut parts = Vec::new();
+    if old.mode != new.mode {
+        parts.push(format!(
+            "mode {} -> {}",
+            mode_name(old.mode),
+            mode_name(new.mode)
+        ));
+    }
+    if old.window_ms != new.window_ms {
+        parts.push(format!(
+            "window {} ms -> {} ms",
+            old.window_ms, new.window_ms
+        ));
+    }
+    if old.rate_limit_mib_s != new.rate_limit_mib_s {
+        parts.push(format!(
+            "rate limit {} MiB/s -> {} MiB/s",
+            old.rate_limit_mib_s, new.rate_limit_mib_s
+        ));
+    }
+    if parts.is_empty() {
+        "no change".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// The mode as `ray numa policy --migrate` spells it.
+pub fn mode_name(mode: NumaMigrationMode) -> &'static str {
+    match mode {
+        NumaMigrationMode::Off => "off",
+        NumaMigrationMode::DryRun => "dry-run",
+        NumaMigrationMode::On => "on",
     }
 }
 

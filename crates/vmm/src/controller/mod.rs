@@ -46,6 +46,8 @@ pub enum Request {
     Lease(Option<(Duration, Option<u64>)>),
     /// The lease watchdog found the deadline passed: fence (pause the vCPUs).
     Fence,
+    /// Change the NUMA policy of the running VM (`PUT /vm/numa/policy`).
+    NumaPolicy(ray_api::vmm::NumaPolicyRequest),
 }
 
 impl Request {
@@ -426,6 +428,10 @@ impl Controller {
                 self.read(r)
             }
             Request::Fence => self.fence().map(|_| Response::Done),
+            Request::NumaPolicy(req) => {
+                self.change_numa_policy(&req)?;
+                Ok(Response::Info(Box::new(self.info())))
+            }
             Request::Configure(cfg) => {
                 self.check(VmAction::Configure)?;
                 config::validate(&cfg, config::host_memory())
@@ -610,6 +616,87 @@ impl Controller {
         )
         .map_err(|e| ControllerError::failed(format!("cannot start the NUMA policy: {e}")))?;
         self.numa_migrator = Some(m);
+        Ok(())
+    }
+
+    /// `PUT /vm/numa/policy`: checks the whole request against the running VM (the same
+    /// checks as at boot, and attribution unchanged) before anything changes, then puts it
+    /// in force (starting the policy's thread if it was off since boot) and records the
+    /// change in the decision log. The VM's configuration follows, so a snapshot or a
+    /// migration carries the new policy.
+    fn change_numa_policy(
+        &mut self,
+        req: &ray_api::vmm::NumaPolicyRequest,
+    ) -> Result<(), ControllerError> {
+        use ray_api::vmm::{NumaAttribution, NumaMigrationMode};
+        if !matches!(self.state, VmState::Running | VmState::Paused) || self.machine.is_none() {
+            return Err(ControllerError::refused(format!(
+                "cannot change the NUMA policy of a VM that is {}: it applies to a running VM (a stopped VM takes --numa-migrate when it is started)",
+                self.state
+            )));
+        }
+        let Some(cfg) = self.config.clone() else {
+            return Err(ControllerError::refused("the VM has no configuration"));
+        };
+        if let Some(a) = req.attribution {
+            if a != cfg.numa_attribution {
+                let name = |a: NumaAttribution| match a {
+                    NumaAttribution::Off => "off",
+                    NumaAttribution::Ring => "ring",
+                };
+                return Err(ControllerError::invalid(format!(
+                    "attribution {}: this VM runs with attribution {}, which cannot change while it runs (KVM's dirty rings are set up before the vCPUs exist and serve as its dirty log); start it again with --numa-attribution {}",
+                    name(a),
+                    name(cfg.numa_attribution),
+                    name(a)
+                )));
+            }
+        }
+        let mut new = cfg.clone();
+        let m = &mut new.numa_migration;
+        if let Some(mode) = req.mode {
+            m.mode = mode;
+        }
+        if let Some(w) = req.window_ms {
+            m.window_ms = w;
+        }
+        if let Some(r) = req.rate_limit_mib_s {
+            m.rate_limit_mib_s = r;
+        }
+        config::check_numa_migration(&new).map_err(|e| ControllerError::invalid(e.to_string()))?;
+        let machine = self.machine.as_ref().expect("checked above");
+        if new.numa_migration.mode != NumaMigrationMode::Off
+            && (self.numa.is_none() || machine.vm.rings.is_none())
+        {
+            return Err(ControllerError::refused(
+                "this VM has no guest NUMA nodes placed on this host or no dirty rings: the policy has nothing to act on",
+            ));
+        }
+        let by = "the API";
+        match &self.numa_migrator {
+            Some(m) => m.set_config(&new.numa_migration, by),
+            None if new.numa_migration.mode != NumaMigrationMode::Off => {
+                let machine = self.machine.take().expect("checked above");
+                let started = self.start_numa_policy(&machine, &new);
+                self.machine = Some(machine);
+                started?;
+                if let Some(m) = &self.numa_migrator {
+                    m.record(&format!(
+                        "policy changed by {by}: {}",
+                        crate::numa_migrate::describe_change(
+                            &cfg.numa_migration,
+                            &new.numa_migration
+                        )
+                    ));
+                }
+            }
+            // Off and staying off: nothing runs, nothing to record it in but the config.
+            None => tracing::info!(
+                "NUMA policy: {}",
+                crate::numa_migrate::describe_change(&cfg.numa_migration, &new.numa_migration)
+            ),
+        }
+        self.config = Some(new);
         Ok(())
     }
 
