@@ -216,6 +216,9 @@ pub struct AgentConfig {
     pub api: Option<String>,
     /// Periodic checkpoints of the HA VMs it runs (`None`: none).
     pub checkpoints: Option<CheckpointConfig>,
+    /// The CPUs the host offers the cluster, reported instead of the kernel's count
+    /// (`None`: the kernel's).
+    pub cpus: Option<u32>,
 }
 
 /// Where and how often the agent checkpoints its HA VMs.
@@ -279,6 +282,14 @@ async fn pause_all<V: Vmms>(vmms: &Arc<V>, ids: Vec<String>) {
 }
 
 /// Fences when the deadline passes, every `period`, until aborted.
+/// The next event of `watch`, or never while there is none (the agent lists again).
+async fn next_event<W: Watch>(watch: &mut Option<W>) -> Result<Event, StoreError> {
+    match watch {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn watchdog<V: Vmms>(fence: SharedFence, vmms: Arc<V>, period: Duration) {
     let mut tick = tokio::time::interval(period);
     loop {
@@ -545,8 +556,12 @@ impl<S: Store, V: Vmms> Agent<S, V> {
 
     /// Writes the status if it changed since the last write.
     async fn report(&mut self) -> Result<(), StoreError> {
+        let inventory = Inventory::read();
         let report = HostReport {
-            inventory: Inventory::read(),
+            inventory: Inventory {
+                cpus: self.cfg.cpus.unwrap_or(inventory.cpus),
+                ..inventory
+            },
             vms: self.vms.keys().cloned().collect(),
             fenced: self.fenced(),
             rejoin: self.rejoin,
@@ -953,8 +968,9 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         Ok(())
     }
 
-    /// Renews the lease once. A lease that had lapsed is replaced (after fencing).
-    async fn renew(&mut self) -> Result<(), StoreError> {
+    /// Renews the lease once; returns when the renewal was sent. A lease that had lapsed
+    /// is replaced (after fencing).
+    async fn renew(&mut self) -> Result<Instant, StoreError> {
         let sent = Instant::now();
         let limit = self.cfg.timing.retry_every * 4;
         let answer = tokio::time::timeout(limit, self.store.keep_alive(self.lease))
@@ -987,7 +1003,7 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             Err(e) => return Err(e),
         }
         lock(&self.fence).deadline = sent + self.cfg.timing.local_lease();
-        Ok(())
+        Ok(sent)
     }
 
     /// Runs the agent: reconcile, then follow the store and keep the lease.
@@ -1008,10 +1024,11 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         // Adopted VMMs get this run's lease at once (the last one's may be nearly out).
         self.renew_vmms().await;
         self.report().await?;
-        let mut watch = self
-            .store
-            .watch(&keys::host(&self.cfg.host), revision + 1)
-            .await?;
+        let mut watch = Some(
+            self.store
+                .watch(&keys::host(&self.cfg.host), revision + 1)
+                .await?,
+        );
         let mut next_renewal = Instant::now() + timing.renew_every;
         let mut progress = tokio::time::interval(MIGRATION_POLL);
         let every = self
@@ -1021,6 +1038,9 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             .map_or(Duration::from_secs(3600), |c| c.every);
         let mut checkpoints = tokio::time::interval_at(Instant::now() + every, every);
         checkpoints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // From here on a store failure (a member of the etcd cluster dying, an election)
+        // ends nothing: the watch is dropped and the agent lists again once the store
+        // answers, renewing its lease meanwhile; if it cannot renew, the fence acts.
         loop {
             tokio::select! {
                 _ = checkpoints.tick(), if self.cfg.checkpoints.is_some() => {
@@ -1033,30 +1053,40 @@ impl<S: Store, V: Vmms> Agent<S, V> {
                         tracing::warn!("cannot report a migration's progress: {e}");
                     }
                 }
-                ev = watch.next() => match ev {
-                    Ok(ev) => self.on_event(ev).await?,
-                    Err(e) => {
+                ev = next_event(&mut watch) => {
+                    let handled = match ev {
+                        Ok(ev) => self.on_event(ev).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = handled {
                         // Whatever changed meanwhile is in a fresh listing.
-                        tracing::warn!("the watch ended ({e}); listing again");
-                        let revision = self.reconcile().await?;
-                        watch = self
-                            .store
-                            .watch(&keys::host(&self.cfg.host), revision + 1)
-                            .await?;
+                        tracing::warn!("{e}; listing again");
+                        watch = self.relist().await;
                     }
                 },
+                _ = tokio::time::sleep(timing.retry_every), if watch.is_none() => {
+                    watch = self.relist().await;
+                }
                 _ = tokio::time::sleep_until(next_renewal) => {
                     match self.renew().await {
-                        Ok(()) => {
-                            next_renewal = Instant::now() + timing.renew_every;
+                        Ok(sent) => {
+                            // Counted from the send, as the local deadline is: a slow
+                            // answer (a delayed link) does not push the next renewal
+                            // towards the deadline.
+                            next_renewal = sent + timing.renew_every;
                             if self.fenced() {
                                 // Each VMM gets a lease again only once its run token
                                 // is confirmed (`unfence`).
-                                let revision = self.unfence().await?;
-                                watch = self
-                                    .store
-                                    .watch(&keys::host(&self.cfg.host), revision + 1)
-                                    .await?;
+                                watch = match self.unfence().await {
+                                    Ok(revision) => self.watch_from(revision).await,
+                                    Err(e) => {
+                                        // Fenced again, whole: the next good renewal
+                                        // tries again.
+                                        tracing::warn!("cannot unfence: {e}");
+                                        self.refence().await;
+                                        None
+                                    }
+                                };
                             } else {
                                 self.renew_vmms().await;
                             }
@@ -1072,6 +1102,43 @@ impl<S: Store, V: Vmms> Agent<S, V> {
                 }
             }
         }
+    }
+
+    /// Reconciles with a fresh listing and watches from there; `None` (logged) if the
+    /// store fails meanwhile: the caller tries again later.
+    async fn relist(&mut self) -> Option<<S as Store>::Watch> {
+        match self.reconcile().await {
+            Ok(revision) => self.watch_from(revision).await,
+            Err(e) => {
+                tracing::warn!("cannot list this host's keys: {e}; trying again");
+                None
+            }
+        }
+    }
+
+    /// Watches this host's keys after `revision`; `None` (logged) if the store fails.
+    async fn watch_from(&self, revision: Revision) -> Option<<S as Store>::Watch> {
+        match self
+            .store
+            .watch(&keys::host(&self.cfg.host), revision + 1)
+            .await
+        {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("cannot watch this host's keys: {e}; trying again");
+                None
+            }
+        }
+    }
+
+    /// Marks the host fenced and pauses its VMs (an unfence that failed half-way).
+    async fn refence(&mut self) {
+        let ids = {
+            let mut f = lock(&self.fence);
+            f.fenced = true;
+            f.vms.clone()
+        };
+        pause_all(&self.vmms, ids).await;
     }
 
     async fn on_event(&mut self, ev: Event) -> Result<(), StoreError> {

@@ -148,6 +148,7 @@ fn config(name: &str) -> AgentConfig {
         timing: fast(),
         api: None,
         checkpoints: None,
+        cpus: None,
     }
 }
 
