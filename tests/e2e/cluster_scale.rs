@@ -492,3 +492,129 @@ fn thirty_vms_in_anti_affinity_groups_run_exactly_once_with_one_host_behind_a_de
     assert_eq!(c.ready(), 3);
     drop(relay);
 }
+
+/// Automatic rebalancing with real agents: three VMs placed on h1 while h2 and h3 are
+/// cordoned; uncordoned, the loads are as uneven as can be (imbalance 1). The controller
+/// in automatic mode (`--rebalance auto`, a pass every second) live-migrates one VM at a
+/// time, each move logged with its numbers, until each host runs one (imbalance 0, below
+/// the 0.2 threshold) and stops there; every VM runs exactly once, its guest carried on
+/// across its move.
+#[test]
+fn automatic_rebalancing_migrates_one_vm_at_a_time_until_the_loads_are_even() {
+    let env = Env::new("cluster-rebalance");
+    let rt = runtime();
+    let etcd = rt.block_on(Etcd::start("e2e-rebalance"));
+    let url = etcd.endpoints().join(",");
+    let store = rt.block_on(EtcdStore::connect(&etcd.endpoints())).unwrap();
+    let key = migration_key(&env);
+    let hosts: Vec<(String, PathBuf)> = ["h1", "h2", "h3"]
+        .iter()
+        .map(|h| (h.to_string(), env.runtime.join(h)))
+        .collect();
+    let _reap = ReapVmms(hosts.iter().map(|(_, d)| d.clone()).collect());
+    let _agents: Vec<Daemon> = hosts
+        .iter()
+        .map(|(h, d)| agent(d, &url, h, &["--migration-key-file", &key, "--cpus", "2"]))
+        .collect();
+    let c = Cluster {
+        env: &env,
+        rt,
+        store,
+        url: url.clone(),
+        hosts,
+    };
+    let bad = env.ray(&["controller", "--etcd", &url, "--resync", "1ms"]);
+    assert!(
+        !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--resync"),
+        "{bad:?}"
+    );
+    let _ctl = controller(
+        &env.runtime,
+        &url,
+        "c1",
+        &["--rebalance", "auto", "--resync", "1s"],
+    );
+    wait("three hosts Ready", Duration::from_secs(60), || c.ready() == 3);
+
+    // Load h1 alone.
+    for h in ["h2", "h3"] {
+        c.cli(&["node", "cordon", h]);
+    }
+    let vms = names("r", 3);
+    for vm in &vms {
+        c.create(vm, &[]);
+    }
+    c.placed(&vms);
+    for vm in &vms {
+        assert_eq!(c.token(vm).unwrap().host, "h1", "{vm}");
+    }
+    c.exactly_once(&vms);
+    let before: Vec<u64> = vms
+        .iter()
+        .map(|vm| crate::cluster::heartbeat(c.dir("h1"), vm).unwrap())
+        .collect();
+    for h in ["h2", "h3"] {
+        c.cli(&["node", "uncordon", h]);
+    }
+
+    // The controller evens the loads out by itself.
+    let spread = || {
+        vms.iter()
+            .filter_map(|vm| c.token(vm).map(|t| t.host))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            == 3
+    };
+    wait("one VM on each host", Duration::from_secs(180), spread);
+    c.exactly_once(&vms);
+    for (vm, b) in vms.iter().zip(before) {
+        let t = c.token(vm).unwrap();
+        let now = crate::cluster::heartbeat(c.dir(&t.host), vm).unwrap();
+        assert!(now > b, "{vm} on {}: heartbeat {now} after {b}", t.host);
+    }
+
+    // The log: two automatic moves, each with its numbers, the imbalance falling from 1
+    // to below the threshold; each migration asked by the rebalancer and ended before the
+    // next one began.
+    let log = c.log(None);
+    let moves: Vec<&decisions::Entry> = log
+        .iter()
+        .filter(|e| e.kind == Kind::RebalanceRecommended && e.data["auto"] == true)
+        .collect();
+    // (A recommendation made while a move was still under way is logged as not asked
+    // for; only the asked-for ones are moves.)
+    assert_eq!(moves.len(), 2, "{log:?}");
+    for m in &moves {
+        assert_eq!(m.data["auto"], true, "{m:?}");
+        assert!(m.message.contains("(asked for: automatic mode)"), "{m:?}");
+        let (b, a) = (
+            m.data["imbalance_before"].as_f64().unwrap(),
+            m.data["imbalance_after"].as_f64().unwrap(),
+        );
+        assert!(a < b, "{m:?}");
+        assert_eq!(m.data["from"], "h1", "{m:?}");
+    }
+    assert!(
+        moves[0].data["imbalance_before"].as_f64().unwrap() > 0.99,
+        "{:?}",
+        moves[0]
+    );
+    assert!(
+        moves[1].data["imbalance_after"].as_f64().unwrap() < 0.2,
+        "{:?}",
+        moves[1]
+    );
+    let steps: Vec<(Kind, &str)> = log
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::Migrating | Kind::Migrated))
+        .map(|e| (e.kind, e.message.as_str()))
+        .collect();
+    assert_eq!(steps.len(), 4, "{steps:?}");
+    for pair in steps.chunks(2) {
+        assert_eq!(pair[0].0, Kind::Migrating, "{steps:?}");
+        assert!(pair[0].1.contains("(asked by rebalance)"), "{steps:?}");
+        assert_eq!(pair[1].0, Kind::Migrated, "{steps:?}");
+    }
+    let events = c.cli(&["cluster", "events"]);
+    assert!(events.contains("rebalance: move VM"), "{events}");
+}
