@@ -19,9 +19,7 @@ use ray_cluster::store::{EtcdStore, Store};
 use ray_cluster::testing::{Etcd, EtcdCluster};
 use ray_e2e::Env;
 
-use crate::cluster::{
-    json, runs_in, runtime, spawn_ray, vm_info, wait, Daemon, ReapVmms,
-};
+use crate::cluster::{json, runs_in, runtime, spawn_ray, vm_info, wait, Daemon, ReapVmms};
 
 /// `ray agent --host <host> --etcd <url> <extra>` with `runtime` as its host's runtime
 /// directory (its log: `runtime/agent.log`).
@@ -132,9 +130,12 @@ impl Cluster<'_> {
                 &format!("{vm} on no host but {}", t.host),
                 Duration::from_secs(30),
                 || {
-                    self.hosts.iter().filter(|(h, _)| *h != t.host).all(|(_, d)| {
-                        vm_info(d, vm).is_none_or(|i| i.state == VmStateName::Terminated)
-                    })
+                    self.hosts
+                        .iter()
+                        .filter(|(h, _)| *h != t.host)
+                        .all(|(_, d)| {
+                            vm_info(d, vm).is_none_or(|i| i.state == VmStateName::Terminated)
+                        })
                 },
             );
             let log = self.log(Some(vm));
@@ -222,7 +223,9 @@ fn the_etcd_leader_and_the_controller_leader_die_and_every_vm_still_runs_exactly
         c.status().is_some_and(|s| s["leader"] == "c1")
     });
     let _c2 = controller(&env.runtime, &url, "c2", &[]);
-    wait("three hosts Ready", Duration::from_secs(60), || c.ready() == 3);
+    wait("three hosts Ready", Duration::from_secs(60), || {
+        c.ready() == 3
+    });
 
     // Three members of group q (one per host) and two more.
     let mut vms = names("q", 5);
@@ -233,8 +236,10 @@ fn the_etcd_leader_and_the_controller_leader_die_and_every_vm_still_runs_exactly
         c.create(vm, &[]);
     }
     c.placed(&vms);
-    let spread: std::collections::BTreeSet<String> =
-        vms[..3].iter().map(|vm| c.token(vm).unwrap().host).collect();
+    let spread: std::collections::BTreeSet<String> = vms[..3]
+        .iter()
+        .map(|vm| c.token(vm).unwrap().host)
+        .collect();
     assert_eq!(spread.len(), 3, "group q apart: {spread:?}");
     c.exactly_once(&vms);
 
@@ -243,9 +248,11 @@ fn the_etcd_leader_and_the_controller_leader_die_and_every_vm_still_runs_exactly
     etcd.kill9(leader);
     c1.kill9();
     assert_eq!(etcd.live(), 2);
-    wait("etcd elects another leader", Duration::from_secs(60), || {
-        c.rt.block_on(etcd.leader()).is_some()
-    });
+    wait(
+        "etcd elects another leader",
+        Duration::from_secs(60),
+        || c.rt.block_on(etcd.leader()).is_some(),
+    );
     wait("c2 leads", Duration::from_secs(60), || {
         c.status().is_some_and(|s| s["leader"] == "c2")
     });
@@ -256,18 +263,14 @@ fn the_etcd_leader_and_the_controller_leader_die_and_every_vm_still_runs_exactly
     c.placed(&vms);
     let from = c.token("q-4").unwrap().host;
     let out = c.cli(&["cluster", "vm", "migrate", "q-4"]);
-    assert!(
-        out.contains(&format!("migrated from host {from}")),
-        "{out}"
-    );
+    assert!(out.contains(&format!("migrated from host {from}")), "{out}");
     assert_ne!(c.token("q-4").unwrap().host, from);
     let gone_from = c.token("q-5").unwrap().host;
     c.cli(&["cluster", "vm", "delete", "q-5"]);
     vms.retain(|vm| vm != "q-5");
     wait("q-5 stopped", Duration::from_secs(60), || {
         c.token("q-5").is_none()
-            && vm_info(c.dir(&gone_from), "q-5")
-                .is_none_or(|i| i.state == VmStateName::Terminated)
+            && vm_info(c.dir(&gone_from), "q-5").is_none_or(|i| i.state == VmStateName::Terminated)
     });
 
     c.exactly_once(&vms);
@@ -312,7 +315,11 @@ impl DelayRelay {
                 };
                 let seed = n as u64 * 2 + 1;
                 for (from, to, seed) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap(), seed),
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        seed,
+                    ),
                     (server, client, seed + 1),
                 ] {
                     delayed_pipe(from, to, delay, jitter, seed);
@@ -333,7 +340,13 @@ impl Drop for DelayRelay {
 
 /// Copies `from` to `to`, each chunk sent `delay` + a pseudo-random part of `jitter`
 /// after it was read, never before the chunk read before it.
-fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, jitter: Duration, seed: u64) {
+fn delayed_pipe(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    delay: Duration,
+    jitter: Duration,
+    seed: u64,
+) {
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
     std::thread::spawn(move || {
         let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -409,7 +422,9 @@ fn thirty_vms_in_anti_affinity_groups_run_exactly_once_with_one_host_behind_a_de
         hosts,
     };
     let _ctl = controller(&env.runtime, &url, "c1", &[]);
-    wait("three hosts Ready", Duration::from_secs(60), || c.ready() == 3);
+    wait("three hosts Ready", Duration::from_secs(60), || {
+        c.ready() == 3
+    });
     let alive = |h: &str| {
         c.rt.block_on(c.store.get(&keys::host_alive(h)))
             .unwrap()
@@ -534,7 +549,9 @@ fn automatic_rebalancing_migrates_one_vm_at_a_time_until_the_loads_are_even() {
         "c1",
         &["--rebalance", "auto", "--resync", "1s"],
     );
-    wait("three hosts Ready", Duration::from_secs(60), || c.ready() == 3);
+    wait("three hosts Ready", Duration::from_secs(60), || {
+        c.ready() == 3
+    });
 
     // Load h1 alone.
     for h in ["h2", "h3"] {

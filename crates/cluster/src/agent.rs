@@ -396,8 +396,6 @@ pub struct Agent<S: Store, V: Vmms> {
     sending: BTreeMap<String, Option<Progress>>,
     /// Whether each VM here is HA (read from its spec once).
     ha: BTreeMap<String, bool>,
-    /// Each HA VM's current checkpoint chain, oldest first.
-    chains: BTreeMap<String, Vec<PathBuf>>,
 }
 
 fn lease_file(cfg: &AgentConfig) -> PathBuf {
@@ -420,7 +418,7 @@ fn assignments(kvs: &[Kv]) -> BTreeMap<String, Assignment> {
         .collect()
 }
 
-impl<S: Store, V: Vmms> Agent<S, V> {
+impl<S: Store + Clone, V: Vmms> Agent<S, V> {
     /// Registers the host: keeps the previous run's lease if it is still alive (VMs keep
     /// running through an agent restart), else takes a new one.
     pub async fn join(store: S, vmms: V, cfg: AgentConfig) -> Result<Self, AgentError> {
@@ -464,7 +462,6 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             receiving: BTreeMap::new(),
             sending: BTreeMap::new(),
             ha: BTreeMap::new(),
-            chains: BTreeMap::new(),
         };
         agent.register().await?;
         tracing::info!(host = %agent.cfg.host, lease, "registered");
@@ -551,7 +548,6 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         vms.remove(vm);
         self.set_vms(vms);
         self.ha.remove(vm);
-        self.chains.remove(vm);
     }
 
     /// Writes the status if it changed since the last write.
@@ -835,101 +831,22 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         Ok(ha)
     }
 
-    /// Checkpoints every HA VM running here (not fenced, not migrating).
-    async fn checkpoint_all(&mut self) -> Result<(), StoreError> {
-        let Some(cfg) = self.cfg.checkpoints.clone() else {
-            return Ok(());
-        };
+    /// The HA VMs running here to checkpoint now (not fenced, not migrating), with their
+    /// epochs.
+    async fn checkpoint_round(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut round = Vec::new();
+        if self.fenced() {
+            return Ok(round);
+        }
         let vms: Vec<(String, u64)> = self.vms.iter().map(|(k, v)| (k.clone(), *v)).collect();
         for (vm, epoch) in vms {
             let migrating = self.sending.get(&vm).is_some_and(|p| !is_final(p))
                 || self.receiving.get(&vm).is_some_and(|p| !is_final(p));
-            if self.fenced() || migrating || !self.is_ha(&vm).await? {
-                continue;
-            }
-            self.checkpoint_vm(&cfg, &vm, epoch).await?;
-        }
-        Ok(())
-    }
-
-    /// One checkpoint of `vm`, held at `epoch`: nothing is written (not even files) unless
-    /// the run token names this host at that epoch; `observed` names the checkpoint only
-    /// after the VMM wrote and verified it, in a transaction conditioned on the token's
-    /// revision read before. Refused there (the VM moved meanwhile): the files go again.
-    async fn checkpoint_vm(
-        &mut self,
-        cfg: &CheckpointConfig,
-        vm: &str,
-        epoch: u64,
-    ) -> Result<(), StoreError> {
-        let held = match runtoken::hold(&self.store, vm, &self.cfg.host, epoch).await {
-            Ok(h) => h,
-            Err(TokenError::Store(e)) => return Err(e),
-            Err(e) => {
-                tracing::warn!(vm, "no checkpoint: {e}");
-                return Ok(());
-            }
-        };
-        let links = self.chains.get(vm).map_or(0, Vec::len);
-        let full = links == 0 || links >= cfg.chain;
-        let taken_at_ms = unix_ms();
-        let epoch_dir = cfg.dir.join(vm).join(format!("e{epoch}"));
-        let path = epoch_dir.join(format!("{vm}-{taken_at_ms}"));
-        let (id, p) = (vm.to_string(), path.clone());
-        let made = self
-            .blocking(move |v| {
-                std::fs::create_dir_all(p.parent().unwrap_or(&p))
-                    .map_err(|e| format!("cannot create {}: {e}", p.display()))?;
-                v.checkpoint(&id, &p, full)
-            })
-            .await;
-        let ck = match made {
-            Ok(ck) => ck,
-            Err(e) => {
-                tracing::warn!(vm, "checkpoint failed: {e}");
-                return Ok(());
-            }
-        };
-        let observed = crate::controller::Observed {
-            checkpoint: Some(ck.path.display().to_string()),
-            taken_at_ms: Some(taken_at_ms),
-            host: Some(self.cfg.host.clone()),
-            epoch: Some(epoch),
-            paused_ms: Some(ck.paused_ms),
-        };
-        let value = serde_json::to_vec(&observed).unwrap_or_default();
-        match held.put(&self.store, keys::vm_observed(vm), value).await {
-            Ok(_) => {}
-            Err(TokenError::Store(e)) => return Err(e),
-            Err(e) => {
-                tracing::warn!(
-                    vm,
-                    "{e}; deleting the checkpoint written at {}",
-                    ck.path.display()
-                );
-                remove_snapshot(&ck.path);
-                self.chains.remove(vm);
-                return Ok(());
+            if !migrating && self.is_ha(&vm).await? {
+                round.push((vm, epoch));
             }
         }
-        tracing::info!(
-            vm,
-            epoch,
-            path = %ck.path.display(),
-            full = ck.full,
-            paused_ms = ck.paused_ms,
-            "checkpoint taken"
-        );
-        let chain = self.chains.entry(vm.to_string()).or_default();
-        if !ck.full {
-            chain.push(ck.path);
-            return Ok(());
-        }
-        // A new chain is named: every other checkpoint of this VM up to this epoch goes
-        // (the holder of a later epoch writes only under its own directory).
-        *chain = vec![ck.path.clone()];
-        prune(&cfg.dir.join(vm), epoch, &ck.path);
-        Ok(())
+        Ok(round)
     }
 
     /// After a good renewal: each fenced VM gets its local lease back and resumes if this
@@ -1038,14 +955,36 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             .map_or(Duration::from_secs(3600), |c| c.every);
         let mut checkpoints = tokio::time::interval_at(Instant::now() + every, every);
         checkpoints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (checkpointer, _checkpoint_task) = match self.cfg.checkpoints.clone() {
+            Some(cfg) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                let task = Checkpointer {
+                    store: self.store.clone(),
+                    vmms: Arc::clone(&self.vmms),
+                    host: self.cfg.host.clone(),
+                    cfg,
+                    fence: Arc::clone(&self.fence),
+                    chains: BTreeMap::new(),
+                };
+                (Some(tx), Some(AbortOnDrop(tokio::spawn(task.run(rx)))))
+            }
+            None => (None, None),
+        };
         // From here on a store failure (a member of the etcd cluster dying, an election)
         // ends nothing: the watch is dropped and the agent lists again once the store
         // answers, renewing its lease meanwhile; if it cannot renew, the fence acts.
         loop {
             tokio::select! {
-                _ = checkpoints.tick(), if self.cfg.checkpoints.is_some() => {
-                    if let Err(e) = self.checkpoint_all().await {
-                        tracing::warn!("cannot checkpoint: {e}");
+                _ = checkpoints.tick(), if checkpointer.is_some() => {
+                    match self.checkpoint_round().await {
+                        Ok(round) if round.is_empty() => {}
+                        Ok(round) => {
+                            if let Some(tx) = &checkpointer {
+                                // Busy with the last round: skip this one.
+                                let _ = tx.try_send(round);
+                            }
+                        }
+                        Err(e) => tracing::warn!("cannot checkpoint: {e}"),
                     }
                 }
                 _ = progress.tick(), if self.migrating() => {
@@ -1223,6 +1162,122 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             }
         }
         self.report().await
+    }
+}
+
+/// The agent's checkpoint task: takes the rounds the agent's loop hands it, one at a time,
+/// so a slow checkpoint (a large VM, slow shared storage) never holds up a lease renewal.
+/// A round that comes while one is under way is skipped (the next tick brings another).
+struct Checkpointer<S: Store, V: Vmms> {
+    store: S,
+    vmms: Arc<V>,
+    host: String,
+    cfg: CheckpointConfig,
+    fence: SharedFence,
+    /// Each HA VM's current checkpoint chain, oldest first, with the epoch it is of.
+    chains: BTreeMap<String, (u64, Vec<PathBuf>)>,
+}
+
+impl<S: Store, V: Vmms> Checkpointer<S, V> {
+    async fn run(mut self, mut rounds: tokio::sync::mpsc::Receiver<Vec<(String, u64)>>) {
+        while let Some(round) = rounds.recv().await {
+            // A VM gone from the round (stopped, moved, migrating) starts a new chain
+            // when it is back.
+            self.chains
+                .retain(|vm, (epoch, _)| round.contains(&(vm.clone(), *epoch)));
+            for (vm, epoch) in round {
+                if lock(&self.fence).fenced {
+                    break;
+                }
+                if let Err(e) = self.checkpoint_vm(&vm, epoch).await {
+                    tracing::warn!(vm, "cannot checkpoint: {e}");
+                }
+            }
+        }
+    }
+
+    /// One checkpoint of `vm`, held at `epoch`: nothing is written (not even files) unless
+    /// the run token names this host at that epoch; `observed` names the checkpoint only
+    /// after the VMM wrote and verified it, in a transaction conditioned on the token's
+    /// revision read before. Refused there (the VM moved meanwhile): the files go again.
+    async fn checkpoint_vm(&mut self, vm: &str, epoch: u64) -> Result<(), StoreError> {
+        let cfg = self.cfg.clone();
+        let held = match runtoken::hold(&self.store, vm, &self.host, epoch).await {
+            Ok(h) => h,
+            Err(TokenError::Store(e)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(vm, "no checkpoint: {e}");
+                return Ok(());
+            }
+        };
+        let links = self
+            .chains
+            .get(vm)
+            .filter(|(e, _)| *e == epoch)
+            .map_or(0, |(_, c)| c.len());
+        let full = links == 0 || links >= cfg.chain;
+        let taken_at_ms = unix_ms();
+        let epoch_dir = cfg.dir.join(vm).join(format!("e{epoch}"));
+        let path = epoch_dir.join(format!("{vm}-{taken_at_ms}"));
+        let (id, p) = (vm.to_string(), path.clone());
+        let vmms = Arc::clone(&self.vmms);
+        let made = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(p.parent().unwrap_or(&p))
+                .map_err(|e| format!("cannot create {}: {e}", p.display()))?;
+            vmms.checkpoint(&id, &p, full)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the checkpoint call failed: {e}")));
+        let ck = match made {
+            Ok(ck) => ck,
+            Err(e) => {
+                tracing::warn!(vm, "checkpoint failed: {e}");
+                return Ok(());
+            }
+        };
+        let observed = crate::controller::Observed {
+            checkpoint: Some(ck.path.display().to_string()),
+            taken_at_ms: Some(taken_at_ms),
+            host: Some(self.host.clone()),
+            epoch: Some(epoch),
+            paused_ms: Some(ck.paused_ms),
+        };
+        let value = serde_json::to_vec(&observed).unwrap_or_default();
+        match held.put(&self.store, keys::vm_observed(vm), value).await {
+            Ok(_) => {}
+            Err(TokenError::Store(e)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(
+                    vm,
+                    "{e}; deleting the checkpoint written at {}",
+                    ck.path.display()
+                );
+                remove_snapshot(&ck.path);
+                self.chains.remove(vm);
+                return Ok(());
+            }
+        }
+        tracing::info!(
+            vm,
+            epoch,
+            path = %ck.path.display(),
+            full = ck.full,
+            paused_ms = ck.paused_ms,
+            "checkpoint taken"
+        );
+        let chain = self
+            .chains
+            .entry(vm.to_string())
+            .or_insert_with(|| (epoch, Vec::new()));
+        if !ck.full {
+            chain.1.push(ck.path);
+            return Ok(());
+        }
+        // A new chain is named: every other checkpoint of this VM up to this epoch goes
+        // (the holder of a later epoch writes only under its own directory).
+        *chain = (epoch, vec![ck.path.clone()]);
+        prune(&cfg.dir.join(vm), epoch, &ck.path);
+        Ok(())
     }
 }
 

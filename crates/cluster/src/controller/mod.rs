@@ -785,18 +785,18 @@ impl<S: Store + Clone> Controller<S> {
         };
         loop {
             tracing::info!(id = %me.id, "campaigning for the lead");
-            let term =
-                match leader::campaign(&self.store, &me, self.cfg.leader_ttl, self.cfg.poll).await
-                {
-                    Ok(term) => term,
-                    Err(e @ StoreError::BadTtl(_)) => return Err(e.into()),
-                    Err(e) => {
-                        // One etcd member down, an election: the store comes back.
-                        tracing::warn!("cannot campaign: {e}; trying again");
-                        tokio::time::sleep(self.cfg.poll).await;
-                        continue;
-                    }
-                };
+            let term = match leader::campaign(&self.store, &me, self.cfg.leader_ttl, self.cfg.poll)
+                .await
+            {
+                Ok(term) => term,
+                Err(e @ StoreError::BadTtl(_)) => return Err(e.into()),
+                Err(e) => {
+                    // One etcd member down, an election: the store comes back.
+                    tracing::warn!("cannot campaign: {e}; trying again");
+                    tokio::time::sleep(self.cfg.poll).await;
+                    continue;
+                }
+            };
             tracing::info!(id = %me.id, revision = term.revision, "leading");
             let led = leader::Led {
                 inner: self.store.clone(),

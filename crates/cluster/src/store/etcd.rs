@@ -193,8 +193,8 @@ impl Store for EtcdStore {
             let mut c = self.client();
             async move { c.get(key, None).await }
         })
-            .await
-            .map_err(backend)?;
+        .await
+        .map_err(backend)?;
         resp.kvs().first().map(kv_of).transpose()
     }
 
@@ -204,8 +204,8 @@ impl Store for EtcdStore {
             let (mut c, opts) = (self.client(), opts.clone());
             async move { c.get(prefix, Some(opts)).await }
         })
-            .await
-            .map_err(backend)?;
+        .await
+        .map_err(backend)?;
         let kvs = resp.kvs().iter().map(kv_of).collect::<Result<_, _>>()?;
         let revision = resp.header().map_or(0, |h| h.revision());
         Ok(Listing { kvs, revision })
@@ -260,8 +260,8 @@ impl Store for EtcdStore {
             let mut c = self.client();
             async move { c.lease_grant(secs, None).await }
         })
-            .await
-            .map_err(backend)?;
+        .await
+        .map_err(backend)?;
         Ok(resp.id())
     }
 
@@ -289,9 +289,9 @@ impl Store for EtcdStore {
             let mut c = self.client();
             async move { c.lease_revoke(lease).await }
         })
-            .await
-            .map(drop)
-            .map_err(|e| lease_error(e, Some(lease)))
+        .await
+        .map(drop)
+        .map_err(|e| lease_error(e, Some(lease)))
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<EtcdWatch, StoreError> {
@@ -303,8 +303,8 @@ impl Store for EtcdStore {
             let (mut c, opts) = (self.client(), opts.clone());
             async move { c.watch(prefix, Some(opts)).await }
         })
-            .await
-            .map_err(backend)?;
+        .await
+        .map_err(backend)?;
         Ok(EtcdWatch {
             stream,
             pending: VecDeque::new(),
