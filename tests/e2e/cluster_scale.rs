@@ -19,7 +19,10 @@ use ray_cluster::store::{EtcdStore, Store};
 use ray_cluster::testing::{Etcd, EtcdCluster};
 use ray_e2e::Env;
 
-use crate::cluster::{json, runs_in, runtime, spawn_ray, vm_info, wait, Daemon, ReapVmms};
+use crate::cluster::{
+    json, runs_in, runtime, spawn_ray, spawn_ray_in, vm_info, wait, Daemon, ReapVmms,
+};
+use ray::netns::Netns;
 
 /// `ray agent --host <host> --etcd <url> <extra>` with `runtime` as its host's runtime
 /// directory (its log: `runtime/agent.log`).
@@ -290,7 +293,7 @@ fn the_etcd_leader_and_the_controller_leader_die_and_every_vm_still_runs_exactly
     assert_eq!(c.token("q-4").unwrap().epoch, 2);
 }
 
-/// A TCP relay on 127.0.0.1 that holds every chunk it forwards, each way, for `delay`
+/// A TCP relay on `ip` (a free port) that holds every chunk it forwards, each way, for `delay`
 /// plus up to `jitter` (order kept): a slow link between one host and the store. (This
 /// kernel has no `netem` queueing discipline, so the delay is made in user space.)
 struct DelayRelay {
@@ -299,8 +302,8 @@ struct DelayRelay {
 }
 
 impl DelayRelay {
-    fn start(target: SocketAddr, delay: Duration, jitter: Duration) -> DelayRelay {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    fn start(ip: &str, target: SocketAddr, delay: Duration, jitter: Duration) -> DelayRelay {
+        let listener = TcpListener::bind((ip, 0)).unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
@@ -379,8 +382,72 @@ fn delayed_pipe(
     });
 }
 
-/// Thirty VMs in ten anti-affinity groups of three over three hosts (each agent offers 4
-/// CPUs: 16 vCPUs), one host's link to the store delayed 200 ms + up to 50 ms each way:
+/// The calling thread inside a network namespace until dropped (then back in the one it
+/// was in): what it connects to, and every process it starts, are in that namespace.
+struct InNetns(std::fs::File);
+
+impl InNetns {
+    fn enter(ns: &Netns) -> InNetns {
+        use std::os::fd::AsRawFd;
+        let back = std::fs::File::open("/proc/thread-self/ns/net").unwrap();
+        let to = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
+        // SAFETY: setns(2) of this thread's network namespace to one we hold open.
+        let r = unsafe { libc::setns(to.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(
+            r,
+            0,
+            "cannot enter {}: {}",
+            ns.name,
+            std::io::Error::last_os_error()
+        );
+        InNetns(back)
+    }
+}
+
+impl Drop for InNetns {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns(2) of this thread back to the namespace it started in.
+        unsafe {
+            libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWNET);
+        }
+    }
+}
+
+/// A bridge in namespace `hub` at `10.78.<x>.1` and `n` hosts, each in its own namespace
+/// with a veth on it at `.2`, `.3`...: (hub, hosts, the hosts' addresses, the hub's).
+fn bridged(tag: &str, n: usize) -> (Netns, Vec<Netns>, Vec<String>, String) {
+    let pid = std::process::id();
+    let net = format!("10.78.{}", pid % 250);
+    let hub = Netns::new(&format!("ray-{tag}-hub-{pid}")).unwrap();
+    hub.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    hub.ip(&["addr", "add", &format!("{net}.1/24"), "dev", "br0"])
+        .unwrap();
+    hub.ip(&["link", "set", "br0", "up"]).unwrap();
+    let mut hosts = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 2..n + 2 {
+        let ns = Netns::new(&format!("ray-{tag}-h{i}-{pid}")).unwrap();
+        let peer = format!("v{i}");
+        ns.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns", &hub.name,
+        ])
+        .unwrap();
+        ns.ip(&["addr", "add", &format!("{net}.{i}/24"), "dev", "eth0"])
+            .unwrap();
+        ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+        hub.ip(&["link", "set", &peer, "master", "br0"]).unwrap();
+        hub.ip(&["link", "set", &peer, "up"]).unwrap();
+        hosts.push(ns);
+        addrs.push(format!("{net}.{i}"));
+    }
+    (hub, hosts, addrs, format!("{net}.1"))
+}
+
+/// Thirty VMs in ten anti-affinity groups of three over three hosts, each agent in its own
+/// network namespace with a veth on a bridge (etcd, the controller and this test in a
+/// fourth, the hub), each offering 4 CPUs (16 vCPUs); one host's link to the store delayed
+/// 200 ms + up to 50 ms each way:
 /// every group is spread over the three hosts, ten VMs on each, all running exactly once;
 /// the delayed host's lease never lapses (its renewals are sent every 15 s of a 20 s lease
 /// and the local deadline counts from each send) and nothing is fenced while the test
@@ -389,12 +456,22 @@ fn delayed_pipe(
 #[test]
 fn thirty_vms_in_anti_affinity_groups_run_exactly_once_with_one_host_behind_a_delayed_link() {
     let env = Env::new("cluster-thirty");
+    let (hub, host_ns, addrs, hub_ip) = bridged("thirty", 3);
+    // From here this thread, the CLI, the controller and the relay are in the hub.
+    let _in_hub = InNetns::enter(&hub);
     let rt = runtime();
-    let etcd = rt.block_on(Etcd::start("e2e-thirty"));
+    let etcd = Etcd::spawn("e2e-thirty", &hub_ip, None);
     let url = etcd.endpoints().join(",");
-    let store = rt.block_on(EtcdStore::connect(&etcd.endpoints())).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let store = loop {
+        match rt.block_on(EtcdStore::connect(&etcd.endpoints())) {
+            Ok(s) => break s,
+            Err(e) => assert!(Instant::now() < deadline, "etcd in the hub: {e}"),
+        }
+    };
     let etcd_addr: SocketAddr = url.trim_start_matches("http://").parse().unwrap();
     let relay = DelayRelay::start(
+        &hub_ip,
         etcd_addr,
         Duration::from_millis(200),
         Duration::from_millis(50),
@@ -409,9 +486,23 @@ fn thirty_vms_in_anti_affinity_groups_run_exactly_once_with_one_host_behind_a_de
     let started = Instant::now();
     let _agents: Vec<Daemon> = hosts
         .iter()
-        .map(|(h, d)| {
+        .zip(host_ns.iter().zip(&addrs))
+        .map(|((h, d), (ns, addr))| {
             let u = if h == "h3" { &slow_url } else { &url };
-            agent(d, u, h, &["--migration-key-file", &key, "--cpus", "4"])
+            let args = [
+                "agent",
+                "--host",
+                h,
+                "--etcd",
+                u,
+                "--migration-key-file",
+                &key,
+                "--migration-address",
+                addr,
+                "--cpus",
+                "4",
+            ];
+            Daemon(spawn_ray_in(Some(ns), d, &d.join("agent.log"), &args))
         })
         .collect();
     let c = Cluster {
