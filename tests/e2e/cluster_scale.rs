@@ -522,6 +522,14 @@ fn thirty_vms_in_anti_affinity_groups_run_exactly_once_with_one_host_behind_a_de
             .and_then(|kv| kv.lease)
     };
     let h3_lease = alive("h3").expect("h3 registered under a lease");
+    // Each host offers the 4 CPUs it was given, whatever the machine has.
+    let nodes = json(&c.cli(&["cluster", "nodes", "-o", "json"]));
+    for n in nodes.as_array().unwrap() {
+        assert_eq!(n["cpus"], 4, "{n}");
+    }
+    let sock = format!("unix:{}", c.dir("h1").join("agent/api.sock").display());
+    let host = json(&env.ray_ok(&["node", "status", "h1", "--agent", &sock, "-o", "json"]));
+    assert_eq!(host["inventory"]["cpus"], 4, "{host}");
 
     // Group gK = {gK-1, gK-2, gK-3}.
     let mut vms = Vec::new();

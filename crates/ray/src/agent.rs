@@ -475,6 +475,7 @@ pub fn run(args: AgentArgs, runtime: &Path) -> anyhow::Result<()> {
             runtime: runtime.to_path_buf(),
             lease: std::sync::Arc::new(move || (probe.fenced(), probe.fence_in())),
             lease_ttl: timing.lease_ttl,
+            cpus: args.cpus,
         };
         tokio::spawn(listeners.serve(api));
         agent.run().await?;

@@ -385,6 +385,40 @@ mod tests {
         assert_eq!(ev.key(), "/w/late");
     }
 
+    /// A client given a dead member's URL beside a live one (a member of three killed):
+    /// the client sends some requests to the dead one; every read and write still
+    /// succeeds, each write applied once.
+    #[tokio::test]
+    async fn a_dead_member_among_the_endpoints_is_passed_over() {
+        let etcd = Etcd::start("dead-member").await;
+        let dead = format!("http://127.0.0.1:{}", crate::testing::free_port());
+        let mut endpoints = etcd.endpoints();
+        endpoints.insert(0, dead);
+        let store = EtcdStore::connect(&endpoints).await.unwrap();
+        for i in 0..40 {
+            let key = format!("/d/{i}");
+            let txn = Txn::new()
+                .when(key.as_str(), Cond::Absent)
+                .put(key.as_str(), "x");
+            assert!(
+                matches!(store.commit(txn).await.unwrap(), Commit::Done(_)),
+                "{key} written twice?"
+            );
+            assert!(store.get(&key).await.unwrap().is_some());
+        }
+        assert_eq!(store.list("/d/").await.unwrap().kvs.len(), 40);
+        let lease = store.grant(Duration::from_secs(5)).await.unwrap();
+        for _ in 0..10 {
+            store.keep_alive(lease).await.unwrap();
+        }
+        // More requests than answers: some went to the dead member and were sent again.
+        assert!(
+            store.requests() > 40 * 2 + 1 + 1 + 10,
+            "{}",
+            store.requests()
+        );
+    }
+
     #[tokio::test]
     async fn an_unreachable_etcd_is_named() {
         // A port nothing listens on: bind one, then free it.
