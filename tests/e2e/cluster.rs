@@ -15,13 +15,13 @@ use ray_e2e::{guest_bin, ray_bin, Env};
 
 /// Starts `ray <args>` in the background with `runtime` as its runtime directory, its
 /// output appended to `log`.
-fn spawn_ray(runtime: &Path, log: &Path, args: &[&str]) -> Child {
+pub(crate) fn spawn_ray(runtime: &Path, log: &Path, args: &[&str]) -> Child {
     spawn_ray_in(None, runtime, log, args)
 }
 
 /// [`spawn_ray`] inside network namespace `ns` (`ip netns exec`, which execs `ray`: the
 /// child's pid is ray's).
-fn spawn_ray_in(ns: Option<&Netns>, runtime: &Path, log: &Path, args: &[&str]) -> Child {
+pub(crate) fn spawn_ray_in(ns: Option<&Netns>, runtime: &Path, log: &Path, args: &[&str]) -> Child {
     std::fs::create_dir_all(runtime).unwrap();
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -44,7 +44,7 @@ fn spawn_ray_in(ns: Option<&Netns>, runtime: &Path, log: &Path, args: &[&str]) -
 }
 
 /// A `ray agent` or `ray controller` process, killed (-9) when dropped.
-struct Daemon(Child);
+pub(crate) struct Daemon(pub(crate) Child);
 
 impl Daemon {
     fn start(env: &Env, etcd: &Etcd, host: &str) -> Daemon {
@@ -64,7 +64,7 @@ impl Daemon {
         Daemon(spawn_ray(runtime, &runtime.join("agent.log"), &args))
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -76,14 +76,14 @@ impl Drop for Daemon {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
 }
 
-fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -197,7 +197,7 @@ fn an_agent_runs_its_vm_which_outlives_a_kill_9_and_is_adopted_back() {
 
 /// Kills every VMM under the given runtime directories when dropped: VMMs outlive their
 /// agents by design, so a test must end them itself.
-struct ReapVmms(Vec<PathBuf>);
+pub(crate) struct ReapVmms(pub(crate) Vec<PathBuf>);
 
 impl Drop for ReapVmms {
     fn drop(&mut self) {
@@ -217,7 +217,7 @@ impl Drop for ReapVmms {
 
 /// The guest heartbeat counter of VM `id` in `runtime`, if its VMM answers and the guest
 /// is up.
-fn heartbeat(runtime: &Path, id: &str) -> Option<u64> {
+pub(crate) fn heartbeat(runtime: &Path, id: &str) -> Option<u64> {
     let sock = runtime.join("vms").join(id).join("api.sock");
     let info: ray_api::vmm::VmInfo = ray::client::VmmClient::new(&sock)
         .call("GET", "/vm", None)
@@ -226,7 +226,7 @@ fn heartbeat(runtime: &Path, id: &str) -> Option<u64> {
 }
 
 /// Waits until VM `id`'s guest heartbeat moves in `runtime`: it runs there.
-fn runs_in(runtime: &Path, id: &str) {
+pub(crate) fn runs_in(runtime: &Path, id: &str) {
     let mut first = None;
     wait(
         &format!("VM {id}'s heartbeat in {}", runtime.display()),
@@ -242,7 +242,7 @@ fn runs_in(runtime: &Path, id: &str) {
     );
 }
 
-fn json(out: &str) -> serde_json::Value {
+pub(crate) fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
 }
 
@@ -779,7 +779,7 @@ fn a_vmm_whose_local_lease_runs_out_fences_itself_until_renewed_and_resumed() {
 }
 
 /// VM `id`'s VMM in `runtime`, as it answers.
-fn vm_info(runtime: &Path, id: &str) -> Option<ray_api::vmm::VmInfo> {
+pub(crate) fn vm_info(runtime: &Path, id: &str) -> Option<ray_api::vmm::VmInfo> {
     let sock = runtime.join("vms").join(id).join("api.sock");
     ray::client::VmmClient::new(&sock)
         .call("GET", "/vm", None)
@@ -787,7 +787,7 @@ fn vm_info(runtime: &Path, id: &str) -> Option<ray_api::vmm::VmInfo> {
 }
 
 /// VM `id`'s audit trail in `runtime`.
-fn vm_events(runtime: &Path, id: &str) -> Vec<ray_api::vmm::LifecycleEvent> {
+pub(crate) fn vm_events(runtime: &Path, id: &str) -> Vec<ray_api::vmm::LifecycleEvent> {
     let sock = runtime.join("vms").join(id).join("api.sock");
     ray::client::VmmClient::new(&sock)
         .call("GET", "/vm/events", None)

@@ -4,6 +4,7 @@ mod api;
 mod blk;
 mod boot;
 mod cluster;
+mod cluster_scale;
 mod copy_disks;
 mod devices;
 mod display;

@@ -216,6 +216,9 @@ pub struct AgentConfig {
     pub api: Option<String>,
     /// Periodic checkpoints of the HA VMs it runs (`None`: none).
     pub checkpoints: Option<CheckpointConfig>,
+    /// The CPUs the host offers the cluster, reported instead of the kernel's count
+    /// (`None`: the kernel's).
+    pub cpus: Option<u32>,
 }
 
 /// Where and how often the agent checkpoints its HA VMs.
@@ -279,6 +282,14 @@ async fn pause_all<V: Vmms>(vmms: &Arc<V>, ids: Vec<String>) {
 }
 
 /// Fences when the deadline passes, every `period`, until aborted.
+/// The next event of `watch`, or never while there is none (the agent lists again).
+async fn next_event<W: Watch>(watch: &mut Option<W>) -> Result<Event, StoreError> {
+    match watch {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn watchdog<V: Vmms>(fence: SharedFence, vmms: Arc<V>, period: Duration) {
     let mut tick = tokio::time::interval(period);
     loop {
@@ -385,8 +396,6 @@ pub struct Agent<S: Store, V: Vmms> {
     sending: BTreeMap<String, Option<Progress>>,
     /// Whether each VM here is HA (read from its spec once).
     ha: BTreeMap<String, bool>,
-    /// Each HA VM's current checkpoint chain, oldest first.
-    chains: BTreeMap<String, Vec<PathBuf>>,
 }
 
 fn lease_file(cfg: &AgentConfig) -> PathBuf {
@@ -409,7 +418,7 @@ fn assignments(kvs: &[Kv]) -> BTreeMap<String, Assignment> {
         .collect()
 }
 
-impl<S: Store, V: Vmms> Agent<S, V> {
+impl<S: Store + Clone, V: Vmms> Agent<S, V> {
     /// Registers the host: keeps the previous run's lease if it is still alive (VMs keep
     /// running through an agent restart), else takes a new one.
     pub async fn join(store: S, vmms: V, cfg: AgentConfig) -> Result<Self, AgentError> {
@@ -453,7 +462,6 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             receiving: BTreeMap::new(),
             sending: BTreeMap::new(),
             ha: BTreeMap::new(),
-            chains: BTreeMap::new(),
         };
         agent.register().await?;
         tracing::info!(host = %agent.cfg.host, lease, "registered");
@@ -540,13 +548,16 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         vms.remove(vm);
         self.set_vms(vms);
         self.ha.remove(vm);
-        self.chains.remove(vm);
     }
 
     /// Writes the status if it changed since the last write.
     async fn report(&mut self) -> Result<(), StoreError> {
+        let inventory = Inventory::read();
         let report = HostReport {
-            inventory: Inventory::read(),
+            inventory: Inventory {
+                cpus: self.cfg.cpus.unwrap_or(inventory.cpus),
+                ..inventory
+            },
             vms: self.vms.keys().cloned().collect(),
             fenced: self.fenced(),
             rejoin: self.rejoin,
@@ -820,101 +831,22 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         Ok(ha)
     }
 
-    /// Checkpoints every HA VM running here (not fenced, not migrating).
-    async fn checkpoint_all(&mut self) -> Result<(), StoreError> {
-        let Some(cfg) = self.cfg.checkpoints.clone() else {
-            return Ok(());
-        };
+    /// The HA VMs running here to checkpoint now (not fenced, not migrating), with their
+    /// epochs.
+    async fn checkpoint_round(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut round = Vec::new();
+        if self.fenced() {
+            return Ok(round);
+        }
         let vms: Vec<(String, u64)> = self.vms.iter().map(|(k, v)| (k.clone(), *v)).collect();
         for (vm, epoch) in vms {
             let migrating = self.sending.get(&vm).is_some_and(|p| !is_final(p))
                 || self.receiving.get(&vm).is_some_and(|p| !is_final(p));
-            if self.fenced() || migrating || !self.is_ha(&vm).await? {
-                continue;
-            }
-            self.checkpoint_vm(&cfg, &vm, epoch).await?;
-        }
-        Ok(())
-    }
-
-    /// One checkpoint of `vm`, held at `epoch`: nothing is written (not even files) unless
-    /// the run token names this host at that epoch; `observed` names the checkpoint only
-    /// after the VMM wrote and verified it, in a transaction conditioned on the token's
-    /// revision read before. Refused there (the VM moved meanwhile): the files go again.
-    async fn checkpoint_vm(
-        &mut self,
-        cfg: &CheckpointConfig,
-        vm: &str,
-        epoch: u64,
-    ) -> Result<(), StoreError> {
-        let held = match runtoken::hold(&self.store, vm, &self.cfg.host, epoch).await {
-            Ok(h) => h,
-            Err(TokenError::Store(e)) => return Err(e),
-            Err(e) => {
-                tracing::warn!(vm, "no checkpoint: {e}");
-                return Ok(());
-            }
-        };
-        let links = self.chains.get(vm).map_or(0, Vec::len);
-        let full = links == 0 || links >= cfg.chain;
-        let taken_at_ms = unix_ms();
-        let epoch_dir = cfg.dir.join(vm).join(format!("e{epoch}"));
-        let path = epoch_dir.join(format!("{vm}-{taken_at_ms}"));
-        let (id, p) = (vm.to_string(), path.clone());
-        let made = self
-            .blocking(move |v| {
-                std::fs::create_dir_all(p.parent().unwrap_or(&p))
-                    .map_err(|e| format!("cannot create {}: {e}", p.display()))?;
-                v.checkpoint(&id, &p, full)
-            })
-            .await;
-        let ck = match made {
-            Ok(ck) => ck,
-            Err(e) => {
-                tracing::warn!(vm, "checkpoint failed: {e}");
-                return Ok(());
-            }
-        };
-        let observed = crate::controller::Observed {
-            checkpoint: Some(ck.path.display().to_string()),
-            taken_at_ms: Some(taken_at_ms),
-            host: Some(self.cfg.host.clone()),
-            epoch: Some(epoch),
-            paused_ms: Some(ck.paused_ms),
-        };
-        let value = serde_json::to_vec(&observed).unwrap_or_default();
-        match held.put(&self.store, keys::vm_observed(vm), value).await {
-            Ok(_) => {}
-            Err(TokenError::Store(e)) => return Err(e),
-            Err(e) => {
-                tracing::warn!(
-                    vm,
-                    "{e}; deleting the checkpoint written at {}",
-                    ck.path.display()
-                );
-                remove_snapshot(&ck.path);
-                self.chains.remove(vm);
-                return Ok(());
+            if !migrating && self.is_ha(&vm).await? {
+                round.push((vm, epoch));
             }
         }
-        tracing::info!(
-            vm,
-            epoch,
-            path = %ck.path.display(),
-            full = ck.full,
-            paused_ms = ck.paused_ms,
-            "checkpoint taken"
-        );
-        let chain = self.chains.entry(vm.to_string()).or_default();
-        if !ck.full {
-            chain.push(ck.path);
-            return Ok(());
-        }
-        // A new chain is named: every other checkpoint of this VM up to this epoch goes
-        // (the holder of a later epoch writes only under its own directory).
-        *chain = vec![ck.path.clone()];
-        prune(&cfg.dir.join(vm), epoch, &ck.path);
-        Ok(())
+        Ok(round)
     }
 
     /// After a good renewal: each fenced VM gets its local lease back and resumes if this
@@ -953,8 +885,9 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         Ok(())
     }
 
-    /// Renews the lease once. A lease that had lapsed is replaced (after fencing).
-    async fn renew(&mut self) -> Result<(), StoreError> {
+    /// Renews the lease once; returns when the renewal was sent. A lease that had lapsed
+    /// is replaced (after fencing).
+    async fn renew(&mut self) -> Result<Instant, StoreError> {
         let sent = Instant::now();
         let limit = self.cfg.timing.retry_every * 4;
         let answer = tokio::time::timeout(limit, self.store.keep_alive(self.lease))
@@ -987,7 +920,7 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             Err(e) => return Err(e),
         }
         lock(&self.fence).deadline = sent + self.cfg.timing.local_lease();
-        Ok(())
+        Ok(sent)
     }
 
     /// Runs the agent: reconcile, then follow the store and keep the lease.
@@ -1008,10 +941,11 @@ impl<S: Store, V: Vmms> Agent<S, V> {
         // Adopted VMMs get this run's lease at once (the last one's may be nearly out).
         self.renew_vmms().await;
         self.report().await?;
-        let mut watch = self
-            .store
-            .watch(&keys::host(&self.cfg.host), revision + 1)
-            .await?;
+        let mut watch = Some(
+            self.store
+                .watch(&keys::host(&self.cfg.host), revision + 1)
+                .await?,
+        );
         let mut next_renewal = Instant::now() + timing.renew_every;
         let mut progress = tokio::time::interval(MIGRATION_POLL);
         let every = self
@@ -1021,11 +955,36 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             .map_or(Duration::from_secs(3600), |c| c.every);
         let mut checkpoints = tokio::time::interval_at(Instant::now() + every, every);
         checkpoints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (checkpointer, _checkpoint_task) = match self.cfg.checkpoints.clone() {
+            Some(cfg) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                let task = Checkpointer {
+                    store: self.store.clone(),
+                    vmms: Arc::clone(&self.vmms),
+                    host: self.cfg.host.clone(),
+                    cfg,
+                    fence: Arc::clone(&self.fence),
+                    chains: BTreeMap::new(),
+                };
+                (Some(tx), Some(AbortOnDrop(tokio::spawn(task.run(rx)))))
+            }
+            None => (None, None),
+        };
+        // From here on a store failure (a member of the etcd cluster dying, an election)
+        // ends nothing: the watch is dropped and the agent lists again once the store
+        // answers, renewing its lease meanwhile; if it cannot renew, the fence acts.
         loop {
             tokio::select! {
-                _ = checkpoints.tick(), if self.cfg.checkpoints.is_some() => {
-                    if let Err(e) = self.checkpoint_all().await {
-                        tracing::warn!("cannot checkpoint: {e}");
+                _ = checkpoints.tick(), if checkpointer.is_some() => {
+                    match self.checkpoint_round().await {
+                        Ok(round) if round.is_empty() => {}
+                        Ok(round) => {
+                            if let Some(tx) = &checkpointer {
+                                // Busy with the last round: skip this one.
+                                let _ = tx.try_send(round);
+                            }
+                        }
+                        Err(e) => tracing::warn!("cannot checkpoint: {e}"),
                     }
                 }
                 _ = progress.tick(), if self.migrating() => {
@@ -1033,30 +992,40 @@ impl<S: Store, V: Vmms> Agent<S, V> {
                         tracing::warn!("cannot report a migration's progress: {e}");
                     }
                 }
-                ev = watch.next() => match ev {
-                    Ok(ev) => self.on_event(ev).await?,
-                    Err(e) => {
+                ev = next_event(&mut watch) => {
+                    let handled = match ev {
+                        Ok(ev) => self.on_event(ev).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = handled {
                         // Whatever changed meanwhile is in a fresh listing.
-                        tracing::warn!("the watch ended ({e}); listing again");
-                        let revision = self.reconcile().await?;
-                        watch = self
-                            .store
-                            .watch(&keys::host(&self.cfg.host), revision + 1)
-                            .await?;
+                        tracing::warn!("{e}; listing again");
+                        watch = self.relist().await;
                     }
                 },
+                _ = tokio::time::sleep(timing.retry_every), if watch.is_none() => {
+                    watch = self.relist().await;
+                }
                 _ = tokio::time::sleep_until(next_renewal) => {
                     match self.renew().await {
-                        Ok(()) => {
-                            next_renewal = Instant::now() + timing.renew_every;
+                        Ok(sent) => {
+                            // Counted from the send, as the local deadline is: a slow
+                            // answer (a delayed link) does not push the next renewal
+                            // towards the deadline.
+                            next_renewal = sent + timing.renew_every;
                             if self.fenced() {
                                 // Each VMM gets a lease again only once its run token
                                 // is confirmed (`unfence`).
-                                let revision = self.unfence().await?;
-                                watch = self
-                                    .store
-                                    .watch(&keys::host(&self.cfg.host), revision + 1)
-                                    .await?;
+                                watch = match self.unfence().await {
+                                    Ok(revision) => self.watch_from(revision).await,
+                                    Err(e) => {
+                                        // Fenced again, whole: the next good renewal
+                                        // tries again.
+                                        tracing::warn!("cannot unfence: {e}");
+                                        self.refence().await;
+                                        None
+                                    }
+                                };
                             } else {
                                 self.renew_vmms().await;
                             }
@@ -1072,6 +1041,43 @@ impl<S: Store, V: Vmms> Agent<S, V> {
                 }
             }
         }
+    }
+
+    /// Reconciles with a fresh listing and watches from there; `None` (logged) if the
+    /// store fails meanwhile: the caller tries again later.
+    async fn relist(&mut self) -> Option<<S as Store>::Watch> {
+        match self.reconcile().await {
+            Ok(revision) => self.watch_from(revision).await,
+            Err(e) => {
+                tracing::warn!("cannot list this host's keys: {e}; trying again");
+                None
+            }
+        }
+    }
+
+    /// Watches this host's keys after `revision`; `None` (logged) if the store fails.
+    async fn watch_from(&self, revision: Revision) -> Option<<S as Store>::Watch> {
+        match self
+            .store
+            .watch(&keys::host(&self.cfg.host), revision + 1)
+            .await
+        {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("cannot watch this host's keys: {e}; trying again");
+                None
+            }
+        }
+    }
+
+    /// Marks the host fenced and pauses its VMs (an unfence that failed half-way).
+    async fn refence(&mut self) {
+        let ids = {
+            let mut f = lock(&self.fence);
+            f.fenced = true;
+            f.vms.clone()
+        };
+        pause_all(&self.vmms, ids).await;
     }
 
     async fn on_event(&mut self, ev: Event) -> Result<(), StoreError> {
@@ -1156,6 +1162,122 @@ impl<S: Store, V: Vmms> Agent<S, V> {
             }
         }
         self.report().await
+    }
+}
+
+/// The agent's checkpoint task: takes the rounds the agent's loop hands it, one at a time,
+/// so a slow checkpoint (a large VM, slow shared storage) never holds up a lease renewal.
+/// A round that comes while one is under way is skipped (the next tick brings another).
+struct Checkpointer<S: Store, V: Vmms> {
+    store: S,
+    vmms: Arc<V>,
+    host: String,
+    cfg: CheckpointConfig,
+    fence: SharedFence,
+    /// Each HA VM's current checkpoint chain, oldest first, with the epoch it is of.
+    chains: BTreeMap<String, (u64, Vec<PathBuf>)>,
+}
+
+impl<S: Store, V: Vmms> Checkpointer<S, V> {
+    async fn run(mut self, mut rounds: tokio::sync::mpsc::Receiver<Vec<(String, u64)>>) {
+        while let Some(round) = rounds.recv().await {
+            // A VM gone from the round (stopped, moved, migrating) starts a new chain
+            // when it is back.
+            self.chains
+                .retain(|vm, (epoch, _)| round.contains(&(vm.clone(), *epoch)));
+            for (vm, epoch) in round {
+                if lock(&self.fence).fenced {
+                    break;
+                }
+                if let Err(e) = self.checkpoint_vm(&vm, epoch).await {
+                    tracing::warn!(vm, "cannot checkpoint: {e}");
+                }
+            }
+        }
+    }
+
+    /// One checkpoint of `vm`, held at `epoch`: nothing is written (not even files) unless
+    /// the run token names this host at that epoch; `observed` names the checkpoint only
+    /// after the VMM wrote and verified it, in a transaction conditioned on the token's
+    /// revision read before. Refused there (the VM moved meanwhile): the files go again.
+    async fn checkpoint_vm(&mut self, vm: &str, epoch: u64) -> Result<(), StoreError> {
+        let cfg = self.cfg.clone();
+        let held = match runtoken::hold(&self.store, vm, &self.host, epoch).await {
+            Ok(h) => h,
+            Err(TokenError::Store(e)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(vm, "no checkpoint: {e}");
+                return Ok(());
+            }
+        };
+        let links = self
+            .chains
+            .get(vm)
+            .filter(|(e, _)| *e == epoch)
+            .map_or(0, |(_, c)| c.len());
+        let full = links == 0 || links >= cfg.chain;
+        let taken_at_ms = unix_ms();
+        let epoch_dir = cfg.dir.join(vm).join(format!("e{epoch}"));
+        let path = epoch_dir.join(format!("{vm}-{taken_at_ms}"));
+        let (id, p) = (vm.to_string(), path.clone());
+        let vmms = Arc::clone(&self.vmms);
+        let made = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(p.parent().unwrap_or(&p))
+                .map_err(|e| format!("cannot create {}: {e}", p.display()))?;
+            vmms.checkpoint(&id, &p, full)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the checkpoint call failed: {e}")));
+        let ck = match made {
+            Ok(ck) => ck,
+            Err(e) => {
+                tracing::warn!(vm, "checkpoint failed: {e}");
+                return Ok(());
+            }
+        };
+        let observed = crate::controller::Observed {
+            checkpoint: Some(ck.path.display().to_string()),
+            taken_at_ms: Some(taken_at_ms),
+            host: Some(self.host.clone()),
+            epoch: Some(epoch),
+            paused_ms: Some(ck.paused_ms),
+        };
+        let value = serde_json::to_vec(&observed).unwrap_or_default();
+        match held.put(&self.store, keys::vm_observed(vm), value).await {
+            Ok(_) => {}
+            Err(TokenError::Store(e)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(
+                    vm,
+                    "{e}; deleting the checkpoint written at {}",
+                    ck.path.display()
+                );
+                remove_snapshot(&ck.path);
+                self.chains.remove(vm);
+                return Ok(());
+            }
+        }
+        tracing::info!(
+            vm,
+            epoch,
+            path = %ck.path.display(),
+            full = ck.full,
+            paused_ms = ck.paused_ms,
+            "checkpoint taken"
+        );
+        let chain = self
+            .chains
+            .entry(vm.to_string())
+            .or_insert_with(|| (epoch, Vec::new()));
+        if !ck.full {
+            chain.1.push(ck.path);
+            return Ok(());
+        }
+        // A new chain is named: every other checkpoint of this VM up to this epoch goes
+        // (the holder of a later epoch writes only under its own directory).
+        *chain = (epoch, vec![ck.path.clone()]);
+        prune(&cfg.dir.join(vm), epoch, &ck.path);
+        Ok(())
     }
 }
 

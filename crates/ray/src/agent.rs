@@ -64,6 +64,11 @@ pub struct AgentArgs {
     /// the older chain is deleted once the new one is named.
     #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub checkpoint_chain: u32,
+    /// The CPUs this host offers the cluster (the controller hands out 4 vCPUs per CPU),
+    /// instead of all the kernel counts: less to keep some for the host, more to pack
+    /// small, mostly idle VMs tighter.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub cpus: Option<u32>,
     #[command(flatten)]
     pub timing: TimingArgs,
 }
@@ -441,6 +446,7 @@ pub fn run(args: AgentArgs, runtime: &Path) -> anyhow::Result<()> {
         timing,
         api: None,
         checkpoints,
+        cpus: args.cpus,
     };
     let migration = match args.migration_key_file {
         Some(k) => Some((
@@ -469,6 +475,7 @@ pub fn run(args: AgentArgs, runtime: &Path) -> anyhow::Result<()> {
             runtime: runtime.to_path_buf(),
             lease: std::sync::Arc::new(move || (probe.fenced(), probe.fence_in())),
             lease_ttl: timing.lease_ttl,
+            cpus: args.cpus,
         };
         tokio::spawn(listeners.serve(api));
         agent.run().await?;

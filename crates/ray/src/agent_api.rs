@@ -48,6 +48,9 @@ pub struct AgentApi {
     pub runtime: PathBuf,
     pub lease: LeaseView,
     pub lease_ttl: Duration,
+    /// The CPUs the host offers the cluster (`ray agent --cpus`), shown instead of the
+    /// kernel's count.
+    pub cpus: Option<u32>,
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
@@ -148,7 +151,7 @@ impl AgentApi {
             version: env!("CARGO_PKG_VERSION").to_string(),
             api_version: API_VERSION.to_string(),
             inventory: HostInventory {
-                cpus: inv.cpus,
+                cpus: self.cpus.unwrap_or(inv.cpus),
                 memory_mib: inv.memory_mib,
                 numa_nodes: inv.numa_nodes,
                 gpus: gpus(Path::new("/sys/bus/pci/devices")),
@@ -880,6 +883,7 @@ mod tests {
             runtime: runtime.clone(),
             lease: std::sync::Arc::new(|| (false, Duration::from_millis(2500))),
             lease_ttl: Duration::from_secs(4),
+            cpus: None,
         };
         let state = dir.join("state");
         let listeners = rt

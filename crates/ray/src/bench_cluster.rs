@@ -209,6 +209,7 @@ async fn measure(args: &ClusterBenchArgs) -> anyhow::Result<()> {
             timing,
             api: None,
             checkpoints: None,
+            cpus: None,
         };
         let agent = Agent::join(store.clone(), NoVmms, cfg).await?;
         tasks.push(tokio::spawn(agent.run()));
@@ -333,6 +334,7 @@ async fn controller(
             timing,
             api: None,
             checkpoints: None,
+            cpus: None,
         };
         let agent = Agent::join(store.clone(), clock.clone(), cfg).await?;
         tasks.push(AbortOnDrop(tokio::spawn(async move {

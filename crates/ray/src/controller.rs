@@ -25,9 +25,18 @@ pub struct ControllerArgs {
     /// With --rebalance auto: automatic moves per hour at most.
     #[arg(long, default_value_t = 6)]
     pub rebalance_max_moves_per_hour: usize,
+    /// A full pass this often even when nothing changed (a pass also follows every
+    /// change); rebalancing counts passes, so this paces it on a quiet cluster.
+    #[arg(long, value_name = "TIME", default_value = "10s", value_parser = ray::sizes::parse_duration)]
+    pub resync: std::time::Duration,
 }
 
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.resync >= std::time::Duration::from_millis(100),
+        "--resync {:?} is too short: at least 100ms",
+        args.resync
+    );
     let id = match args.id {
         Some(id) => id,
         None => format!("{}-{}", crate::agent::hostname()?, std::process::id()),
@@ -40,6 +49,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         let mut cfg = ControllerConfig::new(id);
         cfg.timing = args.timing.timing()?;
+        cfg.resync = args.resync;
         cfg.rebalance = match args.rebalance.as_str() {
             "off" => None,
             mode => cfg.rebalance.map(|r| RebalanceConfig {

@@ -785,8 +785,18 @@ impl<S: Store + Clone> Controller<S> {
         };
         loop {
             tracing::info!(id = %me.id, "campaigning for the lead");
-            let term =
-                leader::campaign(&self.store, &me, self.cfg.leader_ttl, self.cfg.poll).await?;
+            let term = match leader::campaign(&self.store, &me, self.cfg.leader_ttl, self.cfg.poll)
+                .await
+            {
+                Ok(term) => term,
+                Err(e @ StoreError::BadTtl(_)) => return Err(e.into()),
+                Err(e) => {
+                    // One etcd member down, an election: the store comes back.
+                    tracing::warn!("cannot campaign: {e}; trying again");
+                    tokio::time::sleep(self.cfg.poll).await;
+                    continue;
+                }
+            };
             tracing::info!(id = %me.id, revision = term.revision, "leading");
             let led = leader::Led {
                 inner: self.store.clone(),
@@ -813,19 +823,41 @@ impl<S: Store + Clone> Controller<S> {
             self.cfg.renew_every,
             self.cfg.leader_ttl,
         );
+        // A store failure while leading (an etcd member dying, an election) ends the work
+        // in flight, not the lead: while the lease holds, the work starts again with a
+        // recovery, which finishes or undoes whatever the failed work had recorded.
+        let work = async {
+            let msg = format!("controller {} leads", self.cfg.id);
+            let mut logged = false;
+            loop {
+                let r = async {
+                    if !logged {
+                        let mut applier = Applier::new();
+                        applier
+                            .log(s, Entry::new(Kind::Leader, None, None, msg.clone()))
+                            .await?;
+                        logged = true;
+                    }
+                    self.work(s).await
+                };
+                match r.await {
+                    Err(ControllerError::Store(e)) if !matches!(e, StoreError::BadTtl(_)) => {
+                        tracing::warn!("the store failed under the work: {e}; recovering");
+                        tokio::time::sleep(self.cfg.poll).await;
+                    }
+                    r => return r,
+                }
+            }
+        };
         tokio::select! {
             why = keeper => Err(ControllerError::LostLead(why)),
-            r = self.work(s) => r,
+            r = work => r,
         }
     }
 
-    /// What a leader does: log its lead, recover, then passes.
+    /// What a leader does: recover, then passes.
     async fn work(&self, s: &leader::Led<S>) -> Result<(), ControllerError> {
         let mut applier = Applier::new().with_grace(self.cfg.timing.grace);
-        let msg = format!("controller {} leads", self.cfg.id);
-        applier
-            .log(s, Entry::new(Kind::Leader, None, None, msg))
-            .await?;
         let recovered = applier.recover(s).await?;
         if recovered > 0 {
             tracing::info!(recovered, "finished or undid a predecessor's operations");

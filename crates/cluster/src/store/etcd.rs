@@ -23,18 +23,81 @@ use super::{
 /// Longest wait for one request's answer (a watch's creation included, not its events).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Bounds one request by [`REQUEST_TIMEOUT`].
-async fn timed<T>(
-    what: &str,
-    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, etcd_client::Error> {
-    tokio::time::timeout(REQUEST_TIMEOUT, f)
-        .await
-        .unwrap_or_else(|_| {
-            Err(etcd_client::Error::InvalidArgs(format!(
-                "no answer to {what} within {REQUEST_TIMEOUT:?}"
-            )))
-        })
+fn no_answer(what: &str) -> etcd_client::Error {
+    etcd_client::Error::InvalidArgs(format!("no answer to {what} within {REQUEST_TIMEOUT:?}"))
+}
+
+/// gRPC status codes (the gRPC specification's numbers).
+const GRPC_UNKNOWN: i32 = 2;
+const GRPC_UNAVAILABLE: i32 = 14;
+
+/// What sending a request again may do.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    /// Nothing: a read, or a write whose second application changes nothing (a lease
+    /// renewal). Sent again on any "unavailable" answer.
+    Harmless,
+    /// Apply it twice: sent again only when it certainly reached no member's state
+    /// machine.
+    OnlyIfNotSent,
+}
+
+/// Whether `e` says the request reached no member's state machine: the client could not
+/// connect to the member it picked (the client spreads requests over every endpoint it was
+/// given, a dead member's included), or that member knows no leader and refused it before
+/// proposing anything (during an election).
+fn not_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            i32::from(s.code()) == GRPC_UNAVAILABLE
+                && ["connect error", "error trying to connect", "no leader"]
+                    .iter()
+                    .any(|m| s.message().contains(m))
+        }
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
+    }
+}
+
+/// Whether `e` is etcd or the path to it being unavailable for a moment.
+fn unavailable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            // Unknown: the connection broke under the request (the member died).
+            [GRPC_UNAVAILABLE, GRPC_UNKNOWN].contains(&i32::from(s.code()))
+        }
+        other => not_sent(other),
+    }
+}
+
+/// Sends a request (built afresh by `f` each time) until it is answered, sending it again
+/// after a failure `how` allows, with a growing pause, all within [`REQUEST_TIMEOUT`]: one
+/// member of a cluster dying (or its election) is not a failure of the store.
+async fn resent<T, F, Fut>(what: &str, how: Resend, mut f: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let answer = tokio::time::timeout_at(deadline, f())
+            .await
+            .unwrap_or_else(|_| Err(no_answer(what)));
+        let again = match &answer {
+            Err(e) if how == Resend::Harmless => unavailable(e),
+            Err(e) => not_sent(e),
+            Ok(_) => false,
+        };
+        if !again || tokio::time::Instant::now() + pause >= deadline {
+            return answer;
+        }
+        if let Err(e) = &answer {
+            tracing::debug!("etcd {what}: {e}; sending it again");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
 }
 
 /// A connection to an etcd cluster. Cheap to clone; clones share the connection and the
@@ -75,7 +138,7 @@ impl EtcdStore {
     /// Connects to the etcd members at `endpoints` (e.g. `http://127.0.0.1:2379`).
     pub async fn connect(endpoints: &[String]) -> Result<EtcdStore, StoreError> {
         // No channel-wide timeout: it would also end every watch stream after that long.
-        // Each request gets REQUEST_TIMEOUT instead (`timed`).
+        // Each request gets REQUEST_TIMEOUT instead (`resent`).
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             // HTTP/2 pings find a dead connection; a busy one (many watches on a loaded
@@ -89,9 +152,15 @@ impl EtcdStore {
                     endpoints.join(",")
                 ))
             })?;
-        // The connection is made lazily: ask once, so a wrong address fails here.
-        let mut probe = client.clone();
-        probe.status().await.map_err(|e| {
+        // The connection is made lazily: ask once, so a wrong address fails here. Any
+        // member that answers will do: with one of three down, the client may send this
+        // to the dead one first.
+        resent("status", Resend::Harmless, || {
+            let mut probe = client.clone();
+            async move { probe.status().await }
+        })
+        .await
+        .map_err(|e| {
             StoreError::Backend(format!(
                 "etcd at {} does not answer: {e}",
                 endpoints.join(",")
@@ -120,17 +189,23 @@ impl Store for EtcdStore {
     type Watch = EtcdWatch;
 
     async fn get(&self, key: &str) -> Result<Option<Kv>, StoreError> {
-        let resp = timed("get", self.client().get(key, None))
-            .await
-            .map_err(backend)?;
+        let resp = resent("get", Resend::Harmless, || {
+            let mut c = self.client();
+            async move { c.get(key, None).await }
+        })
+        .await
+        .map_err(backend)?;
         resp.kvs().first().map(kv_of).transpose()
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
         let opts = GetOptions::new().with_prefix();
-        let resp = timed("list", self.client().get(prefix, Some(opts)))
-            .await
-            .map_err(backend)?;
+        let resp = resent("list", Resend::Harmless, || {
+            let (mut c, opts) = (self.client(), opts.clone());
+            async move { c.get(prefix, Some(opts)).await }
+        })
+        .await
+        .map_err(backend)?;
         let kvs = resp.kvs().iter().map(kv_of).collect::<Result<_, _>>()?;
         let revision = resp.header().map_or(0, |h| h.revision());
         Ok(Listing { kvs, revision })
@@ -163,11 +238,13 @@ impl Store for EtcdStore {
                 Op::Delete { key } => TxnOp::delete(key.as_str(), None),
             })
             .collect();
-        let resp = timed(
-            "txn",
-            self.client()
-                .txn(etcd_client::Txn::new().when(compares).and_then(ops)),
-        )
+        let resp = resent("txn", Resend::OnlyIfNotSent, || {
+            let mut c = self.client();
+            let txn = etcd_client::Txn::new()
+                .when(compares.clone())
+                .and_then(ops.clone());
+            async move { c.txn(txn).await }
+        })
         .await
         .map_err(|e| lease_error(e, lease))?;
         if !resp.succeeded() {
@@ -178,19 +255,25 @@ impl Store for EtcdStore {
 
     async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         let secs = ttl_secs(ttl)?;
-        let resp = timed("lease_grant", self.client().lease_grant(secs, None))
-            .await
-            .map_err(backend)?;
+        // A second grant leaves an unused lease behind, which expires: harmless.
+        let resp = resent("lease_grant", Resend::Harmless, || {
+            let mut c = self.client();
+            async move { c.lease_grant(secs, None).await }
+        })
+        .await
+        .map_err(backend)?;
         Ok(resp.id())
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
         let lost = |e| lease_error(e, Some(lease));
-        let mut client = self.client();
-        let answer = timed("lease_keep_alive", async {
-            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
-            keeper.keep_alive().await?;
-            stream.message().await
+        let answer = resent("lease_keep_alive", Resend::Harmless, || {
+            let mut client = self.client();
+            async move {
+                let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+                keeper.keep_alive().await?;
+                stream.message().await
+            }
         });
         match answer.await.map_err(lost)? {
             Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
@@ -202,10 +285,13 @@ impl Store for EtcdStore {
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        timed("lease_revoke", self.client().lease_revoke(lease))
-            .await
-            .map(drop)
-            .map_err(|e| lease_error(e, Some(lease)))
+        resent("lease_revoke", Resend::OnlyIfNotSent, || {
+            let mut c = self.client();
+            async move { c.lease_revoke(lease).await }
+        })
+        .await
+        .map(drop)
+        .map_err(|e| lease_error(e, Some(lease)))
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<EtcdWatch, StoreError> {
@@ -213,9 +299,12 @@ impl Store for EtcdStore {
         if from > 0 {
             opts = opts.with_start_revision(from);
         }
-        let stream = timed("watch", self.client().watch(prefix, Some(opts)))
-            .await
-            .map_err(backend)?;
+        let stream = resent("watch", Resend::Harmless, || {
+            let (mut c, opts) = (self.client(), opts.clone());
+            async move { c.watch(prefix, Some(opts)).await }
+        })
+        .await
+        .map_err(backend)?;
         Ok(EtcdWatch {
             stream,
             pending: VecDeque::new(),
@@ -294,6 +383,40 @@ mod tests {
             .expect("no event within 5 s")
             .expect("the watch ended");
         assert_eq!(ev.key(), "/w/late");
+    }
+
+    /// A client given a dead member's URL beside a live one (a member of three killed):
+    /// the client sends some requests to the dead one; every read and write still
+    /// succeeds, each write applied once.
+    #[tokio::test]
+    async fn a_dead_member_among_the_endpoints_is_passed_over() {
+        let etcd = Etcd::start("dead-member").await;
+        let dead = format!("http://127.0.0.1:{}", crate::testing::free_port());
+        let mut endpoints = etcd.endpoints();
+        endpoints.insert(0, dead);
+        let store = EtcdStore::connect(&endpoints).await.unwrap();
+        for i in 0..40 {
+            let key = format!("/d/{i}");
+            let txn = Txn::new()
+                .when(key.as_str(), Cond::Absent)
+                .put(key.as_str(), "x");
+            assert!(
+                matches!(store.commit(txn).await.unwrap(), Commit::Done(_)),
+                "{key} written twice?"
+            );
+            assert!(store.get(&key).await.unwrap().is_some());
+        }
+        assert_eq!(store.list("/d/").await.unwrap().kvs.len(), 40);
+        let lease = store.grant(Duration::from_secs(5)).await.unwrap();
+        for _ in 0..10 {
+            store.keep_alive(lease).await.unwrap();
+        }
+        // More requests than answers: some went to the dead member and were sent again.
+        assert!(
+            store.requests() > 40 * 2 + 1 + 1 + 10,
+            "{}",
+            store.requests()
+        );
     }
 
     #[tokio::test]
