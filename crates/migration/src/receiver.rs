@@ -39,6 +39,10 @@ pub struct ReceiverConfig {
     /// (never overwritten) and removed again if the migration fails. `None`: a source
     /// that copies disks is refused.
     pub disk_dir: Option<PathBuf>,
+    /// This target's name in the partial files of copied disks (`DIR/.<id>.img.<tag>.part`
+    /// until the copy is complete, flushed and verified): the VM's id, so that a target
+    /// of the same VM removes what a killed one left.
+    pub disk_tag: String,
     /// The protocol versions this target accepts (default: every one this build speaks).
     pub versions: Vec<u16>,
 }
@@ -51,6 +55,7 @@ impl ReceiverConfig {
             progress: ProgressHandle::new(),
             cancel: CancelToken::new(),
             disk_dir: None,
+            disk_tag: "target".into(),
             versions: SUPPORTED_VERSIONS.to_vec(),
         }
     }
@@ -450,7 +455,7 @@ impl<S: Read + Write> Receiver<'_, S> {
                             list.len(),
                             list.iter().map(|d| d.id.as_str()).collect::<Vec<_>>().join(", ")
                         )),
-                        Some(dir) => TargetDisks::create(dir, &list),
+                        Some(dir) => TargetDisks::create(dir, &self.cfg.disk_tag, &list),
                     };
                     let disks = match made {
                         Ok(d) => d,
@@ -516,6 +521,12 @@ impl<S: Read + Write> Receiver<'_, S> {
                         let err = self.refuse(id, ErrorCode::VerifyMismatch, err);
                         self.event(SessionEvent::VerifyMismatch)?;
                         return Err(err);
+                    }
+                    // The copies are final: durable under their own names before the
+                    // source hears it may let the VM go.
+                    if let Err(reason) = self.disks.as_mut().map_or(Ok(()), TargetDisks::commit) {
+                        let err = MigrationError::Disk { reason };
+                        return Err(self.refuse(id, ErrorCode::Disk, err));
                     }
                     self.disks_verified = true;
                     self.ack(id, Command::DiskVerify)?;
