@@ -448,6 +448,8 @@ fn state_round_trips_and_bad_state_is_refused() {
 struct Deferred {
     taken: Arc<std::sync::Mutex<Vec<u16>>>,
     context: Arc<std::sync::Mutex<Option<DeviceContext>>>,
+    /// Its `hold_kicks_at`.
+    hold: usize,
 }
 
 impl VirtioDevice for Deferred {
@@ -472,6 +474,9 @@ impl VirtioDevice for Deferred {
     fn activate(&mut self, context: DeviceContext) {
         *self.context.lock().unwrap() = Some(context);
     }
+    fn hold_kicks_at(&self) -> usize {
+        self.hold
+    }
 }
 
 /// A rig around [`Deferred`], and the heads it takes and its context once activated.
@@ -479,13 +484,68 @@ type Taken = Arc<std::sync::Mutex<Vec<u16>>>;
 type Context = Arc<std::sync::Mutex<Option<DeviceContext>>>;
 
 fn deferred_rig() -> (Rig, Taken, Context) {
+    deferred_rig_holding(0)
+}
+
+fn deferred_rig_holding(hold: usize) -> (Rig, Taken, Context) {
     let taken = Arc::default();
     let context = Arc::default();
     let r = rig_with(Box::new(Deferred {
         taken: Arc::clone(&taken),
         context: Arc::clone(&context),
+        hold,
     }));
     (r, taken, context)
+}
+
+#[test]
+fn a_busy_device_that_holds_kicks_takes_new_requests_at_completions() {
+    let (mut r, taken, context) = deferred_rig_holding(2);
+    let mock = MockSplitQueue::new(r.mem, 16);
+    r.negotiate(F_VERSION_1 | F_EVENT_IDX);
+    r.setup_queue(&mock, 16);
+    r.driver_ok();
+    let mem = r.mem;
+    let shared = r.share();
+    let completer = completer_of(&context);
+    let avail_event = || {
+        mem.read_obj::<u16>(GuestAddress(USED + 4 + 8 * 16))
+            .unwrap()
+    };
+    let chain = |i: u16| desc(0x10_0000 + 0x1000 * u64::from(i), 32, DESC_F_WRITE, 0);
+    mock.add_desc_chains(&[chain(0), chain(1), chain(2)], 0)
+        .unwrap();
+    r.kick();
+    assert_eq!(*taken.lock().unwrap(), vec![0, 1, 2]);
+    // Three pending, two or more hold kicks back: the driver is not asked to kick.
+    assert_eq!(avail_event(), 0, "no kick asked for while busy");
+
+    // The driver adds a request without kicking; the next completion takes it.
+    mock.add_desc_chains(&[chain(3)], 3).unwrap();
+    completer.complete(0, &[Used { head: 0, len: 32 }]);
+    assert_eq!(*taken.lock().unwrap(), vec![0, 1, 2, 3]);
+    assert_eq!(used_idx(mem), 1);
+    assert_eq!(avail_event(), 0);
+    completer.complete(0, &[Used { head: 1, len: 32 }]);
+    assert_eq!(avail_event(), 0, "two still pending");
+    // One left pending: kicks are asked for again, from the next request on.
+    completer.complete(0, &[Used { head: 2, len: 32 }]);
+    assert_eq!(avail_event(), 4);
+    completer.complete(0, &[Used { head: 3, len: 32 }]);
+    assert_eq!(used_idx(mem), 4);
+    assert_eq!(shared.lock().unwrap().in_flight().count(), 0);
+
+    // Paused, completions serve nothing; resuming serves what came meanwhile.
+    mock.add_desc_chains(&[chain(4), chain(5), chain(6)], 4)
+        .unwrap();
+    r.kick();
+    assert_eq!(taken.lock().unwrap().len(), 7);
+    shared.lock().unwrap().pause();
+    mock.add_desc_chains(&[chain(7)], 7).unwrap();
+    completer.complete(0, &[Used { head: 4, len: 32 }]);
+    assert_eq!(taken.lock().unwrap().len(), 7, "nothing taken while paused");
+    shared.lock().unwrap().resume();
+    assert_eq!(*taken.lock().unwrap().last().unwrap(), 7);
 }
 
 fn completer_of(context: &std::sync::Mutex<Option<DeviceContext>>) -> Completer {
