@@ -166,7 +166,10 @@ impl Disk {
             if in_flight == 0 {
                 break;
             }
-            self.q.wait_used_polling(POLL_NS, TIMEOUT_NS)?;
+            // Deeper queues sleep at once: the device's threads need the host CPU the
+            // polling would take, and a wake-up finds many completions.
+            let poll = if in_flight == 1 { POLL_NS } else { 0 };
+            self.q.wait_used_polling(poll, TIMEOUT_NS)?;
             while let Some((head, _)) = self.q.pop_used() {
                 let slot = usize::from(self.slot_of[usize::from(head)]);
                 let s: u8 = virtio::rd(header(slot) + 16);
