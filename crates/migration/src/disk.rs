@@ -502,8 +502,9 @@ impl TargetDisks {
     /// The copies are complete and verified: flushes every file to stable storage
     /// (`fdatasync`), gives it its final name (never replacing a file that appeared there
     /// meanwhile) and flushes the directory, so that the names survive a crash too. The
-    /// target calls this before it acknowledges the disks, so the source relinquishes the
-    /// VM only once its disks are durable here.
+    /// target calls this when the VM state arrives (every block is in by then), before its
+    /// devices open the files and before it acknowledges anything of the switch-over, so
+    /// the source relinquishes the VM only once its disks are durable here.
     pub fn commit(&mut self) -> Result<(), String> {
         for d in &self.disks {
             d.file

@@ -522,12 +522,6 @@ impl<S: Read + Write> Receiver<'_, S> {
                         self.event(SessionEvent::VerifyMismatch)?;
                         return Err(err);
                     }
-                    // The copies are final: durable under their own names before the
-                    // source hears it may let the VM go.
-                    if let Err(reason) = self.disks.as_mut().map_or(Ok(()), TargetDisks::commit) {
-                        let err = MigrationError::Disk { reason };
-                        return Err(self.refuse(id, ErrorCode::Disk, err));
-                    }
                     self.disks_verified = true;
                     self.ack(id, Command::DiskVerify)?;
                 }
@@ -556,6 +550,14 @@ impl<S: Read + Write> Receiver<'_, S> {
                     }
                 }
                 (SessionState::StopAndCopy, Message::State(blob)) => {
+                    // Every disk block is here (the passes ended, the last one paused): the
+                    // copies are flushed and get their own names before the VM's devices
+                    // open them and before anything is acknowledged. A later failure (the
+                    // digests) still removes them.
+                    if let Err(reason) = self.disks.as_mut().map_or(Ok(()), TargetDisks::commit) {
+                        let err = MigrationError::Disk { reason };
+                        return Err(self.refuse(id, ErrorCode::Disk, err));
+                    }
                     if let Err(e) = vm.restore_state(&blob) {
                         return Err(self.refuse(id, ErrorCode::State, e.into()));
                     }
