@@ -22,7 +22,7 @@ use std::sync::{Mutex, OnceLock};
 use libfuzzer_sys::fuzz_target;
 use ray_memory::{MemoryLayout, OwnedMemory, PAGE_SIZE};
 use ray_migration::auth;
-use ray_migration::disk::{DiskInfo, TargetDisks, BLOCK_SIZE};
+use ray_migration::disk::{part_path, DiskInfo, TargetDisks, BLOCK_SIZE};
 use ray_migration::frame::{Channel, Received, FLAG_RESPONSE};
 use ray_migration::secure::{accept_secure, Protection};
 use ray_migration::protocol::{parse_disk_blocks, Command};
@@ -85,7 +85,7 @@ fn disks() -> &'static Mutex<TargetDisks> {
                 size,
             })
             .collect();
-        Mutex::new(TargetDisks::create(&dir, &list).expect("the disk files"))
+        Mutex::new(TargetDisks::create(&dir, "fuzz", &list).expect("the disk files"))
     })
 }
 
@@ -96,7 +96,9 @@ fn write_disk_blocks(payload: &[u8]) {
     };
     let mut disks = disks().lock().unwrap_or_else(|p| p.into_inner());
     let _ = disks.write(r.disk, r.offset, r.len, r.data);
-    for ((_, path), size) in disks.paths().iter().zip(DISK_SIZES) {
+    for ((id, path), size) in disks.paths().iter().zip(DISK_SIZES) {
+        // Written under the partial name until a commit, which the fuzz target never does.
+        let path = &part_path(path.parent().expect("a directory"), id, "fuzz");
         let now = std::fs::metadata(path).expect("the disk file").len();
         assert_eq!(now, size, "a disk blocks frame changed the size of {}", path.display());
     }

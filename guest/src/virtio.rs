@@ -443,11 +443,29 @@ impl Queue {
     /// Makes the added requests visible and kicks the device if it asked for it; asks for
     /// an interrupt at the next completion.
     pub fn publish(&mut self) {
+        self.publish_as(true)
+    }
+
+    /// [`publish`](Self::publish) for a driver that polls the used ring first
+    /// ([`wait_used_polling`](Self::wait_used_polling)): asks for no interrupt (one coming
+    /// while it polls would only end its next `hlt` for nothing).
+    pub fn publish_polling(&mut self) {
+        self.publish_as(false)
+    }
+
+    fn publish_as(&mut self, interrupt: bool) {
         let old = self.published;
         if old == self.next_avail {
+            if !interrupt {
+                self.disarm();
+            }
             return;
         }
-        self.arm();
+        if interrupt {
+            self.arm();
+        } else {
+            self.disarm();
+        }
         wr::<u16>(self.avail + 2, self.next_avail);
         self.published = self.next_avail;
         fence(SeqCst);
@@ -477,6 +495,16 @@ impl Queue {
     fn arm(&self) {
         if self.event_idx {
             wr::<u16>(self.avail + 4 + 2 * usize::from(self.size), self.used_seen);
+        }
+        fence(SeqCst);
+    }
+
+    /// Asks for no interrupt until the next [`arm`](Self::arm): the used event index goes
+    /// half the index space ahead, where completions do not reach before the driver arms.
+    fn disarm(&self) {
+        if self.event_idx {
+            let far = self.used_seen.wrapping_add(0x8000);
+            wr::<u16>(self.avail + 4 + 2 * usize::from(self.size), far);
         }
         fence(SeqCst);
     }
@@ -516,6 +544,24 @@ impl Queue {
             self.arm();
             self.has_used()
         })
+    }
+}
+
+impl Queue {
+    /// Polls the used ring for up to `spin_ns` (no exit, no interrupt: a completion that
+    /// comes meanwhile costs nothing), then arms the interrupt and sleeps as
+    /// [`wait_used`](Self::wait_used) does, at most `timeout_ns`.
+    pub fn wait_used_polling(&self, spin_ns: u64, timeout_ns: u64) -> Result<(), &'static str> {
+        let t0 = clock::now();
+        loop {
+            if self.has_used() {
+                return Ok(());
+            }
+            if clock::now().saturating_sub(t0) >= spin_ns {
+                return self.wait_used(timeout_ns);
+            }
+            core::hint::spin_loop();
+        }
     }
 }
 

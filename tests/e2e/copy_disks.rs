@@ -185,7 +185,14 @@ fn a_cancelled_copy_leaves_no_file_and_the_source_runs_on_its_disk() {
     let (mut src, dst, listen, img, dir) = set_up(&env, &key);
     start(&env, &src, &listen, &key, "120000", "abort");
     wait_for_pass(&src, 2);
-    assert!(dir.join("disk0.img").exists(), "the copy is being made");
+    // Made under a hidden partial name: nothing at the name a VM opens until the copy is
+    // complete and flushed.
+    let part = dir.join(format!(".disk0.img.{}.part", dst.id));
+    assert!(part.exists(), "the copy is being made");
+    assert!(
+        !dir.join("disk0.img").exists(),
+        "no copy under its final name yet"
+    );
     let before = std::fs::read(&img).unwrap();
     env.ray_ok(&["migrate", "cancel", &src.id, "--json"]);
     let s = wait_for_end(&src);

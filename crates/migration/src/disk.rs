@@ -269,7 +269,13 @@ pub struct TargetDisks {
 #[derive(Debug)]
 struct TargetDisk {
     id: String,
+    /// The final name, `DIR/<id>.img`: the file has it only once the copy is complete,
+    /// flushed and verified ([`TargetDisks::commit`]).
     path: PathBuf,
+    /// The name it is written under until then ([`part_path`]).
+    part: PathBuf,
+    /// Whether it was renamed to `path`.
+    committed: bool,
     file: File,
     size: u64,
     hashes: BlockHashes,
@@ -282,12 +288,72 @@ pub fn target_path(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.img"))
 }
 
+/// `DIR/.<id>.img.<tag>.part`: the name a target writes disk `id` under while the copy is
+/// incomplete, `tag` naming the target VM (see [`remove_stale_parts`]). Hidden, and never
+/// the name a VM or a later migration opens.
+pub fn part_path(dir: &Path, id: &str, tag: &str) -> PathBuf {
+    dir.join(format!(".{id}.img.{tag}.part"))
+}
+
+/// `None` when `tag` (the target VM's name in its partial files) is usable in a file
+/// name, else why not.
+pub fn tag_problem(tag: &str) -> Option<String> {
+    if tag.is_empty()
+        || tag.len() > 64
+        || !tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Some(format!(
+            "the target's name {tag:?} cannot name its partial disk files: 1 to 64 of A-Z, a-z, 0-9, '_' and '-'"
+        ));
+    }
+    None
+}
+
+/// Removes the partial copies ([`part_path`]) a target of the VM `tag` left in `dir`
+/// (one killed in the middle of a copy leaves them); returns the paths removed. Files of
+/// other VMs and complete copies are left alone.
+pub fn remove_stale_parts(dir: &Path, tag: &str) -> Result<Vec<PathBuf>, String> {
+    if let Some(p) = tag_problem(tag) {
+        return Err(p);
+    }
+    let suffix = format!(".img.{tag}.part");
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot list the disk directory {}: {e}", dir.display()))?;
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let is_part = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(&suffix))
+            .is_some_and(|id| id_problem(id).is_none());
+        if !is_part || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let path = entry.path();
+        std::fs::remove_file(&path).map_err(|e| {
+            format!(
+                "cannot remove the stale partial copy {}: {e}",
+                path.display()
+            )
+        })?;
+        removed.push(path);
+    }
+    Ok(removed)
+}
+
 impl TargetDisks {
-    /// Checks the list, then creates one sparse file of the announced size per disk in
-    /// `dir` (refusing any that exists: nothing is overwritten). On a failure the files
-    /// made so far are removed.
-    pub fn create(dir: &Path, list: &[DiskInfo]) -> Result<Self, String> {
+    /// Checks the list, removes the partial copies an earlier target of the VM `tag` left
+    /// in `dir`, then creates one sparse file of the announced size per disk under its
+    /// partial name ([`part_path`]), refusing a disk whose final name exists: nothing is
+    /// overwritten. On a failure the files made so far are removed.
+    pub fn create(dir: &Path, tag: &str, list: &[DiskInfo]) -> Result<Self, String> {
         check_list(list)?;
+        if let Some(p) = tag_problem(tag) {
+            return Err(p);
+        }
         let meta = std::fs::metadata(dir)
             .map_err(|e| format!("the disk directory {} is not usable: {e}", dir.display()))?;
         if !meta.is_dir() {
@@ -296,32 +362,45 @@ impl TargetDisks {
                 dir.display()
             ));
         }
+        remove_stale_parts(dir, tag)?;
+        let exists = |path: &Path| {
+            format!(
+                "{} exists already; the target does not overwrite a disk (remove it, or give another --disk-dir)",
+                path.display()
+            )
+        };
+        if let Some(d) = list
+            .iter()
+            .find(|d| std::fs::symlink_metadata(target_path(dir, &d.id)).is_ok())
+        {
+            return Err(exists(&target_path(dir, &d.id)));
+        }
         let mut made = Self {
             disks: Vec::new(),
             kept: false,
         };
         for d in list {
             let path = target_path(dir, &d.id);
+            let part = part_path(dir, &d.id, tag);
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(&path)
+                .open(&part)
                 .map_err(|e| {
                     if e.kind() == std::io::ErrorKind::AlreadyExists {
-                        format!(
-                            "{} exists already; the target does not overwrite a disk (remove it, or give another --disk-dir)",
-                            path.display()
-                        )
+                        exists(&part)
                     } else {
-                        format!("cannot create {} for disk {}: {e}", path.display(), d.id)
+                        format!("cannot create {} for disk {}: {e}", part.display(), d.id)
                     }
                 })?;
             // Pushed before it is sized, so a failure below removes it too.
             made.disks.push(TargetDisk {
                 id: d.id.clone(),
                 path: path.clone(),
+                part: part.clone(),
+                committed: false,
                 file,
                 size: d.size,
                 hashes: BlockHashes::new(blocks_of(d.size)),
@@ -330,12 +409,13 @@ impl TargetDisks {
             let last = made.disks.last().expect("just pushed");
             last.file
                 .set_len(d.size)
-                .map_err(|e| format!("cannot size {} to {} bytes: {e}", path.display(), d.size))?;
+                .map_err(|e| format!("cannot size {} to {} bytes: {e}", part.display(), d.size))?;
         }
         Ok(made)
     }
 
-    /// `(id, path)` of every disk, in the announced order.
+    /// `(id, path)` of every disk, in the announced order: the final names, which the
+    /// files have once [`commit`](Self::commit)ted.
     pub fn paths(&self) -> Vec<(String, PathBuf)> {
         self.disks
             .iter()
@@ -380,10 +460,10 @@ impl TargetDisks {
             }
             d.file
                 .write_all_at(data, offset)
-                .map_err(|e| format!("cannot write disk {} ({}): {e}", d.id, d.path.display()))?;
+                .map_err(|e| format!("cannot write disk {} ({}): {e}", d.id, d.part.display()))?;
         } else {
             zero_range(&d.file, offset, len)
-                .map_err(|e| format!("cannot zero disk {} ({}): {e}", d.id, d.path.display()))?;
+                .map_err(|e| format!("cannot zero disk {} ({}): {e}", d.id, d.part.display()))?;
         }
         // Hash what the file now holds, not what arrived.
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
@@ -392,7 +472,7 @@ impl TargetDisks {
             let b = at / BLOCK_SIZE;
             let l = block_len(d.size, b) as usize;
             d.file.read_exact_at(&mut buf[..l], at).map_err(|e| {
-                format!("cannot read back disk {} ({}): {e}", d.id, d.path.display())
+                format!("cannot read back disk {} ({}): {e}", d.id, d.part.display())
             })?;
             d.hashes.record(b as usize, &buf[..l]);
             at += l as u64;
@@ -419,12 +499,42 @@ impl TargetDisks {
         self.disks.get(i).map_or("?", |d| d.id.as_str())
     }
 
-    /// Flushes every file to stable storage.
-    pub fn sync(&self) -> Result<(), String> {
+    /// The copies are complete and verified: flushes every file to stable storage
+    /// (`fdatasync`), gives it its final name (never replacing a file that appeared there
+    /// meanwhile) and flushes the directory, so that the names survive a crash too. The
+    /// target calls this when the VM state arrives (every block is in by then), before its
+    /// devices open the files and before it acknowledges anything of the switch-over, so
+    /// the source relinquishes the VM only once its disks are durable here.
+    pub fn commit(&mut self) -> Result<(), String> {
         for d in &self.disks {
             d.file
                 .sync_data()
-                .map_err(|e| format!("cannot flush disk {} ({}): {e}", d.id, d.path.display()))?;
+                .map_err(|e| format!("cannot flush disk {} ({}): {e}", d.id, d.part.display()))?;
+        }
+        let mut dirs = Vec::new();
+        for d in &mut self.disks {
+            if d.committed {
+                continue;
+            }
+            rename_noreplace(&d.part, &d.path).map_err(|e| {
+                format!(
+                    "cannot rename the copy of disk {} from {} to {}: {e}",
+                    d.id,
+                    d.part.display(),
+                    d.path.display()
+                )
+            })?;
+            d.committed = true;
+            if let Some(dir) = d.path.parent() {
+                if !dirs.contains(&dir) {
+                    dirs.push(dir);
+                }
+            }
+        }
+        for dir in dirs {
+            File::open(dir)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| format!("cannot flush the disk directory {}: {e}", dir.display()))?;
         }
         Ok(())
     }
@@ -442,8 +552,34 @@ impl Drop for TargetDisks {
             return;
         }
         for d in &self.disks {
-            let _ = std::fs::remove_file(&d.path);
+            // A committed file was renamed by us onto a name that was free: ours to remove.
+            let _ = std::fs::remove_file(if d.committed { &d.path } else { &d.part });
         }
+    }
+}
+
+/// Renames `from` to `to`, failing if `to` exists (`renameat2` with `RENAME_NOREPLACE`).
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: both are NUL-terminated paths that live across the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -498,14 +634,14 @@ mod tests {
             assert!(e.contains(want), "{e}");
         }
         let dir = tmp("list");
-        assert!(TargetDisks::create(&dir, &[ok("x/y", 512)]).is_err());
+        assert!(TargetDisks::create(&dir, "t", &[ok("x/y", 512)]).is_err());
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing made");
-        let e = TargetDisks::create(&dir.join("missing"), &[ok("d", 512)]).unwrap_err();
+        let e = TargetDisks::create(&dir.join("missing"), "t", &[ok("d", 512)]).unwrap_err();
         assert!(e.contains("not usable"), "{e}");
     }
 
     #[test]
-    fn target_files_are_sparse_refuse_to_overwrite_and_go_unless_kept() {
+    fn target_files_are_sparse_partial_until_committed_and_go_unless_kept() {
         let dir = tmp("files");
         let list = [
             DiskInfo {
@@ -517,29 +653,104 @@ mod tests {
                 size: 3 * BLOCK_SIZE + 512,
             },
         ];
-        let disks = TargetDisks::create(&dir, &list).unwrap();
-        let a = target_path(&dir, "a");
-        let meta = std::fs::metadata(&a).unwrap();
+        let (a, b) = (target_path(&dir, "a"), target_path(&dir, "b"));
+        let disks = TargetDisks::create(&dir, "vm1", &list).unwrap();
+        // Written under the partial name: nothing at the final one yet.
+        let part = part_path(&dir, "a", "vm1");
+        assert_eq!(part, dir.join(".a.img.vm1.part"));
+        let meta = std::fs::metadata(&part).unwrap();
         assert_eq!(meta.len(), 256 << 20);
         use std::os::unix::fs::MetadataExt;
         assert!(meta.blocks() < 64, "sparse: {} blocks", meta.blocks());
-        // A second migration into the same directory is refused, and the refusal
-        // removes nothing of the first one's files.
-        let e = TargetDisks::create(&dir, &list[..1]).unwrap_err();
-        assert!(e.contains("exists already"), "{e}");
-        assert!(a.exists());
+        assert!(!a.exists() && !b.exists());
+        assert_eq!(disks.paths()[0], ("a".to_string(), a.clone()));
         drop(disks);
-        assert!(!a.exists() && !target_path(&dir, "b").exists(), "removed");
-        // Kept: the files stay.
-        let disks = TargetDisks::create(&dir, &list).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "removed");
+
+        // Committed: the final names; kept, they stay.
+        let mut disks = TargetDisks::create(&dir, "vm1", &list).unwrap();
+        disks
+            .write(1, 0, BLOCK_SIZE, Some(&vec![7u8; BLOCK_SIZE as usize]))
+            .unwrap();
+        disks.commit().unwrap();
+        assert!(a.exists() && !part.exists());
+        assert_eq!(
+            std::fs::read(&b).unwrap()[..BLOCK_SIZE as usize],
+            vec![7u8; BLOCK_SIZE as usize]
+        );
         let kept = disks.keep();
-        assert_eq!(kept[1], ("b".to_string(), target_path(&dir, "b")));
-        assert!(target_path(&dir, "b").exists());
-        // A file in the way of the second disk: the first one made is removed again.
-        std::fs::remove_file(target_path(&dir, "a")).unwrap();
-        let e = TargetDisks::create(&dir, &list).unwrap_err();
+        assert_eq!(kept[1], ("b".to_string(), b.clone()));
+        assert!(a.exists() && b.exists());
+        // A second migration into the same directory is refused, and the refusal
+        // removes nothing.
+        let e = TargetDisks::create(&dir, "vm2", &list[..1]).unwrap_err();
+        assert!(e.contains("a.img exists already"), "{e}");
+        // A file in the way of the second disk: nothing is made.
+        std::fs::remove_file(&a).unwrap();
+        let e = TargetDisks::create(&dir, "vm1", &list).unwrap_err();
         assert!(e.contains("b.img exists already"), "{e}");
-        assert!(!target_path(&dir, "a").exists());
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("b.img")]);
+        std::fs::remove_file(&b).unwrap();
+
+        // A file that appears at the final name during the copy is not replaced: the
+        // commit fails, and dropping removes only our partial file.
+        let mut disks = TargetDisks::create(&dir, "vm1", &list[..1]).unwrap();
+        std::fs::write(&a, b"someone's disk").unwrap();
+        let e = disks.commit().unwrap_err();
+        assert!(e.contains("cannot rename"), "{e}");
+        drop(disks);
+        assert_eq!(std::fs::read(&a).unwrap(), b"someone's disk");
+        assert!(!part.exists());
+    }
+
+    #[test]
+    fn stale_partial_copies_of_the_same_vm_go_when_a_copy_starts() {
+        let dir = tmp("stale");
+        let mine = part_path(&dir, "a", "vm1");
+        let theirs = part_path(&dir, "a", "vm2");
+        for p in [
+            &mine,
+            &theirs,
+            &dir.join("a.img"),
+            &dir.join(".notes.vm1.part"),
+        ] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        assert_eq!(remove_stale_parts(&dir, "vm1").unwrap(), vec![mine.clone()]);
+        assert!(
+            theirs.exists() && dir.join("a.img").exists() && dir.join(".notes.vm1.part").exists()
+        );
+        std::fs::write(&mine, b"x").unwrap();
+        std::fs::remove_file(dir.join("a.img")).unwrap();
+        // Starting a copy removes them too (a killed target of this VM left it).
+        let disks = TargetDisks::create(
+            &dir,
+            "vm1",
+            &[DiskInfo {
+                id: "b".into(),
+                size: 512,
+            }],
+        )
+        .unwrap();
+        assert!(!mine.exists() && theirs.exists());
+        drop(disks);
+        for bad in ["", "a/b", "..", &"x".repeat(65)] {
+            let e = remove_stale_parts(&dir, bad).unwrap_err();
+            assert!(e.contains("cannot name its partial disk files"), "{e}");
+            assert!(TargetDisks::create(
+                &dir,
+                bad,
+                &[DiskInfo {
+                    id: "b".into(),
+                    size: 512
+                }]
+            )
+            .is_err());
+        }
     }
 
     #[test]
@@ -548,6 +759,7 @@ mod tests {
         let size = 3 * BLOCK_SIZE + 512;
         let mut disks = TargetDisks::create(
             &dir,
+            "t",
             &[DiskInfo {
                 id: "d".into(),
                 size,
@@ -569,7 +781,7 @@ mod tests {
         }
         let e = disks.write(0, 0, bs, Some(&block[..100])).unwrap_err();
         assert!(e.contains("100 data bytes"), "{e}");
-        let path = target_path(&dir, "d");
+        let path = part_path(&dir, "d", "t");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), size, "not grown");
         assert!(std::fs::read(&path).unwrap().iter().all(|&b| b == 0));
         // The short last block, then zeros over a written block.

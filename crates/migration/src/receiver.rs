@@ -39,6 +39,10 @@ pub struct ReceiverConfig {
     /// (never overwritten) and removed again if the migration fails. `None`: a source
     /// that copies disks is refused.
     pub disk_dir: Option<PathBuf>,
+    /// This target's name in the partial files of copied disks (`DIR/.<id>.img.<tag>.part`
+    /// until the copy is complete, flushed and verified): the VM's id, so that a target
+    /// of the same VM removes what a killed one left.
+    pub disk_tag: String,
     /// The protocol versions this target accepts (default: every one this build speaks).
     pub versions: Vec<u16>,
 }
@@ -51,6 +55,7 @@ impl ReceiverConfig {
             progress: ProgressHandle::new(),
             cancel: CancelToken::new(),
             disk_dir: None,
+            disk_tag: "target".into(),
             versions: SUPPORTED_VERSIONS.to_vec(),
         }
     }
@@ -450,7 +455,7 @@ impl<S: Read + Write> Receiver<'_, S> {
                             list.len(),
                             list.iter().map(|d| d.id.as_str()).collect::<Vec<_>>().join(", ")
                         )),
-                        Some(dir) => TargetDisks::create(dir, &list),
+                        Some(dir) => TargetDisks::create(dir, &self.cfg.disk_tag, &list),
                     };
                     let disks = match made {
                         Ok(d) => d,
@@ -545,6 +550,14 @@ impl<S: Read + Write> Receiver<'_, S> {
                     }
                 }
                 (SessionState::StopAndCopy, Message::State(blob)) => {
+                    // Every disk block is here (the passes ended, the last one paused): the
+                    // copies are flushed and get their own names before the VM's devices
+                    // open them and before anything is acknowledged. A later failure (the
+                    // digests) still removes them.
+                    if let Err(reason) = self.disks.as_mut().map_or(Ok(()), TargetDisks::commit) {
+                        let err = MigrationError::Disk { reason };
+                        return Err(self.refuse(id, ErrorCode::Disk, err));
+                    }
                     if let Err(e) = vm.restore_state(&blob) {
                         return Err(self.refuse(id, ErrorCode::State, e.into()));
                     }

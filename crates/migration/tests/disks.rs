@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ray_devices::virtio::blk::dirty::DirtyBlocks;
 use ray_memory::PageBitmap;
-use ray_migration::disk::target_path;
+use ray_migration::disk::{part_path, target_path};
 use ray_migration::memvm::{InMemorySource, InMemoryTarget, MemGuest};
 use ray_migration::protocol::regions_of;
 use ray_migration::*;
@@ -157,6 +157,40 @@ fn spawn_writer(
     })
 }
 
+/// The target's VM, noting what its disk directory held when the switch-over resumed it
+/// (the VMM opens the copied disks then).
+struct Target {
+    vm: InMemoryTarget,
+    dir: PathBuf,
+    at_resume: Arc<Mutex<Option<Vec<String>>>>,
+}
+
+impl TargetVm for Target {
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError> {
+        self.vm.restore_state(state)
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        *self.at_resume.lock().unwrap() = Some(names(&self.dir));
+        self.vm.resume()
+    }
+    fn discard(&mut self) {
+        self.vm.discard()
+    }
+}
+
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut n: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    n.sort();
+    n
+}
+
+/// The target VM's name in its partial files.
+const TAG: &str = "vm-7";
+
 struct Run {
     send: Result<SendReport, SendFailure>,
     recv: Result<ReceiveReport, ReceiveFailure>,
@@ -164,6 +198,8 @@ struct Run {
     dst: PathBuf,
     writes: u64,
     source: Source,
+    /// The target's disk directory as the switch-over resumed the VM (None: never).
+    at_resume: Option<Vec<String>>,
 }
 
 /// Migrates a VM with one copied disk (`disk0`) while the writer runs.
@@ -205,14 +241,20 @@ fn migrate(
     let mut rcfg = ReceiverConfig::new(key());
     rcfg.protection = protection;
     rcfg.disk_dir = Some(d.join("dst"));
+    rcfg.disk_tag = TAG.into();
     configure(&mut scfg, &mut rcfg);
     let (a, b) = UnixStream::pair().unwrap();
     for s in [&a, &b] {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     }
+    let at_resume = Arc::new(Mutex::new(None));
+    let mut vm = Target {
+        vm: InMemoryTarget::default(),
+        dir: d.join("dst"),
+        at_resume: at_resume.clone(),
+    };
     let target = thread::spawn(move || {
         let dst = MemGuest::new(&layout()).unwrap();
-        let mut vm = InMemoryTarget::default();
         receive_migration(b, &dst, &mut vm, &compat(), &rcfg)
     });
     // Let the writer get going first.
@@ -221,6 +263,7 @@ fn migrate(
     let recv = target.join().unwrap();
     stop.store(true, Ordering::SeqCst);
     writer.join().unwrap();
+    let at_resume = at_resume.lock().unwrap().take();
     Run {
         send,
         recv,
@@ -228,6 +271,7 @@ fn migrate(
         src,
         writes: count.load(Ordering::SeqCst),
         source,
+        at_resume,
     }
 }
 
@@ -235,6 +279,16 @@ fn check_copied(r: Run) {
     let report = r.send.unwrap();
     let recv = r.recv.unwrap();
     assert_eq!(recv.disks, vec![("disk0".to_string(), r.dst.clone())]);
+    // Flushed and under its final name before the target acknowledged the disks, so
+    // before the switch-over: no partial file left.
+    let at_resume = r.at_resume.clone().expect("resumed");
+    assert!(
+        at_resume.contains(&"disk0.img".to_string())
+            && !at_resume
+                .iter()
+                .any(|n| n.ends_with(&format!(".{TAG}.part"))),
+        "{at_resume:?}"
+    );
     assert!(r.writes > 0, "the writer ran");
     // The source is paused at the switch-over (the writer too): its file is final.
     assert!(*r.source.disk_paused.lock().unwrap());
@@ -267,6 +321,37 @@ fn a_disk_written_during_an_encrypted_migration_arrives_byte_for_byte() {
 }
 
 #[test]
+fn partial_copies_a_killed_target_of_the_vm_left_are_removed() {
+    let stale = Arc::new(Mutex::new(Vec::new()));
+    let s2 = stale.clone();
+    let r = migrate("stale", Protection::Plaintext, |_, t| {
+        // What targets killed in the middle of a copy left: this VM's (of this disk and
+        // another) and another VM's.
+        let dir = t.disk_dir.clone().unwrap();
+        let made = [
+            part_path(&dir, "disk0", TAG),
+            part_path(&dir, "disk3", TAG),
+            part_path(&dir, "disk0", "vm-8"),
+        ];
+        for p in &made {
+            std::fs::write(p, b"half a disk").unwrap();
+        }
+        *s2.lock().unwrap() = made.to_vec();
+    });
+    let dir = r.dst.parent().unwrap().to_path_buf();
+    let theirs = stale.lock().unwrap()[2].clone();
+    check_copied(r);
+    assert_eq!(
+        names(&dir),
+        vec![
+            theirs.file_name().unwrap().to_str().unwrap().to_string(),
+            "disk0.img".to_string()
+        ],
+        "this VM's partial copies went, another VM's stayed"
+    );
+}
+
+#[test]
 fn a_disk_written_during_a_plaintext_migration_arrives_byte_for_byte() {
     let r = migrate("plain", Protection::Plaintext, |s, _| s.compress = true);
     check_copied(r);
@@ -280,7 +365,9 @@ fn assert_refused(r: &Run, want: &str) {
         !*r.source.disk_paused.lock().unwrap(),
         "source disk resumed"
     );
-    assert!(!r.dst.exists(), "no partial copy is left");
+    assert!(!r.dst.exists(), "no copy is left");
+    let dir = r.dst.parent().unwrap();
+    assert_eq!(names(dir), Vec::<String>::new(), "no partial copy is left");
     assert!(r.recv.is_err());
     // The source's disk is whole: its data is still there.
     let src = std::fs::read(&r.src).unwrap();
@@ -322,21 +409,31 @@ fn an_existing_target_file_is_refused_and_left_alone() {
 
 #[test]
 fn a_cancelled_copy_leaves_no_target_file_and_the_source_runs_on() {
-    let r = migrate("cancel", Protection::Encrypted, |s, _| {
+    let mid_copy = Arc::new(Mutex::new(None));
+    let seen = mid_copy.clone();
+    let r = migrate("cancel", Protection::Encrypted, |s, t| {
         let (cancel, progress) = (s.cancel.clone(), s.progress.clone());
+        let dir = t.disk_dir.clone().unwrap();
         thread::spawn(move || {
-            // Cancel once disk blocks are moving.
+            // Cancel once disk blocks are moving, noting what the directory holds then.
             for _ in 0..20_000 {
                 if progress.get().disk_bytes_sent > 0 {
                     break;
                 }
                 thread::sleep(Duration::from_micros(100));
             }
+            *seen.lock().unwrap() = Some(names(&dir));
             cancel.cancel();
         });
         s.policy.max_passes = 1000;
         s.policy.max_downtime = Duration::from_nanos(1);
     });
+    // In the middle of the copy the disk has only its partial name: a target killed
+    // then leaves nothing at the name a VM would open.
+    assert_eq!(
+        mid_copy.lock().unwrap().clone(),
+        Some(vec![format!(".disk0.img.{TAG}.part")])
+    );
     assert_refused(&r, "cancelled");
 }
 

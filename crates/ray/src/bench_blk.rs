@@ -70,6 +70,12 @@ struct EngineReport {
     exits_per_request: Stats,
     /// The guest's device interrupts per request.
     irqs_per_request: Stats,
+    /// The guest's queue notifications (kicks: each a VM exit to KVM, served by an
+    /// ioeventfd, so not in `exits_per_request`) per request.
+    kicks_per_request: Stats,
+    /// Interrupts and kicks per request of the queue-depth-32 random reads alone.
+    qd32_irqs_per_request: Stats,
+    qd32_kicks_per_request: Stats,
 }
 
 /// The io_uring engine's guest figures over the worker pool's, run by run (above 1:
@@ -249,6 +255,7 @@ struct Pass {
     bytes: f64,
     secs: f64,
     irqs: f64,
+    kicks: f64,
     exits: f64,
 }
 
@@ -265,6 +272,7 @@ fn pass(g: &mut GuestShell, mode: &str, count: u64, kib: usize, qd: usize) -> an
         bytes: field(&line, "bytes")?,
         secs: field(&line, "ns")? / 1e9,
         irqs: field(&line, "irqs")?,
+        kicks: field(&line, "kicks")?,
         exits: e1.saturating_sub(e0) as f64,
     })
 }
@@ -369,7 +377,7 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 ""
             };
             println!(" engine {engine}{default}:");
-            let rows: [(&str, Stats, &str); 10] = [
+            let rows: [(&str, Stats, &str); 13] = [
                 ("seq read ratio", e.seq_read_ratio, "x"),
                 ("seq write ratio", e.seq_write_ratio, "x"),
                 ("rand read QD32 ratio", e.rand_read_qd32_ratio, "x"),
@@ -380,6 +388,9 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 ("guest rand QD1", e.guest_rand_read_qd1_iops, "IOPS"),
                 ("exits per request", e.exits_per_request, ""),
                 ("irqs per request", e.irqs_per_request, ""),
+                ("kicks per request", e.kicks_per_request, ""),
+                ("QD32 irqs per request", e.qd32_irqs_per_request, ""),
+                ("QD32 kicks per request", e.qd32_kicks_per_request, ""),
             ];
             for (name, s, unit) in rows {
                 print_row(name, s, unit);
@@ -408,12 +419,13 @@ fn guest_passes(
     v: &mut BTreeMap<String, Vec<f64>>,
 ) -> anyhow::Result<()> {
     let seq_count = a.seq / SEQ_REQ as u64;
-    let (mut exits, mut reqs, mut irqs) = (0.0, 0.0, 0.0);
+    let (mut exits, mut reqs, mut irqs, mut kicks) = (0.0, 0.0, 0.0, 0.0);
     let mut guest = |mode: &str, count: u64, kib: usize, qd: usize| -> anyhow::Result<Pass> {
         let p = pass(g, mode, count, kib, qd)?;
         exits += p.exits;
         reqs += p.ops;
         irqs += p.irqs;
+        kicks += p.kicks;
         Ok(p)
     };
     let gr = guest("seq-read", seq_count, SEQ_REQ / 1024, a.seq_qd)?;
@@ -430,6 +442,9 @@ fn guest_passes(
     push("lat", 1e6 / iops(&g1));
     push("exits", exits / reqs);
     push("irqs", irqs / reqs);
+    push("kicks", kicks / reqs);
+    push("irqs32", g32.irqs / g32.ops);
+    push("kicks32", g32.kicks / g32.ops);
     Ok(())
 }
 
@@ -492,6 +507,9 @@ fn measure(
             guest_rand_read_qd1_iops: s("g1"),
             exits_per_request: s("exits"),
             irqs_per_request: s("irqs"),
+            kicks_per_request: s("kicks"),
+            qd32_irqs_per_request: s("irqs32"),
+            qd32_kicks_per_request: s("kicks32"),
         }
     };
     let default_engine = DiskEngine::default().name();

@@ -117,8 +117,17 @@ const URING: &[c_long] = &[
 ];
 
 /// A migration target writing the disks a source copies (`--copy-disks`): sizing the new
-/// sparse file, writing blocks, punching holes for blocks of zeros.
-const DISK_COPY: &[c_long] = &[SYS_pwrite64, SYS_ftruncate, SYS_fallocate, SYS_fdatasync];
+/// sparse file, writing blocks, punching holes for blocks of zeros; once every block is
+/// in, flushing the file, renaming it to its final name without replacing anything
+/// (`renameat2`) and flushing the directory (`fsync`).
+const DISK_COPY: &[c_long] = &[
+    SYS_pwrite64,
+    SYS_ftruncate,
+    SYS_fallocate,
+    SYS_fdatasync,
+    SYS_fsync,
+    SYS_renameat2,
+];
 
 /// Reading files by name (key files, /proc for metrics, snapshot manifests).
 const READ_FILES: &[c_long] = &[

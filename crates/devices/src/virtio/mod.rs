@@ -82,6 +82,15 @@ pub trait VirtioDevice: Send {
         chain: &Chain,
         memory: &(dyn GuestMemory + Send + Sync),
     ) -> Completion;
+    /// While at least this many of a queue's requests are pending, the transport does not
+    /// ask the driver for kicks: each completion takes the requests made available
+    /// meanwhile instead (a deep queue always has a next completion coming), so a driver
+    /// keeping many requests in flight adds them without a VM exit. 0 (the default): kicks
+    /// are always asked for. Only for devices whose completions may serve the queue from
+    /// their own threads ([`Completer::complete`] holds no lock of the device then).
+    fn hold_kicks_at(&self) -> usize {
+        0
+    }
     /// Device reset: forget everything negotiated.
     fn reset(&mut self) {}
     /// Called once, when the transport is shared between threads: what a device needs to
@@ -193,10 +202,26 @@ pub fn serve_queue(
     in_flight: &InFlight,
     warn: &mut dyn FnMut(std::fmt::Arguments<'_>),
 ) -> Served {
+    serve_queue_holding(queue, q, device, mem, in_flight, warn, 0)
+}
+
+/// [`serve_queue`], leaving kicks off when the ring is empty while at least `hold_at`
+/// requests are pending (see [`VirtioDevice::hold_kicks_at`]; 0: never).
+pub fn serve_queue_holding(
+    queue: &mut Queue,
+    q: usize,
+    device: &mut dyn VirtioDevice,
+    mem: &(dyn GuestMemory + Send + Sync),
+    in_flight: &InFlight,
+    warn: &mut dyn FnMut(std::fmt::Arguments<'_>),
+    hold_at: usize,
+) -> Served {
     let mut served = Served::default();
     served.fault = loop {
         let popped = match queue.pop(mem) {
             Ok(Some(p)) => p,
+            // A completion is coming, and it looks again.
+            Ok(None) if hold_at > 0 && queue.pending_count() >= hold_at => break None,
             Ok(None) => match queue.enable_kicks(mem) {
                 Ok(true) => continue,
                 Ok(false) => break None,

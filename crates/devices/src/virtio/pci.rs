@@ -17,7 +17,7 @@ use ray_memory::GuestMemory;
 use super::completer::{Completer, DeviceContext, InFlight, Transport, Used};
 use super::queue::Queue;
 use super::{
-    serve_queue, status, VirtioDevice, WarnLimit, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1,
+    serve_queue_holding, status, VirtioDevice, WarnLimit, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1,
 };
 use crate::interrupt::MsiInterrupts;
 use crate::pci::config::{ConfigSpace, PciId};
@@ -458,21 +458,29 @@ impl VirtioPci {
     /// Serves every available request of queue `q`, then interrupts once if the driver
     /// wants it: a batch of requests costs one interrupt.
     fn process(&mut self, q: usize) {
+        if self.serve(q) {
+            self.interrupt_if_wanted(q);
+        }
+    }
+
+    /// Serves every available request of queue `q` (a ring fault needs a reset); says
+    /// whether used entries were added.
+    fn serve(&mut self, q: usize) -> bool {
         let memory = self.memory.clone();
-        let served = serve_queue(
+        let hold_at = self.device.hold_kicks_at();
+        let served = serve_queue_holding(
             &mut self.queues[q],
             q,
             &mut *self.device,
             &*memory,
             &self.in_flight,
             &mut |m| self.warn.warn(self.name, m),
+            hold_at,
         );
-        if served.used {
-            self.interrupt_if_wanted(q);
-        }
         if let Some(e) = served.fault {
             self.needs_reset(format_args!("queue {q}: {e}"));
         }
+        served.used
     }
 
     /// Interrupts the driver for the used entries of queue `q` if it asked for them.
@@ -498,10 +506,21 @@ impl VirtioPci {
         if !live || !self.queues.get(q).is_some_and(|q| q.ready) {
             return;
         }
-        match self.queues[q].add_completed(&*self.memory, done) {
-            Ok(true) => self.interrupt_if_wanted(q),
-            Ok(false) => {}
-            Err(e) => self.needs_reset(format_args!("queue {q}: {e}")),
+        let mut used = match self.queues[q].add_completed(&*self.memory, done) {
+            Ok(used) => used,
+            Err(e) => return self.needs_reset(format_args!("queue {q}: {e}")),
+        };
+        // A device that holds kicks back while busy takes what the driver added since
+        // (see `VirtioDevice::hold_kicks_at`), with the same interrupt as the completions.
+        if self.device.hold_kicks_at() > 0 {
+            if self.paused {
+                self.kicked[q] = true;
+            } else if self.config.bus_master() {
+                used |= self.serve(q);
+            }
+        }
+        if used {
+            self.interrupt_if_wanted(q);
         }
     }
 

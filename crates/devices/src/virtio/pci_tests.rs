@@ -10,8 +10,8 @@ use crate::interrupt::test_util::Recorder;
 use crate::pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
 use crate::pci::msix::CONTROL_ENABLE;
 use crate::virtio::completer::Used;
-use crate::virtio::queue::tests::{desc, used_elem, used_idx, USED};
-use crate::virtio::queue::{DESC_F_NEXT, DESC_F_WRITE};
+use crate::virtio::queue::tests::{desc, indirect_table, used_elem, used_idx, USED};
+use crate::virtio::queue::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 use crate::virtio::rng::Rng;
 use crate::virtio::Completion;
 
@@ -139,14 +139,20 @@ impl Rig {
     }
 
     fn setup_queue(&mut self, mock: &MockSplitQueue<'_, Mem>, size: u16) {
-        self.w16(0x16, 0);
+        self.setup_queue_at(0, mock, size, USED);
+    }
+
+    /// Sets up queue `q` on `mock`'s descriptor table and available ring, with its used
+    /// ring at `used` and MSI-X vector 1.
+    fn setup_queue_at(&mut self, q: u16, mock: &MockSplitQueue<'_, Mem>, size: u16, used: u64) {
+        self.w16(0x16, q);
         self.w16(0x1a, 1);
         self.w16(0x18, size);
         self.w32(0x20, mock.desc_table_addr().0 as u32);
         self.w32(0x24, 0);
         self.w32(0x28, mock.avail_addr().0 as u32);
         self.w32(0x2c, 0);
-        self.w(0x30, &USED.to_le_bytes());
+        self.w(0x30, &used.to_le_bytes());
         self.w16(0x1c, 1);
     }
 
@@ -442,6 +448,8 @@ fn state_round_trips_and_bad_state_is_refused() {
 struct Deferred {
     taken: Arc<std::sync::Mutex<Vec<u16>>>,
     context: Arc<std::sync::Mutex<Option<DeviceContext>>>,
+    /// Its `hold_kicks_at`.
+    hold: usize,
 }
 
 impl VirtioDevice for Deferred {
@@ -466,6 +474,9 @@ impl VirtioDevice for Deferred {
     fn activate(&mut self, context: DeviceContext) {
         *self.context.lock().unwrap() = Some(context);
     }
+    fn hold_kicks_at(&self) -> usize {
+        self.hold
+    }
 }
 
 /// A rig around [`Deferred`], and the heads it takes and its context once activated.
@@ -473,13 +484,68 @@ type Taken = Arc<std::sync::Mutex<Vec<u16>>>;
 type Context = Arc<std::sync::Mutex<Option<DeviceContext>>>;
 
 fn deferred_rig() -> (Rig, Taken, Context) {
+    deferred_rig_holding(0)
+}
+
+fn deferred_rig_holding(hold: usize) -> (Rig, Taken, Context) {
     let taken = Arc::default();
     let context = Arc::default();
     let r = rig_with(Box::new(Deferred {
         taken: Arc::clone(&taken),
         context: Arc::clone(&context),
+        hold,
     }));
     (r, taken, context)
+}
+
+#[test]
+fn a_busy_device_that_holds_kicks_takes_new_requests_at_completions() {
+    let (mut r, taken, context) = deferred_rig_holding(2);
+    let mock = MockSplitQueue::new(r.mem, 16);
+    r.negotiate(F_VERSION_1 | F_EVENT_IDX);
+    r.setup_queue(&mock, 16);
+    r.driver_ok();
+    let mem = r.mem;
+    let shared = r.share();
+    let completer = completer_of(&context);
+    let avail_event = || {
+        mem.read_obj::<u16>(GuestAddress(USED + 4 + 8 * 16))
+            .unwrap()
+    };
+    let chain = |i: u16| desc(0x10_0000 + 0x1000 * u64::from(i), 32, DESC_F_WRITE, 0);
+    mock.add_desc_chains(&[chain(0), chain(1), chain(2)], 0)
+        .unwrap();
+    r.kick();
+    assert_eq!(*taken.lock().unwrap(), vec![0, 1, 2]);
+    // Three pending, two or more hold kicks back: the driver is not asked to kick.
+    assert_eq!(avail_event(), 0, "no kick asked for while busy");
+
+    // The driver adds a request without kicking; the next completion takes it.
+    mock.add_desc_chains(&[chain(3)], 3).unwrap();
+    completer.complete(0, &[Used { head: 0, len: 32 }]);
+    assert_eq!(*taken.lock().unwrap(), vec![0, 1, 2, 3]);
+    assert_eq!(used_idx(mem), 1);
+    assert_eq!(avail_event(), 0);
+    completer.complete(0, &[Used { head: 1, len: 32 }]);
+    assert_eq!(avail_event(), 0, "two still pending");
+    // One left pending: kicks are asked for again, from the next request on.
+    completer.complete(0, &[Used { head: 2, len: 32 }]);
+    assert_eq!(avail_event(), 4);
+    completer.complete(0, &[Used { head: 3, len: 32 }]);
+    assert_eq!(used_idx(mem), 4);
+    assert_eq!(shared.lock().unwrap().in_flight().count(), 0);
+
+    // Paused, completions serve nothing; resuming serves what came meanwhile.
+    mock.add_desc_chains(&[chain(4), chain(5), chain(6)], 4)
+        .unwrap();
+    r.kick();
+    assert_eq!(taken.lock().unwrap().len(), 7);
+    shared.lock().unwrap().pause();
+    mock.add_desc_chains(&[chain(7)], 7).unwrap();
+    completer.complete(0, &[Used { head: 4, len: 32 }]);
+    assert_eq!(taken.lock().unwrap().len(), 7, "nothing taken while paused");
+    shared.lock().unwrap().resume();
+    assert_eq!(*taken.lock().unwrap().last().unwrap(), 7);
 }
 
 fn completer_of(context: &std::sync::Mutex<Option<DeviceContext>>) -> Completer {
@@ -619,4 +685,254 @@ fn a_virtio_gpu_answers_through_the_transport_and_signals_a_resize() {
     assert_eq!(r.r(DEVICE_CONFIG + 8, 4), 1, "one scanout");
     r.w32(DEVICE_CONFIG + 4, EVENT_DISPLAY);
     assert_eq!(r.r(DEVICE_CONFIG, 4), 0);
+}
+
+// Indirect descriptor tables (VIRTIO_RING_F_INDIRECT_DESC, offered by the transport to
+// every device) with virtio-rng, virtio-net and virtio-vsock behind the transport: a good
+// chain in an indirect table is served, malformed tables fail their chain alone.
+
+/// Where queue `q` of these tests lives: the mock's descriptor table and available ring
+/// from `RINGS + q * 0x2000`, its used ring 0x1000 above them.
+const RINGS: u64 = 0x4_0000;
+
+fn ring_of(r: &Rig, q: u16) -> (MockSplitQueue<'static, Mem>, u64) {
+    let base = RINGS + u64::from(q) * 0x2000;
+    (
+        MockSplitQueue::create(r.mem, GuestAddress(base), 16),
+        base + 0x1000,
+    )
+}
+
+/// (used index, entries as (head, len)) of the used ring at `used`.
+fn used_ring(mem: &Mem, used: u64) -> (u16, Vec<(u32, u32)>) {
+    let idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
+    let entries = (0..u64::from(idx).min(16))
+        .map(|i| {
+            let at = used + 4 + 8 * i;
+            (
+                mem.read_obj(GuestAddress(at)).unwrap(),
+                mem.read_obj(GuestAddress(at + 4)).unwrap(),
+            )
+        })
+        .collect();
+    (idx, entries)
+}
+
+/// Polls the used ring at `used` until it holds `n` entries (devices with an I/O thread
+/// complete from there), at most 10 s; returns them sorted by head.
+fn wait_used(mem: &Mem, used: u64, n: u16) -> Vec<(u32, u32)> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let (idx, mut entries) = used_ring(mem, used);
+        if idx >= n {
+            assert_eq!(idx, n, "more used entries than requests: {entries:?}");
+            entries.sort();
+            return entries;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "{idx} of {n} requests used after 10 s: {entries:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// A buffer that a malformed chain names and that must stay untouched.
+const UNTOUCHED: u64 = 0x15_0000;
+
+/// Makes three malformed indirect chains available at heads `first..first + 3`: a table
+/// that names another table (nested), a table reaching past the end of guest memory, and
+/// a table whose length is no whole number of descriptors. Each table (or the nested
+/// one) names [`UNTOUCHED`] as a device-writable buffer.
+fn add_bad_indirect_chains(r: &Rig, mock: &MockSplitQueue<'_, Mem>, first: u16) {
+    indirect_table(r.mem, 0x17_0000, &[(0x17_1000, 16, DESC_F_INDIRECT, 0)]);
+    indirect_table(r.mem, 0x17_1000, &[(UNTOUCHED, 4096, DESC_F_WRITE, 0)]);
+    indirect_table(
+        r.mem,
+        0x17_2000,
+        &[
+            (UNTOUCHED, 2048, DESC_F_WRITE | DESC_F_NEXT, 1),
+            (UNTOUCHED + 2048, 2048, DESC_F_WRITE, 0),
+        ],
+    );
+    let end = 0x20_0000u64;
+    for (i, d) in [
+        desc(0x17_0000, 16, DESC_F_INDIRECT, 0),
+        desc(end - 16, 32, DESC_F_INDIRECT, 0),
+        desc(0x17_2000, 24, DESC_F_INDIRECT, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        mock.add_desc_chains(&[d], first + i as u16).unwrap();
+    }
+}
+
+/// What [`add_bad_indirect_chains`] must leave: each chain used with nothing written, the
+/// untouched buffer zero, and the device not in NEEDS_RESET.
+fn assert_bad_chains_failed_alone(r: &mut Rig, used: &[(u32, u32)], first: u16) {
+    for h in first..first + 3 {
+        assert!(
+            used.contains(&(u32::from(h), 0)),
+            "malformed chain {h} is used with 0 bytes: {used:?}"
+        );
+    }
+    assert_eq!(r.bytes(UNTOUCHED, 4096), vec![0; 4096], "nothing written");
+    assert_eq!(r.status() & status::NEEDS_RESET, 0, "the device goes on");
+}
+
+fn kick_queue(r: &mut Rig, q: u16) {
+    r.w16(NOTIFY + u64::from(q) * NOTIFY_MULTIPLIER, 0);
+}
+
+#[test]
+fn rng_serves_indirect_chains_and_fails_malformed_tables_alone() {
+    let mut r = rig();
+    r.negotiate(F_VERSION_1 | F_INDIRECT_DESC);
+    assert_eq!(r.status() & status::FEATURES_OK, status::FEATURES_OK);
+    let (mock, used) = ring_of(&r, 0);
+    r.setup_queue_at(0, &mock, 16, used);
+    r.driver_ok();
+    indirect_table(
+        r.mem,
+        0x18_0000,
+        &[
+            (0x10_0000, 16, DESC_F_WRITE | DESC_F_NEXT, 1),
+            (0x10_1000, 48, DESC_F_WRITE, 0),
+        ],
+    );
+    mock.add_desc_chains(&[desc(0x18_0000, 32, DESC_F_INDIRECT, 0)], 0)
+        .unwrap();
+    add_bad_indirect_chains(&r, &mock, 1);
+    // A good chain after the bad ones: the queue goes on.
+    indirect_table(r.mem, 0x18_1000, &[(0x10_2000, 8, DESC_F_WRITE, 0)]);
+    mock.add_desc_chains(&[desc(0x18_1000, 16, DESC_F_INDIRECT, 0)], 4)
+        .unwrap();
+    kick_queue(&mut r, 0);
+    let got = wait_used(r.mem, used, 5);
+    assert!(got.contains(&(0, 64)) && got.contains(&(4, 8)), "{got:?}");
+    assert_ne!(r.bytes(0x10_0000, 16), vec![0; 16]);
+    assert_ne!(r.bytes(0x10_1000, 48), vec![0; 48]);
+    assert_ne!(r.bytes(0x10_2000, 8), vec![0; 8]);
+    assert_bad_chains_failed_alone(&mut r, &got, 1);
+}
+
+#[test]
+fn net_serves_indirect_chains_both_ways_and_fails_malformed_tables_alone() {
+    use crate::virtio::net::Net;
+    use std::os::unix::net::UnixDatagram;
+
+    // The NIC's backend: one end of a datagram socket pair (a packet per datagram, as a
+    // TAP gives), the test holding the other.
+    let (tap, wire) = UnixDatagram::pair().unwrap();
+    tap.set_nonblocking(true).unwrap();
+    wire.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let net = Net::new(
+        [2, 0, 0, 0, 0, 7],
+        std::fs::File::from(std::os::fd::OwnedFd::from(tap)),
+        Default::default(),
+        None,
+    )
+    .unwrap();
+    let mut r = rig_with(Box::new(net));
+    r.negotiate(F_VERSION_1 | F_INDIRECT_DESC);
+    assert_eq!(r.status() & status::FEATURES_OK, status::FEATURES_OK);
+    let (rx, rx_used) = ring_of(&r, 0);
+    let (tx, tx_used) = ring_of(&r, 1);
+    r.setup_queue_at(0, &rx, 16, rx_used);
+    r.setup_queue_at(1, &tx, 16, tx_used);
+    r.driver_ok();
+    r.share();
+
+    // Transmit: the 12-byte header and a 60-byte frame, both in one indirect table.
+    let frame: Vec<u8> = (0..60u8).collect();
+    r.mem
+        .write_slice(&[0; 12], GuestAddress(0x11_0000))
+        .unwrap();
+    r.mem.write_slice(&frame, GuestAddress(0x11_1000)).unwrap();
+    indirect_table(
+        r.mem,
+        0x18_0000,
+        &[(0x11_0000, 12, DESC_F_NEXT, 1), (0x11_1000, 60, 0, 0)],
+    );
+    tx.add_desc_chains(&[desc(0x18_0000, 32, DESC_F_INDIRECT, 0)], 0)
+        .unwrap();
+    kick_queue(&mut r, 1);
+    let mut got = [0u8; 256];
+    let n = wire.recv(&mut got).unwrap();
+    assert_eq!(&got[..12], &[0; 12]);
+    assert_eq!(&got[12..n], &frame[..]);
+    assert_eq!(wait_used(r.mem, tx_used, 1), vec![(0, 0)]);
+
+    // Receive: a header buffer and a frame buffer in one indirect table; malformed tables
+    // around it on the same queue.
+    indirect_table(
+        r.mem,
+        0x18_1000,
+        &[
+            (0x12_0000, 12, DESC_F_WRITE | DESC_F_NEXT, 1),
+            (0x12_1000, 1514, DESC_F_WRITE, 0),
+        ],
+    );
+    rx.add_desc_chains(&[desc(0x18_1000, 32, DESC_F_INDIRECT, 0)], 0)
+        .unwrap();
+    add_bad_indirect_chains(&r, &rx, 1);
+    kick_queue(&mut r, 0);
+    let mut packet = vec![0u8; 12];
+    packet.extend((0..100u8).map(|b| b ^ 0x5a));
+    wire.send(&packet).unwrap();
+    let used = wait_used(r.mem, rx_used, 4);
+    assert!(used.contains(&(0, 112)), "{used:?}");
+    assert_eq!(r.bytes(0x12_1000, 100), packet[12..]);
+    assert_bad_chains_failed_alone(&mut r, &used, 1);
+}
+
+#[test]
+fn vsock_serves_indirect_chains_and_fails_malformed_tables_alone() {
+    use crate::virtio::vsock::packet::{op, Header, HDR_LEN};
+    use crate::virtio::vsock::Vsock;
+    use std::io::Write;
+
+    let dir = std::env::temp_dir().join(format!("ray-vsock-indirect-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("v.sock");
+    let mut r = rig_with(Box::new(Vsock::new(3, socket.clone()).unwrap()));
+    r.negotiate(F_VERSION_1 | F_INDIRECT_DESC);
+    assert_eq!(r.status() & status::FEATURES_OK, status::FEATURES_OK);
+    let rings: Vec<_> = (0..3).map(|q| ring_of(&r, q)).collect();
+    for (q, (mock, used)) in rings.iter().enumerate() {
+        r.setup_queue_at(q as u16, mock, 16, *used);
+    }
+    r.driver_ok();
+    r.share();
+    let (rx, rx_used) = &rings[0];
+
+    // A receive buffer split over an indirect table: the packet header (44 bytes) and
+    // room for data.
+    indirect_table(
+        r.mem,
+        0x18_0000,
+        &[
+            (0x12_0000, HDR_LEN as u32, DESC_F_WRITE | DESC_F_NEXT, 1),
+            (0x12_1000, 4096, DESC_F_WRITE, 0),
+        ],
+    );
+    rx.add_desc_chains(&[desc(0x18_0000, 32, DESC_F_INDIRECT, 0)], 0)
+        .unwrap();
+    add_bad_indirect_chains(&r, rx, 1);
+    kick_queue(&mut r, 0);
+    // A host process connects to guest port 5000: the device writes the guest a REQUEST
+    // into the indirect buffer.
+    let mut host = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    host.write_all(b"CONNECT 5000\n").unwrap();
+    let used = wait_used(r.mem, *rx_used, 4);
+    assert!(used.contains(&(0, HDR_LEN as u32)), "{used:?}");
+    let h = Header::parse(&r.bytes(0x12_0000, HDR_LEN)).unwrap();
+    assert_eq!((h.op, h.dst_cid, h.dst_port), (op::REQUEST, 3, 5000));
+    assert_bad_chains_failed_alone(&mut r, &used, 1);
+    drop(host);
+    drop(r);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -147,6 +147,11 @@ impl Queue {
         self.pending.insert(head);
     }
 
+    /// Requests taken and not completed yet.
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Whether `head` was pending (it no longer is): a completion for it may be published.
     pub fn settle(&mut self, head: u16) -> bool {
         self.pending.remove(&head)

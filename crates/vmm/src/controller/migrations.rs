@@ -213,6 +213,11 @@ impl Controller {
             Some(d) => Some(check_disk_dir(d).map_err(ControllerError::invalid)?),
             None => None,
         };
+        if disk_dir.is_some() {
+            if let Some(p) = ray_migration::disk::tag_problem(&self.id) {
+                return Err(ControllerError::invalid(p));
+            }
+        }
         let given = self.config.clone();
         if let Some(c) = &given {
             config::validate_shape(c, config::host_memory())
@@ -244,7 +249,19 @@ impl Controller {
         cfg.protection = ray_migration::Protection::for_endpoint(&endpoint, insecure_plaintext);
         cfg.progress = handle.progress.clone();
         cfg.cancel = handle.cancel.clone();
+        if let Some(dir) = &disk_dir {
+            // Partial copies a killed target of this VM left go now (and again when the
+            // disks are announced).
+            match ray_migration::disk::remove_stale_parts(dir, &self.id) {
+                Ok(gone) if !gone.is_empty() => {
+                    tracing::info!(files = ?gone, "removed partial disk copies an earlier target of this VM left")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
         cfg.disk_dir = disk_dir;
+        cfg.disk_tag = self.id.clone();
         self.apply(VmAction::MigrateIn, &format!("migrate:listen on {local}"))?;
         if let Some(p) = &prepared {
             let prefault = prefault.then(|| crate::prefault::spawn(p.memory.ram().clone()));
