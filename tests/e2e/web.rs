@@ -3,6 +3,7 @@
 //! the page, serial and noVNC consoles compared with the screenshot API, a viewer refused
 //! by the server, a snapshot, a same-host live migration followed by the progress bar).
 //! Page screenshots are saved under target/web-artifacts.
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -88,8 +89,8 @@ fn kill_vmms(env: &Env) {
     }
 }
 
-#[test]
-fn the_dashboard_and_consoles_work_in_chromium() {
+/// The npm packages in web/ and Debian's chromium, both required: these tests do not skip.
+fn browser_ready() -> PathBuf {
     assert!(
         Path::new(CHROMIUM).is_file(),
         "{CHROMIUM} is missing: scripts/setup installs Debian's chromium; this test does not skip"
@@ -100,21 +101,39 @@ fn the_dashboard_and_consoles_work_in_chromium() {
         "{}/node_modules is missing: run scripts/setup (npm ci in web/)",
         web_dir.display()
     );
+    web_dir
+}
+
+/// Runs the browser script `script` of web/ with the settings `vars`; prints its output.
+fn node(web_dir: &Path, script: &str, vars: &[(&str, &OsStr)]) -> std::process::Output {
+    let out = Command::new("node")
+        .arg(web_dir.join(script))
+        .current_dir(web_dir)
+        .envs(vars.iter().copied())
+        .output()
+        .expect("cannot run node (scripts/setup installs it)");
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    out
+}
+
+#[test]
+fn the_dashboard_and_consoles_work_in_chromium() {
+    let web_dir = browser_ready();
     let env = Env::new("web");
     let tokens = tokens_file(&env);
     let server = start_web(&env, &tokens);
     let artifacts = repo().join("target/web-artifacts");
-    let out = Command::new("node")
-        .arg(web_dir.join("tests/browser.mjs"))
-        .current_dir(&web_dir)
-        .env("RAY_WEB_URL", &server.url)
-        .env("RAY_WEB_ADMIN", ADMIN)
-        .env("RAY_WEB_VIEWER", VIEWER)
-        .env("RAY_WEB_ARTIFACTS", &artifacts)
-        .output()
-        .expect("cannot run node (scripts/setup installs it)");
+    let out = node(
+        &web_dir,
+        "tests/browser.mjs",
+        &[
+            ("RAY_WEB_URL", server.url.as_ref()),
+            ("RAY_WEB_ADMIN", ADMIN.as_ref()),
+            ("RAY_WEB_VIEWER", VIEWER.as_ref()),
+            ("RAY_WEB_ARTIFACTS", artifacts.as_ref()),
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
     kill_vmms(&env);
     assert!(
         out.status.success(),
@@ -189,16 +208,7 @@ fn plain_http_answer(addr: &str) -> Vec<u8> {
 
 #[test]
 fn the_dashboard_and_consoles_work_over_https_in_chromium() {
-    assert!(
-        Path::new(CHROMIUM).is_file(),
-        "{CHROMIUM} is missing: scripts/setup installs Debian's chromium; this test does not skip"
-    );
-    let web_dir = repo().join("web");
-    assert!(
-        web_dir.join("node_modules/playwright-core").is_dir(),
-        "{}/node_modules is missing: run scripts/setup (npm ci in web/)",
-        web_dir.display()
-    );
+    let web_dir = browser_ready();
     let env = Env::new("web-tls");
     let tokens = tokens_file(&env);
     let (cert, key) = self_signed(&env.runtime, "web");
@@ -225,16 +235,16 @@ fn the_dashboard_and_consoles_work_over_https_in_chromium() {
         "a plain-HTTP request to the TLS port was answered: {text:?}"
     );
     let artifacts = repo().join("target/web-artifacts");
-    let out = Command::new("node")
-        .arg(web_dir.join("tests/tls.mjs"))
-        .current_dir(&web_dir)
-        .env("RAY_WEB_URL", &server.url)
-        .env("RAY_WEB_ADMIN", ADMIN)
-        .env("RAY_WEB_ARTIFACTS", &artifacts)
-        .output()
-        .expect("cannot run node (scripts/setup installs it)");
+    let out = node(
+        &web_dir,
+        "tests/tls.mjs",
+        &[
+            ("RAY_WEB_URL", server.url.as_ref()),
+            ("RAY_WEB_ADMIN", ADMIN.as_ref()),
+            ("RAY_WEB_ARTIFACTS", artifacts.as_ref()),
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
     kill_vmms(&env);
     assert!(
         out.status.success(),
@@ -434,16 +444,7 @@ fn cluster_json(env: &Env, args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn the_hosts_page_shows_the_cluster_and_cordons_and_drains_in_chromium() {
-    assert!(
-        Path::new(CHROMIUM).is_file(),
-        "{CHROMIUM} is missing: scripts/setup installs Debian's chromium; this test does not skip"
-    );
-    let web_dir = repo().join("web");
-    assert!(
-        web_dir.join("node_modules/playwright-core").is_dir(),
-        "{}/node_modules is missing: run scripts/setup (npm ci in web/)",
-        web_dir.display()
-    );
+    let web_dir = browser_ready();
     let env = Env::new("web-hosts");
     let tokens = tokens_file(&env);
     // Single-host mode: the controller serves its store on <runtime>/cluster/store.sock.
@@ -457,19 +458,19 @@ fn the_hosts_page_shows_the_cluster_and_cordons_and_drains_in_chromium() {
     let server = start_web_with(&env, &tokens, &["--cluster"]);
     env.ray_ok(&["cluster", "vm", "create", "webclu", "--memory-mib", "128"]);
     let artifacts = repo().join("target/web-artifacts");
-    let out = Command::new("node")
-        .arg(web_dir.join("tests/hosts.mjs"))
-        .current_dir(&web_dir)
-        .env("RAY_WEB_URL", &server.url)
-        .env("RAY_WEB_ADMIN", ADMIN)
-        .env("RAY_WEB_VIEWER", VIEWER)
-        .env("RAY_WEB_ARTIFACTS", &artifacts)
-        .env("RAY_WEB_HOST", "web-host")
-        .env("RAY_WEB_CLUSTER_VM", "webclu")
-        .output()
-        .expect("cannot run node (scripts/setup installs it)");
+    let out = node(
+        &web_dir,
+        "tests/hosts.mjs",
+        &[
+            ("RAY_WEB_URL", server.url.as_ref()),
+            ("RAY_WEB_ADMIN", ADMIN.as_ref()),
+            ("RAY_WEB_VIEWER", VIEWER.as_ref()),
+            ("RAY_WEB_ARTIFACTS", artifacts.as_ref()),
+            ("RAY_WEB_HOST", "web-host".as_ref()),
+            ("RAY_WEB_CLUSTER_VM", "webclu".as_ref()),
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
     // What the page did is what the cluster store holds: the host Ready (uncordoned, its
     // drain aborted), the VM still placed on it.
     let status = cluster_json(&env, &["cluster", "status", "--json"]);
@@ -541,16 +542,7 @@ impl Drop for ReapHosts {
 
 #[test]
 fn the_hosts_page_drains_a_host_to_the_other_in_chromium() {
-    assert!(
-        Path::new(CHROMIUM).is_file(),
-        "{CHROMIUM} is missing: scripts/setup installs Debian's chromium; this test does not skip"
-    );
-    let web_dir = repo().join("web");
-    assert!(
-        web_dir.join("node_modules/playwright-core").is_dir(),
-        "{}/node_modules is missing: run scripts/setup (npm ci in web/)",
-        web_dir.display()
-    );
+    let web_dir = browser_ready();
     let env = Env::new("web-drain");
     let tokens = tokens_file(&env);
     let key = env.runtime.join("migration.key");
@@ -581,19 +573,19 @@ fn the_hosts_page_drains_a_host_to_the_other_in_chromium() {
     });
     let to = if from == "h1" { "h2" } else { "h1" };
     let artifacts = repo().join("target/web-artifacts");
-    let out = Command::new("node")
-        .arg(web_dir.join("tests/hosts-drain.mjs"))
-        .current_dir(&web_dir)
-        .env("RAY_WEB_URL", &server.url)
-        .env("RAY_WEB_ADMIN", ADMIN)
-        .env("RAY_WEB_ARTIFACTS", &artifacts)
-        .env("RAY_WEB_FROM", &from)
-        .env("RAY_WEB_TO", to)
-        .env("RAY_WEB_CLUSTER_VM", "dr1")
-        .output()
-        .expect("cannot run node (scripts/setup installs it)");
+    let out = node(
+        &web_dir,
+        "tests/hosts-drain.mjs",
+        &[
+            ("RAY_WEB_URL", server.url.as_ref()),
+            ("RAY_WEB_ADMIN", ADMIN.as_ref()),
+            ("RAY_WEB_ARTIFACTS", artifacts.as_ref()),
+            ("RAY_WEB_FROM", from.as_ref()),
+            ("RAY_WEB_TO", to.as_ref()),
+            ("RAY_WEB_CLUSTER_VM", "dr1".as_ref()),
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
     let vms = cluster_json(&env, &["cluster", "vms", "--json"]);
     assert!(
         out.status.success(),
@@ -624,30 +616,21 @@ fn the_hosts_page_drains_a_host_to_the_other_in_chromium() {
 
 #[test]
 fn the_console_resolution_follows_the_browser_window() {
-    assert!(
-        Path::new(CHROMIUM).is_file(),
-        "{CHROMIUM} is missing: scripts/setup installs Debian's chromium; this test does not skip"
-    );
-    let web_dir = repo().join("web");
-    assert!(
-        web_dir.join("node_modules/playwright-core").is_dir(),
-        "{}/node_modules is missing: run scripts/setup (npm ci in web/)",
-        web_dir.display()
-    );
+    let web_dir = browser_ready();
     let env = Env::new("web-resize");
     let tokens = tokens_file(&env);
     let server = start_web(&env, &tokens);
     let artifacts = repo().join("target/web-artifacts");
-    let out = Command::new("node")
-        .arg(web_dir.join("tests/resize.mjs"))
-        .current_dir(&web_dir)
-        .env("RAY_WEB_URL", &server.url)
-        .env("RAY_WEB_ADMIN", ADMIN)
-        .env("RAY_WEB_ARTIFACTS", &artifacts)
-        .output()
-        .expect("cannot run node (scripts/setup installs it)");
+    let out = node(
+        &web_dir,
+        "tests/resize.mjs",
+        &[
+            ("RAY_WEB_URL", server.url.as_ref()),
+            ("RAY_WEB_ADMIN", ADMIN.as_ref()),
+            ("RAY_WEB_ARTIFACTS", artifacts.as_ref()),
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
     kill_vmms(&env);
     assert!(
         out.status.success(),

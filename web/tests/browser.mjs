@@ -4,37 +4,16 @@
 //   RAY_WEB_ADMIN      an admin token;  RAY_WEB_VIEWER  a viewer token
 //   RAY_WEB_ARTIFACTS  where the page screenshots go
 // Every step asserts what it sees; any failure throws and the process exits non-zero.
-import { existsSync, mkdirSync } from 'node:fs';
-import { chromium } from 'playwright-core';
+import { check, launch, need } from './common.mjs';
 
-const CHROMIUM = '/usr/bin/chromium';
 const url = need('RAY_WEB_URL');
 const adminToken = need('RAY_WEB_ADMIN');
 const viewerToken = need('RAY_WEB_VIEWER');
 const artifacts = need('RAY_WEB_ARTIFACTS');
 const VM = 'webvm';
 
-function need(name) {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set: this script is run by the e2e test tests/e2e/web.rs`);
-  return v;
-}
 
-function check(cond, what) {
-  if (!cond) throw new Error(`FAILED: ${what}`);
-  console.log(`ok: ${what}`);
-}
-
-if (!existsSync(CHROMIUM)) {
-  throw new Error(`${CHROMIUM} is missing: scripts/setup installs Debian's chromium (apt-get install chromium)`);
-}
-mkdirSync(artifacts, { recursive: true });
-
-const browser = await chromium.launch({
-  executablePath: CHROMIUM,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch(artifacts);
 
 async function shot(page, name) {
   await page.screenshot({ path: `${artifacts}/${name}.png`, fullPage: true });

@@ -4,10 +4,8 @@
 // Run by the e2e test `web::the_hosts_page_drains_...` (tests/e2e/web.rs), which passes:
 //   RAY_WEB_URL, RAY_WEB_ADMIN, RAY_WEB_ARTIFACTS (as browser.mjs)
 //   RAY_WEB_FROM, RAY_WEB_TO  the host the VM runs on and the other;  RAY_WEB_CLUSTER_VM  the VM
-import { existsSync, mkdirSync } from 'node:fs';
-import { chromium } from 'playwright-core';
+import { check, launch, need } from './common.mjs';
 
-const CHROMIUM = '/usr/bin/chromium';
 const url = need('RAY_WEB_URL');
 const adminToken = need('RAY_WEB_ADMIN');
 const artifacts = need('RAY_WEB_ARTIFACTS');
@@ -15,27 +13,8 @@ const FROM = need('RAY_WEB_FROM');
 const TO = need('RAY_WEB_TO');
 const VM = need('RAY_WEB_CLUSTER_VM');
 
-function need(name) {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set: this script is run by the e2e test tests/e2e/web.rs`);
-  return v;
-}
 
-function check(cond, what) {
-  if (!cond) throw new Error(`FAILED: ${what}`);
-  console.log(`ok: ${what}`);
-}
-
-if (!existsSync(CHROMIUM)) {
-  throw new Error(`${CHROMIUM} is missing: scripts/setup installs Debian's chromium (apt-get install chromium)`);
-}
-mkdirSync(artifacts, { recursive: true });
-
-const browser = await chromium.launch({
-  executablePath: CHROMIUM,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch(artifacts);
 
 const row = (h) => `#hosts tr[data-host="${h}"]`;
 

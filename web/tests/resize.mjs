@@ -8,36 +8,15 @@
 //   RAY_WEB_ADMIN      an admin token
 //   RAY_WEB_ARTIFACTS  where the page screenshots go
 // Every step asserts what it sees; any failure throws and the process exits non-zero.
-import { existsSync, mkdirSync } from 'node:fs';
-import { chromium } from 'playwright-core';
+import { check, launch, need } from './common.mjs';
 
-const CHROMIUM = '/usr/bin/chromium';
 const url = need('RAY_WEB_URL');
 const adminToken = need('RAY_WEB_ADMIN');
 const artifacts = need('RAY_WEB_ARTIFACTS');
 const VM = 'resizevm';
 
-function need(name) {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set: this script is run by the e2e test tests/e2e/web.rs`);
-  return v;
-}
 
-function check(cond, what) {
-  if (!cond) throw new Error(`FAILED: ${what}`);
-  console.log(`ok: ${what}`);
-}
-
-if (!existsSync(CHROMIUM)) {
-  throw new Error(`${CHROMIUM} is missing: scripts/setup installs Debian's chromium (apt-get install chromium)`);
-}
-mkdirSync(artifacts, { recursive: true });
-
-const browser = await chromium.launch({
-  executablePath: CHROMIUM,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch(artifacts);
 
 // The console's box, its noVNC canvas and the screenshot API's PNG of the display: sizes,
 // and whether the canvas shows the PNG's pixels.

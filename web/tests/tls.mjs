@@ -6,37 +6,16 @@
 //   RAY_WEB_ARTIFACTS  where the page screenshots go
 // Login, a VM started from the page and listed live, and the noVNC console over wss://
 // compared pixel for pixel with the screenshot API.
-import { existsSync, mkdirSync } from 'node:fs';
-import { chromium } from 'playwright-core';
+import { check, launch, need } from './common.mjs';
 
-const CHROMIUM = '/usr/bin/chromium';
 const url = need('RAY_WEB_URL');
 const adminToken = need('RAY_WEB_ADMIN');
 const artifacts = need('RAY_WEB_ARTIFACTS');
 const VM = 'tlsvm';
 
-function need(name) {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set: this script is run by the e2e test tests/e2e/web.rs`);
-  return v;
-}
-
-function check(cond, what) {
-  if (!cond) throw new Error(`FAILED: ${what}`);
-  console.log(`ok: ${what}`);
-}
-
-if (!existsSync(CHROMIUM)) {
-  throw new Error(`${CHROMIUM} is missing: scripts/setup installs Debian's chromium (apt-get install chromium)`);
-}
 check(url.startsWith('https://'), `the server is addressed over https (${url})`);
-mkdirSync(artifacts, { recursive: true });
 
-const browser = await chromium.launch({
-  executablePath: CHROMIUM,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch(artifacts);
 
 try {
   // The certificate is self-signed for this test: the browser is told to accept it.
