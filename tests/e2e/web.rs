@@ -116,6 +116,26 @@ fn node(web_dir: &Path, script: &str, vars: &[(&str, &OsStr)]) -> std::process::
     out
 }
 
+/// Asserts that the browser script of `what` succeeded and printed `marker`.
+fn passed(out: &std::process::Output, what: &str, marker: &str) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(marker), "{stdout}");
+}
+
+/// Asserts that a screenshot of each page was saved as a test artifact.
+fn saved(artifacts: &Path, pages: &[&str]) {
+    for page in pages {
+        let png = artifacts.join(format!("{page}.png"));
+        assert!(png.is_file(), "{} was not saved", png.display());
+    }
+}
+
 #[test]
 fn the_dashboard_and_consoles_work_in_chromium() {
     let web_dir = browser_ready();
@@ -133,27 +153,20 @@ fn the_dashboard_and_consoles_work_in_chromium() {
             ("RAY_WEB_ARTIFACTS", artifacts.as_ref()),
         ],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
     kill_vmms(&env);
-    assert!(
-        out.status.success(),
-        "the browser test failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+    passed(&out, "the browser test", "browser test: all passed");
+    saved(
+        &artifacts,
+        &[
+            "login",
+            "vm-list",
+            "vm-detail",
+            "serial-console",
+            "graphical-console",
+            "migration-done",
+            "vm-list-phone",
+        ],
     );
-    assert!(stdout.contains("browser test: all passed"), "{stdout}");
-    for page in [
-        "login",
-        "vm-list",
-        "vm-detail",
-        "serial-console",
-        "graphical-console",
-        "migration-done",
-        "vm-list-phone",
-    ] {
-        let png = artifacts.join(format!("{page}.png"));
-        assert!(png.is_file(), "{} was not saved", png.display());
-    }
 }
 
 /// A self-signed certificate for localhost and 127.0.0.1 (openssl, as an operator would
@@ -244,24 +257,21 @@ fn the_dashboard_and_consoles_work_over_https_in_chromium() {
             ("RAY_WEB_ARTIFACTS", artifacts.as_ref()),
         ],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
     kill_vmms(&env);
-    assert!(
-        out.status.success(),
-        "the https browser test failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+    passed(
+        &out,
+        "the https browser test",
+        "tls browser test: all passed",
     );
-    assert!(stdout.contains("tls browser test: all passed"), "{stdout}");
     // The H.264 viewer's encode session ended with its WebSocket: its stream file is gone.
     let h264 = env.runtime.join("web/h264");
     wait_for("the H.264 viewer's stream file removed", || {
         std::fs::read_dir(&h264).is_ok_and(|d| d.count() == 0)
     });
-    for page in ["https-vm-list", "https-graphical-console", "h264-viewer"] {
-        let png = artifacts.join(format!("{page}.png"));
-        assert!(png.is_file(), "{} was not saved", png.display());
-    }
+    saved(
+        &artifacts,
+        &["https-vm-list", "https-graphical-console", "h264-viewer"],
+    );
 }
 
 #[test]
@@ -492,10 +502,10 @@ fn the_hosts_page_shows_the_cluster_and_cordons_and_drains_in_chromium() {
     assert_eq!(status["hosts"]["Ready"], 1, "{status}");
     assert_eq!(vms[0]["vm"], "webclu", "{vms}");
     assert_eq!(vms[0]["host"], "web-host", "{vms}");
-    for page in ["hosts", "hosts-phone", "hosts-cordoned", "hosts-draining"] {
-        let png = artifacts.join(format!("{page}.png"));
-        assert!(png.is_file(), "{} was not saved", png.display());
-    }
+    saved(
+        &artifacts,
+        &["hosts", "hosts-phone", "hosts-cordoned", "hosts-draining"],
+    );
 }
 
 /// An agent for host `host` whose VMs live in `<runtime>/<host>`, on the single-host store
@@ -630,17 +640,10 @@ fn the_console_resolution_follows_the_browser_window() {
             ("RAY_WEB_ARTIFACTS", artifacts.as_ref()),
         ],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
     kill_vmms(&env);
-    assert!(
-        out.status.success(),
-        "the browser resize test failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+    passed(&out, "the browser resize test", "resize test: all passed");
+    saved(
+        &artifacts,
+        &["console-follows-1024x640", "console-follows-1280x720"],
     );
-    assert!(stdout.contains("resize test: all passed"), "{stdout}");
-    for page in ["console-follows-1024x640", "console-follows-1280x720"] {
-        let png = artifacts.join(format!("{page}.png"));
-        assert!(png.is_file(), "{} was not saved", png.display());
-    }
 }
