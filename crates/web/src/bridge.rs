@@ -17,6 +17,16 @@ use crate::{vmm, Role};
 /// Most displays a VM has (the display layer's limit).
 const MAX_DISPLAYS: u32 = 16;
 
+/// The display number of a request path, checked against the display layer's limit.
+pub(crate) fn display_number(n: &str) -> Result<u32, Refusal> {
+    n.parse().ok().filter(|n| *n < MAX_DISPLAYS).ok_or_else(|| {
+        Refusal::invalid(format!(
+            "display '{n}' is not a display number (0 to {})",
+            MAX_DISPLAYS - 1
+        ))
+    })
+}
+
 /// `GET /api/vms/{id}/vnc/{n}` (WebSocket): RFB bytes both ways.
 pub async fn vnc(
     State(web): State<Arc<Web>>,
@@ -26,16 +36,7 @@ pub async fn vnc(
 ) -> Reply {
     let user = web.user(&headers, Role::Viewer)?;
     let vm = web.live_vm(&id)?;
-    let n: u32 = n
-        .parse()
-        .ok()
-        .filter(|n| *n < MAX_DISPLAYS)
-        .ok_or_else(|| {
-            Refusal::invalid(format!(
-                "display '{n}' is not a display number (0 to {})",
-                MAX_DISPLAYS - 1
-            ))
-        })?;
+    let n = display_number(&n)?;
     let name = if user.role >= Role::Operator {
         format!("vnc-{n}.sock")
     } else {

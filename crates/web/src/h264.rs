@@ -25,8 +25,6 @@ const POLL: Duration = Duration::from_millis(50);
 /// The viewer's bit rate and frame rate (the encode API's bounds apply).
 const BITRATE: u64 = 1_000_000;
 const FPS: u32 = 15;
-/// Most displays a VM has (the display layer's limit).
-const MAX_DISPLAYS: u32 = 16;
 
 static STREAMS: AtomicU64 = AtomicU64::new(0);
 
@@ -38,16 +36,7 @@ pub async fn stream(
 ) -> Reply {
     let user = web.user(&headers, Role::Viewer)?;
     let vm = web.live_vm(&id)?;
-    let n: u32 = n
-        .parse()
-        .ok()
-        .filter(|n| *n < MAX_DISPLAYS)
-        .ok_or_else(|| {
-            Refusal::invalid(format!(
-                "display '{n}' is not a display number (0 to {})",
-                MAX_DISPLAYS - 1
-            ))
-        })?;
+    let n = crate::bridge::display_number(&n)?;
     let dir = web.opts.state_dir.join("h264");
     std::fs::create_dir_all(&dir)
         .map_err(|e| Refusal::failed(format!("cannot create {}: {e}", dir.display())))?;
