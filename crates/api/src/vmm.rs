@@ -194,6 +194,7 @@ pub struct NumaMigrationConfig {
     pub window_ms: u64,
     /// Most bytes moved per second, MiB/s (positive).
     #[serde(default = "default_rate_limit")]
+    #[schema(exclusive_minimum = 0.0)]
     pub rate_limit_mib_s: f64,
 }
 
@@ -236,6 +237,7 @@ pub struct NumaPolicyRequest {
     pub window_ms: Option<u64>,
     /// Most bytes moved per second, MiB/s (positive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0.0)]
     pub rate_limit_mib_s: Option<f64>,
     /// The attribution source. The dirty rings exist from before the vCPUs to the VM's
     /// end, so a running VM keeps the one it started with: only that value is accepted.

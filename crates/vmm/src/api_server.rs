@@ -146,6 +146,15 @@ pub fn parse_body<T: DeserializeOwned>(endpoint: &str, body: &[u8]) -> Result<T,
             "{endpoint} needs a JSON body, and the request had none"
         )));
     }
+    // Every body is an object: serde would also fill a struct from an array of its
+    // fields' values (`[null, null]`), which no client means.
+    let text = body.trim_ascii_start();
+    if !text.starts_with(b"{") {
+        return Err(ControllerError::invalid(format!(
+            "invalid JSON body for {endpoint}: it must be a JSON object, and it starts with {:?}",
+            String::from_utf8_lossy(&text[..text.len().min(16)])
+        )));
+    }
     serde_json::from_slice(body)
         .map_err(|e| ControllerError::invalid(format!("invalid JSON body for {endpoint}: {e}")))
 }
@@ -1608,6 +1617,12 @@ mod tests {
         assert!(e.to_string().contains("unknown field `timeout`"), "{e}");
         let e = parse_body::<StopRequest>("PUT /vm/stop", b"{\"timeout_ms\": -1}").unwrap_err();
         assert!(e.to_string().contains("invalid value: integer `-1`"), "{e}");
+        // A struct's fields as an array are not an object.
+        let e = parse_body::<StopRequest>("PUT /vm/stop", b" [null]").unwrap_err();
+        assert!(e.to_string().contains("must be a JSON object"), "{e}");
+        let e =
+            parse_body::<NumaPolicyRequest>("PUT /vm/numa/policy", b"[null, null]").unwrap_err();
+        assert!(e.to_string().contains("must be a JSON object"), "{e}");
     }
 
     #[test]

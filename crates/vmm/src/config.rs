@@ -183,24 +183,24 @@ pub fn validate(config: &VmConfig, host_mem: u64) -> Result<BootSpec, ConfigErro
     Ok(spec)
 }
 
-/// The page migration policy needs the rings' attribution and guest nodes to act on, a
-/// window of at least 100 ms and a positive rate limit.
+/// The page migration policy needs a window of at least 100 ms and a positive rate limit
+/// (also while it is off: a value given is a value checked), and, unless it is off, the
+/// rings' attribution and guest nodes to act on.
 pub fn check_numa_migration(config: &VmConfig) -> Result<(), ConfigError> {
     let m = &config.numa_migration;
-    if m.mode == ray_api::vmm::NumaMigrationMode::Off {
-        return Ok(());
-    }
-    let why = if config.numa_attribution != ray_api::vmm::NumaAttribution::Ring {
-        "it needs numa_attribution ring (--numa-attribution ring)".to_string()
-    } else if config.numa.is_empty() {
-        "it needs guest NUMA nodes (--numa) to know each vCPU's host node".to_string()
-    } else if m.window_ms < 100 {
+    let why = if m.window_ms < 100 {
         format!("window_ms {} is shorter than 100", m.window_ms)
     } else if !(m.rate_limit_mib_s.is_finite() && m.rate_limit_mib_s > 0.0) {
         format!(
             "rate_limit_mib_s {} is not a positive number",
             m.rate_limit_mib_s
         )
+    } else if m.mode == ray_api::vmm::NumaMigrationMode::Off {
+        return Ok(());
+    } else if config.numa_attribution != ray_api::vmm::NumaAttribution::Ring {
+        "it needs numa_attribution ring (--numa-attribution ring)".to_string()
+    } else if config.numa.is_empty() {
+        "it needs guest NUMA nodes (--numa) to know each vCPU's host node".to_string()
     } else {
         return Ok(());
     };
