@@ -252,8 +252,15 @@ struct Login {
     token: String,
 }
 
+/// A request body: a JSON object (an empty body is `{}`; serde would also fill a struct
+/// from an array of its fields, which no client means).
 fn parse<T: serde::de::DeserializeOwned>(what: &str, body: &Bytes) -> Result<T, Refusal> {
     let body: &[u8] = if body.is_empty() { b"{}" } else { body };
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return Err(Refusal::invalid(format!(
+            "{what}: the body must be a JSON object"
+        )));
+    }
     serde_json::from_slice(body).map_err(|e| Refusal::invalid(format!("{what}: {e}")))
 }
 
