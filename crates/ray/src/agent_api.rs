@@ -568,21 +568,12 @@ async fn bearer_token_only(
     if given.is_some_and(|g| token.admits(g)) {
         return next.run(request).await;
     }
-    let why = if given.is_some() {
-        "the Authorization header does not carry this agent's token"
-    } else {
-        "over TCP every request needs `Authorization: Bearer <token>`"
-    };
-    let mut response = ApiError::new(
-        ErrorCode::Unauthorized,
-        format!("{why} (the token is in the agent's --api-token-file)"),
+    ray_vmm::api_server::unauthorized(
+        given.is_some(),
+        "this agent's token",
+        "the agent's --api-token-file",
+        "Bearer realm=\"rayvisor-agent\"",
     )
-    .into_response();
-    response.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        axum::http::HeaderValue::from_static("Bearer realm=\"rayvisor-agent\""),
-    );
-    response
 }
 
 /// The router behind the TCP listener: every request authenticated first.

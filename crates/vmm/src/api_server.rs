@@ -1291,19 +1291,35 @@ async fn bearer_token_only(
     if given.is_some_and(|g| token.admits(g)) {
         return next.run(request).await;
     }
-    let why = if given.is_some() {
-        "the Authorization header does not carry this VM's token"
+    unauthorized(
+        given.is_some(),
+        "this VM's token",
+        &format!("the file {TOKEN_FILE} of the VM's directory"),
+        "Bearer realm=\"rayvisor-vm\"",
+    )
+}
+
+/// The 401 of a TCP listener with bearer tokens (the VM's API and the agent's): why the
+/// request was refused, where the token is, and the `WWW-Authenticate` challenge.
+pub fn unauthorized(
+    given: bool,
+    whose: &str,
+    kept_in: &str,
+    challenge: &'static str,
+) -> HttpResponse {
+    let why = if given {
+        format!("the Authorization header does not carry {whose}")
     } else {
-        "over TCP every request needs `Authorization: Bearer <token>`"
+        "over TCP every request needs `Authorization: Bearer <token>`".to_string()
     };
     let mut response = ApiError::new(
         ErrorCode::Unauthorized,
-        format!("{why} (the token is in the file {TOKEN_FILE} of the VM's directory)"),
+        format!("{why} (the token is in {kept_in})"),
     )
     .into_response();
     response.headers_mut().insert(
         header::WWW_AUTHENTICATE,
-        axum::http::HeaderValue::from_static("Bearer realm=\"rayvisor-vm\""),
+        axum::http::HeaderValue::from_static(challenge),
     );
     response
 }
