@@ -454,7 +454,6 @@ fn bridged(tag: &str, n: usize) -> (Netns, Vec<Netns>, Vec<String>, String) {
 /// watches past two of its renewals; an eleventh member of a full group is refused with
 /// its reason; placement and a live migration onto the delayed host still work.
 #[test]
-#[ignore = "known false fence: under the whole suite's load the delayed host's lease lapses (LeaseLapsed for h3, 10 VMs fenced); passes alone: cargo test -p ray-e2e --test e2e -- --ignored cluster_scale"]
 fn thirty_vms_in_anti_affinity_groups_run_exactly_once_with_one_host_behind_a_delayed_link() {
     let env = Env::new("cluster-thirty");
     let (hub, host_ns, addrs, hub_ip) = bridged("thirty", 3);

@@ -6,10 +6,11 @@
 //! start:  reuse the lease of the previous run (state file) or grant one; write `alive`
 //!         under it; scan the host's VMMs (adopt: a VMM outlives its agent); list own
 //!         prefix; reconcile; watch own prefix from the listing's revision + 1
-//! loop:   renew the lease every `renew_every` (retry every `retry_every` on failure)
-//!         assignment put    -> confirm the run token, then start (or adopt) the VM
-//!         assignment delete -> stop the VM
+//! keeper: renew the lease every `renew_every` (retry every `retry_every` on failure), in a
+//!         task of its own so that no event of the loop can delay it (`lease`)
 //!         good renewal      -> renew every VMM's local lease to t0 + T - m (one call each)
+//! loop:   assignment put    -> confirm the run token, then start (or adopt) the VM
+//!         assignment delete -> stop the VM
 //!         local deadline passed (t0 + T - m, t0 = send time of the last good renewal)
 //!                           -> fence: pause every VM of the cluster on this host; each
 //!                              VMM also pauses itself then (its local lease ran out)
@@ -37,6 +38,8 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::keys;
+
+mod lease;
 use crate::migration::{self, Incoming, Outgoing, Phase, Progress};
 use crate::runtoken::{self, Assignment, Origin, TokenError};
 use crate::store::{Event, Kv, LeaseId, Revision, Store, StoreError, Txn, Watch};
@@ -384,7 +387,7 @@ pub struct Agent<S: Store, V: Vmms> {
     store: S,
     vmms: Arc<V>,
     cfg: AgentConfig,
-    lease: LeaseId,
+    keeper: Arc<lease::Keeper>,
     fence: SharedFence,
     /// VMs of this host: id -> epoch.
     vms: BTreeMap<String, u64>,
@@ -455,7 +458,7 @@ impl<S: Store + Clone, V: Vmms> Agent<S, V> {
                 vms: Vec::new(),
             })),
             cfg,
-            lease,
+            keeper: lease::Keeper::new(lease),
             vms: BTreeMap::new(),
             last_status: Vec::new(),
             rejoin: None,
@@ -475,19 +478,11 @@ impl<S: Store + Clone, V: Vmms> Agent<S, V> {
 
     /// The agent's lease.
     pub fn lease(&self) -> LeaseId {
-        self.lease
+        self.keeper.lease()
     }
 
     async fn register(&self) -> Result<(), StoreError> {
-        let alive = Alive {
-            pid: std::process::id(),
-            api: self.cfg.api.clone(),
-        };
-        let value = serde_json::to_vec(&alive).unwrap_or_default();
-        self.store
-            .commit(Txn::new().put_leased(keys::host_alive(&self.cfg.host), value, self.lease))
-            .await?;
-        Ok(())
+        lease::register(&self.store, &self.cfg, self.keeper.lease()).await
     }
 
     async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&V) -> T + Send + 'static) -> T {
@@ -505,31 +500,12 @@ impl<S: Store + Clone, V: Vmms> Agent<S, V> {
 
     /// The local lease of the last good renewal; `None` once it ran out (fenced).
     fn local_lease(&self) -> Option<LocalLease> {
-        let f = lock(&self.fence);
-        let ttl = self.cfg.timing.local_lease();
-        (!f.fenced && Instant::now() < f.deadline).then(|| LocalLease {
-            since: (f.deadline - ttl).into_std(),
-            ttl,
-        })
+        lease::local_lease(&self.fence, &self.cfg)
     }
 
-    /// Renews every VMM's local lease, after a good renewal of the agent's own. A VMM that
-    /// does not answer fences itself when its lease runs out: nothing more to do here.
+    /// Renews every VMM's local lease (the keeper does after each good renewal).
     async fn renew_vmms(&self) {
-        let Some(lease) = self.local_lease() else {
-            return;
-        };
-        let ids: Vec<String> = self.vms.keys().cloned().collect();
-        let failed = self
-            .blocking(move |v| {
-                ids.into_iter()
-                    .filter_map(|vm| v.renew(&vm, lease).err())
-                    .collect::<Vec<_>>()
-            })
-            .await;
-        for e in failed {
-            tracing::warn!("cannot renew a VMM's local lease: {e}");
-        }
+        lease::renew_vmms(&self.vmms, &self.fence, &self.cfg).await;
     }
 
     fn set_vms(&mut self, vms: BTreeMap<String, u64>) {
@@ -885,44 +861,6 @@ impl<S: Store + Clone, V: Vmms> Agent<S, V> {
         Ok(())
     }
 
-    /// Renews the lease once; returns when the renewal was sent. A lease that had lapsed
-    /// is replaced (after fencing).
-    async fn renew(&mut self) -> Result<Instant, StoreError> {
-        let sent = Instant::now();
-        let limit = self.cfg.timing.retry_every * 4;
-        let answer = tokio::time::timeout(limit, self.store.keep_alive(self.lease))
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Backend(format!(
-                    "no answer to the lease renewal within {limit:?}"
-                )))
-            });
-        match answer {
-            Ok(_) => {}
-            Err(StoreError::NoLease(_)) => {
-                // The controller may be failing our VMs over: fence now, take a new lease,
-                // and let `unfence` keep only what the run tokens still give us.
-                let ids = {
-                    let mut f = lock(&self.fence);
-                    let was = std::mem::replace(&mut f.fenced, true);
-                    if was {
-                        Vec::new()
-                    } else {
-                        f.vms.clone()
-                    }
-                };
-                pause_all(&self.vmms, ids).await;
-                self.lease = self.store.grant(self.cfg.timing.lease_ttl).await?;
-                let _ = std::fs::write(lease_file(&self.cfg), self.lease.to_string());
-                self.register().await?;
-                tracing::warn!(lease = self.lease, "the lease had lapsed; registered again");
-            }
-            Err(e) => return Err(e),
-        }
-        lock(&self.fence).deadline = sent + self.cfg.timing.local_lease();
-        Ok(sent)
-    }
-
     /// Runs the agent: reconcile, then follow the store and keep the lease.
     pub async fn run(mut self) -> Result<(), AgentError> {
         let timing = self.cfg.timing;
@@ -930,6 +868,13 @@ impl<S: Store + Clone, V: Vmms> Agent<S, V> {
             Arc::clone(&self.fence),
             Arc::clone(&self.vmms),
             timing.watchdog_period,
+        )));
+        let _keeper = AbortOnDrop(tokio::spawn(lease::keep(
+            self.store.clone(),
+            Arc::clone(&self.vmms),
+            Arc::clone(&self.fence),
+            self.cfg.clone(),
+            Arc::clone(&self.keeper),
         )));
         let revision = self.reconcile().await?;
         self.rejoin = self
@@ -946,7 +891,6 @@ impl<S: Store + Clone, V: Vmms> Agent<S, V> {
                 .watch(&keys::host(&self.cfg.host), revision + 1)
                 .await?,
         );
-        let mut next_renewal = Instant::now() + timing.renew_every;
         let mut progress = tokio::time::interval(MIGRATION_POLL);
         let every = self
             .cfg
@@ -1006,34 +950,20 @@ impl<S: Store + Clone, V: Vmms> Agent<S, V> {
                 _ = tokio::time::sleep(timing.retry_every), if watch.is_none() => {
                     watch = self.relist().await;
                 }
-                _ = tokio::time::sleep_until(next_renewal) => {
-                    match self.renew().await {
-                        Ok(sent) => {
-                            // Counted from the send, as the local deadline is: a slow
-                            // answer (a delayed link) does not push the next renewal
-                            // towards the deadline.
-                            next_renewal = sent + timing.renew_every;
-                            if self.fenced() {
-                                // Each VMM gets a lease again only once its run token
-                                // is confirmed (`unfence`).
-                                watch = match self.unfence().await {
-                                    Ok(revision) => self.watch_from(revision).await,
-                                    Err(e) => {
-                                        // Fenced again, whole: the next good renewal
-                                        // tries again.
-                                        tracing::warn!("cannot unfence: {e}");
-                                        self.refence().await;
-                                        None
-                                    }
-                                };
-                            } else {
-                                self.renew_vmms().await;
+                _ = self.keeper.renewed.notified() => {
+                    if self.keeper.good() && self.fenced() {
+                        // Each VMM gets a lease again only once its run token is
+                        // confirmed (`unfence`).
+                        watch = match self.unfence().await {
+                            Ok(revision) => self.watch_from(revision).await,
+                            Err(e) => {
+                                // Fenced again, whole: the next good renewal tries
+                                // again.
+                                tracing::warn!("cannot unfence: {e}");
+                                self.refence().await;
+                                None
                             }
-                        }
-                        Err(e) => {
-                            tracing::warn!("lease renewal failed, retrying: {e}");
-                            next_renewal = Instant::now() + timing.retry_every;
-                        }
+                        };
                     }
                     if let Err(e) = self.report().await {
                         tracing::warn!("cannot write the host status: {e}");

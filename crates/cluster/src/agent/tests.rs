@@ -31,6 +31,8 @@ struct Record {
     leases: BTreeMap<String, std::time::Instant>,
     /// How long a checkpoint takes (a window to change the store in).
     checkpoint_takes: Duration,
+    /// How long starting a VM takes (a slow VMM start on a loaded host).
+    start_takes: Duration,
 }
 
 /// VMMs that only record what they are asked.
@@ -85,6 +87,8 @@ impl Vmms for Recorder {
     ) -> Result<(), String> {
         self.note(format!("start {vm} {}", a.epoch));
         self.renew(vm, lease)?;
+        let takes = self.0.lock().unwrap().start_takes;
+        std::thread::sleep(takes);
         let local = LocalVm {
             id: vm.into(),
             epoch: a.epoch,
@@ -494,5 +498,46 @@ async fn a_slow_checkpoint_does_not_delay_the_lease_renewals() {
         rec.log()
     );
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+}
+
+/// A VM start that takes longer than the whole lease (a VMM slow to come up on a loaded
+/// host, a slow link to the store) does not hold the lease up: the lease keeper renews the
+/// host's lease and the running VMMs' local leases on time while the agent's loop waits
+/// for the start; nothing is fenced and the host keeps its lease (renewals that waited for
+/// the loop let it lapse: a false fence).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_vm_start_does_not_delay_the_lease_renewals() {
+    let etcd = Etcd::start("agent-slow-start").await;
+    let s = EtcdStore::connect(&etcd.endpoints()).await.unwrap();
+    let cfg = config("slow-start");
+    let rec = Recorder::default();
+    let (lease, _agent) = spawn(&s, &rec, &cfg).await;
+    runtoken::place(&s, "first", "h1", Origin::Boot)
+        .await
+        .unwrap();
+    rec.wait_for("start first 1").await;
+    rec.0.lock().unwrap().start_takes = fast().lease_ttl * 2;
+    runtoken::place(&s, "slow", "h1", Origin::Boot)
+        .await
+        .unwrap();
+    rec.wait_for("start slow 1").await;
+    let during = rec.deadline("first");
+    // The start returns a whole lease after the deadline it began with.
+    tokio::time::sleep(fast().lease_ttl * 2 + Duration::from_millis(500)).await;
+    let after = rec.deadline("first");
+    assert!(
+        after > during + fast().lease_ttl,
+        "the running VMM's lease was not renewed while a start took {:?}: {:?}",
+        fast().lease_ttl * 2,
+        after - during
+    );
+    assert!(
+        !rec.log().iter().any(|l| l.starts_with("pause")),
+        "fenced during a slow start: {:?}",
+        rec.log()
+    );
+    let alive = s.get(&keys::host_alive("h1")).await.unwrap().unwrap();
+    assert_eq!(alive.lease, Some(lease), "the host kept its lease");
     let _ = std::fs::remove_dir_all(&cfg.state_dir);
 }
