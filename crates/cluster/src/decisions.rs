@@ -171,14 +171,10 @@ pub async fn read<S: Store>(s: &S, vm: Option<&str>) -> Result<Vec<Entry>, Store
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::RedbStore;
 
     #[tokio::test]
     async fn entries_come_back_in_order_and_by_vm() {
-        let dir = std::env::temp_dir().join(format!("ray-log-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let s = RedbStore::open(&dir.join("s.redb")).unwrap();
+        let (s, dir) = crate::testing::fresh_redb("log");
         let mut w = Writer::default();
         for i in 0..5 {
             let vm = if i % 2 == 0 { "a" } else { "b" };

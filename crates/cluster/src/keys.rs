@@ -101,6 +101,11 @@ pub fn split_host_key(key: &str) -> Option<(&str, &str)> {
     key.strip_prefix(HOSTS)?.split_once('/')
 }
 
+/// What a key under [`VMS`] names: `(vm, rest)`, e.g. `("web-1", "token")`.
+pub fn split_vm_key(key: &str) -> Option<(&str, &str)> {
+    key.strip_prefix(VMS)?.split_once('/')
+}
+
 /// A host or VM name must be one path segment that reads well in a key: 1-63 letters,
 /// digits, '-', '_' or '.', not starting with '-' or '.'.
 pub fn check_name(what: &str, name: &str) -> Result<(), String> {

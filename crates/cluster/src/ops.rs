@@ -258,15 +258,11 @@ pub async fn overview<S: Store>(s: &S) -> Result<Overview, OpError> {
 mod tests {
     use super::*;
     use crate::runtoken::{self, Origin};
-    use crate::store::RedbStore;
     use std::time::Duration;
 
     #[tokio::test]
     async fn cordon_drain_abort_and_uncordon_write_the_host_spec_the_overview_reads() {
-        let dir = std::env::temp_dir().join(format!("ray-ops-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let s = RedbStore::open(&dir.join("s.redb")).unwrap();
+        let (s, dir) = crate::testing::fresh_redb("ops");
         let lease = s.grant(Duration::from_secs(30)).await.unwrap();
         let report = br#"{"inventory":{"cpus":8,"memory_mib":16384,"numa_nodes":1},"vms":["a"],"fenced":false}"#;
         s.commit(

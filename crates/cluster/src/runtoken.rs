@@ -342,7 +342,7 @@ impl Held {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{EtcdStore, RedbStore};
+    use crate::store::EtcdStore;
     use std::time::Duration;
 
     async fn agent_up<S: Store>(s: &S, host: &str) -> i64 {
@@ -579,10 +579,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn on_redb() {
-        let dir = std::env::temp_dir().join(format!("ray-token-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let s = RedbStore::open(&dir.join("s.redb")).unwrap();
+        let (s, dir) = crate::testing::fresh_redb("token");
         protocol(&s).await;
         racing_fail_overs(&s).await;
         stale_writes(&s).await;

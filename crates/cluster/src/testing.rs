@@ -256,3 +256,13 @@ impl Drop for EtcdCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A new, empty redb store in a fresh temporary directory named after `name` (and this
+/// process); returns the store and the directory, for the test to remove at the end.
+pub fn fresh_redb(name: &str) -> (crate::store::RedbStore, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("ray-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = crate::store::RedbStore::open(&dir.join("s.redb")).unwrap();
+    (store, dir)
+}

@@ -100,11 +100,7 @@ pub async fn vms<S: Store>(s: &S) -> Result<(Vec<VmRow>, i64), StoreError> {
     let listing = s.list(keys::VMS).await?;
     let mut rows: BTreeMap<String, VmRow> = BTreeMap::new();
     for kv in &listing.kvs {
-        let Some((vm, what)) = kv
-            .key
-            .strip_prefix(keys::VMS)
-            .and_then(|k| k.split_once('/'))
-        else {
+        let Some((vm, what)) = keys::split_vm_key(&kv.key) else {
             continue;
         };
         let row = rows.entry(vm.to_string()).or_insert_with(|| VmRow {
@@ -152,15 +148,12 @@ pub async fn vms<S: Store>(s: &S) -> Result<(Vec<VmRow>, i64), StoreError> {
 mod tests {
     use super::*;
     use crate::runtoken::{self, Origin};
-    use crate::store::{RedbStore, Txn};
+    use crate::store::Txn;
     use std::time::Duration;
 
     #[tokio::test]
     async fn nodes_and_vms_as_the_store_holds_them() {
-        let dir = std::env::temp_dir().join(format!("ray-view-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let s = RedbStore::open(&dir.join("s.redb")).unwrap();
+        let (s, dir) = crate::testing::fresh_redb("view");
         let lease = s.grant(Duration::from_secs(30)).await.unwrap();
         let report = br#"{"inventory":{"cpus":8,"memory_mib":16384,"numa_nodes":1},"vms":["a"],"fenced":false}"#;
         s.commit(

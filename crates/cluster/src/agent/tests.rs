@@ -169,6 +169,37 @@ async fn spawn(s: &EtcdStore, rec: &Recorder, cfg: &AgentConfig) -> (LeaseId, Ab
     (lease, AbortOnDrop(task))
 }
 
+/// An agent configuration that checkpoints every 300 ms (chains of 3) into a fresh shared
+/// directory, and that directory.
+fn checkpointing(name: &str) -> (AgentConfig, PathBuf) {
+    let mut cfg = config(name);
+    let dir = cfg.state_dir.with_extension("shared");
+    let _ = std::fs::remove_dir_all(&dir);
+    cfg.checkpoints = Some(CheckpointConfig {
+        dir: dir.clone(),
+        every: Duration::from_millis(300),
+        chain: 3,
+    });
+    (cfg, dir)
+}
+
+/// Writes a small VM's spec (HA with restart priority 1 if `ha`) and places it on h1.
+async fn place_vm(s: &EtcdStore, vm: &str, ha: bool) {
+    let spec = crate::spec::VmSpec {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: None,
+        cmdline: None,
+        pool: "standard".into(),
+        group: None,
+        restart_priority: ha.then_some(1),
+    };
+    s.commit(Txn::new().put(keys::vm_spec(vm), spec.to_json()))
+        .await
+        .unwrap();
+    runtoken::place(s, vm, "h1", Origin::Boot).await.unwrap();
+}
+
 async fn other_host(s: &EtcdStore, host: &str) {
     let lease = s.grant(Duration::from_secs(60)).await.unwrap();
     s.commit(Txn::new().put_leased(keys::host_alive(host), "{}", lease))
@@ -325,35 +356,14 @@ async fn a_silent_store_fences_before_the_lease_can_lapse() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_its_ha_vms_and_a_late_write_after_the_vm_moved_has_no_effect() {
     use crate::controller::Observed;
-    use crate::spec::VmSpec;
     let etcd = Etcd::start("agent-ckpt").await;
     let s = EtcdStore::connect(&etcd.endpoints()).await.unwrap();
-    let mut cfg = config("ckpt");
-    let dir = cfg.state_dir.with_extension("shared");
-    let _ = std::fs::remove_dir_all(&dir);
-    cfg.checkpoints = Some(CheckpointConfig {
-        dir: dir.clone(),
-        every: Duration::from_millis(300),
-        chain: 3,
-    });
+    let (cfg, dir) = checkpointing("ckpt");
     let rec = Recorder::default();
     let (_lease, _agent) = spawn(&s, &rec, &cfg).await;
     other_host(&s, "h2").await;
-    for (vm, ha) in [("ha", true), ("plain", false)] {
-        let spec = VmSpec {
-            vcpus: 1,
-            memory_mib: 64,
-            kernel: None,
-            cmdline: None,
-            pool: "standard".into(),
-            group: None,
-            restart_priority: ha.then_some(1),
-        };
-        s.commit(Txn::new().put(keys::vm_spec(vm), spec.to_json()))
-            .await
-            .unwrap();
-        runtoken::place(&s, vm, "h1", Origin::Boot).await.unwrap();
-    }
+    place_vm(&s, "ha", true).await;
+    place_vm(&s, "plain", false).await;
     let observed = || async {
         s.get(&keys::vm_observed("ha"))
             .await
@@ -456,33 +466,13 @@ async fn checkpoints_its_ha_vms_and_a_late_write_after_the_vm_moved_has_no_effec
 /// and the VMMs' (a checkpoint in the loop itself let the VMMs fence themselves).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_checkpoint_does_not_delay_the_lease_renewals() {
-    use crate::spec::VmSpec;
     let etcd = Etcd::start("agent-slow-ckpt").await;
     let s = EtcdStore::connect(&etcd.endpoints()).await.unwrap();
-    let mut cfg = config("slow-ckpt");
-    let dir = cfg.state_dir.with_extension("shared");
-    let _ = std::fs::remove_dir_all(&dir);
-    cfg.checkpoints = Some(CheckpointConfig {
-        dir: dir.clone(),
-        every: Duration::from_millis(300),
-        chain: 3,
-    });
+    let (cfg, dir) = checkpointing("slow-ckpt");
     let rec = Recorder::default();
     rec.0.lock().unwrap().checkpoint_takes = t_local() * 2;
     let (_lease, _agent) = spawn(&s, &rec, &cfg).await;
-    let spec = VmSpec {
-        vcpus: 1,
-        memory_mib: 64,
-        kernel: None,
-        cmdline: None,
-        pool: "standard".into(),
-        group: None,
-        restart_priority: Some(1),
-    };
-    s.commit(Txn::new().put(keys::vm_spec("ha"), spec.to_json()))
-        .await
-        .unwrap();
-    runtoken::place(&s, "ha", "h1", Origin::Boot).await.unwrap();
+    place_vm(&s, "ha", true).await;
     rec.wait_for("checkpoint ha full").await;
     let during = rec.deadline("ha");
     rec.wait_for("checkpointed ha").await;

@@ -115,14 +115,10 @@ pub async fn still_leads<S: Store>(s: &S, term: Term) -> Result<bool, StoreError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::RedbStore;
 
     #[tokio::test]
     async fn one_leads_and_a_deposed_leader_cannot_write() {
-        let dir = std::env::temp_dir().join(format!("ray-leader-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let s = RedbStore::open(&dir.join("s.redb")).unwrap();
+        let (s, dir) = crate::testing::fresh_redb("leader");
         let a = LeaderRecord {
             id: "a".into(),
             pid: 1,

@@ -153,11 +153,7 @@ pub async fn read_world<S: Store>(s: &S) -> Result<World, StoreError> {
     let mut vv: BTreeMap<String, VmView> = BTreeMap::new();
     let mut migrations: BTreeMap<String, MigrationView> = BTreeMap::new();
     for kv in &vms.kvs {
-        let Some((vm, what)) = kv
-            .key
-            .strip_prefix(keys::VMS)
-            .and_then(|k| k.split_once('/'))
-        else {
+        let Some((vm, what)) = keys::split_vm_key(&kv.key) else {
             continue;
         };
         let v = vv.entry(vm.to_string()).or_insert_with(|| VmView {
