@@ -46,6 +46,28 @@ pub fn size(index: usize) -> Option<(u32, u32)> {
     Some((d.width, d.height))
 }
 
+/// Display `index`'s pixels: `(address, stride, width, height, virtio scanout)`, for
+/// drawing on it directly (a framebuffer, or a virtio scanout's backing).
+pub fn surface(index: usize) -> Result<(u64, u32, u32, u32, Option<usize>), &'static str> {
+    let count = table().map_or(0, |t| t.count as usize);
+    if let Some(d) = table().and_then(|t| t.displays[..count].get(index).copied()) {
+        return Ok((d.gpa, d.stride, d.width, d.height, None));
+    }
+    let gpu = virtio_gpu::get().map_err(|_| "no such display")?;
+    let k = index - count;
+    if k >= gpu.count || gpu.scanouts[k].backing == 0 {
+        return Err("no such display");
+    }
+    let s = gpu.scanouts[k];
+    Ok((
+        s.backing,
+        s.width * BYTES_PER_PIXEL,
+        s.width,
+        s.height,
+        Some(k),
+    ))
+}
+
 /// `display N WxH stride=S at 0xADDR` per display (`... virtio scanout=K` for a virtio
 /// GPU's), then `displays N`.
 pub fn list() {

@@ -33,6 +33,7 @@ mod clock;
 mod cpu;
 mod display;
 mod entry;
+mod fbcon;
 mod heartbeat;
 mod idt;
 mod mem;
@@ -261,6 +262,7 @@ fn main_loop(poll_ns: u64) -> ! {
         virtio_gpu::poll();
         virtio_input::poll(&mut |b| shell.input(b, &mut work));
         virtio_vsock::poll(&mut |line| shell::run_line(line, &mut work));
+        fbcon::flush();
         let behind = work.poll(now);
         if heartbeat::shutdown_request().load(Relaxed) != 0 {
             poweroff();

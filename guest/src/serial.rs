@@ -135,6 +135,7 @@ pub fn write_bytes(bytes: &[u8]) {
         heartbeat::beat(clock::now());
         return;
     }
+    crate::fbcon::write(bytes);
     if pv() {
         pv_write(bytes);
         heartbeat::beat(clock::now());

@@ -1,5 +1,6 @@
 //! The line-oriented serial shell. Lines end with `\r` or `\n`, empty lines are ignored,
-//! nothing is echoed. Every reply is one or more whole lines; errors are one line
+//! nothing is echoed on the serial port (the text console, `crate::fbcon`, echoes what is
+//! typed on its display). Every reply is one or more whole lines; errors are one line
 //! `err <what was wrong>`.
 
 use core::sync::atomic::Ordering::*;
@@ -31,6 +32,7 @@ impl Shell {
 
     /// Feed one input byte; runs the command when a line is complete.
     pub fn input(&mut self, byte: u8, work: &mut Workloads) {
+        crate::fbcon::echo(byte);
         // Backspace (from the keyboard) takes back the last byte.
         if byte == 0x08 || byte == 0x7f {
             self.len = self.len.saturating_sub(1);
@@ -140,6 +142,7 @@ fn execute(line: &str, work: &mut Workloads) {
         "disk" => crate::virtio_blk::command(args),
         "net" => net(args),
         "draw" => crate::display::draw(args),
+        "console" => crate::fbcon::command(args),
         "input" if no_more(args.clone(), cmd) => crate::virtio_input::show(),
         "pointer" if no_more(args.clone(), cmd) => crate::virtio_input::pointer(),
         "displays" if no_more(args.clone(), cmd) => crate::display::list(),
@@ -515,5 +518,5 @@ fn net(mut args: core::str::SplitAsciiWhitespace) {
 }
 
 fn help() {
-    println!("commands: echo <text> | mem | cpus | numa | pci | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | pattern <MiB> <word> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | displays | draw bars|gradient|checker|fill [SEED] [DISPLAY] | input | pointer | vsock [connect PORT TEXT] | seq <n> | poweroff | help");
+    println!("commands: echo <text> | mem | cpus | numa | pci | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | pattern <MiB> <word> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | displays | draw bars|gradient|checker|fill [SEED] [DISPLAY] | console [DISPLAY|off] | input | pointer | vsock [connect PORT TEXT] | seq <n> | poweroff | help");
 }

@@ -552,3 +552,111 @@ fn emulated_and_virtio_displays_are_numbered_alike_by_guest_and_host() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("belongs to an emulated GPU"), "{err}");
 }
+
+/// The text a screenshot of a console shows, row by row (`ray_guest_abi::text`).
+fn console_text(path: &Path) -> Vec<String> {
+    let (w, h, rgb) = decode(path);
+    let pixel = |x: u32, y: u32| {
+        let i = ((y * w + x) * 3) as usize;
+        u32::from_be_bytes([0, rgb[i], rgb[i + 1], rgb[i + 2]])
+    };
+    let (cols, rows) = ray_guest_abi::text::grid(w, h);
+    (0..rows)
+        .map(|row| {
+            let mut line = String::new();
+            ray_guest_abi::text::read_row(pixel, cols, row, |c| line.push(c));
+            line
+        })
+        .collect()
+}
+
+/// The guest's text console: `console 0` mirrors the shell on the emulated display; what
+/// a real VNC viewer types is echoed there and the command's output follows. Both `ray
+/// gpu screenshot` and the viewer's own capture read back, cell by cell, as exactly that
+/// text (every other cell blank). A full screen scrolls by whole rows. On a virtio
+/// scanout the same console arrives through the GPU's transfer and flush.
+#[test]
+fn the_shell_shows_on_the_text_console_and_what_a_viewer_types_reaches_it() {
+    let env = Env::new("disp-console");
+    let mut vm = env.boot(&[
+        "--memory",
+        "128M",
+        "--gpu",
+        "emulated,width=640,height=480",
+        "--gpu",
+        "virtio,width=640,height=480",
+    ]);
+    vm.expect_line("ready", READY);
+    assert_eq!(
+        vm.command("console 0", "console "),
+        "console on display=0 53x26"
+    );
+    let rw = vm.dir.join("vnc-0.sock");
+    let vncdo = python().with_file_name("vncdo");
+    let typed = Command::new(&vncdo)
+        .args([
+            "-s",
+            rw.to_str().unwrap(),
+            "type",
+            "echo Hi, console!",
+            "key",
+            "enter",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", vncdo.display()));
+    ray_e2e::succeeded(typed, "vncdo type");
+    assert_eq!(vm.expect_line("Hi,", READY), "Hi, console!");
+    let want = [
+        "console on display=0 53x26",
+        "echo Hi, console!",
+        "Hi, console!",
+    ];
+    for shot in [
+        screenshot(&env, &vm.id, 0, "console.png"),
+        vnc_capture(&env, &rw, "console-vnc.png"),
+    ] {
+        let rows = console_text(&shot);
+        assert_eq!(rows.len(), 26, "{}", shot.display());
+        assert_eq!(&rows[..3], &want, "{}", shot.display());
+        assert!(
+            rows[3..].iter().all(|r| r.is_empty()),
+            "{}: {rows:?}",
+            shot.display()
+        );
+    }
+
+    // 30 more lines (the command and its 29 numbers) on 26 rows: the first rows scrolled
+    // away, the last one holds the cursor.
+    vm.send("seq 29");
+    vm.expect_line("29", READY);
+    let rows = console_text(&screenshot(&env, &vm.id, 0, "scrolled.png"));
+    let mut expected: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    expected.push("seq 29".into());
+    expected.extend((1..=29).map(|i| i.to_string()));
+    expected.push(String::new());
+    assert_eq!(rows, expected[expected.len() - 26..], "after scrolling");
+
+    // The virtio scanout: sent by the main loop after the command, so look until it shows.
+    assert_eq!(
+        vm.command("console 1", "console "),
+        "console on display=1 53x26"
+    );
+    vm.command("echo on virtio", "on virtio");
+    let deadline = std::time::Instant::now() + READY;
+    loop {
+        let rows = console_text(&screenshot(&env, &vm.id, 1, "virtio.png"));
+        if rows[..2] == ["console on display=1 53x26", "echo on virtio"] && rows[2] == "on virtio" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the virtio console shows {rows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(vm.command("console off", "console "), "console off");
+    assert_eq!(
+        vm.command("console 9", "err "),
+        "err console: no such display"
+    );
+}

@@ -19,10 +19,14 @@
 //! This crate is `no_std` and has no dependencies: the guest links it too.
 #![no_std]
 
+#[cfg(test)]
+extern crate std;
+
 pub mod acpi_mcfg;
 pub mod acpi_numa;
 pub mod display;
 pub mod input;
+pub mod text;
 
 /// Guest-physical (and guest-virtual: the guest maps memory 1:1) address the guest ELF is
 /// linked at. The heartbeat page is the first page of the image.
