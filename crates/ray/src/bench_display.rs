@@ -17,8 +17,9 @@
 //!   the encode sessions' H.264 encoder (openh264, one thread) turns out on this thread,
 //!   each frame a change of the one before (colour bars with a box moving 16 pixels a
 //!   frame, the worst case for an encoder that only sees changed frames), and
-//!   `encode_latency_ms` per frame (XRGB to YUV conversion included). HEVC and VP9 need
-//!   a build with the `ffmpeg` feature and are not in this build's report.
+//!   `encode_latency_ms` per frame (XRGB to YUV conversion included). `.hevc` and `.vp9`:
+//!   the same through the host's FFmpeg (libx265 ultrafast + zerolatency, libvpx realtime
+//!   at cpu-used 8, one thread each) in a build with the `ffmpeg` feature, else `null`.
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -27,6 +28,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
+
+use ray_display::encode::{check_codec, Codec, VideoEncoder};
 
 use crate::bench::{print_row, BenchVmm, Stats};
 use crate::vm::default_guest;
@@ -67,6 +70,10 @@ struct DisplayReport {
 #[derive(Serialize)]
 struct EncodeFps {
     h264: Stats,
+    /// `null` where this build or host has no such encoder (the `ffmpeg` feature, libx265).
+    hevc: Option<Stats>,
+    /// `null` where this build or host has no such encoder (the `ffmpeg` feature, libvpx).
+    vp9: Option<Stats>,
 }
 
 #[derive(Serialize)]
@@ -75,11 +82,17 @@ struct EncodeLatency {
     h264_1080p: Stats,
 }
 
-/// Encodes `runs` changed frames of `width` x `height` at 2 Mbit/s: (fps of each, ms of
-/// each, mean bytes a frame). The first frame (the IDR) is not counted.
-fn encode_h264(runs: usize, width: u32, height: u32) -> anyhow::Result<(Vec<f64>, Vec<f64>, f64)> {
-    use ray_display::encode::H264Encoder;
-    let mut enc = H264Encoder::new(width, height, 2_000_000, 30).map_err(anyhow::Error::msg)?;
+/// Encodes `runs` changed frames of `width` x `height` at 2 Mbit/s with a session's encoder
+/// of `codec`: (fps of each, ms of each, mean bytes a frame). The first frame (the key
+/// frame) is not counted.
+fn encode_rate(
+    codec: Codec,
+    runs: usize,
+    width: u32,
+    height: u32,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>, f64)> {
+    let mut enc =
+        VideoEncoder::new(codec, width, height, 2_000_000, 30).map_err(anyhow::Error::msg)?;
     let stride = width as usize * 4;
     let frame = |i: usize| -> Vec<u8> {
         const BARS: [u32; 8] = [
@@ -277,8 +290,17 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         })
         .collect();
     let memcpy_ms = Stats::of(&memcpy);
-    let (fps800, ms800, frame_bytes800) = encode_h264(a.runs, 1280, 800)?;
-    let (fps1080, ms1080, _) = encode_h264(a.runs, 1920, 1080)?;
+    let (fps800, ms800, frame_bytes800) = encode_rate(Codec::H264, a.runs, 1280, 800)?;
+    let (fps1080, ms1080, _) = encode_rate(Codec::H264, a.runs, 1920, 1080)?;
+    // HEVC and VP9 where this build and host have them (else null).
+    let other = |codec: Codec, width: u32, height: u32| -> anyhow::Result<Option<Stats>> {
+        if check_codec(codec).is_err() {
+            return Ok(None);
+        }
+        Ok(Some(Stats::of(
+            &encode_rate(codec, a.runs, width, height)?.0,
+        )))
+    };
     let report = DisplayReport {
         gpu: a.gpu.clone(),
         runs: a.runs,
@@ -296,9 +318,13 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         frame_bytes,
         encode_fps: EncodeFps {
             h264: Stats::of(&fps800),
+            hevc: other(Codec::Hevc, 1280, 800)?,
+            vp9: other(Codec::Vp9, 1280, 800)?,
         },
         encode_fps_1080p: EncodeFps {
             h264: Stats::of(&fps1080),
+            hevc: other(Codec::Hevc, 1920, 1080)?,
+            vp9: other(Codec::Vp9, 1920, 1080)?,
         },
         encode_latency_ms: EncodeLatency {
             h264: Stats::of(&ms800),
@@ -325,6 +351,15 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
             print_row("  zrle full-screen updates", f.zrle_fps, "/s");
         }
         print_row("H.264 encode 1280x800", report.encode_fps.h264, "fps");
+        for (name, fps) in [
+            ("HEVC", report.encode_fps.hevc),
+            ("VP9", report.encode_fps.vp9),
+        ] {
+            match fps {
+                Some(fps) => print_row(&format!("{name} encode 1280x800"), fps, "fps"),
+                None => println!("{name} encode: not in this build or host (the `ffmpeg` feature)"),
+            }
+        }
         print_row(
             "H.264 encode 1920x1080",
             report.encode_fps_1080p.h264,

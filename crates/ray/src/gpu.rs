@@ -81,7 +81,7 @@ pub struct EncodeStopArgs {
 
 #[derive(Args)]
 pub struct DecodeArgs {
-    /// The H.264 Annex-B stream (as `ray gpu encode` writes).
+    /// The stream `ray gpu encode` wrote: H.264 or HEVC (Annex-B, `.hevc`) or VP9 (IVF).
     pub input: PathBuf,
     /// The directory for the pictures (frame-00000.png, ...), or with --last the PNG file.
     #[arg(short = 'o', long = "output", value_name = "PATH")]
@@ -373,28 +373,36 @@ fn decode(a: &DecodeArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(&a.output)
             .with_context(|| format!("cannot make the directory {}", a.output.display()))?;
     }
-    let mut decoder = H264Decoder::new().map_err(anyhow::Error::msg)?;
     let mut last = None;
     let mut written = 0usize;
     let mut failed = None;
-    let n = decoder
-        .decode(&stream, |f| {
-            if a.last {
-                last = Some(f);
-                return;
-            }
-            let path = a.output.join(format!("frame-{written:05}.png"));
-            if let Err(e) = write_png(&f, &path) {
-                failed.get_or_insert(e);
-            }
-            written += 1;
-        })
-        .map_err(|e| anyhow::anyhow!("{}: {e}", a.input.display()))?;
+    let each = |f: DecodedFrame| {
+        if a.last {
+            last = Some(f);
+            return;
+        }
+        let path = a.output.join(format!("frame-{written:05}.png"));
+        if let Err(e) = write_png(&f, &path) {
+            failed.get_or_insert(e);
+        }
+        written += 1;
+    };
+    // VP9 comes in IVF files, HEVC as .hevc/.h265 Annex-B streams; the rest is H.264.
+    let ext = a.input.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let ffmpeg = stream.starts_with(b"DKIF") || ["hevc", "h265", "265"].contains(&ext);
+    let n = if ffmpeg {
+        decode_ffmpeg(&a.input, each)?
+    } else {
+        H264Decoder::new()
+            .map_err(anyhow::Error::msg)?
+            .decode(&stream, each)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", a.input.display()))?
+    };
     if let Some(e) = failed {
         return Err(e);
     }
     if n == 0 {
-        anyhow::bail!("{} holds no H.264 picture", a.input.display());
+        anyhow::bail!("{} holds no picture", a.input.display());
     }
     match last {
         Some(f) => {
@@ -409,6 +417,21 @@ fn decode(a: &DecodeArgs) -> anyhow::Result<()> {
         None => println!("{n} pictures in {}", a.output.display()),
     }
     Ok(())
+}
+
+/// An HEVC or VP9 file through the host's FFmpeg.
+#[cfg(feature = "ffmpeg")]
+fn decode_ffmpeg(input: &Path, each: impl FnMut(DecodedFrame)) -> anyhow::Result<usize> {
+    ray_display::encode::ffmpeg::decode_file(input, each).map_err(anyhow::Error::msg)
+}
+
+#[cfg(not(feature = "ffmpeg"))]
+fn decode_ffmpeg(input: &Path, _each: impl FnMut(DecodedFrame)) -> anyhow::Result<usize> {
+    anyhow::bail!(
+        "{}: HEVC and VP9 files are decoded through the host's FFmpeg, which needs ray built \
+         with the `ffmpeg` feature",
+        input.display()
+    )
 }
 
 fn write_png(f: &DecodedFrame, path: &Path) -> anyhow::Result<()> {

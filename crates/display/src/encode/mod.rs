@@ -34,9 +34,68 @@ pub use ray_api::encode::{
 
 use crate::{DisplayGeometry, FrameSource};
 
+#[cfg(feature = "ffmpeg")]
+pub mod ffmpeg;
 pub mod h264;
 
 pub use h264::{y_psnr, DecodedFrame, H264Decoder, H264Encoder};
+
+/// A session's encoder: openh264 for H.264, the host's FFmpeg for HEVC and VP9.
+pub enum VideoEncoder {
+    H264(Box<H264Encoder>),
+    #[cfg(feature = "ffmpeg")]
+    Ff(Box<ffmpeg::FfEncoder>),
+}
+
+impl VideoEncoder {
+    /// An encoder of `codec` for `width` x `height` frames at `bitrate` and at most `fps`.
+    pub fn new(
+        codec: Codec,
+        width: u32,
+        height: u32,
+        bitrate: u64,
+        fps: u32,
+    ) -> Result<Self, String> {
+        match codec {
+            Codec::H264 => H264Encoder::new(width, height, bitrate, fps)
+                .map(|e| VideoEncoder::H264(Box::new(e))),
+            #[cfg(feature = "ffmpeg")]
+            Codec::Hevc | Codec::Vp9 => ffmpeg::FfEncoder::new(codec, width, height, bitrate, fps)
+                .map(|e| VideoEncoder::Ff(Box::new(e))),
+            #[cfg(not(feature = "ffmpeg"))]
+            Codec::Hevc | Codec::Vp9 => Err(check_codec(codec)
+                .err()
+                .map_or_else(String::new, |e| e.to_string())),
+        }
+    }
+
+    /// The size encoded (the frame's, cut to even numbers).
+    pub fn size(&self) -> (u32, u32) {
+        match self {
+            VideoEncoder::H264(e) => e.size(),
+            #[cfg(feature = "ffmpeg")]
+            VideoEncoder::Ff(e) => e.size(),
+        }
+    }
+
+    /// What the output file starts with (VP9: its IVF header; otherwise nothing).
+    pub fn file_header(&self) -> Vec<u8> {
+        match self {
+            VideoEncoder::H264(_) => Vec::new(),
+            #[cfg(feature = "ffmpeg")]
+            VideoEncoder::Ff(e) => e.file_header(),
+        }
+    }
+
+    /// Encodes one frame (`stride` bytes a line) and appends its output to `out`.
+    pub fn encode(&mut self, frame: &[u8], stride: usize, out: &mut Vec<u8>) -> Result<(), String> {
+        match self {
+            VideoEncoder::H264(e) => e.encode(frame, stride, out),
+            #[cfg(feature = "ffmpeg")]
+            VideoEncoder::Ff(e) => e.encode(frame, stride, out),
+        }
+    }
+}
 
 /// What happens to a session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,8 +145,8 @@ pub enum EncodeError {
     },
     #[error("{0}")]
     Invalid(String),
-    #[error("codec {codec} is not available: {why}; this build encodes h264 (openh264)")]
-    Codec { codec: Codec, why: &'static str },
+    #[error("codec {codec} is not available: {why}")]
+    Codec { codec: Codec, why: String },
     #[error("display {display} has {MAX_SESSIONS_PER_DISPLAY} encode sessions already (at most {MAX_SESSIONS_PER_DISPLAY} a display)")]
     PerDisplay { display: usize },
     #[error("the VM has {MAX_SESSIONS_PER_VM} encode sessions already (at most {MAX_SESSIONS_PER_VM} a VM)")]
@@ -106,14 +165,21 @@ pub enum EncodeError {
     Setup(String),
 }
 
-/// Whether `codec` can be encoded by this build; the error says what is missing.
+/// Whether `codec` can be encoded by this build on this host; the error says what is
+/// missing.
 pub fn check_codec(codec: Codec) -> Result<(), EncodeError> {
     match codec {
         Codec::H264 => Ok(()),
+        #[cfg(feature = "ffmpeg")]
+        Codec::Hevc | Codec::Vp9 => {
+            ffmpeg::available(codec).map_err(|why| EncodeError::Codec { codec, why })
+        }
+        #[cfg(not(feature = "ffmpeg"))]
         Codec::Hevc | Codec::Vp9 => Err(EncodeError::Codec {
             codec,
             why: "HEVC and VP9 come from the host's FFmpeg libraries (libavcodec with \
-                  libx265 / libvpx), which need rayvisor built with the `ffmpeg` cargo feature",
+                  libx265 / libvpx), which need rayvisor built with the `ffmpeg` cargo feature"
+                .into(),
         }),
     }
 }
@@ -356,10 +422,19 @@ impl Encoders {
             return Err(EncodeError::PerVm);
         }
         let slot = self.slots.as_deref().map(HostSlot::claim).transpose()?;
-        let encoder = H264Encoder::new(geometry.width, geometry.height, req.bitrate, req.fps)
-            .map_err(EncodeError::Setup)?;
-        let file = File::create(&req.path).map_err(|e| {
+        let encoder = VideoEncoder::new(
+            req.codec,
+            geometry.width,
+            geometry.height,
+            req.bitrate,
+            req.fps,
+        )
+        .map_err(EncodeError::Setup)?;
+        let mut file = File::create(&req.path).map_err(|e| {
             EncodeError::Invalid(format!("cannot create the output file {}: {e}", req.path))
+        })?;
+        file.write_all(&encoder.file_header()).map_err(|e| {
+            EncodeError::Invalid(format!("cannot write the output file {}: {e}", req.path))
         })?;
         reg.next += 1;
         let id = reg.next;
@@ -491,7 +566,7 @@ struct Worker {
     /// The display's geometry the encoder was made for.
     geometry: DisplayGeometry,
     params: SessionParams,
-    encoder: H264Encoder,
+    encoder: VideoEncoder,
     out: File,
 }
 
@@ -548,9 +623,14 @@ impl Worker {
                         self.display, g.width, g.height
                     ));
                 }
-                // A new size: a new sequence (SPS, PPS, IDR) in the same stream.
-                self.encoder =
-                    H264Encoder::new(g.width, g.height, self.params.bitrate, self.params.fps)?;
+                // A new size: a new sequence (parameter sets, a key frame) in the same stream.
+                self.encoder = VideoEncoder::new(
+                    self.params.codec,
+                    g.width,
+                    g.height,
+                    self.params.bitrate,
+                    self.params.fps,
+                )?;
                 last = None;
             }
             geometry = Some(g);

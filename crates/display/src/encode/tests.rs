@@ -243,6 +243,7 @@ fn limits_and_codecs_are_refused_with_what_is_wrong() {
         e.contains("4000x2000") && e.contains("at most 2560x1600"),
         "{e}"
     );
+    #[cfg(not(feature = "ffmpeg"))]
     for codec in [Codec::Hevc, Codec::Vp9] {
         let e = enc
             .start(geometry(w, h), &EncodeRequest { codec, ..req("x") })
@@ -267,4 +268,52 @@ fn limits_and_codecs_are_refused_with_what_is_wrong() {
     drop(others);
     drop(enc);
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// HEVC and VP9 sessions (the `ffmpeg` feature, the host's libx265 and libvpx): a frame
+/// only when the display changed, and the file (Annex-B, IVF) decodes back through
+/// FFmpeg to the pictures, the last within 35 dB Y PSNR of the screen.
+#[cfg(feature = "ffmpeg")]
+#[test]
+fn hevc_and_vp9_sessions_decode_back() {
+    let (w, h) = (640, 480);
+    for (codec, name) in [(Codec::Hevc, "out.hevc"), (Codec::Vp9, "out.ivf")] {
+        let screen = Arc::new(Screen {
+            geometry: geometry(w, h),
+            pixels: Mutex::new(pattern(w, h, 100)),
+        });
+        let source: SharedSource =
+            Arc::new(Mutex::new(Some(screen.clone() as Arc<dyn FrameSource>)));
+        let enc = Encoders::new(source, None);
+        let dir = tmp(name);
+        let out = dir.join(name);
+        let req = EncodeRequest {
+            codec,
+            ..request(&out)
+        };
+        let id = enc.start(geometry(w, h), &req).unwrap().id;
+        let frames = || enc.list().sessions[0].frames;
+        let polls = || enc.with_session(id, Session::polls).unwrap();
+        wait_until("the first frame", || frames() == 1);
+        let p = polls();
+        wait_until("30 polls", || polls() >= p + 30);
+        assert_eq!(frames(), 1, "{codec}: an idle display is not encoded");
+        *screen.pixels.lock().unwrap() = pattern(w, h, 400);
+        wait_until("the second frame", || frames() == 2);
+        let done = enc.stop(id).unwrap();
+        assert_eq!(done.state, SessionState::Stopped);
+        let mut decoded = Vec::new();
+        let n = ffmpeg::decode_file(&out, |f| decoded.push(f)).unwrap();
+        assert_eq!(n, 2, "{codec}: pictures in {}", out.display());
+        let last = decoded.last().unwrap();
+        assert_eq!((last.width, last.height), (w, h));
+        let now = screen.pixels.lock().unwrap().clone();
+        let psnr = y_psnr(&now, (w * 4) as usize, &last.y, w as usize, h as usize);
+        assert!(psnr >= 35.0, "{codec}: Y PSNR {psnr:.1} dB < 35 dB");
+        eprintln!(
+            "{codec}: Y PSNR of the last frame {psnr:.1} dB, {} bytes",
+            done.bytes
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
