@@ -442,7 +442,8 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
     let list = env.ray_ok(&["vm", "list"]);
     assert!(list.contains(&pid.to_string()), "{list}");
 
-    // Migrating out is refused, not broken.
+    // A migration to nowhere fails in `ray`, which connects for the jailed VMM; the VM
+    // runs on (a real move: a_jailed_vmm_migrates_out_over_the_connection_ray_hands_it).
     let key = env.key_file("key", "0123456789abcdef0123");
     let out = env.ray(&[
         "migrate",
@@ -454,7 +455,11 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
         &key,
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("jailed"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("cannot connect to the target unix:/nowhere.sock"),
+        "{err}"
+    );
+    assert_eq!(vm.command("echo still", "still"), "still");
     // Snapshots go to its directory; anywhere else is refused, saying why.
     env.ray_ok(&["vm", "pause", &vm.id]);
     let elsewhere = env.runtime.join("snap-outside").display().to_string();
@@ -536,6 +541,59 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
     assert_ne!(status_field(back.pid, "Uid"), "0\t0\t0\t0");
     assert_eq!(status_field(back.pid, "CapEff"), "0000000000000000");
     assert_eq!(hash(back.command("disk sum 0 32", "disk ")), sum);
+}
+
+/// A jailed VMM cannot reach a migration target from its own network namespace nor open a
+/// key file outside its root: `ray migrate start` connects and opens them in the host's
+/// namespaces and hands both over `handoff.sock` (0600, the VM's uid). An API client that
+/// hands nothing is refused, naming the way.
+#[test]
+fn a_jailed_vmm_migrates_out_over_the_connection_ray_hands_it() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new("jail-out");
+    let uids = format!("{}-{}", JAIL_UIDS.0, JAIL_UIDS.1);
+    let mut src = env.boot(&jailed(&uids, &["--memory", "128M"]));
+    src.expect_line("ready", Duration::from_secs(30));
+    src.command("tick 20", "tick on 20");
+    let socket = std::fs::metadata(src.dir.join("handoff.sock")).unwrap();
+    assert_eq!(socket.mode() & 0o777, 0o600);
+    assert_eq!(
+        socket.uid().to_string(),
+        status_field(src.pid, "Uid").split('\t').next().unwrap()
+    );
+    let key = env.key_file("key", "a pre-shared key of some length");
+    let (mut dst, listen) = env.receive("there", &key, &["--memory", "128M", "--vcpus", "1"]);
+
+    let body = serde_json::json!({"to": listen, "key_file": key}).to_string();
+    let e = src
+        .client
+        .call::<serde_json::Value>("PUT", "/vm/migration", Some(body.into_bytes()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("jailed") && e.contains("ray migrate start") && e.contains(&listen),
+        "{e}"
+    );
+    let body = serde_json::json!({"to": listen, "key_file": key, "handoff": "made-up"}).to_string();
+    let e = src
+        .client
+        .call::<serde_json::Value>("PUT", "/vm/migration", Some(body.into_bytes()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nothing was handed"), "{e}");
+    assert_eq!(src.command("echo still here", "still"), "still here");
+
+    let out = env.migrate_start(&src.id, &listen, &key);
+    let out = ray_e2e::succeeded(out, "migrate start of a jailed VMM");
+    let s: ray_api::vmm::MigrationStatus = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (s.state.as_str(), s.vm.as_str()),
+        ("completed", "migrated"),
+        "{s:?}"
+    );
+    src.wait_exit(Duration::from_secs(10));
+    dst.expect_line("tick ", Duration::from_secs(10));
+    assert_eq!(dst.command("echo moved", "moved"), "moved");
 }
 
 /// A jail that cannot be is refused before any VM directory or VMM exists, naming why.

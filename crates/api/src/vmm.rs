@@ -677,6 +677,12 @@ pub struct MigrateRequest {
     /// File on the VMM's host holding the pre-shared key (at least 16 bytes); the target
     /// must use the same key.
     pub key_file: String,
+    /// A hand-off token: the connection to `to` and the open key file were handed to the
+    /// VMM (in that order) over `handoff.sock` in its directory under this token, by a
+    /// client in the host's namespaces (`ray migrate start` does it for a jailed VMM, which
+    /// cannot connect or open the key file itself). Default: the VMM connects and opens them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<String>,
     /// Longest acceptable pause of the guest, in ms (default 30).
     #[serde(default = "default_max_downtime_ms")]
     pub max_downtime_ms: u64,

@@ -290,6 +290,28 @@ pub fn connect(to: &Endpoint, timeout: Duration) -> Result<Stream, TransportErro
         })
 }
 
+/// A connection to `to` made by someone else (`ray` hands a jailed VMM the connection it
+/// made in the host's network namespace): the descriptor must be a connected socket of
+/// `to`'s kind; it gets `timeout` for every read and write, as [`connect`]'s do.
+pub fn adopt(to: &Endpoint, fd: OwnedFd, timeout: Duration) -> Result<Stream, TransportError> {
+    let setup = |source| TransportError::Setup {
+        endpoint: to.clone(),
+        what: "the handed connection",
+        source,
+    };
+    let stream = match to {
+        Endpoint::Tcp(_) => Stream::Tcp(TcpStream::from(fd)),
+        Endpoint::Unix(_) => Stream::Unix(UnixStream::from(fd)),
+    };
+    // A descriptor of another kind, or not connected, fails here.
+    let connected = match &stream {
+        Stream::Tcp(s) => s.peer_addr().map(drop),
+        Stream::Unix(s) => s.peer_addr().map(drop),
+    };
+    connected.map_err(setup)?;
+    stream.prepare(timeout).map_err(setup)
+}
+
 /// An eventfd that turns readable, for good, when cancelled.
 #[derive(Debug)]
 struct Wake {
@@ -693,6 +715,27 @@ pub fn read_key_file(path: &Path) -> Result<PresharedKey, KeyFileError> {
             path: path.to_path_buf(),
             source,
         })?;
+    read_key_from(file, path)
+}
+
+/// Reads a pre-shared key from `file`, opened by someone else (`ray` hands a jailed VMM the
+/// key file it opened), named `path` in errors; the same checks as [`read_key_file`].
+pub fn read_key_from(file: std::fs::File, path: &Path) -> Result<PresharedKey, KeyFileError> {
+    let check = |m: &Metadata| {
+        if !m.file_type().is_file() {
+            return Err(KeyFileError::NotRegular {
+                path: path.to_path_buf(),
+                kind: file_kind(m.file_type()),
+            });
+        }
+        if m.len() > MAX_KEY_FILE_BYTES {
+            return Err(KeyFileError::TooLarge {
+                path: path.to_path_buf(),
+                size: m.len(),
+            });
+        }
+        Ok(())
+    };
     let read_failed = |source| KeyFileError::Read {
         path: path.to_path_buf(),
         source,

@@ -274,6 +274,7 @@ impl Vmms for HostVmms {
             copy_disks: false,
             to: addr.to_string(),
             key_file: key_file.display().to_string(),
+            handoff: None,
             max_downtime_ms: 30,
             on_limit: Default::default(),
             max_passes: None,
