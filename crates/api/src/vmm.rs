@@ -633,6 +633,12 @@ pub struct SnapshotRequest {
     /// is refused until some are deleted or merged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_snapshots: Option<u32>,
+    /// A hand-off token: the store directory (the parent of `path`), opened and handed to
+    /// the VMM over `handoff.sock` in its directory under this token by a client in the
+    /// host's namespaces (`ray snapshot create` and `ray vm checkpoint` do it for a jailed
+    /// VMM, whose root holds only its own directory). Default: the VMM opens `path` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<String>,
 }
 
 /// `PUT /vm/snapshot` answer.

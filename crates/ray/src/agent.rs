@@ -294,6 +294,7 @@ impl Vmms for HostVmms {
 
     fn checkpoint(&self, vm: &str, path: &Path, full: bool) -> Result<Checkpoint, String> {
         let req = SnapshotRequest {
+            handoff: None,
             path: path.display().to_string(),
             pause: true,
             kind: if full {

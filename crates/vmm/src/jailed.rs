@@ -39,7 +39,7 @@ pub fn check_writable(path: &Path, what: &str) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "this VM's VMM is jailed: it cannot write {what} {} (it may write only under {}; start the VM with --no-jail to write elsewhere)",
+        "this VM's VMM is jailed: it cannot write {what} {} (it may write only under {}; `ray snapshot create` and `ray vm checkpoint` hand it a store elsewhere, or start the VM with --no-jail)",
         path.display(),
         jail.writable
             .iter()
