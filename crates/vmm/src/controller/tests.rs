@@ -39,8 +39,8 @@ fn config() -> VmConfig {
 }
 
 fn snap(path: &str) -> SnapshotRequest {
-    handoff: None,
     SnapshotRequest {
+        handoff: None,
         path: path.into(),
         pause: false,
         kind: SnapshotKind::Auto,
@@ -78,14 +78,22 @@ fn snapshot_plans_check_everything_before_anything_happens() {
         VmState::Paused,
         None,
         Some(&cfg),
-        &snap(&dir.display().to_string()), None,
+        &snap(&dir.display().to_string()),
+        None,
     )
     .unwrap_err();
     assert!(e.to_string().contains("already exists"), "{e}");
     // Parent selection.
     let store = fresh.parent().unwrap().to_path_buf();
     let last = (store.clone(), "base".to_string());
-    let p = plan_snapshot(VmState::Paused, Some(&last), Some(&cfg), &snap(&fresh_s), None).unwrap();
+    let p = plan_snapshot(
+        VmState::Paused,
+        Some(&last),
+        Some(&cfg),
+        &snap(&fresh_s),
+        None,
+    )
+    .unwrap();
     assert_eq!(
         p.parent.as_deref(),
         Some("base"),
@@ -104,7 +112,8 @@ fn snapshot_plans_check_everything_before_anything_happens() {
         VmState::Paused,
         Some(&elsewhere),
         Some(&cfg),
-        &snap(&fresh_s), None,
+        &snap(&fresh_s),
+        None,
     )
     .unwrap();
     assert_eq!(p.parent, None, "auto in another store: full");
