@@ -13,7 +13,7 @@
 //! the listener removes the socket when dropped only if it is still the one it bound.
 
 use std::fs::{FileType, Metadata};
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Read, Seek, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -741,6 +741,8 @@ pub fn read_key_from(file: std::fs::File, path: &Path) -> Result<PresharedKey, K
         source,
     };
     check(&file.metadata().map_err(read_failed)?)?;
+    // A handed file may have been read already (its offset is shared with every copy).
+    (&file).seek(io::SeekFrom::Start(0)).map_err(read_failed)?;
     let mut secret = Vec::with_capacity(MAX_KEY_FILE_BYTES as usize + 1);
     (&file)
         .take(MAX_KEY_FILE_BYTES + 1)

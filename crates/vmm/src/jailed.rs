@@ -58,3 +58,16 @@ pub fn refuse_if_jailed(what: &str) -> Result<(), String> {
         )),
     }
 }
+
+/// Whether this VMM can see `path` (always, unjailed); otherwise a sentence naming `what`
+/// and what a jailed VMM sees.
+pub fn check_visible(path: &Path, what: &str) -> Result<(), String> {
+    let Some(jail) = get() else { return Ok(()) };
+    if jail.writable.iter().any(|w| path.starts_with(w)) {
+        return Ok(());
+    }
+    Err(format!(
+        "this VM's VMM is jailed: {what} {} is outside its root (it sees only its own directory and files); use `ray snapshot list/delete/merge` on the host, or start the VM with --no-jail",
+        path.display()
+    ))
+}
