@@ -272,10 +272,11 @@ fn hand_over(
             )
         })?;
     // A key file the VMM would refuse is refused before anything connects.
-    let checked = key.try_clone().map_err(anyhow::Error::from).and_then(|k| {
-        ray_migration::read_key_from(k, key_file).map_err(|e| coded(exit::INVALID, e))
+    key.try_clone().map_err(anyhow::Error::from).and_then(|k| {
+        ray_migration::read_key_from(k, key_file)
+            .map(|_| ())
+            .map_err(|e| coded(exit::INVALID, e))
     })?;
-    drop(checked);
     let stream = ray_migration::connect(&to, Duration::from_secs(10)).map_err(|e| {
         coded(
             exit::UNREACHABLE,
