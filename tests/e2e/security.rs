@@ -249,6 +249,30 @@ fn jailed<'a>(uids: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
+/// Every file and directory under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            all.extend(walk(&p));
+        }
+        all.push(p);
+    }
+    all
+}
+
+/// An extended attribute of `path`, if it has it.
+fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 1024];
+    // SAFETY: NUL-terminated strings and a buffer of its length, alive across the call.
+    let got = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (got >= 0).then(|| buf[..got as usize].to_vec())
+}
+
 /// A field of /proc/PID/status.
 fn status_field(pid: u32, name: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -337,6 +361,7 @@ fn jail_tree(pid: u32, leaves: &[String]) -> Vec<String> {
 /// back.
 #[test]
 fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
+    use std::os::unix::fs::MetadataExt;
     let env = Env::new("jail");
     let disk = env.runtime.join("disk.img");
     std::fs::File::create(&disk)
@@ -442,7 +467,8 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
     let list = env.ray_ok(&["vm", "list"]);
     assert!(list.contains(&pid.to_string()), "{list}");
 
-    // Migrating out is refused, not broken.
+    // A migration to nowhere fails in `ray`, which connects for the jailed VMM; the VM
+    // runs on (a real move: a_jailed_vmm_migrates_out_over_the_connection_ray_hands_it).
     let key = env.key_file("key", "0123456789abcdef0123");
     let out = env.ray(&[
         "migrate",
@@ -454,17 +480,52 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
         &key,
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("jailed"), "{err}");
-    // Snapshots go to its directory; anywhere else is refused, saying why.
-    env.ray_ok(&["vm", "pause", &vm.id]);
-    let elsewhere = env.runtime.join("snap-outside").display().to_string();
-    let out = env.ray(&["snapshot", "create", &vm.id, &elsewhere]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "{err}");
     assert!(
-        err.contains("jailed") && err.contains(&elsewhere) && err.contains("--no-jail"),
+        !out.status.success() && err.contains("cannot connect to the target unix:/nowhere.sock"),
         "{err}"
     );
+    assert_eq!(vm.command("echo still", "still"), "still");
+    // Snapshots go to its directory, or to a store `ray` hands it (lent to its uid while
+    // it writes: an ACL entry, gone afterwards; the files then belong to the store's
+    // owner). An API client that hands nothing is refused, saying why.
+    env.ray_ok(&["vm", "pause", &vm.id]);
+    let outside = env.runtime.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let elsewhere = outside.join("snap").display().to_string();
+    let body = serde_json::json!({"path": elsewhere}).to_string();
+    let e = vm
+        .client
+        .call::<serde_json::Value>("PUT", "/vm/snapshot", Some(body.into_bytes()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("jailed") && e.contains(&elsewhere) && e.contains("--no-jail"),
+        "{e}"
+    );
+    let mode_before = std::fs::metadata(&outside).unwrap().mode();
+    env.ray_ok(&["snapshot", "create", &vm.id, &elsewhere]);
+    let cps_out = env.runtime.join("cps-out").display().to_string();
+    for kind in ["full", "incremental"] {
+        let out = env.ray_ok(&["vm", "checkpoint", &vm.id, "--store", &cps_out, "--json"]);
+        let info: ray_api::vmm::SnapshotInfo = serde_json::from_str(&out).unwrap();
+        assert_eq!(info.kind.to_string(), kind, "{info:?}");
+    }
+    for store in [outside.clone(), std::path::PathBuf::from(&cps_out)] {
+        for f in walk(&store) {
+            let m = std::fs::symlink_metadata(&f).unwrap();
+            assert_eq!(
+                (m.uid(), m.gid()),
+                (0, 0),
+                "{} is the store owner's",
+                f.display()
+            );
+        }
+        let acl = xattr(&store, "system.posix_acl_access");
+        assert!(acl.is_none(), "{} keeps an ACL: {acl:?}", store.display());
+    }
+    assert_eq!(std::fs::metadata(&outside).unwrap().mode(), mode_before);
+    let out = env.ray_ok(&["snapshot", "verify", &elsewhere]);
+    assert!(out.contains("every checksum matches"), "{out}");
     let snap = vm.dir.join("snaps").join("s1").display().to_string();
     env.ray_ok(&["snapshot", "create", &vm.id, &snap]);
     // A checkpoint store `ray` makes in the VM's directory is handed to the VM's user.
@@ -536,6 +597,59 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
     assert_ne!(status_field(back.pid, "Uid"), "0\t0\t0\t0");
     assert_eq!(status_field(back.pid, "CapEff"), "0000000000000000");
     assert_eq!(hash(back.command("disk sum 0 32", "disk ")), sum);
+}
+
+/// A jailed VMM cannot reach a migration target from its own network namespace nor open a
+/// key file outside its root: `ray migrate start` connects and opens them in the host's
+/// namespaces and hands both over `handoff.sock` (0600, the VM's uid). An API client that
+/// hands nothing is refused, naming the way.
+#[test]
+fn a_jailed_vmm_migrates_out_over_the_connection_ray_hands_it() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new("jail-out");
+    let uids = format!("{}-{}", JAIL_UIDS.0, JAIL_UIDS.1);
+    let mut src = env.boot(&jailed(&uids, &["--memory", "128M"]));
+    src.expect_line("ready", Duration::from_secs(30));
+    src.command("tick 20", "tick on 20");
+    let socket = std::fs::metadata(src.dir.join("handoff.sock")).unwrap();
+    assert_eq!(socket.mode() & 0o777, 0o600);
+    assert_eq!(
+        socket.uid().to_string(),
+        status_field(src.pid, "Uid").split('\t').next().unwrap()
+    );
+    let key = env.key_file("key", "a pre-shared key of some length");
+    let (mut dst, listen) = env.receive("there", &key, &["--memory", "128M", "--vcpus", "1"]);
+
+    let body = serde_json::json!({"to": listen, "key_file": key}).to_string();
+    let e = src
+        .client
+        .call::<serde_json::Value>("PUT", "/vm/migration", Some(body.into_bytes()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("jailed") && e.contains("ray migrate start") && e.contains(&listen),
+        "{e}"
+    );
+    let body = serde_json::json!({"to": listen, "key_file": key, "handoff": "made-up"}).to_string();
+    let e = src
+        .client
+        .call::<serde_json::Value>("PUT", "/vm/migration", Some(body.into_bytes()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nothing was handed"), "{e}");
+    assert_eq!(src.command("echo still here", "still"), "still here");
+
+    let out = env.migrate_start(&src.id, &listen, &key);
+    let out = ray_e2e::succeeded(out, "migrate start of a jailed VMM");
+    let s: ray_api::vmm::MigrationStatus = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (s.state.as_str(), s.vm.as_str()),
+        ("completed", "migrated"),
+        "{s:?}"
+    );
+    src.wait_exit(Duration::from_secs(10));
+    dst.expect_line("tick ", Duration::from_secs(10));
+    assert_eq!(dst.command("echo moved", "moved"), "moved");
 }
 
 /// A jail that cannot be is refused before any VM directory or VMM exists, naming why.

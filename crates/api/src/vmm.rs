@@ -633,6 +633,12 @@ pub struct SnapshotRequest {
     /// is refused until some are deleted or merged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_snapshots: Option<u32>,
+    /// A hand-off token: the store directory (the parent of `path`), opened and handed to
+    /// the VMM over `handoff.sock` in its directory under this token by a client in the
+    /// host's namespaces (`ray snapshot create` and `ray vm checkpoint` do it for a jailed
+    /// VMM, whose root holds only its own directory). Default: the VMM opens `path` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<String>,
 }
 
 /// `PUT /vm/snapshot` answer.
@@ -677,6 +683,12 @@ pub struct MigrateRequest {
     /// File on the VMM's host holding the pre-shared key (at least 16 bytes); the target
     /// must use the same key.
     pub key_file: String,
+    /// A hand-off token: the connection to `to` and the open key file were handed to the
+    /// VMM (in that order) over `handoff.sock` in its directory under this token, by a
+    /// client in the host's namespaces (`ray migrate start` does it for a jailed VMM, which
+    /// cannot connect or open the key file itself). Default: the VMM connects and opens them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<String>,
     /// Longest acceptable pause of the guest, in ms (default 30).
     #[serde(default = "default_max_downtime_ms")]
     pub max_downtime_ms: u64,

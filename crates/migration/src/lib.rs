@@ -112,6 +112,7 @@ pub use secure::{Protection, SecureError};
 pub use sender::{send_migration, SendFailure, SendReport, SenderConfig, SourceVmAfterFailure};
 pub use session::{Session, SessionEvent, SessionState};
 pub use transport::{
-    connect, read_key_file, Canceller, Endpoint, KeyFileError, Listener, Stream, TransportError,
+    adopt, connect, read_key_file, read_key_from, Canceller, Endpoint, KeyFileError, Listener,
+    Stream, TransportError,
 };
 pub use vm::{SourceVm, TargetVm, VmError};

@@ -13,7 +13,7 @@
 //! the listener removes the socket when dropped only if it is still the one it bound.
 
 use std::fs::{FileType, Metadata};
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Read, Seek, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -288,6 +288,28 @@ pub fn connect(to: &Endpoint, timeout: Duration) -> Result<Stream, TransportErro
             what: "the connection's options",
             source,
         })
+}
+
+/// A connection to `to` made by someone else (`ray` hands a jailed VMM the connection it
+/// made in the host's network namespace): the descriptor must be a connected socket of
+/// `to`'s kind; it gets `timeout` for every read and write, as [`connect`]'s do.
+pub fn adopt(to: &Endpoint, fd: OwnedFd, timeout: Duration) -> Result<Stream, TransportError> {
+    let setup = |source| TransportError::Setup {
+        endpoint: to.clone(),
+        what: "the handed connection",
+        source,
+    };
+    let stream = match to {
+        Endpoint::Tcp(_) => Stream::Tcp(TcpStream::from(fd)),
+        Endpoint::Unix(_) => Stream::Unix(UnixStream::from(fd)),
+    };
+    // A descriptor of another kind, or not connected, fails here.
+    let connected = match &stream {
+        Stream::Tcp(s) => s.peer_addr().map(drop),
+        Stream::Unix(s) => s.peer_addr().map(drop),
+    };
+    connected.map_err(setup)?;
+    stream.prepare(timeout).map_err(setup)
 }
 
 /// An eventfd that turns readable, for good, when cancelled.
@@ -693,11 +715,34 @@ pub fn read_key_file(path: &Path) -> Result<PresharedKey, KeyFileError> {
             path: path.to_path_buf(),
             source,
         })?;
+    read_key_from(file, path)
+}
+
+/// Reads a pre-shared key from `file`, opened by someone else (`ray` hands a jailed VMM the
+/// key file it opened), named `path` in errors; the same checks as [`read_key_file`].
+pub fn read_key_from(file: std::fs::File, path: &Path) -> Result<PresharedKey, KeyFileError> {
+    let check = |m: &Metadata| {
+        if !m.file_type().is_file() {
+            return Err(KeyFileError::NotRegular {
+                path: path.to_path_buf(),
+                kind: file_kind(m.file_type()),
+            });
+        }
+        if m.len() > MAX_KEY_FILE_BYTES {
+            return Err(KeyFileError::TooLarge {
+                path: path.to_path_buf(),
+                size: m.len(),
+            });
+        }
+        Ok(())
+    };
     let read_failed = |source| KeyFileError::Read {
         path: path.to_path_buf(),
         source,
     };
     check(&file.metadata().map_err(read_failed)?)?;
+    // A handed file may have been read already (its offset is shared with every copy).
+    (&file).seek(io::SeekFrom::Start(0)).map_err(read_failed)?;
     let mut secret = Vec::with_capacity(MAX_KEY_FILE_BYTES as usize + 1);
     (&file)
         .take(MAX_KEY_FILE_BYTES + 1)

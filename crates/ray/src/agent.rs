@@ -274,6 +274,7 @@ impl Vmms for HostVmms {
             copy_disks: false,
             to: addr.to_string(),
             key_file: key_file.display().to_string(),
+            handoff: None,
             max_downtime_ms: 30,
             on_limit: Default::default(),
             max_passes: None,
@@ -293,6 +294,7 @@ impl Vmms for HostVmms {
 
     fn checkpoint(&self, vm: &str, path: &Path, full: bool) -> Result<Checkpoint, String> {
         let req = SnapshotRequest {
+            handoff: None,
             path: path.display().to_string(),
             pause: true,
             kind: if full {

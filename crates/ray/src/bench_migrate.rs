@@ -647,6 +647,7 @@ impl Bench<'_> {
             copy_disks: copy_dir.is_some(),
             to,
             key_file: self.key.display().to_string(),
+            handoff: None,
             max_downtime_ms: self.a.max_downtime_ms,
             on_limit: OnLimit::Force,
             max_passes: None,

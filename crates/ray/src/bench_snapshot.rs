@@ -272,6 +272,7 @@ pub fn run(a: &SnapshotBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         let mut manifest_bytes = 0;
         let snapshot = |path: &Path, kind: SnapshotKind| -> anyhow::Result<SnapshotInfo> {
             let req = SnapshotRequest {
+                handoff: None,
                 path: path.display().to_string(),
                 pause: false,
                 kind,

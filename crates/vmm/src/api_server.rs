@@ -674,6 +674,7 @@ async fn get_snapshots(
             }
         }
     };
+    crate::jailed::check_visible(&store, "the snapshot store").map_err(ApiError::invalid)?;
     store_op(move || crate::snapshot::list(&store))
         .await
         .map(Json)
@@ -689,6 +690,7 @@ async fn get_snapshots(
     (status = 500, description = "`failed`: the files could not be removed.", body = ErrorBody)))]
 async fn put_snapshot_delete(Body(body): Body) -> Result<StatusCode, ApiError> {
     let d = parse_body::<SnapshotDelete>("PUT /vm/snapshot/delete", &body)?;
+    crate::jailed::check_visible(Path::new(&d.path), "the snapshot").map_err(ApiError::invalid)?;
     store_op(move || crate::snapshot::delete(Path::new(&d.path))).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -703,6 +705,7 @@ async fn put_snapshot_delete(Body(body): Body) -> Result<StatusCode, ApiError> {
     (status = 500, description = "`failed`: the files could not be read or written.", body = ErrorBody)))]
 async fn put_snapshot_merge(Body(body): Body) -> ApiResult<SnapshotEntry> {
     let m = parse_body::<SnapshotMerge>("PUT /vm/snapshot/merge", &body)?;
+    crate::jailed::check_visible(Path::new(&m.path), "the snapshot").map_err(ApiError::invalid)?;
     store_op(move || crate::snapshot::merge(Path::new(&m.path), &m.into, m.compress))
         .await
         .map(Json)

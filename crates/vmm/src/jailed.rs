@@ -39,7 +39,7 @@ pub fn check_writable(path: &Path, what: &str) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "this VM's VMM is jailed: it cannot write {what} {} (it may write only under {}; start the VM with --no-jail to write elsewhere)",
+        "this VM's VMM is jailed: it cannot write {what} {} (it may write only under {}; `ray snapshot create` and `ray vm checkpoint` hand it a store elsewhere, or start the VM with --no-jail)",
         path.display(),
         jail.writable
             .iter()
@@ -57,4 +57,17 @@ pub fn refuse_if_jailed(what: &str) -> Result<(), String> {
             "this VM's VMM is jailed and cannot {what} (its private root and network namespace hold no way out); start the VM with --no-jail for that"
         )),
     }
+}
+
+/// Whether this VMM can see `path` (always, unjailed); otherwise a sentence naming `what`
+/// and what a jailed VMM sees.
+pub fn check_visible(path: &Path, what: &str) -> Result<(), String> {
+    let Some(jail) = get() else { return Ok(()) };
+    if jail.writable.iter().any(|w| path.starts_with(w)) {
+        return Ok(());
+    }
+    Err(format!(
+        "this VM's VMM is jailed: {what} {} is outside its root (it sees only its own directory and files); use `ray snapshot list/delete/merge` on the host, or start the VM with --no-jail",
+        path.display()
+    ))
 }

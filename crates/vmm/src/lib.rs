@@ -9,6 +9,7 @@ pub mod config;
 pub mod console_attach;
 pub mod controller;
 pub mod display;
+pub mod handoff;
 pub mod heartbeat;
 pub mod jailed;
 pub mod lease;
@@ -279,6 +280,12 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
     // wait), but serving them starts once the VM runs: building the router is start-up
     // work the restored guest need not wait for.
     let listeners = api_server::ApiListeners::bind(&ctl.paths.socket(), opts.api_tcp)?;
+    // A jailed VMM takes what it cannot open itself from `ray` (`handoff`); an old socket
+    // would tell clients this VMM is one.
+    let _ = std::fs::remove_file(ctl.paths.dir.join(handoff::SOCKET));
+    if jailed::get().is_some() {
+        ctl.handoff = Some(handoff::Inbox::bind(&ctl.paths.dir)?);
+    }
     if opts.attach {
         // Console input typed before the VM runs waits in the inbox.
         spawn_stdin_thread(tx.clone());

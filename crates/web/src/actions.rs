@@ -170,6 +170,7 @@ pub async fn snapshot(
         Refusal::failed(format!("cannot create the store {}: {e}", store.display()))
     })?;
     let req = ray_api::vmm::SnapshotRequest {
+        handoff: None,
         path: store.join(&s.name).display().to_string(),
         pause: true,
         kind: Default::default(),

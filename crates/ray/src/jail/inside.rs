@@ -104,7 +104,11 @@ pub fn enter_root(plan: &Plan, vm_dir: &Path) -> Result<(), String> {
         writable: true,
         device: false,
     };
-    for b in std::iter::once(&vm).chain(&plan.binds) {
+    // Parents before what is under them: a restore's store may hold the VM's directory
+    // (read-only over read-write would hide it), a disk may be in the VM's directory.
+    let mut binds: Vec<&Bind> = std::iter::once(&vm).chain(&plan.binds).collect();
+    binds.sort_by_key(|b| b.path.components().count());
+    for b in binds {
         bind(&root, b)?;
     }
     let proc_dir = root.join("proc");

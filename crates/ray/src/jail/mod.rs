@@ -15,6 +15,7 @@
 //!  ray vm run ──spawn──▶ ray vmm --jail (root: keeper) ──clone(NEWPID|NEWNS|..)──▶ VMM (uid N, pid 1)
 //!       plan                  cgroup, chown, wait, clean up                   mounts, pivot_root, drop
 //! ```
+pub mod acl;
 pub mod cgroup;
 pub mod inside;
 pub mod keeper;

@@ -56,11 +56,44 @@ impl Controller {
         req: MigrateRequest,
     ) -> Result<MigrationStatus, ControllerError> {
         self.check(VmAction::MigrateOut)?;
-        crate::jailed::refuse_if_jailed("migrate out").map_err(ControllerError::refused)?;
         let (mut policy, limit) = policy_of(&req)?;
         let to = ray_migration::Endpoint::parse(&req.to).map_err(ControllerError::invalid)?;
-        let key = ray_migration::read_key_file(Path::new(&req.key_file))
-            .map_err(ControllerError::invalid)?;
+        // A jailed VMM cannot reach the target (its network namespace is its own) nor open
+        // the key file (outside its root): a client in the host's namespaces hands both.
+        let (key, handed, handed_slot) = match &req.handoff {
+            Some(token) => {
+                let inbox = self.handoff.as_mut().ok_or_else(|| {
+                    ControllerError::refused(format!(
+                        "this VMM takes no hand-offs ({token:?} names one): only a jailed VMM listens on {}",
+                        crate::handoff::SOCKET
+                    ))
+                })?;
+                // The connection, the key file and the host-wide migration slot `ray`
+                // holds locked for it (the runtime directory is outside the jail).
+                let mut fds = inbox
+                    .take(token, 3)
+                    .map_err(ControllerError::invalid)?
+                    .into_iter();
+                let (Some(stream), Some(key), Some(slot)) = (fds.next(), fds.next(), fds.next())
+                else {
+                    return Err(ControllerError::invalid("a hand-off lost its descriptors"));
+                };
+                let key = ray_migration::read_key_from(key.into(), Path::new(&req.key_file))
+                    .map_err(ControllerError::invalid)?;
+                (key, Some(stream), Some(mig::Slot::from_handed(slot.into())))
+            }
+            None => {
+                if crate::jailed::get().is_some() {
+                    return Err(ControllerError::refused(format!(
+                        "this VM's VMM is jailed: it cannot connect to {to} or read {} itself (its network namespace and root are its own); `ray migrate start` hands it both, or start the VM with --no-jail",
+                        req.key_file
+                    )));
+                }
+                let key = ray_migration::read_key_file(Path::new(&req.key_file))
+                    .map_err(ControllerError::invalid)?;
+                (key, None, None)
+            }
+        };
         let config = self
             .config
             .clone()
@@ -85,8 +118,12 @@ impl Controller {
             // the pause, so the convergence counts it like the state transfer.
             policy.state_transfer_cost += cost;
         }
-        let slot =
-            mig::acquire_slot(&self.paths.runtime(), limit).map_err(ControllerError::refused)?;
+        let slot = match handed_slot {
+            Some(slot) => slot,
+            None => {
+                mig::acquire_slot(&self.paths.runtime(), limit).map_err(ControllerError::refused)?
+            }
+        };
         let handle = mig::Handle::new(MigrationRole::Source, to.to_string());
         let mut cfg = ray_migration::SenderConfig::new(key);
         cfg.policy = policy;
@@ -120,7 +157,11 @@ impl Controller {
             .spawn_in_span(move || {
                 crate::seccomp::enter(crate::seccomp::Kind::Migration);
                 let _slot = slot;
-                let result = ray_migration::connect(&to, MIGRATION_IO_TIMEOUT)
+                let stream = match handed {
+                    Some(fd) => ray_migration::adopt(&to, fd, MIGRATION_IO_TIMEOUT),
+                    None => ray_migration::connect(&to, MIGRATION_IO_TIMEOUT),
+                };
+                let result = stream
                     .map_err(|e| {
                         mig::SourceError::Setup(format!("cannot connect to the target {to}: {e}"))
                     })

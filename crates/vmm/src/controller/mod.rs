@@ -224,6 +224,8 @@ pub struct Controller {
     pub displays: Arc<crate::display::DisplayHub>,
     /// The local lease (`crate::lease`), shared with its watchdog.
     pub lease: Arc<crate::lease::Lease>,
+    /// Where `ray` hands a jailed VMM what it cannot open itself (`crate::handoff`).
+    pub handoff: Option<crate::handoff::Inbox>,
 }
 
 impl Controller {
@@ -261,6 +263,7 @@ impl Controller {
             numa_migrator: None,
             displays: crate::display::DisplayHub::new(&id, paths.dir.clone()),
             lease: Arc::default(),
+            handoff: None,
             id,
             paths,
         }

@@ -2,6 +2,7 @@
 //! VMM, and suspend/resume through the VM's own directory.
 use super::*;
 use crate::vstate::vm::ShellPrep;
+use std::os::fd::AsRawFd;
 
 impl Controller {
     /// Writes a snapshot. A running VM is refused unless `pause` asks to pause it for the
@@ -13,11 +14,34 @@ impl Controller {
         req: SnapshotRequest,
         inbox: &Receiver<Message>,
     ) -> Result<SnapshotInfo, ControllerError> {
+        // The store a client handed over (a jailed VMM's root holds only its directory):
+        // written through this process's descriptor of it. Held until the write is done.
+        let handed = match &req.handoff {
+            Some(token) => {
+                let inbox = self.handoff.as_mut().ok_or_else(|| {
+                    ControllerError::refused(format!(
+                        "this VMM takes no hand-offs ({token:?} names one): only a jailed VMM listens on {}",
+                        crate::handoff::SOCKET
+                    ))
+                })?;
+                let fd = inbox
+                    .take(token, 1)
+                    .map_err(ControllerError::invalid)?
+                    .pop()
+                    .ok_or_else(|| ControllerError::invalid("a hand-off lost its descriptor"))?;
+                Some(fd)
+            }
+            None => None,
+        };
+        let through = handed
+            .as_ref()
+            .map(|fd| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())));
         let plan = plan_snapshot(
             self.state,
             self.last_snapshot.as_ref(),
             self.config.as_ref(),
             &req,
+            through.as_deref(),
         )?;
         let running = self.state == VmState::Running;
         let t_pause = Instant::now();
@@ -27,7 +51,7 @@ impl Controller {
         }
         let t_write = Instant::now();
         let result = self.write_snapshot(
-            &plan.path,
+            &plan.write_path,
             &plan.config,
             plan.parent.as_deref(),
             req.compress,
@@ -41,6 +65,7 @@ impl Controller {
         }
         let paused_ms = t_pause.elapsed().as_secs_f64() * 1e3;
         let (manifest, _) = result?;
+        drop(handed);
         self.last_snapshot = Some((plan.store, plan.id.clone()));
         Ok(SnapshotInfo {
             id: plan.id,
@@ -370,6 +395,8 @@ impl Controller {
 #[derive(Debug, PartialEq)]
 pub(super) struct SnapshotPlan {
     pub path: PathBuf,
+    /// Where the VMM writes it: `path`, or the same name in a handed store.
+    pub write_path: PathBuf,
     pub store: PathBuf,
     pub id: String,
     /// The parent's id, for an incremental snapshot.
@@ -385,6 +412,7 @@ pub(super) fn plan_snapshot(
     last: Option<&(PathBuf, String)>,
     config: Option<&VmConfig>,
     req: &SnapshotRequest,
+    handed_store: Option<&Path>,
 ) -> Result<SnapshotPlan, ControllerError> {
     match state {
         VmState::Running if !req.pause => {
@@ -416,8 +444,21 @@ pub(super) fn plan_snapshot(
             path.display()
         )));
     }
-    crate::jailed::check_writable(&path, "the snapshot").map_err(ControllerError::refused)?;
-    if path.exists() {
+    let write_path = match (handed_store, path.file_name()) {
+        (Some(store), Some(name)) => store.join(name),
+        (Some(_), None) => {
+            return Err(ControllerError::invalid(format!(
+                "snapshot path {} names no snapshot",
+                path.display()
+            )))
+        }
+        (None, _) => {
+            crate::jailed::check_writable(&path, "the snapshot")
+                .map_err(ControllerError::refused)?;
+            path.clone()
+        }
+    };
+    if write_path.exists() {
         return Err(ControllerError::invalid(format!(
             "snapshot path {} already exists; a snapshot never overwrites another",
             path.display()
@@ -449,6 +490,7 @@ pub(super) fn plan_snapshot(
         .ok_or_else(|| ControllerError::refused("the VM has no configuration"))?;
     Ok(SnapshotPlan {
         path,
+        write_path,
         store,
         id,
         parent,

@@ -40,6 +40,7 @@ fn config() -> VmConfig {
 
 fn snap(path: &str) -> SnapshotRequest {
     SnapshotRequest {
+        handoff: None,
         path: path.into(),
         pause: false,
         kind: SnapshotKind::Auto,
@@ -55,36 +56,44 @@ fn snapshot_plans_check_everything_before_anything_happens() {
     let fresh = dir.join(format!("ray-plan-{}", std::process::id()));
     let fresh_s = fresh.display().to_string();
     // Running without --pause, or in a state that has no memory: refused naming it.
-    let e = plan_snapshot(VmState::Running, None, Some(&cfg), &snap(&fresh_s)).unwrap_err();
+    let e = plan_snapshot(VmState::Running, None, Some(&cfg), &snap(&fresh_s), None).unwrap_err();
     assert!(
         matches!(e, ControllerError::Refused(_)) && e.to_string().contains("--pause"),
         "{e}"
     );
-    let e = plan_snapshot(VmState::Created, None, Some(&cfg), &snap(&fresh_s)).unwrap_err();
+    let e = plan_snapshot(VmState::Created, None, Some(&cfg), &snap(&fresh_s), None).unwrap_err();
     assert!(e.to_string().contains("created"), "{e}");
     // The defect where --max-snapshots 0 was found after pausing: now part of the plan.
     let mut r = snap(&fresh_s);
     r.pause = true;
     r.max_snapshots = Some(0);
-    let e = plan_snapshot(VmState::Running, None, Some(&cfg), &r).unwrap_err();
+    let e = plan_snapshot(VmState::Running, None, Some(&cfg), &r, None).unwrap_err();
     assert!(
         matches!(e, ControllerError::Invalid(_)) && e.to_string().contains("max_snapshots is 0"),
         "{e}"
     );
-    let e = plan_snapshot(VmState::Paused, None, Some(&cfg), &snap("rel/path")).unwrap_err();
+    let e = plan_snapshot(VmState::Paused, None, Some(&cfg), &snap("rel/path"), None).unwrap_err();
     assert!(e.to_string().contains("must be absolute"), "{e}");
     let e = plan_snapshot(
         VmState::Paused,
         None,
         Some(&cfg),
         &snap(&dir.display().to_string()),
+        None,
     )
     .unwrap_err();
     assert!(e.to_string().contains("already exists"), "{e}");
     // Parent selection.
     let store = fresh.parent().unwrap().to_path_buf();
     let last = (store.clone(), "base".to_string());
-    let p = plan_snapshot(VmState::Paused, Some(&last), Some(&cfg), &snap(&fresh_s)).unwrap();
+    let p = plan_snapshot(
+        VmState::Paused,
+        Some(&last),
+        Some(&cfg),
+        &snap(&fresh_s),
+        None,
+    )
+    .unwrap();
     assert_eq!(
         p.parent.as_deref(),
         Some("base"),
@@ -93,7 +102,7 @@ fn snapshot_plans_check_everything_before_anything_happens() {
     let mut full = snap(&fresh_s);
     full.kind = SnapshotKind::Full;
     assert_eq!(
-        plan_snapshot(VmState::Paused, Some(&last), Some(&cfg), &full)
+        plan_snapshot(VmState::Paused, Some(&last), Some(&cfg), &full, None)
             .unwrap()
             .parent,
         None
@@ -104,16 +113,17 @@ fn snapshot_plans_check_everything_before_anything_happens() {
         Some(&elsewhere),
         Some(&cfg),
         &snap(&fresh_s),
+        None,
     )
     .unwrap();
     assert_eq!(p.parent, None, "auto in another store: full");
     let mut inc = snap(&fresh_s);
     inc.kind = SnapshotKind::Incremental;
-    let e = plan_snapshot(VmState::Paused, Some(&elsewhere), Some(&cfg), &inc).unwrap_err();
+    let e = plan_snapshot(VmState::Paused, Some(&elsewhere), Some(&cfg), &inc, None).unwrap_err();
     assert!(e.to_string().contains("beside its parent"), "{e}");
-    let e = plan_snapshot(VmState::Paused, None, Some(&cfg), &inc).unwrap_err();
+    let e = plan_snapshot(VmState::Paused, None, Some(&cfg), &inc, None).unwrap_err();
     assert!(e.to_string().contains("no earlier snapshot"), "{e}");
-    let e = plan_snapshot(VmState::Paused, None, None, &snap(&fresh_s)).unwrap_err();
+    let e = plan_snapshot(VmState::Paused, None, None, &snap(&fresh_s), None).unwrap_err();
     assert!(e.to_string().contains("no configuration"), "{e}");
     assert_eq!(p.id, fresh.file_name().unwrap().to_string_lossy());
     assert_eq!(

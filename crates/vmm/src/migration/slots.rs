@@ -4,7 +4,19 @@ use std::path::Path;
 
 /// One host-wide migration slot: an exclusive `flock` on one of `limit` files in the
 /// runtime directory, held until dropped (or the process dies).
-pub struct Slot(#[allow(dead_code)] File);
+pub struct Slot(File);
+
+impl Slot {
+    /// The slot's locked file, to hand to a jailed VMM (the lock goes with the open file).
+    pub fn file(&self) -> &File {
+        &self.0
+    }
+
+    /// A slot whose locked file was handed over (by `ray`, for a jailed VMM).
+    pub fn from_handed(file: File) -> Slot {
+        Slot(file)
+    }
+}
 
 pub fn acquire_slot(runtime: &Path, limit: u32) -> Result<Slot, String> {
     let dir = runtime.join("migration-slots");
