@@ -433,7 +433,12 @@ impl<S: Read + Write> Channel<S> {
                 Err(e) => return Err(io(e)),
             }
         }
-        self.stream.flush().map_err(io)?;
+        // Bulk frames (page batches, disk blocks) are always followed by another frame,
+        // at the latest the pass marker, whose flush sends them: an encrypted stream seals
+        // them in the background meanwhile instead of waiting for each one.
+        if !matches!(command, Command::MemoryPages | Command::DiskBlocks) {
+            self.stream.flush().map_err(io)?;
+        }
         self.bytes_sent += (HEADER_LEN + body_len + trailer.len()) as u64;
         Ok(())
     }

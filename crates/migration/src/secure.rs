@@ -26,11 +26,17 @@
 //! - [`Protection::Plaintext`] still runs the Noise handshake (the key is proved both
 //!   ways) but then sends frames in the clear: for same-host `unix:` moves, where nobody
 //!   is on the path, or an explicit `--insecure-plaintext` between hosts.
-//! - On 2 cores the cipher bounds throughput, so a large write (a page batch) is sealed by
-//!   several threads at once, each record under its own counter value; reading decrypts
-//!   every complete record that arrived in one go the same way.
+//! - Sealing runs beside the caller: written plaintext is handed in jobs of at least
+//!   [`SEAL_CHUNK`] bytes to persistent crypto workers (one per core beyond the caller's,
+//!   at least one), each record under its own counter value, and the caller writes the
+//!   sealed jobs to the socket in order while the next ones are sealed, so reading pages,
+//!   sealing and sending overlap. A flush (or a read) seals and sends everything first.
+//!   Reading decrypts every complete record that arrived in one go on several threads.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 
 use snow::{HandshakeState, StatelessTransportState};
 
@@ -50,8 +56,10 @@ const PREAMBLE_VERSION: u8 = 1;
 const PROLOGUE_LABEL: &[u8] = b"rayvisor migration secure stream v1 ";
 /// A record's length prefix.
 const LEN_PREFIX: usize = 2;
-/// Plaintext buffered before it is sealed without waiting for a flush.
-const SEAL_AT: usize = 8 << 20;
+/// Plaintext buffered before it goes to a crypto worker without waiting for a flush.
+pub const SEAL_CHUNK: usize = 1 << 20;
+/// Sealing jobs handed to the workers and not yet written to the socket, at most.
+const SEAL_DEPTH: usize = 3;
 /// Fewer records than this are sealed or opened on the calling thread alone.
 const PARALLEL_MIN_RECORDS: usize = 8;
 /// Ciphertext read from the socket in one go, at most.
@@ -276,13 +284,15 @@ pub struct SecureStream<S> {
 
 /// The per-direction state of an encrypted stream.
 struct Cipher {
-    keys: StatelessTransportState,
+    keys: Arc<StatelessTransportState>,
     send_nonce: u64,
     recv_nonce: u64,
     /// Plaintext written and not sealed yet.
     pending: Vec<u8>,
-    /// Sealed records on their way to the socket.
-    wire: Vec<u8>,
+    /// The crypto workers sealing written plaintext (started at the first job).
+    sealers: Option<Sealers>,
+    /// A sealing job or a socket write failed: the stream cannot go on.
+    broken: bool,
     /// Ciphertext read and not opened yet: `rx[rx_start..rx_end]` (allocated once, never
     /// zeroed again).
     rx: Vec<u8>,
@@ -309,11 +319,12 @@ impl<S> SecureStream<S> {
     ) -> Result<SecureStream<S>, SecureError> {
         let keys = hs.into_stateless_transport_mode()?;
         let cipher = (protection == Protection::Encrypted).then(|| Cipher {
-            keys,
+            keys: Arc::new(keys),
             send_nonce: 0,
             recv_nonce: 0,
             pending: Vec::new(),
-            wire: Vec::new(),
+            sealers: None,
+            broken: false,
             rx: Vec::new(),
             rx_start: 0,
             rx_end: 0,
@@ -344,11 +355,136 @@ fn tampered(nonce: u64) -> io::Error {
     )
 }
 
+/// Threads that open a read's records together: the host's cores, at most 4.
+pub fn open_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+}
+
+/// Crypto workers sealing beside the writing thread: one per core beyond the writer's
+/// (at most 3), and at least one.
+pub fn seal_workers() -> usize {
+    open_threads().saturating_sub(1).max(1)
+}
+
+/// Seals `plain` into records at `wire` (resized to fit), the first under `nonce`.
+fn seal_records(
+    keys: &StatelessTransportState,
+    nonce: u64,
+    plain: &[u8],
+    wire: &mut Vec<u8>,
+) -> io::Result<()> {
+    let records = plain.len().div_ceil(MAX_RECORD_PAYLOAD);
+    wire.resize(plain.len() + records * (LEN_PREFIX + TAG_LEN), 0);
+    for (i, (p, w)) in plain
+        .chunks(MAX_RECORD_PAYLOAD)
+        .zip(wire.chunks_mut(LEN_PREFIX + MAX_RECORD))
+        .enumerate()
+    {
+        let nonce = nonce + i as u64;
+        let len = (p.len() + TAG_LEN) as u16;
+        w[..LEN_PREFIX].copy_from_slice(&len.to_be_bytes());
+        keys.write_message(nonce, p, &mut w[LEN_PREFIX..])
+            .map_err(|e| io::Error::other(format!("sealing record {nonce}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// One sealing job: `plain` in, its records in `wire` (both buffers go back and forth).
+struct SealJob {
+    nonce: u64,
+    plain: Vec<u8>,
+    wire: Vec<u8>,
+    result: io::Result<()>,
+}
+
+/// Persistent crypto workers of one stream; jobs go round robin and come back in order.
+struct Sealers {
+    jobs: Vec<mpsc::Sender<SealJob>>,
+    done: Vec<mpsc::Receiver<SealJob>>,
+    threads: Vec<JoinHandle<()>>,
+    /// The worker of the next job.
+    next: usize,
+    /// The worker of each job not yet written, oldest first.
+    in_flight: VecDeque<usize>,
+    /// Buffers of written jobs, for the next ones.
+    spare: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Sealers {
+    fn start(keys: &Arc<StatelessTransportState>, workers: usize) -> io::Result<Sealers> {
+        let mut s = Sealers {
+            jobs: Vec::new(),
+            done: Vec::new(),
+            threads: Vec::new(),
+            next: 0,
+            in_flight: VecDeque::new(),
+            spare: Vec::new(),
+        };
+        for i in 0..workers.max(1) {
+            let (job_tx, job_rx) = mpsc::channel::<SealJob>();
+            let (done_tx, done_rx) = mpsc::channel::<SealJob>();
+            let keys = keys.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("ray-mig-seal{i}"))
+                .spawn(move || {
+                    for mut job in job_rx {
+                        job.result = seal_records(&keys, job.nonce, &job.plain, &mut job.wire);
+                        if done_tx.send(job).is_err() {
+                            return;
+                        }
+                    }
+                })?;
+            s.jobs.push(job_tx);
+            s.done.push(done_rx);
+            s.threads.push(t);
+        }
+        Ok(s)
+    }
+
+    fn submit(&mut self, job: SealJob) -> io::Result<()> {
+        let w = self.next;
+        self.next = (w + 1) % self.jobs.len();
+        self.jobs[w]
+            .send(job)
+            .map_err(|_| io::Error::other("a crypto worker is gone"))?;
+        self.in_flight.push_back(w);
+        Ok(())
+    }
+
+    /// The oldest job, sealed; waits for it unless `wait` is false.
+    fn oldest(&mut self, wait: bool) -> io::Result<Option<SealJob>> {
+        let Some(&w) = self.in_flight.front() else {
+            return Ok(None);
+        };
+        let job = if wait {
+            self.done[w].recv().ok()
+        } else {
+            match self.done[w].try_recv() {
+                Ok(j) => Some(j),
+                Err(mpsc::TryRecvError::Empty) => return Ok(None),
+                Err(mpsc::TryRecvError::Disconnected) => None,
+            }
+        };
+        self.in_flight.pop_front();
+        job.map(Some)
+            .ok_or_else(|| io::Error::other("a crypto worker stopped (it panicked)"))
+    }
+}
+
+impl Drop for Sealers {
+    fn drop(&mut self) {
+        self.jobs.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Runs `f` on every job, on up to as many threads as the host has cores.
 fn run_parallel<J: Send>(jobs: Vec<J>, f: impl Fn(J) -> io::Result<()> + Sync) -> io::Result<()> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(4);
+    let threads = open_threads();
     if threads < 2 || jobs.len() < PARALLEL_MIN_RECORDS {
         return jobs.into_iter().try_for_each(f);
     }
@@ -376,36 +512,6 @@ fn run_parallel<J: Send>(jobs: Vec<J>, f: impl Fn(J) -> io::Result<()> + Sync) -
 }
 
 impl Cipher {
-    /// Seals all pending plaintext into records in `wire`.
-    fn seal(&mut self) -> io::Result<()> {
-        if self.pending.is_empty() {
-            self.wire.clear();
-            return Ok(());
-        }
-        let records = self.pending.len().div_ceil(MAX_RECORD_PAYLOAD);
-        let total = self.pending.len() + records * (LEN_PREFIX + TAG_LEN);
-        self.wire.resize(total, 0);
-        let first = self.send_nonce;
-        let keys = &self.keys;
-        let jobs: Vec<_> = self
-            .pending
-            .chunks(MAX_RECORD_PAYLOAD)
-            .zip(self.wire.chunks_mut(LEN_PREFIX + MAX_RECORD))
-            .enumerate()
-            .map(|(i, (p, w))| (first + i as u64, p, w))
-            .collect();
-        run_parallel(jobs, |(nonce, p, w)| {
-            let len = (p.len() + TAG_LEN) as u16;
-            w[..LEN_PREFIX].copy_from_slice(&len.to_be_bytes());
-            keys.write_message(nonce, p, &mut w[LEN_PREFIX..])
-                .map(drop)
-                .map_err(|e| io::Error::other(format!("sealing record {nonce}: {e}")))
-        })?;
-        self.send_nonce += records as u64;
-        self.pending.clear();
-        Ok(())
-    }
-
     /// Opens every complete record in `rx[rx_start..rx_end]` into `plain` (all of which
     /// was returned).
     /// Returns false if not one record is complete yet.
@@ -431,7 +537,7 @@ impl Cipher {
         self.plain.resize(out_len, 0);
         self.plain_start = 0;
         let first = self.recv_nonce;
-        let keys = &self.keys;
+        let keys = &*self.keys;
         let rx = &self.rx;
         let mut jobs = Vec::with_capacity(spans.len());
         let mut rest = &mut self.plain[..];
@@ -493,12 +599,78 @@ impl<S: Read> Read for SecureStream<S> {
 }
 
 impl<S: Write> SecureStream<S> {
-    fn send_sealed(&mut self) -> io::Result<()> {
-        if let Some(c) = &mut self.cipher {
-            c.seal()?;
-            self.inner.write_all(&c.wire)?;
+    /// Hands the pending plaintext to the crypto workers as one job.
+    fn submit(&mut self) -> io::Result<()> {
+        let Some(c) = &mut self.cipher else {
+            return Ok(());
+        };
+        if c.pending.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        if c.sealers.is_none() {
+            c.sealers = Some(Sealers::start(&c.keys, seal_workers())?);
+        }
+        let Some(sealers) = &mut c.sealers else {
+            return Ok(());
+        };
+        let (next, wire) = sealers.spare.pop().unwrap_or_default();
+        let plain = std::mem::replace(&mut c.pending, next);
+        c.pending.clear();
+        let nonce = c.send_nonce;
+        c.send_nonce += plain.len().div_ceil(MAX_RECORD_PAYLOAD) as u64;
+        sealers.submit(SealJob {
+            nonce,
+            plain,
+            wire,
+            result: Ok(()),
+        })
+    }
+
+    /// Writes sealed jobs to the socket in order: every one (`all`), or those already
+    /// sealed and then the oldest ones until at most [`SEAL_DEPTH`] are left.
+    fn send_sealed(&mut self, all: bool) -> io::Result<()> {
+        let Some(c) = &mut self.cipher else {
+            return Ok(());
+        };
+        let Some(sealers) = &mut c.sealers else {
+            return Ok(());
+        };
+        loop {
+            let left = sealers.in_flight.len();
+            if left == 0 {
+                return Ok(());
+            }
+            let Some(mut job) = sealers.oldest(all || left > SEAL_DEPTH)? else {
+                return Ok(());
+            };
+            std::mem::replace(&mut job.result, Ok(()))?;
+            self.inner.write_all(&job.wire)?;
+            job.plain.clear();
+            sealers.spare.push((job.plain, job.wire));
+        }
+    }
+
+    /// Seals and sends everything written so far.
+    fn send_all(&mut self) -> io::Result<()> {
+        self.submit()?;
+        self.send_sealed(true)
+    }
+
+    /// Marks the stream broken on an error: records after a lost one could not open.
+    fn guarded(&mut self, f: impl FnOnce(&mut Self) -> io::Result<()>) -> io::Result<()> {
+        if self.cipher.as_ref().is_some_and(|c| c.broken) {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the encrypted stream failed earlier and cannot go on",
+            ));
+        }
+        let r = f(self);
+        if r.is_err() {
+            if let Some(c) = &mut self.cipher {
+                c.broken = true;
+            }
+        }
+        r
     }
 }
 
@@ -507,8 +679,9 @@ impl<S: Write> Write for SecureStream<S> {
         self.write_vectored(&[IoSlice::new(buf)])
     }
 
-    /// Encrypted, the parts are buffered (and sealed at a flush, or once
-    /// [`SEAL_AT`] bytes wait); plaintext goes straight to the socket.
+    /// Encrypted, the parts are buffered; once [`SEAL_CHUNK`] bytes wait they go to the
+    /// crypto workers and sealed jobs are written out (a flush sends everything);
+    /// plaintext goes straight to the socket.
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         let Some(c) = &mut self.cipher else {
             return self.inner.write_vectored(bufs);
@@ -518,22 +691,42 @@ impl<S: Write> Write for SecureStream<S> {
             c.pending.extend_from_slice(b);
             n += b.len();
         }
-        if c.pending.len() >= SEAL_AT {
-            self.send_sealed()?;
+        if c.pending.len() >= SEAL_CHUNK {
+            self.guarded(|s| {
+                s.submit()?;
+                s.send_sealed(false)
+            })?;
         }
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.send_sealed()?;
+        self.guarded(Self::send_all)?;
         self.inner.flush()
     }
 }
 
-/// The cipher alone, for `ray bench migrate`'s `cipher_ratio`: seals `data` in memory the
-/// way a migration stream does (4 MiB writes, each flushed, on the same threads) under
-/// fresh keys, and returns how long the sealing took.
-pub fn seal_in_memory(data: &[u8]) -> Result<std::time::Duration, SecureError> {
+/// What the cipher alone takes on some bytes (`ray bench migrate`'s `cipher_ratio`),
+/// measured as a migration uses it: both ends run on this host, so the work is sealing
+/// AND opening every byte.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CipherTimes {
+    /// Sealing every byte through a source stream: 4 MiB writes (one page batch each),
+    /// sealed by the stream's [`seal_workers`] crypto workers, the records collected in
+    /// memory.
+    pub seal: std::time::Duration,
+    /// Opening those records through a target stream, 4 MiB reads (one page batch
+    /// each), each read's records on [`open_threads`] threads.
+    pub open: std::time::Duration,
+    /// Sealing every byte on the calling thread alone, record after record.
+    pub seal_one_core: std::time::Duration,
+    pub seal_workers: usize,
+    pub open_threads: usize,
+}
+
+/// Times the cipher alone on `data` under fresh keys (see [`CipherTimes`]). Every
+/// buffer is touched before the clock starts, so no page fault is counted.
+pub fn cipher_alone(data: &[u8]) -> Result<CipherTimes, SecureError> {
     let (a, b) = std::os::unix::net::UnixStream::pair().map_err(|source| SecureError::Io {
         op: "creating a socket pair",
         source,
@@ -544,26 +737,76 @@ pub fn seal_in_memory(data: &[u8]) -> Result<std::time::Duration, SecureError> {
     })?;
     let target = {
         let key = key.clone();
-        std::thread::spawn(move || accept_secure(b, &key, Protection::Encrypted).map(drop))
+        std::thread::spawn(move || accept_secure(b, &key, Protection::Encrypted))
     };
     let source = connect_secure(a, &key, Protection::Encrypted)?;
-    target
+    let target = target
         .join()
         .map_err(|_| SecureError::ClosedInHandshake)??;
+    let failed = |op| move |source| SecureError::Io { op, source };
+    const BATCH: usize = 4 << 20;
+    let records = data.len().div_ceil(MAX_RECORD_PAYLOAD);
+    let mut wire = vec![1u8; data.len() + records * (LEN_PREFIX + TAG_LEN) + MAX_RECORD];
+    wire.clear();
     let mut sealer = SecureStream {
-        inner: io::sink(),
+        inner: wire,
         cipher: source.cipher,
     };
-    let failed = |source| SecureError::Io {
-        op: "sealing in memory",
-        source,
-    };
     let t = std::time::Instant::now();
-    for batch in data.chunks(4 << 20) {
-        sealer.write_all(batch).map_err(failed)?;
-        sealer.flush().map_err(failed)?;
+    for batch in data.chunks(BATCH) {
+        sealer
+            .write_all(batch)
+            .map_err(failed("sealing in memory"))?;
     }
-    Ok(t.elapsed())
+    sealer.flush().map_err(failed("sealing in memory"))?;
+    let seal = t.elapsed();
+    let SecureStream {
+        inner: wire,
+        cipher,
+    } = sealer;
+    let mut opener = SecureStream {
+        inner: io::Cursor::new(wire),
+        cipher: target.cipher,
+    };
+    let mut out = vec![1u8; BATCH.min(data.len())];
+    // The target stream's own buffers, touched too.
+    if let Some(c) = &mut opener.cipher {
+        c.rx.resize(READ_CHUNK + LEN_PREFIX + MAX_RECORD, 1);
+        c.plain.resize(READ_CHUNK, 1);
+        c.plain.clear();
+    }
+    let t = std::time::Instant::now();
+    let mut left = data.len();
+    while left > 0 {
+        let n = left.min(out.len());
+        opener
+            .read_exact(&mut out[..n])
+            .map_err(failed("opening in memory"))?;
+        left -= n;
+    }
+    let open = t.elapsed();
+    let (keys, mut nonce) =
+        cipher
+            .map(|c| (c.keys, c.send_nonce))
+            .ok_or_else(|| SecureError::Io {
+                op: "sealing in memory",
+                source: io::Error::other("the stream is not encrypted"),
+            })?;
+    let mut one =
+        vec![1u8; BATCH + BATCH / MAX_RECORD_PAYLOAD * (LEN_PREFIX + TAG_LEN) + MAX_RECORD];
+    let t = std::time::Instant::now();
+    for batch in data.chunks(BATCH) {
+        seal_records(&keys, nonce, batch, &mut one).map_err(failed("sealing on one core"))?;
+        nonce += batch.len().div_ceil(MAX_RECORD_PAYLOAD) as u64;
+    }
+    let seal_one_core = t.elapsed();
+    Ok(CipherTimes {
+        seal,
+        open,
+        seal_one_core,
+        seal_workers: seal_workers(),
+        open_threads: open_threads(),
+    })
 }
 
 #[cfg(test)]
@@ -612,16 +855,19 @@ mod tests {
         assert_eq!(got, big);
     }
 
+    /// `m` sealed into records under the next counter values, as a stream sends them.
+    fn seal_now(c: &mut Cipher, m: &[u8]) -> Vec<u8> {
+        let mut wire = Vec::new();
+        seal_records(&c.keys, c.send_nonce, m, &mut wire).unwrap();
+        c.send_nonce += m.len().div_ceil(MAX_RECORD_PAYLOAD) as u64;
+        wire
+    }
+
     /// Sealed records as the source would send them, and a fresh target to open them.
     fn sealed_records(msgs: &[&[u8]]) -> (Vec<Vec<u8>>, SecureStream<io::Cursor<Vec<u8>>>) {
         let (s, t) = pair(Protection::Encrypted);
         let (mut s, t) = (s.cipher.unwrap(), t.cipher.unwrap());
-        let mut out = Vec::new();
-        for m in msgs {
-            s.pending.extend_from_slice(m);
-            s.seal().unwrap();
-            out.push(std::mem::take(&mut s.wire));
-        }
+        let out = msgs.iter().map(|m| seal_now(&mut s, m)).collect();
         let target = SecureStream {
             inner: io::Cursor::new(Vec::new()),
             cipher: Some(t),
@@ -634,6 +880,69 @@ mod tests {
         let mut got = Vec::new();
         t.read_to_end(&mut got)?;
         Ok(got)
+    }
+
+    #[test]
+    fn unflushed_writes_are_sealed_in_the_background_and_arrive_in_order_at_the_flush() {
+        // Many jobs in flight at once (more than SEAL_DEPTH), of several sizes, none
+        // flushed until the end: every byte arrives once, in order.
+        let (mut s, mut t) = pair(Protection::Encrypted);
+        let sizes = [
+            SEAL_CHUNK + 3,
+            17,
+            4 << 20,
+            SEAL_CHUNK - 1,
+            1,
+            3 * SEAL_CHUNK,
+            5,
+        ];
+        let mut sent = Vec::new();
+        for (i, n) in sizes.iter().enumerate() {
+            sent.extend((0..*n).map(|k| (k * 13 + i * 101) as u8));
+        }
+        let total = sent.len();
+        let parts = sent.clone();
+        let w = thread::spawn(move || {
+            let mut at = 0;
+            for n in sizes {
+                s.write_all(&parts[at..at + n]).unwrap();
+                at += n;
+            }
+            assert!(
+                s.cipher.as_ref().unwrap().sealers.is_some(),
+                "big writes went to the crypto workers"
+            );
+            s.flush().unwrap();
+            s
+        });
+        let mut got = vec![0u8; total];
+        t.read_exact(&mut got).unwrap();
+        assert!(got == sent, "the bytes arrived altered or out of order");
+        let s = w.join().unwrap();
+        let c = s.cipher.as_ref().unwrap();
+        assert!(c.pending.is_empty());
+        assert!(c.sealers.as_ref().unwrap().in_flight.is_empty());
+    }
+
+    #[test]
+    fn a_failed_socket_write_leaves_the_stream_refusing_further_writes() {
+        let (mut s, t) = pair(Protection::Encrypted);
+        drop(t);
+        let big = vec![9u8; 2 * SEAL_CHUNK];
+        let mut failed = None;
+        for _ in 0..64 {
+            if let Err(e) = s.write_all(&big).and_then(|()| s.flush()) {
+                failed = Some(e);
+                break;
+            }
+        }
+        assert!(
+            failed.is_some(),
+            "writing into a closed socket kept succeeding"
+        );
+        let e = s.write_all(&big).and_then(|()| s.flush()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
+        assert!(e.to_string().contains("failed earlier"), "{e}");
     }
 
     #[test]
@@ -698,13 +1007,11 @@ mod tests {
         // its sender fails.
         let (s, t) = pair(Protection::Encrypted);
         let mut tc = t.cipher.unwrap();
-        tc.pending.extend_from_slice(b"reflected");
-        tc.seal().unwrap();
+        let wire = seal_now(&mut tc, b"reflected");
         let mut back = SecureStream {
-            inner: io::Cursor::new(Vec::new()),
+            inner: io::Cursor::new(wire),
             cipher: Some(tc),
         };
-        back.inner = io::Cursor::new(std::mem::take(&mut back.cipher.as_mut().unwrap().wire));
         let _ = s;
         let e = {
             let mut got = Vec::new();
@@ -781,9 +1088,12 @@ mod tests {
     }
 
     #[test]
-    fn the_cipher_alone_can_be_timed() {
-        let t = seal_in_memory(&vec![7u8; 8 << 20]).unwrap();
-        assert!(t > std::time::Duration::ZERO);
+    fn the_cipher_alone_seals_and_opens_every_byte() {
+        let t = cipher_alone(&vec![7u8; 8 << 20]).unwrap();
+        assert!(t.seal > std::time::Duration::ZERO, "{t:?}");
+        assert!(t.open > std::time::Duration::ZERO, "{t:?}");
+        assert!(t.seal_one_core > std::time::Duration::ZERO, "{t:?}");
+        assert_eq!(t.seal_workers, seal_workers());
     }
 
     #[test]

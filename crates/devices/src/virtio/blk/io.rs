@@ -1,10 +1,11 @@
 //! The disk's I/O, off the vCPU and notifier threads, by one of two engines
 //! ([`Engine`]), chosen per disk:
 //!
-//! - **pool**: a pool of workers takes checked requests from a channel, one each, so that
-//!   as many requests as there are workers are at the disk at once (a guest at queue
+//! - **pool**: a pool of workers takes checked requests from a shared queue, one each, so
+//!   that as many requests as there are workers are at the disk at once (a guest at queue
 //!   depth 32 needs that with O_DIRECT), and moves data between the file and guest memory
-//!   with `preadv`/`pwritev` straight on guest pages (no bounce buffer).
+//!   with `preadv`/`pwritev` straight on guest pages (no bounce buffer). Idle workers
+//!   wait on the queue's condition variable, so a request wakes exactly one of them.
 //! - **uring**: one thread per disk owns an io_uring ([`super::uring`]) and submits the
 //!   same operations (readv/writev on guest pages, fsync, fallocate) without blocking, so
 //!   the whole queue depth is at the disk from one thread.
@@ -15,10 +16,10 @@
 //! engine is the default, and why, is measured by `ray bench blk` (README).
 //!
 //! [`Completer`]: crate::virtio::Completer
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use ray_memory::GuestMemory;
@@ -120,8 +121,42 @@ impl Buckets {
 }
 
 pub struct Workers {
-    tx: Option<Sender<Job>>,
+    queue: Arc<JobQueue>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// The pool's requests not yet taken by a worker. Idle workers wait on `ready` (which
+/// releases the lock), so handing one request over wakes one worker, and a worker holds
+/// the lock only to take a request, never while it waits.
+struct JobQueue {
+    jobs: Mutex<Queued>,
+    ready: Condvar,
+}
+
+struct Queued {
+    jobs: VecDeque<Job>,
+    /// The disk goes away: workers end once the queue is empty.
+    closed: bool,
+}
+
+impl JobQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next request, waiting for one; `None` once closed and empty.
+    fn take(&self) -> Option<Job> {
+        let mut q = self.lock();
+        loop {
+            if let Some(j) = q.jobs.pop_front() {
+                return Some(j);
+            }
+            if q.closed {
+                return None;
+            }
+            q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
 }
 
 impl Workers {
@@ -133,13 +168,18 @@ impl Workers {
         limit: RateLimit,
         dirty: Arc<DirtyBlocks>,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
+        let queue = Arc::new(JobQueue {
+            jobs: Mutex::new(Queued {
+                jobs: VecDeque::with_capacity(256),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+        });
         let buckets = Arc::new(Mutex::new(Buckets::new(limit)));
         let mut threads = Vec::new();
         for i in 0..count {
-            let (rx, file, ctx, buckets, dirty) = (
-                rx.clone(),
+            let (queue, file, ctx, buckets, dirty) = (
+                queue.clone(),
                 file.clone(),
                 context.clone(),
                 buckets.clone(),
@@ -151,21 +191,22 @@ impl Workers {
                     .stack_size(256 << 10)
                     .spawn(move || {
                         ray_seccomp::enter(ray_seccomp::Kind::BlkWorker);
-                        worker(&rx, &file, &ctx, &buckets, &dirty)
+                        worker(&queue, &file, &ctx, &buckets, &dirty)
                     })?,
             );
         }
-        Ok(Self {
-            tx: Some(tx),
-            threads,
-        })
+        Ok(Self { queue, threads })
     }
 
     pub fn submit(&self, job: Job) -> Result<(), Job> {
-        match &self.tx {
-            Some(tx) => tx.send(job).map_err(|e| e.0),
-            None => Err(job),
+        let mut q = self.queue.lock();
+        if q.closed {
+            return Err(job);
         }
+        q.jobs.push_back(job);
+        drop(q);
+        self.queue.ready.notify_one();
+        Ok(())
     }
 }
 
@@ -174,7 +215,8 @@ impl Drop for Workers {
     /// last reference to the device (completing a request as the VM goes away): it is not
     /// joined, it ends on its own.
     fn drop(&mut self) {
-        self.tx = None;
+        self.queue.lock().closed = true;
+        self.queue.ready.notify_all();
         let me = std::thread::current().id();
         for t in self.threads.drain(..) {
             if t.thread().id() != me {
@@ -185,20 +227,13 @@ impl Drop for Workers {
 }
 
 fn worker(
-    rx: &Mutex<Receiver<Job>>,
+    queue: &JobQueue,
     file: &File,
     ctx: &DeviceContext,
     buckets: &Mutex<Buckets>,
     dirty: &DirtyBlocks,
 ) {
-    loop {
-        let job = {
-            let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
-            match rx.recv() {
-                Ok(j) => j,
-                Err(_) => return,
-            }
-        };
+    while let Some(job) = queue.take() {
         let wait = buckets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
