@@ -331,6 +331,13 @@ pub struct GpuInfo {
     pub displays: Vec<DisplayInfo>,
     /// VNC viewers connected now (all displays of the VM).
     pub viewers: u32,
+    /// A passthrough GPU's device (`vfio-user /run/gpu.sock`, `VFIO 0000:01:00.0`),
+    /// while the VM has one built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Why the GPU is in the Error state, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `GET /vm/gpus`.
