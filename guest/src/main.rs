@@ -33,6 +33,7 @@ mod clock;
 mod cpu;
 mod display;
 mod entry;
+mod gpupt;
 mod heartbeat;
 mod idt;
 mod mem;

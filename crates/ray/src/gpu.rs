@@ -320,6 +320,9 @@ fn show(runtime: &Path, a: &IdArgs, view: View) -> anyhow::Result<()> {
                 Some(s) => {
                     println!("\nVNC: {s} (display N: vnc-N.sock, view-only: vnc-N-view.sock)")
                 }
+                None if list.gpus.iter().all(|g| g.displays.is_empty()) => {
+                    println!("\nVNC: none (no GPU of this VM has a display of the VMM)")
+                }
                 None => println!("\nVNC: not listening (the VM does not run)"),
             }
             for (i, a) in list.vnc_tcp.iter().enumerate() {

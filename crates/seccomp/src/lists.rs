@@ -62,7 +62,9 @@ const VCPU: &[c_long] = &[SYS_ioctl];
 /// passed with SCM_RIGHTS), or to the VFIO device's file at an offset.
 const PASSTHROUGH: &[c_long] = &[
     SYS_read,
+    SYS_recvfrom,
     SYS_recvmsg,
+    SYS_sendto,
     SYS_sendmsg,
     SYS_pread64,
     SYS_pwrite64,
