@@ -6,9 +6,9 @@
 //! page of RAM and compares both. One line answers: `gpupt ok ...` or `gpupt err ...`.
 use core::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
+use crate::apic;
 use crate::pci::{self, Function};
 use crate::virtio::{self, rd, wr, RingPage, Shared};
-use crate::apic;
 
 const VENDOR: u16 = 0x1234;
 const DEVICE: u16 = 0x5247;
@@ -44,7 +44,9 @@ fn bar_size(f: Function, bar: u8) -> u32 {
 }
 
 fn byte(seed: u64, i: usize) -> u8 {
-    (i as u64).wrapping_mul(7).wrapping_add(seed.wrapping_mul(13)) as u8
+    (i as u64)
+        .wrapping_mul(7)
+        .wrapping_add(seed.wrapping_mul(13)) as u8
 }
 
 /// One DMA command; waits for its interrupt and returns the status.
@@ -115,7 +117,12 @@ fn run(seed: u64) -> Result<(), &'static str> {
     }
     let mut vram_bad = 0;
     for i in (0..4096).step_by(4) {
-        let want = u32::from_le_bytes([byte(seed, i), byte(seed, i + 1), byte(seed, i + 2), byte(seed, i + 3)]);
+        let want = u32::from_le_bytes([
+            byte(seed, i),
+            byte(seed, i + 1),
+            byte(seed, i + 2),
+            byte(seed, i + 3),
+        ]);
         if rd::<u32>(vram + VRAM_OFFSET as usize + i) != want {
             vram_bad += 1;
         }
@@ -123,8 +130,13 @@ fn run(seed: u64) -> Result<(), &'static str> {
     if dma(regs, vector, CMD_FROM_VRAM, dst as u64)? != STATUS_DONE {
         return Err("the copy from VRAM failed");
     }
-    let back_bad = (0..4096).filter(|&i| rd::<u8>(dst + i) != byte(seed, i)).count();
-    let sum = (0..4096).fold(0u32, |s, i| s.wrapping_mul(31).wrapping_add(u32::from(rd::<u8>(dst + i))));
+    let back_bad = (0..4096)
+        .filter(|&i| rd::<u8>(dst + i) != byte(seed, i))
+        .count();
+    let sum = (0..4096).fold(0u32, |s, i| {
+        s.wrapping_mul(31)
+            .wrapping_add(u32::from(rd::<u8>(dst + i)))
+    });
     println!(
         "gpupt ok id={:04x}:{:04x} class={class:06x} bar0={vram:#x}/{size0} bar2={regs:#x}/{size2} msix={vectors} irqs={} vram_mismatch={vram_bad} back_mismatch={back_bad} sum={sum:08x}",
         id & 0xffff,

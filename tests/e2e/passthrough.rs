@@ -74,7 +74,10 @@ fn a_vfio_user_gpu_is_driven_by_the_guest_and_its_death_leaves_the_vm_running() 
     // The function is on the bus with the device's identity.
     ask(&mut vm, "pci", "pci config=");
     let mut slots = Vec::new();
-    while !slots.last().is_some_and(|l: &String| l.ends_with("1234:5247")) {
+    while !slots
+        .last()
+        .is_some_and(|l: &String| l.ends_with("1234:5247"))
+    {
         assert!(slots.len() < 32, "no 1234:5247 among {slots:?}");
         slots.push(vm.expect_line("pci 00:", ANSWER));
     }
@@ -84,7 +87,10 @@ fn a_vfio_user_gpu_is_driven_by_the_guest_and_its_death_leaves_the_vm_running() 
     let g = &list.gpus[0];
     assert_eq!(g.kind, GpuType::Passthrough);
     assert_eq!(g.state, GpuStateName::Ready);
-    assert_eq!(g.device.as_deref(), Some(format!("vfio-user {}", socket.display()).as_str()));
+    assert_eq!(
+        g.device.as_deref(),
+        Some(format!("vfio-user {}", socket.display()).as_str())
+    );
     assert_eq!(g.error, None);
     assert!(g.displays.is_empty());
 
@@ -97,7 +103,11 @@ fn a_vfio_user_gpu_is_driven_by_the_guest_and_its_death_leaves_the_vm_running() 
         assert!(field(&line, "bar0").ends_with("/1048576"), "{line}");
         assert!(field(&line, "bar2").ends_with("/4096"), "{line}");
         assert_eq!(field(&line, "msix"), "2");
-        assert_eq!(field(&line, "irqs"), "2", "one MSI-X interrupt per DMA command");
+        assert_eq!(
+            field(&line, "irqs"),
+            "2",
+            "one MSI-X interrupt per DMA command"
+        );
         assert_eq!(field(&line, "vram_mismatch"), "0");
         assert_eq!(field(&line, "back_mismatch"), "0");
         // The checksum the host expects of the pattern that came back.
@@ -109,7 +119,10 @@ fn a_vfio_user_gpu_is_driven_by_the_guest_and_its_death_leaves_the_vm_running() 
     }
     let status = env.ray_ok(&["gpu", "status", &vm.id]);
     assert!(status.contains("passthrough"), "{status}");
-    assert!(status.contains(&format!("GPU 0: vfio-user {}", socket.display())), "{status}");
+    assert!(
+        status.contains(&format!("GPU 0: vfio-user {}", socket.display())),
+        "{status}"
+    );
 
     // The device process dies: the GPU goes to Error with the reason, the VM runs on.
     device.0.kill().expect("kill the device process");
@@ -135,7 +148,10 @@ fn a_vfio_user_gpu_is_driven_by_the_guest_and_its_death_leaves_the_vm_running() 
     assert_eq!(vm.info().state, VmStateName::Running);
     let status = env.ray_ok(&["gpu", "status", &vm.id]);
     assert!(status.contains("error"), "{status}");
-    assert!(status.contains("GPU 0 error: passthrough device vfio-user"), "{status}");
+    assert!(
+        status.contains("GPU 0 error: passthrough device vfio-user"),
+        "{status}"
+    );
 }
 
 #[test]
@@ -156,8 +172,14 @@ fn a_host_device_is_refused_on_a_host_without_iommu_naming_what_is_missing() {
         return;
     }
     assert_eq!(report["passthrough"], false);
-    assert!(host.contains("passthrough: not possible on this host"), "{host}");
-    assert!(host.contains("missing: no IOMMU (/sys/kernel/iommu_groups is empty"), "{host}");
+    assert!(
+        host.contains("passthrough: not possible on this host"),
+        "{host}"
+    );
+    assert!(
+        host.contains("missing: no IOMMU (/sys/kernel/iommu_groups is empty"),
+        "{host}"
+    );
 
     for (args, msg) in [
         (
@@ -192,7 +214,10 @@ fn a_host_device_is_refused_on_a_host_without_iommu_naming_what_is_missing() {
     let list = env.ray_ok(&["vm", "list", "-o", "json"]);
     let vms: serde_json::Value = serde_json::from_str(&list).unwrap();
     assert!(
-        vms.as_array().unwrap().iter().all(|v| v["state"] != "running"),
+        vms.as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["state"] != "running"),
         "{list}"
     );
 }

@@ -230,9 +230,7 @@ impl GpuConfig {
             );
         }
         match &self.passthrough {
-            None => Err(
-                "a passthrough GPU needs its device: vfio-user=SOCKET or host=BDF".into(),
-            ),
+            None => Err("a passthrough GPU needs its device: vfio-user=SOCKET or host=BDF".into()),
             Some(PassthroughSource::VfioUser { socket }) if socket.is_empty() => {
                 Err("vfio-user: the socket path is empty".into())
             }
@@ -397,12 +395,18 @@ mod tests {
                 "passthrough",
                 "a passthrough GPU takes exactly one of vfio-user=SOCKET or host=BDF",
             ),
-            ("passthrough,width=640", "'width=640': a passthrough GPU takes"),
+            (
+                "passthrough,width=640",
+                "'width=640': a passthrough GPU takes",
+            ),
             (
                 "passthrough,host=01:00.0,vfio-user=/s",
                 "a passthrough GPU takes exactly one",
             ),
-            ("passthrough,vfio-user=", "vfio-user: the socket path is empty"),
+            (
+                "passthrough,vfio-user=",
+                "vfio-user: the socket path is empty",
+            ),
             ("remote", "GPU type remote is not implemented in this build"),
             ("vga", "unknown GPU type 'vga'"),
             ("emulated,width=641", "width 641 is not a multiple of 8"),
@@ -446,7 +450,10 @@ mod tests {
         let h = GpuConfig::parse("passthrough,host=0000:01:00.0")
             .unwrap()
             .unwrap();
-        assert_eq!(h.passthrough.as_ref().unwrap().to_string(), "host=0000:01:00.0");
+        assert_eq!(
+            h.passthrough.as_ref().unwrap().to_string(),
+            "host=0000:01:00.0"
+        );
         // Eight passthrough GPUs and sixteen displays elsewhere fit.
         let e = GpuConfig::parse("emulated,width=320,height=200,displays=4")
             .unwrap()
@@ -455,10 +462,15 @@ mod tests {
         all.extend(vec![c.clone(); 4]);
         assert!(check_gpus(&all).is_ok());
         let json = serde_json::to_string(&c).unwrap();
-        assert!(json.contains(r#""passthrough":{"vfio_user":{"socket":"/run/gpu.sock"}}"#), "{json}");
+        assert!(
+            json.contains(r#""passthrough":{"vfio_user":{"socket":"/run/gpu.sock"}}"#),
+            "{json}"
+        );
         assert_eq!(serde_json::from_str::<GpuConfig>(&json).unwrap(), c);
         let virtio = GpuConfig::parse("virtio").unwrap().unwrap();
-        assert!(!serde_json::to_string(&virtio).unwrap().contains("passthrough"));
+        assert!(!serde_json::to_string(&virtio)
+            .unwrap()
+            .contains("passthrough"));
         let bad = GpuConfig {
             passthrough: None,
             ..c

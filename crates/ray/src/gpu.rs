@@ -193,7 +193,11 @@ fn host_list(out: &OutputArgs) -> anyhow::Result<()> {
         .map(|g| {
             vec![
                 g.bdf.clone(),
-                format!("{}:{}", g.vendor.trim_start_matches("0x"), g.device.trim_start_matches("0x")),
+                format!(
+                    "{}:{}",
+                    g.vendor.trim_start_matches("0x"),
+                    g.device.trim_start_matches("0x")
+                ),
                 g.class.clone(),
                 g.driver.clone().unwrap_or_else(|| "-".into()),
                 g.iommu_group.clone().unwrap_or_else(|| "-".into()),
@@ -204,7 +208,10 @@ fn host_list(out: &OutputArgs) -> anyhow::Result<()> {
         println!("host GPUs: none (no PCI display controller)");
     } else {
         println!();
-        print!("{}", table(&["BDF", "ID", "CLASS", "DRIVER", "IOMMU GROUP"], &rows));
+        print!(
+            "{}",
+            table(&["BDF", "ID", "CLASS", "DRIVER", "IOMMU GROUP"], &rows)
+        );
     }
     Ok(())
 }

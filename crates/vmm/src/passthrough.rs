@@ -95,7 +95,8 @@ impl Placement for VmPlacement<'_> {
     }
 
     fn vectors(&mut self, count: u16) -> Result<(Arc<dyn MsiInterrupts>, Vec<RawFd>), String> {
-        let v = Arc::new(KvmMsiVectors::new(self.router.clone(), count).map_err(|e| e.to_string())?);
+        let v =
+            Arc::new(KvmMsiVectors::new(self.router.clone(), count).map_err(|e| e.to_string())?);
         // The descriptors stay open as long as `v`, which the function keeps.
         let fds = v.eventfds().map(|e| e.as_raw_fd()).collect();
         Ok((v, fds))

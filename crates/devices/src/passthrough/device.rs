@@ -75,7 +75,9 @@ impl PassthroughPci {
             .map_err(|e| fail("reading its configuration space", e))?;
         let vendor = u16_at(&cfg, 0);
         if vendor == 0xffff || vendor == 0 {
-            return Err(format!("{name}: no PCI function answers (vendor ID {vendor:#06x})"));
+            return Err(format!(
+                "{name}: no PCI function answers (vendor ID {vendor:#06x})"
+            ));
         }
         let id = PciId {
             vendor,
@@ -94,7 +96,9 @@ impl PassthroughPci {
             let size = access.region(bar as u32).map_or(0, |r| r.size);
             if size > 0 {
                 if raw & 1 != 0 {
-                    tracing::warn!("{name}: BAR {bar} is an I/O-port BAR, which is not passed through");
+                    tracing::warn!(
+                        "{name}: BAR {bar} is an I/O-port BAR, which is not passed through"
+                    );
                 } else {
                     if size > 1 << 31 {
                         return Err(format!(
@@ -102,7 +106,9 @@ impl PassthroughPci {
                         ));
                     }
                     let ours = size.next_power_of_two().max(4096);
-                    let at = place.bar(ours).map_err(|e| format!("{name}: BAR {bar}: {e}"))?;
+                    let at = place
+                        .bar(ours)
+                        .map_err(|e| format!("{name}: BAR {bar}: {e}"))?;
                     let at = u32::try_from(at)
                         .map_err(|_| format!("{name}: BAR {bar} placed above 4 GiB"))?;
                     config.add_bar(bar, ours, at);
@@ -130,8 +136,11 @@ impl PassthroughPci {
                     let table = u32_at(&cfg, at + 4);
                     let pba = u32_at(&cfg, at + 8);
                     let (tbar, pbar) = ((table & 7) as usize, (pba & 7) as usize);
-                    if tbar >= 6 || pbar >= 6 || region_sizes[tbar] == 0 || region_sizes[pbar] == 0 {
-                        return Err(format!("{name}: its MSI-X table or PBA is in no memory BAR"));
+                    if tbar >= 6 || pbar >= 6 || region_sizes[tbar] == 0 || region_sizes[pbar] == 0
+                    {
+                        return Err(format!(
+                            "{name}: its MSI-X table or PBA is in no memory BAR"
+                        ));
                     }
                     let (irq, fds) = place
                         .vectors(n)
@@ -140,7 +149,8 @@ impl PassthroughPci {
                     body.extend_from_slice(&(n - 1).to_le_bytes());
                     body.extend_from_slice(&table.to_le_bytes());
                     body.extend_from_slice(&pba.to_le_bytes());
-                    let cap = config.add_capability(&body, &[0, 0, 0, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0]);
+                    let cap =
+                        config.add_capability(&body, &[0, 0, 0, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0]);
                     msix = Some(MsixEmulation {
                         cap,
                         msix: Msix::new(n, irq),
@@ -151,7 +161,10 @@ impl PassthroughPci {
                     });
                     break;
                 }
-                tracing::info!("{name}: capability {:#04x} at {at:#x} is not shown to the guest", cfg[at]);
+                tracing::info!(
+                    "{name}: capability {:#04x} at {at:#x} is not shown to the guest",
+                    cfg[at]
+                );
                 at = usize::from(cfg[at + 1] & 0xfc);
             }
         }
@@ -207,8 +220,10 @@ impl PassthroughPci {
 
     fn fail(&mut self, e: AccessError) {
         self.failed = true;
-        self.health
-            .fail(format!("passthrough device {} stopped answering: {e}", self.name));
+        self.health.fail(format!(
+            "passthrough device {} stopped answering: {e}",
+            self.name
+        ));
     }
 
     fn sync_msix(&mut self) {

@@ -136,7 +136,8 @@ impl GpuDevice {
 
     /// Runs the programmed command; returns the status.
     fn run(&mut self) -> u32 {
-        let addr = u64::from(self.reg(REG_DMA_ADDR_HI)) << 32 | u64::from(self.reg(REG_DMA_ADDR_LO));
+        let addr =
+            u64::from(self.reg(REG_DMA_ADDR_HI)) << 32 | u64::from(self.reg(REG_DMA_ADDR_LO));
         let len = u64::from(self.reg(REG_DMA_LEN));
         let voff = u64::from(self.reg(REG_VRAM_OFFSET));
         let cmd = self.reg(REG_COMMAND);
@@ -363,7 +364,11 @@ pub(crate) fn irqs() -> Vec<IrqInfo> {
         .map(|index| IrqInfo {
             index,
             count: if index == MSIX_IRQ { MSIX_VECTORS } else { 0 },
-            flags: if index == MSIX_IRQ { VFIO_IRQ_INFO_EVENTFD } else { 0 },
+            flags: if index == MSIX_IRQ {
+                VFIO_IRQ_INFO_EVENTFD
+            } else {
+                0
+            },
         })
         .collect()
 }

@@ -246,7 +246,14 @@ impl ::vfio_user::ServerBackend for Dies {
     fn reset(&mut self) -> std::io::Result<()> {
         self.0.reset()
     }
-    fn set_irqs(&mut self, i: u32, f: u32, s: u32, c: u32, fds: Vec<std::fs::File>) -> std::io::Result<()> {
+    fn set_irqs(
+        &mut self,
+        i: u32,
+        f: u32,
+        s: u32,
+        c: u32,
+        fds: Vec<std::fs::File>,
+    ) -> std::io::Result<()> {
         self.0.set_irqs(i, f, s, c, fds)
     }
 }
@@ -279,7 +286,10 @@ fn a_device_that_dies_is_cut_off_with_a_reason() {
     assert_eq!(reg(&mut d, REG_ID), u32::MAX);
     let e = health.error().expect("the failure is kept");
     assert!(
-        e.starts_with(&format!("passthrough device vfio-user {} stopped answering: ", path.display())),
+        e.starts_with(&format!(
+            "passthrough device vfio-user {} stopped answering: ",
+            path.display()
+        )),
         "{e}"
     );
     // Cut off: all-ones, writes dropped, no new error text.

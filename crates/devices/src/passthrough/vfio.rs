@@ -147,7 +147,10 @@ pub fn check_host_device(bdf: &str) -> Result<PathBuf, String> {
     let mut missing = host.missing.clone();
     let path = Path::new(SYS_PCI).join(&bdf);
     if !path.exists() {
-        missing.push(format!("no PCI device {bdf} on this host ({})", path.display()));
+        missing.push(format!(
+            "no PCI device {bdf} on this host ({})",
+            path.display()
+        ));
     } else {
         if host.iommu_groups > 0 && !path.join("iommu_group").exists() {
             missing.push(format!("{bdf} is in no IOMMU group"));
@@ -186,9 +189,10 @@ impl HostDevice {
         let err = |what: &str, e: vfio_ioctls::VfioError| {
             AccessError(format!("VFIO {bdf}: cannot {what}: {e}"))
         };
-        let container = Arc::new(VfioContainer::new(None).map_err(|e| err("open the container", e))?);
-        let device =
-            VfioDevice::new(&path, container.clone(), false).map_err(|e| err("open the device", e))?;
+        let container =
+            Arc::new(VfioContainer::new(None).map_err(|e| err("open the container", e))?);
+        let device = VfioDevice::new(&path, container.clone(), false)
+            .map_err(|e| err("open the device", e))?;
         Ok(Self {
             bdf: bdf.to_string(),
             container,
@@ -239,7 +243,10 @@ impl DeviceAccess for HostDevice {
             // by the EventFd built from it, and closed with it.
             let dup = unsafe { libc::dup(fd) };
             if dup < 0 {
-                return Err(self.err("cannot duplicate an MSI-X eventfd", std::io::Error::last_os_error()));
+                return Err(self.err(
+                    "cannot duplicate an MSI-X eventfd",
+                    std::io::Error::last_os_error(),
+                ));
             }
             // SAFETY: `dup` is a fresh descriptor of an eventfd that nothing else owns.
             events.push(unsafe { EventFd::from_raw_fd(dup) });
@@ -291,7 +298,14 @@ mod tests {
         assert_eq!(parse_bdf("0000:01:00.0").unwrap(), "0000:01:00.0");
         assert_eq!(parse_bdf("01:1f.7").unwrap(), "0000:01:1f.7");
         assert_eq!(parse_bdf("0000:0A:00.1").unwrap(), "0000:0a:00.1");
-        for bad in ["", "01:00", "0000:01:20.0", "0000:01:00.8", "zz:00.0", "0:1:0.0"] {
+        for bad in [
+            "",
+            "01:00",
+            "0000:01:20.0",
+            "0000:01:00.8",
+            "zz:00.0",
+            "0:1:0.0",
+        ] {
             assert!(
                 parse_bdf(bad).unwrap_err().contains("is not a PCI address"),
                 "{bad}"
@@ -303,7 +317,10 @@ mod tests {
     fn a_host_device_request_names_what_this_host_lacks() {
         let host = HostSupport::detect();
         let e = check_host_device("0000:7f:1f.7").unwrap_err();
-        assert!(e.starts_with("GPU passthrough of host device 0000:7f:1f.7 is not possible here: "), "{e}");
+        assert!(
+            e.starts_with("GPU passthrough of host device 0000:7f:1f.7 is not possible here: "),
+            "{e}"
+        );
         for m in &host.missing {
             assert!(e.contains(m.as_str()), "{e} lacks {m}");
         }
