@@ -34,6 +34,7 @@ mod cpu;
 mod display;
 mod entry;
 mod fbcon;
+mod gpupt;
 mod heartbeat;
 mod idt;
 mod mem;

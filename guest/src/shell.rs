@@ -143,6 +143,14 @@ fn execute(line: &str, work: &mut Workloads) {
         "net" => net(args),
         "draw" => crate::display::draw(args),
         "console" => crate::fbcon::command(args),
+        "gpupt" => {
+            let Some(seed) = number(args.next(), "seed") else {
+                return;
+            };
+            if no_more(args, cmd) {
+                crate::gpupt::command(seed);
+            }
+        }
         "input" if no_more(args.clone(), cmd) => crate::virtio_input::show(),
         "pointer" if no_more(args.clone(), cmd) => crate::virtio_input::pointer(),
         "displays" if no_more(args.clone(), cmd) => crate::display::list(),

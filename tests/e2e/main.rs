@@ -20,6 +20,7 @@ mod net;
 mod numa;
 mod numa_attribution;
 mod operator;
+mod passthrough;
 mod robustness;
 mod security;
 mod shell;

@@ -3,9 +3,10 @@
 //! with the same words, before a VM starts.
 //!
 //! `--gpu emulated|virtio[,width=W][,height=H][,displays=N]`; `--gpu none` means no GPU;
-//! `virtio` is the paravirt type (virtio-gpu 2D; `paravirt` is accepted too). The other
-//! types of the GPU model (passthrough, remote) are named so that a request for one is
-//! refused clearly: they are not built yet.
+//! `virtio` is the paravirt type (virtio-gpu 2D; `paravirt` is accepted too);
+//! `--gpu passthrough,vfio-user=SOCKET` (a device served by another process) or
+//! `--gpu passthrough,host=BDF` (a host PCI device through VFIO). The remaining type of
+//! the GPU model (remote) is named so that a request for it is refused clearly.
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -34,7 +35,8 @@ pub enum GpuType {
     Emulated,
     /// virtio-gpu 2D on PCI: the guest's driver sends its pictures to the host.
     Paravirt,
-    /// A host GPU through VFIO (not built yet).
+    /// A PCI GPU passed through: a host device over VFIO, or a device process over
+    /// vfio-user.
     Passthrough,
     /// A GPU back end in another process or host (not built yet).
     Remote,
@@ -86,6 +88,54 @@ pub struct GpuConfig {
     /// Displays of this GPU (1..=4).
     #[schema(minimum = 1, maximum = 4)]
     pub displays: u8,
+    /// Where a passthrough GPU comes from (only for type passthrough, which has no
+    /// displays of ours: width, height and displays are 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passthrough: Option<PassthroughSource>,
+}
+
+/// The device behind a passthrough GPU.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum PassthroughSource {
+    /// A device served by another process over vfio-user on this Unix socket.
+    VfioUser { socket: String },
+    /// A host PCI device bound to vfio-pci, `DDDD:BB:DD.F`.
+    Host { bdf: String },
+}
+
+impl std::fmt::Display for PassthroughSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PassthroughSource::VfioUser { socket } => write!(f, "vfio-user={socket}"),
+            PassthroughSource::Host { bdf } => write!(f, "host={bdf}"),
+        }
+    }
+}
+
+impl GpuConfig {
+    /// `--gpu passthrough,vfio-user=SOCKET` or `--gpu passthrough,host=BDF`.
+    fn parse_passthrough(arg: &str, options: &[&str]) -> Result<GpuConfig, String> {
+        let usage = "a passthrough GPU takes exactly one of vfio-user=SOCKET or host=BDF (its \
+                     displays and size are the device's own)";
+        let [kv] = options else {
+            return Err(format!("--gpu '{arg}': {usage}"));
+        };
+        let source = match kv.split_once('=') {
+            Some(("vfio-user", v)) => PassthroughSource::VfioUser { socket: v.into() },
+            Some(("host", v)) => PassthroughSource::Host { bdf: v.into() },
+            _ => return Err(format!("--gpu '{arg}': '{kv}': {usage}")),
+        };
+        let c = GpuConfig {
+            kind: GpuType::Passthrough,
+            width: 0,
+            height: 0,
+            displays: 0,
+            passthrough: Some(source),
+        };
+        c.validate().map_err(|e| format!("--gpu '{arg}': {e}"))?;
+        Ok(c)
+    }
 }
 
 impl GpuConfig {
@@ -98,11 +148,15 @@ impl GpuConfig {
                 "--gpu '{arg}': unknown GPU type '{name}' (known: none, emulated, virtio (paravirt), passthrough, remote)"
             ));
         };
+        if kind == GpuType::Passthrough {
+            return Self::parse_passthrough(arg, &parts.collect::<Vec<_>>()).map(Some);
+        }
         let mut c = GpuConfig {
             kind,
             width: DEFAULT_WIDTH,
             height: DEFAULT_HEIGHT,
             displays: 1,
+            passthrough: None,
         };
         for kv in parts {
             let Some((k, v)) = kv.split_once('=') else {
@@ -138,6 +192,9 @@ impl GpuConfig {
 
     /// Checks the type (built in this build?), the size and the display count.
     pub fn validate(&self) -> Result<(), String> {
+        if self.kind == GpuType::Passthrough || self.passthrough.is_some() {
+            return self.validate_passthrough();
+        }
         match self.kind {
             GpuType::Emulated | GpuType::Paravirt => {}
             GpuType::None => {
@@ -157,6 +214,31 @@ impl GpuConfig {
             ));
         }
         Ok(())
+    }
+
+    fn validate_passthrough(&self) -> Result<(), String> {
+        if self.kind != GpuType::Passthrough {
+            return Err(format!(
+                "a GPU of type {} has no passthrough source",
+                self.kind
+            ));
+        }
+        if (self.width, self.height, self.displays) != (0, 0, 0) {
+            return Err(
+                "a passthrough GPU has no displays of the VMM: width, height and displays are 0"
+                    .into(),
+            );
+        }
+        match &self.passthrough {
+            None => Err("a passthrough GPU needs its device: vfio-user=SOCKET or host=BDF".into()),
+            Some(PassthroughSource::VfioUser { socket }) if socket.is_empty() => {
+                Err("vfio-user: the socket path is empty".into())
+            }
+            Some(PassthroughSource::Host { bdf }) if bdf.is_empty() => {
+                Err("host: the PCI address is empty".into())
+            }
+            Some(_) => Ok(()),
+        }
     }
 
     /// Bytes of one display's pixels (4 bytes a pixel, no padding between lines).
@@ -247,6 +329,13 @@ pub struct GpuInfo {
     pub displays: Vec<DisplayInfo>,
     /// VNC viewers connected now (all displays of the VM).
     pub viewers: u32,
+    /// A passthrough GPU's device (`vfio-user /run/gpu.sock`, `VFIO 0000:01:00.0`),
+    /// while the VM has one built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Why the GPU is in the Error state, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `GET /vm/gpus`.
@@ -304,7 +393,19 @@ mod tests {
         for (arg, msg) in [
             (
                 "passthrough",
-                "GPU type passthrough is not implemented in this build",
+                "a passthrough GPU takes exactly one of vfio-user=SOCKET or host=BDF",
+            ),
+            (
+                "passthrough,width=640",
+                "'width=640': a passthrough GPU takes",
+            ),
+            (
+                "passthrough,host=01:00.0,vfio-user=/s",
+                "a passthrough GPU takes exactly one",
+            ),
+            (
+                "passthrough,vfio-user=",
+                "vfio-user: the socket path is empty",
             ),
             ("remote", "GPU type remote is not implemented in this build"),
             ("vga", "unknown GPU type 'vga'"),
@@ -332,6 +433,49 @@ mod tests {
             assert!(e.contains(msg), "{arg}: {e}");
             assert!(e.starts_with(&format!("--gpu '{arg}'")), "{e}");
         }
+    }
+
+    #[test]
+    fn a_passthrough_gpu_names_its_device_and_has_no_displays_of_ours() {
+        let c = GpuConfig::parse("passthrough,vfio-user=/run/gpu.sock")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            c.passthrough,
+            Some(PassthroughSource::VfioUser {
+                socket: "/run/gpu.sock".into()
+            })
+        );
+        assert_eq!((c.width, c.height, c.displays), (0, 0, 0));
+        let h = GpuConfig::parse("passthrough,host=0000:01:00.0")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            h.passthrough.as_ref().unwrap().to_string(),
+            "host=0000:01:00.0"
+        );
+        // Eight passthrough GPUs and sixteen displays elsewhere fit.
+        let e = GpuConfig::parse("emulated,width=320,height=200,displays=4")
+            .unwrap()
+            .unwrap();
+        let mut all = vec![e; 4];
+        all.extend(vec![c.clone(); 4]);
+        assert!(check_gpus(&all).is_ok());
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(
+            json.contains(r#""passthrough":{"vfio_user":{"socket":"/run/gpu.sock"}}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<GpuConfig>(&json).unwrap(), c);
+        let virtio = GpuConfig::parse("virtio").unwrap().unwrap();
+        assert!(!serde_json::to_string(&virtio)
+            .unwrap()
+            .contains("passthrough"));
+        let bad = GpuConfig {
+            passthrough: None,
+            ..c
+        };
+        assert!(bad.validate().unwrap_err().contains("needs its device"));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod console;
 pub mod interrupt;
 pub mod legacy;
+pub mod passthrough;
 pub mod pci;
 pub mod persist;
 pub mod rate;

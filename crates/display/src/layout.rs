@@ -153,6 +153,7 @@ mod tests {
             width: w,
             height: h,
             displays: n,
+            passthrough: None,
         }
     }
 

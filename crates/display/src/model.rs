@@ -191,6 +191,7 @@ mod tests {
             width: 640,
             height: 480,
             displays: 1,
+            passthrough: None,
         };
         let mut m = GpuModel::new(&[c]).unwrap();
         let e = m.apply(0, GpuEvent::Resume).unwrap_err();
@@ -215,6 +216,7 @@ mod tests {
             width: 640,
             height: 480,
             displays: 1,
+            passthrough: None,
         };
         assert!(GpuModel::new(&vec![c; 9])
             .unwrap_err()

@@ -262,6 +262,7 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 width: W.into(),
                 height: H.into(),
                 displays: 1,
+                passthrough: None,
             }],
             ..Default::default()
         },

@@ -18,8 +18,8 @@ use crate::vm::client;
 pub enum GpuCommand {
     /// Each GPU's type, state and displays, and the VNC socket.
     Status(IdArgs),
-    /// One line per GPU.
-    List(IdArgs),
+    /// One line per GPU of a VM; with --host, what this host offers for passthrough.
+    List(ListArgs),
     /// One line per display.
     Displays(IdArgs),
     /// Save a display as a PNG.
@@ -120,6 +120,103 @@ pub struct TypeArgs {
 }
 
 #[derive(Args)]
+pub struct ListArgs {
+    /// The VM.
+    #[arg(required_unless_present = "host", conflicts_with = "host")]
+    pub id: Option<String>,
+    /// This host's GPUs and whether it can pass them through (IOMMU, VFIO, vfio-pci).
+    #[arg(long)]
+    pub host: bool,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// `ray gpu-device`: devices served to VMs from their own process.
+#[derive(Subcommand)]
+pub enum GpuDeviceCommand {
+    /// Serve a GPU-like PCI device over vfio-user on a Unix socket (VRAM BAR, register
+    /// BAR, DMA engine, MSI-X), for `ray vm run --gpu passthrough,vfio-user=SOCKET`.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The Unix socket to listen on (must not exist).
+    #[arg(long)]
+    pub socket: PathBuf,
+}
+
+/// Serves until the process is ended; one VMM at a time.
+pub fn run_device(cmd: GpuDeviceCommand) -> anyhow::Result<()> {
+    match cmd {
+        GpuDeviceCommand::Serve(a) => {
+            ray_devices::passthrough::gpu_server::serve(&a.socket, || {
+                println!("serving a vfio-user GPU on {}", a.socket.display());
+            })
+            .map_err(anyhow::Error::msg)
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct HostReport {
+    passthrough: bool,
+    #[serde(flatten)]
+    support: ray_devices::passthrough::vfio::HostSupport,
+    gpus: Vec<ray_devices::passthrough::vfio::HostPciDevice>,
+}
+
+fn host_list(out: &OutputArgs) -> anyhow::Result<()> {
+    use ray_devices::passthrough::vfio::{host_gpus, HostSupport};
+    let support = HostSupport::detect();
+    let report = HostReport {
+        passthrough: support.ready(),
+        gpus: host_gpus(),
+        support,
+    };
+    if print_structured(&report, out.format())? {
+        return Ok(());
+    }
+    let s = &report.support;
+    if s.ready() {
+        println!("passthrough: possible (IOMMU groups: {})", s.iommu_groups);
+    } else {
+        println!("passthrough: not possible on this host");
+        for m in &s.missing {
+            println!("  missing: {m}");
+        }
+    }
+    println!("vfio-user devices (--gpu passthrough,vfio-user=SOCKET) need none of these");
+    let rows: Vec<Vec<String>> = report
+        .gpus
+        .iter()
+        .map(|g| {
+            vec![
+                g.bdf.clone(),
+                format!(
+                    "{}:{}",
+                    g.vendor.trim_start_matches("0x"),
+                    g.device.trim_start_matches("0x")
+                ),
+                g.class.clone(),
+                g.driver.clone().unwrap_or_else(|| "-".into()),
+                g.iommu_group.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        println!("host GPUs: none (no PCI display controller)");
+    } else {
+        println!();
+        print!(
+            "{}",
+            table(&["BDF", "ID", "CLASS", "DRIVER", "IOMMU GROUP"], &rows)
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
 pub struct IdArgs {
     /// The VM.
     pub id: String,
@@ -142,7 +239,15 @@ pub struct ScreenshotArgs {
 pub fn run(cmd: GpuCommand, runtime: &Path) -> anyhow::Result<()> {
     match cmd {
         GpuCommand::Status(a) => show(runtime, &a, View::Status),
-        GpuCommand::List(a) => show(runtime, &a, View::List),
+        GpuCommand::List(a) if a.host => host_list(&a.out),
+        GpuCommand::List(a) => show(
+            runtime,
+            &IdArgs {
+                id: a.id.unwrap_or_default(),
+                out: a.out,
+            },
+            View::List,
+        ),
         GpuCommand::Displays(a) => show(runtime, &a, View::Displays),
         GpuCommand::Screenshot(a) => screenshot(runtime, &a),
         GpuCommand::Resize(a) => resize(runtime, &a),
@@ -208,11 +313,22 @@ fn show(runtime: &Path, a: &IdArgs, view: View) -> anyhow::Result<()> {
                 return Ok(());
             }
             print!("{}", table(GPU_HEADER, &gpus(&list)));
+            for g in &list.gpus {
+                if let Some(d) = &g.device {
+                    println!("GPU {}: {d}", g.index);
+                }
+                if let Some(e) = &g.error {
+                    println!("GPU {} error: {e}", g.index);
+                }
+            }
             println!();
             print!("{}", table(DISPLAY_HEADER, &displays(&list)));
             match &list.vnc_socket {
                 Some(s) => {
                     println!("\nVNC: {s} (display N: vnc-N.sock, view-only: vnc-N-view.sock)")
+                }
+                None if list.gpus.iter().all(|g| g.displays.is_empty()) => {
+                    println!("\nVNC: none (no GPU of this VM has a display of the VMM)")
                 }
                 None => println!("\nVNC: not listening (the VM does not run)"),
             }

@@ -73,6 +73,9 @@ enum Command {
     /// A VM's GPUs and displays: status, screenshots.
     #[command(subcommand)]
     Gpu(gpu::GpuCommand),
+    /// Devices served to VMs from their own process (vfio-user).
+    #[command(subcommand)]
+    GpuDevice(gpu::GpuDeviceCommand),
     #[command(about = VMM_ABOUT)]
     Vmm(vm::VmmArgs),
     /// Run this host's cluster agent: supervises its VMMs, reports it to the store, serves
@@ -172,6 +175,7 @@ fn main() -> ExitCode {
         | Command::Agent(_)
         | Command::Controller(_)
         | Command::Device(_)
+        | Command::GpuDevice(_)
         | Command::Web(_) => "info",
         _ => "warn",
     };
@@ -182,6 +186,7 @@ fn main() -> ExitCode {
         Command::Snapshot(cmd) => snapshot::run(cmd, &runtime),
         Command::Migrate(cmd) => migrate::run(cmd, &runtime),
         Command::Gpu(cmd) => gpu::run(cmd, &runtime),
+        Command::GpuDevice(cmd) => gpu::run_device(cmd),
         Command::Bench(cmd) => bench::run(cmd, &runtime),
         Command::Agent(args) => agent::run(args, &runtime),
         Command::Controller(args) => controller::run(args),

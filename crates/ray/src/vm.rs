@@ -371,6 +371,8 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
             gpus: {
                 let gpus: Vec<_> = args.gpus.iter().flatten().cloned().collect();
                 ray_api::gpu::check_gpus(&gpus).map_err(|e| anyhow::anyhow!("--gpu: {e}"))?;
+                // A host device's IOMMU, VFIO and driver, before anything starts.
+                ray_vmm::passthrough::check(&gpus).map_err(|e| anyhow::anyhow!("--gpu: {e}"))?;
                 gpus
             },
             vsock: args.vsock.clone(),

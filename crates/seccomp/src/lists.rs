@@ -57,6 +57,20 @@ const SPAWN: &[c_long] = &[
 /// KVM_RUN and the vCPU ioctls (registers for pause and snapshot, interrupts).
 const VCPU: &[c_long] = &[SYS_ioctl];
 
+/// A vCPU whose MMIO exit hits a passthrough device's BAR or configuration space: the
+/// access goes to the device's process over vfio-user (a Unix socket; MSI-X eventfds are
+/// passed with SCM_RIGHTS), or to the VFIO device's file at an offset.
+const PASSTHROUGH: &[c_long] = &[
+    SYS_read,
+    SYS_recvfrom,
+    SYS_recvmsg,
+    SYS_sendto,
+    SYS_sendmsg,
+    SYS_pread64,
+    SYS_pwrite64,
+    SYS_dup,
+];
+
 /// Waiting on several descriptors (eventfds, sockets, TAPs).
 const WAIT: &[c_long] = &[
     SYS_epoll_create1,
@@ -202,7 +216,7 @@ fn groups(kind: Kind) -> &'static [&'static [c_long]] {
             WRITE_FILES,
             MAIN,
         ],
-        Kind::Vcpu => &[THREAD, VCPU],
+        Kind::Vcpu => &[THREAD, VCPU, PASSTHROUGH],
         Kind::Api => &[
             THREAD,
             SPAWN,

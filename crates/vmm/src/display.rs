@@ -411,7 +411,16 @@ impl DisplayHub {
     /// The GPUs with their states and displays.
     pub fn list(&self) -> GpuList {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let model = self.model.lock().unwrap_or_else(|e| e.into_inner());
+        let mut model = self.model.lock().unwrap_or_else(|e| e.into_inner());
+        // A passthrough GPU whose device stopped answering goes to Error.
+        let passthrough: Vec<Option<(String, Option<String>)>> = (0..model.gpus().len())
+            .map(crate::passthrough::status)
+            .collect();
+        for (i, p) in passthrough.iter().enumerate() {
+            if let Some((_, Some(_))) = p {
+                let _ = model.apply(i, GpuEvent::Fail);
+            }
+        }
         let viewers = inner.vnc.as_ref().map_or(0, |v| v.viewers());
         let displays = inner.displays();
         GpuList {
@@ -440,6 +449,8 @@ impl DisplayHub {
                         })
                         .collect(),
                     viewers,
+                    device: passthrough[i].as_ref().map(|p| p.0.clone()),
+                    error: passthrough[i].as_ref().and_then(|p| p.1.clone()),
                 })
                 .collect(),
             vnc_tcp: inner.vnc.as_ref().map_or(Vec::new(), |v| {

@@ -22,6 +22,7 @@ pub mod migration;
 pub mod net;
 pub mod numa;
 pub mod numa_migrate;
+pub mod passthrough;
 pub mod pci;
 pub mod prefault;
 /// seccomp filters per thread kind (their own crate: device models install them too).

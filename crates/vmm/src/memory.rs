@@ -357,6 +357,11 @@ impl MemoryManager {
         &self.inner.ram
     }
 
+    /// Whether guest RAM is shared memfd mappings (another process may map it by fd).
+    pub fn is_shared_memfd(&self) -> bool {
+        self.inner.memfd
+    }
+
     /// Each region as (guest-physical address, host address, length): what KVM's memory
     /// slots are registered with. Slot `i` is region `i` of the layout.
     pub fn slots(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {

@@ -419,6 +419,8 @@ pub struct PciDevices {
     pub kicks_in_kernel: bool,
     /// The virtio GPUs' scanouts, for the displays.
     pub gpus: Vec<VirtioGpu>,
+    /// The passthrough GPUs' functions.
+    passthrough: Vec<crate::passthrough::Built>,
     _router: Arc<IrqRouter>,
     _notifier: Option<Notifier>,
 }
@@ -489,6 +491,23 @@ impl PciDevices {
                 transport,
             });
         }
+        crate::passthrough::clear();
+        let mut passthrough = Vec::new();
+        for (i, g) in config.gpus.iter().enumerate() {
+            let Some(source) = &g.passthrough else {
+                continue;
+            };
+            let id = format!("gpu{i}");
+            if state.is_some() {
+                return Err(PciError::Restore(format!(
+                    "{id} is a passthrough GPU ({source}): its device's state was never saved"
+                )));
+            }
+            let b = crate::passthrough::build(i, source, &vm.memory, &mut bars, router.clone())
+                .map_err(|why| PciError::Device { id, why })?;
+            bus.add(b.device.clone()).ok_or(PciError::BusFull)?;
+            passthrough.push(b);
+        }
         bus.on_bar_move(follow_bars(router.clone(), moves));
         let notifier = if kicks.is_empty() {
             None
@@ -500,6 +519,7 @@ impl PciDevices {
             devices,
             kicks_in_kernel: in_kernel,
             gpus,
+            passthrough,
             _router: router,
             _notifier: notifier,
         })
@@ -531,6 +551,13 @@ impl PciDevices {
     }
 
     pub fn save(&self) -> Result<PciState, String> {
+        if let Some(b) = self.passthrough.first() {
+            return Err(format!(
+                "GPU {} is a passthrough GPU: a device outside the VMM holds state the VMM \
+                 cannot save, so this VM cannot be snapshotted or migrated",
+                b.gpu
+            ));
+        }
         let devices = self
             .devices
             .iter()

@@ -189,6 +189,11 @@ impl KvmMsiVectors {
         }
         Ok(Self { router, vectors })
     }
+
+    /// Each vector's irqfd, for a device that raises them itself (a passthrough device).
+    pub fn eventfds(&self) -> impl Iterator<Item = &EventFd> {
+        self.vectors.iter().map(|(evt, _)| evt)
+    }
 }
 
 impl MsiInterrupts for KvmMsiVectors {
