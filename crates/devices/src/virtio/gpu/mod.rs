@@ -11,17 +11,22 @@
 //! the resources' pixels: those are the guest's copy in the backing, in guest RAM that the
 //! snapshot or migration carries, and a restore transfers them again. A guest that changed
 //! its backing after its last transfer sees that change on the restored display.
+pub mod backend;
 pub mod commands;
 pub mod hostile;
 pub mod protocol;
+pub mod remote;
+pub mod wire;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use ray_memory::GuestMemory;
 use serde::{Deserialize, Serialize};
 
 use self::commands::{Core, Cursor, Limits, Refusal};
 use self::protocol::*;
+use self::remote::{Endpoint, Link, LinkState};
 use super::queue::Chain;
 use super::{Completer, Completion, DeviceContext, VirtioDevice};
 
@@ -47,12 +52,33 @@ struct Shared {
     core: Mutex<Core>,
     /// How to raise a configuration interrupt, once the transport is shared.
     completer: Mutex<Option<Completer>>,
+    /// A remote GPU's link to its back end (locked after `core`, never before).
+    remote: Option<Mutex<Link>>,
+    /// The device is gone: its watcher thread ends.
+    stopped: AtomicBool,
 }
 
 impl Shared {
     fn core(&self) -> MutexGuard<'_, Core> {
         self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn link(&self) -> Option<MutexGuard<'_, Link>> {
+        self.remote
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// What a remote GPU's link is, for the GPU model and `ray gpu status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteStatus {
+    /// `unix:PATH` or `tcp:ADDR`.
+    pub backend: String,
+    /// None while Ready; why not otherwise.
+    pub error: Option<String>,
+    /// Connections made so far (the first and each reconnection).
+    pub connections: u64,
 }
 
 /// The device model behind the transport.
@@ -69,6 +95,24 @@ pub struct GpuDisplays {
 impl Gpu {
     /// A GPU with one scanout per entry of `modes` (1 to 16), each starting in that mode.
     pub fn new(modes: &[(u32, u32)], limits: Limits) -> Result<(Gpu, GpuDisplays), String> {
+        Self::build(modes, limits, None)
+    }
+
+    /// A remote GPU: the same device to the guest, its 2D work done by the back end at
+    /// `endpoint` (connected once the transport is shared, and again whenever lost).
+    pub fn new_remote(
+        modes: &[(u32, u32)],
+        limits: Limits,
+        endpoint: Endpoint,
+    ) -> Result<(Gpu, GpuDisplays), String> {
+        Self::build(modes, limits, Some(endpoint))
+    }
+
+    fn build(
+        modes: &[(u32, u32)],
+        limits: Limits,
+        endpoint: Option<Endpoint>,
+    ) -> Result<(Gpu, GpuDisplays), String> {
         if modes.is_empty() || modes.len() > MAX_SCANOUTS {
             return Err(format!(
                 "a virtio GPU has 1 to {MAX_SCANOUTS} scanouts, not {}",
@@ -78,9 +122,16 @@ impl Gpu {
         for &(w, h) in modes {
             check_mode(w, h)?;
         }
+        let core = if endpoint.is_some() {
+            Core::new_ledger(modes, limits)
+        } else {
+            Core::new(modes, limits)
+        };
         let shared = Arc::new(Shared {
-            core: Mutex::new(Core::new(modes, limits)),
+            core: Mutex::new(core),
             completer: Mutex::new(None),
+            remote: endpoint.map(|e| Mutex::new(Link::new(e))),
+            stopped: AtomicBool::new(false),
         });
         Ok((
             Gpu {
@@ -91,7 +142,61 @@ impl Gpu {
     }
 }
 
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A remote GPU's watcher: pings a Ready link, reconnects a broken one (with backoff)
+/// and replays the ledger; ends with the device.
+fn watch(shared: Weak<Shared>, memory: super::pci::Memory) {
+    loop {
+        std::thread::sleep(remote::BACKOFF_MIN / 2);
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        let endpoint = {
+            let mut core = shared.core();
+            let Some(mut link) = shared.link() else {
+                return;
+            };
+            if link.ping_due() {
+                link.ping(&mut core);
+                None
+            } else if link.reconnect_due() {
+                Some(link.endpoint().clone())
+            } else {
+                None
+            }
+        };
+        if let Some(endpoint) = endpoint {
+            let opened = Link::open(&endpoint);
+            let mut core = shared.core();
+            if let Some(mut link) = shared.link() {
+                let _ = link.attach(opened, &mut core, &*memory);
+            }
+        }
+    }
+}
+
 impl GpuDisplays {
+    /// A remote GPU's link: its back end and whether it is Ready; None for a local GPU.
+    pub fn remote(&self) -> Option<RemoteStatus> {
+        let link = self.shared.link()?;
+        Some(RemoteStatus {
+            backend: link.endpoint().to_string(),
+            error: match link.state() {
+                LinkState::Ready => None,
+                LinkState::Error(why) => Some(why.clone()),
+            },
+            connections: link.connections,
+        })
+    }
+
     /// Whether both are the handle of the same GPU.
     pub fn same(&self, other: &GpuDisplays) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
@@ -138,15 +243,19 @@ impl GpuDisplays {
         check_mode(width, height)?;
         {
             let mut core = self.shared.core();
-            let n = core.scanouts.len();
-            let Some(s) = core.scanouts.get_mut(index) else {
-                return Err(format!("display {index} does not exist: this GPU has {n}"));
-            };
-            let (res, rect) = (s.resource, s.rect);
-            *s = commands::Scanout::new(width, height);
-            s.resource = res;
-            s.rect = rect;
+            core.set_mode(index, width, height)?;
             core.events_read |= EVENT_DISPLAY;
+            if let Some(mut link) = self.shared.link() {
+                let m = wire::Message::SetMode {
+                    scanout: index as u32,
+                    width,
+                    height,
+                };
+                // A link that fails here is in Error; its reconnection says the new mode.
+                if let Ok(Err(r)) = link.call(&mut core, &m) {
+                    tracing::warn!("the remote GPU's back end refused the new mode: {}", r.why);
+                }
+            }
         }
         // Not under the core's lock: the transport, locked here, locks the core to serve.
         let completer = self
@@ -261,11 +370,18 @@ impl VirtioDevice for Gpu {
         };
         let result = {
             let mut core = self.shared.core();
-            if queue == CURSOR_QUEUE {
-                core.cursor_command(&hdr, &req)
-                    .map(|()| (RESP_OK_NODATA, Vec::new()))
-            } else {
-                core.command(&hdr, &req, memory)
+            match (self.shared.link(), queue == CURSOR_QUEUE) {
+                (None, true) => core
+                    .cursor_command(&hdr, &req)
+                    .map(|()| (RESP_OK_NODATA, Vec::new())),
+                (None, false) => core.command(&hdr, &req, memory),
+                (Some(mut link), true) => {
+                    remote::cursor_command(&mut core, &mut link, &hdr, &req)
+                        .map(|()| (RESP_OK_NODATA, Vec::new()))
+                }
+                (Some(mut link), false) => {
+                    remote::command(&mut core, &mut link, &hdr, &req, memory)
+                }
             }
         };
         let (kind, body) = match result {
@@ -288,10 +404,38 @@ impl VirtioDevice for Gpu {
     }
 
     fn reset(&mut self) {
-        self.shared.core().reset();
+        let mut core = self.shared.core();
+        core.reset();
+        if let Some(mut link) = self.shared.link() {
+            if *link.state() == LinkState::Ready {
+                let _ = link.call(&mut core, &wire::Message::Reset);
+            }
+        }
     }
 
     fn activate(&mut self, context: DeviceContext) {
+        if self.shared.remote.is_some() {
+            // The first attempt now, so that a back end that is up serves the guest's
+            // first commands.
+            {
+                let mut core = self.shared.core();
+                if let Some(mut link) = self.shared.link() {
+                    let _ = link.connect(&mut core, &*context.memory);
+                }
+            }
+            let weak = Arc::downgrade(&self.shared);
+            let memory = context.memory.clone();
+            let started = std::thread::Builder::new()
+                .name("gpu-remote".into())
+                .stack_size(256 << 10)
+                .spawn(move || {
+                    ray_seccomp::enter(ray_seccomp::Kind::Display);
+                    watch(weak, memory)
+                });
+            if let Err(e) = started {
+                tracing::error!("cannot start the remote GPU's link thread: {e}; it stays in error");
+            }
+        }
         *self
             .shared
             .completer
@@ -350,7 +494,16 @@ impl VirtioDevice for Gpu {
         let s: Saved = serde_json::from_value(saved.clone())
             .map_err(|e| format!("the saved virtio-gpu state is malformed: {e}"))?;
         let limits = self.shared.core().limits;
-        *self.shared.core() = rebuild(&s, limits, memory)?;
+        let ledger = self.shared.remote.is_some();
+        let mut core = self.shared.core();
+        *core = rebuild(&s, limits, ledger, memory)?;
+        // A remote GPU's back end gets the restored state now if it is there, else when
+        // the link comes back.
+        if let Some(mut link) = self.shared.link() {
+            if *link.state() == LinkState::Ready {
+                let _ = link.replay(&mut core, memory);
+            }
+        }
         Ok(())
     }
 }
@@ -360,13 +513,18 @@ impl VirtioDevice for Gpu {
 fn rebuild(
     s: &Saved,
     limits: Limits,
+    ledger: bool,
     memory: &(dyn GuestMemory + Send + Sync),
 ) -> Result<Core, String> {
     let bad = |what: String, r: Refusal| format!("the saved virtio-gpu state: {what}: {}", r.why);
     for &(w, h) in &s.modes {
         check_mode(w, h).map_err(|e| format!("the saved virtio-gpu state has {e}"))?;
     }
-    let mut core = Core::new(&s.modes, limits);
+    let mut core = if ledger {
+        Core::new_ledger(&s.modes, limits)
+    } else {
+        Core::new(&s.modes, limits)
+    };
     for r in &s.resources {
         core.create_2d(r.id, r.format as u32, r.width, r.height)
             .map_err(|e| bad(format!("resource {}", r.id), e))?;
