@@ -19,6 +19,7 @@ mod migration_wire;
 mod net;
 mod numa;
 mod numa_attribution;
+mod remote_gpu;
 mod operator;
 mod robustness;
 mod security;

@@ -153,6 +153,8 @@ mod tests {
             width: w,
             height: h,
             displays: n,
+            backend: None,
+            token_file: None,
         }
     }
 

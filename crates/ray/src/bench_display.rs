@@ -249,6 +249,8 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 width: W.into(),
                 height: H.into(),
                 displays: 1,
+                backend: None,
+                token_file: None,
             }],
             ..Default::default()
         },

@@ -54,8 +54,13 @@ struct Shared {
     completer: Mutex<Option<Completer>>,
     /// A remote GPU's link to its back end (locked after `core`, never before).
     remote: Option<Mutex<Link>>,
-    /// The device is gone: its watcher thread ends.
+    /// The device is gone: its link thread ends.
     stopped: AtomicBool,
+    /// A remote GPU's requests go to its link thread (once the transport is shared), so
+    /// that no vCPU or notifier thread waits on the back end.
+    worker: Mutex<Option<std::sync::mpsc::Sender<(usize, Chain)>>>,
+    /// The driver reset the device: the link thread tells the back end.
+    reset_pending: AtomicBool,
 }
 
 impl Shared {
@@ -132,6 +137,8 @@ impl Gpu {
             completer: Mutex::new(None),
             remote: endpoint.map(|e| Mutex::new(Link::new(e))),
             stopped: AtomicBool::new(false),
+            worker: Mutex::new(None),
+            reset_pending: AtomicBool::new(false),
         });
         Ok((
             Gpu {
@@ -148,16 +155,56 @@ impl Drop for Gpu {
     }
 }
 
-/// A remote GPU's watcher: pings a Ready link, reconnects a broken one (with backoff)
-/// and replays the ledger; ends with the device.
-fn watch(shared: Weak<Shared>, memory: super::pci::Memory) {
+/// A remote GPU's link thread: serves the requests the device took (in order), pings a
+/// Ready link, reconnects a broken one (with backoff) and replays the ledger; ends with
+/// the device.
+fn run_remote(
+    shared: Weak<Shared>,
+    memory: super::pci::Memory,
+    completer: Completer,
+    requests: std::sync::mpsc::Receiver<(usize, Chain)>,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
     loop {
-        std::thread::sleep(remote::BACKOFF_MIN / 2);
+        let first = match requests.recv_timeout(remote::BACKOFF_MIN / 2) {
+            Ok(r) => Some(r),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
         let Some(shared) = shared.upgrade() else {
             return;
         };
         if shared.stopped.load(Ordering::Relaxed) {
             return;
+        }
+        if shared.reset_pending.swap(false, Ordering::Relaxed) {
+            let mut core = shared.core();
+            if let Some(mut link) = shared.link() {
+                if *link.state() == LinkState::Ready {
+                    let _ = link.call(&mut core, &wire::Message::Reset);
+                }
+            }
+        }
+        if let Some(first) = first {
+            // Everything the driver made available meanwhile, completed together.
+            let mut done: [Vec<super::Used>; 2] = [Vec::new(), Vec::new()];
+            for (queue, chain) in std::iter::once(first).chain(requests.try_iter()) {
+                let len = match serve(&shared, queue, &chain, &*memory) {
+                    Completion::Done(n) => n,
+                    Completion::Failed(e) => {
+                        tracing::debug!("virtio-gpu: request {} failed: {e}", chain.head);
+                        0
+                    }
+                    Completion::Pending => 0,
+                };
+                done[queue.min(1)].push(super::Used {
+                    head: chain.head,
+                    len,
+                });
+            }
+            for (queue, used) in done.iter().enumerate() {
+                completer.complete(queue as u16, used);
+            }
         }
         let endpoint = {
             let mut core = shared.core();
@@ -310,6 +357,60 @@ fn write_response(
     ))
 }
 
+/// Serves one request: on the device's own state (paravirt), or on the ledger and the
+/// back end (remote).
+fn serve(
+    shared: &Shared,
+    queue: usize,
+    chain: &Chain,
+    memory: &(dyn GuestMemory + Send + Sync),
+) -> Completion {
+        let req = match read_request(chain, memory) {
+            Ok(r) => r,
+            Err(e) => return Completion::Failed(e),
+        };
+        let Some(hdr) = Header::parse(&req) else {
+            return Completion::Failed(format!(
+                "request {} has {} readable bytes, less than a command header",
+                chain.head,
+                req.len()
+            ));
+        };
+        let result = {
+            let mut core = shared.core();
+            match (shared.link(), queue == CURSOR_QUEUE) {
+                (None, true) => core
+                    .cursor_command(&hdr, &req)
+                    .map(|()| (RESP_OK_NODATA, Vec::new())),
+                (None, false) => core.command(&hdr, &req, memory),
+                (Some(mut link), true) => {
+                    remote::cursor_command(&mut core, &mut link, &hdr, &req)
+                        .map(|()| (RESP_OK_NODATA, Vec::new()))
+                }
+                (Some(mut link), false) => {
+                    remote::command(&mut core, &mut link, &hdr, &req, memory)
+                }
+            }
+        };
+        let (kind, body) = match result {
+            Ok(r) => r,
+            Err(Refusal { code, why }) => {
+                tracing::debug!("virtio-gpu: command {:#x} refused: {why}", hdr.kind);
+                (code, Vec::new())
+            }
+        };
+        // The cursor queue's requests usually have no room for a response: none is owed.
+        if queue == CURSOR_QUEUE && !chain.descriptors.iter().any(|d| d.writable) {
+            return Completion::Done(0);
+        }
+        let mut resp = hdr.response(kind);
+        resp.extend_from_slice(&body);
+        match write_response(chain, memory, &resp) {
+            Ok(n) => Completion::Done(n),
+            Err(e) => Completion::Failed(e),
+        }
+    }
+
 pub const CONTROL_QUEUE: usize = 0;
 pub const CURSOR_QUEUE: usize = 1;
 
@@ -357,56 +458,33 @@ impl VirtioDevice for Gpu {
         chain: &Chain,
         memory: &(dyn GuestMemory + Send + Sync),
     ) -> Completion {
-        let req = match read_request(chain, memory) {
-            Ok(r) => r,
-            Err(e) => return Completion::Failed(e),
-        };
-        let Some(hdr) = Header::parse(&req) else {
-            return Completion::Failed(format!(
-                "request {} has {} readable bytes, less than a command header",
-                chain.head,
-                req.len()
-            ));
-        };
-        let result = {
-            let mut core = self.shared.core();
-            match (self.shared.link(), queue == CURSOR_QUEUE) {
-                (None, true) => core
-                    .cursor_command(&hdr, &req)
-                    .map(|()| (RESP_OK_NODATA, Vec::new())),
-                (None, false) => core.command(&hdr, &req, memory),
-                (Some(mut link), true) => {
-                    remote::cursor_command(&mut core, &mut link, &hdr, &req)
-                        .map(|()| (RESP_OK_NODATA, Vec::new()))
-                }
-                (Some(mut link), false) => {
-                    remote::command(&mut core, &mut link, &hdr, &req, memory)
-                }
+        let worker = self
+            .shared
+            .worker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(w) = worker {
+            if w.send((queue, chain.clone())).is_ok() {
+                return Completion::Pending;
             }
-        };
-        let (kind, body) = match result {
-            Ok(r) => r,
-            Err(Refusal { code, why }) => {
-                tracing::debug!("virtio-gpu: command {:#x} refused: {why}", hdr.kind);
-                (code, Vec::new())
-            }
-        };
-        // The cursor queue's requests usually have no room for a response: none is owed.
-        if queue == CURSOR_QUEUE && !chain.descriptors.iter().any(|d| d.writable) {
-            return Completion::Done(0);
         }
-        let mut resp = hdr.response(kind);
-        resp.extend_from_slice(&body);
-        match write_response(chain, memory, &resp) {
-            Ok(n) => Completion::Done(n),
-            Err(e) => Completion::Failed(e),
-        }
+        serve(&self.shared, queue, chain, memory)
     }
 
     fn reset(&mut self) {
         let mut core = self.shared.core();
         core.reset();
-        if let Some(mut link) = self.shared.link() {
+        let threaded = self
+            .shared
+            .worker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if threaded {
+            // Not here: a vCPU may be the caller, and it does no socket I/O.
+            self.shared.reset_pending.store(true, Ordering::Relaxed);
+        } else if let Some(mut link) = self.shared.link() {
             if *link.state() == LinkState::Ready {
                 let _ = link.call(&mut core, &wire::Message::Reset);
             }
@@ -425,15 +503,24 @@ impl VirtioDevice for Gpu {
             }
             let weak = Arc::downgrade(&self.shared);
             let memory = context.memory.clone();
+            let completer = context.completer.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
             let started = std::thread::Builder::new()
                 .name("gpu-remote".into())
                 .stack_size(256 << 10)
                 .spawn(move || {
-                    ray_seccomp::enter(ray_seccomp::Kind::Display);
-                    watch(weak, memory)
+                    ray_seccomp::enter(ray_seccomp::Kind::DeviceIo);
+                    run_remote(weak, memory, completer, rx)
                 });
-            if let Err(e) = started {
-                tracing::error!("cannot start the remote GPU's link thread: {e}; it stays in error");
+            match started {
+                Ok(_) => {
+                    *self.shared.worker.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "cannot start the remote GPU's link thread: {e}; requests are served inline"
+                    );
+                }
             }
         }
         *self
