@@ -151,8 +151,18 @@ fn a_remote_gpu_shows_what_the_guest_drew_and_survives_its_back_end_dying_and_ly
     assert_eq!(g.reason, None);
     assert_eq!(g.displays.len(), 2);
     let size = (640, 480);
-    assert_shows_at(&screenshot(&env, &vm.id, 0, "a0.png"), Pattern::Checker, 7, size);
-    assert_shows_at(&screenshot(&env, &vm.id, 1, "a1.png"), Pattern::Gradient, 3, size);
+    assert_shows_at(
+        &screenshot(&env, &vm.id, 0, "a0.png"),
+        Pattern::Checker,
+        7,
+        size,
+    );
+    assert_shows_at(
+        &screenshot(&env, &vm.id, 1, "a1.png"),
+        Pattern::Gradient,
+        3,
+        size,
+    );
 
     // kill -9: the GPU goes to error with the reason; the VM runs on and the display
     // keeps its last picture.
@@ -163,9 +173,17 @@ fn a_remote_gpu_shows_what_the_guest_drew_and_survives_its_back_end_dying_and_ly
     assert!(why.contains("back end"), "{why}");
     let status = env.ray_ok(&["gpu", "status", &vm.id]);
     assert!(status.contains("error"), "{status}");
-    assert!(status.contains(&format!("unix:{}", socket.display())), "{status}");
+    assert!(
+        status.contains(&format!("unix:{}", socket.display())),
+        "{status}"
+    );
     assert_eq!(vm.state(), VmStateName::Running);
-    assert_shows_at(&screenshot(&env, &vm.id, 0, "b0.png"), Pattern::Checker, 7, size);
+    assert_shows_at(
+        &screenshot(&env, &vm.id, 0, "b0.png"),
+        Pattern::Checker,
+        7,
+        size,
+    );
     // The guest draws meanwhile: its commands are refused, its backing has the picture.
     let refused = vm.command("draw bars 0 0", "err draw");
     assert!(refused.contains("refused"), "{refused}");
@@ -191,8 +209,18 @@ fn a_remote_gpu_shows_what_the_guest_drew_and_survives_its_back_end_dying_and_ly
     let mut again = unix_backend(&socket);
     let g = wait_state(&vm, "ready");
     assert_eq!(g.reason, None);
-    assert_shows_at(&screenshot(&env, &vm.id, 0, "c0.png"), Pattern::Bars, 0, size);
-    assert_shows_at(&screenshot(&env, &vm.id, 1, "c1.png"), Pattern::Gradient, 3, size);
+    assert_shows_at(
+        &screenshot(&env, &vm.id, 0, "c0.png"),
+        Pattern::Bars,
+        0,
+        size,
+    );
+    assert_shows_at(
+        &screenshot(&env, &vm.id, 1, "c1.png"),
+        Pattern::Gradient,
+        3,
+        size,
+    );
     let (changed, requests, _) = draw_virtio(&mut vm, "fill", 0x123456, 1);
     assert_eq!((changed.as_str(), requests), ("640x480+0+0", 2));
     assert_shows_at(
@@ -229,7 +257,13 @@ fn a_remote_gpu_over_tcp_needs_the_token() {
         .to_string();
 
     // Without a token file, or on a Unix socket with one: refused before the VM starts.
-    let out = env.ray(&["vm", "run", "--detach", "--gpu", &format!("remote,tcp={addr}")]);
+    let out = env.ray(&[
+        "vm",
+        "run",
+        "--detach",
+        "--gpu",
+        &format!("remote,tcp={addr}"),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("needs token-file=FILE"), "{err}");
@@ -244,7 +278,10 @@ fn a_remote_gpu_over_tcp_needs_the_token() {
     vm.expect_line("ready", READY);
     draw_virtio(&mut vm, "checker", 5, 0);
     let g = gpu0(&vm);
-    assert_eq!((state(&g), g.backend), ("ready".into(), Some(format!("tcp:{addr}"))));
+    assert_eq!(
+        (state(&g), g.backend),
+        ("ready".into(), Some(format!("tcp:{addr}")))
+    );
     assert_shows_at(
         &screenshot(&env, &vm.id, 0, "t0.png"),
         Pattern::Checker,

@@ -218,7 +218,9 @@ impl GpuConfig {
         if let Some(path) = b.strip_prefix("unix:") {
             let p = std::path::PathBuf::from(path);
             if !p.is_absolute() {
-                return Err(format!("the back end's socket {path} is not an absolute path"));
+                return Err(format!(
+                    "the back end's socket {path} is not an absolute path"
+                ));
             }
             if self.token_file.is_some() {
                 return Err("a back end on a Unix socket takes no token-file (the socket is private to its user)".into());
@@ -235,15 +237,15 @@ impl GpuConfig {
             match &self.token_file {
                 Some(f) if std::path::Path::new(f).is_absolute() => {}
                 Some(f) => return Err(format!("the token file {f} is not an absolute path")),
-                None => {
-                    return Err(format!(
-                        "a back end on TCP ({a}) needs token-file=FILE: TCP back ends ask for a token"
-                    ))
-                }
+                None => return Err(format!(
+                    "a back end on TCP ({a}) needs token-file=FILE: TCP back ends ask for a token"
+                )),
             }
             return Ok(RemoteBackend::Tcp(a));
         }
-        Err(format!("the back end '{b}' is neither unix:PATH nor tcp:ADDR"))
+        Err(format!(
+            "the back end '{b}' is neither unix:PATH nor tcp:ADDR"
+        ))
     }
 
     /// Bytes of one display's pixels (4 bytes a pixel, no padding between lines).
@@ -417,9 +419,15 @@ mod tests {
                 "GPU type passthrough is not implemented in this build",
             ),
             ("remote", "a remote GPU needs its back end"),
-            ("remote,socket=/r/g.sock,token-file=/t", "takes no token-file"),
+            (
+                "remote,socket=/r/g.sock,token-file=/t",
+                "takes no token-file",
+            ),
             ("remote,tcp=127.0.0.1:7000", "needs token-file=FILE"),
-            ("remote,tcp=localhost:7000,token-file=/t", "'localhost:7000' is not IP:PORT"),
+            (
+                "remote,tcp=localhost:7000,token-file=/t",
+                "'localhost:7000' is not IP:PORT",
+            ),
             ("virtio,socket=/r/g.sock", "a paravirt GPU has no back end"),
             ("vga", "unknown GPU type 'vga'"),
             ("emulated,width=641", "width 641 is not a multiple of 8"),

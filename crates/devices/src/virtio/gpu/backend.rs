@@ -48,7 +48,9 @@ pub fn serve(config: BackendConfig) -> Result<(), String> {
         return Err("the back end needs --socket PATH, --listen ADDR or both".into());
     }
     if config.listen.is_some() && config.token.is_none() {
-        return Err("--listen needs --token-file: a TCP back end asks every VMM for a token".into());
+        return Err(
+            "--listen needs --token-file: a TCP back end asks every VMM for a token".into(),
+        );
     }
     let mut threads = Vec::new();
     if let Some(path) = &config.socket {
@@ -171,9 +173,7 @@ pub fn serve_conn(
     loop {
         let m = match wire::recv(s) {
             Ok(m) => m,
-            Err(RecvError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Ok(())
-            }
+            Err(RecvError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e.to_string()),
         };
         let result = apply(&mut core, m)?;

@@ -629,11 +629,17 @@ impl Core {
         let starts = res.backing_starts();
         let mut out = vec![0; line * rect.height as usize];
         for (row, dst) in out.chunks_exact_mut(line.max(1)).enumerate() {
-            Resource::read_backing(&res.backing, &starts, mem, offset + row as u64 * stride, dst)
-                .map_err(|why| Refusal {
-                    code: RESP_ERR_UNSPEC,
-                    why: format!("resource {id}: {why}"),
-                })?;
+            Resource::read_backing(
+                &res.backing,
+                &starts,
+                mem,
+                offset + row as u64 * stride,
+                dst,
+            )
+            .map_err(|why| Refusal {
+                code: RESP_ERR_UNSPEC,
+                why: format!("resource {id}: {why}"),
+            })?;
         }
         Ok(out)
     }

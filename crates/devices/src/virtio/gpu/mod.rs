@@ -365,51 +365,47 @@ fn serve(
     chain: &Chain,
     memory: &(dyn GuestMemory + Send + Sync),
 ) -> Completion {
-        let req = match read_request(chain, memory) {
-            Ok(r) => r,
-            Err(e) => return Completion::Failed(e),
-        };
-        let Some(hdr) = Header::parse(&req) else {
-            return Completion::Failed(format!(
-                "request {} has {} readable bytes, less than a command header",
-                chain.head,
-                req.len()
-            ));
-        };
-        let result = {
-            let mut core = shared.core();
-            match (shared.link(), queue == CURSOR_QUEUE) {
-                (None, true) => core
-                    .cursor_command(&hdr, &req)
-                    .map(|()| (RESP_OK_NODATA, Vec::new())),
-                (None, false) => core.command(&hdr, &req, memory),
-                (Some(mut link), true) => {
-                    remote::cursor_command(&mut core, &mut link, &hdr, &req)
-                        .map(|()| (RESP_OK_NODATA, Vec::new()))
-                }
-                (Some(mut link), false) => {
-                    remote::command(&mut core, &mut link, &hdr, &req, memory)
-                }
-            }
-        };
-        let (kind, body) = match result {
-            Ok(r) => r,
-            Err(Refusal { code, why }) => {
-                tracing::debug!("virtio-gpu: command {:#x} refused: {why}", hdr.kind);
-                (code, Vec::new())
-            }
-        };
-        // The cursor queue's requests usually have no room for a response: none is owed.
-        if queue == CURSOR_QUEUE && !chain.descriptors.iter().any(|d| d.writable) {
-            return Completion::Done(0);
+    let req = match read_request(chain, memory) {
+        Ok(r) => r,
+        Err(e) => return Completion::Failed(e),
+    };
+    let Some(hdr) = Header::parse(&req) else {
+        return Completion::Failed(format!(
+            "request {} has {} readable bytes, less than a command header",
+            chain.head,
+            req.len()
+        ));
+    };
+    let result = {
+        let mut core = shared.core();
+        match (shared.link(), queue == CURSOR_QUEUE) {
+            (None, true) => core
+                .cursor_command(&hdr, &req)
+                .map(|()| (RESP_OK_NODATA, Vec::new())),
+            (None, false) => core.command(&hdr, &req, memory),
+            (Some(mut link), true) => remote::cursor_command(&mut core, &mut link, &hdr, &req)
+                .map(|()| (RESP_OK_NODATA, Vec::new())),
+            (Some(mut link), false) => remote::command(&mut core, &mut link, &hdr, &req, memory),
         }
-        let mut resp = hdr.response(kind);
-        resp.extend_from_slice(&body);
-        match write_response(chain, memory, &resp) {
-            Ok(n) => Completion::Done(n),
-            Err(e) => Completion::Failed(e),
+    };
+    let (kind, body) = match result {
+        Ok(r) => r,
+        Err(Refusal { code, why }) => {
+            tracing::debug!("virtio-gpu: command {:#x} refused: {why}", hdr.kind);
+            (code, Vec::new())
         }
+    };
+    // The cursor queue's requests usually have no room for a response: none is owed.
+    if queue == CURSOR_QUEUE && !chain.descriptors.iter().any(|d| d.writable) {
+        return Completion::Done(0);
     }
+    let mut resp = hdr.response(kind);
+    resp.extend_from_slice(&body);
+    match write_response(chain, memory, &resp) {
+        Ok(n) => Completion::Done(n),
+        Err(e) => Completion::Failed(e),
+    }
+}
 
 pub const CONTROL_QUEUE: usize = 0;
 pub const CURSOR_QUEUE: usize = 1;

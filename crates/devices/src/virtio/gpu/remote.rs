@@ -38,7 +38,10 @@ pub const PING_EVERY: Duration = Duration::from_millis(250);
 pub enum Endpoint {
     Unix(PathBuf),
     /// A TCP back end and the token it asks for.
-    Tcp { addr: SocketAddr, token: Vec<u8> },
+    Tcp {
+        addr: SocketAddr,
+        token: Vec<u8>,
+    },
 }
 
 impl std::fmt::Display for Endpoint {
@@ -259,9 +262,7 @@ impl Link {
                 return Err(self.broken(format!("the back end refused this VMM: {why}")))
             }
             Ok(other) => {
-                return Err(self.broken(format!(
-                    "the back end answered the Hello with {other:?}"
-                )))
+                return Err(self.broken(format!("the back end answered the Hello with {other:?}")))
             }
             Err(e) => return Err(self.broken(format!("the back end's welcome: {e}"))),
         }
@@ -292,7 +293,15 @@ impl Link {
         let resources: Vec<_> = core
             .resources
             .iter()
-            .map(|(&id, r)| (id, r.format as u32, r.width, r.height, !r.backing.is_empty()))
+            .map(|(&id, r)| {
+                (
+                    id,
+                    r.format as u32,
+                    r.width,
+                    r.height,
+                    !r.backing.is_empty(),
+                )
+            })
             .collect();
         for (id, format, width, height, backed) in resources {
             step(
@@ -373,7 +382,9 @@ pub fn bands(id: u32, rect: Rect, pixels: Vec<u8>) -> Vec<Message> {
 fn apply_damage(core: &mut Core, scanout: u32, rect: Rect, pixels: &[u8]) -> Result<(), String> {
     let n = core.scanouts.len();
     let Some(s) = core.scanouts.get_mut(scanout as usize) else {
-        return Err(format!("scanout {scanout} does not exist (this GPU has {n})"));
+        return Err(format!(
+            "scanout {scanout} does not exist (this GPU has {n})"
+        ));
     };
     if !rect.inside(s.width, s.height) {
         return Err(format!(

@@ -672,7 +672,10 @@ fn a_remote_gpu_shows_what_a_local_one_does_and_survives_its_back_end() {
         // Refused alike: the ledger checks as the local GPU does.
         assert_eq!(r.flush(9, [0, 0, 1, 1]), RESP_ERR_INVALID_RESOURCE_ID);
         assert_eq!(r.transfer(1, [0, 0, 17, 1], 0), RESP_ERR_INVALID_PARAMETER);
-        assert_eq!(r.create(1, Format::B8G8R8X8, 4, 4), RESP_ERR_INVALID_RESOURCE_ID);
+        assert_eq!(
+            r.create(1, Format::B8G8R8X8, 4, 4),
+            RESP_ERR_INVALID_RESOURCE_ID
+        );
     }
     assert_eq!(remote.frame(0), local.frame(0));
     let shown = remote.frame(0);
@@ -717,18 +720,66 @@ fn a_back_end_sending_garbage_loses_its_connection_only() {
         let mut hello = vec![0; u32::from_le_bytes(len) as usize];
         s.read_exact(&mut hello).unwrap();
         // A damage frame that claims far more pixels than it has.
-        s.write_all(&[9, 0, 0, 0, 65, 0, 0, 0, 0, 1, 2, 3, 4]).unwrap();
+        s.write_all(&[9, 0, 0, 0, 65, 0, 0, 0, 0, 1, 2, 3, 4])
+            .unwrap();
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest);
     });
     let remote = remote_rig(&[(16, 8)], &path);
     assert!(!remote.reconnect());
     let why = remote.displays.remote().unwrap().error.unwrap();
-    assert!(why.contains("answered the Hello") || why.contains("broke the protocol"), "{why}");
+    assert!(
+        why.contains("answered the Hello") || why.contains("broke the protocol"),
+        "{why}"
+    );
     fake.join().unwrap();
     let _ = std::fs::remove_file(&path);
     let backend = Backend::start(&path);
     assert!(remote.reconnect());
     backend.kill();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_remote_fuzz_seed_is_a_session_a_back_end_serves() {
+    // Hello, create, transfer, set scanout, flush, cursor, ping, and an unref of a
+    // resource that does not exist.
+    let seed = include_bytes!("../../../../../fuzz/seeds/gpu_remote_wire/session");
+    let mut peer = std::io::Cursor::new(seed.to_vec());
+    let mut out = Vec::new();
+    struct Both<'a>(&'a mut std::io::Cursor<Vec<u8>>, &'a mut Vec<u8>);
+    impl std::io::Read for Both<'_> {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(b)
+        }
+    }
+    impl std::io::Write for Both<'_> {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.1.write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    backend::serve_conn(
+        &mut Both(&mut peer, &mut out),
+        Some(b"fuzz-token-0123456789"),
+        Limits::default(),
+    )
+    .unwrap();
+    let mut answers = Vec::new();
+    let mut damage = 0;
+    let mut at = &out[..];
+    while !at.is_empty() {
+        match wire::recv(&mut at).unwrap() {
+            wire::Message::Welcome { version } => assert_eq!(version, wire::VERSION),
+            wire::Message::Damage { .. } => damage += 1,
+            wire::Message::Answer { code, .. } => answers.push(code),
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut want = vec![RESP_OK_NODATA; 6];
+    want.push(RESP_ERR_INVALID_RESOURCE_ID);
+    assert_eq!(answers, want);
+    assert_eq!(damage, 2, "the scanout set, then the flushed corner");
 }

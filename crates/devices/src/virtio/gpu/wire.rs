@@ -512,7 +512,10 @@ mod tests {
         for m in every_kind() {
             let bytes = m.encode();
             for cut in 1..bytes.len() {
-                assert!(Message::decode(&bytes[..cut]).is_err(), "{m:?} cut at {cut}");
+                assert!(
+                    Message::decode(&bytes[..cut]).is_err(),
+                    "{m:?} cut at {cut}"
+                );
             }
             let mut long = bytes.clone();
             long.push(0);
