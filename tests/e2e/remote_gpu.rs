@@ -3,7 +3,8 @@
 //! token. What the guest drew is what the screenshots show; the back end killed with
 //! SIGKILL puts the GPU in error (the VM runs on, the display keeps its picture); a fake
 //! back end sending garbage loses its connection; a new back end gets the VMM's replay and
-//! the display is right again, also for what the guest drew while it was gone.
+//! the display is right again, also for what the guest drew while it was gone, and after
+//! a snapshot's restore.
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -225,6 +226,24 @@ fn a_remote_gpu_shows_what_the_guest_drew_and_survives_its_back_end_dying_and_ly
     assert_eq!((changed.as_str(), requests), ("640x480+0+0", 2));
     assert_shows_at(
         &screenshot(&env, &vm.id, 1, "d1.png"),
+        Pattern::Fill,
+        0x123456,
+        size,
+    );
+
+    // A snapshot holds the ledger: the restored VM's GPU replays it to the back end and
+    // shows the same pictures.
+    let back = env.snapshot_and_restore(&vm, "snap", "restored");
+    let g = wait_state(&back, "ready");
+    assert_eq!(g.reason, None);
+    assert_shows_at(
+        &screenshot(&env, "restored", 0, "r0.png"),
+        Pattern::Bars,
+        0,
+        size,
+    );
+    assert_shows_at(
+        &screenshot(&env, "restored", 1, "r1.png"),
         Pattern::Fill,
         0x123456,
         size,

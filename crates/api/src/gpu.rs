@@ -237,9 +237,11 @@ impl GpuConfig {
             match &self.token_file {
                 Some(f) if std::path::Path::new(f).is_absolute() => {}
                 Some(f) => return Err(format!("the token file {f} is not an absolute path")),
-                None => return Err(format!(
+                None => {
+                    return Err(format!(
                     "a back end on TCP ({a}) needs token-file=FILE: TCP back ends ask for a token"
-                )),
+                ))
+                }
             }
             return Ok(RemoteBackend::Tcp(a));
         }
