@@ -345,8 +345,16 @@ fn gpu_requests_are_checked_before_the_vm_starts() {
     let env = Env::new("disp-args");
     for (args, msg) in [
         (
-            &["--gpu", "remote"][..],
-            "GPU type remote is not implemented in this build",
+            &["--gpu", "passthrough"][..],
+            "GPU type passthrough is not implemented in this build",
+        ),
+        (&["--gpu", "remote"], "a remote GPU needs its back end"),
+        (
+            &[
+                "--gpu",
+                "remote,tcp=127.0.0.1:9,token-file=/nonexistent/token",
+            ],
+            "cannot read the token file /nonexistent/token",
         ),
         (
             &["--gpu", "emulated,displays=5"],

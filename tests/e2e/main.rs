@@ -21,6 +21,7 @@ mod numa;
 mod numa_attribution;
 mod operator;
 mod passthrough;
+mod remote_gpu;
 mod robustness;
 mod security;
 mod shell;

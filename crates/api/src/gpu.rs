@@ -3,10 +3,11 @@
 //! with the same words, before a VM starts.
 //!
 //! `--gpu emulated|virtio[,width=W][,height=H][,displays=N]`; `--gpu none` means no GPU;
-//! `virtio` is the paravirt type (virtio-gpu 2D; `paravirt` is accepted too);
+//! `virtio` is the paravirt type (virtio-gpu 2D; `paravirt` is accepted too).
+//! `--gpu remote,socket=PATH|tcp=ADDR,token-file=F[,width=W]...` is the same virtio-gpu to
+//! the guest with its 2D work done by a back end process (`ray gpu backend`);
 //! `--gpu passthrough,vfio-user=SOCKET` (a device served by another process) or
-//! `--gpu passthrough,host=BDF` (a host PCI device through VFIO). The remaining type of
-//! the GPU model (remote) is named so that a request for it is refused clearly.
+//! `--gpu passthrough,host=BDF` (a host PCI device through VFIO).
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -38,7 +39,7 @@ pub enum GpuType {
     /// A PCI GPU passed through: a host device over VFIO, or a device process over
     /// vfio-user.
     Passthrough,
-    /// A GPU back end in another process or host (not built yet).
+    /// virtio-gpu 2D whose 2D work a back end in another process or host does.
     Remote,
 }
 
@@ -67,6 +68,13 @@ impl GpuType {
     }
 }
 
+impl GpuType {
+    /// Whether the guest sees a virtio-gpu device (paravirt and remote GPUs).
+    pub fn is_virtio(self) -> bool {
+        matches!(self, GpuType::Paravirt | GpuType::Remote)
+    }
+}
+
 impl std::fmt::Display for GpuType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -92,6 +100,12 @@ pub struct GpuConfig {
     /// displays of ours: width, height and displays are 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passthrough: Option<PassthroughSource>,
+    /// A remote GPU's back end: `unix:PATH` (an absolute path) or `tcp:ADDR`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// A TCP back end's token: the file that holds it (an absolute path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
 }
 
 /// The device behind a passthrough GPU.
@@ -132,10 +146,19 @@ impl GpuConfig {
             height: 0,
             displays: 0,
             passthrough: Some(source),
+            backend: None,
+            token_file: None,
         };
         c.validate().map_err(|e| format!("--gpu '{arg}': {e}"))?;
         Ok(c)
     }
+}
+
+/// Where a remote GPU's back end is, from [`GpuConfig::backend`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RemoteBackend {
+    Unix(std::path::PathBuf),
+    Tcp(std::net::SocketAddr),
 }
 
 impl GpuConfig {
@@ -157,6 +180,19 @@ impl GpuConfig {
             height: DEFAULT_HEIGHT,
             displays: 1,
             passthrough: None,
+            backend: None,
+            token_file: None,
+        };
+        // Paths as the CLI's user means them: from the current directory.
+        let absolute = |v: &str| {
+            let p = std::path::Path::new(v);
+            if p.is_absolute() {
+                v.to_string()
+            } else {
+                std::env::current_dir()
+                    .map(|d| d.join(p).display().to_string())
+                    .unwrap_or_else(|_| v.to_string())
+            }
         };
         for kv in parts {
             let Some((k, v)) = kv.split_once('=') else {
@@ -172,9 +208,13 @@ impl GpuConfig {
                 "displays" => {
                     c.displays = u8::try_from(number(v)?).unwrap_or(u8::MAX);
                 }
+                "socket" if !v.is_empty() => c.backend = Some(format!("unix:{}", absolute(v))),
+                "tcp" => c.backend = Some(format!("tcp:{v}")),
+                "token-file" if !v.is_empty() => c.token_file = Some(absolute(v)),
                 _ => {
                     return Err(format!(
-                        "--gpu '{arg}': unknown key '{k}' (known: width, height, displays)"
+                        "--gpu '{arg}': unknown key '{k}' (known: width, height, displays; \
+                         for remote: socket, tcp, token-file)"
                     ))
                 }
             }
@@ -196,13 +236,23 @@ impl GpuConfig {
             return self.validate_passthrough();
         }
         match self.kind {
-            GpuType::Emulated | GpuType::Paravirt => {}
+            GpuType::Emulated | GpuType::Paravirt => {
+                if self.backend.is_some() || self.token_file.is_some() {
+                    return Err(format!(
+                        "a {} GPU has no back end: socket, tcp and token-file are for remote GPUs",
+                        self.kind
+                    ));
+                }
+            }
+            GpuType::Remote => {
+                self.remote_backend()?;
+            }
             GpuType::None => {
                 return Err("a GPU of type none is no GPU: leave it out of the list".into())
             }
             other => {
                 return Err(format!(
-                "GPU type {other} is not implemented in this build (available: emulated, virtio)"
+                "GPU type {other} is not implemented in this build (available: emulated, virtio, remote, passthrough)"
             ))
             }
         }
@@ -239,6 +289,49 @@ impl GpuConfig {
             }
             Some(_) => Ok(()),
         }
+    }
+
+    /// A remote GPU's back end, checked: a Unix socket's absolute path (no token), or a
+    /// TCP address with a token file.
+    pub fn remote_backend(&self) -> Result<RemoteBackend, String> {
+        let Some(b) = &self.backend else {
+            return Err(
+                "a remote GPU needs its back end: socket=PATH or tcp=ADDR,token-file=FILE".into(),
+            );
+        };
+        if let Some(path) = b.strip_prefix("unix:") {
+            let p = std::path::PathBuf::from(path);
+            if !p.is_absolute() {
+                return Err(format!(
+                    "the back end's socket {path} is not an absolute path"
+                ));
+            }
+            if self.token_file.is_some() {
+                return Err("a back end on a Unix socket takes no token-file (the socket is private to its user)".into());
+            }
+            return Ok(RemoteBackend::Unix(p));
+        }
+        if let Some(addr) = b.strip_prefix("tcp:") {
+            let a: std::net::SocketAddr = addr
+                .parse()
+                .map_err(|_| format!("the back end's address '{addr}' is not IP:PORT"))?;
+            if a.port() == 0 {
+                return Err(format!("the back end's address {a} has no port"));
+            }
+            match &self.token_file {
+                Some(f) if std::path::Path::new(f).is_absolute() => {}
+                Some(f) => return Err(format!("the token file {f} is not an absolute path")),
+                None => {
+                    return Err(format!(
+                    "a back end on TCP ({a}) needs token-file=FILE: TCP back ends ask for a token"
+                ))
+                }
+            }
+            return Ok(RemoteBackend::Tcp(a));
+        }
+        Err(format!(
+            "the back end '{b}' is neither unix:PATH nor tcp:ADDR"
+        ))
     }
 
     /// Bytes of one display's pixels (4 bytes a pixel, no padding between lines).
@@ -333,9 +426,13 @@ pub struct GpuInfo {
     /// while the VM has one built.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
-    /// Why the GPU is in the Error state, where known.
+    /// Why the GPU is in the Error state, where known (a passthrough device that stopped
+    /// answering, a remote GPU's back end that is gone or broke the protocol).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A remote GPU's back end (`unix:PATH` or `tcp:ADDR`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
 }
 
 /// `GET /vm/gpus`.
@@ -390,6 +487,23 @@ mod tests {
             GpuConfig::parse("paravirt").unwrap().unwrap().kind,
             GpuType::Paravirt
         );
+        let r = GpuConfig::parse("remote,socket=/run/g.sock,displays=2")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            r.remote_backend().unwrap(),
+            RemoteBackend::Unix("/run/g.sock".into())
+        );
+        let t = GpuConfig::parse("remote,tcp=127.0.0.1:7000,token-file=/etc/t")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (t.remote_backend().unwrap(), t.token_file.as_deref()),
+            (
+                RemoteBackend::Tcp("127.0.0.1:7000".parse().unwrap()),
+                Some("/etc/t")
+            )
+        );
         for (arg, msg) in [
             (
                 "passthrough",
@@ -407,7 +521,17 @@ mod tests {
                 "passthrough,vfio-user=",
                 "vfio-user: the socket path is empty",
             ),
-            ("remote", "GPU type remote is not implemented in this build"),
+            ("remote", "a remote GPU needs its back end"),
+            (
+                "remote,socket=/r/g.sock,token-file=/t",
+                "takes no token-file",
+            ),
+            ("remote,tcp=127.0.0.1:7000", "needs token-file=FILE"),
+            (
+                "remote,tcp=localhost:7000,token-file=/t",
+                "'localhost:7000' is not IP:PORT",
+            ),
+            ("virtio,socket=/r/g.sock", "a paravirt GPU has no back end"),
             ("vga", "unknown GPU type 'vga'"),
             ("emulated,width=641", "width 641 is not a multiple of 8"),
             (
@@ -494,11 +618,11 @@ mod tests {
             "9 GPUs asked for; a VM has at most 8"
         );
         let bad = GpuConfig {
-            kind: GpuType::Remote,
+            kind: GpuType::Passthrough,
             ..one
         };
         assert!(check_gpus(&[bad])
             .unwrap_err()
-            .starts_with("GPU 0: GPU type remote"));
+            .starts_with("GPU 0: GPU type passthrough"));
     }
 }

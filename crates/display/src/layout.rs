@@ -154,6 +154,8 @@ mod tests {
             height: h,
             displays: n,
             passthrough: None,
+            backend: None,
+            token_file: None,
         }
     }
 

@@ -7,6 +7,7 @@
 //!     +--------power_off (from any but Offline)          +--suspend--> Suspended <--+
 //!                                                        Ready <--resume-- Suspended
 //!  any state --fail--> Error --reset--> Offline
+//!                      Error --recover--> Ready   (a remote GPU's back end is back)
 //! ```
 //!
 //! The state follows the VM: its GPUs are Suspended while it is paused (also for a
@@ -26,12 +27,14 @@ pub enum GpuEvent {
     Suspend,
     Resume,
     Fail,
+    /// A remote GPU's back end is back (reconnected and replayed).
+    Recover,
     Reset,
     PowerOff,
 }
 
 impl GpuEvent {
-    pub const ALL: [GpuEvent; 9] = [
+    pub const ALL: [GpuEvent; 10] = [
         GpuEvent::PowerOn,
         GpuEvent::Initialized,
         GpuEvent::ViewerConnected,
@@ -39,6 +42,7 @@ impl GpuEvent {
         GpuEvent::Suspend,
         GpuEvent::Resume,
         GpuEvent::Fail,
+        GpuEvent::Recover,
         GpuEvent::Reset,
         GpuEvent::PowerOff,
     ];
@@ -68,6 +72,7 @@ pub fn next_state(state: GpuState, event: GpuEvent) -> Option<GpuState> {
             Some(S::Error)
         }
         (S::Error, E::Reset) => Some(S::Offline),
+        (S::Error, E::Recover) => Some(S::Ready),
         (S::Initializing | S::Ready | S::InUse | S::Suspended | S::Error, E::PowerOff) => {
             Some(S::Offline)
         }
@@ -78,6 +83,7 @@ pub fn next_state(state: GpuState, event: GpuEvent) -> Option<GpuState> {
         | (S::Offline | S::Initializing | S::Error, E::Suspend)
         | (S::Offline | S::Initializing | S::Ready | S::InUse | S::Error, E::Resume)
         | (S::Offline | S::Initializing | S::Ready | S::InUse | S::Suspended, E::Reset)
+        | (S::Offline | S::Initializing | S::Ready | S::InUse | S::Suspended, E::Recover)
         | (S::Offline, E::PowerOff) => None,
     }
 }
@@ -166,6 +172,7 @@ mod tests {
             (S::Suspended, E::Suspend, S::Suspended),
             (S::Suspended, E::Resume, S::Ready),
             (S::Error, E::Reset, S::Offline),
+            (S::Error, E::Recover, S::Ready),
         ];
         for s in STATES {
             for e in GpuEvent::ALL {
@@ -192,6 +199,8 @@ mod tests {
             height: 480,
             displays: 1,
             passthrough: None,
+            backend: None,
+            token_file: None,
         };
         let mut m = GpuModel::new(&[c]).unwrap();
         let e = m.apply(0, GpuEvent::Resume).unwrap_err();
@@ -217,6 +226,8 @@ mod tests {
             height: 480,
             displays: 1,
             passthrough: None,
+            backend: None,
+            token_file: None,
         };
         assert!(GpuModel::new(&vec![c; 9])
             .unwrap_err()

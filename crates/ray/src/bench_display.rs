@@ -263,6 +263,8 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 height: H.into(),
                 displays: 1,
                 passthrough: None,
+                backend: None,
+                token_file: None,
             }],
             ..Default::default()
         },

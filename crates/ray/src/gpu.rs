@@ -1,6 +1,6 @@
 //! `ray gpu status|list|displays|screenshot|resize|type|encode ID`: a VM's GPUs, displays
 //! and encode sessions through its API; `ray gpu decode` turns an H.264 stream back into
-//! pictures, here.
+//! pictures, and `ray gpu backend` serves remote GPUs' 2D work, here.
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -33,6 +33,23 @@ pub enum GpuCommand {
     Encode(EncodeCommand),
     /// Decode an H.264 (Annex-B) file into PNG pictures.
     Decode(DecodeArgs),
+    /// Serve remote GPUs (`--gpu remote,...`): their resources, transfers, scanouts and
+    /// cursor, with frames sent back to each VMM. Runs until stopped.
+    Backend(BackendArgs),
+}
+
+#[derive(Args)]
+pub struct BackendArgs {
+    /// A Unix socket to listen on (made 0600; no token asked).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// A TCP address to listen on (IP:PORT, port 0: a free one, printed); needs
+    /// --token-file. Only the address given: 127.0.0.1 keeps it on this host.
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// The file holding the token every VMM on TCP must present (16 to 256 bytes).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -256,7 +273,27 @@ pub fn run(cmd: GpuCommand, runtime: &Path) -> anyhow::Result<()> {
         GpuCommand::Encode(EncodeCommand::Stop(a)) => encode_stop(runtime, &a),
         GpuCommand::Encode(EncodeCommand::List(a)) => encode_list(runtime, &a),
         GpuCommand::Decode(a) => decode(&a),
+        GpuCommand::Backend(a) => backend(&a),
     }
+}
+
+fn backend(a: &BackendArgs) -> anyhow::Result<()> {
+    use ray_devices::virtio::gpu::backend::{read_token, serve, BackendConfig};
+    let token = match (&a.listen, &a.token_file) {
+        (Some(_), Some(f)) => Some(read_token(f).map_err(anyhow::Error::msg)?),
+        (Some(addr), None) => anyhow::bail!(
+            "--listen {addr} needs --token-file: a TCP back end asks every VMM for a token"
+        ),
+        (None, Some(_)) => anyhow::bail!("--token-file is for --listen (TCP) only"),
+        (None, None) => None,
+    };
+    serve(BackendConfig {
+        socket: a.socket.clone(),
+        listen: a.listen,
+        token,
+        limits: Default::default(),
+    })
+    .map_err(anyhow::Error::msg)
 }
 
 enum View {
@@ -334,6 +371,14 @@ fn show(runtime: &Path, a: &IdArgs, view: View) -> anyhow::Result<()> {
             }
             for (i, a) in list.vnc_tcp.iter().enumerate() {
                 println!("VNC display {i}: {a} (TCP, VNC authentication)");
+            }
+            for g in &list.gpus {
+                if let Some(b) = &g.backend {
+                    match &g.error {
+                        Some(why) => println!("GPU {} back end {b}: error: {why}", g.index),
+                        None => println!("GPU {} back end {b}: connected", g.index),
+                    }
+                }
             }
             let sessions: EncodeList = client(runtime, &a.id)?.call("GET", "/vm/encode", None)?;
             if !sessions.sessions.is_empty() {

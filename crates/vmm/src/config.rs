@@ -255,6 +255,7 @@ pub fn validate_shape(config: &VmConfig, host_mem: u64) -> Result<(), ConfigErro
         });
     }
     crate::boot::vram(&config.devices.gpus, mem).map_err(|e| ConfigError::Gpus(e.to_string()))?;
+    crate::display::check_remote_gpus(&config.devices.gpus).map_err(ConfigError::Gpus)?;
     Ok(())
 }
 

@@ -12,9 +12,10 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
-use ray_api::gpu::{DisplayInfo, GpuConfig, GpuInfo, GpuList, GpuType};
+use ray_api::gpu::{DisplayInfo, GpuConfig, GpuInfo, GpuList, GpuType, RemoteBackend};
 use ray_api::vmm::{VmConfig, VmStateName as VmState};
-use ray_devices::virtio::gpu::GpuDisplays;
+use ray_devices::virtio::gpu::remote::Endpoint;
+use ray_devices::virtio::gpu::{GpuDisplays, RemoteStatus};
 use ray_devices::virtio::input::{InputHandle, Kind as InputKind};
 use ray_display::auth::Password;
 use ray_display::encode::{
@@ -31,6 +32,30 @@ use crate::memory::MemoryManager;
 
 /// A virtio GPU of the machine: its index in the VM's GPU list and its scanouts.
 pub type VirtioGpu = (usize, GpuDisplays);
+
+/// A remote GPU's back end as the device dials it: a TCP one's token is read from its
+/// file now (checked before the VM starts too: [`check_remote_gpus`]).
+pub fn remote_endpoint(g: &GpuConfig) -> Result<Endpoint, String> {
+    Ok(match g.remote_backend()? {
+        RemoteBackend::Unix(path) => Endpoint::Unix(path),
+        RemoteBackend::Tcp(addr) => {
+            let file = g.token_file.as_deref().unwrap_or_default();
+            let token = ray_devices::virtio::gpu::backend::read_token(std::path::Path::new(file))?;
+            Endpoint::Tcp { addr, token }
+        }
+    })
+}
+
+/// Checks every remote GPU's back end setting (and reads TCP tokens) before the VM
+/// starts. The back end itself need not be up: the GPU is in error until it is.
+pub fn check_remote_gpus(gpus: &[GpuConfig]) -> Result<(), String> {
+    for (i, g) in gpus.iter().enumerate() {
+        if g.kind == GpuType::Remote {
+            remote_endpoint(g).map_err(|e| format!("GPU {i}: {e}"))?;
+        }
+    }
+    Ok(())
+}
 
 /// The framebuffers of a running machine: emulated ones read straight from guest RAM,
 /// virtio scanouts from their GPU.
@@ -192,7 +217,7 @@ impl Inner {
             .configs
             .iter()
             .enumerate()
-            .filter(|(_, c)| c.kind == GpuType::Paravirt);
+            .filter(|(_, c)| c.kind.is_virtio());
         all.extend(virtio_displays(
             all.len(),
             virtio.map(|(i, c)| (i, vec![(c.width, c.height); usize::from(c.displays)])),
@@ -421,6 +446,7 @@ impl DisplayHub {
                 let _ = model.apply(i, GpuEvent::Fail);
             }
         }
+        let remote = Self::follow_remote(&inner, &mut model);
         let viewers = inner.vnc.as_ref().map_or(0, |v| v.viewers());
         let displays = inner.displays();
         GpuList {
@@ -441,7 +467,7 @@ impl DisplayHub {
                             width: d.width,
                             height: d.height,
                             framebuffer_gpa: d.gpa,
-                            format: if g.config.kind == GpuType::Paravirt {
+                            format: if g.config.kind.is_virtio() {
                                 "virtio-gpu scanout (xrgb8888)".into()
                             } else {
                                 "xrgb8888".into()
@@ -450,7 +476,20 @@ impl DisplayHub {
                         .collect(),
                     viewers,
                     device: passthrough[i].as_ref().map(|p| p.0.clone()),
-                    error: passthrough[i].as_ref().and_then(|p| p.1.clone()),
+                    error: passthrough[i]
+                        .as_ref()
+                        .and_then(|p| p.1.clone())
+                        .or_else(|| {
+                            remote
+                                .iter()
+                                .find(|(gpu, _)| *gpu == i)
+                                .and_then(|(_, r)| r.error.clone())
+                        }),
+                    backend: remote
+                        .iter()
+                        .find(|(gpu, _)| *gpu == i)
+                        .map(|(_, r)| r.backend.clone())
+                        .or_else(|| g.config.backend.clone()),
                 })
                 .collect(),
             vnc_tcp: inner.vnc.as_ref().map_or(Vec::new(), |v| {
@@ -462,6 +501,43 @@ impl DisplayHub {
                     .to_string()
             }),
         }
+    }
+
+    /// Brings the remote GPUs' states in line with their links: a lost back end puts the
+    /// GPU in Error, its return (while the VM runs) makes it Ready again. Returns each
+    /// remote GPU's link.
+    fn follow_remote(inner: &Inner, model: &mut GpuModel) -> Vec<(usize, RemoteStatus)> {
+        let Some(frames) = &inner.frames else {
+            return Vec::new();
+        };
+        let running = matches!(
+            inner.state,
+            Some(VmState::Running | VmState::MigrationSource)
+        );
+        let mut out = Vec::new();
+        for (gpu, displays) in &frames.virtio {
+            let Some(status) = displays.remote() else {
+                continue;
+            };
+            let state = model.gpus().get(*gpu).map(|g| g.state);
+            let event = match (&status.error, state) {
+                (Some(_), Some(s)) if s != ray_api::gpu::GpuStateName::Error => {
+                    Some(GpuEvent::Fail)
+                }
+                (None, Some(ray_api::gpu::GpuStateName::Error)) if running => {
+                    Some(GpuEvent::Recover)
+                }
+                _ => None,
+            };
+            if let Some(e) = event {
+                match model.apply(*gpu, e) {
+                    Ok(s) => tracing::info!(gpu, state = ?s, reason = ?status.error, "remote GPU"),
+                    Err(e) => tracing::debug!("{e}"),
+                }
+            }
+            out.push((*gpu, status));
+        }
+        out
     }
 
     /// Display `index`'s pixels now (XRGB8888) and its geometry.

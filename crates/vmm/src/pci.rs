@@ -159,11 +159,15 @@ fn devices_and_gpus(
     for (i, id) in gpu_ids(config) {
         let g = &config.gpus[i];
         let modes = vec![(g.width, g.height); usize::from(g.displays)];
-        let (device, displays) =
-            Gpu::new(&modes, GpuLimits::default()).map_err(|why| PciError::Device {
-                id: id.clone(),
-                why,
-            })?;
+        let built = match g.kind {
+            GpuType::Remote => crate::display::remote_endpoint(g)
+                .and_then(|e| Gpu::new_remote(&modes, GpuLimits::default(), e)),
+            _ => Gpu::new(&modes, GpuLimits::default()),
+        };
+        let (device, displays) = built.map_err(|why| PciError::Device {
+            id: id.clone(),
+            why,
+        })?;
         gpus.push((i, displays));
         specs.push(DeviceSpec {
             device: Box::new(device),
@@ -191,7 +195,7 @@ fn gpu_ids(config: &DevicesConfig) -> impl Iterator<Item = (usize, String)> + '_
         .gpus
         .iter()
         .enumerate()
-        .filter(|(_, g)| g.kind == GpuType::Paravirt)
+        .filter(|(_, g)| g.kind.is_virtio())
         .map(|(i, _)| (i, format!("gpu{i}")))
 }
 

@@ -124,7 +124,7 @@ impl Scanout {
     /// Copies `area` (in resource coordinates, inside the resource) of `res` into the
     /// frame, where the scanout's rectangle puts it; what falls outside the mode is
     /// dropped.
-    fn show(&mut self, res: &Resource, area: Rect) {
+    fn show(&mut self, res: &Resource, area: Rect) -> Option<Rect> {
         let area = area.intersect(&self.rect);
         let (fx, fy) = (area.x - self.rect.x, area.y - self.rect.y);
         let visible = Rect {
@@ -140,7 +140,7 @@ impl Scanout {
             height: self.height,
         });
         if visible.is_empty() {
-            return;
+            return None;
         }
         let w = visible.width as usize * 4;
         for row in 0..visible.height as usize {
@@ -151,6 +151,7 @@ impl Scanout {
                 .to_xrgb(&res.pixels[src..src + w], &mut self.frame[dst..dst + w]);
         }
         self.flushes += 1;
+        Some(visible)
     }
 }
 
@@ -187,6 +188,13 @@ pub struct Core {
     pub cursor: Cursor,
     /// Config space: events the driver has not cleared yet.
     pub events_read: u32,
+    /// A ledger keeps no pixels: what resources, backings, scanouts and the cursor are,
+    /// checked as ever, while the pixels and frames live elsewhere (a remote GPU's back
+    /// end). Transfers, scanout changes and flushes are checked and recorded only.
+    pub ledger: bool,
+    /// While set, the frame areas that changed (scanout, rectangle in the frame), for a
+    /// back end to send.
+    pub damage: Option<Vec<(usize, Rect)>>,
 }
 
 impl Core {
@@ -198,16 +206,29 @@ impl Core {
             scanouts: modes.iter().map(|&(w, h)| Scanout::new(w, h)).collect(),
             cursor: Cursor::default(),
             events_read: 0,
+            ledger: false,
+            damage: None,
+        }
+    }
+
+    /// A ledger (see [`Core::ledger`]) for scanouts of `modes`.
+    pub fn new_ledger(modes: &[(u32, u32)], limits: Limits) -> Self {
+        Self {
+            ledger: true,
+            ..Self::new(modes, limits)
         }
     }
 
     /// Back to the state after power-on (device reset): no resources, scanouts dark.
     pub fn reset(&mut self) {
         let modes: Vec<_> = self.scanouts.iter().map(|s| (s.width, s.height)).collect();
+        let (ledger, damage) = (self.ledger, self.damage.take().map(|_| Vec::new()));
         *self = Self::new(&modes, self.limits);
+        self.ledger = ledger;
+        self.damage = damage;
     }
 
-    fn resource(&self, id: u32) -> Result<&Resource, Refusal> {
+    pub fn resource(&self, id: u32) -> Result<&Resource, Refusal> {
         Self::lookup(&self.resources, id)
     }
 
@@ -271,9 +292,7 @@ impl Core {
             CMD_RESOURCE_UNREF => {
                 let id = r.u32().ok_or_else(short)?;
                 self.resource(id)?;
-                if let Some(res) = self.resources.remove(&id) {
-                    self.host_bytes -= res.pixels.len() as u64;
-                }
+                self.forget(id);
                 for s in self.scanouts.iter_mut().filter(|s| s.resource == id) {
                     s.resource = 0;
                 }
@@ -330,14 +349,20 @@ impl Core {
                 r.u32()?,
             ])
         })();
-        let Some([scanout, x, y, _, resource, hot_x, hot_y]) = fields else {
+        let Some(fields) = fields else {
             return refuse(
                 RESP_ERR_INVALID_PARAMETER,
                 format!("cursor command of {} bytes is too short", req.len()),
             );
         };
+        self.cursor_fields(hdr.kind, fields)
+    }
+
+    /// A cursor command's fields: scanout, x, y, padding, resource, hot spot x and y.
+    pub fn cursor_fields(&mut self, kind: u32, fields: [u32; 7]) -> Result<(), Refusal> {
+        let [scanout, x, y, _, resource, hot_x, hot_y] = fields;
         self.scanout_index(scanout)?;
-        match hdr.kind {
+        match kind {
             CMD_MOVE_CURSOR => {
                 self.cursor.scanout = scanout;
                 self.cursor.x = x;
@@ -436,7 +461,11 @@ impl Core {
                 format,
                 width: w,
                 height: h,
-                pixels: vec![0; bytes as usize],
+                pixels: if self.ledger {
+                    Vec::new()
+                } else {
+                    vec![0; bytes as usize]
+                },
                 backing: Vec::new(),
             },
         );
@@ -462,8 +491,19 @@ impl Core {
         if id == 0 {
             let s = &mut self.scanouts[i];
             s.resource = 0;
-            s.frame.fill(0);
-            s.flushes += 1;
+            if !self.ledger {
+                s.frame.fill(0);
+                s.flushes += 1;
+                let whole = Rect {
+                    x: 0,
+                    y: 0,
+                    width: s.width,
+                    height: s.height,
+                };
+                if let Some(d) = &mut self.damage {
+                    d.push((i, whole));
+                }
+            }
             return Ok(());
         }
         let res = Self::lookup(&self.resources, id)?;
@@ -477,27 +517,41 @@ impl Core {
         let s = &mut self.scanouts[i];
         s.resource = id;
         s.rect = rect;
-        s.frame.fill(0);
-        s.show(res, rect);
+        if !self.ledger {
+            s.frame.fill(0);
+            s.show(res, rect);
+            let whole = Rect {
+                x: 0,
+                y: 0,
+                width: s.width,
+                height: s.height,
+            };
+            if let Some(d) = &mut self.damage {
+                d.push((i, whole));
+            }
+        }
         Ok(())
     }
 
     pub fn flush(&mut self, id: u32, rect: Rect) -> Result<(), Refusal> {
         let res = Self::lookup(&self.resources, id)?;
         Self::check_rect(res, id, rect)?;
-        for s in self.scanouts.iter_mut().filter(|s| s.resource == id) {
-            s.show(res, rect);
+        if self.ledger {
+            return Ok(());
+        }
+        for (i, s) in self.scanouts.iter_mut().enumerate() {
+            if s.resource != id {
+                continue;
+            }
+            if let (Some(area), Some(d)) = (s.show(res, rect), &mut self.damage) {
+                d.push((i, area));
+            }
         }
         Ok(())
     }
 
-    pub fn transfer(
-        &mut self,
-        id: u32,
-        rect: Rect,
-        offset: u64,
-        mem: &(dyn GuestMemory + Send + Sync),
-    ) -> Result<(), Refusal> {
+    /// Checks a transfer of `rect` from `offset` of resource `id`'s backing.
+    fn check_transfer(&self, id: u32, rect: Rect, offset: u64) -> Result<(), Refusal> {
         let res = self.resource(id)?;
         Self::check_rect(res, id, rect)?;
         if res.backing.is_empty() {
@@ -522,6 +576,21 @@ impl Core {
                 ),
             );
         }
+        Ok(())
+    }
+
+    pub fn transfer(
+        &mut self,
+        id: u32,
+        rect: Rect,
+        offset: u64,
+        mem: &(dyn GuestMemory + Send + Sync),
+    ) -> Result<(), Refusal> {
+        self.check_transfer(id, rect, offset)?;
+        if self.ledger {
+            return Ok(());
+        }
+        let line = u64::from(rect.width) * 4;
         let Some(res) = self.resources.get_mut(&id) else {
             return refuse(
                 RESP_ERR_INVALID_RESOURCE_ID,
@@ -542,6 +611,93 @@ impl Core {
             })?;
         }
         Ok(())
+    }
+
+    /// The pixels a transfer of `rect` from `offset` of resource `id`'s backing reads
+    /// (checked as [`transfer`](Self::transfer) checks), `rect.width * 4` bytes a line.
+    pub fn gather(
+        &self,
+        id: u32,
+        rect: Rect,
+        offset: u64,
+        mem: &(dyn GuestMemory + Send + Sync),
+    ) -> Result<Vec<u8>, Refusal> {
+        self.check_transfer(id, rect, offset)?;
+        let res = self.resource(id)?;
+        let stride = res.stride() as u64;
+        let line = rect.width as usize * 4;
+        let starts = res.backing_starts();
+        let mut out = vec![0; line * rect.height as usize];
+        for (row, dst) in out.chunks_exact_mut(line.max(1)).enumerate() {
+            Resource::read_backing(
+                &res.backing,
+                &starts,
+                mem,
+                offset + row as u64 * stride,
+                dst,
+            )
+            .map_err(|why| Refusal {
+                code: RESP_ERR_UNSPEC,
+                why: format!("resource {id}: {why}"),
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` (`rect.width * 4` bytes a line) into `rect` of resource `id`: a
+    /// transfer whose pixels were gathered elsewhere.
+    pub fn transfer_rows(&mut self, id: u32, rect: Rect, data: &[u8]) -> Result<(), Refusal> {
+        let res = self.resource(id)?;
+        Self::check_rect(res, id, rect)?;
+        let line = rect.width as usize * 4;
+        if data.len() != line * rect.height as usize {
+            return refuse(
+                RESP_ERR_INVALID_PARAMETER,
+                format!(
+                    "{} bytes of pixels for a {}x{} rectangle",
+                    data.len(),
+                    rect.width,
+                    rect.height
+                ),
+            );
+        }
+        if self.ledger || line == 0 {
+            return Ok(());
+        }
+        let Some(res) = self.resources.get_mut(&id) else {
+            return refuse(
+                RESP_ERR_INVALID_RESOURCE_ID,
+                format!("resource {id} vanished"),
+            );
+        };
+        let stride = res.stride();
+        for (row, src) in data.chunks_exact(line).enumerate() {
+            let dst = (rect.y as usize + row) * stride + rect.x as usize * 4;
+            res.pixels[dst..dst + line].copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    /// Gives scanout `index` the mode `width` x `height`, keeping what it shows; its
+    /// frame goes dark until the next flush.
+    pub fn set_mode(&mut self, index: usize, width: u32, height: u32) -> Result<(), String> {
+        let n = self.scanouts.len();
+        let Some(s) = self.scanouts.get_mut(index) else {
+            return Err(format!("display {index} does not exist: this GPU has {n}"));
+        };
+        let (res, rect) = (s.resource, s.rect);
+        *s = Scanout::new(width, height);
+        s.resource = res;
+        s.rect = rect;
+        Ok(())
+    }
+
+    /// Forgets resource `id` (a ledger undoing a creation the back end refused).
+    pub fn forget(&mut self, id: u32) {
+        if let Some(res) = self.resources.remove(&id) {
+            let bytes = u64::from(res.width) * u64::from(res.height) * 4;
+            self.host_bytes = self.host_bytes.saturating_sub(bytes);
+        }
     }
 
     fn attach_backing(

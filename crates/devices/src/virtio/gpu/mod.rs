@@ -11,17 +11,22 @@
 //! the resources' pixels: those are the guest's copy in the backing, in guest RAM that the
 //! snapshot or migration carries, and a restore transfers them again. A guest that changed
 //! its backing after its last transfer sees that change on the restored display.
+pub mod backend;
 pub mod commands;
 pub mod hostile;
 pub mod protocol;
+pub mod remote;
+pub mod wire;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use ray_memory::GuestMemory;
 use serde::{Deserialize, Serialize};
 
 use self::commands::{Core, Cursor, Limits, Refusal};
 use self::protocol::*;
+use self::remote::{Endpoint, Link, LinkState};
 use super::queue::Chain;
 use super::{Completer, Completion, DeviceContext, VirtioDevice};
 
@@ -47,12 +52,38 @@ struct Shared {
     core: Mutex<Core>,
     /// How to raise a configuration interrupt, once the transport is shared.
     completer: Mutex<Option<Completer>>,
+    /// A remote GPU's link to its back end (locked after `core`, never before).
+    remote: Option<Mutex<Link>>,
+    /// The device is gone: its link thread ends.
+    stopped: AtomicBool,
+    /// A remote GPU's requests go to its link thread (once the transport is shared), so
+    /// that no vCPU or notifier thread waits on the back end.
+    worker: Mutex<Option<std::sync::mpsc::Sender<(usize, Chain)>>>,
+    /// The driver reset the device: the link thread tells the back end.
+    reset_pending: AtomicBool,
 }
 
 impl Shared {
     fn core(&self) -> MutexGuard<'_, Core> {
         self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn link(&self) -> Option<MutexGuard<'_, Link>> {
+        self.remote
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// What a remote GPU's link is, for the GPU model and `ray gpu status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteStatus {
+    /// `unix:PATH` or `tcp:ADDR`.
+    pub backend: String,
+    /// None while Ready; why not otherwise.
+    pub error: Option<String>,
+    /// Connections made so far (the first and each reconnection).
+    pub connections: u64,
 }
 
 /// The device model behind the transport.
@@ -69,6 +100,24 @@ pub struct GpuDisplays {
 impl Gpu {
     /// A GPU with one scanout per entry of `modes` (1 to 16), each starting in that mode.
     pub fn new(modes: &[(u32, u32)], limits: Limits) -> Result<(Gpu, GpuDisplays), String> {
+        Self::build(modes, limits, None)
+    }
+
+    /// A remote GPU: the same device to the guest, its 2D work done by the back end at
+    /// `endpoint` (connected once the transport is shared, and again whenever lost).
+    pub fn new_remote(
+        modes: &[(u32, u32)],
+        limits: Limits,
+        endpoint: Endpoint,
+    ) -> Result<(Gpu, GpuDisplays), String> {
+        Self::build(modes, limits, Some(endpoint))
+    }
+
+    fn build(
+        modes: &[(u32, u32)],
+        limits: Limits,
+        endpoint: Option<Endpoint>,
+    ) -> Result<(Gpu, GpuDisplays), String> {
         if modes.is_empty() || modes.len() > MAX_SCANOUTS {
             return Err(format!(
                 "a virtio GPU has 1 to {MAX_SCANOUTS} scanouts, not {}",
@@ -78,9 +127,18 @@ impl Gpu {
         for &(w, h) in modes {
             check_mode(w, h)?;
         }
+        let core = if endpoint.is_some() {
+            Core::new_ledger(modes, limits)
+        } else {
+            Core::new(modes, limits)
+        };
         let shared = Arc::new(Shared {
-            core: Mutex::new(Core::new(modes, limits)),
+            core: Mutex::new(core),
             completer: Mutex::new(None),
+            remote: endpoint.map(|e| Mutex::new(Link::new(e))),
+            stopped: AtomicBool::new(false),
+            worker: Mutex::new(None),
+            reset_pending: AtomicBool::new(false),
         });
         Ok((
             Gpu {
@@ -91,7 +149,101 @@ impl Gpu {
     }
 }
 
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A remote GPU's link thread: serves the requests the device took (in order), pings a
+/// Ready link, reconnects a broken one (with backoff) and replays the ledger; ends with
+/// the device.
+fn run_remote(
+    shared: Weak<Shared>,
+    memory: super::pci::Memory,
+    completer: Completer,
+    requests: std::sync::mpsc::Receiver<(usize, Chain)>,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        let first = match requests.recv_timeout(remote::BACKOFF_MIN / 2) {
+            Ok(r) => Some(r),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        if shared.reset_pending.swap(false, Ordering::Relaxed) {
+            let mut core = shared.core();
+            if let Some(mut link) = shared.link() {
+                if *link.state() == LinkState::Ready {
+                    let _ = link.call(&mut core, &wire::Message::Reset);
+                }
+            }
+        }
+        if let Some(first) = first {
+            // Everything the driver made available meanwhile, completed together.
+            let mut done: [Vec<super::Used>; 2] = [Vec::new(), Vec::new()];
+            for (queue, chain) in std::iter::once(first).chain(requests.try_iter()) {
+                let len = match serve(&shared, queue, &chain, &*memory) {
+                    Completion::Done(n) => n,
+                    Completion::Failed(e) => {
+                        tracing::debug!("virtio-gpu: request {} failed: {e}", chain.head);
+                        0
+                    }
+                    Completion::Pending => 0,
+                };
+                done[queue.min(1)].push(super::Used {
+                    head: chain.head,
+                    len,
+                });
+            }
+            for (queue, used) in done.iter().enumerate() {
+                completer.complete(queue as u16, used);
+            }
+        }
+        let endpoint = {
+            let mut core = shared.core();
+            let Some(mut link) = shared.link() else {
+                return;
+            };
+            if link.ping_due() {
+                link.ping(&mut core);
+                None
+            } else if link.reconnect_due() {
+                Some(link.endpoint().clone())
+            } else {
+                None
+            }
+        };
+        if let Some(endpoint) = endpoint {
+            let opened = Link::open(&endpoint);
+            let mut core = shared.core();
+            if let Some(mut link) = shared.link() {
+                let _ = link.attach(opened, &mut core, &*memory);
+            }
+        }
+    }
+}
+
 impl GpuDisplays {
+    /// A remote GPU's link: its back end and whether it is Ready; None for a local GPU.
+    pub fn remote(&self) -> Option<RemoteStatus> {
+        let link = self.shared.link()?;
+        Some(RemoteStatus {
+            backend: link.endpoint().to_string(),
+            error: match link.state() {
+                LinkState::Ready => None,
+                LinkState::Error(why) => Some(why.clone()),
+            },
+            connections: link.connections,
+        })
+    }
+
     /// Whether both are the handle of the same GPU.
     pub fn same(&self, other: &GpuDisplays) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
@@ -138,15 +290,19 @@ impl GpuDisplays {
         check_mode(width, height)?;
         {
             let mut core = self.shared.core();
-            let n = core.scanouts.len();
-            let Some(s) = core.scanouts.get_mut(index) else {
-                return Err(format!("display {index} does not exist: this GPU has {n}"));
-            };
-            let (res, rect) = (s.resource, s.rect);
-            *s = commands::Scanout::new(width, height);
-            s.resource = res;
-            s.rect = rect;
+            core.set_mode(index, width, height)?;
             core.events_read |= EVENT_DISPLAY;
+            if let Some(mut link) = self.shared.link() {
+                let m = wire::Message::SetMode {
+                    scanout: index as u32,
+                    width,
+                    height,
+                };
+                // A link that fails here is in Error; its reconnection says the new mode.
+                if let Ok(Err(r)) = link.call(&mut core, &m) {
+                    tracing::warn!("the remote GPU's back end refused the new mode: {}", r.why);
+                }
+            }
         }
         // Not under the core's lock: the transport, locked here, locks the core to serve.
         let completer = self
@@ -201,6 +357,56 @@ fn write_response(
     ))
 }
 
+/// Serves one request: on the device's own state (paravirt), or on the ledger and the
+/// back end (remote).
+fn serve(
+    shared: &Shared,
+    queue: usize,
+    chain: &Chain,
+    memory: &(dyn GuestMemory + Send + Sync),
+) -> Completion {
+    let req = match read_request(chain, memory) {
+        Ok(r) => r,
+        Err(e) => return Completion::Failed(e),
+    };
+    let Some(hdr) = Header::parse(&req) else {
+        return Completion::Failed(format!(
+            "request {} has {} readable bytes, less than a command header",
+            chain.head,
+            req.len()
+        ));
+    };
+    let result = {
+        let mut core = shared.core();
+        match (shared.link(), queue == CURSOR_QUEUE) {
+            (None, true) => core
+                .cursor_command(&hdr, &req)
+                .map(|()| (RESP_OK_NODATA, Vec::new())),
+            (None, false) => core.command(&hdr, &req, memory),
+            (Some(mut link), true) => remote::cursor_command(&mut core, &mut link, &hdr, &req)
+                .map(|()| (RESP_OK_NODATA, Vec::new())),
+            (Some(mut link), false) => remote::command(&mut core, &mut link, &hdr, &req, memory),
+        }
+    };
+    let (kind, body) = match result {
+        Ok(r) => r,
+        Err(Refusal { code, why }) => {
+            tracing::debug!("virtio-gpu: command {:#x} refused: {why}", hdr.kind);
+            (code, Vec::new())
+        }
+    };
+    // The cursor queue's requests usually have no room for a response: none is owed.
+    if queue == CURSOR_QUEUE && !chain.descriptors.iter().any(|d| d.writable) {
+        return Completion::Done(0);
+    }
+    let mut resp = hdr.response(kind);
+    resp.extend_from_slice(&body);
+    match write_response(chain, memory, &resp) {
+        Ok(n) => Completion::Done(n),
+        Err(e) => Completion::Failed(e),
+    }
+}
+
 pub const CONTROL_QUEUE: usize = 0;
 pub const CURSOR_QUEUE: usize = 1;
 
@@ -248,50 +454,71 @@ impl VirtioDevice for Gpu {
         chain: &Chain,
         memory: &(dyn GuestMemory + Send + Sync),
     ) -> Completion {
-        let req = match read_request(chain, memory) {
-            Ok(r) => r,
-            Err(e) => return Completion::Failed(e),
-        };
-        let Some(hdr) = Header::parse(&req) else {
-            return Completion::Failed(format!(
-                "request {} has {} readable bytes, less than a command header",
-                chain.head,
-                req.len()
-            ));
-        };
-        let result = {
-            let mut core = self.shared.core();
-            if queue == CURSOR_QUEUE {
-                core.cursor_command(&hdr, &req)
-                    .map(|()| (RESP_OK_NODATA, Vec::new()))
-            } else {
-                core.command(&hdr, &req, memory)
+        let worker = self
+            .shared
+            .worker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(w) = worker {
+            if w.send((queue, chain.clone())).is_ok() {
+                return Completion::Pending;
             }
-        };
-        let (kind, body) = match result {
-            Ok(r) => r,
-            Err(Refusal { code, why }) => {
-                tracing::debug!("virtio-gpu: command {:#x} refused: {why}", hdr.kind);
-                (code, Vec::new())
-            }
-        };
-        // The cursor queue's requests usually have no room for a response: none is owed.
-        if queue == CURSOR_QUEUE && !chain.descriptors.iter().any(|d| d.writable) {
-            return Completion::Done(0);
         }
-        let mut resp = hdr.response(kind);
-        resp.extend_from_slice(&body);
-        match write_response(chain, memory, &resp) {
-            Ok(n) => Completion::Done(n),
-            Err(e) => Completion::Failed(e),
-        }
+        serve(&self.shared, queue, chain, memory)
     }
 
     fn reset(&mut self) {
-        self.shared.core().reset();
+        let mut core = self.shared.core();
+        core.reset();
+        let threaded = self
+            .shared
+            .worker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if threaded {
+            // Not here: a vCPU may be the caller, and it does no socket I/O.
+            self.shared.reset_pending.store(true, Ordering::Relaxed);
+        } else if let Some(mut link) = self.shared.link() {
+            if *link.state() == LinkState::Ready {
+                let _ = link.call(&mut core, &wire::Message::Reset);
+            }
+        }
     }
 
     fn activate(&mut self, context: DeviceContext) {
+        if self.shared.remote.is_some() {
+            // The first attempt now, so that a back end that is up serves the guest's
+            // first commands.
+            {
+                let mut core = self.shared.core();
+                if let Some(mut link) = self.shared.link() {
+                    let _ = link.connect(&mut core, &*context.memory);
+                }
+            }
+            let weak = Arc::downgrade(&self.shared);
+            let memory = context.memory.clone();
+            let completer = context.completer.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let started = std::thread::Builder::new()
+                .name("gpu-remote".into())
+                .stack_size(256 << 10)
+                .spawn(move || {
+                    ray_seccomp::enter(ray_seccomp::Kind::DeviceIo);
+                    run_remote(weak, memory, completer, rx)
+                });
+            match started {
+                Ok(_) => {
+                    *self.shared.worker.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "cannot start the remote GPU's link thread: {e}; requests are served inline"
+                    );
+                }
+            }
+        }
         *self
             .shared
             .completer
@@ -350,7 +577,16 @@ impl VirtioDevice for Gpu {
         let s: Saved = serde_json::from_value(saved.clone())
             .map_err(|e| format!("the saved virtio-gpu state is malformed: {e}"))?;
         let limits = self.shared.core().limits;
-        *self.shared.core() = rebuild(&s, limits, memory)?;
+        let ledger = self.shared.remote.is_some();
+        let mut core = self.shared.core();
+        *core = rebuild(&s, limits, ledger, memory)?;
+        // A remote GPU's back end gets the restored state now if it is there, else when
+        // the link comes back.
+        if let Some(mut link) = self.shared.link() {
+            if *link.state() == LinkState::Ready {
+                let _ = link.replay(&mut core, memory);
+            }
+        }
         Ok(())
     }
 }
@@ -360,13 +596,18 @@ impl VirtioDevice for Gpu {
 fn rebuild(
     s: &Saved,
     limits: Limits,
+    ledger: bool,
     memory: &(dyn GuestMemory + Send + Sync),
 ) -> Result<Core, String> {
     let bad = |what: String, r: Refusal| format!("the saved virtio-gpu state: {what}: {}", r.why);
     for &(w, h) in &s.modes {
         check_mode(w, h).map_err(|e| format!("the saved virtio-gpu state has {e}"))?;
     }
-    let mut core = Core::new(&s.modes, limits);
+    let mut core = if ledger {
+        Core::new_ledger(&s.modes, limits)
+    } else {
+        Core::new(&s.modes, limits)
+    };
     for r in &s.resources {
         core.create_2d(r.id, r.format as u32, r.width, r.height)
             .map_err(|e| bad(format!("resource {}", r.id), e))?;

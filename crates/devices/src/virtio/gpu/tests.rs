@@ -595,3 +595,191 @@ proptest! {
         super::hostile::replay(&data);
     }
 }
+
+/// A back end serving connections on a Unix socket until `stop` (each connection's
+/// stream kept, so that stopping closes them as a dying process would).
+struct Backend {
+    path: std::path::PathBuf,
+    streams: Arc<Mutex<Vec<std::os::unix::net::UnixStream>>>,
+}
+
+impl Backend {
+    fn start(path: &std::path::Path) -> Backend {
+        let _ = std::fs::remove_file(path);
+        let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+        let streams: Arc<Mutex<Vec<std::os::unix::net::UnixStream>>> = Arc::default();
+        let kept = streams.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                kept.lock().unwrap().push(s.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = backend::serve_conn(&mut s, None, Limits::default());
+                });
+            }
+        });
+        Backend {
+            path: path.to_path_buf(),
+            streams,
+        }
+    }
+
+    /// Closes every connection and the socket: the back end is gone.
+    fn kill(self) {
+        let _ = std::fs::remove_file(&self.path);
+        for s in self.streams.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn remote_rig(modes: &[(u32, u32)], path: &std::path::Path) -> Rig {
+    let (gpu, displays) = Gpu::new_remote(
+        modes,
+        Limits::default(),
+        remote::Endpoint::Unix(path.to_path_buf()),
+    )
+    .unwrap();
+    let mem = OwnedMemory::zeroed(&MemoryLayout::new(&[(0, RAM)]).unwrap()).unwrap();
+    Rig { gpu, displays, mem }
+}
+
+impl Rig {
+    /// One reconnection attempt, as the watcher makes.
+    fn reconnect(&self) -> bool {
+        let mut core = self.gpu.shared.core();
+        let mut link = self.gpu.shared.link().unwrap();
+        link.connect(&mut core, &self.mem).is_ok()
+    }
+}
+
+#[test]
+fn a_remote_gpu_shows_what_a_local_one_does_and_survives_its_back_end() {
+    let dir = std::env::temp_dir().join(format!("ray-gpu-remote-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gpu.sock");
+    let backend = Backend::start(&path);
+    let mut remote = remote_rig(&[(16, 8)], &path);
+    let mut local = rig(&[(16, 8)]);
+    assert!(remote.reconnect());
+    assert_eq!(remote.displays.remote().unwrap().error, None);
+    for r in [&mut remote, &mut local] {
+        r.shown();
+        paint(&r.mem, 16, 8);
+        let offset: u64 = (5 * 16 + 3) * 4;
+        assert_eq!(r.transfer(1, [3, 5, 4, 2], offset), RESP_OK_NODATA);
+        assert_eq!(r.flush(1, [3, 5, 4, 2]), RESP_OK_NODATA);
+        // Refused alike: the ledger checks as the local GPU does.
+        assert_eq!(r.flush(9, [0, 0, 1, 1]), RESP_ERR_INVALID_RESOURCE_ID);
+        assert_eq!(r.transfer(1, [0, 0, 17, 1], 0), RESP_ERR_INVALID_PARAMETER);
+        assert_eq!(
+            r.create(1, Format::B8G8R8X8, 4, 4),
+            RESP_ERR_INVALID_RESOURCE_ID
+        );
+    }
+    assert_eq!(remote.frame(0), local.frame(0));
+    let shown = remote.frame(0);
+
+    backend.kill();
+    // The next command finds the back end gone: an error response, Error with the reason.
+    assert_eq!(remote.flush(1, [0, 0, 16, 8]), RESP_ERR_UNSPEC);
+    let status = remote.displays.remote().unwrap();
+    assert!(status.error.is_some(), "{status:?}");
+    assert_eq!(
+        remote.create(2, Format::B8G8R8X8, 4, 4),
+        RESP_ERR_UNSPEC,
+        "refused in Error"
+    );
+    assert_eq!(remote.frame(0), shown, "the display keeps its last picture");
+    assert!(!remote.reconnect(), "nobody listens");
+
+    // Back: the ledger is replayed, the whole resource transferred from the backing.
+    let again = Backend::start(&path);
+    assert!(remote.reconnect());
+    assert_eq!(remote.displays.remote().unwrap().error, None);
+    assert_eq!(remote.displays.remote().unwrap().connections, 2);
+    local.transfer(1, [0, 0, 16, 8], 0);
+    local.flush(1, [0, 0, 16, 8]);
+    assert_eq!(remote.frame(0), local.frame(0));
+    assert_eq!(remote.create(2, Format::B8G8R8X8, 4, 4), RESP_OK_NODATA);
+    again.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_back_end_sending_garbage_loses_its_connection_only() {
+    use std::io::{Read, Write};
+    let dir = std::env::temp_dir().join(format!("ray-gpu-garbage-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gpu.sock");
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut hello = vec![0; u32::from_le_bytes(len) as usize];
+        s.read_exact(&mut hello).unwrap();
+        // A damage frame that claims far more pixels than it has.
+        s.write_all(&[9, 0, 0, 0, 65, 0, 0, 0, 0, 1, 2, 3, 4])
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    });
+    let remote = remote_rig(&[(16, 8)], &path);
+    assert!(!remote.reconnect());
+    let why = remote.displays.remote().unwrap().error.unwrap();
+    assert!(
+        why.contains("answered the Hello") || why.contains("broke the protocol"),
+        "{why}"
+    );
+    fake.join().unwrap();
+    let _ = std::fs::remove_file(&path);
+    let backend = Backend::start(&path);
+    assert!(remote.reconnect());
+    backend.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_remote_fuzz_seed_is_a_session_a_back_end_serves() {
+    // Hello, create, transfer, set scanout, flush, cursor, ping, and an unref of a
+    // resource that does not exist.
+    let seed = include_bytes!("../../../../../fuzz/seeds/gpu_remote_wire/session");
+    let mut peer = std::io::Cursor::new(seed.to_vec());
+    let mut out = Vec::new();
+    struct Both<'a>(&'a mut std::io::Cursor<Vec<u8>>, &'a mut Vec<u8>);
+    impl std::io::Read for Both<'_> {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(b)
+        }
+    }
+    impl std::io::Write for Both<'_> {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.1.write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    backend::serve_conn(
+        &mut Both(&mut peer, &mut out),
+        Some(b"fuzz-token-0123456789"),
+        Limits::default(),
+    )
+    .unwrap();
+    let mut answers = Vec::new();
+    let mut damage = 0;
+    let mut at = &out[..];
+    while !at.is_empty() {
+        match wire::recv(&mut at).unwrap() {
+            wire::Message::Welcome { version } => assert_eq!(version, wire::VERSION),
+            wire::Message::Damage { .. } => damage += 1,
+            wire::Message::Answer { code, .. } => answers.push(code),
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut want = vec![RESP_OK_NODATA; 6];
+    want.push(RESP_ERR_INVALID_RESOURCE_ID);
+    assert_eq!(answers, want);
+    assert_eq!(damage, 2, "the scanout set, then the flushed corner");
+}
