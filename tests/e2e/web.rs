@@ -647,3 +647,53 @@ fn the_console_resolution_follows_the_browser_window() {
         &["console-follows-1024x640", "console-follows-1280x720"],
     );
 }
+
+#[test]
+fn novnc_gets_tight_and_copyrect_pixel_exact() {
+    let web_dir = browser_ready();
+    let env = Env::new("web-encodings");
+    let tokens = tokens_file(&env);
+    let server = start_web(&env, &tokens);
+    let artifacts = repo().join("target/web-artifacts");
+    let out = node(
+        &web_dir,
+        "tests/encodings.mjs",
+        &[
+            ("RAY_WEB_URL", server.url.as_ref()),
+            ("RAY_WEB_ADMIN", ADMIN.as_ref()),
+            ("RAY_WEB_ARTIFACTS", artifacts.as_ref()),
+        ],
+    );
+    if !out.status.success() {
+        kill_vmms(&env);
+    }
+    passed(
+        &out,
+        "the browser encodings test",
+        "encodings test: all passed",
+    );
+    // What the console's viewer was sent, logged when it left (the browser closed).
+    let log = env.runtime.join("vms/encvm/vmm.log");
+    let mut line = String::new();
+    wait_for("the VMM logs what the noVNC viewer was sent", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        match text
+            .lines()
+            .find(|l| l.contains("VNC viewer's updates") && l.contains("encoding=\"tight\""))
+        {
+            Some(l) => {
+                line = l.to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    kill_vmms(&env);
+    let copies: u64 = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("copyrect="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(copies >= 2, "the scrolls went as CopyRect: {line}");
+    saved(&artifacts, &["encodings-console"]);
+}

@@ -12,6 +12,8 @@ pub const MIN_BAND: u16 = 8;
 /// A line whose hash this many lines of the old frame share (a plain background) votes for
 /// no shift: it would match anywhere.
 const MAX_SAME_LINES: usize = 4;
+/// The lines a window hash covers.
+const WINDOW: usize = 32;
 
 /// One copy: lines `y .. y + h` of the display take the viewer's lines `src_y ..` (whole
 /// width).
@@ -50,20 +52,48 @@ pub fn find_scroll(prev: &[u8], cur: &[u8], stride: usize, width: u16, height: u
     if changed.len() < usize::from(MIN_BAND) {
         return Vec::new();
     }
-    let mut old: HashMap<u64, Vec<u16>> = HashMap::with_capacity(usize::from(height));
-    for y in 0..height {
-        old.entry(line_hash(at(prev, stride, bytes, y)))
-            .or_default()
-            .push(y);
-    }
+    // Lines vote by their own hash where few old lines share it, else by the hash of the
+    // window of lines they start (a board of 16-line squares repeats each line 16 times,
+    // but no 32-line window); plain areas repeat either way and do not vote.
+    let hashes = |f: &[u8]| -> Vec<u64> {
+        (0..height)
+            .map(|y| line_hash(at(f, stride, bytes, y)))
+            .collect()
+    };
+    let windows = |h: &[u64]| -> Vec<u64> {
+        (0..h.len())
+            .map(|y| {
+                h[y..(y + WINDOW).min(h.len())]
+                    .iter()
+                    .fold(0u64, |acc, &v| {
+                        (acc.rotate_left(7) ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    })
+            })
+            .collect()
+    };
+    let (old_lines, new_lines) = (hashes(prev), hashes(cur));
+    let (old_windows, new_windows) = (windows(&old_lines), windows(&new_lines));
+    let index = |h: &[u64]| {
+        let mut m: HashMap<u64, Vec<u16>> = HashMap::with_capacity(h.len());
+        for (y, &v) in h.iter().enumerate() {
+            m.entry(v).or_default().push(y as u16);
+        }
+        m
+    };
+    let (by_line, by_window) = (index(&old_lines), index(&old_windows));
     let mut votes: HashMap<i32, u32> = HashMap::new();
     for &y in &changed {
-        if let Some(src) = old.get(&line_hash(at(cur, stride, bytes, y))) {
-            if src.len() <= MAX_SAME_LINES {
-                for &s in src {
-                    *votes.entry(i32::from(s) - i32::from(y)).or_default() += 1;
-                }
-            }
+        let i = usize::from(y);
+        let from_line = by_line
+            .get(&new_lines[i])
+            .filter(|s| s.len() <= MAX_SAME_LINES);
+        let from = from_line.or_else(|| {
+            by_window
+                .get(&new_windows[i])
+                .filter(|s| s.len() <= MAX_SAME_LINES)
+        });
+        for &s in from.into_iter().flatten() {
+            *votes.entry(i32::from(s) - i32::from(y)).or_default() += 1;
         }
     }
     // The most votes; ties go to the smaller shift (deterministic).
@@ -180,6 +210,23 @@ mod tests {
                 y: 5,
                 h: 95,
                 src_y: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn a_board_of_repeated_lines_scrolls_by_windows() {
+        let (w, h, stride) = (32u16, 128u16, 128);
+        // 16-line stripes, each a different colour: every line repeats 16 times.
+        let prev = frame(w, h, stride, |y| u32::from(y / 16));
+        let cur = frame(w, h, stride, |y| u32::from((y + 40) / 16));
+        let bands = find_scroll(&prev, &cur, stride, w, h);
+        assert_eq!(
+            bands,
+            vec![Band {
+                y: 0,
+                h: 88,
+                src_y: 40
             }]
         );
     }
