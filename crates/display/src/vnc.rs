@@ -31,6 +31,11 @@ pub const TILE: u16 = 64;
 const POLL: Duration = Duration::from_millis(10);
 /// Most ExtendedDesktopSize answers a viewer may have waiting for an update request.
 const MAX_REPLIES: usize = 64;
+/// H.264 is lossy: a viewer gets it only if it also lists a quality level of at most this.
+pub const H264_MAX_QUALITY: i32 = 5;
+/// A viewer's H.264 stream: bits a second and most frames a second.
+const H264_BITRATE: u64 = 4_000_000;
+const H264_FPS: u32 = 30;
 /// A viewer must finish the handshake within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -474,8 +479,11 @@ fn serve_viewer(
         encoding: rfb::ENCODING_RAW,
         zrle: None,
         tight: None,
+        h264: None,
+        lossy: false,
         copyrect: false,
         copied: 0,
+        frames: 0,
         sent: 0,
         desktop_size: false,
         extended: false,
@@ -486,6 +494,7 @@ fn serve_viewer(
     let encoding = match viewer.encoding {
         ENCODING_ZRLE => "zrle",
         ENCODING_TIGHT => "tight",
+        rfb::ENCODING_OPEN_H264 => "h264",
         _ => "raw",
     };
     tracing::info!(
@@ -493,6 +502,7 @@ fn serve_viewer(
         encoding,
         bytes = viewer.sent,
         copyrect = viewer.copied,
+        h264_frames = viewer.frames,
         "VNC viewer's updates"
     );
     // Ends the reader too (its read fails).
@@ -520,6 +530,12 @@ struct Viewer {
     copyrect: bool,
     /// CopyRect rectangles sent.
     copied: u64,
+    /// Its H.264 encoder, once it gets Open H.264 (a new one after a resize).
+    h264: Option<crate::encode::H264Encoder>,
+    /// The viewer listed a quality level low enough for lossy H.264.
+    lossy: bool,
+    /// H.264 frames sent.
+    frames: u64,
     /// Bytes sent in framebuffer updates.
     sent: u64,
     /// The viewer takes DesktopSize (the display's size may change under it).
@@ -575,6 +591,17 @@ impl Viewer {
             ClientMessage::SetEncodings(list) => {
                 self.desktop_size = list.contains(&rfb::ENCODING_DESKTOP_SIZE);
                 self.copyrect = list.contains(&rfb::ENCODING_COPYRECT);
+                self.lossy = list.iter().any(|&e| {
+                    (rfb::QUALITY_LEVEL_0..=rfb::QUALITY_LEVEL_0 + H264_MAX_QUALITY).contains(&e)
+                });
+                let g = self.geometry;
+                // H.264 needs an even size (4:2:0) of at least 16x16.
+                let h264 = self.lossy
+                    && g.width % 2 == 0
+                    && g.height % 2 == 0
+                    && g.width >= 16
+                    && g.height >= 16;
+                let before = self.encoding;
                 let extended = list.contains(&rfb::ENCODING_EXTENDED_DESKTOP_SIZE);
                 if extended && !self.extended {
                     // The layout, so the viewer knows the server takes SetDesktopSize.
@@ -584,8 +611,18 @@ impl Viewer {
                 // The client lists its encodings best first; Raw is always understood.
                 self.encoding = list
                     .into_iter()
-                    .find(|e| [rfb::ENCODING_RAW, ENCODING_ZRLE, ENCODING_TIGHT].contains(e))
+                    .find(|&e| {
+                        [rfb::ENCODING_RAW, ENCODING_ZRLE, ENCODING_TIGHT].contains(&e)
+                            || (h264 && e == rfb::ENCODING_OPEN_H264)
+                    })
                     .unwrap_or(rfb::ENCODING_RAW);
+                // The viewer's pixels are not what H.264 was given: to or from it, the
+                // whole picture goes again.
+                let is_h264 = |e: i32| e == rfb::ENCODING_OPEN_H264;
+                if is_h264(before) != is_h264(self.encoding) {
+                    self.last = None;
+                    self.h264 = None;
+                }
             }
             ClientMessage::UpdateRequest { incremental, rect } => {
                 let g = &self.geometry;
@@ -749,6 +786,9 @@ impl Viewer {
         }
         let g = self.geometry;
         let stride = g.stride as usize;
+        if self.encoding == rfb::ENCODING_OPEN_H264 {
+            return self.update_h264(incremental, msg);
+        }
         let mut bands = Vec::new();
         let rects = match (&mut self.last, incremental) {
             (Some(last), true) => {
@@ -816,6 +856,71 @@ impl Viewer {
         Ok(true)
     }
 
+    /// Answers the pending request of an H.264 viewer: the whole display as one Open H.264
+    /// rectangle when it changed (its first with the reset flag and a key frame).
+    fn update_h264(&mut self, incremental: bool, msg: &mut Vec<u8>) -> Result<bool, rfb::RfbError> {
+        let g = self.geometry;
+        let stride = g.stride as usize;
+        let changed = match (&self.last, incremental) {
+            (Some(last), true) => !changed_tiles(last, &self.frame, stride, full(&g)).is_empty(),
+            _ => true,
+        };
+        if !changed && self.replies.is_empty() {
+            return Ok(false);
+        }
+        let mut body = Vec::new();
+        let mut count = self.put_replies(&mut body);
+        if changed {
+            let reset = self.h264.is_none();
+            let encoder = match &mut self.h264 {
+                Some(e) => e,
+                None => self.h264.insert(
+                    crate::encode::H264Encoder::new(g.width, g.height, H264_BITRATE, H264_FPS)
+                        .map_err(rfb::RfbError::Protocol)?,
+                ),
+            };
+            if reset {
+                encoder.force_keyframe();
+            }
+            let mut au = Vec::new();
+            encoder
+                .encode(&self.frame, stride, &mut au)
+                .map_err(rfb::RfbError::Protocol)?;
+            if !au.is_empty() {
+                let (w, h) = encoder.size();
+                let r = Rect {
+                    x: 0,
+                    y: 0,
+                    w: w as u16,
+                    h: h as u16,
+                };
+                rfb::rect_header(r, rfb::ENCODING_OPEN_H264, &mut body);
+                body.extend_from_slice(&(au.len() as u32).to_be_bytes());
+                let flags = if reset { rfb::H264_RESET_CONTEXT } else { 0 };
+                body.extend_from_slice(&flags.to_be_bytes());
+                body.extend_from_slice(&au);
+                count += 1;
+                self.frames += 1;
+                match &mut self.last {
+                    Some(last) => last.copy_from_slice(&self.frame),
+                    None => self.last = Some(self.frame.clone()),
+                }
+            } else if reset {
+                // Skipped by the rate control before any picture: start again next time.
+                self.h264 = None;
+            }
+        }
+        // A frame the rate control skipped is offered again at the next poll.
+        if count == 0 {
+            return Ok(false);
+        }
+        rfb::update_header(count, msg);
+        msg.extend_from_slice(&body);
+        self.sent += msg.len() as u64;
+        self.pending = None;
+        Ok(true)
+    }
+
     /// Whether the display changed its size since this viewer last looked, and why: then
     /// the viewer takes the new one (ExtendedDesktopSize or DesktopSize) or, if it cannot,
     /// is closed.
@@ -856,6 +961,7 @@ impl Viewer {
         self.geometry = now;
         self.frame = vec![0; now.bytes()];
         self.last = None;
+        self.h264 = None;
         Ok(Some(reason))
     }
 }
@@ -1214,8 +1320,11 @@ mod resize_tests {
             encoding: rfb::ENCODING_RAW,
             zrle: None,
             tight: None,
+            h264: None,
+            lossy: false,
             copyrect: false,
             copied: 0,
+            frames: 0,
             sent: 0,
             desktop_size,
             extended: false,
@@ -1676,6 +1785,210 @@ mod copyrect_tests {
         src.pixels.lock().unwrap()[5] ^= 0xff;
         assert_eq!(copy.update(true, h), 0);
         assert!(copy.fb == *src.pixels.lock().unwrap());
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod h264_tests {
+    use super::*;
+    use crate::encode::{y_psnr, H264Decoder};
+    use std::io::Read;
+
+    struct Frames {
+        g: DisplayGeometry,
+        pixels: Mutex<Vec<u8>>,
+    }
+    impl FrameSource for Frames {
+        fn displays(&self) -> Vec<DisplayGeometry> {
+            vec![self.g]
+        }
+        fn read(&self, _: usize, out: &mut [u8]) -> bool {
+            out.copy_from_slice(&self.pixels.lock().unwrap());
+            true
+        }
+    }
+
+    /// Colour bars with a box at `at`.
+    fn picture(w: usize, h: usize, at: usize) -> Vec<u8> {
+        let bars = [
+            0xffffffu32,
+            0xffff00,
+            0x00ffff,
+            0x00ff00,
+            0xff00ff,
+            0xff0000,
+            0x0000ff,
+            0,
+        ];
+        let mut v = Vec::with_capacity(w * h * 4);
+        for y in 0..h {
+            for x in 0..w {
+                let inside = (at..at + 32).contains(&x) && (16..48).contains(&y);
+                let p = if inside { 0x808080 } else { bars[x * 8 / w] };
+                v.extend_from_slice(&p.to_le_bytes());
+            }
+        }
+        v
+    }
+
+    fn connect(path: &Path, encodings: &[i32]) -> UnixStream {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut b = [0u8; 24];
+        s.read_exact(&mut b[..12]).unwrap();
+        s.write_all(b"RFB 003.008\n").unwrap();
+        s.read_exact(&mut b[..2]).unwrap();
+        s.write_all(&[1]).unwrap();
+        s.read_exact(&mut b[..4]).unwrap();
+        s.write_all(&[1]).unwrap();
+        s.read_exact(&mut b).unwrap();
+        let mut name = vec![0u8; u32::from_be_bytes(b[20..24].try_into().unwrap()) as usize];
+        s.read_exact(&mut name).unwrap();
+        let mut m = vec![2, 0];
+        m.extend_from_slice(&(encodings.len() as u16).to_be_bytes());
+        for e in encodings {
+            m.extend_from_slice(&e.to_be_bytes());
+        }
+        s.write_all(&m).unwrap();
+        s
+    }
+
+    /// One update of (w, h): each rectangle's encoding, and the H.264 ones' flags and
+    /// access units.
+    fn update(s: &mut UnixStream, incremental: bool, w: u16, h: u16) -> Vec<(i32, u32, Vec<u8>)> {
+        let mut m = vec![3, u8::from(incremental), 0, 0, 0, 0];
+        m.extend_from_slice(&w.to_be_bytes());
+        m.extend_from_slice(&h.to_be_bytes());
+        s.write_all(&m).unwrap();
+        let mut hdr = [0u8; 4];
+        s.read_exact(&mut hdr).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..u16::from_be_bytes([hdr[2], hdr[3]]) {
+            let mut r = [0u8; 12];
+            s.read_exact(&mut r).unwrap();
+            let (rw, rh) = (
+                usize::from(u16::from_be_bytes([r[4], r[5]])),
+                usize::from(u16::from_be_bytes([r[6], r[7]])),
+            );
+            let enc = i32::from_be_bytes(r[8..12].try_into().unwrap());
+            let (flags, body) = match enc {
+                rfb::ENCODING_OPEN_H264 => {
+                    assert_eq!(
+                        (rw, rh),
+                        (usize::from(w), usize::from(h)),
+                        "the whole display"
+                    );
+                    let mut lf = [0u8; 8];
+                    s.read_exact(&mut lf).unwrap();
+                    let mut au = vec![0; u32::from_be_bytes(lf[..4].try_into().unwrap()) as usize];
+                    s.read_exact(&mut au).unwrap();
+                    (u32::from_be_bytes(lf[4..].try_into().unwrap()), au)
+                }
+                rfb::ENCODING_RAW => {
+                    let mut px = vec![0; rw * rh * 4];
+                    s.read_exact(&mut px).unwrap();
+                    (0, px)
+                }
+                other => panic!("encoding {other}"),
+            };
+            out.push((enc, flags, body));
+        }
+        out
+    }
+
+    #[test]
+    fn a_lossy_viewer_gets_open_h264_of_changes_only_and_it_decodes_to_the_display() {
+        let dir = std::env::temp_dir().join(format!("ray-vnc-h264-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (w, h) = (160usize, 96usize);
+        let g = DisplayGeometry {
+            index: 0,
+            gpu: 0,
+            gpa: 0,
+            width: w as u32,
+            height: h as u32,
+            stride: w as u32 * 4,
+        };
+        let src = Arc::new(Frames {
+            g,
+            pixels: Mutex::new(picture(w, h, 0)),
+        });
+        let server = VncServer::start(&dir, "t", src.clone(), None, Arc::new(|_| {})).unwrap();
+        let path = socket_path(&dir, 0, Role::ViewOnly);
+        let quality = |n: i32| rfb::QUALITY_LEVEL_0 + n;
+        // H.264 first, quality 2: H.264. Quality 6 (or none): the next encoding, Raw.
+        let mut lossy = connect(
+            &path,
+            &[rfb::ENCODING_OPEN_H264, rfb::ENCODING_RAW, quality(2)],
+        );
+        let mut fine = connect(
+            &path,
+            &[rfb::ENCODING_OPEN_H264, rfb::ENCODING_RAW, quality(6)],
+        );
+        assert_eq!(
+            update(&mut fine, false, w as u16, h as u16)[0].0,
+            rfb::ENCODING_RAW
+        );
+        let mut decoder = H264Decoder::new().unwrap();
+        let mut check = |au: &[u8], want: &[u8]| {
+            let mut pictures = 0;
+            decoder
+                .decode(au, |f| {
+                    assert_eq!((f.width, f.height), (w as u32, h as u32));
+                    let psnr = y_psnr(want, w * 4, &f.y, w, h);
+                    assert!(psnr >= 35.0, "Y PSNR {psnr:.1} dB");
+                    pictures += 1;
+                })
+                .unwrap();
+            assert_eq!(pictures, 1);
+        };
+        let first = update(&mut lossy, false, w as u16, h as u16);
+        assert_eq!(first.len(), 1);
+        let (enc, flags, au) = &first[0];
+        assert_eq!(
+            (*enc, *flags),
+            (rfb::ENCODING_OPEN_H264, rfb::H264_RESET_CONTEXT)
+        );
+        check(au, &picture(w, h, 0));
+        // Nothing changed: an incremental request waits (no frame is sent).
+        lossy
+            .write_all(&[3, 1, 0, 0, 0, 0, 0, w as u8, 0, h as u8])
+            .unwrap();
+        lossy
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut nothing = [0u8; 1];
+        assert!(
+            lossy.read(&mut nothing).is_err(),
+            "no update without a change"
+        );
+        lossy
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        // The waiting request is answered by the next change; then more changes.
+        *src.pixels.lock().unwrap() = picture(w, h, 8);
+        let mut hdr = [0u8; 4];
+        lossy.read_exact(&mut hdr).unwrap();
+        assert_eq!(u16::from_be_bytes([hdr[2], hdr[3]]), 1);
+        let mut r = [0u8; 20];
+        lossy.read_exact(&mut r).unwrap();
+        assert_eq!(
+            i32::from_be_bytes(r[8..12].try_into().unwrap()),
+            rfb::ENCODING_OPEN_H264
+        );
+        let mut au = vec![0; u32::from_be_bytes(r[12..16].try_into().unwrap()) as usize];
+        lossy.read_exact(&mut au).unwrap();
+        check(&au, &picture(w, h, 8));
+        // A change: one more frame, no reset; it decodes after the first.
+        for at in [16, 48] {
+            *src.pixels.lock().unwrap() = picture(w, h, at);
+            let next = update(&mut lossy, true, w as u16, h as u16);
+            assert_eq!(next.len(), 1);
+            assert_eq!((next[0].0, next[0].1), (rfb::ENCODING_OPEN_H264, 0));
+            check(&next[0].2, &picture(w, h, at));
+        }
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
     }
