@@ -649,7 +649,7 @@ fn the_console_resolution_follows_the_browser_window() {
 }
 
 #[test]
-fn novnc_gets_tight_and_copyrect_pixel_exact() {
+fn novnc_gets_tight_and_copyrect_pixel_exact_and_h264_at_low_quality() {
     let web_dir = browser_ready();
     let env = Env::new("web-encodings");
     let tokens = tokens_file(&env);
@@ -672,28 +672,31 @@ fn novnc_gets_tight_and_copyrect_pixel_exact() {
         "the browser encodings test",
         "encodings test: all passed",
     );
-    // What the console's viewer was sent, logged when it left (the browser closed).
+    // What each console's viewer was sent, logged when it left (the browser closed): the
+    // first got Tight and CopyRect, the second (quality level 2) H.264.
     let log = env.runtime.join("vms/encvm/vmm.log");
-    let mut line = String::new();
-    wait_for("the VMM logs what the noVNC viewer was sent", || {
+    let line = |encoding: &str| -> Option<String> {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        match text
-            .lines()
-            .find(|l| l.contains("VNC viewer's updates") && l.contains("encoding=\"tight\""))
-        {
-            Some(l) => {
-                line = l.to_string();
-                true
-            }
-            None => false,
-        }
+        text.lines()
+            .find(|l| l.contains("VNC viewer's updates") && l.contains(encoding))
+            .map(String::from)
+    };
+    wait_for("the VMM logs what the noVNC viewers were sent", || {
+        line("encoding=\"tight\"").is_some() && line("encoding=\"h264\"").is_some()
     });
     kill_vmms(&env);
-    let copies: u64 = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("copyrect="))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"));
-    assert!(copies >= 2, "the scrolls went as CopyRect: {line}");
-    saved(&artifacts, &["encodings-console"]);
+    let number = |line: &str, key: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line}"))
+    };
+    let tight = line("encoding=\"tight\"").unwrap();
+    assert!(
+        number(&tight, "copyrect=") >= 2,
+        "the scrolls went as CopyRect: {tight}"
+    );
+    let h264 = line("encoding=\"h264\"").unwrap();
+    assert!(number(&h264, "h264_frames=") >= 1, "{h264}");
+    saved(&artifacts, &["encodings-console", "encodings-h264-console"]);
 }

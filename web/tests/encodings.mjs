@@ -2,7 +2,9 @@
 // display, whose viewer (noVNC) asks for CopyRect, then Tight, ...; the guest draws
 // patterns of many colours, few colours, one colour, and scrolls; after each the noVNC
 // canvas equals the screenshot API's PNG pixel for pixel (Tight is sent lossless).
-// Run by the e2e test `web::novnc_gets_tight_and_copyrect_pixel_exact` (tests/e2e/web.rs),
+// A second console then sets noVNC's quality level to 2, which lets the server send it
+// Open H.264 (lossy): its canvas stays within a mean difference of 12/255 of the PNG.
+// Run by the e2e test `web::novnc_gets_tight_and_copyrect_pixel_exact_and_h264_at_low_quality` (tests/e2e/web.rs),
 // which starts `ray web`, passes the settings below and then reads the VMM's log for the
 // encodings the viewer was sent.
 //   RAY_WEB_URL        http://127.0.0.1:PORT
@@ -39,6 +41,25 @@ async function compare(page) {
       }
     }
     return { ok: differ === 0, differ, first };
+  }, VM);
+}
+
+// The mean absolute difference (0-255, over R, G, B) of the noVNC canvas and the PNG.
+async function meanDiff(page) {
+  return page.evaluate(async (vm) => {
+    const canvas = document.querySelector('#screen canvas');
+    if (!canvas || !canvas.width) return { diff: 255, why: 'no noVNC canvas' };
+    const live = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+    const bmp = await createImageBitmap(await (await fetch(`/api/vms/${vm}/display/0/screenshot.png`)).blob());
+    if (bmp.width !== canvas.width || bmp.height !== canvas.height) return { diff: 255, why: 'sizes differ' };
+    const c = new OffscreenCanvas(bmp.width, bmp.height).getContext('2d');
+    c.drawImage(bmp, 0, 0);
+    const png = c.getImageData(0, 0, bmp.width, bmp.height).data;
+    let sum = 0;
+    for (let i = 0; i < png.length; i += 4) {
+      sum += Math.abs(live[i] - png[i]) + Math.abs(live[i + 1] - png[i + 1]) + Math.abs(live[i + 2] - png[i + 2]);
+    }
+    return { diff: sum / (png.length / 4 * 3) };
   }, VM);
 }
 
@@ -111,6 +132,25 @@ try {
     await waitMatch(page, what);
   }
   await page.screenshot({ path: `${artifacts}/encodings-console.png`, fullPage: true });
+
+  // ---- a second console at quality level 2: Open H.264, decoded with WebCodecs ----
+  const lossy = await ctx.newPage();
+  lossy.on('pageerror', (e) => console.log(`page error: ${e.message}`));
+  lossy.on('console', (m) => console.log(`h264 page console: ${m.text()}`));
+  await lossy.goto(`${url}/#/vm/${VM}/display/0`);
+  await lossy.waitForSelector('#vnc-status[data-connected]', { timeout: 15000 });
+  await lossy.evaluate(() => { window.rayRfb.qualityLevel = 2; });
+  await serial.keyboard.type('draw gradient 7 0\r');
+  await waitTerm(serial, 'draw gradient seed=7 display=0 640x480');
+  let last;
+  for (let i = 0; i < 100; i++) {
+    last = await meanDiff(lossy);
+    if (last.diff <= 12) break;
+    await lossy.waitForTimeout(200);
+  }
+  check(last.diff <= 12, `the H.264 console shows the gradient within a mean difference of 12/255 (${JSON.stringify(last)})`);
+  await waitMatch(page, 'the Tight console beside it, still pixel for pixel');
+  await lossy.screenshot({ path: `${artifacts}/encodings-h264-console.png`, fullPage: true });
   console.log('encodings test: all passed');
 } catch (e) {
   for (const ctx of browser.contexts()) {
