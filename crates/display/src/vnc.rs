@@ -597,8 +597,8 @@ impl Viewer {
                 let g = self.geometry;
                 // H.264 needs an even size (4:2:0) of at least 16x16.
                 let h264 = self.lossy
-                    && g.width % 2 == 0
-                    && g.height % 2 == 0
+                    && g.width.is_multiple_of(2)
+                    && g.height.is_multiple_of(2)
                     && g.width >= 16
                     && g.height >= 16;
                 let before = self.encoding;
