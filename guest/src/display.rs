@@ -6,7 +6,9 @@
 //! rectangle (one batch of two requests, one kick).
 //!
 //! Shell: `displays` lists them; `draw PATTERN [SEED] [DISPLAY]` fills one (default 0)
-//! with a test pattern the host can recompute (`ray_guest_abi::display::pattern_pixel`).
+//! with a test pattern the host can recompute (`ray_guest_abi::display::pattern_pixel`);
+//! `scroll LINES [DISPLAY]` moves a framebuffer's picture up by LINES lines, as a text
+//! console scrolls, and paints the lines that come in at the bottom.
 
 use ray_guest_abi::display::{
     pattern_pixel, DisplayEntry, DisplayTable, Pattern, BYTES_PER_PIXEL, DISPLAY_TABLE_MAGIC,
@@ -207,4 +209,58 @@ pub fn draw(mut args: core::str::SplitAsciiWhitespace) {
         d.width,
         d.height
     );
+}
+
+/// `scroll LINES [DISPLAY]`: framebuffer DISPLAY's lines move up by LINES (line y takes
+/// line y + LINES); the LINES lines at the bottom get the checker pattern (seed LINES).
+/// Answers `scroll LINES display=N WxH`.
+pub fn scroll(mut args: core::str::SplitAsciiWhitespace) {
+    let mut num = |what: &str| match args.next() {
+        None => Some(0),
+        Some(s) => {
+            let n = crate::shell::parse_number(s).filter(|&n| n <= u64::from(u32::MAX));
+            if n.is_none() {
+                println!("err scroll: bad {what} '{s}'");
+            }
+            n
+        }
+    };
+    let Some(lines) = num("line count") else {
+        return;
+    };
+    let Some(index) = num("display") else { return };
+    if let Some(extra) = args.next() {
+        println!("err scroll: unexpected argument '{extra}'");
+        return;
+    }
+    let Some(t) = table().filter(|t| (index as usize) < t.count as usize) else {
+        println!("err scroll: no framebuffer display {index}");
+        return;
+    };
+    let d = &t.displays[index as usize];
+    let lines = lines as u32;
+    if lines == 0 || lines >= d.height {
+        println!(
+            "err scroll: {lines} lines (1 to {} on this display)",
+            d.height - 1
+        );
+        return;
+    }
+    let px = |x: u32, y: u32| {
+        (d.gpa + u64::from(y) * u64::from(d.stride)) as *mut u32 as usize + x as usize * 4
+    };
+    for y in 0..d.height {
+        for x in 0..d.width {
+            let v = if y + lines < d.height {
+                // SAFETY: inside the framebuffer, which `table` checked lies in the
+                // identity map; RAM the VMM reserved for it, used by nothing else.
+                unsafe { (px(x, y + lines) as *const u32).read_volatile() }
+            } else {
+                pattern_pixel(Pattern::Checker, lines, x, y, d.width, d.height)
+            };
+            // SAFETY: as above.
+            unsafe { (px(x, y) as *mut u32).write_volatile(v) };
+        }
+    }
+    println!("scroll {lines} display={index} {}x{}", d.width, d.height);
 }

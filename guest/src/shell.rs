@@ -151,6 +151,7 @@ fn execute(line: &str, work: &mut Workloads) {
                 crate::gpupt::command(seed);
             }
         }
+        "scroll" => crate::display::scroll(args),
         "input" if no_more(args.clone(), cmd) => crate::virtio_input::show(),
         "pointer" if no_more(args.clone(), cmd) => crate::virtio_input::pointer(),
         "displays" if no_more(args.clone(), cmd) => crate::display::list(),
@@ -526,5 +527,5 @@ fn net(mut args: core::str::SplitAsciiWhitespace) {
 }
 
 fn help() {
-    println!("commands: echo <text> | mem | cpus | numa | pci | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | pattern <MiB> <word> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | displays | draw bars|gradient|checker|fill [SEED] [DISPLAY] | console [DISPLAY|off] | input | pointer | vsock [connect PORT TEXT] | seq <n> | poweroff | help");
+    println!("commands: echo <text> | mem | cpus | numa | pci | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | pattern <MiB> <word> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | displays | draw bars|gradient|checker|fill [SEED] [DISPLAY] | scroll <lines> [DISPLAY] | console [DISPLAY|off] | gpupt <seed> | input | pointer | vsock [connect PORT TEXT] | seq <n> | poweroff | help");
 }

@@ -73,6 +73,113 @@ api.shutdown()
     assert!(bytes < 640 * 480 * 4, "{line}");
 }
 
+/// The "VNC viewer's updates" line the VMM logs when a viewer leaves.
+fn viewer_log_line(vm: &ray_e2e::Vm) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::read_to_string(vm.dir.join("vmm.log")).unwrap();
+        if let Some(l) = log.lines().find(|l| l.contains("VNC viewer's updates")) {
+            return l.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VMM logs what a viewer was sent"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `key=N` number of a log line.
+fn logged(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+}
+
+#[test]
+fn a_scrolling_guest_goes_to_a_copyrect_viewer_as_copies_and_the_picture_stays_exact() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let env = Env::new("vnc-copyrect");
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", "emulated,width=640,height=480"]);
+    vm.expect_line("ready", Duration::from_secs(20));
+    assert!(vm
+        .command("draw gradient 9 0", "draw ")
+        .starts_with("draw gradient"));
+    // vncdotool decodes CopyRect but leaves applying it to its user: this viewer copies
+    // within its picture (PIL), asks for CopyRect then ZRLE, and after each scroll takes
+    // incremental updates until its picture equals the screenshot it is given.
+    let script = r#"
+import sys
+from PIL import Image
+from vncdotool import api, client, rfb
+def connected(self):
+    self.setImageMode()
+    self.setEncodings([rfb.Encoding.COPY_RECTANGLE, rfb.Encoding.ZRLE])
+    self.factory.clientConnectionMade(self)
+def copy(self, sx, sy, x, y, w, h):
+    self.screen.paste(self.screen.crop((sx, sy, sx + w, sy + h)), (x, y))
+client.VNCDoToolClient.vncConnectionMade = connected
+client.VNCDoToolClient.copyRectangle = copy
+viewer = api.connect(sys.argv[1], timeout=60)
+viewer.captureScreen(sys.argv[2])
+print("ready", flush=True)
+for line in sys.stdin:
+    want_path, out = line.split()
+    want = Image.open(want_path).convert("RGB").tobytes()
+    for _ in range(50):
+        viewer.captureScreen(out, incremental=True)
+        if Image.open(out).convert("RGB").tobytes() == want:
+            break
+    else:
+        sys.exit(f"{out} never equalled {want_path}")
+    print("matched", flush=True)
+viewer.disconnect()
+api.shutdown()
+"#;
+    let first = env.runtime.join("c0.png");
+    let mut child = Command::new(python())
+        .args(["-c", script, vm.dir.join("vnc-0.sock").to_str().unwrap()])
+        .arg(&first)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "the viewer connected");
+    for (i, lines) in [16, 40, 7].into_iter().enumerate() {
+        let answer = vm.command(&format!("scroll {lines} 0"), "scroll ");
+        assert_eq!(answer, format!("scroll {lines} display=0 640x480"));
+        let shot = env.runtime.join(format!("shot{i}.png"));
+        env.ray_ok(&["gpu", "screenshot", &vm.id, "-o", shot.to_str().unwrap()]);
+        let got = env.runtime.join(format!("c{}.png", i + 1));
+        writeln!(stdin, "{} {}", shot.display(), got.display()).unwrap();
+        line.clear();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "matched", "after scroll {lines}");
+        // And checked here too: the viewer's picture is the screenshot.
+        let ((w, h, want), (gw, gh, px)) = (decode(&shot), decode(&got));
+        assert_eq!((gw, gh), (w, h));
+        assert!(
+            px == want,
+            "after scroll {lines}: the viewer's picture differs"
+        );
+    }
+    drop(stdin);
+    assert!(
+        child.wait().unwrap().success(),
+        "the viewer script ended well"
+    );
+    let line = viewer_log_line(&vm);
+    // Each of the three scrolls went (at least partly) as CopyRect.
+    assert!(logged(&line, "copyrect") >= 3, "{line}");
+    assert!(line.contains("encoding=\"zrle\""), "{line}");
+}
+
 /// A raw RFB viewer that takes Raw and ExtendedDesktopSize, as the test drives it.
 struct RawViewer(std::os::unix::net::UnixStream);
 

@@ -647,3 +647,56 @@ fn the_console_resolution_follows_the_browser_window() {
         &["console-follows-1024x640", "console-follows-1280x720"],
     );
 }
+
+#[test]
+fn novnc_gets_tight_and_copyrect_pixel_exact_and_h264_at_low_quality() {
+    let web_dir = browser_ready();
+    let env = Env::new("web-encodings");
+    let tokens = tokens_file(&env);
+    let server = start_web(&env, &tokens);
+    let artifacts = repo().join("target/web-artifacts");
+    let out = node(
+        &web_dir,
+        "tests/encodings.mjs",
+        &[
+            ("RAY_WEB_URL", server.url.as_ref()),
+            ("RAY_WEB_ADMIN", ADMIN.as_ref()),
+            ("RAY_WEB_ARTIFACTS", artifacts.as_ref()),
+        ],
+    );
+    if !out.status.success() {
+        kill_vmms(&env);
+    }
+    passed(
+        &out,
+        "the browser encodings test",
+        "encodings test: all passed",
+    );
+    // What each console's viewer was sent, logged when it left (the browser closed): the
+    // first got Tight and CopyRect, the second (quality level 2) H.264.
+    let log = env.runtime.join("vms/encvm/vmm.log");
+    let line = |encoding: &str| -> Option<String> {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .find(|l| l.contains("VNC viewer's updates") && l.contains(encoding))
+            .map(String::from)
+    };
+    wait_for("the VMM logs what the noVNC viewers were sent", || {
+        line("encoding=\"tight\"").is_some() && line("encoding=\"h264\"").is_some()
+    });
+    kill_vmms(&env);
+    let number = |line: &str, key: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line}"))
+    };
+    let tight = line("encoding=\"tight\"").unwrap();
+    assert!(
+        number(&tight, "copyrect=") >= 2,
+        "the scrolls went as CopyRect: {tight}"
+    );
+    let h264 = line("encoding=\"h264\"").unwrap();
+    assert!(number(&h264, "h264_frames=") >= 1, "{h264}");
+    saved(&artifacts, &["encodings-console", "encodings-h264-console"]);
+}

@@ -4,12 +4,14 @@
 //! The VMM owns guest memory; this crate reads pixels through the [`FrameSource`] trait, so
 //! it is tested here against plain buffers and driven in the VMM by guest RAM.
 pub mod auth;
+pub mod copyrect;
 pub mod encode;
 pub mod keys;
 pub mod layout;
 pub mod model;
 pub mod png;
 pub mod rfb;
+pub mod tight;
 pub mod vnc;
 pub mod zrle;
 

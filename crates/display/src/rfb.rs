@@ -13,6 +13,12 @@ pub const SECURITY_VNC_AUTH: u8 = 2;
 /// Encodings.
 pub const ENCODING_RAW: i32 = 0;
 pub const ENCODING_COPYRECT: i32 = 1;
+/// Open H.264 (as noVNC decodes it): a u32 length, u32 flags, then Annex-B access units.
+pub const ENCODING_OPEN_H264: i32 = 50;
+/// Its flags: the viewer drops its decoder for this rectangle and starts a new one.
+pub const H264_RESET_CONTEXT: u32 = 1;
+/// The quality-level pseudo-encodings: level N is -32 + N (0 to 9).
+pub const QUALITY_LEVEL_0: i32 = -32;
 pub const ENCODING_DESKTOP_SIZE: i32 = -223;
 /// The ExtendedDesktopSize pseudo-encoding: screen layouts, and SetDesktopSize from viewers.
 pub const ENCODING_EXTENDED_DESKTOP_SIZE: i32 = -308;

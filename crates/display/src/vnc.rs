@@ -19,7 +19,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::auth::Password;
+use crate::copyrect;
 use crate::rfb::{self, ClientMessage, PixelFormat, Rect, ResizeReason, ResizeStatus, Screen};
+use crate::tight::{Tight, ENCODING_TIGHT};
 use crate::zrle::{Zrle, ENCODING_ZRLE};
 use crate::{DisplayGeometry, FrameSource};
 
@@ -29,6 +31,11 @@ pub const TILE: u16 = 64;
 const POLL: Duration = Duration::from_millis(10);
 /// Most ExtendedDesktopSize answers a viewer may have waiting for an update request.
 const MAX_REPLIES: usize = 64;
+/// H.264 is lossy: a viewer gets it only if it also lists a quality level of at most this.
+pub const H264_MAX_QUALITY: i32 = 5;
+/// A viewer's H.264 stream: bits a second and most frames a second.
+const H264_BITRATE: u64 = 4_000_000;
+const H264_FPS: u32 = 30;
 /// A viewer must finish the handshake within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -471,6 +478,12 @@ fn serve_viewer(
         frame: vec![0; geometry.bytes()],
         encoding: rfb::ENCODING_RAW,
         zrle: None,
+        tight: None,
+        h264: None,
+        lossy: false,
+        copyrect: false,
+        copied: 0,
+        frames: 0,
         sent: 0,
         desktop_size: false,
         extended: false,
@@ -478,15 +491,18 @@ fn serve_viewer(
         id: shared.next_viewer.fetch_add(1, Ordering::Relaxed),
     };
     let result = viewer.run(&stream, shared, &rx);
-    let encoding = if viewer.encoding == ENCODING_ZRLE {
-        "zrle"
-    } else {
-        "raw"
+    let encoding = match viewer.encoding {
+        ENCODING_ZRLE => "zrle",
+        ENCODING_TIGHT => "tight",
+        rfb::ENCODING_OPEN_H264 => "h264",
+        _ => "raw",
     };
     tracing::info!(
         screen,
         encoding,
         bytes = viewer.sent,
+        copyrect = viewer.copied,
+        h264_frames = viewer.frames,
         "VNC viewer's updates"
     );
     // Ends the reader too (its read fails).
@@ -504,10 +520,22 @@ struct Viewer {
     /// What this viewer was last sent of the whole display (native pixels), if anything.
     last: Option<Vec<u8>>,
     frame: Vec<u8>,
-    /// The encoding the viewer prefers of those served (Raw or ZRLE).
+    /// The encoding the viewer prefers of those served (Raw, ZRLE or Tight).
     encoding: i32,
     /// Its ZRLE stream, once it asked for ZRLE (one zlib stream per connection).
     zrle: Option<Zrle>,
+    /// Its Tight streams, once it asked for Tight (four zlib streams per connection).
+    tight: Option<Tight>,
+    /// The viewer takes CopyRect: scrolled bands go as copies of its own pixels.
+    copyrect: bool,
+    /// CopyRect rectangles sent.
+    copied: u64,
+    /// Its H.264 encoder, once it gets Open H.264 (a new one after a resize).
+    h264: Option<crate::encode::H264Encoder>,
+    /// The viewer listed a quality level low enough for lossy H.264.
+    lossy: bool,
+    /// H.264 frames sent.
+    frames: u64,
     /// Bytes sent in framebuffer updates.
     sent: u64,
     /// The viewer takes DesktopSize (the display's size may change under it).
@@ -562,6 +590,18 @@ impl Viewer {
             }
             ClientMessage::SetEncodings(list) => {
                 self.desktop_size = list.contains(&rfb::ENCODING_DESKTOP_SIZE);
+                self.copyrect = list.contains(&rfb::ENCODING_COPYRECT);
+                self.lossy = list.iter().any(|&e| {
+                    (rfb::QUALITY_LEVEL_0..=rfb::QUALITY_LEVEL_0 + H264_MAX_QUALITY).contains(&e)
+                });
+                let g = self.geometry;
+                // H.264 needs an even size (4:2:0) of at least 16x16.
+                let h264 = self.lossy
+                    && g.width.is_multiple_of(2)
+                    && g.height.is_multiple_of(2)
+                    && g.width >= 16
+                    && g.height >= 16;
+                let before = self.encoding;
                 let extended = list.contains(&rfb::ENCODING_EXTENDED_DESKTOP_SIZE);
                 if extended && !self.extended {
                     // The layout, so the viewer knows the server takes SetDesktopSize.
@@ -571,8 +611,18 @@ impl Viewer {
                 // The client lists its encodings best first; Raw is always understood.
                 self.encoding = list
                     .into_iter()
-                    .find(|e| [rfb::ENCODING_RAW, ENCODING_ZRLE].contains(e))
+                    .find(|&e| {
+                        [rfb::ENCODING_RAW, ENCODING_ZRLE, ENCODING_TIGHT].contains(&e)
+                            || (h264 && e == rfb::ENCODING_OPEN_H264)
+                    })
                     .unwrap_or(rfb::ENCODING_RAW);
+                // The viewer's pixels are not what H.264 was given: to or from it, the
+                // whole picture goes again.
+                let is_h264 = |e: i32| e == rfb::ENCODING_OPEN_H264;
+                if is_h264(before) != is_h264(self.encoding) {
+                    self.last = None;
+                    self.h264 = None;
+                }
             }
             ClientMessage::UpdateRequest { incremental, rect } => {
                 let g = &self.geometry;
@@ -736,25 +786,62 @@ impl Viewer {
         }
         let g = self.geometry;
         let stride = g.stride as usize;
-        let rects = match (&self.last, incremental) {
-            (Some(last), true) => changed_tiles(last, &self.frame, stride, rect),
+        if self.encoding == rfb::ENCODING_OPEN_H264 {
+            return self.update_h264(incremental, msg);
+        }
+        let mut bands = Vec::new();
+        let rects = match (&mut self.last, incremental) {
+            (Some(last), true) => {
+                let mut rects = changed_tiles(last, &self.frame, stride, rect);
+                // Scrolled bands (whole lines) go as copies of what the viewer has; the
+                // model applies the same copies, then the rest is compared again.
+                if self.copyrect && !rects.is_empty() && rect == full(&g) {
+                    let (w, h) = (g.width as u16, g.height as u16);
+                    bands = copyrect::find_scroll(last, &self.frame, stride, w, h);
+                    if !bands.is_empty() {
+                        for b in &bands {
+                            copyrect::apply(last, stride, w, *b);
+                        }
+                        rects = changed_tiles(last, &self.frame, stride, rect);
+                    }
+                }
+                rects
+            }
             _ => vec![rect],
         };
-        if rects.is_empty() && self.replies.is_empty() {
+        if rects.is_empty() && bands.is_empty() && self.replies.is_empty() {
             return Ok(false);
         }
-        let mut pseudo = Vec::new();
-        let n = self.put_replies(&mut pseudo);
-        rfb::update_header(rects.len() as u16 + n, msg);
-        msg.extend_from_slice(&pseudo);
+        let mut body = Vec::new();
+        let mut count = usize::from(self.put_replies(&mut body)) + bands.len();
+        for b in &bands {
+            copyrect::put(*b, g.width as u16, &mut body);
+        }
+        self.copied += bands.len() as u64;
         for r in &rects {
-            if self.encoding == ENCODING_ZRLE {
-                let z = self.zrle.get_or_insert_with(Zrle::default);
-                z.rect(&self.frame, stride, *r, self.format, msg);
-            } else {
-                rfb::raw_rect(&self.frame, stride, *r, self.format, msg);
+            match self.encoding {
+                ENCODING_ZRLE => {
+                    let z = self.zrle.get_or_insert_with(Zrle::default);
+                    z.rect(&self.frame, stride, *r, self.format, &mut body);
+                    count += 1;
+                }
+                ENCODING_TIGHT => {
+                    let t = self.tight.get_or_insert_with(Tight::default);
+                    count += usize::from(t.rects(&self.frame, stride, *r, self.format, &mut body));
+                }
+                _ => {
+                    rfb::raw_rect(&self.frame, stride, *r, self.format, &mut body);
+                    count += 1;
+                }
             }
         }
+        let count = u16::try_from(count).map_err(|_| {
+            rfb::RfbError::Protocol(format!(
+                "an update of {count} rectangles does not fit a FramebufferUpdate"
+            ))
+        })?;
+        rfb::update_header(count, msg);
+        msg.extend_from_slice(&body);
         self.sent += msg.len() as u64;
         match &mut self.last {
             Some(last) => {
@@ -765,6 +852,71 @@ impl Viewer {
             None if rect == full(&g) => self.last = Some(self.frame.clone()),
             None => {}
         }
+        self.pending = None;
+        Ok(true)
+    }
+
+    /// Answers the pending request of an H.264 viewer: the whole display as one Open H.264
+    /// rectangle when it changed (its first with the reset flag and a key frame).
+    fn update_h264(&mut self, incremental: bool, msg: &mut Vec<u8>) -> Result<bool, rfb::RfbError> {
+        let g = self.geometry;
+        let stride = g.stride as usize;
+        let changed = match (&self.last, incremental) {
+            (Some(last), true) => !changed_tiles(last, &self.frame, stride, full(&g)).is_empty(),
+            _ => true,
+        };
+        if !changed && self.replies.is_empty() {
+            return Ok(false);
+        }
+        let mut body = Vec::new();
+        let mut count = self.put_replies(&mut body);
+        if changed {
+            let reset = self.h264.is_none();
+            let encoder = match &mut self.h264 {
+                Some(e) => e,
+                None => self.h264.insert(
+                    crate::encode::H264Encoder::new(g.width, g.height, H264_BITRATE, H264_FPS)
+                        .map_err(rfb::RfbError::Protocol)?,
+                ),
+            };
+            if reset {
+                encoder.force_keyframe();
+            }
+            let mut au = Vec::new();
+            encoder
+                .encode(&self.frame, stride, &mut au)
+                .map_err(rfb::RfbError::Protocol)?;
+            if !au.is_empty() {
+                let (w, h) = encoder.size();
+                let r = Rect {
+                    x: 0,
+                    y: 0,
+                    w: w as u16,
+                    h: h as u16,
+                };
+                rfb::rect_header(r, rfb::ENCODING_OPEN_H264, &mut body);
+                body.extend_from_slice(&(au.len() as u32).to_be_bytes());
+                let flags = if reset { rfb::H264_RESET_CONTEXT } else { 0 };
+                body.extend_from_slice(&flags.to_be_bytes());
+                body.extend_from_slice(&au);
+                count += 1;
+                self.frames += 1;
+                match &mut self.last {
+                    Some(last) => last.copy_from_slice(&self.frame),
+                    None => self.last = Some(self.frame.clone()),
+                }
+            } else if reset {
+                // Skipped by the rate control before any picture: start again next time.
+                self.h264 = None;
+            }
+        }
+        // A frame the rate control skipped is offered again at the next poll.
+        if count == 0 {
+            return Ok(false);
+        }
+        rfb::update_header(count, msg);
+        msg.extend_from_slice(&body);
+        self.sent += msg.len() as u64;
         self.pending = None;
         Ok(true)
     }
@@ -809,6 +961,7 @@ impl Viewer {
         self.geometry = now;
         self.frame = vec![0; now.bytes()];
         self.last = None;
+        self.h264 = None;
         Ok(Some(reason))
     }
 }
@@ -1166,6 +1319,12 @@ mod resize_tests {
             frame: vec![0; 8 * 4 * 4],
             encoding: rfb::ENCODING_RAW,
             zrle: None,
+            tight: None,
+            h264: None,
+            lossy: false,
+            copyrect: false,
+            copied: 0,
+            frames: 0,
             sent: 0,
             desktop_size,
             extended: false,
@@ -1469,6 +1628,367 @@ mod extended_tests {
         let mut rest = Vec::new();
         let _ = b.read_to_end(&mut rest);
         assert_eq!(update(&mut ro, 24, 6), (vec![(0, 0, 24, 6, 0)], 0));
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod copyrect_tests {
+    use super::*;
+    use std::io::Read;
+
+    struct Frames {
+        g: DisplayGeometry,
+        pixels: Mutex<Vec<u8>>,
+    }
+    impl FrameSource for Frames {
+        fn displays(&self) -> Vec<DisplayGeometry> {
+            vec![self.g]
+        }
+        fn read(&self, _: usize, out: &mut [u8]) -> bool {
+            out.copy_from_slice(&self.pixels.lock().unwrap());
+            true
+        }
+    }
+
+    /// A frame `w` pixels wide whose line y shows `y + offset` (every line distinct).
+    fn lines(w: usize, h: usize, offset: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(w * h * 4);
+        for y in 0..h {
+            for x in 0..w {
+                let p = ((y + offset) as u32).wrapping_mul(2654435761) ^ x as u32;
+                v.extend_from_slice(&(p & 0xff_ffff).to_le_bytes());
+            }
+        }
+        v
+    }
+
+    /// A viewer that takes `encodings` and keeps its own framebuffer from Raw and
+    /// CopyRect rectangles.
+    struct Client {
+        s: UnixStream,
+        fb: Vec<u8>,
+        w: usize,
+    }
+    impl Client {
+        fn connect(path: &Path, w: usize, h: usize, encodings: &[i32]) -> Client {
+            let mut s = UnixStream::connect(path).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut b = [0u8; 24];
+            s.read_exact(&mut b[..12]).unwrap();
+            s.write_all(b"RFB 003.008\n").unwrap();
+            s.read_exact(&mut b[..2]).unwrap();
+            s.write_all(&[1]).unwrap();
+            s.read_exact(&mut b[..4]).unwrap();
+            s.write_all(&[1]).unwrap();
+            s.read_exact(&mut b).unwrap();
+            let mut name = vec![0u8; u32::from_be_bytes(b[20..24].try_into().unwrap()) as usize];
+            s.read_exact(&mut name).unwrap();
+            let mut m = vec![2, 0];
+            m.extend_from_slice(&(encodings.len() as u16).to_be_bytes());
+            for e in encodings {
+                m.extend_from_slice(&e.to_be_bytes());
+            }
+            s.write_all(&m).unwrap();
+            Client {
+                s,
+                fb: vec![0; w * h * 4],
+                w,
+            }
+        }
+
+        /// One update of the whole display; the number of CopyRect rectangles in it.
+        fn update(&mut self, incremental: bool, h: usize) -> usize {
+            let mut m = vec![3, u8::from(incremental), 0, 0, 0, 0];
+            m.extend_from_slice(&(self.w as u16).to_be_bytes());
+            m.extend_from_slice(&(h as u16).to_be_bytes());
+            self.s.write_all(&m).unwrap();
+            let mut hdr = [0u8; 4];
+            self.s.read_exact(&mut hdr).unwrap();
+            let mut copies = 0;
+            for _ in 0..u16::from_be_bytes([hdr[2], hdr[3]]) {
+                let mut r = [0u8; 12];
+                self.s.read_exact(&mut r).unwrap();
+                let f = |i: usize| usize::from(u16::from_be_bytes([r[i], r[i + 1]]));
+                let (x, y, w, h) = (f(0), f(2), f(4), f(6));
+                let line = |y: usize| (y * self.w + x) * 4;
+                match i32::from_be_bytes(r[8..12].try_into().unwrap()) {
+                    rfb::ENCODING_RAW => {
+                        for row in y..y + h {
+                            let a = line(row);
+                            self.s.read_exact(&mut self.fb[a..a + w * 4]).unwrap();
+                        }
+                    }
+                    rfb::ENCODING_COPYRECT => {
+                        let mut src = [0u8; 4];
+                        self.s.read_exact(&mut src).unwrap();
+                        let (sx, sy) = (
+                            usize::from(u16::from_be_bytes([src[0], src[1]])),
+                            usize::from(u16::from_be_bytes([src[2], src[3]])),
+                        );
+                        let copy: Vec<Vec<u8>> = (sy..sy + h)
+                            .map(|row| {
+                                let a = (row * self.w + sx) * 4;
+                                self.fb[a..a + w * 4].to_vec()
+                            })
+                            .collect();
+                        for (i, c) in copy.iter().enumerate() {
+                            let a = line(y + i);
+                            self.fb[a..a + w * 4].copy_from_slice(c);
+                        }
+                        copies += 1;
+                    }
+                    other => panic!("encoding {other} was not asked for"),
+                }
+            }
+            copies
+        }
+    }
+
+    #[test]
+    fn a_scroll_goes_as_copyrect_to_viewers_that_take_it_and_pictures_stay_exact() {
+        let dir = std::env::temp_dir().join(format!("ray-vnc-copy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (w, h) = (96usize, 80usize);
+        let g = DisplayGeometry {
+            index: 0,
+            gpu: 0,
+            gpa: 0,
+            width: w as u32,
+            height: h as u32,
+            stride: w as u32 * 4,
+        };
+        let src = Arc::new(Frames {
+            g,
+            pixels: Mutex::new(lines(w, h, 0)),
+        });
+        let server = VncServer::start(&dir, "t", src.clone(), None, Arc::new(|_| {})).unwrap();
+        let path = socket_path(&dir, 0, Role::ViewOnly);
+        let mut copy = Client::connect(&path, w, h, &[rfb::ENCODING_COPYRECT, rfb::ENCODING_RAW]);
+        let mut raw = Client::connect(&path, w, h, &[rfb::ENCODING_RAW]);
+        for c in [&mut copy, &mut raw] {
+            assert_eq!(c.update(false, h), 0);
+            assert_eq!(c.fb, lines(w, h, 0));
+        }
+        // Scroll up by 3, then 20, then down by 11: the copying viewer gets CopyRect each
+        // time, the other never; both end with the display's pixels.
+        for offset in [3, 23, 12] {
+            *src.pixels.lock().unwrap() = lines(w, h, offset);
+            assert_eq!(copy.update(true, h), 1, "scroll to offset {offset}");
+            assert_eq!(raw.update(true, h), 0);
+            for c in [&copy, &raw] {
+                assert!(c.fb == lines(w, h, offset), "offset {offset}");
+            }
+        }
+        // A change that is no scroll goes as pixels.
+        src.pixels.lock().unwrap()[5] ^= 0xff;
+        assert_eq!(copy.update(true, h), 0);
+        assert!(copy.fb == *src.pixels.lock().unwrap());
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod h264_tests {
+    use super::*;
+    use crate::encode::{y_psnr, H264Decoder};
+    use std::io::Read;
+
+    struct Frames {
+        g: DisplayGeometry,
+        pixels: Mutex<Vec<u8>>,
+    }
+    impl FrameSource for Frames {
+        fn displays(&self) -> Vec<DisplayGeometry> {
+            vec![self.g]
+        }
+        fn read(&self, _: usize, out: &mut [u8]) -> bool {
+            out.copy_from_slice(&self.pixels.lock().unwrap());
+            true
+        }
+    }
+
+    /// Colour bars with a box at `at`.
+    fn picture(w: usize, h: usize, at: usize) -> Vec<u8> {
+        let bars = [
+            0xffffffu32,
+            0xffff00,
+            0x00ffff,
+            0x00ff00,
+            0xff00ff,
+            0xff0000,
+            0x0000ff,
+            0,
+        ];
+        let mut v = Vec::with_capacity(w * h * 4);
+        for y in 0..h {
+            for x in 0..w {
+                let inside = (at..at + 32).contains(&x) && (16..48).contains(&y);
+                let p = if inside { 0x808080 } else { bars[x * 8 / w] };
+                v.extend_from_slice(&p.to_le_bytes());
+            }
+        }
+        v
+    }
+
+    fn connect(path: &Path, encodings: &[i32]) -> UnixStream {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut b = [0u8; 24];
+        s.read_exact(&mut b[..12]).unwrap();
+        s.write_all(b"RFB 003.008\n").unwrap();
+        s.read_exact(&mut b[..2]).unwrap();
+        s.write_all(&[1]).unwrap();
+        s.read_exact(&mut b[..4]).unwrap();
+        s.write_all(&[1]).unwrap();
+        s.read_exact(&mut b).unwrap();
+        let mut name = vec![0u8; u32::from_be_bytes(b[20..24].try_into().unwrap()) as usize];
+        s.read_exact(&mut name).unwrap();
+        let mut m = vec![2, 0];
+        m.extend_from_slice(&(encodings.len() as u16).to_be_bytes());
+        for e in encodings {
+            m.extend_from_slice(&e.to_be_bytes());
+        }
+        s.write_all(&m).unwrap();
+        s
+    }
+
+    /// One update of (w, h): each rectangle's encoding, and the H.264 ones' flags and
+    /// access units.
+    fn update(s: &mut UnixStream, incremental: bool, w: u16, h: u16) -> Vec<(i32, u32, Vec<u8>)> {
+        let mut m = vec![3, u8::from(incremental), 0, 0, 0, 0];
+        m.extend_from_slice(&w.to_be_bytes());
+        m.extend_from_slice(&h.to_be_bytes());
+        s.write_all(&m).unwrap();
+        let mut hdr = [0u8; 4];
+        s.read_exact(&mut hdr).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..u16::from_be_bytes([hdr[2], hdr[3]]) {
+            let mut r = [0u8; 12];
+            s.read_exact(&mut r).unwrap();
+            let (rw, rh) = (
+                usize::from(u16::from_be_bytes([r[4], r[5]])),
+                usize::from(u16::from_be_bytes([r[6], r[7]])),
+            );
+            let enc = i32::from_be_bytes(r[8..12].try_into().unwrap());
+            let (flags, body) = match enc {
+                rfb::ENCODING_OPEN_H264 => {
+                    assert_eq!(
+                        (rw, rh),
+                        (usize::from(w), usize::from(h)),
+                        "the whole display"
+                    );
+                    let mut lf = [0u8; 8];
+                    s.read_exact(&mut lf).unwrap();
+                    let mut au = vec![0; u32::from_be_bytes(lf[..4].try_into().unwrap()) as usize];
+                    s.read_exact(&mut au).unwrap();
+                    (u32::from_be_bytes(lf[4..].try_into().unwrap()), au)
+                }
+                rfb::ENCODING_RAW => {
+                    let mut px = vec![0; rw * rh * 4];
+                    s.read_exact(&mut px).unwrap();
+                    (0, px)
+                }
+                other => panic!("encoding {other}"),
+            };
+            out.push((enc, flags, body));
+        }
+        out
+    }
+
+    #[test]
+    fn a_lossy_viewer_gets_open_h264_of_changes_only_and_it_decodes_to_the_display() {
+        let dir = std::env::temp_dir().join(format!("ray-vnc-h264-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (w, h) = (160usize, 96usize);
+        let g = DisplayGeometry {
+            index: 0,
+            gpu: 0,
+            gpa: 0,
+            width: w as u32,
+            height: h as u32,
+            stride: w as u32 * 4,
+        };
+        let src = Arc::new(Frames {
+            g,
+            pixels: Mutex::new(picture(w, h, 0)),
+        });
+        let server = VncServer::start(&dir, "t", src.clone(), None, Arc::new(|_| {})).unwrap();
+        let path = socket_path(&dir, 0, Role::ViewOnly);
+        let quality = |n: i32| rfb::QUALITY_LEVEL_0 + n;
+        // H.264 first, quality 2: H.264. Quality 6 (or none): the next encoding, Raw.
+        let mut lossy = connect(
+            &path,
+            &[rfb::ENCODING_OPEN_H264, rfb::ENCODING_RAW, quality(2)],
+        );
+        let mut fine = connect(
+            &path,
+            &[rfb::ENCODING_OPEN_H264, rfb::ENCODING_RAW, quality(6)],
+        );
+        assert_eq!(
+            update(&mut fine, false, w as u16, h as u16)[0].0,
+            rfb::ENCODING_RAW
+        );
+        let mut decoder = H264Decoder::new().unwrap();
+        let mut check = |au: &[u8], want: &[u8]| {
+            let mut pictures = 0;
+            decoder
+                .decode(au, |f| {
+                    assert_eq!((f.width, f.height), (w as u32, h as u32));
+                    let psnr = y_psnr(want, w * 4, &f.y, w, h);
+                    assert!(psnr >= 35.0, "Y PSNR {psnr:.1} dB");
+                    pictures += 1;
+                })
+                .unwrap();
+            assert_eq!(pictures, 1);
+        };
+        let first = update(&mut lossy, false, w as u16, h as u16);
+        assert_eq!(first.len(), 1);
+        let (enc, flags, au) = &first[0];
+        assert_eq!(
+            (*enc, *flags),
+            (rfb::ENCODING_OPEN_H264, rfb::H264_RESET_CONTEXT)
+        );
+        check(au, &picture(w, h, 0));
+        // Nothing changed: an incremental request waits (no frame is sent).
+        lossy
+            .write_all(&[3, 1, 0, 0, 0, 0, 0, w as u8, 0, h as u8])
+            .unwrap();
+        lossy
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut nothing = [0u8; 1];
+        assert!(
+            lossy.read(&mut nothing).is_err(),
+            "no update without a change"
+        );
+        lossy
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        // The waiting request is answered by the next change; then more changes.
+        *src.pixels.lock().unwrap() = picture(w, h, 8);
+        let mut hdr = [0u8; 4];
+        lossy.read_exact(&mut hdr).unwrap();
+        assert_eq!(u16::from_be_bytes([hdr[2], hdr[3]]), 1);
+        let mut r = [0u8; 20];
+        lossy.read_exact(&mut r).unwrap();
+        assert_eq!(
+            i32::from_be_bytes(r[8..12].try_into().unwrap()),
+            rfb::ENCODING_OPEN_H264
+        );
+        let mut au = vec![0; u32::from_be_bytes(r[12..16].try_into().unwrap()) as usize];
+        lossy.read_exact(&mut au).unwrap();
+        check(&au, &picture(w, h, 8));
+        // A change: one more frame, no reset; it decodes after the first.
+        for at in [16, 48] {
+            *src.pixels.lock().unwrap() = picture(w, h, at);
+            let next = update(&mut lossy, true, w as u16, h as u16);
+            assert_eq!(next.len(), 1);
+            assert_eq!((next[0].0, next[0].1), (rfb::ENCODING_OPEN_H264, 0));
+            check(&next[0].2, &picture(w, h, at));
+        }
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -11,8 +11,10 @@
 //!   (read from guest RAM, sent Raw over the socket), per second.
 //! * `memcpy_ratio`: one full-screen update's time over a plain memcpy of the frame (the
 //!   physical floor), medians of the same run.
-//! * `frame_bytes`: bytes of one full-screen update in each encoding (Raw, ZRLE) for test
-//!   patterns the guest draws, and ZRLE's full-screen updates per second.
+//! * `frame_bytes`: bytes of one full-screen update in each encoding (Raw, ZRLE, Tight) for
+//!   test patterns the guest draws, and ZRLE's and Tight's full-screen updates per second.
+//! * `scroll_bytes` (emulated GPU): the guest scrolls a gradient by 16 lines; the bytes of
+//!   the incremental update a viewer taking CopyRect then ZRLE gets, and one taking ZRLE only.
 //! * `encode_fps.h264` (1280x800) and `encode_fps_1080p.h264` (1920x1080): frames a second
 //!   the encode sessions' H.264 encoder (openh264, one thread) turns out on this thread,
 //!   each frame a change of the one before (colour bars with a box moving 16 pixels a
@@ -59,6 +61,8 @@ struct DisplayReport {
     memcpy_ms: Stats,
     memcpy_ratio: f64,
     frame_bytes: Vec<FrameBytes>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scroll_bytes: Option<ScrollBytes>,
     encode_fps: EncodeFps,
     encode_fps_1080p: EncodeFps,
     encode_latency_ms: EncodeLatency,
@@ -139,10 +143,29 @@ struct FrameBytes {
     /// raw / zrle.
     ratio: f64,
     zrle_fps: Stats,
+    tight: u64,
+    /// raw / tight.
+    tight_ratio: f64,
+    tight_fps: Stats,
+}
+
+/// One scroll's update with and without CopyRect.
+#[derive(Serialize, Default)]
+struct ScrollBytes {
+    lines: u32,
+    /// CopyRect then ZRLE for the lines that came in.
+    copyrect: u64,
+    copyrect_rects: u32,
+    /// ZRLE only.
+    zrle: u64,
+    /// zrle / copyrect.
+    ratio: f64,
 }
 
 const ENCODING_RAW: i32 = 0;
 const ENCODING_ZRLE: i32 = ray_display::zrle::ENCODING_ZRLE;
+const ENCODING_TIGHT: i32 = ray_display::tight::ENCODING_TIGHT;
+const ENCODING_COPYRECT: i32 = ray_display::rfb::ENCODING_COPYRECT;
 
 const W: u16 = 1920;
 const H: u16 = 1080;
@@ -206,36 +229,91 @@ impl Viewer {
 
     /// Switches to `encoding` and takes one full-screen update: the bytes it took.
     fn frame_bytes(&mut self, encoding: i32) -> anyhow::Result<u64> {
-        let mut m = vec![2, 0, 0, 1];
-        m.extend_from_slice(&encoding.to_be_bytes());
-        m.extend_from_slice(&[3, 0, 0, 0, 0, 0]);
+        self.set_encodings(&[encoding])?;
+        Ok(self.take_update(false)?.0)
+    }
+
+    fn set_encodings(&mut self, list: &[i32]) -> anyhow::Result<()> {
+        let mut m = vec![2, 0];
+        m.extend_from_slice(&(list.len() as u16).to_be_bytes());
+        for e in list {
+            m.extend_from_slice(&e.to_be_bytes());
+        }
+        Ok(self.0.write_all(&m)?)
+    }
+
+    fn byte(&mut self) -> anyhow::Result<u8> {
+        let mut b = [0u8; 1];
+        self.0.read_exact(&mut b)?;
+        Ok(b[0])
+    }
+
+    /// Asks for a full-screen update and reads it: (bytes, CopyRect rectangles).
+    fn take_update(&mut self, incremental: bool) -> anyhow::Result<(u64, u32)> {
+        let mut m = vec![3, u8::from(incremental), 0, 0, 0, 0];
         m.extend_from_slice(&W.to_be_bytes());
         m.extend_from_slice(&H.to_be_bytes());
         self.0.write_all(&m)?;
         let mut hdr = [0u8; 4];
         self.0.read_exact(&mut hdr)?;
-        let mut bytes = 4u64;
+        let (mut bytes, mut copies) = (4u64, 0);
         let mut body = Vec::new();
         for _ in 0..u16::from_be_bytes([hdr[2], hdr[3]]) {
             let mut r = [0u8; 12];
             self.0.read_exact(&mut r)?;
+            bytes += 12;
             let w = usize::from(u16::from_be_bytes([r[4], r[5]]));
             let h = usize::from(u16::from_be_bytes([r[6], r[7]]));
             let len = match i32::from_be_bytes(r[8..12].try_into()?) {
                 ENCODING_RAW => w * h * 4,
+                ENCODING_COPYRECT => {
+                    copies += 1;
+                    4
+                }
                 ENCODING_ZRLE => {
                     let mut l = [0u8; 4];
                     self.0.read_exact(&mut l)?;
                     bytes += 4;
                     u32::from_be_bytes(l) as usize
                 }
+                ENCODING_TIGHT => {
+                    // Lossless Tight as this server sends it (3-byte pixels).
+                    let ctl = self.byte()?;
+                    bytes += 1;
+                    if ctl >> 4 == 8 {
+                        3
+                    } else {
+                        let mut raw = w * h * 3;
+                        if ctl & 0x40 != 0 {
+                            let (_filter, n) = (self.byte()?, usize::from(self.byte()?) + 1);
+                            body.resize(n * 3, 0);
+                            self.0.read_exact(&mut body)?;
+                            bytes += 2 + body.len() as u64;
+                            raw = if n == 2 { w.div_ceil(8) * h } else { w * h };
+                        }
+                        if raw < 12 {
+                            raw
+                        } else {
+                            let mut len = 0;
+                            for k in 0..3 {
+                                let b = self.byte()?;
+                                bytes += 1;
+                                len |= usize::from(b & 0x7f) << (7 * k);
+                                if b & 0x80 == 0 {
+                                    break;
+                                }
+                            }
+                            len
+                        }
+                    }
+                }
                 other => bail!("the server sent encoding {other}"),
             };
             body.resize(len, 0);
             self.0.read_exact(&mut body)?;
-            bytes += 12 + len as u64;
+            bytes += len as u64;
         }
-        Ok(bytes)
+        Ok((bytes, copies))
     }
 }
 
@@ -278,9 +356,15 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         .ok()
         .map(|_| encodings(a.runs, &dir))
         .transpose();
+    let scrolled = match (&measured, a.gpu.as_str()) {
+        (Ok(_), "emulated") => Some(scroll_bytes(&dir)),
+        _ => None,
+    }
+    .transpose();
     vmm.stop()?;
     let (latency, fps, update_ms) = measured?;
     let frame_bytes = encoded?.unwrap_or_default();
+    let scroll_bytes = scrolled?;
 
     let frame = vec![0x5au8; usize::from(W) * usize::from(H) * 4];
     let mut copy = vec![0u8; frame.len()];
@@ -319,6 +403,7 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         memcpy_ratio: Stats::of(&update_ms).median / memcpy_ms.median,
         memcpy_ms,
         frame_bytes,
+        scroll_bytes,
         encode_fps: EncodeFps {
             h264: Stats::of(&fps800),
             hevc: other(Codec::Hevc, 1280, 800)?,
@@ -352,6 +437,17 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 f.pattern, f.raw, f.zrle, f.ratio
             );
             print_row("  zrle full-screen updates", f.zrle_fps, "/s");
+            println!(
+                "  {:<9} tight {} B ({:.1}x smaller than raw)",
+                f.pattern, f.tight, f.tight_ratio
+            );
+            print_row("  tight full-screen updates", f.tight_fps, "/s");
+        }
+        if let Some(s) = &report.scroll_bytes {
+            println!(
+                "  scroll by {} lines: copyrect+zrle {} B ({} copies), zrle {} B ({:.1}x)",
+                s.lines, s.copyrect, s.copyrect_rects, s.zrle, s.ratio
+            );
         }
         print_row("H.264 encode 1280x800", report.encode_fps.h264, "fps");
         for (name, fps) in [
@@ -412,6 +508,42 @@ fn measure(runs: usize, dir: &Path) -> anyhow::Result<(Vec<f64>, Vec<f64>, Vec<f
     Ok((latency, fps, each))
 }
 
+/// The guest scrolls a gradient by 16 lines twice: the update of a viewer that takes
+/// CopyRect then ZRLE, then of one that takes ZRLE only.
+fn scroll_bytes(dir: &Path) -> anyhow::Result<ScrollBytes> {
+    let client = ray::client::VmmClient::new(&dir.join("api.sock"));
+    let console = |line: &str| -> anyhow::Result<()> {
+        let body = serde_json::to_vec(&ray_api::vmm::ConsoleInput {
+            data: format!("{line}\n"),
+        })?;
+        client.call::<serde_json::Value>("POST", "/vm/console", Some(body))?;
+        // The guest draws or moves 1920x1080 pixels in well under this.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    };
+    let mut v = Viewer::connect(&ray_display::vnc::socket_path(
+        dir,
+        0,
+        ray_display::vnc::Role::ViewOnly,
+    ))?;
+    console("draw gradient 2")?;
+    let mut one = |list: &[i32]| -> anyhow::Result<(u64, u32)> {
+        v.set_encodings(list)?;
+        v.take_update(false)?;
+        console("scroll 16")?;
+        v.take_update(true)
+    };
+    let (copyrect, copyrect_rects) = one(&[ENCODING_COPYRECT, ENCODING_ZRLE])?;
+    let (zrle, _) = one(&[ENCODING_ZRLE])?;
+    Ok(ScrollBytes {
+        lines: 16,
+        copyrect,
+        copyrect_rects,
+        zrle,
+        ratio: zrle as f64 / copyrect as f64,
+    })
+}
+
 /// Full-screen update sizes in Raw and ZRLE for test patterns the guest draws, and ZRLE's
 /// updates per second (its zlib stream runs on, as with a real viewer).
 fn encodings(runs: usize, dir: &Path) -> anyhow::Result<Vec<FrameBytes>> {
@@ -431,19 +563,26 @@ fn encodings(runs: usize, dir: &Path) -> anyhow::Result<Vec<FrameBytes>> {
         std::thread::sleep(Duration::from_millis(500));
         let raw = v.frame_bytes(ENCODING_RAW)?;
         let zrle = v.frame_bytes(ENCODING_ZRLE)?;
-        let fps: Vec<f64> = (0..runs)
-            .map(|_| {
-                let t = Instant::now();
-                v.frame_bytes(ENCODING_ZRLE)
-                    .map(|_| 1.0 / t.elapsed().as_secs_f64())
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let mut fps = |encoding| -> anyhow::Result<Vec<f64>> {
+            (0..runs)
+                .map(|_| {
+                    let t = Instant::now();
+                    v.frame_bytes(encoding)
+                        .map(|_| 1.0 / t.elapsed().as_secs_f64())
+                })
+                .collect()
+        };
+        let (zrle_fps, tight_fps) = (fps(ENCODING_ZRLE)?, fps(ENCODING_TIGHT)?);
+        let tight = v.frame_bytes(ENCODING_TIGHT)?;
         out.push(FrameBytes {
             pattern,
             raw,
             zrle,
             ratio: raw as f64 / zrle as f64,
-            zrle_fps: Stats::of(&fps),
+            zrle_fps: Stats::of(&zrle_fps),
+            tight,
+            tight_ratio: raw as f64 / tight as f64,
+            tight_fps: Stats::of(&tight_fps),
         });
     }
     Ok(out)
