@@ -272,6 +272,22 @@ ray gpu screenshot desk -o desk.png",
     ),
     ("gpu type", "ray gpu type desk 'echo hi\\n'"),
     (
+        "gpu backend",
+        "ray gpu backend --socket /run/gpu-backend.sock\n\
+         ray vm run --gpu remote,socket=/run/gpu-backend.sock\n\
+         ray gpu backend --listen 127.0.0.1:7000 --token-file /etc/ray/gpu.token",
+    ),
+    (
+        "gpu-device",
+        "ray gpu-device serve --socket /run/gpu-dev.sock\n\
+         ray vm run --gpu passthrough,vfio-user=/run/gpu-dev.sock",
+    ),
+    (
+        "gpu-device serve",
+        "ray gpu-device serve --socket /run/gpu-dev.sock\n\
+         ray vm run --gpu passthrough,vfio-user=/run/gpu-dev.sock",
+    ),
+    (
         "gpu encode",
         "ray gpu encode start desk -o desk.h264\nray gpu encode list desk\nray gpu encode stop desk 1",
     ),
