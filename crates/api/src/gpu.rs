@@ -621,8 +621,9 @@ mod tests {
             kind: GpuType::Passthrough,
             ..one
         };
+        // A passthrough GPU has no displays of ours: its own check names the GPU.
         assert!(check_gpus(&[bad])
             .unwrap_err()
-            .starts_with("GPU 0: GPU type passthrough"));
+            .starts_with("GPU 0: a passthrough GPU has no displays of the VMM"));
     }
 }
