@@ -346,7 +346,7 @@ fn gpu_requests_are_checked_before_the_vm_starts() {
     for (args, msg) in [
         (
             &["--gpu", "passthrough"][..],
-            "GPU type passthrough is not implemented in this build",
+            "a passthrough GPU takes exactly one of vfio-user=SOCKET or host=BDF",
         ),
         (&["--gpu", "remote"], "a remote GPU needs its back end"),
         (
