@@ -680,26 +680,29 @@ impl From<KeyFileError> for String {
     }
 }
 
+/// A key file must be a regular file of at most [`MAX_KEY_FILE_BYTES`].
+fn check_key_file(m: &Metadata, path: &Path) -> Result<(), KeyFileError> {
+    if !m.file_type().is_file() {
+        return Err(KeyFileError::NotRegular {
+            path: path.to_path_buf(),
+            kind: file_kind(m.file_type()),
+        });
+    }
+    if m.len() > MAX_KEY_FILE_BYTES {
+        return Err(KeyFileError::TooLarge {
+            path: path.to_path_buf(),
+            size: m.len(),
+        });
+    }
+    Ok(())
+}
+
 /// Reads a pre-shared key file (surrounding ASCII whitespace is trimmed). Only a regular
 /// file of at most [`MAX_KEY_FILE_BYTES`] is read; a FIFO, a device, a directory is
 /// refused without reading from it, and nothing here blocks (the file is opened with
 /// `O_NONBLOCK`, so even a FIFO swapped in after the first check does not wait for a writer).
 pub fn read_key_file(path: &Path) -> Result<PresharedKey, KeyFileError> {
-    let check = |m: &Metadata| {
-        if !m.file_type().is_file() {
-            return Err(KeyFileError::NotRegular {
-                path: path.to_path_buf(),
-                kind: file_kind(m.file_type()),
-            });
-        }
-        if m.len() > MAX_KEY_FILE_BYTES {
-            return Err(KeyFileError::TooLarge {
-                path: path.to_path_buf(),
-                size: m.len(),
-            });
-        }
-        Ok(())
-    };
+    let check = |m: &Metadata| check_key_file(m, path);
     // Checked before opening (opening some devices has effects), and again on what was
     // opened (the path may have changed in between).
     let before = std::fs::metadata(path).map_err(|source| KeyFileError::Open {
@@ -721,21 +724,7 @@ pub fn read_key_file(path: &Path) -> Result<PresharedKey, KeyFileError> {
 /// Reads a pre-shared key from `file`, opened by someone else (`ray` hands a jailed VMM the
 /// key file it opened), named `path` in errors; the same checks as [`read_key_file`].
 pub fn read_key_from(file: std::fs::File, path: &Path) -> Result<PresharedKey, KeyFileError> {
-    let check = |m: &Metadata| {
-        if !m.file_type().is_file() {
-            return Err(KeyFileError::NotRegular {
-                path: path.to_path_buf(),
-                kind: file_kind(m.file_type()),
-            });
-        }
-        if m.len() > MAX_KEY_FILE_BYTES {
-            return Err(KeyFileError::TooLarge {
-                path: path.to_path_buf(),
-                size: m.len(),
-            });
-        }
-        Ok(())
-    };
+    let check = |m: &Metadata| check_key_file(m, path);
     let read_failed = |source| KeyFileError::Read {
         path: path.to_path_buf(),
         source,
