@@ -4,7 +4,7 @@
 //   RAY_WEB_ADMIN      an admin token;  RAY_WEB_VIEWER  a viewer token
 //   RAY_WEB_ARTIFACTS  where the page screenshots go
 // Every step asserts what it sees; any failure throws and the process exits non-zero.
-import { check, launch, need } from './common.mjs';
+import { check, launch, need, termText, waitTerm } from './common.mjs';
 
 const url = need('RAY_WEB_URL');
 const adminToken = need('RAY_WEB_ADMIN');
@@ -64,23 +64,6 @@ async function waitMatch(page, display, what) {
   check(last.ok && last.colours > 1, `${what}: noVNC canvas equals the PNG screenshot (${JSON.stringify(last)})`);
 }
 
-async function termText(page) {
-  return page.evaluate(() => {
-    const b = window.rayTerm.buffer.active;
-    const lines = [];
-    for (let i = 0; i < b.length; i++) lines.push(b.getLine(i).translateToString(true));
-    return lines.join('\n');
-  });
-}
-
-async function waitTerm(page, text, ms = 20000) {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if ((await termText(page)).includes(text)) return;
-    await page.waitForTimeout(100);
-  }
-  throw new Error(`FAILED: the serial console never showed ${JSON.stringify(text)}; it shows:\n${await termText(page)}`);
-}
 
 async function noOverflow(page, width, what) {
   const w = await page.evaluate(() => document.documentElement.scrollWidth);

@@ -31,3 +31,23 @@ export async function launch(artifacts) {
       '--disable-component-update', '--disable-sync'],
   });
 }
+
+/** The serial console's text (xterm.js buffer) in the page. */
+export async function termText(page) {
+  return page.evaluate(() => {
+    const b = window.rayTerm.buffer.active;
+    const lines = [];
+    for (let i = 0; i < b.length; i++) lines.push(b.getLine(i).translateToString(true));
+    return lines.join('\n');
+  });
+}
+
+/** Waits until the serial console shows `text`. */
+export async function waitTerm(page, text, ms = 20000) {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    if ((await termText(page)).includes(text)) return;
+    await page.waitForTimeout(100);
+  }
+  throw new Error(`FAILED: the serial console never showed ${JSON.stringify(text)}; it shows:\n${await termText(page)}`);
+}

@@ -10,7 +10,7 @@
 //   RAY_WEB_URL        http://127.0.0.1:PORT
 //   RAY_WEB_ADMIN      an admin token
 //   RAY_WEB_ARTIFACTS  where the page screenshots go
-import { check, launch, need } from './common.mjs';
+import { check, launch, need, termText, waitTerm } from './common.mjs';
 
 const url = need('RAY_WEB_URL');
 const adminToken = need('RAY_WEB_ADMIN');
@@ -73,23 +73,6 @@ async function waitMatch(page, what) {
   check(last.ok, `${what}: the noVNC canvas equals the PNG screenshot (${JSON.stringify(last)})`);
 }
 
-async function termText(page) {
-  return page.evaluate(() => {
-    const b = window.rayTerm.buffer.active;
-    const lines = [];
-    for (let i = 0; i < b.length; i++) lines.push(b.getLine(i).translateToString(true));
-    return lines.join('\n');
-  });
-}
-
-async function waitTerm(page, text, ms = 20000) {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if ((await termText(page)).includes(text)) return;
-    await page.waitForTimeout(100);
-  }
-  throw new Error(`FAILED: the serial console never showed ${JSON.stringify(text)}; it shows:\n${await termText(page)}`);
-}
 
 try {
   const ctx = await browser.newContext({ viewport: { width: 1280, height: 720 } });

@@ -8,7 +8,7 @@
 //   RAY_WEB_ADMIN      an admin token
 //   RAY_WEB_ARTIFACTS  where the page screenshots go
 // Every step asserts what it sees; any failure throws and the process exits non-zero.
-import { check, launch, need } from './common.mjs';
+import { check, launch, need, termText, waitTerm } from './common.mjs';
 
 const url = need('RAY_WEB_URL');
 const adminToken = need('RAY_WEB_ADMIN');
@@ -62,23 +62,6 @@ async function waitFollow(page, before, what) {
   return last.png;
 }
 
-async function termText(page) {
-  return page.evaluate(() => {
-    const b = window.rayTerm.buffer.active;
-    const lines = [];
-    for (let i = 0; i < b.length; i++) lines.push(b.getLine(i).translateToString(true));
-    return lines.join('\n');
-  });
-}
-
-async function waitTerm(page, text, ms = 20000) {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if ((await termText(page)).includes(text)) return;
-    await page.waitForTimeout(100);
-  }
-  throw new Error(`FAILED: the serial console never showed ${JSON.stringify(text)}; it shows:\n${await termText(page)}`);
-}
 
 // The guest saw the display event for `size` and draws `pattern` at that size; the
 // console's canvas then equals the screenshot, pattern and all.
