@@ -279,6 +279,13 @@ impl Message {
                 out.extend_from_slice(pixels);
             }
             Message::Answer { code, why } => {
+                // A reason longer than a frame may carry (one naming a long input) is cut
+                // at a character boundary: every frame sent decodes.
+                let mut n = why.len().min(MAX_WHY);
+                while !why.is_char_boundary(n) {
+                    n -= 1;
+                }
+                let why = &why[..n];
                 u32s(&mut out, kind::ANSWER, &[*code]);
                 out.extend_from_slice(&(why.len() as u16).to_le_bytes());
                 out.extend_from_slice(why.as_bytes());
@@ -564,5 +571,25 @@ mod tests {
         assert!(!same_token(b"abc", b"abd"));
         assert!(!same_token(b"abc", b"abcd"));
         assert!(!same_token(b"abc\0", b"abc"));
+    }
+
+    #[test]
+    fn a_long_reason_is_cut_so_that_the_answer_still_decodes() {
+        let long = Message::Answer {
+            code: 1,
+            why: "é".repeat(MAX_WHY),
+        };
+        let bytes = long.encode();
+        match Message::decode(&bytes) {
+            Ok(Message::Answer { code: 1, why }) => {
+                assert!(
+                    why.len() <= MAX_WHY && why.len() >= MAX_WHY - 1,
+                    "{}",
+                    why.len()
+                );
+                assert!(why.chars().all(|c| c == 'é'));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
