@@ -242,3 +242,145 @@ fn hevc_and_vp9_sessions_decode_back_through_the_cli() {
         eprintln!("{}: RGB PSNR {psnr:.1} dB", out.display());
     }
 }
+
+/// RGB PSNR of the PNG `a` against the PNG `b`, which must be the same size.
+fn rgb_psnr(a: &std::path::Path, b: &std::path::Path) -> f64 {
+    let (aw, ah, argb) = crate::display::decode(a);
+    let (bw, bh, brgb) = crate::display::decode(b);
+    assert_eq!(
+        (aw, ah),
+        (bw, bh),
+        "{} against {}",
+        a.display(),
+        b.display()
+    );
+    let sse: f64 = argb
+        .iter()
+        .zip(&brgb)
+        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+        .sum();
+    10.0 * (255.0f64.powi(2) / (sse / argb.len() as f64).max(1e-9)).log10()
+}
+
+/// A session without a file streams to its watchers only: nothing is encoded until
+/// `ray gpu encode watch` connects, the watcher sees the guest's drawing live, and a
+/// watcher that joins a still display starts at a key frame of its own; both streams
+/// decode to the screenshot. A bad session number is refused by name.
+#[test]
+fn a_session_streams_live_to_its_watchers_from_a_key_frame() {
+    let env = Env::new("encode-watch");
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", "emulated,width=640,height=480"]);
+    vm.expect_line("ready", Duration::from_secs(20));
+    let id = vm.id.clone();
+    let mut codecs = vec![("h264", "h264")];
+    if cfg!(feature = "ffmpeg") {
+        codecs.push(("hevc", "hevc"));
+    }
+    for (codec, ext) in codecs {
+        let s: EncodeSessionInfo = serde_json::from_str(&env.ray_ok(&[
+            "gpu", "encode", "start", &id, "--codec", codec, "--fps", "30", "--json",
+        ]))
+        .unwrap();
+        assert_eq!(s.path, None);
+        let session = s.id.to_string();
+        let info = |env: &Env| {
+            sessions(env, &id)
+                .sessions
+                .into_iter()
+                .find(|x| x.id == s.id)
+                .unwrap()
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            info(&env).frames,
+            0,
+            "{codec}: nobody watches, nothing encoded"
+        );
+
+        let live = env.runtime.join(format!("live.{ext}"));
+        let late = env.runtime.join(format!("late.{ext}"));
+        let shot = env.runtime.join(format!("shot-{codec}.png"));
+        std::thread::scope(|scope| {
+            let watcher = scope.spawn(|| {
+                env.ray(&[
+                    "gpu",
+                    "encode",
+                    "watch",
+                    &id,
+                    &session,
+                    "--seconds",
+                    "6",
+                    "-o",
+                    live.to_str().unwrap(),
+                ])
+            });
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while info(&env).watchers < 1 || info(&env).frames < 1 {
+                assert!(
+                    Instant::now() < deadline,
+                    "{codec}: the watcher never joined"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let seed = if codec == "h264" { "5" } else { "9" };
+            vm.command(&format!("draw checker {seed} 0"), "draw ");
+            while info(&env).frames < 2 {
+                assert!(
+                    Instant::now() < deadline,
+                    "{codec}: the drawing was not encoded"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // The display is still now: a second watcher gets a key frame of it at once.
+            std::thread::sleep(Duration::from_millis(500));
+            env.ray_ok(&["gpu", "screenshot", &id, "-o", shot.to_str().unwrap()]);
+            let second = env.ray(&[
+                "gpu",
+                "encode",
+                "watch",
+                &id,
+                &session,
+                "--seconds",
+                "2",
+                "-o",
+                late.to_str().unwrap(),
+            ]);
+            assert!(
+                second.status.success(),
+                "{}",
+                String::from_utf8_lossy(&second.stderr)
+            );
+            let first = watcher.join().unwrap();
+            assert!(
+                first.status.success(),
+                "{}",
+                String::from_utf8_lossy(&first.stderr)
+            );
+        });
+        for file in [&live, &late] {
+            let png = file.with_extension("png");
+            env.ray_ok(&[
+                "gpu",
+                "decode",
+                file.to_str().unwrap(),
+                "--last",
+                "-o",
+                png.to_str().unwrap(),
+            ]);
+            let psnr = rgb_psnr(&png, &shot);
+            assert!(
+                psnr >= 30.0,
+                "{}: RGB PSNR {psnr:.1} dB < 30 dB",
+                file.display()
+            );
+            eprintln!("{}: RGB PSNR {psnr:.1} dB", file.display());
+        }
+        env.ray_ok(&["gpu", "encode", "stop", &id, &session]);
+    }
+    let bad = env.ray(&["gpu", "encode", "watch", &id, "42", "-o", "/dev/null"]);
+    let msg = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && msg.contains("encode session 42 does not exist"),
+        "{msg}"
+    );
+}

@@ -22,6 +22,8 @@ pub const DEFAULT_BITRATE: u64 = 2_000_000;
 pub const MIN_FPS: u32 = 1;
 pub const MAX_FPS: u32 = 60;
 pub const DEFAULT_FPS: u32 = 30;
+/// Viewers of one session's live stream (`GET /vm/encode/{session}/stream`) at once.
+pub const MAX_WATCHERS_PER_SESSION: usize = 4;
 
 /// A video codec.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -77,8 +79,11 @@ pub struct EncodeRequest {
     /// At most this many frames a second (1 to 60; 30 by default).
     #[serde(default = "default_fps")]
     pub fps: u32,
-    /// The file the VMM writes the stream to (absolute; created or truncated).
-    pub path: String,
+    /// The file the VMM writes the stream to (absolute; created or truncated). Without it
+    /// the stream goes only to its watchers (`GET /vm/encode/{session}/stream`), and the
+    /// session encodes only while someone watches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 fn default_bitrate() -> u64 {
@@ -104,10 +109,9 @@ impl EncodeRequest {
                 self.fps
             ));
         }
-        if !self.path.starts_with('/') {
+        if let Some(path) = self.path.as_deref().filter(|p| !p.starts_with('/')) {
             return Err(format!(
-                "output path '{}' is not absolute: the VMM writes it and has its own working directory",
-                self.path
+                "output path '{path}' is not absolute: the VMM writes it and has its own working directory"
             ));
         }
         Ok(())
@@ -169,8 +173,12 @@ pub struct EncodeSessionInfo {
     /// Encode latency (frame read to stream written) of the last frame, and the mean, ms.
     pub latency_ms: f64,
     pub mean_latency_ms: f64,
-    /// Where the stream goes.
-    pub path: String,
+    /// The file the stream goes to (none: only to its watchers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Viewers of the live stream now (`GET /vm/encode/{session}/stream`).
+    #[serde(default)]
+    pub watchers: u32,
     /// Why the session failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -192,7 +200,7 @@ mod tests {
             codec: Codec::H264,
             bitrate: 2_000_000,
             fps: 30,
-            path: "/tmp/x.h264".into(),
+            path: Some("/tmp/x.h264".into()),
         };
         ok.validate().unwrap();
         let e = EncodeRequest {
@@ -210,7 +218,7 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("bit rate 10"), "{e}");
         let e = EncodeRequest {
-            path: "x.h264".into(),
+            path: Some("x.h264".into()),
             ..ok
         }
         .validate()

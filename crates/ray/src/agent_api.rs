@@ -330,10 +330,7 @@ async fn post_pause(
     UrlPath(id): UrlPath<String>,
     Body(body): Body,
 ) -> ApiResult<HostVm> {
-    expect_no_body(&format!("POST /vms/{id}/pause"), &body)?;
-    Ok(Json(
-        blocking(move || a.act(&id, "/vm/pause", None)).await??,
-    ))
+    act_without_body(a, id, "pause", body).await
 }
 
 /// Resume a paused VM
@@ -351,9 +348,19 @@ async fn post_resume(
     UrlPath(id): UrlPath<String>,
     Body(body): Body,
 ) -> ApiResult<HostVm> {
-    expect_no_body(&format!("POST /vms/{id}/resume"), &body)?;
+    act_without_body(a, id, "resume", body).await
+}
+
+/// `POST /vms/{id}/ACTION` with no body: the VMM's `/vm/ACTION`.
+async fn act_without_body(
+    a: AgentApi,
+    id: String,
+    action: &'static str,
+    body: axum::body::Bytes,
+) -> ApiResult<HostVm> {
+    expect_no_body(&format!("POST /vms/{id}/{action}"), &body)?;
     Ok(Json(
-        blocking(move || a.act(&id, "/vm/resume", None)).await??,
+        blocking(move || a.act(&id, &format!("/vm/{action}"), None)).await??,
     ))
 }
 

@@ -129,6 +129,73 @@ impl VmmClient {
         })
     }
 
+    /// A `GET` whose answer is a stream: `each` gets its bytes as they come, until the
+    /// stream ends, `each` returns false, or `until` passes. A 4xx/5xx becomes
+    /// `ClientError::Api`. Returns the bytes received.
+    pub fn stream(
+        &self,
+        path: &str,
+        until: Option<std::time::Instant>,
+        mut each: impl FnMut(&[u8]) -> bool,
+    ) -> Result<u64, ClientError> {
+        self.rt.block_on(async {
+            let stream = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::net::UnixStream::connect(&self.socket),
+            )
+            .await
+            .map_err(|_| self.unreachable("connect timed out"))?
+            .map_err(|e| self.unreachable(e))?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| self.unreachable(e))?;
+            tokio::spawn(conn);
+            let request = Request::builder()
+                .method("GET")
+                .uri(path)
+                .header("host", "localhost")
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| self.unreachable(e))?;
+            let response =
+                tokio::time::timeout(Duration::from_secs(30), sender.send_request(request))
+                    .await
+                    .map_err(|_| self.unreachable("no answer within 30 s"))?
+                    .map_err(|e| self.unreachable(e))?;
+            let status = response.status().as_u16();
+            let mut body = response.into_body();
+            if status >= 400 {
+                let bytes = body
+                    .collect()
+                    .await
+                    .map_err(|e| self.unreachable(e))?
+                    .to_bytes();
+                return Err(api_error(status, &bytes));
+            }
+            let mut total = 0u64;
+            loop {
+                let next = match until {
+                    Some(t) => {
+                        let left = t.saturating_duration_since(std::time::Instant::now());
+                        match tokio::time::timeout(left, body.frame()).await {
+                            Ok(f) => f,
+                            Err(_) => break, // the time asked for is up
+                        }
+                    }
+                    None => body.frame().await,
+                };
+                let Some(frame) = next else { break };
+                let frame = frame.map_err(|e| self.unreachable(e))?;
+                if let Some(data) = frame.data_ref() {
+                    total += data.len() as u64;
+                    if !each(data) {
+                        break;
+                    }
+                }
+            }
+            Ok(total)
+        })
+    }
+
     /// Sends a request and decodes a 2xx JSON answer; a 4xx/5xx becomes `ClientError::Api`.
     pub fn call<T: DeserializeOwned>(
         &self,

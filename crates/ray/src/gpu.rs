@@ -54,8 +54,10 @@ pub struct BackendArgs {
 
 #[derive(Subcommand)]
 pub enum EncodeCommand {
-    /// Start encoding a display into a file (the VMM writes it).
+    /// Start encoding a display into a file (the VMM writes it), or only for watchers.
     Start(EncodeStartArgs),
+    /// Watch a session's stream live: into a file, or `-o -` to standard output.
+    Watch(EncodeWatchArgs),
     /// Stop a session; its file is complete when this returns.
     Stop(EncodeStopArgs),
     /// The VM's sessions: state, codec, frames, fps, bytes, latency.
@@ -78,12 +80,36 @@ pub struct EncodeStartArgs {
     /// At most this many frames a second (fewer while the display is still).
     #[arg(long, default_value_t = ray_api::encode::DEFAULT_FPS)]
     pub fps: u32,
-    /// The stream file.
+    /// The stream file. Without it the stream goes only to watchers (`ray gpu encode
+    /// watch`, `GET /vm/encode/{session}/stream`) and is encoded only while watched.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
-    pub output: PathBuf,
+    pub output: Option<PathBuf>,
     /// Print the session as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args)]
+pub struct EncodeWatchArgs {
+    /// The VM.
+    pub id: String,
+    /// The session's number (`ray gpu encode list`).
+    pub session: u32,
+    /// Where the stream goes: a file, or `-` for standard output (e.g. into a player).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: PathBuf,
+    /// Stop after this many seconds (default: until the session ends or Ctrl-C).
+    #[arg(long, value_parser = parse_seconds)]
+    pub seconds: Option<f64>,
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds (more than 0, at most 86400)"
+        )),
+    }
 }
 
 #[derive(Args)]
@@ -271,6 +297,7 @@ pub fn run(cmd: GpuCommand, runtime: &Path) -> anyhow::Result<()> {
         GpuCommand::Type(a) => type_text(runtime, &a),
         GpuCommand::Encode(EncodeCommand::Start(a)) => encode_start(runtime, &a),
         GpuCommand::Encode(EncodeCommand::Stop(a)) => encode_stop(runtime, &a),
+        GpuCommand::Encode(EncodeCommand::Watch(a)) => encode_watch(runtime, &a),
         GpuCommand::Encode(EncodeCommand::List(a)) => encode_list(runtime, &a),
         GpuCommand::Decode(a) => decode(&a),
         GpuCommand::Backend(a) => backend(&a),
@@ -450,9 +477,12 @@ fn session_table(sessions: &[EncodeSessionInfo]) -> String {
                 format!("{:.1}", s.fps),
                 s.bytes.to_string(),
                 format!("{:.2}", s.mean_latency_ms),
-                match &s.error {
-                    Some(e) => format!("{} ({e})", s.path),
-                    None => s.path.clone(),
+                {
+                    let to = stream_target(s);
+                    match &s.error {
+                        Some(e) => format!("{to} ({e})"),
+                        None => to,
+                    }
                 },
             ]
         })
@@ -474,14 +504,36 @@ fn session_table(sessions: &[EncodeSessionInfo]) -> String {
     )
 }
 
+/// Where a session's stream goes, for people.
+fn stream_target(s: &EncodeSessionInfo) -> String {
+    let watchers = match s.watchers {
+        0 => String::new(),
+        1 => "1 watcher".into(),
+        n => format!("{n} watchers"),
+    };
+    match (&s.path, watchers.is_empty()) {
+        (Some(p), true) => p.clone(),
+        (Some(p), false) => format!("{p} + {watchers}"),
+        (None, true) => "watchers only (none now)".into(),
+        (None, false) => watchers,
+    }
+}
+
 fn encode_start(runtime: &Path, a: &EncodeStartArgs) -> anyhow::Result<()> {
-    let output = std::path::absolute(&a.output)
-        .with_context(|| format!("cannot make {} absolute", a.output.display()))?;
+    let path = a
+        .output
+        .as_ref()
+        .map(|o| {
+            std::path::absolute(o)
+                .with_context(|| format!("cannot make {} absolute", o.display()))
+                .map(|p| p.display().to_string())
+        })
+        .transpose()?;
     let req = EncodeRequest {
         codec: a.codec,
         bitrate: a.bitrate,
         fps: a.fps,
-        path: output.display().to_string(),
+        path,
     };
     // Checked here too, so that a bad setting is named before the VM is asked.
     req.validate().map_err(anyhow::Error::msg)?;
@@ -494,10 +546,58 @@ fn encode_start(runtime: &Path, a: &EncodeStartArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&info)?);
         return Ok(());
     }
-    println!(
-        "encode session {} on display {}: {} to {}",
-        info.id, info.display, info.codec, info.path
-    );
+    match &info.path {
+        Some(p) => println!(
+            "encode session {} on display {}: {} to {p}",
+            info.id, info.display, info.codec
+        ),
+        None => println!(
+            "encode session {} on display {}: {} for watchers (ray gpu encode watch {} {})",
+            info.id, info.display, info.codec, a.id, info.id
+        ),
+    }
+    Ok(())
+}
+
+fn encode_watch(runtime: &Path, a: &EncodeWatchArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out: Box<dyn Write> = if a.output.as_os_str() == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(std::io::BufWriter::new(
+            std::fs::File::create(&a.output)
+                .with_context(|| format!("cannot create {}", a.output.display()))?,
+        ))
+    };
+    let until = a
+        .seconds
+        .map(|s| std::time::Instant::now() + std::time::Duration::from_secs_f64(s));
+    let mut failed = None;
+    let bytes = client(runtime, &a.id)?.stream(
+        &format!("/vm/encode/{}/stream", a.session),
+        until,
+        |data| match out.write_all(data) {
+            Ok(()) => true,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        },
+    )?;
+    if let Some(e) = failed {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e).with_context(|| format!("cannot write {}", a.output.display()));
+        }
+    }
+    out.flush()
+        .with_context(|| format!("cannot write {}", a.output.display()))?;
+    if a.output.as_os_str() != "-" {
+        eprintln!(
+            "{bytes} bytes of encode session {} written to {}",
+            a.session,
+            a.output.display()
+        );
+    }
     Ok(())
 }
 
@@ -508,8 +608,11 @@ fn encode_stop(runtime: &Path, a: &EncodeStopArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "encode session {} stopped: {} frames, {} bytes in {}",
-        info.id, info.frames, info.bytes, info.path
+        "encode session {} stopped: {} frames, {} bytes to {}",
+        info.id,
+        info.frames,
+        info.bytes,
+        stream_target(&info)
     );
     Ok(())
 }

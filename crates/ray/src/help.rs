@@ -289,13 +289,17 @@ ray gpu screenshot desk -o desk.png",
     ),
     (
         "gpu encode",
-        "ray gpu encode start desk -o desk.h264\nray gpu encode list desk\nray gpu encode stop desk 1",
+        "ray gpu encode start desk -o desk.h264\nray gpu encode list desk\nray gpu encode watch desk 1 -o - | ffplay -\nray gpu encode stop desk 1",
     ),
     (
         "gpu encode start",
-        "ray gpu encode start desk -o desk.h264\nray gpu encode start desk --display 1 --bitrate 4M --fps 60 -o second.h264",
+        "ray gpu encode start desk -o desk.h264\nray gpu encode start desk --display 1 --bitrate 4M --fps 60 -o second.h264\nray gpu encode start desk --codec vp9    # no file: for watchers only",
     ),
     ("gpu encode stop", "ray gpu encode stop desk 1"),
+    (
+        "gpu encode watch",
+        "ray gpu encode watch desk 1 -o - | ffplay -\nray gpu encode watch desk 1 --seconds 10 -o clip.h264",
+    ),
     ("gpu encode list", "ray gpu encode list desk\nray gpu encode list desk -o json"),
     (
         "gpu decode",

@@ -902,9 +902,10 @@ fn encode_error_code(e: &EncodeError) -> ErrorCode {
         EncodeError::Invalid(_) | EncodeError::Codec { .. } | EncodeError::TooLarge { .. } => {
             ErrorCode::InvalidRequest
         }
-        EncodeError::PerDisplay { .. } | EncodeError::PerVm | EncodeError::PerHost => {
-            ErrorCode::Conflict
-        }
+        EncodeError::PerDisplay { .. }
+        | EncodeError::PerVm
+        | EncodeError::PerHost
+        | EncodeError::Watchers(_) => ErrorCode::Conflict,
         EncodeError::Transition { .. } => ErrorCode::WrongState,
         EncodeError::NoSuchSession(_) => ErrorCode::NotFound,
         EncodeError::Setup(_) => ErrorCode::Failed,
@@ -953,6 +954,68 @@ async fn delete_encode(
         })?
         .map_err(|e| ApiError::new(encode_error_code(&e), e.to_string()))?;
     Ok(Json(info))
+}
+
+/// Watch an encode session's stream
+///
+/// The session's stream as it is made, for as long as it runs: the stream's header (VP9:
+/// IVF), then every frame from the next key frame on, which the session makes at once
+/// (parameter sets included), so a player can start anywhere. H.264 and HEVC are Annex-B.
+/// At most 4 watchers a session; one that falls 120 frames behind is dropped. A session
+/// started without `path` encodes only while it is watched. Never waits for the VMM
+/// thread.
+#[utoipa::path(get, path = "/vm/encode/{session}/stream", tag = "display",
+    params(("session" = u32, Path, description = "The session's number.")),
+    responses(
+    (status = 200, description = "The stream, chunked, until the session ends: `video/h264`, `video/h265` or `video/x-ivf`.", content_type = "application/octet-stream", body = Vec<u8>),
+    (status = 400, description = "`invalid_request`: `session` is not a number, or the session has ended.", body = ErrorBody),
+    (status = 404, description = "`not_found`: no such session.", body = ErrorBody),
+    (status = 409, description = "`conflict`: the session has 4 watchers already.", body = ErrorBody)))]
+async fn get_encode_stream(
+    State(api): State<Api>,
+    axum::extract::Path(session): axum::extract::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id: u32 = session.parse().map_err(|_| {
+        ApiError::invalid(format!(
+            "session '{session}' is not a session number (1, 2, ...)"
+        ))
+    })?;
+    let hub = api.displays.clone();
+    let (codec, watch) = tokio::task::spawn_blocking(move || hub.encode_watch(id))
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Failed, format!("watching failed: {e}")))?
+        .map_err(|e| ApiError::new(encode_error_code(&e), e.to_string()))?;
+    // The session's thread never waits: a blocking task carries its units to the body
+    // and ends when either side does (the viewer left: checked at least once a second).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<axum::body::Bytes>(8);
+    tokio::task::spawn_blocking(move || loop {
+        match watch.recv_timeout(Duration::from_secs(1)) {
+            Ok(unit) => {
+                if tx
+                    .blocking_send(axum::body::Bytes::copy_from_slice(&unit))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !tx.is_closed() => {}
+            Err(_) => break,
+        }
+    });
+    let stream = futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+            .map(|u| u.map(Ok::<_, std::convert::Infallible>))
+    });
+    let kind = match codec {
+        ray_api::encode::Codec::H264 => "video/h264",
+        ray_api::encode::Codec::Hevc => "video/h265",
+        ray_api::encode::Codec::Vp9 => "video/x-ivf",
+    };
+    Ok((
+        [(header::CONTENT_TYPE, kind)],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 /// Type text on the keyboard
@@ -1051,6 +1114,7 @@ fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(post_encode))
         .routes(routes!(get_encode))
         .routes(routes!(delete_encode))
+        .routes(routes!(get_encode_stream))
         .routes(routes!(get_metrics))
         .routes(routes!(get_version))
         .routes(routes!(get_openapi))

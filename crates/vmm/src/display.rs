@@ -392,6 +392,23 @@ impl DisplayHub {
         self.encoders.stop(id)
     }
 
+    /// A live view of encode session `id`'s stream, and its codec.
+    pub fn encode_watch(
+        &self,
+        id: u32,
+    ) -> Result<(ray_api::encode::Codec, ray_display::encode::Watch), EncodeError> {
+        let watch = self.encoders.watch(id)?;
+        let codec = self
+            .encoders
+            .list()
+            .sessions
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.codec)
+            .ok_or(EncodeError::NoSuchSession(id))?;
+        Ok((codec, watch))
+    }
+
     /// The encode sessions.
     pub fn encode_list(&self) -> EncodeList {
         self.encoders.list()

@@ -87,7 +87,13 @@ impl FfEncoder {
             Codec::Hevc => {
                 opts.set("preset", "ultrafast");
                 opts.set("tune", "zerolatency");
-                opts.set("x265-params", "log-level=error:pools=none:frame-threads=1");
+                // Parameter sets with every key frame, and a forced key frame an IDR: a
+                // watcher that joins a running stream decodes from its first frame.
+                opts.set(
+                    "x265-params",
+                    "log-level=error:pools=none:frame-threads=1:repeat-headers=1",
+                );
+                opts.set("forced-idr", "1");
             }
             _ => {
                 opts.set("deadline", "realtime");

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 pub use ray_api::encode::{
     Codec, EncodeList, EncodeRequest, EncodeSessionInfo, EncodeStateName as SessionState,
     MAX_ENCODE_HEIGHT, MAX_ENCODE_WIDTH, MAX_SESSIONS_PER_DISPLAY, MAX_SESSIONS_PER_HOST,
-    MAX_SESSIONS_PER_VM,
+    MAX_SESSIONS_PER_VM, MAX_WATCHERS_PER_SESSION,
 };
 
 use crate::{DisplayGeometry, FrameSource};
@@ -37,8 +37,10 @@ use crate::{DisplayGeometry, FrameSource};
 #[cfg(feature = "ffmpeg")]
 pub mod ffmpeg;
 pub mod h264;
+pub mod watch;
 
 pub use h264::{y_psnr, DecodedFrame, H264Decoder, H264Encoder};
+pub use watch::Watch;
 
 /// A session's encoder: openh264 for H.264, the host's FFmpeg for HEVC and VP9.
 pub enum VideoEncoder {
@@ -84,6 +86,16 @@ impl VideoEncoder {
             VideoEncoder::H264(_) => Vec::new(),
             #[cfg(feature = "ffmpeg")]
             VideoEncoder::Ff(e) => e.file_header(),
+        }
+    }
+
+    /// Makes the next frame a key frame that a decoder can start from (parameter sets
+    /// included).
+    pub fn force_keyframe(&mut self) {
+        match self {
+            VideoEncoder::H264(e) => e.force_keyframe(),
+            #[cfg(feature = "ffmpeg")]
+            VideoEncoder::Ff(e) => e.force_keyframe(),
         }
     }
 
@@ -161,6 +173,8 @@ pub enum EncodeError {
     },
     #[error("encode session {0} does not exist")]
     NoSuchSession(u32),
+    #[error("encode session {0} has {MAX_WATCHERS_PER_SESSION} watchers already (at most {MAX_WATCHERS_PER_SESSION} a session)")]
+    Watchers(u32),
     #[error("{0}")]
     Setup(String),
 }
@@ -242,6 +256,10 @@ struct Shared {
     /// Times the thread looked at the display.
     polls: AtomicU64,
     started: Instant,
+    /// Viewers of the live stream.
+    watchers: watch::Watchers,
+    /// What the stream starts with (VP9: its IVF header), for each new watcher.
+    header: Vec<u8>,
 }
 
 impl Shared {
@@ -270,7 +288,8 @@ pub struct SessionParams {
     pub codec: Codec,
     pub bitrate: u64,
     pub fps: u32,
-    pub path: String,
+    /// The output file (None: only the watchers get the stream).
+    pub path: Option<String>,
 }
 
 /// One encode session and its thread.
@@ -353,6 +372,7 @@ impl Session {
                 ms(st.total_latency) / st.frames as f64
             },
             path: self.params.path.clone(),
+            watchers: self.shared.watchers.count() as u32,
             error,
         }
     }
@@ -430,12 +450,19 @@ impl Encoders {
             req.fps,
         )
         .map_err(EncodeError::Setup)?;
-        let mut file = File::create(&req.path).map_err(|e| {
-            EncodeError::Invalid(format!("cannot create the output file {}: {e}", req.path))
-        })?;
-        file.write_all(&encoder.file_header()).map_err(|e| {
-            EncodeError::Invalid(format!("cannot write the output file {}: {e}", req.path))
-        })?;
+        let header = encoder.file_header();
+        let file = match &req.path {
+            Some(path) => {
+                let mut file = File::create(path).map_err(|e| {
+                    EncodeError::Invalid(format!("cannot create the output file {path}: {e}"))
+                })?;
+                file.write_all(&header).map_err(|e| {
+                    EncodeError::Invalid(format!("cannot write the output file {path}: {e}"))
+                })?;
+                Some(file)
+            }
+            None => None,
+        };
         reg.next += 1;
         let id = reg.next;
         let shared = Arc::new(Shared {
@@ -446,6 +473,8 @@ impl Encoders {
             paused: AtomicBool::new(reg.paused),
             polls: AtomicU64::new(0),
             started: Instant::now(),
+            watchers: watch::Watchers::default(),
+            header,
         });
         if reg.paused {
             let _ = shared.apply(SessionEvent::Pause);
@@ -482,7 +511,7 @@ impl Encoders {
             slot,
         };
         let info = session.info();
-        tracing::info!(session = id, screen = geometry.index, codec = %req.codec, path = %req.path, "encode session started");
+        tracing::info!(session = id, screen = geometry.index, codec = %req.codec, path = ?req.path, "encode session started");
         reg.sessions.push(session);
         let finished = reg.sessions.iter().filter(|s| !s.active()).count();
         if finished > KEEP_FINISHED {
@@ -506,6 +535,33 @@ impl Encoders {
         s.finish();
         tracing::info!(session = id, "encode session stopped");
         Ok(s.info())
+    }
+
+    /// A live view of session `id`'s stream: its header, then every access unit from the
+    /// next key frame on, until the session ends (the receiver then disconnects).
+    pub fn watch(&self, id: u32) -> Result<Watch, EncodeError> {
+        let reg = self.reg.lock().unwrap_or_else(|e| e.into_inner());
+        let s = reg
+            .sessions
+            .iter()
+            .find(|s| s.id() == id)
+            .ok_or(EncodeError::NoSuchSession(id))?;
+        let state = s.state();
+        if !s.active() {
+            return Err(EncodeError::Invalid(format!(
+                "encode session {id} is {state:?}: it has no stream to watch"
+            )));
+        }
+        let rx = s
+            .shared
+            .watchers
+            .add(&s.shared.header)
+            .ok_or(EncodeError::Watchers(id))?;
+        if let Some(t) = &s.thread {
+            t.thread().unpark();
+        }
+        tracing::info!(session = id, "a watcher joined the stream");
+        Ok(rx)
     }
 
     /// Stops every session (the VM ended).
@@ -567,7 +623,8 @@ struct Worker {
     geometry: DisplayGeometry,
     params: SessionParams,
     encoder: VideoEncoder,
-    out: File,
+    /// The output file, if the session has one.
+    out: Option<File>,
 }
 
 impl Worker {
@@ -575,7 +632,10 @@ impl Worker {
         if let Err(e) = self.encode_loop() {
             self.shared.fail(e);
         }
-        let _ = self.out.flush();
+        self.shared.watchers.close();
+        if let Some(out) = &mut self.out {
+            let _ = out.flush();
+        }
     }
 
     fn encode_loop(&mut self) -> Result<(), String> {
@@ -634,6 +694,14 @@ impl Worker {
                 last = None;
             }
             geometry = Some(g);
+            let key = self.shared.watchers.take_key_request();
+            if key {
+                // A new watcher starts here: a key frame, even of an unchanged display.
+                self.encoder.force_keyframe();
+                last = None;
+            } else if self.out.is_none() && self.shared.watchers.count() == 0 {
+                continue; // a stream nobody watches: nothing to encode
+            }
             frame.resize(g.bytes(), 0);
             self.shared.polls.fetch_add(1, Ordering::SeqCst);
             if !source.read(self.display, &mut frame) {
@@ -646,11 +714,16 @@ impl Worker {
             au.clear();
             self.encoder.encode(&frame, g.stride as usize, &mut au)?;
             if au.is_empty() {
+                if key {
+                    self.shared.watchers.want_key();
+                }
                 continue; // skipped by the rate control: offered again next time
             }
-            self.out
-                .write_all(&au)
-                .map_err(|e| format!("cannot write {}: {e}", self.params.path))?;
+            if let (Some(out), Some(path)) = (&mut self.out, &self.params.path) {
+                out.write_all(&au)
+                    .map_err(|e| format!("cannot write {path}: {e}"))?;
+            }
+            self.shared.watchers.send(&au, key, self.shared.id);
             let took = t0.elapsed();
             {
                 let mut st = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());

@@ -67,7 +67,7 @@ fn request(path: &Path) -> EncodeRequest {
         codec: Codec::H264,
         bitrate: 2_000_000,
         fps: 60,
-        path: path.display().to_string(),
+        path: Some(path.display().to_string()),
     }
 }
 
@@ -180,6 +180,76 @@ fn an_idle_display_costs_no_frames_and_a_change_decodes_back() {
     );
     assert!(first < psnr, "first {first:.1} dB, last {psnr:.1} dB");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Everything `rx` holds now, in order.
+fn drain(rx: &Watch) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Ok(unit) = rx.try_recv() {
+        out.extend_from_slice(&unit);
+    }
+    out
+}
+
+#[test]
+fn a_stream_only_session_encodes_for_its_watchers_and_each_starts_at_a_key_frame() {
+    let (w, h) = (640, 480);
+    let screen = Arc::new(Screen {
+        geometry: geometry(w, h),
+        pixels: Mutex::new(pattern(w, h, 10)),
+    });
+    let source: SharedSource = Arc::new(Mutex::new(Some(screen.clone() as Arc<dyn FrameSource>)));
+    let enc = Encoders::new(source, None);
+    let req = EncodeRequest {
+        path: None,
+        ..request(Path::new("/unused"))
+    };
+    let id = enc.start(geometry(w, h), &req).unwrap().id;
+    let frames = || enc.list().sessions[0].frames;
+    let polls = || enc.with_session(id, Session::polls).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(polls(), 0, "nobody watches: the display is not even read");
+    assert_eq!(frames(), 0, "nobody watches: nothing is encoded");
+
+    // The first watcher gets a picture of the still display at once.
+    let a = enc.watch(id).unwrap();
+    wait_until("the first watcher's frame", || frames() == 1);
+    assert_eq!(enc.list().sessions[0].watchers, 1);
+    // A change, then a second watcher joins: it starts at a key frame of its own.
+    *screen.pixels.lock().unwrap() = pattern(w, h, 200);
+    wait_until("the change", || frames() == 2);
+    let b = enc.watch(id).unwrap();
+    wait_until("the second watcher's frame", || frames() == 3);
+    let decode = |stream: &[u8]| {
+        let mut pictures = Vec::new();
+        H264Decoder::new()
+            .unwrap()
+            .decode(stream, |f| pictures.push(f))
+            .unwrap();
+        pictures
+    };
+    let now = screen.pixels.lock().unwrap().clone();
+    for (who, rx, count) in [("first", &a, 3), ("second", &b, 1)] {
+        let pictures = decode(&drain(rx));
+        assert_eq!(pictures.len(), count, "{who} watcher's pictures");
+        let last = pictures.last().unwrap();
+        let psnr = y_psnr(&now, (w * 4) as usize, &last.y, w as usize, h as usize);
+        assert!(psnr >= 35.0, "{who} watcher: Y PSNR {psnr:.1} dB < 35 dB");
+    }
+
+    // One that goes away is dropped at the next frame; the stream ends with the session.
+    drop(b);
+    *screen.pixels.lock().unwrap() = pattern(w, h, 100);
+    wait_until("the watcher that left to be dropped", || {
+        enc.list().sessions[0].watchers == 1
+    });
+    let done = enc.stop(id).unwrap();
+    assert_eq!(done.path, None);
+    let _ = drain(&a);
+    assert!(a.recv().is_err(), "the stream ends with its session");
+    let e = enc.watch(id).unwrap_err();
+    assert!(e.to_string().contains("no stream to watch"), "{e}");
+    assert_eq!(enc.watch(99).unwrap_err(), EncodeError::NoSuchSession(99));
 }
 
 #[test]
