@@ -2,8 +2,8 @@
 //! (default /dev/fb0) through a shared mapping, for the Linux virtio-gpu test
 //! (scripts/vhost-qemu-test). DRM's fbdev emulation learns of changes made through a
 //! mapping (deferred I/O: its page faults), and sends them to the device as a transfer
-//! and a flush; Linux 6.1 sends nothing for bytes written with write(2), so `dd` to
-//! /dev/fb0 never reaches the device. Built statically with plain `rustc`, no crates; mmap
+//! and a flush. With Debian's 6.1 kernel, bytes written with write(2) led to no transfer
+//! or flush at all here, so `dd` to /dev/fb0 never reached the device. Built statically with plain `rustc`, no crates; mmap
 //! is declared here against the C library std already links.
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;

@@ -108,20 +108,25 @@ pub fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
 /// Refuses a socket path that cannot be ours: a missing directory, or something other
 /// than a socket in the way (binding would delete it).
 fn check_socket(path: &Path) -> anyhow::Result<()> {
+    check_socket_flag("--socket", path)
+}
+
+/// [`check_socket`] for the socket given with `flag`.
+fn check_socket_flag(flag: &str, path: &Path) -> anyhow::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     if !dir.is_dir() {
         bail!(
-            "--socket {}: directory {} does not exist",
+            "{flag} {}: directory {} does not exist",
             path.display(),
             dir.display()
         );
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if !m.file_type().is_socket() => bail!(
-            "--socket {}: a file that is not a socket is in the way; remove it or pick another path",
+            "{flag} {}: a file that is not a socket is in the way; remove it or pick another path",
             path.display()
         ),
         _ => Ok(()),
@@ -205,7 +210,7 @@ fn serve_vsock(a: VsockArgs) -> anyhow::Result<()> {
 fn serve_gpu(a: GpuArgs) -> anyhow::Result<()> {
     check_socket(&a.socket)?;
     if let Some(control) = &a.control {
-        check_socket(control)?;
+        check_socket_flag("--control", control)?;
         if *control == a.socket {
             bail!(
                 "--control {} is the vhost-user --socket too; they must differ",

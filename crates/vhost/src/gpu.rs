@@ -14,8 +14,8 @@
 //! scanout disabled (announced)                  ─▶ SCANOUT(0, 0)
 //! new display socket or new model               ─▶ everything announced again
 //! ```
-//! The front end owns the configuration's event fields (QEMU 7.2 answers them itself), so
-//! a display change cannot be announced from the back end.
+//! The front end owns the configuration's event fields (QEMU answers them itself), so a
+//! display change cannot be announced from the back end.
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
