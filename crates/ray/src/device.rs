@@ -1,8 +1,11 @@
-//! `ray device serve blk|net|vsock`: one of our device models as a vhost-user back end on a Unix
+//! `ray device serve blk|net|vsock|gpu`: one of our device models as a vhost-user back end on a Unix
 //! socket, for another VMM (QEMU) and its guest's drivers. Every argument is checked, the
-//! disk, the TAP and the vsock host socket opened before the vhost-user socket exists; the process then serves one
-//! front end after another until it is killed.
+//! disk, the TAP, the vsock host socket and the GPU's control socket opened before the
+//! vhost-user socket exists; the process then serves one front end after another until it
+//! is killed.
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -33,6 +36,27 @@ pub enum ServeCommand {
     /// A virtio-vsock device whose host side is a Unix socket (QEMU:
     /// `-device vhost-user-vsock-pci`).
     Vsock(VsockArgs),
+    /// A virtio-gpu 2D device (QEMU: `-device vhost-user-gpu-pci`); its frames go to the
+    /// front end's display, and screenshots are taken through --control.
+    Gpu(GpuArgs),
+}
+
+#[derive(Args)]
+pub struct GpuArgs {
+    /// The Unix socket to listen on for the front end (replaced if it is a stale socket).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Scanouts (displays); give the front end as many (QEMU: `max_outputs=N`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    scanouts: u32,
+    /// Each scanout's mode, as GET_DISPLAY_INFO and the EDID report it.
+    #[arg(long, default_value = "1024x768", value_name = "WIDTHxHEIGHT",
+          value_parser = crate::gpu::parse_size)]
+    mode: (u32, u32),
+    /// A Unix socket taking one line per connection, answered with one line:
+    /// `screenshot N PATH` (scanout N as a PNG at PATH; `ok WIDTHxHEIGHT`) or `stats`.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -77,26 +101,32 @@ pub fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
         ServeCommand::Blk(a) => serve_blk(a),
         ServeCommand::Net(a) => serve_net(a),
         ServeCommand::Vsock(a) => serve_vsock(a),
+        ServeCommand::Gpu(a) => serve_gpu(a),
     }
 }
 
 /// Refuses a socket path that cannot be ours: a missing directory, or something other
 /// than a socket in the way (binding would delete it).
 fn check_socket(path: &Path) -> anyhow::Result<()> {
+    check_socket_flag("--socket", path)
+}
+
+/// [`check_socket`] for the socket given with `flag`.
+fn check_socket_flag(flag: &str, path: &Path) -> anyhow::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     if !dir.is_dir() {
         bail!(
-            "--socket {}: directory {} does not exist",
+            "{flag} {}: directory {} does not exist",
             path.display(),
             dir.display()
         );
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if !m.file_type().is_socket() => bail!(
-            "--socket {}: a file that is not a socket is in the way; remove it or pick another path",
+            "{flag} {}: a file that is not a socket is in the way; remove it or pick another path",
             path.display()
         ),
         _ => Ok(()),
@@ -175,4 +205,122 @@ fn serve_vsock(a: VsockArgs) -> anyhow::Result<()> {
     });
     ray_vhost::serve("virtio-vsock", &a.socket, make)?;
     Ok(())
+}
+
+fn serve_gpu(a: GpuArgs) -> anyhow::Result<()> {
+    check_socket(&a.socket)?;
+    if let Some(control) = &a.control {
+        check_socket_flag("--control", control)?;
+        if *control == a.socket {
+            bail!(
+                "--control {} is the vhost-user --socket too; they must differ",
+                control.display()
+            );
+        }
+    }
+    let modes = vec![a.mode; a.scanouts as usize];
+    let output =
+        ray_vhost::gpu::GpuOutput::new(modes).map_err(|e| anyhow::anyhow!("--mode: {e}"))?;
+    if let Some(control) = &a.control {
+        if control.exists() {
+            std::fs::remove_file(control)
+                .map_err(|e| anyhow::anyhow!("--control {}: {e}", control.display()))?;
+        }
+        let listener = UnixListener::bind(control)
+            .map_err(|e| anyhow::anyhow!("--control {}: {e}", control.display()))?;
+        let output = output.clone();
+        std::thread::Builder::new()
+            .name("gpu-control".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    match stream {
+                        Ok(s) => {
+                            if let Err(e) = control_request(&output, s) {
+                                tracing::warn!("virtio-gpu control: {e}");
+                            }
+                        }
+                        Err(e) => tracing::warn!("virtio-gpu control: cannot accept: {e}"),
+                    }
+                }
+            })?;
+    }
+    tracing::info!(
+        "virtio-gpu: {} scanouts of {}x{}{}",
+        a.scanouts,
+        a.mode.0,
+        a.mode.1,
+        a.control
+            .as_deref()
+            .map(|c| format!(", control socket {}", c.display()))
+            .unwrap_or_default()
+    );
+    ray_vhost::serve_with(
+        "virtio-gpu",
+        &a.socket,
+        output.make_device(),
+        Some(output.socket_hook()),
+    )?;
+    Ok(())
+}
+
+/// One control connection: one line in, one line out.
+fn control_request(output: &ray_vhost::gpu::GpuOutput, stream: UnixStream) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let mut line = String::new();
+    BufReader::new(&stream).take(4096).read_line(&mut line)?;
+    let answer = match control_answer(output, line.trim_end()) {
+        Ok(a) => format!("ok {a}\n"),
+        Err(e) => {
+            tracing::warn!("virtio-gpu control: {e}");
+            format!("error {e}\n")
+        }
+    };
+    (&stream).write_all(answer.as_bytes())
+}
+
+fn control_answer(output: &ray_vhost::gpu::GpuOutput, line: &str) -> Result<String, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["stats"] => {
+            let s = output.stats();
+            let flushes: Vec<String> = s.flushes.iter().map(u64::to_string).collect();
+            Ok(format!(
+                "flushes={} refused={} scanouts_sent={} updates_sent={} update_bytes={} busy_ms={}",
+                flushes.join(","),
+                s.refused,
+                s.scanouts_sent,
+                s.updates_sent,
+                s.update_bytes,
+                s.busy.as_millis()
+            ))
+        }
+        ["screenshot", n, path] => {
+            let n: usize = n
+                .parse()
+                .map_err(|_| format!("screenshot: '{n}' is not a scanout number"))?;
+            let displays = output
+                .displays()
+                .ok_or("screenshot: no front end has driven the GPU yet")?;
+            let modes = displays.modes();
+            let &(w, h) = modes.get(n).ok_or_else(|| {
+                format!(
+                    "screenshot: scanout {n} does not exist (this GPU has {})",
+                    modes.len()
+                )
+            })?;
+            let mut frame = vec![0u8; w as usize * h as usize * 4];
+            if !displays.read(n, &mut frame) {
+                return Err(format!(
+                    "screenshot: scanout {n} changed its mode meanwhile; try again"
+                ));
+            }
+            let png = ray_display::png::encode(&frame, w, h, w * 4)?;
+            std::fs::write(path, png)
+                .map_err(|e| format!("screenshot: cannot write {path}: {e}"))?;
+            Ok(format!("{w}x{h}"))
+        }
+        _ => Err(format!(
+            "'{line}' is not a control request (screenshot N PATH, or stats)"
+        )),
+    }
 }

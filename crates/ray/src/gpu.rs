@@ -146,7 +146,7 @@ pub struct ResizeArgs {
     pub size: (u32, u32),
 }
 
-fn parse_size(s: &str) -> Result<(u32, u32), String> {
+pub(crate) fn parse_size(s: &str) -> Result<(u32, u32), String> {
     let bad = || format!("'{s}' is not WIDTHxHEIGHT (1024x768)");
     let (w, h) = s.split_once('x').ok_or_else(bad)?;
     let (w, h) = (w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);

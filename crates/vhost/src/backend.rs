@@ -25,6 +25,7 @@ use ray_devices::virtio::{
 };
 use ray_memory::mmap::SharedMappedMemory;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::GpuBackend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -32,6 +33,10 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+
+/// Takes the socket a vhost-user-gpu front end hands over (VHOST_USER_GPU_SET_SOCKET, at
+/// each DRIVER_OK) for the back end's scanout and update messages.
+pub type GpuSocketHook = Arc<dyn Fn(GpuBackend) + Send + Sync>;
 
 /// Makes a fresh, not yet activated device model: one per front end, and again when a
 /// front end resets the device or replaces its memory table.
@@ -248,6 +253,7 @@ pub struct Backend {
     queue_count: usize,
     max_queue_size: usize,
     exit: Arc<(EventConsumer, EventNotifier)>,
+    gpu_socket: Option<GpuSocketHook>,
 }
 
 impl Backend {
@@ -275,7 +281,15 @@ impl Backend {
             queue_count,
             max_queue_size,
             exit: Arc::new(exit),
+            gpu_socket: None,
         })
+    }
+
+    /// Accepts a vhost-user-gpu front end's display socket, handing it to `hook`;
+    /// without one, VHOST_USER_GPU_SET_SOCKET is refused.
+    pub fn with_gpu_socket(mut self, hook: Option<GpuSocketHook>) -> Self {
+        self.gpu_socket = hook;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Session> {
@@ -331,6 +345,22 @@ impl VhostUserBackend for Backend {
             }
         };
         drop(old);
+    }
+
+    fn set_gpu_socket(&self, gpu_backend: GpuBackend) -> io::Result<()> {
+        match &self.gpu_socket {
+            Some(hook) => {
+                hook(gpu_backend);
+                Ok(())
+            }
+            None => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "{}: VHOST_USER_GPU_SET_SOCKET is for a GPU back end",
+                    self.lock().name
+                ),
+            )),
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -6,9 +6,11 @@
 //!   queues served by the transport's own loop on the front end's memory.
 //! - [`order`]: the relay that holds back one message QEMU 7.2 sends too early.
 //! - [`serve`]: the socket: one front end at a time, the next one after it leaves.
+//! - [`gpu`]: the virtio-gpu model's frames sent to a vhost-user-gpu front end's display.
 pub mod backend;
+pub mod gpu;
 pub mod order;
 pub mod serve;
 
-pub use backend::{Backend, MakeDevice};
-pub use serve::{serve, ServeError};
+pub use backend::{Backend, GpuSocketHook, MakeDevice};
+pub use serve::{serve, serve_with, ServeError};

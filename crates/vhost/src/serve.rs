@@ -12,7 +12,7 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::backend::{Backend, MakeDevice};
+use crate::backend::{Backend, GpuSocketHook, MakeDevice};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -27,6 +27,16 @@ pub enum ServeError {
 /// Serves `make`'s model on the Unix socket `socket` (replaced if it exists), one front end
 /// after another; returns only when the socket fails.
 pub fn serve(name: &'static str, socket: &Path, make: MakeDevice) -> Result<(), ServeError> {
+    serve_with(name, socket, make, None)
+}
+
+/// [`serve`], with `gpu_socket` taking the display socket of a vhost-user-gpu front end.
+pub fn serve_with(
+    name: &'static str,
+    socket: &Path,
+    make: MakeDevice,
+    gpu_socket: Option<GpuSocketHook>,
+) -> Result<(), ServeError> {
     let path = socket.display().to_string();
     let listener = Listener::new(socket, true).map_err(|e| ServeError::Listen {
         path: path.clone(),
@@ -35,7 +45,9 @@ pub fn serve(name: &'static str, socket: &Path, make: MakeDevice) -> Result<(), 
     tracing::info!("{name}: serving on {path}; waiting for a front end");
     let mut served = 0usize;
     loop {
-        let backend = Backend::new(name, make.clone()).map_err(ServeError::Device)?;
+        let backend = Backend::new(name, make.clone())
+            .map_err(ServeError::Device)?
+            .with_gpu_socket(gpu_socket.clone());
         let mut daemon = VhostUserDaemon::new(
             name.to_string(),
             backend,

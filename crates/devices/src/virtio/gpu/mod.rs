@@ -61,6 +61,11 @@ struct Shared {
     worker: Mutex<Option<std::sync::mpsc::Sender<(usize, Chain)>>>,
     /// The driver reset the device: the link thread tells the back end.
     reset_pending: AtomicBool,
+    /// Told after each command that changed a frame, once [`GpuDisplays::watch_damage`]
+    /// asked for it.
+    damage_watch: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    /// Commands refused so far (each answered with an error response).
+    refused: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -139,6 +144,8 @@ impl Gpu {
             stopped: AtomicBool::new(false),
             worker: Mutex::new(None),
             reset_pending: AtomicBool::new(false),
+            damage_watch: Mutex::new(None),
+            refused: Default::default(),
         });
         Ok((
             Gpu {
@@ -230,7 +237,107 @@ fn run_remote(
     }
 }
 
+/// A frame area that changed, with its pixels: what a display front end that keeps its
+/// own copy of the scanouts (vhost-user-gpu's) is sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    pub scanout: usize,
+    /// The scanout's mode, (width, height).
+    pub mode: (u32, u32),
+    /// Whether a resource is shown (a disabled scanout has no picture to send).
+    pub shown: bool,
+    /// The changed area, inside the mode.
+    pub rect: Rect,
+    /// Its pixels, XRGB8888, `rect.width * 4` bytes a line.
+    pub pixels: Vec<u8>,
+}
+
+/// The smallest rectangle holding both.
+fn bounding(a: Rect, b: Rect) -> Rect {
+    if a.is_empty() {
+        return b;
+    }
+    if b.is_empty() {
+        return a;
+    }
+    let (x, y) = (a.x.min(b.x), a.y.min(b.y));
+    let right = (a.x + a.width).max(b.x + b.width);
+    let bottom = (a.y + a.height).max(b.y + b.height);
+    Rect {
+        x,
+        y,
+        width: right - x,
+        height: bottom - y,
+    }
+}
+
 impl GpuDisplays {
+    /// Records the frame areas that change from now on; after each command that changed
+    /// one, `changed` is sent `()` (outside the device's locks), and
+    /// [`GpuDisplays::take_damage`] hands them over.
+    pub fn watch_damage(&self, changed: std::sync::mpsc::Sender<()>) {
+        let mut core = self.shared.core();
+        if core.damage.is_none() {
+            core.damage = Some(Vec::new());
+        }
+        *self
+            .shared
+            .damage_watch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(changed);
+    }
+
+    /// The frame areas that changed since the last call, one bounding rectangle per
+    /// scanout (in scanout order), with their pixels as they are now. With `all`, each
+    /// scanout's whole frame instead (for a front end that has seen nothing yet).
+    pub fn take_damage(&self, all: bool) -> Vec<Damage> {
+        let mut core = self.shared.core();
+        let recorded = core.damage.as_mut().map(std::mem::take).unwrap_or_default();
+        let mut areas: Vec<Rect> = vec![Rect::default(); core.scanouts.len()];
+        if all {
+            for (i, s) in core.scanouts.iter().enumerate() {
+                areas[i] = Rect {
+                    x: 0,
+                    y: 0,
+                    width: s.width,
+                    height: s.height,
+                };
+            }
+        } else {
+            for (i, r) in recorded {
+                if let Some(a) = areas.get_mut(i) {
+                    *a = bounding(*a, r);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (i, (s, rect)) in core.scanouts.iter().zip(areas).enumerate() {
+            if rect.is_empty() && !all {
+                continue;
+            }
+            let rect = rect.intersect(&Rect {
+                x: 0,
+                y: 0,
+                width: s.width,
+                height: s.height,
+            });
+            let line = rect.width as usize * 4;
+            let mut pixels = Vec::with_capacity(line * rect.height as usize);
+            for row in rect.y..rect.y + rect.height {
+                let at = (row as usize * s.width as usize + rect.x as usize) * 4;
+                pixels.extend_from_slice(&s.frame[at..at + line]);
+            }
+            out.push(Damage {
+                scanout: i,
+                mode: (s.width, s.height),
+                shown: s.resource != 0,
+                rect,
+                pixels,
+            });
+        }
+        out
+    }
+
     /// A remote GPU's link: its back end and whether it is Ready; None for a local GPU.
     pub fn remote(&self) -> Option<RemoteStatus> {
         let link = self.shared.link()?;
@@ -276,6 +383,11 @@ impl GpuDisplays {
             .scanouts
             .get(index)
             .map_or(0, |s| s.flushes)
+    }
+
+    /// Commands the device refused so far (answered with an error response).
+    pub fn refused(&self) -> u64 {
+        self.shared.refused.load(Ordering::Relaxed)
     }
 
     /// Where the cursor is.
@@ -376,9 +488,10 @@ fn serve(
             req.len()
         ));
     };
-    let result = {
+    let (result, changed) = {
         let mut core = shared.core();
-        match (shared.link(), queue == CURSOR_QUEUE) {
+        tracing::trace!("virtio-gpu: command {:#x} on queue {queue}", hdr.kind);
+        let result = match (shared.link(), queue == CURSOR_QUEUE) {
             (None, true) => core
                 .cursor_command(&hdr, &req)
                 .map(|()| (RESP_OK_NODATA, Vec::new())),
@@ -386,11 +499,24 @@ fn serve(
             (Some(mut link), true) => remote::cursor_command(&mut core, &mut link, &hdr, &req)
                 .map(|()| (RESP_OK_NODATA, Vec::new())),
             (Some(mut link), false) => remote::command(&mut core, &mut link, &hdr, &req, memory),
-        }
+        };
+        let changed = core.damage.as_ref().is_some_and(|d| !d.is_empty());
+        (result, changed)
     };
+    if changed {
+        let watch = shared
+            .damage_watch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(w) = watch {
+            let _ = w.send(());
+        }
+    }
     let (kind, body) = match result {
         Ok(r) => r,
         Err(Refusal { code, why }) => {
+            shared.refused.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("virtio-gpu: command {:#x} refused: {why}", hdr.kind);
             (code, Vec::new())
         }

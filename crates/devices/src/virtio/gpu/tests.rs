@@ -783,3 +783,81 @@ fn the_remote_fuzz_seed_is_a_session_a_back_end_serves() {
     assert_eq!(answers, want);
     assert_eq!(damage, 2, "the scanout set, then the flushed corner");
 }
+
+#[test]
+fn watched_damage_is_announced_and_handed_over_with_its_pixels() {
+    let mut r = rig(&[(16, 8), (4, 4)]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    r.displays.watch_damage(tx);
+    r.shown();
+    assert!(
+        rx.try_recv().is_ok(),
+        "showing a resource changes the frame"
+    );
+    let d = r.displays.take_damage(false);
+    assert_eq!(d.len(), 1, "only scanout 0 changed: {d:?}");
+    assert_eq!((d[0].scanout, d[0].mode, d[0].shown), (0, (16, 8), true));
+    assert_eq!(
+        d[0].rect,
+        Rect {
+            x: 0,
+            y: 0,
+            width: 16,
+            height: 8
+        }
+    );
+    assert!(r.displays.take_damage(false).is_empty(), "handed over once");
+
+    // Two flushed areas come back as their bounding rectangle, with the frame's pixels.
+    paint(&r.mem, 16, 8);
+    assert_eq!(r.transfer(1, [0, 0, 16, 8], 0), RESP_OK_NODATA);
+    assert!(rx.try_recv().is_err(), "a transfer alone changes no frame");
+    assert_eq!(r.flush(1, [2, 1, 2, 1]), RESP_OK_NODATA);
+    assert_eq!(r.flush(1, [5, 3, 1, 2]), RESP_OK_NODATA);
+    let d = r.displays.take_damage(false);
+    assert_eq!(d.len(), 1);
+    assert_eq!(
+        d[0].rect,
+        Rect {
+            x: 2,
+            y: 1,
+            width: 4,
+            height: 4
+        }
+    );
+    for (i, px) in d[0].pixels.chunks_exact(4).enumerate() {
+        let (x, y) = (2 + i as u32 % 4, 1 + i as u32 / 4);
+        let inside = (x, y) == (2, 1) || (x, y) == (3, 1) || (x == 5 && (3..5).contains(&y));
+        let want = if inside { pixel(x, y) & 0x00ff_ffff } else { 0 };
+        assert_eq!(
+            u32::from_le_bytes(px.try_into().unwrap()),
+            want,
+            "({x},{y})"
+        );
+    }
+
+    // Everything, on request: both scanouts whole; scanout 1 shows nothing.
+    let all = r.displays.take_damage(true);
+    assert_eq!(all.len(), 2);
+    assert_eq!(
+        all[1].rect,
+        Rect {
+            x: 0,
+            y: 0,
+            width: 4,
+            height: 4
+        }
+    );
+    assert!(!all[1].shown);
+    assert_eq!(all[0].pixels, r.frame(0));
+
+    // Disabling the scanout is a change too; a refused command is counted, not announced.
+    while rx.try_recv().is_ok() {}
+    assert_eq!(r.set_scanout(0, 0, [0, 0, 0, 0]), RESP_OK_NODATA);
+    assert!(rx.try_recv().is_ok());
+    assert!(!r.displays.take_damage(false)[0].shown);
+    assert_eq!(r.displays.refused(), 0);
+    assert_eq!(r.flush(9, [0, 0, 1, 1]), RESP_ERR_INVALID_RESOURCE_ID);
+    assert_eq!(r.displays.refused(), 1);
+    assert!(rx.try_recv().is_err());
+}
