@@ -87,6 +87,24 @@ impl VmmClient {
         }
     }
 
+    /// A connection to the VMM's socket, ready for requests.
+    async fn connect(
+        &self,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
+        let stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::UnixStream::connect(&self.socket),
+        )
+        .await
+        .map_err(|_| self.unreachable("connect timed out"))?
+        .map_err(|e| self.unreachable(e))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
     /// Sends one request and returns the raw answer.
     pub fn raw(
         &self,
@@ -95,17 +113,7 @@ impl VmmClient {
         body: Option<Vec<u8>>,
     ) -> Result<Answer, ClientError> {
         self.rt.block_on(async {
-            let stream = tokio::time::timeout(
-                Duration::from_secs(5),
-                tokio::net::UnixStream::connect(&self.socket),
-            )
-            .await
-            .map_err(|_| self.unreachable("connect timed out"))?
-            .map_err(|e| self.unreachable(e))?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| self.unreachable(e))?;
-            tokio::spawn(conn);
+            let mut sender = self.connect().await?;
             let request = Request::builder()
                 .method(method)
                 .uri(path)
@@ -139,17 +147,7 @@ impl VmmClient {
         mut each: impl FnMut(&[u8]) -> bool,
     ) -> Result<u64, ClientError> {
         self.rt.block_on(async {
-            let stream = tokio::time::timeout(
-                Duration::from_secs(5),
-                tokio::net::UnixStream::connect(&self.socket),
-            )
-            .await
-            .map_err(|_| self.unreachable("connect timed out"))?
-            .map_err(|e| self.unreachable(e))?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| self.unreachable(e))?;
-            tokio::spawn(conn);
+            let mut sender = self.connect().await?;
             let request = Request::builder()
                 .method("GET")
                 .uri(path)
