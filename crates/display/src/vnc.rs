@@ -1232,6 +1232,65 @@ mod tests {
     use std::sync::Mutex;
 
     #[test]
+    fn only_owed_tiles_are_compared_on_the_display_grid() {
+        let (w, h) = (200u16, 130u16);
+        let stride = usize::from(w) * 4;
+        let prev = vec![0u8; stride * usize::from(h)];
+        let mut cur = prev.clone();
+        // Changes in tiles (0,0), (1,0) and (3,2).
+        cur[10 * stride + 4 * 5] = 1;
+        cur[63 * stride + 4 * 100] = 1;
+        cur[129 * stride + 4 * 199 + 2] = 1;
+        let all = Rect { x: 0, y: 0, w, h };
+        // Without owed tiles: all 12 compared, as changed_tiles does.
+        let every = compare(&prev, &cur, stride, all, None);
+        assert_eq!((every.examined, every.changed), (12, 3));
+        assert_eq!(every.rects, changed_tiles(&prev, &cur, stride, all));
+        // Owed (0,0), (1,0) and (2,1): three compared, two changed and merged; the change
+        // in (3,2) is not owed, so not looked at.
+        let mut owed = TileSet::empty(200, 130);
+        owed.insert(0, 0);
+        owed.insert(1, 0);
+        owed.insert(2, 1);
+        let look = compare(&prev, &cur, stride, all, Some(&owed));
+        assert_eq!((look.examined, look.changed), (3, 2));
+        assert_eq!(
+            look.rects,
+            vec![Rect {
+                x: 0,
+                y: 0,
+                w: 128,
+                h: 64
+            }]
+        );
+        // A request not on the grid: tiles are cut to it, still on the display's grid.
+        let part = Rect {
+            x: 100,
+            y: 5,
+            w: 10,
+            h: 100,
+        };
+        let look = compare(&prev, &cur, stride, part, Some(&owed));
+        assert_eq!(
+            (look.examined, look.changed),
+            (1, 1),
+            "only (1,0) is owed there"
+        );
+        assert_eq!(
+            look.rects,
+            vec![Rect {
+                x: 100,
+                y: 5,
+                w: 10,
+                h: 59
+            }]
+        );
+        // Nothing owed: nothing compared.
+        let none = compare(&prev, &cur, stride, all, Some(&TileSet::empty(200, 130)));
+        assert_eq!(none, Look::default());
+    }
+
+    #[test]
     fn changed_tiles_finds_and_merges_changes() {
         let (w, h) = (200u16, 130u16);
         let stride = usize::from(w) * 4;
