@@ -1562,6 +1562,8 @@ mod resize_tests {
             extended: false,
             replies: Vec::new(),
             id: 1,
+            seen: 0,
+            owed: None,
         };
         let all = Rect {
             x: 0,

@@ -513,13 +513,13 @@ impl DisplayHub {
             VmState::Suspended => {
                 model.apply_all(GpuEvent::Suspend);
                 inner.vnc = None;
-                release(&mut inner.frames, vm.as_deref_mut());
+                release(&mut inner.frames, vm);
             }
             VmState::Created | VmState::MigrationTarget => {}
             VmState::Terminated => {
                 model.apply_all(GpuEvent::PowerOff);
                 inner.vnc = None;
-                release(&mut inner.frames, vm.as_deref_mut());
+                release(&mut inner.frames, vm);
             }
             VmState::Error => model.apply_all(GpuEvent::Fail),
         }

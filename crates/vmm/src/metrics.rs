@@ -121,7 +121,8 @@ fn render_displays(out: &mut String) {
         return;
     }
     let reports: Vec<_> = displays.iter().map(|d| d.report()).collect();
-    let families: [(&str, &str, &str, fn(&ray_api::gpu::ChangeDetection) -> u64); 4] = [
+    type Count = fn(&ray_api::gpu::ChangeDetection) -> u64;
+    let families: [(&str, &str, &str, Count); 4] = [
         (
             "ray_display_dirty_pages_total",
             "counter",
