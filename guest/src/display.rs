@@ -211,6 +211,55 @@ pub fn draw(mut args: core::str::SplitAsciiWhitespace) {
     );
 }
 
+/// `rect X Y W H RGB [DISPLAY]`: fills a rectangle of emulated display DISPLAY (0 by
+/// default) with colour RGB (0xRRGGBB), clipped to the display. Answers
+/// `rect display=N WxH+X+Y` with what was filled.
+pub fn rect(mut args: core::str::SplitAsciiWhitespace) {
+    let mut v = [0u64; 6];
+    for (i, what) in ["x", "y", "width", "height", "colour", "display"]
+        .iter()
+        .enumerate()
+    {
+        match args.next() {
+            None if i == 5 => {}
+            None => {
+                println!("err rect: missing {what} (rect X Y W H RGB [DISPLAY])");
+                return;
+            }
+            Some(s) => match crate::shell::parse_number(s).filter(|&n| n <= u64::from(u32::MAX)) {
+                Some(n) => v[i] = n,
+                None => {
+                    println!("err rect: bad {what} '{s}'");
+                    return;
+                }
+            },
+        }
+    }
+    let [x, y, w, h, rgb, index] = v;
+    let Some(t) = table().filter(|t| (index as usize) < t.count as usize) else {
+        println!("err rect: no emulated display {index}");
+        return;
+    };
+    let d = &t.displays[index as usize];
+    let (x1, y1) = (
+        (x + w).min(u64::from(d.width)),
+        (y + h).min(u64::from(d.height)),
+    );
+    for row in y.min(y1)..y1 {
+        let line = (d.gpa + row * u64::from(d.stride)) as *mut u32;
+        for col in x.min(x1)..x1 {
+            // SAFETY: inside the framebuffer (clipped above), which `table` checked lies in
+            // the identity map; RAM the VMM reserved for it, used by nothing else.
+            unsafe { line.add(col as usize).write_volatile(rgb as u32) };
+        }
+    }
+    println!(
+        "rect display={index} {}x{}+{x}+{y}",
+        x1.saturating_sub(x),
+        y1.saturating_sub(y)
+    );
+}
+
 /// `scroll LINES [DISPLAY]`: framebuffer DISPLAY's lines move up by LINES (line y takes
 /// line y + LINES); the LINES lines at the bottom get the checker pattern (seed LINES).
 /// Answers `scroll LINES display=N WxH`.

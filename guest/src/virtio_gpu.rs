@@ -63,6 +63,75 @@ pub struct Scanout {
     pub height: u32,
     /// Guest-physical address of the backing (`width * height * 4` bytes; 0: not set up).
     pub backing: u64,
+    /// Bytes of the run of RAM the backing sits in: the largest mode the scanout had, so a
+    /// smaller or equal mode reuses it.
+    pub capacity: u64,
+}
+
+/// Most free runs of backing RAM kept; with at most [`MAX_SCANOUTS`] scanouts, each owning
+/// one run, there are never more than that plus one after merging.
+const MAX_FREE: usize = 2 * MAX_SCANOUTS;
+
+/// The RAM the scanouts' backings come from: runs handed out below `top`, growing down to
+/// `floor`, and runs given back, merged with their neighbours; a run given back at the
+/// floor goes back to the unallocated space. Resizing a scanout any number of times thus
+/// never takes more than the largest modes need.
+#[derive(Clone, Copy)]
+struct Backings {
+    /// Lowest address handed out: new runs go below it.
+    floor: u64,
+    /// Free runs `(address, bytes)` above `floor`; `bytes == 0`: an empty entry.
+    free: [(u64, u64); MAX_FREE],
+}
+
+impl Backings {
+    fn new(top: u64) -> Self {
+        Self {
+            floor: top,
+            free: [(0, 0); MAX_FREE],
+        }
+    }
+
+    /// A run of at least `bytes` (page multiple): the smallest free run that fits, else
+    /// new RAM below the floor, not below `bottom`. Returns its address and size.
+    fn take(&mut self, bytes: u64, bottom: u64) -> Option<(u64, u64)> {
+        let fit = (0..MAX_FREE)
+            .filter(|&i| self.free[i].1 >= bytes)
+            .min_by_key(|&i| self.free[i].1);
+        if let Some(i) = fit {
+            let run = self.free[i];
+            self.free[i] = (0, 0);
+            return Some(run);
+        }
+        let at = self.floor.checked_sub(bytes).filter(|&a| a >= bottom)?;
+        self.floor = at;
+        Some((at, bytes))
+    }
+
+    /// Gives run `(at, bytes)` back: merged with free neighbours, and returned to the
+    /// unallocated space if it then starts at the floor.
+    fn give(&mut self, mut at: u64, mut bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        loop {
+            let next = (0..MAX_FREE).find(|&i| {
+                let (a, n) = self.free[i];
+                n != 0 && (a + n == at || at + bytes == a)
+            });
+            let Some(i) = next else { break };
+            let (a, n) = self.free[i];
+            self.free[i] = (0, 0);
+            at = at.min(a);
+            bytes += n;
+        }
+        if at == self.floor {
+            self.floor += bytes;
+        } else if let Some(slot) = self.free.iter_mut().find(|r| r.1 == 0) {
+            *slot = (at, bytes);
+        }
+        // A full list (impossible with MAX_FREE) would only lose the run.
+    }
 }
 
 pub struct Gpu {
@@ -72,8 +141,8 @@ pub struct Gpu {
     config_irqs: u64,
     pub scanouts: [Scanout; MAX_SCANOUTS],
     pub count: usize,
-    /// Lowest backing address handed out: the next one goes below it.
-    floor: u64,
+    /// Where the backings come from.
+    backings: Backings,
     /// Requests sent so far.
     pub requests: u64,
     /// Display events handled so far.
@@ -130,7 +199,7 @@ fn probe() -> Result<Option<Gpu>, &'static str> {
         config_irqs: apic::device_irqs(config_vector),
         scanouts: [Scanout::default(); MAX_SCANOUTS],
         count: 0,
-        floor: top,
+        backings: Backings::new(top),
         requests: 0,
         events: 0,
     };
@@ -237,11 +306,13 @@ impl Gpu {
         Ok(())
     }
 
-    /// Resource `i + 1` for scanout `i`, `w` x `h`, backed below the last backing.
+    /// Resource `i + 1` for scanout `i`, `w` x `h`, backed by the scanout's run of RAM if
+    /// it is large enough, else by another ([`Backings`]).
     fn setup_scanout(&mut self, i: usize, w: u32, h: u32) -> Result<(), &'static str> {
         let id = i as u32 + 1;
         let mut buf = [0u8; 64];
-        if self.scanouts[i].backing != 0 {
+        let old = self.scanouts[i];
+        if old.backing != 0 {
             self.one(command(
                 &mut buf,
                 CMD_SET_SCANOUT,
@@ -251,18 +322,19 @@ impl Gpu {
             self.scanouts[i] = Scanout::default();
         }
         let bytes = u64::from(w) * u64::from(h) * 4;
-        let (_, bottom) = top_of_ram().ok_or("no usable RAM for the framebuffers")?;
-        let backing = self
-            .floor
-            .checked_sub(bytes)
-            .map(|b| b & !4095)
-            .filter(|&b| b >= bottom)
-            .ok_or("no room in RAM for the framebuffer")?;
-        // SAFETY: [backing, backing+bytes) is usable RAM inside the identity map (checked
-        // against `top_of_ram`), below every earlier backing and above the kernel; this
-        // driver owns it from now on.
+        let (backing, capacity) = if old.backing != 0 && old.capacity >= bytes {
+            (old.backing, old.capacity)
+        } else {
+            self.backings.give(old.backing, old.capacity);
+            let (_, bottom) = top_of_ram().ok_or("no usable RAM for the framebuffers")?;
+            self.backings
+                .take(bytes.next_multiple_of(4096), bottom)
+                .ok_or("no room in RAM for the framebuffer")?
+        };
+        // SAFETY: [backing, backing+bytes) lies in a run of usable RAM inside the identity
+        // map (checked against `top_of_ram` when first handed out), above the kernel, that
+        // this driver owns and that no other scanout uses.
         unsafe { core::ptr::write_bytes(backing as *mut u8, 0, bytes as usize) };
-        self.floor = backing;
         self.one(command(
             &mut buf,
             CMD_RESOURCE_CREATE_2D,
@@ -290,6 +362,7 @@ impl Gpu {
             width: w,
             height: h,
             backing,
+            capacity,
         };
         self.update(
             i,

@@ -526,6 +526,54 @@ fn a_virtio_display_resize_reaches_the_guest_which_redraws() {
     assert!(err.contains("display 2 does not exist"), "{err}");
 }
 
+/// Fifty resizes of two scanouts through sizes that need 4-8 MiB each: the guest's
+/// driver reuses its backings (it used to take new RAM on every resize and ran out after
+/// about fifteen of these in 128 MiB), and the last size shows what the guest draws.
+#[test]
+fn fifty_resizes_reuse_the_guest_backings_and_the_display_still_works() {
+    let env = Env::new("disp-resize50");
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", VIRTIO_GPU]);
+    vm.expect_line("ready", READY);
+    assert_eq!(vm.command("displays", "displays "), "displays 2");
+    const SIZES: [(u32, u32); 3] = [(1920, 1080), (1280, 800), (1024, 768)];
+    let mut last = [(640, 480); 2];
+    for i in 0..50 {
+        let display = i % 2;
+        let (w, h) = SIZES[(i / 2) % SIZES.len()];
+        env.ray_ok(&[
+            "gpu",
+            "resize",
+            &vm.id,
+            "--display",
+            &display.to_string(),
+            &format!("{w}x{h}"),
+        ]);
+        last[display] = (w, h);
+        // Each event lists every scanout, in order.
+        let lines: Vec<String> = (0..2)
+            .map(|k| vm.expect_line(&format!("gpu display event: scanout {k}"), READY))
+            .collect();
+        let want = format!("gpu display event: scanout {display} is {w}x{h} ");
+        assert!(lines[display].starts_with(&want), "resize {i}: {lines:?}");
+    }
+    for (display, &(w, h)) in last.iter().enumerate() {
+        let (changed, _, _) = draw_virtio(&mut vm, "gradient", 5 + display as u32, display as u32);
+        assert_eq!(changed, format!("{w}x{h}+0+0"));
+        assert_shows_at(
+            &screenshot(&env, &vm.id, display as u32, &format!("last{display}.png")),
+            Pattern::Gradient,
+            5 + display as u32,
+            (w, h),
+        );
+    }
+    assert_shows_at(
+        &vnc_capture(&env, &vm.dir.join("vnc-1.sock"), "vnc1.png"),
+        Pattern::Gradient,
+        6,
+        last[1],
+    );
+}
+
 #[test]
 fn emulated_and_virtio_displays_are_numbered_alike_by_guest_and_host() {
     let env = Env::new("disp-mixed");

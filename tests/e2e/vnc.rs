@@ -226,11 +226,22 @@ impl RawViewer {
     /// Asks for an update of (0, 0, w, h) and reads it: its ExtendedDesktopSize
     /// rectangles, and the pixels of its Raw rectangles (x, y, w, h, XRGB bytes).
     fn update(&mut self, incremental: bool, w: u16, h: u16) -> (Vec<ExtRect>, Vec<RawRect>) {
-        use std::io::{Read, Write};
+        self.request(incremental, w, h);
+        self.reply()
+    }
+
+    /// Sends an update request for (0, 0, w, h).
+    fn request(&mut self, incremental: bool, w: u16, h: u16) {
+        use std::io::Write;
         let mut m = vec![3, u8::from(incremental), 0, 0, 0, 0];
         m.extend_from_slice(&w.to_be_bytes());
         m.extend_from_slice(&h.to_be_bytes());
         self.0.write_all(&m).unwrap();
+    }
+
+    /// Reads the answer to a request (see [`RawViewer::update`]).
+    fn reply(&mut self) -> (Vec<ExtRect>, Vec<RawRect>) {
+        use std::io::Read;
         let mut hdr = [0u8; 4];
         self.0.read_exact(&mut hdr).unwrap();
         assert_eq!(hdr[0], 0, "a FramebufferUpdate");
@@ -376,4 +387,79 @@ fn set_desktop_size_resizes_a_virtio_display_and_every_viewer_sees_it() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(vm.command("echo still here", "still"), "still here");
+}
+
+/// The emulated display's change-detection counts, as `ray gpu status -o json` shows.
+fn changes(env: &Env, id: &str) -> ray_api::gpu::ChangeDetection {
+    let out = env.ray_ok(&["gpu", "status", id, "-o", "json"]);
+    let list: ray_api::gpu::GpuList = serde_json::from_str(&out).unwrap();
+    list.gpus[0].displays[0]
+        .changes
+        .clone()
+        .unwrap_or_else(|| panic!("no change detection in {out}"))
+}
+
+/// The emulated display's changes are found through the dirty log: while the guest
+/// draws nothing, a waiting viewer costs no tile compare; a small rectangle the guest
+/// fills has only the tiles of its pages compared (a tile row of ten here, of 80), the
+/// one tile it covers is sent, and the viewer's picture is the screenshot's.
+#[test]
+fn a_small_rectangle_is_found_through_the_dirty_log_and_an_idle_display_costs_no_compare() {
+    use crate::display::screenshot;
+    let env = Env::new("vnc-dirty");
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", "emulated,width=640,height=480"]);
+    vm.expect_line("ready", Duration::from_secs(20));
+    vm.command("draw checker 7 0", "draw ");
+    let mut viewer = RawViewer::connect(&vm.dir.join("vnc-0.sock"));
+    let (_, raw) = viewer.update(false, 640, 480);
+    assert_eq!(raw.len(), 1);
+    let mut picture = raw.into_iter().next().unwrap().4;
+    let start = changes(&env, &vm.id);
+    assert_eq!(start.mode, "dirty-log", "{start:?}");
+    // A pending incremental request: the viewer looks every 10 ms; nothing is written.
+    viewer.request(true, 640, 480);
+    std::thread::sleep(Duration::from_millis(1500));
+    let idle = changes(&env, &vm.id);
+    assert_eq!(
+        (idle.tiles_examined, idle.looks),
+        (start.tiles_examined, start.looks),
+        "an idle display was compared: {idle:?}"
+    );
+    let answer = vm.command("rect 100 100 20 10 0xff0000 0", "rect ");
+    assert_eq!(answer, "rect display=0 20x10+100+100");
+    let (_, raw) = viewer.reply();
+    // The tile (64, 64)-(128, 128) holds the whole rectangle.
+    assert_eq!(
+        raw.iter().map(|r| (r.0, r.1, r.2, r.3)).collect::<Vec<_>>(),
+        [(64, 64, 64, 64)]
+    );
+    for (x, y, w, h, px) in &raw {
+        for row in 0..usize::from(*h) {
+            let a = ((usize::from(*y) + row) * 640 + usize::from(*x)) * 4;
+            let b = row * usize::from(*w) * 4;
+            picture[a..a + usize::from(*w) * 4].copy_from_slice(&px[b..b + usize::from(*w) * 4]);
+        }
+    }
+    let after = changes(&env, &vm.id);
+    let examined = after.tiles_examined - idle.tiles_examined;
+    let changed = after.tiles_changed - idle.tiles_changed;
+    // The rectangle's lines are in pages of the tile row 64..128 only; a look may fall
+    // in the middle of the drawing and the row be compared twice.
+    assert!(
+        (1..=20).contains(&examined) && (1..=2).contains(&changed),
+        "{examined} tiles examined, {changed} changed: {after:?}"
+    );
+    assert!(after.dirty_pages > idle.dirty_pages, "{after:?}");
+    // The viewer's picture is the screenshot, pixel for pixel.
+    let (w, h, rgb) = decode(&screenshot(&env, &vm.id, 0, "dirty.png"));
+    assert_eq!((w, h), (640, 480));
+    let mine: Vec<u8> = picture
+        .chunks_exact(4)
+        .flat_map(|p| [p[2], p[1], p[0]])
+        .collect();
+    assert!(
+        mine == rgb,
+        "the viewer's picture differs from the screenshot"
+    );
+    assert_eq!(&rgb[(105 * 640 + 105) * 3..][..3], &[0xff, 0, 0]);
 }

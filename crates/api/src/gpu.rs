@@ -410,6 +410,27 @@ pub struct DisplayInfo {
     pub framebuffer_gpa: u64,
     /// `xrgb8888`.
     pub format: String,
+    /// How changes of an emulated display are found and what that cost, while it shows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<ChangeDetection>,
+}
+
+/// How a display's changes are found for viewers, and the counts so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ChangeDetection {
+    /// `dirty-log`: only tiles holding pages the dirty log reported written are compared;
+    /// `tile-compare`: every tile at each look (no dirty log).
+    pub mode: String,
+    /// Framebuffer pages the dirty log reported written.
+    pub dirty_pages: u64,
+    /// Looks at the display that compared tiles (a look finding nothing written compares
+    /// none and is not counted).
+    pub looks: u64,
+    pub tiles_examined: u64,
+    pub tiles_changed: u64,
+    /// Tiles compared and changed at the last look.
+    pub last_tiles_examined: u32,
+    pub last_tiles_changed: u32,
 }
 
 /// One GPU as the API reports it.

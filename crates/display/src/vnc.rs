@@ -4,7 +4,10 @@
 //! Each viewer has two threads: one reads and checks its messages ([`rfb::read_message`]),
 //! the other answers update requests. An incremental request is answered once something in
 //! its rectangle changed: the viewer's thread compares the display, 64x64 tile by tile,
-//! with what that viewer was last sent and sends the changed tiles. A viewer that breaks
+//! with what that viewer was last sent and sends the changed tiles. When the source tracks
+//! what was written ([`FrameSource::damage`]: the dirty log of guest memory), only the
+//! tiles written since the viewer's previous look are read and compared, and an idle
+//! display is neither read nor compared; otherwise every tile is. A viewer that breaks
 //! the protocol is logged and disconnected; the others and the VM carry on.
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -20,13 +23,13 @@ use std::time::Duration;
 
 use crate::auth::Password;
 use crate::copyrect;
+use crate::damage::TileSet;
 use crate::rfb::{self, ClientMessage, PixelFormat, Rect, ResizeReason, ResizeStatus, Screen};
 use crate::tight::{Tight, ENCODING_TIGHT};
 use crate::zrle::{Zrle, ENCODING_ZRLE};
 use crate::{DisplayGeometry, FrameSource};
 
-/// Edge of the tiles the change detection compares.
-pub const TILE: u16 = 64;
+pub use crate::damage::TILE;
 /// How often a pending incremental request looks for a change.
 const POLL: Duration = Duration::from_millis(10);
 /// Most ExtendedDesktopSize answers a viewer may have waiting for an update request.
@@ -488,6 +491,8 @@ fn serve_viewer(
         desktop_size: false,
         extended: false,
         replies: Vec::new(),
+        seen: 0,
+        owed: None,
         id: shared.next_viewer.fetch_add(1, Ordering::Relaxed),
     };
     let result = viewer.run(&stream, shared, &rx);
@@ -547,6 +552,11 @@ struct Viewer {
     replies: Vec<(ResizeReason, ResizeStatus)>,
     /// This viewer's number.
     id: u64,
+    /// The source's damage generation this viewer last took ([`FrameSource::damage`]).
+    seen: u64,
+    /// Tiles written since they were last compared for this viewer; None while the source
+    /// cannot tell (then every tile is compared).
+    owed: Option<TileSet>,
 }
 
 impl Viewer {
@@ -781,18 +791,35 @@ impl Viewer {
             self.pending = None;
             return Ok(true);
         }
+        self.take_damage(shared);
+        let g = self.geometry;
+        // Nothing written where the viewer looks: no read, no compare.
+        if let (Some(owed), Some(_), true) = (&self.owed, &self.last, incremental) {
+            let look = if self.encoding == rfb::ENCODING_OPEN_H264 {
+                full(&g)
+            } else {
+                rect
+            };
+            if !owed.touches(look) && self.replies.is_empty() {
+                return Ok(false);
+            }
+        }
         if !shared.source.read(self.geometry.index, &mut self.frame) {
             return Ok(false);
         }
-        let g = self.geometry;
         let stride = g.stride as usize;
         if self.encoding == rfb::ENCODING_OPEN_H264 {
-            return self.update_h264(incremental, msg);
+            return self.update_h264(shared, incremental, msg);
         }
         let mut bands = Vec::new();
+        let index = g.index;
         let rects = match (&mut self.last, incremental) {
             (Some(last), true) => {
-                let mut rects = changed_tiles(last, &self.frame, stride, rect);
+                let look = compare(last, &self.frame, stride, rect, self.owed.as_ref());
+                let mut rects = look.rects;
+                shared
+                    .source
+                    .note_compare(index, look.examined, look.changed);
                 // Scrolled bands (whole lines) go as copies of what the viewer has; the
                 // model applies the same copies, then the rest is compared again.
                 if self.copyrect && !rects.is_empty() && rect == full(&g) {
@@ -801,14 +828,31 @@ impl Viewer {
                     if !bands.is_empty() {
                         for b in &bands {
                             copyrect::apply(last, stride, w, *b);
+                            // The copy changed the model there: compare those tiles too.
+                            if let Some(o) = &mut self.owed {
+                                o.insert_rect(Rect {
+                                    x: 0,
+                                    y: b.y,
+                                    w,
+                                    h: b.h,
+                                });
+                            }
                         }
-                        rects = changed_tiles(last, &self.frame, stride, rect);
+                        let again = compare(last, &self.frame, stride, rect, self.owed.as_ref());
+                        shared
+                            .source
+                            .note_compare(index, again.examined, again.changed);
+                        rects = again.rects;
                     }
                 }
                 rects
             }
             _ => vec![rect],
         };
+        // Every tile inside the request was compared or is sent whole.
+        if let Some(o) = &mut self.owed {
+            o.remove_within(rect, g.width, g.height);
+        }
         if rects.is_empty() && bands.is_empty() && self.replies.is_empty() {
             return Ok(false);
         }
@@ -858,11 +902,22 @@ impl Viewer {
 
     /// Answers the pending request of an H.264 viewer: the whole display as one Open H.264
     /// rectangle when it changed (its first with the reset flag and a key frame).
-    fn update_h264(&mut self, incremental: bool, msg: &mut Vec<u8>) -> Result<bool, rfb::RfbError> {
+    fn update_h264(
+        &mut self,
+        shared: &Shared,
+        incremental: bool,
+        msg: &mut Vec<u8>,
+    ) -> Result<bool, rfb::RfbError> {
         let g = self.geometry;
         let stride = g.stride as usize;
         let changed = match (&self.last, incremental) {
-            (Some(last), true) => !changed_tiles(last, &self.frame, stride, full(&g)).is_empty(),
+            (Some(last), true) => {
+                let look = compare(last, &self.frame, stride, full(&g), self.owed.as_ref());
+                shared
+                    .source
+                    .note_compare(g.index, look.examined, look.changed);
+                !look.rects.is_empty()
+            }
             _ => true,
         };
         if !changed && self.replies.is_empty() {
@@ -905,10 +960,16 @@ impl Viewer {
                     Some(last) => last.copy_from_slice(&self.frame),
                     None => self.last = Some(self.frame.clone()),
                 }
+                if let Some(o) = &mut self.owed {
+                    o.remove_within(full(&g), g.width, g.height);
+                }
             } else if reset {
                 // Skipped by the rate control before any picture: start again next time.
                 self.h264 = None;
             }
+        } else if let Some(o) = &mut self.owed {
+            // Compared: nothing changed.
+            o.remove_within(full(&g), g.width, g.height);
         }
         // A frame the rate control skipped is offered again at the next poll.
         if count == 0 {
@@ -919,6 +980,26 @@ impl Viewer {
         self.sent += msg.len() as u64;
         self.pending = None;
         Ok(true)
+    }
+
+    /// Takes what the source knows was written since this viewer's last look into `owed`.
+    fn take_damage(&mut self, shared: &Shared) {
+        let g = self.geometry;
+        match shared.source.damage(g.index, self.seen) {
+            Some(d) if d.tiles.grid() == TileSet::empty(g.width, g.height).grid() => {
+                self.seen = d.generation;
+                match &mut self.owed {
+                    Some(o) => {
+                        o.union(&d.tiles);
+                    }
+                    None => self.owed = Some(d.tiles),
+                }
+            }
+            _ => {
+                self.seen = 0;
+                self.owed = None;
+            }
+        }
     }
 
     /// Whether the display changed its size since this viewer last looked, and why: then
@@ -962,6 +1043,8 @@ impl Viewer {
         self.frame = vec![0; now.bytes()];
         self.last = None;
         self.h264 = None;
+        self.seen = 0;
+        self.owed = None;
         Ok(Some(reason))
     }
 }
@@ -1014,6 +1097,96 @@ fn copy_rect(from: &[u8], to: &mut [u8], stride: usize, r: Rect) {
     }
 }
 
+/// What one look at a display found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Look {
+    /// Changed tiles, runs in a tile row merged.
+    pub rects: Vec<Rect>,
+    /// Tiles compared.
+    pub examined: u32,
+    /// Tiles that differed.
+    pub changed: u32,
+}
+
+/// Compares `within` of `prev` and `cur`: only the tiles of `owed` (of the display's
+/// [`TILE`] grid) if given, else every tile.
+pub fn compare(
+    prev: &[u8],
+    cur: &[u8],
+    stride: usize,
+    within: Rect,
+    owed: Option<&TileSet>,
+) -> Look {
+    let Some(owed) = owed else {
+        let rects = changed_tiles(prev, cur, stride, within);
+        let examined = u32::from(within.w.div_ceil(TILE)) * u32::from(within.h.div_ceil(TILE));
+        let changed = rects.iter().map(|r| u32::from(r.w.div_ceil(TILE))).sum();
+        return Look {
+            rects,
+            examined,
+            changed,
+        };
+    };
+    changed_tiles_among(prev, cur, stride, within, owed)
+}
+
+/// The tiles of the grid in `tiles` (cut to `within`) where `cur` differs from `prev`,
+/// runs of adjacent changed tiles in a tile row merged.
+pub fn changed_tiles_among(
+    prev: &[u8],
+    cur: &[u8],
+    stride: usize,
+    within: Rect,
+    tiles: &TileSet,
+) -> Look {
+    let mut look = Look::default();
+    if within.w == 0 || within.h == 0 {
+        return look;
+    }
+    let t = u32::from(TILE);
+    let (x_end, y_end) = (
+        u32::from(within.x) + u32::from(within.w),
+        u32::from(within.y) + u32::from(within.h),
+    );
+    for row in u32::from(within.y) / t..=(y_end - 1) / t {
+        let y0 = (row * t).max(u32::from(within.y));
+        let y1 = ((row + 1) * t).min(y_end);
+        let mut run: Option<Rect> = None;
+        for col in u32::from(within.x) / t..=(x_end - 1) / t {
+            if !tiles.contains(col, row) {
+                look.rects.extend(run.take());
+                continue;
+            }
+            let x0 = (col * t).max(u32::from(within.x));
+            let x1 = ((col + 1) * t).min(x_end);
+            look.examined += 1;
+            let changed = (y0..y1).any(|y| {
+                let a = y as usize * stride + x0 as usize * 4;
+                let b = y as usize * stride + x1 as usize * 4;
+                prev[a..b] != cur[a..b]
+            });
+            if !changed {
+                look.rects.extend(run.take());
+                continue;
+            }
+            look.changed += 1;
+            match &mut run {
+                Some(r) => r.w += (x1 - x0) as u16,
+                None => {
+                    run = Some(Rect {
+                        x: x0 as u16,
+                        y: y0 as u16,
+                        w: (x1 - x0) as u16,
+                        h: (y1 - y0) as u16,
+                    })
+                }
+            }
+        }
+        look.rects.extend(run);
+    }
+    look
+}
+
 /// The tiles of `within` where `cur` differs from `prev` (native pixels, `stride` bytes a
 /// line), with runs of changed tiles in a tile row merged into one rectangle.
 pub fn changed_tiles(prev: &[u8], cur: &[u8], stride: usize, within: Rect) -> Vec<Rect> {
@@ -1057,6 +1230,65 @@ mod tests {
     use super::*;
     use std::io::Read;
     use std::sync::Mutex;
+
+    #[test]
+    fn only_owed_tiles_are_compared_on_the_display_grid() {
+        let (w, h) = (200u16, 130u16);
+        let stride = usize::from(w) * 4;
+        let prev = vec![0u8; stride * usize::from(h)];
+        let mut cur = prev.clone();
+        // Changes in tiles (0,0), (1,0) and (3,2).
+        cur[10 * stride + 4 * 5] = 1;
+        cur[63 * stride + 4 * 100] = 1;
+        cur[129 * stride + 4 * 199 + 2] = 1;
+        let all = Rect { x: 0, y: 0, w, h };
+        // Without owed tiles: all 12 compared, as changed_tiles does.
+        let every = compare(&prev, &cur, stride, all, None);
+        assert_eq!((every.examined, every.changed), (12, 3));
+        assert_eq!(every.rects, changed_tiles(&prev, &cur, stride, all));
+        // Owed (0,0), (1,0) and (2,1): three compared, two changed and merged; the change
+        // in (3,2) is not owed, so not looked at.
+        let mut owed = TileSet::empty(200, 130);
+        owed.insert(0, 0);
+        owed.insert(1, 0);
+        owed.insert(2, 1);
+        let look = compare(&prev, &cur, stride, all, Some(&owed));
+        assert_eq!((look.examined, look.changed), (3, 2));
+        assert_eq!(
+            look.rects,
+            vec![Rect {
+                x: 0,
+                y: 0,
+                w: 128,
+                h: 64
+            }]
+        );
+        // A request not on the grid: tiles are cut to it, still on the display's grid.
+        let part = Rect {
+            x: 100,
+            y: 5,
+            w: 10,
+            h: 100,
+        };
+        let look = compare(&prev, &cur, stride, part, Some(&owed));
+        assert_eq!(
+            (look.examined, look.changed),
+            (1, 1),
+            "only (1,0) is owed there"
+        );
+        assert_eq!(
+            look.rects,
+            vec![Rect {
+                x: 100,
+                y: 5,
+                w: 10,
+                h: 59
+            }]
+        );
+        // Nothing owed: nothing compared.
+        let none = compare(&prev, &cur, stride, all, Some(&TileSet::empty(200, 130)));
+        assert_eq!(none, Look::default());
+    }
 
     #[test]
     fn changed_tiles_finds_and_merges_changes() {
@@ -1330,6 +1562,8 @@ mod resize_tests {
             extended: false,
             replies: Vec::new(),
             id: 1,
+            seen: 0,
+            owed: None,
         };
         let all = Rect {
             x: 0,

@@ -217,6 +217,16 @@ pub struct BenchVmm {
 
 impl BenchVmm {
     pub fn start(runtime: &Path, id: &str, cfg_json: &str) -> anyhow::Result<Self> {
+        Self::start_with_env(runtime, id, cfg_json, &[])
+    }
+
+    /// [`start`](Self::start) with `env` set for the VMM process.
+    pub fn start_with_env(
+        runtime: &Path,
+        id: &str,
+        cfg_json: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let dir = ray::runtime::vm_dir(runtime, id);
         std::fs::create_dir_all(&dir)?;
         let t0 = Instant::now();
@@ -237,6 +247,7 @@ impl BenchVmm {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

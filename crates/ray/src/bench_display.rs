@@ -22,6 +22,14 @@
 //!   `encode_latency_ms` per frame (XRGB to YUV conversion included). `.hevc` and `.vp9`:
 //!   the same through the host's FFmpeg (libx265 ultrafast + zerolatency, libvpx realtime
 //!   at cpu-used 8, one thread each) in a build with the `ffmpeg` feature, else `null`.
+//! * `change_detection` (emulated GPU): the VMM's CPU time (all its threads, from
+//!   `/proc/PID/task/*/schedstat`) with one viewer waiting on an incremental request, in
+//!   two VMMs of the same run: one finding changes through the dirty log, one comparing
+//!   every tile (`RAY_DISPLAY_CHANGES=tile-compare`). `idle_cpu_pct`: while the guest draws
+//!   nothing; `cpu_per_frame_us`: per frame of the guest filling a 64x64 square (`rect`),
+//!   the viewer taking each update (the guest's drawing and the console path included);
+//!   `tiles_examined_per_frame` from the display's counts; `viewer_*`: the same for the
+//!   viewer's update thread alone (reading, comparing, encoding).
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -68,6 +76,30 @@ struct DisplayReport {
     encode_latency_ms: EncodeLatency,
     /// Bytes a frame at 2 Mbit/s, 1280x800.
     encode_frame_bytes: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    change_detection: Option<ChangeDetectionCpu>,
+}
+
+/// The VMM's CPU for change detection, each way, measured in the same run.
+#[derive(Serialize)]
+struct ChangeDetectionCpu {
+    dirty_log: ModeCpu,
+    tile_compare: ModeCpu,
+    /// tile_compare / dirty_log CPU per frame of the viewer's thread.
+    frame_ratio: f64,
+}
+
+#[derive(Serialize)]
+struct ModeCpu {
+    /// VMM CPU time over wall time while idle, percent (one window a run).
+    idle_cpu_pct: Stats,
+    /// The same, the viewer's update thread only (reads, compares, encodes).
+    viewer_idle_cpu_pct: Stats,
+    /// VMM CPU time per frame, microseconds.
+    cpu_per_frame_us: f64,
+    /// The same, the viewer's update thread only.
+    viewer_cpu_per_frame_us: f64,
+    tiles_examined_per_frame: f64,
 }
 
 /// Frames a second for each codec this build has.
@@ -201,10 +233,20 @@ impl Viewer {
 
     /// Asks for the whole screen; returns the colour of its last pixel now.
     fn update(&mut self, incremental: bool) -> anyhow::Result<u32> {
+        self.request(incremental)?;
+        self.reply()
+    }
+
+    /// Sends a request for the whole screen.
+    fn request(&mut self, incremental: bool) -> anyhow::Result<()> {
         let mut m = vec![3, u8::from(incremental), 0, 0, 0, 0];
         m.extend_from_slice(&W.to_be_bytes());
         m.extend_from_slice(&H.to_be_bytes());
-        self.0.write_all(&m)?;
+        Ok(self.0.write_all(&m)?)
+    }
+
+    /// Reads the answer to a request (Raw); returns the colour of the last pixel now.
+    fn reply(&mut self) -> anyhow::Result<u32> {
         let mut hdr = [0u8; 4];
         self.0.read_exact(&mut hdr)?;
         let mut px = Vec::new();
@@ -363,6 +405,25 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
     .transpose();
     vmm.stop()?;
     let (latency, fps, update_ms) = measured?;
+    let change_detection = if a.gpu == "emulated" {
+        let mode = |name: &str, env: &[(&str, &str)]| -> anyhow::Result<ModeCpu> {
+            let id = format!("bench-display-{name}-{}", std::process::id());
+            let vmm = BenchVmm::start_with_env(runtime, &id, &serde_json::to_string(&cfg)?, env)?;
+            let dir = ray::runtime::vm_dir(runtime, &id);
+            let out = change_cpu(a.runs, vmm.pid(), &dir, name);
+            vmm.stop()?;
+            out
+        };
+        let dirty_log = mode("dirty-log", &[])?;
+        let tile_compare = mode("tile-compare", &[("RAY_DISPLAY_CHANGES", "tile-compare")])?;
+        Some(ChangeDetectionCpu {
+            frame_ratio: tile_compare.viewer_cpu_per_frame_us / dirty_log.viewer_cpu_per_frame_us,
+            dirty_log,
+            tile_compare,
+        })
+    } else {
+        None
+    };
     let frame_bytes = encoded?.unwrap_or_default();
     let scroll_bytes = scrolled?;
 
@@ -419,6 +480,7 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
             h264_1080p: Stats::of(&ms1080),
         },
         encode_frame_bytes: frame_bytes800,
+        change_detection,
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -469,6 +531,23 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
             report.encode_latency_ms.h264,
             "ms",
         );
+        if let Some(c) = &report.change_detection {
+            for (name, m) in [
+                ("dirty log", &c.dirty_log),
+                ("tile compare", &c.tile_compare),
+            ] {
+                print_row(&format!("idle VMM CPU, {name}"), m.idle_cpu_pct, "%");
+                print_row(
+                    &format!("idle viewer thread CPU, {name}"),
+                    m.viewer_idle_cpu_pct,
+                    "%",
+                );
+                println!(
+                    "  CPU per frame, {name}: VMM {:.0} us, viewer thread {:.0} us ({:.1} tiles examined)",
+                    m.cpu_per_frame_us, m.viewer_cpu_per_frame_us, m.tiles_examined_per_frame
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -586,4 +665,86 @@ fn encodings(runs: usize, dir: &Path) -> anyhow::Result<Vec<FrameBytes>> {
         });
     }
     Ok(out)
+}
+
+/// CPU time so far (scheduler run time) of every thread of process `pid`, and of its VNC
+/// viewers' threads (named `vnc-N-viewer`).
+fn process_cpu(pid: u32) -> anyhow::Result<(Duration, Duration)> {
+    let (mut ns, mut vnc) = (0u64, 0u64);
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let t = t?.path();
+        let Ok(stat) = std::fs::read_to_string(t.join("schedstat")) else {
+            continue; // the thread ended meanwhile
+        };
+        let viewer = std::fs::read_to_string(t.join("comm"))
+            .is_ok_and(|c| c.starts_with("vnc-") && c.trim_end().ends_with("-viewer"));
+        let run = stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        ns += run;
+        if viewer {
+            vnc += run;
+        }
+    }
+    Ok((Duration::from_nanos(ns), Duration::from_nanos(vnc)))
+}
+
+/// The VMM `pid`'s CPU with one viewer of display 0 waiting: idle, then per frame of the
+/// guest filling a 64x64 square.
+fn change_cpu(runs: usize, pid: u32, dir: &Path, expect: &str) -> anyhow::Result<ModeCpu> {
+    let client = ray::client::VmmClient::new(&dir.join("api.sock"));
+    let examined = || -> anyhow::Result<(u64, String)> {
+        let list: ray_api::gpu::GpuList = client.call("GET", "/vm/gpus", None)?;
+        let c = list
+            .gpus
+            .first()
+            .and_then(|g| g.displays.first())
+            .and_then(|d| d.changes.clone())
+            .context("the display reports no change detection")?;
+        Ok((c.tiles_examined, c.mode))
+    };
+    let mut v = Viewer::connect(&ray_display::vnc::socket_path(
+        dir,
+        0,
+        ray_display::vnc::Role::ViewOnly,
+    ))?;
+    v.update(false)?;
+    v.request(true)?;
+    let (mut idle, mut idle_vnc) = (Vec::new(), Vec::new());
+    for _ in 0..runs.clamp(1, 5) {
+        let (c, t) = (process_cpu(pid)?, Instant::now());
+        std::thread::sleep(Duration::from_secs(1));
+        let now = process_cpu(pid)?;
+        let secs = t.elapsed().as_secs_f64();
+        idle.push(now.0.saturating_sub(c.0).as_secs_f64() / secs * 100.0);
+        idle_vnc.push(now.1.saturating_sub(c.1).as_secs_f64() / secs * 100.0);
+    }
+    let (before, _) = examined()?;
+    let cpu = process_cpu(pid)?;
+    for i in 0..runs {
+        let colour = 0x20_4060 + i as u32 * 0x01_0101;
+        let (x, y) = (64 * (i as u32 % 28) + 32, 64 * (i as u32 / 28 % 15) + 32);
+        let body = serde_json::to_vec(&ray_api::vmm::ConsoleInput {
+            data: format!("rect {x} {y} 64 64 {colour}\n"),
+        })?;
+        client.call::<serde_json::Value>("POST", "/vm/console", Some(body))?;
+        v.reply()?;
+        v.request(true)?;
+    }
+    let now = process_cpu(pid)?;
+    let per_frame =
+        |a: Duration, b: Duration| a.saturating_sub(b).as_secs_f64() * 1e6 / runs as f64;
+    let (after, mode) = examined()?;
+    if mode != expect {
+        bail!("the display's changes are found by {mode}, not {expect}");
+    }
+    Ok(ModeCpu {
+        idle_cpu_pct: Stats::of(&idle),
+        viewer_idle_cpu_pct: Stats::of(&idle_vnc),
+        cpu_per_frame_us: per_frame(now.0, cpu.0),
+        viewer_cpu_per_frame_us: per_frame(now.1, cpu.1),
+        tiles_examined_per_frame: (after - before) as f64 / runs as f64,
+    })
 }

@@ -387,6 +387,22 @@ fn show(runtime: &Path, a: &IdArgs, view: View) -> anyhow::Result<()> {
             }
             println!();
             print!("{}", table(DISPLAY_HEADER, &displays(&list)));
+            for d in list.gpus.iter().flat_map(|g| &g.displays) {
+                if let Some(c) = &d.changes {
+                    println!(
+                        "display {} changes: {}, {} dirty pages, {} looks, {} tiles examined, \
+                         {} changed (last look: {} examined, {} changed)",
+                        d.index,
+                        c.mode,
+                        c.dirty_pages,
+                        c.looks,
+                        c.tiles_examined,
+                        c.tiles_changed,
+                        c.last_tiles_examined,
+                        c.last_tiles_changed
+                    );
+                }
+            }
             match &list.vnc_socket {
                 Some(s) => {
                     println!("\nVNC: {s} (display N: vnc-N.sock, view-only: vnc-N-view.sock)")

@@ -198,6 +198,10 @@ const MAIN: &[c_long] = &[
     SYS_uname,
 ];
 
+/// A display's change detection, read on its viewers' threads: the dirty log
+/// (`KVM_GET_DIRTY_LOG`, or `KVM_RESET_DIRTY_RINGS` when the rings are on).
+const DIRTY_LOG: &[c_long] = &[SYS_ioctl];
+
 /// The dirty-ring harvester and the NUMA policy: KVM ioctls, moving pages between nodes.
 const HARVESTER: &[c_long] = &[SYS_ioctl, SYS_mbind, SYS_get_mempolicy, SYS_move_pages];
 
@@ -232,7 +236,7 @@ fn groups(kind: Kind) -> &'static [&'static [c_long]] {
         Kind::Migration => &[
             THREAD, SPAWN, WAIT, STREAM, CONNECT, READ_FILES, VCPU, DISK_COPY,
         ],
-        Kind::Display => &[THREAD, SPAWN, WAIT, STREAM, CONNECT],
+        Kind::Display => &[THREAD, SPAWN, WAIT, STREAM, CONNECT, DIRTY_LOG],
         Kind::Harvester => &[THREAD, HARVESTER],
     }
 }

@@ -18,6 +18,7 @@ use ray_devices::virtio::gpu::remote::Endpoint;
 use ray_devices::virtio::gpu::{GpuDisplays, RemoteStatus};
 use ray_devices::virtio::input::{InputHandle, Kind as InputKind};
 use ray_display::auth::Password;
+use ray_display::damage::{ChangeStats, Damage, TileClock, TileSet};
 use ray_display::encode::{
     EncodeError, EncodeList, EncodeRequest, EncodeSessionInfo, Encoders, SharedSource,
 };
@@ -26,9 +27,13 @@ use ray_display::model::{GpuEvent, GpuModel};
 use ray_display::vnc::{self, VncServer};
 use ray_display::vnc::{DisplayResizer, InputSink, ResizeRefusal};
 use ray_display::{DisplayGeometry, FrameSource, VramLayout};
-use ray_memory::GuestMemory;
+use ray_memory::{ConsumerId, GuestMemory, PAGE_SIZE};
 
-use crate::memory::MemoryManager;
+use crate::memory::{KvmDirtyLog, MemoryManager};
+use crate::vstate::vm::Vm;
+
+/// Looks at the displays closer together than this share one read of the dirty log.
+const HARVEST_EVERY: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// A virtio GPU of the machine: its index in the VM's GPU list and its scanouts.
 pub type VirtioGpu = (usize, GpuDisplays);
@@ -64,6 +69,97 @@ struct GuestFrames {
     /// The emulated GPUs' displays.
     displays: Vec<DisplayGeometry>,
     virtio: Vec<VirtioGpu>,
+    /// The emulated displays' change detection through the dirty log, if it could start.
+    dirty: Option<FbDirty>,
+    /// Per emulated display.
+    stats: Vec<Arc<ChangeStats>>,
+}
+
+/// The displays' consumer of the dirty log: each read of its pages becomes a generation
+/// of written tiles per emulated display ([`TileClock`]), which every viewer takes from
+/// at its own pace.
+struct FbDirty {
+    id: ConsumerId,
+    log: Arc<dyn KvmDirtyLog + Send + Sync>,
+    state: Mutex<DamageState>,
+}
+
+struct DamageState {
+    clocks: Vec<TileClock>,
+    last: Option<std::time::Instant>,
+    /// The log could not be read (the consumer was removed): every tile is compared.
+    failed: bool,
+}
+
+impl GuestFrames {
+    fn new(memory: MemoryManager, displays: Vec<DisplayGeometry>, virtio: Vec<VirtioGpu>) -> Self {
+        let stats = displays
+            .iter()
+            .map(|d| {
+                let s = crate::metrics::display_changes(d.index);
+                s.dirty_log
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                s
+            })
+            .collect();
+        Self {
+            memory,
+            displays,
+            virtio,
+            dirty: None,
+            stats,
+        }
+    }
+
+    /// Starts the emulated displays' change detection on `vm`'s dirty log (as consumer
+    /// "display"); without it, every tile is compared.
+    fn track(&mut self, vm: &mut Vm) {
+        if self.displays.is_empty() {
+            return;
+        }
+        // For `ray bench display`, which measures both ways in one run.
+        if std::env::var("RAY_DISPLAY_CHANGES").as_deref() == Ok("tile-compare") {
+            tracing::info!("RAY_DISPLAY_CHANGES=tile-compare: every tile is compared");
+            return;
+        }
+        let started = vm.dirty_log_handle().and_then(|log| {
+            let id = vm.add_dirty_consumer("display", None)?;
+            Ok((id, log))
+        });
+        match started {
+            Ok((id, log)) => {
+                self.dirty = Some(FbDirty {
+                    id,
+                    log,
+                    state: Mutex::new(DamageState {
+                        clocks: self.displays.iter().map(TileClock::new).collect(),
+                        last: None,
+                        failed: false,
+                    }),
+                });
+                for s in &self.stats {
+                    s.dirty_log
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            Err(e) => tracing::warn!(
+                "no dirty log for the displays ({e}); every tile is compared at each look"
+            ),
+        }
+    }
+}
+
+/// Drops the machine's framebuffers; their dirty-log consumer goes with them if `vm` is
+/// still the machine they read (viewers still holding them fall back to comparing tiles).
+fn release(frames: &mut Option<Arc<GuestFrames>>, vm: Option<&mut Vm>) {
+    let Some(f) = frames.take() else { return };
+    if let (Some(d), Some(vm)) = (&f.dirty, vm) {
+        if f.memory.same(&vm.memory) {
+            if let Err(e) = vm.remove_dirty_consumer(d.id) {
+                tracing::warn!("cannot remove the displays' dirty-log consumer: {e}");
+            }
+        }
+    }
 }
 
 /// The displays of `virtio`'s scanouts, numbered on from `first`: `modes` gives each GPU's
@@ -89,6 +185,49 @@ fn virtio_displays(
 }
 
 impl GuestFrames {
+    /// Reads the dirty log (at most every [`HARVEST_EVERY`]) into the tile clocks.
+    fn harvest(&self, d: &FbDirty, st: &mut DamageState) {
+        let now = std::time::Instant::now();
+        if st
+            .last
+            .is_some_and(|t| now.duration_since(t) < HARVEST_EVERY)
+        {
+            return;
+        }
+        st.last = Some(now);
+        let pages = match self.memory.take_dirty(d.id, d.log.as_ref()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("the displays' dirty log failed ({e}); every tile is compared");
+                st.failed = true;
+                for s in &self.stats {
+                    s.dirty_log
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+                return;
+            }
+        };
+        let layout = self.memory.layout();
+        for ((g, clock), stats) in self.displays.iter().zip(&mut st.clocks).zip(&self.stats) {
+            let first = g.gpa / PAGE_SIZE * PAGE_SIZE;
+            let end = g.gpa + g.bytes() as u64;
+            let written = (0..(end - first).div_ceil(PAGE_SIZE))
+                .map(|k| first + k * PAGE_SIZE)
+                .filter(|&gpa| {
+                    layout
+                        .locate(gpa)
+                        .is_some_and(|(r, page)| pages.is_dirty(r, page))
+                });
+            let mut tiles = TileSet::empty(g.width, g.height);
+            let mut n = 0u64;
+            tiles.mark_pages(g, written.inspect(|_| n += 1), PAGE_SIZE);
+            stats
+                .dirty_pages
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            clock.advance(&tiles);
+        }
+    }
+
     /// Which GPU and scanout display `index` is, if it is a virtio one.
     fn scanout(&self, index: usize) -> Option<(&GpuDisplays, usize)> {
         let mut i = index.checked_sub(self.displays.len())?;
@@ -120,6 +259,28 @@ impl FrameSource for GuestFrames {
         match self.displays.get(index) {
             Some(d) if out.len() == d.bytes() => self.memory.read(d.gpa, out).is_ok(),
             _ => false,
+        }
+    }
+
+    fn damage(&self, index: usize, since: u64) -> Option<Damage> {
+        let d = self.dirty.as_ref()?;
+        if index >= self.displays.len() {
+            return None;
+        }
+        let mut st = d.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.failed {
+            return None;
+        }
+        self.harvest(d, &mut st);
+        if st.failed {
+            return None;
+        }
+        Some(st.clocks[index].since(since))
+    }
+
+    fn note_compare(&self, index: usize, examined: u32, changed: u32) {
+        if let Some(s) = self.stats.get(index) {
+            s.look(examined, changed);
         }
     }
 }
@@ -289,9 +450,11 @@ impl DisplayHub {
         &self,
         state: VmState,
         config: Option<&VmConfig>,
-        memory: Option<&MemoryManager>,
+        mut vm: Option<&mut Vm>,
         virtio: &[VirtioGpu],
     ) {
+        let memory = vm.as_ref().map(|v| v.memory.clone());
+        let memory = memory.as_ref();
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut model = self.model.lock().unwrap_or_else(|e| e.into_inner());
         let gpus = config.map_or(&[][..], |c| c.devices.gpus.as_slice());
@@ -303,30 +466,35 @@ impl DisplayHub {
                 .flatten();
             inner.configs = gpus.to_vec();
             inner.vnc = None;
-            inner.frames = None;
+            release(&mut inner.frames, vm.as_deref_mut());
         }
         inner.state = Some(state);
-        // A new machine (a restore in this process) brings new virtio GPUs.
+        // A new machine (a restore in this process) brings new virtio GPUs and memory.
         let stale = inner.frames.as_ref().is_some_and(|f| {
             f.virtio.len() != virtio.len()
                 || f.virtio.iter().zip(virtio).any(|(a, b)| !a.1.same(&b.1))
+                || memory.is_some_and(|m| !m.same(&f.memory))
         });
         if stale {
             inner.vnc = None;
-            inner.frames = None;
+            release(&mut inner.frames, vm.as_deref_mut());
         }
         match state {
             VmState::Running | VmState::MigrationSource => {
                 let any = inner.layout.is_some() || !virtio.is_empty();
                 if let (None, Some(mem), true) = (&inner.frames, memory, any) {
-                    inner.frames = Some(Arc::new(GuestFrames {
-                        memory: mem.clone(),
-                        displays: inner
+                    let mut frames = GuestFrames::new(
+                        mem.clone(),
+                        inner
                             .layout
                             .as_ref()
                             .map_or_else(Vec::new, |l| l.displays.clone()),
-                        virtio: virtio.to_vec(),
-                    }));
+                        virtio.to_vec(),
+                    );
+                    if let Some(vm) = vm.as_deref_mut() {
+                        frames.track(vm);
+                    }
+                    inner.frames = Some(Arc::new(frames));
                 }
                 if inner.vnc.is_none() {
                     if let Some(frames) = inner.frames.clone() {
@@ -345,13 +513,13 @@ impl DisplayHub {
             VmState::Suspended => {
                 model.apply_all(GpuEvent::Suspend);
                 inner.vnc = None;
-                inner.frames = None;
+                release(&mut inner.frames, vm);
             }
             VmState::Created | VmState::MigrationTarget => {}
             VmState::Terminated => {
                 model.apply_all(GpuEvent::PowerOff);
                 inner.vnc = None;
-                inner.frames = None;
+                release(&mut inner.frames, vm);
             }
             VmState::Error => model.apply_all(GpuEvent::Fail),
         }
@@ -489,6 +657,11 @@ impl DisplayHub {
                             } else {
                                 "xrgb8888".into()
                             },
+                            changes: inner
+                                .frames
+                                .as_ref()
+                                .and_then(|f| f.stats.get(d.index))
+                                .map(|s| s.report()),
                         })
                         .collect(),
                     viewers,

@@ -195,6 +195,11 @@ impl MemoryManager {
         }
     }
 
+    /// Whether `other` is a handle on the same memory.
+    pub fn same(&self, other: &MemoryManager) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// A handle that does not keep the memory mapped.
     pub fn downgrade(&self) -> WeakMemory {
         WeakMemory(Arc::downgrade(&self.inner))

@@ -103,6 +103,64 @@ pub fn vcpu(index: u8) -> Arc<VcpuCounters> {
     v[usize::from(index)].clone()
 }
 
+/// Change detection of each emulated display, by display number.
+static DISPLAYS: Mutex<Vec<Arc<ray_display::damage::ChangeStats>>> = Mutex::new(Vec::new());
+
+/// The change-detection counts of display `index` (they count on across machines).
+pub fn display_changes(index: usize) -> Arc<ray_display::damage::ChangeStats> {
+    let mut v = lock(&DISPLAYS);
+    while v.len() <= index {
+        v.push(Arc::default());
+    }
+    v[index].clone()
+}
+
+fn render_displays(out: &mut String) {
+    let displays = lock(&DISPLAYS).clone();
+    if displays.is_empty() {
+        return;
+    }
+    let reports: Vec<_> = displays.iter().map(|d| d.report()).collect();
+    type Count = fn(&ray_api::gpu::ChangeDetection) -> u64;
+    let families: [(&str, &str, &str, Count); 4] = [
+        (
+            "ray_display_dirty_pages_total",
+            "counter",
+            "Framebuffer pages of each emulated display the dirty log reported written.",
+            |r| r.dirty_pages,
+        ),
+        (
+            "ray_display_looks_total",
+            "counter",
+            "Looks of viewers at each emulated display that compared tiles (an idle display compares none).",
+            |r| r.looks,
+        ),
+        (
+            "ray_display_tiles_examined_total",
+            "counter",
+            "64x64 tiles of each emulated display compared with what a viewer has.",
+            |r| r.tiles_examined,
+        ),
+        (
+            "ray_display_tiles_changed_total",
+            "counter",
+            "Compared tiles of each emulated display that had changed.",
+            |r| r.tiles_changed,
+        ),
+    ];
+    for (name, kind, help, get) in families {
+        family(out, name, kind, help);
+        for (i, r) in reports.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}{{display=\"{i}\",mode=\"{}\"}} {}",
+                r.mode,
+                get(r)
+            );
+        }
+    }
+}
+
 /// Pages the dirty log has reported written.
 static DIRTY_PAGES: AtomicU64 = AtomicU64::new(0);
 /// Pages per second over the last collection interval, as f64 bits.
@@ -512,6 +570,8 @@ pub fn render() -> String {
             );
         }
     }
+
+    render_displays(&mut out);
 
     family(
         &mut out,

@@ -286,13 +286,13 @@ impl Controller {
     }
 
     /// The displays follow the VM's configuration, state and machine.
-    fn follow_displays(&self) {
-        self.displays.follow(
-            self.state,
-            self.config.as_ref(),
-            self.machine.as_ref().map(|m| &m.vm.memory),
-            self.machine.as_ref().map_or(&[][..], |m| &m.pci.gpus[..]),
-        );
+    fn follow_displays(&mut self) {
+        let (vm, gpus) = match self.machine.as_mut() {
+            Some(m) => (Some(&mut m.vm), &m.pci.gpus[..]),
+            None => (None, &[][..]),
+        };
+        self.displays
+            .follow(self.state, self.config.as_ref(), vm, gpus);
     }
 
     /// The oldest message deferred while long work ran: the VMM thread handles these

@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::dirty_ring::{DirtyRings, RingError};
 use super::Flavour;
 use crate::memory::{KvmDirtyLog, MemoryManager};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 /// Where KVM may put its three-page TSS on VMX (inside the MMIO hole, below the IOAPIC).
@@ -153,6 +154,15 @@ impl KvmDirtyLog for SlotLog<'_> {
     }
 }
 
+/// [`SlotLog`] over a VM descriptor of its own.
+struct OwnedSlotLog(VmFd);
+
+impl KvmDirtyLog for OwnedSlotLog {
+    fn read_slot(&self, slot: u32, bytes: u64) -> Result<Vec<u64>, String> {
+        SlotLog(&self.0).read_slot(slot, bytes)
+    }
+}
+
 impl Vm {
     /// Creates the VM, registers `memory` and creates the in-kernel irqchip and PIT.
     pub fn new(memory: MemoryManager, flavour: Flavour) -> Result<Self, VmError> {
@@ -259,6 +269,29 @@ impl Vm {
             .map_err(|e| VmError::Dirty(format!("cannot start the dirty-ring harvester: {e}")))?;
         self.rings = Some(rings.clone());
         Ok(rings)
+    }
+
+    /// The dirty log's source as a handle other threads may keep (a display's change
+    /// detection takes its pages from its viewers' threads): the rings when on, else a
+    /// second descriptor of the VM for `KVM_GET_DIRTY_LOG`. Every read still goes through
+    /// the memory manager, which fans it out to every consumer.
+    pub fn dirty_log_handle(&self) -> Result<Arc<dyn KvmDirtyLog + Send + Sync>, VmError> {
+        if let Some(r) = &self.rings {
+            return Ok(r.clone());
+        }
+        // SAFETY: dup of the VM fd we own; the result is checked and owned by the VmFd
+        // made from it below.
+        let fd = unsafe { libc::dup(self.fd.as_raw_fd()) };
+        if fd < 0 {
+            return Err(VmError::Dirty(format!(
+                "cannot keep a handle on the VM for its dirty log: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: `fd` is a fresh duplicate of this VM's fd, owned by nothing else.
+        let vm = unsafe { self.kvm.create_vmfd_from_rawfd(fd) }
+            .map_err(|e| VmError::Dirty(format!("cannot wrap the VM's descriptor: {e}")))?;
+        Ok(Arc::new(OwnedSlotLog(vm)))
     }
 
     /// Runs `f` on the dirty log's source: the rings when on, else KVM's bitmap.
