@@ -537,7 +537,15 @@ impl Queue {
     /// Sleeps until the device used a request the driver has not taken, at most `timeout_ns`.
     #[allow(dead_code)] // for drivers with several requests in flight
     pub fn wait_used(&self, timeout_ns: u64) -> Result<(), &'static str> {
-        wait_until(timeout_ns, || {
+        if self.has_used() {
+            return Ok(());
+        }
+        self.wait_used_watched(&mut Watchdog::arm(), timeout_ns)
+    }
+
+    /// [`wait_used`](Self::wait_used) under a watchdog the caller keeps armed.
+    fn wait_used_watched(&self, dog: &mut Watchdog, timeout_ns: u64) -> Result<(), &'static str> {
+        dog.wait_until(timeout_ns, || {
             if self.has_used() {
                 return true;
             }
@@ -550,18 +558,75 @@ impl Queue {
 impl Queue {
     /// Polls the used ring for up to `spin_ns` (no exit, no interrupt: a completion that
     /// comes meanwhile costs nothing), then arms the interrupt and sleeps as
-    /// [`wait_used`](Self::wait_used) does, at most `timeout_ns`.
-    pub fn wait_used_polling(&self, spin_ns: u64, timeout_ns: u64) -> Result<(), &'static str> {
+    /// [`wait_used`](Self::wait_used) does, at most `timeout_ns`, under the watchdog in
+    /// `dog` (armed at the first sleep: a driver waiting many times keeps one armed
+    /// watchdog, see [`Watchdog`]).
+    pub fn wait_used_polling(
+        &self,
+        spin_ns: u64,
+        timeout_ns: u64,
+        dog: &mut Option<Watchdog>,
+    ) -> Result<(), &'static str> {
         let t0 = clock::now();
         loop {
             if self.has_used() {
                 return Ok(());
             }
             if clock::now().saturating_sub(t0) >= spin_ns {
-                return self.wait_used(timeout_ns);
+                let dog = dog.get_or_insert_with(Watchdog::arm);
+                return self.wait_used_watched(dog, timeout_ns);
             }
             core::hint::spin_loop();
         }
+    }
+}
+
+/// The one-shot APIC timer armed as a watchdog ([`WATCHDOG_NS`]) for waits on interrupts,
+/// stopped when dropped. Each timer access is an exit on PVM (~as costly as the rest of a
+/// wake-up): a driver that waits many times in a row (a disk at queue depth 32 wakes once
+/// per ~30 requests) keeps one watchdog armed for all its waits, re-armed only after it
+/// fired, instead of starting and stopping the timer around each wait.
+pub struct Watchdog {
+    timer_irqs: u64,
+}
+
+impl Watchdog {
+    pub fn arm() -> Self {
+        apic::set_timer(WATCHDOG_NS);
+        Self {
+            timer_irqs: apic::TIMER_IRQS.load(Relaxed),
+        }
+    }
+
+    /// Sleeps in `hlt` until `done()` holds, waking on every interrupt; the watchdog ends
+    /// waits whose interrupt never came. Fails after `timeout_ns`.
+    pub fn wait_until(
+        &mut self,
+        timeout_ns: u64,
+        mut done: impl FnMut() -> bool,
+    ) -> Result<(), &'static str> {
+        let pvm = crate::heartbeat::pvm().load(Relaxed) != 0;
+        let t0 = clock::now();
+        while !done() {
+            if clock::now().saturating_sub(t0) > timeout_ns {
+                return Err("the device did not answer in time");
+            }
+            let timer = apic::TIMER_IRQS.load(Relaxed);
+            if timer != self.timer_irqs {
+                // The watchdog fired (it ended the last wait, or ran out between waits):
+                // arm it again before sleeping.
+                self.timer_irqs = timer;
+                apic::set_timer(WATCHDOG_NS);
+            }
+            cpu::wait_for_interrupt(pvm);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        apic::set_timer(0);
     }
 }
 
@@ -571,23 +636,7 @@ pub fn wait_until(timeout_ns: u64, mut done: impl FnMut() -> bool) -> Result<(),
     if done() {
         return Ok(());
     }
-    let pvm = crate::heartbeat::pvm().load(Relaxed) != 0;
-    apic::set_timer(WATCHDOG_NS);
-    let t0 = clock::now();
-    while !done() {
-        if clock::now().saturating_sub(t0) > timeout_ns {
-            apic::set_timer(0);
-            return Err("the device did not answer in time");
-        }
-        let timer = apic::TIMER_IRQS.load(Relaxed);
-        cpu::wait_for_interrupt(pvm);
-        if apic::TIMER_IRQS.load(Relaxed) != timer {
-            // The watchdog ended this wait; arm it for the next.
-            apic::set_timer(WATCHDOG_NS);
-        }
-    }
-    apic::set_timer(0);
-    Ok(())
+    Watchdog::arm().wait_until(timeout_ns, done)
 }
 
 /// Watchdog wake-ups so far (a lost interrupt shows here).

@@ -6,7 +6,7 @@
 //! Set up on first use: without a disk the guest runs as before and `disk` says so.
 
 use crate::clock;
-use crate::virtio::{self, Buffer, Probed, Queue, RingPage, Shared, Transport};
+use crate::virtio::{self, Buffer, Probed, Queue, RingPage, Shared, Transport, Watchdog};
 
 const DEVICE_TYPE: u16 = 2;
 const QUEUE_SIZE: u16 = 128;
@@ -125,6 +125,9 @@ impl Disk {
         let mut done = 0u64;
         let mut failed = None;
         let mut more = true;
+        // Armed at the first sleep, stopped when the run ends: one pair of timer accesses
+        // (exits on PVM) per run, not per wake-up.
+        let mut dog: Option<Watchdog> = None;
         loop {
             while more && in_flight < qd {
                 let Some(r) = reqs.next() else {
@@ -169,7 +172,7 @@ impl Disk {
             // Deeper queues sleep at once: the device's threads need the host CPU the
             // polling would take, and a wake-up finds many completions.
             let poll = if in_flight == 1 { POLL_NS } else { 0 };
-            self.q.wait_used_polling(poll, TIMEOUT_NS)?;
+            self.q.wait_used_polling(poll, TIMEOUT_NS, &mut dog)?;
             while let Some((head, _)) = self.q.pop_used() {
                 let slot = usize::from(self.slot_of[usize::from(head)]);
                 let s: u8 = virtio::rd(header(slot) + 16);

@@ -76,6 +76,14 @@ struct EngineReport {
     /// Interrupts and kicks per request of the queue-depth-32 random reads alone.
     qd32_irqs_per_request: Stats,
     qd32_kicks_per_request: Stats,
+    /// CPU time of the whole VMM process (its vCPU running the guest, the notifier and the
+    /// I/O threads) per request of the queue-depth-32 random reads, µs: what the path
+    /// costs, whatever else the host runs.
+    qd32_vmm_cpu_us_per_request: Stats,
+    /// Context switches (voluntary and not, summed over the VMM's threads) per QD32 request.
+    qd32_vmm_switches_per_request: Stats,
+    /// `qd32_vmm_cpu_us_per_request` over the host baseline's `host_qd32_cpu_us_per_request`.
+    qd32_cpu_ratio: Stats,
 }
 
 /// The io_uring engine's guest figures over the worker pool's, run by run (above 1:
@@ -109,6 +117,10 @@ struct Report {
     host_seq_write_mib_s: Stats,
     host_rand_read_qd32_iops: Stats,
     host_qd1_latency_us: Stats,
+    /// CPU time of the host baseline's QD32 threads per request, µs, and their context
+    /// switches per request.
+    host_qd32_cpu_us_per_request: Stats,
+    host_qd32_switches_per_request: Stats,
     pool: EngineReport,
     uring: EngineReport,
     uring_vs_pool: UringVsPool,
@@ -119,6 +131,64 @@ fn load_average() -> f64 {
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(f64::NAN)
+}
+
+/// CPU time (ns) and context switches a set of threads had so far.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    ns: f64,
+    switches: f64,
+}
+
+impl Cpu {
+    /// Per request of `ops`, since `before`: (µs, switches).
+    fn per_request(self, before: Cpu, ops: f64) -> (f64, f64) {
+        (
+            (self.ns - before.ns) / 1e3 / ops,
+            (self.switches - before.switches) / ops,
+        )
+    }
+
+    /// Every thread of process `pid`, from /proc (`schedstat`'s time on a CPU, `status`'s
+    /// context switches): a VMM's threads all live as long as its VM.
+    fn of_process(pid: u32) -> anyhow::Result<Cpu> {
+        let mut cpu = Cpu::default();
+        let dir = format!("/proc/{pid}/task");
+        for t in std::fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))? {
+            let t = t?.path();
+            // A thread may end between the listing and the reads: skip it.
+            let (Ok(sched), Ok(status)) = (
+                std::fs::read_to_string(t.join("schedstat")),
+                std::fs::read_to_string(t.join("status")),
+            ) else {
+                continue;
+            };
+            cpu.ns += sched
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .with_context(|| format!("unexpected {}/schedstat: {sched}", t.display()))?;
+            cpu.switches += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        Ok(cpu)
+    }
+
+    /// This process, threads that ended included (`getrusage`).
+    fn of_self() -> Cpu {
+        // SAFETY: an all-zero rusage is a valid value to be overwritten.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage writes only into `u`.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+        let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+        Cpu {
+            ns: (us(u.ru_utime) + us(u.ru_stime)) * 1e3,
+            switches: (u.ru_nvcsw + u.ru_nivcsw) as f64,
+        }
+    }
 }
 
 /// Writes `size` bytes of a non-zero pattern, so reads hit real blocks.
@@ -257,17 +327,31 @@ struct Pass {
     irqs: f64,
     kicks: f64,
     exits: f64,
+    /// The VMM's CPU before and after.
+    cpu0: Cpu,
+    cpu: Cpu,
 }
 
-/// One pass of `disk bench` in the guest.
-fn pass(g: &mut GuestShell, mode: &str, count: u64, kib: usize, qd: usize) -> anyhow::Result<Pass> {
+/// One pass of `disk bench` in the guest of the VMM `pid`.
+fn pass(
+    g: &mut GuestShell,
+    pid: u32,
+    mode: &str,
+    count: u64,
+    kib: usize,
+    qd: usize,
+) -> anyhow::Result<Pass> {
     let e0 = g.exits()?;
+    let c0 = Cpu::of_process(pid)?;
     let line = g.command(
         &format!("disk bench {mode} {count} {kib} {qd}"),
         "disk bench",
     )?;
+    let c1 = Cpu::of_process(pid)?;
     let e1 = g.exits()?;
     Ok(Pass {
+        cpu: c1,
+        cpu0: c0,
         ops: field(&line, "ops")?,
         bytes: field(&line, "bytes")?,
         secs: field(&line, "ns")? / 1e9,
@@ -337,7 +421,12 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
             &format!("bench-blk-uring-{pid}"),
             &config(DiskEngine::Uring)?,
         )?;
-        let report = measure(a, &image, &mut pool.shell(), &mut uring.shell());
+        let report = measure(
+            a,
+            &image,
+            (&mut pool.shell(), pool.pid()),
+            (&mut uring.shell(), uring.pid()),
+        );
         pool.stop()?;
         uring.stop()?;
         report
@@ -361,11 +450,21 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
             report.load_average[0],
             report.load_average[1],
         );
-        let rows: [(&str, Stats, &str); 4] = [
+        let rows: [(&str, Stats, &str); 6] = [
             ("host seq read", report.host_seq_read_mib_s, "MiB/s"),
             ("host seq write", report.host_seq_write_mib_s, "MiB/s"),
             ("host rand QD32", report.host_rand_read_qd32_iops, "IOPS"),
             ("host QD1 latency", report.host_qd1_latency_us, "us"),
+            (
+                "host QD32 CPU/request",
+                report.host_qd32_cpu_us_per_request,
+                "us",
+            ),
+            (
+                "host QD32 switches/req",
+                report.host_qd32_switches_per_request,
+                "",
+            ),
         ];
         for (name, s, unit) in rows {
             print_row(name, s, unit);
@@ -377,7 +476,7 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 ""
             };
             println!(" engine {engine}{default}:");
-            let rows: [(&str, Stats, &str); 13] = [
+            let rows: [(&str, Stats, &str); 16] = [
                 ("seq read ratio", e.seq_read_ratio, "x"),
                 ("seq write ratio", e.seq_write_ratio, "x"),
                 ("rand read QD32 ratio", e.rand_read_qd32_ratio, "x"),
@@ -391,6 +490,9 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 ("kicks per request", e.kicks_per_request, ""),
                 ("QD32 irqs per request", e.qd32_irqs_per_request, ""),
                 ("QD32 kicks per request", e.qd32_kicks_per_request, ""),
+                ("QD32 VMM CPU/request", e.qd32_vmm_cpu_us_per_request, "us"),
+                ("QD32 VMM switches/req", e.qd32_vmm_switches_per_request, ""),
+                ("QD32 CPU vs host", e.qd32_cpu_ratio, "x"),
             ];
             for (name, s, unit) in rows {
                 print_row(name, s, unit);
@@ -414,14 +516,14 @@ pub fn run(a: &BlkBenchArgs, runtime: &Path) -> anyhow::Result<()> {
 /// One engine's guest passes of a run, into `v` under `engine`'s keys.
 fn guest_passes(
     a: &BlkBenchArgs,
-    g: &mut GuestShell,
+    (g, pid): (&mut GuestShell, u32),
     engine: &str,
     v: &mut BTreeMap<String, Vec<f64>>,
 ) -> anyhow::Result<()> {
     let seq_count = a.seq / SEQ_REQ as u64;
     let (mut exits, mut reqs, mut irqs, mut kicks) = (0.0, 0.0, 0.0, 0.0);
     let mut guest = |mode: &str, count: u64, kib: usize, qd: usize| -> anyhow::Result<Pass> {
-        let p = pass(g, mode, count, kib, qd)?;
+        let p = pass(g, pid, mode, count, kib, qd)?;
         exits += p.exits;
         reqs += p.ops;
         irqs += p.irqs;
@@ -445,15 +547,20 @@ fn guest_passes(
     push("kicks", kicks / reqs);
     push("irqs32", g32.irqs / g32.ops);
     push("kicks32", g32.kicks / g32.ops);
+    let (us, switches) = g32.cpu.per_request(g32.cpu0, g32.ops);
+    push("cpu32", us);
+    push("csw32", switches);
     Ok(())
 }
 
 fn measure(
     a: &BlkBenchArgs,
     image: &Path,
-    pool: &mut GuestShell,
-    uring: &mut GuestShell,
+    pool: (&mut GuestShell, u32),
+    uring: (&mut GuestShell, u32),
 ) -> anyhow::Result<Report> {
+    let (pool, pool_pid) = pool;
+    let (uring, uring_pid) = uring;
     let load0 = load_average();
     pool.command("disk", "disk capacity")?;
     uring.command("disk", "disk capacity")?;
@@ -461,16 +568,18 @@ fn measure(
     for run in 0..a.runs {
         // Alternate which engine goes first.
         if run % 2 == 0 {
-            guest_passes(a, pool, "pool", &mut v)?;
-            guest_passes(a, uring, "uring", &mut v)?;
+            guest_passes(a, (pool, pool_pid), "pool", &mut v)?;
+            guest_passes(a, (uring, uring_pid), "uring", &mut v)?;
         } else {
-            guest_passes(a, uring, "uring", &mut v)?;
-            guest_passes(a, pool, "pool", &mut v)?;
+            guest_passes(a, (uring, uring_pid), "uring", &mut v)?;
+            guest_passes(a, (pool, pool_pid), "pool", &mut v)?;
         }
         let hr = host_seq(image, a.seq, false, a.seq_qd)?;
         let hw = host_seq(image, a.seq, true, a.seq_qd)?;
         let h1 = host_rand(image, a.size, a.rand_ops, 1)?;
+        let c0 = Cpu::of_self();
         let h32 = host_rand(image, a.size, a.rand_ops * 8, QD)?;
+        let (h32_us, h32_switches) = Cpu::of_self().per_request(c0, (a.rand_ops * 8) as f64);
         let last = |v: &BTreeMap<String, Vec<f64>>, k: &str| {
             v.get(k).and_then(|x| x.last().copied()).unwrap_or(f64::NAN)
         };
@@ -479,11 +588,17 @@ fn measure(
             ("hw".into(), hw),
             ("h32".into(), h32),
             ("hlat".into(), 1e6 / h1),
+            ("hcpu32".into(), h32_us),
+            ("hcsw32".into(), h32_switches),
         ];
         for e in ["pool", "uring"] {
             add.push((format!("{e}.rr"), last(&v, &format!("{e}.gr")) / hr));
             add.push((format!("{e}.rw"), last(&v, &format!("{e}.gw")) / hw));
             add.push((format!("{e}.r32"), last(&v, &format!("{e}.g32")) / h32));
+            add.push((
+                format!("{e}.cpur"),
+                last(&v, &format!("{e}.cpu32")) / h32_us,
+            ));
         }
         for k in ["gr", "gw", "g32", "g1", "lat"] {
             let r = last(&v, &format!("uring.{k}")) / last(&v, &format!("pool.{k}"));
@@ -510,6 +625,9 @@ fn measure(
             kicks_per_request: s("kicks"),
             qd32_irqs_per_request: s("irqs32"),
             qd32_kicks_per_request: s("kicks32"),
+            qd32_vmm_cpu_us_per_request: s("cpu32"),
+            qd32_vmm_switches_per_request: s("csw32"),
+            qd32_cpu_ratio: s("cpur"),
         }
     };
     let default_engine = DiskEngine::default().name();
@@ -529,6 +647,8 @@ fn measure(
         host_seq_write_mib_s: s("hw"),
         host_rand_read_qd32_iops: s("h32"),
         host_qd1_latency_us: s("hlat"),
+        host_qd32_cpu_us_per_request: s("hcpu32"),
+        host_qd32_switches_per_request: s("hcsw32"),
         pool: engine("pool"),
         uring: engine("uring"),
         uring_vs_pool: UringVsPool {

@@ -175,6 +175,7 @@ impl Workers {
             }),
             ready: Condvar::new(),
         });
+        let limited = limit.bytes_per_sec.is_some() || limit.ops_per_sec.is_some();
         let buckets = Arc::new(Mutex::new(Buckets::new(limit)));
         let mut threads = Vec::new();
         for i in 0..count {
@@ -191,7 +192,7 @@ impl Workers {
                     .stack_size(256 << 10)
                     .spawn(move || {
                         ray_seccomp::enter(ray_seccomp::Kind::BlkWorker);
-                        worker(&queue, &file, &ctx, &buckets, &dirty)
+                        worker(&queue, &file, &ctx, &buckets, &dirty, limited)
                     })?,
             );
         }
@@ -232,14 +233,18 @@ fn worker(
     ctx: &DeviceContext,
     buckets: &Mutex<Buckets>,
     dirty: &DirtyBlocks,
+    limited: bool,
 ) {
     while let Some(job) = queue.take() {
-        let wait = buckets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(job.request.bytes());
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
+        // Without limits the buckets never hold a request back: no lock to take.
+        if limited {
+            let wait = buckets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(job.request.bytes());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
         }
         let len = execute(&job.request, file, &*ctx.memory, dirty);
         ctx.completer.complete(

@@ -18,6 +18,7 @@
 //! device's memory view (an `Arc`) until it ends, it ends only once nothing is in flight,
 //! and pausing the VM (snapshot, migration) waits until every request the device took is
 //! completed (the transport's in-flight count), as for the worker pool.
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -49,6 +50,14 @@ const WAKE: u64 = 0;
 /// configuration before the VM starts.
 pub fn probe() -> std::io::Result<()> {
     IoUring::new(2).map(drop)
+}
+
+thread_local! {
+    /// On an engine's own thread: which engine (its [`Uring::id`]) and the requests handed
+    /// to it from that thread. Completing a batch serves the queue again (new requests the
+    /// driver added meanwhile), on the engine thread: those go here, into the next
+    /// submission, without a channel message, an eventfd write and a wake-up each.
+    static OWN: RefCell<(usize, Vec<Job>)> = const { RefCell::new((0, Vec::new())) };
 }
 
 pub struct Uring {
@@ -86,6 +95,7 @@ impl Uring {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<std::io::Result<()>>(1);
         let thread_wake = wake.clone();
+        let id = Self::id_of(&wake);
         let thread = std::thread::Builder::new()
             .name(format!("{name}-uring"))
             .stack_size(256 << 10)
@@ -100,6 +110,7 @@ impl Uring {
                     .build(ENTRIES);
                 match ring {
                     Ok(ring) => {
+                        OWN.with(|o| o.borrow_mut().0 = id);
                         let _ = ready_tx.send(Ok(()));
                         Engine {
                             ring,
@@ -142,15 +153,31 @@ impl Uring {
         }
     }
 
+    /// What tells this engine's thread from others: the address of its eventfd, unique
+    /// while the engine lives.
+    fn id_of(wake: &Arc<OwnedFd>) -> usize {
+        Arc::as_ptr(wake) as usize
+    }
+
     pub fn submit(&self, job: Job) -> Result<(), Job> {
-        match &self.tx {
-            Some(tx) => {
-                tx.send(job).map_err(|e| e.0)?;
-                bump(&self.wake);
-                Ok(())
+        let Some(tx) = &self.tx else {
+            return Err(job);
+        };
+        let id = Self::id_of(&self.wake);
+        let job = OWN.with(|o| {
+            let mut o = o.borrow_mut();
+            if o.0 == id {
+                o.1.push(job);
+                None
+            } else {
+                Some(job)
             }
-            None => Err(job),
+        });
+        if let Some(job) = job {
+            tx.send(job).map_err(|e| e.0)?;
+            bump(&self.wake);
         }
+        Ok(())
     }
 }
 
@@ -207,6 +234,7 @@ impl Engine {
         self.arm_wake();
         loop {
             self.release_held();
+            self.take_own();
             let timeout = self
                 .held
                 .front()
@@ -249,7 +277,8 @@ impl Engine {
                     self.arm_wake();
                 }
             }
-            if self.closing && self.in_flight == 0 && self.held.is_empty() {
+            let own_empty = OWN.with(|o| o.borrow().1.is_empty());
+            if self.closing && self.in_flight == 0 && self.held.is_empty() && own_empty {
                 return;
             }
         }
@@ -283,18 +312,35 @@ impl Engine {
         self.push(sqe);
     }
 
+    /// Starts `job`, or holds it back for the token buckets.
+    fn accept(&mut self, job: Job) {
+        let wait = self.buckets.take(job.request.bytes());
+        if wait.is_zero() && self.held.is_empty() {
+            self.start(job);
+        } else {
+            self.held.push_back((Instant::now() + wait, job));
+        }
+    }
+
+    /// Takes the requests handed over on this thread (completing requests served the
+    /// queue again), until none are left: starting one may complete another at once.
+    fn take_own(&mut self) {
+        loop {
+            let jobs = OWN.with(|o| std::mem::take(&mut o.borrow_mut().1));
+            if jobs.is_empty() {
+                return;
+            }
+            for job in jobs {
+                self.accept(job);
+            }
+        }
+    }
+
     /// Takes the requests the notifier thread sent since the last wake-up.
     fn take_new(&mut self) {
         loop {
             match self.rx.try_recv() {
-                Ok(job) => {
-                    let wait = self.buckets.take(job.request.bytes());
-                    if wait.is_zero() && self.held.is_empty() {
-                        self.start(job);
-                    } else {
-                        self.held.push_back((Instant::now() + wait, job));
-                    }
-                }
+                Ok(job) => self.accept(job),
                 Err(TryRecvError::Empty) => return,
                 Err(TryRecvError::Disconnected) => {
                     self.closing = true;
