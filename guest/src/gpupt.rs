@@ -80,8 +80,12 @@ fn run(seed: u64) -> Result<(), &'static str> {
     let control = f.read32(cap) >> 16;
     let vectors = (control & 0x7ff) + 1;
     let table = f.read32(cap + 4);
-    // Memory decoding and bus mastering.
-    f.write32(4, f.read32(4) | 0x6);
+    // Memory decoding and bus mastering (left alone when already on: the first access
+    // to the device itself is then the ID register's read).
+    let command = f.read32(4);
+    if command & 0x6 != 0x6 {
+        f.write32(4, command | 0x6);
+    }
     let (vram, regs) = (f.bar(0) as usize, f.bar(2) as usize);
     if table & 7 != 2 {
         return Err("its MSI-X table is not in BAR 2");

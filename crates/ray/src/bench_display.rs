@@ -343,6 +343,7 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 passthrough: None,
                 backend: None,
                 token_file: None,
+                timeout_ms: None,
             }],
             ..Default::default()
         },

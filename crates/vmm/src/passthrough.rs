@@ -8,6 +8,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use ray_api::gpu::{GpuConfig, PassthroughSource};
 use ray_devices::passthrough::vfio::HostDevice;
@@ -64,10 +65,10 @@ pub fn status(gpu: usize) -> Option<(String, Option<String>)> {
 }
 
 /// Opens the device behind `source`.
-fn open(source: &PassthroughSource) -> Result<Box<dyn DeviceAccess>, String> {
+fn open(source: &PassthroughSource, timeout: Duration) -> Result<Box<dyn DeviceAccess>, String> {
     Ok(match source {
         PassthroughSource::VfioUser { socket } => {
-            Box::new(UserDevice::connect(Path::new(socket)).map_err(|e| e.0)?)
+            Box::new(UserDevice::connect(Path::new(socket), timeout).map_err(|e| e.0)?)
         }
         PassthroughSource::Host { bdf } => Box::new(HostDevice::open(bdf).map_err(|e| e.0)?),
     })
@@ -134,12 +135,13 @@ fn dma_regions(memory: &MemoryManager) -> Result<Vec<DmaRegion>, String> {
 pub fn build(
     gpu: usize,
     source: &PassthroughSource,
+    timeout: Duration,
     memory: &MemoryManager,
     bars: &mut BarAllocator,
     router: Arc<IrqRouter>,
 ) -> Result<Built, String> {
     let dma = dma_regions(memory)?;
-    let access = open(source)?;
+    let access = open(source, timeout)?;
     let health = Arc::new(Health::default());
     let mut place = VmPlacement { bars, router };
     let device = PassthroughPci::new(access, health.clone(), &mut place, &dma)?;

@@ -507,8 +507,18 @@ impl PciDevices {
                     "{id} is a passthrough GPU ({source}): its device's state was never saved"
                 )));
             }
-            let b = crate::passthrough::build(i, source, &vm.memory, &mut bars, router.clone())
-                .map_err(|why| PciError::Device { id, why })?;
+            let timeout = std::time::Duration::from_millis(u64::from(
+                g.timeout_ms.unwrap_or(ray_api::gpu::PASSTHROUGH_TIMEOUT_MS),
+            ));
+            let b = crate::passthrough::build(
+                i,
+                source,
+                timeout,
+                &vm.memory,
+                &mut bars,
+                router.clone(),
+            )
+            .map_err(|why| PciError::Device { id, why })?;
             bus.add(b.device.clone()).ok_or(PciError::BusFull)?;
             passthrough.push(b);
         }

@@ -6,6 +6,7 @@
 //! a GPU-like device served over vfio-user, the device of the tests.
 pub mod device;
 pub mod gpu_server;
+pub mod link;
 pub mod vfio;
 pub mod vfio_user;
 

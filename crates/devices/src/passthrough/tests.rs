@@ -134,7 +134,7 @@ fn a_vfio_user_gpu_works_through_the_passthrough_function() {
         events: Vec::new(),
         routes: Arc::new(Routes(Mutex::default())),
     };
-    let access = Box::new(UserDevice::connect(&path).unwrap());
+    let access = Box::new(UserDevice::connect(&path, link::DEFAULT_TIMEOUT).unwrap());
     let mut d = PassthroughPci::new(access, health.clone(), &mut place, &[dma]).unwrap();
 
     // Configuration space: the device's identity, our BARs, our MSI-X capability.
@@ -275,7 +275,7 @@ fn a_device_that_dies_is_cut_off_with_a_reason() {
         events: Vec::new(),
         routes: Arc::new(Routes(Mutex::default())),
     };
-    let access = Box::new(UserDevice::connect(&path).unwrap());
+    let access = Box::new(UserDevice::connect(&path, link::DEFAULT_TIMEOUT).unwrap());
     let mut d = PassthroughPci::new(access, health.clone(), &mut place, &[]).unwrap();
     assert_eq!(reg(&mut d, REG_ID), MAGIC);
     d.probe();
@@ -298,6 +298,100 @@ fn a_device_that_dies_is_cut_off_with_a_reason() {
     d.probe();
     assert_eq!(health.error().as_deref(), Some(e.as_str()));
     // Nobody listens any more: a new connection is refused, naming the socket.
-    let e = UserDevice::connect(&path).err().unwrap();
+    let e = UserDevice::connect(&path, link::DEFAULT_TIMEOUT)
+        .err()
+        .unwrap();
     assert!(e.0.contains("cannot reach the vfio-user device at"), "{e}");
+}
+
+/// The device's server hangs inside a read (as a stopped process would): the access is
+/// given up after the bound, the function is cut off naming the device and the request,
+/// and the late answer is never taken for the answer to a later request.
+struct Hangs(GpuDevice, std::sync::mpsc::Receiver<()>);
+impl ::vfio_user::ServerBackend for Hangs {
+    fn region_read(&mut self, r: u32, o: u64, d: &mut [u8]) -> std::io::Result<()> {
+        if r == REGS_BAR && o == REG_HEIGHT {
+            // Until the test lets go.
+            let _ = self.1.recv();
+        }
+        self.0.region_read(r, o, d)
+    }
+    fn region_write(&mut self, r: u32, o: u64, d: &[u8]) -> std::io::Result<()> {
+        self.0.region_write(r, o, d)
+    }
+    fn dma_map(
+        &mut self,
+        f: ::vfio_user::DmaMapFlags,
+        o: u64,
+        a: u64,
+        s: u64,
+        fd: Option<std::fs::File>,
+    ) -> std::io::Result<()> {
+        self.0.dma_map(f, o, a, s, fd)
+    }
+    fn dma_unmap(&mut self, f: ::vfio_user::DmaUnmapFlags, a: u64, s: u64) -> std::io::Result<()> {
+        self.0.dma_unmap(f, a, s)
+    }
+    fn reset(&mut self) -> std::io::Result<()> {
+        self.0.reset()
+    }
+    fn set_irqs(
+        &mut self,
+        i: u32,
+        f: u32,
+        s: u32,
+        c: u32,
+        fds: Vec<std::fs::File>,
+    ) -> std::io::Result<()> {
+        self.0.set_irqs(i, f, s, c, fds)
+    }
+}
+
+#[test]
+fn a_device_that_hangs_is_given_up_after_the_bound_and_cut_off() {
+    let path = socket("hangs");
+    let p = path.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let server = ::vfio_user::Server::new(&p, true, irqs(), regions()).unwrap();
+        tx.send(()).unwrap();
+        server.run(&mut Hangs(GpuDevice::new(), held))
+    });
+    rx.recv().unwrap();
+    let health = Arc::new(Health::default());
+    let mut place = Place {
+        next: 0xc000_0000,
+        events: Vec::new(),
+        routes: Arc::new(Routes(Mutex::default())),
+    };
+    let bound = Duration::from_millis(300);
+    let access = Box::new(UserDevice::connect(&path, bound).unwrap());
+    let mut d = PassthroughPci::new(access, health.clone(), &mut place, &[]).unwrap();
+    assert_eq!(reg(&mut d, REG_WIDTH), 640);
+    let start = Instant::now();
+    assert_eq!(
+        reg(&mut d, REG_HEIGHT),
+        u32::MAX,
+        "a hung read reads all-ones"
+    );
+    assert!(start.elapsed() >= bound, "given up only after the bound");
+    let e = health.error().expect("the failure is kept");
+    assert_eq!(
+        e,
+        format!(
+            "passthrough device vfio-user {p} stopped answering: the vfio-user device at {p} \
+             did not answer a read of region 2 at 0xc within 300 ms (the link is closed)",
+            p = path.display()
+        )
+    );
+    // The device answers late: the link is closed, so nothing is taken from it; the
+    // server sees the link end.
+    release.send(()).unwrap();
+    let _ = server
+        .join()
+        .expect("the server's link ends and its thread with it");
+    assert_eq!(reg(&mut d, REG_WIDTH), u32::MAX);
+    d.probe();
+    assert_eq!(health.error().as_deref(), Some(e.as_str()));
 }
