@@ -108,6 +108,10 @@ fn a_vfio_user_gpu_is_driven_by_the_guest_and_its_death_leaves_the_vm_running() 
             "2",
             "one MSI-X interrupt per DMA command"
         );
+        // A masked vector's interrupt waits (none comes, the PBA bit is set) and comes
+        // once on unmasking (the bit clears): the vector's own mask, then the function's.
+        assert_eq!(field(&line, "mask"), "0/1/1/0", "{line}");
+        assert_eq!(field(&line, "fmask"), "0/1/1/0", "{line}");
         assert_eq!(field(&line, "vram_mismatch"), "0");
         assert_eq!(field(&line, "back_mismatch"), "0");
         // The checksum the host expects of the pattern that came back.

@@ -13,7 +13,7 @@ pub mod vfio_user;
 use std::os::fd::RawFd;
 use std::sync::Mutex;
 
-pub use device::{PassthroughPci, Placement};
+pub use device::{DirectVectors, PassthroughPci, Placement};
 
 /// Region indices of a VFIO PCI device: BARs 0..=5, then the expansion ROM and the
 /// configuration space.

@@ -14,7 +14,40 @@ use super::*;
 use crate::interrupt::{MsiInterrupts, MsiMessage};
 use crate::pci::PciDevice;
 
-struct Routes(Mutex<Vec<(u16, Option<MsiMessage>)>>);
+/// Routes and holds as the function asked for them; the eventfds the device signals.
+#[derive(Default)]
+struct Routes(
+    Mutex<Vec<(u16, Option<MsiMessage>)>>,
+    Mutex<Vec<(u16, bool)>>,
+    Mutex<Vec<EventFd>>,
+);
+impl Routes {
+    fn held(&self, v: u16) -> Option<bool> {
+        self.1
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|h| h.0 == v)
+            .map(|h| h.1)
+    }
+}
+impl DirectVectors for Routes {
+    fn hold(&self, v: u16, held: bool) -> Result<(), String> {
+        self.1.lock().unwrap().push((v, held));
+        Ok(())
+    }
+    fn waiting(&self, v: u16) -> bool {
+        let events = self.2.lock().unwrap();
+        match events[usize::from(v)].read() {
+            Ok(n) => {
+                events[usize::from(v)].write(n).unwrap();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
 impl MsiInterrupts for Routes {
     fn route(&self, v: u16, m: Option<MsiMessage>) -> Result<(), String> {
         self.0.lock().unwrap().push((v, m));
@@ -34,10 +67,12 @@ impl Placement for Place {
         self.next = at + size;
         Ok(at)
     }
-    fn vectors(&mut self, count: u16) -> Result<(Arc<dyn MsiInterrupts>, Vec<RawFd>), String> {
+    fn vectors(&mut self, count: u16) -> Result<(Arc<dyn DirectVectors>, Vec<RawFd>), String> {
         self.events = (0..count)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();
+        *self.routes.2.lock().unwrap() =
+            self.events.iter().map(|e| e.try_clone().unwrap()).collect();
         let fds = self.events.iter().map(|e| e.as_raw_fd()).collect();
         Ok((self.routes.clone(), fds))
     }
@@ -132,7 +167,7 @@ fn a_vfio_user_gpu_works_through_the_passthrough_function() {
     let mut place = Place {
         next: 0xc000_0000,
         events: Vec::new(),
-        routes: Arc::new(Routes(Mutex::default())),
+        routes: Arc::new(Routes::default()),
     };
     let access = Box::new(UserDevice::connect(&path, link::DEFAULT_TIMEOUT).unwrap());
     let mut d = PassthroughPci::new(access, health.clone(), &mut place, &[dma]).unwrap();
@@ -216,6 +251,41 @@ fn a_vfio_user_gpu_works_through_the_passthrough_function() {
     set(&mut d, REG_DOORBELL, 1);
     wait_for("the fourth interrupt", || place.events[0].read().is_ok());
     assert_eq!(reg(&mut d, REG_STATUS), STATUS_ERR_VRAM_RANGE);
+
+    // Masks: every vector started held back; vector 0 was let go when unmasked, vector 1
+    // (masked) never was.
+    assert_eq!(place.routes.1.lock().unwrap()[..2], [(0, true), (1, true)]);
+    assert_eq!(place.routes.held(0), Some(false));
+    assert_eq!(place.routes.held(1), Some(true));
+    let pba = u64::from(MSIX_PBA);
+    // Vector 0 masked: held back; a command's signal waits and shows in the PBA.
+    set(&mut d, table + 12, 1);
+    assert_eq!(place.routes.held(0), Some(true));
+    assert_eq!(reg(&mut d, pba), 0);
+    set(&mut d, REG_VRAM_OFFSET, 0);
+    set(&mut d, REG_DOORBELL, 1);
+    assert_eq!(reg(&mut d, REG_STATUS), STATUS_DONE);
+    assert_eq!(reg(&mut d, pba), 1, "vector 0 pending while masked");
+    // Unmasked: let go (the VMM's side sends what waited), the PBA no longer shows it.
+    set(&mut d, table + 12, 0);
+    assert_eq!(place.routes.held(0), Some(false));
+    assert_eq!(reg(&mut d, pba), 0);
+    assert!(
+        place.events[0].read().is_ok(),
+        "the signal that waited is there"
+    );
+    // The function mask holds every vector back, and lifting it lets go of the unmasked.
+    d.write_config(cap + 2, &(0xc000u16 | 1).to_le_bytes());
+    assert_eq!(place.routes.held(0), Some(true));
+    set(&mut d, REG_DOORBELL, 1);
+    assert_eq!(
+        reg(&mut d, pba),
+        1,
+        "vector 0 pending under the function mask"
+    );
+    d.write_config(cap + 2, &(0x8000u16 | 1).to_le_bytes());
+    assert_eq!(place.routes.held(0), Some(false));
+    assert_eq!(place.routes.held(1), Some(true));
     assert_eq!(health.error(), None);
 }
 
@@ -273,7 +343,7 @@ fn a_device_that_dies_is_cut_off_with_a_reason() {
     let mut place = Place {
         next: 0xc000_0000,
         events: Vec::new(),
-        routes: Arc::new(Routes(Mutex::default())),
+        routes: Arc::new(Routes::default()),
     };
     let access = Box::new(UserDevice::connect(&path, link::DEFAULT_TIMEOUT).unwrap());
     let mut d = PassthroughPci::new(access, health.clone(), &mut place, &[]).unwrap();
@@ -363,7 +433,7 @@ fn a_device_that_hangs_is_given_up_after_the_bound_and_cut_off() {
     let mut place = Place {
         next: 0xc000_0000,
         events: Vec::new(),
-        routes: Arc::new(Routes(Mutex::default())),
+        routes: Arc::new(Routes::default()),
     };
     let bound = Duration::from_millis(300);
     let access = Box::new(UserDevice::connect(&path, bound).unwrap());
