@@ -160,8 +160,12 @@ fn devices_and_gpus(
         let g = &config.gpus[i];
         let modes = vec![(g.width, g.height); usize::from(g.displays)];
         let built = match g.kind {
-            GpuType::Remote => crate::display::remote_endpoint(g)
-                .and_then(|e| Gpu::new_remote(&modes, GpuLimits::default(), e)),
+            GpuType::Remote => crate::display::remote_endpoint(g).and_then(|e| {
+                let timeout = std::time::Duration::from_millis(u64::from(
+                    g.timeout_ms.unwrap_or(ray_api::gpu::REMOTE_TIMEOUT_MS),
+                ));
+                Gpu::new_remote(&modes, GpuLimits::default(), e, timeout)
+            }),
             _ => Gpu::new(&modes, GpuLimits::default()),
         };
         let (device, displays) = built.map_err(|why| PciError::Device {
