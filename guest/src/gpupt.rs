@@ -49,22 +49,60 @@ fn byte(seed: u64, i: usize) -> u8 {
         .wrapping_add(seed.wrapping_mul(13)) as u8
 }
 
-/// One DMA command; waits for its interrupt and returns the status.
-fn dma(regs: usize, vector: usize, cmd: u32, addr: u64) -> Result<u32, &'static str> {
-    let done = rd::<u32>(regs + REG_COMPLETED);
-    let irqs = apic::device_irqs(vector);
+/// Starts one DMA command.
+fn start(regs: usize, cmd: u32, addr: u64) {
     wr::<u32>(regs + REG_DMA_ADDR_LO, addr as u32);
     wr::<u32>(regs + REG_DMA_ADDR_HI, (addr >> 32) as u32);
     wr::<u32>(regs + REG_DMA_LEN, 4096);
     wr::<u32>(regs + REG_VRAM_OFFSET, VRAM_OFFSET);
     wr::<u32>(regs + REG_COMMAND, cmd);
     wr::<u32>(regs + REG_DOORBELL, 1);
+}
+
+/// One DMA command; waits for its interrupt and returns the status.
+fn dma(regs: usize, vector: usize, cmd: u32, addr: u64) -> Result<u32, &'static str> {
+    let done = rd::<u32>(regs + REG_COMPLETED);
+    let irqs = apic::device_irqs(vector);
+    start(regs, cmd, addr);
     virtio::wait_until(TIMEOUT_NS, || apic::device_irqs(vector) != irqs)
         .map_err(|_| "no MSI-X interrupt came")?;
     if rd::<u32>(regs + REG_COMPLETED) == done {
         return Err("the interrupt came but no command completed");
     }
     Ok(rd::<u32>(regs + REG_STATUS))
+}
+
+/// A command run while vector 0 is masked (`mask` sets it, `unmask` clears it: the
+/// vector's own bit or the function's): `IRQS/PBA/LATE/PBA2`, the interrupts that came
+/// while masked (0), its pending bit then (1), the interrupts after unmasking (1), and the
+/// pending bit after (0).
+fn masked_command(
+    regs: usize,
+    pba: usize,
+    vector: usize,
+    addr: u64,
+    mask: impl Fn(),
+    unmask: impl Fn(),
+) -> (u64, u32, u64, u32) {
+    mask();
+    let irqs = apic::device_irqs(vector);
+    let done = rd::<u32>(regs + REG_COMPLETED);
+    start(regs, CMD_TO_VRAM, addr);
+    let _ = virtio::wait_until(TIMEOUT_NS, || rd::<u32>(regs + REG_COMPLETED) != done);
+    // Time for an interrupt that should not come to come.
+    let _ = virtio::wait_until(20_000_000, || apic::device_irqs(vector) != irqs);
+    let masked = apic::device_irqs(vector) - irqs;
+    let pending = rd::<u32>(pba) & 1;
+    let before = apic::device_irqs(vector);
+    unmask();
+    let _ = virtio::wait_until(TIMEOUT_NS / 5, || apic::device_irqs(vector) != before);
+    let _ = virtio::wait_until(20_000_000, || apic::device_irqs(vector) > before + 1);
+    (
+        masked,
+        pending,
+        apic::device_irqs(vector) - before,
+        rd::<u32>(pba) & 1,
+    )
 }
 
 fn run(seed: u64) -> Result<(), &'static str> {
@@ -80,8 +118,13 @@ fn run(seed: u64) -> Result<(), &'static str> {
     let control = f.read32(cap) >> 16;
     let vectors = (control & 0x7ff) + 1;
     let table = f.read32(cap + 4);
-    // Memory decoding and bus mastering.
-    f.write32(4, f.read32(4) | 0x6);
+    let pba = f.read32(cap + 8);
+    // Memory decoding and bus mastering (left alone when already on: the first access
+    // to the device itself is then the ID register's read).
+    let command = f.read32(4);
+    if command & 0x6 != 0x6 {
+        f.write32(4, command | 0x6);
+    }
     let (vram, regs) = (f.bar(0) as usize, f.bar(2) as usize);
     if table & 7 != 2 {
         return Err("its MSI-X table is not in BAR 2");
@@ -137,11 +180,33 @@ fn run(seed: u64) -> Result<(), &'static str> {
         s.wrapping_mul(31)
             .wrapping_add(u32::from(rd::<u8>(dst + i)))
     });
+    let irqs = apic::device_irqs(vector) - irqs0;
+
+    // The mask bits: vector 0's own, then the function's.
+    if pba & 7 != 2 {
+        return Err("its MSI-X PBA is not in BAR 2");
+    }
+    let pba = regs + (pba & !7) as usize;
+    let (m1, p1, l1, q1) = masked_command(
+        regs,
+        pba,
+        vector,
+        src as u64,
+        || wr::<u32>(entry + 12, 1),
+        || wr::<u32>(entry + 12, 0),
+    );
+    let (m2, p2, l2, q2) = masked_command(
+        regs,
+        pba,
+        vector,
+        src as u64,
+        || f.write32(cap, f.read32(cap) | 1 << 30),
+        || f.write32(cap, f.read32(cap) & !(1 << 30)),
+    );
     println!(
-        "gpupt ok id={:04x}:{:04x} class={class:06x} bar0={vram:#x}/{size0} bar2={regs:#x}/{size2} msix={vectors} irqs={} vram_mismatch={vram_bad} back_mismatch={back_bad} sum={sum:08x}",
+        "gpupt ok id={:04x}:{:04x} class={class:06x} bar0={vram:#x}/{size0} bar2={regs:#x}/{size2} msix={vectors} irqs={irqs} vram_mismatch={vram_bad} back_mismatch={back_bad} sum={sum:08x} mask={m1}/{p1}/{l1}/{q1} fmask={m2}/{p2}/{l2}/{q2}",
         id & 0xffff,
         id >> 16,
-        apic::device_irqs(vector) - irqs0,
     );
     Ok(())
 }

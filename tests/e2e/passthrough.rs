@@ -108,6 +108,10 @@ fn a_vfio_user_gpu_is_driven_by_the_guest_and_its_death_leaves_the_vm_running() 
             "2",
             "one MSI-X interrupt per DMA command"
         );
+        // A masked vector's interrupt waits (none comes, the PBA bit is set) and comes
+        // once on unmasking (the bit clears): the vector's own mask, then the function's.
+        assert_eq!(field(&line, "mask"), "0/1/1/0", "{line}");
+        assert_eq!(field(&line, "fmask"), "0/1/1/0", "{line}");
         assert_eq!(field(&line, "vram_mismatch"), "0");
         assert_eq!(field(&line, "back_mismatch"), "0");
         // The checksum the host expects of the pattern that came back.
@@ -220,4 +224,63 @@ fn a_host_device_is_refused_on_a_host_without_iommu_naming_what_is_missing() {
             .all(|v| v["state"] != "running"),
         "{list}"
     );
+}
+
+fn signal(p: &DeviceProcess, sig: libc::c_int) {
+    // SAFETY: a signal to our own child, which has not been reaped (it is waited for only
+    // when dropped).
+    let r = unsafe { libc::kill(p.0.id() as libc::pid_t, sig) };
+    assert_eq!(r, 0, "kill({sig}): {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn a_hung_device_process_is_given_up_after_its_bound_and_the_vm_runs_on() {
+    let env = Env::new("passthrough-hung");
+    let (mut device, socket) = serve(&env);
+    let gpu = format!("passthrough,vfio-user={},timeout-ms=1000", socket.display());
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", &gpu]);
+    vm.expect_line("ready", READY);
+    let line = ask(&mut vm, "gpupt 5", "gpupt ");
+    assert!(line.starts_with("gpupt ok "), "{line}");
+
+    // The device process stops (as a hung one would): the guest's next BAR access waits
+    // at most the bound, reads all-ones, and the shell goes on.
+    signal(&device, libc::SIGSTOP);
+    let line = ask(&mut vm, "gpupt 3", "gpupt ");
+    assert_eq!(
+        line, "gpupt err the device does not answer (id register 0xffffffff)",
+        "{line}"
+    );
+    assert_eq!(ask(&mut vm, "echo still here", "still"), "still here");
+    assert_eq!(vm.info().state, VmStateName::Running);
+    let g = gpus(&vm).gpus.remove(0);
+    assert_eq!(g.state, GpuStateName::Error);
+    let s = socket.display();
+    assert_eq!(
+        g.error.as_deref(),
+        Some(
+            format!(
+                "passthrough device vfio-user {s} stopped answering: the vfio-user device at \
+                 {s} did not answer a read of region 2 at 0x0 within 1000 ms (the link is closed)"
+            )
+            .as_str()
+        )
+    );
+    let status = env.ray_ok(&["gpu", "status", &vm.id]);
+    assert!(status.contains("within 1000 ms"), "{status}");
+
+    // Resumed, the device finds its link closed and serves the next VMM; this VM's GPU
+    // stays in Error (the device was reset for the new link: the guest's driver state is
+    // gone), and the VM still runs.
+    signal(&device, libc::SIGCONT);
+    let mut other = env.boot(&["--memory", "128M", "--gpu", &gpu]);
+    other.expect_line("ready", READY);
+    let line = ask(&mut other, "gpupt 9", "gpupt ");
+    assert!(line.starts_with("gpupt ok "), "{line}");
+    assert!(
+        device.0.try_wait().unwrap().is_none(),
+        "the device process runs"
+    );
+    assert_eq!(gpus(&vm).gpus[0].state, GpuStateName::Error);
+    assert_eq!(ask(&mut vm, "echo and here", "and"), "and here");
 }

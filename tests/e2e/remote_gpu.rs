@@ -319,3 +319,57 @@ fn a_remote_gpu_over_tcp_needs_the_token() {
     let _ = back.kill();
     let _ = back.wait();
 }
+
+fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: a signal to our own child, not yet reaped.
+    let r = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+    assert_eq!(r, 0, "kill({sig}): {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn a_stopped_back_end_puts_the_gpu_in_error_within_its_bound_and_resumed_it_is_ready_again() {
+    let env = Env::new("gpu-remote-stopped");
+    let socket = env.runtime.join("gpu.sock");
+    let mut back = unix_backend(&socket);
+    let gpu = format!(
+        "remote,socket={},width=640,height=480,timeout-ms=1000",
+        socket.display()
+    );
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", &gpu]);
+    vm.expect_line("ready", READY);
+    draw_virtio(&mut vm, "checker", 7, 0);
+    assert_eq!(state(&gpu0(&vm)), "ready");
+    let size = (640, 480);
+
+    // Stopped (as a hung back end): the link's next ping gets no answer within the bound;
+    // the GPU goes to error naming it, the VM runs on and the display keeps its picture.
+    signal(&back, libc::SIGSTOP);
+    let g = wait_state(&vm, "error");
+    let why = g.error.expect("a reason");
+    assert!(why.contains("did not answer within 1000 ms"), "{why}");
+    vm.send("echo still here");
+    assert_eq!(vm.expect_line("still", WAIT), "still here");
+    assert_eq!(vm.state(), VmStateName::Running);
+    assert_shows_at(
+        &screenshot(&env, &vm.id, 0, "s0.png"),
+        Pattern::Checker,
+        7,
+        size,
+    );
+
+    // Resumed: the VMM's next attempt is welcomed, the ledger replayed, the GPU ready,
+    // and what the guest draws shows again.
+    signal(&back, libc::SIGCONT);
+    let g = wait_state(&vm, "ready");
+    assert_eq!(g.error, None);
+    let (changed, requests, _) = draw_virtio(&mut vm, "gradient", 3, 0);
+    assert_eq!((changed.as_str(), requests), ("640x480+0+0", 2));
+    assert_shows_at(
+        &screenshot(&env, &vm.id, 0, "r0.png"),
+        Pattern::Gradient,
+        3,
+        size,
+    );
+    let _ = back.kill();
+    let _ = back.wait();
+}

@@ -106,7 +106,21 @@ pub struct GpuConfig {
     /// A TCP back end's token: the file that holds it (an absolute path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<String>,
+    /// How long the VMM waits for a passthrough device or a remote back end to answer
+    /// one request, in milliseconds (100..=60000; by default 2000 for passthrough and
+    /// 5000 for remote). Past it the GPU goes to Error and the VM runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 100, maximum = 60000)]
+    pub timeout_ms: Option<u32>,
 }
+
+/// The bounds of [`GpuConfig::timeout_ms`].
+pub const MIN_TIMEOUT_MS: u32 = 100;
+pub const MAX_TIMEOUT_MS: u32 = 60_000;
+/// A passthrough device's default bound on one request.
+pub const PASSTHROUGH_TIMEOUT_MS: u32 = 2000;
+/// A remote back end's default bound on one request.
+pub const REMOTE_TIMEOUT_MS: u32 = 5000;
 
 /// The device behind a passthrough GPU.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -131,15 +145,28 @@ impl GpuConfig {
     /// `--gpu passthrough,vfio-user=SOCKET` or `--gpu passthrough,host=BDF`.
     fn parse_passthrough(arg: &str, options: &[&str]) -> Result<GpuConfig, String> {
         let usage = "a passthrough GPU takes exactly one of vfio-user=SOCKET or host=BDF (its \
-                     displays and size are the device's own)";
-        let [kv] = options else {
+                     displays and size are the device's own), and optionally timeout-ms=N";
+        let mut timeout_ms = None;
+        let mut sources = Vec::new();
+        for kv in options {
+            match kv.split_once('=') {
+                Some(("timeout-ms", v)) if timeout_ms.is_none() => {
+                    timeout_ms =
+                        Some(v.parse::<u32>().map_err(|_| {
+                            format!("--gpu '{arg}': timeout-ms '{v}' is not a number")
+                        })?)
+                }
+                Some(("vfio-user", v)) => {
+                    sources.push(PassthroughSource::VfioUser { socket: v.into() })
+                }
+                Some(("host", v)) => sources.push(PassthroughSource::Host { bdf: v.into() }),
+                _ => return Err(format!("--gpu '{arg}': '{kv}': {usage}")),
+            }
+        }
+        if sources.len() != 1 {
             return Err(format!("--gpu '{arg}': {usage}"));
-        };
-        let source = match kv.split_once('=') {
-            Some(("vfio-user", v)) => PassthroughSource::VfioUser { socket: v.into() },
-            Some(("host", v)) => PassthroughSource::Host { bdf: v.into() },
-            _ => return Err(format!("--gpu '{arg}': '{kv}': {usage}")),
-        };
+        }
+        let source = sources.remove(0);
         let c = GpuConfig {
             kind: GpuType::Passthrough,
             width: 0,
@@ -148,6 +175,7 @@ impl GpuConfig {
             passthrough: Some(source),
             backend: None,
             token_file: None,
+            timeout_ms,
         };
         c.validate().map_err(|e| format!("--gpu '{arg}': {e}"))?;
         Ok(c)
@@ -182,6 +210,7 @@ impl GpuConfig {
             passthrough: None,
             backend: None,
             token_file: None,
+            timeout_ms: None,
         };
         // Paths as the CLI's user means them: from the current directory.
         let absolute = |v: &str| {
@@ -211,10 +240,11 @@ impl GpuConfig {
                 "socket" if !v.is_empty() => c.backend = Some(format!("unix:{}", absolute(v))),
                 "tcp" => c.backend = Some(format!("tcp:{v}")),
                 "token-file" if !v.is_empty() => c.token_file = Some(absolute(v)),
+                "timeout-ms" => c.timeout_ms = Some(number(v)?),
                 _ => {
                     return Err(format!(
                         "--gpu '{arg}': unknown key '{k}' (known: width, height, displays; \
-                         for remote: socket, tcp, token-file)"
+                         for remote: socket, tcp, token-file, timeout-ms)"
                     ))
                 }
             }
@@ -232,6 +262,20 @@ impl GpuConfig {
 
     /// Checks the type (built in this build?), the size and the display count.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(t) = self.timeout_ms {
+            if !matches!(self.kind, GpuType::Passthrough | GpuType::Remote) {
+                return Err(format!(
+                    "a {} GPU has no device outside the VMM to wait for: timeout-ms is for \
+                     passthrough and remote GPUs",
+                    self.kind
+                ));
+            }
+            if !(MIN_TIMEOUT_MS..=MAX_TIMEOUT_MS).contains(&t) {
+                return Err(format!(
+                    "timeout-ms {t} is out of range ({MIN_TIMEOUT_MS}..={MAX_TIMEOUT_MS})"
+                ));
+            }
+        }
         if self.kind == GpuType::Passthrough || self.passthrough.is_some() {
             return self.validate_passthrough();
         }
@@ -577,6 +621,47 @@ mod tests {
             let e = GpuConfig::parse(arg).unwrap_err();
             assert!(e.contains(msg), "{arg}: {e}");
             assert!(e.starts_with(&format!("--gpu '{arg}'")), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_bound_on_an_outside_device_is_settable_and_checked() {
+        let c = GpuConfig::parse("passthrough,vfio-user=/run/gpu.sock,timeout-ms=500")
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.timeout_ms, Some(500));
+        let c = GpuConfig::parse("passthrough,timeout-ms=700,host=0000:01:00.0")
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.timeout_ms, Some(700));
+        let r = GpuConfig::parse("remote,socket=/run/g.sock,timeout-ms=1500")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.timeout_ms, Some(1500));
+        for (arg, msg) in [
+            (
+                "passthrough,vfio-user=/g.sock,timeout-ms=50",
+                "timeout-ms 50 is out of range (100..=60000)",
+            ),
+            (
+                "remote,socket=/g.sock,timeout-ms=70000",
+                "timeout-ms 70000 is out of range",
+            ),
+            (
+                "passthrough,vfio-user=/g.sock,timeout-ms=x",
+                "timeout-ms 'x' is not a number",
+            ),
+            (
+                "passthrough,timeout-ms=500",
+                "exactly one of vfio-user=SOCKET or host=BDF",
+            ),
+            (
+                "emulated,timeout-ms=500",
+                "timeout-ms is for passthrough and remote GPUs",
+            ),
+        ] {
+            let e = GpuConfig::parse(arg).unwrap_err();
+            assert!(e.contains(msg), "{arg}: {e}");
         }
     }
 

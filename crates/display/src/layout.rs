@@ -156,6 +156,7 @@ mod tests {
             passthrough: None,
             backend: None,
             token_file: None,
+            timeout_ms: None,
         }
     }
 

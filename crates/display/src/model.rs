@@ -201,6 +201,7 @@ mod tests {
             passthrough: None,
             backend: None,
             token_file: None,
+            timeout_ms: None,
         };
         let mut m = GpuModel::new(&[c]).unwrap();
         let e = m.apply(0, GpuEvent::Resume).unwrap_err();
@@ -228,6 +229,7 @@ mod tests {
             passthrough: None,
             backend: None,
             token_file: None,
+            timeout_ms: None,
         };
         assert!(GpuModel::new(&vec![c; 9])
             .unwrap_err()

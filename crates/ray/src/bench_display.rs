@@ -7,6 +7,10 @@
 //!   until the viewer has received the whole update showing the new colour. It includes
 //!   the console path (API, serial, the guest drawing 1920x1080 pixels) and the server's
 //!   10 ms change poll.
+//! * `remote_update_latency_ms` (with `--gpu virtio`): the same for a remote GPU whose 2D
+//!   work a `ray gpu backend` process does over a Unix socket, measured in the same run
+//!   (after the in-VMM virtio GPU's VM has stopped), and `remote_latency_ratio`, its
+//!   median over the in-VMM one's.
 //! * `fullscreen_fps`: back-to-back non-incremental full-screen updates at 1920x1080
 //!   (read from guest RAM, sent Raw over the socket), per second.
 //! * `memcpy_ratio`: one full-screen update's time over a plain memcpy of the frame (the
@@ -65,6 +69,10 @@ struct DisplayReport {
     height: u32,
     build: &'static str,
     update_latency_ms: Stats,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote_update_latency_ms: Option<Stats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote_latency_ratio: Option<f64>,
     fullscreen_fps: Stats,
     memcpy_ms: Stats,
     memcpy_ratio: f64,
@@ -385,6 +393,7 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 passthrough: None,
                 backend: None,
                 token_file: None,
+                timeout_ms: None,
             }],
             ..Default::default()
         },
@@ -424,6 +433,10 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
     } else {
         None
     };
+    let remote = match a.gpu.as_str() {
+        "virtio" => Some(remote_latency(a.runs, runtime, &cfg)?),
+        _ => None,
+    };
     let frame_bytes = encoded?.unwrap_or_default();
     let scroll_bytes = scrolled?;
 
@@ -460,6 +473,10 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
             "release"
         },
         update_latency_ms: Stats::of(&latency),
+        remote_update_latency_ms: remote.as_deref().map(Stats::of),
+        remote_latency_ratio: remote
+            .as_deref()
+            .map(|r| Stats::of(r).median / Stats::of(&latency).median),
         fullscreen_fps: Stats::of(&fps),
         memcpy_ratio: Stats::of(&update_ms).median / memcpy_ms.median,
         memcpy_ms,
@@ -490,6 +507,12 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
             report.gpu, report.width, report.height, report.runs, report.build
         );
         print_row("guest draw -> viewer", report.update_latency_ms, "ms");
+        if let (Some(r), Some(ratio)) =
+            (report.remote_update_latency_ms, report.remote_latency_ratio)
+        {
+            print_row("remote GPU: guest draw -> viewer", r, "ms");
+            println!("  remote / in-VMM virtio GPU     {ratio:.2}");
+        }
         print_row("full-screen updates", report.fullscreen_fps, "/s");
         print_row("memcpy of a frame", report.memcpy_ms, "ms");
         println!("  full-screen update / memcpy  {:.1}", report.memcpy_ratio);
@@ -550,6 +573,62 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The update latencies of a remote GPU like `cfg`'s virtio one, its back end a `ray gpu
+/// backend` process started here.
+fn remote_latency(
+    runs: usize,
+    runtime: &Path,
+    cfg: &ray_api::vmm::VmConfig,
+) -> anyhow::Result<Vec<f64>> {
+    let runtime = std::path::absolute(runtime)?;
+    let socket = runtime.join(format!("bench-gpu-backend-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let mut back = std::process::Command::new(std::env::current_exe()?)
+        .args(["gpu", "backend", "--socket"])
+        .arg(&socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("cannot start ray gpu backend")?;
+    let r = (|| {
+        let t = Instant::now();
+        while UnixStream::connect(&socket).is_err() {
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("the back end never listened on {}", socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut cfg = cfg.clone();
+        let g = &mut cfg.devices.gpus[0];
+        g.kind = ray_api::gpu::GpuType::Remote;
+        g.backend = Some(format!("unix:{}", socket.display()));
+        let id = format!("bench-display-remote-{}", std::process::id());
+        let vmm = BenchVmm::start(&runtime, &id, &serde_json::to_string(&cfg)?)?;
+        let dir = ray::runtime::vm_dir(&runtime, &id);
+        let client = ray::client::VmmClient::new(&dir.join("api.sock"));
+        let ready = (|| {
+            let t = Instant::now();
+            loop {
+                let list: ray_api::gpu::GpuList = client.call("GET", "/vm/gpus", None)?;
+                if list.gpus[0].state == ray_api::gpu::GpuStateName::Ready {
+                    return Ok(());
+                }
+                if t.elapsed() > Duration::from_secs(30) {
+                    bail!("the remote GPU never got ready: {:?}", list.gpus[0].error);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })();
+        let measured = ready.and_then(|()| measure(runs, &dir));
+        vmm.stop()?;
+        Ok(measured?.0)
+    })();
+    let _ = back.kill();
+    let _ = back.wait();
+    let _ = std::fs::remove_file(&socket);
+    r
 }
 
 /// (latencies ms, full-screen updates per second, full-screen update times ms).

@@ -130,6 +130,10 @@ pub struct RunArgs {
     /// 1024x768, one display; up to 8 GPUs, 4 displays each, 16 in all), or none. An
     /// emulated GPU's displays are framebuffers in guest RAM, a virtio GPU's the scanouts
     /// of a virtio-gpu device; all are served over VNC on the VM directory's vnc-N.sock.
+    /// Also remote,socket=PATH|tcp=ADDR,token-file=F[,...] and
+    /// passthrough,vfio-user=SOCKET|host=BDF; both take ,timeout-ms=N (how long the device
+    /// outside the VMM has to answer one request: 100..=60000, default 5000 remote, 2000
+    /// passthrough).
     #[arg(long = "gpu", value_name = "SPEC", value_parser = parse_gpu)]
     pub gpus: Vec<Option<ray_api::gpu::GpuConfig>>,
     /// A virtio-vsock device (one at most): cid=N[,socket=PATH]. N is the guest's context

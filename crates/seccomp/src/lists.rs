@@ -59,9 +59,13 @@ const VCPU: &[c_long] = &[SYS_ioctl];
 
 /// A vCPU whose MMIO exit hits a passthrough device's BAR or configuration space: the
 /// access goes to the device's process over vfio-user (a Unix socket; MSI-X eventfds are
-/// passed with SCM_RIGHTS), or to the VFIO device's file at an offset.
+/// passed with SCM_RIGHTS), or to the VFIO device's file at an offset. Each request is
+/// bounded (a receive timeout, shortened when less time is left) and a device that does
+/// not answer in time has its link shut down.
 const PASSTHROUGH: &[c_long] = &[
     SYS_read,
+    SYS_setsockopt,
+    SYS_shutdown,
     SYS_recvfrom,
     SYS_recvmsg,
     SYS_sendto,

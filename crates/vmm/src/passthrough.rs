@@ -1,20 +1,22 @@
 //! Passthrough GPUs on the VM's PCI bus: each `--gpu passthrough,...` becomes a
 //! [`PassthroughPci`] function over VFIO (a host device) or vfio-user (a device process),
 //! with BARs from the bus's allocator, MSI-X vectors as KVM irqfds the device signals
-//! directly, and guest RAM (the memfd) mapped for its DMA at guest-physical addresses.
+//! directly (taken off their GSIs while masked), and guest RAM (the memfd) mapped for its DMA at guest-physical addresses.
 //!
 //! The functions built for the VM are kept here, so that `ray gpu status` reports each
 //! one's health: a device that stopped answering makes its GPU Error, with the reason.
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use ray_api::gpu::{GpuConfig, PassthroughSource};
 use ray_devices::passthrough::vfio::HostDevice;
 use ray_devices::passthrough::vfio_user::UserDevice;
-use ray_devices::passthrough::{DeviceAccess, DmaRegion, Health, PassthroughPci, Placement};
+use ray_devices::passthrough::{
+    DeviceAccess, DirectVectors, DmaRegion, Health, PassthroughPci, Placement,
+};
 use ray_devices::pci::BarAllocator;
-use ray_devices::MsiInterrupts;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::MemoryManager;
@@ -64,10 +66,10 @@ pub fn status(gpu: usize) -> Option<(String, Option<String>)> {
 }
 
 /// Opens the device behind `source`.
-fn open(source: &PassthroughSource) -> Result<Box<dyn DeviceAccess>, String> {
+fn open(source: &PassthroughSource, timeout: Duration) -> Result<Box<dyn DeviceAccess>, String> {
     Ok(match source {
         PassthroughSource::VfioUser { socket } => {
-            Box::new(UserDevice::connect(Path::new(socket)).map_err(|e| e.0)?)
+            Box::new(UserDevice::connect(Path::new(socket), timeout).map_err(|e| e.0)?)
         }
         PassthroughSource::Host { bdf } => Box::new(HostDevice::open(bdf).map_err(|e| e.0)?),
     })
@@ -94,7 +96,7 @@ impl Placement for VmPlacement<'_> {
         self.bars.allocate(size).map_err(|e| e.to_string())
     }
 
-    fn vectors(&mut self, count: u16) -> Result<(Arc<dyn MsiInterrupts>, Vec<RawFd>), String> {
+    fn vectors(&mut self, count: u16) -> Result<(Arc<dyn DirectVectors>, Vec<RawFd>), String> {
         let v =
             Arc::new(KvmMsiVectors::new(self.router.clone(), count).map_err(|e| e.to_string())?);
         // The descriptors stay open as long as `v`, which the function keeps.
@@ -134,12 +136,13 @@ fn dma_regions(memory: &MemoryManager) -> Result<Vec<DmaRegion>, String> {
 pub fn build(
     gpu: usize,
     source: &PassthroughSource,
+    timeout: Duration,
     memory: &MemoryManager,
     bars: &mut BarAllocator,
     router: Arc<IrqRouter>,
 ) -> Result<Built, String> {
     let dma = dma_regions(memory)?;
-    let access = open(source)?;
+    let access = open(source, timeout)?;
     let health = Arc::new(Health::default());
     let mut place = VmPlacement { bars, router };
     let device = PassthroughPci::new(access, health.clone(), &mut place, &dma)?;

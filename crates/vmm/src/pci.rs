@@ -160,8 +160,12 @@ fn devices_and_gpus(
         let g = &config.gpus[i];
         let modes = vec![(g.width, g.height); usize::from(g.displays)];
         let built = match g.kind {
-            GpuType::Remote => crate::display::remote_endpoint(g)
-                .and_then(|e| Gpu::new_remote(&modes, GpuLimits::default(), e)),
+            GpuType::Remote => crate::display::remote_endpoint(g).and_then(|e| {
+                let timeout = std::time::Duration::from_millis(u64::from(
+                    g.timeout_ms.unwrap_or(ray_api::gpu::REMOTE_TIMEOUT_MS),
+                ));
+                Gpu::new_remote(&modes, GpuLimits::default(), e, timeout)
+            }),
             _ => Gpu::new(&modes, GpuLimits::default()),
         };
         let (device, displays) = built.map_err(|why| PciError::Device {
@@ -507,8 +511,18 @@ impl PciDevices {
                     "{id} is a passthrough GPU ({source}): its device's state was never saved"
                 )));
             }
-            let b = crate::passthrough::build(i, source, &vm.memory, &mut bars, router.clone())
-                .map_err(|why| PciError::Device { id, why })?;
+            let timeout = std::time::Duration::from_millis(u64::from(
+                g.timeout_ms.unwrap_or(ray_api::gpu::PASSTHROUGH_TIMEOUT_MS),
+            ));
+            let b = crate::passthrough::build(
+                i,
+                source,
+                timeout,
+                &vm.memory,
+                &mut bars,
+                router.clone(),
+            )
+            .map_err(|why| PciError::Device { id, why })?;
             bus.add(b.device.clone()).ok_or(PciError::BusFull)?;
             passthrough.push(b);
         }

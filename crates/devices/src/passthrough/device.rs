@@ -4,6 +4,11 @@
 //! KVM that eventfd is an irqfd). Every other BAR access and the command register go to
 //! the device; its DMA reaches guest RAM at guest-physical addresses.
 //!
+//! The device signals its vectors' eventfds itself, so the mask bits are kept by holding
+//! a vector back ([`DirectVectors::hold`]): while a vector is masked (its own bit or the
+//! function's) its signals wait in the eventfd, the PBA shows them, and unmasking sends
+//! one that waited (PCI 3.0 §6.8.3.4).
+//!
 //! A device that stops answering (its process died) is cut off: reads return all-ones,
 //! writes are dropped, [`Health`] keeps the reason, and the VM carries on.
 use std::os::fd::RawFd;
@@ -18,19 +23,31 @@ use crate::pci::{BarMove, ConfigSpace, PciDevice, PciId};
 const CAP_MSIX: u8 = 0x11;
 const STATUS_CAPABILITIES: u16 = 1 << 4;
 
+/// The interrupt side of a device that signals its vectors' eventfds itself.
+pub trait DirectVectors: MsiInterrupts {
+    /// While `held`, vector `vector`'s signals wait in its eventfd instead of reaching the
+    /// guest; letting go sends one that waited.
+    fn hold(&self, vector: u16, held: bool) -> Result<(), String>;
+    /// Whether held vector `vector` has a signal waiting.
+    fn waiting(&self, vector: u16) -> bool;
+}
+
 /// Where the VMM put things for the device.
 pub trait Placement {
     /// A guest-physical address for a BAR of `size` bytes (a power of two), aligned to it.
     fn bar(&mut self, size: u64) -> Result<u64, String>;
     /// `count` MSI-X vectors: how the table's routes reach the interrupt controller, and
     /// the eventfd that raises each vector.
-    fn vectors(&mut self, count: u16) -> Result<(Arc<dyn MsiInterrupts>, Vec<RawFd>), String>;
+    fn vectors(&mut self, count: u16) -> Result<(Arc<dyn DirectVectors>, Vec<RawFd>), String>;
 }
 
 /// The emulated MSI-X capability and where its table and PBA are in the device's BARs.
 struct MsixEmulation {
     cap: usize,
     msix: Msix,
+    vectors: Arc<dyn DirectVectors>,
+    /// Which vectors are held back now.
+    held: Vec<bool>,
     fds: Vec<RawFd>,
     table: (usize, u64, u64),
     pba: (usize, u64, u64),
@@ -153,7 +170,9 @@ impl PassthroughPci {
                         config.add_capability(&body, &[0, 0, 0, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0]);
                     msix = Some(MsixEmulation {
                         cap,
-                        msix: Msix::new(n, irq),
+                        msix: Msix::new(n, irq.clone()),
+                        vectors: irq,
+                        held: vec![false; usize::from(n)],
                         fds,
                         table: (tbar, u64::from(table & !7), u64::from(n) * ENTRY_SIZE),
                         pba: (pbar, u64::from(pba & !7), u64::from(n).div_ceil(64) * 8),
@@ -190,7 +209,7 @@ impl PassthroughPci {
             msix.as_ref().map_or(0, |m| m.msix.vectors()),
             mapped.len()
         );
-        Ok(Self {
+        let mut d = Self {
             access,
             name,
             config,
@@ -199,7 +218,42 @@ impl PassthroughPci {
             dma: mapped,
             health,
             failed: false,
-        })
+        };
+        // Every vector starts masked.
+        d.sync_masks();
+        Ok(d)
+    }
+
+    /// Holds back the vectors the guest masked, lets go of the others.
+    fn sync_masks(&mut self) {
+        let Some(m) = &mut self.msix else { return };
+        for v in 0..m.held.len() {
+            let want = m.msix.masked(v as u16);
+            if want != m.held[v] {
+                match m.vectors.hold(v as u16, want) {
+                    Ok(()) => m.held[v] = want,
+                    Err(e) => tracing::warn!(
+                        "{}: cannot {} MSI-X vector {v}: {e}",
+                        self.name,
+                        if want { "hold back" } else { "let go of" }
+                    ),
+                }
+            }
+        }
+    }
+
+    /// The PBA: a vector's bit is set while it is held back with a signal waiting.
+    fn read_pba(&self, offset: u64, data: &mut [u8]) {
+        let Some(m) = &self.msix else { return };
+        for (k, byte) in data.iter_mut().enumerate() {
+            let base = (offset as usize + k) * 8;
+            *byte = (0..8)
+                .filter(|bit| {
+                    let v = base + bit;
+                    m.held.get(v).copied().unwrap_or(false) && m.vectors.waiting(v as u16)
+                })
+                .fold(0u8, |acc, bit| acc | 1 << bit);
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -230,6 +284,8 @@ impl PassthroughPci {
         let Some(m) = &mut self.msix else { return };
         let control = self.config.u16_at(m.cap + 2);
         m.msix.set_control(control);
+        self.sync_masks();
+        let Some(m) = &mut self.msix else { return };
         let want = control & CONTROL_ENABLE != 0;
         if want == m.on_device || self.failed {
             return;
@@ -282,11 +338,11 @@ impl PciDevice for PassthroughPci {
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         let len = data.len() as u64;
         if let Some((table, off)) = self.msix_part(bar, offset, len) {
-            let m = &self.msix.as_ref().expect("msix_part found it").msix;
             if table {
+                let m = &self.msix.as_ref().expect("msix_part found it").msix;
                 m.read_table(off, data)
             } else {
-                m.read_pba(off, data)
+                self.read_pba(off, data)
             }
             return;
         }
@@ -306,6 +362,7 @@ impl PciDevice for PassthroughPci {
             if table {
                 let m = &mut self.msix.as_mut().expect("msix_part found it").msix;
                 m.write_table(off, data);
+                self.sync_masks();
             }
             return;
         }

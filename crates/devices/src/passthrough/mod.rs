@@ -6,13 +6,14 @@
 //! a GPU-like device served over vfio-user, the device of the tests.
 pub mod device;
 pub mod gpu_server;
+pub mod link;
 pub mod vfio;
 pub mod vfio_user;
 
 use std::os::fd::RawFd;
 use std::sync::Mutex;
 
-pub use device::{PassthroughPci, Placement};
+pub use device::{DirectVectors, PassthroughPci, Placement};
 
 /// Region indices of a VFIO PCI device: BARs 0..=5, then the expansion ROM and the
 /// configuration space.

@@ -14,7 +14,40 @@ use super::*;
 use crate::interrupt::{MsiInterrupts, MsiMessage};
 use crate::pci::PciDevice;
 
-struct Routes(Mutex<Vec<(u16, Option<MsiMessage>)>>);
+/// Routes and holds as the function asked for them; the eventfds the device signals.
+#[derive(Default)]
+struct Routes(
+    Mutex<Vec<(u16, Option<MsiMessage>)>>,
+    Mutex<Vec<(u16, bool)>>,
+    Mutex<Vec<EventFd>>,
+);
+impl Routes {
+    fn held(&self, v: u16) -> Option<bool> {
+        self.1
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|h| h.0 == v)
+            .map(|h| h.1)
+    }
+}
+impl DirectVectors for Routes {
+    fn hold(&self, v: u16, held: bool) -> Result<(), String> {
+        self.1.lock().unwrap().push((v, held));
+        Ok(())
+    }
+    fn waiting(&self, v: u16) -> bool {
+        let events = self.2.lock().unwrap();
+        match events[usize::from(v)].read() {
+            Ok(n) => {
+                events[usize::from(v)].write(n).unwrap();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
 impl MsiInterrupts for Routes {
     fn route(&self, v: u16, m: Option<MsiMessage>) -> Result<(), String> {
         self.0.lock().unwrap().push((v, m));
@@ -34,10 +67,12 @@ impl Placement for Place {
         self.next = at + size;
         Ok(at)
     }
-    fn vectors(&mut self, count: u16) -> Result<(Arc<dyn MsiInterrupts>, Vec<RawFd>), String> {
+    fn vectors(&mut self, count: u16) -> Result<(Arc<dyn DirectVectors>, Vec<RawFd>), String> {
         self.events = (0..count)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();
+        *self.routes.2.lock().unwrap() =
+            self.events.iter().map(|e| e.try_clone().unwrap()).collect();
         let fds = self.events.iter().map(|e| e.as_raw_fd()).collect();
         Ok((self.routes.clone(), fds))
     }
@@ -132,9 +167,9 @@ fn a_vfio_user_gpu_works_through_the_passthrough_function() {
     let mut place = Place {
         next: 0xc000_0000,
         events: Vec::new(),
-        routes: Arc::new(Routes(Mutex::default())),
+        routes: Arc::new(Routes::default()),
     };
-    let access = Box::new(UserDevice::connect(&path).unwrap());
+    let access = Box::new(UserDevice::connect(&path, link::DEFAULT_TIMEOUT).unwrap());
     let mut d = PassthroughPci::new(access, health.clone(), &mut place, &[dma]).unwrap();
 
     // Configuration space: the device's identity, our BARs, our MSI-X capability.
@@ -216,6 +251,41 @@ fn a_vfio_user_gpu_works_through_the_passthrough_function() {
     set(&mut d, REG_DOORBELL, 1);
     wait_for("the fourth interrupt", || place.events[0].read().is_ok());
     assert_eq!(reg(&mut d, REG_STATUS), STATUS_ERR_VRAM_RANGE);
+
+    // Masks: every vector started held back; vector 0 was let go when unmasked, vector 1
+    // (masked) never was.
+    assert_eq!(place.routes.1.lock().unwrap()[..2], [(0, true), (1, true)]);
+    assert_eq!(place.routes.held(0), Some(false));
+    assert_eq!(place.routes.held(1), Some(true));
+    let pba = u64::from(MSIX_PBA);
+    // Vector 0 masked: held back; a command's signal waits and shows in the PBA.
+    set(&mut d, table + 12, 1);
+    assert_eq!(place.routes.held(0), Some(true));
+    assert_eq!(reg(&mut d, pba), 0);
+    set(&mut d, REG_VRAM_OFFSET, 0);
+    set(&mut d, REG_DOORBELL, 1);
+    assert_eq!(reg(&mut d, REG_STATUS), STATUS_DONE);
+    assert_eq!(reg(&mut d, pba), 1, "vector 0 pending while masked");
+    // Unmasked: let go (the VMM's side sends what waited), the PBA no longer shows it.
+    set(&mut d, table + 12, 0);
+    assert_eq!(place.routes.held(0), Some(false));
+    assert_eq!(reg(&mut d, pba), 0);
+    assert!(
+        place.events[0].read().is_ok(),
+        "the signal that waited is there"
+    );
+    // The function mask holds every vector back, and lifting it lets go of the unmasked.
+    d.write_config(cap + 2, &(0xc000u16 | 1).to_le_bytes());
+    assert_eq!(place.routes.held(0), Some(true));
+    set(&mut d, REG_DOORBELL, 1);
+    assert_eq!(
+        reg(&mut d, pba),
+        1,
+        "vector 0 pending under the function mask"
+    );
+    d.write_config(cap + 2, &(0x8000u16 | 1).to_le_bytes());
+    assert_eq!(place.routes.held(0), Some(false));
+    assert_eq!(place.routes.held(1), Some(true));
     assert_eq!(health.error(), None);
 }
 
@@ -273,9 +343,9 @@ fn a_device_that_dies_is_cut_off_with_a_reason() {
     let mut place = Place {
         next: 0xc000_0000,
         events: Vec::new(),
-        routes: Arc::new(Routes(Mutex::default())),
+        routes: Arc::new(Routes::default()),
     };
-    let access = Box::new(UserDevice::connect(&path).unwrap());
+    let access = Box::new(UserDevice::connect(&path, link::DEFAULT_TIMEOUT).unwrap());
     let mut d = PassthroughPci::new(access, health.clone(), &mut place, &[]).unwrap();
     assert_eq!(reg(&mut d, REG_ID), MAGIC);
     d.probe();
@@ -298,6 +368,100 @@ fn a_device_that_dies_is_cut_off_with_a_reason() {
     d.probe();
     assert_eq!(health.error().as_deref(), Some(e.as_str()));
     // Nobody listens any more: a new connection is refused, naming the socket.
-    let e = UserDevice::connect(&path).err().unwrap();
+    let e = UserDevice::connect(&path, link::DEFAULT_TIMEOUT)
+        .err()
+        .unwrap();
     assert!(e.0.contains("cannot reach the vfio-user device at"), "{e}");
+}
+
+/// The device's server hangs inside a read (as a stopped process would): the access is
+/// given up after the bound, the function is cut off naming the device and the request,
+/// and the late answer is never taken for the answer to a later request.
+struct Hangs(GpuDevice, std::sync::mpsc::Receiver<()>);
+impl ::vfio_user::ServerBackend for Hangs {
+    fn region_read(&mut self, r: u32, o: u64, d: &mut [u8]) -> std::io::Result<()> {
+        if r == REGS_BAR && o == REG_HEIGHT {
+            // Until the test lets go.
+            let _ = self.1.recv();
+        }
+        self.0.region_read(r, o, d)
+    }
+    fn region_write(&mut self, r: u32, o: u64, d: &[u8]) -> std::io::Result<()> {
+        self.0.region_write(r, o, d)
+    }
+    fn dma_map(
+        &mut self,
+        f: ::vfio_user::DmaMapFlags,
+        o: u64,
+        a: u64,
+        s: u64,
+        fd: Option<std::fs::File>,
+    ) -> std::io::Result<()> {
+        self.0.dma_map(f, o, a, s, fd)
+    }
+    fn dma_unmap(&mut self, f: ::vfio_user::DmaUnmapFlags, a: u64, s: u64) -> std::io::Result<()> {
+        self.0.dma_unmap(f, a, s)
+    }
+    fn reset(&mut self) -> std::io::Result<()> {
+        self.0.reset()
+    }
+    fn set_irqs(
+        &mut self,
+        i: u32,
+        f: u32,
+        s: u32,
+        c: u32,
+        fds: Vec<std::fs::File>,
+    ) -> std::io::Result<()> {
+        self.0.set_irqs(i, f, s, c, fds)
+    }
+}
+
+#[test]
+fn a_device_that_hangs_is_given_up_after_the_bound_and_cut_off() {
+    let path = socket("hangs");
+    let p = path.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let server = ::vfio_user::Server::new(&p, true, irqs(), regions()).unwrap();
+        tx.send(()).unwrap();
+        server.run(&mut Hangs(GpuDevice::new(), held))
+    });
+    rx.recv().unwrap();
+    let health = Arc::new(Health::default());
+    let mut place = Place {
+        next: 0xc000_0000,
+        events: Vec::new(),
+        routes: Arc::new(Routes::default()),
+    };
+    let bound = Duration::from_millis(300);
+    let access = Box::new(UserDevice::connect(&path, bound).unwrap());
+    let mut d = PassthroughPci::new(access, health.clone(), &mut place, &[]).unwrap();
+    assert_eq!(reg(&mut d, REG_WIDTH), 640);
+    let start = Instant::now();
+    assert_eq!(
+        reg(&mut d, REG_HEIGHT),
+        u32::MAX,
+        "a hung read reads all-ones"
+    );
+    assert!(start.elapsed() >= bound, "given up only after the bound");
+    let e = health.error().expect("the failure is kept");
+    assert_eq!(
+        e,
+        format!(
+            "passthrough device vfio-user {p} stopped answering: the vfio-user device at {p} \
+             did not answer a read of region 2 at 0xc within 300 ms (the link is closed)",
+            p = path.display()
+        )
+    );
+    // The device answers late: the link is closed, so nothing is taken from it; the
+    // server sees the link end.
+    release.send(()).unwrap();
+    let _ = server
+        .join()
+        .expect("the server's link ends and its thread with it");
+    assert_eq!(reg(&mut d, REG_WIDTH), u32::MAX);
+    d.probe();
+    assert_eq!(health.error().as_deref(), Some(e.as_str()));
 }

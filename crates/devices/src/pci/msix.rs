@@ -80,6 +80,17 @@ impl Msix {
         self.state.enabled
     }
 
+    /// Whether vector `v` is masked, by its own bit or the function's (a vector this
+    /// table does not have counts as masked).
+    pub fn masked(&self, v: u16) -> bool {
+        self.state.function_masked
+            || self
+                .state
+                .entries
+                .get(usize::from(v))
+                .is_none_or(|e| e.masked())
+    }
+
     /// Tells the interrupt side where vector `v` goes now.
     fn route(&self, v: usize) {
         let message = self.state.enabled.then(|| self.state.entries[v].message());

@@ -18,6 +18,7 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::vm::Vm;
+use crate::devices::passthrough::DirectVectors;
 use crate::devices::{MsiInterrupts, MsiMessage};
 
 /// GSIs below this are the irqchip's lines.
@@ -153,6 +154,13 @@ impl IrqRouter {
             .map_err(|source| IrqError::Irqfd { gsi, source })
     }
 
+    /// Undoes [`connect_irqfd`](Self::connect_irqfd): signals of `evt` stay in it.
+    pub fn disconnect_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), IrqError> {
+        self.fd
+            .unregister_irqfd(evt, gsi)
+            .map_err(|source| IrqError::Irqfd { gsi, source })
+    }
+
     /// Makes guest writes (any size) at MMIO address `addr` signal `evt` inside KVM, with
     /// no exit to the VMM.
     pub fn register_ioeventfd(&self, evt: &EventFd, addr: u64) -> Result<(), IrqError> {
@@ -193,6 +201,47 @@ impl KvmMsiVectors {
     /// Each vector's irqfd, for a device that raises them itself (a passthrough device).
     pub fn eventfds(&self) -> impl Iterator<Item = &EventFd> {
         self.vectors.iter().map(|(evt, _)| evt)
+    }
+}
+
+/// A passthrough device signals the irqfds itself; a masked vector's irqfd is taken off
+/// its GSI, so that the device's signals wait in the eventfd's counter.
+impl DirectVectors for KvmMsiVectors {
+    fn hold(&self, vector: u16, held: bool) -> Result<(), String> {
+        let (evt, gsi) = self
+            .vectors
+            .get(usize::from(vector))
+            .ok_or_else(|| format!("no MSI-X vector {vector}"))?;
+        if held {
+            return self
+                .router
+                .disconnect_irqfd(evt, *gsi)
+                .map_err(|e| e.to_string());
+        }
+        // What waited is taken out first and sent once through the irqfd, so that a
+        // signal that waited is delivered exactly once.
+        let waited = evt.read().is_ok_and(|n| n > 0);
+        self.router
+            .connect_irqfd(evt, *gsi)
+            .map_err(|e| e.to_string())?;
+        if waited {
+            let _ = evt.write(1);
+        }
+        Ok(())
+    }
+
+    fn waiting(&self, vector: u16) -> bool {
+        let Some((evt, _)) = self.vectors.get(usize::from(vector)) else {
+            return false;
+        };
+        // Read and put back: the counter is only looked at.
+        match evt.read() {
+            Ok(n) if n > 0 => {
+                let _ = evt.write(n);
+                true
+            }
+            _ => false,
+        }
     }
 }
 

@@ -109,19 +109,21 @@ impl Gpu {
     }
 
     /// A remote GPU: the same device to the guest, its 2D work done by the back end at
-    /// `endpoint` (connected once the transport is shared, and again whenever lost).
+    /// `endpoint` (connected once the transport is shared, and again whenever lost),
+    /// which has `timeout` to answer each request.
     pub fn new_remote(
         modes: &[(u32, u32)],
         limits: Limits,
         endpoint: Endpoint,
+        timeout: std::time::Duration,
     ) -> Result<(Gpu, GpuDisplays), String> {
-        Self::build(modes, limits, Some(endpoint))
+        Self::build(modes, limits, Some((endpoint, timeout)))
     }
 
     fn build(
         modes: &[(u32, u32)],
         limits: Limits,
-        endpoint: Option<Endpoint>,
+        endpoint: Option<(Endpoint, std::time::Duration)>,
     ) -> Result<(Gpu, GpuDisplays), String> {
         if modes.is_empty() || modes.len() > MAX_SCANOUTS {
             return Err(format!(
@@ -140,7 +142,7 @@ impl Gpu {
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             completer: Mutex::new(None),
-            remote: endpoint.map(|e| Mutex::new(Link::new(e))),
+            remote: endpoint.map(|(e, t)| Mutex::new(Link::new(e, t))),
             stopped: AtomicBool::new(false),
             worker: Mutex::new(None),
             reset_pending: AtomicBool::new(false),
@@ -222,13 +224,13 @@ fn run_remote(
                 link.ping(&mut core);
                 None
             } else if link.reconnect_due() {
-                Some(link.endpoint().clone())
+                Some((link.endpoint().clone(), link.timeout()))
             } else {
                 None
             }
         };
-        if let Some(endpoint) = endpoint {
-            let opened = Link::open(&endpoint);
+        if let Some((endpoint, timeout)) = endpoint {
+            let opened = Link::open(&endpoint, timeout);
             let mut core = shared.core();
             if let Some(mut link) = shared.link() {
                 let _ = link.attach(opened, &mut core, &*memory);

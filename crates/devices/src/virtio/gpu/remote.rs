@@ -25,7 +25,8 @@ use super::commands::{Core, Refusal};
 use super::protocol::*;
 use super::wire::{self, Message, MAX_PIXELS, VERSION};
 
-/// How long the VMM waits for a back end's answer before it gives the link up.
+/// How long the VMM waits by default for a back end's whole answer (with the damage that
+/// comes before it) before it gives the link up; `timeout-ms` sets it per GPU.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// First and longest wait between reconnection attempts.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -53,9 +54,55 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
-trait Stream: Read + Write + Send {}
-impl Stream for UnixStream {}
-impl Stream for TcpStream {}
+trait Stream: Read + Write + Send {
+    /// Bounds the next reads.
+    fn set_wait(&self, wait: Duration) -> std::io::Result<()>;
+}
+impl Stream for UnixStream {
+    fn set_wait(&self, wait: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(wait))
+    }
+}
+impl Stream for TcpStream {
+    fn set_wait(&self, wait: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(wait))
+    }
+}
+
+/// Reads of one answer, all before one deadline: a back end that stops, or trickles,
+/// is given up when the bound has passed, not a bound per read.
+struct Bounded<'a> {
+    stream: &'a mut Box<dyn Stream>,
+    deadline: Instant,
+    /// What the socket's read timeout was last set to.
+    wait: Duration,
+}
+
+impl Read for Bounded<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        // Only shortened (a syscall) when less than the last wait is left.
+        if left < self.wait {
+            self.stream.set_wait(left)?;
+            self.wait = left;
+        }
+        match self.stream.read(buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(timed_out())
+            }
+            r => r,
+        }
+    }
+}
 
 /// The link's state as the GPU model sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +115,8 @@ pub enum LinkState {
 /// The link to a back end.
 pub struct Link {
     endpoint: Endpoint,
+    /// The bound on one answer.
+    timeout: Duration,
     conn: Option<Box<dyn Stream>>,
     state: LinkState,
     backoff: Duration,
@@ -80,13 +129,19 @@ pub struct Link {
 /// A connection made, not yet greeted.
 pub struct Opened(Box<dyn Stream>);
 
+fn is_timeout(e: &wire::RecvError) -> bool {
+    matches!(e, wire::RecvError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut)
+}
+
 /// A request the link could not serve.
 #[derive(Debug, Clone)]
 pub struct LinkDown(pub String);
 
 impl Link {
-    pub fn new(endpoint: Endpoint) -> Self {
+    /// A link to `endpoint` that waits at most `timeout` for an answer.
+    pub fn new(endpoint: Endpoint, timeout: Duration) -> Self {
         Self {
+            timeout,
             state: LinkState::Error(format!("not connected to the back end at {endpoint} yet")),
             endpoint,
             conn: None,
@@ -99,6 +154,38 @@ impl Link {
 
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Takes one frame from the connection within the bound, starting now; the socket's
+    /// wait is put back to the whole bound for the next answer.
+    fn recv(&mut self) -> Result<Message, String> {
+        let timeout = self.timeout;
+        let Some(conn) = self.conn.as_mut() else {
+            return Err("the link has no connection".into());
+        };
+        let mut b = Bounded {
+            stream: conn,
+            deadline: Instant::now() + timeout,
+            wait: timeout,
+        };
+        let r = wire::recv(&mut b);
+        if b.wait < timeout {
+            let _ = b.stream.set_wait(timeout);
+        }
+        r.map_err(|e| {
+            if is_timeout(&e) {
+                format!(
+                    "the back end did not answer within {} ms",
+                    timeout.as_millis()
+                )
+            } else {
+                format!("the back end's answer: {e}")
+            }
+        })
     }
 
     pub fn state(&self) -> &LinkState {
@@ -130,13 +217,17 @@ impl Link {
         if let Err(e) = wire::send(conn, m) {
             return Err(self.broken(format!("cannot send to the back end: {e}")));
         }
+        let deadline = Instant::now() + self.timeout;
         loop {
-            let Some(conn) = self.conn.as_mut() else {
-                return Err(self.broken("the link has no connection".into()));
-            };
-            let answer = match wire::recv(conn) {
+            if Instant::now() >= deadline {
+                return Err(self.broken(format!(
+                    "the back end did not finish its answer within {} ms",
+                    self.timeout.as_millis()
+                )));
+            }
+            let answer = match self.recv() {
                 Ok(a) => a,
-                Err(e) => return Err(self.broken(format!("the back end's answer: {e}"))),
+                Err(why) => return Err(self.broken(why)),
             };
             match answer {
                 Message::Damage {
@@ -195,14 +286,14 @@ impl Link {
     }
 
     /// Connects to `endpoint` (no lock held: a TCP connect may take a while).
-    pub fn open(endpoint: &Endpoint) -> Result<Opened, String> {
+    pub fn open(endpoint: &Endpoint, timeout: Duration) -> Result<Opened, String> {
         match endpoint {
             Endpoint::Unix(path) => {
                 let s = UnixStream::connect(path).map_err(|e| {
                     format!("cannot connect to the back end at {}: {e}", path.display())
                 })?;
-                let _ = s.set_read_timeout(Some(ANSWER_TIMEOUT));
-                let _ = s.set_write_timeout(Some(ANSWER_TIMEOUT));
+                let _ = s.set_read_timeout(Some(timeout));
+                let _ = s.set_write_timeout(Some(timeout));
                 Ok(Opened(Box::new(s)))
             }
             Endpoint::Tcp { addr, .. } => {
@@ -211,8 +302,8 @@ impl Link {
                 let s = TcpStream::connect(addr)
                     .map_err(|e| format!("cannot connect to the back end at {addr}: {e}"))?;
                 let _ = s.set_nodelay(true);
-                let _ = s.set_read_timeout(Some(ANSWER_TIMEOUT));
-                let _ = s.set_write_timeout(Some(ANSWER_TIMEOUT));
+                let _ = s.set_read_timeout(Some(timeout));
+                let _ = s.set_write_timeout(Some(timeout));
                 Ok(Opened(Box::new(s)))
             }
         }
@@ -224,7 +315,7 @@ impl Link {
         core: &mut Core,
         mem: &(dyn GuestMemory + Send + Sync),
     ) -> Result<(), LinkDown> {
-        let opened = Self::open(&self.endpoint);
+        let opened = Self::open(&self.endpoint, self.timeout);
         self.attach(opened, core, mem)
     }
 
@@ -256,7 +347,7 @@ impl Link {
         if let Err(e) = wire::send(c, &hello) {
             return Err(self.broken(format!("cannot greet the back end: {e}")));
         }
-        match wire::recv(c) {
+        match self.recv() {
             Ok(Message::Welcome { version: VERSION }) => {}
             Ok(Message::Answer { why, .. }) => {
                 return Err(self.broken(format!("the back end refused this VMM: {why}")))
@@ -264,7 +355,7 @@ impl Link {
             Ok(other) => {
                 return Err(self.broken(format!("the back end answered the Hello with {other:?}")))
             }
-            Err(e) => return Err(self.broken(format!("the back end's welcome: {e}"))),
+            Err(why) => return Err(self.broken(format!("no welcome from the back end: {why}"))),
         }
         self.replay(core, mem)?;
         self.state = LinkState::Ready;

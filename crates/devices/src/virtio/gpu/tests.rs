@@ -638,6 +638,7 @@ fn remote_rig(modes: &[(u32, u32)], path: &std::path::Path) -> Rig {
         modes,
         Limits::default(),
         remote::Endpoint::Unix(path.to_path_buf()),
+        remote::ANSWER_TIMEOUT,
     )
     .unwrap();
     let mem = OwnedMemory::zeroed(&MemoryLayout::new(&[(0, RAM)]).unwrap()).unwrap();
