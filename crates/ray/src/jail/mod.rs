@@ -135,6 +135,11 @@ pub struct Plan {
     pub net: NetPlace,
     /// The TAPs of its NICs (in that namespace), made for its uid if missing.
     pub taps: Vec<String>,
+    /// Directories lent to `uid` (a POSIX ACL entry, [`acl`]) while the VM runs: a
+    /// migration target's disk directory, where it writes the disks a source copies. The
+    /// files `uid` made there go to the directory's owner when the VM ends.
+    #[serde(default)]
+    pub lend: Vec<PathBuf>,
 }
 
 /// The network namespace of a jailed VMM.
@@ -194,6 +199,20 @@ pub fn plan(
     store: Option<&Path>,
     tcp_listener: Option<&'static str>,
 ) -> Result<Plan, JailError> {
+    // A restore reads the kernel from the snapshot, not the file.
+    plan_for(id, vm_dir, uids, cfg, store, tcp_listener, store.is_none())
+}
+
+/// [`plan`], binding the kernel and initrd when `kernel`.
+fn plan_for(
+    id: &str,
+    vm_dir: &Path,
+    uids: UidRange,
+    cfg: &VmConfig,
+    store: Option<&Path>,
+    tcp_listener: Option<&'static str>,
+    kernel: bool,
+) -> Result<Plan, JailError> {
     let net = net_place(cfg)?;
     if let (Some(flag), false) = (tcp_listener, net == NetPlace::Host) {
         return Err(JailError::Unsupported(
@@ -229,8 +248,7 @@ pub fn plan(
             .filter(|p| Path::new(p).exists())
             .map(|p| ro(p)),
     );
-    // A restore reads the kernel from the snapshot, not the file.
-    if store.is_none() {
+    if kernel {
         binds.push(ro(&cfg.kernel));
         binds.extend(cfg.initrd.iter().map(|p| ro(p)));
     }
@@ -284,7 +302,55 @@ pub fn plan(
         cpu_quota_us: (u64::from(cfg.vcpus) + 1) * CPU_PERIOD_US,
         net,
         taps: cfg.devices.net.iter().map(|n| n.tap.clone()).collect(),
+        lend: Vec::new(),
     })
+}
+
+/// The jail of a migration target (`ray migrate receive`), made before it knows the VM
+/// it receives: a network namespace of its own (the listener comes from `ray`), no
+/// kernel, and `disk_dir` (where the disks a source copies go) lent to its uid. Its
+/// cgroup's limits come from the shape it was told (`--vcpus`/`--memory`); without one
+/// they are those of the largest VM this host allows (all its memory and vCPUs), the
+/// source's shape being unknown until it connects. What the source's VM needs beyond
+/// that (shared disks, NICs, sockets elsewhere) the target refuses before the switch-over
+/// (`ray_vmm::jailed::check_incoming`). No side effects.
+pub fn plan_incoming(
+    id: &str,
+    vm_dir: &Path,
+    uids: UidRange,
+    shape: Option<&VmConfig>,
+    disk_dir: Option<&Path>,
+    tcp_listener: Option<&'static str>,
+) -> Result<Plan, JailError> {
+    let mut cfg = shape.cloned().unwrap_or_else(|| VmConfig {
+        kernel: String::new(),
+        initrd: None,
+        cmdline: String::new(),
+        vcpus: ray_vmm::config::MAX_VCPUS,
+        memory_bytes: ray_vmm::config::host_memory(),
+        devices: Default::default(),
+        numa: Vec::new(),
+        numa_attribution: Default::default(),
+        numa_migration: Default::default(),
+    });
+    cfg.devices = Default::default();
+    // The kernel comes with the source's memory.
+    let mut p = plan_for(id, vm_dir, uids, &cfg, None, tcp_listener, false)?;
+    if let Some(dir) = disk_dir {
+        if !dir.is_absolute() || !dir.is_dir() {
+            return Err(JailError::Host(format!(
+                "the disk directory {} must be an existing absolute directory to be lent to the jail",
+                dir.display()
+            )));
+        }
+        p.binds.push(Bind {
+            path: dir.to_path_buf(),
+            writable: true,
+            device: false,
+        });
+        p.lend.push(dir.to_path_buf());
+    }
+    Ok(p)
 }
 
 /// Where a jailed VMM's network is: with no NIC a namespace of its own; else the one its

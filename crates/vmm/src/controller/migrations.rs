@@ -248,8 +248,13 @@ impl Controller {
         prefault: bool,
         insecure_plaintext: bool,
         disk_dir: Option<&Path>,
+        handed: Option<crate::HandedIncoming>,
     ) -> Result<String, ControllerError> {
         self.check(VmAction::MigrateIn)?;
+        if handed.is_none() {
+            crate::jailed::refuse_if_jailed("listen for a migration itself (`ray migrate receive` hands a jailed target its listener)")
+                .map_err(ControllerError::refused)?;
+        }
         let disk_dir = match disk_dir {
             Some(d) => Some(check_disk_dir(d).map_err(ControllerError::invalid)?),
             None => None,
@@ -269,17 +274,31 @@ impl Controller {
             ));
         }
         let endpoint = ray_migration::Endpoint::parse(at).map_err(ControllerError::invalid)?;
-        let key = ray_migration::read_key_file(key_file).map_err(ControllerError::invalid)?;
+        let (listener, key, slot) = match handed {
+            Some(h) => (
+                Some(h.listener),
+                ray_migration::read_key_from(h.key, key_file),
+                Some(h.slot),
+            ),
+            None => (None, ray_migration::read_key_file(key_file), None),
+        };
+        let key = key.map_err(ControllerError::invalid)?;
         if max_concurrent == 0 {
             return Err(ControllerError::invalid(
                 "max_concurrent is 0; it must be at least 1",
             ));
         }
         // Checked: now the side effects, each undone (dropped) if a later one fails.
-        let slot = mig::acquire_slot(&self.paths.runtime(), max_concurrent)
-            .map_err(ControllerError::refused)?;
-        let listener = ray_migration::Listener::bind(&endpoint)
-            .map_err(|e| ControllerError::invalid(e.to_string()))?;
+        let slot = match slot {
+            Some(file) => mig::Slot::from_handed(file),
+            None => mig::acquire_slot(&self.paths.runtime(), max_concurrent)
+                .map_err(ControllerError::refused)?,
+        };
+        let listener = match listener {
+            Some(fd) => ray_migration::Listener::adopt(fd, endpoint.clone()),
+            None => ray_migration::Listener::bind(&endpoint),
+        }
+        .map_err(|e| ControllerError::invalid(e.to_string()))?;
         let prepared = match &given {
             Some(c) => Some(self.prepare_incoming(c, None)?),
             None => None,
@@ -538,6 +557,9 @@ impl Controller {
         if self.incoming_state.is_some() || self.machine.is_some() {
             return Err("the VM state arrived twice".into());
         }
+        // A jailed target was made before it knew the VM: what it cannot hold is refused
+        // here, before the switch-over (the source runs on).
+        crate::jailed::check_incoming(&crate::vsock::settle(&st.config.devices, &self.paths.dir))?;
         if let Some(pci) = &st.machine.pci {
             let devices = crate::vsock::settle(&st.config.devices, &self.paths.dir);
             crate::pci::check_state(&devices, pci).map_err(|e| e.to_string())?;

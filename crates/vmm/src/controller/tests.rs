@@ -245,6 +245,7 @@ fn a_target_without_a_shape_cannot_prefault_and_bad_listens_change_nothing() {
             true,
             false,
             None,
+            None,
         )
         .unwrap_err();
     assert!(
@@ -259,6 +260,7 @@ fn a_target_without_a_shape_cannot_prefault_and_bad_listens_change_nothing() {
             false,
             false,
             None,
+            None,
         )
         .unwrap_err();
     assert!(
@@ -266,7 +268,15 @@ fn a_target_without_a_shape_cannot_prefault_and_bad_listens_change_nothing() {
         "{e}"
     );
     let e = c
-        .listen_incoming("nowhere", Path::new("/dev/zero"), 8, false, false, None)
+        .listen_incoming(
+            "nowhere",
+            Path::new("/dev/zero"),
+            8,
+            false,
+            false,
+            None,
+            None,
+        )
         .unwrap_err();
     assert!(e.to_string().contains("\"nowhere\""), "{e}");
     // A disk directory that is not one is refused before anything else.
@@ -278,6 +288,7 @@ fn a_target_without_a_shape_cannot_prefault_and_bad_listens_change_nothing() {
             false,
             false,
             Some(Path::new("/dev/null")),
+            None,
         )
         .unwrap_err();
     assert!(
