@@ -777,9 +777,26 @@ fn jail_plan(
             ray::jail::plan(id, &dir, uids, &cfg, Some(store), tcp_listener).map_err(invalid)
         }
         Origin::Incoming {
-            config, disk_dir, ..
-        } => ray::jail::plan_incoming(id, &dir, uids, *config, *disk_dir, tcp_listener)
-            .map_err(invalid),
+            config,
+            disk_dir,
+            listen,
+            ..
+        } => {
+            let socket = match ray_migration::Endpoint::parse(listen) {
+                Ok(ray_migration::Endpoint::Unix(p)) => Some(p),
+                _ => None,
+            };
+            ray::jail::plan_incoming(
+                id,
+                &dir,
+                uids,
+                *config,
+                *disk_dir,
+                socket.as_deref(),
+                tcp_listener,
+            )
+            .map_err(invalid)
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! (cgroup, file ownership), clones the VMM into its namespaces, waits for it and cleans
 //! up after it. Its own part is small and runs no guest-facing code.
 use std::os::fd::{FromRawFd, RawFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::cgroup::{Hierarchy, VmCgroup};
@@ -218,6 +218,10 @@ pub fn jail(
         }
         return become_vmm(plan, id, vm_dir);
     }
+    let mut socket = plan
+        .listen_socket
+        .as_deref()
+        .and_then(|path| handed.first().and_then(|&fd| SocketWatch::new(path, fd)));
     for &fd in handed {
         // SAFETY: closes this process's copy of a descriptor it inherited for the VMM,
         // which holds its own (a listener or a lock held here would outlive the VMM's
@@ -227,7 +231,14 @@ pub fn jail(
     if let Some(fd) = lock_fd {
         name_owner(fd, pid as u32);
     }
-    let status = wait_forwarding(pid as libc::pid_t, &signals);
+    let status = wait_forwarding(pid as libc::pid_t, &signals, &mut || {
+        if socket.as_ref().is_some_and(SocketWatch::let_go) {
+            socket = None;
+        }
+    });
+    if let Some(s) = socket {
+        s.remove();
+    }
     undo(cgroup, Some(given), Some(made));
     std::process::exit(status);
 }
@@ -259,9 +270,62 @@ fn become_vmm(plan: &Plan, id: &str, vm_dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Waits for the VMM, passing on stop signals; returns its exit code (128 + signal when
-/// a signal ended it, as a shell reports it).
-fn wait_forwarding(pid: libc::pid_t, signals: &libc::sigset_t) -> i32 {
+/// A migration target's Unix listening socket, which `ray` bound outside the jail: its
+/// file goes once no process holds the socket (the VMM drops it after the source
+/// connected), as an unjailed target removes it itself.
+struct SocketWatch {
+    path: PathBuf,
+    /// (device, inode) of the socket's file.
+    file: (u64, u64),
+    /// The socket's own inode (`/proc/net/unix` lists it while it is open).
+    socket: u64,
+}
+
+impl SocketWatch {
+    fn new(path: &Path, fd: RawFd) -> Option<SocketWatch> {
+        // SAFETY: `fd` is the listener this process inherited; borrowed for the call.
+        let file = std::fs::File::from(
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+                .try_clone_to_owned()
+                .ok()?,
+        );
+        let socket = file.metadata().ok()?.ino();
+        let m = std::fs::symlink_metadata(path).ok()?;
+        Some(SocketWatch {
+            path: path.to_path_buf(),
+            file: (m.dev(), m.ino()),
+            socket,
+        })
+    }
+
+    /// Whether the socket is closed everywhere now (then its file is removed).
+    fn let_go(&self) -> bool {
+        let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+            return false;
+        };
+        let open = table
+            .lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().nth(6).and_then(|i| i.parse().ok()) == Some(self.socket));
+        if !open {
+            self.remove();
+        }
+        !open
+    }
+
+    /// Removes the socket's file if it is still the one `ray` bound.
+    fn remove(&self) {
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| m.file_type().is_socket() && (m.dev(), m.ino()) == self.file);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Waits for the VMM, passing on stop signals and calling `tick` between waits; returns
+/// its exit code (128 + signal when a signal ended it, as a shell reports it).
+fn wait_forwarding(pid: libc::pid_t, signals: &libc::sigset_t, tick_fn: &mut dyn FnMut()) -> i32 {
     let tick = libc::timespec {
         tv_sec: 0,
         tv_nsec: 50_000_000,
@@ -282,6 +346,7 @@ fn wait_forwarding(pid: libc::pid_t, signals: &libc::sigset_t) -> i32 {
         if r < 0 {
             return 1;
         }
+        tick_fn();
         // SAFETY: a valid set and timeout; the info pointer may be null.
         let sig = unsafe { libc::sigtimedwait(signals, std::ptr::null_mut(), &tick) };
         if sig > 0 && FORWARDED.contains(&sig) {

@@ -140,6 +140,10 @@ pub struct Plan {
     /// files `uid` made there go to the directory's owner when the VM ends.
     #[serde(default)]
     pub lend: Vec<PathBuf>,
+    /// A migration target's Unix listening socket, bound by `ray` outside the jail: the
+    /// keeper removes its file once the VMM has let go of it (the VMM cannot see it).
+    #[serde(default)]
+    pub listen_socket: Option<PathBuf>,
 }
 
 /// The network namespace of a jailed VMM.
@@ -303,6 +307,7 @@ fn plan_for(
         net,
         taps: cfg.devices.net.iter().map(|n| n.tap.clone()).collect(),
         lend: Vec::new(),
+        listen_socket: None,
     })
 }
 
@@ -320,6 +325,7 @@ pub fn plan_incoming(
     uids: UidRange,
     shape: Option<&VmConfig>,
     disk_dir: Option<&Path>,
+    listen_socket: Option<&Path>,
     tcp_listener: Option<&'static str>,
 ) -> Result<Plan, JailError> {
     let mut cfg = shape.cloned().unwrap_or_else(|| VmConfig {
@@ -350,6 +356,7 @@ pub fn plan_incoming(
         });
         p.lend.push(dir.to_path_buf());
     }
+    p.listen_socket = listen_socket.map(Path::to_path_buf);
     Ok(p)
 }
 
