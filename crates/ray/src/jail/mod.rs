@@ -232,6 +232,18 @@ fn plan_for(
             ));
         }
     }
+    for g in &cfg.devices.gpus {
+        let what = match g.kind {
+            ray_api::gpu::GpuType::Remote => "a remote GPU",
+            ray_api::gpu::GpuType::Passthrough => "a passthrough GPU",
+            _ => continue,
+        };
+        return Err(JailError::Unsupported(
+            what,
+            "its back end is a socket or device outside the jail's root and network namespace"
+                .into(),
+        ));
+    }
     cgroup::Hierarchy::detect().map_err(JailError::Host)?;
     let ro = |p: &str| Bind {
         path: PathBuf::from(p),
@@ -511,5 +523,82 @@ mod tests {
             "{e}"
         );
         let _ = std::fs::remove_file(&disk);
+    }
+
+    #[test]
+    fn a_migration_target_binds_no_kernel_lends_its_disk_dir_and_refuses_outside_gpus() {
+        let uids = UidRange {
+            first: 500_000,
+            last: 500_100,
+        };
+        let dir = std::env::temp_dir().join(format!("ray-jail-in-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("m.sock");
+        let p = plan_incoming(
+            "vm-in",
+            Path::new("/run/x"),
+            uids,
+            None,
+            Some(&dir),
+            Some(&sock),
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.net, NetPlace::Private);
+        assert_eq!(p.lend, vec![dir.clone()]);
+        assert_eq!(p.listen_socket.as_deref(), Some(sock.as_path()));
+        assert!(p.binds.iter().any(|b| b.path == dir && b.writable));
+        assert!(p.chown.is_empty() && p.taps.is_empty());
+        // Not told the shape: the largest VM the host allows.
+        assert_eq!(
+            p.memory_max,
+            ray_vmm::config::host_memory() + MEMORY_OVERHEAD
+        );
+        let shape = config(Path::new("/dev/null"));
+        let p = plan_incoming(
+            "vm-in",
+            Path::new("/run/x"),
+            uids,
+            Some(&shape),
+            None,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.memory_max, (256 << 20) + MEMORY_OVERHEAD);
+        assert_eq!(p.cpu_quota_us, 3 * CPU_PERIOD_US);
+        assert!(
+            p.binds
+                .iter()
+                .all(|b| b.path != Path::new("/proc/self/exe")),
+            "no kernel"
+        );
+        assert!(
+            p.binds.iter().all(|b| b.path != Path::new("/dev/null")),
+            "no disk yet"
+        );
+        let e = plan_incoming(
+            "vm-in",
+            Path::new("/run/x"),
+            uids,
+            None,
+            Some(Path::new("/no/such/dir")),
+            None,
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("/no/such/dir"), "{e}");
+        let mut remote = config(Path::new("/dev/null"));
+        remote.devices.gpus = vec![ray_api::gpu::GpuConfig::parse("remote,socket=/tmp/g.sock")
+            .unwrap()
+            .unwrap()];
+        let e = plan("vm-x", Path::new("/run/x"), uids, &remote, None, None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("a remote GPU cannot be used by a jailed VMM")
+                && e.to_string().contains("--no-jail"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
