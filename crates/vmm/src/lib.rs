@@ -306,17 +306,7 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
         spawn_stdin_thread(tx.clone());
     }
     let started = match (&opts.restore, opts.incoming) {
-        (_, Some(inc)) => ctl
-            .listen_incoming(
-                &inc.listen,
-                &inc.key_file,
-                inc.max_concurrent,
-                inc.prefault,
-                inc.insecure_plaintext,
-                inc.disk_dir.as_deref(),
-                inc.handed,
-            )
-            .map(|_| Response::Done),
+        (_, Some(inc)) => ctl.listen_incoming(inc).map(|_| Response::Done),
         (Some(dir), None) => ctl
             .restore(dir, opts.verify_memory, prep)
             .map(|_| Response::Done),

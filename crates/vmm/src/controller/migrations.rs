@@ -233,23 +233,24 @@ impl Controller {
         Ok(mig::Prepared { memory, compat })
     }
 
-    /// Target: listens on `at` and waits (on a migration thread) for one incoming
-    /// migration. With a configuration (vCPUs, memory) the memory is allocated now and
+    /// Target: listens on `inc.listen` (or on the listener `ray` handed a jailed target)
+    /// and waits (on a migration thread) for one incoming migration. With a configuration (vCPUs, memory) the memory is allocated now and
     /// the source must match it; without one it is allocated for what the source
     /// describes once it has authenticated. With `prefault` (which needs the
     /// configuration), another thread populates all of the memory while waiting (until
     /// the migration ends). Connections that fail before proving the pre-shared key are
     /// dropped and logged; the target keeps waiting. Returns the bound address.
-    pub fn listen_incoming(
-        &mut self,
-        at: &str,
-        key_file: &Path,
-        max_concurrent: u32,
-        prefault: bool,
-        insecure_plaintext: bool,
-        disk_dir: Option<&Path>,
-        handed: Option<crate::HandedIncoming>,
-    ) -> Result<String, ControllerError> {
+    pub fn listen_incoming(&mut self, inc: crate::Incoming) -> Result<String, ControllerError> {
+        let crate::Incoming {
+            listen: at,
+            key_file,
+            max_concurrent,
+            prefault,
+            insecure_plaintext,
+            disk_dir,
+            handed,
+        } = inc;
+        let (at, key_file, disk_dir) = (at.as_str(), key_file.as_path(), disk_dir.as_deref());
         self.check(VmAction::MigrateIn)?;
         if handed.is_none() {
             crate::jailed::refuse_if_jailed("listen for a migration itself (`ray migrate receive` hands a jailed target its listener)")
