@@ -26,7 +26,10 @@ fn wait_frames(env: &Env, id: &str, at_least: u64) -> EncodeSessionInfo {
 #[test]
 fn an_encoded_pattern_decodes_back_and_an_idle_display_adds_no_frames() {
     let env = Env::new("encode");
+    // Encode sessions write outside the VM's directory and take host-wide slots: a jailed
+    // VMM refuses them, naming --no-jail.
     let mut vm = env.boot(&[
+        "--no-jail",
         "--memory",
         "128M",
         "--gpu",
@@ -165,7 +168,14 @@ fn an_encoded_pattern_decodes_back_and_an_idle_display_adds_no_frames() {
 #[test]
 fn hevc_and_vp9_sessions_decode_back_through_the_cli() {
     let env = Env::new("encode-ff");
-    let mut vm = env.boot(&["--memory", "128M", "--gpu", "emulated,width=640,height=480"]);
+    // Unjailed: a jailed VMM refuses encode sessions (see above).
+    let mut vm = env.boot(&[
+        "--no-jail",
+        "--memory",
+        "128M",
+        "--gpu",
+        "emulated,width=640,height=480",
+    ]);
     vm.expect_line("ready", Duration::from_secs(20));
     let mut started = Vec::new();
     for (codec, file) in [("hevc", "d0.hevc"), ("vp9", "d0.ivf")] {

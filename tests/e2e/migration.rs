@@ -94,8 +94,9 @@ impl Net {
             .args(args)
             .env("RAY_RUNTIME_DIR", &env.runtime)
             .env("RAY_GUEST", guest_bin())
-            // Migration in or out of a jailed VMM is refused: these VMs run unjailed.
-            .env("RAY_NO_JAIL", "1")
+            // These VMs have NICs in the test's namespaces, which a jailed migration
+            // target refuses (naming --no-jail): they run unjailed.
+            .env("RAY_JAIL", "0")
             .envs(vars.iter().copied()))
     }
 

@@ -68,7 +68,9 @@ fn a_vfio_user_gpu_is_driven_by_the_guest_and_its_death_leaves_the_vm_running() 
     let env = Env::new("passthrough");
     let (mut device, socket) = serve(&env);
     let gpu = format!("passthrough,vfio-user={}", socket.display());
-    let mut vm = env.boot(&["--memory", "128M", "--gpu", &gpu]);
+    // The device's socket is outside a jail's root: a jailed VMM refuses a passthrough
+    // GPU naming --no-jail.
+    let mut vm = env.boot(&["--no-jail", "--memory", "128M", "--gpu", &gpu]);
     vm.expect_line("ready", READY);
 
     // The function is on the bus with the device's identity.
@@ -201,10 +203,12 @@ fn a_host_device_is_refused_on_a_host_without_iommu_naming_what_is_missing() {
         assert!(!out.status.success(), "{args} was accepted");
         assert!(err.contains(msg), "{args}: {err}");
     }
-    // A vfio-user socket nobody serves: the VM does not start, and says why.
+    // A vfio-user socket nobody serves: the VM does not start, and says why (unjailed: a
+    // jailed VMM refuses any passthrough GPU first, naming --no-jail).
     let out = env.ray(&[
         "vm",
         "run",
+        "--no-jail",
         "--detach",
         "--gpu",
         "passthrough,vfio-user=/nonexistent/gpu.sock",

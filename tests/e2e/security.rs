@@ -711,3 +711,150 @@ fn the_jail_is_opt_in_by_flag_or_variable_and_no_jail_wins() {
     assert_ne!(with(&[], "1"), "0", "RAY_JAIL=1 jails");
     assert_eq!(with(&["--no-jail"], "1"), "0", "--no-jail beats RAY_JAIL");
 }
+
+/// The guest's `disk sum` checksum (FNV-1a) of the same bytes.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Every uid (real, effective, saved, filesystem) of `pid`, each in the jail's range.
+fn jailed_uid(pid: u32) -> u32 {
+    let uids: Vec<u32> = status_field(pid, "Uid")
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert_eq!(uids.len(), 4, "{uids:?}");
+    assert!(uids.iter().all(|&u| u == uids[0]), "{uids:?}");
+    assert!((JAIL_UIDS.0..=JAIL_UIDS.1).contains(&uids[0]), "{uids:?}");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    uids[0]
+}
+
+/// A jailed migration target (`ray migrate receive --jail`): `ray` binds its listener on
+/// the host's loopback, opens the key file and takes the migration slot, and the VMM in
+/// its own network namespace and root inherits them. It holds only disks copied into its
+/// `--disk-dir` (lent to its uid): a source whose disk is shared storage is refused before
+/// the switch-over, naming `--no-jail`, and runs on; with `--copy-disks` the VM moves,
+/// its disk reads the same in the guest, and after the VM the copy is the directory
+/// owner's again and the directory's ACL is as before.
+#[test]
+fn a_jailed_target_receives_a_vm_whose_disk_is_copied_into_its_disk_dir() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new("jail-in");
+    let uids = format!("{}-{}", JAIL_UIDS.0, JAIL_UIDS.1);
+    let img = env.runtime.join("src.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mut src = env.boot(&jailed(
+        &uids,
+        &["--memory", "128M", "--disk", img.to_str().unwrap()],
+    ));
+    src.expect_line("ready", Duration::from_secs(30));
+    let w = src.command("disk write 0 2048 0x11", "disk ");
+    assert!(w.contains(" ok"), "{w}");
+    let w = src.command("disk write 65536 16 0x22", "disk ");
+    assert!(w.contains(" ok"), "{w}");
+    let key = env.key_file("key", "a pre-shared key of some length");
+    let receive = |id: &str, extra: &[&str]| {
+        let args: Vec<&str> = ["--jail", "--jail-uids", &uids]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
+        let dst = env.receive_on(id, "127.0.0.1:0", &key, &args);
+        let listen = crate::migration::migration(&dst).peer;
+        assert!(
+            listen.starts_with("127.0.0.1:") && !listen.ends_with(":0"),
+            "{listen}"
+        );
+        (dst, listen)
+    };
+
+    // Shared storage: the jail cannot hold the source's disk.
+    let (shared, listen) = receive("jail-in-shared", &[]);
+    jailed_uid(shared.pid);
+    let out = env.migrate_start(&src.id, &listen, &key);
+    assert!(!out.status.success());
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("jailed") && said.contains("--no-jail") && said.contains("disk0"),
+        "{said}"
+    );
+    shared.wait_exit(Duration::from_secs(30));
+    assert_eq!(src.command("echo still here", "still"), "still here");
+
+    // Copied into a disk directory lent to the target's uid.
+    let dir = env.runtime.join("copies");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mode = std::fs::metadata(&dir).unwrap().mode();
+    let (mut dst, listen) = receive("jail-in-dst", &["--disk-dir", dir.to_str().unwrap()]);
+    let uid = jailed_uid(dst.pid);
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{}/ns/net", dst.pid)).unwrap(),
+        std::fs::read_link("/proc/self/ns/net").unwrap(),
+        "the target has a network namespace of its own"
+    );
+    let out = env.ray(&[
+        "migrate",
+        "start",
+        &src.id,
+        "--to",
+        &listen,
+        "--key-file",
+        &key,
+        "--copy-disks",
+        "--json",
+    ]);
+    let out = ray_e2e::succeeded(out, "migrate start --copy-disks to a jailed target");
+    let s: ray_api::vmm::MigrationStatus = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (s.state.as_str(), s.vm.as_str()),
+        ("completed", "migrated"),
+        "{s:?}"
+    );
+    src.wait_exit(Duration::from_secs(10));
+    let copy = dir.join("disk0.img");
+    assert_eq!(std::fs::metadata(&copy).unwrap().uid(), uid);
+    let bytes = std::fs::read(&copy).unwrap();
+    assert_eq!(
+        bytes,
+        std::fs::read(&img).unwrap(),
+        "the copy equals the disk"
+    );
+    assert_eq!(&bytes[..1 << 20], &vec![0x11u8; 1 << 20][..]);
+    for (sector, count) in [(0, 2048), (65536, 16)] {
+        let sum = dst.command(&format!("disk sum {sector} {count}"), "disk ");
+        let want = fnv(&bytes[sector * 512..(sector + count) * 512]);
+        assert_eq!(
+            sum.split_whitespace().nth(2).unwrap(),
+            format!("{want:016x}"),
+            "{sum}"
+        );
+    }
+    assert_eq!(
+        jailed_uid(dst.pid),
+        uid,
+        "still jailed after the switch-over"
+    );
+    env.ray_ok(&["vm", "stop", "jail-in-dst", "--timeout-ms", "0"]);
+    dst.wait_exit(Duration::from_secs(30));
+    // The keeper gives the copy to the directory's owner and takes the loan back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&copy).unwrap().uid() == uid {
+        assert!(Instant::now() < deadline, "the copy is still uid {uid}'s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let owner = std::fs::metadata(&dir).unwrap();
+    assert_eq!(std::fs::metadata(&copy).unwrap().uid(), owner.uid());
+    assert_eq!(owner.mode(), mode, "the directory's mode is as before");
+    let acl = xattr(&dir, "system.posix_acl_access");
+    assert!(acl.is_none(), "{} keeps an ACL: {acl:?}", dir.display());
+}

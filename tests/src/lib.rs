@@ -126,19 +126,31 @@ impl Env {
     /// Pauses `vm`, snapshots it to `<runtime>/<name>`, stops it and restores the snapshot
     /// as VM `id`, which must come back running.
     pub fn snapshot_and_restore(&self, vm: &Vm, name: &str, id: &str) -> Vm {
+        self.snapshot_and_restore_with(vm, name, id, &[])
+    }
+
+    /// [`Env::snapshot_and_restore`] with more `ray snapshot restore` arguments.
+    pub fn snapshot_and_restore_with(&self, vm: &Vm, name: &str, id: &str, extra: &[&str]) -> Vm {
         self.ray_ok(&["vm", "pause", &vm.id]);
         let path = self.runtime.join(name);
         let path = path.to_str().unwrap();
         self.ray_ok(&["snapshot", "create", &vm.id, path]);
         self.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
-        self.restore(path, id)
+        self.restore_with(path, id, extra)
     }
 
     /// `ray snapshot restore PATH --id ID --detach`; the VM must come back running.
     pub fn restore(&self, path: &str, id: &str) -> Vm {
-        let out = self.ray_ok(&[
+        self.restore_with(path, id, &[])
+    }
+
+    /// [`Env::restore`] with more `ray snapshot restore` arguments.
+    pub fn restore_with(&self, path: &str, id: &str, extra: &[&str]) -> Vm {
+        let mut args = vec![
             "snapshot", "restore", path, "--id", id, "--detach", "--json",
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let out = self.ray_ok(&args);
         let info: VmInfo = serde_json::from_str(&out).unwrap();
         assert_eq!(info.state, VmStateName::Running, "{id} after restore");
         self.attach(id, info.pid)
@@ -188,8 +200,13 @@ impl Env {
     /// Live-migrates `src` to a new VMM `id` on this host over a Unix socket and waits for
     /// the source process to exit.
     pub fn migrate_here(&self, src: &Vm, id: &str) -> Vm {
+        self.migrate_here_with(src, id, &[])
+    }
+
+    /// [`Env::migrate_here`] with more `ray migrate receive` arguments.
+    pub fn migrate_here_with(&self, src: &Vm, id: &str, receive: &[&str]) -> Vm {
         let key = self.key_file(&format!("{id}.key"), "a pre-shared key of some length");
-        let (dst, listen) = self.receive(id, &key, &[]);
+        let (dst, listen) = self.receive(id, &key, receive);
         succeeded(self.migrate_start(&src.id, &listen, &key), "migrate start");
         src.wait_exit(Duration::from_secs(10));
         dst

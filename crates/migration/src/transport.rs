@@ -450,6 +450,103 @@ impl Listener {
         })
     }
 
+    /// The listening socket, to hand to another process (a jailed migration target, which
+    /// cannot bind in the host's network namespace nor see the host's paths): this side
+    /// lets go of it without removing a Unix socket's file.
+    pub fn into_handed(self) -> (OwnedFd, Endpoint) {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never dropped, so each field is read out exactly once and
+        // dropped (or returned) here; the Unix socket's file stays for the new holder.
+        let (socket, endpoint, wake) = unsafe {
+            (
+                std::ptr::read(&this.socket),
+                std::ptr::read(&this.endpoint),
+                std::ptr::read(&this.wake),
+            )
+        };
+        drop(wake);
+        let fd = match socket {
+            Socket::Tcp(l) => OwnedFd::from(l),
+            Socket::Unix { listener, .. } => OwnedFd::from(listener),
+        };
+        (fd, endpoint)
+    }
+
+    /// A listener another process bound on `endpoint` and handed over as `fd`
+    /// ([`Listener::into_handed`]). Its kind must match the endpoint's. A Unix socket's
+    /// file is left where it is when this is dropped unless this process sees it.
+    pub fn adopt(fd: OwnedFd, endpoint: Endpoint) -> Result<Listener, TransportError> {
+        let setup = |what, source| TransportError::Setup {
+            endpoint: endpoint.clone(),
+            what,
+            source,
+        };
+        let wake = Arc::new(Wake::new().map_err(|e| setup("the cancel eventfd", e))?);
+        let mut ty: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let mut domain: libc::c_int = 0;
+        let mut dlen = len;
+        // SAFETY: getsockopt writes at most `len` bytes into the integers passed, which
+        // live across the calls; `fd` is open (owned here).
+        let ok = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_TYPE,
+                (&mut ty as *mut libc::c_int).cast(),
+                &mut len,
+            ) == 0
+                && libc::getsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_DOMAIN,
+                    (&mut domain as *mut libc::c_int).cast(),
+                    &mut dlen,
+                ) == 0
+        };
+        if !ok || ty != libc::SOCK_STREAM {
+            return Err(setup(
+                "the handed listener (not a stream socket)",
+                io::Error::other("the descriptor handed over is not a listening stream socket"),
+            ));
+        }
+        let socket = match (&endpoint, domain) {
+            (Endpoint::Tcp(_), libc::AF_INET | libc::AF_INET6) => {
+                let l = TcpListener::from(fd);
+                l.set_nonblocking(true)
+                    .map_err(|e| setup("a non-blocking listener", e))?;
+                Socket::Tcp(l)
+            }
+            (Endpoint::Unix(path), libc::AF_UNIX) => {
+                let listener = UnixListener::from(fd);
+                listener
+                    .set_nonblocking(true)
+                    .map_err(|e| setup("a non-blocking listener", e))?;
+                // The file may be out of sight (a jailed target): then its (0, 0) matches
+                // nothing and it is not removed here.
+                let id = std::fs::symlink_metadata(path).map_or((0, 0), |m| (m.dev(), m.ino()));
+                Socket::Unix {
+                    listener,
+                    path: path.clone(),
+                    id,
+                }
+            }
+            _ => {
+                return Err(setup(
+                    "the handed listener",
+                    io::Error::other(format!(
+                        "the descriptor handed over is not a socket of {endpoint}'s kind"
+                    )),
+                ))
+            }
+        };
+        Ok(Listener {
+            socket,
+            endpoint,
+            wake,
+        })
+    }
+
     /// The bound endpoint (the real port when asked for port 0).
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
@@ -777,6 +874,37 @@ mod tests {
         assert_eq!(n, 4, "a vectored write goes out whole");
         a.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"pong");
+    }
+
+    #[test]
+    fn a_handed_listener_accepts_where_it_was_bound_and_its_kind_is_checked() {
+        let dir = scratch("handed");
+        let path = dir.join("m.sock");
+        let unix = Listener::bind(&Endpoint::Unix(path.clone())).unwrap();
+        let (fd, at) = unix.into_handed();
+        assert!(
+            path.exists(),
+            "handing a listener over keeps its socket file"
+        );
+        let adopted = Listener::adopt(fd, at.clone()).unwrap();
+        let client = connect(&at, T).unwrap();
+        let served = adopted.accept(&CancelToken::new(), Some(T), T).unwrap();
+        echo_once(client, served);
+        drop(adopted);
+        assert!(!path.exists(), "the adopter that sees the file removes it");
+
+        let tcp = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".into())).unwrap();
+        let (fd, at) = tcp.into_handed();
+        assert!(
+            matches!(&at, Endpoint::Tcp(a) if !a.ends_with(":0")),
+            "{at}"
+        );
+        let e = Listener::adopt(fd, Endpoint::Unix(path.clone())).unwrap_err();
+        assert!(e.to_string().contains("kind"), "{e}");
+        let file = std::fs::File::create(dir.join("f")).unwrap();
+        let e = Listener::adopt(OwnedFd::from(file), at).unwrap_err();
+        assert!(e.to_string().contains("not a"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -261,6 +261,7 @@ impl Vmms for HostVmms {
                 // Agents move VMs between hosts: encrypted, as by default.
                 insecure_plaintext: false,
                 disk_dir: None,
+                handed: None,
             },
             &VmmExtras::default(),
         )

@@ -18,7 +18,7 @@ use ray_api::vmm::{
 use ray::exit::{self, coded};
 use ray::runtime::{self, Presence};
 
-use crate::vm::{client, launch, Origin};
+use crate::vm::{client, launch_with, Origin, VmmExtras};
 use ray::output::{self, Format, OutputArgs};
 
 #[derive(Subcommand)]
@@ -161,8 +161,11 @@ pub struct ReceiveArgs {
     pub insecure_plaintext: bool,
     /// Where disks a source copies (--copy-disks) go: DIR/<disk id>.img, made sparse (an
     /// existing file is refused, a failed migration removes them); the VM here uses them.
+    /// A jailed target can hold only disks copied here.
     #[arg(long)]
     pub disk_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub jail: ray::jail::JailArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -353,21 +356,117 @@ fn receive(runtime: &Path, a: &ReceiveArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|d| std::path::absolute(d).with_context(|| format!("cannot resolve {}", d.display())))
         .transpose()?;
-    launch(
+    let jail = ray::jail::wanted(&a.jail).map_err(|e| coded(exit::INVALID, e.to_string()))?;
+    // A jailed target cannot listen in the host's network namespace, open the key file or
+    // take the host's migration slot: `ray` does, and the VMM inherits them.
+    let opened = match jail {
+        Some(_) => Some(open_for_jail(runtime, a, &key_file)?),
+        None => None,
+    };
+    let listen = opened
+        .as_ref()
+        .map_or_else(|| a.listen.clone(), |o| o.endpoint.to_string());
+    let launched = launch_with(
         runtime,
         a.id.clone(),
         &Origin::Incoming {
             config: cfg.as_ref(),
-            listen: &a.listen,
+            listen: &listen,
             key_file: &key_file,
             max_concurrent: a.max_concurrent,
             prefault: a.prefault,
             insecure_plaintext: a.insecure_plaintext,
             disk_dir: disk_dir.as_deref(),
+            handed: opened.as_ref().map(Opened::raw),
         },
         true,
         a.json,
-    )
+        &VmmExtras {
+            jail,
+            ..Default::default()
+        },
+    );
+    if let (Err(_), Some(o)) = (&launched, &opened) {
+        o.remove_socket();
+    }
+    launched
+}
+
+/// What `ray migrate receive` opens for a jailed target, inheritable (no close-on-exec).
+struct Opened {
+    listener: std::os::fd::OwnedFd,
+    endpoint: ray_migration::Endpoint,
+    key: std::os::fd::OwnedFd,
+    slot: std::os::fd::OwnedFd,
+}
+
+impl Opened {
+    fn raw(&self) -> [std::os::fd::RawFd; 3] {
+        use std::os::fd::AsRawFd;
+        [
+            self.listener.as_raw_fd(),
+            self.key.as_raw_fd(),
+            self.slot.as_raw_fd(),
+        ]
+    }
+
+    /// A Unix listener's file, when no VMM took it.
+    fn remove_socket(&self) {
+        if let ray_migration::Endpoint::Unix(p) = &self.endpoint {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A copy of `fd` that a spawned process inherits (dup never copies close-on-exec).
+fn inheritable(fd: std::os::fd::BorrowedFd) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: dup of a descriptor borrowed for the call; the copy is owned below.
+    let new = unsafe { libc::dup(fd.as_raw_fd()) };
+    if new < 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot duplicate a descriptor");
+    }
+    // SAFETY: `new` was just returned by dup and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(new) })
+}
+
+/// Checks the key file and the address, takes a migration slot and binds the listener,
+/// in that order (each undone if a later one fails), for a jailed target.
+fn open_for_jail(runtime: &Path, a: &ReceiveArgs, key_file: &Path) -> anyhow::Result<Opened> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let at = ray_migration::Endpoint::parse(&a.listen).map_err(|e| coded(exit::INVALID, e))?;
+    if a.max_concurrent == 0 {
+        return Err(coded(
+            exit::INVALID,
+            "--max-concurrent is 0; it must be at least 1",
+        ));
+    }
+    // Not blocking on a FIFO; the VMM checks again what it was handed.
+    let key = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(key_file)
+        .map_err(|e| {
+            coded(
+                exit::INVALID,
+                format!("cannot open the key file {}: {e}", key_file.display()),
+            )
+        })?;
+    ray_migration::read_key_from(key.try_clone()?, key_file)
+        .map_err(|e| coded(exit::INVALID, e))?;
+    let slot = ray_vmm::migration::acquire_slot(runtime, a.max_concurrent)
+        .map_err(|e| coded(exit::REFUSED, e))?;
+    let listener =
+        ray_migration::Listener::bind(&at).map_err(|e| coded(exit::INVALID, e.to_string()))?;
+    let (listener, endpoint) = listener.into_handed();
+    let opened = Opened {
+        listener: inheritable(listener.as_fd())?,
+        endpoint,
+        key: inheritable(key.as_fd())?,
+        slot: inheritable(slot.file().as_fd())?,
+    };
+    Ok(opened)
 }
 
 /// The status from the live VMM, or the record an ended VMM left behind.

@@ -259,6 +259,10 @@ pub struct VmmArgs {
     /// With --migrate-listen: where disks the source copies go (DIR/<disk id>.img).
     #[arg(long, requires = "migrate_listen")]
     pub migrate_disk_dir: Option<PathBuf>,
+    /// With --migrate-listen: LISTENER,KEY,SLOT, descriptors inherited from `ray migrate
+    /// receive` (which bound, opened and took them for a jailed target).
+    #[arg(long, hide = true, value_delimiter = ',', requires = "migrate_listen")]
+    pub migrate_handed_fds: Vec<i32>,
     /// The VM directory's lock, inherited as this descriptor from `ray vm run` (which
     /// took it); without it the VMM takes the lock itself.
     #[arg(long, hide = true)]
@@ -468,6 +472,9 @@ pub enum Origin<'a> {
         insecure_plaintext: bool,
         /// Where copied disks go (`--disk-dir`).
         disk_dir: Option<&'a Path>,
+        /// The listener (bound on `listen`), key file and migration slot `ray migrate
+        /// receive` opened for a jailed target, as inheritable descriptors.
+        handed: Option<[std::os::fd::RawFd; 3]>,
     },
 }
 
@@ -544,6 +551,7 @@ fn spawn_vmm(
             prefault,
             insecure_plaintext,
             disk_dir,
+            handed,
         } => {
             if let Some(config) = config {
                 cmd.arg("--config-json").arg(serde_json::to_string(config)?);
@@ -562,6 +570,10 @@ fn spawn_vmm(
             }
             if let Some(d) = disk_dir {
                 cmd.arg("--migrate-disk-dir").arg(d);
+            }
+            if let Some(fds) = handed {
+                cmd.arg("--migrate-handed-fds")
+                    .arg(fds.map(|fd| fd.to_string()).join(","));
             }
         }
     }
@@ -618,18 +630,8 @@ fn start_failure_code(status: &std::process::ExitStatus) -> u8 {
     }
 }
 
-/// Starts a VMM for a new VM (booted or restored), attached or detached.
-pub fn launch(
-    runtime: &Path,
-    id: Option<String>,
-    origin: &Origin,
-    detach: bool,
-    json: bool,
-) -> anyhow::Result<()> {
-    launch_with(runtime, id, origin, detach, json, &VmmExtras::default())
-}
-
-/// [`launch`] with extras for the VMM.
+/// Starts a VMM for a new VM (booted, restored or incoming), attached or detached, with
+/// extras for the VMM.
 pub fn launch_with(
     runtime: &Path,
     id: Option<String>,
@@ -778,21 +780,58 @@ fn jail_plan(
             let store = snapshot.parent().unwrap_or(snapshot);
             ray::jail::plan(id, &dir, uids, &cfg, Some(store), tcp_listener).map_err(invalid)
         }
-        Origin::Incoming { .. } => Err(coded(
-            exit::INVALID,
-            "a migration target cannot be jailed yet: pass --no-jail",
-        )),
+        Origin::Incoming {
+            config,
+            disk_dir,
+            listen,
+            ..
+        } => {
+            let socket = match ray_migration::Endpoint::parse(listen) {
+                Ok(ray_migration::Endpoint::Unix(p)) => Some(p),
+                _ => None,
+            };
+            ray::jail::plan_incoming(
+                id,
+                &dir,
+                uids,
+                *config,
+                *disk_dir,
+                socket.as_deref(),
+                tcp_listener,
+            )
+            .map_err(invalid)
+        }
     }
 }
 
 /// `ray vmm`: runs one VMM in this process.
 pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
+    use std::os::fd::FromRawFd;
     if let Some(plan) = &args.jail_plan {
         let plan: ray::jail::Plan = serde_json::from_str(plan).context("invalid --jail plan")?;
         // Returns in the jailed VMM only; the keeper exits when the VMM has ended.
-        ray::jail::keeper::jail(&plan, &args.id, &args.dir, args.lock_fd)
-            .map_err(|e| anyhow::anyhow!(e))?;
+        ray::jail::keeper::jail(
+            &plan,
+            &args.id,
+            &args.dir,
+            args.lock_fd,
+            &args.migrate_handed_fds,
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
     }
+    let handed = match args.migrate_handed_fds[..] {
+        [] => None,
+        // SAFETY: descriptors `ray migrate receive` opened and this process inherited
+        // for the VMM, named once on its command line; nothing else here owns them.
+        [listener, key, slot] => unsafe {
+            Some(ray_vmm::HandedIncoming {
+                listener: std::os::fd::OwnedFd::from_raw_fd(listener),
+                key: std::fs::File::from_raw_fd(key),
+                slot: std::fs::File::from_raw_fd(slot),
+            })
+        },
+        _ => anyhow::bail!("--migrate-handed-fds takes three descriptors: LISTENER,KEY,SLOT"),
+    };
     let config = args
         .config_json
         .as_deref()
@@ -813,6 +852,7 @@ pub fn vmm(args: VmmArgs) -> anyhow::Result<()> {
             prefault: args.migrate_prefault,
             insecure_plaintext: args.migrate_insecure_plaintext,
             disk_dir: args.migrate_disk_dir,
+            handed,
         }),
         lock_fd: args.lock_fd,
         api_tcp: args.api_tcp,

@@ -71,3 +71,51 @@ pub fn check_visible(path: &Path, what: &str) -> Result<(), String> {
         path.display()
     ))
 }
+
+/// Whether a jailed migration target can hold the devices of the VM a source sends
+/// (`devices` as this target would open them: copied disks at their copies, the vsock
+/// socket in this VM's directory). Its jail was made before it knew them: it sees only
+/// its own directory and its disk directory, and has a network namespace of its own.
+/// Otherwise a sentence naming the first device it cannot hold and `--no-jail`; checked
+/// before the switch-over, so the source runs on.
+pub fn check_incoming(devices: &ray_api::vmm::DevicesConfig) -> Result<(), String> {
+    let Some(jail) = get() else { return Ok(()) };
+    let seen = |p: &str| jail.writable.iter().any(|w| Path::new(p).starts_with(w));
+    let refuse = |what: String| {
+        Err(format!(
+            "this migration target's VMM is jailed and cannot hold {what}; receive with --no-jail for that"
+        ))
+    };
+    if let Some(d) = devices.disks.iter().find(|d| !seen(&d.path)) {
+        return refuse(format!(
+            "the source's disk {} at {}: a jailed target holds only disks the source copies into its disk directory (`ray migrate start --copy-disks` to `ray migrate receive --disk-dir DIR`), not shared storage",
+            d.id, d.path
+        ));
+    }
+    if let Some(n) = devices.net.first() {
+        return refuse(format!(
+            "the source's NIC on TAP {}: a jailed target runs in a network namespace of its own, without TAPs",
+            n.tap
+        ));
+    }
+    if let Some(s) = devices
+        .vsock
+        .as_ref()
+        .and_then(|v| v.socket.as_deref())
+        .filter(|s| !seen(s))
+    {
+        return refuse(format!("a vsock socket outside its directory ({s})"));
+    }
+    if let Some(g) = devices.gpus.iter().find(|g| {
+        matches!(
+            g.kind,
+            ray_api::gpu::GpuType::Remote | ray_api::gpu::GpuType::Passthrough
+        )
+    }) {
+        return refuse(format!(
+            "the source's {} GPU: its back end is a socket or device outside the jail",
+            g.kind.as_str()
+        ));
+    }
+    Ok(())
+}

@@ -109,6 +109,20 @@ pub struct Incoming {
     pub insecure_plaintext: bool,
     /// Where disks a source copies (`copy_disks`) go: `DIR/<disk id>.img`.
     pub disk_dir: Option<PathBuf>,
+    /// What `ray migrate receive` opened for a jailed target (which cannot itself).
+    pub handed: Option<HandedIncoming>,
+}
+
+/// What a jailed migration target cannot open itself, from its own network namespace
+/// and private root: `ray migrate receive` (in the host's) binds the listener, opens the
+/// key file and takes the host-wide migration slot, and the VMM inherits the three.
+pub struct HandedIncoming {
+    /// The listening socket, bound on [`Incoming::listen`].
+    pub listener: std::os::fd::OwnedFd,
+    /// The key file, opened (checked again here).
+    pub key: std::fs::File,
+    /// The migration slot's locked file (the lock goes with the open file).
+    pub slot: std::fs::File,
 }
 
 /// Why a VMM ended before its VM was up; `ray vmm` turns the kind into its exit code.
@@ -291,17 +305,8 @@ pub fn run(opts: VmmOptions) -> anyhow::Result<VmState> {
         // Console input typed before the VM runs waits in the inbox.
         spawn_stdin_thread(tx.clone());
     }
-    let started = match (&opts.restore, &opts.incoming) {
-        (_, Some(inc)) => ctl
-            .listen_incoming(
-                &inc.listen,
-                &inc.key_file,
-                inc.max_concurrent,
-                inc.prefault,
-                inc.insecure_plaintext,
-                inc.disk_dir.as_deref(),
-            )
-            .map(|_| Response::Done),
+    let started = match (&opts.restore, opts.incoming) {
+        (_, Some(inc)) => ctl.listen_incoming(inc).map(|_| Response::Done),
         (Some(dir), None) => ctl
             .restore(dir, opts.verify_memory, prep)
             .map(|_| Response::Done),

@@ -62,8 +62,11 @@ fn bind(root: &Path, b: &Bind) -> Result<(), String> {
     let parent = target.parent().unwrap_or(root);
     std::fs::create_dir_all(parent)
         .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    // A path under an earlier (read-only) bind is there already: mounted over as it is.
     let made = if b.path.is_dir() {
         std::fs::create_dir_all(&target)
+    } else if std::fs::symlink_metadata(&target).is_ok() {
+        Ok(())
     } else {
         std::fs::File::create(&target).map(drop)
     };

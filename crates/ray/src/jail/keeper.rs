@@ -2,7 +2,7 @@
 //! (cgroup, file ownership), clones the VMM into its namespaces, waits for it and cleans
 //! up after it. Its own part is small and runs no guest-facing code.
 use std::os::fd::{FromRawFd, RawFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::cgroup::{Hierarchy, VmCgroup};
@@ -54,6 +54,44 @@ impl Handed {
     }
 }
 
+/// Directories lent to the VM's uid while it runs ([`Plan::lend`]).
+struct Lent(Vec<super::acl::Lent>);
+
+impl Lent {
+    fn lend(plan: &Plan) -> Result<Lent, String> {
+        let mut lent = Vec::new();
+        for dir in &plan.lend {
+            lent.push(super::acl::lend(dir, plan.uid)?);
+        }
+        Ok(Lent(lent))
+    }
+
+    /// Takes the loans back; what the VM's uid made in each directory (copied disks)
+    /// goes to the directory's owner.
+    fn take_back(self, plan: &Plan) {
+        drop(self.0);
+        for dir in &plan.lend {
+            let Ok(owner) = std::fs::metadata(dir) else {
+                continue;
+            };
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if std::fs::symlink_metadata(&path).is_ok_and(|m| m.uid() == plan.uid) {
+                    if let Err(e) =
+                        std::os::unix::fs::lchown(&path, Some(owner.uid()), Some(owner.gid()))
+                    {
+                        tracing::warn!(
+                            "cannot give {} to the owner of {}: {e}",
+                            path.display(),
+                            dir.display()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Blocks the forwarded signals and SIGCHLD in this (single) thread; returns the set and
 /// the old mask.
 fn block_forwarded() -> (libc::sigset_t, libc::sigset_t) {
@@ -79,7 +117,16 @@ fn threads() -> usize {
 
 /// Jails this process as `plan` says. Returns (`Ok`) only in the jailed VMM, which then
 /// runs the VMM; the keeper exits here with the VMM's status once it is cleaned up.
-pub fn jail(plan: &Plan, id: &str, vm_dir: &Path, lock_fd: Option<RawFd>) -> Result<(), String> {
+///
+/// `handed` are descriptors the VMM inherits for itself (a migration target's listener,
+/// key file and slot): the keeper closes its copies once the VMM has them.
+pub fn jail(
+    plan: &Plan,
+    id: &str,
+    vm_dir: &Path,
+    lock_fd: Option<RawFd>,
+    handed: &[RawFd],
+) -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err("ray vmm --jail must run as root".into());
@@ -101,9 +148,10 @@ pub fn jail(plan: &Plan, id: &str, vm_dir: &Path, lock_fd: Option<RawFd>) -> Res
     let cgroup = Hierarchy::detect()?.create(id, plan.memory_max, plan.cpu_quota_us)?;
     // The disks first: removing the cgroup may wait for the kernel to let go of the
     // VMM, and a new VM may want them meanwhile.
-    let undo = |cgroup: VmCgroup, handed: Option<Handed>, made: Option<MadeTaps>| {
-        if let Some(h) = handed {
+    let undo = |cgroup: VmCgroup, handed: Option<(Handed, Lent)>, made: Option<MadeTaps>| {
+        if let Some((h, lent)) = handed {
             h.give_back();
+            lent.take_back(plan);
         }
         if let Some(m) = made {
             m.remove();
@@ -113,13 +161,21 @@ pub fn jail(plan: &Plan, id: &str, vm_dir: &Path, lock_fd: Option<RawFd>) -> Res
         }
         let _ = std::fs::remove_dir(&root);
     };
-    let handed = match Handed::give(plan, vm_dir).and_then(|h| cgroup.enter().map(|_| h)) {
+    let given = match Handed::give(plan, vm_dir).and_then(|h| cgroup.enter().map(|_| h)) {
         Ok(h) => h,
         Err(e) => {
             undo(cgroup, None, None);
             return Err(e);
         }
     };
+    let lent = match Lent::lend(plan) {
+        Ok(l) => l,
+        Err(e) => {
+            undo(cgroup, Some((given, Lent(Vec::new()))), None);
+            return Err(e);
+        }
+    };
+    let given = (given, lent);
     let netns = match &plan.net {
         NetPlace::Named(path) => taps::enter_netns(path),
         NetPlace::Host | NetPlace::Private => Ok(()),
@@ -127,7 +183,7 @@ pub fn jail(plan: &Plan, id: &str, vm_dir: &Path, lock_fd: Option<RawFd>) -> Res
     let made = match netns.and_then(|_| taps::make_missing(&plan.taps, plan.uid)) {
         Ok(m) => m,
         Err(e) => {
-            undo(cgroup, Some(handed), None);
+            undo(cgroup, Some(given), None);
             return Err(e);
         }
     };
@@ -150,7 +206,7 @@ pub fn jail(plan: &Plan, id: &str, vm_dir: &Path, lock_fd: Option<RawFd>) -> Res
     };
     if pid < 0 {
         let e = std::io::Error::last_os_error();
-        undo(cgroup, Some(handed), Some(made));
+        undo(cgroup, Some(given), Some(made));
         return Err(format!("cannot clone the VMM into new namespaces: {e}"));
     }
     if pid == 0 {
@@ -162,11 +218,28 @@ pub fn jail(plan: &Plan, id: &str, vm_dir: &Path, lock_fd: Option<RawFd>) -> Res
         }
         return become_vmm(plan, id, vm_dir);
     }
+    let mut socket = plan
+        .listen_socket
+        .as_deref()
+        .and_then(|path| handed.first().and_then(|&fd| SocketWatch::new(path, fd)));
+    for &fd in handed {
+        // SAFETY: closes this process's copy of a descriptor it inherited for the VMM,
+        // which holds its own (a listener or a lock held here would outlive the VMM's
+        // use of it); nothing in the keeper uses it.
+        unsafe { libc::close(fd) };
+    }
     if let Some(fd) = lock_fd {
         name_owner(fd, pid as u32);
     }
-    let status = wait_forwarding(pid as libc::pid_t, &signals);
-    undo(cgroup, Some(handed), Some(made));
+    let status = wait_forwarding(pid as libc::pid_t, &signals, &mut || {
+        if socket.as_ref().is_some_and(SocketWatch::let_go) {
+            socket = None;
+        }
+    });
+    if let Some(s) = socket {
+        s.remove();
+    }
+    undo(cgroup, Some(given), Some(made));
     std::process::exit(status);
 }
 
@@ -190,14 +263,69 @@ fn become_vmm(plan: &Plan, id: &str, vm_dir: &Path) -> Result<(), String> {
     inside::drop_privileges(plan)?;
     ray_vmm::jailed::set(ray_vmm::jailed::Jailed {
         host_pid,
-        writable: vec![vm_dir.to_path_buf()],
+        writable: std::iter::once(vm_dir.to_path_buf())
+            .chain(plan.lend.iter().cloned())
+            .collect(),
     });
     Ok(())
 }
 
-/// Waits for the VMM, passing on stop signals; returns its exit code (128 + signal when
-/// a signal ended it, as a shell reports it).
-fn wait_forwarding(pid: libc::pid_t, signals: &libc::sigset_t) -> i32 {
+/// A migration target's Unix listening socket, which `ray` bound outside the jail: its
+/// file goes once no process holds the socket (the VMM drops it after the source
+/// connected), as an unjailed target removes it itself.
+struct SocketWatch {
+    path: PathBuf,
+    /// (device, inode) of the socket's file.
+    file: (u64, u64),
+    /// The socket's own inode (`/proc/net/unix` lists it while it is open).
+    socket: u64,
+}
+
+impl SocketWatch {
+    fn new(path: &Path, fd: RawFd) -> Option<SocketWatch> {
+        // SAFETY: `fd` is the listener this process inherited; borrowed for the call.
+        let file = std::fs::File::from(
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+                .try_clone_to_owned()
+                .ok()?,
+        );
+        let socket = file.metadata().ok()?.ino();
+        let m = std::fs::symlink_metadata(path).ok()?;
+        Some(SocketWatch {
+            path: path.to_path_buf(),
+            file: (m.dev(), m.ino()),
+            socket,
+        })
+    }
+
+    /// Whether the socket is closed everywhere now (then its file is removed).
+    fn let_go(&self) -> bool {
+        let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+            return false;
+        };
+        let open = table
+            .lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().nth(6).and_then(|i| i.parse().ok()) == Some(self.socket));
+        if !open {
+            self.remove();
+        }
+        !open
+    }
+
+    /// Removes the socket's file if it is still the one `ray` bound.
+    fn remove(&self) {
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| m.file_type().is_socket() && (m.dev(), m.ino()) == self.file);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Waits for the VMM, passing on stop signals and calling `tick` between waits; returns
+/// its exit code (128 + signal when a signal ended it, as a shell reports it).
+fn wait_forwarding(pid: libc::pid_t, signals: &libc::sigset_t, tick_fn: &mut dyn FnMut()) -> i32 {
     let tick = libc::timespec {
         tv_sec: 0,
         tv_nsec: 50_000_000,
@@ -218,6 +346,7 @@ fn wait_forwarding(pid: libc::pid_t, signals: &libc::sigset_t) -> i32 {
         if r < 0 {
             return 1;
         }
+        tick_fn();
         // SAFETY: a valid set and timeout; the info pointer may be null.
         let sig = unsafe { libc::sigtimedwait(signals, std::ptr::null_mut(), &tick) };
         if sig > 0 && FORWARDED.contains(&sig) {

@@ -135,6 +135,15 @@ pub struct Plan {
     pub net: NetPlace,
     /// The TAPs of its NICs (in that namespace), made for its uid if missing.
     pub taps: Vec<String>,
+    /// Directories lent to `uid` (a POSIX ACL entry, [`acl`]) while the VM runs: a
+    /// migration target's disk directory, where it writes the disks a source copies. The
+    /// files `uid` made there go to the directory's owner when the VM ends.
+    #[serde(default)]
+    pub lend: Vec<PathBuf>,
+    /// A migration target's Unix listening socket, bound by `ray` outside the jail: the
+    /// keeper removes its file once the VMM has let go of it (the VMM cannot see it).
+    #[serde(default)]
+    pub listen_socket: Option<PathBuf>,
 }
 
 /// The network namespace of a jailed VMM.
@@ -194,6 +203,20 @@ pub fn plan(
     store: Option<&Path>,
     tcp_listener: Option<&'static str>,
 ) -> Result<Plan, JailError> {
+    // A restore reads the kernel from the snapshot, not the file.
+    plan_for(id, vm_dir, uids, cfg, store, tcp_listener, store.is_none())
+}
+
+/// [`plan`], binding the kernel and initrd when `kernel`.
+fn plan_for(
+    id: &str,
+    vm_dir: &Path,
+    uids: UidRange,
+    cfg: &VmConfig,
+    store: Option<&Path>,
+    tcp_listener: Option<&'static str>,
+    kernel: bool,
+) -> Result<Plan, JailError> {
     let net = net_place(cfg)?;
     if let (Some(flag), false) = (tcp_listener, net == NetPlace::Host) {
         return Err(JailError::Unsupported(
@@ -208,6 +231,18 @@ pub fn plan(
                 format!("{path} is not under {}", vm_dir.display()),
             ));
         }
+    }
+    for g in &cfg.devices.gpus {
+        let what = match g.kind {
+            ray_api::gpu::GpuType::Remote => "a remote GPU",
+            ray_api::gpu::GpuType::Passthrough => "a passthrough GPU",
+            _ => continue,
+        };
+        return Err(JailError::Unsupported(
+            what,
+            "its back end is a socket or device outside the jail's root and network namespace"
+                .into(),
+        ));
     }
     cgroup::Hierarchy::detect().map_err(JailError::Host)?;
     let ro = |p: &str| Bind {
@@ -229,8 +264,7 @@ pub fn plan(
             .filter(|p| Path::new(p).exists())
             .map(|p| ro(p)),
     );
-    // A restore reads the kernel from the snapshot, not the file.
-    if store.is_none() {
+    if kernel {
         binds.push(ro(&cfg.kernel));
         binds.extend(cfg.initrd.iter().map(|p| ro(p)));
     }
@@ -284,7 +318,58 @@ pub fn plan(
         cpu_quota_us: (u64::from(cfg.vcpus) + 1) * CPU_PERIOD_US,
         net,
         taps: cfg.devices.net.iter().map(|n| n.tap.clone()).collect(),
+        lend: Vec::new(),
+        listen_socket: None,
     })
+}
+
+/// The jail of a migration target (`ray migrate receive`), made before it knows the VM
+/// it receives: a network namespace of its own (the listener comes from `ray`), no
+/// kernel, and `disk_dir` (where the disks a source copies go) lent to its uid. Its
+/// cgroup's limits come from the shape it was told (`--vcpus`/`--memory`); without one
+/// they are those of the largest VM this host allows (all its memory and vCPUs), the
+/// source's shape being unknown until it connects. What the source's VM needs beyond
+/// that (shared disks, NICs, sockets elsewhere) the target refuses before the switch-over
+/// (`ray_vmm::jailed::check_incoming`). No side effects.
+pub fn plan_incoming(
+    id: &str,
+    vm_dir: &Path,
+    uids: UidRange,
+    shape: Option<&VmConfig>,
+    disk_dir: Option<&Path>,
+    listen_socket: Option<&Path>,
+    tcp_listener: Option<&'static str>,
+) -> Result<Plan, JailError> {
+    let mut cfg = shape.cloned().unwrap_or_else(|| VmConfig {
+        kernel: String::new(),
+        initrd: None,
+        cmdline: String::new(),
+        vcpus: ray_vmm::config::MAX_VCPUS,
+        memory_bytes: ray_vmm::config::host_memory(),
+        devices: Default::default(),
+        numa: Vec::new(),
+        numa_attribution: Default::default(),
+        numa_migration: Default::default(),
+    });
+    cfg.devices = Default::default();
+    // The kernel comes with the source's memory.
+    let mut p = plan_for(id, vm_dir, uids, &cfg, None, tcp_listener, false)?;
+    if let Some(dir) = disk_dir {
+        if !dir.is_absolute() || !dir.is_dir() {
+            return Err(JailError::Host(format!(
+                "the disk directory {} must be an existing absolute directory to be lent to the jail",
+                dir.display()
+            )));
+        }
+        p.binds.push(Bind {
+            path: dir.to_path_buf(),
+            writable: true,
+            device: false,
+        });
+        p.lend.push(dir.to_path_buf());
+    }
+    p.listen_socket = listen_socket.map(Path::to_path_buf);
+    Ok(p)
 }
 
 /// Where a jailed VMM's network is: with no NIC a namespace of its own; else the one its
@@ -438,5 +523,82 @@ mod tests {
             "{e}"
         );
         let _ = std::fs::remove_file(&disk);
+    }
+
+    #[test]
+    fn a_migration_target_binds_no_kernel_lends_its_disk_dir_and_refuses_outside_gpus() {
+        let uids = UidRange {
+            first: 500_000,
+            last: 500_100,
+        };
+        let dir = std::env::temp_dir().join(format!("ray-jail-in-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("m.sock");
+        let p = plan_incoming(
+            "vm-in",
+            Path::new("/run/x"),
+            uids,
+            None,
+            Some(&dir),
+            Some(&sock),
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.net, NetPlace::Private);
+        assert_eq!(p.lend, vec![dir.clone()]);
+        assert_eq!(p.listen_socket.as_deref(), Some(sock.as_path()));
+        assert!(p.binds.iter().any(|b| b.path == dir && b.writable));
+        assert!(p.chown.is_empty() && p.taps.is_empty());
+        // Not told the shape: the largest VM the host allows.
+        assert_eq!(
+            p.memory_max,
+            ray_vmm::config::host_memory() + MEMORY_OVERHEAD
+        );
+        let shape = config(Path::new("/dev/null"));
+        let p = plan_incoming(
+            "vm-in",
+            Path::new("/run/x"),
+            uids,
+            Some(&shape),
+            None,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.memory_max, (256 << 20) + MEMORY_OVERHEAD);
+        assert_eq!(p.cpu_quota_us, 3 * CPU_PERIOD_US);
+        assert!(
+            p.binds
+                .iter()
+                .all(|b| b.path != Path::new("/proc/self/exe")),
+            "no kernel"
+        );
+        assert!(
+            p.binds.iter().all(|b| b.path != Path::new("/dev/null")),
+            "no disk yet"
+        );
+        let e = plan_incoming(
+            "vm-in",
+            Path::new("/run/x"),
+            uids,
+            None,
+            Some(Path::new("/no/such/dir")),
+            None,
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("/no/such/dir"), "{e}");
+        let mut remote = config(Path::new("/dev/null"));
+        remote.devices.gpus = vec![ray_api::gpu::GpuConfig::parse("remote,socket=/tmp/g.sock")
+            .unwrap()
+            .unwrap()];
+        let e = plan("vm-x", Path::new("/run/x"), uids, &remote, None, None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("a remote GPU cannot be used by a jailed VMM")
+                && e.to_string().contains("--no-jail"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -233,23 +233,29 @@ impl Controller {
         Ok(mig::Prepared { memory, compat })
     }
 
-    /// Target: listens on `at` and waits (on a migration thread) for one incoming
-    /// migration. With a configuration (vCPUs, memory) the memory is allocated now and
+    /// Target: listens on `inc.listen` (or on the listener `ray` handed a jailed target)
+    /// and waits (on a migration thread) for one incoming migration. With a configuration (vCPUs, memory) the memory is allocated now and
     /// the source must match it; without one it is allocated for what the source
     /// describes once it has authenticated. With `prefault` (which needs the
     /// configuration), another thread populates all of the memory while waiting (until
     /// the migration ends). Connections that fail before proving the pre-shared key are
     /// dropped and logged; the target keeps waiting. Returns the bound address.
-    pub fn listen_incoming(
-        &mut self,
-        at: &str,
-        key_file: &Path,
-        max_concurrent: u32,
-        prefault: bool,
-        insecure_plaintext: bool,
-        disk_dir: Option<&Path>,
-    ) -> Result<String, ControllerError> {
+    pub fn listen_incoming(&mut self, inc: crate::Incoming) -> Result<String, ControllerError> {
+        let crate::Incoming {
+            listen: at,
+            key_file,
+            max_concurrent,
+            prefault,
+            insecure_plaintext,
+            disk_dir,
+            handed,
+        } = inc;
+        let (at, key_file, disk_dir) = (at.as_str(), key_file.as_path(), disk_dir.as_deref());
         self.check(VmAction::MigrateIn)?;
+        if handed.is_none() {
+            crate::jailed::refuse_if_jailed("listen for a migration itself (`ray migrate receive` hands a jailed target its listener)")
+                .map_err(ControllerError::refused)?;
+        }
         let disk_dir = match disk_dir {
             Some(d) => Some(check_disk_dir(d).map_err(ControllerError::invalid)?),
             None => None,
@@ -269,17 +275,31 @@ impl Controller {
             ));
         }
         let endpoint = ray_migration::Endpoint::parse(at).map_err(ControllerError::invalid)?;
-        let key = ray_migration::read_key_file(key_file).map_err(ControllerError::invalid)?;
+        let (listener, key, slot) = match handed {
+            Some(h) => (
+                Some(h.listener),
+                ray_migration::read_key_from(h.key, key_file),
+                Some(h.slot),
+            ),
+            None => (None, ray_migration::read_key_file(key_file), None),
+        };
+        let key = key.map_err(ControllerError::invalid)?;
         if max_concurrent == 0 {
             return Err(ControllerError::invalid(
                 "max_concurrent is 0; it must be at least 1",
             ));
         }
         // Checked: now the side effects, each undone (dropped) if a later one fails.
-        let slot = mig::acquire_slot(&self.paths.runtime(), max_concurrent)
-            .map_err(ControllerError::refused)?;
-        let listener = ray_migration::Listener::bind(&endpoint)
-            .map_err(|e| ControllerError::invalid(e.to_string()))?;
+        let slot = match slot {
+            Some(file) => mig::Slot::from_handed(file),
+            None => mig::acquire_slot(&self.paths.runtime(), max_concurrent)
+                .map_err(ControllerError::refused)?,
+        };
+        let listener = match listener {
+            Some(fd) => ray_migration::Listener::adopt(fd, endpoint.clone()),
+            None => ray_migration::Listener::bind(&endpoint),
+        }
+        .map_err(|e| ControllerError::invalid(e.to_string()))?;
         let prepared = match &given {
             Some(c) => Some(self.prepare_incoming(c, None)?),
             None => None,
@@ -538,6 +558,9 @@ impl Controller {
         if self.incoming_state.is_some() || self.machine.is_some() {
             return Err("the VM state arrived twice".into());
         }
+        // A jailed target was made before it knew the VM: what it cannot hold is refused
+        // here, before the switch-over (the source runs on).
+        crate::jailed::check_incoming(&crate::vsock::settle(&st.config.devices, &self.paths.dir))?;
         if let Some(pci) = &st.machine.pci {
             let devices = crate::vsock::settle(&st.config.devices, &self.paths.dir);
             crate::pci::check_state(&devices, pci).map_err(|e| e.to_string())?;

@@ -238,47 +238,58 @@ fn a_migration_request_is_checked_before_anything_happens() {
 fn a_target_without_a_shape_cannot_prefault_and_bad_listens_change_nothing() {
     let (mut c, _rx) = controller();
     let e = c
-        .listen_incoming(
-            "unix:/nowhere/x.sock",
-            Path::new("/dev/zero"),
-            8,
-            true,
-            false,
-            None,
-        )
+        .listen_incoming(crate::Incoming {
+            listen: "unix:/nowhere/x.sock".into(),
+            key_file: Path::new("/dev/zero").into(),
+            max_concurrent: 8,
+            prefault: true,
+            insecure_plaintext: false,
+            disk_dir: None,
+            handed: None,
+        })
         .unwrap_err();
     assert!(
         matches!(e, ControllerError::Invalid(_)) && e.to_string().contains("prefault needs"),
         "{e}"
     );
     let e = c
-        .listen_incoming(
-            "unix:/nowhere/x.sock",
-            Path::new("/dev/zero"),
-            8,
-            false,
-            false,
-            None,
-        )
+        .listen_incoming(crate::Incoming {
+            listen: "unix:/nowhere/x.sock".into(),
+            key_file: Path::new("/dev/zero").into(),
+            max_concurrent: 8,
+            prefault: false,
+            insecure_plaintext: false,
+            disk_dir: None,
+            handed: None,
+        })
         .unwrap_err();
     assert!(
         e.to_string().contains("/dev/zero is a character device"),
         "{e}"
     );
     let e = c
-        .listen_incoming("nowhere", Path::new("/dev/zero"), 8, false, false, None)
+        .listen_incoming(crate::Incoming {
+            listen: "nowhere".into(),
+            key_file: Path::new("/dev/zero").into(),
+            max_concurrent: 8,
+            prefault: false,
+            insecure_plaintext: false,
+            disk_dir: None,
+            handed: None,
+        })
         .unwrap_err();
     assert!(e.to_string().contains("\"nowhere\""), "{e}");
     // A disk directory that is not one is refused before anything else.
     let e = c
-        .listen_incoming(
-            "unix:/nowhere/x.sock",
-            Path::new("/dev/zero"),
-            8,
-            false,
-            false,
-            Some(Path::new("/dev/null")),
-        )
+        .listen_incoming(crate::Incoming {
+            listen: "unix:/nowhere/x.sock".into(),
+            key_file: Path::new("/dev/zero").into(),
+            max_concurrent: 8,
+            prefault: false,
+            insecure_plaintext: false,
+            disk_dir: Some("/dev/null".into()),
+            handed: None,
+        })
         .unwrap_err();
     assert!(
         e.to_string().contains("/dev/null is not a directory"),
