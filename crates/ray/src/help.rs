@@ -352,6 +352,14 @@ qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on \\
   -machine q35,memory-backend=mem -chardev socket,id=c2,path=/run/vuv.sock \\
   -device vhost-user-vsock-pci,chardev=c2",
     ),
+    (
+        "device serve gpu",
+        "ray device serve gpu --socket /run/vug.sock --mode 1280x800 --control /run/vug.ctl
+qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on \\
+  -machine q35,memory-backend=mem -chardev socket,id=c3,path=/run/vug.sock \\
+  -device vhost-user-gpu-pci,chardev=c3,queue_reset=off
+echo 'screenshot 0 /tmp/scanout0.png' | socat - UNIX-CONNECT:/run/vug.ctl",
+    ),
     ("openapi", "ray openapi vmm > vmm.json"),
     (
         "version",
