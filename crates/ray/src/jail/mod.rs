@@ -49,8 +49,9 @@ pub struct JailArgs {
     /// Run the VMM jailed: its own uid (from --jail-uids), PID/mount/IPC/UTS/network
     /// namespaces, a private root holding only its files, cgroup limits for CPU and
     /// memory, no capabilities, no_new_privs. Needs root. Opt-in (or `$RAY_JAIL=1` for a
-    /// host-wide default) while a jailed VMM cannot migrate out or snapshot outside its
-    /// directory.
+    /// host-wide default); what a jailed VMM cannot hold (TCP API or VNC listeners, encode
+    /// sessions, remote or passthrough GPUs, NICs or shared disks as a migration target) is
+    /// refused naming --no-jail.
     #[arg(long, env = "RAY_JAIL", value_parser = clap::builder::FalseyValueParser::new())]
     pub jail: bool,
     /// Run the VMM unjailed, as the calling user (the default; overrides `$RAY_JAIL`).
