@@ -224,24 +224,7 @@ fn hevc_and_vp9_sessions_decode_back_through_the_cli() {
     env.ray_ok(&["gpu", "screenshot", &vm.id, "-o", shot.to_str().unwrap()]);
     for (id, out) in started {
         env.ray_ok(&["gpu", "encode", "stop", &vm.id, &id.to_string()]);
-        let png = out.with_extension("png");
-        env.ray_ok(&[
-            "gpu",
-            "decode",
-            out.to_str().unwrap(),
-            "--last",
-            "-o",
-            png.to_str().unwrap(),
-        ]);
-        // The decoded picture against the screenshot, over all three colours (4:2:0
-        // chroma included, so a lower bar than the luma-only 35 dB).
-        let psnr = rgb_psnr(&png, &shot);
-        assert!(
-            psnr >= 30.0,
-            "{}: RGB PSNR {psnr:.1} dB < 30 dB",
-            out.display()
-        );
-        eprintln!("{}: RGB PSNR {psnr:.1} dB", out.display());
+        assert_decodes_to(&env, &out, &shot);
     }
 }
 
@@ -262,6 +245,27 @@ fn rgb_psnr(a: &std::path::Path, b: &std::path::Path) -> f64 {
         .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
         .sum();
     10.0 * (255.0f64.powi(2) / (sse / argb.len() as f64).max(1e-9)).log10()
+}
+
+/// `ray gpu decode --last` of `stream` is within 30 dB RGB PSNR of the screenshot `shot`
+/// (all three colours, 4:2:0 chroma included: a lower bar than the luma-only 35 dB).
+fn assert_decodes_to(env: &Env, stream: &std::path::Path, shot: &std::path::Path) {
+    let png = stream.with_extension("png");
+    env.ray_ok(&[
+        "gpu",
+        "decode",
+        stream.to_str().unwrap(),
+        "--last",
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    let psnr = rgb_psnr(&png, shot);
+    assert!(
+        psnr >= 30.0,
+        "{}: RGB PSNR {psnr:.1} dB < 30 dB",
+        stream.display()
+    );
+    eprintln!("{}: RGB PSNR {psnr:.1} dB", stream.display());
 }
 
 /// A session without a file streams to its watchers only: nothing is encoded until
@@ -360,22 +364,7 @@ fn a_session_streams_live_to_its_watchers_from_a_key_frame() {
             );
         });
         for file in [&live, &late] {
-            let png = file.with_extension("png");
-            env.ray_ok(&[
-                "gpu",
-                "decode",
-                file.to_str().unwrap(),
-                "--last",
-                "-o",
-                png.to_str().unwrap(),
-            ]);
-            let psnr = rgb_psnr(&png, &shot);
-            assert!(
-                psnr >= 30.0,
-                "{}: RGB PSNR {psnr:.1} dB < 30 dB",
-                file.display()
-            );
-            eprintln!("{}: RGB PSNR {psnr:.1} dB", file.display());
+            assert_decodes_to(&env, file, &shot);
         }
         env.ray_ok(&["gpu", "encode", "stop", &id, &session]);
     }

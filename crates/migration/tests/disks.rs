@@ -299,11 +299,14 @@ fn check_copied(r: Run) {
     assert_eq!(src.len(), dst.len());
     let first_diff = src.iter().zip(&dst).position(|(a, b)| a != b);
     assert_eq!(first_diff, None, "the copy differs from the source");
-    // Holes were not sent: the 64 MiB disk holds at most ~10 MiB of data.
+    // Holes were not sent: the 64 MiB disk holds at most ~10 MiB of data, and a pass
+    // sends at most that (blocks the writer dirtied are sent again in later passes, and a
+    // loaded host makes more passes; the sparse copy below is checked too).
     assert!(
-        report.disk_bytes_sent < 24 << 20,
-        "sent {} disk bytes",
-        report.disk_bytes_sent
+        report.disk_bytes_sent < report.passes.len() as u64 * (12 << 20),
+        "sent {} disk bytes in {} passes",
+        report.disk_bytes_sent,
+        report.passes.len()
     );
     assert!(report.disk_bytes_sent >= 2 << 20);
     assert!(report.passes.len() >= 2, "{} passes", report.passes.len());
