@@ -26,8 +26,8 @@ fn wait_frames(env: &Env, id: &str, at_least: u64) -> EncodeSessionInfo {
 #[test]
 fn an_encoded_pattern_decodes_back_and_an_idle_display_adds_no_frames() {
     let env = Env::new("encode");
-    // Encode sessions write outside the VM's directory and take host-wide slots: a jailed
-    // VMM refuses them, naming --no-jail.
+    // Unjailed: its stream goes beside the runtime directory, outside the VM's, where a
+    // jailed VMM may not write (the HEVC/VP9 test runs jailed).
     let mut vm = env.boot(&[
         "--no-jail",
         "--memory",
@@ -162,24 +162,43 @@ fn an_encoded_pattern_decodes_back_and_an_idle_display_adds_no_frames() {
 }
 
 /// With the `ffmpeg` feature (the README's test command builds with it): HEVC and VP9
-/// sessions of a drawn display, each file decoded by `ray gpu decode` (through FFmpeg) to
+/// sessions of a drawn display in a jailed VMM, each file decoded by `ray gpu decode` (through FFmpeg) to
 /// a last picture within 30 dB RGB PSNR of the screenshot; `ray gpu status` lists them.
 #[cfg(feature = "ffmpeg")]
 #[test]
 fn hevc_and_vp9_sessions_decode_back_through_the_cli() {
     let env = Env::new("encode-ff");
-    // Unjailed: a jailed VMM refuses encode sessions (see above).
+    // Jailed: its sessions write into the VM's own directory and claim the host's slots
+    // through the jail's read-only view of them; a file elsewhere is refused by name.
     let mut vm = env.boot(&[
-        "--no-jail",
+        "--jail",
         "--memory",
         "128M",
         "--gpu",
         "emulated,width=640,height=480",
     ]);
     vm.expect_line("ready", Duration::from_secs(20));
+    let outside = env.runtime.join("outside.hevc");
+    let refused = env.ray(&[
+        "gpu",
+        "encode",
+        "start",
+        &vm.id,
+        "--codec",
+        "hevc",
+        "-o",
+        outside.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "a jailed VMM wrote {outside:?}");
+    assert!(
+        err.contains("jailed") && err.contains("encode session's output"),
+        "{err}"
+    );
+    assert!(!outside.exists());
     let mut started = Vec::new();
     for (codec, file) in [("hevc", "d0.hevc"), ("vp9", "d0.ivf")] {
-        let out = env.runtime.join(file);
+        let out = vm.dir.join(file);
         let s: EncodeSessionInfo = serde_json::from_str(&env.ray_ok(&[
             "gpu",
             "encode",

@@ -35,7 +35,9 @@ fn guest_numa(vm: &mut Vm) -> Vec<String> {
 fn guest_ram_policies(pid: u32) -> Vec<String> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/numa_maps")).unwrap();
     maps.lines()
-        .filter(|l| l.contains("memfd:ray-guest-ram"))
+        // Guest RAM is a memfd, or after a restore without userfaultfd (a jailed VMM has
+        // no CAP_SYS_PTRACE) a private mapping of the snapshot's memory file.
+        .filter(|l| l.contains("memfd:ray-guest-ram") || l.contains("/memory.raw"))
         .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
         .collect()
 }

@@ -340,7 +340,8 @@ fn a_stopped_back_end_puts_the_gpu_in_error_within_its_bound_and_resumed_it_is_r
         "remote,socket={},width=640,height=480,timeout-ms=1000",
         socket.display()
     );
-    let mut vm = env.boot(&["--memory", "128M", "--gpu", &gpu]);
+    // Unjailed: a jailed VMM refuses a remote GPU (naming --no-jail).
+    let mut vm = env.boot(&["--no-jail", "--memory", "128M", "--gpu", &gpu]);
     vm.expect_line("ready", READY);
     draw_virtio(&mut vm, "checker", 7, 0);
     assert_eq!(state(&gpu0(&vm)), "ready");

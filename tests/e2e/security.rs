@@ -93,25 +93,37 @@ fn check_reported(env: &Env, start: Output, id: &str, kind: &str, thread: &str) 
     );
 }
 
+/// Each kind's forbidden call ends its own VMM and nothing else: a bystander VM on the
+/// same host runs on through all of them.
 #[test]
 fn a_forbidden_call_from_each_thread_kind_stops_the_vmm_and_says_which() {
+    let env = Env::new("seccomp-kinds");
+    let mut bystander = env.boot(&["--memory", "64M"]);
+    bystander.expect_line("ready", Duration::from_secs(20));
     for &(kind, extra, thread) in KINDS {
-        let env = Env::new(&format!("seccomp-{kind}"));
-        let disk = env.runtime.join("disk.img");
+        let disk = env.runtime.join(format!("disk-{kind}.img"));
         std::fs::File::create(&disk)
             .unwrap()
             .set_len(8 << 20)
             .unwrap();
         let disk = disk.display().to_string();
-        let mut args = vec!["vm", "run", "--detach", "--json", "--id", "victim"];
+        let id = format!("victim-{kind}");
+        let mut args = vec!["vm", "run", "--detach", "--json", "--id", &id];
         args.extend(
             extra
                 .iter()
                 .map(|&a| if a == "DISK" { disk.as_str() } else { a }),
         );
         let out = env.ray_with(&args, &[("RAY_SECCOMP_TRIP", kind)]);
-        check_reported(&env, out, "victim", kind, thread);
+        check_reported(&env, out, &id, kind, thread);
+        assert_eq!(
+            bystander.command("echo alive", "alive"),
+            "alive",
+            "the bystander after {kind}"
+        );
     }
+    let listed = env.ray_ok(&["vm", "list"]);
+    assert!(listed.contains(&bystander.id), "{listed}");
 }
 
 #[test]
@@ -690,9 +702,10 @@ fn a_bad_jail_is_refused_before_anything_starts() {
     assert!(!env.runtime.join("vms").exists());
 }
 
-/// The jail is opt-in: `--jail` or `$RAY_JAIL=1`; `--no-jail` overrides the variable.
+/// Root's VMMs are jailed by default; `$RAY_JAIL=0` turns that off, `--jail` beats the
+/// variable and `--no-jail` beats both; a variable that says neither is refused.
 #[test]
-fn the_jail_is_opt_in_by_flag_or_variable_and_no_jail_wins() {
+fn roots_vmms_are_jailed_by_default_and_the_flags_beat_the_variable() {
     let env = Env::new("jail-default");
     let uid_of = |out: Output| {
         let info: ray_api::vmm::VmInfo =
@@ -706,10 +719,14 @@ fn the_jail_is_opt_in_by_flag_or_variable_and_no_jail_wins() {
         let args: Vec<&str> = run.iter().chain(extra).copied().collect();
         uid_of(env.ray_with(&args, &[("RAY_JAIL", jail_var)]))
     };
-    assert_eq!(with(&[], ""), "0", "unjailed by default");
-    assert_ne!(with(&["--jail"], ""), "0", "--jail jails");
-    assert_ne!(with(&[], "1"), "0", "RAY_JAIL=1 jails");
-    assert_eq!(with(&["--no-jail"], "1"), "0", "--no-jail beats RAY_JAIL");
+    assert_ne!(with(&[], ""), "0", "root's VMM is jailed by default");
+    assert_eq!(with(&[], "0"), "0", "RAY_JAIL=0 does not jail");
+    assert_ne!(with(&["--jail"], "0"), "0", "--jail beats RAY_JAIL=0");
+    assert_eq!(with(&["--no-jail"], "1"), "0", "--no-jail beats RAY_JAIL=1");
+    let out = env.ray_with(&run, &[("RAY_JAIL", "sometimes")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("RAY_JAIL is 'sometimes'"), "{err}");
 }
 
 /// The guest's `disk sum` checksum (FNV-1a) of the same bytes.

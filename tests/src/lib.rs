@@ -60,10 +60,9 @@ impl Env {
         }
     }
 
-    /// Runs `ray <args>` with this runtime directory. VMs run unjailed unless a test asks
-    /// for `--jail` (tests/e2e/security.rs) or `$RAY_E2E_JAIL` is set (then every VM is
-    /// jailed, `$RAY_JAIL=1`): many tests write snapshots and sockets where a jailed VMM
-    /// may not.
+    /// Runs `ray <args>` with this runtime directory. VMs run as ray's default has them
+    /// (jailed as root), unless a test passes `--no-jail` (saying why) or
+    /// `$RAY_E2E_JAIL=0|1` turns the jail off or on for every VM (`$RAY_JAIL`).
     pub fn ray(&self, args: &[&str]) -> Output {
         self.ray_with(args, &[])
     }
@@ -79,8 +78,10 @@ impl Env {
         cmd.args(args)
             .env("RAY_RUNTIME_DIR", &self.runtime)
             .env("RAY_GUEST", guest_bin());
-        let jail = std::env::var_os("RAY_E2E_JAIL").is_some_and(|v| !v.is_empty());
-        cmd.env("RAY_JAIL", if jail { "1" } else { "0" });
+        match std::env::var("RAY_E2E_JAIL") {
+            Ok(jail) if !jail.is_empty() => cmd.env("RAY_JAIL", jail),
+            _ => cmd.env_remove("RAY_JAIL"),
+        };
         cmd.envs(vars.iter().copied())
             .output()
             .expect("cannot run ray")

@@ -592,11 +592,14 @@ impl Bench<'_> {
         let mem = self.a.memory.to_string();
         let src_id = format!("bench-mig-src-{i}");
         let image = disk.map(|d| d.image.display().to_string());
+        // Unjailed, both ends: the bench drives the source's API itself (a jailed source
+        // needs `ray migrate start` to hand it the connection) and the target receives
+        // shared disks; the jail adds nothing to the data path measured here.
         let out = self.ray(
             ns.0,
             &[
                 "vm", "run", "--detach", "--json", "--id", &src_id, "--memory", &mem, "--vcpus",
-                "1",
+                "1", "--no-jail",
             ]
             .into_iter()
             .chain(
@@ -636,6 +639,7 @@ impl Bench<'_> {
             &[
                 "migrate",
                 "receive",
+                "--no-jail",
                 "--listen",
                 listen,
                 "--key-file",

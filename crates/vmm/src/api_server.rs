@@ -883,12 +883,12 @@ async fn post_encode(
         ApiError::invalid(format!("display '{n}' is not a display number (0, 1, ...)"))
     })?;
     let req = parse_body::<EncodeRequest>("POST /vm/display/{n}/encode", &body)?;
-    // The host-wide encode slots (beside the VMs' directories) and the output file are
-    // outside a jail's root.
-    crate::jailed::refuse_if_jailed(
-        "run an encode session (its host-wide slots and its output file are outside the jail)",
-    )
-    .map_err(|e| ApiError::new(ErrorCode::WrongState, e))?;
+    // A jailed VMM writes only inside its own directory (its jail holds the host's
+    // encode slots read-only; a stream-only session writes nothing).
+    if let Some(path) = &req.path {
+        crate::jailed::check_writable(std::path::Path::new(path), "the encode session's output")
+            .map_err(ApiError::invalid)?;
+    }
     let hub = api.displays.clone();
     let info = tokio::task::spawn_blocking(move || hub.encode_start(index, &req))
         .await

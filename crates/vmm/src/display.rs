@@ -62,6 +62,11 @@ pub fn check_remote_gpus(gpus: &[GpuConfig]) -> Result<(), String> {
     Ok(())
 }
 
+/// The host's encode-session slots, beside the VMs' directories (`vm_dir`'s parent).
+pub fn encode_slots_dir(vm_dir: &std::path::Path) -> Option<PathBuf> {
+    vm_dir.parent().map(|vms| vms.join(".encode-slots"))
+}
+
 /// The framebuffers of a running machine: emulated ones read straight from guest RAM,
 /// virtio scanouts from their GPU.
 struct GuestFrames {
@@ -424,8 +429,7 @@ pub struct DisplayHub {
 impl DisplayHub {
     pub fn new(id: &str, dir: PathBuf) -> Arc<Self> {
         let source: SharedSource = Arc::default();
-        // The host's encode slots live beside the VMs' directories.
-        let slots = dir.parent().map(|runtime| runtime.join(".encode-slots"));
+        let slots = encode_slots_dir(&dir);
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
             id: id.to_string(),

@@ -207,21 +207,20 @@ struct HostSlot {
 }
 
 impl HostSlot {
+    /// Takes a free slot of `dir`. The slot files are opened read-only when they exist (a
+    /// `flock` needs no more), so a jailed VMM, whose view of the directory is read-only,
+    /// claims the files its keeper made ([`make_host_slots`]).
     fn claim(dir: &Path) -> Result<HostSlot, EncodeError> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            EncodeError::Setup(format!(
-                "cannot make the host's encode-slot directory {}: {e}",
-                dir.display()
-            ))
-        })?;
         for i in 0..MAX_SESSIONS_PER_HOST {
             let path = dir.join(format!("slot-{i}"));
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|e| EncodeError::Setup(format!("cannot open {}: {e}", path.display())))?;
+            let file = match File::open(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    make_host_slots(dir)?;
+                    File::open(&path)
+                }
+                opened => opened,
+            }
+            .map_err(|e| EncodeError::Setup(format!("cannot open {}: {e}", path.display())))?;
             // SAFETY: flock on a descriptor this function owns; no memory is involved.
             let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
             if r == 0 {
@@ -230,6 +229,26 @@ impl HostSlot {
         }
         Err(EncodeError::PerHost)
     }
+}
+
+/// Makes the host's encode-slot directory `dir` and its slot files, where missing.
+pub fn make_host_slots(dir: &Path) -> Result<(), EncodeError> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        EncodeError::Setup(format!(
+            "cannot make the host's encode-slot directory {}: {e}",
+            dir.display()
+        ))
+    })?;
+    for i in 0..MAX_SESSIONS_PER_HOST {
+        let path = dir.join(format!("slot-{i}"));
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| EncodeError::Setup(format!("cannot make {}: {e}", path.display())))?;
+    }
+    Ok(())
 }
 
 #[derive(Default)]

@@ -109,7 +109,15 @@ pub fn enter_root(plan: &Plan, vm_dir: &Path) -> Result<(), String> {
     };
     // Parents before what is under them: a restore's store may hold the VM's directory
     // (read-only over read-write would hide it), a disk may be in the VM's directory.
-    let mut binds: Vec<&Bind> = std::iter::once(&vm).chain(&plan.binds).collect();
+    let slots = plan.encode_slots.as_ref().map(|path| Bind {
+        path: path.clone(),
+        writable: false,
+        device: false,
+    });
+    let mut binds: Vec<&Bind> = std::iter::once(&vm)
+        .chain(&plan.binds)
+        .chain(&slots)
+        .collect();
     binds.sort_by_key(|b| b.path.components().count());
     for b in binds {
         bind(&root, b)?;

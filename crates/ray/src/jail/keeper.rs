@@ -145,6 +145,9 @@ pub fn jail(
         }
         _ => {}
     }
+    if let Some(dir) = &plan.encode_slots {
+        ray_display::encode::make_host_slots(dir).map_err(|e| e.to_string())?;
+    }
     let cgroup = Hierarchy::detect()?.create(id, plan.memory_max, plan.cpu_quota_us)?;
     // The disks first: removing the cgroup may wait for the kernel to let go of the
     // VMM, and a new VM may want them meanwhile.

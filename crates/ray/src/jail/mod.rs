@@ -1,4 +1,5 @@
-//! The jail of a VMM (`ray vm run --jail`, on by default for root).
+//! The jail of a VMM (`ray vm run --jail`, on by default for root; `--no-jail` or
+//! `$RAY_JAIL=0` turn it off).
 //!
 //! `ray vm run` checks the request and turns it into a [`Plan`] (pure: nothing happens
 //! yet), which travels to `ray vmm --jail PLAN`. That process, still root, is the
@@ -43,18 +44,21 @@ pub const CPU_PERIOD_US: u64 = 100_000;
 /// own mount namespace only: the host sees an empty directory).
 pub const ROOT_DIR: &str = "jail-root";
 
-/// `--jail`, `--no-jail`, `--jail-uids` (shared by `ray vm run` and `ray snapshot restore`).
+/// `--jail`, `--no-jail`, `--jail-uids` (shared by `ray vm run`, `ray snapshot restore` and
+/// `ray migrate receive`).
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct JailArgs {
-    /// Run the VMM jailed: its own uid (from --jail-uids), PID/mount/IPC/UTS/network
+    /// Run the VMM jailed (the default when ray runs as root; `$RAY_JAIL=0|1` sets a
+    /// host-wide default): its own uid (from --jail-uids), PID/mount/IPC/UTS/network
     /// namespaces, a private root holding only its files, cgroup limits for CPU and
-    /// memory, no capabilities, no_new_privs. Needs root. Opt-in (or `$RAY_JAIL=1` for a
-    /// host-wide default); what a jailed VMM cannot hold (TCP API or VNC listeners, encode
-    /// sessions, remote or passthrough GPUs, NICs or shared disks as a migration target) is
-    /// refused naming --no-jail.
-    #[arg(long, env = "RAY_JAIL", value_parser = clap::builder::FalseyValueParser::new())]
+    /// memory, no capabilities, no_new_privs. Needs root. What a jailed VMM cannot hold
+    /// (TCP API or VNC listeners without a NIC in the host's namespace, remote or
+    /// passthrough GPUs, NICs or shared disks as a migration target) is refused naming
+    /// --no-jail.
+    #[arg(long, conflicts_with = "no_jail")]
     pub jail: bool,
-    /// Run the VMM unjailed, as the calling user (the default; overrides `$RAY_JAIL`).
+    /// Run the VMM unjailed, as the calling user (the default for other users; beats
+    /// `$RAY_JAIL`).
     #[arg(long)]
     pub no_jail: bool,
     /// The uids (and gids) jailed VMMs run as: FIRST-LAST, each VM gets one of them
@@ -145,6 +149,10 @@ pub struct Plan {
     /// keeper removes its file once the VMM has let go of it (the VMM cannot see it).
     #[serde(default)]
     pub listen_socket: Option<PathBuf>,
+    /// The host's encode-session slots (a directory of lock files): the keeper makes
+    /// them, the jail holds them read-only (a `flock` needs no more).
+    #[serde(default)]
+    pub encode_slots: Option<PathBuf>,
 }
 
 /// The network namespace of a jailed VMM.
@@ -172,19 +180,41 @@ pub enum JailError {
     NoUid(UidRange),
     #[error("cannot jail the VMM: {0}")]
     Host(String),
+    #[error("$RAY_JAIL is '{0}': it must be 1 (jail), 0 (do not) or empty (jail when root)")]
+    BadVariable(String),
 }
 
 /// Whether the VMM is to be jailed, with which uids; `--jail-uids` is checked either way
-/// (by its parser).
+/// (by its parser). `--no-jail` beats `--jail`, which beats `$RAY_JAIL`; without any,
+/// root's VMMs are jailed and other users' are not.
 pub fn wanted(args: &JailArgs) -> Result<Option<UidRange>, JailError> {
-    if !args.jail || args.no_jail {
-        return Ok(None);
-    }
+    let var = std::env::var("RAY_JAIL").ok();
     // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(JailError::NotRoot);
+    let root = unsafe { libc::geteuid() } == 0;
+    Ok(decide(args, var.as_deref(), root)?.then(|| args.jail_uids.unwrap_or(DEFAULT_UIDS)))
+}
+
+/// [`wanted`]'s decision, from the flags, `$RAY_JAIL` (`var`) and whether ray runs as
+/// root.
+fn decide(args: &JailArgs, var: Option<&str>, root: bool) -> Result<bool, JailError> {
+    if args.no_jail {
+        return Ok(false);
     }
-    Ok(Some(args.jail_uids.unwrap_or(DEFAULT_UIDS)))
+    let asked = if args.jail {
+        Some(true)
+    } else {
+        match var.map(str::trim).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("") => None,
+            Some("1" | "true" | "yes" | "on") => Some(true),
+            Some("0" | "false" | "no" | "off") => Some(false),
+            Some(_) => return Err(JailError::BadVariable(var.unwrap_or_default().into())),
+        }
+    };
+    match asked {
+        Some(true) if !root => Err(JailError::NotRoot),
+        Some(jail) => Ok(jail),
+        None => Ok(root),
+    }
 }
 
 /// The devices every jailed VMM needs.
@@ -321,6 +351,7 @@ fn plan_for(
         taps: cfg.devices.net.iter().map(|n| n.tap.clone()).collect(),
         lend: Vec::new(),
         listen_socket: None,
+        encode_slots: ray_vmm::display::encode_slots_dir(vm_dir),
     })
 }
 
@@ -426,6 +457,42 @@ fn uid_in_use(uid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn root_is_jailed_by_default_and_the_flags_and_variable_decide_otherwise() {
+        let args = |jail, no_jail| JailArgs {
+            jail,
+            no_jail,
+            jail_uids: None,
+        };
+        let d = |a: &JailArgs, var, root| decide(a, var, root).map_err(|e| e.to_string());
+        // (--jail, --no-jail, $RAY_JAIL, root) -> jailed
+        for (jail, no_jail, var, root, want) in [
+            (false, false, None, true, true),
+            (false, false, Some(""), true, true),
+            (false, false, None, false, false),
+            (false, false, Some("0"), true, false),
+            (false, false, Some(" off "), true, false),
+            (false, false, Some("1"), true, true),
+            (false, false, Some("YES"), true, true),
+            (true, false, Some("0"), true, true),
+            (false, true, Some("1"), true, false),
+            (false, true, None, false, false),
+            (false, false, Some("0"), false, false),
+        ] {
+            assert_eq!(
+                d(&args(jail, no_jail), var, root),
+                Ok(want),
+                "--jail {jail} --no-jail {no_jail} RAY_JAIL {var:?} root {root}"
+            );
+        }
+        let e = d(&args(true, false), None, false).unwrap_err();
+        assert!(e.contains("needs root") && e.contains("--no-jail"), "{e}");
+        let e = d(&args(false, false), Some("1"), false).unwrap_err();
+        assert!(e.contains("needs root"), "{e}");
+        let e = d(&args(false, false), Some("maybe"), true).unwrap_err();
+        assert!(e.contains("RAY_JAIL") && e.contains("'maybe'"), "{e}");
+    }
 
     #[test]
     fn uid_ranges_are_checked() {
