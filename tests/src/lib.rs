@@ -28,6 +28,17 @@ pub fn ray_bin() -> PathBuf {
     bin
 }
 
+/// `$RAY_JAIL` for the `ray` processes a test starts: `1` (every VM jailed) when
+/// `$RAY_E2E_JAIL` is set, else `0`.
+pub fn jail_setting() -> &'static str {
+    let jail = std::env::var_os("RAY_E2E_JAIL").is_some_and(|v| !v.is_empty());
+    if jail {
+        "1"
+    } else {
+        "0"
+    }
+}
+
 /// rayvisor's guest kernel next to it.
 pub fn guest_bin() -> PathBuf {
     let bin = ray_bin().with_file_name("rayvisor-guest");
@@ -79,8 +90,7 @@ impl Env {
         cmd.args(args)
             .env("RAY_RUNTIME_DIR", &self.runtime)
             .env("RAY_GUEST", guest_bin());
-        let jail = std::env::var_os("RAY_E2E_JAIL").is_some_and(|v| !v.is_empty());
-        cmd.env("RAY_JAIL", if jail { "1" } else { "0" });
+        cmd.env("RAY_JAIL", jail_setting());
         cmd.envs(vars.iter().copied())
             .output()
             .expect("cannot run ray")
