@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use ray_e2e::{guest_bin, ray_bin, Env};
+use ray_e2e::{guest_bin, jail_setting, ray_bin, Env};
 
 const ADMIN: &str = "admin-token-0123456789abcdef";
 const VIEWER: &str = "viewer-token-0123456789abcdef";
@@ -57,6 +57,8 @@ fn start_web_with(env: &Env, tokens: &Path, extra: &[&str]) -> WebServer {
         .args(extra)
         .env("RAY_RUNTIME_DIR", &env.runtime)
         .env("RAY_GUEST", guest_bin())
+        // Inherited by the `ray vm run` (and `ray migrate receive`) it runs.
+        .env("RAY_JAIL", jail_setting())
         .stdout(Stdio::piped())
         .spawn()
         .expect("cannot run ray web");
@@ -263,10 +265,21 @@ fn the_dashboard_and_consoles_work_over_https_in_chromium() {
         "the https browser test",
         "tls browser test: all passed",
     );
-    // The H.264 viewer's encode session ended with its WebSocket: its stream file is gone.
-    let h264 = env.runtime.join("web/h264");
+    // The H.264 viewer's encode session ended with its WebSocket: its stream file (in the
+    // VM's directory, where a jailed VMM may write) is gone.
+    let streams = || -> Vec<PathBuf> {
+        let vms = std::fs::read_dir(env.runtime.join("vms")).expect("the VMs' directories");
+        vms.flatten()
+            .filter_map(|vm| std::fs::read_dir(vm.path()).ok())
+            .flat_map(|files| files.flatten().map(|f| f.path()))
+            .filter(|f| {
+                let name = f.file_name().unwrap_or_default().to_string_lossy();
+                name.starts_with("h264-") && name.ends_with(".h264")
+            })
+            .collect()
+    };
     wait_for("the H.264 viewer's stream file removed", || {
-        std::fs::read_dir(&h264).is_ok_and(|d| d.count() == 0)
+        streams().is_empty()
     });
     saved(
         &artifacts,
@@ -428,6 +441,7 @@ fn daemon(env: &Env, log: &str, args: &[&str]) -> Daemon {
             .args(args)
             .env("RAY_RUNTIME_DIR", &env.runtime)
             .env("RAY_GUEST", guest_bin())
+            .env("RAY_JAIL", jail_setting())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -523,6 +537,7 @@ fn agent_on(env: &Env, host: &str, key: &Path) -> Daemon {
             .arg(key)
             .env("RAY_RUNTIME_DIR", &dir)
             .env("RAY_GUEST", guest_bin())
+            .env("RAY_JAIL", jail_setting())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

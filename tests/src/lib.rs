@@ -28,6 +28,12 @@ pub fn ray_bin() -> PathBuf {
     bin
 }
 
+/// `$RAY_JAIL` for the `ray` processes a test starts: `$RAY_E2E_JAIL` (`0` or `1`: every
+/// VM unjailed or jailed), else empty: ray's default (jailed as root).
+pub fn jail_setting() -> String {
+    std::env::var("RAY_E2E_JAIL").unwrap_or_default()
+}
+
 /// rayvisor's guest kernel next to it.
 pub fn guest_bin() -> PathBuf {
     let bin = ray_bin().with_file_name("rayvisor-guest");
@@ -78,10 +84,7 @@ impl Env {
         cmd.args(args)
             .env("RAY_RUNTIME_DIR", &self.runtime)
             .env("RAY_GUEST", guest_bin());
-        match std::env::var("RAY_E2E_JAIL") {
-            Ok(jail) if !jail.is_empty() => cmd.env("RAY_JAIL", jail),
-            _ => cmd.env_remove("RAY_JAIL"),
-        };
+        cmd.env("RAY_JAIL", jail_setting());
         cmd.envs(vars.iter().copied())
             .output()
             .expect("cannot run ray")

@@ -47,6 +47,16 @@ pub fn code_of(e: &anyhow::Error) -> u8 {
             ray_vmm::StartError::Controller(C::Failed(_)) => 1,
         };
     }
+    // What `ray` could not hand a jailed VMM.
+    if let Some(h) = e.downcast_ref::<ray_vmm::hand_over::HandOverError>() {
+        use ray_vmm::hand_over::Failure;
+        return match h.failure {
+            Failure::Invalid => INVALID,
+            Failure::Unreachable => UNREACHABLE,
+            Failure::Refused => REFUSED,
+            Failure::Failed => 1,
+        };
+    }
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::Unreachable { .. }) => UNREACHABLE,
         Some(ClientError::Api {

@@ -235,8 +235,16 @@ fn start(runtime: &Path, a: &StartArgs) -> anyhow::Result<()> {
         max_concurrent: Some(a.max_concurrent),
     };
     let c = client(runtime, &a.id)?;
-    // Open until the VMM took what it was handed.
-    let _handed = hand_over(runtime, &a.id, &key_file, &mut req)?;
+    // A jailed VMM is handed the connection, the key file and a migration slot; open until
+    // it answered.
+    let handed = ray_vmm::hand_over::migration(
+        &runtime::vm_dir(runtime, &a.id),
+        runtime,
+        &req.to,
+        &key_file,
+        req.max_concurrent,
+    )?;
+    req.handoff = handed.as_ref().map(|h| h.token.clone());
     let started: MigrationStatus =
         c.call("PUT", "/vm/migration", Some(serde_json::to_vec(&req)?))?;
     if a.detach {
@@ -245,74 +253,6 @@ fn start(runtime: &Path, a: &StartArgs) -> anyhow::Result<()> {
     let s = follow(runtime, &a.id, !a.json)?;
     print_status(&a.id, &s, a.json)?;
     outcome(&s)
-}
-
-/// A jailed VMM (one listening on `handoff.sock`) cannot reach the target from its own
-/// network namespace nor open the key file outside its root: `ray`, in the host's
-/// namespaces, connects and opens them and hands both over; `req` then names the hand-off.
-fn hand_over(
-    runtime: &Path,
-    id: &str,
-    key_file: &Path,
-    req: &mut MigrateRequest,
-) -> anyhow::Result<Option<std::os::unix::net::UnixStream>> {
-    use std::os::fd::AsFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    let socket = runtime::vm_dir(runtime, id).join(ray_vmm::handoff::SOCKET);
-    if !socket.exists() {
-        return Ok(None);
-    }
-    let to = ray_migration::Endpoint::parse(&req.to).map_err(|e| coded(exit::INVALID, e))?;
-    // Not blocking on a FIFO; the VMM checks what the file is.
-    let key = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(key_file)
-        .map_err(|e| {
-            coded(
-                exit::INVALID,
-                format!("cannot open the key file {}: {e}", key_file.display()),
-            )
-        })?;
-    // A key file the VMM would refuse is refused before anything connects.
-    key.try_clone().map_err(anyhow::Error::from).and_then(|k| {
-        ray_migration::read_key_from(k, key_file)
-            .map(|_| ())
-            .map_err(|e| coded(exit::INVALID, e))
-    })?;
-    let stream = ray_migration::connect(&to, Duration::from_secs(10)).map_err(|e| {
-        coded(
-            exit::UNREACHABLE,
-            format!("cannot connect to the target {to}: {e}"),
-        )
-    })?;
-    // The host-wide cap on migrations is a lock on a file of the runtime directory, which
-    // is outside the jail: `ray` takes the slot and the VMM holds it (the lock goes with
-    // the open file).
-    let slot = ray_vmm::migration::acquire_slot(runtime, a_limit(req))
-        .map_err(|e| coded(exit::REFUSED, e))?;
-    let token = ray_vmm::handoff::token()?;
-    let conn = ray_vmm::handoff::send(
-        &socket,
-        &token,
-        &[stream.as_fd(), key.as_fd(), slot.file().as_fd()],
-    )
-    .with_context(|| {
-        format!(
-            "cannot hand the connection to VM '{id}' ({})",
-            socket.display()
-        )
-    })?;
-    req.handoff = Some(token);
-    Ok(Some(conn))
-}
-
-/// The request's cap on concurrent migrations (the VMM's default when not given; 0 is
-/// the VMM's to refuse).
-fn a_limit(req: &MigrateRequest) -> u32 {
-    req.max_concurrent
-        .unwrap_or(ray_migration::progress::DEFAULT_MAX_CONCURRENT as u32)
-        .max(1)
 }
 
 /// A failed migration is a failed command.

@@ -270,73 +270,6 @@ fn hand_to_vm(runtime: &Path, id: &str, store: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A snapshot store outside a jailed VMM's directory, lent to it for one snapshot.
-struct LentStore {
-    token: String,
-    /// The store's owner, who gets the snapshot's files.
-    owner: (u32, u32),
-    _acl: ray::jail::acl::Lent,
-    /// Open until the VMM has answered.
-    _conn: std::os::unix::net::UnixStream,
-}
-
-impl LentStore {
-    /// Ends the loan; the snapshot written (if any) goes to the store's owner.
-    fn give_back(self, path: &Path) -> anyhow::Result<()> {
-        let owner = self.owner;
-        drop(self);
-        if path.exists() {
-            chown_tree(path, owner)
-                .with_context(|| format!("cannot give {} to the store's owner", path.display()))?;
-        }
-        Ok(())
-    }
-}
-
-fn chown_tree(path: &Path, (uid, gid): (u32, u32)) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
-    if std::fs::symlink_metadata(path)?.is_dir() {
-        for entry in std::fs::read_dir(path)? {
-            chown_tree(&entry?.path(), (uid, gid))?;
-        }
-    }
-    Ok(())
-}
-
-/// A jailed VMM (one listening on `handoff.sock`) sees only its own directory: a snapshot
-/// elsewhere goes into the store `ray` opens and hands it, lent to the VM's uid (an ACL
-/// entry) while it writes; its files then go to the store's owner.
-fn lend_store(runtime: &Path, vm: &str, path: &Path) -> anyhow::Result<Option<LentStore>> {
-    use std::os::fd::AsFd;
-    use std::os::unix::fs::MetadataExt;
-    let dir = std::path::absolute(ray::runtime::vm_dir(runtime, vm))?;
-    let socket = dir.join(ray_vmm::handoff::SOCKET);
-    let Ok(vmm) = std::fs::metadata(&socket) else {
-        return Ok(None);
-    };
-    if path.starts_with(&dir) {
-        return Ok(None);
-    }
-    let Some(store) = path.parent() else {
-        return Ok(None);
-    };
-    std::fs::create_dir_all(store)
-        .with_context(|| format!("cannot create the snapshot store {}", store.display()))?;
-    let meta = std::fs::metadata(store)?;
-    let acl = ray::jail::acl::lend(store, vmm.uid()).map_err(|e| coded(exit::REFUSED, e))?;
-    let opened = std::fs::File::open(store)
-        .with_context(|| format!("cannot open the snapshot store {}", store.display()))?;
-    let token = ray_vmm::handoff::token()?;
-    let conn = ray_vmm::handoff::send(&socket, &token, &[opened.as_fd()])
-        .with_context(|| format!("cannot hand {} to VM '{vm}'", store.display()))?;
-    Ok(Some(LentStore {
-        token,
-        owner: (meta.uid(), meta.gid()),
-        _acl: acl,
-        _conn: conn,
-    }))
-}
-
 /// A bar that follows the VMM's `GET /vm/snapshot/progress` while `work` runs.
 fn with_progress<T>(
     socket_client: VmmClient,
@@ -397,7 +330,8 @@ pub fn create(
     let poller = client(runtime, vm)?;
     let path =
         std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))?;
-    let lent = lend_store(runtime, vm, &path)?;
+    // A jailed VMM is handed a store outside its directory.
+    let lent = ray_vmm::hand_over::snapshot_store(&ray::runtime::vm_dir(runtime, vm), &path)?;
     let body = serde_json::to_vec(&SnapshotRequest {
         handoff: lent.as_ref().map(|l| l.token.clone()),
         path: path.display().to_string(),

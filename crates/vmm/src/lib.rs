@@ -3,12 +3,14 @@
 //! Threads: the VMM thread (the caller of [`run`]) owns all VM state and reacts to
 //! messages; the API thread parses HTTP requests into typed requests; one thread per vCPU
 //! runs KVM_RUN; a signal thread turns SIGINT/SIGTERM into a stop.
+pub mod acl;
 pub mod api_server;
 pub mod boot;
 pub mod config;
 pub mod console_attach;
 pub mod controller;
 pub mod display;
+pub mod hand_over;
 pub mod handoff;
 pub mod heartbeat;
 pub mod jailed;

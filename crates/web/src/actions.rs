@@ -117,10 +117,11 @@ fn store(web: &Web, id: &str) -> PathBuf {
     web.opts.state_dir.join("snapshots").join(id)
 }
 
-/// The snapshots the web server took of VM `id` (an empty list before the first).
+/// The snapshots the web server took of VM `id` (an empty list before the first). Read
+/// here, not by the VMM: a jailed VMM cannot see the web server's store.
 pub async fn snapshots(State(web): State<Arc<Web>>, h: HeaderMap, Path(id): Path<String>) -> Reply {
     web.user(&h, Role::Viewer)?;
-    let vm = web.live_vm(&id)?;
+    web.vm(&id)?;
     let store = store(&web, &id);
     if !store.is_dir() {
         return Ok(Json(serde_json::json!({
@@ -128,24 +129,33 @@ pub async fn snapshots(State(web): State<Arc<Web>>, h: HeaderMap, Path(id): Path
         }))
         .into_response());
     }
-    let query = format!(
-        "/vm/snapshots?store={}",
-        percent_encode(&store.display().to_string())
-    );
-    Ok(relay(
-        vmm::call(&vm.dir.join("api.sock"), "GET", &query, None).await?,
-    ))
+    let list = tokio::task::spawn_blocking(move || ray_vmm::snapshot::list(&store))
+        .await
+        .map_err(|e| Refusal::failed(format!("the snapshot list did not finish: {e}")))?
+        .map_err(|e| Refusal::failed(format!("cannot list VM '{id}''s snapshots: {e}")))?;
+    Ok(Json(list).into_response())
 }
 
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+/// A failed hand-over to a jailed VMM as a refusal of its kind.
+fn hand_over_refusal(e: ray_vmm::hand_over::HandOverError) -> Refusal {
+    use ray_vmm::hand_over::Failure;
+    match e.failure {
+        Failure::Invalid => Refusal::invalid(e.message),
+        Failure::Unreachable => Refusal::new(StatusCode::BAD_GATEWAY, "unreachable", e.message),
+        Failure::Refused => Refusal::new(StatusCode::CONFLICT, "refused", e.message),
+        Failure::Failed => Refusal::failed(e.message),
+    }
+}
+
+/// Runs a blocking hand-over off the server's threads.
+async fn hand_over<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, ray_vmm::hand_over::HandOverError> + Send + 'static,
+) -> Result<T, Refusal> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Refusal::failed(format!("handing {what} to the VMM did not finish: {e}")))?
+        .map_err(hand_over_refusal)
 }
 
 #[derive(Deserialize)]
@@ -165,20 +175,32 @@ pub async fn snapshot(
     web.user(&h, Role::Operator)?;
     let s: SnapshotName = parse_body("POST snapshot", &body)?;
     check_name("snapshot name", &s.name)?;
+    let vm = web.live_vm(&id)?;
     let store = store(&web, &id);
     std::fs::create_dir_all(&store).map_err(|e| {
         Refusal::failed(format!("cannot create the store {}: {e}", store.display()))
     })?;
+    let path = std::path::absolute(store.join(&s.name)).map_err(|e| {
+        Refusal::failed(format!("cannot resolve the store {}: {e}", store.display()))
+    })?;
+    // A jailed VMM is handed the store, which is outside its directory.
+    let lent = {
+        let (dir, path) = (vm.dir.clone(), path.clone());
+        hand_over("the snapshot store", move || {
+            ray_vmm::hand_over::snapshot_store(&dir, &path)
+        })
+        .await?
+    };
     let req = ray_api::vmm::SnapshotRequest {
-        handoff: None,
-        path: store.join(&s.name).display().to_string(),
+        handoff: lent.as_ref().map(|l| l.token.clone()),
+        path: path.display().to_string(),
         pause: true,
         kind: Default::default(),
         compress: false,
         max_snapshots: None,
     };
     let body = serde_json::to_vec(&req).map_err(|e| Refusal::failed(e.to_string()))?;
-    act(
+    let answer = act(
         &web,
         &h,
         &id,
@@ -187,7 +209,11 @@ pub async fn snapshot(
         "/vm/snapshot",
         Some(body),
     )
-    .await
+    .await;
+    if let Some(lent) = lent {
+        lent.give_back(&path).map_err(hand_over_refusal)?;
+    }
+    answer
 }
 
 #[derive(Deserialize)]
@@ -340,21 +366,43 @@ pub async fn migrate(State(web): State<Arc<Web>>, h: HeaderMap, Path(id): Path<S
         ],
     )
     .await?;
-    let req = serde_json::json!({ "to": listen, "key_file": key_arg });
-    let answer = vmm::call(
-        &source,
-        "PUT",
-        "/vm/migration",
-        Some(req.to_string().into_bytes()),
-    )
-    .await?;
-    if !answer.ok() {
-        // The target waits for nobody now.
-        if let Ok(t) = web.live_vm(&target) {
-            let _ = vmm::call(&t.dir.join("api.sock"), "PUT", "/vm/stop", None).await;
+    // A jailed source is handed the connection to the target, the key file and a
+    // migration slot; open until it answered.
+    let handed = {
+        let (dir, runtime, to) = (vm.dir.clone(), web.opts.runtime_dir.clone(), listen.clone());
+        hand_over("the migration", move || {
+            ray_vmm::hand_over::migration(&dir, &runtime, &to, &key, None)
+        })
+        .await
+    };
+    let answer = match handed {
+        Ok(handed) => {
+            let mut req = serde_json::json!({ "to": listen, "key_file": key_arg });
+            if let Some(h) = &handed {
+                req["handoff"] = h.token.clone().into();
+            }
+            let answer = vmm::call(
+                &source,
+                "PUT",
+                "/vm/migration",
+                Some(req.to_string().into_bytes()),
+            )
+            .await;
+            drop(handed);
+            answer.map_err(Refusal::from)
         }
-        return Ok(relay(answer));
-    }
+        Err(e) => Err(e),
+    };
+    let answer = match answer {
+        Ok(a) if a.ok() => a,
+        failed => {
+            // The target waits for nobody now.
+            if let Ok(t) = web.live_vm(&target) {
+                let _ = vmm::call(&t.dir.join("api.sock"), "PUT", "/vm/stop", None).await;
+            }
+            return failed.map(relay);
+        }
+    };
     let record = MigrationRecord {
         target: target.clone(),
         status: serde_json::from_slice(&answer.body).ok(),
@@ -471,7 +519,20 @@ mod tests {
     }
 
     #[test]
-    fn store_paths_are_percent_encoded_in_queries() {
-        assert_eq!(percent_encode("/tmp/a b&c"), "/tmp/a%20b%26c");
+    fn a_failed_hand_over_is_refused_with_the_status_of_its_kind() {
+        use ray_vmm::hand_over::{Failure, HandOverError};
+        for (failure, status, code) in [
+            (Failure::Invalid, StatusCode::BAD_REQUEST, "invalid_request"),
+            (Failure::Unreachable, StatusCode::BAD_GATEWAY, "unreachable"),
+            (Failure::Refused, StatusCode::CONFLICT, "refused"),
+            (Failure::Failed, StatusCode::INTERNAL_SERVER_ERROR, "failed"),
+        ] {
+            let r = hand_over_refusal(HandOverError {
+                failure,
+                message: "cannot connect to the target unix:/x".into(),
+            });
+            assert_eq!((r.status, r.code), (status, code), "{failure:?}");
+            assert_eq!(r.message, "cannot connect to the target unix:/x");
+        }
     }
 }

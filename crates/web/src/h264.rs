@@ -1,10 +1,10 @@
 //! The low-bandwidth viewer's stream: `GET /api/vms/{id}/h264/{n}` (WebSocket) starts an
 //! encode session of display `n` on the VM's VMM (`POST /vm/display/{n}/encode`, H.264
-//! into a file of ray web's state directory), and sends the browser the stream as it
-//! grows, whole access units only: each message ends where the session's byte count
-//! (`GET /vm/encode`, counted after each frame is written) says the last frame ends. The
-//! page decodes it with WebCodecs. The session is stopped and its file removed when the
-//! WebSocket closes.
+//! into a file of the VM's own directory, where even a jailed VMM may write), and sends
+//! the browser the stream as it grows, whole access units only: each message ends where
+//! the session's byte count (`GET /vm/encode`, counted after each frame is written) says
+//! the last frame ends. The page decodes it with WebCodecs. The session is stopped and
+//! its file removed when the WebSocket closes.
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,13 +37,11 @@ pub async fn stream(
     let user = web.user(&headers, Role::Viewer)?;
     let vm = web.live_vm(&id)?;
     let n = crate::bridge::display_number(&n)?;
-    let dir = web.opts.state_dir.join("h264");
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| Refusal::failed(format!("cannot create {}: {e}", dir.display())))?;
-    let dir = std::fs::canonicalize(&dir)
-        .map_err(|e| Refusal::failed(format!("cannot resolve {}: {e}", dir.display())))?;
+    // In the VM's own directory: a jailed VMM may write nowhere else.
+    let dir = std::path::absolute(&vm.dir)
+        .map_err(|e| Refusal::failed(format!("cannot resolve {}: {e}", vm.dir.display())))?;
     let file = dir.join(format!(
-        "{}-{id}-{n}-{}.h264",
+        "h264-{}-{n}-{}.h264",
         std::process::id(),
         STREAMS.fetch_add(1, Ordering::Relaxed)
     ));

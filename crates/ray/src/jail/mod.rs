@@ -16,11 +16,13 @@
 //!  ray vm run ──spawn──▶ ray vmm --jail (root: keeper) ──clone(NEWPID|NEWNS|..)──▶ VMM (uid N, pid 1)
 //!       plan                  cgroup, chown, wait, clean up                   mounts, pivot_root, drop
 //! ```
-pub mod acl;
 pub mod cgroup;
 pub mod inside;
 pub mod keeper;
 pub mod taps;
+
+/// Lending a directory to a jailed VMM's uid; in ray-vmm, which `ray web` shares.
+pub use ray_vmm::acl;
 
 use std::path::{Path, PathBuf};
 

@@ -1,9 +1,9 @@
 //! Lending a directory to a jailed VMM's uid for one request: a POSIX ACL entry
 //! `user:UID:rwx` on it (the `system.posix_acl_access` extended attribute), removed again
-//! afterwards. Used for a snapshot store outside the VM's directory, which `ray` hands to
-//! the VMM as an open directory: the VMM writes there as its own uid, and the entry lets
-//! it create the snapshot's directory beside the others without changing the store's
-//! owner or mode for anyone else.
+//! afterwards. Used for a snapshot store outside the VM's directory, which `ray` or
+//! `ray web` hands to the VMM as an open directory ([`crate::hand_over`]): the VMM writes
+//! there as its own uid, and the entry lets it create the snapshot's directory beside the
+//! others without changing the store's owner or mode for anyone else.
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
