@@ -278,7 +278,7 @@ fn a_hung_device_process_is_given_up_after_its_bound_and_the_vm_runs_on() {
     // stays in Error (the device was reset for the new link: the guest's driver state is
     // gone), and the VM still runs.
     signal(&device, libc::SIGCONT);
-    let mut other = env.boot(&["--memory", "128M", "--gpu", &gpu]);
+    let mut other = env.boot(&["--no-jail", "--memory", "128M", "--gpu", &gpu]);
     other.expect_line("ready", READY);
     let line = ask(&mut other, "gpupt 9", "gpupt ");
     assert!(line.starts_with("gpupt ok "), "{line}");

@@ -425,14 +425,15 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
     assert_eq!(memory_max, (128 << 20) + ray::jail::MEMORY_OVERHEAD);
     assert_eq!((quota, period), (300_000, 100_000));
 
-    // Its root: the VM's directory, the kernel, the disk, two devices, /proc and the host
-    // facts it reads; nothing else.
+    // Its root: the VM's directory, the kernel, the disk, two devices, /proc, the host
+    // facts it reads and the host's encode slots; nothing else.
     let guest = ray_e2e::guest_bin().display().to_string();
     let mut leaves = vec![
         "/dev/kvm".to_string(),
         "/dev/urandom".into(),
         "/proc".into(),
         vm.dir.display().to_string(),
+        env.runtime.join("encode-slots").display().to_string(),
         guest,
         disk_s.clone(),
     ];
@@ -725,7 +726,7 @@ fn roots_vmms_are_jailed_by_default_and_the_flags_beat_the_variable() {
     assert_eq!(with(&["--no-jail"], "1"), "0", "--no-jail beats RAY_JAIL=1");
     let out = env.ray_with(&run, &[("RAY_JAIL", "sometimes")]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(out.status.code(), Some(6), "{err}");
     assert!(err.contains("RAY_JAIL is 'sometimes'"), "{err}");
 }
 

@@ -598,8 +598,17 @@ impl Bench<'_> {
         let out = self.ray(
             ns.0,
             &[
-                "vm", "run", "--detach", "--json", "--id", &src_id, "--memory", &mem, "--vcpus",
-                "1", "--no-jail",
+                "vm",
+                "run",
+                "--detach",
+                "--json",
+                "--id",
+                &src_id,
+                "--memory",
+                &mem,
+                "--vcpus",
+                "1",
+                "--no-jail",
             ]
             .into_iter()
             .chain(

@@ -90,7 +90,8 @@ pub fn presence(dir: &Path) -> Presence {
     }
 }
 
-/// Ids of every VM directory, sorted.
+/// Ids of every VM directory, sorted: directories named as a VM id may be (an earlier
+/// version kept its encode slots in `vms/.encode-slots`).
 pub fn list_ids(runtime: &Path) -> Vec<String> {
     let mut ids: Vec<String> = std::fs::read_dir(vms_dir(runtime))
         .into_iter()
@@ -98,6 +99,7 @@ pub fn list_ids(runtime: &Path) -> Vec<String> {
         .flatten()
         .filter(|e| e.path().is_dir())
         .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|id| check_id(id).is_ok())
         .collect();
     ids.sort();
     ids

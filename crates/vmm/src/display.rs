@@ -62,9 +62,13 @@ pub fn check_remote_gpus(gpus: &[GpuConfig]) -> Result<(), String> {
     Ok(())
 }
 
-/// The host's encode-session slots, beside the VMs' directories (`vm_dir`'s parent).
+/// The host's encode-session slots: `encode-slots` in the runtime directory that holds
+/// `vms/<id>` (`vm_dir`), not among the VMs' directories, where it would look like one.
 pub fn encode_slots_dir(vm_dir: &std::path::Path) -> Option<PathBuf> {
-    vm_dir.parent().map(|vms| vms.join(".encode-slots"))
+    vm_dir
+        .parent()
+        .and_then(|vms| vms.parent())
+        .map(|runtime| runtime.join("encode-slots"))
 }
 
 /// The framebuffers of a running machine: emulated ones read straight from guest RAM,
