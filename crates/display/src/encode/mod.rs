@@ -231,7 +231,8 @@ impl HostSlot {
     }
 }
 
-/// Makes the host's encode-slot directory `dir` and its slot files, where missing.
+/// Makes the host's encode-slot directory `dir` and its slot files, where missing, and
+/// lets every user read them whatever the umask: a jailed VMM opens them as its own uid.
 pub fn make_host_slots(dir: &Path) -> Result<(), EncodeError> {
     std::fs::create_dir_all(dir).map_err(|e| {
         EncodeError::Setup(format!(
@@ -239,6 +240,7 @@ pub fn make_host_slots(dir: &Path) -> Result<(), EncodeError> {
             dir.display()
         ))
     })?;
+    readable_by_all(dir, 0o555)?;
     for i in 0..MAX_SESSIONS_PER_HOST {
         let path = dir.join(format!("slot-{i}"));
         std::fs::OpenOptions::new()
@@ -247,6 +249,30 @@ pub fn make_host_slots(dir: &Path) -> Result<(), EncodeError> {
             .write(true)
             .open(&path)
             .map_err(|e| EncodeError::Setup(format!("cannot make {}: {e}", path.display())))?;
+        readable_by_all(&path, 0o444)?;
+    }
+    Ok(())
+}
+
+/// Adds the permission bits `bits` to `path` where it lacks some.
+fn readable_by_all(path: &Path, bits: u32) -> Result<(), EncodeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let cannot = |e: std::io::Error| {
+        EncodeError::Setup(format!(
+            "cannot let every user read {} (a jailed VMM opens it as its own uid): {e}",
+            path.display()
+        ))
+    };
+    let mode = std::fs::metadata(path)
+        .map_err(cannot)?
+        .permissions()
+        .mode();
+    if mode & bits != bits {
+        std::fs::set_permissions(
+            path,
+            std::fs::Permissions::from_mode((mode | bits) & 0o7777),
+        )
+        .map_err(cannot)?;
     }
     Ok(())
 }

@@ -387,3 +387,24 @@ fn hevc_and_vp9_sessions_decode_back() {
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
+
+/// Slot files made under a strict umask (or left so by one) are opened up for reading by
+/// every user: a jailed VMM opens them read-only as its own uid.
+#[test]
+fn host_slots_are_readable_by_every_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tmp("slot-modes").join("slots");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let first = dir.join("slot-0");
+    std::fs::write(&first, b"").unwrap();
+    std::fs::set_permissions(&first, std::fs::Permissions::from_mode(0o600)).unwrap();
+    make_host_slots(&dir).unwrap();
+    assert_eq!(mode(&dir), 0o755);
+    for i in 0..MAX_SESSIONS_PER_HOST {
+        let m = mode(&dir.join(format!("slot-{i}")));
+        assert_eq!(m & 0o444, 0o444, "slot-{i}: {m:o}");
+    }
+    assert_eq!(mode(&first), 0o644);
+}
