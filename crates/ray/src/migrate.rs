@@ -374,7 +374,6 @@ fn inheritable(fd: std::os::fd::BorrowedFd) -> anyhow::Result<std::os::fd::Owned
 /// in that order (each undone if a later one fails), for a jailed target.
 fn open_for_jail(runtime: &Path, a: &ReceiveArgs, key_file: &Path) -> anyhow::Result<Opened> {
     use std::os::fd::AsFd;
-    use std::os::unix::fs::OpenOptionsExt;
     let at = ray_migration::Endpoint::parse(&a.listen).map_err(|e| coded(exit::INVALID, e))?;
     if a.max_concurrent == 0 {
         return Err(coded(
@@ -382,19 +381,7 @@ fn open_for_jail(runtime: &Path, a: &ReceiveArgs, key_file: &Path) -> anyhow::Re
             "--max-concurrent is 0; it must be at least 1",
         ));
     }
-    // Not blocking on a FIFO; the VMM checks again what it was handed.
-    let key = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(key_file)
-        .map_err(|e| {
-            coded(
-                exit::INVALID,
-                format!("cannot open the key file {}: {e}", key_file.display()),
-            )
-        })?;
-    ray_migration::read_key_from(key.try_clone()?, key_file)
-        .map_err(|e| coded(exit::INVALID, e))?;
+    let key = ray_vmm::hand_over::open_key_file(key_file)?;
     let slot = ray_vmm::migration::acquire_slot(runtime, a.max_concurrent)
         .map_err(|e| coded(exit::REFUSED, e))?;
     let listener =

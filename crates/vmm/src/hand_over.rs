@@ -154,6 +154,31 @@ pub struct HandedMigration {
     _conn: UnixStream,
 }
 
+/// Opens a migration key file to hand to a jailed VMM (source or target), refusing one
+/// the VMM would refuse before anything connects or listens.
+pub fn open_key_file(key_file: &Path) -> Result<std::fs::File, HandOverError> {
+    // Not blocking on a FIFO; the VMM checks what the file is.
+    let key = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(key_file)
+        .map_err(|e| {
+            fail(
+                Failure::Invalid,
+                format!("cannot open the key file {}: {e}", key_file.display()),
+            )
+        })?;
+    let copy = key.try_clone().map_err(|e| {
+        fail(
+            Failure::Failed,
+            format!("cannot read the key file {}: {e}", key_file.display()),
+        )
+    })?;
+    ray_migration::read_key_from(copy, key_file)
+        .map_err(|e| fail(Failure::Invalid, e.to_string()))?;
+    Ok(key)
+}
+
 /// For the VMM of `vm_dir` to migrate to `to` with the key in `key_file`: a jailed VMM
 /// cannot reach the target from its own network namespace, open the key file outside its
 /// root, nor take a slot of the host-wide cap on migrations (`max_concurrent`, the VMM's
@@ -172,26 +197,7 @@ pub fn migration(
     };
     let to =
         ray_migration::Endpoint::parse(to).map_err(|e| fail(Failure::Invalid, e.to_string()))?;
-    // Not blocking on a FIFO; the VMM checks what the file is.
-    let key = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(key_file)
-        .map_err(|e| {
-            fail(
-                Failure::Invalid,
-                format!("cannot open the key file {}: {e}", key_file.display()),
-            )
-        })?;
-    // A key file the VMM would refuse is refused before anything connects.
-    let copy = key.try_clone().map_err(|e| {
-        fail(
-            Failure::Failed,
-            format!("cannot read the key file {}: {e}", key_file.display()),
-        )
-    })?;
-    ray_migration::read_key_from(copy, key_file)
-        .map_err(|e| fail(Failure::Invalid, e.to_string()))?;
+    let key = open_key_file(key_file)?;
     let stream = ray_migration::connect(&to, CONNECT_TIMEOUT).map_err(|e| {
         fail(
             Failure::Unreachable,
