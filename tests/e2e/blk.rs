@@ -153,9 +153,10 @@ fn a_disk_write_after_a_live_migration_lands_and_a_missing_disk_refuses_it() {
 
     let src_id = src.id.clone();
     let migrate = |id: &str| {
-        // Shared storage (the target opens the source's path): a jailed target holds
-        // only copied disks and refuses this naming --no-jail, so it runs unjailed.
-        let (dst, listen) = env.receive(id, key, &["--no-jail"]);
+        // Shared storage (the target opens the source's path): jailed as by default, its
+        // keeper opens the disk under the directory it was given.
+        let shared = env.runtime.to_str().unwrap();
+        let (dst, listen) = env.receive(id, key, &["--shared-dir", shared]);
         (dst, env.migrate_start(&src_id, &listen, key))
     };
 
@@ -175,6 +176,26 @@ fn a_disk_write_after_a_live_migration_lands_and_a_missing_disk_refuses_it() {
         i.state == VmStateName::Running
     });
     assert!(src.command("disk write 8 8 0x44", "disk ").contains("ok"));
+
+    // A jailed target given no shared directory opens no shared disk: refused before the
+    // switch-over, naming the disk and --shared-dir; the source goes on.
+    let (_, refused) = {
+        let (dst, listen) = env.receive("blk-unshared", key, &["--jail"]);
+        (dst, env.migrate_start(&src_id, &listen, key))
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!refused.status.success(), "{text}");
+    assert!(
+        text.contains("m.img") && text.contains("--shared-dir"),
+        "{text}"
+    );
+    src.wait_for("running again", Duration::from_secs(10), |i| {
+        i.state == VmStateName::Running
+    });
 
     let (mut dst, started) = migrate("blk-dst");
     assert!(started.status.success(), "{started:?}");

@@ -130,8 +130,9 @@ fn the_ecam_window_is_in_place_after_restore_and_migration() {
     assert!(after["ecam"] > before["ecam"], "{before:?} -> {after:?}");
 
     // Migrated: the disk driver, first used now, does the same on the target.
-    // Its disk is shared storage, which a jailed target refuses (naming --no-jail).
-    let mut dst = env.migrate_here_with(&back, "ecam-dst", &["--no-jail"]);
+    // Its disk is shared storage: the jailed target's keeper opens it.
+    let shared = env.runtime.to_str().unwrap();
+    let mut dst = env.migrate_here_with(&back, "ecam-dst", &["--shared-dir", shared]);
     let before = pci_config(&dst);
     let w = dst.command("disk write 0 8 0x5a", "disk ");
     assert!(w.starts_with("disk write ok"), "{w}");

@@ -125,9 +125,9 @@ fn net_works_after_a_live_migration_on_the_same_tap() {
     check_all(&mut src, &ns);
     // The target opens the same TAP while the source still holds it: its queue stays
     // detached until it resumes.
-    // A jailed target has a network namespace of its own and no TAP: it refuses a VM
-    // with NICs (naming --no-jail), so this one runs unjailed.
-    let mut dst = env.migrate_here_with(&src, "net-dst", &["--no-jail"]);
+    // Jailed as by default, the target has a network namespace of its own: its keeper
+    // opens the TAP in the test's namespace (with the VM's uid's rights).
+    let mut dst = env.migrate_here_with(&src, "net-dst", &[]);
     check_all(&mut dst, &ns);
 }
 

@@ -306,9 +306,9 @@ fn api_over_loopback_tcp() {
     let out = env.ray(&["vm", "run", "--detach", "--api-tcp", "localhost"]);
     assert_eq!(out.status.code(), Some(2));
 
-    // A jailed VMM without NICs has a loopback of its own: --api-tcp is refused jailed,
-    // naming --no-jail.
-    let mut vm = env.boot(&["--no-jail", "--api-tcp", "127.0.0.1:0"]);
+    // Jailed as by default: a jailed VMM without NICs has a loopback of its own, so its
+    // keeper binds the listener on the host's.
+    let mut vm = env.boot(&["--api-tcp", "127.0.0.1:0"]);
     vm.expect_line("ready", READY);
     let addr = vm.info().api_tcp.expect("GET /vm reports the TCP address");
     assert!(
@@ -821,8 +821,7 @@ fn vm_config_round_trips_through_run_file() {
 #[test]
 fn output_formats() {
     let env = Env::new("formats");
-    // --api-tcp: unjailed (a jailed VMM refuses it, naming --no-jail).
-    let mut vm = env.boot(&["--no-jail", "--id", "fmt", "--api-tcp", "127.0.0.1:0"]);
+    let mut vm = env.boot(&["--id", "fmt", "--api-tcp", "127.0.0.1:0"]);
     vm.expect_line("ready", READY);
     let table = env.ray_ok(&["vm", "list"]);
     assert!(table.starts_with("ID   STATE    PID"), "{table}");

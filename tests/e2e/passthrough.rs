@@ -68,9 +68,9 @@ fn a_vfio_user_gpu_is_driven_by_the_guest_and_its_death_leaves_the_vm_running() 
     let env = Env::new("passthrough");
     let (mut device, socket) = serve(&env);
     let gpu = format!("passthrough,vfio-user={}", socket.display());
-    // The device's socket is outside a jail's root: a jailed VMM refuses a passthrough
-    // GPU naming --no-jail.
-    let mut vm = env.boot(&["--no-jail", "--memory", "128M", "--gpu", &gpu]);
+    // Jailed as by default: the device's socket is outside the jail's root, and the
+    // jail's keeper connects to it for the VMM.
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", &gpu]);
     vm.expect_line("ready", READY);
 
     // The function is on the bus with the device's identity.
@@ -203,12 +203,11 @@ fn a_host_device_is_refused_on_a_host_without_iommu_naming_what_is_missing() {
         assert!(!out.status.success(), "{args} was accepted");
         assert!(err.contains(msg), "{args}: {err}");
     }
-    // A vfio-user socket nobody serves: the VM does not start, and says why (unjailed: a
-    // jailed VMM refuses any passthrough GPU first, naming --no-jail).
+    // A vfio-user socket nobody serves: the VM does not start, and says why (jailed, as
+    // by default: its keeper could not connect).
     let out = env.ray(&[
         "vm",
         "run",
-        "--no-jail",
         "--detach",
         "--gpu",
         "passthrough,vfio-user=/nonexistent/gpu.sock",
@@ -242,8 +241,7 @@ fn a_hung_device_process_is_given_up_after_its_bound_and_the_vm_runs_on() {
     let env = Env::new("passthrough-hung");
     let (mut device, socket) = serve(&env);
     let gpu = format!("passthrough,vfio-user={},timeout-ms=1000", socket.display());
-    // Unjailed: a jailed VMM refuses a passthrough GPU (naming --no-jail).
-    let mut vm = env.boot(&["--no-jail", "--memory", "128M", "--gpu", &gpu]);
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", &gpu]);
     vm.expect_line("ready", READY);
     let line = ask(&mut vm, "gpupt 5", "gpupt ");
     assert!(line.starts_with("gpupt ok "), "{line}");
@@ -278,7 +276,7 @@ fn a_hung_device_process_is_given_up_after_its_bound_and_the_vm_runs_on() {
     // stays in Error (the device was reset for the new link: the guest's driver state is
     // gone), and the VM still runs.
     signal(&device, libc::SIGCONT);
-    let mut other = env.boot(&["--no-jail", "--memory", "128M", "--gpu", &gpu]);
+    let mut other = env.boot(&["--memory", "128M", "--gpu", &gpu]);
     other.expect_line("ready", READY);
     let line = ask(&mut other, "gpupt 9", "gpupt ");
     assert!(line.starts_with("gpupt ok "), "{line}");

@@ -140,9 +140,9 @@ fn a_remote_gpu_shows_what_the_guest_drew_and_survives_its_back_end_dying_and_ly
         "remote,socket={},width=640,height=480,displays=2",
         socket.display()
     );
-    // The back end's socket is outside a jail's root: a jailed VMM refuses a remote GPU
-    // naming --no-jail.
-    let mut vm = env.boot(&["--no-jail", "--memory", "128M", "--gpu", &gpu]);
+    // Jailed as by default: the back end's socket is outside the jail's root, and the
+    // jail's keeper connects to it (each reconnection too) for the VMM.
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", &gpu]);
     vm.expect_line("ready", READY);
     let (changed, requests, _) = draw_virtio(&mut vm, "checker", 7, 0);
     assert_eq!((changed.as_str(), requests), ("640x480+0+0", 2));
@@ -235,8 +235,7 @@ fn a_remote_gpu_shows_what_the_guest_drew_and_survives_its_back_end_dying_and_ly
 
     // A snapshot holds the ledger: the restored VM's GPU replays it to the back end and
     // shows the same pictures.
-    // Unjailed, as it was booted: a jailed VMM refuses a remote GPU (naming --no-jail).
-    let back = env.snapshot_and_restore_with(&vm, "snap", "restored", &["--no-jail"]);
+    let back = env.snapshot_and_restore(&vm, "snap", "restored");
     let g = wait_state(&back, "ready");
     assert_eq!(g.error, None);
     assert_shows_at(
@@ -296,9 +295,10 @@ fn a_remote_gpu_over_tcp_needs_the_token() {
             file.display()
         )
     };
-    // A jailed VMM has a network namespace of its own (not the host's loopback): it
-    // refuses a remote GPU naming --no-jail.
-    let mut vm = env.boot(&["--no-jail", "--memory", "128M", "--gpu", &gpu(&token)]);
+    // Jailed as by default: the VMM has a network namespace of its own (not the host's
+    // loopback), so its keeper dials the back end, and opens the token file, which stays
+    // private to root.
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", &gpu(&token)]);
     vm.expect_line("ready", READY);
     draw_virtio(&mut vm, "checker", 5, 0);
     let g = gpu0(&vm);
@@ -314,7 +314,7 @@ fn a_remote_gpu_over_tcp_needs_the_token() {
     );
 
     // The wrong token: refused by the back end, the GPU in error saying so, the VM runs.
-    let bad = env.boot(&["--no-jail", "--memory", "128M", "--gpu", &gpu(&wrong)]);
+    let bad = env.boot(&["--memory", "128M", "--gpu", &gpu(&wrong)]);
     let g = wait_state(&bad, "error");
     let why = g.error.unwrap_or_default();
     assert!(why.contains("the token is wrong"), "{why}");
@@ -340,8 +340,7 @@ fn a_stopped_back_end_puts_the_gpu_in_error_within_its_bound_and_resumed_it_is_r
         "remote,socket={},width=640,height=480,timeout-ms=1000",
         socket.display()
     );
-    // Unjailed: a jailed VMM refuses a remote GPU (naming --no-jail).
-    let mut vm = env.boot(&["--no-jail", "--memory", "128M", "--gpu", &gpu]);
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", &gpu]);
     vm.expect_line("ready", READY);
     draw_virtio(&mut vm, "checker", 7, 0);
     assert_eq!(state(&gpu0(&vm)), "ready");

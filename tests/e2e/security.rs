@@ -369,8 +369,8 @@ fn jail_tree(pid: u32, leaves: &[String]) -> Vec<String> {
 /// A jailed VMM, seen from the host: its own uid with no capabilities, no_new_privs and
 /// seccomp, its own namespaces, its cgroup with the stated limits, a root holding only
 /// what it needs; the guest answers, its disk and vsock work, a snapshot in its directory
-/// restores into a new jailed VMM; once it ends its cgroup is gone and its disk is given
-/// back.
+/// restores into a new jailed VMM; its disk, opened by its keeper, never changes owner;
+/// once it ends its cgroup is gone.
 #[test]
 fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
     use std::os::unix::fs::MetadataExt;
@@ -379,6 +379,9 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
     std::fs::File::create(&disk)
         .unwrap()
         .set_len(8 << 20)
+        .unwrap();
+    // Private to root: the VMM's uid could not open it; its keeper does.
+    std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .unwrap();
     let disk_s = disk.display().to_string();
     let uids = format!("{}-{}", JAIL_UIDS.0, JAIL_UIDS.1);
@@ -425,8 +428,8 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
     assert_eq!(memory_max, (128 << 20) + ray::jail::MEMORY_OVERHEAD);
     assert_eq!((quota, period), (300_000, 100_000));
 
-    // Its root: the VM's directory, the kernel, the disk, two devices, /proc, the host
-    // facts it reads and the host's encode slots; nothing else.
+    // Its root: the VM's directory, the kernel, two devices, /proc, the host facts it
+    // reads and the host's encode slots; nothing else (not its disk: its keeper opens it).
     let guest = ray_e2e::guest_bin().display().to_string();
     let mut leaves = vec![
         "/dev/kvm".to_string(),
@@ -435,7 +438,6 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
         vm.dir.display().to_string(),
         env.runtime.join("encode-slots").display().to_string(),
         guest,
-        disk_s.clone(),
     ];
     for host in ["/sys/module/kvm_pvm", "/sys/devices/system/node"] {
         if Path::new(host).exists() {
@@ -467,6 +469,10 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
     // socket are where they were.
     assert_eq!(vm.command("echo alive", "alive"), "alive");
     assert!(vm.command("disk write 8 16 0x5a", "disk ").contains("ok"));
+    // The disk kept its owner and mode while the VM writes it: no file on the host is
+    // handed to the VM's uid, so no other VMM of the same disk can lose it.
+    let m = std::fs::metadata(&disk).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o777), (0, 0o600));
     // "disk sum <hash> irqs=.. ns=..": the hash.
     let hash = |line: String| {
         line.split_whitespace()
@@ -548,14 +554,14 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
     env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
     vm.wait_exit(Duration::from_secs(10));
 
-    // Once it has ended: no cgroup, the disk back with its owner.
+    // Once it has ended: no cgroup, the disk with its owner.
     let deadline = Instant::now() + Duration::from_secs(5);
     while groups.iter().any(|g| g.exists()) {
         assert!(Instant::now() < deadline, "{groups:?} outlived the VM");
         std::thread::sleep(Duration::from_millis(20));
     }
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&disk).unwrap());
-    assert_eq!(owner, 0, "the disk is given back to its owner");
+    assert_eq!(owner, 0, "the disk is still its owner's");
 
     // A jailed VMM that fails to start (a damaged copy of the snapshot) leaves nothing:
     // no VM, no cgroup, the disk with its owner.
@@ -590,7 +596,7 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
         assert!(!theirs.exists(), "{} is left", theirs.display());
     }
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&disk).unwrap());
-    assert_eq!(owner, 0, "the disk is given back after a failed start");
+    assert_eq!(owner, 0, "the disk is still its owner's after a failed start");
 
     // Restored, jailed again: the same disk contents.
     let out = env.ray_ok(&[
@@ -689,10 +695,10 @@ fn a_bad_jail_is_refused_before_anything_starts() {
             "'9-3' is empty",
         ),
         (
-            &["vm", "run", "--jail", "--api-tcp", "127.0.0.1:0"][..],
+            &["vm", "run", "--jail", "--vsock", "cid=11,socket=/tmp/elsewhere.sock"][..],
             &[][..],
             6,
-            "--api-tcp cannot be used by a jailed VMM",
+            "a vsock socket outside the VM's directory cannot be used by a jailed VMM",
         ),
     ] {
         let out = env.ray_with(args, vars);

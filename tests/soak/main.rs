@@ -193,15 +193,16 @@ fn snapshot_restore(env: &Env, l: &mut Logical) {
     replace(l, next);
 }
 
-/// Migration targets run unjailed: a jailed target holds only disks copied into its disk
-/// directory, and these VMs' disks are shared storage (the same path on both ends). Their
-/// sources, restores and checkpoints run as ray's default has them (jailed as root), and
-/// so does the target of a garbage stream.
-const TARGET: &[&str] = &["--no-jail"];
+/// Migration targets run jailed as ray's default has them (as root); these VMs' disks are
+/// shared storage (the same path on both ends), in this directory, which each target is
+/// given (`--shared-dir`) for its jail's keeper to open them from.
+fn shared_dir(env: &Env) -> String {
+    env.runtime.display().to_string()
+}
 
 fn migrate(env: &Env, l: &mut Logical) {
     let next_id = format!("{}-{}", l.name, l.gen + 1);
-    let next = env.migrate_here_with(&l.vm, &next_id, TARGET);
+    let next = env.migrate_here_with(&l.vm, &next_id, &["--shared-dir", &shared_dir(env)]);
     replace(l, next);
 }
 
@@ -211,7 +212,7 @@ fn migrate(env: &Env, l: &mut Logical) {
 fn cancelled_migration(env: &Env, l: &mut Logical, counts: &mut Counts) {
     let next_id = format!("{}-{}", l.name, l.gen + 1);
     let key = env.key_file(&format!("{next_id}.key"), "a pre-shared key of some length");
-    let (target, listen) = env.receive(&next_id, &key, TARGET);
+    let (target, listen) = env.receive(&next_id, &key, &["--shared-dir", &shared_dir(env)]);
     let started = env.ray(&[
         "migrate",
         "start",
@@ -247,7 +248,7 @@ fn cancelled_migration(env: &Env, l: &mut Logical, counts: &mut Counts) {
 fn dead_target(env: &Env, l: &mut Logical) {
     let id = format!("{}-dead", l.name);
     let key = env.key_file(&format!("{id}.key"), "a pre-shared key of some length");
-    let (target, listen) = env.receive(&id, &key, TARGET);
+    let (target, listen) = env.receive(&id, &key, &["--shared-dir", &shared_dir(env)]);
     // SAFETY: kill(2) of a VMM this test started.
     unsafe { libc::kill(target.pid as libc::pid_t, libc::SIGKILL) };
     target.wait_exit(Duration::from_secs(30));

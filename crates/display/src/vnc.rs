@@ -324,7 +324,8 @@ impl VncServer {
                 at.set_port(addr.port().saturating_add(d.index as u16));
             }
             let bind = |source| TcpError::Bind { addr: at, source };
-            let listener = TcpListener::bind(at).map_err(bind)?;
+            // Jailed, the keeper binds it in the host's network namespace.
+            let listener = ray_outside::listen_tcp(at).map_err(bind)?;
             let local = listener.local_addr().map_err(bind)?;
             self.tcp.push(local);
             self.spawn(
@@ -382,7 +383,7 @@ impl Drop for VncServer {
             let _ = UnixStream::connect(path);
         }
         for addr in &self.tcp {
-            let _ = TcpStream::connect(addr);
+            let _ = ray_outside::connect_tcp(*addr);
         }
         for t in self.listeners.drain(..) {
             let _ = t.join();

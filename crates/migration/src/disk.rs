@@ -138,6 +138,19 @@ impl SourceDisk {
         }
         let file = File::open(path)
             .map_err(|e| format!("cannot open disk {id} ({}): {e}", path.display()))?;
+        Self::on_file(id, file, size, tracker)
+    }
+
+    /// The disk read from `file`, opened elsewhere (a jailed VMM's keeper opens its disks).
+    pub fn on_file(
+        id: &str,
+        file: File,
+        size: u64,
+        tracker: Arc<dyn BlockTracker>,
+    ) -> Result<Self, String> {
+        if let Some(why) = id_problem(id) {
+            return Err(why);
+        }
         Ok(Self {
             id: id.into(),
             size,

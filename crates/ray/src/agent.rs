@@ -71,6 +71,8 @@ pub struct AgentArgs {
     pub cpus: Option<u32>,
     #[command(flatten)]
     pub timing: TimingArgs,
+    #[command(flatten)]
+    pub jail: ray::jail::JailArgs,
 }
 
 /// The cluster's lease timing: the same on every agent and controller.
@@ -112,6 +114,8 @@ struct HostVmms {
     runtime: PathBuf,
     /// Where receivers listen, and the migration key file.
     migration: Option<(std::net::IpAddr, PathBuf)>,
+    /// Its VMMs are jailed with uids from this range (root's default, as `ray vm run`).
+    jail: Option<ray::jail::UidRange>,
 }
 
 impl HostVmms {
@@ -190,6 +194,7 @@ impl Vmms for HostVmms {
         let cfg = vm_config(&spec).map_err(|e| format!("VM {vm}: {e:#}"))?;
         let extras = VmmExtras {
             lease: Some((lease.ttl, ray_vmm::lease::monotonic_ns_of(lease.since))),
+            jail: self.jail,
             ..VmmExtras::default()
         };
         let origin = match &a.origin {
@@ -241,13 +246,28 @@ impl Vmms for HostVmms {
     fn receive(&self, vm: &str, spec: &[u8]) -> Result<String, String> {
         let (ip, key_file) = self.migration_set_up(vm)?;
         VmSpec::parse(spec).map_err(|e| format!("VM {vm}: {e}"))?;
-        // A free port: the VMM binds it again at once (the window for another process
-        // to take it is the VMM's start-up).
-        let port = std::net::TcpListener::bind((ip, 0))
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("no free port on {ip} to receive VM {vm}: {e}"))?
-            .port();
-        let listen = std::net::SocketAddr::new(ip, port).to_string();
+        // A jailed target has a network namespace of its own: the listener (on a free
+        // port), the key file and a migration slot are opened here and handed to it, as
+        // `ray migrate receive` does.
+        let opened = match self.jail {
+            Some(_) => Some(
+                crate::migrate::open_for_jail(&self.runtime, &format!("{ip}:0"), 8, key_file)
+                    .map_err(|e| format!("cannot receive VM {vm}: {e:#}"))?,
+            ),
+            None => None,
+        };
+        let listen = match &opened {
+            Some(o) => o.endpoint.to_string(),
+            None => {
+                // A free port: the VMM binds it again at once (the window for another
+                // process to take it is the VMM's start-up).
+                let port = std::net::TcpListener::bind((ip, 0))
+                    .and_then(|l| l.local_addr())
+                    .map_err(|e| format!("no free port on {ip} to receive VM {vm}: {e}"))?
+                    .port();
+                std::net::SocketAddr::new(ip, port).to_string()
+            }
+        };
         vm::start_vmm(
             &self.runtime,
             Some(vm.to_string()),
@@ -261,9 +281,13 @@ impl Vmms for HostVmms {
                 // Agents move VMs between hosts: encrypted, as by default.
                 insecure_plaintext: false,
                 disk_dir: None,
-                handed: None,
+                shared_dirs: &[],
+                handed: opened.as_ref().map(crate::migrate::Opened::raw),
             },
-            &VmmExtras::default(),
+            &VmmExtras {
+                jail: self.jail,
+                ..VmmExtras::default()
+            },
         )
         .map_err(|e| format!("{e:#}"))?;
         Ok(listen)
@@ -271,11 +295,21 @@ impl Vmms for HostVmms {
 
     fn send(&self, vm: &str, addr: &str) -> Result<(), String> {
         let (_, key_file) = self.migration_set_up(vm)?;
+        // A jailed VMM is handed the connection, the key file and a slot (`None`
+        // unjailed); open until it answered.
+        let handed = ray_vmm::hand_over::migration(
+            &runtime::vm_dir(&self.runtime, vm),
+            &self.runtime,
+            addr,
+            key_file,
+            None,
+        )
+        .map_err(|e| format!("cannot migrate VM {vm}: {e}"))?;
         let req = MigrateRequest {
             copy_disks: false,
             to: addr.to_string(),
             key_file: key_file.display().to_string(),
-            handoff: None,
+            handoff: handed.as_ref().map(|h| h.token.clone()),
             max_downtime_ms: 30,
             on_limit: Default::default(),
             max_passes: None,
@@ -287,15 +321,21 @@ impl Vmms for HostVmms {
             max_concurrent: None,
         };
         let body = serde_json::to_vec(&req).unwrap_or_default();
-        self.client(vm)?
-            .call::<MigrationStatus>("PUT", "/vm/migration", Some(body))
+        let answered = self
+            .client(vm)?
+            .call::<MigrationStatus>("PUT", "/vm/migration", Some(body));
+        drop(handed);
+        answered
             .map(drop)
             .map_err(|e| format!("/vm/migration of VM {vm}: {e}"))
     }
 
     fn checkpoint(&self, vm: &str, path: &Path, full: bool) -> Result<Checkpoint, String> {
+        // A jailed VMM is lent the checkpoint store (`None` unjailed).
+        let lent = ray_vmm::hand_over::snapshot_store(&runtime::vm_dir(&self.runtime, vm), path)
+            .map_err(|e| format!("cannot checkpoint VM {vm}: {e}"))?;
         let req = SnapshotRequest {
-            handoff: None,
+            handoff: lent.as_ref().map(|l| l.token.clone()),
             path: path.display().to_string(),
             pause: true,
             kind: if full {
@@ -307,10 +347,14 @@ impl Vmms for HostVmms {
             max_snapshots: None,
         };
         let body = serde_json::to_vec(&req).unwrap_or_default();
-        let info: SnapshotInfo = self
+        let answered = self
             .client(vm)?
-            .call("PUT", "/vm/snapshot", Some(body))
-            .map_err(|e| format!("/vm/snapshot of VM {vm}: {e}"))?;
+            .call::<SnapshotInfo>("PUT", "/vm/snapshot", Some(body));
+        if let Some(lent) = lent {
+            lent.give_back(path)
+                .map_err(|e| format!("checkpoint of VM {vm}: {e}"))?;
+        }
+        let info = answered.map_err(|e| format!("/vm/snapshot of VM {vm}: {e}"))?;
         // Named only once every file reads back with its checksums.
         let (store, id) = ray_vmm::snapshot::split_path(path).map_err(|e| e.to_string())?;
         ray_snapshot::SnapshotStore::open(&store)
@@ -461,6 +505,7 @@ pub fn run(args: AgentArgs, runtime: &Path) -> anyhow::Result<()> {
     let vmms = HostVmms {
         runtime: runtime.to_path_buf(),
         migration,
+        jail: ray::jail::wanted(&args.jail)?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -161,9 +161,14 @@ pub struct ReceiveArgs {
     pub insecure_plaintext: bool,
     /// Where disks a source copies (--copy-disks) go: DIR/<disk id>.img, made sparse (an
     /// existing file is refused, a failed migration removes them); the VM here uses them.
-    /// A jailed target can hold only disks copied here.
+    /// A jailed target holds disks copied here and shared disks under --shared-dir.
     #[arg(long)]
     pub disk_dir: Option<PathBuf>,
+    /// A directory of shared storage (the source's disks at the same paths): a jailed
+    /// target's keeper opens the source's disks under it, and no others (repeatable; an
+    /// unjailed target opens any path the source names).
+    #[arg(long, value_name = "DIR")]
+    pub shared_dir: Vec<PathBuf>,
     #[command(flatten)]
     pub jail: ray::jail::JailArgs,
     #[arg(long)]
@@ -296,11 +301,16 @@ fn receive(runtime: &Path, a: &ReceiveArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|d| std::path::absolute(d).with_context(|| format!("cannot resolve {}", d.display())))
         .transpose()?;
+    let shared_dirs = a
+        .shared_dir
+        .iter()
+        .map(|d| std::path::absolute(d).with_context(|| format!("cannot resolve {}", d.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let jail = ray::jail::wanted(&a.jail).map_err(|e| coded(exit::INVALID, e.to_string()))?;
     // A jailed target cannot listen in the host's network namespace, open the key file or
     // take the host's migration slot: `ray` does, and the VMM inherits them.
     let opened = match jail {
-        Some(_) => Some(open_for_jail(runtime, a, &key_file)?),
+        Some(_) => Some(open_for_jail(runtime, &a.listen, a.max_concurrent, &key_file)?),
         None => None,
     };
     let listen = opened
@@ -317,6 +327,7 @@ fn receive(runtime: &Path, a: &ReceiveArgs) -> anyhow::Result<()> {
             prefault: a.prefault,
             insecure_plaintext: a.insecure_plaintext,
             disk_dir: disk_dir.as_deref(),
+            shared_dirs: &shared_dirs,
             handed: opened.as_ref().map(Opened::raw),
         },
         true,
@@ -332,16 +343,18 @@ fn receive(runtime: &Path, a: &ReceiveArgs) -> anyhow::Result<()> {
     launched
 }
 
-/// What `ray migrate receive` opens for a jailed target, inheritable (no close-on-exec).
-struct Opened {
+/// What `ray migrate receive` (and `ray agent`) opens for a jailed target, inheritable (no
+/// close-on-exec).
+pub struct Opened {
     listener: std::os::fd::OwnedFd,
-    endpoint: ray_migration::Endpoint,
+    /// Where it listens (a port 0 made a port).
+    pub endpoint: ray_migration::Endpoint,
     key: std::os::fd::OwnedFd,
     slot: std::os::fd::OwnedFd,
 }
 
 impl Opened {
-    fn raw(&self) -> [std::os::fd::RawFd; 3] {
+    pub fn raw(&self) -> [std::os::fd::RawFd; 3] {
         use std::os::fd::AsRawFd;
         [
             self.listener.as_raw_fd(),
@@ -351,7 +364,7 @@ impl Opened {
     }
 
     /// A Unix listener's file, when no VMM took it.
-    fn remove_socket(&self) {
+    pub fn remove_socket(&self) {
         if let ray_migration::Endpoint::Unix(p) = &self.endpoint {
             let _ = std::fs::remove_file(p);
         }
@@ -371,18 +384,24 @@ fn inheritable(fd: std::os::fd::BorrowedFd) -> anyhow::Result<std::os::fd::Owned
 }
 
 /// Checks the key file and the address, takes a migration slot and binds the listener,
-/// in that order (each undone if a later one fails), for a jailed target.
-fn open_for_jail(runtime: &Path, a: &ReceiveArgs, key_file: &Path) -> anyhow::Result<Opened> {
+/// in that order (each undone if a later one fails), for a jailed target waiting on
+/// `listen`.
+pub fn open_for_jail(
+    runtime: &Path,
+    listen: &str,
+    max_concurrent: u32,
+    key_file: &Path,
+) -> anyhow::Result<Opened> {
     use std::os::fd::AsFd;
-    let at = ray_migration::Endpoint::parse(&a.listen).map_err(|e| coded(exit::INVALID, e))?;
-    if a.max_concurrent == 0 {
+    let at = ray_migration::Endpoint::parse(listen).map_err(|e| coded(exit::INVALID, e))?;
+    if max_concurrent == 0 {
         return Err(coded(
             exit::INVALID,
             "--max-concurrent is 0; it must be at least 1",
         ));
     }
     let key = ray_vmm::hand_over::open_key_file(key_file)?;
-    let slot = ray_vmm::migration::acquire_slot(runtime, a.max_concurrent)
+    let slot = ray_vmm::migration::acquire_slot(runtime, max_concurrent)
         .map_err(|e| coded(exit::REFUSED, e))?;
     let listener =
         ray_migration::Listener::bind(&at).map_err(|e| coded(exit::INVALID, e.to_string()))?;

@@ -472,6 +472,8 @@ pub enum Origin<'a> {
         insecure_plaintext: bool,
         /// Where copied disks go (`--disk-dir`).
         disk_dir: Option<&'a Path>,
+        /// Where a jailed target's keeper opens shared disks (`--shared-dir`).
+        shared_dirs: &'a [PathBuf],
         /// The listener (bound on `listen`), key file and migration slot `ray migrate
         /// receive` opened for a jailed target, as inheritable descriptors.
         handed: Option<[std::os::fd::RawFd; 3]>,
@@ -552,6 +554,8 @@ fn spawn_vmm(
             insecure_plaintext,
             disk_dir,
             handed,
+            // In the jail's plan: the keeper opens shared disks, not the VMM.
+            shared_dirs: _,
         } => {
             if let Some(config) = config {
                 cmd.arg("--config-json").arg(serde_json::to_string(config)?);
@@ -681,8 +685,16 @@ pub fn start_vmm(
             &id,
             origin,
             uids,
-            // A TCP listener the host should reach, by the flag that asks for it.
-            (extras.api_tcp.map(|_| "--api-tcp")).or(extras.vnc_tcp.as_ref().map(|_| "--vnc")),
+            // TCP listeners the host should reach (its keeper binds them) and the files
+            // they read.
+            &ray::jail::Listeners {
+                tcp: extras
+                    .api_tcp
+                    .into_iter()
+                    .chain(extras.vnc_tcp.as_ref().map(|v| v.0))
+                    .collect(),
+                files: extras.vnc_tcp.iter().map(|v| v.1.clone()).collect(),
+            },
         )?),
         None => None,
     };
@@ -764,13 +776,13 @@ fn jail_plan(
     id: &str,
     origin: &Origin,
     uids: ray::jail::UidRange,
-    tcp_listener: Option<&'static str>,
+    listeners: &ray::jail::Listeners,
 ) -> anyhow::Result<ray::jail::Plan> {
     let invalid = |e: ray::jail::JailError| coded(exit::INVALID, e.to_string());
     let dir = runtime::vm_dir(runtime, id);
     match origin {
         Origin::Boot(cfg) => {
-            ray::jail::plan(id, &dir, uids, cfg, None, tcp_listener).map_err(invalid)
+            ray::jail::plan(id, &dir, uids, cfg, None, listeners).map_err(invalid)
         }
         Origin::Restore { snapshot, .. } => {
             let manifest = ray_vmm::snapshot::manifest(snapshot)
@@ -778,11 +790,12 @@ fn jail_plan(
             let cfg: VmConfig = serde_json::from_value(manifest.vm_config)
                 .context("the snapshot's VM configuration is invalid")?;
             let store = snapshot.parent().unwrap_or(snapshot);
-            ray::jail::plan(id, &dir, uids, &cfg, Some(store), tcp_listener).map_err(invalid)
+            ray::jail::plan(id, &dir, uids, &cfg, Some(store), listeners).map_err(invalid)
         }
         Origin::Incoming {
             config,
             disk_dir,
+            shared_dirs,
             listen,
             ..
         } => {
@@ -796,8 +809,9 @@ fn jail_plan(
                 uids,
                 *config,
                 *disk_dir,
+                shared_dirs,
                 socket.as_deref(),
-                tcp_listener,
+                listeners,
             )
             .map_err(invalid)
         }

@@ -1432,7 +1432,8 @@ impl ApiListeners {
         let tcp = match tcp {
             Some(addr) => {
                 check_tcp_addr(addr).map_err(std::io::Error::other)?;
-                let l = std::net::TcpListener::bind(addr).map_err(|e| {
+                // Jailed, the keeper binds it in the host's network namespace.
+                let l = ray_outside::listen_tcp(addr).map_err(|e| {
                     std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
                 })?;
                 l.set_nonblocking(true)?;

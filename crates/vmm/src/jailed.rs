@@ -12,6 +12,12 @@ pub struct Jailed {
     pub host_pid: u32,
     /// Directories the VMM may create files under (its VM directory).
     pub writable: Vec<PathBuf>,
+    /// It has a network namespace of its own (no TAP there): a migration target's NICs
+    /// are TAPs its keeper opens ([`ray_outside::open_tap`]).
+    pub own_network: bool,
+    /// A migration target: directories of shared disks its keeper opens for it
+    /// ([`ray_outside::open_disk`]).
+    pub shared_dirs: Vec<PathBuf>,
 }
 
 static JAIL: OnceLock<Jailed> = OnceLock::new();
@@ -59,6 +65,19 @@ pub fn refuse_if_jailed(what: &str) -> Result<(), String> {
     }
 }
 
+/// Whether this (jailed) VMM's keeper opens the disk at `path` for it: every disk but the
+/// copies a migration target writes in its own directories (its keeper opens the VM's
+/// disks, and a target's shared disks, so no file on the host changes owner).
+pub fn disk_from_keeper(path: &Path) -> bool {
+    get().is_some_and(|j| !j.writable.iter().any(|w| path.starts_with(w)))
+}
+
+/// Whether this (jailed) VMM's keeper opens its TAPs: it has a network namespace of its
+/// own (a migration target).
+pub fn taps_from_keeper() -> bool {
+    get().is_some_and(|j| j.own_network)
+}
+
 /// Whether this VMM can see `path` (always, unjailed); otherwise a sentence naming `what`
 /// and what a jailed VMM sees.
 pub fn check_visible(path: &Path, what: &str) -> Result<(), String> {
@@ -75,8 +94,9 @@ pub fn check_visible(path: &Path, what: &str) -> Result<(), String> {
 /// Whether a jailed migration target can hold the devices of the VM a source sends
 /// (`devices` as this target would open them: copied disks at their copies, the vsock
 /// socket in this VM's directory). Its jail was made before it knew them: it sees only
-/// its own directory and its disk directory, and has a network namespace of its own.
-/// Otherwise a sentence naming the first device it cannot hold and `--no-jail`; checked
+/// its own directory and its disk directory, and has a network namespace of its own; its
+/// keeper opens shared disks under the directories it was given (`--shared-dir`) and
+/// the NICs' TAPs. Otherwise a sentence naming the first device it cannot hold; checked
 /// before the switch-over, so the source runs on.
 pub fn check_incoming(devices: &ray_api::vmm::DevicesConfig) -> Result<(), String> {
     let Some(jail) = get() else { return Ok(()) };
@@ -86,16 +106,25 @@ pub fn check_incoming(devices: &ray_api::vmm::DevicesConfig) -> Result<(), Strin
             "this migration target's VMM is jailed and cannot hold {what}; receive with --no-jail for that"
         ))
     };
-    if let Some(d) = devices.disks.iter().find(|d| !seen(&d.path)) {
-        return refuse(format!(
-            "the source's disk {} at {}: a jailed target holds only disks the source copies into its disk directory (`ray migrate start --copy-disks` to `ray migrate receive --disk-dir DIR`), not shared storage",
-            d.id, d.path
-        ));
-    }
-    if let Some(n) = devices.net.first() {
-        return refuse(format!(
-            "the source's NIC on TAP {}: a jailed target runs in a network namespace of its own, without TAPs",
-            n.tap
+    let shared = |p: &str| jail.shared_dirs.iter().any(|d| Path::new(p).starts_with(d));
+    if let Some(d) = devices
+        .disks
+        .iter()
+        .find(|d| !seen(&d.path) && !shared(&d.path))
+    {
+        return Err(format!(
+            "this migration target's VMM is jailed and cannot hold the source's disk {} at {}: it opens shared storage only under the directories it was given (`ray migrate receive --shared-dir DIR`; given: {}), and disks the source copies into its disk directory (`ray migrate start --copy-disks` to `ray migrate receive --disk-dir DIR`); or receive with --no-jail",
+            d.id,
+            d.path,
+            match jail.shared_dirs.is_empty() {
+                true => "none".to_string(),
+                false => jail
+                    .shared_dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
         ));
     }
     if let Some(s) = devices

@@ -10,7 +10,13 @@ use ray_devices::virtio::tap;
 /// whichever VM runs.
 pub fn device(config: &NetConfig, restoring: bool) -> Result<Net, String> {
     config.validate()?;
-    let file = tap::open(&config.tap, config.netns.as_deref())?;
+    // A jailed migration target has a network namespace of its own: its keeper opens
+    // the TAP where it is.
+    let file = match crate::jailed::taps_from_keeper() {
+        true => ray_outside::open_tap(&config.tap, config.netns.as_deref())
+            .map_err(|e| format!("cannot open TAP {}: {e}", config.tap))?,
+        false => tap::open(&config.tap, config.netns.as_deref())?,
+    };
     let mut attached = true;
     if restoring && tap::set_attached(&file, false).is_ok() {
         attached = false;

@@ -235,10 +235,18 @@ const INPUT_IDS: [(&str, InputKind); 2] = [
 const VSOCK_ID: &str = "vsock";
 
 fn open_disk(disk: &DiskConfig) -> Result<Block, PciError> {
-    Block::open(block_config(disk, DISK_QUEUES)).map_err(|e| PciError::Device {
+    let failed = |why: String| PciError::Device {
         id: disk.id.clone(),
-        why: e.to_string(),
-    })
+        why,
+    };
+    let config = block_config(disk, DISK_QUEUES);
+    // A jailed migration target's shared disk: its keeper opens it.
+    if crate::jailed::disk_from_keeper(&config.path) {
+        let file = ray_outside::open_disk(&config.path, !disk.readonly, disk.direct)
+            .map_err(|e| failed(format!("cannot open {}: {e}", disk.path)))?;
+        return Block::with_file(config, file).map_err(|e| failed(e.to_string()));
+    }
+    Block::open(config).map_err(|e| failed(e.to_string()))
 }
 
 /// The model's configuration of `disk` with `queues` queues (a vhost-user back end serves

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::cgroup::{Hierarchy, VmCgroup};
 use super::taps::{self, MadeTaps};
+use super::outside::Keeper;
 use super::{inside, NetPlace, Plan, ROOT_DIR};
 
 /// The namespaces of a jailed VMM (and a network namespace of its own without NICs).
@@ -16,42 +17,23 @@ const NAMESPACES: libc::c_int =
 /// Stop signals the keeper passes on to the VMM.
 const FORWARDED: &[libc::c_int] = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
-/// Files handed to the VM's uid, with their owners to give them back to.
-struct Handed(Vec<(PathBuf, u32, u32)>);
-
-impl Handed {
-    fn give(plan: &Plan, vm_dir: &Path) -> Result<Handed, String> {
-        let mut handed = Handed(Vec::new());
-        let chown = |p: &Path| {
-            std::os::unix::fs::lchown(p, Some(plan.uid), Some(plan.gid))
-                .map_err(|e| format!("cannot hand {} to uid {}: {e}", p.display(), plan.uid))
-        };
-        for p in &plan.chown {
-            let m =
-                std::fs::metadata(p).map_err(|e| format!("cannot stat {}: {e}", p.display()))?;
-            chown(p)?;
-            handed.0.push((p.clone(), m.uid(), m.gid()));
-        }
-        // The VM's directory and what an earlier VM of this id left in it stay the VM's.
-        chown(vm_dir)?;
-        for e in std::fs::read_dir(vm_dir)
-            .map_err(|e| format!("cannot read {}: {e}", vm_dir.display()))?
-        {
-            let path = e.map_err(|e| e.to_string())?.path();
-            if !path.ends_with(ROOT_DIR) {
-                chown(&path)?;
-            }
-        }
-        Ok(handed)
-    }
-
-    fn give_back(self) {
-        for (p, uid, gid) in self.0 {
-            if let Err(e) = std::os::unix::fs::lchown(&p, Some(uid), Some(gid)) {
-                tracing::warn!("cannot give {} back to uid {uid}: {e}", p.display());
-            }
+/// Hands the VM's directory, and what an earlier VM of this id left in it, to the VM's uid
+/// (they stay its own). Its disks keep their owners: the keeper opens them for it.
+fn give_vm_dir(plan: &Plan, vm_dir: &Path) -> Result<(), String> {
+    let chown = |p: &Path| {
+        std::os::unix::fs::lchown(p, Some(plan.uid), Some(plan.gid))
+            .map_err(|e| format!("cannot hand {} to uid {}: {e}", p.display(), plan.uid))
+    };
+    chown(vm_dir)?;
+    for e in
+        std::fs::read_dir(vm_dir).map_err(|e| format!("cannot read {}: {e}", vm_dir.display()))?
+    {
+        let path = e.map_err(|e| e.to_string())?.path();
+        if !path.ends_with(ROOT_DIR) {
+            chown(&path)?;
         }
     }
+    Ok(())
 }
 
 /// Directories lent to the VM's uid while it runs ([`Plan::lend`]).
@@ -149,11 +131,10 @@ pub fn jail(
         ray_display::encode::make_host_slots(dir).map_err(|e| e.to_string())?;
     }
     let cgroup = Hierarchy::detect()?.create(id, plan.memory_max, plan.cpu_quota_us)?;
-    // The disks first: removing the cgroup may wait for the kernel to let go of the
+    // The loans first: removing the cgroup may wait for the kernel to let go of the
     // VMM, and a new VM may want them meanwhile.
-    let undo = |cgroup: VmCgroup, handed: Option<(Handed, Lent)>, made: Option<MadeTaps>| {
-        if let Some((h, lent)) = handed {
-            h.give_back();
+    let undo = |cgroup: VmCgroup, lent: Option<Lent>, made: Option<MadeTaps>| {
+        if let Some(lent) = lent {
             lent.take_back(plan);
         }
         if let Some(m) = made {
@@ -164,21 +145,17 @@ pub fn jail(
         }
         let _ = std::fs::remove_dir(&root);
     };
-    let given = match Handed::give(plan, vm_dir).and_then(|h| cgroup.enter().map(|_| h)) {
-        Ok(h) => h,
+    if let Err(e) = give_vm_dir(plan, vm_dir).and_then(|()| cgroup.enter()) {
+        undo(cgroup, None, None);
+        return Err(e);
+    }
+    let given = match Lent::lend(plan) {
+        Ok(l) => l,
         Err(e) => {
             undo(cgroup, None, None);
             return Err(e);
         }
     };
-    let lent = match Lent::lend(plan) {
-        Ok(l) => l,
-        Err(e) => {
-            undo(cgroup, Some((given, Lent(Vec::new()))), None);
-            return Err(e);
-        }
-    };
-    let given = (given, lent);
     let netns = match &plan.net {
         NetPlace::Named(path) => taps::enter_netns(path),
         NetPlace::Host | NetPlace::Private => Ok(()),
@@ -193,6 +170,14 @@ pub fn jail(
     let flags = match plan.net {
         NetPlace::Private => NAMESPACES | libc::CLONE_NEWNET,
         NetPlace::Host | NetPlace::Named(_) => NAMESPACES,
+    };
+    // What the VMM asks for outside its jail comes over this pair ([`super::outside`]).
+    let (keeper_end, vmm_end) = match std::os::unix::net::UnixDatagram::pair() {
+        Ok(p) => p,
+        Err(e) => {
+            undo(cgroup, Some(given), Some(made));
+            return Err(format!("cannot make the jailed VMM's socket to its keeper: {e}"));
+        }
     };
     let (signals, old_mask) = block_forwarded();
     // SAFETY: a fork-like clone (no CLONE_VM, no new stack: the child runs on a copy of
@@ -219,8 +204,11 @@ pub fn jail(
             libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut());
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
         }
-        return become_vmm(plan, id, vm_dir);
+        drop(keeper_end);
+        return become_vmm(plan, id, vm_dir, vmm_end);
     }
+    drop(vmm_end);
+    let mut keeper = Keeper::new(keeper_end, &plan.outside, (plan.uid, plan.gid));
     let mut socket = plan
         .listen_socket
         .as_deref()
@@ -234,7 +222,7 @@ pub fn jail(
     if let Some(fd) = lock_fd {
         name_owner(fd, pid as u32);
     }
-    let status = wait_forwarding(pid as libc::pid_t, &signals, &mut || {
+    let status = wait_forwarding(pid as libc::pid_t, &signals, &mut keeper, &mut || {
         if socket.as_ref().is_some_and(SocketWatch::let_go) {
             socket = None;
         }
@@ -259,16 +247,25 @@ fn name_owner(fd: RawFd, pid: u32) {
 }
 
 /// The jailed child's set-up, before it runs the VMM.
-fn become_vmm(plan: &Plan, id: &str, vm_dir: &Path) -> Result<(), String> {
+fn become_vmm(
+    plan: &Plan,
+    id: &str,
+    vm_dir: &Path,
+    keeper: std::os::unix::net::UnixDatagram,
+) -> Result<(), String> {
     let host_pid = inside::host_pid()?;
     inside::enter_root(plan, vm_dir)?;
     inside::set_hostname(id)?;
     inside::drop_privileges(plan)?;
+    ray_outside::set_keeper(keeper)
+        .map_err(|e| format!("cannot keep the socket to the keeper: {e}"))?;
     ray_vmm::jailed::set(ray_vmm::jailed::Jailed {
         host_pid,
         writable: std::iter::once(vm_dir.to_path_buf())
             .chain(plan.lend.iter().cloned())
             .collect(),
+        own_network: plan.net == NetPlace::Private,
+        shared_dirs: plan.outside.shared_dirs.clone(),
     });
     Ok(())
 }
@@ -326,13 +323,28 @@ impl SocketWatch {
     }
 }
 
-/// Waits for the VMM, passing on stop signals and calling `tick` between waits; returns
-/// its exit code (128 + signal when a signal ended it, as a shell reports it).
-fn wait_forwarding(pid: libc::pid_t, signals: &libc::sigset_t, tick_fn: &mut dyn FnMut()) -> i32 {
-    let tick = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 50_000_000,
-    };
+/// Waits for the VMM, passing on stop signals, answering what it asks for outside its
+/// jail (`keeper`) and calling `tick` between waits; returns its exit code (128 + signal
+/// when a signal ended it, as a shell reports it).
+fn wait_forwarding(
+    pid: libc::pid_t,
+    signals: &libc::sigset_t,
+    keeper: &mut Keeper,
+    tick_fn: &mut dyn FnMut(),
+) -> i32 {
+    use std::os::fd::AsRawFd;
+    // The blocked signals, readable as a descriptor: one poll waits for them and for the
+    // VMM's requests.
+    // SAFETY: a valid signal set; the result is checked.
+    let sfd = unsafe { libc::signalfd(-1, signals, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if sfd < 0 {
+        tracing::warn!(
+            "no signalfd ({}): stop signals reach the VMM only when it ends",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: a descriptor just made and owned by nothing else.
+    let sfd = (sfd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(sfd) });
     loop {
         let mut status = 0;
         // SAFETY: `status` is a valid out pointer; `pid` is our child.
@@ -350,11 +362,37 @@ fn wait_forwarding(pid: libc::pid_t, signals: &libc::sigset_t, tick_fn: &mut dyn
             return 1;
         }
         tick_fn();
-        // SAFETY: a valid set and timeout; the info pointer may be null.
-        let sig = unsafe { libc::sigtimedwait(signals, std::ptr::null_mut(), &tick) };
-        if sig > 0 && FORWARDED.contains(&sig) {
-            // SAFETY: signals our own child.
-            unsafe { libc::kill(pid, sig) };
+        let mut fds = [
+            libc::pollfd {
+                fd: keeper.socket().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sfd.as_ref().map_or(-1, |f| f.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfds for the call's duration.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, 50) };
+        if fds[0].revents & libc::POLLIN != 0 {
+            keeper.serve();
+        }
+        if let Some(sfd) = &sfd {
+            // SAFETY: signalfd_siginfo is plain data, read whole from the signalfd.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let size = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: reads at most `size` bytes into `info`, which is that big.
+            while unsafe { libc::read(sfd.as_raw_fd(), (&raw mut info).cast(), size) }
+                == size as isize
+            {
+                let sig = info.ssi_signo as libc::c_int;
+                if FORWARDED.contains(&sig) {
+                    // SAFETY: signals our own child.
+                    unsafe { libc::kill(pid, sig) };
+                }
+            }
         }
     }
 }

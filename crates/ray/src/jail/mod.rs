@@ -19,6 +19,7 @@
 pub mod cgroup;
 pub mod inside;
 pub mod keeper;
+pub mod outside;
 pub mod taps;
 
 /// Lending a directory to a jailed VMM's uid; in ray-vmm, which `ray web` shares.
@@ -53,9 +54,11 @@ pub struct JailArgs {
     /// Run the VMM jailed (the default when ray runs as root; `$RAY_JAIL=0|1` sets a
     /// host-wide default): its own uid (from --jail-uids), PID/mount/IPC/UTS/network
     /// namespaces, a private root holding only its files, cgroup limits for CPU and
-    /// memory, no capabilities, no_new_privs. Needs root. What a jailed VMM cannot hold
-    /// (TCP API or VNC listeners without a NIC in the host's namespace, remote or
-    /// passthrough GPUs, NICs or shared disks as a migration target) is refused naming
+    /// memory, no capabilities, no_new_privs. Needs root. Its keeper (root, outside)
+    /// opens for it only what the VM was started with: its disks, TCP listeners on the
+    /// host's loopback (--api-tcp, --vnc), connections to remote or vfio-user GPU back
+    /// ends, secret files; a migration target's TAPs and its shared disks under
+    /// --shared-dir. What it cannot hold (a GPU on a host device) is refused naming
     /// --no-jail.
     #[arg(long, conflicts_with = "no_jail")]
     pub jail: bool,
@@ -132,8 +135,6 @@ pub struct Plan {
     pub groups: Vec<u32>,
     /// Besides the VM's directory (always there, read-write and handed to `uid`).
     pub binds: Vec<Bind>,
-    /// Files handed to `uid` while the VM runs (its disks), given back afterwards.
-    pub chown: Vec<PathBuf>,
     /// The cgroup's memory limit in bytes.
     pub memory_max: u64,
     /// The cgroup's CPU quota per [`CPU_PERIOD_US`].
@@ -155,6 +156,9 @@ pub struct Plan {
     /// them, the jail holds them read-only (a `flock` needs no more).
     #[serde(default)]
     pub encode_slots: Option<PathBuf>,
+    /// What the VMM may ask its keeper to open outside the jail.
+    #[serde(default)]
+    pub outside: outside::Outside,
 }
 
 /// The network namespace of a jailed VMM.
@@ -225,19 +229,27 @@ const DEVICES: &[&str] = &["/dev/kvm", "/dev/urandom"];
 /// Host facts the VMM reads, where present: the KVM flavour (PVM), the NUMA topology.
 const HOST_INFO: &[&str] = &["/sys/module/kvm_pvm", "/sys/devices/system/node"];
 
+/// What a VMM serves on the host beside its devices: TCP listeners on the host's loopback
+/// (`--api-tcp`, `--vnc`; its keeper binds them) and the files they read (the VNC password
+/// file; its keeper opens it, so it stays private to its owner).
+#[derive(Clone, Debug, Default)]
+pub struct Listeners {
+    pub tcp: Vec<std::net::SocketAddr>,
+    pub files: Vec<PathBuf>,
+}
+
 /// The jail of a VM that boots (or restores) with `cfg` in `vm_dir`; `store` is the
-/// snapshot store a restore reads. Refuses what a jailed VMM cannot do yet. No side
-/// effects.
+/// snapshot store a restore reads. Refuses what a jailed VMM cannot do. No side effects.
 pub fn plan(
     id: &str,
     vm_dir: &Path,
     uids: UidRange,
     cfg: &VmConfig,
     store: Option<&Path>,
-    tcp_listener: Option<&'static str>,
+    listeners: &Listeners,
 ) -> Result<Plan, JailError> {
     // A restore reads the kernel from the snapshot, not the file.
-    plan_for(id, vm_dir, uids, cfg, store, tcp_listener, store.is_none())
+    plan_for(id, vm_dir, uids, cfg, store, listeners, store.is_none())
 }
 
 /// [`plan`], binding the kernel and initrd when `kernel`.
@@ -247,16 +259,10 @@ fn plan_for(
     uids: UidRange,
     cfg: &VmConfig,
     store: Option<&Path>,
-    tcp_listener: Option<&'static str>,
+    listeners: &Listeners,
     kernel: bool,
 ) -> Result<Plan, JailError> {
     let net = net_place(cfg)?;
-    if let (Some(flag), false) = (tcp_listener, net == NetPlace::Host) {
-        return Err(JailError::Unsupported(
-            flag,
-            "a jailed VMM without a NIC in the host's namespace has a network namespace of its own, so its loopback is not the host's".into(),
-        ));
-    }
     if let Some(path) = cfg.devices.vsock.as_ref().and_then(|v| v.socket.as_ref()) {
         if !Path::new(path).starts_with(vm_dir) {
             return Err(JailError::Unsupported(
@@ -265,17 +271,32 @@ fn plan_for(
             ));
         }
     }
+    // Back ends outside the jail: its keeper connects to them (and to nothing else).
+    let mut connect = Vec::new();
+    let mut read = listeners.files.clone();
     for g in &cfg.devices.gpus {
-        let what = match g.kind {
-            ray_api::gpu::GpuType::Remote => "a remote GPU",
-            ray_api::gpu::GpuType::Passthrough => "a passthrough GPU",
-            _ => continue,
-        };
-        return Err(JailError::Unsupported(
-            what,
-            "its back end is a socket or device outside the jail's root and network namespace"
-                .into(),
-        ));
+        use ray_api::gpu::{GpuType, PassthroughSource, RemoteBackend};
+        match g.kind {
+            GpuType::Remote => match g.remote_backend().map_err(JailError::Host)? {
+                RemoteBackend::Unix(p) => connect.push(outside::Endpoint::Unix(p)),
+                RemoteBackend::Tcp(a) => {
+                    connect.push(outside::Endpoint::Tcp(a));
+                    read.extend(g.token_file.iter().map(PathBuf::from));
+                }
+            },
+            GpuType::Passthrough => match &g.passthrough {
+                Some(PassthroughSource::VfioUser { socket }) => {
+                    connect.push(outside::Endpoint::Unix(socket.into()))
+                }
+                Some(PassthroughSource::Host { .. }) | None => {
+                    return Err(JailError::Unsupported(
+                        "a passthrough GPU on a host device",
+                        "VFIO's device files are not in a jailed VMM's root".into(),
+                    ))
+                }
+            },
+            _ => {}
+        }
     }
     cgroup::Hierarchy::detect().map_err(JailError::Host)?;
     let ro = |p: &str| Bind {
@@ -320,14 +341,15 @@ fn plan_for(
             device: false,
         });
     }
-    let mut chown = Vec::new();
+    // The disks are not in the jail: its keeper opens them, so no file on the host changes
+    // owner (two VMMs of the same disk, one ending as the other starts, cannot take it
+    // from each other).
+    let mut disks = Vec::new();
     for disk in &cfg.devices.disks {
-        binds.push(Bind {
+        disks.push(outside::PlannedDisk {
             path: PathBuf::from(&disk.path),
             writable: !disk.readonly,
-            device: false,
         });
-        chown.push(PathBuf::from(&disk.path));
     }
     for b in &binds {
         if !b.path.is_absolute() || !b.path.exists() {
@@ -346,7 +368,6 @@ fn plan_for(
         gid: uid,
         groups: vec![kvm_group],
         binds,
-        chown,
         memory_max: cfg.memory_bytes + MEMORY_OVERHEAD,
         cpu_quota_us: (u64::from(cfg.vcpus) + 1) * CPU_PERIOD_US,
         net,
@@ -354,25 +375,36 @@ fn plan_for(
         lend: Vec::new(),
         listen_socket: None,
         encode_slots: ray_vmm::display::encode_slots_dir(vm_dir),
+        outside: outside::Outside {
+            connect,
+            listen: listeners.tcp.clone(),
+            read,
+            disks,
+            shared_dirs: Vec::new(),
+            taps: false,
+        },
     })
 }
 
 /// The jail of a migration target (`ray migrate receive`), made before it knows the VM
-/// it receives: a network namespace of its own (the listener comes from `ray`), no
-/// kernel, and `disk_dir` (where the disks a source copies go) lent to its uid. Its
-/// cgroup's limits come from the shape it was told (`--vcpus`/`--memory`); without one
-/// they are those of the largest VM this host allows (all its memory and vCPUs), the
-/// source's shape being unknown until it connects. What the source's VM needs beyond
-/// that (shared disks, NICs, sockets elsewhere) the target refuses before the switch-over
+/// it receives: a network namespace of its own (the listener comes from `ray`; its keeper
+/// opens the TAPs of the source's NICs), no kernel, `disk_dir` (where the disks a source
+/// copies go) lent to its uid, and shared disks opened by its keeper under `shared_dirs`.
+/// Its cgroup's limits come from the shape it was told (`--vcpus`/`--memory`); without
+/// one they are those of the largest VM this host allows (all its memory and vCPUs), the
+/// source's shape being unknown until it connects. What the source's VM needs beyond that
+/// (other disks, sockets elsewhere) the target refuses before the switch-over
 /// (`ray_vmm::jailed::check_incoming`). No side effects.
+#[allow(clippy::too_many_arguments)]
 pub fn plan_incoming(
     id: &str,
     vm_dir: &Path,
     uids: UidRange,
     shape: Option<&VmConfig>,
     disk_dir: Option<&Path>,
+    shared_dirs: &[PathBuf],
     listen_socket: Option<&Path>,
-    tcp_listener: Option<&'static str>,
+    listeners: &Listeners,
 ) -> Result<Plan, JailError> {
     let mut cfg = shape.cloned().unwrap_or_else(|| VmConfig {
         kernel: String::new(),
@@ -387,7 +419,7 @@ pub fn plan_incoming(
     });
     cfg.devices = Default::default();
     // The kernel comes with the source's memory.
-    let mut p = plan_for(id, vm_dir, uids, &cfg, None, tcp_listener, false)?;
+    let mut p = plan_for(id, vm_dir, uids, &cfg, None, listeners, false)?;
     if let Some(dir) = disk_dir {
         if !dir.is_absolute() || !dir.is_dir() {
             return Err(JailError::Host(format!(
@@ -402,6 +434,16 @@ pub fn plan_incoming(
         });
         p.lend.push(dir.to_path_buf());
     }
+    for dir in shared_dirs {
+        if !dir.is_absolute() || !dir.is_dir() {
+            return Err(JailError::Host(format!(
+                "the shared directory {} must be an existing absolute directory",
+                dir.display()
+            )));
+        }
+    }
+    p.outside.shared_dirs = shared_dirs.to_vec();
+    p.outside.taps = true;
     p.listen_socket = listen_socket.map(Path::to_path_buf);
     Ok(p)
 }
@@ -572,11 +614,12 @@ mod tests {
             first: 500_000,
             last: 500_100,
         };
-        let p = plan("vm-x", Path::new("/run/x"), uids, &cfg, None, None).unwrap();
+        let none = Listeners::default();
+        let p = plan("vm-x", Path::new("/run/x"), uids, &cfg, None, &none).unwrap();
         assert!((500_000..=500_100).contains(&p.uid));
         assert_eq!(p.memory_max, (256 << 20) + MEMORY_OVERHEAD);
         assert_eq!(p.cpu_quota_us, 3 * CPU_PERIOD_US);
-        assert!(p.binds.iter().any(|b| b.path == disk && b.writable));
+        assert!(p.binds.iter().all(|b| b.path != disk), "the keeper opens it");
         assert!(p
             .binds
             .iter()
@@ -585,18 +628,38 @@ mod tests {
             .binds
             .iter()
             .any(|b| b.path == Path::new("/dev/kvm") && b.device));
-        assert_eq!(p.chown, vec![disk.clone()]);
-        let e = plan("vm-x", Path::new("/run/x"), uids, &cfg, None, Some("--vnc")).unwrap_err();
+        assert_eq!(
+            p.outside.disks,
+            vec![outside::PlannedDisk {
+                path: disk.clone(),
+                writable: true
+            }]
+        );
+        assert!(p.outside.connect.is_empty() && p.outside.listen.is_empty());
+        // A TCP listener (its keeper binds it) and the file it reads.
+        let vnc = Listeners {
+            tcp: vec!["127.0.0.1:5900".parse().unwrap()],
+            files: vec![disk.clone()],
+        };
+        let p = plan("vm-x", Path::new("/run/x"), uids, &cfg, None, &vnc).unwrap();
+        assert_eq!(p.outside.listen, vnc.tcp);
+        assert_eq!(p.outside.read, vnc.files);
+        // A passthrough GPU on a host device is refused: its VFIO files are not there.
+        let mut host = cfg.clone();
+        host.devices.gpus = vec![ray_api::gpu::GpuConfig::parse("passthrough,host=0000:01:00.0")
+            .unwrap()
+            .unwrap()];
+        let e = plan("vm-x", Path::new("/run/x"), uids, &host, None, &none).unwrap_err();
         assert!(
-            e.to_string()
-                .contains("--vnc cannot be used by a jailed VMM"),
+            e.to_string().contains("host device") && e.to_string().contains("--no-jail"),
             "{e}"
         );
         let _ = std::fs::remove_file(&disk);
     }
 
     #[test]
-    fn a_migration_target_binds_no_kernel_lends_its_disk_dir_and_refuses_outside_gpus() {
+    fn a_migration_target_binds_no_kernel_lends_its_disk_dir_and_gets_shared_disks_and_taps() {
+        let none = Listeners::default();
         let uids = UidRange {
             first: 500_000,
             last: 500_100,
@@ -610,15 +673,18 @@ mod tests {
             uids,
             None,
             Some(&dir),
+            std::slice::from_ref(&dir),
             Some(&sock),
-            None,
+            &none,
         )
         .unwrap();
+        assert_eq!(p.outside.shared_dirs, vec![dir.clone()]);
+        assert!(p.outside.taps);
         assert_eq!(p.net, NetPlace::Private);
         assert_eq!(p.lend, vec![dir.clone()]);
         assert_eq!(p.listen_socket.as_deref(), Some(sock.as_path()));
         assert!(p.binds.iter().any(|b| b.path == dir && b.writable));
-        assert!(p.chown.is_empty() && p.taps.is_empty());
+        assert!(p.outside.disks.is_empty() && p.taps.is_empty());
         // Not told the shape: the largest VM the host allows.
         assert_eq!(
             p.memory_max,
@@ -631,8 +697,9 @@ mod tests {
             uids,
             Some(&shape),
             None,
+            &[],
             None,
-            None,
+            &none,
         )
         .unwrap();
         assert_eq!(p.memory_max, (256 << 20) + MEMORY_OVERHEAD);
@@ -653,21 +720,33 @@ mod tests {
             uids,
             None,
             Some(Path::new("/no/such/dir")),
+            &[],
             None,
-            None,
+            &none,
         )
         .unwrap_err();
         assert!(e.to_string().contains("/no/such/dir"), "{e}");
+        let e = plan_incoming(
+            "vm-in",
+            Path::new("/run/x"),
+            uids,
+            None,
+            None,
+            &[PathBuf::from("relative/dir")],
+            None,
+            &none,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("shared directory relative/dir"), "{e}");
         let mut remote = config(Path::new("/dev/null"));
         remote.devices.gpus = vec![ray_api::gpu::GpuConfig::parse("remote,socket=/tmp/g.sock")
             .unwrap()
             .unwrap()];
-        let e = plan("vm-x", Path::new("/run/x"), uids, &remote, None, None).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("a remote GPU cannot be used by a jailed VMM")
-                && e.to_string().contains("--no-jail"),
-            "{e}"
+        // Its keeper connects to the back end for it.
+        let p = plan("vm-x", Path::new("/run/x"), uids, &remote, None, &none).unwrap();
+        assert_eq!(
+            p.outside.connect,
+            vec![outside::Endpoint::Unix("/tmp/g.sock".into())]
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -59,13 +59,15 @@ pub fn source_disks(config: &VmConfig) -> Result<Vec<Arc<SourceDisk>>, String> {
                 format!("disk {} has no running device to track its writes", d.id)
             })?;
             let path = PathBuf::from(&d.path);
-            SourceDisk::open(
-                &d.id,
-                &path,
-                tracker.disk_size(),
-                Arc::new(Tracker(tracker)),
-            )
-            .map(Arc::new)
+            let tracker: Arc<Tracker> = Arc::new(Tracker(tracker));
+            let size = tracker.0.disk_size();
+            // A jailed VMM's keeper opens its disks.
+            if crate::jailed::disk_from_keeper(&path) {
+                let file = ray_outside::open_disk(&path, false, false)
+                    .map_err(|e| format!("cannot open disk {} ({}): {e}", d.id, d.path))?;
+                return SourceDisk::on_file(&d.id, file, size, tracker).map(Arc::new);
+            }
+            SourceDisk::open(&d.id, &path, size, tracker).map(Arc::new)
         })
         .collect()
 }

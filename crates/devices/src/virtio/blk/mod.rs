@@ -86,7 +86,7 @@ pub struct BlockConfig {
 }
 
 /// The size in bytes of an open disk: a file's length or a block device's size.
-fn disk_size(file: &File, path: &Path) -> Result<u64, BlockError> {
+pub fn disk_size(file: &File, path: &Path) -> Result<u64, BlockError> {
     let meta = file.metadata().map_err(|source| BlockError::Open {
         path: path.into(),
         source,
@@ -145,6 +145,14 @@ impl Block {
                 path: path.clone(),
                 source,
             })?;
+        Self::with_file(config, file)
+    }
+
+    /// The disk of `config` on `file`, opened elsewhere as `config` says (read-write
+    /// unless read-only, `O_DIRECT` if direct): a jailed migration target's keeper opens
+    /// its shared disks.
+    pub fn with_file(config: BlockConfig, file: File) -> Result<Self, BlockError> {
+        let path = &config.path;
         let size = disk_size(&file, path)?;
         if !size.is_multiple_of(SECTOR) {
             return Err(BlockError::Size {

@@ -289,7 +289,8 @@ impl Link {
     pub fn open(endpoint: &Endpoint, timeout: Duration) -> Result<Opened, String> {
         match endpoint {
             Endpoint::Unix(path) => {
-                let s = UnixStream::connect(path).map_err(|e| {
+                // Jailed, through the keeper (the socket is outside the jail).
+                let s = ray_outside::connect_unix(path).map_err(|e| {
                     format!("cannot connect to the back end at {}: {e}", path.display())
                 })?;
                 let _ = s.set_read_timeout(Some(timeout));
@@ -299,7 +300,7 @@ impl Link {
             Endpoint::Tcp { addr, .. } => {
                 // Blocking connect: no non-blocking switch (an ioctl the thread's
                 // filter does not allow); refused at once on a closed loopback port.
-                let s = TcpStream::connect(addr)
+                let s = ray_outside::connect_tcp(*addr)
                     .map_err(|e| format!("cannot connect to the back end at {addr}: {e}"))?;
                 let _ = s.set_nodelay(true);
                 let _ = s.set_read_timeout(Some(timeout));

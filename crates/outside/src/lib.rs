@@ -1,0 +1,299 @@
+//! What a jailed VMM asks for outside its jail.
+//!
+//! A jailed VMM sees only its own files and, without NICs, has a network namespace of its
+//! own. Some of what a VM is configured with lives outside: the Unix socket or TCP address
+//! of a remote GPU's back end or a vfio-user device, a TCP listener on the host's loopback
+//! (`--api-tcp`, `--vnc`), and on a migration target the shared disks and TAPs of the VM
+//! a source sends. Its keeper (`ray vmm --jail`, root, in the host's namespaces) holds the
+//! other end of a datagram socket pair: the VMM sends one [`Request`], the keeper checks it
+//! against what the VM was started with (its plan) and answers with a [`Reply`] and, when
+//! granted, the opened descriptor (`SCM_RIGHTS`). The keeper never opens what the plan does
+//! not name, so a VMM taken over by its guest gains nothing it was not given.
+//!
+//! Unjailed, every function here opens the thing itself, as the VMM always did.
+use std::fs::File;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// Largest request or reply, in bytes (paths and a reason fit many times over).
+pub const MAX_MESSAGE: usize = 8192;
+
+/// How long the VMM waits for its keeper's answer (a TCP connect is bounded below it).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long the keeper's TCP connect to a back end may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One thing the VMM asks its keeper to open.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// A connection to a Unix socket (a remote GPU's back end, a vfio-user device).
+    ConnectUnix { path: PathBuf },
+    /// A TCP connection (a remote GPU's back end).
+    ConnectTcp { addr: SocketAddr },
+    /// A listening TCP socket on the host's loopback (`--api-tcp`, `--vnc`).
+    ListenTcp { addr: SocketAddr },
+    /// A file to read (a VNC password file, a remote GPU's token file).
+    OpenRead { path: PathBuf },
+    /// A migration target's shared disk (the source's path).
+    OpenDisk {
+        path: PathBuf,
+        writable: bool,
+        direct: bool,
+    },
+    /// A migration target's TAP, in the host's network namespace or a named one.
+    OpenTap { name: String, netns: Option<String> },
+}
+
+impl Request {
+    /// The request in a sentence, for errors and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Request::ConnectUnix { path } => format!("a connection to {}", path.display()),
+            Request::ConnectTcp { addr } => format!("a connection to {addr}"),
+            Request::ListenTcp { addr } => format!("a TCP listener on {addr}"),
+            Request::OpenRead { path } => format!("reading {}", path.display()),
+            Request::OpenDisk { path, writable, .. } => format!(
+                "disk {} ({})",
+                path.display(),
+                if *writable { "read-write" } else { "read-only" }
+            ),
+            Request::OpenTap { name, netns } => match netns {
+                Some(ns) => format!("TAP {name} in network namespace {ns}"),
+                None => format!("TAP {name}"),
+            },
+        }
+    }
+}
+
+/// The keeper's answer: granted (the descriptor comes with it) or refused, saying why.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Reply {
+    Granted,
+    Refused(String),
+}
+
+static KEEPER: OnceLock<Mutex<UnixDatagram>> = OnceLock::new();
+
+/// Records this (jailed) process's end of the socket pair to its keeper; once, before
+/// anything asks.
+pub fn set_keeper(socket: UnixDatagram) -> io::Result<()> {
+    socket.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    KEEPER
+        .set(Mutex::new(socket))
+        .map_err(|_| io::Error::other("the keeper's socket was set already"))
+}
+
+/// Whether this process asks a keeper (it is jailed).
+pub fn has_keeper() -> bool {
+    KEEPER.get().is_some()
+}
+
+/// Asks the keeper for `request`: the descriptor it opened, or why not.
+fn ask(request: &Request) -> io::Result<OwnedFd> {
+    let Some(keeper) = KEEPER.get() else {
+        return Err(io::Error::other("this VMM has no keeper"));
+    };
+    let socket = keeper.lock().unwrap_or_else(|e| e.into_inner());
+    let message = serde_json::to_vec(request).map_err(io::Error::other)?;
+    socket.send(&message)?;
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let (n, file) = socket
+        .recv_with_fd(&mut buf)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let reply: Reply = serde_json::from_slice(&buf[..n]).map_err(|e| {
+        io::Error::other(format!(
+            "the keeper's answer to {} is not one: {e}",
+            request.describe()
+        ))
+    })?;
+    match (reply, file) {
+        (Reply::Granted, Some(f)) => Ok(f.into()),
+        (Reply::Granted, None) => Err(io::Error::other(format!(
+            "the keeper granted {} but sent no descriptor",
+            request.describe()
+        ))),
+        (Reply::Refused(why), _) => Err(io::Error::new(io::ErrorKind::PermissionDenied, why)),
+    }
+}
+
+/// A connection to the Unix socket at `path`: the keeper's when jailed.
+pub fn connect_unix(path: &Path) -> io::Result<UnixStream> {
+    if !has_keeper() {
+        return UnixStream::connect(path);
+    }
+    ask(&Request::ConnectUnix {
+        path: path.to_path_buf(),
+    })
+    .map(UnixStream::from)
+}
+
+/// A TCP connection to `addr`: the keeper's when jailed (made in the host's network
+/// namespace, bounded by [`CONNECT_TIMEOUT`]).
+pub fn connect_tcp(addr: SocketAddr) -> io::Result<TcpStream> {
+    if !has_keeper() {
+        return TcpStream::connect(addr);
+    }
+    ask(&Request::ConnectTcp { addr }).map(TcpStream::from)
+}
+
+/// A TCP listener on `addr`: the keeper's when jailed (bound in the host's network
+/// namespace, so its loopback is the host's).
+pub fn listen_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    if !has_keeper() {
+        return TcpListener::bind(addr);
+    }
+    ask(&Request::ListenTcp { addr }).map(TcpListener::from)
+}
+
+/// A file opened for reading: by the keeper when jailed (a secret the host keeps private
+/// to root, such as a VNC password or a back end's token file).
+pub fn open_read(path: &Path) -> io::Result<File> {
+    if !has_keeper() {
+        return File::open(path);
+    }
+    ask(&Request::OpenRead {
+        path: path.to_path_buf(),
+    })
+    .map(File::from)
+}
+
+/// A disk file outside the jail, opened by the keeper (jailed only: an unjailed VMM opens
+/// its disks itself).
+pub fn open_disk(path: &Path, writable: bool, direct: bool) -> io::Result<File> {
+    ask(&Request::OpenDisk {
+        path: path.to_path_buf(),
+        writable,
+        direct,
+    })
+    .map(File::from)
+}
+
+/// A TAP opened by the keeper in the host's namespace or `netns` (jailed only).
+pub fn open_tap(name: &str, netns: Option<&str>) -> io::Result<File> {
+    ask(&Request::OpenTap {
+        name: name.to_string(),
+        netns: netns.map(str::to_string),
+    })
+    .map(File::from)
+}
+
+/// The keeper's side: receives one request from `socket`, without waiting. `None` when
+/// nothing is there; a message that is no request is answered as refused.
+pub fn receive(socket: &UnixDatagram) -> io::Result<Option<Result<Request, String>>> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    // SAFETY: MSG_DONTWAIT recv into our own buffer; descriptors a VMM may have attached
+    // are not asked for (no control buffer), so the kernel discards them.
+    let n = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::WouldBlock => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let n = n as usize;
+    if n > buf.len() {
+        return Ok(Some(Err(format!(
+            "a request of {n} bytes (at most {MAX_MESSAGE})"
+        ))));
+    }
+    Ok(Some(
+        serde_json::from_slice(&buf[..n]).map_err(|e| format!("not a request: {e}")),
+    ))
+}
+
+/// The keeper's side: answers the last request, with `fd` when granted.
+pub fn answer(socket: &UnixDatagram, result: Result<OwnedFd, String>) -> io::Result<()> {
+    let (reply, fd) = match result {
+        Ok(fd) => (Reply::Granted, Some(fd)),
+        Err(why) => (Reply::Refused(why), None),
+    };
+    let mut message = serde_json::to_vec(&reply).map_err(io::Error::other)?;
+    message.truncate(MAX_MESSAGE);
+    let fds: Vec<_> = fd.iter().map(AsRawFd::as_raw_fd).collect();
+    socket
+        .send_with_fds(&[&message[..]], &fds)
+        .map(drop)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_answers_cross_a_socket_pair_with_their_descriptor() {
+        let (vmm, keeper) = UnixDatagram::pair().unwrap();
+        let asked = Request::OpenDisk {
+            path: "/srv/disks/a.img".into(),
+            writable: true,
+            direct: false,
+        };
+        vmm.send(&serde_json::to_vec(&asked).unwrap()).unwrap();
+        assert_eq!(receive(&keeper).unwrap(), Some(Ok(asked.clone())));
+        assert_eq!(receive(&keeper).unwrap(), None, "nothing more");
+        // Granted: the descriptor arrives and is the file the keeper opened.
+        let f = File::open("/proc/self/exe").unwrap();
+        answer(&keeper, Ok(f.into())).unwrap();
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let (n, got) = vmm.recv_with_fd(&mut buf).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Reply>(&buf[..n]).unwrap(),
+            Reply::Granted
+        );
+        assert!(got.unwrap().metadata().unwrap().len() > 0);
+        // Refused: the reason, no descriptor.
+        answer(&keeper, Err("not in the plan".into())).unwrap();
+        let (n, got) = vmm.recv_with_fd(&mut buf).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Reply>(&buf[..n]).unwrap(),
+            Reply::Refused("not in the plan".into())
+        );
+        assert!(got.is_none());
+    }
+
+    #[test]
+    fn a_message_that_is_no_request_is_named_not_obeyed() {
+        let (vmm, keeper) = UnixDatagram::pair().unwrap();
+        for bad in [
+            &br#"{"op":"format_disk","path":"/"}"#[..],
+            br#"{"op":"connect_unix","path":"/x","extra":1}"#,
+            b"\xff\xfe",
+        ] {
+            vmm.send(bad).unwrap();
+            let got = receive(&keeper).unwrap().unwrap();
+            assert!(got.unwrap_err().starts_with("not a request"));
+        }
+        vmm.send(&vec![b' '; MAX_MESSAGE + 10]).unwrap();
+        let e = receive(&keeper).unwrap().unwrap().unwrap_err();
+        assert!(e.contains(&format!("{} bytes", MAX_MESSAGE + 10)), "{e}");
+    }
+
+    #[test]
+    fn unjailed_everything_is_opened_here() {
+        assert!(!has_keeper());
+        let l = listen_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        connect_tcp(addr).unwrap();
+        let e = open_disk(Path::new("/dev/null"), false, false).unwrap_err();
+        assert!(e.to_string().contains("no keeper"), "{e}");
+    }
+}
