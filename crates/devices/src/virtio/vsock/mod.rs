@@ -37,9 +37,10 @@ use packet::{HDR_LEN, MAX_PAYLOAD};
 
 pub const DEVICE_TYPE_VSOCK: u16 = 19;
 pub const QUEUE_SIZE: u16 = 256;
-const RX: usize = 0;
-const TX: usize = 1;
-const EVENT: usize = 2;
+/// The queues: receive, transmit, event.
+pub const RX: usize = 0;
+pub const TX: usize = 1;
+pub const EVENT: usize = 2;
 /// Requests completed per batch (one interrupt at most each).
 const BATCH: usize = 64;
 /// virtio_vsock_event.id of a transport reset.
@@ -141,7 +142,7 @@ pub fn check_chain(queue: usize, chain: &Chain) -> Result<(), String> {
 }
 
 /// Copies a checked transmit chain into `buf`.
-fn gather(chain: &Chain, mem: &dyn GuestMemory, buf: &mut Vec<u8>) -> Result<(), String> {
+pub fn gather(chain: &Chain, mem: &dyn GuestMemory, buf: &mut Vec<u8>) -> Result<(), String> {
     buf.clear();
     for d in &chain.descriptors {
         let at = buf.len();
@@ -153,7 +154,7 @@ fn gather(chain: &Chain, mem: &dyn GuestMemory, buf: &mut Vec<u8>) -> Result<(),
 }
 
 /// Copies `data` into a checked receive chain that can hold it.
-fn scatter(chain: &Chain, mem: &dyn GuestMemory, data: &[u8]) -> Result<(), String> {
+pub fn scatter(chain: &Chain, mem: &dyn GuestMemory, data: &[u8]) -> Result<(), String> {
     let mut at = 0;
     for d in &chain.descriptors {
         if at == data.len() {
