@@ -24,8 +24,8 @@ use ray_memory::{MemoryLayout, OwnedMemory, PAGE_SIZE};
 use ray_migration::auth;
 use ray_migration::disk::{part_path, DiskInfo, TargetDisks, BLOCK_SIZE};
 use ray_migration::frame::{Channel, Received, FLAG_RESPONSE};
-use ray_migration::secure::{accept_secure, Protection};
 use ray_migration::protocol::{parse_disk_blocks, Command};
+use ray_migration::secure::{accept_secure, Protection};
 use ray_migration::vm::PageHashes;
 
 /// A socket stand-in: reads from the input, swallows what the receiver writes back.
@@ -100,7 +100,12 @@ fn write_disk_blocks(payload: &[u8]) {
         // Written under the partial name until a commit, which the fuzz target never does.
         let path = &part_path(path.parent().expect("a directory"), id, "fuzz");
         let now = std::fs::metadata(path).expect("the disk file").len();
-        assert_eq!(now, size, "a disk blocks frame changed the size of {}", path.display());
+        assert_eq!(
+            now,
+            size,
+            "a disk blocks frame changed the size of {}",
+            path.display()
+        );
     }
 }
 

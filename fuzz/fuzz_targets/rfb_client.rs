@@ -6,13 +6,13 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use ray_display::copyrect;
 use ray_display::rfb::{
     self, ClientMessage, Rect, ResizeReason, ResizeStatus, MAX_CUT_TEXT, MAX_DESKTOP_EDGE,
     MAX_ENCODINGS,
 };
-use ray_display::vnc::check_layout;
-use ray_display::copyrect;
 use ray_display::tight::Tight;
+use ray_display::vnc::check_layout;
 use ray_display::zrle::Zrle;
 
 fuzz_target!(|data: &[u8]| {
@@ -20,7 +20,12 @@ fuzz_target!(|data: &[u8]| {
     let mut zrle = Zrle::default();
     let mut tight = Tight::default();
     let frame: Vec<u8> = (0..16 * 4 * 4).map(|i| (i * 37) as u8).collect();
-    let all = Rect { x: 0, y: 0, w: 16, h: 4 };
+    let all = Rect {
+        x: 0,
+        y: 0,
+        w: 16,
+        h: 4,
+    };
     while let Ok(m) = rfb::read_message(&mut input) {
         match m {
             ClientMessage::SetEncodings(list) => assert!(list.len() <= usize::from(MAX_ENCODINGS)),
@@ -33,15 +38,25 @@ fuzz_target!(|data: &[u8]| {
                 zrle.rect(&frame, 64, all, pf, &mut out);
                 assert!(out.len() > 16);
                 out.clear();
-                assert_eq!(tight.rects(&frame, 64, all, pf, &mut out), Tight::count(all));
+                assert_eq!(
+                    tight.rects(&frame, 64, all, pf, &mut out),
+                    Tight::count(all)
+                );
                 assert!(out.len() > 13);
             }
-            ClientMessage::SetDesktopSize { width, height, screens } => {
+            ClientMessage::SetDesktopSize {
+                width,
+                height,
+                screens,
+            } => {
                 assert!(width > 0 && height > 0 && !screens.is_empty());
                 assert!(width <= MAX_DESKTOP_EDGE && height <= MAX_DESKTOP_EDGE);
                 if check_layout(width, height, &screens).is_ok() {
                     let s = screens[0];
-                    assert_eq!((screens.len(), s.x, s.y, s.w, s.h), (1, 0, 0, width, height));
+                    assert_eq!(
+                        (screens.len(), s.x, s.y, s.w, s.h),
+                        (1, 0, 0, width, height)
+                    );
                 }
                 let mut out = Vec::new();
                 rfb::extended_desktop_size_rect(
@@ -72,8 +87,7 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(model[a..z], new[a..z]);
                 }
             }
-            ClientMessage::Key { .. }
-            | ClientMessage::Pointer { .. } => {}
+            ClientMessage::Key { .. } | ClientMessage::Pointer { .. } => {}
         }
     }
 });

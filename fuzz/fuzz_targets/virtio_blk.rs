@@ -91,7 +91,9 @@ fuzz_target!(|data: &[u8]| {
     q.indirect = flags & 2 != 0;
     q.validate(&mem).expect("the fixed rings fit");
     q.ready = true;
-    let mut dev = disk(flags & 4 != 0).lock().unwrap_or_else(|p| p.into_inner());
+    let mut dev = disk(flags & 4 != 0)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     for _ in 0..2 * QUEUE_SIZE {
         let chain = match q.pop(&mem) {
             Ok(None) | Err(_) => break,
@@ -114,9 +116,10 @@ fuzz_target!(|data: &[u8]| {
             if a != b {
                 let at = gpa(i);
                 assert!(
-                    chain.descriptors.iter().any(|d| d.writable
-                        && d.addr <= at
-                        && at < d.addr + u64::from(d.len)),
+                    chain
+                        .descriptors
+                        .iter()
+                        .any(|d| d.writable && d.addr <= at && at < d.addr + u64::from(d.len)),
                     "byte {at:#x} changed outside the request's writable buffers"
                 );
             }

@@ -34,7 +34,11 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
         return;
     }
-    let (flags, rx, frame_len) = (data[0], data[1] & 1 != 0, u16::from_le_bytes([data[2], data[3]]));
+    let (flags, rx, frame_len) = (
+        data[0],
+        data[1] & 1 != 0,
+        u16::from_le_bytes([data[2], data[3]]),
+    );
     let layout = MemoryLayout::new(&REGIONS).expect("a valid layout");
     let mem = OwnedMemory::zeroed(&layout).expect("64 KiB of memory");
     let mut rest = &data[4..];

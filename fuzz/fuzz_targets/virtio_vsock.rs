@@ -75,7 +75,9 @@ fuzz_target!(|data: &[u8]| {
             let total: u64 = chain.descriptors.iter().map(|d| u64::from(d.len)).sum();
             if queue == TX {
                 assert!(chain.descriptors.iter().all(|d| !d.writable));
-                assert!((HDR_LEN as u64..=(HDR_LEN as u64 + u64::from(MAX_PAYLOAD))).contains(&total));
+                assert!(
+                    (HDR_LEN as u64..=(HDR_LEN as u64 + u64::from(MAX_PAYLOAD))).contains(&total)
+                );
                 gather(&chain, &mem, &mut buf).expect("a checked chain reads");
                 assert_eq!(buf.len() as u64, total);
                 let mut at = 0;

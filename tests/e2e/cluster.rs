@@ -30,7 +30,8 @@ pub(crate) fn spawn_ray_in(ns: Option<&Netns>, runtime: &Path, log: &Path, args:
         .unwrap();
     let ray = ray_bin();
     let mut cmd = match ns {
-        Some(ns) => ns.command(ray.to_str().unwrap()),
+        // Only the network namespace: the agent sees the host's cgroups and jails.
+        Some(ns) => ns.enter_command(ray.to_str().unwrap()).unwrap(),
         None => Command::new(ray),
     };
     cmd.args(args)
@@ -1192,6 +1193,14 @@ fn a_host_whose_link_is_cut_fences_and_its_ha_vm_runs_once_on_the_other_host() {
     };
     wait("ha1 on h1", Duration::from_secs(20), || placed("h1", 1));
     runs_in(&h1, "ha1");
+    // The agent jails its VMMs as `ray vm run` does (root's default): not root's.
+    let pid = std::fs::read_to_string(h1.join("vms/ha1/vmm.pid")).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap();
+    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap();
+    assert!(
+        uid.split_whitespace().all(|u| u != "0"),
+        "the agent's VMM runs as uid {uid}"
+    );
     let _a2 = agent(&n2, &h2, "h2");
     wait("both hosts Ready", Duration::from_secs(30), || ready(2));
 

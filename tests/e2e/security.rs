@@ -381,8 +381,7 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
         .set_len(8 << 20)
         .unwrap();
     // Private to root: the VMM's uid could not open it; its keeper does.
-    std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .unwrap();
+    std::fs::set_permissions(&disk, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let disk_s = disk.display().to_string();
     let uids = format!("{}-{}", JAIL_UIDS.0, JAIL_UIDS.1);
     let extra = jailed(
@@ -596,7 +595,10 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
         assert!(!theirs.exists(), "{} is left", theirs.display());
     }
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&disk).unwrap());
-    assert_eq!(owner, 0, "the disk is still its owner's after a failed start");
+    assert_eq!(
+        owner, 0,
+        "the disk is still its owner's after a failed start"
+    );
 
     // Restored, jailed again: the same disk contents.
     let out = env.ray_ok(&[
@@ -695,7 +697,13 @@ fn a_bad_jail_is_refused_before_anything_starts() {
             "'9-3' is empty",
         ),
         (
-            &["vm", "run", "--jail", "--vsock", "cid=11,socket=/tmp/elsewhere.sock"][..],
+            &[
+                "vm",
+                "run",
+                "--jail",
+                "--vsock",
+                "cid=11,socket=/tmp/elsewhere.sock",
+            ][..],
             &[][..],
             6,
             "a vsock socket outside the VM's directory cannot be used by a jailed VMM",

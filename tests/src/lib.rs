@@ -372,7 +372,9 @@ impl Vm {
     /// Waits for the VMM process to exit.
     pub fn wait_exit(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        while self.process_alive() {
+        // A jailed VMM's keeper holds the VM directory's lock until it has cleaned up
+        // after the VMM: the VM has ended once both are gone.
+        while self.process_alive() || self.dir_locked() {
             assert!(
                 Instant::now() < deadline,
                 "VMM {} still alive after {timeout:?}",
@@ -380,6 +382,18 @@ impl Vm {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+}
+
+impl Vm {
+    /// Whether a process (the VMM, or a jailed VMM's keeper) holds the VM directory's lock.
+    fn dir_locked(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let Ok(f) = std::fs::File::open(self.dir.join("vmm.lock")) else {
+            return false;
+        };
+        // SAFETY: flock of a file this function opened; the lock goes with it.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
     }
 }
 

@@ -310,7 +310,12 @@ fn receive(runtime: &Path, a: &ReceiveArgs) -> anyhow::Result<()> {
     // A jailed target cannot listen in the host's network namespace, open the key file or
     // take the host's migration slot: `ray` does, and the VMM inherits them.
     let opened = match jail {
-        Some(_) => Some(open_for_jail(runtime, &a.listen, a.max_concurrent, &key_file)?),
+        Some(_) => Some(open_for_jail(
+            runtime,
+            &a.listen,
+            a.max_concurrent,
+            &key_file,
+        )?),
         None => None,
     };
     let listen = opened

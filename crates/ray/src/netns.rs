@@ -77,6 +77,28 @@ impl Netns {
         c
     }
 
+    /// A command run in this network namespace only (`setns` before `exec`): unlike
+    /// `ip netns exec` it keeps the host's mounts, so a `ray agent` there sees the host's
+    /// cgroups and jails its VMMs as on a host of its own.
+    pub fn enter_command(&self, program: &str) -> anyhow::Result<Command> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let path = format!("/run/netns/{}", self.name);
+        let ns = std::fs::File::open(&path)?;
+        let mut c = Command::new(program);
+        // SAFETY: setns is async-signal-safe and touches no memory of ours; `ns` lives in
+        // the closure, so its descriptor is open in the child until it execs.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(c)
+    }
+
     /// Runs `f` on a thread inside the namespace (sockets it opens stay there).
     pub fn run<T: Send + 'static>(
         &self,

@@ -781,9 +781,7 @@ fn jail_plan(
     let invalid = |e: ray::jail::JailError| coded(exit::INVALID, e.to_string());
     let dir = runtime::vm_dir(runtime, id);
     match origin {
-        Origin::Boot(cfg) => {
-            ray::jail::plan(id, &dir, uids, cfg, None, listeners).map_err(invalid)
-        }
+        Origin::Boot(cfg) => ray::jail::plan(id, &dir, uids, cfg, None, listeners).map_err(invalid),
         Origin::Restore { snapshot, .. } => {
             let manifest = ray_vmm::snapshot::manifest(snapshot)
                 .map_err(|e| coded(exit::NOT_FOUND, e.to_string()))?;

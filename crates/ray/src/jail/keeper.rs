@@ -6,8 +6,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::cgroup::{Hierarchy, VmCgroup};
-use super::taps::{self, MadeTaps};
 use super::outside::Keeper;
+use super::taps::{self, MadeTaps};
 use super::{inside, NetPlace, Plan, ROOT_DIR};
 
 /// The namespaces of a jailed VMM (and a network namespace of its own without NICs).
@@ -176,7 +176,9 @@ pub fn jail(
         Ok(p) => p,
         Err(e) => {
             undo(cgroup, Some(given), Some(made));
-            return Err(format!("cannot make the jailed VMM's socket to its keeper: {e}"));
+            return Err(format!(
+                "cannot make the jailed VMM's socket to its keeper: {e}"
+            ));
         }
     };
     let (signals, old_mask) = block_forwarded();

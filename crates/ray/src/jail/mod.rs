@@ -619,7 +619,10 @@ mod tests {
         assert!((500_000..=500_100).contains(&p.uid));
         assert_eq!(p.memory_max, (256 << 20) + MEMORY_OVERHEAD);
         assert_eq!(p.cpu_quota_us, 3 * CPU_PERIOD_US);
-        assert!(p.binds.iter().all(|b| b.path != disk), "the keeper opens it");
+        assert!(
+            p.binds.iter().all(|b| b.path != disk),
+            "the keeper opens it"
+        );
         assert!(p
             .binds
             .iter()
@@ -646,9 +649,11 @@ mod tests {
         assert_eq!(p.outside.read, vnc.files);
         // A passthrough GPU on a host device is refused: its VFIO files are not there.
         let mut host = cfg.clone();
-        host.devices.gpus = vec![ray_api::gpu::GpuConfig::parse("passthrough,host=0000:01:00.0")
-            .unwrap()
-            .unwrap()];
+        host.devices.gpus = vec![
+            ray_api::gpu::GpuConfig::parse("passthrough,host=0000:01:00.0")
+                .unwrap()
+                .unwrap(),
+        ];
         let e = plan("vm-x", Path::new("/run/x"), uids, &host, None, &none).unwrap_err();
         assert!(
             e.to_string().contains("host device") && e.to_string().contains("--no-jail"),
@@ -737,7 +742,10 @@ mod tests {
             &none,
         )
         .unwrap_err();
-        assert!(e.to_string().contains("shared directory relative/dir"), "{e}");
+        assert!(
+            e.to_string().contains("shared directory relative/dir"),
+            "{e}"
+        );
         let mut remote = config(Path::new("/dev/null"));
         remote.devices.gpus = vec![ray_api::gpu::GpuConfig::parse("remote,socket=/tmp/g.sock")
             .unwrap()

@@ -129,13 +129,16 @@ impl<'a> Keeper<'a> {
                     .map_err(|e| format!("cannot connect to {addr}: {e}"))
             }
             Request::ListenTcp { addr } => {
-                if !self.outside.listen.iter().any(|p| listen_allowed(*p, *addr)) {
+                if !self
+                    .outside
+                    .listen
+                    .iter()
+                    .any(|p| listen_allowed(*p, *addr))
+                {
                     return Err(self.not_planned(request));
                 }
                 if self.listening.len() >= MAX_LISTENERS {
-                    return Err(format!(
-                        "it holds {MAX_LISTENERS} TCP listeners already"
-                    ));
+                    return Err(format!("it holds {MAX_LISTENERS} TCP listeners already"));
                 }
                 let l =
                     TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -414,7 +417,10 @@ mod tests {
         let f = std::fs::File::from(open_shared_disk(&dirs, &disk, true, false).unwrap());
         assert_eq!(f.metadata().unwrap().len(), 4096);
         for (path, says) in [
-            (secret.clone(), "is not under a directory the target was given"),
+            (
+                secret.clone(),
+                "is not under a directory the target was given",
+            ),
             (shared.join("link.img"), "is not under"),
             (shared.join("../secret"), "is not under"),
             (shared.join("missing.img"), "cannot resolve"),
