@@ -428,7 +428,8 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
     assert_eq!((quota, period), (300_000, 100_000));
 
     // Its root: the VM's directory, the kernel, two devices, /proc, the host facts it
-    // reads and the host's encode slots; nothing else (not its disk: its keeper opens it).
+    // reads, the host's encode slots and its own cgroup; nothing else (not its disk: its
+    // keeper opens it).
     let guest = ray_e2e::guest_bin().display().to_string();
     let mut leaves = vec![
         "/dev/kvm".to_string(),
@@ -443,6 +444,8 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
             leaves.push(host.into());
         }
     }
+    // Its own cgroup's directories, read-only (it reads its limits there).
+    leaves.extend(groups.iter().map(|g| g.display().to_string()));
     let tree = jail_tree(pid, &leaves);
     for path in &tree {
         let needed = leaves
@@ -452,6 +455,57 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
     }
     for leaf in &leaves {
         assert!(tree.contains(leaf), "{leaf} is missing from {tree:#?}");
+    }
+    // The same from inside: the VMM's own view of its jail (GET /vm/jail).
+    let view: ray_api::vmm::JailView = vm.client.call("GET", "/vm/jail", None).unwrap();
+    assert!(view.jailed);
+    assert_eq!(
+        (view.pid, view.host_pid),
+        (1, pid),
+        "pid 1 in its own PID namespace"
+    );
+    assert_eq!(view.uids, uid, "it is who the host says");
+    assert!(view.gids.iter().all(|&g| g == uid[0]), "{:?}", view.gids);
+    let kvm_gid = std::fs::metadata("/dev/kvm").unwrap().gid();
+    assert_eq!(view.groups, vec![kvm_gid], "only /dev/kvm's group");
+    assert_eq!(
+        (view.cap_effective.as_str(), view.cap_bounding.as_str()),
+        ("0000000000000000", "0000000000000000")
+    );
+    assert!(view.no_new_privs);
+    assert_eq!(view.seccomp, 2, "the answering thread runs filtered");
+    assert_eq!(view.hostname, vm.id, "a UTS namespace of its own");
+    assert_eq!(
+        view.interfaces,
+        vec!["lo".to_string()],
+        "no NIC: only its own loopback"
+    );
+    // Its limits as it reads them from its own cgroup's files.
+    assert_eq!(view.memory_max, Some(memory_max));
+    assert_eq!(
+        (view.cpu_quota_us, view.cpu_period_us),
+        (Some(quota), Some(period))
+    );
+    // What it sees in its root: the leaves above, each mounted, and their parents;
+    // nothing else.
+    for path in &view.paths {
+        let needed = leaves
+            .iter()
+            .any(|l| l == path || Path::new(l).starts_with(path));
+        assert!(
+            needed,
+            "{path} is in the jail's root, seen from inside: {view:#?}"
+        );
+    }
+    for leaf in &leaves {
+        assert!(
+            view.paths.contains(leaf),
+            "{leaf} is missing inside: {view:#?}"
+        );
+        assert!(
+            view.mounts.contains(leaf),
+            "{leaf} is not mounted: {view:#?}"
+        );
     }
     // The root itself cannot be written, even by root in there.
     let mount_line = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();

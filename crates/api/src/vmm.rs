@@ -542,6 +542,46 @@ pub struct LeaseRequest {
     pub since_monotonic_ns: Option<u64>,
 }
 
+/// `GET /vm/jail`: the VMM's jail as the VMM itself sees it, from inside (its own
+/// `/proc/self`, root, host name, network and cgroup files); unjailed, the same facts of
+/// an ordinary process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JailView {
+    /// Whether the VMM runs jailed.
+    pub jailed: bool,
+    /// Its pid as it sees it (1 when jailed: a PID namespace of its own).
+    pub pid: u32,
+    /// Its pid as the host sees it.
+    pub host_pid: u32,
+    /// Its real, effective, saved and file-system uids (`/proc/self/status`).
+    pub uids: Vec<u32>,
+    /// Its real, effective, saved and file-system gids.
+    pub gids: Vec<u32>,
+    /// Its supplementary groups.
+    pub groups: Vec<u32>,
+    /// Its effective and bounding capability sets, in hex as `/proc/self/status` has them.
+    pub cap_effective: String,
+    pub cap_bounding: String,
+    /// `no_new_privs`.
+    pub no_new_privs: bool,
+    /// The seccomp mode of the thread that answered (2: a filter).
+    pub seccomp: u32,
+    /// Its host name (the VM's id when jailed: a UTS namespace of its own).
+    pub hostname: String,
+    /// The network interfaces it sees (`/proc/net/dev`).
+    pub interfaces: Vec<String>,
+    /// Every path in its root, not walking into what is mounted there (so a mount point is
+    /// listed, its content not); at most 4096, sorted.
+    pub paths: Vec<String>,
+    /// What is mounted in its root (mount points, sorted).
+    pub mounts: Vec<String>,
+    /// Its cgroup's memory limit in bytes, where it can read it.
+    pub memory_max: Option<u64>,
+    /// Its cgroup's CPU quota and period in microseconds, where it can read them.
+    pub cpu_quota_us: Option<u64>,
+    pub cpu_period_us: Option<u64>,
+}
+
 /// What the guest reports in its heartbeat page, read by the VMM without any exit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct HeartbeatInfo {

@@ -785,6 +785,22 @@ async fn get_metrics() -> impl IntoResponse {
     )
 }
 
+/// The VMM's jail, seen from inside
+///
+/// What the VMM itself sees of its jail: its uids, gids and groups, capabilities,
+/// `no_new_privs`, seccomp mode, pid (1 in a PID namespace of its own), host name,
+/// network interfaces, the paths of its root and what is mounted there, and its cgroup's
+/// limits where it can read them. Unjailed, the same facts of an ordinary process (no
+/// paths: its root is the host's).
+#[utoipa::path(get, path = "/vm/jail", tag = "vm", responses(
+    (status = 200, description = "The VMM's view of its jail.", body = ray_api::vmm::JailView)))]
+async fn get_jail() -> Result<Json<ray_api::vmm::JailView>, ApiError> {
+    tokio::task::spawn_blocking(crate::jailed::view)
+        .await
+        .map(Json)
+        .map_err(|e| ApiError::new(ErrorCode::Failed, format!("the jail view failed: {e}")))
+}
+
 /// List the VM's GPUs
 ///
 /// Each GPU's type, state (`offline`, `initializing`, `ready`, `in_use`, `suspended`,
@@ -1113,6 +1129,7 @@ fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(put_migration, get_migration))
         .routes(routes!(put_migration_cancel))
         .routes(routes!(put_migration_reclaim))
+        .routes(routes!(get_jail))
         .routes(routes!(get_gpus))
         .routes(routes!(get_screenshot))
         .routes(routes!(put_display_size))

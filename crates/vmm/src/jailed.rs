@@ -148,3 +148,158 @@ pub fn check_incoming(devices: &ray_api::vmm::DevicesConfig) -> Result<(), Strin
     }
     Ok(())
 }
+
+/// Most paths [`view`] lists.
+const MAX_PATHS: usize = 4096;
+
+/// This VMM's jail as it sees it from inside ([`ray_api::vmm::JailView`]): its
+/// `/proc/thread-self/status`, host name, network interfaces, the paths of its root (not
+/// walked into its mounts; only when jailed: unjailed, its root is the host's) and the
+/// cgroup limits it can read.
+pub fn view() -> ray_api::vmm::JailView {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let numbers = |name: &str| -> Vec<u32> {
+        field(name)
+            .split_whitespace()
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    let mounts = mounts();
+    let jailed = get().is_some();
+    let mut paths = Vec::new();
+    if jailed {
+        let points: std::collections::HashSet<&Path> =
+            mounts.iter().map(|m| m.point.as_path()).collect();
+        walk(Path::new("/"), &points, &mut paths);
+        paths.sort();
+    }
+    // Its own cgroup's files are in its root only when jailed (unjailed, the mounts are
+    // the host's hierarchies, not its group).
+    let (memory_max, cpu) = match jailed {
+        true => cgroup_limits(&mounts),
+        false => (None, None),
+    };
+    let mut points: Vec<String> = mounts
+        .iter()
+        .map(|m| m.point.display().to_string())
+        .collect();
+    points.sort();
+    points.dedup();
+    ray_api::vmm::JailView {
+        jailed,
+        pid: std::process::id(),
+        host_pid: host_pid(),
+        uids: numbers("Uid"),
+        gids: numbers("Gid"),
+        groups: numbers("Groups"),
+        cap_effective: field("CapEff"),
+        cap_bounding: field("CapBnd"),
+        no_new_privs: field("NoNewPrivs") == "1",
+        seccomp: field("Seccomp").parse().unwrap_or(0),
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        interfaces: std::fs::read_to_string("/proc/net/dev")
+            .unwrap_or_default()
+            .lines()
+            .skip(2)
+            .filter_map(|l| Some(l.split_once(':')?.0.trim().to_string()))
+            .collect(),
+        paths: if jailed { paths } else { Vec::new() },
+        mounts: if jailed { points } else { Vec::new() },
+        memory_max,
+        cpu_quota_us: cpu.map(|c| c.0),
+        cpu_period_us: cpu.map(|c| c.1),
+    }
+}
+
+/// One line of `/proc/self/mountinfo`.
+struct Mount {
+    point: PathBuf,
+    fs: String,
+    options: String,
+}
+
+fn mounts() -> Vec<Mount> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let point = left.split(' ').nth(4)?.replace("\\040", " ");
+            let mut r = right.split(' ');
+            let fs = r.next()?.to_string();
+            let options = r.nth(1).unwrap_or_default().to_string();
+            Some(Mount {
+                point: PathBuf::from(point),
+                fs,
+                options,
+            })
+        })
+        .collect()
+}
+
+/// Every path under `dir`, not walking into mount points, at most [`MAX_PATHS`].
+fn walk(dir: &Path, mounts: &std::collections::HashSet<&Path>, out: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if out.len() >= MAX_PATHS {
+            return;
+        }
+        let path = e.path();
+        out.push(path.display().to_string());
+        if !mounts.contains(path.as_path()) && e.file_type().is_ok_and(|t| t.is_dir()) {
+            walk(&path, mounts, out);
+        }
+    }
+}
+
+/// The memory limit and the CPU quota and period of the cgroup files among `mounts`
+/// (v2's `memory.max`/`cpu.max`, v1's `memory.limit_in_bytes`/`cpu.cfs_*_us`); `None`
+/// where none is mounted or there is no limit.
+fn cgroup_limits(mounts: &[Mount]) -> (Option<u64>, Option<(u64, u64)>) {
+    let read = |m: &Mount, file: &str| {
+        std::fs::read_to_string(m.point.join(file))
+            .ok()
+            .map(|t| t.trim().to_string())
+    };
+    let mut memory = None;
+    let mut cpu = None;
+    for m in mounts {
+        match m.fs.as_str() {
+            "cgroup2" => {
+                // "max" (no limit) does not parse: None.
+                memory = memory.or_else(|| read(m, "memory.max")?.parse().ok());
+                cpu = cpu.or_else(|| {
+                    let text = read(m, "cpu.max")?;
+                    let (q, p) = text.split_once(' ')?;
+                    Some((q.parse().ok()?, p.parse().ok()?))
+                });
+            }
+            "cgroup" if m.options.split(',').any(|o| o == "memory") => {
+                memory = memory.or_else(|| read(m, "memory.limit_in_bytes")?.parse().ok());
+            }
+            "cgroup" if m.options.split(',').any(|o| o == "cpu") => {
+                cpu = cpu.or_else(|| {
+                    Some((
+                        read(m, "cpu.cfs_quota_us")?.parse().ok()?,
+                        read(m, "cpu.cfs_period_us")?.parse().ok()?,
+                    ))
+                });
+            }
+            _ => {}
+        }
+    }
+    (memory, cpu)
+}

@@ -207,7 +207,14 @@ pub fn jail(
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
         }
         drop(keeper_end);
-        return become_vmm(plan, id, vm_dir, vmm_end);
+        // Its own cgroup's files, read-only: the VMM can read its limits (GET /vm/jail).
+        let mut seen = plan.clone();
+        seen.binds.extend(cgroup.dirs().iter().map(|d| super::Bind {
+            path: d.clone(),
+            writable: false,
+            device: false,
+        }));
+        return become_vmm(&seen, id, vm_dir, vmm_end);
     }
     drop(vmm_end);
     let mut keeper = Keeper::new(keeper_end, &plan.outside, (plan.uid, plan.gid));
