@@ -75,6 +75,24 @@ fn an_encoded_pattern_decodes_back_and_an_idle_display_adds_no_frames() {
         "an idle display is not encoded"
     );
     assert_eq!(idle.bytes, after_draw.bytes);
+    // The same in /metrics, with its latency.
+    let text =
+        String::from_utf8_lossy(&vm.client.raw("GET", "/metrics", None).unwrap().body).into_owned();
+    let labels = format!("{{session=\"{}\",display=\"0\",codec=\"h264\"}}", idle.id);
+    for (name, want) in [
+        ("ray_encode_frames_total", idle.frames as f64),
+        ("ray_encode_bytes_total", idle.bytes as f64),
+    ] {
+        let line = format!("{name}{labels} {want}");
+        assert!(text.lines().any(|l| l == line), "no `{line}` in {text}");
+    }
+    let latency: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("ray_encode_mean_latency_ms{labels} ")))
+        .unwrap_or_else(|| panic!("no mean latency in {text}"))
+        .parse()
+        .unwrap();
+    assert!(latency > 0.0, "{latency}");
 
     // Limits and codecs are refused with what is wrong (HEVC where ray is built without
     // the `ffmpeg` feature; with it, `hevc_and_vp9_sessions_decode_back_through_the_cli`).

@@ -387,6 +387,43 @@ fn set_desktop_size_resizes_a_virtio_display_and_every_viewer_sees_it() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(vm.command("echo still here", "still"), "still here");
+
+    // The traffic in /metrics: per display, and per viewer connected now (the closed
+    // one is gone); each viewer had at least one whole 640x480 picture in Raw.
+    let m = metrics(&vm);
+    let picture = 640.0 * 480.0 * 4.0;
+    for (viewer, role) in [(1, "read-write"), (3, "view-only")] {
+        let at =
+            |name: &str| m[&format!("{name}{{display=\"1\",viewer=\"{viewer}\",role=\"{role}\"}}")];
+        assert!(at("ray_vnc_viewer_bytes_total") > picture, "{m:#?}");
+        assert!(at("ray_vnc_viewer_updates_total") >= 1.0, "{m:#?}");
+    }
+    assert!(
+        !m.keys().any(|k| k.contains("viewer=\"2\"")),
+        "the closed viewer is gone: {m:#?}"
+    );
+    assert!(m["ray_vnc_updates_total{display=\"1\"}"] >= 4.0, "{m:#?}");
+    assert!(
+        m["ray_vnc_bytes_total{display=\"1\"}"] > 3.0 * picture,
+        "{m:#?}"
+    );
+    assert!(m["ray_vnc_updates_total{display=\"0\"}"] >= 1.0, "{m:#?}");
+    // The virtio GPU (GPU 1) served the guest's commands, in measurable time.
+    assert!(m["ray_gpu_commands_total{gpu=\"1\"}"] >= 3.0, "{m:#?}");
+    assert!(m["ray_gpu_busy_seconds_total{gpu=\"1\"}"] > 0.0, "{m:#?}");
+}
+
+/// `GET /metrics` as (name{labels}, value).
+fn metrics(vm: &ray_e2e::Vm) -> std::collections::BTreeMap<String, f64> {
+    let a = vm.client.raw("GET", "/metrics", None).unwrap();
+    String::from_utf8_lossy(&a.body)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
 }
 
 /// The emulated display's change-detection counts, as `ray gpu status -o json` shows.

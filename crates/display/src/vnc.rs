@@ -51,6 +51,35 @@ pub enum Role {
     ViewOnly,
 }
 
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::ReadWrite => "read-write",
+            Role::ViewOnly => "view-only",
+        }
+    }
+}
+
+/// One viewer connected now and what it was sent ([`VncServer::traffic`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ViewerTraffic {
+    /// The viewer's number (from 1, in order of arrival).
+    pub viewer: u64,
+    pub display: usize,
+    pub role: Role,
+    /// Framebuffer updates sent, and their bytes.
+    pub updates: u64,
+    pub bytes: u64,
+}
+
+/// Framebuffer updates sent to viewers: per display (every viewer since the server
+/// started, those gone included: updates, bytes) and per viewer connected now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub displays: std::collections::BTreeMap<usize, (u64, u64)>,
+    pub viewers: std::collections::BTreeMap<u64, ViewerTraffic>,
+}
+
 /// Where keyboard and pointer input from read-write viewers goes.
 pub trait InputSink: Send + Sync {
     /// An X11 keysym pressed (`down`) or released.
@@ -126,9 +155,27 @@ struct Shared {
     origins: Mutex<HashMap<usize, Origin>>,
     /// Numbers the viewers (for [`Origin`]).
     next_viewer: AtomicU64,
+    /// What was sent to whom.
+    traffic: Mutex<Traffic>,
 }
 
 impl Shared {
+    fn traffic(&self) -> std::sync::MutexGuard<'_, Traffic> {
+        self.traffic.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Viewer `viewer` of `display` was sent an update of `bytes`.
+    fn sent(&self, viewer: u64, display: usize, bytes: usize) {
+        let mut t = self.traffic();
+        let d = t.displays.entry(display).or_default();
+        d.0 += 1;
+        d.1 += bytes as u64;
+        if let Some(v) = t.viewers.get_mut(&viewer) {
+            v.updates += 1;
+            v.bytes += bytes as u64;
+        }
+    }
+
     fn note_origin(&self, display: usize, origin: Option<Origin>) -> Option<Origin> {
         let mut o = self.origins.lock().unwrap_or_else(|e| e.into_inner());
         match origin {
@@ -272,6 +319,7 @@ impl VncServer {
             resizer: Mutex::new(None),
             origins: Mutex::new(HashMap::new()),
             next_viewer: AtomicU64::new(1),
+            traffic: Mutex::new(Traffic::default()),
         });
         let mut server = VncServer {
             shared: shared.clone(),
@@ -363,6 +411,11 @@ impl VncServer {
     /// The TCP addresses listened on, display by display.
     pub fn tcp_addresses(&self) -> &[SocketAddr] {
         &self.tcp
+    }
+
+    /// Updates sent per display and per viewer connected now.
+    pub fn traffic(&self) -> Traffic {
+        self.shared.traffic().clone()
     }
 
     /// Viewers connected now.
@@ -496,7 +549,18 @@ fn serve_viewer(
         owed: None,
         id: shared.next_viewer.fetch_add(1, Ordering::Relaxed),
     };
+    shared.traffic().viewers.insert(
+        viewer.id,
+        ViewerTraffic {
+            viewer: viewer.id,
+            display: screen,
+            role,
+            updates: 0,
+            bytes: 0,
+        },
+    );
     let result = viewer.run(&stream, shared, &rx);
+    shared.traffic().viewers.remove(&viewer.id);
     let encoding = match viewer.encoding {
         ENCODING_ZRLE => "zrle",
         ENCODING_TIGHT => "tight",
@@ -587,6 +651,7 @@ impl Viewer {
                 if self.update(shared, &mut msg)? {
                     out.write_all(&msg)?;
                     out.flush()?;
+                    shared.sent(self.id, self.geometry.index, msg.len());
                 }
             }
         }
@@ -1542,6 +1607,7 @@ mod resize_tests {
             resizer: Mutex::new(None),
             origins: Mutex::new(HashMap::new()),
             next_viewer: AtomicU64::new(1),
+            traffic: Mutex::new(Traffic::default()),
         };
         let viewer = |desktop_size| Viewer {
             geometry: geometry(8, 4),

@@ -775,13 +775,15 @@ async fn put_migration_reclaim(
 /// memory (guest RAM, the VMM's own). Never waits for the VMM thread.
 #[utoipa::path(get, path = "/metrics", tag = "meta", responses(
     (status = 200, description = "Prometheus text exposition format 0.0.4.", content_type = "text/plain", body = String)))]
-async fn get_metrics() -> impl IntoResponse {
+async fn get_metrics(State(api): State<Api>) -> impl IntoResponse {
+    let mut text = crate::metrics::render();
+    api.displays.render_metrics(&mut text);
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::render(),
+        text,
     )
 }
 

@@ -626,6 +626,160 @@ impl DisplayHub {
         }
     }
 
+    /// The displays' part of `GET /metrics`: framebuffer updates and their bytes sent to
+    /// VNC viewers per display and per viewer connected now, each encode session's
+    /// frames, bytes, frame rate and latency, and each virtio GPU's commands and busy time.
+    pub fn render_metrics(&self, out: &mut String) {
+        use crate::metrics::family;
+        use std::fmt::Write as _;
+        let (traffic, virtio) = {
+            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let virtio: Vec<(usize, u64, std::time::Duration, u64)> = inner
+                .frames
+                .as_ref()
+                .map(|f| {
+                    f.virtio
+                        .iter()
+                        .map(|(i, g)| {
+                            let (n, busy) = g.busy();
+                            (*i, n, busy, g.refused())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            (inner.vnc.as_ref().map(VncServer::traffic), virtio)
+        };
+        if let Some(t) = traffic {
+            for (name, help, pick) in [
+                (
+                    "ray_vnc_updates_total",
+                    "Framebuffer updates sent to VNC viewers of each display (rate: frames a second).",
+                    0,
+                ),
+                (
+                    "ray_vnc_bytes_total",
+                    "Bytes of framebuffer updates sent to VNC viewers of each display.",
+                    1,
+                ),
+            ] {
+                family(out, name, "counter", help);
+                for (d, (updates, bytes)) in &t.displays {
+                    let v = if pick == 0 { updates } else { bytes };
+                    let _ = writeln!(out, "{name}{{display=\"{d}\"}} {v}");
+                }
+            }
+            for (name, help, pick) in [
+                (
+                    "ray_vnc_viewer_updates_total",
+                    "Framebuffer updates sent to each VNC viewer connected now.",
+                    0,
+                ),
+                (
+                    "ray_vnc_viewer_bytes_total",
+                    "Bytes of framebuffer updates sent to each VNC viewer connected now.",
+                    1,
+                ),
+            ] {
+                family(out, name, "counter", help);
+                for v in t.viewers.values() {
+                    let n = if pick == 0 { v.updates } else { v.bytes };
+                    let _ = writeln!(
+                        out,
+                        "{name}{{display=\"{}\",viewer=\"{}\",role=\"{}\"}} {n}",
+                        v.display,
+                        v.viewer,
+                        v.role.name()
+                    );
+                }
+            }
+        }
+        let sessions = self.encode_list().sessions;
+        if !sessions.is_empty() {
+            type Value = fn(&ray_api::encode::EncodeSessionInfo) -> f64;
+            let families: [(&str, &str, &str, Value); 5] = [
+                (
+                    "ray_encode_frames_total",
+                    "counter",
+                    "Frames each encode session encoded (one per change of its display).",
+                    |s| s.frames as f64,
+                ),
+                (
+                    "ray_encode_bytes_total",
+                    "counter",
+                    "Bytes of stream each encode session produced.",
+                    |s| s.bytes as f64,
+                ),
+                (
+                    "ray_encode_fps",
+                    "gauge",
+                    "Frames a second each encode session encoded over the last few seconds.",
+                    |s| s.fps,
+                ),
+                (
+                    "ray_encode_latency_ms",
+                    "gauge",
+                    "Encode latency (frame read to stream written) of each session's last frame, ms.",
+                    |s| s.latency_ms,
+                ),
+                (
+                    "ray_encode_mean_latency_ms",
+                    "gauge",
+                    "Mean encode latency of each session, ms.",
+                    |s| s.mean_latency_ms,
+                ),
+            ];
+            for (name, kind, help, value) in families {
+                family(out, name, kind, help);
+                for s in &sessions {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{session=\"{}\",display=\"{}\",codec=\"{}\"}} {}",
+                        s.id,
+                        s.display,
+                        s.codec.as_str(),
+                        value(s)
+                    );
+                }
+            }
+        }
+        if !virtio.is_empty() {
+            family(
+                out,
+                "ray_gpu_commands_total",
+                "counter",
+                "Commands each virtio GPU served (control and cursor queues).",
+            );
+            for (i, n, _, _) in &virtio {
+                let _ = writeln!(out, "ray_gpu_commands_total{{gpu=\"{i}\"}} {n}");
+            }
+            family(
+                out,
+                "ray_gpu_busy_seconds_total",
+                "counter",
+                "Time each virtio GPU spent serving commands (its 2D work, or a remote GPU's round trips to its back end).",
+            );
+            for (i, _, busy, _) in &virtio {
+                let _ = writeln!(
+                    out,
+                    "ray_gpu_busy_seconds_total{{gpu=\"{i}\"}} {}",
+                    busy.as_secs_f64()
+                );
+            }
+            family(
+                out,
+                "ray_gpu_refused_commands_total",
+                "counter",
+                "Commands each virtio GPU refused (answered with an error response).",
+            );
+            for (i, _, _, refused) in &virtio {
+                let _ = writeln!(
+                    out,
+                    "ray_gpu_refused_commands_total{{gpu=\"{i}\"}} {refused}"
+                );
+            }
+        }
+    }
+
     /// The GPUs with their states and displays.
     pub fn list(&self) -> GpuList {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());

@@ -387,7 +387,7 @@ fn cpu_seconds() -> Option<f64> {
 }
 
 /// Writes one metric family's `HELP` and `TYPE` lines.
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }

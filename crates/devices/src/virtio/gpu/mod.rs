@@ -66,6 +66,9 @@ struct Shared {
     damage_watch: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     /// Commands refused so far (each answered with an error response).
     refused: std::sync::atomic::AtomicU64,
+    /// Commands served so far, and the time spent on them (ns): the GPU's busy time.
+    commands: std::sync::atomic::AtomicU64,
+    busy_ns: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -148,6 +151,8 @@ impl Gpu {
             reset_pending: AtomicBool::new(false),
             damage_watch: Mutex::new(None),
             refused: Default::default(),
+            commands: Default::default(),
+            busy_ns: Default::default(),
         });
         Ok((
             Gpu {
@@ -392,6 +397,15 @@ impl GpuDisplays {
         self.shared.refused.load(Ordering::Relaxed)
     }
 
+    /// Commands served so far and the time they took (the GPU's busy time: its 2D work,
+    /// or a remote GPU's round trips to its back end).
+    pub fn busy(&self) -> (u64, std::time::Duration) {
+        (
+            self.shared.commands.load(Ordering::Relaxed),
+            std::time::Duration::from_nanos(self.shared.busy_ns.load(Ordering::Relaxed)),
+        )
+    }
+
     /// Where the cursor is.
     pub fn cursor(&self) -> Cursor {
         self.shared.core().cursor
@@ -490,6 +504,7 @@ fn serve(
             req.len()
         ));
     };
+    let started = std::time::Instant::now();
     let (result, changed) = {
         let mut core = shared.core();
         tracing::trace!("virtio-gpu: command {:#x} on queue {queue}", hdr.kind);
@@ -505,6 +520,10 @@ fn serve(
         let changed = core.damage.as_ref().is_some_and(|d| !d.is_empty());
         (result, changed)
     };
+    shared.commands.fetch_add(1, Ordering::Relaxed);
+    shared
+        .busy_ns
+        .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     if changed {
         let watch = shared
             .damage_watch
