@@ -13,16 +13,9 @@ use libfuzzer_sys::fuzz_target;
 use ray_devices::rate::RateLimit;
 use ray_devices::virtio::blk::io::Engine;
 use ray_devices::virtio::blk::{Block, BlockConfig};
-use ray_devices::virtio::queue::Queue;
 use ray_devices::virtio::{Completion, VirtioDevice};
-use ray_memory::{GuestMemory, MemoryLayout, OwnedMemory};
-
-/// Guest memory: two regions with a hole between them.
-const REGIONS: [(u64, u64); 2] = [(0, 0x8000), (0x10000, 0x8000)];
-const QUEUE_SIZE: u16 = 16;
-const DESC: u64 = 0;
-const AVAIL: u64 = 0x100;
-const USED: u64 = 0x200;
+use ray_fuzz::guest;
+use ray_memory::GuestMemory;
 /// 128 sectors.
 const DISK_BYTES: u64 = 64 << 10;
 
@@ -51,70 +44,28 @@ fn disk(readonly: bool) -> &'static Mutex<Block> {
     &disks[usize::from(readonly)]
 }
 
-fn snapshot(mem: &OwnedMemory) -> Vec<u8> {
-    let mut all = Vec::new();
-    for &(base, size) in &REGIONS {
-        let mut b = vec![0u8; size as usize];
-        mem.read(base, &mut b).expect("inside");
-        all.extend_from_slice(&b);
-    }
-    all
-}
-
-/// The guest address of byte `i` of a [`snapshot`].
-fn gpa(i: usize) -> u64 {
-    let first = REGIONS[0].1 as usize;
-    if i < first {
-        REGIONS[0].0 + i as u64
-    } else {
-        REGIONS[1].0 + (i - first) as u64
-    }
-}
-
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, rest)) = data.split_first() else {
         return;
     };
-    let layout = MemoryLayout::new(&REGIONS).expect("a valid layout");
-    let mem = OwnedMemory::zeroed(&layout).expect("64 KiB of memory");
-    let mut rest = rest;
-    for &(base, size) in &REGIONS {
-        let n = rest.len().min(size as usize);
-        mem.write(base, &rest[..n]).expect("inside the region");
-        rest = &rest[n..];
-    }
-    let mut q = Queue::new(QUEUE_SIZE);
-    q.desc = DESC;
-    q.avail = AVAIL;
-    q.used = USED;
-    q.event_idx = flags & 1 != 0;
-    q.indirect = flags & 2 != 0;
-    q.validate(&mem).expect("the fixed rings fit");
-    q.ready = true;
+    let mem = guest::memory(rest);
+    let mut q = guest::queue(flags, &mem);
     let mut dev = disk(flags & 4 != 0)
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    for _ in 0..2 * QUEUE_SIZE {
-        let chain = match q.pop(&mem) {
-            Ok(None) | Err(_) => break,
-            Ok(Some(Err((head, _)))) => {
-                let _ = q.add_used(&mem, head, 0);
-                continue;
-            }
-            Ok(Some(Ok(chain))) => chain,
-        };
-        let before = snapshot(&mem);
-        let answer = dev.process(0, &chain, &mem);
-        let after = snapshot(&mem);
+    guest::serve_chains(&mut q, &mem, |chain| {
+        let before = guest::bytes(&mem);
+        let answer = dev.process(0, chain, &mem);
+        let after = guest::bytes(&mem);
         let writable: u64 = chain
             .descriptors
             .iter()
             .filter(|d| d.writable)
             .map(|d| u64::from(d.len))
             .sum();
-        for (i, (a, b)) in before.iter().zip(&after).enumerate() {
+        for ((at, a), (_, b)) in before.iter().zip(&after) {
             if a != b {
-                let at = gpa(i);
+                let at = *at;
                 assert!(
                     chain
                         .descriptors
@@ -137,8 +88,6 @@ fuzz_target!(|data: &[u8]| {
             Completion::Failed(_) => {}
             Completion::Pending => panic!("a device that was not activated kept a request"),
         }
-        if q.add_used(&mem, chain.head, 0).is_err() {
-            break;
-        }
-    }
+        0
+    });
 });

@@ -11,24 +11,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use ray_devices::virtio::net::{gather, rx_capacity, scatter, tx_length, HDR_LEN, MAX_TX_FRAME};
-use ray_devices::virtio::queue::Queue;
-use ray_memory::{GuestMemory, MemoryLayout, OwnedMemory};
-
-const REGIONS: [(u64, u64); 2] = [(0, 0x8000), (0x10000, 0x8000)];
-const QUEUE_SIZE: u16 = 16;
-const DESC: u64 = 0;
-const AVAIL: u64 = 0x100;
-const USED: u64 = 0x200;
-
-fn snapshot(mem: &OwnedMemory) -> Vec<(u64, u8)> {
-    let mut all = Vec::new();
-    for &(base, size) in &REGIONS {
-        let mut b = vec![0u8; size as usize];
-        mem.read(base, &mut b).expect("inside");
-        all.extend(b.into_iter().enumerate().map(|(i, v)| (base + i as u64, v)));
-    }
-    all
-}
+use ray_fuzz::guest;
+use ray_memory::GuestMemory;
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
@@ -39,44 +23,22 @@ fuzz_target!(|data: &[u8]| {
         data[1] & 1 != 0,
         u16::from_le_bytes([data[2], data[3]]),
     );
-    let layout = MemoryLayout::new(&REGIONS).expect("a valid layout");
-    let mem = OwnedMemory::zeroed(&layout).expect("64 KiB of memory");
-    let mut rest = &data[4..];
-    for &(base, size) in &REGIONS {
-        let n = rest.len().min(size as usize);
-        mem.write(base, &rest[..n]).expect("inside the region");
-        rest = &rest[n..];
-    }
+    let mem = guest::memory(&data[4..]);
     // The frame a receive chain gets: the input's own bytes, repeated to its length.
     let frame: Vec<u8> = (0..usize::from(frame_len) % (HDR_LEN + MAX_TX_FRAME) as usize + 1)
         .map(|i| data[i % data.len()])
         .collect();
-    let mut q = Queue::new(QUEUE_SIZE);
-    q.desc = DESC;
-    q.avail = AVAIL;
-    q.used = USED;
-    q.event_idx = flags & 1 != 0;
-    q.indirect = flags & 2 != 0;
-    q.validate(&mem).expect("the fixed rings fit");
-    q.ready = true;
+    let mut q = guest::queue(flags, &mem);
     let mut buf = vec![0u8; (HDR_LEN + MAX_TX_FRAME) as usize];
-    for _ in 0..2 * QUEUE_SIZE {
-        let chain = match q.pop(&mem) {
-            Ok(None) | Err(_) => break,
-            Ok(Some(Err((head, _)))) => {
-                let _ = q.add_used(&mem, head, 0);
-                continue;
-            }
-            Ok(Some(Ok(chain))) => chain,
-        };
+    guest::serve_chains(&mut q, &mem, |chain| {
         let mut written = 0;
         if rx {
-            if let Ok(capacity) = rx_capacity(&chain) {
+            if let Ok(capacity) = rx_capacity(chain) {
                 assert!(chain.descriptors.iter().all(|d| d.writable));
                 if frame.len() <= capacity as usize {
-                    let before = snapshot(&mem);
-                    scatter(&chain, &mem, &frame).expect("a checked chain takes the frame");
-                    let after = snapshot(&mem);
+                    let before = guest::bytes(&mem);
+                    scatter(chain, &mem, &frame).expect("a checked chain takes the frame");
+                    let after = guest::bytes(&mem);
                     // Where each frame byte should have gone, in chain order.
                     let mut want = std::collections::HashMap::new();
                     let mut at = 0usize;
@@ -99,10 +61,10 @@ fuzz_target!(|data: &[u8]| {
                     written = frame.len() as u32;
                 }
             }
-        } else if let Ok(len) = tx_length(&chain) {
+        } else if let Ok(len) = tx_length(chain) {
             assert!(chain.descriptors.iter().all(|d| !d.writable));
             assert!((HDR_LEN..=HDR_LEN + MAX_TX_FRAME).contains(&len));
-            let n = gather(&chain, &mem, &mut buf).expect("a checked chain reads");
+            let n = gather(chain, &mem, &mut buf).expect("a checked chain reads");
             assert_eq!(n, len as usize);
             let mut at = 0;
             for d in chain.descriptors.iter().filter(|d| d.len > 0) {
@@ -112,8 +74,6 @@ fuzz_target!(|data: &[u8]| {
                 at += part.len();
             }
         }
-        if q.add_used(&mem, chain.head, written).is_err() {
-            break;
-        }
-    }
+        written
+    });
 });

@@ -11,27 +11,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ray_devices::virtio::queue::Queue;
 use ray_devices::virtio::vsock::packet::{self, HDR_LEN, HOST_CID, MAX_PAYLOAD};
 use ray_devices::virtio::vsock::{check_chain, gather, scatter, EVENT, RX, TX};
-use ray_memory::{GuestMemory, MemoryLayout, OwnedMemory};
+use ray_fuzz::guest;
+use ray_memory::GuestMemory;
 
-const REGIONS: [(u64, u64); 2] = [(0, 0x8000), (0x10000, 0x8000)];
-const QUEUE_SIZE: u16 = 16;
-const DESC: u64 = 0;
-const AVAIL: u64 = 0x100;
-const USED: u64 = 0x200;
 const GUEST_CID: u64 = 3;
-
-fn snapshot(mem: &OwnedMemory) -> Vec<(u64, u8)> {
-    let mut all = Vec::new();
-    for &(base, size) in &REGIONS {
-        let mut b = vec![0u8; size as usize];
-        mem.read(base, &mut b).expect("inside");
-        all.extend(b.into_iter().enumerate().map(|(i, v)| (base + i as u64, v)));
-    }
-    all
-}
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
@@ -40,45 +25,23 @@ fuzz_target!(|data: &[u8]| {
     let queue = [RX, TX, EVENT][usize::from(data[1] % 3)];
     let flags = data[0];
     let packet_len = u16::from_le_bytes([data[2], data[3]]);
-    let layout = MemoryLayout::new(&REGIONS).expect("a valid layout");
-    let mem = OwnedMemory::zeroed(&layout).expect("64 KiB of memory");
-    let mut rest = &data[4..];
-    for &(base, size) in &REGIONS {
-        let n = rest.len().min(size as usize);
-        mem.write(base, &rest[..n]).expect("inside the region");
-        rest = &rest[n..];
-    }
+    let mem = guest::memory(&data[4..]);
     // What a receive or event chain gets: the input's own bytes, repeated to its length.
     let packet: Vec<u8> = (0..usize::from(packet_len) % (HDR_LEN + 4096) + 1)
         .map(|i| data[i % data.len()])
         .collect();
-    let mut q = Queue::new(QUEUE_SIZE);
-    q.desc = DESC;
-    q.avail = AVAIL;
-    q.used = USED;
-    q.event_idx = flags & 1 != 0;
-    q.indirect = flags & 2 != 0;
-    q.validate(&mem).expect("the fixed rings fit");
-    q.ready = true;
+    let mut q = guest::queue(flags, &mem);
     let mut buf = Vec::new();
-    for _ in 0..2 * QUEUE_SIZE {
-        let chain = match q.pop(&mem) {
-            Ok(None) | Err(_) => break,
-            Ok(Some(Err((head, _)))) => {
-                let _ = q.add_used(&mem, head, 0);
-                continue;
-            }
-            Ok(Some(Ok(chain))) => chain,
-        };
+    guest::serve_chains(&mut q, &mem, |chain| {
         let mut written = 0;
-        if check_chain(queue, &chain).is_ok() {
+        if check_chain(queue, chain).is_ok() {
             let total: u64 = chain.descriptors.iter().map(|d| u64::from(d.len)).sum();
             if queue == TX {
                 assert!(chain.descriptors.iter().all(|d| !d.writable));
                 assert!(
                     (HDR_LEN as u64..=(HDR_LEN as u64 + u64::from(MAX_PAYLOAD))).contains(&total)
                 );
-                gather(&chain, &mem, &mut buf).expect("a checked chain reads");
+                gather(chain, &mem, &mut buf).expect("a checked chain reads");
                 assert_eq!(buf.len() as u64, total);
                 let mut at = 0;
                 for d in &chain.descriptors {
@@ -95,9 +58,9 @@ fuzz_target!(|data: &[u8]| {
             } else {
                 assert!(chain.descriptors.iter().all(|d| d.writable));
                 if packet.len() as u64 <= total {
-                    let before = snapshot(&mem);
-                    scatter(&chain, &mem, &packet).expect("a checked chain takes the packet");
-                    let after = snapshot(&mem);
+                    let before = guest::bytes(&mem);
+                    scatter(chain, &mem, &packet).expect("a checked chain takes the packet");
+                    let after = guest::bytes(&mem);
                     let mut room = std::collections::HashSet::new();
                     let mut at = 0usize;
                     for d in &chain.descriptors {
@@ -118,8 +81,6 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         }
-        if q.add_used(&mem, chain.head, written).is_err() {
-            break;
-        }
-    }
+        written
+    });
 });
