@@ -226,21 +226,33 @@ pub(crate) fn heartbeat(runtime: &Path, id: &str) -> Option<u64> {
     info.heartbeat.filter(|h| h.ready).map(|h| h.counter)
 }
 
-/// Waits until VM `id`'s guest heartbeat moves in `runtime`: it runs there.
+/// Waits until VM `id`'s guest heartbeat moves in `runtime`: it runs there. On a
+/// timeout, says what the VMM reports and the end of the agent's and the VMM's logs.
 pub(crate) fn runs_in(runtime: &Path, id: &str) {
     let mut first = None;
-    wait(
-        &format!("VM {id}'s heartbeat in {}", runtime.display()),
-        Duration::from_secs(60),
-        || match (first, heartbeat(runtime, id)) {
-            (None, Some(c)) => {
-                first = Some(c);
-                false
-            }
-            (Some(a), Some(b)) => b > a,
-            _ => false,
-        },
-    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match (first, heartbeat(runtime, id)) {
+            (None, Some(c)) => first = Some(c),
+            (Some(a), Some(b)) if b > a => return,
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            let tail = |p: PathBuf| {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(15)..].join("\n")
+            };
+            panic!(
+                "timed out waiting for VM {id}'s heartbeat in {} (first {first:?}); the VMM says {:?}\nagent.log:\n{}\nvmm.log:\n{}",
+                runtime.display(),
+                vm_info(runtime, id),
+                tail(runtime.join("agent.log")),
+                tail(runtime.join("vms").join(id).join("vmm.log")),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 pub(crate) fn json(out: &str) -> serde_json::Value {

@@ -324,7 +324,11 @@ fn cgroup_of(pid: u32, id: &str) -> (Vec<std::path::PathBuf>, u64, u64, u64) {
             })?;
             let in_list = list.is_empty() || list.split(',').any(|x| x == controller);
             let dir = Path::new(mp).join(path.trim_start_matches('/'));
-            (in_list && path.ends_with(&format!("rayvisor/{id}"))).then_some(dir)
+            // `rayvisor/<id>.<hash of the VM's directory>`.
+            let group = path.rsplit_once("rayvisor/").map(|(_, g)| g);
+            let ours =
+                group.is_some_and(|g| g.strip_prefix(id).is_some_and(|h| h.starts_with('.')));
+            (in_list && ours).then_some(dir)
         })
     };
     let read = |p: std::path::PathBuf| std::fs::read_to_string(&p).unwrap().trim().to_string();
@@ -645,8 +649,13 @@ fn a_jailed_vmm_is_unprivileged_alone_limited_and_still_works() {
     assert!(err.contains("state.bin"), "{err}");
     assert!(!env.runtime.join("vms").join("jail-bad").exists());
     for g in &groups {
-        let theirs = g.parent().unwrap().join("jail-bad");
-        assert!(!theirs.exists(), "{} is left", theirs.display());
+        let left: Vec<_> = std::fs::read_dir(g.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("jail-bad."))
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "{left:?} is left");
     }
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&disk).unwrap());
     assert_eq!(

@@ -1,11 +1,11 @@
-//! The cgroup of a jailed VM: `rayvisor/<id>` with a memory and a CPU limit, created by
+//! The cgroup of a jailed VM: `rayvisor/<id>.<hash>` with a memory and a CPU limit, created by
 //! the keeper before the VMM exists (the VMM is born in it) and removed after it ends.
 //!
 //! cgroup v2 is used where its hierarchy has the memory and cpu controllers: the group
-//! is `<cgroup2 mount>/rayvisor/<id>` (under the root, which alone may enable controllers
+//! is `<cgroup2 mount>/rayvisor/<id>.<hash>` (under the root, which alone may enable controllers
 //! while it has processes), limited by `memory.max` and `cpu.max`. Hosts whose memory and
 //! cpu controllers sit on cgroup v1 hierarchies (older or hybrid set-ups, such as the one
-//! the tests run on) get `rayvisor/<id>` under the keeper's own group in each of the two,
+//! the tests run on) get `rayvisor/<id>.<hash>` under the keeper's own group in each of the two,
 //! limited by `memory.limit_in_bytes` and `cpu.cfs_quota_us`/`cpu.cfs_period_us`.
 use std::path::{Path, PathBuf};
 
@@ -89,9 +89,14 @@ impl Hierarchy {
         }
     }
 
-    /// Creates `rayvisor/<id>` with its limits. A group left by an earlier VM of this id
-    /// (a keeper that was killed) is reused.
-    pub fn create(&self, id: &str, memory_max: u64, cpu_quota_us: u64) -> Result<VmCgroup, String> {
+    /// Creates `rayvisor/<name>` ([`group_name`]) with its limits. A group left by an
+    /// earlier VM of this name (a keeper that was killed) is reused.
+    pub fn create(
+        &self,
+        name: &str,
+        memory_max: u64,
+        cpu_quota_us: u64,
+    ) -> Result<VmCgroup, String> {
         let write = |dir: &Path, file: &str, value: &str| {
             std::fs::write(dir.join(file), value)
                 .map_err(|e| io(&format!("write '{value}' to"), &dir.join(file), e))
@@ -107,7 +112,7 @@ impl Hierarchy {
                 write(root, "cgroup.subtree_control", "+memory +cpu")?;
                 mkdir(&parent)?;
                 write(&parent, "cgroup.subtree_control", "+memory +cpu")?;
-                let dir = parent.join(id);
+                let dir = parent.join(name);
                 mkdir(&dir)?;
                 let cg = VmCgroup {
                     home: vec![own_v2_dir(root)?],
@@ -125,7 +130,7 @@ impl Hierarchy {
                 let (m, c) = (memory.join("rayvisor"), cpu.join("rayvisor"));
                 mkdir(&m)?;
                 mkdir(&c)?;
-                let (m, c) = (m.join(id), c.join(id));
+                let (m, c) = (m.join(name), c.join(name));
                 mkdir(&m)?;
                 mkdir(&c)?;
                 let cg = VmCgroup {
@@ -139,6 +144,21 @@ impl Hierarchy {
             }
         }
     }
+}
+
+/// The cgroup name of the VM `id` whose directory is `vm_dir`: the id and a hash of the
+/// directory, so that two runtime directories on one host (a migration between them: the
+/// same id at both ends) never share a group and its limits.
+pub fn group_name(id: &str, vm_dir: &Path) -> String {
+    // FNV-1a: stable across builds.
+    let hash = vm_dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    format!("{id}.{:08x}", hash as u32)
 }
 
 /// The keeper's own v2 group (to return to).
@@ -197,6 +217,19 @@ impl VmCgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_id_in_two_runtime_directories_gets_two_groups() {
+        let a = group_name("vm-1", Path::new("/run/a/vms/vm-1"));
+        let b = group_name("vm-1", Path::new("/run/b/vms/vm-1"));
+        assert!(a.starts_with("vm-1.") && b.starts_with("vm-1."), "{a} {b}");
+        assert_ne!(a, b);
+        assert_eq!(
+            a,
+            group_name("vm-1", Path::new("/run/a/vms/vm-1")),
+            "stable"
+        );
+    }
 
     const HYBRID: &str = "\
 30 25 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw

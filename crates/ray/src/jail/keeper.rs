@@ -130,7 +130,11 @@ pub fn jail(
     if let Some(dir) = &plan.encode_slots {
         ray_display::encode::make_host_slots(dir).map_err(|e| e.to_string())?;
     }
-    let cgroup = Hierarchy::detect()?.create(id, plan.memory_max, plan.cpu_quota_us)?;
+    let cgroup = Hierarchy::detect()?.create(
+        &super::cgroup::group_name(id, vm_dir),
+        plan.memory_max,
+        plan.cpu_quota_us,
+    )?;
     // The loans first: removing the cgroup may wait for the kernel to let go of the
     // VMM, and a new VM may want them meanwhile.
     let undo = |cgroup: VmCgroup, lent: Option<Lent>, made: Option<MadeTaps>| {
