@@ -498,6 +498,11 @@ pub struct GpuInfo {
     /// A remote GPU's back end (`unix:PATH` or `tcp:ADDR`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
+    /// The power a passthrough GPU on a host device draws, in milliwatts, as its
+    /// driver's hwmon reports it (`power1_average` or `power1_input`); none where the
+    /// hardware reports none (never estimated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_mw: Option<u64>,
 }
 
 /// `GET /vm/gpus`.

@@ -778,6 +778,27 @@ impl DisplayHub {
                 );
             }
         }
+        let powered: Vec<(u32, u64)> = self
+            .list()
+            .gpus
+            .iter()
+            .filter_map(|g| Some((g.index, g.power_mw?)))
+            .collect();
+        if !powered.is_empty() {
+            family(
+                out,
+                "ray_gpu_power_watts",
+                "gauge",
+                "Power a passthrough GPU draws as its hwmon reports it (only where it does).",
+            );
+            for (i, mw) in powered {
+                let _ = writeln!(
+                    out,
+                    "ray_gpu_power_watts{{gpu=\"{i}\"}} {}",
+                    mw as f64 / 1000.0
+                );
+            }
+        }
     }
 
     /// The GPUs with their states and displays.
@@ -842,6 +863,12 @@ impl DisplayHub {
                         .find(|(gpu, _)| *gpu == i)
                         .map(|(_, r)| r.backend.clone())
                         .or_else(|| g.config.backend.clone()),
+                    power_mw: match &g.config.passthrough {
+                        Some(ray_api::gpu::PassthroughSource::Host { bdf }) => {
+                            crate::passthrough::power_mw(bdf)
+                        }
+                        _ => None,
+                    },
                 })
                 .collect(),
             vnc_tcp: inner.vnc.as_ref().map_or(Vec::new(), |v| {

@@ -75,6 +75,33 @@ fn open(source: &PassthroughSource, timeout: Duration) -> Result<Box<dyn DeviceA
     })
 }
 
+/// The power the host PCI device `bdf` draws, in milliwatts, as its hwmon reports it
+/// (none where it reports none).
+pub fn power_mw(bdf: &str) -> Option<u64> {
+    hwmon_power(&Path::new("/sys/bus/pci/devices").join(bdf))
+}
+
+/// `power1_average` (else `power1_input`, microwatts) of the first hwmon of the device at
+/// `device` (its sysfs directory) that has one.
+fn hwmon_power(device: &Path) -> Option<u64> {
+    let mut hwmons: Vec<_> = std::fs::read_dir(device.join("hwmon"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    hwmons.sort();
+    hwmons.iter().find_map(|h| {
+        ["power1_average", "power1_input"].iter().find_map(|f| {
+            let uw: u64 = std::fs::read_to_string(h.join(f))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            Some(uw / 1000)
+        })
+    })
+}
+
 /// Checks what can be checked before a VM starts: a host device's IOMMU, VFIO and driver.
 pub fn check(gpus: &[GpuConfig]) -> Result<(), String> {
     for (i, g) in gpus.iter().enumerate() {
@@ -157,4 +184,32 @@ pub fn build(
         health: b.health.clone(),
     });
     Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn power_is_what_a_hwmon_reports_or_nothing() {
+        let dev = std::env::temp_dir().join(format!("ray-hwmon-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dev);
+        std::fs::create_dir_all(&dev).unwrap();
+        assert_eq!(hwmon_power(&dev), None, "no hwmon: no figure");
+        let h = dev.join("hwmon/hwmon3");
+        std::fs::create_dir_all(&h).unwrap();
+        std::fs::write(h.join("name"), "amdgpu\n").unwrap();
+        assert_eq!(hwmon_power(&dev), None, "a hwmon without power");
+        std::fs::write(h.join("power1_input"), "41250000\n").unwrap();
+        assert_eq!(hwmon_power(&dev), Some(41_250));
+        std::fs::write(h.join("power1_average"), "40000000\n").unwrap();
+        assert_eq!(hwmon_power(&dev), Some(40_000), "the average first");
+        std::fs::write(h.join("power1_average"), "n/a\n").unwrap();
+        assert_eq!(
+            hwmon_power(&dev),
+            Some(41_250),
+            "an unreadable average: the input"
+        );
+        let _ = std::fs::remove_dir_all(&dev);
+    }
 }
