@@ -1159,8 +1159,18 @@ fn a_host_whose_link_is_cut_fences_and_its_ha_vm_runs_once_on_the_other_host() {
         let out = cli(&["cluster", "status", "--json"]);
         out.status.success() && json(&String::from_utf8_lossy(&out.stdout))["hosts"]["Ready"] == n
     };
+    // Jailed agents (`--jail`: not yet the default for `ray agent`).
     let agent = |ns: &Netns, runtime: &Path, host: &str| {
-        let args = ["agent", "--host", host, "--etcd", &url, "--lease-ttl", "4s"];
+        let args = [
+            "agent",
+            "--host",
+            host,
+            "--etcd",
+            &url,
+            "--lease-ttl",
+            "4s",
+            "--jail",
+        ];
         Daemon(spawn_ray_in(
             Some(ns),
             runtime,
@@ -1205,7 +1215,7 @@ fn a_host_whose_link_is_cut_fences_and_its_ha_vm_runs_once_on_the_other_host() {
     };
     wait("ha1 on h1", Duration::from_secs(20), || placed("h1", 1));
     runs_in(&h1, "ha1");
-    // The agent jails its VMMs as `ray vm run` does (root's default): not root's.
+    // The agent, asked to, jails its VMMs as `ray vm run` does: not root's.
     let pid = std::fs::read_to_string(h1.join("vms/ha1/vmm.pid")).unwrap();
     let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap();
     let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap();
