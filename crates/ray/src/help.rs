@@ -164,7 +164,8 @@ ray migrate start web --to 10.0.0.2:7000 --key-file /etc/ray/key --copy-disks   
     (
         "migrate receive",
         "ray migrate receive --listen 0.0.0.0:7000 --key-file /etc/ray/key --id web
-ray migrate receive --listen 0.0.0.0:7000 --key-file /etc/ray/key --disk-dir /var/lib/ray/disks",
+ray migrate receive --listen 0.0.0.0:7000 --key-file /etc/ray/key --disk-dir /var/lib/ray/disks
+ray migrate receive --listen 0.0.0.0:7000 --key-file /etc/ray/key --shared-dir /srv/shared-disks",
     ),
     ("migrate status", "ray migrate status web\nray migrate status web -o yaml"),
     ("migrate progress", "ray migrate progress web"),
@@ -182,7 +183,8 @@ ray migrate receive --listen 0.0.0.0:7000 --key-file /etc/ray/key --disk-dir /va
         "agent",
         "ray agent      (one host: the store of `ray controller` on this host)
 ray agent --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379
-ray agent --host node-7 --etcd http://127.0.0.1:2379 --api-tcp 0.0.0.0:7450 --api-token-file /etc/ray/agent.token",
+ray agent --host node-7 --etcd http://127.0.0.1:2379 --api-tcp 0.0.0.0:7450 --api-token-file /etc/ray/agent.token
+ray agent --host node-7 --etcd http://127.0.0.1:2379 --jail   (the host's VMMs jailed)",
     ),
     (
         "cluster",
