@@ -191,7 +191,9 @@ pub async fn transfer<S: Store>(
 }
 
 /// Checks, in one revision, that `host` holds `vm`'s token at `epoch` and that its agent
-/// lease is alive: the condition for running or resuming the VM there.
+/// lease is alive: the condition for running or resuming the VM there. A token rewritten
+/// between the read and the check (still this host's at this epoch) is read again, a few
+/// times: only a token that moved, or a dead lease, refuses.
 pub async fn confirm<S: Store>(
     s: &S,
     vm: &str,
@@ -200,25 +202,30 @@ pub async fn confirm<S: Store>(
 ) -> Result<Revision, TokenError> {
     let refused =
         |why: String| TokenError::Refused(format!("host {host} may not run VM {vm}: {why}"));
-    let Some((token, kv)) = read(s, vm).await? else {
-        return Err(refused("it has no run token".into()));
-    };
-    if token.host != host || token.epoch != epoch {
-        return Err(refused(format!(
-            "the run token names host {} at epoch {} (this host has epoch {epoch})",
-            token.host, token.epoch
-        )));
+    for _ in 0..CONFIRM_TRIES {
+        let Some((token, kv)) = read(s, vm).await? else {
+            return Err(refused("it has no run token".into()));
+        };
+        if token.host != host || token.epoch != epoch {
+            return Err(refused(format!(
+                "the run token names host {} at epoch {} (this host has epoch {epoch})",
+                token.host, token.epoch
+            )));
+        }
+        let txn = Txn::new()
+            .when(keys::run_token(vm), Cond::ModRevision(kv.mod_revision))
+            .when(keys::host_alive(host), Cond::Present);
+        if let Commit::Done(revision) = s.commit(txn).await? {
+            return Ok(revision);
+        }
     }
-    let txn = Txn::new()
-        .when(keys::run_token(vm), Cond::ModRevision(kv.mod_revision))
-        .when(keys::host_alive(host), Cond::Present);
-    match s.commit(txn).await? {
-        Commit::Done(revision) => Ok(revision),
-        Commit::Conflict => Err(refused(
-            "its agent lease is not alive, or the token changed meanwhile".into(),
-        )),
-    }
+    Err(refused(
+        "its agent lease is not alive, or the token kept changing".into(),
+    ))
 }
+
+/// How often [`confirm`] reads a token again that changed under it.
+const CONFIRM_TRIES: usize = 3;
 
 /// Deletes `vm`'s token (as read at `seen`) and its assignment: the VM is gone.
 pub async fn release<S: Store>(s: &S, vm: &str, seen: &Kv) -> Result<Revision, TokenError> {
