@@ -13,19 +13,15 @@ use std::sync::{Arc, Mutex, Weak};
 
 use libfuzzer_sys::fuzz_target;
 use ray_devices::virtio::input::{Input, Kind, EVENTQ, STATUSQ};
-use ray_devices::virtio::queue::{Chain, Queue};
+use ray_devices::virtio::queue::Chain;
 use ray_devices::virtio::rng::{Rng, MAX_REQUEST};
 use ray_devices::virtio::{
     Completer, Completion, DeviceContext, InFlight, Transport, Used, VirtioDevice,
 };
+use ray_fuzz::guest::{self, QUEUE_SIZE, REGIONS};
 use ray_guest_abi::input::Event;
-use ray_memory::{GuestMemory, MemoryLayout, OwnedMemory};
+use ray_memory::{GuestMemory, OwnedMemory};
 
-const REGIONS: [(u64, u64); 2] = [(0, 0x8000), (0x10000, 0x8000)];
-const QUEUE_SIZE: u16 = 16;
-const DESC: u64 = 0;
-const AVAIL: u64 = 0x100;
-const USED: u64 = 0x200;
 /// The input device's configuration: select, subsel, size, 5 reserved, 128 payload bytes.
 const CONFIG_LEN: usize = 136;
 const PAYLOAD: usize = 8;
@@ -77,14 +73,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let flags = data[0];
-    let layout = MemoryLayout::new(&REGIONS).expect("a valid layout");
-    let mem = Arc::new(OwnedMemory::zeroed(&layout).expect("64 KiB of memory"));
-    let mut rest = &data[4..];
-    for &(base, size) in &REGIONS {
-        let n = rest.len().min(size as usize);
-        mem.write(base, &rest[..n]).expect("inside the region");
-        rest = &rest[n..];
-    }
+    let mem = Arc::new(guest::memory(&data[4..]));
     let transport: Arc<Mutex<dyn Transport>> = Arc::new(Mutex::new(Ignore));
     let weak: Weak<Mutex<dyn Transport>> = Arc::downgrade(&transport);
     let context = DeviceContext {
@@ -118,14 +107,8 @@ fuzz_target!(|data: &[u8]| {
             (Box::new(input), queue)
         }
     };
-    let mut q = Queue::new(QUEUE_SIZE);
-    q.desc = DESC;
-    q.avail = AVAIL;
-    q.used = USED;
-    q.event_idx = flags & 8 != 0;
-    q.indirect = flags & 16 != 0;
-    q.validate(&*mem).expect("the fixed rings fit");
-    q.ready = true;
+    // Bits 3 and 4 negotiate EVENT_IDX and indirect descriptors.
+    let mut q = guest::queue(flags >> 3, &*mem);
     for _ in 0..2 * QUEUE_SIZE {
         let chain = match q.pop(&*mem) {
             Ok(None) | Err(_) => break,

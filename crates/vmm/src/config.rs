@@ -83,16 +83,10 @@ pub fn check_disks(devices: &ray_api::vmm::DevicesConfig) -> Result<(), ConfigEr
             return Err(bad("a rate limit must be above zero".into()));
         }
         let path = Path::new(&d.path);
-        // A jailed VMM's keeper opens its disks (it does not see them).
-        let size = if crate::jailed::disk_from_keeper(path) {
-            ray_outside::open_disk(path, false, false)
-                .map_err(|e| bad(format!("cannot open {}: {e}", d.path)))
-                .and_then(|f| {
-                    ray_devices::virtio::blk::disk_size(&f, path).map_err(|e| bad(e.to_string()))
-                })?
-        } else {
-            ray_devices::virtio::blk::size_of(path).map_err(|e| bad(e.to_string()))?
-        };
+        let file = crate::jailed::open_disk(path, false, false)
+            .map_err(|e| bad(format!("cannot open {}: {e}", d.path)))?;
+        let size =
+            ray_devices::virtio::blk::disk_size(&file, path).map_err(|e| bad(e.to_string()))?;
         if !size.is_multiple_of(512) || size == 0 {
             return Err(bad(format!(
                 "{} has {size} bytes; a disk is a whole, non-zero number of 512-byte sectors",

@@ -65,11 +65,21 @@ pub fn refuse_if_jailed(what: &str) -> Result<(), String> {
     }
 }
 
-/// Whether this (jailed) VMM's keeper opens the disk at `path` for it: every disk but the
-/// copies a migration target writes in its own directories (its keeper opens the VM's
-/// disks, and a target's shared disks, so no file on the host changes owner).
-pub fn disk_from_keeper(path: &Path) -> bool {
-    get().is_some_and(|j| !j.writable.iter().any(|w| path.starts_with(w)))
+/// Opens the disk at `path` (read-write when `writable`, `O_DIRECT` when `direct`). A
+/// jailed VMM's keeper opens every disk but the copies a migration target writes in its
+/// own directories (the VM's disks and a target's shared disks: no file on the host
+/// changes owner); unjailed, or a copy, it is opened here.
+pub fn open_disk(path: &Path, writable: bool, direct: bool) -> std::io::Result<std::fs::File> {
+    let from_keeper = get().is_some_and(|j| !j.writable.iter().any(|w| path.starts_with(w)));
+    if from_keeper {
+        return ray_outside::open_disk(path, writable, direct);
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .open(path)
 }
 
 /// Whether this (jailed) VMM's keeper opens its TAPs: it has a network namespace of its
@@ -172,27 +182,23 @@ pub fn view() -> ray_api::vmm::JailView {
             .filter_map(|n| n.parse().ok())
             .collect()
     };
-    let mounts = mounts();
     let jailed = get().is_some();
-    let mut paths = Vec::new();
+    // Unjailed, its root and mounts are the host's and its cgroup is not among them.
+    let (mut paths, mut points, mut memory_max, mut cpu) = (Vec::new(), Vec::new(), None, None);
     if jailed {
-        let points: std::collections::HashSet<&Path> =
+        let mounts = mounts();
+        let at: std::collections::HashSet<&Path> =
             mounts.iter().map(|m| m.point.as_path()).collect();
-        walk(Path::new("/"), &points, &mut paths);
+        walk(Path::new("/"), &at, &mut paths);
         paths.sort();
+        points = mounts
+            .iter()
+            .map(|m| m.point.display().to_string())
+            .collect();
+        points.sort();
+        points.dedup();
+        (memory_max, cpu) = cgroup_limits(&mounts);
     }
-    // Its own cgroup's files are in its root only when jailed (unjailed, the mounts are
-    // the host's hierarchies, not its group).
-    let (memory_max, cpu) = match jailed {
-        true => cgroup_limits(&mounts),
-        false => (None, None),
-    };
-    let mut points: Vec<String> = mounts
-        .iter()
-        .map(|m| m.point.display().to_string())
-        .collect();
-    points.sort();
-    points.dedup();
     ray_api::vmm::JailView {
         jailed,
         pid: std::process::id(),
@@ -214,8 +220,8 @@ pub fn view() -> ray_api::vmm::JailView {
             .skip(2)
             .filter_map(|l| Some(l.split_once(':')?.0.trim().to_string()))
             .collect(),
-        paths: if jailed { paths } else { Vec::new() },
-        mounts: if jailed { points } else { Vec::new() },
+        paths,
+        mounts: points,
         memory_max,
         cpu_quota_us: cpu.map(|c| c.0),
         cpu_period_us: cpu.map(|c| c.1),

@@ -240,13 +240,9 @@ fn open_disk(disk: &DiskConfig) -> Result<Block, PciError> {
         why,
     };
     let config = block_config(disk, DISK_QUEUES);
-    // A jailed migration target's shared disk: its keeper opens it.
-    if crate::jailed::disk_from_keeper(&config.path) {
-        let file = ray_outside::open_disk(&config.path, !disk.readonly, disk.direct)
-            .map_err(|e| failed(format!("cannot open {}: {e}", disk.path)))?;
-        return Block::with_file(config, file).map_err(|e| failed(e.to_string()));
-    }
-    Block::open(config).map_err(|e| failed(e.to_string()))
+    let file = crate::jailed::open_disk(&config.path, !disk.readonly, disk.direct)
+        .map_err(|e| failed(format!("cannot open {}: {e}", disk.path)))?;
+    Block::with_file(config, file).map_err(|e| failed(e.to_string()))
 }
 
 /// The model's configuration of `disk` with `queues` queues (a vhost-user back end serves

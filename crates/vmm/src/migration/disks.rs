@@ -61,13 +61,9 @@ pub fn source_disks(config: &VmConfig) -> Result<Vec<Arc<SourceDisk>>, String> {
             let path = PathBuf::from(&d.path);
             let tracker: Arc<Tracker> = Arc::new(Tracker(tracker));
             let size = tracker.0.disk_size();
-            // A jailed VMM's keeper opens its disks.
-            if crate::jailed::disk_from_keeper(&path) {
-                let file = ray_outside::open_disk(&path, false, false)
-                    .map_err(|e| format!("cannot open disk {} ({}): {e}", d.id, d.path))?;
-                return SourceDisk::on_file(&d.id, file, size, tracker).map(Arc::new);
-            }
-            SourceDisk::open(&d.id, &path, size, tracker).map(Arc::new)
+            let file = crate::jailed::open_disk(&path, false, false)
+                .map_err(|e| format!("cannot open disk {} ({}): {e}", d.id, d.path))?;
+            SourceDisk::on_file(&d.id, file, size, tracker).map(Arc::new)
         })
         .collect()
 }

@@ -107,15 +107,6 @@ pub fn disk_size(file: &File, path: &Path) -> Result<u64, BlockError> {
         })
 }
 
-/// The size a disk at `path` has now, as its device would see it.
-pub fn size_of(path: &Path) -> Result<u64, BlockError> {
-    let f = File::open(path).map_err(|source| BlockError::Open {
-        path: path.into(),
-        source,
-    })?;
-    disk_size(&f, path)
-}
-
 pub struct Block {
     config: BlockConfig,
     file: Arc<File>,
@@ -130,12 +121,6 @@ pub struct Block {
 impl Block {
     pub fn open(config: BlockConfig) -> Result<Self, BlockError> {
         let path = &config.path;
-        if config.engine == Engine::Uring {
-            uring::probe().map_err(|source| BlockError::Uring {
-                path: path.clone(),
-                source,
-            })?;
-        }
         let file = OpenOptions::new()
             .read(true)
             .write(!config.readonly)
@@ -149,10 +134,15 @@ impl Block {
     }
 
     /// The disk of `config` on `file`, opened elsewhere as `config` says (read-write
-    /// unless read-only, `O_DIRECT` if direct): a jailed migration target's keeper opens
-    /// its shared disks.
+    /// unless read-only, `O_DIRECT` if direct): a jailed VMM's keeper opens its disks.
     pub fn with_file(config: BlockConfig, file: File) -> Result<Self, BlockError> {
         let path = &config.path;
+        if config.engine == Engine::Uring {
+            uring::probe().map_err(|source| BlockError::Uring {
+                path: path.clone(),
+                source,
+            })?;
+        }
         let size = disk_size(&file, path)?;
         if !size.is_multiple_of(SECTOR) {
             return Err(BlockError::Size {
