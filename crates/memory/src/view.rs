@@ -55,14 +55,21 @@ pub trait GuestMemory: Sync {
         let _ = (gpa, len);
     }
 
-    /// Copies `buf.len()` bytes at `gpa` into `buf`.
+    /// Copies `buf.len()` bytes at `gpa` into `buf`. Copying nothing succeeds at any
+    /// address (a driver's zero-length buffer may name any).
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
         self.span(gpa, buf.len() as u64)?.copy_to(buf);
         Ok(())
     }
 
-    /// Copies `data` to `gpa`.
+    /// Copies `data` to `gpa`; like [`GuestMemory::read`], nothing at any address.
     fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        if data.is_empty() {
+            return Ok(());
+        }
         self.span(gpa, data.len() as u64)?.copy_from(data);
         self.note_write(gpa, data.len() as u64);
         Ok(())
