@@ -358,7 +358,27 @@ fn gpu_requests_are_checked_before_the_vm_starts() {
         ),
         (
             &["--gpu", "emulated,displays=5"],
-            "5 displays asked for; a GPU has 1 to 4",
+            "GPU 0: 5 displays asked for; the VM's limit is 4 a GPU \
+             (--gpu-limits displays-per-gpu=N, up to 16)",
+        ),
+        (
+            &[
+                "--gpu-limits",
+                "gpus=1",
+                "--gpu",
+                "emulated",
+                "--gpu",
+                "virtio",
+            ],
+            "2 GPUs asked for; the VM's limit is 1 (--gpu-limits gpus=N, up to 16)",
+        ),
+        (
+            &["--gpu-limits", "gpus=20", "--gpu", "emulated"],
+            "GPU limit gpus=20 is out of range: 1 to 16",
+        ),
+        (
+            &["--gpu-limits", "screens=2", "--gpu", "emulated"],
+            "unknown GPU limit 'screens' (keys: gpus, displays-per-gpu, displays)",
         ),
         (
             &["--gpu", "emulated,width=100"],
@@ -377,7 +397,7 @@ fn gpu_requests_are_checked_before_the_vm_starts() {
                 "--gpu",
                 "emulated",
             ],
-            "17 displays asked for over all GPUs; a VM has at most 16",
+            "17 displays asked for over all GPUs; the VM's limit is 16",
         ),
         (
             &[
@@ -607,6 +627,32 @@ fn emulated_and_virtio_displays_are_numbered_alike_by_guest_and_host() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("belongs to an emulated GPU"), "{err}");
+}
+
+#[test]
+fn raised_gpu_limits_give_a_gpu_more_displays_and_status_shows_them() {
+    let env = Env::new("disp-limits");
+    let mut vm = env.boot(&[
+        "--memory",
+        "128M",
+        "--gpu-limits",
+        "displays-per-gpu=6,gpus=2",
+        "--gpu",
+        "emulated,width=640,height=480,displays=6",
+    ]);
+    vm.expect_line("ready", READY);
+    assert_eq!(vm.command("displays", "displays "), "displays 6");
+    draw(&mut vm, "checker", 9, 5);
+    assert_shows(&screenshot(&env, &vm.id, 5, "d5.png"), Pattern::Checker, 9);
+    let list = gpus(&vm);
+    assert_eq!(list.gpus[0].displays.len(), 6);
+    let l = list.limits;
+    assert_eq!((l.gpus, l.displays_per_gpu, l.displays), (2, 6, 16));
+    let status = env.ray_ok(&["gpu", "status", &vm.id]);
+    assert!(
+        status.contains("limits: 2 GPUs, 6 displays a GPU, 16 displays (--gpu-limits)"),
+        "{status}"
+    );
 }
 
 /// The text a screenshot of a console shows, row by row (`ray_guest_abi::text`).

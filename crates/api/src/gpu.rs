@@ -11,12 +11,18 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// Most GPUs one VM has.
-pub const MAX_GPUS: usize = 8;
-/// Most displays one GPU drives.
+/// Most GPUs one VM has, unless its [`GpuLimits`] say otherwise.
+pub const MAX_GPUS: u8 = 8;
+/// Most displays one GPU drives, unless the VM's [`GpuLimits`] say otherwise.
 pub const MAX_DISPLAYS_PER_GPU: u8 = 4;
-/// Most displays one VM has, over all its GPUs.
-pub const MAX_DISPLAYS_PER_VM: usize = 16;
+/// Most displays one VM has over all its GPUs, unless its [`GpuLimits`] say otherwise.
+pub const MAX_DISPLAYS_PER_VM: u8 = 16;
+/// What [`GpuLimits`] may be raised to: what the devices can do. A VM's GPUs are PCI
+/// devices on its one bus (32 slots, shared with its other devices); a virtio GPU has at
+/// most 16 scanouts; guests find at most 16 displays in the display table.
+pub const CEILING_GPUS: u8 = 16;
+pub const CEILING_DISPLAYS_PER_GPU: u8 = 16;
+pub const CEILING_DISPLAYS_PER_VM: u8 = 16;
 /// Display sizes, in pixels: from VGA's smallest to 4K UHD.
 pub const MIN_WIDTH: u32 = 320;
 pub const MAX_WIDTH: u32 = 3840;
@@ -301,9 +307,9 @@ impl GpuConfig {
             }
         }
         check_size(self.width, self.height)?;
-        if !(1..=MAX_DISPLAYS_PER_GPU).contains(&self.displays) {
+        if !(1..=CEILING_DISPLAYS_PER_GPU).contains(&self.displays) {
             return Err(format!(
-                "{} displays asked for; a GPU has 1 to {MAX_DISPLAYS_PER_GPU}",
+                "{} displays asked for; a GPU has 1 to {CEILING_DISPLAYS_PER_GPU}",
                 self.displays
             ));
         }
@@ -407,22 +413,112 @@ pub struct DisplaySize {
     pub height: u32,
 }
 
-/// Checks a VM's GPU list: each GPU, at most [`MAX_GPUS`], at most
-/// [`MAX_DISPLAYS_PER_VM`] displays in all.
-pub fn check_gpus(gpus: &[GpuConfig]) -> Result<(), String> {
-    if gpus.len() > MAX_GPUS {
+/// Limits on a VM's GPUs and displays (`--gpu-limits`, `devices.gpu_limits`), checked
+/// with its GPU list. Each is 1 or more and at most its ceiling ([`CEILING_GPUS`], ...);
+/// the defaults are [`MAX_GPUS`], [`MAX_DISPLAYS_PER_GPU`] and [`MAX_DISPLAYS_PER_VM`].
+/// An operator lowers them to bound what a VM may ask for, or raises them for a guest that
+/// drives more (Linux's virtio-gpu driver takes 16 scanouts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct GpuLimits {
+    #[schema(minimum = 1, maximum = 16)]
+    pub gpus: u8,
+    #[schema(minimum = 1, maximum = 16)]
+    pub displays_per_gpu: u8,
+    #[schema(minimum = 1, maximum = 16)]
+    pub displays: u8,
+}
+
+impl Default for GpuLimits {
+    fn default() -> Self {
+        Self {
+            gpus: MAX_GPUS,
+            displays_per_gpu: MAX_DISPLAYS_PER_GPU,
+            displays: MAX_DISPLAYS_PER_VM,
+        }
+    }
+}
+
+impl GpuLimits {
+    /// Each limit between 1 and its ceiling.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, value, ceiling) in [
+            ("gpus", self.gpus, CEILING_GPUS),
+            (
+                "displays-per-gpu",
+                self.displays_per_gpu,
+                CEILING_DISPLAYS_PER_GPU,
+            ),
+            ("displays", self.displays, CEILING_DISPLAYS_PER_VM),
+        ] {
+            if !(1..=ceiling).contains(&value) {
+                return Err(format!(
+                    "GPU limit {name}={value} is out of range: 1 to {ceiling}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for GpuLimits {
+    type Err = String;
+
+    /// `gpus=N,displays-per-gpu=N,displays=N`, any of them; the others keep their
+    /// defaults.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut limits = GpuLimits::default();
+        for part in s.split(',') {
+            let (key, value) = part.split_once('=').ok_or_else(|| {
+                format!("'{part}' is not KEY=N (keys: gpus, displays-per-gpu, displays)")
+            })?;
+            let n: u8 = value
+                .parse()
+                .map_err(|_| format!("{key}={value}: not a whole number from 1 to 16"))?;
+            match key {
+                "gpus" => limits.gpus = n,
+                "displays-per-gpu" => limits.displays_per_gpu = n,
+                "displays" => limits.displays = n,
+                _ => {
+                    return Err(format!(
+                        "unknown GPU limit '{key}' (keys: gpus, displays-per-gpu, displays)"
+                    ))
+                }
+            }
+        }
+        limits.validate()?;
+        Ok(limits)
+    }
+}
+
+/// Checks a VM's GPU list against its `limits`: each GPU on its own, at most
+/// `limits.gpus` of them, `limits.displays_per_gpu` displays on each and
+/// `limits.displays` over all. Refusals name the limit and how to set it.
+pub fn check_gpus(gpus: &[GpuConfig], limits: &GpuLimits) -> Result<(), String> {
+    limits.validate()?;
+    if gpus.len() > usize::from(limits.gpus) {
         return Err(format!(
-            "{} GPUs asked for; a VM has at most {MAX_GPUS}",
-            gpus.len()
+            "{} GPUs asked for; the VM's limit is {} (--gpu-limits gpus=N, up to {CEILING_GPUS})",
+            gpus.len(),
+            limits.gpus
         ));
     }
     for (i, g) in gpus.iter().enumerate() {
         g.validate().map_err(|e| format!("GPU {i}: {e}"))?;
+        if g.displays > limits.displays_per_gpu {
+            return Err(format!(
+                "GPU {i}: {} displays asked for; the VM's limit is {} a GPU \
+                 (--gpu-limits displays-per-gpu=N, up to {CEILING_DISPLAYS_PER_GPU})",
+                g.displays, limits.displays_per_gpu
+            ));
+        }
     }
     let displays: usize = gpus.iter().map(|g| usize::from(g.displays)).sum();
-    if displays > MAX_DISPLAYS_PER_VM {
+    if displays > usize::from(limits.displays) {
         return Err(format!(
-            "{displays} displays asked for over all GPUs; a VM has at most {MAX_DISPLAYS_PER_VM}"
+            "{displays} displays asked for over all GPUs; the VM's limit is {} \
+             (--gpu-limits displays=N, up to {CEILING_DISPLAYS_PER_VM})",
+            limits.displays
         ));
     }
     Ok(())
@@ -509,6 +605,9 @@ pub struct GpuInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct GpuList {
     pub gpus: Vec<GpuInfo>,
+    /// What the GPU list was checked against (`--gpu-limits`).
+    #[serde(default)]
+    pub limits: GpuLimits,
     /// The VNC server's Unix socket, once the VM runs with a display.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vnc_socket: Option<String>,
@@ -613,8 +712,8 @@ mod tests {
                 "height 100 is not between 200 and 2160",
             ),
             (
-                "emulated,displays=5",
-                "5 displays asked for; a GPU has 1 to 4",
+                "emulated,displays=17",
+                "17 displays asked for; a GPU has 1 to 16",
             ),
             ("emulated,displays=0", "0 displays asked for"),
             ("emulated,displays=300", "255 displays asked for"),
@@ -695,7 +794,7 @@ mod tests {
             .unwrap();
         let mut all = vec![e; 4];
         all.extend(vec![c.clone(); 4]);
-        assert!(check_gpus(&all).is_ok());
+        assert!(check_gpus(&all, &GpuLimits::default()).is_ok());
         let json = serde_json::to_string(&c).unwrap();
         assert!(
             json.contains(r#""passthrough":{"vfio_user":{"socket":"/run/gpu.sock"}}"#),
@@ -715,26 +814,80 @@ mod tests {
 
     #[test]
     fn vm_wide_limits_name_the_count() {
+        let d = GpuLimits::default();
         let g = GpuConfig::parse("emulated,width=320,height=200,displays=4")
             .unwrap()
             .unwrap();
-        assert!(check_gpus(&vec![g.clone(); 4]).is_ok());
+        assert!(check_gpus(&vec![g.clone(); 4], &d).is_ok());
         assert_eq!(
-            check_gpus(&vec![g.clone(); 5]).unwrap_err(),
-            "20 displays asked for over all GPUs; a VM has at most 16"
+            check_gpus(&vec![g.clone(); 5], &d).unwrap_err(),
+            "20 displays asked for over all GPUs; the VM's limit is 16 \
+             (--gpu-limits displays=N, up to 16)"
         );
-        let one = GpuConfig { displays: 1, ..g };
+        let one = GpuConfig {
+            displays: 1,
+            ..g.clone()
+        };
         assert_eq!(
-            check_gpus(&vec![one.clone(); 9]).unwrap_err(),
-            "9 GPUs asked for; a VM has at most 8"
+            check_gpus(&vec![one.clone(); 9], &d).unwrap_err(),
+            "9 GPUs asked for; the VM's limit is 8 (--gpu-limits gpus=N, up to 16)"
         );
+        let eight = GpuConfig {
+            displays: 8,
+            ..g.clone()
+        };
+        assert_eq!(
+            check_gpus(std::slice::from_ref(&eight), &d).unwrap_err(),
+            "GPU 0: 8 displays asked for; the VM's limit is 4 a GPU \
+             (--gpu-limits displays-per-gpu=N, up to 16)"
+        );
+        let raised: GpuLimits = "displays-per-gpu=8".parse().unwrap();
+        assert!(check_gpus(&[eight.clone(), eight.clone()], &raised).is_ok());
+        let seventeen = GpuConfig { displays: 17, ..g };
+        assert!(check_gpus(&[seventeen], &raised)
+            .unwrap_err()
+            .contains("a GPU has 1 to 16"));
         let bad = GpuConfig {
             kind: GpuType::Passthrough,
             ..one
         };
         // A passthrough GPU has no displays of ours: its own check names the GPU.
-        assert!(check_gpus(&[bad])
+        assert!(check_gpus(&[bad], &d)
             .unwrap_err()
             .starts_with("GPU 0: a passthrough GPU has no displays of the VMM"));
+    }
+
+    #[test]
+    fn gpu_limits_parse_with_defaults_and_refuse_what_the_devices_cannot_do() {
+        let d = GpuLimits::default();
+        assert_eq!((d.gpus, d.displays_per_gpu, d.displays), (8, 4, 16));
+        let l: GpuLimits = "gpus=2,displays=3".parse().unwrap();
+        assert_eq!((l.gpus, l.displays_per_gpu, l.displays), (2, 4, 3));
+        for (arg, says) in [
+            ("gpus=17", "GPU limit gpus=17 is out of range: 1 to 16"),
+            (
+                "displays=0",
+                "GPU limit displays=0 is out of range: 1 to 16",
+            ),
+            (
+                "displays-per-gpu=300",
+                "displays-per-gpu=300: not a whole number",
+            ),
+            ("screens=2", "unknown GPU limit 'screens'"),
+            ("gpus", "'gpus' is not KEY=N"),
+        ] {
+            let e = arg.parse::<GpuLimits>().unwrap_err();
+            assert!(e.contains(says), "{arg}: {e}");
+        }
+        // A body with limits beyond the ceilings is refused by the check as well.
+        let over = GpuLimits { gpus: 40, ..d };
+        assert!(check_gpus(&[], &over).unwrap_err().contains("gpus=40"));
+        let json: GpuLimits =
+            serde_json::from_str(r#"{"gpus":1,"displays_per_gpu":2,"displays":2}"#).unwrap();
+        assert_eq!(json.displays_per_gpu, 2);
+        // What a body leaves out keeps its default.
+        let one: GpuLimits = serde_json::from_str(r#"{"gpus":1}"#).unwrap();
+        assert_eq!((one.gpus, one.displays_per_gpu, one.displays), (1, 4, 16));
+        assert!(serde_json::from_str::<GpuLimits>(r#"{"screens":1}"#).is_err());
     }
 }

@@ -293,6 +293,9 @@ pub struct DevicesConfig {
     /// GPUs and their displays (framebuffers in guest RAM, served over VNC).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<crate::gpu::GpuConfig>,
+    /// Limits on `gpus` (defaults: 8 GPUs, 4 displays a GPU, 16 displays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_limits: Option<crate::gpu::GpuLimits>,
     /// A virtio-vsock device (at most one), for host<->guest streams and `ray vm exec`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<crate::vsock::VsockConfig>,
@@ -375,6 +378,7 @@ impl Default for DevicesConfig {
             disks: Vec::new(),
             net: Vec::new(),
             gpus: Vec::new(),
+            gpu_limits: None,
             vsock: None,
             input: None,
         }
@@ -408,6 +412,11 @@ impl NumaPolicy {
 impl DevicesConfig {
     pub fn is_default(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// The limits its GPU list is checked against.
+    pub fn gpu_limits(&self) -> crate::gpu::GpuLimits {
+        self.gpu_limits.unwrap_or_default()
     }
 
     /// Whether the VM gets the virtio-input keyboard and tablet.

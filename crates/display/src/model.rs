@@ -13,7 +13,7 @@
 //! The state follows the VM: its GPUs are Suspended while it is paused (also for a
 //! snapshot or a migration's last copy), and Ready again when it runs (after a resume, a
 //! restore or on a migration's target); a viewer connecting makes a Ready GPU InUse.
-use ray_api::gpu::{GpuConfig, GpuStateName};
+use ray_api::gpu::{GpuConfig, GpuLimits, GpuStateName};
 
 pub type GpuState = GpuStateName;
 
@@ -102,9 +102,10 @@ pub struct GpuModel {
 }
 
 impl GpuModel {
-    /// The VM's GPUs, all Offline. The list must have passed [`ray_api::gpu::check_gpus`].
-    pub fn new(configs: &[GpuConfig]) -> Result<Self, String> {
-        ray_api::gpu::check_gpus(configs)?;
+    /// The VM's GPUs, all Offline, if the list passes [`ray_api::gpu::check_gpus`] with
+    /// `limits`.
+    pub fn new(configs: &[GpuConfig], limits: &GpuLimits) -> Result<Self, String> {
+        ray_api::gpu::check_gpus(configs, limits)?;
         Ok(Self {
             gpus: configs
                 .iter()
@@ -203,7 +204,7 @@ mod tests {
             token_file: None,
             timeout_ms: None,
         };
-        let mut m = GpuModel::new(&[c]).unwrap();
+        let mut m = GpuModel::new(&[c], &GpuLimits::default()).unwrap();
         let e = m.apply(0, GpuEvent::Resume).unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -231,8 +232,28 @@ mod tests {
             token_file: None,
             timeout_ms: None,
         };
-        assert!(GpuModel::new(&vec![c; 9])
-            .unwrap_err()
-            .contains("at most 8"));
+        let nine = vec![c.clone(); 9];
+        let e = GpuModel::new(&nine, &GpuLimits::default()).unwrap_err();
+        assert!(e.contains("9 GPUs asked for; the VM's limit is 8"), "{e}");
+        let raised: GpuLimits = "gpus=9".parse().unwrap();
+        assert_eq!(GpuModel::new(&nine, &raised).unwrap().gpus.len(), 9);
+        // Lowered: two displays on one GPU, three over all, are over.
+        let two = GpuConfig {
+            displays: 2,
+            ..c.clone()
+        };
+        let lowered: GpuLimits = "displays-per-gpu=1,displays=3".parse().unwrap();
+        let e = GpuModel::new(&[c.clone(), two.clone()], &lowered).unwrap_err();
+        assert!(
+            e.contains("GPU 1: 2 displays asked for; the VM's limit is 1 a GPU"),
+            "{e}"
+        );
+        let e = GpuModel::new(&[two.clone(), two], &GpuLimits::default()).map(|_| ());
+        assert!(e.is_ok());
+        let e = GpuModel::new(&[c.clone(), c.clone(), c.clone(), c], &lowered).unwrap_err();
+        assert!(
+            e.contains("4 displays asked for over all GPUs; the VM's limit is 3"),
+            "{e}"
+        );
     }
 }

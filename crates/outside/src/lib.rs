@@ -14,7 +14,7 @@
 use std::fs::File;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -29,7 +29,8 @@ pub const MAX_MESSAGE: usize = 8192;
 /// How long the VMM waits for its keeper's answer (a TCP connect is bounded below it).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// How long the keeper's TCP connect to a back end may take.
+/// How long a connect to a back end may take (TCP, or a Unix socket whose listener's
+/// backlog is full).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One thing the VMM asks its keeper to open.
@@ -127,15 +128,87 @@ fn ask(request: &Request) -> io::Result<OwnedFd> {
     }
 }
 
-/// A connection to the Unix socket at `path`: the keeper's when jailed.
+/// A connection to the Unix socket at `path`: the keeper's when jailed. Bounded by
+/// [`CONNECT_TIMEOUT`] either way ([`connect_unix_within`]).
 pub fn connect_unix(path: &Path) -> io::Result<UnixStream> {
     if !has_keeper() {
-        return UnixStream::connect(path);
+        return connect_unix_within(path, CONNECT_TIMEOUT);
     }
     ask(&Request::ConnectUnix {
         path: path.to_path_buf(),
     })
     .map(UnixStream::from)
+}
+
+/// A connection to the Unix socket at `path` that gives up after `timeout` if the
+/// listener's backlog stays full (a plain `connect` would wait until it accepts, for ever
+/// if it never does: a keeper serves one request at a time). Refused or missing sockets
+/// fail at once, as with `connect`.
+pub fn connect_unix_within(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let name = path.as_os_str().as_bytes();
+    if name.is_empty() || name.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{}: a Unix socket path is 1 to {} bytes",
+                path.display(),
+                addr.sun_path.len() - 1
+            ),
+        ));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: socket() with constant arguments; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        // SAFETY: `addr` is a valid sockaddr_un of the size passed; `sock` is open.
+        let r = unsafe {
+            libc::connect(
+                sock.as_raw_fd(),
+                std::ptr::addr_of!(addr).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        // A non-blocking Unix connect says EAGAIN while the backlog is full.
+        if e.raw_os_error() != Some(libc::EAGAIN) {
+            return Err(e);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{} accepted no connection in {} s (its backlog is full)",
+                    path.display(),
+                    timeout.as_secs_f64()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stream = UnixStream::from(sock);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 /// A TCP connection to `addr`: the keeper's when jailed (made in the host's network
@@ -238,6 +311,48 @@ pub fn answer(socket: &UnixDatagram, result: Result<OwnedFd, String>) -> io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_unix_connect_gives_up_on_a_full_backlog_and_fails_at_once_on_no_socket() {
+        let dir = std::env::temp_dir().join(format!("ray-outside-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("full.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // SAFETY: listen() on a socket this test owns.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        // Nobody accepts: the backlog fills, then a connect waits and gives up.
+        let mut held = Vec::new();
+        let err = loop {
+            match connect_unix_within(&path, Duration::from_millis(100)) {
+                Ok(s) => held.push(s),
+                Err(e) => break e,
+            }
+            assert!(
+                held.len() < 16,
+                "a backlog of 0 held {} connections",
+                held.len()
+            );
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(err.to_string().contains("full.sock"), "{err}");
+        // Once the listener accepts, a connection goes through and is blocking.
+        drop(listener.accept().unwrap());
+        let s = connect_unix_within(&path, Duration::from_secs(5)).unwrap();
+        // SAFETY: F_GETFL on a descriptor the test owns.
+        let flags = unsafe { libc::fcntl(s.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NONBLOCK, 0, "flags {flags:#x}");
+        let missing = connect_unix_within(&dir.join("none.sock"), Duration::from_secs(5));
+        assert_eq!(missing.unwrap_err().kind(), io::ErrorKind::NotFound);
+        let long = dir.join("x".repeat(200));
+        assert_eq!(
+            connect_unix_within(&long, Duration::from_secs(5))
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::InvalidInput
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn requests_and_answers_cross_a_socket_pair_with_their_descriptor() {

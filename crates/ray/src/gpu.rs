@@ -377,6 +377,11 @@ fn show(runtime: &Path, a: &IdArgs, view: View) -> anyhow::Result<()> {
                 return Ok(());
             }
             print!("{}", table(GPU_HEADER, &gpus(&list)));
+            let l = &list.limits;
+            println!(
+                "limits: {} GPUs, {} displays a GPU, {} displays (--gpu-limits)",
+                l.gpus, l.displays_per_gpu, l.displays
+            );
             for g in &list.gpus {
                 if let Some(d) = &g.device {
                     println!("GPU {}: {d}", g.index);

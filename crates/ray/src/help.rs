@@ -54,7 +54,8 @@ ray vm run --detach --kernel vmlinux --initrd initrd.img --cmdline 'console=ttyS
 ray vm run --detach -f vm.yaml                 the configuration `ray vm config ID -o yaml` prints
 ray vm run --detach --api-tcp 127.0.0.1:0      also serve the API on a loopback port
 ray vm run --detach --vcpus 2 --numa node=0,cpus=0,memory=64M --numa node=1,cpus=1,memory=64M \\
-    --numa-attribution ring --numa-migrate dry-run,window=5s   attribute writes, decide page moves",
+    --numa-attribution ring --numa-migrate dry-run,window=5s   attribute writes, decide page moves
+ray vm run --detach --gpu-limits displays-per-gpu=8 --gpu virtio,displays=8   more scanouts than 4",
     ),
     (
         "vm exec",

@@ -80,7 +80,7 @@ pub struct RunArgs {
         short = 'f',
         long = "file",
         value_name = "FILE",
-        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net", "numa", "numa_attribution", "numa_migrate", "gpus", "vsock", "input"]
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory", "no_rng", "disks", "net", "numa", "numa_attribution", "numa_migrate", "gpus", "gpu_limits", "vsock", "input"]
     )]
     pub file: Option<PathBuf>,
     /// Kernel to boot (ELF vmlinux or bzImage). Default: rayvisor's own guest.
@@ -127,7 +127,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "MODE[,window=D][,rate=MiB/s]", value_parser = ray::numa::parse_numa_migrate)]
     pub numa_migrate: Option<ray_api::vmm::NumaMigrationConfig>,
     /// A GPU (repeatable): emulated|virtio[,width=W][,height=H][,displays=N] (default
-    /// 1024x768, one display; up to 8 GPUs, 4 displays each, 16 in all), or none. An
+    /// 1024x768, one display; up to 8 GPUs, 4 displays each, 16 in all: see
+    /// --gpu-limits), or none. An
     /// emulated GPU's displays are framebuffers in guest RAM, a virtio GPU's the scanouts
     /// of a virtio-gpu device; all are served over VNC on the VM directory's vnc-N.sock.
     /// Also remote,socket=PATH|tcp=ADDR,token-file=F[,...] and
@@ -136,6 +137,11 @@ pub struct RunArgs {
     /// passthrough).
     #[arg(long = "gpu", value_name = "SPEC", value_parser = parse_gpu)]
     pub gpus: Vec<Option<ray_api::gpu::GpuConfig>>,
+    /// Limits the --gpu list is checked against, any of gpus=N,displays-per-gpu=N,
+    /// displays=N (defaults 8, 4 and 16; each 1 to 16: lower them to bound what a VM may
+    /// have, raise them for a guest that drives more scanouts, as Linux's virtio-gpu does).
+    #[arg(long, value_name = "gpus=N,displays-per-gpu=N,displays=N")]
+    pub gpu_limits: Option<ray_api::gpu::GpuLimits>,
     /// A virtio-vsock device (one at most): cid=N[,socket=PATH]. N is the guest's context
     /// id (3 or more); the host side listens on PATH (default: vsock.sock in the VM's
     /// directory). `ray vm exec` runs guest shell commands through it.
@@ -378,11 +384,13 @@ pub fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
             net: args.net.clone(),
             gpus: {
                 let gpus: Vec<_> = args.gpus.iter().flatten().cloned().collect();
-                ray_api::gpu::check_gpus(&gpus).map_err(|e| anyhow::anyhow!("--gpu: {e}"))?;
+                ray_api::gpu::check_gpus(&gpus, &args.gpu_limits.unwrap_or_default())
+                    .map_err(|e| anyhow::anyhow!("--gpu: {e}"))?;
                 // A host device's IOMMU, VFIO and driver, before anything starts.
                 ray_vmm::passthrough::check(&gpus).map_err(|e| anyhow::anyhow!("--gpu: {e}"))?;
                 gpus
             },
+            gpu_limits: args.gpu_limits,
             vsock: args.vsock.clone(),
             input: args.input,
         },

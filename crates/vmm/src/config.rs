@@ -257,7 +257,7 @@ pub fn validate_shape(config: &VmConfig, host_mem: u64) -> Result<(), ConfigErro
             host: host_mem,
         });
     }
-    crate::boot::vram(&config.devices.gpus, mem).map_err(|e| ConfigError::Gpus(e.to_string()))?;
+    crate::boot::vram(&config.devices, mem).map_err(|e| ConfigError::Gpus(e.to_string()))?;
     crate::display::check_remote_gpus(&config.devices.gpus).map_err(ConfigError::Gpus)?;
     Ok(())
 }

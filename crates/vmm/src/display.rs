@@ -399,6 +399,7 @@ impl Inner {
 #[derive(Default)]
 struct Inner {
     configs: Vec<GpuConfig>,
+    limits: ray_api::gpu::GpuLimits,
     layout: Option<VramLayout>,
     frames: Option<Arc<GuestFrames>>,
     vnc: Option<VncServer>,
@@ -466,11 +467,13 @@ impl DisplayHub {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut model = self.model.lock().unwrap_or_else(|e| e.into_inner());
         let gpus = config.map_or(&[][..], |c| c.devices.gpus.as_slice());
-        if inner.configs != gpus {
+        let limits = config.map(|c| c.devices.gpu_limits()).unwrap_or_default();
+        if inner.configs != gpus || inner.limits != limits {
             // A configuration is checked before it is taken; a bad one here gets no GPUs.
-            *model = GpuModel::new(gpus).unwrap_or_default();
+            *model = GpuModel::new(gpus, &limits).unwrap_or_default();
+            inner.limits = limits;
             inner.layout = config
-                .and_then(|c| crate::boot::vram(gpus, c.memory_bytes).ok())
+                .and_then(|c| crate::boot::vram(&c.devices, c.memory_bytes).ok())
                 .flatten();
             inner.configs = gpus.to_vec();
             inner.vnc = None;
@@ -818,6 +821,7 @@ impl DisplayHub {
         let viewers = inner.vnc.as_ref().map_or(0, |v| v.viewers());
         let displays = inner.displays();
         GpuList {
+            limits: inner.limits,
             gpus: model
                 .gpus()
                 .iter()

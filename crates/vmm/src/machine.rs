@@ -127,7 +127,7 @@ impl Machine {
         if image.direct_smp {
             // A rayvisor guest (its ELF note): its heartbeat page is in place.
             crate::heartbeat::announce_features(vm.memory.ram()).map_err(BuildError::Features)?;
-            if let Some(v) = boot::vram(&spec.devices.gpus, spec.mem_bytes)? {
+            if let Some(v) = boot::vram(&spec.devices, spec.mem_bytes)? {
                 crate::heartbeat::announce_displays(vm.memory.ram(), v.start)
                     .map_err(BuildError::Features)?;
             }

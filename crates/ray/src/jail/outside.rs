@@ -6,7 +6,7 @@
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
 use ray_outside::Request;
@@ -114,7 +114,7 @@ impl<'a> Keeper<'a> {
                 if !self.outside.connect.contains(&Endpoint::Unix(path.clone())) {
                     return Err(self.not_planned(request));
                 }
-                UnixStream::connect(path)
+                ray_outside::connect_unix_within(path, ray_outside::CONNECT_TIMEOUT)
                     .map(OwnedFd::from)
                     .map_err(|e| format!("cannot connect to {}: {e}", path.display()))
             }

@@ -138,20 +138,20 @@ fn inspect(spec: &BootSpec) -> Result<loader::KernelInfo, BootError> {
     if let Some(initrd) = &spec.initrd {
         std::fs::File::open(initrd).map_err(|e| BootError::open("initrd", initrd, e))?;
     }
-    vram(&spec.devices.gpus, spec.mem_bytes)?;
+    vram(&spec.devices, spec.mem_bytes)?;
     Ok(info)
 }
 
-/// Where the display framebuffers of `gpus` lie in a guest of `mem_bytes` (None without
-/// GPUs): a pure function of the configuration, so a restored or migrated VM finds the
-/// same pixels at the same addresses.
+/// Where the display framebuffers of the VM's GPUs lie in a guest of `mem_bytes` (None
+/// without GPUs): a pure function of the configuration, so a restored or migrated VM
+/// finds the same pixels at the same addresses. Checks the GPUs against their limits.
 pub fn vram(
-    gpus: &[ray_api::gpu::GpuConfig],
+    devices: &ray_api::vmm::DevicesConfig,
     mem_bytes: u64,
 ) -> Result<Option<ray_display::VramLayout>, BootError> {
-    ray_api::gpu::check_gpus(gpus).map_err(BootError::Gpus)?;
+    ray_api::gpu::check_gpus(&devices.gpus, &devices.gpu_limits()).map_err(BootError::Gpus)?;
     Ok(ray_display::VramLayout::plan(
-        gpus,
+        &devices.gpus,
         layout::low_ram_end(mem_bytes),
     )?)
 }
@@ -162,7 +162,7 @@ pub fn vram(
 pub fn load(mem: &GuestMem, spec: &BootSpec) -> Result<BootImage, BootError> {
     let info = inspect(spec)?;
     let kernel = loader::load_kernel(mem, &spec.kernel, &info)?;
-    let vram = vram(&spec.devices.gpus, spec.mem_bytes)?;
+    let vram = vram(&spec.devices, spec.mem_bytes)?;
     // The initrd goes below the framebuffers.
     let initrd_max = match &vram {
         Some(v) => info.initrd_addr_max().min(v.start - 1),
