@@ -762,3 +762,79 @@ fn the_shell_shows_on_the_text_console_and_what_a_viewer_types_reaches_it() {
         "err console: no such display"
     );
 }
+
+/// Every `{min, median, max}` figure in `v`, with its path.
+fn figures<'a>(
+    v: &'a serde_json::Value,
+    path: String,
+    out: &mut Vec<(String, &'a serde_json::Value)>,
+) {
+    match v {
+        serde_json::Value::Object(m) if m.contains_key("median") => out.push((path, v)),
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                figures(x, format!("{path}.{k}"), out);
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                figures(x, format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn the_display_benchmark_reports_its_figures_and_an_idle_display_sends_nothing() {
+    let env = Env::new("disp-bench");
+    let out = env.ray_ok(&["bench", "display", "--runs", "2", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let mut all = Vec::new();
+    figures(&r, String::new(), &mut all);
+    assert!(all.len() >= 20, "{} figures in {out}", all.len());
+    for (path, f) in &all {
+        let n = |k: &str| f[k].as_f64().unwrap_or_else(|| panic!("{path}.{k} in {f}"));
+        let (min, median, max) = (n("min"), n("median"), n("max"));
+        assert!(
+            0.0 <= min && min <= median && median <= max && max.is_finite(),
+            "{path}: {f}"
+        );
+    }
+    for path in [
+        "/update_latency_ms",
+        "/fullscreen_fps",
+        "/encode_fps/h264",
+        "/encode_fps_1080p/h264",
+    ] {
+        assert!(
+            r.pointer(path).unwrap()["min"].as_f64().unwrap() > 0.0,
+            "{path}: {out}"
+        );
+    }
+    // HEVC and VP9 are there when ray has FFmpeg (scripts/test builds it so).
+    for codec in ["hevc", "vp9"] {
+        let f = &r["encode_fps"][codec];
+        assert_eq!(f.is_object(), cfg!(feature = "ffmpeg"), "{codec}: {f}");
+    }
+    // The target that is not a speed: an idle display sends no frames, whichever
+    // way its changes are found.
+    for mode in ["dirty_log", "tile_compare"] {
+        let idle = &r["change_detection"][mode]["idle_updates"];
+        assert_eq!(idle["max"].as_f64(), Some(0.0), "{mode}: {idle}");
+    }
+    // Each encoding is smaller than raw pixels, and a scroll goes as CopyRect.
+    for f in r["frame_bytes"].as_array().unwrap() {
+        let raw = f["raw"].as_u64().unwrap();
+        assert!(
+            f["zrle"].as_u64().unwrap() < raw && f["tight"].as_u64().unwrap() < raw,
+            "{f}"
+        );
+    }
+    let scroll = &r["scroll_bytes"];
+    assert!(
+        scroll["copyrect"].as_u64().unwrap() < scroll["zrle"].as_u64().unwrap(),
+        "{scroll}"
+    );
+    assert!(r["memcpy_ratio"].as_f64().unwrap() > 0.0);
+}

@@ -101,6 +101,9 @@ struct ChangeDetectionCpu {
 struct ModeCpu {
     /// VMM CPU time over wall time while idle, percent (one window a run).
     idle_cpu_pct: Stats,
+    /// Framebuffer updates display 0 sent its viewers in each idle window (its viewer
+    /// asking all along): an idle display costs none.
+    idle_updates: Stats,
     /// The same, the viewer's update thread only (reads, compares, encodes).
     viewer_idle_cpu_pct: Stats,
     /// VMM CPU time per frame, microseconds.
@@ -561,6 +564,11 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
             ] {
                 print_row(&format!("idle VMM CPU, {name}"), m.idle_cpu_pct, "%");
                 print_row(
+                    &format!("idle display updates a second, {name}"),
+                    m.idle_updates,
+                    "",
+                );
+                print_row(
                     &format!("idle viewer thread CPU, {name}"),
                     m.viewer_idle_cpu_pct,
                     "%",
@@ -770,6 +778,18 @@ fn process_cpu(pid: u32) -> anyhow::Result<(Duration, Duration)> {
     Ok((Duration::from_nanos(ns), Duration::from_nanos(vnc)))
 }
 
+/// Framebuffer updates display 0 has sent its viewers (`ray_vnc_updates_total` in the
+/// VMM's `/metrics`).
+fn updates_sent(client: &ray::client::VmmClient) -> anyhow::Result<u64> {
+    let answer = client.raw("GET", "/metrics", None)?;
+    let text = String::from_utf8_lossy(&answer.body);
+    text.lines()
+        .find_map(|l| l.strip_prefix("ray_vnc_updates_total{display=\"0\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .context("the VMM's /metrics has no ray_vnc_updates_total of display 0")
+}
+
 /// The VMM `pid`'s CPU with one viewer of display 0 waiting: idle, then per frame of the
 /// guest filling a 64x64 square.
 fn change_cpu(runs: usize, pid: u32, dir: &Path, expect: &str) -> anyhow::Result<ModeCpu> {
@@ -791,14 +811,15 @@ fn change_cpu(runs: usize, pid: u32, dir: &Path, expect: &str) -> anyhow::Result
     ))?;
     v.update(false)?;
     v.request(true)?;
-    let (mut idle, mut idle_vnc) = (Vec::new(), Vec::new());
+    let (mut idle, mut idle_vnc, mut idle_updates) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs.clamp(1, 5) {
-        let (c, t) = (process_cpu(pid)?, Instant::now());
+        let (c, t, u) = (process_cpu(pid)?, Instant::now(), updates_sent(&client)?);
         std::thread::sleep(Duration::from_secs(1));
         let now = process_cpu(pid)?;
         let secs = t.elapsed().as_secs_f64();
         idle.push(now.0.saturating_sub(c.0).as_secs_f64() / secs * 100.0);
         idle_vnc.push(now.1.saturating_sub(c.1).as_secs_f64() / secs * 100.0);
+        idle_updates.push(updates_sent(&client)?.saturating_sub(u) as f64);
     }
     let (before, _) = examined()?;
     let cpu = process_cpu(pid)?;
@@ -821,6 +842,7 @@ fn change_cpu(runs: usize, pid: u32, dir: &Path, expect: &str) -> anyhow::Result
     }
     Ok(ModeCpu {
         idle_cpu_pct: Stats::of(&idle),
+        idle_updates: Stats::of(&idle_updates),
         viewer_idle_cpu_pct: Stats::of(&idle_vnc),
         cpu_per_frame_us: per_frame(now.0, cpu.0),
         viewer_cpu_per_frame_us: per_frame(now.1, cpu.1),
