@@ -677,27 +677,24 @@ impl DisplayHub {
     /// (a jailed VMM sees nothing else, and an unjailed one reads nothing else for a
     /// session). Returns it with its resolved path.
     fn decode_file(&self, given: &str) -> Result<(std::fs::File, String), DecodeStartError> {
-        use std::path::{Component, Path};
-        let joined = self.dir.join(given);
-        // `..` resolved by name first, so that a path that leaves the directory is named
-        // as such even when it does not exist.
-        let mut lexical = PathBuf::new();
-        for c in joined.components() {
-            match c {
-                Component::ParentDir => {
-                    lexical.pop();
-                }
-                Component::CurDir => {}
-                other => lexical.push(other),
-            }
-        }
+        use std::path::Path;
+        let lexical = lexically_normal(&self.dir.join(given));
         let dir = std::fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone());
         let outside = |p: &Path| DecodeStartError::OutsideVmDir {
             path: p.display().to_string(),
             dir: self.dir.display().to_string(),
         };
-        if !lexical.starts_with(&self.dir) && !lexical.starts_with(&dir) {
+        let inside = |p: &Path| p.starts_with(&self.dir) || p.starts_with(&dir);
+        if !inside(&lexical) {
             return Err(outside(&lexical));
+        }
+        // A symbolic link to a file outside: a jailed VMM does not see its target at all,
+        // and says so rather than that it does not exist.
+        if let Ok(target) = std::fs::read_link(&lexical) {
+            let target = lexically_normal(&lexical.parent().unwrap_or(&dir).join(target));
+            if !inside(&target) {
+                return Err(outside(&target));
+            }
         }
         let real = std::fs::canonicalize(&lexical).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => DecodeStartError::NoSuchFile {
@@ -1212,6 +1209,22 @@ impl DisplayHub {
         let (px, d) = self.pixels(index)?;
         ray_display::png::encode(&px, d.width, d.height, d.stride).map_err(DisplayError::Encode)
     }
+}
+
+/// `path` with its `.` and `..` resolved by name (not through the file system).
+fn lexically_normal(path: &std::path::Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// SetDesktopSize from a read-write VNC viewer, through the same path as `ray gpu resize`.
