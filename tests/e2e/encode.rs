@@ -183,6 +183,8 @@ fn an_encoded_pattern_decodes_back_and_an_idle_display_adds_no_frames() {
 /// With the `ffmpeg` feature (the README's test command builds with it): HEVC and VP9
 /// sessions of a drawn display in a jailed VMM, each file decoded by `ray gpu decode` (through FFmpeg) to
 /// a last picture within 30 dB RGB PSNR of the screenshot; `ray gpu status` lists them.
+/// Decode sessions in the VMM do the same: live, of each encode session's stream, and of
+/// each file (done, with every frame).
 #[cfg(feature = "ffmpeg")]
 #[test]
 fn hevc_and_vp9_sessions_decode_back_through_the_cli() {
@@ -253,6 +255,11 @@ fn hevc_and_vp9_sessions_decode_back_through_the_cli() {
         assert!(Instant::now() < deadline, "no first frames");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A live decode session of each (through FFmpeg, in the jailed VMM).
+    let live: Vec<DecodeSessionInfo> = started
+        .iter()
+        .map(|(id, _)| decode_start(&env, &vm.id, &["--encode-session", &id.to_string()], false))
+        .collect();
     vm.command("draw gradient 3 0", "draw ");
     while started.iter().any(|(id, _)| frames(*id) < 2) {
         assert!(Instant::now() < deadline, "no frames after the draw");
@@ -260,9 +267,71 @@ fn hevc_and_vp9_sessions_decode_back_through_the_cli() {
     }
     let shot = env.runtime.join("shot.png");
     env.ray_ok(&["gpu", "screenshot", &vm.id, "-o", shot.to_str().unwrap()]);
-    for (id, out) in started {
-        env.ray_ok(&["gpu", "encode", "stop", &vm.id, &id.to_string()]);
+    for d in &live {
+        let png = env.runtime.join(format!("live-{}.png", d.codec));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let psnr = loop {
+            let got = env.ray(&[
+                "gpu",
+                "decode-session",
+                "frame",
+                &vm.id,
+                &d.id.to_string(),
+                "-o",
+                png.to_str().unwrap(),
+            ]);
+            let psnr = if got.status.success() {
+                rgb_psnr(&png, &shot)
+            } else {
+                0.0
+            };
+            if psnr >= 30.0 || Instant::now() > deadline {
+                break psnr;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(
+            psnr >= 30.0,
+            "live {}: RGB PSNR {psnr:.1} dB < 30 dB",
+            d.codec
+        );
+    }
+    for ((id, out), d) in started.into_iter().zip(&live) {
+        let stopped: EncodeSessionInfo = serde_json::from_str(&env.ray_ok(&[
+            "gpu",
+            "encode",
+            "stop",
+            &vm.id,
+            &id.to_string(),
+            "-o",
+            "json",
+        ]))
+        .unwrap();
         assert_decodes_to(&env, &out, &shot);
+        // The file by a decode session in the VMM: done, every frame, the same picture.
+        let from_file = decode_start(&env, &vm.id, &["--file", out.to_str().unwrap()], true);
+        assert_eq!(from_file.state, DecodeStateName::Done, "{from_file:?}");
+        assert_eq!(from_file.codec, stopped.codec);
+        assert_eq!(from_file.frames, stopped.frames, "{out:?}");
+        let png = out.with_extension("session.png");
+        env.ray_ok(&[
+            "gpu",
+            "decode-session",
+            "frame",
+            &vm.id,
+            &from_file.id.to_string(),
+            "-o",
+            png.to_str().unwrap(),
+        ]);
+        let psnr = rgb_psnr(&png, &shot);
+        assert!(psnr >= 30.0, "{out:?}: RGB PSNR {psnr:.1} dB < 30 dB");
+        // Its encode session stopped: the live session's stream ended.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !decode_info(&env, &vm.id, d.id).state.is_final() {
+            assert!(Instant::now() < deadline, "live {} never ended", d.codec);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(decode_info(&env, &vm.id, d.id).state, DecodeStateName::Done);
     }
 }
 
