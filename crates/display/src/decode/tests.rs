@@ -353,7 +353,6 @@ fn hevc_and_vp9_files_and_streams_decode_back() {
         for u in &units {
             dec.push(u, &mut count).unwrap();
         }
-        drop(count);
         assert_eq!(n, 5, "{codec}: a picture for each unit, without waiting");
         // A file of the other codec's bytes is refused by the decoder.
         let wrong = dir.join(format!("wrong-{name}"));
