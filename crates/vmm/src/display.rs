@@ -1245,3 +1245,46 @@ impl DisplayResizer for ViewerResizer {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A decode session reads a regular file in the VM's directory only: by its path or
+    /// its name there; a path that leaves it (by `..`, or by a symbolic link) is refused
+    /// as outside before anything is opened, and a missing file or a directory by name.
+    #[test]
+    fn decode_files_are_checked_against_the_vm_directory() {
+        let root = std::env::temp_dir().join(format!("ray-decode-dir-{}", std::process::id()));
+        let dir = root.join("vms").join("v");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(root.join("outside.h264"), b"x").unwrap();
+        std::fs::write(dir.join("in.h264"), b"x").unwrap();
+        std::os::unix::fs::symlink(root.join("outside.h264"), dir.join("link.h264")).unwrap();
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        let hub = DisplayHub::new("v", dir.clone());
+        let inside = dir.join("in.h264").display().to_string();
+        for given in ["in.h264", inside.as_str(), "sub/../in.h264"] {
+            let (_, path) = hub.decode_file(given).unwrap();
+            assert_eq!(path, inside, "{given}");
+        }
+        for given in [
+            "../../outside.h264",
+            "link.h264",
+            "/etc/passwd",
+            "sub/../../x",
+        ] {
+            let e = hub.decode_file(given).unwrap_err();
+            assert!(
+                matches!(e, DecodeStartError::OutsideVmDir { .. }),
+                "{given}: {e}"
+            );
+            assert!(e.to_string().contains("outside the VM's directory"), "{e}");
+        }
+        let e = hub.decode_file("nope.h264").unwrap_err();
+        assert!(e.to_string().ends_with("nope.h264 does not exist"), "{e}");
+        let e = hub.decode_file("sub").unwrap_err();
+        assert!(matches!(e, DecodeStartError::NotAFile { .. }), "{e}");
+        let _ = std::fs::remove_dir_all(root);
+    }
+}
