@@ -3,6 +3,7 @@
 //! with Y PSNR >= 35 dB, and an idle display adds no frames.
 use std::time::{Duration, Instant};
 
+use ray_api::decode::{DecodeList, DecodeSessionInfo, DecodeSource, DecodeStateName};
 use ray_api::encode::{EncodeList, EncodeSessionInfo, EncodeStateName};
 use ray_display::encode::{y_psnr, H264Decoder};
 use ray_e2e::Env;
@@ -182,6 +183,8 @@ fn an_encoded_pattern_decodes_back_and_an_idle_display_adds_no_frames() {
 /// With the `ffmpeg` feature (the README's test command builds with it): HEVC and VP9
 /// sessions of a drawn display in a jailed VMM, each file decoded by `ray gpu decode` (through FFmpeg) to
 /// a last picture within 30 dB RGB PSNR of the screenshot; `ray gpu status` lists them.
+/// Decode sessions in the VMM do the same: live, of each encode session's stream, and of
+/// each file (done, with every frame).
 #[cfg(feature = "ffmpeg")]
 #[test]
 fn hevc_and_vp9_sessions_decode_back_through_the_cli() {
@@ -252,6 +255,11 @@ fn hevc_and_vp9_sessions_decode_back_through_the_cli() {
         assert!(Instant::now() < deadline, "no first frames");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A live decode session of each (through FFmpeg, in the jailed VMM).
+    let live: Vec<DecodeSessionInfo> = started
+        .iter()
+        .map(|(id, _)| decode_start(&env, &vm.id, &["--encode-session", &id.to_string()], false))
+        .collect();
     vm.command("draw gradient 3 0", "draw ");
     while started.iter().any(|(id, _)| frames(*id) < 2) {
         assert!(Instant::now() < deadline, "no frames after the draw");
@@ -259,9 +267,71 @@ fn hevc_and_vp9_sessions_decode_back_through_the_cli() {
     }
     let shot = env.runtime.join("shot.png");
     env.ray_ok(&["gpu", "screenshot", &vm.id, "-o", shot.to_str().unwrap()]);
-    for (id, out) in started {
-        env.ray_ok(&["gpu", "encode", "stop", &vm.id, &id.to_string()]);
+    for d in &live {
+        let png = env.runtime.join(format!("live-{}.png", d.codec));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let psnr = loop {
+            let got = env.ray(&[
+                "gpu",
+                "decode-session",
+                "frame",
+                &vm.id,
+                &d.id.to_string(),
+                "-o",
+                png.to_str().unwrap(),
+            ]);
+            let psnr = if got.status.success() {
+                rgb_psnr(&png, &shot)
+            } else {
+                0.0
+            };
+            if psnr >= 30.0 || Instant::now() > deadline {
+                break psnr;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(
+            psnr >= 30.0,
+            "live {}: RGB PSNR {psnr:.1} dB < 30 dB",
+            d.codec
+        );
+    }
+    for ((id, out), d) in started.into_iter().zip(&live) {
+        let stopped: EncodeSessionInfo = serde_json::from_str(&env.ray_ok(&[
+            "gpu",
+            "encode",
+            "stop",
+            &vm.id,
+            &id.to_string(),
+            "-o",
+            "json",
+        ]))
+        .unwrap();
         assert_decodes_to(&env, &out, &shot);
+        // The file by a decode session in the VMM: done, every frame, the same picture.
+        let from_file = decode_start(&env, &vm.id, &["--file", out.to_str().unwrap()], true);
+        assert_eq!(from_file.state, DecodeStateName::Done, "{from_file:?}");
+        assert_eq!(from_file.codec, stopped.codec);
+        assert_eq!(from_file.frames, stopped.frames, "{out:?}");
+        let png = out.with_extension("session.png");
+        env.ray_ok(&[
+            "gpu",
+            "decode-session",
+            "frame",
+            &vm.id,
+            &from_file.id.to_string(),
+            "-o",
+            png.to_str().unwrap(),
+        ]);
+        let psnr = rgb_psnr(&png, &shot);
+        assert!(psnr >= 30.0, "{out:?}: RGB PSNR {psnr:.1} dB < 30 dB");
+        // Its encode session stopped: the live session's stream ended.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !decode_info(&env, &vm.id, d.id).state.is_final() {
+            assert!(Instant::now() < deadline, "live {} never ended", d.codec);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(decode_info(&env, &vm.id, d.id).state, DecodeStateName::Done);
     }
 }
 
@@ -411,4 +481,318 @@ fn a_session_streams_live_to_its_watchers_from_a_key_frame() {
         !bad.status.success() && msg.contains("encode session 42 does not exist"),
         "{msg}"
     );
+}
+
+fn decode_info(env: &Env, id: &str, session: u32) -> DecodeSessionInfo {
+    serde_json::from_str(&env.ray_ok(&[
+        "gpu",
+        "decode-session",
+        "show",
+        id,
+        &session.to_string(),
+        "-o",
+        "json",
+    ]))
+    .unwrap()
+}
+
+/// Starts a decode session through the CLI (`--json`, and `--wait` when `wait`).
+fn decode_start(env: &Env, id: &str, args: &[&str], wait: bool) -> DecodeSessionInfo {
+    let mut all = vec!["gpu", "decode-session", "start", id, "--json"];
+    if wait {
+        all.push("--wait");
+    }
+    all.extend_from_slice(args);
+    serde_json::from_str(&env.ray_ok(&all)).unwrap()
+}
+
+/// `ray gpu decode-session start` that must fail; its error message.
+fn decode_refused(env: &Env, id: &str, args: &[&str]) -> String {
+    let mut all = vec!["gpu", "decode-session", "start", id];
+    all.extend_from_slice(args);
+    let out = env.ray(&all);
+    let msg = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} was not refused: {msg}");
+    msg
+}
+
+/// Y PSNR (BT.601 luma of each pixel) of the PNG `a` against the PNG `b`.
+fn luma_psnr(a: &std::path::Path, b: &std::path::Path) -> f64 {
+    let (aw, ah, argb) = crate::display::decode(a);
+    let (bw, bh, brgb) = crate::display::decode(b);
+    assert_eq!(
+        (aw, ah),
+        (bw, bh),
+        "{} against {}",
+        a.display(),
+        b.display()
+    );
+    let luma =
+        |p: &[u8]| 0.299 * f64::from(p[0]) + 0.587 * f64::from(p[1]) + 0.114 * f64::from(p[2]);
+    let sse: f64 = argb
+        .chunks_exact(3)
+        .zip(brgb.chunks_exact(3))
+        .map(|(x, y)| (luma(x) - luma(y)).powi(2))
+        .sum();
+    10.0 * (255.0f64.powi(2) / (sse / f64::from(aw * ah)).max(1e-9)).log10()
+}
+
+/// Decode sessions in a VMM jailed as the harness runs them by default: the live stream of
+/// an encode session of a display the guest drew on decodes to the screenshot (Y PSNR >=
+/// 35 dB of the session's last picture as a PNG), shows in `ray gpu status` and
+/// `/metrics`, and is done when its encode session stops; the file that session wrote in
+/// the VM's directory decodes to done with every frame it encoded. Bad requests are
+/// refused by name (unknown codec, missing file, a file outside the VM's directory, by
+/// path or by a symbolic link, an unknown encode session, the VM's limit), a corrupt
+/// stream fails its session with the decoder's error, and the VMM runs on.
+#[test]
+fn decode_sessions_turn_a_live_stream_and_a_file_back_into_the_picture() {
+    let env = Env::new("decode");
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", "emulated,width=640,height=480"]);
+    vm.expect_line("ready", Duration::from_secs(20));
+    let id = vm.id.clone();
+    let file = vm.dir.join("d0.h264");
+    let enc: EncodeSessionInfo = serde_json::from_str(&env.ray_ok(&[
+        "gpu",
+        "encode",
+        "start",
+        &id,
+        "--fps",
+        "30",
+        "-o",
+        file.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    wait_frames(&env, &id, 1);
+    let live = decode_start(&env, &id, &["--encode-session", &enc.id.to_string()], false);
+    assert_eq!(live.codec, ray_api::encode::Codec::H264);
+    assert_eq!(live.source, DecodeSource::EncodeSession(enc.id));
+    assert!(!live.state.is_final(), "{live:?}");
+    // The watcher's key frame: a picture at once, though the display is still.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while decode_info(&env, &id, live.id).frames < 1 {
+        assert!(Instant::now() < deadline, "no picture decoded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let answer = vm.command("draw checker 7 0", "draw ");
+    assert_eq!(answer, "draw checker seed=7 display=0 640x480");
+    // The session's last picture becomes the screenshot once the drawing is encoded.
+    let shot = env.runtime.join("shot.png");
+    let png = env.runtime.join("live.png");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let psnr = loop {
+        env.ray_ok(&["gpu", "screenshot", &id, "-o", shot.to_str().unwrap()]);
+        env.ray_ok(&[
+            "gpu",
+            "decode-session",
+            "frame",
+            &id,
+            &live.id.to_string(),
+            "-o",
+            png.to_str().unwrap(),
+        ]);
+        let psnr = luma_psnr(&png, &shot);
+        if psnr >= 35.0 || Instant::now() > deadline {
+            break psnr;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(psnr >= 35.0, "live: Y PSNR {psnr:.1} dB < 35 dB");
+    eprintln!("live decode: Y PSNR {psnr:.1} dB");
+    let running = decode_info(&env, &id, live.id);
+    assert_eq!(running.state, DecodeStateName::Running);
+    assert!(running.frames >= 2, "{running:?}");
+    assert_eq!((running.width, running.height), (640, 480));
+    let status = env.ray_ok(&["gpu", "status", &id]);
+    assert!(
+        status.contains("DECODE") && status.contains(&format!("encode session {}", enc.id)),
+        "{status}"
+    );
+    // /metrics counts its pictures (the display is still: the count holds).
+    let text =
+        String::from_utf8_lossy(&vm.client.raw("GET", "/metrics", None).unwrap().body).into_owned();
+    let now = decode_info(&env, &id, live.id);
+    let labels = format!(
+        "{{session=\"{}\",codec=\"h264\",source=\"encode_session\"}}",
+        live.id
+    );
+    let line = format!("ray_decode_frames_total{labels} {}", now.frames);
+    assert!(text.lines().any(|l| l == line), "no `{line}` in {text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&format!("ray_decode_fps{labels} "))),
+        "{text}"
+    );
+
+    // The encode session stops: its stream ends, and the live decode session is done.
+    let stopped: EncodeSessionInfo = serde_json::from_str(&env.ray_ok(&[
+        "gpu",
+        "encode",
+        "stop",
+        &id,
+        &enc.id.to_string(),
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done = loop {
+        let d = decode_info(&env, &id, live.id);
+        if d.state.is_final() {
+            break d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the live session never ended: {d:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(done.state, DecodeStateName::Done, "{done:?}");
+
+    // The file it wrote, by its path and by its name in the VM's directory: done, with
+    // every frame the encode session made, the last one the screenshot.
+    let from_file = decode_start(&env, &id, &["--file", file.to_str().unwrap()], true);
+    assert_eq!(from_file.state, DecodeStateName::Done, "{from_file:?}");
+    assert_eq!(from_file.frames, stopped.frames);
+    assert_eq!(from_file.bytes, stopped.bytes);
+    assert_eq!((from_file.width, from_file.height), (640, 480));
+    let last = env.runtime.join("file.png");
+    env.ray_ok(&[
+        "gpu",
+        "decode-session",
+        "frame",
+        &id,
+        &from_file.id.to_string(),
+        "-o",
+        last.to_str().unwrap(),
+    ]);
+    let psnr = luma_psnr(&last, &shot);
+    assert!(psnr >= 35.0, "file: Y PSNR {psnr:.1} dB < 35 dB");
+    let answer = vm
+        .client
+        .raw(
+            "POST",
+            "/vm/decode",
+            Some(br#"{"source":{"file":"d0.h264"}}"#.to_vec()),
+        )
+        .unwrap();
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let by_name: DecodeSessionInfo = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(
+        by_name.source,
+        DecodeSource::File(file.to_str().unwrap().to_string())
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !decode_info(&env, &id, by_name.id).state.is_final() {
+        assert!(Instant::now() < deadline, "the file session never ended");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(decode_info(&env, &id, by_name.id).frames, stopped.frames);
+
+    // Bad requests, refused by name.
+    let msg = decode_refused(&env, &id, &["--codec", "mpeg2", "--encode-session", "1"]);
+    assert!(msg.contains("'mpeg2' is not a codec"), "{msg}");
+    let answer = vm
+        .client
+        .raw(
+            "POST",
+            "/vm/decode",
+            Some(br#"{"codec":"mpeg2","source":{"file":"d0.h264"}}"#.to_vec()),
+        )
+        .unwrap();
+    let body = String::from_utf8_lossy(&answer.body);
+    assert!(answer.status == 400 && body.contains("mpeg2"), "{body}");
+    let missing = vm.dir.join("nope.h264");
+    let msg = decode_refused(&env, &id, &["--file", missing.to_str().unwrap()]);
+    assert!(msg.contains("nope.h264 does not exist"), "{msg}");
+    let outside = env.runtime.join("outside.h264");
+    std::fs::copy(&file, &outside).unwrap();
+    let msg = decode_refused(&env, &id, &["--file", outside.to_str().unwrap()]);
+    assert!(msg.contains("outside the VM's directory"), "{msg}");
+    let link = vm.dir.join("link.h264");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let msg = decode_refused(&env, &id, &["--file", link.to_str().unwrap()]);
+    assert!(msg.contains("outside the VM's directory"), "{msg}");
+    let msg = decode_refused(&env, &id, &["--file", vm.dir.to_str().unwrap()]);
+    assert!(msg.contains("not a regular file"), "{msg}");
+    let msg = decode_refused(&env, &id, &["--encode-session", "42"]);
+    assert!(msg.contains("encode session 42 does not exist"), "{msg}");
+    let msg = decode_refused(&env, &id, &["--encode-session", &enc.id.to_string()]);
+    assert!(msg.contains("it has no stream to decode"), "{msg}");
+    #[cfg(not(feature = "ffmpeg"))]
+    {
+        let msg = decode_refused(&env, &id, &["--codec", "hevc", "--file", "d0.hevc"]);
+        assert!(msg.contains("`ffmpeg`"), "{msg}");
+    }
+    // A corrupt stream: the session fails with the decoder's error.
+    let junk = vm.dir.join("junk.h264");
+    let mut bytes = vec![0, 0, 0, 1, 0x67];
+    bytes.extend(std::iter::repeat_n(0xff, 64));
+    bytes.extend([0, 0, 0, 1, 0x65]);
+    bytes.extend(std::iter::repeat_n(0xa5, 4096));
+    std::fs::write(&junk, &bytes).unwrap();
+    let msg = decode_refused(&env, &id, &["--file", junk.to_str().unwrap(), "--wait"]);
+    assert!(msg.contains("failed"), "{msg}");
+    let list: DecodeList =
+        serde_json::from_str(&env.ray_ok(&["gpu", "decode-session", "list", &id, "-o", "json"]))
+            .unwrap();
+    let failed = list.sessions.last().unwrap();
+    assert_eq!(failed.state, DecodeStateName::Error, "{failed:?}");
+    assert!(
+        failed.error.as_deref().is_some_and(|e| msg.contains(e)),
+        "{msg}"
+    );
+
+    // The VM's limit: 4 sessions that have not ended (here on a stream-only session).
+    let watched: EncodeSessionInfo = serde_json::from_str(
+        &env.ray_ok(&["gpu", "encode", "start", &id, "--fps", "30", "--json"]),
+    )
+    .unwrap();
+    let w = watched.id.to_string();
+    let four: Vec<DecodeSessionInfo> = (0..4)
+        .map(|_| decode_start(&env, &id, &["--encode-session", &w], false))
+        .collect();
+    let msg = decode_refused(&env, &id, &["--encode-session", &w]);
+    assert!(msg.contains("at most 4 a VM"), "{msg}");
+    for s in &four {
+        let out = env.ray_ok(&["gpu", "decode-session", "stop", &id, &s.id.to_string()]);
+        assert!(out.contains("stopped"), "{out}");
+        assert_eq!(decode_info(&env, &id, s.id).state, DecodeStateName::Stopped);
+    }
+    let again = env.ray(&[
+        "gpu",
+        "decode-session",
+        "stop",
+        &id,
+        &four[0].id.to_string(),
+    ]);
+    let msg = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && msg.contains("is stopped"),
+        "{msg}"
+    );
+    let msg = String::from_utf8_lossy(
+        &env.ray(&[
+            "gpu",
+            "decode-session",
+            "frame",
+            &id,
+            "99",
+            "-o",
+            "/dev/null",
+        ])
+        .stderr,
+    )
+    .into_owned();
+    assert!(msg.contains("decode session 99 does not exist"), "{msg}");
+    // And the VMM runs on.
+    assert_eq!(vm.state(), ray_api::vmm::VmStateName::Running);
+    let after = decode_start(&env, &id, &["--file", file.to_str().unwrap()], true);
+    assert_eq!(after.state, DecodeStateName::Done);
 }

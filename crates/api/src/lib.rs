@@ -4,6 +4,7 @@
 //! OpenAPI schema, so the server, the CLI and the published document cannot drift apart.
 //! Request bodies reject unknown fields: a typo in a field name is an error, not a default.
 pub mod agent;
+pub mod decode;
 pub mod encode;
 pub mod gpu;
 pub mod net;

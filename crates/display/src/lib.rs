@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod copyrect;
 pub mod damage;
+pub mod decode;
 pub mod encode;
 pub mod keys;
 pub mod layout;

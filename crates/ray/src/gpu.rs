@@ -1,10 +1,16 @@
-//! `ray gpu status|list|displays|screenshot|resize|type|encode ID`: a VM's GPUs, displays
-//! and encode sessions through its API; `ray gpu decode` turns an H.264 stream back into
-//! pictures, and `ray gpu backend` serves remote GPUs' 2D work, here.
+//! `ray gpu status|list|displays|screenshot|resize|type|encode|decode-session ID`: a VM's
+//! GPUs, displays, encode and decode sessions through its API; `ray gpu decode FILE`
+//! turns a stream back into pictures here, and `ray gpu backend` serves remote GPUs' 2D
+//! work.
+//!
+//! Decode sessions (in the VMM) are `decode-session`, not subcommands of `decode`: `ray
+//! gpu decode FILE` stays as it was, and a file named `start` or `list` cannot be taken
+//! for a subcommand.
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use ray_api::decode::{DecodeList, DecodeRequest, DecodeSessionInfo, DecodeSource};
 use ray_api::encode::{EncodeList, EncodeRequest, EncodeSessionInfo};
 use ray_api::gpu::GpuList;
 use ray_display::encode::{DecodedFrame, H264Decoder};
@@ -33,6 +39,10 @@ pub enum GpuCommand {
     Encode(EncodeCommand),
     /// Decode an H.264 (Annex-B) file into PNG pictures.
     Decode(DecodeArgs),
+    /// Decode sessions in the VMM: a file in the VM's directory, or an encode session's
+    /// live stream, back into pictures.
+    #[command(subcommand)]
+    DecodeSession(DecodeSessionCommand),
     /// Serve remote GPUs (`--gpu remote,...`): their resources, transfers, scanouts and
     /// cursor, with frames sent back to each VMM. Runs until stopped.
     Backend(BackendArgs),
@@ -120,6 +130,66 @@ pub struct EncodeStopArgs {
     pub session: u32,
     #[command(flatten)]
     pub out: OutputArgs,
+}
+
+#[derive(Subcommand)]
+pub enum DecodeSessionCommand {
+    /// Start decoding a file in the VM's directory or an encode session's live stream.
+    Start(DecodeStartArgs),
+    /// The VM's decode sessions: state, codec, source, pictures, fps, decode time.
+    List(IdArgs),
+    /// One decode session, and why it failed when it did.
+    Show(DecodeSessionArgs),
+    /// Save a decode session's last picture as a PNG.
+    Frame(DecodeFrameArgs),
+    /// Stop a decode session.
+    Stop(DecodeSessionArgs),
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["file", "encode_session"])))]
+pub struct DecodeStartArgs {
+    /// The VM.
+    pub id: String,
+    /// h264, hevc or vp9 (the last two: a build with the `ffmpeg` feature). Default: the
+    /// encode session's codec, or for a file VP9 for IVF, HEVC for .hevc/.h265, else H.264.
+    #[arg(long, value_parser = ray_api::encode::Codec::parse)]
+    pub codec: Option<ray_api::encode::Codec>,
+    /// A stream file in the VM's directory (a relative path is taken from here; the VMM
+    /// reads nothing outside that directory).
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// One of the VM's encode sessions: its live stream, until it ends.
+    #[arg(long, value_name = "SESSION")]
+    pub encode_session: Option<u32>,
+    /// Wait until the session ends (a file's end, or the encode session's); fail if it
+    /// failed.
+    #[arg(long)]
+    pub wait: bool,
+    /// Print the session as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct DecodeSessionArgs {
+    /// The VM.
+    pub id: String,
+    /// The decode session's number (`ray gpu decode-session list`).
+    pub session: u32,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Args)]
+pub struct DecodeFrameArgs {
+    /// The VM.
+    pub id: String,
+    /// The decode session's number (`ray gpu decode-session list`).
+    pub session: u32,
+    /// Where to write the PNG.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: PathBuf,
 }
 
 #[derive(Args)]
@@ -300,6 +370,11 @@ pub fn run(cmd: GpuCommand, runtime: &Path) -> anyhow::Result<()> {
         GpuCommand::Encode(EncodeCommand::Watch(a)) => encode_watch(runtime, &a),
         GpuCommand::Encode(EncodeCommand::List(a)) => encode_list(runtime, &a),
         GpuCommand::Decode(a) => decode(&a),
+        GpuCommand::DecodeSession(DecodeSessionCommand::Start(a)) => decode_start(runtime, &a),
+        GpuCommand::DecodeSession(DecodeSessionCommand::List(a)) => decode_list(runtime, &a),
+        GpuCommand::DecodeSession(DecodeSessionCommand::Show(a)) => decode_show(runtime, &a),
+        GpuCommand::DecodeSession(DecodeSessionCommand::Frame(a)) => decode_frame(runtime, &a),
+        GpuCommand::DecodeSession(DecodeSessionCommand::Stop(a)) => decode_stop(runtime, &a),
         GpuCommand::Backend(a) => backend(&a),
     }
 }
@@ -432,6 +507,11 @@ fn show(runtime: &Path, a: &IdArgs, view: View) -> anyhow::Result<()> {
             if !sessions.sessions.is_empty() {
                 println!();
                 print!("{}", session_table(&sessions.sessions));
+            }
+            let decodes: DecodeList = client(runtime, &a.id)?.call("GET", "/vm/decode", None)?;
+            if !decodes.sessions.is_empty() {
+                println!();
+                print!("{}", decode_table(&decodes.sessions));
             }
         }
     }
@@ -648,6 +728,133 @@ fn encode_list(runtime: &Path, a: &IdArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", session_table(&list.sessions));
     }
+    Ok(())
+}
+
+fn decode_table(sessions: &[DecodeSessionInfo]) -> String {
+    let rows: Vec<Vec<String>> = sessions
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.to_string(),
+                s.codec.to_string(),
+                s.state.to_string(),
+                format!("{}x{}", s.width, s.height),
+                s.frames.to_string(),
+                format!("{:.1}", s.fps),
+                format!("{:.2}", s.mean_latency_ms),
+                match &s.error {
+                    Some(e) => format!("{} ({e})", s.source),
+                    None => s.source.to_string(),
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "DECODE",
+            "CODEC",
+            "STATE",
+            "SIZE",
+            "FRAMES",
+            "FPS",
+            "LATENCY_MS",
+            "SOURCE",
+        ],
+        &rows,
+    )
+}
+
+fn decode_start(runtime: &Path, a: &DecodeStartArgs) -> anyhow::Result<()> {
+    let source = match (&a.file, a.encode_session) {
+        (Some(f), None) => DecodeSource::File(
+            std::path::absolute(f)
+                .with_context(|| format!("cannot make {} absolute", f.display()))?
+                .display()
+                .to_string(),
+        ),
+        (None, Some(s)) => DecodeSource::EncodeSession(s),
+        _ => anyhow::bail!("give either --file or --encode-session"),
+    };
+    let req = DecodeRequest {
+        codec: a.codec,
+        source,
+    };
+    // Checked here too, so that a bad setting is named before the VM is asked.
+    req.validate().map_err(anyhow::Error::msg)?;
+    let vm = client(runtime, &a.id)?;
+    let mut info: DecodeSessionInfo =
+        vm.call("POST", "/vm/decode", Some(serde_json::to_vec(&req)?))?;
+    if a.wait {
+        while !info.state.is_final() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            info = vm.call("GET", &format!("/vm/decode/{}", info.id), None)?;
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&info)?);
+    } else if a.wait {
+        println!(
+            "decode session {} {}: {} {} pictures of {}, {}x{}",
+            info.id, info.state, info.frames, info.codec, info.source, info.width, info.height
+        );
+    } else {
+        println!(
+            "decode session {}: {} of {} (ray gpu decode-session list {})",
+            info.id, info.codec, info.source, a.id
+        );
+    }
+    if let Some(e) = info.error.as_deref().filter(|_| a.wait) {
+        anyhow::bail!("decode session {} failed: {e}", info.id);
+    }
+    Ok(())
+}
+
+fn decode_list(runtime: &Path, a: &IdArgs) -> anyhow::Result<()> {
+    let list: DecodeList = client(runtime, &a.id)?.call("GET", "/vm/decode", None)?;
+    if print_structured(&list, a.out.format())? {
+        return Ok(());
+    }
+    if list.sessions.is_empty() {
+        println!("{}: no decode session", a.id);
+    } else {
+        print!("{}", decode_table(&list.sessions));
+    }
+    Ok(())
+}
+
+fn decode_show(runtime: &Path, a: &DecodeSessionArgs) -> anyhow::Result<()> {
+    let info: DecodeSessionInfo =
+        client(runtime, &a.id)?.call("GET", &format!("/vm/decode/{}", a.session), None)?;
+    if print_structured(&info, a.out.format())? {
+        return Ok(());
+    }
+    print!("{}", decode_table(std::slice::from_ref(&info)));
+    Ok(())
+}
+
+fn decode_frame(runtime: &Path, a: &DecodeFrameArgs) -> anyhow::Result<()> {
+    let answer =
+        client(runtime, &a.id)?.raw("GET", &format!("/vm/decode/{}/frame.png", a.session), None)?;
+    if answer.status >= 400 {
+        return Err(api_error(answer.status, &answer.body).into());
+    }
+    std::fs::write(&a.output, &answer.body)
+        .with_context(|| format!("cannot write {}", a.output.display()))?;
+    println!("{}", a.output.display());
+    Ok(())
+}
+
+fn decode_stop(runtime: &Path, a: &DecodeSessionArgs) -> anyhow::Result<()> {
+    let info: DecodeSessionInfo =
+        client(runtime, &a.id)?.call("DELETE", &format!("/vm/decode/{}", a.session), None)?;
+    if print_structured(&info, a.out.format())? {
+        return Ok(());
+    }
+    println!(
+        "decode session {} stopped: {} pictures of {}",
+        info.id, info.frames, info.source
+    );
     Ok(())
 }
 

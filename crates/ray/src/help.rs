@@ -309,6 +309,27 @@ ray gpu screenshot desk -o desk.png",
         "ray gpu decode desk.h264 -o frames/\nray gpu decode desk.h264 --last -o last.png",
     ),
     (
+        "gpu decode-session",
+        "ray gpu decode-session start desk --encode-session 1\nray gpu decode-session list desk\nray gpu decode-session frame desk 1 -o last.png\nray gpu decode-session stop desk 1",
+    ),
+    (
+        "gpu decode-session start",
+        "ray gpu decode-session start desk --encode-session 1    # its live stream, until it ends\nray gpu decode-session start desk --file /run/rayvisor/vms/desk/d0.h264 --wait\nray gpu decode-session start desk --codec vp9 --file /run/rayvisor/vms/desk/d0.ivf --json",
+    ),
+    (
+        "gpu decode-session list",
+        "ray gpu decode-session list desk\nray gpu decode-session list desk -o json",
+    ),
+    (
+        "gpu decode-session show",
+        "ray gpu decode-session show desk 1\nray gpu decode-session show desk 1 -o json",
+    ),
+    (
+        "gpu decode-session frame",
+        "ray gpu decode-session frame desk 1 -o last.png",
+    ),
+    ("gpu decode-session stop", "ray gpu decode-session stop desk 1"),
+    (
         "web",
         "ray web --tokens tokens.txt
 ray web --listen 127.0.0.1:0 --tokens tokens.txt --state-dir /var/lib/rayvisor/web

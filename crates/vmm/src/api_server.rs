@@ -37,8 +37,10 @@ use crate::console_attach::{self, Attachment, ConsoleHub};
 use crate::controller::{ControllerError, Message, Request, Response};
 use crate::devices::ConsoleRing;
 use crate::display::{DisplayError, EncodeStartError, TypeError};
+use ray_api::decode::{DecodeList, DecodeRequest, DecodeSessionInfo};
 use ray_api::encode::{EncodeList, EncodeRequest, EncodeSessionInfo};
 use ray_api::gpu::{DisplaySize, GpuList, TypeText, Typed, MAX_TYPED};
+use ray_display::decode::{DecodeSessionError, DecodeStartError};
 use ray_display::encode::EncodeError;
 
 #[derive(Clone)]
@@ -1042,6 +1044,155 @@ async fn get_encode_stream(
         .into_response())
 }
 
+/// Start a decode session
+///
+/// Decodes a video stream back into pictures on a thread of the VMM: a file in the VM's
+/// directory (`{"file": PATH}`, absolute or relative to that directory; H.264 or HEVC
+/// Annex-B, VP9 in IVF, as encode sessions write them), from its start to its end (then
+/// `done`), or the live stream of one of this VM's encode sessions
+/// (`{"encode_session": N}`), taken as a watcher takes it (from a key frame made for it)
+/// until that session ends. A corrupt stream puts the session in `error` with the
+/// decoder's message. Limits: 4 sessions a VM that have not ended; over the host, decode
+/// and encode sessions share 16 slots; pictures up to 2560x1600. `hevc` and `vp9` need a
+/// build with the `ffmpeg` feature and are refused otherwise. Never waits for the VMM
+/// thread.
+#[utoipa::path(post, path = "/vm/decode", tag = "display", request_body = DecodeRequest,
+    responses(
+    (status = 200, description = "The session, started.", body = DecodeSessionInfo),
+    (status = 400, description = "`invalid_request`: the body is not valid, the codec is not available or is not the encode session's, the file is outside the VM's directory or not a regular file, or the encode session has ended.", body = ErrorBody),
+    (status = 404, description = "`not_found`: no such file, or no such encode session.", body = ErrorBody),
+    (status = 409, description = "`conflict`: a session limit is reached, or the encode session has 4 watchers already.", body = ErrorBody),
+    BodyRefusals))]
+async fn post_decode(State(api): State<Api>, Body(body): Body) -> ApiResult<DecodeSessionInfo> {
+    let req = parse_body::<DecodeRequest>("POST /vm/decode", &body)?;
+    let hub = api.displays.clone();
+    let info = tokio::task::spawn_blocking(move || hub.decode_start(&req))
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Failed, format!("the decode session failed: {e}")))?
+        .map_err(|e| ApiError::new(decode_start_error_code(&e), e.to_string()))?;
+    Ok(Json(info))
+}
+
+fn decode_start_error_code(e: &DecodeStartError) -> ErrorCode {
+    match e {
+        DecodeStartError::Invalid(_)
+        | DecodeStartError::Codec { .. }
+        | DecodeStartError::CodecMismatch { .. }
+        | DecodeStartError::EncodeSessionEnded { .. }
+        | DecodeStartError::OutsideVmDir { .. }
+        | DecodeStartError::NotAFile { .. }
+        | DecodeStartError::File { .. } => ErrorCode::InvalidRequest,
+        DecodeStartError::NoSuchEncodeSession(_) | DecodeStartError::NoSuchFile { .. } => {
+            ErrorCode::NotFound
+        }
+        DecodeStartError::PerVm | DecodeStartError::PerHost | DecodeStartError::Watchers(_) => {
+            ErrorCode::Conflict
+        }
+        DecodeStartError::Setup(_) => ErrorCode::Failed,
+    }
+}
+
+fn decode_session_error(e: DecodeSessionError) -> ApiError {
+    let code = match &e {
+        DecodeSessionError::NoSuchSession(_) => ErrorCode::NotFound,
+        DecodeSessionError::Transition { .. } | DecodeSessionError::NoFrame { .. } => {
+            ErrorCode::WrongState
+        }
+        DecodeSessionError::Png { .. } => ErrorCode::Failed,
+    };
+    ApiError::new(code, e.to_string())
+}
+
+fn decode_session_number(session: &str) -> Result<u32, ApiError> {
+    session.parse().map_err(|_| {
+        ApiError::invalid(format!(
+            "decode session '{session}' is not a session number (1, 2, ...)"
+        ))
+    })
+}
+
+/// List the decode sessions
+///
+/// Each session's codec, source, state (`starting`, `running`, `done`, `stopped`,
+/// `error`), pictures decoded, their size, pictures a second and mean decode time. Never
+/// waits for the VMM thread.
+#[utoipa::path(get, path = "/vm/decode", tag = "display", responses(
+    (status = 200, description = "The sessions, oldest first.", body = DecodeList)))]
+async fn get_decode(State(api): State<Api>) -> Json<DecodeList> {
+    Json(api.displays.decode_list())
+}
+
+/// Show a decode session
+///
+/// Its state, source, pictures decoded and their size, rate and decode time, and why it
+/// failed when it did. Never waits for the VMM thread.
+#[utoipa::path(get, path = "/vm/decode/{session}", tag = "display",
+    params(("session" = u32, Path, description = "The decode session's number.")),
+    responses(
+    (status = 200, description = "The session.", body = DecodeSessionInfo),
+    (status = 400, description = "`invalid_request`: `session` is not a number.", body = ErrorBody),
+    (status = 404, description = "`not_found`: no such session.", body = ErrorBody)))]
+async fn get_decode_session(
+    State(api): State<Api>,
+    axum::extract::Path(session): axum::extract::Path<String>,
+) -> ApiResult<DecodeSessionInfo> {
+    let id = decode_session_number(&session)?;
+    Ok(Json(
+        api.displays.decode_info(id).map_err(decode_session_error)?,
+    ))
+}
+
+/// A decode session's last picture
+///
+/// The last picture the session decoded, as an RGB PNG. Never waits for the VMM thread.
+#[utoipa::path(get, path = "/vm/decode/{session}/frame.png", tag = "display",
+    params(("session" = u32, Path, description = "The decode session's number.")),
+    responses(
+    (status = 200, description = "The picture.", content_type = "image/png", body = Vec<u8>),
+    (status = 400, description = "`invalid_request`: `session` is not a number.", body = ErrorBody),
+    (status = 404, description = "`not_found`: no such session.", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the session has decoded no picture yet.", body = ErrorBody)))]
+async fn get_decode_frame(
+    State(api): State<Api>,
+    axum::extract::Path(session): axum::extract::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = decode_session_number(&session)?;
+    let hub = api.displays.clone();
+    let png = tokio::task::spawn_blocking(move || hub.decode_frame_png(id))
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Failed, format!("the picture failed: {e}")))?
+        .map_err(decode_session_error)?;
+    Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
+}
+
+/// Stop a decode session
+///
+/// Stops the session and waits for its thread. Never waits for the VMM thread.
+#[utoipa::path(delete, path = "/vm/decode/{session}", tag = "display",
+    params(("session" = u32, Path, description = "The decode session's number.")),
+    responses(
+    (status = 200, description = "The session, stopped.", body = DecodeSessionInfo),
+    (status = 400, description = "`invalid_request`: `session` is not a number.", body = ErrorBody),
+    (status = 404, description = "`not_found`: no such session.", body = ErrorBody),
+    (status = 409, description = "`wrong_state`: the session has ended already (done, stopped or failed).", body = ErrorBody)))]
+async fn delete_decode(
+    State(api): State<Api>,
+    axum::extract::Path(session): axum::extract::Path<String>,
+) -> ApiResult<DecodeSessionInfo> {
+    let id = decode_session_number(&session)?;
+    let hub = api.displays.clone();
+    let info = tokio::task::spawn_blocking(move || hub.decode_stop(id))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::Failed,
+                format!("stopping the session failed: {e}"),
+            )
+        })?
+        .map_err(decode_session_error)?;
+    Ok(Json(info))
+}
+
 /// Type text on the keyboard
 ///
 /// The text as key strokes on the VM's virtio-input keyboard (US layout), sent as one
@@ -1140,6 +1291,9 @@ fn routes() -> OpenApiRouter<Api> {
         .routes(routes!(get_encode))
         .routes(routes!(delete_encode))
         .routes(routes!(get_encode_stream))
+        .routes(routes!(post_decode, get_decode))
+        .routes(routes!(get_decode_session, delete_decode))
+        .routes(routes!(get_decode_frame))
         .routes(routes!(get_metrics))
         .routes(routes!(get_version))
         .routes(routes!(get_openapi))

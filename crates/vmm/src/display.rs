@@ -19,6 +19,10 @@ use ray_devices::virtio::gpu::{GpuDisplays, RemoteStatus};
 use ray_devices::virtio::input::{InputHandle, Kind as InputKind};
 use ray_display::auth::Password;
 use ray_display::damage::{ChangeStats, Damage, TileClock, TileSet};
+use ray_display::decode::{
+    DecodeInput, DecodeList, DecodeRequest, DecodeSessionError, DecodeSessionInfo, DecodeSource,
+    DecodeStartError, Decoders,
+};
 use ray_display::encode::{
     EncodeError, EncodeList, EncodeRequest, EncodeSessionInfo, Encoders, SharedSource,
 };
@@ -429,6 +433,7 @@ pub struct DisplayHub {
     /// What the encode sessions read: the machine's framebuffers while there are some.
     source: SharedSource,
     encoders: Encoders,
+    decoders: Decoders,
 }
 
 impl DisplayHub {
@@ -441,7 +446,8 @@ impl DisplayHub {
             dir,
             model: Arc::default(),
             inner: Mutex::default(),
-            encoders: Encoders::new(source.clone(), slots),
+            encoders: Encoders::new(source.clone(), slots.clone()),
+            decoders: Decoders::new(slots),
             source,
         })
     }
@@ -541,7 +547,10 @@ impl DisplayHub {
         match state {
             VmState::Running | VmState::MigrationSource => self.encoders.set_paused(false),
             VmState::Paused | VmState::Suspended => self.encoders.set_paused(true),
-            VmState::Terminated | VmState::Error => self.encoders.stop_all(),
+            VmState::Terminated | VmState::Error => {
+                self.decoders.stop_all();
+                self.encoders.stop_all();
+            }
             VmState::Created | VmState::MigrationTarget => {}
         }
     }
@@ -593,6 +602,150 @@ impl DisplayHub {
         self.encoders.list()
     }
 
+    /// Starts a decode session: of a file in the VM's directory, or of one of the VM's
+    /// encode sessions' live stream (as one of its watchers). Everything is checked before
+    /// a watcher joins or a thread starts.
+    pub fn decode_start(&self, req: &DecodeRequest) -> Result<DecodeSessionInfo, DecodeStartError> {
+        req.validate().map_err(DecodeStartError::Invalid)?;
+        if let Some(codec) = req.codec {
+            ray_display::decode::check_codec(codec)?;
+        }
+        match &req.source {
+            DecodeSource::File(given) => {
+                let (file, path) = self.decode_file(given)?;
+                let codec = match req.codec {
+                    Some(c) => c,
+                    None => {
+                        use std::os::unix::fs::FileExt;
+                        let mut head = [0u8; 4];
+                        let n = file.read_at(&mut head, 0).unwrap_or(0);
+                        ray_api::decode::guess_codec(&path, &head[..n])
+                    }
+                };
+                self.decoders
+                    .start(codec, DecodeSource::File(path), move || {
+                        Ok(DecodeInput::File(file))
+                    })
+            }
+            &DecodeSource::EncodeSession(id) => {
+                let session = self
+                    .encoders
+                    .list()
+                    .sessions
+                    .into_iter()
+                    .find(|s| s.id == id)
+                    .ok_or(DecodeStartError::NoSuchEncodeSession(id))?;
+                use ray_display::encode::SessionState as E;
+                if matches!(session.state, E::Stopped | E::Error) {
+                    return Err(DecodeStartError::EncodeSessionEnded {
+                        id,
+                        state: session.state,
+                    });
+                }
+                let codec = match req.codec {
+                    Some(asked) if asked != session.codec => {
+                        return Err(DecodeStartError::CodecMismatch {
+                            session: id,
+                            has: session.codec,
+                            asked,
+                        })
+                    }
+                    _ => session.codec,
+                };
+                self.decoders
+                    .start(codec, DecodeSource::EncodeSession(id), || {
+                        let watch = self
+                            .encoders
+                            .watch(id)
+                            .map_err(DecodeStartError::from_watch)?;
+                        let me = self.me.clone();
+                        let ended = move || {
+                            me.upgrade().is_none_or(|hub| {
+                                !hub.encoders.list().sessions.iter().any(|s| {
+                                    s.id == id && !matches!(s.state, E::Stopped | E::Error)
+                                })
+                            })
+                        };
+                        Ok(DecodeInput::Live {
+                            watch,
+                            ended: Box::new(ended),
+                        })
+                    })
+            }
+        }
+    }
+
+    /// Opens the file `given` names (absolute, or relative to the VM's directory) for a
+    /// decode session: a regular file inside the VM's directory, symbolic links resolved
+    /// (a jailed VMM sees nothing else, and an unjailed one reads nothing else for a
+    /// session). Returns it with its resolved path.
+    fn decode_file(&self, given: &str) -> Result<(std::fs::File, String), DecodeStartError> {
+        use std::path::Path;
+        let lexical = lexically_normal(&self.dir.join(given));
+        let dir = std::fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone());
+        let outside = |p: &Path| DecodeStartError::OutsideVmDir {
+            path: p.display().to_string(),
+            dir: self.dir.display().to_string(),
+        };
+        let inside = |p: &Path| p.starts_with(&self.dir) || p.starts_with(&dir);
+        if !inside(&lexical) {
+            return Err(outside(&lexical));
+        }
+        // A symbolic link to a file outside: a jailed VMM does not see its target at all,
+        // and says so rather than that it does not exist.
+        if let Ok(target) = std::fs::read_link(&lexical) {
+            let target = lexically_normal(&lexical.parent().unwrap_or(&dir).join(target));
+            if !inside(&target) {
+                return Err(outside(&target));
+            }
+        }
+        let real = std::fs::canonicalize(&lexical).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => DecodeStartError::NoSuchFile {
+                path: lexical.display().to_string(),
+            },
+            _ => DecodeStartError::File {
+                path: lexical.display().to_string(),
+                why: e.to_string(),
+            },
+        })?;
+        if !real.starts_with(&dir) {
+            return Err(outside(&real));
+        }
+        let path = real.display().to_string();
+        let meta = std::fs::metadata(&real).map_err(|e| DecodeStartError::File {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
+        if !meta.is_file() {
+            return Err(DecodeStartError::NotAFile { path });
+        }
+        let file = std::fs::File::open(&real).map_err(|e| DecodeStartError::File {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
+        Ok((file, path))
+    }
+
+    /// Stops decode session `id`.
+    pub fn decode_stop(&self, id: u32) -> Result<DecodeSessionInfo, DecodeSessionError> {
+        self.decoders.stop(id)
+    }
+
+    /// The decode sessions.
+    pub fn decode_list(&self) -> DecodeList {
+        self.decoders.list()
+    }
+
+    /// Decode session `id`.
+    pub fn decode_info(&self, id: u32) -> Result<DecodeSessionInfo, DecodeSessionError> {
+        self.decoders.info(id)
+    }
+
+    /// Decode session `id`'s last picture as a PNG.
+    pub fn decode_frame_png(&self, id: u32) -> Result<Vec<u8>, DecodeSessionError> {
+        self.decoders.frame_png(id)
+    }
+
     fn start_vnc(
         &self,
         frames: Arc<GuestFrames>,
@@ -631,7 +784,8 @@ impl DisplayHub {
 
     /// The displays' part of `GET /metrics`: framebuffer updates and their bytes sent to
     /// VNC viewers per display and per viewer connected now, each encode session's
-    /// frames, bytes, frame rate and latency, and each virtio GPU's commands and busy time.
+    /// frames, bytes, frame rate and latency, each decode session's pictures, bytes, rate
+    /// and mean decode time, and each virtio GPU's commands and busy time.
     pub fn render_metrics(&self, out: &mut String) {
         use crate::metrics::family;
         use std::fmt::Write as _;
@@ -739,6 +893,52 @@ impl DisplayHub {
                         "{name}{{session=\"{}\",display=\"{}\",codec=\"{}\"}} {}",
                         s.id,
                         s.display,
+                        s.codec.as_str(),
+                        value(s)
+                    );
+                }
+            }
+        }
+        let decodes = self.decode_list().sessions;
+        if !decodes.is_empty() {
+            type Value = fn(&DecodeSessionInfo) -> f64;
+            let families: [(&str, &str, &str, Value); 4] = [
+                (
+                    "ray_decode_frames_total",
+                    "counter",
+                    "Pictures each decode session decoded.",
+                    |s| s.frames as f64,
+                ),
+                (
+                    "ray_decode_bytes_total",
+                    "counter",
+                    "Bytes of stream each decode session read.",
+                    |s| s.bytes as f64,
+                ),
+                (
+                    "ray_decode_fps",
+                    "gauge",
+                    "Pictures a second each decode session decoded (the last few seconds while it runs, its whole run once it ended).",
+                    |s| s.fps,
+                ),
+                (
+                    "ray_decode_mean_latency_ms",
+                    "gauge",
+                    "Mean decode time of each decode session's pictures, ms.",
+                    |s| s.mean_latency_ms,
+                ),
+            ];
+            for (name, kind, help, value) in families {
+                family(out, name, kind, help);
+                for s in &decodes {
+                    let source = match s.source {
+                        DecodeSource::File(_) => "file",
+                        DecodeSource::EncodeSession(_) => "encode_session",
+                    };
+                    let _ = writeln!(
+                        out,
+                        "{name}{{session=\"{}\",codec=\"{}\",source=\"{source}\"}} {}",
+                        s.id,
                         s.codec.as_str(),
                         value(s)
                     );
@@ -1015,6 +1215,22 @@ impl DisplayHub {
     }
 }
 
+/// `path` with its `.` and `..` resolved by name (not through the file system).
+fn lexically_normal(path: &std::path::Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// SetDesktopSize from a read-write VNC viewer, through the same path as `ray gpu resize`.
 struct ViewerResizer(Weak<DisplayHub>);
 
@@ -1031,5 +1247,48 @@ impl DisplayResizer for ViewerResizer {
                     ResizeRefusal::Invalid(e.to_string())
                 }
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A decode session reads a regular file in the VM's directory only: by its path or
+    /// its name there; a path that leaves it (by `..`, or by a symbolic link) is refused
+    /// as outside before anything is opened, and a missing file or a directory by name.
+    #[test]
+    fn decode_files_are_checked_against_the_vm_directory() {
+        let root = std::env::temp_dir().join(format!("ray-decode-dir-{}", std::process::id()));
+        let dir = root.join("vms").join("v");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(root.join("outside.h264"), b"x").unwrap();
+        std::fs::write(dir.join("in.h264"), b"x").unwrap();
+        std::os::unix::fs::symlink(root.join("outside.h264"), dir.join("link.h264")).unwrap();
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        let hub = DisplayHub::new("v", dir.clone());
+        let inside = dir.join("in.h264").display().to_string();
+        for given in ["in.h264", inside.as_str(), "sub/../in.h264"] {
+            let (_, path) = hub.decode_file(given).unwrap();
+            assert_eq!(path, inside, "{given}");
+        }
+        for given in [
+            "../../outside.h264",
+            "link.h264",
+            "/etc/passwd",
+            "sub/../../x",
+        ] {
+            let e = hub.decode_file(given).unwrap_err();
+            assert!(
+                matches!(e, DecodeStartError::OutsideVmDir { .. }),
+                "{given}: {e}"
+            );
+            assert!(e.to_string().contains("outside the VM's directory"), "{e}");
+        }
+        let e = hub.decode_file("nope.h264").unwrap_err();
+        assert!(e.to_string().ends_with("nope.h264 does not exist"), "{e}");
+        let e = hub.decode_file("sub").unwrap_err();
+        assert!(matches!(e, DecodeStartError::NotAFile { .. }), "{e}");
+        let _ = std::fs::remove_dir_all(root);
     }
 }

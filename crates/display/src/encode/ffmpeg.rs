@@ -266,3 +266,117 @@ pub fn decode_file(
     drain(&mut decoder)?;
     Ok(n)
 }
+
+/// The FFmpeg decoder of `codec`, or why there is none.
+fn decoder_of(codec: Codec) -> Result<ff::Codec, String> {
+    init()?;
+    let id = match codec {
+        Codec::Hevc => ff::codec::Id::HEVC,
+        Codec::Vp9 => ff::codec::Id::VP9,
+        Codec::H264 => return Err("H.264 is openh264's, not FFmpeg's".into()),
+    };
+    ff::decoder::find(id)
+        .ok_or_else(|| format!("this host's FFmpeg (libavcodec) has no {codec} decoder"))
+}
+
+/// Whether this host's FFmpeg decodes `codec`; the error names what is missing.
+pub fn decoder_available(codec: Codec) -> Result<(), String> {
+    decoder_of(codec).map(drop)
+}
+
+/// Decodes HEVC access units or VP9 frames (without their IVF headers), one packet each,
+/// on one thread: each picture comes out as soon as its packet is in.
+pub struct FfDecoder {
+    codec: Codec,
+    decoder: ff::decoder::Video,
+    frame: ff::frame::Video,
+    rgb: ff::frame::Video,
+    scaler: Option<(ff::software::scaling::Context, ff::format::Pixel, u32, u32)>,
+}
+
+// SAFETY: as for FfEncoder: the decoder is used by one thread at a time (the session's
+// thread owns it after it is made).
+unsafe impl Send for FfDecoder {}
+
+impl FfDecoder {
+    pub fn new(codec: Codec) -> Result<Self, String> {
+        let found = decoder_of(codec)?;
+        let mut context = ff::codec::context::Context::new_with_codec(found);
+        // One thread: no frame threading, so no picture is held back.
+        context.set_threading(ff::threading::Config::count(1));
+        let decoder = context
+            .decoder()
+            .video()
+            .map_err(|e| format!("cannot set up the {codec} decoder: {e}"))?;
+        Ok(Self {
+            codec,
+            decoder,
+            frame: ff::frame::Video::empty(),
+            rgb: ff::frame::Video::empty(),
+            scaler: None,
+        })
+    }
+
+    /// Decodes one packet and calls `each` with every picture it completes.
+    pub fn decode(
+        &mut self,
+        unit: &[u8],
+        each: &mut dyn FnMut(DecodedFrame),
+    ) -> Result<(), String> {
+        let packet = ff::Packet::copy(unit);
+        self.decoder
+            .send_packet(&packet)
+            .map_err(|e| e.to_string())?;
+        self.drain(each)
+    }
+
+    /// The end of the stream: every picture the decoder still holds.
+    pub fn finish(&mut self, each: &mut dyn FnMut(DecodedFrame)) -> Result<(), String> {
+        self.decoder
+            .send_eof()
+            .map_err(|e| format!("the {} stream does not decode at its end: {e}", self.codec))?;
+        self.drain(each)
+    }
+
+    fn drain(&mut self, each: &mut dyn FnMut(DecodedFrame)) -> Result<(), String> {
+        while self.decoder.receive_frame(&mut self.frame).is_ok() {
+            let (w, h, format) = (self.frame.width(), self.frame.height(), self.frame.format());
+            if self
+                .scaler
+                .as_ref()
+                .is_none_or(|s| (s.1, s.2, s.3) != (format, w, h))
+            {
+                let s = ff::software::scaling::Context::get(
+                    format,
+                    w,
+                    h,
+                    ff::format::Pixel::RGB24,
+                    w,
+                    h,
+                    ff::software::scaling::Flags::POINT,
+                )
+                .map_err(|e| format!("cannot convert a {w}x{h} picture to RGB: {e}"))?;
+                self.scaler = Some((s, format, w, h));
+            }
+            let Some((s, ..)) = self.scaler.as_mut() else {
+                unreachable!("made above")
+            };
+            s.run(&self.frame, &mut self.rgb)
+                .map_err(|e| format!("cannot convert a {w}x{h} picture to RGB: {e}"))?;
+            let (wu, hu) = (w as usize, h as usize);
+            let plane = |f: &ff::frame::Video, i: usize, bytes: usize| -> Vec<u8> {
+                let (data, line) = (f.data(i), f.stride(i));
+                (0..hu)
+                    .flat_map(|y| data[y * line..y * line + bytes].iter().copied())
+                    .collect()
+            };
+            each(DecodedFrame {
+                width: w,
+                height: h,
+                y: plane(&self.frame, 0, wu),
+                rgb: plane(&self.rgb, 0, wu * 3),
+            });
+        }
+        Ok(())
+    }
+}

@@ -143,7 +143,7 @@ impl H264Decoder {
     }
 }
 
-fn frame_of(p: &DecodedYUV<'_>) -> DecodedFrame {
+pub(crate) fn frame_of(p: &DecodedYUV<'_>) -> DecodedFrame {
     let (w, h) = p.dimensions();
     let (ys, _, _) = p.strides();
     let mut y = Vec::with_capacity(w * h);

@@ -163,7 +163,7 @@ pub enum EncodeError {
     PerDisplay { display: usize },
     #[error("the VM has {MAX_SESSIONS_PER_VM} encode sessions already (at most {MAX_SESSIONS_PER_VM} a VM)")]
     PerVm,
-    #[error("the host runs {MAX_SESSIONS_PER_HOST} encode sessions already (at most {MAX_SESSIONS_PER_HOST} a host)")]
+    #[error("the host runs {MAX_SESSIONS_PER_HOST} encode and decode sessions already (at most {MAX_SESSIONS_PER_HOST} a host, over both kinds)")]
     PerHost,
     #[error("display {display} is {width}x{height}: encode sessions take at most {MAX_ENCODE_WIDTH}x{MAX_ENCODE_HEIGHT}")]
     TooLarge {
@@ -201,8 +201,9 @@ pub fn check_codec(codec: Codec) -> Result<(), EncodeError> {
 /// Where sessions read their display: replaced when the VM's machine is (a restore).
 pub type SharedSource = Arc<Mutex<Option<Arc<dyn FrameSource>>>>;
 
-/// A slot of the host's session limit: a `flock` held on one of the slot files.
-struct HostSlot {
+/// A slot of the host's session limit: a `flock` held on one of the slot files (decode
+/// sessions take theirs from the same files).
+pub(crate) struct HostSlot {
     _file: File,
 }
 
@@ -210,7 +211,7 @@ impl HostSlot {
     /// Takes a free slot of `dir`. The slot files are opened read-only when they exist (a
     /// `flock` needs no more), so a jailed VMM, whose view of the directory is read-only,
     /// claims the files its keeper made ([`make_host_slots`]).
-    fn claim(dir: &Path) -> Result<HostSlot, EncodeError> {
+    pub(crate) fn claim(dir: &Path) -> Result<HostSlot, EncodeError> {
         for i in 0..MAX_SESSIONS_PER_HOST {
             let path = dir.join(format!("slot-{i}"));
             let file = match File::open(&path) {
