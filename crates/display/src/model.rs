@@ -202,6 +202,7 @@ mod tests {
             backend: None,
             token_file: None,
             timeout_ms: None,
+            device: None,
         };
         let mut m = GpuModel::new(&[c]).unwrap();
         let e = m.apply(0, GpuEvent::Resume).unwrap_err();
@@ -230,6 +231,7 @@ mod tests {
             backend: None,
             token_file: None,
             timeout_ms: None,
+            device: None,
         };
         assert!(GpuModel::new(&vec![c; 9])
             .unwrap_err()
