@@ -3,6 +3,7 @@
 //! bus ([`pci`]) with virtio-pci devices ([`virtio`]), and [`Persist`], how each saves and
 //! restores its state. Interrupts reach KVM through eventfds the VMM connects (MSI-X
 //! through [`MsiInterrupts`]); guest memory is reached through [`ray_memory::GuestMemory`].
+pub mod bochs;
 pub mod console;
 pub mod interrupt;
 pub mod legacy;
