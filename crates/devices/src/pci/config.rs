@@ -230,7 +230,7 @@ impl ConfigSpace {
             let mask = !(size as u32 - 1);
             let value = u32::from_le_bytes(value) & mask | self.bar_flags[bar];
             self.put(reg, &value.to_le_bytes());
-            let after = u64::from(value);
+            let after = u64::from(value & !0xf);
             return (after != before).then_some(BarMove {
                 bar,
                 from: before,
