@@ -500,3 +500,45 @@ fn a_small_rectangle_is_found_through_the_dirty_log_and_an_idle_display_costs_no
     );
     assert_eq!(&rgb[(105 * 640 + 105) * 3..][..3], &[0xff, 0, 0]);
 }
+
+/// The guest sets a new mode on its Bochs display: a connected viewer is told the new
+/// size (ExtendedDesktopSize, reason server) and its picture at that size is what the
+/// guest drew into the VRAM.
+#[test]
+fn a_bochs_mode_set_by_the_guest_resizes_a_connected_viewer() {
+    use crate::display::expected;
+    use ray_guest_abi::display::Pattern;
+    let env = Env::new("vnc-bochs");
+    let mut vm = env.boot(&[
+        "--memory",
+        "128M",
+        "--gpu",
+        "emulated,device=bochs,width=640,height=480",
+    ]);
+    vm.expect_line("ready", Duration::from_secs(20));
+    let mut rw = RawViewer::connect(&vm.dir.join("vnc-0.sock"));
+    let (ext, raw) = rw.update(false, 640, 480);
+    assert_eq!(ext, [(0, 0, 640, 480)], "no mode yet: the configured size");
+    assert_eq!(raw.len(), 1);
+    let answer = vm.command("bochs mode 800 600", "bochs mode ");
+    assert_eq!(answer, "bochs mode 800x600 bpp=32 stride=3200");
+    assert_eq!(rw.next_ext(640, 480), (0, 0, 800, 600));
+    let answer = vm.command("draw gradient 5 0", "draw ");
+    assert_eq!(answer, "draw gradient seed=5 display=0 800x600");
+    let (_, raw) = rw.update(false, 800, 600);
+    assert_eq!(raw.len(), 1);
+    let (x, y, w, h, px) = &raw[0];
+    assert_eq!((*x, *y, *w, *h), (0, 0, 800, 600));
+    let rgb: Vec<u8> = px
+        .chunks_exact(4)
+        .flat_map(|p| [p[2], p[1], p[0]])
+        .collect();
+    assert!(
+        rgb == expected(Pattern::Gradient, 5, 800, 600),
+        "the viewer's pixels are the gradient pattern"
+    );
+    // A mode the device refuses turns the display off: the configured size again.
+    let err = vm.command("bochs mode 800 600 24", "err bochs");
+    assert!(err.contains("refused"), "{err}");
+    assert_eq!(rw.next_ext(800, 600), (0, 0, 640, 480));
+}
