@@ -807,6 +807,11 @@ fn a_bochs_display_shows_the_mode_and_picture_its_guest_driver_sets() {
         vm.command("bochs reg 12 5", "bochs reg"),
         "bochs reg 12 = 0x0000"
     );
+    // VRAM size in 64 KiB units, read-only (Linux's driver checks it against BAR 0).
+    assert_eq!(
+        vm.command("bochs reg 10 1", "bochs reg"),
+        "bochs reg 10 = 0x0200"
+    );
     assert_eq!(
         vm.command("bochs reg 0 4660", "bochs reg"),
         "bochs reg 0 = 0xb0c5"

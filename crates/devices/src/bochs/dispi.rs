@@ -20,8 +20,10 @@ pub const INDEX_VIRT_WIDTH: u16 = 6;
 pub const INDEX_VIRT_HEIGHT: u16 = 7;
 pub const INDEX_X_OFFSET: u16 = 8;
 pub const INDEX_Y_OFFSET: u16 = 9;
-/// How many registers there are (indices 0..REGISTERS).
+/// How many registers hold state (indices 0..REGISTERS).
 pub const REGISTERS: u16 = 10;
+/// Read-only: VRAM in 64 KiB units (what Linux's driver checks against BAR 0's size).
+pub const INDEX_VIDEO_MEMORY_64K: u16 = 10;
 
 /// The interface versions a guest may ask for by writing ID; this device is the last.
 pub const ID0: u16 = 0xb0c0;
@@ -111,10 +113,12 @@ impl Dispi {
 
     /// Register `index`, or why there is none.
     pub fn read(&self, index: u16, limits: &Limits) -> Result<u16, String> {
+        if index == INDEX_VIDEO_MEMORY_64K {
+            return Ok(u16::try_from(limits.vram / BANK_BYTES).unwrap_or(u16::MAX));
+        }
         if index >= REGISTERS {
             return Err(format!(
-                "DISPI register {index} does not exist (0 to {})",
-                REGISTERS - 1
+                "DISPI register {index} does not exist (0 to {INDEX_VIDEO_MEMORY_64K})"
             ));
         }
         if self.reg(INDEX_ENABLE) & GETCAPS != 0 {
@@ -151,6 +155,9 @@ impl Dispi {
                 Ok(Effect::None)
             }
             INDEX_ENABLE => self.write_enable(value, limits),
+            INDEX_VIDEO_MEMORY_64K => Err(format!(
+                "DISPI register {index} (video memory size) is read-only: {value} not taken"
+            )),
             INDEX_BANK => {
                 let banks = limits.vram / BANK_BYTES;
                 if u64::from(value) >= banks {
@@ -176,8 +183,7 @@ impl Dispi {
                 Ok(Effect::Moved)
             }
             _ => Err(format!(
-                "DISPI register {index} does not exist (0 to {})",
-                REGISTERS - 1
+                "DISPI register {index} does not exist (0 to {INDEX_VIDEO_MEMORY_64K})"
             )),
         }
     }
@@ -218,9 +224,8 @@ impl Dispi {
     /// VIRT_HEIGHT reads how many lines of the virtual width VRAM holds.
     fn fit_virtual_height(&mut self, limits: &Limits) {
         let stride = u64::from(self.reg(INDEX_VIRT_WIDTH)) * BYTES_PER_PIXEL;
-        if stride > 0 {
-            let lines = (limits.vram / stride).min(u64::from(u16::MAX));
-            self.regs[usize::from(INDEX_VIRT_HEIGHT)] = lines as u16;
+        if let Some(lines) = limits.vram.checked_div(stride) {
+            self.regs[usize::from(INDEX_VIRT_HEIGHT)] = u16::try_from(lines).unwrap_or(u16::MAX);
         }
     }
 
@@ -433,7 +438,8 @@ mod tests {
         set(&mut d, 800, 600, 32).unwrap();
         let before = d.clone();
         for (i, v, why) in [
-            (10, 1, "DISPI register 10 does not exist"),
+            (10, 1, "DISPI register 10 (video memory size) is read-only"),
+            (11, 1, "DISPI register 11 does not exist (0 to 10)"),
             (0xffff, 1, "DISPI register 65535 does not exist"),
             (INDEX_ID, 0x1234, "is not an interface version"),
             (INDEX_XRES, 1024, "while a mode is enabled"),
@@ -444,7 +450,8 @@ mod tests {
             assert!(e.contains(why), "{i}={v}: {e}");
         }
         assert_eq!(d, before);
-        assert!(d.read(10, &LIMITS).is_err());
+        assert!(d.read(11, &LIMITS).is_err());
+        assert_eq!(d.read(INDEX_VIDEO_MEMORY_64K, &LIMITS).unwrap(), 512);
         assert_eq!(d.write(INDEX_ID, ID0, &LIMITS).unwrap(), Effect::None);
         assert_eq!(d.read(INDEX_ID, &LIMITS).unwrap(), ID0);
     }

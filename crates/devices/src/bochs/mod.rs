@@ -1,7 +1,8 @@
 //! A Bochs-display-style PCI display (vendor 0x1234, device 0x1111, class 0x0380, as
 //! QEMU's `bochs-display`): VRAM in BAR 0 (prefetchable memory) and a 4 KiB MMIO BAR 2
 //! with the DISPI mode registers ([`dispi`]) at 0x500 and QEMU's extended registers at
-//! 0x600 (their size, and the framebuffer's byte order: little endian only).
+//! 0x600 (their size, and the framebuffer's byte order: little endian only). There is no
+//! EDID: its block at 0 reads as zeros.
 //!
 //! The VRAM is host memory of the device's own; the VMM maps it into the guest where BAR
 //! 0 is while memory decoding is on ([`VramPlacer`]), so the guest draws with plain stores
