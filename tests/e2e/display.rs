@@ -833,6 +833,21 @@ fn a_bochs_display_shows_the_mode_and_picture_its_guest_driver_sets() {
         Pattern::Fill,
         0x123456,
     );
+    // The text console draws into the VRAM too.
+    assert_eq!(
+        vm.command("console 0", "console "),
+        "console on display=0 53x26"
+    );
+    assert_eq!(vm.command("echo on the VRAM", "on the"), "on the VRAM");
+    let rows = console_text(&screenshot(&env, &vm.id, 0, "console.png"));
+    assert_eq!(
+        &rows[..3],
+        &[
+            "console on display=0 53x26",
+            "echo on the VRAM",
+            "on the VRAM"
+        ]
+    );
 }
 
 #[test]
