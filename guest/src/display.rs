@@ -1,6 +1,7 @@
 //! The displays the VMM gives us: linear XRGB8888 framebuffers in RAM, listed in the
 //! display table whose address the heartbeat page holds (see `ray_guest_abi::display`),
-//! then the scanouts of a virtio GPU ([`crate::virtio_gpu`]), numbered after them.
+//! then the scanouts of a virtio GPU ([`crate::virtio_gpu`]), numbered after them, then
+//! a Bochs display device's VRAM ([`crate::bochs`]) in the mode we set on it.
 //! Drawing on a framebuffer is plain stores to RAM: no exits at all; the VMM notices the
 //! change itself. Drawing on a scanout stores into its backing, then sends the changed
 //! rectangle (one batch of two requests, one kick).
@@ -15,7 +16,7 @@ use ray_guest_abi::display::{
     FORMAT_XRGB8888, MAX_DISPLAYS,
 };
 
-use crate::{heartbeat, paging, virtio_gpu};
+use crate::{bochs, heartbeat, paging, virtio_gpu};
 use core::sync::atomic::Ordering::Relaxed;
 
 /// The table, if the VMM announced one and it makes sense: each framebuffer XRGB8888 and
@@ -54,6 +55,11 @@ pub fn surface(index: usize) -> Result<(u64, u32, u32, u32, Option<usize>), &'st
     let count = table().map_or(0, |t| t.count as usize);
     if let Some(d) = table().and_then(|t| t.displays[..count].get(index).copied()) {
         return Ok((d.gpa, d.stride, d.width, d.height, None));
+    }
+    let virtio = virtio_gpu::get().map_or(0, |g| g.count);
+    if index == count + virtio {
+        let (at, stride, w, h) = bochs::surface().ok_or("no such display (or no mode set)")?;
+        return Ok((at, stride, w, h, None));
     }
     let gpu = virtio_gpu::get().map_err(|_| "no such display")?;
     let k = index - count;
@@ -96,7 +102,17 @@ pub fn list() {
         }
         virtio = gpu.count;
     }
-    println!("displays {}", count + virtio);
+    let mut n = count + virtio;
+    if let Some(d) = bochs::get() {
+        match d.mode() {
+            Some((at, stride, w, h)) => {
+                println!("display {n} {w}x{h} stride={stride} at {at:#x} bochs")
+            }
+            None => println!("display {n} off bochs vram={:#x}", d.vram),
+        }
+        n += 1;
+    }
+    println!("displays {n}");
 }
 
 /// Draws `pattern` into virtio scanout `k`'s backing, then sends the rectangle that
@@ -190,6 +206,10 @@ pub fn draw(mut args: core::str::SplitAsciiWhitespace) {
     }
     let count = table().map_or(0, |t| t.count as usize);
     let index = index as usize;
+    let virtio = virtio_gpu::get().map_or(0, |g| g.count);
+    if index >= count && index == count + virtio && bochs::get().is_some() {
+        return draw_bochs(pattern, seed as u32, index);
+    }
     let Some(t) = table().filter(|_| index < count) else {
         return draw_virtio(pattern, seed as u32, index, index - count);
     };
@@ -208,6 +228,28 @@ pub fn draw(mut args: core::str::SplitAsciiWhitespace) {
         pattern.name(),
         d.width,
         d.height
+    );
+}
+
+/// Draws `pattern` into the Bochs device's VRAM, in the mode set on it.
+fn draw_bochs(pattern: Pattern, seed: u32, index: usize) {
+    let Some((at, stride, w, h)) = bochs::surface() else {
+        println!("err draw: display {index} (bochs) has no mode set: bochs mode W H first");
+        return;
+    };
+    for y in 0..h {
+        let line = (at + u64::from(y) * u64::from(stride)) as *mut u32;
+        for x in 0..w {
+            let px = pattern_pixel(pattern, seed, x, y, w, h);
+            // SAFETY: inside the mode's picture, which `bochs::Device::mode` checked lies
+            // in the device's VRAM (BAR 0, in the identity-mapped MMIO hole), memory that
+            // only this driver draws in.
+            unsafe { line.add(x as usize).write_volatile(px) };
+        }
+    }
+    println!(
+        "draw {} seed={seed} display={index} {w}x{h}",
+        pattern.name()
     );
 }
 

@@ -28,6 +28,7 @@
 mod serial;
 mod acpi;
 mod apic;
+mod bochs;
 mod bootparams;
 mod clock;
 mod cpu;

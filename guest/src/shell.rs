@@ -142,6 +142,7 @@ fn execute(line: &str, work: &mut Workloads) {
         "disk" => crate::virtio_blk::command(args),
         "net" => net(args),
         "draw" => crate::display::draw(args),
+        "bochs" => crate::bochs::command(args),
         "rect" => crate::display::rect(args),
         "console" => crate::fbcon::command(args),
         "gpupt" => {
@@ -528,5 +529,5 @@ fn net(mut args: core::str::SplitAsciiWhitespace) {
 }
 
 fn help() {
-    println!("commands: echo <text> | mem | cpus | numa | pci | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | pattern <MiB> <word> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | displays | draw bars|gradient|checker|fill [SEED] [DISPLAY] | rect X Y W H RGB [DISPLAY] | scroll <lines> [DISPLAY] | console [DISPLAY|off] | gpupt <seed> | input | pointer | vsock [connect PORT TEXT] | seq <n> | poweroff | help");
+    println!("commands: echo <text> | mem | cpus | numa | pci | tick <ms> (0 stops) | dirty <MiB> <MiB/s> | dirty stop | sum <addr> <len> | pattern <MiB> <word> | touch <cpu> <addr> <len> | rng <bytes> | disk [read|sum|write|flush|discard|bench ...] | net [ip A.B.C.D/N | ping IP [n] | blast IP PORT COUNT SIZE] | displays | draw bars|gradient|checker|fill [SEED] [DISPLAY] | rect X Y W H RGB [DISPLAY] | scroll <lines> [DISPLAY] | console [DISPLAY|off] | bochs [mode W H [BPP] | off | reg I [V]] | gpupt <seed> | input | pointer | vsock [connect PORT TEXT] | seq <n> | poweroff | help");
 }

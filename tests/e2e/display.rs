@@ -837,4 +837,175 @@ fn the_display_benchmark_reports_its_figures_and_an_idle_display_sends_nothing()
         "{scroll}"
     );
     assert!(r["memcpy_ratio"].as_f64().unwrap() > 0.0);
+
+const BOCHS: &str = "emulated,device=bochs,width=640,height=480";
+
+/// Sets a mode on the guest's Bochs device and checks the answer.
+fn bochs_mode(vm: &mut Vm, w: u32, h: u32) {
+    let answer = vm.command(&format!("bochs mode {w} {h}"), "bochs mode ");
+    assert_eq!(
+        answer,
+        format!("bochs mode {w}x{h} bpp=32 stride={}", w * 4)
+    );
+}
+
+/// Draws on display 0 of a VM whose only display is a Bochs device in mode `size`.
+fn draw_bochs(vm: &mut Vm, pattern: &str, seed: u32, size: (u32, u32)) {
+    let answer = vm.command(&format!("draw {pattern} {seed} 0"), "draw ");
+    assert_eq!(
+        answer,
+        format!("draw {pattern} seed={seed} display=0 {}x{}", size.0, size.1)
+    );
+}
+
+#[test]
+fn a_bochs_display_shows_the_mode_and_picture_its_guest_driver_sets() {
+    let env = Env::new("disp-bochs");
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", BOCHS]);
+    vm.expect_line("ready", READY);
+    // The guest's driver found 1234:1111 on PCI and sized its VRAM BAR (32 MiB).
+    let listing = vm.command("bochs", "bochs ");
+    assert!(
+        listing.starts_with("bochs id=0xb0c5 vram=0x")
+            && listing.ends_with("size=0x2000000 mode=off"),
+        "{listing}"
+    );
+    assert_eq!(vm.command("displays", "displays "), "displays 1");
+    // No mode yet: the configured size, black.
+    let (w, h, rgb) = decode(&screenshot(&env, &vm.id, 0, "off.png"));
+    assert_eq!((w, h), (640, 480));
+    assert!(rgb.iter().all(|&b| b == 0), "black until a mode is set");
+
+    bochs_mode(&mut vm, 640, 480);
+    draw_bochs(&mut vm, "checker", 7, (640, 480));
+    assert_shows(&screenshot(&env, &vm.id, 0, "b0.png"), Pattern::Checker, 7);
+    assert_shows(
+        &vnc_capture(&env, &vm.dir.join("vnc-0.sock"), "bv0.png"),
+        Pattern::Checker,
+        7,
+    );
+    let list = gpus(&vm);
+    let d = &list.gpus[0].displays[0];
+    assert_eq!((d.index, d.width, d.height), (0, 640, 480));
+    assert!(d.framebuffer_gpa >= 0xc000_0000, "{:#x}", d.framebuffer_gpa);
+    assert_eq!(
+        d.changes.as_ref().map(|c| c.mode.as_str()),
+        Some("dirty-log")
+    );
+
+    // The guest changes the resolution: the display follows.
+    bochs_mode(&mut vm, 800, 600);
+    draw_bochs(&mut vm, "gradient", 3, (800, 600));
+    assert_shows_at(
+        &screenshot(&env, &vm.id, 0, "b1.png"),
+        Pattern::Gradient,
+        3,
+        (800, 600),
+    );
+    assert_shows_at(
+        &vnc_capture(&env, &vm.dir.join("vnc-0.sock"), "bv1.png"),
+        Pattern::Gradient,
+        3,
+        (800, 600),
+    );
+    let d = &gpus(&vm).gpus[0].displays[0];
+    assert_eq!((d.width, d.height), (800, 600));
+    // A new picture reaches a new capture.
+    draw_bochs(&mut vm, "bars", 0, (800, 600));
+    assert_shows_at(
+        &vnc_capture(&env, &vm.dir.join("vnc-0.sock"), "bv2.png"),
+        Pattern::Bars,
+        0,
+        (800, 600),
+    );
+
+    // Bad requests: refused, the mode left off, nothing read back that was not taken.
+    let err = vm.command("bochs mode 640 480 16", "err bochs");
+    assert!(err.contains("mode 640x480 at 16 bits refused"), "{err}");
+    let err = vm.command("bochs mode 4096 480", "err bochs");
+    assert!(err.contains("refused"), "{err}");
+    assert_eq!(
+        vm.command("bochs reg 12 5", "bochs reg"),
+        "bochs reg 12 = 0x0000"
+    );
+    // VRAM size in 64 KiB units, read-only (Linux's driver checks it against BAR 0).
+    assert_eq!(
+        vm.command("bochs reg 10 1", "bochs reg"),
+        "bochs reg 10 = 0x0200"
+    );
+    assert_eq!(
+        vm.command("bochs reg 0 4660", "bochs reg"),
+        "bochs reg 0 = 0xb0c5"
+    );
+    let (w, h, rgb) = decode(&screenshot(&env, &vm.id, 0, "refused.png"));
+    assert_eq!((w, h), (640, 480), "mode off: the configured size");
+    assert!(rgb.iter().all(|&b| b == 0));
+    let log = std::fs::read_to_string(vm.dir.join("vmm.log")).unwrap();
+    assert!(
+        log.contains("DISPI mode 640x480 at 16 bits per pixel refused"),
+        "the VMM logs why"
+    );
+    assert!(log.contains("DISPI register 12 does not exist"));
+    // The VM is unharmed and the device takes a good mode again.
+    bochs_mode(&mut vm, 640, 480);
+    draw_bochs(&mut vm, "fill", 0x123456, (640, 480));
+    assert_shows(
+        &screenshot(&env, &vm.id, 0, "b2.png"),
+        Pattern::Fill,
+        0x123456,
+    );
+    // The text console draws into the VRAM too.
+    assert_eq!(
+        vm.command("console 0", "console "),
+        "console on display=0 53x26"
+    );
+    assert_eq!(vm.command("echo on the VRAM", "on the"), "on the VRAM");
+    let rows = console_text(&screenshot(&env, &vm.id, 0, "console.png"));
+    assert_eq!(
+        &rows[..3],
+        &[
+            "console on display=0 53x26",
+            "echo on the VRAM",
+            "on the VRAM"
+        ]
+    );
+}
+
+#[test]
+fn a_bochs_display_survives_snapshot_restore_and_live_migration() {
+    let env = Env::new("disp-bochs-persist");
+    let mut vm = env.boot(&["--memory", "128M", "--gpu", BOCHS]);
+    vm.expect_line("ready", READY);
+    bochs_mode(&mut vm, 800, 600);
+    draw_bochs(&mut vm, "checker", 11, (800, 600));
+    let back = snapshot_and_restore(&env, &vm, "back");
+    assert_shows_at(
+        &screenshot(&env, "back", 0, "r.png"),
+        Pattern::Checker,
+        11,
+        (800, 600),
+    );
+    let mut moved = migrate(&env, &back, "moved");
+    assert_shows_at(
+        &screenshot(&env, "moved", 0, "m.png"),
+        Pattern::Checker,
+        11,
+        (800, 600),
+    );
+    assert_shows_at(
+        &vnc_capture(&env, &moved.dir.join("vnc-0.sock"), "mv.png"),
+        Pattern::Checker,
+        11,
+        (800, 600),
+    );
+    // The guest's driver goes on drawing into the VRAM where it left it.
+    let listing = moved.command("bochs", "bochs ");
+    assert!(listing.contains("mode=800x600"), "{listing}");
+    draw_bochs(&mut moved, "bars", 0, (800, 600));
+    assert_shows_at(
+        &screenshot(&env, "moved", 0, "m2.png"),
+        Pattern::Bars,
+        0,
+        (800, 600),
+    );
 }

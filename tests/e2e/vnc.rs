@@ -500,3 +500,137 @@ fn a_small_rectangle_is_found_through_the_dirty_log_and_an_idle_display_costs_no
     );
     assert_eq!(&rgb[(105 * 640 + 105) * 3..][..3], &[0xff, 0, 0]);
 }
+
+/// The guest sets a new mode on its Bochs display: a connected viewer is told the new
+/// size (ExtendedDesktopSize, reason server) and its picture at that size is what the
+/// guest drew into the VRAM.
+#[test]
+fn a_bochs_mode_set_by_the_guest_resizes_a_connected_viewer() {
+    use crate::display::expected;
+    use ray_guest_abi::display::Pattern;
+    let env = Env::new("vnc-bochs");
+    let mut vm = env.boot(&[
+        "--memory",
+        "128M",
+        "--gpu",
+        "emulated,device=bochs,width=640,height=480",
+    ]);
+    vm.expect_line("ready", Duration::from_secs(20));
+    let mut rw = RawViewer::connect(&vm.dir.join("vnc-0.sock"));
+    let (ext, raw) = rw.update(false, 640, 480);
+    assert_eq!(ext, [(0, 0, 640, 480)], "no mode yet: the configured size");
+    assert_eq!(raw.len(), 1);
+    let answer = vm.command("bochs mode 800 600", "bochs mode ");
+    assert_eq!(answer, "bochs mode 800x600 bpp=32 stride=3200");
+    assert_eq!(rw.next_ext(640, 480), (0, 0, 800, 600));
+    let answer = vm.command("draw gradient 5 0", "draw ");
+    assert_eq!(answer, "draw gradient seed=5 display=0 800x600");
+    let (_, raw) = rw.update(false, 800, 600);
+    assert_eq!(raw.len(), 1);
+    let (x, y, w, h, px) = &raw[0];
+    assert_eq!((*x, *y, *w, *h), (0, 0, 800, 600));
+    let rgb: Vec<u8> = px
+        .chunks_exact(4)
+        .flat_map(|p| [p[2], p[1], p[0]])
+        .collect();
+    assert!(
+        rgb == expected(Pattern::Gradient, 5, 800, 600),
+        "the viewer's pixels are the gradient pattern"
+    );
+    // A mode the device refuses turns the display off: the configured size again.
+    let err = vm.command("bochs mode 800 600 24", "err bochs");
+    assert!(err.contains("refused"), "{err}");
+    assert_eq!(rw.next_ext(800, 600), (0, 0, 640, 480));
+}
+
+/// A connected viewer's incremental updates carry what the guest draws into a Bochs
+/// display's VRAM: found through the VRAM slot's dirty log, or by comparing every tile
+/// with `RAY_DISPLAY_CHANGES=tile-compare`; `ray gpu status` names the way.
+fn bochs_changes_reach_a_connected_viewer(tile_compare: bool) {
+    use crate::display::expected;
+    use ray_guest_abi::display::Pattern;
+    let env = Env::new(if tile_compare {
+        "vnc-bochs-tiles"
+    } else {
+        "vnc-bochs-dirty"
+    });
+    let vars: &[(&str, &str)] = if tile_compare {
+        &[("RAY_DISPLAY_CHANGES", "tile-compare")]
+    } else {
+        &[]
+    };
+    let out = ray_e2e::succeeded(
+        env.ray_with(
+            &[
+                "vm",
+                "run",
+                "--detach",
+                "--json",
+                "--memory",
+                "128M",
+                "--gpu",
+                "emulated,device=bochs,width=640,height=480",
+            ],
+            vars,
+        ),
+        "vm run",
+    );
+    let info: ray_api::vmm::VmInfo = serde_json::from_str(&out).unwrap();
+    let mut vm = env.attach(&info.id, info.pid);
+    vm.expect_line("ready", Duration::from_secs(20));
+    vm.command("bochs mode 640 480", "bochs mode ");
+    vm.command("draw checker 3 0", "draw ");
+    let mut rw = RawViewer::connect(&vm.dir.join("vnc-0.sock"));
+    let (_, raw) = rw.update(false, 640, 480);
+    let mut frame = raw[0].4.clone();
+    let rgb = |frame: &[u8]| -> Vec<u8> {
+        frame
+            .chunks_exact(4)
+            .flat_map(|p| [p[2], p[1], p[0]])
+            .collect()
+    };
+    assert!(rgb(&frame) == expected(Pattern::Checker, 3, 640, 480));
+    vm.command("draw fill 0x123456 0", "draw ");
+    let want = expected(Pattern::Fill, 0x123456, 640, 480);
+    for _ in 0..100 {
+        if rgb(&frame) == want {
+            break;
+        }
+        let (_, raw) = rw.update(true, 640, 480);
+        for (x, y, w, h, px) in raw {
+            let (x, y, w) = (usize::from(x), usize::from(y), usize::from(w));
+            for row in 0..usize::from(h) {
+                let at = ((y + row) * 640 + x) * 4;
+                frame[at..at + w * 4].copy_from_slice(&px[row * w * 4..(row + 1) * w * 4]);
+            }
+        }
+    }
+    assert!(
+        rgb(&frame) == want,
+        "the viewer's picture is the fill the guest drew"
+    );
+    let list: ray_api::gpu::GpuList = vm.client.call("GET", "/vm/gpus", None).unwrap();
+    let changes = list.gpus[0].displays[0].changes.clone().unwrap();
+    let mode = if tile_compare {
+        "tile-compare"
+    } else {
+        "dirty-log"
+    };
+    assert_eq!(changes.mode, mode);
+    assert!(changes.tiles_changed > 0, "{changes:?}");
+    if tile_compare {
+        assert_eq!(changes.dirty_pages, 0, "{changes:?}");
+    } else {
+        assert!(changes.dirty_pages > 0, "{changes:?}");
+    }
+}
+
+#[test]
+fn a_bochs_display_s_changes_reach_a_viewer_through_the_vram_dirty_log() {
+    bochs_changes_reach_a_connected_viewer(false);
+}
+
+#[test]
+fn a_bochs_display_s_changes_reach_a_viewer_by_tile_compare_without_the_log() {
+    bochs_changes_reach_a_connected_viewer(true);
+}

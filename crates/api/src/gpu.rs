@@ -4,6 +4,8 @@
 //!
 //! `--gpu emulated|virtio[,width=W][,height=H][,displays=N]`; `--gpu none` means no GPU;
 //! `virtio` is the paravirt type (virtio-gpu 2D; `paravirt` is accepted too).
+//! `--gpu emulated,device=bochs[,width=W][,height=H]` is an emulated GPU the guest finds on
+//! PCI: a Bochs-display-style device (VRAM BAR, DISPI mode registers), one display.
 //! `--gpu remote,socket=PATH|tcp=ADDR,token-file=F[,width=W]...` is the same virtio-gpu to
 //! the guest with its 2D work done by a back end process (`ray gpu backend`);
 //! `--gpu passthrough,vfio-user=SOCKET` (a device served by another process) or
@@ -118,7 +120,37 @@ pub struct GpuConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 100, maximum = 60000)]
     pub timeout_ms: Option<u32>,
+    /// How an emulated GPU shows itself to the guest: absent (or `framebuffer`) for a
+    /// framebuffer in guest RAM, `bochs` for a Bochs-display-style PCI device (only for
+    /// type emulated; one display).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<EmulatedDevice>,
 }
+
+/// The guest's view of an emulated GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EmulatedDevice {
+    /// Framebuffers in guest RAM, announced in the display table and the boot
+    /// parameters (the default).
+    Framebuffer,
+    /// A PCI display device (vendor 0x1234, device 0x1111, like QEMU's `bochs-display`):
+    /// VRAM in BAR 0, the DISPI mode registers in BAR 2. The guest sets the mode.
+    Bochs,
+}
+
+impl EmulatedDevice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EmulatedDevice::Framebuffer => "framebuffer",
+            EmulatedDevice::Bochs => "bochs",
+        }
+    }
+}
+
+/// Bytes of a Bochs display's VRAM: the largest display ([`MAX_WIDTH`] x [`MAX_HEIGHT`],
+/// 4 bytes a pixel) rounded up to a power of two (a BAR's size).
+pub const BOCHS_VRAM_BYTES: u64 = (MAX_WIDTH as u64 * MAX_HEIGHT as u64 * 4).next_power_of_two();
 
 /// The bounds of [`GpuConfig::timeout_ms`].
 pub const MIN_TIMEOUT_MS: u32 = 100;
@@ -182,6 +214,7 @@ impl GpuConfig {
             backend: None,
             token_file: None,
             timeout_ms,
+            device: None,
         };
         c.validate().map_err(|e| format!("--gpu '{arg}': {e}"))?;
         Ok(c)
@@ -217,6 +250,7 @@ impl GpuConfig {
             backend: None,
             token_file: None,
             timeout_ms: None,
+            device: None,
         };
         // Paths as the CLI's user means them: from the current directory.
         let absolute = |v: &str| {
@@ -247,10 +281,21 @@ impl GpuConfig {
                 "tcp" => c.backend = Some(format!("tcp:{v}")),
                 "token-file" if !v.is_empty() => c.token_file = Some(absolute(v)),
                 "timeout-ms" => c.timeout_ms = Some(number(v)?),
+                "device" => {
+                    c.device = Some(match v {
+                        "framebuffer" => EmulatedDevice::Framebuffer,
+                        "bochs" => EmulatedDevice::Bochs,
+                        _ => {
+                            return Err(format!(
+                                "--gpu '{arg}': unknown device '{v}' (known: framebuffer, bochs)"
+                            ))
+                        }
+                    })
+                }
                 _ => {
                     return Err(format!(
                         "--gpu '{arg}': unknown key '{k}' (known: width, height, displays; \
-                         for remote: socket, tcp, token-file, timeout-ms)"
+                         for emulated: device; for remote: socket, tcp, token-file, timeout-ms)"
                     ))
                 }
             }
@@ -279,6 +324,21 @@ impl GpuConfig {
             if !(MIN_TIMEOUT_MS..=MAX_TIMEOUT_MS).contains(&t) {
                 return Err(format!(
                     "timeout-ms {t} is out of range ({MIN_TIMEOUT_MS}..={MAX_TIMEOUT_MS})"
+                ));
+            }
+        }
+        if let Some(d) = self.device {
+            if self.kind != GpuType::Emulated {
+                return Err(format!(
+                    "a {} GPU has no device= choice: device=framebuffer|bochs is for emulated GPUs",
+                    self.kind
+                ));
+            }
+            if d == EmulatedDevice::Bochs && self.displays != 1 {
+                return Err(format!(
+                    "{} displays asked for; a Bochs display device drives exactly one (give \
+                     the VM one GPU per display)",
+                    self.displays
                 ));
             }
         }
@@ -382,6 +442,16 @@ impl GpuConfig {
         Err(format!(
             "the back end '{b}' is neither unix:PATH nor tcp:ADDR"
         ))
+    }
+
+    /// Whether the guest sees this GPU as a Bochs display device on PCI.
+    pub fn is_bochs(&self) -> bool {
+        self.kind == GpuType::Emulated && self.device == Some(EmulatedDevice::Bochs)
+    }
+
+    /// Whether this GPU's displays are framebuffers in guest RAM.
+    pub fn in_ram(&self) -> bool {
+        self.kind == GpuType::Emulated && !self.is_bochs()
     }
 
     /// Bytes of one display's pixels (4 bytes a pixel, no padding between lines).
@@ -649,6 +719,21 @@ mod tests {
         );
         let d = GpuConfig::parse("emulated").unwrap().unwrap();
         assert_eq!((d.width, d.height, d.displays), (1024, 768, 1));
+        assert!(d.in_ram() && !d.is_bochs() && d.device.is_none());
+        let b = GpuConfig::parse("emulated,device=bochs,width=800,height=600")
+            .unwrap()
+            .unwrap();
+        assert!(b.is_bochs() && !b.in_ram());
+        assert_eq!((b.width, b.height, b.displays), (800, 600, 1));
+        let json = serde_json::to_string(&b).unwrap();
+        assert!(json.contains(r#""device":"bochs""#), "{json}");
+        assert_eq!(serde_json::from_str::<GpuConfig>(&json).unwrap(), b);
+        assert!(!serde_json::to_string(&d).unwrap().contains("device"));
+        let f = GpuConfig::parse("emulated,device=framebuffer")
+            .unwrap()
+            .unwrap();
+        assert!(f.in_ram());
+        assert_eq!(BOCHS_VRAM_BYTES, 32 << 20);
         assert_eq!(GpuConfig::parse("none").unwrap(), None);
         let v = GpuConfig::parse("virtio,displays=4").unwrap().unwrap();
         assert_eq!((v.kind, v.displays), (GpuType::Paravirt, 4));
@@ -721,6 +806,22 @@ mod tests {
             ("emulated,width", "'width' is not KEY=VALUE"),
             ("emulated,width=x", "width 'x' is not a number"),
             ("none,width=640", "the type none takes no options"),
+            (
+                "emulated,device=vga",
+                "unknown device 'vga' (known: framebuffer, bochs)",
+            ),
+            (
+                "emulated,device=bochs,displays=2",
+                "2 displays asked for; a Bochs display device drives exactly one",
+            ),
+            (
+                "virtio,device=bochs",
+                "a paravirt GPU has no device= choice",
+            ),
+            (
+                "emulated,device=bochs,width=4000",
+                "width 4000 is not a multiple of 8",
+            ),
         ] {
             let e = GpuConfig::parse(arg).unwrap_err();
             assert!(e.contains(msg), "{arg}: {e}");

@@ -1,8 +1,10 @@
 //! rayvisor's device models, with no KVM dependency: the port-I/O bus that routes vCPU
 //! exits to them, the 16550 console and its paravirtual path, the power-off port, the PCI
-//! bus ([`pci`]) with virtio-pci devices ([`virtio`]), and [`Persist`], how each saves and
-//! restores its state. Interrupts reach KVM through eventfds the VMM connects (MSI-X
-//! through [`MsiInterrupts`]); guest memory is reached through [`ray_memory::GuestMemory`].
+//! bus ([`pci`]) with virtio-pci devices ([`virtio`]) and a Bochs-style display
+//! ([`bochs`]), and [`Persist`], how each saves and restores its state. Interrupts reach
+//! KVM through eventfds the VMM connects (MSI-X through [`MsiInterrupts`]); guest memory
+//! is reached through [`ray_memory::GuestMemory`].
+pub mod bochs;
 pub mod console;
 pub mod interrupt;
 pub mod legacy;

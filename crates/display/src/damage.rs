@@ -242,6 +242,20 @@ impl TileClock {
         }
     }
 
+    /// A clock for `g` that goes on from a clock (of another size) at `generation`: every
+    /// tile written in the generation after it, so that no viewer misses one.
+    pub fn after(g: &DisplayGeometry, generation: u64) -> Self {
+        let mut c = Self::new(g);
+        c.generation = generation.max(1) + 1;
+        c.tiles.fill(c.generation);
+        c
+    }
+
+    /// The generation now.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Starts a new generation in which the tiles of `written` were written.
     pub fn advance(&mut self, written: &TileSet) {
         self.generation += 1;
@@ -338,6 +352,21 @@ mod tests {
             height,
             stride,
         }
+    }
+
+    #[test]
+    fn a_clock_after_a_resize_shows_every_tile_to_every_viewer() {
+        let mut old = TileClock::new(&geometry(640, 480, 2560));
+        for _ in 0..5 {
+            old.advance(&TileSet::empty(640, 480));
+        }
+        let seen = old.generation();
+        let new = TileClock::after(&geometry(800, 600, 3200), seen);
+        assert!(new.generation() > seen);
+        let d = new.since(seen);
+        assert_eq!(d.tiles.grid(), TileSet::empty(800, 600).grid());
+        assert_eq!(d.tiles.count() as usize, d.tiles.len(), "every tile");
+        assert!(new.since(new.generation()).tiles.is_empty());
     }
 
     fn tiles(s: &TileSet) -> Vec<(u32, u32)> {

@@ -2,7 +2,7 @@
 //! [`ray_guest_abi::display::DisplayTable`] page first, then each display's pixels, page
 //! aligned. The VMM reserves the range in the e820 map, so no kernel takes it for RAM, and
 //! because it is guest RAM, snapshots and migrations carry the pictures.
-use ray_api::gpu::{GpuConfig, GpuType};
+use ray_api::gpu::GpuConfig;
 use ray_guest_abi::display::{
     DisplayEntry, DisplayTable, BYTES_PER_PIXEL, DISPLAY_TABLE_MAGIC, FORMAT_XRGB8888, MAX_DISPLAYS,
 };
@@ -54,11 +54,11 @@ impl VramLayout {
     /// Plans the range for the emulated GPUs of `gpus` in low RAM ending at `low_ram_end`.
     /// None without any.
     pub fn plan(gpus: &[GpuConfig], low_ram_end: u64) -> Result<Option<VramLayout>, LayoutError> {
-        // Only emulated GPUs scan out of guest RAM here; a virtio GPU's pictures are in
-        // resources its driver sends.
+        // Only emulated GPUs scan out of guest RAM here (a Bochs device has its own VRAM);
+        // a virtio GPU's pictures are in resources its driver sends.
         let mut sizes = Vec::new();
         for (gpu, g) in gpus.iter().enumerate() {
-            if g.kind != GpuType::Emulated {
+            if !g.in_ram() {
                 continue;
             }
             for _ in 0..g.displays {
@@ -146,6 +146,7 @@ impl VramLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ray_api::gpu::GpuType;
 
     fn gpu(w: u32, h: u32, n: u8) -> GpuConfig {
         GpuConfig {
@@ -157,6 +158,7 @@ mod tests {
             backend: None,
             token_file: None,
             timeout_ms: None,
+            device: None,
         }
     }
 
@@ -194,6 +196,15 @@ mod tests {
             .unwrap();
         assert_eq!(l.displays.len(), 1, "no video memory for a virtio GPU");
         assert_eq!((l.displays[0].index, l.displays[0].gpu), (0, 1));
+        let bochs = GpuConfig {
+            device: Some(ray_api::gpu::EmulatedDevice::Bochs),
+            ..gpu(640, 480, 1)
+        };
+        assert_eq!(
+            VramLayout::plan(&[bochs], 512 << 20).unwrap(),
+            None,
+            "a Bochs device's VRAM is its own, not guest RAM"
+        );
     }
 
     #[test]

@@ -203,6 +203,7 @@ mod tests {
             backend: None,
             token_file: None,
             timeout_ms: None,
+            device: None,
         };
         let mut m = GpuModel::new(&[c], &GpuLimits::default()).unwrap();
         let e = m.apply(0, GpuEvent::Resume).unwrap_err();
@@ -231,6 +232,7 @@ mod tests {
             backend: None,
             token_file: None,
             timeout_ms: None,
+            device: None,
         };
         let nine = vec![c.clone(); 9];
         let e = GpuModel::new(&nine, &GpuLimits::default()).unwrap_err();

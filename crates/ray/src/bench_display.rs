@@ -397,6 +397,7 @@ pub fn run(a: &DisplayBenchArgs, runtime: &Path) -> anyhow::Result<()> {
                 backend: None,
                 token_file: None,
                 timeout_ms: None,
+                device: None,
             }],
             ..Default::default()
         },

@@ -53,6 +53,7 @@ ray vm run --detach --vcpus 4 --memory 2G --id db
 ray vm run --detach --kernel vmlinux --initrd initrd.img --cmdline 'console=ttyS0'
 ray vm run --detach -f vm.yaml                 the configuration `ray vm config ID -o yaml` prints
 ray vm run --detach --api-tcp 127.0.0.1:0      also serve the API on a loopback port
+ray vm run --detach --gpu emulated,device=bochs,width=800,height=600   a Bochs-style PCI display
 ray vm run --detach --vcpus 2 --numa node=0,cpus=0,memory=64M --numa node=1,cpus=1,memory=64M \\
     --numa-attribution ring --numa-migrate dry-run,window=5s   attribute writes, decide page moves
 ray vm run --detach --gpu-limits displays-per-gpu=8 --gpu virtio,displays=8   more scanouts than 4",
@@ -263,6 +264,7 @@ ray bench numa --qemu-runs 0 --rate 128   attribution overhead only",
     (
         "gpu",
         "ray vm run --detach --id desk --gpu emulated,width=1280,height=800
+ray vm run --detach --id pcidesk --gpu emulated,device=bochs   the guest finds PCI 1234:1111 and sets the mode
 ray gpu status desk
 ray gpu screenshot desk -o desk.png",
     ),

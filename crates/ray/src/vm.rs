@@ -131,6 +131,8 @@ pub struct RunArgs {
     /// --gpu-limits), or none. An
     /// emulated GPU's displays are framebuffers in guest RAM, a virtio GPU's the scanouts
     /// of a virtio-gpu device; all are served over VNC on the VM directory's vnc-N.sock.
+    /// emulated,device=bochs is instead a Bochs-display-style PCI device (1234:1111, 32
+    /// MiB VRAM BAR, DISPI mode registers; one display, the guest sets its mode).
     /// Also remote,socket=PATH|tcp=ADDR,token-file=F[,...] and
     /// passthrough,vfio-user=SOCKET|host=BDF; both take ,timeout-ms=N (how long the device
     /// outside the VMM has to answer one request: 100..=60000, default 5000 remote, 2000

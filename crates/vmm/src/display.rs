@@ -2,8 +2,9 @@
 //! read out of guest RAM (emulated GPUs) or out of the scanouts of virtio GPUs, the VNC
 //! server and screenshots.
 //!
-//! Display numbers: the emulated GPUs' displays first (the guest's display table lists
-//! them in that order), then each virtio GPU's scanouts, GPU by GPU.
+//! Display numbers: the emulated GPUs' framebuffers first (the guest's display table
+//! lists them in that order), then each virtio GPU's scanouts, GPU by GPU, then the Bochs
+//! display devices (one display each), GPU by GPU.
 //!
 //! [`DisplayHub`] is shared by the VMM thread, which tells it of every state change
 //! ([`DisplayHub::follow`]), and the API thread, which reads GPU status and screenshots
@@ -33,6 +34,7 @@ use ray_display::vnc::{DisplayResizer, InputSink, ResizeRefusal};
 use ray_display::{DisplayGeometry, FrameSource, VramLayout};
 use ray_memory::{ConsumerId, GuestMemory, PAGE_SIZE};
 
+use crate::bochs::BochsGpu;
 use crate::memory::{KvmDirtyLog, MemoryManager};
 use crate::vstate::vm::Vm;
 
@@ -86,6 +88,8 @@ struct GuestFrames {
     dirty: Option<FbDirty>,
     /// Per emulated display.
     stats: Vec<Arc<ChangeStats>>,
+    /// The Bochs display devices, numbered after the virtio scanouts.
+    bochs: Vec<crate::display_bochs::BochsView>,
 }
 
 /// The displays' consumer of the dirty log: each read of its pages becomes a generation
@@ -105,7 +109,12 @@ struct DamageState {
 }
 
 impl GuestFrames {
-    fn new(memory: MemoryManager, displays: Vec<DisplayGeometry>, virtio: Vec<VirtioGpu>) -> Self {
+    fn new(
+        memory: MemoryManager,
+        displays: Vec<DisplayGeometry>,
+        virtio: Vec<VirtioGpu>,
+        bochs: &[BochsGpu],
+    ) -> Self {
         let stats = displays
             .iter()
             .map(|d| {
@@ -115,13 +124,33 @@ impl GuestFrames {
                 s
             })
             .collect();
+        let first = displays.len() + virtio.iter().map(|(_, g)| g.modes().len()).sum::<usize>();
+        let tile_compare = std::env::var("RAY_DISPLAY_CHANGES").as_deref() == Ok("tile-compare");
+        let bochs = bochs
+            .iter()
+            .enumerate()
+            .map(|(k, b)| crate::display_bochs::BochsView::new(first + k, b, tile_compare))
+            .collect();
         Self {
             memory,
             displays,
             virtio,
             dirty: None,
             stats,
+            bochs,
         }
+    }
+
+    /// Display `index`'s change-detection counts, if it is an emulated one.
+    fn change_stats(&self, index: usize) -> Option<&Arc<ChangeStats>> {
+        self.stats
+            .get(index)
+            .or_else(|| self.bochs_view(index).map(|b| b.stats()))
+    }
+
+    /// The Bochs device display `index` is, if it is one.
+    fn bochs_view(&self, index: usize) -> Option<&crate::display_bochs::BochsView> {
+        self.bochs.iter().find(|b| b.index() == index)
     }
 
     /// Starts the emulated displays' change detection on `vm`'s dirty log (as consumer
@@ -262,12 +291,16 @@ impl FrameSource for GuestFrames {
             all.len(),
             self.virtio.iter().map(|(i, g)| (*i, g.modes())),
         ));
+        all.extend(self.bochs.iter().map(|b| b.geometry()));
         all
     }
 
     fn read(&self, index: usize, out: &mut [u8]) -> bool {
         if let Some((gpu, scanout)) = self.scanout(index) {
             return gpu.read(scanout, out);
+        }
+        if let Some(b) = self.bochs_view(index) {
+            return b.read(out);
         }
         match self.displays.get(index) {
             Some(d) if out.len() == d.bytes() => self.memory.read(d.gpa, out).is_ok(),
@@ -276,6 +309,9 @@ impl FrameSource for GuestFrames {
     }
 
     fn damage(&self, index: usize, since: u64) -> Option<Damage> {
+        if let Some(b) = self.bochs_view(index) {
+            return b.damage(since);
+        }
         let d = self.dirty.as_ref()?;
         if index >= self.displays.len() {
             return None;
@@ -292,7 +328,7 @@ impl FrameSource for GuestFrames {
     }
 
     fn note_compare(&self, index: usize, examined: u32, changed: u32) {
-        if let Some(s) = self.stats.get(index) {
+        if let Some(s) = self.change_stats(index) {
             s.look(examined, changed);
         }
     }
@@ -396,6 +432,20 @@ impl Inner {
             all.len(),
             virtio.map(|(i, c)| (i, vec![(c.width, c.height); usize::from(c.displays)])),
         ));
+        let bochs = self
+            .configs
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_bochs());
+        let first = all.len();
+        all.extend(bochs.enumerate().map(|(k, (gpu, c))| DisplayGeometry {
+            index: first + k,
+            gpu,
+            gpa: 0,
+            width: c.width,
+            height: c.height,
+            stride: c.width * 4,
+        }));
         all
     }
 }
@@ -467,6 +517,7 @@ impl DisplayHub {
         config: Option<&VmConfig>,
         mut vm: Option<&mut Vm>,
         virtio: &[VirtioGpu],
+        bochs: &[BochsGpu],
     ) {
         let memory = vm.as_ref().map(|v| v.memory.clone());
         let memory = memory.as_ref();
@@ -490,6 +541,8 @@ impl DisplayHub {
         let stale = inner.frames.as_ref().is_some_and(|f| {
             f.virtio.len() != virtio.len()
                 || f.virtio.iter().zip(virtio).any(|(a, b)| !a.1.same(&b.1))
+                || f.bochs.len() != bochs.len()
+                || f.bochs.iter().zip(bochs).any(|(a, b)| !a.shows(b))
                 || memory.is_some_and(|m| !m.same(&f.memory))
         });
         if stale {
@@ -498,7 +551,7 @@ impl DisplayHub {
         }
         match state {
             VmState::Running | VmState::MigrationSource => {
-                let any = inner.layout.is_some() || !virtio.is_empty();
+                let any = inner.layout.is_some() || !virtio.is_empty() || !bochs.is_empty();
                 if let (None, Some(mem), true) = (&inner.frames, memory, any) {
                     let mut frames = GuestFrames::new(
                         mem.clone(),
@@ -507,6 +560,7 @@ impl DisplayHub {
                             .as_ref()
                             .map_or_else(Vec::new, |l| l.displays.clone()),
                         virtio.to_vec(),
+                        bochs,
                     );
                     if let Some(vm) = vm.as_deref_mut() {
                         frames.track(vm);
@@ -1047,7 +1101,7 @@ impl DisplayHub {
                             changes: inner
                                 .frames
                                 .as_ref()
-                                .and_then(|f| f.stats.get(d.index))
+                                .and_then(|f| f.change_stats(d.index))
                                 .map(|s| s.report()),
                         })
                         .collect(),
@@ -1170,6 +1224,15 @@ impl DisplayHub {
         let (VmState::Running, Some(frames)) = (state, inner.frames.clone()) else {
             return Err((true, DisplayError::NotRunning(state)));
         };
+        if frames.bochs_view(index).is_some() {
+            return Err((
+                true,
+                DisplayError::Resize(format!(
+                    "display {index} is a Bochs display device's, whose size its guest sets \
+                     (the DISPI mode registers); only a virtio GPU's displays change size here"
+                )),
+            ));
+        }
         let Some((gpu, scanout)) = frames.scanout(index) else {
             return Err((
                 true,

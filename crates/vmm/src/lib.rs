@@ -5,11 +5,13 @@
 //! runs KVM_RUN; a signal thread turns SIGINT/SIGTERM into a stop.
 pub mod acl;
 pub mod api_server;
+pub mod bochs;
 pub mod boot;
 pub mod config;
 pub mod console_attach;
 pub mod controller;
 pub mod display;
+pub mod display_bochs;
 pub mod hand_over;
 pub mod handoff;
 pub mod heartbeat;

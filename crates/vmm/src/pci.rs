@@ -79,6 +79,9 @@ pub struct PciState {
     /// so it restores fine; a state naming another window is refused.
     #[serde(default)]
     pub ecam: Option<EcamWindow>,
+    /// The Bochs display devices (registers and VRAM), by GPU.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bochs: Vec<crate::bochs::SavedBochs>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -275,6 +278,7 @@ const DISK_QUEUES: u16 = 2;
 pub fn check_state(config: &DevicesConfig, state: &PciState) -> Result<(), PciError> {
     check_ids(state, &ids_of(config))?;
     check_ecam(state, ecam_window())?;
+    check_bochs(config, state)?;
     // Only a disk has something to check on this side (its file and size); NICs and the
     // rng are not opened here (a TAP is taken over when the devices are built).
     for saved in &state.devices {
@@ -301,6 +305,29 @@ fn check_ids(saved: &PciState, ours: &[String]) -> Result<(), PciError> {
         )));
     }
     Ok(())
+}
+
+/// Refuses a state whose Bochs displays are not the configured ones (by GPU index).
+fn check_bochs(config: &DevicesConfig, saved: &PciState) -> Result<(), PciError> {
+    let ours: Vec<usize> = bochs_gpus(config).collect();
+    let theirs: Vec<usize> = saved.bochs.iter().map(|b| b.gpu).collect();
+    if ours != theirs {
+        return Err(PciError::Restore(format!(
+            "the saved state has Bochs displays on GPUs {theirs:?} but this VM's \
+             configuration has them on GPUs {ours:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The indices of the GPUs that are Bochs display devices.
+fn bochs_gpus(config: &DevicesConfig) -> impl Iterator<Item = usize> + '_ {
+    config
+        .gpus
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.is_bochs())
+        .map(|(i, _)| i)
 }
 
 /// Refuses a state whose guest was told of an ECAM window other than `ours`: it would
@@ -433,6 +460,8 @@ pub struct PciDevices {
     pub gpus: Vec<VirtioGpu>,
     /// The passthrough GPUs' functions.
     passthrough: Vec<crate::passthrough::Built>,
+    /// The Bochs display devices.
+    pub bochs: Vec<crate::bochs::BochsGpu>,
     _router: Arc<IrqRouter>,
     _notifier: Option<Notifier>,
 }
@@ -449,6 +478,7 @@ impl PciDevices {
         if let Some(s) = state {
             check_ids(s, &ids_of(config))?;
             check_ecam(s, ecam_window())?;
+            check_bochs(config, s)?;
         }
         let (specs, gpus) = devices_and_gpus(config, state.is_some())?;
         let router = IrqRouter::new(vm)?;
@@ -503,6 +533,21 @@ impl PciDevices {
                 transport,
             });
         }
+        let mut bochs = Vec::new();
+        for i in bochs_gpus(config) {
+            let saved = state
+                .and_then(|s| s.bochs.iter().find(|b| b.gpu == i))
+                .map(|b| &b.state);
+            let b =
+                crate::bochs::build(i, &config.gpus[i], vm, &mut bars, saved).map_err(|why| {
+                    PciError::Device {
+                        id: format!("gpu{i}"),
+                        why,
+                    }
+                })?;
+            bus.add(b.device.clone()).ok_or(PciError::BusFull)?;
+            bochs.push(b);
+        }
         crate::passthrough::clear();
         let mut passthrough = Vec::new();
         for (i, g) in config.gpus.iter().enumerate() {
@@ -542,6 +587,7 @@ impl PciDevices {
             kicks_in_kernel: in_kernel,
             gpus,
             passthrough,
+            bochs,
             _router: router,
             _notifier: notifier,
         })
@@ -590,9 +636,18 @@ impl PciDevices {
                 })
             })
             .collect::<Result<_, String>>()?;
+        let bochs = self
+            .bochs
+            .iter()
+            .map(|b| crate::bochs::SavedBochs {
+                gpu: b.gpu,
+                state: b.device.lock().unwrap_or_else(|e| e.into_inner()).save(),
+            })
+            .collect();
         Ok(PciState {
             devices,
             ecam: self.bus.ecam(),
+            bochs,
         })
     }
 }
@@ -611,6 +666,7 @@ mod tests {
         let specs = devices_of(&DevicesConfig::default(), false).unwrap();
         let saved = |ids: &[&str]| PciState {
             ecam: None,
+            bochs: Vec::new(),
             devices: ids
                 .iter()
                 .map(|id| DeviceState {
@@ -659,6 +715,7 @@ mod tests {
         let same = PciState {
             devices: vec![],
             ecam: Some(ecam_window()),
+            bochs: vec![],
         };
         assert!(check_ecam(&same, ecam_window()).is_ok());
         let elsewhere = PciState {
@@ -667,6 +724,7 @@ mod tests {
                 base: 0xb000_0000,
                 buses: 256,
             }),
+            bochs: vec![],
         };
         assert_eq!(
             check_ecam(&elsewhere, ecam_window())
@@ -678,6 +736,90 @@ mod tests {
         );
         let back: PciState = serde_json::from_str(&serde_json::to_string(&same).unwrap()).unwrap();
         assert_eq!(back.ecam, Some(ecam_window()));
+    }
+
+    #[test]
+    fn a_bochs_vram_slot_follows_memory_decoding_and_its_bar() {
+        let memory = MemoryManager::create(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let vm = Vm::new(memory, Flavour::detect()).unwrap();
+        let config = DevicesConfig {
+            gpus: vec![ray_api::gpu::GpuConfig::parse("emulated,device=bochs")
+                .unwrap()
+                .unwrap()],
+            ..Default::default()
+        };
+        let pci = PciDevices::create(&vm, &config, None).unwrap();
+        let b = &pci.bochs[0];
+        let at = || crate::bochs::lock(&b.slot).address();
+        let select = |slot: u32, offset: u32| {
+            pci.bus.write_port(
+                CONFIG_ADDRESS,
+                &(1u32 << 31 | slot << 11 | offset).to_le_bytes(),
+            );
+        };
+        let slot = (1..32u32)
+            .find(|&s| {
+                select(s, 0);
+                let mut id = [0; 4];
+                pci.bus.read_port(CONFIG_DATA, &mut id);
+                u32::from_le_bytes(id) == 0x1111_1234
+            })
+            .expect("the Bochs display is on the bus");
+        let write = |offset: u32, data: &[u8]| {
+            select(slot, offset);
+            pci.bus.write_port(CONFIG_DATA, data);
+        };
+        let bar = lock_bar(&pci, slot);
+        assert!((BAR_WINDOW_START..BAR_WINDOW_END).contains(&bar));
+        assert_eq!(at(), None, "no memory decoding yet");
+        write(0x04, &2u16.to_le_bytes());
+        assert_eq!(at(), Some(bar));
+        write(0x10, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(at(), Some(0xd000_0000));
+        // Sizing with decoding on puts the BAR over the ECAM window: no slot there.
+        write(0x10, &u32::MAX.to_le_bytes());
+        assert_eq!(at(), None);
+        write(0x10, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(at(), Some(0xd000_0000));
+        assert!(
+            crate::bochs::lock(&b.slot)
+                .take_dirty()
+                .is_some_and(|d| d.iter().all(|w| *w == u64::MAX)),
+            "a slot just mapped counts as all written"
+        );
+        assert!(
+            crate::bochs::lock(&b.slot)
+                .take_dirty()
+                .is_some_and(|d| d.iter().all(|w| *w == 0)),
+            "then only what the guest writes"
+        );
+        write(0x04, &0u16.to_le_bytes());
+        assert_eq!(at(), None);
+        assert_eq!(crate::bochs::lock(&b.slot).take_dirty(), None);
+        let saved = pci.save().unwrap();
+        assert_eq!(saved.bochs.len(), 1);
+        assert_eq!(saved.bochs[0].gpu, 0);
+        // A state without the device is refused by name.
+        let without = PciState {
+            bochs: vec![],
+            ..saved.clone()
+        };
+        assert!(check_bochs(&config, &without)
+            .unwrap_err()
+            .to_string()
+            .contains(
+                "Bochs displays on GPUs [] but this VM's configuration has them on GPUs [0]"
+            ));
+    }
+
+    fn lock_bar(pci: &PciDevices, slot: u32) -> u64 {
+        pci.bus.write_port(
+            CONFIG_ADDRESS,
+            &(1u32 << 31 | slot << 11 | 0x10).to_le_bytes(),
+        );
+        let mut v = [0; 4];
+        pci.bus.read_port(CONFIG_DATA, &mut v);
+        u64::from(u32::from_le_bytes(v) & !0xf)
     }
 
     struct NoIrq;

@@ -24,6 +24,9 @@ const STATUS_CAPABILITIES: u16 = 1 << 4;
 /// Capabilities start after the header.
 const FIRST_CAPABILITY: usize = 0x40;
 pub const SIZE: usize = 256;
+/// A memory BAR's prefetchable bit (reads have no side effects: the guest may map it
+/// write-combined).
+pub const BAR_PREFETCHABLE: u32 = 1 << 3;
 pub const BARS: usize = 6;
 
 /// Identity of a function, as the header reports it.
@@ -68,6 +71,8 @@ pub struct ConfigSpace {
     writable: [u8; SIZE],
     /// Size of each BAR (0 = not implemented); all are 32-bit memory BARs.
     bar_sizes: [u64; BARS],
+    /// Each BAR's type bits (the low four): 0, or [`BAR_PREFETCHABLE`].
+    bar_flags: [u32; BARS],
     last_capability: usize,
     next_free: usize,
 }
@@ -78,6 +83,7 @@ impl ConfigSpace {
             bytes: [0; SIZE],
             writable: [0; SIZE],
             bar_sizes: [0; BARS],
+            bar_flags: [0; BARS],
             last_capability: 0,
             next_free: FIRST_CAPABILITY,
         };
@@ -118,6 +124,14 @@ impl ConfigSpace {
         );
         self.bar_sizes[bar] = size;
         self.put(BAR0 + 4 * bar, &address.to_le_bytes());
+    }
+
+    /// [`add_bar`](Self::add_bar) for a prefetchable 32-bit memory BAR (memory without
+    /// read side effects, such as a display's VRAM).
+    pub fn add_prefetchable_bar(&mut self, bar: usize, size: u64, address: u32) {
+        self.add_bar(bar, size, address);
+        self.bar_flags[bar] = BAR_PREFETCHABLE;
+        self.put(BAR0 + 4 * bar, &(address | BAR_PREFETCHABLE).to_le_bytes());
     }
 
     /// BAR `bar`'s base address, if the BAR exists.
@@ -212,11 +226,11 @@ impl ConfigSpace {
                     *slot = *b;
                 }
             }
-            // Memory, 32-bit, not prefetchable: the low four bits are type bits (zero).
+            // Memory, 32-bit: the low four bits are type bits (fixed by the BAR).
             let mask = !(size as u32 - 1);
-            let value = u32::from_le_bytes(value) & mask;
+            let value = u32::from_le_bytes(value) & mask | self.bar_flags[bar];
             self.put(reg, &value.to_le_bytes());
-            let after = u64::from(value);
+            let after = u64::from(value & !0xf);
             return (after != before).then_some(BarMove {
                 bar,
                 from: before,
@@ -267,7 +281,7 @@ impl ConfigSpace {
             let size = self.bar_sizes[bar];
             if size != 0 {
                 let reg = BAR0 + 4 * bar;
-                let v = self.u32_at(reg) & !(size as u32 - 1);
+                let v = self.u32_at(reg) & !(size as u32 - 1) | self.bar_flags[bar];
                 self.put(reg, &v.to_le_bytes());
             }
         }
@@ -289,6 +303,24 @@ mod tests {
         let mut b = [0; 4];
         c.read(off, &mut b);
         u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn a_prefetchable_bar_keeps_its_type_bit_through_sizing_moves_and_restores() {
+        let mut c = ConfigSpace::new(PciId::TEST);
+        c.add_prefetchable_bar(0, 32 << 20, 0xc000_0000);
+        assert_eq!(read32(&c, BAR0), 0xc000_0008);
+        c.write(BAR0, &u32::MAX.to_le_bytes());
+        assert_eq!(read32(&c, BAR0), !((32u32 << 20) - 1) | BAR_PREFETCHABLE);
+        let moved = c.write(BAR0, &0xd000_0000u32.to_le_bytes()).unwrap();
+        assert_eq!((moved.from, moved.to), (0xfe00_0000, 0xd000_0000));
+        assert_eq!(read32(&c, BAR0), 0xd000_0008);
+        assert_eq!(c.bar_address(0), Some(0xd000_0000));
+        let saved = c.guest_bytes();
+        let mut d = ConfigSpace::new(PciId::TEST);
+        d.add_prefetchable_bar(0, 32 << 20, 0xc000_0000);
+        d.restore_guest_bytes(&saved).unwrap();
+        assert_eq!(read32(&d, BAR0), 0xd000_0008);
     }
 
     #[test]

@@ -287,12 +287,12 @@ impl Controller {
 
     /// The displays follow the VM's configuration, state and machine.
     fn follow_displays(&mut self) {
-        let (vm, gpus) = match self.machine.as_mut() {
-            Some(m) => (Some(&mut m.vm), &m.pci.gpus[..]),
-            None => (None, &[][..]),
+        let (vm, gpus, bochs) = match self.machine.as_mut() {
+            Some(m) => (Some(&mut m.vm), &m.pci.gpus[..], &m.pci.bochs[..]),
+            None => (None, &[][..], &[][..]),
         };
         self.displays
-            .follow(self.state, self.config.as_ref(), vm, gpus);
+            .follow(self.state, self.config.as_ref(), vm, gpus, bochs);
     }
 
     /// The oldest message deferred while long work ran: the VMM thread handles these

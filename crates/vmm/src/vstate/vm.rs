@@ -279,19 +279,24 @@ impl Vm {
         if let Some(r) = &self.rings {
             return Ok(r.clone());
         }
+        Ok(Arc::new(OwnedSlotLog(self.clone_fd()?)))
+    }
+
+    /// A second descriptor of this VM, for a part of the VMM that outlives a borrow of
+    /// it (its dirty log, a device's own memory slot).
+    pub fn clone_fd(&self) -> Result<VmFd, VmError> {
         // SAFETY: dup of the VM fd we own; the result is checked and owned by the VmFd
         // made from it below.
         let fd = unsafe { libc::dup(self.fd.as_raw_fd()) };
         if fd < 0 {
             return Err(VmError::Dirty(format!(
-                "cannot keep a handle on the VM for its dirty log: {}",
+                "cannot keep a handle on the VM: {}",
                 std::io::Error::last_os_error()
             )));
         }
         // SAFETY: `fd` is a fresh duplicate of this VM's fd, owned by nothing else.
-        let vm = unsafe { self.kvm.create_vmfd_from_rawfd(fd) }
-            .map_err(|e| VmError::Dirty(format!("cannot wrap the VM's descriptor: {e}")))?;
-        Ok(Arc::new(OwnedSlotLog(vm)))
+        unsafe { self.kvm.create_vmfd_from_rawfd(fd) }
+            .map_err(|e| VmError::Dirty(format!("cannot wrap the VM's descriptor: {e}")))
     }
 
     /// Runs `f` on the dirty log's source: the rings when on, else KVM's bitmap.
