@@ -837,6 +837,7 @@ fn the_display_benchmark_reports_its_figures_and_an_idle_display_sends_nothing()
         "{scroll}"
     );
     assert!(r["memcpy_ratio"].as_f64().unwrap() > 0.0);
+}
 
 const BOCHS: &str = "emulated,device=bochs,width=640,height=480";
 
