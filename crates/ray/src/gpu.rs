@@ -719,14 +719,26 @@ fn encode_stop(runtime: &Path, a: &EncodeStopArgs) -> anyhow::Result<()> {
 }
 
 fn encode_list(runtime: &Path, a: &IdArgs) -> anyhow::Result<()> {
-    let list: EncodeList = client(runtime, &a.id)?.call("GET", "/vm/encode", None)?;
+    list_sessions(runtime, a, "encode", |l: &EncodeList| {
+        (!l.sessions.is_empty()).then(|| session_table(&l.sessions))
+    })
+}
+
+/// Prints the VM's `kind` (encode, decode) sessions from `GET /vm/KIND`: structured, or
+/// the table `table` makes (None: there are none).
+fn list_sessions<L: serde::Serialize + serde::de::DeserializeOwned>(
+    runtime: &Path,
+    a: &IdArgs,
+    kind: &str,
+    table: impl Fn(&L) -> Option<String>,
+) -> anyhow::Result<()> {
+    let list: L = client(runtime, &a.id)?.call("GET", &format!("/vm/{kind}"), None)?;
     if print_structured(&list, a.out.format())? {
         return Ok(());
     }
-    if list.sessions.is_empty() {
-        println!("{}: no encode session", a.id);
-    } else {
-        print!("{}", session_table(&list.sessions));
+    match table(&list) {
+        Some(t) => print!("{t}"),
+        None => println!("{}: no {kind} session", a.id),
     }
     Ok(())
 }
@@ -811,16 +823,9 @@ fn decode_start(runtime: &Path, a: &DecodeStartArgs) -> anyhow::Result<()> {
 }
 
 fn decode_list(runtime: &Path, a: &IdArgs) -> anyhow::Result<()> {
-    let list: DecodeList = client(runtime, &a.id)?.call("GET", "/vm/decode", None)?;
-    if print_structured(&list, a.out.format())? {
-        return Ok(());
-    }
-    if list.sessions.is_empty() {
-        println!("{}: no decode session", a.id);
-    } else {
-        print!("{}", decode_table(&list.sessions));
-    }
-    Ok(())
+    list_sessions(runtime, a, "decode", |l: &DecodeList| {
+        (!l.sessions.is_empty()).then(|| decode_table(&l.sessions))
+    })
 }
 
 fn decode_show(runtime: &Path, a: &DecodeSessionArgs) -> anyhow::Result<()> {

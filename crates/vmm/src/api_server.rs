@@ -964,11 +964,7 @@ async fn delete_encode(
     State(api): State<Api>,
     axum::extract::Path(session): axum::extract::Path<String>,
 ) -> ApiResult<EncodeSessionInfo> {
-    let id: u32 = session.parse().map_err(|_| {
-        ApiError::invalid(format!(
-            "session '{session}' is not a session number (1, 2, ...)"
-        ))
-    })?;
+    let id = session_number("encode", &session)?;
     let hub = api.displays.clone();
     let info = tokio::task::spawn_blocking(move || hub.encode_stop(id))
         .await
@@ -1001,11 +997,7 @@ async fn get_encode_stream(
     State(api): State<Api>,
     axum::extract::Path(session): axum::extract::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let id: u32 = session.parse().map_err(|_| {
-        ApiError::invalid(format!(
-            "session '{session}' is not a session number (1, 2, ...)"
-        ))
-    })?;
+    let id = session_number("encode", &session)?;
     let hub = api.displays.clone();
     let (codec, watch) = tokio::task::spawn_blocking(move || hub.encode_watch(id))
         .await
@@ -1103,10 +1095,11 @@ fn decode_session_error(e: DecodeSessionError) -> ApiError {
     ApiError::new(code, e.to_string())
 }
 
-fn decode_session_number(session: &str) -> Result<u32, ApiError> {
+/// The number of a `kind` (encode, decode) session in a path.
+fn session_number(kind: &str, session: &str) -> Result<u32, ApiError> {
     session.parse().map_err(|_| {
         ApiError::invalid(format!(
-            "decode session '{session}' is not a session number (1, 2, ...)"
+            "{kind} session '{session}' is not a session number (1, 2, ...)"
         ))
     })
 }
@@ -1136,7 +1129,7 @@ async fn get_decode_session(
     State(api): State<Api>,
     axum::extract::Path(session): axum::extract::Path<String>,
 ) -> ApiResult<DecodeSessionInfo> {
-    let id = decode_session_number(&session)?;
+    let id = session_number("decode", &session)?;
     Ok(Json(
         api.displays.decode_info(id).map_err(decode_session_error)?,
     ))
@@ -1156,7 +1149,7 @@ async fn get_decode_frame(
     State(api): State<Api>,
     axum::extract::Path(session): axum::extract::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = decode_session_number(&session)?;
+    let id = session_number("decode", &session)?;
     let hub = api.displays.clone();
     let png = tokio::task::spawn_blocking(move || hub.decode_frame_png(id))
         .await
@@ -1179,7 +1172,7 @@ async fn delete_decode(
     State(api): State<Api>,
     axum::extract::Path(session): axum::extract::Path<String>,
 ) -> ApiResult<DecodeSessionInfo> {
-    let id = decode_session_number(&session)?;
+    let id = session_number("decode", &session)?;
     let hub = api.displays.clone();
     let info = tokio::task::spawn_blocking(move || hub.decode_stop(id))
         .await

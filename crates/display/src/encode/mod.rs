@@ -344,7 +344,6 @@ pub struct Session {
     params: SessionParams,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
-    slot: Option<HostSlot>,
 }
 
 impl Session {
@@ -430,7 +429,6 @@ impl Session {
             t.thread().unpark();
             let _ = t.join();
         }
-        self.slot = None;
     }
 }
 
@@ -546,6 +544,9 @@ impl Encoders {
             .spawn(move || {
                 ray_seccomp::enter(ray_seccomp::Kind::Display);
                 let _span = span.enter();
+                // The host's slot is the thread's: a session that fails on its own frees
+                // it as its thread ends, not when someone stops or prunes it.
+                let _slot = slot;
                 worker.run();
             })
             .map_err(|e| EncodeError::Setup(format!("cannot start the encoder thread: {e}")))?;
@@ -554,7 +555,6 @@ impl Encoders {
             params,
             shared,
             thread: Some(thread),
-            slot,
         };
         let info = session.info();
         tracing::info!(session = id, screen = geometry.index, codec = %req.codec, path = ?req.path, "encode session started");

@@ -408,3 +408,76 @@ fn host_slots_are_readable_by_every_user() {
     }
     assert_eq!(mode(&first), 0o644);
 }
+
+/// Four displays of one size that a test changes.
+struct Resizable {
+    size: Mutex<(u32, u32)>,
+}
+
+impl FrameSource for Resizable {
+    fn displays(&self) -> Vec<DisplayGeometry> {
+        let (w, h) = *self.size.lock().unwrap();
+        (0..4)
+            .map(|i| DisplayGeometry {
+                index: i,
+                ..geometry(w, h)
+            })
+            .collect()
+    }
+    fn read(&self, _index: usize, out: &mut [u8]) -> bool {
+        out.fill(0x40);
+        true
+    }
+}
+
+#[test]
+fn a_session_that_fails_on_its_own_frees_its_host_slot() {
+    let screen = Arc::new(Resizable {
+        size: Mutex::new((320, 240)),
+    });
+    let source: SharedSource = Arc::new(Mutex::new(Some(screen.clone() as Arc<dyn FrameSource>)));
+    let dir = tmp("slot-free");
+    let slots = dir.join("slots");
+    let vms: Vec<Encoders> = (0..MAX_SESSIONS_PER_HOST / 4)
+        .map(|_| Encoders::new(source.clone(), Some(slots.clone())))
+        .collect();
+    for (v, enc) in vms.iter().enumerate() {
+        for d in 0..4 {
+            let g = DisplayGeometry {
+                index: d,
+                ..geometry(320, 240)
+            };
+            enc.start(g, &request(&dir.join(format!("{v}-{d}"))))
+                .unwrap();
+        }
+    }
+    let late = Encoders::new(source.clone(), Some(slots.clone()));
+    let e = late
+        .start(geometry(320, 240), &request(&dir.join("late")))
+        .unwrap_err();
+    assert_eq!(e, EncodeError::PerHost);
+    // Every display grows beyond what a session encodes: each session fails by itself.
+    *screen.size.lock().unwrap() = (4000, 2000);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vms
+        .iter()
+        .flat_map(|v| v.list().sessions)
+        .any(|s| s.state != SessionState::Error)
+    {
+        assert!(Instant::now() < deadline, "the sessions did not fail");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Nobody stopped them, and their slots are free for another VM's session.
+    *screen.size.lock().unwrap() = (320, 240);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match late.start(geometry(320, 240), &request(&dir.join("late"))) {
+            Ok(_) => break,
+            // A failed session's thread may still be ending.
+            Err(EncodeError::PerHost) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
