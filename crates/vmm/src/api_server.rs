@@ -292,6 +292,17 @@ fn unexpected(r: Response) -> ApiError {
     )
 }
 
+/// Runs `op` (display work that may wait on a thread or a file) off the API's event
+/// loop; a panic in it is an error naming `what`.
+async fn off_loop<T: Send + 'static, E: Send + 'static>(
+    what: &str,
+    op: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<Result<T, E>, ApiError> {
+    tokio::task::spawn_blocking(op)
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Failed, format!("{what} failed: {e}")))
+}
+
 /// Runs a snapshot-store operation (file work, no VM state) off the API's event loop.
 async fn store_op<T: Send + 'static>(
     op: impl FnOnce() -> Result<T, crate::snapshot::SnapshotError> + Send + 'static,
@@ -966,14 +977,8 @@ async fn delete_encode(
 ) -> ApiResult<EncodeSessionInfo> {
     let id = session_number("encode", &session)?;
     let hub = api.displays.clone();
-    let info = tokio::task::spawn_blocking(move || hub.encode_stop(id))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                ErrorCode::Failed,
-                format!("stopping the session failed: {e}"),
-            )
-        })?
+    let info = off_loop("stopping the session", move || hub.encode_stop(id))
+        .await?
         .map_err(|e| ApiError::new(encode_error_code(&e), e.to_string()))?;
     Ok(Json(info))
 }
@@ -1058,9 +1063,8 @@ async fn get_encode_stream(
 async fn post_decode(State(api): State<Api>, Body(body): Body) -> ApiResult<DecodeSessionInfo> {
     let req = parse_body::<DecodeRequest>("POST /vm/decode", &body)?;
     let hub = api.displays.clone();
-    let info = tokio::task::spawn_blocking(move || hub.decode_start(&req))
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::Failed, format!("the decode session failed: {e}")))?
+    let info = off_loop("the decode session", move || hub.decode_start(&req))
+        .await?
         .map_err(|e| ApiError::new(decode_start_error_code(&e), e.to_string()))?;
     Ok(Json(info))
 }
@@ -1151,9 +1155,8 @@ async fn get_decode_frame(
 ) -> Result<HttpResponse, ApiError> {
     let id = session_number("decode", &session)?;
     let hub = api.displays.clone();
-    let png = tokio::task::spawn_blocking(move || hub.decode_frame_png(id))
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::Failed, format!("the picture failed: {e}")))?
+    let png = off_loop("the picture", move || hub.decode_frame_png(id))
+        .await?
         .map_err(decode_session_error)?;
     Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
 }
@@ -1174,14 +1177,8 @@ async fn delete_decode(
 ) -> ApiResult<DecodeSessionInfo> {
     let id = session_number("decode", &session)?;
     let hub = api.displays.clone();
-    let info = tokio::task::spawn_blocking(move || hub.decode_stop(id))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                ErrorCode::Failed,
-                format!("stopping the session failed: {e}"),
-            )
-        })?
+    let info = off_loop("stopping the session", move || hub.decode_stop(id))
+        .await?
         .map_err(decode_session_error)?;
     Ok(Json(info))
 }
