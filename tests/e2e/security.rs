@@ -764,12 +764,14 @@ fn a_bad_jail_is_refused_before_anything_starts() {
                 "vm",
                 "run",
                 "--jail",
-                "--vsock",
-                "cid=11,socket=/tmp/elsewhere.sock",
+                "--net",
+                "tap=rayj0",
+                "--net",
+                "tap=rayj1,netns=ray-jail-none",
             ][..],
             &[][..],
             6,
-            "a vsock socket outside the VM's directory cannot be used by a jailed VMM",
+            "NICs in different network namespaces cannot be used by a jailed VMM",
         ),
     ] {
         let out = env.ray_with(args, vars);

@@ -205,6 +205,65 @@ fn vsock_raw_connects_both_ways() {
     assert!(err.contains("refused"), "{err}");
 }
 
+/// A jailed VMM whose vsock socket is outside its directory (the jail's root holds only
+/// that directory): its keeper binds the socket and makes the guest's connections to the
+/// listeners beside it, so exec, a raw CONNECT and a guest's connection out all work, and
+/// the socket file is its owner's only (root here, who started the VM).
+#[test]
+fn a_jailed_vmm_serves_a_vsock_socket_outside_its_directory() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let env = Env::new("vsock-outside");
+    let host_dir = env.runtime.join("host-side");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    let socket = host_dir.join("v.sock");
+    let mut vm = env.boot(&[
+        "--jail",
+        "--vsock",
+        &format!("cid=44,socket={}", socket.display()),
+    ]);
+    vm.expect_line("ready", READY);
+    assert!(!socket.starts_with(&vm.dir));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid)).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    assert_ne!(uid, "0", "the VMM runs jailed under a uid of its own");
+    let m = std::fs::metadata(&socket).unwrap();
+    assert_eq!((m.uid(), m.permissions().mode() & 0o777), (0, 0o600));
+
+    check_exec(&env, &vm.id);
+    let (mut r, ok) = raw_connect(&socket, 52);
+    assert!(ok.starts_with("OK "), "{ok:?}");
+    r.get_mut().write_all(b"echo outside\n").unwrap();
+    let mut all = String::new();
+    r.read_to_string(&mut all).unwrap();
+    assert_eq!(all, "outside\nray-exit 0\n");
+
+    // The guest connects out to a root-owned listener beside the socket: the keeper, not
+    // the jailed VMM's uid, makes the connection.
+    let l = UnixListener::bind(format!("{}_5000", socket.display())).unwrap();
+    let server = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        r.get_mut()
+            .write_all(format!("pong to {}", line.trim()).as_bytes())
+            .unwrap();
+        line
+    });
+    let reply = vm.command("vsock connect 5000 from the jail", "vsock reply");
+    assert_eq!(reply, "vsock reply pong to from the jail");
+    assert_eq!(server.join().unwrap(), "from the jail\n");
+    let err = vm.command("vsock connect 5001 anyone", "err");
+    assert!(err.contains("refused"), "{err}");
+    // The VM still answers after the refused connection.
+    check_exec(&env, &vm.id);
+}
+
 #[test]
 fn vsock_exec_works_after_snapshot_restore() {
     let env = Env::new("vsock-snap");

@@ -15,7 +15,7 @@ use std::fs::File;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -53,6 +53,11 @@ pub enum Request {
     },
     /// A migration target's TAP, in the host's network namespace or a named one.
     OpenTap { name: String, netns: Option<String> },
+    /// The listening socket of the VM's vsock device at `path` (outside the jail).
+    ListenVsock { path: PathBuf },
+    /// A guest's connection to host port `port` of the vsock device listening at `path`:
+    /// to the listener at `<path>_<port>` ([`vsock_port_path`]), without waiting.
+    ConnectVsock { path: PathBuf, port: u32 },
 }
 
 impl Request {
@@ -72,6 +77,11 @@ impl Request {
                 Some(ns) => format!("TAP {name} in network namespace {ns}"),
                 None => format!("TAP {name}"),
             },
+            Request::ListenVsock { path } => format!("the vsock socket {}", path.display()),
+            Request::ConnectVsock { path, port } => format!(
+                "a guest's vsock connection to {}",
+                vsock_port_path(path, *port).display()
+            ),
         }
     }
 }
@@ -128,6 +138,79 @@ fn ask(request: &Request) -> io::Result<OwnedFd> {
     }
 }
 
+/// Who opens a vsock device's host sockets: the VMM itself, or its keeper (a jailed VMM
+/// whose device listens outside the jail).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opener {
+    Own,
+    Keeper,
+}
+
+/// Where the host listener of guest connections to `port` is, for a vsock device
+/// listening at `path` (the hybrid convention): `<path>_<port>`.
+pub fn vsock_port_path(path: &Path, port: u32) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!("_{port}"));
+    PathBuf::from(name)
+}
+
+/// Binds the Unix socket `path` for its owner alone (mode 0600: whoever connects reaches
+/// the guest's services), non-blocking, replacing a stale socket file left by an ended
+/// VMM (or the source of a migration on this host); anything else at the path is an
+/// error.
+pub fn bind_private(path: &Path) -> Result<UnixListener, String> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove the old {}: {e}", path.display()))?;
+    }
+    let l = UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot make {} private: {e}", path.display()))?;
+    l.set_nonblocking(true)
+        .map_err(|e| format!("cannot make {} non-blocking: {e}", path.display()))?;
+    Ok(l)
+}
+
+/// The non-blocking listener of a vsock device at `path` ([`bind_private`]), bound by
+/// `opener`.
+pub fn listen_vsock(path: &Path, opener: Opener) -> Result<UnixListener, String> {
+    let l = match opener {
+        Opener::Own => return bind_private(path),
+        Opener::Keeper => ask(&Request::ListenVsock {
+            path: path.to_path_buf(),
+        })
+        .map(UnixListener::from)
+        .map_err(|e| format!("the VMM's keeper cannot listen on {}: {e}", path.display()))?,
+    };
+    l.set_nonblocking(true)
+        .map_err(|e| format!("cannot make {} non-blocking: {e}", path.display()))?;
+    Ok(l)
+}
+
+/// A guest's connection to host port `port` of the vsock device listening at `path`,
+/// made by `opener`, non-blocking. It does not wait: a listener whose backlog is full
+/// refuses, as an absent one does, so the device's thread never stalls.
+pub fn connect_vsock(path: &Path, port: u32, opener: Opener) -> io::Result<UnixStream> {
+    let stream = match opener {
+        Opener::Own => connect_unix_within(&vsock_port_path(path, port), Duration::ZERO)?,
+        Opener::Keeper => ask(&Request::ConnectVsock {
+            path: path.to_path_buf(),
+            port,
+        })
+        .map(UnixStream::from)?,
+    };
+    stream.set_nonblocking(true)?;
+    Ok(stream)
+}
+
 /// A connection to the Unix socket at `path`: the keeper's when jailed. Bounded by
 /// [`CONNECT_TIMEOUT`] either way ([`connect_unix_within`]).
 pub fn connect_unix(path: &Path) -> io::Result<UnixStream> {
@@ -142,8 +225,8 @@ pub fn connect_unix(path: &Path) -> io::Result<UnixStream> {
 
 /// A connection to the Unix socket at `path` that gives up after `timeout` if the
 /// listener's backlog stays full (a plain `connect` would wait until it accepts, for ever
-/// if it never does: a keeper serves one request at a time). Refused or missing sockets
-/// fail at once, as with `connect`.
+/// if it never does: a keeper serves one request at a time); a zero `timeout` tries once.
+/// Refused or missing sockets fail at once, as with `connect`.
 pub fn connect_unix_within(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
     use std::os::unix::ffi::OsStrExt;
     // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.

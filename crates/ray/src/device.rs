@@ -16,7 +16,7 @@ use ray_api::vmm::DiskConfig;
 use ray_api::vsock::VsockConfig;
 use ray_devices::virtio::blk::Block;
 use ray_devices::virtio::tap;
-use ray_devices::virtio::vsock::Vsock;
+use ray_devices::virtio::vsock::{Opener, Vsock};
 use ray_devices::virtio::VirtioDevice;
 use ray_vhost::MakeDevice;
 
@@ -195,13 +195,13 @@ fn serve_vsock(a: VsockArgs) -> anyhow::Result<()> {
     }
     // Bound once here so that a bad path is refused before the vhost-user socket exists;
     // each front end's model binds it again.
-    drop(Vsock::new(cid, host.clone()).map_err(|e| anyhow::anyhow!("--vsock: {e}"))?);
+    drop(Vsock::new(cid, host.clone(), Opener::Own).map_err(|e| anyhow::anyhow!("--vsock: {e}"))?);
     tracing::info!(
         "virtio-vsock: guest cid {cid}, host side {}",
         host.display()
     );
     let make: MakeDevice = Arc::new(move || {
-        Vsock::new(cid, host.clone()).map(|v| Box::new(v) as Box<dyn VirtioDevice>)
+        Vsock::new(cid, host.clone(), Opener::Own).map(|v| Box::new(v) as Box<dyn VirtioDevice>)
     });
     ray_vhost::serve("virtio-vsock", &a.socket, make)?;
     Ok(())

@@ -70,8 +70,7 @@ pub fn refuse_if_jailed(what: &str) -> Result<(), String> {
 /// own directories (the VM's disks and a target's shared disks: no file on the host
 /// changes owner); unjailed, or a copy, it is opened here.
 pub fn open_disk(path: &Path, writable: bool, direct: bool) -> std::io::Result<std::fs::File> {
-    let from_keeper = get().is_some_and(|j| !j.writable.iter().any(|w| path.starts_with(w)));
-    if from_keeper {
+    if from_keeper(path) {
         return ray_outside::open_disk(path, writable, direct);
     }
     use std::os::unix::fs::OpenOptionsExt;
@@ -80,6 +79,21 @@ pub fn open_disk(path: &Path, writable: bool, direct: bool) -> std::io::Result<s
         .write(writable)
         .custom_flags(if direct { libc::O_DIRECT } else { 0 })
         .open(path)
+}
+
+/// Whether `path` is outside this jailed VMM's directories, so its keeper opens it
+/// (never, unjailed).
+pub fn from_keeper(path: &Path) -> bool {
+    get().is_some_and(|j| !j.writable.iter().any(|w| path.starts_with(w)))
+}
+
+/// Who opens the host sockets of a vsock device listening at `path`: its keeper when
+/// the VMM is jailed and `path` is outside its directory.
+pub fn vsock_opener(path: &Path) -> ray_outside::Opener {
+    match from_keeper(path) {
+        true => ray_outside::Opener::Keeper,
+        false => ray_outside::Opener::Own,
+    }
 }
 
 /// Whether this (jailed) VMM's keeper opens its TAPs: it has a network namespace of its

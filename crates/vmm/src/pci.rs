@@ -150,7 +150,8 @@ fn devices_and_gpus(
             .socket
             .clone()
             .ok_or_else(|| bad("the socket path was not settled (crate::vsock::settle)".into()))?;
-        let device = Vsock::new(v.cid, socket.into()).map_err(bad)?;
+        let opener = crate::jailed::vsock_opener(std::path::Path::new(&socket));
+        let device = Vsock::new(v.cid, socket.into(), opener).map_err(bad)?;
         crate::metrics::device_built(&id, DeviceCounters::Vsock(device.counters()));
         specs.push(DeviceSpec {
             device: Box::new(device),

@@ -281,14 +281,15 @@ fn plan_for(
     kernel: bool,
 ) -> Result<Plan, JailError> {
     let net = net_place(cfg)?;
-    if let Some(path) = cfg.devices.vsock.as_ref().and_then(|v| v.socket.as_ref()) {
-        if !Path::new(path).starts_with(vm_dir) {
-            return Err(JailError::Unsupported(
-                "a vsock socket outside the VM's directory",
-                format!("{path} is not under {}", vm_dir.display()),
-            ));
-        }
-    }
+    // A vsock socket outside the VM's directory: its keeper binds it and connects the
+    // guest to the listeners beside it.
+    let vsock = cfg
+        .devices
+        .vsock
+        .as_ref()
+        .and_then(|v| v.socket.as_ref())
+        .map(PathBuf::from)
+        .filter(|p| !p.starts_with(vm_dir));
     // Back ends outside the jail: its keeper connects to them (and to nothing else).
     let mut connect = Vec::new();
     let mut read = listeners.files.clone();
@@ -400,6 +401,7 @@ fn plan_for(
             disks,
             shared_dirs: Vec::new(),
             taps: false,
+            vsock,
         },
     })
 }
@@ -672,6 +674,18 @@ mod tests {
         let p = plan("vm-x", Path::new("/run/x"), uids, &cfg, None, &vnc).unwrap();
         assert_eq!(p.outside.listen, vnc.tcp);
         assert_eq!(p.outside.read, vnc.files);
+        // A vsock socket in the VM's directory is the VMM's own; elsewhere its keeper's.
+        let vsock_at = |socket: &str| {
+            let mut c = cfg.clone();
+            c.devices.vsock = Some(ray_api::vsock::VsockConfig {
+                cid: 3,
+                socket: Some(socket.into()),
+            });
+            plan("vm-x", Path::new("/run/x"), uids, &c, None, &none).unwrap()
+        };
+        assert_eq!(vsock_at("/run/x/v.sock").outside.vsock, None);
+        let p = vsock_at("/tmp/v.sock");
+        assert_eq!(p.outside.vsock, Some(PathBuf::from("/tmp/v.sock")));
         // A passthrough GPU on a host device is refused: its VFIO files are not there.
         let mut host = cfg.clone();
         host.devices.gpus = vec![

@@ -56,6 +56,10 @@ pub struct Outside {
     /// A migration target: it may attach to the TAPs of the VM a source sends.
     #[serde(default)]
     pub taps: bool,
+    /// The VM's vsock socket when it is outside the jail: the keeper binds it and makes
+    /// the guest's connections to the host listeners beside it (`<socket>_<port>`).
+    #[serde(default)]
+    pub vsock: Option<PathBuf>,
 }
 
 /// The keeper's end of the socket pair, with what it granted so far.
@@ -96,8 +100,13 @@ impl<'a> Keeper<'a> {
             };
             let result = request.and_then(|r| {
                 let what = r.describe();
-                self.open(&r).inspect_err(|why| {
-                    tracing::warn!("refused the jailed VMM {what}: {why}");
+                self.open(&r).inspect_err(|why| match r {
+                    // The guest picks the port: a port nobody listens on is the guest's
+                    // business (it gets a reset), not the host's.
+                    Request::ConnectVsock { .. } => {
+                        tracing::debug!("refused the jailed VMM {what}: {why}")
+                    }
+                    _ => tracing::warn!("refused the jailed VMM {what}: {why}"),
                 })
             });
             if let Err(e) = ray_outside::answer(&self.socket, result) {
@@ -178,6 +187,21 @@ impl<'a> Keeper<'a> {
                 }
                 open_tap(name, netns.as_deref(), self.owner).map(OwnedFd::from)
             }
+            Request::ListenVsock { path } => {
+                if self.outside.vsock.as_ref() != Some(path) {
+                    return Err(self.not_planned(request));
+                }
+                ray_outside::bind_private(path).map(OwnedFd::from)
+            }
+            Request::ConnectVsock { path, port } => {
+                if self.outside.vsock.as_ref() != Some(path) {
+                    return Err(self.not_planned(request));
+                }
+                let at = ray_outside::vsock_port_path(path, *port);
+                ray_outside::connect_unix_within(&at, std::time::Duration::ZERO)
+                    .map(OwnedFd::from)
+                    .map_err(|e| format!("cannot connect to {}: {e}", at.display()))
+            }
         }
     }
 
@@ -203,11 +227,15 @@ impl<'a> Keeper<'a> {
             .map(|p| p.display().to_string())
             .collect();
         format!(
-            "the VM's jail does not allow {} (it may connect to {}, listen on {}, read {}{})",
+            "the VM's jail does not allow {} (it may connect to {}, listen on {}, read {}{}{})",
             request.describe(),
             list(&connect),
             list(&listen),
             list(&read),
+            match &self.outside.vsock {
+                Some(p) => format!(", serve the vsock socket {}", p.display()),
+                None => String::new(),
+            },
             if self.outside.taps {
                 ", and attach to TAPs"
             } else {
@@ -390,6 +418,79 @@ mod tests {
             })
             .unwrap_err();
         assert!(e.contains("does not allow TAP tap0"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_planned_vsock_socket_is_bound_and_only_its_port_listeners_are_reached() {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("ray-outside-vsock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("v.sock");
+        // A stale socket file is replaced; the new one is its owner's only.
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let outside = Outside {
+            vsock: Some(sock.clone()),
+            ..Default::default()
+        };
+        let mut k = keeper(&outside);
+        let l = std::os::unix::net::UnixListener::from(
+            k.open(&Request::ListenVsock { path: sock.clone() })
+                .unwrap(),
+        );
+        let m = std::fs::symlink_metadata(&sock).unwrap();
+        assert!(m.file_type().is_socket());
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        assert!(l.accept().is_ok(), "the granted listener is the bound one");
+        // A guest's connection to port 5000 reaches <socket>_5000; a port nobody listens
+        // on is refused at once.
+        let beside = std::os::unix::net::UnixListener::bind(dir.join("v.sock_5000")).unwrap();
+        k.open(&Request::ConnectVsock {
+            path: sock.clone(),
+            port: 5000,
+        })
+        .unwrap();
+        assert!(beside.accept().is_ok());
+        let e = k
+            .open(&Request::ConnectVsock {
+                path: sock.clone(),
+                port: 5001,
+            })
+            .unwrap_err();
+        assert!(e.contains("v.sock_5001"), "{e}");
+        // Any other socket, or another device's ports, are not the plan's.
+        let other = dir.join("other.sock");
+        let e = k
+            .open(&Request::ListenVsock {
+                path: other.clone(),
+            })
+            .unwrap_err();
+        assert!(
+            e.contains("does not allow the vsock socket")
+                && e.contains(&format!("serve the vsock socket {}", sock.display())),
+            "{e}"
+        );
+        assert!(!other.exists(), "nothing was bound");
+        let e = k
+            .open(&Request::ConnectVsock {
+                path: other,
+                port: 5000,
+            })
+            .unwrap_err();
+        assert!(e.contains("does not allow a guest's vsock connection"), "{e}");
+        // A file that is not a socket is never replaced.
+        let file = dir.join("file");
+        std::fs::write(&file, b"keep").unwrap();
+        let planned = Outside {
+            vsock: Some(file.clone()),
+            ..Default::default()
+        };
+        let e = keeper(&planned)
+            .open(&Request::ListenVsock { path: file.clone() })
+            .unwrap_err();
+        assert!(e.contains("is not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

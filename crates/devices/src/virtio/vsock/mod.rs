@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use ray_memory::GuestMemory;
+pub use ray_outside::Opener;
 use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -90,6 +91,7 @@ impl Shared {
 pub struct Vsock {
     cid: u64,
     socket: PathBuf,
+    opener: Opener,
     listener: Option<UnixListener>,
     shared: Arc<Shared>,
     counters: Arc<VsockCounters>,
@@ -169,18 +171,20 @@ pub fn scatter(chain: &Chain, mem: &dyn GuestMemory, data: &[u8]) -> Result<(), 
 }
 
 impl Vsock {
-    /// A device for guest `cid` (>= 3) whose host side listens on `socket` (bound now, so
-    /// that a bad path fails before the VM starts; a stale socket file is replaced).
-    pub fn new(cid: u64, socket: PathBuf) -> Result<Self, String> {
+    /// A device for guest `cid` (>= 3) whose host side listens on `socket` (bound now by
+    /// `opener`, so that a bad path fails before the VM starts; a stale socket file is
+    /// replaced).
+    pub fn new(cid: u64, socket: PathBuf, opener: Opener) -> Result<Self, String> {
         if cid < MIN_GUEST_CID || cid > u64::from(u32::MAX) {
             return Err(format!(
                 "guest cid {cid} is reserved or too large (3 to 4294967295)"
             ));
         }
-        let listener = muxer::bind(&socket)?;
+        let listener = ray_outside::listen_vsock(&socket, opener)?;
         Ok(Self {
             cid,
             socket,
+            opener,
             listener: Some(listener),
             shared: Arc::new(Shared {
                 held: Mutex::default(),
@@ -275,6 +279,7 @@ impl VirtioDevice for Vsock {
             self.cid,
             self.socket.clone(),
             listener,
+            self.opener,
             self.counters.clone(),
         ) {
             Ok(m) => m,

@@ -19,12 +19,13 @@
 //! nothing spins.
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use ray_outside::Opener;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::packet::{self, op, Header, HDR_LEN, SHUTDOWN_RCV, SHUTDOWN_SEND};
@@ -111,6 +112,9 @@ pub struct Muxer {
     guest_cid: u64,
     socket: PathBuf,
     listener: UnixListener,
+    /// Who opens its connections to host listeners (a jailed VMM's keeper, when the
+    /// socket is outside the jail).
+    opener: Opener,
     epoll: Epoll,
     conns: HashMap<Key, Conn>,
     by_fd: HashMap<RawFd, Key>,
@@ -142,82 +146,12 @@ const STREAM_EVENTS: EventSet = EventSet::IN
     .union(EventSet::EDGE_TRIGGERED)
     .union(EventSet::READ_HANG_UP);
 
-/// Binds `path`, replacing a stale socket file left by an ended VMM (or the source of a
-/// migration on this host); anything else at the path is an error.
-pub fn bind(path: &Path) -> Result<UnixListener, String> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        if !m.file_type().is_socket() {
-            return Err(format!(
-                "{} exists and is not a socket; refusing to replace it",
-                path.display()
-            ));
-        }
-        std::fs::remove_file(path)
-            .map_err(|e| format!("cannot remove the old {}: {e}", path.display()))?;
-    }
-    let l = UnixListener::bind(path)
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    // Whoever connects reaches the guest's services: only the VM's user may.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("cannot make {} private: {e}", path.display()))?;
-    }
-    l.set_nonblocking(true)
-        .map_err(|e| format!("cannot make {} non-blocking: {e}", path.display()))?;
-    Ok(l)
-}
-
-/// Connects to `path` without blocking: a listener whose backlog is full refuses, as
-/// one that is absent does, instead of stalling the device thread.
-fn connect(path: &Path) -> std::io::Result<UnixStream> {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: an all-zero sockaddr_un is valid.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() {
-        return Err(std::io::Error::new(
-            ErrorKind::InvalidInput,
-            "socket path too long",
-        ));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    // SAFETY: plain socket(2); the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor nothing else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: `addr` is a live, initialised sockaddr_un of the size passed.
-    let r = unsafe {
-        libc::connect(
-            fd,
-            std::ptr::addr_of!(addr).cast(),
-            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(UnixStream::from(owned))
-}
-
 impl Muxer {
     pub fn new(
         guest_cid: u64,
         socket: PathBuf,
         listener: UnixListener,
+        opener: Opener,
         counters: Arc<VsockCounters>,
     ) -> std::io::Result<Self> {
         let epoll = Epoll::new()?;
@@ -226,6 +160,7 @@ impl Muxer {
             guest_cid,
             socket,
             listener,
+            opener,
             epoll,
             conns: HashMap::new(),
             by_fd: HashMap::new(),
@@ -384,8 +319,7 @@ impl Muxer {
     }
 
     fn guest_connect(&mut self, key: Key, h: &Header) {
-        let path = PathBuf::from(format!("{}_{}", self.socket.display(), key.0));
-        match connect(&path) {
+        match ray_outside::connect_vsock(&self.socket, key.0, self.opener) {
             Ok(stream) => {
                 let mut c = Conn::new(stream, State::Established);
                 c.peer_buf_alloc = h.buf_alloc;
@@ -406,7 +340,10 @@ impl Muxer {
                 }
             }
             Err(e) => {
-                tracing::debug!("virtio-vsock: guest connect to {}: {e}", path.display());
+                tracing::debug!(
+                    "virtio-vsock: guest connect to {}: {e}",
+                    ray_outside::vsock_port_path(&self.socket, key.0).display()
+                );
                 self.counters.resets.fetch_add(1, Relaxed);
                 self.queue(key, op::RST, 0);
             }

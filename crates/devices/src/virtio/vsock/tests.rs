@@ -30,9 +30,9 @@ fn rig(name: &str) -> Rig {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("vsock.sock");
-    let listener = muxer::bind(&socket).unwrap();
+    let listener = ray_outside::bind_private(&socket).unwrap();
     let counters = Arc::new(VsockCounters::default());
-    let mux = Muxer::new(CID, socket.clone(), listener, counters.clone()).unwrap();
+    let mux = Muxer::new(CID, socket.clone(), listener, Opener::Own, counters.clone()).unwrap();
     Rig {
         dir,
         socket,
@@ -277,16 +277,16 @@ fn chains_are_checked_per_queue() {
 fn the_configuration_holds_the_cid_and_restore_checks_it() {
     let dir = std::env::temp_dir().join(format!("ray-vsock-cfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let v = Vsock::new(42, dir.join("v.sock")).unwrap();
+    let v = Vsock::new(42, dir.join("v.sock"), Opener::Own).unwrap();
     let mut c = [0u8; 8];
     v.read_config(0, &mut c);
     assert_eq!(u64::from_le_bytes(c), 42);
     assert!(v.check_device(&v.save_device()).is_ok());
     let e = v.check_device(&serde_json::json!({"cid": 43})).unwrap_err();
     assert!(e.contains("cid 43"), "{e}");
-    assert!(Vsock::new(2, dir.join("w.sock")).is_err());
+    assert!(Vsock::new(2, dir.join("w.sock"), Opener::Own).is_err());
     std::fs::write(dir.join("file"), b"x").unwrap();
-    let e = Vsock::new(3, dir.join("file")).err().unwrap();
+    let e = Vsock::new(3, dir.join("file"), Opener::Own).err().unwrap();
     assert!(e.contains("not a socket"), "{e}");
     drop(v);
     let _ = std::fs::remove_dir_all(&dir);
