@@ -162,6 +162,20 @@ fn raw_connect(socket: &Path, port: u32) -> (BufReader<UnixStream>, String) {
     (r, line)
 }
 
+/// Answers one connection on `l` with `pong to <its first line>`; the line, when joined.
+fn pong_once(l: UnixListener) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        r.get_mut()
+            .write_all(format!("pong to {}", line.trim()).as_bytes())
+            .unwrap();
+        line
+    })
+}
+
 #[test]
 fn vsock_raw_connects_both_ways() {
     let env = Env::new("vsock-raw");
@@ -188,16 +202,7 @@ fn vsock_raw_connects_both_ways() {
     let owner = std::fs::metadata(&vm.dir).unwrap();
     use std::os::unix::fs::MetadataExt;
     std::os::unix::fs::chown(&listener, Some(owner.uid()), Some(owner.gid())).unwrap();
-    let server = std::thread::spawn(move || {
-        let (s, _) = l.accept().unwrap();
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        r.get_mut()
-            .write_all(format!("pong to {}", line.trim()).as_bytes())
-            .unwrap();
-        line
-    });
+    let server = pong_once(l);
     let reply = vm.command("vsock connect 5000 ping from the guest", "vsock reply");
     assert_eq!(reply, "vsock reply pong to ping from the guest");
     assert_eq!(server.join().unwrap(), "ping from the guest\n");
@@ -223,14 +228,8 @@ fn a_jailed_vmm_serves_a_vsock_socket_outside_its_directory() {
     ]);
     vm.expect_line("ready", READY);
     assert!(!socket.starts_with(&vm.dir));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid)).unwrap();
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap()
-        .to_string();
-    assert_ne!(uid, "0", "the VMM runs jailed under a uid of its own");
+    let uids = ray_e2e::process_uids(vm.pid);
+    assert!(!uids.contains(&0), "the VMM runs jailed: uids {uids:?}");
     let m = std::fs::metadata(&socket).unwrap();
     assert_eq!((m.uid(), m.permissions().mode() & 0o777), (0, 0o600));
 
@@ -245,16 +244,7 @@ fn a_jailed_vmm_serves_a_vsock_socket_outside_its_directory() {
     // The guest connects out to a root-owned listener beside the socket: the keeper, not
     // the jailed VMM's uid, makes the connection.
     let l = UnixListener::bind(format!("{}_5000", socket.display())).unwrap();
-    let server = std::thread::spawn(move || {
-        let (s, _) = l.accept().unwrap();
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        r.get_mut()
-            .write_all(format!("pong to {}", line.trim()).as_bytes())
-            .unwrap();
-        line
-    });
+    let server = pong_once(l);
     let reply = vm.command("vsock connect 5000 from the jail", "vsock reply");
     assert_eq!(reply, "vsock reply pong to from the jail");
     assert_eq!(server.join().unwrap(), "from the jail\n");

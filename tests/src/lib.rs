@@ -408,6 +408,20 @@ impl Drop for Vm {
     }
 }
 
+/// The real, effective, saved and filesystem uids of process `pid` (`Uid:` in
+/// /proc/PID/status): a jailed VMM's are all its own, never 0.
+pub fn process_uids(pid: u32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap_or_else(|| panic!("no Uid in /proc/{pid}/status"));
+    line.split_whitespace()
+        .map(|u| u.parse().expect("a uid"))
+        .collect()
+}
+
 /// The guest memory region a workload line names (`dirty on region=0x...`,
 /// `pattern on region=0x...`).
 pub fn region_of(line: &str) -> u64 {

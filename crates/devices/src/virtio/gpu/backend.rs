@@ -5,7 +5,7 @@
 //! frame areas that changed.
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use super::commands::{Core, Limits, Refusal};
@@ -57,15 +57,10 @@ pub fn serve(config: BackendConfig) -> Result<(), String> {
     }
     let mut threads = Vec::new();
     if let Some(path) = &config.socket {
-        if path.exists() {
-            std::fs::remove_file(path)
-                .map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
-        }
-        let l = UnixListener::bind(path)
-            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("cannot make {} private: {e}", path.display()))?;
+        // A stale socket is replaced, anything else at the path refused.
+        let l = ray_outside::bind_private(path)?;
+        l.set_nonblocking(false)
+            .map_err(|e| format!("cannot make {} blocking: {e}", path.display()))?;
         tracing::info!(socket = %path.display(), "GPU back end listening");
         let limits = config.limits;
         threads.push(std::thread::spawn(move || {
