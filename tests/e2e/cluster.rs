@@ -1218,10 +1218,7 @@ fn a_host_whose_link_is_cut_fences_and_its_ha_vm_runs_once_on_the_other_host() {
     // The agent, asked to, jails its VMMs as `ray vm run` does: not root's.
     let pid = std::fs::read_to_string(h1.join("vms/ha1/vmm.pid")).unwrap();
     let uids = ray_e2e::process_uids(pid.trim().parse().unwrap());
-    assert!(
-        !uids.contains(&0),
-        "the agent's VMM runs as uids {uids:?}"
-    );
+    assert!(!uids.contains(&0), "the agent's VMM runs as uids {uids:?}");
     let _a2 = agent(&n2, &h2, "h2");
     wait("both hosts Ready", Duration::from_secs(30), || ready(2));
 

@@ -27,10 +27,10 @@ fn wait_frames(env: &Env, id: &str, at_least: u64) -> EncodeSessionInfo {
 #[test]
 fn an_encoded_pattern_decodes_back_and_an_idle_display_adds_no_frames() {
     let env = Env::new("encode");
-    // Unjailed: its stream goes beside the runtime directory, outside the VM's, where a
-    // jailed VMM may not write (the HEVC/VP9 test runs jailed).
+    // Its stream goes beside the runtime directory, outside the VM's: the jailed VMM is
+    // handed the file `ray gpu encode start` made (its root holds only its directory).
     let mut vm = env.boot(&[
-        "--no-jail",
+        "--jail",
         "--memory",
         "128M",
         "--gpu",
@@ -190,7 +190,7 @@ fn an_encoded_pattern_decodes_back_and_an_idle_display_adds_no_frames() {
 fn hevc_and_vp9_sessions_decode_back_through_the_cli() {
     let env = Env::new("encode-ff");
     // Jailed: its sessions write into the VM's own directory and claim the host's slots
-    // through the jail's read-only view of them; a file elsewhere is refused by name.
+    // through the jail's read-only view of them.
     let mut vm = env.boot(&[
         "--jail",
         "--memory",
@@ -199,21 +199,38 @@ fn hevc_and_vp9_sessions_decode_back_through_the_cli() {
         "emulated,width=640,height=480",
     ]);
     vm.expect_line("ready", Duration::from_secs(20));
+    // A file elsewhere asked of the API alone is refused by name (`ray gpu encode start`
+    // makes it and hands it over instead), and a hand-off nobody made is named.
     let outside = env.runtime.join("outside.hevc");
-    let refused = env.ray(&[
-        "gpu",
-        "encode",
-        "start",
-        &vm.id,
-        "--codec",
-        "hevc",
-        "-o",
-        outside.to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "a jailed VMM wrote {outside:?}");
+    let body = |extra: &str| {
+        format!(
+            r#"{{"codec":"hevc","path":"{}"{extra}}}"#,
+            outside.display()
+        )
+        .into_bytes()
+    };
+    let refused = vm
+        .client
+        .raw("POST", "/vm/display/0/encode", Some(body("")))
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.body);
+    assert_eq!(refused.status, 400, "a jailed VMM wrote {outside:?}: {err}");
     assert!(
         err.contains("jailed") && err.contains("encode session's output"),
+        "{err}"
+    );
+    let refused = vm
+        .client
+        .raw(
+            "POST",
+            "/vm/display/0/encode",
+            Some(body(r#","handoff":"nobody-made-it""#)),
+        )
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.body);
+    assert_eq!(refused.status, 400, "{err}");
+    assert!(
+        err.contains("nothing was handed to this VMM") && err.contains("nobody-made-it"),
         "{err}"
     );
     assert!(!outside.exists());

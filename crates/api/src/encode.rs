@@ -84,6 +84,13 @@ pub struct EncodeRequest {
     /// session encodes only while someone watches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// A hand-off token: the output file `path`, created and handed to the VMM over
+    /// `handoff.sock` in its directory under this token by a client in the host's
+    /// namespaces (`ray gpu encode start` does it for a jailed VMM writing outside its
+    /// directory, which its root does not hold). Needs `path`. Default: the VMM creates
+    /// `path` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<String>,
 }
 
 fn default_bitrate() -> u64 {
@@ -112,6 +119,11 @@ impl EncodeRequest {
         if let Some(path) = self.path.as_deref().filter(|p| !p.starts_with('/')) {
             return Err(format!(
                 "output path '{path}' is not absolute: the VMM writes it and has its own working directory"
+            ));
+        }
+        if let (Some(token), None) = (&self.handoff, &self.path) {
+            return Err(format!(
+                "hand-off {token:?} needs the output file's path: a hand-off carries the output file"
             ));
         }
         Ok(())
@@ -201,8 +213,17 @@ mod tests {
             bitrate: 2_000_000,
             fps: 30,
             path: Some("/tmp/x.h264".into()),
+            handoff: None,
         };
         ok.validate().unwrap();
+        let e = EncodeRequest {
+            path: None,
+            handoff: Some("t".into()),
+            ..ok.clone()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.contains("needs the output file's path"), "{e}");
         let e = EncodeRequest {
             fps: 0,
             ..ok.clone()

@@ -90,8 +90,9 @@ pub struct EncodeStartArgs {
     /// At most this many frames a second (fewer while the display is still).
     #[arg(long, default_value_t = ray_api::encode::DEFAULT_FPS)]
     pub fps: u32,
-    /// The stream file. Without it the stream goes only to watchers (`ray gpu encode
-    /// watch`, `GET /vm/encode/{session}/stream`) and is encoded only while watched.
+    /// The stream file (a jailed VMM outside its directory is handed the file, made
+    /// here). Without it the stream goes only to watchers (`ray gpu encode watch`, `GET
+    /// /vm/encode/{session}/stream`) and is encoded only while watched.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// Print the session as JSON.
@@ -630,14 +631,24 @@ fn encode_start(runtime: &Path, a: &EncodeStartArgs) -> anyhow::Result<()> {
                 .map(|p| p.display().to_string())
         })
         .transpose()?;
-    let req = EncodeRequest {
+    let mut req = EncodeRequest {
         codec: a.codec,
         bitrate: a.bitrate,
         fps: a.fps,
         path,
+        handoff: None,
     };
     // Checked here too, so that a bad setting is named before the VM is asked.
     req.validate().map_err(anyhow::Error::msg)?;
+    // A jailed VMM writes only in its own directory: a file elsewhere is made here and
+    // handed to it (held until it answered).
+    let handed = match &req.path {
+        Some(p) => {
+            ray_vmm::hand_over::output_file(&ray::runtime::vm_dir(runtime, &a.id), Path::new(p))?
+        }
+        None => None,
+    };
+    req.handoff = handed.as_ref().map(|h| h.token.clone());
     let info: EncodeSessionInfo = client(runtime, &a.id)?.call(
         "POST",
         &format!("/vm/display/{}/encode", a.display),

@@ -915,13 +915,26 @@ async fn post_encode(
     })?;
     let req = parse_body::<EncodeRequest>("POST /vm/display/{n}/encode", &body)?;
     // A jailed VMM writes only inside its own directory (its jail holds the host's
-    // encode slots read-only; a stream-only session writes nothing).
-    if let Some(path) = &req.path {
-        crate::jailed::check_writable(std::path::Path::new(path), "the encode session's output")
+    // encode slots read-only; a stream-only session writes nothing), or into a file a
+    // client created and handed over.
+    req.validate().map_err(ApiError::invalid)?;
+    let handed = match (&req.handoff, &req.path) {
+        (Some(token), _) => match api.ask(Request::TakeHandoff(token.clone())).await? {
+            Response::Handed(fd) => Some(std::fs::File::from(fd)),
+            other => return Err(unexpected(other)),
+        },
+        (None, Some(path)) => {
+            crate::jailed::check_writable(
+                std::path::Path::new(path),
+                "the encode session's output",
+            )
             .map_err(ApiError::invalid)?;
-    }
+            None
+        }
+        (None, None) => None,
+    };
     let hub = api.displays.clone();
-    let info = tokio::task::spawn_blocking(move || hub.encode_start(index, &req))
+    let info = tokio::task::spawn_blocking(move || hub.encode_start(index, &req, handed))
         .await
         .map_err(|e| ApiError::new(ErrorCode::Failed, format!("the encode session failed: {e}")))?
         .map_err(|e| {

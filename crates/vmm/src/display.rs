@@ -614,6 +614,7 @@ impl DisplayHub {
         &self,
         index: usize,
         req: &EncodeRequest,
+        handed: Option<std::fs::File>,
     ) -> Result<EncodeSessionInfo, EncodeStartError> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let displays = inner.displays();
@@ -626,7 +627,7 @@ impl DisplayHub {
             return Err(DisplayError::NotRunning(state).into());
         }
         drop(inner);
-        Ok(self.encoders.start(d, req)?)
+        Ok(self.encoders.start_into(d, req, handed)?)
     }
 
     /// Stops encode session `id`.

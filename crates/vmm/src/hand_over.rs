@@ -145,13 +145,49 @@ pub fn snapshot_store(vm_dir: &Path, path: &Path) -> Result<Option<LentStore>, H
     }))
 }
 
-/// A migration's descriptors handed to a jailed source VMM.
+/// Descriptors handed to a jailed VMM: a migration's (source side), an encode session's
+/// output file.
 #[derive(Debug)]
-pub struct HandedMigration {
-    /// The hand-off to name in the request (`MigrateRequest::handoff`).
+pub struct Handed {
+    /// The hand-off to name in the request (`MigrateRequest::handoff`,
+    /// `EncodeRequest::handoff`).
     pub token: String,
     /// Open until the VMM has answered.
     _conn: UnixStream,
+}
+
+/// For an encode session's output file `path`, written by the VMM of `vm_dir`: a jailed
+/// VMM writes only in its own directory, so a file elsewhere is created (or truncated)
+/// here, as the caller, and handed to it. `None` when the VMM is not jailed or `path` is
+/// inside its directory. Keep the result until the VMM answered the request naming its
+/// token.
+pub fn output_file(vm_dir: &Path, path: &Path) -> Result<Option<Handed>, HandOverError> {
+    let dir = absolute(vm_dir)?;
+    let path = absolute(path)?;
+    let Some((socket, _)) = jailed_socket(&dir) else {
+        return Ok(None);
+    };
+    if path.starts_with(&dir) {
+        return Ok(None);
+    }
+    let file = std::fs::File::create(&path).map_err(|e| {
+        fail(
+            Failure::Invalid,
+            format!("cannot create the output file {}: {e}", path.display()),
+        )
+    })?;
+    let token = crate::handoff::token().map_err(|e| fail(Failure::Failed, e.to_string()))?;
+    let conn = crate::handoff::send(&socket, &token, &[file.as_fd()]).map_err(|e| {
+        fail(
+            Failure::Failed,
+            format!(
+                "cannot hand the output file {} to the VMM ({}): {e}",
+                path.display(),
+                socket.display()
+            ),
+        )
+    })?;
+    Ok(Some(Handed { token, _conn: conn }))
 }
 
 /// Opens a migration key file to hand to a jailed VMM (source or target), refusing one
@@ -191,7 +227,7 @@ pub fn migration(
     to: &str,
     key_file: &Path,
     max_concurrent: Option<u32>,
-) -> Result<Option<HandedMigration>, HandOverError> {
+) -> Result<Option<Handed>, HandOverError> {
     let Some((socket, _)) = jailed_socket(&absolute(vm_dir)?) else {
         return Ok(None);
     };
@@ -225,7 +261,7 @@ pub fn migration(
             ),
         )
     })?;
-    Ok(Some(HandedMigration { token, _conn: conn }))
+    Ok(Some(Handed { token, _conn: conn }))
 }
 
 #[cfg(test)]
@@ -250,6 +286,8 @@ mod tests {
         assert!(!store.exists(), "nothing is created for an unjailed VMM");
         let handed = migration(&vm, &base, "unix:/nonexistent", &base.join("key"), None).unwrap();
         assert!(handed.is_none());
+        assert!(output_file(&vm, &base.join("out.h264")).unwrap().is_none());
+        assert!(!base.join("out.h264").exists(), "the VMM creates it itself");
         let _ = std::fs::remove_dir_all(&base);
     }
 
@@ -275,6 +313,22 @@ mod tests {
         assert_eq!((got.dev(), got.ino()), (want.dev(), want.ino()));
         std::fs::create_dir(store.join("s1")).unwrap();
         lent.give_back(&store.join("s1")).unwrap();
+
+        // An output file elsewhere is created and handed over; one inside is not.
+        assert!(output_file(&vm, &vm.join("in.h264")).unwrap().is_none());
+        let out = base.join("out.h264");
+        std::fs::write(&out, b"old bytes").unwrap();
+        let h = output_file(&vm, &out).unwrap().unwrap();
+        let mut f = std::fs::File::from(inbox.take(&h.token, 1).unwrap().pop().unwrap());
+        std::io::Write::write_all(&mut f, b"new").unwrap();
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            b"new",
+            "truncated, then written"
+        );
+        let e = output_file(&vm, &base.join("no-dir/out.h264")).unwrap_err();
+        assert_eq!(e.failure, Failure::Invalid);
+        assert!(e.message.contains("cannot create the output file"), "{e}");
 
         // The migration: a key the VMM would take, a target that listens.
         let key = base.join("key");

@@ -898,7 +898,9 @@ fn vsock_serves_indirect_chains_and_fails_malformed_tables_alone() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("v.sock");
-    let mut r = rig_with(Box::new(Vsock::new(3, socket.clone(), crate::virtio::vsock::Opener::Own).unwrap()));
+    let mut r = rig_with(Box::new(
+        Vsock::new(3, socket.clone(), crate::virtio::vsock::Opener::Own).unwrap(),
+    ));
     r.negotiate(F_VERSION_1 | F_INDIRECT_DESC);
     assert_eq!(r.status() & status::FEATURES_OK, status::FEATURES_OK);
     let rings: Vec<_> = (0..3).map(|q| ring_of(&r, q)).collect();

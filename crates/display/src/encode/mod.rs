@@ -467,6 +467,17 @@ impl Encoders {
         geometry: DisplayGeometry,
         req: &EncodeRequest,
     ) -> Result<EncodeSessionInfo, EncodeError> {
+        self.start_into(geometry, req, None)
+    }
+
+    /// [`Encoders::start`], writing to `handed` (the file `req.path` names, created by a
+    /// client and handed over) instead of creating `req.path`.
+    pub fn start_into(
+        &self,
+        geometry: DisplayGeometry,
+        req: &EncodeRequest,
+        handed: Option<File>,
+    ) -> Result<EncodeSessionInfo, EncodeError> {
         req.validate().map_err(EncodeError::Invalid)?;
         check_codec(req.codec)?;
         let display = geometry.index;
@@ -497,9 +508,12 @@ impl Encoders {
         let header = encoder.file_header();
         let file = match &req.path {
             Some(path) => {
-                let mut file = File::create(path).map_err(|e| {
-                    EncodeError::Invalid(format!("cannot create the output file {path}: {e}"))
-                })?;
+                let mut file = match handed {
+                    Some(f) => f,
+                    None => File::create(path).map_err(|e| {
+                        EncodeError::Invalid(format!("cannot create the output file {path}: {e}"))
+                    })?,
+                };
                 file.write_all(&header).map_err(|e| {
                     EncodeError::Invalid(format!("cannot write the output file {path}: {e}"))
                 })?;

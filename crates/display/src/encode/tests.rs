@@ -68,6 +68,7 @@ fn request(path: &Path) -> EncodeRequest {
         bitrate: 2_000_000,
         fps: 60,
         path: Some(path.display().to_string()),
+        handoff: None,
     }
 }
 

@@ -478,7 +478,10 @@ mod tests {
                 port: 5000,
             })
             .unwrap_err();
-        assert!(e.contains("does not allow a guest's vsock connection"), "{e}");
+        assert!(
+            e.contains("does not allow a guest's vsock connection"),
+            "{e}"
+        );
         // A file that is not a socket is never replaced.
         let file = dir.join("file");
         std::fs::write(&file, b"keep").unwrap();

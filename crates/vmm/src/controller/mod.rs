@@ -48,6 +48,9 @@ pub enum Request {
     Fence,
     /// Change the NUMA policy of the running VM (`PUT /vm/numa/policy`).
     NumaPolicy(ray_api::vmm::NumaPolicyRequest),
+    /// The one descriptor a client handed this (jailed) VMM under a token, for a request
+    /// served off this thread (an encode session's output file).
+    TakeHandoff(String),
 }
 
 impl Request {
@@ -68,6 +71,7 @@ pub enum Response {
     Snapshot(SnapshotInfo),
     Events(Vec<LifecycleEvent>),
     Migration(Box<MigrationStatus>),
+    Handed(std::os::fd::OwnedFd),
     Done,
 }
 
@@ -378,6 +382,25 @@ impl Controller {
         }
     }
 
+    /// The one descriptor a client handed this VMM under `token` (`crate::handoff`), taken
+    /// once; refused when this VMM is not jailed (it takes no hand-offs).
+    pub(crate) fn take_handoff(
+        &mut self,
+        token: &str,
+    ) -> Result<std::os::fd::OwnedFd, ControllerError> {
+        let inbox = self.handoff.as_mut().ok_or_else(|| {
+            ControllerError::refused(format!(
+                "this VMM takes no hand-offs ({token:?} names one): only a jailed VMM listens on {}",
+                crate::handoff::SOCKET
+            ))
+        })?;
+        inbox
+            .take(token, 1)
+            .map_err(ControllerError::invalid)?
+            .pop()
+            .ok_or_else(|| ControllerError::invalid("a hand-off lost its descriptor"))
+    }
+
     /// Checks that `action` is allowed now without applying it.
     fn check(&self, action: VmAction) -> Result<(), ControllerError> {
         transition(self.state, action)
@@ -431,6 +454,7 @@ impl Controller {
                 self.read(r)
             }
             Request::Fence => self.fence().map(|_| Response::Done),
+            Request::TakeHandoff(token) => self.take_handoff(&token).map(Response::Handed),
             Request::NumaPolicy(req) => {
                 self.change_numa_policy(&req)?;
                 Ok(Response::Info(Box::new(self.info())))

@@ -17,20 +17,7 @@ impl Controller {
         // The store a client handed over (a jailed VMM's root holds only its directory):
         // written through this process's descriptor of it. Held until the write is done.
         let handed = match &req.handoff {
-            Some(token) => {
-                let inbox = self.handoff.as_mut().ok_or_else(|| {
-                    ControllerError::refused(format!(
-                        "this VMM takes no hand-offs ({token:?} names one): only a jailed VMM listens on {}",
-                        crate::handoff::SOCKET
-                    ))
-                })?;
-                let fd = inbox
-                    .take(token, 1)
-                    .map_err(ControllerError::invalid)?
-                    .pop()
-                    .ok_or_else(|| ControllerError::invalid("a hand-off lost its descriptor"))?;
-                Some(fd)
-            }
+            Some(token) => Some(self.take_handoff(token)?),
             None => None,
         };
         let through = handed
