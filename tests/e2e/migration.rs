@@ -88,15 +88,17 @@ impl Net {
 
     /// [`ray`](Self::ray) with more environment variables (for `ray` and the VMM it starts).
     fn ray_with(&self, env: &Env, ns: &str, args: &[&str], vars: &[(&str, &str)]) -> Output {
-        run(Command::new("ip")
-            .args(["netns", "exec", ns])
+        // Only the network namespace (`ip netns exec` would also remount /sys, hiding the
+        // cgroup hierarchy a jail needs). Jailed as every VM of the suite (as root): `ray`
+        // makes the connections and listeners in the test's namespace and hands them over.
+        run(Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .arg("--")
             .arg(ray_bin())
             .args(args)
             .env("RAY_RUNTIME_DIR", &env.runtime)
             .env("RAY_GUEST", guest_bin())
-            // These VMs have NICs in the test's namespaces, which a jailed migration
-            // target refuses (naming --no-jail): they run unjailed.
-            .env("RAY_JAIL", "0")
+            .env("RAY_JAIL", ray_e2e::jail_setting())
             .envs(vars.iter().copied()))
     }
 

@@ -406,8 +406,8 @@ fn schemathesis_sweep_finds_nothing() {
         ])
         .env("RAY_RUNTIME_DIR", &env.runtime)
         .env("RAY_GUEST", ray_e2e::guest_bin())
-        // --api-tcp needs the host's loopback: unjailed (a jailed VMM refuses it).
-        .env("RAY_JAIL", "0")
+        // Jailed as the rest (its keeper binds --api-tcp on the host's loopback).
+        .env("RAY_JAIL", ray_e2e::jail_setting())
         .current_dir(&env.runtime)
         .output()
         .unwrap();
@@ -509,6 +509,8 @@ fn schemathesis_sweep_finds_nothing() {
                 ".hypothesis",
                 ".schemathesis",
                 "openapi.json",
+                // The host's encode slots, made when a jailed VMM starts.
+                "encode-slots",
             ]
             .contains(&n.as_str())
         })
@@ -554,11 +556,8 @@ fn sample(m: &serde_json::Value, family: &str, name: &str, labels: &[(&str, &str
 #[test]
 fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     let env = Env::new("metrics");
-    // Idling through the port, so that every vCPU has port exits to count. Unjailed: the
-    // snapshots go through the API alone to a store outside the VM's directory, which a
-    // jailed VMM refuses (naming --no-jail; `ray snapshot create` hands it the store).
+    // Idling through the port, so that every vCPU has port exits to count.
     let mut vm = env.boot(&[
-        "--no-jail",
         "--vcpus",
         "2",
         "--cmdline",
@@ -566,7 +565,9 @@ fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     ]);
     vm.expect_line("ready", READY);
     assert_eq!(vm.command("echo counted", "counted"), "counted");
-    let store = env.runtime.join("store");
+    // The snapshots go through the API alone: into the VM's directory, where a jailed
+    // VMM writes by itself (`ray snapshot create` hands it a store elsewhere).
+    let store = vm.dir.join("store");
     let snap = |vm: &ray_e2e::Vm, id: &str, kind: &str| {
         let body = format!(
             r#"{{"path":"{}","pause":true,"kind":"{kind}"}}"#,
@@ -582,15 +583,23 @@ fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     std::thread::sleep(Duration::from_millis(200));
     vm.command("dirty stop", "dirty off");
     snap(&vm, "s2", "incremental");
-    // A migration to nowhere fails; it is counted too.
+    // A migration to a "target" that hangs up at once fails; it is counted too. `ray
+    // migrate start` makes the connection (a jailed VMM's network is its own).
     let key = env.key_file("key", "a pre-shared key of some length");
-    let body = format!(
-        r#"{{"to":"unix:{}","key_file":"{key}"}}"#,
-        env.runtime.join("nobody-listens.sock").display(),
-    );
-    let _ = vm
-        .client
-        .raw("PUT", "/vm/migration", Some(body.into_bytes()));
+    let hangs_up = env.runtime.join("hangs-up.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&hangs_up).unwrap();
+    let closer = std::thread::spawn(move || drop(listener.accept()));
+    let out = env.ray(&[
+        "migrate",
+        "start",
+        &vm.id,
+        "--to",
+        &format!("unix:{}", hangs_up.display()),
+        "--key-file",
+        &key,
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    closer.join().unwrap();
     vm.wait_for(
         "the failed migration to end",
         Duration::from_secs(10),

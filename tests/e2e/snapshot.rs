@@ -383,12 +383,12 @@ fn incremental_chain_of_three_restores_each_checkpoint_and_merges() {
 #[test]
 fn checkpoints_chain_themselves_and_the_api_lists_them() {
     let env = Env::new("snap-checkpoint");
-    // Unjailed: this test lists and deletes snapshots through the VMM's API, and a jailed
-    // VMM cannot see a store outside its directory (it refuses, naming --no-jail; `ray`
-    // hands it a store only to write a snapshot).
-    let mut vm = env.boot(&["--no-jail"]);
+    let mut vm = env.boot(&[]);
     vm.expect_line("ready", READY);
-    let store = env.runtime.join("checkpoints");
+    // In the VM's directory: this test lists and deletes snapshots through the VMM's API,
+    // and a jailed VMM sees no store elsewhere (`ray` hands it one only to write a
+    // snapshot; `ray snapshot list/delete` read such stores on the host).
+    let store = vm.dir.join("checkpoints");
     let store_s = store.to_str().unwrap();
     let first = json(&env.ray_ok(&["vm", "checkpoint", &vm.id, "--store", store_s, "--json"]));
     assert_eq!(first["kind"], "full", "{first}");
