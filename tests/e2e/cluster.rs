@@ -1159,7 +1159,7 @@ fn a_host_whose_link_is_cut_fences_and_its_ha_vm_runs_once_on_the_other_host() {
         let out = cli(&["cluster", "status", "--json"]);
         out.status.success() && json(&String::from_utf8_lossy(&out.stdout))["hosts"]["Ready"] == n
     };
-    // Jailed agents (`--jail`: not yet the default for `ray agent`).
+    // Jailed agents (root's default; `--jail` says so).
     let agent = |ns: &Netns, runtime: &Path, host: &str| {
         let args = [
             "agent",

@@ -505,8 +505,8 @@ pub fn run(args: AgentArgs, runtime: &Path) -> anyhow::Result<()> {
     let vmms = HostVmms {
         runtime: runtime.to_path_buf(),
         migration,
-        // Jailed only when asked (--jail or $RAY_JAIL=1): not yet root's default here.
-        jail: ray::jail::wanted_or(&args.jail, false)?,
+        // As `ray vm run`: jailed by default as root (--no-jail or $RAY_JAIL=0 turn it off).
+        jail: ray::jail::wanted(&args.jail)?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

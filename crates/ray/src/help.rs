@@ -186,7 +186,7 @@ ray migrate receive --listen 0.0.0.0:7000 --key-file /etc/ray/key --shared-dir /
         "ray agent      (one host: the store of `ray controller` on this host)
 ray agent --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379
 ray agent --host node-7 --etcd http://127.0.0.1:2379 --api-tcp 0.0.0.0:7450 --api-token-file /etc/ray/agent.token
-ray agent --host node-7 --etcd http://127.0.0.1:2379 --jail   (the host's VMMs jailed)",
+ray agent --host node-7 --etcd http://127.0.0.1:2379 --no-jail   (the host's VMMs unjailed; root jails them by default)",
     ),
     (
         "cluster",

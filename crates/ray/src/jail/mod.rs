@@ -194,28 +194,10 @@ pub enum JailError {
 /// (by its parser). `--no-jail` beats `--jail`, which beats `$RAY_JAIL`; without any,
 /// root's VMMs are jailed and other users' are not.
 pub fn wanted(args: &JailArgs) -> Result<Option<UidRange>, JailError> {
-    wanted_or(args, true)
-}
-
-/// [`wanted`], where root's default without a flag or `$RAY_JAIL` is `root_default`
-/// (`ray agent`'s VMMs are jailed only when asked: see README "Security").
-pub fn wanted_or(args: &JailArgs, root_default: bool) -> Result<Option<UidRange>, JailError> {
     let var = std::env::var("RAY_JAIL").ok();
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
-    Ok(decide_or(args, var.as_deref(), root, root_default)?
-        .then(|| args.jail_uids.unwrap_or(DEFAULT_UIDS)))
-}
-
-/// [`decide`], where root's default (no flag, no `$RAY_JAIL`) is `root_default`.
-fn decide_or(
-    args: &JailArgs,
-    var: Option<&str>,
-    root: bool,
-    root_default: bool,
-) -> Result<bool, JailError> {
-    let asked = args.jail || var.is_some_and(|v| !v.trim().is_empty());
-    Ok(decide(args, var, root)? && (asked || root_default))
+    Ok(decide(args, var.as_deref(), root)?.then(|| args.jail_uids.unwrap_or(DEFAULT_UIDS)))
 }
 
 /// [`wanted`]'s decision, from the flags, `$RAY_JAIL` (`var`) and whether ray runs as
@@ -550,13 +532,6 @@ mod tests {
                 "--jail {jail} --no-jail {no_jail} RAY_JAIL {var:?} root {root}"
             );
         }
-        // `ray agent`: root's VMMs are jailed only when asked.
-        let agent = |a: &JailArgs, var| decide_or(a, var, true, false).unwrap();
-        assert!(!agent(&args(false, false), None));
-        assert!(!agent(&args(false, false), Some("")));
-        assert!(agent(&args(true, false), None));
-        assert!(agent(&args(false, false), Some("1")));
-        assert!(!agent(&args(false, true), Some("1")));
         let e = d(&args(true, false), None, false).unwrap_err();
         assert!(e.contains("needs root") && e.contains("--no-jail"), "{e}");
         let e = d(&args(false, false), Some("1"), false).unwrap_err();
