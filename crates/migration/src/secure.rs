@@ -511,11 +511,21 @@ fn run_parallel<J: Send>(jobs: Vec<J>, f: impl Fn(J) -> io::Result<()> + Sync) -
     })
 }
 
+/// What [`Cipher::open`] did.
+enum Opened {
+    /// Not one record is complete yet.
+    Nothing,
+    /// The records' plaintext went straight into the caller's buffer: this many bytes.
+    Direct(usize),
+    /// The records' plaintext is in `plain` (the caller's buffer was too small).
+    Buffered,
+}
+
 impl Cipher {
-    /// Opens every complete record in `rx[rx_start..rx_end]` into `plain` (all of which
+    /// Opens every complete record in `rx[rx_start..rx_end]`: into `direct` when their
+    /// plaintext fits there (no copy through `plain`), else into `plain` (all of which
     /// was returned).
-    /// Returns false if not one record is complete yet.
-    fn open(&mut self) -> io::Result<bool> {
+    fn open(&mut self, direct: &mut [u8]) -> io::Result<Opened> {
         let mut spans = Vec::new();
         let mut at = self.rx_start;
         let mut out_len = 0;
@@ -532,15 +542,20 @@ impl Cipher {
             out_len += len - TAG_LEN;
         }
         if spans.is_empty() {
-            return Ok(false);
+            return Ok(Opened::Nothing);
         }
-        self.plain.resize(out_len, 0);
-        self.plain_start = 0;
+        let fits = out_len <= direct.len();
+        let mut rest = if fits {
+            &mut direct[..out_len]
+        } else {
+            self.plain.resize(out_len, 0);
+            self.plain_start = 0;
+            &mut self.plain[..]
+        };
         let first = self.recv_nonce;
         let keys = &*self.keys;
         let rx = &self.rx;
         let mut jobs = Vec::with_capacity(spans.len());
-        let mut rest = &mut self.plain[..];
         for (i, (off, len)) in spans.iter().enumerate() {
             let (mine, tail) = rest.split_at_mut(len - TAG_LEN);
             rest = tail;
@@ -553,7 +568,10 @@ impl Cipher {
         })?;
         self.recv_nonce += spans.len() as u64;
         self.rx_start = at;
-        Ok(true)
+        Ok(match fits {
+            true => Opened::Direct(out_len),
+            false => Opened::Buffered,
+        })
     }
 }
 
@@ -563,9 +581,11 @@ impl<S: Read> Read for SecureStream<S> {
             return self.inner.read(buf);
         };
         while c.plain_start == c.plain.len() {
-            if c.open()? {
-                // Records of no plaintext leave `plain` empty: look again.
-                continue;
+            match c.open(buf)? {
+                Opened::Direct(n) if n > 0 || buf.is_empty() => return Ok(n),
+                // Records of no plaintext leave nothing: look again.
+                Opened::Direct(_) | Opened::Buffered => continue,
+                Opened::Nothing => {}
             }
             // Keep the incomplete record at the front, then read more after it.
             c.rx.copy_within(c.rx_start..c.rx_end, 0);

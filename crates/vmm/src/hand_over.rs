@@ -4,7 +4,7 @@
 //! the connection to the target, the key file and a host-wide migration slot. A VMM
 //! without `handoff.sock` is not jailed and opens them itself: then nothing is handed
 //! (`None`).
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -47,6 +47,32 @@ fn jailed_socket(vm_dir: &Path) -> Option<(PathBuf, std::fs::Metadata)> {
     let socket = vm_dir.join(crate::handoff::SOCKET);
     let meta = std::fs::metadata(&socket).ok()?;
     Some((socket, meta))
+}
+
+/// The hand-off socket and owner of the VMM of `vm_dir`, and `path` made absolute, when
+/// that VMM is jailed and `path` is outside its directory (so it cannot open it itself).
+fn jailed_and_outside(
+    vm_dir: &Path,
+    path: &Path,
+) -> Result<Option<(PathBuf, std::fs::Metadata, PathBuf)>, HandOverError> {
+    let dir = absolute(vm_dir)?;
+    let path = absolute(path)?;
+    Ok(jailed_socket(&dir)
+        .filter(|_| !path.starts_with(&dir))
+        .map(|(socket, owner)| (socket, owner, path)))
+}
+
+/// Sends `fds` to the VMM listening on `socket` under a fresh token; `what` names them
+/// in an error.
+fn hand(socket: &Path, fds: &[BorrowedFd<'_>], what: &str) -> Result<Handed, HandOverError> {
+    let token = crate::handoff::token().map_err(|e| fail(Failure::Failed, e.to_string()))?;
+    let conn = crate::handoff::send(socket, &token, fds).map_err(|e| {
+        fail(
+            Failure::Failed,
+            format!("cannot hand {what} to the VMM ({}): {e}", socket.display()),
+        )
+    })?;
+    Ok(Handed { token, _conn: conn })
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, HandOverError> {
@@ -105,14 +131,9 @@ fn chown_tree(path: &Path, (uid, gid): (u32, u32)) -> std::io::Result<()> {
 /// VMM is not jailed or `path` is inside its directory. Call
 /// [`LentStore::give_back`] once the VMM answered.
 pub fn snapshot_store(vm_dir: &Path, path: &Path) -> Result<Option<LentStore>, HandOverError> {
-    let dir = absolute(vm_dir)?;
-    let path = absolute(path)?;
-    let Some((socket, vmm)) = jailed_socket(&dir) else {
+    let Some((socket, vmm, path)) = jailed_and_outside(vm_dir, path)? else {
         return Ok(None);
     };
-    if path.starts_with(&dir) {
-        return Ok(None);
-    }
     let Some(store) = path.parent() else {
         return Ok(None);
     };
@@ -126,17 +147,8 @@ pub fn snapshot_store(vm_dir: &Path, path: &Path) -> Result<Option<LentStore>, H
     let meta = std::fs::metadata(store).map_err(|e| failed("read", e))?;
     let acl = crate::acl::lend(store, vmm.uid()).map_err(|e| fail(Failure::Refused, e))?;
     let opened = std::fs::File::open(store).map_err(|e| failed("open", e))?;
-    let token = crate::handoff::token().map_err(|e| fail(Failure::Failed, e.to_string()))?;
-    let conn = crate::handoff::send(&socket, &token, &[opened.as_fd()]).map_err(|e| {
-        fail(
-            Failure::Failed,
-            format!(
-                "cannot hand the snapshot store {} to the VMM ({}): {e}",
-                store.display(),
-                socket.display()
-            ),
-        )
-    })?;
+    let what = format!("the snapshot store {}", store.display());
+    let Handed { token, _conn: conn } = hand(&socket, &[opened.as_fd()], &what)?;
     Ok(Some(LentStore {
         token,
         owner: (meta.uid(), meta.gid()),
@@ -162,32 +174,17 @@ pub struct Handed {
 /// inside its directory. Keep the result until the VMM answered the request naming its
 /// token.
 pub fn output_file(vm_dir: &Path, path: &Path) -> Result<Option<Handed>, HandOverError> {
-    let dir = absolute(vm_dir)?;
-    let path = absolute(path)?;
-    let Some((socket, _)) = jailed_socket(&dir) else {
+    let Some((socket, _, path)) = jailed_and_outside(vm_dir, path)? else {
         return Ok(None);
     };
-    if path.starts_with(&dir) {
-        return Ok(None);
-    }
     let file = std::fs::File::create(&path).map_err(|e| {
         fail(
             Failure::Invalid,
             format!("cannot create the output file {}: {e}", path.display()),
         )
     })?;
-    let token = crate::handoff::token().map_err(|e| fail(Failure::Failed, e.to_string()))?;
-    let conn = crate::handoff::send(&socket, &token, &[file.as_fd()]).map_err(|e| {
-        fail(
-            Failure::Failed,
-            format!(
-                "cannot hand the output file {} to the VMM ({}): {e}",
-                path.display(),
-                socket.display()
-            ),
-        )
-    })?;
-    Ok(Some(Handed { token, _conn: conn }))
+    let what = format!("the output file {}", path.display());
+    hand(&socket, &[file.as_fd()], &what).map(Some)
 }
 
 /// Opens a migration key file to hand to a jailed VMM (source or target), refusing one
@@ -246,22 +243,8 @@ pub fn migration(
         .max(1);
     let slot =
         crate::migration::acquire_slot(runtime, limit).map_err(|e| fail(Failure::Refused, e))?;
-    let token = crate::handoff::token().map_err(|e| fail(Failure::Failed, e.to_string()))?;
-    let conn = crate::handoff::send(
-        &socket,
-        &token,
-        &[stream.as_fd(), key.as_fd(), slot.file().as_fd()],
-    )
-    .map_err(|e| {
-        fail(
-            Failure::Failed,
-            format!(
-                "cannot hand the connection to the VMM ({}): {e}",
-                socket.display()
-            ),
-        )
-    })?;
-    Ok(Some(Handed { token, _conn: conn }))
+    let fds = [stream.as_fd(), key.as_fd(), slot.file().as_fd()];
+    hand(&socket, &fds, "the connection").map(Some)
 }
 
 #[cfg(test)]
