@@ -613,8 +613,17 @@ impl Session {
     }
 }
 
-/// Most ended sessions kept for `GET /vm/decode`.
-const KEEP_FINISHED: usize = 16;
+impl crate::sessions::TableEntry for Session {
+    fn number(&self) -> u32 {
+        self.id()
+    }
+    fn ended(&self) -> bool {
+        self.state().is_final()
+    }
+    fn reap(&mut self) {
+        self.finish()
+    }
+}
 
 #[derive(Default)]
 struct Registry {
@@ -706,24 +715,14 @@ impl Decoders {
         };
         let info = session.info();
         tracing::info!(session = id, %codec, source = %session.source, "decode session started");
-        reg.sessions.push(session);
-        let finished = reg.sessions.iter().filter(|s| s.state().is_final()).count();
-        if finished > KEEP_FINISHED {
-            if let Some(i) = reg.sessions.iter().position(|s| s.state().is_final()) {
-                let mut old = reg.sessions.remove(i);
-                old.finish();
-            }
-        }
+        crate::sessions::push(&mut reg.sessions, session);
         Ok(info)
     }
 
     /// Stops session `id` and waits for its thread.
     pub fn stop(&self, id: u32) -> Result<DecodeSessionInfo, DecodeSessionError> {
         let mut reg = self.reg.lock().unwrap_or_else(|e| e.into_inner());
-        let s = reg
-            .sessions
-            .iter_mut()
-            .find(|s| s.id() == id)
+        let s = crate::sessions::find_mut(&mut reg.sessions, id)
             .ok_or(DecodeSessionError::NoSuchSession(id))?;
         s.shared.apply(DecodeEvent::Stop)?;
         s.finish();
@@ -772,7 +771,7 @@ impl Decoders {
     /// Runs `f` on session `id`.
     pub fn with_session<T>(&self, id: u32, f: impl FnOnce(&Session) -> T) -> Option<T> {
         let reg = self.reg.lock().unwrap_or_else(|e| e.into_inner());
-        reg.sessions.iter().find(|s| s.id() == id).map(f)
+        crate::sessions::find(&reg.sessions, id).map(f)
     }
 }
 

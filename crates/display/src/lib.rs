@@ -13,6 +13,7 @@ pub mod layout;
 pub mod model;
 pub mod png;
 pub mod rfb;
+mod sessions;
 pub mod tight;
 pub mod vnc;
 pub mod zrle;

@@ -432,8 +432,17 @@ impl Session {
     }
 }
 
-/// Most finished sessions kept for `GET /vm/encode`.
-const KEEP_FINISHED: usize = 16;
+impl crate::sessions::TableEntry for Session {
+    fn number(&self) -> u32 {
+        self.id()
+    }
+    fn ended(&self) -> bool {
+        !self.active()
+    }
+    fn reap(&mut self) {
+        self.finish()
+    }
+}
 
 #[derive(Default)]
 struct Registry {
@@ -572,24 +581,14 @@ impl Encoders {
         };
         let info = session.info();
         tracing::info!(session = id, screen = geometry.index, codec = %req.codec, path = ?req.path, "encode session started");
-        reg.sessions.push(session);
-        let finished = reg.sessions.iter().filter(|s| !s.active()).count();
-        if finished > KEEP_FINISHED {
-            if let Some(i) = reg.sessions.iter().position(|s| !s.active()) {
-                let mut old = reg.sessions.remove(i);
-                old.finish();
-            }
-        }
+        crate::sessions::push(&mut reg.sessions, session);
         Ok(info)
     }
 
     /// Stops session `id`; its file is complete when this returns.
     pub fn stop(&self, id: u32) -> Result<EncodeSessionInfo, EncodeError> {
         let mut reg = self.reg.lock().unwrap_or_else(|e| e.into_inner());
-        let s = reg
-            .sessions
-            .iter_mut()
-            .find(|s| s.id() == id)
+        let s = crate::sessions::find_mut(&mut reg.sessions, id)
             .ok_or(EncodeError::NoSuchSession(id))?;
         s.shared.apply(SessionEvent::Stop)?;
         s.finish();
@@ -601,11 +600,7 @@ impl Encoders {
     /// next key frame on, until the session ends (the receiver then disconnects).
     pub fn watch(&self, id: u32) -> Result<Watch, EncodeError> {
         let reg = self.reg.lock().unwrap_or_else(|e| e.into_inner());
-        let s = reg
-            .sessions
-            .iter()
-            .find(|s| s.id() == id)
-            .ok_or(EncodeError::NoSuchSession(id))?;
+        let s = crate::sessions::find(&reg.sessions, id).ok_or(EncodeError::NoSuchSession(id))?;
         let state = s.state();
         if !s.active() {
             return Err(EncodeError::Invalid(format!(
@@ -664,7 +659,7 @@ impl Encoders {
     /// Runs `f` on session `id` (tests look at its counters).
     pub fn with_session<T>(&self, id: u32, f: impl FnOnce(&Session) -> T) -> Option<T> {
         let reg = self.reg.lock().unwrap_or_else(|e| e.into_inner());
-        reg.sessions.iter().find(|s| s.id() == id).map(f)
+        crate::sessions::find(&reg.sessions, id).map(f)
     }
 }
 
