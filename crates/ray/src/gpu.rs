@@ -417,10 +417,7 @@ fn show(runtime: &Path, a: &IdArgs, view: View) -> anyhow::Result<()> {
                 vec![
                     g.index.to_string(),
                     g.kind.to_string(),
-                    serde_json::to_value(g.state)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default(),
+                    wire_name(g.state),
                     g.displays.len().to_string(),
                     g.viewers.to_string(),
                 ]
@@ -562,6 +559,14 @@ fn type_text(runtime: &Path, a: &TypeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A state as the API spells it (its serde name), for tables.
+fn wire_name(state: impl serde::Serialize) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
 fn session_table(sessions: &[EncodeSessionInfo]) -> String {
     let rows: Vec<Vec<String>> = sessions
         .iter()
@@ -570,10 +575,7 @@ fn session_table(sessions: &[EncodeSessionInfo]) -> String {
                 s.id.to_string(),
                 s.display.to_string(),
                 s.codec.to_string(),
-                serde_json::to_value(s.state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default(),
+                wire_name(s.state),
                 format!("{}x{}", s.width, s.height),
                 s.frames.to_string(),
                 format!("{:.1}", s.fps),

@@ -845,9 +845,8 @@ async fn get_screenshot(
         ApiError::invalid(format!("display '{n}' is not a display number (0, 1, ...)"))
     })?;
     let hub = api.displays.clone();
-    let png = tokio::task::spawn_blocking(move || hub.screenshot(index))
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::Failed, format!("the screenshot failed: {e}")))?
+    let png = off_loop("the screenshot", move || hub.screenshot(index))
+        .await?
         .map_err(|e| ApiError::new(display_error_code(&e), e.to_string()))?;
     Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
 }
@@ -934,16 +933,17 @@ async fn post_encode(
         (None, None) => None,
     };
     let hub = api.displays.clone();
-    let info = tokio::task::spawn_blocking(move || hub.encode_start(index, &req, handed))
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::Failed, format!("the encode session failed: {e}")))?
-        .map_err(|e| {
-            let code = match &e {
-                EncodeStartError::Display(d) => display_error_code(d),
-                EncodeStartError::Encode(e) => encode_error_code(e),
-            };
-            ApiError::new(code, e.to_string())
-        })?;
+    let info = off_loop("the encode session", move || {
+        hub.encode_start(index, &req, handed)
+    })
+    .await?
+    .map_err(|e| {
+        let code = match &e {
+            EncodeStartError::Display(d) => display_error_code(d),
+            EncodeStartError::Encode(e) => encode_error_code(e),
+        };
+        ApiError::new(code, e.to_string())
+    })?;
     Ok(Json(info))
 }
 
@@ -1017,9 +1017,8 @@ async fn get_encode_stream(
 ) -> Result<HttpResponse, ApiError> {
     let id = session_number("encode", &session)?;
     let hub = api.displays.clone();
-    let (codec, watch) = tokio::task::spawn_blocking(move || hub.encode_watch(id))
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::Failed, format!("watching failed: {e}")))?
+    let (codec, watch) = off_loop("watching", move || hub.encode_watch(id))
+        .await?
         .map_err(|e| ApiError::new(encode_error_code(&e), e.to_string()))?;
     // The session's thread never waits: a blocking task carries its units to the body
     // and ends when either side does (the viewer left: checked at least once a second).
