@@ -85,6 +85,19 @@ impl<'a> GuestSpan<'a> {
         unsafe { std::ptr::copy_nonoverlapping(self.ptr, buf.as_mut_ptr(), self.len) }
     }
 
+    /// Appends the span's bytes to `buf` (one copy, no zero fill before it).
+    pub fn append_to(&self, buf: &mut Vec<u8>) {
+        buf.reserve(self.len);
+        let at = buf.len();
+        // SAFETY: the span is mapped readable for `len` bytes; `reserve` made room for
+        // `len` more bytes after `at` in `buf`, a distinct Rust allocation, and the copy
+        // initializes them before the length covers them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr, buf.as_mut_ptr().add(at), self.len);
+            buf.set_len(at + self.len);
+        }
+    }
+
     /// Copies `data`, which must have the span's length, into the span.
     pub fn copy_from(&self, data: &[u8]) {
         assert_eq!(
@@ -271,6 +284,12 @@ mod tests {
         let mut w = Vec::new();
         s.sub(0, 10).unwrap().write_all_to(&mut w).unwrap();
         assert_eq!(w, vec![0u8; 10]);
+        let mut v = vec![5u8];
+        page.sub(0, 3).unwrap().copy_from(&[1, 2, 3]);
+        page.sub(0, 3).unwrap().append_to(&mut v);
+        s.sub(0, 2).unwrap().append_to(&mut v);
+        assert_eq!(v, [5, 1, 2, 3, 0, 0]);
+        page.fill(0);
         let mut r: &[u8] = &[9u8; 16];
         // SAFETY: nothing else touches `backing` while the span fills.
         unsafe { s.sub(16, 16).unwrap().read_exact_from(&mut r).unwrap() };

@@ -191,6 +191,52 @@ impl Frame<'_> {
     }
 }
 
+/// The byte stream under a [`Channel`]: besides `Write`, it takes a frame whose middle is
+/// guest memory.
+pub trait FrameStream: Read + Write {
+    /// Writes `before`, the guest memory in `guest`, then `after`, all of it. By default
+    /// in vectored writes: the kernel copies the guest memory straight from its mapping.
+    /// A stream that must look at the bytes itself (an encrypting one) copies them out
+    /// of guest memory first, as [`GuestSpan`] allows.
+    fn write_with_guest(
+        &mut self,
+        before: &[&[u8]],
+        guest: &[GuestSpan<'_>],
+        after: &[u8],
+    ) -> io::Result<()> {
+        write_all_vectored(self, before, guest, after)
+    }
+}
+
+/// [`FrameStream::write_with_guest`] in vectored writes, for any writer.
+pub fn write_all_vectored<W: Write + ?Sized>(
+    w: &mut W,
+    before: &[&[u8]],
+    guest: &[GuestSpan<'_>],
+    after: &[u8],
+) -> io::Result<()> {
+    let mut slices = Vec::with_capacity(before.len() + guest.len() + 1);
+    slices.extend(before.iter().map(|p| IoSlice::new(p)));
+    slices.extend(guest.iter().map(|g| g.io_slice()));
+    slices.push(IoSlice::new(after));
+    slices.retain(|s| !s.is_empty());
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the socket accepted no more bytes",
+                ))
+            }
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// A framed duplex connection.
 ///
 /// `S` is a socket (`TcpStream`, `UnixStream`) or any in-memory pipe. Buffers are reused
@@ -206,7 +252,7 @@ pub struct Channel<S> {
     bytes_received: u64,
 }
 
-impl<S: Read + Write> Channel<S> {
+impl<S: FrameStream> Channel<S> {
     pub fn new(stream: S) -> Self {
         Self {
             stream,
@@ -410,29 +456,12 @@ impl<S: Read + Write> Channel<S> {
         }
         let trailer = h.finalize().to_le_bytes();
         // One vectored write per frame: fewer syscalls and segments than one per part.
-        let mut slices = Vec::with_capacity(head.len() + guest.len() + 2);
-        slices.push(IoSlice::new(&header));
-        slices.extend(
-            head.iter()
-                .filter(|p| !p.is_empty())
-                .map(|p| IoSlice::new(p)),
-        );
-        slices.extend(guest.iter().filter(|g| !g.is_empty()).map(|g| g.io_slice()));
-        slices.push(IoSlice::new(&trailer));
-        let mut rest = &mut slices[..];
-        while !rest.is_empty() {
-            match self.stream.write_vectored(rest) {
-                Ok(0) => {
-                    return Err(io(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "the socket accepted no more bytes",
-                    )))
-                }
-                Ok(n) => IoSlice::advance_slices(&mut rest, n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io(e)),
-            }
-        }
+        let mut before = Vec::with_capacity(head.len() + 1);
+        before.push(&header[..]);
+        before.extend_from_slice(head);
+        self.stream
+            .write_with_guest(&before, guest, &trailer)
+            .map_err(io)?;
         // Bulk frames (page batches, disk blocks) are always followed by another frame,
         // at the latest the pass marker, whose flush sends them: an encrypted stream seals
         // them in the background meanwhile instead of waiting for each one.
@@ -757,6 +786,7 @@ mod tests {
             Ok(())
         }
     }
+    impl FrameStream for Pipe {}
     fn pipe(input: Vec<u8>) -> Channel<Pipe> {
         Channel::new(Pipe {
             input: Cursor::new(input),

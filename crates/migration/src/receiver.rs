@@ -18,7 +18,7 @@ use ray_memory::{GuestMemory, MemoryLayout};
 
 use crate::auth::{self, PresharedKey};
 use crate::disk::TargetDisks;
-use crate::frame::{Channel, Received, SUPPORTED_VERSIONS};
+use crate::frame::{Channel, FrameStream, Received, SUPPORTED_VERSIONS};
 use crate::progress::{CancelToken, ProgressHandle};
 use crate::protocol::{parse_disk_blocks, Command, CompatInfo, ErrorCode, Message, PageBatchView};
 use crate::secure::{accept_secure, Protection, SecureStream};
@@ -243,7 +243,7 @@ pub fn authenticate<S: Read + Write>(
 }
 
 /// Tells the peer why we stop (best effort), then returns the local error.
-fn refuse<S: Read + Write>(
+fn refuse<S: FrameStream>(
     ch: &mut Channel<S>,
     id: u64,
     code: ErrorCode,
@@ -262,7 +262,7 @@ fn refuse<S: Read + Write>(
 
 /// Version negotiation, over the stream the Noise handshake secured: the newest version
 /// both speak (of `ours`), or a refusal naming both lists.
-fn handshake<S: Read + Write>(ch: &mut Channel<S>, ours: &[u16]) -> Result<u16, MigrationError> {
+fn handshake<S: FrameStream>(ch: &mut Channel<S>, ours: &[u16]) -> Result<u16, MigrationError> {
     let (h, m) = ch.recv()?;
     let theirs = match m {
         Message::Hello { versions } => versions,
@@ -338,7 +338,7 @@ struct Receiver<'a, S> {
     disks_verified: bool,
 }
 
-impl<S: Read + Write> Receiver<'_, S> {
+impl<S: FrameStream> Receiver<'_, S> {
     fn event(&mut self, e: SessionEvent) -> Result<(), MigrationError> {
         let to = self.session.apply(e)?;
         self.cfg.progress.update(|p| p.state = to);

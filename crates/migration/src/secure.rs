@@ -38,9 +38,11 @@ use std::io::{self, IoSlice, Read, Write};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
+use ray_memory::GuestSpan;
 use snow::{HandshakeState, StatelessTransportState};
 
 use crate::auth::PresharedKey;
+use crate::frame::{write_all_vectored, FrameStream};
 
 /// The Noise protocol of every migration.
 pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";
@@ -511,6 +513,19 @@ fn run_parallel<J: Send>(jobs: Vec<J>, f: impl Fn(J) -> io::Result<()> + Sync) -
     })
 }
 
+impl Cipher {
+    /// Copies guest memory from `at` in `g` into the pending plaintext until it holds
+    /// [`SEAL_CHUNK`] bytes or `g` ends; returns the bytes taken (at least one).
+    fn take_guest(&mut self, g: &GuestSpan<'_>, at: usize) -> usize {
+        let room = SEAL_CHUNK.saturating_sub(self.pending.len()).max(1);
+        let n = room.min(g.len().saturating_sub(at));
+        if let Some(piece) = g.sub(at, n) {
+            piece.append_to(&mut self.pending);
+        }
+        n.max(1)
+    }
+}
+
 /// What [`Cipher::open`] did.
 enum Opened {
     /// Not one record is complete yet.
@@ -670,6 +685,22 @@ impl<S: Write> SecureStream<S> {
         }
     }
 
+    /// Hands the pending plaintext to the crypto workers once it is [`SEAL_CHUNK`] bytes
+    /// or more, and writes out what they sealed.
+    fn seal_full(&mut self) -> io::Result<()> {
+        if self
+            .cipher
+            .as_ref()
+            .is_some_and(|c| c.pending.len() >= SEAL_CHUNK)
+        {
+            self.guarded(|s| {
+                s.submit()?;
+                s.send_sealed(false)
+            })?;
+        }
+        Ok(())
+    }
+
     /// Seals and sends everything written so far.
     fn send_all(&mut self) -> io::Result<()> {
         self.submit()?;
@@ -711,18 +742,43 @@ impl<S: Write> Write for SecureStream<S> {
             c.pending.extend_from_slice(b);
             n += b.len();
         }
-        if c.pending.len() >= SEAL_CHUNK {
-            self.guarded(|s| {
-                s.submit()?;
-                s.send_sealed(false)
-            })?;
-        }
+        self.seal_full()?;
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.guarded(Self::send_all)?;
         self.inner.flush()
+    }
+}
+
+impl<S: Read + Write> FrameStream for SecureStream<S> {
+    /// Encrypted, guest memory is copied straight into the plaintext waiting to be sealed
+    /// (no batch buffer in between), a [`SEAL_CHUNK`] at a time, each handed to the crypto
+    /// workers as soon as it is full, so sealing starts while the rest is still copied.
+    fn write_with_guest(
+        &mut self,
+        before: &[&[u8]],
+        guest: &[GuestSpan<'_>],
+        after: &[u8],
+    ) -> io::Result<()> {
+        if self.cipher.is_none() {
+            return write_all_vectored(self, before, guest, after);
+        }
+        for p in before {
+            self.write_all(p)?;
+        }
+        for g in guest {
+            let mut at = 0;
+            while at < g.len() {
+                at += self
+                    .cipher
+                    .as_mut()
+                    .map_or(g.len() - at, |c| c.take_guest(g, at));
+                self.seal_full()?;
+            }
+        }
+        self.write_all(after)
     }
 }
 

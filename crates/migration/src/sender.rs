@@ -36,9 +36,9 @@ pub struct SenderConfig {
     /// Pages per `MemoryPages` frame (default 1024, i.e. 4 MiB of 4 KiB pages: fewer
     /// frames and socket writes; 256 measured a little slower on loopback).
     pub batch_pages: usize,
-    /// On a plaintext stream, pages go straight from guest memory to the socket (the
-    /// kernel's copy is the only one; default true). False copies them into the batch
-    /// first. An encrypted stream always copies them (the cipher reads the batch).
+    /// Pages go from guest memory straight to the socket (plaintext: the kernel's copy
+    /// is the only one) or into the plaintext the stream seals (encrypted: one copy
+    /// before the cipher); default true. False copies them into the batch first.
     pub zero_copy: bool,
     /// Before the verification, reread all of the paused VM's memory and check it against
     /// what was sent: proves that the dirty log missed no write, at the cost of one pass
@@ -143,9 +143,10 @@ where
         }
     };
     let mut s = Sender {
-        // Straight from guest memory only to the kernel: the cipher must not read memory
-        // a vCPU may be writing through a Rust slice, so it gets copies.
-        direct: cfg.zero_copy && stream.protection() == Protection::Plaintext,
+        // Pages go from guest memory straight to the kernel (plaintext) or into the
+        // plaintext the stream seals (encrypted: copied out of guest memory, which the
+        // cipher must not read through a Rust slice while a vCPU may write it).
+        direct: cfg.zero_copy,
         ch: Channel::new(stream),
         hashes: PageHashes::new(mem.layout(), local.page_size as usize),
         runs: Vec::new(),
@@ -177,7 +178,7 @@ struct Sender<'a, S, M: ?Sized, V: ?Sized> {
     ch: Channel<SecureStream<S>>,
     /// What each page was when last sent: the verification compares these.
     hashes: PageHashes,
-    /// Pages go from guest memory to the socket without a copy in between.
+    /// Pages go from guest memory to the stream without a batch buffer in between.
     direct: bool,
     /// Direct mode: the guest memory that follows the batch's index on the wire, in order.
     runs: Vec<GuestSpan<'a>>,

@@ -199,11 +199,14 @@ fn forced_stop_and_copy_with_throttling_over_a_unix_socket_with_lz4() {
 }
 
 #[test]
-fn plaintext_moves_pages_zero_copy_or_copied() {
-    for zero_copy in [true, false] {
+fn pages_move_zero_copy_or_copied_in_plaintext_and_encrypted() {
+    for (zero_copy, protection) in [true, false]
+        .into_iter()
+        .flat_map(|z| [(z, Protection::Plaintext), (z, Protection::Encrypted)])
+    {
         let (src, mut vm) = source();
         let mut cfg = SenderConfig::new(key("correct horse battery"));
-        cfg.protection = Protection::Plaintext;
+        cfg.protection = protection;
         cfg.zero_copy = zero_copy;
         cfg.batch_pages = 100; // batches that end mid-region
         let o = simple(
