@@ -23,7 +23,7 @@ use libfuzzer_sys::fuzz_target;
 use ray_memory::{MemoryLayout, OwnedMemory, PAGE_SIZE};
 use ray_migration::auth;
 use ray_migration::disk::{part_path, DiskInfo, TargetDisks, BLOCK_SIZE};
-use ray_migration::frame::{Channel, Received, FLAG_RESPONSE};
+use ray_migration::frame::{Channel, FrameStream, Received, FLAG_RESPONSE};
 use ray_migration::protocol::{parse_disk_blocks, Command};
 use ray_migration::secure::{accept_secure, Protection};
 use ray_migration::vm::PageHashes;
@@ -45,6 +45,8 @@ impl Write for Pipe {
         Ok(())
     }
 }
+
+impl FrameStream for Pipe {}
 
 /// The frames of `data` as the project's sender writes them: each is a command byte, a
 /// flags byte (bit 0: response, bit 1: try lz4), a 16-bit length and that much payload.

@@ -208,6 +208,10 @@ pub trait FrameStream: Read + Write {
     }
 }
 
+impl FrameStream for std::net::TcpStream {}
+impl FrameStream for std::os::unix::net::UnixStream {}
+impl FrameStream for io::Cursor<Vec<u8>> {}
+
 /// [`FrameStream::write_with_guest`] in vectored writes, for any writer.
 pub fn write_all_vectored<W: Write + ?Sized>(
     w: &mut W,

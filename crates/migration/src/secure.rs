@@ -26,6 +26,12 @@
 //! - [`Protection::Plaintext`] still runs the Noise handshake (the key is proved both
 //!   ways) but then sends frames in the clear: for same-host `unix:` moves, where nobody
 //!   is on the path, or an explicit `--insecure-plaintext` between hosts.
+//! - Records are Noise transport messages, sealed and opened with ring's AES-256-GCM
+//!   under the two keys of Noise's split (the test
+//!   `records_are_noise_transport_messages_both_ways` checks them against snow's own):
+//!   written plaintext is copied once, straight into the record layout the socket
+//!   sends, and sealed there in place; a read opens each record straight into the
+//!   caller's buffer.
 //! - Sealing runs beside the caller: written plaintext is handed in jobs of at least
 //!   [`SEAL_CHUNK`] bytes to persistent crypto workers (one per core beyond the caller's,
 //!   at least one), each record under its own counter value, and the caller writes the
@@ -39,7 +45,8 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use ray_memory::GuestSpan;
-use snow::{HandshakeState, StatelessTransportState};
+use ring::aead::{self, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
+use snow::HandshakeState;
 
 use crate::auth::PresharedKey;
 use crate::frame::{write_all_vectored, FrameStream};
@@ -284,13 +291,62 @@ pub struct SecureStream<S> {
     cipher: Option<Cipher>,
 }
 
+/// One direction's AES-256-GCM key, used exactly as Noise transport messages use it
+/// (the nonce is four zero bytes and the record's counter, big-endian; no associated
+/// data), so every record is a Noise transport message. It seals in place: a record's
+/// plaintext is copied once, into the buffer the socket then sends.
+struct RecordKey(LessSafeKey);
+
+impl RecordKey {
+    fn new(raw: &[u8; 32]) -> io::Result<RecordKey> {
+        UnboundKey::new(&aead::AES_256_GCM, raw)
+            .map(|k| RecordKey(LessSafeKey::new(k)))
+            .map_err(|_| io::Error::other("an AES-256-GCM key of the wrong length"))
+    }
+
+    fn nonce(counter: u64) -> io::Result<Nonce> {
+        // Noise reserves the last counter value; a stream never gets near it.
+        if counter == u64::MAX {
+            return Err(io::Error::other("the record counter is exhausted"));
+        }
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&counter.to_be_bytes());
+        Ok(Nonce::assume_unique_for_key(n))
+    }
+
+    /// Seals `in_out` in place under record counter `counter`; returns its tag.
+    fn seal(&self, counter: u64, in_out: &mut [u8]) -> io::Result<Tag> {
+        self.0
+            .seal_in_place_separate_tag(Self::nonce(counter)?, Aad::empty(), in_out)
+            .map_err(|_| io::Error::other(format!("sealing record {counter}")))
+    }
+
+    /// Opens `record` (ciphertext then tag) into `out`, which has the plaintext's length.
+    fn open_into(&self, counter: u64, record: &[u8], out: &mut [u8]) -> io::Result<()> {
+        let (body, tag) = record.split_at(record.len().saturating_sub(TAG_LEN));
+        let tag = Tag::try_from(tag).map_err(|_| tampered(counter))?;
+        if body.len() != out.len() {
+            return Err(tampered(counter));
+        }
+        out.copy_from_slice(body);
+        self.0
+            .open_in_place_separate_tag(Self::nonce(counter)?, Aad::empty(), tag, out, 0..)
+            .map(drop)
+            .map_err(|_| tampered(counter))
+    }
+}
+
 /// The per-direction state of an encrypted stream.
 struct Cipher {
-    keys: Arc<StatelessTransportState>,
+    send: Arc<RecordKey>,
+    recv: RecordKey,
     send_nonce: u64,
     recv_nonce: u64,
-    /// Plaintext written and not sealed yet.
+    /// Plaintext written and not sealed yet, already laid out as records (a length
+    /// prefix, the plaintext, room for the tag) so the crypto workers seal it in place.
     pending: Vec<u8>,
+    /// Plaintext bytes in `pending`.
+    pending_plain: usize,
     /// The crypto workers sealing written plaintext (started at the first job).
     sealers: Option<Sealers>,
     /// A sealing job or a socket write failed: the stream cannot go on.
@@ -316,15 +372,36 @@ impl<S> std::fmt::Debug for SecureStream<S> {
 impl<S> SecureStream<S> {
     fn new(
         inner: S,
-        hs: HandshakeState,
+        mut hs: HandshakeState,
         protection: Protection,
     ) -> Result<SecureStream<S>, SecureError> {
-        let keys = hs.into_stateless_transport_mode()?;
+        if !hs.is_handshake_finished() {
+            return Err(SecureError::Noise(snow::Error::State(
+                snow::error::StateProblem::HandshakeNotFinished,
+            )));
+        }
+        // Noise's split: the initiator (source) sends under the first key.
+        let (first, second) = hs.dangerously_get_raw_split();
+        let keys = match hs.is_initiator() {
+            true => (RecordKey::new(&first), RecordKey::new(&second)),
+            false => (RecordKey::new(&second), RecordKey::new(&first)),
+        };
+        let (send, recv) = match keys {
+            (Ok(send), Ok(recv)) => (send, recv),
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(SecureError::Io {
+                    op: "keying the stream",
+                    source: e,
+                })
+            }
+        };
         let cipher = (protection == Protection::Encrypted).then(|| Cipher {
-            keys: Arc::new(keys),
+            send: Arc::new(send),
+            recv,
             send_nonce: 0,
             recv_nonce: 0,
             pending: Vec::new(),
+            pending_plain: 0,
             sealers: None,
             broken: false,
             rx: Vec::new(),
@@ -370,34 +447,24 @@ pub fn seal_workers() -> usize {
     open_threads().saturating_sub(1).max(1)
 }
 
-/// Seals `plain` into records at `wire` (resized to fit), the first under `nonce`.
-fn seal_records(
-    keys: &StatelessTransportState,
-    nonce: u64,
-    plain: &[u8],
-    wire: &mut Vec<u8>,
-) -> io::Result<()> {
-    let records = plain.len().div_ceil(MAX_RECORD_PAYLOAD);
-    wire.resize(plain.len() + records * (LEN_PREFIX + TAG_LEN), 0);
-    for (i, (p, w)) in plain
-        .chunks(MAX_RECORD_PAYLOAD)
-        .zip(wire.chunks_mut(LEN_PREFIX + MAX_RECORD))
-        .enumerate()
-    {
-        let nonce = nonce + i as u64;
-        let len = (p.len() + TAG_LEN) as u16;
-        w[..LEN_PREFIX].copy_from_slice(&len.to_be_bytes());
-        keys.write_message(nonce, p, &mut w[LEN_PREFIX..])
-            .map_err(|e| io::Error::other(format!("sealing record {nonce}: {e}")))?;
+/// Seals in place the records laid out in `records` (each a length prefix, its
+/// plaintext and room for its tag; all full but the last), the first under `nonce`.
+fn seal_records(key: &RecordKey, nonce: u64, records: &mut [u8]) -> io::Result<()> {
+    for (i, r) in records.chunks_mut(LEN_PREFIX + MAX_RECORD).enumerate() {
+        let len = r.len() - LEN_PREFIX;
+        let (prefix, rest) = r.split_at_mut(LEN_PREFIX);
+        prefix.copy_from_slice(&(len as u16).to_be_bytes());
+        let (body, tag) = rest.split_at_mut(len - TAG_LEN);
+        tag.copy_from_slice(key.seal(nonce + i as u64, body)?.as_ref());
     }
     Ok(())
 }
 
-/// One sealing job: `plain` in, its records in `wire` (both buffers go back and forth).
+/// One sealing job: records laid out in `records`, sealed in place (the buffer goes
+/// back and forth).
 struct SealJob {
     nonce: u64,
-    plain: Vec<u8>,
-    wire: Vec<u8>,
+    records: Vec<u8>,
     result: io::Result<()>,
 }
 
@@ -411,11 +478,11 @@ struct Sealers {
     /// The worker of each job not yet written, oldest first.
     in_flight: VecDeque<usize>,
     /// Buffers of written jobs, for the next ones.
-    spare: Vec<(Vec<u8>, Vec<u8>)>,
+    spare: Vec<Vec<u8>>,
 }
 
 impl Sealers {
-    fn start(keys: &Arc<StatelessTransportState>, workers: usize) -> io::Result<Sealers> {
+    fn start(key: &Arc<RecordKey>, workers: usize) -> io::Result<Sealers> {
         let mut s = Sealers {
             jobs: Vec::new(),
             done: Vec::new(),
@@ -427,12 +494,12 @@ impl Sealers {
         for i in 0..workers.max(1) {
             let (job_tx, job_rx) = mpsc::channel::<SealJob>();
             let (done_tx, done_rx) = mpsc::channel::<SealJob>();
-            let keys = keys.clone();
+            let key = key.clone();
             let t = std::thread::Builder::new()
                 .name(format!("ray-mig-seal{i}"))
                 .spawn(move || {
                     for mut job in job_rx {
-                        job.result = seal_records(&keys, job.nonce, &job.plain, &mut job.wire);
+                        job.result = seal_records(&key, job.nonce, &mut job.records);
                         if done_tx.send(job).is_err() {
                             return;
                         }
@@ -514,14 +581,54 @@ fn run_parallel<J: Send>(jobs: Vec<J>, f: impl Fn(J) -> io::Result<()> + Sync) -
 }
 
 impl Cipher {
-    /// Copies guest memory from `at` in `g` into the pending plaintext until it holds
-    /// [`SEAL_CHUNK`] bytes or `g` ends; returns the bytes taken (at least one).
-    fn take_guest(&mut self, g: &GuestSpan<'_>, at: usize) -> usize {
-        let room = SEAL_CHUNK.saturating_sub(self.pending.len()).max(1);
-        let n = room.min(g.len().saturating_sub(at));
-        if let Some(piece) = g.sub(at, n) {
-            piece.append_to(&mut self.pending);
+    /// Appends `len` plaintext bytes to the pending records: `piece(at, n, v)` appends
+    /// bytes `at..at + n` of them to `v`. Each record gets its length prefix and the
+    /// room for its tag around its plaintext, filled in when it is sealed.
+    fn append(&mut self, len: usize, mut piece: impl FnMut(usize, usize, &mut Vec<u8>)) {
+        let mut at = 0;
+        while at < len {
+            let in_record = self.pending_plain % MAX_RECORD_PAYLOAD;
+            if in_record == 0 {
+                self.pending.extend_from_slice(&[0; LEN_PREFIX]);
+            }
+            let n = (MAX_RECORD_PAYLOAD - in_record).min(len - at);
+            piece(at, n, &mut self.pending);
+            at += n;
+            self.pending_plain += n;
+            if self.pending_plain.is_multiple_of(MAX_RECORD_PAYLOAD) {
+                self.pending.extend_from_slice(&[0; TAG_LEN]);
+            }
         }
+    }
+
+    /// The pending records (the last one closed) and the counter of the first, with
+    /// `next` as the new pending buffer; `None` when nothing is pending.
+    fn take_records(&mut self, mut next: Vec<u8>) -> Option<(u64, Vec<u8>)> {
+        if self.pending_plain == 0 {
+            return None;
+        }
+        if !self.pending_plain.is_multiple_of(MAX_RECORD_PAYLOAD) {
+            self.pending.extend_from_slice(&[0; TAG_LEN]);
+        }
+        next.clear();
+        let records = std::mem::replace(&mut self.pending, next);
+        let nonce = self.send_nonce;
+        self.send_nonce += self.pending_plain.div_ceil(MAX_RECORD_PAYLOAD) as u64;
+        self.pending_plain = 0;
+        Some((nonce, records))
+    }
+
+    /// Copies guest memory from `at` in `g` into the pending records until they hold
+    /// [`SEAL_CHUNK`] bytes of plaintext or `g` ends; returns the bytes taken (at least
+    /// one).
+    fn take_guest(&mut self, g: &GuestSpan<'_>, at: usize) -> usize {
+        let room = SEAL_CHUNK.saturating_sub(self.pending_plain).max(1);
+        let n = room.min(g.len().saturating_sub(at));
+        self.append(n, |off, len, v| {
+            if let Some(piece) = g.sub(at + off, len) {
+                piece.append_to(v);
+            }
+        });
         n.max(1)
     }
 }
@@ -568,7 +675,7 @@ impl Cipher {
             &mut self.plain[..]
         };
         let first = self.recv_nonce;
-        let keys = &*self.keys;
+        let key = &self.recv;
         let rx = &self.rx;
         let mut jobs = Vec::with_capacity(spans.len());
         for (i, (off, len)) in spans.iter().enumerate() {
@@ -576,11 +683,7 @@ impl Cipher {
             rest = tail;
             jobs.push((first + i as u64, &rx[*off..off + len], mine));
         }
-        run_parallel(jobs, |(nonce, c, p)| {
-            keys.read_message(nonce, c, p)
-                .map(drop)
-                .map_err(|_| tampered(nonce))
-        })?;
+        run_parallel(jobs, |(nonce, c, p)| key.open_into(nonce, c, p))?;
         self.recv_nonce += spans.len() as u64;
         self.rx_start = at;
         Ok(match fits {
@@ -639,24 +742,19 @@ impl<S: Write> SecureStream<S> {
         let Some(c) = &mut self.cipher else {
             return Ok(());
         };
-        if c.pending.is_empty() {
-            return Ok(());
-        }
         if c.sealers.is_none() {
-            c.sealers = Some(Sealers::start(&c.keys, seal_workers())?);
+            c.sealers = Some(Sealers::start(&c.send, seal_workers())?);
         }
+        let next = c.sealers.as_mut().and_then(|s| s.spare.pop());
+        let Some((nonce, records)) = c.take_records(next.unwrap_or_default()) else {
+            return Ok(());
+        };
         let Some(sealers) = &mut c.sealers else {
             return Ok(());
         };
-        let (next, wire) = sealers.spare.pop().unwrap_or_default();
-        let plain = std::mem::replace(&mut c.pending, next);
-        c.pending.clear();
-        let nonce = c.send_nonce;
-        c.send_nonce += plain.len().div_ceil(MAX_RECORD_PAYLOAD) as u64;
         sealers.submit(SealJob {
             nonce,
-            plain,
-            wire,
+            records,
             result: Ok(()),
         })
     }
@@ -679,9 +777,9 @@ impl<S: Write> SecureStream<S> {
                 return Ok(());
             };
             std::mem::replace(&mut job.result, Ok(()))?;
-            self.inner.write_all(&job.wire)?;
-            job.plain.clear();
-            sealers.spare.push((job.plain, job.wire));
+            self.inner.write_all(&job.records)?;
+            job.records.clear();
+            sealers.spare.push(job.records);
         }
     }
 
@@ -691,7 +789,7 @@ impl<S: Write> SecureStream<S> {
         if self
             .cipher
             .as_ref()
-            .is_some_and(|c| c.pending.len() >= SEAL_CHUNK)
+            .is_some_and(|c| c.pending_plain >= SEAL_CHUNK)
         {
             self.guarded(|s| {
                 s.submit()?;
@@ -739,7 +837,7 @@ impl<S: Write> Write for SecureStream<S> {
         };
         let mut n = 0;
         for b in bufs {
-            c.pending.extend_from_slice(b);
+            c.append(b.len(), |at, len, v| v.extend_from_slice(&b[at..at + len]));
             n += b.len();
         }
         self.seal_full()?;
@@ -861,19 +959,23 @@ pub fn cipher_alone(data: &[u8]) -> Result<CipherTimes, SecureError> {
         left -= n;
     }
     let open = t.elapsed();
-    let (keys, mut nonce) =
-        cipher
-            .map(|c| (c.keys, c.send_nonce))
-            .ok_or_else(|| SecureError::Io {
-                op: "sealing in memory",
-                source: io::Error::other("the stream is not encrypted"),
-            })?;
+    let mut c = cipher.ok_or_else(|| SecureError::Io {
+        op: "sealing in memory",
+        source: io::Error::other("the stream is not encrypted"),
+    })?;
+    // As a stream seals, on this thread alone: copy into records, seal them in place.
     let mut one =
         vec![1u8; BATCH + BATCH / MAX_RECORD_PAYLOAD * (LEN_PREFIX + TAG_LEN) + MAX_RECORD];
     let t = std::time::Instant::now();
     for batch in data.chunks(BATCH) {
-        seal_records(&keys, nonce, batch, &mut one).map_err(failed("sealing on one core"))?;
-        nonce += batch.len().div_ceil(MAX_RECORD_PAYLOAD) as u64;
+        c.append(batch.len(), |at, len, v| {
+            v.extend_from_slice(&batch[at..at + len])
+        });
+        let taken = c.take_records(std::mem::take(&mut one));
+        if let Some((nonce, mut records)) = taken {
+            seal_records(&c.send, nonce, &mut records).map_err(failed("sealing on one core"))?;
+            one = records;
+        }
     }
     let seal_one_core = t.elapsed();
     Ok(CipherTimes {
@@ -933,10 +1035,48 @@ mod tests {
 
     /// `m` sealed into records under the next counter values, as a stream sends them.
     fn seal_now(c: &mut Cipher, m: &[u8]) -> Vec<u8> {
-        let mut wire = Vec::new();
-        seal_records(&c.keys, c.send_nonce, m, &mut wire).unwrap();
-        c.send_nonce += m.len().div_ceil(MAX_RECORD_PAYLOAD) as u64;
+        c.append(m.len(), |at, n, v| v.extend_from_slice(&m[at..at + n]));
+        let (nonce, mut wire) = c.take_records(Vec::new()).unwrap();
+        seal_records(&c.send, nonce, &mut wire).unwrap();
         wire
+    }
+
+    #[test]
+    fn records_are_noise_transport_messages_both_ways() {
+        // One session handshaken in memory: the source as our stream, the target as
+        // snow's own transport state. Each opens what the other sealed.
+        let pre = preamble(Protection::Encrypted);
+        let k = key("a shared key of length");
+        let mut i = handshake_state(&k, &pre, true).unwrap();
+        let mut r = handshake_state(&k, &pre, false).unwrap();
+        let (mut m, mut p) = ([0u8; MAX_RECORD], [0u8; MAX_RECORD]);
+        let n = i.write_message(&[], &mut m).unwrap();
+        r.read_message(&m[..n], &mut p).unwrap();
+        let n = r.write_message(&[], &mut m).unwrap();
+        i.read_message(&m[..n], &mut p).unwrap();
+        let mut ours = SecureStream::new((), i, Protection::Encrypted)
+            .unwrap()
+            .cipher
+            .unwrap();
+        let theirs = r.into_stateless_transport_mode().unwrap();
+        let msg: Vec<u8> = (0..MAX_RECORD_PAYLOAD + 100).map(|b| b as u8).collect();
+        let wire = seal_now(&mut ours, &msg);
+        let mut got = Vec::new();
+        let mut at = 0;
+        for nonce in 0..2 {
+            let len = usize::from(u16::from_be_bytes([wire[at], wire[at + 1]]));
+            let n = theirs
+                .read_message(nonce, &wire[at + 2..at + 2 + len], &mut p)
+                .unwrap();
+            got.extend_from_slice(&p[..n]);
+            at += 2 + len;
+        }
+        assert_eq!((got, at), (msg, wire.len()));
+        let n = theirs.write_message(0, b"from the target", &mut m).unwrap();
+        let mut out = [0u8; 15];
+        ours.recv.open_into(0, &m[..n], &mut out).unwrap();
+        assert_eq!(&out, b"from the target");
+        assert!(ours.recv.open_into(1, &m[..n], &mut out).is_err());
     }
 
     /// Sealed records as the source would send them, and a fresh target to open them.
