@@ -183,6 +183,58 @@ fn net_works_from_a_jailed_vmm_in_its_taps_namespace() {
         .expect("the TAP that was there stays");
 }
 
+/// A jailed VMM whose NICs are in two network namespaces runs in one of its own, and its
+/// keeper opens each TAP in its namespace (both are called `rt0` here): the guest's network
+/// works from the first namespace, and each TAP has its carrier (a queue attached) while
+/// the VM runs and loses it after.
+#[test]
+fn a_jailed_vmm_with_nics_in_two_namespaces_gets_each_tap_in_its_own() {
+    let env = Env::new("net-2ns");
+    let a = netns("net-2ns-a");
+    let b = Netns::new(&format!("ray-e2e-net-2ns-b-{}", std::process::id())).unwrap();
+    b.add_tap("rt0", "10.78.0.1/24").unwrap();
+    let nic = |ns: &Netns| format!("tap=rt0,netns={}", ns.name);
+    let cmdline = format!("console=ttyS0 ray.poll_ms=0 ray.ip={GUEST}/24");
+    let mut vm = env.boot(&[
+        "--jail",
+        "--net",
+        &nic(&a),
+        "--net",
+        &nic(&b),
+        "--cmdline",
+        &cmdline,
+    ]);
+    vm.expect_line("ready", READY);
+    let uids = ray_e2e::process_uids(vm.pid);
+    assert!(!uids.contains(&0), "the VMM is jailed: uids {uids:?}");
+    let net_of = |path: String| std::fs::read_link(path).unwrap().display().to_string();
+    let ns_file = |ns: &Netns| {
+        let ino = std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(format!("/run/netns/{}", ns.name)).unwrap(),
+        );
+        format!("net:[{ino}]")
+    };
+    let theirs = net_of(format!("/proc/{}/ns/net", vm.pid));
+    for other in [net_of("/proc/self/ns/net".into()), ns_file(&a), ns_file(&b)] {
+        assert_ne!(theirs, other, "the VMM has a network namespace of its own");
+    }
+    check_all(&mut vm, &a);
+    let carrier = |ns: &Netns| {
+        let out = ns
+            .command("ip")
+            .args(["-o", "link", "show", "rt0"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{text}");
+        !text.contains("NO-CARRIER") && text.contains("LOWER_UP")
+    };
+    assert!(carrier(&a) && carrier(&b), "both TAPs attached");
+    env.ray_ok(&["vm", "stop", &vm.id, "--timeout-ms", "0"]);
+    vm.wait_exit(Duration::from_secs(10));
+    assert!(!carrier(&a) && !carrier(&b), "both TAPs let go");
+}
+
 #[test]
 fn bad_net_arguments_are_refused_before_a_vm_starts() {
     let env = Env::new("net-bad");

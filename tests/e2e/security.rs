@@ -771,7 +771,7 @@ fn a_bad_jail_is_refused_before_anything_starts() {
             ][..],
             &[][..],
             6,
-            "NICs in different network namespaces cannot be used by a jailed VMM",
+            "cannot open network namespace ray-jail-none: there is no /run/netns/ray-jail-none",
         ),
     ] {
         let out = env.ray_with(args, vars);

@@ -1033,7 +1033,11 @@ fn print_encrypted(e: &Encrypted) {
     print_row("seal on one core", e.cipher_seal_one_core_mib_s, "MiB/s");
     print_row("migration / raw TCP", e.throughput_ratio, "");
     print_row("migration / cipher", e.cipher_ratio, "(target >= 0.8)");
-    print_row("raw TCP / cipher", e.cipher_ratio_at_raw_tcp, "(its ceiling)");
+    print_row(
+        "raw TCP / cipher",
+        e.cipher_ratio_at_raw_tcp,
+        "(its ceiling)",
+    );
     print_row(
         "raw TCP + cipher, times added",
         e.tcp_and_cipher_mib_s,

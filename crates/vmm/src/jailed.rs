@@ -12,8 +12,9 @@ pub struct Jailed {
     pub host_pid: u32,
     /// Directories the VMM may create files under (its VM directory).
     pub writable: Vec<PathBuf>,
-    /// It has a network namespace of its own (no TAP there): a migration target's NICs
-    /// are TAPs its keeper opens ([`ray_outside::open_tap`]).
+    /// It has a network namespace of its own (no TAP there): the NICs of a migration
+    /// target, or of a VM whose TAPs are in several namespaces, are TAPs its keeper opens
+    /// ([`ray_outside::open_tap`]).
     pub own_network: bool,
     /// A migration target: directories of shared disks its keeper opens for it
     /// ([`ray_outside::open_disk`]).
@@ -97,7 +98,7 @@ pub fn vsock_opener(path: &Path) -> ray_outside::Opener {
 }
 
 /// Whether this (jailed) VMM's keeper opens its TAPs: it has a network namespace of its
-/// own (a migration target).
+/// own (a migration target, or a VM whose TAPs are in several namespaces).
 pub fn taps_from_keeper() -> bool {
     get().is_some_and(|j| j.own_network)
 }

@@ -10,8 +10,8 @@ use ray_devices::virtio::tap;
 /// whichever VM runs.
 pub fn device(config: &NetConfig, restoring: bool) -> Result<Net, String> {
     config.validate()?;
-    // A jailed migration target has a network namespace of its own: its keeper opens
-    // the TAP where it is.
+    // A jailed VMM with a network namespace of its own (a migration target, or NICs in
+    // several namespaces): its keeper opens the TAP where it is.
     let file = match crate::jailed::taps_from_keeper() {
         true => ray_outside::open_tap(&config.tap, config.netns.as_deref())
             .map_err(|e| format!("cannot open TAP {}: {e}", config.tap))?,

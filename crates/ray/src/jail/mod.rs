@@ -165,7 +165,8 @@ pub struct Plan {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum NetPlace {
-    /// One of its own, empty (a VM without NICs).
+    /// One of its own, empty: a VM without NICs, or one whose NICs' TAPs are in several
+    /// namespaces (its keeper opens each where it is, [`outside::Outside::nics`]).
     Private,
     /// The host's (its NICs' TAPs are there).
     Host,
@@ -371,8 +372,15 @@ fn plan_for(
         binds,
         memory_max: cfg.memory_bytes + MEMORY_OVERHEAD,
         cpu_quota_us: (u64::from(cfg.vcpus) + 1) * CPU_PERIOD_US,
-        net,
-        taps: cfg.devices.net.iter().map(|n| n.tap.clone()).collect(),
+        // NICs in several namespaces: the keeper opens each TAP in its own when the VMM
+        // asks (making a missing one that goes with the VMM's descriptor).
+        taps: match net {
+            NetPlace::Private => Vec::new(),
+            NetPlace::Host | NetPlace::Named(_) => {
+                cfg.devices.net.iter().map(|n| n.tap.clone()).collect()
+            }
+        },
+        net: net.clone(),
         lend: Vec::new(),
         listen_socket: None,
         encode_slots: ray_vmm::display::encode_slots_dir(vm_dir),
@@ -383,6 +391,15 @@ fn plan_for(
             disks,
             shared_dirs: Vec::new(),
             taps: false,
+            nics: match net {
+                NetPlace::Private => cfg
+                    .devices
+                    .net
+                    .iter()
+                    .map(|n| (n.tap.clone(), n.netns.clone()))
+                    .collect(),
+                NetPlace::Host | NetPlace::Named(_) => Vec::new(),
+            },
             vsock,
         },
     })
@@ -450,36 +467,37 @@ pub fn plan_incoming(
     Ok(p)
 }
 
-/// Where a jailed VMM's network is: with no NIC a namespace of its own; else the one its
-/// TAPs are in (one for all: a process has one network namespace).
+/// Where a jailed VMM's network is: with no NIC a namespace of its own; with NICs whose
+/// TAPs are all in one namespace, that one (a process has one); with TAPs in several, a
+/// namespace of its own again, its keeper opening each TAP in its namespace.
 fn net_place(cfg: &VmConfig) -> Result<NetPlace, JailError> {
+    net_place_where(cfg, |p| p.exists())
+}
+
+/// [`net_place`] with `exists` saying which namespace files exist.
+fn net_place_where(cfg: &VmConfig, exists: impl Fn(&Path) -> bool) -> Result<NetPlace, JailError> {
+    let named = |ns: &str| {
+        let path = PathBuf::from("/run/netns").join(ns);
+        match exists(&path) {
+            true => Ok(path),
+            false => Err(JailError::Host(format!(
+                "cannot open network namespace {ns}: there is no {}",
+                path.display()
+            ))),
+        }
+    };
+    for ns in cfg.devices.net.iter().filter_map(|n| n.netns.as_deref()) {
+        named(ns)?;
+    }
     let Some(first) = cfg.devices.net.first() else {
         return Ok(NetPlace::Private);
     };
-    if let Some(other) = cfg.devices.net.iter().find(|n| n.netns != first.netns) {
-        return Err(JailError::Unsupported(
-            "NICs in different network namespaces",
-            format!(
-                "TAP {} is in {} and TAP {} in {}",
-                first.tap,
-                first.netns.as_deref().unwrap_or("the host's"),
-                other.tap,
-                other.netns.as_deref().unwrap_or("the host's")
-            ),
-        ));
+    if cfg.devices.net.iter().any(|n| n.netns != first.netns) {
+        return Ok(NetPlace::Private);
     }
     Ok(match &first.netns {
         None => NetPlace::Host,
-        Some(ns) => {
-            let path = PathBuf::from("/run/netns").join(ns);
-            if !path.exists() {
-                return Err(JailError::Host(format!(
-                    "cannot open network namespace {ns}: there is no {}",
-                    path.display()
-                )));
-            }
-            NetPlace::Named(path)
-        }
+        Some(ns) => NetPlace::Named(named(ns)?),
     })
 }
 
@@ -587,24 +605,42 @@ mod tests {
     }
 
     #[test]
-    fn nics_put_the_vmm_in_their_namespace_which_must_be_one() {
+    fn nics_put_the_vmm_in_their_namespace_or_in_its_own_when_they_are_in_several() {
         let disk = Path::new("/dev/null");
         let mut cfg = config(disk);
         assert_eq!(net_place(&cfg).unwrap(), NetPlace::Private);
         let nic = |spec: &str| ray_api::net::NetConfig::parse(spec).unwrap();
         cfg.devices.net = vec![nic("tap=a"), nic("tap=b")];
         assert_eq!(net_place(&cfg).unwrap(), NetPlace::Host);
+        // Two namespaces: one of its own; its keeper opens each TAP in its namespace, and
+        // nothing is made up front.
         cfg.devices.net = vec![nic("tap=a"), nic("tap=b,netns=blue")];
         let e = net_place(&cfg).unwrap_err().to_string();
-        assert!(
-            e.contains("NICs in different network namespaces")
-                && e.contains("TAP a is in the host's and TAP b in blue")
-                && e.contains("--no-jail"),
-            "{e}"
+        assert!(e.contains("there is no /run/netns/blue"), "{e}");
+        let blue_and_red = |p: &Path| p.ends_with("blue") || p.ends_with("red");
+        assert_eq!(
+            net_place_where(&cfg, blue_and_red).unwrap(),
+            NetPlace::Private
         );
-        cfg.devices.net = vec![nic("tap=a,netns=ray-no-such-ns")];
-        let e = net_place(&cfg).unwrap_err().to_string();
-        assert!(e.contains("there is no /run/netns/ray-no-such-ns"), "{e}");
+        cfg.devices.net = vec![nic("tap=a,netns=red"), nic("tap=b,netns=blue")];
+        assert_eq!(
+            net_place_where(&cfg, blue_and_red).unwrap(),
+            NetPlace::Private
+        );
+        cfg.devices.net = vec![nic("tap=a,netns=red"), nic("tap=b,netns=red")];
+        assert_eq!(
+            net_place_where(&cfg, blue_and_red).unwrap(),
+            NetPlace::Named("/run/netns/red".into())
+        );
+        // Every namespace must exist, the first NIC's or another's.
+        for (first, second) in [("red", "ray-no-such-ns"), ("ray-no-such-ns", "red")] {
+            cfg.devices.net = vec![
+                nic(&format!("tap=a,netns={first}")),
+                nic(&format!("tap=b,netns={second}")),
+            ];
+            let e = net_place_where(&cfg, blue_and_red).unwrap_err().to_string();
+            assert!(e.contains("there is no /run/netns/ray-no-such-ns"), "{e}");
+        }
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub struct Outside {
     /// A migration target: it may attach to the TAPs of the VM a source sends.
     #[serde(default)]
     pub taps: bool,
+    /// A VM whose NICs are in several network namespaces (its VMM is in one of its own):
+    /// the TAPs it may attach to, each with its namespace (`None`: the host's).
+    #[serde(default)]
+    pub nics: Vec<(String, Option<String>)>,
     /// The VM's vsock socket when it is outside the jail: the keeper binds it and makes
     /// the guest's connections to the host listeners beside it (`<socket>_<port>`).
     #[serde(default)]
@@ -182,7 +186,12 @@ impl<'a> Keeper<'a> {
                 }
             }
             Request::OpenTap { name, netns } => {
-                if !self.outside.taps {
+                let planned = self
+                    .outside
+                    .nics
+                    .iter()
+                    .any(|(t, ns)| t == name && ns == netns);
+                if !self.outside.taps && !planned {
                     return Err(self.not_planned(request));
                 }
                 open_tap(name, netns.as_deref(), self.owner).map(OwnedFd::from)
@@ -236,10 +245,18 @@ impl<'a> Keeper<'a> {
                 Some(p) => format!(", serve the vsock socket {}", p.display()),
                 None => String::new(),
             },
-            if self.outside.taps {
-                ", and attach to TAPs"
-            } else {
-                ""
+            match (self.outside.taps, self.outside.nics.is_empty()) {
+                (true, _) => ", and attach to TAPs".to_string(),
+                (false, false) => format!(
+                    ", and attach to TAPs {}",
+                    self.outside
+                        .nics
+                        .iter()
+                        .map(|(t, ns)| format!("{t} in {}", ns.as_deref().unwrap_or("the host's")))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                (false, true) => String::new(),
             }
         )
     }
@@ -419,6 +436,46 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("does not allow TAP tap0"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_vm_with_nics_in_several_namespaces_gets_its_taps_and_no_other() {
+        let outside = Outside {
+            nics: vec![
+                ("rt9".into(), Some("ray-outside-no-such-ns".into())),
+                ("rt8".into(), None),
+            ],
+            ..Default::default()
+        };
+        let mut k = keeper(&outside);
+        for (name, netns) in [
+            ("rt7", None),
+            ("rt9", None),
+            ("rt8", Some("ray-outside-no-such-ns")),
+        ] {
+            let e = k
+                .open(&Request::OpenTap {
+                    name: name.into(),
+                    netns: netns.map(String::from),
+                })
+                .unwrap_err();
+            assert!(
+                e.contains(&format!("does not allow TAP {name}"))
+                    && e.contains(
+                        "attach to TAPs rt9 in ray-outside-no-such-ns, rt8 in the host's"
+                    ),
+                "{e}"
+            );
+        }
+        // The planned one passes the policy: opening it then fails on the namespace.
+        let e = k
+            .open(&Request::OpenTap {
+                name: "rt9".into(),
+                netns: Some("ray-outside-no-such-ns".into()),
+            })
+            .unwrap_err();
+        assert!(!e.contains("does not allow"), "{e}");
+        assert!(e.contains("ray-outside-no-such-ns"), "{e}");
     }
 
     #[test]
