@@ -851,9 +851,9 @@ impl<S: Write> Write for SecureStream<S> {
 }
 
 impl<S: Read + Write> FrameStream for SecureStream<S> {
-    /// Encrypted, guest memory is copied straight into the plaintext waiting to be sealed
-    /// (no batch buffer in between), a [`SEAL_CHUNK`] at a time, each handed to the crypto
-    /// workers as soon as it is full, so sealing starts while the rest is still copied.
+    /// Encrypted, guest memory is copied straight into the records being built (no batch
+    /// buffer in between), a [`SEAL_CHUNK`] at a time, each handed to the crypto workers
+    /// as soon as it is full, so sealing starts while the rest is still copied.
     fn write_with_guest(
         &mut self,
         before: &[&[u8]],
