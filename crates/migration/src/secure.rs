@@ -1168,6 +1168,35 @@ mod tests {
     }
 
     #[test]
+    fn writes_ending_on_and_around_record_boundaries_open_whole() {
+        let m = |n: usize, b: u8| vec![b; n];
+        let parts = [
+            m(MAX_RECORD_PAYLOAD, 1),
+            m(2 * MAX_RECORD_PAYLOAD, 2),
+            m(MAX_RECORD_PAYLOAD - 1, 3),
+            m(1, 4),
+            m(MAX_RECORD_PAYLOAD + 1, 5),
+        ];
+        let msgs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+        let (r, t) = sealed_records(&msgs);
+        // Each write's records: full ones, then its rest; every one a prefix, its
+        // plaintext and a tag.
+        let lens: Vec<usize> = r.iter().map(Vec::len).collect();
+        let rec = LEN_PREFIX + MAX_RECORD;
+        assert_eq!(
+            lens,
+            [
+                rec,
+                2 * rec,
+                rec - 1,
+                LEN_PREFIX + 1 + TAG_LEN,
+                rec + LEN_PREFIX + 1 + TAG_LEN
+            ]
+        );
+        assert_eq!(read_all(t, r.concat()).unwrap(), parts.concat());
+    }
+
+    #[test]
     fn a_replayed_record_is_refused() {
         let (r, t) = sealed_records(&[b"one", b"two"]);
         let wire = [r[0].clone(), r[0].clone(), r[1].clone()].concat();
