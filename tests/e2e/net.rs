@@ -27,6 +27,14 @@ fn boot(env: &Env, ns: &Netns) -> Vm {
     vm
 }
 
+/// What `/proc/PID/ns/net` of a process in `ns` reads.
+fn netns_link(ns: &Netns) -> String {
+    let ino = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(format!("/run/netns/{}", ns.name)).unwrap(),
+    );
+    format!("net:[{ino}]")
+}
+
 /// `ping -c n` from the namespace; asserts every reply came.
 fn ping_guest(ns: &Netns, n: u32) {
     let out = ns
@@ -154,10 +162,7 @@ fn net_works_from_a_jailed_vmm_in_its_taps_namespace() {
     let uids = ray_e2e::process_uids(vm.pid);
     assert!(!uids.contains(&0), "the VMM is jailed: uids {uids:?}");
     let theirs = std::fs::read_link(format!("/proc/{}/ns/net", vm.pid)).unwrap();
-    let ns_ino = std::os::unix::fs::MetadataExt::ino(
-        &std::fs::metadata(format!("/run/netns/{}", ns.name)).unwrap(),
-    );
-    assert_eq!(theirs.display().to_string(), format!("net:[{ns_ino}]"));
+    assert_eq!(theirs.display().to_string(), netns_link(&ns));
     check_all(&mut vm, &ns);
     // The TAP the keeper made belongs to the VM's uid while it runs.
     let owner = || {
@@ -208,14 +213,12 @@ fn a_jailed_vmm_with_nics_in_two_namespaces_gets_each_tap_in_its_own() {
     let uids = ray_e2e::process_uids(vm.pid);
     assert!(!uids.contains(&0), "the VMM is jailed: uids {uids:?}");
     let net_of = |path: String| std::fs::read_link(path).unwrap().display().to_string();
-    let ns_file = |ns: &Netns| {
-        let ino = std::os::unix::fs::MetadataExt::ino(
-            &std::fs::metadata(format!("/run/netns/{}", ns.name)).unwrap(),
-        );
-        format!("net:[{ino}]")
-    };
     let theirs = net_of(format!("/proc/{}/ns/net", vm.pid));
-    for other in [net_of("/proc/self/ns/net".into()), ns_file(&a), ns_file(&b)] {
+    for other in [
+        net_of("/proc/self/ns/net".into()),
+        netns_link(&a),
+        netns_link(&b),
+    ] {
         assert_ne!(theirs, other, "the VMM has a network namespace of its own");
     }
     check_all(&mut vm, &a);

@@ -380,24 +380,27 @@ impl<S> SecureStream<S> {
                 snow::error::StateProblem::HandshakeNotFinished,
             )));
         }
+        if protection == Protection::Plaintext {
+            return Ok(SecureStream {
+                inner,
+                cipher: None,
+            });
+        }
         // Noise's split: the initiator (source) sends under the first key.
         let (first, second) = hs.dangerously_get_raw_split();
-        let keys = match hs.is_initiator() {
-            true => (RecordKey::new(&first), RecordKey::new(&second)),
-            false => (RecordKey::new(&second), RecordKey::new(&first)),
+        let (send, recv) = match hs.is_initiator() {
+            true => (first, second),
+            false => (second, first),
         };
-        let (send, recv) = match keys {
-            (Ok(send), Ok(recv)) => (send, recv),
-            (Err(e), _) | (_, Err(e)) => {
-                return Err(SecureError::Io {
-                    op: "keying the stream",
-                    source: e,
-                })
-            }
+        let keyed = |raw: &[u8; 32]| {
+            RecordKey::new(raw).map_err(|source| SecureError::Io {
+                op: "keying the stream",
+                source,
+            })
         };
-        let cipher = (protection == Protection::Encrypted).then(|| Cipher {
-            send: Arc::new(send),
-            recv,
+        let cipher = Some(Cipher {
+            send: Arc::new(keyed(&send)?),
+            recv: keyed(&recv)?,
             send_nonce: 0,
             recv_nonce: 0,
             pending: Vec::new(),
@@ -616,20 +619,6 @@ impl Cipher {
         self.send_nonce += self.pending_plain.div_ceil(MAX_RECORD_PAYLOAD) as u64;
         self.pending_plain = 0;
         Some((nonce, records))
-    }
-
-    /// Copies guest memory from `at` in `g` into the pending records until they hold
-    /// [`SEAL_CHUNK`] bytes of plaintext or `g` ends; returns the bytes taken (at least
-    /// one).
-    fn take_guest(&mut self, g: &GuestSpan<'_>, at: usize) -> usize {
-        let room = SEAL_CHUNK.saturating_sub(self.pending_plain).max(1);
-        let n = room.min(g.len().saturating_sub(at));
-        self.append(n, |off, len, v| {
-            if let Some(piece) = g.sub(at + off, len) {
-                piece.append_to(v);
-            }
-        });
-        n.max(1)
     }
 }
 
@@ -852,8 +841,9 @@ impl<S: Write> Write for SecureStream<S> {
 
 impl<S: Read + Write> FrameStream for SecureStream<S> {
     /// Encrypted, guest memory is copied straight into the records being built (no batch
-    /// buffer in between), a [`SEAL_CHUNK`] at a time, each handed to the crypto workers
-    /// as soon as it is full, so sealing starts while the rest is still copied.
+    /// buffer in between), a [`SEAL_CHUNK`] at a time, the pending records handed to the
+    /// crypto workers whenever they hold that much, so sealing starts while the rest is
+    /// still copied.
     fn write_with_guest(
         &mut self,
         before: &[&[u8]],
@@ -866,15 +856,15 @@ impl<S: Read + Write> FrameStream for SecureStream<S> {
         for p in before {
             self.write_all(p)?;
         }
-        for g in guest {
-            let mut at = 0;
-            while at < g.len() {
-                at += self
-                    .cipher
-                    .as_mut()
-                    .map_or(g.len() - at, |c| c.take_guest(g, at));
-                self.seal_full()?;
+        for piece in guest.iter().flat_map(|g| g.chunks(SEAL_CHUNK)) {
+            if let Some(c) = &mut self.cipher {
+                c.append(piece.len(), |at, n, v| {
+                    if let Some(p) = piece.sub(at, n) {
+                        p.append_to(v);
+                    }
+                });
             }
+            self.seal_full()?;
         }
         self.write_all(after)
     }

@@ -361,6 +361,23 @@ fn plan_for(
             )));
         }
     }
+    // NICs in one namespace: their TAPs are made up front there (the VMM runs in it).
+    // In several: the keeper opens each TAP in its own when the VMM asks (making a
+    // missing one that goes with the VMM's descriptor).
+    let (taps, nics) = match net {
+        NetPlace::Private => (
+            Vec::new(),
+            cfg.devices
+                .net
+                .iter()
+                .map(|n| (n.tap.clone(), n.netns.clone()))
+                .collect(),
+        ),
+        NetPlace::Host | NetPlace::Named(_) => (
+            cfg.devices.net.iter().map(|n| n.tap.clone()).collect(),
+            Vec::new(),
+        ),
+    };
     let uid = uids.pick(id, uid_in_use).ok_or(JailError::NoUid(uids))?;
     let kvm_group = std::fs::metadata("/dev/kvm")
         .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
@@ -372,15 +389,8 @@ fn plan_for(
         binds,
         memory_max: cfg.memory_bytes + MEMORY_OVERHEAD,
         cpu_quota_us: (u64::from(cfg.vcpus) + 1) * CPU_PERIOD_US,
-        // NICs in several namespaces: the keeper opens each TAP in its own when the VMM
-        // asks (making a missing one that goes with the VMM's descriptor).
-        taps: match net {
-            NetPlace::Private => Vec::new(),
-            NetPlace::Host | NetPlace::Named(_) => {
-                cfg.devices.net.iter().map(|n| n.tap.clone()).collect()
-            }
-        },
-        net: net.clone(),
+        taps,
+        net,
         lend: Vec::new(),
         listen_socket: None,
         encode_slots: ray_vmm::display::encode_slots_dir(vm_dir),
@@ -391,15 +401,7 @@ fn plan_for(
             disks,
             shared_dirs: Vec::new(),
             taps: false,
-            nics: match net {
-                NetPlace::Private => cfg
-                    .devices
-                    .net
-                    .iter()
-                    .map(|n| (n.tap.clone(), n.netns.clone()))
-                    .collect(),
-                NetPlace::Host | NetPlace::Named(_) => Vec::new(),
-            },
+            nics,
             vsock,
         },
     })
